@@ -1,0 +1,513 @@
+"""Pure-Python framing and node codec: the reference implementation.
+
+``pigeon.fastpath._codec`` is its Cython twin with the same API; tests run
+both against the same tables, and ``pigeon.core.codec`` picks one at import.
+
+Framing: ``FrameReader`` keeps the chunks it was fed.  ``next_frame`` hands
+out a payload as a memoryview: of the chunk it arrived in when it lies inside
+one (no copy), of a fresh copy only when it straddles chunks.  ``next_node``
+and ``next_envelope`` decode or peek the next frame where it lies.  A length
+past ``max_frame`` is rejected as soon as its header arrives, so a peer can
+never make the reader hold more than one maximal frame.
+
+Nodes: a node is a list item: tag, attribute key/value pairs, then optional
+content.  ``Codec.peek`` reads just the envelope (tag, to, id, type) of a
+top-level node and notes where its byte content lies in the received buffer,
+which is what the router forwards without building or copying anything.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from .errors import EmptyFrame, FrameTooLarge, LimitExceeded, MalformedNode, UnknownToken
+from .node import DEFAULT_LIMITS, DEVICE_RE, GROUP_RE, MAX_DEVICE, Limits, Node, valid_phone
+from .tokens import LATEST, Dictionary
+from .wire import (
+    ADDR_DEVICE,
+    ADDR_GROUP,
+    BIN_8,
+    BIN_16,
+    BIN_32,
+    LIST_8,
+    LIST_16,
+    MAX_PACKED,
+    PACKED,
+    PACKED_ALPHABET,
+)
+
+IMPLEMENTATION = "python"
+
+_PACKED_VALUE = {c: i for i, c in enumerate(PACKED_ALPHABET)}
+
+
+class Envelope:
+    """What ``Codec.peek`` reads of a top-level node.
+
+    tag, to, id, type: the attribute values (None when absent).
+    payload, start, end: the byte content is ``payload[start:end]``; start and
+    end are -1 when the node has no byte content (none, or child nodes).
+    ``content`` makes that slice as a memoryview, without copying.
+    """
+
+    __slots__ = ("tag", "to", "id", "type", "payload", "start", "end")
+
+    def __init__(self, tag, to, id, type, payload, start, end):
+        self.tag = tag
+        self.to = to
+        self.id = id
+        self.type = type
+        self.payload = payload
+        self.start = start
+        self.end = end
+
+    @property
+    def content(self) -> memoryview | None:
+        if self.start < 0:
+            return None
+        return memoryview(self.payload)[self.start : self.end]
+
+    def __repr__(self) -> str:
+        size = self.end - self.start if self.start >= 0 else None
+        return (
+            f"Envelope(tag={self.tag!r}, to={self.to!r}, id={self.id!r}, "
+            f"type={self.type!r}, content_bytes={size})"
+        )
+
+
+class FrameReader:
+    """Split a byte stream into frame payloads (3-byte big-endian length + payload)."""
+
+    __slots__ = ("max_frame", "_chunks", "_offset", "_size")
+
+    def __init__(self, max_frame: int = DEFAULT_LIMITS.max_frame):
+        self.max_frame = max_frame
+        self._chunks: deque[bytes] = deque()
+        self._offset = 0  # consumed bytes of _chunks[0]
+        self._size = 0  # unconsumed bytes in all chunks
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet returned as frames."""
+        return self._size
+
+    def feed(self, data) -> None:
+        if not data:
+            return
+        if type(data) is not bytes:
+            data = bytes(data)  # the caller may reuse its buffer; we keep views
+        self._chunks.append(data)
+        self._size += len(data)
+
+    def _take(self, n: int) -> tuple[bytes, int]:
+        """Consume the next n bytes (n <= _size): (buffer, offset) where they lie."""
+        first = self._chunks[0]
+        off = self._offset
+        if len(first) - off >= n:
+            if off + n == len(first):
+                self._chunks.popleft()
+                self._offset = 0
+            else:
+                self._offset = off + n
+            self._size -= n
+            return first, off
+        out = bytearray(n)
+        filled = 0
+        while filled < n:
+            chunk = self._chunks[0]
+            part = min(len(chunk) - off, n - filled)
+            out[filled : filled + part] = chunk[off : off + part]
+            filled += part
+            off += part
+            if off == len(chunk):
+                self._chunks.popleft()
+                off = 0
+        self._offset = off
+        self._size -= n
+        return bytes(out), 0
+
+    def _next(self) -> tuple[bytes, int, int] | None:
+        """(buffer, start, end) of the next complete payload, consumed."""
+        if self._size < 3:
+            return None
+        first = self._chunks[0]
+        off = self._offset
+        if len(first) - off >= 3:
+            h = first[off : off + 3]
+        else:
+            h = b"".join(self._chunks)[off : off + 3]
+        n = (h[0] << 16) | (h[1] << 8) | h[2]
+        if n == 0:
+            raise EmptyFrame("frame of length 0")
+        if n > self.max_frame:
+            raise FrameTooLarge(f"frame of {n} bytes exceeds the maximum of {self.max_frame}")
+        if self._size < 3 + n:
+            return None
+        self._take(3)
+        buf, start = self._take(n)
+        return buf, start, start + n
+
+    def next_frame(self) -> memoryview | None:
+        """The next complete payload, or None if more data is needed."""
+        span = self._next()
+        if span is None:
+            return None
+        buf, start, end = span
+        return memoryview(buf)[start:end]
+
+    def next_node(self, codec: Codec):
+        """Decode the next complete frame with ``codec``; None if more data is needed."""
+        span = self._next()
+        if span is None:
+            return None
+        return codec._decode_span(*span)
+
+    def next_envelope(self, codec: Codec) -> Envelope | None:
+        """Peek the next complete frame with ``codec``; None if more data is needed."""
+        span = self._next()
+        if span is None:
+            return None
+        return codec._peek_span(*span)
+
+
+class _Reader:
+    __slots__ = ("data", "pos", "end", "dictionary", "limits")
+
+    def __init__(self, data, pos: int, end: int, dictionary: Dictionary, limits: Limits):
+        self.data = data
+        self.pos = pos
+        self.end = end
+        self.dictionary = dictionary
+        self.limits = limits
+
+    def byte(self) -> int:
+        if self.pos >= self.end:
+            raise MalformedNode("truncated node: expected another byte")
+        b = self.data[self.pos]
+        self.pos += 1
+        return b
+
+    def take(self, n: int) -> bytes:
+        if self.end - self.pos < n:
+            raise MalformedNode(f"truncated node: expected {n} more bytes")
+        start = self.pos
+        self.pos += n
+        return self.data[start : self.pos]
+
+    def uint(self, width: int) -> int:
+        return int.from_bytes(self.take(width), "big")
+
+    def list_size(self, t: int) -> int:
+        if t == LIST_8:
+            return self.byte()
+        return self.uint(2)
+
+    def packed(self, digits_only: bool) -> str:
+        n = self.byte()
+        raw = self.take((n + 1) // 2)
+        s = raw.hex()
+        if n & 1:
+            if raw[-1] & 15:
+                raise MalformedNode("packed string with a non-zero pad nibble")
+            s = s[:-1]
+        if digits_only and not s.isdigit() and s:
+            raise MalformedNode(f"address digits must be 0-9: {s!r}")
+        return s
+
+    def string(self, t: int, what: str) -> str:
+        """A string item whose type byte t was read."""
+        if 0x01 <= t <= 0xEB:
+            s = self.dictionary.single[t]
+            if s is None:
+                raise UnknownToken(
+                    f"token 0x{t:02x} is not in dictionary version {self.dictionary.version}"
+                )
+            return s
+        if 0xEC <= t <= 0xEF:
+            i = self.byte()
+            s = self.dictionary.double[t - 0xEC][i]
+            if s is None:
+                raise UnknownToken(
+                    f"token 0x{t:02x}{i:02x} is not in dictionary version {self.dictionary.version}"
+                )
+            return s
+        if t == PACKED:
+            return self.packed(False)
+        if t == ADDR_DEVICE:
+            dev = self.byte()
+            phone = self.packed(True)
+            if not valid_phone(phone):
+                raise MalformedNode(f"device address is not an E.164 number: {phone!r}")
+            return f"{phone}:{dev}"
+        if t == ADDR_GROUP:
+            gid = self.packed(True)
+            if not 1 <= len(gid) <= 20:
+                raise MalformedNode(f"group id must be 1-20 digits: {gid!r}")
+            return "g:" + gid
+        if t == BIN_8 or t == BIN_16 or t == BIN_32:
+            n = self.byte() if t == BIN_8 else self.uint(2 if t == BIN_16 else 4)
+            if n > self.limits.max_string:
+                raise LimitExceeded(
+                    f"{what} of {n} bytes exceeds max_string={self.limits.max_string}"
+                )
+            raw = self.take(n)
+            try:
+                return str(raw, "utf-8")
+            except UnicodeDecodeError:
+                raise MalformedNode(f"{what} is not valid UTF-8") from None
+        raise MalformedNode(f"{what}: expected a string, found type byte 0x{t:02x}")
+
+    def node(self, depth: int) -> Node:
+        if depth > self.limits.max_depth:
+            raise LimitExceeded(f"nodes nested deeper than max_depth={self.limits.max_depth}")
+        t = self.byte()
+        if t != LIST_8 and t != LIST_16:
+            raise MalformedNode(f"expected a node (list header), found type byte 0x{t:02x}")
+        n = self.list_size(t)
+        if n == 0:
+            raise MalformedNode("a node needs at least a tag")
+        tag = self.string(self.byte(), "tag")
+        nattrs = (n - 1) >> 1
+        if nattrs > self.limits.max_attrs:
+            raise LimitExceeded(f"{nattrs} attributes exceed max_attrs={self.limits.max_attrs}")
+        attrs = {}
+        for _ in range(nattrs):
+            key = self.string(self.byte(), "attribute name")
+            if key in attrs:
+                raise MalformedNode(f"duplicate attribute {key!r}")
+            attrs[key] = self.string(self.byte(), "attribute value")
+        content = None
+        if (n - 1) & 1:
+            t = self.byte()
+            if t == LIST_8 or t == LIST_16:
+                k = self.list_size(t)
+                if k > self.limits.max_children:
+                    raise LimitExceeded(
+                        f"{k} child nodes exceed max_children={self.limits.max_children}"
+                    )
+                content = [self.node(depth + 1) for _ in range(k)]
+            elif t == BIN_8 or t == BIN_16 or t == BIN_32:
+                size = self.byte() if t == BIN_8 else self.uint(2 if t == BIN_16 else 4)
+                content = bytes(self.take(size))
+            else:
+                raise MalformedNode(f"content must be a list or bytes, found type byte 0x{t:02x}")
+        return Node(tag, attrs, content)
+
+    def finish(self) -> None:
+        if self.pos != self.end:
+            raise MalformedNode(f"{self.end - self.pos} trailing bytes after the node")
+
+
+class Codec:
+    """Encode and decode nodes with one dictionary version and one set of limits."""
+
+    __slots__ = ("dictionary", "limits", "_codes", "_max_string")
+
+    def __init__(self, dictionary: Dictionary = LATEST, limits: Limits = DEFAULT_LIMITS):
+        self.dictionary = dictionary
+        self.limits = limits
+        self._codes = dictionary.codes
+        self._max_string = limits.max_string
+
+    # -- decoding ---------------------------------------------------------
+
+    def decode(self, payload) -> Node:
+        """Decode one frame payload; it must hold exactly one node."""
+        data = payload if type(payload) is bytes else bytes(payload)
+        return self._decode_span(data, 0, len(data))
+
+    def _decode_span(self, data: bytes, start: int, end: int) -> Node:
+        r = _Reader(data, start, end, self.dictionary, self.limits)
+        node = r.node(1)
+        r.finish()
+        return node
+
+    def peek(self, payload) -> Envelope:
+        """The envelope (tag, to, id, type) of a top-level node, without building it.
+
+        Every attribute is syntax-checked (tokens, lengths, UTF-8, addresses);
+        repeats are rejected for to/id/type, the envelope the router uses.
+        Child nodes are not walked.  ``Envelope.payload`` is ``payload``.
+        """
+        if type(payload) is bytes:
+            return self._peek_span(payload, 0, len(payload))
+        env = self._peek_span(bytes(payload), 0, len(payload))
+        env.payload = payload
+        return env
+
+    def _peek_span(self, data: bytes, start: int, end: int) -> Envelope:
+        r = _Reader(data, start, end, self.dictionary, self.limits)
+        t = r.byte()
+        if t != LIST_8 and t != LIST_16:
+            raise MalformedNode(f"expected a node (list header), found type byte 0x{t:02x}")
+        n = r.list_size(t)
+        if n == 0:
+            raise MalformedNode("a node needs at least a tag")
+        tag = r.string(r.byte(), "tag")
+        nattrs = (n - 1) >> 1
+        if nattrs > self.limits.max_attrs:
+            raise LimitExceeded(f"{nattrs} attributes exceed max_attrs={self.limits.max_attrs}")
+        to = mid = mtype = None
+        for _ in range(nattrs):
+            key = r.string(r.byte(), "attribute name")
+            v = r.string(r.byte(), "attribute value")
+            if key == "to":
+                if to is not None:
+                    raise MalformedNode("duplicate attribute 'to'")
+                to = v
+            elif key == "id":
+                if mid is not None:
+                    raise MalformedNode("duplicate attribute 'id'")
+                mid = v
+            elif key == "type":
+                if mtype is not None:
+                    raise MalformedNode("duplicate attribute 'type'")
+                mtype = v
+        cstart = cend = -1
+        if (n - 1) & 1:
+            t = r.byte()
+            if t == BIN_8 or t == BIN_16 or t == BIN_32:
+                size = r.byte() if t == BIN_8 else r.uint(2 if t == BIN_16 else 4)
+                if r.end - r.pos < size:
+                    raise MalformedNode(f"truncated node: expected {size} more bytes")
+                cstart = r.pos
+                cend = r.pos = r.pos + size
+                r.finish()
+            elif t != LIST_8 and t != LIST_16:
+                raise MalformedNode(f"content must be a list or bytes, found type byte 0x{t:02x}")
+        else:
+            r.finish()
+        return Envelope(tag, to, mid, mtype, data, cstart, cend)
+
+    # -- encoding ---------------------------------------------------------
+
+    def encode(self, node) -> bytes:
+        """The payload of one frame (no header)."""
+        out = bytearray()
+        self._node(out, node, 1)
+        if len(out) > self.limits.max_frame:
+            raise FrameTooLarge(
+                f"encoded node of {len(out)} bytes exceeds the maximum of {self.limits.max_frame}"
+            )
+        return bytes(out)
+
+    def encode_frame(self, node) -> bytes:
+        """Header plus payload, ready for the wire."""
+        out = bytearray()
+        self.write_frame(out, node)
+        return bytes(out)
+
+    def write_frame(self, out: bytearray, node) -> int:
+        """Append a whole frame for ``node`` to ``out``; returns the payload length.
+
+        On error ``out`` is left as it was.
+        """
+        start = len(out)
+        out += b"\0\0\0"
+        try:
+            self._node(out, node, 1)
+            n = len(out) - start - 3
+            if n > self.limits.max_frame:
+                raise FrameTooLarge(
+                    f"encoded node of {n} bytes exceeds the maximum of {self.limits.max_frame}"
+                )
+        except BaseException:
+            del out[start:]
+            raise
+        out[start : start + 3] = n.to_bytes(3, "big")
+        return n
+
+    def _string(self, out: bytearray, s, what: str) -> None:
+        if not isinstance(s, str):
+            raise TypeError(f"{what} must be str, not {type(s).__name__}")
+        code = self._codes.get(s)
+        if code is not None:
+            if code < 0x100:
+                out.append(code)
+            else:
+                out += code.to_bytes(2, "big")
+            return
+        n = len(s)
+        if 0 < n <= MAX_PACKED and all(c in _PACKED_VALUE for c in s):
+            out.append(PACKED)
+            out.append(n)
+            self._pack(out, s)
+            return
+        if ":" in s:
+            m = DEVICE_RE.fullmatch(s)
+            if m and int(m.group(2)) <= MAX_DEVICE:
+                out.append(ADDR_DEVICE)
+                out.append(int(m.group(2)))
+                out.append(len(m.group(1)))
+                self._pack(out, m.group(1))
+                return
+            m = GROUP_RE.fullmatch(s)
+            if m:
+                out.append(ADDR_GROUP)
+                out.append(len(m.group(1)))
+                self._pack(out, m.group(1))
+                return
+        raw = s.encode("utf-8")
+        n = len(raw)
+        if n > self._max_string:
+            raise LimitExceeded(f"{what} of {n} bytes exceeds max_string={self._max_string}")
+        self._bin_header(out, n)
+        out += raw
+
+    @staticmethod
+    def _pack(out: bytearray, s: str) -> None:
+        out += bytes.fromhex(s + "0" if len(s) & 1 else s)
+
+    @staticmethod
+    def _bin_header(out: bytearray, n: int) -> None:
+        if n < 0x100:
+            out.append(BIN_8)
+            out.append(n)
+        elif n < 0x10000:
+            out.append(BIN_16)
+            out += n.to_bytes(2, "big")
+        else:
+            out.append(BIN_32)
+            out += n.to_bytes(4, "big")
+
+    def _node(self, out: bytearray, node, depth: int) -> None:
+        limits = self.limits
+        if depth > limits.max_depth:
+            raise LimitExceeded(f"nodes nested deeper than max_depth={limits.max_depth}")
+        try:
+            tag, attrs, content = node.tag, node.attrs, node.content
+        except AttributeError:
+            raise TypeError(f"expected a node, not {type(node).__name__}") from None
+        if len(attrs) > limits.max_attrs:
+            raise LimitExceeded(f"{len(attrs)} attributes exceed max_attrs={limits.max_attrs}")
+        n = 1 + 2 * len(attrs) + (content is not None)
+        self._list_header(out, n)
+        self._string(out, tag, "tag")
+        for k, v in attrs.items():
+            self._string(out, k, "attribute name")
+            self._string(out, v, "attribute value")
+        if content is None:
+            return
+        if isinstance(content, (bytes, bytearray, memoryview)):
+            size = content.nbytes if isinstance(content, memoryview) else len(content)
+            self._bin_header(out, size)
+            out += content
+        elif isinstance(content, (list, tuple)):
+            if len(content) > limits.max_children:
+                raise LimitExceeded(
+                    f"{len(content)} child nodes exceed max_children={limits.max_children}"
+                )
+            self._list_header(out, len(content))
+            for child in content:
+                self._node(out, child, depth + 1)
+        else:
+            raise TypeError(f"content must be bytes or a list of nodes, not {type(content).__name__}")
+
+    @staticmethod
+    def _list_header(out: bytearray, n: int) -> None:
+        if n < 0x100:
+            out.append(LIST_8)
+            out.append(n)
+        else:
+            out.append(LIST_16)
+            out += n.to_bytes(2, "big")
