@@ -18,6 +18,7 @@ which is what the router forwards without building or copying anything.
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 
 from .errors import EmptyFrame, FrameTooLarge, LimitExceeded, MalformedNode, UnknownToken
@@ -135,7 +136,13 @@ class FrameReader:
         if len(first) - off >= 3:
             h = first[off : off + 3]
         else:
-            h = b"".join(self._chunks)[off : off + 3]
+            # The header straddles chunks: look at no more than the 3 it needs
+            # (joining everything buffered would be quadratic for a slow drip).
+            h = first[off:]
+            for chunk in itertools.islice(self._chunks, 1, None):
+                h += chunk[: 3 - len(h)]
+                if len(h) == 3:
+                    break
         n = (h[0] << 16) | (h[1] << 8) | h[2]
         if n == 0:
             raise EmptyFrame("frame of length 0")

@@ -128,6 +128,7 @@ class Limits:
     max_depth:    deepest nesting of nodes (a top-level node is depth 1)
     max_attrs:    most attributes on one node
     max_string:   longest literal tag, attribute name or value, in bytes
+                  (packed digit/hex strings carry at most 255 symbols by construction)
     max_children: most child nodes in one content list
     """
 

@@ -1,0 +1,205 @@
+"""Node codec: known encodings, round trips, and the two implementations agreeing."""
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from strategies import build, trees
+from wirebuild import binary, lst, packed, tok
+
+from pigeon.core.node import Limits
+from pigeon.core.tokens import LITERAL
+from pigeon.core.wire import ADDR_DEVICE, ADDR_GROUP
+
+MSG_ATTRS = {"to": "491701234567", "id": "3eb0c1f2a4d5e6f7", "type": "text"}
+
+
+def typical(impl, body=b"x" * 100):
+    return impl.Node("message", dict(MSG_ATTRS), body)
+
+
+def test_typical_message_bytes(impl):
+    """The 1:1 chat message of the brief, byte for byte, and its size budget."""
+    c = impl.Codec()
+    expected = (
+        lst(8)
+        + tok("message")
+        + tok("to") + packed("491701234567")
+        + tok("id") + packed("3eb0c1f2a4d5e6f7")
+        + tok("type") + tok("text")
+        + binary(b"x" * 100)
+    )
+    assert c.encode(typical(impl)) == expected
+    frame = c.encode_frame(typical(impl))
+    assert frame == len(expected).to_bytes(3, "big") + expected
+    assert len(frame) <= 140  # the issue's budget: header included
+    assert c.decode(expected) == typical(impl)
+
+
+@pytest.mark.parametrize(
+    "value, encoded",
+    [
+        ("491701234567:2", bytes([ADDR_DEVICE, 2]) + packed("491701234567")[1:]),
+        ("491701234567:255", bytes([ADDR_DEVICE, 255]) + packed("491701234567")[1:]),
+        ("g:120363012345", bytes([ADDR_GROUP]) + packed("120363012345")[1:]),
+        ("12345", packed("12345")),
+        ("deadbeef", packed("deadbeef")),
+        ("", binary(b"")),
+        ("DEADBEEF", binary(b"DEADBEEF")),
+        ("héllo", binary("héllo".encode())),
+        ("491701234567:256", binary(b"491701234567:256")),  # not a device number
+        ("491701234567:02", binary(b"491701234567:02")),  # not canonical
+        ("091701234567:2", binary(b"091701234567:2")),  # leading 0: not E.164
+        ("g:", binary(b"g:")),
+        ("text", tok("text")),
+        ("SCRAM-SHA-256", tok("SCRAM-SHA-256")),
+        ("account", tok("account")),  # a two-byte token
+    ],
+)
+def test_value_encodings(impl, value, encoded):
+    c = impl.Codec()
+    payload = c.encode(impl.Node("x1", {"v": value}))
+    # list header, tag (packed "x1"? no: "x1" is not hex, so binary), key "v" (binary)
+    prefix = lst(3) + binary(b"x1") + binary(b"v")
+    assert payload == prefix + encoded
+    assert c.decode(payload).attrs["v"] == value
+
+
+def test_two_byte_token_page(impl):
+    c = impl.Codec()
+    payload = c.encode(impl.Node("account"))
+    assert payload[2] == 0xEC and len(payload) == 4
+    assert c.decode(payload).tag == "account"
+
+
+def test_children_and_empty_list(impl):
+    c = impl.Codec()
+    n = impl.Node("list", {}, [impl.Node("item", {"id": "1"}), impl.Node("item", {}, [])])
+    assert c.decode(c.encode(n)) == n
+    assert c.decode(c.encode(n)).content[1].content == []
+
+
+def test_large_binary_content_uses_wider_lengths(impl):
+    c = impl.Codec()
+    for size, head in [(255, 0xFC), (256, 0xFD), (65535, 0xFD), (65536, 0xFE)]:
+        payload = c.encode(impl.Node("message", {}, b"\xab" * size))
+        assert payload[3] == head
+        assert c.decode(payload).content == b"\xab" * size
+
+
+def test_encoder_accepts_bytearray_and_memoryview(impl):
+    c = impl.Codec()
+    ref = c.encode(impl.Node("message", {}, b"abc"))
+    assert c.encode(impl.Node("message", {}, bytearray(b"abc"))) == ref
+    assert c.encode(impl.Node("message", {}, memoryview(b"zabc")[1:])) == ref
+
+
+def test_write_frame_appends_and_rolls_back(impl):
+    c = impl.Codec(limits=Limits(max_frame=200))
+    out = bytearray(b"prefix")
+    n = c.write_frame(out, typical(impl))
+    assert out == b"prefix" + c.encode_frame(typical(impl)) and n == len(out) - 9
+    with pytest.raises(impl_errors().FrameTooLarge):
+        c.write_frame(out, typical(impl, body=b"y" * 500))
+    assert out == b"prefix" + c.encode_frame(typical(impl))
+
+
+def impl_errors():
+    from pigeon.core import errors
+
+    return errors
+
+
+def test_literal_dictionary_carries_every_string(impl):
+    """Version 0 (no tokens) is what a peer with any dictionary can read."""
+    lit = impl.Codec(LITERAL)
+    payload = lit.encode(impl.Node("error", {"code": "102", "text": "unknown dictionary"}))
+    assert payload.startswith(lst(5) + binary(b"error") + binary(b"code") + packed("102"))
+    assert impl.Codec().decode(payload) == lit.decode(payload)
+
+
+def test_encode_type_errors(impl):
+    c = impl.Codec()
+    with pytest.raises(TypeError):
+        c.encode(impl.Node("message", {"seq": 5}))
+    with pytest.raises(TypeError):
+        c.encode(impl.Node(b"message"))
+    with pytest.raises(TypeError):
+        c.encode(impl.Node("message", {}, "text content"))
+    with pytest.raises(TypeError):
+        c.encode(impl.Node("message", {}, ["not a node"]))
+    with pytest.raises(TypeError):
+        c.encode("not a node")
+
+
+@given(trees())
+def test_roundtrip(tree):
+    from conftest import load_impl
+
+    for name in ("python", "fastpath"):
+        impl = load_impl(name)
+        node = build(impl.Node, tree)
+        c = impl.Codec()
+        payload = c.encode(node)
+        back = c.decode(payload)
+        assert back == node
+        assert type(back) is impl.Node
+        # decoding is deterministic and the encoding canonical
+        assert c.encode(back) == payload
+
+
+@given(trees())
+def test_implementations_agree(tree):
+    from conftest import load_impl
+
+    py, fast = load_impl("python"), load_impl("fastpath")
+    a = py.Codec().encode(build(py.Node, tree))
+    b = fast.Codec().encode(build(fast.Node, tree))
+    assert a == b
+    # either codec encodes either Node class, identically
+    assert fast.Codec().encode(build(py.Node, tree)) == a
+    assert py.Codec().encode(build(fast.Node, tree)) == a
+    # and the decoded nodes compare equal across classes
+    assert py.Codec().decode(a) == fast.Codec().decode(a)
+
+
+@given(trees(), st.binary(max_size=4))
+def test_peek_matches_decode(tree, _noise):
+    from conftest import load_impl
+
+    for name in ("python", "fastpath"):
+        impl = load_impl(name)
+        c = impl.Codec()
+        node = build(impl.Node, tree)
+        payload = c.encode(node)
+        env = c.peek(payload)
+        assert env.tag == node.tag
+        assert (env.to, env.id, env.type) == tuple(node.attrs.get(k) for k in ("to", "id", "type"))
+        if isinstance(node.content, bytes):
+            assert bytes(env.content) == node.content
+            assert payload[env.start : env.end] == node.content
+        else:
+            assert env.content is None and env.start == env.end == -1
+
+
+def test_peek_content_is_a_view_of_the_received_buffer(impl):
+    c = impl.Codec()
+    payload = bytearray(c.encode(typical(impl)))
+    env = c.peek(payload)
+    assert env.payload is payload
+    view = env.content
+    assert isinstance(view, memoryview) and view.obj is payload
+    assert bytes(view) == b"x" * 100
+
+
+def test_node_api(impl):
+    n = impl.Node("message", {"id": "1"})
+    assert n.get("id") == "1" and n.get("to") is None and n.content is None
+    assert repr(n) == '<message id="1"/>'
+    assert impl.Node("ack") == impl.Node("ack", {})
+    assert impl.Node("ack") != impl.Node("ack", {"id": "1"})
+    assert impl.Node("ack") != "ack"
+    with pytest.raises(TypeError):
+        hash(n)
+    import pickle
+
+    assert pickle.loads(pickle.dumps(typical(impl))) == typical(impl)
