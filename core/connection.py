@@ -1,0 +1,303 @@
+"""The connection state machine, for both roles, in the sans-IO style.
+
+Theory of operation.  A ``Connection`` never touches a socket.  Bytes from
+the network go in with ``receive_data``; ``next_event`` returns the next
+event, or ``NEED_DATA``; ``send(event)`` returns the bytes to write (or
+``send_into`` appends them to a buffer, so one write can carry many frames).
+The server, both client drivers and the tests all drive this one object.
+
+Both sides send their preamble at once on connecting (``initiate``): the
+client's names the dictionary version the connection will use, the server's
+the newest one it knows.  The client need not wait for the server's: it may
+send its first request right behind its preamble (one round trip saved).  A server that does not know the client's version
+answers with error 102, encoded without tokens so any peer can read it, and
+closes.
+
+States follow the protocol: HANDSHAKE (a server waiting for the client's
+preamble; a client starts past it), UNAUTHENTICATED (registration allowed, login may start), the three SCRAM
+steps, AUTHENTICATED (messaging), and the terminal CLOSED and ERROR.  The
+legal moves are one table, ``TRANSITIONS``, applied alike to what this side
+sends and to what it receives; each event class is sent by one role only.
+
+Errors.  A framing or codec error means the byte stream cannot be trusted:
+``next_event`` raises a fatal ``RemoteProtocolError`` and the connection
+enters ERROR, where the only thing left to do is ``send(Error(...))`` and
+close.  A well-formed node that is wrong (unknown tag, bad attribute, wrong
+state) raises a non-fatal ``RemoteProtocolError`` and the state is
+unchanged: answer with its code and carry on.  Trying to send what the
+state or role forbids raises ``LocalProtocolError`` (a bug on this side).
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from . import codec as _selected
+from .errors import (
+    CodecError,
+    ErrorCode,
+    LocalProtocolError,
+    RemoteProtocolError,
+    is_fatal,
+)
+from .events import (
+    CLIENT,
+    CLIENT_SENT,
+    SERVER,
+    SERVER_SENT,
+    AuthChallenge,
+    AuthResponse,
+    AuthStart,
+    AuthSuccess,
+    CodeSent,
+    ConnectionClosed,
+    DeviceAck,
+    Error,
+    Event,
+    Hello,
+    IncomingMessage,
+    IncomingReceipt,
+    Message,
+    Ping,
+    Pong,
+    Presence,
+    PresenceUpdate,
+    Receipt,
+    Register,
+    Registered,
+    ServerAck,
+    Verify,
+)
+from .node import DEFAULT_LIMITS, Limits
+from .tokens import DICTIONARIES, LATEST_VERSION, LITERAL, Dictionary
+from .wire import MAGIC, PREAMBLE_SIZE, PROTOCOL_VERSION, preamble
+
+
+class Role(str, Enum):
+    CLIENT = CLIENT
+    SERVER = SERVER
+
+
+class State(Enum):
+    HANDSHAKE = "handshake"
+    UNAUTHENTICATED = "unauthenticated"
+    AUTH_STARTED = "auth-started"  # client-first sent
+    AUTH_CHALLENGED = "auth-challenged"  # server-first sent
+    AUTH_RESPONDED = "auth-responded"  # client-final sent
+    AUTHENTICATED = "authenticated"
+    CLOSED = "closed"
+    ERROR = "error"
+
+
+class _NeedData:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+#: Returned by next_event when no complete event is buffered.
+NEED_DATA = _NeedData()
+
+_S = State
+_ANY_LIVE = (_S.UNAUTHENTICATED, _S.AUTH_STARTED, _S.AUTH_CHALLENGED, _S.AUTH_RESPONDED,
+             _S.AUTHENTICATED)  # fmt: skip
+
+#: (state, event class) -> next state.  Error is handled apart: allowed in
+#: every state but CLOSED, it moves to CLOSED when its code is fatal.
+TRANSITIONS: dict[tuple[State, type[Event]], State] = {
+    (_S.HANDSHAKE, Hello): _S.UNAUTHENTICATED,
+    (_S.UNAUTHENTICATED, Register): _S.UNAUTHENTICATED,
+    (_S.UNAUTHENTICATED, CodeSent): _S.UNAUTHENTICATED,
+    (_S.UNAUTHENTICATED, Verify): _S.UNAUTHENTICATED,
+    (_S.UNAUTHENTICATED, Registered): _S.UNAUTHENTICATED,
+    (_S.UNAUTHENTICATED, AuthStart): _S.AUTH_STARTED,
+    (_S.AUTH_STARTED, AuthChallenge): _S.AUTH_CHALLENGED,
+    (_S.AUTH_CHALLENGED, AuthResponse): _S.AUTH_RESPONDED,
+    (_S.AUTH_RESPONDED, AuthSuccess): _S.AUTHENTICATED,
+    **{(_S.AUTHENTICATED, ev): _S.AUTHENTICATED
+       for ev in (Message, IncomingMessage, ServerAck, DeviceAck, Receipt, IncomingReceipt,
+                  Presence, PresenceUpdate)},
+    **{(st, ev): st for st in _ANY_LIVE for ev in (Ping, Pong)},
+}  # fmt: skip
+
+
+class Connection:
+    """One end of a pigeon connection (``role`` is Role.CLIENT or Role.SERVER).
+
+    client: ``dictionary_version`` is the version this connection will use.
+    server: ``dictionaries`` are the versions it accepts (default: all known).
+    ``codec``: the codec module (pigeon.core._pycodec or pigeon.fastpath._codec);
+    default: the one pigeon.core.codec selected.
+    """
+
+    def __init__(
+        self,
+        role: Role | str,
+        *,
+        dictionary_version: int = LATEST_VERSION,
+        dictionaries: dict[int, Dictionary] | None = None,
+        limits: Limits = DEFAULT_LIMITS,
+        codec=None,
+    ):
+        self.role = Role(role)
+        self.limits = limits
+        self._impl = codec if codec is not None else _selected
+        self._dictionaries = {k: v for k, v in (dictionaries or DICTIONARIES).items() if k > 0}
+        #: the peer's preamble, once received
+        self.peer_hello: Hello | None = None
+        self._pre = b""
+        self._reader = self._impl.FrameReader(limits.max_frame)
+        self._eof = False
+        self._error: RemoteProtocolError | None = None
+        if self.role is Role.CLIENT:
+            if dictionary_version not in DICTIONARIES or dictionary_version == 0:
+                raise ValueError(f"unknown dictionary version {dictionary_version}")
+            self.dictionary = DICTIONARIES[dictionary_version]
+            self._inbound = SERVER_SENT
+            self.state = State.UNAUTHENTICATED
+        else:
+            # Until the client's preamble names one, speak without tokens.
+            self.dictionary = LITERAL
+            self._inbound = CLIENT_SENT
+            self.state = State.HANDSHAKE
+        self._codec = self._impl.Codec(self.dictionary, limits)
+        self._node_cls = self._impl.Node
+
+    # -- output -----------------------------------------------------------
+
+    def initiate(self) -> bytes:
+        """This side's preamble, to write as soon as the transport is up."""
+        if self.role is Role.CLIENT:
+            return preamble(self.dictionary.version)
+        return preamble(max(self._dictionaries))
+
+    def send(self, event: Event) -> bytes:
+        """The bytes of one event; the state moves as the protocol says."""
+        out = bytearray()
+        self.send_into(out, event)
+        return bytes(out)
+
+    def send_into(self, out: bytearray, event: Event) -> None:
+        """Append the frame for ``event`` to ``out`` (one write for many frames)."""
+        self._check_send(event)
+        node = event.to_node(self._node_cls)
+        try:
+            self._codec.write_frame(out, node)
+        except CodecError as exc:
+            raise LocalProtocolError(f"cannot encode {type(event).__name__}: {exc}", exc.code) from exc
+        self._advance(event)
+
+    def _check_send(self, event: Event) -> None:
+        if isinstance(event, (Hello, ConnectionClosed)):
+            raise LocalProtocolError(f"{type(event).__name__} is not sent with send()")
+        if event.SENDER not in (self.role.value, "both"):
+            raise LocalProtocolError(f"a {self.role.value} does not send {type(event).__name__}")
+        if self.state is State.CLOSED:
+            raise LocalProtocolError("the connection is closed")
+        if isinstance(event, Error):
+            return
+        if self.state is State.ERROR:
+            raise LocalProtocolError("after a protocol error only an error can be sent")
+        if (self.state, type(event)) not in TRANSITIONS:
+            raise LocalProtocolError(
+                f"cannot send {type(event).__name__} in state {self.state.value}"
+            )
+
+    def _advance(self, event: Event) -> None:
+        if isinstance(event, Error):
+            if is_fatal(event.code):
+                self.state = State.CLOSED
+            return
+        self.state = TRANSITIONS[(self.state, type(event))]
+
+    # -- input ------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> None:
+        """Bytes from the peer; ``b""`` means the peer closed its side."""
+        if not data:
+            self._eof = True
+        elif self.peer_hello is None:
+            self._pre += data
+        else:
+            self._reader.feed(data)
+
+    @property
+    def buffered(self) -> int:
+        """Received bytes not yet turned into events."""
+        return len(self._pre) + self._reader.buffered
+
+    def next_event(self):
+        """The next event, or NEED_DATA.  Raises RemoteProtocolError (see module doc)."""
+        if self._error is not None:
+            raise self._error
+        if self.state is State.CLOSED:
+            return NEED_DATA
+        if self.peer_hello is None:
+            if len(self._pre) < PREAMBLE_SIZE:
+                return self._closed_or_need()
+            return self._handshake()
+        try:
+            node = self._reader.next_node(self._codec)
+        except CodecError as exc:
+            raise self._fail(RemoteProtocolError(exc.text, exc.code)) from exc
+        if node is None:
+            return self._closed_or_need()
+        return self._dispatch(node)
+
+    def _closed_or_need(self):
+        if self._eof and self.state is not State.CLOSED:
+            self.state = State.CLOSED
+            return ConnectionClosed()
+        return NEED_DATA
+
+    def _fail(self, err: RemoteProtocolError) -> RemoteProtocolError:
+        self.state = State.ERROR
+        self._error = err
+        return err
+
+    def _handshake(self) -> Hello:
+        pre, rest = self._pre[:PREAMBLE_SIZE], self._pre[PREAMBLE_SIZE:]
+        self._pre = b""
+        if pre[:3] != MAGIC:
+            raise self._fail(RemoteProtocolError(
+                f"bad preamble: expected magic {MAGIC!r}, got {pre[:3]!r}", ErrorCode.BAD_PREAMBLE))
+        hello = Hello(pre[3], pre[4])
+        if hello.protocol != PROTOCOL_VERSION:
+            raise self._fail(RemoteProtocolError(
+                f"protocol version {hello.protocol} is not supported (this side speaks "
+                f"{PROTOCOL_VERSION})", ErrorCode.UNSUPPORTED_PROTOCOL))
+        if self.role is Role.SERVER:
+            if hello.dictionary not in self._dictionaries:
+                known = ", ".join(map(str, sorted(self._dictionaries)))
+                raise self._fail(RemoteProtocolError(
+                    f"token dictionary version {hello.dictionary} is not supported "
+                    f"(known: {known})", ErrorCode.UNSUPPORTED_DICTIONARY))
+            self.dictionary = self._dictionaries[hello.dictionary]
+            self._codec = self._impl.Codec(self.dictionary, self.limits)
+            self.state = TRANSITIONS[(State.HANDSHAKE, Hello)]
+        self.peer_hello = hello
+        if rest:
+            self._reader.feed(rest)
+        return hello
+
+    def _dispatch(self, node) -> Event:
+        cls = self._inbound.get(node.tag)
+        if cls is None:
+            rid = node.attrs.get("id")
+            raise RemoteProtocolError(
+                f"unknown node <{node.tag}>", ErrorCode.UNKNOWN_NODE,
+                request_id=rid if isinstance(rid, str) else None)
+        event = cls.from_node(node)
+        if isinstance(event, Error):
+            if is_fatal(event.code):
+                self.state = State.CLOSED
+            return event
+        nxt = TRANSITIONS.get((self.state, cls))
+        if nxt is None:
+            raise RemoteProtocolError(
+                f"<{node.tag}> is not allowed in state {self.state.value}",
+                ErrorCode.WRONG_STATE,
+                request_id=getattr(event, "id", None))
+        self.state = nxt
+        return event

@@ -1,0 +1,574 @@
+"""Protocol events: what a Connection hands the application and what it sends.
+
+One class per node of the core protocol (docs/PROTOCOL.md), plus ``Hello``
+(the peer's preamble) and ``ConnectionClosed``.  Each class knows its tag,
+which role sends it, how to build its node and how to read one back.
+Reading validates every attribute (ids, numbers, addresses) and raises a
+non-fatal ``RemoteProtocolError`` (BAD_REQUEST, with the request's id) for a
+node that is well-formed but wrong, so the receiver can answer and go on.
+
+The same tag can mean different things by direction: ``message`` from a
+client is ``Message`` (it names the recipient), from the server it is
+``IncomingMessage`` (it names the sender, the server time and the
+per-device sequence).  ``CLIENT_SENT`` and ``SERVER_SENT`` map tags to classes.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import ClassVar
+
+from .errors import ErrorCode, RemoteProtocolError
+from .node import address_kind, valid_phone
+
+CLIENT = "client"
+SERVER = "server"
+BOTH = "both"
+
+_ID_RE = re.compile(r"[\x21-\x7e]{1,64}")
+_UINT_RE = re.compile(r"0|[1-9][0-9]{0,19}")
+MAX_UINT64 = (1 << 64) - 1
+SCRAM_MECHANISM = "SCRAM-SHA-256"
+
+
+def valid_id(s) -> bool:
+    """Message and request ids: 1 to 64 printable ASCII bytes (0x21-0x7e)."""
+    return isinstance(s, str) and _ID_RE.fullmatch(s) is not None
+
+
+def _bad(node, text: str) -> RemoteProtocolError:
+    rid = node.attrs.get("id")
+    return RemoteProtocolError(
+        f"<{node.tag}>: {text}",
+        ErrorCode.BAD_REQUEST,
+        request_id=rid if valid_id(rid) else None,
+    )
+
+
+def _attr(node, key: str) -> str:
+    v = node.attrs.get(key)
+    if v is None:
+        raise _bad(node, f"missing attribute {key!r}")
+    return v
+
+
+def _id(node, key: str = "id") -> str:
+    v = _attr(node, key)
+    if not valid_id(v):
+        raise _bad(node, f"{key!r} must be 1-64 printable ASCII characters")
+    return v
+
+
+def _uint(node, key: str) -> int:
+    v = _attr(node, key)
+    if not _UINT_RE.fullmatch(v) or int(v) > MAX_UINT64:
+        raise _bad(node, f"{key!r} must be a decimal unsigned integer")
+    return int(v)
+
+
+def _opt_uint(node, key: str) -> int | None:
+    return None if node.attrs.get(key) is None else _uint(node, key)
+
+
+def _phone(node, key: str = "phone") -> str:
+    v = _attr(node, key)
+    if not valid_phone(v):
+        raise _bad(node, f"{key!r} must be an E.164 number: 8-15 digits, no '+'")
+    return v
+
+
+def _address(node, key: str, *kinds: str) -> str:
+    v = _attr(node, key)
+    if address_kind(v) not in kinds:
+        raise _bad(node, f"{key!r} must be a {' or '.join(kinds)} address")
+    return v
+
+
+def _bytes(node, *, size: int | None = None, max_size: int | None = None) -> bytes:
+    c = node.content
+    if not isinstance(c, (bytes, bytearray, memoryview)):
+        raise _bad(node, "content must be bytes")
+    c = bytes(c)
+    if size is not None and len(c) != size:
+        raise _bad(node, f"content must be {size} bytes")
+    if max_size is not None and len(c) > max_size:
+        raise _bad(node, f"content must be at most {max_size} bytes")
+    return c
+
+
+def _choice(node, key: str, allowed: frozenset) -> str:
+    v = _attr(node, key)
+    if v not in allowed:
+        raise _bad(node, f"{key!r} must be one of {sorted(allowed)}")
+    return v
+
+
+class Event:
+    """Base class. ``TAG``: the node tag; ``SENDER``: CLIENT, SERVER or BOTH."""
+
+    __slots__ = ()
+    TAG: ClassVar[str] = ""
+    SENDER: ClassVar[str] = BOTH
+
+    def to_node(self, node_cls):
+        raise NotImplementedError
+
+    @classmethod
+    def from_node(cls, node):
+        raise NotImplementedError
+
+
+@dataclass(frozen=True, slots=True)
+class Hello(Event):
+    """The peer's preamble: its protocol version and dictionary version.
+
+    A client's names the dictionary the connection will use; a server's names
+    the newest dictionary it knows.
+    """
+
+    protocol: int
+    dictionary: int
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionClosed(Event):
+    """The peer closed its side (``receive_data(b"")``)."""
+
+
+# -- registration -----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Register(Event):
+    """Ask for a one-time code to be sent to ``phone``."""
+
+    TAG: ClassVar[str] = "register"
+    SENDER: ClassVar[str] = CLIENT
+    id: str
+    phone: str
+    method: str = "sms"
+
+    def to_node(self, N):
+        return N("register", {"id": self.id, "phone": self.phone, "method": self.method})
+
+    @classmethod
+    def from_node(cls, node):
+        method = node.attrs.get("method", "sms")
+        if method not in ("sms", "voice"):
+            raise _bad(node, "'method' must be sms or voice")
+        return cls(_id(node), _phone(node), method)
+
+
+@dataclass(frozen=True, slots=True)
+class CodeSent(Event):
+    """A code was sent; it is valid for ``ttl`` seconds."""
+
+    TAG: ClassVar[str] = "code"
+    SENDER: ClassVar[str] = SERVER
+    id: str
+    ttl: int
+
+    def to_node(self, N):
+        return N("code", {"id": self.id, "ttl": str(self.ttl)})
+
+    @classmethod
+    def from_node(cls, node):
+        return cls(_id(node), _uint(node, "ttl"))
+
+
+@dataclass(frozen=True, slots=True)
+class Verify(Event):
+    """Prove the code; content: the device's 32-byte identity public key."""
+
+    TAG: ClassVar[str] = "verify"
+    SENDER: ClassVar[str] = CLIENT
+    id: str
+    phone: str
+    code: str
+    identity_key: bytes
+
+    def to_node(self, N):
+        return N(
+            "verify", {"id": self.id, "phone": self.phone, "code": self.code}, self.identity_key
+        )
+
+    @classmethod
+    def from_node(cls, node):
+        code = _attr(node, "code")
+        if not (len(code) == 6 and code.isascii() and code.isdigit()):
+            raise _bad(node, "'code' must be 6 digits")
+        return cls(_id(node), _phone(node), code, _bytes(node, size=32))
+
+
+@dataclass(frozen=True, slots=True)
+class Registered(Event):
+    """The account exists; content: the 32-byte device secret (sent only here, once)."""
+
+    TAG: ClassVar[str] = "registered"
+    SENDER: ClassVar[str] = SERVER
+    id: str
+    device: str
+    secret: bytes
+
+    def to_node(self, N):
+        return N("registered", {"id": self.id, "device": self.device}, self.secret)
+
+    @classmethod
+    def from_node(cls, node):
+        return cls(_id(node), _address(node, "device", "device"), _bytes(node, size=32))
+
+
+# -- login (SCRAM-SHA-256, RFC 5802 / RFC 7677) -----------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AuthStart(Event):
+    """SCRAM client-first-message; its username is the device address."""
+
+    TAG: ClassVar[str] = "auth"
+    SENDER: ClassVar[str] = CLIENT
+    data: bytes
+    mechanism: str = SCRAM_MECHANISM
+
+    def to_node(self, N):
+        return N("auth", {"mech": self.mechanism}, self.data)
+
+    @classmethod
+    def from_node(cls, node):
+        mech = _attr(node, "mech")
+        if mech != SCRAM_MECHANISM:
+            raise _bad(node, f"unsupported mechanism; use {SCRAM_MECHANISM}")
+        return cls(_bytes(node, max_size=1024), mech)
+
+
+@dataclass(frozen=True, slots=True)
+class AuthChallenge(Event):
+    """SCRAM server-first-message (nonce, salt, iterations)."""
+
+    TAG: ClassVar[str] = "challenge"
+    SENDER: ClassVar[str] = SERVER
+    data: bytes
+
+    def to_node(self, N):
+        return N("challenge", {}, self.data)
+
+    @classmethod
+    def from_node(cls, node):
+        return cls(_bytes(node, max_size=1024))
+
+
+@dataclass(frozen=True, slots=True)
+class AuthResponse(Event):
+    """SCRAM client-final-message (the client's proof)."""
+
+    TAG: ClassVar[str] = "response"
+    SENDER: ClassVar[str] = CLIENT
+    data: bytes
+
+    def to_node(self, N):
+        return N("response", {}, self.data)
+
+    @classmethod
+    def from_node(cls, node):
+        return cls(_bytes(node, max_size=1024))
+
+
+@dataclass(frozen=True, slots=True)
+class AuthSuccess(Event):
+    """SCRAM server-final-message (the server's signature); ``t``: server time, ms."""
+
+    TAG: ClassVar[str] = "success"
+    SENDER: ClassVar[str] = SERVER
+    data: bytes
+    t: int
+
+    def to_node(self, N):
+        return N("success", {"t": str(self.t)}, self.data)
+
+    @classmethod
+    def from_node(cls, node):
+        return cls(_bytes(node, max_size=1024), _uint(node, "t"))
+
+
+# -- messaging --------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Message(Event):
+    """A client sends an opaque (end-to-end encrypted) body to a user or group."""
+
+    TAG: ClassVar[str] = "message"
+    SENDER: ClassVar[str] = CLIENT
+    to: str
+    id: str
+    type: str
+    body: bytes
+
+    def to_node(self, N):
+        return N("message", {"to": self.to, "id": self.id, "type": self.type}, self.body)
+
+    @classmethod
+    def from_node(cls, node):
+        t = _attr(node, "type")
+        if not valid_id(t):
+            raise _bad(node, "'type' must be 1-64 printable ASCII characters")
+        return cls(_address(node, "to", "user", "group"), _id(node), t, _bytes(node))
+
+
+@dataclass(frozen=True, slots=True)
+class IncomingMessage(Event):
+    """The server delivers a message to one device, from its queue.
+
+    ``sender``: the sending device's address, set by the server from the
+    authenticated session.  ``t``: server time (ms) when it was accepted.
+    ``seq``: this device's queue sequence, the number the device acknowledges.
+    """
+
+    TAG: ClassVar[str] = "message"
+    SENDER: ClassVar[str] = SERVER
+    sender: str
+    id: str
+    type: str
+    t: int
+    seq: int
+    body: bytes
+
+    def to_node(self, N):
+        return N(
+            "message",
+            {
+                "from": self.sender,
+                "id": self.id,
+                "type": self.type,
+                "t": str(self.t),
+                "seq": str(self.seq),
+            },
+            self.body,
+        )
+
+    @classmethod
+    def from_node(cls, node):
+        return cls(
+            _address(node, "from", "device"),
+            _id(node),
+            _attr(node, "type"),
+            _uint(node, "t"),
+            _uint(node, "seq"),
+            _bytes(node),
+        )
+
+
+ACK_CLASSES = frozenset({"message", "receipt"})
+
+
+@dataclass(frozen=True, slots=True)
+class ServerAck(Event):
+    """One tick: the server holds the message (or receipt) ``id`` durably.
+
+    ``t`` is the server time (ms) it was accepted, the same ``t`` its
+    recipients see.
+    """
+
+    TAG: ClassVar[str] = "ack"
+    SENDER: ClassVar[str] = SERVER
+    id: str
+    t: int
+    cls: str = "message"
+
+    def to_node(self, N):
+        return N("ack", {"class": self.cls, "id": self.id, "t": str(self.t)})
+
+    @classmethod
+    def from_node(cls, node):
+        return cls(_id(node), _uint(node, "t"), _choice(node, "class", ACK_CLASSES))
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceAck(Event):
+    """The device holds everything in its queue up to and including ``seq``."""
+
+    TAG: ClassVar[str] = "ack"
+    SENDER: ClassVar[str] = CLIENT
+    seq: int
+
+    def to_node(self, N):
+        return N("ack", {"seq": str(self.seq)})
+
+    @classmethod
+    def from_node(cls, node):
+        return cls(_uint(node, "seq"))
+
+
+RECEIPT_TYPES = frozenset({"delivered", "read", "played"})
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt(Event):
+    """A client tells the sender of message ``id`` it was read (or played)."""
+
+    TAG: ClassVar[str] = "receipt"
+    SENDER: ClassVar[str] = CLIENT
+    to: str
+    id: str
+    type: str = "read"
+
+    def to_node(self, N):
+        return N("receipt", {"to": self.to, "id": self.id, "type": self.type})
+
+    @classmethod
+    def from_node(cls, node):
+        typ = _choice(node, "type", frozenset({"read", "played"}))
+        return cls(_address(node, "to", "user"), _id(node), typ)
+
+
+@dataclass(frozen=True, slots=True)
+class IncomingReceipt(Event):
+    """Two ticks (delivered) or blue ticks (read) for message ``id``, from user ``sender``.
+
+    Queued and acknowledged like a message: ``seq`` is in the same per-device
+    sequence.
+    """
+
+    TAG: ClassVar[str] = "receipt"
+    SENDER: ClassVar[str] = SERVER
+    sender: str
+    id: str
+    type: str
+    t: int
+    seq: int
+
+    def to_node(self, N):
+        return N(
+            "receipt",
+            {
+                "from": self.sender,
+                "id": self.id,
+                "type": self.type,
+                "t": str(self.t),
+                "seq": str(self.seq),
+            },
+        )
+
+    @classmethod
+    def from_node(cls, node):
+        return cls(
+            _address(node, "from", "user"),
+            _id(node),
+            _choice(node, "type", RECEIPT_TYPES),
+            _uint(node, "t"),
+            _uint(node, "seq"),
+        )
+
+
+PRESENCE_TYPES = frozenset({"available", "unavailable"})
+
+
+@dataclass(frozen=True, slots=True)
+class Presence(Event):
+    """A device marks its user available or unavailable."""
+
+    TAG: ClassVar[str] = "presence"
+    SENDER: ClassVar[str] = CLIENT
+    type: str
+
+    def to_node(self, N):
+        return N("presence", {"type": self.type})
+
+    @classmethod
+    def from_node(cls, node):
+        return cls(_choice(node, "type", PRESENCE_TYPES))
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceUpdate(Event):
+    """User ``sender`` is now available or unavailable; ``last``: last seen, ms (if shared)."""
+
+    TAG: ClassVar[str] = "presence"
+    SENDER: ClassVar[str] = SERVER
+    sender: str
+    type: str
+    last: int | None = None
+
+    def to_node(self, N):
+        attrs = {"from": self.sender, "type": self.type}
+        if self.last is not None:
+            attrs["last"] = str(self.last)
+        return N("presence", attrs)
+
+    @classmethod
+    def from_node(cls, node):
+        return cls(
+            _address(node, "from", "user"),
+            _choice(node, "type", PRESENCE_TYPES),
+            _opt_uint(node, "last"),
+        )
+
+
+# -- either side --------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Error(Event):
+    """An error with a stable ``code`` (ErrorCode) and a human-readable ``text``.
+
+    ``id`` names the request it answers, when there is one.  After an error
+    whose code is fatal (errors.FATAL_CODES) its sender closes the connection.
+    """
+
+    TAG: ClassVar[str] = "error"
+    SENDER: ClassVar[str] = BOTH
+    code: int
+    text: str
+    id: str | None = None
+
+    def to_node(self, N):
+        attrs = {"code": str(int(self.code)), "text": self.text}
+        if self.id is not None:
+            attrs["id"] = self.id
+        return N("error", attrs)
+
+    @classmethod
+    def from_node(cls, node):
+        rid = node.attrs.get("id")
+        return cls(_uint(node, "code"), _attr(node, "text"), rid if valid_id(rid) else None)
+
+
+@dataclass(frozen=True, slots=True)
+class Ping(Event):
+    TAG: ClassVar[str] = "ping"
+    SENDER: ClassVar[str] = BOTH
+    id: str
+
+    def to_node(self, N):
+        return N("ping", {"id": self.id})
+
+    @classmethod
+    def from_node(cls, node):
+        return cls(_id(node))
+
+
+@dataclass(frozen=True, slots=True)
+class Pong(Event):
+    TAG: ClassVar[str] = "pong"
+    SENDER: ClassVar[str] = BOTH
+    id: str
+
+    def to_node(self, N):
+        return N("pong", {"id": self.id})
+
+    @classmethod
+    def from_node(cls, node):
+        return cls(_id(node))
+
+
+_ALL = [
+    Register, CodeSent, Verify, Registered, AuthStart, AuthChallenge, AuthResponse,
+    AuthSuccess, Message, IncomingMessage, ServerAck, DeviceAck, Receipt, IncomingReceipt,
+    Presence, PresenceUpdate, Error, Ping, Pong,
+]  # fmt: skip
+
+#: tag -> event class, for nodes a client sends (what a server receives)
+CLIENT_SENT: dict[str, type[Event]] = {c.TAG: c for c in _ALL if c.SENDER in (CLIENT, BOTH)}
+#: tag -> event class, for nodes a server sends (what a client receives)
+SERVER_SENT: dict[str, type[Event]] = {c.TAG: c for c in _ALL if c.SENDER in (SERVER, BOTH)}

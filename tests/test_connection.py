@@ -1,0 +1,319 @@
+"""The sans-IO Connection, both roles, both codec implementations."""
+
+import pytest
+
+from pigeon.core.connection import NEED_DATA, TRANSITIONS, Connection, Role, State
+from pigeon.core.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+from pigeon.core.events import (
+    CLIENT_SENT,
+    SERVER_SENT,
+    AuthChallenge,
+    AuthResponse,
+    AuthStart,
+    AuthSuccess,
+    CodeSent,
+    ConnectionClosed,
+    DeviceAck,
+    Error,
+    Hello,
+    IncomingMessage,
+    IncomingReceipt,
+    Message,
+    Ping,
+    Pong,
+    Presence,
+    PresenceUpdate,
+    Receipt,
+    Register,
+    Registered,
+    ServerAck,
+    Verify,
+)
+from pigeon.core.tokens import DICTIONARIES, LATEST_VERSION, Dictionary
+from pigeon.core.wire import preamble
+
+ALICE, BOB = "491701234567", "4915112345678"
+ALICE_DEV = ALICE + ":0"
+
+SAMPLES = [
+    Register("r1", ALICE),
+    CodeSent("r1", 300),
+    Verify("r2", ALICE, "123456", b"k" * 32),
+    Registered("r2", ALICE_DEV, b"s" * 32),
+    AuthStart(b"n,,n=491701234567:0,r=abc"),
+    AuthChallenge(b"r=abcdef,s=c2FsdA==,i=4096"),
+    AuthResponse(b"c=biws,r=abcdef,p=cHJvb2Y="),
+    AuthSuccess(b"v=c2lnbmF0dXJl", 1763830000123),
+    Message(BOB, "3eb0c1f2a4d5e6f7", "text", b"\x01" * 100),
+    Message("g:120363012345", "m2", "media", b""),
+    IncomingMessage(ALICE_DEV, "3eb0c1f2a4d5e6f7", "text", 1763830000123, 42, b"\x01" * 100),
+    ServerAck("3eb0c1f2a4d5e6f7", 1763830000123),
+    ServerAck("r9", 1763830000123, "receipt"),
+    DeviceAck(42),
+    Receipt(ALICE, "3eb0c1f2a4d5e6f7", "read"),
+    IncomingReceipt(BOB, "3eb0c1f2a4d5e6f7", "delivered", 1763830000999, 7),
+    Presence("available"),
+    PresenceUpdate(BOB, "unavailable", 1763830000000),
+    PresenceUpdate(BOB, "available"),
+    Error(ErrorCode.UNKNOWN_RECIPIENT, "no such user", "m1"),
+    Error(ErrorCode.TIMEOUT, "login deadline passed"),
+    Ping("p1"),
+    Pong("p1"),
+]
+
+
+@pytest.mark.parametrize("event", SAMPLES, ids=lambda e: type(e).__name__)
+def test_event_node_roundtrip(impl, event):
+    node = event.to_node(impl.Node)
+    c = impl.Codec()
+    back = c.decode(c.encode(node))
+    table = CLIENT_SENT if event.SENDER == "client" else SERVER_SENT
+    if event.SENDER == "both":
+        table = CLIENT_SENT
+    assert table[back.tag].from_node(back) == event
+
+
+def pair(impl, **kw):
+    client = Connection(Role.CLIENT, codec=impl, **kw)
+    server = Connection(Role.SERVER, codec=impl)
+    server.receive_data(client.initiate())
+    client.receive_data(server.initiate())
+    assert server.next_event() == Hello(1, client.dictionary.version)
+    assert client.next_event() == Hello(1, LATEST_VERSION)
+    assert client.state is server.state is State.UNAUTHENTICATED
+    return client, server
+
+
+def deliver(src, dst, event):
+    dst.receive_data(src.send(event))
+    got = dst.next_event()
+    assert got == event
+    assert dst.next_event() is NEED_DATA
+    return got
+
+
+def login(client, server):
+    deliver(client, server, AuthStart(b"client-first"))
+    assert client.state is server.state is State.AUTH_STARTED
+    deliver(server, client, AuthChallenge(b"server-first"))
+    deliver(client, server, AuthResponse(b"client-final"))
+    deliver(server, client, AuthSuccess(b"server-final", 1))
+    assert client.state is server.state is State.AUTHENTICATED
+
+
+def test_full_session(impl):
+    client, server = pair(impl)
+    deliver(client, server, Register("r1", ALICE))
+    deliver(server, client, CodeSent("r1", 300))
+    deliver(client, server, Verify("r2", ALICE, "123456", b"k" * 32))
+    deliver(server, client, Registered("r2", ALICE_DEV, b"s" * 32))
+    login(client, server)
+    deliver(client, server, Message(BOB, "m1", "text", b"hello"))
+    deliver(server, client, ServerAck("m1", 5))
+    deliver(server, client, IncomingMessage(BOB + ":1", "x9", "text", 6, 1, b"hi"))
+    deliver(client, server, DeviceAck(1))
+    deliver(client, server, Receipt(BOB, "x9"))
+    deliver(server, client, IncomingReceipt(BOB, "m1", "delivered", 7, 2))
+    deliver(client, server, Ping("p"))
+    deliver(server, client, Pong("p"))
+    server.receive_data(b"")
+    assert server.next_event() == ConnectionClosed()
+    assert server.state is State.CLOSED
+
+
+def test_transcript_byte_at_a_time_and_batched(impl):
+    """A pipelined client stream, split any way, gives the server the same events."""
+    client = Connection(Role.CLIENT, codec=impl)
+    out = bytearray(client.initiate())
+    client.send_into(out, AuthStart(b"a"))  # right behind the preamble: no round trip
+    client.receive_data(Connection(Role.SERVER).initiate())
+    client.next_event()
+    for ev in (AuthChallenge(b"b"), AuthSuccess(b"d", 1)):
+        if isinstance(ev, AuthSuccess):
+            client.send_into(out, AuthResponse(b"c"))
+        client.receive_data(impl.Codec().encode_frame(ev.to_node(impl.Node)))
+        assert client.next_event() == ev
+    for i in range(3):
+        client.send_into(out, Message(BOB, f"m{i}", "text", b"x" * i))
+    data = bytes(out)
+    expected = [Hello(1, LATEST_VERSION), AuthStart(b"a"), AuthResponse(b"c")] + [
+        Message(BOB, f"m{i}", "text", b"x" * i) for i in range(3)
+    ]
+    for step in (len(data), 1, 3):
+        server = Connection(Role.SERVER, codec=impl)
+        events = []
+        for i in range(0, len(data), step):
+            server.receive_data(data[i : i + step])
+            while (ev := server.next_event()) is not NEED_DATA:
+                events.append(ev)
+                if isinstance(ev, AuthStart):
+                    server.send(AuthChallenge(b"b"))
+                elif isinstance(ev, AuthResponse):
+                    server.send(AuthSuccess(b"d", 1))
+        assert events == expected
+
+
+def test_message_before_login_is_wrong_state_not_fatal(impl):
+    client, server = pair(impl)
+    node = Message(BOB, "m1", "text", b"x").to_node(impl.Node)
+    server.receive_data(impl.Codec().encode_frame(node))
+    with pytest.raises(RemoteProtocolError) as info:
+        server.next_event()
+    err = info.value
+    assert err.code == ErrorCode.WRONG_STATE and not err.fatal and err.request_id == "m1"
+    assert server.state is State.UNAUTHENTICATED
+    # the server answers and the connection goes on
+    client.receive_data(server.send(Error(err.code, err.text, err.request_id)))
+    assert client.next_event() == Error(ErrorCode.WRONG_STATE, err.text, "m1")
+    deliver(client, server, Register("r1", ALICE))
+
+
+def test_unknown_node_and_bad_attributes_are_not_fatal(impl):
+    client, server = pair(impl)
+    c = impl.Codec()
+    server.receive_data(c.encode_frame(impl.Node("frobnicate", {"id": "q1"})))
+    with pytest.raises(RemoteProtocolError) as info:
+        server.next_event()
+    assert info.value.code == ErrorCode.UNKNOWN_NODE and info.value.request_id == "q1"
+    bad = [
+        impl.Node("register", {"id": "r1", "phone": "+491701234567"}),
+        impl.Node("register", {"id": "r1"}),
+        impl.Node("register", {"id": "x" * 65, "phone": ALICE}),
+        impl.Node("verify", {"id": "r1", "phone": ALICE, "code": "12345"}, b"k" * 32),
+        impl.Node("verify", {"id": "r1", "phone": ALICE, "code": "123456"}, b"short"),
+        impl.Node("auth", {"mech": "PLAIN"}, b"x"),
+    ]
+    for node in bad:
+        server.receive_data(c.encode_frame(node))
+        with pytest.raises(RemoteProtocolError) as info:
+            server.next_event()
+        assert info.value.code == ErrorCode.BAD_REQUEST and not info.value.fatal
+        assert server.state is State.UNAUTHENTICATED
+    deliver(client, server, Register("r1", ALICE))
+
+
+def test_bad_attributes_after_login(impl):
+    client, server = pair(impl)
+    login(client, server)
+    c = impl.Codec()
+    for attrs in (
+        {"to": "12345", "id": "m1", "type": "text"},  # not a user address
+        {"to": ALICE + ":1", "id": "m1", "type": "text"},  # a device is not a recipient
+        {"to": ALICE, "id": "has space", "type": "text"},
+        {"to": ALICE, "type": "text"},
+    ):
+        server.receive_data(c.encode_frame(impl.Node("message", attrs, b"x")))
+        with pytest.raises(RemoteProtocolError) as info:
+            server.next_event()
+        assert info.value.code == ErrorCode.BAD_REQUEST
+    for seq in ("-1", "01", "x", str(1 << 64)):
+        server.receive_data(c.encode_frame(impl.Node("ack", {"seq": seq})))
+        with pytest.raises(RemoteProtocolError):
+            server.next_event()
+    deliver(client, server, DeviceAck((1 << 64) - 1))
+
+
+def test_codec_error_is_fatal_and_sticky(impl):
+    client, server = pair(impl)
+    server.receive_data(b"\x00\x00\x02\xf8\x00")  # a node without a tag
+    with pytest.raises(RemoteProtocolError) as info:
+        server.next_event()
+    assert info.value.code == ErrorCode.MALFORMED_NODE and info.value.fatal
+    assert server.state is State.ERROR
+    with pytest.raises(RemoteProtocolError):
+        server.next_event()
+    with pytest.raises(LocalProtocolError):
+        server.send(Ping("p"))
+    client.receive_data(server.send(Error(info.value.code, info.value.text)))
+    assert client.next_event().code == ErrorCode.MALFORMED_NODE
+    assert client.state is State.CLOSED and server.state is State.CLOSED
+    with pytest.raises(LocalProtocolError):
+        server.send(Error(1, "again"))
+
+
+def test_oversize_frame(impl):
+    from pigeon.core.node import Limits
+
+    client, _ = pair(impl)
+    server = Connection(Role.SERVER, codec=impl, limits=Limits(max_frame=100))
+    server.receive_data(client.initiate() + (101).to_bytes(3, "big"))
+    assert isinstance(server.next_event(), Hello)
+    with pytest.raises(RemoteProtocolError) as info:
+        server.next_event()
+    assert info.value.code == ErrorCode.FRAME_TOO_LARGE and server.state is State.ERROR
+
+
+@pytest.mark.parametrize(
+    "pre, code",
+    [
+        (b"XMPP\x01", ErrorCode.BAD_PREAMBLE),
+        (b"PGN\x02\x01", ErrorCode.UNSUPPORTED_PROTOCOL),
+        (b"PGN\x01\x63", ErrorCode.UNSUPPORTED_DICTIONARY),
+        (b"PGN\x01\x00", ErrorCode.UNSUPPORTED_DICTIONARY),
+    ],
+)
+def test_bad_preamble(impl, pre, code):
+    server = Connection(Role.SERVER, codec=impl)
+    server.receive_data(pre[:2])
+    assert server.next_event() is NEED_DATA
+    server.receive_data(pre[2:])
+    with pytest.raises(RemoteProtocolError) as info:
+        server.next_event()
+    assert info.value.code == code and info.value.fatal and server.state is State.ERROR
+    # The answer carries no tokens, so a client on any dictionary can read it.
+    reply = server.send(Error(code, info.value.text))
+    client = Connection(Role.CLIENT, codec=impl)
+    client.receive_data(server.initiate() + reply)
+    assert isinstance(client.next_event(), Hello)
+    got = client.next_event()
+    assert got == Error(code, info.value.text)
+    assert client.state is State.CLOSED
+
+
+def test_server_accepts_every_dictionary_it_knows(impl):
+    v1 = DICTIONARIES[1]
+    v2 = Dictionary(2, tuple(s for c, s in v1.entries() if c < 0x100) + ("newtoken",), ())
+    known = {1: v1, 2: v2}
+    for version in (1, 2):
+        # what a client built against `version` sends
+        request = impl.Codec(known[version]).encode_frame(Register("r1", ALICE).to_node(impl.Node))
+        server = Connection(Role.SERVER, codec=impl, dictionaries=known)
+        server.receive_data(preamble(version) + request)
+        assert server.next_event() == Hello(1, version)
+        assert server.dictionary is known[version]
+        assert server.next_event() == Register("r1", ALICE)
+    assert Connection(Role.SERVER, dictionaries=known).initiate() == preamble(2)
+
+
+def test_local_errors(impl):
+    client, server = pair(impl)
+    with pytest.raises(LocalProtocolError):
+        client.send(IncomingMessage(ALICE_DEV, "m", "text", 1, 1, b""))  # a server's event
+    with pytest.raises(LocalProtocolError):
+        server.send(Message(BOB, "m", "text", b""))  # a client's event
+    with pytest.raises(LocalProtocolError):
+        client.send(Message(BOB, "m", "text", b""))  # not logged in
+    with pytest.raises(LocalProtocolError):
+        server.send(AuthSuccess(b"", 1))  # out of order
+    with pytest.raises(LocalProtocolError):
+        client.send(Hello(1, 1))
+    with pytest.raises(LocalProtocolError):
+        Connection(Role.SERVER, codec=impl).send(CodeSent("r1", 1))  # before the handshake
+    assert client.state is State.UNAUTHENTICATED
+
+
+def test_peer_fatal_error_closes(impl):
+    client, server = pair(impl)
+    login(client, server)
+    client.receive_data(server.send(Error(ErrorCode.REPLACED, "logged in elsewhere")))
+    assert client.next_event() == Error(ErrorCode.REPLACED, "logged in elsewhere")
+    assert client.state is State.CLOSED and server.state is State.CLOSED
+    assert client.next_event() is NEED_DATA
+
+
+def test_transition_table_covers_each_role_once():
+    """Every event class is sent by exactly one role (or both), and each tag maps once per direction."""
+    for (state, ev), nxt in TRANSITIONS.items():
+        assert isinstance(state, State) and isinstance(nxt, State)
+    assert set(CLIENT_SENT) & set(SERVER_SENT) >= {"message", "ack", "receipt", "presence", "error"}
+    assert CLIENT_SENT["message"] is Message and SERVER_SENT["message"] is IncomingMessage
