@@ -1,0 +1,165 @@
+"""Generated sections of docs/PROTOCOL.md: the token table and the hex examples.
+
+The prose of PROTOCOL.md is written by hand; the parts that must match the
+code byte for byte are generated between markers
+
+    <!-- BEGIN tokens -->            ...  <!-- END tokens -->
+    <!-- BEGIN example NAME -->      ...  <!-- END example NAME -->
+
+``python -m pigeon.tools.protodoc docs/PROTOCOL.md`` rewrites them in place;
+``--check`` exits 1 if the file is out of date (the test suite runs that).
+Examples are encoded with the newest dictionary by the pure-Python codec.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+
+from pigeon.core import _pycodec
+from pigeon.core.errors import ErrorCode
+from pigeon.core.events import (
+    AuthChallenge,
+    AuthResponse,
+    AuthStart,
+    AuthSuccess,
+    CodeSent,
+    DeviceAck,
+    Error,
+    IncomingMessage,
+    IncomingReceipt,
+    Message,
+    Ping,
+    Pong,
+    Presence,
+    PresenceUpdate,
+    Receipt,
+    Register,
+    Registered,
+    ServerAck,
+    Verify,
+)
+from pigeon.core.node import format_node
+from pigeon.core.tokens import LATEST
+from pigeon.core.wire import preamble
+
+ALICE, BOB = "491701234567", "4915112345678"
+T = 1763830000123
+BODY = bytes.fromhex("33088a1b2c3d4e5f60718293a4b5c6d7")  # stands in for ciphertext
+NONCE = "rOprNGfwEbeRWgbNEkqO"
+SNONCE = NONCE + "ZtUcCsQ1lfW1UMRv"
+
+EXAMPLES = {
+    "register": Register("r1", ALICE),
+    "code": CodeSent("r1", 300),
+    "verify": Verify("r2", ALICE, "123456", bytes(range(32))),
+    "registered": Registered("r2", ALICE + ":0", bytes(range(32, 64))),
+    "auth": AuthStart(f"n,,n={ALICE}:0,r={NONCE}".encode()),
+    "challenge": AuthChallenge(f"r={SNONCE},s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096".encode()),
+    "response": AuthResponse(
+        f"c=biws,r={SNONCE},p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ=".encode()
+    ),
+    "success": AuthSuccess(b"v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4=", T),
+    "message-out": Message(BOB, "3eb0c1f2a4d5e6f7", "text", BODY),
+    "message-typical": Message(BOB, "3eb0c1f2a4d5e6f7", "text", bytes(100)),
+    "message-in": IncomingMessage(ALICE + ":0", "3eb0c1f2a4d5e6f7", "text", T, 1, BODY),
+    "ack-server": ServerAck("3eb0c1f2a4d5e6f7", T),
+    "ack-device": DeviceAck(1),
+    "receipt-out": Receipt(ALICE, "3eb0c1f2a4d5e6f7", "read"),
+    "receipt-in": IncomingReceipt(BOB, "3eb0c1f2a4d5e6f7", "delivered", T + 250, 2),
+    "presence-out": Presence("available"),
+    "presence-in": PresenceUpdate(BOB, "unavailable", T - 60000),
+    "error": Error(ErrorCode.UNKNOWN_RECIPIENT, "not a registered user", "3eb0c1f2a4d5e6f7"),
+    "ping": Ping("k1"),
+    "pong": Pong("k1"),
+}
+
+
+def _hex(data: bytes, width: int = 16) -> str:
+    lines = []
+    for i in range(0, len(data), width):
+        lines.append(" ".join(f"{b:02x}" for b in data[i : i + width]))
+    return "\n".join(lines)
+
+
+def example_block(name: str) -> str:
+    codec = _pycodec.Codec(LATEST)
+    node = EXAMPLES[name].to_node(_pycodec.Node)
+    frame = codec.encode_frame(node)
+    return (
+        f"```hex\n# {format_node(node)}\n{_hex(frame)}\n```\n"
+        f"{len(frame)} bytes: 3 of frame header, {len(frame) - 3} of node.\n"
+    )
+
+
+def preamble_block() -> str:
+    return f"```hex\n# preamble, dictionary version {LATEST.version}\n{_hex(preamble(LATEST.version))}\n```\n"
+
+
+def tokens_table() -> str:
+    out = [
+        f"Dictionary version {LATEST.version}: {sum(1 for c in LATEST.codes.values() if c < 0x100)} "
+        f"one-byte and {sum(1 for c in LATEST.codes.values() if c >= 0x100)} two-byte tokens.\n",
+        "| code | string | code | string | code | string | code | string |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    entries = [(f"`{c:02x}`" if c < 0x100 else f"`{c:04x}`", f"`{s}`") for c, s in LATEST.entries()]
+    for i in range(0, len(entries), 4):
+        row = entries[i : i + 4]
+        row += [("", "")] * (4 - len(row))
+        out.append("| " + " | ".join(f"{c} | {s}" for c, s in row) + " |")
+    return "\n".join(out) + "\n"
+
+
+def sections() -> dict[str, str]:
+    out = {"tokens": tokens_table(), "preamble": preamble_block()}
+    for name in EXAMPLES:
+        out[f"example {name}"] = example_block(name)
+    return out
+
+
+_MARK = re.compile(r"(<!-- BEGIN (?P<name>[^>]+?) -->\n)(?P<body>.*?)(<!-- END (?P=name) -->)", re.S)
+
+
+def render(text: str) -> tuple[str, set[str]]:
+    """The doc with every generated section refreshed, and the names found."""
+    gen = sections()
+    found = set()
+
+    def sub(m):
+        name = m.group("name")
+        if name not in gen:
+            raise KeyError(f"unknown generated section {name!r}")
+        found.add(name)
+        return m.group(1) + gen[name] + m.group(4)
+
+    return _MARK.sub(sub, text), found
+
+
+def main(argv=None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    check = "--check" in args
+    paths = [a for a in args if a != "--check"]
+    if len(paths) != 1:
+        print("usage: python -m pigeon.tools.protodoc [--check] docs/PROTOCOL.md", file=sys.stderr)
+        return 2
+    path = paths[0]
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    new, found = render(text)
+    missing = set(sections()) - found
+    if missing:
+        print(f"{path}: no markers for {sorted(missing)}", file=sys.stderr)
+        return 1
+    if check:
+        if new != text:
+            print(f"{path} is out of date: run python -m pigeon.tools.protodoc {path}", file=sys.stderr)
+            return 1
+        return 0
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(new)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
