@@ -10,17 +10,18 @@ from pigeon.core.tokens import LATEST
 
 TOKENS = sorted(LATEST.codes)
 
-phones = st.from_regex(r"[1-9][0-9]{7,14}", fullmatch=True)
+# Built from integers and digit text: far faster to generate than from_regex.
+phones = st.integers(10**7, 10**15 - 1).map(str)
 devices = st.builds(lambda p, d: f"{p}:{d}", phones, st.integers(0, 255))
-groups = st.from_regex(r"g:[0-9]{1,20}", fullmatch=True)
+groups = st.text("0123456789", min_size=1, max_size=20).map(lambda d: "g:" + d)
 # Look like addresses but are not: must travel (and come back) as literal strings.
 near_addresses = st.one_of(
     st.builds(lambda p, d: f"{p}:{d}", phones, st.integers(256, 999)),
     st.builds(lambda p, d: f"{p}:0{d}", phones, st.integers(0, 99)),
     st.builds(lambda d: f"0123456789:{d}", st.integers(0, 255)),
-    st.from_regex(r"g:[0-9]{21,25}", fullmatch=True),
+    st.text("0123456789", min_size=21, max_size=25).map(lambda d: "g:" + d),
     st.just("g:"),
-    st.from_regex(r"[1-9][0-9]{3,6}:[0-9]", fullmatch=True),
+    st.builds(lambda p, d: f"{p}:{d}", st.integers(1000, 9999999), st.integers(0, 9)),
 )
 strings = st.one_of(
     st.sampled_from(TOKENS),

@@ -1,1 +1,1 @@
-"""placeholder"""
+"""pigeon.tools: the ``pigeon`` command line, documentation generators, service files."""

@@ -1,0 +1,47 @@
+"""The pigeon command line (what exists of it so far)."""
+
+import orjson
+import pytest
+
+from pigeon.core.tokens import LATEST
+from pigeon.tools.cli import main
+
+
+def test_admin_decode(capsys):
+    assert main(["admin", "decode", "50 47 4e 01 01", "00 00 08 f8 03 06 13 fc 02 6b 31"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "preamble: protocol 1, dictionary 1",
+        '<ping id="k1"/>',
+    ]
+
+
+def test_admin_decode_json_and_stdin(capsys, monkeypatch):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("00 00 0a f8 02 01 fc 05 68 65 6c 6c 6f\n"))
+    assert main(["admin", "decode", "--json"]) == 0
+    assert orjson.loads(capsys.readouterr().out) == {
+        "tag": "message", "attrs": {}, "content": {"bytes": b"hello".hex()},
+    }
+
+
+@pytest.mark.parametrize(
+    "args, code, message",
+    [
+        (["admin", "decode", "zz"], 2, "not hex"),
+        (["admin", "decode", "--dictionary", "9", "00"], 2, "unknown dictionary version 9"),
+        (["admin", "decode", "00 00 02 f8 00"], 1, "error 120 MALFORMED_NODE"),
+        (["admin", "decode", "00 00 05 f8"], 1, "incomplete frame"),
+        (["serve"], 1, "not built yet"),
+    ],
+)
+def test_errors_say_what_to_fix(capsys, args, code, message):
+    assert main(args) == code
+    assert message in capsys.readouterr().err
+
+
+def test_admin_tokens(capsys):
+    assert main(["admin", "tokens", "--json"]) == 0
+    data = orjson.loads(capsys.readouterr().out)
+    assert data["version"] == LATEST.version
+    assert {r["string"]: int(r["code"], 16) for r in data["tokens"]} == LATEST.codes

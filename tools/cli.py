@@ -1,0 +1,168 @@
+"""The ``pigeon`` command: ``serve``, ``chat``, ``admin``, ``bench``.
+
+Each subcommand lives with the part of pigeon it drives; this module only
+parses arguments and dispatches.  Errors go to stderr with what to fix and a
+non-zero exit status (2 for usage errors, 1 for failures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import orjson
+
+from pigeon.core import __version__
+from pigeon.core.errors import CodecError
+from pigeon.core.tokens import DICTIONARIES, LATEST_VERSION
+from pigeon.core.wire import MAGIC, PREAMBLE_SIZE, PROTOCOL_VERSION
+
+NOT_YET = {
+    "serve": "the server is not built yet (it lands with the server-core issue)",
+    "chat": "the terminal chat client is not built yet (it lands with the server-core issue)",
+    "bench": (
+        "the load benchmark is not built yet (it lands with the benchmark issue); "
+        "the codec micro-benchmarks run with: pytest bench/ --benchmark-enable"
+    ),
+}
+
+
+class UsageError(Exception):
+    """A command-line mistake: printed as 'pigeon: ...' with exit status 2."""
+
+
+def _not_yet(args) -> int:
+    print(f"pigeon {args.command}: {NOT_YET[args.command]}", file=sys.stderr)
+    return 1
+
+
+def _dictionary(version: int):
+    d = DICTIONARIES.get(version)
+    if d is None or version == 0:
+        known = ", ".join(str(v) for v in sorted(DICTIONARIES) if v)
+        raise UsageError(f"unknown dictionary version {version} (known: {known})")
+    return d
+
+
+def _admin_tokens(args) -> int:
+    d = _dictionary(args.dictionary)
+    entries = d.entries()
+    if args.json:
+        rows = [{"code": f"{c:02x}" if c < 0x100 else f"{c:04x}", "string": s} for c, s in entries]
+        sys.stdout.buffer.write(orjson.dumps({"version": d.version, "tokens": rows}) + b"\n")
+    else:
+        for c, s in entries:
+            print(f"{c:02x}" if c < 0x100 else f"{c:04x}", s, sep="\t")
+    return 0
+
+
+def _node_json(node) -> dict:
+    c = node.content
+    if isinstance(c, (bytes, bytearray, memoryview)):
+        content = {"bytes": bytes(c).hex()}
+    elif c is None:
+        content = None
+    else:
+        content = [_node_json(ch) for ch in c]
+    return {"tag": node.tag, "attrs": dict(node.attrs), "content": content}
+
+
+def _admin_decode(args) -> int:
+    from pigeon.core.codec import Codec, FrameReader
+    from pigeon.core.node import format_node
+
+    text = " ".join(args.hex) if args.hex else sys.stdin.read()
+    try:
+        data = bytes.fromhex("".join(text.split()))
+    except ValueError:
+        raise UsageError("input is not hex: give bytes like '00 00 08 f8 03 06 13 fc 02 6b 31'") from None
+    if not data:
+        raise UsageError("no bytes given: pass hex as arguments or on stdin")
+    codec = Codec(_dictionary(args.dictionary))
+    reader = FrameReader()
+    out = []
+    if data[:3] == MAGIC and len(data) >= PREAMBLE_SIZE:
+        out.append(("preamble", f"preamble: protocol {data[3]}, dictionary {data[4]}", None))
+        data = data[PREAMBLE_SIZE:]
+    reader.feed(data)
+    try:
+        while (node := reader.next_node(codec)) is not None:
+            out.append(("node", format_node(node, max_bytes=64), node))
+    except CodecError as exc:
+        print(f"pigeon admin decode: error {exc.code.value} {exc.code.name}: {exc.text}", file=sys.stderr)
+        _print_decoded(out, args.json)
+        return 1
+    _print_decoded(out, args.json)
+    if reader.buffered:
+        print(f"pigeon admin decode: {reader.buffered} bytes left over (an incomplete frame)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _print_decoded(out, as_json: bool) -> None:
+    for kind, text, node in out:
+        if as_json:
+            obj = {"preamble": text} if node is None else _node_json(node)
+            sys.stdout.buffer.write(orjson.dumps(obj) + b"\n")
+        else:
+            print(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from pigeon.core.codec import IMPLEMENTATION
+
+    p = argparse.ArgumentParser(
+        prog="pigeon",
+        description="pigeon: a compact binary chat server (protocol: docs/PROTOCOL.md).",
+    )
+    p.add_argument(
+        "--version",
+        action="version",
+        version=(
+            f"pigeon {__version__} (protocol {PROTOCOL_VERSION}, dictionary {LATEST_VERSION}, "
+            f"codec {IMPLEMENTATION})"
+        ),
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, help_ in (
+        ("serve", "run the server"),
+        ("chat", "terminal chat client"),
+        ("bench", "load benchmarks"),
+    ):
+        sp = sub.add_parser(name, help=help_)
+        sp.set_defaults(func=_not_yet)
+
+    admin = sub.add_parser("admin", help="operator and developer tools")
+    asub = admin.add_subparsers(dest="admin_command", metavar="ACTION", required=True)
+    t = asub.add_parser("tokens", help="print the token dictionary")
+    t.add_argument("--dictionary", type=int, default=LATEST_VERSION, metavar="N",
+                   help=f"dictionary version (default {LATEST_VERSION})")
+    t.add_argument("--json", action="store_true", help="one JSON object")
+    t.set_defaults(func=_admin_tokens)
+    d = asub.add_parser(
+        "decode",
+        help="decode frames given in hex (a preamble first is recognised)",
+        description="Decode hex-dumped frames, as captured from a connection, into nodes.",
+    )
+    d.add_argument("hex", nargs="*", help="hex bytes (default: read stdin)")
+    d.add_argument("--dictionary", type=int, default=LATEST_VERSION, metavar="N",
+                   help=f"dictionary version of the connection (default {LATEST_VERSION})")
+    d.add_argument("--json", action="store_true", help="one JSON object per node")
+    d.set_defaults(func=_admin_decode)
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        print(f"pigeon: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
