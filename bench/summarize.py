@@ -46,9 +46,7 @@ def render(data: dict) -> str:
     for name, r in rows(data):
         py, fast = r.get("python"), r.get("fastpath")
         ratio = f"{fast / py:.1f}x" if py and fast else "-"
-        lines.append(
-            f"| {name} | {py or 0:,.0f} | {fast or 0:,.0f} | {ratio} |"
-        )
+        lines.append(f"| {name} | {py or 0:,.0f} | {fast or 0:,.0f} | {ratio} |")
     lines.append("")
     lines.append("ops are frames for write_frame_batch and parse_64k_buffer; medians of one run.")
     return "\n".join(lines)

@@ -45,6 +45,7 @@ def __getattr__(name: str):
         return getattr(codec, name)
     raise AttributeError(f"module 'pigeon.core' has no attribute {name!r}")
 
+
 __all__ = [
     "IMPLEMENTATION",
     "Codec",

@@ -508,7 +508,9 @@ class Codec:
             for child in content:
                 self._node(out, child, depth + 1)
         else:
-            raise TypeError(f"content must be bytes or a list of nodes, not {type(content).__name__}")
+            raise TypeError(
+                f"content must be bytes or a list of nodes, not {type(content).__name__}"
+            )
 
     @staticmethod
     def _list_header(out: bytearray, n: int) -> None:

@@ -30,7 +30,7 @@ state or role forbids raises ``LocalProtocolError`` (a bug on this side).
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import Enum, StrEnum
 
 from . import codec as _selected
 from .errors import (
@@ -73,7 +73,7 @@ from .tokens import DICTIONARIES, LATEST_VERSION, LITERAL, Dictionary
 from .wire import MAGIC, PREAMBLE_SIZE, PROTOCOL_VERSION, preamble
 
 
-class Role(str, Enum):
+class Role(StrEnum):
     CLIENT = CLIENT
     SERVER = SERVER
 
@@ -185,7 +185,9 @@ class Connection:
         try:
             self._codec.write_frame(out, node)
         except CodecError as exc:
-            raise LocalProtocolError(f"cannot encode {type(event).__name__}: {exc}", exc.code) from exc
+            raise LocalProtocolError(
+                f"cannot encode {type(event).__name__}: {exc}", exc.code
+            ) from exc
         self._advance(event)
 
     def _check_send(self, event: Event) -> None:
@@ -260,19 +262,31 @@ class Connection:
         pre, rest = self._pre[:PREAMBLE_SIZE], self._pre[PREAMBLE_SIZE:]
         self._pre = b""
         if pre[:3] != MAGIC:
-            raise self._fail(RemoteProtocolError(
-                f"bad preamble: expected magic {MAGIC!r}, got {pre[:3]!r}", ErrorCode.BAD_PREAMBLE))
+            raise self._fail(
+                RemoteProtocolError(
+                    f"bad preamble: expected magic {MAGIC!r}, got {pre[:3]!r}",
+                    ErrorCode.BAD_PREAMBLE,
+                )
+            )
         hello = Hello(pre[3], pre[4])
         if hello.protocol != PROTOCOL_VERSION:
-            raise self._fail(RemoteProtocolError(
-                f"protocol version {hello.protocol} is not supported (this side speaks "
-                f"{PROTOCOL_VERSION})", ErrorCode.UNSUPPORTED_PROTOCOL))
+            raise self._fail(
+                RemoteProtocolError(
+                    f"protocol version {hello.protocol} is not supported (this side speaks "
+                    f"{PROTOCOL_VERSION})",
+                    ErrorCode.UNSUPPORTED_PROTOCOL,
+                )
+            )
         if self.role is Role.SERVER:
             if hello.dictionary not in self._dictionaries:
                 known = ", ".join(map(str, sorted(self._dictionaries)))
-                raise self._fail(RemoteProtocolError(
-                    f"token dictionary version {hello.dictionary} is not supported "
-                    f"(known: {known})", ErrorCode.UNSUPPORTED_DICTIONARY))
+                raise self._fail(
+                    RemoteProtocolError(
+                        f"token dictionary version {hello.dictionary} is not supported "
+                        f"(known: {known})",
+                        ErrorCode.UNSUPPORTED_DICTIONARY,
+                    )
+                )
             self.dictionary = self._dictionaries[hello.dictionary]
             self._codec = self._impl.Codec(self.dictionary, self.limits)
             self.state = TRANSITIONS[(State.HANDSHAKE, Hello)]
@@ -286,8 +300,10 @@ class Connection:
         if cls is None:
             rid = node.attrs.get("id")
             raise RemoteProtocolError(
-                f"unknown node <{node.tag}>", ErrorCode.UNKNOWN_NODE,
-                request_id=rid if isinstance(rid, str) else None)
+                f"unknown node <{node.tag}>",
+                ErrorCode.UNKNOWN_NODE,
+                request_id=rid if isinstance(rid, str) else None,
+            )
         event = cls.from_node(node)
         if isinstance(event, Error):
             if is_fatal(event.code):
@@ -298,6 +314,7 @@ class Connection:
             raise RemoteProtocolError(
                 f"<{node.tag}> is not allowed in state {self.state.value}",
                 ErrorCode.WRONG_STATE,
-                request_id=getattr(event, "id", None))
+                request_id=getattr(event, "id", None),
+            )
         self.state = nxt
         return event

@@ -21,7 +21,9 @@ def test_admin_decode_json_and_stdin(capsys, monkeypatch):
     monkeypatch.setattr("sys.stdin", io.StringIO("00 00 0a f8 02 01 fc 05 68 65 6c 6c 6f\n"))
     assert main(["admin", "decode", "--json"]) == 0
     assert orjson.loads(capsys.readouterr().out) == {
-        "tag": "message", "attrs": {}, "content": {"bytes": b"hello".hex()},
+        "tag": "message",
+        "attrs": {},
+        "content": {"bytes": b"hello".hex()},
     }
 
 

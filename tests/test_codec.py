@@ -3,12 +3,13 @@
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from strategies import build, trees
-from wirebuild import binary, lst, packed, tok
 
 from pigeon.core.node import Limits
 from pigeon.core.tokens import LITERAL
 from pigeon.core.wire import ADDR_DEVICE, ADDR_GROUP
+
+from strategies import build, trees
+from wirebuild import binary, lst, packed, tok
 
 MSG_ATTRS = {"to": "491701234567", "id": "3eb0c1f2a4d5e6f7", "type": "text"}
 
@@ -23,9 +24,12 @@ def test_typical_message_bytes(impl):
     expected = (
         lst(8)
         + tok("message")
-        + tok("to") + packed("491701234567")
-        + tok("id") + packed("3eb0c1f2a4d5e6f7")
-        + tok("type") + tok("text")
+        + tok("to")
+        + packed("491701234567")
+        + tok("id")
+        + packed("3eb0c1f2a4d5e6f7")
+        + tok("type")
+        + tok("text")
         + binary(b"x" * 100)
     )
     assert c.encode(typical(impl)) == expected

@@ -5,9 +5,10 @@ import os
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from wirebuild import frame, lst, tok
 
 from pigeon.core.errors import CodecError, EmptyFrame, ErrorCode, FrameTooLarge
+
+from wirebuild import frame, lst, tok
 
 PAYLOADS = [lst(1) + tok("ping"), lst(2) + tok("message") + b"\xfc\x03abc", os.urandom(70000)]
 

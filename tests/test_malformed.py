@@ -6,7 +6,6 @@ never a crash.
 """
 
 import pytest
-from wirebuild import binary, frame, lst, packed, tok
 
 from pigeon.core.errors import (
     CodecError,
@@ -18,6 +17,8 @@ from pigeon.core.errors import (
 from pigeon.core.node import Limits
 from pigeon.core.tokens import DICTIONARIES, Dictionary
 from pigeon.core.wire import ADDR_DEVICE, ADDR_GROUP, BIN_32, LIST_16
+
+from wirebuild import binary, frame, lst, packed, tok
 
 SMALL = Limits(max_depth=3, max_attrs=4, max_string=16, max_children=5)
 
@@ -46,29 +47,91 @@ CASES = [
     ("unused two-byte token", lst(1) + b"\xef\x00", UnknownToken, True),
     ("two-byte token without index", lst(1) + b"\xec", MalformedNode, True),
     ("trailing bytes", lst(1) + tok("ping") + b"\x00", MalformedNode, True),
-    ("trailing bytes after content", lst(2) + tok("message") + binary(b"ab") + b"z", MalformedNode, True),
+    (
+        "trailing bytes after content",
+        lst(2) + tok("message") + binary(b"ab") + b"z",
+        MalformedNode,
+        True,
+    ),
     ("truncated packed", lst(1) + packed("1234")[:-1], MalformedNode, True),
     ("non-zero pad nibble", lst(1) + b"\xfa\x03\x12\x35", MalformedNode, True),
     ("invalid UTF-8", lst(1) + binary(b"\xc3\x28"), MalformedNode, True),
     ("truncated binary", lst(1) + b"\xfc\x05ab", MalformedNode, True),
-    ("huge BIN_32 length", lst(2) + tok("message") + bytes([BIN_32]) + b"\xff\xff\xff\xff", MalformedNode, True),
-    ("short phone in device address", lst(3) + tok("message") + tok("to") + bytes([ADDR_DEVICE, 1]) + packed("1234567")[1:], MalformedNode, True),
-    ("leading zero in device address", lst(3) + tok("message") + tok("to") + bytes([ADDR_DEVICE, 1]) + packed("012345678")[1:], MalformedNode, True),
-    ("hex digit in device address", lst(3) + tok("message") + tok("to") + bytes([ADDR_DEVICE, 1]) + packed("4917012345a7")[1:], MalformedNode, True),
-    ("empty group id", lst(3) + tok("message") + tok("to") + bytes([ADDR_GROUP, 0]), MalformedNode, True),
-    ("21-digit group id", lst(3) + tok("message") + tok("to") + bytes([ADDR_GROUP]) + packed("1" * 21)[1:], MalformedNode, True),
-    ("duplicate to", lst(5) + tok("message") + tok("to") + packed("12345678") + tok("to") + packed("12345678"), MalformedNode, True),
-    ("duplicate other attribute", lst(5) + tok("message") + tok("seq") + packed("1") + tok("seq") + packed("2"), MalformedNode, False),
+    (
+        "huge BIN_32 length",
+        lst(2) + tok("message") + bytes([BIN_32]) + b"\xff\xff\xff\xff",
+        MalformedNode,
+        True,
+    ),
+    (
+        "short phone in device address",
+        lst(3) + tok("message") + tok("to") + bytes([ADDR_DEVICE, 1]) + packed("1234567")[1:],
+        MalformedNode,
+        True,
+    ),
+    (
+        "leading zero in device address",
+        lst(3) + tok("message") + tok("to") + bytes([ADDR_DEVICE, 1]) + packed("012345678")[1:],
+        MalformedNode,
+        True,
+    ),
+    (
+        "hex digit in device address",
+        lst(3) + tok("message") + tok("to") + bytes([ADDR_DEVICE, 1]) + packed("4917012345a7")[1:],
+        MalformedNode,
+        True,
+    ),
+    (
+        "empty group id",
+        lst(3) + tok("message") + tok("to") + bytes([ADDR_GROUP, 0]),
+        MalformedNode,
+        True,
+    ),
+    (
+        "21-digit group id",
+        lst(3) + tok("message") + tok("to") + bytes([ADDR_GROUP]) + packed("1" * 21)[1:],
+        MalformedNode,
+        True,
+    ),
+    (
+        "duplicate to",
+        lst(5) + tok("message") + tok("to") + packed("12345678") + tok("to") + packed("12345678"),
+        MalformedNode,
+        True,
+    ),
+    (
+        "duplicate other attribute",
+        lst(5) + tok("message") + tok("seq") + packed("1") + tok("seq") + packed("2"),
+        MalformedNode,
+        False,
+    ),
     ("token content", lst(2) + tok("message") + tok("text"), MalformedNode, True),
     ("packed content", lst(2) + tok("message") + packed("12"), MalformedNode, True),
     ("truncated child", lst(2) + tok("list") + lst(2) + lst(1) + tok("item"), MalformedNode, False),
     ("child not a node", lst(2) + tok("list") + lst(1) + tok("item"), MalformedNode, False),
     ("too deep", nested(4), LimitExceeded, False),
-    ("too many attributes", lst(11) + tok("message") + b"".join(tok(k) + packed("1") for k in ("to", "id", "type", "t", "seq")), LimitExceeded, True),
+    (
+        "too many attributes",
+        lst(11)
+        + tok("message")
+        + b"".join(tok(k) + packed("1") for k in ("to", "id", "type", "t", "seq")),
+        LimitExceeded,
+        True,
+    ),
     ("huge list header", bytes([LIST_16, 0xFF, 0xFF]) + tok("message"), LimitExceeded, True),
     ("long string", lst(3) + tok("message") + tok("text") + binary(b"a" * 17), LimitExceeded, True),
-    ("long string, 4-byte length", lst(1) + bytes([BIN_32]) + (1 << 30).to_bytes(4, "big"), LimitExceeded, True),
-    ("too many children", lst(2) + tok("list") + lst(6) + (lst(1) + tok("item")) * 6, LimitExceeded, False),
+    (
+        "long string, 4-byte length",
+        lst(1) + bytes([BIN_32]) + (1 << 30).to_bytes(4, "big"),
+        LimitExceeded,
+        True,
+    ),
+    (
+        "too many children",
+        lst(2) + tok("list") + lst(6) + (lst(1) + tok("item")) * 6,
+        LimitExceeded,
+        False,
+    ),
 ]
 
 
@@ -91,7 +154,11 @@ def test_reader_feeds(impl, name, payload, exc, peek_too):
     if not payload:
         return  # a zero-length frame is the framing error tested in test_framing
     data = frame(payload)
-    for chunks in ([data], [data[i : i + 1] for i in range(len(data))], [data + frame(lst(1) + tok("ping"))]):
+    for chunks in (
+        [data],
+        [data[i : i + 1] for i in range(len(data))],
+        [data + frame(lst(1) + tok("ping"))],
+    ):
         r = impl.FrameReader()
         for ch in chunks:
             r.feed(ch)

@@ -18,7 +18,11 @@ def run(code, **env):
         if v is None:
             full.pop(k)
     return subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=full, timeout=60,
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=full,
+        timeout=60,
         check=True,
     ).stdout.strip()
 
@@ -69,9 +73,9 @@ def test_installed_under_one_namespace_without_generated_c():
         assert f.suffix not in (".c", ".pyx", ".pxi", ".pxd", ".html"), f
     assert tops == {"pigeon"}
     names = {str(f) for f in files}
-    assert any(n.startswith("pigeon/fastpath/_codec") and n.endswith((".so", ".pyd")) for n in names) or (
-        os.environ.get("PIGEON_NO_EXTENSIONS") == "1"
-    )
+    assert any(
+        n.startswith("pigeon/fastpath/_codec") and n.endswith((".so", ".pyd")) for n in names
+    ) or (os.environ.get("PIGEON_NO_EXTENSIONS") == "1")
     assert "pigeon/core/__init__.py" in names and "pigeon/server/__init__.py" in names
 
 
@@ -79,4 +83,6 @@ def test_console_script():
     exe = shutil.which("pigeon", path=str(Path(sys.executable).parent)) or shutil.which("pigeon")
     assert exe, "the pigeon console script is not installed"
     out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=60, check=True)
-    assert out.stdout.startswith(f"pigeon {pigeon.core.__version__} (protocol 1, dictionary 1, codec ")
+    assert out.stdout.startswith(
+        f"pigeon {pigeon.core.__version__} (protocol 1, dictionary 1, codec "
+    )

@@ -75,32 +75,40 @@ def _admin_decode(args) -> int:
     try:
         data = bytes.fromhex("".join(text.split()))
     except ValueError:
-        raise UsageError("input is not hex: give bytes like '00 00 08 f8 03 06 13 fc 02 6b 31'") from None
+        raise UsageError(
+            "input is not hex: give bytes like '00 00 08 f8 03 06 13 fc 02 6b 31'"
+        ) from None
     if not data:
         raise UsageError("no bytes given: pass hex as arguments or on stdin")
     codec = Codec(_dictionary(args.dictionary))
     reader = FrameReader()
     out = []
     if data[:3] == MAGIC and len(data) >= PREAMBLE_SIZE:
-        out.append(("preamble", f"preamble: protocol {data[3]}, dictionary {data[4]}", None))
+        out.append((f"preamble: protocol {data[3]}, dictionary {data[4]}", None))
         data = data[PREAMBLE_SIZE:]
     reader.feed(data)
     try:
         while (node := reader.next_node(codec)) is not None:
-            out.append(("node", format_node(node, max_bytes=64), node))
+            out.append((format_node(node, max_bytes=64), node))
     except CodecError as exc:
-        print(f"pigeon admin decode: error {exc.code.value} {exc.code.name}: {exc.text}", file=sys.stderr)
+        print(
+            f"pigeon admin decode: error {exc.code.value} {exc.code.name}: {exc.text}",
+            file=sys.stderr,
+        )
         _print_decoded(out, args.json)
         return 1
     _print_decoded(out, args.json)
     if reader.buffered:
-        print(f"pigeon admin decode: {reader.buffered} bytes left over (an incomplete frame)", file=sys.stderr)
+        print(
+            f"pigeon admin decode: {reader.buffered} bytes left over (an incomplete frame)",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
 
 def _print_decoded(out, as_json: bool) -> None:
-    for kind, text, node in out:
+    for text, node in out:
         if as_json:
             obj = {"preamble": text} if node is None else _node_json(node)
             sys.stdout.buffer.write(orjson.dumps(obj) + b"\n")
@@ -135,8 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
     admin = sub.add_parser("admin", help="operator and developer tools")
     asub = admin.add_subparsers(dest="admin_command", metavar="ACTION", required=True)
     t = asub.add_parser("tokens", help="print the token dictionary")
-    t.add_argument("--dictionary", type=int, default=LATEST_VERSION, metavar="N",
-                   help=f"dictionary version (default {LATEST_VERSION})")
+    t.add_argument(
+        "--dictionary",
+        type=int,
+        default=LATEST_VERSION,
+        metavar="N",
+        help=f"dictionary version (default {LATEST_VERSION})",
+    )
     t.add_argument("--json", action="store_true", help="one JSON object")
     t.set_defaults(func=_admin_tokens)
     d = asub.add_parser(
@@ -145,8 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Decode hex-dumped frames, as captured from a connection, into nodes.",
     )
     d.add_argument("hex", nargs="*", help="hex bytes (default: read stdin)")
-    d.add_argument("--dictionary", type=int, default=LATEST_VERSION, metavar="N",
-                   help=f"dictionary version of the connection (default {LATEST_VERSION})")
+    d.add_argument(
+        "--dictionary",
+        type=int,
+        default=LATEST_VERSION,
+        metavar="N",
+        help=f"dictionary version of the connection (default {LATEST_VERSION})",
+    )
     d.add_argument("--json", action="store_true", help="one JSON object per node")
     d.set_defaults(func=_admin_decode)
     return p

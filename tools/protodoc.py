@@ -118,7 +118,9 @@ def sections() -> dict[str, str]:
     return out
 
 
-_MARK = re.compile(r"(<!-- BEGIN (?P<name>[^>]+?) -->\n)(?P<body>.*?)(<!-- END (?P=name) -->)", re.S)
+_MARK = re.compile(
+    r"(<!-- BEGIN (?P<name>[^>]+?) -->\n)(?P<body>.*?)(<!-- END (?P=name) -->)", re.S
+)
 
 
 def render(text: str) -> tuple[str, set[str]]:
@@ -153,7 +155,10 @@ def main(argv=None) -> int:
         return 1
     if check:
         if new != text:
-            print(f"{path} is out of date: run python -m pigeon.tools.protodoc {path}", file=sys.stderr)
+            print(
+                f"{path} is out of date: run python -m pigeon.tools.protodoc {path}",
+                file=sys.stderr,
+            )
             return 1
         return 0
     with open(path, "w", encoding="utf-8") as f:

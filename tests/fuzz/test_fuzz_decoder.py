@@ -9,12 +9,13 @@ much deeper into the decoder than pure noise).
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from strategies import build, trees
 
 from pigeon.core import _pycodec
 from pigeon.core.errors import CodecError
 from pigeon.core.node import Limits
 from pigeon.fastpath import _codec
+
+from strategies import build, trees
 
 LIMITS = Limits(max_depth=4, max_attrs=8, max_string=64, max_children=8, max_frame=4096)
 
@@ -50,7 +51,11 @@ def mutated(draw):
         elif kind == "insert":
             b[pos:pos] = draw(st.binary(min_size=1, max_size=4))
         elif b:
-            b[pos] = draw(st.sampled_from([0x00, 0xEB, 0xEF, 0xF0, 0xF1, 0xF8, 0xF9, 0xFA, 0xFC, 0xFD, 0xFE, 0xFF]))
+            b[pos] = draw(
+                st.sampled_from(
+                    [0x00, 0xEB, 0xEF, 0xF0, 0xF1, 0xF8, 0xF9, 0xFA, 0xFC, 0xFD, 0xFE, 0xFF]
+                )
+            )
     return bytes(b)
 
 
