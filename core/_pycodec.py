@@ -409,6 +409,8 @@ class Codec:
 
         On error ``out`` is left as it was.
         """
+        if type(out) is not bytearray:
+            raise TypeError(f"out must be a bytearray, not {type(out).__name__}")
         start = len(out)
         out += b"\0\0\0"
         try:

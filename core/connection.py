@@ -67,6 +67,7 @@ from .events import (
     Registered,
     ServerAck,
     Verify,
+    valid_id,
 )
 from .node import DEFAULT_LIMITS, Limits
 from .tokens import DICTIONARIES, LATEST_VERSION, LITERAL, Dictionary
@@ -302,7 +303,7 @@ class Connection:
             raise RemoteProtocolError(
                 f"unknown node <{node.tag}>",
                 ErrorCode.UNKNOWN_NODE,
-                request_id=rid if isinstance(rid, str) else None,
+                request_id=rid if valid_id(rid) else None,
             )
         event = cls.from_node(node)
         if isinstance(event, Error):

@@ -107,6 +107,11 @@ def test_write_frame_appends_and_rolls_back(impl):
     assert out == b"prefix" + c.encode_frame(typical(impl))
 
 
+def test_write_frame_wants_a_bytearray(impl):
+    with pytest.raises(TypeError):
+        impl.Codec().write_frame(b"immutable", typical(impl))
+
+
 def impl_errors():
     from pigeon.core import errors
 
