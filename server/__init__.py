@@ -1,1 +1,1 @@
-"""placeholder"""
+"""pigeon.server: the uvloop server (supervisor, workers, sessions, routing, store, auth, config)."""
