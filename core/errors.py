@@ -47,6 +47,7 @@ class ErrorCode(IntEnum):
     # 5xx: the server's side.
     INTERNAL = 500
     STORE_FULL = 501
+    UNAVAILABLE = 502
     SHUTTING_DOWN = 503
 
 

@@ -1,0 +1,167 @@
+"""Registration by phone number and one-time code, and SCRAM login.
+
+Registration: ``request_code`` makes a 6-digit code, keeps only a salted
+hash of it (valid ``code-ttl`` seconds, single use, ``code-attempts`` wrong
+tries), and hands it to the SMS gateway.  ``verify`` checks it in constant
+time and creates the device with a fresh 32-byte secret; a number that had
+an account moves to the new device and its old devices are removed (their
+sessions must then be closed by the caller, as on a phone change).
+Requests are rate-limited per number and per source address over sliding
+windows kept in the store, so the limits hold across workers.
+
+Login: SCRAM-SHA-256 through ``scramp`` (RFC 5802/7677).  The store keeps
+only StoredKey and ServerKey (and the salt and iteration count), never the
+secret.  An unknown device gets a made-up salt and fails at the proof, so
+a login attempt does not tell whether a device exists.
+
+SMS gateways: ``log`` appends "phone code" lines to an outbox file in the
+data directory, standing in for the SMS network (the code never goes to the
+server log); ``webhook`` POSTs ``{"phone", "code", "method"}`` as JSON to a
+URL with a timeout and retries: that is how a real SMS provider plugs in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import os
+import secrets
+import urllib.error
+import urllib.request
+
+import orjson
+from scramp import ScramMechanism
+
+from pigeon.core.errors import ErrorCode
+
+from .store import Store
+
+MECHANISM = ScramMechanism("SCRAM-SHA-256")
+
+
+class ServiceError(Exception):
+    """A request the server refuses, with the error code to send back."""
+
+    def __init__(self, code: ErrorCode, text: str):
+        super().__init__(text)
+        self.code = code
+        self.text = text
+
+
+class LogGateway:
+    """Development and test gateway: one "phone code" line per code in an outbox file."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    async def send(self, phone: str, code: str, method: str) -> None:
+        line = f"{phone} {code}\n".encode()
+        # One O_APPEND write per line: whole lines even with several workers.
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
+
+
+class WebhookGateway:
+    """POST {"phone", "code", "method"} JSON to ``url``; retried with backoff."""
+
+    def __init__(self, url: str, timeout: float, retries: int):
+        self.url = url
+        self.timeout = timeout
+        self.retries = retries
+
+    def _post(self, body: bytes) -> None:
+        req = urllib.request.Request(
+            self.url, data=body, method="POST", headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+            if not 200 <= resp.status < 300:
+                raise OSError(f"HTTP {resp.status}")
+
+    async def send(self, phone: str, code: str, method: str) -> None:
+        body = orjson.dumps({"phone": phone, "code": code, "method": method})
+        delay = 0.25
+        for attempt in range(self.retries + 1):
+            try:
+                await asyncio.to_thread(self._post, body)
+                return
+            except (OSError, urllib.error.URLError) as exc:
+                if attempt == self.retries:
+                    raise ServiceError(
+                        ErrorCode.UNAVAILABLE, "the SMS gateway is not answering; try again later"
+                    ) from exc
+                await asyncio.sleep(delay)
+                delay *= 2
+
+
+def make_gateway(config):
+    if config.sms_gateway == "webhook":
+        return WebhookGateway(
+            config.sms_webhook_url, config.sms_webhook_timeout, config.sms_webhook_retries
+        )
+    return LogGateway(os.path.join(config.data_dir, "sms-outbox.txt"))
+
+
+def _code_hash(salt: bytes, code: str) -> bytes:
+    return hashlib.sha256(salt + code.encode()).digest()
+
+
+class Accounts:
+    def __init__(self, store: Store, config, gateway):
+        self.store = store
+        self.config = config
+        self.gateway = gateway
+
+    # -- registration -------------------------------------------------------
+
+    async def request_code(self, phone: str, method: str, source: str) -> int:
+        """Send a new code to ``phone``; returns its lifetime in seconds."""
+        c = self.config
+        window = c.register_window * 1000
+        if not self.store.hit(f"reg-ip:{source}", c.register_per_ip, window):
+            raise ServiceError(ErrorCode.RATE_LIMITED, "too many registrations from this address")
+        if not self.store.hit(f"reg-phone:{phone}", c.register_per_phone, window):
+            raise ServiceError(ErrorCode.RATE_LIMITED, "too many codes requested for this number")
+        code = f"{secrets.randbelow(10**6):06d}"
+        salt = os.urandom(16)
+        self.store.put_code(phone, _code_hash(salt, code), salt, c.code_ttl * 1000)
+        await self.gateway.send(phone, code, method)
+        return c.code_ttl
+
+    def verify(self, phone: str, code: str, identity_key: bytes) -> tuple[str, bytes, list[str]]:
+        """Check the code; create the device. Returns (address, secret, removed devices)."""
+
+        def matches(rec) -> bool:
+            return hmac.compare_digest(_code_hash(rec["salt"], code), rec["hash"])
+
+        result = self.store.take_code(phone, matches, self.config.code_attempts)
+        if result != "ok":
+            raise ServiceError(ErrorCode.BAD_CODE, "wrong, expired or already used code")
+        secret = os.urandom(32)
+        keys = MECHANISM.make_auth_info(secret.hex(), iteration_count=self.config.scram_iterations)
+        address, removed = self.store.register_device(phone, identity_key, keys)
+        return address, secret, removed
+
+    # -- login ----------------------------------------------------------------
+
+    def scram_server(self):
+        return MECHANISM.make_server(self._auth_info)
+
+    def _auth_info(self, username: str):
+        dev = self.store.device(username)
+        if dev is None:
+            # Same shape as a real answer; the proof cannot match.
+            return (os.urandom(32), os.urandom(32), os.urandom(32), self.config.scram_iterations)
+        return (dev["salt"], dev["stored_key"], dev["server_key"], dev["iterations"])
+
+    def login_allowed(self, address: str) -> bool:
+        c = self.config
+        return self.store.hit(
+            f"login-fail:{address}", c.login_failures, c.login_window * 1000, count=False
+        )
+
+    def login_failed(self, address: str) -> None:
+        self.store.record(f"login-fail:{address}", self.config.login_window * 1000)

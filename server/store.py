@@ -1,0 +1,265 @@
+"""The LMDB store: accounts, devices, one-time codes, rate-limit windows, sessions.
+
+One LMDB environment in ``<data-dir>/store``, opened by each worker after
+fork (never inherited across one).  LMDB allows one writer at a time across
+all processes, so every write transaction here is short and none is held
+across an await.  Records are msgpack maps; keys are ASCII strings.
+
+Tables (LMDB named databases):
+
+    meta      b"format" -> store format version (checked at open)
+    accounts  phone -> {devices: [n...], next_device: n, created: ms}
+    devices   "phone:n" -> {salt, stored_key, server_key, iterations,
+                            identity_key, created}
+    codes     phone -> {hash, salt, expires, attempts}
+    limits    "kind:key" -> [hit times, ms] (sliding-window log, newest last)
+    sessions  "phone:n" -> {worker, conn, since}  (which worker holds a device)
+
+Time comes from an injectable clock (milliseconds), so tests cover expiry
+and windows without sleeping.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import lmdb
+import msgpack
+
+FORMAT_VERSION = 1
+_TABLES = ("meta", "accounts", "devices", "codes", "limits", "sessions")
+
+
+class StoreError(Exception):
+    """The store cannot be used (wrong format, unwritable, full)."""
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _pack(obj) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def _unpack(raw):
+    return None if raw is None else msgpack.unpackb(raw, raw=False)
+
+
+class Store:
+    def __init__(self, path: str, *, map_size: int = 8 << 30, max_readers: int = 126, clock=now_ms):
+        os.makedirs(path, exist_ok=True)
+        try:
+            self.env = lmdb.open(
+                path, map_size=map_size, max_dbs=len(_TABLES), max_readers=max_readers, subdir=True
+            )
+        except lmdb.Error as exc:
+            raise StoreError(f"cannot open the store in {path}: {exc}") from None
+        self.clock = clock
+        self._db = {name: self.env.open_db(name.encode()) for name in _TABLES}
+        with self.env.begin(write=True) as txn:
+            raw = txn.get(b"format", db=self._db["meta"])
+            if raw is None:
+                txn.put(b"format", str(FORMAT_VERSION).encode(), db=self._db["meta"])
+            elif int(raw) != FORMAT_VERSION:
+                raise StoreError(
+                    f"{path} holds store format {int(raw)}; this pigeon reads format {FORMAT_VERSION}"
+                )
+
+    def close(self) -> None:
+        self.env.close()
+
+    # -- plumbing ---------------------------------------------------------
+
+    def _get(self, txn, table: str, key: str):
+        return _unpack(txn.get(key.encode(), db=self._db[table]))
+
+    def _put(self, txn, table: str, key: str, value) -> None:
+        txn.put(key.encode(), _pack(value), db=self._db[table])
+
+    def _delete(self, txn, table: str, key: str) -> None:
+        txn.delete(key.encode(), db=self._db[table])
+
+    def read(self):
+        return self.env.begin()
+
+    def write(self):
+        return self.env.begin(write=True)
+
+    # -- accounts and devices -----------------------------------------------
+
+    def account(self, phone: str) -> dict | None:
+        with self.read() as txn:
+            return self._get(txn, "accounts", phone)
+
+    def device(self, address: str) -> dict | None:
+        with self.read() as txn:
+            return self._get(txn, "devices", address)
+
+    def register_device(
+        self, phone: str, identity_key: bytes, keys: tuple
+    ) -> tuple[str, list[str]]:
+        """Give ``phone`` a new primary device, replacing any it had.
+
+        ``keys`` = (salt, stored_key, server_key, iterations) from SCRAM.
+        Returns (the new device address, the addresses of removed devices).
+        Device numbers are never reused for a phone, so a stale session of a
+        removed device can never be mistaken for the new one.
+        """
+        salt, stored_key, server_key, iterations = keys
+        now = self.clock()
+        with self.write() as txn:
+            acct = self._get(txn, "accounts", phone)
+            removed = []
+            if acct is None:
+                acct = {"devices": [], "next_device": 0, "created": now}
+            for n in acct["devices"]:
+                addr = f"{phone}:{n}"
+                removed.append(addr)
+                self._delete(txn, "devices", addr)
+            number = acct["next_device"]
+            acct["devices"] = [number]
+            acct["next_device"] = number + 1
+            address = f"{phone}:{number}"
+            self._put(txn, "accounts", phone, acct)
+            self._put(
+                txn,
+                "devices",
+                address,
+                {
+                    "salt": salt,
+                    "stored_key": stored_key,
+                    "server_key": server_key,
+                    "iterations": iterations,
+                    "identity_key": identity_key,
+                    "created": now,
+                },
+            )
+        return address, removed
+
+    def remove_device(self, address: str) -> bool:
+        """Log a device out for good (its keys and session go)."""
+        phone, _, n = address.partition(":")
+        with self.write() as txn:
+            acct = self._get(txn, "accounts", phone)
+            if acct is None or int(n) not in acct["devices"]:
+                return False
+            acct["devices"].remove(int(n))
+            self._put(txn, "accounts", phone, acct)
+            self._delete(txn, "devices", address)
+            self._delete(txn, "sessions", address)
+        return True
+
+    def delete_account(self, phone: str) -> list[str]:
+        """Remove the account, its devices and their sessions; returns the device addresses."""
+        with self.write() as txn:
+            acct = self._get(txn, "accounts", phone)
+            if acct is None:
+                return []
+            gone = [f"{phone}:{n}" for n in acct["devices"]]
+            for addr in gone:
+                self._delete(txn, "devices", addr)
+                self._delete(txn, "sessions", addr)
+            self._delete(txn, "accounts", phone)
+        return gone
+
+    # -- one-time codes -----------------------------------------------------
+
+    def put_code(self, phone: str, code_hash: bytes, salt: bytes, ttl_ms: int) -> None:
+        with self.write() as txn:
+            self._put(
+                txn,
+                "codes",
+                phone,
+                {"hash": code_hash, "salt": salt, "expires": self.clock() + ttl_ms, "attempts": 0},
+            )
+
+    def take_code(self, phone: str, check, max_attempts: int) -> str:
+        """Check a code with ``check(record) -> bool``, atomically.
+
+        Returns "ok" (the code is consumed), "wrong" (an attempt is counted;
+        past max_attempts the code is void) or "none" (no live code).
+        """
+        with self.write() as txn:
+            rec = self._get(txn, "codes", phone)
+            if rec is None or rec["expires"] <= self.clock() or rec["attempts"] >= max_attempts:
+                if rec is not None:
+                    self._delete(txn, "codes", phone)
+                return "none"
+            if check(rec):
+                self._delete(txn, "codes", phone)
+                return "ok"
+            rec["attempts"] += 1
+            self._put(txn, "codes", phone, rec)
+            return "wrong"
+
+    # -- rate limits ----------------------------------------------------------
+
+    def hit(self, key: str, limit: int, window_ms: int, *, count: bool = True) -> bool:
+        """Sliding-window limit shared by every worker: True if under ``limit``.
+
+        With ``count`` the hit is recorded (only when allowed).
+        """
+        now = self.clock()
+        with self.write() as txn:
+            hits = [t for t in (self._get(txn, "limits", key) or []) if t > now - window_ms]
+            allowed = len(hits) < limit
+            if allowed and count:
+                hits.append(now)
+            if hits:
+                self._put(txn, "limits", key, hits)
+            else:
+                self._delete(txn, "limits", key)
+        return allowed
+
+    def record(self, key: str, window_ms: int) -> None:
+        """Record one event for ``key`` (e.g. a failed login) without a limit check."""
+        now = self.clock()
+        with self.write() as txn:
+            hits = [t for t in (self._get(txn, "limits", key) or []) if t > now - window_ms]
+            hits.append(now)
+            self._put(txn, "limits", key, hits)
+
+    # -- sessions ---------------------------------------------------------------
+
+    def set_session(self, address: str, worker: int, conn: int) -> dict | None:
+        """Record that ``worker`` holds ``address``; returns the session it replaces."""
+        with self.write() as txn:
+            old = self._get(txn, "sessions", address)
+            self._put(
+                txn, "sessions", address, {"worker": worker, "conn": conn, "since": self.clock()}
+            )
+        return old
+
+    def clear_session(self, address: str, worker: int, conn: int) -> None:
+        """Forget the session, if it is still this worker's connection."""
+        with self.write() as txn:
+            cur = self._get(txn, "sessions", address)
+            if cur is not None and cur["worker"] == worker and cur["conn"] == conn:
+                self._delete(txn, "sessions", address)
+
+    def clear_worker_sessions(self, worker: int) -> int:
+        """Drop every session a (restarted) worker held; returns how many."""
+        n = 0
+        with self.write() as txn:
+            cur = txn.cursor(db=self._db["sessions"])
+            for key, raw in list(cur):
+                if _unpack(raw)["worker"] == worker:
+                    txn.delete(key, db=self._db["sessions"])
+                    n += 1
+        return n
+
+    def sessions_of(self, phone: str) -> dict[str, dict]:
+        """The live sessions of a user's devices: {device address: session}."""
+        with self.read() as txn:
+            acct = self._get(txn, "accounts", phone)
+            if acct is None:
+                return {}
+            out = {}
+            for n in acct["devices"]:
+                addr = f"{phone}:{n}"
+                s = self._get(txn, "sessions", addr)
+                if s is not None:
+                    out[addr] = s
+            return out

@@ -1,0 +1,206 @@
+"""Store and accounts on a real LMDB in a temp dir, with a controllable clock."""
+
+import asyncio
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+from scramp import ScramClient, ScramException
+
+from pigeon.core.errors import ErrorCode
+from pigeon.server.accounts import Accounts, LogGateway, ServiceError, WebhookGateway, make_gateway
+from pigeon.server.config import load
+from pigeon.server.store import Store, StoreError
+
+PHONE = "491701234567"
+
+
+class Clock:
+    def __init__(self):
+        self.t = 1_763_830_000_000
+
+    def __call__(self):
+        return self.t
+
+
+@pytest.fixture
+def env(tmp_path):
+    clock = Clock()
+    config = load(overrides={"data_dir": str(tmp_path), "scram_iterations": 4096})
+    store = Store(str(tmp_path / "store"), map_size=64 << 20, clock=clock)
+    accounts = Accounts(store, config, make_gateway(config))
+    yield accounts, store, clock, tmp_path
+    store.close()
+
+
+def outbox_code(tmp_path, phone=PHONE):
+    lines = (tmp_path / "sms-outbox.txt").read_text().splitlines()
+    return [line.split()[1] for line in lines if line.split()[0] == phone][-1]
+
+
+def register(accounts, tmp_path, phone=PHONE, source="127.0.0.1"):
+    asyncio.run(accounts.request_code(phone, "sms", source))
+    return accounts.verify(phone, outbox_code(tmp_path, phone), b"k" * 32)
+
+
+def scram_login(accounts, address, secret):
+    client = ScramClient(["SCRAM-SHA-256"], address, secret.hex())
+    server = accounts.scram_server()
+    server.set_client_first(client.get_client_first())
+    client.set_server_first(server.get_server_first())
+    server.set_client_final(client.get_client_final())
+    client.set_server_final(server.get_server_final())  # the client checks the server too
+
+
+def test_register_and_login(env):
+    accounts, store, _, tmp_path = env
+    address, secret, removed = register(accounts, tmp_path)
+    assert address == PHONE + ":0" and len(secret) == 32 and removed == []
+    dev = store.device(address)
+    assert dev["identity_key"] == b"k" * 32
+    assert secret not in repr(dev).encode() and secret.hex() not in repr(
+        dev
+    )  # no usable secret kept
+    scram_login(accounts, address, secret)
+
+
+def test_wrong_proof_and_unknown_device(env):
+    accounts, _, _, tmp_path = env
+    address, secret, _ = register(accounts, tmp_path)
+    with pytest.raises(ScramException):
+        scram_login(accounts, address, b"\x00" * 32)
+    with pytest.raises(ScramException):
+        scram_login(accounts, "4915112345678:0", secret)
+
+
+def test_code_is_single_use_and_expires(env):
+    accounts, _, clock, tmp_path = env
+    asyncio.run(accounts.request_code(PHONE, "sms", "127.0.0.1"))
+    code = outbox_code(tmp_path)
+    accounts.verify(PHONE, code, b"k" * 32)
+    with pytest.raises(ServiceError) as info:
+        accounts.verify(PHONE, code, b"k" * 32)  # reused
+    assert info.value.code == ErrorCode.BAD_CODE
+    asyncio.run(accounts.request_code(PHONE, "sms", "127.0.0.1"))
+    code = outbox_code(tmp_path)
+    clock.t += 300_000  # code-ttl
+    with pytest.raises(ServiceError):
+        accounts.verify(PHONE, code, b"k" * 32)  # expired
+
+
+def test_wrong_codes_void_the_code(env):
+    accounts, _, _, tmp_path = env
+    asyncio.run(accounts.request_code(PHONE, "sms", "127.0.0.1"))
+    code = outbox_code(tmp_path)
+    wrong = f"{(int(code) + 1) % 10**6:06d}"
+    for _ in range(5):  # code-attempts
+        with pytest.raises(ServiceError):
+            accounts.verify(PHONE, wrong, b"k" * 32)
+    with pytest.raises(ServiceError):
+        accounts.verify(PHONE, code, b"k" * 32)  # right, but too late
+
+
+def test_reregistration_moves_the_account(env):
+    accounts, store, _, tmp_path = env
+    first, secret1, _ = register(accounts, tmp_path)
+    store.set_session(first, worker=0, conn=1)
+    second, secret2, removed = register(accounts, tmp_path)
+    assert second == PHONE + ":1" and removed == [first]
+    assert store.device(first) is None and store.account(PHONE)["devices"] == [1]
+    with pytest.raises(ScramException):
+        scram_login(accounts, first, secret1)
+    scram_login(accounts, second, secret2)
+
+
+def test_registration_rate_limits_slide(env):
+    accounts, _, clock, _ = env
+    for _ in range(3):  # register-per-phone
+        asyncio.run(accounts.request_code(PHONE, "sms", "127.0.0.1"))
+    with pytest.raises(ServiceError) as info:
+        asyncio.run(accounts.request_code(PHONE, "sms", "127.0.0.1"))
+    assert info.value.code == ErrorCode.RATE_LIMITED
+    clock.t += 3_600_000  # the window slides past the first requests
+    asyncio.run(accounts.request_code(PHONE, "sms", "127.0.0.1"))
+    for i in range(20):  # register-per-ip
+        asyncio.run(accounts.request_code(f"49170123{i:04d}", "sms", "10.9.9.9"))
+    with pytest.raises(ServiceError, match="this address"):
+        asyncio.run(accounts.request_code("491709999995", "sms", "10.9.9.9"))
+
+
+def test_login_failure_window(env):
+    accounts, _, clock, _ = env
+    addr = PHONE + ":0"
+    for _ in range(10):
+        assert accounts.login_allowed(addr)
+        accounts.login_failed(addr)
+    assert not accounts.login_allowed(addr)
+    clock.t += 300_000
+    assert accounts.login_allowed(addr)
+
+
+def test_sessions(env):
+    accounts, store, _, tmp_path = env
+    address, _, _ = register(accounts, tmp_path)
+    assert store.sessions_of(PHONE) == {}
+    store.set_session(address, worker=1, conn=7)
+    assert store.sessions_of(PHONE)[address]["worker"] == 1
+    store.clear_session(address, worker=1, conn=8)  # not that connection: kept
+    assert address in store.sessions_of(PHONE)
+    store.set_session(address, worker=2, conn=9)
+    assert store.clear_worker_sessions(1) == 0 and store.clear_worker_sessions(2) == 1
+    assert store.sessions_of(PHONE) == {}
+
+
+def test_delete_account_and_remove_device(env):
+    accounts, store, _, tmp_path = env
+    address, _, _ = register(accounts, tmp_path)
+    assert store.remove_device(address) and not store.remove_device(address)
+    address, _, _ = register(accounts, tmp_path)
+    assert store.delete_account(PHONE) == [address]
+    assert store.account(PHONE) is None and store.device(address) is None
+
+
+def test_store_format_is_checked(tmp_path):
+    s = Store(str(tmp_path / "s"), map_size=1 << 20)
+    with s.write() as txn:
+        txn.put(b"format", b"99", db=s._db["meta"])
+    s.close()
+    with pytest.raises(StoreError, match="format 99"):
+        Store(str(tmp_path / "s"), map_size=1 << 20)
+
+
+def test_log_gateway_appends_lines(tmp_path):
+    gw = LogGateway(str(tmp_path / "outbox"))
+    asyncio.run(gw.send(PHONE, "012345", "sms"))
+    asyncio.run(gw.send(PHONE, "999999", "voice"))
+    assert (tmp_path / "outbox").read_text() == f"{PHONE} 012345\n{PHONE} 999999\n"
+
+
+def test_webhook_gateway_posts_json_and_retries():
+    """A real HTTP server on loopback: the first attempt fails with 500, the retry lands."""
+    got, statuses = [], [500, 204]
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            got.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(statuses.pop(0) if statuses else 204)
+            self.end_headers()
+
+        def log_message(self, *a):
+            pass
+
+    httpd = HTTPServer(("127.0.0.1", 0), Handler)
+    t = threading.Thread(target=httpd.serve_forever, daemon=True)
+    t.start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_port}/sms"
+        asyncio.run(WebhookGateway(url, timeout=5, retries=2).send(PHONE, "123456", "sms"))
+        assert got == [{"phone": PHONE, "code": "123456", "method": "sms"}] * 2
+        statuses.extend([500, 500])
+        with pytest.raises(ServiceError) as info:
+            asyncio.run(WebhookGateway(url, timeout=5, retries=1).send(PHONE, "1", "sms"))
+        assert info.value.code == ErrorCode.UNAVAILABLE
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
