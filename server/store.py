@@ -164,6 +164,21 @@ class Store:
             self._delete(txn, "accounts", phone)
         return gone
 
+    def reserve_seq(self, address: str, block: int) -> int:
+        """Reserve ``block`` sequence numbers for a device; returns the first.
+
+        Sequences only grow: a crash skips the rest of a block, it never
+        reuses one.  The first sequence of a device is 1.
+        """
+        with self.write() as txn:
+            dev = self._get(txn, "devices", address)
+            if dev is None:
+                raise StoreError(f"no device {address}")
+            start = dev.get("seq_reserved", 1)
+            dev["seq_reserved"] = start + block
+            self._put(txn, "devices", address, dev)
+        return start
+
     # -- one-time codes -----------------------------------------------------
 
     def put_code(self, phone: str, code_hash: bytes, salt: bytes, ttl_ms: int) -> None:
@@ -250,12 +265,12 @@ class Store:
                     n += 1
         return n
 
-    def sessions_of(self, phone: str) -> dict[str, dict]:
-        """The live sessions of a user's devices: {device address: session}."""
+    def sessions_of(self, phone: str) -> dict[str, dict] | None:
+        """The live sessions of a user's devices, {device address: session}; None: no such user."""
         with self.read() as txn:
             acct = self._get(txn, "accounts", phone)
             if acct is None:
-                return {}
+                return None
             out = {}
             for n in acct["devices"]:
                 addr = f"{phone}:{n}"

@@ -34,7 +34,10 @@ def test_admin_decode_json_and_stdin(capsys, monkeypatch):
         (["admin", "decode", "--dictionary", "9", "00"], 2, "unknown dictionary version 9"),
         (["admin", "decode", "00 00 02 f8 00"], 1, "error 120 MALFORMED_NODE"),
         (["admin", "decode", "00 00 05 f8"], 1, "incomplete frame"),
-        (["serve"], 1, "not built yet"),
+        (["serve", "--workers", "-1"], 2, "workers: must be an integer >= 0, got '-1'"),
+        (["serve", "--listen", "7650"], 2, "must be HOST:PORT"),
+        (["serve", "--config", "/nonexistent/pigeon.toml"], 2, "no such file"),
+        (["serve", "--tls-key", "k.pem"], 2, "tls-key is set but tls-cert is not"),
     ],
 )
 def test_errors_say_what_to_fix(capsys, args, code, message):

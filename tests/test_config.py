@@ -16,7 +16,12 @@ def test_file_then_flags(tmp_path):
     f = tmp_path / "pigeon.toml"
     f.write_text('listen = "127.0.0.1:9000"\nlogin-timeout = 3\nidle_timeout = 30.5\nworkers = 2\n')
     c = load(str(f))
-    assert (c.listen, c.login_timeout, c.idle_timeout, c.workers) == ("127.0.0.1:9000", 3.0, 30.5, 2)
+    assert (c.listen, c.login_timeout, c.idle_timeout, c.workers) == (
+        "127.0.0.1:9000",
+        3.0,
+        30.5,
+        2,
+    )
     c = load(str(f), {"listen": "127.0.0.1:9001", "workers": "3", "data_dir": None})
     assert (c.listen, c.workers, c.data_dir) == ("127.0.0.1:9001", 3, "var")
     assert c.replace(workers=1).workers == 1 and c.workers == 3

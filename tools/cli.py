@@ -18,7 +18,6 @@ from pigeon.core.tokens import DICTIONARIES, LATEST_VERSION
 from pigeon.core.wire import MAGIC, PREAMBLE_SIZE, PROTOCOL_VERSION
 
 NOT_YET = {
-    "serve": "the server is not built yet (it lands with the server-core issue)",
     "chat": "the terminal chat client is not built yet (it lands with the server-core issue)",
     "bench": (
         "the load benchmark is not built yet (it lands with the benchmark issue); "
@@ -34,6 +33,18 @@ class UsageError(Exception):
 def _not_yet(args) -> int:
     print(f"pigeon {args.command}: {NOT_YET[args.command]}", file=sys.stderr)
     return 1
+
+
+def _serve(args) -> int:
+    from pigeon.server.config import OPTIONS, ConfigError, load
+    from pigeon.server.supervisor import serve
+
+    overrides = {o.name: getattr(args, o.name) for o in OPTIONS}
+    try:
+        config = load(args.config, overrides)
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    return serve(config)
 
 
 def _dictionary(version: int):
@@ -132,8 +143,19 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    from pigeon.server.config import add_arguments
+
+    serve = sub.add_parser(
+        "serve",
+        help="run the server",
+        description="Run the server: a supervisor and worker processes. Every flag can also be "
+        "set in the TOML file given with --config (same names, without the dashes); "
+        "flags override the file, the file overrides the defaults.",
+    )
+    serve.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    add_arguments(serve)
+    serve.set_defaults(func=_serve)
     for name, help_ in (
-        ("serve", "run the server"),
         ("chat", "terminal chat client"),
         ("bench", "load benchmarks"),
     ):

@@ -1,0 +1,244 @@
+"""The supervisor: starts the workers, restarts crashed ones, drains on SIGTERM.
+
+Workers are fresh interpreters (``python -m pigeon.server.worker``), not
+forks: nothing (no LMDB environment, no event loop) is inherited across a
+fork.  Each gets the read end of a pipe whose write end only the supervisor
+holds: when the supervisor dies, however (even SIGKILL), the pipe reaches
+EOF and the workers exit, so a restarted server never shares its port with
+orphans.  This needs no OS-specific call and works alike on Linux and
+FreeBSD.
+
+Readiness: when every worker has reported "ready" on its status pipe, the
+supervisor prints one line on stdout, ``pigeon: serving on HOST:PORT ...``;
+tests and scripts wait for it.  A worker that exits unexpectedly is
+restarted after a backoff (1 s doubling to 30 s; reset once it has run 60 s)
+and the event is logged.  SIGTERM or SIGINT: the workers drain (stop
+accepting, tell clients 503, let output go) and the supervisor exits 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import selectors
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import orjson
+
+from pigeon.core import codec as core_codec
+
+from . import log
+from .store import Store, StoreError
+from .worker import listen_socket
+
+logger = logging.getLogger("pigeon.supervisor")
+
+READY_TIMEOUT = 60.0
+STOP_TIMEOUT = 10.0
+
+
+class StartupError(Exception):
+    """The server cannot start; the message says what to fix."""
+
+
+class WorkerProc:
+    def __init__(self, index: int):
+        self.index = index
+        self.proc: subprocess.Popen | None = None
+        self.status_fd: int | None = None
+        self.ready = False
+        self.started = 0.0
+        self.backoff = 1.0
+        self.restart_at: float | None = None
+        self.buf = b""
+
+
+class Supervisor:
+    def __init__(self, config):
+        self.config = config
+        self.count = config.worker_count
+        self.workers = [WorkerProc(i) for i in range(self.count)]
+        self.sel = selectors.DefaultSelector()
+        self.stopping = False
+        self.run_dir = ""
+        self.death_r = self.death_w = -1
+        self.wake_r = self.wake_w = -1
+
+    # -- startup checks -----------------------------------------------------
+
+    def preflight(self) -> None:
+        c = self.config
+        try:
+            os.makedirs(c.data_dir, exist_ok=True)
+        except OSError as exc:
+            raise StartupError(
+                f"cannot create the data directory {c.data_dir!r}: {exc.strerror}"
+            ) from None
+        try:
+            Store(os.path.join(c.data_dir, "store"), map_size=c.map_size).close()
+        except StoreError as exc:
+            raise StartupError(str(exc)) from None
+        listeners = [("listen", c.listen)] + (
+            [("tls-listen", c.tls_listen)] if c.tls_enabled else []
+        )
+        for name, addr in listeners:
+            try:
+                listen_socket(addr).close()
+            except OSError as exc:
+                raise StartupError(f"cannot listen on {addr} ({name}): {exc.strerror}") from None
+        if c.tls_enabled:
+            import ssl
+
+            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            try:
+                ctx.load_cert_chain(c.tls_cert, c.tls_key or c.tls_cert)
+            except (OSError, ssl.SSLError) as exc:
+                raise StartupError(f"cannot load the TLS certificate/key: {exc}") from None
+
+    # -- workers ------------------------------------------------------------
+
+    def spawn(self, w: WorkerProc) -> None:
+        status_r, status_w = os.pipe()
+        cmd = [
+            sys.executable, "-m", "pigeon.server.worker",
+            "--index", str(w.index), "--count", str(self.count), "--run-dir", self.run_dir,
+            "--config-json", orjson.dumps(self.config.as_dict()).decode(),
+            "--parent-fd", str(self.death_r), "--status-fd", str(status_w),
+        ]  # fmt: skip
+        w.proc = subprocess.Popen(cmd, pass_fds=(self.death_r, status_w), stdin=subprocess.DEVNULL)
+        os.close(status_w)
+        w.status_fd = status_r
+        w.ready = False
+        w.buf = b""
+        w.started = time.monotonic()
+        w.restart_at = None
+        self.sel.register(status_r, selectors.EVENT_READ, w)
+        log.event(logger, logging.INFO, "worker started", worker=w.index, pid=w.proc.pid)
+
+    def _status(self, w: WorkerProc) -> None:
+        data = os.read(w.status_fd, 256)
+        if not data:
+            self.sel.unregister(w.status_fd)
+            os.close(w.status_fd)
+            w.status_fd = None
+            return
+        w.buf += data
+        if b"ready" in w.buf:
+            w.ready = True
+
+    def _reap(self) -> None:
+        for w in self.workers:
+            if w.proc is None or w.proc.poll() is None:
+                continue
+            code = w.proc.returncode
+            w.proc = None
+            if w.status_fd is not None:
+                self.sel.unregister(w.status_fd)
+                os.close(w.status_fd)
+                w.status_fd = None
+            if self.stopping:
+                continue
+            if time.monotonic() - w.started > 60:
+                w.backoff = 1.0
+            w.restart_at = time.monotonic() + w.backoff
+            log.event(
+                logger,
+                logging.ERROR,
+                "worker exited; restarting",
+                worker=w.index,
+                status=code,
+                in_seconds=w.backoff,
+            )
+            w.backoff = min(w.backoff * 2, 30.0)
+
+    # -- the loop -----------------------------------------------------------
+
+    def _on_signal(self, signum, frame) -> None:
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            self.stopping = True
+        os.write(self.wake_w, b"x")
+
+    def run(self, out=sys.stdout) -> int:
+        self.preflight()
+        self.run_dir = tempfile.mkdtemp(prefix="pigeon-")
+        self.death_r, self.death_w = os.pipe()
+        os.set_inheritable(self.death_r, True)
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_w, False)
+        self.sel.register(self.wake_r, selectors.EVENT_READ, None)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+            signal.signal(sig, self._on_signal)
+        announced = False
+        started = time.monotonic()
+        try:
+            for w in self.workers:
+                self.spawn(w)
+            while not self.stopping:
+                for key, _ in self.sel.select(timeout=0.5):
+                    if key.data is None:
+                        os.read(self.wake_r, 4096)
+                    else:
+                        self._status(key.data)
+                self._reap()
+                now = time.monotonic()
+                for w in self.workers:
+                    if (
+                        w.proc is None
+                        and w.restart_at is not None
+                        and now >= w.restart_at
+                        and not self.stopping
+                    ):
+                        self.spawn(w)
+                if not announced and all(w.ready for w in self.workers):
+                    announced = True
+                    tls = f", TLS on {self.config.tls_listen}" if self.config.tls_enabled else ""
+                    print(
+                        f"pigeon: serving on {self.config.listen}{tls} with {self.count} workers "
+                        f"(codec {core_codec.IMPLEMENTATION}, data in {os.path.abspath(self.config.data_dir)})",
+                        file=out,
+                        flush=True,
+                    )
+                if not announced and now - started > READY_TIMEOUT:
+                    raise StartupError(
+                        f"workers did not become ready within {READY_TIMEOUT:.0f} s (see the log)"
+                    )
+            return 0
+        finally:
+            self.shutdown()
+
+    def shutdown(self) -> None:
+        for w in self.workers:
+            if w.proc is not None and w.proc.poll() is None:
+                w.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        for w in self.workers:
+            if w.proc is None:
+                continue
+            try:
+                w.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.event(
+                    logger, logging.WARNING, "worker did not stop; killing it", worker=w.index
+                )
+                w.proc.kill()
+                w.proc.wait()
+        for fd in (self.death_r, self.death_w, self.wake_r, self.wake_w):
+            if fd >= 0:
+                os.close(fd)
+        if self.run_dir:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+        log.event(logger, logging.INFO, "server stopped")
+
+
+def serve(config) -> int:
+    log.setup(config.log_level, config.log_format)
+    try:
+        return Supervisor(config).run()
+    except StartupError as exc:
+        print(f"pigeon serve: {exc}", file=sys.stderr)
+        return 1

@@ -1,0 +1,699 @@
+"""A worker process: one uvloop loop, its own listening socket, its sessions.
+
+Theory of operation.  Every worker binds the listening port itself with
+SO_REUSEPORT (SO_REUSEPORT_LB on FreeBSD), so the kernel spreads new
+connections over the workers; nothing Python-level is shared between them.
+Each connection is a ``Session`` (an asyncio Protocol) driving the sans-IO
+``Connection``: bytes in, events out, and every frame for the connection
+appended to one output buffer that is written once per loop tick.
+
+Which worker holds which device is in the store's session table.  A message
+to a user goes to each of the user's online devices: straight to the
+session when this worker holds it, else as a ``fwd`` node over the bus to
+the worker that does (Unix sockets between workers, in the supervisor's run
+directory; frames batched per peer and written once per tick).  That worker
+stamps the device's sequence, pushes the message and answers ``fwdres``.
+
+Until durable queues exist, the sender's ``ack`` (one tick) means "handed to
+at least one of the recipient's devices"; when none is online, or none could
+be reached within ``FORWARD_TIMEOUT``, the sender gets error 401 instead.
+Per-device sequences are reserved from the store in blocks, so they only
+ever grow, across reconnects and crashes, without a store write per message.
+
+The worker exits by itself when the supervisor goes (the parent-death pipe
+reaches EOF, whatever killed the supervisor), and drains on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import logging
+import os
+import signal
+import socket
+import ssl
+import sys
+import time
+from collections import Counter
+
+import orjson
+from scramp import ScramException
+
+from pigeon.core import codec as core_codec
+from pigeon.core.connection import NEED_DATA, Connection, Role
+from pigeon.core.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+from pigeon.core.events import (
+    AuthChallenge,
+    AuthResponse,
+    AuthStart,
+    AuthSuccess,
+    CodeSent,
+    ConnectionClosed,
+    DeviceAck,
+    Error,
+    IncomingMessage,
+    IncomingReceipt,
+    Message,
+    Ping,
+    Pong,
+    Receipt,
+    Register,
+    Registered,
+    ServerAck,
+    Verify,
+)
+from pigeon.core.node import DEFAULT_LIMITS, Limits, address_kind
+
+from . import log
+from .accounts import Accounts, ServiceError, make_gateway
+from .config import load
+from .store import Store, now_ms
+
+logger = logging.getLogger("pigeon.worker")
+
+SEQ_BLOCK = 1000
+FORWARD_TIMEOUT = 5.0
+SWEEP_INTERVAL = 1.0
+
+
+def reuseport_option() -> int | None:
+    """The socket option that spreads connections over listeners on this OS."""
+    if sys.platform.startswith("freebsd"):
+        # FreeBSD 12+: plain SO_REUSEPORT lets one socket take every connection.
+        return getattr(socket, "SO_REUSEPORT_LB", 0x00010000)
+    return getattr(socket, "SO_REUSEPORT", None)
+
+
+def listen_socket(hostport: str, backlog: int = 1024) -> socket.socket:
+    host, _, port = hostport.rpartition(":")
+    host = host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        opt = reuseport_option()
+        if opt is not None:
+            sock.setsockopt(socket.SOL_SOCKET, opt, 1)
+        sock.bind((host, int(port)))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def scram_username(client_first: bytes) -> str | None:
+    """The n= field of a SCRAM client-first-message ("n,,n=USER,r=NONCE")."""
+    try:
+        text = client_first.decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    parts = text.split(",")
+    if len(parts) < 4 or not parts[2].startswith("n="):
+        return None
+    return parts[2][2:].replace("=2C", ",").replace("=3D", "=")
+
+
+class Session(asyncio.Protocol):
+    """One client connection."""
+
+    def __init__(self, worker: Worker, tls: bool = False):
+        self.worker = worker
+        self.tls = tls
+        self.transport = None
+        self.id = next(worker.ids)
+        self.conn = Connection(Role.SERVER, limits=worker.limits)
+        self.out = bytearray()
+        self.flush_pending = False
+        self.closing = False
+        self.ip = "?"
+        self.device: str | None = None
+        self.user: str | None = None
+        self.scram = None
+        self.login_user: str | None = None
+        self.seq_next = self.seq_limit = 0
+        self.last_seen = 0.0
+        self.deadline = None
+
+    # -- transport callbacks ----------------------------------------------
+
+    def connection_made(self, transport) -> None:
+        w = self.worker
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.ip = peer[0] if peer else "?"
+        self.last_seen = w.loop.time()
+        self.out += self.conn.initiate()
+        w.sessions[self.id] = self
+        w.per_ip[self.ip] += 1
+        if len(w.sessions) > w.config.max_connections:
+            self.fail(ErrorCode.UNAVAILABLE, "the server is at its connection limit; try later")
+        elif w.per_ip[self.ip] > w.config.max_connections_per_ip:
+            self.fail(ErrorCode.RATE_LIMITED, "too many connections from this address")
+        else:
+            self.deadline = w.loop.call_later(w.config.login_timeout, self._login_timeout)
+        self._schedule_flush()
+
+    def data_received(self, data: bytes) -> None:
+        self.last_seen = self.worker.loop.time()
+        self.conn.receive_data(data)
+        while not self.closing:
+            try:
+                ev = self.conn.next_event()
+            except RemoteProtocolError as err:
+                self.send(Error(err.code, err.text, err.request_id))
+                if err.fatal:
+                    self.close_soon()
+                continue
+            if ev is NEED_DATA:
+                break
+            try:
+                self.handle(ev)
+            except ServiceError as err:
+                self.send(Error(err.code, err.text, getattr(ev, "id", None)))
+
+    def eof_received(self):
+        self.conn.receive_data(b"")
+        return False
+
+    def connection_lost(self, exc) -> None:
+        self.closing = True
+        if self.deadline is not None:
+            self.deadline.cancel()
+        w = self.worker
+        w.sessions.pop(self.id, None)
+        w.per_ip[self.ip] -= 1
+        if w.per_ip[self.ip] <= 0:
+            del w.per_ip[self.ip]
+        if self.device is not None:
+            w.detach(self)
+
+    # -- output -------------------------------------------------------------
+
+    def send(self, event) -> None:
+        if self.closing and self.transport is None:
+            return
+        try:
+            self.conn.send_into(self.out, event)
+        except LocalProtocolError as exc:
+            log.event(
+                logger,
+                logging.WARNING,
+                "dropped an event the state forbids",
+                conn=self.id,
+                event=type(event).__name__,
+                why=str(exc),
+            )
+            return
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        if not self.flush_pending:
+            self.flush_pending = True
+            self.worker.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self.flush_pending = False
+        if self.transport is None or self.transport.is_closing():
+            return
+        if self.out:
+            out, self.out = self.out, bytearray()
+            self.transport.write(out)
+        if self.closing:
+            self.transport.close()
+
+    def fail(self, code: ErrorCode, text: str) -> None:
+        self.send(Error(code, text))
+        self.close_soon()
+
+    def close_soon(self) -> None:
+        """Close after what is buffered has been written."""
+        self.closing = True
+        self._schedule_flush()
+
+    def _login_timeout(self) -> None:
+        if self.device is None and not self.closing:
+            self.fail(ErrorCode.TIMEOUT, "login not finished in time")
+
+    def next_seq(self) -> int:
+        if self.seq_next >= self.seq_limit:
+            self.seq_next = self.worker.store.reserve_seq(self.device, SEQ_BLOCK)
+            self.seq_limit = self.seq_next + SEQ_BLOCK
+        seq = self.seq_next
+        self.seq_next += 1
+        return seq
+
+    # -- events ---------------------------------------------------------------
+
+    def handle(self, ev) -> None:
+        t = type(ev)
+        w = self.worker
+        if t is Message:
+            w.route(self, ev.to, ev.id, "message", ev.type, ev.body)
+        elif t is DeviceAck:
+            pass  # nothing is queued yet: durable queues come with their issue
+        elif t is Receipt:
+            w.route(self, ev.to, ev.id, "receipt", ev.type, None)
+        elif t is Ping:
+            self.send(Pong(ev.id))
+        elif t is Register:
+            w.spawn(self._register(ev))
+        elif t is Verify:
+            w.spawn(self._verify(ev))
+        elif t is AuthStart:
+            self._auth_start(ev)
+        elif t is AuthResponse:
+            self._auth_response(ev)
+        elif t is Error:
+            log.event(logger, logging.INFO, "client reported an error", conn=self.id, code=ev.code)
+        elif t is ConnectionClosed:
+            self.close_soon()
+        # Hello, Pong, Presence: nothing to do (presence comes with its issue)
+
+    async def _register(self, ev: Register) -> None:
+        try:
+            ttl = await self.worker.accounts.request_code(ev.phone, ev.method, self.ip)
+        except ServiceError as err:
+            self.send(Error(err.code, err.text, ev.id))
+            return
+        self.send(CodeSent(ev.id, ttl))
+
+    async def _verify(self, ev: Verify) -> None:
+        w = self.worker
+        try:
+            # PBKDF2 for the new device's SCRAM keys: off the loop.
+            address, secret, removed = await asyncio.to_thread(
+                w.accounts.verify, ev.phone, ev.code, ev.identity_key
+            )
+        except ServiceError as err:
+            self.send(Error(err.code, err.text, ev.id))
+            return
+        for old in removed:
+            w.revoke(old, ErrorCode.REVOKED, "this number was registered on another device")
+        log.event(logger, logging.INFO, "device registered", device=address)
+        self.send(Registered(ev.id, address, secret))
+
+    def _auth_start(self, ev: AuthStart) -> None:
+        acc = self.worker.accounts
+        user = scram_username(ev.data)
+        if user is None or address_kind(user) != "device":
+            return self.fail(
+                ErrorCode.NOT_AUTHORIZED, "login failed: the SCRAM user must be a device address"
+            )
+        if not acc.login_allowed(user):
+            return self.fail(ErrorCode.RATE_LIMITED, "too many failed logins; try again later")
+        self.scram = acc.scram_server()
+        try:
+            self.scram.set_client_first(ev.data.decode("ascii"))
+            first = self.scram.get_server_first()
+        except ScramException:
+            return self.fail(ErrorCode.NOT_AUTHORIZED, "login failed: bad SCRAM message")
+        self.login_user = user
+        self.send(AuthChallenge(first.encode()))
+
+    def _auth_response(self, ev: AuthResponse) -> None:
+        w = self.worker
+        try:
+            self.scram.set_client_final(ev.data.decode("ascii"))
+            final = self.scram.get_server_final()
+        except (ScramException, UnicodeDecodeError):
+            w.accounts.login_failed(self.login_user)
+            log.event(logger, logging.INFO, "login failed", device=self.login_user, ip=self.ip)
+            return self.fail(ErrorCode.NOT_AUTHORIZED, "login failed")
+        self.scram = None
+        self.send(AuthSuccess(final.encode(), now_ms()))
+        self.device = self.login_user
+        self.user = self.device.partition(":")[0]
+        if self.deadline is not None:
+            self.deadline.cancel()
+            self.deadline = None
+        w.attach(self)
+
+
+class Pending:
+    """A message (or receipt) waiting for its recipients' workers to answer."""
+
+    __slots__ = ("session_id", "msg_id", "cls", "t", "waiting", "delivered", "started")
+
+    def __init__(self, session_id, msg_id, cls, t, started):
+        self.session_id = session_id
+        self.msg_id = msg_id
+        self.cls = cls
+        self.t = t
+        self.waiting = 0
+        self.delivered = 0
+        self.started = started
+
+
+class Worker:
+    def __init__(self, config, index: int, count: int, run_dir: str):
+        self.config = config
+        self.index = index
+        self.count = count
+        self.run_dir = run_dir
+        self.limits = (
+            Limits(max_frame=config.max_frame)
+            if config.max_frame != DEFAULT_LIMITS.max_frame
+            else DEFAULT_LIMITS
+        )
+        self.ids = itertools.count(1)
+        self.sessions: dict[int, Session] = {}
+        self.by_device: dict[str, Session] = {}
+        self.per_ip: Counter = Counter()
+        self.pending: dict[int, Pending] = {}
+        self.pending_ids = itertools.count(1)
+        self.tasks: set[asyncio.Task] = set()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.store: Store | None = None
+        self.accounts: Accounts | None = None
+        self.bus: Bus | None = None
+        self.stopping: asyncio.Event | None = None
+
+    def spawn(self, coro) -> None:
+        task = self.loop.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    # -- sessions ---------------------------------------------------------------
+
+    def attach(self, s: Session) -> None:
+        old = self.by_device.get(s.device)
+        if old is not None and old is not s:
+            old.fail(ErrorCode.REPLACED, "logged in on another connection")
+        self.by_device[s.device] = s
+        prev = self.store.set_session(s.device, self.index, s.id)
+        if prev is not None and prev["worker"] != self.index:
+            self.bus.send(
+                prev["worker"],
+                core_codec.Node("kick", {"device": s.device, "code": str(int(ErrorCode.REPLACED))}),
+            )
+        log.event(logger, logging.INFO, "login", device=s.device, conn=s.id, ip=s.ip)
+
+    def detach(self, s: Session) -> None:
+        if self.by_device.get(s.device) is s:
+            del self.by_device[s.device]
+            self.store.clear_session(s.device, self.index, s.id)
+
+    def revoke(self, device: str, code: ErrorCode, text: str) -> None:
+        """Close a device's session wherever it is."""
+        local = self.by_device.get(device)
+        if local is not None:
+            local.fail(code, text)
+        for w in range(self.count):
+            if w != self.index:
+                self.bus.send(
+                    w, core_codec.Node("kick", {"device": device, "code": str(int(code))})
+                )
+
+    def kick_local(self, device: str, code: int) -> None:
+        s = self.by_device.get(device)
+        if s is not None:
+            text = (
+                "logged in on another connection"
+                if code == ErrorCode.REPLACED
+                else "this device was removed"
+            )
+            s.fail(ErrorCode(code), text)
+
+    # -- routing ------------------------------------------------------------------
+
+    def route(self, sender: Session, to: str, msg_id: str, cls: str, typ: str, body) -> None:
+        if address_kind(to) != "user":
+            sender.send(
+                Error(ErrorCode.BAD_REQUEST, "group messages are not supported yet", msg_id)
+            )
+            return
+        sessions = self.store.sessions_of(to)
+        if sessions is None:
+            sender.send(Error(ErrorCode.UNKNOWN_RECIPIENT, "not a registered user", msg_id))
+            return
+        t = now_ms()
+        p = Pending(sender.id, msg_id, cls, t, self.loop.time())
+        origin = sender.device if cls == "message" else sender.user
+        for dev, sess in sessions.items():
+            if sess["worker"] == self.index:
+                p.delivered += self.push_local(dev, cls, origin, msg_id, typ, t, body)
+            else:
+                pid = next(self.pending_ids)
+                self.pending[pid] = p
+                p.waiting += 1
+                attrs = {
+                    "w": str(self.index),
+                    "p": str(pid),
+                    "device": dev,
+                    "class": cls,
+                    "from": origin,
+                    "id": msg_id,
+                    "type": typ,
+                    "t": str(t),
+                }
+                self.bus.send(sess["worker"], core_codec.Node("fwd", attrs, body))
+        if p.waiting == 0:
+            self.settle(p)
+
+    def push_local(self, device, cls, origin, msg_id, typ, t, body) -> bool:
+        s = self.by_device.get(device)
+        if s is None or s.closing:
+            return False
+        if cls == "message":
+            s.send(IncomingMessage(origin, msg_id, typ, t, s.next_seq(), body))
+        else:
+            s.send(IncomingReceipt(origin, msg_id, typ, t, s.next_seq()))
+        return True
+
+    def forward_result(self, pid: int, delivered: bool) -> None:
+        p = self.pending.pop(pid, None)
+        if p is None:
+            return
+        p.waiting -= 1
+        p.delivered += delivered
+        if p.waiting == 0:
+            self.settle(p)
+
+    def settle(self, p: Pending) -> None:
+        sender = self.sessions.get(p.session_id)
+        if sender is None:
+            return
+        if p.delivered:
+            sender.send(ServerAck(p.msg_id, p.t, p.cls))
+        else:
+            sender.send(
+                Error(
+                    ErrorCode.RECIPIENT_OFFLINE,
+                    "not delivered: no device of the recipient is online",
+                    p.msg_id,
+                )
+            )
+
+    # -- housekeeping -------------------------------------------------------------
+
+    async def sweeper(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            now = self.loop.time()
+            idle = self.config.idle_timeout
+            for s in list(self.sessions.values()):
+                if not s.closing and now - s.last_seen > idle:
+                    s.fail(ErrorCode.TIMEOUT, "no traffic within the keepalive timeout")
+            for pid, p in list(self.pending.items()):
+                if now - p.started > FORWARD_TIMEOUT:
+                    self.forward_result(pid, False)
+
+    async def main(self, parent_fd: int | None, status_fd: int | None) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.stopping = asyncio.Event()
+        c = self.config
+        self.store = Store(
+            os.path.join(c.data_dir, "store"),
+            map_size=c.map_size,
+            max_readers=max(126, 8 * self.count + 16),
+        )
+        self.store.clear_worker_sessions(self.index)
+        self.accounts = Accounts(self.store, c, make_gateway(c))
+        self.bus = Bus(self)
+        await self.bus.start()
+        servers = [
+            await self.loop.create_server(lambda: Session(self), sock=listen_socket(c.listen))
+        ]
+        if c.tls_enabled:
+            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            ctx.load_cert_chain(c.tls_cert, c.tls_key or c.tls_cert)
+            servers.append(
+                await self.loop.create_server(
+                    lambda: Session(self, tls=True), sock=listen_socket(c.tls_listen), ssl=ctx
+                )
+            )
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            self.loop.add_signal_handler(sig, self.stopping.set)
+        if parent_fd is not None:
+            # EOF on this pipe means the supervisor is gone, however it died.
+            self.loop.add_reader(parent_fd, self._parent_gone, parent_fd)
+        sweeper = self.loop.create_task(self.sweeper())
+        if status_fd is not None:
+            os.write(status_fd, f"ready {self.index}\n".encode())
+        log.event(
+            logger,
+            logging.INFO,
+            "worker ready",
+            worker=self.index,
+            pid=os.getpid(),
+            codec=core_codec.IMPLEMENTATION,
+        )
+        await self.stopping.wait()
+        # Drain: stop accepting, tell clients, let buffered output go.
+        for srv in servers:
+            srv.close()
+        for s in list(self.sessions.values()):
+            s.fail(ErrorCode.SHUTTING_DOWN, "the server is shutting down; reconnect later")
+        deadline = time.monotonic() + 2.0
+        while self.sessions and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        sweeper.cancel()
+        self.bus.close()
+        self.store.clear_worker_sessions(self.index)
+        self.store.close()
+        log.event(logger, logging.INFO, "worker stopped", worker=self.index)
+
+    def _parent_gone(self, fd: int) -> None:
+        try:
+            data = os.read(fd, 64)
+        except OSError:
+            data = b""
+        if not data:
+            self.loop.remove_reader(fd)
+            log.event(logger, logging.WARNING, "supervisor gone; worker exits", worker=self.index)
+            self.stopping.set()
+
+
+class BusPeer(asyncio.Protocol):
+    """One inbound or outbound connection between two workers."""
+
+    def __init__(self, bus: Bus):
+        self.bus = bus
+        self.reader = core_codec.FrameReader(0xFFFFFF)
+        self.transport = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+        w = self.bus.worker
+        while (node := self.reader.next_node(self.bus.codec)) is not None:
+            a = node.attrs
+            if node.tag == "fwd":
+                ok = w.push_local(
+                    a["device"],
+                    a["class"],
+                    a["from"],
+                    a["id"],
+                    a["type"],
+                    int(a["t"]),
+                    node.content,
+                )
+                self.bus.send(
+                    int(a["w"]), core_codec.Node("fwdres", {"p": a["p"], "ok": "1" if ok else "0"})
+                )
+            elif node.tag == "fwdres":
+                w.forward_result(int(a["p"]), a["ok"] == "1")
+            elif node.tag == "kick":
+                w.kick_local(a["device"], int(a["code"]))
+
+    def connection_lost(self, exc) -> None:
+        self.bus.lost(self)
+
+
+class Bus:
+    """Worker-to-worker channels: Unix sockets in the run directory, one write per peer per tick."""
+
+    def __init__(self, worker: Worker):
+        self.worker = worker
+        self.codec = core_codec.Codec(limits=Limits(max_frame=0xFFFFFF))
+        self.out: dict[int, bytearray] = {}
+        self.peers: dict[int, BusPeer] = {}
+        self.connecting: set[int] = set()
+        self.flush_pending = False
+        self.server = None
+
+    def path(self, index: int) -> str:
+        return os.path.join(self.worker.run_dir, f"w{index}.sock")
+
+    async def start(self) -> None:
+        path = self.path(self.worker.index)
+        if os.path.exists(path):
+            os.unlink(path)
+        self.server = await self.worker.loop.create_unix_server(lambda: BusPeer(self), path)
+
+    def send(self, index: int, node) -> None:
+        self.codec.write_frame(self.out.setdefault(index, bytearray()), node)
+        if not self.flush_pending:
+            self.flush_pending = True
+            self.worker.loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self.flush_pending = False
+        for index, buf in list(self.out.items()):
+            peer = self.peers.get(index)
+            if peer is not None and peer.transport is not None and not peer.transport.is_closing():
+                peer.transport.write(buf)
+                del self.out[index]
+            elif index not in self.connecting:
+                self.connecting.add(index)
+                self.worker.spawn(self._connect(index))
+
+    async def _connect(self, index: int) -> None:
+        try:
+            _, peer = await self.worker.loop.create_unix_connection(
+                lambda: BusPeer(self), self.path(index)
+            )
+            self.peers[index] = peer
+        except OSError as exc:
+            # The peer worker is down (restarting): what was queued for it is
+            # lost; its senders get 401 when their forwards time out.
+            log.event(logger, logging.WARNING, "cannot reach worker", worker=index, error=str(exc))
+            self.out.pop(index, None)
+        finally:
+            self.connecting.discard(index)
+        if self.out.get(index):
+            self.flush()
+
+    def lost(self, peer: BusPeer) -> None:
+        for index, p in list(self.peers.items()):
+            if p is peer:
+                del self.peers[index]
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        for p in self.peers.values():
+            if p.transport is not None:
+                p.transport.close()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(
+        prog="pigeon-worker", description="one pigeon worker (started by the supervisor)"
+    )
+    p.add_argument("--index", type=int, required=True)
+    p.add_argument("--count", type=int, required=True)
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--config-json", required=True)
+    p.add_argument("--parent-fd", type=int)
+    p.add_argument("--status-fd", type=int)
+    args = p.parse_args(argv)
+    config = load(overrides=orjson.loads(args.config_json))
+    log.setup(config.log_level, config.log_format)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides; it sends SIGTERM
+    import uvloop
+
+    worker = Worker(config, args.index, args.count, args.run_dir)
+    uvloop.run(worker.main(args.parent_fd, args.status_fd))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

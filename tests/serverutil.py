@@ -1,0 +1,128 @@
+"""Start real pigeon servers on loopback for tests; end them by PID."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from pigeon.client import Client
+from pigeon.server.store import Store
+
+READY_TIMEOUT = 30.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """``pigeon serve`` in a subprocess (its own session, so signals reach only it)."""
+
+    def __init__(self, data_dir: Path, workers: int = 2, **options):
+        self.data_dir = data_dir
+        self.port = free_port()
+        self.workers = workers
+        self.options = {"login_timeout": 10, "idle_timeout": 60, **options}
+        self.proc: subprocess.Popen | None = None
+        self.banner = ""
+
+    def start(self) -> Server:
+        args = [sys.executable, "-m", "pigeon.tools.cli", "serve", "--workers", str(self.workers),
+                "--listen", f"127.0.0.1:{self.port}", "--data-dir", str(self.data_dir),
+                "--log-format", "json", "--map-size", str(256 << 20)]  # fmt: skip
+        for k, v in self.options.items():
+            args += ["--" + k.replace("_", "-"), str(v)]
+        self.log = open(self.data_dir.parent / f"server-{self.port}.log", "ab")
+        self.proc = subprocess.Popen(
+            args, stdout=subprocess.PIPE, stderr=self.log, start_new_session=True
+        )
+        sel = selectors.DefaultSelector()
+        sel.register(self.proc.stdout, selectors.EVENT_READ)
+        deadline = time.monotonic() + READY_TIMEOUT
+        while time.monotonic() < deadline:
+            if sel.select(timeout=0.2):
+                line = self.proc.stdout.readline().decode()
+                if line.startswith("pigeon: serving on"):
+                    self.banner = line
+                    return self
+                if not line and self.proc.poll() is not None:
+                    break
+        self.stop(sig=signal.SIGKILL)
+        raise RuntimeError(f"server did not become ready; log: {self.log_text()[-2000:]}")
+
+    def log_text(self) -> str:
+        return (self.data_dir.parent / f"server-{self.port}.log").read_text(errors="replace")
+
+    def worker_pids(self) -> list[int]:
+        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True)
+        return [int(p) for p in out.stdout.split()]
+
+    def worker_pid(self, index: int) -> int:
+        """The PID of worker ``index``, from its latest "worker ready" log line."""
+        pid = None
+        for line in self.log_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if rec.get("msg") == "worker ready" and rec.get("worker") == index:
+                pid = rec["pid"]
+        assert pid is not None, f"no ready line for worker {index}"
+        return pid
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 20.0) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(5)
+
+    def sessions(self, phone: str) -> dict:
+        store = Store(str(self.data_dir / "store"), map_size=256 << 20)
+        try:
+            return store.sessions_of(phone) or {}
+        finally:
+            store.close()
+
+    def code_for(self, phone: str) -> str:
+        lines = (self.data_dir / "sms-outbox.txt").read_text().splitlines()
+        return [ln.split()[1] for ln in lines if ln.split()[0] == phone][-1]
+
+    async def client(self) -> Client:
+        return await Client.connect("127.0.0.1", self.port)
+
+    async def register(self, phone: str):
+        c = await self.client()
+        try:
+            await c.register(phone)
+            return await c.verify(phone, self.code_for(phone), os.urandom(32))
+        finally:
+            await c.close()
+
+    async def login(self, creds) -> Client:
+        c = await self.client()
+        await c.login(creds)
+        return c
+
+
+async def until(predicate, timeout: float = 10.0, interval: float = 0.05):
+    """Wait (bounded) for predicate() to become true."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        await asyncio.sleep(interval)
+    raise AssertionError("condition not met in time")
