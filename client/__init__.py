@@ -1,8 +1,12 @@
-"""pigeon.client: the SDK.  ``pigeon.client.aio`` drives the sans-IO core with asyncio.
+"""pigeon.client: the SDK.
 
-The SDK never imports server code.
+``pigeon.client.aio.Client`` drives the sans-IO core with asyncio,
+``pigeon.client.trio.Client`` with trio; both share ``pigeon.client._core``
+(request bookkeeping, SCRAM, redelivery filtering, resume).  The SDK never
+imports server code.
 """
 
-from .aio import Client, Credentials, ServerError
+from ._core import ConnectionLost, Credentials, ServerError
+from .aio import Client
 
-__all__ = ["Client", "Credentials", "ServerError"]
+__all__ = ["Client", "ConnectionLost", "Credentials", "ServerError"]

@@ -1,4 +1,4 @@
-"""The asyncio client: a thin driver of the sans-IO ``pigeon.core.Connection``.
+"""The asyncio client: a thin driver of the sans-IO client core.
 
     client = await Client.connect("127.0.0.1", 7650)
     ttl = await client.register("491701234567")          # a code goes out by SMS
@@ -9,199 +9,361 @@
         ...
         await client.ack(event.seq)
 
-One reader task feeds received bytes to the Connection; answers to requests
-(``code``, ``registered``, ``ack``, errors with an id) resolve the waiting
-call; everything else comes out of the async iterator.  Deliveries are
-at-least-once on the wire: the client remembers the highest sequence it has
-handed out and drops anything at or below it, so the application sees each
-message once.  ``send`` raises ``ServerError`` (with the protocol error code)
-when the server refuses the message.
+One task per connection reads and feeds the core; answers resolve the
+waiting call, everything else comes out of the async iterator.  The core
+drops deliveries it has handed out before (by per-device sequence), so the
+application sees each message once.
+
+With ``reconnect=True`` a lost connection (network, server restart, error
+503) is re-opened with exponential backoff, the device logs in again with
+the same credentials, and messages and receipts the server had not acked
+are sent again with their ids (the server treats a retried id as the same
+message).  ``send`` calls waiting across the gap simply return later.  A
+removed or replaced device (errors 300, 303, 304) is not reconnected: the
+iterator ends and calls raise ``ConnectionLost``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
-import os
+import random
 import ssl as _ssl
-from dataclasses import dataclass
 
-from scramp import ScramClient
+from scramp import ScramException
 
-from pigeon.core.connection import NEED_DATA, Connection, Role
-from pigeon.core.errors import ErrorCode, RemoteProtocolError
 from pigeon.core.events import (
-    AuthChallenge,
-    AuthResponse,
-    AuthStart,
-    AuthSuccess,
-    CodeSent,
-    ConnectionClosed,
+    DeleteAccount,
     DeviceAck,
-    Error,
-    Hello,
-    IncomingMessage,
-    IncomingReceipt,
+    Logout,
     Message,
     Ping,
-    Pong,
     Receipt,
     Register,
-    Registered,
-    ServerAck,
     Verify,
 )
 
+from ._core import (
+    AUTH,
+    DELETE,
+    LOGOUT,
+    MESSAGE,
+    PONG,
+    RECEIPT,
+    REQ,
+    Answer,
+    ClientCore,
+    ConnectionLost,
+    Credentials,
+    Deliver,
+    Failure,
+    Lost,
+    ScramLogin,
+    ServerError,
+)
 
-@dataclass(frozen=True)
-class Credentials:
-    """What a device needs to log in: its address and its 32-byte secret."""
+__all__ = ["Client", "ConnectionLost", "Credentials", "ServerError"]
 
-    device: str
-    secret: bytes
-
-
-class ServerError(Exception):
-    """The server answered with an error node."""
-
-    def __init__(self, code: int, text: str, request_id: str | None = None):
-        super().__init__(f"{code} {text}")
-        self.code = code
-        self.text = text
-        self.request_id = request_id
-
-    @property
-    def name(self) -> str:
-        try:
-            return ErrorCode(self.code).name
-        except ValueError:
-            return str(self.code)
-
-
-class ConnectionLost(Exception):
-    """The connection closed before the answer came."""
+READ_SIZE = 65536
 
 
 class Client:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
-        self._reader = reader
-        self._writer = writer
-        self.conn = Connection(Role.CLIENT)
-        self._out = bytearray(self.conn.initiate())
-        self._waiting: dict[tuple[str, str], asyncio.Future] = {}
-        self._auth_step: asyncio.Future | None = None
-        self._events: asyncio.Queue = asyncio.Queue()
-        self._ids = itertools.count(1)
-        self._prefix = os.urandom(4).hex()
-        #: highest delivery sequence handed to the application
-        self.last_seq = 0
-        self.redelivered = 0
-        self.closed: Exception | None = None
-        self.device: str | None = None
-        self.server_hello: Hello | None = None
-        self._flush_scheduled = False
-        self._task = asyncio.get_running_loop().create_task(self._read_loop())
+    """One device's connection (and, with ``reconnect``, its successors)."""
 
-    @classmethod
-    async def connect(
-        cls,
+    def __init__(
+        self,
         host: str,
         port: int,
         *,
         ssl: _ssl.SSLContext | None = None,
         server_hostname: str | None = None,
-        timeout: float = 10.0,
-    ) -> Client:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(host, port, ssl=ssl, server_hostname=server_hostname), timeout
-        )
-        client = cls(reader, writer)
-        client._flush()
+        reconnect: bool = False,
+        backoff: tuple[float, float] = (0.05, 5.0),
+        connect_timeout: float = 10.0,
+    ):
+        self.host, self.port = host, port
+        self.ssl, self.server_hostname = ssl, server_hostname
+        self.reconnect = reconnect
+        self.backoff = backoff
+        self.connect_timeout = connect_timeout
+        self.core = ClientCore()
+        self.device: str | None = None
+        #: how many times the connection was re-established
+        self.reconnects = 0
+        #: why the client stopped for good (None while it runs)
+        self.closed: Exception | None = None
+        self._creds: Credentials | None = None
+        self._futures: dict[tuple[str, str], asyncio.Future] = {}
+        self._events: asyncio.Queue = asyncio.Queue()
+        self._writer: asyncio.StreamWriter | None = None
+        self._pump: asyncio.Task | None = None
+        self._life: asyncio.Task | None = None
+        self._live = False  # a connection is up (and logged in, once we have logged in)
+        self._flush_scheduled = False
+        self._closing = False
+
+    @classmethod
+    async def connect(cls, host: str, port: int, *, timeout: float = 10.0, **kw) -> Client:
+        """Open the connection (TLS when ``ssl`` is given); raises OSError if it cannot."""
+        client = cls(host, port, connect_timeout=timeout, **kw)
+        await client._open()
+        client._live = True
+        client._life = asyncio.get_running_loop().create_task(client._run())
         return client
 
+    # -- read-only state ------------------------------------------------------
+
+    @property
+    def last_seq(self) -> int:
+        """The highest delivery sequence handed to the application."""
+        return self.core.last_seq
+
+    @property
+    def redelivered(self) -> int:
+        """Deliveries dropped because the application had them already."""
+        return self.core.redelivered
+
+    @property
+    def server_hello(self):
+        return self.core.server_hello
+
     def new_id(self) -> str:
-        return f"{self._prefix}{next(self._ids):x}"
+        return self.core.new_id()
 
-    # -- output -------------------------------------------------------------
+    # -- connection life -------------------------------------------------------
 
-    def _send(self, event) -> None:
-        if self.closed is not None:
-            raise ConnectionLost(str(self.closed))
-        self.conn.send_into(self._out, event)
+    async def _open(self) -> None:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(
+                self.host, self.port, ssl=self.ssl, server_hostname=self.server_hostname
+            ),
+            self.connect_timeout,
+        )
+        self._writer = writer
+        self.core.start()
+        self._flush()
+        self._pump = asyncio.get_running_loop().create_task(self._read(reader))
+
+    async def _read(self, reader: asyncio.StreamReader) -> Exception:
+        """Pump one connection until it is lost; returns why."""
+        why: Exception
+        try:
+            while True:
+                data = await reader.read(READ_SIZE)
+                lost = self._apply(self.core.receive(data))
+                if lost is not None:
+                    why = lost
+                    break
+                self._flush()
+                if not data:
+                    why = ConnectionLost("the server closed the connection")
+                    break
+        except (ConnectionError, OSError, _ssl.SSLError) as exc:
+            why = ConnectionLost(f"connection lost: {exc}")
+        self._live = False
+        self._apply(self.core.lost(why))
+        if self._writer is not None:
+            self._writer.close()
+        return why
+
+    async def _run(self) -> None:
+        """The client's life: wait for each connection to end, reconnect if asked to."""
+        why: Exception = ConnectionLost("closed")
+        try:
+            while True:
+                why = await self._pump
+                if self._closing or not self.reconnect or self._creds is None:
+                    break
+                if isinstance(why, ServerError) and why.terminal:
+                    break
+                if not await self._reconnect():
+                    why = self.closed or why
+                    break
+        finally:
+            self._finish(why)
+
+    async def _reconnect(self) -> bool:
+        low, high = self.backoff
+        delay = low
+        while not self._closing:
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(high, delay * 2)
+            try:
+                await self._open()
+                await self._login(self._creds, self.connect_timeout)
+            except ServerError as exc:
+                self._drop_connection()
+                if exc.terminal:
+                    self.closed = exc
+                    return False
+                continue
+            except (OSError, ConnectionLost, TimeoutError, ScramException):
+                self._drop_connection()
+                continue
+            self.reconnects += 1
+            self._live = True
+            self.core.replay()
+            self._flush()
+            return True
+        return False
+
+    def _drop_connection(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        if self._pump is not None:
+            self._pump.cancel()
+
+    def _finish(self, why: Exception) -> None:
+        self._live = False
+        if self.closed is None:
+            self.closed = why
+        self._apply(self.core.fail_all(ConnectionLost(str(why))))
+        self._events.put_nowait(why)
+
+    def _apply(self, outcomes) -> Exception | None:
+        lost = None
+        for o in outcomes:
+            t = type(o)
+            if t is Deliver:
+                self._events.put_nowait(o.event)
+            elif t is Answer or t is Failure:
+                fut = self._futures.get(o.key)
+                if fut is not None and not fut.done():
+                    if t is Answer:
+                        fut.set_result(o.value)
+                    else:
+                        fut.set_exception(o.error)
+            elif t is Lost and lost is None:
+                lost = o.error
+        return lost
+
+    # -- output -----------------------------------------------------------------
+
+    def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        if self._out and not self._writer.is_closing():
-            out, self._out = self._out, bytearray()
-            self._writer.write(out)
+        if self.core.out and self._writer is not None and not self._writer.is_closing():
+            self._writer.write(self.core.take_output())
 
-    async def _request(self, event, kind: str, key: str, timeout: float):
+    async def _wait(self, key, timeout: float | None):
         fut = asyncio.get_running_loop().create_future()
-        self._waiting[(kind, key)] = fut
+        self._futures[key] = fut
+        self._schedule_flush()
         try:
-            self._send(event)
             return await asyncio.wait_for(fut, timeout)
         finally:
-            self._waiting.pop((kind, key), None)
+            self._futures.pop(key, None)
+            self.core.forget(key)
 
-    # -- registration and login ---------------------------------------------
+    def _check_open(self) -> None:
+        if self.closed is not None:
+            raise ConnectionLost(str(self.closed))
+        if not self._live:
+            raise ConnectionLost("not connected (reconnecting)")
+
+    async def _request(self, kind: str, rid: str, event, timeout: float | None):
+        self._check_open()
+        return await self._wait(self.core.request(kind, rid, event), timeout)
+
+    # -- registration and login -------------------------------------------------
 
     async def register(self, phone: str, method: str = "sms", timeout: float = 30.0) -> int:
         """Ask for a one-time code; returns how many seconds it stays valid."""
         rid = self.new_id()
-        ev = await self._request(Register(rid, phone, method), "req", rid, timeout)
+        ev = await self._request(REQ, rid, Register(rid, phone, method), timeout)
         return ev.ttl
 
     async def verify(
         self, phone: str, code: str, identity_key: bytes, timeout: float = 30.0
     ) -> Credentials:
+        """Prove the code; returns the new device's credentials (keep them secret)."""
         rid = self.new_id()
-        ev = await self._request(Verify(rid, phone, code, identity_key), "req", rid, timeout)
+        ev = await self._request(REQ, rid, Verify(rid, phone, code, identity_key), timeout)
         return Credentials(ev.device, ev.secret)
 
     async def login(self, creds: Credentials, timeout: float = 30.0) -> int:
-        """SCRAM-SHA-256 login; checks the server's signature. Returns the server time (ms)."""
-        scram = ScramClient(["SCRAM-SHA-256"], creds.device, creds.secret.hex())
-        loop = asyncio.get_running_loop()
-        self._auth_step = loop.create_future()
-        self._send(AuthStart(scram.get_client_first().encode()))
-        challenge = await asyncio.wait_for(self._auth_step, timeout)
-        scram.set_server_first(challenge.data.decode("ascii"))
-        self._auth_step = loop.create_future()
-        self._send(AuthResponse(scram.get_client_final().encode()))
-        success = await asyncio.wait_for(self._auth_step, timeout)
-        self._auth_step = None
-        scram.set_server_final(success.data.decode("ascii"))  # raises if the server is not genuine
+        """SCRAM-SHA-256 login; checks the server's proof. Returns the server time (ms)."""
+        self._check_open()
+        t = await self._login(creds, timeout)
+        self._creds = creds
+        return t
+
+    async def _login(self, creds: Credentials, timeout: float) -> int:
+        scram = ScramLogin(creds)
+        self.core.expect(AUTH, "")
+        self.core.send(scram.first())
+        challenge = await self._wait((AUTH, ""), timeout)
+        self.core.expect(AUTH, "")
+        self.core.send(scram.final(challenge))
+        success = await self._wait((AUTH, ""), timeout)
+        scram.check(success)  # raises if the server is not the one that holds our keys
         self.device = creds.device
         return success.t
 
-    # -- messaging ------------------------------------------------------------
+    async def logout(self, timeout: float = 30.0):
+        """Remove this device from the account for good; the server then closes."""
+        rid = self.new_id()
+        self._creds = None  # nothing to reconnect to
+        return await self._request(LOGOUT, rid, Logout(rid), timeout)
+
+    async def delete_account(self, timeout: float = 30.0):
+        """Delete the account with all its devices; the server then closes."""
+        rid = self.new_id()
+        self._creds = None
+        return await self._request(DELETE, rid, DeleteAccount(rid), timeout)
+
+    # -- messaging ----------------------------------------------------------------
 
     async def send(
-        self, to: str, body: bytes, type: str = "text", id: str | None = None, timeout: float = 30.0
-    ) -> ServerAck:
+        self,
+        to: str,
+        body: bytes,
+        type: str = "text",
+        id: str | None = None,
+        timeout: float | None = 30.0,
+    ):
         """Send and wait for the server's ack (one tick); raises ServerError if refused.
 
-        Retrying with the same ``id`` after a lost connection is safe.
+        While a resuming client is reconnecting the message waits and goes
+        out after the next login; retrying the same ``id`` is safe.
         """
+        if self.closed is not None:
+            raise ConnectionLost(str(self.closed))
         mid = id or self.new_id()
-        return await self._request(Message(to, mid, type, body), "message", mid, timeout)
+        if self._live:
+            key = self.core.message(to, body, type, mid)
+        else:
+            key = self.core.expect(MESSAGE, mid, Message(to, mid, type, body))
+        return await self._wait(key, timeout)
 
-    async def receipt(
-        self, to: str, id: str, type: str = "read", timeout: float = 30.0
-    ) -> ServerAck:
-        return await self._request(Receipt(to, id, type), "receipt", id, timeout)
+    async def receipt(self, to: str, id: str, type: str = "read", timeout: float | None = 30.0):
+        """Tell ``to`` that its message ``id`` was read (or played); waits for the server's ack."""
+        if self.closed is not None:
+            raise ConnectionLost(str(self.closed))
+        if self._live:
+            key = self.core.receipt(to, id, type)
+        else:
+            key = self.core.expect(RECEIPT, id, Receipt(to, id, type))
+        return await self._wait(key, timeout)
 
     async def ack(self, seq: int) -> None:
-        """Acknowledge every delivery up to and including ``seq``."""
-        self._send(DeviceAck(seq))
+        """Acknowledge every delivery up to and including ``seq``.
+
+        Not sent while reconnecting: the server then redelivers, and the
+        client drops what it has handed out already.
+        """
+        if self._live:
+            self.core.send(DeviceAck(seq))
+            self._schedule_flush()
 
     async def ping(self, timeout: float = 30.0) -> None:
         pid = self.new_id()
-        await self._request(Ping(pid), "pong", pid, timeout)
+        await self._request(PONG, pid, Ping(pid), timeout)
+
+    # -- incoming -------------------------------------------------------------------
 
     def __aiter__(self):
         return self
@@ -221,102 +383,33 @@ class Client:
             raise ConnectionLost(str(ev))
         return ev
 
+    # -- closing ----------------------------------------------------------------------
+
     async def close(self) -> None:
+        self._closing = True
         self._flush()
-        if not self._writer.is_closing():
-            self._writer.close()
-        try:
-            await self._writer.wait_closed()
-        except (ConnectionError, _ssl.SSLError):
-            pass
-        self._task.cancel()
-        try:
-            await self._task
-        except asyncio.CancelledError:
-            pass
+        writer = self._writer
+        if writer is not None and not writer.is_closing():
+            writer.close()
+        if writer is not None:
+            try:
+                await writer.wait_closed()
+            except (ConnectionError, _ssl.SSLError):
+                pass
+        for task in (self._life, self._pump):
+            if task is not None and not task.done():
+                task.cancel()
+        for task in (self._life, self._pump):
+            if task is not None:
+                try:
+                    await task
+                except (asyncio.CancelledError, Exception):
+                    pass
+        if self.closed is None:
+            self._finish(ConnectionLost("closed by the application"))
 
     async def __aenter__(self):
         return self
 
     async def __aexit__(self, *exc):
         await self.close()
-
-    # -- input ------------------------------------------------------------------
-
-    async def _read_loop(self) -> None:
-        try:
-            while True:
-                data = await self._reader.read(65536)
-                self.conn.receive_data(data)
-                while True:
-                    try:
-                        ev = self.conn.next_event()
-                    except RemoteProtocolError as err:
-                        self._fail(err)
-                        return
-                    if ev is NEED_DATA:
-                        break
-                    if isinstance(ev, ConnectionClosed):
-                        self._fail(ConnectionLost("the server closed the connection"))
-                        return
-                    self._dispatch(ev)
-                if not data:
-                    self._fail(ConnectionLost("the server closed the connection"))
-                    return
-        except (ConnectionError, OSError) as exc:
-            self._fail(ConnectionLost(str(exc)))
-
-    def _fail(self, exc: Exception) -> None:
-        if self.closed is None:
-            self.closed = exc
-        for fut in list(self._waiting.values()):
-            if not fut.done():
-                fut.set_exception(ConnectionLost(str(exc)))
-        if self._auth_step is not None and not self._auth_step.done():
-            self._auth_step.set_exception(ConnectionLost(str(exc)))
-        self._events.put_nowait(exc)
-
-    def _resolve(self, key, value=None, error=None) -> bool:
-        fut = self._waiting.get(key)
-        if fut is None or fut.done():
-            return False
-        if error is not None:
-            fut.set_exception(error)
-        else:
-            fut.set_result(value)
-        return True
-
-    def _dispatch(self, ev) -> None:
-        t = type(ev)
-        if t is IncomingMessage or t is IncomingReceipt:
-            if ev.seq <= self.last_seq:
-                self.redelivered += 1  # seen before: at-least-once on the wire
-                return
-            self.last_seq = ev.seq
-            self._events.put_nowait(ev)
-        elif t is ServerAck:
-            self._resolve((ev.cls, ev.id), ev)
-        elif t is CodeSent or t is Registered:
-            self._resolve(("req", ev.id), ev)
-        elif t is AuthChallenge or t is AuthSuccess:
-            if self._auth_step is not None and not self._auth_step.done():
-                self._auth_step.set_result(ev)
-        elif t is Hello:
-            self.server_hello = ev  # the newest dictionary the server knows
-        elif t is Pong:
-            self._resolve(("pong", ev.id))
-        elif t is Ping:
-            self._send(Pong(ev.id))
-        elif t is Error:
-            err = ServerError(ev.code, ev.text, ev.id)
-            handled = False
-            if ev.id is not None:
-                for kind in ("req", "message", "receipt", "pong"):
-                    handled |= self._resolve((kind, ev.id), error=err)
-            if not handled and self._auth_step is not None and not self._auth_step.done():
-                self._auth_step.set_exception(err)
-                handled = True
-            if not handled:
-                self._events.put_nowait(ev)
-        else:
-            self._events.put_nowait(ev)

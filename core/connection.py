@@ -51,12 +51,14 @@ from .events import (
     AuthSuccess,
     CodeSent,
     ConnectionClosed,
+    DeleteAccount,
     DeviceAck,
     Error,
     Event,
     Hello,
     IncomingMessage,
     IncomingReceipt,
+    Logout,
     Message,
     Ping,
     Pong,
@@ -118,7 +120,7 @@ TRANSITIONS: dict[tuple[State, type[Event]], State] = {
     (_S.AUTH_RESPONDED, AuthSuccess): _S.AUTHENTICATED,
     **{(_S.AUTHENTICATED, ev): _S.AUTHENTICATED
        for ev in (Message, IncomingMessage, ServerAck, DeviceAck, Receipt, IncomingReceipt,
-                  Presence, PresenceUpdate)},
+                  Presence, PresenceUpdate, Logout, DeleteAccount)},
     **{(st, ev): st for st in _ANY_LIVE for ev in (Ping, Pong)},
 }  # fmt: skip
 

@@ -359,7 +359,7 @@ class IncomingMessage(Event):
         )
 
 
-ACK_CLASSES = frozenset({"message", "receipt"})
+ACK_CLASSES = frozenset({"message", "receipt", "logout", "delete"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -367,7 +367,8 @@ class ServerAck(Event):
     """One tick: the server holds the message (or receipt) ``id`` durably.
 
     ``t`` is the server time (ms) it was accepted, the same ``t`` its
-    recipients see.
+    recipients see.  With ``cls`` "logout" or "delete" it confirms a
+    ``Logout`` or ``DeleteAccount`` request instead; the server then closes.
     """
 
     TAG: ClassVar[str] = "ack"
@@ -505,6 +506,50 @@ class PresenceUpdate(Event):
         )
 
 
+# -- leaving ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Logout(Event):
+    """This device removes itself: its login secret, keys and queue are deleted.
+
+    The server answers ``ack`` with class "logout" and closes the connection;
+    the device must register again to come back.
+    """
+
+    TAG: ClassVar[str] = "logout"
+    SENDER: ClassVar[str] = CLIENT
+    id: str
+
+    def to_node(self, N):
+        return N("logout", {"id": self.id})
+
+    @classmethod
+    def from_node(cls, node):
+        return cls(_id(node))
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteAccount(Event):
+    """Delete the whole account: every device, queue and key of this user.
+
+    The server answers ``ack`` with class "delete", closes this connection
+    and revokes the user's other devices (error 304).
+    """
+
+    TAG: ClassVar[str] = "delete"
+    SENDER: ClassVar[str] = CLIENT
+    id: str
+
+    def to_node(self, N):
+        return N("delete", {"id": self.id, "type": "account"})
+
+    @classmethod
+    def from_node(cls, node):
+        _choice(node, "type", frozenset({"account"}))
+        return cls(_id(node))
+
+
 # -- either side --------------------------------------------------------------
 
 
@@ -565,7 +610,7 @@ class Pong(Event):
 _ALL = [
     Register, CodeSent, Verify, Registered, AuthStart, AuthChallenge, AuthResponse,
     AuthSuccess, Message, IncomingMessage, ServerAck, DeviceAck, Receipt, IncomingReceipt,
-    Presence, PresenceUpdate, Error, Ping, Pong,
+    Presence, PresenceUpdate, Logout, DeleteAccount, Error, Ping, Pong,
 ]  # fmt: skip
 
 #: tag -> event class, for nodes a client sends (what a server receives)

@@ -92,7 +92,7 @@ OPTIONS: list[Option] = [
         "data_dir",
         "var",
         str,
-        "data directory (LMDB store, SMS outbox, worker sockets); relative to the cwd",
+        "data directory (LMDB store, SMS outbox); relative to the cwd",
     ),
     Option("workers", 0, _non_negative_int, "worker processes; 0 = one per core"),
     Option("max_frame", 1 << 20, _positive_int, "largest frame payload accepted, bytes"),
@@ -111,7 +111,19 @@ OPTIONS: list[Option] = [
         _positive_int,
         "connections one source address may hold, per worker",
     ),
-    Option("max_connections", 100_000, _positive_int, "connections one worker accepts"),
+    Option(
+        "max_connections",
+        100_000,
+        _positive_int,
+        "connections one worker accepts; capped at the open-files limit minus files-reserve",
+    ),
+    Option(
+        "files_reserve",
+        64,
+        _positive_int,
+        "file descriptors a worker keeps for its own use (store, sockets between workers); "
+        "connections past open-files-limit minus this are refused with error 502",
+    ),
     Option("code_ttl", 300, _positive_int, "seconds a one-time registration code stays valid"),
     Option("code_attempts", 5, _positive_int, "wrong codes allowed before a code is void"),
     Option(

@@ -51,10 +51,12 @@ from pigeon.core.events import (
     AuthSuccess,
     CodeSent,
     ConnectionClosed,
+    DeleteAccount,
     DeviceAck,
     Error,
     IncomingMessage,
     IncomingReceipt,
+    Logout,
     Message,
     Ping,
     Pong,
@@ -76,6 +78,7 @@ logger = logging.getLogger("pigeon.worker")
 SEQ_BLOCK = 1000
 FORWARD_TIMEOUT = 5.0
 SWEEP_INTERVAL = 1.0
+FULL_LOG_INTERVAL = 10.0
 
 
 def reuseport_option() -> int | None:
@@ -103,6 +106,26 @@ def listen_socket(hostport: str, backlog: int = 1024) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def raise_open_files_limit() -> int | None:
+    """Lift the soft RLIMIT_NOFILE to the hard one; returns the limit now in force."""
+    try:
+        import resource
+    except ImportError:  # not a Unix
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft == resource.RLIM_INFINITY:
+        return None
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft
 
 
 def scram_username(client_first: bytes) -> str | None:
@@ -149,7 +172,8 @@ class Session(asyncio.Protocol):
         self.out += self.conn.initiate()
         w.sessions[self.id] = self
         w.per_ip[self.ip] += 1
-        if len(w.sessions) > w.config.max_connections:
+        if len(w.sessions) > w.max_connections:
+            w.refused_full += 1
             self.fail(ErrorCode.UNAVAILABLE, "the server is at its connection limit; try later")
         elif w.per_ip[self.ip] > w.config.max_connections_per_ip:
             self.fail(ErrorCode.RATE_LIMITED, "too many connections from this address")
@@ -267,6 +291,10 @@ class Session(asyncio.Protocol):
             self._auth_start(ev)
         elif t is AuthResponse:
             self._auth_response(ev)
+        elif t is Logout:
+            self._leave(ev.id, "logout")
+        elif t is DeleteAccount:
+            self._leave(ev.id, "delete")
         elif t is Error:
             log.event(logger, logging.INFO, "client reported an error", conn=self.id, code=ev.code)
         elif t is ConnectionClosed:
@@ -295,6 +323,29 @@ class Session(asyncio.Protocol):
             w.revoke(old, ErrorCode.REVOKED, "this number was registered on another device")
         log.event(logger, logging.INFO, "device registered", device=address)
         self.send(Registered(ev.id, address, secret))
+
+    def _leave(self, request_id: str, what: str) -> None:
+        """Logout (this device goes) or account deletion (every device goes)."""
+        w = self.worker
+        device = self.device
+        w.detach(self)
+        self.device = None
+        if what == "logout":
+            w.store.remove_device(device)
+            others = []
+        else:
+            others = [d for d in w.store.delete_account(self.user) if d != device]
+        self.send(ServerAck(request_id, now_ms(), what))
+        self.close_soon()
+        for d in others:
+            w.revoke(d, ErrorCode.REVOKED, "the account was deleted")
+        log.event(
+            logger,
+            logging.INFO,
+            "device logged out" if what == "logout" else "account deleted",
+            device=device,
+            devices_removed=1 + len(others),
+        )
 
     def _auth_start(self, ev: AuthStart) -> None:
         acc = self.worker.accounts
@@ -371,6 +422,9 @@ class Worker:
         self.accounts: Accounts | None = None
         self.bus: Bus | None = None
         self.stopping: asyncio.Event | None = None
+        self.max_connections = config.max_connections
+        self.refused_full = 0
+        self.full_logged = float("-inf")
 
     def spawn(self, coro) -> None:
         task = self.loop.create_task(coro)
@@ -501,9 +555,45 @@ class Worker:
             for pid, p in list(self.pending.items()):
                 if now - p.started > FORWARD_TIMEOUT:
                     self.forward_result(pid, False)
+            if self.refused_full and now - self.full_logged >= FULL_LOG_INTERVAL:
+                log.event(
+                    logger,
+                    logging.WARNING,
+                    "at the connection limit: refusing new connections",
+                    worker=self.index,
+                    max_connections=self.max_connections,
+                    refused=self.refused_full,
+                )
+                self.refused_full = 0
+                self.full_logged = now
+
+    def size_for_open_files(self) -> None:
+        """Raise the open-files limit to its hard maximum and cap connections under it.
+
+        A worker that runs out of descriptors cannot accept (libuv then
+        accepts and drops connections without a word) nor open its store;
+        refusing past ``limit - files_reserve`` with error 502 keeps it
+        working and tells the client why.
+        """
+        limit = raise_open_files_limit()
+        if limit is None:
+            return
+        budget = max(1, limit - self.config.files_reserve)
+        if budget < self.max_connections:
+            self.max_connections = budget
+            log.event(
+                logger,
+                logging.WARNING,
+                "connections capped by the open-files limit",
+                worker=self.index,
+                open_files_limit=limit,
+                max_connections=budget,
+                hint="raise LimitNOFILE (systemd) or the login class / ulimit -n (FreeBSD)",
+            )
 
     async def main(self, parent_fd: int | None, status_fd: int | None) -> None:
         self.loop = asyncio.get_running_loop()
+        self.size_for_open_files()
         self.stopping = asyncio.Event()
         c = self.config
         self.store = Store(

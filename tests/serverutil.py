@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import resource
 import selectors
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -15,6 +17,7 @@ from pathlib import Path
 
 from pigeon.client import Client
 from pigeon.server.store import Store
+from pigeon.tools.certs import gen_cert
 
 READY_TIMEOUT = 30.0
 
@@ -28,11 +31,26 @@ def free_port() -> int:
 class Server:
     """``pigeon serve`` in a subprocess (its own session, so signals reach only it)."""
 
-    def __init__(self, data_dir: Path, workers: int = 2, **options):
+    def __init__(
+        self,
+        data_dir: Path,
+        workers: int = 2,
+        tls: bool = False,
+        open_files: int | None = None,
+        **options,
+    ):
+        self.open_files = open_files
         self.data_dir = data_dir
         self.port = free_port()
         self.workers = workers
         self.options = {"login_timeout": 10, "idle_timeout": 60, **options}
+        self.tls_port = self.cert = None
+        if tls:
+            self.tls_port = free_port()
+            self.cert, key = gen_cert(str(data_dir.parent / "tls"), force=True)
+            self.options.update(
+                tls_listen=f"127.0.0.1:{self.tls_port}", tls_cert=self.cert, tls_key=key
+            )
         self.proc: subprocess.Popen | None = None
         self.banner = ""
 
@@ -43,8 +61,18 @@ class Server:
         for k, v in self.options.items():
             args += ["--" + k.replace("_", "-"), str(v)]
         self.log = open(self.data_dir.parent / f"server-{self.port}.log", "ab")
+        limit = self.open_files
+
+        def preexec():
+            if limit is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
         self.proc = subprocess.Popen(
-            args, stdout=subprocess.PIPE, stderr=self.log, start_new_session=True
+            args,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            start_new_session=True,
+            preexec_fn=preexec,
         )
         sel = selectors.DefaultSelector()
         sel.register(self.proc.stdout, selectors.EVENT_READ)
@@ -101,8 +129,12 @@ class Server:
         lines = (self.data_dir / "sms-outbox.txt").read_text().splitlines()
         return [ln.split()[1] for ln in lines if ln.split()[0] == phone][-1]
 
-    async def client(self) -> Client:
-        return await Client.connect("127.0.0.1", self.port)
+    def ssl_context(self) -> ssl.SSLContext:
+        """A client context that trusts this server's self-signed certificate."""
+        return ssl.create_default_context(cafile=self.cert)
+
+    async def client(self, **kw) -> Client:
+        return await Client.connect("127.0.0.1", self.port, **kw)
 
     async def register(self, phone: str):
         c = await self.client()

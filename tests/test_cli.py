@@ -1,5 +1,7 @@
 """The pigeon command line (what exists of it so far)."""
 
+import ssl
+
 import orjson
 import pytest
 
@@ -50,3 +52,22 @@ def test_admin_tokens(capsys):
     data = orjson.loads(capsys.readouterr().out)
     assert data["version"] == LATEST.version
     assert {r["string"]: int(r["code"], 16) for r in data["tokens"]} == LATEST.codes
+
+
+def test_admin_gen_cert(tmp_path, capsys):
+    out = tmp_path / "tls"
+    assert main(["admin", "gen-cert", "--out-dir", str(out), "--name", "chat.example"]) == 0
+    assert "pigeon serve --tls-cert" in capsys.readouterr().out
+    assert (out / "key.pem").stat().st_mode & 0o777 == 0o600
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(out / "cert.pem", out / "key.pem")  # a usable pair
+    from cryptography import x509
+
+    cert = x509.load_pem_x509_certificate((out / "cert.pem").read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["chat.example"]
+    # no silent overwrite
+    assert main(["admin", "gen-cert", "--out-dir", str(out)]) == 2
+    assert "exists; pass --force" in capsys.readouterr().err
+    assert main(["admin", "gen-cert", "--out-dir", str(out), "--days", "0"]) == 2
+    assert "--days must be at least 1" in capsys.readouterr().err

@@ -53,3 +53,16 @@ def test_errors_name_the_key(tmp_path, toml, message):
 def test_missing_file():
     with pytest.raises(ConfigError, match="no such file"):
         load("/nonexistent/pigeon.toml")
+
+
+def test_operations_doc_lists_every_setting():
+    from pathlib import Path
+
+    from pigeon.server.config import OPTIONS
+    from pigeon.tools import opsdoc
+
+    doc = Path(__file__).resolve().parent.parent / "docs" / "OPERATIONS.md"
+    assert opsdoc.main(["--check", str(doc)]) == 0, "run python -m pigeon.tools.opsdoc"
+    text = doc.read_text()
+    for o in OPTIONS:
+        assert f"| `{o.name.replace('_', '-')}` |" in text

@@ -122,10 +122,10 @@ def test_sender_is_set_by_the_server(server):
         alice, bob = await server.login(alice_creds), await server.login(bob_creds)
         await until(lambda: bob_creds.device in server.sessions(BOB))
         # a hand-made message node claiming to come from Carol
-        node = alice.conn._impl.Node(
+        node = alice.core.conn._impl.Node(
             "message", {"to": BOB, "id": "spoof1", "type": "text", "from": CAROL + ":0"}, b"x"
         )
-        alice._out += alice.conn._codec.encode_frame(node)
+        alice.core.out += alice.core.conn._codec.encode_frame(node)
         alice._flush()
         ev = await bob.next_event(10)
         assert ev.sender == alice_creds.device and ev.id == "spoof1"
@@ -177,7 +177,7 @@ def test_bad_input_gets_an_error_and_hurts_no_one(server):
         # the wrong state: a message before login is refused, the connection lives
         c = await server.client()
         with pytest.raises(ServerError) as info:
-            c.conn.state = type(c.conn.state).AUTHENTICATED  # let the SDK send it anyway
+            c.core.conn.state = type(c.core.conn.state).AUTHENTICATED  # let the SDK send it anyway
             await c.send(BOB, b"x")
         assert info.value.code == ErrorCode.WRONG_STATE
         await c.ping()

@@ -47,6 +47,20 @@ def _serve(args) -> int:
     return serve(config)
 
 
+def _admin_gen_cert(args) -> int:
+    from pigeon.tools.certs import DEFAULT_NAMES, gen_cert
+
+    try:
+        cert, key = gen_cert(args.out_dir, args.name or DEFAULT_NAMES, args.days, args.force)
+    except (ValueError, FileExistsError) as exc:
+        raise UsageError(str(exc)) from None
+    except OSError as exc:
+        raise UsageError(f"cannot write to {args.out_dir}: {exc.strerror}") from None
+    print(f"wrote {cert} and {key}")
+    print(f"serve with: pigeon serve --tls-cert {cert} --tls-key {key}")
+    return 0
+
+
 def _dictionary(version: int):
     d = DICTIONARIES.get(version)
     if d is None or version == 0:
@@ -189,6 +203,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--json", action="store_true", help="one JSON object per node")
     d.set_defaults(func=_admin_decode)
+    g = asub.add_parser(
+        "gen-cert",
+        help="make a self-signed TLS certificate for development",
+        description="Write cert.pem and key.pem (mode 0600) for the TLS listener: "
+        "pigeon serve --tls-cert DIR/cert.pem --tls-key DIR/key.pem. "
+        "For production use a certificate from a real CA.",
+    )
+    g.add_argument("--out-dir", default="var/tls", metavar="DIR", help="default: var/tls")
+    g.add_argument(
+        "--name",
+        action="append",
+        metavar="NAME",
+        help="host name or IP address the certificate is for; repeat for several "
+        "(default: localhost, 127.0.0.1, ::1)",
+    )
+    g.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
+    g.add_argument("--force", action="store_true", help="replace existing files")
+    g.set_defaults(func=_admin_gen_cert)
     return p
 
 

@@ -1,0 +1,278 @@
+"""What the asyncio and trio clients share: a sans-IO client session.
+
+``ClientCore`` wraps one ``Connection`` (client role) at a time and knows
+which requests are waiting for an answer, but does no I/O and owns no
+futures: ``receive(data)`` returns *outcomes* (``Answer``, ``Failure``,
+``Deliver``, ``Lost``) and the driver turns them into its own futures and
+queues.  A driver is then only: open a socket, pump bytes, map outcomes.
+
+What survives a reconnect lives here too: the highest delivery sequence
+handed to the application (``last_seq``, so a redelivery after a reconnect
+is dropped, not shown twice) and the messages and receipts sent but not yet
+acknowledged by the server (``inflight``), which a resuming client sends
+again with the same ids after it has logged in again.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from dataclasses import dataclass
+
+from scramp import ScramClient
+
+from pigeon.core.connection import NEED_DATA, Connection, Role
+from pigeon.core.errors import ErrorCode, RemoteProtocolError, is_fatal
+from pigeon.core.events import (
+    AuthChallenge,
+    AuthResponse,
+    AuthStart,
+    AuthSuccess,
+    CodeSent,
+    ConnectionClosed,
+    Error,
+    Hello,
+    IncomingMessage,
+    IncomingReceipt,
+    Message,
+    Ping,
+    Pong,
+    Receipt,
+    Registered,
+    ServerAck,
+)
+
+#: After these the server will not take the device back by reconnecting:
+#: the device was removed, replaced by a newer login, or its login failed.
+TERMINAL_CODES = frozenset({ErrorCode.NOT_AUTHORIZED, ErrorCode.REPLACED, ErrorCode.REVOKED})
+
+#: Request kinds; a waiting request is keyed (kind, id).
+REQ, MESSAGE, RECEIPT, PONG, AUTH, LOGOUT, DELETE = (
+    "req", "message", "receipt", "pong", "auth", "logout", "delete",
+)  # fmt: skip
+#: Kinds that are safe to send again after a reconnect (idempotent by id).
+REPLAYABLE = (MESSAGE, RECEIPT)
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """What a device needs to log in: its address and its 32-byte secret."""
+
+    device: str
+    secret: bytes
+
+    def to_json(self) -> dict:
+        return {"device": self.device, "secret": self.secret.hex()}
+
+    @classmethod
+    def from_json(cls, d: dict) -> Credentials:
+        return cls(d["device"], bytes.fromhex(d["secret"]))
+
+
+class ServerError(Exception):
+    """The server answered with an error node."""
+
+    def __init__(self, code: int, text: str, request_id: str | None = None):
+        super().__init__(f"{code} {text}")
+        self.code = code
+        self.text = text
+        self.request_id = request_id
+
+    @property
+    def name(self) -> str:
+        try:
+            return ErrorCode(self.code).name
+        except ValueError:
+            return str(self.code)
+
+    @property
+    def terminal(self) -> bool:
+        """True when reconnecting cannot help (removed, replaced, login refused)."""
+        return self.code in TERMINAL_CODES
+
+
+class ConnectionLost(Exception):
+    """The connection closed before the answer came (or for good)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    key: tuple[str, str]
+    value: object
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    key: tuple[str, str]
+    error: Exception
+
+
+@dataclass(frozen=True, slots=True)
+class Deliver:
+    """An event for the application (deliveries, unsolicited errors, presence)."""
+
+    event: object
+
+
+@dataclass(frozen=True, slots=True)
+class Lost:
+    """The connection is gone; ``error`` says why (a ServerError when the server said)."""
+
+    error: Exception
+
+
+class ScramLogin:
+    """The client half of the SCRAM-SHA-256 exchange; the secret is the password."""
+
+    def __init__(self, creds: Credentials):
+        self.creds = creds
+        self._scram = ScramClient(["SCRAM-SHA-256"], creds.device, creds.secret.hex())
+
+    def first(self) -> AuthStart:
+        return AuthStart(self._scram.get_client_first().encode())
+
+    def final(self, challenge: AuthChallenge) -> AuthResponse:
+        self._scram.set_server_first(challenge.data.decode("ascii"))
+        return AuthResponse(self._scram.get_client_final().encode())
+
+    def check(self, success: AuthSuccess) -> None:
+        """Raises scramp.ScramException unless the server proved it knows our keys."""
+        self._scram.set_server_final(success.data.decode("ascii"))
+
+
+class ClientCore:
+    def __init__(self):
+        self.conn: Connection | None = None
+        self.out = bytearray()
+        self.waiting: set[tuple[str, str]] = set()
+        #: (kind, id) -> the event, for messages and receipts not yet acked
+        self.inflight: dict[tuple[str, str], object] = {}
+        #: highest delivery sequence handed to the application
+        self.last_seq = 0
+        #: deliveries dropped because they were seen before
+        self.redelivered = 0
+        self.server_hello: Hello | None = None
+        self._ids = itertools.count(1)
+        self._prefix = os.urandom(4).hex()
+
+    def new_id(self) -> str:
+        return f"{self._prefix}{next(self._ids):x}"
+
+    def start(self) -> None:
+        """A new physical connection: fresh protocol state, the preamble queued."""
+        self.conn = Connection(Role.CLIENT)
+        self.out = bytearray(self.conn.initiate())
+
+    def send(self, event) -> None:
+        self.conn.send_into(self.out, event)
+
+    def expect(self, kind: str, rid: str, event=None) -> tuple[str, str]:
+        """Note that (kind, rid) waits for an answer; ``event`` is kept for a replay."""
+        key = (kind, rid)
+        self.waiting.add(key)
+        if kind in REPLAYABLE and event is not None:
+            self.inflight[key] = event
+        return key
+
+    def forget(self, key) -> None:
+        self.waiting.discard(key)
+        self.inflight.pop(key, None)
+
+    def request(self, kind: str, rid: str, event) -> tuple[str, str]:
+        key = self.expect(kind, rid, event)
+        self.send(event)
+        return key
+
+    def message(self, to: str, body: bytes, type: str, mid: str | None) -> tuple[str, str]:
+        mid = mid or self.new_id()
+        return self.request(MESSAGE, mid, Message(to, mid, type, body))
+
+    def receipt(self, to: str, mid: str, type: str) -> tuple[str, str]:
+        return self.request(RECEIPT, mid, Receipt(to, mid, type))
+
+    def replay(self) -> int:
+        """Send again every message and receipt the server has not acked (after a login)."""
+        for event in self.inflight.values():
+            self.send(event)
+        return len(self.inflight)
+
+    def take_output(self) -> bytes | bytearray:
+        out, self.out = self.out, bytearray()
+        return out
+
+    def receive(self, data: bytes) -> list:
+        """Feed bytes (b"" for EOF); returns the outcomes, in order."""
+        self.conn.receive_data(data)
+        outcomes: list = []
+        while True:
+            try:
+                ev = self.conn.next_event()
+            except RemoteProtocolError as err:
+                outcomes.append(Lost(ConnectionLost(f"protocol error from the server: {err}")))
+                return outcomes
+            if ev is NEED_DATA:
+                return outcomes
+            if type(ev) is ConnectionClosed:
+                outcomes.append(Lost(ConnectionLost("the server closed the connection")))
+                return outcomes
+            self._dispatch(ev, outcomes)
+
+    def lost(self, why: Exception) -> list:
+        """The connection is gone: every non-replayable waiter fails; replayable ones stay."""
+        out = []
+        for key in list(self.waiting):
+            if key not in self.inflight:
+                self.waiting.discard(key)
+                out.append(Failure(key, ConnectionLost(str(why))))
+        return out
+
+    def fail_all(self, why: Exception) -> list:
+        """Closed for good: every waiter fails."""
+        out = [Failure(key, why) for key in self.waiting]
+        self.waiting.clear()
+        self.inflight.clear()
+        return out
+
+    def _answer(self, key, value, outcomes) -> bool:
+        if key not in self.waiting:
+            return False
+        self.forget(key)
+        outcomes.append(
+            Answer(key, value) if not isinstance(value, Exception) else Failure(key, value)
+        )
+        return True
+
+    def _dispatch(self, ev, outcomes: list) -> None:
+        t = type(ev)
+        if t is IncomingMessage or t is IncomingReceipt:
+            if ev.seq <= self.last_seq:
+                self.redelivered += 1  # seen before: at-least-once on the wire
+                return
+            self.last_seq = ev.seq
+            outcomes.append(Deliver(ev))
+        elif t is ServerAck:
+            self._answer((ev.cls, ev.id), ev, outcomes)
+        elif t is CodeSent or t is Registered:
+            self._answer((REQ, ev.id), ev, outcomes)
+        elif t is AuthChallenge or t is AuthSuccess:
+            self._answer((AUTH, ""), ev, outcomes)
+        elif t is Hello:
+            self.server_hello = ev  # the newest dictionary the server knows
+        elif t is Pong:
+            self._answer((PONG, ev.id), ev, outcomes)
+        elif t is Ping:
+            self.send(Pong(ev.id))
+        elif t is Error:
+            err = ServerError(ev.code, ev.text, ev.id)
+            handled = False
+            if ev.id is not None:
+                for kind in (REQ, MESSAGE, RECEIPT, PONG, LOGOUT, DELETE):
+                    handled |= self._answer((kind, ev.id), err, outcomes)
+            if not handled:
+                handled = self._answer((AUTH, ""), err, outcomes)
+            if not handled:
+                outcomes.append(Deliver(ev))
+            if is_fatal(ev.code):
+                outcomes.append(Lost(err))  # the server closes after it
+        else:
+            outcomes.append(Deliver(ev))

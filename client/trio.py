@@ -1,0 +1,409 @@
+"""The trio client: a thin driver of the same sans-IO client core as the asyncio one.
+
+    async with open_client("127.0.0.1", 7650) as client:
+        await client.login(creds)
+        ack = await client.send("4915112345678", ciphertext)
+        async for event in client:
+            ...
+            await client.ack(event.seq)
+
+``open_client`` owns a nursery for the background reader, so the client
+lives exactly as long as the ``async with`` block.  The methods, the resume
+behaviour (``reconnect=True``) and the errors are those of
+``pigeon.client.aio.Client``; timeouts raise ``TimeoutError`` in both.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import ssl as _ssl
+from contextlib import asynccontextmanager
+
+import trio
+from scramp import ScramException
+
+from pigeon.core.events import (
+    DeleteAccount,
+    DeviceAck,
+    Logout,
+    Message,
+    Ping,
+    Receipt,
+    Register,
+    Verify,
+)
+
+from ._core import (
+    AUTH,
+    DELETE,
+    LOGOUT,
+    MESSAGE,
+    PONG,
+    RECEIPT,
+    REQ,
+    Answer,
+    ClientCore,
+    ConnectionLost,
+    Credentials,
+    Deliver,
+    Failure,
+    Lost,
+    ScramLogin,
+    ServerError,
+)
+
+__all__ = ["Client", "ConnectionLost", "Credentials", "ServerError", "open_client"]
+
+READ_SIZE = 65536
+
+
+class _Future:
+    """A one-shot result for trio (trio has no futures by design)."""
+
+    __slots__ = ("event", "value", "error")
+
+    def __init__(self):
+        self.event = trio.Event()
+        self.value = None
+        self.error: BaseException | None = None
+
+    def done(self) -> bool:
+        return self.event.is_set()
+
+    def set(self, value=None, error: BaseException | None = None) -> None:
+        if not self.event.is_set():
+            self.value, self.error = value, error
+            self.event.set()
+
+    async def wait(self, timeout: float | None):
+        with trio.fail_after(math.inf if timeout is None else timeout):
+            await self.event.wait()
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+@asynccontextmanager
+async def open_client(
+    host: str,
+    port: int,
+    *,
+    ssl: _ssl.SSLContext | None = None,
+    server_hostname: str | None = None,
+    reconnect: bool = False,
+    backoff: tuple[float, float] = (0.05, 5.0),
+    timeout: float = 10.0,
+):
+    """Connect (TLS when ``ssl`` is given) and yield a ``Client``; closes it on exit."""
+    async with trio.open_nursery() as nursery:
+        client = Client(
+            nursery, host, port, ssl=ssl, server_hostname=server_hostname,
+            reconnect=reconnect, backoff=backoff, connect_timeout=timeout,
+        )  # fmt: skip
+        await client._open()
+        client._live = True
+        nursery.start_soon(client._run)
+        try:
+            yield client
+        finally:
+            await client.aclose()
+            nursery.cancel_scope.cancel()
+
+
+class Client:
+    def __init__(
+        self,
+        nursery: trio.Nursery,
+        host: str,
+        port: int,
+        *,
+        ssl: _ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
+        reconnect: bool = False,
+        backoff: tuple[float, float] = (0.05, 5.0),
+        connect_timeout: float = 10.0,
+    ):
+        self._nursery = nursery
+        self.host, self.port = host, port
+        self.ssl, self.server_hostname = ssl, server_hostname
+        self.reconnect = reconnect
+        self.backoff = backoff
+        self.connect_timeout = connect_timeout
+        self.core = ClientCore()
+        self.device: str | None = None
+        self.reconnects = 0
+        self.closed: Exception | None = None
+        self._creds: Credentials | None = None
+        self._futures: dict[tuple[str, str], _Future] = {}
+        self._send_events, self._events = trio.open_memory_channel(math.inf)
+        self._stream: trio.abc.Stream | None = None
+        self._send_lock = trio.Lock()
+        self._pump_done: _Future | None = None
+        self._pump_scope: trio.CancelScope | None = None
+        self._live = False
+        self._closing = False
+
+    @property
+    def last_seq(self) -> int:
+        return self.core.last_seq
+
+    @property
+    def redelivered(self) -> int:
+        return self.core.redelivered
+
+    @property
+    def server_hello(self):
+        return self.core.server_hello
+
+    def new_id(self) -> str:
+        return self.core.new_id()
+
+    # -- connection life -------------------------------------------------------
+
+    async def _open(self) -> None:
+        with trio.fail_after(self.connect_timeout):
+            stream = await trio.open_tcp_stream(self.host, self.port)
+            if self.ssl is not None:
+                stream = trio.SSLStream(
+                    stream, self.ssl, server_hostname=self.server_hostname or self.host
+                )
+                await stream.do_handshake()
+        self._stream = stream
+        self.core.start()
+        self._pump_done = _Future()
+        self._pump_scope = trio.CancelScope()
+        self._nursery.start_soon(self._read, stream, self._pump_done, self._pump_scope)
+        await self._flush()
+
+    async def _read(self, stream, done: _Future, scope: trio.CancelScope) -> None:
+        why: Exception = ConnectionLost("the connection was dropped")
+        with scope:
+            try:
+                while True:
+                    data = await stream.receive_some(READ_SIZE)
+                    lost = self._apply(self.core.receive(data))
+                    if lost is not None:
+                        why = lost
+                        break
+                    await self._flush()
+                    if not data:
+                        why = ConnectionLost("the server closed the connection")
+                        break
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                why = ConnectionLost(f"connection lost: {exc}")
+        if self._stream is stream:
+            self._live = False
+        self._apply(self.core.lost(why))
+        with trio.CancelScope(shield=True):
+            await trio.aclose_forcefully(stream)
+        done.set(why)
+
+    async def _run(self) -> None:
+        why: Exception = ConnectionLost("closed")
+        try:
+            while True:
+                why = await self._pump_done.wait(None)
+                if self._closing or not self.reconnect or self._creds is None:
+                    break
+                if isinstance(why, ServerError) and why.terminal:
+                    break
+                if not await self._reconnect():
+                    why = self.closed or why
+                    break
+        finally:
+            self._finish(why)
+
+    async def _reconnect(self) -> bool:
+        low, high = self.backoff
+        delay = low
+        while not self._closing:
+            await trio.sleep(delay * (0.5 + random.random()))
+            delay = min(high, delay * 2)
+            try:
+                await self._open()
+                await self._login(self._creds, self.connect_timeout)
+            except ServerError as exc:
+                self._drop_connection()
+                if exc.terminal:
+                    self.closed = exc
+                    return False
+                continue
+            except (OSError, ConnectionLost, trio.TooSlowError, TimeoutError, ScramException):
+                self._drop_connection()
+                continue
+            self.reconnects += 1
+            self._live = True
+            self.core.replay()
+            await self._flush()
+            return True
+        return False
+
+    def _drop_connection(self) -> None:
+        if self._pump_scope is not None:
+            self._pump_scope.cancel()
+
+    def _finish(self, why: Exception) -> None:
+        self._live = False
+        if self.closed is None:
+            self.closed = why
+        self._apply(self.core.fail_all(ConnectionLost(str(why))))
+        self._send_events.send_nowait(why)
+
+    def _apply(self, outcomes) -> Exception | None:
+        lost = None
+        for o in outcomes:
+            t = type(o)
+            if t is Deliver:
+                self._send_events.send_nowait(o.event)
+            elif t is Answer or t is Failure:
+                fut = self._futures.get(o.key)
+                if fut is not None:
+                    fut.set(o.value if t is Answer else None, o.error if t is Failure else None)
+            elif t is Lost and lost is None:
+                lost = o.error
+        return lost
+
+    # -- output -----------------------------------------------------------------
+
+    async def _flush(self) -> None:
+        """Write what the core has queued; concurrent callers coalesce into one write."""
+        async with self._send_lock:
+            stream = self._stream
+            if self.core.out and stream is not None:
+                try:
+                    await stream.send_all(self.core.take_output())
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    pass  # the reader sees the loss and says why
+
+    async def _wait(self, key, timeout: float | None):
+        fut = _Future()
+        self._futures[key] = fut
+        try:
+            await self._flush()
+            return await fut.wait(timeout)
+        except trio.TooSlowError:
+            raise TimeoutError(f"no answer to {key[0]} {key[1]!r} in {timeout} s") from None
+        finally:
+            self._futures.pop(key, None)
+            self.core.forget(key)
+
+    def _check_open(self) -> None:
+        if self.closed is not None:
+            raise ConnectionLost(str(self.closed))
+        if not self._live:
+            raise ConnectionLost("not connected (reconnecting)")
+
+    async def _request(self, kind: str, rid: str, event, timeout: float | None):
+        self._check_open()
+        return await self._wait(self.core.request(kind, rid, event), timeout)
+
+    # -- registration and login -------------------------------------------------
+
+    async def register(self, phone: str, method: str = "sms", timeout: float = 30.0) -> int:
+        rid = self.new_id()
+        ev = await self._request(REQ, rid, Register(rid, phone, method), timeout)
+        return ev.ttl
+
+    async def verify(
+        self, phone: str, code: str, identity_key: bytes, timeout: float = 30.0
+    ) -> Credentials:
+        rid = self.new_id()
+        ev = await self._request(REQ, rid, Verify(rid, phone, code, identity_key), timeout)
+        return Credentials(ev.device, ev.secret)
+
+    async def login(self, creds: Credentials, timeout: float = 30.0) -> int:
+        self._check_open()
+        t = await self._login(creds, timeout)
+        self._creds = creds
+        return t
+
+    async def _login(self, creds: Credentials, timeout: float) -> int:
+        scram = ScramLogin(creds)
+        self.core.expect(AUTH, "")
+        self.core.send(scram.first())
+        challenge = await self._wait((AUTH, ""), timeout)
+        self.core.expect(AUTH, "")
+        self.core.send(scram.final(challenge))
+        success = await self._wait((AUTH, ""), timeout)
+        scram.check(success)
+        self.device = creds.device
+        return success.t
+
+    async def logout(self, timeout: float = 30.0):
+        rid = self.new_id()
+        self._creds = None
+        return await self._request(LOGOUT, rid, Logout(rid), timeout)
+
+    async def delete_account(self, timeout: float = 30.0):
+        rid = self.new_id()
+        self._creds = None
+        return await self._request(DELETE, rid, DeleteAccount(rid), timeout)
+
+    # -- messaging ----------------------------------------------------------------
+
+    async def send(
+        self,
+        to: str,
+        body: bytes,
+        type: str = "text",
+        id: str | None = None,
+        timeout: float | None = 30.0,
+    ):
+        if self.closed is not None:
+            raise ConnectionLost(str(self.closed))
+        mid = id or self.new_id()
+        if self._live:
+            key = self.core.message(to, body, type, mid)
+        else:
+            key = self.core.expect(MESSAGE, mid, Message(to, mid, type, body))
+        return await self._wait(key, timeout)
+
+    async def receipt(self, to: str, id: str, type: str = "read", timeout: float | None = 30.0):
+        if self.closed is not None:
+            raise ConnectionLost(str(self.closed))
+        if self._live:
+            key = self.core.receipt(to, id, type)
+        else:
+            key = self.core.expect(RECEIPT, id, Receipt(to, id, type))
+        return await self._wait(key, timeout)
+
+    async def ack(self, seq: int) -> None:
+        if self._live:
+            self.core.send(DeviceAck(seq))
+            await self._flush()
+
+    async def ping(self, timeout: float = 30.0) -> None:
+        pid = self.new_id()
+        await self._request(PONG, pid, Ping(pid), timeout)
+
+    # -- incoming -------------------------------------------------------------------
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        ev = await self._events.receive()
+        if isinstance(ev, Exception):
+            self._send_events.send_nowait(ev)
+            raise StopAsyncIteration
+        return ev
+
+    async def next_event(self, timeout: float | None = None):
+        try:
+            with trio.fail_after(math.inf if timeout is None else timeout):
+                ev = await self._events.receive()
+        except trio.TooSlowError:
+            raise TimeoutError(f"no event in {timeout} s") from None
+        if isinstance(ev, Exception):
+            self._send_events.send_nowait(ev)
+            raise ConnectionLost(str(ev))
+        return ev
+
+    async def aclose(self) -> None:
+        self._closing = True
+        with trio.CancelScope(shield=True):
+            await self._flush()
+        self._drop_connection()
+        if self.closed is None:
+            self._finish(ConnectionLost("closed by the application"))

@@ -1,0 +1,319 @@
+"""The client SDK against the real server: both drivers, TLS, resume, leaving, limits."""
+
+import asyncio
+import os
+import signal
+import socket
+import ssl
+import time
+
+import pytest
+import trio
+from serverutil import Server, until
+
+from pigeon.client import Client, ConnectionLost, ServerError
+from pigeon.client.trio import open_client
+from pigeon.core.codec import Codec, FrameReader
+from pigeon.core.errors import ErrorCode
+from pigeon.core.events import Error, IncomingMessage
+
+ALICE, BOB = "491701234567", "4915112345678"
+
+
+@pytest.fixture
+def server(tmp_path):
+    srv = Server(tmp_path / "data", workers=2, tls=True).start()
+    yield srv
+    assert srv.stop() == 0, srv.log_text()[-3000:]
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 60))
+
+
+def test_tls_exchange_with_a_generated_certificate(server):
+    async def main():
+        alice_creds, bob_creds = await server.register(ALICE), await server.register(BOB)
+        ctx = server.ssl_context()
+        alice = await Client.connect("localhost", server.tls_port, ssl=ctx)
+        bob = await Client.connect("127.0.0.1", server.tls_port, ssl=ctx)
+        await alice.login(alice_creds)
+        await bob.login(bob_creds)
+        await until(lambda: bob_creds.device in server.sessions(BOB))
+        ack = await alice.send(BOB, b"over tls")
+        ev = await bob.next_event(10)
+        assert (ev.id, ev.body, ev.sender) == (ack.id, b"over tls", alice_creds.device)
+        assert bob._writer.get_extra_info("ssl_object").version() in ("TLSv1.2", "TLSv1.3")
+        await alice.close()
+        await bob.close()
+        # a client that does not trust the certificate refuses the server
+        with pytest.raises(ssl.SSLCertVerificationError):
+            await Client.connect("127.0.0.1", server.tls_port, ssl=ssl.create_default_context())
+        # plain TCP to the TLS port is not a pigeon session
+        with socket.create_connection(("127.0.0.1", server.tls_port), timeout=5) as s:
+            s.sendall(b"PGN\x01\x01")
+            s.settimeout(5)
+            assert b"PGN" not in s.recv(100)
+
+    run(main())
+
+
+def test_trio_client_registers_logs_in_and_exchanges(server):
+    async def main():
+        async with open_client("127.0.0.1", server.port) as c:
+            await c.register(ALICE)
+            creds = await c.verify(ALICE, server.code_for(ALICE), os.urandom(32))
+        bob_creds = await trio.to_thread.run_sync(
+            lambda: asyncio.run(server.register(BOB)), abandon_on_cancel=True
+        )
+        async with (
+            open_client("127.0.0.1", server.port) as alice,
+            open_client("localhost", server.tls_port, ssl=server.ssl_context()) as bob,
+        ):
+            await alice.login(creds)
+            await bob.login(bob_creds)
+            with trio.fail_after(10):
+                while bob_creds.device not in server.sessions(BOB):
+                    await trio.sleep(0.05)
+            for i in range(5):
+                ack = await alice.send(BOB, f"trio {i}".encode())
+                ev = await bob.next_event(10)
+                assert isinstance(ev, IncomingMessage)
+                assert (ev.id, ev.body) == (ack.id, f"trio {i}".encode())
+                await bob.ack(ev.seq)
+            with pytest.raises(ServerError) as info:
+                await alice.send("4400000000000", b"x")
+            assert info.value.code == ErrorCode.UNKNOWN_RECIPIENT
+            await alice.ping()
+            with pytest.raises(TimeoutError):
+                await alice.next_event(0.2)
+
+    trio.run(main)
+
+
+def test_asyncio_client_resumes_after_its_worker_is_killed(server):
+    async def main():
+        alice_creds, bob_creds = await server.register(ALICE), await server.register(BOB)
+        alice = await Client.connect("127.0.0.1", server.port, reconnect=True)
+        bob = await Client.connect("127.0.0.1", server.port, reconnect=True)
+        await alice.login(alice_creds)
+        await bob.login(bob_creds)
+        await until(lambda: bob_creds.device in server.sessions(BOB))
+        await alice.send(BOB, b"before")
+        first = await bob.next_event(10)
+        await bob.ack(first.seq)
+        worker = server.sessions(BOB)[bob_creds.device]["worker"]
+        os.kill(server.worker_pid(worker), signal.SIGKILL)
+        # a send while bob is cut off waits and goes out after the resume
+        pending = asyncio.ensure_future(bob.send(ALICE, b"sent during the gap"))
+        ack = await asyncio.wait_for(pending, 30)
+        got = await alice.next_event(10)
+        assert (got.id, got.body) == (ack.id, b"sent during the gap")
+        assert bob.reconnects >= 1 and bob.closed is None
+        # and bob receives again on the new connection
+        await until(lambda: bob_creds.device in server.sessions(BOB), timeout=20)
+        for _ in range(100):
+            try:
+                ack = await alice.send(BOB, b"after")
+                break
+            except ServerError as exc:  # the old session may still be on record briefly
+                assert exc.code == ErrorCode.RECIPIENT_OFFLINE
+                await asyncio.sleep(0.1)
+        ev = await bob.next_event(10)
+        assert (ev.id, ev.body) == (ack.id, b"after") and ev.seq > first.seq
+        await alice.close()
+        await bob.close()
+
+    run(main())
+
+
+def test_a_replaced_device_does_not_reconnect(server):
+    async def main():
+        creds = await server.register(ALICE)
+        first = await Client.connect("127.0.0.1", server.port, reconnect=True)
+        await first.login(creds)
+        second = await server.login(creds)
+        ev = await first.next_event(10)
+        assert isinstance(ev, Error) and ev.code == ErrorCode.REPLACED
+        with pytest.raises(ConnectionLost):
+            await first.next_event(10)
+        assert first.reconnects == 0
+        await second.ping()
+        await first.close()
+        await second.close()
+
+    run(main())
+
+
+def test_logout_removes_only_this_device(server):
+    async def main():
+        creds = await server.register(ALICE)
+        c = await server.login(creds)
+        ack = await c.logout()
+        assert ack.cls == "logout" and ack.t > 0
+        with pytest.raises(ConnectionLost):
+            await c.next_event(10)
+        await c.close()
+        c = await server.client()
+        with pytest.raises(ServerError) as info:
+            await c.login(creds)
+        assert info.value.code == ErrorCode.NOT_AUTHORIZED
+        await c.close()
+        # the account is still there: messages to it are "offline", not "unknown"
+        bob = await server.login(await server.register(BOB))
+        with pytest.raises(ServerError) as info:
+            await bob.send(ALICE, b"x")
+        assert info.value.code == ErrorCode.RECIPIENT_OFFLINE
+        await bob.close()
+
+    run(main())
+
+
+def test_delete_account_removes_every_device(server):
+    async def main():
+        creds = await server.register(ALICE)
+        bob = await server.login(await server.register(BOB))
+        c = await server.login(creds)
+        ack = await c.delete_account()
+        assert ack.cls == "delete"
+        await c.close()
+        with pytest.raises(ServerError) as info:
+            await bob.send(ALICE, b"x")
+        assert info.value.code == ErrorCode.UNKNOWN_RECIPIENT
+        assert server.sessions(ALICE) == {}
+        c = await server.client()
+        with pytest.raises(ServerError):
+            await c.login(creds)
+        await c.close()
+        # the number can register again, as a new account
+        again = await server.register(ALICE)
+        assert again.device == ALICE + ":0" and again.secret != creds.secret
+        await bob.close()
+
+    run(main())
+
+
+def test_keepalive_closes_silent_connections_and_keeps_pinging_ones(tmp_path):
+    srv = Server(tmp_path / "data", workers=1, idle_timeout=1).start()
+
+    async def main():
+        silent_creds = await srv.register(ALICE)
+        pinger_creds = await srv.register(BOB)
+        silent = await srv.login(silent_creds)
+        pinger = await srv.login(pinger_creds)
+        await until(lambda: silent_creds.device in srv.sessions(ALICE))
+        for _ in range(12):  # 3 s, three times the timeout
+            await pinger.ping()
+            await asyncio.sleep(0.25)
+        ev = await silent.next_event(5)
+        assert isinstance(ev, Error) and ev.code == ErrorCode.TIMEOUT
+        with pytest.raises(ConnectionLost):
+            await silent.next_event(5)
+        assert srv.sessions(ALICE) == {}  # not "online" any more
+        await pinger.send(BOB, b"still here")  # to itself: it is online
+        await silent.close()
+        await pinger.close()
+
+    try:
+        run(main())
+    finally:
+        assert srv.stop() == 0
+
+
+def _raw_connect(port: int) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    s.sendall(b"PGN\x01\x01")
+    return s
+
+
+def _first_node(s: socket.socket, tag: str):
+    """The first node with this tag on a raw connection (after the server's preamble)."""
+    reader, codec, head = FrameReader(1 << 20), Codec(), b""
+    while True:
+        chunk = s.recv(4096)
+        if not chunk:
+            return None
+        if len(head) < 5:
+            take = 5 - len(head)
+            head, chunk = head + chunk[:take], chunk[take:]
+        reader.feed(chunk)
+        while (node := reader.next_node(codec)) is not None:
+            if node.tag == tag:
+                return node
+
+
+def _read_error_code(s: socket.socket) -> int | None:
+    node = _first_node(s, "error")
+    return None if node is None else int(node.attrs["code"])
+
+
+def test_per_address_and_per_worker_connection_caps(tmp_path):
+    srv = Server(tmp_path / "data", workers=1, max_connections_per_ip=3).start()
+    try:
+        held = [_raw_connect(srv.port) for _ in range(3)]
+        extra = _raw_connect(srv.port)
+        assert _read_error_code(extra) == ErrorCode.RATE_LIMITED
+        assert extra.recv(100) == b""  # and closed
+        extra.close()
+        for s in held:  # the others are untouched
+            s.sendall(bytes.fromhex("000008f80306" + "13fc026b31"))  # <ping id="k1"/>
+            assert _first_node(s, "pong").attrs["id"] == "k1"
+            s.close()
+    finally:
+        assert srv.stop() == 0
+    srv = Server(tmp_path / "data2", workers=1, max_connections=2).start()
+    try:
+        held = [_raw_connect(srv.port) for _ in range(2)]
+        extra = _raw_connect(srv.port)
+        assert _read_error_code(extra) == ErrorCode.UNAVAILABLE
+        extra.close()
+        for s in held:
+            s.close()
+    finally:
+        assert srv.stop() == 0
+
+
+def test_out_of_file_descriptors_refuses_with_an_error_and_recovers(tmp_path):
+    """A worker with 160 files and 64 reserved takes 96 connections and refuses the rest."""
+    srv = Server(
+        tmp_path / "data", workers=1, open_files=160, files_reserve=64, login_timeout=120
+    ).start()
+    try:
+        assert "connections capped by the open-files limit" in srv.log_text()
+        creds = asyncio.run(srv.register(ALICE))
+        held = []
+        refused = 0
+        conns = [_raw_connect(srv.port) for _ in range(130)]
+        time.sleep(1.0)
+        for s in conns:
+            s.settimeout(0.05)
+            try:
+                if _read_error_code(s) == ErrorCode.UNAVAILABLE:
+                    refused += 1
+                    s.close()
+                    continue
+            except TimeoutError:
+                pass  # nothing said: the connection was taken
+            held.append(s)
+        assert len(held) == 96 and refused == 34
+        # the limit is logged by the once-a-second sweeper
+        for _ in range(50):
+            if "at the connection limit: refusing new connections" in srv.log_text():
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("no log line about the connection limit")
+        for s in held[:10]:
+            s.close()
+
+        async def login_again():
+            c = await srv.client()
+            await c.login(creds)
+            await c.ping()
+            await c.close()
+
+        run(login_again())
+        for s in held[10:]:
+            s.close()
+    finally:
+        assert srv.stop() == 0

@@ -1,0 +1,72 @@
+"""``pigeon admin gen-cert``: a self-signed certificate for development and tests.
+
+Made with the ``cryptography`` library: an ECDSA P-256 key and an X.509
+certificate whose subject alternative names cover the given host names and
+addresses (default: localhost, 127.0.0.1 and ::1).  Production servers use
+a certificate from a real CA; point ``tls-cert`` / ``tls-key`` at it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+DEFAULT_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+def _san(name: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        return x509.DNSName(name)
+
+
+def gen_cert(
+    out_dir: str, names=DEFAULT_NAMES, days: int = 365, force: bool = False
+) -> tuple[str, str]:
+    """Write ``cert.pem`` and ``key.pem`` (mode 0600) into out_dir; returns their paths."""
+    if days < 1:
+        raise ValueError(f"--days must be at least 1, got {days}")
+    names = list(names)
+    if not names:
+        raise ValueError("give at least one --name")
+    os.makedirs(out_dir, exist_ok=True)
+    cert_path = os.path.join(out_dir, "cert.pem")
+    key_path = os.path.join(out_dir, "key.pem")
+    for p in (cert_path, key_path):
+        if os.path.exists(p) and not force:
+            raise FileExistsError(f"{p} exists; pass --force to replace it")
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.SubjectAlternativeName([_san(n) for n in names]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+    os.chmod(key_path, 0o600)
+    with open(cert_path, "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    return cert_path, key_path
