@@ -18,7 +18,6 @@ from pigeon.core.tokens import DICTIONARIES, LATEST_VERSION
 from pigeon.core.wire import MAGIC, PREAMBLE_SIZE, PROTOCOL_VERSION
 
 NOT_YET = {
-    "chat": "the terminal chat client is not built yet (it lands with the server-core issue)",
     "bench": (
         "the load benchmark is not built yet (it lands with the benchmark issue); "
         "the codec micro-benchmarks run with: pytest bench/ --benchmark-enable"
@@ -169,12 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", metavar="FILE", help="TOML configuration file")
     add_arguments(serve)
     serve.set_defaults(func=_serve)
-    for name, help_ in (
-        ("chat", "terminal chat client"),
-        ("bench", "load benchmarks"),
-    ):
-        sp = sub.add_parser(name, help=help_)
-        sp.set_defaults(func=_not_yet)
+    from pigeon.tools import chat
+
+    chat.add_parser(sub)
+    sp = sub.add_parser("bench", help="load benchmarks")
+    sp.set_defaults(func=_not_yet)
 
     admin = sub.add_parser("admin", help="operator and developer tools")
     asub = admin.add_subparsers(dest="admin_command", metavar="ACTION", required=True)
