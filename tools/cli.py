@@ -8,6 +8,7 @@ non-zero exit status (2 for usage errors, 1 for failures).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import orjson
@@ -17,21 +18,9 @@ from pigeon.core.errors import CodecError
 from pigeon.core.tokens import DICTIONARIES, LATEST_VERSION
 from pigeon.core.wire import MAGIC, PREAMBLE_SIZE, PROTOCOL_VERSION
 
-NOT_YET = {
-    "bench": (
-        "the load benchmark is not built yet (it lands with the benchmark issue); "
-        "the codec micro-benchmarks run with: pytest bench/ --benchmark-enable"
-    ),
-}
-
 
 class UsageError(Exception):
     """A command-line mistake: printed as 'pigeon: ...' with exit status 2."""
-
-
-def _not_yet(args) -> int:
-    print(f"pigeon {args.command}: {NOT_YET[args.command]}", file=sys.stderr)
-    return 1
 
 
 def _serve(args) -> int:
@@ -57,6 +46,29 @@ def _admin_gen_cert(args) -> int:
         raise UsageError(f"cannot write to {args.out_dir}: {exc.strerror}") from None
     print(f"wrote {cert} and {key}")
     print(f"serve with: pigeon serve --tls-cert {cert} --tls-key {key}")
+    return 0
+
+
+def _admin_provision(args) -> int:
+    from pigeon.server.provision import provision
+    from pigeon.server.store import Store, StoreError
+
+    try:
+        os.makedirs(args.data_dir, exist_ok=True)
+        store = Store(os.path.join(args.data_dir, "store"))
+    except (OSError, StoreError) as exc:
+        raise UsageError(f"cannot open the store in {args.data_dir}: {exc}") from None
+    try:
+        creds = provision(store, args.count, args.out, prefix=args.prefix,
+                          iterations=args.iterations)  # fmt: skip
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    except OSError as exc:
+        raise UsageError(f"cannot write {args.out}: {exc.strerror}") from None
+    finally:
+        store.close()
+    print(f"provisioned {len(creds)} accounts ({creds[0]['phone']}..{creds[-1]['phone']}); "
+          f"credentials in {args.out}")  # fmt: skip
     return 0
 
 
@@ -171,8 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     from pigeon.tools import chat
 
     chat.add_parser(sub)
-    sp = sub.add_parser("bench", help="load benchmarks")
-    sp.set_defaults(func=_not_yet)
+    from pigeon.bench import harness
+
+    harness.add_parser(sub)
 
     admin = sub.add_parser("admin", help="operator and developer tools")
     asub = admin.add_subparsers(dest="admin_command", metavar="ACTION", required=True)
@@ -219,6 +232,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
     g.add_argument("--force", action="store_true", help="replace existing files")
     g.set_defaults(func=_admin_gen_cert)
+    pv = asub.add_parser(
+        "provision",
+        help="create N accounts directly in the store, for load tools",
+        description="Create N accounts with one device each straight in the store (no codes, "
+        "no SMS) and write their credentials, one JSON object a line, to --out (mode 0600). "
+        "For benchmarks and load tests: the file logs in as those devices.",
+    )
+    pv.add_argument("--count", type=int, required=True, metavar="N")
+    pv.add_argument("--out", required=True, metavar="FILE", help="credentials, JSON lines")
+    pv.add_argument("--data-dir", default="var", help="the server's data directory (default var)")
+    pv.add_argument("--prefix", default="999", help="phone numbers are PREFIX + index, 12 digits")
+    pv.add_argument("--iterations", type=int, default=4096, help="SCRAM PBKDF2 iterations")
+    pv.set_defaults(func=_admin_provision)
     return p
 
 

@@ -1,0 +1,457 @@
+"""``pigeon bench``: load runs against a real server, measured from the OS.
+
+    pigeon bench throughput --clients 1000 --messages 100 --json
+    pigeon bench idle --clients 2000 --json
+
+By default a run starts its own server (``pigeon serve`` in a temporary
+data directory, with the *bench profile*: registration, login and
+per-address limits lifted so the load is not refused, logs at warning),
+provisions the accounts straight into its store, and drives them from
+separate load processes (bench/load.py) so the load generator's CPU is
+never counted as the server's.  ``--target HOST:PORT --server-pid PID``
+measures a server you started instead (its store must hold the accounts:
+``pigeon admin provision``, then ``--creds FILE``).
+
+Server CPU is the user+system time the OS reports for the supervisor and
+every worker (psutil), taken just before the load starts and after the
+last delivery arrived, so logins are not in it.  Memory is sampled every
+0.1 s as the sum over the server's processes; the peak is reported.
+
+Honesty: lost = acknowledged by the server but never handed to a recipient
+application; duplicated = handed to an application twice.  A run that lost
+or duplicated anything says so in its JSON and exits with status 1.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import selectors
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import orjson
+
+#: Settings of the bench profile: what a benchmark must not trip over.
+BENCH_PROFILE = {
+    "register_per_phone": 1_000_000,
+    "register_per_ip": 1_000_000,
+    "login_failures": 1_000_000,
+    "max_connections_per_ip": 1_000_000,
+    "idle_timeout": 3600,
+    "login_timeout": 120,
+    "log_level": "warning",
+}
+
+
+class BenchError(Exception):
+    """The run could not be done; the message says why."""
+
+
+def machine() -> dict:
+    model = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        try:
+            model = subprocess.run(["sysctl", "-n", "hw.model"], capture_output=True,
+                                   text=True, timeout=5).stdout.strip() or model  # fmt: skip
+        except OSError:
+            pass
+    return {
+        "cores": os.cpu_count(),
+        "cpu": model,
+        "os": platform.platform(),
+        "python": platform.python_version(),
+    }
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerUnderTest:
+    """A server this run started (or one given by PID) and its OS-level measurements."""
+
+    def __init__(self, pid: int | None = None, target: str | None = None):
+        import psutil
+
+        self.psutil = psutil
+        self.proc: subprocess.Popen | None = None
+        self.pid = pid
+        self.target = target
+        self.data_dir: str | None = None
+        self._tmp: str | None = None
+        self.peak_rss = 0
+        self._sampling = False
+
+    def start(self, workers: int, extra: dict, creds_count: int, creds_path: str) -> None:
+        from pigeon.server.provision import provision
+        from pigeon.server.store import Store
+
+        self._tmp = tempfile.mkdtemp(prefix="pigeon-bench-")
+        self.data_dir = os.path.join(self._tmp, "data")
+        os.makedirs(self.data_dir)
+        store = Store(os.path.join(self.data_dir, "store"), map_size=4 << 30)
+        try:
+            provision(store, creds_count, creds_path)
+        finally:
+            store.close()
+        port = _free_port()
+        self.target = f"127.0.0.1:{port}"
+        args = [sys.executable, "-m", "pigeon.tools.cli", "serve", "--workers", str(workers),
+                "--listen", self.target, "--data-dir", self.data_dir, "--map-size", str(4 << 30),
+                "--log-format", "json"]  # fmt: skip
+        for k, v in {**BENCH_PROFILE, **extra}.items():
+            args += ["--" + k.replace("_", "-"), str(v)]
+        self.log = open(os.path.join(self._tmp, "server.log"), "wb")
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=self.log,
+                                     stdin=subprocess.DEVNULL)  # fmt: skip
+        self.pid = self.proc.pid
+        sel = selectors.DefaultSelector()
+        sel.register(self.proc.stdout, selectors.EVENT_READ)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if sel.select(0.2):
+                line = self.proc.stdout.readline().decode()
+                if line.startswith("pigeon: serving on"):
+                    return
+                if not line:
+                    break
+        self.stop()
+        raise BenchError("the server did not start; see its log: " + self.log_path())
+
+    def log_path(self) -> str:
+        return os.path.join(self._tmp or "", "server.log")
+
+    def processes(self):
+        root = self.psutil.Process(self.pid)
+        return [root, *root.children(recursive=True)]
+
+    def cpu(self) -> tuple[float, float]:
+        user = system = 0.0
+        for p in self.processes():
+            try:
+                t = p.cpu_times()
+            except self.psutil.NoSuchProcess:
+                continue
+            user += t.user
+            system += t.system
+        return user, system
+
+    def rss(self) -> int:
+        total = 0
+        for p in self.processes():
+            try:
+                total += p.memory_info().rss
+            except self.psutil.NoSuchProcess:
+                pass
+        return total
+
+    def memory(self) -> tuple[int, str]:
+        """(bytes, method): PSS summed over the processes where the OS has it, else RSS."""
+        total, method = 0, "pss"
+        for p in self.processes():
+            try:
+                full = p.memory_full_info()
+                pss = getattr(full, "pss", None)
+                if pss is None:
+                    method = "rss"
+                    total += full.rss
+                else:
+                    total += pss
+            except (self.psutil.NoSuchProcess, self.psutil.AccessDenied):
+                pass
+        return total, method
+
+    def sample_peak(self) -> None:
+        self._sampling = True
+
+        def loop():
+            while self._sampling:
+                try:
+                    self.peak_rss = max(self.peak_rss, self.rss())
+                except Exception:  # a worker between restarts
+                    pass
+                time.sleep(0.1)
+
+        threading.Thread(target=loop, daemon=True).start()
+
+    def stop(self) -> None:
+        self._sampling = False
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+class LoadProc:
+    """One bench/load.py process, spoken to by lines on its stdin and stdout."""
+
+    def __init__(self, args: list[str]):
+        self.proc = subprocess.Popen([sys.executable, "-m", "pigeon.bench.load", *args],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)  # fmt: skip
+        os.set_blocking(self.proc.stdout.fileno(), True)
+
+    def line(self, timeout: float) -> str:
+        sel = selectors.DefaultSelector()
+        sel.register(self.proc.stdout, selectors.EVENT_READ)
+        if not sel.select(timeout):
+            raise BenchError(f"a load process said nothing for {timeout} s")
+        line = self.proc.stdout.readline().decode()
+        if not line:
+            raise BenchError(f"a load process exited (status {self.proc.wait()})")
+        return line.strip()
+
+    def say(self, word: str) -> None:
+        self.proc.stdin.write(word.encode() + b"\n")
+        self.proc.stdin.flush()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+def _percentile(sorted_values: list[int], q: float) -> float | None:
+    if not sorted_values:
+        return None
+    k = min(len(sorted_values) - 1, int(q * len(sorted_values)))
+    return sorted_values[k] / 1000.0  # us -> ms
+
+
+def _split(n: int, parts: int) -> list[tuple[int, int]]:
+    parts = max(1, min(parts, n))
+    step, extra = divmod(n, parts)
+    out, start = [], 0
+    for k in range(parts):
+        end = start + step + (k < extra)
+        out.append((start, end))
+        start = end
+    return out
+
+
+def throughput(opts) -> dict:
+    """Closed-loop load: every client keeps up to ``window`` messages unacked."""
+    server = ServerUnderTest(opts.server_pid, opts.target)
+    tmp = tempfile.mkdtemp(prefix="pigeon-bench-creds-")
+    creds = opts.creds or os.path.join(tmp, "creds.jsonl")
+    loads: list[LoadProc] = []
+    try:
+        if opts.target is None:
+            server.start(opts.workers, {}, opts.clients, creds)
+        for first, last in _split(opts.clients, opts.load_procs):
+            loads.append(LoadProc([
+                "--target", server.target, "--creds", creds, "--first", str(first),
+                "--last", str(last), "--messages", str(opts.messages), "--window",
+                str(opts.window), "--size", str(opts.size), "--seed", str(opts.seed + first),
+            ]))  # fmt: skip
+        for lp in loads:
+            if lp.line(120) != "ready":
+                raise BenchError("a load process failed to log in its clients")
+        server.sample_peak()
+        cpu0 = server.cpu()
+        t0 = time.monotonic()
+        for lp in loads:
+            lp.say("go")
+        acked_total = 0
+        for lp in loads:
+            acked_total += orjson.loads(lp.line(opts.timeout))["sent_done"]
+        # drain: wait until every acked message has arrived, or nothing moves for a while
+        latest = [0] * len(loads)
+        last_change, last_sum = time.monotonic(), -1
+        while True:
+            for k, lp in enumerate(loads):
+                latest[k] = orjson.loads(lp.line(30))["delivered"]
+            total = sum(latest)
+            now = time.monotonic()
+            if total != last_sum:
+                last_sum, last_change = total, now
+            if total >= acked_total or now - last_change > opts.drain_timeout:
+                break
+        elapsed = time.monotonic() - t0
+        cpu1 = server.cpu()
+        peak = server.peak_rss
+        results = []
+        for lp in loads:
+            lp.say("stop")
+            while True:
+                line = lp.line(60)
+                if line.startswith('{"delivered"'):
+                    continue
+                results.append(orjson.loads(line))
+                break
+    finally:
+        for lp in loads:
+            lp.close()
+        if opts.target is None:
+            server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    acked = set()
+    delivered = set()
+    deliveries = 0
+    lat: list[int] = []
+    errors: dict[str, int] = {}
+    for r in results:
+        acked.update(r["acked"])
+        delivered.update(r["delivered"])
+        deliveries += r["deliveries"]
+        lat.extend(r["latencies_us"])
+        for k, v in r["errors"].items():
+            errors[k] = errors.get(k, 0) + v
+    lat.sort()
+    user, system = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
+    n = len(delivered) or 1
+    cpu_s = user + system
+    return {
+        "bench": "throughput",
+        "clients": opts.clients,
+        "messages_per_client": opts.messages,
+        "size": opts.size,
+        "window": opts.window,
+        "workers": opts.workers,
+        "load_processes": len(loads),
+        "sync": None,
+        "receipts": False,
+        "note": "no durable queues yet: --sync has no effect and the server generates no "
+        "delivered receipts; one message here is: send, routing (no store), server ack, push "
+        "to the recipient device, its ack",
+        "profile": "bench" if opts.target is None else "external",
+        "sent": sum(r["sent"] for r in results),
+        "acked": len(acked),
+        "delivered": len(delivered),
+        "lost": len(acked - delivered),
+        "duplicated": deliveries - len(delivered),
+        "redelivered_on_wire": sum(r["redelivered_on_wire"] for r in results),
+        "errors": errors,
+        "elapsed_s": round(elapsed, 3),
+        "server_user_s": round(user, 3),
+        "server_sys_s": round(system, 3),
+        "server_cpu_us_per_msg": round(cpu_s / n * 1e6, 2),
+        "server_user_us_per_msg": round(user / n * 1e6, 2),
+        "msgs_per_s": round(len(delivered) / elapsed, 1),
+        "per_core_msgs_per_s": round(len(delivered) / cpu_s, 1) if cpu_s else None,
+        "p50_ms": _percentile(lat, 0.50),
+        "p99_ms": _percentile(lat, 0.99),
+        "p999_ms": _percentile(lat, 0.999),
+        "server_peak_rss_kib": peak // 1024,
+        "machine": machine(),
+    }
+
+
+def idle(opts) -> dict:
+    """Memory per authenticated idle connection: server memory with N clients minus with none."""
+    server = ServerUnderTest(opts.server_pid, opts.target)
+    tmp = tempfile.mkdtemp(prefix="pigeon-bench-creds-")
+    creds = opts.creds or os.path.join(tmp, "creds.jsonl")
+    loads: list[LoadProc] = []
+    try:
+        if opts.target is None:
+            server.start(opts.workers, {}, opts.clients, creds)
+        time.sleep(1.0)  # let the workers settle after start-up before the baseline
+        before, method = server.memory()
+        for first, last in _split(opts.clients, opts.load_procs):
+            loads.append(LoadProc(["--mode", "idle", "--target", server.target, "--creds", creds,
+                                   "--first", str(first), "--last", str(last)]))  # fmt: skip
+        for lp in loads:
+            if lp.line(300) != "ready":
+                raise BenchError("a load process failed to log in its clients")
+        time.sleep(1.0)
+        after, method = server.memory()
+        for lp in loads:
+            lp.say("stop")
+    finally:
+        for lp in loads:
+            lp.close()
+        if opts.target is None:
+            server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {
+        "bench": "idle",
+        "clients": opts.clients,
+        "workers": opts.workers,
+        "profile": "bench" if opts.target is None else "external",
+        "memory_method": method,
+        "server_memory_before_kib": before // 1024,
+        "server_memory_after_kib": after // 1024,
+        "kib_per_conn": round((after - before) / 1024 / opts.clients, 2),
+        "machine": machine(),
+    }
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="load benchmarks against a real server",
+                       description=__doc__.split("\n\n")[0])  # fmt: skip
+    bsub = p.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
+
+    def common(sp):
+        sp.add_argument("--clients", type=int, default=100, metavar="N")
+        sp.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="server workers (default: one per core)")  # fmt: skip
+        sp.add_argument("--load-procs", type=int, default=1,
+                        help="load-generator processes (default 1)")  # fmt: skip
+        sp.add_argument("--target", metavar="HOST:PORT", help="measure a running server")
+        sp.add_argument("--server-pid", type=int, metavar="PID", help="its supervisor's PID")
+        sp.add_argument("--creds", metavar="FILE", help="credentials from pigeon admin provision")
+        sp.add_argument("--json", action="store_true", help="print exactly one JSON object")
+
+    t = bsub.add_parser("throughput", help="closed-loop 1:1 messages, CPU per message")
+    common(t)
+    t.add_argument("--messages", type=int, default=100, metavar="M", help="per client")
+    t.add_argument("--size", type=int, default=100, metavar="BYTES")
+    t.add_argument("--window", type=int, default=16, metavar="W", help="unacked per client")
+    t.add_argument("--sync", choices=["os", "fsync"], default="os")
+    t.add_argument("--seed", type=int, default=1)
+    t.add_argument("--timeout", type=float, default=600, help="bound on the send phase, s")
+    t.add_argument("--drain-timeout", type=float, default=10,
+                   help="stop waiting for deliveries after this long without progress, s")  # fmt: skip
+    t.set_defaults(func=run, bench=throughput)
+    i = bsub.add_parser("idle", help="memory per authenticated idle connection")
+    common(i)
+    i.set_defaults(func=run, bench=idle)
+
+
+def _human(result: dict) -> str:
+    return "\n".join(f"{k:>26}: {v}" for k, v in result.items() if k != "machine") + (
+        f"\n{'machine':>26}: {result['machine']}"
+    )
+
+
+def run(opts) -> int:
+    if (opts.target is None) != (opts.server_pid is None):
+        print("pigeon bench: --target and --server-pid go together", file=sys.stderr)
+        return 2
+    if opts.target is not None and opts.creds is None:
+        print("pigeon bench: --target needs --creds (from pigeon admin provision)",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    if opts.clients < 2:
+        print("pigeon bench: --clients must be at least 2", file=sys.stderr)
+        return 2
+    try:
+        result = opts.bench(opts)
+    except BenchError as exc:
+        print(f"pigeon bench: {exc}", file=sys.stderr)
+        return 1
+    except ImportError as exc:
+        print(f"pigeon bench: {exc.name} is missing: pip install 'pigeon[bench]'", file=sys.stderr)
+        return 1
+    print(orjson.dumps(result).decode() if opts.json else _human(result))
+    return 1 if result.get("lost") or result.get("duplicated") else 0

@@ -1,0 +1,185 @@
+"""One load-generator process of ``pigeon bench`` (started by bench/harness.py).
+
+It logs in its share of the provisioned devices with the asyncio SDK, says
+``ready`` on stdout, waits for ``go`` on stdin, runs the load, and prints one
+JSON object with what its clients actually sent and received.  It runs in
+its own process so its CPU is never counted as the server's.
+
+Every message body starts with (sender index, message number, send time in
+monotonic ns); CLOCK_MONOTONIC is one clock for every process of the
+machine, so a receiver in another load process can compute the latency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import resource
+import struct
+import sys
+import time
+
+import orjson
+
+from pigeon.client import Client, Credentials, ServerError
+from pigeon.core.events import IncomingMessage
+
+HEADER = struct.Struct("<IIQ")  # sender index, message number, send time (monotonic ns)
+
+
+def raise_open_files(wanted: int) -> tuple[int, bool]:
+    """Raise the soft RLIMIT_NOFILE toward ``wanted``; returns (limit, capped)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    return soft, soft < wanted
+
+
+class Load:
+    def __init__(self, args, creds: list[dict]):
+        self.args = args
+        self.creds = creds  # every provisioned device; this process drives [first, last)
+        self.mine = range(args.first, args.last)
+        self.clients: dict[int, Client] = {}
+        self.latencies_us: list[int] = []
+        self.delivered: set[int] = set()  # sender << 32 | number
+        self.deliveries = 0
+        self.acked: list[int] = []
+        self.errors: dict[str, int] = {}
+        self.redelivered = 0
+
+    async def login_all(self) -> None:
+        host, _, port = self.args.target.rpartition(":")
+        sem = asyncio.Semaphore(64)
+
+        async def one(i: int) -> None:
+            async with sem:
+                c = await Client.connect(host, int(port), timeout=30)
+                await c.login(Credentials(self.creds[i]["device"],
+                                          bytes.fromhex(self.creds[i]["secret"])))  # fmt: skip
+                self.clients[i] = c
+
+        await asyncio.gather(*(one(i) for i in self.mine))
+
+    async def receive(self, i: int) -> None:
+        c = self.clients[i]
+        async for ev in c:
+            if type(ev) is IncomingMessage:
+                now = time.monotonic_ns()
+                sender, number, sent = HEADER.unpack_from(ev.body)
+                self.latencies_us.append((now - sent) // 1000)
+                self.deliveries += 1
+                self.delivered.add(sender << 32 | number)
+                await c.ack(ev.seq)
+
+    async def send(self, i: int, count: int, rng: random.Random) -> None:
+        c = self.clients[i]
+        n_all = len(self.creds)
+        pad = bytes(max(0, self.args.size - HEADER.size))
+        for _ in range(count):
+            peer = rng.randrange(n_all - 1)
+            peer += peer >= i  # anyone but me
+            number = self.next_number[i]
+            self.next_number[i] += 1
+            body = HEADER.pack(i, number, time.monotonic_ns()) + pad
+            try:
+                await c.send(self.creds[peer]["phone"], body)
+                self.acked.append(i << 32 | number)
+            except ServerError as exc:
+                self.errors[exc.name] = self.errors.get(exc.name, 0) + 1
+            except (TimeoutError, ConnectionError) as exc:
+                key = type(exc).__name__
+                self.errors[key] = self.errors.get(key, 0) + 1
+
+    async def throughput(self) -> None:
+        a = self.args
+        self.next_number = dict.fromkeys(self.mine, 0)
+        rng = random.Random(a.seed)
+        tasks = []
+        for i in self.mine:
+            # messages-per-client split over `window` senders: at most `window` unacked
+            share = [a.messages // a.window + (k < a.messages % a.window) for k in range(a.window)]
+            for k in range(a.window):
+                if share[k]:
+                    tasks.append(self.send(i, share[k], random.Random(rng.random())))
+        await asyncio.gather(*tasks)
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        await self.login_all()
+        readers = [loop.create_task(self.receive(i)) for i in self.mine]
+        print("ready", flush=True)
+        go = await loop.run_in_executor(None, sys.stdin.readline)
+        if go.strip() != "go":
+            return
+        t0 = time.monotonic()
+        await self.throughput()
+        sent_s = time.monotonic() - t0
+        print(orjson.dumps({"sent_done": len(self.acked)}).decode(), flush=True)
+        # keep receiving, reporting progress, until the harness has seen everything arrive
+        progress = loop.create_task(self.progress())
+        await loop.run_in_executor(None, sys.stdin.readline)
+        progress.cancel()
+        for r in readers:
+            r.cancel()
+        self.redelivered = sum(c.redelivered for c in self.clients.values())
+        result = {
+            "sent": sum(self.next_number.values()),
+            "acked": self.acked,
+            "delivered": sorted(self.delivered),
+            "deliveries": self.deliveries,
+            "redelivered_on_wire": self.redelivered,
+            "latencies_us": self.latencies_us,
+            "errors": self.errors,
+            "send_seconds": sent_s,
+        }
+        print(orjson.dumps(result).decode(), flush=True)
+        await asyncio.gather(*(c.close() for c in self.clients.values()))
+
+    async def progress(self) -> None:
+        while True:
+            print(orjson.dumps({"delivered": len(self.delivered)}).decode(), flush=True)
+            await asyncio.sleep(0.1)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="pigeon-bench-load")
+    p.add_argument("--target", required=True)
+    p.add_argument("--creds", required=True)
+    p.add_argument("--first", type=int, required=True)
+    p.add_argument("--last", type=int, required=True)
+    p.add_argument("--messages", type=int, default=0, help="per client")
+    p.add_argument("--window", type=int, default=16)
+    p.add_argument("--size", type=int, default=100)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--mode", choices=["throughput", "idle"], default="throughput")
+    args = p.parse_args(argv)
+    from pigeon.server.provision import load_credentials
+
+    creds = load_credentials(args.creds)
+    limit, capped = raise_open_files(args.last - args.first + 64)
+    if capped:
+        print(f"open-files limit {limit} caps this load process", file=sys.stderr)
+    import uvloop
+
+    load = Load(args, creds)
+    if args.mode == "idle":
+        uvloop.run(idle(load))
+    else:
+        uvloop.run(load.run())
+    return 0
+
+
+async def idle(load: Load) -> None:
+    loop = asyncio.get_running_loop()
+    await load.login_all()
+    print("ready", flush=True)
+    await loop.run_in_executor(None, sys.stdin.readline)
+    await asyncio.gather(*(c.close() for c in load.clients.values()))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

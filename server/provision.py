@@ -1,0 +1,64 @@
+"""Create many accounts straight in the store, for load tools and benchmarks.
+
+No one-time codes and no SMS: each account gets one device with a random
+32-byte secret and SCRAM keys derived like a real registration's.  The
+credentials go to a JSON-lines file (``{"phone", "device", "secret"}``,
+secret in hex), created with mode 0600: they log in as those devices.
+An existing account with the same number gets a new device (as a
+re-registration does).
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import orjson
+from scramp import ScramMechanism
+
+from .store import Store
+
+MECHANISM = ScramMechanism("SCRAM-SHA-256")
+
+
+def phone_number(prefix: str, index: int, width: int) -> str:
+    return f"{prefix}{index:0{width}d}"
+
+
+def provision(
+    store: Store,
+    count: int,
+    out_path: str,
+    *,
+    prefix: str = "999",
+    iterations: int = 4096,
+    first: int = 0,
+) -> list[dict]:
+    """Create ``count`` accounts numbered prefix + index; returns their credentials."""
+    width = 12 - len(prefix)
+    if not prefix.isdigit() or width < 5:
+        raise ValueError(f"--prefix must be 1 to 7 digits, got {prefix!r}")
+    if count < 1 or first + count > 10**width:
+        raise ValueError(f"--count must be between 1 and {10**width - first}")
+
+    def derive(i: int):
+        secret = os.urandom(32)
+        keys = MECHANISM.make_auth_info(secret.hex(), iteration_count=iterations)
+        return phone_number(prefix, first + i, width), secret, keys
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        derived = list(pool.map(derive, range(count)))  # PBKDF2 runs outside the GIL
+    creds = []
+    for phone, secret, keys in derived:
+        device, _ = store.register_device(phone, os.urandom(32), keys)
+        creds.append({"phone": phone, "device": device, "secret": secret.hex()})
+    fd = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        for c in creds:
+            f.write(orjson.dumps(c) + b"\n")
+    return creds
+
+
+def load_credentials(path: str) -> list[dict]:
+    with open(path, "rb") as f:
+        return [orjson.loads(line) for line in f if line.strip()]

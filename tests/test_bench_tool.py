@@ -1,0 +1,97 @@
+"""``pigeon admin provision`` and ``pigeon bench`` end to end (tiny loads: a smoke test, not a measurement)."""
+
+import asyncio
+import subprocess
+import sys
+
+import orjson
+import pytest
+from serverutil import Server
+
+from pigeon.client import Credentials
+from pigeon.tools.cli import main
+
+REQUIRED = {
+    "sent", "acked", "delivered", "lost", "duplicated", "redelivered_on_wire", "server_user_s",
+    "server_sys_s", "server_cpu_us_per_msg", "server_user_us_per_msg", "msgs_per_s",
+    "per_core_msgs_per_s", "p50_ms", "p99_ms", "p999_ms", "server_peak_rss_kib", "window",
+    "sync", "receipts", "profile", "machine",
+}  # fmt: skip
+
+
+def pigeon(*args, timeout=240):
+    return subprocess.run([sys.executable, "-m", "pigeon.tools.cli", *args],
+                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+
+
+def test_throughput_json_counts_every_message():
+    proc = pigeon("bench", "throughput", "--clients", "6", "--messages", "25", "--window", "4",
+                  "--workers", "2", "--json")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1  # exactly one JSON object
+    r = orjson.loads(lines[0])
+    assert REQUIRED <= set(r)
+    assert (r["sent"], r["acked"], r["delivered"], r["lost"], r["duplicated"]) == (
+        150,
+        150,
+        150,
+        0,
+        0,
+    )
+    assert r["profile"] == "bench" and r["window"] == 4
+    assert r["server_cpu_us_per_msg"] > 0 and r["p50_ms"] <= r["p99_ms"] <= r["p999_ms"]
+    assert r["machine"]["cores"] >= 1
+
+
+def test_idle_json():
+    proc = pigeon("bench", "idle", "--clients", "20", "--workers", "1", "--json")
+    assert proc.returncode == 0, proc.stderr
+    r = orjson.loads(proc.stdout)
+    assert r["memory_method"] in ("pss", "rss") and r["clients"] == 20
+    assert r["server_memory_after_kib"] > 0
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--target", "127.0.0.1:7650"], "--target and --server-pid go together"),
+        (["--clients", "1"], "--clients must be at least 2"),
+        (["--target", "127.0.0.1:7650", "--server-pid", "1"], "--target needs --creds"),
+    ],
+)
+def test_bench_usage_errors(capsys, args, message):
+    assert main(["bench", "throughput", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_provisioned_devices_log_in(tmp_path, capsys):
+    data = tmp_path / "data"
+    out = tmp_path / "creds.jsonl"
+    assert main(["admin", "provision", "--count", "3", "--out", str(out), "--data-dir", str(data),
+                 "--prefix", "4477"]) == 0  # fmt: skip
+    assert "provisioned 3 accounts" in capsys.readouterr().out
+    assert out.stat().st_mode & 0o777 == 0o600
+    creds = [orjson.loads(line) for line in out.read_text().splitlines()]
+    assert [c["phone"] for c in creds] == ["447700000000", "447700000001", "447700000002"]
+    assert main(["admin", "provision", "--count", "3", "--out", str(out), "--data-dir", str(data),
+                 "--prefix", "12345678"]) == 2  # fmt: skip
+    assert "--prefix must be 1 to 7 digits" in capsys.readouterr().err
+    srv = Server(data, workers=1).start()
+
+    async def login_and_talk():
+        a, b = creds[0], creds[1]
+        ca = await srv.client()
+        cb = await srv.client()
+        await ca.login(Credentials(a["device"], bytes.fromhex(a["secret"])))
+        await cb.login(Credentials(b["device"], bytes.fromhex(b["secret"])))
+        ack = await ca.send(b["phone"], b"provisioned")
+        ev = await cb.next_event(10)
+        assert ev.id == ack.id
+        await ca.close()
+        await cb.close()
+
+    try:
+        asyncio.run(asyncio.wait_for(login_and_talk(), 60))
+    finally:
+        assert srv.stop() == 0
