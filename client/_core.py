@@ -30,16 +30,20 @@ from pigeon.core.events import (
     AuthSuccess,
     CodeSent,
     ConnectionClosed,
+    DeleteAccount,
     Error,
     Hello,
     IncomingMessage,
     IncomingReceipt,
+    Logout,
     Message,
     Ping,
     Pong,
     Receipt,
+    Register,
     Registered,
     ServerAck,
+    Verify,
 )
 
 #: After these the server will not take the device back by reconnecting:
@@ -276,3 +280,131 @@ class ClientCore:
                 outcomes.append(Lost(err))  # the server closes after it
         else:
             outcomes.append(Deliver(ev))
+
+
+class ClientAPI:
+    """The SDK's methods, written once for both drivers.
+
+    A driver supplies ``core`` (a ClientCore), the attributes ``closed``,
+    ``device``, ``_creds`` and ``_live``, ``_wait(key, timeout)`` (flush, then
+    wait for the outcome of ``key``) and ``ack(seq)``.
+    """
+
+    core: ClientCore
+    closed: Exception | None
+    device: str | None
+    _creds: Credentials | None
+    _live: bool
+
+    async def _wait(self, key, timeout: float | None):
+        raise NotImplementedError
+
+    @property
+    def last_seq(self) -> int:
+        """The highest delivery sequence handed to the application."""
+        return self.core.last_seq
+
+    @property
+    def redelivered(self) -> int:
+        """Deliveries dropped because the application had them already."""
+        return self.core.redelivered
+
+    @property
+    def server_hello(self):
+        return self.core.server_hello
+
+    def new_id(self) -> str:
+        return self.core.new_id()
+
+    def _check_open(self) -> None:
+        if self.closed is not None:
+            raise ConnectionLost(str(self.closed))
+        if not self._live:
+            raise ConnectionLost("not connected (reconnecting)")
+
+    async def _request(self, kind: str, rid: str, event, timeout: float | None):
+        self._check_open()
+        return await self._wait(self.core.request(kind, rid, event), timeout)
+
+    async def register(self, phone: str, method: str = "sms", timeout: float = 30.0) -> int:
+        """Ask for a one-time code; returns how many seconds it stays valid."""
+        rid = self.new_id()
+        ev = await self._request(REQ, rid, Register(rid, phone, method), timeout)
+        return ev.ttl
+
+    async def verify(
+        self, phone: str, code: str, identity_key: bytes, timeout: float = 30.0
+    ) -> Credentials:
+        """Prove the code; returns the new device's credentials (keep them secret)."""
+        rid = self.new_id()
+        ev = await self._request(REQ, rid, Verify(rid, phone, code, identity_key), timeout)
+        return Credentials(ev.device, ev.secret)
+
+    async def login(self, creds: Credentials, timeout: float = 30.0) -> int:
+        """SCRAM-SHA-256 login; checks the server's proof. Returns the server time (ms)."""
+        self._check_open()
+        t = await self._login(creds, timeout)
+        self._creds = creds
+        return t
+
+    async def _login(self, creds: Credentials, timeout: float) -> int:
+        scram = ScramLogin(creds)
+        self.core.expect(AUTH, "")
+        self.core.send(scram.first())
+        challenge = await self._wait((AUTH, ""), timeout)
+        self.core.expect(AUTH, "")
+        self.core.send(scram.final(challenge))
+        success = await self._wait((AUTH, ""), timeout)
+        scram.check(success)  # raises if the server is not the one that holds our keys
+        self.device = creds.device
+        return success.t
+
+    async def logout(self, timeout: float = 30.0):
+        """Remove this device from the account for good; the server then closes."""
+        rid = self.new_id()
+        self._creds = None  # nothing to reconnect to
+        return await self._request(LOGOUT, rid, Logout(rid), timeout)
+
+    async def delete_account(self, timeout: float = 30.0):
+        """Delete the account with all its devices; the server then closes."""
+        rid = self.new_id()
+        self._creds = None
+        return await self._request(DELETE, rid, DeleteAccount(rid), timeout)
+
+    async def send(
+        self,
+        to: str,
+        body: bytes,
+        type: str = "text",
+        id: str | None = None,
+        timeout: float | None = 30.0,
+    ) -> ServerAck:
+        """Send and wait for the server's ack (one tick); raises ServerError if refused.
+
+        While a resuming client is reconnecting the message waits and goes
+        out after the next login; retrying the same ``id`` is safe.
+        """
+        if self.closed is not None:
+            raise ConnectionLost(str(self.closed))
+        mid = id or self.new_id()
+        if self._live:
+            key = self.core.message(to, body, type, mid)
+        else:
+            key = self.core.expect(MESSAGE, mid, Message(to, mid, type, body))
+        return await self._wait(key, timeout)
+
+    async def receipt(
+        self, to: str, id: str, type: str = "read", timeout: float | None = 30.0
+    ) -> ServerAck:
+        """Tell ``to`` that its message ``id`` was read (or played); waits for the server's ack."""
+        if self.closed is not None:
+            raise ConnectionLost(str(self.closed))
+        if self._live:
+            key = self.core.receipt(to, id, type)
+        else:
+            key = self.core.expect(RECEIPT, id, Receipt(to, id, type))
+        return await self._wait(key, timeout)
+
+    async def ping(self, timeout: float = 30.0) -> None:
+        pid = self.new_id()
+        await self._request(PONG, pid, Ping(pid), timeout)

@@ -32,32 +32,18 @@ import ssl as _ssl
 from scramp import ScramException
 
 from pigeon.core.events import (
-    DeleteAccount,
     DeviceAck,
-    Logout,
-    Message,
-    Ping,
-    Receipt,
-    Register,
-    Verify,
 )
 
 from ._core import (
-    AUTH,
-    DELETE,
-    LOGOUT,
-    MESSAGE,
-    PONG,
-    RECEIPT,
-    REQ,
     Answer,
+    ClientAPI,
     ClientCore,
     ConnectionLost,
     Credentials,
     Deliver,
     Failure,
     Lost,
-    ScramLogin,
     ServerError,
 )
 
@@ -66,7 +52,7 @@ __all__ = ["Client", "ConnectionLost", "Credentials", "ServerError"]
 READ_SIZE = 65536
 
 
-class Client:
+class Client(ClientAPI):
     """One device's connection (and, with ``reconnect``, its successors)."""
 
     def __init__(
@@ -111,23 +97,6 @@ class Client:
         return client
 
     # -- read-only state ------------------------------------------------------
-
-    @property
-    def last_seq(self) -> int:
-        """The highest delivery sequence handed to the application."""
-        return self.core.last_seq
-
-    @property
-    def redelivered(self) -> int:
-        """Deliveries dropped because the application had them already."""
-        return self.core.redelivered
-
-    @property
-    def server_hello(self):
-        return self.core.server_hello
-
-    def new_id(self) -> str:
-        return self.core.new_id()
 
     # -- connection life -------------------------------------------------------
 
@@ -258,96 +227,7 @@ class Client:
             self._futures.pop(key, None)
             self.core.forget(key)
 
-    def _check_open(self) -> None:
-        if self.closed is not None:
-            raise ConnectionLost(str(self.closed))
-        if not self._live:
-            raise ConnectionLost("not connected (reconnecting)")
-
-    async def _request(self, kind: str, rid: str, event, timeout: float | None):
-        self._check_open()
-        return await self._wait(self.core.request(kind, rid, event), timeout)
-
-    # -- registration and login -------------------------------------------------
-
-    async def register(self, phone: str, method: str = "sms", timeout: float = 30.0) -> int:
-        """Ask for a one-time code; returns how many seconds it stays valid."""
-        rid = self.new_id()
-        ev = await self._request(REQ, rid, Register(rid, phone, method), timeout)
-        return ev.ttl
-
-    async def verify(
-        self, phone: str, code: str, identity_key: bytes, timeout: float = 30.0
-    ) -> Credentials:
-        """Prove the code; returns the new device's credentials (keep them secret)."""
-        rid = self.new_id()
-        ev = await self._request(REQ, rid, Verify(rid, phone, code, identity_key), timeout)
-        return Credentials(ev.device, ev.secret)
-
-    async def login(self, creds: Credentials, timeout: float = 30.0) -> int:
-        """SCRAM-SHA-256 login; checks the server's proof. Returns the server time (ms)."""
-        self._check_open()
-        t = await self._login(creds, timeout)
-        self._creds = creds
-        return t
-
-    async def _login(self, creds: Credentials, timeout: float) -> int:
-        scram = ScramLogin(creds)
-        self.core.expect(AUTH, "")
-        self.core.send(scram.first())
-        challenge = await self._wait((AUTH, ""), timeout)
-        self.core.expect(AUTH, "")
-        self.core.send(scram.final(challenge))
-        success = await self._wait((AUTH, ""), timeout)
-        scram.check(success)  # raises if the server is not the one that holds our keys
-        self.device = creds.device
-        return success.t
-
-    async def logout(self, timeout: float = 30.0):
-        """Remove this device from the account for good; the server then closes."""
-        rid = self.new_id()
-        self._creds = None  # nothing to reconnect to
-        return await self._request(LOGOUT, rid, Logout(rid), timeout)
-
-    async def delete_account(self, timeout: float = 30.0):
-        """Delete the account with all its devices; the server then closes."""
-        rid = self.new_id()
-        self._creds = None
-        return await self._request(DELETE, rid, DeleteAccount(rid), timeout)
-
-    # -- messaging ----------------------------------------------------------------
-
-    async def send(
-        self,
-        to: str,
-        body: bytes,
-        type: str = "text",
-        id: str | None = None,
-        timeout: float | None = 30.0,
-    ):
-        """Send and wait for the server's ack (one tick); raises ServerError if refused.
-
-        While a resuming client is reconnecting the message waits and goes
-        out after the next login; retrying the same ``id`` is safe.
-        """
-        if self.closed is not None:
-            raise ConnectionLost(str(self.closed))
-        mid = id or self.new_id()
-        if self._live:
-            key = self.core.message(to, body, type, mid)
-        else:
-            key = self.core.expect(MESSAGE, mid, Message(to, mid, type, body))
-        return await self._wait(key, timeout)
-
-    async def receipt(self, to: str, id: str, type: str = "read", timeout: float | None = 30.0):
-        """Tell ``to`` that its message ``id`` was read (or played); waits for the server's ack."""
-        if self.closed is not None:
-            raise ConnectionLost(str(self.closed))
-        if self._live:
-            key = self.core.receipt(to, id, type)
-        else:
-            key = self.core.expect(RECEIPT, id, Receipt(to, id, type))
-        return await self._wait(key, timeout)
+    # -- the SDK's methods are in ClientAPI; the ack is the driver's own --------
 
     async def ack(self, seq: int) -> None:
         """Acknowledge every delivery up to and including ``seq``.
@@ -358,10 +238,6 @@ class Client:
         if self._live:
             self.core.send(DeviceAck(seq))
             self._schedule_flush()
-
-    async def ping(self, timeout: float = 30.0) -> None:
-        pid = self.new_id()
-        await self._request(PONG, pid, Ping(pid), timeout)
 
     # -- incoming -------------------------------------------------------------------
 

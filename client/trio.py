@@ -24,32 +24,18 @@ import trio
 from scramp import ScramException
 
 from pigeon.core.events import (
-    DeleteAccount,
     DeviceAck,
-    Logout,
-    Message,
-    Ping,
-    Receipt,
-    Register,
-    Verify,
 )
 
 from ._core import (
-    AUTH,
-    DELETE,
-    LOGOUT,
-    MESSAGE,
-    PONG,
-    RECEIPT,
-    REQ,
     Answer,
+    ClientAPI,
     ClientCore,
     ConnectionLost,
     Credentials,
     Deliver,
     Failure,
     Lost,
-    ScramLogin,
     ServerError,
 )
 
@@ -111,7 +97,7 @@ async def open_client(
             nursery.cancel_scope.cancel()
 
 
-class Client:
+class Client(ClientAPI):
     def __init__(
         self,
         nursery: trio.Nursery,
@@ -143,21 +129,6 @@ class Client:
         self._pump_scope: trio.CancelScope | None = None
         self._live = False
         self._closing = False
-
-    @property
-    def last_seq(self) -> int:
-        return self.core.last_seq
-
-    @property
-    def redelivered(self) -> int:
-        return self.core.redelivered
-
-    @property
-    def server_hello(self):
-        return self.core.server_hello
-
-    def new_id(self) -> str:
-        return self.core.new_id()
 
     # -- connection life -------------------------------------------------------
 
@@ -288,94 +259,12 @@ class Client:
             self._futures.pop(key, None)
             self.core.forget(key)
 
-    def _check_open(self) -> None:
-        if self.closed is not None:
-            raise ConnectionLost(str(self.closed))
-        if not self._live:
-            raise ConnectionLost("not connected (reconnecting)")
-
-    async def _request(self, kind: str, rid: str, event, timeout: float | None):
-        self._check_open()
-        return await self._wait(self.core.request(kind, rid, event), timeout)
-
-    # -- registration and login -------------------------------------------------
-
-    async def register(self, phone: str, method: str = "sms", timeout: float = 30.0) -> int:
-        rid = self.new_id()
-        ev = await self._request(REQ, rid, Register(rid, phone, method), timeout)
-        return ev.ttl
-
-    async def verify(
-        self, phone: str, code: str, identity_key: bytes, timeout: float = 30.0
-    ) -> Credentials:
-        rid = self.new_id()
-        ev = await self._request(REQ, rid, Verify(rid, phone, code, identity_key), timeout)
-        return Credentials(ev.device, ev.secret)
-
-    async def login(self, creds: Credentials, timeout: float = 30.0) -> int:
-        self._check_open()
-        t = await self._login(creds, timeout)
-        self._creds = creds
-        return t
-
-    async def _login(self, creds: Credentials, timeout: float) -> int:
-        scram = ScramLogin(creds)
-        self.core.expect(AUTH, "")
-        self.core.send(scram.first())
-        challenge = await self._wait((AUTH, ""), timeout)
-        self.core.expect(AUTH, "")
-        self.core.send(scram.final(challenge))
-        success = await self._wait((AUTH, ""), timeout)
-        scram.check(success)
-        self.device = creds.device
-        return success.t
-
-    async def logout(self, timeout: float = 30.0):
-        rid = self.new_id()
-        self._creds = None
-        return await self._request(LOGOUT, rid, Logout(rid), timeout)
-
-    async def delete_account(self, timeout: float = 30.0):
-        rid = self.new_id()
-        self._creds = None
-        return await self._request(DELETE, rid, DeleteAccount(rid), timeout)
-
-    # -- messaging ----------------------------------------------------------------
-
-    async def send(
-        self,
-        to: str,
-        body: bytes,
-        type: str = "text",
-        id: str | None = None,
-        timeout: float | None = 30.0,
-    ):
-        if self.closed is not None:
-            raise ConnectionLost(str(self.closed))
-        mid = id or self.new_id()
-        if self._live:
-            key = self.core.message(to, body, type, mid)
-        else:
-            key = self.core.expect(MESSAGE, mid, Message(to, mid, type, body))
-        return await self._wait(key, timeout)
-
-    async def receipt(self, to: str, id: str, type: str = "read", timeout: float | None = 30.0):
-        if self.closed is not None:
-            raise ConnectionLost(str(self.closed))
-        if self._live:
-            key = self.core.receipt(to, id, type)
-        else:
-            key = self.core.expect(RECEIPT, id, Receipt(to, id, type))
-        return await self._wait(key, timeout)
+    # -- the SDK's methods are in ClientAPI; the ack is the driver's own --------
 
     async def ack(self, seq: int) -> None:
         if self._live:
             self.core.send(DeviceAck(seq))
             await self._flush()
-
-    async def ping(self, timeout: float = 30.0) -> None:
-        pid = self.new_id()
-        await self._request(PONG, pid, Ping(pid), timeout)
 
     # -- incoming -------------------------------------------------------------------
 

@@ -144,8 +144,8 @@ class Server:
         finally:
             await c.close()
 
-    async def login(self, creds) -> Client:
-        c = await self.client()
+    async def login(self, creds, **kw) -> Client:
+        c = await self.client(**kw)
         await c.login(creds)
         return c
 
@@ -158,3 +158,15 @@ async def until(predicate, timeout: float = 10.0, interval: float = 0.05):
             return True
         await asyncio.sleep(interval)
     raise AssertionError("condition not met in time")
+
+
+async def on_other_worker(server, creds, phone, than, **kw):
+    """Log in until this device's session is on a different worker than ``than``."""
+    for _ in range(40):
+        c = await server.login(creds, **kw)
+        await until(lambda: creds.device in server.sessions(phone))
+        if server.sessions(phone)[creds.device]["worker"] != than:
+            return c
+        await c.close()
+        await until(lambda: creds.device not in server.sessions(phone))
+    raise AssertionError("could not land on another worker in 40 connections")

@@ -9,7 +9,7 @@ import time
 
 import pytest
 import trio
-from serverutil import Server, until
+from serverutil import Server, on_other_worker, until
 
 from pigeon.client import Client, ConnectionLost, ServerError
 from pigeon.client.trio import open_client
@@ -94,11 +94,11 @@ def test_trio_client_registers_logs_in_and_exchanges(server):
 def test_asyncio_client_resumes_after_its_worker_is_killed(server):
     async def main():
         alice_creds, bob_creds = await server.register(ALICE), await server.register(BOB)
-        alice = await Client.connect("127.0.0.1", server.port, reconnect=True)
-        bob = await Client.connect("127.0.0.1", server.port, reconnect=True)
-        await alice.login(alice_creds)
-        await bob.login(bob_creds)
-        await until(lambda: bob_creds.device in server.sessions(BOB))
+        alice = await server.login(alice_creds)
+        await until(lambda: alice_creds.device in server.sessions(ALICE))
+        a_worker = server.sessions(ALICE)[alice_creds.device]["worker"]
+        # bob on the other worker, so killing his leaves alice online
+        bob = await on_other_worker(server, bob_creds, BOB, a_worker, reconnect=True)
         await alice.send(BOB, b"before")
         first = await bob.next_event(10)
         await bob.ack(first.seq)

@@ -7,7 +7,7 @@ import socket
 import time
 
 import pytest
-from serverutil import Server, until
+from serverutil import Server, on_other_worker, until
 
 from pigeon.client import Client, ServerError
 from pigeon.client.aio import ConnectionLost
@@ -26,18 +26,6 @@ def server(tmp_path):
 
 def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 60))
-
-
-async def on_other_worker(server, creds, phone, than):
-    """Log in until this device's session is on a different worker than ``than``."""
-    for _ in range(40):
-        c = await server.login(creds)
-        await until(lambda: creds.device in server.sessions(phone))
-        if server.sessions(phone)[creds.device]["worker"] != than:
-            return c
-        await c.close()
-        await until(lambda: creds.device not in server.sessions(phone))
-    raise AssertionError("could not land on another worker in 40 connections")
 
 
 def test_two_workers_exchange_messages_both_ways(server):
