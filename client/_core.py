@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import itertools
 import os
+import random
 from dataclasses import dataclass
 
-from scramp import ScramClient
+from scramp import ScramClient, ScramException
 
 from pigeon.core.connection import NEED_DATA, Connection, Role
 from pigeon.core.errors import ErrorCode, RemoteProtocolError, is_fatal
@@ -293,11 +294,115 @@ class ClientAPI:
     core: ClientCore
     closed: Exception | None
     device: str | None
+    reconnect: bool
+    reconnects: int
+    backoff: tuple[float, float]
+    connect_timeout: float
     _creds: Credentials | None
     _live: bool
+    _closing: bool
+
+    #: what a reconnection attempt may fail with and still be retried
+    RETRY_ERRORS: tuple = (OSError, ConnectionLost, TimeoutError, ScramException)
+
+    # -- what a driver supplies --------------------------------------------------
 
     async def _wait(self, key, timeout: float | None):
+        """Flush, then wait for the answer to ``key``."""
         raise NotImplementedError
+
+    async def _open(self) -> None:
+        """Open a connection, ``core.start()`` it, start pumping it."""
+        raise NotImplementedError
+
+    async def _connection_ended(self) -> Exception:
+        """Wait until the current connection is gone; returns why."""
+        raise NotImplementedError
+
+    def _drop_connection(self) -> None:
+        raise NotImplementedError
+
+    async def _sleep(self, seconds: float) -> None:
+        raise NotImplementedError
+
+    async def _flush_now(self) -> None:
+        raise NotImplementedError
+
+    def _push(self, item) -> None:
+        """Hand an event (or the final exception) to the application's iterator."""
+        raise NotImplementedError
+
+    def _settle(self, key, value, error) -> None:
+        """Resolve the waiter of ``key`` with a value or an error."""
+        raise NotImplementedError
+
+    # -- connection life, written once ---------------------------------------------
+
+    def _apply(self, outcomes) -> Exception | None:
+        """Hand the core's outcomes out; returns the reason if the connection is lost."""
+        lost = None
+        for o in outcomes:
+            t = type(o)
+            if t is Deliver:
+                self._push(o.event)
+            elif t is Answer:
+                self._settle(o.key, o.value, None)
+            elif t is Failure:
+                self._settle(o.key, None, o.error)
+            elif t is Lost and lost is None:
+                lost = o.error
+        return lost
+
+    async def _run(self) -> None:
+        """The client's life: wait for each connection to end, reconnect if asked to."""
+        why: Exception = ConnectionLost("closed")
+        try:
+            while True:
+                why = await self._connection_ended()
+                if self._closing or not self.reconnect or self._creds is None:
+                    break
+                if isinstance(why, ServerError) and why.terminal:
+                    break
+                if not await self._reconnect():
+                    why = self.closed or why
+                    break
+        finally:
+            self._finish(why)
+
+    async def _reconnect(self) -> bool:
+        """Reconnect with jittered exponential backoff, log in again, replay; False if for good."""
+        low, high = self.backoff
+        delay = low
+        while not self._closing:
+            await self._sleep(delay * (0.5 + random.random()))
+            delay = min(high, delay * 2)
+            try:
+                await self._open()
+                await self._login(self._creds, self.connect_timeout)
+            except ServerError as exc:
+                self._drop_connection()
+                if exc.terminal:
+                    self.closed = exc
+                    return False
+                continue
+            except self.RETRY_ERRORS:
+                self._drop_connection()
+                continue
+            self.reconnects += 1
+            self._live = True
+            self.core.replay()
+            await self._flush_now()
+            return True
+        return False
+
+    def _finish(self, why: Exception) -> None:
+        self._live = False
+        if self.closed is None:
+            self.closed = why
+        self._apply(self.core.fail_all(ConnectionLost(str(why))))
+        self._push(why)
+
+    # -- the SDK's methods -----------------------------------------------------------
 
     @property
     def last_seq(self) -> int:

@@ -26,24 +26,17 @@ iterator ends and calls raise ``ConnectionLost``.
 from __future__ import annotations
 
 import asyncio
-import random
 import ssl as _ssl
-
-from scramp import ScramException
 
 from pigeon.core.events import (
     DeviceAck,
 )
 
 from ._core import (
-    Answer,
     ClientAPI,
     ClientCore,
     ConnectionLost,
     Credentials,
-    Deliver,
-    Failure,
-    Lost,
     ServerError,
 )
 
@@ -134,76 +127,31 @@ class Client(ClientAPI):
             self._writer.close()
         return why
 
-    async def _run(self) -> None:
-        """The client's life: wait for each connection to end, reconnect if asked to."""
-        why: Exception = ConnectionLost("closed")
-        try:
-            while True:
-                why = await self._pump
-                if self._closing or not self.reconnect or self._creds is None:
-                    break
-                if isinstance(why, ServerError) and why.terminal:
-                    break
-                if not await self._reconnect():
-                    why = self.closed or why
-                    break
-        finally:
-            self._finish(why)
+    async def _connection_ended(self) -> Exception:
+        return await self._pump
 
-    async def _reconnect(self) -> bool:
-        low, high = self.backoff
-        delay = low
-        while not self._closing:
-            await asyncio.sleep(delay * (0.5 + random.random()))
-            delay = min(high, delay * 2)
-            try:
-                await self._open()
-                await self._login(self._creds, self.connect_timeout)
-            except ServerError as exc:
-                self._drop_connection()
-                if exc.terminal:
-                    self.closed = exc
-                    return False
-                continue
-            except (OSError, ConnectionLost, TimeoutError, ScramException):
-                self._drop_connection()
-                continue
-            self.reconnects += 1
-            self._live = True
-            self.core.replay()
-            self._flush()
-            return True
-        return False
+    async def _sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+    async def _flush_now(self) -> None:
+        self._flush()
+
+    def _push(self, item) -> None:
+        self._events.put_nowait(item)
+
+    def _settle(self, key, value, error) -> None:
+        fut = self._futures.get(key)
+        if fut is not None and not fut.done():
+            if error is None:
+                fut.set_result(value)
+            else:
+                fut.set_exception(error)
 
     def _drop_connection(self) -> None:
         if self._writer is not None:
             self._writer.close()
         if self._pump is not None:
             self._pump.cancel()
-
-    def _finish(self, why: Exception) -> None:
-        self._live = False
-        if self.closed is None:
-            self.closed = why
-        self._apply(self.core.fail_all(ConnectionLost(str(why))))
-        self._events.put_nowait(why)
-
-    def _apply(self, outcomes) -> Exception | None:
-        lost = None
-        for o in outcomes:
-            t = type(o)
-            if t is Deliver:
-                self._events.put_nowait(o.event)
-            elif t is Answer or t is Failure:
-                fut = self._futures.get(o.key)
-                if fut is not None and not fut.done():
-                    if t is Answer:
-                        fut.set_result(o.value)
-                    else:
-                        fut.set_exception(o.error)
-            elif t is Lost and lost is None:
-                lost = o.error
-        return lost
 
     # -- output -----------------------------------------------------------------
 

@@ -16,26 +16,20 @@ behaviour (``reconnect=True``) and the errors are those of
 from __future__ import annotations
 
 import math
-import random
 import ssl as _ssl
 from contextlib import asynccontextmanager
 
 import trio
-from scramp import ScramException
 
 from pigeon.core.events import (
     DeviceAck,
 )
 
 from ._core import (
-    Answer,
     ClientAPI,
     ClientCore,
     ConnectionLost,
     Credentials,
-    Deliver,
-    Failure,
-    Lost,
     ServerError,
 )
 
@@ -170,70 +164,28 @@ class Client(ClientAPI):
             await trio.aclose_forcefully(stream)
         done.set(why)
 
-    async def _run(self) -> None:
-        why: Exception = ConnectionLost("closed")
-        try:
-            while True:
-                why = await self._pump_done.wait(None)
-                if self._closing or not self.reconnect or self._creds is None:
-                    break
-                if isinstance(why, ServerError) and why.terminal:
-                    break
-                if not await self._reconnect():
-                    why = self.closed or why
-                    break
-        finally:
-            self._finish(why)
+    RETRY_ERRORS = ClientAPI.RETRY_ERRORS + (trio.TooSlowError,)
 
-    async def _reconnect(self) -> bool:
-        low, high = self.backoff
-        delay = low
-        while not self._closing:
-            await trio.sleep(delay * (0.5 + random.random()))
-            delay = min(high, delay * 2)
-            try:
-                await self._open()
-                await self._login(self._creds, self.connect_timeout)
-            except ServerError as exc:
-                self._drop_connection()
-                if exc.terminal:
-                    self.closed = exc
-                    return False
-                continue
-            except (OSError, ConnectionLost, trio.TooSlowError, TimeoutError, ScramException):
-                self._drop_connection()
-                continue
-            self.reconnects += 1
-            self._live = True
-            self.core.replay()
-            await self._flush()
-            return True
-        return False
+    async def _connection_ended(self) -> Exception:
+        return await self._pump_done.wait(None)
+
+    async def _sleep(self, seconds: float) -> None:
+        await trio.sleep(seconds)
+
+    async def _flush_now(self) -> None:
+        await self._flush()
+
+    def _push(self, item) -> None:
+        self._send_events.send_nowait(item)
+
+    def _settle(self, key, value, error) -> None:
+        fut = self._futures.get(key)
+        if fut is not None:
+            fut.set(value, error)
 
     def _drop_connection(self) -> None:
         if self._pump_scope is not None:
             self._pump_scope.cancel()
-
-    def _finish(self, why: Exception) -> None:
-        self._live = False
-        if self.closed is None:
-            self.closed = why
-        self._apply(self.core.fail_all(ConnectionLost(str(why))))
-        self._send_events.send_nowait(why)
-
-    def _apply(self, outcomes) -> Exception | None:
-        lost = None
-        for o in outcomes:
-            t = type(o)
-            if t is Deliver:
-                self._send_events.send_nowait(o.event)
-            elif t is Answer or t is Failure:
-                fut = self._futures.get(o.key)
-                if fut is not None:
-                    fut.set(o.value if t is Answer else None, o.error if t is Failure else None)
-            elif t is Lost and lost is None:
-                lost = o.error
-        return lost
 
     # -- output -----------------------------------------------------------------
 
