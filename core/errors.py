@@ -42,7 +42,7 @@ class ErrorCode(IntEnum):
     REVOKED = 304
     # 4xx: delivery.
     UNKNOWN_RECIPIENT = 400
-    RECIPIENT_OFFLINE = 401
+    NO_DEVICE = 401
     QUEUE_FULL = 402
     # 5xx: the server's side.
     INTERNAL = 500

@@ -66,6 +66,16 @@ def _choice(*allowed):
     return check
 
 
+def _bool(v):
+    if isinstance(v, bool):
+        return v
+    if str(v).lower() in ("true", "yes", "on", "1"):
+        return True
+    if str(v).lower() in ("false", "no", "off", "0"):
+        return False
+    raise ValueError(f"must be true or false, got {v!r}")
+
+
 def _opt_str(v):
     return None if v in (None, "") else str(v)
 
@@ -169,6 +179,68 @@ OPTIONS: list[Option] = [
         _positive_int,
         "LMDB map size, bytes (the file is sparse; this is the ceiling)",
     ),
+    Option(
+        "sync",
+        "fsync",
+        _choice("fsync", "os"),
+        "durability of each group commit: fsync (survives power loss) or os (the OS "
+        "flushes later: survives a pigeon crash, not a machine crash)",
+    ),
+    Option(
+        "queue_max_count",
+        10_000,
+        _positive_int,
+        "entries one device's queue may hold; past it senders get error 402",
+    ),
+    Option(
+        "queue_max_bytes",
+        64 << 20,
+        _positive_int,
+        "bytes one device's queue may hold; past it senders get error 402",
+    ),
+    Option(
+        "queue_max_age",
+        30 * 86_400,
+        _positive_float,
+        "seconds an entry may wait in a queue before it is purged (30 days)",
+    ),
+    Option(
+        "purge_interval",
+        60.0,
+        _positive_float,
+        "seconds between purges of expired queue entries",
+    ),
+    Option(
+        "dedup_window",
+        86_400,
+        _positive_float,
+        "seconds a message id is remembered per sending device: a retry within it is "
+        "acked again and stored once (kept between 1x and 2x this)",
+    ),
+    Option(
+        "delivery_window",
+        64,
+        _positive_int,
+        "queue entries pushed to a device past its last ack; the rest wait in the store",
+    ),
+    Option(
+        "write_buffer_high",
+        256 << 10,
+        _positive_int,
+        "bytes buffered for a client that is not reading before pushes and reads pause",
+    ),
+    Option(
+        "write_buffer_low",
+        64 << 10,
+        _non_negative_int,
+        "bytes the buffer must drain to before pushes and reads resume",
+    ),
+    Option(
+        "delivered_receipts",
+        True,
+        _bool,
+        "send senders a delivered receipt (two ticks); false only for benchmarks",
+    ),
     Option("log_level", "info", _choice("debug", "info", "warning", "error"), "log level"),
     Option(
         "log_format",
@@ -238,6 +310,8 @@ def load(
                 raise ConfigError(f"{origin}: {name.replace('_', '-')}: {exc}") from None
     if values["tls_key"] and not values["tls_cert"]:
         raise ConfigError("tls-key is set but tls-cert is not: set both, or neither")
+    if values["write_buffer_low"] > values["write_buffer_high"]:
+        raise ConfigError("write-buffer-low must not be above write-buffer-high")
     if values["sms_gateway"] == "webhook" and not values["sms_webhook_url"]:
         raise ConfigError("sms-gateway = webhook needs sms-webhook-url")
     return Config(values)

@@ -14,6 +14,11 @@ Tables (LMDB named databases):
     codes     phone -> {hash, salt, expires, attempts}
     limits    "kind:key" -> [hit times, ms] (sliding-window log, newest last)
     sessions  "phone:n" -> {worker, conn, since}  (which worker holds a device)
+    queue, qstate, dedup0, dedup1, fan: the device queues (server/queues.py)
+
+Format history: 1 (accounts, devices, codes, limits, sessions); 2 adds the
+queue tables.  A format-1 store is upgraded in place at open (the new tables
+start empty); a store newer than this code is refused.
 
 Time comes from an injectable clock (milliseconds), so tests cover expiry
 and windows without sleeping.
@@ -27,8 +32,11 @@ import time
 import lmdb
 import msgpack
 
-FORMAT_VERSION = 1
-_TABLES = ("meta", "accounts", "devices", "codes", "limits", "sessions")
+from .queues import QUEUE_TABLES, drop_device_queue
+
+FORMAT_VERSION = 2
+_UPGRADABLE = (1,)  # formats opened and upgraded in place (only tables were added)
+_TABLES = ("meta", "accounts", "devices", "codes", "limits", "sessions", *QUEUE_TABLES)
 
 
 class StoreError(Exception):
@@ -48,11 +56,32 @@ def _unpack(raw):
 
 
 class Store:
-    def __init__(self, path: str, *, map_size: int = 8 << 30, max_readers: int = 126, clock=now_ms):
+    def __init__(
+        self,
+        path: str,
+        *,
+        map_size: int = 8 << 30,
+        max_readers: int = 126,
+        clock=now_ms,
+        sync: str = "fsync",
+        create: bool = True,
+    ):
+        """``sync``: "fsync" flushes every commit to disk (survives power loss);
+        "os" leaves the flush to the OS (survives a crash of pigeon, not of the
+        machine).  ``create=False``: a missing store is an error, not a new one."""
+        if sync not in ("fsync", "os"):
+            raise ValueError(f"sync must be 'fsync' or 'os', got {sync!r}")
+        if not create and not os.path.exists(os.path.join(path, "data.mdb")):
+            raise StoreError(f"no store in {path} (is --data-dir right?)")
         os.makedirs(path, exist_ok=True)
         try:
             self.env = lmdb.open(
-                path, map_size=map_size, max_dbs=len(_TABLES), max_readers=max_readers, subdir=True
+                path,
+                map_size=map_size,
+                max_dbs=len(_TABLES),
+                max_readers=max_readers,
+                subdir=True,
+                sync=sync == "fsync",
             )
         except lmdb.Error as exc:
             raise StoreError(f"cannot open the store in {path}: {exc}") from None
@@ -60,7 +89,7 @@ class Store:
         self._db = {name: self.env.open_db(name.encode()) for name in _TABLES}
         with self.env.begin(write=True) as txn:
             raw = txn.get(b"format", db=self._db["meta"])
-            if raw is None:
+            if raw is None or int(raw) in _UPGRADABLE:
                 txn.put(b"format", str(FORMAT_VERSION).encode(), db=self._db["meta"])
             elif int(raw) != FORMAT_VERSION:
                 raise StoreError(
@@ -118,6 +147,7 @@ class Store:
                 addr = f"{phone}:{n}"
                 removed.append(addr)
                 self._delete(txn, "devices", addr)
+                drop_device_queue(txn, self._db, addr)
             number = acct["next_device"]
             acct["devices"] = [number]
             acct["next_device"] = number + 1
@@ -138,6 +168,39 @@ class Store:
             )
         return address, removed
 
+    def link_device(self, phone: str, identity_key: bytes, keys: tuple) -> str:
+        """Add a linked device to an existing account (beside its primary); returns its address.
+
+        ``keys`` as for register_device.  Raises StoreError if there is no
+        such account.  (No protocol request links devices yet; the operator
+        and test tooling use this, and every queue path already fans out
+        to all of an account's devices.)
+        """
+        salt, stored_key, server_key, iterations = keys
+        with self.write() as txn:
+            acct = self._get(txn, "accounts", phone)
+            if acct is None:
+                raise StoreError(f"no account {phone}")
+            number = acct["next_device"]
+            acct["devices"].append(number)
+            acct["next_device"] = number + 1
+            address = f"{phone}:{number}"
+            self._put(txn, "accounts", phone, acct)
+            self._put(
+                txn,
+                "devices",
+                address,
+                {
+                    "salt": salt,
+                    "stored_key": stored_key,
+                    "server_key": server_key,
+                    "iterations": iterations,
+                    "identity_key": identity_key,
+                    "created": self.clock(),
+                },
+            )
+        return address
+
     def remove_device(self, address: str) -> bool:
         """Log a device out for good (its keys and session go)."""
         phone, _, n = address.partition(":")
@@ -149,6 +212,7 @@ class Store:
             self._put(txn, "accounts", phone, acct)
             self._delete(txn, "devices", address)
             self._delete(txn, "sessions", address)
+            drop_device_queue(txn, self._db, address)
         return True
 
     def delete_account(self, phone: str) -> list[str]:
@@ -161,23 +225,9 @@ class Store:
             for addr in gone:
                 self._delete(txn, "devices", addr)
                 self._delete(txn, "sessions", addr)
+                drop_device_queue(txn, self._db, addr)
             self._delete(txn, "accounts", phone)
         return gone
-
-    def reserve_seq(self, address: str, block: int) -> int:
-        """Reserve ``block`` sequence numbers for a device; returns the first.
-
-        Sequences only grow: a crash skips the rest of a block, it never
-        reuses one.  The first sequence of a device is 1.
-        """
-        with self.write() as txn:
-            dev = self._get(txn, "devices", address)
-            if dev is None:
-                raise StoreError(f"no device {address}")
-            start = dev.get("seq_reserved", 1)
-            dev["seq_reserved"] = start + block
-            self._put(txn, "devices", address, dev)
-        return start
 
     # -- one-time codes -----------------------------------------------------
 

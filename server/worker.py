@@ -7,18 +7,22 @@ Each connection is a ``Session`` (an asyncio Protocol) driving the sans-IO
 ``Connection``: bytes in, events out, and every frame for the connection
 appended to one output buffer that is written once per loop tick.
 
-Which worker holds which device is in the store's session table.  A message
-to a user goes to each of the user's online devices: straight to the
-session when this worker holds it, else as a ``fwd`` node over the bus to
-the worker that does (Unix sockets between workers, in the supervisor's run
-directory; frames batched per peer and written once per tick).  That worker
-stamps the device's sequence, pushes the message and answers ``fwdres``.
+Store and forward (server/queues.py).  What a worker's connections ask for
+during one loop tick (messages and receipts to store, cumulative device
+acks) is gathered and written in one LMDB write transaction at the end of
+the tick (``Worker.tick``); only after it commits do senders get their
+``ack`` and recipients their entries.  Every delivery comes from the
+device's queue: the committing worker pushes the entries it just stored to
+the devices it holds, and sends a ``push`` node (the finished frame) over
+the bus to the worker that holds any other recipient device (the store's
+session table says which).  Frames for one peer are batched per tick.
 
-Until durable queues exist, the sender's ``ack`` (one tick) means "handed to
-at least one of the recipient's devices"; when none is online, or none could
-be reached within ``FORWARD_TIMEOUT``, the sender gets error 401 instead.
-Per-device sequences are reserved from the store in blocks, so they only
-ever grow, across reconnects and crashes, without a store write per message.
+Flow control.  A session pushes at most ``delivery_window`` entries past
+the device's last ack; the rest stay in LMDB and are read from there as acks
+come (``Session.refill``), which is also how a device's backlog is served
+at login.  When the transport's buffer passes ``write_buffer_high`` the
+session stops pushing and stops reading the client until it drains below
+``write_buffer_low``: a client that does not read cannot grow server memory.
 
 The worker exits by itself when the supervisor goes (the parent-death pipe
 reaches EOF, whatever killed the supervisor), and drains on SIGTERM.
@@ -38,6 +42,7 @@ import sys
 import time
 from collections import Counter
 
+import lmdb
 import orjson
 from scramp import ScramException
 
@@ -54,8 +59,6 @@ from pigeon.core.events import (
     DeleteAccount,
     DeviceAck,
     Error,
-    IncomingMessage,
-    IncomingReceipt,
     Logout,
     Message,
     Ping,
@@ -71,12 +74,16 @@ from pigeon.core.node import DEFAULT_LIMITS, Limits, address_kind
 from . import log
 from .accounts import Accounts, ServiceError, make_gateway
 from .config import load
-from .store import Store, now_ms
+from .queues import FrameEncoder, QueueLimits, Queues, Send
+from .store import Store
+
+# Bytes a delivery frame may add to the payload of the message it carries
+# (from, t, seq in place of to): a message body may be at most
+# max_frame - PAYLOAD_HEADROOM bytes, so its delivery always fits in a frame.
+PAYLOAD_HEADROOM = 256
 
 logger = logging.getLogger("pigeon.worker")
 
-SEQ_BLOCK = 1000
-FORWARD_TIMEOUT = 5.0
 SWEEP_INTERVAL = 1.0
 FULL_LOG_INTERVAL = 10.0
 
@@ -157,9 +164,14 @@ class Session(asyncio.Protocol):
         self.user: str | None = None
         self.scram = None
         self.login_user: str | None = None
-        self.seq_next = self.seq_limit = 0
         self.last_seen = 0.0
         self.deadline = None
+        # delivery: highest seq written to this connection, highest acked,
+        # whether the queue may hold more than was pushed, transport too full
+        self.pushed = 0
+        self.acked = 0
+        self.backlog = False
+        self.paused = False
 
     # -- transport callbacks ----------------------------------------------
 
@@ -169,6 +181,9 @@ class Session(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.ip = peer[0] if peer else "?"
         self.last_seen = w.loop.time()
+        transport.set_write_buffer_limits(
+            high=w.config.write_buffer_high, low=w.config.write_buffer_low
+        )
         self.out += self.conn.initiate()
         w.sessions[self.id] = self
         w.per_ip[self.ip] += 1
@@ -202,6 +217,20 @@ class Session(asyncio.Protocol):
     def eof_received(self):
         self.conn.receive_data(b"")
         return False
+
+    def pause_writing(self) -> None:
+        # The client is not reading: stop pushing, and stop reading what it
+        # sends (its acks and answers would pile up here otherwise).
+        self.paused = True
+        if not self.closing:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        if not self.closing:
+            self.transport.resume_reading()
+            if self.backlog:
+                self.refill()
 
     def connection_lost(self, exc) -> None:
         self.closing = True
@@ -237,7 +266,7 @@ class Session(asyncio.Protocol):
     def _schedule_flush(self) -> None:
         if not self.flush_pending:
             self.flush_pending = True
-            self.worker.loop.call_soon(self._flush)
+            self.worker.dirty(self)
 
     def _flush(self) -> None:
         self.flush_pending = False
@@ -262,13 +291,49 @@ class Session(asyncio.Protocol):
         if self.device is None and not self.closing:
             self.fail(ErrorCode.TIMEOUT, "login not finished in time")
 
-    def next_seq(self) -> int:
-        if self.seq_next >= self.seq_limit:
-            self.seq_next = self.worker.store.reserve_seq(self.device, SEQ_BLOCK)
-            self.seq_limit = self.seq_next + SEQ_BLOCK
-        seq = self.seq_next
-        self.seq_next += 1
-        return seq
+    # -- delivery from the queue --------------------------------------------------
+
+    def offer(self, seq: int, frame) -> None:
+        """An entry just committed to this device's queue: push it if the window allows."""
+        if seq <= self.pushed or self.closing or self.device is None:
+            return
+        if (
+            seq == self.pushed + 1
+            and not self.backlog
+            and not self.paused
+            and seq - self.acked <= self.worker.config.delivery_window
+        ):
+            self.out += frame
+            self.pushed = seq
+            self._schedule_flush()
+            return
+        # Out of order (another worker's commit overtook), window full or
+        # transport full: it is in the queue; read it from there when there is room.
+        self.backlog = True
+        self.refill()
+
+    def refill(self) -> None:
+        """Push queued entries past ``pushed``, as many as the window has room for."""
+        room = self.worker.config.delivery_window - (self.pushed - self.acked)
+        if room <= 0 or self.paused or self.closing or self.device is None:
+            return
+        entries = self.worker.queues.read(self.device, self.pushed, room)
+        for _, frame in entries:
+            self.out += frame
+        if entries:
+            self.pushed = entries[-1][0]
+            self._schedule_flush()
+        self.backlog = len(entries) == room
+
+    def device_ack(self, seq: int) -> None:
+        if seq <= self.acked:
+            return
+        self.acked = seq
+        if seq > self.pushed:
+            self.pushed = seq  # acked from an earlier connection: nothing to push below it
+        self.worker.ack(self.device, seq)
+        if self.backlog:
+            self.refill()
 
     # -- events ---------------------------------------------------------------
 
@@ -278,7 +343,7 @@ class Session(asyncio.Protocol):
         if t is Message:
             w.route(self, ev.to, ev.id, "message", ev.type, ev.body)
         elif t is DeviceAck:
-            pass  # nothing is queued yet: durable queues come with their issue
+            self.device_ack(ev.seq)
         elif t is Receipt:
             w.route(self, ev.to, ev.id, "receipt", ev.type, None)
         elif t is Ping:
@@ -335,7 +400,7 @@ class Session(asyncio.Protocol):
             others = []
         else:
             others = [d for d in w.store.delete_account(self.user) if d != device]
-        self.send(ServerAck(request_id, now_ms(), what))
+        self.send(ServerAck(request_id, w.store.clock(), what))
         self.close_soon()
         for d in others:
             w.revoke(d, ErrorCode.REVOKED, "the account was deleted")
@@ -375,28 +440,15 @@ class Session(asyncio.Protocol):
             log.event(logger, logging.INFO, "login failed", device=self.login_user, ip=self.ip)
             return self.fail(ErrorCode.NOT_AUTHORIZED, "login failed")
         self.scram = None
-        self.send(AuthSuccess(final.encode(), now_ms()))
+        self.send(AuthSuccess(final.encode(), w.store.clock()))
         self.device = self.login_user
         self.user = self.device.partition(":")[0]
         if self.deadline is not None:
             self.deadline.cancel()
             self.deadline = None
         w.attach(self)
-
-
-class Pending:
-    """A message (or receipt) waiting for its recipients' workers to answer."""
-
-    __slots__ = ("session_id", "msg_id", "cls", "t", "waiting", "delivered", "started")
-
-    def __init__(self, session_id, msg_id, cls, t, started):
-        self.session_id = session_id
-        self.msg_id = msg_id
-        self.cls = cls
-        self.t = t
-        self.waiting = 0
-        self.delivered = 0
-        self.started = started
+        self.backlog = True  # serve what waited in the queue
+        self.refill()
 
 
 class Worker:
@@ -414,8 +466,15 @@ class Worker:
         self.sessions: dict[int, Session] = {}
         self.by_device: dict[str, Session] = {}
         self.per_ip: Counter = Counter()
-        self.pending: dict[int, Pending] = {}
-        self.pending_ids = itertools.count(1)
+        self.sends: list[Send] = []
+        self.acks: dict[str, int] = {}
+        self.to_flush: list[Session] = []
+        self.tick_pending = False
+        self.commits = 0
+        self.commit_seconds = 0.0
+        self.next_purge = 0.0
+        self.max_payload = config.max_frame - PAYLOAD_HEADROOM
+        self.queues: Queues | None = None
         self.tasks: set[asyncio.Task] = set()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.store: Store | None = None
@@ -472,75 +531,119 @@ class Worker:
             )
             s.fail(ErrorCode(code), text)
 
+    # -- the tick: one commit, then one write per connection and per peer ----------
+
+    def dirty(self, s: Session) -> None:
+        """``s`` has output; it is written at the end of this tick."""
+        self.to_flush.append(s)
+        self._schedule_tick()
+
+    def _schedule_tick(self) -> None:
+        if not self.tick_pending:
+            self.tick_pending = True
+            self.loop.call_soon(self.tick)
+
+    def tick(self) -> None:
+        self.tick_pending = False
+        if self.sends or self.acks:
+            self.commit()
+        flush, self.to_flush = self.to_flush, []
+        for s in flush:
+            s._flush()
+        self.bus.flush()
+
     # -- routing ------------------------------------------------------------------
 
     def route(self, sender: Session, to: str, msg_id: str, cls: str, typ: str, body) -> None:
+        """Queue a message or a read receipt for storing in this tick's commit."""
         if address_kind(to) != "user":
             sender.send(
                 Error(ErrorCode.BAD_REQUEST, "group messages are not supported yet", msg_id)
             )
             return
-        sessions = self.store.sessions_of(to)
-        if sessions is None:
-            sender.send(Error(ErrorCode.UNKNOWN_RECIPIENT, "not a registered user", msg_id))
-            return
-        t = now_ms()
-        p = Pending(sender.id, msg_id, cls, t, self.loop.time())
-        origin = sender.device if cls == "message" else sender.user
-        for dev, sess in sessions.items():
-            if sess["worker"] == self.index:
-                p.delivered += self.push_local(dev, cls, origin, msg_id, typ, t, body)
-            else:
-                pid = next(self.pending_ids)
-                self.pending[pid] = p
-                p.waiting += 1
-                attrs = {
-                    "w": str(self.index),
-                    "p": str(pid),
-                    "device": dev,
-                    "class": cls,
-                    "from": origin,
-                    "id": msg_id,
-                    "type": typ,
-                    "t": str(t),
-                }
-                self.bus.send(sess["worker"], core_codec.Node("fwd", attrs, body))
-        if p.waiting == 0:
-            self.settle(p)
-
-    def push_local(self, device, cls, origin, msg_id, typ, t, body) -> bool:
-        s = self.by_device.get(device)
-        if s is None or s.closing:
-            return False
-        if cls == "message":
-            s.send(IncomingMessage(origin, msg_id, typ, t, s.next_seq(), body))
-        else:
-            s.send(IncomingReceipt(origin, msg_id, typ, t, s.next_seq()))
-        return True
-
-    def forward_result(self, pid: int, delivered: bool) -> None:
-        p = self.pending.pop(pid, None)
-        if p is None:
-            return
-        p.waiting -= 1
-        p.delivered += delivered
-        if p.waiting == 0:
-            self.settle(p)
-
-    def settle(self, p: Pending) -> None:
-        sender = self.sessions.get(p.session_id)
-        if sender is None:
-            return
-        if p.delivered:
-            sender.send(ServerAck(p.msg_id, p.t, p.cls))
-        else:
+        if body is not None and len(body) > self.max_payload:
             sender.send(
                 Error(
-                    ErrorCode.RECIPIENT_OFFLINE,
-                    "not delivered: no device of the recipient is online",
-                    p.msg_id,
+                    ErrorCode.BAD_REQUEST,
+                    f"payload too large: at most {self.max_payload} bytes",
+                    msg_id,
                 )
             )
+            return
+        self.sends.append(Send(sender.device, cls, msg_id, to, typ, body, sender))
+        self._schedule_tick()
+
+    def ack(self, device: str, seq: int) -> None:
+        """A device acknowledged its queue up to ``seq``: delete in this tick's commit."""
+        if self.acks.get(device, 0) < seq:
+            self.acks[device] = seq
+        self._schedule_tick()
+
+    def commit(self) -> None:
+        """Write this tick's sends and acks in one transaction; then answer and push."""
+        sends, self.sends = self.sends, []
+        acks, self.acks = self.acks, {}
+        started = time.perf_counter()
+        try:
+            pushes = self.queues.commit(sends, acks)
+        except Exception as exc:  # nothing was written: refuse, never ack
+            full = isinstance(exc, lmdb.MapFullError)
+            if full or isinstance(exc, lmdb.Error):
+                log.event(
+                    logger,
+                    logging.ERROR,
+                    "store full: refusing messages" if full else "store write failed",
+                    worker=self.index,
+                    error=str(exc),
+                    hint="raise map-size" if full else None,
+                )
+            else:
+                logger.exception("commit failed")
+            for s in sends:
+                s.error = (ErrorCode.STORE_FULL, "the server cannot store this now; retry later")
+            pushes = []
+            if acks:
+                try:  # acks free space: apply them on their own
+                    pushes = self.queues.commit([], acks)
+                except Exception as exc2:  # kept: the entries are delivered again later
+                    log.event(
+                        logger,
+                        logging.ERROR,
+                        "device acks not applied",
+                        worker=self.index,
+                        error=str(exc2),
+                    )
+        self.commits += 1
+        self.commit_seconds += time.perf_counter() - started
+        for s in sends:
+            sess = s.session
+            if sess.transport is None or sess.closing:
+                continue  # gone: the client retries with the same id and gets the same ack
+            if s.error is None:
+                sess.send(ServerAck(s.id, s.t, s.cls))
+            else:
+                sess.send(Error(s.error[0], s.error[1], s.id))
+        self.deliver(pushes)
+
+    def deliver(self, pushes) -> None:
+        """Hand committed entries to the sessions that hold their devices."""
+        by_device = self.by_device
+        for p in pushes:
+            if p.worker is None:
+                continue  # offline: it waits in the queue
+            if p.worker == self.index:
+                s = by_device.get(p.device)
+                if s is not None:
+                    s.offer(p.seq, p.frame)
+            else:
+                self.bus.send(
+                    p.worker, core_codec.Node("push", {"d": p.device, "s": str(p.seq)}, p.frame)
+                )
+
+    def offer_local(self, device: str, seq: int, frame) -> None:
+        s = self.by_device.get(device)
+        if s is not None:
+            s.offer(seq, frame)
 
     # -- housekeeping -------------------------------------------------------------
 
@@ -552,9 +655,9 @@ class Worker:
             for s in list(self.sessions.values()):
                 if not s.closing and now - s.last_seen > idle:
                     s.fail(ErrorCode.TIMEOUT, "no traffic within the keepalive timeout")
-            for pid, p in list(self.pending.items()):
-                if now - p.started > FORWARD_TIMEOUT:
-                    self.forward_result(pid, False)
+            if self.index == 0 and now >= self.next_purge:
+                self.purge_expired()
+                self.next_purge = now + self.config.purge_interval
             if self.refused_full and now - self.full_logged >= FULL_LOG_INTERVAL:
                 log.event(
                     logger,
@@ -566,6 +669,21 @@ class Worker:
                 )
                 self.refused_full = 0
                 self.full_logged = now
+
+    def purge_expired(self) -> None:
+        """Delete queue entries past queue-max-age, in slices (worker 0 does this)."""
+        start, total = b"", 0
+        while True:
+            try:
+                n, start = self.queues.purge_expired(start)
+            except lmdb.Error as exc:
+                log.event(logger, logging.ERROR, "purge failed", error=str(exc))
+                return
+            total += n
+            if not start:
+                break
+        if total:
+            log.event(logger, logging.INFO, "expired queue entries purged", entries=total)
 
     def size_for_open_files(self) -> None:
         """Raise the open-files limit to its hard maximum and cap connections under it.
@@ -600,6 +718,18 @@ class Worker:
             os.path.join(c.data_dir, "store"),
             map_size=c.map_size,
             max_readers=max(126, 8 * self.count + 16),
+            sync=c.sync,
+        )
+        self.queues = Queues(
+            self.store,
+            QueueLimits(
+                max_count=c.queue_max_count,
+                max_bytes=c.queue_max_bytes,
+                max_age_ms=int(c.queue_max_age * 1000),
+                dedup_window_ms=int(c.dedup_window * 1000),
+            ),
+            FrameEncoder(),
+            receipts=c.delivered_receipts,
         )
         self.store.clear_worker_sessions(self.index)
         self.accounts = Accounts(self.store, c, make_gateway(c))
@@ -675,21 +805,8 @@ class BusPeer(asyncio.Protocol):
         w = self.bus.worker
         while (node := self.reader.next_node(self.bus.codec)) is not None:
             a = node.attrs
-            if node.tag == "fwd":
-                ok = w.push_local(
-                    a["device"],
-                    a["class"],
-                    a["from"],
-                    a["id"],
-                    a["type"],
-                    int(a["t"]),
-                    node.content,
-                )
-                self.bus.send(
-                    int(a["w"]), core_codec.Node("fwdres", {"p": a["p"], "ok": "1" if ok else "0"})
-                )
-            elif node.tag == "fwdres":
-                w.forward_result(int(a["p"]), a["ok"] == "1")
+            if node.tag == "push":
+                w.offer_local(a["d"], int(a["s"]), node.content)
             elif node.tag == "kick":
                 w.kick_local(a["device"], int(a["code"]))
 
@@ -706,7 +823,6 @@ class Bus:
         self.out: dict[int, bytearray] = {}
         self.peers: dict[int, BusPeer] = {}
         self.connecting: set[int] = set()
-        self.flush_pending = False
         self.server = None
 
     def path(self, index: int) -> str:
@@ -719,13 +835,13 @@ class Bus:
         self.server = await self.worker.loop.create_unix_server(lambda: BusPeer(self), path)
 
     def send(self, index: int, node) -> None:
+        """Queue a node for worker ``index``; written at the end of the tick."""
         self.codec.write_frame(self.out.setdefault(index, bytearray()), node)
-        if not self.flush_pending:
-            self.flush_pending = True
-            self.worker.loop.call_soon(self.flush)
+        self.worker._schedule_tick()
 
     def flush(self) -> None:
-        self.flush_pending = False
+        if not self.out:
+            return
         for index, buf in list(self.out.items()):
             peer = self.peers.get(index)
             if peer is not None and peer.transport is not None and not peer.transport.is_closing():
@@ -742,8 +858,8 @@ class Bus:
             )
             self.peers[index] = peer
         except OSError as exc:
-            # The peer worker is down (restarting): what was queued for it is
-            # lost; its senders get 401 when their forwards time out.
+            # The peer worker is down (restarting): its devices' connections
+            # are gone with it; what was queued for them waits in the store.
             log.event(logger, logging.WARNING, "cannot reach worker", worker=index, error=str(exc))
             self.out.pop(index, None)
         finally:

@@ -170,3 +170,14 @@ async def on_other_worker(server, creds, phone, than, **kw):
         await c.close()
         await until(lambda: creds.device not in server.sessions(phone))
     raise AssertionError("could not land on another worker in 40 connections")
+
+
+async def next_message(client, timeout: float = 10.0):
+    """The next message delivered to ``client``; receipts before it are acked and skipped."""
+    from pigeon.core.events import IncomingReceipt
+
+    while True:
+        ev = await client.next_event(timeout)
+        if not isinstance(ev, IncomingReceipt):
+            return ev
+        await client.ack(ev.seq)

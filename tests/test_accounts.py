@@ -144,7 +144,6 @@ def test_sessions(env):
     assert store.sessions_of(PHONE) is None  # no such user
     address, _, _ = register(accounts, tmp_path)
     assert store.sessions_of(PHONE) == {}
-    assert store.reserve_seq(address, 1000) == 1 and store.reserve_seq(address, 1000) == 1001
     store.set_session(address, worker=1, conn=7)
     assert store.sessions_of(PHONE)[address]["worker"] == 1
     store.clear_session(address, worker=1, conn=8)  # not that connection: kept

@@ -7,12 +7,12 @@ import socket
 import time
 
 import pytest
-from serverutil import Server, on_other_worker, until
+from serverutil import Server, next_message, on_other_worker, until
 
 from pigeon.client import Client, ServerError
 from pigeon.client.aio import ConnectionLost
 from pigeon.core.errors import ErrorCode
-from pigeon.core.events import Error, IncomingMessage
+from pigeon.core.events import Error, IncomingMessage, IncomingReceipt
 
 ALICE, BOB, CAROL = "491701234567", "4915112345678", "447700900123"
 
@@ -39,7 +39,7 @@ def test_two_workers_exchange_messages_both_ways(server):
         for i in range(20):
             ack = await alice.send(BOB, f"hi bob {i}".encode())
             assert ack.id and ack.t > 0
-            ev = await bob.next_event(10)
+            ev = await next_message(bob)  # after the receipt for his last message
             assert isinstance(ev, IncomingMessage)
             assert (ev.sender, ev.body, ev.id, ev.t) == (
                 alice_creds.device,
@@ -48,10 +48,15 @@ def test_two_workers_exchange_messages_both_ways(server):
                 ack.t,
             )
             await bob.ack(ev.seq)
-            ack = await bob.send(ALICE, b"hi alice")
+            await bob.send(ALICE, b"hi alice")
+            # bob's ack queued alice a delivered receipt, ahead of his message
+            receipt = await alice.next_event(10)
+            assert isinstance(receipt, IncomingReceipt)
+            assert (receipt.sender, receipt.id, receipt.type) == (BOB, ack.id, "delivered")
             ev = await alice.next_event(10)
             assert ev.sender == bob_creds.device and ev.body == b"hi alice"
-        # sequences per device only grow
+            assert ev.seq == receipt.seq + 1
+            await alice.ack(ev.seq)
         await alice.close()
         await bob.close()
 
@@ -123,16 +128,20 @@ def test_sender_is_set_by_the_server(server):
     run(main())
 
 
-def test_unknown_and_offline_recipients(server):
+def test_unknown_recipient_and_oversized_payload(server):
     async def main():
         alice = await server.login(await server.register(ALICE))
         with pytest.raises(ServerError) as info:
             await alice.send(CAROL, b"x")
         assert info.value.code == ErrorCode.UNKNOWN_RECIPIENT
-        await server.register(BOB)  # registered, not connected
+        await server.register(BOB)
+        # the largest payload whose delivery still fits in a frame, and one byte more
+        limit = (1 << 20) - 256
         with pytest.raises(ServerError) as info:
-            await alice.send(BOB, b"x")
-        assert info.value.code == ErrorCode.RECIPIENT_OFFLINE
+            await alice.send(BOB, b"x" * (limit + 1))
+        assert info.value.code == ErrorCode.BAD_REQUEST and str(limit) in info.value.text
+        await alice.send(BOB, b"x" * limit)
+        await alice.ping()  # the connection goes on
         await alice.close()
 
     run(main())

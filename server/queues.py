@@ -1,0 +1,441 @@
+"""Durable device queues in LMDB: store-and-forward, receipts, dedup, limits.
+
+Theory of operation.  Every device has a FIFO queue in the ``queue`` table,
+keyed ``device + NUL + seq`` (seq a big-endian u64), so one device's entries
+are contiguous and in sequence order.  ``qstate`` keeps, per device, the
+next sequence and the queue's count and bytes (the limits and the operator
+view need them without a scan).  An entry is the finished frame the device
+will receive (encoded with the oldest dictionary version the server accepts:
+tokens are only ever appended, so such a frame decodes under every version)
+plus what the server needs when the device acknowledges it:
+
+    [kind, t, origin, id, fan, frame]
+    kind   0 message, 1 receipt
+    t      server time (ms) the item was accepted
+    origin message: the sending device; receipt: the user it comes from
+    id     the message id
+    fan    message only: True when the recipient user had several devices
+           (then the ``fan`` table holds one record until the first of them acks)
+
+A worker gathers what its connections ask for during one loop tick (messages
+and receipts to store, cumulative device acks) and ``commit`` writes it all
+in one write transaction; only after it commits are server acks sent and
+entries pushed to devices.  A device ack deletes exactly the acknowledged
+entries; for a message entry it queues a ``delivered`` receipt for every
+device of the sender, once per recipient user.
+
+Dedup: (sending device, class, id) -> the ``t`` of the first acceptance, in
+two generations (``dedup0``/``dedup1``): writes go to the current one, lookups
+check both, and when the current one is older than the window the previous
+one is emptied and becomes current.  An id is therefore remembered for at
+least the window and at most twice it.
+
+Time (ms) comes from the store's injectable clock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import msgpack
+
+from pigeon.core import codec as core_codec
+from pigeon.core.errors import ErrorCode
+from pigeon.core.events import IncomingMessage, IncomingReceipt
+from pigeon.core.node import Limits
+from pigeon.core.tokens import DICTIONARIES
+
+QUEUE_TABLES = ("queue", "qstate", "dedup0", "dedup1", "fan")
+
+MESSAGE, RECEIPT = 0, 1
+_CLASS_KIND = {"message": MESSAGE, "receipt": RECEIPT}
+_DEDUP_META = b"dedup"
+
+_packb = msgpack.Packer(use_bin_type=True).pack
+
+
+def _unpackb(raw):
+    return msgpack.unpackb(raw, raw=False, use_list=True)
+
+
+def qprefix(device: str) -> bytes:
+    return device.encode() + b"\x00"
+
+
+def qkey(device: str, seq: int) -> bytes:
+    return device.encode() + b"\x00" + seq.to_bytes(8, "big")
+
+
+@dataclass(frozen=True)
+class QueueLimits:
+    max_count: int = 10_000
+    max_bytes: int = 64 << 20
+    max_age_ms: int = 30 * 86_400_000
+    dedup_window_ms: int = 86_400_000
+
+
+class FrameEncoder:
+    """Builds the frames stored in queues (oldest accepted dictionary; see the module doc)."""
+
+    def __init__(self, max_frame: int = 0xFFFFFF, impl=core_codec):
+        oldest = DICTIONARIES[min(v for v in DICTIONARIES if v > 0)]
+        self._codec = impl.Codec(oldest, Limits(max_frame=max_frame))
+        self._node = impl.Node
+
+    def message(self, origin: str, mid: str, typ: str, t: int, seq: int, body) -> bytes:
+        return self._codec.encode_frame(
+            IncomingMessage(origin, mid, typ, t, seq, body).to_node(self._node)
+        )
+
+    def receipt(self, origin: str, mid: str, typ: str, t: int, seq: int) -> bytes:
+        return self._codec.encode_frame(
+            IncomingReceipt(origin, mid, typ, t, seq).to_node(self._node)
+        )
+
+
+class Send:
+    """A message or client receipt to store; ``commit`` fills in ``t`` or ``error``."""
+
+    __slots__ = ("device", "cls", "id", "to", "type", "body", "t", "error", "session")
+
+    def __init__(self, device, cls, mid, to, typ, body=None, session=None):
+        self.device = device  # the sending device
+        self.cls = cls  # "message" or "receipt"
+        self.id = mid
+        self.to = to  # recipient user
+        self.type = typ
+        self.body = body
+        self.session = session  # the caller's handle, untouched
+        self.t = None
+        self.error: tuple[int, str] | None = None
+
+
+class Push:
+    """An entry committed to a device's queue; ``worker`` holds the device (None: offline)."""
+
+    __slots__ = ("device", "seq", "frame", "worker")
+
+    def __init__(self, device, seq, frame, worker):
+        self.device = device
+        self.seq = seq
+        self.frame = frame
+        self.worker = worker
+
+    def __repr__(self) -> str:
+        return f"Push({self.device!r}, {self.seq}, worker={self.worker})"
+
+
+class _Txn:
+    """One write transaction's working set: cached records, written back once."""
+
+    def __init__(self, q: Queues, txn):
+        self.q = q
+        self.txn = txn
+        self.accounts: dict[str, list | None] = {}
+        self.state: dict[str, list] = {}
+        self.sessions: dict[str, int | None] = {}
+        self.pushes: list[Push] = []
+
+    def devices(self, user: str) -> list[str] | None:
+        try:
+            return self.accounts[user]
+        except KeyError:
+            raw = self.txn.get(user.encode(), db=self.q.db["accounts"])
+            devs = None if raw is None else [f"{user}:{n}" for n in _unpackb(raw)["devices"]]
+            self.accounts[user] = devs
+            return devs
+
+    def qstate(self, device: str) -> list:
+        """[next_seq, count, bytes] (written back at the end of the transaction)."""
+        st = self.state.get(device)
+        if st is None:
+            raw = self.txn.get(device.encode(), db=self.q.db["qstate"])
+            st = [1, 0, 0] if raw is None else _unpackb(raw)
+            self.state[device] = st
+        return st
+
+    def worker_of(self, device: str) -> int | None:
+        try:
+            return self.sessions[device]
+        except KeyError:
+            raw = self.txn.get(device.encode(), db=self.q.db["sessions"])
+            w = None if raw is None else _unpackb(raw)["worker"]
+            self.sessions[device] = w
+            return w
+
+    def enqueue(self, device: str, kind: int, t: int, origin: str, mid: str, fan: bool, frame_of):
+        st = self.qstate(device)
+        seq = st[0]
+        frame = frame_of(seq)
+        value = _packb([kind, t, origin, mid, fan, frame])
+        self.txn.put(qkey(device, seq), value, db=self.q.db["queue"])
+        st[0] = seq + 1
+        st[1] += 1
+        st[2] += len(value)
+        self.pushes.append(Push(device, seq, frame, self.worker_of(device)))
+
+    def flush_state(self) -> None:
+        put = self.txn.put
+        db = self.q.db["qstate"]
+        for device, st in self.state.items():
+            put(device.encode(), _packb(st), db=db)
+
+
+class Queues:
+    """The queue operations over a ``Store``'s environment."""
+
+    # Fixed overhead of a stored entry besides the frame (msgpack header, ids).
+    ENTRY_OVERHEAD = 96
+
+    def __init__(self, store, limits: QueueLimits = QueueLimits(), encoder=None, receipts=True):
+        self.store = store
+        self.env = store.env
+        self.db = store._db
+        self.limits = limits
+        self.encoder = encoder or FrameEncoder()
+        self.receipts = receipts
+        self.clock = store.clock
+
+    # -- the group commit ----------------------------------------------------
+
+    def commit(self, sends: list[Send], acks: dict[str, int]) -> list[Push]:
+        """Store ``sends`` and apply ``acks`` ({device: seq}) in one transaction.
+
+        Each Send gets ``t`` (accepted, possibly earlier: a retry) or
+        ``error`` (code, text).  Returns the entries to push, after commit.
+        Raises lmdb.MapFullError (or another lmdb.Error) with nothing
+        written; the caller answers the senders and may retry the acks alone.
+        """
+        now = self.clock()
+        with self.env.begin(write=True) as txn:
+            w = _Txn(self, txn)
+            cur, prev = self._dedup_tables(txn, now)
+            # acks first: they free queue space, and a device that acked and
+            # then sent sees its delivered receipts queued ahead of its message
+            for device, upto in acks.items():
+                self._ack(w, device, upto, now)
+            for s in sends:
+                self._store_one(w, s, now, cur, prev)
+            w.flush_state()
+        return w.pushes
+
+    def _dedup_tables(self, txn, now: int):
+        meta = self.db["meta"]
+        raw = txn.get(_DEDUP_META, db=meta)
+        if raw is None:
+            gen, started = 0, now
+            txn.put(_DEDUP_META, _packb([gen, started]), db=meta)
+        else:
+            gen, started = _unpackb(raw)
+            if now - started >= self.limits.dedup_window_ms:
+                gen, started = 1 - gen, now
+                txn.drop(self.db[f"dedup{gen}"], delete=False)
+                txn.put(_DEDUP_META, _packb([gen, started]), db=meta)
+        return self.db[f"dedup{gen}"], self.db[f"dedup{1 - gen}"]
+
+    def _store_one(self, w: _Txn, s: Send, now: int, cur, prev) -> None:
+        txn = w.txn
+        dkey = f"{s.device}\x00{s.cls[0]}{s.type if s.cls == 'receipt' else ''}\x00{s.id}".encode()
+        raw = txn.get(dkey, db=cur) or txn.get(dkey, db=prev)
+        if raw is not None:
+            s.t = int.from_bytes(raw, "big")  # a retry: the same ack, stored once
+            return
+        devices = w.devices(s.to)
+        if devices is None:
+            s.error = (ErrorCode.UNKNOWN_RECIPIENT, "not a registered user")
+            return
+        if not devices:
+            s.error = (ErrorCode.NO_DEVICE, "the recipient has no device to deliver to")
+            return
+        lim = self.limits
+        size = self.ENTRY_OVERHEAD + len(s.id) + (len(s.body) if s.body is not None else 0)
+        for d in devices:
+            st = w.qstate(d)
+            if st[1] + 1 > lim.max_count or st[2] + size > lim.max_bytes:
+                s.error = (
+                    ErrorCode.QUEUE_FULL,
+                    f"the recipient's queue is full ({st[1]} items, {st[2]} bytes); retry later",
+                )
+                return
+        enc = self.encoder
+        if s.cls == "message":
+            origin, body, typ, mid = s.device, s.body, s.type, s.id
+            fan = len(devices) > 1
+            for d in devices:
+                w.enqueue(
+                    d, MESSAGE, now, origin, mid, fan,
+                    lambda seq: enc.message(origin, mid, typ, now, seq, body),
+                )  # fmt: skip
+            if fan:
+                txn.put(self._fan_key(origin, mid, s.to), b"", db=self.db["fan"])
+        else:
+            origin, typ, mid = s.device.partition(":")[0], s.type, s.id
+            for d in devices:
+                w.enqueue(
+                    d, RECEIPT, now, origin, mid, False,
+                    lambda seq: enc.receipt(origin, mid, typ, now, seq),
+                )  # fmt: skip
+        txn.put(dkey, now.to_bytes(8, "big"), db=cur)
+        s.t = now
+
+    @staticmethod
+    def _fan_key(origin_device: str, mid: str, to_user: str) -> bytes:
+        return f"{origin_device}\x00{mid}\x00{to_user}".encode()
+
+    def _ack(self, w: _Txn, device: str, upto: int, now: int) -> None:
+        txn = w.txn
+        qdb = self.db["queue"]
+        prefix = qprefix(device)
+        end = qkey(device, upto)
+        st = None
+        user = device.partition(":")[0]
+        with txn.cursor(db=qdb) as c:
+            if not c.set_range(prefix):
+                return
+            while True:
+                key = c.key()
+                if not key.startswith(prefix) or key > end:
+                    break
+                value = c.value()
+                if st is None:
+                    st = w.qstate(device)
+                st[1] -= 1
+                st[2] -= len(value)
+                if self.receipts and value[1] == MESSAGE:
+                    # value[0] is the msgpack array header, value[1] the kind (a fixint)
+                    self._delivered(w, _unpackb(value), user, now)
+                if not c.delete():
+                    break
+        if st is not None and st[1] <= 0:
+            st[1], st[2] = 0, 0
+
+    def _delivered(self, w: _Txn, entry: list, user: str, now: int) -> None:
+        _, _, origin, mid, fan, _ = entry
+        if fan and not w.txn.delete(self._fan_key(origin, mid, user), db=self.db["fan"]):
+            return  # another device of this user acked first
+        sender_devices = w.devices(origin.partition(":")[0])
+        if not sender_devices:
+            return  # the sender's account is gone
+        enc = self.encoder
+        for d in sender_devices:
+            w.enqueue(
+                d, RECEIPT, now, user, mid, False,
+                lambda seq: enc.receipt(user, mid, "delivered", now, seq),
+            )  # fmt: skip
+
+    # -- reading ------------------------------------------------------------------
+
+    def head(self, device: str) -> int:
+        """The next sequence the device's queue will hand out (1 for a new device)."""
+        with self.env.begin() as txn:
+            raw = txn.get(device.encode(), db=self.db["qstate"])
+        return 1 if raw is None else _unpackb(raw)[0]
+
+    def read(self, device: str, after: int, limit: int) -> list[tuple[int, bytes]]:
+        """Up to ``limit`` (seq, frame) entries of the device's queue with seq > ``after``."""
+        out = []
+        prefix = qprefix(device)
+        with self.env.begin() as txn, txn.cursor(db=self.db["queue"]) as c:
+            if not c.set_range(qkey(device, after + 1)):
+                return out
+            for key, value in c:
+                if not key.startswith(prefix) or len(out) >= limit:
+                    break
+                out.append((int.from_bytes(key[-8:], "big"), _unpackb(value)[5]))
+        return out
+
+    # -- housekeeping ---------------------------------------------------------------
+
+    def purge_expired(self, start: bytes = b"", max_devices: int = 500) -> tuple[int, bytes]:
+        """Delete entries older than max_age from up to ``max_devices`` queues.
+
+        Walks ``qstate`` from ``start``; returns (entries purged, where to go
+        on next time, b"" after the last device).  One short write
+        transaction per call, so a big store is purged in slices.
+        """
+        cutoff = self.clock() - self.limits.max_age_ms
+        purged = 0
+        qdb, sdb, fdb = self.db["queue"], self.db["qstate"], self.db["fan"]
+        with self.env.begin(write=True) as txn:
+            sc = txn.cursor(db=sdb)
+            if not sc.set_range(start):
+                return 0, b""
+            updates = []
+            seen = 0
+            nxt = b""
+            for dkey, raw in sc:
+                if seen >= max_devices:
+                    nxt = dkey
+                    break
+                seen += 1
+                st = _unpackb(raw)
+                if st[1] == 0:
+                    continue
+                device = dkey.decode()
+                prefix = qprefix(device)
+                user = device.partition(":")[0]
+                with txn.cursor(db=qdb) as c:
+                    if not c.set_range(prefix):
+                        continue
+                    while c.key().startswith(prefix):
+                        entry = _unpackb(c.value())
+                        if entry[1] >= cutoff:
+                            break
+                        st[1] -= 1
+                        st[2] -= len(c.value())
+                        purged += 1
+                        if entry[0] == MESSAGE and entry[4]:
+                            txn.delete(self._fan_key(entry[2], entry[3], user), db=fdb)
+                        if not c.delete():
+                            break
+                if st[1] <= 0:
+                    st[1], st[2] = 0, 0
+                updates.append((dkey, st))
+            for dkey, st in updates:
+                txn.put(dkey, _packb(st), db=sdb)
+        return purged, nxt
+
+    def stats(self, top: int = 10) -> dict:
+        """Queue lengths, bytes and oldest ages: totals and the ``top`` longest queues."""
+        now = self.clock()
+        devices = []
+        total_count = total_bytes = 0
+        oldest = None
+        with self.env.begin() as txn:
+            qc = txn.cursor(db=self.db["queue"])
+            for dkey, raw in txn.cursor(db=self.db["qstate"]):
+                _, count, size = _unpackb(raw)
+                if count <= 0:
+                    continue
+                device = dkey.decode()
+                first_t = None
+                if qc.set_range(qprefix(device)) and qc.key().startswith(qprefix(device)):
+                    first_t = _unpackb(qc.value())[1]
+                age = None if first_t is None else max(0, now - first_t) / 1000
+                total_count += count
+                total_bytes += size
+                if age is not None and (oldest is None or age > oldest):
+                    oldest = age
+                devices.append({"device": device, "count": count, "bytes": size, "oldest_s": age})
+        devices.sort(key=lambda d: (-d["count"], d["device"]))
+        return {
+            "devices_with_queue": len(devices),
+            "count": total_count,
+            "bytes": total_bytes,
+            "oldest_s": oldest,
+            "top": devices[:top],
+        }
+
+
+def drop_device_queue(txn, db: dict, device: str) -> int:
+    """Delete a device's queue and its state inside ``txn`` (the device is gone); returns items."""
+    prefix = qprefix(device)
+    n = 0
+    with txn.cursor(db=db["queue"]) as c:
+        if c.set_range(prefix):
+            while c.key().startswith(prefix):
+                n += 1
+                if not c.delete():
+                    break
+    txn.delete(device.encode(), db=db["qstate"])
+    return n
