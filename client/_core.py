@@ -8,9 +8,14 @@ queues.  A driver is then only: open a socket, pump bytes, map outcomes.
 
 What survives a reconnect lives here too: the highest delivery sequence
 handed to the application (``last_seq``, so a redelivery after a reconnect
-is dropped, not shown twice) and the messages and receipts sent but not yet
-acknowledged by the server (``inflight``), which a resuming client sends
-again with the same ids after it has logged in again.
+is dropped, not shown twice), the highest one the application acknowledged
+(``acked_seq``: sent again after a re-login, since an ack made while the
+connection was down never reached the server, and sent at once for a
+redelivery of something already acknowledged, so the server's delivery
+window never fills with entries the application will not ack again), and
+the messages and receipts sent but not yet acknowledged by the server
+(``inflight``), which a resuming client sends again with the same ids after
+it has logged in again.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from pigeon.core.events import (
     CodeSent,
     ConnectionClosed,
     DeleteAccount,
+    DeviceAck,
     Error,
     Hello,
     IncomingMessage,
@@ -154,6 +160,9 @@ class ClientCore:
         self.inflight: dict[tuple[str, str], object] = {}
         #: highest delivery sequence handed to the application
         self.last_seq = 0
+        #: highest delivery sequence the application acknowledged
+        self.acked_seq = 0
+        self._reack = False
         #: deliveries dropped because they were seen before
         self.redelivered = 0
         self.server_hello: Hello | None = None
@@ -195,8 +204,18 @@ class ClientCore:
     def receipt(self, to: str, mid: str, type: str) -> tuple[str, str]:
         return self.request(RECEIPT, mid, Receipt(to, mid, type))
 
+    def ack(self, seq: int, live: bool) -> None:
+        """The application acknowledges deliveries up to ``seq`` (sent now if ``live``)."""
+        if seq > self.acked_seq:
+            self.acked_seq = seq
+        if live:
+            self.send(DeviceAck(seq))
+
     def replay(self) -> int:
-        """Send again every message and receipt the server has not acked (after a login)."""
+        """After a re-login: the application's latest ack, then every message and
+        receipt the server has not acked."""
+        if self.acked_seq:
+            self.send(DeviceAck(self.acked_seq))
         for event in self.inflight.values():
             self.send(event)
         return len(self.inflight)
@@ -216,6 +235,9 @@ class ClientCore:
                 outcomes.append(Lost(ConnectionLost(f"protocol error from the server: {err}")))
                 return outcomes
             if ev is NEED_DATA:
+                if self._reack:
+                    self._reack = False
+                    self.send(DeviceAck(self.acked_seq))
                 return outcomes
             if type(ev) is ConnectionClosed:
                 outcomes.append(Lost(ConnectionLost("the server closed the connection")))
@@ -252,6 +274,8 @@ class ClientCore:
         if t is IncomingMessage or t is IncomingReceipt:
             if ev.seq <= self.last_seq:
                 self.redelivered += 1  # seen before: at-least-once on the wire
+                if ev.seq <= self.acked_seq:
+                    self._reack = True  # acked before the connection broke: again
                 return
             self.last_seq = ev.seq
             outcomes.append(Deliver(ev))

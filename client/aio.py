@@ -28,10 +28,6 @@ from __future__ import annotations
 import asyncio
 import ssl as _ssl
 
-from pigeon.core.events import (
-    DeviceAck,
-)
-
 from ._core import (
     ClientAPI,
     ClientCore,
@@ -180,11 +176,12 @@ class Client(ClientAPI):
     async def ack(self, seq: int) -> None:
         """Acknowledge every delivery up to and including ``seq``.
 
-        Not sent while reconnecting: the server then redelivers, and the
-        client drops what it has handed out already.
+        While reconnecting it is remembered and sent after the next login;
+        the server may redeliver meanwhile, and the client drops (and acks
+        again) what it has handed out already.
         """
+        self.core.ack(seq, self._live)
         if self._live:
-            self.core.send(DeviceAck(seq))
             self._schedule_flush()
 
     # -- incoming -------------------------------------------------------------------

@@ -21,10 +21,6 @@ from contextlib import asynccontextmanager
 
 import trio
 
-from pigeon.core.events import (
-    DeviceAck,
-)
-
 from ._core import (
     ClientAPI,
     ClientCore,
@@ -214,8 +210,9 @@ class Client(ClientAPI):
     # -- the SDK's methods are in ClientAPI; the ack is the driver's own --------
 
     async def ack(self, seq: int) -> None:
+        """Acknowledge every delivery up to ``seq`` (remembered across a reconnect)."""
+        self.core.ack(seq, self._live)
         if self._live:
-            self.core.send(DeviceAck(seq))
             await self._flush()
 
     # -- incoming -------------------------------------------------------------------

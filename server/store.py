@@ -86,6 +86,8 @@ class Store:
         except lmdb.Error as exc:
             raise StoreError(f"cannot open the store in {path}: {exc}") from None
         self.clock = clock
+        # Reader slots of processes that died (kill -9) would pin old pages.
+        self.env.reader_check()
         self._db = {name: self.env.open_db(name.encode()) for name in _TABLES}
         with self.env.begin(write=True) as txn:
             raw = txn.get(b"format", db=self._db["meta"])

@@ -125,6 +125,26 @@ class Server:
         finally:
             store.close()
 
+    def queue_stats(self, top: int = 10) -> dict:
+        """The store's queue totals (read straight from LMDB, as `pigeon admin queues` does)."""
+        from pigeon.server.queues import Queues
+
+        store = Store(str(self.data_dir / "store"), map_size=256 << 20, create=False)
+        try:
+            return Queues(store).stats(top)
+        finally:
+            store.close()
+
+    def anon_kib(self) -> int:
+        """Private (anonymous) resident memory of the supervisor and workers, KiB (Linux)."""
+        total = 0
+        for pid in [self.proc.pid, *self.worker_pids()]:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("RssAnon:"):
+                        total += int(line.split()[1])
+        return total
+
     def code_for(self, phone: str) -> str:
         lines = (self.data_dir / "sms-outbox.txt").read_text().splitlines()
         return [ln.split()[1] for ln in lines if ln.split()[0] == phone][-1]

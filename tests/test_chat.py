@@ -29,6 +29,7 @@ class Chat:
         self.sel = selectors.DefaultSelector()
         self.sel.register(self.proc.stdout, selectors.EVENT_READ)
         self.lines: list[str] = []
+        self.partial = b""
 
     def expect(self, text: str, timeout: float = 15.0) -> str:
         deadline = time.monotonic() + timeout
@@ -38,10 +39,13 @@ class Chat:
                     self.lines.remove(line)
                     return line
             if self.sel.select(timeout=0.1):
-                line = self.proc.stdout.readline().decode()
-                if not line:
+                # os.read, not readline: a buffered reader would keep lines the
+                # selector no longer reports as readable
+                data = os.read(self.proc.stdout.fileno(), 65536)
+                if not data:
                     break
-                self.lines.append(line.rstrip("\n"))
+                *done, self.partial = (self.partial + data).split(b"\n")
+                self.lines += [line.decode() for line in done]
         raise AssertionError(f"no line with {text!r}; got {self.lines}; "
                              f"stderr: {self.proc.stderr.read1().decode() if self.proc.poll() is not None else ''}")  # fmt: skip
 

@@ -1,0 +1,374 @@
+"""Store and forward on the real server: offline delivery, acks, retries, limits, crashes.
+
+Real server processes on loopback, the real LMDB store in a temp dir, the
+real SDK.  The crash tests kill -9 a worker, or the whole server, in the
+middle of a load and count at the SDK what every application received.
+"""
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+import time
+from collections import Counter
+
+import pytest
+from serverutil import Server, next_message, until
+
+from pigeon.client import ServerError
+from pigeon.client._core import AUTH, Answer, ClientCore, ScramLogin
+from pigeon.core.errors import ErrorCode
+from pigeon.core.events import IncomingMessage, IncomingReceipt
+
+ALICE, BOB = "491701234567", "4915112345678"
+
+
+def run(coro, timeout=120):
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+def start(tmp_path, **options) -> Server:
+    return Server(tmp_path / "data", workers=2, **options).start()
+
+
+@pytest.fixture
+def server(tmp_path):
+    srv = start(tmp_path, delivery_window=8)
+    yield srv
+    assert srv.stop() == 0, srv.log_text()[-3000:]
+
+
+async def drain_receipts(client, expected_ids, timeout=20.0) -> list:
+    """Ack the delivered receipts for ``expected_ids``; returns them in arrival order."""
+    got = []
+    while len(got) < len(expected_ids):
+        ev = await client.next_event(timeout)
+        assert isinstance(ev, IncomingReceipt), ev
+        got.append(ev.id)
+        await client.ack(ev.seq)
+    return got
+
+
+def test_offline_recipient_gets_everything_in_order_and_acks_empty_the_queue(server):
+    async def main():
+        alice_creds, bob_creds = await server.register(ALICE), await server.register(BOB)
+        alice = await server.login(alice_creds)
+        acks = [await alice.send(BOB, f"offline {i}".encode()) for i in range(50)]
+        stats = server.queue_stats()
+        assert stats["count"] == 50 and stats["top"][0]["device"] == bob_creds.device
+        # bob logs in: the backlog comes in order, 8 at a time (delivery_window = 8)
+        bob = await server.login(bob_creds)
+        seqs = []
+        for i, ack in enumerate(acks):
+            ev = await bob.next_event(10)
+            assert isinstance(ev, IncomingMessage)
+            assert (ev.id, ev.body, ev.t, ev.sender) == (
+                ack.id,
+                f"offline {i}".encode(),
+                ack.t,
+                alice_creds.device,
+            )
+            seqs.append(ev.seq)
+            await bob.ack(ev.seq)
+        assert seqs == sorted(seqs) and len(set(seqs)) == 50
+        # every ack produced one delivered receipt for alice, in the same order
+        assert await drain_receipts(alice, [a.id for a in acks]) == [a.id for a in acks]
+        await until(lambda: server.queue_stats()["count"] == 0)
+        await alice.close()
+        await bob.close()
+
+    run(main())
+
+
+def test_the_window_holds_back_what_was_not_acked(server):
+    async def main():
+        alice = await server.login(await server.register(ALICE))
+        bob = await server.login(await server.register(BOB))
+        for i in range(20):
+            await alice.send(BOB, f"w{i}".encode())
+        got = [await bob.next_event(10) for _ in range(8)]
+        with pytest.raises(TimeoutError):
+            await bob.next_event(0.5)  # the window (8) is full until bob acks
+        await bob.ack(got[3].seq)  # a partial ack opens 4 places
+        got += [await bob.next_event(10) for _ in range(4)]
+        with pytest.raises(TimeoutError):
+            await bob.next_event(0.5)
+        await bob.ack(got[-1].seq)
+        got += [await bob.next_event(10) for _ in range(8)]
+        assert [e.body for e in got] == [f"w{i}".encode() for i in range(20)]
+        await alice.close()
+        await bob.close()
+
+    run(main())
+
+
+def test_a_retried_id_is_acked_again_and_stored_once(server):
+    async def main():
+        alice = await server.login(await server.register(ALICE))
+        bob_creds = await server.register(BOB)
+        first = await alice.send(BOB, b"once", id="retry-1")
+        again = await alice.send(BOB, b"once", id="retry-1")
+        assert (again.id, again.t) == (first.id, first.t)
+        assert server.queue_stats()["count"] == 1
+        bob = await server.login(bob_creds)
+        ev = await bob.next_event(10)
+        assert ev.id == "retry-1"
+        await bob.ack(ev.seq)
+        with pytest.raises(TimeoutError):
+            await bob.next_event(0.5)
+        # after delivery too: the same ack, nothing new stored
+        await drain_receipts(alice, ["retry-1"])
+        assert (await alice.send(BOB, b"once", id="retry-1")).t == first.t
+        with pytest.raises(TimeoutError):
+            await bob.next_event(0.5)
+        await alice.close()
+        await bob.close()
+
+    run(main())
+
+
+def test_read_receipts_are_routed_and_acked(server):
+    async def main():
+        alice = await server.login(await server.register(ALICE))
+        bob = await server.login(await server.register(BOB))
+        ack = await alice.send(BOB, b"read me")
+        ev = await bob.next_event(10)
+        await bob.ack(ev.seq)
+        assert await drain_receipts(alice, [ack.id]) == [ack.id]
+        r = await bob.receipt(ALICE, ack.id, "read")
+        assert r.cls == "receipt" and r.id == ack.id
+        ev = await alice.next_event(10)
+        assert isinstance(ev, IncomingReceipt) and (ev.sender, ev.id, ev.type) == (
+            BOB,
+            ack.id,
+            "read",
+        )
+        await alice.ack(ev.seq)
+        await alice.close()
+        await bob.close()
+
+    run(main())
+
+
+def test_a_full_queue_refuses_with_402_and_loses_nothing(tmp_path):
+    srv = start(tmp_path, queue_max_count=5)
+    try:
+
+        async def main():
+            alice = await srv.login(await srv.register(ALICE))
+            bob_creds = await srv.register(BOB)
+            acks = [await alice.send(BOB, f"q{i}".encode()) for i in range(5)]
+            with pytest.raises(ServerError) as info:
+                await alice.send(BOB, b"one too many", id="late")
+            assert info.value.code == ErrorCode.QUEUE_FULL and "full" in info.value.text
+            bob = await srv.login(bob_creds)
+            for a in acks:
+                ev = await bob.next_event(10)
+                assert ev.id == a.id
+                await bob.ack(ev.seq)
+            await until(lambda: srv.queue_stats()["count"] <= 5)  # (alice's receipts)
+            await alice.send(BOB, b"one too many", id="late")  # room again
+            assert (await next_message(bob)).id == "late"
+            await alice.close()
+            await bob.close()
+
+        run(main())
+    finally:
+        assert srv.stop() == 0
+
+
+def test_expired_entries_are_purged(tmp_path):
+    srv = start(tmp_path, queue_max_age=1, purge_interval=0.2)
+    try:
+
+        async def main():
+            alice = await srv.login(await srv.register(ALICE))
+            bob_creds = await srv.register(BOB)
+            for i in range(3):
+                await alice.send(BOB, f"old {i}".encode())
+            assert srv.queue_stats()["count"] == 3
+            await until(lambda: srv.queue_stats()["count"] == 0, timeout=15)
+            bob = await srv.login(bob_creds)
+            with pytest.raises(TimeoutError):
+                await bob.next_event(0.5)
+            assert "expired queue entries purged" in srv.log_text()
+            await alice.close()
+            await bob.close()
+
+        run(main())
+    finally:
+        assert srv.stop() == 0
+
+
+def raw_login(port: int, creds) -> socket.socket:
+    """A logged-in device on a plain socket that then reads nothing (a stalled phone)."""
+    core = ClientCore()
+    core.start()
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    scram = ScramLogin(creds)
+
+    def step(event):
+        core.expect(AUTH, "")
+        core.send(event)
+        sock.sendall(core.take_output())
+        while True:
+            for o in core.receive(sock.recv(65536)):
+                if isinstance(o, Answer):
+                    return o.value
+
+    challenge = step(scram.first())
+    scram.check(step(scram.final(challenge)))
+    return sock
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads RssAnon from /proc")
+def test_a_recipient_that_does_not_read_leaves_server_memory_bounded(tmp_path):
+    # A window so large it never binds: only the write-buffer water marks hold pushes back.
+    srv = start(
+        tmp_path,
+        delivery_window=100_000,
+        queue_max_bytes=1 << 30,
+        map_size=1 << 30,
+        write_buffer_high=256 << 10,
+        write_buffer_low=64 << 10,
+    )
+    try:
+
+        async def main():
+            alice = await srv.login(await srv.register(ALICE))
+            bob_creds = await srv.register(BOB)
+            stalled = raw_login(srv.port, bob_creds)
+            await until(lambda: bob_creds.device in srv.sessions(BOB))
+            body = os.urandom(128 << 10)
+            await alice.send(BOB, body)  # warm up the paths
+            before = srv.anon_kib()
+            sem = asyncio.Semaphore(16)
+
+            async def one(i):
+                async with sem:
+                    await alice.send(BOB, body, id=f"big{i}")
+
+            await asyncio.gather(*(one(i) for i in range(400)))  # 50 MiB for bob
+            grown = srv.anon_kib() - before
+            assert srv.queue_stats()["count"] == 401  # all stored, none lost
+            print(f"server anonymous memory grew {grown} KiB while 50 MiB waited for bob")
+            assert grown < 24 << 10, f"server memory grew by {grown} KiB"
+            stalled.close()
+            await alice.close()
+
+        run(main())
+    finally:
+        assert srv.stop() == 0
+
+
+# -- crashes in the middle of a load -----------------------------------------------------
+
+SENDERS = RECEIVERS = 4
+PER_SENDER = 750  # 3,000 messages
+
+
+async def crash_load(srv: Server, crash) -> dict:
+    """Senders send to receivers with resuming clients; ``crash()`` runs a third of the way in.
+
+    Returns what the applications saw.  Asserts the contract: every id the
+    server acked reached its recipient's application exactly once, and
+    nothing reached an application that was never sent.
+    """
+    phones_s = [f"49300000{i:04d}" for i in range(SENDERS)]
+    phones_r = [f"49400000{i:04d}" for i in range(RECEIVERS)]
+    creds = {p: await srv.register(p) for p in phones_s + phones_r}
+    clients = {p: await srv.login(creds[p], reconnect=True) for p in creds}
+    total = SENDERS * PER_SENDER
+    acked: dict[str, str] = {}  # id -> recipient phone
+    attempted: set[str] = set()
+    received: dict[str, Counter] = {p: Counter() for p in phones_r}
+    failures: list = []
+
+    async def consume(phone):
+        c = clients[phone]
+        while True:
+            ev = await c.next_event(None)
+            if isinstance(ev, IncomingMessage):
+                received[phone][ev.id] += 1
+            await c.ack(ev.seq)
+
+    async def send_all(i, phone):
+        c = clients[phone]
+        sem = asyncio.Semaphore(16)
+
+        async def one(n):
+            to = phones_r[(i + n) % RECEIVERS]
+            mid = f"s{i}-{n}"
+            attempted.add(mid)
+            async with sem:
+                try:
+                    await c.send(to, os.urandom(100), id=mid, timeout=None)
+                except Exception as exc:  # counted, never as sent
+                    failures.append((mid, repr(exc)))
+                    return
+            acked[mid] = to
+
+        await asyncio.gather(*(one(n) for n in range(PER_SENDER)))
+
+    consumers = [asyncio.ensure_future(consume(p)) for p in phones_s + phones_r]
+    senders = [asyncio.ensure_future(send_all(i, p)) for i, p in enumerate(phones_s)]
+    await until(lambda: len(acked) >= total // 3, timeout=60, interval=0.01)
+    crashed_at = len(acked)
+    await crash()
+    await asyncio.wait_for(asyncio.gather(*senders), 120)
+
+    def all_in():
+        return all(received[to][mid] >= 1 for mid, to in acked.items())
+
+    await until(all_in, timeout=60)
+    await until(lambda: srv.queue_stats()["count"] == 0, timeout=30)  # receipts acked too
+    for c in consumers:
+        c.cancel()
+    redelivered = sum(c.redelivered for c in clients.values())
+    reconnects = sum(c.reconnects for c in clients.values())
+    for c in clients.values():
+        await c.close()
+    seen = Counter()
+    for counter in received.values():
+        seen.update(counter)
+    assert not failures, failures[:5]
+    assert set(acked) == attempted and len(acked) == total
+    assert max(seen.values()) == 1, "an application saw a message twice"
+    assert set(seen) <= attempted
+    assert all(received[to][mid] == 1 for mid, to in acked.items())
+    report = {
+        "sent": total,
+        "acked": len(acked),
+        "acked_before_crash": crashed_at,
+        "delivered_to_apps": sum(seen.values()),
+        "redelivered_on_wire": redelivered,
+        "reconnects": reconnects,
+    }
+    print("crash load:", report)
+    return report
+
+
+def test_kill_9_of_one_worker_in_the_middle_of_a_load(server):
+    async def crash():
+        os.kill(server.worker_pid(0), signal.SIGKILL)
+
+    report = run(crash_load(server, crash), timeout=300)
+    assert report["reconnects"] >= 1
+
+
+def test_kill_9_of_the_whole_server_in_the_middle_of_a_load(tmp_path):
+    srv = start(tmp_path)
+    try:
+
+        async def crash():
+            os.killpg(srv.proc.pid, signal.SIGKILL)
+            srv.proc.wait(10)
+            t = time.monotonic()
+            srv.start()  # same data dir, same port
+            print(f"restarted in {time.monotonic() - t:.2f} s")
+
+        report = run(crash_load(srv, crash), timeout=300)
+        assert report["reconnects"] >= SENDERS + RECEIVERS
+    finally:
+        assert srv.stop() == 0

@@ -1,0 +1,249 @@
+"""Device queues on a real LMDB in a temp dir, with a controllable clock (server/queues.py)."""
+
+import lmdb
+import pytest
+
+from pigeon.core import codec as core_codec
+from pigeon.core.errors import ErrorCode
+from pigeon.core.events import IncomingMessage, IncomingReceipt
+from pigeon.server.queues import FrameEncoder, QueueLimits, Queues, Send
+from pigeon.server.store import FORMAT_VERSION, Store, StoreError
+
+ALICE, BOB, CAROL = "491701234567", "4915112345678", "447700900123"
+KEYS = (b"salt", b"stored", b"server", 4096)
+DAY = 86_400_000
+
+
+class Clock:
+    def __init__(self):
+        self.t = 1_763_830_000_000
+
+    def __call__(self):
+        return self.t
+
+
+@pytest.fixture(params=sorted(core_codec.implementations()))
+def impl(request):
+    return core_codec.implementations()[request.param]
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+@pytest.fixture
+def store(tmp_path, clock):
+    s = Store(str(tmp_path / "store"), map_size=64 << 20, clock=clock, sync="os")
+    yield s
+    s.close()
+
+
+def make_queues(store, impl=core_codec, **limits):
+    return Queues(store, QueueLimits(**limits), FrameEncoder(impl=impl))
+
+
+def user(store, phone) -> str:
+    device, _ = store.register_device(phone, b"i" * 32, KEYS)
+    return device
+
+
+def decode(frame, impl=core_codec):
+    node = impl.Codec().decode(frame[3:])
+    cls = IncomingMessage if node.tag == "message" else IncomingReceipt
+    return cls.from_node(node)
+
+
+def send(q, device, to, mid, body=b"x", cls="message", typ="text"):
+    s = Send(device, cls, mid, to, typ, body if cls == "message" else None)
+    pushes = q.commit([s], {})
+    return s, pushes
+
+
+def test_offline_queue_keeps_order_and_ack_deletes_exactly_that(store, clock, impl):
+    q = make_queues(store, impl)
+    a, b = user(store, ALICE), user(store, BOB)
+    for i in range(5):
+        s, pushes = send(q, a, BOB, f"m{i}", f"body {i}".encode())
+        assert s.error is None and s.t == clock.t
+        assert [(p.device, p.seq, p.worker) for p in pushes] == [(b, i + 1, None)]
+        clock.t += 1
+    entries = q.read(b, 0, 100)
+    assert [seq for seq, _ in entries] == [1, 2, 3, 4, 5]
+    evs = [decode(frame, impl) for _, frame in entries]
+    assert [(e.sender, e.id, e.body, e.seq) for e in evs] == [
+        (a, f"m{i}", f"body {i}".encode(), i + 1) for i in range(5)
+    ]
+    assert [e.t for e in evs] == [clock.t - 5 + i for i in range(5)]
+    assert q.read(b, 2, 2) == entries[2:4]
+    # ack 3: exactly 1..3 go; alice gets three delivered receipts, in order
+    pushes = q.commit([], {b: 3})
+    assert [seq for seq, _ in q.read(b, 0, 100)] == [4, 5]
+    receipts = [decode(p.frame, impl) for p in pushes]
+    assert [
+        (p.device, r.sender, r.id, r.type, r.seq) for p, r in zip(pushes, receipts, strict=True)
+    ] == [(a, BOB, f"m{i}", "delivered", i + 1) for i in range(3)]
+    stats = q.stats()
+    assert stats["count"] == 5 and stats["devices_with_queue"] == 2  # 2 left for bob, 3 for alice
+    assert stats["top"][0]["device"] == a and stats["top"][0]["count"] == 3
+    # acking again, or below, changes nothing; acking past the end empties the queue
+    assert q.commit([], {b: 2}) == []
+    q.commit([], {b: 99})
+    assert q.read(b, 0, 100) == []
+    # sequences keep growing after the queue emptied
+    _, pushes = send(q, a, BOB, "m5")
+    assert pushes[0].seq == 6
+
+
+def test_delivered_receipt_once_per_user_to_every_sender_device(store):
+    q = make_queues(store)
+    a0 = user(store, ALICE)
+    a1 = store.link_device(ALICE, b"j" * 32, KEYS)
+    b0 = user(store, BOB)
+    b1 = store.link_device(BOB, b"j" * 32, KEYS)
+    _, pushes = send(q, a0, BOB, "hello")
+    assert sorted(p.device for p in pushes) == [b0, b1]
+    receipts = q.commit([], {b1: 1})  # the first of bob's devices
+    assert sorted(p.device for p in receipts) == [a0, a1]
+    assert {decode(p.frame).type for p in receipts} == {"delivered"}
+    assert q.commit([], {b0: 1}) == []  # the second: no receipt again
+    assert q.read(b0, 0, 10) == [] and q.read(b1, 0, 10) == []
+
+
+def test_read_receipts_go_to_every_device_of_the_user_and_are_deduplicated(store, clock):
+    q = make_queues(store)
+    a0, b0 = user(store, ALICE), user(store, BOB)
+    a1 = store.link_device(ALICE, b"j" * 32, KEYS)
+    s, pushes = send(q, b0, ALICE, "m1", cls="receipt", typ="read")
+    assert s.error is None and sorted(p.device for p in pushes) == [a0, a1]
+    ev = decode(pushes[0].frame)
+    assert (ev.sender, ev.id, ev.type) == (BOB, "m1", "read")
+    again, pushes = send(q, b0, ALICE, "m1", cls="receipt", typ="read")
+    assert again.t == s.t and pushes == []
+    played, pushes = send(q, b0, ALICE, "m1", cls="receipt", typ="played")
+    assert played.error is None and len(pushes) == 2  # another receipt type is another receipt
+    assert q.commit([], {a0: 99}) == []  # acking a receipt makes no receipt
+
+
+def test_retries_are_stored_once_within_the_dedup_window(store, clock):
+    q = make_queues(store, dedup_window_ms=DAY)
+    a, b = user(store, ALICE), user(store, BOB)
+    first, pushes = send(q, a, BOB, "same")
+    assert len(pushes) == 1
+    clock.t += 1000
+    retry, pushes = send(q, a, BOB, "same")
+    assert retry.error is None and retry.t == first.t and pushes == []
+    # even after the recipient acked and the entry is gone
+    q.commit([], {b: 1})
+    clock.t += DAY - 2000  # still in the first generation
+    assert send(q, a, BOB, "same")[1] == []
+    clock.t += DAY  # a rotation: the id is in the previous generation, still known
+    assert send(q, a, BOB, "same")[1] == []
+    # another device may use the same id
+    c = user(store, CAROL)
+    assert len(send(q, c, BOB, "same")[1]) == 1
+    clock.t += DAY  # a second rotation: forgotten, stored again
+    fresh, pushes = send(q, a, BOB, "same")
+    assert fresh.t == clock.t and len(pushes) == 1
+    # a batch holding the same id twice stores it once
+    s1 = Send(a, "message", "twice", BOB, "text", b"1")
+    s2 = Send(a, "message", "twice", BOB, "text", b"1")
+    pushes = q.commit([s1, s2], {})
+    assert len(pushes) == 1 and s1.t == s2.t
+
+
+def test_unknown_recipient_and_account_without_devices(store):
+    q = make_queues(store)
+    a, b = user(store, ALICE), user(store, BOB)
+    s, pushes = send(q, a, CAROL, "x")
+    assert s.error[0] == ErrorCode.UNKNOWN_RECIPIENT and pushes == []
+    assert store.remove_device(b)
+    s, pushes = send(q, a, BOB, "y")
+    assert s.error[0] == ErrorCode.NO_DEVICE and pushes == []
+    # the error was not remembered: once bob has a device the same id is stored
+    b2 = user(store, BOB)
+    s, pushes = send(q, a, BOB, "y")
+    assert s.error is None and [p.device for p in pushes] == [b2]
+
+
+@pytest.mark.parametrize("limit", ["count", "bytes"])
+def test_a_full_queue_refuses_with_402_and_stores_nothing(store, limit):
+    q = make_queues(store, **({"max_count": 3} if limit == "count" else {"max_bytes": 700}))
+    a, b = user(store, ALICE), user(store, BOB)
+    b1 = store.link_device(BOB, b"j" * 32, KEYS)
+    for i in range(3):
+        assert send(q, a, BOB, f"m{i}", b"x" * 100)[0].error is None
+    # fill only b1 further via acks on b: b has room, b1 does not -> nothing is stored
+    q.commit([], {b: 3})
+    s, pushes = send(q, a, BOB, "m3", b"x" * 100)
+    assert s.error[0] == ErrorCode.QUEUE_FULL and pushes == []
+    assert [seq for seq, _ in q.read(b, 0, 10)] == []
+    q.commit([], {b1: 3})
+    s, pushes = send(q, a, BOB, "m3", b"x" * 100)  # room again, same id: stored now
+    assert s.error is None and len(pushes) == 2
+
+
+def test_expired_entries_are_purged_in_slices(store, clock):
+    q = make_queues(store, max_age_ms=30 * DAY)
+    a = user(store, ALICE)
+    devices = [user(store, f"4930000000{i:02d}") for i in range(3)]
+    for i, d in enumerate(devices):
+        send(q, a, d.partition(":")[0], f"old{i}")
+    clock.t += 10 * DAY
+    send(q, a, devices[0].partition(":")[0], "young")
+    clock.t += 20 * DAY + 1  # the old ones are 30 days + 1 ms old, "young" is 20 days
+    total, start, calls = 0, b"", 0
+    while True:
+        n, start = q.purge_expired(start, max_devices=1)
+        total, calls = total + n, calls + 1
+        if not start:
+            break
+    assert total == 3 and calls >= 3
+    assert [decode(f).id for _, f in q.read(devices[0], 0, 10)] == ["young"]
+    assert q.read(devices[1], 0, 10) == []
+    assert q.stats()["count"] == 1
+
+
+def test_a_full_map_raises_and_writes_nothing(tmp_path, clock):
+    store = Store(str(tmp_path / "small"), map_size=1 << 20, clock=clock, sync="os")
+    q = make_queues(store, max_bytes=1 << 30, max_count=1 << 20)
+    a, b = user(store, ALICE), user(store, BOB)
+    batch = [Send(a, "message", f"m{i}", BOB, "text", b"x" * 4000) for i in range(400)]
+    with pytest.raises(lmdb.MapFullError):
+        q.commit(batch, {})
+    assert q.read(b, 0, 10) == [] and q.stats()["count"] == 0
+    assert send(q, a, BOB, "small")[0].error is None  # a smaller batch still fits
+    store.close()
+
+
+def test_removing_a_device_drops_its_queue(store):
+    q = make_queues(store)
+    a, b = user(store, ALICE), user(store, BOB)
+    send(q, a, BOB, "x")
+    assert store.remove_device(b)
+    assert q.read(b, 0, 10) == [] and q.stats()["count"] == 0
+
+
+def test_receipts_can_be_turned_off(store):
+    q = Queues(store, QueueLimits(), FrameEncoder(), receipts=False)
+    a, b = user(store, ALICE), user(store, BOB)
+    send(q, a, BOB, "x")
+    assert q.commit([], {b: 1}) == [] and q.read(a, 0, 10) == []
+
+
+def test_store_format_is_checked_and_format_1_is_upgraded(tmp_path):
+    path = str(tmp_path / "store")
+    s = Store(path, map_size=8 << 20)
+    with s.write() as txn:
+        txn.put(b"format", b"1", db=s._db["meta"])
+    s.close()
+    s = Store(path, map_size=8 << 20)  # upgraded in place
+    with s.read() as txn:
+        assert int(txn.get(b"format", db=s._db["meta"])) == FORMAT_VERSION
+    with s.write() as txn:
+        txn.put(b"format", str(FORMAT_VERSION + 1).encode(), db=s._db["meta"])
+    s.close()
+    with pytest.raises(StoreError, match=f"format {FORMAT_VERSION + 1}"):
+        Store(path, map_size=8 << 20)
+    with pytest.raises(StoreError, match="no store"):
+        Store(str(tmp_path / "nothing"), create=False)
