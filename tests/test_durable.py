@@ -372,3 +372,45 @@ def test_kill_9_of_the_whole_server_in_the_middle_of_a_load(tmp_path):
         assert report["reconnects"] >= SENDERS + RECEIVERS
     finally:
         assert srv.stop() == 0
+
+
+def admin_queues(data_dir, *args):
+    import subprocess
+
+    return subprocess.run(
+        [sys.executable, "-m", "pigeon.tools.cli", "admin", "queues", "--data-dir",
+         str(data_dir), *args],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+def test_admin_queues_reads_the_store_with_the_server_up_or_down(tmp_path):
+    import json
+
+    srv = start(tmp_path)
+    try:
+
+        async def main():
+            alice = await srv.login(await srv.register(ALICE))
+            bob_creds = await srv.register(BOB)
+            for i in range(7):
+                await alice.send(BOB, b"x" * 100, id=f"q{i}")
+            await alice.close()
+            return bob_creds
+
+        bob_creds = run(main())
+        up = admin_queues(srv.data_dir, "--json")
+        assert up.returncode == 0, up.stderr
+        stats = json.loads(up.stdout)
+        assert stats["count"] == 7 and stats["devices_with_queue"] == 1
+        assert stats["top"][0]["device"] == bob_creds.device and stats["top"][0]["count"] == 7
+        assert stats["top"][0]["bytes"] > 700 and stats["oldest_s"] >= 0
+        assert 0 < stats["store_used_bytes"] <= stats["map_size"]
+    finally:
+        assert srv.stop() == 0
+    down = admin_queues(srv.data_dir, "--top", "5")
+    assert down.returncode == 0, down.stderr
+    assert down.stdout.startswith("7 queued entries") and bob_creds.device in down.stdout
+    wrong = admin_queues(tmp_path / "nowhere")
+    assert wrong.returncode == 2 and "no store in" in wrong.stderr and "--data-dir" in wrong.stderr
+    assert not (tmp_path / "nowhere").exists()

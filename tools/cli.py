@@ -72,6 +72,60 @@ def _admin_provision(args) -> int:
     return 0
 
 
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _age(seconds) -> str:
+    if seconds is None:
+        return "-"
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.0f} s"
+
+
+def _admin_queues(args) -> int:
+    from pigeon.server.queues import Queues
+    from pigeon.server.store import Store, StoreError
+
+    if args.top < 0:
+        raise UsageError("--top must be 0 or more")
+    path = os.path.join(args.data_dir, "store")
+    try:
+        # create=False: a wrong --data-dir is an error, not a new empty store
+        store = Store(path, create=False)
+    except StoreError as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        stats = Queues(store).stats(args.top)
+        info, stat = store.env.info(), store.env.stat()
+        stats["store_used_bytes"] = (info["last_pgno"] + 1) * stat["psize"]
+        stats["map_size"] = info["map_size"]
+    finally:
+        store.close()
+    if args.json:
+        sys.stdout.buffer.write(orjson.dumps(stats) + b"\n")
+        return 0
+    print(
+        f"{stats['count']} queued entries ({_size(stats['bytes'])}) for "
+        f"{stats['devices_with_queue']} devices; oldest {_age(stats['oldest_s'])}; "
+        f"store {_size(stats['store_used_bytes'])} of {_size(stats['map_size'])} map"
+    )
+    if stats["top"]:
+        print(f"{'device':<24} {'entries':>9} {'bytes':>11} {'oldest':>9}")
+        for d in stats["top"]:
+            print(
+                f"{d['device']:<24} {d['count']:>9} {_size(d['bytes']):>11} "
+                f"{_age(d['oldest_s']):>9}"
+            )
+    return 0
+
+
 def _dictionary(version: int):
     d = DICTIONARIES.get(version)
     if d is None or version == 0:
@@ -245,6 +299,16 @@ def build_parser() -> argparse.ArgumentParser:
     pv.add_argument("--prefix", default="999", help="phone numbers are PREFIX + index, 12 digits")
     pv.add_argument("--iterations", type=int, default=4096, help="SCRAM PBKDF2 iterations")
     pv.set_defaults(func=_admin_provision)
+    q = asub.add_parser(
+        "queues",
+        help="queue lengths, bytes and oldest ages, longest queues first",
+        description="Queue totals and the devices with the longest queues, read straight from "
+        "the LMDB store: works with the server running or stopped.",
+    )
+    q.add_argument("--data-dir", default="var", help="the server's data directory (default var)")
+    q.add_argument("--top", type=int, default=10, metavar="N", help="devices listed (default 10)")
+    q.add_argument("--json", action="store_true", help="one JSON object")
+    q.set_defaults(func=_admin_queues)
     return p
 
 
