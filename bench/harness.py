@@ -256,7 +256,12 @@ def throughput(opts) -> dict:
     loads: list[LoadProc] = []
     try:
         if opts.target is None:
-            server.start(opts.workers, {}, opts.clients, creds)
+            server.start(
+                opts.workers,
+                {"sync": opts.sync, "delivered_receipts": not opts.no_receipts},
+                opts.clients,
+                creds,
+            )
         for first, last in _split(opts.clients, opts.load_procs):
             loads.append(LoadProc([
                 "--target", server.target, "--creds", creds, "--first", str(first),
@@ -274,17 +279,24 @@ def throughput(opts) -> dict:
         acked_total = 0
         for lp in loads:
             acked_total += orjson.loads(lp.line(opts.timeout))["sent_done"]
-        # drain: wait until every acked message has arrived, or nothing moves for a while
-        latest = [0] * len(loads)
-        last_change, last_sum = time.monotonic(), -1
+        # drain: wait until every acked message has arrived (and its delivered
+        # receipt, unless --no-receipts), or nothing moves for a while
+        want_receipts = opts.target is None and not opts.no_receipts
+        latest = [(0, 0)] * len(loads)
+        last_change, last_sum = time.monotonic(), None
         while True:
             for k, lp in enumerate(loads):
-                latest[k] = orjson.loads(lp.line(30))["delivered"]
-            total = sum(latest)
+                p = orjson.loads(lp.line(30))
+                latest[k] = (p["delivered"], p["receipts"])
+            delivered_now = sum(d for d, _ in latest)
+            receipts_now = sum(r for _, r in latest)
             now = time.monotonic()
-            if total != last_sum:
-                last_sum, last_change = total, now
-            if total >= acked_total or now - last_change > opts.drain_timeout:
+            if (delivered_now, receipts_now) != last_sum:
+                last_sum, last_change = (delivered_now, receipts_now), now
+            done = delivered_now >= acked_total and (
+                not want_receipts or receipts_now >= acked_total
+            )
+            if done or now - last_change > opts.drain_timeout:
                 break
         elapsed = time.monotonic() - t0
         cpu1 = server.cpu()
@@ -328,11 +340,17 @@ def throughput(opts) -> dict:
         "window": opts.window,
         "workers": opts.workers,
         "load_processes": len(loads),
-        "sync": None,
-        "receipts": False,
-        "note": "no durable queues yet: --sync has no effect and the server generates no "
-        "delivered receipts; one message here is: send, routing (no store), server ack, push "
-        "to the recipient device, its ack",
+        "sync": opts.sync if opts.target is None else "external",
+        "receipts": not opts.no_receipts,
+        "note": "one message: the send, its durable store in the recipient device's queue "
+        "(one group commit per worker tick), the server ack, the push to the recipient "
+        "device, that device's ack, the deletion"
+        + (
+            ""
+            if opts.no_receipts
+            else ", the delivered receipt queued for the sender, "
+            "pushed, and acked by the sender's device"
+        ),
         "profile": "bench" if opts.target is None else "external",
         "sent": sum(r["sent"] for r in results),
         "acked": len(acked),
@@ -340,6 +358,11 @@ def throughput(opts) -> dict:
         "lost": len(acked - delivered),
         "duplicated": deliveries - len(delivered),
         "redelivered_on_wire": sum(r["redelivered_on_wire"] for r in results),
+        "receipts_received": sum(r["receipts"] for r in results),
+        "receipts_missing": sum(r["receipts_missing"] for r in results)
+        if not opts.no_receipts
+        else None,
+        "receipts_duplicated": sum(r["receipts_duplicated"] for r in results),
         "errors": errors,
         "elapsed_s": round(elapsed, 3),
         "server_user_s": round(user, 3),
@@ -417,7 +440,17 @@ def add_parser(sub) -> None:
     t.add_argument("--messages", type=int, default=100, metavar="M", help="per client")
     t.add_argument("--size", type=int, default=100, metavar="BYTES")
     t.add_argument("--window", type=int, default=16, metavar="W", help="unacked per client")
-    t.add_argument("--sync", choices=["os", "fsync"], default="os")
+    t.add_argument(
+        "--sync",
+        choices=["os", "fsync"],
+        default="os",
+        help="the server's durability (default os; the server's own default is fsync)",
+    )
+    t.add_argument(
+        "--no-receipts",
+        action="store_true",
+        help="the server sends no delivered receipts (a message ends at the ack)",
+    )
     t.add_argument("--seed", type=int, default=1)
     t.add_argument("--timeout", type=float, default=600, help="bound on the send phase, s")
     t.add_argument("--drain-timeout", type=float, default=10,
@@ -454,4 +487,5 @@ def run(opts) -> int:
         print(f"pigeon bench: {exc.name} is missing: pip install 'pigeon[bench]'", file=sys.stderr)
         return 1
     print(orjson.dumps(result).decode() if opts.json else _human(result))
-    return 1 if result.get("lost") or result.get("duplicated") else 0
+    bad = result.get("lost") or result.get("duplicated") or result.get("receipts_missing")
+    return 1 if bad else 0

@@ -23,7 +23,7 @@ import time
 import orjson
 
 from pigeon.client import Client, Credentials, ServerError
-from pigeon.core.events import IncomingMessage
+from pigeon.core.events import IncomingMessage, IncomingReceipt
 
 HEADER = struct.Struct("<IIQ")  # sender index, message number, send time (monotonic ns)
 
@@ -48,6 +48,9 @@ class Load:
         self.delivered: set[int] = set()  # sender << 32 | number
         self.deliveries = 0
         self.acked: list[int] = []
+        self.acked_ids: set[str] = set()
+        self.receipt_ids: set[str] = set()
+        self.receipts = 0
         self.errors: dict[str, int] = {}
         self.redelivered = 0
 
@@ -74,6 +77,10 @@ class Load:
                 self.deliveries += 1
                 self.delivered.add(sender << 32 | number)
                 await c.ack(ev.seq)
+            elif type(ev) is IncomingReceipt:
+                self.receipts += 1
+                self.receipt_ids.add(ev.id)
+                await c.ack(ev.seq)
 
     async def send(self, i: int, count: int, rng: random.Random) -> None:
         c = self.clients[i]
@@ -86,8 +93,9 @@ class Load:
             self.next_number[i] += 1
             body = HEADER.pack(i, number, time.monotonic_ns()) + pad
             try:
-                await c.send(self.creds[peer]["phone"], body)
+                ack = await c.send(self.creds[peer]["phone"], body)
                 self.acked.append(i << 32 | number)
+                self.acked_ids.add(ack.id)
             except ServerError as exc:
                 self.errors[exc.name] = self.errors.get(exc.name, 0) + 1
             except (TimeoutError, ConnectionError) as exc:
@@ -132,6 +140,9 @@ class Load:
             "delivered": sorted(self.delivered),
             "deliveries": self.deliveries,
             "redelivered_on_wire": self.redelivered,
+            "receipts": len(self.receipt_ids & self.acked_ids),
+            "receipts_missing": len(self.acked_ids - self.receipt_ids),
+            "receipts_duplicated": self.receipts - len(self.receipt_ids),
             "latencies_us": self.latencies_us,
             "errors": self.errors,
             "send_seconds": sent_s,
@@ -141,7 +152,8 @@ class Load:
 
     async def progress(self) -> None:
         while True:
-            print(orjson.dumps({"delivered": len(self.delivered)}).decode(), flush=True)
+            print(orjson.dumps({"delivered": len(self.delivered),
+                                "receipts": len(self.receipt_ids)}).decode(), flush=True)  # fmt: skip
             await asyncio.sleep(0.1)
 
 

@@ -40,8 +40,19 @@ def test_throughput_json_counts_every_message():
         0,
     )
     assert r["profile"] == "bench" and r["window"] == 4
+    assert (r["sync"], r["receipts"]) == ("os", True)
+    assert (r["receipts_received"], r["receipts_missing"], r["receipts_duplicated"]) == (150, 0, 0)
     assert r["server_cpu_us_per_msg"] > 0 and r["p50_ms"] <= r["p99_ms"] <= r["p999_ms"]
     assert r["machine"]["cores"] >= 1
+
+
+def test_throughput_without_receipts_with_fsync():
+    proc = pigeon("bench", "throughput", "--clients", "4", "--messages", "10", "--window", "2",
+                  "--workers", "1", "--sync", "fsync", "--no-receipts", "--json")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    r = orjson.loads(proc.stdout)
+    assert (r["delivered"], r["lost"], r["sync"], r["receipts"]) == (40, 0, "fsync", False)
+    assert (r["receipts_received"], r["receipts_missing"]) == (0, None)
 
 
 def test_idle_json():
