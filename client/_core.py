@@ -162,7 +162,7 @@ class ClientCore:
         self.last_seq = 0
         #: highest delivery sequence the application acknowledged
         self.acked_seq = 0
-        self._reack = False
+        self._ack_due = False
         #: deliveries dropped because they were seen before
         self.redelivered = 0
         self.server_hello: Hello | None = None
@@ -176,6 +176,7 @@ class ClientCore:
         """A new physical connection: fresh protocol state, the preamble queued."""
         self.conn = Connection(Role.CLIENT)
         self.out = bytearray(self.conn.initiate())
+        self._ack_due = False
 
     def send(self, event) -> None:
         self.conn.send_into(self.out, event)
@@ -205,11 +206,16 @@ class ClientCore:
         return self.request(RECEIPT, mid, Receipt(to, mid, type))
 
     def ack(self, seq: int, live: bool) -> None:
-        """The application acknowledges deliveries up to ``seq`` (sent now if ``live``)."""
+        """The application acknowledges deliveries up to ``seq``.
+
+        Acks are cumulative, so they are coalesced: ``take_output`` adds one
+        ``ack`` with the highest sequence acknowledged since the last write
+        (while ``live``; after a reconnect ``replay`` sends it).
+        """
         if seq > self.acked_seq:
             self.acked_seq = seq
-        if live:
-            self.send(DeviceAck(seq))
+            if live:
+                self._ack_due = True
 
     def replay(self) -> int:
         """After a re-login: the application's latest ack, then every message and
@@ -220,7 +226,14 @@ class ClientCore:
             self.send(event)
         return len(self.inflight)
 
+    @property
+    def has_output(self) -> bool:
+        return bool(self.out) or self._ack_due
+
     def take_output(self) -> bytes | bytearray:
+        if self._ack_due:
+            self._ack_due = False
+            self.send(DeviceAck(self.acked_seq))
         out, self.out = self.out, bytearray()
         return out
 
@@ -235,9 +248,6 @@ class ClientCore:
                 outcomes.append(Lost(ConnectionLost(f"protocol error from the server: {err}")))
                 return outcomes
             if ev is NEED_DATA:
-                if self._reack:
-                    self._reack = False
-                    self.send(DeviceAck(self.acked_seq))
                 return outcomes
             if type(ev) is ConnectionClosed:
                 outcomes.append(Lost(ConnectionLost("the server closed the connection")))
@@ -275,7 +285,7 @@ class ClientCore:
             if ev.seq <= self.last_seq:
                 self.redelivered += 1  # seen before: at-least-once on the wire
                 if ev.seq <= self.acked_seq:
-                    self._reack = True  # acked before the connection broke: again
+                    self._ack_due = True  # acked before the connection broke: again
                 return
             self.last_seq = ev.seq
             outcomes.append(Deliver(ev))

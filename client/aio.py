@@ -158,7 +158,7 @@ class Client(ClientAPI):
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        if self.core.out and self._writer is not None and not self._writer.is_closing():
+        if self.core.has_output and self._writer is not None and not self._writer.is_closing():
             self._writer.write(self.core.take_output())
 
     async def _wait(self, key, timeout: float | None):

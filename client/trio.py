@@ -189,7 +189,7 @@ class Client(ClientAPI):
         """Write what the core has queued; concurrent callers coalesce into one write."""
         async with self._send_lock:
             stream = self._stream
-            if self.core.out and stream is not None:
+            if self.core.has_output and stream is not None:
                 try:
                     await stream.send_all(self.core.take_output())
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):

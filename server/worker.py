@@ -897,6 +897,18 @@ def main(argv=None) -> int:
     import uvloop
 
     worker = Worker(config, args.index, args.count, args.run_dir)
+    profile_dir = os.environ.get("PIGEON_PROFILE_DIR")
+    if profile_dir:  # a development aid: cProfile the worker, dump when it stops
+        import cProfile
+
+        prof = cProfile.Profile()
+        prof.enable()
+        try:
+            uvloop.run(worker.main(args.parent_fd, args.status_fd))
+        finally:
+            prof.disable()
+            prof.dump_stats(os.path.join(profile_dir, f"worker-{args.index}.prof"))
+        return 0
     uvloop.run(worker.main(args.parent_fd, args.status_fd))
     return 0
 

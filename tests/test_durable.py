@@ -414,3 +414,36 @@ def test_admin_queues_reads_the_store_with_the_server_up_or_down(tmp_path):
     wrong = admin_queues(tmp_path / "nowhere")
     assert wrong.returncode == 2 and "no store in" in wrong.stderr and "--data-dir" in wrong.stderr
     assert not (tmp_path / "nowhere").exists()
+
+
+def test_a_full_store_refuses_with_501_and_keeps_what_it_acked(tmp_path):
+    srv = start(tmp_path, map_size=2 << 20, queue_max_bytes=1 << 30)
+    try:
+
+        async def main():
+            alice = await srv.login(await srv.register(ALICE))
+            bob_creds = await srv.register(BOB)
+            acked = []
+            with pytest.raises(ServerError) as info:
+                for i in range(100):
+                    acked.append((await alice.send(BOB, os.urandom(64 << 10), id=f"f{i}")).id)
+            assert info.value.code == ErrorCode.STORE_FULL and len(acked) >= 5
+            await alice.ping()  # no crash, the connection goes on
+            assert "store full: refusing messages" in srv.log_text()
+            bob = await srv.login(bob_creds)
+            got = []
+            while len(got) < len(acked):
+                ev = await bob.next_event(10)
+                got.append(ev.id)
+                await bob.ack(ev.seq)  # acks free space
+            assert got == acked  # everything acked arrived, nothing else
+            await drain_receipts(alice, acked)
+            await until(lambda: srv.queue_stats()["count"] == 0)
+            await alice.send(BOB, os.urandom(64 << 10), id="after")  # room again
+            assert (await bob.next_event(10)).id == "after"
+            await alice.close()
+            await bob.close()
+
+        run(main())
+    finally:
+        assert srv.stop() == 0
