@@ -91,6 +91,10 @@ class State(Enum):
     CLOSED = "closed"
     ERROR = "error"
 
+    # Members are singletons: identity hashing is correct and, unlike Enum's
+    # Python-level __hash__, costs nothing on the per-event TRANSITIONS lookup.
+    __hash__ = object.__hash__
+
 
 class _NeedData:
     __slots__ = ()

@@ -106,3 +106,22 @@ def test_provisioned_devices_log_in(tmp_path, capsys):
         asyncio.run(asyncio.wait_for(login_and_talk(), 60))
     finally:
         assert srv.stop() == 0
+
+
+def test_summarize_compares_with_a_baseline(tmp_path, capsys):
+    from pigeon.bench.summarize import main as summarize
+
+    def run_json(path, py_median, fast_median):
+        benches = [
+            {"name": f"test_enqueue[{impl}]", "stats": {"median": m}, "extra_info": {"frames": 256}}
+            for impl, m in (("python", py_median), ("fastpath", fast_median))
+        ]
+        path.write_bytes(orjson.dumps({"benchmarks": benches, "machine_info": {}}))
+        return str(path)
+
+    old = run_json(tmp_path / "old.json", 0.002, 0.001)
+    new = run_json(tmp_path / "new.json", 0.002, 0.0005)
+    assert summarize([new, "--baseline", old]) == 0
+    row = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| test_enqueue")]
+    assert row == ["| test_enqueue | 128,000 | 512,000 | 4.0x | 1.00 | 2.00 |"]
+    assert summarize([str(tmp_path / "missing.json")]) == 1
