@@ -41,7 +41,6 @@ import msgpack
 
 from pigeon.core import codec as core_codec
 from pigeon.core.errors import ErrorCode
-from pigeon.core.events import IncomingMessage, IncomingReceipt
 from pigeon.core.node import Limits
 from pigeon.core.tokens import DICTIONARIES
 
@@ -82,15 +81,16 @@ class FrameEncoder:
         self._codec = impl.Codec(oldest, Limits(max_frame=max_frame))
         self._node = impl.Node
 
+    # The nodes of IncomingMessage.to_node / IncomingReceipt.to_node, built
+    # directly (this runs once per queued entry; tests decode the frames back
+    # with the event classes).
     def message(self, origin: str, mid: str, typ: str, t: int, seq: int, body) -> bytes:
-        return self._codec.encode_frame(
-            IncomingMessage(origin, mid, typ, t, seq, body).to_node(self._node)
-        )
+        attrs = {"from": origin, "id": mid, "type": typ, "t": str(t), "seq": str(seq)}
+        return self._codec.encode_frame(self._node("message", attrs, body))
 
     def receipt(self, origin: str, mid: str, typ: str, t: int, seq: int) -> bytes:
-        return self._codec.encode_frame(
-            IncomingReceipt(origin, mid, typ, t, seq).to_node(self._node)
-        )
+        attrs = {"from": origin, "id": mid, "type": typ, "t": str(t), "seq": str(seq)}
+        return self._codec.encode_frame(self._node("receipt", attrs))
 
 
 class Send:
@@ -131,6 +131,9 @@ class _Txn:
     def __init__(self, q: Queues, txn):
         self.q = q
         self.txn = txn
+        self.put = txn.put
+        self.qdb = q.db["queue"]
+        self.enc = q.encoder
         self.accounts: dict[str, list | None] = {}
         self.state: dict[str, list] = {}
         self.sessions: dict[str, int | None] = {}
@@ -163,16 +166,21 @@ class _Txn:
             self.sessions[device] = w
             return w
 
-    def enqueue(self, device: str, kind: int, t: int, origin: str, mid: str, fan: bool, frame_of):
-        st = self.qstate(device)
+    def enqueue(self, device: str, kind: int, t: int, origin: str, mid: str, fan: bool, typ: str,
+                body=None) -> None:  # fmt: skip
+        st = self.state.get(device) or self.qstate(device)
         seq = st[0]
-        frame = frame_of(seq)
-        value = _packb([kind, t, origin, mid, fan, frame])
-        self.txn.put(qkey(device, seq), value, db=self.q.db["queue"])
+        if kind == MESSAGE:
+            frame = self.enc.message(origin, mid, typ, t, seq, body)
+        else:
+            frame = self.enc.receipt(origin, mid, typ, t, seq)
+        value = _packb((kind, t, origin, mid, fan, frame))
+        self.put(qkey(device, seq), value, db=self.qdb)
         st[0] = seq + 1
         st[1] += 1
         st[2] += len(value)
-        self.pushes.append(Push(device, seq, frame, self.worker_of(device)))
+        w = self.sessions[device] if device in self.sessions else self.worker_of(device)
+        self.pushes.append(Push(device, seq, frame, w))
 
     def flush_state(self) -> None:
         put = self.txn.put
@@ -257,24 +265,16 @@ class Queues:
                     f"the recipient's queue is full ({st[1]} items, {st[2]} bytes); retry later",
                 )
                 return
-        enc = self.encoder
         if s.cls == "message":
-            origin, body, typ, mid = s.device, s.body, s.type, s.id
             fan = len(devices) > 1
             for d in devices:
-                w.enqueue(
-                    d, MESSAGE, now, origin, mid, fan,
-                    lambda seq: enc.message(origin, mid, typ, now, seq, body),
-                )  # fmt: skip
+                w.enqueue(d, MESSAGE, now, s.device, s.id, fan, s.type, s.body)
             if fan:
-                txn.put(self._fan_key(origin, mid, s.to), b"", db=self.db["fan"])
+                txn.put(self._fan_key(s.device, s.id, s.to), b"", db=self.db["fan"])
         else:
-            origin, typ, mid = s.device.partition(":")[0], s.type, s.id
+            origin = s.device.partition(":")[0]
             for d in devices:
-                w.enqueue(
-                    d, RECEIPT, now, origin, mid, False,
-                    lambda seq: enc.receipt(origin, mid, typ, now, seq),
-                )  # fmt: skip
+                w.enqueue(d, RECEIPT, now, origin, s.id, False, s.type)
         txn.put(dkey, now.to_bytes(8, "big"), db=cur)
         s.t = now
 
@@ -316,12 +316,8 @@ class Queues:
         sender_devices = w.devices(origin.partition(":")[0])
         if not sender_devices:
             return  # the sender's account is gone
-        enc = self.encoder
         for d in sender_devices:
-            w.enqueue(
-                d, RECEIPT, now, user, mid, False,
-                lambda seq: enc.receipt(user, mid, "delivered", now, seq),
-            )  # fmt: skip
+            w.enqueue(d, RECEIPT, now, user, mid, False, "delivered")
 
     # -- reading ------------------------------------------------------------------
 
