@@ -248,6 +248,67 @@ def _split(n: int, parts: int) -> list[tuple[int, int]]:
     return out
 
 
+def _cdf(sorted_us: list[int]) -> list[list[float]]:
+    """[latency ms, fraction] points of the latency distribution, for plots."""
+    if not sorted_us:
+        return []
+    qs = [i / 100 for i in range(101)] + [0.995, 0.999, 0.9999]
+    return [[_percentile(sorted_us, q), q] for q in sorted(qs)]
+
+
+def _drain(loads, acked_total: int, want_receipts: bool, drain_timeout: float) -> None:
+    """Wait until every acked message arrived (and its receipt), or nothing moves for a while."""
+    latest = [(0, 0)] * len(loads)
+    last_change, last_sum = time.monotonic(), None
+    while True:
+        for k, lp in enumerate(loads):
+            p = orjson.loads(lp.line(30))
+            latest[k] = (p["delivered"], p["receipts"])
+        delivered_now = sum(d for d, _ in latest)
+        receipts_now = sum(r for _, r in latest)
+        now = time.monotonic()
+        if (delivered_now, receipts_now) != last_sum:
+            last_sum, last_change = (delivered_now, receipts_now), now
+        done = delivered_now >= acked_total and (not want_receipts or receipts_now >= acked_total)
+        if done or now - last_change > drain_timeout:
+            return
+
+
+def _results(loads, word: str) -> list[dict]:
+    out = []
+    for lp in loads:
+        lp.say(word)
+        while True:
+            line = lp.line(60)
+            if not line.startswith('{"delivered"'):
+                out.append(orjson.loads(line))
+                break
+    return out
+
+
+def _tally(results: list[dict]) -> dict:
+    """What the clients saw, summed over load processes."""
+    acked, delivered, deliveries, lat, errors = set(), set(), 0, [], {}
+    for r in results:
+        acked.update(r["acked"])
+        delivered.update(r["delivered"])
+        deliveries += r["deliveries"]
+        lat.extend(r["latencies_us"])
+        for k, v in r["errors"].items():
+            errors[k] = errors.get(k, 0) + v
+    lat.sort()
+    return {
+        "sent": sum(r["sent"] for r in results),
+        "acked": len(acked),
+        "delivered": len(delivered),
+        "lost": len(acked - delivered),
+        "duplicated": deliveries - len(delivered),
+        "redelivered_on_wire": sum(r["redelivered_on_wire"] for r in results),
+        "errors": errors,
+        "_lat": lat,
+    }
+
+
 def throughput(opts) -> dict:
     """Closed-loop load: every client keeps up to ``window`` messages unacked."""
     server = ServerUnderTest(opts.server_pid, opts.target)
@@ -282,55 +343,22 @@ def throughput(opts) -> dict:
         # drain: wait until every acked message has arrived (and its delivered
         # receipt, unless --no-receipts), or nothing moves for a while
         want_receipts = opts.target is None and not opts.no_receipts
-        latest = [(0, 0)] * len(loads)
-        last_change, last_sum = time.monotonic(), None
-        while True:
-            for k, lp in enumerate(loads):
-                p = orjson.loads(lp.line(30))
-                latest[k] = (p["delivered"], p["receipts"])
-            delivered_now = sum(d for d, _ in latest)
-            receipts_now = sum(r for _, r in latest)
-            now = time.monotonic()
-            if (delivered_now, receipts_now) != last_sum:
-                last_sum, last_change = (delivered_now, receipts_now), now
-            done = delivered_now >= acked_total and (
-                not want_receipts or receipts_now >= acked_total
-            )
-            if done or now - last_change > opts.drain_timeout:
-                break
+        _drain(loads, acked_total, want_receipts, opts.drain_timeout)
         elapsed = time.monotonic() - t0
         cpu1 = server.cpu()
         peak = server.peak_rss
-        results = []
-        for lp in loads:
-            lp.say("stop")
-            while True:
-                line = lp.line(60)
-                if line.startswith('{"delivered"'):
-                    continue
-                results.append(orjson.loads(line))
-                break
+        results = _results(loads, "stop")
     finally:
         for lp in loads:
             lp.close()
         if opts.target is None:
             server.stop()
         shutil.rmtree(tmp, ignore_errors=True)
-    acked = set()
-    delivered = set()
-    deliveries = 0
-    lat: list[int] = []
-    errors: dict[str, int] = {}
-    for r in results:
-        acked.update(r["acked"])
-        delivered.update(r["delivered"])
-        deliveries += r["deliveries"]
-        lat.extend(r["latencies_us"])
-        for k, v in r["errors"].items():
-            errors[k] = errors.get(k, 0) + v
-    lat.sort()
+    tally = _tally(results)
+    lat = tally.pop("_lat")
     user, system = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
-    n = len(delivered) or 1
+    delivered_n = tally["delivered"]
+    n = delivered_n or 1
     cpu_s = user + system
     return {
         "bench": "throughput",
@@ -352,31 +380,145 @@ def throughput(opts) -> dict:
             "pushed, and acked by the sender's device"
         ),
         "profile": "bench" if opts.target is None else "external",
-        "sent": sum(r["sent"] for r in results),
-        "acked": len(acked),
-        "delivered": len(delivered),
-        "lost": len(acked - delivered),
-        "duplicated": deliveries - len(delivered),
-        "redelivered_on_wire": sum(r["redelivered_on_wire"] for r in results),
+        **tally,
         "receipts_received": sum(r["receipts"] for r in results),
         "receipts_missing": sum(r["receipts_missing"] for r in results)
         if not opts.no_receipts
         else None,
         "receipts_duplicated": sum(r["receipts_duplicated"] for r in results),
-        "errors": errors,
         "elapsed_s": round(elapsed, 3),
         "server_user_s": round(user, 3),
         "server_sys_s": round(system, 3),
         "server_cpu_us_per_msg": round(cpu_s / n * 1e6, 2),
         "server_user_us_per_msg": round(user / n * 1e6, 2),
-        "msgs_per_s": round(len(delivered) / elapsed, 1),
-        "per_core_msgs_per_s": round(len(delivered) / cpu_s, 1) if cpu_s else None,
+        "msgs_per_s": round(delivered_n / elapsed, 1),
+        "per_core_msgs_per_s": round(delivered_n / cpu_s, 1) if cpu_s else None,
         "p50_ms": _percentile(lat, 0.50),
         "p99_ms": _percentile(lat, 0.99),
         "p999_ms": _percentile(lat, 0.999),
         "server_peak_rss_kib": peak // 1024,
+        "latency_cdf": _cdf(lat),
         "machine": machine(),
     }
+
+
+def latency(opts) -> dict:
+    """Open-loop load at a fixed rate: the send-to-delivery latency distribution.
+
+    With ``--find-max-rate P99_MS``: runs of ``--seconds`` each, the rate
+    doubling from ``--rate`` while p99 stays within the bound (and nothing is
+    lost and the rate is kept up), then a bisection between the last good and
+    the first bad rate; at most ``MAX_SEARCH_RUNS`` runs, one server.
+    """
+    server = ServerUnderTest(opts.server_pid, opts.target)
+    tmp = tempfile.mkdtemp(prefix="pigeon-bench-creds-")
+    creds = opts.creds or os.path.join(tmp, "creds.jsonl")
+    loads: list[LoadProc] = []
+    runs: list[dict] = []
+    try:
+        if opts.target is None:
+            server.start(opts.workers, {"sync": opts.sync}, opts.clients, creds)
+        for first, last in _split(opts.clients, opts.load_procs):
+            loads.append(LoadProc([
+                "--mode", "latency", "--target", server.target, "--creds", creds,
+                "--first", str(first), "--last", str(last), "--size", str(opts.size),
+                "--seed", str(opts.seed + first),
+            ]))  # fmt: skip
+        for lp in loads:
+            if lp.line(300) != "ready":
+                raise BenchError("a load process failed to log in its clients")
+
+        def one_run(rate: float) -> dict:
+            cpu0 = server.cpu()
+            for lp in loads:
+                lp.say(f"run {rate / len(loads)} {opts.seconds}")
+            acked_total = sum(
+                orjson.loads(lp.line(opts.seconds + 120))["sent_done"] for lp in loads
+            )
+            _drain(loads, acked_total, opts.target is None, opts.drain_timeout)
+            cpu1 = server.cpu()
+            results = _results(loads, "collect")
+            tally = _tally(results)
+            lat = tally.pop("_lat")
+            user, system = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
+            n = tally["delivered"] or 1
+            send_s = max(r["send_seconds"] for r in results)
+            return {
+                "rate": rate,
+                **tally,
+                "achieved_msgs_per_s": round(tally["delivered"] / max(send_s, opts.seconds), 1),
+                "server_cpu_us_per_msg": round((user + system) / n * 1e6, 2),
+                "server_user_us_per_msg": round(user / n * 1e6, 2),
+                "p50_ms": _percentile(lat, 0.50),
+                "p99_ms": _percentile(lat, 0.99),
+                "p999_ms": _percentile(lat, 0.999),
+                "max_ms": lat[-1] / 1000 if lat else None,
+                "latency_cdf": _cdf(lat),
+            }
+
+        def good(r: dict) -> bool:
+            return (
+                r["lost"] == 0
+                and r["p99_ms"] is not None
+                and r["p99_ms"] <= opts.find_max_rate
+                and r["achieved_msgs_per_s"] >= 0.95 * r["rate"]
+            )
+
+        server.sample_peak()
+        if opts.find_max_rate is None:
+            runs.append(one_run(opts.rate))
+        else:
+            best, bad, rate = None, None, opts.rate
+            while len(runs) < MAX_SEARCH_RUNS:
+                r = one_run(rate)
+                runs.append(r)
+                if good(r):
+                    best = r
+                else:
+                    bad = r
+                if bad is None:
+                    rate *= 2
+                else:
+                    low = best["rate"] if best else 0
+                    if bad["rate"] - low <= max(50, 0.1 * bad["rate"]):
+                        break
+                    rate = (low + bad["rate"]) / 2
+                    if best and rate == best["rate"]:
+                        break
+        peak = server.peak_rss
+    finally:
+        for lp in loads:
+            lp.close()
+        if opts.target is None:
+            server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    head = {
+        "bench": "latency",
+        "clients": opts.clients,
+        "size": opts.size,
+        "seconds": opts.seconds,
+        "workers": opts.workers,
+        "load_processes": len(loads),
+        "sync": opts.sync if opts.target is None else "external",
+        "receipts": True,
+        "profile": "bench" if opts.target is None else "external",
+        "server_peak_rss_kib": peak // 1024,
+        "machine": machine(),
+    }
+    if opts.find_max_rate is None:
+        return {**head, **runs[0]}
+    ok = [r for r in runs if good(r)]
+    best = max(ok, key=lambda r: r["rate"]) if ok else None
+    return {
+        **head,
+        "find_max_rate_p99_ms": opts.find_max_rate,
+        "max_rate": best["rate"] if best else None,
+        **({k: v for k, v in best.items()} if best else {}),
+        "runs": [{k: v for k, v in r.items() if k != "latency_cdf"} for r in runs],
+    }
+
+
+MAX_SEARCH_RUNS = 10
 
 
 def idle(opts) -> dict:
@@ -456,15 +598,131 @@ def add_parser(sub) -> None:
     t.add_argument("--drain-timeout", type=float, default=10,
                    help="stop waiting for deliveries after this long without progress, s")  # fmt: skip
     t.set_defaults(func=run, bench=throughput)
+    t.add_argument("--plot", metavar="FILE.png", help="draw the latency CDF (needs matplotlib)")
+    lt = bsub.add_parser(
+        "latency",
+        help="open-loop fixed-rate load, send-to-delivery latency",
+        description="Messages at a fixed rate, not waiting for acks (open loop), each stamped "
+        "with the time it was due; reports the send-to-delivery latency distribution.",
+    )
+    common(lt)
+    lt.add_argument(
+        "--rate",
+        type=float,
+        default=1000,
+        metavar="R",
+        help="messages per second (default 1000; the start of --find-max-rate)",
+    )
+    lt.add_argument(
+        "--seconds", type=float, default=10, metavar="S", help="length of the (each) run, s"
+    )
+    lt.add_argument("--size", type=int, default=100, metavar="BYTES")
+    lt.add_argument("--sync", choices=["os", "fsync"], default="os")
+    lt.add_argument(
+        "--find-max-rate",
+        type=float,
+        metavar="P99_MS",
+        help="search the highest rate whose p99 stays within P99_MS",
+    )
+    lt.add_argument("--seed", type=int, default=1)
+    lt.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=10,
+        help="stop waiting for deliveries after this long without progress, s",
+    )
+    lt.add_argument("--plot", metavar="FILE.png", help="draw the latency CDF (needs matplotlib)")
+    lt.set_defaults(func=run, bench=latency)
     i = bsub.add_parser("idle", help="memory per authenticated idle connection")
     common(i)
     i.set_defaults(func=run, bench=idle)
+    rp = bsub.add_parser(
+        "report",
+        help="plot saved results: latency CDFs and throughput against clients",
+        description="Read results saved with --json (throughput and latency runs) and draw "
+        "the latency CDF of each and, for throughput runs, messages per second and server "
+        "CPU per message against the client count. Needs matplotlib (pip install "
+        "'pigeon[bench]').",
+    )
+    rp.add_argument("results", nargs="+", metavar="RESULT.json")
+    rp.add_argument("--out", required=True, metavar="FILE.png")
+    rp.set_defaults(func=report_command)
 
 
 def _human(result: dict) -> str:
-    return "\n".join(f"{k:>26}: {v}" for k, v in result.items() if k != "machine") + (
+    skip = ("machine", "latency_cdf", "runs")
+    return "\n".join(f"{k:>26}: {v}" for k, v in result.items() if k not in skip) + (
         f"\n{'machine':>26}: {result['machine']}"
     )
+
+
+def plot(results: list[tuple[str, dict]], out: str) -> None:
+    """Latency CDFs of every result; throughput and CPU per message against clients."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tps = sorted((r for _, r in results if r.get("bench") == "throughput"),
+                 key=lambda r: r["clients"])  # fmt: skip
+    ncols = 2 if tps else 1
+    fig, axes = plt.subplots(1, ncols, figsize=(6 * ncols, 4.5), squeeze=False)
+    ax = axes[0][0]
+    for name, r in results:
+        cdf = r.get("latency_cdf") or []
+        if cdf:
+            what = f"{r['rate']:.0f} msg/s" if r.get("rate") else f"{r.get('clients')} clients"
+            label = f"{r['bench']} {what}" if name == r["bench"] else f"{name} ({what})"
+            ax.plot([p[0] for p in cdf], [p[1] for p in cdf], label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("send-to-delivery latency, ms (log)")
+    ax.set_ylabel("fraction of messages")
+    ax.set_title("latency CDF")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize="small")
+    if tps:
+        ax = axes[0][1]
+        clients = [r["clients"] for r in tps]
+        ax.plot(clients, [r["msgs_per_s"] for r in tps], "o-", label="msg/s (wall)")
+        ax.set_xlabel("clients")
+        ax.set_ylabel("messages per second")
+        ax2 = ax.twinx()
+        ax2.plot(clients, [r["server_cpu_us_per_msg"] for r in tps], "s--", color="tab:red",
+                 label="server CPU us/msg")  # fmt: skip
+        ax2.set_ylabel("server CPU per message, us")
+        ax.set_title("throughput against clients")
+        ax.grid(True, alpha=0.3)
+        lines = ax.get_legend_handles_labels()
+        lines2 = ax2.get_legend_handles_labels()
+        ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize="small")
+    fig.suptitle(f"pigeon bench, {results[0][1].get('machine', {}).get('cpu', '')}")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def report_command(opts) -> int:
+    results = []
+    for path in opts.results:
+        try:
+            with open(path, "rb") as f:
+                r = orjson.loads(f.read())
+        except (OSError, orjson.JSONDecodeError) as exc:
+            print(f"pigeon bench report: cannot read {path}: {exc}", file=sys.stderr)
+            return 1
+        if r.get("bench") not in ("throughput", "latency"):
+            print(f"pigeon bench report: {path} is not a throughput or latency result "
+                  "(save one with --json)", file=sys.stderr)  # fmt: skip
+            return 1
+        results.append((os.path.basename(path), r))
+    try:
+        plot(results, opts.out)
+    except ImportError:
+        print("pigeon bench report: matplotlib is missing: pip install 'pigeon[bench]'",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    print(f"wrote {opts.out}")
+    return 0
 
 
 def run(opts) -> int:
@@ -486,6 +744,13 @@ def run(opts) -> int:
     except ImportError as exc:
         print(f"pigeon bench: {exc.name} is missing: pip install 'pigeon[bench]'", file=sys.stderr)
         return 1
+    if getattr(opts, "plot", None):
+        try:
+            plot([(result["bench"], result)], opts.plot)
+        except ImportError:
+            print("pigeon bench: --plot needs matplotlib: pip install 'pigeon[bench]'",
+                  file=sys.stderr)  # fmt: skip
+            return 1
     print(orjson.dumps(result).decode() if opts.json else _human(result))
     bad = result.get("lost") or result.get("duplicated") or result.get("receipts_missing")
     return 1 if bad else 0

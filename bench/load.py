@@ -150,6 +150,88 @@ class Load:
         print(orjson.dumps(result).decode(), flush=True)
         await asyncio.gather(*(c.close() for c in self.clients.values()))
 
+    async def open_loop(self, rate: float, seconds: float) -> dict:
+        """Send at a fixed ``rate`` (msg/s, this process) for ``seconds``, not waiting for acks.
+
+        Each message is stamped with the time it was *due*, not the time it
+        went out, so a stalled sender shows up as latency (no coordinated
+        omission).  Senders are this process's clients in turn; recipients
+        are random online peers.
+        """
+        loop = asyncio.get_running_loop()
+        mine = list(self.mine)
+        n_all = len(self.creds)
+        pad = bytes(max(0, self.args.size - HEADER.size))
+        rng = random.Random(self.args.seed)
+        self.latencies_us = []
+        self.delivered = set()
+        self.deliveries = 0
+        acked: list[int] = []
+        errors: dict[str, int] = {}
+        pending: set[asyncio.Task] = set()
+        total = int(rate * seconds)
+        interval_ns = int(1e9 / rate)
+        start = time.monotonic_ns() + 50_000_000
+
+        async def one(i: int, number: int, due: int) -> None:
+            peer = rng.randrange(n_all - 1)
+            peer += peer >= i
+            body = HEADER.pack(i, number, due) + pad
+            try:
+                await self.clients[i].send(self.creds[peer]["phone"], body, timeout=60)
+                acked.append(i << 32 | number)
+            except (ServerError, TimeoutError, ConnectionError) as exc:
+                key = getattr(exc, "name", type(exc).__name__)
+                errors[key] = errors.get(key, 0) + 1
+
+        k = 0
+        while k < total:
+            now = time.monotonic_ns()
+            due = start + k * interval_ns
+            if due > now:
+                await asyncio.sleep((due - now) / 1e9)
+                continue
+            while k < total and start + k * interval_ns <= now:
+                i = mine[k % len(mine)]
+                number = self.next_number[i]
+                self.next_number[i] += 1
+                t = loop.create_task(one(i, number, start + k * interval_ns))
+                pending.add(t)
+                t.add_done_callback(pending.discard)
+                k += 1
+        send_s = (time.monotonic_ns() - start) / 1e9
+        if pending:
+            await asyncio.wait(pending, timeout=60)
+        return {"sent": total, "acked": acked, "errors": errors, "send_seconds": send_s}
+
+    async def latency_runs(self) -> None:
+        """Serve "run RATE SECONDS" lines until "stop"; one JSON result per run."""
+        loop = asyncio.get_running_loop()
+        await self.login_all()
+        readers = [loop.create_task(self.receive(i)) for i in self.mine]
+        self.next_number = dict.fromkeys(self.mine, 0)
+        print("ready", flush=True)
+        while True:
+            line = (await loop.run_in_executor(None, sys.stdin.readline)).split()
+            if not line or line[0] != "run":
+                break
+            r = await self.open_loop(float(line[1]), float(line[2]))
+            print(orjson.dumps({"sent_done": len(r["acked"])}).decode(), flush=True)
+            progress = loop.create_task(self.progress())
+            await loop.run_in_executor(None, sys.stdin.readline)  # "collect"
+            progress.cancel()
+            r.update(
+                delivered=sorted(self.delivered),
+                deliveries=self.deliveries,
+                latencies_us=self.latencies_us,
+                redelivered_on_wire=sum(c.redelivered for c in self.clients.values()),
+                receipts=0, receipts_missing=0, receipts_duplicated=0,
+            )  # fmt: skip
+            print(orjson.dumps(r).decode(), flush=True)
+        for t in readers:
+            t.cancel()
+        await asyncio.gather(*(c.close() for c in self.clients.values()))
+
     async def progress(self) -> None:
         while True:
             print(orjson.dumps({"delivered": len(self.delivered),
@@ -167,7 +249,7 @@ def main(argv=None) -> int:
     p.add_argument("--window", type=int, default=16)
     p.add_argument("--size", type=int, default=100)
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--mode", choices=["throughput", "idle"], default="throughput")
+    p.add_argument("--mode", choices=["throughput", "idle", "latency"], default="throughput")
     args = p.parse_args(argv)
     from pigeon.server.provision import load_credentials
 
@@ -180,6 +262,8 @@ def main(argv=None) -> int:
     load = Load(args, creds)
     if args.mode == "idle":
         uvloop.run(idle(load))
+    elif args.mode == "latency":
+        uvloop.run(load.latency_runs())
     else:
         uvloop.run(load.run())
     return 0

@@ -55,6 +55,39 @@ def test_throughput_without_receipts_with_fsync():
     assert (r["receipts_received"], r["receipts_missing"]) == (0, None)
 
 
+def test_latency_fixed_rate_and_report(tmp_path):
+    out = tmp_path / "lat.json"
+    proc = pigeon("bench", "latency", "--clients", "6", "--rate", "200", "--seconds", "1",
+                  "--workers", "2", "--json", "--plot", str(tmp_path / "lat.png"))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    r = orjson.loads(proc.stdout)
+    assert (r["bench"], r["rate"], r["sent"], r["acked"], r["delivered"], r["lost"]) == (
+        "latency", 200, 200, 200, 200, 0,
+    )  # fmt: skip
+    assert 0 < r["p50_ms"] <= r["p99_ms"] <= r["p999_ms"] <= r["max_ms"]
+    assert r["latency_cdf"][0][1] == 0 and r["latency_cdf"][-1][1] > 0.999
+    assert (tmp_path / "lat.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out.write_text(proc.stdout)
+    tp = pigeon("bench", "throughput", "--clients", "4", "--messages", "5", "--window", "2",
+                "--workers", "1", "--json")  # fmt: skip
+    (tmp_path / "tp.json").write_text(tp.stdout)
+    rep = pigeon("bench", "report", str(out), str(tmp_path / "tp.json"),
+                 "--out", str(tmp_path / "report.png"))  # fmt: skip
+    assert rep.returncode == 0, rep.stderr
+    assert (tmp_path / "report.png").stat().st_size > 10_000
+    bad = pigeon("bench", "report", str(tmp_path / "nothing.json"), "--out", "x.png")
+    assert bad.returncode == 1 and "cannot read" in bad.stderr
+
+
+def test_find_max_rate_is_bounded_and_reports_every_run():
+    proc = pigeon("bench", "latency", "--clients", "4", "--rate", "100", "--seconds", "0.5",
+                  "--find-max-rate", "0.001", "--workers", "1", "--json")  # fmt: skip
+    # a 1 us p99 bound is never met: no rate qualifies, and the search stops by itself
+    r = orjson.loads(proc.stdout)
+    assert r["max_rate"] is None and 1 <= len(r["runs"]) <= 10
+    assert all(run["lost"] == 0 for run in r["runs"])
+
+
 def test_idle_json():
     proc = pigeon("bench", "idle", "--clients", "20", "--workers", "1", "--json")
     assert proc.returncode == 0, proc.stderr
