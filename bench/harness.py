@@ -323,6 +323,7 @@ def throughput(opts) -> dict:
                 opts.clients,
                 creds,
             )
+        login_cpu0 = server.cpu()
         for first, last in _split(opts.clients, opts.load_procs):
             loads.append(LoadProc([
                 "--target", server.target, "--creds", creds, "--first", str(first),
@@ -334,6 +335,7 @@ def throughput(opts) -> dict:
                 raise BenchError("a load process failed to log in its clients")
         server.sample_peak()
         cpu0 = server.cpu()
+        login_cpu = sum(cpu0) - sum(login_cpu0)
         t0 = time.monotonic()
         for lp in loads:
             lp.say("go")
@@ -397,6 +399,7 @@ def throughput(opts) -> dict:
         "p99_ms": _percentile(lat, 0.99),
         "p999_ms": _percentile(lat, 0.999),
         "server_peak_rss_kib": peak // 1024,
+        "login_cpu_ms": round(login_cpu / opts.clients * 1e3, 3),
         "latency_cdf": _cdf(lat),
         "machine": machine(),
     }
