@@ -1,6 +1,7 @@
 """bench/locustfile.py under real locust, headless, against a real server on loopback."""
 
 import csv
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,11 @@ from pigeon.server.store import Store
 
 LOCUSTFILE = Path(__file__).resolve().parents[1] / "bench" / "locustfile.py"
 
-pytest.importorskip("locust", reason="locust is in the test and bench extras")
+# Never import locust here: it monkey-patches the whole process for gevent
+# (select.epoll goes), which would break the trio tests that run later.
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("locust") is None, reason="locust is in the test and bench extras"
+)
 
 
 def test_locust_users_log_in_send_and_receive(tmp_path):
