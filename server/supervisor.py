@@ -14,6 +14,11 @@ tests and scripts wait for it.  A worker that exits unexpectedly is
 restarted after a backoff (1 s doubling to 30 s; reset once it has run 60 s)
 and the event is logged.  SIGTERM or SIGINT: the workers drain (stop
 accepting, tell clients 503, let output go) and the supervisor exits 0.
+Under systemd (Type=notify) the supervisor also sends READY=1 when it
+prints that line and STOPPING=1 when it starts draining.  SIGHUP (what
+`systemctl reload` and rc.d's `reload` send) is logged and otherwise
+ignored until zero-downtime reload exists: the running workers keep
+serving, nothing is dropped.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import orjson
 from pigeon.core import codec as core_codec
 
 from . import log
+from .sdnotify import notify
 from .store import Store, StoreError
 from .worker import listen_socket
 
@@ -68,6 +74,7 @@ class Supervisor:
         self.run_dir = ""
         self.death_r = self.death_w = -1
         self.wake_r = self.wake_w = -1
+        self.hangups = 0
 
     # -- startup checks -----------------------------------------------------
 
@@ -161,6 +168,8 @@ class Supervisor:
     def _on_signal(self, signum, frame) -> None:
         if signum in (signal.SIGTERM, signal.SIGINT):
             self.stopping = True
+        elif signum == signal.SIGHUP:
+            self.hangups += 1
         os.write(self.wake_w, b"x")
 
     def run(self, out=sys.stdout) -> int:
@@ -171,7 +180,7 @@ class Supervisor:
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_w, False)
         self.sel.register(self.wake_r, selectors.EVENT_READ, None)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
         announced = False
         started = time.monotonic()
@@ -185,6 +194,15 @@ class Supervisor:
                     else:
                         self._status(key.data)
                 self._reap()
+                if self.hangups:
+                    self.hangups = 0
+                    log.event(
+                        logger,
+                        logging.WARNING,
+                        "SIGHUP: reload is not supported yet; the running workers keep serving",
+                        hint="restart the service to apply a new configuration",
+                    )
+                    notify(status="reload not supported yet: restart to apply a new configuration")
                 now = time.monotonic()
                 for w in self.workers:
                     if (
@@ -197,12 +215,13 @@ class Supervisor:
                 if not announced and all(w.ready for w in self.workers):
                     announced = True
                     tls = f", TLS on {self.config.tls_listen}" if self.config.tls_enabled else ""
-                    print(
-                        f"pigeon: serving on {self.config.listen}{tls} with {self.count} workers "
-                        f"(codec {core_codec.IMPLEMENTATION}, data in {os.path.abspath(self.config.data_dir)})",
-                        file=out,
-                        flush=True,
+                    line = (
+                        f"serving on {self.config.listen}{tls} with {self.count} workers "
+                        f"(codec {core_codec.IMPLEMENTATION}, "
+                        f"data in {os.path.abspath(self.config.data_dir)})"
                     )
+                    print(f"pigeon: {line}", file=out, flush=True)
+                    notify(ready=1, status=line, mainpid=os.getpid())
                 if not announced and now - started > READY_TIMEOUT:
                     raise StartupError(
                         f"workers did not become ready within {READY_TIMEOUT:.0f} s (see the log)"
@@ -212,6 +231,7 @@ class Supervisor:
             self.shutdown()
 
     def shutdown(self) -> None:
+        notify(stopping=1, status="draining")
         for w in self.workers:
             if w.proc is not None and w.proc.poll() is None:
                 w.proc.send_signal(signal.SIGTERM)

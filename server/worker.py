@@ -747,8 +747,10 @@ class Worker:
                     lambda: Session(self, tls=True), sock=listen_socket(c.tls_listen), ssl=ctx
                 )
             )
-        for sig in (signal.SIGTERM, signal.SIGHUP):
-            self.loop.add_signal_handler(sig, self.stopping.set)
+        self.loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
+        # SIGHUP belongs to the supervisor (a terminal hangup reaches the
+        # whole group): a worker leaves it to its supervisor.
+        self.loop.add_signal_handler(signal.SIGHUP, lambda: None)
         if parent_fd is not None:
             # EOF on this pipe means the supervisor is gone, however it died.
             self.loop.add_reader(parent_fd, self._parent_gone, parent_fd)

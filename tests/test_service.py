@@ -1,0 +1,88 @@
+"""Service integration: sd_notify with a real server, the systemd unit, the rc.d script."""
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from serverutil import Server
+
+ROOT = Path(__file__).resolve().parents[1]
+UNIT = ROOT / "tools" / "systemd" / "pigeon.service"
+RCD = ROOT / "tools" / "rc.d" / "pigeon"
+
+
+def read_notify(sock: socket.socket, want: str, timeout: float = 30.0) -> dict:
+    """Datagrams until one has the field ``want``; returns its fields."""
+    sock.settimeout(timeout)
+    while True:
+        data = sock.recv(4096).decode()
+        fields = dict(line.split("=", 1) for line in data.splitlines() if "=" in line)
+        if want in fields:
+            return fields
+
+
+def test_sd_notify_ready_stopping_and_a_harmless_sighup(tmp_path, monkeypatch):
+    path = str(tmp_path / "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(path)
+        monkeypatch.setenv("NOTIFY_SOCKET", path)
+        srv = Server(tmp_path / "data", workers=2).start()
+        try:
+            ready = read_notify(sock, "READY")
+            assert ready["READY"] == "1" and int(ready["MAINPID"]) == srv.proc.pid
+            assert ready["STATUS"].startswith(f"serving on 127.0.0.1:{srv.port}")
+
+            async def ping():
+                c = await srv.client()
+                await c.ping()
+                await c.close()
+
+            workers = sorted(srv.worker_pids())
+            srv.proc.send_signal(signal.SIGHUP)
+            status = read_notify(sock, "STATUS")
+            assert "reload not supported yet" in status["STATUS"]
+            asyncio.run(ping())  # still serving, with the same workers
+            assert sorted(srv.worker_pids()) == workers
+            assert "SIGHUP: reload is not supported yet" in srv.log_text()
+            srv.proc.send_signal(signal.SIGTERM)
+            assert read_notify(sock, "STOPPING")["STOPPING"] == "1"
+            assert srv.proc.wait(30) == 0
+        finally:
+            srv.stop()
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is missing")
+def test_systemd_unit_verifies(tmp_path):
+    pigeon = shutil.which("pigeon", path=os.path.dirname(sys.executable)) or shutil.which("pigeon")
+    assert pigeon, "the pigeon command is not installed next to this python"
+    text = UNIT.read_text()
+    assert "ExecStart=/usr/local/bin/pigeon serve" in text
+    for needed in ("Type=notify", "ExecReload=/bin/kill -HUP $MAINPID", "LimitNOFILE=",
+                   "User=pigeon", "StateDirectory=pigeon", "--data-dir /var/lib/pigeon",
+                   "NoNewPrivileges=yes", "ProtectSystem=strict", "PrivateTmp=yes"):  # fmt: skip
+        assert needed in text, needed
+    copy = tmp_path / "pigeon.service"
+    copy.write_text(text.replace("/usr/local/bin/pigeon", pigeon))
+    proc = subprocess.run(["systemd-analyze", "verify", str(copy)],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    complaints = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "pigeon.service" in ln]
+    assert proc.returncode == 0 and not complaints, proc.stdout + proc.stderr
+
+
+def test_rcd_script_parses_and_has_what_rc_needs():
+    for shell in ("sh", "dash"):
+        if shutil.which(shell):
+            proc = subprocess.run([shell, "-n", str(RCD)], capture_output=True, text=True)
+            assert proc.returncode == 0, proc.stderr
+    text = RCD.read_text()
+    for needed in ('rcvar="pigeon_enable"', 'pidfile="/var/run/${name}.pid"', "load_rc_config",
+                   'sig_reload="HUP"', "pigeon_flags", "pigeon_config", "pigeon_datadir",
+                   "/usr/sbin/daemon", "run_rc_command"):  # fmt: skip
+        assert needed in text, needed
+    assert os.access(RCD, os.X_OK)
