@@ -45,6 +45,7 @@ BENCH_PROFILE = {
     "idle_timeout": 3600,
     "login_timeout": 120,
     "log_level": "warning",
+    "metrics_listen": "off",
 }
 
 

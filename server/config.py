@@ -66,6 +66,12 @@ def _choice(*allowed):
     return check
 
 
+def _listen_or_off(v):
+    if str(v).lower() in ("off", ""):
+        return "off"
+    return _listen(v)
+
+
 def _bool(v):
     if isinstance(v, bool):
         return v
@@ -95,6 +101,12 @@ OPTIONS: list[Option] = [
         "127.0.0.1:7651",
         _listen,
         "TLS listener, HOST:PORT (used only when tls-cert is set)",
+    ),
+    Option(
+        "metrics_listen",
+        "127.0.0.1:7659",
+        _listen_or_off,
+        "Prometheus /metrics and /health listener, HOST:PORT, or off",
     ),
     Option("tls_cert", None, _opt_str, "PEM certificate chain; enables the TLS listener"),
     Option("tls_key", None, _opt_str, "PEM private key for tls-cert (default: the cert file)"),

@@ -28,6 +28,7 @@ import os
 import selectors
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -38,6 +39,7 @@ import orjson
 from pigeon.core import codec as core_codec
 
 from . import log
+from . import metrics as metrics_mod
 from .sdnotify import notify
 from .store import Store, StoreError
 from .worker import listen_socket
@@ -75,6 +77,9 @@ class Supervisor:
         self.death_r = self.death_w = -1
         self.wake_r = self.wake_w = -1
         self.hangups = 0
+        self.announced = False
+        self.aggregate = metrics_mod.Aggregate()
+        self.metrics_server = None
 
     # -- startup checks -----------------------------------------------------
 
@@ -93,6 +98,18 @@ class Supervisor:
         listeners = [("listen", c.listen)] + (
             [("tls-listen", c.tls_listen)] if c.tls_enabled else []
         )
+        if c.metrics_listen != "off":
+            host, _, port = c.metrics_listen.rpartition(":")
+            host = host.strip("[]")
+            try:
+                with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    probe.bind((host, int(port)))
+            except OSError as exc:
+                raise StartupError(
+                    f"cannot listen on {c.metrics_listen} (metrics-listen): {exc.strerror}; "
+                    "pick another address or set metrics-listen = off"
+                ) from None
         for name, addr in listeners:
             try:
                 listen_socket(addr).close()
@@ -135,8 +152,15 @@ class Supervisor:
             w.status_fd = None
             return
         w.buf += data
-        if b"ready" in w.buf:
-            w.ready = True
+        *lines, w.buf = w.buf.split(b"\n")
+        for line in lines:
+            if line.startswith(b"ready"):
+                w.ready = True
+            elif line.startswith(b"metrics "):
+                try:
+                    self.aggregate.update(w.index, orjson.loads(line[8:]))
+                except orjson.JSONDecodeError:
+                    pass
 
     def _reap(self) -> None:
         for w in self.workers:
@@ -144,6 +168,7 @@ class Supervisor:
                 continue
             code = w.proc.returncode
             w.proc = None
+            self.aggregate.retire(w.index)
             if w.status_fd is not None:
                 self.sel.unregister(w.status_fd)
                 os.close(w.status_fd)
@@ -182,7 +207,13 @@ class Supervisor:
         self.sel.register(self.wake_r, selectors.EVENT_READ, None)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
-        announced = False
+        if self.config.metrics_listen != "off":
+            collector = metrics_mod.Collector(
+                self.aggregate, os.path.join(self.config.data_dir, "store"), self.config.map_size
+            )
+            self.metrics_server = metrics_mod.serve(
+                self.config.metrics_listen, collector, self.health
+            )
         started = time.monotonic()
         try:
             for w in self.workers:
@@ -212,8 +243,8 @@ class Supervisor:
                         and not self.stopping
                     ):
                         self.spawn(w)
-                if not announced and all(w.ready for w in self.workers):
-                    announced = True
+                if not self.announced and all(w.ready for w in self.workers):
+                    self.announced = True
                     tls = f", TLS on {self.config.tls_listen}" if self.config.tls_enabled else ""
                     line = (
                         f"serving on {self.config.listen}{tls} with {self.count} workers "
@@ -222,7 +253,7 @@ class Supervisor:
                     )
                     print(f"pigeon: {line}", file=out, flush=True)
                     notify(ready=1, status=line, mainpid=os.getpid())
-                if not announced and now - started > READY_TIMEOUT:
+                if not self.announced and now - started > READY_TIMEOUT:
                     raise StartupError(
                         f"workers did not become ready within {READY_TIMEOUT:.0f} s (see the log)"
                     )
@@ -230,7 +261,16 @@ class Supervisor:
         finally:
             self.shutdown()
 
+    def health(self) -> str:
+        """What /health answers: ready, starting or stopping."""
+        if self.stopping:
+            return "stopping"
+        if self.announced and all(w.ready and w.proc is not None for w in self.workers):
+            return "ready"
+        return "starting"
+
     def shutdown(self) -> None:
+        self.stopping = True
         notify(stopping=1, status="draining")
         for w in self.workers:
             if w.proc is not None and w.proc.poll() is None:
@@ -252,6 +292,9 @@ class Supervisor:
                 os.close(fd)
         if self.run_dir:
             shutil.rmtree(self.run_dir, ignore_errors=True)
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
+            self.metrics_server.server_close()
         log.event(logger, logging.INFO, "server stopped")
 
 

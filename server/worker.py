@@ -74,6 +74,7 @@ from pigeon.core.node import DEFAULT_LIMITS, Limits, address_kind
 from . import log
 from .accounts import Accounts, ServiceError, make_gateway
 from .config import load
+from .metrics import SNAPSHOT_INTERVAL, WorkerStats
 from .queues import FrameEncoder, QueueLimits, Queues, Send
 from .store import Store
 
@@ -249,6 +250,8 @@ class Session(asyncio.Protocol):
     def send(self, event) -> None:
         if self.closing and self.transport is None:
             return
+        if type(event) is Error:
+            self.worker.stats.error(int(event.code))
         try:
             self.conn.send_into(self.out, event)
         except LocalProtocolError as exc:
@@ -305,6 +308,7 @@ class Session(asyncio.Protocol):
         ):
             self.out += frame
             self.pushed = seq
+            self.worker.stats.counters["entries_out"] += 1
             self._schedule_flush()
             return
         # Out of order (another worker's commit overtook), window full or
@@ -322,10 +326,12 @@ class Session(asyncio.Protocol):
             self.out += frame
         if entries:
             self.pushed = entries[-1][0]
+            self.worker.stats.counters["entries_out"] += len(entries)
             self._schedule_flush()
         self.backlog = len(entries) == room
 
     def device_ack(self, seq: int) -> None:
+        self.worker.stats.counters["device_acks"] += 1
         if seq <= self.acked:
             return
         self.acked = seq
@@ -437,6 +443,7 @@ class Session(asyncio.Protocol):
             final = self.scram.get_server_final()
         except (ScramException, UnicodeDecodeError):
             w.accounts.login_failed(self.login_user)
+            w.stats.counters["login_failures"] += 1
             log.event(logger, logging.INFO, "login failed", device=self.login_user, ip=self.ip)
             return self.fail(ErrorCode.NOT_AUTHORIZED, "login failed")
         self.scram = None
@@ -470,8 +477,8 @@ class Worker:
         self.acks: dict[str, int] = {}
         self.to_flush: list[Session] = []
         self.tick_pending = False
-        self.commits = 0
-        self.commit_seconds = 0.0
+        self.stats = WorkerStats()
+        self.status_fd: int | None = None
         self.next_purge = 0.0
         self.max_payload = config.max_frame - PAYLOAD_HEADROOM
         self.queues: Queues | None = None
@@ -503,6 +510,7 @@ class Worker:
                 prev["worker"],
                 core_codec.Node("kick", {"device": s.device, "code": str(int(ErrorCode.REPLACED))}),
             )
+        self.stats.counters["logins"] += 1
         log.event(logger, logging.INFO, "login", device=s.device, conn=s.id, ip=s.ip)
 
     def detach(self, s: Session) -> None:
@@ -613,9 +621,10 @@ class Worker:
                         worker=self.index,
                         error=str(exc2),
                     )
-        self.commits += 1
-        self.commit_seconds += time.perf_counter() - started
+        self.stats.commit(time.perf_counter() - started)
+        accepted = 0
         for s in sends:
+            accepted += s.error is None
             sess = s.session
             if sess.transport is None or sess.closing:
                 continue  # gone: the client retries with the same id and gets the same ack
@@ -623,6 +632,7 @@ class Worker:
                 sess.send(ServerAck(s.id, s.t, s.cls))
             else:
                 sess.send(Error(s.error[0], s.error[1], s.id))
+        self.stats.counters["messages_in"] += accepted
         self.deliver(pushes)
 
     def deliver(self, pushes) -> None:
@@ -647,10 +657,26 @@ class Worker:
 
     # -- housekeeping -------------------------------------------------------------
 
+    def send_snapshot(self) -> None:
+        """Counters to the supervisor (one line on the status pipe; dropped if it is full)."""
+        if self.status_fd is None:
+            return
+        line = b"metrics " + orjson.dumps(self.stats.snapshot(len(self.sessions))) + b"\n"
+        try:
+            os.write(self.status_fd, line)
+        except (BlockingIOError, BrokenPipeError):
+            pass
+
     async def sweeper(self) -> None:
+        next_snapshot = 0.0
         while True:
+            before = self.loop.time()
             await asyncio.sleep(SWEEP_INTERVAL)
             now = self.loop.time()
+            self.stats.loop_lag = max(0.0, now - before - SWEEP_INTERVAL)
+            if now >= next_snapshot:
+                self.send_snapshot()
+                next_snapshot = now + SNAPSHOT_INTERVAL
             idle = self.config.idle_timeout
             for s in list(self.sessions.values()):
                 if not s.closing and now - s.last_seen > idle:
@@ -757,6 +783,9 @@ class Worker:
         sweeper = self.loop.create_task(self.sweeper())
         if status_fd is not None:
             os.write(status_fd, f"ready {self.index}\n".encode())
+            os.set_blocking(status_fd, False)  # never stall on a busy supervisor
+            self.status_fd = status_fd
+            self.send_snapshot()
         log.event(
             logger,
             logging.INFO,
@@ -775,6 +804,7 @@ class Worker:
         while self.sessions and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         sweeper.cancel()
+        self.send_snapshot()  # the final counts, kept by the supervisor
         self.bus.close()
         self.store.clear_worker_sessions(self.index)
         self.store.close()

@@ -43,7 +43,9 @@ class Server:
         self.data_dir = data_dir
         self.port = free_port()
         self.workers = workers
-        self.options = {"login_timeout": 10, "idle_timeout": 60, **options}
+        self.options = {
+            "login_timeout": 10, "idle_timeout": 60, "metrics_listen": "off", **options,
+        }  # fmt: skip
         self.tls_port = self.cert = None
         if tls:
             self.tls_port = free_port()
