@@ -309,15 +309,20 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--top", type=int, default=10, metavar="N", help="devices listed (default 10)")
     q.add_argument("--json", action="store_true", help="one JSON object")
     q.set_defaults(func=_admin_queues)
+    from pigeon.tools import admin as admin_tools
+
+    admin_tools.add_parsers(asub)
     return p
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from pigeon.tools.admin import AdminError
+
     try:
         return args.func(args)
-    except UsageError as exc:
+    except (UsageError, AdminError) as exc:
         print(f"pigeon: {exc}", file=sys.stderr)
         return 2
     except BrokenPipeError:
