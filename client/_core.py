@@ -338,6 +338,8 @@ class ClientAPI:
 
     #: what a reconnection attempt may fail with and still be retried
     RETRY_ERRORS: tuple = (OSError, ConnectionLost, TimeoutError, ScramException)
+    #: reconnection attempts that failed (refused, reset, timed out) before one succeeded
+    reconnect_failures: int = 0
 
     # -- what a driver supplies --------------------------------------------------
 
@@ -420,6 +422,7 @@ class ClientAPI:
                     return False
                 continue
             except self.RETRY_ERRORS:
+                self.reconnect_failures += 1
                 self._drop_connection()
                 continue
             self.reconnects += 1

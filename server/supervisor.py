@@ -15,10 +15,18 @@ restarted after a backoff (1 s doubling to 30 s; reset once it has run 60 s)
 and the event is logged.  SIGTERM or SIGINT: the workers drain (stop
 accepting, tell clients 503, let output go) and the supervisor exits 0.
 Under systemd (Type=notify) the supervisor also sends READY=1 when it
-prints that line and STOPPING=1 when it starts draining.  SIGHUP (what
-`systemctl reload` and rc.d's `reload` send) is logged and otherwise
-ignored until zero-downtime reload exists: the running workers keep
-serving, nothing is dropped.
+prints that line and STOPPING=1 when it starts draining.
+
+Reload (SIGHUP, what `systemctl reload` and rc.d's `reload` send): the
+configuration file is read again (command-line flags still win) and
+checked; if it is bad, or data-dir or metrics-listen would change, the
+reload is refused with a log line and nothing else happens.  Otherwise a
+new generation of workers starts beside the old one (SO_REUSEPORT: both
+listen on the same port) and only when every new worker is ready are the
+old ones told to drain: they stop accepting, send their clients error 503
+(reconnect; the new workers are already listening) and exit.  Worker ids
+(``gen * WID_STRIDE + index``) keep the two generations apart in the
+session table and on the bus.
 """
 
 from __future__ import annotations
@@ -42,7 +50,7 @@ from . import log
 from . import metrics as metrics_mod
 from .sdnotify import notify
 from .store import Store, StoreError
-from .worker import listen_socket
+from .worker import WID_STRIDE, listen_socket
 
 logger = logging.getLogger("pigeon.supervisor")
 
@@ -55,22 +63,36 @@ class StartupError(Exception):
 
 
 class WorkerProc:
-    def __init__(self, index: int):
+    def __init__(self, index: int, gen: int = 0, count: int = 1, config=None):
         self.index = index
+        self.gen = gen
+        self.count = count  # the size of its generation
+        self.config = config  # the configuration its generation runs
         self.proc: subprocess.Popen | None = None
         self.status_fd: int | None = None
         self.ready = False
+        self.retiring = False  # an old generation's worker, draining after a reload
         self.started = 0.0
         self.backoff = 1.0
         self.restart_at: float | None = None
         self.buf = b""
 
+    @property
+    def wid(self) -> int:
+        return self.gen * WID_STRIDE + self.index
+
 
 class Supervisor:
-    def __init__(self, config):
+    def __init__(self, config, config_path: str | None = None, overrides: dict | None = None):
         self.config = config
+        self.config_path = config_path
+        self.overrides = overrides or {}
         self.count = config.worker_count
-        self.workers = [WorkerProc(i) for i in range(self.count)]
+        self.gen = 0
+        self.workers = [WorkerProc(i, 0, self.count, config) for i in range(self.count)]
+        self.incoming: list[WorkerProc] = []  # a reload's new generation, starting
+        self.retiring: list[WorkerProc] = []  # the old generation, draining
+        self.reload_started = 0.0
         self.sel = selectors.DefaultSelector()
         self.stopping = False
         self.run_dir = ""
@@ -83,7 +105,7 @@ class Supervisor:
 
     # -- startup checks -----------------------------------------------------
 
-    def preflight(self) -> None:
+    def preflight(self, reload: bool = False) -> None:
         c = self.config
         try:
             os.makedirs(c.data_dir, exist_ok=True)
@@ -98,7 +120,7 @@ class Supervisor:
         listeners = [("listen", c.listen)] + (
             [("tls-listen", c.tls_listen)] if c.tls_enabled else []
         )
-        if c.metrics_listen != "off":
+        if c.metrics_listen != "off" and not reload:
             host, _, port = c.metrics_listen.rpartition(":")
             host = host.strip("[]")
             try:
@@ -130,8 +152,9 @@ class Supervisor:
         status_r, status_w = os.pipe()
         cmd = [
             sys.executable, "-m", "pigeon.server.worker",
-            "--index", str(w.index), "--count", str(self.count), "--run-dir", self.run_dir,
-            "--config-json", orjson.dumps(self.config.as_dict()).decode(),
+            "--index", str(w.index), "--count", str(w.count), "--gen", str(w.gen),
+            "--run-dir", self.run_dir,
+            "--config-json", orjson.dumps(w.config.as_dict()).decode(),
             "--parent-fd", str(self.death_r), "--status-fd", str(status_w),
         ]  # fmt: skip
         w.proc = subprocess.Popen(cmd, pass_fds=(self.death_r, status_w), stdin=subprocess.DEVNULL)
@@ -142,7 +165,8 @@ class Supervisor:
         w.started = time.monotonic()
         w.restart_at = None
         self.sel.register(status_r, selectors.EVENT_READ, w)
-        log.event(logger, logging.INFO, "worker started", worker=w.index, pid=w.proc.pid)
+        log.event(logger, logging.INFO, "worker started", worker=w.index, gen=w.gen,
+                  pid=w.proc.pid)  # fmt: skip
 
     def _status(self, w: WorkerProc) -> None:
         data = os.read(w.status_fd, 256)
@@ -158,21 +182,28 @@ class Supervisor:
                 w.ready = True
             elif line.startswith(b"metrics "):
                 try:
-                    self.aggregate.update(w.index, orjson.loads(line[8:]))
+                    self.aggregate.update(w.wid, orjson.loads(line[8:]))
                 except orjson.JSONDecodeError:
                     pass
 
     def _reap(self) -> None:
-        for w in self.workers:
+        for w in self.workers + self.incoming + self.retiring:
             if w.proc is None or w.proc.poll() is None:
                 continue
             code = w.proc.returncode
             w.proc = None
-            self.aggregate.retire(w.index)
+            self.aggregate.retire(w.wid)
             if w.status_fd is not None:
                 self.sel.unregister(w.status_fd)
                 os.close(w.status_fd)
                 w.status_fd = None
+            if w in self.retiring:
+                self.retiring.remove(w)
+                log.event(logger, logging.INFO, "old worker drained", worker=w.index, gen=w.gen)
+                continue
+            if w in self.incoming:
+                self._abort_reload(f"new worker {w.index} exited with status {code}")
+                continue
             if self.stopping:
                 continue
             if time.monotonic() - w.started > 60:
@@ -227,13 +258,8 @@ class Supervisor:
                 self._reap()
                 if self.hangups:
                     self.hangups = 0
-                    log.event(
-                        logger,
-                        logging.WARNING,
-                        "SIGHUP: reload is not supported yet; the running workers keep serving",
-                        hint="restart the service to apply a new configuration",
-                    )
-                    notify(status="reload not supported yet: restart to apply a new configuration")
+                    self.begin_reload()
+                self._advance_reload()
                 now = time.monotonic()
                 for w in self.workers:
                     if (
@@ -261,6 +287,83 @@ class Supervisor:
         finally:
             self.shutdown()
 
+    # -- reload (SIGHUP) ------------------------------------------------------
+
+    def begin_reload(self) -> None:
+        """Re-read and check the configuration; start a new generation of workers.
+
+        The old workers keep serving until every new one listens (SO_REUSEPORT
+        lets both generations share the port); only then are they told to
+        drain.  A bad configuration, or a new worker that fails, leaves the
+        old generation serving.
+        """
+        from .config import ConfigError, load
+
+        if self.incoming:
+            log.event(logger, logging.WARNING, "reload already in progress; SIGHUP ignored")
+            return
+        try:
+            new = load(self.config_path, self.overrides) if self.config_path else self.config
+            if os.path.abspath(new.data_dir) != os.path.abspath(self.config.data_dir):
+                raise ConfigError(
+                    f"data-dir cannot change on reload ({self.config.data_dir} -> "
+                    f"{new.data_dir}): restart instead"
+                )
+            if new.metrics_listen != self.config.metrics_listen:
+                raise ConfigError("metrics-listen cannot change on reload: restart instead")
+            old_config, self.config = self.config, new
+            try:
+                self.preflight(reload=True)
+            finally:
+                self.config = old_config
+        except (ConfigError, StartupError) as exc:
+            log.event(logger, logging.ERROR, "reload refused; the running workers keep serving",
+                      error=str(exc))  # fmt: skip
+            notify(status=f"reload refused: {exc}")
+            return
+        self.gen += 1
+        count = new.worker_count
+        self.incoming = [WorkerProc(i, self.gen, count, new) for i in range(count)]
+        self.reload_started = time.monotonic()
+        log.event(logger, logging.INFO, "reload: starting new workers", gen=self.gen,
+                  workers=count, config=self.config_path)  # fmt: skip
+        notify(reloading=1, status="reloading")
+        for w in self.incoming:
+            self.spawn(w)
+
+    def _advance_reload(self) -> None:
+        if not self.incoming:
+            return
+        if all(w.ready for w in self.incoming):
+            old, self.workers = self.workers, self.incoming
+            self.incoming = []
+            self.config = self.workers[0].config
+            self.count = len(self.workers)
+            for w in old:
+                w.retiring = True
+                if w.proc is not None and w.proc.poll() is None:
+                    w.proc.send_signal(signal.SIGTERM)
+                    self.retiring.append(w)
+            log.event(logger, logging.INFO, "reload: new workers serving; old ones draining",
+                      gen=self.gen, seconds=round(time.monotonic() - self.reload_started, 3))  # fmt: skip
+            notify(ready=1, status=f"serving (generation {self.gen})")
+        elif time.monotonic() - self.reload_started > READY_TIMEOUT:
+            self._abort_reload(f"new workers not ready within {READY_TIMEOUT:.0f} s")
+
+    def _abort_reload(self, why: str) -> None:
+        for w in self.incoming:
+            if w.proc is not None and w.proc.poll() is None:
+                w.proc.kill()
+                w.proc.wait()
+            if w.status_fd is not None:
+                self.sel.unregister(w.status_fd)
+                os.close(w.status_fd)
+                w.status_fd = None
+        self.incoming = []
+        log.event(logger, logging.ERROR, "reload failed; the running workers keep serving",
+                  error=why)  # fmt: skip
+        notify(ready=1, status=f"reload failed: {why}")
+
     def health(self) -> str:
         """What /health answers: ready, starting or stopping."""
         if self.stopping:
@@ -272,11 +375,12 @@ class Supervisor:
     def shutdown(self) -> None:
         self.stopping = True
         notify(stopping=1, status="draining")
-        for w in self.workers:
+        everyone = self.workers + self.incoming + self.retiring
+        for w in everyone:
             if w.proc is not None and w.proc.poll() is None:
                 w.proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + STOP_TIMEOUT
-        for w in self.workers:
+        for w in everyone:
             if w.proc is None:
                 continue
             try:
@@ -298,10 +402,10 @@ class Supervisor:
         log.event(logger, logging.INFO, "server stopped")
 
 
-def serve(config) -> int:
+def serve(config, config_path: str | None = None, overrides: dict | None = None) -> int:
     log.setup(config.log_level, config.log_format)
     try:
-        return Supervisor(config).run()
+        return Supervisor(config, config_path, overrides).run()
     except StartupError as exc:
         print(f"pigeon serve: {exc}", file=sys.stderr)
         return 1

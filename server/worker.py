@@ -86,6 +86,7 @@ PAYLOAD_HEADROOM = 256
 logger = logging.getLogger("pigeon.worker")
 
 SWEEP_INTERVAL = 1.0
+WID_STRIDE = 1024  # worker id = generation * WID_STRIDE + index
 FULL_LOG_INTERVAL = 10.0
 
 
@@ -459,10 +460,14 @@ class Session(asyncio.Protocol):
 
 
 class Worker:
-    def __init__(self, config, index: int, count: int, run_dir: str):
+    def __init__(self, config, index: int, count: int, run_dir: str, gen: int = 0):
         self.config = config
         self.index = index
         self.count = count
+        # Unique across reload generations: the session table and the bus
+        # sockets name workers by it, so two generations can overlap.
+        self.gen = gen
+        self.wid = gen * WID_STRIDE + index
         self.run_dir = run_dir
         self.limits = (
             Limits(max_frame=config.max_frame)
@@ -504,8 +509,8 @@ class Worker:
         if old is not None and old is not s:
             old.fail(ErrorCode.REPLACED, "logged in on another connection")
         self.by_device[s.device] = s
-        prev = self.store.set_session(s.device, self.index, s.id)
-        if prev is not None and prev["worker"] != self.index:
+        prev = self.store.set_session(s.device, self.wid, s.id)
+        if prev is not None and prev["worker"] != self.wid:
             self.bus.send(
                 prev["worker"],
                 core_codec.Node("kick", {"device": s.device, "code": str(int(ErrorCode.REPLACED))}),
@@ -516,15 +521,15 @@ class Worker:
     def detach(self, s: Session) -> None:
         if self.by_device.get(s.device) is s:
             del self.by_device[s.device]
-            self.store.clear_session(s.device, self.index, s.id)
+            self.store.clear_session(s.device, self.wid, s.id)
 
     def revoke(self, device: str, code: ErrorCode, text: str) -> None:
         """Close a device's session wherever it is."""
         local = self.by_device.get(device)
         if local is not None:
             local.fail(code, text)
-        for w in range(self.count):
-            if w != self.index:
+        for w in self.bus.peer_ids():
+            if w != self.wid:
                 self.bus.send(
                     w, core_codec.Node("kick", {"device": device, "code": str(int(code))})
                 )
@@ -641,7 +646,7 @@ class Worker:
         for p in pushes:
             if p.worker is None:
                 continue  # offline: it waits in the queue
-            if p.worker == self.index:
+            if p.worker == self.wid:
                 s = by_device.get(p.device)
                 if s is not None:
                     s.offer(p.seq, p.frame)
@@ -757,7 +762,7 @@ class Worker:
             FrameEncoder(),
             receipts=c.delivered_receipts,
         )
-        self.store.clear_worker_sessions(self.index)
+        self.store.clear_worker_sessions(self.wid)
         self.accounts = Accounts(self.store, c, make_gateway(c))
         self.bus = Bus(self)
         await self.bus.start()
@@ -791,6 +796,7 @@ class Worker:
             logging.INFO,
             "worker ready",
             worker=self.index,
+            gen=self.gen,
             pid=os.getpid(),
             codec=core_codec.IMPLEMENTATION,
         )
@@ -806,7 +812,7 @@ class Worker:
         sweeper.cancel()
         self.send_snapshot()  # the final counts, kept by the supervisor
         self.bus.close()
-        self.store.clear_worker_sessions(self.index)
+        self.store.clear_worker_sessions(self.wid)
         self.store.close()
         log.event(logger, logging.INFO, "worker stopped", worker=self.index)
 
@@ -857,11 +863,19 @@ class Bus:
         self.connecting: set[int] = set()
         self.server = None
 
-    def path(self, index: int) -> str:
-        return os.path.join(self.worker.run_dir, f"w{index}.sock")
+    def path(self, wid: int) -> str:
+        return os.path.join(self.worker.run_dir, f"w{wid}.sock")
+
+    def peer_ids(self) -> list[int]:
+        """Every worker listening now, this generation or another (during a reload)."""
+        out = []
+        for name in os.listdir(self.worker.run_dir):
+            if name.startswith("w") and name.endswith(".sock") and name[1:-5].isdigit():
+                out.append(int(name[1:-5]))
+        return out
 
     async def start(self) -> None:
-        path = self.path(self.worker.index)
+        path = self.path(self.worker.wid)
         if os.path.exists(path):
             os.unlink(path)
         self.server = await self.worker.loop.create_unix_server(lambda: BusPeer(self), path)
@@ -907,6 +921,10 @@ class Bus:
     def close(self) -> None:
         if self.server is not None:
             self.server.close()
+        try:  # no longer a peer for anyone
+            os.unlink(self.path(self.worker.wid))
+        except OSError:
+            pass
         for p in self.peers.values():
             if p.transport is not None:
                 p.transport.close()
@@ -918,6 +936,7 @@ def main(argv=None) -> int:
     )
     p.add_argument("--index", type=int, required=True)
     p.add_argument("--count", type=int, required=True)
+    p.add_argument("--gen", type=int, default=0, help="reload generation")
     p.add_argument("--run-dir", required=True)
     p.add_argument("--config-json", required=True)
     p.add_argument("--parent-fd", type=int)
@@ -928,7 +947,7 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides; it sends SIGTERM
     import uvloop
 
-    worker = Worker(config, args.index, args.count, args.run_dir)
+    worker = Worker(config, args.index, args.count, args.run_dir, args.gen)
     profile_dir = os.environ.get("PIGEON_PROFILE_DIR")
     if profile_dir:  # a development aid: cProfile the worker, dump when it stops
         import cProfile
@@ -939,7 +958,7 @@ def main(argv=None) -> int:
             uvloop.run(worker.main(args.parent_fd, args.status_fd))
         finally:
             prof.disable()
-            prof.dump_stats(os.path.join(profile_dir, f"worker-{args.index}.prof"))
+            prof.dump_stats(os.path.join(profile_dir, f"worker-{args.gen}-{args.index}.prof"))
         return 0
     uvloop.run(worker.main(args.parent_fd, args.status_fd))
     return 0

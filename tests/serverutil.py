@@ -37,8 +37,10 @@ class Server:
         workers: int = 2,
         tls: bool = False,
         open_files: int | None = None,
+        config_file: Path | None = None,
         **options,
     ):
+        self.config_file = config_file
         self.open_files = open_files
         self.data_dir = data_dir
         self.port = free_port()
@@ -62,6 +64,8 @@ class Server:
                 "--log-format", "json", "--map-size", str(256 << 20)]  # fmt: skip
         for k, v in self.options.items():
             args += ["--" + k.replace("_", "-"), str(v)]
+        if self.config_file is not None:
+            args += ["--config", str(self.config_file)]
         self.log = open(self.data_dir.parent / f"server-{self.port}.log", "ab")
         limit = self.open_files
 

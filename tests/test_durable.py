@@ -291,7 +291,9 @@ async def crash_load(srv: Server, crash) -> dict:
             ev = await c.next_event(None)
             if isinstance(ev, IncomingMessage):
                 received[phone][ev.id] += 1
-            await c.ack(ev.seq)
+            if isinstance(ev, (IncomingMessage, IncomingReceipt)):
+                await c.ack(ev.seq)
+            # (an Error event, e.g. 503 while a reload moves the client: it reconnects)
 
     async def send_all(i, phone):
         c = clients[phone]
@@ -327,6 +329,7 @@ async def crash_load(srv: Server, crash) -> dict:
         c.cancel()
     redelivered = sum(c.redelivered for c in clients.values())
     reconnects = sum(c.reconnects for c in clients.values())
+    reconnect_failures = sum(c.reconnect_failures for c in clients.values())
     for c in clients.values():
         await c.close()
     seen = Counter()
@@ -344,6 +347,7 @@ async def crash_load(srv: Server, crash) -> dict:
         "delivered_to_apps": sum(seen.values()),
         "redelivered_on_wire": redelivered,
         "reconnects": reconnects,
+        "reconnect_failures": reconnect_failures,
     }
     print("crash load:", report)
     return report

@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,7 @@ def read_notify(sock: socket.socket, want: str, timeout: float = 30.0) -> dict:
             return fields
 
 
-def test_sd_notify_ready_stopping_and_a_harmless_sighup(tmp_path, monkeypatch):
+def test_sd_notify_ready_reloading_and_stopping(tmp_path, monkeypatch):
     path = str(tmp_path / "notify.sock")
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.bind(path)
@@ -43,13 +44,17 @@ def test_sd_notify_ready_stopping_and_a_harmless_sighup(tmp_path, monkeypatch):
                 await c.ping()
                 await c.close()
 
-            workers = sorted(srv.worker_pids())
-            srv.proc.send_signal(signal.SIGHUP)
-            status = read_notify(sock, "STATUS")
-            assert "reload not supported yet" in status["STATUS"]
-            asyncio.run(ping())  # still serving, with the same workers
-            assert sorted(srv.worker_pids()) == workers
-            assert "SIGHUP: reload is not supported yet" in srv.log_text()
+            workers = set(srv.worker_pids())
+            srv.proc.send_signal(signal.SIGHUP)  # a reload: RELOADING=1, then READY=1 again
+            assert read_notify(sock, "RELOADING")["RELOADING"] == "1"
+            again = read_notify(sock, "READY")
+            assert again["STATUS"] == "serving (generation 1)"
+            asyncio.run(ping())
+            deadline = time.monotonic() + 20
+            while workers & set(srv.worker_pids()) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert not workers & set(srv.worker_pids())  # the old generation is gone
+            asyncio.run(ping())
             srv.proc.send_signal(signal.SIGTERM)
             assert read_notify(sock, "STOPPING")["STOPPING"] == "1"
             assert srv.proc.wait(30) == 0

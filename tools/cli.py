@@ -32,7 +32,7 @@ def _serve(args) -> int:
         config = load(args.config, overrides)
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
-    return serve(config)
+    return serve(config, args.config, overrides)
 
 
 def _admin_gen_cert(args) -> int:
