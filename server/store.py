@@ -203,6 +203,16 @@ class Store:
             )
         return address
 
+    def set_disabled(self, phone: str, disabled: bool) -> bool:
+        """Disable (or enable) an account: a disabled one cannot log in. False: no such account."""
+        with self.write() as txn:
+            acct = self._get(txn, "accounts", phone)
+            if acct is None:
+                return False
+            acct["disabled"] = disabled
+            self._put(txn, "accounts", phone, acct)
+        return True
+
     def remove_device(self, address: str) -> bool:
         """Log a device out for good (its keys and session go)."""
         phone, _, n = address.partition(":")

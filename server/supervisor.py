@@ -45,6 +45,7 @@ import time
 import orjson
 
 from pigeon.core import codec as core_codec
+from pigeon.core.node import Limits
 
 from . import log
 from . import metrics as metrics_mod
@@ -55,6 +56,7 @@ from .worker import WID_STRIDE, listen_socket
 logger = logging.getLogger("pigeon.supervisor")
 
 READY_TIMEOUT = 60.0
+CONTROL_SOCKET = "control.sock"
 STOP_TIMEOUT = 10.0
 
 
@@ -102,6 +104,7 @@ class Supervisor:
         self.announced = False
         self.aggregate = metrics_mod.Aggregate()
         self.metrics_server = None
+        self.control: socket.socket | None = None
 
     # -- startup checks -----------------------------------------------------
 
@@ -238,6 +241,7 @@ class Supervisor:
         self.sel.register(self.wake_r, selectors.EVENT_READ, None)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
+        self.open_control()
         if self.config.metrics_listen != "off":
             collector = metrics_mod.Collector(
                 self.aggregate, os.path.join(self.config.data_dir, "store"), self.config.map_size
@@ -253,6 +257,8 @@ class Supervisor:
                 for key, _ in self.sel.select(timeout=0.5):
                     if key.data is None:
                         os.read(self.wake_r, 4096)
+                    elif key.data == "control":
+                        self._control()
                     else:
                         self._status(key.data)
                 self._reap()
@@ -286,6 +292,75 @@ class Supervisor:
             return 0
         finally:
             self.shutdown()
+
+    # -- the control socket ------------------------------------------------------
+
+    def open_control(self) -> None:
+        """``DATA_DIR/control.sock`` (mode 0600): how `pigeon admin` reaches live sessions."""
+        path = os.path.join(self.config.data_dir, CONTROL_SOCKET)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+        sock.listen(8)
+        sock.setblocking(False)
+        self.control = sock
+        self.sel.register(sock, selectors.EVENT_READ, "control")
+
+    def _control(self) -> None:
+        """One request a connection: a JSON line in, a JSON line out."""
+        try:
+            conn, _ = self.control.accept()
+        except BlockingIOError:
+            return
+        with conn:
+            conn.settimeout(2.0)
+            try:
+                data = b""
+                while not data.endswith(b"\n") and len(data) < 4096:
+                    chunk = conn.recv(4096)
+                    if not chunk:
+                        break
+                    data += chunk
+                req = orjson.loads(data)
+                if req.get("op") != "kick" or not isinstance(req.get("device"), str):
+                    raise ValueError("unknown request")
+                n = self.kick(req["device"], int(req.get("code", 304)), str(req.get("text", "")))
+                conn.sendall(orjson.dumps({"ok": True, "workers": n}) + b"\n")
+            except (OSError, ValueError, orjson.JSONDecodeError) as exc:
+                try:
+                    conn.sendall(orjson.dumps({"ok": False, "error": str(exc)}) + b"\n")
+                except OSError:
+                    pass
+
+    def kick(self, device: str, code: int, text: str) -> int:
+        """Tell every worker to close ``device``'s session; returns how many were told."""
+        codec = core_codec.Codec(limits=Limits(max_frame=0xFFFFFF))
+        attrs = {"device": device, "code": str(code)}
+        if text:
+            attrs["text"] = text
+        frame = codec.encode_frame(core_codec.Node("kick", attrs))
+        told = 0
+        for w in self.workers + self.incoming + self.retiring:
+            path = os.path.join(self.run_dir, f"w{w.wid}.sock")
+            try:
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                    s.settimeout(2.0)
+                    s.connect(path)
+                    s.sendall(frame)
+                told += 1
+            except OSError:
+                pass  # not running: it holds no session
+        log.event(logger, logging.INFO, "operator closed a device's sessions", device=device,
+                  code=code, workers=told)  # fmt: skip
+        return told
 
     # -- reload (SIGHUP) ------------------------------------------------------
 
@@ -399,6 +474,12 @@ class Supervisor:
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
             self.metrics_server.server_close()
+        if self.control is not None:
+            self.control.close()
+            try:
+                os.unlink(os.path.join(self.config.data_dir, CONTROL_SOCKET))
+            except OSError:
+                pass
         log.event(logger, logging.INFO, "server stopped")
 
 

@@ -428,6 +428,9 @@ class Session(asyncio.Protocol):
             )
         if not acc.login_allowed(user):
             return self.fail(ErrorCode.RATE_LIMITED, "too many failed logins; try again later")
+        acct = self.worker.store.account(user.partition(":")[0])
+        if acct is not None and acct.get("disabled"):
+            return self.fail(ErrorCode.NOT_AUTHORIZED, "login refused: this account is disabled")
         self.scram = acc.scram_server()
         try:
             self.scram.set_client_first(ev.data.decode("ascii"))
@@ -534,14 +537,15 @@ class Worker:
                     w, core_codec.Node("kick", {"device": device, "code": str(int(code))})
                 )
 
-    def kick_local(self, device: str, code: int) -> None:
+    def kick_local(self, device: str, code: int, text: str | None = None) -> None:
         s = self.by_device.get(device)
         if s is not None:
-            text = (
-                "logged in on another connection"
-                if code == ErrorCode.REPLACED
-                else "this device was removed"
-            )
+            if text is None:
+                text = (
+                    "logged in on another connection"
+                    if code == ErrorCode.REPLACED
+                    else "this device was removed"
+                )
             s.fail(ErrorCode(code), text)
 
     # -- the tick: one commit, then one write per connection and per peer ----------
@@ -846,7 +850,7 @@ class BusPeer(asyncio.Protocol):
             if node.tag == "push":
                 w.offer_local(a["d"], int(a["s"]), node.content)
             elif node.tag == "kick":
-                w.kick_local(a["device"], int(a["code"]))
+                w.kick_local(a["device"], int(a["code"]), a.get("text"))
 
     def connection_lost(self, exc) -> None:
         self.bus.lost(self)

@@ -118,3 +118,69 @@ def test_user_device_stats_backup_and_restore(tmp_path):
         assert srv2.stop() == 0
     forced = admin("restore", str(backup_dir), "--data-dir", str(fresh), "--force")
     assert forced.returncode == 0 and "previous store is in" in forced.stdout
+
+
+def test_disable_and_revoke_close_live_sessions(tmp_path):
+    import stat
+
+    from pigeon.client import ConnectionLost, ServerError
+    from pigeon.core.errors import ErrorCode
+    from pigeon.core.events import Error
+
+    srv = Server(tmp_path / "data", workers=2).start()
+    data = str(srv.data_dir)
+    try:
+        assert stat.S_IMODE(os.stat(srv.data_dir / "control.sock").st_mode) == 0o600
+
+        async def main():
+            alice_creds, bob_creds = await srv.register(ALICE), await srv.register(BOB)
+            alice, bob = await srv.login(alice_creds), await srv.login(bob_creds)
+            proc = await asyncio.to_thread(admin, "user", "disable", ALICE, "--data-dir", data)
+            assert proc.returncode == 0, proc.stderr
+            assert "live sessions closed" in proc.stdout
+            ev = await alice.next_event(10)  # at once, with a reason
+            assert isinstance(ev, Error) and ev.code == ErrorCode.REVOKED
+            assert "disabled" in ev.text
+            c = await srv.client()
+            try:
+                await c.login(alice_creds)
+                raise AssertionError("a disabled account logged in")
+            except ServerError as exc:
+                assert exc.code == ErrorCode.NOT_AUTHORIZED and "disabled" in exc.text
+            await c.close()
+            await bob.ping()  # nobody else is touched
+            proc = await asyncio.to_thread(admin, "user", "enable", ALICE, "--data-dir", data)
+            assert proc.returncode == 0
+            alice2 = await srv.login(alice_creds)
+            await alice2.ping()
+            # revoke bob's device: his session closes, his login fails, the account stays
+            proc = await asyncio.to_thread(admin, "device", "revoke", bob_creds.device,
+                                           "--data-dir", data)  # fmt: skip
+            assert proc.returncode == 0, proc.stderr
+            ev = await bob.next_event(10)
+            assert isinstance(ev, Error) and ev.code == ErrorCode.REVOKED
+            try:
+                await bob.next_event(10)
+                raise AssertionError("the revoked session stayed open")
+            except ConnectionLost:
+                pass
+            c = await srv.client()
+            try:
+                await c.login(bob_creds)
+                raise AssertionError("a revoked device logged in")
+            except ServerError as exc:
+                assert exc.code == ErrorCode.NOT_AUTHORIZED
+            await c.close()
+            again = admin("device", "revoke", bob_creds.device, "--data-dir", data)
+            assert again.returncode == 1 and "no device" in again.stderr
+            bad = admin("device", "revoke", BOB, "--data-dir", data)
+            assert bad.returncode == 2 and "not a device address" in bad.stderr
+            for c in (alice, alice2, bob):
+                await c.close()
+
+        asyncio.run(asyncio.wait_for(main(), 60))
+    finally:
+        assert srv.stop() == 0
+    # with the server down the store changes still apply, and the command says so
+    proc = admin("user", "disable", ALICE, "--data-dir", data)
+    assert proc.returncode == 0 and "not running" in proc.stdout

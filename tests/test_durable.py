@@ -268,10 +268,12 @@ SENDERS = RECEIVERS = 4
 PER_SENDER = 750  # 3,000 messages
 
 
-async def crash_load(srv: Server, crash) -> dict:
+async def crash_load(srv: Server, crash, pause: float = 0.0) -> dict:
     """Senders send to receivers with resuming clients; ``crash()`` runs a third of the way in.
 
-    Returns what the applications saw.  Asserts the contract: every id the
+    ``pause``: seconds each sending slot waits before a send, to stretch the
+    load over a slow event.  Returns what the applications saw.  Asserts the
+    contract: every id the
     server acked reached its recipient's application exactly once, and
     nothing reached an application that was never sent.
     """
@@ -304,6 +306,8 @@ async def crash_load(srv: Server, crash) -> dict:
             mid = f"s{i}-{n}"
             attempted.add(mid)
             async with sem:
+                if pause:
+                    await asyncio.sleep(pause)
                 try:
                     await c.send(to, os.urandom(100), id=mid, timeout=None)
                 except Exception as exc:  # counted, never as sent
@@ -318,6 +322,7 @@ async def crash_load(srv: Server, crash) -> dict:
     await until(lambda: len(acked) >= total // 3, timeout=60, interval=0.01)
     crashed_at = len(acked)
     await crash()
+    acked_after_crash_returned = len(acked)
     await asyncio.wait_for(asyncio.gather(*senders), 120)
 
     def all_in():
@@ -344,6 +349,7 @@ async def crash_load(srv: Server, crash) -> dict:
         "sent": total,
         "acked": len(acked),
         "acked_before_crash": crashed_at,
+        "acked_when_crash_returned": acked_after_crash_returned,
         "delivered_to_apps": sum(seen.values()),
         "redelivered_on_wire": redelivered,
         "reconnects": reconnects,

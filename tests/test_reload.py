@@ -24,10 +24,12 @@ def test_reload_under_load_loses_and_duplicates_nothing(tmp_path):
 
         async def reload():
             srv.proc.send_signal(signal.SIGHUP)
+            await until(lambda: drained(srv, 2), timeout=60)  # the load goes on meanwhile
 
-        report = asyncio.run(asyncio.wait_for(crash_load(srv, reload), 300))
+        # paced (about 4 s of load), so that the switch happens in the middle of it
+        report = asyncio.run(asyncio.wait_for(crash_load(srv, reload, pause=0.1), 300))
         # crash_load asserted: every acked message reached its application exactly once
-        asyncio.run(until(lambda: drained(srv, 2), timeout=30))
+        assert report["acked_when_crash_returned"] < report["sent"], "the load ended too soon"
         assert not before & set(srv.worker_pids())
         assert report["reconnects"] >= 1
         # connections refused or reset while reconnecting: the target is zero

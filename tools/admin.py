@@ -1,8 +1,11 @@
 """``pigeon admin`` actions for operators: check-config, stats, user, device, backup, restore.
 
-Everything here reads the LMDB store directly (it is multi-process safe, so
-these work with the server up or down) or, for ``stats``, the running
-server's metrics listener.  Human tables by default, ``--json`` (orjson) for
+Everything here reads and writes the LMDB store directly (it is
+multi-process safe, so these work with the server up or down); ``stats``
+reads the running server's metrics listener, and ``user disable`` and
+``device revoke`` then ask the running server, through its control socket
+(``DATA_DIR/control.sock``, mode 0600, so only the server's user can), to
+close the affected sessions at once.  Human tables by default, ``--json`` (orjson) for
 scripts; mistakes exit 2 with what to fix, failures exit 1.
 """
 
@@ -145,6 +148,84 @@ def _print_devices(devices: list[dict]) -> None:
               f"{d['queued']:>7}")  # fmt: skip
 
 
+# -- actions on live sessions (through the server's control socket) ------------------------
+
+
+def _close_sessions(data_dir: str, device: str, text: str) -> str:
+    """Ask the running server to close ``device``'s sessions (error 304); says what happened."""
+    import socket
+
+    path = os.path.join(data_dir, "control.sock")
+    req = orjson.dumps({"op": "kick", "device": device, "code": 304, "text": text}) + b"\n"
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(10)
+            s.connect(path)
+            s.sendall(req)
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+    except (FileNotFoundError, ConnectionRefusedError):
+        return "the server is not running: no live session to close"
+    except OSError as exc:
+        return f"could not reach the server at {path}: {exc.strerror or exc}"
+    reply = orjson.loads(data) if data else {"ok": False, "error": "no answer"}
+    if not reply.get("ok"):
+        return f"the server refused: {reply.get('error')}"
+    return f"live sessions closed ({reply['workers']} workers told)"
+
+
+def _phone_arg(phone: str) -> str:
+    from pigeon.core.node import valid_phone
+
+    if not valid_phone(phone):
+        raise AdminError(f"{phone!r} is not a phone number (8-15 digits, no '+')")
+    return phone
+
+
+def user_disable(args) -> int:
+    phone = _phone_arg(args.phone)
+    store = _open_store(args.data_dir)
+    try:
+        ok = store.set_disabled(phone, not args.enable)
+        acct = store.account(phone) if ok else None
+    finally:
+        store.close()
+    if not ok:
+        print(f"pigeon admin: no account {phone}", file=sys.stderr)
+        return 1
+    if args.enable:
+        print(f"enabled {phone}: its devices may log in again")
+        return 0
+    notes = [
+        _close_sessions(args.data_dir, f"{phone}:{n}", "this account was disabled by the operator")
+        for n in acct["devices"]
+    ]
+    print(f"disabled {phone}: its devices cannot log in; " + ("; ".join(notes) or "no devices"))
+    return 0
+
+
+def device_revoke(args) -> int:
+    from pigeon.core.node import address_kind
+
+    if address_kind(args.device) != "device":
+        raise AdminError(f"{args.device!r} is not a device address (PHONE:N, e.g. 491701234567:0)")
+    store = _open_store(args.data_dir)
+    try:
+        removed = store.remove_device(args.device)
+    finally:
+        store.close()
+    if not removed:
+        print(f"pigeon admin: no device {args.device}", file=sys.stderr)
+        return 1
+    note = _close_sessions(args.data_dir, args.device, "this device was revoked by the operator")
+    print(f"revoked {args.device} (its keys and queue are gone); {note}")
+    return 0
+
+
 # -- backup and restore ------------------------------------------------------------------
 
 
@@ -264,21 +345,33 @@ def add_parsers(asub) -> None:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=stats)
 
-    u = asub.add_parser("user", help="accounts: show PHONE")
+    u = asub.add_parser("user", help="accounts: show, disable, enable PHONE")
     usub = u.add_subparsers(dest="user_command", metavar="ACTION", required=True)
     us = usub.add_parser("show", help="an account and its devices, online state and queues")
     us.add_argument("phone")
     data_dir(us)
     us.add_argument("--json", action="store_true")
     us.set_defaults(func=user_show)
+    for name, enable, text in (
+        ("disable", False, "refuse the account's logins and close its live sessions"),
+        ("enable", True, "let a disabled account log in again"),
+    ):
+        ud = usub.add_parser(name, help=text)
+        ud.add_argument("phone")
+        data_dir(ud)
+        ud.set_defaults(func=user_disable, enable=enable)
 
-    d = asub.add_parser("device", help="devices: list PHONE")
+    d = asub.add_parser("device", help="devices: list PHONE, revoke DEVICE")
     dsub = d.add_subparsers(dest="device_command", metavar="ACTION", required=True)
     dl = dsub.add_parser("list", help="the devices of an account")
     dl.add_argument("phone")
     data_dir(dl)
     dl.add_argument("--json", action="store_true")
     dl.set_defaults(func=device_list)
+    dr = dsub.add_parser("revoke", help="remove a device (keys, queue) and close its live session")
+    dr.add_argument("device", help="PHONE:N")
+    data_dir(dr)
+    dr.set_defaults(func=device_revoke)
 
     b = asub.add_parser("backup", help="a consistent hot copy of the store, server running or not")
     b.add_argument("dest", help="a new or empty directory")
