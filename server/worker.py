@@ -770,18 +770,18 @@ class Worker:
         self.accounts = Accounts(self.store, c, make_gateway(c))
         self.bus = Bus(self)
         await self.bus.start()
-        servers = [
-            await self.loop.create_server(lambda: Session(self), sock=listen_socket(c.listen))
-        ]
+        # The loop serves a duplicate of each listening socket; the original
+        # stays with us so that a drain can empty its accept queue (see drain()).
+        listeners = [(listen_socket(c.listen), lambda: Session(self), None)]
         if c.tls_enabled:
             ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             ctx.minimum_version = ssl.TLSVersion.TLSv1_2
             ctx.load_cert_chain(c.tls_cert, c.tls_key or c.tls_cert)
-            servers.append(
-                await self.loop.create_server(
-                    lambda: Session(self, tls=True), sock=listen_socket(c.tls_listen), ssl=ctx
-                )
-            )
+            listeners.append((listen_socket(c.tls_listen), lambda: Session(self, tls=True), ctx))
+        servers = [
+            await self.loop.create_server(factory, sock=raw.dup(), ssl=ctx)
+            for raw, factory, ctx in listeners
+        ]
         self.loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
         # SIGHUP belongs to the supervisor (a terminal hangup reaches the
         # whole group): a worker leaves it to its supervisor.
@@ -805,9 +805,11 @@ class Worker:
             codec=core_codec.IMPLEMENTATION,
         )
         await self.stopping.wait()
-        # Drain: stop accepting, tell clients, let buffered output go.
+        # Drain: stop accepting, take what waits in the accept queues, tell
+        # every client to reconnect, let buffered output go.
         for srv in servers:
             srv.close()
+        await self.drain_accept_queues(listeners)
         for s in list(self.sessions.values()):
             s.fail(ErrorCode.SHUTTING_DOWN, "the server is shutting down; reconnect later")
         deadline = time.monotonic() + 2.0
@@ -819,6 +821,36 @@ class Worker:
         self.store.clear_worker_sessions(self.wid)
         self.store.close()
         log.event(logger, logging.INFO, "worker stopped", worker=self.index)
+
+    async def drain_accept_queues(self, listeners) -> None:
+        """Accept what is still queued on the listening sockets, then close them.
+
+        Closing a listener resets the connections waiting in its accept
+        queue (Linux, without net.ipv4.tcp_migrate_req).  Emptying the queue
+        first leaves a window of microseconds instead; the connections taken
+        are served like the others: told 503, so their clients reconnect to
+        the workers still listening (a reload's new generation).
+        """
+        waiting = []
+        for raw, factory, ctx in listeners:
+            raw.setblocking(False)
+            while True:
+                try:
+                    conn, _ = raw.accept()
+                except OSError:  # BlockingIOError: the queue is empty
+                    break
+                waiting.append((conn, factory, ctx))
+            raw.close()
+        for conn, factory, ctx in waiting:
+            try:
+                await self.loop.connect_accepted_socket(
+                    factory, conn, ssl=ctx, ssl_handshake_timeout=2.0 if ctx else None
+                )
+            except (OSError, ssl.SSLError):
+                conn.close()
+        if waiting:
+            log.event(logger, logging.INFO, "drained the accept queue", worker=self.index,
+                      connections=len(waiting))  # fmt: skip
 
     def _parent_gone(self, fd: int) -> None:
         try:

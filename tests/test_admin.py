@@ -182,5 +182,7 @@ def test_disable_and_revoke_close_live_sessions(tmp_path):
     finally:
         assert srv.stop() == 0
     # with the server down the store changes still apply, and the command says so
-    proc = admin("user", "disable", ALICE, "--data-dir", data)
-    assert proc.returncode == 0 and "not running" in proc.stdout
+    proc = admin("user", "disable", ALICE, "--data-dir", data, "--json")
+    assert proc.returncode == 0
+    out = json.loads(proc.stdout)
+    assert out["disabled"] and "not running" in out["sessions"][0]

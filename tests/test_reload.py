@@ -74,3 +74,43 @@ def test_a_bad_config_is_refused_and_a_good_one_applied(tmp_path):
         asyncio.run(asyncio.wait_for(main(), 120))
     finally:
         assert srv.stop() == 0
+
+
+def test_a_draining_worker_answers_what_waits_in_its_accept_queue(tmp_path):
+    """Connections queued in the kernel while a worker stops get 503, not a reset.
+
+    Whether the loop accepts them before it handles SIGTERM or the drain
+    takes them from the accept queue, each must be answered.
+    """
+    import os
+    import socket
+
+    from pigeon.core import codec as core_codec
+    from pigeon.core.events import Error
+
+    srv = Server(tmp_path / "data", workers=1).start()
+    try:
+        (pid,) = srv.worker_pids()
+        os.kill(pid, signal.SIGSTOP)  # frozen: the kernel queues new connections for it
+        try:
+            socks = [socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+                     for _ in range(5)]  # fmt: skip
+            os.kill(pid, signal.SIGTERM)  # handled once it runs again: drain
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        for s in socks:
+            data = b""
+            s.settimeout(10)
+            while True:
+                chunk = s.recv(4096)  # a reset would raise here
+                if not chunk:
+                    break
+                data += chunk
+            s.close()
+            assert data[:3] == b"PGN"
+            reader = core_codec.FrameReader()
+            reader.feed(data[5:])
+            node = reader.next_node(core_codec.Codec())
+            assert Error.from_node(node).code == 503
+    finally:
+        assert srv.stop() == 0

@@ -198,13 +198,19 @@ def user_disable(args) -> int:
         print(f"pigeon admin: no account {phone}", file=sys.stderr)
         return 1
     if args.enable:
-        print(f"enabled {phone}: its devices may log in again")
+        if args.json:
+            _out_json({"phone": phone, "disabled": False})
+        else:
+            print(f"enabled {phone}: its devices may log in again")
         return 0
     notes = [
         _close_sessions(args.data_dir, f"{phone}:{n}", "this account was disabled by the operator")
         for n in acct["devices"]
     ]
-    print(f"disabled {phone}: its devices cannot log in; " + ("; ".join(notes) or "no devices"))
+    if args.json:
+        _out_json({"phone": phone, "disabled": True, "sessions": notes})
+    else:
+        print(f"disabled {phone}: its devices cannot log in; " + ("; ".join(notes) or "no devices"))
     return 0
 
 
@@ -222,7 +228,10 @@ def device_revoke(args) -> int:
         print(f"pigeon admin: no device {args.device}", file=sys.stderr)
         return 1
     note = _close_sessions(args.data_dir, args.device, "this device was revoked by the operator")
-    print(f"revoked {args.device} (its keys and queue are gone); {note}")
+    if args.json:
+        _out_json({"device": args.device, "revoked": True, "sessions": note})
+    else:
+        print(f"revoked {args.device} (its keys and queue are gone); {note}")
     return 0
 
 
@@ -359,6 +368,7 @@ def add_parsers(asub) -> None:
         ud = usub.add_parser(name, help=text)
         ud.add_argument("phone")
         data_dir(ud)
+        ud.add_argument("--json", action="store_true")
         ud.set_defaults(func=user_disable, enable=enable)
 
     d = asub.add_parser("device", help="devices: list PHONE, revoke DEVICE")
@@ -371,6 +381,7 @@ def add_parsers(asub) -> None:
     dr = dsub.add_parser("revoke", help="remove a device (keys, queue) and close its live session")
     dr.add_argument("device", help="PHONE:N")
     data_dir(dr)
+    dr.add_argument("--json", action="store_true")
     dr.set_defaults(func=device_revoke)
 
     b = asub.add_parser("backup", help="a consistent hot copy of the store, server running or not")
