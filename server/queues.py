@@ -327,9 +327,16 @@ class Queues:
             raw = txn.get(device.encode(), db=self.db["qstate"])
         return 1 if raw is None else _unpackb(raw)[0]
 
-    def read(self, device: str, after: int, limit: int) -> list[tuple[int, bytes]]:
-        """Up to ``limit`` (seq, frame) entries of the device's queue with seq > ``after``."""
+    def read(
+        self, device: str, after: int, limit: int, max_bytes: int | None = None
+    ) -> list[tuple[int, bytes]]:
+        """Up to ``limit`` (seq, frame) entries of the device's queue with seq > ``after``.
+
+        With ``max_bytes`` it stops once the frames reach that many bytes
+        (the entry that crosses it included, so at least one is returned).
+        """
         out = []
+        size = 0
         prefix = qprefix(device)
         with self.env.begin() as txn, txn.cursor(db=self.db["queue"]) as c:
             if not c.set_range(qkey(device, after + 1)):
@@ -337,7 +344,11 @@ class Queues:
             for key, value in c:
                 if not key.startswith(prefix) or len(out) >= limit:
                     break
-                out.append((int.from_bytes(key[-8:], "big"), _unpackb(value)[5]))
+                frame = _unpackb(value)[5]
+                out.append((int.from_bytes(key[-8:], "big"), frame))
+                size += len(frame)
+                if max_bytes is not None and size >= max_bytes:
+                    break
         return out
 
     # -- housekeeping ---------------------------------------------------------------

@@ -110,6 +110,18 @@ class Supervisor:
 
     def preflight(self, reload: bool = False) -> None:
         c = self.config
+        control = os.path.join(c.data_dir, CONTROL_SOCKET)
+        if not reload and os.path.exists(control):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                try:
+                    probe.connect(control)
+                except OSError:
+                    pass  # a stale socket of a server that is gone
+                else:
+                    raise StartupError(
+                        f"another pigeon server is running with the data directory "
+                        f"{c.data_dir} (its control socket answers); stop it first"
+                    )
         try:
             os.makedirs(c.data_dir, exist_ok=True)
         except OSError as exc:
@@ -299,13 +311,18 @@ class Supervisor:
         """``DATA_DIR/control.sock`` (mode 0600): how `pigeon admin` reaches live sessions."""
         path = os.path.join(self.config.data_dir, CONTROL_SOCKET)
         try:
-            os.unlink(path)
+            os.unlink(path)  # left by a server that is gone (preflight checked)
         except FileNotFoundError:
             pass
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)
         try:
             sock.bind(path)
+        except OSError as exc:  # e.g. a path longer than a Unix socket name may be
+            sock.close()
+            log.event(logger, logging.WARNING, "no control socket: pigeon admin cannot close "
+                      "live sessions", path=path, error=str(exc))  # fmt: skip
+            return
         finally:
             os.umask(old)
         os.chmod(path, 0o600)

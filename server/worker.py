@@ -86,6 +86,7 @@ PAYLOAD_HEADROOM = 256
 logger = logging.getLogger("pigeon.worker")
 
 SWEEP_INTERVAL = 1.0
+LINGER = 2.0  # seconds a closing connection waits for the client to close
 WID_STRIDE = 1024  # worker id = generation * WID_STRIDE + index
 FULL_LOG_INTERVAL = 10.0
 
@@ -174,6 +175,7 @@ class Session(asyncio.Protocol):
         self.acked = 0
         self.backlog = False
         self.paused = False
+        self.linger = None  # the abort timer of a graceful close (True: closed at once)
 
     # -- transport callbacks ----------------------------------------------
 
@@ -199,6 +201,8 @@ class Session(asyncio.Protocol):
         self._schedule_flush()
 
     def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return  # closing: what still arrives is not read
         self.last_seen = self.worker.loop.time()
         self.conn.receive_data(data)
         while not self.closing:
@@ -238,6 +242,8 @@ class Session(asyncio.Protocol):
         self.closing = True
         if self.deadline is not None:
             self.deadline.cancel()
+        if self.linger is not None and self.linger is not True:
+            self.linger.cancel()
         w = self.worker
         w.sessions.pop(self.id, None)
         w.per_ip[self.ip] -= 1
@@ -279,8 +285,27 @@ class Session(asyncio.Protocol):
         if self.out:
             out, self.out = self.out, bytearray()
             self.transport.write(out)
-        if self.closing:
-            self.transport.close()
+        if self.closing and self.linger is None:
+            self._linger()
+
+    def _linger(self) -> None:
+        """Close gracefully: send EOF after the last frame and let the client close.
+
+        Closing a socket that still holds unread input makes the kernel send
+        a reset, and a reset can destroy the client's copy of the error that
+        explains the close.  So: half-close, ignore what still arrives, and
+        abort only if the client has not closed within LINGER seconds.
+        """
+        t = self.transport
+        try:
+            if t.can_write_eof():
+                t.write_eof()
+                self.linger = self.worker.loop.call_later(LINGER, t.abort)
+                return
+        except (NotImplementedError, OSError, RuntimeError):
+            pass
+        self.linger = True
+        t.close()
 
     def fail(self, code: ErrorCode, text: str) -> None:
         self.send(Error(code, text))
@@ -306,6 +331,7 @@ class Session(asyncio.Protocol):
             and not self.backlog
             and not self.paused
             and seq - self.acked <= self.worker.config.delivery_window
+            and self.buffered() < self.worker.config.write_buffer_high
         ):
             self.out += frame
             self.pushed = seq
@@ -317,19 +343,32 @@ class Session(asyncio.Protocol):
         self.backlog = True
         self.refill()
 
+    def buffered(self) -> int:
+        """Bytes waiting to reach the client: this tick's output and the transport's buffer."""
+        t = self.transport
+        return len(self.out) + (t.get_write_buffer_size() if t is not None else 0)
+
     def refill(self) -> None:
-        """Push queued entries past ``pushed``, as many as the window has room for."""
-        room = self.worker.config.delivery_window - (self.pushed - self.acked)
+        """Push queued entries past ``pushed``: as many as the window has room for and
+        as many bytes as fit under write-buffer-high (whichever ends first)."""
+        c = self.worker.config
+        room = c.delivery_window - (self.pushed - self.acked)
         if room <= 0 or self.paused or self.closing or self.device is None:
             return
-        entries = self.worker.queues.read(self.device, self.pushed, room)
+        budget = c.write_buffer_high - self.buffered()
+        if budget <= 0:
+            self.backlog = True
+            return
+        entries = self.worker.queues.read(self.device, self.pushed, room, max_bytes=budget)
+        size = 0
         for _, frame in entries:
             self.out += frame
+            size += len(frame)
         if entries:
             self.pushed = entries[-1][0]
             self.worker.stats.counters["entries_out"] += len(entries)
             self._schedule_flush()
-        self.backlog = len(entries) == room
+        self.backlog = len(entries) == room or size >= budget
 
     def device_ack(self, seq: int) -> None:
         self.worker.stats.counters["device_acks"] += 1

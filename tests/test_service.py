@@ -91,3 +91,15 @@ def test_rcd_script_parses_and_has_what_rc_needs():
                    "/usr/sbin/daemon", "run_rc_command"):  # fmt: skip
         assert needed in text, needed
     assert os.access(RCD, os.X_OK)
+
+
+def test_a_second_server_on_the_same_data_dir_is_refused(tmp_path):
+    srv = Server(tmp_path / "data", workers=1).start()
+    try:
+        second = Server(tmp_path / "data", workers=1)
+        with pytest.raises(RuntimeError, match="did not become ready"):
+            second.start()
+        assert "another pigeon server is running with the data directory" in second.log_text()
+        assert (tmp_path / "data" / "control.sock").exists()  # the first one's, untouched
+    finally:
+        assert srv.stop() == 0
