@@ -24,6 +24,7 @@ or duplicated anything says so in its JSON and exits with status 1.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import selectors
@@ -33,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+from types import SimpleNamespace
 
 import orjson
 
@@ -310,13 +312,30 @@ def _tally(results: list[dict]) -> dict:
     }
 
 
+@contextlib.contextmanager
+def _bench_run(opts):
+    """The server (started here, or the one --target names), the credentials file and
+    the load processes of one bench; all ended and removed afterwards."""
+    tmp = tempfile.mkdtemp(prefix="pigeon-bench-creds-")
+    run = SimpleNamespace(
+        server=ServerUnderTest(opts.server_pid, opts.target),
+        creds=opts.creds or os.path.join(tmp, "creds.jsonl"),
+        loads=[],
+    )
+    try:
+        yield run
+    finally:
+        for lp in run.loads:
+            lp.close()
+        if opts.target is None:
+            run.server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def throughput(opts) -> dict:
     """Closed-loop load: every client keeps up to ``window`` messages unacked."""
-    server = ServerUnderTest(opts.server_pid, opts.target)
-    tmp = tempfile.mkdtemp(prefix="pigeon-bench-creds-")
-    creds = opts.creds or os.path.join(tmp, "creds.jsonl")
-    loads: list[LoadProc] = []
-    try:
+    with _bench_run(opts) as run:
+        server, creds, loads = run.server, run.creds, run.loads
         if opts.target is None:
             server.start(
                 opts.workers,
@@ -351,12 +370,6 @@ def throughput(opts) -> dict:
         cpu1 = server.cpu()
         peak = server.peak_rss
         results = _results(loads, "stop")
-    finally:
-        for lp in loads:
-            lp.close()
-        if opts.target is None:
-            server.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
     tally = _tally(results)
     lat = tally.pop("_lat")
     user, system = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
@@ -414,12 +427,9 @@ def latency(opts) -> dict:
     lost and the rate is kept up), then a bisection between the last good and
     the first bad rate; at most ``MAX_SEARCH_RUNS`` runs, one server.
     """
-    server = ServerUnderTest(opts.server_pid, opts.target)
-    tmp = tempfile.mkdtemp(prefix="pigeon-bench-creds-")
-    creds = opts.creds or os.path.join(tmp, "creds.jsonl")
-    loads: list[LoadProc] = []
     runs: list[dict] = []
-    try:
+    with _bench_run(opts) as run:
+        server, creds, loads = run.server, run.creds, run.loads
         if opts.target is None:
             server.start(opts.workers, {"sync": opts.sync}, opts.clients, creds)
         for first, last in _split(opts.clients, opts.load_procs):
@@ -490,12 +500,6 @@ def latency(opts) -> dict:
                     if best and rate == best["rate"]:
                         break
         peak = server.peak_rss
-    finally:
-        for lp in loads:
-            lp.close()
-        if opts.target is None:
-            server.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
     head = {
         "bench": "latency",
         "clients": opts.clients,
@@ -527,11 +531,8 @@ MAX_SEARCH_RUNS = 10
 
 def idle(opts) -> dict:
     """Memory per authenticated idle connection: server memory with N clients minus with none."""
-    server = ServerUnderTest(opts.server_pid, opts.target)
-    tmp = tempfile.mkdtemp(prefix="pigeon-bench-creds-")
-    creds = opts.creds or os.path.join(tmp, "creds.jsonl")
-    loads: list[LoadProc] = []
-    try:
+    with _bench_run(opts) as run:
+        server, creds, loads = run.server, run.creds, run.loads
         if opts.target is None:
             server.start(opts.workers, {}, opts.clients, creds)
         time.sleep(1.0)  # let the workers settle after start-up before the baseline
@@ -546,12 +547,6 @@ def idle(opts) -> dict:
         after, method = server.memory()
         for lp in loads:
             lp.say("stop")
-    finally:
-        for lp in loads:
-            lp.close()
-        if opts.target is None:
-            server.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
     return {
         "bench": "idle",
         "clients": opts.clients,

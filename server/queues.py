@@ -168,7 +168,7 @@ class _Txn:
 
     def enqueue(self, device: str, kind: int, t: int, origin: str, mid: str, fan: bool, typ: str,
                 body=None) -> None:  # fmt: skip
-        st = self.state.get(device) or self.qstate(device)
+        st = self.qstate(device)
         seq = st[0]
         if kind == MESSAGE:
             frame = self.enc.message(origin, mid, typ, t, seq, body)
@@ -179,8 +179,7 @@ class _Txn:
         st[0] = seq + 1
         st[1] += 1
         st[2] += len(value)
-        w = self.sessions[device] if device in self.sessions else self.worker_of(device)
-        self.pushes.append(Push(device, seq, frame, w))
+        self.pushes.append(Push(device, seq, frame, self.worker_of(device)))
 
     def flush_state(self) -> None:
         put = self.txn.put

@@ -138,7 +138,6 @@ class Store:
         Device numbers are never reused for a phone, so a stale session of a
         removed device can never be mistaken for the new one.
         """
-        salt, stored_key, server_key, iterations = keys
         now = self.clock()
         with self.write() as txn:
             acct = self._get(txn, "accounts", phone)
@@ -150,24 +149,8 @@ class Store:
                 removed.append(addr)
                 self._delete(txn, "devices", addr)
                 drop_device_queue(txn, self._db, addr)
-            number = acct["next_device"]
-            acct["devices"] = [number]
-            acct["next_device"] = number + 1
-            address = f"{phone}:{number}"
-            self._put(txn, "accounts", phone, acct)
-            self._put(
-                txn,
-                "devices",
-                address,
-                {
-                    "salt": salt,
-                    "stored_key": stored_key,
-                    "server_key": server_key,
-                    "iterations": iterations,
-                    "identity_key": identity_key,
-                    "created": now,
-                },
-            )
+            acct["devices"] = []
+            address = self._add_device(txn, phone, acct, identity_key, keys, now)
         return address, removed
 
     def link_device(self, phone: str, identity_key: bytes, keys: tuple) -> str:
@@ -178,29 +161,33 @@ class Store:
         and test tooling use this, and every queue path already fans out
         to all of an account's devices.)
         """
-        salt, stored_key, server_key, iterations = keys
         with self.write() as txn:
             acct = self._get(txn, "accounts", phone)
             if acct is None:
                 raise StoreError(f"no account {phone}")
-            number = acct["next_device"]
-            acct["devices"].append(number)
-            acct["next_device"] = number + 1
-            address = f"{phone}:{number}"
-            self._put(txn, "accounts", phone, acct)
-            self._put(
-                txn,
-                "devices",
-                address,
-                {
-                    "salt": salt,
-                    "stored_key": stored_key,
-                    "server_key": server_key,
-                    "iterations": iterations,
-                    "identity_key": identity_key,
-                    "created": self.clock(),
-                },
-            )
+            return self._add_device(txn, phone, acct, identity_key, keys, self.clock())
+
+    def _add_device(self, txn, phone: str, acct: dict, identity_key: bytes, keys, now) -> str:
+        """Give ``acct`` its next device number and store the device's keys; returns its address."""
+        salt, stored_key, server_key, iterations = keys
+        number = acct["next_device"]
+        acct["devices"].append(number)
+        acct["next_device"] = number + 1
+        address = f"{phone}:{number}"
+        self._put(txn, "accounts", phone, acct)
+        self._put(
+            txn,
+            "devices",
+            address,
+            {
+                "salt": salt,
+                "stored_key": stored_key,
+                "server_key": server_key,
+                "iterations": iterations,
+                "identity_key": identity_key,
+                "created": now,
+            },
+        )
         return address
 
     def set_disabled(self, phone: str, disabled: bool) -> bool:

@@ -73,7 +73,6 @@ class WorkerProc:
         self.proc: subprocess.Popen | None = None
         self.status_fd: int | None = None
         self.ready = False
-        self.retiring = False  # an old generation's worker, draining after a reload
         self.started = 0.0
         self.backoff = 1.0
         self.restart_at: float | None = None
@@ -214,9 +213,11 @@ class Supervisor:
                 w.status_fd = None
             if w in self.retiring:
                 self.retiring.remove(w)
+                self._forget_sessions(w)
                 log.event(logger, logging.INFO, "old worker drained", worker=w.index, gen=w.gen)
                 continue
             if w in self.incoming:
+                self._forget_sessions(w)
                 self._abort_reload(f"new worker {w.index} exited with status {code}")
                 continue
             if self.stopping:
@@ -432,7 +433,6 @@ class Supervisor:
             self.config = self.workers[0].config
             self.count = len(self.workers)
             for w in old:
-                w.retiring = True
                 if w.proc is not None and w.proc.poll() is None:
                     w.proc.send_signal(signal.SIGTERM)
                     self.retiring.append(w)
@@ -455,6 +455,26 @@ class Supervisor:
         log.event(logger, logging.ERROR, "reload failed; the running workers keep serving",
                   error=why)  # fmt: skip
         notify(ready=1, status=f"reload failed: {why}")
+
+    def _forget_sessions(self, w: WorkerProc) -> None:
+        """A worker id that will not run again: drop its session records.
+
+        A worker clears its own records when it stops cleanly, and a crashed
+        one's are cleared by its restart (same id); an old generation killed
+        while draining has neither, and its records would send pushes to a
+        worker that is gone until those devices log in again.
+        """
+        try:
+            store = Store(
+                os.path.join(self.config.data_dir, "store"), map_size=self.config.map_size
+            )
+            try:
+                store.clear_worker_sessions(w.wid)
+            finally:
+                store.close()
+        except (StoreError, OSError) as exc:
+            log.event(logger, logging.WARNING, "could not clear a worker's sessions",
+                      worker=w.index, gen=w.gen, error=str(exc))  # fmt: skip
 
     def health(self) -> str:
         """What /health answers: ready, starting or stopping."""

@@ -330,8 +330,8 @@ class Session(asyncio.Protocol):
             seq == self.pushed + 1
             and not self.backlog
             and not self.paused
-            and seq - self.acked <= self.worker.config.delivery_window
-            and self.buffered() < self.worker.config.write_buffer_high
+            and seq - self.acked <= self.worker.delivery_window
+            and self.buffered() < self.worker.write_buffer_high
         ):
             self.out += frame
             self.pushed = seq
@@ -351,15 +351,15 @@ class Session(asyncio.Protocol):
     def refill(self) -> None:
         """Push queued entries past ``pushed``: as many as the window has room for and
         as many bytes as fit under write-buffer-high (whichever ends first)."""
-        c = self.worker.config
-        room = c.delivery_window - (self.pushed - self.acked)
+        w = self.worker
+        room = w.delivery_window - (self.pushed - self.acked)
         if room <= 0 or self.paused or self.closing or self.device is None:
             return
-        budget = c.write_buffer_high - self.buffered()
+        budget = w.write_buffer_high - self.buffered()
         if budget <= 0:
             self.backlog = True
             return
-        entries = self.worker.queues.read(self.device, self.pushed, room, max_bytes=budget)
+        entries = w.queues.read(self.device, self.pushed, room, max_bytes=budget)
         size = 0
         for _, frame in entries:
             self.out += frame
@@ -528,6 +528,9 @@ class Worker:
         self.status_fd: int | None = None
         self.next_purge = 0.0
         self.max_payload = config.max_frame - PAYLOAD_HEADROOM
+        # read per push: plain attributes, not Config's __getattr__
+        self.delivery_window = config.delivery_window
+        self.write_buffer_high = config.write_buffer_high
         self.queues: Queues | None = None
         self.tasks: set[asyncio.Task] = set()
         self.loop: asyncio.AbstractEventLoop | None = None

@@ -114,3 +114,31 @@ def test_a_draining_worker_answers_what_waits_in_its_accept_queue(tmp_path):
             assert Error.from_node(node).code == 503
     finally:
         assert srv.stop() == 0
+
+
+def test_an_old_worker_killed_while_draining_leaves_no_session_behind(tmp_path):
+    import os
+
+    srv = Server(tmp_path / "data", workers=2).start()
+    try:
+
+        async def main():
+            creds = await srv.register(ALICE)
+            alice = await srv.login(creds)
+            await until(lambda: creds.device in srv.sessions(ALICE))
+            old = srv.worker_pids()
+            for pid in old:
+                os.kill(pid, signal.SIGSTOP)  # they cannot drain (nor clear their records)
+            srv.proc.send_signal(signal.SIGHUP)
+            await until(lambda: "old ones draining" in srv.log_text(), timeout=30)
+            for pid in old:
+                os.kill(pid, signal.SIGKILL)
+            await until(lambda: drained(srv, 2), timeout=30)
+            # the dead generation's record is gone; nothing points at a worker that left
+            assert srv.sessions(ALICE) == {}
+            alice._drop_connection()
+            await alice.close()
+
+        asyncio.run(asyncio.wait_for(main(), 60))
+    finally:
+        assert srv.stop() == 0
