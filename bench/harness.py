@@ -4,8 +4,10 @@
     pigeon bench idle --clients 2000 --json
 
 By default a run starts its own server (``pigeon serve`` in a temporary
-data directory, with the *bench profile*: registration, login and
-per-address limits lifted so the load is not refused, logs at warning),
+data directory, with the *bench profile*: registration, login,
+per-address and anti-spam limits (message and typing rates, new
+conversations with non-contacts) lifted so the load is not refused, logs at
+warning; the JSON's "limits_lifted" lists them),
 provisions the accounts straight into its store, and drives them from
 separate load processes (bench/load.py) so the load generator's CPU is
 never counted as the server's.  ``--target HOST:PORT --server-pid PID``
@@ -48,6 +50,10 @@ BENCH_PROFILE = {
     "login_timeout": 120,
     "log_level": "warning",
     "metrics_listen": "off",
+    # anti-spam: a load generator is exactly what these limits stop
+    "message_rate": 0,
+    "typing_rate": 0,
+    "new_chats": 0,
 }
 
 
@@ -396,6 +402,7 @@ def throughput(opts) -> dict:
             "pushed, and acked by the sender's device"
         ),
         "profile": "bench" if opts.target is None else "external",
+        "limits_lifted": sorted(BENCH_PROFILE) if opts.target is None else [],
         **tally,
         "receipts_received": sum(r["receipts"] for r in results),
         "receipts_missing": sum(r["receipts_missing"] for r in results)
@@ -510,6 +517,7 @@ def latency(opts) -> dict:
         "sync": opts.sync if opts.target is None else "external",
         "receipts": True,
         "profile": "bench" if opts.target is None else "external",
+        "limits_lifted": sorted(BENCH_PROFILE) if opts.target is None else [],
         "server_peak_rss_kib": peak // 1024,
         "machine": machine(),
     }
@@ -552,6 +560,7 @@ def idle(opts) -> dict:
         "clients": opts.clients,
         "workers": opts.workers,
         "profile": "bench" if opts.target is None else "external",
+        "limits_lifted": sorted(BENCH_PROFILE) if opts.target is None else [],
         "memory_method": method,
         "server_memory_before_kib": before // 1024,
         "server_memory_after_kib": after // 1024,

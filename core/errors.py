@@ -44,6 +44,10 @@ class ErrorCode(IntEnum):
     UNKNOWN_RECIPIENT = 400
     NO_DEVICE = 401
     QUEUE_FULL = 402
+    BLOCKED = 403
+    NEW_CHAT_LIMIT = 404
+    TOO_FAST = 405
+    TOO_MANY = 406
     # 5xx: the server's side.
     INTERNAL = 500
     STORE_FULL = 501

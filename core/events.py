@@ -359,7 +359,7 @@ class IncomingMessage(Event):
         )
 
 
-ACK_CLASSES = frozenset({"message", "receipt", "logout", "delete"})
+ACK_CLASSES = frozenset({"message", "receipt", "logout", "delete", "block", "unblock"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -463,22 +463,30 @@ class IncomingReceipt(Event):
 
 
 PRESENCE_TYPES = frozenset({"available", "unavailable"})
+PRESENCE_REQUESTS = frozenset({"available", "unavailable", "subscribe", "unsubscribe"})
 
 
 @dataclass(frozen=True, slots=True)
 class Presence(Event):
-    """A device marks its user available or unavailable."""
+    """A device marks itself available or unavailable, or (with ``to``) subscribes
+    to or unsubscribes from the presence of user ``to``."""
 
     TAG: ClassVar[str] = "presence"
     SENDER: ClassVar[str] = CLIENT
     type: str
+    to: str | None = None
 
     def to_node(self, N):
-        return N("presence", {"type": self.type})
+        if self.to is None:
+            return N("presence", {"type": self.type})
+        return N("presence", {"type": self.type, "to": self.to})
 
     @classmethod
     def from_node(cls, node):
-        return cls(_choice(node, "type", PRESENCE_TYPES))
+        typ = _choice(node, "type", PRESENCE_REQUESTS)
+        if typ in PRESENCE_TYPES:
+            return cls(typ)
+        return cls(typ, _address(node, "to", "user"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -504,6 +512,243 @@ class PresenceUpdate(Event):
             _choice(node, "type", PRESENCE_TYPES),
             _opt_uint(node, "last"),
         )
+
+
+CHAT_STATES = frozenset({"composing", "paused", "recording"})
+
+
+@dataclass(frozen=True, slots=True)
+class ChatState(Event):
+    """Typing indicator for user ``to``: never stored, never acknowledged."""
+
+    TAG: ClassVar[str] = "chatstate"
+    SENDER: ClassVar[str] = CLIENT
+    to: str
+    type: str = "composing"
+
+    def to_node(self, N):
+        return N("chatstate", {"to": self.to, "type": self.type})
+
+    @classmethod
+    def from_node(cls, node):
+        return cls(_address(node, "to", "user"), _choice(node, "type", CHAT_STATES))
+
+
+@dataclass(frozen=True, slots=True)
+class IncomingChatState(Event):
+    """User ``sender`` is typing (composing), stopped (paused) or recording audio."""
+
+    TAG: ClassVar[str] = "chatstate"
+    SENDER: ClassVar[str] = SERVER
+    sender: str
+    type: str
+
+    def to_node(self, N):
+        return N("chatstate", {"from": self.sender, "type": self.type})
+
+    @classmethod
+    def from_node(cls, node):
+        return cls(_address(node, "from", "user"), _choice(node, "type", CHAT_STATES))
+
+
+PRIVACY_VALUES = frozenset({"everyone", "contacts", "nobody"})
+
+
+@dataclass(frozen=True, slots=True)
+class Privacy(Event):
+    """Read (no settings given) or change who sees this user's last seen and online status."""
+
+    TAG: ClassVar[str] = "privacy"
+    SENDER: ClassVar[str] = CLIENT
+    id: str
+    last: str | None = None
+    online: str | None = None
+
+    def to_node(self, N):
+        attrs = {"id": self.id}
+        if self.last is not None:
+            attrs["last"] = self.last
+        if self.online is not None:
+            attrs["online"] = self.online
+        return N("privacy", attrs)
+
+    @classmethod
+    def from_node(cls, node):
+        rid = _id(node)
+        vals = []
+        for key in ("last", "online"):
+            vals.append(None if node.attrs.get(key) is None else _choice(node, key, PRIVACY_VALUES))
+        return cls(rid, *vals)
+
+
+@dataclass(frozen=True, slots=True)
+class PrivacySettings(Event):
+    """The user's privacy settings, in answer to ``Privacy`` (after any change)."""
+
+    TAG: ClassVar[str] = "privacy"
+    SENDER: ClassVar[str] = SERVER
+    id: str
+    last: str
+    online: str
+
+    def to_node(self, N):
+        return N("privacy", {"id": self.id, "last": self.last, "online": self.online})
+
+    @classmethod
+    def from_node(cls, node):
+        return cls(
+            _id(node),
+            _choice(node, "last", PRIVACY_VALUES),
+            _choice(node, "online", PRIVACY_VALUES),
+        )
+
+
+def _items(node, key: str, check, what: str) -> tuple[str, ...]:
+    """The ``key`` attribute of each ``item`` child (an empty content list is fine)."""
+    c = node.content
+    if c is None:
+        return ()
+    if not isinstance(c, list):
+        raise _bad(node, "content must be a list of <item> nodes")
+    out = []
+    for child in c:
+        if child.tag != "item" or child.content is not None:
+            raise _bad(node, "content must be a list of <item> nodes")
+        v = child.attrs.get(key)
+        if v is None or not check(v):
+            raise _bad(node, f"<item {key}=...> must be {what}, got {v!r}")
+        out.append(v)
+    return tuple(out)
+
+
+def _item_nodes(N, key: str, values) -> list:
+    return [N("item", {key: v}) for v in values]
+
+
+def _is_user(v: str) -> bool:
+    return address_kind(v) == "user"
+
+
+DISCOVER_TYPES = frozenset({"full", "add", "remove"})
+
+
+@dataclass(frozen=True, slots=True)
+class Discover(Event):
+    """Contact discovery: which of these phone numbers are pigeon users?
+
+    ``type``: "full" (these are the whole address book: the contact set
+    becomes the registered ones among them), "add" (add the registered ones)
+    or "remove" (take these numbers out of the contact set; nothing is looked up).
+    """
+
+    TAG: ClassVar[str] = "discover"
+    SENDER: ClassVar[str] = CLIENT
+    id: str
+    type: str
+    phones: tuple[str, ...]
+
+    def to_node(self, N):
+        return N(
+            "discover", {"id": self.id, "type": self.type}, _item_nodes(N, "phone", self.phones)
+        )
+
+    @classmethod
+    def from_node(cls, node):
+        return cls(
+            _id(node),
+            _choice(node, "type", DISCOVER_TYPES),
+            _items(node, "phone", valid_phone, "an E.164 number (8-15 digits, no '+')"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class DiscoverResult(Event):
+    """The registered users among the numbers asked (now in the contact set);
+    ``limit``: how many more numbers may be looked up in the current window."""
+
+    TAG: ClassVar[str] = "discover"
+    SENDER: ClassVar[str] = SERVER
+    id: str
+    users: tuple[str, ...]
+    limit: int
+
+    def to_node(self, N):
+        return N(
+            "discover",
+            {"id": self.id, "limit": str(self.limit)},
+            _item_nodes(N, "user", self.users),
+        )
+
+    @classmethod
+    def from_node(cls, node):
+        return cls(_id(node), _items(node, "user", _is_user, "a user"), _uint(node, "limit"))
+
+
+@dataclass(frozen=True, slots=True)
+class Block(Event):
+    """Block user ``to``: their messages are acked to them and dropped, they see no presence."""
+
+    TAG: ClassVar[str] = "block"
+    SENDER: ClassVar[str] = CLIENT
+    id: str
+    to: str
+
+    def to_node(self, N):
+        return N("block", {"id": self.id, "to": self.to})
+
+    @classmethod
+    def from_node(cls, node):
+        return cls(_id(node), _address(node, "to", "user"))
+
+
+@dataclass(frozen=True, slots=True)
+class Unblock(Event):
+    """Unblock user ``to``."""
+
+    TAG: ClassVar[str] = "unblock"
+    SENDER: ClassVar[str] = CLIENT
+    id: str
+    to: str
+
+    def to_node(self, N):
+        return N("unblock", {"id": self.id, "to": self.to})
+
+    @classmethod
+    def from_node(cls, node):
+        return cls(_id(node), _address(node, "to", "user"))
+
+
+@dataclass(frozen=True, slots=True)
+class BlocklistQuery(Event):
+    """Ask for the users this user blocks."""
+
+    TAG: ClassVar[str] = "blocklist"
+    SENDER: ClassVar[str] = CLIENT
+    id: str
+
+    def to_node(self, N):
+        return N("blocklist", {"id": self.id})
+
+    @classmethod
+    def from_node(cls, node):
+        return cls(_id(node))
+
+
+@dataclass(frozen=True, slots=True)
+class Blocklist(Event):
+    """The users this user blocks, in the order they were blocked."""
+
+    TAG: ClassVar[str] = "blocklist"
+    SENDER: ClassVar[str] = SERVER
+    id: str
+    users: tuple[str, ...]
+
+    def to_node(self, N):
+        return N("blocklist", {"id": self.id}, _item_nodes(N, "user", self.users))
+
+    @classmethod
+    def from_node(cls, node):
+        return cls(_id(node), _items(node, "user", _is_user, "a user"))
 
 
 # -- leaving ----------------------------------------------------------------
@@ -610,7 +855,9 @@ class Pong(Event):
 _ALL = [
     Register, CodeSent, Verify, Registered, AuthStart, AuthChallenge, AuthResponse,
     AuthSuccess, Message, IncomingMessage, ServerAck, DeviceAck, Receipt, IncomingReceipt,
-    Presence, PresenceUpdate, Logout, DeleteAccount, Error, Ping, Pong,
+    Presence, PresenceUpdate, ChatState, IncomingChatState, Privacy, PrivacySettings,
+    Discover, DiscoverResult, Block, Unblock, BlocklistQuery, Blocklist,
+    Logout, DeleteAccount, Error, Ping, Pong,
 ]  # fmt: skip
 
 #: tag -> event class, for nodes a client sends (what a server receives)

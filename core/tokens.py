@@ -207,6 +207,15 @@ _HISTORY: list[tuple[int, tuple[str, ...], tuple[str, ...]]] = [
             "view_once",
         ),
     ),
+    (
+        2,
+        (
+            # presence privacy and contact discovery (docs/PROTOCOL.md 10b-10e)
+            "online",
+            "full",
+        ),
+        (),
+    ),
 ]
 
 

@@ -35,18 +35,12 @@ from scramp import ScramMechanism
 
 from pigeon.core.errors import ErrorCode
 
+from .errors import ServiceError
 from .store import Store
 
+__all__ = ["Accounts", "ServiceError", "LogGateway", "WebhookGateway", "make_gateway"]
+
 MECHANISM = ScramMechanism("SCRAM-SHA-256")
-
-
-class ServiceError(Exception):
-    """A request the server refuses, with the error code to send back."""
-
-    def __init__(self, code: ErrorCode, text: str):
-        super().__init__(text)
-        self.code = code
-        self.text = text
 
 
 class LogGateway:

@@ -55,6 +55,7 @@ def _number(kind, minimum: float, inclusive: bool):
 _positive_int = _number(int, 0, False)
 _positive_float = _number(float, 0, False)
 _non_negative_int = _number(int, 0, True)
+_non_negative_float = _number(float, 0, True)
 
 
 def _choice(*allowed):
@@ -253,6 +254,55 @@ OPTIONS: list[Option] = [
         _bool,
         "send senders a delivered receipt (two ticks); false only for benchmarks",
     ),
+    Option(
+        "presence_subscriptions",
+        1000,
+        _positive_int,
+        "presence subscriptions one connection may hold; past it error 406",
+    ),
+    Option(
+        "message_rate",
+        100.0,
+        _non_negative_float,
+        "messages, receipts and requests one connection may send per second, on average "
+        "(token bucket); past it error 405. 0 = no limit",
+    ),
+    Option("message_burst", 500, _positive_int, "how many of those a connection may send at once"),
+    Option(
+        "typing_rate",
+        5.0,
+        _non_negative_float,
+        "typing indicators (chatstate) one connection may send per second; the excess is "
+        "dropped (error 405 at most once a second). 0 = no limit",
+    ),
+    Option("typing_burst", 20, _positive_int, "typing indicators a connection may send at once"),
+    Option(
+        "new_chats",
+        100,
+        _non_negative_int,
+        "new conversations an account may start per new-chats-window with users who do not "
+        "have it as a contact; past it error 404. 0 = no limit",
+    ),
+    Option("new_chats_window", 86_400, _positive_float, "sliding window for new-chats, seconds"),
+    Option(
+        "discover_numbers",
+        2000,
+        _non_negative_int,
+        "phone numbers an account may look up per discover-window (numbers already in its "
+        "contact set are free); past it error 302",
+    ),
+    Option(
+        "discover_window", 86_400, _positive_float, "sliding window for discover-numbers, seconds"
+    ),
+    Option(
+        "discover_batch",
+        1000,
+        _positive_int,
+        "phone numbers in one discover request (at most 1,024: a node's children); "
+        "past it error 406",
+    ),
+    Option("contacts_max", 10_000, _positive_int, "contacts one account may hold; past it 406"),
+    Option("blocklist_max", 10_000, _positive_int, "users one account may block; past it 406"),
     Option("log_level", "info", _choice("debug", "info", "warning", "error"), "log level"),
     Option(
         "log_format",
@@ -324,6 +374,8 @@ def load(
         raise ConfigError("tls-key is set but tls-cert is not: set both, or neither")
     if values["write_buffer_low"] > values["write_buffer_high"]:
         raise ConfigError("write-buffer-low must not be above write-buffer-high")
+    if values["discover_batch"] > 1024:
+        raise ConfigError("discover-batch must be at most 1024 (the children one node may have)")
     if values["sms_gateway"] == "webhook" and not values["sms_webhook_url"]:
         raise ConfigError("sms-gateway = webhook needs sms-webhook-url")
     return Config(values)

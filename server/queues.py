@@ -30,6 +30,17 @@ check both, and when the current one is older than the window the previous
 one is emptied and becomes current.  An id is therefore remembered for at
 least the window and at most twice it.
 
+Blocking and the new-conversation limit are checked here too, in the same
+transaction as the store they guard: a message to a user who blocks the
+sender is acknowledged and dropped (the contract's one stated exception; a
+receipt between two users either of whom blocks the other likewise), a
+message to a user the sender blocks is refused (403), and a message that
+starts a conversation with a user who does not have the sender as a contact
+counts against the sender's ``new-chats`` per window (404 past it).  Which
+pairs of users have a conversation is kept like dedup, in two generations
+(``conv0``/``conv1``, remembered between one and two windows, refreshed
+while the pair keeps talking): nothing else about conversations is kept.
+
 Time (ms) comes from the store's injectable clock.
 """
 
@@ -44,11 +55,14 @@ from pigeon.core.errors import ErrorCode
 from pigeon.core.node import Limits
 from pigeon.core.tokens import DICTIONARIES
 
-QUEUE_TABLES = ("queue", "qstate", "dedup0", "dedup1", "fan")
+from .limits import window_take
+
+QUEUE_TABLES = ("queue", "qstate", "dedup0", "dedup1", "fan", "conv0", "conv1")
 
 MESSAGE, RECEIPT = 0, 1
 _CLASS_KIND = {"message": MESSAGE, "receipt": RECEIPT}
 _DEDUP_META = b"dedup"
+_CONV_META = b"conv"
 
 _packb = msgpack.Packer(use_bin_type=True).pack
 
@@ -71,6 +85,8 @@ class QueueLimits:
     max_bytes: int = 64 << 20
     max_age_ms: int = 30 * 86_400_000
     dedup_window_ms: int = 86_400_000
+    new_chats: int = 0  # new conversations per window with non-contacts; 0: no limit
+    new_chats_window_ms: int = 86_400_000
 
 
 class FrameEncoder:
@@ -91,6 +107,17 @@ class FrameEncoder:
     def receipt(self, origin: str, mid: str, typ: str, t: int, seq: int) -> bytes:
         attrs = {"from": origin, "id": mid, "type": typ, "t": str(t), "seq": str(seq)}
         return self._codec.encode_frame(self._node("receipt", attrs))
+
+    # Not queued, but pushed to many connections and across workers alike
+    # (PresenceUpdate / IncomingChatState nodes).
+    def presence(self, user: str, typ: str, last: int | None) -> bytes:
+        attrs = {"from": user, "type": typ}
+        if last is not None:
+            attrs["last"] = str(last)
+        return self._codec.encode_frame(self._node("presence", attrs))
+
+    def chatstate(self, user: str, typ: str) -> bytes:
+        return self._codec.encode_frame(self._node("chatstate", {"from": user, "type": typ}))
 
 
 class Send:
@@ -138,6 +165,7 @@ class _Txn:
         self.state: dict[str, list] = {}
         self.sessions: dict[str, int | None] = {}
         self.pushes: list[Push] = []
+        self.conv = None  # (current, previous) conversation generations, when needed
 
     def devices(self, user: str) -> list[str] | None:
         try:
@@ -216,7 +244,8 @@ class Queues:
         now = self.clock()
         with self.env.begin(write=True) as txn:
             w = _Txn(self, txn)
-            cur, prev = self._dedup_tables(txn, now)
+            cur, prev = self._generation(txn, now, _DEDUP_META, "dedup",
+                                         self.limits.dedup_window_ms)  # fmt: skip
             # acks first: they free queue space, and a device that acked and
             # then sent sees its delivered receipts queued ahead of its message
             for device, upto in acks.items():
@@ -226,19 +255,45 @@ class Queues:
             w.flush_state()
         return w.pushes
 
-    def _dedup_tables(self, txn, now: int):
+    def _generation(self, txn, now: int, meta_key: bytes, table: str, window_ms: int):
+        """(current, previous) of a two-generation table: the previous one is
+        emptied and becomes current once the current one is a window old."""
         meta = self.db["meta"]
-        raw = txn.get(_DEDUP_META, db=meta)
+        raw = txn.get(meta_key, db=meta)
         if raw is None:
             gen, started = 0, now
-            txn.put(_DEDUP_META, _packb([gen, started]), db=meta)
+            txn.put(meta_key, _packb([gen, started]), db=meta)
         else:
             gen, started = _unpackb(raw)
-            if now - started >= self.limits.dedup_window_ms:
+            if now - started >= window_ms:
                 gen, started = 1 - gen, now
-                txn.drop(self.db[f"dedup{gen}"], delete=False)
-                txn.put(_DEDUP_META, _packb([gen, started]), db=meta)
-        return self.db[f"dedup{gen}"], self.db[f"dedup{1 - gen}"]
+                txn.drop(self.db[f"{table}{gen}"], delete=False)
+                txn.put(meta_key, _packb([gen, started]), db=meta)
+        return self.db[f"{table}{gen}"], self.db[f"{table}{1 - gen}"]
+
+    def _chat_allowed(self, w: _Txn, sender: str, to: str, now: int) -> bool:
+        """False if this message starts a conversation past the sender's new-chats limit."""
+        txn = w.txn
+        lim = self.limits
+        if w.conv is None:
+            w.conv = self._generation(txn, now, _CONV_META, "conv", lim.new_chats_window_ms)
+        cur, prev = w.conv
+        key = f"{sender}\x00{to}".encode()
+        if txn.get(key, db=cur) is not None:
+            return True
+        rkey = f"{to}\x00{sender}".encode()
+        if (
+            txn.get(key, db=prev) is None
+            and txn.get(rkey, db=cur) is None
+            and txn.get(rkey, db=prev) is None
+            and txn.get(rkey, db=self.db["contacts"]) is None
+        ):
+            ok, _ = window_take(txn, self.db["limits"], f"chats:{sender}".encode(), now,
+                                lim.new_chats_window_ms, lim.new_chats)  # fmt: skip
+            if not ok:
+                return False
+        txn.put(key, b"", db=cur)
+        return True
 
     def _store_one(self, w: _Txn, s: Send, now: int, cur, prev) -> None:
         txn = w.txn
@@ -255,6 +310,21 @@ class Queues:
             s.error = (ErrorCode.NO_DEVICE, "the recipient has no device to deliver to")
             return
         lim = self.limits
+        sender = s.device.partition(":")[0]
+        if sender != s.to:
+            blocks = self.db["blocks"]
+            if txn.get(f"{s.to}\x00{sender}".encode(), db=blocks) is not None:
+                # the recipient blocks the sender: acked and dropped, by design
+                txn.put(dkey, now.to_bytes(8, "big"), db=cur)
+                s.t = now
+                return
+            if txn.get(f"{sender}\x00{s.to}".encode(), db=blocks) is not None:
+                if s.cls == "message":
+                    s.error = (ErrorCode.BLOCKED, "you block this user: unblock them to send")
+                else:  # a read receipt to a user one blocks: not sent, nothing to fix
+                    txn.put(dkey, now.to_bytes(8, "big"), db=cur)
+                    s.t = now
+                return
         size = self.ENTRY_OVERHEAD + len(s.id) + (len(s.body) if s.body is not None else 0)
         for d in devices:
             st = w.qstate(d)
@@ -264,6 +334,19 @@ class Queues:
                     f"the recipient's queue is full ({st[1]} items, {st[2]} bytes); retry later",
                 )
                 return
+        if (
+            s.cls == "message"
+            and lim.new_chats
+            and sender != s.to
+            and not self._chat_allowed(w, sender, s.to, now)
+        ):
+            s.error = (
+                ErrorCode.NEW_CHAT_LIMIT,
+                f"new conversation limit: at most {lim.new_chats} new chats per "
+                f"{lim.new_chats_window_ms // 1000} s with people who do not have you as a "
+                "contact; try again later",
+            )
+            return
         if s.cls == "message":
             fan = len(devices) > 1
             for d in devices:

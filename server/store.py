@@ -14,14 +14,20 @@ Tables (LMDB named databases):
     codes     phone -> {hash, salt, expires, attempts}
     limits    "kind:key" -> [hit times, ms] (sliding-window log, newest last)
     sessions  "phone:n" -> {worker, conn, since}  (which worker holds a device)
-    queue, qstate, dedup0, dedup1, fan: the device queues (server/queues.py)
+    queue, qstate, dedup0, dedup1, fan, conv0, conv1: the device queues and
+              the anti-spam pairs (server/queues.py)
+    presence, contacts, rcontacts, blocks: presence, privacy, contacts and
+              blocking (server/social.py)
 
 Format history: 1 (accounts, devices, codes, limits, sessions); 2 adds the
-queue tables.  A format-1 store is upgraded in place at open (the new tables
-start empty); a store newer than this code is refused.
+queue tables; 3 the presence and contact tables.  An older store is upgraded
+in place at open (the new tables start empty); a store newer than this code
+is refused.
 
 Time comes from an injectable clock (milliseconds), so tests cover expiry
-and windows without sleeping.
+and windows without sleeping.  A server started with the environment
+variable PIGEON_TEST_CLOCK_FILE reads an offset (ms, added to real time) from
+that file: the test suite moves a real server's clock forward with it.
 """
 
 from __future__ import annotations
@@ -33,10 +39,13 @@ import lmdb
 import msgpack
 
 from .queues import QUEUE_TABLES, drop_device_queue
+from .social import SOCIAL_TABLES, drop_user, release_device
 
-FORMAT_VERSION = 2
-_UPGRADABLE = (1,)  # formats opened and upgraded in place (only tables were added)
-_TABLES = ("meta", "accounts", "devices", "codes", "limits", "sessions", *QUEUE_TABLES)
+FORMAT_VERSION = 3
+_UPGRADABLE = (1, 2)  # formats opened and upgraded in place (only tables were added)
+_TABLES = (
+    "meta", "accounts", "devices", "codes", "limits", "sessions", *QUEUE_TABLES, *SOCIAL_TABLES,
+)  # fmt: skip
 
 
 class StoreError(Exception):
@@ -45,6 +54,32 @@ class StoreError(Exception):
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+class OffsetClock:
+    """Real time plus an offset (ms) read from a file: the test suite's clock for a
+    real server (PIGEON_TEST_CLOCK_FILE).  The file is re-read when it changes."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.stamp = None
+        self.offset = 0
+
+    def __call__(self) -> int:
+        try:
+            st = os.stat(self.path)
+            if st.st_mtime_ns != self.stamp:
+                with open(self.path) as f:
+                    self.offset = int(f.read().strip() or 0)
+                self.stamp = st.st_mtime_ns
+        except (OSError, ValueError):
+            pass
+        return now_ms() + self.offset
+
+
+def default_clock():
+    path = os.environ.get("PIGEON_TEST_CLOCK_FILE")
+    return OffsetClock(path) if path else now_ms
 
 
 def _pack(obj) -> bytes:
@@ -62,7 +97,7 @@ class Store:
         *,
         map_size: int = 8 << 30,
         max_readers: int = 126,
-        clock=now_ms,
+        clock=None,
         sync: str = "fsync",
         create: bool = True,
     ):
@@ -85,7 +120,7 @@ class Store:
             )
         except lmdb.Error as exc:
             raise StoreError(f"cannot open the store in {path}: {exc}") from None
-        self.clock = clock
+        self.clock = clock or default_clock()
         # Reader slots of processes that died (kill -9) would pin old pages.
         self.env.reader_check()
         self._db = {name: self.env.open_db(name.encode()) for name in _TABLES}
@@ -211,6 +246,7 @@ class Store:
             self._put(txn, "accounts", phone, acct)
             self._delete(txn, "devices", address)
             self._delete(txn, "sessions", address)
+            release_device(txn, self._db, address, None, None, self.clock())
             drop_device_queue(txn, self._db, address)
         return True
 
@@ -226,6 +262,7 @@ class Store:
                 self._delete(txn, "sessions", addr)
                 drop_device_queue(txn, self._db, addr)
             self._delete(txn, "accounts", phone)
+            drop_user(txn, self._db, phone)
         return gone
 
     # -- one-time codes -----------------------------------------------------
@@ -287,32 +324,43 @@ class Store:
 
     # -- sessions ---------------------------------------------------------------
 
-    def set_session(self, address: str, worker: int, conn: int) -> dict | None:
-        """Record that ``worker`` holds ``address``; returns the session it replaces."""
+    def set_session(self, address: str, worker: int, conn: int) -> tuple[dict | None, bool]:
+        """Record that ``worker`` holds ``address``; returns (the session it replaces,
+        whether the user went offline): a new login starts unavailable, so an
+        availability the device's earlier connection left is dropped here."""
+        now = self.clock()
         with self.write() as txn:
             old = self._get(txn, "sessions", address)
-            self._put(
-                txn, "sessions", address, {"worker": worker, "conn": conn, "since": self.clock()}
-            )
-        return old
+            self._put(txn, "sessions", address, {"worker": worker, "conn": conn, "since": now})
+            offline = release_device(txn, self._db, address, None, None, now)
+        return old, offline
 
-    def clear_session(self, address: str, worker: int, conn: int) -> None:
-        """Forget the session, if it is still this worker's connection."""
+    def clear_session(self, address: str, worker: int, conn: int) -> bool:
+        """Forget the session (and the device's availability), if it is still this
+        worker's connection.  True if the device's user went offline with it."""
         with self.write() as txn:
             cur = self._get(txn, "sessions", address)
             if cur is not None and cur["worker"] == worker and cur["conn"] == conn:
                 self._delete(txn, "sessions", address)
+            return release_device(txn, self._db, address, worker, conn, self.clock())
 
-    def clear_worker_sessions(self, worker: int) -> int:
-        """Drop every session a (restarted) worker held; returns how many."""
+    def clear_worker_sessions(self, worker: int) -> tuple[int, list[str]]:
+        """Drop every session a (restarted) worker held, and the availability its
+        devices had; returns (how many sessions, the users that went offline)."""
         n = 0
+        offline = []
+        now = self.clock()
         with self.write() as txn:
             cur = txn.cursor(db=self._db["sessions"])
             for key, raw in list(cur):
-                if _unpack(raw)["worker"] == worker:
+                rec = _unpack(raw)
+                if rec["worker"] == worker:
                     txn.delete(key, db=self._db["sessions"])
                     n += 1
-        return n
+                    device = key.decode()
+                    if release_device(txn, self._db, device, worker, rec["conn"], now):
+                        offline.append(device.partition(":")[0])
+        return n, offline
 
     def sessions_of(self, phone: str) -> dict[str, dict] | None:
         """The live sessions of a user's devices, {device address: session}; None: no such user."""

@@ -54,19 +54,29 @@ from pigeon.core.events import (
     AuthResponse,
     AuthStart,
     AuthSuccess,
+    Block,
+    Blocklist,
+    BlocklistQuery,
+    ChatState,
     CodeSent,
     ConnectionClosed,
     DeleteAccount,
     DeviceAck,
+    Discover,
+    DiscoverResult,
     Error,
     Logout,
     Message,
     Ping,
     Pong,
+    Presence,
+    Privacy,
+    PrivacySettings,
     Receipt,
     Register,
     Registered,
     ServerAck,
+    Unblock,
     Verify,
 )
 from pigeon.core.node import DEFAULT_LIMITS, Limits, address_kind
@@ -74,8 +84,11 @@ from pigeon.core.node import DEFAULT_LIMITS, Limits, address_kind
 from . import log
 from .accounts import Accounts, ServiceError, make_gateway
 from .config import load
+from .limits import Bucket
 from .metrics import SNAPSHOT_INTERVAL, WorkerStats
+from .presence import PresenceHub
 from .queues import FrameEncoder, QueueLimits, Queues, Send
+from .social import Social
 from .store import Store
 
 # Bytes a delivery frame may add to the payload of the message it carries
@@ -84,6 +97,9 @@ from .store import Store
 PAYLOAD_HEADROOM = 256
 
 logger = logging.getLogger("pigeon.worker")
+
+#: Requests that draw on a connection's message-rate bucket (typing has its own).
+RATED = frozenset({Message, Receipt, Presence, Privacy, Discover, Block, Unblock, BlocklistQuery})
 
 SWEEP_INTERVAL = 1.0
 LINGER = 2.0  # seconds a closing connection waits for the client to close
@@ -176,6 +192,11 @@ class Session(asyncio.Protocol):
         self.backlog = False
         self.paused = False
         self.linger = None  # the abort timer of a graceful close (True: closed at once)
+        # made on first use: presence subscriptions, rate buckets
+        self.subs: set[str] | None = None
+        self.bucket: Bucket | None = None
+        self.typing: Bucket | None = None
+        self.typing_warned = 0.0
 
     # -- transport callbacks ----------------------------------------------
 
@@ -237,6 +258,8 @@ class Session(asyncio.Protocol):
             self.transport.resume_reading()
             if self.backlog:
                 self.refill()
+            if self.subs:
+                self.worker.presence.refresh(self)
 
     def connection_lost(self, exc) -> None:
         self.closing = True
@@ -251,6 +274,8 @@ class Session(asyncio.Protocol):
             del w.per_ip[self.ip]
         if self.device is not None:
             w.detach(self)
+        if self.subs is not None:
+            w.presence.drop(self)
 
     # -- output -------------------------------------------------------------
 
@@ -383,9 +408,25 @@ class Session(asyncio.Protocol):
 
     # -- events ---------------------------------------------------------------
 
+    def allowed(self, ev) -> bool:
+        """Draw on the connection's message-rate bucket; answer 405 if it is empty."""
+        w = self.worker
+        now = w.loop.time()
+        if self.bucket is None:
+            self.bucket = Bucket(w.config.message_rate, w.config.message_burst, now)
+        if self.bucket.take(now):
+            return True
+        self.send(Error(ErrorCode.TOO_FAST,
+                        f"sending too fast: at most {w.config.message_rate:g} a second "
+                        f"(bursts of {w.config.message_burst}); retry later",
+                        getattr(ev, "id", None)))  # fmt: skip
+        return False
+
     def handle(self, ev) -> None:
         t = type(ev)
         w = self.worker
+        if t in RATED and not self.allowed(ev):
+            return
         if t is Message:
             w.route(self, ev.to, ev.id, "message", ev.type, ev.body)
         elif t is DeviceAck:
@@ -394,6 +435,29 @@ class Session(asyncio.Protocol):
             w.route(self, ev.to, ev.id, "receipt", ev.type, None)
         elif t is Ping:
             self.send(Pong(ev.id))
+        elif t is ChatState:
+            w.chatstate(self, ev)
+        elif t is Presence:
+            w.presence_request(self, ev)
+        elif t is Privacy:
+            changes = {k: v for k, v in (("last", ev.last), ("online", ev.online)) if v}
+            settings, changed = w.social.privacy(self.user, changes)
+            self.send(PrivacySettings(ev.id, settings["last"], settings["online"]))
+            if changed:
+                w.presence.note(self.user)
+        elif t is Discover:
+            users, left, changed = w.social.discover(self.user, ev.type, ev.phones)
+            self.send(DiscoverResult(ev.id, tuple(users), left))
+            if changed:
+                w.presence.note(self.user)  # who counts as a contact changed
+        elif t is Block:
+            self.send(ServerAck(ev.id, w.social.block(self.user, ev.to), "block"))
+            w.presence.note(self.user)
+        elif t is Unblock:
+            self.send(ServerAck(ev.id, w.social.unblock(self.user, ev.to), "unblock"))
+            w.presence.note(self.user)
+        elif t is BlocklistQuery:
+            self.send(Blocklist(ev.id, tuple(w.social.blocklist(self.user))))
         elif t is Register:
             w.spawn(self._register(ev))
         elif t is Verify:
@@ -410,7 +474,7 @@ class Session(asyncio.Protocol):
             log.event(logger, logging.INFO, "client reported an error", conn=self.id, code=ev.code)
         elif t is ConnectionClosed:
             self.close_soon()
-        # Hello, Pong, Presence: nothing to do (presence comes with its issue)
+        # Hello, Pong: nothing to do
 
     async def _register(self, ev: Register) -> None:
         try:
@@ -532,6 +596,8 @@ class Worker:
         self.delivery_window = config.delivery_window
         self.write_buffer_high = config.write_buffer_high
         self.queues: Queues | None = None
+        self.social: Social | None = None
+        self.presence: PresenceHub | None = None
         self.tasks: set[asyncio.Task] = set()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.store: Store | None = None
@@ -554,7 +620,9 @@ class Worker:
         if old is not None and old is not s:
             old.fail(ErrorCode.REPLACED, "logged in on another connection")
         self.by_device[s.device] = s
-        prev = self.store.set_session(s.device, self.wid, s.id)
+        prev, offline = self.store.set_session(s.device, self.wid, s.id)
+        if offline:
+            self.presence.note(s.user)
         if prev is not None and prev["worker"] != self.wid:
             self.bus.send(
                 prev["worker"],
@@ -566,7 +634,8 @@ class Worker:
     def detach(self, s: Session) -> None:
         if self.by_device.get(s.device) is s:
             del self.by_device[s.device]
-            self.store.clear_session(s.device, self.wid, s.id)
+            if self.store.clear_session(s.device, self.wid, s.id):
+                self.presence.note(s.user)
 
     def revoke(self, device: str, code: ErrorCode, text: str) -> None:
         """Close a device's session wherever it is."""
@@ -606,6 +675,7 @@ class Worker:
         self.tick_pending = False
         if self.sends or self.acks:
             self.commit()
+        self.presence.flush()
         flush, self.to_flush = self.to_flush, []
         for s in flush:
             s._flush()
@@ -631,6 +701,45 @@ class Worker:
             return
         self.sends.append(Send(sender.device, cls, msg_id, to, typ, body, sender))
         self._schedule_tick()
+
+    def presence_request(self, s: Session, ev: Presence) -> None:
+        if ev.to is not None:
+            if ev.type == "subscribe":
+                self.presence.subscribe(s, ev.to)
+            else:
+                self.presence.unsubscribe(s, ev.to)
+        elif self.social.set_available(s.device, self.wid, s.id, ev.type == "available"):
+            self.presence.note(s.user)
+
+    def chatstate(self, s: Session, ev: ChatState) -> None:
+        """Typing: to the recipient's connected devices now, or nowhere (never stored)."""
+        now = self.loop.time()
+        if s.typing is None:
+            s.typing = Bucket(self.config.typing_rate, self.config.typing_burst, now)
+        if not s.typing.take(now):
+            if now - s.typing_warned >= 1.0:
+                s.typing_warned = now
+                s.send(Error(ErrorCode.TOO_FAST, "typing indicators too fast: some were dropped"))
+            return
+        targets = self.social.chatstate_targets(s.user, ev.to)
+        if targets is None:
+            s.send(Error(ErrorCode.UNKNOWN_RECIPIENT, "not a registered user"))
+            return
+        if not targets:
+            return
+        frame = self.queues.encoder.chatstate(s.user, ev.type)
+        for device, wid in targets.items():
+            if wid == self.wid:
+                self.typing_local(device, frame)
+            else:
+                self.bus.send(wid, core_codec.Node("cs", {"d": device}, frame))
+
+    def typing_local(self, device: str, frame) -> None:
+        r = self.by_device.get(device)
+        # a client that is not reading loses typing indicators, not memory
+        if r is not None and not r.closing and not r.paused:
+            r.out += frame
+            r._schedule_flush()
 
     def ack(self, device: str, seq: int) -> None:
         """A device acknowledged its queue up to ``seq``: delete in this tick's commit."""
@@ -804,14 +913,20 @@ class Worker:
                 max_bytes=c.queue_max_bytes,
                 max_age_ms=int(c.queue_max_age * 1000),
                 dedup_window_ms=int(c.dedup_window * 1000),
+                new_chats=c.new_chats,
+                new_chats_window_ms=int(c.new_chats_window * 1000),
             ),
             FrameEncoder(),
             receipts=c.delivered_receipts,
         )
-        self.store.clear_worker_sessions(self.wid)
+        self.social = Social(self.store, c)
+        self.presence = PresenceHub(self, self.social, self.queues.encoder)
+        _, offline = self.store.clear_worker_sessions(self.wid)
         self.accounts = Accounts(self.store, c, make_gateway(c))
         self.bus = Bus(self)
         await self.bus.start()
+        for user in offline:  # this worker's devices before a crash: now offline
+            self.presence.note(user)
         # The loop serves a duplicate of each listening socket; the original
         # stays with us so that a drain can empty its accept queue (see drain()).
         listeners = [(listen_socket(c.listen), lambda: Session(self), None)]
@@ -923,6 +1038,10 @@ class BusPeer(asyncio.Protocol):
             a = node.attrs
             if node.tag == "push":
                 w.offer_local(a["d"], int(a["s"]), node.content)
+            elif node.tag == "pres":
+                w.presence.note_remote(a["u"])
+            elif node.tag == "cs":
+                w.typing_local(a["d"], node.content)
             elif node.tag == "kick":
                 w.kick_local(a["device"], int(a["code"]), a.get("text"))
 

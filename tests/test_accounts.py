@@ -149,7 +149,7 @@ def test_sessions(env):
     store.clear_session(address, worker=1, conn=8)  # not that connection: kept
     assert address in store.sessions_of(PHONE)
     store.set_session(address, worker=2, conn=9)
-    assert store.clear_worker_sessions(1) == 0 and store.clear_worker_sessions(2) == 1
+    assert store.clear_worker_sessions(1) == (0, []) and store.clear_worker_sessions(2) == (1, [])
     assert store.sessions_of(PHONE) == {}
 
 

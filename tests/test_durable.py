@@ -34,7 +34,8 @@ def start(tmp_path, **options) -> Server:
 
 @pytest.fixture
 def server(tmp_path):
-    srv = start(tmp_path, delivery_window=8)
+    # the loads below send as fast as the server acks: lifted like the bench profile
+    srv = start(tmp_path, delivery_window=8, message_rate=0)
     yield srv
     assert srv.stop() == 0, srv.log_text()[-3000:]
 
@@ -232,6 +233,7 @@ def test_a_recipient_that_does_not_read_leaves_server_memory_bounded(tmp_path):
         map_size=1 << 30,
         write_buffer_high=256 << 10,
         write_buffer_low=64 << 10,
+        message_rate=0,
     )
     try:
 
@@ -370,7 +372,7 @@ def test_kill_9_of_one_worker_in_the_middle_of_a_load(server):
 
 
 def test_kill_9_of_the_whole_server_in_the_middle_of_a_load(tmp_path):
-    srv = start(tmp_path)
+    srv = start(tmp_path, message_rate=0)
     try:
 
         async def crash():

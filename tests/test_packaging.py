@@ -89,5 +89,5 @@ def test_console_script():
     assert exe, "the pigeon console script is not installed"
     out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.startswith(
-        f"pigeon {pigeon.core.__version__} (protocol 1, dictionary 1, codec "
+        f"pigeon {pigeon.core.__version__} (protocol 1, dictionary {pigeon.core.tokens.LATEST_VERSION}, codec "
     )

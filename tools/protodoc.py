@@ -23,10 +23,17 @@ from pigeon.core.events import (
     AuthResponse,
     AuthStart,
     AuthSuccess,
+    Block,
+    Blocklist,
+    BlocklistQuery,
+    ChatState,
     CodeSent,
     DeleteAccount,
     DeviceAck,
+    Discover,
+    DiscoverResult,
     Error,
+    IncomingChatState,
     IncomingMessage,
     IncomingReceipt,
     Logout,
@@ -35,17 +42,20 @@ from pigeon.core.events import (
     Pong,
     Presence,
     PresenceUpdate,
+    Privacy,
+    PrivacySettings,
     Receipt,
     Register,
     Registered,
     ServerAck,
+    Unblock,
     Verify,
 )
 from pigeon.core.node import format_node
-from pigeon.core.tokens import LATEST
+from pigeon.core.tokens import DICTIONARIES, LATEST
 from pigeon.core.wire import preamble
 
-ALICE, BOB = "491701234567", "4915112345678"
+ALICE, BOB, CAROL = "491701234567", "4915112345678", "447700900123"
 T = 1763830000123
 BODY = bytes.fromhex("33088a1b2c3d4e5f60718293a4b5c6d7")  # stands in for ciphertext
 NONCE = "rOprNGfwEbeRWgbNEkqO"
@@ -70,7 +80,23 @@ EXAMPLES = {
     "receipt-out": Receipt(ALICE, "3eb0c1f2a4d5e6f7", "read"),
     "receipt-in": IncomingReceipt(BOB, "3eb0c1f2a4d5e6f7", "delivered", T + 250, 2),
     "presence-out": Presence("available"),
+    "presence-subscribe": Presence("subscribe", BOB),
+    "presence-unsubscribe": Presence("unsubscribe", BOB),
     "presence-in": PresenceUpdate(BOB, "unavailable", T - 60000),
+    "presence-in-online": PresenceUpdate(BOB, "available"),
+    "chatstate-out": ChatState(BOB, "composing"),
+    "chatstate-in": IncomingChatState(ALICE, "composing"),
+    "privacy-out": Privacy("p1", last="contacts", online="contacts"),
+    "privacy-out-v1": (Privacy("p1", last="contacts", online="contacts"), 1),
+    "privacy-query": Privacy("p2"),
+    "privacy-in": PrivacySettings("p1", "contacts", "contacts"),
+    "discover-out": Discover("d1", "full", (BOB, CAROL, "4930123456789")),
+    "discover-in": DiscoverResult("d1", (BOB, CAROL), 1997),
+    "block": Block("b1", CAROL),
+    "ack-block": ServerAck("b1", T, "block"),
+    "unblock": Unblock("b2", CAROL),
+    "blocklist-out": BlocklistQuery("b3"),
+    "blocklist-in": Blocklist("b3", (CAROL,)),
     "error": Error(ErrorCode.UNKNOWN_RECIPIENT, "not a registered user", "3eb0c1f2a4d5e6f7"),
     "logout": Logout("x1"),
     "ack-logout": ServerAck("x1", T, "logout"),
@@ -87,12 +113,20 @@ def _hex(data: bytes, width: int = 16) -> str:
     return "\n".join(lines)
 
 
+def example(name: str):
+    """(event, dictionary version) of an example: the newest version unless it names one."""
+    ex = EXAMPLES[name]
+    return ex if isinstance(ex, tuple) else (ex, LATEST.version)
+
+
 def example_block(name: str) -> str:
-    codec = _pycodec.Codec(LATEST)
-    node = EXAMPLES[name].to_node(_pycodec.Node)
+    event, version = example(name)
+    codec = _pycodec.Codec(DICTIONARIES[version])
+    node = event.to_node(_pycodec.Node)
     frame = codec.encode_frame(node)
+    note = "" if version == LATEST.version else f" (dictionary version {version})"
     return (
-        f"```hex\n# {format_node(node)}\n{_hex(frame)}\n```\n"
+        f"```hex\n# {format_node(node)}{note}\n{_hex(frame)}\n```\n"
         f"{len(frame)} bytes: 3 of frame header, {len(frame) - 3} of node.\n"
     )
 
@@ -113,6 +147,12 @@ def tokens_table() -> str:
         row = entries[i : i + 4]
         row += [("", "")] * (4 - len(row))
         out.append("| " + " | ".join(f"{c} | {s}" for c, s in row) + " |")
+    out.append("\nWhat each version appended:\n")
+    for v in sorted(DICTIONARIES)[1:]:
+        prev = DICTIONARIES[v - 1].codes
+        new = [(c, s) for c, s in DICTIONARIES[v].entries() if s not in prev]
+        out.append(f"- version {v}: " + ", ".join(
+            f"`{s}` (`{c:02x}`)" if c < 0x100 else f"`{s}` (`{c:04x}`)" for c, s in new))  # fmt: skip
     return "\n".join(out) + "\n"
 
 
