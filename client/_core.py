@@ -15,7 +15,10 @@ redelivery of something already acknowledged, so the server's delivery
 window never fills with entries the application will not ack again), and
 the messages and receipts sent but not yet acknowledged by the server
 (``inflight``), which a resuming client sends again with the same ids after
-it has logged in again.
+it has logged in again.  So does the presence the application asked for:
+whether this device is available and which users it subscribes to are sent
+again after every re-login (subscriptions belong to a connection on the
+server).
 """
 
 from __future__ import annotations
@@ -34,10 +37,16 @@ from pigeon.core.events import (
     AuthResponse,
     AuthStart,
     AuthSuccess,
+    Block,
+    Blocklist,
+    BlocklistQuery,
+    ChatState,
     CodeSent,
     ConnectionClosed,
     DeleteAccount,
     DeviceAck,
+    Discover,
+    DiscoverResult,
     Error,
     Hello,
     IncomingMessage,
@@ -46,10 +55,14 @@ from pigeon.core.events import (
     Message,
     Ping,
     Pong,
+    Presence,
+    Privacy,
+    PrivacySettings,
     Receipt,
     Register,
     Registered,
     ServerAck,
+    Unblock,
     Verify,
 )
 
@@ -58,9 +71,11 @@ from pigeon.core.events import (
 TERMINAL_CODES = frozenset({ErrorCode.NOT_AUTHORIZED, ErrorCode.REPLACED, ErrorCode.REVOKED})
 
 #: Request kinds; a waiting request is keyed (kind, id).
-REQ, MESSAGE, RECEIPT, PONG, AUTH, LOGOUT, DELETE = (
-    "req", "message", "receipt", "pong", "auth", "logout", "delete",
+REQ, MESSAGE, RECEIPT, PONG, AUTH, LOGOUT, DELETE, BLOCK, UNBLOCK = (
+    "req", "message", "receipt", "pong", "auth", "logout", "delete", "block", "unblock",
 )  # fmt: skip
+#: Kinds whose answer is an ``ack`` of that class, or an error with the request's id.
+_ID_KINDS = (REQ, MESSAGE, RECEIPT, PONG, LOGOUT, DELETE, BLOCK, UNBLOCK)
 #: Kinds that are safe to send again after a reconnect (idempotent by id).
 REPLAYABLE = (MESSAGE, RECEIPT)
 
@@ -151,6 +166,10 @@ class ScramLogin:
         self._scram.set_server_final(success.data.decode("ascii"))
 
 
+#: Server answers matched to a REQ waiter by their id.
+_ANSWERS = frozenset({PrivacySettings, DiscoverResult, Blocklist})
+
+
 class ClientCore:
     def __init__(self):
         self.conn: Connection | None = None
@@ -166,6 +185,9 @@ class ClientCore:
         #: deliveries dropped because they were seen before
         self.redelivered = 0
         self.server_hello: Hello | None = None
+        #: presence the application asked for, restored after a reconnect
+        self.available: bool | None = None
+        self.subscriptions: set[str] = set()
         self._ids = itertools.count(1)
         self._prefix = os.urandom(4).hex()
 
@@ -222,6 +244,10 @@ class ClientCore:
         receipt the server has not acked."""
         if self.acked_seq:
             self.send(DeviceAck(self.acked_seq))
+        if self.available is not None:
+            self.send(Presence("available" if self.available else "unavailable"))
+        for user in self.subscriptions:
+            self.send(Presence("subscribe", user))
         for event in self.inflight.values():
             self.send(event)
         return len(self.inflight)
@@ -291,7 +317,7 @@ class ClientCore:
             outcomes.append(Deliver(ev))
         elif t is ServerAck:
             self._answer((ev.cls, ev.id), ev, outcomes)
-        elif t is CodeSent or t is Registered:
+        elif t is CodeSent or t is Registered or t in _ANSWERS:
             self._answer((REQ, ev.id), ev, outcomes)
         elif t is AuthChallenge or t is AuthSuccess:
             self._answer((AUTH, ""), ev, outcomes)
@@ -305,7 +331,7 @@ class ClientCore:
             err = ServerError(ev.code, ev.text, ev.id)
             handled = False
             if ev.id is not None:
-                for kind in (REQ, MESSAGE, RECEIPT, PONG, LOGOUT, DELETE):
+                for kind in _ID_KINDS:
                     handled |= self._answer((kind, ev.id), err, outcomes)
             if not handled:
                 handled = self._answer((AUTH, ""), err, outcomes)
@@ -550,3 +576,64 @@ class ClientAPI:
     async def ping(self, timeout: float = 30.0) -> None:
         pid = self.new_id()
         await self._request(PONG, pid, Ping(pid), timeout)
+
+    # -- presence, typing, privacy, contacts, blocking -------------------------------
+
+    async def _tell(self, event) -> None:
+        """Send a node that has no answer (while connected; else it is not sent)."""
+        if self.closed is not None:
+            raise ConnectionLost(str(self.closed))
+        if self._live:
+            self.core.send(event)
+            await self._flush_now()
+
+    async def set_presence(self, available: bool = True) -> None:
+        """Mark this device available (the user has the app open) or unavailable.
+
+        Kept and sent again after a reconnect (a new connection starts unavailable).
+        """
+        self.core.available = available
+        await self._tell(Presence("available" if available else "unavailable"))
+
+    async def subscribe(self, user: str) -> None:
+        """Get ``user``'s presence now and on every change, as PresenceUpdate events.
+
+        Subscriptions are renewed after a reconnect.
+        """
+        self.core.subscriptions.add(user)
+        await self._tell(Presence("subscribe", user))
+
+    async def unsubscribe(self, user: str) -> None:
+        self.core.subscriptions.discard(user)
+        await self._tell(Presence("unsubscribe", user))
+
+    async def typing(self, to: str, state: str = "composing") -> None:
+        """Typing indicator for ``to``: composing, paused or recording. Never stored:
+        sent only while connected, delivered only to devices connected now."""
+        await self._tell(ChatState(to, state))
+
+    async def privacy(
+        self, last: str | None = None, online: str | None = None, timeout: float = 30.0
+    ) -> PrivacySettings:
+        """Read, or change, who sees last seen / online: everyone, contacts or nobody."""
+        rid = self.new_id()
+        return await self._request(REQ, rid, Privacy(rid, last, online), timeout)
+
+    async def discover(self, phones, type: str = "full", timeout: float = 30.0) -> DiscoverResult:
+        """Which of ``phones`` are users (they join the contact set); ``type``: full
+        (the whole address book), add, or remove. Raises ServerError 302 past the limit."""
+        rid = self.new_id()
+        return await self._request(REQ, rid, Discover(rid, type, tuple(phones)), timeout)
+
+    async def block(self, user: str, timeout: float = 30.0) -> ServerAck:
+        rid = self.new_id()
+        return await self._request(BLOCK, rid, Block(rid, user), timeout)
+
+    async def unblock(self, user: str, timeout: float = 30.0) -> ServerAck:
+        rid = self.new_id()
+        return await self._request(UNBLOCK, rid, Unblock(rid, user), timeout)
+
+    async def blocklist(self, timeout: float = 30.0) -> tuple[str, ...]:
+        """The users this account blocks, oldest block first."""
+        rid = self.new_id()
+        return (await self._request(REQ, rid, BlocklistQuery(rid), timeout)).users

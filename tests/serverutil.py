@@ -57,6 +57,9 @@ class Server:
             )
         self.proc: subprocess.Popen | None = None
         self.banner = ""
+        # the server's clock: real time plus the offset in this file (advance_clock)
+        self.clock_file = data_dir.parent / f"clock-{self.port}"
+        self.clock_file.write_text("0")
 
     def start(self) -> Server:
         args = [sys.executable, "-m", "pigeon.tools.cli", "serve", "--workers", str(self.workers),
@@ -79,6 +82,7 @@ class Server:
             stderr=self.log,
             start_new_session=True,
             preexec_fn=preexec,
+            env={**os.environ, "PIGEON_TEST_CLOCK_FILE": str(self.clock_file)},
         )
         sel = selectors.DefaultSelector()
         sel.register(self.proc.stdout, selectors.EVENT_READ)
@@ -93,6 +97,13 @@ class Server:
                     break
         self.stop(sig=signal.SIGKILL)
         raise RuntimeError(f"server did not become ready; log: {self.log_text()[-2000:]}")
+
+    def advance_clock(self, seconds: float) -> None:
+        """Move the server's clock (every worker's) forward."""
+        offset = int(self.clock_file.read_text()) + int(seconds * 1000)
+        tmp = self.clock_file.with_suffix(".tmp")
+        tmp.write_text(str(offset))
+        os.replace(tmp, self.clock_file)
 
     def log_text(self) -> str:
         return (self.data_dir.parent / f"server-{self.port}.log").read_text(errors="replace")
