@@ -569,13 +569,89 @@ def idle(opts) -> dict:
     }
 
 
+def presence(opts) -> dict:
+    """One user changes presence; N subscribers (spread over the workers) get each change.
+
+    Server CPU per change covers the change itself (the store write, the note
+    to the other workers) and its fan-out to every subscriber: the view
+    evaluation and one write per subscriber connection.  Push latency is
+    from the moment the publisher sent the change to the moment a
+    subscriber's SDK handed the push over, for every (change, subscriber).
+    """
+    n = opts.subscribers
+    with _bench_run(opts) as run:
+        server, creds, loads = run.server, run.creds, run.loads
+        if opts.target is None:
+            server.start(opts.workers, {"sync": opts.sync}, n + 1, creds)
+        from pigeon.server.provision import load_credentials
+
+        watch = load_credentials(creds)[0]["device"].partition(":")[0]
+        base = ["--target", server.target, "--creds", creds]
+        pub = LoadProc(["--mode", "presence-pub", *base, "--first", "0", "--last", "1",
+                        "--changes", str(opts.changes), "--interval", str(opts.interval)])  # fmt: skip
+        loads.append(pub)
+        subs = []
+        for first, last in _split(n, opts.load_procs):
+            subs.append(LoadProc(["--mode", "presence-sub", *base, "--first", str(first + 1),
+                                  "--last", str(last + 1), "--watch", watch]))  # fmt: skip
+        loads.extend(subs)
+        for lp in loads:
+            if lp.line(300) != "ready":
+                raise BenchError("a load process failed to log in and subscribe its clients")
+        server.sample_peak()
+        cpu0 = server.cpu()
+        t0 = time.monotonic()
+        pub.say("go")
+        sent = orjson.loads(pub.line(opts.changes * opts.interval + 120))["sent_ns"]
+        for lp in subs:
+            lp.say(f"collect {len(sent)}")
+        times = [t for lp in subs for t in orjson.loads(lp.line(120))["times_ns"]]
+        cpu1 = server.cpu()
+        elapsed = time.monotonic() - t0
+        peak = server.peak_rss
+        pub.say("stop")
+    lat = sorted(
+        (t - sent[k]) // 1000 for per_client in times for k, t in enumerate(per_client[: len(sent)])
+    )
+    received = len(lat)
+    user, system = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
+    changes = len(sent) or 1
+    return {
+        "bench": "presence",
+        "subscribers": n,
+        "changes": len(sent),
+        "interval_s": opts.interval,
+        "workers": opts.workers,
+        "load_processes": len(loads),
+        "sync": opts.sync if opts.target is None else "external",
+        "profile": "bench" if opts.target is None else "external",
+        "limits_lifted": sorted(BENCH_PROFILE) if opts.target is None else [],
+        "note": "one change: a device's presence node, the store write, the note to the other "
+        "workers, and a push to every subscriber (default privacy: everyone)",
+        "pushes_expected": len(sent) * n,
+        "pushes_received": received,
+        "missing_pushes": len(sent) * n - received,
+        "elapsed_s": round(elapsed, 3),
+        "server_user_s": round(user, 3),
+        "server_sys_s": round(system, 3),
+        "server_cpu_us_per_change": round((user + system) / changes * 1e6, 1),
+        "server_cpu_us_per_push": round((user + system) / (received or 1) * 1e6, 2),
+        "push_p50_ms": _percentile(lat, 0.50),
+        "push_p99_ms": _percentile(lat, 0.99),
+        "push_max_ms": lat[-1] / 1000 if lat else None,
+        "server_peak_rss_kib": peak // 1024,
+        "machine": machine(),
+    }
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="load benchmarks against a real server",
                        description=__doc__.split("\n\n")[0])  # fmt: skip
     bsub = p.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
 
-    def common(sp):
-        sp.add_argument("--clients", type=int, default=100, metavar="N")
+    def common(sp, clients=True):
+        if clients:
+            sp.add_argument("--clients", type=int, default=100, metavar="N")
         sp.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="server workers (default: one per core)")  # fmt: skip
         sp.add_argument("--load-procs", type=int, default=1,
@@ -641,6 +717,19 @@ def add_parser(sub) -> None:
     )
     lt.add_argument("--plot", metavar="FILE.png", help="draw the latency CDF (needs matplotlib)")
     lt.set_defaults(func=run, bench=latency)
+    pr = bsub.add_parser(
+        "presence",
+        help="one user's presence changes fanned out to N subscribers",
+        description="One device toggles its presence; N clients subscribed to it receive "
+        "every change. Reports server CPU per change and per push, and the push latency.",
+    )
+    common(pr, clients=False)
+    pr.add_argument("--subscribers", type=int, default=1000, metavar="N")
+    pr.add_argument("--changes", type=int, default=200, metavar="K", help="presence changes")
+    pr.add_argument("--interval", type=float, default=0.05, metavar="S",
+                    help="seconds between changes (default 0.05)")  # fmt: skip
+    pr.add_argument("--sync", choices=["os", "fsync"], default="os")
+    pr.set_defaults(func=run, bench=presence)
     i = bsub.add_parser("idle", help="memory per authenticated idle connection")
     common(i)
     i.set_defaults(func=run, bench=idle)
@@ -741,8 +830,11 @@ def run(opts) -> int:
         print("pigeon bench: --target needs --creds (from pigeon admin provision)",
               file=sys.stderr)  # fmt: skip
         return 2
-    if opts.clients < 2:
+    if getattr(opts, "clients", 2) < 2:
         print("pigeon bench: --clients must be at least 2", file=sys.stderr)
+        return 2
+    if getattr(opts, "subscribers", 1) < 1:
+        print("pigeon bench: --subscribers must be at least 1", file=sys.stderr)
         return 2
     try:
         result = opts.bench(opts)
@@ -760,5 +852,10 @@ def run(opts) -> int:
                   file=sys.stderr)  # fmt: skip
             return 1
     print(orjson.dumps(result).decode() if opts.json else _human(result))
-    bad = result.get("lost") or result.get("duplicated") or result.get("receipts_missing")
+    bad = (
+        result.get("lost")
+        or result.get("duplicated")
+        or result.get("receipts_missing")
+        or result.get("missing_pushes")
+    )
     return 1 if bad else 0

@@ -23,7 +23,7 @@ import time
 import orjson
 
 from pigeon.client import Client, Credentials, ServerError
-from pigeon.core.events import IncomingMessage, IncomingReceipt
+from pigeon.core.events import IncomingMessage, IncomingReceipt, PresenceUpdate
 
 HEADER = struct.Struct("<IIQ")  # sender index, message number, send time (monotonic ns)
 
@@ -249,7 +249,14 @@ def main(argv=None) -> int:
     p.add_argument("--window", type=int, default=16)
     p.add_argument("--size", type=int, default=100)
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--mode", choices=["throughput", "idle", "latency"], default="throughput")
+    p.add_argument(
+        "--mode",
+        default="throughput",
+        choices=["throughput", "idle", "latency", "presence-pub", "presence-sub"],
+    )
+    p.add_argument("--changes", type=int, default=100, help="presence-pub: changes to make")
+    p.add_argument("--interval", type=float, default=0.05, help="presence-pub: s between them")
+    p.add_argument("--watch", help="presence-sub: the user every client subscribes to")
     args = p.parse_args(argv)
     from pigeon.server.provision import load_credentials
 
@@ -264,6 +271,10 @@ def main(argv=None) -> int:
         uvloop.run(idle(load))
     elif args.mode == "latency":
         uvloop.run(load.latency_runs())
+    elif args.mode == "presence-pub":
+        uvloop.run(presence_pub(load))
+    elif args.mode == "presence-sub":
+        uvloop.run(presence_sub(load))
     else:
         uvloop.run(load.run())
     return 0
@@ -275,6 +286,63 @@ async def idle(load: Load) -> None:
     print("ready", flush=True)
     await loop.run_in_executor(None, sys.stdin.readline)
     await asyncio.gather(*(c.close() for c in load.clients.values()))
+
+
+async def presence_pub(load: Load) -> None:
+    """One device changes its presence ``--changes`` times, one every ``--interval`` s
+    (paced by due time); prints the monotonic time each change was sent."""
+    loop = asyncio.get_running_loop()
+    await load.login_all()
+    (client,) = load.clients.values()
+    print("ready", flush=True)
+    await loop.run_in_executor(None, sys.stdin.readline)  # "go"
+    sent = []
+    start = time.monotonic()
+    for k in range(load.args.changes):
+        delay = start + k * load.args.interval - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        sent.append(time.monotonic_ns())
+        await client.set_presence(k % 2 == 0)
+    print(orjson.dumps({"sent_ns": sent}).decode(), flush=True)
+    await loop.run_in_executor(None, sys.stdin.readline)
+    await client.close()
+
+
+async def presence_sub(load: Load) -> None:
+    """Every client subscribes to ``--watch`` and records when each push arrives."""
+    loop = asyncio.get_running_loop()
+    await load.login_all()
+    times: dict[int, list[int]] = {i: [] for i in load.mine}
+
+    async def first(i: int) -> None:
+        await load.clients[i].subscribe(load.args.watch)
+        while not isinstance(await load.clients[i].next_event(60), PresenceUpdate):
+            pass  # the current state, sent at once
+
+    async def watch(i: int) -> None:
+        c = load.clients[i]
+        while True:
+            ev = await c.next_event()
+            if isinstance(ev, PresenceUpdate):
+                times[i].append(time.monotonic_ns())
+
+    await asyncio.gather(*(first(i) for i in load.mine))
+    tasks = [loop.create_task(watch(i)) for i in load.mine]
+    print("ready", flush=True)
+    want = int((await loop.run_in_executor(None, sys.stdin.readline)).split()[1])  # "collect K"
+    last, idle_since = -1, time.monotonic()
+    while time.monotonic() - idle_since < 10:  # until all arrived, or 10 s without progress
+        got = sum(len(t) for t in times.values())
+        if got >= want * len(times):
+            break
+        if got != last:
+            last, idle_since = got, time.monotonic()
+        await asyncio.sleep(0.02)
+    for t in tasks:
+        t.cancel()
+    print(orjson.dumps({"times_ns": list(times.values())}).decode(), flush=True)
+    await asyncio.gather(*(c.close() for c in load.clients.values()), return_exceptions=True)
 
 
 if __name__ == "__main__":
