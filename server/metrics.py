@@ -36,6 +36,10 @@ COUNTERS = {
     "entries_out": "queue entries pushed to devices (messages and receipts)",
     "device_acks": "cumulative acks received from devices",
     "commits": "group commits (write transactions of queued work)",
+    "presence_changes": "users whose presence (or who may see it) changed, noted to the workers",
+    "presence_pushes": "presence updates pushed to subscribers",
+    "typing": "typing indicators routed (to online devices; never stored)",
+    "rate_limited": "nodes refused or dropped by a per-connection rate limit (error 405)",
 }
 
 

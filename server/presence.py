@@ -36,7 +36,6 @@ class PresenceHub:
         self.subs: dict[str, dict] = {}
         self.changed: set[str] = set()  # changed on this worker: tell the others
         self.remote: set[str] = set()  # changed on another worker
-        self.pushes = 0
 
     # -- subscriptions ----------------------------------------------------------
 
@@ -78,6 +77,7 @@ class PresenceHub:
     def note(self, user: str) -> None:
         """``user``'s presence (or who may see it) changed here."""
         self.changed.add(user)
+        self.worker.stats.counters["presence_changes"] += 1
         self.worker._schedule_tick()
 
     def note_remote(self, user: str) -> None:
@@ -132,4 +132,4 @@ class PresenceHub:
             return
         s.out += frame
         s._schedule_flush()
-        self.pushes += 1
+        self.worker.stats.counters["presence_pushes"] += 1

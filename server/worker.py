@@ -24,6 +24,15 @@ at login.  When the transport's buffer passes ``write_buffer_high`` the
 session stops pushing and stops reading the client until it drains below
 ``write_buffer_low``: a client that does not read cannot grow server memory.
 
+Presence (server/presence.py, server/social.py): a device's availability
+is written to the store; the users whose presence changed during the tick
+are noted to every other worker at the end of it (a ``pres`` bus node) and
+each worker pushes the change to its own subscribers, as each may see it.
+Typing indicators (``chatstate``) go straight to the recipient's connected
+devices (a ``cs`` bus node for another worker's) and are never stored.
+Per-connection token buckets limit messages and requests (``message-rate``)
+and typing (``typing-rate``).
+
 The worker exits by itself when the supervisor goes (the parent-death pipe
 reaches EOF, whatever killed the supervisor), and drains on SIGTERM.
 """
@@ -416,6 +425,7 @@ class Session(asyncio.Protocol):
             self.bucket = Bucket(w.config.message_rate, w.config.message_burst, now)
         if self.bucket.take(now):
             return True
+        w.stats.counters["rate_limited"] += 1
         self.send(Error(ErrorCode.TOO_FAST,
                         f"sending too fast: at most {w.config.message_rate:g} a second "
                         f"(bursts of {w.config.message_burst}); retry later",
@@ -717,6 +727,7 @@ class Worker:
         if s.typing is None:
             s.typing = Bucket(self.config.typing_rate, self.config.typing_burst, now)
         if not s.typing.take(now):
+            self.stats.counters["rate_limited"] += 1
             if now - s.typing_warned >= 1.0:
                 s.typing_warned = now
                 s.send(Error(ErrorCode.TOO_FAST, "typing indicators too fast: some were dropped"))
@@ -728,7 +739,10 @@ class Worker:
         if not targets:
             return
         frame = self.queues.encoder.chatstate(s.user, ev.type)
+        self.stats.counters["typing"] += 1
         for device, wid in targets.items():
+            if device == s.device:
+                continue  # typing to one's own user: the other devices only
             if wid == self.wid:
                 self.typing_local(device, frame)
             else:

@@ -11,11 +11,18 @@ from pigeon.core.events import (
     AuthResponse,
     AuthStart,
     AuthSuccess,
+    Block,
+    Blocklist,
+    BlocklistQuery,
+    ChatState,
     CodeSent,
     ConnectionClosed,
     DeviceAck,
+    Discover,
+    DiscoverResult,
     Error,
     Hello,
+    IncomingChatState,
     IncomingMessage,
     IncomingReceipt,
     Message,
@@ -23,10 +30,13 @@ from pigeon.core.events import (
     Pong,
     Presence,
     PresenceUpdate,
+    Privacy,
+    PrivacySettings,
     Receipt,
     Register,
     Registered,
     ServerAck,
+    Unblock,
     Verify,
 )
 from pigeon.core.tokens import DICTIONARIES, LATEST_VERSION, Dictionary
@@ -55,6 +65,22 @@ SAMPLES = [
     Presence("available"),
     PresenceUpdate(BOB, "unavailable", 1763830000000),
     PresenceUpdate(BOB, "available"),
+    Presence("subscribe", BOB),
+    Presence("unsubscribe", BOB),
+    ChatState(BOB, "recording"),
+    IncomingChatState(ALICE, "paused"),
+    Privacy("p1"),
+    Privacy("p2", last="nobody", online="contacts"),
+    PrivacySettings("p2", "nobody", "contacts"),
+    Discover("d1", "add", (BOB, "447700900123")),
+    Discover("d2", "remove", ()),
+    DiscoverResult("d1", (BOB,), 1998),
+    DiscoverResult("d3", (), 0),
+    Block("b1", BOB),
+    Unblock("b2", BOB),
+    BlocklistQuery("b3"),
+    Blocklist("b3", (BOB, "447700900123")),
+    ServerAck("b1", 1763830000123, "block"),
     Error(ErrorCode.UNKNOWN_RECIPIENT, "no such user", "m1"),
     Error(ErrorCode.TIMEOUT, "login deadline passed"),
     Ping("p1"),
@@ -211,6 +237,25 @@ def test_bad_attributes_after_login(impl):
         with pytest.raises(RemoteProtocolError):
             server.next_event()
     deliver(client, server, DeviceAck((1 << 64) - 1))
+    N = impl.Node
+    for node in (
+        N("presence", {"type": "subscribe"}),  # whom?
+        N("presence", {"type": "subscribe", "to": ALICE + ":0"}),  # a user, not a device
+        N("presence", {"type": "away"}),
+        N("chatstate", {"to": BOB, "type": "shouting"}),
+        N("privacy", {"id": "p1", "last": "friends"}),
+        N("discover", {"id": "d1", "type": "full"}, [N("item", {"phone": "+4917012345"})]),
+        N("discover", {"id": "d1", "type": "full"}, [N("user", {"phone": BOB})]),
+        N("discover", {"id": "d1", "type": "full"}, b"4915112345678"),
+        N("discover", {"id": "d1", "type": "merge"}, []),
+        N("block", {"id": "b1", "to": "g:1234"}),
+        N("unblock", {"id": "b1"}),
+    ):
+        server.receive_data(c.encode_frame(node))
+        with pytest.raises(RemoteProtocolError) as info:
+            server.next_event()
+        assert info.value.code == ErrorCode.BAD_REQUEST and not info.value.fatal, node
+    deliver(client, server, Presence("subscribe", BOB))
 
 
 def test_codec_error_is_fatal_and_sticky(impl):

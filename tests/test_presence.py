@@ -428,7 +428,7 @@ def test_worker_crash_ends_its_devices_presence(server):
         alice = await server.login(a_creds)
         await until(lambda: a_creds.device in server.sessions(ALICE))
         alice_worker = server.sessions(ALICE)[a_creds.device]["worker"]
-        bob = await on_other_worker(server, b_creds, BOB, alice_worker)
+        bob = await on_other_worker(server, b_creds, BOB, alice_worker, reconnect=True)
         await alice.set_presence(True)
         await alice.ping()  # a barrier: the server has handled what alice sent before
         await bob.subscribe(ALICE)
@@ -436,6 +436,16 @@ def test_worker_crash_ends_its_devices_presence(server):
         os.kill(server.worker_pid(alice_worker), 9)
         ev = await next_of(bob, PresenceUpdate, timeout=20)
         assert ev.type == "unavailable" and ev.last is not None
+        await alice.close()
+
+        # bob's own worker dies: the SDK reconnects and subscribes again by itself
+        os.kill(server.worker_pid(server.sessions(BOB)[b_creds.device]["worker"]), 9)
+        await until(lambda: bob.reconnects == 1, timeout=30)
+        ev = await next_of(bob, PresenceUpdate, timeout=20)  # the state, at the resubscribe
+        assert ev.type == "unavailable"
+        alice = await server.login(a_creds)
+        await alice.set_presence(True)
+        assert (await next_of(bob, PresenceUpdate, timeout=20)).type == "available"
         await bob.close()
         await alice.close()
 
