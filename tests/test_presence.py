@@ -411,14 +411,15 @@ def test_a_dictionary_version_1_client_uses_the_new_nodes(server):
                 conn.receive_data(await asyncio.wait_for(r.read(65536), 10))
 
         assert (await event()).dictionary == 2  # the server's preamble: its newest
-        w.write(conn.send(scram.final(await event())))
+        challenge = await event()
+        assert isinstance(challenge, AuthChallenge)
+        w.write(conn.send(scram.final(challenge)))
         assert isinstance(await event(), AuthSuccess)
         w.write(conn.send(Privacy("p1", online="contacts")))
         ev = await event()
         assert ev == PrivacySettings("p1", "everyone", "contacts")
         w.close()
 
-    assert AuthChallenge  # (imported for the reader: the second event above is one)
     run(main())
 
 
