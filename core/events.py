@@ -120,6 +120,36 @@ class Event:
 
 
 @dataclass(frozen=True, slots=True)
+class _IdOnly(Event):
+    """A node whose only attribute is a request ``id`` (subclasses set TAG and SENDER)."""
+
+    id: str
+
+    def to_node(self, N):
+        return N(self.TAG, {"id": self.id})
+
+    @classmethod
+    def from_node(cls, node):
+        return cls(_id(node))
+
+
+@dataclass(frozen=True, slots=True)
+class _UserRequest(Event):
+    """A request ``id`` about user ``to`` (subclasses set TAG)."""
+
+    SENDER: ClassVar[str] = CLIENT
+    id: str
+    to: str
+
+    def to_node(self, N):
+        return N(self.TAG, {"id": self.id, "to": self.to})
+
+    @classmethod
+    def from_node(cls, node):
+        return cls(_id(node), _address(node, "to", "user"))
+
+
+@dataclass(frozen=True, slots=True)
 class Hello(Event):
     """The peer's preamble: its protocol version and dictionary version.
 
@@ -685,53 +715,25 @@ class DiscoverResult(Event):
 
 
 @dataclass(frozen=True, slots=True)
-class Block(Event):
+class Block(_UserRequest):
     """Block user ``to``: their messages are acked to them and dropped, they see no presence."""
 
     TAG: ClassVar[str] = "block"
-    SENDER: ClassVar[str] = CLIENT
-    id: str
-    to: str
-
-    def to_node(self, N):
-        return N("block", {"id": self.id, "to": self.to})
-
-    @classmethod
-    def from_node(cls, node):
-        return cls(_id(node), _address(node, "to", "user"))
 
 
 @dataclass(frozen=True, slots=True)
-class Unblock(Event):
+class Unblock(_UserRequest):
     """Unblock user ``to``."""
 
     TAG: ClassVar[str] = "unblock"
-    SENDER: ClassVar[str] = CLIENT
-    id: str
-    to: str
-
-    def to_node(self, N):
-        return N("unblock", {"id": self.id, "to": self.to})
-
-    @classmethod
-    def from_node(cls, node):
-        return cls(_id(node), _address(node, "to", "user"))
 
 
 @dataclass(frozen=True, slots=True)
-class BlocklistQuery(Event):
+class BlocklistQuery(_IdOnly):
     """Ask for the users this user blocks."""
 
     TAG: ClassVar[str] = "blocklist"
     SENDER: ClassVar[str] = CLIENT
-    id: str
-
-    def to_node(self, N):
-        return N("blocklist", {"id": self.id})
-
-    @classmethod
-    def from_node(cls, node):
-        return cls(_id(node))
 
 
 @dataclass(frozen=True, slots=True)
@@ -755,7 +757,7 @@ class Blocklist(Event):
 
 
 @dataclass(frozen=True, slots=True)
-class Logout(Event):
+class Logout(_IdOnly):
     """This device removes itself: its login secret, keys and queue are deleted.
 
     The server answers ``ack`` with class "logout" and closes the connection;
@@ -764,14 +766,6 @@ class Logout(Event):
 
     TAG: ClassVar[str] = "logout"
     SENDER: ClassVar[str] = CLIENT
-    id: str
-
-    def to_node(self, N):
-        return N("logout", {"id": self.id})
-
-    @classmethod
-    def from_node(cls, node):
-        return cls(_id(node))
 
 
 @dataclass(frozen=True, slots=True)
@@ -825,31 +819,15 @@ class Error(Event):
 
 
 @dataclass(frozen=True, slots=True)
-class Ping(Event):
+class Ping(_IdOnly):
     TAG: ClassVar[str] = "ping"
     SENDER: ClassVar[str] = BOTH
-    id: str
-
-    def to_node(self, N):
-        return N("ping", {"id": self.id})
-
-    @classmethod
-    def from_node(cls, node):
-        return cls(_id(node))
 
 
 @dataclass(frozen=True, slots=True)
-class Pong(Event):
+class Pong(_IdOnly):
     TAG: ClassVar[str] = "pong"
     SENDER: ClassVar[str] = BOTH
-    id: str
-
-    def to_node(self, N):
-        return N("pong", {"id": self.id})
-
-    @classmethod
-    def from_node(cls, node):
-        return cls(_id(node))
 
 
 _ALL = [

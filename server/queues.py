@@ -32,9 +32,9 @@ least the window and at most twice it.
 
 Blocking and the new-conversation limit are checked here too, in the same
 transaction as the store they guard: a message to a user who blocks the
-sender is acknowledged and dropped (the contract's one stated exception; a
-receipt between two users either of whom blocks the other likewise), a
-message to a user the sender blocks is refused (403), and a message that
+sender (or a read receipt from them) is acknowledged and dropped (the
+contract's one stated exception), a
+message or receipt to a user the sender blocks is refused (403), and a message that
 starts a conversation with a user who does not have the sender as a contact
 counts against the sender's ``new-chats`` per window (404 past it).  Which
 pairs of users have a conversation is kept like dedup, in two generations
@@ -319,11 +319,8 @@ class Queues:
                 s.t = now
                 return
             if txn.get(f"{sender}\x00{s.to}".encode(), db=blocks) is not None:
-                if s.cls == "message":
-                    s.error = (ErrorCode.BLOCKED, "you block this user: unblock them to send")
-                else:  # a read receipt to a user one blocks: not sent, nothing to fix
-                    txn.put(dkey, now.to_bytes(8, "big"), db=cur)
-                    s.t = now
+                # refused, not dropped: only a blocked sender is acked for nothing
+                s.error = (ErrorCode.BLOCKED, "you block this user: unblock them to send")
                 return
         size = self.ENTRY_OVERHEAD + len(s.id) + (len(s.body) if s.body is not None else 0)
         for d in devices:

@@ -160,10 +160,7 @@ class Social:
             last = rec["last"]
             p_online, p_last = rec["priv"]["online"], rec["priv"]["last"]
             full = (AVAILABLE, None) if online else (UNAVAILABLE, last)
-            if p_online == "everyone" and p_last == "everyone":
-                shown = {"everyone": full}
-            else:
-                shown = None
+            public = p_online == "everyone" and p_last == "everyone"
             blocks = _has_prefix(txn, db["blocks"], f"{user}\x00".encode())
             out = {}
             for v in viewers:
@@ -173,7 +170,7 @@ class Social:
                 if blocks and txn.get(pair(user, v), db=db["blocks"]) is not None:
                     out[v] = HIDDEN
                     continue
-                if shown is not None:
+                if public:
                     out[v] = full
                     continue
                 contact = None

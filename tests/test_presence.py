@@ -268,6 +268,9 @@ def test_blocking_in_both_directions(server):
         with pytest.raises(ServerError) as info:
             await alice.send(BOB, b"hello?")
         assert info.value.code == ErrorCode.BLOCKED
+        with pytest.raises(ServerError) as info:  # a receipt too: refused, never acked for nothing
+            await alice.receipt(BOB, "some-id", "read")
+        assert info.value.code == ErrorCode.BLOCKED
 
         # errors say what is wrong
         with pytest.raises(ServerError) as info:
