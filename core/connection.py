@@ -235,9 +235,17 @@ class Connection:
     # -- input ------------------------------------------------------------
 
     def receive_data(self, data: bytes) -> None:
-        """Bytes from the peer; ``b""`` means the peer closed its side."""
+        """Bytes from the peer; ``b""`` means the peer closed its side.
+
+        Once the connection is over (CLOSED, or ERROR after a protocol
+        error) nothing more will be parsed, so what arrives is dropped, not
+        buffered: a peer that keeps sending after a fatal error cannot grow
+        this side's memory.
+        """
         if not data:
             self._eof = True
+        elif self.state is State.CLOSED or self.state is State.ERROR:
+            return
         elif self.peer_hello is None:
             self._pre += data
         else:

@@ -48,6 +48,7 @@ class ErrorCode(IntEnum):
     NEW_CHAT_LIMIT = 404
     TOO_FAST = 405
     TOO_MANY = 406
+    ID_REUSED = 407
     # 5xx: the server's side.
     INTERNAL = 500
     STORE_FULL = 501

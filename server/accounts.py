@@ -11,8 +11,19 @@ windows kept in the store, so the limits hold across workers.
 
 Login: SCRAM-SHA-256 through ``scramp`` (RFC 5802/7677).  The store keeps
 only StoredKey and ServerKey (and the salt and iteration count), never the
-secret.  An unknown device gets a made-up salt and fails at the proof, so
-a login attempt does not tell whether a device exists.
+secret.  An unknown device gets a challenge of the same shape as a real
+one: its salt is a keyed hash of the device name (HMAC-SHA-256 with the
+store's own secret), the same on every try, and the iteration count is the
+current ``scram-iterations``, so probing cannot tell which devices exist;
+it then fails at the proof, like a wrong secret.
+
+Failed logins are counted in the worker's memory (server/limits.py
+``LeakyTable``, capped, never in the store: strangers must not be able to
+grow it) per source address (IPv6 by /64: ``login-failures-per-ip``) and
+per device and source address (``login-failures``), over ``login-window``;
+a login started and abandoned (a challenge with no answer) counts as a
+failure.  There is deliberately no limit per device alone: that would let
+anyone lock the owner out by failing on purpose.
 
 SMS gateways: ``log`` appends "phone code" lines to an outbox file in the
 data directory, standing in for the SMS network (the code never goes to the
@@ -36,6 +47,7 @@ from scramp import ScramMechanism
 from pigeon.core.errors import ErrorCode
 
 from .errors import ServiceError
+from .limits import LeakyTable, source_key
 from .store import Store
 
 __all__ = ["Accounts", "ServiceError", "LogGateway", "WebhookGateway", "make_gateway"]
@@ -108,6 +120,8 @@ class Accounts:
         self.store = store
         self.config = config
         self.gateway = gateway
+        self.failures = LeakyTable(config.login_table_size)
+        self._salt_key = store.secret(b"scram-salt")
 
     # -- registration -------------------------------------------------------
 
@@ -115,7 +129,7 @@ class Accounts:
         """Send a new code to ``phone``; returns its lifetime in seconds."""
         c = self.config
         window = c.register_window * 1000
-        if not self.store.hit(f"reg-ip:{source}", c.register_per_ip, window):
+        if not self.store.hit(f"reg-ip:{source_key(source)}", c.register_per_ip, window):
             raise ServiceError(ErrorCode.RATE_LIMITED, "too many registrations from this address")
         if not self.store.hit(f"reg-phone:{phone}", c.register_per_phone, window):
             raise ServiceError(ErrorCode.RATE_LIMITED, "too many codes requested for this number")
@@ -147,15 +161,30 @@ class Accounts:
     def _auth_info(self, username: str):
         dev = self.store.device(username)
         if dev is None:
-            # Same shape as a real answer; the proof cannot match.
-            return (os.urandom(32), os.urandom(32), os.urandom(32), self.config.scram_iterations)
+            # The shape of a real answer, and the same salt every time; the
+            # proof cannot match (the keys are random).
+            salt = hmac.new(self._salt_key, username.encode(), hashlib.sha256).digest()
+            return (salt, os.urandom(32), os.urandom(32), self.config.scram_iterations)
         return (dev["salt"], dev["stored_key"], dev["server_key"], dev["iterations"])
 
-    def login_allowed(self, address: str) -> bool:
+    def _failure_keys(self, address: str, ip: str) -> tuple[str, str]:
+        net = source_key(ip)
+        return f"a {net}", f"d {address} {net}"
+
+    def login_allowed(self, address: str, ip: str) -> bool:
+        """False while ``ip`` (or ``address`` from ``ip``) is over its failed-login limit."""
         c = self.config
-        return self.store.hit(
-            f"login-fail:{address}", c.login_failures, c.login_window * 1000, count=False
+        now, window = self.store.clock() / 1000, c.login_window
+        by_ip, by_device = self._failure_keys(address, ip)
+        return not (
+            self.failures.over(by_ip, c.login_failures_per_ip, window, now)
+            or self.failures.over(by_device, c.login_failures, window, now)
         )
 
-    def login_failed(self, address: str) -> None:
-        self.store.record(f"login-fail:{address}", self.config.login_window * 1000)
+    def login_failed(self, address: str, ip: str) -> None:
+        """Count a failed (or abandoned) login of ``address`` from ``ip``."""
+        c = self.config
+        now, window = self.store.clock() / 1000, c.login_window
+        by_ip, by_device = self._failure_keys(address, ip)
+        self.failures.hit(by_ip, c.login_failures_per_ip, window, now)
+        self.failures.hit(by_device, c.login_failures, window, now)

@@ -168,9 +168,27 @@ OPTIONS: list[Option] = [
         "sliding window for the registration limits, seconds",
     ),
     Option(
-        "login_failures", 10, _positive_int, "failed logins per device per login-window before 302"
+        "login_failures",
+        10,
+        _positive_int,
+        "failed logins per device from one source address (IPv6: its /64) per login-window "
+        "before 302 (per worker; an abandoned login counts)",
+    ),
+    Option(
+        "login_failures_per_ip",
+        100,
+        _positive_int,
+        "failed logins from one source address (IPv6: its /64), whatever the device, per "
+        "login-window before 302 (per worker)",
     ),
     Option("login_window", 300, _positive_int, "sliding window for login failures, seconds"),
+    Option(
+        "login_table_size",
+        100_000,
+        _positive_int,
+        "source addresses and (device, address) pairs a worker remembers failed logins for "
+        "(in memory, never in the store; the least recent are forgotten first)",
+    ),
     Option("scram_iterations", 4096, _positive_int, "PBKDF2 iterations for new device keys"),
     Option(
         "sms_gateway",
@@ -191,6 +209,13 @@ OPTIONS: list[Option] = [
         8 << 30,
         _positive_int,
         "LMDB map size, bytes (the file is sparse; this is the ceiling)",
+    ),
+    Option(
+        "store_reserve",
+        10,
+        _number(int, 0, True),
+        "percent of map-size kept for what frees space (device acks and their delivered "
+        "receipts, sessions): writes that add data get error 501 past map-size minus this",
     ),
     Option(
         "sync",
@@ -303,6 +328,13 @@ OPTIONS: list[Option] = [
     ),
     Option("contacts_max", 10_000, _positive_int, "contacts one account may hold; past it 406"),
     Option("blocklist_max", 10_000, _positive_int, "users one account may block; past it 406"),
+    Option(
+        "client_log_lines",
+        10,
+        _positive_int,
+        "log lines about client misbehaviour (failed logins, client-reported errors) per "
+        "source address per minute, per worker; the rest are counted in the metrics",
+    ),
     Option("log_level", "info", _choice("debug", "info", "warning", "error"), "log level"),
     Option(
         "log_format",
@@ -374,6 +406,8 @@ def load(
         raise ConfigError("tls-key is set but tls-cert is not: set both, or neither")
     if values["write_buffer_low"] > values["write_buffer_high"]:
         raise ConfigError("write-buffer-low must not be above write-buffer-high")
+    if values["store_reserve"] > 50:
+        raise ConfigError("store-reserve must be at most 50 (percent of map-size)")
     if values["discover_batch"] > 1024:
         raise ConfigError("discover-batch must be at most 1024 (the children one node may have)")
     if values["sms_gateway"] == "webhook" and not values["sms_webhook_url"]:

@@ -1,5 +1,13 @@
-"""Rate limits: sliding windows kept in LMDB (shared by every worker) and
-per-connection token buckets (kept in the worker that holds the connection).
+"""Rate limits: sliding windows kept in LMDB (shared by every worker),
+per-connection token buckets (kept in the worker that holds the connection),
+and capped in-memory tables for what unauthenticated peers do.
+
+What a peer that has not logged in causes (failed logins, misbehaviour
+worth a log line) is counted in a ``LeakyTable``: in the worker's memory,
+at most ``cap`` keys, the least recently touched evicted first, so neither
+the store nor memory grows with what strangers send.  Source addresses
+are counted by ``source_key``: an IPv6 address by its /64 (one subscriber
+usually holds a whole /64), an IPv4 one as it is.
 
 A sliding window is a log of ``[time_ms, weight]`` pairs under one key of the
 ``limits`` table, oldest first; entries older than the window are dropped
@@ -9,6 +17,9 @@ guards commit (or abort) together.
 """
 
 from __future__ import annotations
+
+import ipaddress
+from collections import OrderedDict
 
 import msgpack
 
@@ -66,3 +77,67 @@ class Bucket:
             self.tokens -= 1.0
             return True
         return False
+
+
+def source_key(ip: str) -> str:
+    """The unit a source address is limited by: IPv4 as is, IPv6 by its /64."""
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    if addr.version == 6:
+        if addr.ipv4_mapped is not None:
+            return str(addr.ipv4_mapped)
+        return str(ipaddress.IPv6Network((addr, 64), strict=False))
+    return ip
+
+
+class LeakyTable:
+    """Counters that leak ``limit`` per ``window`` seconds, for at most ``cap`` keys.
+
+    A key is over its limit while its count is ``>= limit``; each hit adds
+    one and the count drains linearly to zero over ``window`` (a token
+    bucket seen from the other side: ``limit`` hits at once, then one every
+    ``window / limit`` seconds).  One small list per key, however many hits.
+    When a new key would make ``cap + 1``, the least recently touched goes.
+    Time is the caller's (the loop's monotonic clock).
+    """
+
+    __slots__ = ("cap", "table", "evicted")
+
+    def __init__(self, cap: int):
+        self.cap = cap
+        self.table: OrderedDict[str, list] = OrderedDict()
+        self.evicted = 0
+
+    def _level(self, key: str, limit: int, window: float, now: float) -> float:
+        rec = self.table.get(key)
+        if rec is None:
+            return 0.0
+        level = rec[0] - (now - rec[1]) * limit / window
+        return level if level > 0.0 else 0.0
+
+    def over(self, key: str, limit: int, window: float, now: float) -> bool:
+        """True if ``key`` has used up its ``limit`` (nothing is counted)."""
+        return self._level(key, limit, window, now) > limit - 1
+
+    def hit(self, key: str, limit: int, window: float, now: float) -> None:
+        """Count one hit for ``key``."""
+        level = self._level(key, limit, window, now) + 1.0
+        table = self.table
+        if key in table:
+            table.move_to_end(key)
+        elif len(table) >= self.cap:
+            table.popitem(last=False)
+            self.evicted += 1
+        table[key] = [level, now]
+
+    def take(self, key: str, limit: int, window: float, now: float) -> bool:
+        """Count a hit if it fits under the limit; True if it did."""
+        if self.over(key, limit, window, now):
+            return False
+        self.hit(key, limit, window, now)
+        return True
+
+    def __len__(self) -> int:
+        return len(self.table)

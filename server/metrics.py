@@ -31,7 +31,9 @@ COMMIT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.
 
 COUNTERS = {
     "logins": "devices logged in",
-    "login_failures": "failed logins",
+    "login_failures": "failed logins (a bad proof, or a challenge never answered)",
+    "login_refused": "logins refused at once: too many failures from the address (error 302)",
+    "client_logs_suppressed": "log lines about client misbehaviour not written (client-log-lines)",
     "messages_in": "messages and read receipts accepted from clients (stored)",
     "entries_out": "queue entries pushed to devices (messages and receipts)",
     "device_acks": "cumulative acks received from devices",

@@ -24,11 +24,24 @@ entries pushed to devices.  A device ack deletes exactly the acknowledged
 entries; for a message entry it queues a ``delivered`` receipt for every
 device of the sender, once per recipient user.
 
-Dedup: (sending device, class, id) -> the ``t`` of the first acceptance, in
-two generations (``dedup0``/``dedup1``): writes go to the current one, lookups
-check both, and when the current one is older than the window the previous
-one is emptied and becomes current.  An id is therefore remembered for at
-least the window and at most twice it.
+Dedup: a message is remembered by (sending device, id), a read receipt by
+(sending device, type, recipient, id), each with the ``t`` of its first
+acceptance and a digest of what it was (recipient, type, body: BLAKE2b,
+16 bytes), in two generations (``dedup0``/``dedup1``): writes go to the
+current one, lookups check both, and when the current one is older than
+the window the previous one is emptied and becomes current.  An id is
+therefore remembered for at least the window and at most twice it.  A
+retry is the same message again (the digests match): it gets the first
+ack and is stored once.  The same id with anything else (another
+recipient, type or body) is refused with 407 and never acked: acking it
+would drop the second message without a word.  (Entries written before
+digests were kept hold only ``t``: they are taken as retries.)
+
+Room: a commit whose store is past its reserve (``Store.over_reserve``)
+refuses every message and read receipt with 501 but still applies the
+device acks and writes their delivered receipts (the reserve is theirs).
+Acks can also be applied a few entries at a time (``ack_limit``), so a
+map that is full to the last page still frees itself in steps.
 
 Blocking and the new-conversation limit are checked here too, in the same
 transaction as the store they guard: a message to a user who blocks the
@@ -46,6 +59,7 @@ Time (ms) comes from the store's injectable clock.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import msgpack
@@ -63,6 +77,17 @@ MESSAGE, RECEIPT = 0, 1
 _CLASS_KIND = {"message": MESSAGE, "receipt": RECEIPT}
 _DEDUP_META = b"dedup"
 _CONV_META = b"conv"
+_STORE_FULL = (ErrorCode.STORE_FULL, "the server cannot store this now; retry later")
+
+
+def _digest(to: str, typ: str, body) -> bytes:
+    """What a message was, for telling a retry from an id used again (16 bytes)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{to}\x00{typ}\x00".encode())
+    if body is not None:
+        h.update(body)
+    return h.digest()
+
 
 _packb = msgpack.Packer(use_bin_type=True).pack
 
@@ -166,6 +191,7 @@ class _Txn:
         self.sessions: dict[str, int | None] = {}
         self.pushes: list[Push] = []
         self.conv = None  # (current, previous) conversation generations, when needed
+        self.full = None  # past the store's reserve? (asked once, when a send needs it)
 
     def devices(self, user: str) -> list[str] | None:
         try:
@@ -233,13 +259,22 @@ class Queues:
 
     # -- the group commit ----------------------------------------------------
 
-    def commit(self, sends: list[Send], acks: dict[str, int]) -> list[Push]:
+    def commit(
+        self,
+        sends: list[Send],
+        acks: dict[str, int],
+        ack_limit: int | None = None,
+        left: dict[str, int] | None = None,
+    ) -> list[Push]:
         """Store ``sends`` and apply ``acks`` ({device: seq}) in one transaction.
 
         Each Send gets ``t`` (accepted, possibly earlier: a retry) or
         ``error`` (code, text).  Returns the entries to push, after commit.
-        Raises lmdb.MapFullError (or another lmdb.Error) with nothing
-        written; the caller answers the senders and may retry the acks alone.
+        With ``ack_limit`` at most that many entries of each device are
+        deleted; the acks not fully applied go into ``left`` ({device: seq},
+        for a later commit).  Raises lmdb.MapFullError (or another
+        lmdb.Error) with nothing written; the caller answers the senders and
+        may retry the acks alone.
         """
         now = self.clock()
         with self.env.begin(write=True) as txn:
@@ -248,11 +283,15 @@ class Queues:
                                          self.limits.dedup_window_ms)  # fmt: skip
             # acks first: they free queue space, and a device that acked and
             # then sent sees its delivered receipts queued ahead of its message
+            unfinished = []
             for device, upto in acks.items():
-                self._ack(w, device, upto, now)
+                if not self._ack(w, device, upto, now, ack_limit):
+                    unfinished.append((device, upto))
             for s in sends:
                 self._store_one(w, s, now, cur, prev)
             w.flush_state()
+        if left is not None:
+            left.update(unfinished)
         return w.pushes
 
     def _generation(self, txn, now: int, meta_key: bytes, table: str, window_ms: int):
@@ -297,11 +336,29 @@ class Queues:
 
     def _store_one(self, w: _Txn, s: Send, now: int, cur, prev) -> None:
         txn = w.txn
-        dkey = f"{s.device}\x00{s.cls[0]}{s.type if s.cls == 'receipt' else ''}\x00{s.id}".encode()
+        if s.cls == "message":
+            dkey = f"{s.device}\x00m\x00{s.id}".encode()
+            digest = _digest(s.to, s.type, s.body)
+        else:  # a receipt names the message of another user: the recipient is in the key
+            dkey = f"{s.device}\x00r{s.type}\x00{s.to}\x00{s.id}".encode()
+            digest = b""
         raw = txn.get(dkey, db=cur) or txn.get(dkey, db=prev)
         if raw is not None:
-            s.t = int.from_bytes(raw, "big")  # a retry: the same ack, stored once
+            if len(raw) > 8 and raw[8:] != digest:
+                s.error = (
+                    ErrorCode.ID_REUSED,
+                    "this id was used for another message (recipient, type or body differ) "
+                    "within the dedup window: send it with a new id",
+                )
+                return
+            s.t = int.from_bytes(raw[:8], "big")  # a retry: the same ack, stored once
             return
+        if w.full is None:
+            w.full = self.store.over_reserve(txn)
+        if w.full:
+            s.error = _STORE_FULL
+            return
+        stamp = now.to_bytes(8, "big") + digest
         devices = w.devices(s.to)
         if devices is None:
             s.error = (ErrorCode.UNKNOWN_RECIPIENT, "not a registered user")
@@ -315,7 +372,7 @@ class Queues:
             blocks = self.db["blocks"]
             if txn.get(f"{s.to}\x00{sender}".encode(), db=blocks) is not None:
                 # the recipient blocks the sender: acked and dropped, by design
-                txn.put(dkey, now.to_bytes(8, "big"), db=cur)
+                txn.put(dkey, stamp, db=cur)
                 s.t = now
                 return
             if txn.get(f"{sender}\x00{s.to}".encode(), db=blocks) is not None:
@@ -354,27 +411,35 @@ class Queues:
             origin = s.device.partition(":")[0]
             for d in devices:
                 w.enqueue(d, RECEIPT, now, origin, s.id, False, s.type)
-        txn.put(dkey, now.to_bytes(8, "big"), db=cur)
+        txn.put(dkey, stamp, db=cur)
         s.t = now
 
     @staticmethod
     def _fan_key(origin_device: str, mid: str, to_user: str) -> bytes:
         return f"{origin_device}\x00{mid}\x00{to_user}".encode()
 
-    def _ack(self, w: _Txn, device: str, upto: int, now: int) -> None:
+    def _ack(self, w: _Txn, device: str, upto: int, now: int, limit: int | None = None) -> bool:
+        """Delete the device's entries up to ``upto`` (at most ``limit`` of them);
+        True if none up to ``upto`` is left."""
         txn = w.txn
         qdb = self.db["queue"]
         prefix = qprefix(device)
         end = qkey(device, upto)
         st = None
         user = device.partition(":")[0]
+        done = True
+        deleted = 0
         with txn.cursor(db=qdb) as c:
             if not c.set_range(prefix):
-                return
+                return True
             while True:
                 key = c.key()
                 if not key.startswith(prefix) or key > end:
                     break
+                if limit is not None and deleted >= limit:
+                    done = False
+                    break
+                deleted += 1
                 value = c.value()
                 if st is None:
                     st = w.qstate(device)
@@ -387,6 +452,7 @@ class Queues:
                     break
         if st is not None and st[1] <= 0:
             st[1], st[2] = 0, 0
+        return done
 
     def _delivered(self, w: _Txn, entry: list, user: str, now: int) -> None:
         _, _, origin, mid, fan, _ = entry

@@ -254,6 +254,7 @@ class Social:
                 _, used = window_used(txn, db["limits"], key, now, window_ms)
                 return [], max(0, c.discover_numbers - used), bool(gone)
             new = [p for p in asked if p not in current]
+            self.store.check_room(txn)
             ok, left = window_take(
                 txn, db["limits"], key, now, window_ms, c.discover_numbers, len(new)
             )
@@ -297,6 +298,7 @@ class Social:
                 raise ServiceError(ErrorCode.UNKNOWN_RECIPIENT, "not a registered user")
             key = pair(user, other)
             if txn.get(key, db=db["blocks"]) is None:
+                self.store.check_room(txn)
                 n = len(_prefix_keys(txn, db["blocks"], f"{user}\x00".encode()))
                 if n >= self.config.blocklist_max:
                     raise ServiceError(

@@ -8,6 +8,8 @@ across an await.  Records are msgpack maps; keys are ASCII strings.
 Tables (LMDB named databases):
 
     meta      b"format" -> store format version (checked at open)
+              b"secret" -> 32 random bytes made at the first open: the key of
+              the store's keyed hashes (``secret(purpose)``), never sent
     accounts  phone -> {devices: [n...], next_device: n, created: ms}
     devices   "phone:n" -> {salt, stored_key, server_key, iterations,
                             identity_key, created}
@@ -24,6 +26,21 @@ queue tables; 3 the presence and contact tables.  An older store is upgraded
 in place at open (the new tables start empty); a store newer than this code
 is refused.
 
+Room (``over_reserve``).  LMDB fails a write transaction that needs a page
+past the map.  Deleting needs pages too (copy on write), and a device ack
+also writes delivered receipts, so a store filled to the last page could
+not even free itself.  The last ``reserve`` bytes of the map are therefore
+kept for what frees space or is bounded by the devices that exist (acks
+and their receipts, sessions, presence): writes that add data (messages,
+registrations, contacts) are refused with 501 once the pages in use pass
+``map_size - reserve``.
+
+Nothing a stranger does grows the store without bound: the registration
+limits and one-time codes are the only records written before a login;
+both expire, and ``sweep`` (run by worker 0 with the queue purge) deletes
+the ones whose window or lifetime is over even if their key never comes
+back.
+
 Time comes from an injectable clock (milliseconds), so tests cover expiry
 and windows without sleeping.  A server started with the environment
 variable PIGEON_TEST_CLOCK_FILE reads an offset (ms, added to real time) from
@@ -32,6 +49,8 @@ that file: the test suite moves a real server's clock forward with it.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 import time
 
@@ -50,6 +69,12 @@ _TABLES = (
 
 class StoreError(Exception):
     """The store cannot be used (wrong format, unwritable, full)."""
+
+
+class StoreFull(lmdb.MapFullError):
+    """Refused before writing: only the reserve is left (``Store.over_reserve``).
+
+    A MapFullError, so every caller that handles a full map handles this too."""
 
 
 def now_ms() -> int:
@@ -100,10 +125,13 @@ class Store:
         clock=None,
         sync: str = "fsync",
         create: bool = True,
+        reserve: int = 0,
     ):
         """``sync``: "fsync" flushes every commit to disk (survives power loss);
         "os" leaves the flush to the OS (survives a crash of pigeon, not of the
-        machine).  ``create=False``: a missing store is an error, not a new one."""
+        machine).  ``create=False``: a missing store is an error, not a new one.
+        ``reserve``: bytes at the end of the map only freeing writes may use
+        (``over_reserve``)."""
         if sync not in ("fsync", "os"):
             raise ValueError(f"sync must be 'fsync' or 'os', got {sync!r}")
         if not create and not os.path.exists(os.path.join(path, "data.mdb")):
@@ -132,9 +160,48 @@ class Store:
                 raise StoreError(
                     f"{path} holds store format {int(raw)}; this pigeon reads format {FORMAT_VERSION}"
                 )
+            if txn.get(b"secret", db=self._db["meta"]) is None:
+                txn.put(b"secret", os.urandom(32), db=self._db["meta"])
+        self.reserve = reserve
+        self._main = self.env.open_db(None)
+        self._psize = self.env.stat()["psize"]
 
     def close(self) -> None:
         self.env.close()
+
+    def secret(self, purpose: bytes) -> bytes:
+        """A key for ``purpose``, derived from the store's secret (the same in every worker)."""
+        with self.read() as txn:
+            master = txn.get(b"secret", db=self._db["meta"])
+        return hmac.new(master, purpose, hashlib.sha256).digest()
+
+    def pages_used(self, txn) -> tuple[int, int]:
+        """(pages holding data, page size): every table's tree plus the two meta pages.
+
+        Free pages (LMDB reuses them) are not counted: after a burst the
+        file's high-water mark stays up while the data shrinks."""
+        pages = 2
+        for db in (self._main, *self._db.values()):
+            st = txn.stat(db)
+            pages += st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]
+        return pages, self._psize
+
+    def over_reserve(self, txn) -> bool:
+        """True when data fills the map past ``map_size - reserve`` (see the module doc)."""
+        if not self.reserve:
+            return False
+        info = self.env.info()
+        soft = info["map_size"] - self.reserve
+        # Cheap first: the high-water mark bounds what is in use.
+        if (info["last_pgno"] + 1) * self._psize <= soft:
+            return False
+        pages, psize = self.pages_used(txn)
+        return pages * psize > soft
+
+    def check_room(self, txn) -> None:
+        """Raise StoreFull when a write that adds data must be refused (over_reserve)."""
+        if self.over_reserve(txn):
+            raise StoreFull("the store is full")
 
     # -- plumbing ---------------------------------------------------------
 
@@ -175,6 +242,7 @@ class Store:
         """
         now = self.clock()
         with self.write() as txn:
+            self.check_room(txn)
             acct = self._get(txn, "accounts", phone)
             removed = []
             if acct is None:
@@ -269,6 +337,7 @@ class Store:
 
     def put_code(self, phone: str, code_hash: bytes, salt: bytes, ttl_ms: int) -> None:
         with self.write() as txn:
+            self.check_room(txn)
             self._put(
                 txn,
                 "codes",
@@ -304,6 +373,8 @@ class Store:
         """
         now = self.clock()
         with self.write() as txn:
+            if count:
+                self.check_room(txn)
             hits = [t for t in (self._get(txn, "limits", key) or []) if t > now - window_ms]
             allowed = len(hits) < limit
             if allowed and count:
@@ -314,13 +385,53 @@ class Store:
                 self._delete(txn, "limits", key)
         return allowed
 
-    def record(self, key: str, window_ms: int) -> None:
-        """Record one event for ``key`` (e.g. a failed login) without a limit check."""
+    def sweep(self, max_window_ms: int, start: tuple[bytes, bytes] = (b"", b""),
+              batch: int = 1000) -> tuple[int, tuple[bytes, bytes]]:  # fmt: skip
+        """Delete rate-limit logs and one-time codes that can no longer matter.
+
+        A ``limits`` log whose newest hit is older than ``max_window_ms`` (the
+        longest window of any limit) is dead, and so is a code past its
+        expiry; both are otherwise deleted only when their key is used again.
+        Walks at most ``batch`` keys of each table from ``start`` in one short
+        write transaction; returns (records deleted, where to go on: (b"",
+        b"") when both tables are done).
+        """
         now = self.clock()
+        deleted = 0
+        nxt = []
         with self.write() as txn:
-            hits = [t for t in (self._get(txn, "limits", key) or []) if t > now - window_ms]
-            hits.append(now)
-            self._put(txn, "limits", key, hits)
+            for table, key in zip(("limits", "codes"), start, strict=True):
+                if key is None:
+                    nxt.append(None)
+                    continue
+                cur = txn.cursor(db=self._db[table])
+                more = None
+                if cur.set_range(key):
+                    seen = 0
+                    while True:
+                        k = cur.key()
+                        if not k:  # past the last record
+                            break
+                        if seen >= batch:
+                            more = k
+                            break
+                        seen += 1
+                        rec = _unpack(cur.value())
+                        if table == "codes":
+                            dead = rec["expires"] <= now
+                        else:  # [t, ...] (Store.hit) or [[t, weight], ...] (limits.window_take)
+                            last = rec[-1] if rec else 0
+                            newest = last[0] if isinstance(last, list) else last
+                            dead = newest <= now - max_window_ms
+                        if dead:
+                            deleted += 1
+                            cur.delete()  # and on to the next record
+                        elif not cur.next():
+                            break
+                nxt.append(more)
+        if nxt[0] is None and nxt[1] is None:
+            return deleted, (b"", b"")
+        return deleted, tuple(nxt)
 
     # -- sessions ---------------------------------------------------------------
 

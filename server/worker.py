@@ -57,7 +57,7 @@ from scramp import ScramException
 
 from pigeon.core import codec as core_codec
 from pigeon.core.connection import NEED_DATA, Connection, Role
-from pigeon.core.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+from pigeon.core.errors import ErrorCode, LocalProtocolError, RemoteProtocolError, is_fatal
 from pigeon.core.events import (
     AuthChallenge,
     AuthResponse,
@@ -93,7 +93,7 @@ from pigeon.core.node import DEFAULT_LIMITS, Limits, address_kind
 from . import log
 from .accounts import Accounts, ServiceError, make_gateway
 from .config import load
-from .limits import Bucket
+from .limits import Bucket, LeakyTable, source_key
 from .metrics import SNAPSHOT_INTERVAL, WorkerStats
 from .presence import PresenceHub
 from .queues import FrameEncoder, QueueLimits, Queues, Send
@@ -178,16 +178,17 @@ def scram_username(client_first: bytes) -> str | None:
 class Session(asyncio.Protocol):
     """One client connection."""
 
-    def __init__(self, worker: Worker, tls: bool = False):
+    def __init__(self, worker: Worker, tls: ssl.SSLContext | None = None):
         self.worker = worker
-        self.tls = tls
-        self.transport = None
+        self.tls = tls  # the server context of a TLS listener's connection
+        self.transport = None  # for TLS: set once the handshake is done
         self.id = next(worker.ids)
         self.conn = Connection(Role.SERVER, limits=worker.limits)
         self.out = bytearray()
         self.flush_pending = False
         self.closing = False
         self.ip = "?"
+        self.source = "?"  # the unit of per-address limits (limits.source_key)
         self.device: str | None = None
         self.user: str | None = None
         self.scram = None
@@ -210,29 +211,72 @@ class Session(asyncio.Protocol):
     # -- transport callbacks ----------------------------------------------
 
     def connection_made(self, transport) -> None:
+        if self.tls is None:
+            peer = transport.get_extra_info("peername")
+            self.accepted(peer[0] if peer else "?")
+        # TLS: counted at the TCP accept (Worker.accept_tls); the handshake is done now
+        self._ready(transport)
+
+    def accepted(self, ip: str) -> bool:
+        """A TCP connection was accepted: count it, start the login deadline.
+
+        Every limit counts from here, TLS or not (a TLS connection is counted
+        before its handshake, which the login deadline bounds).  False: a
+        TLS connection past a cap, to be closed at once without a handshake
+        (no error can reach it before one, and handshakes are what a flood
+        of them would cost); a plain one is told why instead.
+        """
+        w = self.worker
+        self.ip = ip
+        self.source = source_key(ip)
+        self.last_seen = w.loop.time()
+        self.out += self.conn.initiate()
+        w.sessions[self.id] = self
+        w.per_ip[self.source] += 1
+        refuse = None
+        if len(w.sessions) > w.max_connections:
+            w.refused_full += 1
+            refuse = (ErrorCode.UNAVAILABLE, "the server is at its connection limit; try later")
+        elif w.per_ip[self.source] > w.config.max_connections_per_ip:
+            refuse = (ErrorCode.RATE_LIMITED, "too many connections from this address")
+        elif w.draining:
+            refuse = (ErrorCode.SHUTTING_DOWN, "the server is shutting down; reconnect later")
+        if refuse is None:
+            self.deadline = w.loop.call_later(w.config.login_timeout, self._login_timeout)
+            return True
+        if self.tls is not None and refuse[0] != ErrorCode.SHUTTING_DOWN:
+            self.closing = True
+            self.connection_lost(None)
+            return False
+        self.fail(*refuse)  # written once the transport is up
+        return True
+
+    def _ready(self, transport) -> None:
+        """The transport to write on (plain TCP at once; TLS after its handshake)."""
         w = self.worker
         self.transport = transport
-        peer = transport.get_extra_info("peername")
-        self.ip = peer[0] if peer else "?"
-        self.last_seen = w.loop.time()
         transport.set_write_buffer_limits(
             high=w.config.write_buffer_high, low=w.config.write_buffer_low
         )
-        self.out += self.conn.initiate()
-        w.sessions[self.id] = self
-        w.per_ip[self.ip] += 1
-        if len(w.sessions) > w.max_connections:
-            w.refused_full += 1
-            self.fail(ErrorCode.UNAVAILABLE, "the server is at its connection limit; try later")
-        elif w.per_ip[self.ip] > w.config.max_connections_per_ip:
-            self.fail(ErrorCode.RATE_LIMITED, "too many connections from this address")
-        else:
-            self.deadline = w.loop.call_later(w.config.login_timeout, self._login_timeout)
         self._schedule_flush()
+
+    async def handshake(self, sock) -> None:
+        """TLS on an accepted socket, within what is left of the login deadline."""
+        w = self.worker
+        timeout = max(0.1, w.config.login_timeout - (w.loop.time() - self.last_seen))
+        try:
+            await w.loop.connect_accepted_socket(
+                lambda: self, sock, ssl=self.tls, ssl_handshake_timeout=timeout
+            )
+        except Exception:  # a failed or timed-out handshake, a reset: the connection is over
+            sock.close()
+            self.connection_lost(None)
 
     def data_received(self, data: bytes) -> None:
         if self.closing:
-            return  # closing: what still arrives is not read
+            # Closing: what still arrives is dropped unread (and does not
+            # count as traffic); the linger timer ends the connection.
+            return
         self.last_seen = self.worker.loop.time()
         self.conn.receive_data(data)
         while not self.closing:
@@ -249,6 +293,20 @@ class Session(asyncio.Protocol):
                 self.handle(ev)
             except ServiceError as err:
                 self.send(Error(err.code, err.text, getattr(ev, "id", None)))
+            except lmdb.Error as exc:
+                self.store_failed(exc, getattr(ev, "id", None))
+
+    def store_failed(self, exc: lmdb.Error, request_id: str | None) -> None:
+        """A store error inside a request: the documented error, never a traceback."""
+        w = self.worker
+        if isinstance(exc, lmdb.MapFullError):
+            w.store_full_log(exc)
+            self.send(Error(ErrorCode.STORE_FULL, "the server cannot store this now; retry later",
+                            request_id))  # fmt: skip
+            return
+        log.event(logger, logging.ERROR, "store error", worker=w.index, conn=self.id,
+                  error=str(exc))  # fmt: skip
+        self.fail(ErrorCode.INTERNAL, "internal error; reconnect later")
 
     def eof_received(self):
         self.conn.receive_data(b"")
@@ -277,12 +335,19 @@ class Session(asyncio.Protocol):
         if self.linger is not None and self.linger is not True:
             self.linger.cancel()
         w = self.worker
-        w.sessions.pop(self.id, None)
-        w.per_ip[self.ip] -= 1
-        if w.per_ip[self.ip] <= 0:
-            del w.per_ip[self.ip]
+        if w.sessions.pop(self.id, None) is None:
+            return  # already gone (a TLS connection can be told twice)
+        w.per_ip[self.source] -= 1
+        if w.per_ip[self.source] <= 0:
+            del w.per_ip[self.source]
+        if self.scram is not None and self.device is None and not w.draining:
+            self._login_failed("abandoned")  # a challenge nobody answered counts too
         if self.device is not None:
-            w.detach(self)
+            try:
+                w.detach(self)
+            except lmdb.Error as exc:
+                log.event(logger, logging.ERROR, "could not clear a session", worker=w.index,
+                          device=self.device, error=str(exc))  # fmt: skip
         if self.subs is not None:
             w.presence.drop(self)
 
@@ -351,6 +416,8 @@ class Session(asyncio.Protocol):
         self._schedule_flush()
 
     def _login_timeout(self) -> None:
+        if self.transport is None:
+            return  # still in the TLS handshake: its own timeout (the same) ends it
         if self.device is None and not self.closing:
             self.fail(ErrorCode.TIMEOUT, "login not finished in time")
 
@@ -481,7 +548,11 @@ class Session(asyncio.Protocol):
         elif t is DeleteAccount:
             self._leave(ev.id, "delete")
         elif t is Error:
-            log.event(logger, logging.INFO, "client reported an error", conn=self.id, code=ev.code)
+            if w.client_log(self):
+                log.event(logger, logging.INFO, "client reported an error", conn=self.id,
+                          ip=self.ip, code=ev.code)  # fmt: skip
+            if is_fatal(ev.code):
+                self.close_soon()  # the client is closing: so do we (its state is CLOSED)
         elif t is ConnectionClosed:
             self.close_soon()
         # Hello, Pong: nothing to do
@@ -491,6 +562,9 @@ class Session(asyncio.Protocol):
             ttl = await self.worker.accounts.request_code(ev.phone, ev.method, self.ip)
         except ServiceError as err:
             self.send(Error(err.code, err.text, ev.id))
+            return
+        except lmdb.Error as exc:
+            self.store_failed(exc, ev.id)
             return
         self.send(CodeSent(ev.id, ttl))
 
@@ -503,6 +577,9 @@ class Session(asyncio.Protocol):
             )
         except ServiceError as err:
             self.send(Error(err.code, err.text, ev.id))
+            return
+        except lmdb.Error as exc:
+            self.store_failed(exc, ev.id)
             return
         for old in removed:
             w.revoke(old, ErrorCode.REVOKED, "this number was registered on another device")
@@ -533,15 +610,17 @@ class Session(asyncio.Protocol):
         )
 
     def _auth_start(self, ev: AuthStart) -> None:
-        acc = self.worker.accounts
+        w = self.worker
+        acc = w.accounts
         user = scram_username(ev.data)
         if user is None or address_kind(user) != "device":
             return self.fail(
                 ErrorCode.NOT_AUTHORIZED, "login failed: the SCRAM user must be a device address"
             )
-        if not acc.login_allowed(user):
+        if not acc.login_allowed(user, self.ip):
+            w.stats.counters["login_refused"] += 1
             return self.fail(ErrorCode.RATE_LIMITED, "too many failed logins; try again later")
-        acct = self.worker.store.account(user.partition(":")[0])
+        acct = w.store.account(user.partition(":")[0])
         if acct is not None and acct.get("disabled"):
             return self.fail(ErrorCode.NOT_AUTHORIZED, "login refused: this account is disabled")
         self.scram = acc.scram_server()
@@ -549,9 +628,20 @@ class Session(asyncio.Protocol):
             self.scram.set_client_first(ev.data.decode("ascii"))
             first = self.scram.get_server_first()
         except ScramException:
+            self.scram = None
             return self.fail(ErrorCode.NOT_AUTHORIZED, "login failed: bad SCRAM message")
         self.login_user = user
         self.send(AuthChallenge(first.encode()))
+
+    def _login_failed(self, why: str) -> None:
+        """Count a failed or abandoned login (the challenge was sent, no valid proof came)."""
+        w = self.worker
+        self.scram = None
+        w.accounts.login_failed(self.login_user, self.ip)
+        w.stats.counters["login_failures"] += 1
+        if w.client_log(self):
+            log.event(logger, logging.INFO, "login failed", device=self.login_user, ip=self.ip,
+                      why=why)  # fmt: skip
 
     def _auth_response(self, ev: AuthResponse) -> None:
         w = self.worker
@@ -559,18 +649,21 @@ class Session(asyncio.Protocol):
             self.scram.set_client_final(ev.data.decode("ascii"))
             final = self.scram.get_server_final()
         except (ScramException, UnicodeDecodeError):
-            w.accounts.login_failed(self.login_user)
-            w.stats.counters["login_failures"] += 1
-            log.event(logger, logging.INFO, "login failed", device=self.login_user, ip=self.ip)
+            self._login_failed("bad proof")
             return self.fail(ErrorCode.NOT_AUTHORIZED, "login failed")
         self.scram = None
-        self.send(AuthSuccess(final.encode(), w.store.clock()))
         self.device = self.login_user
         self.user = self.device.partition(":")[0]
         if self.deadline is not None:
             self.deadline.cancel()
             self.deadline = None
-        w.attach(self)
+        try:
+            w.attach(self)
+        except lmdb.Error as exc:  # the session table could not be written: no login
+            self.device = self.user = None
+            self.store_failed(exc, None)
+            return self.close_soon()
+        self.send(AuthSuccess(final.encode(), w.store.clock()))
         self.backlog = True  # serve what waited in the queue
         self.refill()
 
@@ -617,6 +710,32 @@ class Worker:
         self.max_connections = config.max_connections
         self.refused_full = 0
         self.full_logged = float("-inf")
+        self.store_full_logged = float("-inf")
+        self.draining = False  # stopping: new connections are told 503
+        self.closed = False  # the store is closed: no more commits
+        # log lines about what clients do wrong, per source address (limits.LeakyTable)
+        self.noisy = LeakyTable(config.login_table_size)
+
+    def client_log(self, s: Session) -> bool:
+        """May a log line about what client ``s`` did be written now?
+
+        At most ``client-log-lines`` such lines per source address per
+        minute; the rest are counted (``pigeon_client_logs_suppressed``), so
+        a client cannot turn its own junk into an operator's disk full of log.
+        """
+        rate = self.config.client_log_lines
+        if self.noisy.take(s.source, rate, 60.0, self.loop.time()):
+            return True
+        self.stats.counters["client_logs_suppressed"] += 1
+        return False
+
+    def store_full_log(self, exc) -> None:
+        """Log a full store at most once a FULL_LOG_INTERVAL (it repeats with every request)."""
+        now = self.loop.time()
+        if now - self.store_full_logged >= FULL_LOG_INTERVAL:
+            self.store_full_logged = now
+            log.event(logger, logging.ERROR, "store full: refusing messages", worker=self.index,
+                      error=str(exc), hint="raise map-size")  # fmt: skip
 
     def spawn(self, coro) -> None:
         task = self.loop.create_task(coro)
@@ -626,11 +745,12 @@ class Worker:
     # -- sessions ---------------------------------------------------------------
 
     def attach(self, s: Session) -> None:
+        # the store first: if it cannot record the session, nothing has changed
+        prev, offline = self.store.set_session(s.device, self.wid, s.id)
         old = self.by_device.get(s.device)
         if old is not None and old is not s:
             old.fail(ErrorCode.REPLACED, "logged in on another connection")
         self.by_device[s.device] = s
-        prev, offline = self.store.set_session(s.device, self.wid, s.id)
         if offline:
             self.presence.note(s.user)
         if prev is not None and prev["worker"] != self.wid:
@@ -683,6 +803,8 @@ class Worker:
 
     def tick(self) -> None:
         self.tick_pending = False
+        if self.closed:
+            return
         if self.sends or self.acks:
             self.commit()
         self.presence.flush()
@@ -766,39 +888,34 @@ class Worker:
         sends, self.sends = self.sends, []
         acks, self.acks = self.acks, {}
         started = time.perf_counter()
+        left: dict[str, int] = {}
         try:
-            pushes = self.queues.commit(sends, acks)
+            pushes = self.queues.commit(sends, acks, left=left)
         except Exception as exc:  # nothing was written: refuse, never ack
-            full = isinstance(exc, lmdb.MapFullError)
-            if full or isinstance(exc, lmdb.Error):
-                log.event(
-                    logger,
-                    logging.ERROR,
-                    "store full: refusing messages" if full else "store write failed",
-                    worker=self.index,
-                    error=str(exc),
-                    hint="raise map-size" if full else None,
-                )
+            if isinstance(exc, lmdb.MapFullError):
+                self.store_full_log(exc)
+            elif isinstance(exc, lmdb.Error):
+                log.event(logger, logging.ERROR, "store write failed", worker=self.index,
+                          error=str(exc))  # fmt: skip
             else:
                 logger.exception("commit failed")
             for s in sends:
                 s.error = (ErrorCode.STORE_FULL, "the server cannot store this now; retry later")
-            pushes = []
-            if acks:
-                try:  # acks free space: apply them on their own
-                    pushes = self.queues.commit([], acks)
-                except Exception as exc2:  # kept: the entries are delivered again later
-                    log.event(
-                        logger,
-                        logging.ERROR,
-                        "device acks not applied",
-                        worker=self.index,
-                        error=str(exc2),
-                    )
+            pushes = self.commit_acks(acks, left) if acks else []
+        if left:
+            # Not all applied (a store full to the last page frees itself in
+            # steps): the rest goes again with the next commits.
+            for device, upto in left.items():
+                if self.acks.get(device, 0) < upto:
+                    self.acks[device] = upto
+            self.loop.call_later(0.01 if len(left) < len(acks) or pushes else 1.0,
+                                 self._schedule_tick)  # fmt: skip
         self.stats.commit(time.perf_counter() - started)
         accepted = 0
+        full = False
         for s in sends:
             accepted += s.error is None
+            full = full or (s.error is not None and s.error[0] == ErrorCode.STORE_FULL)
             sess = s.session
             if sess.transport is None or sess.closing:
                 continue  # gone: the client retries with the same id and gets the same ack
@@ -807,7 +924,27 @@ class Worker:
             else:
                 sess.send(Error(s.error[0], s.error[1], s.id))
         self.stats.counters["messages_in"] += accepted
+        if full:
+            self.store_full_log("only the reserve for acks is left (store-reserve)")
         self.deliver(pushes)
+
+    def commit_acks(self, acks: dict[str, int], left: dict[str, int]) -> list:
+        """Apply device acks on their own, in smaller steps while the store is too full.
+
+        Acks free space, but deleting needs pages too (and their delivered
+        receipts more): when all of them at once do not fit, a few entries
+        per device at a time do, and each step frees room for the next."""
+        for limit in (None, 64, 8, 1):
+            left.clear()
+            try:
+                return self.queues.commit([], acks, ack_limit=limit, left=left)
+            except lmdb.Error as exc:
+                error = exc
+        left.clear()
+        left.update(acks)  # kept: retried later, and redelivered if the device reconnects
+        log.event(logger, logging.ERROR, "device acks not applied", worker=self.index,
+                  error=str(error))  # fmt: skip
+        return []
 
     def deliver(self, pushes) -> None:
         """Hand committed entries to the sessions that hold their devices."""
@@ -884,6 +1021,22 @@ class Worker:
                 break
         if total:
             log.event(logger, logging.INFO, "expired queue entries purged", entries=total)
+        c = self.config
+        longest = int(1000 * max(c.register_window, c.login_window, c.new_chats_window,
+                                 c.discover_window))  # fmt: skip
+        where, swept = (b"", b""), 0
+        while True:
+            try:
+                n, where = self.store.sweep(longest, where)
+            except lmdb.Error as exc:
+                log.event(logger, logging.ERROR, "sweep failed", error=str(exc))
+                return
+            swept += n
+            if where == (b"", b""):
+                break
+        if swept:
+            log.event(logger, logging.INFO, "stale rate-limit records and codes swept",
+                      records=swept)  # fmt: skip
 
     def size_for_open_files(self) -> None:
         """Raise the open-files limit to its hard maximum and cap connections under it.
@@ -919,6 +1072,7 @@ class Worker:
             map_size=c.map_size,
             max_readers=max(126, 8 * self.count + 16),
             sync=c.sync,
+            reserve=c.map_size * c.store_reserve // 100,
         )
         self.queues = Queues(
             self.store,
@@ -943,16 +1097,25 @@ class Worker:
             self.presence.note(user)
         # The loop serves a duplicate of each listening socket; the original
         # stays with us so that a drain can empty its accept queue (see drain()).
-        listeners = [(listen_socket(c.listen), lambda: Session(self), None)]
+        # The plain listener is a loop server.  The TLS one is accepted here
+        # (accept_tls): each connection is counted at the TCP accept and only
+        # then handed to the loop for its handshake, so that no limit waits
+        # for a handshake to end.
+        listeners = [(listen_socket(c.listen), None)]
         if c.tls_enabled:
             ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             ctx.minimum_version = ssl.TLSVersion.TLSv1_2
             ctx.load_cert_chain(c.tls_cert, c.tls_key or c.tls_cert)
-            listeners.append((listen_socket(c.tls_listen), lambda: Session(self, tls=True), ctx))
-        servers = [
-            await self.loop.create_server(factory, sock=raw.dup(), ssl=ctx)
-            for raw, factory, ctx in listeners
-        ]
+            listeners.append((listen_socket(c.tls_listen), ctx))
+        servers = []
+        for raw, ctx in listeners:
+            if ctx is None:
+                servers.append(await self.loop.create_server(lambda: Session(self), sock=raw.dup()))
+            else:
+                dup = raw.dup()
+                dup.setblocking(False)
+                self.loop.add_reader(dup.fileno(), self.accept_tls, dup, ctx)
+                servers.append(dup)
         self.loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
         # SIGHUP belongs to the supervisor (a terminal hangup reaches the
         # whole group): a worker leaves it to its supervisor.
@@ -976,22 +1139,47 @@ class Worker:
             codec=core_codec.IMPLEMENTATION,
         )
         await self.stopping.wait()
-        # Drain: stop accepting, take what waits in the accept queues, tell
-        # every client to reconnect, let buffered output go.
-        for srv in servers:
-            srv.close()
-        await self.drain_accept_queues(listeners)
-        for s in list(self.sessions.values()):
-            s.fail(ErrorCode.SHUTTING_DOWN, "the server is shutting down; reconnect later")
-        deadline = time.monotonic() + 2.0
-        while self.sessions and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
+        await self.drain(servers, listeners)
         sweeper.cancel()
         self.send_snapshot()  # the final counts, kept by the supervisor
         self.bus.close()
         self.store.clear_worker_sessions(self.wid)
+        self.closed = True
         self.store.close()
         log.event(logger, logging.INFO, "worker stopped", worker=self.index)
+
+    async def drain(self, servers, listeners) -> None:
+        """Stop accepting, take what waits in the accept queues, tell every client
+        to reconnect (503), let buffered output go; return when no connection
+        and no store work is left, so the store can be closed.
+
+        ``draining`` is set first: a connection whose accept was already on
+        its way through the loop when the listeners closed reaches
+        connection_made after the 503s went out, and is told 503 there.
+        """
+        self.draining = True
+        for srv in servers:
+            if isinstance(srv, socket.socket):
+                self.loop.remove_reader(srv.fileno())
+            srv.close()
+        await self.drain_accept_queues(listeners)
+        for s in list(self.sessions.values()):
+            s.fail(ErrorCode.SHUTTING_DOWN, "the server is shutting down; reconnect later")
+        # Each closing connection ends within LINGER (its abort timer).
+        deadline = time.monotonic() + LINGER + 1.0
+        while self.sessions and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        for s in list(self.sessions.values()):
+            if s.transport is not None:
+                s.transport.abort()
+            else:  # in its TLS handshake (the task ends with the loop)
+                s.connection_lost(None)
+        # Registrations in threads, the last tick's commit: before the store closes.
+        if self.tasks:
+            await asyncio.wait(list(self.tasks), timeout=5.0)
+        await asyncio.sleep(0)
+        if self.tick_pending or self.sends or self.acks:
+            self.tick()
 
     async def drain_accept_queues(self, listeners) -> None:
         """Accept what is still queued on the listening sockets, then close them.
@@ -1003,25 +1191,50 @@ class Worker:
         the workers still listening (a reload's new generation).
         """
         waiting = []
-        for raw, factory, ctx in listeners:
+        for raw, ctx in listeners:
             raw.setblocking(False)
             while True:
                 try:
-                    conn, _ = raw.accept()
+                    conn, addr = raw.accept()
                 except OSError:  # BlockingIOError: the queue is empty
                     break
-                waiting.append((conn, factory, ctx))
+                waiting.append((conn, addr, ctx))
             raw.close()
-        for conn, factory, ctx in waiting:
+        for conn, addr, ctx in waiting:
+            if ctx is not None:
+                self.tls_accepted(conn, addr, ctx)
+                continue
             try:
-                await self.loop.connect_accepted_socket(
-                    factory, conn, ssl=ctx, ssl_handshake_timeout=2.0 if ctx else None
-                )
-            except (OSError, ssl.SSLError):
+                await self.loop.connect_accepted_socket(lambda: Session(self), conn)
+            except OSError:
                 conn.close()
         if waiting:
             log.event(logger, logging.INFO, "drained the accept queue", worker=self.index,
                       connections=len(waiting))  # fmt: skip
+
+    def accept_tls(self, sock: socket.socket, ctx: ssl.SSLContext) -> None:
+        """The TLS listener is readable: accept what waits (a bounded number a call)."""
+        for _ in range(64):
+            try:
+                conn, addr = sock.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:  # out of descriptors: retried on the next wake-up
+                now = self.loop.time()
+                if now - self.full_logged >= FULL_LOG_INTERVAL:
+                    self.full_logged = now
+                    log.event(logger, logging.WARNING, "cannot accept", worker=self.index,
+                              error=str(exc))  # fmt: skip
+                return
+            self.tls_accepted(conn, addr, ctx)
+
+    def tls_accepted(self, conn: socket.socket, addr, ctx: ssl.SSLContext) -> None:
+        conn.setblocking(False)
+        s = Session(self, tls=ctx)
+        if s.accepted(addr[0] if addr else "?"):
+            self.spawn(s.handshake(conn))
+        else:
+            conn.close()
 
     def _parent_gone(self, fd: int) -> None:
         try:

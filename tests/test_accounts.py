@@ -128,15 +128,64 @@ def test_registration_rate_limits_slide(env):
         asyncio.run(accounts.request_code("491709999995", "sms", "10.9.9.9"))
 
 
-def test_login_failure_window(env):
-    accounts, _, clock, _ = env
+def test_login_failures_count_per_address_and_never_lock_out_the_owner(env):
+    accounts, store, clock, _ = env
     addr = PHONE + ":0"
-    for _ in range(10):
-        assert accounts.login_allowed(addr)
-        accounts.login_failed(addr)
-    assert not accounts.login_allowed(addr)
-    clock.t += 300_000
-    assert accounts.login_allowed(addr)
+    stranger, owner = "203.0.113.9", "198.51.100.7"
+    for _ in range(10):  # login-failures, per (device, address)
+        assert accounts.login_allowed(addr, stranger)
+        accounts.login_failed(addr, stranger)
+    assert not accounts.login_allowed(addr, stranger)
+    assert accounts.login_allowed(addr, owner)  # the owner elsewhere is not locked out
+    clock.t += 300_000  # login-window: the count has drained
+    assert accounts.login_allowed(addr, stranger)
+    # per address, whatever the device (login-failures-per-ip = 100); an IPv6 /64 is one address
+    for i in range(100):
+        accounts.login_failed(f"49170000{i:04d}:0", f"2001:db8:1:2::{i:x}")
+    assert not accounts.login_allowed("4915112345678:0", "2001:db8:1:2:ffff::1")
+    assert accounts.login_allowed("4915112345678:0", "2001:db8:1:3::1")  # another /64
+    # nothing of it is in the store
+    with store.read() as txn:
+        assert txn.stat(store._db["limits"])["entries"] == 0
+
+
+def test_failed_login_table_is_capped(tmp_path):
+    config = load(overrides={"data_dir": str(tmp_path), "login_table_size": 50})
+    store = Store(str(tmp_path / "store"), map_size=64 << 20)
+    try:
+        accounts = Accounts(store, config, make_gateway(config))
+        for i in range(1000):
+            accounts.login_failed(f"49170000{i:04d}:0", f"10.0.{i // 250}.{i % 250}")
+        assert len(accounts.failures) == 50 and accounts.failures.evicted == 1950
+    finally:
+        store.close()
+
+
+def test_unknown_devices_get_a_stable_challenge_shaped_like_a_real_one(env):
+    accounts, store, _, tmp_path = env
+    address, _, _ = register(accounts, tmp_path)
+
+    def challenge(user):
+        client = ScramClient(["SCRAM-SHA-256"], user, "x" * 64)
+        server = accounts.scram_server()
+        server.set_client_first(client.get_client_first())
+        fields = dict(f.split("=", 1) for f in server.get_server_first().split(","))
+        return fields["s"], fields["i"]
+
+    real, unknown = challenge(address), challenge("4915112345678:0")
+    assert challenge(address) == real and challenge("4915112345678:0") == unknown  # stable
+    assert len(real[0]) == len(unknown[0]) and real[1] == unknown[1]  # same shape
+    assert challenge("4915112345678:1")[0] != unknown[0]
+    # keyed: another store (another secret) makes other salts
+    other = Store(str(tmp_path / "other"), map_size=64 << 20)
+    try:
+        acc2 = Accounts(other, accounts.config, accounts.gateway)
+        client = ScramClient(["SCRAM-SHA-256"], "4915112345678:0", "x" * 64)
+        server = acc2.scram_server()
+        server.set_client_first(client.get_client_first())
+        assert f"s={unknown[0]}," not in server.get_server_first()
+    finally:
+        other.close()
 
 
 def test_sessions(env):
