@@ -257,10 +257,17 @@ class Supervisor:
         self.open_control()
         if self.config.metrics_listen != "off":
             collector = metrics_mod.Collector(
-                self.aggregate, os.path.join(self.config.data_dir, "store"), self.config.map_size
+                self.aggregate,
+                os.path.join(self.config.data_dir, "store"),
+                self.config.map_size,
+                self.worker_pids,
             )
             self.metrics_server = metrics_mod.serve(
-                self.config.metrics_listen, collector, self.health
+                self.config.metrics_listen,
+                collector,
+                self.health,
+                limit=self.config.metrics_connections,
+                timeout=self.config.metrics_timeout,
             )
         started = time.monotonic()
         try:
@@ -475,6 +482,15 @@ class Supervisor:
         except (StoreError, OSError) as exc:
             log.event(logger, logging.WARNING, "could not clear a worker's sessions",
                       worker=w.index, gen=w.gen, error=str(exc))  # fmt: skip
+
+    def worker_pids(self) -> dict[int, int]:
+        """{worker id: pid} of the running workers (read by the metrics thread)."""
+        pids = {}
+        for w in self.workers + self.incoming + self.retiring:
+            proc = w.proc  # read once: the main thread may clear it meanwhile
+            if proc is not None:
+                pids[w.wid] = proc.pid
+        return pids
 
     def health(self) -> str:
         """What /health answers: ready, starting or stopping."""
