@@ -109,6 +109,33 @@ OPTIONS: list[Option] = [
         _listen_or_off,
         "Prometheus /metrics and /health listener, HOST:PORT, or off",
     ),
+    Option(
+        "metrics_connections",
+        64,
+        _positive_int,
+        "connections the metrics listener serves at once (one thread each); past it a new "
+        "connection is closed at once",
+    ),
+    Option(
+        "metrics_timeout",
+        5.0,
+        _positive_float,
+        "seconds a metrics or health client has to send its request and read the answer; "
+        "then it is closed",
+    ),
+    Option(
+        "control_connections",
+        16,
+        _positive_int,
+        "connections the control socket (pigeon admin) holds at once; past it a new one is "
+        "closed at once",
+    ),
+    Option(
+        "control_timeout",
+        2.0,
+        _positive_float,
+        "seconds a control-socket client has to send its request line; then it is closed",
+    ),
     Option("tls_cert", None, _opt_str, "PEM certificate chain; enables the TLS listener"),
     Option("tls_key", None, _opt_str, "PEM private key for tls-cert (default: the cert file)"),
     Option(

@@ -12,16 +12,36 @@ on ``metrics-listen``:
                    or "stopping" otherwise (for load balancers)
 
 Queue figures and LMDB map use are read from the store at scrape time
-(cached for a second), so they are right even with a worker down.
+(cached for a second), so they are right even with a worker down.  Process
+figures (CPU seconds, resident memory, open files) are read at scrape time
+too: the supervisor's by prometheus-client's ProcessCollector, each
+worker's from ``/proc/PID`` by its pid (psutil where there is no /proc, as
+on FreeBSD, when it is installed; without either they are left out).
+
+The listener is a thread per connection (``ThreadingMixIn``), so a client
+that connects and stalls holds one thread, never the others' answers.  Two
+bounds keep stalled clients from piling up: at most ``metrics-connections``
+at once (past it a new connection is closed unanswered), and each is closed
+``metrics-timeout`` seconds after it was accepted, whatever it is doing (a
+deadline, not a per-read timeout, so trickling a byte a second buys
+nothing).  Why not aiohttp: the supervisor is a synchronous selector loop
+with nothing else asynchronous to share a loop with, aiohttp is not a
+dependency of the server, and its server has no deadline for reading a
+request's head; the standard library's threads with a deadline are enough
+for a scrape every few seconds.
 """
 
 from __future__ import annotations
 
 import bisect
+import logging
+import os
+import platform
 import socket
+import socketserver
 import threading
 import time
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 SNAPSHOT_INTERVAL = 1.0
 
@@ -118,16 +138,99 @@ class Aggregate:
             return c, e, h, hs, lag, conns
 
 
-class Collector:
-    """prometheus-client collector over an Aggregate and the store."""
+def process_figures(pid: int) -> tuple[float, int, int] | None:
+    """(CPU seconds, resident bytes, open files) of process ``pid``, or None if unknown.
 
-    def __init__(self, aggregate: Aggregate, store_path: str, map_size: int):
+    ``/proc`` where it is (Linux); psutil otherwise, if installed (FreeBSD
+    has no /proc unless linprocfs is mounted); None for a process that is
+    gone or when neither is there.
+    """
+    if _HAVE_PROC:
+        return proc_figures(pid)
+    return psutil_figures(pid)
+
+
+def proc_figures(pid: int) -> tuple[float, int, int] | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        # after "pid (comm)": state is fields[0], utime [11], stime [12], rss (pages) [21]
+        cpu = (int(fields[11]) + int(fields[12])) / _CLK_TCK
+        rss = int(fields[21]) * _PAGE_SIZE
+        fds = len(os.listdir(f"/proc/{pid}/fd"))
+    except (OSError, IndexError, ValueError):
+        return None  # gone (or a zombie not reaped yet)
+    return cpu, rss, fds
+
+
+def psutil_figures(pid: int) -> tuple[float, int, int] | None:
+    try:
+        import psutil
+    except ImportError:
+        return None
+    try:
+        p = psutil.Process(pid)
+        with p.oneshot():
+            t = p.cpu_times()
+            return t.user + t.system, p.memory_info().rss, p.num_fds()
+    except (psutil.Error, OSError):
+        return None
+
+
+try:
+    _CLK_TCK = os.sysconf("SC_CLK_TCK")
+    _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+except (AttributeError, ValueError, OSError):  # not a POSIX sysconf: /proc is not there either
+    _CLK_TCK, _PAGE_SIZE = 100, 4096
+_HAVE_PROC = os.path.exists("/proc/self/stat")
+
+
+class SelfProcessCollector:
+    """The supervisor's own process_* figures where ProcessCollector has no /proc (psutil)."""
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        figures = process_figures(os.getpid())
+        if figures is None:
+            return
+        cpu, rss, fds = figures
+        yield CounterMetricFamily("process_cpu_seconds", "Total user and system CPU time "
+                                  "spent in seconds.", value=cpu)  # fmt: skip
+        yield GaugeMetricFamily("process_resident_memory_bytes", "Resident memory size in bytes.",
+                                value=rss)  # fmt: skip
+        yield GaugeMetricFamily("process_open_fds", "Number of open file descriptors.", value=fds)
+
+
+def build_info() -> tuple[str, str, str]:
+    """(version, codec implementation, Python version) for pigeon_build_info."""
+    from pigeon.core import __version__
+    from pigeon.core import codec as core_codec
+
+    return __version__, core_codec.IMPLEMENTATION, platform.python_version()
+
+
+class Collector:
+    """prometheus-client collector over an Aggregate, the store and the worker processes.
+
+    ``worker_pids()`` gives {worker id: pid} of the running workers.  Scrapes
+    may run at once (one thread per connection): the store is read under a
+    lock, since one process must not open the same LMDB environment twice.
+    """
+
+    def __init__(self, aggregate: Aggregate, store_path: str, map_size: int, worker_pids=dict):
         self.aggregate = aggregate
         self.store_path = store_path
         self.map_size = map_size
+        self.worker_pids = worker_pids
         self._store_cache: tuple[float, dict] | None = None
+        self._store_lock = threading.Lock()
 
     def _store_figures(self) -> dict:
+        with self._store_lock:
+            return self._read_store()
+
+    def _read_store(self) -> dict:
         now = time.monotonic()
         if self._store_cache and now - self._store_cache[0] < 1.0:
             return self._store_cache[1]
@@ -194,6 +297,27 @@ class Collector:
             buckets.append((bound, cumulative))
         yield HistogramMetricFamily("pigeon_commit_seconds", "group commit latency",
                                     buckets=buckets, sum_value=hs)  # fmt: skip
+        cpu = CounterMetricFamily("pigeon_worker_cpu_seconds",
+                                  "user and system CPU time of each worker process",
+                                  labels=["worker"])  # fmt: skip
+        rss = GaugeMetricFamily("pigeon_worker_resident_memory_bytes",
+                                "resident memory of each worker process", labels=["worker"])  # fmt: skip
+        fds = GaugeMetricFamily("pigeon_worker_open_fds",
+                                "open file descriptors of each worker process", labels=["worker"])  # fmt: skip
+        for wid, pid in sorted(self.worker_pids().items()):
+            figures = process_figures(pid)
+            if figures is not None:
+                cpu.add_metric([str(wid)], figures[0])
+                rss.add_metric([str(wid)], figures[1])
+                fds.add_metric([str(wid)], figures[2])
+        yield cpu
+        yield rss
+        yield fds
+        info = GaugeMetricFamily("pigeon_build_info", "always 1: the version, codec "
+                                 "implementation and Python version running",
+                                 labels=["version", "codec", "python"])  # fmt: skip
+        info.add_metric(list(build_info()), 1)
+        yield info
 
 
 class _Quiet(WSGIRequestHandler):
@@ -201,12 +325,82 @@ class _Quiet(WSGIRequestHandler):
         pass
 
 
-def serve(hostport: str, collector: Collector, health) -> WSGIServer:
+class Listener(socketserver.ThreadingMixIn, WSGIServer):
+    """A WSGI server with a thread per connection, a cap on them and a deadline for each."""
+
+    daemon_threads = True  # a stalled client never holds up the supervisor's exit
+    block_on_close = False
+
+    def __init__(self, address, family, limit: int, timeout: float):
+        self.address_family = family
+        self.limit = limit
+        self.timeout_s = timeout
+        self.lock = threading.Lock()
+        self.active: dict[socket.socket, float] = {}  # connection -> its deadline
+        self.refused = 0
+        super().__init__(address, _handler(timeout))
+
+    def verify_request(self, request, client_address) -> bool:
+        with self.lock:
+            if len(self.active) >= self.limit:
+                self.refused += 1
+                return False  # socketserver closes it unanswered
+            self.active[request] = time.monotonic() + self.timeout_s
+        return True
+
+    def handle_error(self, request, client_address) -> None:
+        """A client that timed out or went away is not the server's error; anything else is."""
+        import sys
+
+        exc = sys.exc_info()[1]
+        if isinstance(exc, OSError):
+            return
+        logging.getLogger("pigeon.metrics").exception("metrics request failed")
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self.lock:
+                self.active.pop(request, None)
+
+    def service_actions(self) -> None:
+        """Called by serve_forever every poll: end connections past their deadline.
+
+        Shutting the socket down makes the handler's blocked read or write
+        fail at once, and its thread ends.
+        """
+        now = time.monotonic()
+        with self.lock:
+            late = [conn for conn, deadline in self.active.items() if deadline <= now]
+        for conn in late:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # already closed by its thread
+
+
+def _handler(timeout: float):
+    class Handler(_Quiet):
+        pass
+
+    Handler.timeout = timeout  # each read or write, on top of the connection's deadline
+    return Handler
+
+
+def serve(
+    hostport: str, collector: Collector, health, limit: int = 64, timeout: float = 5.0
+) -> Listener:
     """Start the metrics and health listener in a daemon thread; returns the server."""
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+    from prometheus_client.process_collector import ProcessCollector
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
+    if _HAVE_PROC:
+        ProcessCollector(registry=registry)
+    else:
+        registry.register(SelfProcessCollector())
 
     def app(environ, start_response):
         path = environ.get("PATH_INFO", "/")
@@ -224,10 +418,10 @@ def serve(hostport: str, collector: Collector, health) -> WSGIServer:
 
     host, _, port = hostport.rpartition(":")
     host = host.strip("[]")
-
-    class Server(WSGIServer):
-        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
-
-    server = make_server(host, int(port), app, server_class=Server, handler_class=_Quiet)
-    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    server = Listener((host, int(port)), family, limit, timeout)
+    server.set_app(app)
+    # poll often enough that a deadline is kept to within a fraction of a second
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
+                     name="metrics", daemon=True).start()  # fmt: skip
     return server

@@ -47,6 +47,7 @@ import orjson
 from pigeon.core import codec as core_codec
 from pigeon.core.node import Limits
 
+from . import control as control_mod
 from . import log
 from . import metrics as metrics_mod
 from .sdnotify import notify
@@ -56,7 +57,7 @@ from .worker import WID_STRIDE, listen_socket
 logger = logging.getLogger("pigeon.supervisor")
 
 READY_TIMEOUT = 60.0
-CONTROL_SOCKET = "control.sock"
+CONTROL_SOCKET = control_mod.CONTROL_SOCKET
 STOP_TIMEOUT = 10.0
 
 
@@ -104,16 +105,17 @@ class Supervisor:
         self.aggregate = metrics_mod.Aggregate()
         self.metrics_server = None
         self.control: socket.socket | None = None
+        self.control_conns: set[control_mod.ControlConn] = set()
 
     # -- startup checks -----------------------------------------------------
 
     def preflight(self, reload: bool = False) -> None:
         c = self.config
-        control = os.path.join(c.data_dir, CONTROL_SOCKET)
+        control = control_mod.socket_path(c.data_dir)
         if not reload and os.path.exists(control):
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
                 try:
-                    probe.connect(control)
+                    control_mod.at_short_path(control, probe.connect)
                 except OSError:
                     pass  # a stale socket of a server that is gone
                 else:
@@ -246,6 +248,7 @@ class Supervisor:
 
     def run(self, out=sys.stdout) -> int:
         self.preflight()
+        self.open_control()  # before anything to clean up: it may refuse to start
         self.run_dir = tempfile.mkdtemp(prefix="pigeon-")
         self.death_r, self.death_w = os.pipe()
         os.set_inheritable(self.death_r, True)
@@ -254,13 +257,19 @@ class Supervisor:
         self.sel.register(self.wake_r, selectors.EVENT_READ, None)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
-        self.open_control()
         if self.config.metrics_listen != "off":
             collector = metrics_mod.Collector(
-                self.aggregate, os.path.join(self.config.data_dir, "store"), self.config.map_size
+                self.aggregate,
+                os.path.join(self.config.data_dir, "store"),
+                self.config.map_size,
+                self.worker_pids,
             )
             self.metrics_server = metrics_mod.serve(
-                self.config.metrics_listen, collector, self.health
+                self.config.metrics_listen,
+                collector,
+                self.health,
+                limit=self.config.metrics_connections,
+                timeout=self.config.metrics_timeout,
             )
         started = time.monotonic()
         try:
@@ -271,9 +280,12 @@ class Supervisor:
                     if key.data is None:
                         os.read(self.wake_r, 4096)
                     elif key.data == "control":
-                        self._control()
+                        self._control_accept()
+                    elif isinstance(key.data, control_mod.ControlConn):
+                        self._control_read(key.data)
                     else:
                         self._status(key.data)
+                self._control_expire()
                 self._reap()
                 if self.hangups:
                     self.hangups = 0
@@ -309,21 +321,27 @@ class Supervisor:
     # -- the control socket ------------------------------------------------------
 
     def open_control(self) -> None:
-        """``DATA_DIR/control.sock`` (mode 0600): how `pigeon admin` reaches live sessions."""
-        path = os.path.join(self.config.data_dir, CONTROL_SOCKET)
-        try:
-            os.unlink(path)  # left by a server that is gone (preflight checked)
-        except FileNotFoundError:
-            pass
+        """``DATA_DIR/control.sock`` (mode 0600): how `pigeon admin` reaches live sessions.
+
+        Without it an operator's revoke would leave the device's session
+        open, so a socket that cannot be made is a startup error.  A long
+        data directory is no reason: see control.at_short_path.
+        """
+        path = control_mod.socket_path(self.config.data_dir)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)
         try:
-            sock.bind(path)
-        except OSError as exc:  # e.g. a path longer than a Unix socket name may be
+            try:
+                os.unlink(path)  # left by a server that is gone (preflight checked)
+            except FileNotFoundError:
+                pass
+            control_mod.at_short_path(path, sock.bind)
+        except OSError as exc:
             sock.close()
-            log.event(logger, logging.WARNING, "no control socket: pigeon admin cannot close "
-                      "live sessions", path=path, error=str(exc))  # fmt: skip
-            return
+            raise StartupError(
+                f"cannot create the control socket {path} (pigeon admin needs it to close "
+                f"live sessions): {exc.strerror or exc}"
+            ) from None
         finally:
             os.umask(old)
         os.chmod(path, 0o600)
@@ -332,31 +350,49 @@ class Supervisor:
         self.control = sock
         self.sel.register(sock, selectors.EVENT_READ, "control")
 
-    def _control(self) -> None:
-        """One request a connection: a JSON line in, a JSON line out."""
-        try:
-            conn, _ = self.control.accept()
-        except BlockingIOError:
-            return
-        with conn:
-            conn.settimeout(2.0)
+    def _control_accept(self) -> None:
+        """Take every waiting control connection; never wait for one to speak."""
+        for _ in range(64):  # bounded per loop turn; the rest wait for the next one
             try:
-                data = b""
-                while not data.endswith(b"\n") and len(data) < 4096:
-                    chunk = conn.recv(4096)
-                    if not chunk:
-                        break
-                    data += chunk
-                req = orjson.loads(data)
-                if req.get("op") != "kick" or not isinstance(req.get("device"), str):
-                    raise ValueError("unknown request")
-                n = self.kick(req["device"], int(req.get("code", 304)), str(req.get("text", "")))
-                conn.sendall(orjson.dumps({"ok": True, "workers": n}) + b"\n")
-            except (OSError, ValueError, orjson.JSONDecodeError) as exc:
-                try:
-                    conn.sendall(orjson.dumps({"ok": False, "error": str(exc)}) + b"\n")
-                except OSError:
-                    pass
+                conn, _ = self.control.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # e.g. out of file descriptors: try again next turn
+                log.event(logger, logging.WARNING, "control socket accept failed",
+                          error=str(exc))  # fmt: skip
+                return
+            if len(self.control_conns) >= self.config.control_connections:
+                conn.close()
+                log.event(logger, logging.WARNING, "control connection refused: too many open",
+                          limit=self.config.control_connections)  # fmt: skip
+                continue
+            conn.setblocking(False)
+            cc = control_mod.ControlConn(conn, time.monotonic() + self.config.control_timeout)
+            self.control_conns.add(cc)
+            self.sel.register(conn, selectors.EVENT_READ, cc)
+
+    def _control_done(self, cc: control_mod.ControlConn, reply: dict) -> None:
+        self.control_conns.discard(cc)
+        self.sel.unregister(cc.sock)
+        cc.answer(reply)
+
+    def _control_read(self, cc: control_mod.ControlConn) -> None:
+        """One request a connection: a JSON line in, checked whole, a JSON line out."""
+        try:
+            line = cc.read()
+            if line is None:
+                return  # not a whole line yet
+            req = control_mod.parse_request(line)
+        except control_mod.ControlError as exc:
+            self._control_done(cc, {"ok": False, "error": str(exc)})
+            return
+        n = self.kick(req["device"], req["code"], req["text"] or "")
+        self._control_done(cc, {"ok": True, "workers": n})
+
+    def _control_expire(self) -> None:
+        now = time.monotonic()
+        for cc in [cc for cc in self.control_conns if cc.deadline <= now]:
+            self._control_done(cc, {"ok": False, "error": "timed out waiting for a request line"})
 
     def kick(self, device: str, code: int, text: str) -> int:
         """Tell every worker to close ``device``'s session; returns how many were told."""
@@ -476,6 +512,15 @@ class Supervisor:
             log.event(logger, logging.WARNING, "could not clear a worker's sessions",
                       worker=w.index, gen=w.gen, error=str(exc))  # fmt: skip
 
+    def worker_pids(self) -> dict[int, int]:
+        """{worker id: pid} of the running workers (read by the metrics thread)."""
+        pids = {}
+        for w in self.workers + self.incoming + self.retiring:
+            proc = w.proc  # read once: the main thread may clear it meanwhile
+            if proc is not None:
+                pids[w.wid] = proc.pid
+        return pids
+
     def health(self) -> str:
         """What /health answers: ready, starting or stopping."""
         if self.stopping:
@@ -511,6 +556,8 @@ class Supervisor:
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
             self.metrics_server.server_close()
+        for cc in list(self.control_conns):
+            self._control_done(cc, {"ok": False, "error": "the server is stopping"})
         if self.control is not None:
             self.control.close()
             try:

@@ -1270,7 +1270,15 @@ class BusPeer(asyncio.Protocol):
             elif node.tag == "cs":
                 w.typing_local(a["d"], node.content)
             elif node.tag == "kick":
-                w.kick_local(a["device"], int(a["code"]), a.get("text"))
+                # the supervisor checks an operator's kick; a bad one must still not
+                # end this link (and the good nodes behind it) with an exception
+                try:
+                    device, code = a["device"], ErrorCode(int(a["code"]))
+                except (KeyError, ValueError):
+                    log.event(logger, logging.WARNING, "bad kick on the bus; ignored",
+                              device=a.get("device"), code=a.get("code"))  # fmt: skip
+                    continue
+                w.kick_local(device, code, a.get("text"))
 
     def connection_lost(self, exc) -> None:
         self.bus.lost(self)

@@ -186,3 +186,227 @@ def test_disable_and_revoke_close_live_sessions(tmp_path):
     assert proc.returncode == 0
     out = json.loads(proc.stdout)
     assert out["disabled"] and "not running" in out["sessions"][0]
+
+
+def _control(data_dir, request: bytes, timeout: float = 10) -> dict:
+    """One raw request on the server's control socket (from inside the directory: any length)."""
+    import socket
+
+    here = os.getcwd()
+    os.chdir(data_dir)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect("control.sock")
+            s.sendall(request)
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+    finally:
+        os.chdir(here)
+    return json.loads(data)
+
+
+def test_revoke_closes_the_live_session_with_a_long_data_dir(tmp_path):
+    """A data dir past the AF_UNIX path limit (about 104-108 bytes): the control socket works."""
+    from pigeon.client import ConnectionLost
+    from pigeon.core.errors import ErrorCode
+    from pigeon.core.events import Error
+
+    deep = tmp_path / ("d" * 60) / ("e" * 60) / "data"
+    assert len(str(deep / "control.sock")) > 150
+    deep.parent.mkdir(parents=True)
+    srv = Server(deep, workers=2).start()
+    try:
+
+        async def main():
+            bob_creds = await srv.register(BOB)
+            bob = await srv.login(bob_creds)
+            await until(lambda: bob_creds.device in srv.sessions(BOB))
+            proc = await asyncio.to_thread(admin, "device", "revoke", bob_creds.device,
+                                           "--data-dir", str(deep))  # fmt: skip
+            assert proc.returncode == 0, proc.stderr
+            assert "live sessions closed (2 workers told)" in proc.stdout, proc.stdout
+            ev = await bob.next_event(10)
+            assert isinstance(ev, Error) and ev.code == ErrorCode.REVOKED
+            try:
+                await bob.next_event(10)
+                raise AssertionError("the revoked session stayed open")
+            except ConnectionLost:
+                pass
+            await bob.close()
+
+        asyncio.run(asyncio.wait_for(main(), 60))
+    finally:
+        assert srv.stop() == 0
+    assert not (deep / "control.sock").exists()
+
+
+def test_a_silent_control_client_does_not_hold_up_a_kick(tmp_path):
+    import socket
+    import threading
+
+    from pigeon.core.errors import ErrorCode
+    from pigeon.core.events import Error
+
+    srv = Server(tmp_path / "data", workers=2, control_timeout=2).start()
+    data = str(srv.data_dir)
+    stop = threading.Event()
+    closed = threading.Event()
+
+    def trickle():  # connects, then sends a byte now and then and never a whole line
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(os.path.join(data, "control.sock"))
+            for _ in range(120):  # bounded: 120 x 0.25 s
+                if stop.wait(0.25):
+                    return
+                try:
+                    s.sendall(b"{")
+                except OSError:
+                    closed.set()  # the server gave up on it
+                    return
+
+    try:
+
+        async def main():
+            bob_creds = await srv.register(BOB)
+            bob = await srv.login(bob_creds)
+            await until(lambda: bob_creds.device in srv.sessions(BOB))
+            silent = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(3)]
+            for s in silent:
+                s.connect(os.path.join(data, "control.sock"))
+            t = threading.Thread(target=trickle, daemon=True)
+            t.start()
+            try:
+                proc = await asyncio.to_thread(admin, "device", "revoke", bob_creds.device,
+                                               "--data-dir", data)  # fmt: skip
+                assert proc.returncode == 0, proc.stderr
+                assert "live sessions closed" in proc.stdout, proc.stdout
+                ev = await bob.next_event(10)
+                assert isinstance(ev, Error) and ev.code == ErrorCode.REVOKED
+                # the silent ones are closed after control-timeout, the trickler too
+                for s in silent:
+                    s.settimeout(15)
+                    got = b""
+                    while chunk := s.recv(4096):  # bounded by the timeout
+                        got += chunk
+                    reply = json.loads(got)
+                    assert reply["ok"] is False and "timed out" in reply["error"]
+                await asyncio.to_thread(closed.wait, 20)
+                assert closed.is_set(), "the server kept a client that never sent a line"
+            finally:
+                stop.set()
+                for s in silent:
+                    s.close()
+                await bob.close()
+
+        asyncio.run(asyncio.wait_for(main(), 90))
+    finally:
+        assert srv.stop() == 0
+
+
+def test_bad_control_requests_are_refused_and_applied_ones_are_checked(tmp_path):
+    from pigeon.core.errors import ErrorCode
+    from pigeon.core.events import Error
+
+    srv = Server(tmp_path / "data", workers=2).start()
+    data = srv.data_dir
+    try:
+
+        async def main():
+            bob_creds = await srv.register(BOB)
+            bob = await srv.login(bob_creds)
+            await until(lambda: bob_creds.device in srv.sessions(BOB))
+            dev = bob_creds.device
+            bad = {
+                b'{"op": "kick", "device": "%s", "code": 999}\n' % dev.encode(): "code",
+                b'{"op": "kick", "device": "%s", "code": "304"}\n' % dev.encode(): "code",
+                b'{"op": "kick", "device": "%s", "code": 200}\n' % dev.encode(): "code",
+                b'{"op": "kick", "device": "%s", "code": true}\n' % dev.encode(): "code",
+                b'{"op": "kick", "device": "nobody", "code": 304}\n': "device",
+                b'{"op": "kick", "device": "%s", "code": 304, "text": "%s"}\n'
+                % (dev.encode(), b"x" * 1000): "text",
+                b'{"op": "kick", "device": "%s", "code": 304, "text": 5}\n' % dev.encode(): "text",
+                b'{"op": "kick", "device": "%s", "code": 304, "why": 1}\n' % dev.encode(): "why",
+                b'{"op": "reboot"}\n': "op",
+                b"[1, 2]\n": "object",
+                b"not json\n": "JSON",
+                b"{" + b" " * 5000: "long",
+            }
+            for request, word in bad.items():
+                reply = await asyncio.to_thread(_control, data, request)
+                assert reply["ok"] is False and word in reply["error"], (request, reply)
+            await bob.ping()  # none of them touched the session; the server still serves
+            reply = await asyncio.to_thread(
+                _control, data, b'{"op": "kick", "device": "%s", "code": 303, "text": "moved"}\n'
+                % dev.encode(),
+            )  # fmt: skip
+            assert reply == {"ok": True, "workers": 2}
+            ev = await bob.next_event(10)
+            assert isinstance(ev, Error) and ev.code == ErrorCode.REPLACED and ev.text == "moved"
+            await bob.close()
+
+        asyncio.run(asyncio.wait_for(main(), 60))
+    finally:
+        assert srv.stop() == 0
+
+
+def test_a_worker_survives_a_bad_kick_on_its_bus_socket(tmp_path):
+    """The supervisor checks kicks; a worker still must not drop its bus link over a bad one."""
+    import socket
+
+    from pigeon.core import codec as core_codec
+    from pigeon.core.errors import ErrorCode
+    from pigeon.core.events import Error
+    from pigeon.core.node import Limits
+
+    srv = Server(tmp_path / "data", workers=1).start()
+    try:
+
+        async def main():
+            bob_creds = await srv.register(BOB)
+            bob = await srv.login(bob_creds)
+            await until(lambda: bob_creds.device in srv.sessions(BOB))
+            wid = srv.sessions(BOB)[bob_creds.device]["worker"]
+            with open(f"/proc/{srv.worker_pid(0)}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+            run_dir = argv[argv.index(b"--run-dir") + 1].decode()
+            codec = core_codec.Codec(limits=Limits(max_frame=0xFFFFFF))
+            frames = b"".join(
+                codec.encode_frame(core_codec.Node("kick", attrs))
+                for attrs in (
+                    {"device": bob_creds.device, "code": "abc"},
+                    {"device": bob_creds.device, "code": "999"},
+                    {"code": "304"},
+                    {"device": bob_creds.device, "code": "304", "text": "after the bad ones"},
+                )
+            )
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(10)
+                s.connect(os.path.join(run_dir, f"w{wid}.sock"))
+                s.sendall(frames)
+                ev = await bob.next_event(10)  # the good kick after the bad ones still applies
+            assert isinstance(ev, Error) and ev.code == ErrorCode.REVOKED
+            assert ev.text == "after the bad ones"
+            await bob.close()
+
+        asyncio.run(asyncio.wait_for(main(), 60))
+        assert "bad kick" in srv.log_text()
+    finally:
+        assert srv.stop() == 0
+
+
+def test_a_control_socket_that_cannot_be_made_is_a_startup_error(tmp_path):
+    data = tmp_path / "data"
+    (data / "control.sock").mkdir(parents=True)  # in the way, and not ours to remove
+    proc = subprocess.run(
+        [sys.executable, "-m", "pigeon.tools.cli", "serve", "--listen", f"127.0.0.1:{free_port()}",
+         "--metrics-listen", "off", "--data-dir", str(data), "--map-size", str(64 << 20)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    assert "cannot create the control socket" in proc.stderr and "pigeon admin" in proc.stderr
+    assert "Traceback" not in proc.stderr

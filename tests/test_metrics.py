@@ -129,3 +129,109 @@ def test_a_busy_metrics_port_is_a_clear_startup_error(tmp_path):
     assert proc.returncode == 1
     assert f"cannot listen on 127.0.0.1:{mport} (metrics-listen)" in proc.stderr
     assert "metrics-listen = off" in proc.stderr
+
+
+def _stalled(port: int, request: bytes = b"GET /health HTTP/1.1\r\n"):
+    """A client that sends part of a request and then nothing (it never finishes)."""
+    import socket
+
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(request)
+    return s
+
+
+def test_stalled_clients_do_not_block_health_or_metrics(tmp_path):
+    import platform
+    import socket
+
+    from pigeon.core import __version__
+    from pigeon.core import codec as core_codec
+
+    port = free_port()
+    # the timeout is long: what keeps /health answering is concurrency, not the timeout
+    srv = Server(tmp_path / "data", workers=2, metrics_listen=f"127.0.0.1:{port}",
+                 metrics_timeout=120, metrics_connections=8).start()  # fmt: skip
+    stalled = []
+    try:
+        stalled = [_stalled(port), _stalled(port, b"GE"), _stalled(port, b"")]
+        for _ in range(3):
+            assert get(port, "/health") == (200, "ready\n")
+        m = scrape(port)
+        # process figures: the supervisor (prometheus-client's ProcessCollector) and each worker
+        assert m["process_cpu_seconds_total"] > 0 and m["process_resident_memory_bytes"] > 0
+        assert m["process_open_fds"] > 0
+        for wid in (0, 1):
+            assert m[f"pigeon_worker_cpu_seconds_total{{worker={wid}}}"] > 0
+            assert m[f"pigeon_worker_resident_memory_bytes{{worker={wid}}}"] > 1 << 20
+            assert m[f"pigeon_worker_open_fds{{worker={wid}}}"] >= 3
+        info = (f"pigeon_build_info{{codec={core_codec.IMPLEMENTATION},"
+                f"python={platform.python_version()},version={__version__}}}")  # fmt: skip
+        assert m[info] == 1
+        # past metrics-connections, a new connection is closed at once (the stalled ones stay)
+        stalled += [_stalled(port) for _ in range(5)]  # 8 held now
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as extra:
+            try:
+                assert extra.recv(100) == b""
+            except ConnectionResetError:
+                pass
+        stalled.pop().close()  # one slot free again: served
+        # (the server notices the close when its read fails; allow it a bounded moment)
+        asyncio.run(asyncio.wait_for(_until_health(port), 30))
+    finally:
+        for s in stalled:
+            s.close()
+        assert srv.stop() == 0
+
+
+async def _until_health(port):
+    def ok():
+        try:
+            return get(port, "/health")[0] == 200
+        except OSError:
+            return False
+
+    await until(ok, timeout=20)
+
+
+def test_a_stalled_metrics_client_is_closed_after_metrics_timeout(tmp_path):
+    port = free_port()
+    srv = Server(tmp_path / "data", workers=1, metrics_listen=f"127.0.0.1:{port}",
+                 metrics_timeout=1).start()  # fmt: skip
+    try:
+        # a slow client that keeps trickling bytes is held to the deadline too, not per read
+        with _stalled(port, b"G") as s:
+            closed = False
+            for _ in range(40):  # bounded: 40 x 0.5 s
+                time.sleep(0.5)
+                try:
+                    s.sendall(b"E")
+                    s.settimeout(0.01)
+                    if s.recv(100) == b"":
+                        closed = True
+                        break
+                except TimeoutError:
+                    continue
+                except OSError:
+                    closed = True
+                    break
+            assert closed, "the server kept a trickling client open"
+        assert get(port, "/health") == (200, "ready\n")
+    finally:
+        assert srv.stop() == 0
+
+
+def test_process_figures_from_proc_agree_with_psutil():
+    """The /proc reader (Linux) and the psutil one (FreeBSD) measure the same process alike."""
+    import psutil
+
+    from pigeon.server import metrics
+
+    sum(i * i for i in range(2_000_000))  # some CPU time to measure
+    via_proc, via_psutil = metrics.proc_figures(os.getpid()), metrics.psutil_figures(os.getpid())
+    assert via_proc is not None and via_psutil is not None
+    (cpu1, rss1, fds1), (cpu2, rss2, fds2) = via_proc, via_psutil
+    assert cpu1 > 0 and abs(cpu1 - cpu2) < 1.0
+    assert abs(rss1 - rss2) < 16 << 20 and abs(fds1 - fds2) <= 2
+    gone = psutil.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    assert metrics.proc_figures(gone.pid) is None and metrics.psutil_figures(gone.pid) is None

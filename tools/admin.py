@@ -153,26 +153,16 @@ def _print_devices(devices: list[dict]) -> None:
 
 def _close_sessions(data_dir: str, device: str, text: str) -> str:
     """Ask the running server to close ``device``'s sessions (error 304); says what happened."""
-    import socket
+    from pigeon.server import control
 
-    path = os.path.join(data_dir, "control.sock")
-    req = orjson.dumps({"op": "kick", "device": device, "code": 304, "text": text}) + b"\n"
+    req = {"op": "kick", "device": device, "code": 304, "text": text}
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(10)
-            s.connect(path)
-            s.sendall(req)
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = s.recv(4096)
-                if not chunk:
-                    break
-                data += chunk
+        reply = control.request(data_dir, req)
     except (FileNotFoundError, ConnectionRefusedError):
         return "the server is not running: no live session to close"
     except OSError as exc:
+        path = control.socket_path(data_dir)
         return f"could not reach the server at {path}: {exc.strerror or exc}"
-    reply = orjson.loads(data) if data else {"ok": False, "error": "no answer"}
     if not reply.get("ok"):
         return f"the server refused: {reply.get('error')}"
     return f"live sessions closed ({reply['workers']} workers told)"
