@@ -58,7 +58,7 @@ from . import log
 from . import metrics as metrics_mod
 from . import worker as worker_mod
 from .sdnotify import notify
-from .store import Store, StoreError
+from .store import Store, StoreError, make_private
 from .worker import WID_STRIDE, listen_socket
 
 logger = logging.getLogger("pigeon.supervisor")
@@ -173,11 +173,20 @@ class Supervisor:
                         f"{c.data_dir} (its control socket answers); stop it first"
                     )
         try:
-            os.makedirs(c.data_dir, exist_ok=True)
+            os.makedirs(c.data_dir, mode=0o700, exist_ok=True)
         except OSError as exc:
             raise StartupError(
                 f"cannot create the data directory {c.data_dir!r}: {exc.strerror}"
             ) from None
+        # Private whatever the umask (run() set 0077 for what is created from
+        # now on): tighten what an older pigeon or a 022 umask left readable.
+        for path, mode in (
+            (c.data_dir, 0o700),
+            (os.path.join(c.data_dir, "sms-outbox.txt"), 0o600),
+        ):
+            if not make_private(path, mode):
+                log.event(logger, logging.WARNING, "other users can read this and it is not "
+                          "ours to chmod: fix its owner or mode", path=path)  # fmt: skip
         try:
             Store(os.path.join(c.data_dir, "store"), map_size=c.map_size).close()
         except StoreError as exc:
@@ -341,6 +350,9 @@ class Supervisor:
         os.write(self.wake_w, b"x")
 
     def run(self, out=sys.stdout) -> int:
+        # Everything the server creates (store, outbox, sockets) is private,
+        # whatever umask it was started with; the workers inherit it.
+        os.umask(0o077)
         self.preflight()
         self.run_dir = tempfile.mkdtemp(prefix="pigeon-")
         self.death_r, self.death_w = os.pipe()

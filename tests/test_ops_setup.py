@@ -7,6 +7,8 @@ import os
 import shutil
 import signal
 import socket
+import stat
+import subprocess
 import sys
 import threading
 import time
@@ -295,3 +297,61 @@ def test_a_webhook_token_file_others_can_read_is_refused(tmp_path):
         sms_webhook_auth_env="PIGEON_TEST_UNSET_VARIABLE",
     )
     assert "PIGEON_TEST_UNSET_VARIABLE (sms-webhook-auth-env) is empty or not set" in refused(unset)
+
+
+# -- item 14: private files whatever the umask ---------------------------------------------
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def admin(*args: str) -> subprocess.CompletedProcess:
+    """``pigeon admin ...`` run with umask 022, as from a typical login shell."""
+    return subprocess.run(
+        [sys.executable, "-m", "pigeon.tools.cli", "admin", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=lambda: os.umask(0o022),
+    )
+
+
+def test_the_server_and_admin_write_private_files_under_umask_022(tmp_path):
+    import lmdb
+
+    data = tmp_path / "data"
+    # what an older pigeon left under a 022 umask: all of it readable by everyone
+    (data / "store").mkdir(parents=True)
+    data.chmod(0o755)
+    (data / "store").chmod(0o755)
+    lmdb.open(str(data / "store"), max_dbs=32, mode=0o644).close()
+    private_file(data / "sms-outbox.txt", "", mode=0o644)
+    assert mode(data / "store" / "data.mdb") == 0o644
+    fresh = tmp_path / "fresh"  # and one the server creates itself
+    for d in (data, fresh):
+        srv = Server(d, workers=2, umask=0o022).start()
+        try:
+            asyncio.run(asyncio.wait_for(srv.register(ALICE), 30))
+            assert (d / "control.sock").exists()
+            modes = {p: mode(d / p) for p in ("", "store", "store/data.mdb", "store/lock.mdb",
+                                              "sms-outbox.txt", "control.sock")}  # fmt: skip
+            assert modes == {"": 0o700, "store": 0o700, "store/data.mdb": 0o600,
+                             "store/lock.mdb": 0o600, "sms-outbox.txt": 0o600,
+                             "control.sock": 0o600}, d  # fmt: skip
+            dest = tmp_path / f"backup-{d.name}"
+            r = admin("backup", str(dest), "--data-dir", str(d))
+            assert r.returncode == 0, r.stderr
+            assert (mode(dest), mode(dest / "data.mdb")) == (0o700, 0o600)
+        finally:
+            assert srv.stop() == 0
+    restored = tmp_path / "restored"
+    r = admin("restore", str(tmp_path / "backup-data"), "--data-dir", str(restored))
+    assert r.returncode == 0, r.stderr
+    assert (mode(restored / "store"), mode(restored / "store" / "data.mdb")) == (0o700, 0o600)
+    r = admin("gen-cert", "--out-dir", str(tmp_path / "tls"))
+    assert r.returncode == 0, r.stderr
+    tls = tmp_path / "tls"
+    assert (mode(tls), mode(tls / "key.pem"), mode(tls / "cert.pem")) == (0o700, 0o600, 0o644)
+    r = admin("gen-cert", "--help")
+    assert "(mode 0600)" in r.stdout and "(mode 0644" in r.stdout
