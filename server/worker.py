@@ -34,7 +34,10 @@ Per-connection token buckets limit messages and requests (``message-rate``)
 and typing (``typing-rate``).
 
 The worker exits by itself when the supervisor goes (the parent-death pipe
-reaches EOF, whatever killed the supervisor), and drains on SIGTERM.
+reaches EOF, whatever killed the supervisor), and drains on SIGTERM.  Its
+settings arrive on a pipe (``--config-fd``), never in argv, which any local
+user can read; with them comes what the supervisor runs (its worker module
+file and codec), and a worker that runs other code refuses to start.
 """
 
 from __future__ import annotations
