@@ -29,6 +29,8 @@ SMS gateways: ``log`` appends "phone code" lines to an outbox file in the
 data directory, standing in for the SMS network (the code never goes to the
 server log); ``webhook`` POSTs ``{"phone", "code", "method"}`` as JSON to a
 URL with a timeout and retries: that is how a real SMS provider plugs in.
+The provider's token goes in an Authorization header read from a private
+file or the environment (``webhook_authorization``), not in the URL.
 """
 
 from __future__ import annotations
@@ -50,7 +52,10 @@ from .errors import ServiceError
 from .limits import LeakyTable, source_key
 from .store import Store
 
-__all__ = ["Accounts", "ServiceError", "LogGateway", "WebhookGateway", "make_gateway"]
+__all__ = [
+    "Accounts", "ServiceError", "LogGateway", "WebhookGateway", "make_gateway",
+    "webhook_authorization",
+]  # fmt: skip
 
 MECHANISM = ScramMechanism("SCRAM-SHA-256")
 
@@ -72,17 +77,24 @@ class LogGateway:
 
 
 class WebhookGateway:
-    """POST {"phone", "code", "method"} JSON to ``url``; retried with backoff."""
+    """POST {"phone", "code", "method"} JSON to ``url``; retried with backoff.
 
-    def __init__(self, url: str, timeout: float, retries: int):
+    ``authorization``: the value of an Authorization header sent with every
+    POST (a provider's token), so that it need not sit in the URL."""
+
+    def __init__(self, url: str, timeout: float, retries: int, authorization: str | None = None):
         self.url = url
         self.timeout = timeout
         self.retries = retries
+        self.headers = {"Content-Type": "application/json"}
+        if authorization:
+            self.headers["Authorization"] = authorization
+
+    def __repr__(self) -> str:  # never the URL or the token: both may be secrets
+        return f"<WebhookGateway timeout={self.timeout} retries={self.retries}>"
 
     def _post(self, body: bytes) -> None:
-        req = urllib.request.Request(
-            self.url, data=body, method="POST", headers={"Content-Type": "application/json"}
-        )
+        req = urllib.request.Request(self.url, data=body, method="POST", headers=self.headers)
         with urllib.request.urlopen(req, timeout=self.timeout) as resp:
             if not 200 <= resp.status < 300:
                 raise OSError(f"HTTP {resp.status}")
@@ -103,10 +115,54 @@ class WebhookGateway:
                 delay *= 2
 
 
+MAX_AUTH = 8192  # bytes of an Authorization value: far past any real token
+
+
+def webhook_authorization(config) -> str | None:
+    """The webhook's Authorization header value, or None when none is set.
+
+    It comes from ``sms-webhook-auth-file`` (a file only its owner may read:
+    mode 0600 or 0400, the way systemd's LoadCredential= hands one over) or
+    from the environment variable that ``sms-webhook-auth-env`` names; never
+    from a setting's value, which could end up on a command line.  Raises
+    ValueError saying what is wrong, never what the value is.
+    """
+    path, var = config.sms_webhook_auth_file, config.sms_webhook_auth_env
+    if path:
+        try:
+            with open(path, "rb") as f:
+                mode = os.fstat(f.fileno()).st_mode
+                if mode & 0o077:
+                    raise ValueError(
+                        f"sms-webhook-auth-file {path} may be read or written by other users "
+                        f"(mode {mode & 0o777:04o}): chmod 600 it"
+                    )
+                raw = f.read(MAX_AUTH + 1)
+        except OSError as exc:
+            raise ValueError(f"cannot read sms-webhook-auth-file {path}: {exc.strerror}") from None
+        origin = f"sms-webhook-auth-file {path}"
+    elif var:
+        raw = os.environb.get(var.encode(), b"")
+        origin = f"the environment variable {var} (sms-webhook-auth-env)"
+    else:
+        return None
+    value = raw.strip().decode("ascii", errors="replace")
+    if not value:
+        raise ValueError(f"{origin} is empty or not set")
+    if len(raw) > MAX_AUTH or not value.isprintable() or "\ufffd" in value:
+        raise ValueError(
+            f"{origin} must hold one line of printable ASCII, at most {MAX_AUTH} bytes"
+        )
+    return value
+
+
 def make_gateway(config):
     if config.sms_gateway == "webhook":
         return WebhookGateway(
-            config.sms_webhook_url, config.sms_webhook_timeout, config.sms_webhook_retries
+            config.sms_webhook_url,
+            config.sms_webhook_timeout,
+            config.sms_webhook_retries,
+            authorization=webhook_authorization(config),
         )
     return LogGateway(os.path.join(config.data_dir, "sms-outbox.txt"))
 

@@ -229,6 +229,20 @@ OPTIONS: list[Option] = [
         _opt_str,
         "URL the webhook gateway POSTs {phone, code, method} JSON to",
     ),
+    Option(
+        "sms_webhook_auth_file",
+        None,
+        _opt_str,
+        "file (mode 0600 or 0400) holding the value of an Authorization header sent with "
+        "each webhook POST, e.g. 'Bearer TOKEN'; read at start and on reload",
+    ),
+    Option(
+        "sms_webhook_auth_env",
+        None,
+        _opt_str,
+        "name of an environment variable holding that Authorization value instead "
+        "(the name, not the value, is the setting)",
+    ),
     Option("sms_webhook_timeout", 5.0, _positive_float, "seconds per webhook attempt"),
     Option("sms_webhook_retries", 3, _non_negative_int, "webhook retries after the first attempt"),
     Option(
@@ -439,6 +453,8 @@ def load(
         raise ConfigError("discover-batch must be at most 1024 (the children one node may have)")
     if values["sms_gateway"] == "webhook" and not values["sms_webhook_url"]:
         raise ConfigError("sms-gateway = webhook needs sms-webhook-url")
+    if values["sms_webhook_auth_file"] and values["sms_webhook_auth_env"]:
+        raise ConfigError("set sms-webhook-auth-file or sms-webhook-auth-env, not both")
     return Config(values)
 
 

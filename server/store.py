@@ -107,6 +107,24 @@ def default_clock():
     return OffsetClock(path) if path else now_ms
 
 
+def make_private(path: str, mode: int) -> bool:
+    """chmod ``path`` to ``mode`` if group or others have any access to it.
+
+    Returns False when that was needed but not allowed (the file is someone
+    else's): the caller may warn.  A missing file is left alone."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return True
+    if not st.st_mode & 0o077:
+        return True
+    try:
+        os.chmod(path, mode)
+    except PermissionError:
+        return False
+    return True
+
+
 def _pack(obj) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
@@ -136,7 +154,11 @@ class Store:
             raise ValueError(f"sync must be 'fsync' or 'os', got {sync!r}")
         if not create and not os.path.exists(os.path.join(path, "data.mdb")):
             raise StoreError(f"no store in {path} (is --data-dir right?)")
-        os.makedirs(path, exist_ok=True)
+        # Private whatever the umask: the store holds queued payloads and the
+        # SCRAM keys.  lmdb's mode is the files' creation mode; files left by
+        # an older pigeon (0644 under a 022 umask) are tightened here too.
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        make_private(path, 0o700)
         try:
             self.env = lmdb.open(
                 path,
@@ -145,9 +167,12 @@ class Store:
                 max_readers=max_readers,
                 subdir=True,
                 sync=sync == "fsync",
+                mode=0o600,
             )
         except lmdb.Error as exc:
             raise StoreError(f"cannot open the store in {path}: {exc}") from None
+        for name in ("data.mdb", "lock.mdb"):
+            make_private(os.path.join(path, name), 0o600)
         self.clock = clock or default_clock()
         # Reader slots of processes that died (kill -9) would pin old pages.
         self.env.reader_check()

@@ -1,8 +1,14 @@
 """The supervisor: starts the workers, restarts crashed ones, drains on SIGTERM.
 
-Workers are fresh interpreters (``python -m pigeon.server.worker``), not
-forks: nothing (no LMDB environment, no event loop) is inherited across a
-fork.  Each gets the read end of a pipe whose write end only the supervisor
+Workers are fresh interpreters (``python -P -m pigeon.server.worker``),
+not forks: nothing (no LMDB environment, no event loop) is inherited across
+a fork.  ``-P`` keeps the directory the server was started from off their
+module path, and each worker checks it runs the very file and codec its
+supervisor runs (``code_identity``).  Their settings, secrets among them,
+come through a pipe read once at start, never through argv (which ``ps``
+shows every local user).  Before any worker starts, ``preflight`` makes
+sure nothing else listens on the ports (``check_port_free``): the workers'
+SO_REUSEPORT would otherwise share them with whoever does.  Each gets the read end of a pipe whose write end only the supervisor
 holds: when the supervisor dies, however (even SIGKILL), the pipe reaches
 EOF and the workers exit, so a restarted server never shares its port with
 orphans.  This needs no OS-specific call and works alike on Linux and
@@ -31,6 +37,7 @@ session table and on the bus.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import selectors
@@ -50,8 +57,9 @@ from pigeon.core.node import Limits
 from . import control as control_mod
 from . import log
 from . import metrics as metrics_mod
+from . import worker as worker_mod
 from .sdnotify import notify
-from .store import Store, StoreError
+from .store import Store, StoreError, make_private
 from .worker import WID_STRIDE, listen_socket
 
 logger = logging.getLogger("pigeon.supervisor")
@@ -63,6 +71,47 @@ STOP_TIMEOUT = 10.0
 
 class StartupError(Exception):
     """The server cannot start; the message says what to fix."""
+
+
+def code_identity() -> dict:
+    """What a worker must match: the file of the worker module this supervisor
+    imported, and the codec it loaded (the fastpath or pure Python)."""
+    return {"worker": os.path.realpath(worker_mod.__file__), "codec": core_codec.IMPLEMENTATION}
+
+
+def worker_env() -> dict:
+    """The workers' environment: the supervisor's own, plus PYTHONPATH naming
+    sys.path[0] when that (the cwd of ``python -m``, which a worker's ``-P``
+    drops) is where this supervisor's pigeon came from: the workers then run
+    that same code, and the identity check in the worker confirms it."""
+    env = dict(os.environ)
+    if sys.path and not sys.flags.safe_path:
+        first = os.path.realpath(sys.path[0] or os.getcwd())
+        here = os.path.realpath(worker_mod.__file__)
+        if here.startswith(os.path.join(first, "pigeon") + os.sep):
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (first, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def _listen_addrs(config) -> list[str]:
+    return [config.listen] + ([config.tls_listen] if config.tls_enabled else [])
+
+
+def check_port_free(hostport: str) -> None:
+    """Raise OSError (EADDRINUSE) if anything listens on ``hostport``.
+
+    The workers bind with SO_REUSEPORT, so their own bind succeeds beside any
+    listener of the same user: another pigeon server (another data dir!) or
+    any program that set the option would silently share the port with us.
+    This probe binds without SO_REUSEPORT (SO_REUSEADDR only, so sockets in
+    TIME_WAIT do not count): on Linux and FreeBSD that fails while any
+    socket listens on the port, whatever options it set.
+    """
+    host, _, port = hostport.rpartition(":")
+    host = host.strip("[]")
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((host, int(port)))
 
 
 class WorkerProc:
@@ -78,6 +127,7 @@ class WorkerProc:
         self.backoff = 1.0
         self.restart_at: float | None = None
         self.buf = b""
+        self.fatal: str | None = None  # why it refused to start, from its status pipe
 
     @property
     def wid(self) -> int:
@@ -106,6 +156,7 @@ class Supervisor:
         self.metrics_server = None
         self.control: socket.socket | None = None
         self.control_conns: set[control_mod.ControlConn] = set()
+        self.worker_env = worker_env()
 
     # -- startup checks -----------------------------------------------------
 
@@ -124,11 +175,20 @@ class Supervisor:
                         f"{c.data_dir} (its control socket answers); stop it first"
                     )
         try:
-            os.makedirs(c.data_dir, exist_ok=True)
+            os.makedirs(c.data_dir, mode=0o700, exist_ok=True)
         except OSError as exc:
             raise StartupError(
                 f"cannot create the data directory {c.data_dir!r}: {exc.strerror}"
             ) from None
+        # Private whatever the umask (run() set 0077 for what is created from
+        # now on): tighten what an older pigeon or a 022 umask left readable.
+        for path, mode in (
+            (c.data_dir, 0o700),
+            (os.path.join(c.data_dir, "sms-outbox.txt"), 0o600),
+        ):
+            if not make_private(path, mode):
+                log.event(logger, logging.WARNING, "other users can read this and it is not "
+                          "ours to chmod: fix its owner or mode", path=path)  # fmt: skip
         try:
             Store(os.path.join(c.data_dir, "store"), map_size=c.map_size).close()
         except StoreError as exc:
@@ -148,11 +208,25 @@ class Supervisor:
                     f"cannot listen on {c.metrics_listen} (metrics-listen): {exc.strerror}; "
                     "pick another address or set metrics-listen = off"
                 ) from None
+        # On a reload the running workers hold the addresses they listen on:
+        # only an address new to this generation can be taken by someone else.
+        ours = {a for w in self.workers for a in _listen_addrs(w.config)} if reload else set()
         for name, addr in listeners:
+            if reload and addr in ours:
+                continue
             try:
+                check_port_free(addr)
                 listen_socket(addr).close()
             except OSError as exc:
-                raise StartupError(f"cannot listen on {addr} ({name}): {exc.strerror}") from None
+                why = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+                raise StartupError(f"cannot listen on {addr} ({name}): {why}") from None
+        if c.sms_gateway == "webhook":
+            from .accounts import webhook_authorization
+
+            try:
+                webhook_authorization(c)
+            except ValueError as exc:
+                raise StartupError(str(exc)) from None
         if c.tls_enabled:
             import ssl
 
@@ -165,18 +239,43 @@ class Supervisor:
     # -- workers ------------------------------------------------------------
 
     def spawn(self, w: WorkerProc) -> None:
+        # -P: no cwd (or script dir) first on the worker's sys.path, so a
+        # pigeon/ folder where the server was started cannot replace the code
+        # the supervisor runs; worker_env() puts back the one entry that did
+        # provide it, if it was that one.  The settings (secrets among them)
+        # go through a pipe, never the command line: every local user can
+        # read a process's argv.
         status_r, status_w = os.pipe()
+        config_r, config_w = os.pipe()
         cmd = [
-            sys.executable, "-m", "pigeon.server.worker",
+            sys.executable, "-P", "-m", "pigeon.server.worker",
             "--index", str(w.index), "--count", str(w.count), "--gen", str(w.gen),
-            "--run-dir", self.run_dir,
-            "--config-json", orjson.dumps(w.config.as_dict()).decode(),
+            "--run-dir", self.run_dir, "--config-fd", str(config_r),
             "--parent-fd", str(self.death_r), "--status-fd", str(status_w),
         ]  # fmt: skip
-        w.proc = subprocess.Popen(cmd, pass_fds=(self.death_r, status_w), stdin=subprocess.DEVNULL)
-        os.close(status_w)
+        try:
+            w.proc = subprocess.Popen(
+                cmd,
+                pass_fds=(self.death_r, status_w, config_r),
+                stdin=subprocess.DEVNULL,
+                env=self.worker_env,
+            )
+        except BaseException:
+            os.close(status_r)
+            os.close(config_w)
+            raise
+        finally:
+            os.close(status_w)
+            os.close(config_r)
+        private = orjson.dumps({"config": w.config.as_dict(), "code": code_identity()})
+        try:
+            with open(config_w, "wb") as f:  # a few KB: fits the pipe, does not block
+                f.write(private)
+        except BrokenPipeError:
+            pass  # the worker is already gone; _reap sees it
         w.status_fd = status_r
         w.ready = False
+        w.fatal = None
         w.buf = b""
         w.started = time.monotonic()
         w.restart_at = None
@@ -196,6 +295,8 @@ class Supervisor:
         for line in lines:
             if line.startswith(b"ready"):
                 w.ready = True
+            elif line.startswith(b"fatal "):
+                w.fatal = line[6:].decode(errors="replace")
             elif line.startswith(b"metrics "):
                 try:
                     self.aggregate.update(w.wid, orjson.loads(line[8:]))
@@ -209,10 +310,14 @@ class Supervisor:
             code = w.proc.returncode
             w.proc = None
             self.aggregate.retire(w.wid)
-            if w.status_fd is not None:
-                self.sel.unregister(w.status_fd)
-                os.close(w.status_fd)
-                w.status_fd = None
+            while w.status_fd is not None:  # what it said last (EOF ends this)
+                self._status(w)
+            if w.fatal and w in self.incoming:
+                self._forget_sessions(w)
+                self._abort_reload(f"new worker {w.index} refused to start: {w.fatal}")
+                continue
+            if w.fatal and not self.announced and not self.stopping:
+                raise StartupError(f"worker {w.index} refused to start: {w.fatal}")
             if w in self.retiring:
                 self.retiring.remove(w)
                 self._forget_sessions(w)
@@ -247,6 +352,9 @@ class Supervisor:
         os.write(self.wake_w, b"x")
 
     def run(self, out=sys.stdout) -> int:
+        # Everything the server creates (store, outbox, sockets) is private,
+        # whatever umask it was started with; the workers inherit it.
+        os.umask(0o077)
         self.preflight()
         self.open_control()  # before anything to clean up: it may refuse to start
         self.run_dir = tempfile.mkdtemp(prefix="pigeon-")

@@ -34,7 +34,10 @@ Per-connection token buckets limit messages and requests (``message-rate``)
 and typing (``typing-rate``).
 
 The worker exits by itself when the supervisor goes (the parent-death pipe
-reaches EOF, whatever killed the supervisor), and drains on SIGTERM.
+reaches EOF, whatever killed the supervisor), and drains on SIGTERM.  Its
+settings arrive on a pipe (``--config-fd``), never in argv, which any local
+user can read; with them comes what the supervisor runs (its worker module
+file and codec), and a worker that runs other code refuses to start.
 """
 
 from __future__ import annotations
@@ -1137,6 +1140,7 @@ class Worker:
             gen=self.gen,
             pid=os.getpid(),
             codec=core_codec.IMPLEMENTATION,
+            module=os.path.realpath(__file__),
         )
         await self.stopping.wait()
         await self.drain(servers, listeners)
@@ -1362,6 +1366,22 @@ class Bus:
                 p.transport.close()
 
 
+def code_mismatch(expected: dict) -> str | None:
+    """Why this worker is not running the code its supervisor runs, or None."""
+    here = os.path.realpath(__file__)
+    if expected.get("worker") not in (None, here):
+        return (
+            f"this worker runs {here} but the supervisor runs {expected['worker']}: "
+            "a pigeon/ folder on the Python path shadows the installed package"
+        )
+    if expected.get("codec") not in (None, core_codec.IMPLEMENTATION):
+        return (
+            f"this worker loaded the {core_codec.IMPLEMENTATION} codec but the supervisor "
+            f"the {expected['codec']} one"
+        )
+    return None
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         prog="pigeon-worker", description="one pigeon worker (started by the supervisor)"
@@ -1370,12 +1390,26 @@ def main(argv=None) -> int:
     p.add_argument("--count", type=int, required=True)
     p.add_argument("--gen", type=int, default=0, help="reload generation")
     p.add_argument("--run-dir", required=True)
-    p.add_argument("--config-json", required=True)
+    p.add_argument(
+        "--config-fd",
+        type=int,
+        required=True,
+        help="a pipe the supervisor writes the settings to (JSON), read once at start",
+    )
     p.add_argument("--parent-fd", type=int)
     p.add_argument("--status-fd", type=int)
     args = p.parse_args(argv)
-    config = load(overrides=orjson.loads(args.config_json))
+    with open(args.config_fd, "rb") as f:  # the settings never appear in argv (ps)
+        private = orjson.loads(f.read())
+    config = load(overrides=private["config"])
     log.setup(config.log_level, config.log_format)
+    problem = code_mismatch(private.get("code") or {})
+    if problem:
+        # Restarting would not help: tell the supervisor, which stops.
+        log.event(logger, logging.ERROR, "worker refuses to start", error=problem)
+        if args.status_fd is not None:
+            os.write(args.status_fd, f"fatal {problem}\n".encode())
+        return 1
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides; it sends SIGTERM
     import uvloop
 

@@ -38,9 +38,20 @@ class Server:
         tls: bool = False,
         open_files: int | None = None,
         config_file: Path | None = None,
+        cwd: Path | None = None,
+        command: list[str] | None = None,
+        env: dict | None = None,
+        umask: int | None = None,
         **options,
     ):
+        """``cwd``, ``env`` (added to ours), ``umask``: how the server process starts;
+        ``command``: what runs instead of ``python -m pigeon.tools.cli`` (e.g. the
+        installed ``pigeon`` script)."""
         self.config_file = config_file
+        self.cwd = cwd
+        self.command = command or [sys.executable, "-m", "pigeon.tools.cli"]
+        self.env = env or {}
+        self.umask = umask
         self.open_files = open_files
         self.data_dir = data_dir
         self.port = free_port()
@@ -62,7 +73,7 @@ class Server:
         self.clock_file.write_text("0")
 
     def start(self) -> Server:
-        args = [sys.executable, "-m", "pigeon.tools.cli", "serve", "--workers", str(self.workers),
+        args = [*self.command, "serve", "--workers", str(self.workers),
                 "--listen", f"127.0.0.1:{self.port}", "--data-dir", str(self.data_dir),
                 "--log-format", "json", "--map-size", str(256 << 20)]  # fmt: skip
         for k, v in self.options.items():
@@ -70,11 +81,13 @@ class Server:
         if self.config_file is not None:
             args += ["--config", str(self.config_file)]
         self.log = open(self.data_dir.parent / f"server-{self.port}.log", "ab")
-        limit = self.open_files
+        limit, umask = self.open_files, self.umask
 
         def preexec():
             if limit is not None:
                 resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+            if umask is not None:
+                os.umask(umask)
 
         self.proc = subprocess.Popen(
             args,
@@ -82,7 +95,8 @@ class Server:
             stderr=self.log,
             start_new_session=True,
             preexec_fn=preexec,
-            env={**os.environ, "PIGEON_TEST_CLOCK_FILE": str(self.clock_file)},
+            env={**os.environ, "PIGEON_TEST_CLOCK_FILE": str(self.clock_file), **self.env},
+            cwd=self.cwd,
         )
         sel = selectors.DefaultSelector()
         sel.register(self.proc.stdout, selectors.EVENT_READ)

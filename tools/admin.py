@@ -6,7 +6,9 @@ reads the running server's metrics listener, and ``user disable`` and
 ``device revoke`` then ask the running server, through its control socket
 (``DATA_DIR/control.sock``, mode 0600, so only the server's user can), to
 close the affected sessions at once.  Human tables by default, ``--json`` (orjson) for
-scripts; mistakes exit 2 with what to fix, failures exit 1.
+scripts; mistakes exit 2 with what to fix, failures exit 1.  What these write
+(backups, restored stores) is private: 0700 directories and 0600 files,
+whatever the umask (``pigeon admin`` runs with umask 0077).
 """
 
 from __future__ import annotations
@@ -235,9 +237,13 @@ def backup(args) -> int:
         raise AdminError(f"{dest} is not empty: give a new or empty directory")
     store = _open_store(args.data_dir)
     try:
+        # The copy holds what the store holds (payloads, SCRAM keys): a 0700
+        # directory and a 0600 file, whatever the umask (LMDB creates it 0666).
         os.makedirs(dest, mode=0o700, exist_ok=True)
+        os.chmod(dest, 0o700)
         started = time.monotonic()
         store.env.copy(dest, compact=True)
+        os.chmod(os.path.join(dest, "data.mdb"), 0o600)
     except OSError as exc:
         raise AdminError(f"cannot write the backup to {dest}: {exc.strerror}") from None
     finally:
@@ -270,7 +276,9 @@ def restore(args) -> int:
         aside = f"{target}.before-restore-{time.strftime('%Y%m%d-%H%M%S')}"
         os.rename(target, aside)
     os.makedirs(target, mode=0o700, exist_ok=True)
+    os.chmod(target, 0o700)
     shutil.copy2(os.path.join(src, "data.mdb"), os.path.join(target, "data.mdb"))
+    os.chmod(os.path.join(target, "data.mdb"), 0o600)  # copy2 copied the backup's mode
     print(
         f"restored {src} into {target}" + (f"; the previous store is in {aside}" if aside else "")
     )

@@ -30,13 +30,15 @@ def _san(name: str) -> x509.GeneralName:
 def gen_cert(
     out_dir: str, names=DEFAULT_NAMES, days: int = 365, force: bool = False
 ) -> tuple[str, str]:
-    """Write ``cert.pem`` and ``key.pem`` (mode 0600) into out_dir; returns their paths."""
+    """Write ``key.pem`` (mode 0600) and ``cert.pem`` (mode 0644: a certificate is
+    public) into out_dir (made 0700 if missing), whatever the umask; returns
+    their paths (cert, key)."""
     if days < 1:
         raise ValueError(f"--days must be at least 1, got {days}")
     names = list(names)
     if not names:
         raise ValueError("give at least one --name")
-    os.makedirs(out_dir, exist_ok=True)
+    os.makedirs(out_dir, mode=0o700, exist_ok=True)
     cert_path = os.path.join(out_dir, "cert.pem")
     key_path = os.path.join(out_dir, "key.pem")
     for p in (cert_path, key_path):
@@ -66,7 +68,9 @@ def gen_cert(
                 serialization.NoEncryption(),
             )
         )
-    os.chmod(key_path, 0o600)
-    with open(cert_path, "wb") as f:
+    os.chmod(key_path, 0o600)  # an existing file keeps its mode through O_CREAT
+    fd = os.open(cert_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    with os.fdopen(fd, "wb") as f:
         f.write(cert.public_bytes(serialization.Encoding.PEM))
+    os.chmod(cert_path, 0o644)  # not the umask's choice: clients read it
     return cert_path, key_path

@@ -271,7 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = asub.add_parser(
         "gen-cert",
         help="make a self-signed TLS certificate for development",
-        description="Write cert.pem and key.pem (mode 0600) for the TLS listener: "
+        description="Write DIR/key.pem, the private key (mode 0600), and DIR/cert.pem, the "
+        "certificate (mode 0644: it is public, clients need it to trust the server), into DIR "
+        "(created mode 0700 if missing) for the TLS listener: "
         "pigeon serve --tls-cert DIR/cert.pem --tls-key DIR/key.pem. "
         "For production use a certificate from a real CA.",
     )
@@ -318,6 +320,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "admin":
+        # What admin commands write (backups, stores, credentials, keys) is
+        # private, whatever the caller's umask; files meant to be public
+        # (gen-cert's certificate) set their mode explicitly.
+        os.umask(0o077)
     from pigeon.tools.admin import AdminError
 
     try:

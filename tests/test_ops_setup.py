@@ -1,0 +1,362 @@
+"""Setup traps, on real 2-worker servers: a taken port, a shadowing pigeon/ folder,
+secrets on the command line, and the modes of the files the server and admin write."""
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from serverutil import Server, until
+
+import pigeon.server.worker as installed_worker
+from pigeon.core import codec as core_codec
+from pigeon.server.worker import reuseport_option
+
+ALICE, BOB = "491701234567", "4915112345678"
+
+
+def drained(srv: Server, n: int) -> bool:
+    return srv.log_text().count('"old worker drained"') >= n
+
+
+def refused(srv: Server) -> str:
+    """Start ``srv``, which must fail; returns its log (stderr)."""
+    try:
+        srv.start()
+    except RuntimeError:
+        pass
+    else:
+        srv.stop()
+        pytest.fail("the server started")
+    assert srv.proc.returncode == 1
+    return srv.log_text()
+
+
+def ready_lines(srv: Server, n: int = 2) -> list[dict]:
+    """The "worker ready" log lines, once there are ``n`` (a worker logs it just
+    after telling the supervisor, so the banner may come first)."""
+    deadline = time.monotonic() + 10
+    while len(lines := _ready_lines(srv)) < n and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return lines
+
+
+def _ready_lines(srv: Server) -> list[dict]:
+    out = []
+    for line in srv.log_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if rec.get("msg") == "worker ready":
+            out.append(rec)
+    return out
+
+
+def cmdline(pid: int) -> str:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read().replace(b"\0", b" ").decode(errors="replace")
+
+
+# -- item 11: a port already in use -----------------------------------------------------
+
+
+def test_a_second_pigeon_on_a_taken_port_is_refused_and_reloads_still_work(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = Server(tmp_path / "a" / "data", workers=2).start()
+    try:
+        second = Server(tmp_path / "b" / "data", workers=2)  # another data dir, same port
+        second.port = first.port
+        log = refused(second)
+        assert f"cannot listen on 127.0.0.1:{first.port} (listen): address already in use" in log
+
+        async def main():
+            creds = await first.register(ALICE)
+            alice = await first.login(creds, reconnect=True)
+            workers = set(first.worker_pids())
+            first.proc.send_signal(signal.SIGHUP)
+            await until(lambda: drained(first, 2), timeout=30)
+            assert not workers & set(first.worker_pids())
+            assert "reload refused" not in first.log_text()
+            await alice.ping()  # served by the new generation
+            await alice.close()
+
+        asyncio.run(asyncio.wait_for(main(), 60))
+        # the new generation holds the port just as well
+        again = Server(tmp_path / "b" / "data", workers=2)
+        again.port = first.port
+        assert "address already in use" in refused(again)
+    finally:
+        assert first.stop() == 0
+
+
+@pytest.mark.parametrize("reuseport", [False, True], ids=["plain", "with-SO_REUSEPORT"])
+def test_a_port_held_by_another_program_is_refused(tmp_path, reuseport):
+    holder = socket.socket()
+    try:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuseport:  # what the old pre-flight bind happily joined
+            holder.setsockopt(socket.SOL_SOCKET, reuseport_option(), 1)
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        srv = Server(tmp_path / "data", workers=2)
+        srv.port = holder.getsockname()[1]
+        log = refused(srv)
+        assert f"cannot listen on 127.0.0.1:{srv.port} (listen): address already in use" in log
+        assert not srv.worker_pids()
+    finally:
+        holder.close()
+
+
+# -- item 12: a pigeon/ folder where the server is started --------------------------------
+
+
+def decoy_checkout(root: Path) -> Path:
+    """The layout of a clone named pigeon: the sources under pigeon/, no compiled codec."""
+    src = Path(installed_worker.__file__).resolve().parent.parent
+    for name in ("core", "fastpath", "server", "client", "tools", "bench"):
+        shutil.copytree(
+            src / name,
+            root / "pigeon" / name,
+            ignore=shutil.ignore_patterns("*.so", "*.pyd", "__pycache__", "*.c"),
+        )
+    return root / "pigeon"
+
+
+def installed_command() -> list[str]:
+    script = Path(sys.executable).parent / "pigeon"
+    return [str(script)] if script.exists() else [sys.executable, "-P", "-m", "pigeon.tools.cli"]
+
+
+def test_workers_started_beside_a_pigeon_folder_run_the_installed_code(tmp_path):
+    if core_codec.IMPLEMENTATION != "fastpath":
+        pytest.skip("the installed package has no compiled codec")
+    decoy = decoy_checkout(tmp_path / "parent")
+    srv = Server(tmp_path / "data", workers=2, cwd=decoy.parent, command=installed_command())
+    srv.start()
+    try:
+        assert "codec fastpath" in srv.banner
+        lines = ready_lines(srv)
+        assert len(lines) == 2
+        for rec in lines:
+            assert rec["codec"] == "fastpath", rec
+            assert rec["module"] == os.path.realpath(installed_worker.__file__), rec
+    finally:
+        assert srv.stop() == 0
+
+
+def test_a_supervisor_run_from_a_checkout_gets_workers_running_that_checkout(tmp_path):
+    """``python -m pigeon.tools.cli`` in the clone's parent runs the clone: so do its workers."""
+    decoy = decoy_checkout(tmp_path / "parent")
+    srv = Server(tmp_path / "data", workers=2, cwd=decoy.parent)
+    srv.start()
+    try:
+        # (pure Python, unless an editable install's finder still supplies the compiled
+        # codec: it maps module names, wherever their package came from)
+        lines = ready_lines(srv)
+        assert len(lines) == 2
+        for rec in lines:
+            assert f"codec {rec['codec']}," in srv.banner, rec
+            assert rec["module"] == str((decoy / "server" / "worker.py").resolve()), rec
+    finally:
+        assert srv.stop() == 0
+
+
+def test_a_worker_names_the_code_it_should_have_run():
+    from pigeon.server.worker import code_mismatch
+
+    assert code_mismatch({"worker": os.path.realpath(installed_worker.__file__)}) is None
+    problem = code_mismatch({"worker": "/elsewhere/pigeon/server/worker.py"})
+    assert "/elsewhere/pigeon/server/worker.py" in problem
+    other = "python" if core_codec.IMPLEMENTATION == "fastpath" else "fastpath"
+    assert f"the {other} one" in code_mismatch({"codec": other})
+
+
+# -- item 13: secrets on the command line; the webhook's Authorization header -----------
+
+
+class Webhook:
+    """A real HTTP server on loopback that records each POST."""
+
+    def __init__(self):
+        self.posts: list[dict] = []
+        posts = self.posts
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                posts.append({"path": self.path, "auth": self.headers.get("Authorization"),
+                              "body": body})  # fmt: skip
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *a):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_port}/sms?key=URL-SECRET-3141"
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def private_file(path: Path, text: str, mode: int = 0o600) -> Path:
+    path.write_text(text)
+    path.chmod(mode)
+    return path
+
+
+async def request_code(srv: Server, phone: str) -> None:
+    c = await srv.client()
+    try:
+        await c.register(phone)
+    finally:
+        await c.close()
+
+
+def test_workers_argv_hold_no_settings_and_the_webhook_token_comes_from_a_file(tmp_path):
+    hook = Webhook()
+    try:
+        auth = private_file(tmp_path / "sms-auth", "Bearer FILE-SECRET-2718\n")
+        cfg = private_file(
+            tmp_path / "pigeon.toml",
+            f'sms-gateway = "webhook"\nsms-webhook-url = "{hook.url}"\n'
+            f'sms-webhook-auth-file = "{auth}"\n',
+        )
+        srv = Server(tmp_path / "data", workers=2, config_file=cfg).start()
+        try:
+            pids = srv.worker_pids()
+            assert len(pids) == 2
+            for pid in pids:  # no setting at all, secret or not
+                argv = cmdline(pid)
+                for word in ("SECRET", "sms", "{", "login", "data"):
+                    assert word not in argv, (word, argv)
+            assert "SECRET" not in cmdline(srv.proc.pid)  # its flags are the test's own
+            asyncio.run(asyncio.wait_for(request_code(srv, ALICE), 30))
+            assert len(hook.posts) == 1
+            post = hook.posts[0]
+            assert post["auth"] == "Bearer FILE-SECRET-2718"
+            assert post["path"] == "/sms?key=URL-SECRET-3141"
+            assert post["body"]["phone"] == ALICE
+            assert "SECRET" not in srv.log_text()
+        finally:
+            assert srv.stop() == 0
+    finally:
+        hook.close()
+
+
+def test_the_webhook_token_can_come_from_an_environment_variable(tmp_path):
+    hook = Webhook()
+    try:
+        srv = Server(
+            tmp_path / "data",
+            workers=2,
+            env={"PIGEON_TEST_SMS_TOKEN": "Basic ENV-SECRET-1618"},
+            sms_gateway="webhook",
+            sms_webhook_url=hook.url,
+            sms_webhook_auth_env="PIGEON_TEST_SMS_TOKEN",
+        ).start()
+        try:
+            for pid in srv.worker_pids():
+                assert "ENV-SECRET" not in cmdline(pid)
+            asyncio.run(asyncio.wait_for(request_code(srv, BOB), 30))
+            assert [p["auth"] for p in hook.posts] == ["Basic ENV-SECRET-1618"]
+            assert "SECRET" not in srv.log_text()
+        finally:
+            assert srv.stop() == 0
+    finally:
+        hook.close()
+
+
+def test_a_webhook_token_file_others_can_read_is_refused(tmp_path):
+    auth = private_file(tmp_path / "sms-auth", "Bearer LEAKED-SECRET\n", mode=0o644)
+    srv = Server(
+        tmp_path / "data",
+        workers=2,
+        sms_gateway="webhook",
+        sms_webhook_url="http://127.0.0.1:9/sms",
+        sms_webhook_auth_file=str(auth),
+    )
+    log = refused(srv)
+    assert f"sms-webhook-auth-file {auth} may be read or written by other users (mode 0644)" in log
+    assert "LEAKED" not in log
+    unset = Server(
+        tmp_path / "data2",
+        workers=2,
+        sms_gateway="webhook",
+        sms_webhook_url="http://127.0.0.1:9/sms",
+        sms_webhook_auth_env="PIGEON_TEST_UNSET_VARIABLE",
+    )
+    assert "PIGEON_TEST_UNSET_VARIABLE (sms-webhook-auth-env) is empty or not set" in refused(unset)
+
+
+# -- item 14: private files whatever the umask ---------------------------------------------
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def admin(*args: str) -> subprocess.CompletedProcess:
+    """``pigeon admin ...`` run with umask 022, as from a typical login shell."""
+    return subprocess.run(
+        [sys.executable, "-m", "pigeon.tools.cli", "admin", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=lambda: os.umask(0o022),
+    )
+
+
+def test_the_server_and_admin_write_private_files_under_umask_022(tmp_path):
+    import lmdb
+
+    data = tmp_path / "data"
+    # what an older pigeon left under a 022 umask: all of it readable by everyone
+    (data / "store").mkdir(parents=True)
+    data.chmod(0o755)
+    (data / "store").chmod(0o755)
+    lmdb.open(str(data / "store"), max_dbs=32, mode=0o644).close()
+    private_file(data / "sms-outbox.txt", "", mode=0o644)
+    assert mode(data / "store" / "data.mdb") == 0o644
+    fresh = tmp_path / "fresh"  # and one the server creates itself
+    for d in (data, fresh):
+        srv = Server(d, workers=2, umask=0o022).start()
+        try:
+            asyncio.run(asyncio.wait_for(srv.register(ALICE), 30))
+            assert (d / "control.sock").exists()
+            modes = {p: mode(d / p) for p in ("", "store", "store/data.mdb", "store/lock.mdb",
+                                              "sms-outbox.txt", "control.sock")}  # fmt: skip
+            assert modes == {"": 0o700, "store": 0o700, "store/data.mdb": 0o600,
+                             "store/lock.mdb": 0o600, "sms-outbox.txt": 0o600,
+                             "control.sock": 0o600}, d  # fmt: skip
+            dest = tmp_path / f"backup-{d.name}"
+            r = admin("backup", str(dest), "--data-dir", str(d))
+            assert r.returncode == 0, r.stderr
+            assert (mode(dest), mode(dest / "data.mdb")) == (0o700, 0o600)
+        finally:
+            assert srv.stop() == 0
+    restored = tmp_path / "restored"
+    r = admin("restore", str(tmp_path / "backup-data"), "--data-dir", str(restored))
+    assert r.returncode == 0, r.stderr
+    assert (mode(restored / "store"), mode(restored / "store" / "data.mdb")) == (0o700, 0o600)
+    r = admin("gen-cert", "--out-dir", str(tmp_path / "tls"))
+    assert r.returncode == 0, r.stderr
+    tls = tmp_path / "tls"
+    assert (mode(tls), mode(tls / "key.pem"), mode(tls / "cert.pem")) == (0o700, 0o600, 0o644)
+    r = admin("gen-cert", "--help")
+    assert "(mode 0600)" in r.stdout and "(mode 0644" in r.stdout
