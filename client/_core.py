@@ -34,6 +34,7 @@ connection: started when it opens, cancelled when it ends.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import random
 from dataclasses import dataclass
@@ -186,11 +187,11 @@ DEFAULT_KEEPALIVE_TIMEOUT = 20.0
 
 def check_keepalive(interval: float | None, timeout: float) -> float | None:
     """The keepalive interval to use (None: off); 0 or None turn it off."""
-    if not timeout > 0:
+    if not (timeout > 0 and math.isfinite(timeout)):
         raise ValueError(f"keepalive_timeout must be > 0 seconds, got {timeout!r}")
     if interval is None or interval == 0:
         return None
-    if not interval > 0:
+    if not (interval > 0 and math.isfinite(interval)):
         raise ValueError(f"keepalive must be > 0 seconds, or 0/None for off, got {interval!r}")
     return float(interval)
 
