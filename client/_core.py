@@ -19,11 +19,22 @@ it has logged in again.  So does the presence the application asked for:
 whether this device is available and which users it subscribes to are sent
 again after every re-login (subscriptions belong to a connection on the
 server).
+
+Keepalive: the server closes a connection it has received nothing from for
+its ``idle-timeout`` (error 130; it never pings), so ``ClientAPI._keepalive``
+runs beside each connection and pings once ``keepalive`` seconds have passed
+without the client sending anything (other traffic resets the server's timer
+just as well, so a busy connection never pings).  A ping whose pong does not
+come back within ``keepalive_timeout`` means the connection is dead (a NAT
+that forgot it, a phone that changed networks): the driver closes it, and
+the ordinary reconnect logic takes over.  The task belongs to one
+connection: started when it opens, cancelled when it ends.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import random
 from dataclasses import dataclass
@@ -164,6 +175,25 @@ class ScramLogin:
     def check(self, success: AuthSuccess) -> None:
         """Raises scramp.ScramException unless the server proved it knows our keys."""
         self._scram.set_server_final(success.data.decode("ascii"))
+
+
+#: Seconds without sending after which a client pings.  The server's
+#: ``idle-timeout`` is 120 s by default: a quarter of it leaves room for a
+#: ping that is lost and for ``DEFAULT_KEEPALIVE_TIMEOUT``.
+DEFAULT_KEEPALIVE = 30.0
+#: Seconds a keepalive ping waits for its pong before the connection counts as dead.
+DEFAULT_KEEPALIVE_TIMEOUT = 20.0
+
+
+def check_keepalive(interval: float | None, timeout: float) -> float | None:
+    """The keepalive interval to use (None: off); 0 or None turn it off."""
+    if not (timeout > 0 and math.isfinite(timeout)):
+        raise ValueError(f"keepalive_timeout must be > 0 seconds, got {timeout!r}")
+    if interval is None or interval == 0:
+        return None
+    if not (interval > 0 and math.isfinite(interval)):
+        raise ValueError(f"keepalive must be > 0 seconds, or 0/None for off, got {interval!r}")
+    return float(interval)
 
 
 #: Server answers matched to a REQ waiter by their id.
@@ -366,6 +396,15 @@ class ClientAPI:
     RETRY_ERRORS: tuple = (OSError, ConnectionLost, TimeoutError, ScramException)
     #: reconnection attempts that failed (refused, reset, timed out) before one succeeded
     reconnect_failures: int = 0
+    #: seconds without sending after which the client pings (None: never)
+    keepalive: float | None = None
+    #: seconds a keepalive ping waits for its pong before the connection is dropped
+    keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT
+    #: keepalive pings sent, and connections dropped because a pong did not come
+    keepalive_pings: int = 0
+    keepalive_failures: int = 0
+    #: the driver's clock when it last wrote to the connection
+    _sent_at: float = 0.0
 
     # -- what a driver supplies --------------------------------------------------
 
@@ -388,6 +427,14 @@ class ClientAPI:
         raise NotImplementedError
 
     async def _flush_now(self) -> None:
+        raise NotImplementedError
+
+    def _clock(self) -> float:
+        """Monotonic seconds, the clock ``_sent_at`` is read on."""
+        raise NotImplementedError
+
+    def _connection_dead(self, why: Exception) -> None:
+        """Close the current connection, which stopped answering; ``why`` is its end's reason."""
         raise NotImplementedError
 
     def _push(self, item) -> None:
@@ -457,6 +504,34 @@ class ClientAPI:
             await self._flush_now()
             return True
         return False
+
+    async def _keepalive(self) -> None:
+        """Ping after ``keepalive`` seconds without sending; drop the connection if no pong.
+
+        Runs for one connection (the driver cancels it when the connection
+        ends), also while logging in again: ``ping`` is allowed in every state.
+        """
+        interval = self.keepalive
+        while True:
+            due = self._sent_at + interval
+            now = self._clock()
+            if now < due:
+                await self._sleep(due - now)
+                continue
+            pid = self.new_id()
+            self.keepalive_pings += 1
+            try:
+                await self._wait(self.core.request(PONG, pid, Ping(pid)), self.keepalive_timeout)
+            except TimeoutError:
+                self.keepalive_failures += 1
+                self._connection_dead(
+                    ConnectionLost(f"no pong within {self.keepalive_timeout:g} s: connection dead")
+                )
+                return
+            except ServerError:
+                pass  # an answer all the same: the connection is alive
+            except ConnectionLost:
+                return
 
     def _finish(self, why: Exception) -> None:
         self._live = False

@@ -21,6 +21,12 @@ are sent again with their ids (the server treats a retried id as the same
 message).  ``send`` calls waiting across the gap simply return later.  A
 removed or replaced device (errors 300, 303, 304) is not reconnected: the
 iterator ends and calls raise ``ConnectionLost``.
+
+Each connection also has a keepalive task: it pings after ``keepalive``
+seconds (default 30) without anything sent, and closes the connection if
+the pong takes longer than ``keepalive_timeout`` (default 20), which a
+``reconnect=True`` client then re-opens.  ``keepalive=None`` (or 0) turns it
+off; the server then closes an idle connection after its ``idle-timeout``.
 """
 
 from __future__ import annotations
@@ -29,11 +35,14 @@ import asyncio
 import ssl as _ssl
 
 from ._core import (
+    DEFAULT_KEEPALIVE,
+    DEFAULT_KEEPALIVE_TIMEOUT,
     ClientAPI,
     ClientCore,
     ConnectionLost,
     Credentials,
     ServerError,
+    check_keepalive,
 )
 
 __all__ = ["Client", "ConnectionLost", "Credentials", "ServerError"]
@@ -54,7 +63,11 @@ class Client(ClientAPI):
         reconnect: bool = False,
         backoff: tuple[float, float] = (0.05, 5.0),
         connect_timeout: float = 10.0,
+        keepalive: float | None = DEFAULT_KEEPALIVE,
+        keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT,
     ):
+        self.keepalive = check_keepalive(keepalive, keepalive_timeout)
+        self.keepalive_timeout = keepalive_timeout
         self.host, self.port = host, port
         self.ssl, self.server_hostname = ssl, server_hostname
         self.reconnect = reconnect
@@ -71,6 +84,8 @@ class Client(ClientAPI):
         self._events: asyncio.Queue = asyncio.Queue()
         self._writer: asyncio.StreamWriter | None = None
         self._pump: asyncio.Task | None = None
+        self._keeper: asyncio.Task | None = None  # the keepalive of the current connection
+        self._dead: Exception | None = None  # why the keepalive dropped the current connection
         self._life: asyncio.Task | None = None
         self._live = False  # a connection is up (and logged in, once we have logged in)
         self._flush_scheduled = False
@@ -97,12 +112,23 @@ class Client(ClientAPI):
             self.connect_timeout,
         )
         self._writer = writer
+        self._dead = None
         self.core.start()
         self._flush()
-        self._pump = asyncio.get_running_loop().create_task(self._read(reader))
+        loop = asyncio.get_running_loop()
+        keeper = None if self.keepalive is None else loop.create_task(self._keepalive())
+        self._keeper = keeper
+        self._pump = loop.create_task(self._read(reader, keeper))
 
-    async def _read(self, reader: asyncio.StreamReader) -> Exception:
+    async def _read(self, reader: asyncio.StreamReader, keeper: asyncio.Task | None) -> Exception:
         """Pump one connection until it is lost; returns why."""
+        try:
+            return await self._pump_until_lost(reader)
+        finally:
+            if keeper is not None:
+                keeper.cancel()  # the keepalive lives exactly as long as its connection
+
+    async def _pump_until_lost(self, reader: asyncio.StreamReader) -> Exception:
         why: Exception
         try:
             while True:
@@ -117,6 +143,8 @@ class Client(ClientAPI):
                     break
         except (ConnectionError, OSError, _ssl.SSLError) as exc:
             why = ConnectionLost(f"connection lost: {exc}")
+        if self._dead is not None:
+            why = self._dead  # we closed it: say why, not "the server closed"
         self._live = False
         self._apply(self.core.lost(why))
         if self._writer is not None:
@@ -132,6 +160,16 @@ class Client(ClientAPI):
     async def _flush_now(self) -> None:
         self._flush()
 
+    def _clock(self) -> float:
+        return asyncio.get_running_loop().time()
+
+    def _connection_dead(self, why: Exception) -> None:
+        # abort, not close: nothing more will get through, and the reader
+        # then ends at once (with ``why``) instead of after a flush that cannot finish
+        self._dead = why
+        if self._writer is not None:
+            self._writer.transport.abort()
+
     def _push(self, item) -> None:
         self._events.put_nowait(item)
 
@@ -146,8 +184,9 @@ class Client(ClientAPI):
     def _drop_connection(self) -> None:
         if self._writer is not None:
             self._writer.close()
-        if self._pump is not None:
-            self._pump.cancel()
+        for task in (self._pump, self._keeper):
+            if task is not None:
+                task.cancel()
 
     # -- output -----------------------------------------------------------------
 
@@ -160,6 +199,7 @@ class Client(ClientAPI):
         self._flush_scheduled = False
         if self.core.has_output and self._writer is not None and not self._writer.is_closing():
             self._writer.write(self.core.take_output())
+            self._sent_at = asyncio.get_running_loop().time()
 
     async def _wait(self, key, timeout: float | None):
         fut = asyncio.get_running_loop().create_future()
@@ -217,10 +257,10 @@ class Client(ClientAPI):
                 await writer.wait_closed()
             except (ConnectionError, _ssl.SSLError):
                 pass
-        for task in (self._life, self._pump):
+        for task in (self._life, self._pump, self._keeper):
             if task is not None and not task.done():
                 task.cancel()
-        for task in (self._life, self._pump):
+        for task in (self._life, self._pump, self._keeper):
             if task is not None:
                 try:
                     await task

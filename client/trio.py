@@ -11,6 +11,9 @@
 lives exactly as long as the ``async with`` block.  The methods, the resume
 behaviour (``reconnect=True``) and the errors are those of
 ``pigeon.client.aio.Client``; timeouts raise ``TimeoutError`` in both.
+So is the keepalive (``keepalive``, ``keepalive_timeout``): a task in the
+same nursery per connection, under its own cancel scope, which the reader
+cancels when its connection ends.
 """
 
 from __future__ import annotations
@@ -22,11 +25,14 @@ from contextlib import asynccontextmanager
 import trio
 
 from ._core import (
+    DEFAULT_KEEPALIVE,
+    DEFAULT_KEEPALIVE_TIMEOUT,
     ClientAPI,
     ClientCore,
     ConnectionLost,
     Credentials,
     ServerError,
+    check_keepalive,
 )
 
 __all__ = ["Client", "ConnectionLost", "Credentials", "ServerError", "open_client"]
@@ -70,12 +76,15 @@ async def open_client(
     reconnect: bool = False,
     backoff: tuple[float, float] = (0.05, 5.0),
     timeout: float = 10.0,
+    keepalive: float | None = DEFAULT_KEEPALIVE,
+    keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT,
 ):
     """Connect (TLS when ``ssl`` is given) and yield a ``Client``; closes it on exit."""
     async with trio.open_nursery() as nursery:
         client = Client(
             nursery, host, port, ssl=ssl, server_hostname=server_hostname,
             reconnect=reconnect, backoff=backoff, connect_timeout=timeout,
+            keepalive=keepalive, keepalive_timeout=keepalive_timeout,
         )  # fmt: skip
         await client._open()
         client._live = True
@@ -99,7 +108,11 @@ class Client(ClientAPI):
         reconnect: bool = False,
         backoff: tuple[float, float] = (0.05, 5.0),
         connect_timeout: float = 10.0,
+        keepalive: float | None = DEFAULT_KEEPALIVE,
+        keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT,
     ):
+        self.keepalive = check_keepalive(keepalive, keepalive_timeout)
+        self.keepalive_timeout = keepalive_timeout
         self._nursery = nursery
         self.host, self.port = host, port
         self.ssl, self.server_hostname = ssl, server_hostname
@@ -117,6 +130,8 @@ class Client(ClientAPI):
         self._send_lock = trio.Lock()
         self._pump_done: _Future | None = None
         self._pump_scope: trio.CancelScope | None = None
+        self._keeper_scope: trio.CancelScope | None = None
+        self._dead: Exception | None = None  # why the keepalive dropped the current connection
         self._live = False
         self._closing = False
 
@@ -131,13 +146,23 @@ class Client(ClientAPI):
                 )
                 await stream.do_handshake()
         self._stream = stream
+        self._dead = None
+        self._sent_at = trio.current_time()  # the preamble goes out now: no ping before it
         self.core.start()
         self._pump_done = _Future()
         self._pump_scope = trio.CancelScope()
-        self._nursery.start_soon(self._read, stream, self._pump_done, self._pump_scope)
+        keeper = None
+        if self.keepalive is not None:
+            keeper = self._keeper_scope = trio.CancelScope()
+            self._nursery.start_soon(self._keep, keeper)
+        self._nursery.start_soon(self._read, stream, self._pump_done, self._pump_scope, keeper)
         await self._flush()
 
-    async def _read(self, stream, done: _Future, scope: trio.CancelScope) -> None:
+    async def _keep(self, scope: trio.CancelScope) -> None:
+        with scope:
+            await self._keepalive()
+
+    async def _read(self, stream, done: _Future, scope: trio.CancelScope, keeper) -> None:
         why: Exception = ConnectionLost("the connection was dropped")
         with scope:
             try:
@@ -153,6 +178,10 @@ class Client(ClientAPI):
                         break
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 why = ConnectionLost(f"connection lost: {exc}")
+        if keeper is not None:
+            keeper.cancel()  # the keepalive lives exactly as long as its connection
+        if self._dead is not None and self._stream is stream:
+            why = self._dead
         if self._stream is stream:
             self._live = False
         self._apply(self.core.lost(why))
@@ -171,6 +200,13 @@ class Client(ClientAPI):
     async def _flush_now(self) -> None:
         await self._flush()
 
+    def _clock(self) -> float:
+        return trio.current_time()
+
+    def _connection_dead(self, why: Exception) -> None:
+        self._dead = why
+        self._drop_connection()
+
     def _push(self, item) -> None:
         self._send_events.send_nowait(item)
 
@@ -180,8 +216,9 @@ class Client(ClientAPI):
             fut.set(value, error)
 
     def _drop_connection(self) -> None:
-        if self._pump_scope is not None:
-            self._pump_scope.cancel()
+        for scope in (self._pump_scope, self._keeper_scope):
+            if scope is not None:
+                scope.cancel()
 
     # -- output -----------------------------------------------------------------
 
@@ -192,6 +229,7 @@ class Client(ClientAPI):
             if self.core.has_output and stream is not None:
                 try:
                     await stream.send_all(self.core.take_output())
+                    self._sent_at = trio.current_time()
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                     pass  # the reader sees the loss and says why
 

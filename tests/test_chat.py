@@ -117,3 +117,37 @@ def test_chat_errors_say_what_to_fix(server, tmp_path):
     assert c.finish() == 1
     assert "the server refused: 301" in c.proc.stderr.read().decode()
     assert not os.path.exists(tmp_path / "x.json")
+
+
+def test_an_idle_chat_stays_connected(tmp_path):
+    """The reported symptom: an idle chat was closed with 130 every idle-timeout."""
+    import asyncio
+
+    srv = Server(tmp_path / "data", workers=2, idle_timeout=2).start()
+    alice = None
+    try:
+        asyncio.run(asyncio.wait_for(srv.register(BOB), 30))
+        alice = Chat(srv, register(srv, tmp_path, ALICE), "--keepalive", "0.5")
+        alice.expect(f"logged in as {ALICE}:0")
+        session = None
+        for _ in range(100):
+            session = srv.sessions(ALICE).get(f"{ALICE}:0")
+            if session is not None:
+                break
+            time.sleep(0.05)
+        time.sleep(6)  # 3x the server's idle timeout, nothing typed
+        alice.type(f"{BOB} still here")
+        mid = alice.expect(f"-> {BOB}: still here").rsplit("[", 1)[1].rstrip("]")
+        alice.expect(f"✓ {mid}")
+        assert not [line for line in alice.lines if line.startswith("!!")], alice.lines
+        assert srv.sessions(ALICE)[f"{ALICE}:0"] == session  # never reconnected
+        alice.type("/quit")
+        assert alice.finish() == 0
+    finally:
+        if alice is not None and alice.proc.poll() is None:
+            alice.proc.kill()
+            alice.proc.wait(5)
+        assert srv.stop() == 0
+    c = Chat(srv, tmp_path / "x.json", "--keepalive", "-1")
+    assert c.finish() == 2  # a usage error, from argparse
+    assert "expected seconds >= 0" in c.proc.stderr.read().decode()

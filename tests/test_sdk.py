@@ -1,6 +1,7 @@
 """The client SDK against the real server: both drivers, TLS, resume, leaving, limits."""
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -12,10 +13,12 @@ import trio
 from serverutil import Server, next_message, on_other_worker, until
 
 from pigeon.client import Client, ConnectionLost, ServerError
+from pigeon.client._core import DEFAULT_KEEPALIVE, DEFAULT_KEEPALIVE_TIMEOUT
 from pigeon.client.trio import open_client
 from pigeon.core.codec import Codec, FrameReader
 from pigeon.core.errors import ErrorCode
 from pigeon.core.events import Error, IncomingMessage, IncomingReceipt
+from pigeon.server.config import OPTIONS
 
 ALICE, BOB = "491701234567", "4915112345678"
 
@@ -199,8 +202,8 @@ def test_keepalive_closes_silent_connections_and_keeps_pinging_ones(tmp_path):
     async def main():
         silent_creds = await srv.register(ALICE)
         pinger_creds = await srv.register(BOB)
-        silent = await srv.login(silent_creds)
-        pinger = await srv.login(pinger_creds)
+        silent = await srv.login(silent_creds, keepalive=None)  # the SDK would ping for it
+        pinger = await srv.login(pinger_creds, keepalive=None)
         await until(lambda: silent_creds.device in srv.sessions(ALICE))
         for _ in range(12):  # 3 s, three times the timeout
             await pinger.ping()
@@ -317,3 +320,153 @@ def test_out_of_file_descriptors_refuses_with_an_error_and_recovers(tmp_path):
             s.close()
     finally:
         assert srv.stop() == 0
+
+
+# -- the SDK's keepalive, with both drivers -----------------------------------------
+
+IDLE_TIMEOUT = 2  # the server's, for these tests; a real one is 120 s
+
+
+@pytest.fixture
+def idle_server(tmp_path):
+    srv = Server(tmp_path / "data", workers=2, idle_timeout=IDLE_TIMEOUT).start()
+    yield srv
+    assert srv.stop() == 0, srv.log_text()[-3000:]
+
+
+@contextlib.asynccontextmanager
+async def sdk_client(driver: str, server, creds, **kw):
+    """A logged-in client of ``driver`` (asyncio or trio), closed on exit."""
+    if driver == "trio":
+        async with open_client("127.0.0.1", server.port, **kw) as c:
+            await c.login(creds)
+            yield c
+    else:
+        c = await Client.connect("127.0.0.1", server.port, **kw)
+        try:
+            await c.login(creds)
+            yield c
+        finally:
+            await c.close()
+
+
+def run_on(driver: str, scenario) -> None:
+    """Run ``scenario(sleep)`` under ``driver``, bounded to 60 s."""
+    if driver == "trio":
+
+        async def main():
+            with trio.fail_after(60):
+                await scenario(trio.sleep)
+
+        trio.run(main)
+    else:
+        run(scenario(asyncio.sleep))
+
+
+async def wait_for(predicate, sleep, timeout: float = 20.0) -> None:
+    for _ in range(int(timeout / 0.05)):
+        if predicate():
+            return
+        await sleep(0.05)
+    raise AssertionError("condition not met in time")
+
+
+def test_the_default_keepalive_is_well_under_the_servers_idle_timeout():
+    idle = next(o.default for o in OPTIONS if o.name == "idle_timeout")
+    assert DEFAULT_KEEPALIVE + DEFAULT_KEEPALIVE_TIMEOUT <= idle / 2
+    assert Client("127.0.0.1", 1).keepalive == DEFAULT_KEEPALIVE  # on unless turned off
+    for off in (None, 0):
+        assert Client("127.0.0.1", 1, keepalive=off).keepalive is None
+    for bad in ({"keepalive": -1}, {"keepalive_timeout": 0}):
+        with pytest.raises(ValueError):
+            Client("127.0.0.1", 1, **bad)
+
+
+@pytest.mark.parametrize("driver", ["asyncio", "trio"])
+def test_an_idle_client_is_kept_alive_for_three_idle_timeouts(idle_server, driver):
+    creds = run(idle_server.register(ALICE))
+
+    async def scenario(sleep):
+        async with sdk_client(driver, idle_server, creds, reconnect=True, keepalive=0.5) as c:
+            await wait_for(lambda: creds.device in idle_server.sessions(ALICE), sleep)
+            session = idle_server.sessions(ALICE)[creds.device]
+            # 3x the server's idle timeout without a word from the application:
+            # no event at all, so in particular no error 130
+            try:
+                ev = await c.next_event(3 * IDLE_TIMEOUT)
+            except TimeoutError:
+                ev = None
+            assert ev is None, f"an idle client got {ev!r}"
+            assert c.reconnects == 0 and c.reconnect_failures == 0 and c.closed is None
+            assert idle_server.sessions(ALICE)[creds.device] == session  # the same connection
+            assert c.keepalive_pings > 0 and c.keepalive_failures == 0
+            await c.ping()
+
+    run_on(driver, scenario)
+    assert "no traffic within the keepalive timeout" not in idle_server.log_text()
+
+
+@pytest.mark.parametrize("driver, off", [("asyncio", None), ("trio", 0)])
+def test_with_the_keepalive_off_the_server_closes_an_idle_client(idle_server, driver, off):
+    creds = run(idle_server.register(ALICE))
+
+    async def scenario(sleep):
+        async with sdk_client(driver, idle_server, creds, reconnect=True, keepalive=off) as c:
+            ev = await c.next_event(3 * IDLE_TIMEOUT)
+            assert isinstance(ev, Error) and ev.code == ErrorCode.TIMEOUT
+            await wait_for(lambda: c.reconnects >= 1, sleep)
+            assert c.keepalive_pings == 0
+
+    run_on(driver, scenario)
+
+
+def test_the_keepalive_pings_only_after_an_interval_without_sending(idle_server):
+    """Traffic resets the server's idle timer as well as a ping: a busy client never pings."""
+    creds = run(idle_server.register(ALICE))
+    run(idle_server.register(BOB))  # offline: alice's messages are queued and acked
+    interval = 1.5
+
+    async def main():
+        c = await idle_server.login(creds, keepalive=interval)
+        loop = asyncio.get_running_loop()
+        start = last = loop.time()
+        longest = 0.0
+        while loop.time() - start < 2 * IDLE_TIMEOUT:  # 40 sends, 0.1 s apart
+            await c.send(BOB, b"busy")
+            longest = max(longest, loop.time() - last)
+            last = loop.time()
+            await asyncio.sleep(0.1)
+        assert longest < interval, f"the test machine stalled for {longest:.2f} s"
+        assert c.keepalive_pings == 0
+        await asyncio.sleep(3 * interval)  # idle: now it pings
+        assert c.keepalive_pings >= 1 and c.reconnects == 0 and c.closed is None
+        await c.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize("driver", ["asyncio", "trio"])
+def test_a_ping_without_pong_drops_the_connection_and_reconnects(idle_server, driver):
+    """A worker that stops answering (SIGSTOP: the kernel still takes the bytes) is
+    what a dead path looks like from the client; it reconnects to the other worker."""
+    creds = run(idle_server.register(ALICE))
+    stopped: list[int] = []
+
+    async def scenario(sleep):
+        kw = dict(reconnect=True, keepalive=0.5, keepalive_timeout=1.0, timeout=1.5)
+        async with sdk_client(driver, idle_server, creds, **kw) as c:
+            await wait_for(lambda: creds.device in idle_server.sessions(ALICE), sleep)
+            worker = idle_server.sessions(ALICE)[creds.device]["worker"]
+            pid = idle_server.worker_pid(worker)
+            os.kill(pid, signal.SIGSTOP)
+            stopped.append(pid)
+            await wait_for(lambda: c.reconnects >= 1, sleep, timeout=40)
+            assert c.keepalive_failures >= 1 and c.closed is None
+            assert idle_server.sessions(ALICE)[creds.device]["worker"] != worker
+            await c.ping()
+
+    try:
+        run_on(driver, scenario)
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)

@@ -11,6 +11,10 @@ followed by their ticks: ``✓`` when the server holds the message,
 recipient's client showed it.  This client shows what it receives at once,
 so it sends ``read`` receipts at once.  ``/quit`` (or end of input) leaves.
 
+An idle chat stays connected: the SDK pings after ``--keepalive`` seconds
+(default 30) without sending, well within the server's ``idle-timeout``
+(120 s), and reconnects if a ping goes unanswered.
+
 The device's credentials (its address and 32-byte secret) are kept in a
 profile file readable by its owner only (default ``~/.config/pigeon/chat.json``).
 Bodies travel as UTF-8 bytes: the server never reads them, and end-to-end
@@ -19,7 +23,9 @@ encryption is a client's job that arrives with the key directory.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import math
 import os
 import ssl
 import sys
@@ -28,6 +34,7 @@ import time
 import orjson
 
 from pigeon.client import Client, ConnectionLost, Credentials, ServerError
+from pigeon.client._core import DEFAULT_KEEPALIVE
 from pigeon.core.events import Error, IncomingMessage, IncomingReceipt
 from pigeon.core.node import valid_phone
 
@@ -81,7 +88,12 @@ async def _connect(args) -> Client:
     host, port = _hostport(args.server)
     try:
         return await Client.connect(
-            host, port, ssl=_ssl_context(args), reconnect=True, timeout=args.timeout
+            host,
+            port,
+            ssl=_ssl_context(args),
+            reconnect=True,
+            timeout=args.timeout,
+            keepalive=args.keepalive or None,
         )
     except (OSError, TimeoutError) as exc:
         raise ChatError(f"cannot reach {args.server}: {exc}") from None
@@ -216,6 +228,16 @@ async def chat(args) -> int:
     return 0
 
 
+def _seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not (seconds >= 0 and math.isfinite(seconds)):
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {value!r}")
+    return seconds
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "chat",
@@ -233,6 +255,14 @@ def add_parser(sub) -> None:
     p.add_argument("--cafile", help="trust this CA/self-signed certificate (implies --tls)")
     p.add_argument("--profile", default=DEFAULT_PROFILE, help=f"default: {DEFAULT_PROFILE}")
     p.add_argument("--timeout", type=float, default=10.0, help="connect timeout, seconds")
+    p.add_argument(
+        "--keepalive",
+        type=_seconds,
+        default=DEFAULT_KEEPALIVE,
+        metavar="SECONDS",
+        help="ping after this many seconds without sending (keeps an idle chat connected; "
+        f"under the server's idle-timeout); 0 = never (default: {DEFAULT_KEEPALIVE:g})",
+    )
     csub = p.add_subparsers(dest="chat_command", metavar="ACTION")
     r = csub.add_parser("register", help="register this terminal as a device of PHONE")
     r.add_argument("phone", help="E.164 digits without '+', e.g. 491701234567")
