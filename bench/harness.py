@@ -22,6 +22,20 @@ last delivery arrived, so logins are not in it.  Memory is sampled every
 Honesty: lost = acknowledged by the server but never handed to a recipient
 application; duplicated = handed to an application twice.  A run that lost
 or duplicated anything says so in its JSON and exits with status 1.
+
+Progress: ``--messages`` is per client (the startup line on stderr says
+clients x messages = total).  Each load process prints its counts (sent,
+acked, delivered, receipts, errors) every 0.5 s; on a terminal they feed a
+progress bar on stderr (tqdm), never stdout.  They also decide when a run
+has stalled: no new ack, delivery, receipt or error in any load process for
+``--stall-timeout`` s while sending (``--drain-timeout`` s after) ends the
+run.  The load processes are told to stop, report the messages they still
+wait for, and the harness names them per load process (sent but not acked,
+acked but not delivered, delivered without a receipt; a few as client
+number and message number) on stderr and in the JSON's "stalled", prints
+the figures gathered so far ("partial": true when the sends were cut
+short) and exits with status 1.  There is no bound on a run's length:
+a long run that keeps moving is let finish.
 """
 
 from __future__ import annotations
@@ -338,10 +352,8 @@ class _Bar:
     def show(self, loads) -> None:
         if self.bar is not None:
             self.bar.n = _total(loads, "delivered")
-            self.bar.set_postfix(
-                acked=_total(loads, "acked"),
-                receipts=_total(loads, "receipts"),
-                errors=_total(loads, "errors"),
+            self.bar.set_postfix_str(
+                ", ".join(f"{k} {_total(loads, k):,}" for k in ("acked", "receipts", "errors")),
                 refresh=False,
             )
             self.bar.refresh()
