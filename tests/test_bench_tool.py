@@ -184,9 +184,13 @@ def test_load_process_reports_progress_while_sending(tmp_path):
     try:
         assert lp.line(60) == "ready"
         lp.say("go")
-        seen = []
-        assert _watch([lp], lambda: seen.append(dict(lp.progress)) or len(
-            {p["acked"] for p in seen if p["acked"]}) >= 3, stall_timeout=30)  # fmt: skip
+        acked_counts = set()
+
+        def three_progress_lines_with_acks() -> bool:
+            acked_counts.add(lp.progress["acked"])
+            return len(acked_counts - {0}) >= 3
+
+        assert _watch([lp], three_progress_lines_with_acks, stall_timeout=30)
         assert lp.sent_done is None  # still sending
         p = lp.progress
         assert 0 < p["acked"] <= p["sent"] <= p["acked"] + 16 and p["errors"] == 0
