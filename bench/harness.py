@@ -22,6 +22,20 @@ last delivery arrived, so logins are not in it.  Memory is sampled every
 Honesty: lost = acknowledged by the server but never handed to a recipient
 application; duplicated = handed to an application twice.  A run that lost
 or duplicated anything says so in its JSON and exits with status 1.
+
+Progress: ``--messages`` is per client (the startup line on stderr says
+clients x messages = total).  Each load process prints its counts (sent,
+acked, delivered, receipts, errors) every 0.5 s; on a terminal they feed a
+progress bar on stderr (tqdm), never stdout.  They also decide when a run
+has stalled: no new ack, delivery, receipt or error in any load process for
+``--stall-timeout`` s while sending (``--drain-timeout`` s after) ends the
+run.  The load processes are told to stop, report the messages they still
+wait for, and the harness names them per load process (sent but not acked,
+acked but not delivered, delivered without a receipt; a few as client
+number and message number) on stderr and in the JSON's "stalled", prints
+the figures gathered so far ("partial": true when the sends were cut
+short) and exits with status 1.  There is no bound on a run's length:
+a long run that keeps moving is let finish.
 """
 
 from __future__ import annotations
@@ -29,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import select
 import selectors
 import shutil
 import subprocess
@@ -211,23 +226,71 @@ class ServerUnderTest:
             shutil.rmtree(self._tmp, ignore_errors=True)
 
 
-class LoadProc:
-    """One bench/load.py process, spoken to by lines on its stdin and stdout."""
+#: The counts in a load process's progress lines (see bench/load.py).
+PROGRESS_KEYS = ("sent", "acked", "delivered", "receipts", "errors")
 
-    def __init__(self, args: list[str]):
+
+class LoadProc:
+    """One bench/load.py process, spoken to by lines on its stdin and stdout.
+
+    Its stdout is read into our own buffer (``os.read`` after ``select``):
+    a buffered reader could hold a whole line that ``select`` then never
+    reports.  Progress and ``sent_done`` lines are taken in as they come
+    (``progress``, ``sent_done``); ``line`` returns the other ones.
+    """
+
+    def __init__(self, args: list[str], clients: tuple[int, int] = (0, 0)):
         self.proc = subprocess.Popen([sys.executable, "-m", "pigeon.bench.load", *args],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)  # fmt: skip
-        os.set_blocking(self.proc.stdout.fileno(), True)
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     bufsize=0)  # fmt: skip
+        self.fd = self.proc.stdout.fileno()
+        os.set_blocking(self.fd, True)
+        self.clients = clients  # [first, last) of the provisioned devices it drives
+        self.buf = bytearray()
+        self.scan = 0  # where the search for the next newline goes on
+        self.eof = False
+        self.progress = dict.fromkeys(PROGRESS_KEYS, 0)
+        self.progress_at = time.monotonic()
+        self.sent_done: int | None = None
+
+    def feed(self) -> None:
+        """Read what its stdout has (call when select says it is readable)."""
+        data = os.read(self.fd, 1 << 20)
+        if not data:
+            self.eof = True
+        self.buf += data
+
+    def next_line(self) -> str | None:
+        """The next whole line that is not progress or ``sent_done``, if one is buffered."""
+        while True:
+            k = self.buf.find(b"\n", self.scan)
+            if k < 0:
+                self.scan = len(self.buf)
+                return None
+            line = self.buf[:k].decode().strip()
+            del self.buf[: k + 1]
+            self.scan = 0
+            if line.startswith('{"progress"'):
+                self.progress = orjson.loads(line)["progress"]
+                self.progress_at = time.monotonic()
+            elif line.startswith('{"sent_done"'):
+                self.sent_done = orjson.loads(line)["sent_done"]
+            else:
+                return line
+
+    def exited(self) -> BenchError:
+        return BenchError(f"a load process exited (status {self.proc.wait()})")
 
     def line(self, timeout: float) -> str:
-        sel = selectors.DefaultSelector()
-        sel.register(self.proc.stdout, selectors.EVENT_READ)
-        if not sel.select(timeout):
-            raise BenchError(f"a load process said nothing for {timeout} s")
-        line = self.proc.stdout.readline().decode()
-        if not line:
-            raise BenchError(f"a load process exited (status {self.proc.wait()})")
-        return line.strip()
+        deadline = time.monotonic() + timeout
+        while (line := self.next_line()) is None:
+            if self.eof:
+                raise self.exited()
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.fd], [], [], left)[0]:
+                raise BenchError(f"a load process said nothing for {timeout} s")
+            self.feed()
+        return line
 
     def say(self, word: str) -> None:
         self.proc.stdin.write(word.encode() + b"\n")
@@ -237,6 +300,151 @@ class LoadProc:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(5)
+
+
+def _total(loads, key: str) -> int:
+    return sum(lp.progress[key] for lp in loads)
+
+
+def _watch(loads, done, stall_timeout: float, bar=None) -> bool:
+    """Take in the load processes' progress lines until ``done()`` (True) or until
+    nothing moved for ``stall_timeout`` s (False): no new ack, delivery, receipt or
+    error in any of them.  Silence is no progress, so a hung load process stalls too."""
+    sel = selectors.DefaultSelector()
+    for lp in loads:
+        sel.register(lp.fd, selectors.EVENT_READ, lp)
+    last, since = None, time.monotonic()
+    try:
+        while True:
+            for key, _ in sel.select(0.25):
+                lp = key.data
+                lp.feed()
+                if (line := lp.next_line()) is not None:
+                    raise BenchError(f"a load process said {line[:200]!r} in the middle of a run")
+                if lp.eof:
+                    raise lp.exited()
+            now = time.monotonic()
+            moved = tuple(_total(loads, k) for k in ("acked", "delivered", "receipts", "errors"))
+            if moved != last:
+                last, since = moved, now
+            if bar is not None:
+                bar.show(loads)
+            if done():
+                return True
+            if now - since >= stall_timeout:
+                return False
+    finally:
+        sel.close()
+
+
+class _Bar:
+    """A progress bar on stderr when it is a terminal (tqdm), else nothing: the counts
+    of the load processes' progress lines, deliveries against the messages planned."""
+
+    def __init__(self, total: int, desc: str):
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="msg", unit_scale=True,
+                            file=sys.stderr, dynamic_ncols=True, leave=False)  # fmt: skip
+
+    def show(self, loads) -> None:
+        if self.bar is not None:
+            self.bar.n = _total(loads, "delivered")
+            self.bar.set_postfix_str(
+                ", ".join(f"{k} {_total(loads, k):,}" for k in ("acked", "receipts", "errors")),
+                refresh=False,
+            )
+            self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def note(text: str) -> None:
+    """A line for the person running the bench (stderr: --json keeps stdout to itself)."""
+    print(f"pigeon bench: {text}", file=sys.stderr, flush=True)
+
+
+def _send_and_drain(loads, opts, want_receipts: bool, bar) -> dict | None:
+    """Watch one run of the load processes (after their go or run word): the send
+    phase, stalled after ``--stall-timeout`` s without progress, then the drain until
+    every acked message arrived (and its receipt), stalled after ``--drain-timeout``
+    s without progress.  None, or what stalled: {"phase", "seconds", "partial"}."""
+    try:
+        if not _watch(loads, lambda: all(lp.sent_done is not None for lp in loads),
+                      opts.stall_timeout, bar):  # fmt: skip
+            return {"phase": "sending", "seconds": opts.stall_timeout, "partial": True}
+        acked_total = sum(lp.sent_done for lp in loads)
+
+        def drained() -> bool:
+            return _total(loads, "delivered") >= acked_total and (
+                not want_receipts or _total(loads, "receipts") >= acked_total
+            )
+
+        if not _watch(loads, drained, opts.drain_timeout, bar):
+            return {"phase": "waiting for deliveries", "seconds": opts.drain_timeout,
+                    "partial": False}  # fmt: skip
+        return None
+    finally:
+        bar.close()
+
+
+def _missing(loads, results: list[dict], want_receipts: bool, examples: int = 5) -> list[dict]:
+    """Per load process: the messages its clients sent that are not acked, acked and
+    not delivered (to anyone), delivered without their receipt; a few of each as
+    [client, n] (the n-th message, from 0, of provisioned client number ``client``)."""
+    delivered = set()
+    for r in results:
+        delivered.update(r["delivered"])
+
+    def ids(keys: list[int]) -> list[list[int]]:
+        return [[k >> 32, k & 0xFFFFFFFF] for k in keys[:examples]]
+
+    out = []
+    for k, (lp, r) in enumerate(zip(loads, results, strict=True)):
+        not_delivered = [m for m in r["acked"] if m not in delivered]
+        no_receipt = [m for m in r["no_receipt"] if m in delivered] if want_receipts else []
+        out.append({
+            "load_process": k,
+            "clients": list(lp.clients),
+            "sent_not_acked": len(r["unacked"]),
+            "acked_not_delivered": len(not_delivered),
+            "delivered_no_receipt": len(no_receipt),
+            "last_progress_s_ago": round(time.monotonic() - lp.progress_at, 1),
+            "examples": {
+                "sent_not_acked": ids(r["unacked"]),
+                "acked_not_delivered": ids(sorted(not_delivered)),
+                "delivered_no_receipt": ids(no_receipt),
+            },
+        })  # fmt: skip
+    return out
+
+
+def stall_message(stalled: dict) -> str:
+    """What a stalled run says on stderr: where it stopped and what is missing."""
+    head = (
+        f"no progress for {stalled['seconds']:g} s while {stalled['phase']} (no new ack, "
+        "delivery, receipt or error): stopped"
+        + (", the figures are partial" if stalled["partial"] else "")
+    )
+    lines = [head]
+    for m in stalled["missing"]:
+        first, last = m["clients"]
+        parts = []
+        for what, label in (("sent_not_acked", "sent but not acked"),
+                            ("acked_not_delivered", "acked but not delivered"),
+                            ("delivered_no_receipt", "delivered without a receipt")):  # fmt: skip
+            if m[what]:
+                eg = ", ".join(f"client {c} #{n}" for c, n in m["examples"][what])
+                parts.append(f"{m[what]:,} {label} (e.g. {eg})")
+        silent = (f"; its last progress line came {m['last_progress_s_ago']:g} s ago"
+                  if m["last_progress_s_ago"] >= stalled["seconds"] else "")  # fmt: skip
+        lines.append(f"  load process {m['load_process']} (clients {first} to {last - 1}): "
+                     + ("; ".join(parts) or "nothing missing") + silent)  # fmt: skip
+    return "\n".join(lines)
 
 
 def _percentile(sorted_values: list[int], q: float) -> float | None:
@@ -265,33 +473,11 @@ def _cdf(sorted_us: list[int]) -> list[list[float]]:
     return [[_percentile(sorted_us, q), q] for q in sorted(qs)]
 
 
-def _drain(loads, acked_total: int, want_receipts: bool, drain_timeout: float) -> None:
-    """Wait until every acked message arrived (and its receipt), or nothing moves for a while."""
-    latest = [(0, 0)] * len(loads)
-    last_change, last_sum = time.monotonic(), None
-    while True:
-        for k, lp in enumerate(loads):
-            p = orjson.loads(lp.line(30))
-            latest[k] = (p["delivered"], p["receipts"])
-        delivered_now = sum(d for d, _ in latest)
-        receipts_now = sum(r for _, r in latest)
-        now = time.monotonic()
-        if (delivered_now, receipts_now) != last_sum:
-            last_sum, last_change = (delivered_now, receipts_now), now
-        done = delivered_now >= acked_total and (not want_receipts or receipts_now >= acked_total)
-        if done or now - last_change > drain_timeout:
-            return
-
-
 def _results(loads, word: str) -> list[dict]:
     out = []
     for lp in loads:
         lp.say(word)
-        while True:
-            line = lp.line(60)
-            if not line.startswith('{"delivered"'):
-                out.append(orjson.loads(line))
-                break
+        out.append(orjson.loads(lp.line(60)))
     return out
 
 
@@ -340,6 +526,9 @@ def _bench_run(opts):
 
 def throughput(opts) -> dict:
     """Closed-loop load: every client keeps up to ``window`` messages unacked."""
+    note(f"throughput: {opts.clients:,} clients x {opts.messages:,} messages = "
+         f"{opts.clients * opts.messages:,} messages (window {opts.window}, "
+         f"{opts.size} bytes)")  # fmt: skip
     with _bench_run(opts) as run:
         server, creds, loads = run.server, run.creds, run.loads
         if opts.target is None:
@@ -355,27 +544,28 @@ def throughput(opts) -> dict:
                 "--target", server.target, "--creds", creds, "--first", str(first),
                 "--last", str(last), "--messages", str(opts.messages), "--window",
                 str(opts.window), "--size", str(opts.size), "--seed", str(opts.seed + first),
-            ]))  # fmt: skip
+            ], (first, last)))  # fmt: skip
         for lp in loads:
             if lp.line(120) != "ready":
                 raise BenchError("a load process failed to log in its clients")
         server.sample_peak()
         cpu0 = server.cpu()
         login_cpu = sum(cpu0) - sum(login_cpu0)
+        note(f"{opts.clients:,} clients logged in; sending")
         t0 = time.monotonic()
         for lp in loads:
             lp.say("go")
-        acked_total = 0
-        for lp in loads:
-            acked_total += orjson.loads(lp.line(opts.timeout))["sent_done"]
         # drain: wait until every acked message has arrived (and its delivered
-        # receipt, unless --no-receipts), or nothing moves for a while
+        # receipt, unless --no-receipts)
         want_receipts = opts.target is None and not opts.no_receipts
-        _drain(loads, acked_total, want_receipts, opts.drain_timeout)
+        bar = _Bar(opts.clients * opts.messages, "delivered")
+        stalled = _send_and_drain(loads, opts, want_receipts, bar)
         elapsed = time.monotonic() - t0
         cpu1 = server.cpu()
         peak = server.peak_rss
         results = _results(loads, "stop")
+    if stalled is not None:
+        stalled["missing"] = _missing(loads, results, want_receipts)
     tally = _tally(results)
     lat = tally.pop("_lat")
     user, system = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
@@ -422,6 +612,8 @@ def throughput(opts) -> dict:
         "server_peak_rss_kib": peak // 1024,
         "login_cpu_ms": round(login_cpu / opts.clients * 1e3, 3),
         "latency_cdf": _cdf(lat),
+        "partial": bool(stalled and stalled["partial"]),
+        "stalled": stalled,
         "machine": machine(),
     }
 
@@ -435,6 +627,9 @@ def latency(opts) -> dict:
     the first bad rate; at most ``MAX_SEARCH_RUNS`` runs, one server.
     """
     runs: list[dict] = []
+    note(f"latency: {opts.clients:,} clients, {opts.rate:g} messages/s for {opts.seconds:g} s"
+         + (f" = {int(opts.rate * opts.seconds):,} messages" if opts.find_max_rate is None
+            else f" and up, runs of {opts.seconds:g} s, until p99 passes {opts.find_max_rate:g} ms"))  # fmt: skip
     with _bench_run(opts) as run:
         server, creds, loads = run.server, run.creds, run.loads
         if opts.target is None:
@@ -444,21 +639,24 @@ def latency(opts) -> dict:
                 "--mode", "latency", "--target", server.target, "--creds", creds,
                 "--first", str(first), "--last", str(last), "--size", str(opts.size),
                 "--seed", str(opts.seed + first),
-            ]))  # fmt: skip
+            ], (first, last)))  # fmt: skip
         for lp in loads:
             if lp.line(300) != "ready":
                 raise BenchError("a load process failed to log in its clients")
+        note(f"{opts.clients:,} clients logged in; sending")
 
         def one_run(rate: float) -> dict:
             cpu0 = server.cpu()
             for lp in loads:
+                lp.sent_done = None
                 lp.say(f"run {rate / len(loads)} {opts.seconds}")
-            acked_total = sum(
-                orjson.loads(lp.line(opts.seconds + 120))["sent_done"] for lp in loads
-            )
-            _drain(loads, acked_total, opts.target is None, opts.drain_timeout)
+            want_receipts = opts.target is None
+            bar = _Bar(int(rate * opts.seconds), f"{rate:.0f} msg/s")
+            stalled = _send_and_drain(loads, opts, want_receipts, bar)
             cpu1 = server.cpu()
             results = _results(loads, "collect")
+            if stalled is not None:
+                stalled["missing"] = _missing(loads, results, want_receipts)
             tally = _tally(results)
             lat = tally.pop("_lat")
             user, system = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
@@ -475,6 +673,7 @@ def latency(opts) -> dict:
                 "p999_ms": _percentile(lat, 0.999),
                 "max_ms": lat[-1] / 1000 if lat else None,
                 "latency_cdf": _cdf(lat),
+                "stalled": stalled,
             }
 
         def good(r: dict) -> bool:
@@ -493,6 +692,8 @@ def latency(opts) -> dict:
             while len(runs) < MAX_SEARCH_RUNS:
                 r = one_run(rate)
                 runs.append(r)
+                if r["stalled"] and r["stalled"]["partial"]:
+                    break  # its load processes stopped: no run can follow
                 if good(r):
                     best = r
                 else:
@@ -522,14 +723,18 @@ def latency(opts) -> dict:
         "machine": machine(),
     }
     if opts.find_max_rate is None:
-        return {**head, **runs[0]}
+        stalled = runs[0]["stalled"]
+        return {**head, **runs[0], "partial": bool(stalled and stalled["partial"])}
     ok = [r for r in runs if good(r)]
     best = max(ok, key=lambda r: r["rate"]) if ok else None
+    stalled = next((r["stalled"] for r in runs if r["stalled"]), None)
     return {
         **head,
         "find_max_rate_p99_ms": opts.find_max_rate,
         "max_rate": best["rate"] if best else None,
         **({k: v for k, v in best.items()} if best else {}),
+        "partial": bool(stalled and stalled["partial"]),
+        "stalled": stalled,
         "runs": [{k: v for k, v in r.items() if k != "latency_cdf"} for r in runs],
     }
 
@@ -661,9 +866,27 @@ def add_parser(sub) -> None:
         sp.add_argument("--creds", metavar="FILE", help="credentials from pigeon admin provision")
         sp.add_argument("--json", action="store_true", help="print exactly one JSON object")
 
-    t = bsub.add_parser("throughput", help="closed-loop 1:1 messages, CPU per message")
+    def stall_flags(sp):
+        sp.add_argument("--stall-timeout", type=float, default=30, metavar="S",
+                        help="while sending, stop after S seconds without progress (no new "
+                        "ack, delivery, receipt or error in any load process), say which "
+                        "messages are missing and exit 1 with the figures so far, marked "
+                        "partial (default 30)")  # fmt: skip
+        sp.add_argument("--drain-timeout", type=float, default=10, metavar="S",
+                        help="after the sends, stop waiting for deliveries after S seconds "
+                        "without progress; the missing messages are named (default 10)")  # fmt: skip
+
+    t = bsub.add_parser(
+        "throughput",
+        help="closed-loop 1:1 messages, CPU per message",
+        description="Every client sends --messages messages (per client: 1000 clients with "
+        "--messages 200 are 200,000 messages) to random peers, keeping up to --window of them "
+        "unacknowledged; reports server CPU per message. On a terminal a progress bar "
+        "shows the deliveries.",
+    )
     common(t)
-    t.add_argument("--messages", type=int, default=100, metavar="M", help="per client")
+    t.add_argument("--messages", type=int, default=100, metavar="M",
+                   help="messages PER CLIENT (default 100): the run sends clients x M")  # fmt: skip
     t.add_argument("--size", type=int, default=100, metavar="BYTES")
     t.add_argument("--window", type=int, default=16, metavar="W", help="unacked per client")
     t.add_argument(
@@ -678,9 +901,7 @@ def add_parser(sub) -> None:
         help="the server sends no delivered receipts (a message ends at the ack)",
     )
     t.add_argument("--seed", type=int, default=1)
-    t.add_argument("--timeout", type=float, default=600, help="bound on the send phase, s")
-    t.add_argument("--drain-timeout", type=float, default=10,
-                   help="stop waiting for deliveries after this long without progress, s")  # fmt: skip
+    stall_flags(t)
     t.set_defaults(func=run, bench=throughput)
     t.add_argument("--plot", metavar="FILE.png", help="draw the latency CDF (needs matplotlib)")
     lt = bsub.add_parser(
@@ -709,12 +930,7 @@ def add_parser(sub) -> None:
         help="search the highest rate whose p99 stays within P99_MS",
     )
     lt.add_argument("--seed", type=int, default=1)
-    lt.add_argument(
-        "--drain-timeout",
-        type=float,
-        default=10,
-        help="stop waiting for deliveries after this long without progress, s",
-    )
+    stall_flags(lt)
     lt.add_argument("--plot", metavar="FILE.png", help="draw the latency CDF (needs matplotlib)")
     lt.set_defaults(func=run, bench=latency)
     pr = bsub.add_parser(
@@ -747,7 +963,7 @@ def add_parser(sub) -> None:
 
 
 def _human(result: dict) -> str:
-    skip = ("machine", "latency_cdf", "runs")
+    skip = ("machine", "latency_cdf", "runs", "stalled")
     return "\n".join(f"{k:>26}: {v}" for k, v in result.items() if k not in skip) + (
         f"\n{'machine':>26}: {result['machine']}"
     )
@@ -836,6 +1052,10 @@ def run(opts) -> int:
     if getattr(opts, "subscribers", 1) < 1:
         print("pigeon bench: --subscribers must be at least 1", file=sys.stderr)
         return 2
+    for flag in ("stall_timeout", "drain_timeout"):
+        if getattr(opts, flag, 1) <= 0:
+            print(f"pigeon bench: --{flag.replace('_', '-')} must be positive", file=sys.stderr)
+            return 2
     try:
         result = opts.bench(opts)
     except BenchError as exc:
@@ -851,9 +1071,12 @@ def run(opts) -> int:
             print("pigeon bench: --plot needs matplotlib: pip install 'pigeon[bench]'",
                   file=sys.stderr)  # fmt: skip
             return 1
+    if result.get("stalled"):
+        note(stall_message(result["stalled"]))
     print(orjson.dumps(result).decode() if opts.json else _human(result))
     bad = (
-        result.get("lost")
+        result.get("stalled")
+        or result.get("lost")
         or result.get("duplicated")
         or result.get("receipts_missing")
         or result.get("missing_pushes")

@@ -5,6 +5,16 @@ It logs in its share of the provisioned devices with the asyncio SDK, says
 JSON object with what its clients actually sent and received.  It runs in
 its own process so its CPU is never counted as the server's.
 
+While the load runs it prints a progress line every ``--progress-interval``
+seconds (every 0.1 s once its sends are done, so the harness sees the last
+delivery soon): ``{"progress": {"sent", "acked", "delivered", "receipts",
+"errors"}}``, counts so far.  The harness draws its progress bar from these
+and decides from them that a run has stalled; it then says ``stop`` early,
+and the load process cancels its sends and prints its result at once, with
+the messages still waiting for their ack (``unacked``) so the harness can
+name what is missing.  Every other line is ``ready``, ``{"sent_done": N}``
+or the result.
+
 Every message body starts with (sender index, message number, send time in
 monotonic ns); CLOCK_MONOTONIC is one clock for every process of the
 machine, so a receiver in another load process can compute the latency.
@@ -14,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import random
 import resource
 import struct
@@ -53,6 +64,11 @@ class Load:
         self.receipts = 0
         self.errors: dict[str, int] = {}
         self.redelivered = 0
+        self.inflight: set[int] = set()  # sent, neither acked nor failed yet
+        self.key_of: dict[str, int] = {}  # message id -> sender << 32 | number (acked)
+        self.next_number: dict[int, int] = {}
+        self.sent = 0
+        self.progress_interval = args.progress_interval
 
     async def login_all(self) -> None:
         host, _, port = self.args.target.rpartition(":")
@@ -91,16 +107,21 @@ class Load:
             peer += peer >= i  # anyone but me
             number = self.next_number[i]
             self.next_number[i] += 1
+            self.sent += 1
             body = HEADER.pack(i, number, time.monotonic_ns()) + pad
+            key = i << 32 | number
+            self.inflight.add(key)  # left in on cancellation: that message is missing
             try:
                 ack = await c.send(self.creds[peer]["phone"], body)
-                self.acked.append(i << 32 | number)
+                self.acked.append(key)
                 self.acked_ids.add(ack.id)
+                self.key_of[ack.id] = key
             except ServerError as exc:
                 self.errors[exc.name] = self.errors.get(exc.name, 0) + 1
             except (TimeoutError, ConnectionError) as exc:
-                key = type(exc).__name__
-                self.errors[key] = self.errors.get(key, 0) + 1
+                name = type(exc).__name__
+                self.errors[name] = self.errors.get(name, 0) + 1
+            self.inflight.discard(key)
 
     async def throughput(self) -> None:
         a = self.args
@@ -124,18 +145,27 @@ class Load:
         if go.strip() != "go":
             return
         t0 = time.monotonic()
-        await self.throughput()
-        sent_s = time.monotonic() - t0
-        print(orjson.dumps({"sent_done": len(self.acked)}).decode(), flush=True)
-        # keep receiving, reporting progress, until the harness has seen everything arrive
         progress = loop.create_task(self.progress())
-        await loop.run_in_executor(None, sys.stdin.readline)
+        sending = loop.create_task(self.throughput())
+        # the harness's next word ends the run: after the sends, or early if it stalled
+        told = loop.run_in_executor(None, sys.stdin.readline)
+        await asyncio.wait({sending, told}, return_when=asyncio.FIRST_COMPLETED)
+        stopped_early = not sending.done()
+        if stopped_early:
+            sending.cancel()
+            await asyncio.gather(sending, return_exceptions=True)
+        sent_s = time.monotonic() - t0
+        if not stopped_early:
+            print(orjson.dumps({"sent_done": len(self.acked)}).decode(), flush=True)
+            # keep receiving, reporting progress, until the harness has seen everything arrive
+            progress = self.faster(progress)
+            await told
         progress.cancel()
         for r in readers:
             r.cancel()
         self.redelivered = sum(c.redelivered for c in self.clients.values())
         result = {
-            "sent": sum(self.next_number.values()),
+            "sent": self.sent,
             "acked": self.acked,
             "delivered": sorted(self.delivered),
             "deliveries": self.deliveries,
@@ -146,28 +176,42 @@ class Load:
             "latencies_us": self.latencies_us,
             "errors": self.errors,
             "send_seconds": sent_s,
+            "stopped_early": stopped_early,
+            **self.missing(),
         }
         print(orjson.dumps(result).decode(), flush=True)
-        await asyncio.gather(*(c.close() for c in self.clients.values()))
+        await self.close_all()
 
-    async def open_loop(self, rate: float, seconds: float) -> dict:
+    async def close_all(self) -> None:
+        # a stalled server may never answer the close: do not hang on it
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(
+                asyncio.gather(*(c.close() for c in self.clients.values()),
+                               return_exceptions=True), 10)  # fmt: skip
+
+    def missing(self) -> dict:
+        """What this process still waits for: the messages sent and not acked (at most a
+        window per client) and the acked ones whose delivered receipt did not come."""
+        return {
+            "unacked": sorted(self.inflight),
+            "no_receipt": sorted(self.key_of[m] for m in self.acked_ids - self.receipt_ids),
+        }
+
+    async def open_loop(self, rate: float, seconds: float) -> None:
         """Send at a fixed ``rate`` (msg/s, this process) for ``seconds``, not waiting for acks.
 
         Each message is stamped with the time it was *due*, not the time it
         went out, so a stalled sender shows up as latency (no coordinated
         omission).  Senders are this process's clients in turn; recipients
-        are random online peers.
+        are random online peers.  What it sent and got lands in ``self``
+        (``acked``, ``errors``, ``inflight``), so a run the harness stops
+        early still has its counts.
         """
         loop = asyncio.get_running_loop()
         mine = list(self.mine)
         n_all = len(self.creds)
         pad = bytes(max(0, self.args.size - HEADER.size))
         rng = random.Random(self.args.seed)
-        self.latencies_us = []
-        self.delivered = set()
-        self.deliveries = 0
-        acked: list[int] = []
-        errors: dict[str, int] = {}
         pending: set[asyncio.Task] = set()
         total = int(rate * seconds)
         interval_ns = int(1e9 / rate)
@@ -177,32 +221,39 @@ class Load:
             peer = rng.randrange(n_all - 1)
             peer += peer >= i
             body = HEADER.pack(i, number, due) + pad
+            key = i << 32 | number
+            self.inflight.add(key)
             try:
                 await self.clients[i].send(self.creds[peer]["phone"], body, timeout=60)
-                acked.append(i << 32 | number)
+                self.acked.append(key)
             except (ServerError, TimeoutError, ConnectionError) as exc:
-                key = getattr(exc, "name", type(exc).__name__)
-                errors[key] = errors.get(key, 0) + 1
+                name = getattr(exc, "name", type(exc).__name__)
+                self.errors[name] = self.errors.get(name, 0) + 1
+            self.inflight.discard(key)
 
         k = 0
-        while k < total:
-            now = time.monotonic_ns()
-            due = start + k * interval_ns
-            if due > now:
-                await asyncio.sleep((due - now) / 1e9)
-                continue
-            while k < total and start + k * interval_ns <= now:
-                i = mine[k % len(mine)]
-                number = self.next_number[i]
-                self.next_number[i] += 1
-                t = loop.create_task(one(i, number, start + k * interval_ns))
-                pending.add(t)
-                t.add_done_callback(pending.discard)
-                k += 1
-        send_s = (time.monotonic_ns() - start) / 1e9
-        if pending:
-            await asyncio.wait(pending, timeout=60)
-        return {"sent": total, "acked": acked, "errors": errors, "send_seconds": send_s}
+        try:
+            while k < total:
+                now = time.monotonic_ns()
+                due = start + k * interval_ns
+                if due > now:
+                    await asyncio.sleep((due - now) / 1e9)
+                    continue
+                while k < total and start + k * interval_ns <= now:
+                    i = mine[k % len(mine)]
+                    number = self.next_number[i]
+                    self.next_number[i] += 1
+                    self.sent += 1
+                    t = loop.create_task(one(i, number, start + k * interval_ns))
+                    pending.add(t)
+                    t.add_done_callback(pending.discard)
+                    k += 1
+            self.send_seconds = (time.monotonic_ns() - start) / 1e9
+            if pending:
+                await asyncio.wait(pending, timeout=60)
+        finally:
+            for t in list(pending):  # stopped early: the messages stay in ``inflight``
+                t.cancel()
 
     async def latency_runs(self) -> None:
         """Serve "run RATE SECONDS" lines until "stop"; one JSON result per run."""
@@ -215,28 +266,63 @@ class Load:
             line = (await loop.run_in_executor(None, sys.stdin.readline)).split()
             if not line or line[0] != "run":
                 break
-            r = await self.open_loop(float(line[1]), float(line[2]))
-            print(orjson.dumps({"sent_done": len(r["acked"])}).decode(), flush=True)
+            self.latencies_us, self.delivered, self.deliveries = [], set(), 0
+            self.acked, self.errors, self.inflight, self.sent = [], {}, set(), 0
+            t0 = time.monotonic()
+            self.send_seconds = None
             progress = loop.create_task(self.progress())
-            await loop.run_in_executor(None, sys.stdin.readline)  # "collect"
+            sending = loop.create_task(self.open_loop(float(line[1]), float(line[2])))
+            told = loop.run_in_executor(None, sys.stdin.readline)  # "collect", maybe early
+            await asyncio.wait({sending, told}, return_when=asyncio.FIRST_COMPLETED)
+            stopped_early = not sending.done()
+            if stopped_early:
+                sending.cancel()
+                await asyncio.gather(sending, return_exceptions=True)
+            else:
+                print(orjson.dumps({"sent_done": len(self.acked)}).decode(), flush=True)
+                progress = self.faster(progress)
+                await told
             progress.cancel()
-            r.update(
-                delivered=sorted(self.delivered),
-                deliveries=self.deliveries,
-                latencies_us=self.latencies_us,
-                redelivered_on_wire=sum(c.redelivered for c in self.clients.values()),
-                receipts=0, receipts_missing=0, receipts_duplicated=0,
-            )  # fmt: skip
+            self.progress_interval = self.args.progress_interval
+            r = {
+                "sent": self.sent,
+                "acked": self.acked,
+                "errors": self.errors,
+                "send_seconds": self.send_seconds or time.monotonic() - t0,
+                "delivered": sorted(self.delivered),
+                "deliveries": self.deliveries,
+                "latencies_us": self.latencies_us,
+                "redelivered_on_wire": sum(c.redelivered for c in self.clients.values()),
+                "receipts": 0, "receipts_missing": 0, "receipts_duplicated": 0,
+                "stopped_early": stopped_early,
+                **self.missing(),
+            }  # fmt: skip
             print(orjson.dumps(r).decode(), flush=True)
+            if stopped_early:
+                break
         for t in readers:
             t.cancel()
-        await asyncio.gather(*(c.close() for c in self.clients.values()))
+        await self.close_all()
+
+    def faster(self, progress: asyncio.Task) -> asyncio.Task:
+        """The sends are done: a progress line now, then every 0.1 s, so the harness
+        sees the last delivery (and ends the run's clock) soon after it came."""
+        progress.cancel()
+        self.progress_interval = min(self.args.progress_interval, 0.1)
+        return asyncio.get_running_loop().create_task(self.progress())
 
     async def progress(self) -> None:
+        """A progress line now and every ``progress_interval`` s (see the module's doc)."""
         while True:
-            print(orjson.dumps({"delivered": len(self.delivered),
-                                "receipts": len(self.receipt_ids)}).decode(), flush=True)  # fmt: skip
-            await asyncio.sleep(0.1)
+            counts = {
+                "sent": self.sent,
+                "acked": len(self.acked),
+                "delivered": len(self.delivered),
+                "receipts": len(self.receipt_ids),
+                "errors": sum(self.errors.values()),
+            }
+            print(orjson.dumps({"progress": counts}).decode(), flush=True)
+            await asyncio.sleep(self.progress_interval)
 
 
 def main(argv=None) -> int:
@@ -249,6 +335,7 @@ def main(argv=None) -> int:
     p.add_argument("--window", type=int, default=16)
     p.add_argument("--size", type=int, default=100)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--progress-interval", type=float, default=0.5, help="s between progress lines")
     p.add_argument(
         "--mode",
         default="throughput",

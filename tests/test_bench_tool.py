@@ -159,3 +159,109 @@ def test_summarize_compares_with_a_baseline(tmp_path, capsys):
     row = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| test_enqueue")]
     assert row == ["| test_enqueue | 128,000 | 512,000 | 4.0x | 1.00 | 2.00 |"]
     assert summarize([str(tmp_path / "missing.json")]) == 1
+
+
+def _bench_server(tmp_path, count):
+    """A 2-worker server with the bench profile and ``count`` provisioned accounts."""
+    from pigeon.bench.harness import BENCH_PROFILE
+
+    data, creds = tmp_path / "data", tmp_path / "creds.jsonl"
+    assert main(["admin", "provision", "--count", str(count), "--out", str(creds),
+                 "--data-dir", str(data)]) == 0  # fmt: skip
+    return Server(data, workers=2, **BENCH_PROFILE).start(), creds
+
+
+def test_load_process_reports_progress_while_sending(tmp_path):
+    """Progress lines come while the sends go on (400,000 messages are far from done
+    when the first acks are in), the harness takes them in, and a stop word in the
+    middle of the run gets the result at once, with what is still unacked."""
+    from pigeon.bench.harness import LoadProc, _watch
+
+    srv, creds = _bench_server(tmp_path, 4)
+    lp = LoadProc(["--target", f"127.0.0.1:{srv.port}", "--creds", str(creds), "--first", "0",
+                   "--last", "4", "--messages", "100000", "--window", "4",
+                   "--progress-interval", "0.1"], (0, 4))  # fmt: skip
+    try:
+        assert lp.line(60) == "ready"
+        lp.say("go")
+        acked_counts = set()
+
+        def three_progress_lines_with_acks() -> bool:
+            acked_counts.add(lp.progress["acked"])
+            return len(acked_counts - {0}) >= 3
+
+        assert _watch([lp], three_progress_lines_with_acks, stall_timeout=30)
+        assert lp.sent_done is None  # still sending
+        p = lp.progress
+        assert 0 < p["acked"] <= p["sent"] <= p["acked"] + 16 and p["errors"] == 0
+        lp.say("stop")
+        r = orjson.loads(lp.line(30))
+        assert r["stopped_early"] and 0 < len(r["acked"]) < 400_000
+        assert r["sent"] == len(r["acked"]) + len(r["unacked"]) and len(r["unacked"]) <= 16
+        assert all(k >> 32 < 4 for k in r["unacked"])  # (client, n) of this process's clients
+    finally:
+        lp.close()
+        assert srv.stop() == 0
+
+
+def test_stalled_run_stops_and_names_the_missing_messages(tmp_path):
+    """The server's workers are stopped (SIGSTOP) in the middle of a run: the bench
+    stops after --stall-timeout without progress, says which messages are missing,
+    prints the figures so far marked partial, and exits 1."""
+    import os
+    import selectors
+    import signal
+    import time
+
+    srv, creds = _bench_server(tmp_path, 4)
+    workers = srv.worker_pids()
+    assert len(workers) == 2
+    bench = subprocess.Popen(
+        [sys.executable, "-m", "pigeon.tools.cli", "bench", "throughput", "--target",
+         f"127.0.0.1:{srv.port}", "--server-pid", str(srv.proc.pid), "--creds", str(creds),
+         "--clients", "4", "--messages", "100000", "--window", "4", "--stall-timeout", "2",
+         "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    stopped = []
+    try:
+        sel = selectors.DefaultSelector()
+        sel.register(bench.stderr, selectors.EVENT_READ)
+        err = []
+        deadline = time.monotonic() + 60
+        while not any("logged in; sending" in line for line in err):
+            assert time.monotonic() < deadline and sel.select(deadline - time.monotonic())
+            err.append(bench.stderr.readline())
+            assert err[-1], "".join(err)
+        time.sleep(0.3)  # some messages acked, then nothing
+        for pid in workers:
+            os.kill(pid, signal.SIGSTOP)
+            stopped.append(pid)
+        t0 = time.monotonic()
+        out, rest = bench.communicate(timeout=90)
+        took = time.monotonic() - t0
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+        if bench.poll() is None:
+            bench.kill()
+            bench.wait(10)
+        assert srv.stop() == 0
+    err = "".join(err) + rest
+    assert "4 clients x 100,000 messages = 400,000 messages" in err
+    assert bench.returncode == 1, err
+    assert took < 2 + 30, err  # the stall timeout plus collecting the results: bounded
+    assert "no progress for 2 s while sending" in err and "figures are partial" in err
+    assert "sent but not acked (e.g. client " in err, err
+    r = orjson.loads(out)
+    assert r["partial"] is True and r["stalled"]["phase"] == "sending"
+    (m,) = r["stalled"]["missing"]
+    assert m["clients"] == [0, 4] and 1 <= m["sent_not_acked"] <= 16
+    assert len(m["examples"]["sent_not_acked"]) == min(5, m["sent_not_acked"])
+    assert all(0 <= c < 4 and n >= 0 for c, n in m["examples"]["sent_not_acked"])
+    assert r["acked"] < 400_000 and r["sent"] >= r["acked"] + m["sent_not_acked"]
+
+
+def test_throughput_help_says_messages_are_per_client():
+    proc = pigeon("bench", "throughput", "--help")
+    assert "PER CLIENT" in proc.stdout and "--stall-timeout" in proc.stdout
