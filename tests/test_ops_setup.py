@@ -330,7 +330,11 @@ def test_the_server_and_admin_write_private_files_under_umask_022(tmp_path):
     (data / "store").mkdir(parents=True)
     data.chmod(0o755)
     (data / "store").chmod(0o755)
-    lmdb.open(str(data / "store"), max_dbs=32, mode=0o644).close()
+    old_umask = os.umask(0o022)  # an in-process `pigeon admin` test may have left 0077
+    try:
+        lmdb.open(str(data / "store"), max_dbs=32, mode=0o644).close()
+    finally:
+        os.umask(old_umask)
     private_file(data / "sms-outbox.txt", "", mode=0o644)
     assert mode(data / "store" / "data.mdb") == 0o644
     fresh = tmp_path / "fresh"  # and one the server creates itself

@@ -1,0 +1,466 @@
+"""Holes found by probing the running server (issue 12), each on a real 2-worker server.
+
+Memory is measured (RSS of the server's processes, bounded by a stated
+number), never time; every wait is bounded.  Other source addresses come
+from 127.0.0.0/8: a socket bound to 127.0.0.2 reaches a server on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+import time
+
+import pytest
+from serverutil import Server, next_message, until
+
+from pigeon.client import Client, ServerError
+from pigeon.client._core import ScramLogin
+from pigeon.core import codec as core_codec
+from pigeon.core.connection import Connection, Role
+from pigeon.core.errors import ErrorCode
+from pigeon.core.events import Error, Hello, Ping, Pong
+from pigeon.server.store import Store
+
+ALICE, BOB, CAROL = "491701234567", "4915112345678", "4917612345678"
+LINUX = sys.platform.startswith("linux")
+
+
+def run(coro, timeout=180):
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+def start(tmp_path, **options) -> Server:
+    return Server(tmp_path / "data", workers=2, **options).start()
+
+
+class Raw:
+    """A client on a plain socket, driving the sans-IO core by hand (no SDK niceties)."""
+
+    def __init__(self, port: int, source: str = "127.0.0.1", timeout: float = 10.0):
+        self.sock = socket.socket()
+        self.sock.bind((source, 0))
+        self.sock.settimeout(timeout)
+        self.sock.connect(("127.0.0.1", port))
+        self.conn = Connection(Role.CLIENT)
+        self.sock.sendall(self.conn.initiate())
+
+    def send(self, event) -> None:
+        self.sock.sendall(self.conn.send(event))
+
+    def next_event(self):
+        from pigeon.core.connection import NEED_DATA
+
+        while True:
+            ev = self.conn.next_event()
+            if isinstance(ev, Hello):
+                continue
+            if ev is not NEED_DATA:
+                return ev
+            self.conn.receive_data(self.sock.recv(65536))
+
+    def closed_by_server(self, timeout: float) -> bool:
+        """True if the server closes (EOF or reset) within ``timeout`` s, reading what comes."""
+        self.sock.settimeout(timeout)
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                if not self.sock.recv(1 << 20):
+                    return True
+        except (ConnectionResetError, BrokenPipeError):
+            return True
+        except TimeoutError:
+            return False
+        return False
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def scram_exchange(raw: Raw, creds_device: str, secret: bytes) -> Error | None:
+    """A SCRAM login on ``raw``; returns the Error the server answered with, or None."""
+    from pigeon.client._core import Credentials
+
+    scram = ScramLogin(Credentials(creds_device, secret))
+    raw.send(scram.first())
+    ev = raw.next_event()
+    if isinstance(ev, Error):
+        return ev
+    raw.send(scram.final(ev))
+    ev = raw.next_event()
+    return ev if isinstance(ev, Error) else None
+
+
+def fatal_error_frame() -> bytes:
+    c = Connection(Role.CLIENT)
+    return c.send(Error(ErrorCode.INTERNAL, "x"))
+
+
+# -- 1. input after a fatal error -------------------------------------------------------
+
+
+@pytest.mark.skipif(not LINUX, reason="reads RssAnon from /proc")
+@pytest.mark.parametrize("logged_in", [False, True], ids=["before-login", "after-login"])
+def test_input_after_a_fatal_error_is_dropped_and_the_connection_closes(tmp_path, logged_in):
+    srv = start(tmp_path, login_timeout=30, idle_timeout=60)
+    try:
+        creds = run(srv.register(ALICE)) if logged_in else None
+        raw = Raw(srv.port)
+        if logged_in:
+            assert scram_exchange(raw, creds.device, creds.secret) is None
+        before = srv.anon_kib()
+        raw.sock.sendall(fatal_error_frame())
+        junk = os.urandom(1 << 20)
+        sent, closed = 0, False
+        deadline = time.monotonic() + 30
+        try:  # up to 128 MiB, as fast as the server takes it
+            while sent < 128 << 20 and time.monotonic() < deadline:
+                raw.sock.sendall(junk)
+                sent += len(junk)
+        except (BrokenPipeError, ConnectionResetError):
+            closed = True
+        grown = srv.anon_kib() - before
+        closed = closed or raw.closed_by_server(10)
+        print(f"sent {sent >> 20} MiB after the fatal error; server memory grew {grown} KiB")
+        assert closed, "the server kept the connection open"
+        assert grown < 24 << 10, f"server memory grew by {grown} KiB"
+        raw.close()
+    finally:
+        assert srv.stop() == 0
+
+
+# -- 2. TLS connections count from the TCP accept ------------------------------------------
+
+
+def test_stalled_tls_connections_count_against_every_limit_from_the_accept(tmp_path):
+    srv = start(tmp_path, tls=True, login_timeout=3, max_connections_per_ip=20)
+    try:
+        # 60 TCP connections to the TLS port that never send a ClientHello:
+        # at most 20 a worker are held, the rest are closed at once
+        stalled = []
+        for _ in range(60):
+            s = socket.create_connection(("127.0.0.1", srv.tls_port), timeout=10)
+            stalled.append(s)
+        closed_at_once = 0
+        for s in stalled:
+            s.settimeout(0.5)
+            try:
+                closed_at_once += s.recv(1) == b""
+            except TimeoutError:
+                pass
+            except ConnectionResetError:
+                closed_at_once += 1
+        assert closed_at_once >= 60 - 2 * 20, closed_at_once
+        # a TLS login still works beside them (another address: the cap is per address)
+        creds = run(srv.register(ALICE))
+
+        async def tls_login():
+            c = await Client.connect("localhost", srv.tls_port, ssl=srv.ssl_context())
+            await c.login(creds)
+            await c.ping()
+            await c.close()
+
+        run(tls_login())
+        # the login deadline bounds the handshake: every stalled one is closed by then
+        t0 = time.monotonic()
+        for s in stalled:
+            s.settimeout(max(0.1, 15 - (time.monotonic() - t0)))
+            try:
+                assert s.recv(1) == b""
+            except ConnectionResetError:
+                pass
+            s.close()
+        assert "Traceback" not in srv.log_text()
+    finally:
+        assert srv.stop() == 0
+
+
+# -- 3. strangers cannot fill the store ----------------------------------------------------
+
+
+def limits_entries(srv: Server) -> int:
+    store = Store(str(srv.data_dir / "store"), map_size=256 << 20, create=False)
+    try:
+        with store.read() as txn:
+            return txn.stat(store._db["limits"])["entries"]
+    finally:
+        store.close()
+
+
+def test_failed_logins_for_made_up_devices_write_nothing_to_the_store(tmp_path):
+    srv = start(tmp_path, login_failures_per_ip=1000, client_log_lines=1000)
+    try:
+        before = limits_entries(srv)
+        for i in range(200):
+            raw = Raw(srv.port)
+            err = scram_exchange(raw, f"4930{i:08d}:0", os.urandom(32))
+            assert err is not None and err.code == ErrorCode.NOT_AUTHORIZED
+            raw.close()
+        assert limits_entries(srv) == before
+    finally:
+        assert srv.stop() == 0
+
+
+def test_a_full_store_answers_every_request_with_501_never_a_traceback(tmp_path):
+    srv = start(tmp_path, map_size=2 << 20, queue_max_bytes=1 << 30, register_per_ip=1000,
+                register_per_phone=1000, store_reserve=10)  # fmt: skip
+
+    async def main():
+        alice = await srv.login(await srv.register(ALICE))
+        await srv.register(BOB)
+        with pytest.raises(ServerError) as info:
+            for i in range(200):
+                await alice.send(BOB, os.urandom(16 << 10), id=f"f{i}")
+        assert info.value.code == ErrorCode.STORE_FULL
+        # registration, discovery and blocking all write: each gets its 501
+        c = await srv.client()
+        for phone in (f"4930{i:08d}" for i in range(3)):
+            with pytest.raises(ServerError) as info:
+                await c.register(phone)
+            assert info.value.code == ErrorCode.STORE_FULL
+        await c.close()
+        with pytest.raises(ServerError) as info:
+            await alice.discover([f"4931{i:08d}" for i in range(500)])
+        assert info.value.code == ErrorCode.STORE_FULL
+        await alice.ping()  # the connection goes on
+        await alice.close()
+
+    try:
+        run(main())
+        log = srv.log_text()
+        assert "Traceback" not in log and "Fatal error" not in log
+    finally:
+        assert srv.stop() == 0
+
+
+def test_stale_rate_limit_records_are_swept(tmp_path):
+    srv = start(tmp_path, purge_interval=0.2, register_window=60, new_chats_window=60,
+                discover_window=60, login_window=60)  # fmt: skip
+    try:
+
+        async def main():
+            c = await srv.client()
+            for i in range(5):
+                await c.register(f"4930{i:08d}")
+            await c.close()
+
+        run(main())
+        assert limits_entries(srv) >= 5  # per phone and per address
+        srv.advance_clock(61)
+        run(until(lambda: limits_entries(srv) == 0, timeout=20))
+    finally:
+        assert srv.stop() == 0
+
+
+# -- 4. a full store frees itself when acks come --------------------------------------------
+
+
+def test_acks_free_a_full_store_ten_times_in_a_row(tmp_path):
+    srv = start(tmp_path, map_size=2 << 20, queue_max_bytes=1 << 30, message_rate=0,
+                delivery_window=64)  # fmt: skip
+
+    async def main():
+        alice = await srv.login(await srv.register(ALICE))
+        bob_creds = await srv.register(BOB)
+        bob = await srv.login(bob_creds)
+        for round_ in range(10):
+            sent = []
+            body = os.urandom(1000)
+            try:
+                for i in range(5000):
+                    mid = f"r{round_}-{i}"
+                    await alice.send(BOB, body, id=mid)
+                    sent.append(mid)
+            except ServerError as exc:
+                assert exc.code == ErrorCode.STORE_FULL
+            assert len(sent) > 200, len(sent)
+            got = []
+            while len(got) < len(sent):
+                ev = await next_message(bob, 20)
+                got.append(ev.id)
+                await bob.ack(ev.seq)
+            assert got == sent
+            # alice's delivered receipts: read and acked, so her queue empties too
+            receipts = 0
+            while receipts < len(sent):
+                ev = await alice.next_event(20)
+                receipts += 1
+                await alice.ack(ev.seq)
+            await until(lambda: srv.queue_stats()["count"] == 0, timeout=20)
+            print(f"round {round_}: {len(sent)} messages filled the store and were freed")
+        await alice.send(BOB, b"room again", id="after")
+        assert (await next_message(bob, 10)).id == "after"
+        await alice.close()
+        await bob.close()
+
+    try:
+        run(main(), timeout=600)
+        assert "device acks not applied" not in srv.log_text()
+    finally:
+        assert srv.stop() == 0
+
+
+# -- 5. a stranger cannot lock the owner out, nor tell which devices exist -----------------
+
+
+def test_a_stranger_cannot_lock_out_the_owner(tmp_path):
+    srv = start(tmp_path)
+    try:
+        creds = run(srv.register(ALICE))
+        refused = 0
+        for _ in range(30):  # 10 a worker (login-failures), then 302
+            raw = Raw(srv.port, source="127.0.0.2")
+            err = scram_exchange(raw, creds.device, os.urandom(32))
+            raw.close()
+            if err.code == ErrorCode.RATE_LIMITED:
+                refused += 1
+            else:
+                assert err.code == ErrorCode.NOT_AUTHORIZED
+        assert refused >= 5  # the stranger is stopped
+        for _ in range(4):  # the owner, from their own address, on either worker
+            raw = Raw(srv.port)
+            assert scram_exchange(raw, creds.device, creds.secret) is None
+            raw.close()
+    finally:
+        assert srv.stop() == 0
+
+
+def test_abandoned_logins_count_as_failures(tmp_path):
+    srv = start(tmp_path, login_failures=3)
+    try:
+        creds = run(srv.register(ALICE))
+        refused = 0
+        for _ in range(20):
+            raw = Raw(srv.port, source="127.0.0.3")
+            scram = ScramLogin(creds)
+            raw.send(scram.first())
+            ev = raw.next_event()
+            raw.close()  # the challenge is never answered
+            refused += isinstance(ev, Error) and ev.code == ErrorCode.RATE_LIMITED
+        assert refused >= 10
+    finally:
+        assert srv.stop() == 0
+
+
+def test_the_challenge_does_not_tell_which_devices_exist(tmp_path):
+    srv = start(tmp_path)
+    try:
+        creds = run(srv.register(ALICE))
+
+        def challenge(device):
+            from pigeon.client._core import Credentials
+
+            raw = Raw(srv.port)
+            raw.send(ScramLogin(Credentials(device, os.urandom(32))).first())
+            ev = raw.next_event()
+            raw.close()
+            fields = dict(f.split("=", 1) for f in ev.data.decode().split(","))
+            return fields["s"], fields["i"]
+
+        real = [challenge(creds.device) for _ in range(4)]
+        unknown = [challenge(BOB + ":0") for _ in range(4)]
+        assert len(set(real)) == 1 and len(set(unknown)) == 1  # the same on every try
+        assert len(real[0][0]) == len(unknown[0][0]) and real[0][1] == unknown[0][1]
+    finally:
+        assert srv.stop() == 0
+
+
+# -- 6. client junk does not become log lines -------------------------------------------------
+
+
+def test_client_sent_errors_do_not_amplify_into_the_log(tmp_path):
+    srv = start(tmp_path, client_log_lines=10)
+    try:
+        raw = Raw(srv.port)
+        c = Connection(Role.CLIENT)
+        frames = b"".join(c.send(Error(ErrorCode.BAD_REQUEST, "x")) for _ in range(5000))
+        raw.sock.sendall(frames)
+        raw.send(Ping("barrier"))
+        while not isinstance(raw.next_event(), Pong):  # the server has read all 5,000
+            pass
+        raw.close()
+        lines = srv.log_text().count("client reported an error")
+        assert 0 < lines <= 10, lines
+    finally:
+        assert srv.stop() == 0
+
+
+# -- 9. an id used again for another message ------------------------------------------------
+
+
+def test_an_id_used_again_for_another_message_is_refused_not_dropped(tmp_path):
+    srv = start(tmp_path)
+
+    async def main():
+        alice = await srv.login(await srv.register(ALICE))
+        bob = await srv.login(await srv.register(BOB))
+        carol = await srv.login(await srv.register(CAROL))
+        first = await alice.send(BOB, b"hello bob", id="m1")
+        assert (await alice.send(BOB, b"hello bob", id="m1")).t == first.t  # a retry
+        with pytest.raises(ServerError) as info:  # another recipient
+            await alice.send(CAROL, b"hello carol", id="m1")
+        assert info.value.code == ErrorCode.ID_REUSED
+        with pytest.raises(ServerError) as info:  # another body
+            await alice.send(BOB, b"something else", id="m1")
+        assert info.value.code == ErrorCode.ID_REUSED
+        ev = await next_message(bob)
+        assert (ev.id, ev.body) == ("m1", b"hello bob")
+        await bob.ack(ev.seq)
+        # read receipts for two messages of the same id from two senders: both go
+        await carol.send(BOB, b"from carol", id="m1")
+        ev = await next_message(bob)
+        await bob.ack(ev.seq)
+        await bob.receipt(ALICE, "m1", "read")
+        await bob.receipt(CAROL, "m1", "read")
+        for c in (alice, bob, carol):
+            await c.close()
+
+    try:
+        run(main())
+    finally:
+        assert srv.stop() == 0
+
+
+# -- 10. a draining worker answers every connection it holds or accepts -------------------------
+
+
+def test_every_connection_a_draining_worker_accepts_gets_503(tmp_path):
+    """Many connections wait in the kernel while the worker is frozen; it then handles
+    SIGTERM and the accepts in one go.  Those accepted by the loop just before the
+    drain reach connection_made after the 503s went out: each must still get one."""
+    srv = Server(tmp_path / "data", workers=1).start()
+    try:
+        for _ in range(3):
+            (pid,) = srv.worker_pids()
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                socks = [socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+                         for _ in range(80)]  # fmt: skip
+                os.kill(pid, signal.SIGTERM)
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            for s in socks:
+                data = b""
+                s.settimeout(10)
+                try:
+                    while chunk := s.recv(4096):
+                        data += chunk
+                except ConnectionResetError:
+                    pass
+                s.close()
+                assert data[:3] == b"PGN", data
+                reader = core_codec.FrameReader()
+                reader.feed(data[5:])
+                node = reader.next_node(core_codec.Codec())
+                assert node is not None and Error.from_node(node).code == 503
+            # the supervisor restarts it (an exit it did not ask for)
+            run(until(lambda p=pid: srv.worker_pids() not in ([], [p]), timeout=30))
+            run(until(lambda: '"worker ready"' in srv.log_text().rsplit('"worker started"', 1)[-1],
+                      timeout=30))  # fmt: skip
+        assert "closed/deleted/dropped" not in srv.log_text()
+    finally:
+        srv.stop()
+
