@@ -463,4 +463,3 @@ def test_every_connection_a_draining_worker_accepts_gets_503(tmp_path):
         assert "closed/deleted/dropped" not in srv.log_text()
     finally:
         srv.stop()
-
