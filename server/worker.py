@@ -269,7 +269,11 @@ class Session(asyncio.Protocol):
         timeout = max(0.1, w.config.login_timeout - (w.loop.time() - self.last_seen))
         try:
             await w.loop.connect_accepted_socket(
-                lambda: self, sock, ssl=self.tls, ssl_handshake_timeout=timeout
+                lambda: self,
+                sock,
+                ssl=self.tls,
+                ssl_handshake_timeout=timeout,
+                ssl_shutdown_timeout=LINGER,  # a close is bounded as for plain TCP
             )
         except Exception:  # a failed or timed-out handshake, a reset: the connection is over
             sock.close()
@@ -406,7 +410,8 @@ class Session(asyncio.Protocol):
                 return
         except (NotImplementedError, OSError, RuntimeError):
             pass
-        self.linger = True
+        # TLS cannot half-close: close (close_notify), aborted if it takes too long
+        self.linger = self.worker.loop.call_later(LINGER, t.abort)
         t.close()
 
     def fail(self, code: ErrorCode, text: str) -> None:
@@ -420,7 +425,10 @@ class Session(asyncio.Protocol):
 
     def _login_timeout(self) -> None:
         if self.transport is None:
-            return  # still in the TLS handshake: its own timeout (the same) ends it
+            # Still in the TLS handshake, whose own timeout (what was left of
+            # this one) ends it; if it ends well just now, look again soon.
+            self.deadline = self.worker.loop.call_later(0.5, self._login_timeout)
+            return
         if self.device is None and not self.closing:
             self.fail(ErrorCode.TIMEOUT, "login not finished in time")
 
@@ -705,6 +713,7 @@ class Worker:
         self.social: Social | None = None
         self.presence: PresenceHub | None = None
         self.tasks: set[asyncio.Task] = set()
+        self.handshakes: set[asyncio.Task] = set()  # TLS handshakes (Session.handshake)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.store: Store | None = None
         self.accounts: Accounts | None = None
@@ -943,6 +952,10 @@ class Worker:
                 return self.queues.commit([], acks, ack_limit=limit, left=left)
             except lmdb.Error as exc:
                 error = exc
+            except Exception as exc:  # not the store's room: smaller steps will not help
+                logger.exception("device acks failed")
+                error = exc
+                break
         left.clear()
         left.update(acks)  # kept: retried later, and redelivered if the device reconnects
         log.event(logger, logging.ERROR, "device acks not applied", worker=self.index,
@@ -1176,11 +1189,17 @@ class Worker:
         for s in list(self.sessions.values()):
             if s.transport is not None:
                 s.transport.abort()
-            else:  # in its TLS handshake (the task ends with the loop)
+            else:  # in its TLS handshake: dropped
                 s.connection_lost(None)
-        # Registrations in threads, the last tick's commit: before the store closes.
+        for t in list(self.handshakes):
+            t.cancel()
+        deadline = time.monotonic() + 1.0  # aborted transports report their loss soon
+        while self.sessions and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        # Registrations in threads (they write the store), the last tick's
+        # commit: before the store closes.  PBKDF2 and one short write each.
         if self.tasks:
-            await asyncio.wait(list(self.tasks), timeout=5.0)
+            await asyncio.wait(list(self.tasks), timeout=30.0)
         await asyncio.sleep(0)
         if self.tick_pending or self.sends or self.acks:
             self.tick()
@@ -1223,20 +1242,31 @@ class Worker:
                 conn, addr = sock.accept()
             except BlockingIOError:
                 return
-            except OSError as exc:  # out of descriptors: retried on the next wake-up
+            except ConnectionAbortedError:
+                continue
+            except OSError as exc:  # out of descriptors: pause accepting for a second
                 now = self.loop.time()
                 if now - self.full_logged >= FULL_LOG_INTERVAL:
                     self.full_logged = now
                     log.event(logger, logging.WARNING, "cannot accept", worker=self.index,
                               error=str(exc))  # fmt: skip
+                fd = sock.fileno()
+                self.loop.remove_reader(fd)
+                self.loop.call_later(1.0, self._resume_tls_accept, sock, ctx)
                 return
             self.tls_accepted(conn, addr, ctx)
+
+    def _resume_tls_accept(self, sock: socket.socket, ctx: ssl.SSLContext) -> None:
+        if not self.draining and sock.fileno() >= 0:
+            self.loop.add_reader(sock.fileno(), self.accept_tls, sock, ctx)
 
     def tls_accepted(self, conn: socket.socket, addr, ctx: ssl.SSLContext) -> None:
         conn.setblocking(False)
         s = Session(self, tls=ctx)
         if s.accepted(addr[0] if addr else "?"):
-            self.spawn(s.handshake(conn))
+            task = self.loop.create_task(s.handshake(conn))
+            self.handshakes.add(task)
+            task.add_done_callback(self.handshakes.discard)
         else:
             conn.close()
 
