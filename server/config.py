@@ -213,8 +213,9 @@ OPTIONS: list[Option] = [
         "login_table_size",
         100_000,
         _positive_int,
-        "source addresses and (device, address) pairs a worker remembers failed logins for "
-        "(in memory, never in the store; the least recent are forgotten first)",
+        "entries in each of a worker's in-memory tables of failed logins (source addresses "
+        "and (device, address) pairs) and of client log lines (source addresses); never in "
+        "the store, the least recent are forgotten first",
     ),
     Option("scram_iterations", 4096, _positive_int, "PBKDF2 iterations for new device keys"),
     Option(

@@ -123,7 +123,9 @@ class LeakyTable:
 
     def hit(self, key: str, limit: int, window: float, now: float) -> None:
         """Count one hit for ``key``."""
-        level = self._level(key, limit, window, now) + 1.0
+        self._put(key, self._level(key, limit, window, now) + 1.0, now)
+
+    def _put(self, key: str, level: float, now: float) -> None:
         table = self.table
         if key in table:
             table.move_to_end(key)
@@ -134,9 +136,10 @@ class LeakyTable:
 
     def take(self, key: str, limit: int, window: float, now: float) -> bool:
         """Count a hit if it fits under the limit; True if it did."""
-        if self.over(key, limit, window, now):
+        level = self._level(key, limit, window, now)
+        if level > limit - 1:
             return False
-        self.hit(key, limit, window, now)
+        self._put(key, level + 1.0, now)
         return True
 
     def __len__(self) -> int:

@@ -391,18 +391,15 @@ class Store:
 
     # -- rate limits ----------------------------------------------------------
 
-    def hit(self, key: str, limit: int, window_ms: int, *, count: bool = True) -> bool:
-        """Sliding-window limit shared by every worker: True if under ``limit``.
-
-        With ``count`` the hit is recorded (only when allowed).
-        """
+    def hit(self, key: str, limit: int, window_ms: int) -> bool:
+        """Sliding-window limit shared by every worker: True (and the hit recorded)
+        if under ``limit``."""
         now = self.clock()
         with self.write() as txn:
-            if count:
-                self.check_room(txn)
+            self.check_room(txn)
             hits = [t for t in (self._get(txn, "limits", key) or []) if t > now - window_ms]
             allowed = len(hits) < limit
-            if allowed and count:
+            if allowed:
                 hits.append(now)
             if hits:
                 self._put(txn, "limits", key, hits)

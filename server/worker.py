@@ -204,7 +204,7 @@ class Session(asyncio.Protocol):
         self.acked = 0
         self.backlog = False
         self.paused = False
-        self.linger = None  # the abort timer of a graceful close (True: closed at once)
+        self.linger = None  # the abort timer of a graceful close
         # made on first use: presence subscriptions, rate buckets
         self.subs: set[str] | None = None
         self.bucket: Bucket | None = None
@@ -273,7 +273,6 @@ class Session(asyncio.Protocol):
                 sock,
                 ssl=self.tls,
                 ssl_handshake_timeout=timeout,
-                ssl_shutdown_timeout=LINGER,  # a close is bounded as for plain TCP
             )
         except Exception:  # a failed or timed-out handshake, a reset: the connection is over
             sock.close()
@@ -339,7 +338,7 @@ class Session(asyncio.Protocol):
         self.closing = True
         if self.deadline is not None:
             self.deadline.cancel()
-        if self.linger is not None and self.linger is not True:
+        if self.linger is not None:
             self.linger.cancel()
         w = self.worker
         if w.sessions.pop(self.id, None) is None:
@@ -403,16 +402,14 @@ class Session(asyncio.Protocol):
         abort only if the client has not closed within LINGER seconds.
         """
         t = self.transport
+        self.linger = self.worker.loop.call_later(LINGER, t.abort)
         try:
             if t.can_write_eof():
                 t.write_eof()
-                self.linger = self.worker.loop.call_later(LINGER, t.abort)
                 return
         except (NotImplementedError, OSError, RuntimeError):
             pass
-        # TLS cannot half-close: close (close_notify), aborted if it takes too long
-        self.linger = self.worker.loop.call_later(LINGER, t.abort)
-        t.close()
+        t.close()  # TLS cannot half-close: close_notify, aborted like the rest
 
     def fail(self, code: ErrorCode, text: str) -> None:
         self.send(Error(code, text))
@@ -916,18 +913,18 @@ class Worker:
             pushes = self.commit_acks(acks, left) if acks else []
         if left:
             # Not all applied (a store full to the last page frees itself in
-            # steps): the rest goes again with the next commits.
+            # steps): the rest goes again with the next commits, soon if this
+            # one freed something, in a second if nothing could be applied.
             for device, upto in left.items():
                 if self.acks.get(device, 0) < upto:
                     self.acks[device] = upto
-            self.loop.call_later(0.01 if len(left) < len(acks) or pushes else 1.0,
-                                 self._schedule_tick)  # fmt: skip
+            stuck = pushes is None
+            self.loop.call_later(1.0 if stuck else 0.01, self._schedule_tick)
+        pushes = pushes or []
         self.stats.commit(time.perf_counter() - started)
         accepted = 0
-        full = False
         for s in sends:
             accepted += s.error is None
-            full = full or (s.error is not None and s.error[0] == ErrorCode.STORE_FULL)
             sess = s.session
             if sess.transport is None or sess.closing:
                 continue  # gone: the client retries with the same id and gets the same ack
@@ -936,16 +933,19 @@ class Worker:
             else:
                 sess.send(Error(s.error[0], s.error[1], s.id))
         self.stats.counters["messages_in"] += accepted
-        if full:
+        if accepted < len(sends) and any(
+            s.error is not None and s.error[0] == ErrorCode.STORE_FULL for s in sends
+        ):
             self.store_full_log("only the reserve for acks is left (store-reserve)")
         self.deliver(pushes)
 
-    def commit_acks(self, acks: dict[str, int], left: dict[str, int]) -> list:
+    def commit_acks(self, acks: dict[str, int], left: dict[str, int]) -> list | None:
         """Apply device acks on their own, in smaller steps while the store is too full.
 
         Acks free space, but deleting needs pages too (and their delivered
         receipts more): when all of them at once do not fit, a few entries
-        per device at a time do, and each step frees room for the next."""
+        per device at a time do, and each step frees room for the next.
+        Returns the entries to push, or None when nothing could be applied."""
         for limit in (None, 64, 8, 1):
             left.clear()
             try:
@@ -960,7 +960,7 @@ class Worker:
         left.update(acks)  # kept: retried later, and redelivered if the device reconnects
         log.event(logger, logging.ERROR, "device acks not applied", worker=self.index,
                   error=str(error))  # fmt: skip
-        return []
+        return None
 
     def deliver(self, pushes) -> None:
         """Hand committed entries to the sessions that hold their devices."""
