@@ -39,6 +39,10 @@ from .wire import (
 
 IMPLEMENTATION = "python"
 
+#: Kinds of queue entry (see Codec.queue_entry) and the tag each is delivered as.
+ENTRY_MESSAGE, ENTRY_RECEIPT = 0, 1
+_ENTRY_TAGS = ("message", "receipt")
+
 _PACKED_VALUE = {c: i for i, c in enumerate(PACKED_ALPHABET)}
 
 
@@ -385,6 +389,83 @@ class Codec:
         else:
             r.finish()
         return Envelope(tag, to, mid, mtype, data, cstart, cend)
+
+    # -- queue entries ----------------------------------------------------
+    #
+    # What the server stores for one delivery, written once and turned into
+    # the delivery frame only when it is pushed, by splicing the device's
+    # sequence number between the stored envelope and the body:
+    #
+    #     kind u8 | t u64 | flags u8 | len u8, origin | len u8, id | len u16, head | body
+    #
+    # kind 0 message (body follows), 1 receipt (nothing follows); flags bit 0:
+    # the recipient user had several devices (the fan record).  ``head`` is the
+    # frame payload up to the ``seq`` attribute: the list header, the tag and
+    # ``from``, ``id``, ``type``, ``t``, encoded with this codec's dictionary.
+    # All integers are big-endian.  The frame is byte for byte what encoding
+    # IncomingMessage / IncomingReceipt would give.
+
+    def queue_entry(self, kind: int, t: int, fan: bool, origin: str, mid: str, typ: str,
+                    body=None) -> bytes:  # fmt: skip
+        """The stored form of a message (kind 0, with ``body``) or receipt (kind 1)."""
+        if kind not in (ENTRY_MESSAGE, ENTRY_RECEIPT):
+            raise ValueError(f"unknown entry kind {kind}")
+        o, i = origin.encode(), mid.encode()
+        if not 0 < len(o) < 256 or not 0 < len(i) < 256:
+            raise ValueError("origin and id must be 1-255 bytes")
+        head = bytearray()
+        message = kind == ENTRY_MESSAGE
+        self._list_header(head, 11 + message)
+        self._string(head, _ENTRY_TAGS[kind], "tag")
+        for key, value in (("from", origin), ("id", mid), ("type", typ), ("t", str(t))):
+            self._string(head, key, "attribute name")
+            self._string(head, value, "attribute value")
+        out = bytearray((kind,))
+        out += t.to_bytes(8, "big")
+        out.append(1 if fan else 0)
+        out.append(len(o))
+        out += o
+        out.append(len(i))
+        out += i
+        out += len(head).to_bytes(2, "big")
+        out += head
+        if message:
+            out += body
+        return bytes(out)
+
+    def write_entry_frame(self, out: bytearray, entry, seq: int) -> int:
+        """Append the delivery frame of a queue entry, as sequence ``seq``, to ``out``.
+
+        Returns the frame's length (header included)."""
+        size = len(entry)
+        p = 10
+        if size < p + 4:
+            raise ValueError("not a queue entry")
+        p += 1 + entry[p]
+        if p >= size:
+            raise ValueError("not a queue entry")
+        p += 1 + entry[p]
+        if p + 2 > size:
+            raise ValueError("not a queue entry")
+        hlen = int.from_bytes(entry[p : p + 2], "big")
+        p += 2
+        if p + hlen > size:
+            raise ValueError("not a queue entry")
+        payload = bytearray(entry[p : p + hlen])
+        self._string(payload, "seq", "attribute name")
+        self._string(payload, str(seq), "attribute value")
+        if entry[0] == ENTRY_MESSAGE:
+            body = memoryview(entry)[p + hlen :]
+            self._bin_header(payload, len(body))
+            payload += body
+        n = len(payload)
+        if n > self.limits.max_frame:
+            raise FrameTooLarge(
+                f"encoded node of {n} bytes exceeds the maximum of {self.limits.max_frame}"
+            )
+        out += n.to_bytes(3, "big")
+        out += payload
+        return n + 3
 
     # -- encoding ---------------------------------------------------------
 

@@ -143,6 +143,7 @@ cdef int _one_byte_code(dict codes, str s):
 include "framing.pxi"
 include "decode.pxi"
 include "encode.pxi"
+include "entry.pxi"
 
 
 @cython.final
@@ -158,6 +159,8 @@ cdef class Codec:
     cdef int _tok_to, _tok_id, _tok_type    # one-byte codes of the envelope keys, or -1
     cdef unsigned char* _buf
     cdef Py_ssize_t _cap, _len
+    cdef unsigned char _seq_key[8]          # the "seq" attribute name, encoded (<= 5 bytes)
+    cdef Py_ssize_t _seq_len
 
     def __cinit__(self, dictionary=LATEST, limits=DEFAULT_LIMITS):
         self._buf = <unsigned char*>PyMem_Malloc(1024)
@@ -180,6 +183,10 @@ cdef class Codec:
         self.max_attrs = limits.max_attrs
         self.max_string = limits.max_string
         self.max_children = limits.max_children
+        self._len = 0
+        _enc_string(self, "seq", "attribute name")
+        self._seq_len = self._len
+        memcpy(self._seq_key, self._buf, self._len)
 
     def __dealloc__(self):
         PyMem_Free(self._buf)
@@ -224,6 +231,27 @@ cdef class Codec:
             b.pos = 0
             b.end = view.len
             return _peek(self, &b, payload)
+        finally:
+            PyBuffer_Release(&view)
+
+    # -- queue entries (layout: pigeon.core._pycodec, "queue entries") -----
+
+    def queue_entry(self, int kind, unsigned long long t, bint fan, str origin, str mid, str typ,
+                    body=None):
+        """The stored form of a message (kind 0, with ``body``) or receipt (kind 1)."""
+        return _queue_entry(self, kind, t, fan, origin, mid, typ, body)
+
+    def write_entry_frame(self, bytearray out, entry, unsigned long long seq):
+        """Append the delivery frame of a queue entry, as sequence ``seq``, to ``out``.
+
+        Returns the frame's length (header included)."""
+        cdef Py_buffer view
+        if PyBytes_CheckExact(entry):
+            return _write_entry_frame(self, out, <const unsigned char*>PyBytes_AS_STRING(entry),
+                                      PyBytes_GET_SIZE(entry), seq)
+        PyObject_GetBuffer(entry, &view, PyBUF_SIMPLE)
+        try:
+            return _write_entry_frame(self, out, <const unsigned char*>view.buf, view.len, seq)
         finally:
             PyBuffer_Release(&view)
 

@@ -21,7 +21,6 @@ subscriber that sees it.
 
 from __future__ import annotations
 
-from pigeon.core import codec as core_codec
 from pigeon.core.errors import ErrorCode
 from pigeon.core.events import Error
 
@@ -94,9 +93,8 @@ class PresenceHub:
             bus = self.worker.bus
             peers = [p for p in bus.peer_ids() if p != self.worker.wid]
             for user in changed:
-                node = core_codec.Node("pres", {"u": user})
                 for p in peers:
-                    bus.send(p, node)
+                    bus.presence(p, user)
         for user in changed | remote:
             self.apply(user)
 

@@ -4,18 +4,25 @@ Theory of operation.  Every device has a FIFO queue in the ``queue`` table,
 keyed ``device + NUL + seq`` (seq a big-endian u64), so one device's entries
 are contiguous and in sequence order.  ``qstate`` keeps, per device, the
 next sequence and the queue's count and bytes (the limits and the operator
-view need them without a scan).  An entry is the finished frame the device
-will receive (encoded with the oldest dictionary version the server accepts:
-tokens are only ever appended, so such a frame decodes under every version)
-plus what the server needs when the device acknowledges it:
+view need them without a scan).  An entry is written once, in the binary form of ``Codec.queue_entry``
+(pigeon.core._pycodec documents the layout): kind (message or receipt),
+``t``, a fan flag, the origin and the id the server needs when the device
+acknowledges it, the envelope of the delivery frame already encoded (with
+the oldest dictionary version the server accepts: tokens are only ever
+appended, so such a frame decodes under every version) and the body.  The
+delivery frame is spliced from it only when it is pushed or read
+(``Codec.write_entry_frame`` puts the device's ``seq`` between envelope and
+body): nothing is re-encoded per device, and the body is copied once into
+the entry and once into the connection's output.
 
-    [kind, t, origin, id, fan, frame]
     kind   0 message, 1 receipt
     t      server time (ms) the item was accepted
     origin message: the sending device; receipt: the user it comes from
     id     the message id
-    fan    message only: True when the recipient user had several devices
+    fan    message only: set when the recipient user had several devices
            (then the ``fan`` table holds one record until the first of them acks)
+
+``qstate`` values are three big-endian u64: next sequence, count, bytes.
 
 A worker gathers what its connections ask for during one loop tick (messages
 and receipts to store, cumulative device acks) and ``commit`` writes it all
@@ -60,6 +67,7 @@ Time (ms) comes from the store's injectable clock.
 from __future__ import annotations
 
 import hashlib
+import struct
 from dataclasses import dataclass
 
 import msgpack
@@ -90,6 +98,21 @@ def _digest(to: str, typ: str, body) -> bytes:
 
 
 _packb = msgpack.Packer(use_bin_type=True).pack
+_QSTATE = struct.Struct(">QQQ")
+_T = struct.Struct(">Q")
+
+
+def entry_fields(value) -> tuple[int, int, bool, str, str]:
+    """(kind, t, fan, origin, id) of a stored queue entry."""
+    olen = value[10]
+    ilen = value[11 + olen]
+    return (
+        value[0],
+        _T.unpack_from(value, 1)[0],
+        bool(value[9] & 1),
+        bytes(value[11 : 11 + olen]).decode(),
+        bytes(value[12 + olen : 12 + olen + ilen]).decode(),
+    )
 
 
 def _unpackb(raw):
@@ -122,16 +145,26 @@ class FrameEncoder:
         self._codec = impl.Codec(oldest, Limits(max_frame=max_frame))
         self._node = impl.Node
 
-    # The nodes of IncomingMessage.to_node / IncomingReceipt.to_node, built
-    # directly (this runs once per queued entry; tests decode the frames back
-    # with the event classes).
+    def entry(self, kind: int, t: int, fan: bool, origin: str, mid: str, typ: str,
+              body=None) -> bytes:  # fmt: skip
+        """A queue entry (the module doc; Codec.queue_entry)."""
+        return self._codec.queue_entry(kind, t, fan, origin, mid, typ, body)
+
+    def write(self, out: bytearray, entry, seq: int) -> int:
+        """Append the delivery frame of ``entry`` as sequence ``seq``; returns its length."""
+        return self._codec.write_entry_frame(out, entry, seq)
+
+    def frame(self, entry, seq: int) -> bytes:
+        out = bytearray()
+        self._codec.write_entry_frame(out, entry, seq)
+        return bytes(out)
+
+    # The frames of IncomingMessage / IncomingReceipt, for tests and tools.
     def message(self, origin: str, mid: str, typ: str, t: int, seq: int, body) -> bytes:
-        attrs = {"from": origin, "id": mid, "type": typ, "t": str(t), "seq": str(seq)}
-        return self._codec.encode_frame(self._node("message", attrs, body))
+        return self.frame(self.entry(MESSAGE, t, False, origin, mid, typ, body), seq)
 
     def receipt(self, origin: str, mid: str, typ: str, t: int, seq: int) -> bytes:
-        attrs = {"from": origin, "id": mid, "type": typ, "t": str(t), "seq": str(seq)}
-        return self._codec.encode_frame(self._node("receipt", attrs))
+        return self.frame(self.entry(RECEIPT, t, False, origin, mid, typ), seq)
 
     # Not queued, but pushed to many connections and across workers alike
     # (PresenceUpdate / IncomingChatState nodes).
@@ -163,14 +196,16 @@ class Send:
 
 
 class Push:
-    """An entry committed to a device's queue; ``worker`` holds the device (None: offline)."""
+    """An entry committed to a device's queue; ``worker`` holds the device (None: offline).
 
-    __slots__ = ("device", "seq", "frame", "worker")
+    ``entry`` is the stored entry: FrameEncoder.write makes its frame."""
 
-    def __init__(self, device, seq, frame, worker):
+    __slots__ = ("device", "seq", "entry", "worker")
+
+    def __init__(self, device, seq, entry, worker):
         self.device = device
         self.seq = seq
-        self.frame = frame
+        self.entry = entry
         self.worker = worker
 
     def __repr__(self) -> str:
@@ -207,7 +242,7 @@ class _Txn:
         st = self.state.get(device)
         if st is None:
             raw = self.txn.get(device.encode(), db=self.q.db["qstate"])
-            st = [1, 0, 0] if raw is None else _unpackb(raw)
+            st = [1, 0, 0] if raw is None else list(_QSTATE.unpack(raw))
             self.state[device] = st
         return st
 
@@ -220,32 +255,27 @@ class _Txn:
             self.sessions[device] = w
             return w
 
-    def enqueue(self, device: str, kind: int, t: int, origin: str, mid: str, fan: bool, typ: str,
-                body=None) -> None:  # fmt: skip
+    def enqueue(self, device: str, entry: bytes) -> None:
         st = self.qstate(device)
         seq = st[0]
-        if kind == MESSAGE:
-            frame = self.enc.message(origin, mid, typ, t, seq, body)
-        else:
-            frame = self.enc.receipt(origin, mid, typ, t, seq)
-        value = _packb((kind, t, origin, mid, fan, frame))
-        self.put(qkey(device, seq), value, db=self.qdb)
+        self.put(qkey(device, seq), entry, db=self.qdb)
         st[0] = seq + 1
         st[1] += 1
-        st[2] += len(value)
-        self.pushes.append(Push(device, seq, frame, self.worker_of(device)))
+        st[2] += len(entry)
+        self.pushes.append(Push(device, seq, entry, self.worker_of(device)))
 
     def flush_state(self) -> None:
         put = self.txn.put
         db = self.q.db["qstate"]
+        pack = _QSTATE.pack
         for device, st in self.state.items():
-            put(device.encode(), _packb(st), db=db)
+            put(device.encode(), pack(*st), db=db)
 
 
 class Queues:
     """The queue operations over a ``Store``'s environment."""
 
-    # Fixed overhead of a stored entry besides the frame (msgpack header, ids).
+    # Fixed overhead of a stored entry besides its id and body (header, envelope).
     ENTRY_OVERHEAD = 96
 
     def __init__(self, store, limits: QueueLimits = QueueLimits(), encoder=None, receipts=True):
@@ -403,14 +433,15 @@ class Queues:
             return
         if s.cls == "message":
             fan = len(devices) > 1
+            entry = w.enc.entry(MESSAGE, now, fan, s.device, s.id, s.type, s.body)
             for d in devices:
-                w.enqueue(d, MESSAGE, now, s.device, s.id, fan, s.type, s.body)
+                w.enqueue(d, entry)
             if fan:
                 txn.put(self._fan_key(s.device, s.id, s.to), b"", db=self.db["fan"])
         else:
-            origin = s.device.partition(":")[0]
+            entry = w.enc.entry(RECEIPT, now, False, sender, s.id, s.type)
             for d in devices:
-                w.enqueue(d, RECEIPT, now, origin, s.id, False, s.type)
+                w.enqueue(d, entry)
         txn.put(dkey, stamp, db=cur)
         s.t = now
 
@@ -445,24 +476,24 @@ class Queues:
                     st = w.qstate(device)
                 st[1] -= 1
                 st[2] -= len(value)
-                if self.receipts and value[1] == MESSAGE:
-                    # value[0] is the msgpack array header, value[1] the kind (a fixint)
-                    self._delivered(w, _unpackb(value), user, now)
+                if self.receipts and value[0] == MESSAGE:
+                    self._delivered(w, value, user, now)
                 if not c.delete():
                     break
         if st is not None and st[1] <= 0:
             st[1], st[2] = 0, 0
         return done
 
-    def _delivered(self, w: _Txn, entry: list, user: str, now: int) -> None:
-        _, _, origin, mid, fan, _ = entry
+    def _delivered(self, w: _Txn, value, user: str, now: int) -> None:
+        _, _, fan, origin, mid = entry_fields(value)
         if fan and not w.txn.delete(self._fan_key(origin, mid, user), db=self.db["fan"]):
             return  # another device of this user acked first
         sender_devices = w.devices(origin.partition(":")[0])
         if not sender_devices:
             return  # the sender's account is gone
+        entry = w.enc.entry(RECEIPT, now, False, user, mid, "delivered")
         for d in sender_devices:
-            w.enqueue(d, RECEIPT, now, user, mid, False, "delivered")
+            w.enqueue(d, entry)
 
     # -- reading ------------------------------------------------------------------
 
@@ -470,31 +501,55 @@ class Queues:
         """The next sequence the device's queue will hand out (1 for a new device)."""
         with self.env.begin() as txn:
             raw = txn.get(device.encode(), db=self.db["qstate"])
-        return 1 if raw is None else _unpackb(raw)[0]
+        return 1 if raw is None else _QSTATE.unpack(raw)[0]
 
     def read(
         self, device: str, after: int, limit: int, max_bytes: int | None = None
     ) -> list[tuple[int, bytes]]:
-        """Up to ``limit`` (seq, frame) entries of the device's queue with seq > ``after``.
-
-        With ``max_bytes`` it stops once the frames reach that many bytes
-        (the entry that crosses it included, so at least one is returned).
-        """
+        """Up to ``limit`` (seq, frame) entries of the device's queue with seq > ``after``
+        (``read_into``'s entries as separate frames, for tools and tests)."""
         out = []
-        size = 0
+        buf = bytearray()
+        enc = self.encoder
         prefix = qprefix(device)
+        size = 0
         with self.env.begin() as txn, txn.cursor(db=self.db["queue"]) as c:
             if not c.set_range(qkey(device, after + 1)):
                 return out
             for key, value in c:
                 if not key.startswith(prefix) or len(out) >= limit:
                     break
-                frame = _unpackb(value)[5]
-                out.append((int.from_bytes(key[-8:], "big"), frame))
-                size += len(frame)
+                seq = int.from_bytes(key[-8:], "big")
+                del buf[:]
+                size += enc.write(buf, value, seq)
+                out.append((seq, bytes(buf)))
                 if max_bytes is not None and size >= max_bytes:
                     break
         return out
+
+    def read_into(
+        self, out: bytearray, device: str, after: int, limit: int, max_bytes: int
+    ) -> tuple[int, int, int]:
+        """Append the delivery frames of up to ``limit`` entries with seq > ``after``
+        to ``out``, stopping once they reach ``max_bytes`` (the entry that
+        crosses it included, so at least one is written).
+
+        Returns (entries written, bytes written, the last seq written)."""
+        n = size = last = 0
+        write = self.encoder.write
+        prefix = qprefix(device)
+        with self.env.begin(buffers=True) as txn, txn.cursor(db=self.db["queue"]) as c:
+            if not c.set_range(qkey(device, after + 1)):
+                return 0, 0, 0
+            for key, value in c:
+                if n >= limit or bytes(key[: len(prefix)]) != prefix:
+                    break
+                last = int.from_bytes(key[-8:], "big")
+                size += write(out, value, last)
+                n += 1
+                if size >= max_bytes:
+                    break
+        return n, size, last
 
     # -- housekeeping ---------------------------------------------------------------
 
@@ -520,7 +575,7 @@ class Queues:
                     nxt = dkey
                     break
                 seen += 1
-                st = _unpackb(raw)
+                st = list(_QSTATE.unpack(raw))
                 if st[1] == 0:
                     continue
                 device = dkey.decode()
@@ -530,21 +585,22 @@ class Queues:
                     if not c.set_range(prefix):
                         continue
                     while c.key().startswith(prefix):
-                        entry = _unpackb(c.value())
-                        if entry[1] >= cutoff:
+                        value = c.value()
+                        kind, t, fan, origin, mid = entry_fields(value)
+                        if t >= cutoff:
                             break
                         st[1] -= 1
-                        st[2] -= len(c.value())
+                        st[2] -= len(value)
                         purged += 1
-                        if entry[0] == MESSAGE and entry[4]:
-                            txn.delete(self._fan_key(entry[2], entry[3], user), db=fdb)
+                        if kind == MESSAGE and fan:
+                            txn.delete(self._fan_key(origin, mid, user), db=fdb)
                         if not c.delete():
                             break
                 if st[1] <= 0:
                     st[1], st[2] = 0, 0
                 updates.append((dkey, st))
             for dkey, st in updates:
-                txn.put(dkey, _packb(st), db=sdb)
+                txn.put(dkey, _QSTATE.pack(*st), db=sdb)
         return purged, nxt
 
     def stats(self, top: int = 10) -> dict:
@@ -556,13 +612,13 @@ class Queues:
         with self.env.begin() as txn:
             qc = txn.cursor(db=self.db["queue"])
             for dkey, raw in txn.cursor(db=self.db["qstate"]):
-                _, count, size = _unpackb(raw)
+                _, count, size = _QSTATE.unpack(raw)
                 if count <= 0:
                     continue
                 device = dkey.decode()
                 first_t = None
                 if qc.set_range(qprefix(device)) and qc.key().startswith(qprefix(device)):
-                    first_t = _unpackb(qc.value())[1]
+                    first_t = _T.unpack_from(qc.value(), 1)[0]
                 age = None if first_t is None else max(0, now - first_t) / 1000
                 total_count += count
                 total_bytes += size
@@ -590,4 +646,33 @@ def drop_device_queue(txn, db: dict, device: str) -> int:
                 if not c.delete():
                     break
     txn.delete(device.encode(), db=db["qstate"])
+    return n
+
+
+def upgrade_entries(txn, db: dict, encoder: FrameEncoder) -> int:
+    """Rewrite format-3 queue entries and queue states (msgpack) in this
+    module's binary form, inside ``txn``; returns the entries rewritten."""
+    codec = encoder._codec
+    n = 0
+    rewritten = []
+    for key, value in txn.cursor(db=db["queue"]):
+        kind, t, origin, mid, fan, frame = _unpackb(value)
+        node = codec.decode(memoryview(frame)[3:])
+        body = node.content if kind == MESSAGE else None
+        entry = encoder.entry(kind, t, fan, node.attrs["from"], mid, node.attrs["type"], body)
+        rewritten.append((key, entry))
+    states = {}
+    for key, _ in rewritten:
+        device = key[:-9]
+        states.setdefault(device, [0, 0])
+    for key, entry in rewritten:
+        txn.put(key, entry, db=db["queue"])
+        st = states[key[:-9]]
+        st[0] += 1
+        st[1] += len(entry)
+        n += 1
+    for key, value in list(txn.cursor(db=db["qstate"])):
+        nxt, count, size = _unpackb(value)
+        count, size = states.get(key, (0, 0))
+        txn.put(key, _QSTATE.pack(nxt, count, size), db=db["qstate"])
     return n

@@ -22,9 +22,11 @@ Tables (LMDB named databases):
               blocking (server/social.py)
 
 Format history: 1 (accounts, devices, codes, limits, sessions); 2 adds the
-queue tables; 3 the presence and contact tables.  An older store is upgraded
-in place at open (the new tables start empty); a store newer than this code
-is refused.
+queue tables; 3 the presence and contact tables; 4 stores queue entries and
+queue states in binary (server/queues.py) instead of msgpack.  An older
+store is upgraded in place at open, in the open's write transaction (new
+tables start empty; queued entries are rewritten); a store newer than this
+code is refused.
 
 Room (``over_reserve``).  LMDB fails a write transaction that needs a page
 past the map.  Deleting needs pages too (copy on write), and a device ack
@@ -57,11 +59,12 @@ import time
 import lmdb
 import msgpack
 
-from .queues import QUEUE_TABLES, drop_device_queue
+from .queues import QUEUE_TABLES, FrameEncoder, drop_device_queue, upgrade_entries
 from .social import SOCIAL_TABLES, drop_user, release_device
 
-FORMAT_VERSION = 3
-_UPGRADABLE = (1, 2)  # formats opened and upgraded in place (only tables were added)
+FORMAT_VERSION = 4
+_UPGRADABLE = (1, 2, 3)  # formats opened and upgraded in place
+_MSGPACK_QUEUES = (2, 3)  # formats whose queue entries are rewritten (upgrade_entries)
 _TABLES = (
     "meta", "accounts", "devices", "codes", "limits", "sessions", *QUEUE_TABLES, *SOCIAL_TABLES,
 )  # fmt: skip
@@ -179,6 +182,8 @@ class Store:
         self._db = {name: self.env.open_db(name.encode()) for name in _TABLES}
         with self.env.begin(write=True) as txn:
             raw = txn.get(b"format", db=self._db["meta"])
+            if raw is not None and int(raw) in _MSGPACK_QUEUES:
+                upgrade_entries(txn, self._db, FrameEncoder())
             if raw is None or int(raw) in _UPGRADABLE:
                 txn.put(b"format", str(FORMAT_VERSION).encode(), db=self._db["meta"])
             elif int(raw) != FORMAT_VERSION:

@@ -52,12 +52,12 @@ import time
 import orjson
 
 from pigeon.core import codec as core_codec
-from pigeon.core.node import Limits
 
 from . import control as control_mod
 from . import log
 from . import metrics as metrics_mod
 from . import worker as worker_mod
+from .bus import kick_record
 from .sdnotify import notify
 from .store import Store, StoreError, make_private
 from .worker import WID_STRIDE, listen_socket
@@ -504,11 +504,7 @@ class Supervisor:
 
     def kick(self, device: str, code: int, text: str) -> int:
         """Tell every worker to close ``device``'s session; returns how many were told."""
-        codec = core_codec.Codec(limits=Limits(max_frame=0xFFFFFF))
-        attrs = {"device": device, "code": str(code)}
-        if text:
-            attrs["text"] = text
-        frame = codec.encode_frame(core_codec.Node("kick", attrs))
+        frame = kick_record(device, code, text)
         told = 0
         for w in self.workers + self.incoming + self.retiring:
             path = os.path.join(self.run_dir, f"w{w.wid}.sock")

@@ -13,9 +13,12 @@ acks) is gathered and written in one LMDB write transaction at the end of
 the tick (``Worker.tick``); only after it commits do senders get their
 ``ack`` and recipients their entries.  Every delivery comes from the
 device's queue: the committing worker pushes the entries it just stored to
-the devices it holds, and sends a ``push`` node (the finished frame) over
-the bus to the worker that holds any other recipient device (the store's
-session table says which).  Frames for one peer are batched per tick.
+the devices it holds, and sends a PUSH record (the stored entry) over the
+bus (server/bus.py) to the worker that holds any other recipient device
+(the store's session table says which).  A delivery frame is spliced from
+the stored entry straight into the connection's output buffer
+(``FrameEncoder.write``): the body is never re-encoded.  Records for one
+peer are batched per tick.
 
 Flow control.  A session pushes at most ``delivery_window`` entries past
 the device's last ack; the rest stay in LMDB and are read from there as acks
@@ -26,10 +29,10 @@ session stops pushing and stops reading the client until it drains below
 
 Presence (server/presence.py, server/social.py): a device's availability
 is written to the store; the users whose presence changed during the tick
-are noted to every other worker at the end of it (a ``pres`` bus node) and
+are noted to every other worker at the end of it (a PRESENCE record) and
 each worker pushes the change to its own subscribers, as each may see it.
 Typing indicators (``chatstate``) go straight to the recipient's connected
-devices (a ``cs`` bus node for another worker's) and are never stored.
+devices (a TYPING record for another worker's) and are never stored.
 Per-connection token buckets limit messages and requests (``message-rate``)
 and typing (``typing-rate``).
 
@@ -95,6 +98,7 @@ from pigeon.core.node import DEFAULT_LIMITS, Limits, address_kind
 
 from . import log
 from .accounts import Accounts, ServiceError, make_gateway
+from .bus import Bus
 from .config import load
 from .limits import Bucket, LeakyTable, source_key
 from .metrics import SNAPSHOT_INTERVAL, WorkerStats
@@ -431,7 +435,7 @@ class Session(asyncio.Protocol):
 
     # -- delivery from the queue --------------------------------------------------
 
-    def offer(self, seq: int, frame) -> None:
+    def offer(self, seq: int, entry) -> None:
         """An entry just committed to this device's queue: push it if the window allows."""
         if seq <= self.pushed or self.closing or self.device is None:
             return
@@ -442,7 +446,7 @@ class Session(asyncio.Protocol):
             and seq - self.acked <= self.worker.delivery_window
             and self.buffered() < self.worker.write_buffer_high
         ):
-            self.out += frame
+            self.worker.encode_entry(self.out, entry, seq)
             self.pushed = seq
             self.worker.stats.counters["entries_out"] += 1
             self._schedule_flush()
@@ -468,16 +472,12 @@ class Session(asyncio.Protocol):
         if budget <= 0:
             self.backlog = True
             return
-        entries = w.queues.read(self.device, self.pushed, room, max_bytes=budget)
-        size = 0
-        for _, frame in entries:
-            self.out += frame
-            size += len(frame)
-        if entries:
-            self.pushed = entries[-1][0]
-            self.worker.stats.counters["entries_out"] += len(entries)
+        n, size, last = w.queues.read_into(self.out, self.device, self.pushed, room, budget)
+        if n:
+            self.pushed = last
+            self.worker.stats.counters["entries_out"] += n
             self._schedule_flush()
-        self.backlog = len(entries) == room or size >= budget
+        self.backlog = n == room or size >= budget
 
     def device_ack(self, seq: int) -> None:
         self.worker.stats.counters["device_acks"] += 1
@@ -707,6 +707,7 @@ class Worker:
         self.delivery_window = config.delivery_window
         self.write_buffer_high = config.write_buffer_high
         self.queues: Queues | None = None
+        self.encode_entry = None  # FrameEncoder.write: a stored entry's frame into a buffer
         self.social: Social | None = None
         self.presence: PresenceHub | None = None
         self.tasks: set[asyncio.Task] = set()
@@ -763,10 +764,7 @@ class Worker:
         if offline:
             self.presence.note(s.user)
         if prev is not None and prev["worker"] != self.wid:
-            self.bus.send(
-                prev["worker"],
-                core_codec.Node("kick", {"device": s.device, "code": str(int(ErrorCode.REPLACED))}),
-            )
+            self.bus.kick(prev["worker"], s.device, int(ErrorCode.REPLACED))
         self.stats.counters["logins"] += 1
         log.event(logger, logging.INFO, "login", device=s.device, conn=s.id, ip=s.ip)
 
@@ -783,20 +781,26 @@ class Worker:
             local.fail(code, text)
         for w in self.bus.peer_ids():
             if w != self.wid:
-                self.bus.send(
-                    w, core_codec.Node("kick", {"device": device, "code": str(int(code))})
-                )
+                self.bus.kick(w, device, int(code))
 
     def kick_local(self, device: str, code: int, text: str | None = None) -> None:
         s = self.by_device.get(device)
         if s is not None:
+            try:
+                code = ErrorCode(code)
+            except ValueError:
+                # the supervisor checks an operator's kick; a bad one must
+                # still not end the link (and the records behind it)
+                log.event(logger, logging.WARNING, "bad kick on the bus; ignored", device=device,
+                          code=code)  # fmt: skip
+                return
             if text is None:
                 text = (
                     "logged in on another connection"
                     if code == ErrorCode.REPLACED
                     else "this device was removed"
                 )
-            s.fail(ErrorCode(code), text)
+            s.fail(code, text)
 
     # -- the tick: one commit, then one write per connection and per peer ----------
 
@@ -877,7 +881,7 @@ class Worker:
             if wid == self.wid:
                 self.typing_local(device, frame)
             else:
-                self.bus.send(wid, core_codec.Node("cs", {"d": device}, frame))
+                self.bus.typing(wid, device, frame)
 
     def typing_local(self, device: str, frame) -> None:
         r = self.by_device.get(device)
@@ -971,16 +975,14 @@ class Worker:
             if p.worker == self.wid:
                 s = by_device.get(p.device)
                 if s is not None:
-                    s.offer(p.seq, p.frame)
+                    s.offer(p.seq, p.entry)
             else:
-                self.bus.send(
-                    p.worker, core_codec.Node("push", {"d": p.device, "s": str(p.seq)}, p.frame)
-                )
+                self.bus.push(p.worker, p.device, p.seq, p.entry)
 
-    def offer_local(self, device: str, seq: int, frame) -> None:
+    def offer_local(self, device: str, seq: int, entry) -> None:
         s = self.by_device.get(device)
         if s is not None:
-            s.offer(seq, frame)
+            s.offer(seq, entry)
 
     # -- housekeeping -------------------------------------------------------------
 
@@ -1105,6 +1107,7 @@ class Worker:
         )
         self.social = Social(self.store, c)
         self.presence = PresenceHub(self, self.social, self.queues.encoder)
+        self.encode_entry = self.queues.encoder.write
         _, offline = self.store.clear_worker_sessions(self.wid)
         self.accounts = Accounts(self.store, c, make_gateway(c))
         self.bus = Bus(self)
@@ -1279,121 +1282,6 @@ class Worker:
             self.loop.remove_reader(fd)
             log.event(logger, logging.WARNING, "supervisor gone; worker exits", worker=self.index)
             self.stopping.set()
-
-
-class BusPeer(asyncio.Protocol):
-    """One inbound or outbound connection between two workers."""
-
-    def __init__(self, bus: Bus):
-        self.bus = bus
-        self.reader = core_codec.FrameReader(0xFFFFFF)
-        self.transport = None
-
-    def connection_made(self, transport) -> None:
-        self.transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        self.reader.feed(data)
-        w = self.bus.worker
-        while (node := self.reader.next_node(self.bus.codec)) is not None:
-            a = node.attrs
-            if node.tag == "push":
-                w.offer_local(a["d"], int(a["s"]), node.content)
-            elif node.tag == "pres":
-                w.presence.note_remote(a["u"])
-            elif node.tag == "cs":
-                w.typing_local(a["d"], node.content)
-            elif node.tag == "kick":
-                # the supervisor checks an operator's kick; a bad one must still not
-                # end this link (and the good nodes behind it) with an exception
-                try:
-                    device, code = a["device"], ErrorCode(int(a["code"]))
-                except (KeyError, ValueError):
-                    log.event(logger, logging.WARNING, "bad kick on the bus; ignored",
-                              device=a.get("device"), code=a.get("code"))  # fmt: skip
-                    continue
-                w.kick_local(device, code, a.get("text"))
-
-    def connection_lost(self, exc) -> None:
-        self.bus.lost(self)
-
-
-class Bus:
-    """Worker-to-worker channels: Unix sockets in the run directory, one write per peer per tick."""
-
-    def __init__(self, worker: Worker):
-        self.worker = worker
-        self.codec = core_codec.Codec(limits=Limits(max_frame=0xFFFFFF))
-        self.out: dict[int, bytearray] = {}
-        self.peers: dict[int, BusPeer] = {}
-        self.connecting: set[int] = set()
-        self.server = None
-
-    def path(self, wid: int) -> str:
-        return os.path.join(self.worker.run_dir, f"w{wid}.sock")
-
-    def peer_ids(self) -> list[int]:
-        """Every worker listening now, this generation or another (during a reload)."""
-        out = []
-        for name in os.listdir(self.worker.run_dir):
-            if name.startswith("w") and name.endswith(".sock") and name[1:-5].isdigit():
-                out.append(int(name[1:-5]))
-        return out
-
-    async def start(self) -> None:
-        path = self.path(self.worker.wid)
-        if os.path.exists(path):
-            os.unlink(path)
-        self.server = await self.worker.loop.create_unix_server(lambda: BusPeer(self), path)
-
-    def send(self, index: int, node) -> None:
-        """Queue a node for worker ``index``; written at the end of the tick."""
-        self.codec.write_frame(self.out.setdefault(index, bytearray()), node)
-        self.worker._schedule_tick()
-
-    def flush(self) -> None:
-        if not self.out:
-            return
-        for index, buf in list(self.out.items()):
-            peer = self.peers.get(index)
-            if peer is not None and peer.transport is not None and not peer.transport.is_closing():
-                peer.transport.write(buf)
-                del self.out[index]
-            elif index not in self.connecting:
-                self.connecting.add(index)
-                self.worker.spawn(self._connect(index))
-
-    async def _connect(self, index: int) -> None:
-        try:
-            _, peer = await self.worker.loop.create_unix_connection(
-                lambda: BusPeer(self), self.path(index)
-            )
-            self.peers[index] = peer
-        except OSError as exc:
-            # The peer worker is down (restarting): its devices' connections
-            # are gone with it; what was queued for them waits in the store.
-            log.event(logger, logging.WARNING, "cannot reach worker", worker=index, error=str(exc))
-            self.out.pop(index, None)
-        finally:
-            self.connecting.discard(index)
-        if self.out.get(index):
-            self.flush()
-
-    def lost(self, peer: BusPeer) -> None:
-        for index, p in list(self.peers.items()):
-            if p is peer:
-                del self.peers[index]
-
-    def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
-        try:  # no longer a peer for anyone
-            os.unlink(self.path(self.worker.wid))
-        except OSError:
-            pass
-        for p in self.peers.values():
-            if p.transport is not None:
-                p.transport.close()
 
 
 def code_mismatch(expected: dict) -> str | None:

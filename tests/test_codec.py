@@ -212,3 +212,61 @@ def test_node_api(impl):
     import pickle
 
     assert pickle.loads(pickle.dumps(typical(impl))) == typical(impl)
+
+
+# -- queue entries: the stored form of a delivery, spliced into a frame at push --
+
+_ids = st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1, max_size=64)
+_origins = st.one_of(
+    st.from_regex(r"[1-9][0-9]{7,14}:[0-9]{1,2}", fullmatch=True),
+    st.from_regex(r"[1-9][0-9]{7,14}", fullmatch=True),
+)
+
+
+@given(
+    st.sampled_from([0, 1]),
+    st.integers(0, 2**64 - 1),
+    st.booleans(),
+    _origins,
+    _ids,
+    st.one_of(st.sampled_from(["text", "delivered", "read", "add"]), _ids),
+    st.binary(max_size=70_000),
+    st.integers(0, 2**64 - 1),
+    st.sampled_from(["python", "fastpath"]),
+)
+def test_entry_frames_are_the_frames_of_the_events(kind, t, fan, origin, mid, typ, body, seq, name):
+    """write_entry_frame(queue_entry(...)) is byte for byte encode_frame of the
+    IncomingMessage / IncomingReceipt node, in both implementations, and both
+    make the same entries."""
+    from conftest import load_impl
+
+    from pigeon.core.tokens import DICTIONARIES
+
+    impl = load_impl(name)
+    other = load_impl("python")
+    c = impl.Codec(DICTIONARIES[1], Limits(max_frame=0xFFFFFF))
+    entry = c.queue_entry(kind, t, fan, origin, mid, typ, body if kind == 0 else None)
+    assert entry == other.Codec(DICTIONARIES[1], Limits(max_frame=0xFFFFFF)).queue_entry(
+        kind, t, fan, origin, mid, typ, body if kind == 0 else None
+    )
+    out = bytearray(b"ab")
+    n = c.write_entry_frame(out, memoryview(entry) if seq & 1 else entry, seq)
+    attrs = {"from": origin, "id": mid, "type": typ, "t": str(t), "seq": str(seq)}
+    node = impl.Node("message" if kind == 0 else "receipt", attrs, body if kind == 0 else None)
+    assert bytes(out) == b"ab" + c.encode_frame(node) and n == len(out) - 2
+
+
+def test_entry_frame_limits_and_bad_entries(impl):
+    from pigeon.core.errors import FrameTooLarge
+
+    c = impl.Codec(limits=Limits(max_frame=200))
+    entry = c.queue_entry(0, 1, False, "491701234567:0", "m1", "text", b"x" * 300)
+    with pytest.raises(FrameTooLarge):
+        c.write_entry_frame(bytearray(), entry, 1)
+    with pytest.raises(ValueError):
+        c.queue_entry(2, 1, False, "491701234567:0", "m1", "text", b"")
+    with pytest.raises(ValueError):
+        c.queue_entry(1, 1, False, "", "m1", "text")
+    for cut in (5, 12, 20):  # the splice checks every offset it reads
+        with pytest.raises(ValueError):
+            c.write_entry_frame(bytearray(), entry[:cut], 1)

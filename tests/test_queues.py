@@ -79,7 +79,7 @@ def test_offline_queue_keeps_order_and_ack_deletes_exactly_that(store, clock, im
     # ack 3: exactly 1..3 go; alice gets three delivered receipts, in order
     pushes = q.commit([], {b: 3})
     assert [seq for seq, _ in q.read(b, 0, 100)] == [4, 5]
-    receipts = [decode(p.frame, impl) for p in pushes]
+    receipts = [decode(q.encoder.frame(p.entry, p.seq), impl) for p in pushes]
     assert [
         (p.device, r.sender, r.id, r.type, r.seq) for p, r in zip(pushes, receipts, strict=True)
     ] == [(a, BOB, f"m{i}", "delivered", i + 1) for i in range(3)]
@@ -105,7 +105,7 @@ def test_delivered_receipt_once_per_user_to_every_sender_device(store):
     assert sorted(p.device for p in pushes) == [b0, b1]
     receipts = q.commit([], {b1: 1})  # the first of bob's devices
     assert sorted(p.device for p in receipts) == [a0, a1]
-    assert {decode(p.frame).type for p in receipts} == {"delivered"}
+    assert {decode(q.encoder.frame(p.entry, p.seq)).type for p in receipts} == {"delivered"}
     assert q.commit([], {b0: 1}) == []  # the second: no receipt again
     assert q.read(b0, 0, 10) == [] and q.read(b1, 0, 10) == []
 
@@ -116,7 +116,7 @@ def test_read_receipts_go_to_every_device_of_the_user_and_are_deduplicated(store
     a1 = store.link_device(ALICE, b"j" * 32, KEYS)
     s, pushes = send(q, b0, ALICE, "m1", cls="receipt", typ="read")
     assert s.error is None and sorted(p.device for p in pushes) == [a0, a1]
-    ev = decode(pushes[0].frame)
+    ev = decode(q.encoder.frame(pushes[0].entry, pushes[0].seq))
     assert (ev.sender, ev.id, ev.type) == (BOB, "m1", "read")
     again, pushes = send(q, b0, ALICE, "m1", cls="receipt", typ="read")
     assert again.t == s.t and pushes == []
@@ -168,7 +168,7 @@ def test_unknown_recipient_and_account_without_devices(store):
 
 @pytest.mark.parametrize("limit", ["count", "bytes"])
 def test_a_full_queue_refuses_with_402_and_stores_nothing(store, limit):
-    q = make_queues(store, **({"max_count": 3} if limit == "count" else {"max_bytes": 700}))
+    q = make_queues(store, **({"max_count": 3} if limit == "count" else {"max_bytes": 600}))
     a, b = user(store, ALICE), user(store, BOB)
     b1 = store.link_device(BOB, b"j" * 32, KEYS)
     for i in range(3):
@@ -247,3 +247,50 @@ def test_store_format_is_checked_and_format_1_is_upgraded(tmp_path):
         Store(path, map_size=8 << 20)
     with pytest.raises(StoreError, match="no store"):
         Store(str(tmp_path / "nothing"), create=False)
+
+
+def test_a_format_3_store_is_upgraded_with_its_queued_entries(tmp_path, clock):
+    """Format 3 kept msgpack [kind, t, origin, id, fan, frame] entries and
+    [next, count, bytes] states: the upgrade rewrites both, so what was
+    queued is delivered byte for byte as before and still yields receipts."""
+    import msgpack
+
+    from pigeon.core.node import Node
+    from pigeon.core.tokens import DICTIONARIES
+
+    path = str(tmp_path / "store")
+    s = Store(path, map_size=64 << 20, clock=clock, sync="os")
+    a, b = user(s, ALICE), user(s, BOB)
+    b1 = s.link_device(BOB, b"j" * 32, KEYS)
+    old = core_codec.Codec(DICTIONARIES[1])
+    frames = {}
+    with s.write() as txn:
+        for dev in (b, b1):
+            for seq, body in ((1, b"one"), (2, b"x" * 300)):
+                attrs = {"from": a, "id": f"m{seq}", "type": "text", "t": str(clock.t), "seq": str(seq)}
+                frame = old.encode_frame(Node("message", attrs, body))
+                frames[(dev, seq)] = frame
+                value = msgpack.packb([0, clock.t, a, f"m{seq}", True, frame], use_bin_type=True)
+                txn.put(dev.encode() + b"\0" + seq.to_bytes(8, "big"), value, db=s._db["queue"])
+                txn.put(f"{a}\0m{seq}\0{BOB}".encode(), b"", db=s._db["fan"])
+            txn.put(dev.encode(), msgpack.packb([3, 2, 999]), db=s._db["qstate"])
+        txn.put(b"format", b"3", db=s._db["meta"])
+    s.close()
+    s = Store(path, map_size=64 << 20, clock=clock, sync="os")
+    try:
+        with s.read() as txn:
+            assert int(txn.get(b"format", db=s._db["meta"])) == FORMAT_VERSION
+        q = make_queues(s)
+        for dev in (b, b1):
+            assert q.read(dev, 0, 10) == [(1, frames[(dev, 1)]), (2, frames[(dev, 2)])]
+            assert q.head(dev) == 3
+        st = q.stats()
+        assert st["count"] == 4 and st["bytes"] < 4 * 999
+        pushes = q.commit([], {b1: 2})  # the first of bob's devices: two receipts
+        evs = [decode(q.encoder.frame(p.entry, p.seq)) for p in pushes]
+        assert [(p.device, e.type, e.id, e.sender) for p, e in zip(pushes, evs)] == [
+            (a, "delivered", "m1", BOB), (a, "delivered", "m2", BOB)
+        ]  # fmt: skip
+        assert q.commit([], {b: 2}) == []  # the fan records were kept: no second receipt
+    finally:
+        s.close()
