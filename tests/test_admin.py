@@ -358,10 +358,11 @@ def test_a_worker_survives_a_bad_kick_on_its_bus_socket(tmp_path):
     """The supervisor checks kicks; a worker still must not drop its bus link over a bad one."""
     import socket
 
-    from pigeon.core import codec as core_codec
+    import struct
+
     from pigeon.core.errors import ErrorCode
     from pigeon.core.events import Error
-    from pigeon.core.node import Limits
+    from pigeon.server.bus import kick_record
 
     srv = Server(tmp_path / "data", workers=1).start()
     try:
@@ -374,14 +375,12 @@ def test_a_worker_survives_a_bad_kick_on_its_bus_socket(tmp_path):
             with open(f"/proc/{srv.worker_pid(0)}/cmdline", "rb") as f:
                 argv = f.read().split(b"\0")
             run_dir = argv[argv.index(b"--run-dir") + 1].decode()
-            codec = core_codec.Codec(limits=Limits(max_frame=0xFFFFFF))
             frames = b"".join(
-                codec.encode_frame(core_codec.Node("kick", attrs))
-                for attrs in (
-                    {"device": bob_creds.device, "code": "abc"},
-                    {"device": bob_creds.device, "code": "999"},
-                    {"code": "304"},
-                    {"device": bob_creds.device, "code": "304", "text": "after the bad ones"},
+                (
+                    kick_record(bob_creds.device, 999),  # not an error code
+                    struct.pack(">IB", 4, 77) + b"???",  # a record type nobody knows
+                    kick_record("", 304),  # no device
+                    kick_record(bob_creds.device, 304, "after the bad ones"),
                 )
             )
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
