@@ -80,6 +80,58 @@ class Envelope:
         )
 
 
+class Hot:
+    """A message, receipt or device ack read by ``FrameReader.next_hot``.
+
+    kind: 1 message (to, id, type, body), 2 receipt (to, id, type),
+    3 ack (seq).  Every field was checked as the event classes check it."""
+
+    __slots__ = ("kind", "to", "id", "type", "body", "seq")
+
+    def __init__(self, kind, to=None, id=None, type=None, body=None, seq=None):
+        self.kind, self.to, self.id, self.type, self.body, self.seq = kind, to, id, type, body, seq
+
+    def __repr__(self) -> str:
+        return (f"Hot(kind={self.kind}, to={self.to!r}, id={self.id!r}, type={self.type!r}, "
+                f"body={self.body!r}, seq={self.seq!r})")  # fmt: skip
+
+
+HOT_MESSAGE, HOT_RECEIPT, HOT_ACK = 1, 2, 3
+_HOT_KEYS = {"message": {"to", "id", "type"}, "receipt": {"to", "id", "type"}, "ack": {"seq"}}
+_ID_CHARS = frozenset(range(0x21, 0x7F))
+
+
+def _printable_id(s: str) -> bool:
+    return 1 <= len(s) <= 64 and s.isascii() and all(ord(ch) in _ID_CHARS for ch in s)
+
+
+def _hot(node) -> Hot | None:
+    """A hot kind with exactly its attributes and the content its event reads,
+    passing every check of its event class; else None.  (The compiled reader
+    also leaves frames not in their short form, such as a key spelled out
+    instead of its token, to the full decode: the events are the same.)"""
+    keys = _HOT_KEYS.get(node.tag)
+    if keys is None or len(node.attrs) != len(keys) or not set(node.attrs) <= keys:
+        return None
+    a = node.attrs
+    if node.tag == "ack":
+        v = a["seq"]
+        if node.content is not None or not (v.isdigit() and v.isascii()) or len(v) > 20:
+            return None
+        if (len(v) > 1 and v[0] == "0") or int(v) > 0xFFFFFFFFFFFFFFFF:
+            return None
+        return Hot(HOT_ACK, seq=int(v))
+    if not valid_phone(a["to"]) or not _printable_id(a["id"]):
+        return None
+    if node.tag == "message":
+        if type(node.content) is not bytes or not _printable_id(a["type"]):
+            return None
+        return Hot(HOT_MESSAGE, a["to"], a["id"], a["type"], node.content)
+    if node.content is not None or a["type"] not in ("read", "played"):
+        return None
+    return Hot(HOT_RECEIPT, a["to"], a["id"], a["type"])
+
+
 class FrameReader:
     """Split a byte stream into frame payloads (3-byte big-endian length + payload)."""
 
@@ -172,6 +224,17 @@ class FrameReader:
         if span is None:
             return None
         return codec._decode_span(*span)
+
+    def next_hot(self, codec: Codec):
+        """The next frame as a ``Hot`` (a message, receipt or device ack that
+        passes every check of its event class) or, for anything else, as the
+        decoded Node; None if more data is needed.  Raises what next_node raises."""
+        span = self._next()
+        if span is None:
+            return None
+        node = codec._decode_span(*span)
+        hot = _hot(node)
+        return node if hot is None else hot
 
     def next_envelope(self, codec: Codec) -> Envelope | None:
         """Peek the next complete frame with ``codec``; None if more data is needed."""

@@ -25,6 +25,7 @@ Codec = _impl.Codec
 FrameReader = _impl.FrameReader
 Node = _impl.Node
 Envelope = _impl.Envelope
+Hot = _impl.Hot
 
 
 def implementations() -> dict:

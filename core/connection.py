@@ -19,6 +19,19 @@ steps, AUTHENTICATED (messaging), and the terminal CLOSED and ERROR.  The
 legal moves are one table, ``TRANSITIONS``, applied alike to what this side
 sends and to what it receives; each event class is sent by one role only.
 
+The hot path.  A logged-in client's messages, receipts and device acks
+are most of what a server reads.  In that state a server's connection
+reads each frame with ``FrameReader.next_hot``, which checks those three
+kinds in their short form straight from the received buffer, as their
+event classes would, and returns a ``Hot`` record (``kind``: 1 message,
+2 receipt, 3 ack) in place of the event; any other frame, and any hot one
+that does not pass every check, is decoded in full and goes through the
+event classes as before, so errors are exactly the full path's.  It is a
+shortcut inside this state machine, not another one: a ``Hot`` is legal in
+the one state that allows its event and changes no state.
+The server turns it on (``hot_path=True``); other users of this class
+get events only, and the tests compare both paths.
+
 Errors.  A framing or codec error means the byte stream cannot be trusted:
 ``next_event`` raises a fatal ``RemoteProtocolError`` and the connection
 enters ERROR, where the only thing left to do is ``send(Error(...))`` and
@@ -158,6 +171,7 @@ class Connection:
         dictionaries: dict[int, Dictionary] | None = None,
         limits: Limits = DEFAULT_LIMITS,
         codec=None,
+        hot_path: bool = False,
     ):
         self.role = Role(role)
         self.limits = limits
@@ -182,6 +196,8 @@ class Connection:
             self.state = State.HANDSHAKE
         self._codec = self._impl.Codec(self.dictionary, limits)
         self._node_cls = self._impl.Node
+        #: the Hot class of this codec when the hot path is on (a server only)
+        self.hot = self._impl.Hot if hot_path and self.role is Role.SERVER else None
 
     # -- output -----------------------------------------------------------
 
@@ -267,7 +283,12 @@ class Connection:
                 return self._closed_or_need()
             return self._handshake()
         try:
-            node = self._reader.next_node(self._codec)
+            if self.hot is not None and self.state is State.AUTHENTICATED:
+                node = self._reader.next_hot(self._codec)
+                if type(node) is self.hot:
+                    return node
+            else:
+                node = self._reader.next_node(self._codec)
         except CodecError as exc:
             raise self._fail(RemoteProtocolError(exc.text, exc.code)) from exc
         if node is None:

@@ -140,6 +140,7 @@ cdef int _one_byte_code(dict codes, str s):
     return code if code is not None and code < 0x100 else -1
 
 
+include "hot.pxi"
 include "framing.pxi"
 include "decode.pxi"
 include "encode.pxi"
@@ -157,6 +158,7 @@ cdef class Codec:
     cdef dict _codes
     cdef Py_ssize_t max_frame, max_depth, max_attrs, max_string, max_children
     cdef int _tok_to, _tok_id, _tok_type    # one-byte codes of the envelope keys, or -1
+    cdef int _tok_seq, _tok_message, _tok_receipt, _tok_ack   # and of the hot kinds (hot.pxi)
     cdef unsigned char* _buf
     cdef Py_ssize_t _cap, _len
     cdef unsigned char _seq_key[8]          # the "seq" attribute name, encoded (<= 5 bytes)
@@ -178,6 +180,10 @@ cdef class Codec:
         self._tok_to = _one_byte_code(self._codes, "to")
         self._tok_id = _one_byte_code(self._codes, "id")
         self._tok_type = _one_byte_code(self._codes, "type")
+        self._tok_seq = _one_byte_code(self._codes, "seq")
+        self._tok_message = _one_byte_code(self._codes, "message")
+        self._tok_receipt = _one_byte_code(self._codes, "receipt")
+        self._tok_ack = _one_byte_code(self._codes, "ack")
         self.max_frame = limits.max_frame
         self.max_depth = limits.max_depth
         self.max_attrs = limits.max_attrs

@@ -138,3 +138,24 @@ cdef class FrameReader:
         b.pos = start
         b.end = end
         return _peek(codec, &b, buf)
+
+    def next_hot(self, Codec codec):
+        """The next frame as a ``Hot`` (a message, receipt or device ack that
+        passes every check of its event class) or, for anything else, as the
+        decoded Node; None if more data is needed.  Raises what next_node raises."""
+        cdef Py_ssize_t start = 0, end = 0
+        cdef Buf b
+        buf = self._next(&start, &end)
+        if buf is None:
+            return None
+        b.data = <const unsigned char*>PyBytes_AS_STRING(buf)
+        b.pos = start
+        b.end = end
+        try:
+            h = _hot(codec, &b)
+        except (MalformedNode, UnknownToken, LimitExceeded):
+            h = None  # the full decode below raises the error, worded as always
+        if h is not None:
+            return h
+        b.pos = start
+        return _decode_top(codec, &b)

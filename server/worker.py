@@ -114,6 +114,9 @@ PAYLOAD_HEADROOM = 256
 
 logger = logging.getLogger("pigeon.worker")
 
+HOT = core_codec.Hot
+HOT_MESSAGE, HOT_ACK = 1, 3  # Hot.kind (2 is a receipt)
+
 #: Requests that draw on a connection's message-rate bucket (typing has its own).
 RATED = frozenset({Message, Receipt, Presence, Privacy, Discover, Block, Unblock, BlocklistQuery})
 
@@ -190,7 +193,7 @@ class Session(asyncio.Protocol):
         self.tls = tls  # the server context of a TLS listener's connection
         self.transport = None  # for TLS: set once the handshake is done
         self.id = next(worker.ids)
-        self.conn = Connection(Role.SERVER, limits=worker.limits)
+        self.conn = Connection(Role.SERVER, limits=worker.limits, hot_path=True)
         self.out = bytearray()
         self.flush_pending = False
         self.closing = False
@@ -510,6 +513,14 @@ class Session(asyncio.Protocol):
     def handle(self, ev) -> None:
         t = type(ev)
         w = self.worker
+        if t is HOT:  # a message, receipt or ack the hot path read (core/connection.py)
+            kind = ev.kind
+            if kind == HOT_ACK:
+                self.device_ack(ev.seq)
+            elif self.allowed(ev):
+                w.route(self, ev.to, ev.id, "message" if kind == HOT_MESSAGE else "receipt",
+                        ev.type, ev.body)  # fmt: skip
+            return
         if t in RATED and not self.allowed(ev):
             return
         if t is Message:

@@ -357,7 +357,6 @@ def test_bad_control_requests_are_refused_and_applied_ones_are_checked(tmp_path)
 def test_a_worker_survives_a_bad_kick_on_its_bus_socket(tmp_path):
     """The supervisor checks kicks; a worker still must not drop its bus link over a bad one."""
     import socket
-
     import struct
 
     from pigeon.core.errors import ErrorCode

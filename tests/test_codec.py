@@ -216,7 +216,9 @@ def test_node_api(impl):
 
 # -- queue entries: the stored form of a delivery, spliced into a frame at push --
 
-_ids = st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1, max_size=64)
+_ids = st.text(
+    alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1, max_size=64
+)
 _origins = st.one_of(
     st.from_regex(r"[1-9][0-9]{7,14}:[0-9]{1,2}", fullmatch=True),
     st.from_regex(r"[1-9][0-9]{7,14}", fullmatch=True),
@@ -238,9 +240,9 @@ def test_entry_frames_are_the_frames_of_the_events(kind, t, fan, origin, mid, ty
     """write_entry_frame(queue_entry(...)) is byte for byte encode_frame of the
     IncomingMessage / IncomingReceipt node, in both implementations, and both
     make the same entries."""
-    from conftest import load_impl
-
     from pigeon.core.tokens import DICTIONARIES
+
+    from conftest import load_impl
 
     impl = load_impl(name)
     other = load_impl("python")

@@ -267,7 +267,13 @@ def test_a_format_3_store_is_upgraded_with_its_queued_entries(tmp_path, clock):
     with s.write() as txn:
         for dev in (b, b1):
             for seq, body in ((1, b"one"), (2, b"x" * 300)):
-                attrs = {"from": a, "id": f"m{seq}", "type": "text", "t": str(clock.t), "seq": str(seq)}
+                attrs = {
+                    "from": a,
+                    "id": f"m{seq}",
+                    "type": "text",
+                    "t": str(clock.t),
+                    "seq": str(seq),
+                }
                 frame = old.encode_frame(Node("message", attrs, body))
                 frames[(dev, seq)] = frame
                 value = msgpack.packb([0, clock.t, a, f"m{seq}", True, frame], use_bin_type=True)
@@ -288,7 +294,7 @@ def test_a_format_3_store_is_upgraded_with_its_queued_entries(tmp_path, clock):
         assert st["count"] == 4 and st["bytes"] < 4 * 999
         pushes = q.commit([], {b1: 2})  # the first of bob's devices: two receipts
         evs = [decode(q.encoder.frame(p.entry, p.seq)) for p in pushes]
-        assert [(p.device, e.type, e.id, e.sender) for p, e in zip(pushes, evs)] == [
+        assert [(p.device, e.type, e.id, e.sender) for p, e in zip(pushes, evs, strict=True)] == [
             (a, "delivered", "m1", BOB), (a, "delivered", "m2", BOB)
         ]  # fmt: skip
         assert q.commit([], {b: 2}) == []  # the fan records were kept: no second receipt
