@@ -227,9 +227,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser(
         "serve",
         help="run the server",
+        # the settings, grouped, follow in the help; 60 of them in the usage line hide it
+        usage="%(prog)s [-h] [--config FILE] [--SETTING VALUE ...]",
         description="Run the server: a supervisor and worker processes. Every flag can also be "
         "set in the TOML file given with --config (same names, without the dashes); "
-        "flags override the file, the file overrides the defaults.",
+        "flags override the file, the file overrides the defaults. "
+        "docs/OPERATIONS.md explains each setting.",
     )
     serve.add_argument("--config", metavar="FILE", help="TOML configuration file")
     add_arguments(serve)
