@@ -159,11 +159,19 @@ class Lost:
 
 
 class ScramLogin:
-    """The client half of the SCRAM-SHA-256 exchange; the secret is the password."""
+    """The client half of the SCRAM-SHA-256 exchange.
 
-    def __init__(self, creds: Credentials):
+    The password is the device secret as 64 lowercase hex characters, as the
+    server derived the device's keys from it (docs/PROTOCOL.md section 8).
+    ``c_nonce``: a fixed client nonce, only for reproducing a worked example
+    (a real login must use a fresh random one, the default).
+    """
+
+    def __init__(self, creds: Credentials, c_nonce: str | None = None):
         self.creds = creds
-        self._scram = ScramClient(["SCRAM-SHA-256"], creds.device, creds.secret.hex())
+        self._scram = ScramClient(
+            ["SCRAM-SHA-256"], creds.device, creds.secret.hex(), c_nonce=c_nonce
+        )
 
     def first(self) -> AuthStart:
         return AuthStart(self._scram.get_client_first().encode())
