@@ -179,6 +179,7 @@ class WorkerProc:
         self.started = 0.0
         self.backoff = 1.0
         self.restart_at: float | None = None
+        self.restarts = 0  # spawns after the first (crashes it came back from)
         self.buf = b""
         self.fatal: str | None = None  # why it refused to start, from its status pipe
 
@@ -210,6 +211,8 @@ class Supervisor:
         self.control: socket.socket | None = None
         self.control_conns: set[control_mod.ControlConn] = set()
         self.worker_env = worker_env()
+        self.start_time = time.time()  # wall clock, for /status
+        self.start_mono = time.monotonic()
 
     # -- startup checks -----------------------------------------------------
 
@@ -327,6 +330,8 @@ class Supervisor:
         except BrokenPipeError:
             pass  # the worker is already gone; _reap sees it
         w.status_fd = status_r
+        if w.started:
+            w.restarts += 1
         w.ready = False
         w.fatal = None
         w.buf = b""
@@ -430,6 +435,7 @@ class Supervisor:
                 self.config.metrics_listen,
                 collector,
                 self.health,
+                supervisor_status=self.status,
                 limit=self.config.metrics_connections,
                 timeout=self.config.metrics_timeout,
             )
@@ -693,6 +699,49 @@ class Supervisor:
         if self.announced and all(w.ready and w.proc is not None for w in self.workers):
             return "ready"
         return "starting"
+
+    def status(self) -> dict:
+        """The supervisor's part of /status: state, workers, listeners (see metrics.status_document).
+
+        Read by the metrics thread while the main thread runs: each list and
+        each worker's process is read once, as in worker_pids.
+        """
+        now = time.monotonic()
+        rows = []
+        for role, group in (("serving", self.workers), ("incoming", self.incoming),
+                            ("retiring", self.retiring)):  # fmt: skip
+            for w in list(group):
+                proc = w.proc
+                if proc is None:
+                    state = "restarting" if w.restart_at is not None else "stopped"
+                elif role == "retiring":
+                    state = "draining"
+                else:
+                    state = "ready" if w.ready else "starting"
+                rows.append({
+                    "id": w.wid, "index": w.index, "generation": w.gen,
+                    "pid": proc.pid if proc is not None else None, "state": state,
+                    "uptime_s": round(now - w.started, 3) if proc is not None else None,
+                    "restarts": w.restarts,
+                })  # fmt: skip
+        c = self.config
+        return {
+            "state": self.health(),
+            "pid": os.getpid(),
+            "start_ms": int(self.start_time * 1000),
+            "uptime_s": round(now - self.start_mono, 3),
+            "generation": self.gen,
+            "reloading": bool(self.incoming),
+            "workers_configured": self.count,
+            "workers": rows,
+            "listeners": {
+                "chat": c.listen,
+                "tls": c.tls_listen if c.tls_enabled else None,
+                "metrics": c.metrics_listen,
+                "control": os.path.abspath(control_mod.socket_path(c.data_dir)),
+            },
+            "data_dir": os.path.abspath(c.data_dir),
+        }
 
     def shutdown(self) -> None:
         self.stopping = True
