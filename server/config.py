@@ -139,7 +139,7 @@ OPTIONS: list[Option] = [
         "metrics_listen",
         "127.0.0.1:7659",
         _listen_or_off,
-        "Prometheus /metrics and /health listener, HOST:PORT, or off",
+        "Prometheus /metrics, /health and the JSON /status listener, HOST:PORT, or off",
     ),
     Option(
         "metrics_connections",

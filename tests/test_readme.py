@@ -114,8 +114,9 @@ class ServeFromReadme:
         serve_line = code_blocks(README)[0][0].split(" && ")[-1]
         argv, _ = command(serve_line)
         self.port = free_port()
+        self.metrics = f"127.0.0.1:{free_port()}"
         self.argv = [*pigeon_argv(argv), "--listen", f"127.0.0.1:{self.port}",
-                     "--metrics-listen", f"127.0.0.1:{free_port()}"]  # fmt: skip
+                     "--metrics-listen", self.metrics]  # fmt: skip
         self.cwd = cwd
         self.log = open(cwd / "serve.log", "wb")  # noqa: SIM115 (closed in stop)
         self.proc = subprocess.Popen(self.argv, cwd=cwd, stdout=self.log, stderr=self.log,
@@ -268,10 +269,14 @@ def test_try_it_as_written(tmp_path):
         assert admin, "Try it shows no admin command"
         for text in admin:
             argv, _ = command(text)
+            if argv[2] in ("status", "stats"):  # they read the metrics listener: the test's
+                argv = [*argv, "--metrics", srv.metrics]
             out = run(pigeon_argv(argv), tmp_path)
             assert out.returncode == 0, (text, out.stderr)
             if argv[2:4] == ["user", "show"]:
                 assert argv[4] in out.stdout, out.stdout
+            if argv[2] == "status":
+                assert "ready" in out.stdout, out.stdout
     finally:
         for proc in procs.values():
             if proc.poll() is None:
