@@ -36,10 +36,18 @@ number and message number) on stderr and in the JSON's "stalled", prints
 the figures gathered so far ("partial": true when the sends were cut
 short) and exits with status 1.  There is no bound on a run's length:
 a long run that keeps moving is let finish.
+
+Output: ``--json`` prints the result as one JSON object; without it, a
+headline in words (messages sent, delivered and lost, server CPU per
+message, msg/s, the latency percentiles; per bench what it is for), then
+every figure aligned, one a line.  ``pigeon bench report`` draws saved
+results, one series per configuration (``CONFIG_KEYS``), and skips with a
+note what it cannot draw, so a whole results folder can be given.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import platform
@@ -49,6 +57,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 from types import SimpleNamespace
@@ -849,21 +858,53 @@ def presence(opts) -> dict:
     }
 
 
+#: What to install when a bench dependency is missing, from PyPI or from a checkout.
+PIP_HINT = "pip install 'pigeon[bench]' (from a checkout: pip install '.[bench]')"
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default after its help, except for flags and options whose
+    default is "not set" (None): "(default: False)" tells nobody anything."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "%(default)" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        if not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+
 def add_parser(sub) -> None:
-    p = sub.add_parser("bench", help="load benchmarks against a real server",
-                       description=__doc__.split("\n\n")[0])  # fmt: skip
+    p = sub.add_parser(
+        "bench",
+        help="load benchmarks against a real server",
+        description="Load runs against a real server, measured from the OS: each bench "
+        "starts its own server (the bench profile, limits lifted) in a temporary data "
+        "directory unless --target names one, and prints a summary (--json: one JSON "
+        "object). 'pigeon bench BENCH --help' lists a bench's options and defaults.",
+        formatter_class=HelpFormatter,
+    )
     bsub = p.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
+
+    def parser(name, **kw):
+        return bsub.add_parser(name, formatter_class=HelpFormatter, **kw)
 
     def common(sp, clients=True):
         if clients:
-            sp.add_argument("--clients", type=int, default=100, metavar="N")
-        sp.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                        help="server workers (default: one per core)")  # fmt: skip
-        sp.add_argument("--load-procs", type=int, default=1,
-                        help="load-generator processes (default 1)")  # fmt: skip
-        sp.add_argument("--target", metavar="HOST:PORT", help="measure a running server")
-        sp.add_argument("--server-pid", type=int, metavar="PID", help="its supervisor's PID")
-        sp.add_argument("--creds", metavar="FILE", help="credentials from pigeon admin provision")
+            sp.add_argument("--clients", type=int, default=100, metavar="N",
+                            help="connected, logged-in clients")  # fmt: skip
+        sp.add_argument("--workers", type=int, default=os.cpu_count() or 1, metavar="N",
+                        help="server workers (default: one per core, %(default)s here)")  # fmt: skip
+        sp.add_argument("--load-procs", type=int, default=1, metavar="N",
+                        help="load-generator processes; the clients are split between them")  # fmt: skip
+        sp.add_argument("--target", metavar="HOST:PORT",
+                        help="measure a running server instead of starting one (with "
+                        "--server-pid and --creds)")  # fmt: skip
+        sp.add_argument("--server-pid", type=int, metavar="PID",
+                        help="the running server's supervisor PID, for its CPU and memory")  # fmt: skip
+        sp.add_argument("--creds", metavar="FILE",
+                        help="credentials from pigeon admin provision (with --target)")  # fmt: skip
         sp.add_argument("--json", action="store_true", help="print exactly one JSON object")
 
     def stall_flags(sp):
@@ -871,12 +912,21 @@ def add_parser(sub) -> None:
                         help="while sending, stop after S seconds without progress (no new "
                         "ack, delivery, receipt or error in any load process), say which "
                         "messages are missing and exit 1 with the figures so far, marked "
-                        "partial (default 30)")  # fmt: skip
+                        "partial")  # fmt: skip
         sp.add_argument("--drain-timeout", type=float, default=10, metavar="S",
                         help="after the sends, stop waiting for deliveries after S seconds "
-                        "without progress; the missing messages are named (default 10)")  # fmt: skip
+                        "without progress; the missing messages are named")  # fmt: skip
 
-    t = bsub.add_parser(
+    def sync_flag(sp):
+        sp.add_argument("--sync", choices=["os", "fsync"], default="os",
+                        help="the server's durability (default: %(default)s; the server's own "
+                        "default is fsync)")  # fmt: skip
+
+    def plot_flag(sp):
+        sp.add_argument("--plot", metavar="FILE.png",
+                        help="also draw the latency CDF into FILE.png (needs matplotlib)")  # fmt: skip
+
+    t = parser(
         "throughput",
         help="closed-loop 1:1 messages, CPU per message",
         description="Every client sends --messages messages (per client: 1000 clients with "
@@ -886,132 +936,316 @@ def add_parser(sub) -> None:
     )
     common(t)
     t.add_argument("--messages", type=int, default=100, metavar="M",
-                   help="messages PER CLIENT (default 100): the run sends clients x M")  # fmt: skip
-    t.add_argument("--size", type=int, default=100, metavar="BYTES")
-    t.add_argument("--window", type=int, default=16, metavar="W", help="unacked per client")
-    t.add_argument(
-        "--sync",
-        choices=["os", "fsync"],
-        default="os",
-        help="the server's durability (default os; the server's own default is fsync)",
-    )
-    t.add_argument(
-        "--no-receipts",
-        action="store_true",
-        help="the server sends no delivered receipts (a message ends at the ack)",
-    )
-    t.add_argument("--seed", type=int, default=1)
+                   help="messages PER CLIENT: the run sends clients x M")  # fmt: skip
+    t.add_argument("--size", type=int, default=100, metavar="BYTES", help="message body size")
+    t.add_argument("--window", type=int, default=16, metavar="W",
+                   help="messages a client keeps unacknowledged")  # fmt: skip
+    sync_flag(t)
+    t.add_argument("--no-receipts", action="store_true",
+                   help="the server sends no delivered receipts (a message ends at the ack)")  # fmt: skip
+    t.add_argument("--seed", type=int, default=1, help="seed of the random peer choice")
     stall_flags(t)
+    plot_flag(t)
     t.set_defaults(func=run, bench=throughput)
-    t.add_argument("--plot", metavar="FILE.png", help="draw the latency CDF (needs matplotlib)")
-    lt = bsub.add_parser(
+    lt = parser(
         "latency",
         help="open-loop fixed-rate load, send-to-delivery latency",
         description="Messages at a fixed rate, not waiting for acks (open loop), each stamped "
-        "with the time it was due; reports the send-to-delivery latency distribution.",
+        "with the time it was due; reports the send-to-delivery latency distribution. With "
+        "--find-max-rate, searches the highest rate whose p99 stays within a bound (at most "
+        f"{MAX_SEARCH_RUNS} runs on one server).",
     )
     common(lt)
-    lt.add_argument(
-        "--rate",
-        type=float,
-        default=1000,
-        metavar="R",
-        help="messages per second (default 1000; the start of --find-max-rate)",
-    )
-    lt.add_argument(
-        "--seconds", type=float, default=10, metavar="S", help="length of the (each) run, s"
-    )
-    lt.add_argument("--size", type=int, default=100, metavar="BYTES")
-    lt.add_argument("--sync", choices=["os", "fsync"], default="os")
-    lt.add_argument(
-        "--find-max-rate",
-        type=float,
-        metavar="P99_MS",
-        help="search the highest rate whose p99 stays within P99_MS",
-    )
-    lt.add_argument("--seed", type=int, default=1)
+    lt.add_argument("--rate", type=float, default=1000, metavar="R",
+                    help="messages per second (the start of --find-max-rate)")  # fmt: skip
+    lt.add_argument("--seconds", type=float, default=10, metavar="S",
+                    help="length of the run (of each run of --find-max-rate), s")  # fmt: skip
+    lt.add_argument("--size", type=int, default=100, metavar="BYTES", help="message body size")
+    sync_flag(lt)
+    lt.add_argument("--find-max-rate", type=float, metavar="P99_MS",
+                    help="search the highest rate whose p99 stays within P99_MS")  # fmt: skip
+    lt.add_argument("--seed", type=int, default=1, help="seed of the random peer choice")
     stall_flags(lt)
-    lt.add_argument("--plot", metavar="FILE.png", help="draw the latency CDF (needs matplotlib)")
+    plot_flag(lt)
     lt.set_defaults(func=run, bench=latency)
-    pr = bsub.add_parser(
+    pr = parser(
         "presence",
         help="one user's presence changes fanned out to N subscribers",
         description="One device toggles its presence; N clients subscribed to it receive "
         "every change. Reports server CPU per change and per push, and the push latency.",
     )
     common(pr, clients=False)
-    pr.add_argument("--subscribers", type=int, default=1000, metavar="N")
+    pr.add_argument("--subscribers", type=int, default=1000, metavar="N",
+                    help="clients subscribed to the changing user")  # fmt: skip
     pr.add_argument("--changes", type=int, default=200, metavar="K", help="presence changes")
     pr.add_argument("--interval", type=float, default=0.05, metavar="S",
-                    help="seconds between changes (default 0.05)")  # fmt: skip
-    pr.add_argument("--sync", choices=["os", "fsync"], default="os")
+                    help="seconds between changes")  # fmt: skip
+    sync_flag(pr)
     pr.set_defaults(func=run, bench=presence)
-    i = bsub.add_parser("idle", help="memory per authenticated idle connection")
+    i = parser(
+        "idle",
+        help="memory per authenticated idle connection",
+        description="Logs N clients in and leaves them idle; reports the server's memory "
+        "(PSS where the OS has it) per connection: with them minus before them.",
+    )
     common(i)
     i.set_defaults(func=run, bench=idle)
-    rp = bsub.add_parser(
+    rp = parser(
         "report",
         help="plot saved results: latency CDFs and throughput against clients",
-        description="Read results saved with --json (throughput and latency runs) and draw "
-        "the latency CDF of each and, for throughput runs, messages per second and server "
-        "CPU per message against the client count. Needs matplotlib (pip install "
-        "'pigeon[bench]').",
+        description="Read results saved with --json and draw the latency CDF of each "
+        "throughput and latency run and, for throughput runs, messages per second and server "
+        "CPU per message against the client count, one series per configuration (sync, "
+        "receipts, window, ...). Other files (idle and presence results, pytest-benchmark "
+        f"JSON) are skipped with a note, so a whole results folder can be given. Needs "
+        f"matplotlib: {PIP_HINT}.",
     )
-    rp.add_argument("results", nargs="+", metavar="RESULT.json")
-    rp.add_argument("--out", required=True, metavar="FILE.png")
+    rp.add_argument("results", nargs="+", metavar="RESULT.json", help="saved results")
+    rp.add_argument("--out", required=True, metavar="FILE.png", help="the PNG to write")
     rp.set_defaults(func=report_command)
 
 
+def _num(v, unit: str = "") -> str:
+    """A figure for people: thousands separated, at most 3 significant decimals."""
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        text = f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.1f}" if abs(v) >= 10 else f"{v:.3g}"
+    elif isinstance(v, int):
+        text = f"{v:,}"
+    else:
+        text = str(v)
+    return text + (f" {unit}" if unit else "")
+
+
+def _headline(r: dict) -> list[str]:
+    """The figures a run is for, in words, before the details."""
+    kind = r.get("bench")
+    lines = []
+    if kind == "throughput" or (kind == "latency" and "find_max_rate_p99_ms" not in r):
+        head = f"{kind}: {_num(r.get('sent'))} messages sent"
+        if kind == "latency":
+            head += (f" at {_num(r.get('rate'))} msg/s (achieved "
+                     f"{_num(r.get('achieved_msgs_per_s'))} msg/s)")  # fmt: skip
+        head += (f", {_num(r.get('delivered'))} delivered, {_num(r.get('lost'))} lost, "
+                 f"{_num(r.get('duplicated'))} duplicated")  # fmt: skip
+        if r.get("receipts") and r.get("receipts_missing") is not None:
+            head += f", {_num(r['receipts_missing'])} receipts missing"
+        lines.append(head)
+        cpu = (f"server CPU {_num(r.get('server_cpu_us_per_msg'), 'us')} per message "
+               f"({_num(r.get('server_user_us_per_msg'), 'us')} user)")  # fmt: skip
+        if kind == "throughput":
+            cpu += (f"; {_num(r.get('per_core_msgs_per_s'))} messages per CPU-second, "
+                    f"{_num(r.get('msgs_per_s'))} msg/s wall")  # fmt: skip
+        lines.append(cpu)
+        lat = (f"send-to-delivery p50 {_num(r.get('p50_ms'), 'ms')}, "
+               f"p99 {_num(r.get('p99_ms'), 'ms')}, p99.9 {_num(r.get('p999_ms'), 'ms')}")  # fmt: skip
+        if kind == "throughput":
+            lat += " (closed loop: mostly queueing in the load process)"
+        lines.append(lat)
+    elif kind == "latency":
+        bound = _num(r["find_max_rate_p99_ms"], "ms")
+        runs = r.get("runs") or []
+        if r.get("max_rate") is None:
+            lines.append(f"latency: no rate kept p99 within {bound} ({len(runs)} runs)")
+        else:
+            lines.append(f"latency: the highest rate with p99 within {bound} is "
+                         f"{_num(r['max_rate'])} msg/s ({len(runs)} runs)")  # fmt: skip
+            lines.append(f"at that rate: p50 {_num(r.get('p50_ms'), 'ms')}, p99 "
+                         f"{_num(r.get('p99_ms'), 'ms')}, server CPU "
+                         f"{_num(r.get('server_cpu_us_per_msg'), 'us')} per message, "
+                         f"{_num(r.get('lost'))} lost")  # fmt: skip
+    elif kind == "idle":
+        lines.append(f"idle: {_num(r.get('clients'))} connections, "
+                     f"{_num(r.get('kib_per_conn'), 'KiB')} per connection "
+                     f"({r.get('memory_method', '?')}; server memory "
+                     f"{_num(r.get('server_memory_before_kib'))} -> "
+                     f"{_num(r.get('server_memory_after_kib'), 'KiB')})")  # fmt: skip
+    elif kind == "presence":
+        lines.append(f"presence: {_num(r.get('changes'))} changes to "
+                     f"{_num(r.get('subscribers'))} subscribers, "
+                     f"{_num(r.get('pushes_received'))} of {_num(r.get('pushes_expected'))} "
+                     f"pushes received ({_num(r.get('missing_pushes'))} missing)")  # fmt: skip
+        us_change = r.get("server_cpu_us_per_change")
+        lines.append(f"server CPU {_num(us_change and us_change / 1000, 'ms')} per change, "
+                     f"{_num(r.get('server_cpu_us_per_push'), 'us')} per push")  # fmt: skip
+        lines.append(f"push latency p50 {_num(r.get('push_p50_ms'), 'ms')}, p99 "
+                     f"{_num(r.get('push_p99_ms'), 'ms')}, max "
+                     f"{_num(r.get('push_max_ms'), 'ms')}")  # fmt: skip
+    if r.get("stalled"):
+        lines[0] = ("STALLED, figures partial: " if r.get("partial") else "STALLED: ") + lines[0]
+    return lines
+
+
+def _runs_table(runs: list[dict]) -> list[str]:
+    """The runs of a --find-max-rate search, one row each, in the order they ran."""
+    cols = (("rate", "rate msg/s"), ("achieved_msgs_per_s", "achieved"), ("p50_ms", "p50 ms"),
+            ("p99_ms", "p99 ms"), ("p999_ms", "p99.9 ms"), ("lost", "lost"),
+            ("server_cpu_us_per_msg", "CPU us/msg"))  # fmt: skip
+    rows = [[label for _, label in cols]]
+    rows += [[_num(run.get(key)) for key, _ in cols] for run in runs]
+    widths = [max(len(row[k]) for row in rows) for k in range(len(cols))]
+    return ["  " + "  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+
+
 def _human(result: dict) -> str:
-    skip = ("machine", "latency_cdf", "runs", "stalled")
-    return "\n".join(f"{k:>26}: {v}" for k, v in result.items() if k not in skip) + (
-        f"\n{'machine':>26}: {result['machine']}"
-    )
+    """What a run prints without --json: the headline, then every figure, aligned."""
+    bulky = ("machine", "latency_cdf", "runs", "stalled", "note", "limits_lifted", "errors")
+    lines = _headline(result)
+    if result.get("note"):
+        lines += textwrap.wrap(f"({result['note']})", 88)
+    details = [(k, _num(v)) for k, v in result.items() if k not in bulky]
+    errors = result.get("errors")
+    if errors is not None:
+        details.append(("errors", ", ".join(f"{k}: {v:,}" for k, v in errors.items()) or "none"))
+    if result.get("limits_lifted"):
+        details.append(("limits_lifted", ", ".join(result["limits_lifted"])))
+    m = result.get("machine") or {}
+    if m:
+        details.append(("machine", f"{m.get('cpu') or '?'}, {m.get('cores')} cores, "
+                                   f"{m.get('os')}, Python {m.get('python')}"))  # fmt: skip
+    width = max((len(k) for k, _ in details), default=0)
+    lines += ["", "details:"] + [f"  {k:<{width}}  {v}" for k, v in details]
+    if result.get("runs"):
+        lines += ["", "runs:", *_runs_table(result["runs"])]
+    return "\n".join(lines)
 
 
-def plot(results: list[tuple[str, dict]], out: str) -> None:
-    """Latency CDFs of every result; throughput and CPU per message against clients."""
+#: Result fields that make a throughput run's configuration: runs differing in
+#: any of them are different series in the report, never joined by a line.
+CONFIG_KEYS = ("sync", "receipts", "window", "size", "messages_per_client", "workers",
+               "load_processes", "profile")  # fmt: skip
+
+
+def _config(r: dict) -> tuple:
+    return tuple(r.get(k) for k in CONFIG_KEYS)
+
+
+def _config_label(config: tuple, varying: set[str]) -> str:
+    """``os, receipts`` plus whatever else differs between the plotted configurations."""
+    c = dict(zip(CONFIG_KEYS, config, strict=True))
+    parts = [str(c["sync"]), "receipts" if c["receipts"] else "no receipts"]
+    units = {"window": "window {}", "size": "{} B", "messages_per_client": "{} msg/client",
+             "workers": "{} workers", "load_processes": "{} load procs", "profile": "{} profile"}  # fmt: skip
+    parts += [units[k].format(c[k]) for k in CONFIG_KEYS[2:] if k in varying]
+    return ", ".join(parts)
+
+
+#: Markers of the configurations in the throughput panels, one each (cycled past 8).
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
+def _dodged(points: list[tuple[int, int]], spread: float = 0.03) -> dict[tuple[int, int], float]:
+    """x positions for (series, clients) points: the points sharing a client count are
+    spread around it (``spread`` decades apart on the log axis) so none hides another."""
+    at: dict[int, list[tuple[int, int]]] = {}
+    for p in sorted(set(points)):
+        at.setdefault(p[1], []).append(p)
+    out = {}
+    for clients, ps in at.items():
+        for k, p in enumerate(ps):
+            out[p] = clients * 10 ** (spread * (k - (len(ps) - 1) / 2))
+    return out
+
+
+def figure(results: list[tuple[str, dict]]):
+    """The report's matplotlib figure: the latency CDF of every result that has one;
+    for throughput runs, msg/s and server CPU per message against clients, a series
+    (its own marker and colour, lines only within it) per configuration."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tps = sorted((r for _, r in results if r.get("bench") == "throughput"),
-                 key=lambda r: r["clients"])  # fmt: skip
-    ncols = 2 if tps else 1
-    fig, axes = plt.subplots(1, ncols, figsize=(6 * ncols, 4.5), squeeze=False)
+    tps = [r for _, r in results if r.get("bench") == "throughput"]
+    ncols = 3 if tps else 1
+    fig, axes = plt.subplots(1, ncols, figsize=(5.5 * ncols, 4.5), squeeze=False)
     ax = axes[0][0]
-    for name, r in results:
+    for k, (name, r) in enumerate(results):
         cdf = r.get("latency_cdf") or []
         if cdf:
             what = f"{r['rate']:.0f} msg/s" if r.get("rate") else f"{r.get('clients')} clients"
             label = f"{r['bench']} {what}" if name == r["bench"] else f"{name} ({what})"
-            ax.plot([p[0] for p in cdf], [p[1] for p in cdf], label=label)
+            ax.plot([p[0] for p in cdf], [p[1] for p in cdf], label=label,
+                    linestyle=("-", "--", "-.", ":")[k % 4])  # fmt: skip
     ax.set_xscale("log")
     ax.set_xlabel("send-to-delivery latency, ms (log)")
     ax.set_ylabel("fraction of messages")
     ax.set_title("latency CDF")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize="small")
+    if ax.lines:
+        ax.legend(fontsize="small")
     if tps:
-        ax = axes[0][1]
-        clients = [r["clients"] for r in tps]
-        ax.plot(clients, [r["msgs_per_s"] for r in tps], "o-", label="msg/s (wall)")
-        ax.set_xlabel("clients")
-        ax.set_ylabel("messages per second")
-        ax2 = ax.twinx()
-        ax2.plot(clients, [r["server_cpu_us_per_msg"] for r in tps], "s--", color="tab:red",
-                 label="server CPU us/msg")  # fmt: skip
-        ax2.set_ylabel("server CPU per message, us")
-        ax.set_title("throughput against clients")
-        ax.grid(True, alpha=0.3)
-        lines = ax.get_legend_handles_labels()
-        lines2 = ax2.get_legend_handles_labels()
-        ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize="small")
+        configs = sorted({_config(r) for r in tps}, key=repr)
+        varying = {k for n, k in enumerate(CONFIG_KEYS) if len({c[n] for c in configs}) > 1}
+        # (series, clients, run) -> x; repeated runs of one configuration at the
+        # same client count are dodged apart like different configurations
+        seen: dict[tuple, int] = {}
+        keyed = []
+        for r in sorted(tps, key=lambda r: r.get("clients") or 0):
+            g = configs.index(_config(r))
+            rep = seen[(g, r["clients"])] = seen.get((g, r["clients"]), -1) + 1
+            keyed.append(((g * 1000 + rep, r["clients"]), g, r))
+        xs = _dodged([p for p, _, _ in keyed])
+        clients = sorted({r["clients"] for r in tps})
+        for ax, field, title, ylabel in (
+            (axes[0][1], "msgs_per_s", "throughput against clients", "messages per second (wall)"),
+            (axes[0][2], "server_cpu_us_per_msg", "server CPU per message", "us per message"),
+        ):  # fmt: skip
+            for g, config in enumerate(configs):
+                mine = [(xs[p], r[field]) for p, gg, r in keyed if gg == g]
+                ax.plot([x for x, _ in mine], [y for _, y in mine], marker=MARKERS[g % len(MARKERS)],
+                        linestyle="-", color=f"C{g % 10}", label=_config_label(config, varying),
+                        gid=repr(config))  # fmt: skip
+            ax.set_xscale("log")
+            ax.set_xticks(clients, [f"{c:,}" for c in clients])
+            ax.minorticks_off()
+            ax.set_xlabel("clients (runs at the same count drawn side by side)")
+            ax.set_ylabel(ylabel)
+            ax.set_ylim(bottom=0)
+            ax.set_title(title)
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize="small")
     fig.suptitle(f"pigeon bench, {results[0][1].get('machine', {}).get('cpu', '')}")
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    return fig
+
+
+def plot(results: list[tuple[str, dict]], out: str) -> None:
+    """Write the report's figure (see ``figure``) to ``out``."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(results)
+    try:
+        fig.savefig(out, dpi=110)
+    finally:
+        plt.close(fig)
+
+
+def _plottable(r, path: str) -> str | None:
+    """Why the report cannot draw result ``r`` (read from ``path``), or None if it can."""
+    if not isinstance(r, dict):
+        return "not a pigeon bench result"
+    if "benchmarks" in r and "bench" not in r:
+        return f"a pytest-benchmark result (its table: python -m pigeon.bench.summarize {path})"
+    kind = r.get("bench")
+    if kind in ("idle", "presence"):
+        return f"{'an' if kind == 'idle' else 'a'} {kind} result: nothing to plot"
+    if kind not in ("throughput", "latency"):
+        return "not a pigeon bench result (save one with --json)"
+    need = {"throughput": ("clients", "msgs_per_s", "server_cpu_us_per_msg"), "latency": ()}
+    for field in need[kind]:
+        if not isinstance(r.get(field), (int, float)) or isinstance(r.get(field), bool):
+            return f"a {kind} result without a number for {field!r}"
+    cdf = r.get("latency_cdf")
+    if cdf is not None and not (isinstance(cdf, list)
+                                and all(isinstance(p, list) and len(p) == 2 for p in cdf)):  # fmt: skip
+        return "a malformed latency_cdf"
+    if kind == "latency" and not cdf:
+        return "a latency result without a latency distribution (a search no rate passed)"
+    return None
 
 
 def report_command(opts) -> int:
@@ -1019,22 +1253,30 @@ def report_command(opts) -> int:
     for path in opts.results:
         try:
             with open(path, "rb") as f:
-                r = orjson.loads(f.read())
-        except (OSError, orjson.JSONDecodeError) as exc:
+                data = f.read()
+        except OSError as exc:
             print(f"pigeon bench report: cannot read {path}: {exc}", file=sys.stderr)
             return 1
-        if r.get("bench") not in ("throughput", "latency"):
-            print(f"pigeon bench report: {path} is not a throughput or latency result "
-                  "(save one with --json)", file=sys.stderr)  # fmt: skip
-            return 1
+        try:
+            r = orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            print(f"pigeon bench report: skipped {path}: not JSON ({exc})", file=sys.stderr)
+            continue
+        why = _plottable(r, path)
+        if why is not None:
+            print(f"pigeon bench report: skipped {path}: {why}", file=sys.stderr)
+            continue
         results.append((os.path.basename(path), r))
+    if not results:
+        print("pigeon bench report: nothing to plot: none of the files is a throughput or "
+              "latency result (save one with --json)", file=sys.stderr)  # fmt: skip
+        return 1
     try:
         plot(results, opts.out)
     except ImportError:
-        print("pigeon bench report: matplotlib is missing: pip install 'pigeon[bench]'",
-              file=sys.stderr)  # fmt: skip
+        print(f"pigeon bench report: matplotlib is missing: {PIP_HINT}", file=sys.stderr)
         return 1
-    print(f"wrote {opts.out}")
+    print(f"wrote {opts.out} ({len(results)} results)")
     return 0
 
 
@@ -1062,14 +1304,13 @@ def run(opts) -> int:
         print(f"pigeon bench: {exc}", file=sys.stderr)
         return 1
     except ImportError as exc:
-        print(f"pigeon bench: {exc.name} is missing: pip install 'pigeon[bench]'", file=sys.stderr)
+        print(f"pigeon bench: {exc.name or exc} is missing: {PIP_HINT}", file=sys.stderr)
         return 1
     if getattr(opts, "plot", None):
         try:
             plot([(result["bench"], result)], opts.plot)
         except ImportError:
-            print("pigeon bench: --plot needs matplotlib: pip install 'pigeon[bench]'",
-                  file=sys.stderr)  # fmt: skip
+            print(f"pigeon bench: --plot needs matplotlib: {PIP_HINT}", file=sys.stderr)
             return 1
     if result.get("stalled"):
         note(stall_message(result["stalled"]))

@@ -29,11 +29,21 @@ come back within ``keepalive_timeout`` means the connection is dead (a NAT
 that forgot it, a phone that changed networks): the driver closes it, and
 the ordinary reconnect logic takes over.  The task belongs to one
 connection: started when it opens, cancelled when it ends.
+
+Hooks: a resuming client tells the application when it goes offline and
+when it is back, so a user interface can say so.  ``on_disconnect(why)`` is
+called when a connection is lost and a reconnect is about to start (not when
+the client ends for good: the iterator ends then, and ``closed`` says why),
+``on_reconnect()`` once the device is logged in again and what was waiting
+has been sent again.  Both are plain callables run in the client's task:
+they must not block; an exception in one is logged and does not stop the
+client.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import os
 import random
@@ -80,6 +90,8 @@ from pigeon.core.events import (
 #: After these the server will not take the device back by reconnecting:
 #: the device was removed, replaced by a newer login, or its login failed.
 TERMINAL_CODES = frozenset({ErrorCode.NOT_AUTHORIZED, ErrorCode.REPLACED, ErrorCode.REVOKED})
+
+logger = logging.getLogger("pigeon.client")
 
 #: Request kinds; a waiting request is keyed (kind, id).
 REQ, MESSAGE, RECEIPT, PONG, AUTH, LOGOUT, DELETE, BLOCK, UNBLOCK = (
@@ -159,11 +171,19 @@ class Lost:
 
 
 class ScramLogin:
-    """The client half of the SCRAM-SHA-256 exchange; the secret is the password."""
+    """The client half of the SCRAM-SHA-256 exchange.
 
-    def __init__(self, creds: Credentials):
+    The password is the device secret as 64 lowercase hex characters, as the
+    server derived the device's keys from it (docs/PROTOCOL.md section 8).
+    ``c_nonce``: a fixed client nonce, only for reproducing a worked example
+    (a real login must use a fresh random one, the default).
+    """
+
+    def __init__(self, creds: Credentials, c_nonce: str | None = None):
         self.creds = creds
-        self._scram = ScramClient(["SCRAM-SHA-256"], creds.device, creds.secret.hex())
+        self._scram = ScramClient(
+            ["SCRAM-SHA-256"], creds.device, creds.secret.hex(), c_nonce=c_nonce
+        )
 
     def first(self) -> AuthStart:
         return AuthStart(self._scram.get_client_first().encode())
@@ -405,6 +425,10 @@ class ClientAPI:
     keepalive_failures: int = 0
     #: the driver's clock when it last wrote to the connection
     _sent_at: float = 0.0
+    #: called with the reason when a connection is lost and a reconnect starts
+    on_disconnect = None
+    #: called when the device is logged in again after ``on_disconnect``
+    on_reconnect = None
 
     # -- what a driver supplies --------------------------------------------------
 
@@ -472,11 +496,22 @@ class ClientAPI:
                     break
                 if isinstance(why, ServerError) and why.terminal:
                     break
+                self._hook(self.on_disconnect, why)
                 if not await self._reconnect():
                     why = self.closed or why
                     break
+                self._hook(self.on_reconnect)
         finally:
             self._finish(why)
+
+    @staticmethod
+    def _hook(hook, *args) -> None:
+        if hook is None:
+            return
+        try:
+            hook(*args)
+        except Exception:  # the application's bug must not end the connection's life
+            logger.exception("pigeon client: the %s hook raised", getattr(hook, "__name__", hook))
 
     async def _reconnect(self) -> bool:
         """Reconnect with jittered exponential backoff, log in again, replay; False if for good."""

@@ -27,6 +27,10 @@ seconds (default 30) without anything sent, and closes the connection if
 the pong takes longer than ``keepalive_timeout`` (default 20), which a
 ``reconnect=True`` client then re-opens.  ``keepalive=None`` (or 0) turns it
 off; the server then closes an idle connection after its ``idle-timeout``.
+
+``on_disconnect(why)`` and ``on_reconnect()`` (constructor arguments or
+attributes) tell the application that a resuming client went offline and
+is back: plain callables, run in the client's task.
 """
 
 from __future__ import annotations
@@ -65,8 +69,11 @@ class Client(ClientAPI):
         connect_timeout: float = 10.0,
         keepalive: float | None = DEFAULT_KEEPALIVE,
         keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT,
+        on_disconnect=None,
+        on_reconnect=None,
     ):
         self.keepalive = check_keepalive(keepalive, keepalive_timeout)
+        self.on_disconnect, self.on_reconnect = on_disconnect, on_reconnect
         self.keepalive_timeout = keepalive_timeout
         self.host, self.port = host, port
         self.ssl, self.server_hostname = ssl, server_hostname

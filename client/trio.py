@@ -78,6 +78,8 @@ async def open_client(
     timeout: float = 10.0,
     keepalive: float | None = DEFAULT_KEEPALIVE,
     keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT,
+    on_disconnect=None,
+    on_reconnect=None,
 ):
     """Connect (TLS when ``ssl`` is given) and yield a ``Client``; closes it on exit."""
     async with trio.open_nursery() as nursery:
@@ -85,6 +87,7 @@ async def open_client(
             nursery, host, port, ssl=ssl, server_hostname=server_hostname,
             reconnect=reconnect, backoff=backoff, connect_timeout=timeout,
             keepalive=keepalive, keepalive_timeout=keepalive_timeout,
+            on_disconnect=on_disconnect, on_reconnect=on_reconnect,
         )  # fmt: skip
         await client._open()
         client._live = True
@@ -110,8 +113,11 @@ class Client(ClientAPI):
         connect_timeout: float = 10.0,
         keepalive: float | None = DEFAULT_KEEPALIVE,
         keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT,
+        on_disconnect=None,
+        on_reconnect=None,
     ):
         self.keepalive = check_keepalive(keepalive, keepalive_timeout)
+        self.on_disconnect, self.on_reconnect = on_disconnect, on_reconnect
         self.keepalive_timeout = keepalive_timeout
         self._nursery = nursery
         self.host, self.port = host, port

@@ -54,7 +54,7 @@ from .store import Store
 
 __all__ = [
     "Accounts", "ServiceError", "LogGateway", "WebhookGateway", "make_gateway",
-    "webhook_authorization",
+    "webhook_authorization", "device_keys",
 ]  # fmt: skip
 
 MECHANISM = ScramMechanism("SCRAM-SHA-256")
@@ -167,6 +167,15 @@ def make_gateway(config):
     return LogGateway(os.path.join(config.data_dir, "sms-outbox.txt"))
 
 
+def device_keys(secret: bytes, iterations: int, salt: bytes | None = None) -> tuple:
+    """(salt, StoredKey, ServerKey, iterations) of a device, all the store keeps.
+
+    The SCRAM password is the secret as 64 lowercase hex characters (what the
+    SDK sends, docs/PROTOCOL.md section 8); ``salt``: a fresh random one unless
+    given (a worked example fixes it)."""
+    return MECHANISM.make_auth_info(secret.hex(), iteration_count=iterations, salt=salt)
+
+
 def _code_hash(salt: bytes, code: str) -> bytes:
     return hashlib.sha256(salt + code.encode()).digest()
 
@@ -205,14 +214,16 @@ class Accounts:
         if result != "ok":
             raise ServiceError(ErrorCode.BAD_CODE, "wrong, expired or already used code")
         secret = os.urandom(32)
-        keys = MECHANISM.make_auth_info(secret.hex(), iteration_count=self.config.scram_iterations)
+        keys = device_keys(secret, self.config.scram_iterations)
         address, removed = self.store.register_device(phone, identity_key, keys)
         return address, secret, removed
 
     # -- login ----------------------------------------------------------------
 
-    def scram_server(self):
-        return MECHANISM.make_server(self._auth_info)
+    def scram_server(self, s_nonce: str | None = None):
+        """The server half of one login; ``s_nonce`` fixes the server's nonce, only
+        for reproducing a worked example (docs/PROTOCOL.md section 8)."""
+        return MECHANISM.make_server(self._auth_info, s_nonce=s_nonce)
 
     def _auth_info(self, username: str):
         dev = self.store.device(username)

@@ -4,28 +4,51 @@ Precedence: a flag on the command line beats the file, the file beats the
 default; no file is needed to start.  File keys are the flag names without
 the leading dashes (``login-timeout = 10``; ``login_timeout`` works too).
 Every key, its default and its meaning is in OPTIONS below, which also
-builds the ``pigeon serve`` flags and the table in docs/OPERATIONS.md.
+builds the ``pigeon serve`` flags (in the argument groups of GROUPS, each
+value shown as what it takes: ``HOST:PORT``, ``SECONDS``, ``{fsync,os}``)
+and the tables in docs/OPERATIONS.md.
 
-Errors say what to fix: ``ConfigError("config.toml: login-timeout: must be
-a number > 0, got 'soon'")``.
+Errors say what to fix, and all of them come at once: ``load`` checks every
+key of every layer, then the rules between keys, and raises one ConfigError
+whose ``errors`` hold one line per problem, each naming where the value came
+from and the key (``config.toml: login-timeout: must be a number > 0, got
+'soon'``).  An unknown key is answered with the closest known names, not
+with all of them.  ``problems`` returns the same lines as a list, for tools
+that check a file without starting anything.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
 import tomllib
 from dataclasses import dataclass, field
 
 
 class ConfigError(Exception):
-    """A bad setting; the message names the key and what is expected."""
+    """Bad settings: ``errors`` holds one line per problem, each naming the key and what is
+    expected; ``str()`` is that line alone, or a count and then the lines."""
+
+    def __init__(self, errors: str | list[str]):
+        self.errors = [errors] if isinstance(errors, str) else list(errors)
+        super().__init__(self.errors[0] if len(self.errors) == 1 else self.errors)
+
+    def __str__(self) -> str:
+        if len(self.errors) == 1:
+            return self.errors[0]
+        return f"{len(self.errors)} errors in the settings:\n" + "\n".join(self.errors)
 
 
 def _listen(v) -> str:
     host, sep, port = str(v).rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not port.isdigit():
         raise ValueError(f"must be HOST:PORT (e.g. 127.0.0.1:7650), got {v!r}")
+    if not 0 < int(port) < 65536:
+        raise ValueError(f"port must be 1-65535, got {port}")
     return str(v)
+
+
+_listen.metavar = "HOST:PORT"
 
 
 def _number(kind, minimum: float, inclusive: bool):
@@ -49,6 +72,7 @@ def _number(kind, minimum: float, inclusive: bool):
             raise ValueError(f"must be {what}, got {v!r}")
         return n
 
+    check.metavar = "N"
     return check
 
 
@@ -64,6 +88,7 @@ def _choice(*allowed):
             raise ValueError(f"must be one of {', '.join(allowed)}, got {v!r}")
         return v
 
+    check.metavar = "{" + ",".join(allowed) + "}"
     return check
 
 
@@ -71,6 +96,9 @@ def _listen_or_off(v):
     if str(v).lower() in ("off", ""):
         return "off"
     return _listen(v)
+
+
+_listen_or_off.metavar = "HOST:PORT|off"
 
 
 def _bool(v):
@@ -83,6 +111,9 @@ def _bool(v):
     raise ValueError(f"must be true or false, got {v!r}")
 
 
+_bool.metavar = "{true,false}"
+
+
 def _opt_str(v):
     return None if v in (None, "") else str(v)
 
@@ -93,6 +124,7 @@ class Option:
     default: object
     check: object
     help: str
+    metavar: str | None = None  # what --help shows for the value; None: derived (_metavar)
 
 
 OPTIONS: list[Option] = [
@@ -107,7 +139,7 @@ OPTIONS: list[Option] = [
         "metrics_listen",
         "127.0.0.1:7659",
         _listen_or_off,
-        "Prometheus /metrics and /health listener, HOST:PORT, or off",
+        "Prometheus /metrics, /health and the JSON /status listener, HOST:PORT, or off",
     ),
     Option(
         "metrics_connections",
@@ -136,13 +168,16 @@ OPTIONS: list[Option] = [
         _positive_float,
         "seconds a control-socket client has to send its request line; then it is closed",
     ),
-    Option("tls_cert", None, _opt_str, "PEM certificate chain; enables the TLS listener"),
-    Option("tls_key", None, _opt_str, "PEM private key for tls-cert (default: the cert file)"),
+    Option("tls_cert", None, _opt_str, "PEM certificate chain; enables the TLS listener", "FILE"),
+    Option(
+        "tls_key", None, _opt_str, "PEM private key for tls-cert (default: the cert file)", "FILE"
+    ),
     Option(
         "data_dir",
         "var",
         str,
         "data directory (LMDB store, SMS outbox); relative to the cwd",
+        "DIR",
     ),
     Option("workers", 0, _non_negative_int, "worker processes; 0 = one per core"),
     Option("max_frame", 1 << 20, _positive_int, "largest frame payload accepted, bytes"),
@@ -229,6 +264,7 @@ OPTIONS: list[Option] = [
         None,
         _opt_str,
         "URL the webhook gateway POSTs {phone, code, method} JSON to",
+        "URL",
     ),
     Option(
         "sms_webhook_auth_file",
@@ -236,6 +272,7 @@ OPTIONS: list[Option] = [
         _opt_str,
         "file (mode 0600 or 0400) holding the value of an Authorization header sent with "
         "each webhook POST, e.g. 'Bearer TOKEN'; read at start and on reload",
+        "FILE",
     ),
     Option(
         "sms_webhook_auth_env",
@@ -243,6 +280,7 @@ OPTIONS: list[Option] = [
         _opt_str,
         "name of an environment variable holding that Authorization value instead "
         "(the name, not the value, is the setting)",
+        "NAME",
     ),
     Option("sms_webhook_timeout", 5.0, _positive_float, "seconds per webhook attempt"),
     Option("sms_webhook_retries", 3, _non_negative_int, "webhook retries after the first attempt"),
@@ -389,6 +427,146 @@ _BY_NAME = {o.name: o for o in OPTIONS}
 
 
 @dataclass(frozen=True)
+class Group:
+    title: str  # the heading in --help and in docs/OPERATIONS.md
+    description: str
+    names: tuple[str, ...]  # its options, in the order shown
+
+
+# How --help and the docs sort the options: every option is in exactly one
+# group (tests/test_config.py checks); a new option goes in the group an
+# operator would look in first.
+GROUPS: list[Group] = [
+    Group(
+        "listeners",
+        "where the server accepts connections",
+        ("listen", "tls_listen", "tls_cert", "tls_key", "metrics_listen"),
+    ),
+    Group(
+        "connections and workers",
+        "processes, per-worker connection caps and per-connection buffers",
+        (
+            "workers",
+            "max_connections",
+            "max_connections_per_ip",
+            "files_reserve",
+            "idle_timeout",
+            "max_frame",
+            "write_buffer_high",
+            "write_buffer_low",
+        ),
+    ),  # fmt: skip
+    Group(
+        "storage",
+        "the LMDB store in data-dir and how durable its commits are",
+        ("data_dir", "map_size", "store_reserve", "sync"),
+    ),
+    Group(
+        "queues and delivery",
+        "what waits for offline devices, and how it is delivered",
+        (
+            "queue_max_count",
+            "queue_max_bytes",
+            "queue_max_age",
+            "purge_interval",
+            "dedup_window",
+            "delivery_window",
+            "delivered_receipts",
+        ),
+    ),  # fmt: skip
+    Group(
+        "login",
+        "logging in with SCRAM-SHA-256, and failed logins",
+        (
+            "login_timeout",
+            "scram_iterations",
+            "login_failures",
+            "login_failures_per_ip",
+            "login_window",
+            "login_table_size",
+        ),
+    ),  # fmt: skip
+    Group(
+        "registration and SMS",
+        "one-time codes and how they are sent",
+        (
+            "sms_gateway",
+            "sms_webhook_url",
+            "sms_webhook_auth_file",
+            "sms_webhook_auth_env",
+            "sms_webhook_timeout",
+            "sms_webhook_retries",
+            "code_ttl",
+            "code_attempts",
+            "register_per_phone",
+            "register_per_ip",
+            "register_window",
+        ),
+    ),  # fmt: skip
+    Group(
+        "abuse limits",
+        "what one connection or account may do, per second or per window",
+        (
+            "message_rate",
+            "message_burst",
+            "typing_rate",
+            "typing_burst",
+            "new_chats",
+            "new_chats_window",
+            "discover_numbers",
+            "discover_window",
+            "discover_batch",
+            "presence_subscriptions",
+            "contacts_max",
+            "blocklist_max",
+        ),
+    ),  # fmt: skip
+    Group(
+        "operations",
+        "the metrics listener and the control socket of pigeon admin",
+        ("metrics_connections", "metrics_timeout", "control_connections", "control_timeout"),
+    ),
+    Group("logging", "what is logged, and how", ("log_level", "log_format", "client_log_lines")),
+]
+
+_SECONDS = ("_timeout", "_window", "_interval", "_age", "_ttl")
+_BYTES = ("max_frame", "map_size", "queue_max_bytes", "write_buffer_high", "write_buffer_low")
+
+
+def _metavar(o: Option) -> str:
+    """What --help shows for an option's value: its own, its checker's, a unit."""
+    if o.metavar:
+        return o.metavar
+    shown = getattr(o.check, "metavar", "VALUE")
+    if shown == "N" and o.name.endswith(_SECONDS) and "second" in o.help:
+        return "SECONDS"
+    if shown == "N" and o.name in _BYTES:
+        return "BYTES"
+    if shown == "N" and o.name == "store_reserve":
+        return "PERCENT"
+    return shown
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _unknown(key: str) -> str:
+    """What to say of an unknown key: the known names closest to it (a typo has one)."""
+    typed = _flag(key)
+    close = difflib.get_close_matches(typed, [_flag(o.name) for o in OPTIONS], n=3)
+    if close:  # only those about as close as the closest: 'listn' is listen, not tls-listen
+        score = [difflib.SequenceMatcher(None, typed, c).ratio() for c in close]
+        close = [c for c, r in zip(close, score, strict=True) if r >= score[0] - 0.1]
+    if close:
+        return f"unknown setting {key!r}: did you mean {' or '.join(close)}?"
+    return (
+        f"unknown setting {key!r} (every setting is listed by pigeon serve --help "
+        "and in docs/OPERATIONS.md)"
+    )
+
+
+@dataclass(frozen=True)
 class Config:
     values: dict = field(default_factory=dict)
 
@@ -420,7 +598,24 @@ def _normalise(key: str) -> str:
 def load(
     path: str | None = None, overrides: dict | None = None, base: Config | None = None
 ) -> Config:
-    """Defaults (or ``base``), then the TOML file at ``path``, then ``overrides``."""
+    """Defaults (or ``base``), then the TOML file at ``path``, then ``overrides``.
+
+    Raises one ConfigError listing every problem found (``.errors``).
+    """
+    config, errors = _load(path, overrides, base)
+    if errors:
+        raise ConfigError(errors)
+    return config
+
+
+def problems(
+    path: str | None = None, overrides: dict | None = None, base: Config | None = None
+) -> list[str]:
+    """Every problem ``load`` would raise, one line each; [] if the settings are good."""
+    return _load(path, overrides, base)[1]
+
+
+def _load(path, overrides, base) -> tuple[Config | None, list[str]]:
     values = dict(base.values) if base else {o.name: o.default for o in OPTIONS}
     layers = []
     if path is not None:
@@ -428,46 +623,104 @@ def load(
             with open(path, "rb") as f:
                 layers.append((path, tomllib.load(f)))
         except FileNotFoundError:
-            raise ConfigError(f"{path}: no such file") from None
+            return None, [f"{path}: no such file"]
+        except OSError as exc:
+            return None, [f"{path}: cannot read it: {exc.strerror}"]
         except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+            return None, [f"{path}: not valid TOML: {exc}"]
     if overrides:
         layers.append(("command line", {k: v for k, v in overrides.items() if v is not None}))
+    errors: list[str] = []
+    origin_of: dict[str, str] = {}  # where each value set by a layer came from
+    bad: set[str] = set()  # keys whose value was refused: no rule between keys uses them
     for origin, layer in layers:
         for key, raw in layer.items():
             name = _normalise(key)
             opt = _BY_NAME.get(name)
             if opt is None:
-                known = ", ".join(o.name.replace("_", "-") for o in OPTIONS)
-                raise ConfigError(f"{origin}: unknown setting {key!r} (known: {known})")
+                errors.append(f"{origin}: {_unknown(key)}")
+                continue
+            shown = "--" + _flag(name) if origin == "command line" else _flag(name)
             try:
                 values[name] = opt.check(raw)
             except ValueError as exc:
-                raise ConfigError(f"{origin}: {name.replace('_', '-')}: {exc}") from None
-    if values["tls_key"] and not values["tls_cert"]:
-        raise ConfigError("tls-key is set but tls-cert is not: set both, or neither")
-    if values["write_buffer_low"] > values["write_buffer_high"]:
-        raise ConfigError("write-buffer-low must not be above write-buffer-high")
-    if values["store_reserve"] > 50:
-        raise ConfigError("store-reserve must be at most 50 (percent of map-size)")
-    if values["discover_batch"] > 1024:
-        raise ConfigError("discover-batch must be at most 1024 (the children one node may have)")
-    if values["sms_gateway"] == "webhook" and not values["sms_webhook_url"]:
-        raise ConfigError("sms-gateway = webhook needs sms-webhook-url")
-    if values["sms_webhook_auth_file"] and values["sms_webhook_auth_env"]:
-        raise ConfigError("set sms-webhook-auth-file or sms-webhook-auth-env, not both")
-    return Config(values)
+                errors.append(f"{origin}: {shown}: {exc}")
+                bad.add(name)
+            else:
+                origin_of[name] = origin
+                bad.discard(name)
+
+    def rule(names: tuple[str, ...], broken: bool, message: str) -> None:
+        if broken and not bad.intersection(names):
+            where = sorted({origin_of[n] for n in names if n in origin_of})
+            errors.append(f"{' and '.join(where)}: {message}" if where else message)
+
+    v = values
+    rule(
+        ("tls_key", "tls_cert"),
+        bool(v["tls_key"] and not v["tls_cert"]),
+        "tls-key is set but tls-cert is not: set both, or neither",
+    )
+    rule(
+        ("write_buffer_low", "write_buffer_high"),
+        v["write_buffer_low"] > v["write_buffer_high"],
+        "write-buffer-low must not be above write-buffer-high",
+    )
+    rule(
+        ("store_reserve",),
+        v["store_reserve"] > 50,
+        "store-reserve must be at most 50 (percent of map-size)",
+    )
+    rule(
+        ("discover_batch",),
+        v["discover_batch"] > 1024,
+        "discover-batch must be at most 1024 (the children one node may have)",
+    )
+    rule(
+        ("sms_gateway", "sms_webhook_url"),
+        v["sms_gateway"] == "webhook" and not v["sms_webhook_url"],
+        "sms-gateway = webhook needs sms-webhook-url",
+    )
+    rule(
+        ("sms_webhook_auth_file", "sms_webhook_auth_env"),
+        bool(v["sms_webhook_auth_file"] and v["sms_webhook_auth_env"]),
+        "set sms-webhook-auth-file or sms-webhook-auth-env, not both",
+    )
+    return (None if errors else Config(values)), errors
 
 
 def add_arguments(parser) -> None:
-    """Add one flag per option to an argparse parser (defaults stay None: 'not given')."""
-    for o in OPTIONS:
-        flag = "--" + o.name.replace("_", "-")
-        default = "" if o.default is None else f" (default: {o.default})"
-        parser.add_argument(
-            flag, dest=o.name, default=None, metavar=o.name.upper(), help=o.help + default
-        )
+    """Add one flag per option to an argparse parser, in one argument group per GROUPS entry
+    (defaults stay None: 'not given'; the help shows the real default)."""
+    for g in GROUPS:
+        group = parser.add_argument_group(g.title, g.description)
+        for name in g.names:
+            o = _BY_NAME[name]
+            default = "" if o.default is None else f" (default: {_shown(o.default)})"
+            group.add_argument(
+                "--" + _flag(o.name),
+                dest=o.name,
+                default=None,
+                metavar=_metavar(o),
+                help=(o.help + default).replace("%", "%%"),
+            )
+
+
+def _shown(default) -> str:
+    if isinstance(default, bool):
+        return str(default).lower()  # what a flag or the file takes: true, false
+    return str(default)
 
 
 def fields_doc() -> list[tuple[str, object, str]]:
-    return [(o.name.replace("_", "-"), o.default, o.help) for o in OPTIONS]
+    """(flag name, default, help) of every option, in OPTIONS order."""
+    return [(_flag(o.name), o.default, o.help) for o in OPTIONS]
+
+
+def grouped_fields_doc() -> list[tuple[Group, list[tuple[str, str, object, str]]]]:
+    """Per group of GROUPS: (flag name, metavar, default, help) of its options, in order."""
+    return [
+        (g, [(_flag(n), _metavar(_BY_NAME[n]), _BY_NAME[n].default, _BY_NAME[n].help)
+             for n in g.names])
+        for g in GROUPS
+    ]  # fmt: skip

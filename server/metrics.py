@@ -10,6 +10,11 @@ on ``metrics-listen``:
     GET /metrics   counters and gauges below, aggregated across workers
     GET /health    200 "ready" once every worker listens; 503 "starting"
                    or "stopping" otherwise (for load balancers)
+    GET /status    one JSON object (orjson) for operators and scripts, in the
+                   manner of nats-server's /varz: the same state as /health,
+                   version, workers (pid, state, uptime, connections), queue
+                   and store totals, counters, listeners; always 200
+                   (``pigeon admin status`` reads it)
 
 Queue figures and LMDB map use are read from the store at scrape time
 (cached for a second), so they are right even with a worker down.  Process
@@ -320,6 +325,52 @@ class Collector:
         yield info
 
 
+def status_document(collector: Collector, supervisor: dict) -> dict:
+    """The /status document: the supervisor's part (``Supervisor.status``) and the figures.
+
+    ``ready`` is ``state == "ready"``, the very test /health answers 200 on.
+    Per-worker connections and loop lag come from the workers' latest
+    snapshots (None for a worker that has sent none yet); queue and store
+    figures from the store, as /metrics reads them (None if it cannot be read).
+    """
+    from pigeon.core.tokens import LATEST_VERSION
+    from pigeon.core.wire import PROTOCOL_VERSION
+
+    c, e, _h, _hs, lag, conns = collector.aggregate.totals()
+    try:
+        q = collector._store_figures()
+    except Exception:  # the store is being created or is gone: say nothing about it
+        q = None
+    workers = [
+        {**w, "connections": conns.get(w["id"]), "loop_lag_s": lag.get(w["id"])}
+        for w in supervisor["workers"]
+    ]
+    version, codec, python = build_info()
+    state = supervisor["state"]
+    return {
+        "server": "pigeon",
+        "version": version,
+        "codec": codec,
+        "python": python,
+        "protocol": PROTOCOL_VERSION,
+        "dictionary": LATEST_VERSION,
+        "state": state,
+        "ready": state == "ready",
+        "now_ms": int(time.time() * 1000),
+        **{k: v for k, v in supervisor.items() if k not in ("state", "workers")},
+        "workers": workers,
+        "workers_ready": sum(w["state"] == "ready" for w in workers),
+        "connections": sum(conns.values()),
+        "queues": None if q is None else {
+            "entries": q["count"], "bytes": q["bytes"], "devices": q["devices_with_queue"],
+            "oldest_s": q["oldest_s"],
+        },
+        "store": None if q is None else {"used_bytes": q["used"], "map_bytes": q["map"]},
+        "totals": {name: c.get(name, 0) for name in COUNTERS},
+        "errors": e,
+    }  # fmt: skip
+
+
 class _Quiet(WSGIRequestHandler):
     def log_message(self, *args) -> None:  # scrapes are not log events
         pass
@@ -389,9 +440,18 @@ def _handler(timeout: float):
 
 
 def serve(
-    hostport: str, collector: Collector, health, limit: int = 64, timeout: float = 5.0
+    hostport: str,
+    collector: Collector,
+    health,
+    supervisor_status=None,
+    limit: int = 64,
+    timeout: float = 5.0,
 ) -> Listener:
-    """Start the metrics and health listener in a daemon thread; returns the server."""
+    """Start the metrics, health and status listener in a daemon thread; returns the server.
+
+    ``health()`` gives the state ("ready", "starting", "stopping");
+    ``supervisor_status()`` the supervisor's part of /status (None: no /status).
+    """
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
     from prometheus_client.process_collector import ProcessCollector
 
@@ -413,8 +473,15 @@ def serve(
             status = "200 OK" if state == "ready" else "503 Service Unavailable"
             start_response(status, [("Content-Type", "text/plain; charset=utf-8")])
             return [state.encode() + b"\n"]
+        if path == "/status" and supervisor_status is not None:
+            import orjson
+
+            doc = status_document(collector, supervisor_status())
+            body = orjson.dumps(doc, option=orjson.OPT_APPEND_NEWLINE)
+            start_response("200 OK", [("Content-Type", "application/json")])
+            return [body]
         start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
-        return [b"not found: try /metrics or /health\n"]
+        return [b"not found: try /metrics, /health or /status\n"]
 
     host, _, port = hostport.rpartition(":")
     host = host.strip("[]")

@@ -14,11 +14,9 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 import orjson
-from scramp import ScramMechanism
 
+from .accounts import device_keys
 from .store import Store
-
-MECHANISM = ScramMechanism("SCRAM-SHA-256")
 
 
 def phone_number(prefix: str, index: int, width: int) -> str:
@@ -43,7 +41,7 @@ def provision(
 
     def derive(i: int):
         secret = os.urandom(32)
-        keys = MECHANISM.make_auth_info(secret.hex(), iteration_count=iterations)
+        keys = device_keys(secret, iterations)  # as a registration derives them
         return phone_number(prefix, first + i, width), secret, keys
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:

@@ -323,12 +323,25 @@ class Store:
         )
         return address
 
-    def set_disabled(self, phone: str, disabled: bool) -> bool:
-        """Disable (or enable) an account: a disabled one cannot log in. False: no such account."""
+    def set_disabled(self, phone: str, disabled: bool, reason: str | None = None) -> bool:
+        """Disable (or enable) an account: a disabled one cannot log in. False: no such account.
+
+        Disabling records when (``disabled_at``, the store's clock, ms) and
+        the operator's ``reason`` for `pigeon admin user show`; enabling
+        drops both.  Disabling a disabled account again keeps its first time.
+        """
         with self.write() as txn:
             acct = self._get(txn, "accounts", phone)
             if acct is None:
                 return False
+            if disabled:
+                if not acct.get("disabled") or "disabled_at" not in acct:
+                    acct["disabled_at"] = self.clock()
+                if reason is not None or not acct.get("disabled"):
+                    acct["disabled_reason"] = reason
+            else:
+                acct.pop("disabled_at", None)
+                acct.pop("disabled_reason", None)
             acct["disabled"] = disabled
             self._put(txn, "accounts", phone, acct)
         return True

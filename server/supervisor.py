@@ -15,8 +15,17 @@ orphans.  This needs no OS-specific call and works alike on Linux and
 FreeBSD.
 
 Readiness: when every worker has reported "ready" on its status pipe, the
-supervisor prints one line on stdout, ``pigeon: serving on HOST:PORT ...``;
-tests and scripts wait for it.  A worker that exits unexpectedly is
+supervisor prints the banner on stdout in one write: first the line tests
+and scripts wait for, ``pigeon: serving on HOST:PORT ...``, then where the
+metrics and health answer and, with the ``log`` SMS gateway, the file the
+one-time codes go to (``banner``).
+
+Open files: before anything else the supervisor raises its soft
+RLIMIT_NOFILE toward the hard limit, as far as a worker needs for
+max-connections plus files-reserve (``size_open_files``); the workers
+inherit it.  Only if the hard limit leaves less does it warn, once, with
+how many connections each worker will take; the workers apply the cap
+without a word.  A worker that exits unexpectedly is
 restarted after a backoff (1 s doubling to 30 s; reset once it has run 60 s)
 and the event is logged.  SIGTERM or SIGINT: the workers drain (stop
 accepting, tell clients 503, let output go) and the supervisor exits 0.
@@ -60,7 +69,7 @@ from . import worker as worker_mod
 from .bus import kick_record
 from .sdnotify import notify
 from .store import Store, StoreError, make_private
-from .worker import WID_STRIDE, listen_socket
+from .worker import WID_STRIDE, listen_socket, raise_open_files_limit
 
 logger = logging.getLogger("pigeon.supervisor")
 
@@ -97,6 +106,50 @@ def _listen_addrs(config) -> list[str]:
     return [config.listen] + ([config.tls_listen] if config.tls_enabled else [])
 
 
+def size_open_files(config) -> int | None:
+    """Raise the open-files limit for ``config``'s caps; warn once if it cannot reach them.
+
+    A worker needs ``max-connections + files-reserve`` descriptors; the
+    supervisor, which the workers inherit the limit from, needs a few per
+    worker and per metrics and control connection.  The soft limit is raised
+    that far (never lowered, never past the hard limit), so a default start
+    on a machine with the usual hard limits (systemd: 524288) says nothing.
+    Returns the connections each worker will take if the limit caps them,
+    else None.
+    """
+    worker_need = config.max_connections + config.files_reserve
+    own_need = config.metrics_connections + config.control_connections + 8 * config.worker_count
+    limit = raise_open_files_limit(max(worker_need, own_need + 64))
+    if limit is None or limit >= worker_need:
+        return None
+    budget = max(1, limit - config.files_reserve)
+    log.event(logger, logging.WARNING, "connections capped by the open-files limit",
+              open_files_limit=limit, max_connections=config.max_connections,
+              each_worker_accepts=budget,
+              hint="raise LimitNOFILE (systemd) or the login class / ulimit -n (FreeBSD), "
+                   "or lower max-connections")  # fmt: skip
+    return budget
+
+
+def banner(config, workers: int) -> list[str]:
+    """What the supervisor prints when it is ready, a line each (without 'pigeon: ')."""
+    tls = f", TLS on {config.tls_listen}" if config.tls_enabled else ""
+    data = os.path.abspath(config.data_dir)
+    lines = [
+        f"serving on {config.listen}{tls} with {workers} workers "
+        f"(codec {core_codec.IMPLEMENTATION}, data in {data})"
+    ]
+    if config.metrics_listen != "off":
+        where = f"http://{config.metrics_listen}"
+        lines.append(f"metrics on {where}/metrics, health on {where}/health")
+    if config.sms_gateway == "log":
+        lines.append(
+            "sms-gateway = log: one-time codes are not sent, they are written to "
+            f"{os.path.join(data, 'sms-outbox.txt')} (for development)"
+        )
+    return lines
+
+
 def check_port_free(hostport: str) -> None:
     """Raise OSError (EADDRINUSE) if anything listens on ``hostport``.
 
@@ -126,6 +179,7 @@ class WorkerProc:
         self.started = 0.0
         self.backoff = 1.0
         self.restart_at: float | None = None
+        self.restarts = 0  # spawns after the first (crashes it came back from)
         self.buf = b""
         self.fatal: str | None = None  # why it refused to start, from its status pipe
 
@@ -157,6 +211,8 @@ class Supervisor:
         self.control: socket.socket | None = None
         self.control_conns: set[control_mod.ControlConn] = set()
         self.worker_env = worker_env()
+        self.start_time = time.time()  # wall clock, for /status
+        self.start_mono = time.monotonic()
 
     # -- startup checks -----------------------------------------------------
 
@@ -274,6 +330,8 @@ class Supervisor:
         except BrokenPipeError:
             pass  # the worker is already gone; _reap sees it
         w.status_fd = status_r
+        if w.started:
+            w.restarts += 1
         w.ready = False
         w.fatal = None
         w.buf = b""
@@ -355,6 +413,7 @@ class Supervisor:
         # Everything the server creates (store, outbox, sockets) is private,
         # whatever umask it was started with; the workers inherit it.
         os.umask(0o077)
+        size_open_files(self.config)
         self.preflight()
         self.open_control()  # before anything to clean up: it may refuse to start
         self.run_dir = tempfile.mkdtemp(prefix="pigeon-")
@@ -376,6 +435,7 @@ class Supervisor:
                 self.config.metrics_listen,
                 collector,
                 self.health,
+                supervisor_status=self.status,
                 limit=self.config.metrics_connections,
                 timeout=self.config.metrics_timeout,
             )
@@ -410,14 +470,12 @@ class Supervisor:
                         self.spawn(w)
                 if not self.announced and all(w.ready for w in self.workers):
                     self.announced = True
-                    tls = f", TLS on {self.config.tls_listen}" if self.config.tls_enabled else ""
-                    line = (
-                        f"serving on {self.config.listen}{tls} with {self.count} workers "
-                        f"(codec {core_codec.IMPLEMENTATION}, "
-                        f"data in {os.path.abspath(self.config.data_dir)})"
-                    )
-                    print(f"pigeon: {line}", file=out, flush=True)
-                    notify(ready=1, status=line, mainpid=os.getpid())
+                    lines = banner(self.config, self.count)
+                    # one write: a reader that stops at the first line still
+                    # got the rest in the same chunk
+                    out.write("".join(f"pigeon: {line}\n" for line in lines))
+                    out.flush()
+                    notify(ready=1, status=lines[0], mainpid=os.getpid())
                 if not self.announced and now - started > READY_TIMEOUT:
                     raise StartupError(
                         f"workers did not become ready within {READY_TIMEOUT:.0f} s (see the log)"
@@ -549,6 +607,11 @@ class Supervisor:
                 self.preflight(reload=True)
             finally:
                 self.config = old_config
+            if (new.max_connections, new.files_reserve) != (
+                old_config.max_connections,
+                old_config.files_reserve,
+            ):
+                size_open_files(new)  # the new workers inherit what this sets
         except (ConfigError, StartupError) as exc:
             log.event(logger, logging.ERROR, "reload refused; the running workers keep serving",
                       error=str(exc))  # fmt: skip
@@ -632,6 +695,49 @@ class Supervisor:
         if self.announced and all(w.ready and w.proc is not None for w in self.workers):
             return "ready"
         return "starting"
+
+    def status(self) -> dict:
+        """The supervisor's part of /status: state, workers, listeners (see metrics.status_document).
+
+        Read by the metrics thread while the main thread runs: each list and
+        each worker's process is read once, as in worker_pids.
+        """
+        now = time.monotonic()
+        rows = []
+        for role, group in (("serving", self.workers), ("incoming", self.incoming),
+                            ("retiring", self.retiring)):  # fmt: skip
+            for w in list(group):
+                proc = w.proc
+                if proc is None:
+                    state = "restarting" if w.restart_at is not None else "stopped"
+                elif role == "retiring":
+                    state = "draining"
+                else:
+                    state = "ready" if w.ready else "starting"
+                rows.append({
+                    "id": w.wid, "index": w.index, "generation": w.gen,
+                    "pid": proc.pid if proc is not None else None, "state": state,
+                    "uptime_s": round(now - w.started, 3) if proc is not None else None,
+                    "restarts": w.restarts,
+                })  # fmt: skip
+        c = self.config
+        return {
+            "state": self.health(),
+            "pid": os.getpid(),
+            "start_ms": int(self.start_time * 1000),
+            "uptime_s": round(now - self.start_mono, 3),
+            "generation": self.gen,
+            "reloading": bool(self.incoming),
+            "workers_configured": self.count,
+            "workers": rows,
+            "listeners": {
+                "chat": c.listen,
+                "tls": c.tls_listen if c.tls_enabled else None,
+                "metrics": c.metrics_listen,
+                "control": os.path.abspath(control_mod.socket_path(c.data_dir)),
+            },
+            "data_dir": os.path.abspath(c.data_dir),
+        }
 
     def shutdown(self) -> None:
         self.stopping = True

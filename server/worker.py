@@ -153,21 +153,24 @@ def listen_socket(hostport: str, backlog: int = 1024) -> socket.socket:
     return sock
 
 
-def raise_open_files_limit() -> int | None:
-    """Lift the soft RLIMIT_NOFILE to the hard one; returns the limit now in force."""
+def raise_open_files_limit(want: int | None = None) -> int | None:
+    """Lift the soft RLIMIT_NOFILE toward the hard one: to ``want`` descriptors if given
+    (never lowering it), else all the way.  Returns the soft limit now in force, or
+    None if there is none (or no ``resource`` module to ask)."""
     try:
         import resource
     except ImportError:  # not a Unix
         return None
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY:
-        hard = 1 << 20
     if soft == resource.RLIM_INFINITY:
         return None
-    if soft < hard:
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if want is not None:
+        target = min(target, want)
+    if soft < target:
         try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
         except (ValueError, OSError):
             pass
     return soft
@@ -1068,28 +1071,23 @@ class Worker:
                       records=swept)  # fmt: skip
 
     def size_for_open_files(self) -> None:
-        """Raise the open-files limit to its hard maximum and cap connections under it.
+        """Cap connections under the open-files limit.
 
         A worker that runs out of descriptors cannot accept (libuv then
         accepts and drops connections without a word) nor open its store;
         refusing past ``limit - files_reserve`` with error 502 keeps it
-        working and tells the client why.
+        working and tells the client why.  The supervisor already raised the
+        limit the workers inherit, and warned once if it is too small
+        (supervisor.size_open_files): here it is only applied, quietly.
         """
-        limit = raise_open_files_limit()
+        limit = raise_open_files_limit(self.max_connections + self.config.files_reserve)
         if limit is None:
             return
         budget = max(1, limit - self.config.files_reserve)
         if budget < self.max_connections:
             self.max_connections = budget
-            log.event(
-                logger,
-                logging.WARNING,
-                "connections capped by the open-files limit",
-                worker=self.index,
-                open_files_limit=limit,
-                max_connections=budget,
-                hint="raise LimitNOFILE (systemd) or the login class / ulimit -n (FreeBSD)",
-            )
+            log.event(logger, logging.DEBUG, "connections capped by the open-files limit",
+                      worker=self.index, open_files_limit=limit, max_connections=budget)  # fmt: skip
 
     async def main(self, parent_fd: int | None, status_fd: int | None) -> None:
         self.loop = asyncio.get_running_loop()

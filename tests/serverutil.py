@@ -36,7 +36,7 @@ class Server:
         data_dir: Path,
         workers: int = 2,
         tls: bool = False,
-        open_files: int | None = None,
+        open_files: int | tuple[int, int] | None = None,
         config_file: Path | None = None,
         cwd: Path | None = None,
         command: list[str] | None = None,
@@ -44,7 +44,8 @@ class Server:
         umask: int | None = None,
         **options,
     ):
-        """``cwd``, ``env`` (added to ours), ``umask``: how the server process starts;
+        """``cwd``, ``env`` (added to ours), ``umask``, ``open_files`` (the RLIMIT_NOFILE,
+        soft and hard alike or a (soft, hard) pair): how the server process starts;
         ``command``: what runs instead of ``python -m pigeon.tools.cli`` (e.g. the
         installed ``pigeon`` script)."""
         self.config_file = config_file
@@ -68,6 +69,7 @@ class Server:
             )
         self.proc: subprocess.Popen | None = None
         self.banner = ""
+        self.banner_lines: list[str] = []  # the whole banner, "pigeon: serving on ..." first
         # the server's clock: real time plus the offset in this file (advance_clock)
         self.clock_file = data_dir.parent / f"clock-{self.port}"
         self.clock_file.write_text("0")
@@ -82,10 +84,12 @@ class Server:
             args += ["--config", str(self.config_file)]
         self.log = open(self.data_dir.parent / f"server-{self.port}.log", "ab")
         limit, umask = self.open_files, self.umask
+        if isinstance(limit, int):
+            limit = (limit, limit)  # (soft, hard)
 
         def preexec():
             if limit is not None:
-                resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+                resource.setrlimit(resource.RLIMIT_NOFILE, limit)
             if umask is not None:
                 os.umask(umask)
 
@@ -98,17 +102,27 @@ class Server:
             env={**os.environ, "PIGEON_TEST_CLOCK_FILE": str(self.clock_file), **self.env},
             cwd=self.cwd,
         )
+        # Raw reads, not readline: the banner comes in one write, its first line
+        # "pigeon: serving on ..." and then the lines after it (banner_lines).
+        fd = self.proc.stdout.fileno()
         sel = selectors.DefaultSelector()
-        sel.register(self.proc.stdout, selectors.EVENT_READ)
+        sel.register(fd, selectors.EVENT_READ)
         deadline = time.monotonic() + READY_TIMEOUT
+        out = b""
         while time.monotonic() < deadline:
             if sel.select(timeout=0.2):
-                line = self.proc.stdout.readline().decode()
-                if line.startswith("pigeon: serving on"):
-                    self.banner = line
-                    return self
-                if not line and self.proc.poll() is not None:
+                chunk = os.read(fd, 65536)
+                out += chunk
+                lines = out.decode(errors="replace").split("\n")[:-1]  # whole lines
+                for i, line in enumerate(lines):
+                    if line.startswith("pigeon: serving on"):
+                        self.banner = line + "\n"
+                        self.banner_lines = lines[i:]
+                        sel.close()
+                        return self
+                if not chunk and self.proc.poll() is not None:
                     break
+        sel.close()
         self.stop(sig=signal.SIGKILL)
         raise RuntimeError(f"server did not become ready; log: {self.log_text()[-2000:]}")
 

@@ -254,3 +254,32 @@ def test_webhook_gateway_posts_json_and_retries():
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+def test_provision_writes_the_json_lines_operations_md_shows(tmp_path):
+    """docs/OPERATIONS.md: one {"phone", "device", "secret"} object a line, secret
+    the SCRAM password (64 lowercase hex characters), file mode 0600."""
+    import re
+    from pathlib import Path
+
+    from pigeon.server.provision import provision
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "OPERATIONS.md").read_text()
+    (shown,) = re.findall(r'^\{"phone".*\}$', doc, re.M)
+    shown = json.loads(shown)
+    store = Store(str(tmp_path / "store"), map_size=64 << 20)
+    out = tmp_path / "creds.jsonl"
+    try:
+        creds = provision(store, 2, str(out), prefix="999")
+        lines = [json.loads(line) for line in out.read_text().splitlines()]
+        assert lines == creds and len(lines) == 2
+        assert out.stat().st_mode & 0o777 == 0o600
+        for line in [shown, *lines]:
+            assert list(line) == ["phone", "device", "secret"]
+            assert line["device"] == line["phone"] + ":0"
+            assert re.fullmatch(r"[0-9a-f]{64}", line["secret"])
+        assert lines[0]["phone"] == shown["phone"] == "999000000000"
+        accounts = Accounts(store, load(overrides={"data_dir": str(tmp_path)}), None)
+        scram_login(accounts, lines[1]["device"], bytes.fromhex(lines[1]["secret"]))
+    finally:
+        store.close()

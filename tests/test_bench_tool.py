@@ -3,6 +3,7 @@
 import asyncio
 import subprocess
 import sys
+from pathlib import Path
 
 import orjson
 import pytest
@@ -265,3 +266,188 @@ def test_stalled_run_stops_and_names_the_missing_messages(tmp_path):
 def test_throughput_help_says_messages_are_per_client():
     proc = pigeon("bench", "throughput", "--help")
     assert "PER CLIENT" in proc.stdout and "--stall-timeout" in proc.stdout
+
+
+RESULTS = sorted((Path(__file__).parent.parent / "bench" / "results").glob("*.json"))
+
+
+def _tp(clients, sync="os", receipts=True, msgs=1000.0, cpu=100.0, **kw):
+    """A throughput result as --json saves it (the fields the report reads)."""
+    return {"bench": "throughput", "clients": clients, "sync": sync, "receipts": receipts,
+            "window": 16, "size": 100, "messages_per_client": 100, "workers": 2,
+            "load_processes": 1, "profile": "bench", "msgs_per_s": msgs,
+            "server_cpu_us_per_msg": cpu, "latency_cdf": [[1.0, 0.0], [2.0, 0.5], [9.0, 1.0]],
+            "machine": {"cpu": "test"}, **kw}  # fmt: skip
+
+
+def _panel(fig, title):
+    (ax,) = [ax for ax in fig.axes if ax.get_title() == title]
+    return ax
+
+
+def test_report_groups_throughput_runs_by_configuration():
+    """One series per configuration, lines only within it, its own marker; runs at the
+    same client count (of other configurations, or repeats) never share a position."""
+    import matplotlib.pyplot as plt
+
+    from pigeon.bench.harness import figure
+
+    runs = [
+        _tp(100, msgs=5000), _tp(1000, msgs=6000), _tp(1000, msgs=6100),  # a repeat
+        _tp(100, receipts=False, msgs=7000), _tp(1000, receipts=False, msgs=8000),
+        _tp(1000, sync="fsync", msgs=6500),
+    ]  # fmt: skip
+    fig = figure([(f"r{k}.json", r) for k, r in enumerate(runs)])
+    try:
+        for title, field in (("throughput against clients", "msgs_per_s"),
+                             ("server CPU per message", "server_cpu_us_per_msg")):  # fmt: skip
+            lines = _panel(fig, title).get_lines()
+            assert sorted(ln.get_label() for ln in lines) == [
+                "fsync, receipts", "os, no receipts", "os, receipts",
+            ]  # fmt: skip
+            assert len({ln.get_marker() for ln in lines}) == 3
+            by_label = {ln.get_label(): ln for ln in lines}
+            assert list(by_label["os, no receipts"].get_ydata()) == [r[field] for r in runs[3:5]]
+            assert len(by_label["os, receipts"].get_xdata()) == 3
+            assert len(by_label["fsync, receipts"].get_xdata()) == 1
+            points = [(x, ln.get_label()) for ln in lines for x in ln.get_xdata()]
+            xs = [x for x, _ in points]
+            assert len(set(xs)) == len(xs) == 6  # no point on top of another
+            for x, _ in points:  # each drawn near its own client count (log-axis dodge)
+                assert min(abs(x / 100 - 1), abs(x / 1000 - 1)) < 0.15
+            for ln in lines:  # a line joins one configuration's runs, in client order
+                assert list(ln.get_xdata()) == sorted(ln.get_xdata())
+    finally:
+        plt.close(fig)
+
+
+def test_report_of_the_saved_results(tmp_path, capsys):
+    """bench/results as it is (pytest-benchmark, idle, presence, latency and throughput
+    JSON): the report draws what it knows, says which files it skipped, and keeps every
+    throughput configuration a series of its own."""
+    import matplotlib.pyplot as plt
+
+    from pigeon.bench.harness import figure
+
+    out = tmp_path / "report.png"
+    assert main(["bench", "report", *map(str, RESULTS), "--out", str(out)]) == 0
+    cap = capsys.readouterr()
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    skipped = [ln for ln in cap.err.splitlines() if ln.startswith("pigeon bench report: skipped")]
+    assert any("codec.json: a pytest-benchmark result" in ln for ln in skipped), cap.err
+    assert any("idle-10000.json: an idle result" in ln for ln in skipped), cap.err
+    tps = [orjson.loads(p.read_bytes()) for p in RESULTS if p.name.startswith("throughput")]
+    fig = figure([("x", r) for r in tps])
+    try:
+        lines = _panel(fig, "throughput against clients").get_lines()
+        assert len(lines) == len(tps)  # five configurations, none joined to another
+        assert all(len(ln.get_xdata()) == 1 for ln in lines)
+    finally:
+        plt.close(fig)
+
+
+def test_report_skips_what_it_cannot_plot(tmp_path, capsys):
+    files = {
+        "bench.json": {"benchmarks": [], "machine_info": {}},
+        "idle.json": {"bench": "idle", "clients": 10},
+        "presence.json": {"bench": "presence", "subscribers": 10},
+        "other.json": {"hello": 1},
+        "list.json": [1, 2],
+        "broken.json": _tp(10, msgs=None),
+        "badcdf.json": _tp(10, latency_cdf=[1, 2]),
+        "search.json": {"bench": "latency", "max_rate": None, "runs": []},
+        "tp.json": _tp(10),
+        "lat.json": {
+            "bench": "latency",
+            "rate": 100.0,
+            "clients": 4,
+            "latency_cdf": [[1.0, 0.0], [3.0, 1.0]],
+        },  # fmt: skip
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(orjson.dumps(data))
+    (tmp_path / "text.json").write_text("not json\n")
+    paths = sorted(str(p) for p in tmp_path.glob("*.json"))
+    out = tmp_path / "r.png"
+    assert main(["bench", "report", *paths, "--out", str(out)]) == 0
+    cap = capsys.readouterr()
+    assert "(2 results)" in cap.out and out.exists()
+    notes = cap.err.splitlines()
+    assert len(notes) == len(paths) - 2, cap.err  # one line per skipped file
+    for name in set(files) - {"tp.json", "lat.json"} | {"text.json"}:
+        assert sum(name in ln for ln in notes) == 1, (name, cap.err)
+    # nothing plottable at all: a clear error, no file
+    assert (
+        main(["bench", "report", str(tmp_path / "idle.json"), "--out", str(tmp_path / "n.png")])
+        == 1
+    )
+    assert "nothing to plot" in capsys.readouterr().err
+    assert not (tmp_path / "n.png").exists()
+
+
+def test_human_output_has_a_headline_then_aligned_details():
+    from pigeon.bench.harness import _human
+
+    r = orjson.loads((RESULTS[0].parent / "throughput-1000-os.json").read_bytes())
+    lines = _human(r).splitlines()
+    assert lines[0] == (
+        "throughput: 100,000 messages sent, 100,000 delivered, 0 lost, 0 duplicated, "
+        "0 receipts missing"
+    )
+    assert lines[1].startswith("server CPU 121.1 us per message (107.7 us user); 8,258 messages")
+    assert lines[1].endswith("6,030 msg/s wall")
+    assert lines[2].startswith("send-to-delivery p50 1,816 ms, p99 3,351 ms")
+    details = lines[lines.index("details:") + 1 :]
+    assert "{" not in "\n".join(details)  # no dict dumps
+    column = {len(ln) - len(ln[2:].split("  ", 1)[1].lstrip()) for ln in details}
+    assert len(column) == 1  # every value starts in the same column
+    assert any(ln.split() == ["errors", "none"] for ln in details)
+    search = orjson.loads((RESULTS[0].parent / "latency-find-max-p99-50.json").read_bytes())
+    text = _human(search)
+    assert text.startswith("latency: the highest rate with p99 within 50.0 ms is 2,125 msg/s")
+    assert "rate msg/s  achieved" in text  # the search's runs as a table
+
+
+def test_human_output_of_a_run():
+    proc = pigeon("bench", "throughput", "--clients", "4", "--messages", "5", "--window", "2",
+                  "--workers", "1")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    first = proc.stdout.splitlines()[0]
+    assert first.startswith("throughput: 20 messages sent, 20 delivered, 0 lost"), proc.stdout
+    assert "us per message" in proc.stdout and "details:" in proc.stdout
+
+
+@pytest.mark.parametrize("bench", [None, "throughput", "latency", "presence", "idle", "report"])
+def test_bench_help_shows_defaults_and_no_markup(bench):
+    proc = pigeon("bench", *([bench] if bench else []), "--help")
+    assert proc.returncode == 0, proc.stderr
+    assert "``" not in proc.stdout
+    text = " ".join(proc.stdout.split())  # argparse wraps lines
+    if bench in ("throughput", "latency"):
+        assert "(default: 30)" in text and "(default: os;" in text
+    if bench in ("throughput", "latency", "idle"):
+        assert "(default: 100)" in text and "default: one per core" in text
+    if bench == "presence":
+        assert "(default: 1000)" in text and "(default: 0.05)" in text
+    if bench == "report":
+        assert "pip install '.[bench]'" in text
+
+
+def test_missing_extra_says_how_to_install_it(tmp_path, monkeypatch, capsys):
+    """The hint names both installs: from PyPI, and from a checkout."""
+    (tmp_path / "tp.json").write_bytes(orjson.dumps(_tp(10)))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    assert (
+        main(["bench", "report", str(tmp_path / "tp.json"), "--out", str(tmp_path / "r.png")]) == 1
+    )
+    err = capsys.readouterr().err
+    assert (
+        "matplotlib is missing: pip install 'pigeon[bench]' (from a checkout: pip install '.[bench]')"
+        in err
+    )
+    monkeypatch.setitem(sys.modules, "psutil", None)
+    assert main(["bench", "idle", "--clients", "2"]) == 1
+    assert (
+        "psutil is missing: pip install 'pigeon[bench]' (from a checkout: pip install '.[bench]')"
+        in capsys.readouterr().err
+    )

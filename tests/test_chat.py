@@ -1,7 +1,10 @@
 """``pigeon chat`` as a user runs it: subprocesses with a terminal-like stdin and stdout."""
 
+import contextlib
+import json
 import os
 import selectors
+import signal
 import subprocess
 import sys
 import time
@@ -93,6 +96,9 @@ def test_two_terminals_chat_with_ticks(server, tmp_path):
         alice.expect("hi alice, no number needed")
         bob.type(f"{'4400000000000'} anyone?")
         bob.expect("not sent")
+        bob.expect("4400000000000 is not a recipient; talking to " + ALICE + " again")
+        bob.type("still you")  # the number the server refused did not stick
+        alice.expect("still you")
         bob.type("/quit")
         assert bob.finish() == 0
         alice.type("/quit")
@@ -111,11 +117,25 @@ def test_chat_errors_say_what_to_fix(server, tmp_path):
     c = Chat(server, tmp_path / "x.json", "register", "+49 170")
     assert c.finish() == 1
     assert "not a phone number" in c.proc.stderr.read().decode()
+    # a wrong code asks again; the end of input gives up
     c = Chat(server, tmp_path / "x.json", "register", ALICE)
     c.expect("code:")
     c.type("000000" if server.code_for(ALICE) != "000000" else "111111")
+    c.expect("type it again")
+    c.expect("code:")
     assert c.finish() == 1
-    assert "the server refused: 301" in c.proc.stderr.read().decode()
+    assert "no code given: nothing registered" in c.proc.stderr.read().decode()
+    # the server voids a code after code-attempts (5) wrong ones: the client stops there
+    c = Chat(server, tmp_path / "x.json", "register", ALICE)
+    c.expect("code:")
+    wrong = "000000" if server.code_for(ALICE) != "000000" else "111111"
+    for _ in range(4):
+        c.type(wrong)
+        c.expect("type it again")
+    c.type(wrong)
+    assert c.finish() == 1
+    err = c.proc.stderr.read().decode()
+    assert "the server refused: 301" in err and "5 times" in err and "for a new code" in err
     assert not os.path.exists(tmp_path / "x.json")
 
 
@@ -151,3 +171,248 @@ def test_an_idle_chat_stays_connected(tmp_path):
     c = Chat(srv, tmp_path / "x.json", "--keepalive", "-1")
     assert c.finish() == 2  # a usage error, from argparse
     assert "expected seconds >= 0" in c.proc.stderr.read().decode()
+
+
+# -- in a pseudo-terminal, as a person types: the line editor, commands, the session's end --
+
+ROWS, COLS = 200, 160  # tall enough that nothing scrolls off the emulated screen
+
+
+class Terminal:
+    """``pigeon chat`` in a pseudo-terminal (pexpect); what it draws is rendered by a
+    terminal emulator (pyte), so a test sees the screen a person would see."""
+
+    def __init__(self, server, profile, *args):
+        import pexpect
+        import pyte
+
+        cmd = ["-m", "pigeon.tools.cli", "chat", "--profile", str(profile),
+               "--server", f"127.0.0.1:{server.port}", *args]  # fmt: skip
+        # no cursor-position requests: nothing here answers them as a terminal would
+        env = {**os.environ, "TERM": "xterm", "PROMPT_TOOLKIT_NO_CPR": "1"}
+        self.child = pexpect.spawn(sys.executable, cmd, env=env, encoding="utf-8",
+                                   codec_errors="replace", dimensions=(ROWS, COLS))  # fmt: skip
+        self.screen = pyte.Screen(COLS, ROWS)
+        self.stream = pyte.Stream(self.screen)
+        self.eof = False
+
+    def lines(self) -> list[str]:
+        return [line.rstrip() for line in self.screen.display if line.strip()]
+
+    def _pump(self, wait: float) -> None:
+        import pexpect
+
+        try:
+            self.stream.feed(self.child.read_nonblocking(65536, timeout=wait))
+        except pexpect.TIMEOUT:
+            pass
+        except pexpect.EOF:
+            self.eof = True
+
+    def wait(self, predicate, what: str, timeout: float = 15.0):
+        deadline = time.monotonic() + timeout
+        while True:
+            found = predicate(self.lines())
+            if found:
+                return found
+            if self.eof or time.monotonic() > deadline:
+                raise AssertionError(f"never saw {what}; the screen:\n" + "\n".join(self.lines()))
+            self._pump(0.1)
+
+    def expect(self, text: str, timeout: float = 15.0) -> str:
+        """The first line on the screen with ``text`` (waiting for it)."""
+        return self.wait(
+            lambda ls: next((ln for ln in ls if text in ln), None), repr(text), timeout
+        )
+
+    def count(self, text: str) -> int:
+        return sum(text in line for line in self.lines())
+
+    def type(self, keys: str) -> None:
+        self.child.send(keys)
+
+    def enter(self, line: str) -> None:
+        self.child.send(line + "\r")
+
+    def finish(self, timeout: float = 15.0) -> int:
+        """Wait for the chat to exit on its own; its exit status."""
+        deadline = time.monotonic() + timeout
+        while not self.eof and time.monotonic() < deadline:
+            self._pump(0.2)
+        self.child.close(force=not self.eof)
+        assert self.eof, "the chat did not exit; the screen:\n" + "\n".join(self.lines())
+        return self.child.exitstatus
+
+    def kill(self) -> None:
+        if self.child.isalive():
+            self.child.close(force=True)
+
+
+@contextlib.contextmanager
+def terminals(*chats):
+    try:
+        yield chats
+    finally:
+        for c in chats:
+            c.kill() if isinstance(c, Terminal) else _kill(c)
+
+
+def _kill(c: Chat) -> None:
+    if c.proc.poll() is None:
+        c.proc.kill()
+        c.proc.wait(5)
+
+
+def test_commands_are_local_and_the_prompt_is_redrawn_under_incoming_lines(server, tmp_path):
+    alice_profile = register(server, tmp_path, ALICE)
+    bob_profile = register(server, tmp_path, BOB)
+    with terminals(Terminal(server, alice_profile), Chat(server, bob_profile)) as (alice, bob):
+        alice.expect(f"logged in as {ALICE}:0")
+        bob.expect(f"logged in as {BOB}:0")
+        alice.enter("/help")
+        for shown in ("/to PHONE", "/quit", "//text", "/help", "✓✓ delivered"):
+            alice.expect(shown)
+        alice.enter(f"/to {BOB}")
+        alice.expect(f"talking to {BOB}")
+        # a typo of a command, and any unknown /word, stay here
+        alice.enter("/qiut now")
+        alice.expect("unknown command '/qiut', not sent: /help lists the commands")
+        alice.enter("/hello bob")
+        alice.expect("unknown command '/hello'")
+        alice.enter("//etc/hosts is a file")  # '//' sends one '/'
+        first = bob.expect(f"<- {ALICE}")  # FIFO: the first thing bob ever got
+        assert first.endswith(": /etc/hosts is a file"), first
+        # half a line typed, then a message comes in: it prints above the prompt,
+        # which is drawn again below it with the half line still in it
+        alice.type("hel")
+        alice.wait(lambda ls: ls[-1] == f"{BOB}> hel", "the half-typed line")
+        bob.type(f"{ALICE} ping from bob")
+        alice.wait(lambda ls: ls[-1] == f"{BOB}> hel" and ls[-2].startswith(f"<- {BOB} ["),
+                   "the message above the redrawn prompt")  # fmt: skip
+        assert alice.expect("ping from bob").startswith(f"<- {BOB} [")
+        alice.type("lo\r")
+        assert bob.expect(f"<- {ALICE}").endswith(": hello")
+        assert alice.count("ping from bob") == 1  # shown once, not echoed into the line
+        alice.enter("/quit")
+        assert alice.finish() == 0
+        bob.type("/quit")
+        assert bob.finish() == 0
+    assert not [ln for ln in bob.lines if "qiut" in ln or "hello bob" in ln], bob.lines
+
+
+def test_a_disabled_account_ends_the_chat_with_the_reason(server, tmp_path):
+    alice_profile = register(server, tmp_path, ALICE)
+    with terminals(Terminal(server, alice_profile)) as (alice,):
+        alice.expect(f"logged in as {ALICE}:0")
+        alice.type("half a line")
+        proc = subprocess.run([sys.executable, "-m", "pigeon.tools.cli", "admin", "user",
+                               "disable", ALICE, "--data-dir", str(server.data_dir)],
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        assert alice.finish() == 1  # on its own: nothing more typed
+        said = alice.expect("pigeon chat:")
+        assert "the server ended the session (304" in said and "disabled" in said, said
+    # a later start is refused at login, with what to do
+    with terminals(Terminal(server, alice_profile)) as (alice,):
+        assert alice.finish() == 1
+        said = alice.expect("pigeon chat:")
+        assert "login refused (300" in said and "disabled" in said, said
+
+
+def test_reconnects_are_shown(server, tmp_path):
+    alice_profile = register(server, tmp_path, ALICE)
+    bob_profile = register(server, tmp_path, BOB)
+    with terminals(Terminal(server, alice_profile), Chat(server, bob_profile)) as (alice, bob):
+        alice.expect(f"logged in as {ALICE}:0")
+        bob.expect(f"logged in as {BOB}:0")
+        for _ in range(100):
+            if f"{ALICE}:0" in server.sessions(ALICE):
+                break
+            time.sleep(0.05)
+        worker = server.sessions(ALICE)[f"{ALICE}:0"]["worker"]
+        os.kill(server.worker_pid(worker), signal.SIGKILL)
+        assert alice.expect("!! reconnecting…").startswith("!! reconnecting… (")
+        alice.expect("back online", timeout=30)
+        alice.enter(f"{BOB} after the gap")
+        assert bob.expect(f"<- {ALICE}").endswith(": after the gap")
+        alice.enter("/quit")
+        assert alice.finish() == 0
+        bob.type("/quit")
+        assert bob.finish() == 0
+
+
+def test_ticks_of_an_earlier_run_show_after_a_restart(server, tmp_path):
+    import asyncio
+
+    from pigeon.client import Client
+
+    alice_profile = register(server, tmp_path, ALICE)
+    bob_creds = asyncio.run(asyncio.wait_for(server.register(BOB), 30))
+    # a profile that already remembers 1,000 unread messages: the oldest goes
+    profile = json.loads(alice_profile.read_text())
+    profile["pending"] = {f"old{i}": [BOB, "✓"] for i in range(1000)}
+    alice_profile.write_text(json.dumps(profile))
+    with terminals(Terminal(server, alice_profile)) as (alice,):
+        alice.expect(f"logged in as {ALICE}:0")
+        alice.enter(f"{BOB} while you were away")  # bob is offline: stored, one tick
+        mid = alice.expect(f"-> {BOB}: while you were away").rsplit("[", 1)[1].rstrip("]")
+        alice.expect(f"✓ {mid}")
+        alice.enter("/quit")
+        assert alice.finish() == 0
+    assert alice_profile.stat().st_mode & 0o777 == 0o600
+    pending = json.loads(alice_profile.read_text())["pending"]
+    assert len(pending) == 1000 and "old0" not in pending and pending[mid] == [BOB, "✓"]
+
+    async def bob_reads():  # bob's own client: it acks (two ticks) and reads (blue)
+        bob = await Client.connect("127.0.0.1", server.port)
+        await bob.login(bob_creds)
+        ev = await bob.next_event(10)
+        assert ev.id == mid and ev.body == b"while you were away"
+        await bob.ack(ev.seq)
+        await bob.receipt(ALICE, ev.id, "read")
+        await bob.close()
+
+    asyncio.run(asyncio.wait_for(bob_reads(), 30))
+    with terminals(Terminal(server, alice_profile)) as (alice,):
+        alice.expect(f"logged in as {ALICE}:0")
+        alice.expect(f"✓✓ {mid}")
+        alice.expect(f"read {mid}")
+        alice.enter("/quit")
+        assert alice.finish() == 0
+    profile = json.loads(alice_profile.read_text())
+    assert mid not in profile["pending"] and len(profile["pending"]) == 999  # read: pruned
+    assert alice_profile.stat().st_mode & 0o777 == 0o600
+
+
+def test_register_asks_again_for_a_wrong_code_and_outlives_the_login_deadline(tmp_path):
+    """The server's login deadline (1 s here, 10 s by default) closes the connection
+    while the person reads the SMS; the code is then checked on a new one."""
+    import psutil
+
+    srv = Server(tmp_path / "data", workers=2, login_timeout=1).start()
+    try:
+        profile = tmp_path / "alice.json"
+        with terminals(Terminal(srv, profile, "register", ALICE)) as (c,):
+            hint = c.expect("a code was sent to")
+            assert "<data-dir>/sms-outbox.txt" in hint or "sms-outbox.txt" in c.expect("outbox")
+            c.expect("code:")
+            code = srv.code_for(ALICE)
+            c.enter("000000" if code != "000000" else "111111")
+            c.expect("type it again")
+            c.wait(lambda ls: ls[-1].startswith("code:") and len([ln for ln in ls if ln.startswith("code:")]) == 2, "a second code prompt")  # fmt: skip
+            chat = psutil.Process(c.child.pid)
+            for _ in range(200):  # the server closes the idle, not logged-in connection
+                if not [
+                    s for s in chat.net_connections("tcp") if s.raddr and s.raddr[1] == srv.port
+                ]:
+                    break
+                time.sleep(0.05)
+            else:
+                raise AssertionError("the server never closed the registering connection")
+            c.enter(code)
+            c.expect(f"registered {ALICE}:0")
+            assert c.finish() == 0
+        assert profile.stat().st_mode & 0o777 == 0o600
+        assert json.loads(profile.read_text())["device"] == f"{ALICE}:0"
+    finally:
+        assert srv.stop() == 0

@@ -38,6 +38,7 @@ def test_admin_decode_json_and_stdin(capsys, monkeypatch):
         (["admin", "decode", "00 00 05 f8"], 1, "incomplete frame"),
         (["serve", "--workers", "-1"], 2, "workers: must be an integer >= 0, got '-1'"),
         (["serve", "--listen", "7650"], 2, "must be HOST:PORT"),
+        (["serve", "--listen", "127.0.0.1:70000"], 2, "port must be 1-65535, got 70000"),
         (["serve", "--config", "/nonexistent/pigeon.toml"], 2, "no such file"),
         (["serve", "--tls-key", "k.pem"], 2, "tls-key is set but tls-cert is not"),
     ],
@@ -71,3 +72,55 @@ def test_admin_gen_cert(tmp_path, capsys):
     assert "exists; pass --force" in capsys.readouterr().err
     assert main(["admin", "gen-cert", "--out-dir", str(out), "--days", "0"]) == 2
     assert "--days must be at least 1" in capsys.readouterr().err
+
+
+def test_serve_help_groups_the_settings_and_shows_values(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    sections = {}
+    current = None
+    for line in out.splitlines():
+        if line and not line.startswith(" ") and line.endswith(":"):
+            current = sections.setdefault(line[:-1], [])
+        elif current is not None and line.lstrip().startswith("--"):
+            current.append(line.split()[0])
+    for title, flags in {
+        "listeners": ["--listen", "--tls-listen", "--metrics-listen"],
+        "storage": ["--data-dir", "--map-size", "--sync"],
+        "abuse limits": ["--message-rate", "--new-chats"],
+        "logging": ["--log-level", "--log-format"],
+        "registration and SMS": ["--sms-gateway", "--code-ttl"],
+    }.items():
+        assert set(flags) <= set(sections.get(title, ())), (title, sections.get(title))
+    flat = " ".join(out.split())
+    assert "--listen HOST:PORT" in flat and "--metrics-listen HOST:PORT|off" in flat
+    assert "--sync {fsync,os}" in flat and "--log-format {auto,json,text}" in flat
+    assert "--idle-timeout SECONDS" in flat and "--delivered-receipts {true,false}" in flat
+    assert "(default: 127.0.0.1:7650)" in flat and "(default: fsync)" in flat
+    assert "LISTEN" not in out  # no metavar made from the option's name
+
+
+def test_serve_reports_every_config_error(tmp_path, capsys):
+    f = tmp_path / "bad.toml"
+    f.write_text("workers = -1\nlistn = '127.0.0.1:1'\n")
+    assert main(["serve", "--config", str(f), "--listen", "127.0.0.1:99999"]) == 2
+    err = capsys.readouterr().err
+    assert "3 errors" in err
+    assert f"{f}: workers: must be an integer >= 0, got -1" in err
+    assert f"{f}: unknown setting 'listn': did you mean listen?" in err
+    assert "command line: --listen: port must be 1-65535, got 99999" in err
+
+
+def test_admin_check_config_lists_every_error(tmp_path, capsys):
+    f = tmp_path / "bad.toml"
+    f.write_text("sync = 'sometimes'\nmetrics-listen = 'localhost:65536'\nwokers = 2\n")
+    assert main(["admin", "check-config", str(f)]) != 0
+    err = capsys.readouterr().err
+    for line in (
+        f"{f}: sync: must be one of fsync, os, got 'sometimes'",
+        f"{f}: metrics-listen: port must be 1-65535, got 65536",
+        f"{f}: unknown setting 'wokers': did you mean workers?",
+    ):
+        assert line in err, err

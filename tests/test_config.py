@@ -2,7 +2,7 @@
 
 import pytest
 
-from pigeon.server.config import OPTIONS, ConfigError, load
+from pigeon.server.config import GROUPS, OPTIONS, ConfigError, load, problems
 
 
 def test_defaults_need_no_file():
@@ -39,6 +39,8 @@ def test_file_then_flags(tmp_path):
         ("sms-gateway = 'webhook'", "needs sms-webhook-url"),
         ("tls-key = 'k.pem'", "tls-key is set but tls-cert is not"),
         ("listn = '127.0.0.1:1'", "unknown setting 'listn'"),
+        ("listen = '127.0.0.1:70000'", "listen: port must be 1-65535, got 70000"),
+        ("metrics-listen = '[::1]:0'", "metrics-listen: port must be 1-65535, got 0"),
         ("listen = ", "not valid TOML"),
     ],
 )
@@ -66,3 +68,68 @@ def test_operations_doc_lists_every_setting():
     text = doc.read_text()
     for o in OPTIONS:
         assert f"| `{o.name.replace('_', '-')}` |" in text
+
+
+def test_every_error_is_reported_at_once(tmp_path):
+    """check-config and serve list every problem, one line each naming the file and key."""
+    f = tmp_path / "bad.toml"
+    f.write_text(
+        "workers = -1\n"
+        "listen = '127.0.0.1:70000'\n"
+        "login-timeout = 'soon'\n"
+        "idle-timout = 30\n"
+        "write-buffer-low = 10\n"
+        "write-buffer-high = 5\n"
+        "tls-key = 'k.pem'\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load(str(f), {"sync": "sometimes"})
+    want = [
+        f"{f}: workers: must be an integer >= 0, got -1",
+        f"{f}: listen: port must be 1-65535, got 70000",
+        f"{f}: login-timeout: must be a number > 0, got 'soon'",
+        f"{f}: unknown setting 'idle-timout': did you mean idle-timeout?",
+        "command line: --sync: must be one of fsync, os, got 'sometimes'",
+        f"{f}: tls-key is set but tls-cert is not: set both, or neither",
+        f"{f}: write-buffer-low must not be above write-buffer-high",
+    ]
+    assert info.value.errors == want
+    assert str(info.value).splitlines() == ["7 errors in the settings:", *want]
+    assert problems(str(f), {"sync": "sometimes"}) == want
+    assert problems() == []
+
+
+def test_a_rule_between_keys_is_not_judged_on_a_refused_value(tmp_path):
+    f = tmp_path / "bad.toml"
+    f.write_text("write-buffer-low = 10\nwrite-buffer-high = 'lots'\n")
+    with pytest.raises(ConfigError) as info:
+        load(str(f))
+    assert info.value.errors == [
+        f"{f}: write-buffer-high: must be an integer > 0, got 'lots'"
+    ]  # and not also "low must not be above high" (judged against the default)
+
+
+@pytest.mark.parametrize(
+    "key, answer",
+    [
+        ("listn", "did you mean listen?"),
+        ("login_timout", "did you mean login-timeout?"),
+        ("max-connection", "did you mean max-connections?"),
+        ("timeout", "did you mean idle-timeout or login-timeout?"),
+        ("colour", "every setting is listed by pigeon serve --help"),
+    ],
+)
+def test_unknown_key_gets_the_closest_names_not_all_of_them(tmp_path, key, answer):
+    f = tmp_path / "bad.toml"
+    f.write_text(f"{key} = 1\n")
+    with pytest.raises(ConfigError) as info:
+        load(str(f))
+    message = str(info.value)
+    assert answer in message
+    assert "blocklist-max" not in message and "typing-burst" not in message
+
+
+def test_every_option_is_in_exactly_one_group():
+    grouped = [n for g in GROUPS for n in g.names]
+    assert sorted(grouped) == sorted(o.name for o in OPTIONS)
+    assert all(g.title and g.description for g in GROUPS)

@@ -426,7 +426,7 @@ def test_admin_queues_reads_the_store_with_the_server_up_or_down(tmp_path):
     assert down.returncode == 0, down.stderr
     assert down.stdout.startswith("7 queued entries") and bob_creds.device in down.stdout
     wrong = admin_queues(tmp_path / "nowhere")
-    assert wrong.returncode == 2 and "no store in" in wrong.stderr and "--data-dir" in wrong.stderr
+    assert wrong.returncode == 1 and "no store in" in wrong.stderr and "--data-dir" in wrong.stderr
     assert not (tmp_path / "nowhere").exists()
 
 

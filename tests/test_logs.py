@@ -78,3 +78,65 @@ def _check_formats(logger, Tty):
     assert (rec["level"], rec["msg"], rec["refused"]) == ("warning", "at the connection limit", 3)
     log.event(logger, logging.DEBUG, "hidden")  # below the level
     assert len(pipe.getvalue().splitlines()) == 1
+
+
+def logfmt_pairs(line: str) -> dict:
+    """The key=value pairs of a logfmt line, as a logfmt reader sees them (go-logfmt's
+    grammar: bare words are keys without a value and are skipped; a quoted value is a
+    JSON-style string)."""
+    pairs, i, n = {}, 0, len(line)
+    while i < n:
+        if line[i] == " ":
+            i += 1
+            continue
+        start = i
+        while i < n and line[i] not in ' ="':
+            i += 1
+        key = line[start:i]
+        if i >= n or line[i] != "=":
+            i += 1  # a bare key (or a stray quote): no value
+            continue
+        i += 1
+        if i < n and line[i] == '"':
+            j = i + 1
+            while j < n and line[j] != '"':
+                j += 2 if line[j] == "\\" else 1
+            assert j < n, f"unterminated quoted value in {line!r}"
+            pairs[key] = json.loads(line[i : j + 1])
+            i = j + 1
+        else:
+            start = i
+            while i < n and line[i] != " ":
+                i += 1
+            value = line[start:i]
+            assert '"' not in value and "=" not in value, f"bare value {value!r} in {line!r}"
+            pairs[key] = value
+    return pairs
+
+
+def test_text_fields_are_logfmt_quoted(tmp_path):
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    logger = logging.getLogger("pigeon.test")
+    root = logging.getLogger("pigeon")
+    saved = (root.handlers[:], root.level, root.propagate)
+    fields = {
+        "path": str(tmp_path / "my data" / "store"),
+        "error": 'cannot open "store": mode=0644 is wrong',
+        "empty": "",
+        "count": 3,
+        "ready": True,
+        "reason": "two\nlines\tand a \\ backslash",
+        "plain": "127.0.0.1:7650",
+    }
+    try:
+        tty = Tty()
+        log.setup("info", "text", tty)
+        log.event(logger, logging.WARNING, "something to say", **fields)
+    finally:
+        root.handlers[:], root.level, root.propagate = saved
+    (line,) = tty.getvalue().splitlines()  # one line, whatever the values hold
+    assert logfmt_pairs(line) == {**{k: str(v) for k, v in fields.items()}, "ready": "true"}
+    assert " plain=127.0.0.1:7650" in line and " count=3" in line  # bare when they can be

@@ -470,3 +470,35 @@ def test_a_ping_without_pong_drops_the_connection_and_reconnects(idle_server, dr
     finally:
         for pid in stopped:
             os.kill(pid, signal.SIGCONT)
+
+
+@pytest.mark.parametrize("driver", ["asyncio", "trio"])
+def test_reconnect_hooks_say_offline_and_back_online(server, driver):
+    """``on_disconnect`` when a connection is lost and a reconnect starts, ``on_reconnect``
+    once logged in again; neither when the client ends for good (replaced)."""
+    creds = run(server.register(ALICE))
+    seen: list[tuple[str, str | None]] = []
+
+    def lost(why):
+        seen.append(("lost", str(why)))
+
+    def back():
+        seen.append(("back", None))
+        raise RuntimeError("an application's bug")  # logged; the client goes on
+
+    async def scenario(sleep):
+        kw = dict(reconnect=True, on_disconnect=lost, on_reconnect=back)
+        async with sdk_client(driver, server, creds, **kw) as c:
+            await wait_for(lambda: creds.device in server.sessions(ALICE), sleep)
+            worker = server.sessions(ALICE)[creds.device]["worker"]
+            os.kill(server.worker_pid(worker), signal.SIGKILL)
+            await wait_for(lambda: c.reconnects >= 1, sleep, timeout=30)
+            assert [kind for kind, _ in seen] == ["lost", "back"], seen
+            assert seen[0][1]  # with the reason
+            await c.ping()
+            async with sdk_client(driver, server, creds):  # replaces c: the end for good
+                await wait_for(lambda: c.closed is not None, sleep)
+            assert isinstance(c.closed, ServerError) and c.closed.code == ErrorCode.REPLACED
+            assert len(seen) == 2, seen
+
+    run_on(driver, scenario)

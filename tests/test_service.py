@@ -103,3 +103,83 @@ def test_a_second_server_on_the_same_data_dir_is_refused(tmp_path):
         assert (tmp_path / "data" / "control.sock").exists()  # the first one's, untouched
     finally:
         assert srv.stop() == 0
+
+
+def test_the_banner_names_the_metrics_address_and_where_codes_go(tmp_path):
+    from serverutil import free_port
+
+    mport = free_port()
+    srv = Server(tmp_path / "data", workers=1, metrics_listen=f"127.0.0.1:{mport}").start()
+    try:
+        lines = srv.banner_lines
+        assert lines[0].startswith(f"pigeon: serving on 127.0.0.1:{srv.port} with 1 workers")
+        outbox = (tmp_path / "data").resolve() / "sms-outbox.txt"
+        assert (
+            f"pigeon: metrics on http://127.0.0.1:{mport}/metrics, "
+            f"health on http://127.0.0.1:{mport}/health"
+        ) in lines
+        assert any("sms-gateway = log" in ln and str(outbox) in ln for ln in lines), lines
+    finally:
+        assert srv.stop() == 0
+    # metrics off and codes sent by a webhook: nothing to point at
+    srv = Server(tmp_path / "data2", workers=1, sms_gateway="webhook",
+                 sms_webhook_url="http://127.0.0.1:9/sms").start()  # fmt: skip
+    try:
+        assert len(srv.banner_lines) == 1 and "serving on" in srv.banner_lines[0]
+    finally:
+        assert srv.stop() == 0
+
+
+def _capped_lines(srv) -> list[dict]:
+    import json
+
+    out = []
+    for line in srv.log_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if rec.get("msg") == "connections capped by the open-files limit":
+            out.append(rec)
+    return out
+
+
+def _soft_open_files(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/limits") as f:
+            for line in f:
+                if line.startswith("Max open files"):
+                    return int(line.split()[3])
+    except OSError:
+        return None  # no /proc (FreeBSD without linprocfs)
+    return None
+
+
+def test_open_files_warning_once_and_only_when_the_limit_is_too_small(tmp_path):
+    import resource
+
+    # A hard limit of 512 leaves 448 connections a worker: said once, by the supervisor,
+    # not by every worker.
+    srv = Server(tmp_path / "data", workers=2, open_files=512).start()
+    try:
+        capped = _capped_lines(srv)
+        assert len(capped) == 1, capped
+        assert capped[0]["open_files_limit"] == 512
+        assert capped[0]["each_worker_accepts"] == 512 - 64
+        assert capped[0]["max_connections"] == 100_000
+    finally:
+        assert srv.stop() == 0
+    # A low soft limit under a hard one that is high enough: raised, and nothing said.
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    room = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+    wanted = min(100_000, room - 64)  # the default, where the hard limit allows it
+    assert wanted > 1024
+    srv = Server(tmp_path / "data3", workers=2, open_files=(256, hard), max_connections=wanted)
+    srv.start()
+    try:
+        assert _capped_lines(srv) == []
+        for pid in srv.worker_pids():
+            soft = _soft_open_files(pid)
+            assert soft is None or soft >= wanted + 64, (pid, soft)
+    finally:
+        assert srv.stop() == 0

@@ -1,18 +1,29 @@
-"""``pigeon admin`` actions for operators: check-config, stats, user, device, backup, restore.
+"""``pigeon admin`` actions for operators: check-config, status, stats, user, device, backup,
+restore.
 
 Everything here reads and writes the LMDB store directly (it is
-multi-process safe, so these work with the server up or down); ``stats``
-reads the running server's metrics listener, and ``user disable`` and
-``device revoke`` then ask the running server, through its control socket
+multi-process safe, so these work with the server up or down); ``status``
+and ``stats`` read the running server's metrics listener (``/status``, a
+JSON document, and ``/metrics``), and ``user disable`` and ``device revoke``
+then ask the running server, through its control socket
 (``DATA_DIR/control.sock``, mode 0600, so only the server's user can), to
-close the affected sessions at once.  Human tables by default, ``--json`` (orjson) for
-scripts; mistakes exit 2 with what to fix, failures exit 1.  What these write
-(backups, restored stores) is private: 0700 directories and 0600 files,
-whatever the umask (``pigeon admin`` runs with umask 0077).
+close the affected sessions at once.
+
+Where the server is: ``--data-dir`` and ``--metrics`` when given, else the
+server's own TOML file named with ``--config`` (its ``data-dir`` and
+``metrics-listen``, read with server/config.py's ``load``), else the
+defaults (``var``, 127.0.0.1:7659): ``resolve_server_options`` fills them
+in before a command runs.  Human tables by default, ``--json`` (orjson)
+for scripts; mistakes raise UsageError (exit 2), failures Failure (exit 1),
+printed by tools/cli.py's ``main`` as ``pigeon admin ACTION: ...`` (see
+tools/errors.py).  What these write (backups, restored stores) is private:
+0700 directories and 0600 files, whatever the umask (``pigeon admin`` runs
+with umask 0077).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import sys
@@ -20,26 +31,127 @@ import time
 
 import orjson
 
+from pigeon.tools.errors import Failure, UsageError
 
-class AdminError(Exception):
-    """A usage mistake, printed as 'pigeon: ...' (exit 2)."""
+DEFAULT_METRICS = "127.0.0.1:7659"
+#: The longest ``user disable --reason`` kept in the store.
+MAX_REASON = 200
 
 
 def _out_json(obj) -> None:
     sys.stdout.buffer.write(orjson.dumps(obj, option=orjson.OPT_NON_STR_KEYS) + b"\n")
 
 
-def _open_store(data_dir: str):
-    from pigeon.server.store import Store, StoreError
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """``1 device``, ``2 devices``, ``1 queued entry`` (``many`` for irregular plurals)."""
+    return f"{n} {word if n == 1 else (many or word + 's')}"
 
-    try:
-        return Store(os.path.join(data_dir, "store"), create=False)
-    except StoreError as exc:
-        raise AdminError(str(exc)) from None
+
+def size_text(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def age_text(seconds) -> str:
+    if seconds is None:
+        return "-"
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.0f} s"
 
 
 def _when(ms) -> str:
     return "-" if ms is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000))
+
+
+# -- where the server is: flags, else --config FILE, else the defaults -----------------
+
+
+def server_options(p, data_dir: bool = True, metrics: bool = False) -> None:
+    """Add ``--config`` and the flags it stands in for to an admin command's parser."""
+    what = " and ".join(
+        n for n, on in (("data-dir", data_dir), ("metrics-listen", metrics)) if on
+    )  # fmt: skip
+    p.add_argument("--config", metavar="FILE",
+                   help=f"the server's TOML config file: its {what} are used "
+                   "(a flag given beside it wins)")  # fmt: skip
+    if data_dir:
+        p.add_argument("--data-dir", metavar="DIR", default=None,
+                       help="the server's data directory (default: data-dir from --config, "
+                       "else var)")  # fmt: skip
+    if metrics:
+        p.add_argument("--metrics", metavar="HOST:PORT", default=None,
+                       help="the server's metrics-listen (default: from --config, else "
+                       f"{DEFAULT_METRICS})")  # fmt: skip
+
+
+def _connect_address(hostport: str) -> str:
+    """Where to connect for a listen address: a wildcard bind is reached on loopback."""
+    host, _, port = hostport.rpartition(":")
+    if host in ("0.0.0.0", ""):
+        host = "127.0.0.1"
+    elif host in ("[::]", "::"):
+        host = "[::1]"
+    return f"{host}:{port}"
+
+
+def _check_hostport(v: str) -> str:
+    host, sep, port = v.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"--metrics must be HOST:PORT with a port 1-65535, got {v!r}")
+    return v
+
+
+def resolve_server_options(args) -> None:
+    """Fill in ``args.data_dir`` / ``args.metrics`` left unset from ``--config`` or defaults.
+
+    The file is read whenever it is named (a bad one is a usage error even
+    if every flag is given: the operator meant it).  ``args.data_dir_from``
+    says where the data directory came from, for error messages.
+    """
+    if not hasattr(args, "config"):
+        return
+    from pigeon.server.config import ConfigError, load
+
+    try:
+        config = load(args.config)
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    where = f"--config {args.config}" if args.config else "the default"
+    if hasattr(args, "data_dir"):
+        if args.data_dir is None:
+            args.data_dir = config.data_dir
+            args.data_dir_from = f"data-dir from {where}"
+        else:
+            args.data_dir_from = "--data-dir"
+    if hasattr(args, "metrics"):
+        if args.metrics is not None:
+            args.metrics = _check_hostport(args.metrics)
+        elif config.metrics_listen == "off":
+            raise UsageError(
+                f"metrics-listen is off in {args.config}: this command reads the server's "
+                "metrics listener; turn it on there, or give --metrics HOST:PORT"
+            )
+        else:
+            args.metrics = _connect_address(config.metrics_listen)
+
+
+def open_store(args):
+    from pigeon.server.store import Store, StoreError
+
+    path = os.path.join(args.data_dir, "store")
+    if not os.path.exists(os.path.join(path, "data.mdb")):
+        origin = getattr(args, "data_dir_from", "--data-dir")
+        raise Failure(f"no store in {path} (data directory {args.data_dir!r}, {origin}; "
+                      "give the server's with --data-dir or --config)")  # fmt: skip
+    try:
+        return Store(path, create=False)
+    except StoreError as exc:
+        raise Failure(str(exc)) from None
 
 
 # -- check-config ------------------------------------------------------------------
@@ -51,7 +163,7 @@ def check_config(args) -> int:
     try:
         config = load(args.file)
     except ConfigError as exc:
-        raise AdminError(str(exc)) from None
+        raise UsageError(str(exc)) from None
     values = {k.replace("_", "-"): v for k, v in config.as_dict().items()}
     if args.json:
         _out_json(values)
@@ -95,42 +207,58 @@ def _devices(store, phone: str) -> list[dict] | None:
     return out
 
 
-def user_show(args) -> int:
+def _phone_arg(phone: str) -> str:
     from pigeon.core.node import valid_phone
 
-    if not valid_phone(args.phone):
-        raise AdminError(f"{args.phone!r} is not a phone number (8-15 digits, no '+')")
-    store = _open_store(args.data_dir)
+    if not valid_phone(phone):
+        raise UsageError(f"{phone!r} is not a phone number (8-15 digits, no '+')")
+    return phone
+
+
+def user_show(args) -> int:
+    phone = _phone_arg(args.phone)
+    store = open_store(args)
     try:
-        acct = store.account(args.phone)
-        devices = _devices(store, args.phone)
+        acct = store.account(phone)
+        devices = _devices(store, phone)
     finally:
         store.close()
     if acct is None:
-        print(f"pigeon admin: no account {args.phone}", file=sys.stderr)
-        return 1
-    info = {"phone": args.phone, "created_ms": acct.get("created"), "devices": devices}
+        raise Failure(f"no account {phone}")
+    disabled = bool(acct.get("disabled"))
+    info = {
+        "phone": phone,
+        "created_ms": acct.get("created"),
+        "disabled": disabled,
+        # when and why, as far as the store recorded them (accounts disabled
+        # before pigeon kept them have neither: null)
+        "disabled_ms": acct.get("disabled_at") if disabled else None,
+        "disabled_reason": acct.get("disabled_reason") if disabled else None,
+        "devices": devices,
+    }
     if args.json:
         _out_json(info)
         return 0
-    print(f"{args.phone}: registered {_when(acct.get('created'))}, {len(devices)} device(s)")
+    print(f"{phone}: registered {_when(acct.get('created'))}, {plural(len(devices), 'device')}")
+    if disabled:
+        since = info["disabled_ms"]
+        why = info["disabled_reason"]
+        print("DISABLED" + (f" since {_when(since)}" if since is not None else "")
+              + (f": {why}" if why else "")
+              + f" (its devices cannot log in; pigeon admin user enable {phone} undoes it)")  # fmt: skip
     _print_devices(devices)
     return 0
 
 
 def device_list(args) -> int:
-    from pigeon.core.node import valid_phone
-
-    if not valid_phone(args.phone):
-        raise AdminError(f"{args.phone!r} is not a phone number (8-15 digits, no '+')")
-    store = _open_store(args.data_dir)
+    phone = _phone_arg(args.phone)
+    store = open_store(args)
     try:
-        devices = _devices(store, args.phone)
+        devices = _devices(store, phone)
     finally:
         store.close()
     if devices is None:
-        print(f"pigeon admin: no account {args.phone}", file=sys.stderr)
-        return 1
+        raise Failure(f"no account {phone}")
     if args.json:
         _out_json(devices)
     else:
@@ -167,28 +295,24 @@ def _close_sessions(data_dir: str, device: str, text: str) -> str:
         return f"could not reach the server at {path}: {exc.strerror or exc}"
     if not reply.get("ok"):
         return f"the server refused: {reply.get('error')}"
-    return f"live sessions closed ({reply['workers']} workers told)"
-
-
-def _phone_arg(phone: str) -> str:
-    from pigeon.core.node import valid_phone
-
-    if not valid_phone(phone):
-        raise AdminError(f"{phone!r} is not a phone number (8-15 digits, no '+')")
-    return phone
+    return f"live sessions closed ({plural(reply['workers'], 'worker')} told)"
 
 
 def user_disable(args) -> int:
     phone = _phone_arg(args.phone)
-    store = _open_store(args.data_dir)
+    reason = getattr(args, "reason", None)
+    if reason is not None:
+        reason = " ".join(reason.split())  # one line, whatever was pasted
+        if not reason or len(reason) > MAX_REASON or not reason.isprintable():
+            raise UsageError(f"--reason must be printable text of 1 to {MAX_REASON} characters")
+    store = open_store(args)
     try:
-        ok = store.set_disabled(phone, not args.enable)
+        ok = store.set_disabled(phone, not args.enable, reason)
         acct = store.account(phone) if ok else None
     finally:
         store.close()
     if not ok:
-        print(f"pigeon admin: no account {phone}", file=sys.stderr)
-        return 1
+        raise Failure(f"no account {phone}")
     if args.enable:
         if args.json:
             _out_json({"phone": phone, "disabled": False})
@@ -200,7 +324,8 @@ def user_disable(args) -> int:
         for n in acct["devices"]
     ]
     if args.json:
-        _out_json({"phone": phone, "disabled": True, "sessions": notes})
+        _out_json({"phone": phone, "disabled": True, "disabled_ms": acct.get("disabled_at"),
+                   "disabled_reason": acct.get("disabled_reason"), "sessions": notes})  # fmt: skip
     else:
         print(f"disabled {phone}: its devices cannot log in; " + ("; ".join(notes) or "no devices"))
     return 0
@@ -210,15 +335,14 @@ def device_revoke(args) -> int:
     from pigeon.core.node import address_kind
 
     if address_kind(args.device) != "device":
-        raise AdminError(f"{args.device!r} is not a device address (PHONE:N, e.g. 491701234567:0)")
-    store = _open_store(args.data_dir)
+        raise UsageError(f"{args.device!r} is not a device address (PHONE:N, e.g. 491701234567:0)")
+    store = open_store(args)
     try:
         removed = store.remove_device(args.device)
     finally:
         store.close()
     if not removed:
-        print(f"pigeon admin: no device {args.device}", file=sys.stderr)
-        return 1
+        raise Failure(f"no device {args.device}")
     note = _close_sessions(args.data_dir, args.device, "this device was revoked by the operator")
     if args.json:
         _out_json({"device": args.device, "revoked": True, "sessions": note})
@@ -234,8 +358,8 @@ def backup(args) -> int:
     """A consistent copy of the live store (LMDB copies from one read transaction)."""
     dest = os.path.abspath(args.dest)
     if os.path.exists(dest) and os.listdir(dest):
-        raise AdminError(f"{dest} is not empty: give a new or empty directory")
-    store = _open_store(args.data_dir)
+        raise UsageError(f"{dest} is not empty: give a new or empty directory")
+    store = open_store(args)
     try:
         # The copy holds what the store holds (payloads, SCRAM keys): a 0700
         # directory and a 0600 file, whatever the umask (LMDB creates it 0666).
@@ -245,7 +369,7 @@ def backup(args) -> int:
         store.env.copy(dest, compact=True)
         os.chmod(os.path.join(dest, "data.mdb"), 0o600)
     except OSError as exc:
-        raise AdminError(f"cannot write the backup to {dest}: {exc.strerror}") from None
+        raise Failure(f"cannot write the backup to {dest}: {exc.strerror}") from None
     finally:
         store.close()
     size = os.path.getsize(os.path.join(dest, "data.mdb"))
@@ -260,25 +384,29 @@ def restore(args) -> int:
 
     src = os.path.abspath(args.backup)
     if not os.path.exists(os.path.join(src, "data.mdb")):
-        raise AdminError(f"{src} holds no backup (no data.mdb): give a 'pigeon admin backup' dir")
+        raise UsageError(f"{src} holds no backup (no data.mdb): give a 'pigeon admin backup' dir")
     try:  # it must be a store this pigeon reads
         Store(src, create=False).close()
     except StoreError as exc:
-        raise AdminError(f"{src}: {exc}") from None
+        raise UsageError(f"{src}: {exc}") from None
     target = os.path.join(args.data_dir, "store")
     aside = None
     if os.path.exists(os.path.join(target, "data.mdb")):
         if not args.force:
-            raise AdminError(
+            raise UsageError(
                 f"{target} already holds a store: stop the server, then add --force "
                 "(the current store is kept beside it, renamed)"
             )
         aside = f"{target}.before-restore-{time.strftime('%Y%m%d-%H%M%S')}"
-        os.rename(target, aside)
-    os.makedirs(target, mode=0o700, exist_ok=True)
-    os.chmod(target, 0o700)
-    shutil.copy2(os.path.join(src, "data.mdb"), os.path.join(target, "data.mdb"))
-    os.chmod(os.path.join(target, "data.mdb"), 0o600)  # copy2 copied the backup's mode
+    try:
+        if aside:
+            os.rename(target, aside)
+        os.makedirs(target, mode=0o700, exist_ok=True)
+        os.chmod(target, 0o700)
+        shutil.copy2(os.path.join(src, "data.mdb"), os.path.join(target, "data.mdb"))
+        os.chmod(os.path.join(target, "data.mdb"), 0o600)  # copy2 copied the backup's mode
+    except OSError as exc:
+        raise Failure(f"cannot restore into {target}: {exc.strerror or exc}") from None
     print(
         f"restored {src} into {target}" + (f"; the previous store is in {aside}" if aside else "")
     )
@@ -301,20 +429,35 @@ STATS = (
 )
 
 
-def stats(args) -> int:
+def _http_get(url: str, timeout: float) -> bytes:
+    """The body of GET ``url``; OSError (urllib's errors are OSErrors) with a short reason."""
     import urllib.error
     import urllib.request
 
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.read()
+    except urllib.error.HTTPError as exc:
+        raise OSError(f"HTTP {exc.code} {exc.reason}") from None
+    except urllib.error.URLError as exc:
+        reason = exc.reason
+        raise OSError(getattr(reason, "strerror", None) or str(reason)) from None
+    except OSError as exc:  # a timeout or reset while reading
+        raise OSError(exc.strerror or str(exc) or type(exc).__name__) from None
+
+
+def _unreachable(url: str, why: str) -> str:
+    return f"cannot read {url}: {why} (is the server running, with metrics-listen on?)"
+
+
+def stats(args) -> int:
     from prometheus_client.parser import text_string_to_metric_families
 
     url = f"http://{args.metrics}/metrics"
     try:
-        with urllib.request.urlopen(url, timeout=10) as r:
-            text = r.read().decode()
-    except (urllib.error.URLError, OSError) as exc:
-        print(f"pigeon admin stats: cannot read {url}: {getattr(exc, 'reason', exc)} "
-              "(is the server running, with metrics-listen on?)", file=sys.stderr)  # fmt: skip
-        return 1
+        text = _http_get(url, timeout=10).decode()
+    except OSError as exc:
+        raise Failure(_unreachable(url, str(exc))) from None
     totals: dict[str, float] = {}
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
@@ -330,15 +473,110 @@ def stats(args) -> int:
     return 0
 
 
+# -- status: the running server's /status document ------------------------------------
+
+#: Seconds ``--wait`` waits when given without a number.
+WAIT_DEFAULT = 30.0
+#: Seconds between two looks while waiting.
+WAIT_POLL = 0.25
+
+
+def _wait_seconds(v: str) -> float:
+    import argparse
+
+    try:
+        n = float(v)
+    except ValueError:
+        n = math.nan
+    if not math.isfinite(n) or n < 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {v!r}")
+    return n
+
+
+def _fetch_status(url: str, timeout: float) -> tuple[dict | None, str]:
+    """(the /status document, "") or (None, why it could not be had)."""
+    try:
+        body = _http_get(url, timeout)
+    except OSError as exc:
+        return None, str(exc)
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        doc = None
+    if not isinstance(doc, dict) or doc.get("server") != "pigeon":
+        return None, "the answer is not a pigeon status document (another program on that port?)"
+    return doc, ""
+
+
+def _not_ready(doc: dict) -> str:
+    workers = doc.get("workers") or []
+    ready = sum(w.get("state") == "ready" for w in workers)
+    others = ", ".join(
+        f"worker {w['index']} {w['state']}" for w in workers if w.get("state") != "ready"
+    )
+    return (f"state {doc.get('state')}, {ready} of {doc.get('workers_configured')} workers ready"
+            + (f" ({others})" if others else ""))  # fmt: skip
+
+
+def status(args) -> int:
+    """Is the server up and ready; with ``--wait``, wait (bounded) until it is."""
+    url = f"http://{args.metrics}/status"
+    wait = args.wait
+    deadline = time.monotonic() + (wait or 0.0)
+    while True:
+        left = deadline - time.monotonic()
+        # each look is bounded too, so the whole wait ends near the deadline
+        timeout = 10.0 if wait is None else max(0.1, min(5.0, left))
+        doc, why = _fetch_status(url, timeout)
+        if (doc is not None and doc.get("ready")) or wait is None:
+            break
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        time.sleep(min(WAIT_POLL, left))
+    after = f"not ready after {wait:g} s: " if wait is not None else ""
+    if doc is None:
+        raise Failure(after + _unreachable(url, why))
+    if args.json:
+        _out_json(doc)
+    else:
+        _print_status(doc, args.metrics)
+    if not doc.get("ready"):
+        raise Failure((after or "not ready: ") + _not_ready(doc))
+    return 0
+
+
+def _print_status(doc: dict, metrics: str) -> None:
+    print(f"pigeon {doc['version']} at {metrics}: {doc['state']} (up {age_text(doc['uptime_s'])}, "
+          f"supervisor pid {doc['pid']}, codec {doc['codec']}, protocol {doc['protocol']}, "
+          f"dictionary {doc['dictionary']})")  # fmt: skip
+    workers = doc["workers"]
+    reload = "; reloading" if doc.get("reloading") else ""
+    print(f"workers: {doc['workers_ready']} of {doc['workers_configured']} ready, "
+          f"generation {doc['generation']}{reload}")  # fmt: skip
+    print(f"  {'worker':<7} {'pid':<8} {'state':<11} {'up':<9} {'connections':<12} restarts")
+    for w in workers:
+        conns = "-" if w["connections"] is None else w["connections"]
+        print(f"  {w['index']:<7} {w['pid'] or '-':<8} {w['state']:<11} "
+              f"{age_text(w['uptime_s']):<9} {conns:<12} {w['restarts']}")  # fmt: skip
+    print(f"connections: {doc['connections']}")
+    q, st = doc.get("queues"), doc.get("store")
+    if q is not None:
+        print(f"queues: {plural(q['entries'], 'queued entry', 'queued entries')} "
+              f"({size_text(q['bytes'])}) for {plural(q['devices'], 'device')}; "
+              f"oldest {age_text(q['oldest_s'])}; store {size_text(st['used_bytes'])} of "
+              f"{size_text(st['map_bytes'])} map")  # fmt: skip
+    else:
+        print("queues: (the store could not be read)")
+    ls = doc["listeners"]
+    print(f"listeners: chat {ls['chat']}; TLS {ls['tls'] or 'off'}; metrics {ls['metrics']}; "
+          f"control {ls['control']}")  # fmt: skip
+
+
 # -- the parsers --------------------------------------------------------------------------
 
 
 def add_parsers(asub) -> None:
-    def data_dir(p):
-        p.add_argument(
-            "--data-dir", default="var", help="the server's data directory (default var)"
-        )
-
     c = asub.add_parser(
         "check-config", help="validate a TOML config and print the effective settings"
     )
@@ -346,17 +584,32 @@ def add_parsers(asub) -> None:
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=check_config)
 
+    st = asub.add_parser(
+        "status",
+        help="is the server up and ready: version, workers, connections, queues, listeners",
+        description="Read the running server's /status (on its metrics listener) and print "
+        "it. Exits 0 when the server is ready (every worker listens: what /health answers "
+        "200 for), 1 when it is not or cannot be reached. --wait: look again until it is "
+        "ready, for at most SECONDS, then exit 1 with the reason.",
+    )
+    server_options(st, data_dir=False, metrics=True)
+    st.add_argument("--wait", nargs="?", const=WAIT_DEFAULT, type=_wait_seconds,
+                    metavar="SECONDS", help="wait until the server is ready, at most SECONDS "
+                    f"(default {WAIT_DEFAULT:g} when no number is given)")  # fmt: skip
+    st.add_argument("--json", action="store_true", help="the /status document as it came")
+    st.set_defaults(func=status)
+
     s = asub.add_parser("stats", help="the running server's main figures (from its metrics)")
-    s.add_argument("--metrics", default="127.0.0.1:7659", metavar="HOST:PORT",
-                   help="the server's metrics-listen (default 127.0.0.1:7659)")  # fmt: skip
+    server_options(s, data_dir=False, metrics=True)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=stats)
 
     u = asub.add_parser("user", help="accounts: show, disable, enable PHONE")
     usub = u.add_subparsers(dest="user_command", metavar="ACTION", required=True)
-    us = usub.add_parser("show", help="an account and its devices, online state and queues")
+    us = usub.add_parser("show", help="an account (disabled or not) and its devices, online "
+                         "state and queues")  # fmt: skip
     us.add_argument("phone")
-    data_dir(us)
+    server_options(us)
     us.add_argument("--json", action="store_true")
     us.set_defaults(func=user_show)
     for name, enable, text in (
@@ -365,7 +618,11 @@ def add_parsers(asub) -> None:
     ):
         ud = usub.add_parser(name, help=text)
         ud.add_argument("phone")
-        data_dir(ud)
+        server_options(ud)
+        if not enable:
+            ud.add_argument("--reason", metavar="TEXT",
+                            help="why, kept with the account for 'user show' (at most "
+                            f"{MAX_REASON} characters; not sent to the user)")  # fmt: skip
         ud.add_argument("--json", action="store_true")
         ud.set_defaults(func=user_disable, enable=enable)
 
@@ -373,23 +630,23 @@ def add_parsers(asub) -> None:
     dsub = d.add_subparsers(dest="device_command", metavar="ACTION", required=True)
     dl = dsub.add_parser("list", help="the devices of an account")
     dl.add_argument("phone")
-    data_dir(dl)
+    server_options(dl)
     dl.add_argument("--json", action="store_true")
     dl.set_defaults(func=device_list)
     dr = dsub.add_parser("revoke", help="remove a device (keys, queue) and close its live session")
     dr.add_argument("device", help="PHONE:N")
-    data_dir(dr)
+    server_options(dr)
     dr.add_argument("--json", action="store_true")
     dr.set_defaults(func=device_revoke)
 
     b = asub.add_parser("backup", help="a consistent hot copy of the store, server running or not")
     b.add_argument("dest", help="a new or empty directory")
-    data_dir(b)
+    server_options(b)
     b.set_defaults(func=backup)
 
     r = asub.add_parser("restore", help="put a backup in place (stop the server first)")
     r.add_argument("backup", help="a directory written by 'pigeon admin backup'")
-    data_dir(r)
+    server_options(r)
     r.add_argument("--force", action="store_true",
                    help="replace an existing store (it is kept beside, renamed)")  # fmt: skip
     r.set_defaults(func=restore)

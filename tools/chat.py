@@ -3,48 +3,106 @@
     pigeon chat register 491701234567     # asks for the code from the SMS, saves the device
     pigeon chat                           # log in with the saved device and chat
 
-In a chat, a line ``PHONE text`` sends ``text`` to PHONE; a line with only
-text goes to the last number used (``/to PHONE`` sets it).  Incoming
-messages print as ``<- PHONE: text``; sent ones as ``-> PHONE: text [id]``
-followed by their ticks: ``✓`` when the server holds the message,
-``✓✓`` when it reached a device of the recipient, ``read`` when the
-recipient's client showed it.  This client shows what it receives at once,
-so it sends ``read`` receipts at once.  ``/quit`` (or end of input) leaves.
+Registering: the server sends a one-time code to the number (development
+servers with the ``log`` SMS gateway write it to ``<data-dir>/sms-outbox.txt``
+instead).  A wrong code asks again, up to 5 tries (the server's default
+``code-attempts``; it voids a code after that many wrong ones) while the
+code is valid; Ctrl-D gives up.  Typing the code may take longer than the
+server's login deadline (10 s), which closes an idle connection that has
+not logged in: the code is then checked on a new connection, which the
+protocol allows.
 
-An idle chat stays connected: the SDK pings after ``--keepalive`` seconds
-(default 30) without sending, well within the server's ``idle-timeout``
-(120 s), and reconnects if a ping goes unanswered.
+Chatting: a line ``PHONE text`` sends ``text`` to PHONE (E.164 digits,
+no '+'); a line with only text goes to the number in the prompt, the last
+one used (``/to PHONE`` sets it).  A number becomes the one bare lines go
+to for good only when the server accepts a message to it: if the server
+refuses the first one (not a registered user, say), the prompt goes back to
+the number before.  Lines starting with '/' are commands, run here and never
+sent:
 
-The device's credentials (its address and 32-byte secret) are kept in a
-profile file readable by its owner only (default ``~/.config/pigeon/chat.json``).
-Bodies travel as UTF-8 bytes: the server never reads them, and end-to-end
-encryption is a client's job that arrives with the key directory.
+    /help          list the commands
+    /to PHONE      talk to PHONE from now on (/to alone: who is it now)
+    /quit, /q      leave (so does Ctrl-D; Ctrl-C leaves with status 130)
+    //text         send "/text": a leading '//' stands for one '/'
+
+An unknown command (a typo such as ``/qiut``) is refused with a pointer to
+``/help``.  Incoming messages print as ``<- PHONE [HH:MM]: text``; sent ones
+as ``-> PHONE: text [id]`` followed by their ticks: ``✓`` when the server
+holds the message, ``✓✓`` when it reached a device of the recipient,
+``read`` when the recipient's client showed it.  This client shows what it
+receives at once, so it sends ``read`` receipts at once.
+
+In a terminal, input is a line editor (prompt_toolkit: history, editing
+keys) whose prompt is redrawn below whatever prints meanwhile, so an
+incoming message never lands in the middle of the line being typed.  When
+standard input is not a terminal (a pipe, a script) lines are read as they
+come, without a prompt.
+
+Connection: an idle chat stays connected: the SDK pings after
+``--keepalive`` seconds (default 30) without sending, well within the
+server's ``idle-timeout`` (120 s).  A lost connection (a worker or the whole
+server restarting, the network) prints ``reconnecting…``; the client
+reconnects by itself, says ``back online``, and messages typed meanwhile
+go out then.  When the server ends the session for good (the account
+disabled, this device removed or replaced, its login refused) the client
+says why and exits with status 1.
+
+The profile (default ``~/.config/pigeon/chat.json``, readable by its owner
+only) keeps the device's credentials (its address and 32-byte secret), the
+number talked to last, the last delivery shown, and the ids of the last
+1,000 sent messages not yet read (with their recipient), so ticks that
+arrive after a restart of the chat are still shown; an id leaves it when
+its ``read`` comes.  Bodies travel as UTF-8 bytes: the server never reads
+them, and end-to-end encryption is a client's job that arrives with the
+key directory.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import math
 import os
+import re
 import ssl
 import sys
+import threading
 import time
 
 import orjson
 
 from pigeon.client import Client, ConnectionLost, Credentials, ServerError
 from pigeon.client._core import DEFAULT_KEEPALIVE
+from pigeon.core.errors import ErrorCode, is_fatal
 from pigeon.core.events import Error, IncomingMessage, IncomingReceipt
 from pigeon.core.node import valid_phone
 
 DEFAULT_PROFILE = os.path.join(
     os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config"), "pigeon", "chat.json"
 )
+#: Wrong codes tried before giving up: the server's default ``code-attempts``
+#: (it does not say how many are left; past its limit every try fails).
+CODE_TRIES = 5
+#: Sent messages whose ticks the profile remembers across runs (oldest dropped first).
+PENDING_MAX = 1000
+
+COMMANDS = """commands (run here, never sent):
+  PHONE text   send text to PHONE (digits, no '+'); bare lines then go there too
+  text         send to the number in the prompt
+  /to PHONE    talk to PHONE from now on; /to alone says who it is now
+  //text       send "/text" (a line starting with one '/' is a command)
+  /help        this list
+  /quit, /q    leave (so does Ctrl-D)
+ticks: ✓ the server has it, ✓✓ delivered to a device of the recipient, read: shown there"""
 
 
 class ChatError(Exception):
     """Something the user must fix; the message says what."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C at the prompt."""
 
 
 def _hostport(value: str) -> tuple[str, int]:
@@ -76,22 +134,24 @@ def load_profile(path: str) -> dict:
 
 
 def save_profile(path: str, profile: dict) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, mode=0o700, exist_ok=True)
     tmp = path + ".tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # a stale .tmp keeps its old mode through O_CREAT
     with os.fdopen(fd, "wb") as f:
         f.write(orjson.dumps(profile, option=orjson.OPT_INDENT_2))
     os.replace(tmp, path)
 
 
-async def _connect(args) -> Client:
+async def _connect(args, reconnect: bool = True) -> Client:
     host, port = _hostport(args.server)
     try:
         return await Client.connect(
             host,
             port,
             ssl=_ssl_context(args),
-            reconnect=True,
+            reconnect=reconnect,
             timeout=args.timeout,
             keepalive=args.keepalive or None,
         )
@@ -103,99 +163,412 @@ def _out(line: str) -> None:
     print(line, flush=True)
 
 
-async def _prompt(text: str) -> str:
-    _out(text)
-    line = await asyncio.to_thread(sys.stdin.readline)
-    return line.strip()
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def _printable(text: str) -> str:
+    """Someone else's text, safe for a terminal: control characters (escape
+    sequences could move the cursor, retitle the window, ...) are shown as \\xNN."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+# -- input: a line editor in a terminal, plain lines from a pipe ---------------------
+
+
+def _text(line: bytes) -> str:
+    return line.rstrip(b"\r").decode("utf-8", "replace")
+
+
+class PlainLines:
+    """Lines from a pipe or a file, without a prompt.
+
+    A daemon thread reads file descriptor 0 and hands whole lines to the
+    loop: the loop never blocks on input, and the process can exit (on a
+    terminal error, say) while the thread still waits for a line.  It reads
+    with ``os.read``, not ``sys.stdin``, so it holds no buffered reader's
+    lock that would trouble the interpreter's exit.
+    """
+
+    def __init__(self):
+        self.queue: asyncio.Queue[str | None] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        threading.Thread(target=self._read, args=(loop,), daemon=True, name="stdin").start()
+
+    def _read(self, loop) -> None:
+        buf = b""
+        try:
+            while True:
+                try:
+                    data = os.read(0, 65536)
+                except OSError:
+                    data = b""
+                if not data:
+                    break
+                *lines, buf = (buf + data).split(b"\n")
+                for line in lines:
+                    loop.call_soon_threadsafe(self.queue.put_nowait, _text(line))
+            if buf:
+                loop.call_soon_threadsafe(self.queue.put_nowait, _text(buf))
+            loop.call_soon_threadsafe(self.queue.put_nowait, None)
+        except RuntimeError:
+            pass  # the loop is closed: nobody is reading any more
+
+    async def ask(self, question: str) -> str | None:
+        _out(question)
+        return await self.queue.get()
+
+    async def line(self) -> str | None:
+        return await self.queue.get()
+
+    def redraw(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+
+class TerminalLines:
+    """A prompt_toolkit line editor; with ``patch_stdout`` active (see ``_terminal``),
+    whatever prints meanwhile goes above the prompt, which is redrawn with the
+    text typed so far."""
+
+    def __init__(self, prompt):
+        from prompt_toolkit import PromptSession
+
+        self.session = PromptSession()
+        self.prompt = prompt  # a callable: the prompt shows the current recipient
+
+    async def _read(self, message) -> str | None:
+        try:
+            return await self.session.prompt_async(message)
+        except EOFError:
+            return None
+        except KeyboardInterrupt:
+            raise Interrupted() from None
+
+    async def ask(self, question: str) -> str | None:
+        return await self._read(question + " ")
+
+    async def line(self) -> str | None:
+        return await self._read(self.prompt)
+
+    def redraw(self) -> None:
+        app = self.session.app
+        if app.is_running:
+            app.invalidate()
+
+    def stop(self) -> None:
+        """End a prompt being read (the chat is over): it returns None."""
+        app = self.session.app
+        if app.is_running and not app.future.done():
+            app.exit(exception=EOFError())
+
+
+def _is_terminal() -> bool:
+    return sys.stdin.isatty() and sys.stdout.isatty()
+
+
+def _lines(prompt=lambda: "> "):
+    return TerminalLines(prompt) if _is_terminal() else PlainLines()
+
+
+def _terminal():
+    """Route prints through the line editor while it runs (terminals only)."""
+    if not _is_terminal():
+        return contextlib.nullcontext()
+    from prompt_toolkit.patch_stdout import patch_stdout
+
+    return patch_stdout()
+
+
+# -- register ------------------------------------------------------------------------------
 
 
 async def register(args) -> int:
     if not valid_phone(args.phone):
         raise ChatError(f"{args.phone!r} is not a phone number: E.164 digits without '+', 8-15")
-    client = await _connect(args)
+    with _terminal():
+        return await _register(args, _lines())
+
+
+async def _register(args, lines) -> int:
+    method = "voice" if args.voice else "sms"
+    client = await _connect(args, reconnect=False)
     try:
-        ttl = await client.register(args.phone, "voice" if args.voice else "sms")
-        code = await _prompt(f"a code was sent to {args.phone} (valid {ttl} s); code:")
-        creds = await client.verify(args.phone, code, os.urandom(32))
-    except ServerError as exc:
-        raise ChatError(f"the server refused: {exc.code} {exc.text}") from None
+        try:
+            ttl = await client.register(args.phone, method)
+        except ServerError as exc:
+            raise ChatError(f"the server refused: {exc.code} {exc.text}") from None
+        expires = time.monotonic() + ttl
+        _out(
+            f"a code was sent to {args.phone} by {method} (valid {ttl} s; development servers "
+            "with the log gateway write it to <data-dir>/sms-outbox.txt)"
+        )
+        identity = os.urandom(32)
+        tries = 0
+        while True:
+            code = await lines.ask("code:")
+            if code is None:
+                raise ChatError("no code given: nothing registered")
+            code = "".join(code.split())  # "123 456" as printed in some SMS
+            if not code:
+                continue
+            if time.monotonic() > expires:
+                raise ChatError(
+                    "the code has expired: run 'pigeon chat register PHONE' again for a new one"
+                )
+            try:
+                client, creds = await _verify(args, client, code, identity)
+            except ServerError as exc:
+                if exc.code != ErrorCode.BAD_CODE:
+                    raise ChatError(f"the server refused: {exc.code} {exc.text}") from None
+                tries += 1
+                if tries >= CODE_TRIES:
+                    raise ChatError(
+                        f"the server refused: {exc.code} {exc.text}, {tries} times; "
+                        "run 'pigeon chat register PHONE' again for a new code"
+                    ) from None
+                _out(f"!! {exc.text}: type it again (Ctrl-D gives up)")
+                continue
+            break
     finally:
         await client.close()
     save_profile(
-        args.profile, {"server": args.server, "phone": args.phone, **creds.to_json(), "last_seq": 0}
+        args.profile,
+        {"server": args.server, "phone": args.phone, **creds.to_json(), "last_seq": 0},
     )
     _out(f"registered {creds.device}; saved to {args.profile}")
     return 0
 
 
+async def _verify(args, client: Client, code: str, identity: bytes):
+    """``verify`` on ``client``'s connection, or on a new one if the server closed it
+    (its login deadline runs while a person reads the SMS): returns (client, creds)."""
+    for attempt in (1, 2):
+        if client.closed is not None or attempt == 2:
+            await client.close()
+            client = await _connect(args, reconnect=False)
+        try:
+            return client, await client.verify(args.phone, code, identity)
+        except ConnectionLost:
+            if attempt == 2:
+                raise ChatError(f"lost the connection to {args.server} twice") from None
+    raise AssertionError("unreachable")
+
+
+# -- chat ----------------------------------------------------------------------------------
+
+
+def _user(address: str) -> str:
+    return address.partition(":")[0]
+
+
 class Chat:
+    """One chat session: what is typed goes out, what comes in is shown.
+
+    ``target`` is where bare lines go (shown in the prompt); ``peer`` is the
+    last number the server accepted a message for.  A new target is tried
+    until the server acks a message to it; a refusal before that puts
+    ``target`` back to ``peer``.  ``pending`` (message id -> [recipient,
+    tick]) is what the profile keeps so that receipts arriving in a later
+    run still show.
+    """
+
     def __init__(self, client: Client, profile: dict, profile_path: str):
         self.client = client
         self.profile = profile
         self.profile_path = profile_path
         self.peer: str | None = profile.get("peer")
-        self.sent: dict[str, str] = {}  # message id -> recipient, for ticks
+        self.target: str | None = self.peer
+        self.pending: dict[str, list] = {
+            mid: list(entry)
+            for mid, entry in (profile.get("pending") or {}).items()
+            if isinstance(entry, list) and len(entry) == 2  # a hand-edited file: skip the rest
+        }
+        self.tasks: set[asyncio.Task] = set()
+        self.lines = _lines(self.prompt)
+        self._save_failed = False
+
+    def prompt(self) -> str:
+        return f"{self.target}> " if self.target else "> "
+
+    def save(self) -> None:
+        p = self.profile
+        p["last_seq"] = self.client.last_seq
+        p["pending"] = self.pending
+        if self.peer:
+            p["peer"] = self.peer
+        try:
+            save_profile(self.profile_path, p)
+        except OSError as exc:
+            if not self._save_failed:
+                self._save_failed = True
+                _out(f"!! cannot save {self.profile_path}: {exc}")
+
+    def spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    # -- the SDK's reconnect hooks ---------------------------------------------------
+
+    def offline(self, why: Exception) -> None:
+        _out(f"!! reconnecting… ({why})")
+
+    def online(self) -> None:
+        _out("   back online")
+
+    # -- incoming ----------------------------------------------------------------
 
     async def incoming(self) -> None:
         async for ev in self.client:
             if isinstance(ev, IncomingMessage):
-                who = ev.sender.partition(":")[0]
+                who = _user(ev.sender)
                 when = time.strftime("%H:%M", time.localtime(ev.t / 1000))
-                text = ev.body.decode("utf-8", "replace")
+                text = _printable(ev.body.decode("utf-8", "replace"))
                 _out(f"<- {who} [{when}]: {text}")
                 await self.client.ack(ev.seq)
-                try:
-                    await self.client.receipt(who, ev.id, "read", timeout=None)
-                except ServerError:
-                    pass  # the sender went away; nothing to tell
+                self.spawn(self._read_receipt(who, ev.id))
             elif isinstance(ev, IncomingReceipt):
                 await self.client.ack(ev.seq)
-                if ev.id in self.sent:
-                    tick = "✓✓" if ev.type == "delivered" else ev.type
-                    _out(f"   {tick} {ev.id}")
+                self._tick(ev)
             elif isinstance(ev, Error):
-                _out(f"!! server: {ev.code} {ev.text}")
-        _out(f"!! disconnected: {self.client.closed}")
+                if not is_fatal(ev.code):  # a fatal one ends or resumes the session: said then
+                    _out(f"!! server: {ev.code} {ev.text}")
+                continue
+            else:
+                continue
+            self.save()
+
+    def _tick(self, ev: IncomingReceipt) -> None:
+        entry = self.pending.get(ev.id)
+        if entry is None or entry[0] != _user(ev.sender):
+            return  # not ours (or sent before the last 1,000): nothing to mark
+        if ev.type == "delivered":
+            if entry[1] != "✓✓":
+                entry[1] = "✓✓"
+                _out(f"   ✓✓ {ev.id}")
+        else:
+            _out(f"   {ev.type} {ev.id}")
+            if ev.type == "read":
+                del self.pending[ev.id]
+
+    async def _read_receipt(self, who: str, mid: str) -> None:
+        try:
+            await self.client.receipt(who, mid, "read", timeout=None)
+        except (ServerError, ConnectionLost):
+            pass  # the sender went away, or so did we: nothing to tell
+
+    # -- outgoing --------------------------------------------------------------------
 
     async def send(self, to: str, text: str) -> None:
         mid = self.client.new_id()
-        self.sent[mid] = to
+        self.pending[mid] = [to, ""]
+        while len(self.pending) > PENDING_MAX:
+            del self.pending[next(iter(self.pending))]
         _out(f"-> {to}: {text} [{mid}]")
         try:
-            await self.client.send(to, text.encode(), id=mid)
-            _out(f"   ✓ {mid}")
+            # no timeout: while reconnecting the message waits and goes out after
+            await self.client.send(to, text.encode(), id=mid, timeout=None)
         except ServerError as exc:
+            self.pending.pop(mid, None)
             _out(f"!! not sent [{mid}]: {exc.code} {exc.text}")
-        except (ConnectionLost, TimeoutError) as exc:
+            if to == self.target and to != self.peer:  # never accepted: not a recipient
+                self.target = self.peer
+                again = f"talking to {self.peer} again" if self.peer else "type 'PHONE text'"
+                _out(f"!! {to} is not a recipient; {again}")
+                self.lines.redraw()
+            return
+        except ConnectionLost as exc:
+            self.pending.pop(mid, None)
             _out(f"!! not sent [{mid}]: {exc}")
+            return
+        entry = self.pending.get(mid)
+        if entry is not None and not entry[1]:
+            entry[1] = "✓"
+            _out(f"   ✓ {mid}")
+        if to == self.target:
+            self.peer = to
+        self.save()
 
-    async def typed(self) -> None:
+    async def typed(self) -> int:
+        """Read lines until /quit or the end of input; returns the exit status."""
         while True:
-            line = await asyncio.to_thread(sys.stdin.readline)
-            if not line:
-                return
+            try:
+                line = await self.lines.line()
+            except Interrupted:
+                return 130
+            if line is None:
+                return 0
             line = line.strip()
             if not line:
                 continue
-            if line in ("/quit", "/q"):
-                return
-            if line.startswith("/to "):
-                to = line[4:].strip()
-                if valid_phone(to):
-                    self.peer = to
-                    _out(f"   talking to {to}")
-                else:
-                    _out(f"!! {to!r} is not a phone number (8-15 digits, no '+')")
-                continue
-            first, _, rest = line.partition(" ")
-            if valid_phone(first) and rest:
-                self.peer, text = first, rest
-            elif self.peer is not None:
-                text = line
+            if line.startswith("//"):
+                self.say(line[1:])
+            elif line.startswith("/"):
+                if self.command(line) == "quit":
+                    return 0
             else:
-                _out("!! who to? type 'PHONE text' or '/to PHONE'")
-                continue
-            asyncio.get_running_loop().create_task(self.send(self.peer, text))
+                first, _, rest = line.partition(" ")
+                if valid_phone(first) and rest.strip():
+                    self.target = first
+                    self.spawn(self.send(first, rest.strip()))
+                else:
+                    self.say(line)
+
+    def say(self, text: str) -> None:
+        if self.target is None:
+            _out("!! who to? type 'PHONE text' or '/to PHONE' (/help lists the commands)")
+        else:
+            self.spawn(self.send(self.target, text))
+
+    def command(self, line: str) -> str | None:
+        word, _, arg = line[1:].partition(" ")
+        arg = arg.strip()
+        if word in ("quit", "q"):
+            return "quit"
+        if word == "help":
+            _out(COMMANDS)
+        elif word == "to" and not arg:
+            _out(f"   talking to {self.target}" if self.target else "   talking to nobody yet")
+        elif word == "to":
+            if valid_phone(arg):
+                self.target = arg
+                _out(f"   talking to {arg}")
+            else:
+                _out(f"!! {arg!r} is not a phone number (8-15 digits, no '+')")
+        else:
+            _out(f"!! unknown command {line.split()[0]!r}, not sent: /help lists the commands")
+        return None
+
+    async def finish(self, timeout: float) -> None:
+        """Before leaving: let messages and read receipts under way get their acks."""
+        if self.tasks:
+            _, late = await asyncio.wait(set(self.tasks), timeout=timeout)
+            if late:
+                _out(f"!! leaving with {len(late)} message(s) or receipt(s) not yet accepted")
+                for task in late:
+                    task.cancel()
+
+
+def _ended(why: Exception | None) -> str:
+    """What to tell the user when the server ends the session for good."""
+    if isinstance(why, ServerError):
+        said = f"{why.code} {why.text}"
+        if why.code == ErrorCode.REPLACED:
+            return f"the session ended ({said}): this device logged in somewhere else"
+        if why.code == ErrorCode.REVOKED:
+            return (
+                f"the server ended the session ({said}); ask its operator, or register "
+                "again with 'pigeon chat register PHONE'"
+            )
+        if why.code == ErrorCode.NOT_AUTHORIZED:
+            return (
+                f"login refused ({said}); if this device was replaced or removed, register "
+                "again with 'pigeon chat register PHONE'"
+            )
+        return f"the server ended the session ({said})"
+    return f"disconnected: {why}"
 
 
 async def chat(args) -> int:
@@ -204,28 +577,38 @@ async def chat(args) -> int:
         args.server = profile.get("server", args.server)
     creds = Credentials.from_json(profile)
     client = await _connect(args)
-    client.core.last_seq = profile.get("last_seq", 0)  # deliveries shown in earlier runs
+    # deliveries shown (and acked) in earlier runs: a redelivery is dropped and acked again
+    client.core.last_seq = client.core.acked_seq = profile.get("last_seq", 0)
     try:
         await client.login(creds)
     except ServerError as exc:
         await client.close()
-        raise ChatError(
-            f"login refused ({exc.code} {exc.text}); if this device was replaced or removed, "
-            "register again with 'pigeon chat register PHONE'"
-        ) from None
-    _out(f"logged in as {creds.device} on {args.server}; type 'PHONE text', /to PHONE, /quit")
-    session = Chat(client, profile, args.profile)
-    reader = asyncio.get_running_loop().create_task(session.incoming())
-    try:
-        await session.typed()
-    finally:
-        reader.cancel()
-        profile["last_seq"] = client.last_seq
-        if session.peer:
-            profile["peer"] = session.peer
-        save_profile(args.profile, profile)
-        await client.close()
-    return 0
+        raise ChatError(_ended(exc)) from None
+    with _terminal():
+        session = Chat(client, profile, args.profile)
+        client.on_disconnect, client.on_reconnect = session.offline, session.online
+        _out(f"logged in as {creds.device} on {args.server}; /help lists the commands")
+        loop = asyncio.get_running_loop()
+        reader = loop.create_task(session.incoming())
+        typer = loop.create_task(session.typed())
+        try:
+            await asyncio.wait({reader, typer}, return_when=asyncio.FIRST_COMPLETED)
+            if typer.done():
+                status = typer.result()
+                await session.finish(args.timeout)
+            else:  # the server ended the session for good
+                session.lines.stop()  # the line editor puts the terminal back
+                await asyncio.wait({typer}, timeout=2)
+                status = None
+        finally:
+            for task in (reader, typer, *session.tasks):
+                task.cancel()
+            await asyncio.gather(reader, typer, *session.tasks, return_exceptions=True)
+            session.save()
+            await client.close()
+    if status is None:
+        raise ChatError(_ended(client.closed))
+    return status
 
 
 def _seconds(value: str) -> float:
@@ -243,7 +626,8 @@ def add_parser(sub) -> None:
         "chat",
         help="terminal chat client",
         description="A terminal chat client. 'pigeon chat register PHONE' registers this "
-        "terminal as a device; 'pigeon chat' logs in with it and chats.",
+        "terminal as a device; 'pigeon chat' logs in with it and chats: type 'PHONE text' to "
+        "send, /help in the chat lists the commands.",
     )
     p.add_argument(
         "--server",
@@ -254,7 +638,13 @@ def add_parser(sub) -> None:
     p.add_argument("--tls", action="store_true", help="connect with TLS (system trust store)")
     p.add_argument("--cafile", help="trust this CA/self-signed certificate (implies --tls)")
     p.add_argument("--profile", default=DEFAULT_PROFILE, help=f"default: {DEFAULT_PROFILE}")
-    p.add_argument("--timeout", type=float, default=10.0, help="connect timeout, seconds")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="connect timeout, and how long leaving waits for messages under way (default: 10)",
+    )
     p.add_argument(
         "--keepalive",
         type=_seconds,

@@ -1,8 +1,10 @@
 """The ``pigeon`` command: ``serve``, ``chat``, ``admin``, ``bench``.
 
 Each subcommand lives with the part of pigeon it drives; this module only
-parses arguments and dispatches.  Errors go to stderr with what to fix and a
-non-zero exit status (2 for usage errors, 1 for failures).
+parses arguments and dispatches.  Errors go to stderr as one line,
+``pigeon COMMAND ACTION: what to fix``, with exit status 2 for usage errors
+(wrong arguments, a bad config file) and 1 for failures (server unreachable,
+store missing): see tools/errors.py.
 """
 
 from __future__ import annotations
@@ -17,10 +19,7 @@ from pigeon.core import __version__
 from pigeon.core.errors import CodecError
 from pigeon.core.tokens import DICTIONARIES, LATEST_VERSION
 from pigeon.core.wire import MAGIC, PREAMBLE_SIZE, PROTOCOL_VERSION
-
-
-class UsageError(Exception):
-    """A command-line mistake: printed as 'pigeon: ...' with exit status 2."""
+from pigeon.tools.errors import FAILURE, USAGE, Failure, UsageError, command_name
 
 
 def _serve(args) -> int:
@@ -43,7 +42,7 @@ def _admin_gen_cert(args) -> int:
     except (ValueError, FileExistsError) as exc:
         raise UsageError(str(exc)) from None
     except OSError as exc:
-        raise UsageError(f"cannot write to {args.out_dir}: {exc.strerror}") from None
+        raise Failure(f"cannot write to {args.out_dir}: {exc.strerror}") from None
     print(f"wrote {cert} and {key}")
     print(f"serve with: pigeon serve --tls-cert {cert} --tls-key {key}")
     return 0
@@ -57,50 +56,32 @@ def _admin_provision(args) -> int:
         os.makedirs(args.data_dir, exist_ok=True)
         store = Store(os.path.join(args.data_dir, "store"))
     except (OSError, StoreError) as exc:
-        raise UsageError(f"cannot open the store in {args.data_dir}: {exc}") from None
+        raise Failure(f"cannot open the store in {args.data_dir}: {exc}") from None
     try:
         creds = provision(store, args.count, args.out, prefix=args.prefix,
                           iterations=args.iterations)  # fmt: skip
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     except OSError as exc:
-        raise UsageError(f"cannot write {args.out}: {exc.strerror}") from None
+        raise Failure(f"cannot write {args.out}: {exc.strerror}") from None
     finally:
         store.close()
-    print(f"provisioned {len(creds)} accounts ({creds[0]['phone']}..{creds[-1]['phone']}); "
+    from pigeon.tools.admin import plural
+
+    first, last = creds[0]["phone"], creds[-1]["phone"]
+    print(f"provisioned {plural(len(creds), 'account')} ({first}..{last}); "
           f"credentials in {args.out}")  # fmt: skip
     return 0
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
-
-
-def _age(seconds) -> str:
-    if seconds is None:
-        return "-"
-    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.1f} {unit}"
-    return f"{seconds:.0f} s"
-
-
 def _admin_queues(args) -> int:
     from pigeon.server.queues import Queues
-    from pigeon.server.store import Store, StoreError
+    from pigeon.tools.admin import age_text, open_store, plural, size_text
 
     if args.top < 0:
         raise UsageError("--top must be 0 or more")
-    path = os.path.join(args.data_dir, "store")
-    try:
-        # create=False: a wrong --data-dir is an error, not a new empty store
-        store = Store(path, create=False)
-    except StoreError as exc:
-        raise UsageError(str(exc)) from None
+    # a wrong data directory is an error (Failure), never a new empty store
+    store = open_store(args)
     try:
         stats = Queues(store).stats(args.top)
         info, stat = store.env.info(), store.env.stat()
@@ -112,16 +93,16 @@ def _admin_queues(args) -> int:
         sys.stdout.buffer.write(orjson.dumps(stats) + b"\n")
         return 0
     print(
-        f"{stats['count']} queued entries ({_size(stats['bytes'])}) for "
-        f"{stats['devices_with_queue']} devices; oldest {_age(stats['oldest_s'])}; "
-        f"store {_size(stats['store_used_bytes'])} of {_size(stats['map_size'])} map"
+        f"{plural(stats['count'], 'queued entry', 'queued entries')} ({size_text(stats['bytes'])}) "
+        f"for {plural(stats['devices_with_queue'], 'device')}; oldest {age_text(stats['oldest_s'])}; "
+        f"store {size_text(stats['store_used_bytes'])} of {size_text(stats['map_size'])} map"
     )
     if stats["top"]:
         print(f"{'device':<24} {'entries':>9} {'bytes':>11} {'oldest':>9}")
         for d in stats["top"]:
             print(
-                f"{d['device']:<24} {d['count']:>9} {_size(d['bytes']):>11} "
-                f"{_age(d['oldest_s']):>9}"
+                f"{d['device']:<24} {d['count']:>9} {size_text(d['bytes']):>11} "
+                f"{age_text(d['oldest_s']):>9}"
             )
     return 0
 
@@ -189,10 +170,10 @@ def _admin_decode(args) -> int:
         return 1
     _print_decoded(out, args.json)
     if reader.buffered:
-        print(
-            f"pigeon admin decode: {reader.buffered} bytes left over (an incomplete frame)",
-            file=sys.stderr,
-        )
+        from pigeon.tools.admin import plural
+
+        left = plural(reader.buffered, "byte")
+        print(f"pigeon admin decode: {left} left over (an incomplete frame)", file=sys.stderr)
         return 1
     return 0
 
@@ -227,9 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser(
         "serve",
         help="run the server",
+        # the settings, grouped, follow in the help; 60 of them in the usage line hide it
+        usage="%(prog)s [-h] [--config FILE] [--SETTING VALUE ...]",
         description="Run the server: a supervisor and worker processes. Every flag can also be "
         "set in the TOML file given with --config (same names, without the dashes); "
-        "flags override the file, the file overrides the defaults.",
+        "flags override the file, the file overrides the defaults. "
+        "docs/OPERATIONS.md explains each setting.",
     )
     serve.add_argument("--config", metavar="FILE", help="TOML configuration file")
     add_arguments(serve)
@@ -297,7 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pv.add_argument("--count", type=int, required=True, metavar="N")
     pv.add_argument("--out", required=True, metavar="FILE", help="credentials, JSON lines")
-    pv.add_argument("--data-dir", default="var", help="the server's data directory (default var)")
+    from pigeon.tools import admin as admin_tools
+
+    admin_tools.server_options(pv)
     pv.add_argument("--prefix", default="999", help="phone numbers are PREFIX + index, 12 digits")
     pv.add_argument("--iterations", type=int, default=4096, help="SCRAM PBKDF2 iterations")
     pv.set_defaults(func=_admin_provision)
@@ -307,31 +293,42 @@ def build_parser() -> argparse.ArgumentParser:
         description="Queue totals and the devices with the longest queues, read straight from "
         "the LMDB store: works with the server running or stopped.",
     )
-    q.add_argument("--data-dir", default="var", help="the server's data directory (default var)")
+    admin_tools.server_options(q)
     q.add_argument("--top", type=int, default=10, metavar="N", help="devices listed (default 10)")
     q.add_argument("--json", action="store_true", help="one JSON object")
     q.set_defaults(func=_admin_queues)
-    from pigeon.tools import admin as admin_tools
-
     admin_tools.add_parsers(asub)
     return p
 
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command == "admin":
-        # What admin commands write (backups, stores, credentials, keys) is
-        # private, whatever the caller's umask; files meant to be public
-        # (gen-cert's certificate) set their mode explicitly.
-        os.umask(0o077)
-    from pigeon.tools.admin import AdminError
-
+    args = parser.parse_args(argv)  # argparse's own usage errors exit 2 here
+    name = command_name(args)
     try:
+        if args.command == "admin":
+            from pigeon.tools.admin import resolve_server_options
+
+            # What admin commands write (backups, stores, credentials, keys) is
+            # private, whatever the caller's umask; files meant to be public
+            # (gen-cert's certificate) set their mode explicitly.
+            os.umask(0o077)
+            resolve_server_options(args)
+            try:
+                return args.func(args)
+            except OSError as exc:
+                if isinstance(exc, BrokenPipeError):
+                    raise
+                # an admin command reached something it could not read or write
+                where = f"{exc.filename}: " if exc.filename else ""
+                raise Failure(f"{where}{exc.strerror or exc}") from None
         return args.func(args)
-    except (UsageError, AdminError) as exc:
-        print(f"pigeon: {exc}", file=sys.stderr)
-        return 2
+    except UsageError as exc:
+        print(f"{name}: {exc}", file=sys.stderr)
+        return USAGE
+    except Failure as exc:
+        print(f"{name}: {exc}", file=sys.stderr)
+        return FAILURE
     except BrokenPipeError:
         return 0
 

@@ -8,16 +8,25 @@ from __future__ import annotations
 
 import sys
 
-from pigeon.server.config import fields_doc
+from pigeon.server.config import grouped_fields_doc
 from pigeon.tools.protodoc import _MARK
 
 
 def config_table() -> str:
-    out = ["| key / flag | default | meaning |", "|---|---|---|"]
-    for name, default, help_ in fields_doc():
-        shown = "(none)" if default is None else f"`{default!r}`".replace("'", '"')
-        out.append(f"| `{name}` | {shown} | {help_.replace('|', '/')} |")
-    return "\n".join(out) + "\n"
+    """One table per group of settings, in the groups and order of ``pigeon serve --help``."""
+    out = []
+    for group, fields in grouped_fields_doc():
+        title = group.title[0].upper() + group.title[1:]
+        out += [f"### {title}", "", f"{group.description[0].upper()}{group.description[1:]}.", ""]
+        out += ["| key / flag | value | default | meaning |", "|---|---|---|---|"]
+        for name, metavar, default, help_ in fields:
+            shown = "(none)" if default is None else f"`{default!r}`".replace("'", '"')
+            if isinstance(default, bool):
+                shown = f"`{str(default).lower()}`"  # as TOML and the flags spell it
+            cell = metavar.replace("|", "\\|")  # a bare | would end the table cell
+            out.append(f"| `{name}` | `{cell}` | {shown} | {help_.replace('|', '/')} |")
+        out.append("")
+    return "\n".join(out)
 
 
 def render(text: str) -> str:

@@ -1,10 +1,16 @@
-"""Generated sections of docs/PROTOCOL.md: the token table and the hex examples.
+"""Generated sections of docs/PROTOCOL.md: the token table, the hex examples
+and the worked SCRAM login.
 
 The prose of PROTOCOL.md is written by hand; the parts that must match the
 code byte for byte are generated between markers
 
     <!-- BEGIN tokens -->            ...  <!-- END tokens -->
     <!-- BEGIN example NAME -->      ...  <!-- END example NAME -->
+    <!-- BEGIN scram -->             ...  <!-- END scram -->
+
+The SCRAM values come from running the SDK's client half (``ScramLogin``)
+against the server's (``pigeon.server.accounts``) with fixed nonces and salt,
+so the ``auth``/``challenge``/``response``/``success`` examples carry them.
 
 ``python -m pigeon.tools.protodoc docs/PROTOCOL.md`` rewrites them in place;
 ``--check`` exits 1 if the file is out of date (the test suite runs that).
@@ -13,9 +19,11 @@ Examples are encoded with the newest dictionary by the pure-Python codec.
 
 from __future__ import annotations
 
+import base64
 import re
 import sys
 
+from pigeon.client._core import Credentials, ScramLogin
 from pigeon.core import _pycodec
 from pigeon.core.errors import ErrorCode
 from pigeon.core.events import (
@@ -54,24 +62,86 @@ from pigeon.core.events import (
 from pigeon.core.node import format_node
 from pigeon.core.tokens import DICTIONARIES, LATEST
 from pigeon.core.wire import preamble
+from pigeon.server.accounts import MECHANISM, device_keys
 
 ALICE, BOB, CAROL = "491701234567", "4915112345678", "447700900123"
 T = 1763830000123
 BODY = bytes.fromhex("33088a1b2c3d4e5f60718293a4b5c6d7")  # stands in for ciphertext
+# The worked SCRAM example of section 8: the device registered in section 7's
+# example (its secret is that example's content), fixed nonces and salt.
+SECRET = bytes(range(32, 64))
 NONCE = "rOprNGfwEbeRWgbNEkqO"
-SNONCE = NONCE + "ZtUcCsQ1lfW1UMRv"
+SERVER_NONCE = "ZtUcCsQ1lfW1UMRv"
+SALT = base64.b64decode("W22ZaJ0SNY7soEsUEjb6gQ==")
+ITERATIONS = 4096
+
+
+def scram_example() -> dict[str, str]:
+    """Every value of the worked login, computed by the SDK's and the server's own code."""
+    device = ALICE + ":0"
+    keys = device_keys(SECRET, ITERATIONS, SALT)
+    client = ScramLogin(Credentials(device, SECRET), c_nonce=NONCE)
+    server = MECHANISM.make_server(lambda user: keys, s_nonce=SERVER_NONCE)
+    client_first = client.first().data.decode()
+    server.set_client_first(client_first)
+    server_first = server.get_server_first()
+    client_final = client.final(AuthChallenge(server_first.encode())).data.decode()
+    server.set_client_final(client_final)
+    server_final = server.get_server_final()
+    client.check(AuthSuccess(server_final.encode(), T))  # the client accepts it
+    without_proof, _, proof = client_final.rpartition(",p=")
+    return {
+        "device secret": SECRET.hex(),
+        "password": SECRET.hex(),
+        "username": device,
+        "client nonce": NONCE,
+        "client-first-message": client_first,
+        "server nonce": SERVER_NONCE,
+        "salt": base64.b64encode(SALT).decode(),
+        "iteration count": str(ITERATIONS),
+        "server-first-message": server_first,
+        "StoredKey": keys[1].hex(),
+        "ServerKey": keys[2].hex(),
+        "AuthMessage": f"{client_first[3:]},{server_first},{without_proof}",
+        "ClientProof": proof,
+        "client-final-message": client_final,
+        "ServerSignature": server_final.removeprefix("v="),
+        "server-final-message": server_final,
+    }
+
+
+SCRAM = scram_example()
+#: what each row of the worked example says about its value
+SCRAM_NOTES = {
+    "device secret": "32 bytes, in hex: the content of `registered`",
+    "password": "the secret as 64 lowercase hex characters (ASCII), not the raw bytes",
+    "username": "the device address",
+    "client nonce": "fixed here; a real client makes a fresh random one for each login",
+    "client-first-message": "content of `auth`: `n,,` then `n=` username, `r=` client nonce",
+    "server nonce": "what the server appends to the client nonce (random on a real server)",
+    "salt": "16 bytes, in base64; the device's, fixed when it registered",
+    "iteration count": "the server's `scram-iterations` when the device registered",
+    "server-first-message": "content of `challenge`",
+    "StoredKey": "SHA-256(ClientKey), in hex: what the server stores",
+    "ServerKey": 'HMAC(SaltedPassword, "Server Key"), in hex: what the server stores',
+    "AuthMessage": "client-first-message without `n,,`, `,` server-first-message, `,` "
+    "client-final-message without its `,p=…`",
+    "ClientProof": "ClientKey XOR HMAC(StoredKey, AuthMessage), in base64",
+    "client-final-message": "content of `response`: `c=biws` (`n,,` in base64), `r=` the "
+    "combined nonce, `p=` ClientProof",
+    "ServerSignature": "HMAC(ServerKey, AuthMessage), in base64",
+    "server-final-message": "content of `success`: `v=` ServerSignature",
+}
 
 EXAMPLES = {
     "register": Register("r1", ALICE),
     "code": CodeSent("r1", 300),
     "verify": Verify("r2", ALICE, "123456", bytes(range(32))),
-    "registered": Registered("r2", ALICE + ":0", bytes(range(32, 64))),
-    "auth": AuthStart(f"n,,n={ALICE}:0,r={NONCE}".encode()),
-    "challenge": AuthChallenge(f"r={SNONCE},s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096".encode()),
-    "response": AuthResponse(
-        f"c=biws,r={SNONCE},p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ=".encode()
-    ),
-    "success": AuthSuccess(b"v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4=", T),
+    "registered": Registered("r2", ALICE + ":0", SECRET),
+    "auth": AuthStart(SCRAM["client-first-message"].encode()),
+    "challenge": AuthChallenge(SCRAM["server-first-message"].encode()),
+    "response": AuthResponse(SCRAM["client-final-message"].encode()),
+    "success": AuthSuccess(SCRAM["server-final-message"].encode(), T),
     "message-out": Message(BOB, "3eb0c1f2a4d5e6f7", "text", BODY),
     "message-typical": Message(BOB, "3eb0c1f2a4d5e6f7", "text", bytes(100)),
     "message-in": IncomingMessage(ALICE + ":0", "3eb0c1f2a4d5e6f7", "text", T, 1, BODY),
@@ -147,17 +217,35 @@ def tokens_table() -> str:
         row = entries[i : i + 4]
         row += [("", "")] * (4 - len(row))
         out.append("| " + " | ".join(f"{c} | {s}" for c, s in row) + " |")
-    out.append("\nVersion 1 is the first table; what each later version appended:\n")
-    for v in sorted(DICTIONARIES)[2:]:
+    out.append("\nWhat each version contains:\n")
+    for v in sorted(DICTIONARIES)[1:]:
+        d = DICTIONARIES[v]
+        if v == 1:
+            out.append(f"- version 1: {_code_range(d, False)} and {_code_range(d, True)}")
+            continue
         prev = DICTIONARIES[v - 1].codes
-        new = [(c, s) for c, s in DICTIONARIES[v].entries() if s not in prev]
-        out.append(f"- version {v}: " + ", ".join(
+        new = [(c, s) for c, s in d.entries() if s not in prev]
+        out.append(f"- version {v}: version {v - 1}, plus " + ", ".join(
             f"`{s}` (`{c:02x}`)" if c < 0x100 else f"`{s}` (`{c:04x}`)" for c, s in new))  # fmt: skip
     return "\n".join(out) + "\n"
 
 
+def _code_range(d, double: bool) -> str:
+    codes = [c for c in d.codes.values() if (c >= 0x100) == double]
+    fmt = "04x" if double else "02x"
+    kind = "two-byte" if double else "one-byte"
+    return f"`{min(codes):{fmt}}`…`{max(codes):{fmt}}` ({len(codes)} {kind} tokens)"
+
+
+def scram_table() -> str:
+    out = ["| step | value | what it is |", "|---|---|---|"]
+    for name, value in SCRAM.items():
+        out.append(f"| {name} | `{value}` | {SCRAM_NOTES[name]} |")
+    return "\n".join(out) + "\n"
+
+
 def sections() -> dict[str, str]:
-    out = {"tokens": tokens_table(), "preamble": preamble_block()}
+    out = {"tokens": tokens_table(), "preamble": preamble_block(), "scram": scram_table()}
     for name in EXAMPLES:
         out[f"example {name}"] = example_block(name)
     return out
