@@ -67,9 +67,10 @@ from . import log
 from . import metrics as metrics_mod
 from . import worker as worker_mod
 from .bus import kick_record
+from .listeners import listen_socket
 from .sdnotify import notify
 from .store import Store, StoreError, make_private
-from .worker import WID_STRIDE, listen_socket, raise_open_files_limit
+from .worker import WID_STRIDE, raise_open_files_limit
 
 logger = logging.getLogger("pigeon.supervisor")
 

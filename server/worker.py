@@ -1,31 +1,28 @@
-"""A worker process: one uvloop loop, its own listening socket, its sessions.
+"""A worker process: one uvloop loop, its listening sockets, its sessions, one
+group commit per loop tick.
 
-Theory of operation.  Every worker binds the listening port itself with
-SO_REUSEPORT (SO_REUSEPORT_LB on FreeBSD), so the kernel spreads new
-connections over the workers; nothing Python-level is shared between them.
-Each connection is a ``Session`` (an asyncio Protocol) driving the sans-IO
-``Connection``: bytes in, events out, and every frame for the connection
-appended to one output buffer that is written once per loop tick.
+The worker is split along its seams:
+
+    listeners.py  binding with SO_REUSEPORT, the TLS accept, the drain of accept queues
+    session.py    one client connection (Session): bytes in, events out, output, flow control
+    handlers.py   what each request does: one table from event class to handler,
+                  login (SCRAM) and registration
+    routing.py    where a device is and how a delivery reaches it (Router)
+    bus.py        worker-to-worker records
+    worker.py     this: the tick, the group commit, presence and typing, housekeeping
 
 Store and forward (server/queues.py).  What a worker's connections ask for
 during one loop tick (messages and receipts to store, cumulative device
 acks) is gathered and written in one LMDB write transaction at the end of
 the tick (``Worker.tick``); only after it commits do senders get their
 ``ack`` and recipients their entries.  Every delivery comes from the
-device's queue: the committing worker pushes the entries it just stored to
-the devices it holds, and sends a PUSH record (the stored entry) over the
-bus (server/bus.py) to the worker that holds any other recipient device
-(the store's session table says which).  A delivery frame is spliced from
-the stored entry straight into the connection's output buffer
-(``FrameEncoder.write``): the body is never re-encoded.  Records for one
-peer are batched per tick.
-
-Flow control.  A session pushes at most ``delivery_window`` entries past
-the device's last ack; the rest stay in LMDB and are read from there as acks
-come (``Session.refill``), which is also how a device's backlog is served
-at login.  When the transport's buffer passes ``write_buffer_high`` the
-session stops pushing and stops reading the client until it drains below
-``write_buffer_low``: a client that does not read cannot grow server memory.
+device's queue: the committing worker hands the entries it just stored to
+the router, which pushes them to the devices this worker holds and sends a
+PUSH record (the stored entry) over the bus to the worker that holds any
+other recipient device (the store's session table says which).  A delivery
+frame is spliced from the stored entry straight into the connection's
+output buffer (``FrameEncoder.write``): the body is never re-encoded.
+Records for one peer are batched per tick.
 
 Presence (server/presence.py, server/social.py): a device's availability
 is written to the store; the users whose presence changed during the tick
@@ -51,61 +48,33 @@ import itertools
 import logging
 import os
 import signal
-import socket
-import ssl
 import sys
 import time
 from collections import Counter
 
 import lmdb
 import orjson
-from scramp import ScramException
 
 from pigeon.core import codec as core_codec
-from pigeon.core.connection import NEED_DATA, Connection, Role
-from pigeon.core.errors import ErrorCode, LocalProtocolError, RemoteProtocolError, is_fatal
-from pigeon.core.events import (
-    AuthChallenge,
-    AuthResponse,
-    AuthStart,
-    AuthSuccess,
-    Block,
-    Blocklist,
-    BlocklistQuery,
-    ChatState,
-    CodeSent,
-    ConnectionClosed,
-    DeleteAccount,
-    DeviceAck,
-    Discover,
-    DiscoverResult,
-    Error,
-    Logout,
-    Message,
-    Ping,
-    Pong,
-    Presence,
-    Privacy,
-    PrivacySettings,
-    Receipt,
-    Register,
-    Registered,
-    ServerAck,
-    Unblock,
-    Verify,
-)
+from pigeon.core.errors import ErrorCode
+from pigeon.core.events import ChatState, Error, Presence, ServerAck
 from pigeon.core.node import DEFAULT_LIMITS, Limits, address_kind
 
 from . import log
-from .accounts import Accounts, ServiceError, make_gateway
+from .accounts import Accounts, make_gateway
 from .bus import Bus
 from .config import load
-from .limits import Bucket, LeakyTable, source_key
+from .limits import Bucket, LeakyTable
+from .listeners import FULL_LOG_INTERVAL, Listeners, listen_socket, raise_open_files_limit
 from .metrics import SNAPSHOT_INTERVAL, WorkerStats
 from .presence import PresenceHub
 from .queues import FrameEncoder, QueueLimits, Queues, Send
+from .routing import Router
+from .session import LINGER, Session
 from .social import Social
 from .store import Store
+
+__all__ = ["WID_STRIDE", "Worker", "code_mismatch", "listen_socket", "main"]
 
 # Bytes a delivery frame may add to the payload of the message it carries
 # (from, t, seq in place of to): a message body may be at most
@@ -114,580 +83,8 @@ PAYLOAD_HEADROOM = 256
 
 logger = logging.getLogger("pigeon.worker")
 
-HOT = core_codec.Hot
-HOT_MESSAGE, HOT_ACK = 1, 3  # Hot.kind (2 is a receipt)
-
-#: Requests that draw on a connection's message-rate bucket (typing has its own).
-RATED = frozenset({Message, Receipt, Presence, Privacy, Discover, Block, Unblock, BlocklistQuery})
-
 SWEEP_INTERVAL = 1.0
-LINGER = 2.0  # seconds a closing connection waits for the client to close
 WID_STRIDE = 1024  # worker id = generation * WID_STRIDE + index
-FULL_LOG_INTERVAL = 10.0
-
-
-def reuseport_option() -> int | None:
-    """The socket option that spreads connections over listeners on this OS."""
-    if sys.platform.startswith("freebsd"):
-        # FreeBSD 12+: plain SO_REUSEPORT lets one socket take every connection.
-        return getattr(socket, "SO_REUSEPORT_LB", 0x00010000)
-    return getattr(socket, "SO_REUSEPORT", None)
-
-
-def listen_socket(hostport: str, backlog: int = 1024) -> socket.socket:
-    host, _, port = hostport.rpartition(":")
-    host = host.strip("[]")
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        opt = reuseport_option()
-        if opt is not None:
-            sock.setsockopt(socket.SOL_SOCKET, opt, 1)
-        sock.bind((host, int(port)))
-        sock.listen(backlog)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def raise_open_files_limit(want: int | None = None) -> int | None:
-    """Lift the soft RLIMIT_NOFILE toward the hard one: to ``want`` descriptors if given
-    (never lowering it), else all the way.  Returns the soft limit now in force, or
-    None if there is none (or no ``resource`` module to ask)."""
-    try:
-        import resource
-    except ImportError:  # not a Unix
-        return None
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        return None
-    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
-    if want is not None:
-        target = min(target, want)
-    if soft < target:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            soft = target
-        except (ValueError, OSError):
-            pass
-    return soft
-
-
-def scram_username(client_first: bytes) -> str | None:
-    """The n= field of a SCRAM client-first-message ("n,,n=USER,r=NONCE")."""
-    try:
-        text = client_first.decode("ascii")
-    except UnicodeDecodeError:
-        return None
-    parts = text.split(",")
-    if len(parts) < 4 or not parts[2].startswith("n="):
-        return None
-    return parts[2][2:].replace("=2C", ",").replace("=3D", "=")
-
-
-class Session(asyncio.Protocol):
-    """One client connection."""
-
-    def __init__(self, worker: Worker, tls: ssl.SSLContext | None = None):
-        self.worker = worker
-        self.tls = tls  # the server context of a TLS listener's connection
-        self.transport = None  # for TLS: set once the handshake is done
-        self.id = next(worker.ids)
-        self.conn = Connection(Role.SERVER, limits=worker.limits, hot_path=True)
-        self.out = bytearray()
-        self.flush_pending = False
-        self.closing = False
-        self.ip = "?"
-        self.source = "?"  # the unit of per-address limits (limits.source_key)
-        self.device: str | None = None
-        self.user: str | None = None
-        self.scram = None
-        self.login_user: str | None = None
-        self.last_seen = 0.0
-        self.deadline = None
-        # delivery: highest seq written to this connection, highest acked,
-        # whether the queue may hold more than was pushed, transport too full
-        self.pushed = 0
-        self.acked = 0
-        self.backlog = False
-        self.paused = False
-        self.linger = None  # the abort timer of a graceful close
-        # made on first use: presence subscriptions, rate buckets
-        self.subs: set[str] | None = None
-        self.bucket: Bucket | None = None
-        self.typing: Bucket | None = None
-        self.typing_warned = 0.0
-
-    # -- transport callbacks ----------------------------------------------
-
-    def connection_made(self, transport) -> None:
-        if self.tls is None:
-            peer = transport.get_extra_info("peername")
-            self.accepted(peer[0] if peer else "?")
-        # TLS: counted at the TCP accept (Worker.accept_tls); the handshake is done now
-        self._ready(transport)
-
-    def accepted(self, ip: str) -> bool:
-        """A TCP connection was accepted: count it, start the login deadline.
-
-        Every limit counts from here, TLS or not (a TLS connection is counted
-        before its handshake, which the login deadline bounds).  False: a
-        TLS connection past a cap, to be closed at once without a handshake
-        (no error can reach it before one, and handshakes are what a flood
-        of them would cost); a plain one is told why instead.
-        """
-        w = self.worker
-        self.ip = ip
-        self.source = source_key(ip)
-        self.last_seen = w.loop.time()
-        self.out += self.conn.initiate()
-        w.sessions[self.id] = self
-        w.per_ip[self.source] += 1
-        refuse = None
-        if len(w.sessions) > w.max_connections:
-            w.refused_full += 1
-            refuse = (ErrorCode.UNAVAILABLE, "the server is at its connection limit; try later")
-        elif w.per_ip[self.source] > w.config.max_connections_per_ip:
-            refuse = (ErrorCode.RATE_LIMITED, "too many connections from this address")
-        elif w.draining:
-            refuse = (ErrorCode.SHUTTING_DOWN, "the server is shutting down; reconnect later")
-        if refuse is None:
-            self.deadline = w.loop.call_later(w.config.login_timeout, self._login_timeout)
-            return True
-        if self.tls is not None and refuse[0] != ErrorCode.SHUTTING_DOWN:
-            self.closing = True
-            self.connection_lost(None)
-            return False
-        self.fail(*refuse)  # written once the transport is up
-        return True
-
-    def _ready(self, transport) -> None:
-        """The transport to write on (plain TCP at once; TLS after its handshake)."""
-        w = self.worker
-        self.transport = transport
-        transport.set_write_buffer_limits(
-            high=w.config.write_buffer_high, low=w.config.write_buffer_low
-        )
-        self._schedule_flush()
-
-    async def handshake(self, sock) -> None:
-        """TLS on an accepted socket, within what is left of the login deadline."""
-        w = self.worker
-        timeout = max(0.1, w.config.login_timeout - (w.loop.time() - self.last_seen))
-        try:
-            await w.loop.connect_accepted_socket(
-                lambda: self,
-                sock,
-                ssl=self.tls,
-                ssl_handshake_timeout=timeout,
-            )
-        except Exception:  # a failed or timed-out handshake, a reset: the connection is over
-            sock.close()
-            self.connection_lost(None)
-
-    def data_received(self, data: bytes) -> None:
-        if self.closing:
-            # Closing: what still arrives is dropped unread (and does not
-            # count as traffic); the linger timer ends the connection.
-            return
-        self.last_seen = self.worker.loop.time()
-        self.conn.receive_data(data)
-        while not self.closing:
-            try:
-                ev = self.conn.next_event()
-            except RemoteProtocolError as err:
-                self.send(Error(err.code, err.text, err.request_id))
-                if err.fatal:
-                    self.close_soon()
-                continue
-            if ev is NEED_DATA:
-                break
-            try:
-                self.handle(ev)
-            except ServiceError as err:
-                self.send(Error(err.code, err.text, getattr(ev, "id", None)))
-            except lmdb.Error as exc:
-                self.store_failed(exc, getattr(ev, "id", None))
-
-    def store_failed(self, exc: lmdb.Error, request_id: str | None) -> None:
-        """A store error inside a request: the documented error, never a traceback."""
-        w = self.worker
-        if isinstance(exc, lmdb.MapFullError):
-            w.store_full_log(exc)
-            self.send(Error(ErrorCode.STORE_FULL, "the server cannot store this now; retry later",
-                            request_id))  # fmt: skip
-            return
-        log.event(logger, logging.ERROR, "store error", worker=w.index, conn=self.id,
-                  error=str(exc))  # fmt: skip
-        self.fail(ErrorCode.INTERNAL, "internal error; reconnect later")
-
-    def eof_received(self):
-        self.conn.receive_data(b"")
-        return False
-
-    def pause_writing(self) -> None:
-        # The client is not reading: stop pushing, and stop reading what it
-        # sends (its acks and answers would pile up here otherwise).
-        self.paused = True
-        if not self.closing:
-            self.transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        self.paused = False
-        if not self.closing:
-            self.transport.resume_reading()
-            if self.backlog:
-                self.refill()
-            if self.subs:
-                self.worker.presence.refresh(self)
-
-    def connection_lost(self, exc) -> None:
-        self.closing = True
-        if self.deadline is not None:
-            self.deadline.cancel()
-        if self.linger is not None:
-            self.linger.cancel()
-        w = self.worker
-        if w.sessions.pop(self.id, None) is None:
-            return  # already gone (a TLS connection can be told twice)
-        w.per_ip[self.source] -= 1
-        if w.per_ip[self.source] <= 0:
-            del w.per_ip[self.source]
-        if self.scram is not None and self.device is None and not w.draining:
-            self._login_failed("abandoned")  # a challenge nobody answered counts too
-        if self.device is not None:
-            try:
-                w.detach(self)
-            except lmdb.Error as exc:
-                log.event(logger, logging.ERROR, "could not clear a session", worker=w.index,
-                          device=self.device, error=str(exc))  # fmt: skip
-        if self.subs is not None:
-            w.presence.drop(self)
-
-    # -- output -------------------------------------------------------------
-
-    def send(self, event) -> None:
-        if self.closing and self.transport is None:
-            return
-        if type(event) is Error:
-            self.worker.stats.error(int(event.code))
-        try:
-            self.conn.send_into(self.out, event)
-        except LocalProtocolError as exc:
-            log.event(
-                logger,
-                logging.WARNING,
-                "dropped an event the state forbids",
-                conn=self.id,
-                event=type(event).__name__,
-                why=str(exc),
-            )
-            return
-        self._schedule_flush()
-
-    def _schedule_flush(self) -> None:
-        if not self.flush_pending:
-            self.flush_pending = True
-            self.worker.dirty(self)
-
-    def _flush(self) -> None:
-        self.flush_pending = False
-        if self.transport is None or self.transport.is_closing():
-            return
-        if self.out:
-            out, self.out = self.out, bytearray()
-            self.transport.write(out)
-        if self.closing and self.linger is None:
-            self._linger()
-
-    def _linger(self) -> None:
-        """Close gracefully: send EOF after the last frame and let the client close.
-
-        Closing a socket that still holds unread input makes the kernel send
-        a reset, and a reset can destroy the client's copy of the error that
-        explains the close.  So: half-close, ignore what still arrives, and
-        abort only if the client has not closed within LINGER seconds.
-        """
-        t = self.transport
-        self.linger = self.worker.loop.call_later(LINGER, t.abort)
-        try:
-            if t.can_write_eof():
-                t.write_eof()
-                return
-        except (NotImplementedError, OSError, RuntimeError):
-            pass
-        t.close()  # TLS cannot half-close: close_notify, aborted like the rest
-
-    def fail(self, code: ErrorCode, text: str) -> None:
-        self.send(Error(code, text))
-        self.close_soon()
-
-    def close_soon(self) -> None:
-        """Close after what is buffered has been written."""
-        self.closing = True
-        self._schedule_flush()
-
-    def _login_timeout(self) -> None:
-        if self.transport is None:
-            # Still in the TLS handshake, whose own timeout (what was left of
-            # this one) ends it; if it ends well just now, look again soon.
-            self.deadline = self.worker.loop.call_later(0.5, self._login_timeout)
-            return
-        if self.device is None and not self.closing:
-            self.fail(ErrorCode.TIMEOUT, "login not finished in time")
-
-    # -- delivery from the queue --------------------------------------------------
-
-    def offer(self, seq: int, entry) -> None:
-        """An entry just committed to this device's queue: push it if the window allows."""
-        if seq <= self.pushed or self.closing or self.device is None:
-            return
-        if (
-            seq == self.pushed + 1
-            and not self.backlog
-            and not self.paused
-            and seq - self.acked <= self.worker.delivery_window
-            and self.buffered() < self.worker.write_buffer_high
-        ):
-            self.worker.encode_entry(self.out, entry, seq)
-            self.pushed = seq
-            self.worker.stats.counters["entries_out"] += 1
-            self._schedule_flush()
-            return
-        # Out of order (another worker's commit overtook), window full or
-        # transport full: it is in the queue; read it from there when there is room.
-        self.backlog = True
-        self.refill()
-
-    def buffered(self) -> int:
-        """Bytes waiting to reach the client: this tick's output and the transport's buffer."""
-        t = self.transport
-        return len(self.out) + (t.get_write_buffer_size() if t is not None else 0)
-
-    def refill(self) -> None:
-        """Push queued entries past ``pushed``: as many as the window has room for and
-        as many bytes as fit under write-buffer-high (whichever ends first)."""
-        w = self.worker
-        room = w.delivery_window - (self.pushed - self.acked)
-        if room <= 0 or self.paused or self.closing or self.device is None:
-            return
-        budget = w.write_buffer_high - self.buffered()
-        if budget <= 0:
-            self.backlog = True
-            return
-        n, size, last = w.queues.read_into(self.out, self.device, self.pushed, room, budget)
-        if n:
-            self.pushed = last
-            self.worker.stats.counters["entries_out"] += n
-            self._schedule_flush()
-        self.backlog = n == room or size >= budget
-
-    def device_ack(self, seq: int) -> None:
-        self.worker.stats.counters["device_acks"] += 1
-        if seq <= self.acked:
-            return
-        self.acked = seq
-        if seq > self.pushed:
-            self.pushed = seq  # acked from an earlier connection: nothing to push below it
-        self.worker.ack(self.device, seq)
-        if self.backlog:
-            self.refill()
-
-    # -- events ---------------------------------------------------------------
-
-    def allowed(self, ev) -> bool:
-        """Draw on the connection's message-rate bucket; answer 405 if it is empty."""
-        w = self.worker
-        now = w.loop.time()
-        if self.bucket is None:
-            self.bucket = Bucket(w.config.message_rate, w.config.message_burst, now)
-        if self.bucket.take(now):
-            return True
-        w.stats.counters["rate_limited"] += 1
-        self.send(Error(ErrorCode.TOO_FAST,
-                        f"sending too fast: at most {w.config.message_rate:g} a second "
-                        f"(bursts of {w.config.message_burst}); retry later",
-                        getattr(ev, "id", None)))  # fmt: skip
-        return False
-
-    def handle(self, ev) -> None:
-        t = type(ev)
-        w = self.worker
-        if t is HOT:  # a message, receipt or ack the hot path read (core/connection.py)
-            kind = ev.kind
-            if kind == HOT_ACK:
-                self.device_ack(ev.seq)
-            elif self.allowed(ev):
-                w.route(self, ev.to, ev.id, "message" if kind == HOT_MESSAGE else "receipt",
-                        ev.type, ev.body)  # fmt: skip
-            return
-        if t in RATED and not self.allowed(ev):
-            return
-        if t is Message:
-            w.route(self, ev.to, ev.id, "message", ev.type, ev.body)
-        elif t is DeviceAck:
-            self.device_ack(ev.seq)
-        elif t is Receipt:
-            w.route(self, ev.to, ev.id, "receipt", ev.type, None)
-        elif t is Ping:
-            self.send(Pong(ev.id))
-        elif t is ChatState:
-            w.chatstate(self, ev)
-        elif t is Presence:
-            w.presence_request(self, ev)
-        elif t is Privacy:
-            changes = {k: v for k, v in (("last", ev.last), ("online", ev.online)) if v}
-            settings, changed = w.social.privacy(self.user, changes)
-            self.send(PrivacySettings(ev.id, settings["last"], settings["online"]))
-            if changed:
-                w.presence.note(self.user)
-        elif t is Discover:
-            users, left, changed = w.social.discover(self.user, ev.type, ev.phones)
-            self.send(DiscoverResult(ev.id, tuple(users), left))
-            if changed:
-                w.presence.note(self.user)  # who counts as a contact changed
-        elif t is Block:
-            self.send(ServerAck(ev.id, w.social.block(self.user, ev.to), "block"))
-            w.presence.note(self.user)
-        elif t is Unblock:
-            self.send(ServerAck(ev.id, w.social.unblock(self.user, ev.to), "unblock"))
-            w.presence.note(self.user)
-        elif t is BlocklistQuery:
-            self.send(Blocklist(ev.id, tuple(w.social.blocklist(self.user))))
-        elif t is Register:
-            w.spawn(self._register(ev))
-        elif t is Verify:
-            w.spawn(self._verify(ev))
-        elif t is AuthStart:
-            self._auth_start(ev)
-        elif t is AuthResponse:
-            self._auth_response(ev)
-        elif t is Logout:
-            self._leave(ev.id, "logout")
-        elif t is DeleteAccount:
-            self._leave(ev.id, "delete")
-        elif t is Error:
-            if w.client_log(self):
-                log.event(logger, logging.INFO, "client reported an error", conn=self.id,
-                          ip=self.ip, code=ev.code)  # fmt: skip
-            if is_fatal(ev.code):
-                self.close_soon()  # the client is closing: so do we (its state is CLOSED)
-        elif t is ConnectionClosed:
-            self.close_soon()
-        # Hello, Pong: nothing to do
-
-    async def _register(self, ev: Register) -> None:
-        try:
-            ttl = await self.worker.accounts.request_code(ev.phone, ev.method, self.ip)
-        except ServiceError as err:
-            self.send(Error(err.code, err.text, ev.id))
-            return
-        except lmdb.Error as exc:
-            self.store_failed(exc, ev.id)
-            return
-        self.send(CodeSent(ev.id, ttl))
-
-    async def _verify(self, ev: Verify) -> None:
-        w = self.worker
-        try:
-            # PBKDF2 for the new device's SCRAM keys: off the loop.
-            address, secret, removed = await asyncio.to_thread(
-                w.accounts.verify, ev.phone, ev.code, ev.identity_key
-            )
-        except ServiceError as err:
-            self.send(Error(err.code, err.text, ev.id))
-            return
-        except lmdb.Error as exc:
-            self.store_failed(exc, ev.id)
-            return
-        for old in removed:
-            w.revoke(old, ErrorCode.REVOKED, "this number was registered on another device")
-        log.event(logger, logging.INFO, "device registered", device=address)
-        self.send(Registered(ev.id, address, secret))
-
-    def _leave(self, request_id: str, what: str) -> None:
-        """Logout (this device goes) or account deletion (every device goes)."""
-        w = self.worker
-        device = self.device
-        w.detach(self)
-        self.device = None
-        if what == "logout":
-            w.store.remove_device(device)
-            others = []
-        else:
-            others = [d for d in w.store.delete_account(self.user) if d != device]
-        self.send(ServerAck(request_id, w.store.clock(), what))
-        self.close_soon()
-        for d in others:
-            w.revoke(d, ErrorCode.REVOKED, "the account was deleted")
-        log.event(
-            logger,
-            logging.INFO,
-            "device logged out" if what == "logout" else "account deleted",
-            device=device,
-            devices_removed=1 + len(others),
-        )
-
-    def _auth_start(self, ev: AuthStart) -> None:
-        w = self.worker
-        acc = w.accounts
-        user = scram_username(ev.data)
-        if user is None or address_kind(user) != "device":
-            return self.fail(
-                ErrorCode.NOT_AUTHORIZED, "login failed: the SCRAM user must be a device address"
-            )
-        if not acc.login_allowed(user, self.ip):
-            w.stats.counters["login_refused"] += 1
-            return self.fail(ErrorCode.RATE_LIMITED, "too many failed logins; try again later")
-        acct = w.store.account(user.partition(":")[0])
-        if acct is not None and acct.get("disabled"):
-            return self.fail(ErrorCode.NOT_AUTHORIZED, "login refused: this account is disabled")
-        self.scram = acc.scram_server()
-        try:
-            self.scram.set_client_first(ev.data.decode("ascii"))
-            first = self.scram.get_server_first()
-        except ScramException:
-            self.scram = None
-            return self.fail(ErrorCode.NOT_AUTHORIZED, "login failed: bad SCRAM message")
-        self.login_user = user
-        self.send(AuthChallenge(first.encode()))
-
-    def _login_failed(self, why: str) -> None:
-        """Count a failed or abandoned login (the challenge was sent, no valid proof came)."""
-        w = self.worker
-        self.scram = None
-        w.accounts.login_failed(self.login_user, self.ip)
-        w.stats.counters["login_failures"] += 1
-        if w.client_log(self):
-            log.event(logger, logging.INFO, "login failed", device=self.login_user, ip=self.ip,
-                      why=why)  # fmt: skip
-
-    def _auth_response(self, ev: AuthResponse) -> None:
-        w = self.worker
-        try:
-            self.scram.set_client_final(ev.data.decode("ascii"))
-            final = self.scram.get_server_final()
-        except (ScramException, UnicodeDecodeError):
-            self._login_failed("bad proof")
-            return self.fail(ErrorCode.NOT_AUTHORIZED, "login failed")
-        self.scram = None
-        self.device = self.login_user
-        self.user = self.device.partition(":")[0]
-        if self.deadline is not None:
-            self.deadline.cancel()
-            self.deadline = None
-        try:
-            w.attach(self)
-        except lmdb.Error as exc:  # the session table could not be written: no login
-            self.device = self.user = None
-            self.store_failed(exc, None)
-            return self.close_soon()
-        self.send(AuthSuccess(final.encode(), w.store.clock()))
-        self.backlog = True  # serve what waited in the queue
-        self.refill()
 
 
 class Worker:
@@ -725,7 +122,8 @@ class Worker:
         self.social: Social | None = None
         self.presence: PresenceHub | None = None
         self.tasks: set[asyncio.Task] = set()
-        self.handshakes: set[asyncio.Task] = set()  # TLS handshakes (Session.handshake)
+        self.listeners = Listeners(self, Session)
+        self.router: Router | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.store: Store | None = None
         self.accounts: Accounts | None = None
@@ -778,7 +176,8 @@ class Worker:
         if offline:
             self.presence.note(s.user)
         if prev is not None and prev["worker"] != self.wid:
-            self.bus.kick(prev["worker"], s.device, int(ErrorCode.REPLACED))
+            self.router.kick(s.device, ErrorCode.REPLACED, "logged in on another connection",
+                             where=prev["worker"])  # fmt: skip
         self.stats.counters["logins"] += 1
         log.event(logger, logging.INFO, "login", device=s.device, conn=s.id, ip=s.ip)
 
@@ -790,12 +189,7 @@ class Worker:
 
     def revoke(self, device: str, code: ErrorCode, text: str) -> None:
         """Close a device's session wherever it is."""
-        local = self.by_device.get(device)
-        if local is not None:
-            local.fail(code, text)
-        for w in self.bus.peer_ids():
-            if w != self.wid:
-                self.bus.kick(w, device, int(code))
+        self.router.kick(device, code, text)
 
     def kick_local(self, device: str, code: int, text: str | None = None) -> None:
         s = self.by_device.get(device)
@@ -890,19 +284,12 @@ class Worker:
         frame = self.queues.encoder.chatstate(s.user, ev.type)
         self.stats.counters["typing"] += 1
         for device, wid in targets.items():
-            if device == s.device:
-                continue  # typing to one's own user: the other devices only
-            if wid == self.wid:
-                self.typing_local(device, frame)
-            else:
-                self.bus.typing(wid, device, frame)
+            if device != s.device:  # typing to one's own user: the other devices only
+                self.router.typing(device, wid, frame)
 
     def typing_local(self, device: str, frame) -> None:
-        r = self.by_device.get(device)
-        # a client that is not reading loses typing indicators, not memory
-        if r is not None and not r.closing and not r.paused:
-            r.out += frame
-            r._schedule_flush()
+        """A typing frame from another worker for a device held here."""
+        self.router.typing(device, self.wid, frame)
 
     def ack(self, device: str, seq: int) -> None:
         """A device acknowledged its queue up to ``seq``: delete in this tick's commit."""
@@ -981,22 +368,11 @@ class Worker:
         return None
 
     def deliver(self, pushes) -> None:
-        """Hand committed entries to the sessions that hold their devices."""
-        by_device = self.by_device
-        for p in pushes:
-            if p.worker is None:
-                continue  # offline: it waits in the queue
-            if p.worker == self.wid:
-                s = by_device.get(p.device)
-                if s is not None:
-                    s.offer(p.seq, p.entry)
-            else:
-                self.bus.push(p.worker, p.device, p.seq, p.entry)
+        self.router.deliver(pushes)
 
     def offer_local(self, device: str, seq: int, entry) -> None:
-        s = self.by_device.get(device)
-        if s is not None:
-            s.offer(seq, entry)
+        """A committed entry from another worker for a device held here."""
+        self.router.offer(device, seq, entry)
 
     # -- housekeeping -------------------------------------------------------------
 
@@ -1120,30 +496,12 @@ class Worker:
         _, offline = self.store.clear_worker_sessions(self.wid)
         self.accounts = Accounts(self.store, c, make_gateway(c))
         self.bus = Bus(self)
+        self.router = Router(self)
         await self.bus.start()
         for user in offline:  # this worker's devices before a crash: now offline
             self.presence.note(user)
-        # The loop serves a duplicate of each listening socket; the original
-        # stays with us so that a drain can empty its accept queue (see drain()).
-        # The plain listener is a loop server.  The TLS one is accepted here
-        # (accept_tls): each connection is counted at the TCP accept and only
-        # then handed to the loop for its handshake, so that no limit waits
-        # for a handshake to end.
-        listeners = [(listen_socket(c.listen), None)]
-        if c.tls_enabled:
-            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-            ctx.load_cert_chain(c.tls_cert, c.tls_key or c.tls_cert)
-            listeners.append((listen_socket(c.tls_listen), ctx))
-        servers = []
-        for raw, ctx in listeners:
-            if ctx is None:
-                servers.append(await self.loop.create_server(lambda: Session(self), sock=raw.dup()))
-            else:
-                dup = raw.dup()
-                dup.setblocking(False)
-                self.loop.add_reader(dup.fileno(), self.accept_tls, dup, ctx)
-                servers.append(dup)
+        self.listeners.open(c)
+        await self.listeners.start()
         self.loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
         # SIGHUP belongs to the supervisor (a terminal hangup reaches the
         # whole group): a worker leaves it to its supervisor.
@@ -1168,7 +526,7 @@ class Worker:
             module=os.path.realpath(__file__),
         )
         await self.stopping.wait()
-        await self.drain(servers, listeners)
+        await self.drain()
         sweeper.cancel()
         self.send_snapshot()  # the final counts, kept by the supervisor
         self.bus.close()
@@ -1177,7 +535,7 @@ class Worker:
         self.store.close()
         log.event(logger, logging.INFO, "worker stopped", worker=self.index)
 
-    async def drain(self, servers, listeners) -> None:
+    async def drain(self) -> None:
         """Stop accepting, take what waits in the accept queues, tell every client
         to reconnect (503), let buffered output go; return when no connection
         and no store work is left, so the store can be closed.
@@ -1187,11 +545,8 @@ class Worker:
         connection_made after the 503s went out, and is told 503 there.
         """
         self.draining = True
-        for srv in servers:
-            if isinstance(srv, socket.socket):
-                self.loop.remove_reader(srv.fileno())
-            srv.close()
-        await self.drain_accept_queues(listeners)
+        self.listeners.stop_accepting()
+        await self.listeners.drain_accept_queues()
         for s in list(self.sessions.values()):
             s.fail(ErrorCode.SHUTTING_DOWN, "the server is shutting down; reconnect later")
         # Each closing connection ends within LINGER (its abort timer).
@@ -1203,8 +558,7 @@ class Worker:
                 s.transport.abort()
             else:  # in its TLS handshake: dropped
                 s.connection_lost(None)
-        for t in list(self.handshakes):
-            t.cancel()
+        self.listeners.cancel_handshakes()
         deadline = time.monotonic() + 1.0  # aborted transports report their loss soon
         while self.sessions and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
@@ -1215,72 +569,6 @@ class Worker:
         await asyncio.sleep(0)
         if self.tick_pending or self.sends or self.acks:
             self.tick()
-
-    async def drain_accept_queues(self, listeners) -> None:
-        """Accept what is still queued on the listening sockets, then close them.
-
-        Closing a listener resets the connections waiting in its accept
-        queue (Linux, without net.ipv4.tcp_migrate_req).  Emptying the queue
-        first leaves a window of microseconds instead; the connections taken
-        are served like the others: told 503, so their clients reconnect to
-        the workers still listening (a reload's new generation).
-        """
-        waiting = []
-        for raw, ctx in listeners:
-            raw.setblocking(False)
-            while True:
-                try:
-                    conn, addr = raw.accept()
-                except OSError:  # BlockingIOError: the queue is empty
-                    break
-                waiting.append((conn, addr, ctx))
-            raw.close()
-        for conn, addr, ctx in waiting:
-            if ctx is not None:
-                self.tls_accepted(conn, addr, ctx)
-                continue
-            try:
-                await self.loop.connect_accepted_socket(lambda: Session(self), conn)
-            except OSError:
-                conn.close()
-        if waiting:
-            log.event(logger, logging.INFO, "drained the accept queue", worker=self.index,
-                      connections=len(waiting))  # fmt: skip
-
-    def accept_tls(self, sock: socket.socket, ctx: ssl.SSLContext) -> None:
-        """The TLS listener is readable: accept what waits (a bounded number a call)."""
-        for _ in range(64):
-            try:
-                conn, addr = sock.accept()
-            except BlockingIOError:
-                return
-            except ConnectionAbortedError:
-                continue
-            except OSError as exc:  # out of descriptors: pause accepting for a second
-                now = self.loop.time()
-                if now - self.full_logged >= FULL_LOG_INTERVAL:
-                    self.full_logged = now
-                    log.event(logger, logging.WARNING, "cannot accept", worker=self.index,
-                              error=str(exc))  # fmt: skip
-                fd = sock.fileno()
-                self.loop.remove_reader(fd)
-                self.loop.call_later(1.0, self._resume_tls_accept, sock, ctx)
-                return
-            self.tls_accepted(conn, addr, ctx)
-
-    def _resume_tls_accept(self, sock: socket.socket, ctx: ssl.SSLContext) -> None:
-        if not self.draining and sock.fileno() >= 0:
-            self.loop.add_reader(sock.fileno(), self.accept_tls, sock, ctx)
-
-    def tls_accepted(self, conn: socket.socket, addr, ctx: ssl.SSLContext) -> None:
-        conn.setblocking(False)
-        s = Session(self, tls=ctx)
-        if s.accepted(addr[0] if addr else "?"):
-            task = self.loop.create_task(s.handshake(conn))
-            self.handshakes.add(task)
-            task.add_done_callback(self.handshakes.discard)
-        else:
-            conn.close()
 
     def _parent_gone(self, fd: int) -> None:
         try:

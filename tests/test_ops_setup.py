@@ -20,7 +20,7 @@ from serverutil import Server, until
 
 import pigeon.server.worker as installed_worker
 from pigeon.core import codec as core_codec
-from pigeon.server.worker import reuseport_option
+from pigeon.server.listeners import reuseport_option
 
 ALICE, BOB = "491701234567", "4915112345678"
 

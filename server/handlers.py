@@ -1,0 +1,317 @@
+"""What the server does with each request: one table from event class to handler.
+
+``handle(session, event)`` is called for every event a client's connection
+yields.  The three hot kinds (message, receipt, device ack) arrive as one
+``Hot`` record from the hot path (core/connection.py) and are handled before
+anything else; every other event goes through ``HANDLERS``.  Requests in
+``RATED`` draw on the connection's message-rate bucket first (typing has its
+own).  A handler answers through the session (``send``) or the tick's
+commit (messages and receipts are answered after it).
+
+Login and registration live here too: the SCRAM exchange (``auth_start``,
+``auth_response``), registration by phone number and code (``register``,
+``verify``; both spawned, the PBKDF2 of ``verify`` off the loop) and
+leaving (``leave``: logout or account deletion).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import lmdb
+from scramp import ScramException
+
+from pigeon.core import codec as core_codec
+from pigeon.core.errors import ErrorCode, is_fatal
+from pigeon.core.events import (
+    AuthChallenge,
+    AuthResponse,
+    AuthStart,
+    AuthSuccess,
+    Block,
+    Blocklist,
+    BlocklistQuery,
+    ChatState,
+    CodeSent,
+    ConnectionClosed,
+    DeleteAccount,
+    DeviceAck,
+    Discover,
+    DiscoverResult,
+    Error,
+    Logout,
+    Message,
+    Ping,
+    Pong,
+    Presence,
+    Privacy,
+    PrivacySettings,
+    Receipt,
+    Register,
+    Registered,
+    ServerAck,
+    Unblock,
+    Verify,
+)
+from pigeon.core.node import address_kind
+
+from . import log
+from .accounts import ServiceError
+
+logger = logging.getLogger("pigeon.worker")
+
+HOT = core_codec.Hot
+HOT_MESSAGE, HOT_ACK = 1, 3  # Hot.kind (2 is a receipt)
+
+#: Requests that draw on a connection's message-rate bucket (typing has its own).
+RATED = frozenset({Message, Receipt, Presence, Privacy, Discover, Block, Unblock, BlocklistQuery})
+
+
+def handle(s, ev) -> None:
+    t = type(ev)
+    if t is HOT:
+        kind = ev.kind
+        if kind == HOT_ACK:
+            s.device_ack(ev.seq)
+        elif s.allowed(ev):
+            s.worker.route(s, ev.to, ev.id, "message" if kind == HOT_MESSAGE else "receipt",
+                           ev.type, ev.body)  # fmt: skip
+        return
+    if t in RATED and not s.allowed(ev):
+        return
+    handler = HANDLERS.get(t)
+    if handler is not None:  # Hello, Pong: nothing to do
+        handler(s, ev)
+
+
+# -- messaging ----------------------------------------------------------------
+
+
+def message(s, ev: Message) -> None:
+    s.worker.route(s, ev.to, ev.id, "message", ev.type, ev.body)
+
+
+def receipt(s, ev: Receipt) -> None:
+    s.worker.route(s, ev.to, ev.id, "receipt", ev.type, None)
+
+
+def device_ack(s, ev: DeviceAck) -> None:
+    s.device_ack(ev.seq)
+
+
+def ping(s, ev: Ping) -> None:
+    s.send(Pong(ev.id))
+
+
+def chatstate(s, ev: ChatState) -> None:
+    s.worker.chatstate(s, ev)
+
+
+# -- presence, privacy, contacts, blocking --------------------------------------
+
+
+def presence(s, ev: Presence) -> None:
+    s.worker.presence_request(s, ev)
+
+
+def privacy(s, ev: Privacy) -> None:
+    w = s.worker
+    changes = {k: v for k, v in (("last", ev.last), ("online", ev.online)) if v}
+    settings, changed = w.social.privacy(s.user, changes)
+    s.send(PrivacySettings(ev.id, settings["last"], settings["online"]))
+    if changed:
+        w.presence.note(s.user)
+
+
+def discover(s, ev: Discover) -> None:
+    w = s.worker
+    users, left, changed = w.social.discover(s.user, ev.type, ev.phones)
+    s.send(DiscoverResult(ev.id, tuple(users), left))
+    if changed:
+        w.presence.note(s.user)  # who counts as a contact changed
+
+
+def block(s, ev: Block) -> None:
+    w = s.worker
+    s.send(ServerAck(ev.id, w.social.block(s.user, ev.to), "block"))
+    w.presence.note(s.user)
+
+
+def unblock(s, ev: Unblock) -> None:
+    w = s.worker
+    s.send(ServerAck(ev.id, w.social.unblock(s.user, ev.to), "unblock"))
+    w.presence.note(s.user)
+
+
+def blocklist(s, ev: BlocklistQuery) -> None:
+    s.send(Blocklist(ev.id, tuple(s.worker.social.blocklist(s.user))))
+
+
+# -- the connection's end -------------------------------------------------------
+
+
+def peer_error(s, ev: Error) -> None:
+    if s.worker.client_log(s):
+        log.event(logger, logging.INFO, "client reported an error", conn=s.id, ip=s.ip,
+                  code=ev.code)  # fmt: skip
+    if is_fatal(ev.code):
+        s.close_soon()  # the client is closing: so do we (its state is CLOSED)
+
+
+def closed(s, ev: ConnectionClosed) -> None:
+    s.close_soon()
+
+
+# -- registration and login -------------------------------------------------------
+
+
+def scram_username(client_first: bytes) -> str | None:
+    """The n= field of a SCRAM client-first-message ("n,,n=USER,r=NONCE")."""
+    try:
+        text = client_first.decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    parts = text.split(",")
+    if len(parts) < 4 or not parts[2].startswith("n="):
+        return None
+    return parts[2][2:].replace("=2C", ",").replace("=3D", "=")
+
+
+async def register(s, ev: Register) -> None:
+    try:
+        ttl = await s.worker.accounts.request_code(ev.phone, ev.method, s.ip)
+    except ServiceError as err:
+        s.send(Error(err.code, err.text, ev.id))
+        return
+    except lmdb.Error as exc:
+        s.store_failed(exc, ev.id)
+        return
+    s.send(CodeSent(ev.id, ttl))
+
+
+async def verify(s, ev: Verify) -> None:
+    w = s.worker
+    try:
+        # PBKDF2 for the new device's SCRAM keys: off the loop.
+        address, secret, removed = await asyncio.to_thread(
+            w.accounts.verify, ev.phone, ev.code, ev.identity_key
+        )
+    except ServiceError as err:
+        s.send(Error(err.code, err.text, ev.id))
+        return
+    except lmdb.Error as exc:
+        s.store_failed(exc, ev.id)
+        return
+    for old in removed:
+        w.revoke(old, ErrorCode.REVOKED, "this number was registered on another device")
+    log.event(logger, logging.INFO, "device registered", device=address)
+    s.send(Registered(ev.id, address, secret))
+
+
+def leave(s, request_id: str, what: str) -> None:
+    """Logout (this device goes) or account deletion (every device goes)."""
+    w = s.worker
+    device = s.device
+    w.detach(s)
+    s.device = None
+    if what == "logout":
+        w.store.remove_device(device)
+        others = []
+    else:
+        others = [d for d in w.store.delete_account(s.user) if d != device]
+    s.send(ServerAck(request_id, w.store.clock(), what))
+    s.close_soon()
+    for d in others:
+        w.revoke(d, ErrorCode.REVOKED, "the account was deleted")
+    log.event(
+        logger,
+        logging.INFO,
+        "device logged out" if what == "logout" else "account deleted",
+        device=device,
+        devices_removed=1 + len(others),
+    )
+
+
+def auth_start(s, ev: AuthStart) -> None:
+    w = s.worker
+    acc = w.accounts
+    user = scram_username(ev.data)
+    if user is None or address_kind(user) != "device":
+        return s.fail(
+            ErrorCode.NOT_AUTHORIZED, "login failed: the SCRAM user must be a device address"
+        )
+    if not acc.login_allowed(user, s.ip):
+        w.stats.counters["login_refused"] += 1
+        return s.fail(ErrorCode.RATE_LIMITED, "too many failed logins; try again later")
+    acct = w.store.account(user.partition(":")[0])
+    if acct is not None and acct.get("disabled"):
+        return s.fail(ErrorCode.NOT_AUTHORIZED, "login refused: this account is disabled")
+    s.scram = acc.scram_server()
+    try:
+        s.scram.set_client_first(ev.data.decode("ascii"))
+        first = s.scram.get_server_first()
+    except ScramException:
+        s.scram = None
+        return s.fail(ErrorCode.NOT_AUTHORIZED, "login failed: bad SCRAM message")
+    s.login_user = user
+    s.send(AuthChallenge(first.encode()))
+
+
+def login_failed(s, why: str) -> None:
+    """Count a failed or abandoned login (the challenge was sent, no valid proof came)."""
+    w = s.worker
+    s.scram = None
+    w.accounts.login_failed(s.login_user, s.ip)
+    w.stats.counters["login_failures"] += 1
+    if w.client_log(s):
+        log.event(logger, logging.INFO, "login failed", device=s.login_user, ip=s.ip,
+                  why=why)  # fmt: skip
+
+
+def auth_response(s, ev: AuthResponse) -> None:
+    w = s.worker
+    try:
+        s.scram.set_client_final(ev.data.decode("ascii"))
+        final = s.scram.get_server_final()
+    except (ScramException, UnicodeDecodeError):
+        login_failed(s, "bad proof")
+        return s.fail(ErrorCode.NOT_AUTHORIZED, "login failed")
+    s.scram = None
+    s.device = s.login_user
+    s.user = s.device.partition(":")[0]
+    if s.deadline is not None:
+        s.deadline.cancel()
+        s.deadline = None
+    try:
+        w.attach(s)
+    except lmdb.Error as exc:  # the session table could not be written: no login
+        s.device = s.user = None
+        s.store_failed(exc, None)
+        return s.close_soon()
+    s.send(AuthSuccess(final.encode(), w.store.clock()))
+    s.backlog = True  # serve what waited in the queue
+    s.refill()
+
+
+HANDLERS = {
+    Message: message,
+    Receipt: receipt,
+    DeviceAck: device_ack,
+    Ping: ping,
+    ChatState: chatstate,
+    Presence: presence,
+    Privacy: privacy,
+    Discover: discover,
+    Block: block,
+    Unblock: unblock,
+    BlocklistQuery: blocklist,
+    Register: lambda s, ev: s.worker.spawn(register(s, ev)),
+    Verify: lambda s, ev: s.worker.spawn(verify(s, ev)),
+    AuthStart: auth_start,
+    AuthResponse: auth_response,
+    Logout: lambda s, ev: leave(s, ev.id, "logout"),
+    DeleteAccount: lambda s, ev: leave(s, ev.id, "delete"),
+    Error: peer_error,
+    ConnectionClosed: closed,
+}

@@ -1,0 +1,378 @@
+"""One client connection: a ``Session`` (an asyncio Protocol) driving the sans-IO
+``Connection``.
+
+Bytes in, events out: each event goes to ``handlers.handle``.  Every frame
+for the connection is appended to one output buffer (``out``) that is
+written once per loop tick (``Worker.tick`` calls ``_flush``); ``push``
+appends a finished frame, ``offer`` and ``refill`` splice delivery frames
+from queue entries straight into it.
+
+Flow control.  A session pushes at most ``delivery_window`` entries past
+the device's last ack; the rest stay in LMDB and are read from there as acks
+come (``refill``), which is also how a device's backlog is served at login.
+When the transport's buffer passes ``write_buffer_high`` the session stops
+pushing and stops reading the client until it drains below
+``write_buffer_low``: a client that does not read cannot grow server memory.
+
+Closing is graceful (``_linger``): the last frames, then EOF, and an abort
+timer of LINGER seconds whatever the client does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from typing import TYPE_CHECKING
+
+import lmdb
+
+from pigeon.core.connection import NEED_DATA, Connection, Role
+from pigeon.core.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+from pigeon.core.events import Error
+
+from . import handlers, log
+from .accounts import ServiceError
+from .limits import Bucket, source_key
+
+if TYPE_CHECKING:
+    from .worker import Worker
+
+logger = logging.getLogger("pigeon.worker")
+
+LINGER = 2.0  # seconds a closing connection waits for the client to close
+
+
+class Session(asyncio.Protocol):
+    """One client connection."""
+
+    def __init__(self, worker: Worker, tls: ssl.SSLContext | None = None):
+        self.worker = worker
+        self.tls = tls  # the server context of a TLS listener's connection
+        self.transport = None  # for TLS: set once the handshake is done
+        self.id = next(worker.ids)
+        self.conn = Connection(Role.SERVER, limits=worker.limits, hot_path=True)
+        self.out = bytearray()
+        self.flush_pending = False
+        self.closing = False
+        self.ip = "?"
+        self.source = "?"  # the unit of per-address limits (limits.source_key)
+        self.device: str | None = None
+        self.user: str | None = None
+        self.scram = None
+        self.login_user: str | None = None
+        self.last_seen = 0.0
+        self.deadline = None
+        # delivery: highest seq written to this connection, highest acked,
+        # whether the queue may hold more than was pushed, transport too full
+        self.pushed = 0
+        self.acked = 0
+        self.backlog = False
+        self.paused = False
+        self.linger = None  # the abort timer of a graceful close
+        # made on first use: presence subscriptions, rate buckets
+        self.subs: set[str] | None = None
+        self.bucket: Bucket | None = None
+        self.typing: Bucket | None = None
+        self.typing_warned = 0.0
+
+    # -- transport callbacks ----------------------------------------------
+
+    def connection_made(self, transport) -> None:
+        if self.tls is None:
+            peer = transport.get_extra_info("peername")
+            self.accepted(peer[0] if peer else "?")
+        # TLS: counted at the TCP accept (Listeners.accept_tls); the handshake is done now
+        self._ready(transport)
+
+    def accepted(self, ip: str) -> bool:
+        """A TCP connection was accepted: count it, start the login deadline.
+
+        Every limit counts from here, TLS or not (a TLS connection is counted
+        before its handshake, which the login deadline bounds).  False: a
+        TLS connection past a cap, to be closed at once without a handshake
+        (no error can reach it before one, and handshakes are what a flood
+        of them would cost); a plain one is told why instead.
+        """
+        w = self.worker
+        self.ip = ip
+        self.source = source_key(ip)
+        self.last_seen = w.loop.time()
+        self.out += self.conn.initiate()
+        w.sessions[self.id] = self
+        w.per_ip[self.source] += 1
+        refuse = None
+        if len(w.sessions) > w.max_connections:
+            w.refused_full += 1
+            refuse = (ErrorCode.UNAVAILABLE, "the server is at its connection limit; try later")
+        elif w.per_ip[self.source] > w.config.max_connections_per_ip:
+            refuse = (ErrorCode.RATE_LIMITED, "too many connections from this address")
+        elif w.draining:
+            refuse = (ErrorCode.SHUTTING_DOWN, "the server is shutting down; reconnect later")
+        if refuse is None:
+            self.deadline = w.loop.call_later(w.config.login_timeout, self._login_timeout)
+            return True
+        if self.tls is not None and refuse[0] != ErrorCode.SHUTTING_DOWN:
+            self.closing = True
+            self.connection_lost(None)
+            return False
+        self.fail(*refuse)  # written once the transport is up
+        return True
+
+    def _ready(self, transport) -> None:
+        """The transport to write on (plain TCP at once; TLS after its handshake)."""
+        w = self.worker
+        self.transport = transport
+        transport.set_write_buffer_limits(
+            high=w.config.write_buffer_high, low=w.config.write_buffer_low
+        )
+        self._schedule_flush()
+
+    async def handshake(self, sock) -> None:
+        """TLS on an accepted socket, within what is left of the login deadline."""
+        w = self.worker
+        timeout = max(0.1, w.config.login_timeout - (w.loop.time() - self.last_seen))
+        try:
+            await w.loop.connect_accepted_socket(
+                lambda: self,
+                sock,
+                ssl=self.tls,
+                ssl_handshake_timeout=timeout,
+            )
+        except Exception:  # a failed or timed-out handshake, a reset: the connection is over
+            sock.close()
+            self.connection_lost(None)
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            # Closing: what still arrives is dropped unread (and does not
+            # count as traffic); the linger timer ends the connection.
+            return
+        self.last_seen = self.worker.loop.time()
+        self.conn.receive_data(data)
+        while not self.closing:
+            try:
+                ev = self.conn.next_event()
+            except RemoteProtocolError as err:
+                self.send(Error(err.code, err.text, err.request_id))
+                if err.fatal:
+                    self.close_soon()
+                continue
+            if ev is NEED_DATA:
+                break
+            try:
+                self.handle(ev)
+            except ServiceError as err:
+                self.send(Error(err.code, err.text, getattr(ev, "id", None)))
+            except lmdb.Error as exc:
+                self.store_failed(exc, getattr(ev, "id", None))
+
+    def store_failed(self, exc: lmdb.Error, request_id: str | None) -> None:
+        """A store error inside a request: the documented error, never a traceback."""
+        w = self.worker
+        if isinstance(exc, lmdb.MapFullError):
+            w.store_full_log(exc)
+            self.send(Error(ErrorCode.STORE_FULL, "the server cannot store this now; retry later",
+                            request_id))  # fmt: skip
+            return
+        log.event(logger, logging.ERROR, "store error", worker=w.index, conn=self.id,
+                  error=str(exc))  # fmt: skip
+        self.fail(ErrorCode.INTERNAL, "internal error; reconnect later")
+
+    def eof_received(self):
+        self.conn.receive_data(b"")
+        return False
+
+    def pause_writing(self) -> None:
+        # The client is not reading: stop pushing, and stop reading what it
+        # sends (its acks and answers would pile up here otherwise).
+        self.paused = True
+        if not self.closing:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        if not self.closing:
+            self.transport.resume_reading()
+            if self.backlog:
+                self.refill()
+            if self.subs:
+                self.worker.presence.refresh(self)
+
+    def connection_lost(self, exc) -> None:
+        self.closing = True
+        if self.deadline is not None:
+            self.deadline.cancel()
+        if self.linger is not None:
+            self.linger.cancel()
+        w = self.worker
+        if w.sessions.pop(self.id, None) is None:
+            return  # already gone (a TLS connection can be told twice)
+        w.per_ip[self.source] -= 1
+        if w.per_ip[self.source] <= 0:
+            del w.per_ip[self.source]
+        if self.scram is not None and self.device is None and not w.draining:
+            handlers.login_failed(self, "abandoned")  # a challenge nobody answered counts too
+        if self.device is not None:
+            try:
+                w.detach(self)
+            except lmdb.Error as exc:
+                log.event(logger, logging.ERROR, "could not clear a session", worker=w.index,
+                          device=self.device, error=str(exc))  # fmt: skip
+        if self.subs is not None:
+            w.presence.drop(self)
+
+    # -- output -------------------------------------------------------------
+
+    def send(self, event) -> None:
+        if self.closing and self.transport is None:
+            return
+        if type(event) is Error:
+            self.worker.stats.error(int(event.code))
+        try:
+            self.conn.send_into(self.out, event)
+        except LocalProtocolError as exc:
+            log.event(
+                logger,
+                logging.WARNING,
+                "dropped an event the state forbids",
+                conn=self.id,
+                event=type(event).__name__,
+                why=str(exc),
+            )
+            return
+        self._schedule_flush()
+
+    def push(self, frame) -> None:
+        """Append a finished frame for this client (a presence or typing push);
+        it is written at the end of the tick."""
+        self.out += frame
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        if not self.flush_pending:
+            self.flush_pending = True
+            self.worker.dirty(self)
+
+    def _flush(self) -> None:
+        self.flush_pending = False
+        if self.transport is None or self.transport.is_closing():
+            return
+        if self.out:
+            out, self.out = self.out, bytearray()
+            self.transport.write(out)
+        if self.closing and self.linger is None:
+            self._linger()
+
+    def _linger(self) -> None:
+        """Close gracefully: send EOF after the last frame and let the client close.
+
+        Closing a socket that still holds unread input makes the kernel send
+        a reset, and a reset can destroy the client's copy of the error that
+        explains the close.  So: half-close, ignore what still arrives, and
+        abort only if the client has not closed within LINGER seconds.
+        """
+        t = self.transport
+        self.linger = self.worker.loop.call_later(LINGER, t.abort)
+        try:
+            if t.can_write_eof():
+                t.write_eof()
+                return
+        except (NotImplementedError, OSError, RuntimeError):
+            pass
+        t.close()  # TLS cannot half-close: close_notify, aborted like the rest
+
+    def fail(self, code: ErrorCode, text: str) -> None:
+        self.send(Error(code, text))
+        self.close_soon()
+
+    def close_soon(self) -> None:
+        """Close after what is buffered has been written."""
+        self.closing = True
+        self._schedule_flush()
+
+    def _login_timeout(self) -> None:
+        if self.transport is None:
+            # Still in the TLS handshake, whose own timeout (what was left of
+            # this one) ends it; if it ends well just now, look again soon.
+            self.deadline = self.worker.loop.call_later(0.5, self._login_timeout)
+            return
+        if self.device is None and not self.closing:
+            self.fail(ErrorCode.TIMEOUT, "login not finished in time")
+
+    # -- delivery from the queue --------------------------------------------------
+
+    def offer(self, seq: int, entry) -> None:
+        """An entry just committed to this device's queue: push it if the window allows."""
+        if seq <= self.pushed or self.closing or self.device is None:
+            return
+        if (
+            seq == self.pushed + 1
+            and not self.backlog
+            and not self.paused
+            and seq - self.acked <= self.worker.delivery_window
+            and self.buffered() < self.worker.write_buffer_high
+        ):
+            self.worker.encode_entry(self.out, entry, seq)
+            self.pushed = seq
+            self.worker.stats.counters["entries_out"] += 1
+            self._schedule_flush()
+            return
+        # Out of order (another worker's commit overtook), window full or
+        # transport full: it is in the queue; read it from there when there is room.
+        self.backlog = True
+        self.refill()
+
+    def buffered(self) -> int:
+        """Bytes waiting to reach the client: this tick's output and the transport's buffer."""
+        t = self.transport
+        return len(self.out) + (t.get_write_buffer_size() if t is not None else 0)
+
+    def refill(self) -> None:
+        """Push queued entries past ``pushed``: as many as the window has room for and
+        as many bytes as fit under write-buffer-high (whichever ends first)."""
+        w = self.worker
+        room = w.delivery_window - (self.pushed - self.acked)
+        if room <= 0 or self.paused or self.closing or self.device is None:
+            return
+        budget = w.write_buffer_high - self.buffered()
+        if budget <= 0:
+            self.backlog = True
+            return
+        n, size, last = w.queues.read_into(self.out, self.device, self.pushed, room, budget)
+        if n:
+            self.pushed = last
+            self.worker.stats.counters["entries_out"] += n
+            self._schedule_flush()
+        self.backlog = n == room or size >= budget
+
+    def device_ack(self, seq: int) -> None:
+        self.worker.stats.counters["device_acks"] += 1
+        if seq <= self.acked:
+            return
+        self.acked = seq
+        if seq > self.pushed:
+            self.pushed = seq  # acked from an earlier connection: nothing to push below it
+        self.worker.ack(self.device, seq)
+        if self.backlog:
+            self.refill()
+
+    # -- events ---------------------------------------------------------------
+
+    def allowed(self, ev) -> bool:
+        """Draw on the connection's message-rate bucket; answer 405 if it is empty."""
+        w = self.worker
+        now = w.loop.time()
+        if self.bucket is None:
+            self.bucket = Bucket(w.config.message_rate, w.config.message_burst, now)
+        if self.bucket.take(now):
+            return True
+        w.stats.counters["rate_limited"] += 1
+        self.send(Error(ErrorCode.TOO_FAST,
+                        f"sending too fast: at most {w.config.message_rate:g} a second "
+                        f"(bursts of {w.config.message_burst}); retry later",
+                        getattr(ev, "id", None)))  # fmt: skip
+        return False
+
+    def handle(self, ev) -> None:
+        handlers.handle(self, ev)
