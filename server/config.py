@@ -336,6 +336,13 @@ OPTIONS: list[Option] = [
         "acked again and stored once (kept between 1x and 2x this)",
     ),
     Option(
+        "commit_max_bytes",
+        4 << 20,
+        _positive_int,
+        "message bytes one group commit gathers at most: past it the tick's commit is "
+        "written at once (LMDB holds a commit's pages in memory until it is written)",
+    ),
+    Option(
         "delivery_window",
         64,
         _positive_int,
@@ -470,6 +477,7 @@ GROUPS: list[Group] = [
             "queue_max_age",
             "purge_interval",
             "dedup_window",
+            "commit_max_bytes",
             "delivery_window",
             "delivered_receipts",
         ),
@@ -530,7 +538,8 @@ GROUPS: list[Group] = [
 ]
 
 _SECONDS = ("_timeout", "_window", "_interval", "_age", "_ttl")
-_BYTES = ("max_frame", "map_size", "queue_max_bytes", "write_buffer_high", "write_buffer_low")
+_BYTES = ("max_frame", "map_size", "queue_max_bytes", "write_buffer_high", "write_buffer_low",
+          "commit_max_bytes")  # fmt: skip
 
 
 def _metavar(o: Option) -> str:

@@ -115,33 +115,61 @@ def presence(s, ev: Presence) -> None:
     s.worker.presence_request(s, ev)
 
 
+# Writes join the tick's commit (Worker.write) and are answered after it;
+# a request that changes nothing is answered at once from a read transaction.
+
+
 def privacy(s, ev: Privacy) -> None:
     w = s.worker
+    user = s.user
     changes = {k: v for k, v in (("last", ev.last), ("online", ev.online)) if v}
-    settings, changed = w.social.privacy(s.user, changes)
-    s.send(PrivacySettings(ev.id, settings["last"], settings["online"]))
-    if changed:
-        w.presence.note(s.user)
+
+    def answer(result) -> None:
+        settings, changed = result
+        s.send(PrivacySettings(ev.id, settings["last"], settings["online"]))
+        if changed:
+            w.presence.note(user)
+
+    if not changes:
+        with w.store.read() as txn:
+            return answer(w.social.privacy_txn(txn, 0, user, changes))
+    w.write(lambda txn, now: w.social.privacy_txn(txn, now, user, changes), answer, s, ev.id)
 
 
 def discover(s, ev: Discover) -> None:
     w = s.worker
-    users, left, changed = w.social.discover(s.user, ev.type, ev.phones)
-    s.send(DiscoverResult(ev.id, tuple(users), left))
-    if changed:
-        w.presence.note(s.user)  # who counts as a contact changed
+    user = s.user
+
+    def answer(result) -> None:
+        users, left, changed = result
+        s.send(DiscoverResult(ev.id, tuple(users), left))
+        if changed:
+            w.presence.note(user)  # who counts as a contact changed
+
+    w.write(lambda txn, now: w.social.discover_txn(txn, now, user, ev.type, ev.phones), answer,
+            s, ev.id)  # fmt: skip
 
 
 def block(s, ev: Block) -> None:
     w = s.worker
-    s.send(ServerAck(ev.id, w.social.block(s.user, ev.to), "block"))
-    w.presence.note(s.user)
+    user = s.user
+
+    def answer(t: int) -> None:
+        s.send(ServerAck(ev.id, t, "block"))
+        w.presence.note(user)
+
+    w.write(lambda txn, now: w.social.block_txn(txn, now, user, ev.to), answer, s, ev.id)
 
 
 def unblock(s, ev: Unblock) -> None:
     w = s.worker
-    s.send(ServerAck(ev.id, w.social.unblock(s.user, ev.to), "unblock"))
-    w.presence.note(s.user)
+    user = s.user
+
+    def answer(t: int) -> None:
+        s.send(ServerAck(ev.id, t, "unblock"))
+        w.presence.note(user)
+
+    w.write(lambda txn, now: w.social.unblock_txn(txn, now, user, ev.to), answer, s, ev.id)
 
 
 def blocklist(s, ev: BlocklistQuery) -> None:
@@ -212,25 +240,34 @@ async def verify(s, ev: Verify) -> None:
 def leave(s, request_id: str, what: str) -> None:
     """Logout (this device goes) or account deletion (every device goes)."""
     w = s.worker
-    device = s.device
+    device, user = s.device, s.user
     w.detach(s)
     s.device = None
-    if what == "logout":
-        w.store.remove_device(device)
-        others = []
-    else:
-        others = [d for d in w.store.delete_account(s.user) if d != device]
-    s.send(ServerAck(request_id, w.store.clock(), what))
-    s.close_soon()
-    for d in others:
-        w.revoke(d, ErrorCode.REVOKED, "the account was deleted")
-    log.event(
-        logger,
-        logging.INFO,
-        "device logged out" if what == "logout" else "account deleted",
-        device=device,
-        devices_removed=1 + len(others),
-    )
+    s.close_soon()  # nothing more is read; the answer goes out before the close
+
+    def run(txn, now):
+        if what == "logout":
+            w.store.remove_device_txn(txn, device, now)
+            return now, []
+        return now, [d for d in w.store.delete_account_txn(txn, user) if d != device]
+
+    def done(result) -> None:
+        t, others = result
+        s.send(ServerAck(request_id, t, what))
+        for d in others:
+            w.revoke(d, ErrorCode.REVOKED, "the account was deleted")
+        log.event(
+            logger,
+            logging.INFO,
+            "device logged out" if what == "logout" else "account deleted",
+            device=device,
+            devices_removed=1 + len(others),
+        )
+
+    def failed(exc) -> None:
+        s.store_failed(exc, request_id)
+
+    w.write(run, done, s, request_id, failed)
 
 
 def auth_start(s, ev: AuthStart) -> None:
@@ -278,20 +315,17 @@ def auth_response(s, ev: AuthResponse) -> None:
         login_failed(s, "bad proof")
         return s.fail(ErrorCode.NOT_AUTHORIZED, "login failed")
     s.scram = None
-    s.device = s.login_user
-    s.user = s.device.partition(":")[0]
     if s.deadline is not None:
         s.deadline.cancel()
         s.deadline = None
-    try:
-        w.attach(s)
-    except lmdb.Error as exc:  # the session table could not be written: no login
-        s.device = s.user = None
-        s.store_failed(exc, None)
-        return s.close_soon()
-    s.send(AuthSuccess(final.encode(), w.store.clock()))
-    s.backlog = True  # serve what waited in the queue
-    s.refill()
+
+    def logged_in() -> None:
+        s.send(AuthSuccess(final.encode(), w.store.clock()))
+        s.backlog = True  # serve what waited in the queue
+        s.refill()
+
+    # the session record joins this tick's commit; the success goes after it
+    w.attach(s, s.login_user, logged_in)
 
 
 HANDLERS = {

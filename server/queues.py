@@ -295,6 +295,7 @@ class Queues:
         acks: dict[str, int],
         ack_limit: int | None = None,
         left: dict[str, int] | None = None,
+        jobs=(),
     ) -> list[Push]:
         """Store ``sends`` and apply ``acks`` ({device: seq}) in one transaction.
 
@@ -302,7 +303,9 @@ class Queues:
         ``error`` (code, text).  Returns the entries to push, after commit.
         With ``ack_limit`` at most that many entries of each device are
         deleted; the acks not fully applied go into ``left`` ({device: seq},
-        for a later commit).  Raises lmdb.MapFullError (or another
+        for a later commit).  ``jobs`` are the tick's other store writes
+        (callables of (txn, now): session records, presence, blocks, ...),
+        run after the acks and before the sends.  Raises lmdb.MapFullError (or another
         lmdb.Error) with nothing written; the caller answers the senders and
         may retry the acks alone.
         """
@@ -317,6 +320,8 @@ class Queues:
             for device, upto in acks.items():
                 if not self._ack(w, device, upto, now, ack_limit):
                     unfinished.append((device, upto))
+            for job in jobs:
+                job(txn, now)
             for s in sends:
                 self._store_one(w, s, now, cur, prev)
             w.flush_state()

@@ -127,18 +127,22 @@ class Social:
 
     def set_available(self, device: str, worker: int, conn: int, available: bool) -> bool:
         """A device marks itself available or not; True if its user's presence changed."""
-        user, _, n = device.partition(":")
-        now = self.clock()
         with self.env.begin(write=True) as txn:
-            if not available:
-                return release_device(txn, self.db, device, None, None, now)
-            rec = load_presence(txn, self.db, user)
-            was_online = bool(rec["a"])
-            if rec["a"].get(n) == [worker, conn]:
-                return False
-            rec["a"][n] = [worker, conn]
-            txn.put(user.encode(), _pack(rec), db=self.db["presence"])
-            return not was_online
+            return self.set_available_txn(txn, self.clock(), device, worker, conn, available)
+
+    def set_available_txn(self, txn, now: int, device: str, worker: int, conn: int,
+                          available: bool) -> bool:  # fmt: skip
+        """set_available inside ``txn`` (the worker's tick commit)."""
+        user, _, n = device.partition(":")
+        if not available:
+            return release_device(txn, self.db, device, None, None, now)
+        rec = load_presence(txn, self.db, user)
+        was_online = bool(rec["a"])
+        if rec["a"].get(n) == [worker, conn]:
+            return False
+        rec["a"][n] = [worker, conn]
+        txn.put(user.encode(), _pack(rec), db=self.db["presence"])
+        return not was_online
 
     def presence(self, user: str) -> dict:
         with self.env.begin() as txn:
@@ -191,13 +195,17 @@ class Social:
     def privacy(self, user: str, changes: dict) -> tuple[dict, bool]:
         """Apply ``changes`` ({"last"/"online": value}); returns (settings, changed)."""
         with self.env.begin(write=bool(changes)) as txn:
-            rec = load_presence(txn, self.db, user)
-            new = {**rec["priv"], **changes}
-            if new == rec["priv"]:
-                return new, False
-            rec["priv"] = new
-            txn.put(user.encode(), _pack(rec), db=self.db["presence"])
-            return new, True
+            return self.privacy_txn(txn, self.clock(), user, changes)
+
+    def privacy_txn(self, txn, now: int, user: str, changes: dict) -> tuple[dict, bool]:
+        """privacy inside ``txn`` (a read transaction will do when nothing changes)."""
+        rec = load_presence(txn, self.db, user)
+        new = {**rec["priv"], **changes}
+        if new == rec["priv"]:
+            return new, False
+        rec["priv"] = new
+        txn.put(user.encode(), _pack(rec), db=self.db["presence"])
+        return new, True
 
     # -- typing ---------------------------------------------------------------
 
@@ -233,6 +241,12 @@ class Social:
         sliding window (re-syncing a known address book costs nothing), and
         a refused request changes and records nothing.
         """
+        with self.env.begin(write=True) as txn:
+            return self.discover_txn(txn, self.clock(), user, mode, phones)
+
+    def discover_txn(self, txn, now: int, user: str, mode: str, phones):
+        """discover inside ``txn``: every check comes before the first write, so a
+        refusal (ServiceError, StoreFull) leaves ``txn`` as it was."""
         c = self.config
         if len(phones) > c.discover_batch:
             raise ServiceError(
@@ -241,43 +255,39 @@ class Social:
         db = self.db
         window_ms = int(c.discover_window * 1000)
         key = f"discover:{user}".encode()
-        now = self.clock()
         asked = [p for p in dict.fromkeys(phones) if p != user]
         prefix = f"{user}\x00".encode()
-        with self.env.begin(write=True) as txn:
-            current = {k[len(prefix) :].decode() for k in _prefix_keys(txn, db["contacts"], prefix)}
-            if mode == "remove":
-                gone = [p for p in asked if p in current]
-                for p in gone:
-                    txn.delete(pair(user, p), db=db["contacts"])
-                    txn.delete(pair(p, user), db=db["rcontacts"])
-                _, used = window_used(txn, db["limits"], key, now, window_ms)
-                return [], max(0, c.discover_numbers - used), bool(gone)
-            new = [p for p in asked if p not in current]
-            self.store.check_room(txn)
-            ok, left = window_take(
-                txn, db["limits"], key, now, window_ms, c.discover_numbers, len(new)
-            )
-            if not ok:
-                raise ServiceError(
-                    ErrorCode.RATE_LIMITED,
-                    f"contact discovery limit: {left} more new numbers may be looked up in "
-                    f"this {c.discover_window:g} s window, this request has {len(new)}",
-                )
-            accounts = db["accounts"]
-            found = [p for p in asked if p in current or txn.get(p.encode(), db=accounts)]
-            keep = set(found) if mode == "full" else current | set(found)
-            if len(keep) > c.contacts_max:
-                raise ServiceError(
-                    ErrorCode.TOO_MANY, f"at most {c.contacts_max} contacts per account"
-                )
-            for p in current - keep:
+        current = {k[len(prefix) :].decode() for k in _prefix_keys(txn, db["contacts"], prefix)}
+        if mode == "remove":
+            gone = [p for p in asked if p in current]
+            for p in gone:
                 txn.delete(pair(user, p), db=db["contacts"])
                 txn.delete(pair(p, user), db=db["rcontacts"])
-            for p in keep - current:
-                txn.put(pair(user, p), b"", db=db["contacts"])
-                txn.put(pair(p, user), b"", db=db["rcontacts"])
-            return found, left, keep != current
+            _, used = window_used(txn, db["limits"], key, now, window_ms)
+            return [], max(0, c.discover_numbers - used), bool(gone)
+        new = [p for p in asked if p not in current]
+        self.store.check_room(txn)
+        _, used = window_used(txn, db["limits"], key, now, window_ms)
+        if used + len(new) > c.discover_numbers:
+            left = max(0, c.discover_numbers - used)
+            raise ServiceError(
+                ErrorCode.RATE_LIMITED,
+                f"contact discovery limit: {left} more new numbers may be looked up in "
+                f"this {c.discover_window:g} s window, this request has {len(new)}",
+            )
+        accounts = db["accounts"]
+        found = [p for p in asked if p in current or txn.get(p.encode(), db=accounts)]
+        keep = set(found) if mode == "full" else current | set(found)
+        if len(keep) > c.contacts_max:
+            raise ServiceError(ErrorCode.TOO_MANY, f"at most {c.contacts_max} contacts per account")
+        _, left = window_take(txn, db["limits"], key, now, window_ms, c.discover_numbers, len(new))
+        for p in current - keep:
+            txn.delete(pair(user, p), db=db["contacts"])
+            txn.delete(pair(p, user), db=db["rcontacts"])
+        for p in keep - current:
+            txn.put(pair(user, p), b"", db=db["contacts"])
+            txn.put(pair(p, user), b"", db=db["rcontacts"])
+        return found, left, keep != current
 
     def contacts(self, user: str) -> list[str]:
         prefix = f"{user}\x00".encode()
@@ -289,28 +299,33 @@ class Social:
     # -- blocking -----------------------------------------------------------------
 
     def block(self, user: str, other: str) -> int:
+        with self.env.begin(write=True) as txn:
+            return self.block_txn(txn, self.clock(), user, other)
+
+    def block_txn(self, txn, now: int, user: str, other: str) -> int:
+        """block inside ``txn`` (checks first: a refusal writes nothing)."""
         if other == user:
             raise ServiceError(ErrorCode.BAD_REQUEST, "you cannot block yourself")
         db = self.db
-        now = self.clock()
-        with self.env.begin(write=True) as txn:
-            if txn.get(other.encode(), db=db["accounts"]) is None:
-                raise ServiceError(ErrorCode.UNKNOWN_RECIPIENT, "not a registered user")
-            key = pair(user, other)
-            if txn.get(key, db=db["blocks"]) is None:
-                self.store.check_room(txn)
-                n = len(_prefix_keys(txn, db["blocks"], f"{user}\x00".encode()))
-                if n >= self.config.blocklist_max:
-                    raise ServiceError(
-                        ErrorCode.TOO_MANY, f"at most {self.config.blocklist_max} blocked users"
-                    )
-                txn.put(key, now.to_bytes(8, "big"), db=db["blocks"])
+        if txn.get(other.encode(), db=db["accounts"]) is None:
+            raise ServiceError(ErrorCode.UNKNOWN_RECIPIENT, "not a registered user")
+        key = pair(user, other)
+        if txn.get(key, db=db["blocks"]) is None:
+            self.store.check_room(txn)
+            n = len(_prefix_keys(txn, db["blocks"], f"{user}\x00".encode()))
+            if n >= self.config.blocklist_max:
+                raise ServiceError(
+                    ErrorCode.TOO_MANY, f"at most {self.config.blocklist_max} blocked users"
+                )
+            txn.put(key, now.to_bytes(8, "big"), db=db["blocks"])
         return now
 
     def unblock(self, user: str, other: str) -> int:
-        now = self.clock()
         with self.env.begin(write=True) as txn:
-            txn.delete(pair(user, other), db=self.db["blocks"])
+            return self.unblock_txn(txn, self.clock(), user, other)
+
+    def unblock_txn(self, txn, now: int, user: str, other: str) -> int:
+        txn.delete(pair(user, other), db=self.db["blocks"])
         return now
 
     def blocklist(self, user: str) -> list[str]:

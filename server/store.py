@@ -348,32 +348,40 @@ class Store:
 
     def remove_device(self, address: str) -> bool:
         """Log a device out for good (its keys and session go)."""
-        phone, _, n = address.partition(":")
         with self.write() as txn:
-            acct = self._get(txn, "accounts", phone)
-            if acct is None or int(n) not in acct["devices"]:
-                return False
-            acct["devices"].remove(int(n))
-            self._put(txn, "accounts", phone, acct)
-            self._delete(txn, "devices", address)
-            self._delete(txn, "sessions", address)
-            release_device(txn, self._db, address, None, None, self.clock())
-            drop_device_queue(txn, self._db, address)
+            return self.remove_device_txn(txn, address, self.clock())
+
+    def remove_device_txn(self, txn, address: str, now: int) -> bool:
+        """remove_device inside ``txn``."""
+        phone, _, n = address.partition(":")
+        acct = self._get(txn, "accounts", phone)
+        if acct is None or int(n) not in acct["devices"]:
+            return False
+        acct["devices"].remove(int(n))
+        self._put(txn, "accounts", phone, acct)
+        self._delete(txn, "devices", address)
+        self._delete(txn, "sessions", address)
+        release_device(txn, self._db, address, None, None, now)
+        drop_device_queue(txn, self._db, address)
         return True
 
     def delete_account(self, phone: str) -> list[str]:
         """Remove the account, its devices and their sessions; returns the device addresses."""
         with self.write() as txn:
-            acct = self._get(txn, "accounts", phone)
-            if acct is None:
-                return []
-            gone = [f"{phone}:{n}" for n in acct["devices"]]
-            for addr in gone:
-                self._delete(txn, "devices", addr)
-                self._delete(txn, "sessions", addr)
-                drop_device_queue(txn, self._db, addr)
-            self._delete(txn, "accounts", phone)
-            drop_user(txn, self._db, phone)
+            return self.delete_account_txn(txn, phone)
+
+    def delete_account_txn(self, txn, phone: str) -> list[str]:
+        """delete_account inside ``txn``."""
+        acct = self._get(txn, "accounts", phone)
+        if acct is None:
+            return []
+        gone = [f"{phone}:{n}" for n in acct["devices"]]
+        for addr in gone:
+            self._delete(txn, "devices", addr)
+            self._delete(txn, "sessions", addr)
+            drop_device_queue(txn, self._db, addr)
+        self._delete(txn, "accounts", phone)
+        drop_user(txn, self._db, phone)
         return gone
 
     # -- one-time codes -----------------------------------------------------
@@ -479,21 +487,27 @@ class Store:
         """Record that ``worker`` holds ``address``; returns (the session it replaces,
         whether the user went offline): a new login starts unavailable, so an
         availability the device's earlier connection left is dropped here."""
-        now = self.clock()
         with self.write() as txn:
-            old = self._get(txn, "sessions", address)
-            self._put(txn, "sessions", address, {"worker": worker, "conn": conn, "since": now})
-            offline = release_device(txn, self._db, address, None, None, now)
-        return old, offline
+            return self.set_session_txn(txn, address, worker, conn, self.clock())
+
+    def set_session_txn(self, txn, address: str, worker: int, conn: int, now: int):
+        """set_session inside ``txn`` (the worker's tick commit)."""
+        old = self._get(txn, "sessions", address)
+        self._put(txn, "sessions", address, {"worker": worker, "conn": conn, "since": now})
+        return old, release_device(txn, self._db, address, None, None, now)
 
     def clear_session(self, address: str, worker: int, conn: int) -> bool:
         """Forget the session (and the device's availability), if it is still this
         worker's connection.  True if the device's user went offline with it."""
         with self.write() as txn:
-            cur = self._get(txn, "sessions", address)
-            if cur is not None and cur["worker"] == worker and cur["conn"] == conn:
-                self._delete(txn, "sessions", address)
-            return release_device(txn, self._db, address, worker, conn, self.clock())
+            return self.clear_session_txn(txn, address, worker, conn, self.clock())
+
+    def clear_session_txn(self, txn, address: str, worker: int, conn: int, now: int) -> bool:
+        """clear_session inside ``txn``."""
+        cur = self._get(txn, "sessions", address)
+        if cur is not None and cur["worker"] == worker and cur["conn"] == conn:
+            self._delete(txn, "sessions", address)
+        return release_device(txn, self._db, address, worker, conn, now)
 
     def clear_worker_sessions(self, worker: int) -> tuple[int, list[str]]:
         """Drop every session a (restarted) worker held, and the availability its

@@ -64,6 +64,7 @@ from . import log
 from .accounts import Accounts, make_gateway
 from .bus import Bus
 from .config import load
+from .errors import ServiceError
 from .limits import Bucket, LeakyTable
 from .listeners import FULL_LOG_INTERVAL, Listeners, listen_socket, raise_open_files_limit
 from .metrics import SNAPSHOT_INTERVAL, WorkerStats
@@ -72,7 +73,7 @@ from .queues import FrameEncoder, QueueLimits, Queues, Send
 from .routing import Router
 from .session import LINGER, Session
 from .social import Social
-from .store import Store
+from .store import Store, StoreFull
 
 __all__ = ["WID_STRIDE", "Worker", "code_mismatch", "listen_socket", "main"]
 
@@ -84,6 +85,54 @@ PAYLOAD_HEADROOM = 256
 logger = logging.getLogger("pigeon.worker")
 
 SWEEP_INTERVAL = 1.0
+
+
+class Job:
+    """A store write that joins the tick's commit (``Worker.write``).
+
+    ``run(txn, now)`` does it inside the commit's transaction; it checks
+    before it writes, so a refusal (ServiceError, or StoreFull past the
+    store's reserve) writes nothing and is this job's alone.  After the
+    commit, ``done(result)``, or the refusal goes to ``session`` as an error
+    for ``request_id``; if the commit itself failed, ``failed(exc)`` (by
+    default the session is told the store failed)."""
+
+    __slots__ = ("run", "done", "failed", "session", "request_id", "result", "error")
+
+    def __init__(self, run, done=None, session=None, request_id=None, failed=None):
+        self.run = run
+        self.done = done
+        self.failed = failed
+        self.session = session
+        self.request_id = request_id
+        self.result = None
+        self.error = None
+
+    def __call__(self, txn, now: int) -> None:
+        self.error = None  # a retry (Worker.commit_acks) runs it again
+        try:
+            self.result = self.run(txn, now)
+        except (ServiceError, StoreFull) as exc:
+            self.error = exc
+
+    def finish(self) -> None:
+        s = self.session
+        if self.error is None:
+            if self.done is not None:
+                self.done(self.result)
+        elif s is not None and not s.closing:
+            if isinstance(self.error, ServiceError):
+                s.send(Error(self.error.code, self.error.text, self.request_id))
+            else:
+                s.store_failed(self.error, self.request_id)
+
+    def fail(self, exc: Exception) -> None:
+        if self.failed is not None:
+            self.failed(exc)
+        elif self.session is not None and not self.session.closing:
+            self.session.store_failed(exc, self.request_id)
+
+
 WID_STRIDE = 1024  # worker id = generation * WID_STRIDE + index
 
 
@@ -108,6 +157,9 @@ class Worker:
         self.per_ip: Counter = Counter()
         self.sends: list[Send] = []
         self.acks: dict[str, int] = {}
+        self.jobs: list[Job] = []
+        self.send_bytes = 0  # body bytes in self.sends (commit-max-bytes)
+        self.commit_max_bytes = config.commit_max_bytes
         self.to_flush: list[Session] = []
         self.tick_pending = False
         self.stats = WorkerStats()
@@ -166,9 +218,31 @@ class Worker:
 
     # -- sessions ---------------------------------------------------------------
 
-    def attach(self, s: Session) -> None:
-        # the store first: if it cannot record the session, nothing has changed
-        prev, offline = self.store.set_session(s.device, self.wid, s.id)
+    def write(self, run, done=None, session=None, request_id=None, failed=None) -> None:
+        """Run ``run(txn, now)`` in this tick's commit, then ``done(result)`` (see Job)."""
+        self.jobs.append(Job(run, done, session, request_id, failed))
+        self._schedule_tick()
+
+    def attach(self, s: Session, device: str, done) -> None:
+        """Log ``s`` in as ``device``: its session record joins this tick's commit;
+        after it, ``s`` holds the device and ``done()`` runs.  If the record
+        cannot be written, nothing has changed and the client is told."""
+        wid, conn = self.wid, s.id
+
+        def record(txn, now):
+            return self.store.set_session_txn(txn, device, wid, conn, now)
+
+        def failed(exc):
+            if not s.closing:
+                s.store_failed(exc, None)
+                s.close_soon()
+
+        self.write(record, lambda r: self._attached(s, device, r, done), failed=failed)
+
+    def _attached(self, s: Session, device: str, recorded, done) -> None:
+        prev, offline = recorded
+        s.device = device
+        s.user = device.partition(":")[0]
         old = self.by_device.get(s.device)
         if old is not None and old is not s:
             old.fail(ErrorCode.REPLACED, "logged in on another connection")
@@ -180,12 +254,27 @@ class Worker:
                              where=prev["worker"])  # fmt: skip
         self.stats.counters["logins"] += 1
         log.event(logger, logging.INFO, "login", device=s.device, conn=s.id, ip=s.ip)
+        if s.closing:  # gone while its record was written: as if it logged in and left
+            self.detach(s)
+            return
+        done()
 
     def detach(self, s: Session) -> None:
+        """``s`` no longer holds its device: the record goes in this tick's commit."""
         if self.by_device.get(s.device) is s:
             del self.by_device[s.device]
-            if self.store.clear_session(s.device, self.wid, s.id):
-                self.presence.note(s.user)
+            device, user, wid, conn = s.device, s.user, self.wid, s.id
+
+            def offline(gone: bool) -> None:
+                if gone:
+                    self.presence.note(user)
+
+            def failed(exc) -> None:
+                log.event(logger, logging.ERROR, "could not clear a session", worker=self.index,
+                          device=device, error=str(exc))  # fmt: skip
+
+            self.write(lambda txn, now: self.store.clear_session_txn(txn, device, wid, conn, now),
+                       offline, failed=failed)  # fmt: skip
 
     def revoke(self, device: str, code: ErrorCode, text: str) -> None:
         """Close a device's session wherever it is."""
@@ -226,7 +315,7 @@ class Worker:
         self.tick_pending = False
         if self.closed:
             return
-        if self.sends or self.acks:
+        if self.sends or self.acks or self.jobs:
             self.commit()
         self.presence.flush()
         flush, self.to_flush = self.to_flush, []
@@ -253,6 +342,12 @@ class Worker:
             )
             return
         self.sends.append(Send(sender.device, cls, msg_id, to, typ, body, sender))
+        if body is not None:
+            self.send_bytes += len(body)
+            if self.send_bytes >= self.commit_max_bytes:
+                # LMDB keeps a write's dirty pages in memory until it commits:
+                # what one tick gathers is bounded by writing it now
+                self.commit()
         self._schedule_tick()
 
     def presence_request(self, s: Session, ev: Presence) -> None:
@@ -261,8 +356,17 @@ class Worker:
                 self.presence.subscribe(s, ev.to)
             else:
                 self.presence.unsubscribe(s, ev.to)
-        elif self.social.set_available(s.device, self.wid, s.id, ev.type == "available"):
-            self.presence.note(s.user)
+        else:
+            device, user, wid, conn = s.device, s.user, self.wid, s.id
+            available = ev.type == "available"
+
+            def changed(yes: bool) -> None:
+                if yes:
+                    self.presence.note(user)
+
+            self.write(lambda txn, now: self.social.set_available_txn(txn, now, device, wid, conn,
+                                                                      available),
+                       changed, s)  # fmt: skip
 
     def chatstate(self, s: Session, ev: ChatState) -> None:
         """Typing: to the recipient's connected devices now, or nowhere (never stored)."""
@@ -301,10 +405,12 @@ class Worker:
         """Write this tick's sends and acks in one transaction; then answer and push."""
         sends, self.sends = self.sends, []
         acks, self.acks = self.acks, {}
+        jobs, self.jobs = self.jobs, []
+        self.send_bytes = 0
         started = time.perf_counter()
         left: dict[str, int] = {}
         try:
-            pushes = self.queues.commit(sends, acks, left=left)
+            pushes = self.queues.commit(sends, acks, left=left, jobs=jobs)
         except Exception as exc:  # nothing was written: refuse, never ack
             if isinstance(exc, lmdb.MapFullError):
                 self.store_full_log(exc)
@@ -315,7 +421,7 @@ class Worker:
                 logger.exception("commit failed")
             for s in sends:
                 s.error = (ErrorCode.STORE_FULL, "the server cannot store this now; retry later")
-            pushes = self.commit_acks(acks, left) if acks else []
+            pushes, jobs = self.commit_acks(acks, left, jobs) if acks or jobs else ([], [])
         if left:
             # Not all applied (a store full to the last page frees itself in
             # steps): the rest goes again with the next commits, soon if this
@@ -327,6 +433,11 @@ class Worker:
             self.loop.call_later(1.0 if stuck else 0.01, self._schedule_tick)
         pushes = pushes or []
         self.stats.commit(time.perf_counter() - started)
+        for job in jobs:
+            try:
+                job.finish()
+            except Exception:  # one request's answer must not cost the others theirs
+                logger.exception("answering a store write failed")
         accepted = 0
         for s in sends:
             accepted += s.error is None
@@ -344,28 +455,42 @@ class Worker:
             self.store_full_log("only the reserve for acks is left (store-reserve)")
         self.deliver(pushes)
 
-    def commit_acks(self, acks: dict[str, int], left: dict[str, int]) -> list | None:
-        """Apply device acks on their own, in smaller steps while the store is too full.
+    def commit_acks(self, acks: dict[str, int], left: dict[str, int], jobs=()) -> tuple:
+        """Apply device acks (and the tick's other writes) without the sends, in
+        smaller steps while the store is too full.
 
         Acks free space, but deleting needs pages too (and their delivered
         receipts more): when all of them at once do not fit, a few entries
-        per device at a time do, and each step frees room for the next.
-        Returns the entries to push, or None when nothing could be applied."""
+        per device at a time do, and each step frees room for the next.  The
+        other writes (session records, presence, blocks) go with the first
+        try only: they are small and bounded, or check the store's room
+        themselves, so logins share the reserve acks have.  Returns (the
+        entries to push, or None when no ack could be applied; the jobs
+        committed, to answer)."""
+        jobs = list(jobs)
+        error = None
         for limit in (None, 64, 8, 1):
             left.clear()
             try:
-                return self.queues.commit([], acks, ack_limit=limit, left=left)
+                return self.queues.commit([], acks, ack_limit=limit, left=left, jobs=jobs), jobs
             except lmdb.Error as exc:
                 error = exc
-            except Exception as exc:  # not the store's room: smaller steps will not help
+                retry = True
+            except Exception as exc:  # not the store's room: smaller steps will not help,
                 logger.exception("device acks failed")
                 error = exc
+                retry = bool(jobs)  # unless a job was the cause
+            for job in jobs:  # the other writes had their one try
+                job.fail(error)
+            jobs = []
+            if not acks or not retry:
                 break
         left.clear()
         left.update(acks)  # kept: retried later, and redelivered if the device reconnects
-        log.event(logger, logging.ERROR, "device acks not applied", worker=self.index,
-                  error=str(error))  # fmt: skip
-        return None
+        if acks:
+            log.event(logger, logging.ERROR, "device acks not applied", worker=self.index,
+                      error=str(error))  # fmt: skip
+        return None, []
 
     def deliver(self, pushes) -> None:
         self.router.deliver(pushes)
@@ -567,7 +692,7 @@ class Worker:
         if self.tasks:
             await asyncio.wait(list(self.tasks), timeout=30.0)
         await asyncio.sleep(0)
-        if self.tick_pending or self.sends or self.acks:
+        if self.tick_pending or self.sends or self.acks or self.jobs:
             self.tick()
 
     def _parent_gone(self, fd: int) -> None:
