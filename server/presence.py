@@ -128,6 +128,5 @@ class PresenceHub:
     def _push(self, s, frame: bytes) -> None:
         if s.closing or s.device is None:
             return
-        s.out += frame
-        s._schedule_flush()
+        s.push(frame)
         self.worker.stats.counters["presence_pushes"] += 1
