@@ -181,7 +181,8 @@ class FrameEncoder:
 class Send:
     """A message or client receipt to store; ``commit`` fills in ``t`` or ``error``."""
 
-    __slots__ = ("device", "cls", "id", "to", "type", "body", "t", "error", "session")
+    __slots__ = ("device", "cls", "id", "to", "type", "body", "t", "error", "session",
+                 "dkey", "digest", "entry")  # fmt: skip
 
     def __init__(self, device, cls, mid, to, typ, body=None, session=None):
         self.device = device  # the sending device
@@ -193,6 +194,8 @@ class Send:
         self.session = session  # the caller's handle, untouched
         self.t = None
         self.error: tuple[int, str] | None = None
+        # made before the transaction begins (Queues._prepare)
+        self.dkey = self.digest = self.entry = None
 
 
 class Push:
@@ -275,9 +278,6 @@ class _Txn:
 class Queues:
     """The queue operations over a ``Store``'s environment."""
 
-    # Fixed overhead of a stored entry besides its id and body (header, envelope).
-    ENTRY_OVERHEAD = 96
-
     def __init__(self, store, limits: QueueLimits = QueueLimits(), encoder=None, receipts=True):
         self.store = store
         self.env = store.env
@@ -310,6 +310,7 @@ class Queues:
         may retry the acks alone.
         """
         now = self.clock()
+        self._prepare(sends, now)
         with self.env.begin(write=True) as txn:
             w = _Txn(self, txn)
             cur, prev = self._generation(txn, now, _DEDUP_META, "dedup",
@@ -369,14 +370,25 @@ class Queues:
         txn.put(key, b"", db=cur)
         return True
 
+    def _prepare(self, sends: list[Send], now: int) -> None:
+        """What each send needs that is not a store operation: made before the
+        write transaction begins, so the writer lock (one for every worker)
+        is held for LMDB's work only.  The entry is made as for one device;
+        a recipient with several has its fan flag set in the transaction."""
+        entry = self.encoder.entry
+        for s in sends:
+            if s.cls == "message":
+                s.dkey = f"{s.device}\x00m\x00{s.id}".encode()
+                s.digest = _digest(s.to, s.type, s.body)
+                s.entry = entry(MESSAGE, now, False, s.device, s.id, s.type, s.body)
+            else:  # a receipt names the message of another user: the recipient is in the key
+                s.dkey = f"{s.device}\x00r{s.type}\x00{s.to}\x00{s.id}".encode()
+                s.digest = b""
+                s.entry = entry(RECEIPT, now, False, s.device.partition(":")[0], s.id, s.type)
+
     def _store_one(self, w: _Txn, s: Send, now: int, cur, prev) -> None:
         txn = w.txn
-        if s.cls == "message":
-            dkey = f"{s.device}\x00m\x00{s.id}".encode()
-            digest = _digest(s.to, s.type, s.body)
-        else:  # a receipt names the message of another user: the recipient is in the key
-            dkey = f"{s.device}\x00r{s.type}\x00{s.to}\x00{s.id}".encode()
-            digest = b""
+        dkey, digest = s.dkey, s.digest
         raw = txn.get(dkey, db=cur) or txn.get(dkey, db=prev)
         if raw is not None:
             if len(raw) > 8 and raw[8:] != digest:
@@ -414,7 +426,7 @@ class Queues:
                 # refused, not dropped: only a blocked sender is acked for nothing
                 s.error = (ErrorCode.BLOCKED, "you block this user: unblock them to send")
                 return
-        size = self.ENTRY_OVERHEAD + len(s.id) + (len(s.body) if s.body is not None else 0)
+        size = len(s.entry)  # what each device's queue will hold (qstate counts the same)
         for d in devices:
             st = w.qstate(d)
             if st[1] + 1 > lim.max_count or st[2] + size > lim.max_bytes:
@@ -436,17 +448,14 @@ class Queues:
                 "contact; try again later",
             )
             return
-        if s.cls == "message":
-            fan = len(devices) > 1
-            entry = w.enc.entry(MESSAGE, now, fan, s.device, s.id, s.type, s.body)
-            for d in devices:
-                w.enqueue(d, entry)
-            if fan:
-                txn.put(self._fan_key(s.device, s.id, s.to), b"", db=self.db["fan"])
-        else:
-            entry = w.enc.entry(RECEIPT, now, False, sender, s.id, s.type)
-            for d in devices:
-                w.enqueue(d, entry)
+        entry = s.entry
+        if s.cls == "message" and len(devices) > 1:
+            entry = bytearray(entry)
+            entry[9] |= 1  # the fan flag (Codec.queue_entry's layout)
+            entry = bytes(entry)
+            txn.put(self._fan_key(s.device, s.id, s.to), b"", db=self.db["fan"])
+        for d in devices:
+            w.enqueue(d, entry)
         txn.put(dkey, stamp, db=cur)
         s.t = now
 
