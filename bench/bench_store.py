@@ -8,7 +8,10 @@ cumulative device acks and queues the delivered receipts (one commit).
 The store runs with ``sync = "os"`` in a temp dir, as ``pigeon bench``
 does; frames are encoded by each codec implementation in turn.
 ``extra_info["frames"]`` holds the batch size, so the summariser reports
-messages per second.
+messages per second.  ``one_message_per_commit`` is the everyday-rate
+shape instead (a tick holding one message, then one holding its device ack,
+then one holding the ack of its delivered receipt), with LMDB's writemap
+off and on (``store-writemap``): per-commit costs, not per-message ones.
 
     pytest bench/bench_store.py --benchmark-enable --benchmark-json=bench/results/store.json
     python -m pigeon.bench.summarize bench/results/store.json
@@ -80,3 +83,25 @@ def test_ack_with_receipts(benchmark, queues):
 
     benchmark.pedantic(ack, setup=setup, rounds=50)
     benchmark.extra_info["frames"] = BATCH
+
+
+@pytest.mark.parametrize("writemap", [False, True], ids=["writemap-off", "writemap-on"])
+def test_one_message_per_commit(benchmark, tmp_path, writemap):
+    store = Store(str(tmp_path / "store"), map_size=1 << 30, sync="os", writemap=writemap)
+    try:
+        devices = [store.register_device(f"4930{i:08d}", b"i" * 32, KEYS)[0] for i in range(USERS)]
+        q = Queues(store, QueueLimits(max_count=1 << 30, max_bytes=1 << 40))
+        ids = itertools.count()
+
+        def round_trip():
+            k = next(ids)
+            sender, recipient = devices[k % USERS], devices[(k + 1) % USERS]
+            s = Send(sender, "message", f"m{k}", recipient.partition(":")[0], "text", bytes(100))
+            (push,) = q.commit([s], {})
+            (receipt,) = q.commit([], {recipient: push.seq})
+            q.commit([], {sender: receipt.seq})
+
+        benchmark(round_trip)
+        benchmark.extra_info["frames"] = 1
+    finally:
+        store.close()

@@ -305,6 +305,15 @@ OPTIONS: list[Option] = [
         "flushes later: survives a pigeon crash, not a machine crash)",
     ),
     Option(
+        "store_writemap",
+        False,
+        _bool,
+        "LMDB writes pages straight into its memory map (MDB_WRITEMAP) instead of with a "
+        "write call each; the data file then has map-size as its length, a full disk kills "
+        "the worker (SIGBUS), and with sync = os a machine crash can damage the store; "
+        "see Durability and queues",
+    ),
+    Option(
         "queue_max_count",
         10_000,
         _positive_int,
@@ -466,7 +475,7 @@ GROUPS: list[Group] = [
     Group(
         "storage",
         "the LMDB store in data-dir and how durable its commits are",
-        ("data_dir", "map_size", "store_reserve", "sync"),
+        ("data_dir", "map_size", "store_reserve", "sync", "store_writemap"),
     ),
     Group(
         "queues and delivery",

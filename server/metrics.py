@@ -54,6 +54,12 @@ SNAPSHOT_INTERVAL = 1.0
 COMMIT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                   0.25, 1.0)  # fmt: skip
 
+#: Upper bounds of the store-write-wait histogram, seconds.  Taking a free
+#: writer lock costs a few microseconds, so the low buckets tell "no wait"
+#: from waiting behind another worker's commit.
+WAIT_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005,
+                0.01, 0.025, 0.05, 0.1, 0.25, 1.0)  # fmt: skip
+
 COUNTERS = {
     "logins": "devices logged in",
     "login_failures": "failed logins (a bad proof, or a challenge never answered)",
@@ -78,6 +84,8 @@ class WorkerStats:
         self.errors: dict[int, int] = {}
         self.commit_buckets = [0] * (len(COMMIT_BUCKETS) + 1)
         self.commit_sum = 0.0
+        self.wait_buckets = [0] * (len(WAIT_BUCKETS) + 1)
+        self.wait_sum = 0.0
         self.loop_lag = 0.0
 
     def error(self, code: int) -> None:
@@ -88,12 +96,20 @@ class WorkerStats:
         self.commit_sum += seconds
         self.commit_buckets[bisect.bisect_left(COMMIT_BUCKETS, seconds)] += 1
 
+    def write_wait(self, seconds: float) -> None:
+        """Time a group commit spent in ``begin(write=True)``: waiting for LMDB's one
+        writer lock, held by another worker's (or tool's) write transaction."""
+        self.wait_sum += seconds
+        self.wait_buckets[bisect.bisect_left(WAIT_BUCKETS, seconds)] += 1
+
     def snapshot(self, connections: int) -> dict:
         return {
             "c": self.counters,
             "e": {str(k): v for k, v in self.errors.items()},
             "h": self.commit_buckets,
             "hs": self.commit_sum,
+            "wh": self.wait_buckets,
+            "ws": self.wait_sum,
             "lag": self.loop_lag,
             "conns": connections,
         }
@@ -105,7 +121,7 @@ class Aggregate:
     def __init__(self):
         self.latest: dict[int, dict] = {}
         self.retired = {"c": dict.fromkeys(COUNTERS, 0), "e": {}, "h": [0] * (len(COMMIT_BUCKETS) + 1),
-                        "hs": 0.0}  # fmt: skip
+                        "hs": 0.0, "wh": [0] * (len(WAIT_BUCKETS) + 1), "ws": 0.0}  # fmt: skip
         self.lock = threading.Lock()
 
     def update(self, index: int, snap: dict) -> None:
@@ -125,6 +141,7 @@ class Aggregate:
                 r["e"][k] = r["e"].get(k, 0) + v
             r["h"] = [a + b for a, b in zip(r["h"], snap["h"], strict=True)]
             r["hs"] += snap["hs"]
+            r["wh"], r["ws"] = _add_waits(r["wh"], r["ws"], snap)
 
     def totals(self) -> tuple[dict, dict, list, float, dict, dict]:
         with self.lock:
@@ -141,6 +158,18 @@ class Aggregate:
                 lag[index] = snap["lag"]
                 conns[index] = snap["conns"]
             return c, e, h, hs, lag, conns
+
+    def write_waits(self) -> tuple[list, float]:
+        """(histogram buckets, seconds) of the group commits' waits for the writer lock."""
+        with self.lock:
+            wh, ws = list(self.retired["wh"]), self.retired["ws"]
+            for snap in self.latest.values():
+                wh, ws = _add_waits(wh, ws, snap)
+            return wh, ws
+
+
+def _add_waits(wh: list, ws: float, snap: dict) -> tuple[list, float]:
+    return [a + b for a, b in zip(wh, snap["wh"], strict=True)], ws + snap["ws"]
 
 
 def process_figures(pid: int) -> tuple[float, int, int] | None:
@@ -223,10 +252,12 @@ class Collector:
     lock, since one process must not open the same LMDB environment twice.
     """
 
-    def __init__(self, aggregate: Aggregate, store_path: str, map_size: int, worker_pids=dict):
+    def __init__(self, aggregate: Aggregate, store_path: str, map_size: int, worker_pids=dict,
+                 writemap: bool = False):  # fmt: skip
         self.aggregate = aggregate
         self.store_path = store_path
         self.map_size = map_size
+        self.writemap = writemap
         self.worker_pids = worker_pids
         self._store_cache: tuple[float, dict] | None = None
         self._store_lock = threading.Lock()
@@ -242,7 +273,8 @@ class Collector:
         from .queues import Queues
         from .store import Store
 
-        store = Store(self.store_path, map_size=self.map_size, create=False)
+        store = Store(self.store_path, map_size=self.map_size, create=False,
+                      writemap=self.writemap)  # fmt: skip
         try:
             stats = Queues(store).stats(top=0)
             info, st = store.env.info(), store.env.stat()
@@ -302,6 +334,16 @@ class Collector:
             buckets.append((bound, cumulative))
         yield HistogramMetricFamily("pigeon_commit_seconds", "group commit latency",
                                     buckets=buckets, sum_value=hs)  # fmt: skip
+        wh, ws = self.aggregate.write_waits()
+        cumulative, buckets = 0, []
+        for bound, n in zip((*map(str, WAIT_BUCKETS), "+Inf"), wh, strict=True):
+            cumulative += n
+            buckets.append((bound, cumulative))
+        yield HistogramMetricFamily(
+            "pigeon_store_write_wait_seconds",
+            "time group commits waited for the store's one writer (LMDB begin(write=True))",
+            buckets=buckets, sum_value=ws,
+        )  # fmt: skip
         cpu = CounterMetricFamily("pigeon_worker_cpu_seconds",
                                   "user and system CPU time of each worker process",
                                   labels=["worker"])  # fmt: skip
@@ -337,6 +379,7 @@ def status_document(collector: Collector, supervisor: dict) -> dict:
     from pigeon.core.wire import PROTOCOL_VERSION
 
     c, e, _h, _hs, lag, conns = collector.aggregate.totals()
+    wh, ws = collector.aggregate.write_waits()
     try:
         q = collector._store_figures()
     except Exception:  # the store is being created or is gone: say nothing about it
@@ -367,6 +410,7 @@ def status_document(collector: Collector, supervisor: dict) -> dict:
         },
         "store": None if q is None else {"used_bytes": q["used"], "map_bytes": q["map"]},
         "totals": {name: c.get(name, 0) for name in COUNTERS},
+        "write_wait": {"seconds": round(ws, 6), "commits": sum(wh)},
         "errors": e,
     }  # fmt: skip
 

@@ -31,6 +31,12 @@ entries pushed to devices.  A device ack deletes exactly the acknowledged
 entries; for a message entry it queues a ``delivered`` receipt for every
 device of the sender, once per recipient user.
 
+How long each commit's ``begin(write=True)`` waited for LMDB's one writer
+(another worker's commit) goes to ``on_write_wait`` once it has committed
+(a commit that fails is not counted): the ``pigeon_store_write_wait_seconds``
+metric.  docs/STORE.md lists the LMDB operations each kind of item costs
+(bench/store_ops.py counts them).
+
 Dedup: a message is remembered by (sending device, id), a read receipt by
 (sending device, type, recipient, id), each with the ``t`` of its first
 acceptance and a digest of what it was (recipient, type, body: BLAKE2b,
@@ -69,6 +75,7 @@ from __future__ import annotations
 import hashlib
 import struct
 from dataclasses import dataclass
+from time import perf_counter
 
 import msgpack
 
@@ -278,6 +285,10 @@ class _Txn:
 class Queues:
     """The queue operations over a ``Store``'s environment."""
 
+    #: Called with the seconds each group commit's ``begin(write=True)`` took, once
+    #: it has committed: the wait for LMDB's one writer (the worker's metrics).
+    on_write_wait = None
+
     def __init__(self, store, limits: QueueLimits = QueueLimits(), encoder=None, receipts=True):
         self.store = store
         self.env = store.env
@@ -311,7 +322,9 @@ class Queues:
         """
         now = self.clock()
         self._prepare(sends, now)
+        started = perf_counter()
         with self.env.begin(write=True) as txn:
+            waited = perf_counter() - started  # for LMDB's one writer (on_write_wait)
             w = _Txn(self, txn)
             cur, prev = self._generation(txn, now, _DEDUP_META, "dedup",
                                          self.limits.dedup_window_ms)  # fmt: skip
@@ -326,6 +339,8 @@ class Queues:
             for s in sends:
                 self._store_one(w, s, now, cur, prev)
             w.flush_state()
+        if self.on_write_wait is not None:
+            self.on_write_wait(waited)
         if left is not None:
             left.update(unfinished)
         return w.pushes

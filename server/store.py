@@ -28,6 +28,15 @@ store is upgraded in place at open, in the open's write transaction (new
 tables start empty; queued entries are rewritten); a store newer than this
 code is refused.
 
+Writemap (``writemap``, the ``store-writemap`` setting, off by default).
+With MDB_WRITEMAP LMDB writes pages in place in its shared map instead of
+with write calls; LMDB extends the data file to the map size at open, a
+full file system becomes a SIGBUS instead of an error, and without fsync a
+machine crash can damage the store (docs/OPERATIONS.md, "Durability and
+queues", has the measurement and the caveats).  Processes with and
+without it must not share an environment: every opener takes it from the
+same configuration.
+
 Room (``over_reserve``).  LMDB fails a write transaction that needs a page
 past the map.  Deleting needs pages too (copy on write), and a device ack
 also writes delivered receipts, so a store filled to the last page could
@@ -147,12 +156,14 @@ class Store:
         sync: str = "fsync",
         create: bool = True,
         reserve: int = 0,
+        writemap: bool = False,
     ):
         """``sync``: "fsync" flushes every commit to disk (survives power loss);
         "os" leaves the flush to the OS (survives a crash of pigeon, not of the
         machine).  ``create=False``: a missing store is an error, not a new one.
         ``reserve``: bytes at the end of the map only freeing writes may use
-        (``over_reserve``)."""
+        (``over_reserve``).  ``writemap``: MDB_WRITEMAP (the module doc); every
+        process that opens the store must agree on it."""
         if sync not in ("fsync", "os"):
             raise ValueError(f"sync must be 'fsync' or 'os', got {sync!r}")
         if not create and not os.path.exists(os.path.join(path, "data.mdb")):
@@ -170,6 +181,7 @@ class Store:
                 max_readers=max_readers,
                 subdir=True,
                 sync=sync == "fsync",
+                writemap=writemap,
                 mode=0o600,
             )
         except lmdb.Error as exc:

@@ -247,7 +247,8 @@ class Supervisor:
                 log.event(logger, logging.WARNING, "other users can read this and it is not "
                           "ours to chmod: fix its owner or mode", path=path)  # fmt: skip
         try:
-            Store(os.path.join(c.data_dir, "store"), map_size=c.map_size).close()
+            Store(os.path.join(c.data_dir, "store"), map_size=c.map_size,
+                  writemap=c.store_writemap).close()  # fmt: skip
         except StoreError as exc:
             raise StartupError(str(exc)) from None
         listeners = [("listen", c.listen)] + (
@@ -431,6 +432,7 @@ class Supervisor:
                 os.path.join(self.config.data_dir, "store"),
                 self.config.map_size,
                 self.worker_pids,
+                writemap=self.config.store_writemap,
             )
             self.metrics_server = metrics_mod.serve(
                 self.config.metrics_listen,
@@ -603,6 +605,10 @@ class Supervisor:
                 )
             if new.metrics_listen != self.config.metrics_listen:
                 raise ConfigError("metrics-listen cannot change on reload: restart instead")
+            if new.store_writemap != self.config.store_writemap:
+                # both generations write the store during a reload, and LMDB's
+                # processes must agree on MDB_WRITEMAP
+                raise ConfigError("store-writemap cannot change on reload: restart instead")
             old_config, self.config = self.config, new
             try:
                 self.preflight(reload=True)
@@ -670,7 +676,9 @@ class Supervisor:
         """
         try:
             store = Store(
-                os.path.join(self.config.data_dir, "store"), map_size=self.config.map_size
+                os.path.join(self.config.data_dir, "store"),
+                map_size=self.config.map_size,
+                writemap=self.config.store_writemap,
             )
             try:
                 store.clear_worker_sessions(w.wid)

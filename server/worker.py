@@ -601,6 +601,7 @@ class Worker:
             max_readers=max(126, 8 * self.count + 16),
             sync=c.sync,
             reserve=c.map_size * c.store_reserve // 100,
+            writemap=c.store_writemap,
         )
         self.queues = Queues(
             self.store,
@@ -615,6 +616,7 @@ class Worker:
             FrameEncoder(),
             receipts=c.delivered_receipts,
         )
+        self.queues.on_write_wait = self.stats.write_wait
         self.social = Social(self.store, c)
         self.presence = PresenceHub(self, self.social, self.queues.encoder)
         self.encode_entry = self.queues.encoder.write

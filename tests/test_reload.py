@@ -61,6 +61,11 @@ def test_a_bad_config_is_refused_and_a_good_one_applied(tmp_path):
             srv.proc.send_signal(signal.SIGHUP)
             await until(lambda: "cannot load the TLS certificate" in srv.log_text())
             assert set(srv.worker_pids()) == workers
+            # both generations write the store during a reload: they must agree on writemap
+            cfg.write_text("queue-max-count = 4\nstore-writemap = true\n")
+            srv.proc.send_signal(signal.SIGHUP)
+            await until(lambda: "store-writemap cannot change on reload" in srv.log_text())
+            assert set(srv.worker_pids()) == workers
             cfg.write_text("queue-max-count = 4\n")
             srv.proc.send_signal(signal.SIGHUP)
             await until(lambda: drained(srv, 2), timeout=30)

@@ -122,6 +122,8 @@ def resolve_server_options(args) -> None:
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
     where = f"--config {args.config}" if args.config else "the default"
+    # open the store as the server does: with writemap LMDB also sizes the file to the map
+    args.store_writemap, args.map_size = config.store_writemap, config.map_size
     if hasattr(args, "data_dir"):
         if args.data_dir is None:
             args.data_dir = config.data_dir
@@ -149,7 +151,8 @@ def open_store(args):
         raise Failure(f"no store in {path} (data directory {args.data_dir!r}, {origin}; "
                       "give the server's with --data-dir or --config)")  # fmt: skip
     try:
-        return Store(path, create=False)
+        return Store(path, create=False, map_size=getattr(args, "map_size", 8 << 30),
+                     writemap=getattr(args, "store_writemap", False))  # fmt: skip
     except StoreError as exc:
         raise Failure(str(exc)) from None
 
