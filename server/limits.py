@@ -81,6 +81,8 @@ class Bucket:
 
 def source_key(ip: str) -> str:
     """The unit a source address is limited by: IPv4 as is, IPv6 by its /64."""
+    if ":" not in ip:
+        return ip  # IPv4 (what the kernel reports is always well-formed): as is
     try:
         addr = ipaddress.ip_address(ip)
     except ValueError:

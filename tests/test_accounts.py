@@ -6,6 +6,8 @@ import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from scramp import ScramClient, ScramException
 
 from pigeon.core.errors import ErrorCode
@@ -283,3 +285,27 @@ def test_provision_writes_the_json_lines_operations_md_shows(tmp_path):
         scram_login(accounts, lines[1]["device"], bytes.fromhex(lines[1]["secret"]))
     finally:
         store.close()
+
+
+@given(st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=40))
+def test_the_ascii_saslprep_shortcut_agrees_with_scramps(name):
+    """The server's SASLprep returns printable ASCII at once; scramp's agrees."""
+    from scramp.utils import saslprep
+
+    from pigeon.server.accounts import _saslprep
+
+    assert _saslprep(name) == saslprep(name)
+
+
+def test_saslprep_beyond_ascii_is_scramps():
+    import scramp.core
+    from scramp import ScramException
+    from scramp.utils import saslprep
+
+    from pigeon.server.accounts import _saslprep
+
+    assert scramp.core.saslprep is _saslprep  # the server's sessions use it
+    for name in ("I\u00adX", "\u2168", "a\u00a0b", "491701234567:0"):
+        assert _saslprep(name) == saslprep(name)
+    with pytest.raises(ScramException):
+        _saslprep("a\x07b")  # a control character: prohibited
