@@ -345,6 +345,13 @@ OPTIONS: list[Option] = [
         "acked again and stored once (kept between 1x and 2x this)",
     ),
     Option(
+        "ack_delay",
+        0.005,
+        _non_negative_float,
+        "seconds a tick with only device acks waits for more to share its commit (acks "
+        "are off the messages' path; a crash in between redelivers); 0: commit at once",
+    ),
+    Option(
         "commit_max_bytes",
         4 << 20,
         _positive_int,
@@ -487,6 +494,7 @@ GROUPS: list[Group] = [
             "purge_interval",
             "dedup_window",
             "commit_max_bytes",
+            "ack_delay",
             "delivery_window",
             "delivered_receipts",
         ),
@@ -546,7 +554,7 @@ GROUPS: list[Group] = [
     Group("logging", "what is logged, and how", ("log_level", "log_format", "client_log_lines")),
 ]
 
-_SECONDS = ("_timeout", "_window", "_interval", "_age", "_ttl")
+_SECONDS = ("_timeout", "_window", "_interval", "_age", "_ttl", "_delay")
 _BYTES = ("max_frame", "map_size", "queue_max_bytes", "write_buffer_high", "write_buffer_low",
           "commit_max_bytes")  # fmt: skip
 

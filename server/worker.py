@@ -85,6 +85,7 @@ PAYLOAD_HEADROOM = 256
 logger = logging.getLogger("pigeon.worker")
 
 SWEEP_INTERVAL = 1.0
+ACKS_AT_ONCE = 256  # devices with acks waiting that make the next tick commit them
 
 
 class Job:
@@ -159,6 +160,9 @@ class Worker:
         self.acks: dict[str, int] = {}
         self.jobs: list[Job] = []
         self.send_bytes = 0  # body bytes in self.sends (commit-max-bytes)
+        self.ack_delay = config.ack_delay
+        self.acks_due = False  # the acks gathered must go in the next tick's commit
+        self.ack_timer = None
         self.commit_max_bytes = config.commit_max_bytes
         self.to_flush: list[Session] = []
         self.tick_pending = False
@@ -315,7 +319,7 @@ class Worker:
         self.tick_pending = False
         if self.closed:
             return
-        if self.sends or self.acks or self.jobs:
+        if self.sends or self.jobs or (self.acks and self.acks_due):
             self.commit()
         self.presence.flush()
         flush, self.to_flush = self.to_flush, []
@@ -396,9 +400,27 @@ class Worker:
         self.router.typing(device, self.wid, frame)
 
     def ack(self, device: str, seq: int) -> None:
-        """A device acknowledged its queue up to ``seq``: delete in this tick's commit."""
+        """A device acknowledged its queue up to ``seq``: delete in a commit soon.
+
+        Acks (and the delivered receipts they make) are off every message's
+        path to its recipient, so a tick with nothing but acks waits up to
+        ``ack-delay`` for more to share its commit; any commit before then
+        takes them along.  A crash in between redelivers what was acked, as
+        a crash between an ack and its commit always could."""
         if self.acks.get(device, 0) < seq:
             self.acks[device] = seq
+        if self.acks_due:
+            return
+        if self.ack_delay <= 0 or len(self.acks) >= ACKS_AT_ONCE:
+            self._acks_due()
+        elif self.ack_timer is None:
+            self.ack_timer = self.loop.call_later(self.ack_delay, self._acks_due)
+
+    def _acks_due(self) -> None:
+        if self.ack_timer is not None:
+            self.ack_timer.cancel()
+            self.ack_timer = None
+        self.acks_due = True
         self._schedule_tick()
 
     def commit(self) -> None:
@@ -407,6 +429,10 @@ class Worker:
         acks, self.acks = self.acks, {}
         jobs, self.jobs = self.jobs, []
         self.send_bytes = 0
+        self.acks_due = False
+        if self.ack_timer is not None:
+            self.ack_timer.cancel()
+            self.ack_timer = None
         started = time.perf_counter()
         left: dict[str, int] = {}
         try:
@@ -430,7 +456,7 @@ class Worker:
                 if self.acks.get(device, 0) < upto:
                     self.acks[device] = upto
             stuck = pushes is None
-            self.loop.call_later(1.0 if stuck else 0.01, self._schedule_tick)
+            self.loop.call_later(1.0 if stuck else 0.01, self._acks_due)
         pushes = pushes or []
         self.stats.commit(time.perf_counter() - started)
         for job in jobs:
@@ -695,6 +721,7 @@ class Worker:
             await asyncio.wait(list(self.tasks), timeout=30.0)
         await asyncio.sleep(0)
         if self.tick_pending or self.sends or self.acks or self.jobs:
+            self.acks_due = True
             self.tick()
 
     def _parent_gone(self, fd: int) -> None:
