@@ -86,6 +86,8 @@ from pigeon.core.tokens import DICTIONARIES
 
 from .limits import window_take
 
+CACHE_MAX = 200_000  # entries of a worker's read caches before they start again
+
 QUEUE_TABLES = ("queue", "qstate", "dedup0", "dedup1", "fan", "conv0", "conv1")
 
 MESSAGE, RECEIPT = 0, 1
@@ -231,7 +233,6 @@ class _Txn:
         self.put = txn.put
         self.qdb = q.db["queue"]
         self.enc = q.encoder
-        self.accounts: dict[str, list | None] = {}
         self.state: dict[str, list] = {}
         self.sessions: dict[str, int | None] = {}
         self.pushes: list[Push] = []
@@ -239,13 +240,23 @@ class _Txn:
         self.full = None  # past the store's reserve? (asked once, when a send needs it)
 
     def devices(self, user: str) -> list[str] | None:
+        cache = self.q.device_cache
         try:
-            return self.accounts[user]
+            return cache[user]
         except KeyError:
             raw = self.txn.get(user.encode(), db=self.q.db["accounts"])
             devs = None if raw is None else [f"{user}:{n}" for n in _unpackb(raw)["devices"]]
-            self.accounts[user] = devs
+            cache[user] = devs
             return devs
+
+    def blocks(self, blocker: str, blocked: str) -> bool:
+        key = f"{blocker}\x00{blocked}"
+        cache = self.q.block_cache
+        try:
+            return cache[key]
+        except KeyError:
+            hit = cache[key] = self.txn.get(key.encode(), db=self.q.db["blocks"]) is not None
+            return hit
 
     def qstate(self, device: str) -> list:
         """[next_seq, count, bytes] (written back at the end of the transaction)."""
@@ -297,6 +308,18 @@ class Queues:
         self.encoder = encoder or FrameEncoder()
         self.receipts = receipts
         self.clock = store.clock
+        # Exact caches of read-mostly tables, kept across commits: each commit
+        # reads meta "ver" (store.bump_version) and starts them again if it moved.
+        self.cached_ver = self  # nothing read yet
+        self.device_cache: dict[str, list[str] | None] = {}
+        self.block_cache: dict[str, bool] = {}
+
+    def _check_caches(self, txn) -> None:
+        ver = txn.get(b"ver", db=self.db["meta"])
+        if ver != self.cached_ver or len(self.device_cache) + len(self.block_cache) > CACHE_MAX:
+            self.cached_ver = ver
+            self.device_cache.clear()
+            self.block_cache.clear()
 
     # -- the group commit ----------------------------------------------------
 
@@ -316,29 +339,37 @@ class Queues:
         deleted; the acks not fully applied go into ``left`` ({device: seq},
         for a later commit).  ``jobs`` are the tick's other store writes
         (callables of (txn, now): session records, presence, blocks, ...),
-        run after the acks and before the sends.  Raises lmdb.MapFullError (or another
+        run first, before the acks and the sends.  Raises lmdb.MapFullError (or another
         lmdb.Error) with nothing written; the caller answers the senders and
         may retry the acks alone.
         """
         now = self.clock()
         self._prepare(sends, now)
         started = perf_counter()
-        with self.env.begin(write=True) as txn:
-            waited = perf_counter() - started  # for LMDB's one writer (on_write_wait)
-            w = _Txn(self, txn)
-            cur, prev = self._generation(txn, now, _DEDUP_META, "dedup",
-                                         self.limits.dedup_window_ms)  # fmt: skip
-            # acks first: they free queue space, and a device that acked and
-            # then sent sees its delivered receipts queued ahead of its message
-            unfinished = []
-            for device, upto in acks.items():
-                if not self._ack(w, device, upto, now, ack_limit):
-                    unfinished.append((device, upto))
-            for job in jobs:
-                job(txn, now)
-            for s in sends:
-                self._store_one(w, s, now, cur, prev)
-            w.flush_state()
+        try:
+            with self.env.begin(write=True) as txn:
+                waited = perf_counter() - started  # for LMDB's one writer (on_write_wait)
+                w = _Txn(self, txn)
+                cur, prev = self._generation(txn, now, _DEDUP_META, "dedup",
+                                             self.limits.dedup_window_ms)  # fmt: skip
+                # the other writes first (a logout changes whom a message reaches),
+                # then acks: they free queue space, and a device that acked and
+                # then sent sees its delivered receipts queued ahead of its message
+                for job in jobs:
+                    job(txn, now)
+                self._check_caches(txn)
+                unfinished = []
+                for device, upto in acks.items():
+                    if not self._ack(w, device, upto, now, ack_limit):
+                        unfinished.append((device, upto))
+                for s in sends:
+                    self._store_one(w, s, now, cur, prev)
+                w.flush_state()
+        except BaseException:
+            # an aborted transaction may have filled the caches with what it
+            # wrote itself (a job's change): they start again
+            self.cached_ver = self
+            raise
         if self.on_write_wait is not None:
             self.on_write_wait(waited)
         if left is not None:
@@ -431,13 +462,12 @@ class Queues:
         lim = self.limits
         sender = s.device.partition(":")[0]
         if sender != s.to:
-            blocks = self.db["blocks"]
-            if txn.get(f"{s.to}\x00{sender}".encode(), db=blocks) is not None:
+            if w.blocks(s.to, sender):
                 # the recipient blocks the sender: acked and dropped, by design
                 txn.put(dkey, stamp, db=cur)
                 s.t = now
                 return
-            if txn.get(f"{sender}\x00{s.to}".encode(), db=blocks) is not None:
+            if w.blocks(sender, s.to):
                 # refused, not dropped: only a blocked sender is acked for nothing
                 s.error = (ErrorCode.BLOCKED, "you block this user: unblock them to send")
                 return

@@ -40,6 +40,13 @@ AVAILABLE, UNAVAILABLE = "available", "unavailable"
 HIDDEN = (UNAVAILABLE, None)
 
 
+def _bump(txn, db: dict) -> None:
+    """Blocks changed: the workers' caches of them start again (store.bump_version)."""
+    from .store import bump_version  # store imports this module
+
+    bump_version(txn, db)
+
+
 def pair(a: str, b: str) -> bytes:
     return f"{a}\x00{b}".encode()
 
@@ -111,6 +118,7 @@ def drop_user(txn, db: dict, user: str) -> None:
         txn.delete(pair(other, user), db=db["contacts"])
     for key in _prefix_keys(txn, db["blocks"], prefix):
         txn.delete(key, db=db["blocks"])
+    _bump(txn, db)
 
 
 class Social:
@@ -318,6 +326,7 @@ class Social:
                     ErrorCode.TOO_MANY, f"at most {self.config.blocklist_max} blocked users"
                 )
             txn.put(key, now.to_bytes(8, "big"), db=db["blocks"])
+            _bump(txn, db)
         return now
 
     def unblock(self, user: str, other: str) -> int:
@@ -325,7 +334,8 @@ class Social:
             return self.unblock_txn(txn, self.clock(), user, other)
 
     def unblock_txn(self, txn, now: int, user: str, other: str) -> int:
-        txn.delete(pair(user, other), db=self.db["blocks"])
+        if txn.delete(pair(user, other), db=self.db["blocks"]):
+            _bump(txn, self.db)
         return now
 
     def blocklist(self, user: str) -> list[str]:

@@ -8,6 +8,7 @@ across an await.  Records are msgpack maps; keys are ASCII strings.
 Tables (LMDB named databases):
 
     meta      b"format" -> store format version (checked at open)
+              b"ver" -> u64 counting writes to accounts and blocks (bump_version)
               b"secret" -> 32 random bytes made at the first open: the key of
               the store's keyed hashes (``secret(purpose)``), never sent
     accounts  phone -> {devices: [n...], next_device: n, created: ms}
@@ -77,6 +78,17 @@ _MSGPACK_QUEUES = (2, 3)  # formats whose queue entries are rewritten (upgrade_e
 _TABLES = (
     "meta", "accounts", "devices", "codes", "limits", "sessions", *QUEUE_TABLES, *SOCIAL_TABLES,
 )  # fmt: skip
+
+
+def bump_version(txn, db: dict) -> None:
+    """Note in ``txn`` that the read-mostly tables (accounts, blocks) changed.
+
+    ``meta[b"ver"]`` counts every such write; a worker's caches of them
+    (server/queues.py) read it once per commit and start again when it
+    moved, so they are never stale: the count and the change commit together."""
+    raw = txn.get(b"ver", db=db["meta"])
+    n = 0 if raw is None else int.from_bytes(raw, "big")
+    txn.put(b"ver", (n + 1).to_bytes(8, "big"), db=db["meta"])
 
 
 class StoreError(Exception):
@@ -252,9 +264,13 @@ class Store:
 
     def _put(self, txn, table: str, key: str, value) -> None:
         txn.put(key.encode(), _pack(value), db=self._db[table])
+        if table == "accounts":
+            bump_version(txn, self._db)
 
     def _delete(self, txn, table: str, key: str) -> None:
         txn.delete(key.encode(), db=self._db[table])
+        if table == "accounts":
+            bump_version(txn, self._db)
 
     def read(self):
         return self.env.begin()

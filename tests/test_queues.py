@@ -300,3 +300,58 @@ def test_a_format_3_store_is_upgraded_with_its_queued_entries(tmp_path, clock):
         assert q.commit([], {b: 2}) == []  # the fan records were kept: no second receipt
     finally:
         s.close()
+
+
+def test_the_read_caches_are_exact_across_workers(store, clock):
+    """Two workers' Queues over one store: a device linked, an account deleted or a
+    block written by anyone is seen by the next commit of every worker."""
+    from types import SimpleNamespace
+
+    from pigeon.server.social import Social
+
+    q1, q2 = make_queues(store), make_queues(store)
+    a, b0 = user(store, ALICE), user(store, BOB)
+    _, pushes = send(q1, a, BOB, "m1")
+    assert [p.device for p in pushes] == [b0] and BOB in q1.device_cache
+    b1 = store.link_device(BOB, b"j" * 32, KEYS)  # another process writes accounts
+    _, pushes = send(q1, a, BOB, "m2")
+    assert sorted(p.device for p in pushes) == sorted([b0, b1])
+    social = Social(store, SimpleNamespace(blocklist_max=10))
+    social.block(BOB, ALICE)  # bob blocks alice: her messages are acked and dropped
+    s, pushes = send(q1, a, BOB, "m3")
+    assert s.error is None and pushes == []
+    social.unblock(BOB, ALICE)
+    assert [p.device for p in send(q2, a, BOB, "m4")[1]] != []
+    assert sorted(p.device for p in send(q1, a, BOB, "m5")[1]) == sorted([b0, b1])
+    store.delete_account(BOB)
+    s, _ = send(q1, a, BOB, "m6")
+    assert s.error[0] == ErrorCode.UNKNOWN_RECIPIENT
+
+
+def test_an_aborted_commit_leaves_no_cache_behind(store, clock):
+    """A job removes a device inside a commit that then fails: the device list
+    that commit saw (with the uncommitted change) must not outlive it, even
+    when another writer's change brings the store's version to the same number."""
+
+    class Boom(Exception):
+        pass
+
+    class Exploding(bytes):
+        def __len__(self):
+            raise Boom
+
+    class FailingQueues(Queues):  # fails after the recipient's devices were looked up
+        def _prepare(self, sends, now):
+            super()._prepare(sends, now)
+            sends[-1].entry = Exploding(b"")
+
+    q = FailingQueues(store, QueueLimits(), FrameEncoder())
+    a, b0 = user(store, ALICE), user(store, BOB)
+    b1 = store.link_device(BOB, b"j" * 32, KEYS)
+    with pytest.raises(Boom):
+        q.commit([Send(a, "message", "m1", BOB, "text", b"x")], {},
+                 jobs=[lambda txn, now: store.remove_device_txn(txn, b1, now)])  # fmt: skip
+    user(store, CAROL)  # another writer: the version moves by one, as the aborted one did
+    q.__class__ = Queues
+    _, pushes = send(q, a, BOB, "m2")  # the removal never happened: both devices
+    assert sorted(p.device for p in pushes) == sorted([b0, b1])
