@@ -244,13 +244,30 @@ class Accounts:
 
     # -- login ----------------------------------------------------------------
 
-    def scram_server(self, s_nonce: str | None = None):
+    def scram_server(self, s_nonce: str | None = None, known: tuple | None = None):
         """The server half of one login; ``s_nonce`` fixes the server's nonce, only
-        for reproducing a worked example (docs/PROTOCOL.md section 8)."""
-        return MECHANISM.make_server(self._auth_info, s_nonce=s_nonce)
+        for reproducing a worked example (docs/PROTOCOL.md section 8).
+        ``known``: (address, its device record or None) already read
+        (``login_records``); otherwise the record is read when SCRAM asks."""
+        if known is None:
+            return MECHANISM.make_server(self._auth_info, s_nonce=s_nonce)
+        address, device = known
 
-    def _auth_info(self, username: str):
-        dev = self.store.device(username)
+        def auth_info(name: str):
+            return self._auth_info(name, device if name == address else False)
+
+        return MECHANISM.make_server(auth_info, s_nonce=s_nonce)
+
+    def login_records(self, address: str) -> tuple[dict | None, dict | None]:
+        """(the account, the device) of a login, in one read transaction."""
+        phone = address.partition(":")[0]
+        store = self.store
+        with store.read() as txn:
+            return store._get(txn, "accounts", phone), store._get(txn, "devices", address)
+
+    def _auth_info(self, username: str, dev=False):
+        if dev is False:
+            dev = self.store.device(username)
         if dev is None:
             # The shape of a real answer, and the same salt every time; the
             # proof cannot match (the keys are random).

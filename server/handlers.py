@@ -281,10 +281,10 @@ def auth_start(s, ev: AuthStart) -> None:
     if not acc.login_allowed(user, s.ip):
         w.stats.counters["login_refused"] += 1
         return s.fail(ErrorCode.RATE_LIMITED, "too many failed logins; try again later")
-    acct = w.store.account(user.partition(":")[0])
+    acct, device = acc.login_records(user)
     if acct is not None and acct.get("disabled"):
         return s.fail(ErrorCode.NOT_AUTHORIZED, "login refused: this account is disabled")
-    s.scram = acc.scram_server()
+    s.scram = acc.scram_server(known=(user, device))
     try:
         s.scram.set_client_first(ev.data.decode("ascii"))
         first = s.scram.get_server_first()
