@@ -18,7 +18,6 @@ which is what the router forwards without building or copying anything.
 
 from __future__ import annotations
 
-import itertools
 from collections import deque
 
 from .errors import EmptyFrame, FrameTooLarge, LimitExceeded, MalformedNode, UnknownToken
@@ -135,12 +134,18 @@ def _hot(node) -> Hot | None:
 class FrameReader:
     """Split a byte stream into frame payloads (3-byte big-endian length + payload)."""
 
-    __slots__ = ("max_frame", "_chunks", "_offset", "_size")
+    __slots__ = ("max_frame", "_first", "_rest", "_offset", "_size")
 
     def __init__(self, max_frame: int = DEFAULT_LIMITS.max_frame):
         self.max_frame = max_frame
-        self._chunks: deque[bytes] = deque()
-        self._offset = 0  # consumed bytes of _chunks[0]
+        # What is buffered: the chunk being read (None: nothing) and the
+        # later ones, in a deque made when a second chunk arrives and
+        # dropped once everything is read: an idle connection holds none (an
+        # empty deque is over 600 bytes), a busy one keeps its deque while
+        # bytes are pending.
+        self._first: bytes | None = None
+        self._rest: deque[bytes] | None = None
+        self._offset = 0  # consumed bytes of _first
         self._size = 0  # unconsumed bytes in all chunks
 
     @property
@@ -153,16 +158,29 @@ class FrameReader:
             return
         if type(data) is not bytes:
             data = bytes(data)  # the caller may reuse its buffer; we keep views
-        self._chunks.append(data)
+        if self._first is None:
+            self._first = data
+        else:
+            if self._rest is None:
+                self._rest = deque()
+            self._rest.append(data)
         self._size += len(data)
+
+    def _pop(self) -> None:
+        """_first is consumed: the next chunk, if any, becomes the current one."""
+        if self._rest:
+            self._first = self._rest.popleft()
+        else:
+            self._first = None
+            self._rest = None
 
     def _take(self, n: int) -> tuple[bytes, int]:
         """Consume the next n bytes (n <= _size): (buffer, offset) where they lie."""
-        first = self._chunks[0]
+        first = self._first
         off = self._offset
         if len(first) - off >= n:
             if off + n == len(first):
-                self._chunks.popleft()
+                self._pop()
                 self._offset = 0
             else:
                 self._offset = off + n
@@ -171,13 +189,13 @@ class FrameReader:
         out = bytearray(n)
         filled = 0
         while filled < n:
-            chunk = self._chunks[0]
+            chunk = self._first
             part = min(len(chunk) - off, n - filled)
             out[filled : filled + part] = chunk[off : off + part]
             filled += part
             off += part
             if off == len(chunk):
-                self._chunks.popleft()
+                self._pop()
                 off = 0
         self._offset = off
         self._size -= n
@@ -187,7 +205,7 @@ class FrameReader:
         """(buffer, start, end) of the next complete payload, consumed."""
         if self._size < 3:
             return None
-        first = self._chunks[0]
+        first = self._first
         off = self._offset
         if len(first) - off >= 3:
             h = first[off : off + 3]
@@ -195,7 +213,7 @@ class FrameReader:
             # The header straddles chunks: look at no more than the 3 it needs
             # (joining everything buffered would be quadratic for a slow drip).
             h = first[off:]
-            for chunk in itertools.islice(self._chunks, 1, None):
+            for chunk in self._rest:
                 h += chunk[: 3 - len(h)]
                 if len(h) == 3:
                     break

@@ -32,6 +32,16 @@ the one state that allows its event and changes no state.
 The server turns it on (``hot_path=True``); other users of this class
 get events only, and the tests compare both paths.
 
+Memory.  A server holds tens of thousands of idle connections, so a
+connection owns only what is its own: its state, its peer's preamble and
+a ``FrameReader`` that holds nothing while no bytes are pending.  What is
+the same for every connection is shared: the accepted dictionaries, equal
+``Hello`` records, and the ``Codec``, one per (codec module, dictionary,
+limits) and thread (``shared_codec``).  A codec keeps nothing between calls
+but its scratch encode buffer (the compiled one's), and an encode or
+decode runs to its end without yielding, so the connections of one thread
+can take turns with one; a thread of its own gets its own.
+
 Errors.  A framing or codec error means the byte stream cannot be trusted:
 ``next_event`` raises a fatal ``RemoteProtocolError`` and the connection
 enters ERROR, where the only thing left to do is ``send(Error(...))`` and
@@ -43,6 +53,7 @@ state or role forbids raises ``LocalProtocolError`` (a bug on this side).
 
 from __future__ import annotations
 
+import threading
 from enum import Enum, StrEnum
 
 from . import codec as _selected
@@ -154,6 +165,32 @@ TRANSITIONS: dict[tuple[State, type[Event]], State] = {
 }  # fmt: skip
 
 
+#: The dictionaries a server accepts by default (every one but the literal 0).
+_ACCEPTED: dict[int, Dictionary] = {k: v for k, v in DICTIONARIES.items() if k > 0}
+
+#: Equal preambles share one Hello (they are frozen).  Only preambles that
+#: passed the checks are kept: one protocol version, so at most 256.
+_HELLOS: dict[tuple[int, int], Hello] = {}
+
+_local = threading.local()
+_CODECS_PER_THREAD = 16  # a bound for processes that make many Limits (tests)
+
+
+def shared_codec(impl, dictionary: Dictionary, limits: Limits):
+    """The one ``impl.Codec(dictionary, limits)`` of this thread (see "Memory")."""
+    key = (impl, dictionary, limits)  # a Dictionary by identity, Limits by value
+    try:
+        codecs = _local.codecs
+    except AttributeError:
+        codecs = _local.codecs = {}
+    codec = codecs.get(key)
+    if codec is None:
+        if len(codecs) >= _CODECS_PER_THREAD:
+            del codecs[next(iter(codecs))]  # the oldest
+        codec = codecs[key] = impl.Codec(dictionary, limits)
+    return codec
+
+
 class Connection:
     """One end of a pigeon connection (``role`` is Role.CLIENT or Role.SERVER).
 
@@ -162,6 +199,10 @@ class Connection:
     ``codec``: the codec module (pigeon.core._pycodec or pigeon.fastpath._codec);
     default: the one pigeon.core.codec selected.
     """
+
+    __slots__ = ("role", "limits", "_impl", "_dictionaries", "peer_hello", "_pre", "_reader",
+                 "_eof", "_error", "dictionary", "_inbound", "state", "_codec", "_node_cls",
+                 "hot")  # fmt: skip
 
     def __init__(
         self,
@@ -176,7 +217,9 @@ class Connection:
         self.role = Role(role)
         self.limits = limits
         self._impl = codec if codec is not None else _selected
-        self._dictionaries = {k: v for k, v in (dictionaries or DICTIONARIES).items() if k > 0}
+        self._dictionaries = (
+            _ACCEPTED if not dictionaries else {k: v for k, v in dictionaries.items() if k > 0}
+        )
         #: the peer's preamble, once received
         self.peer_hello: Hello | None = None
         self._pre = b""
@@ -194,7 +237,7 @@ class Connection:
             self.dictionary = LITERAL
             self._inbound = CLIENT_SENT
             self.state = State.HANDSHAKE
-        self._codec = self._impl.Codec(self.dictionary, limits)
+        self._codec = shared_codec(self._impl, self.dictionary, limits)
         self._node_cls = self._impl.Node
         #: the Hot class of this codec when the hot path is on (a server only)
         self.hot = self._impl.Hot if hot_path and self.role is Role.SERVER else None
@@ -336,9 +379,9 @@ class Connection:
                     )
                 )
             self.dictionary = self._dictionaries[hello.dictionary]
-            self._codec = self._impl.Codec(self.dictionary, self.limits)
+            self._codec = shared_codec(self._impl, self.dictionary, self.limits)
             self.state = TRANSITIONS[(State.HANDSHAKE, Hello)]
-        self.peer_hello = hello
+        hello = self.peer_hello = _HELLOS.setdefault((hello.protocol, hello.dictionary), hello)
         if rest:
             self._reader.feed(rest)
         return hello

@@ -13,7 +13,12 @@ tests run both against one table of inputs.  What differs is how:
   router forwards it without building or copying anything;
 * encoding writes into one preallocated, growable buffer per Codec and
   back-fills the frame length; ``write_frame`` appends to the caller's
-  bytearray, so many frames for one socket become one write.
+  bytearray, so many frames for one socket become one write.  That buffer
+  is scratch: nothing in it outlives the call, so one Codec serves every
+  connection of a thread (core/connection.py ``shared_codec``).  A call
+  that comes back into the same Codec while it encodes (only a callback of
+  the object being encoded could) raises RuntimeError instead of
+  overwriting the outer call's bytes.
 
 Bounds and wraparound checks are compiled out (setup.py); every read is
 guarded by an explicit length check instead, which is what turns garbage
@@ -147,6 +152,14 @@ include "encode.pxi"
 include "entry.pxi"
 
 
+cdef inline int _claim(Codec c) except -1:
+    if c._busy:
+        raise RuntimeError("this Codec is already encoding: it was called again from a "
+                           "callback of the object being encoded")
+    c._busy = True
+    return 0
+
+
 @cython.final
 cdef class Codec:
     """Encode and decode nodes with one dictionary version and one set of limits."""
@@ -163,6 +176,7 @@ cdef class Codec:
     cdef Py_ssize_t _cap, _len
     cdef unsigned char _seq_key[8]          # the "seq" attribute name, encoded (<= 5 bytes)
     cdef Py_ssize_t _seq_len
+    cdef bint _busy                         # _buf is in use (an encode is running)
 
     def __cinit__(self, dictionary=LATEST, limits=DEFAULT_LIMITS):
         self._buf = <unsigned char*>PyMem_Malloc(1024)
@@ -245,7 +259,11 @@ cdef class Codec:
     def queue_entry(self, int kind, unsigned long long t, bint fan, str origin, str mid, str typ,
                     body=None):
         """The stored form of a message (kind 0, with ``body``) or receipt (kind 1)."""
-        return _queue_entry(self, kind, t, fan, origin, mid, typ, body)
+        _claim(self)
+        try:
+            return _queue_entry(self, kind, t, fan, origin, mid, typ, body)
+        finally:
+            self._busy = False
 
     def write_entry_frame(self, bytearray out, entry, unsigned long long seq):
         """Append the delivery frame of a queue entry, as sequence ``seq``, to ``out``.
@@ -265,25 +283,38 @@ cdef class Codec:
 
     def encode(self, node):
         """The payload of one frame (no header)."""
-        self._len = 0
-        _enc_node(self, node, 1)
-        if self._len > self.max_frame:
-            raise FrameTooLarge(
-                f"encoded node of {self._len} bytes exceeds the maximum of {self.max_frame}")
-        return PyBytes_FromStringAndSize(<char*>self._buf, self._len)
+        _claim(self)
+        try:
+            self._len = 0
+            _enc_node(self, node, 1)
+            if self._len > self.max_frame:
+                raise FrameTooLarge(
+                    f"encoded node of {self._len} bytes exceeds the maximum of {self.max_frame}")
+            return PyBytes_FromStringAndSize(<char*>self._buf, self._len)
+        finally:
+            self._busy = False
 
     def encode_frame(self, node):
         """Header plus payload, ready for the wire."""
-        _enc_frame(self, node)
-        return PyBytes_FromStringAndSize(<char*>self._buf, self._len)
+        _claim(self)
+        try:
+            _enc_frame(self, node)
+            return PyBytes_FromStringAndSize(<char*>self._buf, self._len)
+        finally:
+            self._busy = False
 
     def write_frame(self, bytearray out, node):
         """Append a whole frame for ``node`` to ``out``; returns the payload length.
 
         On error ``out`` is left as it was.
         """
-        _enc_frame(self, node)
-        cdef Py_ssize_t start = PyByteArray_GET_SIZE(out)
-        PyByteArray_Resize(out, start + self._len)
-        memcpy(PyByteArray_AS_STRING(out) + start, self._buf, self._len)
-        return self._len - 3
+        cdef Py_ssize_t start
+        _claim(self)
+        try:
+            _enc_frame(self, node)
+            start = PyByteArray_GET_SIZE(out)
+            PyByteArray_Resize(out, start + self._len)
+            memcpy(PyByteArray_AS_STRING(out) + start, self._buf, self._len)
+            return self._len - 3
+        finally:
+            self._busy = False

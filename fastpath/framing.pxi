@@ -11,13 +11,19 @@ cdef class FrameReader:
     """
 
     cdef readonly Py_ssize_t max_frame
-    cdef object _chunks          # deque of bytes; _chunks[0] is the current one
-    cdef Py_ssize_t _offset      # consumed bytes of _chunks[0]
+    # What is buffered: the chunk being read (None: nothing) and the later
+    # ones, in a deque made when a second chunk arrives and dropped once
+    # everything is read: an idle connection holds none (an empty deque is
+    # over 600 bytes), a busy one keeps its deque while bytes are pending.
+    cdef bytes _first
+    cdef object _rest            # deque of bytes, or None
+    cdef Py_ssize_t _offset      # consumed bytes of _first
     cdef Py_ssize_t _size        # unconsumed bytes in all chunks
 
     def __init__(self, Py_ssize_t max_frame=DEFAULT_LIMITS.max_frame):
         self.max_frame = max_frame
-        self._chunks = deque()
+        self._first = None
+        self._rest = None
         self._offset = 0
         self._size = 0
 
@@ -31,16 +37,24 @@ cdef class FrameReader:
             return
         if not PyBytes_CheckExact(data):
             data = bytes(data)  # the caller may reuse its buffer; we keep views
-        self._chunks.append(data)
+        if self._first is None:
+            self._first = data
+        else:
+            if self._rest is None:
+                self._rest = deque()
+            self._rest.append(data)
         self._size += PyBytes_GET_SIZE(data)
 
     cdef inline void _advance(self, Py_ssize_t n):
-        cdef bytes first = self._chunks[0]
         self._offset += n
         self._size -= n
-        if self._offset == PyBytes_GET_SIZE(first):
-            self._chunks.popleft()
+        if self._offset == PyBytes_GET_SIZE(self._first):
             self._offset = 0
+            if self._rest:
+                self._first = self._rest.popleft()
+            else:
+                self._first = None
+                self._rest = None
 
     cdef bytes _gather(self, Py_ssize_t n):
         """Consume the next n bytes from several chunks into one bytes object."""
@@ -49,7 +63,7 @@ cdef class FrameReader:
         cdef Py_ssize_t filled = 0, part
         cdef bytes chunk
         while filled < n:
-            chunk = self._chunks[0]
+            chunk = self._first
             part = PyBytes_GET_SIZE(chunk) - self._offset
             if part > n - filled:
                 part = n - filled
@@ -63,24 +77,28 @@ cdef class FrameReader:
 
         Returns None (leaving start/end alone) if more data is needed.
         """
-        cdef bytes first, buf
+        cdef bytes first, buf, chunk
         cdef const unsigned char* p
         cdef unsigned char hdr[3]
         cdef Py_ssize_t avail, n, i, off
         if self._size < 3:
             return None
-        first = self._chunks[0]
+        first = self._first
         avail = PyBytes_GET_SIZE(first) - self._offset
         p = <const unsigned char*>PyBytes_AS_STRING(first) + self._offset
         if avail >= 3:
             n = (p[0] << 16) | (p[1] << 8) | p[2]
         else:
-            # header straddles chunks: read it without consuming
+            # header straddles chunks: read it without consuming (the rest
+            # of the first chunk, then later ones; _size >= 3 says they exist)
             i = 0
-            for chunk in self._chunks:
-                off = self._offset if i == 0 else 0
+            while i < avail:
+                hdr[i] = p[i]
+                i += 1
+            for chunk in self._rest:
                 p = <const unsigned char*>PyBytes_AS_STRING(chunk)
-                while off < PyBytes_GET_SIZE(<bytes>chunk) and i < 3:
+                off = 0
+                while off < PyBytes_GET_SIZE(chunk) and i < 3:
                     hdr[i] = p[off]
                     i += 1
                     off += 1

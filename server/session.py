@@ -46,6 +46,12 @@ LINGER = 2.0  # seconds a closing connection waits for the client to close
 class Session(asyncio.Protocol):
     """One client connection."""
 
+    # Tens of thousands of these sit idle: slots, no per-instance dict.
+    __slots__ = ("worker", "tls", "transport", "id", "conn", "out", "flush_pending", "closing",
+                 "ip", "source", "device", "user", "scram", "login_user", "last_seen",
+                 "deadline", "pushed", "acked", "backlog", "paused", "linger", "subs", "bucket",
+                 "typing", "typing_warned")  # fmt: skip
+
     def __init__(self, worker: Worker, tls: ssl.SSLContext | None = None):
         self.worker = worker
         self.tls = tls  # the server context of a TLS listener's connection

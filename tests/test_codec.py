@@ -200,6 +200,47 @@ def test_peek_content_is_a_view_of_the_received_buffer(impl):
     assert bytes(view) == b"x" * 100
 
 
+def test_a_codec_called_again_while_it_encodes_never_mixes_the_two_outputs(impl):
+    """One codec serves every connection of a thread (core/connection.py), so a
+    callback of the node being encoded that encodes with it must not overwrite
+    the outer call's bytes: the compiled codec refuses the inner call, the
+    pure one has no shared buffer to overwrite."""
+    c = impl.Codec()
+    inner = []
+
+    class Sneaky(str):
+        def __hash__(self):  # called by the token lookup, in the middle of the encode
+            try:
+                inner.append(c.encode(impl.Node("ping", {"id": "z" * 40})))
+            except RuntimeError as exc:
+                inner.append(exc)
+            return str.__hash__(self)
+
+    attrs = {"to": "4915112345678", "id": "m1", "type": "text"}
+    expected = impl.Codec().encode_frame(impl.Node("message", attrs, b"x" * 100))
+    node = impl.Node("message", {**attrs, "type": Sneaky("text")}, b"x" * 100)
+    for call in (c.encode_frame, lambda n: bytes(c.encode(n)), write_frame(c)):
+        inner.clear()
+        got = call(node)
+        assert got in (expected, expected[3:]), "the inner encode overwrote the outer one"
+        assert inner, "the callback did not run"
+        if isinstance(inner[0], RuntimeError):
+            assert impl.IMPLEMENTATION == "fastpath"
+        else:
+            assert inner[0] == impl.Codec().encode(impl.Node("ping", {"id": "z" * 40}))
+    assert c.encode_frame(impl.Node("ack")) == impl.Codec().encode_frame(impl.Node("ack"))
+
+
+def write_frame(c):
+    def call(node):
+        out = bytearray(b"before")
+        c.write_frame(out, node)
+        assert out[:6] == b"before"
+        return bytes(out[6:])
+
+    return call
+
+
 def test_node_api(impl):
     n = impl.Node("message", {"id": "1"})
     assert n.get("id") == "1" and n.get("to") is None and n.content is None

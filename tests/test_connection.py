@@ -1,5 +1,8 @@
 """The sans-IO Connection, both roles, both codec implementations."""
 
+import gc
+import tracemalloc
+
 import pytest
 
 from pigeon.core.connection import NEED_DATA, TRANSITIONS, Connection, Role, State
@@ -354,6 +357,37 @@ def test_peer_fatal_error_closes(impl):
     assert client.next_event() == Error(ErrorCode.REPLACED, "logged in elsewhere")
     assert client.state is State.CLOSED and server.state is State.CLOSED
     assert client.next_event() is NEED_DATA
+
+
+def test_an_idle_server_connection_holds_only_its_own_state(impl):
+    """A server holds tens of thousands of idle connections: past its handshake,
+    with a frame read (over two chunks) and one sent, one costs a few hundred
+    bytes: the codec, the accepted dictionaries and equal preambles are shared,
+    and a frame reader with nothing pending holds no buffer."""
+    client = Connection(Role.CLIENT, codec=impl)
+    data = client.initiate() + client.send(Ping("p1"))
+    n, out, conns = 500, bytearray(), []
+    tracemalloc.start()
+    try:
+        gc.collect()
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(n):
+            c = Connection(Role.SERVER, codec=impl, hot_path=True)
+            c.receive_data(data[:7])  # the preamble and part of the frame header
+            assert c.next_event() == Hello(1, LATEST_VERSION)
+            c.receive_data(data[7:])
+            assert c.next_event() == Ping("p1")
+            assert c.next_event() is NEED_DATA and c.buffered == 0
+            c.send_into(out, Pong("p1"))
+            conns.append(c)
+        out.clear()
+        gc.collect()
+        per_conn = (tracemalloc.get_traced_memory()[0] - before) / n
+    finally:
+        tracemalloc.stop()
+    print(f"{per_conn:.0f} bytes per idle server connection")
+    assert per_conn < 512, f"{per_conn:.0f} bytes per idle connection"
+    assert len({id(c._codec) for c in conns}) == 1
 
 
 def test_transition_table_reaches_every_event():
