@@ -234,7 +234,6 @@ class _Txn:
         self.qdb = q.db["queue"]
         self.enc = q.encoder
         self.state: dict[str, list] = {}
-        self.sessions: dict[str, int | None] = {}
         self.pushes: list[Push] = []
         self.conv = None  # (current, previous) conversation generations, when needed
         self.full = None  # past the store's reserve? (asked once, when a send needs it)
@@ -250,12 +249,20 @@ class _Txn:
             return devs
 
     def blocks(self, blocker: str, blocked: str) -> bool:
+        q = self.q
+        anyone = q.blockers.get(blocker)
+        if anyone is None:  # most users block nobody: one lookup per user, not per pair
+            with self.txn.cursor(db=q.db["blocks"]) as c:
+                prefix = f"{blocker}\x00".encode()
+                anyone = q.blockers[blocker] = c.set_range(prefix) and c.key().startswith(prefix)
+        if not anyone:
+            return False
         key = f"{blocker}\x00{blocked}"
-        cache = self.q.block_cache
+        cache = q.block_cache
         try:
             return cache[key]
         except KeyError:
-            hit = cache[key] = self.txn.get(key.encode(), db=self.q.db["blocks"]) is not None
+            hit = cache[key] = self.txn.get(key.encode(), db=q.db["blocks"]) is not None
             return hit
 
     def qstate(self, device: str) -> list:
@@ -268,12 +275,13 @@ class _Txn:
         return st
 
     def worker_of(self, device: str) -> int | None:
+        cache = self.q.session_cache
         try:
-            return self.sessions[device]
+            return cache[device]
         except KeyError:
             raw = self.txn.get(device.encode(), db=self.q.db["sessions"])
             w = None if raw is None else _unpackb(raw)["worker"]
-            self.sessions[device] = w
+            cache[device] = w
             return w
 
     def enqueue(self, device: str, entry: bytes) -> None:
@@ -310,16 +318,26 @@ class Queues:
         self.clock = store.clock
         # Exact caches of read-mostly tables, kept across commits: each commit
         # reads meta "ver" (store.bump_version) and starts them again if it moved.
-        self.cached_ver = self  # nothing read yet
+        # "sver" likewise for where each device is connected (sessions).
+        self.cached_ver = self.cached_sver = self  # nothing read yet
         self.device_cache: dict[str, list[str] | None] = {}
-        self.block_cache: dict[str, bool] = {}
+        self.blockers: dict[str, bool] = {}  # user -> blocks anyone?
+        self.block_cache: dict[str, bool] = {}  # "blocker NUL blocked" -> blocks?
+        self.session_cache: dict[str, int | None] = {}  # device -> worker holding it
 
     def _check_caches(self, txn) -> None:
-        ver = txn.get(b"ver", db=self.db["meta"])
-        if ver != self.cached_ver or len(self.device_cache) + len(self.block_cache) > CACHE_MAX:
+        meta = self.db["meta"]
+        ver = txn.get(b"ver", db=meta)
+        size = len(self.device_cache) + len(self.block_cache) + len(self.blockers)
+        if ver != self.cached_ver or size > CACHE_MAX:
             self.cached_ver = ver
             self.device_cache.clear()
+            self.blockers.clear()
             self.block_cache.clear()
+        sver = txn.get(b"sver", db=meta)
+        if sver != self.cached_sver or len(self.session_cache) > CACHE_MAX:
+            self.cached_sver = sver
+            self.session_cache.clear()
 
     # -- the group commit ----------------------------------------------------
 
@@ -368,7 +386,7 @@ class Queues:
         except BaseException:
             # an aborted transaction may have filled the caches with what it
             # wrote itself (a job's change): they start again
-            self.cached_ver = self
+            self.cached_ver = self.cached_sver = self
             raise
         if self.on_write_wait is not None:
             self.on_write_wait(waited)
@@ -421,7 +439,7 @@ class Queues:
         write transaction begins, so the writer lock (one for every worker)
         is held for LMDB's work only.  The entry is made as for one device;
         a recipient with several has its fan flag set in the transaction."""
-        entry = self.encoder.entry
+        entry = self.encoder._codec.queue_entry
         for s in sends:
             if s.cls == "message":
                 s.dkey = f"{s.device}\x00m\x00{s.id}".encode()

@@ -8,7 +8,8 @@ across an await.  Records are msgpack maps; keys are ASCII strings.
 Tables (LMDB named databases):
 
     meta      b"format" -> store format version (checked at open)
-              b"ver" -> u64 counting writes to accounts and blocks (bump_version)
+              b"ver", b"sver" -> u64s counting writes to accounts and blocks,
+              and to sessions (bump_version: the workers' caches)
               b"secret" -> 32 random bytes made at the first open: the key of
               the store's keyed hashes (``secret(purpose)``), never sent
     accounts  phone -> {devices: [n...], next_device: n, created: ms}
@@ -80,15 +81,16 @@ _TABLES = (
 )  # fmt: skip
 
 
-def bump_version(txn, db: dict) -> None:
-    """Note in ``txn`` that the read-mostly tables (accounts, blocks) changed.
+def bump_version(txn, db: dict, key: bytes = b"ver") -> None:
+    """Note in ``txn`` that tables the workers cache changed.
 
-    ``meta[b"ver"]`` counts every such write; a worker's caches of them
-    (server/queues.py) read it once per commit and start again when it
+    ``meta[b"ver"]`` counts every write to accounts and blocks,
+    ``meta[b"sver"]`` every write to sessions; a worker's caches of them
+    (server/queues.py) read both once per commit and start again when one
     moved, so they are never stale: the count and the change commit together."""
-    raw = txn.get(b"ver", db=db["meta"])
+    raw = txn.get(key, db=db["meta"])
     n = 0 if raw is None else int.from_bytes(raw, "big")
-    txn.put(b"ver", (n + 1).to_bytes(8, "big"), db=db["meta"])
+    txn.put(key, (n + 1).to_bytes(8, "big"), db=db["meta"])
 
 
 class StoreError(Exception):
@@ -266,11 +268,15 @@ class Store:
         txn.put(key.encode(), _pack(value), db=self._db[table])
         if table == "accounts":
             bump_version(txn, self._db)
+        elif table == "sessions":
+            bump_version(txn, self._db, b"sver")
 
     def _delete(self, txn, table: str, key: str) -> None:
         txn.delete(key.encode(), db=self._db[table])
         if table == "accounts":
             bump_version(txn, self._db)
+        elif table == "sessions":
+            bump_version(txn, self._db, b"sver")
 
     def read(self):
         return self.env.begin()
@@ -549,6 +555,7 @@ class Store:
                 rec = _unpack(raw)
                 if rec["worker"] == worker:
                     txn.delete(key, db=self._db["sessions"])
+                    bump_version(txn, self._db, b"sver")
                     n += 1
                     device = key.decode()
                     if release_device(txn, self._db, device, worker, rec["conn"], now):
