@@ -323,8 +323,15 @@ def test_the_read_caches_are_exact_across_workers(store, clock):
     social.unblock(BOB, ALICE)
     assert [p.device for p in send(q2, a, BOB, "m4")[1]] != []
     assert sorted(p.device for p in send(q1, a, BOB, "m5")[1]) == sorted([b0, b1])
+    # where a device is connected: a login on another worker, then its logout
+    store.set_session(b0, 7, 1)
+    assert {p.device: p.worker for p in send(q1, a, BOB, "m6")[1]}[b0] == 7
+    store.set_session(b0, 9, 2)
+    assert {p.device: p.worker for p in send(q1, a, BOB, "m7")[1]}[b0] == 9
+    store.clear_session(b0, 9, 2)
+    assert {p.device: p.worker for p in send(q1, a, BOB, "m8")[1]}[b0] is None
     store.delete_account(BOB)
-    s, _ = send(q1, a, BOB, "m6")
+    s, _ = send(q1, a, BOB, "m9")
     assert s.error[0] == ErrorCode.UNKNOWN_RECIPIENT
 
 
