@@ -266,9 +266,11 @@ class ClientCore:
         self.inflight.pop(key, None)
 
     def request(self, kind: str, rid: str, event) -> tuple[str, str]:
-        key = self.expect(kind, rid, event)
+        # Sent first: an event the connection refuses (LocalProtocolError: a
+        # field the server would not accept) is then not left waiting, nor
+        # kept for a replay.
         self.send(event)
-        return key
+        return self.expect(kind, rid, event)
 
     def message(self, to: str, body: bytes, type: str, mid: str | None) -> tuple[str, str]:
         mid = mid or self.new_id()
@@ -660,7 +662,10 @@ class ClientAPI:
         """Send and wait for the server's ack (one tick); raises ServerError if refused.
 
         While a resuming client is reconnecting the message waits and goes
-        out after the next login; retrying the same ``id`` is safe.
+        out after the next login; retrying the same ``id`` is safe.  A field
+        the server would refuse (``to`` not a user or group address, an
+        ``id`` or ``type`` that is not 1-64 printable ASCII characters, a
+        ``body`` that is not bytes) raises LocalProtocolError at once.
         """
         if self.closed is not None:
             raise ConnectionLost(str(self.closed))
@@ -668,7 +673,9 @@ class ClientAPI:
         if self._live:
             key = self.core.message(to, body, type, mid)
         else:
-            key = self.core.expect(MESSAGE, mid, Message(to, mid, type, body))
+            event = Message(to, mid, type, body)
+            event.check()  # refused now, not when it is replayed after the next login
+            key = self.core.expect(MESSAGE, mid, event)
         return await self._wait(key, timeout)
 
     async def receipt(
@@ -680,7 +687,9 @@ class ClientAPI:
         if self._live:
             key = self.core.receipt(to, id, type)
         else:
-            key = self.core.expect(RECEIPT, id, Receipt(to, id, type))
+            event = Receipt(to, id, type)
+            event.check()  # as in send()
+            key = self.core.expect(RECEIPT, id, event)
         return await self._wait(key, timeout)
 
     async def ping(self, timeout: float = 30.0) -> None:

@@ -48,7 +48,9 @@ enters ERROR, where the only thing left to do is ``send(Error(...))`` and
 close.  A well-formed node that is wrong (unknown tag, bad attribute, wrong
 state) raises a non-fatal ``RemoteProtocolError`` and the state is
 unchanged: answer with its code and carry on.  Trying to send what the
-state or role forbids raises ``LocalProtocolError`` (a bug on this side).
+state or role forbids, or an event with a field the peer would refuse
+(events.py: each event's ``check``), raises ``LocalProtocolError`` (a bug on
+this side) and sends nothing.
 """
 
 from __future__ import annotations
@@ -257,8 +259,16 @@ class Connection:
         return bytes(out)
 
     def send_into(self, out: bytearray, event: Event) -> None:
-        """Append the frame for ``event`` to ``out`` (one write for many frames)."""
+        """Append the frame for ``event`` to ``out`` (one write for many frames).
+
+        Raises LocalProtocolError, leaving ``out`` and the state as they were,
+        for an event the role or state forbids or whose fields break the
+        protocol's rules (``Event.check``; not run again for an event
+        ``from_node`` built).
+        """
         self._check_send(event)
+        if not event._parsed:
+            event.check()
         node = event.to_node(self._node_cls)
         try:
             self._codec.write_frame(out, node)

@@ -7,6 +7,17 @@ Reading validates every attribute (ids, numbers, addresses) and raises a
 non-fatal ``RemoteProtocolError`` (BAD_REQUEST, with the request's id) for a
 node that is well-formed but wrong, so the receiver can answer and go on.
 
+Sending checks the same rules (h11's rule: what the application builds is
+checked when it is sent).  Each class's ``check()`` tests the fields it would
+carry, as its ``from_node`` tests the attributes it reads, and raises
+``LocalProtocolError`` naming the event and the field: a bug on this side is
+caught here, before its frame reaches a peer that would refuse it.
+``Connection.send`` runs it.  An event ``from_node`` built has passed the
+reader's rules already, so it is not checked again if it is sent on (a
+relay, a test): ``from_node`` marks the instance (``_parsed``, a field that
+is not an argument and that equality and ``repr`` ignore; a copy made with
+``dataclasses.replace`` starts unmarked and is checked like any new event).
+
 The same tag can mean different things by direction: ``message`` from a
 client is ``Message`` (it names the recipient), from the server it is
 ``IncomingMessage`` (it names the sender, the server time and the
@@ -16,10 +27,10 @@ per-device sequence).  ``CLIENT_SENT`` and ``SERVER_SENT`` map tags to classes.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
-from .errors import ErrorCode, RemoteProtocolError
+from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from .node import address_kind, valid_phone
 
 CLIENT = "client"
@@ -32,9 +43,12 @@ MAX_UINT64 = (1 << 64) - 1
 SCRAM_MECHANISM = "SCRAM-SHA-256"
 
 
+_id_match = _ID_RE.fullmatch
+
+
 def valid_id(s) -> bool:
     """Message and request ids: 1 to 64 printable ASCII bytes (0x21-0x7e)."""
-    return isinstance(s, str) and _ID_RE.fullmatch(s) is not None
+    return isinstance(s, str) and _id_match(s) is not None
 
 
 def _bad(node, text: str) -> RemoteProtocolError:
@@ -104,10 +118,13 @@ def _choice(node, key: str, allowed: frozenset) -> str:
     return v
 
 
+@dataclass(frozen=True, slots=True)
 class Event:
     """Base class. ``TAG``: the node tag; ``SENDER``: CLIENT, SERVER or BOTH."""
 
-    __slots__ = ()
+    #: True on an instance from_node built (see the module docstring).  Not an
+    #: argument, not compared, not shown: not part of the event's value.
+    _parsed: bool = field(default=False, init=False, repr=False, compare=False)
     TAG: ClassVar[str] = ""
     SENDER: ClassVar[str] = BOTH
 
@@ -117,6 +134,114 @@ class Event:
     @classmethod
     def from_node(cls, node):
         raise NotImplementedError
+
+    def check(self) -> None:
+        """Raise LocalProtocolError unless every field is one the peer's from_node accepts."""
+        raise NotImplementedError
+
+
+_mark_parsed = Event._parsed.__set__  # type: ignore[attr-defined]
+
+
+def _read(event):
+    """``event``, marked as built by from_node (see the module docstring)."""
+    _mark_parsed(event, True)
+    return event
+
+
+# -- the sending side's checks: from_node's rules, on Python values ----------
+# Each predicate also checks the Python type, since the codec would encode
+# what the reader refuses (True as "True", "5" for a number).
+
+
+def _wrong(event, name: str, what: str, value) -> LocalProtocolError:
+    return LocalProtocolError(
+        f"cannot send {type(event).__name__}: {name!r} must be {what}, got {_show(value)}"
+    )
+
+
+def _show(value) -> str:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return f"{type(value).__name__} of {_nbytes(value)} bytes"
+    r = repr(value)
+    return r if len(r) <= 80 else r[:76] + "..."
+
+
+def _nbytes(value) -> int | None:
+    """The length of opaque content, or None if ``value`` is not bytes-like."""
+    if isinstance(value, (bytes, bytearray)):
+        return len(value)
+    if isinstance(value, memoryview):
+        return value.nbytes
+    return None
+
+
+def _is_uint(v) -> bool:
+    # bool is an int whose str() is "True": never a number on the wire
+    return (type(v) is int or (isinstance(v, int) and not isinstance(v, bool))) and (
+        0 <= v <= MAX_UINT64
+    )
+
+
+def _is_phone(v) -> bool:
+    return isinstance(v, str) and valid_phone(v)
+
+
+def _is_user_value(v) -> bool:
+    return isinstance(v, str) and address_kind(v) == "user"
+
+
+def _is_choice(v, allowed: frozenset) -> bool:
+    return isinstance(v, str) and v in allowed
+
+
+# The helpers below run for every event an application sends, so each is one
+# call deep with the common case first (an exact str, int or bytes).
+
+_ID = "1-64 printable ASCII characters"
+_UINT = "an int from 0 to 2**64-1"
+_PHONE = "an E.164 number: 8-15 digits, no '+'"
+_USER = ("user",)
+_DEVICE = ("device",)
+_USER_OR_GROUP = ("user", "group")
+
+
+def _check_id(event, name: str, v) -> None:
+    if not (isinstance(v, str) and _id_match(v) is not None):
+        raise _wrong(event, name, _ID, v)
+
+
+def _check_uint(event, name: str, v) -> None:
+    if not (type(v) is int and 0 <= v <= MAX_UINT64) and not _is_uint(v):
+        raise _wrong(event, name, _UINT, v)
+
+
+def _check_address(event, name: str, v, kinds: tuple) -> None:
+    if not (isinstance(v, str) and address_kind(v) in kinds):
+        raise _wrong(event, name, f"a {' or '.join(kinds)} address", v)
+
+
+def _check_choice(event, name: str, v, allowed: frozenset) -> None:
+    if not (isinstance(v, str) and v in allowed):
+        raise _wrong(event, name, f"one of {sorted(allowed)}", v)
+
+
+def _check_bytes(event, name: str, v, size: int | None = None, max_size: int | None = None):
+    n = len(v) if type(v) is bytes else _nbytes(v)
+    if n is None:
+        raise _wrong(event, name, "bytes", v)
+    if size is not None and n != size:
+        raise _wrong(event, name, f"{size} bytes", v)
+    if max_size is not None and n > max_size:
+        raise _wrong(event, name, f"at most {max_size} bytes", v)
+
+
+def _check_items(event, name: str, v, ok, what: str) -> None:
+    if not isinstance(v, (tuple, list)):
+        raise _wrong(event, name, "a tuple (or list)", v)
+    for i, item in enumerate(v):
+        if not ok(item):
+            raise _wrong(event, f"{name}[{i}]", what, item)
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,7 +255,10 @@ class _IdOnly(Event):
 
     @classmethod
     def from_node(cls, node):
-        return cls(_id(node))
+        return _read(cls(_id(node)))
+
+    def check(self) -> None:
+        _check_id(self, "id", self.id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,7 +274,11 @@ class _UserRequest(Event):
 
     @classmethod
     def from_node(cls, node):
-        return cls(_id(node), _address(node, "to", "user"))
+        return _read(cls(_id(node), _address(node, "to", "user")))
+
+    def check(self) -> None:
+        _check_id(self, "id", self.id)
+        _check_address(self, "to", self.to, _USER)
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,13 +292,26 @@ class Hello(Event):
     protocol: int
     dictionary: int
 
+    def check(self) -> None:
+        # never sent with send(): each is one byte of the preamble (wire.preamble)
+        for name in ("protocol", "dictionary"):
+            v = getattr(self, name)
+            if not (_is_uint(v) and v <= 255):
+                raise _wrong(self, name, "an int from 0 to 255", v)
+
 
 @dataclass(frozen=True, slots=True)
 class ConnectionClosed(Event):
     """The peer closed its side (``receive_data(b"")``)."""
 
+    def check(self) -> None:
+        pass  # carries nothing (and is never sent)
+
 
 # -- registration -----------------------------------------------------------
+
+
+REGISTER_METHODS = frozenset({"sms", "voice"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,7 +332,13 @@ class Register(Event):
         method = node.attrs.get("method", "sms")
         if method not in ("sms", "voice"):
             raise _bad(node, "'method' must be sms or voice")
-        return cls(_id(node), _phone(node), method)
+        return _read(cls(_id(node), _phone(node), method))
+
+    def check(self) -> None:
+        _check_id(self, "id", self.id)
+        if not _is_phone(self.phone):
+            raise _wrong(self, "phone", _PHONE, self.phone)
+        _check_choice(self, "method", self.method, REGISTER_METHODS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,7 +355,15 @@ class CodeSent(Event):
 
     @classmethod
     def from_node(cls, node):
-        return cls(_id(node), _uint(node, "ttl"))
+        return _read(cls(_id(node), _uint(node, "ttl")))
+
+    def check(self) -> None:
+        _check_id(self, "id", self.id)
+        _check_uint(self, "ttl", self.ttl)
+
+
+def _is_code(code: str) -> bool:
+    return len(code) == 6 and code.isascii() and code.isdigit()
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,9 +385,17 @@ class Verify(Event):
     @classmethod
     def from_node(cls, node):
         code = _attr(node, "code")
-        if not (len(code) == 6 and code.isascii() and code.isdigit()):
+        if not _is_code(code):
             raise _bad(node, "'code' must be 6 digits")
-        return cls(_id(node), _phone(node), code, _bytes(node, size=32))
+        return _read(cls(_id(node), _phone(node), code, _bytes(node, size=32)))
+
+    def check(self) -> None:
+        _check_id(self, "id", self.id)
+        if not _is_phone(self.phone):
+            raise _wrong(self, "phone", _PHONE, self.phone)
+        if not (isinstance(self.code, str) and _is_code(self.code)):
+            raise _wrong(self, "code", "6 digits", self.code)
+        _check_bytes(self, "identity_key", self.identity_key, 32)
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,7 +413,12 @@ class Registered(Event):
 
     @classmethod
     def from_node(cls, node):
-        return cls(_id(node), _address(node, "device", "device"), _bytes(node, size=32))
+        return _read(cls(_id(node), _address(node, "device", "device"), _bytes(node, size=32)))
+
+    def check(self) -> None:
+        _check_id(self, "id", self.id)
+        _check_address(self, "device", self.device, _DEVICE)
+        _check_bytes(self, "secret", self.secret, 32)
 
 
 # -- login (SCRAM-SHA-256, RFC 5802 / RFC 7677) -----------------------------
@@ -269,7 +441,12 @@ class AuthStart(Event):
         mech = _attr(node, "mech")
         if mech != SCRAM_MECHANISM:
             raise _bad(node, f"unsupported mechanism; use {SCRAM_MECHANISM}")
-        return cls(_bytes(node, max_size=1024), mech)
+        return _read(cls(_bytes(node, max_size=1024), mech))
+
+    def check(self) -> None:
+        _check_bytes(self, "data", self.data, None, 1024)
+        if self.mechanism != SCRAM_MECHANISM:
+            raise _wrong(self, "mechanism", repr(SCRAM_MECHANISM), self.mechanism)
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,7 +462,10 @@ class AuthChallenge(Event):
 
     @classmethod
     def from_node(cls, node):
-        return cls(_bytes(node, max_size=1024))
+        return _read(cls(_bytes(node, max_size=1024)))
+
+    def check(self) -> None:
+        _check_bytes(self, "data", self.data, None, 1024)
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,7 +481,10 @@ class AuthResponse(Event):
 
     @classmethod
     def from_node(cls, node):
-        return cls(_bytes(node, max_size=1024))
+        return _read(cls(_bytes(node, max_size=1024)))
+
+    def check(self) -> None:
+        _check_bytes(self, "data", self.data, None, 1024)
 
 
 @dataclass(frozen=True, slots=True)
@@ -318,7 +501,11 @@ class AuthSuccess(Event):
 
     @classmethod
     def from_node(cls, node):
-        return cls(_bytes(node, max_size=1024), _uint(node, "t"))
+        return _read(cls(_bytes(node, max_size=1024), _uint(node, "t")))
+
+    def check(self) -> None:
+        _check_bytes(self, "data", self.data, None, 1024)
+        _check_uint(self, "t", self.t)
 
 
 # -- messaging --------------------------------------------------------------
@@ -343,7 +530,13 @@ class Message(Event):
         t = _attr(node, "type")
         if not valid_id(t):
             raise _bad(node, "'type' must be 1-64 printable ASCII characters")
-        return cls(_address(node, "to", "user", "group"), _id(node), t, _bytes(node))
+        return _read(cls(_address(node, "to", "user", "group"), _id(node), t, _bytes(node)))
+
+    def check(self) -> None:
+        _check_address(self, "to", self.to, _USER_OR_GROUP)
+        _check_id(self, "id", self.id)
+        _check_id(self, "type", self.type)
+        _check_bytes(self, "body", self.body)
 
 
 @dataclass(frozen=True, slots=True)
@@ -379,14 +572,25 @@ class IncomingMessage(Event):
 
     @classmethod
     def from_node(cls, node):
-        return cls(
-            _address(node, "from", "device"),
-            _id(node),
-            _attr(node, "type"),
-            _uint(node, "t"),
-            _uint(node, "seq"),
-            _bytes(node),
+        return _read(
+            cls(
+                _address(node, "from", "device"),
+                _id(node),
+                _attr(node, "type"),
+                _uint(node, "t"),
+                _uint(node, "seq"),
+                _bytes(node),
+            )
         )
+
+    def check(self) -> None:
+        _check_address(self, "sender", self.sender, _DEVICE)
+        _check_id(self, "id", self.id)
+        if not isinstance(self.type, str):  # any text: the reader takes what it is given
+            raise _wrong(self, "type", "a str", self.type)
+        _check_uint(self, "t", self.t)
+        _check_uint(self, "seq", self.seq)
+        _check_bytes(self, "body", self.body)
 
 
 ACK_CLASSES = frozenset({"message", "receipt", "logout", "delete", "block", "unblock"})
@@ -412,7 +616,20 @@ class ServerAck(Event):
 
     @classmethod
     def from_node(cls, node):
-        return cls(_id(node), _uint(node, "t"), _choice(node, "class", ACK_CLASSES))
+        return _read(cls(_id(node), _uint(node, "t"), _choice(node, "class", ACK_CLASSES)))
+
+    def check(self) -> None:
+        # One per message the server accepts: the usual case is one test.
+        t, c, i = self.t, self.cls, self.id
+        if type(t) is int and 0 <= t <= MAX_UINT64 and type(c) is str and c in ACK_CLASSES:
+            if type(i) is str and _id_match(i) is not None:
+                return
+        if not valid_id(self.id):
+            raise _wrong(self, "id", _ID, self.id)
+        if not _is_uint(self.t):
+            raise _wrong(self, "t", _UINT, self.t)
+        if not _is_choice(self.cls, ACK_CLASSES):
+            raise _wrong(self, "cls", f"one of {sorted(ACK_CLASSES)}", self.cls)
 
 
 @dataclass(frozen=True, slots=True)
@@ -428,10 +645,15 @@ class DeviceAck(Event):
 
     @classmethod
     def from_node(cls, node):
-        return cls(_uint(node, "seq"))
+        return _read(cls(_uint(node, "seq")))
+
+    def check(self) -> None:
+        _check_uint(self, "seq", self.seq)
 
 
 RECEIPT_TYPES = frozenset({"delivered", "read", "played"})
+#: what a client may send (delivered receipts are the server's)
+CLIENT_RECEIPT_TYPES = frozenset({"read", "played"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -449,8 +671,13 @@ class Receipt(Event):
 
     @classmethod
     def from_node(cls, node):
-        typ = _choice(node, "type", frozenset({"read", "played"}))
-        return cls(_address(node, "to", "user"), _id(node), typ)
+        typ = _choice(node, "type", CLIENT_RECEIPT_TYPES)
+        return _read(cls(_address(node, "to", "user"), _id(node), typ))
+
+    def check(self) -> None:
+        _check_address(self, "to", self.to, _USER)
+        _check_id(self, "id", self.id)
+        _check_choice(self, "type", self.type, CLIENT_RECEIPT_TYPES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -483,13 +710,22 @@ class IncomingReceipt(Event):
 
     @classmethod
     def from_node(cls, node):
-        return cls(
-            _address(node, "from", "user"),
-            _id(node),
-            _choice(node, "type", RECEIPT_TYPES),
-            _uint(node, "t"),
-            _uint(node, "seq"),
+        return _read(
+            cls(
+                _address(node, "from", "user"),
+                _id(node),
+                _choice(node, "type", RECEIPT_TYPES),
+                _uint(node, "t"),
+                _uint(node, "seq"),
+            )
         )
+
+    def check(self) -> None:
+        _check_address(self, "sender", self.sender, _USER)
+        _check_id(self, "id", self.id)
+        _check_choice(self, "type", self.type, RECEIPT_TYPES)
+        _check_uint(self, "t", self.t)
+        _check_uint(self, "seq", self.seq)
 
 
 PRESENCE_TYPES = frozenset({"available", "unavailable"})
@@ -515,8 +751,15 @@ class Presence(Event):
     def from_node(cls, node):
         typ = _choice(node, "type", PRESENCE_REQUESTS)
         if typ in PRESENCE_TYPES:
-            return cls(typ)
-        return cls(typ, _address(node, "to", "user"))
+            return _read(cls(typ))
+        return _read(cls(typ, _address(node, "to", "user")))
+
+    def check(self) -> None:
+        _check_choice(self, "type", self.type, PRESENCE_REQUESTS)
+        if self.type not in PRESENCE_TYPES:
+            _check_address(self, "to", self.to, _USER)
+        elif self.to is not None:  # the reader would drop it: a bug, not a request
+            raise _wrong(self, "to", f"None with type {self.type!r}", self.to)
 
 
 @dataclass(frozen=True, slots=True)
@@ -537,11 +780,19 @@ class PresenceUpdate(Event):
 
     @classmethod
     def from_node(cls, node):
-        return cls(
-            _address(node, "from", "user"),
-            _choice(node, "type", PRESENCE_TYPES),
-            _opt_uint(node, "last"),
+        return _read(
+            cls(
+                _address(node, "from", "user"),
+                _choice(node, "type", PRESENCE_TYPES),
+                _opt_uint(node, "last"),
+            )
         )
+
+    def check(self) -> None:
+        _check_address(self, "sender", self.sender, _USER)
+        _check_choice(self, "type", self.type, PRESENCE_TYPES)
+        if self.last is not None:
+            _check_uint(self, "last", self.last)
 
 
 CHAT_STATES = frozenset({"composing", "paused", "recording"})
@@ -561,7 +812,11 @@ class ChatState(Event):
 
     @classmethod
     def from_node(cls, node):
-        return cls(_address(node, "to", "user"), _choice(node, "type", CHAT_STATES))
+        return _read(cls(_address(node, "to", "user"), _choice(node, "type", CHAT_STATES)))
+
+    def check(self) -> None:
+        _check_address(self, "to", self.to, _USER)
+        _check_choice(self, "type", self.type, CHAT_STATES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -578,7 +833,11 @@ class IncomingChatState(Event):
 
     @classmethod
     def from_node(cls, node):
-        return cls(_address(node, "from", "user"), _choice(node, "type", CHAT_STATES))
+        return _read(cls(_address(node, "from", "user"), _choice(node, "type", CHAT_STATES)))
+
+    def check(self) -> None:
+        _check_address(self, "sender", self.sender, _USER)
+        _check_choice(self, "type", self.type, CHAT_STATES)
 
 
 PRIVACY_VALUES = frozenset({"everyone", "contacts", "nobody"})
@@ -608,7 +867,14 @@ class Privacy(Event):
         vals = []
         for key in ("last", "online"):
             vals.append(None if node.attrs.get(key) is None else _choice(node, key, PRIVACY_VALUES))
-        return cls(rid, *vals)
+        return _read(cls(rid, *vals))
+
+    def check(self) -> None:
+        _check_id(self, "id", self.id)
+        if self.last is not None:
+            _check_choice(self, "last", self.last, PRIVACY_VALUES)
+        if self.online is not None:
+            _check_choice(self, "online", self.online, PRIVACY_VALUES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -626,11 +892,18 @@ class PrivacySettings(Event):
 
     @classmethod
     def from_node(cls, node):
-        return cls(
-            _id(node),
-            _choice(node, "last", PRIVACY_VALUES),
-            _choice(node, "online", PRIVACY_VALUES),
+        return _read(
+            cls(
+                _id(node),
+                _choice(node, "last", PRIVACY_VALUES),
+                _choice(node, "online", PRIVACY_VALUES),
+            )
         )
+
+    def check(self) -> None:
+        _check_id(self, "id", self.id)
+        _check_choice(self, "last", self.last, PRIVACY_VALUES)
+        _check_choice(self, "online", self.online, PRIVACY_VALUES)
 
 
 def _items(node, key: str, check, what: str) -> tuple[str, ...]:
@@ -684,11 +957,18 @@ class Discover(Event):
 
     @classmethod
     def from_node(cls, node):
-        return cls(
-            _id(node),
-            _choice(node, "type", DISCOVER_TYPES),
-            _items(node, "phone", valid_phone, "an E.164 number (8-15 digits, no '+')"),
+        return _read(
+            cls(
+                _id(node),
+                _choice(node, "type", DISCOVER_TYPES),
+                _items(node, "phone", valid_phone, "an E.164 number (8-15 digits, no '+')"),
+            )
         )
+
+    def check(self) -> None:
+        _check_id(self, "id", self.id)
+        _check_choice(self, "type", self.type, DISCOVER_TYPES)
+        _check_items(self, "phones", self.phones, _is_phone, _PHONE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -711,7 +991,12 @@ class DiscoverResult(Event):
 
     @classmethod
     def from_node(cls, node):
-        return cls(_id(node), _items(node, "user", _is_user, "a user"), _uint(node, "limit"))
+        return _read(cls(_id(node), _items(node, "user", _is_user, "a user"), _uint(node, "limit")))
+
+    def check(self) -> None:
+        _check_id(self, "id", self.id)
+        _check_items(self, "users", self.users, _is_user_value, "a user address")
+        _check_uint(self, "limit", self.limit)
 
 
 @dataclass(frozen=True, slots=True)
@@ -750,7 +1035,11 @@ class Blocklist(Event):
 
     @classmethod
     def from_node(cls, node):
-        return cls(_id(node), _items(node, "user", _is_user, "a user"))
+        return _read(cls(_id(node), _items(node, "user", _is_user, "a user")))
+
+    def check(self) -> None:
+        _check_id(self, "id", self.id)
+        _check_items(self, "users", self.users, _is_user_value, "a user address")
 
 
 # -- leaving ----------------------------------------------------------------
@@ -766,6 +1055,9 @@ class Logout(_IdOnly):
 
     TAG: ClassVar[str] = "logout"
     SENDER: ClassVar[str] = CLIENT
+
+
+_DELETE_TYPES = frozenset({"account"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -785,8 +1077,11 @@ class DeleteAccount(Event):
 
     @classmethod
     def from_node(cls, node):
-        _choice(node, "type", frozenset({"account"}))
-        return cls(_id(node))
+        _choice(node, "type", _DELETE_TYPES)
+        return _read(cls(_id(node)))
+
+    def check(self) -> None:
+        _check_id(self, "id", self.id)
 
 
 # -- either side --------------------------------------------------------------
@@ -815,7 +1110,14 @@ class Error(Event):
     @classmethod
     def from_node(cls, node):
         rid = node.attrs.get("id")
-        return cls(_uint(node, "code"), _attr(node, "text"), rid if valid_id(rid) else None)
+        return _read(cls(_uint(node, "code"), _attr(node, "text"), rid if valid_id(rid) else None))
+
+    def check(self) -> None:
+        _check_uint(self, "code", self.code)
+        if not isinstance(self.text, str):
+            raise _wrong(self, "text", "a str", self.text)
+        if self.id is not None:  # the reader would drop a bad id: say so here
+            _check_id(self, "id", self.id)
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,6 +19,7 @@ from serverutil import Server, next_message, until
 
 from pigeon.client import ServerError
 from pigeon.client._core import Credentials, ScramLogin
+from pigeon.core.codec import Codec, Node
 from pigeon.core.connection import NEED_DATA, Connection, Role
 from pigeon.core.errors import ErrorCode
 from pigeon.core.events import (
@@ -122,9 +123,10 @@ class Raw:
 
 
 def other_frame(event) -> bytes:
-    """The frame of ``event`` from a client Connection whose state allows it, so a
-    test can send what its own connection's state would not let it build."""
-    return Connection(Role.CLIENT).send(event)
+    """The frame of ``event`` as a client writes it, with neither the state's nor the
+    fields' checks of a Connection, so a test can send what its own connection
+    would refuse to (a request in the wrong state, a field the server refuses)."""
+    return Codec().encode_frame(event.to_node(Node))
 
 
 def wrong(code: str) -> str:
