@@ -44,7 +44,8 @@ def test_throughput_json_counts_every_message():
     assert (r["sync"], r["receipts"]) == ("os", True)
     assert r["login_cpu_ms"] >= 0  # (6 logins can fall inside one 10 ms CPU-clock tick)
     assert (r["receipts_received"], r["receipts_missing"], r["receipts_duplicated"]) == (150, 0, 0)
-    assert r["server_cpu_us_per_msg"] > 0 and r["p50_ms"] <= r["p99_ms"] <= r["p999_ms"]
+    # (150 messages can take less CPU than one 10 ms clock tick of the OS counters)
+    assert r["server_cpu_us_per_msg"] >= 0 and r["p50_ms"] <= r["p99_ms"] <= r["p999_ms"]
     assert r["machine"]["cores"] >= 1
 
 
