@@ -461,6 +461,26 @@ def test_report_groups_throughput_runs_by_configuration():
         plt.close(fig)
 
 
+def test_report_draws_the_load_floor_beside_its_latency():
+    import matplotlib.pyplot as plt
+
+    from pigeon.bench.harness import figure
+
+    cdf = [[0.2, 0.0], [0.5, 0.5], [3.0, 1.0]]
+    lat = {"bench": "latency", "rate": 1000.0, "clients": 4, "machine": {"cpu": "test"},
+           "latency_cdf": cdf, "load_floor": {"latency_cdf": [[0.1, 0.0], [0.3, 1.0]]}}  # fmt: skip
+    alone = {"bench": "floor", "rate": 5000.0, "clients": 4, "latency_cdf": cdf}
+    fig = figure([("lat.json", lat), ("floor", alone)])
+    try:
+        lines = _panel(fig, "latency CDF").get_lines()
+        labels = [ln.get_label() for ln in lines]
+        assert labels == ["lat.json (1000 msg/s)", "lat.json (1000 msg/s): load floor",
+                          "floor 5000 msg/s"]  # fmt: skip
+        assert lines[0].get_color() == lines[1].get_color()  # the floor in its run's colour
+    finally:
+        plt.close(fig)
+
+
 def test_report_of_the_saved_results(tmp_path, capsys):
     """bench/results as it is (pytest-benchmark, idle, presence, latency and throughput
     JSON): the report draws what it knows, says which files it skipped, and keeps every
