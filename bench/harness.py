@@ -19,6 +19,18 @@ every worker (psutil), taken just before the load starts and after the
 last delivery arrived, so logins are not in it.  Memory is sampled every
 0.1 s as the sum over the server's processes; the peak is reported.
 
+Latency: ``pigeon bench latency`` sends open loop at a fixed rate from
+``--load-procs`` load processes (bench/openloop.py: a lean driver of the
+SDK's sans-IO core, paced by a kernel timer, bench/pacer.py).  The rate and
+the messages are split evenly between them, their schedules interleaved
+into one evenly spaced stream, and every delivery's latency sample is
+merged before the percentiles.  Each run also reports the load processes'
+own CPU (``load_cpu_us_per_msg``, and ``load_cpu_busiest_pct``: the busiest
+one's share of a core; near 100% the load tool, not the server, is the
+limit).  ``--floor`` then runs the same load against bench/floor.py, a
+trivial in-memory router, and reports it as ``load_floor``: the latency
+the load tool itself adds (``pigeon bench floor`` runs that alone).
+
 Honesty: lost = acknowledged by the server but never handed to a recipient
 application; duplicated = handed to an application twice.  A run that lost
 or duplicated anything says so in its JSON and exits with status 1.
@@ -153,18 +165,38 @@ class ServerUnderTest:
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=self.log,
                                      stdin=subprocess.DEVNULL)  # fmt: skip
         self.pid = self.proc.pid
+        if self._ready_line("pigeon: serving on", 60) is None:
+            self.stop()
+            raise BenchError("the server did not start; see its log: " + self.log_path())
+
+    def start_floor(self, creds_path: str) -> None:
+        """Start the load floor (bench/floor.py) on a free loopback port instead."""
+        self.proc = subprocess.Popen([sys.executable, "-m", "pigeon.bench.floor", "--creds",
+                                      creds_path, "--listen", "127.0.0.1:0"],
+                                     stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)  # fmt: skip
+        self.pid = self.proc.pid
+        line = self._ready_line("floor: serving on", 30)
+        if line is None:
+            self.stop()
+            raise BenchError("the floor server did not start (its error is above)")
+        self.target = line.split()[-1]
+
+    def _ready_line(self, prefix: str, timeout: float) -> str | None:
+        """The first stdout line starting with ``prefix``; None at EOF or after ``timeout`` s."""
         sel = selectors.DefaultSelector()
         sel.register(self.proc.stdout, selectors.EVENT_READ)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if sel.select(0.2):
-                line = self.proc.stdout.readline().decode()
-                if line.startswith("pigeon: serving on"):
-                    return
-                if not line:
-                    break
-        self.stop()
-        raise BenchError("the server did not start; see its log: " + self.log_path())
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                if sel.select(0.2):
+                    line = self.proc.stdout.readline().decode()
+                    if line.startswith(prefix):
+                        return line.strip()
+                    if not line:
+                        return None
+            return None
+        finally:
+            sel.close()
 
     def log_path(self) -> str:
         return os.path.join(self._tmp or "", "server.log")
@@ -248,8 +280,9 @@ class LoadProc:
     (``progress``, ``sent_done``); ``line`` returns the other ones.
     """
 
-    def __init__(self, args: list[str], clients: tuple[int, int] = (0, 0)):
-        self.proc = subprocess.Popen([sys.executable, "-m", "pigeon.bench.load", *args],
+    def __init__(self, args: list[str], clients: tuple[int, int] = (0, 0),
+                 module: str = "pigeon.bench.load"):  # fmt: skip
+        self.proc = subprocess.Popen([sys.executable, "-m", module, *args],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      bufsize=0)  # fmt: skip
         self.fd = self.proc.stdout.fileno()
@@ -261,6 +294,19 @@ class LoadProc:
         self.progress = dict.fromkeys(PROGRESS_KEYS, 0)
         self.progress_at = time.monotonic()
         self.sent_done: int | None = None
+        self._ps = None
+
+    def cpu(self) -> float:
+        """User + system seconds this load process has used so far (psutil)."""
+        import psutil
+
+        try:
+            if self._ps is None:
+                self._ps = psutil.Process(self.proc.pid)
+            t = self._ps.cpu_times()
+        except psutil.NoSuchProcess:
+            return 0.0
+        return t.user + t.system
 
     def feed(self) -> None:
         """Read what its stdout has (call when select says it is readable)."""
@@ -627,6 +673,103 @@ def throughput(opts) -> dict:
     }
 
 
+#: How far ahead of "now" a latency run's first message is due: time for every
+#: load process to read its run line before its schedule starts.
+START_DELAY_NS = 100_000_000
+
+
+def _latency_loads(opts, target: str, creds: str, loads: list) -> None:
+    """Start the latency load processes against ``target``; return once all logged in."""
+    for first, last in _split(opts.clients, opts.load_procs):
+        loads.append(LoadProc([
+            "--target", target, "--creds", creds, "--first", str(first), "--last", str(last),
+            "--size", str(opts.size), "--seed", str(opts.seed + first),
+        ], (first, last), module="pigeon.bench.openloop"))  # fmt: skip
+    for lp in loads:
+        if lp.line(300) != "ready":
+            raise BenchError("a load process failed to log in its clients")
+
+
+def _latency_run(opts, server, loads, rate: float, want_receipts: bool, desc: str = "") -> dict:
+    """One open-loop run at ``rate`` msg/s, split evenly between the load processes.
+
+    Every process gets its share of the messages and of the rate and the
+    same start, shifted by its place in one interval of the merged schedule
+    (process k of n sends the messages k, k+n, k+2n, ... of one evenly spaced
+    stream).  The latencies are the processes' own samples, merged before the
+    percentiles are taken.  CPU is read from the OS for the server (or the
+    floor) and for every load process, over the run.
+    """
+    n = len(loads)
+    total = int(rate * opts.seconds)
+    shares = [last - first for first, last in _split(total, n)] if total >= n else [0] * n
+    shares[0] += total - sum(shares)  # fewer messages than load processes: all in the first
+    cpu0, load0 = server.cpu(), [lp.cpu() for lp in loads]
+    start = time.monotonic_ns() + START_DELAY_NS
+    step = 1e9 / rate
+    for k, lp in enumerate(loads):
+        lp.sent_done = None
+        lp.say(f"run {rate / n} {opts.seconds} {start + int(k * step)} {shares[k]}")
+    bar = _Bar(total, desc or f"{rate:.0f} msg/s")
+    stalled = _send_and_drain(loads, opts, want_receipts, bar)
+    wall = max((time.monotonic_ns() - start) / 1e9, 1e-3)
+    cpu1, load1 = server.cpu(), [lp.cpu() for lp in loads]
+    results = _results(loads, "collect")
+    if stalled is not None:
+        stalled["missing"] = _missing(loads, results, want_receipts)
+    tally = _tally(results)
+    lat = tally.pop("_lat")
+    user, system = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
+    delivered = tally["delivered"] or 1
+    send_s = max(r["send_seconds"] for r in results)
+    load_s = [b - a for a, b in zip(load0, load1, strict=True)]
+    return {
+        "rate": rate,
+        **tally,
+        "receipts_missing": sum(r["receipts_missing"] for r in results) if want_receipts else None,
+        "achieved_msgs_per_s": round(tally["delivered"] / max(send_s, opts.seconds), 1),
+        "server_cpu_us_per_msg": round((user + system) / delivered * 1e6, 2),
+        "server_user_us_per_msg": round(user / delivered * 1e6, 2),
+        "load_cpu_us_per_msg": round(sum(load_s) / delivered * 1e6, 1),
+        "load_cpu_busiest_pct": round(max(load_s) / wall * 100, 1),
+        "load_pacer": ", ".join(sorted({r.get("pacer") or "?" for r in results})),
+        "p50_ms": _percentile(lat, 0.50),
+        "p99_ms": _percentile(lat, 0.99),
+        "p999_ms": _percentile(lat, 0.999),
+        "max_ms": lat[-1] / 1000 if lat else None,
+        "latencies": len(lat),
+        "latency_cdf": _cdf(lat),
+        "stalled": stalled,
+    }
+
+
+#: The figures of a floor run that go into a latency result's ``load_floor``.
+FLOOR_KEYS = ("rate", "sent", "delivered", "lost", "achieved_msgs_per_s", "p50_ms", "p99_ms",
+              "p999_ms", "max_ms", "latencies", "load_cpu_us_per_msg", "load_cpu_busiest_pct",
+              "floor_cpu_us_per_msg", "load_processes", "load_pacer", "latency_cdf",
+              "stalled")  # fmt: skip
+
+
+def _floor_run(opts, creds: str, rate: float) -> dict:
+    """The same load (clients, rate, load processes, size) against the load floor,
+    bench/floor.py: what the load tool itself adds to a latency."""
+    note(f"load floor: the same load against the trivial router (bench/floor.py), "
+         f"{rate:g} msg/s for {opts.seconds:g} s")  # fmt: skip
+    floor, loads = ServerUnderTest(), []
+    try:
+        floor.start_floor(creds)
+        _latency_loads(opts, floor.target, creds, loads)
+        r = _latency_run(opts, floor, loads, rate, want_receipts=True, desc="floor")
+    finally:
+        for lp in loads:
+            lp.close()
+        floor.stop()
+    r["floor_cpu_us_per_msg"] = r.pop("server_cpu_us_per_msg")
+    del r["server_user_us_per_msg"]
+    r["load_processes"] = len(loads)
+    return r
+
+
 def latency(opts) -> dict:
     """Open-loop load at a fixed rate: the send-to-delivery latency distribution.
 
@@ -634,56 +777,26 @@ def latency(opts) -> dict:
     doubling from ``--rate`` while p99 stays within the bound (and nothing is
     lost and the rate is kept up), then a bisection between the last good and
     the first bad rate; at most ``MAX_SEARCH_RUNS`` runs, one server.
+
+    With ``--floor``: afterwards (the server stopped, when the bench started
+    it) the same load at the same rate (the rate found, with
+    ``--find-max-rate``) against the load floor, reported as ``load_floor``.
     """
     runs: list[dict] = []
     note(f"latency: {opts.clients:,} clients, {opts.rate:g} messages/s for {opts.seconds:g} s"
          + (f" = {int(opts.rate * opts.seconds):,} messages" if opts.find_max_rate is None
-            else f" and up, runs of {opts.seconds:g} s, until p99 passes {opts.find_max_rate:g} ms"))  # fmt: skip
+            else f" and up, runs of {opts.seconds:g} s, until p99 passes {opts.find_max_rate:g} ms")
+         + f", {opts.load_procs} load processes")  # fmt: skip
     with _bench_run(opts) as run:
         server, creds, loads = run.server, run.creds, run.loads
         if opts.target is None:
             server.start(opts.workers, {"sync": opts.sync}, opts.clients, creds)
-        for first, last in _split(opts.clients, opts.load_procs):
-            loads.append(LoadProc([
-                "--mode", "latency", "--target", server.target, "--creds", creds,
-                "--first", str(first), "--last", str(last), "--size", str(opts.size),
-                "--seed", str(opts.seed + first),
-            ], (first, last)))  # fmt: skip
-        for lp in loads:
-            if lp.line(300) != "ready":
-                raise BenchError("a load process failed to log in its clients")
+        _latency_loads(opts, server.target, creds, loads)
         note(f"{opts.clients:,} clients logged in; sending")
+        want_receipts = opts.target is None
 
         def one_run(rate: float) -> dict:
-            cpu0 = server.cpu()
-            for lp in loads:
-                lp.sent_done = None
-                lp.say(f"run {rate / len(loads)} {opts.seconds}")
-            want_receipts = opts.target is None
-            bar = _Bar(int(rate * opts.seconds), f"{rate:.0f} msg/s")
-            stalled = _send_and_drain(loads, opts, want_receipts, bar)
-            cpu1 = server.cpu()
-            results = _results(loads, "collect")
-            if stalled is not None:
-                stalled["missing"] = _missing(loads, results, want_receipts)
-            tally = _tally(results)
-            lat = tally.pop("_lat")
-            user, system = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
-            n = tally["delivered"] or 1
-            send_s = max(r["send_seconds"] for r in results)
-            return {
-                "rate": rate,
-                **tally,
-                "achieved_msgs_per_s": round(tally["delivered"] / max(send_s, opts.seconds), 1),
-                "server_cpu_us_per_msg": round((user + system) / n * 1e6, 2),
-                "server_user_us_per_msg": round(user / n * 1e6, 2),
-                "p50_ms": _percentile(lat, 0.50),
-                "p99_ms": _percentile(lat, 0.99),
-                "p999_ms": _percentile(lat, 0.999),
-                "max_ms": lat[-1] / 1000 if lat else None,
-                "latency_cdf": _cdf(lat),
-                "stalled": stalled,
-            }
+            return _latency_run(opts, server, loads, rate, want_receipts)
 
         def good(r: dict) -> bool:
             return (
@@ -717,13 +830,24 @@ def latency(opts) -> dict:
                     if best and rate == best["rate"]:
                         break
         peak = server.peak_rss
+        n_loads = len(loads)
+        floor = None
+        if opts.floor:
+            for lp in loads:  # the server's load ends before the floor's starts
+                lp.close()
+            if opts.target is None:
+                server.stop()
+            ok = [r for r in runs if opts.find_max_rate is None or good(r)]
+            floor_rate = max(r["rate"] for r in ok) if ok else opts.rate
+            fr = _floor_run(opts, creds, floor_rate)
+            floor = {k: fr[k] for k in FLOOR_KEYS}
     head = {
         "bench": "latency",
         "clients": opts.clients,
         "size": opts.size,
         "seconds": opts.seconds,
         "workers": opts.workers,
-        "load_processes": len(loads),
+        "load_processes": n_loads,
         "sync": opts.sync if opts.target is None else "external",
         "receipts": True,
         "profile": "bench" if opts.target is None else "external",
@@ -731,12 +855,16 @@ def latency(opts) -> dict:
         "server_peak_rss_kib": peak // 1024,
         "machine": machine(),
     }
+    tail = {} if floor is None else {"load_floor": floor}
     if opts.find_max_rate is None:
-        stalled = runs[0]["stalled"]
-        return {**head, **runs[0], "partial": bool(stalled and stalled["partial"])}
+        stalled = runs[0]["stalled"] or (floor and floor["stalled"])
+        return {**head, **runs[0], "partial": bool(stalled and stalled["partial"]),
+                "stalled": stalled, **tail}  # fmt: skip
     ok = [r for r in runs if good(r)]
     best = max(ok, key=lambda r: r["rate"]) if ok else None
-    stalled = next((r["stalled"] for r in runs if r["stalled"]), None)
+    stalled = next((r["stalled"] for r in runs if r["stalled"]), None) or (
+        floor and floor["stalled"]
+    )
     return {
         **head,
         "find_max_rate_p99_ms": opts.find_max_rate,
@@ -745,10 +873,54 @@ def latency(opts) -> dict:
         "partial": bool(stalled and stalled["partial"]),
         "stalled": stalled,
         "runs": [{k: v for k, v in r.items() if k != "latency_cdf"} for r in runs],
+        **tail,
+    }
+
+
+def floor_bench(opts) -> dict:
+    """``pigeon bench floor``: the latency bench's load against the load floor alone."""
+    from .floor import write_credentials
+
+    note(f"floor: {opts.clients:,} clients, {opts.rate:g} messages/s for {opts.seconds:g} s "
+         f"= {int(opts.rate * opts.seconds):,} messages, {opts.load_procs} load processes")  # fmt: skip
+    tmp = tempfile.mkdtemp(prefix="pigeon-bench-floor-")
+    try:
+        creds = opts.creds
+        if creds is None:
+            creds = os.path.join(tmp, "creds.jsonl")
+            write_credentials(opts.clients, creds)
+        r = _floor_run(opts, creds, opts.rate)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    stalled = r.pop("stalled")
+    return {
+        "bench": "floor",
+        "clients": opts.clients,
+        "size": opts.size,
+        "seconds": opts.seconds,
+        "note": "the latency bench's load against bench/floor.py, a trivial in-memory router "
+        "(ack at once, deliver, delivered receipt on the device's ack; no store): the "
+        "latency the load tool itself adds",
+        **r,
+        "partial": bool(stalled and stalled["partial"]),
+        "stalled": stalled,
+        "machine": machine(),
     }
 
 
 MAX_SEARCH_RUNS = 10
+
+#: Default load processes of the latency and floor benches.  Measured against the
+#: load floor with 1,000 clients at 5,000 msg/s on a 2-core VM: one process keeps
+#: the rate but runs at ~75% of a core (no headroom once a real server shares the
+#: cores); two run below 50% each; three and four add total load CPU and
+#: scheduling on 2 cores (p50 and p99 got worse, not better).
+LATENCY_LOAD_PROCS = 2
+LOAD_PROCS_WHY = (
+    " and the rate split evenly; the default keeps each under half a core at 5,000 msg/s "
+    "on 2 cores, where one process nears a full core and more add CPU and scheduling "
+    "noise; a run reports load_cpu_busiest_pct: near 100%% the load tool is the limit"
+)
 
 
 def idle(opts) -> dict:
@@ -890,14 +1062,22 @@ def add_parser(sub) -> None:
     def parser(name, **kw):
         return bsub.add_parser(name, formatter_class=HelpFormatter, **kw)
 
-    def common(sp, clients=True):
+    def common(sp, clients=True, load_procs=1, load_procs_help="", server=True):
         if clients:
             sp.add_argument("--clients", type=int, default=100, metavar="N",
                             help="connected, logged-in clients")  # fmt: skip
-        sp.add_argument("--workers", type=int, default=os.cpu_count() or 1, metavar="N",
-                        help="server workers (default: one per core, %(default)s here)")  # fmt: skip
-        sp.add_argument("--load-procs", type=int, default=1, metavar="N",
-                        help="load-generator processes; the clients are split between them")  # fmt: skip
+        if server:
+            sp.add_argument("--workers", type=int, default=os.cpu_count() or 1, metavar="N",
+                            help="server workers (default: one per core, %(default)s here)")  # fmt: skip
+        sp.add_argument("--load-procs", type=int, default=load_procs, metavar="N",
+                        help="load-generator processes; the clients are split between them"
+                        + load_procs_help)  # fmt: skip
+        if not server:
+            sp.add_argument("--creds", metavar="FILE",
+                            help="credentials to log in with (default: made up for the run)")  # fmt: skip
+            sp.add_argument("--json", action="store_true", help="print exactly one JSON object")
+            sp.set_defaults(target=None, server_pid=None)
+            return
         sp.add_argument("--target", metavar="HOST:PORT",
                         help="measure a running server instead of starting one (with "
                         "--server-pid and --creds)")  # fmt: skip
@@ -921,6 +1101,17 @@ def add_parser(sub) -> None:
         sp.add_argument("--sync", choices=["os", "fsync"], default="os",
                         help="the server's durability (default: %(default)s; the server's own "
                         "default is fsync)")  # fmt: skip
+
+    def latency_flags(sp, search=True):
+        sp.add_argument("--rate", type=float, default=1000, metavar="R",
+                        help="messages per second, all load processes together"
+                        + (" (the start of --find-max-rate)" if search else ""))  # fmt: skip
+        sp.add_argument("--seconds", type=float, default=10, metavar="S",
+                        help="length of the run"
+                        + (" (of each run of --find-max-rate)" if search else "") + ", s")  # fmt: skip
+        sp.add_argument("--size", type=int, default=100, metavar="BYTES",
+                        help="message body size")  # fmt: skip
+        sp.add_argument("--seed", type=int, default=1, help="seed of the random peer choice")
 
     def plot_flag(sp):
         sp.add_argument("--plot", metavar="FILE.png",
@@ -951,23 +1142,39 @@ def add_parser(sub) -> None:
         "latency",
         help="open-loop fixed-rate load, send-to-delivery latency",
         description="Messages at a fixed rate, not waiting for acks (open loop), each stamped "
-        "with the time it was due; reports the send-to-delivery latency distribution. With "
+        "with the time it was due; reports the send-to-delivery latency distribution. The "
+        "rate is split evenly between the load processes, their schedules interleaved; "
+        "the latencies of all of them are merged before the percentiles. With --floor, "
+        "the same load is then run against a trivial in-memory router (bench/floor.py) and "
+        "reported as load_floor: the latency the load tool itself adds. With "
         "--find-max-rate, searches the highest rate whose p99 stays within a bound (at most "
         f"{MAX_SEARCH_RUNS} runs on one server).",
     )
-    common(lt)
-    lt.add_argument("--rate", type=float, default=1000, metavar="R",
-                    help="messages per second (the start of --find-max-rate)")  # fmt: skip
-    lt.add_argument("--seconds", type=float, default=10, metavar="S",
-                    help="length of the run (of each run of --find-max-rate), s")  # fmt: skip
-    lt.add_argument("--size", type=int, default=100, metavar="BYTES", help="message body size")
+    common(lt, load_procs=LATENCY_LOAD_PROCS, load_procs_help=LOAD_PROCS_WHY)
+    latency_flags(lt)
     sync_flag(lt)
     lt.add_argument("--find-max-rate", type=float, metavar="P99_MS",
                     help="search the highest rate whose p99 stays within P99_MS")  # fmt: skip
-    lt.add_argument("--seed", type=int, default=1, help="seed of the random peer choice")
+    lt.add_argument("--floor", action="store_true",
+                    help="then run the same load against the load floor (bench/floor.py) and "
+                    "report it as load_floor: p50/p99/p99.9, achieved rate and load CPU "
+                    "(with --find-max-rate: at the rate found)")  # fmt: skip
     stall_flags(lt)
     plot_flag(lt)
     lt.set_defaults(func=run, bench=latency)
+    fl = parser(
+        "floor",
+        help="the latency load against a trivial router: the load tool's own floor",
+        description="The load of 'pigeon bench latency' (same options) against bench/floor.py, "
+        "a trivial in-memory router in one process (ack at once, deliver, delivered receipt "
+        "on the device's ack; no store, no workers): the latencies it reports are what the "
+        "load tool itself adds. 'pigeon bench latency --floor' measures it beside a server.",
+    )
+    common(fl, load_procs=LATENCY_LOAD_PROCS, load_procs_help=LOAD_PROCS_WHY, server=False)
+    latency_flags(fl, search=False)
+    stall_flags(fl)
+    plot_flag(fl)
+    fl.set_defaults(func=run, bench=floor_bench)
     pr = parser(
         "presence",
         help="one user's presence changes fanned out to N subscribers",
@@ -1045,6 +1252,17 @@ def _headline(r: dict) -> list[str]:
         if kind == "throughput":
             lat += " (closed loop: mostly queueing in the load process)"
         lines.append(lat)
+        if kind == "latency":
+            lines.append(_load_line(r))
+            lines += _floor_lines(r.get("load_floor"))
+    elif kind == "floor":
+        lines.append(f"floor: {_num(r.get('sent'))} messages sent at {_num(r.get('rate'))} msg/s "
+                     f"(achieved {_num(r.get('achieved_msgs_per_s'))} msg/s) to the trivial "
+                     f"router, {_num(r.get('delivered'))} delivered, {_num(r.get('lost'))} lost")  # fmt: skip
+        lines.append(f"the load tool's own send-to-delivery p50 {_num(r.get('p50_ms'), 'ms')}, "
+                     f"p99 {_num(r.get('p99_ms'), 'ms')}, p99.9 {_num(r.get('p999_ms'), 'ms')}")  # fmt: skip
+        lines.append(_load_line(r) + f"; the router's CPU "
+                     f"{_num(r.get('floor_cpu_us_per_msg'), 'us')} per message")  # fmt: skip
     elif kind == "latency":
         bound = _num(r["find_max_rate_p99_ms"], "ms")
         runs = r.get("runs") or []
@@ -1057,6 +1275,8 @@ def _headline(r: dict) -> list[str]:
                          f"{_num(r.get('p99_ms'), 'ms')}, server CPU "
                          f"{_num(r.get('server_cpu_us_per_msg'), 'us')} per message, "
                          f"{_num(r.get('lost'))} lost")  # fmt: skip
+            lines.append(_load_line(r))
+        lines += _floor_lines(r.get("load_floor"))
     elif kind == "idle":
         lines.append(f"idle: {_num(r.get('clients'))} connections, "
                      f"{_num(r.get('kib_per_conn'), 'KiB')} per connection "
@@ -1079,11 +1299,30 @@ def _headline(r: dict) -> list[str]:
     return lines
 
 
+def _load_line(r: dict) -> str:
+    """How hard the load processes worked: if the busiest is near 100%, it was the limit."""
+    return (f"load CPU {_num(r.get('load_cpu_us_per_msg'), 'us')} per message, busiest of "
+            f"{_num(r.get('load_processes'))} load processes at "
+            f"{_num(r.get('load_cpu_busiest_pct'))}% of a core")  # fmt: skip
+
+
+def _floor_lines(f: dict | None) -> list[str]:
+    """The load floor beside a latency: what of it is the load tool's own."""
+    if not f:
+        return []
+    return [f"load floor, the same load against a trivial router (bench/floor.py): "
+            f"p50 {_num(f.get('p50_ms'), 'ms')}, p99 {_num(f.get('p99_ms'), 'ms')}, "
+            f"p99.9 {_num(f.get('p999_ms'), 'ms')} at {_num(f.get('achieved_msgs_per_s'))} "
+            f"msg/s; load CPU {_num(f.get('load_cpu_us_per_msg'), 'us')} per message, busiest "
+            f"load process {_num(f.get('load_cpu_busiest_pct'))}% of a core"]  # fmt: skip
+
+
 def _runs_table(runs: list[dict]) -> list[str]:
     """The runs of a --find-max-rate search, one row each, in the order they ran."""
     cols = (("rate", "rate msg/s"), ("achieved_msgs_per_s", "achieved"), ("p50_ms", "p50 ms"),
             ("p99_ms", "p99 ms"), ("p999_ms", "p99.9 ms"), ("lost", "lost"),
-            ("server_cpu_us_per_msg", "CPU us/msg"))  # fmt: skip
+            ("server_cpu_us_per_msg", "CPU us/msg"),
+            ("load_cpu_busiest_pct", "busiest load %"))  # fmt: skip
     rows = [[label for _, label in cols]]
     rows += [[_num(run.get(key)) for key, _ in cols] for run in runs]
     widths = [max(len(row[k]) for row in rows) for k in range(len(cols))]
@@ -1092,7 +1331,8 @@ def _runs_table(runs: list[dict]) -> list[str]:
 
 def _human(result: dict) -> str:
     """What a run prints without --json: the headline, then every figure, aligned."""
-    bulky = ("machine", "latency_cdf", "runs", "stalled", "note", "limits_lifted", "errors")
+    bulky = ("machine", "latency_cdf", "runs", "stalled", "note", "limits_lifted", "errors",
+             "load_floor")  # fmt: skip
     lines = _headline(result)
     if result.get("note"):
         lines += textwrap.wrap(f"({result['note']})", 88)
@@ -1110,6 +1350,11 @@ def _human(result: dict) -> str:
     lines += ["", "details:"] + [f"  {k:<{width}}  {v}" for k, v in details]
     if result.get("runs"):
         lines += ["", "runs:", *_runs_table(result["runs"])]
+    floor = result.get("load_floor")
+    if floor:
+        shown = [(k, _num(v)) for k, v in floor.items() if k not in ("latency_cdf", "stalled")]
+        w = max(len(k) for k, _ in shown)
+        lines += ["", "load floor (bench/floor.py):"] + [f"  {k:<{w}}  {v}" for k, v in shown]
     return "\n".join(lines)
 
 
@@ -1168,8 +1413,12 @@ def figure(results: list[tuple[str, dict]]):
         if cdf:
             what = f"{r['rate']:.0f} msg/s" if r.get("rate") else f"{r.get('clients')} clients"
             label = f"{r['bench']} {what}" if name == r["bench"] else f"{name} ({what})"
-            ax.plot([p[0] for p in cdf], [p[1] for p in cdf], label=label,
-                    linestyle=("-", "--", "-.", ":")[k % 4])  # fmt: skip
+            line = ax.plot([p[0] for p in cdf], [p[1] for p in cdf], label=label,
+                           linestyle=("-", "--", "-.", ":")[k % 4])[0]  # fmt: skip
+            fcdf = (r.get("load_floor") or {}).get("latency_cdf") or []
+            if fcdf:  # the load tool's own share, in the same colour, thin
+                ax.plot([p[0] for p in fcdf], [p[1] for p in fcdf], label=f"{label}: load floor",
+                        linestyle=":", linewidth=1, color=line.get_color())  # fmt: skip
     ax.set_xscale("log")
     ax.set_xlabel("send-to-delivery latency, ms (log)")
     ax.set_ylabel("fraction of messages")
@@ -1233,9 +1482,10 @@ def _plottable(r, path: str) -> str | None:
     kind = r.get("bench")
     if kind in ("idle", "presence"):
         return f"{'an' if kind == 'idle' else 'a'} {kind} result: nothing to plot"
-    if kind not in ("throughput", "latency"):
+    if kind not in ("throughput", "latency", "floor"):
         return "not a pigeon bench result (save one with --json)"
-    need = {"throughput": ("clients", "msgs_per_s", "server_cpu_us_per_msg"), "latency": ()}
+    need = {"throughput": ("clients", "msgs_per_s", "server_cpu_us_per_msg"), "latency": (),
+            "floor": ()}  # fmt: skip
     for field in need[kind]:
         if not isinstance(r.get(field), (int, float)) or isinstance(r.get(field), bool):
             return f"a {kind} result without a number for {field!r}"
@@ -1243,7 +1493,7 @@ def _plottable(r, path: str) -> str | None:
     if cdf is not None and not (isinstance(cdf, list)
                                 and all(isinstance(p, list) and len(p) == 2 for p in cdf)):  # fmt: skip
         return "a malformed latency_cdf"
-    if kind == "latency" and not cdf:
+    if kind in ("latency", "floor") and not cdf:
         return "a latency result without a latency distribution (a search no rate passed)"
     return None
 
@@ -1291,6 +1541,13 @@ def run(opts) -> int:
     if getattr(opts, "clients", 2) < 2:
         print("pigeon bench: --clients must be at least 2", file=sys.stderr)
         return 2
+    if getattr(opts, "load_procs", 1) < 1:
+        print("pigeon bench: --load-procs must be at least 1", file=sys.stderr)
+        return 2
+    for flag in ("rate", "seconds"):
+        if getattr(opts, flag, 1) <= 0:
+            print(f"pigeon bench: --{flag} must be positive", file=sys.stderr)
+            return 2
     if getattr(opts, "subscribers", 1) < 1:
         print("pigeon bench: --subscribers must be at least 1", file=sys.stderr)
         return 2

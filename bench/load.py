@@ -18,6 +18,9 @@ or the result.
 Every message body starts with (sender index, message number, send time in
 monotonic ns); CLOCK_MONOTONIC is one clock for every process of the
 machine, so a receiver in another load process can compute the latency.
+
+The latency bench's load is bench/openloop.py: the same lines and options,
+open-loop sends from a lean driver of the SDK's sans-IO core.
 """
 
 from __future__ import annotations
@@ -197,113 +200,6 @@ class Load:
             "no_receipt": sorted(self.key_of[m] for m in self.acked_ids - self.receipt_ids),
         }
 
-    async def open_loop(self, rate: float, seconds: float) -> None:
-        """Send at a fixed ``rate`` (msg/s, this process) for ``seconds``, not waiting for acks.
-
-        Each message is stamped with the time it was *due*, not the time it
-        went out, so a stalled sender shows up as latency (no coordinated
-        omission).  Senders are this process's clients in turn; recipients
-        are random online peers.  What it sent and got lands in ``self``
-        (``acked``, ``errors``, ``inflight``), so a run the harness stops
-        early still has its counts.
-        """
-        loop = asyncio.get_running_loop()
-        mine = list(self.mine)
-        n_all = len(self.creds)
-        pad = bytes(max(0, self.args.size - HEADER.size))
-        rng = random.Random(self.args.seed)
-        pending: set[asyncio.Task] = set()
-        total = int(rate * seconds)
-        interval_ns = int(1e9 / rate)
-        start = time.monotonic_ns() + 50_000_000
-
-        async def one(i: int, number: int, due: int) -> None:
-            peer = rng.randrange(n_all - 1)
-            peer += peer >= i
-            body = HEADER.pack(i, number, due) + pad
-            key = i << 32 | number
-            self.inflight.add(key)
-            try:
-                await self.clients[i].send(self.creds[peer]["phone"], body, timeout=60)
-                self.acked.append(key)
-            except (ServerError, TimeoutError, ConnectionError) as exc:
-                name = getattr(exc, "name", type(exc).__name__)
-                self.errors[name] = self.errors.get(name, 0) + 1
-            self.inflight.discard(key)
-
-        k = 0
-        try:
-            while k < total:
-                now = time.monotonic_ns()
-                due = start + k * interval_ns
-                if due > now:
-                    await asyncio.sleep((due - now) / 1e9)
-                    continue
-                while k < total and start + k * interval_ns <= now:
-                    i = mine[k % len(mine)]
-                    number = self.next_number[i]
-                    self.next_number[i] += 1
-                    self.sent += 1
-                    t = loop.create_task(one(i, number, start + k * interval_ns))
-                    pending.add(t)
-                    t.add_done_callback(pending.discard)
-                    k += 1
-            self.send_seconds = (time.monotonic_ns() - start) / 1e9
-            if pending:
-                await asyncio.wait(pending, timeout=60)
-        finally:
-            for t in list(pending):  # stopped early: the messages stay in ``inflight``
-                t.cancel()
-
-    async def latency_runs(self) -> None:
-        """Serve "run RATE SECONDS" lines until "stop"; one JSON result per run."""
-        loop = asyncio.get_running_loop()
-        await self.login_all()
-        readers = [loop.create_task(self.receive(i)) for i in self.mine]
-        self.next_number = dict.fromkeys(self.mine, 0)
-        print("ready", flush=True)
-        while True:
-            line = (await loop.run_in_executor(None, sys.stdin.readline)).split()
-            if not line or line[0] != "run":
-                break
-            self.latencies_us, self.delivered, self.deliveries = [], set(), 0
-            self.acked, self.errors, self.inflight, self.sent = [], {}, set(), 0
-            t0 = time.monotonic()
-            self.send_seconds = None
-            progress = loop.create_task(self.progress())
-            sending = loop.create_task(self.open_loop(float(line[1]), float(line[2])))
-            told = loop.run_in_executor(None, sys.stdin.readline)  # "collect", maybe early
-            await asyncio.wait({sending, told}, return_when=asyncio.FIRST_COMPLETED)
-            stopped_early = not sending.done()
-            if stopped_early:
-                sending.cancel()
-                await asyncio.gather(sending, return_exceptions=True)
-            else:
-                print(orjson.dumps({"sent_done": len(self.acked)}).decode(), flush=True)
-                progress = self.faster(progress)
-                await told
-            progress.cancel()
-            self.progress_interval = self.args.progress_interval
-            r = {
-                "sent": self.sent,
-                "acked": self.acked,
-                "errors": self.errors,
-                "send_seconds": self.send_seconds or time.monotonic() - t0,
-                "delivered": sorted(self.delivered),
-                "deliveries": self.deliveries,
-                "latencies_us": self.latencies_us,
-                "redelivered_on_wire": sum(c.redelivered for c in self.clients.values()),
-                "receipts": 0, "receipts_missing": 0, "receipts_duplicated": 0,
-                "stopped_early": stopped_early,
-                **self.missing(),
-            }  # fmt: skip
-            print(orjson.dumps(r).decode(), flush=True)
-            if stopped_early:
-                break
-        for t in readers:
-            t.cancel()
-        await self.close_all()
-
     def faster(self, progress: asyncio.Task) -> asyncio.Task:
         """The sends are done: a progress line now, then every 0.1 s, so the harness
         sees the last delivery (and ends the run's clock) soon after it came."""
@@ -325,8 +221,9 @@ class Load:
             await asyncio.sleep(self.progress_interval)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="pigeon-bench-load")
+def arg_parser(prog: str = "pigeon-bench-load") -> argparse.ArgumentParser:
+    """The options of a load process (bench/openloop.py takes the same)."""
+    p = argparse.ArgumentParser(prog=prog)
     p.add_argument("--target", required=True)
     p.add_argument("--creds", required=True)
     p.add_argument("--first", type=int, required=True)
@@ -339,11 +236,16 @@ def main(argv=None) -> int:
     p.add_argument(
         "--mode",
         default="throughput",
-        choices=["throughput", "idle", "latency", "presence-pub", "presence-sub"],
+        choices=["throughput", "idle", "presence-pub", "presence-sub"],
     )
     p.add_argument("--changes", type=int, default=100, help="presence-pub: changes to make")
     p.add_argument("--interval", type=float, default=0.05, help="presence-pub: s between them")
     p.add_argument("--watch", help="presence-sub: the user every client subscribes to")
+    return p
+
+
+def main(argv=None) -> int:
+    p = arg_parser()
     args = p.parse_args(argv)
     from pigeon.server.provision import load_credentials
 
@@ -356,8 +258,6 @@ def main(argv=None) -> int:
     load = Load(args, creds)
     if args.mode == "idle":
         uvloop.run(idle(load))
-    elif args.mode == "latency":
-        uvloop.run(load.latency_runs())
     elif args.mode == "presence-pub":
         uvloop.run(presence_pub(load))
     elif args.mode == "presence-sub":

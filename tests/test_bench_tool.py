@@ -84,11 +84,151 @@ def test_latency_fixed_rate_and_report(tmp_path):
 
 def test_find_max_rate_is_bounded_and_reports_every_run():
     proc = pigeon("bench", "latency", "--clients", "4", "--rate", "100", "--seconds", "0.5",
-                  "--find-max-rate", "0.001", "--workers", "1", "--json")  # fmt: skip
+                  "--find-max-rate", "0.001", "--workers", "1", "--load-procs", "2", "--json")  # fmt: skip
     # a 1 us p99 bound is never met: no rate qualifies, and the search stops by itself
     r = orjson.loads(proc.stdout)
-    assert r["max_rate"] is None and 1 <= len(r["runs"]) <= 10
-    assert all(run["lost"] == 0 for run in r["runs"])
+    assert r["max_rate"] is None and 1 <= len(r["runs"]) <= 10 and r["load_processes"] == 2
+    for run in r["runs"]:  # every run's messages, split over both processes, all counted
+        assert run["lost"] == 0 and run["sent"] == int(run["rate"] * 0.5)
+        assert run["latencies"] == run["delivered"] == run["sent"]
+
+
+FLOOR_FIELDS = {
+    "rate", "sent", "delivered", "lost", "achieved_msgs_per_s", "p50_ms", "p99_ms", "p999_ms",
+    "max_ms", "latencies", "load_cpu_us_per_msg", "load_cpu_busiest_pct", "floor_cpu_us_per_msg",
+    "load_processes", "load_pacer", "latency_cdf",
+}  # fmt: skip
+
+
+def test_latency_merges_every_load_process_and_measures_the_floor():
+    """Two load processes share the rate; the latencies of both are merged (one sample
+    per delivered message, whoever received it); --floor then runs the same load
+    against bench/floor.py and reports it beside the server's figures."""
+    from pigeon.bench.harness import _human
+
+    proc = pigeon("bench", "latency", "--clients", "6", "--rate", "200", "--seconds", "1",
+                  "--workers", "1", "--load-procs", "2", "--floor", "--json")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    r = orjson.loads(proc.stdout)
+    assert (r["load_processes"], r["sent"], r["delivered"], r["lost"]) == (2, 200, 200, 0)
+    assert r["latencies"] == r["delivered"] and r["receipts_missing"] == 0
+    assert r["load_cpu_us_per_msg"] >= 0 and 0 <= r["load_cpu_busiest_pct"]
+    assert r["server_cpu_us_per_msg"] > 0 and r["p50_ms"] <= r["p99_ms"] <= r["p999_ms"]
+    f = r["load_floor"]
+    assert FLOOR_FIELDS <= set(f) and f["stalled"] is None
+    assert (f["rate"], f["sent"], f["delivered"], f["lost"], f["load_processes"]) == (
+        200, 200, 200, 0, 2,
+    )  # fmt: skip
+    assert f["latencies"] == 200 and 0 < f["p50_ms"] <= f["p99_ms"] <= f["p999_ms"]
+    assert f["achieved_msgs_per_s"] > 0 and f["floor_cpu_us_per_msg"] >= 0
+    assert f["load_pacer"] in ("timerfd", "loop timer")
+    lines = _human(r).splitlines()
+    assert lines[3].startswith("load CPU ") and "busiest of 2 load processes" in lines[3]
+    assert lines[4].startswith("load floor, the same load against a trivial router")
+    assert "load floor (bench/floor.py):" in lines
+
+
+def test_floor_bench_alone():
+    proc = pigeon("bench", "floor", "--clients", "4", "--rate", "100", "--seconds", "0.5",
+                  "--load-procs", "2")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("floor: 50 messages sent at 100.0 msg/s"), proc.stdout
+    assert ", 50 delivered, 0 lost" in lines[0]
+    assert lines[1].startswith("the load tool's own send-to-delivery p50 ")
+    assert "busiest of 2 load processes" in lines[2] and "the router's CPU" in lines[2]
+
+
+def test_floor_server_speaks_the_protocol(tmp_path):
+    """bench/floor.py with the real SDK: SCRAM login (the SDK checks the server's proof),
+    message -> ack and delivery, device ack -> delivered receipt, a delivery kept for a
+    user not connected yet, ping, a clear error for what it does not do, a wrong
+    secret refused."""
+    from pigeon.bench.floor import write_credentials
+    from pigeon.bench.harness import ServerUnderTest
+    from pigeon.client import Client, ServerError
+    from pigeon.core.events import IncomingMessage, IncomingReceipt
+
+    path = tmp_path / "creds.jsonl"
+    creds = write_credentials(3, str(path))
+    assert path.stat().st_mode & 0o777 == 0o600
+    floor = ServerUnderTest()
+    floor.start_floor(str(path))
+    host, _, port = floor.target.rpartition(":")
+
+    async def login(k, secret=None):
+        c = await Client.connect(host, int(port))
+        await c.login(Credentials(creds[k]["device"],
+                                  secret or bytes.fromhex(creds[k]["secret"])))  # fmt: skip
+        return c
+
+    async def talk():
+        a, b = await login(0), await login(1)
+        ack = await a.send(creds[1]["phone"], b"hello")
+        ev = await b.next_event(10)
+        assert type(ev) is IncomingMessage
+        assert (ev.sender, ev.id, ev.body, ev.seq) == (creds[0]["device"], ack.id, b"hello", 1)
+        await b.ack(ev.seq)
+        rc = await a.next_event(10)
+        assert type(rc) is IncomingReceipt
+        assert (rc.sender, rc.id, rc.type, rc.seq) == (creds[1]["phone"], ack.id, "delivered", 1)
+        await a.ack(rc.seq)
+        await a.ping(10)
+        with pytest.raises(ServerError) as refused:
+            await a.privacy(timeout=10)
+        assert refused.value.code == 201 and "floor" in refused.value.text
+        later = await a.send(creds[2]["phone"], b"later")
+        c = await login(2)
+        ev = await c.next_event(10)
+        assert (ev.id, ev.body) == (later.id, b"later")
+        with pytest.raises(ServerError) as wrong:
+            await login(0, secret=bytes(32))
+        assert wrong.value.code == 300
+        for x in (a, b, c):
+            await x.close()
+
+    try:
+        asyncio.run(asyncio.wait_for(talk(), 60))
+    finally:
+        floor.stop()
+    assert floor.proc.returncode is not None
+
+
+def test_pacer_wakes_at_the_deadline_and_never_spins(monkeypatch):
+    """The open-loop sender waits with bench/pacer.py.  Its kernel timer fires once, at
+    the deadline, never before; without one, the fallback sleeps at least a
+    millisecond at a time: uvloop rounds shorter sleeps to 0 ms, and a sender
+    sleeping "the 0.3 ms left" spins the loop at 100% CPU."""
+    import time
+
+    import uvloop
+
+    from pigeon.bench import pacer
+
+    async def wait(ms: float) -> tuple[str, int]:
+        p = pacer.Pacer()
+        due, wakes = time.monotonic_ns() + int(ms * 1e6), 0
+        try:
+            while time.monotonic_ns() < due:  # the sender's loop: check the clock, wait
+                await p.until(due)
+                wakes += 1
+        finally:
+            p.close()
+        return p.kind, wakes
+
+    kind, wakes = uvloop.run(wait(20))
+    if sys.platform.startswith("linux"):
+        assert kind == "timerfd"
+    if kind == "timerfd":
+        assert wakes == 1
+
+    def no_timerfd():
+        raise OSError("no timerfd here")
+
+    monkeypatch.setattr(pacer, "_TimerFD", no_timerfd)
+    for ms in (20, 2.4, 0.3):
+        kind, wakes = uvloop.run(wait(ms))
+        assert kind == "loop timer" and 1 <= wakes <= 5, (ms, wakes)
 
 
 def test_idle_json():
@@ -322,6 +462,26 @@ def test_report_groups_throughput_runs_by_configuration():
         plt.close(fig)
 
 
+def test_report_draws_the_load_floor_beside_its_latency():
+    import matplotlib.pyplot as plt
+
+    from pigeon.bench.harness import figure
+
+    cdf = [[0.2, 0.0], [0.5, 0.5], [3.0, 1.0]]
+    lat = {"bench": "latency", "rate": 1000.0, "clients": 4, "machine": {"cpu": "test"},
+           "latency_cdf": cdf, "load_floor": {"latency_cdf": [[0.1, 0.0], [0.3, 1.0]]}}  # fmt: skip
+    alone = {"bench": "floor", "rate": 5000.0, "clients": 4, "latency_cdf": cdf}
+    fig = figure([("lat.json", lat), ("floor", alone)])
+    try:
+        lines = _panel(fig, "latency CDF").get_lines()
+        labels = [ln.get_label() for ln in lines]
+        assert labels == ["lat.json (1000 msg/s)", "lat.json (1000 msg/s): load floor",
+                          "floor 5000 msg/s"]  # fmt: skip
+        assert lines[0].get_color() == lines[1].get_color()  # the floor in its run's colour
+    finally:
+        plt.close(fig)
+
+
 def test_report_of_the_saved_results(tmp_path, capsys):
     """bench/results as it is (pytest-benchmark, idle, presence, latency and throughput
     JSON): the report draws what it knows, says which files it skipped, and keeps every
@@ -418,7 +578,9 @@ def test_human_output_of_a_run():
     assert "us per message" in proc.stdout and "details:" in proc.stdout
 
 
-@pytest.mark.parametrize("bench", [None, "throughput", "latency", "presence", "idle", "report"])
+@pytest.mark.parametrize(
+    "bench", [None, "throughput", "latency", "floor", "presence", "idle", "report"]
+)
 def test_bench_help_shows_defaults_and_no_markup(bench):
     proc = pigeon("bench", *([bench] if bench else []), "--help")
     assert proc.returncode == 0, proc.stderr
@@ -428,6 +590,8 @@ def test_bench_help_shows_defaults_and_no_markup(bench):
         assert "(default: 30)" in text and "(default: os;" in text
     if bench in ("throughput", "latency", "idle"):
         assert "(default: 100)" in text and "default: one per core" in text
+    if bench in ("latency", "floor"):
+        assert "--load-procs" in text and "(default: 2)" in text
     if bench == "presence":
         assert "(default: 1000)" in text and "(default: 0.05)" in text
     if bench == "report":
