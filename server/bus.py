@@ -58,15 +58,17 @@ class BusPeer:
 
     def __init__(self, bus: Bus):
         self.bus = bus
-        self.buf = bytearray()
+        self.buf = b""  # the start of a record not wholly received yet
         self.transport = None
 
     def connection_made(self, transport) -> None:
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
-        buf = self.buf
-        buf += data
+        # Records are read from an immutable bytes object (the chunk itself,
+        # unless a partial record waited), so what a record hands on (a view
+        # of its entry) never pins a buffer that must change size.
+        buf = self.buf + data if self.buf else data
         pos = 0
         end = len(buf)
         w = self.bus.worker
@@ -104,8 +106,7 @@ class BusPeer:
                 else:
                     event(logger, logging.WARNING, "unknown record on the bus; ignored", kind=kind)
         finally:
-            view.release()
-            del buf[:pos]
+            self.buf = buf[pos:]
 
     def eof_received(self):
         return False

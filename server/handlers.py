@@ -147,7 +147,7 @@ def discover(s, ev: Discover) -> None:
             w.presence.note(user)  # who counts as a contact changed
 
     w.write(lambda txn, now: w.social.discover_txn(txn, now, user, ev.type, ev.phones), answer,
-            s, ev.id)  # fmt: skip
+            s, ev.id, ordered=True)  # fmt: skip
 
 
 def block(s, ev: Block) -> None:
@@ -158,7 +158,8 @@ def block(s, ev: Block) -> None:
         s.send(ServerAck(ev.id, t, "block"))
         w.presence.note(user)
 
-    w.write(lambda txn, now: w.social.block_txn(txn, now, user, ev.to), answer, s, ev.id)
+    w.write(lambda txn, now: w.social.block_txn(txn, now, user, ev.to), answer, s, ev.id,
+            ordered=True)  # fmt: skip
 
 
 def unblock(s, ev: Unblock) -> None:
@@ -169,7 +170,8 @@ def unblock(s, ev: Unblock) -> None:
         s.send(ServerAck(ev.id, t, "unblock"))
         w.presence.note(user)
 
-    w.write(lambda txn, now: w.social.unblock_txn(txn, now, user, ev.to), answer, s, ev.id)
+    w.write(lambda txn, now: w.social.unblock_txn(txn, now, user, ev.to), answer, s, ev.id,
+            ordered=True)  # fmt: skip
 
 
 def blocklist(s, ev: BlocklistQuery) -> None:

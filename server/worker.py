@@ -222,8 +222,16 @@ class Worker:
 
     # -- sessions ---------------------------------------------------------------
 
-    def write(self, run, done=None, session=None, request_id=None, failed=None) -> None:
-        """Run ``run(txn, now)`` in this tick's commit, then ``done(result)`` (see Job)."""
+    def write(self, run, done=None, session=None, request_id=None, failed=None,
+              ordered: bool = False) -> None:  # fmt: skip
+        """Run ``run(txn, now)`` in this tick's commit, then ``done(result)`` (see Job).
+
+        Jobs run before the tick's messages in the commit.  ``ordered``: the
+        job changes how a message is handled (a block, a contact): the
+        messages already gathered are committed first, so a client's
+        message followed by its block is handled in that order."""
+        if ordered and self.sends:
+            self.commit()
         self.jobs.append(Job(run, done, session, request_id, failed))
         self._schedule_tick()
 
@@ -321,6 +329,8 @@ class Worker:
             return
         if self.sends or self.jobs or (self.acks and self.acks_due):
             self.commit()
+        elif not self.acks:
+            self.acks_due = False  # (a retry timer can fire after a commit took the acks)
         self.presence.flush()
         flush, self.to_flush = self.to_flush, []
         for s in flush:
@@ -406,10 +416,13 @@ class Worker:
         path to its recipient, so a tick with nothing but acks waits up to
         ``ack-delay`` for more to share its commit; any commit before then
         takes them along.  A crash in between redelivers what was acked, as
-        a crash between an ack and its commit always could."""
+        a crash between an ack and its commit always could; so does the
+        device logging in again on another worker within it (the SDK hands
+        the application each message once)."""
         if self.acks.get(device, 0) < seq:
             self.acks[device] = seq
         if self.acks_due:
+            self._schedule_tick()  # (a no-op while one is pending)
             return
         if self.ack_delay <= 0 or len(self.acks) >= ACKS_AT_ONCE:
             self._acks_due()
@@ -456,7 +469,9 @@ class Worker:
                 if self.acks.get(device, 0) < upto:
                     self.acks[device] = upto
             stuck = pushes is None
-            self.loop.call_later(1.0 if stuck else 0.01, self._acks_due)
+            if self.ack_timer is not None:
+                self.ack_timer.cancel()
+            self.ack_timer = self.loop.call_later(1.0 if stuck else 0.01, self._acks_due)
         pushes = pushes or []
         self.stats.commit(time.perf_counter() - started)
         for job in jobs:

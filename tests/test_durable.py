@@ -226,17 +226,35 @@ def raw_login(port: int, creds) -> socket.socket:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads RssAnon from /proc")
-def test_a_recipient_that_does_not_read_leaves_server_memory_bounded(tmp_path):
+@pytest.mark.parametrize(
+    "workers",
+    [
+        1,
+        # Known regression (issue 14, 2026-12-02): when the stalled recipient is on
+        # the other worker, the sender's worker grows by up to ~40 MiB in about a
+        # fifth of the runs (30fb39b: never past 132 KiB). Partly in flight on the
+        # bus, partly kept by the allocator; not found yet. Not strict, so the
+        # 1-worker case keeps the bound and this one reports XPASS/XFAIL.
+        pytest.param(
+            2,
+            marks=pytest.mark.xfail(
+                strict=False, reason="issue 14 regression: cross-worker stalled recipient"
+            ),
+        ),  # fmt: skip
+    ],
+)
+def test_a_recipient_that_does_not_read_leaves_server_memory_bounded(tmp_path, workers):
     # A window so large it never binds: only the write-buffer water marks hold pushes back.
-    srv = start(
-        tmp_path,
+    srv = Server(
+        tmp_path / "data",
+        workers=workers,
         delivery_window=100_000,
         queue_max_bytes=1 << 30,
         map_size=1 << 30,
         write_buffer_high=256 << 10,
         write_buffer_low=64 << 10,
         message_rate=0,
-    )
+    ).start()
     try:
 
         async def main():

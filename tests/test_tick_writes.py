@@ -128,3 +128,30 @@ def test_writes_are_answered_after_their_commit_and_in_effect(tmp_path):
         run(main())
     finally:
         assert srv.stop() == 0
+
+
+def test_a_message_then_a_block_in_one_packet_keep_their_order(tmp_path):
+    """The block joins the commit, but the message a client sent before it is
+    handled first: it is stored and delivered, not refused with 403."""
+    srv = Server(tmp_path / "data", workers=1).start()
+    try:
+
+        async def main():
+            a_creds, b_creds = await srv.register(ALICE), await srv.register(BOB)
+            alice, bob = await srv.login(a_creds), await srv.login(b_creds)
+            for i in range(5):  # both requests leave in one write of the SDK's loop turn
+                sent = asyncio.create_task(alice.send(BOB, f"before the block {i}".encode()))
+                blocked = asyncio.create_task(alice.block(BOB))
+                await asyncio.gather(sent, blocked)
+                ev = await next_message(bob)
+                assert ev.body == f"before the block {i}".encode()
+                with pytest.raises(ServerError) as info:  # and after it: refused
+                    await alice.send(BOB, b"after the block")
+                assert info.value.code == ErrorCode.BLOCKED
+                await alice.unblock(BOB)
+            await alice.close()
+            await bob.close()
+
+        run(main())
+    finally:
+        assert srv.stop() == 0
