@@ -77,7 +77,7 @@ cdef object _hot(Codec c, Buf* b):
     else (another tag, another attribute, a repeat, a long form, a failed
     check) is None and the caller decodes the frame in full, which gives
     the node (and later the event or the error) exactly as without this."""
-    cdef int t, tag, key
+    cdef int t, tag, key, kind
     cdef Py_ssize_t n, nattrs, i, size
     cdef object to = None, mid = None, typ = None, seqs = None, body = None
     cdef Hot h

@@ -584,32 +584,25 @@ class Queues:
         self, device: str, after: int, limit: int, max_bytes: int | None = None
     ) -> list[tuple[int, bytes]]:
         """Up to ``limit`` (seq, frame) entries of the device's queue with seq > ``after``
-        (``read_into``'s entries as separate frames, for tools and tests)."""
-        out = []
-        buf = bytearray()
-        enc = self.encoder
-        prefix = qprefix(device)
-        size = 0
-        with self.env.begin() as txn, txn.cursor(db=self.db["queue"]) as c:
-            if not c.set_range(qkey(device, after + 1)):
-                return out
-            for key, value in c:
-                if not key.startswith(prefix) or len(out) >= limit:
-                    break
-                seq = int.from_bytes(key[-8:], "big")
-                del buf[:]
-                size += enc.write(buf, value, seq)
-                out.append((seq, bytes(buf)))
-                if max_bytes is not None and size >= max_bytes:
-                    break
+        (``read_into``'s frames one by one, for tools and tests)."""
+        buf, seqs = bytearray(), []
+        self.read_into(buf, device, after, limit, 1 << 62 if max_bytes is None else max_bytes,
+                       seqs)  # fmt: skip
+        out, pos = [], 0
+        for seq in seqs:
+            end = pos + 3 + int.from_bytes(buf[pos : pos + 3], "big")
+            out.append((seq, bytes(buf[pos:end])))
+            pos = end
         return out
 
     def read_into(
-        self, out: bytearray, device: str, after: int, limit: int, max_bytes: int
-    ) -> tuple[int, int, int]:
+        self, out: bytearray, device: str, after: int, limit: int, max_bytes: int,
+        seqs: list | None = None,
+    ) -> tuple[int, int, int]:  # fmt: skip
         """Append the delivery frames of up to ``limit`` entries with seq > ``after``
         to ``out``, stopping once they reach ``max_bytes`` (the entry that
-        crosses it included, so at least one is written).
+        crosses it included, so at least one is written); ``seqs`` gets each
+        entry's sequence.
 
         Returns (entries written, bytes written, the last seq written)."""
         n = size = last = 0
@@ -624,6 +617,8 @@ class Queues:
                 last = int.from_bytes(key[-8:], "big")
                 size += write(out, value, last)
                 n += 1
+                if seqs is not None:
+                    seqs.append(last)
                 if size >= max_bytes:
                     break
         return n, size, last

@@ -33,6 +33,7 @@ from pigeon.core.events import Error
 
 from . import handlers, log
 from .accounts import ServiceError
+from .handlers import handle
 from .limits import Bucket, source_key
 
 if TYPE_CHECKING:
@@ -167,7 +168,7 @@ class Session(asyncio.Protocol):
             if ev is NEED_DATA:
                 break
             try:
-                self.handle(ev)
+                handle(self, ev)
             except ServiceError as err:
                 self.send(Error(err.code, err.text, getattr(ev, "id", None)))
             except lmdb.Error as exc:
@@ -379,6 +380,3 @@ class Session(asyncio.Protocol):
                         f"(bursts of {w.config.message_burst}); retry later",
                         getattr(ev, "id", None)))  # fmt: skip
         return False
-
-    def handle(self, ev) -> None:
-        handlers.handle(self, ev)
