@@ -216,6 +216,24 @@ _HISTORY: list[tuple[int, tuple[str, ...], tuple[str, ...]]] = [
         ),
         (),
     ),
+    (
+        3,
+        (
+            # linked devices: pairing, device lists, per-device payloads, sync
+            # (docs/PROTOCOL.md 7a, 9)
+            "devices",
+            "ref",
+            "key",
+            "unlink",
+            "payload",
+            "missing",
+            "extra",
+            "history",
+            "sync",
+            "qr",
+        ),
+        (),
+    ),
 ]
 
 
