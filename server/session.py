@@ -9,7 +9,8 @@ from queue entries straight into it.
 
 Flow control.  A session pushes at most ``delivery_window`` entries past
 the device's last ack; the rest stay in LMDB and are read from there as acks
-come (``refill``), which is also how a device's backlog is served at login.
+come and as the connection drains (``refill``, at most write-buffer-high
+bytes at a time), which is also how a device's backlog is served at login.
 When the transport's buffer passes ``write_buffer_high`` the session stops
 pushing and stops reading the client until it drains below
 ``write_buffer_low``: a client that does not read cannot grow server memory.
@@ -268,8 +269,15 @@ class Session(asyncio.Protocol):
         if self.out:
             out, self.out = self.out, bytearray()
             self.transport.write(out)
-        if self.closing and self.linger is None:
-            self._linger()
+        if self.closing:
+            if self.linger is None:
+                self._linger()
+        elif self.backlog and not self.paused:
+            # A refill stops at write-buffer-high counting this tick's output,
+            # which the socket may take at once, leaving the transport unpaused:
+            # then no resume_writing comes, so read on here (an ack, a push or a
+            # resume are not the only ways the connection makes room).
+            self.refill()
 
     def _linger(self) -> None:
         """Close gracefully: send EOF after the last frame and let the client close.

@@ -18,6 +18,7 @@ from serverutil import Server, next_message, until
 
 from pigeon.client import ServerError
 from pigeon.client._core import AUTH, Answer, ClientCore, ScramLogin
+from pigeon.core.connection import NEED_DATA
 from pigeon.core.errors import ErrorCode
 from pigeon.core.events import IncomingMessage, IncomingReceipt
 
@@ -204,8 +205,9 @@ def test_expired_entries_are_purged(tmp_path):
         assert srv.stop() == 0
 
 
-def raw_login(port: int, creds) -> socket.socket:
-    """A logged-in device on a plain socket that then reads nothing (a stalled phone)."""
+def raw_session(port: int, creds) -> tuple[socket.socket, ClientCore]:
+    """A logged-in device on a plain socket, and the client core that logged it in
+    (to read what arrives later, frame by frame, duplicates included)."""
     core = ClientCore()
     core.start()
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
@@ -222,7 +224,35 @@ def raw_login(port: int, creds) -> socket.socket:
 
     challenge = step(scram.first())
     scram.check(step(scram.final(challenge)))
-    return sock
+    return sock, core
+
+
+def raw_login(port: int, creds) -> socket.socket:
+    """A logged-in device on a plain socket that then reads nothing (a stalled phone)."""
+    return raw_session(port, creds)[0]
+
+
+def read_messages(sock: socket.socket, core: ClientCore, count: int, timeout: float = 60.0):
+    """Read the socket until ``count`` messages came (bounded): every IncomingMessage
+    as the wire carried it, redeliveries included, as (seq, id) pairs."""
+    got = []
+    deadline = time.monotonic() + timeout
+    while len(got) < count:
+        left = deadline - time.monotonic()
+        assert left > 0, f"only {len(got)} of {count} messages arrived"
+        sock.settimeout(left)
+        try:
+            data = sock.recv(1 << 20)
+        except TimeoutError:
+            data = None
+        assert data is not None, f"only {len(got)} of {count} messages arrived"
+        assert data, f"the server closed the connection after {len(got)} of {count} messages"
+        core.conn.receive_data(data)
+        while (ev := core.conn.next_event()) is not NEED_DATA:
+            if isinstance(ev, IncomingMessage):
+                got.append((ev.seq, ev.id))
+
+    return got
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads RssAnon from /proc")
@@ -279,6 +309,33 @@ def test_a_recipient_that_does_not_read_leaves_server_memory_bounded(tmp_path, w
             print(f"server anonymous memory grew {grown} KiB while 50 MiB more waited for bob")
             assert grown < 16 << 10, f"server memory grew by {grown} KiB"
             stalled.close()
+            await alice.close()
+
+        run(main())
+    finally:
+        assert srv.stop() == 0
+
+
+def test_a_backlog_past_write_buffer_high_is_pushed_whole_before_any_ack(tmp_path):
+    """Bob's backlog is 40 entries of 128 KiB, 20 times write-buffer-high, and the
+    window is wide: his socket takes each tick's output at once, so his connection
+    never pauses; he reads without acking and still gets all of it, in order."""
+    srv = Server(
+        tmp_path / "data", workers=1, delivery_window=100_000, message_rate=0,
+        write_buffer_high=256 << 10, write_buffer_low=64 << 10,
+    ).start()  # fmt: skip
+    n = 40
+    try:
+
+        async def main():
+            alice = await srv.login(await srv.register(ALICE))
+            bob_creds = await srv.register(BOB)
+            body = os.urandom(128 << 10)
+            for i in range(n):
+                await alice.send(BOB, body, id=f"m{i}")
+            sock, core = raw_session(srv.port, bob_creds)
+            assert read_messages(sock, core, n, timeout=30) == [(i + 1, f"m{i}") for i in range(n)]
+            sock.close()
             await alice.close()
 
         run(main())
