@@ -19,10 +19,12 @@ the tick (``Worker.tick``); only after it commits do senders get their
 device's queue: the committing worker hands the entries it just stored to
 the router, which pushes them to the devices this worker holds and sends a
 PUSH record (the stored entry) over the bus to the worker that holds any
-other recipient device (the store's session table says which).  A delivery
-frame is spliced from the stored entry straight into the connection's
-output buffer (``FrameEncoder.write``): the body is never re-encoded.
-Records for one peer are batched per tick.
+other recipient device (the store's session table says which), unless that
+device's session is paused or the bus to that worker is congested: then the
+push is left out and the session reads the entry from its queue later
+(server/bus.py says how).  A delivery frame is spliced from the stored
+entry straight into the connection's output buffer (``FrameEncoder.write``):
+the body is never re-encoded.  Records for one peer are batched per tick.
 
 Presence (server/presence.py, server/social.py): a device's availability
 is written to the store; the users whose presence changed during the tick
@@ -536,9 +538,14 @@ class Worker:
     def deliver(self, pushes) -> None:
         self.router.deliver(pushes)
 
-    def offer_local(self, device: str, seq: int, entry) -> None:
-        """A committed entry from another worker for a device held here."""
-        self.router.offer(device, seq, entry)
+    def offer_local(self, device: str, seq: int, entry, origin: int | None = None) -> None:
+        """A committed entry from worker ``origin`` for a device held here."""
+        self.router.offer(device, seq, entry, origin)
+
+    def catch_up_local(self, device: str, seq: int) -> None:
+        """Another worker committed entries up to ``seq`` for a device held here
+        and did not push them: the session reads them from the queue."""
+        self.router.catch_up(device, seq)
 
     # -- housekeeping -------------------------------------------------------------
 
