@@ -83,6 +83,7 @@ from .events import (
     ConnectionClosed,
     DeleteAccount,
     DeviceAck,
+    DevicesChanged,
     Discover,
     DiscoverResult,
     Error,
@@ -162,7 +163,7 @@ TRANSITIONS: dict[tuple[State, type[Event]], State] = {
        for ev in (Message, IncomingMessage, ServerAck, DeviceAck, Receipt, IncomingReceipt,
                   Presence, PresenceUpdate, ChatState, IncomingChatState, Privacy,
                   PrivacySettings, Discover, DiscoverResult, Block, Unblock, BlocklistQuery,
-                  Blocklist, Logout, DeleteAccount)},
+                  Blocklist, Logout, DeleteAccount, DevicesChanged)},
     **{(st, ev): st for st in _ANY_LIVE for ev in (Ping, Pong)},
 }  # fmt: skip
 

@@ -204,6 +204,8 @@ _PHONE = "an E.164 number: 8-15 digits, no '+'"
 _USER = ("user",)
 _DEVICE = ("device",)
 _USER_OR_GROUP = ("user", "group")
+_USER_GROUP_DEVICE = ("user", "group", "device")
+_USER_OR_DEVICE = ("user", "device")
 
 
 def _check_id(event, name: str, v) -> None:
@@ -513,7 +515,14 @@ class AuthSuccess(Event):
 
 @dataclass(frozen=True, slots=True)
 class Message(Event):
-    """A client sends an opaque (end-to-end encrypted) body to a user or group."""
+    """A client sends an opaque (end-to-end encrypted) body to a user or group,
+    or to another device of its own account (``to`` a device address).
+
+    ``payloads``: instead of one ``body`` for every device, one payload per
+    device, ((device address, bytes), ...): one for each device of ``to``
+    and one for each other device of the sender's account (``body`` is then
+    b"").  The server refuses a set that is not exactly the current device
+    lists (error 408, ``Error.missing`` / ``Error.extra``)."""
 
     TAG: ClassVar[str] = "message"
     SENDER: ClassVar[str] = CLIENT
@@ -521,22 +530,69 @@ class Message(Event):
     id: str
     type: str
     body: bytes
+    payloads: tuple = ()
 
     def to_node(self, N):
-        return N("message", {"to": self.to, "id": self.id, "type": self.type}, self.body)
+        attrs = {"to": self.to, "id": self.id, "type": self.type}
+        if self.payloads:
+            return N("message", attrs, [N("payload", {"device": d}, b) for d, b in self.payloads])
+        return N("message", attrs, self.body)
 
     @classmethod
     def from_node(cls, node):
         t = _attr(node, "type")
         if not valid_id(t):
             raise _bad(node, "'type' must be 1-64 printable ASCII characters")
-        return _read(cls(_address(node, "to", "user", "group"), _id(node), t, _bytes(node)))
+        to = _address(node, "to", "user", "group", "device")
+        if isinstance(node.content, list):
+            if address_kind(to) != "user":
+                raise _bad(node, "per-device payloads go to a user")
+            return _read(cls(to, _id(node), t, b"", _payloads(node)))
+        return _read(cls(to, _id(node), t, _bytes(node)))
 
     def check(self) -> None:
-        _check_address(self, "to", self.to, _USER_OR_GROUP)
+        _check_address(self, "to", self.to, _USER_GROUP_DEVICE)
         _check_id(self, "id", self.id)
         _check_id(self, "type", self.type)
         _check_bytes(self, "body", self.body)
+        if self.payloads:
+            if not isinstance(self.payloads, tuple):
+                raise _wrong(self, "payloads", "a tuple of (device, bytes)", self.payloads)
+            if address_kind(self.to) != "user":
+                raise _wrong(self, "to", "a user address (per-device payloads)", self.to)
+            if _nbytes(self.body):
+                raise _wrong(self, "body", "empty beside payloads", self.body)
+            seen = set()
+            for i, item in enumerate(self.payloads):
+                if not (isinstance(item, tuple) and len(item) == 2):
+                    raise _wrong(self, f"payloads[{i}]", "a (device, bytes) pair", item)
+                _check_address(self, f"payloads[{i}][0]", item[0], _DEVICE)
+                _check_bytes(self, f"payloads[{i}][1]", item[1])
+                if item[0] in seen:
+                    raise _wrong(self, f"payloads[{i}][0]", "a device named once", item[0])
+                seen.add(item[0])
+
+
+def _payloads(node) -> tuple:
+    """The (device, bytes) pairs of a message's ``payload`` children."""
+    out = []
+    seen = set()
+    for child in node.content:
+        if child.tag != "payload":
+            raise _bad(node, "content must be bytes or a list of <payload> nodes")
+        d = child.attrs.get("device")
+        if d is None or address_kind(d) != "device":
+            raise _bad(node, "<payload device=...> must be a device address")
+        if d in seen:
+            raise _bad(node, f"two payloads for {d}")
+        seen.add(d)
+        c = child.content
+        if not isinstance(c, (bytes, bytearray, memoryview)):
+            raise _bad(node, "<payload> content must be bytes")
+        out.append((d, bytes(c)))
+    if not out:
+        raise _bad(node, "a list of payloads must not be empty")
+    return tuple(out)
 
 
 @dataclass(frozen=True, slots=True)
@@ -546,6 +602,10 @@ class IncomingMessage(Event):
     ``sender``: the sending device's address, set by the server from the
     authenticated session.  ``t``: server time (ms) when it was accepted.
     ``seq``: this device's queue sequence, the number the device acknowledges.
+    ``to``: None for a message to this device's user; on a copy for the
+    sender's own account it names the recipient: the user the message went
+    to (a sync copy, sent from another device of this account), or this
+    device's address (a device-to-device message).
     """
 
     TAG: ClassVar[str] = "message"
@@ -556,22 +616,18 @@ class IncomingMessage(Event):
     t: int
     seq: int
     body: bytes
+    to: str | None = None
 
     def to_node(self, N):
-        return N(
-            "message",
-            {
-                "from": self.sender,
-                "id": self.id,
-                "type": self.type,
-                "t": str(self.t),
-                "seq": str(self.seq),
-            },
-            self.body,
-        )
+        attrs = {"from": self.sender}
+        if self.to is not None:
+            attrs["to"] = self.to
+        attrs.update(id=self.id, type=self.type, t=str(self.t), seq=str(self.seq))
+        return N("message", attrs, self.body)
 
     @classmethod
     def from_node(cls, node):
+        to = node.attrs.get("to")
         return _read(
             cls(
                 _address(node, "from", "device"),
@@ -580,6 +636,7 @@ class IncomingMessage(Event):
                 _uint(node, "t"),
                 _uint(node, "seq"),
                 _bytes(node),
+                None if to is None else _address(node, "to", "user", "device"),
             )
         )
 
@@ -591,6 +648,8 @@ class IncomingMessage(Event):
         _check_uint(self, "t", self.t)
         _check_uint(self, "seq", self.seq)
         _check_bytes(self, "body", self.body)
+        if self.to is not None:
+            _check_address(self, "to", self.to, _USER_OR_DEVICE)
 
 
 ACK_CLASSES = frozenset({"message", "receipt", "logout", "delete", "block", "unblock"})
@@ -685,7 +744,8 @@ class IncomingReceipt(Event):
     """Two ticks (delivered) or blue ticks (read) for message ``id``, from user ``sender``.
 
     Queued and acknowledged like a message: ``seq`` is in the same per-device
-    sequence.
+    sequence.  ``to``: None, except on a read sync copy: another device of
+    this account read a message of user ``to`` (``sender`` is this user).
     """
 
     TAG: ClassVar[str] = "receipt"
@@ -695,21 +755,18 @@ class IncomingReceipt(Event):
     type: str
     t: int
     seq: int
+    to: str | None = None
 
     def to_node(self, N):
-        return N(
-            "receipt",
-            {
-                "from": self.sender,
-                "id": self.id,
-                "type": self.type,
-                "t": str(self.t),
-                "seq": str(self.seq),
-            },
-        )
+        attrs = {"from": self.sender}
+        if self.to is not None:
+            attrs["to"] = self.to
+        attrs.update(id=self.id, type=self.type, t=str(self.t), seq=str(self.seq))
+        return N("receipt", attrs)
 
     @classmethod
     def from_node(cls, node):
+        to = node.attrs.get("to")
         return _read(
             cls(
                 _address(node, "from", "user"),
@@ -717,6 +774,7 @@ class IncomingReceipt(Event):
                 _choice(node, "type", RECEIPT_TYPES),
                 _uint(node, "t"),
                 _uint(node, "seq"),
+                None if to is None else _address(node, "to", "user"),
             )
         )
 
@@ -726,6 +784,8 @@ class IncomingReceipt(Event):
         _check_choice(self, "type", self.type, RECEIPT_TYPES)
         _check_uint(self, "t", self.t)
         _check_uint(self, "seq", self.seq)
+        if self.to is not None:
+            _check_address(self, "to", self.to, _USER)
 
 
 PRESENCE_TYPES = frozenset({"available", "unavailable"})
@@ -1093,6 +1153,10 @@ class Error(Event):
 
     ``id`` names the request it answers, when there is one.  After an error
     whose code is fatal (errors.FATAL_CODES) its sender closes the connection.
+    ``missing`` / ``extra``: with 408 (STALE_DEVICES), the devices a message's
+    per-device payloads lacked and the ones they named that are not (or no
+    longer) devices of the account, as ``<missing device=..>`` and
+    ``<extra device=..>`` children.
     """
 
     TAG: ClassVar[str] = "error"
@@ -1100,17 +1164,39 @@ class Error(Event):
     code: int
     text: str
     id: str | None = None
+    missing: tuple[str, ...] = ()
+    extra: tuple[str, ...] = ()
 
     def to_node(self, N):
         attrs = {"code": str(int(self.code)), "text": self.text}
         if self.id is not None:
             attrs["id"] = self.id
+        if self.missing or self.extra:
+            children = [N("missing", {"device": d}) for d in self.missing]
+            children += [N("extra", {"device": d}) for d in self.extra]
+            return N("error", attrs, children)
         return N("error", attrs)
 
     @classmethod
     def from_node(cls, node):
         rid = node.attrs.get("id")
-        return _read(cls(_uint(node, "code"), _attr(node, "text"), rid if valid_id(rid) else None))
+        missing, extra = [], []
+        if isinstance(node.content, list):
+            for child in node.content:  # other children: a later version's, ignored
+                if child.tag in ("missing", "extra"):
+                    d = child.attrs.get("device")
+                    if d is None or address_kind(d) != "device":
+                        raise _bad(node, f"<{child.tag} device=...> must be a device address")
+                    (missing if child.tag == "missing" else extra).append(d)
+        return _read(
+            cls(
+                _uint(node, "code"),
+                _attr(node, "text"),
+                rid if valid_id(rid) else None,
+                tuple(missing),
+                tuple(extra),
+            )
+        )
 
     def check(self) -> None:
         _check_uint(self, "code", self.code)
@@ -1118,6 +1204,12 @@ class Error(Event):
             raise _wrong(self, "text", "a str", self.text)
         if self.id is not None:  # the reader would drop a bad id: say so here
             _check_id(self, "id", self.id)
+        for name in ("missing", "extra"):
+            _check_items(self, name, getattr(self, name), _is_device_value, "a device address")
+
+
+def _is_device_value(v) -> bool:
+    return isinstance(v, str) and address_kind(v) == "device"
 
 
 @dataclass(frozen=True, slots=True)
@@ -1132,12 +1224,42 @@ class Pong(_IdOnly):
     SENDER: ClassVar[str] = BOTH
 
 
+# -- multi-device fan-out (issue 15) -------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DevicesChanged(Event):
+    """User ``sender``'s device list changed: ask for it again (``devices``).
+
+    Queued for every device of that user and acknowledged like a message:
+    ``seq`` is in the same per-device sequence, ``t`` when the list changed.
+    """
+
+    TAG: ClassVar[str] = "devices"
+    SENDER: ClassVar[str] = SERVER
+    sender: str
+    t: int
+    seq: int
+
+    def to_node(self, N):
+        return N("devices", {"from": self.sender, "t": str(self.t), "seq": str(self.seq)})
+
+    @classmethod
+    def from_node(cls, node):
+        return _read(cls(_address(node, "from", "user"), _uint(node, "t"), _uint(node, "seq")))
+
+    def check(self) -> None:
+        _check_address(self, "sender", self.sender, _USER)
+        _check_uint(self, "t", self.t)
+        _check_uint(self, "seq", self.seq)
+
+
 _ALL = [
     Register, CodeSent, Verify, Registered, AuthStart, AuthChallenge, AuthResponse,
     AuthSuccess, Message, IncomingMessage, ServerAck, DeviceAck, Receipt, IncomingReceipt,
     Presence, PresenceUpdate, ChatState, IncomingChatState, Privacy, PrivacySettings,
     Discover, DiscoverResult, Block, Unblock, BlocklistQuery, Blocklist,
-    Logout, DeleteAccount, Error, Ping, Pong,
+    Logout, DeleteAccount, Error, Ping, Pong, DevicesChanged,
 ]  # fmt: skip
 
 #: tag -> event class, for nodes a client sends (what a server receives)

@@ -5,7 +5,10 @@ No one-time codes and no SMS: each account gets one device with a random
 credentials go to a JSON-lines file (``{"phone", "device", "secret"}``,
 secret in hex), created with mode 0600: they log in as those devices.
 An existing account with the same number gets a new device (as a
-re-registration does).
+re-registration does).  With ``devices`` > 1 each account also gets
+``devices - 1`` linked companions (``Store.link_device``), listed in the
+line's ``"companions"`` ([{"device", "secret"}, ...]): the multi-device
+bench logs them all in.
 """
 
 from __future__ import annotations
@@ -31,8 +34,10 @@ def provision(
     prefix: str = "999",
     iterations: int = 4096,
     first: int = 0,
+    devices: int = 1,
 ) -> list[dict]:
-    """Create ``count`` accounts numbered prefix + index; returns their credentials."""
+    """Create ``count`` accounts numbered prefix + index, each with ``devices``
+    devices (a primary and linked companions); returns their credentials."""
     width = 12 - len(prefix)
     if not prefix.isdigit() or width < 5:
         raise ValueError(f"--prefix must be 1 to 7 digits, got {prefix!r}")
@@ -40,16 +45,22 @@ def provision(
         raise ValueError(f"--count must be between 1 and {10**width - first}")
 
     def derive(i: int):
-        secret = os.urandom(32)
-        keys = device_keys(secret, iterations)  # as a registration derives them
-        return phone_number(prefix, first + i, width), secret, keys
+        secrets = [os.urandom(32) for _ in range(devices)]
+        keys = [device_keys(s, iterations) for s in secrets]  # as a registration derives them
+        return phone_number(prefix, first + i, width), secrets, keys
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         derived = list(pool.map(derive, range(count)))  # PBKDF2 runs outside the GIL
     creds = []
-    for phone, secret, keys in derived:
-        device, _ = store.register_device(phone, os.urandom(32), keys)
-        creds.append({"phone": phone, "device": device, "secret": secret.hex()})
+    for phone, secrets, keys in derived:
+        device, _ = store.register_device(phone, os.urandom(32), keys[0])
+        line = {"phone": phone, "device": device, "secret": secrets[0].hex()}
+        if devices > 1:
+            line["companions"] = [
+                {"device": store.link_device(phone, os.urandom(32), k), "secret": s.hex()}
+                for s, k in zip(secrets[1:], keys[1:], strict=True)
+            ]
+        creds.append(line)
     fd = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
         for c in creds:

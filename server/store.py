@@ -25,7 +25,13 @@ Tables (LMDB named databases):
 
 Format history: 1 (accounts, devices, codes, limits, sessions); 2 adds the
 queue tables; 3 the presence and contact tables; 4 stores queue entries and
-queue states in binary (server/queues.py) instead of msgpack.  An older
+queue states in binary (server/queues.py) instead of msgpack; 5 adds the
+entry kind of device-list notices and the sync flag of copies for the
+sender's own account (server/queues.py).  Format-4 entries are format-5
+entries as they are (kinds 0 and 1, the sync bit clear), so 4 is upgraded
+by writing the new number; the bump keeps a format-4 pigeon from opening a
+store whose entries it would misread (it would answer a sync copy's ack
+with a delivered receipt, and fail on a notice).  An older
 store is upgraded in place at open, in the open's write transaction (new
 tables start empty; queued entries are rewritten); a store newer than this
 code is refused.
@@ -73,8 +79,8 @@ import msgpack
 from .queues import QUEUE_TABLES, FrameEncoder, drop_device_queue, upgrade_entries
 from .social import SOCIAL_TABLES, drop_user, release_device
 
-FORMAT_VERSION = 4
-_UPGRADABLE = (1, 2, 3)  # formats opened and upgraded in place
+FORMAT_VERSION = 5
+_UPGRADABLE = (1, 2, 3, 4)  # formats opened and upgraded in place
 _MSGPACK_QUEUES = (2, 3)  # formats whose queue entries are rewritten (upgrade_entries)
 _TABLES = (
     "meta", "accounts", "devices", "codes", "limits", "sessions", *QUEUE_TABLES, *SOCIAL_TABLES,

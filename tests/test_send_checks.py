@@ -44,6 +44,7 @@ from pigeon.core.events import (
     ConnectionClosed,
     DeleteAccount,
     DeviceAck,
+    DevicesChanged,
     Discover,
     DiscoverResult,
     Error,
@@ -103,7 +104,20 @@ BAD = [
     (AuthChallenge("r=abc"), "data"),
     (AuthResponse(b"x" * 1025), "data"),
     (AuthSuccess(b"v=x", -1), "t"),
-    (Message(ALICE_DEV, "m1", "text", b"x"), "to"),
+    (Message("12345", "m1", "text", b"x"), "to"),
+    (Message(ALICE_DEV, "m1", "text", b"", ((ALICE + ":1", b"x"),)), "to"),
+    (Message(BOB, "m1", "text", b"x", ((BOB + ":1", b"x"),)), "body"),
+    (Message(BOB, "m1", "text", b"", [(BOB + ":1", b"x")]), "payloads"),
+    (Message(BOB, "m1", "text", b"", ((BOB, b"x"),)), "payloads[0][0]"),
+    (Message(BOB, "m1", "text", b"", ((BOB + ":1", "x"),)), "payloads[0][1]"),
+    (Message(BOB, "m1", "text", b"", ((BOB + ":1", b"x"), (BOB + ":1", b"y"))), "payloads[1][0]"),
+    (DevicesChanged(ALICE_DEV, 1, 1), "sender"),
+    (DevicesChanged(ALICE, -1, 1), "t"),
+    (DevicesChanged(ALICE, 1, "1"), "seq"),
+    (IncomingMessage(ALICE_DEV, "m1", "text", 1, 1, b"x", "g:1"), "to"),
+    (IncomingReceipt(BOB, "m1", "read", 1, 1, ALICE_DEV), "to"),
+    (Error(ErrorCode.STALE_DEVICES, "x", "m1", (BOB,)), "missing[0]"),
+    (Error(ErrorCode.STALE_DEVICES, "x", "m1", (), "g:1"), "extra"),
     (Message(491701234567, "m1", "text", b"x"), "to"),
     (Message(BOB, "x y", "text", b"x"), "id"),
     (Message(BOB, "m1", "a" * 65, b"x"), "type"),
@@ -263,7 +277,9 @@ STRS = WORDS + [ALICE, BOB, ALICE_DEV, BOB + ":255", ALICE + ":256", ALICE + ":0
 INTS = [0, 1, 42, 255, 256, MAX_UINT64, MAX_UINT64 + 1, -1]
 BYTES = [b"", b"x", b"k" * 32, b"k" * 33, b"k" * 1024, b"k" * 1025]
 TUPLES = [(), (BOB,), (BOB, "447700900123"), ("+4917",), (ALICE_DEV,), ("g:5",), (BOB, "")]
-POOLS = {"str": STRS, "int": INTS, "bytes": BYTES, "tuple[str, ...]": TUPLES}
+PAYLOADS = [(), ((BOB + ":0", b"x"),), ((ALICE_DEV, b""), (BOB + ":1", b"k" * 33)),
+            ((BOB, b"x"),), ((BOB + ":0", b"x"), (BOB + ":0", b"y"))]  # fmt: skip
+POOLS = {"str": STRS, "int": INTS, "bytes": BYTES, "tuple[str, ...]": TUPLES, "tuple": PAYLOADS}
 
 
 def pool(annotation: str) -> list:
@@ -336,7 +352,7 @@ def test_the_sdk_refuses_a_bad_message_at_once_and_never_replays_it(tmp_path):
             alice = await srv.login(
                 alice_creds, reconnect=True, on_disconnect=lambda why: lost.set()
             )
-            for to, body, typ in ((ALICE_DEV, b"x", "text"), (BOB, "text", "text"),
+            for to, body, typ in (("12345", b"x", "text"), (BOB, "text", "text"),
                                   (BOB, b"x", "x y")):  # fmt: skip
                 with pytest.raises(LocalProtocolError, match="cannot send Message"):
                     await alice.send(to, body, type=typ)
@@ -346,7 +362,7 @@ def test_the_sdk_refuses_a_bad_message_at_once_and_never_replays_it(tmp_path):
             os.kill(srv.worker_pid(0), signal.SIGKILL)
             await asyncio.wait_for(lost.wait(), 20)
             with pytest.raises(LocalProtocolError, match="cannot send Message"):
-                await alice.send(ALICE_DEV, b"while reconnecting")
+                await alice.send("12345", b"while reconnecting")
             with pytest.raises(LocalProtocolError, match="cannot send Receipt"):
                 await alice.receipt(BOB, "m1", "delivered")
             ack = await alice.send(BOB, b"after", timeout=30)  # waits for the re-login

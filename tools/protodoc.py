@@ -38,6 +38,7 @@ from pigeon.core.events import (
     CodeSent,
     DeleteAccount,
     DeviceAck,
+    DevicesChanged,
     Discover,
     DiscoverResult,
     Error,
@@ -171,6 +172,24 @@ EXAMPLES = {
     "logout": Logout("x1"),
     "ack-logout": ServerAck("x1", T, "logout"),
     "delete": DeleteAccount("x2"),
+    "message-sync-in": IncomingMessage(ALICE + ":1", "3eb0c1f2a4d5e6f7", "text", T, 7, BODY, BOB),
+    "message-payloads": Message(
+        BOB,
+        "3eb0c1f2a4d5e6f7",
+        "pkmsg",
+        b"",
+        ((BOB + ":0", BODY[:8]), (BOB + ":2", BODY[8:]), (ALICE + ":1", BODY[4:12])),
+    ),  # fmt: skip
+    "error-stale": Error(
+        ErrorCode.STALE_DEVICES,
+        "the payloads do not match the device lists",
+        "3eb0c1f2a4d5e6f7",
+        (BOB + ":3",),
+        (BOB + ":2",),
+    ),
+    "receipt-sync-in": IncomingReceipt(BOB, "3eb0c1f2a4d5e6f7", "read", T + 900, 8, ALICE),
+    "message-history": Message(ALICE + ":3", "h1", "history", BODY),
+    "devices-notice": DevicesChanged(ALICE, T, 9),
     "ping": Ping("k1"),
     "pong": Pong("k1"),
 }
