@@ -336,6 +336,26 @@ def test_scramp_nonces_use_the_shortcut_and_refuse_as_before():
             scramp.core.Nonce(bad)
 
 
+@given(st.binary(max_size=40), st.binary(max_size=40))
+def test_the_xor_shortcut_agrees_with_scramps(a, b):
+    """ClientKey = ClientSignature XOR proof: the same bytes, and the same
+    ValueError (an invalid proof to scramp) when the lengths differ."""
+    import scramp.core
+    import scramp.utils
+
+    from pigeon.server.accounts import _xor
+
+    assert scramp.core.xor is _xor  # the server's sessions use it
+    if len(a) != len(b):
+        with pytest.raises(ValueError):
+            scramp.utils.xor(a, b)
+        with pytest.raises(ValueError):
+            _xor(a, b)
+        b = (b + a)[: len(a)]
+        b += bytes(len(a) - len(b))
+    assert _xor(a, b) == scramp.utils.xor(a, b)
+
+
 def test_saslprep_beyond_ascii_is_scramps():
     import scramp.core
     from scramp import ScramException
