@@ -362,3 +362,24 @@ def test_an_aborted_commit_leaves_no_cache_behind(store, clock):
     q.__class__ = Queues
     _, pushes = send(q, a, BOB, "m2")  # the removal never happened: both devices
     assert sorted(p.device for p in pushes) == sorted([b0, b1])
+
+
+def test_a_commit_of_jobs_alone_touches_nothing_for_messages(store, clock):
+    """A tick of logins (session records and nothing else) reads and writes no
+    dedup generation: its commit holds LMDB's one writer for the jobs' work only.
+    Messages after it are deduplicated as before."""
+    from pigeon.server.queues import _DEDUP_META
+
+    q = make_queues(store)
+    a, b = user(store, ALICE), user(store, BOB)
+    meta = store._db["meta"]
+    q.commit([], {}, jobs=[lambda txn, now: store.set_session_txn(txn, a, 1, 1, now)])
+    with store.read() as txn:
+        assert txn.get(_DEDUP_META, db=meta) is None
+        assert store._get(txn, "sessions", a)["worker"] == 1
+    s1, _ = send(q, b, ALICE, "m1")
+    clock.t += 1000
+    s2, pushes = send(q, b, ALICE, "m1")  # a retry: the same ack, stored once
+    assert s1.error is None and s2.error is None and s2.t == s1.t and pushes == []
+    with store.read() as txn:
+        assert txn.get(_DEDUP_META, db=meta) is not None
