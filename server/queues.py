@@ -576,6 +576,11 @@ class Queues:
 
     # -- reading ------------------------------------------------------------------
 
+    def queued_txn(self, txn, device: str) -> int:
+        """How many entries the device's queue holds, inside ``txn`` (qstate's count)."""
+        raw = txn.get(device.encode(), db=self.db["qstate"])
+        return 0 if raw is None else _QSTATE.unpack(raw)[1]
+
     def head(self, device: str) -> int:
         """The next sequence the device's queue will hand out (1 for a new device)."""
         with self.env.begin() as txn:

@@ -383,3 +383,23 @@ def test_a_commit_of_jobs_alone_touches_nothing_for_messages(store, clock):
     assert s1.error is None and s2.error is None and s2.t == s1.t and pushes == []
     with store.read() as txn:
         assert txn.get(_DEDUP_META, db=meta) is not None
+
+
+def test_queued_txn_counts_what_waits_as_a_read_finds_it(store, clock, impl):
+    """What a login reads with its session record to decide whether to read the
+    queue at all: the count of entries, 0 for a new device and once all are acked."""
+    q = make_queues(store, impl)
+    a, b = user(store, ALICE), user(store, BOB)
+
+    def queued(device):
+        with store.read() as txn:
+            return q.queued_txn(txn, device)
+
+    assert queued(b) == 0
+    for i in range(3):
+        send(q, a, BOB, f"m{i}")
+    assert queued(b) == len(q.read(b, 0, 100)) == 3
+    q.commit([], {b: 2})
+    assert queued(b) == len(q.read(b, 0, 100)) == 1 and queued(a) == 2  # receipts for alice
+    q.commit([], {b: 99, a: 99})
+    assert queued(b) == queued(a) == 0 and q.read(b, 0, 100) == []
