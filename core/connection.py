@@ -282,7 +282,7 @@ class Connection:
     def _check_send(self, event: Event) -> None:
         if isinstance(event, (Hello, ConnectionClosed)):
             raise LocalProtocolError(f"{type(event).__name__} is not sent with send()")
-        if event.SENDER not in (self.role.value, "both"):
+        if event.SENDER not in (self.role, "both"):  # a StrEnum: equal to its value
             raise LocalProtocolError(f"a {self.role.value} does not send {type(event).__name__}")
         if self.state is State.CLOSED:
             raise LocalProtocolError("the connection is closed")

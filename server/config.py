@@ -612,6 +612,17 @@ def _unknown(key: str) -> str:
 class Config:
     values: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        # Each setting is also a plain instance attribute, so ``config.name``
+        # is an ordinary lookup: a miss that falls through to __getattr__
+        # raises and catches an AttributeError first, a microsecond per read
+        # on paths that read settings per connection (accept, login).  A
+        # setting never shadows what the class defines (values, properties).
+        own = self.__dict__
+        for name, value in self.values.items():
+            if not hasattr(Config, name):
+                own[name] = value
+
     def __getattr__(self, name):
         try:
             return self.values[name]

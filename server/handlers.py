@@ -321,10 +321,11 @@ def auth_response(s, ev: AuthResponse) -> None:
         s.deadline.cancel()
         s.deadline = None
 
-    def logged_in() -> None:
+    def logged_in(queued: int) -> None:
         s.send(AuthSuccess(final.encode(), w.store.clock()))
-        s.backlog = True  # serve what waited in the queue
-        s.refill()
+        if queued:  # serve what waited in the queue (an empty one is not read again)
+            s.backlog = True
+            s.refill()
 
     # the session record joins this tick's commit; the success goes after it
     w.attach(s, s.login_user, logged_in)

@@ -398,14 +398,16 @@ class Queues:
             with self.env.begin(write=True) as txn:
                 waited = perf_counter() - started  # for LMDB's one writer (on_write_wait)
                 w = _Txn(self, txn)
-                cur, prev = self._generation(txn, now, _DEDUP_META, "dedup",
-                                             self.limits.dedup_window_ms)  # fmt: skip
+                if sends:  # only sends look up dedup records (a tick of logins has none)
+                    cur, prev = self._generation(txn, now, _DEDUP_META, "dedup",
+                                                 self.limits.dedup_window_ms)  # fmt: skip
                 # the other writes first (a logout changes whom a message reaches),
                 # then acks: they free queue space, and a device that acked and
                 # then sent sees its delivered receipts queued ahead of its message
                 for job in jobs:
                     job(txn, now)
-                self._check_caches(txn)
+                if sends or acks:  # what the caches serve (jobs read the store itself)
+                    self._check_caches(txn)
                 unfinished = []
                 for device, upto in acks.items():
                     if not self._ack(w, device, upto, now, ack_limit):
@@ -719,6 +721,11 @@ class Queues:
         return w.pushes
 
     # -- reading ------------------------------------------------------------------
+
+    def queued_txn(self, txn, device: str) -> int:
+        """How many entries the device's queue holds, inside ``txn`` (qstate's count)."""
+        raw = txn.get(device.encode(), db=self.db["qstate"])
+        return 0 if raw is None else _QSTATE.unpack(raw)[1]
 
     def head(self, device: str) -> int:
         """The next sequence the device's queue will hand out (1 for a new device)."""

@@ -239,12 +239,17 @@ class Worker:
 
     def attach(self, s: Session, device: str, done) -> None:
         """Log ``s`` in as ``device``: its session record joins this tick's commit;
-        after it, ``s`` holds the device and ``done()`` runs.  If the record
+        after it, ``s`` holds the device and ``done(queued)`` runs, ``queued``
+        being how many entries waited in its queue at that commit.  If the record
         cannot be written, nothing has changed and the client is told."""
         wid, conn = self.wid, s.id
 
         def record(txn, now):
-            return self.store.set_session_txn(txn, device, wid, conn, now)
+            prev, offline = self.store.set_session_txn(txn, device, wid, conn, now)
+            # Read with the record, so exact: an entry any later commit adds is
+            # pushed to this session (that commit sees the record), and one an
+            # earlier commit added is counted here.
+            return prev, offline, self.queues.queued_txn(txn, device)
 
         def failed(exc):
             if not s.closing:
@@ -254,7 +259,7 @@ class Worker:
         self.write(record, lambda r: self._attached(s, device, r, done), failed=failed)
 
     def _attached(self, s: Session, device: str, recorded, done) -> None:
-        prev, offline = recorded
+        prev, offline, queued = recorded
         s.device = device
         s.user = device.partition(":")[0]
         old = self.by_device.get(s.device)
@@ -271,7 +276,7 @@ class Worker:
         if s.closing:  # gone while its record was written: as if it logged in and left
             self.detach(s)
             return
-        done()
+        done(queued)
 
     def detach(self, s: Session) -> None:
         """``s`` no longer holds its device: the record goes in this tick's commit."""

@@ -297,6 +297,65 @@ def test_the_ascii_saslprep_shortcut_agrees_with_scramps(name):
     assert _saslprep(name) == saslprep(name)
 
 
+def _nonce_outcome(init, text):
+    import scramp.core
+
+    obj = object.__new__(scramp.core.Nonce)
+    try:
+        init(obj, text)
+    except ScramException as exc:
+        return ("refused", str(exc), exc.server_error)
+    return ("ok", vars(obj))
+
+
+@given(
+    st.one_of(
+        st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=0x80), max_size=140),
+        st.text(max_size=20),
+        st.binary(max_size=8),
+        st.none(),
+    )
+)
+def test_the_nonce_shortcut_agrees_with_scramps(text):
+    """The server's nonce check accepts and refuses exactly what scramp's does."""
+    from pigeon.server.accounts import _nonce_init, _scramp_nonce_init
+
+    assert _nonce_outcome(_nonce_init, text) == _nonce_outcome(_scramp_nonce_init, text)
+
+
+def test_scramp_nonces_use_the_shortcut_and_refuse_as_before():
+    import scramp.core
+
+    from pigeon.server.accounts import _nonce_init
+
+    assert scramp.core.Nonce.__init__ is _nonce_init  # the server's sessions use it
+    n = 64 * "a"
+    assert str(scramp.core.Nonce(n) + scramp.core.Nonce("b")) == n + "b"
+    for bad in ("", "a b", "a,b", "a\x7fb", "\u00e9", b"ab"):
+        with pytest.raises(ScramException):
+            scramp.core.Nonce(bad)
+
+
+@given(st.binary(max_size=40), st.binary(max_size=40))
+def test_the_xor_shortcut_agrees_with_scramps(a, b):
+    """ClientKey = ClientSignature XOR proof: the same bytes, and the same
+    ValueError (an invalid proof to scramp) when the lengths differ."""
+    import scramp.core
+    import scramp.utils
+
+    from pigeon.server.accounts import _xor
+
+    assert scramp.core.xor is _xor  # the server's sessions use it
+    if len(a) != len(b):
+        with pytest.raises(ValueError):
+            scramp.utils.xor(a, b)
+        with pytest.raises(ValueError):
+            _xor(a, b)
+        b = (b + a)[: len(a)]
+        b += bytes(len(a) - len(b))
+    assert _xor(a, b) == scramp.utils.xor(a, b)
+
+
 def test_saslprep_beyond_ascii_is_scramps():
     import scramp.core
     from scramp import ScramException

@@ -27,6 +27,21 @@ def test_file_then_flags(tmp_path):
     assert c.replace(workers=1).workers == 1 and c.workers == 3
 
 
+def test_settings_are_plain_attributes():
+    """Each setting is read as an ordinary instance attribute (no __getattr__
+    miss per read on the accept and login paths), with its value; an unknown
+    name is still an AttributeError, and the class's own names are never shadowed."""
+    c = load(overrides={"login_window": 7, "workers": 2})
+    own = vars(c)
+    for o in OPTIONS:
+        assert own[o.name] == c.values[o.name] == getattr(c, o.name)
+    assert c.login_window == 7 and c.worker_count == 2 and c.tls_enabled is False
+    assert c.replace(login_window=9).login_window == 9 and c.login_window == 7
+    assert c == load(overrides={"login_window": 7, "workers": 2})
+    with pytest.raises(AttributeError):
+        c.no_such_setting  # noqa: B018
+
+
 @pytest.mark.parametrize(
     "toml, message",
     [

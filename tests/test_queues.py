@@ -543,3 +543,44 @@ def test_entry_kinds_and_flags_in_both_codecs(impl):
         c.queue_entry(2, 5, 0, ALICE, "m1", "")  # a notice has no id
     with pytest.raises(ValueError):
         c.queue_entry(3, 5, 0, ALICE, "m1", "")
+
+
+def test_a_commit_of_jobs_alone_touches_nothing_for_messages(store, clock):
+    """A tick of logins (session records and nothing else) reads and writes no
+    dedup generation: its commit holds LMDB's one writer for the jobs' work only.
+    Messages after it are deduplicated as before."""
+    from pigeon.server.queues import _DEDUP_META
+
+    q = make_queues(store)
+    a, b = user(store, ALICE), user(store, BOB)
+    meta = store._db["meta"]
+    q.commit([], {}, jobs=[lambda txn, now: store.set_session_txn(txn, a, 1, 1, now)])
+    with store.read() as txn:
+        assert txn.get(_DEDUP_META, db=meta) is None
+        assert store._get(txn, "sessions", a)["worker"] == 1
+    s1, _ = send(q, b, ALICE, "m1")
+    clock.t += 1000
+    s2, pushes = send(q, b, ALICE, "m1")  # a retry: the same ack, stored once
+    assert s1.error is None and s2.error is None and s2.t == s1.t and pushes == []
+    with store.read() as txn:
+        assert txn.get(_DEDUP_META, db=meta) is not None
+
+
+def test_queued_txn_counts_what_waits_as_a_read_finds_it(store, clock, impl):
+    """What a login reads with its session record to decide whether to read the
+    queue at all: the count of entries, 0 for a new device and once all are acked."""
+    q = make_queues(store, impl)
+    a, b = user(store, ALICE), user(store, BOB)
+
+    def queued(device):
+        with store.read() as txn:
+            return q.queued_txn(txn, device)
+
+    assert queued(b) == 0
+    for i in range(3):
+        send(q, a, BOB, f"m{i}")
+    assert queued(b) == len(q.read(b, 0, 100)) == 3
+    q.commit([], {b: 2})
+    assert queued(b) == len(q.read(b, 0, 100)) == 1 and queued(a) == 2  # receipts for alice
+    q.commit([], {b: 99, a: 99})
+    assert queued(b) == queued(a) == 0 and q.read(b, 0, 100) == []
