@@ -1,9 +1,11 @@
 """Create many accounts straight in the store, for load tools and benchmarks.
 
 No one-time codes and no SMS: each account gets one device with a random
-32-byte secret and SCRAM keys derived like a real registration's.  The
-credentials go to a JSON-lines file (``{"phone", "device", "secret"}``,
-secret in hex), created with mode 0600: they log in as those devices.
+32-byte secret and SCRAM keys derived like a real registration's, and an
+Ed25519 identity key pair as the SDK makes one.  The credentials go to a
+JSON-lines file (``{"phone", "device", "secret", "identity"}``, secret and
+identity private key in hex), created with mode 0600: they log in as those
+devices (and can link companions).
 An existing account with the same number gets a new device (as a
 re-registration does).
 """
@@ -14,6 +16,13 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 import orjson
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    NoEncryption,
+    PrivateFormat,
+    PublicFormat,
+)
 
 from .accounts import device_keys
 from .store import Store
@@ -42,14 +51,18 @@ def provision(
     def derive(i: int):
         secret = os.urandom(32)
         keys = device_keys(secret, iterations)  # as a registration derives them
-        return phone_number(prefix, first + i, width), secret, keys
+        return phone_number(prefix, first + i, width), secret, keys, Ed25519PrivateKey.generate()
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         derived = list(pool.map(derive, range(count)))  # PBKDF2 runs outside the GIL
     creds = []
-    for phone, secret, keys in derived:
-        device, _ = store.register_device(phone, os.urandom(32), keys)
-        creds.append({"phone": phone, "device": device, "secret": secret.hex()})
+    for phone, secret, keys, ident in derived:
+        public = ident.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        device, _ = store.register_device(phone, public, keys)
+        private = ident.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+        creds.append(
+            {"phone": phone, "device": device, "secret": secret.hex(), "identity": private.hex()}
+        )
     fd = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
         for c in creds:

@@ -19,6 +19,7 @@ from serverutil import Server, next_message, until
 
 from pigeon.client import ServerError
 from pigeon.client._core import Credentials, ScramLogin
+from pigeon.client.identity import new_identity
 from pigeon.core.codec import Codec, Node
 from pigeon.core.connection import NEED_DATA, Connection, Role
 from pigeon.core.errors import ErrorCode
@@ -150,7 +151,7 @@ def test_the_login_deadline_closes_a_registration_and_verify_works_on_a_new_conn
         assert a.closed_by_server()
         a.close()
         b = Raw(srv.port)  # the code is still valid on a new connection
-        b.send(Verify("r2", phone, srv.code_for(phone), os.urandom(32)))
+        b.send(Verify("r2", phone, srv.code_for(phone), new_identity().public))
         ev = b.next_event()
         assert isinstance(ev, Registered) and ev.device == phone + ":0", ev
         b.login(Credentials(ev.device, ev.secret))
@@ -168,11 +169,11 @@ def test_code_attempts_wrong_codes_then_the_right_one(srv):
     assert isinstance(raw.next_event(), CodeSent)
     code = srv.code_for(phone)
     for i in range(4):
-        raw.send(Verify(f"w{i}", phone, wrong(code), os.urandom(32)))
+        raw.send(Verify(f"w{i}", phone, wrong(code), new_identity().public))
         ev = raw.next_event()
         assert isinstance(ev, Error) and ev.code == ErrorCode.BAD_CODE and ev.id == f"w{i}"
     raw.still_open()  # 301 is not fatal
-    raw.send(Verify("ok", phone, code, os.urandom(32)))
+    raw.send(Verify("ok", phone, code, new_identity().public))
     assert isinstance(raw.next_event(), Registered)
     raw.close()
     # five wrong tries void it: the right code then gets 301 too
@@ -182,16 +183,16 @@ def test_code_attempts_wrong_codes_then_the_right_one(srv):
     assert isinstance(raw.next_event(), CodeSent)
     code = srv.code_for(phone)
     for i in range(5):
-        raw.send(Verify(f"w{i}", phone, wrong(code), os.urandom(32)))
+        raw.send(Verify(f"w{i}", phone, wrong(code), new_identity().public))
         ev = raw.next_event()
         assert isinstance(ev, Error) and ev.code == ErrorCode.BAD_CODE
-    raw.send(Verify("late", phone, code, os.urandom(32)))
+    raw.send(Verify("late", phone, code, new_identity().public))
     ev = raw.next_event()
     assert isinstance(ev, Error) and ev.code == ErrorCode.BAD_CODE and ev.id == "late"
     # a new register sends a new code, which works
     raw.send(Register("r2", phone))
     assert isinstance(raw.next_event(), CodeSent)
-    raw.send(Verify("again", phone, srv.code_for(phone), os.urandom(32)))
+    raw.send(Verify("again", phone, srv.code_for(phone), new_identity().public))
     assert isinstance(raw.next_event(), Registered)
     raw.close()
 
@@ -213,7 +214,24 @@ def test_an_identity_key_of_the_wrong_length_is_200_and_spends_no_attempt(srv, s
         ev = raw.next_event()
         assert isinstance(ev, Error) and ev.code == ErrorCode.BAD_REQUEST and ev.id == "v1", ev
         assert "32 bytes" in ev.text
-    raw.send(Verify("v2", phone, code, os.urandom(32)))  # any 32 bytes will do today
+    raw.send(Verify("v2", phone, code, new_identity().public))
+    assert isinstance(raw.next_event(), Registered)
+    raw.close()
+
+
+def test_an_identity_key_that_is_not_an_ed25519_point_is_200_and_spends_no_attempt(srv):
+    # b"k" * 32 is 32 bytes but decodes to no point of edwards25519 (RFC 8032 5.1.3)
+    phone = next(PHONES)
+    raw = Raw(srv.port)
+    raw.send(Register("r1", phone))
+    assert isinstance(raw.next_event(), CodeSent)
+    code = srv.code_for(phone)
+    for i in range(6):  # more than code-attempts: none of them counts
+        raw.send(Verify(f"v{i}", phone, code, b"k" * 32))
+        ev = raw.next_event()
+        assert isinstance(ev, Error) and ev.code == ErrorCode.BAD_REQUEST, ev
+        assert "Ed25519" in ev.text
+    raw.send(Verify("ok", phone, code, new_identity().public))
     assert isinstance(raw.next_event(), Registered)
     raw.close()
 
@@ -237,7 +255,7 @@ def test_a_mechanism_other_than_scram_sha_256_is_200_and_the_connection_stays_op
 
 def test_an_unknown_device_gets_its_300_after_the_response(srv):
     raw = Raw(srv.port)
-    scram = ScramLogin(Credentials(next(PHONES) + ":0", os.urandom(32)))
+    scram = ScramLogin(Credentials(next(PHONES) + ":0", new_identity().public))
     raw.send(scram.first())
     ev = raw.next_event()
     assert not isinstance(ev, Error), ev  # a challenge, like a real device's
