@@ -142,7 +142,8 @@ class ServerUnderTest:
         self.peak_rss = 0
         self._sampling = False
 
-    def start(self, workers: int, extra: dict, creds_count: int, creds_path: str) -> None:
+    def start(self, workers: int, extra: dict, creds_count: int, creds_path: str,
+              devices: int = 1) -> None:  # fmt: skip
         from pigeon.server.provision import provision
         from pigeon.server.store import Store
 
@@ -151,7 +152,7 @@ class ServerUnderTest:
         os.makedirs(self.data_dir)
         store = Store(os.path.join(self.data_dir, "store"), map_size=4 << 30)
         try:
-            provision(store, creds_count, creds_path)
+            provision(store, creds_count, creds_path, devices=devices)
         finally:
             store.close()
         port = _free_port()
@@ -268,7 +269,7 @@ class ServerUnderTest:
 
 
 #: The counts in a load process's progress lines (see bench/load.py).
-PROGRESS_KEYS = ("sent", "acked", "delivered", "receipts", "errors")
+PROGRESS_KEYS = ("sent", "acked", "delivered", "receipts", "errors", "copies")
 
 
 class LoadProc:
@@ -358,7 +359,7 @@ class LoadProc:
 
 
 def _total(loads, key: str) -> int:
-    return sum(lp.progress[key] for lp in loads)
+    return sum(lp.progress.get(key, 0) for lp in loads)
 
 
 def _watch(loads, done, stall_timeout: float, bar=None) -> bool:
@@ -379,7 +380,8 @@ def _watch(loads, done, stall_timeout: float, bar=None) -> bool:
                 if lp.eof:
                     raise lp.exited()
             now = time.monotonic()
-            moved = tuple(_total(loads, k) for k in ("acked", "delivered", "receipts", "errors"))
+            moved = tuple(_total(loads, k) for k in ("acked", "delivered", "receipts", "errors",
+                                                     "copies"))  # fmt: skip
             if moved != last:
                 last, since = moved, now
             if bar is not None:
@@ -423,7 +425,7 @@ def note(text: str) -> None:
     print(f"pigeon bench: {text}", file=sys.stderr, flush=True)
 
 
-def _send_and_drain(loads, opts, want_receipts: bool, bar) -> dict | None:
+def _send_and_drain(loads, opts, want_receipts: bool, bar, copies_per_msg: int = 0) -> dict | None:
     """Watch one run of the load processes (after their go or run word): the send
     phase, stalled after ``--stall-timeout`` s without progress, then the drain until
     every acked message arrived (and its receipt), stalled after ``--drain-timeout``
@@ -435,8 +437,10 @@ def _send_and_drain(loads, opts, want_receipts: bool, bar) -> dict | None:
         acked_total = sum(lp.sent_done for lp in loads)
 
         def drained() -> bool:
-            return _total(loads, "delivered") >= acked_total and (
-                not want_receipts or _total(loads, "receipts") >= acked_total
+            return (
+                _total(loads, "delivered") >= acked_total
+                and (not want_receipts or _total(loads, "receipts") >= acked_total)
+                and _total(loads, "copies") >= acked_total * copies_per_msg
             )
 
         if not _watch(loads, drained, opts.drain_timeout, bar):
@@ -580,7 +584,18 @@ def _bench_run(opts):
 
 
 def throughput(opts) -> dict:
-    """Closed-loop load: every client keeps up to ``window`` messages unacked."""
+    """Closed-loop load: every client keeps up to ``window`` messages unacked.
+
+    With ``--devices-per-user N`` every client is a user with N devices (a
+    primary that sends and N-1 linked companions that receive and ack, all
+    logged in, spread over the workers by the kernel like any connection):
+    each message is 2N-1 device copies (N to the recipient's devices, N-1
+    sync copies to the sender's other devices), counted as they arrive
+    (``device_copies_delivered``; ``lost`` counts missing copies too) and
+    ``server_cpu_us_per_copy`` is the server CPU per copy."""
+    devices = getattr(opts, "devices_per_user", 1)
+    if not 1 <= devices <= 5:
+        raise BenchError("--devices-per-user must be 1 to 5 (a primary and up to 4 companions)")
     note(f"throughput: {opts.clients:,} clients x {opts.messages:,} messages = "
          f"{opts.clients * opts.messages:,} messages (window {opts.window}, "
          f"{opts.size} bytes)")  # fmt: skip
@@ -592,6 +607,7 @@ def throughput(opts) -> dict:
                 {"sync": opts.sync, "delivered_receipts": not opts.no_receipts},
                 opts.clients,
                 creds,
+                devices=devices,
             )
         login_cpu0 = server.cpu()
         for first, last in _split(opts.clients, opts.load_procs):
@@ -614,7 +630,10 @@ def throughput(opts) -> dict:
         # receipt, unless --no-receipts)
         want_receipts = opts.target is None and not opts.no_receipts
         bar = _Bar(opts.clients * opts.messages, "delivered")
-        stalled = _send_and_drain(loads, opts, want_receipts, bar)
+        # each message: one copy per device of the recipient, one per other device of
+        # the sender (sync copies)
+        per_msg = 2 * devices - 1
+        stalled = _send_and_drain(loads, opts, want_receipts, bar, per_msg)
         elapsed = time.monotonic() - t0
         cpu1 = server.cpu()
         peak = server.peak_rss
@@ -627,6 +646,10 @@ def throughput(opts) -> dict:
     delivered_n = tally["delivered"]
     n = delivered_n or 1
     cpu_s = user + system
+    copies = sum(r.get("copies", 0) for r in results)
+    copies_missing = max(0, tally["acked"] * per_msg - copies)
+    # lost: acked messages no recipient application got, or device copies missing
+    tally["lost"] = max(tally["lost"], copies_missing)
     return {
         "bench": "throughput",
         "clients": opts.clients,
@@ -659,6 +682,10 @@ def throughput(opts) -> dict:
         "server_sys_s": round(system, 3),
         "server_cpu_us_per_msg": round(cpu_s / n * 1e6, 2),
         "server_user_us_per_msg": round(user / n * 1e6, 2),
+        "devices_per_user": devices,
+        "device_copies_delivered": copies,
+        "device_copies_missing": copies_missing,
+        "server_cpu_us_per_copy": round(cpu_s / (copies or 1) * 1e6, 2),
         "msgs_per_s": round(delivered_n / elapsed, 1),
         "per_core_msgs_per_s": round(delivered_n / cpu_s, 1) if cpu_s else None,
         "p50_ms": _percentile(lat, 0.50),
@@ -1135,6 +1162,10 @@ def add_parser(sub) -> None:
     t.add_argument("--no-receipts", action="store_true",
                    help="the server sends no delivered receipts (a message ends at the ack)")  # fmt: skip
     t.add_argument("--seed", type=int, default=1, help="seed of the random peer choice")
+    t.add_argument("--devices-per-user", type=int, default=1, metavar="N",
+                   help="devices of each user (1 primary + N-1 linked companions, all logged "
+                   "in): a message goes to the recipient's N devices and, as sync copies, to "
+                   "the sender's other N-1 (server_cpu_us_per_copy)")  # fmt: skip
     stall_flags(t)
     plot_flag(t)
     t.set_defaults(func=run, bench=throughput)
@@ -1361,7 +1392,7 @@ def _human(result: dict) -> str:
 #: Result fields that make a throughput run's configuration: runs differing in
 #: any of them are different series in the report, never joined by a line.
 CONFIG_KEYS = ("sync", "receipts", "window", "size", "messages_per_client", "workers",
-               "load_processes", "profile")  # fmt: skip
+               "load_processes", "profile", "devices_per_user")  # fmt: skip
 
 
 def _config(r: dict) -> tuple:

@@ -58,6 +58,10 @@ class Load:
         self.creds = creds  # every provisioned device; this process drives [first, last)
         self.mine = range(args.first, args.last)
         self.clients: dict[int, Client] = {}
+        # the companions of each user this process drives (creds' "companions": a
+        # multi-device run); they receive and ack, the primary sends
+        self.companions: list[Client] = []
+        self.copies = 0  # message copies handed to any device here (primaries included)
         self.latencies_us: list[int] = []
         self.delivered: set[int] = set()  # sender << 32 | number
         self.deliveries = 0
@@ -84,7 +88,23 @@ class Load:
                                           bytes.fromhex(self.creds[i]["secret"])))  # fmt: skip
                 self.clients[i] = c
 
-        await asyncio.gather(*(one(i) for i in self.mine))
+        async def companion(d: dict) -> None:
+            async with sem:
+                c = await Client.connect(host, int(port), timeout=30)
+                await c.login(Credentials(d["device"], bytes.fromhex(d["secret"])))
+                self.companions.append(c)
+
+        await asyncio.gather(*(one(i) for i in self.mine),
+                             *(companion(d) for i in self.mine
+                               for d in self.creds[i].get("companions", ())))  # fmt: skip
+
+    async def receive_copies(self, c: Client) -> None:
+        """A companion: every message copy (as a recipient, or a sync copy of its own
+        user's) is counted and acked, and so is everything else it is sent."""
+        async for ev in c:
+            if type(ev) is IncomingMessage:
+                self.copies += 1
+            await c.ack(ev.seq)
 
     async def receive(self, i: int) -> None:
         c = self.clients[i]
@@ -94,6 +114,7 @@ class Load:
                 sender, number, sent = HEADER.unpack_from(ev.body)
                 self.latencies_us.append((now - sent) // 1000)
                 self.deliveries += 1
+                self.copies += 1
                 self.delivered.add(sender << 32 | number)
                 await c.ack(ev.seq)
             elif type(ev) is IncomingReceipt:
@@ -143,6 +164,7 @@ class Load:
         loop = asyncio.get_running_loop()
         await self.login_all()
         readers = [loop.create_task(self.receive(i)) for i in self.mine]
+        readers += [loop.create_task(self.receive_copies(c)) for c in self.companions]
         print("ready", flush=True)
         go = await loop.run_in_executor(None, sys.stdin.readline)
         if go.strip() != "go":
@@ -172,6 +194,7 @@ class Load:
             "acked": self.acked,
             "delivered": sorted(self.delivered),
             "deliveries": self.deliveries,
+            "copies": self.copies,
             "redelivered_on_wire": self.redelivered,
             "receipts": len(self.receipt_ids & self.acked_ids),
             "receipts_missing": len(self.acked_ids - self.receipt_ids),
@@ -189,7 +212,7 @@ class Load:
         # a stalled server may never answer the close: do not hang on it
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(
-                asyncio.gather(*(c.close() for c in self.clients.values()),
+                asyncio.gather(*(c.close() for c in (*self.clients.values(), *self.companions)),
                                return_exceptions=True), 10)  # fmt: skip
 
     def missing(self) -> dict:
@@ -215,6 +238,7 @@ class Load:
                 "acked": len(self.acked),
                 "delivered": len(self.delivered),
                 "receipts": len(self.receipt_ids),
+                "copies": self.copies,
                 "errors": sum(self.errors.values()),
             }
             print(orjson.dumps({"progress": counts}).decode(), flush=True)

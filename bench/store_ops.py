@@ -164,11 +164,12 @@ class Bench:
         self.store.close()
 
     def send(self, frm: str, to: str, cls: str = "message", mid: str | None = None,
-             typ: str = "text") -> Send:  # fmt: skip
+             typ: str = "text", payloads=None, device: str | None = None) -> Send:  # fmt: skip
         if mid is None:
             self.n += 1
             mid = f"m{self.n}"
-        s = Send(self.dev[frm], cls, mid, to, typ, b"x" * 100 if cls == "message" else None)
+        body = b"x" * 100 if cls == "message" and not payloads else None
+        s = Send(device or self.dev[frm], cls, mid, to, typ, body, payloads=payloads)
         self.q.commit([s], {})
         assert s.error is None, s.error
         return s
@@ -229,6 +230,19 @@ def scenarios(tmp: str, writemap: bool = False):
         run("read receipt to a user with 1 device",
             lambda: b.send(BOB, ALICE, cls="receipt", mid="m1", typ="read"), b)  # fmt: skip
         run("read receipt acked by its device", b.ack(b.dev[ALICE]), b)
+        b.clear()
+        # multi-device: what an extra device copy costs
+        run("message from a user with 2 devices (1 sync copy)", lambda: b.send(CAROL, BOB), b)
+        run("sync copy acked by its device (no receipt)", b.ack(b.carol2), b)
+        b.clear()
+        run("message with per-device payloads to a user with 2 devices",
+            lambda: b.send(ALICE, CAROL, payloads=((b.dev[CAROL], b"x" * 100),
+                                                   (b.carol2, b"y" * 100))), b)  # fmt: skip
+        b.clear()
+        run("read receipt from a user with 2 devices (1 read-sync copy)",
+            lambda: b.send(CAROL, ALICE, cls="receipt", mid="m1", typ="read"), b)  # fmt: skip
+        b.clear()
+        run("device-to-device message", lambda: b.send(CAROL, b.carol2, typ="history"), b)
     finally:
         b.close()
     b = Bench(os.path.join(tmp, "b"), receipts=False, writemap=writemap)

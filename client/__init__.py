@@ -6,7 +6,7 @@
 imports server code.
 """
 
-from ._core import ConnectionLost, Credentials, ServerError
+from ._core import ConnectionLost, Credentials, ServerError, StaleDevices
 from .aio import Client
 
-__all__ = ["Client", "ConnectionLost", "Credentials", "ServerError"]
+__all__ = ["Client", "ConnectionLost", "Credentials", "ServerError", "StaleDevices"]

@@ -48,6 +48,7 @@ import math
 import os
 import random
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from scramp import ScramClient, ScramException
@@ -170,6 +171,20 @@ class ServerError(Exception):
         return self.code in TERMINAL_CODES
 
 
+class StaleDevices(ServerError):
+    """Error 408: a message's per-device payloads did not match the device lists.
+
+    ``missing``: devices that need a payload and had none; ``extra``: devices
+    named that are not (or no longer) devices of the account.  Nothing was
+    stored: refresh the lists (``devices``), encrypt for them and send again
+    (the same id is fine)."""
+
+    def __init__(self, code: int, text: str, request_id: str | None, missing, extra):
+        super().__init__(code, text, request_id)
+        self.missing = tuple(missing)
+        self.extra = tuple(extra)
+
+
 class ConnectionLost(Exception):
     """The connection closed before the answer came (or for good)."""
 
@@ -266,6 +281,14 @@ class PairingCode:
         return None if self.code is None else f"{self.code[:4]}-{self.code[4:]}"
 
 
+def message_event(to: str, mid: str, type: str, body) -> Message:
+    """The Message for ``body``: bytes for every device, or a mapping
+    {device address: bytes} of per-device payloads."""
+    if isinstance(body, Mapping):
+        return Message(to, mid, type, b"", tuple(body.items()))
+    return Message(to, mid, type, body)
+
+
 class ClientCore:
     def __init__(self):
         self.conn: Connection | None = None
@@ -322,9 +345,9 @@ class ClientCore:
         self.send(event)
         return self.expect(kind, rid, event)
 
-    def message(self, to: str, body: bytes, type: str, mid: str | None) -> tuple[str, str]:
+    def message(self, to: str, body, type: str, mid: str | None) -> tuple[str, str]:
         mid = mid or self.new_id()
-        return self.request(MESSAGE, mid, Message(to, mid, type, body))
+        return self.request(MESSAGE, mid, message_event(to, mid, type, body))
 
     def receipt(self, to: str, mid: str, type: str) -> tuple[str, str]:
         return self.request(RECEIPT, mid, Receipt(to, mid, type))
@@ -437,7 +460,10 @@ class ClientCore:
         elif t is Ping:
             self.send(Pong(ev.id))
         elif t is Error:
-            err = ServerError(ev.code, ev.text, ev.id)
+            if ev.code == ErrorCode.STALE_DEVICES:
+                err = StaleDevices(ev.code, ev.text, ev.id, ev.missing, ev.extra)
+            else:
+                err = ServerError(ev.code, ev.text, ev.id)
             handled = False
             if ev.id is not None:
                 for kind in _ID_KINDS:
@@ -716,12 +742,20 @@ class ClientAPI:
     async def send(
         self,
         to: str,
-        body: bytes,
+        body,
         type: str = "text",
         id: str | None = None,
         timeout: float | None = 30.0,
     ) -> ServerAck:
         """Send and wait for the server's ack (one tick); raises ServerError if refused.
+
+        ``body``: bytes, the same for every device; or a mapping {device
+        address: bytes} with one payload for each device of ``to`` and each
+        other device of this account (end-to-end sessions are per device):
+        if that set is not exactly the server's device lists the server
+        stores nothing and this raises StaleDevices (``missing``, ``extra``).
+        ``to`` may also be another device of this account (a device-to-device
+        message, e.g. ``type="history"``): it goes to that device only.
 
         While a resuming client is reconnecting the message waits and goes
         out after the next login; retrying the same ``id`` is safe.  A field
@@ -735,7 +769,7 @@ class ClientAPI:
         if self._live:
             key = self.core.message(to, body, type, mid)
         else:
-            event = Message(to, mid, type, body)
+            event = message_event(to, mid, type, body)
             event.check()  # refused now, not when it is replayed after the next login
             key = self.core.expect(MESSAGE, mid, event)
         return await self._wait(key, timeout)

@@ -39,8 +39,12 @@ from .wire import (
 IMPLEMENTATION = "python"
 
 #: Kinds of queue entry (see Codec.queue_entry) and the tag each is delivered as.
-ENTRY_MESSAGE, ENTRY_RECEIPT = 0, 1
-_ENTRY_TAGS = ("message", "receipt")
+ENTRY_MESSAGE, ENTRY_RECEIPT, ENTRY_DEVICES = 0, 1, 2
+_ENTRY_TAGS = ("message", "receipt", "devices")
+#: Flag bits of a queue entry: the recipient user had several devices (the fan
+#: record); a copy for the sender's own account (sync copy, device-to-device):
+#: its ack makes no delivered receipt.
+ENTRY_FAN, ENTRY_SYNC = 1, 2
 
 _PACKED_VALUE = {c: i for i, c in enumerate(PACKED_ALPHABET)}
 
@@ -475,35 +479,48 @@ class Codec:
     #
     # What the server stores for one delivery, written once and turned into
     # the delivery frame only when it is pushed, by splicing the device's
-    # sequence number between the stored envelope and the body:
+    # sequence number between the stored envelope and the body (format 5):
     #
     #     kind u8 | t u64 | flags u8 | len u8, origin | len u8, id | len u16, head | body
     #
-    # kind 0 message (body follows), 1 receipt (nothing follows); flags bit 0:
-    # the recipient user had several devices (the fan record).  ``head`` is the
-    # frame payload up to the ``seq`` attribute: the list header, the tag and
-    # ``from``, ``id``, ``type``, ``t``, encoded with this codec's dictionary.
-    # All integers are big-endian.  The frame is byte for byte what encoding
-    # IncomingMessage / IncomingReceipt would give.
+    # kind 0 message (body follows), 1 receipt, 2 device-list notice (nothing
+    # follows; no id: its length is 0); flags bit 0 (ENTRY_FAN): the recipient
+    # user had several devices (the fan record); bit 1 (ENTRY_SYNC): a copy for
+    # the sender's own account (a sync copy or a device-to-device message),
+    # whose ack makes no delivered receipt.  ``head`` is the frame payload up
+    # to the ``seq`` attribute: the list header, the tag and ``from``, ``to``
+    # (sync copies only), ``id``, ``type`` (not for kind 2), ``t``, encoded
+    # with this codec's dictionary.  All integers are big-endian.  The frame
+    # is byte for byte what encoding IncomingMessage / IncomingReceipt /
+    # DevicesChanged would give.
 
-    def queue_entry(self, kind: int, t: int, fan: bool, origin: str, mid: str, typ: str,
-                    body=None) -> bytes:  # fmt: skip
-        """The stored form of a message (kind 0, with ``body``) or receipt (kind 1)."""
-        if kind not in (ENTRY_MESSAGE, ENTRY_RECEIPT):
+    def queue_entry(self, kind: int, t: int, flags: int, origin: str, mid: str, typ: str,
+                    body=None, to: str | None = None) -> bytes:  # fmt: skip
+        """The stored form of a message (kind 0, with ``body``), receipt (kind 1)
+        or device-list notice (kind 2: ``mid`` and ``typ`` empty); ``to``: the
+        recipient a sync copy names."""
+        if kind not in (ENTRY_MESSAGE, ENTRY_RECEIPT, ENTRY_DEVICES):
             raise ValueError(f"unknown entry kind {kind}")
         o, i = origin.encode(), mid.encode()
-        if not 0 < len(o) < 256 or not 0 < len(i) < 256:
-            raise ValueError("origin and id must be 1-255 bytes")
+        notice = kind == ENTRY_DEVICES
+        if not 0 < len(o) < 256 or not (0 if notice else 1) <= len(i) < 256 or (notice and i):
+            raise ValueError("origin and id must be 1-255 bytes (a notice has no id)")
         head = bytearray()
         message = kind == ENTRY_MESSAGE
-        self._list_header(head, 11 + message)
+        attrs = [("from", origin)]
+        if to is not None:
+            attrs.append(("to", to))
+        if not notice:
+            attrs += (("id", mid), ("type", typ))
+        attrs.append(("t", str(t)))
+        self._list_header(head, 3 + 2 * len(attrs) + message)
         self._string(head, _ENTRY_TAGS[kind], "tag")
-        for key, value in (("from", origin), ("id", mid), ("type", typ), ("t", str(t))):
+        for key, value in attrs:
             self._string(head, key, "attribute name")
             self._string(head, value, "attribute value")
         out = bytearray((kind,))
         out += t.to_bytes(8, "big")
-        out.append(1 if fan else 0)
+        out.append(int(flags) & 0xFF)
         out.append(len(o))
         out += o
         out.append(len(i))

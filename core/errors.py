@@ -56,6 +56,7 @@ class ErrorCode(IntEnum):
     TOO_FAST = 405
     TOO_MANY = 406
     ID_REUSED = 407
+    STALE_DEVICES = 408
     # 5xx: the server's side.
     INTERNAL = 500
     STORE_FULL = 501

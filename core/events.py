@@ -22,6 +22,9 @@ The same tag can mean different things by direction: ``message`` from a
 client is ``Message`` (it names the recipient), from the server it is
 ``IncomingMessage`` (it names the sender, the server time and the
 per-device sequence).  ``CLIENT_SENT`` and ``SERVER_SENT`` map tags to classes.
+One server tag names two events: ``devices`` with a ``seq`` is the queued
+``DevicesChanged`` notice, with an ``id`` the ``DeviceList`` answer to a query
+(``SERVER_SENT`` holds ``DeviceList``, whose reader tells them apart).
 """
 
 from __future__ import annotations
@@ -204,6 +207,8 @@ _PHONE = "an E.164 number: 8-15 digits, no '+'"
 _USER = ("user",)
 _DEVICE = ("device",)
 _USER_OR_GROUP = ("user", "group")
+_USER_GROUP_DEVICE = ("user", "group", "device")
+_USER_OR_DEVICE = ("user", "device")
 
 
 def _check_id(event, name: str, v) -> None:
@@ -513,7 +518,14 @@ class AuthSuccess(Event):
 
 @dataclass(frozen=True, slots=True)
 class Message(Event):
-    """A client sends an opaque (end-to-end encrypted) body to a user or group."""
+    """A client sends an opaque (end-to-end encrypted) body to a user or group,
+    or to another device of its own account (``to`` a device address).
+
+    ``payloads``: instead of one ``body`` for every device, one payload per
+    device, ((device address, bytes), ...): one for each device of ``to``
+    and one for each other device of the sender's account (``body`` is then
+    b"").  The server refuses a set that is not exactly the current device
+    lists (error 408, ``Error.missing`` / ``Error.extra``)."""
 
     TAG: ClassVar[str] = "message"
     SENDER: ClassVar[str] = CLIENT
@@ -521,22 +533,69 @@ class Message(Event):
     id: str
     type: str
     body: bytes
+    payloads: tuple = ()
 
     def to_node(self, N):
-        return N("message", {"to": self.to, "id": self.id, "type": self.type}, self.body)
+        attrs = {"to": self.to, "id": self.id, "type": self.type}
+        if self.payloads:
+            return N("message", attrs, [N("payload", {"device": d}, b) for d, b in self.payloads])
+        return N("message", attrs, self.body)
 
     @classmethod
     def from_node(cls, node):
         t = _attr(node, "type")
         if not valid_id(t):
             raise _bad(node, "'type' must be 1-64 printable ASCII characters")
-        return _read(cls(_address(node, "to", "user", "group"), _id(node), t, _bytes(node)))
+        to = _address(node, "to", "user", "group", "device")
+        if isinstance(node.content, list):
+            if address_kind(to) != "user":
+                raise _bad(node, "per-device payloads go to a user")
+            return _read(cls(to, _id(node), t, b"", _payloads(node)))
+        return _read(cls(to, _id(node), t, _bytes(node)))
 
     def check(self) -> None:
-        _check_address(self, "to", self.to, _USER_OR_GROUP)
+        _check_address(self, "to", self.to, _USER_GROUP_DEVICE)
         _check_id(self, "id", self.id)
         _check_id(self, "type", self.type)
         _check_bytes(self, "body", self.body)
+        if self.payloads:
+            if not isinstance(self.payloads, tuple):
+                raise _wrong(self, "payloads", "a tuple of (device, bytes)", self.payloads)
+            if address_kind(self.to) != "user":
+                raise _wrong(self, "to", "a user address (per-device payloads)", self.to)
+            if _nbytes(self.body):
+                raise _wrong(self, "body", "empty beside payloads", self.body)
+            seen = set()
+            for i, item in enumerate(self.payloads):
+                if not (isinstance(item, tuple) and len(item) == 2):
+                    raise _wrong(self, f"payloads[{i}]", "a (device, bytes) pair", item)
+                _check_address(self, f"payloads[{i}][0]", item[0], _DEVICE)
+                _check_bytes(self, f"payloads[{i}][1]", item[1])
+                if item[0] in seen:
+                    raise _wrong(self, f"payloads[{i}][0]", "a device named once", item[0])
+                seen.add(item[0])
+
+
+def _payloads(node) -> tuple:
+    """The (device, bytes) pairs of a message's ``payload`` children."""
+    out = []
+    seen = set()
+    for child in node.content:
+        if child.tag != "payload":
+            raise _bad(node, "content must be bytes or a list of <payload> nodes")
+        d = child.attrs.get("device")
+        if d is None or address_kind(d) != "device":
+            raise _bad(node, "<payload device=...> must be a device address")
+        if d in seen:
+            raise _bad(node, f"two payloads for {d}")
+        seen.add(d)
+        c = child.content
+        if not isinstance(c, (bytes, bytearray, memoryview)):
+            raise _bad(node, "<payload> content must be bytes")
+        out.append((d, bytes(c)))
+    if not out:
+        raise _bad(node, "a list of payloads must not be empty")
+    return tuple(out)
 
 
 @dataclass(frozen=True, slots=True)
@@ -546,6 +605,10 @@ class IncomingMessage(Event):
     ``sender``: the sending device's address, set by the server from the
     authenticated session.  ``t``: server time (ms) when it was accepted.
     ``seq``: this device's queue sequence, the number the device acknowledges.
+    ``to``: None for a message to this device's user; on a copy for the
+    sender's own account it names the recipient: the user the message went
+    to (a sync copy, sent from another device of this account), or this
+    device's address (a device-to-device message).
     """
 
     TAG: ClassVar[str] = "message"
@@ -556,22 +619,18 @@ class IncomingMessage(Event):
     t: int
     seq: int
     body: bytes
+    to: str | None = None
 
     def to_node(self, N):
-        return N(
-            "message",
-            {
-                "from": self.sender,
-                "id": self.id,
-                "type": self.type,
-                "t": str(self.t),
-                "seq": str(self.seq),
-            },
-            self.body,
-        )
+        attrs = {"from": self.sender}
+        if self.to is not None:
+            attrs["to"] = self.to
+        attrs.update(id=self.id, type=self.type, t=str(self.t), seq=str(self.seq))
+        return N("message", attrs, self.body)
 
     @classmethod
     def from_node(cls, node):
+        to = node.attrs.get("to")
         return _read(
             cls(
                 _address(node, "from", "device"),
@@ -580,6 +639,7 @@ class IncomingMessage(Event):
                 _uint(node, "t"),
                 _uint(node, "seq"),
                 _bytes(node),
+                None if to is None else _address(node, "to", "user", "device"),
             )
         )
 
@@ -591,6 +651,8 @@ class IncomingMessage(Event):
         _check_uint(self, "t", self.t)
         _check_uint(self, "seq", self.seq)
         _check_bytes(self, "body", self.body)
+        if self.to is not None:
+            _check_address(self, "to", self.to, _USER_OR_DEVICE)
 
 
 ACK_CLASSES = frozenset(
@@ -696,7 +758,8 @@ class IncomingReceipt(Event):
     """Two ticks (delivered) or blue ticks (read) for message ``id``, from user ``sender``.
 
     Queued and acknowledged like a message: ``seq`` is in the same per-device
-    sequence.
+    sequence.  ``to``: None, except on a read sync copy: another device of
+    this account read a message of user ``to`` (``sender`` is this user).
     """
 
     TAG: ClassVar[str] = "receipt"
@@ -706,21 +769,18 @@ class IncomingReceipt(Event):
     type: str
     t: int
     seq: int
+    to: str | None = None
 
     def to_node(self, N):
-        return N(
-            "receipt",
-            {
-                "from": self.sender,
-                "id": self.id,
-                "type": self.type,
-                "t": str(self.t),
-                "seq": str(self.seq),
-            },
-        )
+        attrs = {"from": self.sender}
+        if self.to is not None:
+            attrs["to"] = self.to
+        attrs.update(id=self.id, type=self.type, t=str(self.t), seq=str(self.seq))
+        return N("receipt", attrs)
 
     @classmethod
     def from_node(cls, node):
+        to = node.attrs.get("to")
         return _read(
             cls(
                 _address(node, "from", "user"),
@@ -728,6 +788,7 @@ class IncomingReceipt(Event):
                 _choice(node, "type", RECEIPT_TYPES),
                 _uint(node, "t"),
                 _uint(node, "seq"),
+                None if to is None else _address(node, "to", "user"),
             )
         )
 
@@ -737,6 +798,8 @@ class IncomingReceipt(Event):
         _check_choice(self, "type", self.type, RECEIPT_TYPES)
         _check_uint(self, "t", self.t)
         _check_uint(self, "seq", self.seq)
+        if self.to is not None:
+            _check_address(self, "to", self.to, _USER)
 
 
 PRESENCE_TYPES = frozenset({"available", "unavailable"})
@@ -1104,6 +1167,10 @@ class Error(Event):
 
     ``id`` names the request it answers, when there is one.  After an error
     whose code is fatal (errors.FATAL_CODES) its sender closes the connection.
+    ``missing`` / ``extra``: with 408 (STALE_DEVICES), the devices a message's
+    per-device payloads lacked and the ones they named that are not (or no
+    longer) devices of the account, as ``<missing device=..>`` and
+    ``<extra device=..>`` children.
     """
 
     TAG: ClassVar[str] = "error"
@@ -1111,17 +1178,39 @@ class Error(Event):
     code: int
     text: str
     id: str | None = None
+    missing: tuple[str, ...] = ()
+    extra: tuple[str, ...] = ()
 
     def to_node(self, N):
         attrs = {"code": str(int(self.code)), "text": self.text}
         if self.id is not None:
             attrs["id"] = self.id
+        if self.missing or self.extra:
+            children = [N("missing", {"device": d}) for d in self.missing]
+            children += [N("extra", {"device": d}) for d in self.extra]
+            return N("error", attrs, children)
         return N("error", attrs)
 
     @classmethod
     def from_node(cls, node):
         rid = node.attrs.get("id")
-        return _read(cls(_uint(node, "code"), _attr(node, "text"), rid if valid_id(rid) else None))
+        missing, extra = [], []
+        if isinstance(node.content, list):
+            for child in node.content:  # other children: a later version's, ignored
+                if child.tag in ("missing", "extra"):
+                    d = child.attrs.get("device")
+                    if d is None or address_kind(d) != "device":
+                        raise _bad(node, f"<{child.tag} device=...> must be a device address")
+                    (missing if child.tag == "missing" else extra).append(d)
+        return _read(
+            cls(
+                _uint(node, "code"),
+                _attr(node, "text"),
+                rid if valid_id(rid) else None,
+                tuple(missing),
+                tuple(extra),
+            )
+        )
 
     def check(self) -> None:
         _check_uint(self, "code", self.code)
@@ -1129,6 +1218,12 @@ class Error(Event):
             raise _wrong(self, "text", "a str", self.text)
         if self.id is not None:  # the reader would drop a bad id: say so here
             _check_id(self, "id", self.id)
+        for name in ("missing", "extra"):
+            _check_items(self, name, getattr(self, name), _is_device_value, "a device address")
+
+
+def _is_device_value(v) -> bool:
+    return isinstance(v, str) and address_kind(v) == "device"
 
 
 @dataclass(frozen=True, slots=True)
@@ -1432,7 +1527,7 @@ class DeviceList(Event):
 
     @classmethod
     def from_node(cls, node):
-        if node.attrs.get("id") is None and node.attrs.get("from") is not None:
+        if node.attrs.get("seq") is not None:  # a queued notice, not an answer
             return DevicesChanged.from_node(node)
         rid, user = _id(node), _address(node, "user", "user")
         c = node.content
@@ -1473,11 +1568,14 @@ class DeviceList(Event):
 
 @dataclass(frozen=True, slots=True)
 class DevicesChanged(Event):
-    """User ``sender``'s device list changed: ask again (``DevicesQuery``).  A queue
-    entry, acknowledged like a message (``seq`` is in the device's sequence).
+    """User ``sender``'s device list changed: ask for it again (``DevicesQuery``).
 
-    The tag is also ``DeviceList``'s: the server's ``devices`` without an ``id``
-    and with ``from`` is this (``DeviceList.from_node`` hands it over)."""
+    Queued for every device of that user and acknowledged like a message:
+    ``seq`` is in the same per-device sequence, ``t`` when the list changed.
+    The tag is also ``DeviceList``'s: the server's ``devices`` with a ``seq`` is
+    this notice, with an ``id`` the answer to a query (``DeviceList.from_node``
+    tells them apart and hands a notice over).
+    """
 
     TAG: ClassVar[str] = "devices"
     SENDER: ClassVar[str] = SERVER
@@ -1525,10 +1623,13 @@ _ALL = [
     Presence, PresenceUpdate, ChatState, IncomingChatState, Privacy, PrivacySettings,
     Discover, DiscoverResult, Block, Unblock, BlocklistQuery, Blocklist,
     Logout, DeleteAccount, Error, Ping, Pong,
-    Pair, PairCode, Link, LinkKey, DevicesQuery, DeviceList, Unlink,
+    Pair, PairCode, Link, LinkKey, DevicesQuery, DeviceList, DevicesChanged, Unlink,
 ]  # fmt: skip
 
 #: tag -> event class, for nodes a client sends (what a server receives)
 CLIENT_SENT: dict[str, type[Event]] = {c.TAG: c for c in _ALL if c.SENDER in (CLIENT, BOTH)}
 #: tag -> event class, for nodes a server sends (what a client receives)
 SERVER_SENT: dict[str, type[Event]] = {c.TAG: c for c in _ALL if c.SENDER in (SERVER, BOTH)}
+# Two server events share the tag ``devices``: the reader is DeviceList's, which
+# tells them apart by attributes (a ``seq``: the notice; an ``id``: the answer).
+SERVER_SENT["devices"] = DeviceList

@@ -256,12 +256,14 @@ cdef class Codec:
 
     # -- queue entries (layout: pigeon.core._pycodec, "queue entries") -----
 
-    def queue_entry(self, int kind, unsigned long long t, bint fan, str origin, str mid, str typ,
-                    body=None):
-        """The stored form of a message (kind 0, with ``body``) or receipt (kind 1)."""
+    def queue_entry(self, int kind, unsigned long long t, int flags, str origin, str mid, str typ,
+                    body=None, to=None):
+        """The stored form of a message (kind 0, with ``body``), receipt (kind 1)
+        or device-list notice (kind 2: ``mid`` and ``typ`` empty); ``to``: the
+        recipient a sync copy names."""
         _claim(self)
         try:
-            return _queue_entry(self, kind, t, fan, origin, mid, typ, body)
+            return _queue_entry(self, kind, t, flags, origin, mid, typ, body, to)
         finally:
             self._busy = False
 

@@ -5,6 +5,7 @@
 cdef enum:
     ENTRY_MESSAGE_KIND = 0
     ENTRY_RECEIPT_KIND = 1
+    ENTRY_DEVICES_KIND = 2       # a device-list notice: no id, no type, no body
     ENTRY_FIXED = 10             # kind, t, flags
 
 
@@ -34,31 +35,42 @@ cdef inline void _nibbles(unsigned char* dst, const unsigned char* p, Py_ssize_t
         dst[j] = _nibble(p[n - 1]) << 4
 
 
-cdef bytes _queue_entry(Codec c, int kind, unsigned long long t, bint fan, str origin, str mid,
-                        str typ, object body):
+cdef bytes _queue_entry(Codec c, int kind, unsigned long long t, int flags, str origin, str mid,
+                        str typ, object body, object to):
     cdef Py_ssize_t olen, ilen, hlen, blen = 0, n, pos
     cdef const char* o = PyUnicode_AsUTF8AndSize(origin, &olen)
     cdef const char* i = PyUnicode_AsUTF8AndSize(mid, &ilen)
     cdef char digits[21]
     cdef Py_buffer view
     cdef bint have_view = False
+    cdef bint notice = kind == ENTRY_DEVICES_KIND
     cdef bytes out
     cdef unsigned char* p
-    cdef int k
-    if kind != ENTRY_MESSAGE_KIND and kind != ENTRY_RECEIPT_KIND:
+    cdef int k, count
+    if kind != ENTRY_MESSAGE_KIND and kind != ENTRY_RECEIPT_KIND and not notice:
         raise ValueError(f"unknown entry kind {kind}")
-    if not 0 < olen < 256 or not 0 < ilen < 256:
-        raise ValueError("origin and id must be 1-255 bytes")
-    # the head, in the codec's buffer
+    if not 0 < olen < 256 or not (0 if notice else 1) <= ilen < 256 or (notice and ilen):
+        raise ValueError("origin and id must be 1-255 bytes (a notice has no id)")
+    # the head, in the codec's buffer: tag, from, [to], [id, type], t (and seq, body later)
+    count = 7 if notice else 11
+    if kind == ENTRY_MESSAGE_KIND:
+        count += 1
+    if to is not None:
+        count += 2
     c._len = 0
-    _list_header(c, 12 if kind == ENTRY_MESSAGE_KIND else 11)
-    _enc_string(c, "message" if kind == ENTRY_MESSAGE_KIND else "receipt", "tag")
+    _list_header(c, count)
+    _enc_string(c, "message" if kind == ENTRY_MESSAGE_KIND else
+                ("receipt" if kind == ENTRY_RECEIPT_KIND else "devices"), "tag")
     _enc_string(c, "from", "attribute name")
     _enc_string(c, origin, "attribute value")
-    _enc_string(c, "id", "attribute name")
-    _enc_string(c, mid, "attribute value")
-    _enc_string(c, "type", "attribute name")
-    _enc_string(c, typ, "attribute value")
+    if to is not None:
+        _enc_string(c, "to", "attribute name")
+        _enc_string(c, <str?>to, "attribute value")
+    if not notice:
+        _enc_string(c, "id", "attribute name")
+        _enc_string(c, mid, "attribute value")
+        _enc_string(c, "type", "attribute name")
+        _enc_string(c, typ, "attribute value")
     _enc_string(c, "t", "attribute name")
     n = _digits(t, digits)
     _put(c, PACKED)
@@ -77,7 +89,7 @@ cdef bytes _queue_entry(Codec c, int kind, unsigned long long t, bint fan, str o
         p[0] = <unsigned char>kind
         for k in range(8):
             p[1 + k] = <unsigned char>(t >> (56 - 8 * k))
-        p[9] = 1 if fan else 0
+        p[9] = <unsigned char>flags
         pos = ENTRY_FIXED
         p[pos] = <unsigned char>olen
         memcpy(p + pos + 1, o, olen)

@@ -2,28 +2,53 @@
 
 Theory of operation.  Every worker listens on a Unix socket in the run
 directory (``w<wid>.sock``); a worker that has something for another opens
-one connection to it on first use and keeps it.  What a worker has for a
-peer during one loop tick is appended to one buffer and written once at the
-end of the tick (``Bus.flush``).  A peer that is down (restarting) loses
-what was meant for it and nothing else: its devices' connections are gone
-with it, and queued entries wait in the store.
+one connection to it on first use and keeps it, and says who it is first
+(HELLO).  What a worker has for a peer during one loop tick is appended to
+one buffer and written once at the end of the tick (``Bus.flush``).  A peer
+that is down (restarting) loses what was meant for it and nothing else: its
+devices' connections are gone with it, and queued entries wait in the store.
 
 Records are not protocol nodes: nothing on the bus comes from a client, and
 a delivery crosses it as the stored queue entry (``Codec.queue_entry``)
 behind a few bytes of header, so the receiving worker splices the frame
 straight into the device's output (one copy of the body, no decode).
 
+A PUSH is a hint; the device's queue in the store is the truth.  A session
+that gets an entry past the next one it expects (``Session.offer``), or a
+CATCHUP, reads what it missed from its queue, so a push may be left out
+without losing a message, and two cases leave it out:
+
+- the device's session is paused (its client is not reading): the worker
+  that holds it drops what is pushed to it, and answers the pushing worker
+  with HOLD; pushes to that device are then kept back (only the highest
+  sequence is remembered) until RELEASE, sent when the session resumes or
+  ends, which the pushing worker answers with a CATCHUP if it kept any.
+- the connection to a peer has more than ``bus-buffer-high`` bytes unsent
+  (the peer is not reading fast enough): PUSH and TYPING records for it are
+  dropped until it drains below ``bus-buffer-low``; then each device with
+  dropped pushes gets one CATCHUP.  So a worker's memory for one peer is
+  bounded by bus-buffer-high plus one tick's records, whatever the clients do.
+
+In the common case (nothing held, no peer congested) a push costs one
+truth test of each of the two tables more than it did.
+
     record  := length u32 | type u8 | body          (length counts type and body)
     PUSH     1  dlen u8, device, seq u64, entry      a committed queue entry
     TYPING   2  dlen u8, device, frame               a finished chatstate frame
     PRESENCE 3  user                                  the user's presence changed
     KICK     4  code u16, dlen u8, device, text      close the device's session
-    PAIRED   5  conn u64, rlen u8, rid, dlen u8, device, secret (32)
-                                                     a companion waiting on connection
-                                                     ``conn`` was linked (server/linking.py)
+    HELLO    5  wid u32                               who writes on this connection (first)
+    HOLD     6  dlen u8, device                       the device's session is paused: no PUSH
+    RELEASE  7  dlen u8, device                       it resumed or ended: PUSH again
+    CATCHUP  8  dlen u8, device, seq u64              entries up to seq were committed and not
+                                                      pushed: read them from the queue
+    PAIRED   9  conn u64, rlen u8, rid, dlen u8, device, secret (32)
+                                                      a companion waiting on connection
+                                                      ``conn`` was linked (server/linking.py)
 
 Integers are big-endian; strings are ASCII except ``text`` (UTF-8).  The
-supervisor writes KICK records too (``kick_record``), for operators.
+supervisor writes KICK records too (``kick_record``), for operators; a
+connection that never sent HELLO (the supervisor's) cannot HOLD.
 """
 
 from __future__ import annotations
@@ -36,12 +61,13 @@ from .log import event
 
 logger = logging.getLogger("pigeon.worker")
 
-PUSH, TYPING, PRESENCE, KICK, PAIRED = 1, 2, 3, 4, 5
+PUSH, TYPING, PRESENCE, KICK, HELLO, HOLD, RELEASE, CATCHUP, PAIRED = 1, 2, 3, 4, 5, 6, 7, 8, 9
 MAX_RECORD = 1 << 26  # past any entry a frame limit allows: a bigger length is a bug
 
 _HEAD = struct.Struct(">IB")
 _SEQ = struct.Struct(">Q")
 _CODE = struct.Struct(">H")
+_WID = struct.Struct(">I")
 
 
 def _device_head(kind: int, device: str, extra: int) -> bytes:
@@ -63,6 +89,8 @@ class BusPeer:
         self.bus = bus
         self.buf = b""  # the start of a record not wholly received yet
         self.transport = None
+        self.index: int | None = None  # outbound: the worker it reaches
+        self.origin: int | None = None  # inbound: the worker writing on it (its HELLO)
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -95,9 +123,18 @@ class BusPeer:
                     at = body + 1 + dlen
                     if kind == PUSH:
                         seq = _SEQ.unpack_from(buf, at)[0]
-                        w.offer_local(device, seq, view[at + 8 : stop])
+                        w.offer_local(device, seq, view[at + 8 : stop], self.origin)
                     else:
                         w.typing_local(device, view[at:stop])
+                elif kind == HOLD or kind == RELEASE or kind == CATCHUP:
+                    dlen = buf[body]
+                    device = bytes(view[body + 1 : body + 1 + dlen]).decode()
+                    if kind == CATCHUP:
+                        w.catch_up_local(device, _SEQ.unpack_from(buf, body + 1 + dlen)[0])
+                    elif self.origin is not None:
+                        self.bus.hold_asked(self.origin, device, kind == HOLD)
+                elif kind == HELLO:
+                    self.origin = _WID.unpack_from(buf, body)[0]
                 elif kind == PRESENCE:
                     w.presence.note_remote(bytes(view[body:stop]).decode())
                 elif kind == KICK:
@@ -123,10 +160,13 @@ class BusPeer:
         return False
 
     def pause_writing(self) -> None:
-        pass
+        # (only outbound connections are written to)
+        if self.index is not None:
+            self.bus.congested(self.index, True)
 
     def resume_writing(self) -> None:
-        pass
+        if self.index is not None:
+            self.bus.congested(self.index, False)
 
     def connection_lost(self, exc) -> None:
         self.bus.lost(self)
@@ -141,6 +181,13 @@ class Bus:
         self.peers: dict[int, BusPeer] = {}
         self.connecting: set[int] = set()
         self.server = None
+        c = worker.config
+        self.high, self.low = c.bus_buffer_high, c.bus_buffer_low
+        self.counters = worker.stats.counters
+        # The slow paths of push(), empty in the common case:
+        self.full: set[int] = set()  # peers over bus-buffer-high: no PUSH or TYPING to them
+        self.holds: dict[str, int] = {}  # device -> the peer that asked to hold its pushes
+        self.missed: dict[int, dict[str, int]] = {}  # peer -> device -> highest seq left out
 
     def path(self, wid: int) -> str:
         return os.path.join(self.worker.run_dir, f"w{wid}.sock")
@@ -168,12 +215,77 @@ class Bus:
 
     def push(self, wid: int, device: str, seq: int, entry) -> None:
         """A committed queue entry for a device that worker ``wid`` holds."""
+        if self.full or self.holds:
+            if self.holds.get(device) == wid:
+                self._miss(wid, device, seq, "bus_pushes_held")
+                return
+            if wid in self.full:
+                self._miss(wid, device, seq, "bus_pushes_dropped")
+                return
         buf = self._buffer(wid)
         buf += _device_head(PUSH, device, 8 + len(entry))
         buf += _SEQ.pack(seq)
         buf += entry
 
+    def _miss(self, wid: int, device: str, seq: int, counter: str) -> None:
+        """A push left out: remembered, so the peer gets a CATCHUP for it later."""
+        m = self.missed.get(wid)
+        if m is None:
+            m = self.missed[wid] = {}
+        if m.get(device, 0) < seq:
+            m[device] = seq
+        self.counters[counter] += 1
+
+    def _catch_up(self, wid: int, device: str, seq: int) -> None:
+        buf = self._buffer(wid)
+        buf += _device_head(CATCHUP, device, 8)
+        buf += _SEQ.pack(seq)
+        self.counters["bus_catchups"] += 1
+
+    def congested(self, wid: int, yes: bool) -> None:
+        """The connection to ``wid`` passed bus-buffer-high (yes) or drained below
+        bus-buffer-low: stop pushing to it, or start again and tell each of its
+        devices with pushes left out (unless they are still held) to catch up."""
+        if yes:
+            self.full.add(wid)
+            self.counters["bus_congested"] += 1
+            return
+        self.full.discard(wid)
+        m = self.missed.get(wid)
+        if not m:
+            return
+        holds = self.holds
+        for device, seq in list(m.items()):
+            if holds.get(device) != wid:
+                del m[device]
+                self._catch_up(wid, device, seq)
+        if not m:
+            del self.missed[wid]
+
+    def hold_asked(self, wid: int, device: str, yes: bool) -> None:
+        """Worker ``wid`` asks to hold pushes to ``device`` (HOLD), or to release them."""
+        if yes:
+            self.holds[device] = wid
+            return
+        if self.holds.get(device) == wid:
+            del self.holds[device]
+        m = self.missed.get(wid)
+        if m and device in m and wid not in self.full:
+            self._catch_up(wid, device, m.pop(device))
+            if not m:
+                del self.missed[wid]
+
+    def ask_hold(self, wid: int, device: str, yes: bool) -> None:
+        """Ask worker ``wid`` to hold (or release) its pushes to ``device``, held here."""
+        d = device.encode()
+        buf = self._buffer(wid)
+        buf += _HEAD.pack(2 + len(d), HOLD if yes else RELEASE)
+        buf += bytes((len(d),))
+        buf += d
+
     def typing(self, wid: int, device: str, frame) -> None:
+        if wid in self.full:
+            return  # typing is lossy by design: a congested peer loses it, not memory
         buf = self._buffer(wid)
         buf += _device_head(TYPING, device, len(frame))
         buf += frame
@@ -201,32 +313,45 @@ class Bus:
         for index, buf in list(self.out.items()):
             peer = self.peers.get(index)
             if peer is not None and peer.transport is not None and not peer.transport.is_closing():
-                peer.transport.write(buf)
                 del self.out[index]
+                self.counters["bus_bytes_out"] += len(buf)
+                peer.transport.write(buf)  # (may call pause_writing: congested)
             elif index not in self.connecting:
                 self.connecting.add(index)
                 self.worker.spawn(self._connect(index))
 
     async def _connect(self, index: int) -> None:
         try:
-            _, peer = await self.worker.loop.create_unix_connection(
+            transport, peer = await self.worker.loop.create_unix_connection(
                 lambda: BusPeer(self), self.path(index)
             )
+            peer.index = index
+            transport.set_write_buffer_limits(high=self.high, low=self.low)
+            transport.write(_HEAD.pack(1 + 4, HELLO) + _WID.pack(self.worker.wid))
             self.peers[index] = peer
         except OSError as exc:
             # The peer worker is down (restarting): its devices' connections
             # are gone with it; what was queued for them waits in the store.
             event(logger, logging.WARNING, "cannot reach worker", worker=index, error=str(exc))
             self.out.pop(index, None)
+            self.missed.pop(index, None)
         finally:
             self.connecting.discard(index)
         if self.out.get(index):
             self.flush()
 
     def lost(self, peer: BusPeer) -> None:
-        for index, p in list(self.peers.items()):
-            if p is peer:
-                del self.peers[index]
+        if peer.index is not None and self.peers.get(peer.index) is peer:
+            # gone with its worker (its sessions too): nothing to catch up
+            del self.peers[peer.index]
+            self.full.discard(peer.index)
+            self.missed.pop(peer.index, None)
+        if peer.origin is not None:
+            # Its holds end with it.  Should the worker live on (a link closed
+            # for a bad record), its paused sessions ask again at the next push.
+            for device, wid in list(self.holds.items()):
+                if wid == peer.origin:
+                    del self.holds[device]
 
     def close(self) -> None:
         if self.server is not None:

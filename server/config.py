@@ -377,6 +377,20 @@ OPTIONS: list[Option] = [
         "bytes the buffer must drain to before pushes and reads resume",
     ),
     Option(
+        "bus_buffer_high",
+        1 << 20,
+        _positive_int,
+        "bytes waiting to be written to one other worker before pushes to it are left out "
+        "(its devices read them from their queues): bounds a worker's memory when another "
+        "falls behind",
+    ),
+    Option(
+        "bus_buffer_low",
+        256 << 10,
+        _non_negative_int,
+        "bytes that must drain to before pushes to that worker resume",
+    ),
+    Option(
         "delivered_receipts",
         True,
         _bool,
@@ -518,7 +532,7 @@ GROUPS: list[Group] = [
     ),
     Group(
         "connections and workers",
-        "processes, per-worker connection caps and per-connection buffers",
+        "processes, per-worker connection caps, per-connection and worker-to-worker buffers",
         (
             "workers",
             "max_connections",
@@ -528,6 +542,8 @@ GROUPS: list[Group] = [
             "max_frame",
             "write_buffer_high",
             "write_buffer_low",
+            "bus_buffer_high",
+            "bus_buffer_low",
         ),
     ),  # fmt: skip
     Group(
@@ -621,7 +637,7 @@ GROUPS: list[Group] = [
 
 _SECONDS = ("_timeout", "_window", "_interval", "_age", "_ttl", "_delay", "_expiry")
 _BYTES = ("max_frame", "map_size", "queue_max_bytes", "write_buffer_high", "write_buffer_low",
-          "commit_max_bytes")  # fmt: skip
+          "commit_max_bytes", "bus_buffer_high", "bus_buffer_low")  # fmt: skip
 
 
 def _metavar(o: Option) -> str:
@@ -756,6 +772,11 @@ def _load(path, overrides, base) -> tuple[Config | None, list[str]]:
         ("write_buffer_low", "write_buffer_high"),
         v["write_buffer_low"] > v["write_buffer_high"],
         "write-buffer-low must not be above write-buffer-high",
+    )
+    rule(
+        ("bus_buffer_low", "bus_buffer_high"),
+        v["bus_buffer_low"] > v["bus_buffer_high"],
+        "bus-buffer-low must not be above bus-buffer-high",
     )
     rule(
         ("store_reserve",),

@@ -96,7 +96,7 @@ def handle(s, ev) -> None:
 
 
 def message(s, ev: Message) -> None:
-    s.worker.route(s, ev.to, ev.id, "message", ev.type, ev.body)
+    s.worker.route(s, ev.to, ev.id, "message", ev.type, ev.body, ev.payloads or None)
 
 
 def receipt(s, ev: Receipt) -> None:

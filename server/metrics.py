@@ -72,6 +72,11 @@ COUNTERS = {
     "presence_changes": "users whose presence (or who may see it) changed, noted to the workers",
     "presence_pushes": "presence updates pushed to subscribers",
     "typing": "typing indicators routed (to online devices; never stored)",
+    "bus_bytes_out": "bytes written to the other workers over the worker bus",
+    "bus_pushes_held": "pushes to another worker left out: the device's session there is paused",
+    "bus_pushes_dropped": "pushes to another worker left out: the bus to it is past bus-buffer-high",
+    "bus_catchups": "devices on another worker told to read pushes left out from their queue",
+    "bus_congested": "times the bus to another worker passed bus-buffer-high",
     "rate_limited": "nodes refused or dropped by a per-connection rate limit (error 405)",
 }
 

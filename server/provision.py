@@ -7,7 +7,10 @@ JSON-lines file (``{"phone", "device", "secret", "identity"}``, secret and
 identity private key in hex), created with mode 0600: they log in as those
 devices (and can link companions).
 An existing account with the same number gets a new device (as a
-re-registration does).
+re-registration does).  With ``devices`` > 1 each account also gets
+``devices - 1`` linked companions (``Store.link_device``), listed in the
+line's ``"companions"`` ([{"device", "secret"}, ...]): the multi-device
+bench logs them all in.
 """
 
 from __future__ import annotations
@@ -40,8 +43,10 @@ def provision(
     prefix: str = "999",
     iterations: int = 4096,
     first: int = 0,
+    devices: int = 1,
 ) -> list[dict]:
-    """Create ``count`` accounts numbered prefix + index; returns their credentials."""
+    """Create ``count`` accounts numbered prefix + index, each with ``devices``
+    devices (a primary and linked companions); returns their credentials."""
     width = 12 - len(prefix)
     if not prefix.isdigit() or width < 5:
         raise ValueError(f"--prefix must be 1 to 7 digits, got {prefix!r}")
@@ -49,20 +54,26 @@ def provision(
         raise ValueError(f"--count must be between 1 and {10**width - first}")
 
     def derive(i: int):
-        secret = os.urandom(32)
-        keys = device_keys(secret, iterations)  # as a registration derives them
-        return phone_number(prefix, first + i, width), secret, keys, Ed25519PrivateKey.generate()
+        secrets = [os.urandom(32) for _ in range(devices)]
+        keys = [device_keys(s, iterations) for s in secrets]  # as a registration derives them
+        idents = [Ed25519PrivateKey.generate() for _ in range(devices)]
+        return phone_number(prefix, first + i, width), secrets, keys, idents
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         derived = list(pool.map(derive, range(count)))  # PBKDF2 runs outside the GIL
     creds = []
-    for phone, secret, keys, ident in derived:
-        public = ident.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-        device, _ = store.register_device(phone, public, keys)
-        private = ident.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
-        creds.append(
-            {"phone": phone, "device": device, "secret": secret.hex(), "identity": private.hex()}
-        )
+    for phone, secrets, keys, idents in derived:
+        public = [k.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw) for k in idents]
+        device, _ = store.register_device(phone, public[0], keys[0])
+        private = idents[0].private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+        line = {"phone": phone, "device": device, "secret": secrets[0].hex(),
+                "identity": private.hex()}  # fmt: skip
+        if devices > 1:  # (their identity private keys are not kept: the bench needs none)
+            line["companions"] = [
+                {"device": store.link_device(phone, p, k), "secret": s.hex()}
+                for s, k, p in zip(secrets[1:], keys[1:], public[1:], strict=True)
+            ]
+        creds.append(line)
     fd = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
         for c in creds:

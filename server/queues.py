@@ -15,12 +15,35 @@ delivery frame is spliced from it only when it is pushed or read
 body): nothing is re-encoded per device, and the body is copied once into
 the entry and once into the connection's output.
 
-    kind   0 message, 1 receipt
+    kind   0 message, 1 receipt, 2 device-list notice (``devices_changed``)
     t      server time (ms) the item was accepted
-    origin message: the sending device; receipt: the user it comes from
-    id     the message id
-    fan    message only: set when the recipient user had several devices
-           (then the ``fan`` table holds one record until the first of them acks)
+    origin message: the sending device; receipt: the user it comes from;
+           notice: the user whose device list changed
+    id     the message id (none for a notice)
+    flags  bit 0 (fan), message only: set when the recipient user had several
+           devices (then the ``fan`` table holds one record until the first of
+           them acks); bit 1 (sync): a copy for the sender's own account (a
+           sync copy, a device-to-device message), delivered with ``to`` and
+           never answered with a delivered receipt
+
+Fan-out (multi-device accounts).  A message from device S:k to user U goes
+to every device of U and, as sync copies (the frame names ``to="U"``), to
+every other device of S's account, so each device shows the whole
+conversation; a note to self (U = S) goes to S's other devices only.  A
+read or played receipt from U:j goes to the devices of the message's
+sender and, as a read-sync copy with ``to``, to U's other devices.  With
+one body for every device, the recipients share one entry object and the
+sync copies another (each entry is a bytes object written to every queue
+it goes to): an extra device costs its LMDB put and a ``Push``, nothing
+else.  A message may instead carry one payload per device
+(``Send.payloads``): its entries are made before the transaction, one per
+device, and the transaction checks that the devices they name are exactly
+the current lists (recipient's devices plus the sender's other ones);
+otherwise it answers 408 with what is missing and what is extra, and
+stores nothing.  A message ``to`` a device address of the sender's own
+account goes to that device only (device-to-device: history bundles),
+flagged sync.  The whole message is one unit for dedup, limits and acks:
+every queue it goes to must have room.
 
 ``qstate`` values are three big-endian u64: next sequence, count, bytes.
 
@@ -90,18 +113,23 @@ CACHE_MAX = 200_000  # entries of a worker's read caches before they start again
 
 QUEUE_TABLES = ("queue", "qstate", "dedup0", "dedup1", "fan", "conv0", "conv1")
 
-MESSAGE, RECEIPT = 0, 1
+MESSAGE, RECEIPT, DEVICES = 0, 1, 2
+FAN, SYNC = 1, 2  # entry flag bits (Codec.queue_entry)
 _CLASS_KIND = {"message": MESSAGE, "receipt": RECEIPT}
 _DEDUP_META = b"dedup"
 _CONV_META = b"conv"
 _STORE_FULL = (ErrorCode.STORE_FULL, "the server cannot store this now; retry later")
 
 
-def _digest(to: str, typ: str, body) -> bytes:
+def _digest(to: str, typ: str, body, payloads=None) -> bytes:
     """What a message was, for telling a retry from an id used again (16 bytes)."""
     h = hashlib.blake2b(digest_size=16)
     h.update(f"{to}\x00{typ}\x00".encode())
-    if body is not None:
+    if payloads:
+        for device, payload in payloads:
+            h.update(f"\x00{device}\x00{len(payload)}\x00".encode())
+            h.update(payload)
+    elif body is not None:
         h.update(body)
     return h.digest()
 
@@ -154,10 +182,10 @@ class FrameEncoder:
         self._codec = impl.Codec(oldest, Limits(max_frame=max_frame))
         self._node = impl.Node
 
-    def entry(self, kind: int, t: int, fan: bool, origin: str, mid: str, typ: str,
-              body=None) -> bytes:  # fmt: skip
+    def entry(self, kind: int, t: int, flags: int, origin: str, mid: str, typ: str,
+              body=None, to: str | None = None) -> bytes:  # fmt: skip
         """A queue entry (the module doc; Codec.queue_entry)."""
-        return self._codec.queue_entry(kind, t, fan, origin, mid, typ, body)
+        return self._codec.queue_entry(kind, t, flags, origin, mid, typ, body, to)
 
     def write(self, out: bytearray, entry, seq: int) -> int:
         """Append the delivery frame of ``entry`` as sequence ``seq``; returns its length."""
@@ -170,10 +198,10 @@ class FrameEncoder:
 
     # The frames of IncomingMessage / IncomingReceipt, for tests and tools.
     def message(self, origin: str, mid: str, typ: str, t: int, seq: int, body) -> bytes:
-        return self.frame(self.entry(MESSAGE, t, False, origin, mid, typ, body), seq)
+        return self.frame(self.entry(MESSAGE, t, 0, origin, mid, typ, body), seq)
 
     def receipt(self, origin: str, mid: str, typ: str, t: int, seq: int) -> bytes:
-        return self.frame(self.entry(RECEIPT, t, False, origin, mid, typ), seq)
+        return self.frame(self.entry(RECEIPT, t, 0, origin, mid, typ), seq)
 
     # Not queued, but pushed to many connections and across workers alike
     # (PresenceUpdate / IncomingChatState nodes).
@@ -191,18 +219,20 @@ class Send:
     """A message or client receipt to store; ``commit`` fills in ``t`` or ``error``."""
 
     __slots__ = ("device", "cls", "id", "to", "type", "body", "t", "error", "session",
-                 "dkey", "digest", "entry")  # fmt: skip
+                 "dkey", "digest", "entry", "payloads")  # fmt: skip
 
-    def __init__(self, device, cls, mid, to, typ, body=None, session=None):
+    def __init__(self, device, cls, mid, to, typ, body=None, session=None, payloads=None):
         self.device = device  # the sending device
         self.cls = cls  # "message" or "receipt"
         self.id = mid
         self.to = to  # recipient user
         self.type = typ
         self.body = body
+        self.payloads = payloads  # ((device, bytes), ...) instead of one body, or None
         self.session = session  # the caller's handle, untouched
         self.t = None
-        self.error: tuple[int, str] | None = None
+        # (code, text), or (408, text, missing, extra) for stale device lists
+        self.error: tuple | None = None
         # made before the transaction begins (Queues._prepare)
         self.dkey = self.digest = self.entry = None
 
@@ -438,17 +468,40 @@ class Queues:
         """What each send needs that is not a store operation: made before the
         write transaction begins, so the writer lock (one for every worker)
         is held for LMDB's work only.  The entry is made as for one device;
-        a recipient with several has its fan flag set in the transaction."""
+        a recipient with several has its fan flag set in the transaction.
+        Per-device payloads get one entry per device named ({device: entry}),
+        each with the flags it will need if the names are right."""
         entry = self.encoder._codec.queue_entry
         for s in sends:
             if s.cls == "message":
                 s.dkey = f"{s.device}\x00m\x00{s.id}".encode()
-                s.digest = _digest(s.to, s.type, s.body)
-                s.entry = entry(MESSAGE, now, False, s.device, s.id, s.type, s.body)
+                to = s.to
+                if s.payloads:
+                    s.digest = _digest(to, s.type, None, s.payloads)
+                    prefix = to + ":"
+                    if s.device.startswith(prefix):  # a note to self: sync copies only
+                        prefix = "\x00"
+                    fan = FAN if sum(d.startswith(prefix) for d, _ in s.payloads) > 1 else 0
+                    s.entry = {
+                        d: entry(MESSAGE, now, fan, s.device, s.id, s.type, body)
+                        if d.startswith(prefix)
+                        else entry(MESSAGE, now, SYNC, s.device, s.id, s.type, body, to)
+                        for d, body in s.payloads
+                    }
+                    continue
+                s.digest = _digest(to, s.type, s.body)
+                if ":" in to or s.device.startswith(to + ":"):  # device-to-device, note to self
+                    s.entry = entry(MESSAGE, now, SYNC, s.device, s.id, s.type, s.body, to)
+                else:
+                    s.entry = entry(MESSAGE, now, 0, s.device, s.id, s.type, s.body)
             else:  # a receipt names the message of another user: the recipient is in the key
                 s.dkey = f"{s.device}\x00r{s.type}\x00{s.to}\x00{s.id}".encode()
                 s.digest = b""
-                s.entry = entry(RECEIPT, now, False, s.device.partition(":")[0], s.id, s.type)
+                user = s.device.partition(":")[0]
+                if user == s.to:  # to one's own user: a read-sync copy only
+                    s.entry = entry(RECEIPT, now, SYNC, user, s.id, s.type, None, s.to)
+                else:
+                    s.entry = entry(RECEIPT, now, 0, user, s.id, s.type)
 
     def _store_one(self, w: _Txn, s: Send, now: int, cur, prev) -> None:
         txn = w.txn
@@ -470,57 +523,130 @@ class Queues:
             s.error = _STORE_FULL
             return
         stamp = now.to_bytes(8, "big") + digest
-        devices = w.devices(s.to)
+        to = s.to
+        me = s.device
+        sender = me.partition(":")[0]
+        lim = self.limits
+        if ":" in to:  # device-to-device, inside the sender's own account (Worker.route)
+            devices = w.devices(sender)
+            if not devices or to not in devices:
+                s.error = (ErrorCode.UNKNOWN_RECIPIENT, "not a device of this account")
+                return
+            st = w.qstate(to)
+            if st[1] + 1 > lim.max_count or st[2] + len(s.entry) > lim.max_bytes:
+                s.error = (
+                    ErrorCode.QUEUE_FULL,
+                    f"the device's queue is full ({st[1]} items, {st[2]} bytes); retry later",
+                )
+                return
+            w.enqueue(to, s.entry)
+            txn.put(dkey, stamp, db=cur)
+            s.t = now
+            return
+        devices = w.devices(to)
         if devices is None:
             s.error = (ErrorCode.UNKNOWN_RECIPIENT, "not a registered user")
             return
         if not devices:
             s.error = (ErrorCode.NO_DEVICE, "the recipient has no device to deliver to")
             return
-        lim = self.limits
-        sender = s.device.partition(":")[0]
-        if sender != s.to:
-            if w.blocks(s.to, sender):
+        own = sender == to  # a note to self: the sender's other devices only
+        if own:
+            mine = devices
+        else:
+            if w.blocks(to, sender):
                 # the recipient blocks the sender: acked and dropped, by design
                 txn.put(dkey, stamp, db=cur)
                 s.t = now
                 return
-            if w.blocks(sender, s.to):
+            if w.blocks(sender, to):
                 # refused, not dropped: only a blocked sender is acked for nothing
                 s.error = (ErrorCode.BLOCKED, "you block this user: unblock them to send")
                 return
-        size = len(s.entry)  # what each device's queue will hold (qstate counts the same)
-        for d in devices:
-            st = w.qstate(d)
-            if st[1] + 1 > lim.max_count or st[2] + size > lim.max_bytes:
+            mine = w.devices(sender) or ()
+        # the sender's other devices get sync copies (none for a single-device account)
+        nsync = len(mine) - (me in mine)
+        recipients = () if own else devices
+        entries = s.entry
+        per_device = type(entries) is dict
+        if per_device and not self._payloads_match(s, entries, recipients, mine, nsync):
+            return
+        sync_entry = None
+        if nsync and not per_device:
+            sync_entry = entries if own else self.encoder.entry(
+                MESSAGE if s.cls == "message" else RECEIPT, now, SYNC,
+                me if s.cls == "message" else sender, s.id, s.type, s.body, to)  # fmt: skip
+        # room in every queue it goes to (the whole message is one unit)
+        for group, entry in ((recipients, entries), (mine if nsync else (), sync_entry)):
+            for d in group:
+                if d == me:
+                    continue
+                st = w.qstate(d)
+                size = len(entries[d] if per_device else entry)
+                if st[1] + 1 > lim.max_count or st[2] + size > lim.max_bytes:
+                    s.error = (
+                        ErrorCode.QUEUE_FULL,
+                        f"a recipient's queue is full ({st[1]} items, {st[2]} bytes); retry later",
+                    )
+                    return
+        if s.cls == "message" and lim.new_chats and not own:
+            if not self._chat_allowed(w, sender, to, now):
                 s.error = (
-                    ErrorCode.QUEUE_FULL,
-                    f"the recipient's queue is full ({st[1]} items, {st[2]} bytes); retry later",
+                    ErrorCode.NEW_CHAT_LIMIT,
+                    f"new conversation limit: at most {lim.new_chats} new chats per "
+                    f"{lim.new_chats_window_ms // 1000} s with people who do not have you as a "
+                    "contact; try again later",
                 )
                 return
-        if (
-            s.cls == "message"
-            and lim.new_chats
-            and sender != s.to
-            and not self._chat_allowed(w, sender, s.to, now)
-        ):
-            s.error = (
-                ErrorCode.NEW_CHAT_LIMIT,
-                f"new conversation limit: at most {lim.new_chats} new chats per "
-                f"{lim.new_chats_window_ms // 1000} s with people who do not have you as a "
-                "contact; try again later",
-            )
-            return
-        entry = s.entry
-        if s.cls == "message" and len(devices) > 1:
-            entry = bytearray(entry)
-            entry[9] |= 1  # the fan flag (Codec.queue_entry's layout)
-            entry = bytes(entry)
-            txn.put(self._fan_key(s.device, s.id, s.to), b"", db=self.db["fan"])
-        for d in devices:
-            w.enqueue(d, entry)
+        if s.cls == "message" and len(recipients) > 1:
+            if not per_device:
+                entry = bytearray(entries)
+                entry[9] |= FAN  # the fan flag (Codec.queue_entry's layout)
+                entries = bytes(entry)
+            txn.put(self._fan_key(me, s.id, to), b"", db=self.db["fan"])
+        enqueue = w.enqueue
+        if per_device:
+            for d in recipients:
+                enqueue(d, entries[d])
+            for d in mine:
+                if d != me:
+                    enqueue(d, entries[d])
+        else:
+            for d in recipients:
+                enqueue(d, entries)
+            if nsync:
+                for d in mine:
+                    if d != me:
+                        enqueue(d, sync_entry)
         txn.put(dkey, stamp, db=cur)
         s.t = now
+
+    @staticmethod
+    def _payloads_match(s: Send, entries: dict, recipients, mine, nsync: int) -> bool:
+        """Do the per-device payloads name exactly the current devices?  If not,
+        ``s.error`` is 408 with the devices missing and the ones extra."""
+        me = s.device
+        if len(entries) == len(recipients) + nsync:
+            for d in recipients:
+                if d not in entries:
+                    break
+            else:
+                for d in mine:
+                    if d != me and d not in entries:
+                        break
+                else:
+                    return True
+        want = [*recipients, *(d for d in mine if d != me)]
+        missing = tuple(d for d in want if d not in entries)
+        wanted = set(want)
+        extra = tuple(d for d in entries if d not in wanted)
+        s.error = (
+            ErrorCode.STALE_DEVICES,
+            "the payloads do not match the device lists: fetch them again (devices) and retry",
+            missing,
+            extra,
+        )
+        return False
 
     @staticmethod
     def _fan_key(origin_device: str, mid: str, to_user: str) -> bytes:
@@ -553,7 +679,7 @@ class Queues:
                     st = w.qstate(device)
                 st[1] -= 1
                 st[2] -= len(value)
-                if self.receipts and value[0] == MESSAGE:
+                if self.receipts and value[0] == MESSAGE and not value[9] & SYNC:
                     self._delivered(w, value, user, now)
                 if not c.delete():
                     break
@@ -568,9 +694,29 @@ class Queues:
         sender_devices = w.devices(origin.partition(":")[0])
         if not sender_devices:
             return  # the sender's account is gone
-        entry = w.enc.entry(RECEIPT, now, False, user, mid, "delivered")
+        entry = w.enc.entry(RECEIPT, now, 0, user, mid, "delivered")
         for d in sender_devices:
             w.enqueue(d, entry)
+
+    # -- device lists -------------------------------------------------------------
+
+    def devices_changed(self, txn, user: str, now: int) -> list[Push]:
+        """Queue a device-list notice (``<devices from=user>``) for every current
+        device of ``user``, inside ``txn`` (after the change, in the same
+        transaction); returns the pushes for the caller to deliver once it
+        has committed (``Worker.deliver``).  Usable from a commit's job (the
+        caches are checked against what the job wrote) or any write
+        transaction of the store."""
+        self._check_caches(txn)
+        raw = txn.get(user.encode(), db=self.db["accounts"])
+        if raw is None:
+            return []
+        w = _Txn(self, txn)
+        entry = self.encoder.entry(DEVICES, now, 0, user, "", "")
+        for n in _unpackb(raw)["devices"]:
+            w.enqueue(f"{user}:{n}", entry)
+        w.flush_state()
+        return w.pushes
 
     # -- reading ------------------------------------------------------------------
 

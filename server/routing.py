@@ -6,6 +6,7 @@ was committed waits in its queue).  Later, by another node.  Callers hand
 the router what to deliver and never branch on where the device is:
 
     deliver(pushes)          committed queue entries (Queues.commit)
+    offer / catch_up         what another worker pushed (or left out) for a device here
     typing(device, wid, f)   a typing frame for a connected device
     kick(device, code, text) close the device's session wherever it is
 """
@@ -32,11 +33,21 @@ class Router:
             else:
                 bus.push(p.worker, p.device, p.seq, p.entry)
 
-    def offer(self, device: str, seq: int, entry) -> None:
-        """A committed entry for a device this worker holds (from another worker)."""
+    def offer(self, device: str, seq: int, entry, origin: int | None = None) -> None:
+        """A committed entry for a device this worker holds, from worker ``origin``."""
         s = self.local.get(device)
         if s is not None:
+            if s.paused and origin is not None and not s.closing:
+                # dropped here (it is read from the queue on resume): the
+                # pushing worker is asked not to send the next ones at all
+                s.hold(origin)
             s.offer(seq, entry)
+
+    def catch_up(self, device: str, seq: int) -> None:
+        """Entries up to ``seq`` were committed for a device held here and not pushed."""
+        s = self.local.get(device)
+        if s is not None:
+            s.catch_up(seq)
 
     def typing(self, device: str, wid: int, frame) -> None:
         if wid != self.wid:

@@ -9,10 +9,19 @@ from queue entries straight into it.
 
 Flow control.  A session pushes at most ``delivery_window`` entries past
 the device's last ack; the rest stay in LMDB and are read from there as acks
-come (``refill``), which is also how a device's backlog is served at login.
+come and as the connection drains (``refill``, at most write-buffer-high
+bytes at a time), which is also how a device's backlog is served at login.
 When the transport's buffer passes ``write_buffer_high`` the session stops
 pushing and stops reading the client until it drains below
 ``write_buffer_low``: a client that does not read cannot grow server memory.
+What is committed meanwhile is dropped here (``backlog`` is set) and read
+from the queue on resume.  Pushes from another worker are dropped too, and
+that worker is asked to hold them (``hold``: a HOLD record, so a paused
+device costs the bus nothing) until the session resumes or ends
+(``release``); what it held then comes as a CATCHUP (``catch_up``), as does
+what it left out while the bus to this worker was congested.  Any entry
+past the next expected one, or a CATCHUP, sends the session to its queue:
+a push that never comes loses no message.
 
 Closing is graceful (``_linger``): the last frames, then EOF, and an abort
 timer of LINGER seconds whatever the client does.
@@ -51,7 +60,7 @@ class Session(asyncio.Protocol):
     __slots__ = ("worker", "tls", "transport", "id", "conn", "out", "flush_pending", "closing",
                  "ip", "source", "device", "user", "scram", "login_user", "last_seen",
                  "deadline", "pushed", "acked", "backlog", "paused", "linger", "subs", "bucket",
-                 "typing", "typing_warned", "pairing")  # fmt: skip
+                 "typing", "typing_warned", "holders", "pairing")  # fmt: skip
 
     def __init__(self, worker: Worker, tls: ssl.SSLContext | None = None):
         self.worker = worker
@@ -82,6 +91,7 @@ class Session(asyncio.Protocol):
         self.bucket: Bucket | None = None
         self.typing: Bucket | None = None
         self.typing_warned = 0.0
+        self.holders: set[int] | None = None  # workers asked to hold pushes while paused
         self.pairing = None  # a companion waiting to be linked (server/linking.py)
 
     # -- transport callbacks ----------------------------------------------
@@ -200,6 +210,8 @@ class Session(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.paused = False
+        if self.holders:
+            self.release()
         if not self.closing:
             self.transport.resume_reading()
             if self.backlog:
@@ -209,6 +221,8 @@ class Session(asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         self.closing = True
+        if self.holders:
+            self.release()
         if self.deadline is not None:
             self.deadline.cancel()
         if self.linger is not None:
@@ -271,8 +285,15 @@ class Session(asyncio.Protocol):
         if self.out:
             out, self.out = self.out, bytearray()
             self.transport.write(out)
-        if self.closing and self.linger is None:
-            self._linger()
+        if self.closing:
+            if self.linger is None:
+                self._linger()
+        elif self.backlog and not self.paused:
+            # A refill stops at write-buffer-high counting this tick's output,
+            # which the socket may take at once, leaving the transport unpaused:
+            # then no resume_writing comes, so read on here (an ack, a push or a
+            # resume are not the only ways the connection makes room).
+            self.refill()
 
     def _linger(self) -> None:
         """Close gracefully: send EOF after the last frame and let the client close.
@@ -299,6 +320,8 @@ class Session(asyncio.Protocol):
     def close_soon(self) -> None:
         """Close after what is buffered has been written."""
         self.closing = True
+        if self.holders:
+            self.release()  # the device may log in elsewhere at once
         self._schedule_flush()
 
     def _login_timeout(self) -> None:
@@ -332,6 +355,30 @@ class Session(asyncio.Protocol):
         # transport full: it is in the queue; read it from there when there is room.
         self.backlog = True
         self.refill()
+
+    def hold(self, wid: int) -> None:
+        """Paused: ask worker ``wid`` to hold its pushes to this device.
+
+        Asked again at each push it drops (only until the HOLD arrives), so a
+        worker that forgot (its link to this one broke) is asked again."""
+        if self.holders is None:
+            self.holders = set()
+        self.holders.add(wid)
+        self.worker.bus.ask_hold(wid, self.device, True)
+
+    def release(self) -> None:
+        """Resumed or ending: the workers that hold pushes to this device push again
+        (and send a CATCHUP for what they held)."""
+        holders, self.holders = self.holders, None
+        bus = self.worker.bus
+        for wid in holders:
+            bus.ask_hold(wid, self.device, False)
+
+    def catch_up(self, seq: int) -> None:
+        """Entries up to ``seq`` were committed and not pushed: read them from the queue."""
+        if seq > self.pushed and not self.closing and self.device is not None:
+            self.backlog = True
+            self.refill()
 
     def buffered(self) -> int:
         """Bytes waiting to reach the client: this tick's output and the transport's buffer."""

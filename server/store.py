@@ -33,7 +33,13 @@ Format history (the ``pairs`` table and the new record fields need no
 format change: a missing table is created at open, a missing field has
 its default): 1 (accounts, devices, codes, limits, sessions); 2 adds the
 queue tables; 3 the presence and contact tables; 4 stores queue entries and
-queue states in binary (server/queues.py) instead of msgpack.  An older
+queue states in binary (server/queues.py) instead of msgpack; 5 adds the
+entry kind of device-list notices and the sync flag of copies for the
+sender's own account (server/queues.py).  Format-4 entries are format-5
+entries as they are (kinds 0 and 1, the sync bit clear), so 4 is upgraded
+by writing the new number; the bump keeps a format-4 pigeon from opening a
+store whose entries it would misread (it would answer a sync copy's ack
+with a delivered receipt, and fail on a notice).  An older
 store is upgraded in place at open, in the open's write transaction (new
 tables start empty; queued entries are rewritten); a store newer than this
 code is refused.
@@ -82,8 +88,8 @@ import msgpack
 from .queues import QUEUE_TABLES, FrameEncoder, drop_device_queue, upgrade_entries
 from .social import SOCIAL_TABLES, drop_user, release_device
 
-FORMAT_VERSION = 4
-_UPGRADABLE = (1, 2, 3)  # formats opened and upgraded in place
+FORMAT_VERSION = 5
+_UPGRADABLE = (1, 2, 3, 4)  # formats opened and upgraded in place
 _MSGPACK_QUEUES = (2, 3)  # formats whose queue entries are rewritten (upgrade_entries)
 _TABLES = (
     "meta", "accounts", "devices", "codes", "limits", "sessions", "pairs", *QUEUE_TABLES,
@@ -334,9 +340,9 @@ class Store:
         """Add a linked device to an existing account (beside its primary); returns its address.
 
         ``keys`` as for register_device.  Raises StoreError if there is no
-        such account.  (No protocol request links devices yet; the operator
-        and test tooling use this, and every queue path already fans out
-        to all of an account's devices.)
+        such account.  (The operator, bench and test tooling use this: no
+        link signature, no pairing, no device-list notice; the protocol's
+        ``link`` is server/linking.py.)
         """
         with self.write() as txn:
             acct = self._get(txn, "accounts", phone)

@@ -19,10 +19,12 @@ the tick (``Worker.tick``); only after it commits do senders get their
 device's queue: the committing worker hands the entries it just stored to
 the router, which pushes them to the devices this worker holds and sends a
 PUSH record (the stored entry) over the bus to the worker that holds any
-other recipient device (the store's session table says which).  A delivery
-frame is spliced from the stored entry straight into the connection's
-output buffer (``FrameEncoder.write``): the body is never re-encoded.
-Records for one peer are batched per tick.
+other recipient device (the store's session table says which), unless that
+device's session is paused or the bus to that worker is congested: then the
+push is left out and the session reads the entry from its queue later
+(server/bus.py says how).  A delivery frame is spliced from the stored
+entry straight into the connection's output buffer (``FrameEncoder.write``):
+the body is never re-encoded.  Records for one peer are batched per tick.
 
 Presence (server/presence.py, server/social.py): a device's availability
 is written to the store; the users whose presence changed during the tick
@@ -345,14 +347,31 @@ class Worker:
 
     # -- routing ------------------------------------------------------------------
 
-    def route(self, sender: Session, to: str, msg_id: str, cls: str, typ: str, body) -> None:
-        """Queue a message or a read receipt for storing in this tick's commit."""
-        if address_kind(to) != "user":
-            sender.send(
-                Error(ErrorCode.BAD_REQUEST, "group messages are not supported yet", msg_id)
-            )
-            return
-        if body is not None and len(body) > self.max_payload:
+    def route(self, sender: Session, to: str, msg_id: str, cls: str, typ: str, body,
+              payloads=None) -> None:  # fmt: skip
+        """Queue a message or a read receipt for storing in this tick's commit.
+
+        ``to``: a user, or (messages) a device of the sender's own account;
+        ``payloads``: per-device payloads instead of ``body`` (Queues)."""
+        kind = address_kind(to)
+        if kind != "user":
+            if kind == "device" and cls == "message":
+                if to.partition(":")[0] != sender.user or to == sender.device:
+                    sender.send(Error(ErrorCode.BAD_REQUEST, "a device address as `to` must "
+                                      "be another device of your own account", msg_id))  # fmt: skip
+                    return
+            else:
+                sender.send(
+                    Error(ErrorCode.BAD_REQUEST, "group messages are not supported yet", msg_id)
+                )
+                return
+        if payloads:  # each payload is what one device gets: each has the limit
+            largest = max(len(p) for _, p in payloads)
+            size = sum(len(p) for _, p in payloads)
+            body = None
+        else:
+            largest = size = 0 if body is None else len(body)
+        if largest > self.max_payload:
             sender.send(
                 Error(
                     ErrorCode.BAD_REQUEST,
@@ -361,9 +380,9 @@ class Worker:
                 )
             )
             return
-        self.sends.append(Send(sender.device, cls, msg_id, to, typ, body, sender))
-        if body is not None:
-            self.send_bytes += len(body)
+        self.sends.append(Send(sender.device, cls, msg_id, to, typ, body, sender, payloads))
+        if size:
+            self.send_bytes += size
             if self.send_bytes >= self.commit_max_bytes:
                 # LMDB keeps a write's dirty pages in memory until it commits:
                 # what one tick gathers is bounded by writing it now
@@ -493,6 +512,8 @@ class Worker:
                 continue  # gone: the client retries with the same id and gets the same ack
             if s.error is None:
                 sess.send(ServerAck(s.id, s.t, s.cls))
+            elif len(s.error) == 4:  # 408: the devices missing and extra
+                sess.send(Error(s.error[0], s.error[1], s.id, s.error[2], s.error[3]))
             else:
                 sess.send(Error(s.error[0], s.error[1], s.id))
         self.stats.counters["messages_in"] += accepted
@@ -542,9 +563,14 @@ class Worker:
     def deliver(self, pushes) -> None:
         self.router.deliver(pushes)
 
-    def offer_local(self, device: str, seq: int, entry) -> None:
-        """A committed entry from another worker for a device held here."""
-        self.router.offer(device, seq, entry)
+    def offer_local(self, device: str, seq: int, entry, origin: int | None = None) -> None:
+        """A committed entry from worker ``origin`` for a device held here."""
+        self.router.offer(device, seq, entry, origin)
+
+    def catch_up_local(self, device: str, seq: int) -> None:
+        """Another worker committed entries up to ``seq`` for a device held here
+        and did not push them: the session reads them from the queue."""
+        self.router.catch_up(device, seq)
 
     # -- housekeeping -------------------------------------------------------------
 

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from pigeon.client import Client
+from pigeon.client import Client, Credentials
 from pigeon.server.store import Store
 from pigeon.tools.certs import gen_cert
 
@@ -169,6 +169,19 @@ class Server:
             return store.sessions_of(phone) or {}
         finally:
             store.close()
+
+    def link_device(self, phone: str) -> Credentials:
+        """A companion device for ``phone``'s account, written straight into the store
+        (``Store.link_device``, as the operator tooling does): its credentials."""
+        from pigeon.server.accounts import device_keys
+
+        secret = os.urandom(32)
+        store = Store(str(self.data_dir / "store"), map_size=256 << 20, create=False)
+        try:
+            device = store.link_device(phone, os.urandom(32), device_keys(secret, 4096))
+        finally:
+            store.close()
+        return Credentials(device, secret)
 
     def queue_stats(self, top: int = 10) -> dict:
         """The store's queue totals (read straight from LMDB, as `pigeon admin queues` does)."""

@@ -49,6 +49,18 @@ def test_throughput_json_counts_every_message():
     assert r["machine"]["cores"] >= 1
 
 
+def test_throughput_with_several_devices_per_user_counts_every_copy():
+    """3 devices a user: each message is 3 copies to the recipient's devices and 2
+    sync copies to the sender's others, every one counted at a device."""
+    proc = pigeon("bench", "throughput", "--clients", "4", "--messages", "10", "--window", "2",
+                  "--workers", "2", "--devices-per-user", "3", "--json")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    r = orjson.loads(proc.stdout)
+    assert (r["acked"], r["delivered"], r["lost"], r["devices_per_user"]) == (40, 40, 0, 3)
+    assert (r["device_copies_delivered"], r["device_copies_missing"]) == (200, 0)
+    assert r["receipts_missing"] == 0 and r["server_cpu_us_per_copy"] >= 0
+
+
 def test_throughput_without_receipts_with_fsync():
     proc = pigeon("bench", "throughput", "--clients", "4", "--messages", "10", "--window", "2",
                   "--workers", "1", "--sync", "fsync", "--no-receipts", "--json")  # fmt: skip

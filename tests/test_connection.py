@@ -107,9 +107,16 @@ SAMPLES = [
     DevicesQuery("d1", ALICE),
     DeviceList("d1", ALICE, (DeviceInfo(ALICE_DEV, 1, b"k" * 32),
                              DeviceInfo(ALICE + ":3", 2, b"k" * 32, "desktop", b"s" * 64))),
-    DevicesChanged(ALICE, 1763830000123, 8),
     Unlink("u1", ALICE + ":3"),
     ServerAck("l1", 1763830000123, "link", ALICE + ":3"),
+    # multi-device (issue 15)
+    DevicesChanged(ALICE, 1763830000123, 9),
+    Message(BOB, "m3", "pkmsg", b"", ((BOB + ":0", b"a"), (ALICE + ":2", b""))),
+    Message(ALICE + ":3", "h1", "history", b"bundle"),
+    IncomingMessage(ALICE_DEV, "m4", "text", 1763830000123, 43, b"x", BOB),
+    IncomingMessage(ALICE_DEV, "h1", "history", 1763830000123, 44, b"x", ALICE + ":3"),
+    IncomingReceipt(BOB, "m5", "read", 1763830000999, 8, ALICE),
+    Error(ErrorCode.STALE_DEVICES, "stale", "m3", (BOB + ":2",), (BOB + ":7", ALICE + ":0")),
 ]  # fmt: skip
 
 
@@ -249,7 +256,7 @@ def test_bad_attributes_after_login(impl):
     c = impl.Codec()
     for attrs in (
         {"to": "12345", "id": "m1", "type": "text"},  # not a user address
-        {"to": ALICE + ":1", "id": "m1", "type": "text"},  # a device is not a recipient
+        {"to": ALICE + ":x", "id": "m1", "type": "text"},  # not a device address either
         {"to": ALICE, "id": "has space", "type": "text"},
         {"to": ALICE, "type": "text"},
     ):

@@ -78,6 +78,10 @@ def node(impl, tag, attrs, content=None) -> bytes:
     return impl.Codec().encode_frame(impl.Node(tag, attrs, content))
 
 
+def P(impl, device: str, body: bytes):
+    return impl.Node("payload", {"device": device}, body)
+
+
 def stream(impl) -> list[bytes]:
     """What logged-in clients send, right and slightly wrong, one frame each."""
     M = {"to": ALICE, "id": "m1", "type": "text"}
@@ -101,6 +105,16 @@ def stream(impl) -> list[bytes]:
         node(impl, "message", {"id": "m1", "type": "text"}, b"x"),  # no to
         node(impl, "message", M),  # no body
         node(impl, "message", M, [impl.Node("x")]),  # children, not bytes
+        # per-device payloads: the full path reads them (a Hot is never made)
+        node(impl, "message", M, [P(impl, ALICE + ":0", b"a"), P(impl, ALICE + ":3", b"b")]),
+        node(impl, "message", M, [P(impl, ALICE + ":0", b"a"), P(impl, ALICE + ":0", b"b")]),
+        node(impl, "message", M, [P(impl, ALICE, b"a")]),  # a user, not a device
+        node(impl, "message", M, [impl.Node("payload", {"device": ALICE + ":0"})]),  # no bytes
+        node(impl, "message", M, [P(impl, ALICE + ":0", b"a"), impl.Node("x")]),
+        node(impl, "message", M, []),  # an empty list
+        node(impl, "message", {**M, "to": "g:12"}, [P(impl, ALICE + ":0", b"a")]),
+        node(impl, "message", {**M, "to": ALICE + ":2"}, [P(impl, ALICE + ":0", b"a")]),
+        node(impl, "message", {**M, "to": ALICE + ":2", "type": "history"}, b"bundle"),
         node(impl, "receipt", R),
         node(impl, "receipt", {**R, "type": "played"}),
         node(impl, "receipt", {**R, "type": "delivered"}),  # a client may not send it

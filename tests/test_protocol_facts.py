@@ -396,22 +396,32 @@ def other_frame_receipt(to: str, typ: str) -> bytes:
     return frame(node + tok("type") + tok(typ))
 
 
-def test_a_message_to_ones_own_user_reaches_every_device_including_the_sender(srv):
+def test_a_message_to_ones_own_user_goes_to_the_other_devices_as_sync_copies(srv):
     me = run(srv.register(next(PHONES)))
     user = me.device.partition(":")[0]
 
     async def main():
         c = await srv.login(me)
-        ack = await c.send(user, b"note to self", id="self1")
-        ev = await c.next_event(10)
+        ack = await c.send(user, b"note to self", id="self1")  # one device: nowhere to go
+        other = srv.link_device(user)
+        c2 = await srv.login(other)
+        ack2 = await c.send(user, b"note to self", id="self2")
+        ev = await c2.next_event(10)
         assert isinstance(ev, IncomingMessage)
-        assert (ev.sender, ev.id, ev.body, ev.t) == (me.device, "self1", b"note to self", ack.t)
-        await c.ack(ev.seq)
-        ev = await c.next_event(10)  # and the delivered receipt, from one's own user
-        assert isinstance(ev, IncomingReceipt)
-        assert (ev.sender, ev.id, ev.type) == (user, "self1", "delivered")
-        await c.ack(ev.seq)
+        assert (ev.sender, ev.to, ev.id, ev.body, ev.t) == (
+            me.device,
+            user,
+            "self2",
+            b"note to self",
+            ack2.t,
+        )
+        await c2.ack(ev.seq)
+        await c.ping()  # nothing came back to the sender: no copy, no delivered receipt
+        with pytest.raises(asyncio.TimeoutError):
+            await c.next_event(0.5)
+        assert ack.t <= ack2.t
         await c.close()
+        await c2.close()
 
     run(main())
 

@@ -102,7 +102,8 @@ def test_delivered_receipt_once_per_user_to_every_sender_device(store):
     b0 = user(store, BOB)
     b1 = store.link_device(BOB, b"j" * 32, KEYS)
     _, pushes = send(q, a0, BOB, "hello")
-    assert sorted(p.device for p in pushes) == [b0, b1]
+    assert sorted(p.device for p in pushes) == sorted([b0, b1, a1])  # a1: the sync copy
+    assert q.commit([], {a1: 1}) == []  # a sync copy's ack: no receipt
     receipts = q.commit([], {b1: 1})  # the first of bob's devices
     assert sorted(p.device for p in receipts) == [a0, a1]
     assert {decode(q.encoder.frame(p.entry, p.seq)).type for p in receipts} == {"delivered"}
@@ -362,3 +363,183 @@ def test_an_aborted_commit_leaves_no_cache_behind(store, clock):
     q.__class__ = Queues
     _, pushes = send(q, a, BOB, "m2")  # the removal never happened: both devices
     assert sorted(p.device for p in pushes) == sorted([b0, b1])
+
+
+# -- format 5: multi-device fan-out (issue 15) ---------------------------------
+
+
+def decode_any(frame):
+    from pigeon.core.events import DevicesChanged
+
+    node = core_codec.Codec().decode(frame[3:])
+    cls = {"message": IncomingMessage, "receipt": IncomingReceipt, "devices": DevicesChanged}
+    return cls[node.tag].from_node(node)
+
+
+def test_a_message_goes_to_every_recipient_device_and_the_senders_other_devices(store, clock):
+    q = make_queues(store)
+    a0, b0 = user(store, ALICE), user(store, BOB)
+    a1 = store.link_device(ALICE, b"j" * 32, KEYS)
+    a2 = store.link_device(ALICE, b"j" * 32, KEYS)
+    b1 = store.link_device(BOB, b"j" * 32, KEYS)
+    s, pushes = send(q, a1, BOB, "m1", b"hi")
+    assert s.error is None
+    got = {p.device: decode_any(q.encoder.frame(p.entry, p.seq)) for p in pushes}
+    assert sorted(got) == sorted([b0, b1, a0, a2])  # not back to a1
+    for d in (b0, b1):
+        assert (got[d].sender, got[d].to, got[d].body) == (a1, None, b"hi")
+    for d in (a0, a2):
+        assert (got[d].sender, got[d].to, got[d].body, got[d].t) == (a1, BOB, b"hi", clock.t)
+    # the sync copies share one entry, the recipients another (stored once each)
+    assert len({id(p.entry) for p in pushes}) == 2
+    # acks of sync copies make no delivered receipt; bob's first ack makes one
+    assert q.commit([], {a0: 1, a2: 1}) == []
+    receipts = q.commit([], {b0: 1})
+    assert sorted(p.device for p in receipts) == sorted([a0, a1, a2])
+    assert q.commit([], {b1: 1}) == []
+
+
+def test_read_receipts_are_synced_to_the_readers_other_devices(store):
+    q = make_queues(store)
+    a0, b0 = user(store, ALICE), user(store, BOB)
+    b1 = store.link_device(BOB, b"j" * 32, KEYS)
+    s, pushes = send(q, b0, ALICE, "m1", cls="receipt", typ="read")
+    got = {p.device: decode_any(q.encoder.frame(p.entry, p.seq)) for p in pushes}
+    assert sorted(got) == sorted([a0, b1])
+    assert (got[a0].sender, got[a0].to, got[a0].type) == (BOB, None, "read")
+    assert (got[b1].sender, got[b1].to, got[b1].type) == (BOB, ALICE, "read")
+    assert q.commit([], {b1: 9, a0: 9}) == []
+
+
+def test_per_device_payloads_must_match_the_lists_and_each_queue_holds_its_own(store):
+    q = make_queues(store)
+    a0, b0 = user(store, ALICE), user(store, BOB)
+    a1 = store.link_device(ALICE, b"j" * 32, KEYS)
+    b1 = store.link_device(BOB, b"j" * 32, KEYS)
+    stale = ((b0, b"for b0"), (f"{BOB}:7", b"gone"))
+    s = Send(a0, "message", "m1", BOB, "text", None, payloads=stale)
+    assert q.commit([s], {}) == []
+    assert s.error == (
+        ErrorCode.STALE_DEVICES, s.error[1], (b1, a1), (f"{BOB}:7",)
+    )  # fmt: skip
+    assert q.stats()["count"] == 0
+    good = ((b0, b"for b0"), (b1, b"for b1"), (a1, b"for a1"))
+    s = Send(a0, "message", "m1", BOB, "text", None, payloads=good)  # the same id: fine
+    pushes = q.commit([s], {})
+    assert s.error is None
+    got = {p.device: decode_any(q.encoder.frame(p.entry, p.seq)) for p in pushes}
+    assert {d: (e.body, e.to) for d, e in got.items()} == {
+        b0: (b"for b0", None), b1: (b"for b1", None), a1: (b"for a1", BOB)
+    }  # fmt: skip
+    again = Send(a0, "message", "m1", BOB, "text", None, payloads=good)
+    assert q.commit([again], {}) == [] and again.t == s.t  # a retry: stored once
+    receipts = q.commit([], {b1: 1})  # the fan record: one delivered receipt
+    assert sorted(p.device for p in receipts) == sorted([a0, a1])
+    assert q.commit([], {b0: 1, a1: 1}) == []
+    # a device of the sender itself, or of a third user, is extra
+    carol = user(store, CAROL)
+    bad = Send(a0, "message", "m2", BOB, "text", None, payloads=(*good, (a0, b"x"), (carol, b"y")))
+    q.commit([bad], {})
+    assert bad.error[0] == ErrorCode.STALE_DEVICES and bad.error[2:] == ((), (a0, carol))
+
+
+def test_device_to_device_and_notes_to_self(store):
+    q = make_queues(store)
+    a0 = user(store, ALICE)
+    alone, pushes = send(q, a0, ALICE, "n0")
+    assert alone.error is None and pushes == []  # one device: a note to self goes nowhere
+    a1 = store.link_device(ALICE, b"j" * 32, KEYS)
+    a2 = store.link_device(ALICE, b"j" * 32, KEYS)
+    s, pushes = send(q, a0, ALICE, "n1", b"note")
+    got = {p.device: decode_any(q.encoder.frame(p.entry, p.seq)) for p in pushes}
+    assert {d: e.to for d, e in got.items()} == {a1: ALICE, a2: ALICE}
+    s, pushes = send(q, a0, a2, "h1", b"bundle", typ="history")
+    assert s.error is None and [p.device for p in pushes] == [a2]
+    ev = decode_any(q.encoder.frame(pushes[0].entry, pushes[0].seq))
+    assert (ev.sender, ev.to, ev.type, ev.body) == (a0, a2, "history", b"bundle")
+    assert q.commit([], {a1: 9, a2: 9}) == []  # no delivered receipts
+    gone, _ = send(q, a0, f"{ALICE}:9", "h2")
+    assert gone.error[0] == ErrorCode.UNKNOWN_RECIPIENT
+
+
+def test_devices_changed_notices_every_device_in_the_callers_transaction(store, clock):
+    from pigeon.core.events import DevicesChanged
+
+    q = make_queues(store)
+    a0, b0 = user(store, ALICE), user(store, BOB)
+    send(q, b0, ALICE, "m1")
+    # directly, in a write transaction of the store
+    with store.write() as txn:
+        a1 = store._add_device(txn, ALICE, store._get(txn, "accounts", ALICE), b"k" * 32, KEYS,
+                               clock.t)  # fmt: skip
+        pushes = q.devices_changed(txn, ALICE, clock.t)
+    assert [(p.device, p.seq) for p in pushes] == [(a0, 2), (a1, 1)]
+    assert decode_any(q.encoder.frame(pushes[0].entry, 2)) == DevicesChanged(ALICE, clock.t, 2)
+    assert [decode_any(f) for _, f in q.read(a1, 0, 9)] == [DevicesChanged(ALICE, clock.t, 1)]
+    # as a job of a commit, beside sends: in order, one transaction
+    got = []
+
+    def job(txn, now):
+        store.remove_device_txn(txn, a1, now)
+        got.extend(q.devices_changed(txn, ALICE, now))
+
+    clock.t += 5
+    s = Send(b0, "message", "m2", ALICE, "text", b"x")
+    pushes = q.commit([s], {a0: 2}, jobs=[job])
+    assert [(p.device, p.seq) for p in got] == [(a0, 3)]  # the removed device gets none
+    assert [(p.device, p.seq) for p in pushes] == [(b0, 1), (a0, 4)]  # b0: m1 delivered
+    assert [decode_any(f).__class__.__name__ for _, f in q.read(a0, 0, 9)] == [
+        "DevicesChanged", "IncomingMessage"
+    ]  # fmt: skip
+    assert q.commit([], {a0: 4}) and q.read(a0, 0, 9) == []  # acked like any entry
+
+
+def test_a_format_4_store_is_upgraded_to_5_with_its_entries_waiting(tmp_path, clock):
+    """Format-4 entries are format-5 entries: the upgrade writes the number, and
+    what waited is delivered as before and still yields its receipts."""
+    path = str(tmp_path / "store")
+    s = Store(path, map_size=64 << 20, clock=clock, sync="os")
+    a, b = user(s, ALICE), user(s, BOB)
+    b1 = s.link_device(BOB, b"j" * 32, KEYS)
+    q = make_queues(s)
+    send(q, a, BOB, "m1", b"one")
+    send(q, a, BOB, "m2", b"two")
+    before = {d: q.read(d, 0, 10) for d in (b, b1)}
+    with s.write() as txn:
+        txn.put(b"format", b"4", db=s._db["meta"])
+    s.close()
+    s = Store(path, map_size=64 << 20, clock=clock, sync="os")
+    try:
+        with s.read() as txn:
+            assert int(txn.get(b"format", db=s._db["meta"])) == FORMAT_VERSION == 5
+        q = make_queues(s)
+        assert {d: q.read(d, 0, 10) for d in (b, b1)} == before
+        assert [decode_any(f).body for _, f in before[b]] == [b"one", b"two"]
+        assert len(q.commit([], {b: 2})) == 2 and q.commit([], {b1: 2}) == []
+    finally:
+        s.close()
+
+
+def test_entry_kinds_and_flags_in_both_codecs(impl):
+    from pigeon.core.events import DevicesChanged
+    from pigeon.core.tokens import DICTIONARIES
+
+    c = impl.Codec(DICTIONARIES[1])
+    py = core_codec.implementations()["python"].Codec(DICTIONARIES[1])
+    cases = [
+        ((0, 5, 2, ALICE + ":1", "m1", "text", b"body", BOB),
+         IncomingMessage(ALICE + ":1", "m1", "text", 5, 9, b"body", BOB)),
+        ((1, 5, 2, ALICE, "m1", "read", None, BOB),
+         IncomingReceipt(ALICE, "m1", "read", 5, 9, BOB)),
+        ((2, 5, 0, ALICE, "", ""), DevicesChanged(ALICE, 5, 9)),
+    ]  # fmt: skip
+    for args, ev in cases:
+        entry = c.queue_entry(*args)
+        assert entry == py.queue_entry(*args) and entry[9] == args[2]
+        out = bytearray()
+        c.write_entry_frame(out, entry, 9)
+        assert bytes(out) == c.encode_frame(ev.to_node(impl.Node))
+    with pytest.raises(ValueError):
+        c.queue_entry(2, 5, 0, ALICE, "m1", "")  # a notice has no id
+    with pytest.raises(ValueError):
+        c.queue_entry(3, 5, 0, ALICE, "m1", "")

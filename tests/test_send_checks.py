@@ -46,6 +46,7 @@ from pigeon.core.events import (
     DeviceAck,
     DeviceInfo,
     DeviceList,
+    DevicesChanged,
     DevicesQuery,
     Discover,
     DiscoverResult,
@@ -76,7 +77,12 @@ from pigeon.core.events import (
     Verify,
 )
 
-SENT = sorted(set(CLIENT_SENT.values()) | set(SERVER_SENT.values()), key=lambda c: c.__name__)
+# (DevicesChanged shares the server's tag ``devices`` with DeviceList, whose reader
+# hands a notice over: SERVER_SENT names DeviceList only)
+SENT = sorted(
+    set(CLIENT_SENT.values()) | set(SERVER_SENT.values()) | {DevicesChanged},
+    key=lambda c: c.__name__,
+)
 
 
 def sender(impl, cls):
@@ -111,7 +117,20 @@ BAD = [
     (AuthChallenge("r=abc"), "data"),
     (AuthResponse(b"x" * 1025), "data"),
     (AuthSuccess(b"v=x", -1), "t"),
-    (Message(ALICE_DEV, "m1", "text", b"x"), "to"),
+    (Message("12345", "m1", "text", b"x"), "to"),
+    (Message(ALICE_DEV, "m1", "text", b"", ((ALICE + ":1", b"x"),)), "to"),
+    (Message(BOB, "m1", "text", b"x", ((BOB + ":1", b"x"),)), "body"),
+    (Message(BOB, "m1", "text", b"", [(BOB + ":1", b"x")]), "payloads"),
+    (Message(BOB, "m1", "text", b"", ((BOB, b"x"),)), "payloads[0][0]"),
+    (Message(BOB, "m1", "text", b"", ((BOB + ":1", "x"),)), "payloads[0][1]"),
+    (Message(BOB, "m1", "text", b"", ((BOB + ":1", b"x"), (BOB + ":1", b"y"))), "payloads[1][0]"),
+    (DevicesChanged(ALICE_DEV, 1, 1), "sender"),
+    (DevicesChanged(ALICE, -1, 1), "t"),
+    (DevicesChanged(ALICE, 1, "1"), "seq"),
+    (IncomingMessage(ALICE_DEV, "m1", "text", 1, 1, b"x", "g:1"), "to"),
+    (IncomingReceipt(BOB, "m1", "read", 1, 1, ALICE_DEV), "to"),
+    (Error(ErrorCode.STALE_DEVICES, "x", "m1", (BOB,)), "missing[0]"),
+    (Error(ErrorCode.STALE_DEVICES, "x", "m1", (), "g:1"), "extra"),
     (Message(491701234567, "m1", "text", b"x"), "to"),
     (Message(BOB, "x y", "text", b"x"), "id"),
     (Message(BOB, "m1", "a" * 65, b"x"), "type"),
@@ -290,7 +309,9 @@ INFOS = [(), (DeviceInfo(ALICE_DEV, 1, b"k" * 32),), (DeviceInfo(ALICE, 1, b"k" 
          (DeviceInfo(ALICE_DEV, 1, b"k" * 31),), (DeviceInfo(ALICE_DEV, -1, b"k" * 32),),
          (DeviceInfo(ALICE_DEV, 1, b"k" * 32, "x y", b"s" * 64),),
          (DeviceInfo(ALICE_DEV, 1, b"k" * 32, "", b"s" * 63),)]  # fmt: skip
-POOLS = {"str": STRS, "int": INTS, "bytes": BYTES, "tuple[str, ...]": TUPLES,
+PAYLOADS = [(), ((BOB + ":0", b"x"),), ((ALICE_DEV, b""), (BOB + ":1", b"k" * 33)),
+            ((BOB, b"x"),), ((BOB + ":0", b"x"), (BOB + ":0", b"y"))]  # fmt: skip
+POOLS = {"str": STRS, "int": INTS, "bytes": BYTES, "tuple[str, ...]": TUPLES, "tuple": PAYLOADS,
          "tuple[DeviceInfo, ...]": INFOS}  # fmt: skip
 
 
@@ -364,7 +385,7 @@ def test_the_sdk_refuses_a_bad_message_at_once_and_never_replays_it(tmp_path):
             alice = await srv.login(
                 alice_creds, reconnect=True, on_disconnect=lambda why: lost.set()
             )
-            for to, body, typ in ((ALICE_DEV, b"x", "text"), (BOB, "text", "text"),
+            for to, body, typ in (("12345", b"x", "text"), (BOB, "text", "text"),
                                   (BOB, b"x", "x y")):  # fmt: skip
                 with pytest.raises(LocalProtocolError, match="cannot send Message"):
                     await alice.send(to, body, type=typ)
@@ -374,7 +395,7 @@ def test_the_sdk_refuses_a_bad_message_at_once_and_never_replays_it(tmp_path):
             os.kill(srv.worker_pid(0), signal.SIGKILL)
             await asyncio.wait_for(lost.wait(), 20)
             with pytest.raises(LocalProtocolError, match="cannot send Message"):
-                await alice.send(ALICE_DEV, b"while reconnecting")
+                await alice.send("12345", b"while reconnecting")
             with pytest.raises(LocalProtocolError, match="cannot send Receipt"):
                 await alice.receipt(BOB, "m1", "delivered")
             ack = await alice.send(BOB, b"after", timeout=30)  # waits for the re-login
