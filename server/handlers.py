@@ -59,7 +59,6 @@ from pigeon.core.events import (
     Unlink,
     Verify,
 )
-from pigeon.core.keys import valid_public_key
 from pigeon.core.node import address_kind
 
 from . import linking, log
@@ -229,9 +228,6 @@ async def register(s, ev: Register) -> None:
 
 async def verify(s, ev: Verify) -> None:
     w = s.worker
-    if not valid_public_key(ev.identity_key):  # before the code: no attempt is spent
-        s.send(Error(ErrorCode.BAD_REQUEST, "the identity key is not an Ed25519 public key", ev.id))
-        return
     try:
         # PBKDF2 for the new device's SCRAM keys: off the loop.
         address, secret, removed = await asyncio.to_thread(

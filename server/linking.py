@@ -72,7 +72,7 @@ from pigeon.core.events import (
     ServerAck,
     Unlink,
 )
-from pigeon.core.keys import valid_public_key, verify_link
+from pigeon.core.keys import verify_link
 
 from . import log
 from .accounts import device_keys
@@ -214,9 +214,6 @@ def primary_of(acct: dict | None) -> int | None:
 def pair(s, ev: Pair) -> None:
     w = s.worker
     c = w.config
-    if not valid_public_key(ev.identity_key):
-        s.send(Error(ErrorCode.BAD_REQUEST, "the identity key is not an Ed25519 public key", ev.id))
-        return
     p = s.pairing
     if p is None:
         if w.pairing_per_ip[s.source] >= c.pair_per_address:

@@ -19,7 +19,7 @@ from pigeon.client import ConnectionLost, Credentials, ServerError
 from pigeon.client._core import LINK, PairingCode
 from pigeon.client.identity import new_identity, parse_qr, verify_link
 from pigeon.core.errors import ErrorCode
-from pigeon.core.events import Link, Pair
+from pigeon.core.events import Link
 from pigeon.server import linking
 from pigeon.server.accounts import device_keys
 from pigeon.server.store import Store
@@ -364,12 +364,9 @@ def test_accounts_of_an_existing_store_log_in_and_linking_from_them_is_309(tmp_p
         with pytest.raises(ServerError) as info:
             await alice._request(LINK, ev.id, ev, 10)
         assert info.value.code == ErrorCode.BAD_SIGNATURE
-        # pair refuses a key that is not an Ed25519 point
-        bad = await srv.client()
-        with pytest.raises(ServerError) as info:
-            await bad._request("req", "p9", Pair("p9", "qr", b"k" * 32), 10)
-        assert info.value.code == ErrorCode.BAD_REQUEST
-        for c in (alice, comp, bad):
+        # (keys are checked by use, not decoded: test_protocol_facts has a primary
+        # whose 32 bytes are no Ed25519 point, 309, and pair's wrong lengths, 200)
+        for c in (alice, comp):
             await c.close()
 
     try:

@@ -31,6 +31,9 @@ from pigeon.core.events import (
     Hello,
     IncomingMessage,
     IncomingReceipt,
+    Link,
+    Pair,
+    PairCode,
     Ping,
     Pong,
     Privacy,
@@ -219,20 +222,45 @@ def test_an_identity_key_of_the_wrong_length_is_200_and_spends_no_attempt(srv, s
     raw.close()
 
 
-def test_an_identity_key_that_is_not_an_ed25519_point_is_200_and_spends_no_attempt(srv):
-    # b"k" * 32 is 32 bytes but decodes to no point of edwards25519 (RFC 8032 5.1.3)
+def test_an_identity_key_is_checked_by_use_a_primary_whose_key_is_no_point_cannot_link(srv):
+    # section 7: only the length is checked; b"k" * 32 is 32 bytes but no Ed25519
+    # public key (it decodes to no point of edwards25519), so it is registered as
+    # sent, and no link signature verifies against it (section 7a: 309)
     phone = next(PHONES)
     raw = Raw(srv.port)
     raw.send(Register("r1", phone))
     assert isinstance(raw.next_event(), CodeSent)
-    code = srv.code_for(phone)
-    for i in range(6):  # more than code-attempts: none of them counts
-        raw.send(Verify(f"v{i}", phone, code, b"k" * 32))
+    raw.send(Verify("v1", phone, srv.code_for(phone), b"k" * 32))
+    reg = raw.next_event()
+    assert isinstance(reg, Registered), reg
+    raw.login(Credentials(reg.device, reg.secret))
+    companion = Raw(srv.port)
+    key = new_identity().public
+    companion.send(Pair("p1", "qr", key))
+    ref = companion.next_event()
+    assert isinstance(ref, PairCode) and ref.ref, ref
+    for i, signer in enumerate((new_identity(), new_identity())):  # any signer: none verifies
+        raw.send(Link(f"l{i}", ref=ref.ref, key=key, signature=signer.sign_link(phone, key)))
         ev = raw.next_event()
-        assert isinstance(ev, Error) and ev.code == ErrorCode.BAD_REQUEST, ev
-        assert "Ed25519" in ev.text
-    raw.send(Verify("ok", phone, code, new_identity().public))
-    assert isinstance(raw.next_event(), Registered)
+        assert isinstance(ev, Error) and ev.code == ErrorCode.BAD_SIGNATURE, ev
+    raw.still_open()
+    companion.close()
+    raw.close()
+
+
+@pytest.mark.parametrize("size", [0, 31, 33])
+def test_a_pair_key_of_the_wrong_length_is_200_and_the_connection_stays_open(srv, size):
+    # section 7a: pair's content is the companion's 32-byte key; Pair checks the
+    # length when it reads a node, so build the node by hand
+    raw = Raw(srv.port)
+    node = lst(6) + tok("pair") + tok("id") + binary(b"p1") + tok("type") + tok("qr")
+    raw.send_raw(frame(node + binary(os.urandom(size))))
+    ev = raw.next_event()
+    assert isinstance(ev, Error) and ev.code == ErrorCode.BAD_REQUEST and ev.id == "p1", ev
+    assert "32 bytes" in ev.text
+    raw.send(Pair("p2", "qr", new_identity().public))  # a right one is answered
+    ev = raw.next_event()
+    assert isinstance(ev, PairCode) and ev.id == "p2", ev
     raw.close()
 
 
