@@ -45,11 +45,21 @@ Companion expiry: the primary's login time is kept in the account
 (``last_login``, written at most once an hour); the sweep unlinks the
 companions of accounts whose primary has not logged in for
 ``companion-expiry`` and closes their sessions (304).
+
+Device-list notices.  Every change of an account's devices here (a link,
+an unlink, a companion expired, a linked device removed because it never
+logged in) queues ``<devices from=user>`` for the account's devices
+(``Queues.devices_changed``) in the transaction of the change, and the
+pushes go out after its commit (a job's ``done``, or the sweep's
+``deliver``).  The list is read when the notice is queued: a link queues it
+before the new device exists and an unlink after the device is gone, so
+neither gets a notice of its own change.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
@@ -136,15 +146,30 @@ def _expire(store, txn, key: str | None, now: int) -> None:
         _put(store, txn, key, rec)
 
 
-def sweep_pairs(store, now: int, grace_ms: int) -> list[str]:
+@contextlib.contextmanager
+def _sweep_write(store, queues):
+    """A sweep's write transaction; if it aborts after ``devices_changed`` read
+    through the queues' caches, they start again (as a commit's do)."""
+    try:
+        with store.write() as txn:
+            yield txn
+    except BaseException:
+        queues.forget_caches()
+        raise
+
+
+def sweep_pairs(store, queues, now: int, grace_ms: int, deliver) -> list[str]:
     """Delete pairing records past expiry + ``grace_ms``; a device linked through one
-    that never logged in (still pending) is removed.  Returns the devices removed."""
+    that never logged in (still pending) is removed, and its account's devices are
+    told (``Queues.devices_changed``, in the same transaction; ``deliver`` gets the
+    pushes after each commit).  Returns the devices removed."""
     removed = []
     start = b""
     while True:
-        with store.write() as txn:
+        with _sweep_write(store, queues) as txn:
             cur = txn.cursor(db=store._db["pairs"])
             more = None
+            changed, pushes = set(), []
             if cur.set_range(start):
                 seen = 0
                 while True:
@@ -163,22 +188,29 @@ def sweep_pairs(store, now: int, grace_ms: int) -> list[str]:
                             if dev is not None and dev.get("pending"):
                                 store.remove_device_txn(txn, device, now)
                                 removed.append(device)
+                                changed.add(device.partition(":")[0])
                         cur.delete()
                     elif not cur.next():
                         break
+            for user in sorted(changed):
+                pushes += queues.devices_changed(txn, user, now)
+        deliver(pushes)
         if more is None:
             return removed
         start = more
 
 
-def expire_companions(store, now: int, expiry_ms: int) -> list[str]:
+def expire_companions(store, queues, now: int, expiry_ms: int, deliver) -> list[str]:
     """Unlink the companions of accounts whose primary has not logged in for
     ``expiry_ms`` (``last_login``, or the account's creation if it never did
-    since this was kept).  Returns the devices removed."""
+    since this was kept); the primary is told (``Queues.devices_changed``, in
+    the same transaction; ``deliver`` gets the pushes after each commit).
+    Returns the devices removed."""
     removed = []
     start = b""
     while True:
-        with store.write() as txn:
+        pushes = []
+        with _sweep_write(store, queues) as txn:
             cur = txn.cursor(db=store._db["accounts"])
             more = None
             stale = []
@@ -190,12 +222,13 @@ def expire_companions(store, now: int, expiry_ms: int) -> list[str]:
                     acct = _unpack(raw)
                     devs = acct["devices"]
                     if len(devs) > 1 and acct.get("last_login", acct["created"]) <= now - expiry_ms:
-                        phone = k.decode()
-                        stale += [f"{phone}:{n}" for n in devs[1:]]
-            for device in stale:  # not while the cursor walks the table it changes
-                store.remove_device_txn(txn, device, now)
-                # issue 15 B: Queues.devices_changed(txn, phone, now) goes here
-            removed += stale
+                        stale.append((k.decode(), devs[1:]))
+            for phone, numbers in stale:  # not while the cursor walks the table it changes
+                for n in numbers:
+                    store.remove_device_txn(txn, f"{phone}:{n}", now)
+                    removed.append(f"{phone}:{n}")
+                pushes += queues.devices_changed(txn, phone, now)
+        deliver(pushes)
         if more is None:
             return removed
         start = more
@@ -337,10 +370,11 @@ def paired_local(w, conn: int, rid: str, device: str, secret: bytes) -> None:
     if s is None or s.closing or p is None or p.rid != rid:
         # nobody to hand the secret to: the device must not outlive this
         def run(txn, now):
-            w.store.remove_device_txn(txn, device, now)
-            # issue 15 B: Queues.devices_changed(txn, user, now) goes here too
+            if not w.store.remove_device_txn(txn, device, now):
+                return []
+            return w.queues.devices_changed(txn, device.partition(":")[0], now)
 
-        w.write(run)
+        w.write(run, w.deliver)
         log.event(logger, logging.INFO, "linked device removed: its pairing connection is gone",
                   device=device)  # fmt: skip
         return
@@ -428,16 +462,19 @@ async def _create(s, ev: Link, user: str, device: str) -> None:
         extra = {"signature": ev.signature, "pending": True}
         if rec.get("name") is not None:
             extra["name"] = rec["name"]
+        # the account's devices are told first, so that the new one, not yet in
+        # the list, gets no notice of its own addition (PROTOCOL.md section 9)
+        pushes = w.queues.devices_changed(txn, user, now)
         address = w.store._add_device(txn, user, acct, ev.key, keys, now, extra)
         rec["used"] = True
         rec["device"] = address
         rec["expires"] = now + w.config.pair_ttl * 1000  # its time to log in (sweep_pairs)
         _put(w.store, txn, key, rec)
-        # issue 15 B: Queues.devices_changed(txn, user, now) goes here
-        return now, address, rec
+        return now, address, rec, pushes
 
     def done(result) -> None:
-        t, address, rec = result
+        t, address, rec, pushes = result
+        w.deliver(pushes)
         if not s.closing:
             s.send(ServerAck(ev.id, t, "link", address))
         log.event(logger, logging.INFO, "device linked", device=address)
@@ -486,10 +523,12 @@ def unlink(s, ev: Unlink) -> None:
             raise ServiceError(ErrorCode.NOT_PRIMARY, "only the primary may unlink other devices")
         if not w.store.remove_device_txn(txn, target, now):
             raise ServiceError(ErrorCode.NO_DEVICE, "no such device")
-        # issue 15 B: Queues.devices_changed(txn, user, now) goes here
-        return now
+        # after the removal: the unlinked device gets none
+        return now, w.queues.devices_changed(txn, user, now)
 
-    def done(t: int) -> None:
+    def done(result) -> None:
+        t, pushes = result
+        w.deliver(pushes)
         s.send(ServerAck(ev.id, t, "unlink"))
         log.event(logger, logging.INFO, "device unlinked", device=target, by=device)
         if target == device:  # a companion unlinked itself: as a logout
@@ -508,8 +547,8 @@ def housekeeping(w) -> None:
     c = w.config
     now = w.store.clock()
     try:
-        gone = sweep_pairs(w.store, now, c.pair_ttl * 1000)
-        expired = expire_companions(w.store, now, c.companion_expiry * 1000)
+        gone = sweep_pairs(w.store, w.queues, now, c.pair_ttl * 1000, w.deliver)
+        expired = expire_companions(w.store, w.queues, now, c.companion_expiry * 1000, w.deliver)
     except lmdb.Error as exc:
         log.event(logger, logging.ERROR, "pairing sweep failed", error=str(exc))
         return

@@ -18,10 +18,12 @@ from serverutil import Server, next_message, on_other_worker, until
 from pigeon.client import ConnectionLost, Credentials, ServerError
 from pigeon.client._core import LINK, PairingCode
 from pigeon.client.identity import new_identity, parse_qr, verify_link
+from pigeon.core.codec import Codec
 from pigeon.core.errors import ErrorCode
-from pigeon.core.events import Link
+from pigeon.core.events import DeviceList, DevicesChanged, Link
 from pigeon.server import linking
 from pigeon.server.accounts import device_keys
+from pigeon.server.queues import Queues
 from pigeon.server.store import Store
 
 PHONES = iter(f"4917{n:08d}" for n in range(20_000_000, 20_001_000))
@@ -79,6 +81,22 @@ async def companion_waiting(server, kind="qr", phone=None, name="desktop", other
         await it.aclose()
         await comp.close()
     raise AssertionError("no pairing connection on another worker in 40 tries")
+
+
+async def notices(client, n: int, user: str, timeout: float = 10.0) -> None:
+    """The client's next ``n`` deliveries are device-list notices about ``user`` (acked),
+    and nothing else comes."""
+    for _ in range(n):
+        ev = await client.next_event(timeout)
+        assert isinstance(ev, DevicesChanged) and ev.sender == user, ev
+        await client.ack(ev.seq)
+    await nothing_more(client)
+
+
+async def nothing_more(client, wait: float = 0.5) -> None:
+    await client.ping()  # a barrier: what the server had for it has been pushed
+    with pytest.raises(asyncio.TimeoutError):
+        await client.next_event(wait)
 
 
 async def link_by_qr(server, phone, alice, name="desktop"):
@@ -300,6 +318,75 @@ def test_unlink_closes_the_session_on_the_other_worker_and_drops_its_queue(srv):
     run(go())
 
 
+def test_links_and_unlinks_notify_the_accounts_other_devices_online_or_at_login(srv):
+    """A link queues a device-list notice for the account's devices (not the new
+    one), an unlink for those left (not the unlinked one); an online device gets
+    it at once, an offline one at its next login."""
+
+    async def go():
+        phone, creds, alice = await primary(srv)
+        c1, c1creds = await link_by_qr(srv, phone, alice)
+        await notices(alice, 1, phone)  # online: pushed
+        await c1.login(c1creds)
+        await nothing_more(c1)  # none of its own addition
+        await c1.close()  # offline from here
+        c2, c2creds = await link_by_qr(srv, phone, alice)
+        await notices(alice, 1, phone)
+        await c2.login(c2creds)
+        await nothing_more(c2)
+        await alice.unlink(c2creds.device)
+        await until(lambda: c2.closed is not None)
+        assert isinstance(c2.closed, ServerError) and c2.closed.code == ErrorCode.REVOKED
+        got = []  # what reached the unlinked device before it was closed: no notice
+        while True:
+            try:
+                got.append(await c2.next_event(5))
+            except ConnectionLost:
+                break
+        assert not any(isinstance(ev, DevicesChanged) for ev in got), got
+        await notices(alice, 1, phone)
+        # the offline companion: both changes (c2 linked, c2 unlinked), at login
+        c1 = await srv.login(c1creds)
+        await notices(c1, 2, phone)
+        assert all(d["device"] != c2creds.device for d in srv.queue_stats(100)["top"])
+        for c in (alice, c1, c2):
+            await c.close()
+
+    run(go())
+
+
+def test_the_pairing_sweep_notifies_the_account_of_a_linked_device_that_never_logged_in(
+    tmp_path,
+):
+    # (the sweep's own write transaction, on a real store: the PAIRED record of a
+    # dead worker never came, so the device stayed pending)
+    store = Store(str(tmp_path / "store"), map_size=256 << 20)
+    try:
+        phone = "491700000002"
+        primary_dev, _ = store.register_device(phone, new_identity().public,
+                                               device_keys(b"s" * 32, 4096))  # fmt: skip
+        now = store.clock()
+        with store.write() as txn:
+            acct = store._get(txn, "accounts", phone)
+            pending = store._add_device(txn, phone, acct, new_identity().public,
+                                        device_keys(b"t" * 32, 4096), now,
+                                        {"pending": True})  # fmt: skip
+            linking._put(store, txn, "r:" + "ab" * 16, {"expires": now, "used": True,
+                                                        "device": pending})  # fmt: skip
+        q = Queues(store)
+        delivered = []
+        removed = linking.sweep_pairs(store, q, now + 61_000, 60_000, delivered.extend)
+        assert removed == [pending]
+        assert [p.device for p in delivered] == [primary_dev]
+        ((seq, frame),) = q.read(primary_dev, 0, 10)
+        node = Codec().decode(frame[3:])
+        assert DeviceList.from_node(node) == DevicesChanged(phone, now + 61_000, seq)
+        assert q.read(pending, 0, 10) == []
+        assert store.account(phone)["devices"] == [int(primary_dev.partition(":")[2])]
+    finally:
+        store.close()
+
+
 def test_refreshes_the_end_error_the_pairing_deadline_and_the_per_address_cap(tmp_path):
     srv = Server(tmp_path / "data", workers=2, login_timeout=1, pair_timeout=6, pair_ttl=1,
                  pair_refreshes=2, pair_per_address=2, pair_per_ip=1000)  # fmt: skip
@@ -388,6 +475,8 @@ def test_companions_of_a_primary_absent_for_companion_expiry_are_unlinked(tmp_pa
         await until(lambda: comp.closed is not None, timeout=15)
         assert isinstance(comp.closed, ServerError) and comp.closed.code == ErrorCode.REVOKED
         alice = await srv.login(creds)
+        # the notice of the link (pushed, never acked) and the one of the expiry
+        await notices(alice, 2, phone)
         assert [d.device for d in await alice.devices(phone)] == [creds.device]
         # a primary that logs in keeps its companions
         comp, ccreds = await link_by_qr(srv, phone, alice)

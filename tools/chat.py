@@ -76,7 +76,7 @@ from pigeon.client import Client, ConnectionLost, Credentials, ServerError
 from pigeon.client._core import DEFAULT_KEEPALIVE
 from pigeon.client.identity import Identity, new_identity
 from pigeon.core.errors import ErrorCode, is_fatal
-from pigeon.core.events import Error, IncomingMessage, IncomingReceipt
+from pigeon.core.events import DevicesChanged, Error, IncomingMessage, IncomingReceipt
 from pigeon.core.node import valid_phone
 
 DEFAULT_PROFILE = os.path.join(
@@ -433,6 +433,10 @@ class Chat:
             elif isinstance(ev, IncomingReceipt):
                 await self.client.ack(ev.seq)
                 self._tick(ev)
+            elif isinstance(ev, DevicesChanged):  # queued like a message: acked like one
+                await self.client.ack(ev.seq)
+                mine = ev.sender == (self.client.device or "").partition(":")[0]
+                _out("   your devices changed" if mine else f"   {ev.sender}'s devices changed")
             elif isinstance(ev, Error):
                 if not is_fatal(ev.code):  # a fatal one ends or resumes the session: said then
                     _out(f"!! server: {ev.code} {ev.text}")
