@@ -47,8 +47,9 @@ import logging
 import math
 import os
 import random
+from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from scramp import ScramClient, ScramException
 
@@ -67,15 +68,21 @@ from pigeon.core.events import (
     ConnectionClosed,
     DeleteAccount,
     DeviceAck,
+    DeviceList,
     DevicesChanged,
+    DevicesQuery,
     Discover,
     DiscoverResult,
     Error,
     Hello,
     IncomingMessage,
     IncomingReceipt,
+    Link,
+    LinkKey,
     Logout,
     Message,
+    Pair,
+    PairCode,
     Ping,
     Pong,
     Presence,
@@ -86,8 +93,12 @@ from pigeon.core.events import (
     Registered,
     ServerAck,
     Unblock,
+    Unlink,
     Verify,
+    normalize_link_code,
 )
+
+from .identity import Identity, format_qr, new_identity, parse_qr
 
 #: After these the server will not take the device back by reconnecting:
 #: the device was removed, replaced by a newer login, or its login failed.
@@ -99,25 +110,43 @@ logger = logging.getLogger("pigeon.client")
 REQ, MESSAGE, RECEIPT, PONG, AUTH, LOGOUT, DELETE, BLOCK, UNBLOCK = (
     "req", "message", "receipt", "pong", "auth", "logout", "delete", "block", "unblock",
 )  # fmt: skip
+LINK, UNLINK, PAIR = "link", "unlink", "pair"
 #: Kinds whose answer is an ``ack`` of that class, or an error with the request's id.
-_ID_KINDS = (REQ, MESSAGE, RECEIPT, PONG, LOGOUT, DELETE, BLOCK, UNBLOCK)
+_ID_KINDS = (REQ, MESSAGE, RECEIPT, PONG, LOGOUT, DELETE, BLOCK, UNBLOCK, LINK, UNLINK)
 #: Kinds that are safe to send again after a reconnect (idempotent by id).
 REPLAYABLE = (MESSAGE, RECEIPT)
 
 
 @dataclass(frozen=True)
 class Credentials:
-    """What a device needs to log in: its address and its 32-byte secret."""
+    """What a device needs to log in: its address and its 32-byte secret; and its
+    identity private key (``identity``, raw 32 bytes: client/identity.py), which
+    signs links when the device is a primary.  Credentials saved before identity
+    keys were Ed25519 have none (``identity`` None): they log in as before."""
 
     device: str
     secret: bytes
+    identity: bytes | None = field(default=None, repr=False)
 
     def to_json(self) -> dict:
-        return {"device": self.device, "secret": self.secret.hex()}
+        out = {"device": self.device, "secret": self.secret.hex()}
+        if self.identity is not None:
+            out["identity"] = self.identity.hex()
+        return out
 
     @classmethod
     def from_json(cls, d: dict) -> Credentials:
-        return cls(d["device"], bytes.fromhex(d["secret"]))
+        ident = d.get("identity")
+        return cls(d["device"], bytes.fromhex(d["secret"]),
+                   bytes.fromhex(ident) if ident else None)  # fmt: skip
+
+    @property
+    def user(self) -> str:
+        return self.device.partition(":")[0]
+
+    def identity_key(self) -> Identity | None:
+        """The identity key pair, or None (old credentials)."""
+        return None if self.identity is None else Identity.from_private_bytes(self.identity)
 
 
 class ServerError(Exception):
@@ -233,7 +262,23 @@ def check_keepalive(interval: float | None, timeout: float) -> float | None:
 
 
 #: Server answers matched to a REQ waiter by their id.
-_ANSWERS = frozenset({PrivacySettings, DiscoverResult, Blocklist})
+_ANSWERS = frozenset({PrivacySettings, DiscoverResult, Blocklist, LinkKey, DeviceList})
+
+
+@dataclass(frozen=True, slots=True)
+class PairingCode:
+    """What a waiting companion shows, as the server issued it: a QR pairing
+    (``ref`` and the ``qr`` text to render) or a link ``code`` (``display``: as
+    the user types it, ``ABCD-2345``); valid ``ttl`` seconds."""
+
+    ttl: int
+    ref: str | None = None
+    code: str | None = None
+    qr: str | None = None
+
+    @property
+    def display(self) -> str | None:
+        return None if self.code is None else f"{self.code[:4]}-{self.code[4:]}"
 
 
 def message_event(to: str, mid: str, type: str, body) -> Message:
@@ -264,6 +309,10 @@ class ClientCore:
         self.subscriptions: set[str] = set()
         self._ids = itertools.count(1)
         self._prefix = os.urandom(4).hex()
+        #: a pairing in progress: its request id, and what came for it (PairCode,
+        #: Registered, Error) in order; the pairing's waiter is only woken
+        self.pair_id: str | None = None
+        self.pair_inbox: deque = deque()
 
     def new_id(self) -> str:
         return f"{self._prefix}{next(self._ids):x}"
@@ -383,6 +432,13 @@ class ClientCore:
 
     def _dispatch(self, ev, outcomes: list) -> None:
         t = type(ev)
+        if self.pair_id is not None and (t is PairCode or t is Registered or t is Error):
+            if ev.id == self.pair_id:
+                self.pair_inbox.append(ev)
+                self._answer((PAIR, ev.id), ev, outcomes)
+                if t is Error and is_fatal(ev.code):
+                    outcomes.append(Lost(ServerError(ev.code, ev.text, ev.id)))
+                return
         if t is IncomingMessage or t is IncomingReceipt or t is DevicesChanged:
             if ev.seq <= self.last_seq:
                 self.redelivered += 1  # seen before: at-least-once on the wire
@@ -640,12 +696,17 @@ class ClientAPI:
         return ev.ttl
 
     async def verify(
-        self, phone: str, code: str, identity_key: bytes, timeout: float = 30.0
+        self, phone: str, code: str, identity: Identity | None = None, timeout: float = 30.0
     ) -> Credentials:
-        """Prove the code; returns the new device's credentials (keep them secret)."""
+        """Prove the code; returns the new device's credentials (keep them secret).
+
+        ``identity``: the device's identity key pair; a new one by default
+        (``new_identity``).  Its private key is part of the credentials."""
+        if identity is None:
+            identity = new_identity()
         rid = self.new_id()
-        ev = await self._request(REQ, rid, Verify(rid, phone, code, identity_key), timeout)
-        return Credentials(ev.device, ev.secret)
+        ev = await self._request(REQ, rid, Verify(rid, phone, code, identity.public), timeout)
+        return Credentials(ev.device, ev.secret, identity.private_bytes())
 
     async def login(self, creds: Credentials, timeout: float = 30.0) -> int:
         """SCRAM-SHA-256 login; checks the server's proof. Returns the server time (ms)."""
@@ -786,6 +847,106 @@ class ClientAPI:
     async def unblock(self, user: str, timeout: float = 30.0) -> ServerAck:
         rid = self.new_id()
         return await self._request(UNBLOCK, rid, Unblock(rid, user), timeout)
+
+    # -- linked devices ---------------------------------------------------------------
+
+    def pair_qr(self, name: str | None = None, identity: Identity | None = None,
+                server: str | None = None, timeout: float | None = None):  # fmt: skip
+        """Pair this (new, not logged-in) device as a companion by QR code.
+
+        An async iterator: a ``PairingCode`` with the ``qr`` text to show,
+        again each time the server replaces the reference (every pair-ttl),
+        then, once the primary has linked it, the device's ``Credentials``
+        (with its identity private key), and it ends.  ``server``: the
+        host:port the QR text names (default: the one connected to).
+        Raises ServerError 306 when the last reference expires (ask again).
+        """
+        server = server or f"{getattr(self, 'host', '')}:{getattr(self, 'port', '')}"
+        return self._pair("qr", None, name, identity, server, timeout)
+
+    def pair_code(self, phone: str, name: str | None = None, identity: Identity | None = None,
+                  timeout: float | None = None):  # fmt: skip
+        """Pair as a companion of ``phone``'s account by link code: as ``pair_qr``, the
+        ``PairingCode`` has a ``code`` (``display``: ``ABCD-2345``) to type on the primary."""
+        return self._pair("code", phone, name, identity, None, timeout)
+
+    async def _pair(self, typ, phone, name, identity, server, timeout):
+        identity = identity or new_identity()
+        core = self.core
+        self._check_open()
+        rid = self.new_id()
+        core.send(Pair(rid, typ, identity.public, phone, name))
+        core.pair_id = rid
+        core.pair_inbox.clear()
+        try:
+            while True:
+                while core.pair_inbox:
+                    ev = core.pair_inbox.popleft()
+                    if type(ev) is Error:
+                        raise ServerError(ev.code, ev.text, ev.id)
+                    if type(ev) is Registered:
+                        yield Credentials(ev.device, ev.secret, identity.private_bytes())
+                        return
+                    qr = None if ev.ref is None else format_qr(ev.ref, identity.public, server)
+                    yield PairingCode(ev.ttl, ev.ref, ev.code, qr)
+                await self._wait(core.expect(PAIR, rid), timeout)
+        finally:
+            if core.pair_id == rid:
+                core.pair_id = None
+
+    def _identity(self) -> Identity:
+        ident = None if self._creds is None else self._creds.identity_key()
+        if ident is None:
+            raise ValueError(
+                "these credentials have no Ed25519 identity key (made before linking "
+                "existed): register this device again to link devices"
+            )
+        return ident
+
+    async def link(self, qr_text: str | None = None, *, ref: str | None = None,
+                   key: bytes | None = None, timeout: float = 30.0) -> str:  # fmt: skip
+        """Link the companion whose QR code says ``qr_text`` (or ``ref`` and ``key``)
+        to this account; only the primary may.  Returns the new device's address."""
+        if qr_text is not None:
+            parsed = parse_qr(qr_text)
+            ref, key = parsed.ref, parsed.key
+        if ref is None or key is None:
+            raise ValueError("give the QR text, or ref and key")
+        signature = self._identity().sign_link(self._creds.user, key)
+        rid = self.new_id()
+        ack = await self._request(LINK, rid, Link(rid, ref=ref, key=key, signature=signature),
+                                  timeout)  # fmt: skip
+        return ack.device
+
+    async def link_code(self, code: str, timeout: float = 30.0) -> str:
+        """Link the companion that shows link ``code`` (``ABCD-2345``, any case, dash
+        or not): the server is asked for its key, which is signed and sent back."""
+        norm = normalize_link_code(code)
+        if norm is None:
+            raise ValueError(f"not a link code: {code!r} (8 letters and digits, ABCD-2345)")
+        ident = self._identity()
+        rid = self.new_id()
+        answer = await self._request(REQ, rid, Link(rid, code=norm), timeout)
+        signature = ident.sign_link(self._creds.user, answer.key)
+        rid = self.new_id()
+        ack = await self._request(LINK, rid, Link(rid, code=norm, key=answer.key,
+                                                  signature=signature), timeout)  # fmt: skip
+        return ack.device
+
+    async def devices(self, user: str, timeout: float = 30.0):
+        """``user``'s devices (``DeviceInfo``: address, when added, identity key, and for a
+        companion its name and the primary's link signature: check it with
+        ``pigeon.client.identity.verify_link``)."""
+        rid = self.new_id()
+        return (await self._request(REQ, rid, DevicesQuery(rid, user), timeout)).items
+
+    async def unlink(self, device: str, timeout: float = 30.0) -> ServerAck:
+        """Unlink ``device`` (the primary: any companion; a companion: itself, after
+        which the server closes this connection)."""
+        rid = self.new_id()
+        if device == self.device:
+            self._creds = None  # nothing to reconnect to
+        return await self._request(UNLINK, rid, Unlink(rid, device), timeout)
 
     async def blocklist(self, timeout: float = 30.0) -> tuple[str, ...]:
         """The users this account blocks, oldest block first."""

@@ -14,7 +14,9 @@ answers with error 102, encoded without tokens so any peer can read it, and
 closes.
 
 States follow the protocol: HANDSHAKE (a server waiting for the client's
-preamble; a client starts past it), UNAUTHENTICATED (registration allowed, login may start), the three SCRAM
+preamble; a client starts past it), UNAUTHENTICATED (registration allowed, login may start),
+PAIRING (a new companion device that sent ``pair`` waits to be linked: only
+``pair``, ``ping``, ``pong`` and ``error`` go, then ``registered`` and a login), the three SCRAM
 steps, AUTHENTICATED (messaging), and the terminal CLOSED and ERROR.  The
 legal moves are one table, ``TRANSITIONS``, applied alike to what this side
 sends and to what it receives; each event class is sent by one role only.
@@ -83,7 +85,9 @@ from .events import (
     ConnectionClosed,
     DeleteAccount,
     DeviceAck,
+    DeviceList,
     DevicesChanged,
+    DevicesQuery,
     Discover,
     DiscoverResult,
     Error,
@@ -92,8 +96,12 @@ from .events import (
     IncomingChatState,
     IncomingMessage,
     IncomingReceipt,
+    Link,
+    LinkKey,
     Logout,
     Message,
+    Pair,
+    PairCode,
     Ping,
     Pong,
     Presence,
@@ -105,6 +113,7 @@ from .events import (
     Registered,
     ServerAck,
     Unblock,
+    Unlink,
     Verify,
     valid_id,
 )
@@ -121,6 +130,7 @@ class Role(StrEnum):
 class State(Enum):
     HANDSHAKE = "handshake"
     UNAUTHENTICATED = "unauthenticated"
+    PAIRING = "pairing"  # a companion waiting to be linked (pair sent)
     AUTH_STARTED = "auth-started"  # client-first sent
     AUTH_CHALLENGED = "auth-challenged"  # server-first sent
     AUTH_RESPONDED = "auth-responded"  # client-final sent
@@ -144,7 +154,7 @@ class _NeedData:
 NEED_DATA = _NeedData()
 
 _S = State
-_ANY_LIVE = (_S.UNAUTHENTICATED, _S.AUTH_STARTED, _S.AUTH_CHALLENGED, _S.AUTH_RESPONDED,
+_ANY_LIVE = (_S.UNAUTHENTICATED, _S.PAIRING, _S.AUTH_STARTED, _S.AUTH_CHALLENGED, _S.AUTH_RESPONDED,
              _S.AUTHENTICATED)  # fmt: skip
 
 #: (state, event class) -> next state.  Error is handled apart: allowed in
@@ -156,6 +166,12 @@ TRANSITIONS: dict[tuple[State, type[Event]], State] = {
     (_S.UNAUTHENTICATED, Verify): _S.UNAUTHENTICATED,
     (_S.UNAUTHENTICATED, Registered): _S.UNAUTHENTICATED,
     (_S.UNAUTHENTICATED, AuthStart): _S.AUTH_STARTED,
+    # a companion: pair (again after 306), refreshed refs, its device and secret, then login
+    (_S.UNAUTHENTICATED, Pair): _S.PAIRING,
+    (_S.PAIRING, Pair): _S.PAIRING,
+    (_S.PAIRING, PairCode): _S.PAIRING,
+    (_S.PAIRING, Registered): _S.PAIRING,
+    (_S.PAIRING, AuthStart): _S.AUTH_STARTED,
     (_S.AUTH_STARTED, AuthChallenge): _S.AUTH_CHALLENGED,
     (_S.AUTH_CHALLENGED, AuthResponse): _S.AUTH_RESPONDED,
     (_S.AUTH_RESPONDED, AuthSuccess): _S.AUTHENTICATED,
@@ -163,7 +179,8 @@ TRANSITIONS: dict[tuple[State, type[Event]], State] = {
        for ev in (Message, IncomingMessage, ServerAck, DeviceAck, Receipt, IncomingReceipt,
                   Presence, PresenceUpdate, ChatState, IncomingChatState, Privacy,
                   PrivacySettings, Discover, DiscoverResult, Block, Unblock, BlocklistQuery,
-                  Blocklist, Logout, DeleteAccount, DevicesChanged)},
+                  Blocklist, Logout, DeleteAccount, Link, LinkKey, DevicesQuery, DeviceList,
+                  DevicesChanged, Unlink)},
     **{(st, ev): st for st in _ANY_LIVE for ev in (Ping, Pong)},
 }  # fmt: skip
 

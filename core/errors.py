@@ -40,6 +40,13 @@ class ErrorCode(IntEnum):
     RATE_LIMITED = 302
     REPLACED = 303
     REVOKED = 304
+    PAIR_UNKNOWN = 305
+    PAIR_EXPIRED = 306
+    PAIR_USED = 307
+    KEY_MISMATCH = 308
+    BAD_SIGNATURE = 309
+    DEVICE_LIMIT = 310
+    NOT_PRIMARY = 311
     # 4xx: delivery.
     UNKNOWN_RECIPIENT = 400
     NO_DEVICE = 401

@@ -22,6 +22,9 @@ The same tag can mean different things by direction: ``message`` from a
 client is ``Message`` (it names the recipient), from the server it is
 ``IncomingMessage`` (it names the sender, the server time and the
 per-device sequence).  ``CLIENT_SENT`` and ``SERVER_SENT`` map tags to classes.
+One server tag names two events: ``devices`` with a ``seq`` is the queued
+``DevicesChanged`` notice, with an ``id`` the ``DeviceList`` answer to a query
+(``SERVER_SENT`` holds ``DeviceList``, whose reader tells them apart).
 """
 
 from __future__ import annotations
@@ -652,7 +655,9 @@ class IncomingMessage(Event):
             _check_address(self, "to", self.to, _USER_OR_DEVICE)
 
 
-ACK_CLASSES = frozenset({"message", "receipt", "logout", "delete", "block", "unblock"})
+ACK_CLASSES = frozenset(
+    {"message", "receipt", "logout", "delete", "block", "unblock", "link", "unlink"}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -662,6 +667,8 @@ class ServerAck(Event):
     ``t`` is the server time (ms) it was accepted, the same ``t`` its
     recipients see.  With ``cls`` "logout" or "delete" it confirms a
     ``Logout`` or ``DeleteAccount`` request instead; the server then closes.
+    With ``cls`` "link" it confirms a ``Link`` and ``device`` names the new
+    device; with "unlink" an ``Unlink``.
     """
 
     TAG: ClassVar[str] = "ack"
@@ -669,19 +676,24 @@ class ServerAck(Event):
     id: str
     t: int
     cls: str = "message"
+    device: str | None = None
 
     def to_node(self, N):
-        return N("ack", {"class": self.cls, "id": self.id, "t": str(self.t)})
+        if self.device is None:
+            return N("ack", {"class": self.cls, "id": self.id, "t": str(self.t)})
+        return N("ack", {"class": self.cls, "id": self.id, "device": self.device,
+                         "t": str(self.t)})  # fmt: skip
 
     @classmethod
     def from_node(cls, node):
-        return _read(cls(_id(node), _uint(node, "t"), _choice(node, "class", ACK_CLASSES)))
+        device = None if node.attrs.get("device") is None else _address(node, "device", "device")
+        return _read(cls(_id(node), _uint(node, "t"), _choice(node, "class", ACK_CLASSES), device))
 
     def check(self) -> None:
         # One per message the server accepts: the usual case is one test.
         t, c, i = self.t, self.cls, self.id
         if type(t) is int and 0 <= t <= MAX_UINT64 and type(c) is str and c in ACK_CLASSES:
-            if type(i) is str and _id_match(i) is not None:
+            if type(i) is str and _id_match(i) is not None and self.device is None:
                 return
         if not valid_id(self.id):
             raise _wrong(self, "id", _ID, self.id)
@@ -689,6 +701,8 @@ class ServerAck(Event):
             raise _wrong(self, "t", _UINT, self.t)
         if not _is_choice(self.cls, ACK_CLASSES):
             raise _wrong(self, "cls", f"one of {sorted(ACK_CLASSES)}", self.cls)
+        if self.device is not None:
+            _check_address(self, "device", self.device, _DEVICE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1224,15 +1238,343 @@ class Pong(_IdOnly):
     SENDER: ClassVar[str] = BOTH
 
 
-# -- multi-device fan-out (issue 15) -------------------------------------------
+# -- linked devices (issue 15: pairing, linking, device lists, unlink) ----------------
+
+PAIR_TYPES = frozenset({"qr", "code"})
+#: the characters of a link code: no 0/O, no 1/I (read aloud, typed on a phone)
+LINK_CODE_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"
+LINK_CODE_LENGTH = 8
+MAX_DEVICE_NAME = 64  # bytes of UTF-8
+_REF_RE = re.compile(r"[0-9a-f]{32}")
+_CODE_SET = frozenset(LINK_CODE_ALPHABET)
+
+
+def normalize_link_code(text) -> str | None:
+    """A link code as sent: ``ABCD-2345``, ``abcd2345``, ``ABCD 2345`` -> ``ABCD2345``;
+    None if it is not 8 characters of the alphabet once the dash and spaces are gone."""
+    if not isinstance(text, str):
+        return None
+    code = "".join(text.split()).replace("-", "").upper()
+    if len(code) != LINK_CODE_LENGTH or not set(code) <= _CODE_SET:
+        return None
+    return code
+
+
+def _is_ref(v) -> bool:
+    return isinstance(v, str) and _REF_RE.fullmatch(v) is not None
+
+
+def _is_link_code(v) -> bool:
+    return isinstance(v, str) and len(v) == LINK_CODE_LENGTH and set(v) <= _CODE_SET
+
+
+def _is_name(v) -> bool:
+    return isinstance(v, str) and 0 < len(v.encode()) <= MAX_DEVICE_NAME and v.isprintable()
+
+
+def _children(node) -> dict:
+    """The ``key`` and ``signature`` children of a node: {tag: bytes}."""
+    c = node.content
+    if c is None:
+        return {}
+    if not isinstance(c, list):
+        raise _bad(node, "content must be <key> and <signature> nodes")
+    out = {}
+    for child in c:
+        size = {"key": 32, "signature": 64}.get(child.tag)
+        if size is None or child.tag in out:
+            raise _bad(node, "content must be one <key> and at most one <signature>")
+        out[child.tag] = _bytes(child, size=size)
+    return out
+
+
+def _key_nodes(N, key, signature) -> list | None:
+    out = []
+    if key is not None:
+        out.append(N("key", {}, key))
+    if signature is not None:
+        out.append(N("signature", {}, signature))
+    return out or None
+
+
+@dataclass(frozen=True, slots=True)
+class Pair(Event):
+    """A new (companion) device asks to be linked; content: its 32-byte Ed25519
+    identity public key.  ``type`` "qr": the answer is a pairing reference to show
+    as a QR code; "code": an 8-character code to type on the primary of ``phone``."""
+
+    TAG: ClassVar[str] = "pair"
+    SENDER: ClassVar[str] = CLIENT
+    id: str
+    type: str
+    identity_key: bytes
+    phone: str | None = None
+    name: str | None = None
+
+    def to_node(self, N):
+        attrs = {"id": self.id, "type": self.type}
+        if self.phone is not None:
+            attrs["phone"] = self.phone
+        if self.name is not None:
+            attrs["name"] = self.name
+        return N("pair", attrs, self.identity_key)
+
+    @classmethod
+    def from_node(cls, node):
+        rid = _id(node)
+        typ = _choice(node, "type", PAIR_TYPES)
+        phone = _phone(node) if typ == "code" else None
+        if typ == "qr" and node.attrs.get("phone") is not None:
+            raise _bad(node, "'phone' goes only with type code")
+        name = node.attrs.get("name")
+        if name is not None and not _is_name(name):
+            raise _bad(node, f"'name' must be 1-{MAX_DEVICE_NAME} bytes of printable text")
+        return _read(cls(rid, typ, _bytes(node, size=32), phone, name))
+
+    def check(self) -> None:
+        _check_id(self, "id", self.id)
+        _check_choice(self, "type", self.type, PAIR_TYPES)
+        _check_bytes(self, "identity_key", self.identity_key, 32)
+        if self.type == "code" and not _is_phone(self.phone):
+            raise _wrong(self, "phone", _PHONE, self.phone)
+        if self.type == "qr" and self.phone is not None:
+            raise _wrong(self, "phone", "None with type 'qr'", self.phone)
+        if self.name is not None and not _is_name(self.name):
+            raise _wrong(self, "name", f"1-{MAX_DEVICE_NAME} bytes of printable text", self.name)
+
+
+@dataclass(frozen=True, slots=True)
+class PairCode(Event):
+    """The server's answer to ``Pair`` (and each refresh): a pairing ``ref`` (32 hex
+    characters, type qr) or a link ``code`` (type code), valid ``ttl`` seconds."""
+
+    TAG: ClassVar[str] = "pair"
+    SENDER: ClassVar[str] = SERVER
+    id: str
+    ttl: int
+    ref: str | None = None
+    code: str | None = None
+
+    def to_node(self, N):
+        attrs = {"id": self.id}
+        if self.ref is not None:
+            attrs["ref"] = self.ref
+        if self.code is not None:
+            attrs["code"] = self.code
+        attrs["ttl"] = str(self.ttl)
+        return N("pair", attrs)
+
+    @classmethod
+    def from_node(cls, node):
+        ref, code = node.attrs.get("ref"), node.attrs.get("code")
+        if (ref is None) == (code is None):
+            raise _bad(node, "exactly one of 'ref' and 'code'")
+        if ref is not None and not _is_ref(ref):
+            raise _bad(node, "'ref' must be 32 lowercase hex characters")
+        if code is not None and not _is_link_code(code):
+            raise _bad(node, "'code' must be 8 characters of the link code alphabet")
+        return _read(cls(_id(node), _uint(node, "ttl"), ref, code))
+
+    def check(self) -> None:
+        _check_id(self, "id", self.id)
+        _check_uint(self, "ttl", self.ttl)
+        if (self.ref is None) == (self.code is None):
+            raise _wrong(self, "ref", "set, or code set (exactly one)", self.ref)
+        if self.ref is not None and not _is_ref(self.ref):
+            raise _wrong(self, "ref", "32 lowercase hex characters", self.ref)
+        if self.code is not None and not _is_link_code(self.code):
+            raise _wrong(self, "code", "8 characters of the link code alphabet", self.code)
+
+
+@dataclass(frozen=True, slots=True)
+class Link(Event):
+    """The primary links a companion: by pairing ``ref`` (with the ``key`` it read
+    from the QR code and its ``signature`` over it), or by ``code``: first without
+    key and signature (the server answers ``LinkKey``), then with both."""
+
+    TAG: ClassVar[str] = "link"
+    SENDER: ClassVar[str] = CLIENT
+    id: str
+    ref: str | None = None
+    code: str | None = None
+    key: bytes | None = None
+    signature: bytes | None = None
+
+    def to_node(self, N):
+        attrs = {"id": self.id}
+        if self.ref is not None:
+            attrs["ref"] = self.ref
+        if self.code is not None:
+            attrs["code"] = self.code
+        return N("link", attrs, _key_nodes(N, self.key, self.signature))
+
+    @classmethod
+    def from_node(cls, node):
+        rid = _id(node)
+        ref, code = node.attrs.get("ref"), node.attrs.get("code")
+        if (ref is None) == (code is None):
+            raise _bad(node, "exactly one of 'ref' and 'code'")
+        if ref is not None and not _is_ref(ref):
+            raise _bad(node, "'ref' must be 32 lowercase hex characters")
+        if code is not None:
+            code = normalize_link_code(code)
+            if code is None:
+                raise _bad(node, "'code' must be 8 characters of the link code alphabet")
+        kids = _children(node)
+        key, sig = kids.get("key"), kids.get("signature")
+        if (key is None) != (sig is None) or (ref is not None and key is None):
+            raise _bad(node, "<key> and <signature> go together (and are needed with 'ref')")
+        return _read(cls(rid, ref, code, key, sig))
+
+    def check(self) -> None:
+        _check_id(self, "id", self.id)
+        if (self.ref is None) == (self.code is None):
+            raise _wrong(self, "ref", "set, or code set (exactly one)", self.ref)
+        if self.ref is not None and not _is_ref(self.ref):
+            raise _wrong(self, "ref", "32 lowercase hex characters", self.ref)
+        if self.code is not None and not _is_link_code(self.code):
+            raise _wrong(self, "code", "8 characters of the link code alphabet", self.code)
+        if (self.key is None) != (self.signature is None) or (
+            self.ref is not None and self.key is None
+        ):
+            raise _wrong(self, "key", "given with signature (both needed with ref)", self.key)
+        if self.key is not None:
+            _check_bytes(self, "key", self.key, 32)
+            _check_bytes(self, "signature", self.signature, 64)
+
+
+@dataclass(frozen=True, slots=True)
+class LinkKey(Event):
+    """The identity key of the companion waiting with link ``code`` (for the primary to sign)."""
+
+    TAG: ClassVar[str] = "link"
+    SENDER: ClassVar[str] = SERVER
+    id: str
+    code: str
+    key: bytes
+
+    def to_node(self, N):
+        return N("link", {"id": self.id, "code": self.code}, [N("key", {}, self.key)])
+
+    @classmethod
+    def from_node(cls, node):
+        code = _attr(node, "code")
+        if not _is_link_code(code):
+            raise _bad(node, "'code' must be 8 characters of the link code alphabet")
+        kids = _children(node)
+        if set(kids) != {"key"}:
+            raise _bad(node, "content must be one <key>")
+        return _read(cls(_id(node), code, kids["key"]))
+
+    def check(self) -> None:
+        _check_id(self, "id", self.id)
+        if not _is_link_code(self.code):
+            raise _wrong(self, "code", "8 characters of the link code alphabet", self.code)
+        _check_bytes(self, "key", self.key, 32)
+
+
+@dataclass(frozen=True, slots=True)
+class DevicesQuery(Event):
+    """Ask for user ``user``'s current devices (ids, identity keys, link signatures)."""
+
+    TAG: ClassVar[str] = "devices"
+    SENDER: ClassVar[str] = CLIENT
+    id: str
+    user: str
+
+    def to_node(self, N):
+        return N("devices", {"id": self.id, "user": self.user})
+
+    @classmethod
+    def from_node(cls, node):
+        return _read(cls(_id(node), _address(node, "user", "user")))
+
+    def check(self) -> None:
+        _check_id(self, "id", self.id)
+        _check_address(self, "user", self.user, _USER)
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceInfo:
+    """One device of a ``DeviceList``: its address, when it was added (ms), its
+    identity key, and for a companion its name and the primary's link signature."""
+
+    device: str
+    t: int
+    key: bytes
+    name: str | None = None
+    signature: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceList(Event):
+    """The answer to ``DevicesQuery``: ``user``'s devices, primary first."""
+
+    TAG: ClassVar[str] = "devices"
+    SENDER: ClassVar[str] = SERVER
+    id: str
+    user: str
+    items: tuple[DeviceInfo, ...]
+
+    def to_node(self, N):
+        out = []
+        for d in self.items:
+            attrs = {"device": d.device, "t": str(d.t)}
+            if d.name is not None:
+                attrs["name"] = d.name
+            out.append(N("item", attrs, _key_nodes(N, d.key, d.signature)))
+        return N("devices", {"id": self.id, "user": self.user}, out)
+
+    @classmethod
+    def from_node(cls, node):
+        if node.attrs.get("seq") is not None:  # a queued notice, not an answer
+            return DevicesChanged.from_node(node)
+        rid, user = _id(node), _address(node, "user", "user")
+        c = node.content
+        if c is not None and not isinstance(c, list):
+            raise _bad(node, "content must be a list of <item> nodes")
+        items = []
+        for child in c or ():
+            if child.tag != "item":
+                raise _bad(node, "content must be a list of <item> nodes")
+            device = _address(child, "device", "device")
+            name = child.attrs.get("name")
+            if name is not None and not _is_name(name):
+                raise _bad(node, "an item's 'name' must be printable text")
+            kids = _children(child)
+            if "key" not in kids:
+                raise _bad(node, "each <item> holds a <key>")
+            items.append(
+                DeviceInfo(device, _uint(child, "t"), kids["key"], name, kids.get("signature"))
+            )
+        return _read(cls(rid, user, tuple(items)))
+
+    def check(self) -> None:
+        _check_id(self, "id", self.id)
+        _check_address(self, "user", self.user, _USER)
+        if not isinstance(self.items, (tuple, list)):
+            raise _wrong(self, "items", "a tuple (or list)", self.items)
+        for i, d in enumerate(self.items):
+            if not isinstance(d, DeviceInfo):
+                raise _wrong(self, f"items[{i}]", "a DeviceInfo", d)
+            _check_address(self, f"items[{i}].device", d.device, _DEVICE)
+            _check_uint(self, f"items[{i}].t", d.t)
+            _check_bytes(self, f"items[{i}].key", d.key, 32)
+            if d.signature is not None:
+                _check_bytes(self, f"items[{i}].signature", d.signature, 64)
+            if d.name is not None and not _is_name(d.name):
+                raise _wrong(self, f"items[{i}].name", "printable text", d.name)
 
 
 @dataclass(frozen=True, slots=True)
 class DevicesChanged(Event):
-    """User ``sender``'s device list changed: ask for it again (``devices``).
+    """User ``sender``'s device list changed: ask for it again (``DevicesQuery``).
 
     Queued for every device of that user and acknowledged like a message:
     ``seq`` is in the same per-device sequence, ``t`` when the list changed.
+    The tag is also ``DeviceList``'s: the server's ``devices`` with a ``seq`` is
+    this notice, with an ``id`` the answer to a query (``DeviceList.from_node``
+    tells them apart and hands a notice over).
     """
 
     TAG: ClassVar[str] = "devices"
@@ -1254,15 +1596,40 @@ class DevicesChanged(Event):
         _check_uint(self, "seq", self.seq)
 
 
+@dataclass(frozen=True, slots=True)
+class Unlink(Event):
+    """Remove linked device ``device`` (the primary: any companion; a companion: itself)."""
+
+    TAG: ClassVar[str] = "unlink"
+    SENDER: ClassVar[str] = CLIENT
+    id: str
+    device: str
+
+    def to_node(self, N):
+        return N("unlink", {"id": self.id, "device": self.device})
+
+    @classmethod
+    def from_node(cls, node):
+        return _read(cls(_id(node), _address(node, "device", "device")))
+
+    def check(self) -> None:
+        _check_id(self, "id", self.id)
+        _check_address(self, "device", self.device, _DEVICE)
+
+
 _ALL = [
     Register, CodeSent, Verify, Registered, AuthStart, AuthChallenge, AuthResponse,
     AuthSuccess, Message, IncomingMessage, ServerAck, DeviceAck, Receipt, IncomingReceipt,
     Presence, PresenceUpdate, ChatState, IncomingChatState, Privacy, PrivacySettings,
     Discover, DiscoverResult, Block, Unblock, BlocklistQuery, Blocklist,
-    Logout, DeleteAccount, Error, Ping, Pong, DevicesChanged,
+    Logout, DeleteAccount, Error, Ping, Pong,
+    Pair, PairCode, Link, LinkKey, DevicesQuery, DeviceList, DevicesChanged, Unlink,
 ]  # fmt: skip
 
 #: tag -> event class, for nodes a client sends (what a server receives)
 CLIENT_SENT: dict[str, type[Event]] = {c.TAG: c for c in _ALL if c.SENDER in (CLIENT, BOTH)}
 #: tag -> event class, for nodes a server sends (what a client receives)
 SERVER_SENT: dict[str, type[Event]] = {c.TAG: c for c in _ALL if c.SENDER in (SERVER, BOTH)}
+# Two server events share the tag ``devices``: the reader is DeviceList's, which
+# tells them apart by attributes (a ``seq``: the notice; an ``id``: the answer).
+SERVER_SENT["devices"] = DeviceList

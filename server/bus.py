@@ -42,6 +42,9 @@ truth test of each of the two tables more than it did.
     RELEASE  7  dlen u8, device                       it resumed or ended: PUSH again
     CATCHUP  8  dlen u8, device, seq u64              entries up to seq were committed and not
                                                       pushed: read them from the queue
+    PAIRED   9  conn u64, rlen u8, rid, dlen u8, device, secret (32)
+                                                      a companion waiting on connection
+                                                      ``conn`` was linked (server/linking.py)
 
 Integers are big-endian; strings are ASCII except ``text`` (UTF-8).  The
 supervisor writes KICK records too (``kick_record``), for operators; a
@@ -58,7 +61,7 @@ from .log import event
 
 logger = logging.getLogger("pigeon.worker")
 
-PUSH, TYPING, PRESENCE, KICK, HELLO, HOLD, RELEASE, CATCHUP = 1, 2, 3, 4, 5, 6, 7, 8
+PUSH, TYPING, PRESENCE, KICK, HELLO, HOLD, RELEASE, CATCHUP, PAIRED = 1, 2, 3, 4, 5, 6, 7, 8, 9
 MAX_RECORD = 1 << 26  # past any entry a frame limit allows: a bigger length is a bug
 
 _HEAD = struct.Struct(">IB")
@@ -140,6 +143,14 @@ class BusPeer:
                     device = bytes(view[body + 3 : body + 3 + dlen]).decode()
                     text = bytes(view[body + 3 + dlen : stop]).decode("utf-8", "replace") or None
                     w.kick_local(device, code, text)
+                elif kind == PAIRED:
+                    conn = _SEQ.unpack_from(buf, body)[0]
+                    at = body + 8
+                    rid = bytes(view[at + 1 : at + 1 + buf[at]]).decode()
+                    at += 1 + buf[at]
+                    device = bytes(view[at + 1 : at + 1 + buf[at]]).decode()
+                    at += 1 + buf[at]
+                    w.paired_local(conn, rid, device, bytes(view[at:stop]))
                 else:
                     event(logger, logging.WARNING, "unknown record on the bus; ignored", kind=kind)
         finally:
@@ -285,8 +296,16 @@ class Bus:
         buf += _HEAD.pack(1 + len(u), PRESENCE)
         buf += u
 
-    def kick(self, wid: int, device: str, code: int) -> None:
-        self._buffer(wid).extend(kick_record(device, code))
+    def kick(self, wid: int, device: str, code: int, text: str = "") -> None:
+        self._buffer(wid).extend(kick_record(device, code, text))
+
+    def paired(self, wid: int, conn: int, rid: str, device: str, secret: bytes) -> None:
+        """Hand a linked companion's device and secret to the worker holding its connection."""
+        r, d = rid.encode(), device.encode()
+        buf = self._buffer(wid)
+        buf += _HEAD.pack(1 + 8 + 1 + len(r) + 1 + len(d) + len(secret), PAIRED)
+        buf += _SEQ.pack(conn)
+        buf += bytes((len(r),)) + r + bytes((len(d),)) + d + secret
 
     def flush(self) -> None:
         if not self.out:

@@ -452,6 +452,57 @@ OPTIONS: list[Option] = [
         "log lines about client misbehaviour (failed logins, client-reported errors) per "
         "source address per minute, per worker; the rest are counted in the metrics",
     ),
+    Option(
+        "max_linked_devices",
+        4,
+        _non_negative_int,
+        "companion devices an account may link beside its primary (error 310 past it)",
+    ),
+    Option(
+        "pair_ttl",
+        60,
+        _positive_int,
+        "seconds a pairing reference (QR code) or link code stays valid; a reference is "
+        "replaced by a new one when it ends",
+    ),
+    Option(
+        "pair_refreshes",
+        5,
+        _non_negative_int,
+        "new pairing references a waiting companion gets before 306 (then it asks again)",
+    ),
+    Option(
+        "pair_timeout",
+        360.0,
+        _positive_float,
+        "seconds from its connect a connection waiting to be paired has to be linked and "
+        "log in (instead of login-timeout; error 130)",
+    ),
+    Option(
+        "pair_per_address",
+        4,
+        _positive_int,
+        "connections of one source address (IPv6: its /64) waiting to be paired at once, per "
+        "worker (302 past it)",
+    ),
+    Option(
+        "pair_per_ip",
+        20,
+        _positive_int,
+        "pair requests per source address per register-window",
+    ),
+    Option(
+        "link_per_account",
+        10,
+        _positive_int,
+        "link attempts per account per register-window (the same number per source address)",
+    ),
+    Option(
+        "companion_expiry",
+        30 * 86400,
+        _positive_int,
+        "seconds without a login of the primary after which its companions are unlinked",
+    ),
     Option("log_level", "info", _choice("debug", "info", "warning", "error"), "log level"),
     Option(
         "log_format",
@@ -545,6 +596,20 @@ GROUPS: list[Group] = [
         ),
     ),  # fmt: skip
     Group(
+        "linked devices",
+        "companions linked by QR code or link code, and their limits",
+        (
+            "max_linked_devices",
+            "pair_ttl",
+            "pair_refreshes",
+            "pair_timeout",
+            "pair_per_address",
+            "pair_per_ip",
+            "link_per_account",
+            "companion_expiry",
+        ),
+    ),  # fmt: skip
+    Group(
         "abuse limits",
         "what one connection or account may do, per second or per window",
         (
@@ -570,7 +635,7 @@ GROUPS: list[Group] = [
     Group("logging", "what is logged, and how", ("log_level", "log_format", "client_log_lines")),
 ]
 
-_SECONDS = ("_timeout", "_window", "_interval", "_age", "_ttl", "_delay")
+_SECONDS = ("_timeout", "_window", "_interval", "_age", "_ttl", "_delay", "_expiry")
 _BYTES = ("max_frame", "map_size", "queue_max_bytes", "write_buffer_high", "write_buffer_low",
           "commit_max_bytes", "bus_buffer_high", "bus_buffer_low")  # fmt: skip
 

@@ -11,7 +11,8 @@ commit (messages and receipts are answered after it).
 Login and registration live here too: the SCRAM exchange (``auth_start``,
 ``auth_response``), registration by phone number and code (``register``,
 ``verify``; both spawned, the PBKDF2 of ``verify`` off the loop) and
-leaving (``leave``: logout or account deletion).
+leaving (``leave``: logout or account deletion).  Linked devices (pair,
+link, devices, unlink) are server/linking.py's.
 """
 
 from __future__ import annotations
@@ -37,11 +38,14 @@ from pigeon.core.events import (
     ConnectionClosed,
     DeleteAccount,
     DeviceAck,
+    DevicesQuery,
     Discover,
     DiscoverResult,
     Error,
+    Link,
     Logout,
     Message,
+    Pair,
     Ping,
     Pong,
     Presence,
@@ -52,11 +56,12 @@ from pigeon.core.events import (
     Registered,
     ServerAck,
     Unblock,
+    Unlink,
     Verify,
 )
 from pigeon.core.node import address_kind
 
-from . import log
+from . import linking, log
 from .accounts import ServiceError
 
 logger = logging.getLogger("pigeon.worker")
@@ -65,7 +70,8 @@ HOT = core_codec.Hot
 HOT_MESSAGE, HOT_ACK = 1, 3  # Hot.kind (2 is a receipt)
 
 #: Requests that draw on a connection's message-rate bucket (typing has its own).
-RATED = frozenset({Message, Receipt, Presence, Privacy, Discover, Block, Unblock, BlocklistQuery})
+RATED = frozenset({Message, Receipt, Presence, Privacy, Discover, Block, Unblock, BlocklistQuery,
+                   Link, DevicesQuery, Unlink})  # fmt: skip
 
 
 def handle(s, ev) -> None:
@@ -275,6 +281,7 @@ def leave(s, request_id: str, what: str) -> None:
 def auth_start(s, ev: AuthStart) -> None:
     w = s.worker
     acc = w.accounts
+    linking.release(s)  # a paired companion logs in: it is pairing no more
     user = scram_username(ev.data)
     if user is None or address_kind(user) != "device":
         return s.fail(
@@ -349,6 +356,10 @@ HANDLERS = {
     AuthResponse: auth_response,
     Logout: lambda s, ev: leave(s, ev.id, "logout"),
     DeleteAccount: lambda s, ev: leave(s, ev.id, "delete"),
+    Pair: linking.pair,
+    Link: linking.link,
+    DevicesQuery: linking.devices,
+    Unlink: linking.unlink,
     Error: peer_error,
     ConnectionClosed: closed,
 }

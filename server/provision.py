@@ -1,9 +1,11 @@
 """Create many accounts straight in the store, for load tools and benchmarks.
 
 No one-time codes and no SMS: each account gets one device with a random
-32-byte secret and SCRAM keys derived like a real registration's.  The
-credentials go to a JSON-lines file (``{"phone", "device", "secret"}``,
-secret in hex), created with mode 0600: they log in as those devices.
+32-byte secret and SCRAM keys derived like a real registration's, and an
+Ed25519 identity key pair as the SDK makes one.  The credentials go to a
+JSON-lines file (``{"phone", "device", "secret", "identity"}``, secret and
+identity private key in hex), created with mode 0600: they log in as those
+devices (and can link companions).
 An existing account with the same number gets a new device (as a
 re-registration does).  With ``devices`` > 1 each account also gets
 ``devices - 1`` linked companions (``Store.link_device``), listed in the
@@ -17,6 +19,13 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 import orjson
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    NoEncryption,
+    PrivateFormat,
+    PublicFormat,
+)
 
 from .accounts import device_keys
 from .store import Store
@@ -47,18 +56,22 @@ def provision(
     def derive(i: int):
         secrets = [os.urandom(32) for _ in range(devices)]
         keys = [device_keys(s, iterations) for s in secrets]  # as a registration derives them
-        return phone_number(prefix, first + i, width), secrets, keys
+        idents = [Ed25519PrivateKey.generate() for _ in range(devices)]
+        return phone_number(prefix, first + i, width), secrets, keys, idents
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         derived = list(pool.map(derive, range(count)))  # PBKDF2 runs outside the GIL
     creds = []
-    for phone, secrets, keys in derived:
-        device, _ = store.register_device(phone, os.urandom(32), keys[0])
-        line = {"phone": phone, "device": device, "secret": secrets[0].hex()}
-        if devices > 1:
+    for phone, secrets, keys, idents in derived:
+        public = [k.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw) for k in idents]
+        device, _ = store.register_device(phone, public[0], keys[0])
+        private = idents[0].private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+        line = {"phone": phone, "device": device, "secret": secrets[0].hex(),
+                "identity": private.hex()}  # fmt: skip
+        if devices > 1:  # (their identity private keys are not kept: the bench needs none)
             line["companions"] = [
-                {"device": store.link_device(phone, os.urandom(32), k), "secret": s.hex()}
-                for s, k in zip(secrets[1:], keys[1:], strict=True)
+                {"device": store.link_device(phone, p, k), "secret": s.hex()}
+                for s, k, p in zip(secrets[1:], keys[1:], public[1:], strict=True)
             ]
         creds.append(line)
     fd = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

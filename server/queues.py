@@ -355,6 +355,12 @@ class Queues:
         self.block_cache: dict[str, bool] = {}  # "blocker NUL blocked" -> blocks?
         self.session_cache: dict[str, int | None] = {}  # device -> worker holding it
 
+    def forget_caches(self) -> None:
+        """Start the caches again: a write transaction that read through them
+        (``devices_changed``) was aborted, so what they hold may be its own
+        uncommitted writes under a version number a later commit can reuse."""
+        self.cached_ver = self.cached_sver = self
+
     def _check_caches(self, txn) -> None:
         meta = self.db["meta"]
         ver = txn.get(b"ver", db=meta)
@@ -708,7 +714,8 @@ class Queues:
         transaction); returns the pushes for the caller to deliver once it
         has committed (``Worker.deliver``).  Usable from a commit's job (the
         caches are checked against what the job wrote) or any write
-        transaction of the store."""
+        transaction of the store (one that aborts after it calls
+        ``forget_caches``, as ``commit`` does for its jobs)."""
         self._check_caches(txn)
         raw = txn.get(user.encode(), db=self.db["accounts"])
         if raw is None:

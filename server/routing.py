@@ -68,6 +68,6 @@ class Router:
         if where is None:
             for peer in w.bus.peer_ids():
                 if peer != self.wid:
-                    w.bus.kick(peer, device, int(code))
+                    w.bus.kick(peer, device, int(code), text)
         elif where != self.wid:
-            w.bus.kick(where, device, int(code))
+            w.bus.kick(where, device, int(code), text)

@@ -40,7 +40,7 @@ from pigeon.core.connection import NEED_DATA, Connection, Role
 from pigeon.core.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from pigeon.core.events import Error
 
-from . import handlers, log
+from . import handlers, linking, log
 from .accounts import ServiceError
 from .handlers import handle
 from .limits import Bucket, source_key
@@ -60,7 +60,7 @@ class Session(asyncio.Protocol):
     __slots__ = ("worker", "tls", "transport", "id", "conn", "out", "flush_pending", "closing",
                  "ip", "source", "device", "user", "scram", "login_user", "last_seen",
                  "deadline", "pushed", "acked", "backlog", "paused", "linger", "subs", "bucket",
-                 "typing", "typing_warned", "holders")  # fmt: skip
+                 "typing", "typing_warned", "holders", "pairing")  # fmt: skip
 
     def __init__(self, worker: Worker, tls: ssl.SSLContext | None = None):
         self.worker = worker
@@ -92,6 +92,7 @@ class Session(asyncio.Protocol):
         self.typing: Bucket | None = None
         self.typing_warned = 0.0
         self.holders: set[int] | None = None  # workers asked to hold pushes while paused
+        self.pairing = None  # a companion waiting to be linked (server/linking.py)
 
     # -- transport callbacks ----------------------------------------------
 
@@ -232,6 +233,8 @@ class Session(asyncio.Protocol):
         w.per_ip[self.source] -= 1
         if w.per_ip[self.source] <= 0:
             del w.per_ip[self.source]
+        if self.pairing is not None:
+            linking.release(self)
         if self.scram is not None and self.device is None and not w.draining:
             handlers.login_failed(self, "abandoned")  # a challenge nobody answered counts too
         if self.device is not None:

@@ -12,18 +12,26 @@ Tables (LMDB named databases):
               and to sessions (bump_version: the workers' caches)
               b"secret" -> 32 random bytes made at the first open: the key of
               the store's keyed hashes (``secret(purpose)``), never sent
-    accounts  phone -> {devices: [n...], next_device: n, created: ms}
+    accounts  phone -> {devices: [n...], next_device: n, created: ms,
+                        last_login: ms (of the primary, device 0)}
     devices   "phone:n" -> {salt, stored_key, server_key, iterations,
-                            identity_key, created}
+                            identity_key, created; a linked companion also
+                            name, signature (the primary's link signature)
+                            and pending (linked, not yet logged in)}
     codes     phone -> {hash, salt, expires, attempts}
     limits    "kind:key" -> [hit times, ms] (sliding-window log, newest last)
     sessions  "phone:n" -> {worker, conn, since}  (which worker holds a device)
+    pairs     "r:<ref>" or "c:<code>" -> {worker, conn, rid, key, name, phone,
+              expires, refresh, used, device}: a companion waiting to be
+              linked (server/linking.py), which worker and connection hold it
     queue, qstate, dedup0, dedup1, fan, conv0, conv1: the device queues and
               the anti-spam pairs (server/queues.py)
     presence, contacts, rcontacts, blocks: presence, privacy, contacts and
               blocking (server/social.py)
 
-Format history: 1 (accounts, devices, codes, limits, sessions); 2 adds the
+Format history (the ``pairs`` table and the new record fields need no
+format change: a missing table is created at open, a missing field has
+its default): 1 (accounts, devices, codes, limits, sessions); 2 adds the
 queue tables; 3 the presence and contact tables; 4 stores queue entries and
 queue states in binary (server/queues.py) instead of msgpack; 5 adds the
 entry kind of device-list notices and the sync flag of copies for the
@@ -55,8 +63,9 @@ registrations, contacts) are refused with 501 once the pages in use pass
 ``map_size - reserve``.
 
 Nothing a stranger does grows the store without bound: the registration
-limits and one-time codes are the only records written before a login;
-both expire, and ``sweep`` (run by worker 0 with the queue purge) deletes
+and pairing limits, one-time codes and pairing records are the only
+records written before a login; all expire, pairing records are bounded by
+the pairing caps per address (server/linking.py), and ``sweep`` (run by worker 0 with the queue purge) deletes
 the ones whose window or lifetime is over even if their key never comes
 back.
 
@@ -83,7 +92,8 @@ FORMAT_VERSION = 5
 _UPGRADABLE = (1, 2, 3, 4)  # formats opened and upgraded in place
 _MSGPACK_QUEUES = (2, 3)  # formats whose queue entries are rewritten (upgrade_entries)
 _TABLES = (
-    "meta", "accounts", "devices", "codes", "limits", "sessions", *QUEUE_TABLES, *SOCIAL_TABLES,
+    "meta", "accounts", "devices", "codes", "limits", "sessions", "pairs", *QUEUE_TABLES,
+    *SOCIAL_TABLES,
 )  # fmt: skip
 
 
@@ -330,9 +340,9 @@ class Store:
         """Add a linked device to an existing account (beside its primary); returns its address.
 
         ``keys`` as for register_device.  Raises StoreError if there is no
-        such account.  (No protocol request links devices yet; the operator
-        and test tooling use this, and every queue path already fans out
-        to all of an account's devices.)
+        such account.  (The operator, bench and test tooling use this: no
+        link signature, no pairing, no device-list notice; the protocol's
+        ``link`` is server/linking.py.)
         """
         with self.write() as txn:
             acct = self._get(txn, "accounts", phone)
@@ -340,8 +350,12 @@ class Store:
                 raise StoreError(f"no account {phone}")
             return self._add_device(txn, phone, acct, identity_key, keys, self.clock())
 
-    def _add_device(self, txn, phone: str, acct: dict, identity_key: bytes, keys, now) -> str:
-        """Give ``acct`` its next device number and store the device's keys; returns its address."""
+    def _add_device(self, txn, phone: str, acct: dict, identity_key: bytes, keys, now,
+                    extra: dict | None = None) -> str:  # fmt: skip
+        """Give ``acct`` its next device number and store the device's keys; returns its address.
+
+        ``extra``: more fields of the device record (a companion's name,
+        link signature, pending)."""
         salt, stored_key, server_key, iterations = keys
         number = acct["next_device"]
         acct["devices"].append(number)
@@ -359,9 +373,27 @@ class Store:
                 "iterations": iterations,
                 "identity_key": identity_key,
                 "created": now,
+                **(extra or {}),
             },
         )
         return address
+
+    def note_login_txn(self, txn, address: str, now: int, step_ms: int = 3_600_000) -> None:
+        """A device logged in (in the login's commit): a companion is no longer
+        pending; the primary's login time goes in the account (``last_login``,
+        what companion-expiry counts from), at most once a ``step_ms``: a
+        write to accounts moves the workers' cache version."""
+        phone, _, n = address.partition(":")
+        acct = self._get(txn, "accounts", phone)
+        if acct is not None and acct["devices"] and acct["devices"][0] == int(n):  # the primary
+            if acct.get("last_login", 0) <= now - step_ms:
+                acct["last_login"] = now
+                self._put(txn, "accounts", phone, acct)
+            return
+        dev = self._get(txn, "devices", address)
+        if dev is not None and dev.get("pending"):
+            del dev["pending"]
+            self._put(txn, "devices", address, dev)
 
     def set_disabled(self, phone: str, disabled: bool, reason: str | None = None) -> bool:
         """Disable (or enable) an account: a disabled one cannot log in. False: no such account.
@@ -463,14 +495,18 @@ class Store:
         now = self.clock()
         with self.write() as txn:
             self.check_room(txn)
-            hits = [t for t in (self._get(txn, "limits", key) or []) if t > now - window_ms]
-            allowed = len(hits) < limit
-            if allowed:
-                hits.append(now)
-            if hits:
-                self._put(txn, "limits", key, hits)
-            else:
-                self._delete(txn, "limits", key)
+            return self.hit_txn(txn, key, limit, window_ms, now)
+
+    def hit_txn(self, txn, key: str, limit: int, window_ms: int, now: int) -> bool:
+        """hit inside ``txn`` (a job of the tick's commit)."""
+        hits = [t for t in (self._get(txn, "limits", key) or []) if t > now - window_ms]
+        allowed = len(hits) < limit
+        if allowed:
+            hits.append(now)
+        if hits:
+            self._put(txn, "limits", key, hits)
+        else:
+            self._delete(txn, "limits", key)
         return allowed
 
     def sweep(self, max_window_ms: int, start: tuple[bytes, bytes] = (b"", b""),

@@ -62,7 +62,7 @@ from pigeon.core.errors import ErrorCode
 from pigeon.core.events import ChatState, Error, Presence, ServerAck
 from pigeon.core.node import DEFAULT_LIMITS, Limits, address_kind
 
-from . import log
+from . import linking, log
 from .accounts import Accounts, make_gateway
 from .bus import Bus
 from .config import load
@@ -158,6 +158,7 @@ class Worker:
         self.sessions: dict[int, Session] = {}
         self.by_device: dict[str, Session] = {}
         self.per_ip: Counter = Counter()
+        self.pairing_per_ip: Counter = Counter()  # connections waiting to be paired (linking.py)
         self.sends: list[Send] = []
         self.acks: dict[str, int] = {}
         self.jobs: list[Job] = []
@@ -245,6 +246,7 @@ class Worker:
         wid, conn = self.wid, s.id
 
         def record(txn, now):
+            self.store.note_login_txn(txn, device, now)
             prev, offline = self.store.set_session_txn(txn, device, wid, conn, now)
             # Read with the record, so exact: an entry any later commit adds is
             # pushed to this session (that commit sees the record), and one an
@@ -298,6 +300,10 @@ class Worker:
     def revoke(self, device: str, code: ErrorCode, text: str) -> None:
         """Close a device's session wherever it is."""
         self.router.kick(device, code, text)
+
+    def paired_local(self, conn: int, rid: str, device: str, secret: bytes) -> None:
+        """A companion waiting on connection ``conn`` here was linked (a PAIRED record)."""
+        linking.paired_local(self, conn, rid, device, secret)
 
     def kick_local(self, device: str, code: int, text: str | None = None) -> None:
         s = self.by_device.get(device)
@@ -642,6 +648,7 @@ class Worker:
         if swept:
             log.event(logger, logging.INFO, "stale rate-limit records and codes swept",
                       records=swept)  # fmt: skip
+        linking.housekeeping(self)
 
     def size_for_open_files(self) -> None:
         """Cap connections under the open-files limit.

@@ -218,7 +218,7 @@ class Server:
         c = await self.client()
         try:
             await c.register(phone)
-            return await c.verify(phone, self.code_for(phone), os.urandom(32))
+            return await c.verify(phone, self.code_for(phone))
         finally:
             await c.close()
 
@@ -251,11 +251,12 @@ async def on_other_worker(server, creds, phone, than, **kw):
 
 
 async def next_message(client, timeout: float = 10.0):
-    """The next message delivered to ``client``; receipts before it are acked and skipped."""
-    from pigeon.core.events import IncomingReceipt
+    """The next message delivered to ``client``; receipts and device-list notices
+    before it are acked and skipped."""
+    from pigeon.core.events import DevicesChanged, IncomingReceipt
 
     while True:
         ev = await client.next_event(timeout)
-        if not isinstance(ev, IncomingReceipt):
+        if not isinstance(ev, (IncomingReceipt, DevicesChanged)):
             return ev
         await client.ack(ev.seq)

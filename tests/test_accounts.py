@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from scramp import ScramClient, ScramException
 
+from pigeon.client.identity import Identity
 from pigeon.core.errors import ErrorCode
 from pigeon.server.accounts import Accounts, LogGateway, ServiceError, WebhookGateway, make_gateway
 from pigeon.server.config import load
@@ -259,8 +260,9 @@ def test_webhook_gateway_posts_json_and_retries():
 
 
 def test_provision_writes_the_json_lines_operations_md_shows(tmp_path):
-    """docs/OPERATIONS.md: one {"phone", "device", "secret"} object a line, secret
-    the SCRAM password (64 lowercase hex characters), file mode 0600."""
+    """docs/OPERATIONS.md: one {"phone", "device", "secret", "identity"} object a line,
+    secret the SCRAM password (64 lowercase hex characters), identity the Ed25519
+    private key whose public key the store holds, file mode 0600."""
     import re
     from pathlib import Path
 
@@ -277,9 +279,13 @@ def test_provision_writes_the_json_lines_operations_md_shows(tmp_path):
         assert lines == creds and len(lines) == 2
         assert out.stat().st_mode & 0o777 == 0o600
         for line in [shown, *lines]:
-            assert list(line) == ["phone", "device", "secret"]
+            assert list(line) == ["phone", "device", "secret", "identity"]
             assert line["device"] == line["phone"] + ":0"
             assert re.fullmatch(r"[0-9a-f]{64}", line["secret"])
+            assert re.fullmatch(r"[0-9a-f]{64}", line["identity"])
+        for line in lines:
+            public = Identity.from_private_bytes(bytes.fromhex(line["identity"])).public
+            assert store.device(line["device"])["identity_key"] == public
         assert lines[0]["phone"] == shown["phone"] == "999000000000"
         accounts = Accounts(store, load(overrides={"data_dir": str(tmp_path)}), None)
         scram_login(accounts, lines[1]["device"], bytes.fromhex(lines[1]["secret"]))

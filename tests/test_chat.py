@@ -416,3 +416,41 @@ def test_register_asks_again_for_a_wrong_code_and_outlives_the_login_deadline(tm
         assert json.loads(profile.read_text())["device"] == f"{ALICE}:0"
     finally:
         assert srv.stop() == 0
+
+
+def test_a_device_list_notice_is_shown_and_acked(server, tmp_path):
+    """A companion's chat is told when its account's devices change (a link from
+    the primary, here the SDK's), and acks the notice like a message."""
+    import asyncio
+
+    from pigeon.tools.chat import save_profile
+
+    async def link_one(alice):
+        comp = await server.client()
+        it = comp.pair_qr()
+        code = await it.__anext__()
+        _, creds = await asyncio.gather(alice.link(code.qr), it.__anext__())
+        await comp.close()
+        return creds
+
+    async def primary_links(creds=None):
+        creds = creds or await server.register(ALICE)
+        alice = await server.login(creds)
+        try:
+            return creds, await link_one(alice)
+        finally:
+            await alice.close()
+
+    primary, desktop = asyncio.run(asyncio.wait_for(primary_links(), 60))
+    profile = tmp_path / "desktop.json"
+    save_profile(str(profile), desktop.to_json())
+    with terminals(Chat(server, profile)) as (desk,):
+        desk.expect(f"logged in as {desktop.device}")
+        asyncio.run(asyncio.wait_for(primary_links(primary), 60))  # a second companion
+        desk.expect("your devices changed")
+        deadline = time.monotonic() + 15
+        while any(d["device"] == desktop.device for d in server.queue_stats(100)["top"]):
+            assert time.monotonic() < deadline, "the notice was not acked"
+            time.sleep(0.1)
+        desk.type("/quit")
+        assert desk.finish() == 0

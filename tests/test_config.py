@@ -130,7 +130,7 @@ def test_a_rule_between_keys_is_not_judged_on_a_refused_value(tmp_path):
         ("listn", "did you mean listen?"),
         ("login_timout", "did you mean login-timeout?"),
         ("max-connection", "did you mean max-connections?"),
-        ("timeout", "did you mean idle-timeout or login-timeout?"),
+        ("timeout", "did you mean pair-timeout or idle-timeout or login-timeout?"),
         ("colour", "every setting is listed by pigeon serve --help"),
     ],
 )

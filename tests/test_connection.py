@@ -21,7 +21,10 @@ from pigeon.core.events import (
     CodeSent,
     ConnectionClosed,
     DeviceAck,
+    DeviceInfo,
+    DeviceList,
     DevicesChanged,
+    DevicesQuery,
     Discover,
     DiscoverResult,
     Error,
@@ -29,7 +32,11 @@ from pigeon.core.events import (
     IncomingChatState,
     IncomingMessage,
     IncomingReceipt,
+    Link,
+    LinkKey,
     Message,
+    Pair,
+    PairCode,
     Ping,
     Pong,
     Presence,
@@ -41,6 +48,7 @@ from pigeon.core.events import (
     Registered,
     ServerAck,
     Unblock,
+    Unlink,
     Verify,
 )
 from pigeon.core.tokens import DICTIONARIES, LATEST_VERSION, Dictionary
@@ -89,6 +97,18 @@ SAMPLES = [
     Error(ErrorCode.TIMEOUT, "login deadline passed"),
     Ping("p1"),
     Pong("p1"),
+    Pair("p1", "qr", b"k" * 32, name="desktop"),
+    Pair("p2", "code", b"k" * 32, ALICE),
+    PairCode("p1", 60, ref="ab" * 16),
+    PairCode("p2", 60, code="ABCD2345"),
+    Link("l1", ref="ab" * 16, key=b"k" * 32, signature=b"s" * 64),
+    Link("l2", code="ABCD2345"),
+    LinkKey("l2", "ABCD2345", b"k" * 32),
+    DevicesQuery("d1", ALICE),
+    DeviceList("d1", ALICE, (DeviceInfo(ALICE_DEV, 1, b"k" * 32),
+                             DeviceInfo(ALICE + ":3", 2, b"k" * 32, "desktop", b"s" * 64))),
+    Unlink("u1", ALICE + ":3"),
+    ServerAck("l1", 1763830000123, "link", ALICE + ":3"),
     # multi-device (issue 15)
     DevicesChanged(ALICE, 1763830000123, 9),
     Message(BOB, "m3", "pkmsg", b"", ((BOB + ":0", b"a"), (ALICE + ":2", b""))),
@@ -97,7 +117,7 @@ SAMPLES = [
     IncomingMessage(ALICE_DEV, "h1", "history", 1763830000123, 44, b"x", ALICE + ":3"),
     IncomingReceipt(BOB, "m5", "read", 1763830000999, 8, ALICE),
     Error(ErrorCode.STALE_DEVICES, "stale", "m3", (BOB + ":2",), (BOB + ":7", ALICE + ":0")),
-]
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("event", SAMPLES, ids=lambda e: type(e).__name__)

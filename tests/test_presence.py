@@ -23,6 +23,7 @@ from pigeon.core.events import (
     Privacy,
     PrivacySettings,
 )
+from pigeon.core.tokens import LATEST_VERSION
 from pigeon.server.social import Social
 from pigeon.server.store import Store
 
@@ -414,7 +415,7 @@ def test_a_dictionary_version_1_client_uses_the_new_nodes(server):
                     return ev
                 conn.receive_data(await asyncio.wait_for(r.read(65536), 10))
 
-        assert (await event()).dictionary == 2  # the server's preamble: its newest
+        assert (await event()).dictionary == LATEST_VERSION  # the server's preamble: its newest
         challenge = await event()
         assert isinstance(challenge, AuthChallenge)
         w.write(conn.send(scram.final(challenge)))

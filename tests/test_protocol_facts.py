@@ -19,6 +19,7 @@ from serverutil import Server, next_message, until
 
 from pigeon.client import ServerError
 from pigeon.client._core import Credentials, ScramLogin
+from pigeon.client.identity import new_identity
 from pigeon.core.codec import Codec, Node
 from pigeon.core.connection import NEED_DATA, Connection, Role
 from pigeon.core.errors import ErrorCode
@@ -30,6 +31,9 @@ from pigeon.core.events import (
     Hello,
     IncomingMessage,
     IncomingReceipt,
+    Link,
+    Pair,
+    PairCode,
     Ping,
     Pong,
     Privacy,
@@ -150,7 +154,7 @@ def test_the_login_deadline_closes_a_registration_and_verify_works_on_a_new_conn
         assert a.closed_by_server()
         a.close()
         b = Raw(srv.port)  # the code is still valid on a new connection
-        b.send(Verify("r2", phone, srv.code_for(phone), os.urandom(32)))
+        b.send(Verify("r2", phone, srv.code_for(phone), new_identity().public))
         ev = b.next_event()
         assert isinstance(ev, Registered) and ev.device == phone + ":0", ev
         b.login(Credentials(ev.device, ev.secret))
@@ -168,11 +172,11 @@ def test_code_attempts_wrong_codes_then_the_right_one(srv):
     assert isinstance(raw.next_event(), CodeSent)
     code = srv.code_for(phone)
     for i in range(4):
-        raw.send(Verify(f"w{i}", phone, wrong(code), os.urandom(32)))
+        raw.send(Verify(f"w{i}", phone, wrong(code), new_identity().public))
         ev = raw.next_event()
         assert isinstance(ev, Error) and ev.code == ErrorCode.BAD_CODE and ev.id == f"w{i}"
     raw.still_open()  # 301 is not fatal
-    raw.send(Verify("ok", phone, code, os.urandom(32)))
+    raw.send(Verify("ok", phone, code, new_identity().public))
     assert isinstance(raw.next_event(), Registered)
     raw.close()
     # five wrong tries void it: the right code then gets 301 too
@@ -182,16 +186,16 @@ def test_code_attempts_wrong_codes_then_the_right_one(srv):
     assert isinstance(raw.next_event(), CodeSent)
     code = srv.code_for(phone)
     for i in range(5):
-        raw.send(Verify(f"w{i}", phone, wrong(code), os.urandom(32)))
+        raw.send(Verify(f"w{i}", phone, wrong(code), new_identity().public))
         ev = raw.next_event()
         assert isinstance(ev, Error) and ev.code == ErrorCode.BAD_CODE
-    raw.send(Verify("late", phone, code, os.urandom(32)))
+    raw.send(Verify("late", phone, code, new_identity().public))
     ev = raw.next_event()
     assert isinstance(ev, Error) and ev.code == ErrorCode.BAD_CODE and ev.id == "late"
     # a new register sends a new code, which works
     raw.send(Register("r2", phone))
     assert isinstance(raw.next_event(), CodeSent)
-    raw.send(Verify("again", phone, srv.code_for(phone), os.urandom(32)))
+    raw.send(Verify("again", phone, srv.code_for(phone), new_identity().public))
     assert isinstance(raw.next_event(), Registered)
     raw.close()
 
@@ -213,8 +217,50 @@ def test_an_identity_key_of_the_wrong_length_is_200_and_spends_no_attempt(srv, s
         ev = raw.next_event()
         assert isinstance(ev, Error) and ev.code == ErrorCode.BAD_REQUEST and ev.id == "v1", ev
         assert "32 bytes" in ev.text
-    raw.send(Verify("v2", phone, code, os.urandom(32)))  # any 32 bytes will do today
+    raw.send(Verify("v2", phone, code, new_identity().public))
     assert isinstance(raw.next_event(), Registered)
+    raw.close()
+
+
+def test_an_identity_key_is_checked_by_use_a_primary_whose_key_is_no_point_cannot_link(srv):
+    # section 7: only the length is checked; b"k" * 32 is 32 bytes but no Ed25519
+    # public key (it decodes to no point of edwards25519), so it is registered as
+    # sent, and no link signature verifies against it (section 7a: 309)
+    phone = next(PHONES)
+    raw = Raw(srv.port)
+    raw.send(Register("r1", phone))
+    assert isinstance(raw.next_event(), CodeSent)
+    raw.send(Verify("v1", phone, srv.code_for(phone), b"k" * 32))
+    reg = raw.next_event()
+    assert isinstance(reg, Registered), reg
+    raw.login(Credentials(reg.device, reg.secret))
+    companion = Raw(srv.port)
+    key = new_identity().public
+    companion.send(Pair("p1", "qr", key))
+    ref = companion.next_event()
+    assert isinstance(ref, PairCode) and ref.ref, ref
+    for i, signer in enumerate((new_identity(), new_identity())):  # any signer: none verifies
+        raw.send(Link(f"l{i}", ref=ref.ref, key=key, signature=signer.sign_link(phone, key)))
+        ev = raw.next_event()
+        assert isinstance(ev, Error) and ev.code == ErrorCode.BAD_SIGNATURE, ev
+    raw.still_open()
+    companion.close()
+    raw.close()
+
+
+@pytest.mark.parametrize("size", [0, 31, 33])
+def test_a_pair_key_of_the_wrong_length_is_200_and_the_connection_stays_open(srv, size):
+    # section 7a: pair's content is the companion's 32-byte key; Pair checks the
+    # length when it reads a node, so build the node by hand
+    raw = Raw(srv.port)
+    node = lst(6) + tok("pair") + tok("id") + binary(b"p1") + tok("type") + tok("qr")
+    raw.send_raw(frame(node + binary(os.urandom(size))))
+    ev = raw.next_event()
+    assert isinstance(ev, Error) and ev.code == ErrorCode.BAD_REQUEST and ev.id == "p1", ev
+    assert "32 bytes" in ev.text
+    raw.send(Pair("p2", "qr", new_identity().public))  # a right one is answered
+    ev = raw.next_event()
+    assert isinstance(ev, PairCode) and ev.id == "p2", ev
     raw.close()
 
 
@@ -237,7 +283,7 @@ def test_a_mechanism_other_than_scram_sha_256_is_200_and_the_connection_stays_op
 
 def test_an_unknown_device_gets_its_300_after_the_response(srv):
     raw = Raw(srv.port)
-    scram = ScramLogin(Credentials(next(PHONES) + ":0", os.urandom(32)))
+    scram = ScramLogin(Credentials(next(PHONES) + ":0", new_identity().public))
     raw.send(scram.first())
     ev = raw.next_event()
     assert not isinstance(ev, Error), ev  # a challenge, like a real device's

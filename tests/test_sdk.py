@@ -65,7 +65,7 @@ def test_trio_client_registers_logs_in_and_exchanges(server):
     async def main():
         async with open_client("127.0.0.1", server.port) as c:
             await c.register(ALICE)
-            creds = await c.verify(ALICE, server.code_for(ALICE), os.urandom(32))
+            creds = await c.verify(ALICE, server.code_for(ALICE))
         bob_creds = await trio.to_thread.run_sync(
             lambda: asyncio.run(server.register(BOB)), abandon_on_cancel=True
         )

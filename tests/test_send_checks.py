@@ -44,7 +44,10 @@ from pigeon.core.events import (
     ConnectionClosed,
     DeleteAccount,
     DeviceAck,
+    DeviceInfo,
+    DeviceList,
     DevicesChanged,
+    DevicesQuery,
     Discover,
     DiscoverResult,
     Error,
@@ -53,8 +56,12 @@ from pigeon.core.events import (
     IncomingChatState,
     IncomingMessage,
     IncomingReceipt,
+    Link,
+    LinkKey,
     Logout,
     Message,
+    Pair,
+    PairCode,
     Ping,
     Pong,
     Presence,
@@ -66,10 +73,16 @@ from pigeon.core.events import (
     Registered,
     ServerAck,
     Unblock,
+    Unlink,
     Verify,
 )
 
-SENT = sorted(set(CLIENT_SENT.values()) | set(SERVER_SENT.values()), key=lambda c: c.__name__)
+# (DevicesChanged shares the server's tag ``devices`` with DeviceList, whose reader
+# hands a notice over: SERVER_SENT names DeviceList only)
+SENT = sorted(
+    set(CLIENT_SENT.values()) | set(SERVER_SENT.values()) | {DevicesChanged},
+    key=lambda c: c.__name__,
+)
 
 
 def sender(impl, cls):
@@ -165,6 +178,20 @@ BAD = [
     (Error(ErrorCode.BAD_REQUEST, "x", ""), "id"),
     (Ping(""), "id"),
     (Pong("a b"), "id"),
+    (Pair("p1", "fax", b"k" * 32), "type"),
+    (Pair("p1", "qr", b"k" * 31), "identity_key"),
+    (Pair("p1", "code", b"k" * 32), "phone"),
+    (Pair("p1", "qr", b"k" * 32, name="a" * 65), "name"),
+    (PairCode("p1", 60), "ref"),
+    (PairCode("p1", 60, code="ABCD1234"), "code"),
+    (Link("l1", ref="AB" * 16, key=b"k" * 32, signature=b"s" * 64), "ref"),
+    (Link("l1", ref="ab" * 16), "key"),
+    (Link("l1", code="ABCD2345", key=b"k" * 32, signature=b"s" * 63), "signature"),
+    (LinkKey("l1", "abcd2345", b"k" * 32), "code"),
+    (DevicesQuery("d1", ALICE_DEV), "user"),
+    (DeviceList("d1", ALICE, (DeviceInfo(ALICE, 1, b"k" * 32),)), "items[0].device"),
+    (Unlink("u1", ALICE), "device"),
+    (ServerAck("l1", 1, "link", ALICE), "device"),
 ]
 
 
@@ -273,13 +300,19 @@ WORDS = sorted(
 )  # fmt: skip
 STRS = WORDS + [ALICE, BOB, ALICE_DEV, BOB + ":255", ALICE + ":256", ALICE + ":01", "g:5", "g:",
                 "g:" + "1" * 21, "0123456789", "+491701234567", "m1", "", "a" * 64, "a" * 65,
-                "x y", "é", "123456", "12345", "12345a"]  # fmt: skip
+                "x y", "é", "123456", "12345", "12345a", "ab" * 16, "AB" * 16, "ABCD2345",
+                "abcd2345", "ABCD-2345", "ABCD1234", "qr", "code"]  # fmt: skip
 INTS = [0, 1, 42, 255, 256, MAX_UINT64, MAX_UINT64 + 1, -1]
 BYTES = [b"", b"x", b"k" * 32, b"k" * 33, b"k" * 1024, b"k" * 1025]
 TUPLES = [(), (BOB,), (BOB, "447700900123"), ("+4917",), (ALICE_DEV,), ("g:5",), (BOB, "")]
+INFOS = [(), (DeviceInfo(ALICE_DEV, 1, b"k" * 32),), (DeviceInfo(ALICE, 1, b"k" * 32),),
+         (DeviceInfo(ALICE_DEV, 1, b"k" * 31),), (DeviceInfo(ALICE_DEV, -1, b"k" * 32),),
+         (DeviceInfo(ALICE_DEV, 1, b"k" * 32, "x y", b"s" * 64),),
+         (DeviceInfo(ALICE_DEV, 1, b"k" * 32, "", b"s" * 63),)]  # fmt: skip
 PAYLOADS = [(), ((BOB + ":0", b"x"),), ((ALICE_DEV, b""), (BOB + ":1", b"k" * 33)),
             ((BOB, b"x"),), ((BOB + ":0", b"x"), (BOB + ":0", b"y"))]  # fmt: skip
-POOLS = {"str": STRS, "int": INTS, "bytes": BYTES, "tuple[str, ...]": TUPLES, "tuple": PAYLOADS}
+POOLS = {"str": STRS, "int": INTS, "bytes": BYTES, "tuple[str, ...]": TUPLES, "tuple": PAYLOADS,
+         "tuple[DeviceInfo, ...]": INFOS}  # fmt: skip
 
 
 def pool(annotation: str) -> list:

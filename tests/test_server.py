@@ -70,11 +70,11 @@ def test_registration_and_login_errors(server):
         code = server.code_for(ALICE)
         wrong = f"{(int(code) + 1) % 10**6:06d}"
         with pytest.raises(ServerError) as info:
-            await c.verify(ALICE, wrong, os.urandom(32))
+            await c.verify(ALICE, wrong)
         assert info.value.code == ErrorCode.BAD_CODE
-        creds = await c.verify(ALICE, code, os.urandom(32))
+        creds = await c.verify(ALICE, code)
         with pytest.raises(ServerError) as info:
-            await c.verify(ALICE, code, os.urandom(32))  # reused
+            await c.verify(ALICE, code)  # reused
         assert info.value.code == ErrorCode.BAD_CODE
         await c.close()
         # a wrong proof

@@ -74,8 +74,9 @@ import orjson
 
 from pigeon.client import Client, ConnectionLost, Credentials, ServerError
 from pigeon.client._core import DEFAULT_KEEPALIVE
+from pigeon.client.identity import Identity, new_identity
 from pigeon.core.errors import ErrorCode, is_fatal
-from pigeon.core.events import Error, IncomingMessage, IncomingReceipt
+from pigeon.core.events import DevicesChanged, Error, IncomingMessage, IncomingReceipt
 from pigeon.core.node import valid_phone
 
 DEFAULT_PROFILE = os.path.join(
@@ -304,7 +305,7 @@ async def _register(args, lines) -> int:
             f"a code was sent to {args.phone} by {method} (valid {ttl} s; development servers "
             "with the log gateway write it to <data-dir>/sms-outbox.txt)"
         )
-        identity = os.urandom(32)
+        identity = new_identity()  # Ed25519; its private key is saved with the credentials
         tries = 0
         while True:
             code = await lines.ask("code:")
@@ -341,7 +342,7 @@ async def _register(args, lines) -> int:
     return 0
 
 
-async def _verify(args, client: Client, code: str, identity: bytes):
+async def _verify(args, client: Client, code: str, identity: Identity):
     """``verify`` on ``client``'s connection, or on a new one if the server closed it
     (its login deadline runs while a person reads the SMS): returns (client, creds)."""
     for attempt in (1, 2):
@@ -432,6 +433,10 @@ class Chat:
             elif isinstance(ev, IncomingReceipt):
                 await self.client.ack(ev.seq)
                 self._tick(ev)
+            elif isinstance(ev, DevicesChanged):  # queued like a message: acked like one
+                await self.client.ack(ev.seq)
+                mine = ev.sender == (self.client.device or "").partition(":")[0]
+                _out("   your devices changed" if mine else f"   {ev.sender}'s devices changed")
             elif isinstance(ev, Error):
                 if not is_fatal(ev.code):  # a fatal one ends or resumes the session: said then
                     _out(f"!! server: {ev.code} {ev.text}")

@@ -24,6 +24,7 @@ import re
 import sys
 
 from pigeon.client._core import Credentials, ScramLogin
+from pigeon.client.identity import Identity
 from pigeon.core import _pycodec
 from pigeon.core.errors import ErrorCode
 from pigeon.core.events import (
@@ -38,15 +39,22 @@ from pigeon.core.events import (
     CodeSent,
     DeleteAccount,
     DeviceAck,
+    DeviceInfo,
+    DeviceList,
     DevicesChanged,
+    DevicesQuery,
     Discover,
     DiscoverResult,
     Error,
     IncomingChatState,
     IncomingMessage,
     IncomingReceipt,
+    Link,
+    LinkKey,
     Logout,
     Message,
+    Pair,
+    PairCode,
     Ping,
     Pong,
     Presence,
@@ -58,6 +66,7 @@ from pigeon.core.events import (
     Registered,
     ServerAck,
     Unblock,
+    Unlink,
     Verify,
 )
 from pigeon.core.node import format_node
@@ -75,6 +84,14 @@ NONCE = "rOprNGfwEbeRWgbNEkqO"
 SERVER_NONCE = "ZtUcCsQ1lfW1UMRv"
 SALT = base64.b64decode("W22ZaJ0SNY7soEsUEjb6gQ==")
 ITERATIONS = 4096
+# Section 7a: the primary's and the companion's identity keys, from fixed seeds
+# (Ed25519 signatures are deterministic, so the link signature is fixed too).
+PRIMARY_ID = Identity.from_private_bytes(bytes(range(100, 132)))
+COMPANION_ID = Identity.from_private_bytes(bytes(range(200, 232)))
+REF = "5f1c9a0e3b7d24c68e1f0a9b3c5d7e21"
+LINK_CODE = "ABCD2345"
+LINK_SIG = PRIMARY_ID.sign_link(ALICE, COMPANION_ID.public)
+COMPANION = ALICE + ":3"
 
 
 def scram_example() -> dict[str, str]:
@@ -192,7 +209,25 @@ EXAMPLES = {
     "devices-notice": DevicesChanged(ALICE, T, 9),
     "ping": Ping("k1"),
     "pong": Pong("k1"),
-}
+    "pair-qr": Pair("p1", "qr", COMPANION_ID.public, name="desktop"),
+    "pair-ref": PairCode("p1", 60, ref=REF),
+    "pair-code": Pair("p1", "code", COMPANION_ID.public, phone=ALICE, name="desktop"),
+    "pair-code-in": PairCode("p1", 60, code=LINK_CODE),
+    "link-qr": Link("l1", ref=REF, key=COMPANION_ID.public, signature=LINK_SIG),
+    "link-code": Link("l1", code=LINK_CODE),
+    "link-key": LinkKey("l1", LINK_CODE, COMPANION_ID.public),
+    "link-code-signed": Link("l2", code=LINK_CODE, key=COMPANION_ID.public, signature=LINK_SIG),
+    "ack-link": ServerAck("l1", T, "link", COMPANION),
+    "devices-out": DevicesQuery("d1", ALICE),
+    "devices-in": DeviceList("d1", ALICE, (
+        DeviceInfo(ALICE + ":0", T - 86_400_000, PRIMARY_ID.public),
+        DeviceInfo(COMPANION, T, COMPANION_ID.public, "desktop", LINK_SIG),
+    )),
+    "unlink": Unlink("u1", COMPANION),
+    "ack-unlink": ServerAck("u1", T, "unlink"),
+    "error-pair-expired": Error(ErrorCode.PAIR_EXPIRED, "the pairing code has expired; ask again",
+                                "p1"),
+}  # fmt: skip
 
 
 def _hex(data: bytes, width: int = 16) -> str:
