@@ -2,6 +2,7 @@
 
     pigeon bench throughput --clients 1000 --messages 100 --json
     pigeon bench idle --clients 2000 --json
+    pigeon bench link --links 200 --json
 
 By default a run starts its own server (``pigeon serve`` in a temporary
 data directory, with the *bench profile*: registration, login,
@@ -1057,6 +1058,84 @@ def presence(opts) -> dict:
     }
 
 
+#: Linking limits lifted for the link bench besides BENCH_PROFILE: every link comes
+#: from one address (loopback), so the per-address pairing and link caps would refuse it.
+LINK_PROFILE = {
+    "pair_per_ip": 1_000_000,
+    "pair_per_address": 1_000_000,
+    "link_per_account": 1_000_000,
+}
+
+
+def link_bench(opts) -> dict:
+    """N primaries each link one new companion by QR code (the SDK's real pair and link).
+
+    Server CPU per completed link covers the companion's connection and its
+    ``pair`` (the pairing record, its reference), the primary's ``link`` (the
+    signature check, the new device's keys: SCRAM's key derivation, the
+    device-list notice to the account's devices, its ack) and the hand-over of
+    the credentials to the waiting companion on whichever worker holds it; not
+    the primaries' logins (before the window) nor the companion's first login.
+    """
+    n = opts.links
+    with _bench_run(opts) as run:
+        server, creds, loads = run.server, run.creds, run.loads
+        if opts.target is None:
+            server.start(opts.workers, {"sync": opts.sync, **LINK_PROFILE}, n, creds)
+        base = ["--target", server.target, "--creds", creds, "--mode", "link",
+                "--window", str(opts.window)]  # fmt: skip
+        for first, last in _split(n, opts.load_procs):
+            loads.append(LoadProc([*base, "--first", str(first), "--last", str(last)],
+                                  clients=(first, last)))  # fmt: skip
+        for lp in loads:
+            if lp.line(300) != "ready":
+                raise BenchError("a load process failed to log in its primaries")
+        server.sample_peak()
+        cpu0 = server.cpu()
+        t0 = time.monotonic()
+        for lp in loads:
+            lp.say("go")
+        results = [orjson.loads(lp.line(n * 30 + 60)) for lp in loads]
+        cpu1 = server.cpu()
+        elapsed = time.monotonic() - t0
+        peak = server.peak_rss
+        for lp in loads:
+            lp.say("stop")
+    durations = sorted(d for r in results for d in r["durations_us"])
+    errors: dict[str, int] = {}
+    for r in results:
+        for k, v in r["errors"].items():
+            errors[k] = errors.get(k, 0) + v
+    done = len(durations)
+    user, system = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
+    return {
+        "bench": "link",
+        "links": n,
+        "links_completed": done,
+        "links_failed": n - done,
+        "errors": errors,
+        "window": opts.window,
+        "workers": opts.workers,
+        "load_processes": len(loads),
+        "sync": opts.sync if opts.target is None else "external",
+        "profile": "bench" if opts.target is None else "external",
+        "limits_lifted": sorted({**BENCH_PROFILE, **LINK_PROFILE}) if opts.target is None else [],
+        "note": "one link: a new companion connects and pairs (QR reference), the logged-in "
+        "primary links it (signed), the companion receives its credentials; the primaries' "
+        "logins are before the measure, the companions' first logins are not in it",
+        "elapsed_s": round(elapsed, 3),
+        "links_per_s": round(done / elapsed, 1) if elapsed else None,
+        "server_user_s": round(user, 3),
+        "server_sys_s": round(system, 3),
+        "server_cpu_us_per_link": round((user + system) / (done or 1) * 1e6, 1),
+        "server_user_us_per_link": round(user / (done or 1) * 1e6, 1),
+        "link_p50_ms": _percentile(durations, 0.50),
+        "link_p99_ms": _percentile(durations, 0.99),
+        "server_peak_rss_kib": peak // 1024,
+        "machine": machine(),
+    }
+
+
 #: What to install when a bench dependency is missing, from PyPI or from a checkout.
 PIP_HINT = "pip install 'pigeon[bench]' (from a checkout: pip install '.[bench]')"
 
@@ -1220,6 +1299,21 @@ def add_parser(sub) -> None:
                     help="seconds between changes")  # fmt: skip
     sync_flag(pr)
     pr.set_defaults(func=run, bench=presence)
+    lk = parser(
+        "link",
+        help="linking companions by QR code, server CPU per completed link",
+        description="N provisioned primaries are logged in; each then links one new "
+        "companion with the SDK's real flow (the companion connects and pairs, the primary "
+        "links the QR reference, the companion receives its credentials), --window at a "
+        "time per load process. Reports server CPU per completed link and the link time.",
+    )
+    common(lk, clients=False)
+    lk.add_argument("--links", type=int, default=200, metavar="N",
+                    help="companions to link (one per primary)")  # fmt: skip
+    lk.add_argument("--window", type=int, default=16, metavar="W",
+                    help="links under way at once in each load process")  # fmt: skip
+    sync_flag(lk)
+    lk.set_defaults(func=run, bench=link_bench)
     i = parser(
         "idle",
         help="memory per authenticated idle connection",
@@ -1325,6 +1419,14 @@ def _headline(r: dict) -> list[str]:
         lines.append(f"push latency p50 {_num(r.get('push_p50_ms'), 'ms')}, p99 "
                      f"{_num(r.get('push_p99_ms'), 'ms')}, max "
                      f"{_num(r.get('push_max_ms'), 'ms')}")  # fmt: skip
+    elif kind == "link":
+        lines.append(f"link: {_num(r.get('links_completed'))} of {_num(r.get('links'))} "
+                     f"companions linked ({_num(r.get('links_failed'))} failed)")  # fmt: skip
+        us_link = r.get("server_cpu_us_per_link")
+        lines.append(f"server CPU {_num(us_link and us_link / 1000, 'ms')} per completed link, "
+                     f"{_num(r.get('links_per_s'))} links/s wall")  # fmt: skip
+        lines.append(f"link time p50 {_num(r.get('link_p50_ms'), 'ms')}, p99 "
+                     f"{_num(r.get('link_p99_ms'), 'ms')}")  # fmt: skip
     if r.get("stalled"):
         lines[0] = ("STALLED, figures partial: " if r.get("partial") else "STALLED: ") + lines[0]
     return lines
@@ -1511,7 +1613,7 @@ def _plottable(r, path: str) -> str | None:
     if "benchmarks" in r and "bench" not in r:
         return f"a pytest-benchmark result (its table: python -m pigeon.bench.summarize {path})"
     kind = r.get("bench")
-    if kind in ("idle", "presence"):
+    if kind in ("idle", "presence", "link"):
         return f"{'an' if kind == 'idle' else 'a'} {kind} result: nothing to plot"
     if kind not in ("throughput", "latency", "floor"):
         return "not a pigeon bench result (save one with --json)"
@@ -1579,6 +1681,10 @@ def run(opts) -> int:
         if getattr(opts, flag, 1) <= 0:
             print(f"pigeon bench: --{flag} must be positive", file=sys.stderr)
             return 2
+    for flag in ("links", "window"):
+        if getattr(opts, flag, 1) < 1:
+            print(f"pigeon bench: --{flag} must be at least 1", file=sys.stderr)
+            return 2
     if getattr(opts, "subscribers", 1) < 1:
         print("pigeon bench: --subscribers must be at least 1", file=sys.stderr)
         return 2
@@ -1609,5 +1715,6 @@ def run(opts) -> int:
         or result.get("duplicated")
         or result.get("receipts_missing")
         or result.get("missing_pushes")
+        or result.get("links_failed")
     )
     return 1 if bad else 0

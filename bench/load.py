@@ -84,8 +84,10 @@ class Load:
         async def one(i: int) -> None:
             async with sem:
                 c = await Client.connect(host, int(port), timeout=30)
-                await c.login(Credentials(self.creds[i]["device"],
-                                          bytes.fromhex(self.creds[i]["secret"])))  # fmt: skip
+                d = self.creds[i]
+                ident = d.get("identity")  # a primary's: it signs the link bench's links
+                await c.login(Credentials(d["device"], bytes.fromhex(d["secret"]),
+                                          ident and bytes.fromhex(ident)))  # fmt: skip
                 self.clients[i] = c
 
         async def companion(d: dict) -> None:
@@ -260,7 +262,7 @@ def arg_parser(prog: str = "pigeon-bench-load") -> argparse.ArgumentParser:
     p.add_argument(
         "--mode",
         default="throughput",
-        choices=["throughput", "idle", "presence-pub", "presence-sub"],
+        choices=["throughput", "idle", "presence-pub", "presence-sub", "link"],
     )
     p.add_argument("--changes", type=int, default=100, help="presence-pub: changes to make")
     p.add_argument("--interval", type=float, default=0.05, help="presence-pub: s between them")
@@ -286,6 +288,8 @@ def main(argv=None) -> int:
         uvloop.run(presence_pub(load))
     elif args.mode == "presence-sub":
         uvloop.run(presence_sub(load))
+    elif args.mode == "link":
+        uvloop.run(link(load))
     else:
         uvloop.run(load.run())
     return 0
@@ -354,6 +358,54 @@ async def presence_sub(load: Load) -> None:
         t.cancel()
     print(orjson.dumps({"times_ns": list(times.values())}).decode(), flush=True)
     await asyncio.gather(*(c.close() for c in load.clients.values()), return_exceptions=True)
+
+
+async def link(load: Load) -> None:
+    """Every primary links one new companion by QR code, the real flow of the SDK:
+    the companion connects and asks to pair, the primary links the reference the
+    QR text carries, the companion gets its credentials.  ``--window`` links run
+    at once.  Prints each completed link's duration (companion connect to its
+    credentials) and the errors; the primaries ack their device-list notices."""
+    loop = asyncio.get_running_loop()
+    host, _, port = load.args.target.rpartition(":")
+    await load.login_all()
+
+    async def ack_all(c: Client) -> None:
+        async for ev in c:
+            if getattr(ev, "seq", None) is not None:
+                await c.ack(ev.seq)
+
+    acking = [loop.create_task(ack_all(c)) for c in load.clients.values()]
+    print("ready", flush=True)
+    await loop.run_in_executor(None, sys.stdin.readline)  # "go"
+    sem = asyncio.Semaphore(load.args.window)
+    durations_us: list[int] = []
+    companions: list[Client] = []
+
+    async def one(i: int) -> None:
+        async with sem:
+            t0 = time.monotonic_ns()
+            try:
+                comp = await Client.connect(host, int(port), timeout=30)
+                companions.append(comp)
+                pairing = comp.pair_qr(name=f"bench-{i}", timeout=30)
+                code = await anext(pairing)
+                await load.clients[i].link(code.qr)
+                creds = await anext(pairing)
+                assert isinstance(creds, Credentials), creds
+            except Exception as exc:  # counted by kind, never as a link
+                key = f"{exc.code}" if isinstance(exc, ServerError) else type(exc).__name__
+                load.errors[key] = load.errors.get(key, 0) + 1
+                return
+            durations_us.append((time.monotonic_ns() - t0) // 1000)
+
+    await asyncio.gather(*(one(i) for i in load.mine))
+    print(orjson.dumps({"durations_us": durations_us, "errors": load.errors}).decode(), flush=True)
+    await loop.run_in_executor(None, sys.stdin.readline)  # "stop"
+    for t in acking:
+        t.cancel()
+    await asyncio.gather(*(c.close() for c in [*companions, *load.clients.values()]),
+                         return_exceptions=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -251,16 +251,35 @@ def test_idle_json():
     assert r["server_memory_after_kib"] > 0
 
 
+def test_link_json_counts_every_link():
+    """6 primaries each link a companion by QR code through the SDK (2 workers):
+    every link completes, and the server CPU per link is reported."""
+    proc = pigeon("bench", "link", "--links", "6", "--window", "2", "--workers", "2", "--json")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1  # exactly one JSON object
+    r = orjson.loads(lines[0])
+    assert (r["bench"], r["links"], r["links_completed"], r["links_failed"]) == ("link", 6, 6, 0)
+    assert r["errors"] == {} and (r["workers"], r["window"]) == (2, 2)
+    assert {"pair_per_ip", "pair_per_address", "link_per_account"} <= set(r["limits_lifted"])
+    # (6 links can take less CPU than one 10 ms clock tick of the OS counters)
+    assert r["server_cpu_us_per_link"] >= 0 and 0 < r["link_p50_ms"] <= r["link_p99_ms"]
+    assert r["machine"]["cores"] >= 1
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
         (["--target", "127.0.0.1:7650"], "--target and --server-pid go together"),
         (["--clients", "1"], "--clients must be at least 2"),
         (["--target", "127.0.0.1:7650", "--server-pid", "1"], "--target needs --creds"),
+        (["link", "--links", "0"], "--links must be at least 1"),
+        (["link", "--window", "0"], "--window must be at least 1"),
     ],
 )
 def test_bench_usage_errors(capsys, args, message):
-    assert main(["bench", "throughput", *args]) == 2
+    bench = [] if args[0] == "link" else ["throughput"]
+    assert main(["bench", *bench, *args]) == 2
     assert message in capsys.readouterr().err
 
 
@@ -524,6 +543,7 @@ def test_report_skips_what_it_cannot_plot(tmp_path, capsys):
         "bench.json": {"benchmarks": [], "machine_info": {}},
         "idle.json": {"bench": "idle", "clients": 10},
         "presence.json": {"bench": "presence", "subscribers": 10},
+        "link.json": {"bench": "link", "links": 10},
         "other.json": {"hello": 1},
         "list.json": [1, 2],
         "broken.json": _tp(10, msgs=None),
@@ -596,7 +616,7 @@ def test_human_output_of_a_run():
 
 
 @pytest.mark.parametrize(
-    "bench", [None, "throughput", "latency", "floor", "presence", "idle", "report"]
+    "bench", [None, "throughput", "latency", "floor", "presence", "idle", "link", "report"]
 )
 def test_bench_help_shows_defaults_and_no_markup(bench):
     proc = pigeon("bench", *([bench] if bench else []), "--help")
@@ -611,6 +631,8 @@ def test_bench_help_shows_defaults_and_no_markup(bench):
         assert "--load-procs" in text and "(default: 2)" in text
     if bench == "presence":
         assert "(default: 1000)" in text and "(default: 0.05)" in text
+    if bench == "link":
+        assert "(default: 200)" in text and "(default: 16)" in text
     if bench == "report":
         assert "pip install '.[bench]'" in text
 

@@ -20,7 +20,7 @@ from pigeon.client import ServerError
 from pigeon.client._core import AUTH, Answer, ClientCore, ScramLogin
 from pigeon.core.connection import NEED_DATA
 from pigeon.core.errors import ErrorCode
-from pigeon.core.events import IncomingMessage, IncomingReceipt, Ping, Pong
+from pigeon.core.events import DevicesChanged, IncomingMessage, IncomingReceipt, Ping, Pong
 from pigeon.server.worker import WID_STRIDE
 
 ALICE, BOB = "491701234567", "4915112345678"
@@ -498,39 +498,66 @@ def test_pushes_left_out_on_a_congested_bus_are_read_from_the_queue(tmp_path):
 
 SENDERS = RECEIVERS = 4
 PER_SENDER = 750  # 3,000 messages
+#: The multi-device load: every user a primary and 2 companions, so each message is
+#: 3 copies for the recipient's devices and 2 sync copies for the sender's others
+#: (5 per message: 300 a sender keeps the copies near the single-device load's).
+DEVICES, PER_SENDER_MULTI = 3, 300
 
 
-async def crash_load(srv: Server, crash, pause: float = 0.0) -> dict:
+def worker_of(srv: Server, device: str) -> int:
+    return srv.sessions(device.partition(":")[0])[device]["worker"]
+
+
+async def crash_load(srv: Server, crash, pause: float = 0.0, devices: int = 1,
+                     per_sender: int = PER_SENDER) -> dict:  # fmt: skip
     """Senders send to receivers with resuming clients; ``crash()`` runs a third of the way in.
 
     ``pause``: seconds each sending slot waits before a send, to stretch the
-    load over a slow event.  Returns what the applications saw.  Asserts the
-    contract: every id the
-    server acked reached its recipient's application exactly once, and
-    nothing reached an application that was never sent.
+    load over a slow event.  ``devices``: devices of every user (the primary,
+    which sends, and companions linked in the store, each logged in on the
+    other worker than its primary): a message goes to every device of the
+    recipient and, as sync copies, to the sender's other devices.  Returns
+    what the applications saw.  Asserts the contract, per device: every id
+    the server acked reached the application of every device it was for
+    exactly once (a sync copy naming its recipient), and nothing reached a
+    device that was never sent to it.
     """
     phones_s = [f"49300000{i:04d}" for i in range(SENDERS)]
     phones_r = [f"49400000{i:04d}" for i in range(RECEIVERS)]
-    creds = {p: await srv.register(p) for p in phones_s + phones_r}
-    clients = {p: await srv.login(creds[p], reconnect=True) for p in creds}
-    total = SENDERS * PER_SENDER
-    acked: dict[str, str] = {}  # id -> recipient phone
+    primaries = {p: await srv.register(p) for p in phones_s + phones_r}
+    creds = {p: [c, *(srv.link_device(p) for _ in range(devices - 1))]
+             for p, c in primaries.items()}  # fmt: skip
+    clients = {}  # device address -> client
+    for p, group in creds.items():
+        clients[group[0].device] = await srv.login(group[0], reconnect=True)
+        if len(group) > 1:
+            await until(lambda d=group[0].device, p=p: d in srv.sessions(p))
+            first = worker_of(srv, group[0].device)
+            for c in group[1:]:
+                clients[c.device] = await on_other_worker(srv, c, p, first, reconnect=True)
+    devices_of = {p: [c.device for c in group] for p, group in creds.items()}
+    total = SENDERS * per_sender
+    acked: dict[str, tuple[str, str]] = {}  # id -> (sender phone, recipient phone)
     attempted: set[str] = set()
-    received: dict[str, Counter] = {p: Counter() for p in phones_r}
+    received: dict[str, Counter] = {d: Counter() for d in clients}
+    wrong_to: list = []  # copies whose ``to`` does not say what they are
     failures: list = []
 
-    async def consume(phone):
-        c = clients[phone]
+    async def consume(device):
+        c = clients[device]
         while True:
             ev = await c.next_event(None)
             if isinstance(ev, IncomingMessage):
-                received[phone][ev.id] += 1
-            if isinstance(ev, (IncomingMessage, IncomingReceipt)):
+                received[device][ev.id] += 1
+                # a sync copy (on a sender's device) names the recipient; others none
+                if (ev.to is not None) != device.startswith("49300000"):
+                    wrong_to.append((device, ev.id, ev.to))
+            if isinstance(ev, (IncomingMessage, IncomingReceipt, DevicesChanged)):
                 await c.ack(ev.seq)
             # (an Error event, e.g. 503 while a reload moves the client: it reconnects)
 
     async def send_all(i, phone):
-        c = clients[phone]
+        c = clients[devices_of[phone][0]]
         sem = asyncio.Semaphore(16)
 
         async def one(n):
@@ -545,11 +572,16 @@ async def crash_load(srv: Server, crash, pause: float = 0.0) -> dict:
                 except Exception as exc:  # counted, never as sent
                     failures.append((mid, repr(exc)))
                     return
-            acked[mid] = to
+            acked[mid] = (phone, to)
 
-        await asyncio.gather(*(one(n) for n in range(PER_SENDER)))
+        await asyncio.gather(*(one(n) for n in range(per_sender)))
 
-    consumers = [asyncio.ensure_future(consume(p)) for p in phones_s + phones_r]
+    def meant_for(mid) -> list[str]:
+        """The devices message ``mid`` goes to: the recipient's, the sender's others."""
+        sender, to = acked[mid]
+        return devices_of[to] + devices_of[sender][1:]
+
+    consumers = [asyncio.ensure_future(consume(d)) for d in clients]
     senders = [asyncio.ensure_future(send_all(i, p)) for i, p in enumerate(phones_s)]
     await until(lambda: len(acked) >= total // 3, timeout=60, interval=0.01)
     crashed_at = len(acked)
@@ -558,7 +590,7 @@ async def crash_load(srv: Server, crash, pause: float = 0.0) -> dict:
     await asyncio.wait_for(asyncio.gather(*senders), 120)
 
     def all_in():
-        return all(received[to][mid] >= 1 for mid, to in acked.items())
+        return all(received[d][mid] >= 1 for mid in acked for d in meant_for(mid))
 
     await until(all_in, timeout=60)
     await until(lambda: srv.queue_stats()["count"] == 0, timeout=30)  # receipts acked too
@@ -569,20 +601,28 @@ async def crash_load(srv: Server, crash, pause: float = 0.0) -> dict:
     reconnect_failures = sum(c.reconnect_failures for c in clients.values())
     for c in clients.values():
         await c.close()
-    seen = Counter()
-    for counter in received.values():
-        seen.update(counter)
     assert not failures, failures[:5]
     assert set(acked) == attempted and len(acked) == total
-    assert max(seen.values()) == 1, "an application saw a message twice"
-    assert set(seen) <= attempted
-    assert all(received[to][mid] == 1 for mid, to in acked.items())
+    expected = {d: set() for d in clients}
+    for mid in acked:
+        for d in meant_for(mid):
+            expected[d].add(mid)
+    for d, counter in received.items():
+        twice = [mid for mid, n in counter.items() if n > 1]
+        assert not twice, f"device {d}'s application saw {twice[:5]} twice"
+        missing, extra = expected[d] - set(counter), set(counter) - expected[d]
+        assert not missing and not extra, (
+            f"device {d}: {len(missing)} acked ids missing ({sorted(missing)[:5]}), "
+            f"{len(extra)} never sent to it ({sorted(extra)[:5]})"
+        )
+    assert not wrong_to, wrong_to[:5]
     report = {
         "sent": total,
+        "devices_per_user": devices,
         "acked": len(acked),
         "acked_before_crash": crashed_at,
         "acked_when_crash_returned": acked_after_crash_returned,
-        "delivered_to_apps": sum(seen.values()),
+        "delivered_to_apps": sum(sum(c.values()) for c in received.values()),
         "redelivered_on_wire": redelivered,
         "reconnects": reconnects,
         "reconnect_failures": reconnect_failures,
@@ -591,15 +631,23 @@ async def crash_load(srv: Server, crash, pause: float = 0.0) -> dict:
     return report
 
 
-def test_kill_9_of_one_worker_in_the_middle_of_a_load(server):
+#: crash_load's arguments: single-device users, and users with DEVICES devices each
+LOADS = pytest.mark.parametrize(
+    "load", [{}, {"devices": DEVICES, "per_sender": PER_SENDER_MULTI}], ids=["1dev", "3dev"]
+)
+
+
+@LOADS
+def test_kill_9_of_one_worker_in_the_middle_of_a_load(server, load):
     async def crash():
         os.kill(server.worker_pid(0), signal.SIGKILL)
 
-    report = run(crash_load(server, crash), timeout=300)
+    report = run(crash_load(server, crash, **load), timeout=300)
     assert report["reconnects"] >= 1
 
 
-def test_kill_9_of_the_whole_server_in_the_middle_of_a_load(tmp_path):
+@LOADS
+def test_kill_9_of_the_whole_server_in_the_middle_of_a_load(tmp_path, load):
     srv = start(tmp_path, message_rate=0)
     try:
 
@@ -610,8 +658,8 @@ def test_kill_9_of_the_whole_server_in_the_middle_of_a_load(tmp_path):
             srv.start()  # same data dir, same port
             print(f"restarted in {time.monotonic() - t:.2f} s")
 
-        report = run(crash_load(srv, crash), timeout=300)
-        assert report["reconnects"] >= SENDERS + RECEIVERS
+        report = run(crash_load(srv, crash, **load), timeout=300)
+        assert report["reconnects"] >= (SENDERS + RECEIVERS) * load.get("devices", 1)
     finally:
         assert srv.stop() == 0
 

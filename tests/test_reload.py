@@ -5,7 +5,7 @@ import signal
 
 import pytest
 from serverutil import Server, until
-from test_durable import crash_load
+from test_durable import DEVICES, PER_SENDER_MULTI, crash_load
 
 from pigeon.client import ServerError
 from pigeon.core.errors import ErrorCode
@@ -17,7 +17,13 @@ def drained(srv: Server, n: int) -> bool:
     return srv.log_text().count('"old worker drained"') >= n
 
 
-def test_reload_under_load_loses_and_duplicates_nothing(tmp_path):
+# paced (about 4.5 s of load either way), so that the switch happens in the middle of it
+@pytest.mark.parametrize(
+    "load",
+    [{"pause": 0.1}, {"pause": 0.25, "devices": DEVICES, "per_sender": PER_SENDER_MULTI}],
+    ids=["1dev", "3dev"],
+)
+def test_reload_under_load_loses_and_duplicates_nothing(tmp_path, load):
     srv = Server(tmp_path / "data", workers=2).start()
     try:
         before = set(srv.worker_pids())
@@ -26,8 +32,7 @@ def test_reload_under_load_loses_and_duplicates_nothing(tmp_path):
             srv.proc.send_signal(signal.SIGHUP)
             await until(lambda: drained(srv, 2), timeout=60)  # the load goes on meanwhile
 
-        # paced (about 4 s of load), so that the switch happens in the middle of it
-        report = asyncio.run(asyncio.wait_for(crash_load(srv, reload, pause=0.1), 300))
+        report = asyncio.run(asyncio.wait_for(crash_load(srv, reload, **load), 300))
         # crash_load asserted: every acked message reached its application exactly once
         assert report["acked_when_crash_returned"] < report["sent"], "the load ended too soon"
         assert not before & set(srv.worker_pids())
