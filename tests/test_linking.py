@@ -528,3 +528,28 @@ def test_the_trio_client_pairs_by_code_and_links_and_unlinks(srv):
                 assert comp.closed.code == ErrorCode.REVOKED
 
     trio.run(main)
+
+
+def test_a_companions_logout_notifies_the_devices_left_online_or_at_login(srv):
+    async def go():
+        phone, creds, alice = await primary(srv)
+        c1, c1creds = await link_by_qr(srv, phone, alice)
+        await c1.login(c1creds)
+        c2, c2creds = await link_by_qr(srv, phone, alice)
+        await notices(alice, 2, phone)
+        await notices(c1, 1, phone)  # c2's link
+        await c2.login(c2creds)
+        await c1.close()  # offline from here
+        await c2.logout()
+        await notices(alice, 1, phone)  # online: pushed
+        assert [d.device for d in await alice.devices(phone)] == [creds.device, c1creds.device]
+        c1 = await srv.login(c1creds)
+        await notices(c1, 1, phone)  # offline: at login
+        # an account deleted from a companion: nobody is left to tell, the others go
+        await c1.delete_account()
+        await until(lambda: alice.closed is not None)
+        assert isinstance(alice.closed, ServerError) and alice.closed.code == ErrorCode.REVOKED
+        for c in (alice, c1, c2):
+            await c.close()
+
+    run(go())
