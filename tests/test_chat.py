@@ -582,8 +582,10 @@ def test_link_by_code_and_the_errors_of_linking(server, tmp_path):
         tablet.expect(f"logged in as {ALICE}:1")
         tablet.enter("/link ABCD-2345")
         tablet.expect("!! not linked: only the primary device (number 0) may link")
-        tablet.enter("/quit")
-        assert tablet.finish() == 0
+        tablet.enter("/unlink 1")  # a companion unlinks itself: the chat ends, saying so
+        assert tablet.finish() == 1
+        said = tablet.expect("pigeon chat:")
+        assert f"{ALICE}:1 was unlinked here" in said and "pigeon chat link" in said, said
 
 
 def test_link_expiry_and_ctrl_c_say_what_to_do(tmp_path):

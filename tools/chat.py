@@ -511,6 +511,7 @@ class Chat:
         self.tasks: set[asyncio.Task] = set()
         self.lines = _lines(self.prompt)
         self._save_failed = False
+        self.unlinked_self = False  # /unlink of this very device: the server closes then
 
     def prompt(self) -> str:
         return f"{self.target}> " if self.target else "> "
@@ -724,6 +725,8 @@ class Chat:
         except ConnectionLost as exc:
             _out(f"!! not unlinked: {exc}")
         else:
+            if device == self.client.device:
+                self.unlinked_self = True
             _out(f"   unlinked {device}")
 
     async def finish(self, timeout: float) -> None:
@@ -793,6 +796,8 @@ async def chat(args) -> int:
             await asyncio.gather(reader, typer, *session.tasks, return_exceptions=True)
             session.save()
             await client.close()
+    if status is None and session.unlinked_self:
+        raise ChatError(f"{creds.device} was unlinked here: link it again with 'pigeon chat link'")
     if status is None:
         raise ChatError(_ended(client.closed))
     return status
