@@ -313,6 +313,12 @@ class ClientCore:
         #: Registered, Error) in order; the pairing's waiter is only woken
         self.pair_id: str | None = None
         self.pair_inbox: deque = deque()
+        #: user -> their devices (``devices()``'s last answer), dropped when a
+        #: ``DevicesChanged`` notice about that user arrives or a send is refused
+        #: with 408 naming one of their devices; ``device_lists_gen`` counts the
+        #: drops, so an answer that was under way across one is not kept
+        self.device_lists: dict[str, tuple] = {}
+        self.device_lists_gen = 0
 
     def new_id(self) -> str:
         return f"{self._prefix}{next(self._ids):x}"
@@ -421,6 +427,12 @@ class ClientCore:
         self.inflight.clear()
         return out
 
+    def drop_device_lists(self, users) -> None:
+        """Forget the cached device lists of ``users``: the next ``devices()`` asks."""
+        for user in users:
+            self.device_lists.pop(user, None)
+        self.device_lists_gen += 1  # even with nothing cached: a query may be under way
+
     def _answer(self, key, value, outcomes) -> bool:
         if key not in self.waiting:
             return False
@@ -439,6 +451,8 @@ class ClientCore:
                 if t is Error and is_fatal(ev.code):
                     outcomes.append(Lost(ServerError(ev.code, ev.text, ev.id)))
                 return
+        if t is DevicesChanged:
+            self.drop_device_lists((ev.sender,))  # a redelivery too: dropping is harmless
         if t is IncomingMessage or t is IncomingReceipt or t is DevicesChanged:
             if ev.seq <= self.last_seq:
                 self.redelivered += 1  # seen before: at-least-once on the wire
@@ -462,6 +476,7 @@ class ClientCore:
         elif t is Error:
             if ev.code == ErrorCode.STALE_DEVICES:
                 err = StaleDevices(ev.code, ev.text, ev.id, ev.missing, ev.extra)
+                self.drop_device_lists(d.partition(":")[0] for d in (*ev.missing, *ev.extra))
             else:
                 err = ServerError(ev.code, ev.text, ev.id)
             handled = False
@@ -916,6 +931,7 @@ class ClientAPI:
         rid = self.new_id()
         ack = await self._request(LINK, rid, Link(rid, ref=ref, key=key, signature=signature),
                                   timeout)  # fmt: skip
+        self.core.drop_device_lists((self._creds.user,))  # whether or not the notice came first
         return ack.device
 
     async def link_code(self, code: str, timeout: float = 30.0) -> str:
@@ -931,14 +947,31 @@ class ClientAPI:
         rid = self.new_id()
         ack = await self._request(LINK, rid, Link(rid, code=norm, key=answer.key,
                                                   signature=signature), timeout)  # fmt: skip
+        self.core.drop_device_lists((self._creds.user,))
         return ack.device
 
-    async def devices(self, user: str, timeout: float = 30.0):
+    async def devices(self, user: str, timeout: float = 30.0, fresh: bool = False):
         """``user``'s devices (``DeviceInfo``: address, when added, identity key, and for a
         companion its name and the primary's link signature: check it with
-        ``pigeon.client.identity.verify_link``)."""
+        ``pigeon.client.identity.verify_link``).
+
+        Answers are cached per user and kept fresh: a ``DevicesChanged`` notice
+        about the user (the server queues one to each of a user's devices when
+        their list changes, so this holds for one's own account) or a send
+        refused with 408 (``StaleDevices``) naming one of the user's devices
+        drops the cached list, and the next call asks the server again
+        (``fresh=True`` always asks)."""
+        core = self.core
+        if not fresh:
+            cached = core.device_lists.get(user)
+            if cached is not None:
+                return cached
+        gen = core.device_lists_gen
         rid = self.new_id()
-        return (await self._request(REQ, rid, DevicesQuery(rid, user), timeout)).items
+        items = (await self._request(REQ, rid, DevicesQuery(rid, user), timeout)).items
+        if gen == core.device_lists_gen:  # no notice came meanwhile: the answer is current
+            core.device_lists[user] = items
+        return items
 
     async def unlink(self, device: str, timeout: float = 30.0) -> ServerAck:
         """Unlink ``device`` (the primary: any companion; a companion: itself, after
@@ -946,7 +979,10 @@ class ClientAPI:
         rid = self.new_id()
         if device == self.device:
             self._creds = None  # nothing to reconnect to
-        return await self._request(UNLINK, rid, Unlink(rid, device), timeout)
+        try:
+            return await self._request(UNLINK, rid, Unlink(rid, device), timeout)
+        finally:
+            self.core.drop_device_lists((device.partition(":")[0],))
 
     async def blocklist(self, timeout: float = 30.0) -> tuple[str, ...]:
         """The users this account blocks, oldest block first."""

@@ -256,11 +256,15 @@ def leave(s, request_id: str, what: str) -> None:
     def run(txn, now):
         if what == "logout":
             w.store.remove_device_txn(txn, device, now)
-            return now, []
-        return now, [d for d in w.store.delete_account_txn(txn, user) if d != device]
+            # the account's other devices are told, in the same transaction (after
+            # the removal: the device that leaves gets none)
+            return now, [], w.queues.devices_changed(txn, user, now)
+        # a deleted account has no device left to tell
+        return now, [d for d in w.store.delete_account_txn(txn, user) if d != device], []
 
     def done(result) -> None:
-        t, others = result
+        t, others, pushes = result
+        w.deliver(pushes)
         s.send(ServerAck(request_id, t, what))
         for d in others:
             w.revoke(d, ErrorCode.REVOKED, "the account was deleted")

@@ -454,3 +454,158 @@ def test_a_device_list_notice_is_shown_and_acked(server, tmp_path):
             time.sleep(0.1)
         desk.type("/quit")
         assert desk.finish() == 0
+
+
+# -- linking a second device: `pigeon chat link` on it, /link, /devices, /unlink on the primary --
+
+
+def _qr_text(term: Terminal) -> str:
+    """The QR text the companion's terminal shows under its code (for copy and paste)."""
+    line = term.expect("/link PGN1,")
+    return line.split("/link ", 1)[1].strip()
+
+
+def _qr_from_screen(term: Terminal) -> str:
+    """Read the QR code drawn on the screen back as a camera would: its half-block
+    characters become a PNG (zxing-cpp needs pixels), which zxing-cpp decodes."""
+    import io
+
+    import zxingcpp
+    from PIL import Image
+
+    rows = [ln for ln in term.screen.display if any(ch in ln for ch in "█▀▄")]
+    width = max(len(r) for r in rows)
+    # compact: each character is two modules high; the border is drawn in the
+    # "light" color, so a lit half is light (255) and a blank one dark (0)
+    img = Image.new("L", (width, 2 * len(rows)), 0)
+    px = img.load()
+    for y, row in enumerate(rows):
+        for x, ch in enumerate(row.ljust(width)):
+            top = ch in "█▀"
+            bottom = ch in "█▄"
+            px[x, 2 * y] = 255 if top else 0
+            px[x, 2 * y + 1] = 255 if bottom else 0
+    big = img.resize((width * 6, 2 * len(rows) * 6), Image.NEAREST)
+    png = io.BytesIO()
+    big.save(png, "PNG")
+    png.seek(0)
+    found = zxingcpp.read_barcodes(Image.open(png))
+    assert len(found) == 1 and found[0].format == zxingcpp.BarcodeFormat.QRCode, found
+    return found[0].text
+
+
+def test_link_a_second_terminal_by_qr_code_then_devices_and_unlink(server, tmp_path):
+    alice_profile = register(server, tmp_path, ALICE)
+    bob_profile = register(server, tmp_path, BOB)
+    desk_profile = tmp_path / "desk.json"
+    with terminals(
+        Terminal(server, alice_profile),
+        Terminal(server, desk_profile, "link", "--name", "desktop"),
+    ) as (alice, pairing):
+        alice.expect(f"logged in as {ALICE}:0")
+        text = _qr_text(pairing)
+        assert text.startswith("PGN1,") and text.endswith(f",127.0.0.1:{server.port}")
+        assert _qr_from_screen(pairing) == text  # the drawn code holds the same text
+        alice.enter(f"/link {text}")
+        alice.expect(f"linked {ALICE}:1")
+        pairing.expect(f"linked as {ALICE}:1; saved to {desk_profile}")
+        pairing.expect(f"pigeon chat --profile {desk_profile}")
+        assert pairing.finish() == 0
+        alice.expect("your devices changed")  # the notice of the link
+    assert desk_profile.stat().st_mode & 0o777 == 0o600
+    saved = json.loads(desk_profile.read_text())
+    assert saved["device"] == f"{ALICE}:1" and saved["identity"] and saved["phone"] == ALICE
+    # a profile that holds a device is never overwritten by a link
+    with terminals(Terminal(server, alice_profile, "link")) as (again,):
+        assert again.finish() == 1
+        assert f"already holds {ALICE}:0" in again.expect("pigeon chat:")
+    with terminals(
+        Terminal(server, alice_profile), Terminal(server, desk_profile), Chat(server, bob_profile)
+    ) as (alice, desk, bob):
+        alice.expect(f"logged in as {ALICE}:0")
+        desk.expect(f"logged in as {ALICE}:1")
+        bob.expect(f"logged in as {BOB}:0")
+        desk.enter(f"{BOB} from the desktop")
+        assert bob.expect("from the desktop").startswith(f"<- {ALICE} [")
+        alice.enter("/devices")
+        alice.expect(f"devices of {ALICE}:")
+        primary = alice.expect("(this device)")
+        assert primary.split()[0] == "0" and "primary" in primary, primary
+        companion = alice.expect(" desktop ")
+        assert companion.split()[0] == "1" and "linked 20" in companion, companion
+        assert "(this device)" not in companion
+        desk.enter("/devices")
+        assert desk.expect("(this device)").split()[0] == "1"
+        # a companion may not unlink the primary, nor anything else but itself
+        desk.enter("/unlink 0")
+        desk.expect("!! not unlinked:")
+        alice.enter("/unlink x")
+        alice.expect("N is a device number")
+        alice.enter("/unlink 1")
+        alice.expect(f"unlinked {ALICE}:1")
+        assert desk.finish() == 1  # its session was closed at once
+        said = desk.expect("pigeon chat:")
+        assert "304 this device was unlinked" in said and "pigeon chat link" in said, said
+        alice.enter("/devices")
+        alice.wait(lambda ls: ls.count(f"   devices of {ALICE}:") == 2 and " desktop " not in ls[-2],
+                   "the second list without the desktop")  # fmt: skip
+        alice.enter("/quit")
+        assert alice.finish() == 0
+        bob.type("/quit")
+        assert bob.finish() == 0
+
+
+def test_link_by_code_and_the_errors_of_linking(server, tmp_path):
+    alice_profile = register(server, tmp_path, ALICE)
+    tablet_profile = tmp_path / "tablet.json"
+    with terminals(
+        Terminal(server, alice_profile),
+        Terminal(server, tablet_profile, "link", "--code", ALICE),
+    ) as (alice, pairing):
+        alice.expect(f"logged in as {ALICE}:0")
+        shown = pairing.expect("on the primary, type:  /link ").rsplit(" ", 1)[1]
+        assert len(shown) == 9 and shown[4] == "-", shown  # ABCD-2345
+        alice.enter("/link nonsense")
+        alice.expect("!! /link takes the text under the new device's QR code")
+        alice.enter("/link ZZZZ-ZZZZ" if shown != "ZZZZ-ZZZZ" else "/link YYYY-YYYY")
+        alice.expect("!! not linked: no such code")  # 305, one line
+        alice.enter("/link " + shown.replace("-", "").lower())  # no dash, any case
+        alice.expect(f"linked {ALICE}:1")
+        pairing.expect(f"linked as {ALICE}:1; saved to {tablet_profile}")
+        assert pairing.finish() == 0
+        alice.enter("/link " + shown)  # used: 307
+        alice.expect("!! not linked: that code was used already")
+        alice.enter("/quit")
+        assert alice.finish() == 0
+    # only the primary links
+    with terminals(Terminal(server, tablet_profile)) as (tablet,):
+        tablet.expect(f"logged in as {ALICE}:1")
+        tablet.enter("/link ABCD-2345")
+        tablet.expect("!! not linked: only the primary device (number 0) may link")
+        tablet.enter("/unlink 1")  # a companion unlinks itself: the chat ends, saying so
+        assert tablet.finish() == 1
+        said = tablet.expect("pigeon chat:")
+        assert f"{ALICE}:1 was unlinked here" in said and "pigeon chat link" in said, said
+
+
+def test_link_expiry_and_ctrl_c_say_what_to_do(tmp_path):
+    srv = Server(tmp_path / "data", workers=2, pair_ttl=1, pair_refreshes=1).start()
+    try:
+        with terminals(Terminal(srv, tmp_path / "a.json", "link")) as (pairing,):
+            first = _qr_text(pairing)
+            pairing.wait(lambda ls: any("a new code" in ln for ln in ls), "a refreshed code")
+            pairing.wait(lambda ls: [ln for ln in ls if "/link PGN1," in ln][-1].split()[-1] != first,
+                         "the new QR text")  # fmt: skip
+            assert pairing.finish() == 1
+            said = pairing.expect("pigeon chat:")
+            assert "the code expired, run pigeon chat link again" in said, said
+        assert not (tmp_path / "a.json").exists()
+        with terminals(Terminal(srv, tmp_path / "b.json", "link", "--code", ALICE)) as (pairing,):
+            pairing.expect("(valid")
+            pairing.type("\x03")  # Ctrl-C
+            assert pairing.finish() == 130
+            pairing.expect("interrupted: nothing linked")
+            assert not [ln for ln in pairing.lines() if "Traceback" in ln], pairing.lines()
+        assert not (tmp_path / "b.json").exists()
+    finally:
+        assert srv.stop() == 0

@@ -16,7 +16,7 @@ from PIL import Image
 from serverutil import Server, next_message, on_other_worker, until
 
 from pigeon.client import ConnectionLost, Credentials, ServerError
-from pigeon.client._core import LINK, PairingCode
+from pigeon.client._core import LINK, PairingCode, StaleDevices
 from pigeon.client.identity import new_identity, parse_qr, verify_link
 from pigeon.core.codec import Codec
 from pigeon.core.errors import ErrorCode
@@ -526,5 +526,104 @@ def test_the_trio_client_pairs_by_code_and_links_and_unlinks(srv):
                 while comp.closed is None:
                     await trio.sleep(0.05)
                 assert comp.closed.code == ErrorCode.REVOKED
+
+    trio.run(main)
+
+
+def test_the_sdk_caches_device_lists_until_a_notice_or_a_408_drops_them(srv):
+    async def go():
+        phone, creds, alice = await primary(srv)
+        bob_phone, _, bob = await primary(srv)
+        first = await alice.devices(phone)
+        assert await alice.devices(phone) is first  # cached: not asked again
+        comp, ccreds = await link_by_qr(srv, phone, alice)
+        await notices(alice, 1, phone)
+        await comp.login(ccreds)
+        both = await alice.devices(phone)
+        assert [d.device for d in both] == [creds.device, ccreds.device]
+        assert await alice.devices(phone) is both
+        # a change alice did not make: only the notice tells her
+        await comp.unlink(ccreds.device)
+        await notices(alice, 1, phone)
+        assert phone not in alice.core.device_lists
+        assert [d.device for d in await alice.devices(phone)] == [creds.device]
+        # another user's list: no notice reaches bob, a 408 drops it
+        old = await bob.devices(phone)
+        comp, ccreds = await link_by_qr(srv, phone, alice)
+        await notices(alice, 1, phone)
+        assert await bob.devices(phone) is old  # nothing told bob yet
+        with pytest.raises(StaleDevices) as info:
+            await bob.send(phone, {d.device: b"x" for d in old})
+        assert info.value.missing == (ccreds.device,)
+        fresh = await bob.devices(phone)
+        assert [d.device for d in fresh] == [creds.device, ccreds.device]
+        await bob.send(phone, {d.device: d.device.encode() for d in fresh})
+        for c in (alice, bob, comp):
+            await c.close()
+
+    run(go())
+
+
+def test_a_companions_logout_notifies_the_devices_left_online_or_at_login(srv):
+    async def go():
+        phone, creds, alice = await primary(srv)
+        c1, c1creds = await link_by_qr(srv, phone, alice)
+        await c1.login(c1creds)
+        c2, c2creds = await link_by_qr(srv, phone, alice)
+        await notices(alice, 2, phone)
+        await notices(c1, 1, phone)  # c2's link
+        await c2.login(c2creds)
+        await c1.close()  # offline from here
+        await c2.logout()
+        await notices(alice, 1, phone)  # online: pushed
+        assert [d.device for d in await alice.devices(phone)] == [creds.device, c1creds.device]
+        c1 = await srv.login(c1creds)
+        await notices(c1, 1, phone)  # offline: at login
+        # an account deleted from a companion: nobody is left to tell, the others go
+        await c1.delete_account()
+        await until(lambda: alice.closed is not None)
+        assert isinstance(alice.closed, ServerError) and alice.closed.code == ErrorCode.REVOKED
+        for c in (alice, c1, c2):
+            await c.close()
+
+    run(go())
+
+
+def test_the_trio_client_drops_a_cached_device_list_at_a_notice(srv):
+    import trio
+
+    from pigeon.client.trio import open_client
+
+    phone = next(PHONES)
+    creds = run(srv.register(phone))
+
+    async def main():
+        with trio.fail_after(60):
+            async with (
+                open_client("127.0.0.1", srv.port) as alice,
+                open_client("127.0.0.1", srv.port) as comp,
+            ):
+                await alice.login(creds)
+                it = comp.pair_code(phone, name="trio")
+                code = await it.__anext__()
+                got = {}
+
+                async def link():
+                    got["device"] = await alice.link_code(code.display)
+
+                async with trio.open_nursery() as n:
+                    n.start_soon(link)
+                    got["creds"] = await it.__anext__()
+                await comp.login(got["creds"])
+                ev = await alice.next_event(10)
+                assert isinstance(ev, DevicesChanged)
+                await alice.ack(ev.seq)
+                listed = await alice.devices(phone)
+                assert len(listed) == 2 and await alice.devices(phone) is listed
+                await comp.logout()
+                ev = await alice.next_event(10)
+                assert isinstance(ev, DevicesChanged) and ev.sender == phone
+                await alice.ack(ev.seq)
+                assert [d.device for d in await alice.devices(phone)] == [creds.device]
 
     trio.run(main)

@@ -2,6 +2,7 @@
 
     pigeon chat register 491701234567     # asks for the code from the SMS, saves the device
     pigeon chat                           # log in with the saved device and chat
+    pigeon chat --profile desk.json link  # link this terminal to an account (a QR code)
 
 Registering: the server sends a one-time code to the number (development
 servers with the ``log`` SMS gateway write it to ``<data-dir>/sms-outbox.txt``
@@ -22,6 +23,11 @@ sent:
 
     /help          list the commands
     /to PHONE      talk to PHONE from now on (/to alone: who is it now)
+    /link CODE     link a new device (the primary only): CODE is the text under
+                   its QR code (PGN1,...) or its 8-character code (ABCD-2345)
+    /devices       this account's devices: number, name, when linked
+    /unlink N      unlink device number N (the primary: any companion; a
+                   companion: itself)
     /quit, /q      leave (so does Ctrl-D; Ctrl-C leaves with status 130)
     //text         send "/text": a leading '//' stands for one '/'
 
@@ -47,6 +53,20 @@ go out then.  When the server ends the session for good (the account
 disabled, this device removed or replaced, its login refused) the client
 says why and exits with status 1.
 
+Linking a device: the account's primary (the phone number's registered
+device) can link up to 4 more, each with its own profile.  On the new one,
+``pigeon chat --profile desk.json link`` asks the server to pair and shows a
+QR code with its text underneath (a camera scans the code; a terminal copies
+the text), replaced by a new one every minute for a few minutes; the
+primary's chat takes it with ``/link PGN1,...``.  Without a camera,
+``pigeon chat link --code PHONE`` shows an 8-character code (``ABCD-2345``)
+to type on the primary as ``/link ABCD-2345``.  Once linked, the new device
+logs in once (a device that never does is removed again after a minute),
+saves its profile and says how to start chatting; an expired code asks to
+run ``pigeon chat link`` again; Ctrl-C gives up (status 130, nothing saved).
+``link`` refuses a profile that already holds a device, so the primary's
+own profile cannot be overwritten by mistake.
+
 The profile (default ``~/.config/pigeon/chat.json``, readable by its owner
 only) keeps the device's credentials (its address and 32-byte secret), the
 number talked to last, the last delivery shown, and the ids of the last
@@ -65,6 +85,7 @@ import contextlib
 import math
 import os
 import re
+import socket
 import ssl
 import sys
 import threading
@@ -73,10 +94,16 @@ import time
 import orjson
 
 from pigeon.client import Client, ConnectionLost, Credentials, ServerError
-from pigeon.client._core import DEFAULT_KEEPALIVE
+from pigeon.client._core import DEFAULT_KEEPALIVE, PairingCode
 from pigeon.client.identity import Identity, new_identity
 from pigeon.core.errors import ErrorCode, is_fatal
-from pigeon.core.events import DevicesChanged, Error, IncomingMessage, IncomingReceipt
+from pigeon.core.events import (
+    DevicesChanged,
+    Error,
+    IncomingMessage,
+    IncomingReceipt,
+    normalize_link_code,
+)
 from pigeon.core.node import valid_phone
 
 DEFAULT_PROFILE = os.path.join(
@@ -92,6 +119,10 @@ COMMANDS = """commands (run here, never sent):
   PHONE text   send text to PHONE (digits, no '+'); bare lines then go there too
   text         send to the number in the prompt
   /to PHONE    talk to PHONE from now on; /to alone says who it is now
+  /link CODE   link a new device: the text under its QR code (PGN1,...) or its
+               code (ABCD-2345), from 'pigeon chat link' there (the primary only)
+  /devices     this account's devices (number, name, when linked)
+  /unlink N    unlink device number N (see /devices)
   //text       send "/text" (a line starting with one '/' is a command)
   /help        this list
   /quit, /q    leave (so does Ctrl-D)
@@ -357,6 +388,97 @@ async def _verify(args, client: Client, code: str, identity: Identity):
     raise AssertionError("unreachable")
 
 
+# -- link (the new device's side) ---------------------------------------------------------
+
+#: What the user is told for the errors of linking (pairing here, /link on the primary).
+LINK_ERRORS = {
+    ErrorCode.PAIR_UNKNOWN: "no such code: check it, or run 'pigeon chat link' on the new device again",
+    ErrorCode.PAIR_EXPIRED: "the code expired, run pigeon chat link again",
+    ErrorCode.PAIR_USED: "that code was used already: run 'pigeon chat link' on the new device again",
+    ErrorCode.KEY_MISMATCH: "the code does not match the device that showed it (copied wrong?)",
+    ErrorCode.BAD_SIGNATURE: "this account's identity key cannot sign links: register the primary again",
+    ErrorCode.DEVICE_LIMIT: "this account has the most linked devices already: /unlink one first",
+    ErrorCode.NOT_PRIMARY: "only the primary device (number 0) may link or unlink other devices",
+    ErrorCode.RATE_LIMITED: "too many linking attempts: try again later",
+}  # fmt: skip
+
+
+def _link_error(exc: ServerError) -> str:
+    why = LINK_ERRORS.get(exc.code)
+    return f"{why} ({exc.code} {exc.text})" if why else f"the server refused: {exc.code} {exc.text}"
+
+
+def _default_name() -> str:
+    """The label other devices show: the host's name, at most the server's 64 bytes."""
+    return f"chat on {socket.gethostname()}".encode()[:64].decode("utf-8", "ignore")
+
+
+def _show_pairing(code: PairingCode, first: bool) -> None:
+    if not first:
+        _out("")
+        _out("(a new code: the one above is void)")
+    if code.qr is not None:
+        import segno
+
+        qr = segno.make(code.qr, error="m")
+        qr.terminal(out=sys.stdout, compact=True)
+        _out("scan it on the primary, or type there (the text under the code):")
+        _out(f"  /link {code.qr}")
+    else:
+        _out(f"on the primary, type:  /link {code.display}")
+    _out(f"(valid {code.ttl} s; Ctrl-C gives up)")
+    sys.stdout.flush()
+
+
+async def link(args) -> int:
+    if args.phone is not None and not valid_phone(args.phone):
+        raise ChatError(f"{args.phone!r} is not a phone number: E.164 digits without '+', 8-15")
+    if os.path.exists(args.profile):
+        try:
+            held = load_profile(args.profile).get("device")
+        except ChatError:
+            held = "something"
+        raise ChatError(
+            f"{args.profile} already holds {held}: give the new device its own "
+            "(pigeon chat --profile FILE link)"
+        )
+    name = args.name if args.name is not None else _default_name()
+    if len(name.encode()) > 64:
+        raise ChatError("--name is at most 64 bytes")
+    client = await _connect(args, reconnect=False)
+    try:
+        if args.phone is None:
+            pairing = client.pair_qr(name=name, server=args.server)
+        else:
+            pairing = client.pair_code(args.phone, name=name)
+        creds, shown = None, 0
+        try:
+            async for item in pairing:
+                if isinstance(item, Credentials):
+                    creds = item
+                    break
+                _show_pairing(item, first=not shown)
+                shown += 1
+        except ServerError as exc:
+            raise ChatError(_link_error(exc)) from None
+        except ConnectionLost as exc:
+            raise ChatError(f"{exc}: nothing linked, run pigeon chat link again") from None
+        if creds is None:
+            raise ChatError("the server ended the pairing: run pigeon chat link again")
+        # one login at once: a linked device that never logs in is removed again
+        with contextlib.suppress(ServerError, ConnectionLost, TimeoutError):
+            await client.login(creds)  # if not now, `pigeon chat` logs in
+    finally:
+        await client.close()
+    save_profile(
+        args.profile,
+        {"server": args.server, "phone": creds.user, **creds.to_json(), "last_seq": 0},
+    )
+    _out(f"linked as {creds.device}; saved to {args.profile}")
+    _out(f"start chatting: pigeon chat --profile {args.profile}")
+    return 0
+
+
 # -- chat ----------------------------------------------------------------------------------
 
 
@@ -389,6 +511,7 @@ class Chat:
         self.tasks: set[asyncio.Task] = set()
         self.lines = _lines(self.prompt)
         self._save_failed = False
+        self.unlinked_self = False  # /unlink of this very device: the server closes then
 
     def prompt(self) -> str:
         return f"{self.target}> " if self.target else "> "
@@ -542,9 +665,69 @@ class Chat:
                 _out(f"   talking to {arg}")
             else:
                 _out(f"!! {arg!r} is not a phone number (8-15 digits, no '+')")
+        elif word == "link":
+            self.spawn(self.link(arg))
+        elif word == "devices":
+            self.spawn(self.devices())
+        elif word == "unlink":
+            if arg.isdigit():
+                self.spawn(self.unlink(f"{_user(self.client.device or '')}:{int(arg)}"))
+            else:
+                _out("!! /unlink N: N is a device number, as /devices lists them")
         else:
             _out(f"!! unknown command {line.split()[0]!r}, not sent: /help lists the commands")
         return None
+
+    # -- linked devices ----------------------------------------------------------------
+
+    async def link(self, arg: str) -> None:
+        code = None if arg.upper().startswith("PGN1,") else normalize_link_code(arg)
+        if code is None and not arg.upper().startswith("PGN1,"):
+            _out("!! /link takes the text under the new device's QR code (PGN1,...) or "
+                 "its 8-character code (ABCD-2345), from 'pigeon chat link' there")  # fmt: skip
+            return
+        try:
+            if code is None:
+                device = await self.client.link(arg)
+            else:
+                device = await self.client.link_code(code)
+        except ValueError as exc:  # a malformed QR text, or no identity key to sign with
+            _out(f"!! not linked: {exc}")
+        except ServerError as exc:
+            _out(f"!! not linked: {_link_error(exc)}")
+        except ConnectionLost as exc:
+            _out(f"!! not linked: {exc}")
+        else:
+            _out(f"   linked {device}: it logs in by itself now")
+
+    async def devices(self) -> None:
+        me = self.client.device or ""
+        try:
+            items = await self.client.devices(_user(me))
+        except (ServerError, ConnectionLost) as exc:
+            _out(f"!! no device list: {exc}")
+            return
+        lines = [f"   devices of {_user(me)}:"]
+        for d in items:
+            n = d.device.partition(":")[2]
+            name = "primary" if d.name is None and d is items[0] else (d.name or "")
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(d.t / 1000))
+            mark = "  (this device)" if d.device == me else ""
+            lines.append(f"   {n:>3}  {_printable(name)[:40]:<40} linked {when}{mark}")
+        _out("\n".join(lines))
+
+    async def unlink(self, device: str) -> None:
+        try:
+            await self.client.unlink(device)
+        except ServerError as exc:
+            why = LINK_ERRORS.get(exc.code, exc.text)
+            _out(f"!! not unlinked: {why} ({exc.code} {exc.text})")
+        except ConnectionLost as exc:
+            _out(f"!! not unlinked: {exc}")
+        else:
+            if device == self.client.device:
+                self.unlinked_self = True
+            _out(f"   unlinked {device}")
 
     async def finish(self, timeout: float) -> None:
         """Before leaving: let messages and read receipts under way get their acks."""
@@ -562,6 +745,8 @@ def _ended(why: Exception | None) -> str:
         said = f"{why.code} {why.text}"
         if why.code == ErrorCode.REPLACED:
             return f"the session ended ({said}): this device logged in somewhere else"
+        if why.code == ErrorCode.REVOKED and "unlinked" in why.text:
+            return f"{said}: link it again with 'pigeon chat link'"
         if why.code == ErrorCode.REVOKED:
             return (
                 f"the server ended the session ({said}); ask its operator, or register "
@@ -611,6 +796,8 @@ async def chat(args) -> int:
             await asyncio.gather(reader, typer, *session.tasks, return_exceptions=True)
             session.save()
             await client.close()
+    if status is None and session.unlinked_self:
+        raise ChatError(f"{creds.device} was unlinked here: link it again with 'pigeon chat link'")
     if status is None:
         raise ChatError(_ended(client.closed))
     return status
@@ -662,6 +849,17 @@ def add_parser(sub) -> None:
     r = csub.add_parser("register", help="register this terminal as a device of PHONE")
     r.add_argument("phone", help="E.164 digits without '+', e.g. 491701234567")
     r.add_argument("--voice", action="store_true", help="ask for a voice call instead of SMS")
+    lk = csub.add_parser(
+        "link",
+        help="link this terminal to an account as one more device (shows a QR code)",
+        description="Link this terminal to an account: shows a QR code (and its text) for "
+        "the account's primary to scan or type ('/link TEXT' in its chat); with --code "
+        "PHONE, an 8-character code to type there instead.  Use its own --profile.",
+    )
+    lk.add_argument("--code", dest="phone", metavar="PHONE",
+                    help="link by a code typed on the primary of PHONE instead of a QR code")  # fmt: skip
+    lk.add_argument("--name", help="how the account's device lists name this device "
+                    "(default: 'chat on HOSTNAME')")  # fmt: skip
     p.set_defaults(func=run)
 
 
@@ -672,9 +870,13 @@ def run(args) -> int:
     try:
         if args.chat_command == "register":
             return uvloop.run(register(args))
+        if args.chat_command == "link":
+            return uvloop.run(link(args))
         return uvloop.run(chat(args))
     except ChatError as exc:
         print(f"pigeon chat: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        if args.chat_command == "link":
+            print("pigeon chat: interrupted: nothing linked", file=sys.stderr)
         return 130
