@@ -6,7 +6,8 @@ socket and LMDB, without the store: the hot path reads it from the received
 buffer (``FrameReader.next_hot``), the entry that would be stored is made
 once (``Codec.queue_entry``), and the delivery frame is spliced from it
 into a connection's output buffer (``Codec.write_entry_frame``).  The full
-path (``next_node`` + the event class) is measured beside it.  Both codec
+path (``next_node`` + the event class) is measured beside it, and the same
+for a message of three per-device payloads (``*_payloads_*``).  Both codec
 implementations.  ``extra_info["frames"]`` is the batch, for messages/s.
 
     pytest bench/bench_hotpath.py --benchmark-enable --benchmark-json=bench/results/hotpath.json
@@ -76,4 +77,48 @@ def test_entry_and_delivery_frame(benchmark, impl):
         return len(out)
 
     assert benchmark(path) > BATCH * 100
+    benchmark.extra_info["frames"] = BATCH
+
+
+def payload_frames(impl) -> bytes:
+    """A message to a user with two devices from a sender with one other
+    device: three per-device payloads of 100 bytes (docs/PROTOCOL.md 9)."""
+    devices = ["491701234567:0", "491701234567:1", "491709876543:2"]
+    node = impl.Node(
+        "message",
+        {"to": "491701234567", "id": "3eb0c1f2a4d5e6f7", "type": "text"},
+        [impl.Node("payload", {"device": d}, bytes(100)) for d in devices],
+    )
+    return impl.Codec().encode_frame(node) * BATCH
+
+
+def test_read_payloads_hot(benchmark, impl):
+    """256 three-payload messages read by the hot path (no Node per payload)."""
+    codec, data = impl.Codec(), payload_frames(impl)
+
+    def read():
+        r = impl.FrameReader()
+        r.feed(data)
+        n = 0
+        while (h := r.next_hot(codec)) is not None:
+            n += len(h.payloads)
+        return n
+
+    assert benchmark(read) == 3 * BATCH
+    benchmark.extra_info["frames"] = BATCH
+
+
+def test_read_payloads_full(benchmark, impl):
+    """The same 256 through the full decoder and the event class (the path before)."""
+    codec, data = impl.Codec(), payload_frames(impl)
+
+    def read():
+        r = impl.FrameReader()
+        r.feed(data)
+        n = 0
+        while (node := r.next_node(codec)) is not None:
+            n += len(Message.from_node(node).payloads)
+        return n
+
+    assert benchmark(read) == 3 * BATCH
     benchmark.extra_info["frames"] = BATCH

@@ -87,16 +87,19 @@ class Hot:
     """A message, receipt or device ack read by ``FrameReader.next_hot``.
 
     kind: 1 message (to, id, type, body), 2 receipt (to, id, type),
-    3 ack (seq).  Every field was checked as the event classes check it."""
+    3 ack (seq).  A message with per-device payloads has body b"" and
+    payloads ((device, bytes), ...), as ``Message.payloads``; else payloads
+    is None.  Every field was checked as the event classes check it."""
 
-    __slots__ = ("kind", "to", "id", "type", "body", "seq")
+    __slots__ = ("kind", "to", "id", "type", "body", "seq", "payloads")
 
-    def __init__(self, kind, to=None, id=None, type=None, body=None, seq=None):
+    def __init__(self, kind, to=None, id=None, type=None, body=None, seq=None, payloads=None):
         self.kind, self.to, self.id, self.type, self.body, self.seq = kind, to, id, type, body, seq
+        self.payloads = payloads
 
     def __repr__(self) -> str:
         return (f"Hot(kind={self.kind}, to={self.to!r}, id={self.id!r}, type={self.type!r}, "
-                f"body={self.body!r}, seq={self.seq!r})")  # fmt: skip
+                f"body={self.body!r}, seq={self.seq!r}, payloads={self.payloads!r})")  # fmt: skip
 
 
 HOT_MESSAGE, HOT_RECEIPT, HOT_ACK = 1, 2, 3
@@ -106,6 +109,35 @@ _ID_CHARS = frozenset(range(0x21, 0x7F))
 
 def _printable_id(s: str) -> bool:
     return 1 <= len(s) <= 64 and s.isascii() and all(ord(ch) in _ID_CHARS for ch in s)
+
+
+def _valid_device(s: str) -> bool:
+    """A device address (node.address_kind(s) == "device")."""
+    m = DEVICE_RE.fullmatch(s)
+    return m is not None and int(m.group(2)) <= MAX_DEVICE
+
+
+#: longer payload lists are left to the full path (fastpath/hot.pxi says why)
+HOT_MAX_PAYLOADS = 32
+
+
+def _hot_payloads(children: list) -> tuple | None:
+    """((device, bytes), ...) of a message's children if each is a
+    ``<payload device=D>`` with bytes and nothing else, every D a device
+    address named once, the list not empty (events._payloads); else None."""
+    if not 1 <= len(children) <= HOT_MAX_PAYLOADS:
+        return None
+    out = []
+    seen = set()
+    for child in children:
+        d = child.attrs.get("device")
+        if child.tag != "payload" or len(child.attrs) != 1 or d is None or d in seen:
+            return None
+        if type(child.content) is not bytes or not _valid_device(d):
+            return None
+        seen.add(d)
+        out.append((d, child.content))
+    return tuple(out)
 
 
 def _hot(node) -> Hot | None:
@@ -127,7 +159,14 @@ def _hot(node) -> Hot | None:
     if not valid_phone(a["to"]) or not _printable_id(a["id"]):
         return None
     if node.tag == "message":
-        if type(node.content) is not bytes or not _printable_id(a["type"]):
+        if not _printable_id(a["type"]):
+            return None
+        if type(node.content) is list:
+            payloads = _hot_payloads(node.content)
+            if payloads is None:
+                return None
+            return Hot(HOT_MESSAGE, a["to"], a["id"], a["type"], b"", payloads=payloads)
+        if type(node.content) is not bytes:
             return None
         return Hot(HOT_MESSAGE, a["to"], a["id"], a["type"], node.content)
     if node.content is not None or a["type"] not in ("read", "played"):

@@ -26,9 +26,12 @@ are most of what a server reads.  In that state a server's connection
 reads each frame with ``FrameReader.next_hot``, which checks those three
 kinds in their short form straight from the received buffer, as their
 event classes would, and returns a ``Hot`` record (``kind``: 1 message,
-2 receipt, 3 ack) in place of the event; any other frame, and any hot one
-that does not pass every check, is decoded in full and goes through the
-event classes as before, so errors are exactly the full path's.  It is a
+2 receipt, 3 ack) in place of the event; a message's per-device payloads
+(``<payload device=...>`` children) come as ``Hot.payloads``, the pairs
+``Message.payloads`` holds, with no Node made for them.  Any other frame,
+and any hot one that does not pass every check, is decoded in full and
+goes through the event classes as before, so errors are exactly the full
+path's.  It is a
 shortcut inside this state machine, not another one: a ``Hot`` is legal in
 the one state that allows its event and changes no state.
 The server turns it on (``hot_path=True``); other users of this class

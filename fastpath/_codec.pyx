@@ -31,8 +31,8 @@ from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyBy
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.dict cimport PyDict_GetItem
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
-from cpython.ref cimport PyObject
-from cpython.tuple cimport PyTuple_GET_ITEM
+from cpython.ref cimport Py_INCREF, PyObject
+from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_New, PyTuple_SET_ITEM
 from cpython.unicode cimport PyUnicode_DecodeASCII, PyUnicode_DecodeUTF8
 from libc.string cimport memcpy
 
@@ -172,6 +172,7 @@ cdef class Codec:
     cdef Py_ssize_t max_frame, max_depth, max_attrs, max_string, max_children
     cdef int _tok_to, _tok_id, _tok_type    # one-byte codes of the envelope keys, or -1
     cdef int _tok_seq, _tok_message, _tok_receipt, _tok_ack   # and of the hot kinds (hot.pxi)
+    cdef int _tok_payload, _tok_device      # per-device payloads (hot.pxi), or -1
     cdef unsigned char* _buf
     cdef Py_ssize_t _cap, _len
     cdef unsigned char _seq_key[8]          # the "seq" attribute name, encoded (<= 5 bytes)
@@ -198,6 +199,8 @@ cdef class Codec:
         self._tok_message = _one_byte_code(self._codes, "message")
         self._tok_receipt = _one_byte_code(self._codes, "receipt")
         self._tok_ack = _one_byte_code(self._codes, "ack")
+        self._tok_payload = _one_byte_code(self._codes, "payload")
+        self._tok_device = _one_byte_code(self._codes, "device")
         self.max_frame = limits.max_frame
         self.max_depth = limits.max_depth
         self.max_attrs = limits.max_attrs

@@ -7,6 +7,10 @@ cdef enum:
     HOT_MESSAGE = 1
     HOT_RECEIPT = 2
     HOT_ACK = 3
+    # A message names each device of two accounts at most (a user has up to
+    # 5): longer payload lists are left to the full decode, which keeps the
+    # duplicate check here a short quadratic loop.
+    HOT_MAX_PAYLOADS = 32
 
 
 @cython.final
@@ -15,7 +19,9 @@ cdef class Hot:
     """A message, receipt or device ack read by ``FrameReader.next_hot``.
 
     kind: 1 message (to, id, type, body), 2 receipt (to, id, type),
-    3 ack (seq).  Every field was checked as the event classes check it."""
+    3 ack (seq).  A message with per-device payloads has body b"" and
+    payloads ((device, bytes), ...), as ``Message.payloads``; else payloads
+    is None.  Every field was checked as the event classes check it."""
 
     cdef public int kind
     cdef public object to
@@ -23,10 +29,11 @@ cdef class Hot:
     cdef public object type
     cdef public object body
     cdef public object seq
+    cdef public object payloads
 
     def __repr__(self):
         return (f"Hot(kind={self.kind}, to={self.to!r}, id={self.id!r}, type={self.type!r}, "
-                f"body={self.body!r}, seq={self.seq!r})")
+                f"body={self.body!r}, seq={self.seq!r}, payloads={self.payloads!r})")
 
 
 cdef inline bint _printable_id(object s):
@@ -70,6 +77,53 @@ cdef object _uint64(object s):
     return v
 
 
+cdef object _payloads(Codec c, Buf* b):
+    """A message's list of ``<payload device=D>{bytes}</payload>`` children,
+    whose LIST_8 type byte was read, as ((device, bytes), ...); None for
+    anything else, which events._payloads then judges on the full decode.
+
+    Each child must be in its short form (a LIST_8 of 4: the ``payload``
+    token, the ``device`` token, a compact device address, bytes); a
+    compact device address is a valid one by construction (_string checks
+    the digits, and its device number is one byte).  No Node is made: per
+    payload only the pair, its device string and its bytes."""
+    cdef Py_ssize_t k, i, j, size
+    cdef int t
+    cdef tuple out
+    cdef object d, body, pair
+    if c._tok_payload < 0 or c._tok_device < 0 or c.max_depth < 2:
+        return None
+    k = _byte(b)
+    if k == 0 or k > HOT_MAX_PAYLOADS or k > c.max_children:
+        return None  # an empty list is an error, a long one the full decode's
+    out = PyTuple_New(k)
+    for i in range(k):
+        if _byte(b) != LIST_8 or _byte(b) != 4 or _byte(b) != c._tok_payload:
+            return None
+        if _byte(b) != c._tok_device or _byte(b) != ADDR_DEVICE:
+            return None
+        d = _string(c, b, ADDR_DEVICE, "attribute value")
+        for j in range(i):
+            if <object>PyTuple_GET_ITEM(<object>PyTuple_GET_ITEM(out, j), 0) == d:
+                return None  # two payloads for one device
+        t = _byte(b)
+        if t == BIN_8:
+            size = _byte(b)
+        elif t == BIN_16:
+            size = _uint(b, 2)
+        elif t == BIN_32:
+            size = _uint(b, 4)
+        else:
+            return None
+        _need(b, size)
+        body = PyBytes_FromStringAndSize(<const char*>b.data + b.pos, size)
+        b.pos += size
+        pair = (d, body)
+        Py_INCREF(pair)  # PyTuple_SET_ITEM steals a reference
+        PyTuple_SET_ITEM(out, i, pair)
+    return out
+
+
 cdef object _hot(Codec c, Buf* b):
     """The Hot for a frame of a hot kind that passes every check, else None.
 
@@ -79,7 +133,7 @@ cdef object _hot(Codec c, Buf* b):
     the node (and later the event or the error) exactly as without this."""
     cdef int t, tag, key, kind
     cdef Py_ssize_t n, nattrs, i, size
-    cdef object to = None, mid = None, typ = None, seqs = None, body = None
+    cdef object to = None, mid = None, typ = None, seqs = None, body = None, payloads = None
     cdef Hot h
     t = _byte(b)
     if t != LIST_8:
@@ -95,6 +149,8 @@ cdef object _hot(Codec c, Buf* b):
     else:
         return None
     nattrs = (n - 1) >> 1
+    if nattrs > c.max_attrs:
+        return None
     for i in range(nattrs):
         key = _byte(b)
         if key == c._tok_to and kind != HOT_ACK and to is None:
@@ -117,12 +173,20 @@ cdef object _hot(Codec c, Buf* b):
             size = _uint(b, 2)
         elif t == BIN_32:
             size = _uint(b, 4)
+        elif t == LIST_8:
+            payloads = _payloads(c, b)
+            if payloads is None:
+                return None
+            size = -1
         else:
             return None
-        if b.end - b.pos != size:
-            return None
-        body = PyBytes_FromStringAndSize(<const char*>b.data + b.pos, size)
-        b.pos += size
+        if size >= 0:
+            if b.end - b.pos != size:
+                return None
+            body = PyBytes_FromStringAndSize(<const char*>b.data + b.pos, size)
+            b.pos += size
+        else:
+            body = b""
     elif kind == HOT_MESSAGE:
         return None
     if b.pos != b.end:
@@ -147,4 +211,5 @@ cdef object _hot(Codec c, Buf* b):
     h.id = mid
     h.type = typ
     h.body = body
+    h.payloads = payloads
     return h

@@ -82,7 +82,7 @@ def handle(s, ev) -> None:
             s.device_ack(ev.seq)
         elif s.allowed(ev):
             s.worker.route(s, ev.to, ev.id, "message" if kind == HOT_MESSAGE else "receipt",
-                           ev.type, ev.body)  # fmt: skip
+                           ev.type, ev.body, ev.payloads)  # fmt: skip
         return
     if t in RATED and not s.allowed(ev):
         return

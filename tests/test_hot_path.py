@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from pigeon.core.connection import NEED_DATA, Connection, Role, State
 from pigeon.core.errors import RemoteProtocolError
 from pigeon.core.events import DeviceAck, Message, Receipt
-from pigeon.core.node import Limits
+from pigeon.core.node import DEFAULT_LIMITS, Limits
+from pigeon.core.wire import ADDR_DEVICE, BIN_8, LIST_16
 
 from strategies import trees
 from wirebuild import binary, frame, lst, packed, tok
@@ -21,18 +22,15 @@ from wirebuild import binary, frame, lst, packed, tok
 ALICE = "491701234567"
 
 
-def logged_in(impl, hot: bool) -> Connection:
-    from test_connection import login, pair
+def logged_in(impl, hot: bool, limits: Limits = DEFAULT_LIMITS) -> Connection:
+    from test_connection import login
 
-    client, server = pair(impl)
-    if hot:
-        server = Connection(Role.SERVER, codec=impl, hot_path=True)
-        server.receive_data(client.initiate())
-        client2 = Connection(Role.CLIENT, codec=impl)
-        client2.receive_data(server.initiate())
-        server.next_event()
-        client2.next_event()
-        client = client2
+    server = Connection(Role.SERVER, codec=impl, hot_path=hot, limits=limits)
+    client = Connection(Role.CLIENT, codec=impl)
+    server.receive_data(client.initiate())
+    client.receive_data(server.initiate())
+    server.next_event()
+    client.next_event()
     login(client, server)
     assert server.state is State.AUTHENTICATED
     return server
@@ -42,7 +40,7 @@ def outcome(ev):
     """What the server does with ``ev``: a Hot as the event it stands for."""
     if type(ev).__name__ == "Hot":
         if ev.kind == 1:
-            return Message(ev.to, ev.id, ev.type, ev.body)
+            return Message(ev.to, ev.id, ev.type, ev.body, ev.payloads or ())
         if ev.kind == 2:
             return Receipt(ev.to, ev.id, ev.type)
         return DeviceAck(ev.seq)
@@ -66,12 +64,22 @@ def run(server: Connection, data: bytes) -> list:
     return out
 
 
-def both(impl, data: bytes) -> tuple[list, list, int]:
-    hot = logged_in(impl, True)
-    full = logged_in(impl, False)
+def both(impl, data: bytes, limits: Limits = DEFAULT_LIMITS) -> tuple[list, list, int]:
+    hot = logged_in(impl, True, limits)
+    full = logged_in(impl, False, limits)
     a, b = run(hot, data), run(full, data)
     assert hot.state is full.state
     return a, b, sum(type(ev).__name__ != "tuple" for ev in a)
+
+
+def hot_kinds(impl, data: bytes) -> list:
+    """What ``next_hot`` makes of each frame of ``data``: a Hot with
+    payloads ("payloads"), another Hot ("hot") or a Node ("node")."""
+    r, c, out = impl.FrameReader(), impl.Codec(), []
+    r.feed(data)
+    while (x := r.next_hot(c)) is not None:
+        out.append("node" if type(x).__name__ != "Hot" else "payloads" if x.payloads else "hot")
+    return out
 
 
 def node(impl, tag, attrs, content=None) -> bytes:
@@ -80,6 +88,86 @@ def node(impl, tag, attrs, content=None) -> bytes:
 
 def P(impl, device: str, body: bytes):
     return impl.Node("payload", {"device": device}, body)
+
+
+DEV0 = bytes([ADDR_DEVICE, 0]) + packed(ALICE)[1:]  # ALICE:0, compact: device number, digits
+
+
+def by_hand(device: bytes = DEV0, content: bytes | None = None, **parts: bytes) -> bytes:
+    """A frame of a message with one payload child in its short form, each
+    part replaceable: the list header (``count``), the ``child``'s header,
+    its ``tag`` and attribute ``key``, ``device``, ``content``, ``tail`` bytes."""
+    p = {"count": lst(1), "child": lst(4), "tag": tok("payload"), "key": tok("device"),
+         "tail": b"", **parts}  # fmt: skip
+    head = lst(8) + tok("message") + tok("to") + packed(ALICE) + tok("id") + binary(b"m9")
+    head += tok("type") + tok("text") + p["count"] + p["child"] + p["tag"] + p["key"]
+    return frame(head + device + (binary(b"a") if content is None else content) + p["tail"])
+
+
+def payload_frames(impl) -> list[bytes]:
+    """Messages with per-device payloads (docs/PROTOCOL.md 9): the ones the
+    hot path reads, then near misses it must leave to the full path."""
+    M = {"to": ALICE, "id": "m1", "type": "text"}
+    d0, d3, d255 = ALICE + ":0", ALICE + ":3", ALICE + ":255"
+    B = "491709876543"
+    Node = impl.Node
+    return [
+        # read hot
+        node(impl, "message", M, [P(impl, d0, b"a"), P(impl, d3, b"b")]),
+        node(impl, "message", M, [P(impl, d0, b"a")]),
+        node(impl, "message", M, [P(impl, d0, b""), P(impl, d255, b"z" * 300)]),  # empty, BIN_16
+        node(impl, "message", M, [P(impl, d0, b"x" * 70_000)]),  # a 4-byte length
+        node(impl, "message", M, [P(impl, f"{u}:{n}", b"p") for u in (ALICE, B) for n in range(5)]),
+        node(impl, "message", {**M, "type": "sync"}, [P(impl, d3, b"a"), P(impl, B + ":1", b"b")]),
+        node(impl, "message", M, [P(impl, f"{ALICE}:{n}", b"p") for n in range(32)]),
+        by_hand(content=binary(b"a", 4)),  # a long length for a short body
+        # near misses (a few are valid in a form only the full path reads)
+        node(impl, "message", M, [P(impl, f"{ALICE}:{n}", b"p") for n in range(33)]),  # long: full
+        node(impl, "message", M, [P(impl, d0, b"a"), P(impl, d0, b"b")]),  # a duplicate
+        node(impl, "message", M, [P(impl, d0, b"a"), P(impl, d3, b"b"), P(impl, d0, b"c")]),
+        node(impl, "message", M, [P(impl, ALICE, b"a")]),  # a user, not a device
+        node(impl, "message", M, [P(impl, "g:12", b"a")]),  # a group
+        node(impl, "message", M, [P(impl, ALICE + ":256", b"a")]),  # no device 256
+        node(impl, "message", M, [P(impl, ALICE + ":01", b"a")]),  # a leading zero
+        node(impl, "message", M, [P(impl, "0491701234:1", b"a")]),  # not an E.164 number
+        node(impl, "message", M, [P(impl, "bob", b"a")]),
+        node(impl, "message", M, [Node("payload", {"device": d0})]),  # no content
+        node(impl, "message", M, [Node("payload", {"device": d0}, [Node("x")])]),  # not bytes
+        node(impl, "message", M, [Node("payload", {}, b"a")]),  # no device
+        node(impl, "message", M, [Node("payload", {"to": d0}, b"a")]),  # another attribute
+        node(impl, "message", M, [Node("payload", {"device": d0, "x": "1"}, b"a")]),  # an extra
+        node(impl, "message", M, [P(impl, d0, b"a"), Node("x")]),  # a child of another tag
+        node(impl, "message", M, [Node("body", {"device": d0}, b"a")]),
+        node(impl, "message", M, [Node("x"), P(impl, d0, b"a")]),
+        node(impl, "message", M, []),  # an empty list
+        node(impl, "message", {**M, "to": "g:12"}, [P(impl, d0, b"a")]),
+        node(impl, "message", {**M, "to": d0}, [P(impl, d3, b"a")]),  # to a device
+        node(impl, "message", {**M, "to": ALICE + ":2"}, [P(impl, d0, b"a")]),
+        node(impl, "message", {**M, "extra": "1"}, [P(impl, d0, b"a")]),
+        node(impl, "message", {**M, "type": "a b"}, [P(impl, d0, b"a")]),
+        node(impl, "message", {**M, "id": "a" * 65}, [P(impl, d0, b"a")]),
+        node(impl, "message", {"to": ALICE, "id": "m1"}, [P(impl, d0, b"a")]),  # no type
+        node(impl, "receipt", {**M, "type": "read"}, [P(impl, d0, b"a")]),
+        node(impl, "ack", {"seq": "1"}, [P(impl, d0, b"a")]),
+        # by hand: other spellings of the same (the full path reads them), broken ones
+        by_hand(binary((ALICE + ":0").encode())),  # a literal device address
+        by_hand(key=binary(b"device")),
+        by_hand(tag=binary(b"payload")),
+        by_hand(count=bytes([LIST_16, 0, 1])),
+        by_hand(child=bytes([LIST_16, 0, 4])),
+        by_hand(content=lst(1) + lst(1) + tok("ack")),  # a child for content
+    ]
+
+
+def broken_payload_frames(impl) -> list[bytes]:
+    """Payload messages the decoder refuses (fatal: the connection ends)."""
+    return [
+        by_hand(tail=b"\x00"),  # a trailing byte
+        by_hand(count=lst(2)),  # one child short
+        by_hand(content=bytes([BIN_8, 5]) + b"ab"),  # a truncated body
+        by_hand(bytes([ADDR_DEVICE, 0]) + packed("0491701234")[1:]),  # a leading 0
+        by_hand(bytes([ADDR_DEVICE, 0, 12, 0x49, 0x17, 0x01, 0x23, 0x45, 0x6A])),  # a nibble past 9
+    ]
 
 
 def stream(impl) -> list[bytes]:
@@ -105,16 +193,7 @@ def stream(impl) -> list[bytes]:
         node(impl, "message", {"id": "m1", "type": "text"}, b"x"),  # no to
         node(impl, "message", M),  # no body
         node(impl, "message", M, [impl.Node("x")]),  # children, not bytes
-        # per-device payloads: the full path reads them (a Hot is never made)
-        node(impl, "message", M, [P(impl, ALICE + ":0", b"a"), P(impl, ALICE + ":3", b"b")]),
-        node(impl, "message", M, [P(impl, ALICE + ":0", b"a"), P(impl, ALICE + ":0", b"b")]),
-        node(impl, "message", M, [P(impl, ALICE, b"a")]),  # a user, not a device
-        node(impl, "message", M, [impl.Node("payload", {"device": ALICE + ":0"})]),  # no bytes
-        node(impl, "message", M, [P(impl, ALICE + ":0", b"a"), impl.Node("x")]),
-        node(impl, "message", M, []),  # an empty list
-        node(impl, "message", {**M, "to": "g:12"}, [P(impl, ALICE + ":0", b"a")]),
-        node(impl, "message", {**M, "to": ALICE + ":2"}, [P(impl, ALICE + ":0", b"a")]),
-        node(impl, "message", {**M, "to": ALICE + ":2", "type": "history"}, b"bundle"),
+        *payload_frames(impl),
         node(impl, "receipt", R),
         node(impl, "receipt", {**R, "type": "played"}),
         node(impl, "receipt", {**R, "type": "delivered"}),  # a client may not send it
@@ -171,6 +250,7 @@ def stream(impl) -> list[bytes]:
         ),  # fmt: skip
         frame(lst(3) + tok("ack") + tok("seq") + packed("12")),
         frame(lst(3) + tok("ack") + tok("seq") + packed("12") + b"\x00"),  # trailing byte
+        *broken_payload_frames(impl),  # fatal too: only the frame-by-frame test reaches them
         frame(lst(3) + tok("ack") + tok("seq")),  # truncated
     ]
     return out
@@ -212,6 +292,71 @@ def test_the_hot_path_reads_the_short_form_in_the_compiled_codec():
     r.feed(node(impl, "ping", {"id": "p"}))
     assert r.next_hot(c).tag == "ping"
     assert r.next_hot(c) is None
+
+
+def test_payload_messages_are_read_hot_and_near_misses_are_not(impl):
+    """The valid per-device messages become a Hot with payloads in both
+    codecs; in the compiled one no near miss does (the full path judges it)."""
+    frames = payload_frames(impl)
+    kinds = []
+    for data in frames:
+        r, c = impl.FrameReader(), impl.Codec()
+        r.feed(data)
+        try:
+            x = r.next_hot(c)
+        except Exception:
+            kinds.append("error")
+            continue
+        kinds.append("node" if type(x).__name__ != "Hot" else "payloads" if x.payloads else "hot")
+    assert kinds[:8] == ["payloads"] * 8
+    if impl.IMPLEMENTATION == "fastpath":
+        assert "payloads" not in kinds[8:] and "hot" not in kinds[8:]
+    h = impl.FrameReader()
+    h.feed(frames[0])
+    ev = h.next_hot(impl.Codec())
+    assert (ev.body, ev.payloads) == (b"", ((ALICE + ":0", b"a"), (ALICE + ":3", b"b")))
+    assert all(type(d) is str and type(b) is bytes for d, b in ev.payloads)
+
+
+def test_payload_messages_byte_at_a_time(impl):
+    frames = [f for f in payload_frames(impl) + broken_payload_frames(impl) if len(f) < 4096]
+    data = b"".join(frames)
+    whole, _, _ = both(impl, data)
+    assert sum(type(ev) is Message and bool(ev.payloads) for ev in whole) >= 6
+
+    def drip(conn):
+        out = []
+        for i in range(len(data)):
+            out += run(conn, data[i : i + 1])
+            if out and type(out[-1]) is tuple and out[-1][2]:
+                break  # fatal: the connection is done
+        return out
+
+    assert drip(logged_in(impl, True)) == drip(logged_in(impl, False)) == whole
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [
+        Limits(max_children=2),
+        Limits(max_children=3),
+        Limits(max_depth=1),
+        Limits(max_attrs=2),
+        Limits(max_attrs=3),
+    ],  # fmt: skip
+    ids=repr,
+)
+def test_payload_messages_under_tight_limits(impl, limits):
+    """Too many payloads (max_children), nesting and attributes past their
+    limits: the same error from both paths, and the same events within them.
+    (A message of 3 attributes under max_attrs=2 was once read hot.)"""
+    M = {"to": ALICE, "id": "m1", "type": "text"}
+    for n in (0, 1, 2, 3, 4):  # 0: a body, no payloads
+        content = [P(impl, f"{ALICE}:{i}", b"p") for i in range(n)] if n else b"p"
+        data = node(impl, "message", M, content)
+        a, b, _ = both(impl, data, limits)
+        assert a == b, (limits, n)
+        assert len(a) == 1
 
 
 @settings(max_examples=300)
