@@ -480,3 +480,35 @@ def test_every_connection_a_draining_worker_accepts_gets_503(tmp_path):
         assert "closed/deleted/dropped" not in srv.log_text()
     finally:
         srv.stop()
+
+
+# -- 11. linked devices (issue 15): what a stranger or an unlinked device can do -------------
+
+
+def test_a_login_answered_after_its_device_was_unlinked_is_refused(tmp_path):
+    """The challenge is got while the companion exists, the proof sent after the primary
+    unlinked it: the login must fail, not attach a session to a device that is gone."""
+    srv = start(tmp_path)
+    try:
+
+        async def go():
+            creds = await srv.register(ALICE)
+            comp = srv.link_device(ALICE)
+            alice = await srv.login(creds)
+            raw = Raw(srv.port)
+            scram = ScramLogin(comp)
+            raw.send(scram.first())
+            challenge = raw.next_event()
+            assert not isinstance(challenge, Error), challenge
+            await alice.unlink(comp.device)
+            raw.send(scram.final(challenge))
+            ev = raw.next_event()
+            assert isinstance(ev, Error) and ev.code == ErrorCode.NOT_AUTHORIZED, ev
+            assert raw.closed_by_server(5)
+            raw.close()
+            assert comp.device not in srv.sessions(ALICE)
+            await alice.close()
+
+        run(go())
+    finally:
+        assert srv.stop() == 0
