@@ -512,3 +512,25 @@ def test_a_login_answered_after_its_device_was_unlinked_is_refused(tmp_path):
         run(go())
     finally:
         assert srv.stop() == 0
+
+
+def test_a_pairing_connection_that_starts_a_login_has_login_timeout_left_not_pair_timeout(
+    tmp_path,
+):
+    """``pair``, then a login nobody finishes: the connection no longer counts as
+    pairing (pair-per-address), so it must not keep pair-timeout either, or any
+    number of them could be held open for minutes past the per-address cap."""
+    srv = start(tmp_path, login_timeout=1, pair_timeout=60)
+    try:
+        from pigeon.client._core import Credentials
+        from pigeon.core.events import Pair, PairCode
+
+        raw = Raw(srv.port)
+        raw.send(Pair("p1", "qr", os.urandom(32)))
+        assert isinstance(raw.next_event(), PairCode)
+        raw.send(ScramLogin(Credentials(f"{ALICE}:1", os.urandom(32))).first())
+        assert not isinstance(raw.next_event(), Error)  # a challenge, never answered
+        assert raw.closed_by_server(15)  # login-timeout from the login's start, not 60 s
+        raw.close()
+    finally:
+        assert srv.stop() == 0
