@@ -534,3 +534,28 @@ def test_a_pairing_connection_that_starts_a_login_has_login_timeout_left_not_pai
         raw.close()
     finally:
         assert srv.stop() == 0
+
+
+def test_pair_requests_sent_at_once_leave_one_live_code_not_one_each(tmp_path):
+    """A second ``pair`` replaces the first even when both come in one read (before
+    the first one's record is written): one answer, one code, one 306 at its end;
+    not a live code per request, all waiting on the same connection."""
+    srv = start(tmp_path, pair_ttl=1, pair_refreshes=0, pair_timeout=60)
+    try:
+        from pigeon.core.events import Pair, PairCode
+
+        raw = Raw(srv.port)
+        key = os.urandom(32)
+        raw.sock.sendall(b"".join(raw.conn.send(Pair(f"p{i}", "qr", key)) for i in range(3)))
+        got = []
+        raw.sock.settimeout(4)  # past pair-ttl, well
+        with pytest.raises(TimeoutError):
+            while len(got) < 10:
+                got.append(raw.next_event())
+        codes = [e for e in got if isinstance(e, PairCode)]
+        ends = [e for e in got if isinstance(e, Error)]
+        assert [(e.id, e.ref is not None) for e in codes] == [("p2", True)], got
+        assert [(e.code, e.id) for e in ends] == [(ErrorCode.PAIR_EXPIRED, "p2")], got
+        raw.close()
+    finally:
+        assert srv.stop() == 0
