@@ -438,6 +438,7 @@ def link(s, ev: Link) -> None:
     window = c.register_window * 1000
 
     def attempt(txn, now):
+        w.store.check_room(txn)  # (the count is a write)
         # counted first: a refused attempt counts too (guessing codes costs attempts)
         if not (
             w.store.hit_txn(txn, f"link-acct:{user}", c.link_per_account, window, now)

@@ -242,6 +242,9 @@ def test_a_full_store_answers_every_request_with_501_never_a_traceback(tmp_path)
         with pytest.raises(ServerError) as info:
             await alice.discover([f"4931{i:08d}" for i in range(500)])
         assert info.value.code == ErrorCode.STORE_FULL
+        with pytest.raises(ServerError) as info:  # a link attempt writes its rate-limit count
+            await alice.link_code("ABCD-2345")
+        assert info.value.code == ErrorCode.STORE_FULL
         await alice.ping()  # the connection goes on
         await alice.close()
 
