@@ -285,7 +285,14 @@ def leave(s, request_id: str, what: str) -> None:
 def auth_start(s, ev: AuthStart) -> None:
     w = s.worker
     acc = w.accounts
-    linking.release(s)  # a paired companion logs in: it is pairing no more
+    if s.pairing is not None:  # a paired companion logs in: it is pairing no more
+        linking.release(s)
+        # ... nor counted as pairing (pair-per-address), so it keeps pair-timeout
+        # no longer: login-timeout from here at most, as for any login
+        end = w.loop.time() + w.config.login_timeout
+        if s.deadline is not None and s.deadline.when() > end:
+            s.deadline.cancel()
+            s.deadline = w.loop.call_at(end, linking.pair_deadline, s)
     user = scram_username(ev.data)
     if user is None or address_kind(user) != "device":
         return s.fail(

@@ -247,15 +247,14 @@ def primary_of(acct: dict | None) -> int | None:
 def pair(s, ev: Pair) -> None:
     w = s.worker
     c = w.config
-    p = s.pairing
-    if p is None:
+    prev = s.pairing
+    if prev is None:
         if w.pairing_per_ip[s.source] >= c.pair_per_address:
             w.stats.counters["rate_limited"] += 1
             return s.fail(
                 ErrorCode.RATE_LIMITED,
                 "too many connections waiting to be paired from this address",
             )
-        p = s.pairing = Pairing()
         w.pairing_per_ip[s.source] += 1
         # the deadline: pair-timeout from the connect, instead of login-timeout
         loop = w.loop
@@ -263,12 +262,16 @@ def pair(s, ev: Pair) -> None:
         if s.deadline is not None:
             s.deadline.cancel()
         s.deadline = loop.call_at(started + c.pair_timeout, pair_deadline, s)
-    if p.timer is not None:
-        p.timer.cancel()
-        p.timer = None
+        old = None
+    else:
+        # replaced: a new state per request, so that one whose record is still
+        # being written (pipelined) ends it itself (_issued: not s.pairing)
+        if prev.timer is not None:
+            prev.timer.cancel()
+            prev.timer = None
+        old, prev.record = prev.record, None
+    p = s.pairing = Pairing()
     p.rid, p.type, p.key, p.name, p.phone = ev.id, ev.type, ev.identity_key, ev.name, ev.phone
-    p.refreshes = 0
-    old, p.record = p.record, None
     wid, conn, source = w.wid, s.id, s.source
     window = c.register_window * 1000
 
@@ -326,14 +329,19 @@ def _ttl_over(s, p: Pairing) -> None:
         return _write_record(w, txn, now, p, p.refreshes + 1, wid, conn)
 
     def done(result) -> None:
-        if result is None or s.closing or s.pairing is not p:
+        if result is None:
             return
-        p.record = None
+        live = not s.closing and s.pairing is p
+        if live:
+            p.record = None
         if result is False:
-            s.send(Error(ErrorCode.PAIR_EXPIRED, "the pairing code has expired; ask again", p.rid))
+            if live:
+                s.send(Error(ErrorCode.PAIR_EXPIRED, "the pairing code has expired; ask again",
+                             p.rid))  # fmt: skip
             return
-        p.refreshes += 1
-        _issued(s, p, result)
+        if live:
+            p.refreshes += 1
+        _issued(s, p, result)  # (a new record for a connection gone or replaced: ended)
 
     w.write(run, done, s, p.rid)
 
@@ -430,6 +438,7 @@ def link(s, ev: Link) -> None:
     window = c.register_window * 1000
 
     def attempt(txn, now):
+        w.store.check_room(txn)  # (the count is a write)
         # counted first: a refused attempt counts too (guessing codes costs attempts)
         if not (
             w.store.hit_txn(txn, f"link-acct:{user}", c.link_per_account, window, now)

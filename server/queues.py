@@ -81,8 +81,10 @@ map that is full to the last page still frees itself in steps.
 
 Blocking and the new-conversation limit are checked here too, in the same
 transaction as the store they guard: a message to a user who blocks the
-sender (or a read receipt from them) is acknowledged and dropped (the
-contract's one stated exception), a
+sender (or a read receipt from them) is acknowledged and not stored for
+the recipient (the contract's one stated exception; the sender's own other
+devices still get its sync copies, and a stale per-device list its 408, so
+the sender's account cannot tell), a
 message or receipt to a user the sender blocks is refused (403), and a message that
 starts a conversation with a user who does not have the sender as a contact
 counts against the sender's ``new-chats`` per window (404 past it).  Which
@@ -559,15 +561,15 @@ class Queues:
             s.error = (ErrorCode.NO_DEVICE, "the recipient has no device to deliver to")
             return
         own = sender == to  # a note to self: the sender's other devices only
+        blocked = False
         if own:
             mine = devices
         else:
-            if w.blocks(to, sender):
-                # the recipient blocks the sender: acked and dropped, by design
-                txn.put(dkey, stamp, db=cur)
-                s.t = now
-                return
-            if w.blocks(sender, to):
+            # The recipient blocks the sender: acked and not stored for the
+            # recipient, by design; the sender's own devices see it as any
+            # other (sync copies, the 408 check), or the block would show.
+            blocked = w.blocks(to, sender)
+            if not blocked and w.blocks(sender, to):
                 # refused, not dropped: only a blocked sender is acked for nothing
                 s.error = (ErrorCode.BLOCKED, "you block this user: unblock them to send")
                 return
@@ -579,6 +581,12 @@ class Queues:
         per_device = type(entries) is dict
         if per_device and not self._payloads_match(s, entries, recipients, mine, nsync):
             return
+        if blocked:
+            if not nsync:
+                txn.put(dkey, stamp, db=cur)
+                s.t = now
+                return
+            recipients = ()
         sync_entry = None
         if nsync and not per_device:
             sync_entry = entries if own else self.encoder.entry(
@@ -597,7 +605,7 @@ class Queues:
                         f"a recipient's queue is full ({st[1]} items, {st[2]} bytes); retry later",
                     )
                     return
-        if s.cls == "message" and lim.new_chats and not own:
+        if s.cls == "message" and lim.new_chats and not own and not blocked:
             if not self._chat_allowed(w, sender, to, now):
                 s.error = (
                     ErrorCode.NEW_CHAT_LIMIT,

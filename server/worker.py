@@ -246,6 +246,10 @@ class Worker:
         wid, conn = self.wid, s.id
 
         def record(txn, now):
+            if self.store._get(txn, "devices", device) is None:
+                # unlinked (or logged out, or its account deleted) since its
+                # credentials were read for the challenge: no session for it
+                return None
             self.store.note_login_txn(txn, device, now)
             prev, offline = self.store.set_session_txn(txn, device, wid, conn, now)
             # Read with the record, so exact: an entry any later commit adds is
@@ -261,6 +265,10 @@ class Worker:
         self.write(record, lambda r: self._attached(s, device, r, done), failed=failed)
 
     def _attached(self, s: Session, device: str, recorded, done) -> None:
+        if recorded is None:  # the device is gone: as a wrong proof
+            if not s.closing:
+                s.fail(ErrorCode.NOT_AUTHORIZED, "login failed")
+            return
         prev, offline, queued = recorded
         s.device = device
         s.user = device.partition(":")[0]

@@ -242,6 +242,9 @@ def test_a_full_store_answers_every_request_with_501_never_a_traceback(tmp_path)
         with pytest.raises(ServerError) as info:
             await alice.discover([f"4931{i:08d}" for i in range(500)])
         assert info.value.code == ErrorCode.STORE_FULL
+        with pytest.raises(ServerError) as info:  # a link attempt writes its rate-limit count
+            await alice.link_code("ABCD-2345")
+        assert info.value.code == ErrorCode.STORE_FULL
         await alice.ping()  # the connection goes on
         await alice.close()
 
@@ -480,3 +483,82 @@ def test_every_connection_a_draining_worker_accepts_gets_503(tmp_path):
         assert "closed/deleted/dropped" not in srv.log_text()
     finally:
         srv.stop()
+
+
+# -- 11. linked devices (issue 15): what a stranger or an unlinked device can do -------------
+
+
+def test_a_login_answered_after_its_device_was_unlinked_is_refused(tmp_path):
+    """The challenge is got while the companion exists, the proof sent after the primary
+    unlinked it: the login must fail, not attach a session to a device that is gone."""
+    srv = start(tmp_path)
+    try:
+
+        async def go():
+            creds = await srv.register(ALICE)
+            comp = srv.link_device(ALICE)
+            alice = await srv.login(creds)
+            raw = Raw(srv.port)
+            scram = ScramLogin(comp)
+            raw.send(scram.first())
+            challenge = raw.next_event()
+            assert not isinstance(challenge, Error), challenge
+            await alice.unlink(comp.device)
+            raw.send(scram.final(challenge))
+            ev = raw.next_event()
+            assert isinstance(ev, Error) and ev.code == ErrorCode.NOT_AUTHORIZED, ev
+            assert raw.closed_by_server(5)
+            raw.close()
+            assert comp.device not in srv.sessions(ALICE)
+            await alice.close()
+
+        run(go())
+    finally:
+        assert srv.stop() == 0
+
+
+def test_a_pairing_connection_that_starts_a_login_has_login_timeout_left_not_pair_timeout(
+    tmp_path,
+):
+    """``pair``, then a login nobody finishes: the connection no longer counts as
+    pairing (pair-per-address), so it must not keep pair-timeout either, or any
+    number of them could be held open for minutes past the per-address cap."""
+    srv = start(tmp_path, login_timeout=1, pair_timeout=60)
+    try:
+        from pigeon.client._core import Credentials
+        from pigeon.core.events import Pair, PairCode
+
+        raw = Raw(srv.port)
+        raw.send(Pair("p1", "qr", os.urandom(32)))
+        assert isinstance(raw.next_event(), PairCode)
+        raw.send(ScramLogin(Credentials(f"{ALICE}:1", os.urandom(32))).first())
+        assert not isinstance(raw.next_event(), Error)  # a challenge, never answered
+        assert raw.closed_by_server(15)  # login-timeout from the login's start, not 60 s
+        raw.close()
+    finally:
+        assert srv.stop() == 0
+
+
+def test_pair_requests_sent_at_once_leave_one_live_code_not_one_each(tmp_path):
+    """A second ``pair`` replaces the first even when both come in one read (before
+    the first one's record is written): one answer, one code, one 306 at its end;
+    not a live code per request, all waiting on the same connection."""
+    srv = start(tmp_path, pair_ttl=1, pair_refreshes=0, pair_timeout=60)
+    try:
+        from pigeon.core.events import Pair, PairCode
+
+        raw = Raw(srv.port)
+        key = os.urandom(32)
+        raw.sock.sendall(b"".join(raw.conn.send(Pair(f"p{i}", "qr", key)) for i in range(3)))
+        got = []
+        raw.sock.settimeout(4)  # past pair-ttl, well
+        with pytest.raises(TimeoutError):
+            while len(got) < 10:
+                got.append(raw.next_event())
+        codes = [e for e in got if isinstance(e, PairCode)]
+        ends = [e for e in got if isinstance(e, Error)]
+        assert [(e.id, e.ref is not None) for e in codes] == [("p2", True)], got
+        assert [(e.code, e.id) for e in ends] == [(ErrorCode.PAIR_EXPIRED, "p2")], got
+        raw.close()
+    finally:
+        assert srv.stop() == 0

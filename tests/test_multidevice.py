@@ -205,3 +205,34 @@ def test_a_device_list_notice_waits_for_an_offline_device_and_comes_at_login(srv
         await c1.close()
 
     run(main())
+
+
+def test_a_blocked_sender_cannot_tell_by_its_own_devices_or_by_a_stale_list(srv):
+    """The blocked sender is acked and nothing reaches the blocker (section 10e), but
+    what the sender's own account sees is as if it were not blocked: its other
+    devices get the sync copies (and read-sync copies), and a stale device list is
+    refused with 408 as it is for anyone, not acked (a free test of the block)."""
+
+    async def main():
+        alice, bob, a, b, clients = await accounts(srv, recipient_devices=2)
+        await clients[b[0].device].block(alice)
+        sender = clients[a[0].device]
+        with pytest.raises(StaleDevices) as info:
+            await sender.send(bob, {b[0].device: b"x", f"{bob}:9": b"y"}, id="s1")
+        assert info.value.missing == (b[1].device, a[1].device)
+        assert info.value.extra == (f"{bob}:9",)
+        ack = await sender.send(bob, b"to a blocker", id="s2")
+        (ev,) = await take(clients[a[1].device], 1)  # the sync copy, as always
+        assert (ev.id, ev.body, ev.t, ev.to) == ("s2", b"to a blocker", ack.t, bob)
+        right = {d.device: d.device.encode() for d in (*b, a[1])}
+        await sender.send(bob, right, id="s3")
+        (ev,) = await take(clients[a[1].device], 1)
+        assert (ev.id, ev.body, ev.to) == ("s3", a[1].device.encode(), bob)
+        await sender.receipt(bob, "s0", "read")  # read sync for alice's other device
+        (ev,) = await take(clients[a[1].device], 1)
+        assert (ev.id, ev.type, ev.to) == ("s0", "read", bob)
+        for c in clients.values():
+            await nothing_more(c)  # the blocker's devices got nothing
+        await close_all(clients)
+
+    run(main())
