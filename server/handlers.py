@@ -255,6 +255,14 @@ def leave(s, request_id: str, what: str) -> None:
 
     def run(txn, now):
         if what == "logout":
+            acct = w.store._get(txn, "accounts", user)
+            if linking.primary_of(acct) == int(device.rpartition(":")[2]):
+                # the primary logs out: its companions go with it (as WhatsApp's
+                # phone logout does), so no companion becomes the primary
+                companions = [f"{user}:{n}" for n in acct["devices"][1:]]
+                for d in [device, *companions]:
+                    w.store.remove_device_txn(txn, d, now)
+                return now, companions, []
             w.store.remove_device_txn(txn, device, now)
             # the account's other devices are told, in the same transaction (after
             # the removal: the device that leaves gets none)
@@ -266,8 +274,10 @@ def leave(s, request_id: str, what: str) -> None:
         t, others, pushes = result
         w.deliver(pushes)
         s.send(ServerAck(request_id, t, what))
+        why = ("the account was deleted" if what != "logout"
+               else "the primary device logged out: link this device again")  # fmt: skip
         for d in others:
-            w.revoke(d, ErrorCode.REVOKED, "the account was deleted")
+            w.revoke(d, ErrorCode.REVOKED, why)
         log.event(
             logger,
             logging.INFO,

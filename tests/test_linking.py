@@ -627,3 +627,30 @@ def test_the_trio_client_drops_a_cached_device_list_at_a_notice(srv):
                 assert [d.device for d in await alice.devices(phone)] == [creds.device]
 
     trio.run(main)
+
+
+def test_the_primarys_logout_unlinks_its_companions_so_none_becomes_primary(srv):
+    async def go():
+        phone, creds, alice = await primary(srv)
+        c1, c1creds = await link_by_qr(srv, phone, alice)
+        where = srv.sessions(phone)[creds.device]["worker"]
+        await c1.close()
+        c1 = await on_other_worker(srv, c1creds, phone, where)
+        c2, c2creds = await link_by_qr(srv, phone, alice)  # linked, never logged in
+        await alice.logout()
+        # the live companion, on the other worker, is closed at once
+        await until(lambda: c1.closed is not None)
+        assert isinstance(c1.closed, ServerError) and c1.closed.code == ErrorCode.REVOKED
+        assert "primary device logged out" in c1.closed.text
+        # neither companion can log in again, so none is left to link devices as primary
+        for cr in (c1creds, c2creds):
+            late = await srv.client()
+            with pytest.raises((ServerError, ConnectionLost)):
+                await late.login(cr)
+            await late.close()
+        _, _, bob = await primary(srv)
+        assert [d.device for d in await bob.devices(phone)] == []  # the account, no device
+        for c in (alice, c1, c2, bob):
+            await c.close()
+
+    run(go())
