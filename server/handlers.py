@@ -250,6 +250,8 @@ def leave(s, request_id: str, what: str) -> None:
     w = s.worker
     device, user = s.device, s.user
     w.detach(s)
+    if s.holders:  # the workers holding pushes for it are told while it has a name
+        s.release()
     s.device = None
     s.close_soon()  # nothing more is read; the answer goes out before the close
 

@@ -543,6 +543,8 @@ def unlink(s, ev: Unlink) -> None:
         if target == device:  # a companion unlinked itself: as a logout
             if w.by_device.get(device) is s:
                 del w.by_device[device]
+            if s.holders:  # told while the session still has its device's name
+                s.release()
             s.device = None
             s.close_soon()
         else:

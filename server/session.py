@@ -370,6 +370,8 @@ class Session(asyncio.Protocol):
         """Resumed or ending: the workers that hold pushes to this device push again
         (and send a CATCHUP for what they held)."""
         holders, self.holders = self.holders, None
+        if self.device is None:  # (callers release before they clear the device)
+            return
         bus = self.worker.bus
         for wid in holders:
             bus.ask_hold(wid, self.device, False)
