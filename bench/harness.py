@@ -1663,6 +1663,11 @@ def report_command(opts) -> int:
     return 0
 
 
+# Options each bench may have, checked before it starts: the least value, or > 0.
+_AT_LEAST = (("clients", 2), ("load_procs", 1), ("links", 1), ("window", 1), ("subscribers", 1))
+_POSITIVE = ("rate", "seconds", "stall_timeout", "drain_timeout")
+
+
 def run(opts) -> int:
     if (opts.target is None) != (opts.server_pid is None):
         print("pigeon bench: --target and --server-pid go together", file=sys.stderr)
@@ -1671,24 +1676,12 @@ def run(opts) -> int:
         print("pigeon bench: --target needs --creds (from pigeon admin provision)",
               file=sys.stderr)  # fmt: skip
         return 2
-    if getattr(opts, "clients", 2) < 2:
-        print("pigeon bench: --clients must be at least 2", file=sys.stderr)
-        return 2
-    if getattr(opts, "load_procs", 1) < 1:
-        print("pigeon bench: --load-procs must be at least 1", file=sys.stderr)
-        return 2
-    for flag in ("rate", "seconds"):
-        if getattr(opts, flag, 1) <= 0:
-            print(f"pigeon bench: --{flag} must be positive", file=sys.stderr)
+    for flag, least in _AT_LEAST:
+        if getattr(opts, flag, least) < least:
+            print(f"pigeon bench: --{flag.replace('_', '-')} must be at least {least}",
+                  file=sys.stderr)  # fmt: skip
             return 2
-    for flag in ("links", "window"):
-        if getattr(opts, flag, 1) < 1:
-            print(f"pigeon bench: --{flag} must be at least 1", file=sys.stderr)
-            return 2
-    if getattr(opts, "subscribers", 1) < 1:
-        print("pigeon bench: --subscribers must be at least 1", file=sys.stderr)
-        return 2
-    for flag in ("stall_timeout", "drain_timeout"):
+    for flag in _POSITIVE:
         if getattr(opts, flag, 1) <= 0:
             print(f"pigeon bench: --{flag.replace('_', '-')} must be positive", file=sys.stderr)
             return 2

@@ -277,11 +277,7 @@ class Bus:
 
     def ask_hold(self, wid: int, device: str, yes: bool) -> None:
         """Ask worker ``wid`` to hold (or release) its pushes to ``device``, held here."""
-        d = device.encode()
-        buf = self._buffer(wid)
-        buf += _HEAD.pack(2 + len(d), HOLD if yes else RELEASE)
-        buf += bytes((len(d),))
-        buf += d
+        self._buffer(wid).extend(_device_head(HOLD if yes else RELEASE, device, 0))
 
     def typing(self, wid: int, device: str, frame) -> None:
         if wid in self.full:
