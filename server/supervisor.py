@@ -39,7 +39,9 @@ reload is refused with a log line and nothing else happens.  Otherwise a
 new generation of workers starts beside the old one (SO_REUSEPORT: both
 listen on the same port) and only when every new worker is ready are the
 old ones told to drain: they stop accepting, send their clients error 503
-(reconnect; the new workers are already listening) and exit.  Worker ids
+(reconnect; the new workers are already listening) and exit.  READY=1 of a
+reload comes once every old worker has closed its listening sockets, so a
+client that connects after it never reaches one.  Worker ids
 (``gen * WID_STRIDE + index``) keep the two generations apart in the
 session table and on the bus.
 """
@@ -75,6 +77,8 @@ from .worker import WID_STRIDE, raise_open_files_limit
 logger = logging.getLogger("pigeon.supervisor")
 
 READY_TIMEOUT = 60.0
+#: How long a reload's READY=1 waits at most for the old workers to close their listeners.
+CLOSE_WAIT = 10.0
 CONTROL_SOCKET = control_mod.CONTROL_SOCKET
 STOP_TIMEOUT = 10.0
 
@@ -183,6 +187,7 @@ class WorkerProc:
         self.restarts = 0  # spawns after the first (crashes it came back from)
         self.buf = b""
         self.fatal: str | None = None  # why it refused to start, from its status pipe
+        self.closed = False  # draining: its listening sockets are closed ("closed" line)
 
     @property
     def wid(self) -> int:
@@ -198,6 +203,8 @@ class Supervisor:
         self.gen = 0
         self.workers = [WorkerProc(i, 0, self.count, config) for i in range(self.count)]
         self.incoming: list[WorkerProc] = []  # a reload's new generation, starting
+        self.ready_due: float | None = None  # a reload's READY=1 waits for old listeners to close
+        self.ready_gen = 0
         self.retiring: list[WorkerProc] = []  # the old generation, draining
         self.reload_started = 0.0
         self.sel = selectors.DefaultSelector()
@@ -355,6 +362,8 @@ class Supervisor:
         for line in lines:
             if line.startswith(b"ready"):
                 w.ready = True
+            elif line.startswith(b"closed"):
+                w.closed = True
             elif line.startswith(b"fatal "):
                 w.fatal = line[6:].decode(errors="replace")
             elif line.startswith(b"metrics "):
@@ -462,6 +471,7 @@ class Supervisor:
                     self.hangups = 0
                     self.begin_reload()
                 self._advance_reload()
+                self._announce_reload()
                 now = time.monotonic()
                 for w in self.workers:
                     if (
@@ -648,9 +658,28 @@ class Supervisor:
                     self.retiring.append(w)
             log.event(logger, logging.INFO, "reload: new workers serving; old ones draining",
                       gen=self.gen, seconds=round(time.monotonic() - self.reload_started, 3))  # fmt: skip
-            notify(ready=1, status=f"serving (generation {self.gen})")
+            self.ready_due, self.ready_gen = time.monotonic() + CLOSE_WAIT, self.gen
         elif time.monotonic() - self.reload_started > READY_TIMEOUT:
             self._abort_reload(f"new workers not ready within {READY_TIMEOUT:.0f} s")
+
+    def _announce_reload(self) -> None:
+        """READY=1 for a reload once no old worker listens any more.
+
+        Until an old worker has closed its listening sockets the kernel may
+        still hand it a new connection, which it would answer 503: READY
+        means a client that connects now reaches the new generation.  An old
+        worker says "closed" on its status pipe when its listeners are shut
+        (or exits); one that says neither within CLOSE_WAIT does not hold
+        READY back longer.
+        """
+        if self.ready_due is None:
+            return
+        if time.monotonic() < self.ready_due and not all(
+            w.closed or w.proc is None for w in self.retiring
+        ):
+            return
+        self.ready_due = None
+        notify(ready=1, status=f"serving (generation {self.ready_gen})")
 
     def _abort_reload(self, why: str) -> None:
         for w in self.incoming:

@@ -591,7 +591,14 @@ class Worker:
         """Counters to the supervisor (one line on the status pipe; dropped if it is full)."""
         if self.status_fd is None:
             return
-        line = b"metrics " + orjson.dumps(self.stats.snapshot(len(self.sessions))) + b"\n"
+        self._tell_supervisor(
+            b"metrics " + orjson.dumps(self.stats.snapshot(len(self.sessions))) + b"\n"
+        )
+
+    def _tell_supervisor(self, line: bytes) -> None:
+        """One line on the status pipe (dropped if the pipe is full or gone)."""
+        if self.status_fd is None:
+            return
         try:
             os.write(self.status_fd, line)
         except (BlockingIOError, BrokenPipeError):
@@ -761,6 +768,7 @@ class Worker:
         self.draining = True
         self.listeners.stop_accepting()
         await self.listeners.drain_accept_queues()
+        self._tell_supervisor(f"closed {self.index}\n".encode())  # a reload's READY waits for it
         for s in list(self.sessions.values()):
             s.fail(ErrorCode.SHUTTING_DOWN, "the server is shutting down; reconnect later")
         # Each closing connection ends within LINGER (its abort timer).
