@@ -600,6 +600,12 @@ def test_link_expiry_and_ctrl_c_say_what_to_do(tmp_path):
             said = pairing.expect("pigeon chat:")
             assert "the code expired, run pigeon chat link again" in said, said
         assert not (tmp_path / "a.json").exists()
+    finally:
+        assert srv.stop() == 0
+    # Ctrl-C on a server whose codes live long enough (with pair-ttl 1 a busy
+    # machine can let the code expire before the keystroke arrives)
+    srv = Server(tmp_path / "data2", workers=1).start()
+    try:
         with terminals(Terminal(srv, tmp_path / "b.json", "link", "--code", ALICE)) as (pairing,):
             pairing.expect("(valid")
             pairing.type("\x03")  # Ctrl-C
