@@ -431,7 +431,8 @@ OPTIONS: list[Option] = [
         2000,
         _non_negative_int,
         "phone numbers an account may look up per discover-window (numbers already in its "
-        "contact set are free); past it error 302",
+        "contact set are free; a device-list query about a user outside it counts one); "
+        "past it error 302",
     ),
     Option(
         "discover_window", 86_400, _positive_float, "sliding window for discover-numbers, seconds"

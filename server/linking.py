@@ -499,21 +499,44 @@ async def _create(s, ev: Link, user: str, device: str) -> None:
 
 
 def devices(s, ev: DevicesQuery) -> None:
-    store = s.worker.store
-    with store.read() as txn:
-        acct = store._get(txn, "accounts", ev.user)
-        if acct is None:
+    """The device list of ``ev.user``: from a read transaction for the account itself
+    or a contact; for anyone else inside the tick's commit, where the lookup is
+    charged to the discovery limit first (``Social.charge_lookup_txn``)."""
+    w = s.worker
+    store, user, target = w.store, s.user, ev.user
+
+    def answer(items) -> None:
+        if items is None:
             s.send(Error(ErrorCode.UNKNOWN_RECIPIENT, "not a registered user", ev.id))
+        else:
+            s.send(DeviceList(ev.id, target, items))
+
+    with store.read() as txn:
+        if w.social.lookup_free(txn, user, target):
+            answer(_device_items(store, txn, target))
             return
-        items = []
-        for n in acct["devices"]:
-            address = f"{ev.user}:{n}"
-            dev = store._get(txn, "devices", address)
-            if dev is None or len(dev["identity_key"]) != 32:
-                continue
-            items.append(DeviceInfo(address, dev["created"], dev["identity_key"],
-                                    dev.get("name"), dev.get("signature")))  # fmt: skip
-    s.send(DeviceList(ev.id, ev.user, tuple(items)))
+
+    def run(txn, now):
+        w.social.charge_lookup_txn(txn, now, user, target)
+        return _device_items(store, txn, target)
+
+    w.write(run, answer, s, ev.id)
+
+
+def _device_items(store, txn, user: str):
+    """``user``'s DeviceInfo tuple, or None if it is not a registered user."""
+    acct = store._get(txn, "accounts", user)
+    if acct is None:
+        return None
+    items = []
+    for n in acct["devices"]:
+        address = f"{user}:{n}"
+        dev = store._get(txn, "devices", address)
+        if dev is None or len(dev["identity_key"]) != 32:
+            continue
+        items.append(DeviceInfo(address, dev["created"], dev["identity_key"],
+                                dev.get("name"), dev.get("signature")))  # fmt: skip
+    return tuple(items)
 
 
 def unlink(s, ev: Unlink) -> None:

@@ -297,6 +297,27 @@ class Social:
             txn.put(pair(p, user), b"", db=db["rcontacts"])
         return found, left, keep != current
 
+    def lookup_free(self, txn, user: str, other: str) -> bool:
+        """True if ``user`` may look ``other`` up (device list, keys) without cost:
+        itself, or a number already in its contact set (paid for by discovery)."""
+        return other == user or txn.get(pair(user, other), db=self.db["contacts"]) is not None
+
+    def charge_lookup_txn(self, txn, now: int, user: str, other: str) -> None:
+        """A lookup of a user outside ``user``'s contact set (``lookup_free`` false)
+        costs one number of ``discover-numbers``, like contact discovery: a
+        device list or a key bundle also tells whether a number is registered,
+        so neither may be used to test numbers past that limit (302)."""
+        c = self.config
+        window_ms = int(c.discover_window * 1000)
+        ok, _ = window_take(txn, self.db["limits"], f"discover:{user}".encode(), now, window_ms,
+                            c.discover_numbers)  # fmt: skip
+        if not ok:
+            raise ServiceError(
+                ErrorCode.RATE_LIMITED,
+                f"contact discovery limit: a user outside your contacts may be looked up "
+                f"{c.discover_numbers} times per {c.discover_window:g} s",
+            )
+
     def contacts(self, user: str) -> list[str]:
         prefix = f"{user}\x00".encode()
         with self.env.begin() as txn:

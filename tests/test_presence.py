@@ -341,6 +341,45 @@ def test_contact_discovery_results_store_only_users_and_are_rate_limited(tmp_pat
         assert srv.stop() == 0
 
 
+def test_device_lists_of_strangers_count_against_the_discovery_limit(tmp_path):
+    """A device list says whether a number is registered, so looking up users
+    outside one's contacts costs discover-numbers as discovery does: no way
+    around that limit to test numbers (the account itself and contacts are free)."""
+    srv = start(tmp_path, discover_numbers=3)
+    try:
+        strangers = [f"4915550000{i:03d}" for i in range(3)]
+
+        async def main():
+            a_creds, *_ = await users(srv, ALICE, BOB, CAROL)
+            alice = await srv.login(a_creds)
+            assert [d.device for d in await alice.devices(BOB)] == [f"{BOB}:0"]  # 1 of 3
+            with pytest.raises(ServerError) as info:
+                await alice.devices(strangers[0])  # no user: counted all the same (2 of 3)
+            assert info.value.code == ErrorCode.UNKNOWN_RECIPIENT
+            await alice.devices(CAROL)  # 3 of 3
+            with pytest.raises(ServerError) as info:
+                await alice.devices(DAVE, fresh=True)
+            assert info.value.code == ErrorCode.RATE_LIMITED and "discovery" in info.value.text
+            for _ in range(3):  # its own account is free, again and again
+                assert await alice.devices(ALICE, fresh=True)
+            srv.advance_clock(DAY + 1)
+            assert (await alice.discover([BOB])).users == (BOB,)  # 1 of 3 in the new window
+            for _ in range(4):  # a contact is free
+                assert await alice.devices(BOB, fresh=True)
+            for phone in strangers[1:]:  # 2 more strangers fit, then the limit again
+                with pytest.raises(ServerError) as info:
+                    await alice.devices(phone)
+                assert info.value.code == ErrorCode.UNKNOWN_RECIPIENT
+            with pytest.raises(ServerError) as info:
+                await alice.devices(CAROL, fresh=True)
+            assert info.value.code == ErrorCode.RATE_LIMITED
+            await alice.close()
+
+        run(main())
+    finally:
+        assert srv.stop() == 0
+
+
 def test_new_conversation_limit_triggers_and_resets_with_the_window(tmp_path):
     srv = start(tmp_path, new_chats=2, new_chats_window=DAY)
     try:
