@@ -225,7 +225,7 @@ class Connection:
 
     __slots__ = ("role", "limits", "_impl", "_dictionaries", "peer_hello", "_pre", "_reader",
                  "_eof", "_error", "dictionary", "_inbound", "state", "_codec", "_node_cls",
-                 "hot")  # fmt: skip
+                 "hot", "login_max_frame")  # fmt: skip
 
     def __init__(
         self,
@@ -236,6 +236,7 @@ class Connection:
         limits: Limits = DEFAULT_LIMITS,
         codec=None,
         hot_path: bool = False,
+        login_max_frame: int | None = None,
     ):
         self.role = Role(role)
         self.limits = limits
@@ -246,7 +247,15 @@ class Connection:
         #: the peer's preamble, once received
         self.peer_hello: Hello | None = None
         self._pre = b""
-        self._reader = self._impl.FrameReader(limits.max_frame)
+        #: (a server) the largest frame payload taken before the login
+        #: succeeds: what a peer that has not logged in can make this side
+        #: buffer per connection; ``limits.max_frame`` from then on
+        self.login_max_frame = (
+            limits.max_frame
+            if login_max_frame is None or self.role is Role.CLIENT
+            else min(login_max_frame, limits.max_frame)
+        )
+        self._reader = self._impl.FrameReader(self.login_max_frame)
         self._eof = False
         self._error: RemoteProtocolError | None = None
         if self.role is Role.CLIENT:
@@ -320,7 +329,10 @@ class Connection:
             if is_fatal(event.code):
                 self.state = State.CLOSED
             return
-        self.state = TRANSITIONS[(self.state, type(event))]
+        state = TRANSITIONS[(self.state, type(event))]
+        if state is State.AUTHENTICATED and self.state is not state:
+            self._reader.max_frame = self.limits.max_frame  # logged in: the full limit
+        self.state = state
 
     # -- input ------------------------------------------------------------
 
@@ -364,7 +376,10 @@ class Connection:
             else:
                 node = self._reader.next_node(self._codec)
         except CodecError as exc:
-            raise self._fail(RemoteProtocolError(exc.text, exc.code)) from exc
+            text = exc.text
+            if exc.code == ErrorCode.FRAME_TOO_LARGE and self.state is not State.AUTHENTICATED:
+                text += " before login (login-max-frame)"
+            raise self._fail(RemoteProtocolError(text, exc.code)) from exc
         if node is None:
             return self._closed_or_need()
         return self._dispatch(node)

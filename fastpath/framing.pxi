@@ -10,7 +10,7 @@ cdef class FrameReader:
     chunks.  ``next_node`` and ``next_envelope`` decode or peek in place.
     """
 
-    cdef readonly Py_ssize_t max_frame
+    cdef public Py_ssize_t max_frame  # raised once a connection has logged in
     # What is buffered: the chunk being read (None: nothing) and the later
     # ones, in a deque made when a second chunk arrives and dropped once
     # everything is read: an idle connection holds none (an empty deque is

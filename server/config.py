@@ -182,6 +182,14 @@ OPTIONS: list[Option] = [
     Option("workers", 0, _non_negative_int, "worker processes; 0 = one per core"),
     Option("max_frame", 1 << 20, _positive_int, "largest frame payload accepted, bytes"),
     Option(
+        "login_max_frame",
+        4096,
+        _positive_int,
+        "largest frame payload accepted from a connection that has not logged in (registration, "
+        "pairing, the SCRAM exchange), bytes; past it error 110 and closed: what a peer that "
+        "has not logged in can make the server buffer per connection (capped at max-frame)",
+    ),
+    Option(
         "login_timeout", 10.0, _positive_float, "seconds a new connection has to finish logging in"
     ),
     Option(
@@ -541,6 +549,7 @@ GROUPS: list[Group] = [
             "files_reserve",
             "idle_timeout",
             "max_frame",
+            "login_max_frame",
             "write_buffer_high",
             "write_buffer_low",
             "bus_buffer_high",
@@ -637,7 +646,7 @@ GROUPS: list[Group] = [
 ]
 
 _SECONDS = ("_timeout", "_window", "_interval", "_age", "_ttl", "_delay", "_expiry")
-_BYTES = ("max_frame", "map_size", "queue_max_bytes", "write_buffer_high", "write_buffer_low",
+_BYTES = ("max_frame", "login_max_frame", "map_size", "queue_max_bytes", "write_buffer_high", "write_buffer_low",
           "commit_max_bytes", "bus_buffer_high", "bus_buffer_low")  # fmt: skip
 
 

@@ -67,7 +67,8 @@ class Session(asyncio.Protocol):
         self.tls = tls  # the server context of a TLS listener's connection
         self.transport = None  # for TLS: set once the handshake is done
         self.id = next(worker.ids)
-        self.conn = Connection(Role.SERVER, limits=worker.limits, hot_path=True)
+        self.conn = Connection(Role.SERVER, limits=worker.limits, hot_path=True,
+                               login_max_frame=worker.login_max_frame)  # fmt: skip
         self.out = bytearray()
         self.flush_pending = False
         self.closing = False

@@ -173,6 +173,7 @@ class Worker:
         self.status_fd: int | None = None
         self.next_purge = 0.0
         self.max_payload = config.max_frame - PAYLOAD_HEADROOM
+        self.login_max_frame = config.login_max_frame
         # read per push: plain attributes, not Config's __getattr__
         self.delivery_window = config.delivery_window
         self.write_buffer_high = config.write_buffer_high

@@ -154,3 +154,16 @@ def test_garbage_stream_memory_is_bounded(impl):
             r = impl.FrameReader(max_frame=max_frame)  # a real connection closes here
         assert r.buffered <= max_frame + 3 + 512
     assert errors > 0
+
+
+def test_the_frame_limit_can_be_raised_on_a_live_reader(impl):
+    # a server connection reads with login-max-frame until its login succeeds,
+    # then with max-frame: the same reader, its limit raised in place
+    r = impl.FrameReader(max_frame=16)
+    r.feed((17).to_bytes(3, "big"))
+    with pytest.raises(FrameTooLarge):
+        r.next_frame()
+    r = impl.FrameReader(max_frame=16)
+    r.feed((17).to_bytes(3, "big") + b"x" * 17)
+    r.max_frame = 1 << 20
+    assert bytes(r.next_frame()) == b"x" * 17

@@ -19,10 +19,11 @@ from serverutil import Server, next_message, until
 
 from pigeon.client import Client, ServerError
 from pigeon.client._core import ScramLogin
+from pigeon.client.identity import new_identity
 from pigeon.core import codec as core_codec
 from pigeon.core.connection import Connection, Role
 from pigeon.core.errors import ErrorCode
-from pigeon.core.events import Error, Hello, Ping, Pong
+from pigeon.core.events import Error, Hello, Pair, Ping, Pong
 from pigeon.server.store import Store
 
 ALICE, BOB, CAROL = "491701234567", "4915112345678", "4917612345678"
@@ -560,5 +561,43 @@ def test_pair_requests_sent_at_once_leave_one_live_code_not_one_each(tmp_path):
         assert [(e.id, e.ref is not None) for e in codes] == [("p2", True)], got
         assert [(e.code, e.id) for e in ends] == [(ErrorCode.PAIR_EXPIRED, "p2")], got
         raw.close()
+    finally:
+        assert srv.stop() == 0
+
+
+# -- frames before login ----------------------------------------------------------------
+
+
+def test_a_frame_past_login_max_frame_before_login_is_refused_at_its_header(tmp_path):
+    """Before its login succeeds a connection may send frames of at most
+    login-max-frame bytes: error 110 as soon as a larger header arrives (no
+    payload is waited for or buffered), so a peer that has not logged in holds
+    kilobytes per connection, not max-frame; once logged in, max-frame holds."""
+    srv = start(tmp_path, login_max_frame=2048)
+    try:
+        for state in ("preamble", "pairing"):
+            raw = Raw(srv.port)
+            if state == "pairing":
+                raw.send(Pair("p1", "qr", new_identity().public))
+                assert raw.next_event().ref  # waiting to be linked
+            raw.sock.sendall((2049).to_bytes(3, "big"))  # a header, no payload
+            ev = raw.next_event()
+            assert isinstance(ev, Error) and ev.code == ErrorCode.FRAME_TOO_LARGE, ev
+            assert "before login" in ev.text and "2048" in ev.text
+            assert raw.closed_by_server(5.0)
+            raw.close()
+
+        async def main():
+            creds = await srv.register(ALICE)
+            bob = await srv.register(BOB)
+            a = await srv.login(creds)
+            b = await srv.login(bob)
+            body = os.urandom(64 * 1024)  # far past login-max-frame, under max-frame
+            await a.send(BOB, body)
+            assert (await next_message(b)).body == body
+            await a.close()
+            await b.close()
+
+        run(main())
     finally:
         assert srv.stop() == 0
