@@ -225,7 +225,7 @@ class Connection:
 
     __slots__ = ("role", "limits", "_impl", "_dictionaries", "peer_hello", "_pre", "_reader",
                  "_eof", "_error", "dictionary", "_inbound", "state", "_codec", "_node_cls",
-                 "hot", "login_max_frame")  # fmt: skip
+                 "hot")  # fmt: skip
 
     def __init__(
         self,
@@ -247,15 +247,13 @@ class Connection:
         #: the peer's preamble, once received
         self.peer_hello: Hello | None = None
         self._pre = b""
-        #: (a server) the largest frame payload taken before the login
-        #: succeeds: what a peer that has not logged in can make this side
-        #: buffer per connection; ``limits.max_frame`` from then on
-        self.login_max_frame = (
-            limits.max_frame
-            if login_max_frame is None or self.role is Role.CLIENT
-            else min(login_max_frame, limits.max_frame)
-        )
-        self._reader = self._impl.FrameReader(self.login_max_frame)
+        # A server reads at most ``login_max_frame`` per frame until the login
+        # succeeds (what a peer that has not logged in can make it buffer per
+        # connection), ``limits.max_frame`` from then on (``_advance``).
+        first = limits.max_frame
+        if login_max_frame is not None and self.role is Role.SERVER:
+            first = min(login_max_frame, first)
+        self._reader = self._impl.FrameReader(first)
         self._eof = False
         self._error: RemoteProtocolError | None = None
         if self.role is Role.CLIENT:

@@ -646,8 +646,8 @@ GROUPS: list[Group] = [
 ]
 
 _SECONDS = ("_timeout", "_window", "_interval", "_age", "_ttl", "_delay", "_expiry")
-_BYTES = ("max_frame", "login_max_frame", "map_size", "queue_max_bytes", "write_buffer_high", "write_buffer_low",
-          "commit_max_bytes", "bus_buffer_high", "bus_buffer_low")  # fmt: skip
+_BYTES = ("max_frame", "login_max_frame", "map_size", "queue_max_bytes", "write_buffer_high",
+          "write_buffer_low", "commit_max_bytes", "bus_buffer_high", "bus_buffer_low")  # fmt: skip
 
 
 def _metavar(o: Option) -> str:
