@@ -77,6 +77,14 @@ from pigeon.core.events import (
     Hello,
     IncomingMessage,
     IncomingReceipt,
+    KeyBundle,
+    KeyBundles,
+    KeysChanged,
+    KeysCount,
+    KeysCountQuery,
+    KeysLow,
+    KeysQuery,
+    KeysUpload,
     Link,
     LinkKey,
     Logout,
@@ -92,6 +100,7 @@ from pigeon.core.events import (
     Register,
     Registered,
     ServerAck,
+    SignedKey,
     Unblock,
     Unlink,
     Verify,
@@ -262,7 +271,8 @@ def check_keepalive(interval: float | None, timeout: float) -> float | None:
 
 
 #: Server answers matched to a REQ waiter by their id.
-_ANSWERS = frozenset({PrivacySettings, DiscoverResult, Blocklist, LinkKey, DeviceList})
+_ANSWERS = frozenset({PrivacySettings, DiscoverResult, Blocklist, LinkKey, DeviceList, KeysCount,
+                      KeyBundles})  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -453,7 +463,13 @@ class ClientCore:
                 return
         if t is DevicesChanged:
             self.drop_device_lists((ev.sender,))  # a redelivery too: dropping is harmless
-        if t is IncomingMessage or t is IncomingReceipt or t is DevicesChanged:
+        if (
+            t is IncomingMessage
+            or t is IncomingReceipt
+            or t is DevicesChanged
+            or t is KeysChanged
+            or t is KeysLow
+        ):
             if ev.seq <= self.last_seq:
                 self.redelivered += 1  # seen before: at-least-once on the wire
                 if ev.seq <= self.acked_seq:
@@ -983,6 +999,41 @@ class ClientAPI:
             return await self._request(UNLINK, rid, Unlink(rid, device), timeout)
         finally:
             self.core.drop_device_lists((device.partition(":")[0],))
+
+    # -- the key directory (PROTOCOL.md section 9c) -------------------------------------
+
+    async def upload_keys(self, curve25519: bytes, ed25519: bytes, one_time_keys=(),
+                          fallback: SignedKey | None = None, timeout: float = 30.0) -> int:  # fmt: skip
+        """Publish this device's identity keys (``ed25519`` must be the identity key it
+        registered or was linked with), one-time keys and a fallback key (``SignedKey``s,
+        signed over ``signed_key_message``; ``pigeon.client.keys.vodozemac_keys`` makes
+        them from a vodozemac ``Account``).  Returns how many one-time keys the server
+        now holds for this device.  ServerError 308 (not the identity key), 312 (a bad
+        signature), 313 (past ``one-time-keys-max``)."""
+        rid = self.new_id()
+        ev = KeysUpload(rid, curve25519, ed25519, tuple(one_time_keys), fallback)
+        return (await self._request(REQ, rid, ev, timeout)).count
+
+    async def key_count(self, timeout: float = 30.0) -> int:
+        """How many of this device's one-time keys the server holds."""
+        rid = self.new_id()
+        return (await self._request(REQ, rid, KeysCountQuery(rid), timeout)).count
+
+    async def fetch_keys(self, users, timeout: float = 30.0) -> tuple[KeyBundle, ...]:
+        """The key bundles (``KeyBundle``) of every device of ``users`` (a user or an
+        iterable of users): identity keys and one one-time key each, consumed by this
+        fetch (``one_time_key.fallback`` when it is the device's fallback key; None when
+        the device has none; identity keys None when it published nothing).  Verify
+        each one-time key's signature with the bundle's Ed25519 key before use.
+        ServerError 302 (the fetch or lookup limit), 400 (not a user), 406 (too many users)."""
+        users = (users,) if isinstance(users, str) else tuple(users)
+        rid = self.new_id()
+        return (await self._request(REQ, rid, KeysQuery(rid, users), timeout)).bundles
+
+    async def retry_receipt(self, to: str, id: str, timeout: float | None = 30.0) -> ServerAck:
+        """Ask the sender ``to`` to send message ``id`` again (this device could not
+        decrypt it): a ``retry`` receipt, delivered from this device's address."""
+        return await self.receipt(to, id, "retry", timeout)
 
     async def blocklist(self, timeout: float = 30.0) -> tuple[str, ...]:
         """The users this account blocks, oldest block first."""

@@ -102,6 +102,8 @@ from pigeon.core.events import (
     Error,
     IncomingMessage,
     IncomingReceipt,
+    KeysChanged,
+    KeysLow,
     normalize_link_code,
 )
 from pigeon.core.node import valid_phone
@@ -560,6 +562,8 @@ class Chat:
                 await self.client.ack(ev.seq)
                 mine = ev.sender == (self.client.device or "").partition(":")[0]
                 _out("   your devices changed" if mine else f"   {ev.sender}'s devices changed")
+            elif isinstance(ev, (KeysChanged, KeysLow)):  # queued: acked (encryption: issue 16)
+                await self.client.ack(ev.seq)
             elif isinstance(ev, Error):
                 if not is_fatal(ev.code):  # a fatal one ends or resumes the session: said then
                     _out(f"!! server: {ev.code} {ev.text}")
