@@ -188,3 +188,73 @@ def test_device_list_companions_checked_through_the_primary():
     assert t.devices == (f"{user}:0", f"{user}:1")
     assert t.bad == (f"{user}:2", f"{user}:3")
     assert t.primary_key == primary.public
+
+
+# -- SecureState: the SDK's state between the wire and the Olm layer ------------------
+
+
+def incoming(sender, mid, mtype, body, seq=1):
+    from pigeon.core.events import IncomingMessage
+
+    return IncomingMessage(sender, mid, mtype, 1763830000123, seq, body)
+
+
+def secure_pair(tmp_path):
+    from pigeon.client.secure import SecureState
+
+    alice, bob = SecureState(tmp_path / "alice.json"), SecureState(tmp_path / "bob.json")
+    ((_, otk),) = bob.device.new_one_time_keys(1)
+    bob.device.mark_published()
+    alice.device.start_session(B, bob.device.curve25519, otk)
+    return alice, bob
+
+
+def test_secure_state_envelope_resend_and_reload(tmp_path):
+    from pigeon.client.secure import DecryptedMessage, DecryptionFailed, SecureState
+
+    alice, bob = secure_pair(tmp_path)
+    mtype, payloads = alice.encrypt([B], alice.seal("text", b"secret words"))
+    assert mtype == "pkmsg" and set(payloads) == {B}
+    ev = bob.decrypt(incoming(A, "m1", mtype, payloads[B]))
+    assert ev == DecryptedMessage(A, "m1", "text", 1763830000123, 1, b"secret words")
+    # the profile on disk holds no plaintext and no key; a reload continues the session
+    for f in tmp_path.iterdir():
+        assert b"secret words" not in f.read_bytes()
+        assert stat.S_IMODE(f.stat().st_mode) == 0o600
+    bob2 = SecureState(tmp_path / "bob.json")
+    _, payloads = alice.encrypt([B], alice.seal("text", b"second"))
+    assert bob2.decrypt(incoming(A, "m2", "pkmsg", payloads[B], 2)).body == b"second"
+    # a corrupted payload is an event, not an exception; the session is dropped
+    _, payloads = alice.encrypt([B], alice.seal("text", b"third"))
+    bad = payloads[B][:-4] + bytes(4)
+    failed = bob2.decrypt(incoming(A, "m3", "pkmsg", bad, 3))
+    assert type(failed) is DecryptionFailed and failed.id == "m3" and not bob2.device.has_session(A)
+    # the retry receipt makes Alice open a new session from a newly fetched key;
+    # the resend, under a new id, names the original; a second copy of it is dropped
+    alice.device.forget(B)
+    ((_, otk),) = bob2.device.new_one_time_keys(1)
+    bob2.device.mark_published()
+    alice.device.start_session(B, bob2.device.curve25519, otk)
+    sealed = alice.seal("text", b"third", resend_of="m3")
+    _, payloads = alice.encrypt([B], sealed)
+    ev = bob2.decrypt(incoming(A, "m4", "pkmsg", payloads[B], 4))
+    assert (ev.body, ev.resend_of) == (b"third", "m3")
+    _, payloads = alice.encrypt([B], sealed)
+    assert bob2.decrypt(incoming(A, "m5", "pkmsg", payloads[B], 5)) is None
+
+
+def test_secure_state_notices_changed_keys():
+    from pigeon.client.secure import KeysChanged, SecureState
+
+    user = "4915112345678"
+    state = SecureState()
+    p1, comp = new_identity(), new_identity()
+    items = (DeviceInfo(f"{user}:0", 1, p1.public),
+             DeviceInfo(f"{user}:1", 2, comp.public, "pc", p1.sign_link(user, comp.public)))  # fmt: skip
+    assert state.note_devices(user, items) == ((f"{user}:0", f"{user}:1"), None)
+    assert state.note_devices(user, items)[1] is None
+    p2 = new_identity()  # re-registered: a new primary; the old companion's link no longer verifies
+    items2 = (DeviceInfo(f"{user}:2", 3, p2.public), items[1])
+    devices, change = state.note_devices(user, items2)
+    assert devices == (f"{user}:2",)
+    assert change == KeysChanged(user, (), True)
