@@ -98,7 +98,9 @@ from pigeon.core.events import (
     normalize_link_code,
 )
 
+from . import e2e
 from .identity import Identity, format_qr, new_identity, parse_qr
+from .secure import E2E_TYPES, DecryptionFailed, SecureState
 
 #: After these the server will not take the device back by reconnecting:
 #: the device was removed, replaced by a newer login, or its login failed.
@@ -245,6 +247,10 @@ class ScramLogin:
 #: Seconds without sending after which a client pings.  The server's
 #: ``idle-timeout`` is 120 s by default: a quarter of it leaves room for a
 #: ping that is lost and for ``DEFAULT_KEEPALIVE_TIMEOUT``.
+#: ``plaintext`` of a new client: bodies travel unencrypted (benchmarks, protocol
+#: tests) when True; False encrypts end to end (client/secure.py)
+PLAINTEXT_DEFAULT = True  # WIP: False once the key directory (h-keys) is merged
+
 DEFAULT_KEEPALIVE = 30.0
 #: Seconds a keepalive ping waits for its pong before the connection counts as dead.
 DEFAULT_KEEPALIVE_TIMEOUT = 20.0
@@ -287,6 +293,12 @@ def message_event(to: str, mid: str, type: str, body) -> Message:
     if isinstance(body, Mapping):
         return Message(to, mid, type, b"", tuple(body.items()))
     return Message(to, mid, type, body)
+
+
+def _private(identity) -> bytes | None:
+    """What Credentials keep of an identity: the raw private key of a ``cryptography``
+    Identity; None for the Olm account's key, which lives in the encrypted profile."""
+    return identity.private_bytes() if isinstance(identity, Identity) else None
 
 
 class ClientCore:
@@ -529,6 +541,8 @@ class ClientAPI:
     on_disconnect = None
     #: called when the device is logged in again after ``on_disconnect``
     on_reconnect = None
+    #: end-to-end state (client/secure.py); None in plaintext mode
+    secure: SecureState | None = None
 
     # -- what a driver supplies --------------------------------------------------
 
@@ -569,6 +583,10 @@ class ClientAPI:
         """Resolve the waiter of ``key`` with a value or an error."""
         raise NotImplementedError
 
+    def _spawn(self, coro) -> None:
+        """Run ``coro`` beside the client (the SDK's own background work)."""
+        raise NotImplementedError
+
     # -- connection life, written once ---------------------------------------------
 
     def _apply(self, outcomes) -> Exception | None:
@@ -577,7 +595,14 @@ class ClientAPI:
         for o in outcomes:
             t = type(o)
             if t is Deliver:
-                self._push(o.event)
+                ev = o.event
+                if self.secure is not None and type(ev) is IncomingMessage and ev.type in E2E_TYPES:
+                    self._deliver_encrypted(ev)
+                elif self.secure is not None and type(ev) is IncomingReceipt and ev.type == "retry":
+                    self._spawn(self._resend(ev))
+                    self.core.ack(ev.seq, self._live)  # the SDK's own business: acked here
+                else:
+                    self._push(ev)
             elif t is Answer:
                 self._settle(o.key, o.value, None)
             elif t is Failure:
@@ -718,16 +743,18 @@ class ClientAPI:
         ``identity``: the device's identity key pair; a new one by default
         (``new_identity``).  Its private key is part of the credentials."""
         if identity is None:
-            identity = new_identity()
+            identity = new_identity() if self.secure is None else self.secure.device
         rid = self.new_id()
         ev = await self._request(REQ, rid, Verify(rid, phone, code, identity.public), timeout)
-        return Credentials(ev.device, ev.secret, identity.private_bytes())
+        return Credentials(ev.device, ev.secret, _private(identity))
 
     async def login(self, creds: Credentials, timeout: float = 30.0) -> int:
         """SCRAM-SHA-256 login; checks the server's proof. Returns the server time (ms)."""
         self._check_open()
         t = await self._login(creds, timeout)
         self._creds = creds
+        if self.secure is not None:
+            await self._publish_keys()
         return t
 
     async def _login(self, creds: Credentials, timeout: float) -> int:
@@ -778,6 +805,11 @@ class ClientAPI:
         ``id`` or ``type`` that is not 1-64 printable ASCII characters, a
         ``body`` that is not bytes) raises LocalProtocolError at once.
         """
+        if self.secure is not None and isinstance(body, bytes | bytearray):
+            return await self._send_secure(to, bytes(body), type, id, timeout)
+        return await self._send_raw(to, body, type, id, timeout)
+
+    async def _send_raw(self, to, body, type, id, timeout) -> ServerAck:
         if self.closed is not None:
             raise ConnectionLost(str(self.closed))
         mid = id or self.new_id()
@@ -788,6 +820,128 @@ class ClientAPI:
             event.check()  # refused now, not when it is replayed after the next login
             key = self.core.expect(MESSAGE, mid, event)
         return await self._wait(key, timeout)
+
+    # -- end-to-end encryption (client/e2e.py, client/secure.py) -----------------------
+
+    def _init_secure(self, plaintext: bool, profile) -> None:
+        """Encryption on (the default) with the state in ``profile`` (memory if None),
+        or ``plaintext``: bodies travel as given (benchmarks, protocol tests)."""
+        self.plaintext = plaintext
+        self.secure = None if plaintext else SecureState(profile)
+
+    def _deliver_encrypted(self, ev) -> None:
+        out = self.secure.decrypt(ev)
+        if out is None:  # a second copy of a resend already shown
+            self.core.ack(ev.seq, self._live)
+            return
+        if type(out) is DecryptionFailed:
+            # the broken session is gone; ask the sender's device for the message again
+            self._spawn(self._ask_resend(ev.sender, ev.id))
+        self._push(out)
+
+    async def _ask_resend(self, device: str, mid: str) -> None:
+        try:
+            await self.retry_receipt(device, mid)
+        except (ServerError, ConnectionLost) as exc:
+            logger.info("pigeon client: no retry receipt for %s to %s: %s", mid, device, exc)
+
+    async def _trusted_devices(self, user: str, fresh: bool = False) -> tuple[str, ...]:
+        items = await self.devices(user, fresh=fresh)
+        trusted, change = self.secure.note_devices(user, items)
+        if change is not None:
+            self._push(change)
+        bad = [d.device for d in items if d.device not in trusted]
+        if bad:
+            raise e2e.E2EError(
+                f"{', '.join(bad)}: not linked by {user}'s primary (its signature does not "
+                "verify): not encrypting for it"
+            )
+        return trusted
+
+    async def _open_sessions(self, devices) -> None:
+        """Open a session with every device of ``devices`` that has none, from keys
+        fetched from the server's key directory (checked against the device list)."""
+        olm = self.secure.device
+        users = sorted({d.partition(":")[0] for d in devices if not olm.has_session(d)})
+        for user in users:
+            for bundle in await self.fetch_keys(user):
+                if bundle.device not in devices or olm.has_session(bundle.device):
+                    continue
+                if self.secure.device_keys.get(bundle.device) != bytes(bundle.ed25519):
+                    raise e2e.KeyMismatch(f"{bundle.device}: the key directory's identity key "
+                                          "is not the device list's")  # fmt: skip
+                olm.start_session(bundle.device, bundle.curve25519, bundle.key)
+        missing = [d for d in devices if not olm.has_session(d)]
+        if missing:
+            raise e2e.NoSession(f"no keys published for {', '.join(missing)}")
+
+    async def _send_secure(self, to, body: bytes, type: str, mid, timeout,
+                           resend_of: str | None = None) -> ServerAck:  # fmt: skip
+        """Encrypt for every device of ``to`` and this account's other devices, send
+        the per-device payloads; a 408 (device lists changed) refreshes and tries again."""
+        if self.closed is not None:
+            raise ConnectionLost(str(self.closed))
+        mid = mid or self.new_id()
+        me, user = self._creds.user, to.partition(":")[0]
+        sealed = self.secure.seal(type, body, resend_of)
+        for attempt in range(3):
+            if ":" in to:  # a device of this account: one payload, as the body
+                devices = (to,)
+            else:
+                devices = tuple(d for u in dict.fromkeys((user, me))
+                                for d in await self._trusted_devices(u, fresh=attempt > 0)
+                                if d != self.device)  # fmt: skip
+            await self._open_sessions(devices)
+            mtype, payloads = self.secure.encrypt(devices, sealed)
+            self.secure.remember_sent(mid, to, type, body)
+            try:
+                return await self._send_raw(to, payloads[to] if ":" in to else payloads,
+                                            mtype, mid, timeout)  # fmt: skip
+            except StaleDevices:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _resend(self, ev) -> None:
+        """A peer device could not decrypt our message ``ev.id``: a new session with it,
+        and the message again under a new id (``resend_of`` names the first)."""
+        sent = self.secure.sent.get(ev.id)
+        self.secure.device.forget(ev.sender)
+        self.secure.save()
+        if sent is None:
+            return  # sent too long ago (or not by this device): nothing to resend
+        to, mtype, body = sent
+        try:
+            await self._send_secure(to, body, mtype, None, None, resend_of=ev.id)
+        except (ServerError, ConnectionLost, e2e.E2EError) as exc:
+            logger.info("pigeon client: could not resend %s: %s", ev.id, exc)
+
+    async def _publish_keys(self) -> None:
+        """After login: the identity keys, the fallback key and one-time keys, once;
+        then only what the server asks for (``_top_up``)."""
+        olm = self.secure.device
+        otks = olm.new_one_time_keys(olm.max_one_time_keys)
+        if not otks and self.secure.published:
+            return
+        await self.upload_keys(olm, olm.fallback_key(), otks)
+        olm.mark_published()
+        self.secure.published = True
+        self.secure.save()
+
+    async def _top_up(self, have: int) -> None:
+        olm = self.secure.device
+        otks = olm.new_one_time_keys(max(0, olm.max_one_time_keys - have))
+        if otks:
+            await self.upload_keys(olm, None, otks)
+            olm.mark_published()
+            self.secure.save()
+
+    def safety_number(self, user: str, their_primary_key: bytes) -> str:
+        """The 60-digit safety number of this account and ``user`` (client/e2e.py)."""
+        mine = self.secure.primaries.get(self._creds.user)
+        if mine is None:
+            raise ValueError("ask devices() of this account first")
+        return e2e.safety_number(self._creds.user, mine, user, their_primary_key)
 
     async def receipt(
         self, to: str, id: str, type: str = "read", timeout: float | None = 30.0
@@ -886,7 +1040,7 @@ class ClientAPI:
         return self._pair("code", phone, name, identity, None, timeout)
 
     async def _pair(self, typ, phone, name, identity, server, timeout):
-        identity = identity or new_identity()
+        identity = identity or (new_identity() if self.secure is None else self.secure.device)
         core = self.core
         self._check_open()
         rid = self.new_id()
@@ -900,7 +1054,7 @@ class ClientAPI:
                     if type(ev) is Error:
                         raise ServerError(ev.code, ev.text, ev.id)
                     if type(ev) is Registered:
-                        yield Credentials(ev.device, ev.secret, identity.private_bytes())
+                        yield Credentials(ev.device, ev.secret, _private(identity))
                         return
                     qr = None if ev.ref is None else format_qr(ev.ref, identity.public, server)
                     yield PairingCode(ev.ttl, ev.ref, ev.code, qr)
@@ -910,6 +1064,8 @@ class ClientAPI:
                 core.pair_id = None
 
     def _identity(self) -> Identity:
+        if self.secure is not None and self._creds is not None and self._creds.identity is None:
+            return self.secure.device  # the Olm account's Ed25519 key signs links
         ident = None if self._creds is None else self._creds.identity_key()
         if ident is None:
             raise ValueError(

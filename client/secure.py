@@ -88,7 +88,8 @@ class KeysChanged:
 
 
 class SecureState:
-    __slots__ = ("_key", "_profile", "device", "primaries", "device_keys", "sent", "seen")
+    __slots__ = ("_key", "_profile", "device", "primaries", "device_keys", "sent", "seen",
+                 "published")  # fmt: skip
 
     def __init__(self, profile: str | os.PathLike | None = None):
         self._profile = None if profile is None else os.fspath(profile)
@@ -102,6 +103,8 @@ class SecureState:
         #: ids of originals a resend replaced (or that were decrypted), to drop copies
         self.seen: OrderedDict[str, None] = OrderedDict()
         self.device = e2e.OlmDevice()
+        #: the identity and fallback keys were uploaded
+        self.published = False
         if self._profile is not None and os.path.exists(self._profile):
             self._load()
 
@@ -113,6 +116,7 @@ class SecureState:
         self.device = e2e.OlmDevice.load(data["olm"], self._key)
         self.primaries = {u: bytes.fromhex(k) for u, k in data.get("primaries", {}).items()}
         self.device_keys = {d: bytes.fromhex(k) for d, k in data.get("devices", {}).items()}
+        self.published = bool(data.get("published"))
 
     def save(self) -> None:
         """Write the state (after every change: a ratchet step lost is a message lost)."""
@@ -122,6 +126,7 @@ class SecureState:
             "olm": self.device.dump(self._key),
             "primaries": {u: k.hex() for u, k in self.primaries.items()},
             "devices": {d: k.hex() for d, k in self.device_keys.items()},
+            "published": self.published,
         }
         tmp = f"{self._profile}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

@@ -615,3 +615,40 @@ def test_link_expiry_and_ctrl_c_say_what_to_do(tmp_path):
         assert not (tmp_path / "b.json").exists()
     finally:
         assert srv.stop() == 0
+
+
+def test_verify_shows_the_same_safety_number_on_both_sides(server, tmp_path):
+    alice_profile = register(server, tmp_path, ALICE)
+    bob_profile = register(server, tmp_path, BOB)
+    alice, bob = Chat(server, alice_profile), Chat(server, bob_profile)
+    try:
+        alice.expect(f"logged in as {ALICE}:0")
+        bob.expect(f"logged in as {BOB}:0")
+        alice.type("/verify 12")
+        alice.expect("/verify PHONE: PHONE is a number")
+        alice.type(f"/verify {BOB}")
+        bob.type(f"/verify {ALICE}")
+        alice.expect(f"safety number with {BOB}:")
+        bob.expect(f"safety number with {ALICE}:")
+        digits_a = alice.expect("   ").split()
+        digits_b = bob.expect("   ").split()
+        assert len(digits_a) == 12 and all(len(g) == 5 and g.isdigit() for g in digits_a)
+        assert digits_a == digits_b  # both phones show the same 60 digits
+        qr_a, qr_b = alice.expect("QR: PGNV1,"), bob.expect("QR: PGNV1,")
+        assert qr_a == qr_b
+        # the number is made from the two primaries' identity keys in the profiles
+        from pigeon.client.e2e import safety_number
+        from pigeon.client.identity import Identity
+
+        keys = [Identity.from_private_bytes(bytes.fromhex(json.loads(p.read_text())["identity"])).public
+                for p in (alice_profile, bob_profile)]  # fmt: skip
+        assert "".join(digits_a) == safety_number(ALICE, keys[0], BOB, keys[1])
+        alice.type("/quit")
+        bob.type("/quit")
+        assert alice.finish() == 0 and bob.finish() == 0
+        assert json.loads(alice_profile.read_text())["keys"][BOB] == keys[1].hex()
+    finally:
+        for c in (alice, bob):
+            if c.proc.poll() is None:
+                c.proc.kill()
+                c.proc.wait(5)

@@ -28,6 +28,8 @@ sent:
     /devices       this account's devices: number, name, when linked
     /unlink N      unlink device number N (the primary: any companion; a
                    companion: itself)
+    /verify PHONE  the safety number with PHONE (60 digits) and its QR text:
+                   compare it with PHONE's in person or over another channel
     /quit, /q      leave (so does Ctrl-D; Ctrl-C leaves with status 130)
     //text         send "/text": a leading '//' stands for one '/'
 
@@ -95,6 +97,7 @@ import orjson
 
 from pigeon.client import Client, ConnectionLost, Credentials, ServerError
 from pigeon.client._core import DEFAULT_KEEPALIVE, PairingCode
+from pigeon.client.e2e import format_safety_number, safety_number, safety_qr
 from pigeon.client.identity import Identity, new_identity
 from pigeon.core.errors import ErrorCode, is_fatal
 from pigeon.core.events import (
@@ -123,6 +126,7 @@ COMMANDS = """commands (run here, never sent):
                code (ABCD-2345), from 'pigeon chat link' there (the primary only)
   /devices     this account's devices (number, name, when linked)
   /unlink N    unlink device number N (see /devices)
+  /verify PHONE  the safety number with PHONE: compare it with theirs
   //text       send "/text" (a line starting with one '/' is a command)
   /help        this list
   /quit, /q    leave (so does Ctrl-D)
@@ -560,6 +564,8 @@ class Chat:
                 await self.client.ack(ev.seq)
                 mine = ev.sender == (self.client.device or "").partition(":")[0]
                 _out("   your devices changed" if mine else f"   {ev.sender}'s devices changed")
+                if not mine:
+                    self.spawn(self.check_keys(ev.sender))
             elif isinstance(ev, Error):
                 if not is_fatal(ev.code):  # a fatal one ends or resumes the session: said then
                     _out(f"!! server: {ev.code} {ev.text}")
@@ -669,6 +675,11 @@ class Chat:
             self.spawn(self.link(arg))
         elif word == "devices":
             self.spawn(self.devices())
+        elif word == "verify":
+            if valid_phone(arg):
+                self.spawn(self.verify(arg))
+            else:
+                _out("!! /verify PHONE: PHONE is a number (8-15 digits, no '+')")
         elif word == "unlink":
             if arg.isdigit():
                 self.spawn(self.unlink(f"{_user(self.client.device or '')}:{int(arg)}"))
@@ -715,6 +726,44 @@ class Chat:
             mark = "  (this device)" if d.device == me else ""
             lines.append(f"   {n:>3}  {_printable(name)[:40]:<40} linked {when}{mark}")
         _out("\n".join(lines))
+
+    async def _primary_key(self, user: str, fresh: bool = False) -> bytes | None:
+        items = await self.client.devices(user, fresh=fresh)
+        return bytes(items[0].key) if items else None
+
+    async def verify(self, phone: str) -> None:
+        """Show the safety number with ``phone`` and remember the key it was made from,
+        so a later change of ``phone``'s keys is warned about."""
+        me = _user(self.client.device or "")
+        try:
+            mine, theirs = await self._primary_key(me), await self._primary_key(phone)
+        except (ServerError, ConnectionLost) as exc:
+            _out(f"!! no safety number: {exc}")
+            return
+        if mine is None or theirs is None:
+            _out(f"!! no safety number: {phone} has no devices")
+            return
+        number = format_safety_number(safety_number(me, mine, phone, theirs))
+        qr = safety_qr(me, mine, phone, theirs)
+        _out(f"   safety number with {phone}:\n   {number}\n   QR: {qr}\n"
+             f"   the same on both phones: no one is in the middle")  # fmt: skip
+        self.profile.setdefault("keys", {})[phone] = theirs.hex()
+        self.save()
+
+    async def check_keys(self, user: str) -> None:
+        """After a device-list notice: warn if ``user``'s primary key is not the one seen."""
+        seen = (self.profile.get("keys") or {}).get(user)
+        if seen is None:
+            return
+        try:
+            key = await self._primary_key(user, fresh=True)
+        except (ServerError, ConnectionLost):
+            return
+        if key is not None and key.hex() != seen:
+            _out(f"!! {user}'s keys changed (a new phone, or someone in the middle): "
+                 f"/verify {user} and compare the safety number again")  # fmt: skip
+            self.profile["keys"][user] = key.hex()
+            self.save()
 
     async def unlink(self, device: str) -> None:
         try:
