@@ -99,6 +99,13 @@ from .events import (
     IncomingChatState,
     IncomingMessage,
     IncomingReceipt,
+    KeyBundles,
+    KeysChanged,
+    KeysCount,
+    KeysCountQuery,
+    KeysLow,
+    KeysQuery,
+    KeysUpload,
     Link,
     LinkKey,
     Logout,
@@ -183,7 +190,8 @@ TRANSITIONS: dict[tuple[State, type[Event]], State] = {
                   Presence, PresenceUpdate, ChatState, IncomingChatState, Privacy,
                   PrivacySettings, Discover, DiscoverResult, Block, Unblock, BlocklistQuery,
                   Blocklist, Logout, DeleteAccount, Link, LinkKey, DevicesQuery, DeviceList,
-                  DevicesChanged, Unlink)},
+                  DevicesChanged, Unlink, KeysUpload, KeysQuery, KeysCountQuery, KeysCount,
+                  KeyBundles, KeysLow, KeysChanged)},
     **{(st, ev): st for st in _ANY_LIVE for ev in (Ping, Pong)},
 }  # fmt: skip
 

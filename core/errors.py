@@ -47,6 +47,8 @@ class ErrorCode(IntEnum):
     BAD_SIGNATURE = 309
     DEVICE_LIMIT = 310
     NOT_PRIMARY = 311
+    KEY_SIGNATURE = 312
+    KEYS_FULL = 313
     # 4xx: delivery.
     UNKNOWN_RECIPIENT = 400
     NO_DEVICE = 401

@@ -724,9 +724,12 @@ class DeviceAck(Event):
         _check_uint(self, "seq", self.seq)
 
 
-RECEIPT_TYPES = frozenset({"delivered", "read", "played"})
-#: what a client may send (delivered receipts are the server's)
-CLIENT_RECEIPT_TYPES = frozenset({"read", "played"})
+RECEIPT_TYPES = frozenset({"delivered", "read", "played", "retry"})
+#: what a client may send (delivered receipts are the server's).  "retry": this
+#: device could not decrypt message ``id``; the sender's device should start a
+#: new session and send it again (a new message, a new id).  It carries no
+#: payload and is delivered ``from`` the failing device's address.
+CLIENT_RECEIPT_TYPES = frozenset({"read", "played", "retry"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -760,6 +763,7 @@ class IncomingReceipt(Event):
     Queued and acknowledged like a message: ``seq`` is in the same per-device
     sequence.  ``to``: None, except on a read sync copy: another device of
     this account read a message of user ``to`` (``sender`` is this user).
+    A ``retry`` receipt's ``sender`` is the device address that failed to decrypt.
     """
 
     TAG: ClassVar[str] = "receipt"
@@ -781,11 +785,12 @@ class IncomingReceipt(Event):
     @classmethod
     def from_node(cls, node):
         to = node.attrs.get("to")
+        typ = _choice(node, "type", RECEIPT_TYPES)
         return _read(
             cls(
-                _address(node, "from", "user"),
+                _address(node, "from", *(_DEVICE if typ == "retry" else _USER)),
                 _id(node),
-                _choice(node, "type", RECEIPT_TYPES),
+                typ,
                 _uint(node, "t"),
                 _uint(node, "seq"),
                 None if to is None else _address(node, "to", "user"),
@@ -793,9 +798,9 @@ class IncomingReceipt(Event):
         )
 
     def check(self) -> None:
-        _check_address(self, "sender", self.sender, _USER)
-        _check_id(self, "id", self.id)
         _check_choice(self, "type", self.type, RECEIPT_TYPES)
+        _check_address(self, "sender", self.sender, _DEVICE if self.type == "retry" else _USER)
+        _check_id(self, "id", self.id)
         _check_uint(self, "t", self.t)
         _check_uint(self, "seq", self.seq)
         if self.to is not None:
@@ -1617,6 +1622,327 @@ class Unlink(Event):
         _check_address(self, "device", self.device, _DEVICE)
 
 
+# -- the key directory (issue 16: identity, one-time and fallback keys) ------------
+
+#: what a one-time key's signature covers: OTK_DOMAIN 00 device 00 key-id 00 key
+#: (the device address and key id as ASCII, the key's 32 raw bytes); a fallback
+#: key's the same with FALLBACK_DOMAIN.  vodozemac: ``account.sign(signed_key_message(...))``.
+OTK_DOMAIN = b"pigeon-otk-v1"
+FALLBACK_DOMAIN = b"pigeon-fallback-v1"
+KEY_ID_MAX = 64
+KEYS_TYPES = frozenset({"set", "get", "count"})
+
+
+def signed_key_message(device: str, key_id: str, key: bytes, fallback: bool = False) -> bytes:
+    """The bytes a device's Ed25519 key signs for one of its one-time (or fallback) keys."""
+    domain = FALLBACK_DOMAIN if fallback else OTK_DOMAIN
+    return b"\x00".join((domain, device.encode(), key_id.encode(), bytes(key)))
+
+
+@dataclass(frozen=True, slots=True)
+class SignedKey:
+    """A Curve25519 one-time or fallback key: its id (1-64 printable ASCII, vodozemac's
+    base64 key id), its 32 bytes and the device's 64-byte Ed25519 signature
+    over ``signed_key_message``.  ``fallback``: True for a fallback key."""
+
+    key_id: str
+    key: bytes
+    signature: bytes
+    fallback: bool = False
+
+
+def _signed_key(child) -> SignedKey:
+    kid = _id(child)
+    fb = child.attrs.get("fallback")
+    if fb is not None and fb != "true":
+        raise _bad(child, "'fallback' can only be \"true\"")
+    kids = _children(child)
+    if set(kids) != {"key", "signature"}:
+        raise _bad(child, f"<{child.tag}> holds one <key> and one <signature>")
+    return SignedKey(kid, kids["key"], kids["signature"], fb == "true" or child.tag == "fallback")
+
+
+def _signed_key_node(N, tag: str, k: SignedKey, flag: bool = False):
+    attrs = {"id": k.key_id}
+    if flag and k.fallback:
+        attrs["fallback"] = "true"
+    return N(tag, attrs, _key_nodes(N, k.key, k.signature))
+
+
+def _check_signed_key(event, name: str, k) -> None:
+    if not isinstance(k, SignedKey):
+        raise _wrong(event, name, "a SignedKey", k)
+    _check_id(event, f"{name}.key_id", k.key_id)
+    _check_bytes(event, f"{name}.key", k.key, 32)
+    _check_bytes(event, f"{name}.signature", k.signature, 64)
+
+
+def _identity(node) -> tuple[bytes, bytes]:
+    b = _bytes(node, size=64)
+    return b[:32], b[32:]
+
+
+@dataclass(frozen=True, slots=True)
+class KeysUpload(Event):
+    """A device publishes its keys (``type="set"``): its Curve25519 and Ed25519
+    identity keys (the Ed25519 one must be the device's registered identity key),
+    optionally a signed fallback key and a batch of signed one-time keys.  Answer:
+    ``KeysCount``.  Every ``keys`` node a client sends is read here (``type``
+    "get" is ``KeysQuery``, "count" ``KeysCountQuery``)."""
+
+    TAG: ClassVar[str] = "keys"
+    SENDER: ClassVar[str] = CLIENT
+    id: str
+    curve25519: bytes
+    ed25519: bytes
+    one_time_keys: tuple[SignedKey, ...] = ()
+    fallback: SignedKey | None = None
+
+    def to_node(self, N):
+        out = [N("identity", {}, bytes(self.curve25519) + bytes(self.ed25519))]
+        if self.fallback is not None:
+            out.append(_signed_key_node(N, "fallback", self.fallback))
+        out.extend(_signed_key_node(N, "otk", k) for k in self.one_time_keys)
+        return N("keys", {"id": self.id, "type": "set"}, out)
+
+    @classmethod
+    def from_node(cls, node):
+        typ = _choice(node, "type", KEYS_TYPES)
+        if typ == "get":
+            return KeysQuery.from_node(node)
+        if typ == "count":
+            return KeysCountQuery.from_node(node)
+        rid = _id(node)
+        c = node.content
+        if not isinstance(c, list) or not c or c[0].tag != "identity":
+            raise _bad(node, "content must start with an <identity> node")
+        curve, ed = _identity(c[0])
+        fallback, otks = None, []
+        for child in c[1:]:
+            if child.tag == "fallback" and fallback is None and not otks:
+                fallback = _signed_key(child)
+            elif child.tag == "otk":
+                otks.append(_signed_key(child))
+            else:
+                raise _bad(node, "after <identity>: at most one <fallback>, then <otk> nodes")
+        return _read(cls(rid, curve, ed, tuple(otks), fallback))
+
+    def check(self) -> None:
+        _check_id(self, "id", self.id)
+        _check_bytes(self, "curve25519", self.curve25519, 32)
+        _check_bytes(self, "ed25519", self.ed25519, 32)
+        if not isinstance(self.one_time_keys, (tuple, list)):
+            raise _wrong(self, "one_time_keys", "a tuple (or list)", self.one_time_keys)
+        for i, k in enumerate(self.one_time_keys):
+            _check_signed_key(self, f"one_time_keys[{i}]", k)
+        if self.fallback is not None:
+            _check_signed_key(self, "fallback", self.fallback)
+
+
+@dataclass(frozen=True, slots=True)
+class KeysQuery(Event):
+    """Ask for the key bundles of every device of ``users`` (``type="get"``): each
+    device's identity keys and one of its one-time keys, consumed (``KeyBundles``)."""
+
+    TAG: ClassVar[str] = "keys"
+    SENDER: ClassVar[str] = CLIENT
+    id: str
+    users: tuple[str, ...]
+
+    def to_node(self, N):
+        return N("keys", {"id": self.id, "type": "get"}, _item_nodes(N, "user", self.users))
+
+    @classmethod
+    def from_node(cls, node):
+        users = _items(node, "user", _is_user, "a user")
+        if not users:
+            raise _bad(node, "name at least one <item user=...>")
+        return _read(cls(_id(node), users))
+
+    def check(self) -> None:
+        _check_id(self, "id", self.id)
+        _check_items(self, "users", self.users, _is_user_value, "a user address")
+        if not self.users:
+            raise _wrong(self, "users", "at least one user", self.users)
+
+
+@dataclass(frozen=True, slots=True)
+class KeysCountQuery(_IdOnly):
+    """How many one-time keys does the server hold for this device (``type="count"``)?
+    Answer: ``KeysCount``."""
+
+    TAG: ClassVar[str] = "keys"
+    SENDER: ClassVar[str] = CLIENT
+
+    def to_node(self, N):
+        return N("keys", {"id": self.id, "type": "count"})
+
+
+@dataclass(frozen=True, slots=True)
+class KeysCount(Event):
+    """The answer to ``KeysUpload`` and ``KeysCountQuery``: the number of one-time
+    keys the server now holds for this device.  Every ``keys`` node a server sends
+    is read here (a ``seq``: a notice; content: ``KeyBundles``)."""
+
+    TAG: ClassVar[str] = "keys"
+    SENDER: ClassVar[str] = SERVER
+    id: str
+    count: int
+
+    def to_node(self, N):
+        return N("keys", {"id": self.id, "count": str(self.count)})
+
+    @classmethod
+    def from_node(cls, node):
+        if node.attrs.get("seq") is not None:
+            typ = _choice(node, "type", _NOTICE_TYPES)
+            return (KeysLow if typ == "low" else KeysChanged).from_node(node)
+        if node.attrs.get("count") is None:
+            return KeyBundles.from_node(node)
+        return _read(cls(_id(node), _uint(node, "count")))
+
+    def check(self) -> None:
+        _check_id(self, "id", self.id)
+        _check_uint(self, "count", self.count)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyBundle:
+    """One device's keys in ``KeyBundles``: ``curve25519`` and ``ed25519`` are
+    None when the device has published none; ``one_time_key`` is None when it
+    has no one-time key left and no fallback key (``fallback`` set on the key
+    when it is the fallback key)."""
+
+    device: str
+    curve25519: bytes | None = None
+    ed25519: bytes | None = None
+    one_time_key: SignedKey | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class KeyBundles(Event):
+    """The answer to ``KeysQuery``: a bundle for every current device of the users asked."""
+
+    TAG: ClassVar[str] = "keys"
+    SENDER: ClassVar[str] = SERVER
+    id: str
+    bundles: tuple[KeyBundle, ...]
+
+    def to_node(self, N):
+        out = []
+        for b in self.bundles:
+            kids = []
+            if b.curve25519 is not None:
+                kids.append(N("identity", {}, bytes(b.curve25519) + bytes(b.ed25519)))
+                if b.one_time_key is not None:
+                    kids.append(_signed_key_node(N, "otk", b.one_time_key, flag=True))
+            out.append(N("bundle", {"device": b.device}, kids or None))
+        return N("keys", {"id": self.id}, out)
+
+    @classmethod
+    def from_node(cls, node):
+        rid = _id(node)
+        c = node.content
+        if c is not None and not isinstance(c, list):
+            raise _bad(node, "content must be a list of <bundle> nodes")
+        out = []
+        for child in c or ():
+            if child.tag != "bundle":
+                raise _bad(node, "content must be a list of <bundle> nodes")
+            device = _address(child, "device", "device")
+            kids = child.content
+            if kids is None:
+                out.append(KeyBundle(device))
+                continue
+            if (
+                not isinstance(kids, list)
+                or not 1 <= len(kids) <= 2
+                or kids[0].tag != "identity"
+                or (len(kids) == 2 and kids[1].tag != "otk")
+            ):
+                raise _bad(node, "a <bundle> holds an <identity> and at most one <otk>")
+            curve, ed = _identity(kids[0])
+            otk = _signed_key(kids[1]) if len(kids) == 2 else None
+            out.append(KeyBundle(device, curve, ed, otk))
+        return _read(cls(rid, tuple(out)))
+
+    def check(self) -> None:
+        _check_id(self, "id", self.id)
+        if not isinstance(self.bundles, (tuple, list)):
+            raise _wrong(self, "bundles", "a tuple (or list)", self.bundles)
+        for i, b in enumerate(self.bundles):
+            if not isinstance(b, KeyBundle):
+                raise _wrong(self, f"bundles[{i}]", "a KeyBundle", b)
+            _check_address(self, f"bundles[{i}].device", b.device, _DEVICE)
+            if b.curve25519 is None:
+                if b.ed25519 is not None or b.one_time_key is not None:
+                    raise _wrong(self, f"bundles[{i}]", "identity keys with a key", b)
+                continue
+            _check_bytes(self, f"bundles[{i}].curve25519", b.curve25519, 32)
+            _check_bytes(self, f"bundles[{i}].ed25519", b.ed25519, 32)
+            if b.one_time_key is not None:
+                _check_signed_key(self, f"bundles[{i}].one_time_key", b.one_time_key)
+
+
+_NOTICE_TYPES = frozenset({"low", "changed"})
+
+
+@dataclass(frozen=True, slots=True)
+class KeysLow(Event):
+    """This device's one-time keys ran low: the server held ``count`` (below
+    ``one-time-keys-low``) when a fetch took one; upload more.  Queued and
+    acknowledged like a message (``seq``, ``t``)."""
+
+    TAG: ClassVar[str] = "keys"
+    SENDER: ClassVar[str] = SERVER
+    count: int
+    t: int
+    seq: int
+
+    def to_node(self, N):
+        return N(
+            "keys",
+            {"type": "low", "count": str(self.count), "t": str(self.t), "seq": str(self.seq)},
+        )
+
+    @classmethod
+    def from_node(cls, node):
+        return _read(cls(_uint(node, "count"), _uint(node, "t"), _uint(node, "seq")))
+
+    def check(self) -> None:
+        _check_uint(self, "count", self.count)
+        _check_uint(self, "t", self.t)
+        _check_uint(self, "seq", self.seq)
+
+
+@dataclass(frozen=True, slots=True)
+class KeysChanged(Event):
+    """User ``sender`` has a new device or a device with a new identity key: fetch
+    its keys again (and check its safety number).  Queued and acknowledged like
+    a message (``seq``, ``t``)."""
+
+    TAG: ClassVar[str] = "keys"
+    SENDER: ClassVar[str] = SERVER
+    sender: str
+    t: int
+    seq: int
+
+    def to_node(self, N):
+        return N(
+            "keys",
+            {"type": "changed", "from": self.sender, "t": str(self.t), "seq": str(self.seq)},
+        )
+
+    @classmethod
+    def from_node(cls, node):
+        return _read(cls(_address(node, "from", "user"), _uint(node, "t"), _uint(node, "seq")))
+
+    def check(self) -> None:
+        _check_address(self, "sender", self.sender, _USER)
+        _check_uint(self, "t", self.t)
+        _check_uint(self, "seq", self.seq)
+
+
 _ALL = [
     Register, CodeSent, Verify, Registered, AuthStart, AuthChallenge, AuthResponse,
     AuthSuccess, Message, IncomingMessage, ServerAck, DeviceAck, Receipt, IncomingReceipt,
@@ -1624,6 +1950,7 @@ _ALL = [
     Discover, DiscoverResult, Block, Unblock, BlocklistQuery, Blocklist,
     Logout, DeleteAccount, Error, Ping, Pong,
     Pair, PairCode, Link, LinkKey, DevicesQuery, DeviceList, DevicesChanged, Unlink,
+    KeysUpload, KeysQuery, KeysCountQuery, KeysCount, KeyBundles, KeysLow, KeysChanged,
 ]  # fmt: skip
 
 #: tag -> event class, for nodes a client sends (what a server receives)
@@ -1633,3 +1960,7 @@ SERVER_SENT: dict[str, type[Event]] = {c.TAG: c for c in _ALL if c.SENDER in (SE
 # Two server events share the tag ``devices``: the reader is DeviceList's, which
 # tells them apart by attributes (a ``seq``: the notice; an ``id``: the answer).
 SERVER_SENT["devices"] = DeviceList
+# ``keys`` likewise, both ways: a client's is read by KeysUpload (by ``type``),
+# a server's by KeysCount (a ``seq``: a notice; ``count``: a count; else bundles).
+CLIENT_SENT["keys"] = KeysUpload
+SERVER_SENT["keys"] = KeysCount

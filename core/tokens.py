@@ -234,6 +234,16 @@ _HISTORY: list[tuple[int, tuple[str, ...], tuple[str, ...]]] = [
         ),
         (),
     ),
+    (
+        4,
+        (
+            # the key directory: uploads, bundles, notices (docs/PROTOCOL.md 9c)
+            "fallback",
+            "low",
+            "changed",
+        ),
+        (),
+    ),
 ]
 
 

@@ -49,6 +49,14 @@ from pigeon.core.events import (
     IncomingChatState,
     IncomingMessage,
     IncomingReceipt,
+    KeyBundle,
+    KeyBundles,
+    KeysChanged,
+    KeysCount,
+    KeysCountQuery,
+    KeysLow,
+    KeysQuery,
+    KeysUpload,
     Link,
     LinkKey,
     Logout,
@@ -65,9 +73,11 @@ from pigeon.core.events import (
     Register,
     Registered,
     ServerAck,
+    SignedKey,
     Unblock,
     Unlink,
     Verify,
+    signed_key_message,
 )
 from pigeon.core.node import format_node
 from pigeon.core.tokens import DICTIONARIES, LATEST
@@ -92,6 +102,15 @@ REF = "5f1c9a0e3b7d24c68e1f0a9b3c5d7e21"
 LINK_CODE = "ABCD2345"
 LINK_SIG = PRIMARY_ID.sign_link(ALICE, COMPANION_ID.public)
 COMPANION = ALICE + ":3"
+# Section 9c: Alice's primary's Curve25519 identity key and two one-time keys
+# (fixed bytes stand in for what vodozemac makes), signed by its Ed25519 key.
+CURVE = bytes(range(1, 33))
+OTK_A, OTK_B, FALLBACK = bytes(range(33, 65)), bytes(range(65, 97)), bytes(range(97, 129))
+
+
+def _signed(key_id: str, key: bytes, fallback: bool = False) -> SignedKey:
+    msg = signed_key_message(ALICE + ":0", key_id, key, fallback)
+    return SignedKey(key_id, key, PRIMARY_ID.sign(msg), fallback)
 
 
 def scram_example() -> dict[str, str]:
@@ -225,6 +244,23 @@ EXAMPLES = {
     )),
     "unlink": Unlink("u1", COMPANION),
     "ack-unlink": ServerAck("u1", T, "unlink"),
+    "keys-upload": KeysUpload("k1", CURVE, PRIMARY_ID.public,
+                              (_signed("AAAAAAAAAAA", OTK_A), _signed("AAAAAAAAAAE", OTK_B)),
+                              _signed("AAAAAAAAAAI", FALLBACK, True)),
+    "keys-count": KeysCount("k1", 2),
+    "keys-count-query": KeysCountQuery("k2"),
+    "keys-get": KeysQuery("k3", (ALICE,)),
+    "keys-bundles": KeyBundles("k3", (
+        KeyBundle(ALICE + ":0", CURVE, PRIMARY_ID.public, _signed("AAAAAAAAAAA", OTK_A)),
+        KeyBundle(COMPANION),
+    )),
+    "keys-bundle-fallback": KeyBundles("k4", (
+        KeyBundle(ALICE + ":0", CURVE, PRIMARY_ID.public, _signed("AAAAAAAAAAI", FALLBACK, True)),
+    )),
+    "keys-low": KeysLow(9, T, 10),
+    "keys-changed": KeysChanged(ALICE, T, 11),
+    "receipt-retry-out": Receipt(ALICE, "3eb0c1f2a4d5e6f7", "retry"),
+    "receipt-retry-in": IncomingReceipt(BOB + ":0", "3eb0c1f2a4d5e6f7", "retry", T + 400, 12),
     "error-pair-expired": Error(ErrorCode.PAIR_EXPIRED, "the pairing code has expired; ask again",
                                 "p1"),
 }  # fmt: skip
