@@ -77,6 +77,13 @@ from pigeon.core.events import (
     Hello,
     IncomingMessage,
     IncomingReceipt,
+    KeyBundles,
+    KeysChanged,
+    KeysCount,
+    KeysCountQuery,
+    KeysLow,
+    KeysQuery,
+    KeysUpload,
     Link,
     LinkKey,
     Logout,
@@ -92,10 +99,12 @@ from pigeon.core.events import (
     Register,
     Registered,
     ServerAck,
+    SignedKey,
     Unblock,
     Unlink,
     Verify,
     normalize_link_code,
+    signed_key_message,
 )
 
 from . import e2e
@@ -117,6 +126,10 @@ LINK, UNLINK, PAIR = "link", "unlink", "pair"
 _ID_KINDS = (REQ, MESSAGE, RECEIPT, PONG, LOGOUT, DELETE, BLOCK, UNBLOCK, LINK, UNLINK)
 #: Kinds that are safe to send again after a reconnect (idempotent by id).
 REPLAYABLE = (MESSAGE, RECEIPT)
+
+
+#: what the server queues for a device (acknowledged by ``seq``)
+_QUEUED = frozenset({IncomingMessage, IncomingReceipt, DevicesChanged, KeysLow, KeysChanged})
 
 
 @dataclass(frozen=True)
@@ -268,7 +281,8 @@ def check_keepalive(interval: float | None, timeout: float) -> float | None:
 
 
 #: Server answers matched to a REQ waiter by their id.
-_ANSWERS = frozenset({PrivacySettings, DiscoverResult, Blocklist, LinkKey, DeviceList})
+_ANSWERS = frozenset({PrivacySettings, DiscoverResult, Blocklist, LinkKey, DeviceList,
+                      KeysCount, KeyBundles})  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -465,7 +479,9 @@ class ClientCore:
                 return
         if t is DevicesChanged:
             self.drop_device_lists((ev.sender,))  # a redelivery too: dropping is harmless
-        if t is IncomingMessage or t is IncomingReceipt or t is DevicesChanged:
+        if t is KeysChanged:
+            self.drop_device_lists((ev.sender,))  # the next send checks the keys again
+        if t in _QUEUED:
             if ev.seq <= self.last_seq:
                 self.redelivered += 1  # seen before: at-least-once on the wire
                 if ev.seq <= self.acked_seq:
@@ -601,6 +617,9 @@ class ClientAPI:
                 elif self.secure is not None and type(ev) is IncomingReceipt and ev.type == "retry":
                     self._spawn(self._resend(ev))
                     self.core.ack(ev.seq, self._live)  # the SDK's own business: acked here
+                elif self.secure is not None and type(ev) is KeysLow:
+                    self._spawn(self._top_up(ev.count))
+                    self.core.ack(ev.seq, self._live)
                 else:
                     self._push(ev)
             elif t is Answer:
@@ -840,10 +859,35 @@ class ClientAPI:
         self._push(out)
 
     async def _ask_resend(self, device: str, mid: str) -> None:
+        """``receipt type="retry"`` to the sender's user (PROTOCOL.md 9c): its device
+        that sent ``mid`` opens a new session with this one and sends it again."""
         try:
-            await self.retry_receipt(device, mid)
+            await self.receipt(device.partition(":")[0], mid, "retry")
         except (ServerError, ConnectionLost) as exc:
             logger.info("pigeon client: no retry receipt for %s to %s: %s", mid, device, exc)
+
+    def _signed(self, kid: str, key: bytes, fallback: bool = False) -> SignedKey:
+        msg = signed_key_message(self.device, kid, key, fallback)
+        return SignedKey(kid, key, self.secure.device.sign(msg), fallback)
+
+    async def _upload_keys(self, fallback, otks, timeout: float = 30.0) -> int:
+        """``keys type="set"``: the identity keys, a fallback key (or None) and one-time
+        keys (sorted by key id), each signed; returns the server's count."""
+        olm = self.secure.device
+        rid = self.new_id()
+        ev = KeysUpload(rid, olm.curve25519, olm.ed25519,
+                        tuple(self._signed(kid, key) for kid, key in otks),
+                        None if fallback is None else self._signed(*fallback, fallback=True))  # fmt: skip
+        return (await self._request(REQ, rid, ev, timeout)).count
+
+    async def _fetch_bundles(self, users, timeout: float = 30.0):
+        """``keys type="get"``: a bundle per device of ``users`` (consumes one-time keys)."""
+        rid = self.new_id()
+        return (await self._request(REQ, rid, KeysQuery(rid, tuple(users)), timeout)).bundles
+
+    async def _key_count(self, timeout: float = 30.0) -> int:
+        rid = self.new_id()
+        return (await self._request(REQ, rid, KeysCountQuery(rid), timeout)).count
 
     async def _trusted_devices(self, user: str, fresh: bool = False) -> tuple[str, ...]:
         items = await self.devices(user, fresh=fresh)
@@ -863,14 +907,17 @@ class ClientAPI:
         fetched from the server's key directory (checked against the device list)."""
         olm = self.secure.device
         users = sorted({d.partition(":")[0] for d in devices if not olm.has_session(d)})
-        for user in users:
-            for bundle in await self.fetch_keys(user):
-                if bundle.device not in devices or olm.has_session(bundle.device):
-                    continue
-                if self.secure.device_keys.get(bundle.device) != bytes(bundle.ed25519):
-                    raise e2e.KeyMismatch(f"{bundle.device}: the key directory's identity key "
-                                          "is not the device list's")  # fmt: skip
-                olm.start_session(bundle.device, bundle.curve25519, bundle.key)
+        for bundle in await self._fetch_bundles(users) if users else ():
+            d, otk = bundle.device, bundle.one_time_key
+            if d not in devices or olm.has_session(d) or otk is None or bundle.ed25519 is None:
+                continue
+            if self.secure.device_keys.get(d) != bytes(bundle.ed25519):
+                raise e2e.KeyMismatch(f"{d}: the key directory's identity key is not the "
+                                      "one in the device list")  # fmt: skip
+            if not e2e.verify_signature(bundle.ed25519, otk.signature,
+                                        signed_key_message(d, otk.key_id, otk.key, otk.fallback)):  # fmt: skip
+                raise e2e.KeyMismatch(f"{d}: its one-time key is not signed by its identity key")
+            olm.start_session(d, bundle.curve25519, otk.key)
         missing = [d for d in devices if not olm.has_session(d)]
         if missing:
             raise e2e.NoSession(f"no keys published for {', '.join(missing)}")
@@ -906,10 +953,10 @@ class ClientAPI:
         """A peer device could not decrypt our message ``ev.id``: a new session with it,
         and the message again under a new id (``resend_of`` names the first)."""
         sent = self.secure.sent.get(ev.id)
+        if sent is None:
+            return  # another device of this account sent it (or too long ago)
         self.secure.device.forget(ev.sender)
         self.secure.save()
-        if sent is None:
-            return  # sent too long ago (or not by this device): nothing to resend
         to, mtype, body = sent
         try:
             await self._send_secure(to, body, mtype, None, None, resend_of=ev.id)
@@ -920,19 +967,26 @@ class ClientAPI:
         """After login: the identity keys, the fallback key and one-time keys, once;
         then only what the server asks for (``_top_up``)."""
         olm = self.secure.device
-        otks = olm.new_one_time_keys(olm.max_one_time_keys)
-        if not otks and self.secure.published:
+        if self.secure.published:
+            await self._top_up(await self._key_count())
             return
-        await self.upload_keys(olm, olm.fallback_key(), otks)
+        await self._upload_keys(olm.fallback_key(), olm.new_one_time_keys(olm.max_one_time_keys))
         olm.mark_published()
         self.secure.published = True
         self.secure.save()
 
     async def _top_up(self, have: int) -> None:
+        """The server holds ``have`` one-time keys of this device: fill up to the maximum."""
         olm = self.secure.device
-        otks = olm.new_one_time_keys(max(0, olm.max_one_time_keys - have))
+        if have >= olm.max_one_time_keys // 2:
+            return
+        otks = olm.new_one_time_keys(olm.max_one_time_keys - have)
         if otks:
-            await self.upload_keys(olm, None, otks)
+            try:
+                await self._upload_keys(None, otks)
+            except (ServerError, ConnectionLost) as exc:
+                logger.info("pigeon client: one-time keys not uploaded: %s", exc)
+                return
             olm.mark_published()
             self.secure.save()
 

@@ -63,6 +63,7 @@ __all__ = [
     "check_device_list",
     "safety_number",
     "safety_qr",
+    "verify_signature",
     "verify_safety_qr",
 ]
 
@@ -286,6 +287,18 @@ class OlmDevice:
 
     def __repr__(self) -> str:  # never a secret
         return f"<OlmDevice {self.ed25519.hex()[:16]}... {len(self.sessions)} peers>"
+
+
+def verify_signature(ed25519_key: bytes, signature: bytes, message: bytes) -> bool:
+    """True if ``signature`` (64 raw bytes) is ``ed25519_key``'s over ``message``."""
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    try:
+        Ed25519PublicKey.from_public_bytes(bytes(ed25519_key)).verify(bytes(signature), message)
+    except (InvalidSignature, ValueError):
+        return False
+    return True
 
 
 def _pickle_key(key: bytes) -> bytes:

@@ -3,7 +3,7 @@
 ``SecureState`` is what one device's client keeps for end-to-end
 encryption, with no I/O of its own beyond its profile file: the
 ``OlmDevice`` (account and sessions), the identity keys it has seen for
-each peer device and primary (to notice a change: ``KeysChanged``), and
+each peer device and primary (to notice a change: ``SafetyNumberChanged``), and
 the recent messages it sent (to resend one a peer could not decrypt).
 ``ClientAPI`` (client/_core.py) drives it: it fetches keys, sends and
 receives, and hands the application the events defined here.
@@ -34,7 +34,7 @@ import msgpack
 
 from . import e2e
 
-__all__ = ["DecryptedMessage", "DecryptionFailed", "KeysChanged", "SecureState"]
+__all__ = ["DecryptedMessage", "DecryptionFailed", "SafetyNumberChanged", "SecureState"]
 
 #: outer message types of an encrypted message (PROTOCOL.md)
 E2E_TYPES = frozenset({"pkmsg", "msg"})
@@ -78,7 +78,7 @@ class DecryptionFailed:
 
 
 @dataclass(frozen=True, slots=True)
-class KeysChanged:
+class SafetyNumberChanged:
     """``user``'s identity keys changed (re-registration, or a new or replaced device):
     the safety number may have changed; compare it again (``safety_number``)."""
 
@@ -139,9 +139,9 @@ class SecureState:
 
     # -- device lists and keys ---------------------------------------------------
 
-    def note_devices(self, user: str, items) -> tuple[tuple[str, ...], KeysChanged | None]:
+    def note_devices(self, user: str, items) -> tuple[tuple[str, ...], SafetyNumberChanged | None]:
         """A device list of ``user``: the devices to encrypt for (companions whose link
-        signature verifies), and a ``KeysChanged`` if a key differs from the one seen
+        signature verifies), and a ``SafetyNumberChanged`` if a key differs from the one seen
         before (the sessions with such devices are dropped)."""
         trusted = e2e.check_device_list(user, items)
         changed = []
@@ -161,7 +161,7 @@ class SecureState:
             self.device_keys[d.device] = bytes(d.key)
         if changed or primary_changed:
             self.save()
-            return trusted.devices, KeysChanged(user, tuple(changed), primary_changed)
+            return trusted.devices, SafetyNumberChanged(user, tuple(changed), primary_changed)
         return trusted.devices, None
 
     # -- sending -------------------------------------------------------------------

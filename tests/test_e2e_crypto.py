@@ -244,7 +244,7 @@ def test_secure_state_envelope_resend_and_reload(tmp_path):
 
 
 def test_secure_state_notices_changed_keys():
-    from pigeon.client.secure import KeysChanged, SecureState
+    from pigeon.client.secure import SafetyNumberChanged, SecureState
 
     user = "4915112345678"
     state = SecureState()
@@ -257,4 +257,4 @@ def test_secure_state_notices_changed_keys():
     items2 = (DeviceInfo(f"{user}:2", 3, p2.public), items[1])
     devices, change = state.note_devices(user, items2)
     assert devices == (f"{user}:2",)
-    assert change == KeysChanged(user, (), True)
+    assert change == SafetyNumberChanged(user, (), True)
