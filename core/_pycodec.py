@@ -39,8 +39,8 @@ from .wire import (
 IMPLEMENTATION = "python"
 
 #: Kinds of queue entry (see Codec.queue_entry) and the tag each is delivered as.
-ENTRY_MESSAGE, ENTRY_RECEIPT, ENTRY_DEVICES = 0, 1, 2
-_ENTRY_TAGS = ("message", "receipt", "devices")
+ENTRY_MESSAGE, ENTRY_RECEIPT, ENTRY_DEVICES, ENTRY_KEYS = 0, 1, 2, 3
+_ENTRY_TAGS = ("message", "receipt", "devices", "keys")
 #: Flag bits of a queue entry: the recipient user had several devices (the fan
 #: record); a copy for the sender's own account (sync copy, device-to-device):
 #: its ack makes no delivered receipt.
@@ -523,25 +523,27 @@ class Codec:
     #     kind u8 | t u64 | flags u8 | len u8, origin | len u8, id | len u16, head | body
     #
     # kind 0 message (body follows), 1 receipt, 2 device-list notice (nothing
-    # follows; no id: its length is 0); flags bit 0 (ENTRY_FAN): the recipient
+    # follows; no id: its length is 0), 3 key-directory notice (``<keys from
+    # type t>``: no id, a type; nothing follows); flags bit 0 (ENTRY_FAN): the recipient
     # user had several devices (the fan record); bit 1 (ENTRY_SYNC): a copy for
     # the sender's own account (a sync copy or a device-to-device message),
     # whose ack makes no delivered receipt.  ``head`` is the frame payload up
     # to the ``seq`` attribute: the list header, the tag and ``from``, ``to``
-    # (sync copies only), ``id``, ``type`` (not for kind 2), ``t``, encoded
+    # (sync copies only), ``id`` (kinds 0, 1), ``type`` (not kind 2), ``t``, encoded
     # with this codec's dictionary.  All integers are big-endian.  The frame
     # is byte for byte what encoding IncomingMessage / IncomingReceipt /
-    # DevicesChanged would give.
+    # DevicesChanged / KeysLow / KeysChanged would give.
 
     def queue_entry(self, kind: int, t: int, flags: int, origin: str, mid: str, typ: str,
                     body=None, to: str | None = None) -> bytes:  # fmt: skip
-        """The stored form of a message (kind 0, with ``body``), receipt (kind 1)
-        or device-list notice (kind 2: ``mid`` and ``typ`` empty); ``to``: the
+        """The stored form of a message (kind 0, with ``body``), receipt (kind 1),
+        device-list notice (kind 2: ``mid`` and ``typ`` empty) or key-directory
+        notice (kind 3: ``mid`` empty, ``typ`` low or changed); ``to``: the
         recipient a sync copy names."""
-        if kind not in (ENTRY_MESSAGE, ENTRY_RECEIPT, ENTRY_DEVICES):
+        if kind not in (ENTRY_MESSAGE, ENTRY_RECEIPT, ENTRY_DEVICES, ENTRY_KEYS):
             raise ValueError(f"unknown entry kind {kind}")
         o, i = origin.encode(), mid.encode()
-        notice = kind == ENTRY_DEVICES
+        notice = kind >= ENTRY_DEVICES
         if not 0 < len(o) < 256 or not (0 if notice else 1) <= len(i) < 256 or (notice and i):
             raise ValueError("origin and id must be 1-255 bytes (a notice has no id)")
         head = bytearray()
@@ -551,6 +553,8 @@ class Codec:
             attrs.append(("to", to))
         if not notice:
             attrs += (("id", mid), ("type", typ))
+        elif kind == ENTRY_KEYS:
+            attrs.append(("type", typ))
         attrs.append(("t", str(t)))
         self._list_header(head, 3 + 2 * len(attrs) + message)
         self._string(head, _ENTRY_TAGS[kind], "tag")

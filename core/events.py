@@ -1889,28 +1889,27 @@ _NOTICE_TYPES = frozenset({"low", "changed"})
 
 @dataclass(frozen=True, slots=True)
 class KeysLow(Event):
-    """This device's one-time keys ran low: the server held ``count`` (below
-    ``one-time-keys-low``) when a fetch took one; upload more.  Queued and
-    acknowledged like a message (``seq``, ``t``)."""
+    """Device ``device`` (this one) has fewer than ``one-time-keys-low`` one-time
+    keys left on the server: upload more (``KeysCountQuery`` tells how many are
+    left).  Queued and acknowledged like a message (``seq``, ``t``)."""
 
     TAG: ClassVar[str] = "keys"
     SENDER: ClassVar[str] = SERVER
-    count: int
+    device: str
     t: int
     seq: int
 
     def to_node(self, N):
         return N(
-            "keys",
-            {"type": "low", "count": str(self.count), "t": str(self.t), "seq": str(self.seq)},
+            "keys", {"from": self.device, "type": "low", "t": str(self.t), "seq": str(self.seq)}
         )
 
     @classmethod
     def from_node(cls, node):
-        return _read(cls(_uint(node, "count"), _uint(node, "t"), _uint(node, "seq")))
+        return _read(cls(_address(node, "from", "device"), _uint(node, "t"), _uint(node, "seq")))
 
     def check(self) -> None:
-        _check_uint(self, "count", self.count)
+        _check_address(self, "device", self.device, _DEVICE)
         _check_uint(self, "t", self.t)
         _check_uint(self, "seq", self.seq)
 
@@ -1930,7 +1929,7 @@ class KeysChanged(Event):
     def to_node(self, N):
         return N(
             "keys",
-            {"type": "changed", "from": self.sender, "t": str(self.t), "seq": str(self.seq)},
+            {"from": self.sender, "type": "changed", "t": str(self.t), "seq": str(self.seq)},
         )
 
     @classmethod

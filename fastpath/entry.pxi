@@ -6,6 +6,7 @@ cdef enum:
     ENTRY_MESSAGE_KIND = 0
     ENTRY_RECEIPT_KIND = 1
     ENTRY_DEVICES_KIND = 2       # a device-list notice: no id, no type, no body
+    ENTRY_KEYS_KIND = 3          # a key-directory notice: no id, a type, no body
     ENTRY_FIXED = 10             # kind, t, flags
 
 
@@ -43,7 +44,7 @@ cdef bytes _queue_entry(Codec c, int kind, unsigned long long t, int flags, str 
     cdef char digits[21]
     cdef Py_buffer view
     cdef bint have_view = False
-    cdef bint notice = kind == ENTRY_DEVICES_KIND
+    cdef bint notice = kind == ENTRY_DEVICES_KIND or kind == ENTRY_KEYS_KIND
     cdef bytes out
     cdef unsigned char* p
     cdef int k, count
@@ -53,6 +54,8 @@ cdef bytes _queue_entry(Codec c, int kind, unsigned long long t, int flags, str 
         raise ValueError("origin and id must be 1-255 bytes (a notice has no id)")
     # the head, in the codec's buffer: tag, from, [to], [id, type], t (and seq, body later)
     count = 7 if notice else 11
+    if kind == ENTRY_KEYS_KIND:
+        count += 2
     if kind == ENTRY_MESSAGE_KIND:
         count += 1
     if to is not None:
@@ -60,7 +63,8 @@ cdef bytes _queue_entry(Codec c, int kind, unsigned long long t, int flags, str 
     c._len = 0
     _list_header(c, count)
     _enc_string(c, "message" if kind == ENTRY_MESSAGE_KIND else
-                ("receipt" if kind == ENTRY_RECEIPT_KIND else "devices"), "tag")
+                ("receipt" if kind == ENTRY_RECEIPT_KIND else
+                 ("devices" if kind == ENTRY_DEVICES_KIND else "keys")), "tag")
     _enc_string(c, "from", "attribute name")
     _enc_string(c, origin, "attribute value")
     if to is not None:
@@ -69,6 +73,9 @@ cdef bytes _queue_entry(Codec c, int kind, unsigned long long t, int flags, str 
     if not notice:
         _enc_string(c, "id", "attribute name")
         _enc_string(c, mid, "attribute value")
+        _enc_string(c, "type", "attribute name")
+        _enc_string(c, typ, "attribute value")
+    elif kind == ENTRY_KEYS_KIND:
         _enc_string(c, "type", "attribute name")
         _enc_string(c, typ, "attribute value")
     _enc_string(c, "t", "attribute name")

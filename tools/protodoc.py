@@ -257,7 +257,7 @@ EXAMPLES = {
     "keys-bundle-fallback": KeyBundles("k4", (
         KeyBundle(ALICE + ":0", CURVE, PRIMARY_ID.public, _signed("AAAAAAAAAAI", FALLBACK, True)),
     )),
-    "keys-low": KeysLow(9, T, 10),
+    "keys-low": KeysLow(ALICE + ":0", T, 10),
     "keys-changed": KeysChanged(ALICE, T, 11),
     "receipt-retry-out": Receipt(ALICE, "3eb0c1f2a4d5e6f7", "retry"),
     "receipt-retry-in": IncomingReceipt(BOB + ":0", "3eb0c1f2a4d5e6f7", "retry", T + 400, 12),
