@@ -618,7 +618,7 @@ class ClientAPI:
                     self._spawn(self._resend(ev))
                     self.core.ack(ev.seq, self._live)  # the SDK's own business: acked here
                 elif self.secure is not None and type(ev) is KeysLow:
-                    self._spawn(self._top_up(ev.count))
+                    self._spawn(self._top_up())
                     self.core.ack(ev.seq, self._live)
                 else:
                     self._push(ev)
@@ -968,25 +968,28 @@ class ClientAPI:
         then only what the server asks for (``_top_up``)."""
         olm = self.secure.device
         if self.secure.published:
-            await self._top_up(await self._key_count())
+            await self._top_up()
             return
         await self._upload_keys(olm.fallback_key(), olm.new_one_time_keys(olm.max_one_time_keys))
         olm.mark_published()
         self.secure.published = True
         self.secure.save()
 
-    async def _top_up(self, have: int) -> None:
-        """The server holds ``have`` one-time keys of this device: fill up to the maximum."""
+    async def _top_up(self) -> None:
+        """Ask how many one-time keys the server holds for this device; below half the
+        maximum, upload new ones up to it (after login, and on a low-keys notice)."""
         olm = self.secure.device
-        if have >= olm.max_one_time_keys // 2:
-            return
-        otks = olm.new_one_time_keys(olm.max_one_time_keys - have)
-        if otks:
-            try:
-                await self._upload_keys(None, otks)
-            except (ServerError, ConnectionLost) as exc:
-                logger.info("pigeon client: one-time keys not uploaded: %s", exc)
+        try:
+            have = await self._key_count()
+            if have >= olm.max_one_time_keys // 2:
                 return
+            otks = olm.new_one_time_keys(olm.max_one_time_keys - have)
+            if otks:
+                await self._upload_keys(None, otks)
+        except (ServerError, ConnectionLost) as exc:
+            logger.info("pigeon client: one-time keys not uploaded: %s", exc)
+            return
+        if otks:
             olm.mark_published()
             self.secure.save()
 

@@ -65,8 +65,7 @@ class DecryptedMessage:
 class DecryptionFailed:
     """A message this device could not decrypt (corrupted, or its session is lost).
 
-    The SDK has dropped the broken session and asked the sender's device to
-    resend (``receipt type="retry"``): the resend arrives as a new message
+    The SDK has asked the sender's device to open a new session and resend (``receipt type="retry"``): the resend arrives as a new message
     (``DecryptedMessage.resend_of`` == ``id``).  Ack ``seq`` as usual."""
 
     sender: str
@@ -105,8 +104,11 @@ class SecureState:
         self.device = e2e.OlmDevice()
         #: the identity and fallback keys were uploaded
         self.published = False
-        if self._profile is not None and os.path.exists(self._profile):
-            self._load()
+        if self._profile is not None:
+            if os.path.exists(self._profile):
+                self._load()
+            else:
+                self.save()  # the account's keys exist from now on: registration uses them
 
     # -- profile -------------------------------------------------------------------
 
@@ -194,8 +196,9 @@ class SecureState:
                     and isinstance(item[0], str) and isinstance(item[1], bytes)):  # fmt: skip
                 raise e2e.DecryptError("not a pigeon envelope")
         except (e2e.E2EError, ValueError, msgpack.UnpackException) as err:
-            self.device.forget(ev.sender)  # the next message to it opens a new session
-            self.save()
+            # The sessions stay: a failed decryption does not advance them (a corrupted
+            # message leaves a good session good); the sender answers the retry receipt
+            # with a new session, which is kept beside them, newest first.
             return DecryptionFailed(ev.sender, ev.id, ev.t, ev.seq, str(err), ev.to)
         self.save()
         resend_of = item[2] if len(item) == 3 and isinstance(item[2], str) else None
