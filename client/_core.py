@@ -773,7 +773,11 @@ class ClientAPI:
         t = await self._login(creds, timeout)
         self._creds = creds
         if self.secure is not None:
-            await self._publish_keys()
+            try:
+                await self._publish_keys()
+            except ServerError as exc:  # e.g. 308: credentials made in plaintext mode
+                logger.warning("pigeon client: %s: keys not published (%s): no one can "
+                               "encrypt to this device", creds.device, exc)  # fmt: skip
         return t
 
     async def _login(self, creds: Credentials, timeout: float) -> int:
