@@ -274,7 +274,7 @@ class Client(ClientAPI):
                 await writer.wait_closed()
             except (ConnectionError, _ssl.SSLError):
                 pass
-        for task in (self._life, self._pump, self._keeper):
+        for task in (self._life, self._pump, self._keeper, *self._tasks):
             if task is not None and not task.done():
                 task.cancel()
         for task in (self._life, self._pump, self._keeper):
