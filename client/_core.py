@@ -77,6 +77,7 @@ from pigeon.core.events import (
     Hello,
     IncomingMessage,
     IncomingReceipt,
+    KeyBundle,
     KeyBundles,
     KeysChanged,
     KeysCount,
@@ -874,24 +875,14 @@ class ClientAPI:
         msg = signed_key_message(self.device, kid, key, fallback)
         return SignedKey(kid, key, self.secure.device.sign(msg), fallback)
 
-    async def _upload_keys(self, fallback, otks, timeout: float = 30.0) -> int:
-        """``keys type="set"``: the identity keys, a fallback key (or None) and one-time
-        keys (sorted by key id), each signed; returns the server's count."""
+    async def _upload_keys(self, fallback, otks) -> int:
+        """``upload_keys`` of this device's Olm account: the identity keys, a fallback key
+        (or None) and one-time keys (sorted by key id), each signed."""
         olm = self.secure.device
-        rid = self.new_id()
-        ev = KeysUpload(rid, olm.curve25519, olm.ed25519,
-                        tuple(self._signed(kid, key) for kid, key in otks),
-                        None if fallback is None else self._signed(*fallback, fallback=True))  # fmt: skip
-        return (await self._request(REQ, rid, ev, timeout)).count
-
-    async def _fetch_bundles(self, users, timeout: float = 30.0):
-        """``keys type="get"``: a bundle per device of ``users`` (consumes one-time keys)."""
-        rid = self.new_id()
-        return (await self._request(REQ, rid, KeysQuery(rid, tuple(users)), timeout)).bundles
-
-    async def _key_count(self, timeout: float = 30.0) -> int:
-        rid = self.new_id()
-        return (await self._request(REQ, rid, KeysCountQuery(rid), timeout)).count
+        return await self.upload_keys(
+            olm.curve25519, olm.ed25519, tuple(self._signed(kid, key) for kid, key in otks),
+            None if fallback is None else self._signed(*fallback, fallback=True),
+        )  # fmt: skip
 
     async def _trusted_devices(self, user: str, fresh: bool = False) -> tuple[str, ...]:
         items = await self.devices(user, fresh=fresh)
@@ -911,7 +902,7 @@ class ClientAPI:
         fetched from the server's key directory (checked against the device list)."""
         olm = self.secure.device
         users = sorted({d.partition(":")[0] for d in devices if not olm.has_session(d)})
-        for bundle in await self._fetch_bundles(users) if users else ():
+        for bundle in await self.fetch_keys(users) if users else ():
             d, otk = bundle.device, bundle.one_time_key
             if d not in devices or olm.has_session(d) or otk is None or bundle.ed25519 is None:
                 continue
@@ -984,7 +975,7 @@ class ClientAPI:
         maximum, upload new ones up to it (after login, and on a low-keys notice)."""
         olm = self.secure.device
         try:
-            have = await self._key_count()
+            have = await self.key_count()
             if have >= olm.max_one_time_keys // 2:
                 return
             otks = olm.new_one_time_keys(olm.max_one_time_keys - have)
@@ -1200,6 +1191,41 @@ class ClientAPI:
             return await self._request(UNLINK, rid, Unlink(rid, device), timeout)
         finally:
             self.core.drop_device_lists((device.partition(":")[0],))
+
+    # -- the key directory (PROTOCOL.md section 9c) -------------------------------------
+
+    async def upload_keys(self, curve25519: bytes, ed25519: bytes, one_time_keys=(),
+                          fallback: SignedKey | None = None, timeout: float = 30.0) -> int:  # fmt: skip
+        """Publish this device's identity keys (``ed25519`` must be the identity key it
+        registered or was linked with), one-time keys and a fallback key (``SignedKey``s,
+        signed over ``signed_key_message``; ``pigeon.client.keys.vodozemac_keys`` makes
+        them from a vodozemac ``Account``).  Returns how many one-time keys the server
+        now holds for this device.  ServerError 308 (not the identity key), 312 (a bad
+        signature), 313 (past ``one-time-keys-max``)."""
+        rid = self.new_id()
+        ev = KeysUpload(rid, curve25519, ed25519, tuple(one_time_keys), fallback)
+        return (await self._request(REQ, rid, ev, timeout)).count
+
+    async def key_count(self, timeout: float = 30.0) -> int:
+        """How many of this device's one-time keys the server holds."""
+        rid = self.new_id()
+        return (await self._request(REQ, rid, KeysCountQuery(rid), timeout)).count
+
+    async def fetch_keys(self, users, timeout: float = 30.0) -> tuple[KeyBundle, ...]:
+        """The key bundles (``KeyBundle``) of every device of ``users`` (a user or an
+        iterable of users): identity keys and one one-time key each, consumed by this
+        fetch (``one_time_key.fallback`` when it is the device's fallback key; None when
+        the device has none; identity keys None when it published nothing).  Verify
+        each one-time key's signature with the bundle's Ed25519 key before use.
+        ServerError 302 (the fetch or lookup limit), 400 (not a user), 406 (too many users)."""
+        users = (users,) if isinstance(users, str) else tuple(users)
+        rid = self.new_id()
+        return (await self._request(REQ, rid, KeysQuery(rid, users), timeout)).bundles
+
+    async def retry_receipt(self, to: str, id: str, timeout: float | None = 30.0) -> ServerAck:
+        """Ask the sender ``to`` to send message ``id`` again (this device could not
+        decrypt it): a ``retry`` receipt, delivered from this device's address."""
+        return await self.receipt(to, id, "retry", timeout)
 
     async def blocklist(self, timeout: float = 30.0) -> tuple[str, ...]:
         """The users this account blocks, oldest block first."""

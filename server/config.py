@@ -512,6 +512,36 @@ OPTIONS: list[Option] = [
         _positive_int,
         "seconds without a login of the primary after which its companions are unlinked",
     ),
+    Option(
+        "one_time_keys_max",
+        50,
+        _positive_int,
+        "one-time keys the key directory holds per device (an upload past it is error 313)",
+    ),
+    Option(
+        "one_time_keys_low",
+        10,
+        _non_negative_int,
+        "a device is told to upload more one-time keys when a fetch leaves fewer than this",
+    ),
+    Option(
+        "keys_query_max",
+        16,
+        _positive_int,
+        "users one key-bundle request may name (error 406 past it)",
+    ),
+    Option(
+        "keys_fetch_per_account",
+        1000,
+        _positive_int,
+        "device key bundles an account may fetch per keys-fetch-window (error 302 past it)",
+    ),
+    Option(
+        "keys_fetch_window",
+        3600,
+        _positive_float,
+        "sliding window for keys-fetch-per-account, seconds",
+    ),
     Option("log_level", "info", _choice("debug", "info", "warning", "error"), "log level"),
     Option(
         "log_format",
@@ -617,6 +647,17 @@ GROUPS: list[Group] = [
             "pair_per_ip",
             "link_per_account",
             "companion_expiry",
+        ),
+    ),  # fmt: skip
+    Group(
+        "key directory",
+        "identity, one-time and fallback keys for end-to-end encryption, and their limits",
+        (
+            "one_time_keys_max",
+            "one_time_keys_low",
+            "keys_query_max",
+            "keys_fetch_per_account",
+            "keys_fetch_window",
         ),
     ),  # fmt: skip
     Group(

@@ -42,6 +42,9 @@ from pigeon.core.events import (
     Discover,
     DiscoverResult,
     Error,
+    KeysCountQuery,
+    KeysQuery,
+    KeysUpload,
     Link,
     Logout,
     Message,
@@ -61,7 +64,7 @@ from pigeon.core.events import (
 )
 from pigeon.core.node import address_kind
 
-from . import linking, log
+from . import keydir, linking, log
 from .accounts import ServiceError
 
 logger = logging.getLogger("pigeon.worker")
@@ -71,7 +74,7 @@ HOT_MESSAGE, HOT_ACK = 1, 3  # Hot.kind (2 is a receipt)
 
 #: Requests that draw on a connection's message-rate bucket (typing has its own).
 RATED = frozenset({Message, Receipt, Presence, Privacy, Discover, Block, Unblock, BlocklistQuery,
-                   Link, DevicesQuery, Unlink})  # fmt: skip
+                   Link, DevicesQuery, Unlink, KeysUpload, KeysQuery, KeysCountQuery})  # fmt: skip
 
 
 def handle(s, ev) -> None:
@@ -243,6 +246,9 @@ async def verify(s, ev: Verify) -> None:
         w.revoke(old, ErrorCode.REVOKED, "this number was registered on another device")
     log.event(logger, logging.INFO, "device registered", device=address)
     s.send(Registered(ev.id, address, secret))
+    # a new device: the users who talk to this one are told, in the next commit
+    # (the registration's transaction ran in a thread, outside the worker's queues)
+    w.write(lambda txn, now: keydir.changed_txn(w.queues, txn, ev.phone, now), w.deliver)
 
 
 def leave(s, request_id: str, what: str) -> None:
@@ -383,6 +389,9 @@ HANDLERS = {
     Link: linking.link,
     DevicesQuery: linking.devices,
     Unlink: linking.unlink,
+    KeysUpload: keydir.upload,
+    KeysQuery: keydir.query,
+    KeysCountQuery: keydir.count,
     Error: peer_error,
     ConnectionClosed: closed,
 }

@@ -84,7 +84,7 @@ from pigeon.core.events import (
 )
 from pigeon.core.keys import verify_link
 
-from . import log
+from . import keydir, log
 from .accounts import device_keys
 from .errors import ServiceError
 from .store import _pack, _unpack
@@ -474,6 +474,7 @@ async def _create(s, ev: Link, user: str, device: str) -> None:
         # the account's devices are told first, so that the new one, not yet in
         # the list, gets no notice of its own addition (PROTOCOL.md section 9)
         pushes = w.queues.devices_changed(txn, user, now)
+        pushes += keydir.changed_txn(w.queues, txn, user, now)  # a new device: its contacts
         address = w.store._add_device(txn, user, acct, ev.key, keys, now, extra)
         rec["used"] = True
         rec["device"] = address

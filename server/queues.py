@@ -15,10 +15,12 @@ delivery frame is spliced from it only when it is pushed or read
 body): nothing is re-encoded per device, and the body is copied once into
 the entry and once into the connection's output.
 
-    kind   0 message, 1 receipt, 2 device-list notice (``devices_changed``)
+    kind   0 message, 1 receipt, 2 device-list notice (``devices_changed``),
+           3 key-directory notice (``notice_devices``; server/keydir.py)
     t      server time (ms) the item was accepted
-    origin message: the sending device; receipt: the user it comes from;
-           notice: the user whose device list changed
+    origin message: the sending device; receipt: the user it comes from (a
+           retry receipt: the device); device-list notice: the user whose
+           device list changed; key notice: the user (changed) or device (low)
     id     the message id (none for a notice)
     flags  bit 0 (fan), message only: set when the recipient user had several
            devices (then the ``fan`` table holds one record until the first of
@@ -508,10 +510,12 @@ class Queues:
                 s.dkey = f"{s.device}\x00r{s.type}\x00{s.to}\x00{s.id}".encode()
                 s.digest = b""
                 user = s.device.partition(":")[0]
+                # a retry receipt comes from the device that failed to decrypt
+                origin = s.device if s.type == "retry" else user
                 if user == s.to:  # to one's own user: a read-sync copy only
-                    s.entry = entry(RECEIPT, now, SYNC, user, s.id, s.type, None, s.to)
+                    s.entry = entry(RECEIPT, now, SYNC, origin, s.id, s.type, None, s.to)
                 else:
-                    s.entry = entry(RECEIPT, now, 0, user, s.id, s.type)
+                    s.entry = entry(RECEIPT, now, 0, origin, s.id, s.type)
 
     def _store_one(self, w: _Txn, s: Send, now: int, cur, prev) -> None:
         txn = w.txn
@@ -576,6 +580,8 @@ class Queues:
             mine = w.devices(sender) or ()
         # the sender's other devices get sync copies (none for a single-device account)
         nsync = len(mine) - (me in mine)
+        if nsync and not own and s.type == "retry":  # a retry goes to the sender only
+            nsync = 0
         recipients = () if own else devices
         entries = s.entry
         per_device = type(entries) is dict
@@ -734,6 +740,27 @@ class Queues:
             w.enqueue(f"{user}:{n}", entry)
         w.flush_state()
         return w.pushes
+
+    def notice_devices(self, txn, devices, kind: int, origin: str, typ: str, now: int) -> list:
+        """Queue a notice of ``kind`` (3: ``<keys from=origin type=typ>``) for each of
+        ``devices`` inside ``txn``; returns the pushes (as ``devices_changed``)."""
+        self._check_caches(txn)
+        w = _Txn(self, txn)
+        entry = self.encoder.entry(kind, now, 0, origin, "", typ)
+        for d in devices:
+            w.enqueue(d, entry)
+        w.flush_state()
+        return w.pushes
+
+    def notice_users(self, txn, users, kind: int, origin: str, typ: str, now: int) -> list:
+        """``notice_devices`` for every current device of each of ``users``."""
+        accounts = self.db["accounts"]
+        devices = []
+        for user in users:
+            raw = txn.get(user.encode(), db=accounts)
+            if raw is not None:
+                devices += [f"{user}:{n}" for n in _unpackb(raw)["devices"]]
+        return self.notice_devices(txn, devices, kind, origin, typ, now) if devices else []
 
     # -- reading ------------------------------------------------------------------
 

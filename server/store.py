@@ -28,6 +28,8 @@ Tables (LMDB named databases):
               the anti-spam pairs (server/queues.py)
     presence, contacts, rcontacts, blocks: presence, privacy, contacts and
               blocking (server/social.py)
+    keys, otks: the key directory, identity, fallback and one-time keys per
+              device (server/keydir.py)
 
 Format history (the ``pairs`` table and the new record fields need no
 format change: a missing table is created at open, a missing field has
@@ -35,7 +37,10 @@ its default): 1 (accounts, devices, codes, limits, sessions); 2 adds the
 queue tables; 3 the presence and contact tables; 4 stores queue entries and
 queue states in binary (server/queues.py) instead of msgpack; 5 adds the
 entry kind of device-list notices and the sync flag of copies for the
-sender's own account (server/queues.py).  Format-4 entries are format-5
+sender's own account (server/queues.py); 6 the entry kind of key-directory
+notices (kind 3) and the key tables (server/keydir.py): a format-5 store is
+upgraded by writing the number, the bump keeps a format-5 pigeon from
+opening a store with entries it cannot read.  Format-4 entries are format-5
 entries as they are (kinds 0 and 1, the sync bit clear), so 4 is upgraded
 by writing the new number; the bump keeps a format-4 pigeon from opening a
 store whose entries it would misread (it would answer a sync copy's ack
@@ -85,15 +90,16 @@ import time
 import lmdb
 import msgpack
 
+from .keydir import KEY_TABLES, drop_device_keys
 from .queues import QUEUE_TABLES, FrameEncoder, drop_device_queue, upgrade_entries
 from .social import SOCIAL_TABLES, drop_user, release_device
 
-FORMAT_VERSION = 5
-_UPGRADABLE = (1, 2, 3, 4)  # formats opened and upgraded in place
+FORMAT_VERSION = 6
+_UPGRADABLE = (1, 2, 3, 4, 5)  # formats opened and upgraded in place
 _MSGPACK_QUEUES = (2, 3)  # formats whose queue entries are rewritten (upgrade_entries)
 _TABLES = (
     "meta", "accounts", "devices", "codes", "limits", "sessions", "pairs", *QUEUE_TABLES,
-    *SOCIAL_TABLES,
+    *SOCIAL_TABLES, *KEY_TABLES,
 )  # fmt: skip
 
 
@@ -332,6 +338,7 @@ class Store:
                 removed.append(addr)
                 self._delete(txn, "devices", addr)
                 drop_device_queue(txn, self._db, addr)
+                drop_device_keys(txn, self._db, addr)
             acct["devices"] = []
             address = self._add_device(txn, phone, acct, identity_key, keys, now)
         return address, removed
@@ -435,6 +442,7 @@ class Store:
         self._delete(txn, "sessions", address)
         release_device(txn, self._db, address, None, None, now)
         drop_device_queue(txn, self._db, address)
+        drop_device_keys(txn, self._db, address)
         return True
 
     def delete_account(self, phone: str) -> list[str]:
@@ -452,6 +460,7 @@ class Store:
             self._delete(txn, "devices", addr)
             self._delete(txn, "sessions", addr)
             drop_device_queue(txn, self._db, addr)
+            drop_device_keys(txn, self._db, addr)
         self._delete(txn, "accounts", phone)
         drop_user(txn, self._db, phone)
         return gone

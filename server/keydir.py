@@ -1,0 +1,278 @@
+"""The key directory: each device's public identity keys, one-time and fallback keys.
+
+Theory of operation (docs/PROTOCOL.md section 9c).  A logged-in device
+uploads its Curve25519 and Ed25519 identity keys (the Ed25519 one must be
+the identity key it registered or was linked with), optionally a signed
+fallback key, and batches of signed one-time keys.  Every signature is
+verified (``cryptography``'s Ed25519) before the commit, over
+``signed_key_message``; an upload is stored whole or not at all.  A
+``keys`` query hands out, per device of the users asked, the identity keys
+and one one-time key, which it deletes in the same write transaction: LMDB
+has one writer at a time across every worker, so two fetches never get the
+same key.  A device without one-time keys left hands out its fallback key
+(flagged; not consumed).
+
+Tables (named databases in the store's environment; msgpack values):
+
+    keys   device -> [curve25519, ed25519, fallback or None, count, t]
+           fallback: [key id, key, signature]; count: the one-time keys in
+           otks; t: the last upload (ms)
+    otks   device NUL key id -> [key, signature]
+
+Notices (queue entry kind 3, ``Queues.enqueue_notice``): ``low`` for a
+device when a fetch leaves it fewer than ``one-time-keys-low`` one-time
+keys; ``changed`` (from a user) when the user gets a new device or a device
+uploads an identity key other than the one held, to the users of
+``changed_audience``.  Removing a device (logout, unlink, re-registration,
+companion expiry, account deletion: ``Store.remove_device_txn`` and
+friends) deletes its keys (``drop_device_keys``).
+"""
+
+from __future__ import annotations
+
+import msgpack
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from pigeon.core.errors import ErrorCode
+from pigeon.core.events import (
+    Error,
+    KeyBundle,
+    KeyBundles,
+    KeysCount,
+    KeysCountQuery,
+    KeysQuery,
+    KeysUpload,
+    SignedKey,
+    signed_key_message,
+)
+
+from .errors import ServiceError
+from .limits import window_take, window_used
+
+KEY_TABLES = ("keys", "otks")
+KEYS_NOTICE = 3  # the queue entry kind (server/queues.py)
+
+
+def _pack(obj) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def _unpack(raw):
+    return msgpack.unpackb(raw, raw=False)
+
+
+def _prefix(device: str) -> bytes:
+    return device.encode() + b"\x00"
+
+
+def verify_upload(device: str, ed25519: bytes, ev: KeysUpload) -> None:
+    """Raise ServiceError 312 unless every key of ``ev`` is signed by ``ed25519``."""
+    pub = Ed25519PublicKey.from_public_bytes(bytes(ed25519))
+    keys = ([ev.fallback] if ev.fallback is not None else []) + list(ev.one_time_keys)
+    for k in keys:
+        try:
+            pub.verify(bytes(k.signature),
+                       signed_key_message(device, k.key_id, k.key, k is ev.fallback))  # fmt: skip
+        except InvalidSignature:
+            what = "fallback key" if k is ev.fallback else "one-time key"
+            raise ServiceError(
+                ErrorCode.KEY_SIGNATURE,
+                f"the signature of {what} {k.key_id} does not verify against this device's "
+                "Ed25519 identity key",
+            ) from None
+
+
+def drop_device_keys(txn, db: dict, device: str) -> None:
+    """Delete every key of ``device`` (it is removed)."""
+    if txn.get(device.encode(), db=db["keys"]) is None:
+        return
+    txn.delete(device.encode(), db=db["keys"])
+    prefix = _prefix(device)
+    with txn.cursor(db=db["otks"]) as c:
+        if c.set_range(prefix):
+            while c.key().startswith(prefix):
+                if not c.delete():
+                    break
+
+
+def count_txn(txn, db: dict, device: str) -> int:
+    raw = txn.get(device.encode(), db=db["keys"])
+    return 0 if raw is None else _unpack(raw)[3]
+
+
+def changed_audience(txn, db: dict, user: str) -> list[str]:
+    """Who is told that ``user``'s keys changed: the users who have ``user`` in their
+    contact set (rcontacts) and those ``user`` sent a message to in the new-chat
+    limit's conversation pairs (conv0, conv1: kept by sender), but not ``user``."""
+    prefix = _prefix(user)
+    out = set()
+    for table in ("rcontacts", "conv0", "conv1"):
+        with txn.cursor(db=db[table]) as c:
+            if c.set_range(prefix):
+                for key in c.iternext(keys=True, values=False):
+                    if not key.startswith(prefix):
+                        break
+                    out.add(key[len(prefix) :].decode())
+    out.discard(user)
+    return sorted(out)
+
+
+def changed_txn(queues, txn, user: str, now: int) -> list:
+    """Queue ``<keys from=user type=changed>`` for every device of ``changed_audience``;
+    returns the pushes to deliver after the commit."""
+    return queues.notice_users(txn, changed_audience(txn, queues.db, user), KEYS_NOTICE,
+                               user, "changed", now)  # fmt: skip
+
+
+# -- handlers --------------------------------------------------------------------
+
+
+def upload(s, ev: KeysUpload) -> None:
+    w = s.worker
+    c = w.config
+    device, user = s.device, s.user
+    dev = w.store.device(device)
+    if dev is None:
+        return
+    if bytes(ev.ed25519) != bytes(dev.get("identity_key") or b""):
+        s.send(Error(ErrorCode.KEY_MISMATCH,
+                     "the Ed25519 key is not this device's identity key", ev.id))  # fmt: skip
+        return
+    try:
+        verify_upload(device, ev.ed25519, ev)  # before the commit: no CPU under the writer lock
+    except ServiceError as err:
+        s.send(Error(err.code, err.text, ev.id))
+        return
+    db = w.store._db
+
+    def run(txn, now):
+        w.store.check_room(txn)
+        raw = txn.get(device.encode(), db=db["keys"])
+        old = None if raw is None else _unpack(raw)
+        count = 0 if old is None else old[3]
+        prefix = _prefix(device)
+        new = {}
+        for k in ev.one_time_keys:
+            key = prefix + k.key_id.encode()
+            if key not in new and txn.get(key, db=db["otks"]) is None:
+                count += 1
+            new[key] = k
+        if count > c.one_time_keys_max:
+            raise ServiceError(
+                ErrorCode.KEYS_FULL,
+                f"a device holds at most {c.one_time_keys_max} one-time keys "
+                f"({count} with this upload); nothing was stored",
+            )
+        for key, k in new.items():
+            txn.put(key, _pack([bytes(k.key), bytes(k.signature)]), db=db["otks"])
+        fallback = old[2] if old is not None else None
+        if ev.fallback is not None:
+            f = ev.fallback
+            fallback = [f.key_id, bytes(f.key), bytes(f.signature)]
+        rec = [bytes(ev.curve25519), bytes(ev.ed25519), fallback, count, now]
+        txn.put(device.encode(), _pack(rec), db=db["keys"])
+        pushes = []
+        if old is None or old[0] != rec[0]:  # a first upload or a new identity key
+            pushes = changed_txn(w.queues, txn, user, now)
+        return count, pushes
+
+    def done(result) -> None:
+        count, pushes = result
+        w.deliver(pushes)
+        s.send(KeysCount(ev.id, count))
+
+    w.write(run, done, s, ev.id)
+
+
+def count(s, ev: KeysCountQuery) -> None:
+    w = s.worker
+    with w.store.read() as txn:
+        n = count_txn(txn, w.store._db, s.device)
+    s.send(KeysCount(ev.id, n))
+
+
+def _take(txn, db: dict, device: str, low: int, queues, now: int, pushes: list) -> KeyBundle:
+    """``device``'s bundle, its first one-time key consumed (queues a low notice)."""
+    raw = txn.get(device.encode(), db=db["keys"])
+    if raw is None:
+        return KeyBundle(device)
+    rec = _unpack(raw)
+    curve, ed, fallback, n = rec[0], rec[1], rec[2], rec[3]
+    otk = None
+    if n > 0:
+        prefix = _prefix(device)
+        with txn.cursor(db=db["otks"]) as c:
+            if c.set_range(prefix) and c.key().startswith(prefix):
+                key_id = c.key()[len(prefix) :].decode()
+                k, sig = _unpack(c.value())
+                c.delete()
+                otk = SignedKey(key_id, k, sig)
+        rec[3] = n = n - 1 if otk is not None else 0
+        txn.put(device.encode(), _pack(rec), db=db["keys"])
+        if n < low:
+            pushes += queues.notice_devices(txn, (device,), KEYS_NOTICE, device, "low", now)
+    if otk is None and fallback is not None:
+        otk = SignedKey(fallback[0], fallback[1], fallback[2], True)
+    return KeyBundle(device, curve, ed, otk)
+
+
+def query(s, ev: KeysQuery) -> None:
+    w = s.worker
+    c = w.config
+    user = s.user
+    users = list(dict.fromkeys(ev.users))
+    if len(users) > c.keys_query_max:
+        s.send(Error(ErrorCode.TOO_MANY,
+                     f"at most {c.keys_query_max} users per keys request", ev.id))  # fmt: skip
+        return
+    db = w.store._db
+    social = w.social
+
+    def run(txn, now):
+        # every check before the first write: a refused job writes nothing (worker.Job)
+        strangers = [u for u in users if not social.lookup_free(txn, user, u)]
+        if strangers:
+            _, used = window_used(txn, db["limits"], f"discover:{user}".encode(), now,
+                                  int(c.discover_window * 1000))  # fmt: skip
+            if used + len(strangers) > c.discover_numbers:
+                social.charge_lookup_txn(txn, now, user, strangers[0])  # raises its 302
+                raise ServiceError(ErrorCode.RATE_LIMITED, "contact discovery limit")
+        accounts, unknown = [], None
+        for u in users:
+            raw = txn.get(u.encode(), db=db["accounts"])
+            if raw is None:
+                unknown = unknown or u
+            else:
+                accounts.append((u, _unpack(raw)["devices"]))
+        n = 0 if unknown else sum(len(d) for _, d in accounts)
+        window_ms = int(c.keys_fetch_window * 1000)
+        key = f"keys:{user}".encode()
+        _, used = window_used(txn, db["limits"], key, now, window_ms)
+        if used + n > c.keys_fetch_per_account:
+            raise ServiceError(
+                ErrorCode.RATE_LIMITED,
+                f"key fetch limit: {c.keys_fetch_per_account} device bundles per "
+                f"{c.keys_fetch_window:g} s ({max(0, c.keys_fetch_per_account - used)} left)",
+            )
+        for u in strangers:  # a lookup costs, known or not (as the devices query)
+            social.charge_lookup_txn(txn, now, user, u)
+        if unknown:
+            return unknown, ()
+        window_take(txn, db["limits"], key, now, window_ms, c.keys_fetch_per_account, n)
+        pushes, out = [], []
+        for u, numbers in accounts:
+            for number in numbers:
+                out.append(_take(txn, db, f"{u}:{number}", c.one_time_keys_low, w.queues, now,
+                                 pushes))  # fmt: skip
+        return out, pushes
+
+    def done(result) -> None:
+        bundles, pushes = result
+        if isinstance(bundles, str):
+            s.send(Error(ErrorCode.UNKNOWN_RECIPIENT, f"{bundles} is not a registered user", ev.id))
+            return
+        w.deliver(pushes)
+        s.send(KeyBundles(ev.id, tuple(bundles)))
+
+    w.write(run, done, s, ev.id)
