@@ -930,9 +930,10 @@ class ClientAPI:
             if ":" in to:  # a device of this account: one payload, as the body
                 devices = (to,)
             else:
-                devices = tuple(d for u in dict.fromkeys((user, me))
-                                for d in await self._trusted_devices(u, fresh=attempt > 0)
-                                if d != self.device)  # fmt: skip
+                devices = []
+                for u in dict.fromkeys((user, me)):
+                    trusted = await self._trusted_devices(u, fresh=attempt > 0)
+                    devices += [d for d in trusted if d != self.device]
             await self._open_sessions(devices)
             mtype, payloads = self.secure.encrypt(devices, sealed)
             self.secure.remember_sent(mid, to, type, body)
