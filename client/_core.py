@@ -263,7 +263,7 @@ class ScramLogin:
 #: ping that is lost and for ``DEFAULT_KEEPALIVE_TIMEOUT``.
 #: ``plaintext`` of a new client: bodies travel unencrypted (benchmarks, protocol
 #: tests) when True; False encrypts end to end (client/secure.py)
-PLAINTEXT_DEFAULT = True  # WIP: False once the key directory (h-keys) is merged
+PLAINTEXT_DEFAULT = False
 
 DEFAULT_KEEPALIVE = 30.0
 #: Seconds a keepalive ping waits for its pong before the connection counts as dead.

@@ -74,9 +74,13 @@ only) keeps the device's credentials (its address and 32-byte secret), the
 number talked to last, the last delivery shown, and the ids of the last
 1,000 sent messages not yet read (with their recipient), so ticks that
 arrive after a restart of the chat are still shown; an id leaves it when
-its ``read`` comes.  Bodies travel as UTF-8 bytes: the server never reads
-them, and end-to-end encryption is a client's job that arrives with the
-key directory.
+its ``read`` comes.  Messages are end-to-end encrypted (the SDK's default,
+client/e2e.py): the encryption state (Olm account and sessions) is in
+``<profile>.e2e``, its pickle key in ``<profile>.e2e.key`` (both readable
+by their owner only).  ``/verify PHONE`` shows the safety number with
+PHONE; when a contact's keys change (re-registration, someone in the
+middle) the chat warns and asks to compare it again.  ``--plaintext``
+sends UTF-8 bytes unencrypted (protocol tests only).
 """
 
 from __future__ import annotations
@@ -97,14 +101,16 @@ import orjson
 
 from pigeon.client import Client, ConnectionLost, Credentials, ServerError
 from pigeon.client._core import DEFAULT_KEEPALIVE, PairingCode
-from pigeon.client.e2e import format_safety_number, safety_number, safety_qr
+from pigeon.client.e2e import E2EError, format_safety_number, safety_number, safety_qr
 from pigeon.client.identity import Identity, new_identity
+from pigeon.client.secure import DecryptedMessage, DecryptionFailed, SafetyNumberChanged
 from pigeon.core.errors import ErrorCode, is_fatal
 from pigeon.core.events import (
     DevicesChanged,
     Error,
     IncomingMessage,
     IncomingReceipt,
+    KeysChanged,
     normalize_link_code,
 )
 from pigeon.core.node import valid_phone
@@ -180,6 +186,11 @@ def save_profile(path: str, profile: dict) -> None:
     os.replace(tmp, path)
 
 
+def e2e_profile(path: str) -> str:
+    """Where the SDK keeps this profile's encryption state (its pickle key: ``.key`` beside it)."""
+    return path + ".e2e"
+
+
 async def _connect(args, reconnect: bool = True) -> Client:
     host, port = _hostport(args.server)
     try:
@@ -190,6 +201,8 @@ async def _connect(args, reconnect: bool = True) -> Client:
             reconnect=reconnect,
             timeout=args.timeout,
             keepalive=args.keepalive or None,
+            plaintext=args.plaintext,
+            profile=None if args.plaintext else e2e_profile(args.profile),
         )
     except (OSError, TimeoutError) as exc:
         raise ChatError(f"cannot reach {args.server}: {exc}") from None
@@ -340,7 +353,9 @@ async def _register(args, lines) -> int:
             f"a code was sent to {args.phone} by {method} (valid {ttl} s; development servers "
             "with the log gateway write it to <data-dir>/sms-outbox.txt)"
         )
-        identity = new_identity()  # Ed25519; its private key is saved with the credentials
+        # Ed25519: plaintext, a new key saved with the credentials; encrypted, the Olm
+        # account's (in the encryption state beside the profile)
+        identity = new_identity() if args.plaintext else None
         tries = 0
         while True:
             code = await lines.ask("code:")
@@ -367,6 +382,9 @@ async def _register(args, lines) -> int:
                 _out(f"!! {exc.text}: type it again (Ctrl-D gives up)")
                 continue
             break
+        if not args.plaintext:  # one login: the device's keys go up, so others can write to it
+            with contextlib.suppress(ServerError, ConnectionLost, TimeoutError):
+                await client.login(creds)
     finally:
         await client.close()
     save_profile(
@@ -377,7 +395,7 @@ async def _register(args, lines) -> int:
     return 0
 
 
-async def _verify(args, client: Client, code: str, identity: Identity):
+async def _verify(args, client: Client, code: str, identity: Identity | None):
     """``verify`` on ``client``'s connection, or on a new one if the server closed it
     (its login deadline runs while a person reads the SMS): returns (client, creds)."""
     for attempt in (1, 2):
@@ -550,7 +568,7 @@ class Chat:
 
     async def incoming(self) -> None:
         async for ev in self.client:
-            if isinstance(ev, IncomingMessage):
+            if isinstance(ev, (IncomingMessage, DecryptedMessage)):
                 who = _user(ev.sender)
                 when = time.strftime("%H:%M", time.localtime(ev.t / 1000))
                 text = _printable(ev.body.decode("utf-8", "replace"))
@@ -560,6 +578,18 @@ class Chat:
             elif isinstance(ev, IncomingReceipt):
                 await self.client.ack(ev.seq)
                 self._tick(ev)
+            elif isinstance(ev, DecryptionFailed):
+                await self.client.ack(ev.seq)
+                _out(f"!! a message from {_user(ev.sender)} did not decrypt [{ev.id}]: "
+                     "asked for it again")  # fmt: skip
+            elif isinstance(ev, SafetyNumberChanged):
+                _out(f"!! {ev.user}'s keys changed (a new phone, or someone in the middle): "
+                     f"/verify {ev.user} and compare the safety number again")  # fmt: skip
+                continue
+            elif isinstance(ev, KeysChanged):  # the server's notice (PROTOCOL.md 9c)
+                await self.client.ack(ev.seq)
+                _out(f"!! {ev.sender}'s keys changed (a new phone, or someone in the middle): "
+                     f"/verify {ev.sender} and compare the safety number again")  # fmt: skip
             elif isinstance(ev, DevicesChanged):  # queued like a message: acked like one
                 await self.client.ack(ev.seq)
                 mine = ev.sender == (self.client.device or "").partition(":")[0]
@@ -613,7 +643,7 @@ class Chat:
                 _out(f"!! {to} is not a recipient; {again}")
                 self.lines.redraw()
             return
-        except ConnectionLost as exc:
+        except (ConnectionLost, E2EError) as exc:  # E2EError: no keys, an untrusted device
             self.pending.pop(mid, None)
             _out(f"!! not sent [{mid}]: {exc}")
             return
@@ -879,6 +909,9 @@ def add_parser(sub) -> None:
     p.add_argument("--tls", action="store_true", help="connect with TLS (system trust store)")
     p.add_argument("--cafile", help="trust this CA/self-signed certificate (implies --tls)")
     p.add_argument("--profile", default=DEFAULT_PROFILE, help=f"default: {DEFAULT_PROFILE}")
+    p.add_argument("--plaintext", action="store_true",
+                   help="send bodies unencrypted (protocol tests and benchmarks only; "
+                   "the default is end-to-end encryption)")  # fmt: skip
     p.add_argument(
         "--timeout",
         type=float,
