@@ -85,3 +85,65 @@ def test_safety_number(benchmark):
     ka, kb = e2e.OlmDevice().ed25519, e2e.OlmDevice().ed25519
     n = benchmark(e2e.safety_number, "4915112345678", ka, "491701234567", kb)
     assert len(n) == 60
+
+
+# -- with a server: the key-bundle fetch ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def keyed_pair(tmp_path_factory):
+    """A real 1-worker server on loopback (tests/serverutil.py) and two encrypting
+    clients: alice fetches, bob has published his keys (50 one-time keys)."""
+    import asyncio
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from serverutil import Server
+
+    from pigeon.client import Client
+
+    tmp = tmp_path_factory.mktemp("bench-e2e")
+    srv = Server(tmp / "data", workers=1, keys_fetch_per_account=100000, message_rate=0).start()
+    loop = asyncio.new_event_loop()
+
+    async def device(phone):
+        c = await Client.connect("127.0.0.1", srv.port, plaintext=False, profile=tmp / phone)
+        await c.register(phone)
+        await c.login(await c.verify(phone, srv.code_for(phone)))
+        return c
+
+    alice = loop.run_until_complete(device("4915100000001"))
+    bob = loop.run_until_complete(device("4915100000002"))
+    yield loop, alice, bob
+    for c in (alice, bob):
+        loop.run_until_complete(c.close())
+    loop.close()
+    assert srv.stop() == 0
+
+
+def test_key_bundle_fetch(benchmark, keyed_pair):
+    """``fetch_keys`` of a one-device user over loopback (one one-time key consumed in
+    the worker's commit), the signature check and the outbound session from it; 40
+    rounds, so every one is a one-time key, not the fallback."""
+    loop, alice, bob = keyed_pair
+    user = bob.device.partition(":")[0]
+    olm = alice.secure.device
+
+    def fetch():
+        (bundle,) = loop.run_until_complete(alice.fetch_keys(user))
+        otk = bundle.one_time_key
+        msg = e2e_signed(bundle.device, otk)
+        assert e2e.verify_signature(bundle.ed25519, otk.signature, msg)
+        olm.forget(bundle.device)
+        olm.start_session(bundle.device, bundle.curve25519, otk.key)
+        return otk
+
+    otk = benchmark.pedantic(fetch, rounds=40, iterations=1)
+    assert not otk.fallback
+
+
+def e2e_signed(device, otk):
+    from pigeon.core.events import signed_key_message
+
+    return signed_key_message(device, otk.key_id, otk.key, otk.fallback)

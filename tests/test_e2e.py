@@ -259,3 +259,29 @@ def test_reregistration_changes_the_safety_number_and_warns(srv, tmp_path):
         await relay.close()
 
     run(main())
+
+
+def test_the_trio_client_encrypts_too(srv, tmp_path):
+    import trio
+
+    from pigeon.client.trio import open_client
+
+    alice_phone, bob_phone = next(PHONES), next(PHONES)
+
+    async def main():
+        async with (
+            open_client("127.0.0.1", srv.port, plaintext=False, profile=tmp_path / "a") as a,
+            open_client("127.0.0.1", srv.port, plaintext=False, profile=tmp_path / "b") as b,
+        ):
+            for c, phone in ((a, alice_phone), (b, bob_phone)):
+                await c.register(phone)
+                await c.login(await c.verify(phone, srv.code_for(phone)))
+            ack = await a.send(bob_phone, b"over trio")
+            while True:
+                ev = await b.next_event(15)
+                await b.ack(ev.seq)
+                if not isinstance(ev, (IncomingReceipt, DevicesChanged, KeysChanged)):
+                    break
+            assert (type(ev), ev.body, ev.id) == (DecryptedMessage, b"over trio", ack.id)
+
+    trio.run(main)
