@@ -83,7 +83,7 @@ class Load:
 
         async def one(i: int) -> None:
             async with sem:
-                c = await Client.connect(host, int(port), timeout=30)
+                c = await Client.connect(host, int(port), timeout=30, plaintext=True)
                 d = self.creds[i]
                 ident = d.get("identity")  # a primary's: it signs the link bench's links
                 await c.login(Credentials(d["device"], bytes.fromhex(d["secret"]),
@@ -92,7 +92,7 @@ class Load:
 
         async def companion(d: dict) -> None:
             async with sem:
-                c = await Client.connect(host, int(port), timeout=30)
+                c = await Client.connect(host, int(port), timeout=30, plaintext=True)
                 await c.login(Credentials(d["device"], bytes.fromhex(d["secret"])))
                 self.companions.append(c)
 
@@ -386,7 +386,7 @@ async def link(load: Load) -> None:
         async with sem:
             t0 = time.monotonic_ns()
             try:
-                comp = await Client.connect(host, int(port), timeout=30)
+                comp = await Client.connect(host, int(port), timeout=30, plaintext=True)
                 companions.append(comp)
                 pairing = comp.pair_qr(name=f"bench-{i}", timeout=30)
                 code = await anext(pairing)

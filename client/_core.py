@@ -105,9 +105,12 @@ from pigeon.core.events import (
     Unlink,
     Verify,
     normalize_link_code,
+    signed_key_message,
 )
 
+from . import e2e
 from .identity import Identity, format_qr, new_identity, parse_qr
+from .secure import E2E_TYPES, DecryptionFailed, SecureState
 
 #: After these the server will not take the device back by reconnecting:
 #: the device was removed, replaced by a newer login, or its login failed.
@@ -124,6 +127,10 @@ LINK, UNLINK, PAIR = "link", "unlink", "pair"
 _ID_KINDS = (REQ, MESSAGE, RECEIPT, PONG, LOGOUT, DELETE, BLOCK, UNBLOCK, LINK, UNLINK)
 #: Kinds that are safe to send again after a reconnect (idempotent by id).
 REPLAYABLE = (MESSAGE, RECEIPT)
+
+
+#: what the server queues for a device (acknowledged by ``seq``)
+_QUEUED = frozenset({IncomingMessage, IncomingReceipt, DevicesChanged, KeysLow, KeysChanged})
 
 
 @dataclass(frozen=True)
@@ -254,6 +261,10 @@ class ScramLogin:
 #: Seconds without sending after which a client pings.  The server's
 #: ``idle-timeout`` is 120 s by default: a quarter of it leaves room for a
 #: ping that is lost and for ``DEFAULT_KEEPALIVE_TIMEOUT``.
+#: ``plaintext`` of a new client: bodies travel unencrypted (benchmarks, protocol
+#: tests) when True; False encrypts end to end (client/secure.py)
+PLAINTEXT_DEFAULT = False
+
 DEFAULT_KEEPALIVE = 30.0
 #: Seconds a keepalive ping waits for its pong before the connection counts as dead.
 DEFAULT_KEEPALIVE_TIMEOUT = 20.0
@@ -271,8 +282,8 @@ def check_keepalive(interval: float | None, timeout: float) -> float | None:
 
 
 #: Server answers matched to a REQ waiter by their id.
-_ANSWERS = frozenset({PrivacySettings, DiscoverResult, Blocklist, LinkKey, DeviceList, KeysCount,
-                      KeyBundles})  # fmt: skip
+_ANSWERS = frozenset({PrivacySettings, DiscoverResult, Blocklist, LinkKey, DeviceList,
+                      KeysCount, KeyBundles})  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,6 +308,12 @@ def message_event(to: str, mid: str, type: str, body) -> Message:
     if isinstance(body, Mapping):
         return Message(to, mid, type, b"", tuple(body.items()))
     return Message(to, mid, type, body)
+
+
+def _private(identity) -> bytes | None:
+    """What Credentials keep of an identity: the raw private key of a ``cryptography``
+    Identity; None for the Olm account's key, which lives in the encrypted profile."""
+    return identity.private_bytes() if isinstance(identity, Identity) else None
 
 
 class ClientCore:
@@ -463,13 +480,9 @@ class ClientCore:
                 return
         if t is DevicesChanged:
             self.drop_device_lists((ev.sender,))  # a redelivery too: dropping is harmless
-        if (
-            t is IncomingMessage
-            or t is IncomingReceipt
-            or t is DevicesChanged
-            or t is KeysChanged
-            or t is KeysLow
-        ):
+        if t is KeysChanged:
+            self.drop_device_lists((ev.sender,))  # the next send checks the keys again
+        if t in _QUEUED:
             if ev.seq <= self.last_seq:
                 self.redelivered += 1  # seen before: at-least-once on the wire
                 if ev.seq <= self.acked_seq:
@@ -545,6 +558,8 @@ class ClientAPI:
     on_disconnect = None
     #: called when the device is logged in again after ``on_disconnect``
     on_reconnect = None
+    #: end-to-end state (client/secure.py); None in plaintext mode
+    secure: SecureState | None = None
 
     # -- what a driver supplies --------------------------------------------------
 
@@ -585,6 +600,10 @@ class ClientAPI:
         """Resolve the waiter of ``key`` with a value or an error."""
         raise NotImplementedError
 
+    def _spawn(self, coro) -> None:
+        """Run ``coro`` beside the client (the SDK's own background work)."""
+        raise NotImplementedError
+
     # -- connection life, written once ---------------------------------------------
 
     def _apply(self, outcomes) -> Exception | None:
@@ -593,7 +612,17 @@ class ClientAPI:
         for o in outcomes:
             t = type(o)
             if t is Deliver:
-                self._push(o.event)
+                ev = o.event
+                if self.secure is not None and type(ev) is IncomingMessage and ev.type in E2E_TYPES:
+                    self._deliver_encrypted(ev)
+                elif self.secure is not None and type(ev) is IncomingReceipt and ev.type == "retry":
+                    self._spawn(self._resend(ev))
+                    self.core.ack(ev.seq, self._live)  # the SDK's own business: acked here
+                elif self.secure is not None and type(ev) is KeysLow:
+                    self._spawn(self._top_up())
+                    self.core.ack(ev.seq, self._live)
+                else:
+                    self._push(ev)
             elif t is Answer:
                 self._settle(o.key, o.value, None)
             elif t is Failure:
@@ -734,16 +763,22 @@ class ClientAPI:
         ``identity``: the device's identity key pair; a new one by default
         (``new_identity``).  Its private key is part of the credentials."""
         if identity is None:
-            identity = new_identity()
+            identity = new_identity() if self.secure is None else self.secure.device
         rid = self.new_id()
         ev = await self._request(REQ, rid, Verify(rid, phone, code, identity.public), timeout)
-        return Credentials(ev.device, ev.secret, identity.private_bytes())
+        return Credentials(ev.device, ev.secret, _private(identity))
 
     async def login(self, creds: Credentials, timeout: float = 30.0) -> int:
         """SCRAM-SHA-256 login; checks the server's proof. Returns the server time (ms)."""
         self._check_open()
         t = await self._login(creds, timeout)
         self._creds = creds
+        if self.secure is not None:
+            try:
+                await self._publish_keys()
+            except ServerError as exc:  # e.g. 308: credentials made in plaintext mode
+                logger.warning("pigeon client: %s: keys not published (%s): no one can "
+                               "encrypt to this device", creds.device, exc)  # fmt: skip
         return t
 
     async def _login(self, creds: Credentials, timeout: float) -> int:
@@ -794,6 +829,11 @@ class ClientAPI:
         ``id`` or ``type`` that is not 1-64 printable ASCII characters, a
         ``body`` that is not bytes) raises LocalProtocolError at once.
         """
+        if self.secure is not None and isinstance(body, bytes | bytearray):
+            return await self._send_secure(to, bytes(body), type, id, timeout)
+        return await self._send_raw(to, body, type, id, timeout)
+
+    async def _send_raw(self, to, body, type, id, timeout) -> ServerAck:
         if self.closed is not None:
             raise ConnectionLost(str(self.closed))
         mid = id or self.new_id()
@@ -804,6 +844,157 @@ class ClientAPI:
             event.check()  # refused now, not when it is replayed after the next login
             key = self.core.expect(MESSAGE, mid, event)
         return await self._wait(key, timeout)
+
+    # -- end-to-end encryption (client/e2e.py, client/secure.py) -----------------------
+
+    def _init_secure(self, plaintext: bool, profile) -> None:
+        """Encryption on (the default) with the state in ``profile`` (memory if None),
+        or ``plaintext``: bodies travel as given (benchmarks, protocol tests)."""
+        self.plaintext = plaintext
+        self.secure = None if plaintext else SecureState(profile)
+
+    def _deliver_encrypted(self, ev) -> None:
+        out = self.secure.decrypt(ev)
+        if out is None:  # a second copy of a resend already shown
+            self.core.ack(ev.seq, self._live)
+            return
+        if type(out) is DecryptionFailed:
+            # the broken session is gone; ask the sender's device for the message again
+            self._spawn(self._ask_resend(ev.sender, ev.id))
+        self._push(out)
+
+    async def _ask_resend(self, device: str, mid: str) -> None:
+        """``receipt type="retry"`` to the sender's user (PROTOCOL.md 9c): its device
+        that sent ``mid`` opens a new session with this one and sends it again."""
+        try:
+            await self.receipt(device.partition(":")[0], mid, "retry")
+        except (ServerError, ConnectionLost) as exc:
+            logger.info("pigeon client: no retry receipt for %s to %s: %s", mid, device, exc)
+
+    def _signed(self, kid: str, key: bytes, fallback: bool = False) -> SignedKey:
+        msg = signed_key_message(self.device, kid, key, fallback)
+        return SignedKey(kid, key, self.secure.device.sign(msg), fallback)
+
+    async def _upload_keys(self, fallback, otks) -> int:
+        """``upload_keys`` of this device's Olm account: the identity keys, a fallback key
+        (or None) and one-time keys (sorted by key id), each signed."""
+        olm = self.secure.device
+        return await self.upload_keys(
+            olm.curve25519, olm.ed25519, tuple(self._signed(kid, key) for kid, key in otks),
+            None if fallback is None else self._signed(*fallback, fallback=True),
+        )  # fmt: skip
+
+    async def _trusted_devices(self, user: str, fresh: bool = False) -> tuple[str, ...]:
+        items = await self.devices(user, fresh=fresh)
+        trusted, change = self.secure.note_devices(user, items)
+        if change is not None:
+            self._push(change)
+        bad = [d.device for d in items if d.device not in trusted]
+        if bad:
+            raise e2e.E2EError(
+                f"{', '.join(bad)}: not linked by {user}'s primary (its signature does not "
+                "verify): not encrypting for it"
+            )
+        return trusted
+
+    async def _open_sessions(self, devices) -> None:
+        """Open a session with every device of ``devices`` that has none, from keys
+        fetched from the server's key directory (checked against the device list)."""
+        olm = self.secure.device
+        users = sorted({d.partition(":")[0] for d in devices if not olm.has_session(d)})
+        for bundle in await self.fetch_keys(users) if users else ():
+            d, otk = bundle.device, bundle.one_time_key
+            if d not in devices or olm.has_session(d) or otk is None or bundle.ed25519 is None:
+                continue
+            if self.secure.device_keys.get(d) != bytes(bundle.ed25519):
+                raise e2e.KeyMismatch(f"{d}: the key directory's identity key is not the "
+                                      "one in the device list")  # fmt: skip
+            if not e2e.verify_signature(bundle.ed25519, otk.signature,
+                                        signed_key_message(d, otk.key_id, otk.key, otk.fallback)):  # fmt: skip
+                raise e2e.KeyMismatch(f"{d}: its one-time key is not signed by its identity key")
+            olm.start_session(d, bundle.curve25519, otk.key)
+        missing = [d for d in devices if not olm.has_session(d)]
+        if missing:
+            raise e2e.NoSession(f"no keys published for {', '.join(missing)}")
+
+    async def _send_secure(self, to, body: bytes, type: str, mid, timeout,
+                           resend_of: str | None = None) -> ServerAck:  # fmt: skip
+        """Encrypt for every device of ``to`` and this account's other devices, send
+        the per-device payloads; a 408 (device lists changed) refreshes and tries again."""
+        if self.closed is not None:
+            raise ConnectionLost(str(self.closed))
+        mid = mid or self.new_id()
+        me, user = self._creds.user, to.partition(":")[0]
+        sealed = self.secure.seal(type, body, resend_of)
+        for attempt in range(3):
+            if ":" in to:  # a device of this account: one payload, as the body
+                devices = (to,)
+            else:
+                devices = []
+                for u in dict.fromkeys((user, me)):
+                    trusted = await self._trusted_devices(u, fresh=attempt > 0)
+                    devices += [d for d in trusted if d != self.device]
+            await self._open_sessions(devices)
+            mtype, payloads = self.secure.encrypt(devices, sealed)
+            self.secure.remember_sent(mid, to, type, body)
+            try:
+                return await self._send_raw(to, payloads[to] if ":" in to else payloads,
+                                            mtype, mid, timeout)  # fmt: skip
+            except StaleDevices:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _resend(self, ev) -> None:
+        """A peer device could not decrypt our message ``ev.id``: a new session with it,
+        and the message again under a new id (``resend_of`` names the first)."""
+        sent = self.secure.sent.get(ev.id)
+        if sent is None:
+            return  # another device of this account sent it (or too long ago)
+        self.secure.device.forget(ev.sender)
+        self.secure.save()
+        to, mtype, body = sent
+        try:
+            await self._send_secure(to, body, mtype, None, None, resend_of=ev.id)
+        except (ServerError, ConnectionLost, e2e.E2EError) as exc:
+            logger.info("pigeon client: could not resend %s: %s", ev.id, exc)
+
+    async def _publish_keys(self) -> None:
+        """After login: the identity keys, the fallback key and one-time keys, once;
+        then only what the server asks for (``_top_up``)."""
+        olm = self.secure.device
+        if self.secure.published:
+            await self._top_up()
+            return
+        await self._upload_keys(olm.fallback_key(), olm.new_one_time_keys(olm.max_one_time_keys))
+        olm.mark_published()
+        self.secure.published = True
+        self.secure.save()
+
+    async def _top_up(self) -> None:
+        """Ask how many one-time keys the server holds for this device; below half the
+        maximum, upload new ones up to it (after login, and on a low-keys notice)."""
+        olm = self.secure.device
+        try:
+            have = await self.key_count()
+            if have >= olm.max_one_time_keys // 2:
+                return
+            otks = olm.new_one_time_keys(olm.max_one_time_keys - have)
+            if otks:
+                await self._upload_keys(None, otks)
+        except (ServerError, ConnectionLost) as exc:
+            logger.info("pigeon client: one-time keys not uploaded: %s", exc)
+            return
+        if otks:
+            olm.mark_published()
+            self.secure.save()
+
+    def safety_number(self, user: str, their_primary_key: bytes) -> str:
+        """The 60-digit safety number of this account and ``user`` (client/e2e.py)."""
+        mine = self.secure.primaries.get(self._creds.user)
+        if mine is None:
+            raise ValueError("ask devices() of this account first")
+        return e2e.safety_number(self._creds.user, mine, user, their_primary_key)
 
     async def receipt(
         self, to: str, id: str, type: str = "read", timeout: float | None = 30.0
@@ -902,7 +1093,7 @@ class ClientAPI:
         return self._pair("code", phone, name, identity, None, timeout)
 
     async def _pair(self, typ, phone, name, identity, server, timeout):
-        identity = identity or new_identity()
+        identity = identity or (new_identity() if self.secure is None else self.secure.device)
         core = self.core
         self._check_open()
         rid = self.new_id()
@@ -916,7 +1107,7 @@ class ClientAPI:
                     if type(ev) is Error:
                         raise ServerError(ev.code, ev.text, ev.id)
                     if type(ev) is Registered:
-                        yield Credentials(ev.device, ev.secret, identity.private_bytes())
+                        yield Credentials(ev.device, ev.secret, _private(identity))
                         return
                     qr = None if ev.ref is None else format_qr(ev.ref, identity.public, server)
                     yield PairingCode(ev.ttl, ev.ref, ev.code, qr)
@@ -926,6 +1117,8 @@ class ClientAPI:
                 core.pair_id = None
 
     def _identity(self) -> Identity:
+        if self.secure is not None and self._creds is not None and self._creds.identity is None:
+            return self.secure.device  # the Olm account's Ed25519 key signs links
         ident = None if self._creds is None else self._creds.identity_key()
         if ident is None:
             raise ValueError(

@@ -41,6 +41,7 @@ import ssl as _ssl
 from ._core import (
     DEFAULT_KEEPALIVE,
     DEFAULT_KEEPALIVE_TIMEOUT,
+    PLAINTEXT_DEFAULT,
     ClientAPI,
     ClientCore,
     ConnectionLost,
@@ -71,8 +72,11 @@ class Client(ClientAPI):
         keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT,
         on_disconnect=None,
         on_reconnect=None,
+        plaintext: bool = PLAINTEXT_DEFAULT,
+        profile=None,
     ):
         self.keepalive = check_keepalive(keepalive, keepalive_timeout)
+        self._init_secure(plaintext, profile)
         self.on_disconnect, self.on_reconnect = on_disconnect, on_reconnect
         self.keepalive_timeout = keepalive_timeout
         self.host, self.port = host, port
@@ -97,6 +101,7 @@ class Client(ClientAPI):
         self._live = False  # a connection is up (and logged in, once we have logged in)
         self._flush_scheduled = False
         self._closing = False
+        self._tasks: set[asyncio.Task] = set()  # the SDK's own background work (resends)
 
     @classmethod
     async def connect(cls, host: str, port: int, *, timeout: float = 10.0, **kw) -> Client:
@@ -179,6 +184,11 @@ class Client(ClientAPI):
 
     def _push(self, item) -> None:
         self._events.put_nowait(item)
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _settle(self, key, value, error) -> None:
         fut = self._futures.get(key)
@@ -264,7 +274,7 @@ class Client(ClientAPI):
                 await writer.wait_closed()
             except (ConnectionError, _ssl.SSLError):
                 pass
-        for task in (self._life, self._pump, self._keeper):
+        for task in (self._life, self._pump, self._keeper, *self._tasks):
             if task is not None and not task.done():
                 task.cancel()
         for task in (self._life, self._pump, self._keeper):

@@ -27,6 +27,7 @@ import trio
 from ._core import (
     DEFAULT_KEEPALIVE,
     DEFAULT_KEEPALIVE_TIMEOUT,
+    PLAINTEXT_DEFAULT,
     ClientAPI,
     ClientCore,
     ConnectionLost,
@@ -80,6 +81,8 @@ async def open_client(
     keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT,
     on_disconnect=None,
     on_reconnect=None,
+    plaintext: bool = PLAINTEXT_DEFAULT,
+    profile=None,
 ):
     """Connect (TLS when ``ssl`` is given) and yield a ``Client``; closes it on exit."""
     async with trio.open_nursery() as nursery:
@@ -88,6 +91,7 @@ async def open_client(
             reconnect=reconnect, backoff=backoff, connect_timeout=timeout,
             keepalive=keepalive, keepalive_timeout=keepalive_timeout,
             on_disconnect=on_disconnect, on_reconnect=on_reconnect,
+            plaintext=plaintext, profile=profile,
         )  # fmt: skip
         await client._open()
         client._live = True
@@ -115,8 +119,11 @@ class Client(ClientAPI):
         keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT,
         on_disconnect=None,
         on_reconnect=None,
+        plaintext: bool = PLAINTEXT_DEFAULT,
+        profile=None,
     ):
         self.keepalive = check_keepalive(keepalive, keepalive_timeout)
+        self._init_secure(plaintext, profile)
         self.on_disconnect, self.on_reconnect = on_disconnect, on_reconnect
         self.keepalive_timeout = keepalive_timeout
         self._nursery = nursery
@@ -215,6 +222,12 @@ class Client(ClientAPI):
 
     def _push(self, item) -> None:
         self._send_events.send_nowait(item)
+
+    def _spawn(self, coro) -> None:
+        async def run():
+            await coro
+
+        self._nursery.start_soon(run)
 
     def _settle(self, key, value, error) -> None:
         fut = self._futures.get(key)

@@ -212,6 +212,7 @@ class Server:
         return ssl.create_default_context(cafile=self.cert)
 
     async def client(self, **kw) -> Client:
+        kw.setdefault("plaintext", True)  # raw bodies; tests/test_e2e.py encrypts
         return await Client.connect("127.0.0.1", self.port, **kw)
 
     async def register(self, phone: str):

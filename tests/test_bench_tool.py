@@ -169,7 +169,7 @@ def test_floor_server_speaks_the_protocol(tmp_path):
     host, _, port = floor.target.rpartition(":")
 
     async def login(k, secret=None):
-        c = await Client.connect(host, int(port))
+        c = await Client.connect(host, int(port), plaintext=True)
         await c.login(Credentials(creds[k]["device"],
                                   secret or bytes.fromhex(creds[k]["secret"])))  # fmt: skip
         return c

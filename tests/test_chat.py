@@ -141,12 +141,11 @@ def test_chat_errors_say_what_to_fix(server, tmp_path):
 
 def test_an_idle_chat_stays_connected(tmp_path):
     """The reported symptom: an idle chat was closed with 130 every idle-timeout."""
-    import asyncio
 
     srv = Server(tmp_path / "data", workers=2, idle_timeout=2).start()
     alice = None
     try:
-        asyncio.run(asyncio.wait_for(srv.register(BOB), 30))
+        register(srv, tmp_path, BOB)  # encrypted: its chat logs in once, its keys go up
         alice = Chat(srv, register(srv, tmp_path, ALICE), "--keepalive", "0.5")
         alice.expect(f"logged in as {ALICE}:0")
         session = None
@@ -344,10 +343,12 @@ def test_reconnects_are_shown(server, tmp_path):
 def test_ticks_of_an_earlier_run_show_after_a_restart(server, tmp_path):
     import asyncio
 
-    from pigeon.client import Client
+    from pigeon.client import Client, Credentials
+    from pigeon.client.secure import DecryptedMessage
 
     alice_profile = register(server, tmp_path, ALICE)
-    bob_creds = asyncio.run(asyncio.wait_for(server.register(BOB), 30))
+    bob_profile = register(server, tmp_path, BOB)
+    bob_creds = Credentials.from_json(json.loads(bob_profile.read_text()))
     # a profile that already remembers 1,000 unread messages: the oldest goes
     profile = json.loads(alice_profile.read_text())
     profile["pending"] = {f"old{i}": [BOB, "✓"] for i in range(1000)}
@@ -364,9 +365,11 @@ def test_ticks_of_an_earlier_run_show_after_a_restart(server, tmp_path):
     assert len(pending) == 1000 and "old0" not in pending and pending[mid] == [BOB, "✓"]
 
     async def bob_reads():  # bob's own client: it acks (two ticks) and reads (blue)
-        bob = await Client.connect("127.0.0.1", server.port)
+        bob = await Client.connect("127.0.0.1", server.port, plaintext=False,
+                                   profile=f"{bob_profile}.e2e")  # fmt: skip
         await bob.login(bob_creds)
         ev = await bob.next_event(10)
+        assert type(ev) is DecryptedMessage, ev
         assert ev.id == mid and ev.body == b"while you were away"
         await bob.ack(ev.seq)
         await bob.receipt(ALICE, ev.id, "read")
@@ -514,7 +517,9 @@ def test_link_a_second_terminal_by_qr_code_then_devices_and_unlink(server, tmp_p
         alice.expect("your devices changed")  # the notice of the link
     assert desk_profile.stat().st_mode & 0o777 == 0o600
     saved = json.loads(desk_profile.read_text())
-    assert saved["device"] == f"{ALICE}:1" and saved["identity"] and saved["phone"] == ALICE
+    assert saved["device"] == f"{ALICE}:1" and saved["phone"] == ALICE
+    for state in (f"{desk_profile}.e2e", f"{desk_profile}.e2e.key"):  # the Olm account: 0600
+        assert os.stat(state).st_mode & 0o777 == 0o600
     # a profile that holds a device is never overwritten by a link
     with terminals(Terminal(server, alice_profile, "link")) as (again,):
         assert again.finish() == 1
@@ -615,3 +620,40 @@ def test_link_expiry_and_ctrl_c_say_what_to_do(tmp_path):
         assert not (tmp_path / "b.json").exists()
     finally:
         assert srv.stop() == 0
+
+
+def test_verify_shows_the_same_safety_number_on_both_sides(server, tmp_path):
+    alice_profile = register(server, tmp_path, ALICE)
+    bob_profile = register(server, tmp_path, BOB)
+    alice, bob = Chat(server, alice_profile), Chat(server, bob_profile)
+    try:
+        alice.expect(f"logged in as {ALICE}:0")
+        bob.expect(f"logged in as {BOB}:0")
+        alice.type("/verify 12")
+        alice.expect("/verify PHONE: PHONE is a number")
+        alice.type(f"/verify {BOB}")
+        bob.type(f"/verify {ALICE}")
+        alice.expect(f"safety number with {BOB}:")
+        bob.expect(f"safety number with {ALICE}:")
+        digits_a = alice.expect("   ").split()
+        digits_b = bob.expect("   ").split()
+        assert len(digits_a) == 12 and all(len(g) == 5 and g.isdigit() for g in digits_a)
+        assert digits_a == digits_b  # both phones show the same 60 digits
+        qr_a, qr_b = alice.expect("QR: PGNV1,"), bob.expect("QR: PGNV1,")
+        assert qr_a == qr_b
+        # the number is made from the two primaries' identity keys in the profiles
+        from pigeon.client.e2e import safety_number
+        from pigeon.client.secure import SecureState
+
+        # the identity keys are the Olm accounts' Ed25519 keys, in the encryption state
+        keys = [SecureState(f"{p}.e2e").device.ed25519 for p in (alice_profile, bob_profile)]
+        assert "".join(digits_a) == safety_number(ALICE, keys[0], BOB, keys[1])
+        alice.type("/quit")
+        bob.type("/quit")
+        assert alice.finish() == 0 and bob.finish() == 0
+        assert json.loads(alice_profile.read_text())["keys"][BOB] == keys[1].hex()
+    finally:
+        for c in (alice, bob):
+            if c.proc.poll() is None:
+                c.proc.kill()
+                c.proc.wait(5)

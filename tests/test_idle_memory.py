@@ -81,7 +81,7 @@ def test_idle_authenticated_connections_cost_under_3_kib_each(tmp_path):
 
         async def one(c) -> None:
             async with sem:
-                cl = await Client.connect("127.0.0.1", srv.port, timeout=30)
+                cl = await Client.connect("127.0.0.1", srv.port, timeout=30, plaintext=True)
                 clients.append(cl)
                 await cl.login(Credentials(c["device"], bytes.fromhex(c["secret"])))
 

@@ -504,8 +504,8 @@ def test_the_trio_client_pairs_by_code_and_links_and_unlinks(srv):
     async def main():
         with trio.fail_after(60):
             async with (
-                open_client("127.0.0.1", srv.port) as alice,
-                open_client("127.0.0.1", srv.port) as comp,
+                open_client("127.0.0.1", srv.port, plaintext=True) as alice,
+                open_client("127.0.0.1", srv.port, plaintext=True) as comp,
             ):
                 await alice.login(creds)
                 it = comp.pair_code(phone, name="trio")
@@ -600,8 +600,8 @@ def test_the_trio_client_drops_a_cached_device_list_at_a_notice(srv):
     async def main():
         with trio.fail_after(60):
             async with (
-                open_client("127.0.0.1", srv.port) as alice,
-                open_client("127.0.0.1", srv.port) as comp,
+                open_client("127.0.0.1", srv.port, plaintext=True) as alice,
+                open_client("127.0.0.1", srv.port, plaintext=True) as comp,
             ):
                 await alice.login(creds)
                 it = comp.pair_code(phone, name="trio")

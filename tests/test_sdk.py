@@ -38,8 +38,8 @@ def test_tls_exchange_with_a_generated_certificate(server):
     async def main():
         alice_creds, bob_creds = await server.register(ALICE), await server.register(BOB)
         ctx = server.ssl_context()
-        alice = await Client.connect("localhost", server.tls_port, ssl=ctx)
-        bob = await Client.connect("127.0.0.1", server.tls_port, ssl=ctx)
+        alice = await Client.connect("localhost", server.tls_port, plaintext=True, ssl=ctx)
+        bob = await Client.connect("127.0.0.1", server.tls_port, plaintext=True, ssl=ctx)
         await alice.login(alice_creds)
         await bob.login(bob_creds)
         await until(lambda: bob_creds.device in server.sessions(BOB))
@@ -51,7 +51,7 @@ def test_tls_exchange_with_a_generated_certificate(server):
         await bob.close()
         # a client that does not trust the certificate refuses the server
         with pytest.raises(ssl.SSLCertVerificationError):
-            await Client.connect("127.0.0.1", server.tls_port, ssl=ssl.create_default_context())
+            await Client.connect("127.0.0.1", server.tls_port, plaintext=True, ssl=ssl.create_default_context())
         # plain TCP to the TLS port is not a pigeon session
         with socket.create_connection(("127.0.0.1", server.tls_port), timeout=5) as s:
             s.sendall(b"PGN\x01\x01")
@@ -63,15 +63,15 @@ def test_tls_exchange_with_a_generated_certificate(server):
 
 def test_trio_client_registers_logs_in_and_exchanges(server):
     async def main():
-        async with open_client("127.0.0.1", server.port) as c:
+        async with open_client("127.0.0.1", server.port, plaintext=True) as c:
             await c.register(ALICE)
             creds = await c.verify(ALICE, server.code_for(ALICE))
         bob_creds = await trio.to_thread.run_sync(
             lambda: asyncio.run(server.register(BOB)), abandon_on_cancel=True
         )
         async with (
-            open_client("127.0.0.1", server.port) as alice,
-            open_client("localhost", server.tls_port, ssl=server.ssl_context()) as bob,
+            open_client("127.0.0.1", server.port, plaintext=True) as alice,
+            open_client("localhost", server.tls_port, plaintext=True, ssl=server.ssl_context()) as bob,
         ):
             await alice.login(creds)
             await bob.login(bob_creds)
@@ -133,7 +133,7 @@ def test_asyncio_client_resumes_after_its_worker_is_killed(server):
 def test_a_replaced_device_does_not_reconnect(server):
     async def main():
         creds = await server.register(ALICE)
-        first = await Client.connect("127.0.0.1", server.port, reconnect=True)
+        first = await Client.connect("127.0.0.1", server.port, plaintext=True, reconnect=True)
         await first.login(creds)
         second = await server.login(creds)
         ev = await first.next_event(10)
@@ -338,11 +338,11 @@ def idle_server(tmp_path):
 async def sdk_client(driver: str, server, creds, **kw):
     """A logged-in client of ``driver`` (asyncio or trio), closed on exit."""
     if driver == "trio":
-        async with open_client("127.0.0.1", server.port, **kw) as c:
+        async with open_client("127.0.0.1", server.port, plaintext=True, **kw) as c:
             await c.login(creds)
             yield c
     else:
-        c = await Client.connect("127.0.0.1", server.port, **kw)
+        c = await Client.connect("127.0.0.1", server.port, plaintext=True, **kw)
         try:
             await c.login(creds)
             yield c
@@ -376,10 +376,10 @@ def test_the_default_keepalive_is_well_under_the_servers_idle_timeout():
     assert DEFAULT_KEEPALIVE + DEFAULT_KEEPALIVE_TIMEOUT <= idle / 2
     assert Client("127.0.0.1", 1).keepalive == DEFAULT_KEEPALIVE  # on unless turned off
     for off in (None, 0):
-        assert Client("127.0.0.1", 1, keepalive=off).keepalive is None
+        assert Client("127.0.0.1", 1, keepalive=off, plaintext=True).keepalive is None
     for bad in ({"keepalive": -1}, {"keepalive_timeout": 0}):
         with pytest.raises(ValueError):
-            Client("127.0.0.1", 1, **bad)
+            Client("127.0.0.1", 1, plaintext=True, **bad)
 
 
 @pytest.mark.parametrize("driver", ["asyncio", "trio"])

@@ -28,6 +28,8 @@ sent:
     /devices       this account's devices: number, name, when linked
     /unlink N      unlink device number N (the primary: any companion; a
                    companion: itself)
+    /verify PHONE  the safety number with PHONE (60 digits) and its QR text:
+                   compare it with PHONE's in person or over another channel
     /quit, /q      leave (so does Ctrl-D; Ctrl-C leaves with status 130)
     //text         send "/text": a leading '//' stands for one '/'
 
@@ -72,9 +74,13 @@ only) keeps the device's credentials (its address and 32-byte secret), the
 number talked to last, the last delivery shown, and the ids of the last
 1,000 sent messages not yet read (with their recipient), so ticks that
 arrive after a restart of the chat are still shown; an id leaves it when
-its ``read`` comes.  Bodies travel as UTF-8 bytes: the server never reads
-them, and end-to-end encryption is a client's job that arrives with the
-key directory.
+its ``read`` comes.  Messages are end-to-end encrypted (the SDK's default,
+client/e2e.py): the encryption state (Olm account and sessions) is in
+``<profile>.e2e``, its pickle key in ``<profile>.e2e.key`` (both readable
+by their owner only).  ``/verify PHONE`` shows the safety number with
+PHONE; when a contact's keys change (re-registration, someone in the
+middle) the chat warns and asks to compare it again.  ``--plaintext``
+sends UTF-8 bytes unencrypted (protocol tests only).
 """
 
 from __future__ import annotations
@@ -95,7 +101,9 @@ import orjson
 
 from pigeon.client import Client, ConnectionLost, Credentials, ServerError
 from pigeon.client._core import DEFAULT_KEEPALIVE, PairingCode
+from pigeon.client.e2e import E2EError, format_safety_number, safety_number, safety_qr
 from pigeon.client.identity import Identity, new_identity
+from pigeon.client.secure import DecryptedMessage, DecryptionFailed, SafetyNumberChanged
 from pigeon.core.errors import ErrorCode, is_fatal
 from pigeon.core.events import (
     DevicesChanged,
@@ -125,6 +133,7 @@ COMMANDS = """commands (run here, never sent):
                code (ABCD-2345), from 'pigeon chat link' there (the primary only)
   /devices     this account's devices (number, name, when linked)
   /unlink N    unlink device number N (see /devices)
+  /verify PHONE  the safety number with PHONE: compare it with theirs
   //text       send "/text" (a line starting with one '/' is a command)
   /help        this list
   /quit, /q    leave (so does Ctrl-D)
@@ -178,6 +187,11 @@ def save_profile(path: str, profile: dict) -> None:
     os.replace(tmp, path)
 
 
+def e2e_profile(path: str) -> str:
+    """Where the SDK keeps this profile's encryption state (its pickle key: ``.key`` beside it)."""
+    return path + ".e2e"
+
+
 async def _connect(args, reconnect: bool = True) -> Client:
     host, port = _hostport(args.server)
     try:
@@ -188,6 +202,8 @@ async def _connect(args, reconnect: bool = True) -> Client:
             reconnect=reconnect,
             timeout=args.timeout,
             keepalive=args.keepalive or None,
+            plaintext=args.plaintext,
+            profile=None if args.plaintext else e2e_profile(args.profile),
         )
     except (OSError, TimeoutError) as exc:
         raise ChatError(f"cannot reach {args.server}: {exc}") from None
@@ -338,7 +354,9 @@ async def _register(args, lines) -> int:
             f"a code was sent to {args.phone} by {method} (valid {ttl} s; development servers "
             "with the log gateway write it to <data-dir>/sms-outbox.txt)"
         )
-        identity = new_identity()  # Ed25519; its private key is saved with the credentials
+        # Ed25519: plaintext, a new key saved with the credentials; encrypted, the Olm
+        # account's (in the encryption state beside the profile)
+        identity = new_identity() if args.plaintext else None
         tries = 0
         while True:
             code = await lines.ask("code:")
@@ -365,6 +383,9 @@ async def _register(args, lines) -> int:
                 _out(f"!! {exc.text}: type it again (Ctrl-D gives up)")
                 continue
             break
+        if not args.plaintext:  # one login: the device's keys go up, so others can write to it
+            with contextlib.suppress(ServerError, ConnectionLost, TimeoutError):
+                await client.login(creds)
     finally:
         await client.close()
     save_profile(
@@ -375,7 +396,7 @@ async def _register(args, lines) -> int:
     return 0
 
 
-async def _verify(args, client: Client, code: str, identity: Identity):
+async def _verify(args, client: Client, code: str, identity: Identity | None):
     """``verify`` on ``client``'s connection, or on a new one if the server closed it
     (its login deadline runs while a person reads the SMS): returns (client, creds)."""
     for attempt in (1, 2):
@@ -548,7 +569,7 @@ class Chat:
 
     async def incoming(self) -> None:
         async for ev in self.client:
-            if isinstance(ev, IncomingMessage):
+            if isinstance(ev, (IncomingMessage, DecryptedMessage)):
                 who = _user(ev.sender)
                 when = time.strftime("%H:%M", time.localtime(ev.t / 1000))
                 text = _printable(ev.body.decode("utf-8", "replace"))
@@ -558,11 +579,25 @@ class Chat:
             elif isinstance(ev, IncomingReceipt):
                 await self.client.ack(ev.seq)
                 self._tick(ev)
+            elif isinstance(ev, DecryptionFailed):
+                await self.client.ack(ev.seq)
+                _out(f"!! a message from {_user(ev.sender)} did not decrypt [{ev.id}]: "
+                     "asked for it again")  # fmt: skip
+            elif isinstance(ev, SafetyNumberChanged):
+                _out(f"!! {ev.user}'s keys changed (a new phone, or someone in the middle): "
+                     f"/verify {ev.user} and compare the safety number again")  # fmt: skip
+                continue
+            elif isinstance(ev, KeysChanged):  # the server's notice (PROTOCOL.md 9c)
+                await self.client.ack(ev.seq)
+                _out(f"!! {ev.sender}'s keys changed (a new phone, or someone in the middle): "
+                     f"/verify {ev.sender} and compare the safety number again")  # fmt: skip
             elif isinstance(ev, DevicesChanged):  # queued like a message: acked like one
                 await self.client.ack(ev.seq)
                 mine = ev.sender == (self.client.device or "").partition(":")[0]
                 _out("   your devices changed" if mine else f"   {ev.sender}'s devices changed")
-            elif isinstance(ev, (KeysChanged, KeysLow)):  # queued: acked (encryption: issue 16)
+                if not mine:
+                    self.spawn(self.check_keys(ev.sender))
+            elif isinstance(ev, KeysLow):  # queued; the SDK uploads more keys itself
                 await self.client.ack(ev.seq)
             elif isinstance(ev, Error):
                 if not is_fatal(ev.code):  # a fatal one ends or resumes the session: said then
@@ -611,7 +646,7 @@ class Chat:
                 _out(f"!! {to} is not a recipient; {again}")
                 self.lines.redraw()
             return
-        except ConnectionLost as exc:
+        except (ConnectionLost, E2EError) as exc:  # E2EError: no keys, an untrusted device
             self.pending.pop(mid, None)
             _out(f"!! not sent [{mid}]: {exc}")
             return
@@ -673,6 +708,11 @@ class Chat:
             self.spawn(self.link(arg))
         elif word == "devices":
             self.spawn(self.devices())
+        elif word == "verify":
+            if valid_phone(arg):
+                self.spawn(self.verify(arg))
+            else:
+                _out("!! /verify PHONE: PHONE is a number (8-15 digits, no '+')")
         elif word == "unlink":
             if arg.isdigit():
                 self.spawn(self.unlink(f"{_user(self.client.device or '')}:{int(arg)}"))
@@ -719,6 +759,44 @@ class Chat:
             mark = "  (this device)" if d.device == me else ""
             lines.append(f"   {n:>3}  {_printable(name)[:40]:<40} linked {when}{mark}")
         _out("\n".join(lines))
+
+    async def _primary_key(self, user: str, fresh: bool = False) -> bytes | None:
+        items = await self.client.devices(user, fresh=fresh)
+        return bytes(items[0].key) if items else None
+
+    async def verify(self, phone: str) -> None:
+        """Show the safety number with ``phone`` and remember the key it was made from,
+        so a later change of ``phone``'s keys is warned about."""
+        me = _user(self.client.device or "")
+        try:
+            mine, theirs = await self._primary_key(me), await self._primary_key(phone)
+        except (ServerError, ConnectionLost) as exc:
+            _out(f"!! no safety number: {exc}")
+            return
+        if mine is None or theirs is None:
+            _out(f"!! no safety number: {phone} has no devices")
+            return
+        number = format_safety_number(safety_number(me, mine, phone, theirs))
+        qr = safety_qr(me, mine, phone, theirs)
+        _out(f"   safety number with {phone}:\n   {number}\n   QR: {qr}\n"
+             f"   the same on both phones: no one is in the middle")  # fmt: skip
+        self.profile.setdefault("keys", {})[phone] = theirs.hex()
+        self.save()
+
+    async def check_keys(self, user: str) -> None:
+        """After a device-list notice: warn if ``user``'s primary key is not the one seen."""
+        seen = (self.profile.get("keys") or {}).get(user)
+        if seen is None:
+            return
+        try:
+            key = await self._primary_key(user, fresh=True)
+        except (ServerError, ConnectionLost):
+            return
+        if key is not None and key.hex() != seen:
+            _out(f"!! {user}'s keys changed (a new phone, or someone in the middle): "
+                 f"/verify {user} and compare the safety number again")  # fmt: skip
+            self.profile["keys"][user] = key.hex()
+            self.save()
 
     async def unlink(self, device: str) -> None:
         try:
@@ -834,6 +912,9 @@ def add_parser(sub) -> None:
     p.add_argument("--tls", action="store_true", help="connect with TLS (system trust store)")
     p.add_argument("--cafile", help="trust this CA/self-signed certificate (implies --tls)")
     p.add_argument("--profile", default=DEFAULT_PROFILE, help=f"default: {DEFAULT_PROFILE}")
+    p.add_argument("--plaintext", action="store_true",
+                   help="send bodies unencrypted (protocol tests and benchmarks only; "
+                   "the default is end-to-end encryption)")  # fmt: skip
     p.add_argument(
         "--timeout",
         type=float,

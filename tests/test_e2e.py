@@ -1,0 +1,287 @@
+"""End-to-end encryption over a real server (2 workers) with the real SDK (issue 16).
+
+Two users with two devices each (the companions linked with the pairing
+protocol, so their keys carry the primary's real signature), every client
+connected through a recording TCP relay on loopback, so the test holds every
+byte that crossed the wire.  After the run neither that capture nor any file
+of the server's data directory contains a plaintext.
+"""
+
+import asyncio
+import itertools
+import os
+
+import pytest
+from serverutil import Server, until
+
+from pigeon.client import Client
+from pigeon.client.secure import DecryptedMessage, DecryptionFailed, SafetyNumberChanged
+from pigeon.core.events import DevicesChanged, IncomingReceipt, KeysChanged
+
+PHONES = (f"4931{n:08d}" for n in itertools.count(30_000_000))
+
+
+def run(coro, timeout=180):
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+class Relay:
+    """A TCP relay on loopback that keeps a copy of every byte, both directions."""
+
+    def __init__(self, port: int):
+        self.target = port
+        self.captured = bytearray()
+        self.server = None
+        self.port = 0
+
+    async def start(self):
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def _serve(self, reader, writer):
+        try:
+            up_r, up_w = await asyncio.open_connection("127.0.0.1", self.target)
+        except OSError:
+            writer.close()
+            return
+
+        async def pipe(r, w):
+            try:
+                while data := await r.read(65536):
+                    self.captured += data
+                    w.write(data)
+                    await w.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                w.close()
+
+        try:
+            await asyncio.gather(pipe(reader, up_w), pipe(up_r, writer))
+        except asyncio.CancelledError:  # the relay closes
+            up_w.close()
+            writer.close()
+
+    async def close(self):
+        self.server.close()
+        await self.server.wait_closed()
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory):
+    s = Server(tmp_path_factory.mktemp("e2e") / "data", workers=2, register_per_ip=1000,
+               message_rate=0)  # fmt: skip
+    s.start()
+    yield s
+    assert s.stop() == 0, s.log_text()[-3000:]
+
+
+async def connect(relay, profile, **kw) -> Client:
+    return await Client.connect("127.0.0.1", relay.port, plaintext=False, profile=profile, **kw)
+
+
+async def register(srv, relay, phone, profile) -> Client:
+    c = await connect(relay, profile)
+    await c.register(phone)
+    creds = await c.verify(phone, srv.code_for(phone))
+    await c.login(creds)
+    c.creds = creds
+    return c
+
+
+async def companion(srv, relay, primary, profile) -> Client:
+    comp = await connect(relay, profile)
+    it = comp.pair_qr(name="laptop")
+    code = await it.__anext__()
+    _, creds = await asyncio.gather(primary.link(code.qr), it.__anext__())
+    await comp.close()
+    comp = await connect(relay, profile)
+    await comp.login(creds)
+    comp.creds = creds
+    return comp
+
+
+async def on_other_worker(srv, relay, client, profile, than):
+    """Log in again through the relay until the device's session is on another worker."""
+    creds = client.creds
+    phone = creds.user
+    await client.close()
+    for _ in range(40):
+        c = await connect(relay, profile)
+        await c.login(creds)
+        c.creds = creds
+        await until(lambda: creds.device in srv.sessions(phone))
+        if srv.sessions(phone)[creds.device]["worker"] != than:
+            return c
+        await c.close()
+        await until(lambda: creds.device not in srv.sessions(phone))
+    raise AssertionError("could not land on another worker in 40 connections")
+
+
+async def decrypted(client, timeout=15.0):
+    """The next DecryptedMessage or DecryptionFailed; notices before it are acked."""
+    while True:
+        ev = await client.next_event(timeout)
+        if isinstance(ev, SafetyNumberChanged):
+            continue
+        if isinstance(ev, (IncomingReceipt, DevicesChanged, KeysChanged)):
+            await client.ack(ev.seq)
+            continue
+        await client.ack(ev.seq)
+        return ev
+
+
+def grep_dir(path, needles):
+    found = []
+    for root, _, files in os.walk(path):
+        for name in files:
+            path_ = os.path.join(root, name)
+            if not os.path.isfile(path_) or os.path.islink(path_):
+                continue  # the control socket
+            with open(path_, "rb") as f:
+                data = f.read()
+            found += [(name, n) for n in needles if n in data]
+    return found
+
+
+def test_encrypted_both_ways_across_workers_and_nothing_in_clear(srv, tmp_path):
+    async def main():
+        relay = await Relay(srv.port).start()
+        alice_phone, bob_phone = next(PHONES), next(PHONES)
+        a0 = await register(srv, relay, alice_phone, tmp_path / "a0.json")
+        b0 = await register(srv, relay, bob_phone, tmp_path / "b0.json")
+        a1 = await companion(srv, relay, a0, tmp_path / "a1.json")
+        b1 = await companion(srv, relay, b0, tmp_path / "b1.json")
+        w = srv.sessions(alice_phone)[a0.creds.device]["worker"]
+        a1 = await on_other_worker(srv, relay, a1, tmp_path / "a1.json", w)
+        w = srv.sessions(bob_phone)[b0.creds.device]["worker"]
+        b1 = await on_other_worker(srv, relay, b1, tmp_path / "b1.json", w)
+        await a0.discover([bob_phone])
+        await b0.discover([alice_phone])
+        secrets = [b"first secret: the vault code is 7319", b"second secret, bob to alice",
+                   b"third secret after a reload"]  # fmt: skip
+
+        # alice:0 -> bob: both of bob's devices and alice:1 (the sync copy) decrypt it
+        ack = await a0.send(bob_phone, secrets[0])
+        for c in (b0, b1, a1):
+            ev = await decrypted(c)
+            assert type(ev) is DecryptedMessage, ev
+            assert (ev.body, ev.type, ev.id, ev.sender) == (secrets[0], "text", ack.id, a0.device)
+        # bob:1 -> alice: the other way, from the other worker
+        await b1.send(alice_phone, secrets[1], type="text")
+        for c in (a0, a1, b0):
+            ev = await decrypted(c)
+            assert (type(ev), ev.body, ev.sender) == (DecryptedMessage, secrets[1], b1.device)
+
+        # a corrupted ciphertext: an error event, then a retry receipt brings a resend
+        # (a new id, resend_of the broken one), and the next message decrypts
+        bad_body = b"the corrupted one"
+        devices = [b0.device, b1.device, a1.device]
+        mtype, payloads = a0.secure.encrypt(devices, a0.secure.seal("text", bad_body))
+        payloads[b0.device] = payloads[b0.device][:-3] + bytes(3)
+        mid = a0.new_id()
+        a0.secure.remember_sent(mid, bob_phone, "text", bad_body)  # as send() would
+        await a0.send(bob_phone, payloads, type=mtype, id=mid)
+        failed = await decrypted(b0)
+        assert type(failed) is DecryptionFailed and failed.id == mid, failed
+        resent = await decrypted(b0)
+        assert (type(resent), resent.body, resent.resend_of) == (DecryptedMessage, bad_body, mid)
+        assert resent.id != mid
+        for c in (b1, a1):  # the good copies, then the resend dropped as seen
+            assert (await decrypted(c)).body == bad_body
+        await a0.send(bob_phone, b"after the error")
+        for c in (b0, b1, a1):
+            assert (await decrypted(c)).body == b"after the error"
+
+        # a profile reloaded from disk continues its sessions
+        creds = b0.creds
+        await b0.close()
+        b0 = await connect(relay, tmp_path / "b0.json")
+        await b0.login(creds)
+        await a0.send(bob_phone, secrets[2])
+        for c in (b0, b1, a1):
+            ev = await decrypted(c)
+            assert (type(ev), ev.body) == (DecryptedMessage, secrets[2]), ev
+        for c in (a0, a1, b0, b1):
+            await c.close()
+        await relay.close()
+        return relay.captured, secrets, bob_phone
+
+    captured, secrets, bob_phone = run(main())
+    assert len(captured) > 10_000  # the relay did see the traffic
+    for s in (*secrets, b"the corrupted one", b"after the error"):
+        assert s not in captured
+    assert grep_dir(srv.data_dir, [*secrets, b"the corrupted one"]) == []
+    assert grep_dir(srv.data_dir, [bob_phone.encode()])  # the grep does read the store
+    # nor do the clients' own profiles hold them
+    assert grep_dir(tmp_path, secrets) == []
+
+
+
+def test_reregistration_changes_the_safety_number_and_warns(srv, tmp_path):
+    async def main():
+        relay = await Relay(srv.port).start()
+        alice_phone, bob_phone = next(PHONES), next(PHONES)
+        a0 = await register(srv, relay, alice_phone, tmp_path / "a0.json")
+        b0 = await register(srv, relay, bob_phone, tmp_path / "b0.json")
+        await b0.discover([alice_phone])  # alice is in bob's contacts: bob gets the notice
+        await b0.send(alice_phone, b"hello")
+        assert (await decrypted(a0)).body == b"hello"
+        key_before = (await b0.devices(alice_phone))[0].key
+        mine = (await b0.devices(bob_phone))[0].key
+        before = b0.safety_number(alice_phone, key_before)
+        await a0.close()
+        # alice registers her number again: a new phone, a new primary key
+        a0 = await register(srv, relay, alice_phone, tmp_path / "a0-new.json")
+        while True:
+            ev = await b0.next_event(15)
+            await b0.ack(ev.seq)
+            if isinstance(ev, KeysChanged):
+                break
+        assert ev.sender == alice_phone
+        await b0.send(alice_phone, b"is it you?")
+        while True:  # (a second notice may come: the new device's key upload)
+            changed = await b0.next_event(15)
+            if not isinstance(changed, KeysChanged):
+                break
+            await b0.ack(changed.seq)
+        assert changed == SafetyNumberChanged(alice_phone, (), True)
+        key_after = (await b0.devices(alice_phone))[0].key
+        after = b0.safety_number(alice_phone, key_after)
+        assert key_after != key_before and after != before and len(after) == 60
+        assert (await decrypted(a0)).body == b"is it you?"
+        from pigeon.client.e2e import safety_number
+
+        assert after == safety_number(alice_phone, key_after, bob_phone, mine)
+        for c in (a0, b0):
+            await c.close()
+        await relay.close()
+
+    run(main())
+
+
+def test_the_trio_client_encrypts_too(srv, tmp_path):
+    import trio
+
+    from pigeon.client.trio import open_client
+
+    alice_phone, bob_phone = next(PHONES), next(PHONES)
+
+    async def main():
+        async with (
+            open_client("127.0.0.1", srv.port, plaintext=False, profile=tmp_path / "a") as a,
+            open_client("127.0.0.1", srv.port, plaintext=False, profile=tmp_path / "b") as b,
+        ):
+            for c, phone in ((a, alice_phone), (b, bob_phone)):
+                await c.register(phone)
+                await c.login(await c.verify(phone, srv.code_for(phone)))
+            ack = await a.send(bob_phone, b"over trio")
+            while True:
+                ev = await b.next_event(15)
+                await b.ack(ev.seq)
+                if not isinstance(ev, (IncomingReceipt, DevicesChanged, KeysChanged)):
+                    break
+            assert (type(ev), ev.body, ev.id) == (DecryptedMessage, b"over trio", ack.id)
+
+    trio.run(main)
