@@ -65,7 +65,7 @@ import orjson
 from pigeon.core import codec as core_codec
 
 from . import control as control_mod
-from . import log
+from . import log, mediagrant
 from . import metrics as metrics_mod
 from . import worker as worker_mod
 from .bus import kick_record
@@ -108,7 +108,18 @@ def worker_env() -> dict:
 
 
 def _listen_addrs(config) -> list[str]:
-    return [config.listen] + ([config.tls_listen] if config.tls_enabled else [])
+    media = [config.media_listen] if config.media_listen != "off" else []
+    return [config.listen] + ([config.tls_listen] if config.tls_enabled else []) + media
+
+
+def generation(gen: int, count: int, config) -> list[WorkerProc]:
+    """One generation's processes: ``count`` workers, then the media service (if
+    media-listen is not off), index ``count``, run, restarted, reloaded and
+    drained like a worker."""
+    procs = [WorkerProc(i, gen, count, config) for i in range(count)]
+    if config.media_listen != "off":
+        procs.append(WorkerProc(count, gen, count, config, media=True))
+    return procs
 
 
 def size_open_files(config) -> int | None:
@@ -144,6 +155,9 @@ def banner(config, workers: int) -> list[str]:
         f"serving on {config.listen}{tls} with {workers} workers "
         f"(codec {core_codec.IMPLEMENTATION}, data in {data})"
     ]
+    if config.media_listen != "off":
+        scheme = "https" if config.tls_enabled else "http"
+        lines.append(f"media on {scheme}://{config.media_listen}/v1/")
     if config.metrics_listen != "off":
         where = f"http://{config.metrics_listen}"
         lines.append(f"metrics on {where}/metrics, health on {where}/health")
@@ -173,7 +187,9 @@ def check_port_free(hostport: str) -> None:
 
 
 class WorkerProc:
-    def __init__(self, index: int, gen: int = 0, count: int = 1, config=None):
+    def __init__(self, index: int, gen: int = 0, count: int = 1, config=None,
+                 media: bool = False):  # fmt: skip
+        self.media = media  # the media service (server/media.py), not a chat worker
         self.index = index
         self.gen = gen
         self.count = count  # the size of its generation
@@ -201,7 +217,7 @@ class Supervisor:
         self.overrides = overrides or {}
         self.count = config.worker_count
         self.gen = 0
-        self.workers = [WorkerProc(i, 0, self.count, config) for i in range(self.count)]
+        self.workers = generation(0, self.count, config)
         self.incoming: list[WorkerProc] = []  # a reload's new generation, starting
         self.ready_due: float | None = None  # a reload's READY=1 waits for old listeners to close
         self.ready_gen = 0
@@ -260,7 +276,12 @@ class Supervisor:
             raise StartupError(str(exc)) from None
         listeners = [("listen", c.listen)] + (
             [("tls-listen", c.tls_listen)] if c.tls_enabled else []
-        )
+        ) + ([("media-listen", c.media_listen)] if c.media_listen != "off" else [])
+        if not reload:
+            try:  # the upload grants' HMAC key (server/mediagrant.py), 0600, made once
+                mediagrant.load_key(c.data_dir, create=True)
+            except (OSError, ValueError) as exc:
+                raise StartupError(f"cannot make or read the media key: {exc}") from None
         if c.metrics_listen != "off" and not reload:
             host, _, port = c.metrics_listen.rpartition(":")
             host = host.strip("[]")
@@ -313,7 +334,7 @@ class Supervisor:
         status_r, status_w = os.pipe()
         config_r, config_w = os.pipe()
         cmd = [
-            sys.executable, "-P", "-m", "pigeon.server.worker",
+            sys.executable, "-P", "-m", "pigeon.server.media" if w.media else "pigeon.server.worker",
             "--index", str(w.index), "--count", str(w.count), "--gen", str(w.gen),
             "--run-dir", self.run_dir, "--config-fd", str(config_r),
             "--parent-fd", str(self.death_r), "--status-fd", str(status_w),
@@ -636,7 +657,7 @@ class Supervisor:
             return
         self.gen += 1
         count = new.worker_count
-        self.incoming = [WorkerProc(i, self.gen, count, new) for i in range(count)]
+        self.incoming = generation(self.gen, count, new)
         self.reload_started = time.monotonic()
         log.event(logger, logging.INFO, "reload: starting new workers", gen=self.gen,
                   workers=count, config=self.config_path)  # fmt: skip
@@ -722,7 +743,7 @@ class Supervisor:
         pids = {}
         for w in self.workers + self.incoming + self.retiring:
             proc = w.proc  # read once: the main thread may clear it meanwhile
-            if proc is not None:
+            if proc is not None and not w.media:
                 pids[w.wid] = proc.pid
         return pids
 
@@ -754,6 +775,7 @@ class Supervisor:
                     state = "ready" if w.ready else "starting"
                 rows.append({
                     "id": w.wid, "index": w.index, "generation": w.gen,
+                    "kind": "media" if w.media else "chat",
                     "pid": proc.pid if proc is not None else None, "state": state,
                     "uptime_s": round(now - w.started, 3) if proc is not None else None,
                     "restarts": w.restarts,
@@ -772,6 +794,7 @@ class Supervisor:
                 "chat": c.listen,
                 "tls": c.tls_listen if c.tls_enabled else None,
                 "metrics": c.metrics_listen,
+                "media": c.media_listen,
                 "control": os.path.abspath(control_mod.socket_path(c.data_dir)),
             },
             "data_dir": os.path.abspath(c.data_dir),
