@@ -94,6 +94,8 @@ from pigeon.core.events import (
     ServerAck,
     Unblock,
     Unlink,
+    UploadGrant,
+    UploadRequest,
     Verify,
     normalize_link_code,
 )
@@ -262,7 +264,8 @@ def check_keepalive(interval: float | None, timeout: float) -> float | None:
 
 
 #: Server answers matched to a REQ waiter by their id.
-_ANSWERS = frozenset({PrivacySettings, DiscoverResult, Blocklist, LinkKey, DeviceList})
+_ANSWERS = frozenset({PrivacySettings, DiscoverResult, Blocklist, LinkKey, DeviceList,
+                      UploadGrant})
 
 
 @dataclass(frozen=True, slots=True)
@@ -983,6 +986,16 @@ class ClientAPI:
             return await self._request(UNLINK, rid, Unlink(rid, device), timeout)
         finally:
             self.core.drop_device_lists((device.partition(":")[0],))
+
+    async def request_upload(self, size: int, sha256: bytes, media_class: str = "document",
+                             timeout: float = 30.0):  # fmt: skip
+        """Ask for the right to upload ``size`` bytes of ciphertext whose SHA-256 is
+        ``sha256``: an ``UploadGrant`` (``url``, ``token``, ``ttl``); ServerError 420
+        (too big), 421 (daily quota) or 405/302 (rate) if refused.  ``send_media``
+        (pigeon.client.media) does the whole upload."""
+        rid = self.new_id()
+        return await self._request(REQ, rid, UploadRequest(rid, size, sha256, media_class),
+                                   timeout)  # fmt: skip
 
     async def blocklist(self, timeout: float = 30.0) -> tuple[str, ...]:
         """The users this account blocks, oldest block first."""

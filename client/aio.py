@@ -276,6 +276,25 @@ class Client(ClientAPI):
         if self.closed is None:
             self._finish(ConnectionLost("closed by the application"))
 
+    async def send_media(self, to: str, path: str, **kw):
+        """Encrypt the file at ``path``, upload it to the media service and send ``to``
+        a message whose body is its media payload; returns (ServerAck, Media).
+        ``progress(done, total)``, ``media_class``, ``mime``: see
+        pigeon.client.media.send_media (asyncio only: the upload uses aiohttp)."""
+        from .media import send_media
+
+        return await send_media(self, to, path, **kw)
+
+    async def download(self, media, dest: str, **kw) -> str:
+        """Fetch, check and decrypt ``media`` (a ``Media`` or a message body) into
+        ``dest``; the chat connection's TLS context is used for an https URL."""
+        from .media import Media, download
+
+        if isinstance(media, (bytes, bytearray, memoryview)):
+            media = Media.unpack(bytes(media))
+        kw.setdefault("ssl", self.ssl)
+        return await download(media, dest, **kw)
+
     async def __aenter__(self):
         return self
 

@@ -117,6 +117,8 @@ from .events import (
     ServerAck,
     Unblock,
     Unlink,
+    UploadGrant,
+    UploadRequest,
     Verify,
     valid_id,
 )
@@ -183,7 +185,7 @@ TRANSITIONS: dict[tuple[State, type[Event]], State] = {
                   Presence, PresenceUpdate, ChatState, IncomingChatState, Privacy,
                   PrivacySettings, Discover, DiscoverResult, Block, Unblock, BlocklistQuery,
                   Blocklist, Logout, DeleteAccount, Link, LinkKey, DevicesQuery, DeviceList,
-                  DevicesChanged, Unlink)},
+                  DevicesChanged, Unlink, UploadRequest, UploadGrant)},
     **{(st, ev): st for st in _ANY_LIVE for ev in (Ping, Pong)},
 }  # fmt: skip
 

@@ -234,6 +234,16 @@ _HISTORY: list[tuple[int, tuple[str, ...], tuple[str, ...]]] = [
         ),
         (),
     ),
+    (
+        4,
+        (
+            # media by link: upload grants (docs/PROTOCOL.md 9b)
+            "upload",
+            "size",
+            "url",
+        ),
+        (),
+    ),
 ]
 
 

@@ -519,6 +519,14 @@ OPTIONS: list[Option] = [
         "the media service's HTTP listener (HTTPS with tls-cert when TLS is configured), "
         "HOST:PORT or off",
     ),
+    Option(
+        "media_url",
+        None,
+        _opt_str,
+        "the media service's base URL as clients reach it (e.g. https://media.example.com); "
+        "by default http(s)://media-listen",
+        "URL",
+    ),
     Option("media_max_bytes", 100 << 20, _positive_int, "largest media upload, bytes (420 past it)"),
     Option(
         "media_ttl",
@@ -711,6 +719,7 @@ GROUPS: list[Group] = [
         "the HTTP media service: encrypted files uploaded by link, its limits and expiry",
         (
             "media_listen",
+            "media_url",
             "media_max_bytes",
             "media_ttl",
             "media_partial_ttl",

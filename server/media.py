@@ -421,21 +421,10 @@ class MediaService:
         st = self.storage.stat(sha_hex)
         if st is None:
             raise self.refuse(404, "no such media", why="never stored, or expired")
-        resp = web.FileResponse(path, chunk_size=CHUNK,
-                                headers={"Content-Type": "application/octet-stream",
-                                         "Cache-Control": "private, no-store"})  # fmt: skip
         deadline = self.config.media_stall_timeout + st.st_size / MIN_DOWNLOAD_RATE
-        try:
-            await asyncio.wait_for(resp.prepare(request), deadline)
-        except TimeoutError:
-            self.metrics.refused.labels("download too slow").inc()
-            if request.transport is not None:
-                request.transport.abort()
-            raise
-        # what was sent: the whole file or the Range asked for (0 for HEAD)
-        if request.method == "GET" and resp.status in (200, 206):
-            self.metrics.bytes_out.inc(resp.content_length or 0)
-        return resp
+        return _TimedFile(self.metrics, deadline, path, chunk_size=CHUNK,
+                          headers={"Content-Type": "application/octet-stream",
+                                   "Cache-Control": "private, no-store"})  # fmt: skip
 
     async def health(self, request):
         return web.json_response({"status": "draining" if self.draining else "ready"})
@@ -464,6 +453,28 @@ class MediaService:
                     log.event(logger, logging.INFO, "media purged", files=files, bytes=size,
                               partial_files=partials)  # fmt: skip
             await asyncio.sleep(c.purge_interval)
+
+
+class _TimedFile(web.FileResponse):
+    """aiohttp's FileResponse (Range, HEAD, sendfile) with a deadline for the whole
+    transfer: past it the connection is aborted and counted as a refusal."""
+
+    def __init__(self, metrics: Metrics, deadline: float, *args, **kw):
+        super().__init__(*args, **kw)
+        self._metrics = metrics
+        self._deadline = deadline
+
+    async def prepare(self, request):
+        try:
+            writer = await asyncio.wait_for(super().prepare(request), self._deadline)
+        except TimeoutError:
+            self._metrics.refused.labels("download too slow").inc()
+            if request.transport is not None:
+                request.transport.abort()
+            raise
+        if request.method == "GET" and self.status in (200, 206):
+            self._metrics.bytes_out.inc(self.content_length or 0)
+        return writer
 
 
 def _hash_prefix(h, fd: int, n: int) -> None:

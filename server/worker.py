@@ -650,7 +650,7 @@ class Worker:
             log.event(logger, logging.INFO, "expired queue entries purged", entries=total)
         c = self.config
         longest = int(1000 * max(c.register_window, c.login_window, c.new_chats_window,
-                                 c.discover_window))  # fmt: skip
+                                 c.discover_window, 86_400))  # fmt: skip (86,400: media quotas)
         where, swept = (b"", b""), 0
         while True:
             try:
