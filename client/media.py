@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import mimetypes
 import os
 import ssl as _ssl
@@ -173,8 +174,13 @@ def _auth(token: bytes) -> dict:
 
 async def _refusal(resp) -> MediaError:
     try:
-        body = await resp.json(content_type=None)
+        if resp.method == "HEAD":  # no body: the service repeats it in a header
+            body = json.loads(resp.headers.get("Media-Error", "{}"))
+        else:
+            body = await resp.json(content_type=None)
     except (ValueError, aiohttp.ClientError):
+        body = {}
+    if not isinstance(body, dict):
         body = {}
     return MediaError(f"media service: {resp.status} {body.get('error', resp.reason)}",
                       resp.status, body)  # fmt: skip

@@ -102,10 +102,10 @@ class MediaRefused(web.HTTPException):
 
     def __init__(self, status: int, error: str, **fields):
         self.status_code = status
-        super().__init__(
-            text=orjson.dumps({"error": error, **fields}).decode(),
-            content_type="application/json",
-        )
+        body = orjson.dumps({"error": error, **fields}).decode()
+        # the same JSON in a header, for HEAD, whose answers have no body
+        super().__init__(text=body, content_type="application/json",
+                         headers={"Media-Error": body})  # fmt: skip
 
 
 # -- storage ----------------------------------------------------------------------
@@ -209,9 +209,20 @@ class LocalStorage:
         for f in os.scandir(self.partial):
             st = f.stat()
             if st.st_mtime_ns // 1_000_000 <= now_ms - partial_ttl_ms:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(f.path)
-                    partials += 1
+                try:
+                    fd = os.open(f.path, os.O_RDONLY)
+                except FileNotFoundError:
+                    continue
+                try:  # one being written now (any process holds its lock) stays
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    continue
+                else:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(f.path)
+                        partials += 1
+                finally:
+                    os.close(fd)
         return files, size, partials
 
 
@@ -367,6 +378,8 @@ class MediaService:
             os.close(fd)
 
     async def _receive(self, request, fd, g, sha_hex, start, length):
+        stamp = self.clock() * 1_000_000
+        os.utime(fd, ns=(stamp, stamp))  # the server's clock, as media-partial-ttl reads it
         have = os.fstat(fd).st_size
         if start != have:
             raise self.refuse(416, "wrong offset", offset=have)
@@ -500,7 +513,7 @@ async def serve(config, parent_fd: int | None, status_fd: int | None, index: int
     key = mediagrant.load_key(config.data_dir)
     service = MediaService(config, key)
     runner = web.AppRunner(service.app(), handle_signals=False, access_log=None,
-                           shutdown_timeout=DRAIN_TIMEOUT, handler_cancellation=True)  # fmt: skip
+                           shutdown_timeout=1.0, handler_cancellation=True)  # fmt: skip
     await runner.setup()
     sock = listen_socket(config.media_listen)
     site = web.SockSite(runner, sock, ssl_context=ssl_context(config))
@@ -522,7 +535,13 @@ async def serve(config, parent_fd: int | None, status_fd: int | None, index: int
         with contextlib.suppress(OSError):
             os.write(status_fd, b"closed\n")
     purger.cancel()
-    await runner.cleanup()  # waits for them up to DRAIN_TIMEOUT
+    # transfers in progress finish first (aiohttp's own shutdown closes connections
+    # at once, which stops an upload reading); what is left at DRAIN_TIMEOUT is cut
+    # (an upload keeps what arrived, for a resume on the new generation)
+    deadline = loop.time() + DRAIN_TIMEOUT
+    while service.in_flight and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    await runner.cleanup()
     log.event(logger, logging.INFO, "media stopped")
 
 
