@@ -271,7 +271,6 @@ async def send_media(client, to: str, path: str, *, media_class: str | None = No
     return ack, m
 
 
-
 def _unb64(text: str) -> bytes:
     import base64
 

@@ -527,7 +527,9 @@ OPTIONS: list[Option] = [
         "by default http(s)://media-listen",
         "URL",
     ),
-    Option("media_max_bytes", 100 << 20, _positive_int, "largest media upload, bytes (420 past it)"),
+    Option(
+        "media_max_bytes", 100 << 20, _positive_int, "largest media upload, bytes (420 past it)"
+    ),
     Option(
         "media_ttl",
         30 * 86400,

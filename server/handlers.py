@@ -211,8 +211,13 @@ def upload(s, ev: UploadRequest) -> None:
         s.send(Error(ErrorCode.UNAVAILABLE, "this server runs no media service", ev.id))
         return
     if not 0 < ev.size <= c.media_max_bytes:
-        s.send(Error(ErrorCode.MEDIA_TOO_LARGE,
-                     f"media must be 1 to {c.media_max_bytes} bytes (media-max-bytes)", ev.id))
+        s.send(
+            Error(
+                ErrorCode.MEDIA_TOO_LARGE,
+                f"media must be 1 to {c.media_max_bytes} bytes (media-max-bytes)",
+                ev.id,
+            )
+        )
         return  # fmt: skip
     key = _media_keys.get(c.data_dir)
     if key is None:

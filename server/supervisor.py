@@ -274,9 +274,11 @@ class Supervisor:
                   writemap=c.store_writemap).close()  # fmt: skip
         except StoreError as exc:
             raise StartupError(str(exc)) from None
-        listeners = [("listen", c.listen)] + (
-            [("tls-listen", c.tls_listen)] if c.tls_enabled else []
-        ) + ([("media-listen", c.media_listen)] if c.media_listen != "off" else [])
+        listeners = (
+            [("listen", c.listen)]
+            + ([("tls-listen", c.tls_listen)] if c.tls_enabled else [])
+            + ([("media-listen", c.media_listen)] if c.media_listen != "off" else [])
+        )
         if not reload:
             try:  # the upload grants' HMAC key (server/mediagrant.py), 0600, made once
                 mediagrant.load_key(c.data_dir, create=True)

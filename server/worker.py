@@ -649,8 +649,9 @@ class Worker:
         if total:
             log.event(logger, logging.INFO, "expired queue entries purged", entries=total)
         c = self.config
+        # the longest window of any limit (a day: the media quotas, server/handlers.py)
         longest = int(1000 * max(c.register_window, c.login_window, c.new_chats_window,
-                                 c.discover_window, 86_400))  # fmt: skip (86,400: media quotas)
+                                 c.discover_window, 86_400))  # fmt: skip
         where, swept = (b"", b""), 0
         while True:
             try:

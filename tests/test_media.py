@@ -122,14 +122,21 @@ def test_send_and_download_over_tls(srv, tmp_path):
 
         Image.new("RGB", (640, 480), (200, 30, 60)).save(src)
         seen = []
-        ack, m = await a.send_media(pb, str(src), ssl=ctx(srv), progress=lambda d, t: seen.append(d))
+        ack, m = await a.send_media(
+            pb, str(src), ssl=ctx(srv), progress=lambda d, t: seen.append(d)
+        )
         assert m.mime == "image/png" and m.thumbnail and m.thumbnail[:2] == b"\xff\xd8"
         assert seen and seen[-1] == m.enc_size
         ev = await next_message(b)
         assert ev.type == "image" and ev.sender.partition(":")[0] == pa
         got = Media.unpack(ev.body)
-        assert got.url.startswith("https://") and got.id == hashlib.sha256(
-            (srv.data_dir / "media" / "objects" / got.id[:2] / got.id).read_bytes()).hexdigest()
+        assert (
+            got.url.startswith("https://")
+            and got.id
+            == hashlib.sha256(
+                (srv.data_dir / "media" / "objects" / got.id[:2] / got.id).read_bytes()
+            ).hexdigest()
+        )
         out = tmp_path / "out.png"
         await b.download(ev.body, str(out), ssl=ctx(srv))
         assert out.read_bytes() == src.read_bytes()
@@ -184,8 +191,9 @@ def test_wrong_hash_refused_and_deleted(srv, tmp_path):
         assert e.value.status == 422 and e.value.body["error"] == "hash mismatch"
         assert not any(p.startswith(sha.hex()) for p in partials(srv))
         assert sha.hex() not in objects(srv)
-        assert await metric(srv, "pigeon_media_refusals_total", "hash mismatch") == \
-            refused_before + 1
+        assert (
+            await metric(srv, "pigeon_media_refusals_total", "hash mismatch") == refused_before + 1
+        )
         # the same grant still takes the right bytes
         done = await upload_file(g.url, g.token, str(enc), ssl=ctx(srv))
         assert done["id"] == sha.hex() and sha.hex() in objects(srv)
@@ -243,8 +251,12 @@ def test_resume_after_cut_connection(srv, tmp_path):
 
         async with aiohttp.ClientSession() as s:
             with pytest.raises((aiohttp.ClientError, ConnectionResetError)):
-                async with s.put(g.url, data=half(), ssl=ctx(srv),
-                                 headers={**_auth(g.token), "Content-Length": str(size)}):
+                async with s.put(
+                    g.url,
+                    data=half(),
+                    ssl=ctx(srv),
+                    headers={**_auth(g.token), "Content-Length": str(size)},
+                ):
                     pass  # fmt: skip
         await until(lambda: any(p.startswith(sha.hex()) for p in partials(srv)))
         async with aiohttp.ClientSession() as s:
@@ -254,7 +266,9 @@ def test_resume_after_cut_connection(srv, tmp_path):
                     return int(r.headers["Upload-Offset"])
 
             deadline = asyncio.get_running_loop().time() + 10
-            while (have := await offset()) < 3 * MiB and asyncio.get_running_loop().time() < deadline:
+            while (
+                have := await offset()
+            ) < 3 * MiB and asyncio.get_running_loop().time() < deadline:
                 await asyncio.sleep(0.1)
             assert 0 < have <= 3 * MiB
             # a part at the wrong offset is refused with the right one
@@ -338,8 +352,12 @@ def test_dedup_expiry_and_partial_purge(srv, tmp_path):
         _, enc2, _, _, sha2, size2 = encrypted(tmp_path, 100_000, "g.bin")
         g2 = await a.request_upload(size2, sha2, "document")
         async with aiohttp.ClientSession() as s:
-            async with s.put(g2.url, data=enc2.read_bytes()[:50_000], ssl=ctx(srv), headers={
-                    **_auth(g2.token), "Content-Range": f"bytes 0-49999/{size2}"}) as r:
+            async with s.put(
+                g2.url,
+                data=enc2.read_bytes()[:50_000],
+                ssl=ctx(srv),
+                headers={**_auth(g2.token), "Content-Range": f"bytes 0-49999/{size2}"},
+            ) as r:
                 assert r.status == 202 and (await r.json())["offset"] == 50_000  # fmt: skip
         assert any(p.startswith(sha2.hex()) for p in partials(srv))
         srv.advance_clock(601)  # past media-partial-ttl, not media-ttl
@@ -355,8 +373,11 @@ def test_dedup_expiry_and_partial_purge(srv, tmp_path):
         srv.advance_clock(700)
         await until(lambda: sha.hex() not in objects(srv))
         async with aiohttp.ClientSession() as s:
-            async with s.get(srv.media_url + da["path"],
-                             headers=_auth(mediagrant.unb64(da["token"])), ssl=ctx(srv)) as r:
+            async with s.get(
+                srv.media_url + da["path"],
+                headers=_auth(mediagrant.unb64(da["token"])),
+                ssl=ctx(srv),
+            ) as r:
                 assert r.status == 404  # fmt: skip
         await a.close()
         await b.close()
@@ -424,8 +445,12 @@ def test_kill_media_mid_upload_then_resume(srv, tmp_path):
 
         async with aiohttp.ClientSession() as s:
             with pytest.raises((aiohttp.ClientError, ConnectionError)):
-                async with s.put(g.url, data=slow(), ssl=ctx(srv),
-                                 headers={**_auth(g.token), "Content-Length": str(size)}):
+                async with s.put(
+                    g.url,
+                    data=slow(),
+                    ssl=ctx(srv),
+                    headers={**_auth(g.token), "Content-Length": str(size)},
+                ):
                     pass  # fmt: skip
         assert sha.hex() not in objects(srv)  # no partial file at a final name
         await until(lambda: media_pid(srv) != pid, timeout=20)
@@ -453,8 +478,12 @@ def test_reload_with_upload_in_progress(srv, tmp_path):
 
         async def put():
             async with aiohttp.ClientSession() as s:
-                async with s.put(g.url, data=slow(), ssl=ctx(srv),
-                                 headers={**_auth(g.token), "Content-Length": str(size)}) as r:
+                async with s.put(
+                    g.url,
+                    data=slow(),
+                    ssl=ctx(srv),
+                    headers={**_auth(g.token), "Content-Length": str(size)},
+                ) as r:
                     return r.status  # fmt: skip
 
         task = asyncio.create_task(put())
