@@ -285,6 +285,15 @@ class Client(ClientAPI):
 
         return await send_media(self, to, path, **kw)
 
+    async def forward_media(self, to: str, media, timeout: float | None = 30.0):
+        """Send ``media`` (a ``Media`` or the body it came in) on to ``to``: the same
+        link, key and token, no upload (the file is stored once)."""
+        from .media import Media
+
+        if isinstance(media, (bytes, bytearray, memoryview)):
+            media = Media.unpack(bytes(media))
+        return await self.send(to, media.pack(), type=class_of_media(media), timeout=timeout)
+
     async def download(self, media, dest: str, **kw) -> str:
         """Fetch, check and decrypt ``media`` (a ``Media`` or a message body) into
         ``dest``; the chat connection's TLS context is used for an https URL."""
@@ -300,3 +309,9 @@ class Client(ClientAPI):
 
     async def __aexit__(self, *exc):
         await self.close()
+
+
+def class_of_media(media) -> str:
+    from .media import class_of_mime
+
+    return class_of_mime(media.mime)

@@ -32,6 +32,13 @@ accepting, tell clients 503, let output go) and the supervisor exits 0.
 Under systemd (Type=notify) the supervisor also sends READY=1 when it
 prints that line and STOPPING=1 when it starts draining.
 
+The media service (server/media.py) runs beside the workers when
+media-listen is not off: one more process of each generation (index
+``count``, ``WorkerProc.media``), started with the same pipes, restarted,
+drained and reloaded exactly like a worker, and left out of the workers'
+metrics (it has its own on its listener).  Its HMAC key, ``media.key``, is
+made by ``preflight`` at the first start, before any process that reads it.
+
 Reload (SIGHUP, what `systemctl reload` and rc.d's `reload` send): the
 configuration file is read again (command-line flags still win) and
 checked; if it is bad, or data-dir or metrics-listen would change, the
@@ -764,7 +771,7 @@ class Supervisor:
         each worker's process is read once, as in worker_pids.
         """
         now = time.monotonic()
-        rows = []
+        rows, media = [], []
         for role, group in (("serving", self.workers), ("incoming", self.incoming),
                             ("retiring", self.retiring)):  # fmt: skip
             for w in list(group):
@@ -775,9 +782,8 @@ class Supervisor:
                     state = "draining"
                 else:
                     state = "ready" if w.ready else "starting"
-                rows.append({
+                (media if w.media else rows).append({
                     "id": w.wid, "index": w.index, "generation": w.gen,
-                    "kind": "media" if w.media else "chat",
                     "pid": proc.pid if proc is not None else None, "state": state,
                     "uptime_s": round(now - w.started, 3) if proc is not None else None,
                     "restarts": w.restarts,
@@ -792,6 +798,7 @@ class Supervisor:
             "reloading": bool(self.incoming),
             "workers_configured": self.count,
             "workers": rows,
+            "media": media,  # the media service's process(es): rows like the workers'
             "listeners": {
                 "chat": c.listen,
                 "tls": c.tls_listen if c.tls_enabled else None,

@@ -140,6 +140,17 @@ def test_send_and_download_over_tls(srv, tmp_path):
         out = tmp_path / "out.png"
         await b.download(ev.body, str(out), ssl=ctx(srv))
         assert out.read_bytes() == src.read_bytes()
+        # forwarding reuses the link and the key: no upload, nothing more stored
+        pc, c = await user(srv)
+        n, uploads = len(objects(srv)), await metric(srv, "pigeon_media_bytes_in_total")
+        await b.forward_media(pc, ev.body)
+        fwd = await next_message(c)
+        assert fwd.type == "image" and Media.unpack(fwd.body) == got
+        await c.download(fwd.body, str(tmp_path / "fwd.png"), ssl=ctx(srv))
+        assert (tmp_path / "fwd.png").read_bytes() == src.read_bytes()
+        assert len(objects(srv)) == n
+        assert await metric(srv, "pigeon_media_bytes_in_total") == uploads
+        await c.close()
         # the server holds ciphertext only: the plaintext's bytes are nowhere in it
         stored = (srv.data_dir / "media" / "objects" / got.id[:2] / got.id).read_bytes()
         assert src.read_bytes()[:64] not in stored
