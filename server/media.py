@@ -390,10 +390,15 @@ class MediaService:
         stall = self.config.media_stall_timeout
         left = length
         try:
+            content = request.content
             while left:
-                chunk = await asyncio.wait_for(request.content.read(min(CHUNK, left)), stall)
+                # asyncio.timeout, not wait_for: no task per chunk
+                async with asyncio.timeout(stall):
+                    chunk = await content.readany()
                 if not chunk:
                     break
+                if len(chunk) > left:  # (aiohttp stops at Content-Length: never happens)
+                    chunk = chunk[:left]
                 os.write(fd, chunk)
                 h.update(chunk)
                 left -= len(chunk)
