@@ -1314,6 +1314,9 @@ def add_parser(sub) -> None:
                     help="links under way at once in each load process")  # fmt: skip
     sync_flag(lk)
     lk.set_defaults(func=run, bench=link_bench)
+    from . import media as media_mod
+
+    media_mod.add_parser(parser)
     i = parser(
         "idle",
         help="memory per authenticated idle connection",
@@ -1427,6 +1430,21 @@ def _headline(r: dict) -> list[str]:
                      f"{_num(r.get('links_per_s'))} links/s wall")  # fmt: skip
         lines.append(f"link time p50 {_num(r.get('link_p50_ms'), 'ms')}, p99 "
                      f"{_num(r.get('link_p99_ms'), 'ms')}")  # fmt: skip
+    elif kind == "media":
+        lines.append(f"media: {_num(r.get('parallel'))} files of {_num(r.get('size_bytes'))} "
+                     f"bytes: upload {_num(r.get('upload_mb_per_s'), 'MB/s')}, download "
+                     f"{_num(r.get('download_mb_per_s'), 'MB/s')}")  # fmt: skip
+        lines.append(f"server CPU {_num(r.get('server_cpu_s_per_gb'), 's')} per GB moved")
+        c = r.get("download_curl")
+        if c:
+            lines.append(f"curl from the media service: download "
+                         f"{_num(c.get('download_mb_per_s'), 'MB/s')}, "
+                         f"{_num(c.get('server_cpu_s_per_gb'), 's')} CPU per GB")  # fmt: skip
+        b = r.get("baseline")
+        if b:
+            lines.append(f"baseline ({b['client']} from {b['server']}): download "
+                         f"{_num(b.get('download_mb_per_s'), 'MB/s')}, "
+                         f"{_num(b.get('server_cpu_s_per_gb'), 's')} CPU per GB")  # fmt: skip
     if r.get("stalled"):
         lines[0] = ("STALLED, figures partial: " if r.get("partial") else "STALLED: ") + lines[0]
     return lines
@@ -1465,7 +1483,7 @@ def _runs_table(runs: list[dict]) -> list[str]:
 def _human(result: dict) -> str:
     """What a run prints without --json: the headline, then every figure, aligned."""
     bulky = ("machine", "latency_cdf", "runs", "stalled", "note", "limits_lifted", "errors",
-             "load_floor")  # fmt: skip
+             "load_floor", "baseline", "download_curl")  # fmt: skip
     lines = _headline(result)
     if result.get("note"):
         lines += textwrap.wrap(f"({result['note']})", 88)
@@ -1613,7 +1631,7 @@ def _plottable(r, path: str) -> str | None:
     if "benchmarks" in r and "bench" not in r:
         return f"a pytest-benchmark result (its table: python -m pigeon.bench.summarize {path})"
     kind = r.get("bench")
-    if kind in ("idle", "presence", "link"):
+    if kind in ("idle", "presence", "link", "media"):
         return f"{'an' if kind == 'idle' else 'a'} {kind} result: nothing to plot"
     if kind not in ("throughput", "latency", "floor"):
         return "not a pigeon bench result (save one with --json)"
@@ -1664,7 +1682,8 @@ def report_command(opts) -> int:
 
 
 # Options each bench may have, checked before it starts: the least value, or > 0.
-_AT_LEAST = (("clients", 2), ("load_procs", 1), ("links", 1), ("window", 1), ("subscribers", 1))
+_AT_LEAST = (("clients", 2), ("load_procs", 1), ("links", 1), ("window", 1), ("subscribers", 1),
+             ("parallel", 1), ("size", 1))  # fmt: skip
 _POSITIVE = ("rate", "seconds", "stall_timeout", "drain_timeout")
 
 
@@ -1709,5 +1728,6 @@ def run(opts) -> int:
         or result.get("receipts_missing")
         or result.get("missing_pushes")
         or result.get("links_failed")
+        or (result.get("bench") == "media" and result.get("errors"))
     )
     return 1 if bad else 0

@@ -103,6 +103,8 @@ from pigeon.core.events import (
     SignedKey,
     Unblock,
     Unlink,
+    UploadGrant,
+    UploadRequest,
     Verify,
     normalize_link_code,
     signed_key_message,
@@ -283,7 +285,7 @@ def check_keepalive(interval: float | None, timeout: float) -> float | None:
 
 #: Server answers matched to a REQ waiter by their id.
 _ANSWERS = frozenset({PrivacySettings, DiscoverResult, Blocklist, LinkKey, DeviceList,
-                      KeysCount, KeyBundles})  # fmt: skip
+                      KeysCount, KeyBundles, UploadGrant})  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -1227,6 +1229,16 @@ class ClientAPI:
         """Ask the sender ``to`` to send message ``id`` again (this device could not
         decrypt it): a ``retry`` receipt, delivered from this device's address."""
         return await self.receipt(to, id, "retry", timeout)
+
+    async def request_upload(self, size: int, sha256: bytes, media_class: str = "document",
+                             timeout: float = 30.0):  # fmt: skip
+        """Ask for the right to upload ``size`` bytes of ciphertext whose SHA-256 is
+        ``sha256``: an ``UploadGrant`` (``url``, ``token``, ``ttl``); ServerError 420
+        (too big), 421 (daily quota) or 405/302 (rate) if refused.  ``send_media``
+        (pigeon.client.media) does the whole upload."""
+        rid = self.new_id()
+        return await self._request(REQ, rid, UploadRequest(rid, size, sha256, media_class),
+                                   timeout)  # fmt: skip
 
     async def blocklist(self, timeout: float = 30.0) -> tuple[str, ...]:
         """The users this account blocks, oldest block first."""

@@ -286,8 +286,42 @@ class Client(ClientAPI):
         if self.closed is None:
             self._finish(ConnectionLost("closed by the application"))
 
+    async def send_media(self, to: str, path: str, **kw):
+        """Encrypt the file at ``path``, upload it to the media service and send ``to``
+        a message whose body is its media payload; returns (ServerAck, Media).
+        ``progress(done, total)``, ``media_class``, ``mime``: see
+        pigeon.client.media.send_media (asyncio only: the upload uses aiohttp)."""
+        from .media import send_media
+
+        return await send_media(self, to, path, **kw)
+
+    async def forward_media(self, to: str, media, timeout: float | None = 30.0):
+        """Send ``media`` (a ``Media`` or the body it came in) on to ``to``: the same
+        link, key and token, no upload (the file is stored once)."""
+        from .media import Media
+
+        if isinstance(media, (bytes, bytearray, memoryview)):
+            media = Media.unpack(bytes(media))
+        return await self.send(to, media.pack(), type=class_of_media(media), timeout=timeout)
+
+    async def download(self, media, dest: str, **kw) -> str:
+        """Fetch, check and decrypt ``media`` (a ``Media`` or a message body) into
+        ``dest``; the chat connection's TLS context is used for an https URL."""
+        from .media import Media, download
+
+        if isinstance(media, (bytes, bytearray, memoryview)):
+            media = Media.unpack(bytes(media))
+        kw.setdefault("ssl", self.ssl)
+        return await download(media, dest, **kw)
+
     async def __aenter__(self):
         return self
 
     async def __aexit__(self, *exc):
         await self.close()
+
+
+def class_of_media(media) -> str:
+    from .media import class_of_mime
+
+    return class_of_mime(media.mime)

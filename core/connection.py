@@ -124,6 +124,8 @@ from .events import (
     ServerAck,
     Unblock,
     Unlink,
+    UploadGrant,
+    UploadRequest,
     Verify,
     valid_id,
 )
@@ -191,7 +193,7 @@ TRANSITIONS: dict[tuple[State, type[Event]], State] = {
                   PrivacySettings, Discover, DiscoverResult, Block, Unblock, BlocklistQuery,
                   Blocklist, Logout, DeleteAccount, Link, LinkKey, DevicesQuery, DeviceList,
                   DevicesChanged, Unlink, KeysUpload, KeysQuery, KeysCountQuery, KeysCount,
-                  KeyBundles, KeysLow, KeysChanged)},
+                  KeyBundles, KeysLow, KeysChanged, UploadRequest, UploadGrant)},
     **{(st, ev): st for st in _ANY_LIVE for ev in (Ping, Pong)},
 }  # fmt: skip
 

@@ -59,6 +59,9 @@ class ErrorCode(IntEnum):
     TOO_MANY = 406
     ID_REUSED = 407
     STALE_DEVICES = 408
+    # 42x: media uploads (docs/PROTOCOL.md 9b).
+    MEDIA_TOO_LARGE = 420
+    MEDIA_QUOTA = 421
     # 5xx: the server's side.
     INTERNAL = 500
     STORE_FULL = 501

@@ -1946,6 +1946,67 @@ class KeysChanged(Event):
         _check_uint(self, "seq", self.seq)
 
 
+MEDIA_CLASSES = frozenset({"image", "video", "audio", "document", "sticker"})
+
+
+@dataclass(frozen=True, slots=True)
+class UploadRequest(Event):
+    """Ask for the right to upload a media file: its ``size`` in bytes, the SHA-256
+    of its ciphertext (``sha256``, the content) and its ``media_class``."""
+
+    TAG: ClassVar[str] = "upload"
+    SENDER: ClassVar[str] = CLIENT
+    id: str
+    size: int
+    sha256: bytes
+    media_class: str
+
+    def to_node(self, N):
+        return N("upload", {"id": self.id, "size": str(self.size), "class": self.media_class},
+                 self.sha256)  # fmt: skip
+
+    @classmethod
+    def from_node(cls, node):
+        return _read(cls(_id(node), _uint(node, "size"), _bytes(node, size=32),
+                         _choice(node, "class", MEDIA_CLASSES)))  # fmt: skip
+
+    def check(self) -> None:
+        _check_id(self, "id", self.id)
+        _check_uint(self, "size", self.size)
+        _check_bytes(self, "sha256", self.sha256, 32)
+        _check_choice(self, "media_class", self.media_class, MEDIA_CLASSES)
+
+
+@dataclass(frozen=True, slots=True)
+class UploadGrant(Event):
+    """The answer to ``UploadRequest``: PUT the ciphertext to ``url`` with ``token``
+    (the content) in ``Authorization: Bearer``, within ``ttl`` seconds."""
+
+    TAG: ClassVar[str] = "upload"
+    SENDER: ClassVar[str] = SERVER
+    id: str
+    url: str
+    ttl: int
+    token: bytes
+
+    def to_node(self, N):
+        return N("upload", {"id": self.id, "url": self.url, "ttl": str(self.ttl)}, self.token)
+
+    @classmethod
+    def from_node(cls, node):
+        url = _attr(node, "url")
+        if not url.startswith(("http://", "https://")):
+            raise _bad(node, "'url' must be an http(s) URL")
+        return _read(cls(_id(node), url, _uint(node, "ttl"), _bytes(node, max_size=1024)))
+
+    def check(self) -> None:
+        _check_id(self, "id", self.id)
+        if not (isinstance(self.url, str) and self.url.startswith(("http://", "https://"))):
+            raise _wrong(self, "url", "an http(s) URL", self.url)
+        _check_uint(self, "ttl", self.ttl)
+        _check_bytes(self, "token", self.token, max_size=1024)
+
+
 _ALL = [
     Register, CodeSent, Verify, Registered, AuthStart, AuthChallenge, AuthResponse,
     AuthSuccess, Message, IncomingMessage, ServerAck, DeviceAck, Receipt, IncomingReceipt,
@@ -1954,6 +2015,7 @@ _ALL = [
     Logout, DeleteAccount, Error, Ping, Pong,
     Pair, PairCode, Link, LinkKey, DevicesQuery, DeviceList, DevicesChanged, Unlink,
     KeysUpload, KeysQuery, KeysCountQuery, KeysCount, KeyBundles, KeysLow, KeysChanged,
+    UploadRequest, UploadGrant,
 ]  # fmt: skip
 
 #: tag -> event class, for nodes a client sends (what a server receives)

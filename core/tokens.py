@@ -244,6 +244,16 @@ _HISTORY: list[tuple[int, tuple[str, ...], tuple[str, ...]]] = [
         ),
         (),
     ),
+    (
+        5,
+        (
+            # media by link: upload grants (docs/PROTOCOL.md 9b)
+            "upload",
+            "size",
+            "url",
+        ),
+        (),
+    ),
 ]
 
 

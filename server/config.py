@@ -543,6 +543,80 @@ OPTIONS: list[Option] = [
         _positive_float,
         "sliding window for keys-fetch-per-account, seconds",
     ),
+    Option(
+        "media_listen",
+        "127.0.0.1:7652",
+        _listen_or_off,
+        "the media service's HTTP listener (HTTPS with tls-cert when TLS is configured), "
+        "HOST:PORT or off",
+    ),
+    Option(
+        "media_url",
+        None,
+        _opt_str,
+        "the media service's base URL as clients reach it (e.g. https://media.example.com); "
+        "by default http(s)://media-listen",
+        "URL",
+    ),
+    Option(
+        "media_max_bytes", 100 << 20, _positive_int, "largest media upload, bytes (420 past it)"
+    ),
+    Option(
+        "media_ttl",
+        30 * 86400,
+        _positive_int,
+        "seconds a stored media file lives after its last upload; then it is purged",
+    ),
+    Option(
+        "media_partial_ttl",
+        86400,
+        _positive_int,
+        "seconds an unfinished upload is kept for a resume; then its partial file is deleted",
+    ),
+    Option(
+        "media_grant_ttl",
+        600,
+        _positive_int,
+        "seconds an upload grant (its token) stays valid, from when it is issued",
+    ),
+    Option(
+        "media_quota_bytes",
+        1 << 30,
+        _positive_int,
+        "upload bytes granted to one account per day (421 past it)",
+    ),
+    Option(
+        "media_quota_uploads",
+        500,
+        _positive_int,
+        "upload grants to one account per day (421 past it)",
+    ),
+    Option(
+        "media_transfers_per_ip",
+        16,
+        _positive_int,
+        "media requests in progress at once from one source address (429 past it)",
+    ),
+    Option(
+        "media_request_rate",
+        50.0,
+        _positive_float,
+        "media requests a second from one source address on average (429 past it)",
+    ),
+    Option(
+        "media_stall_timeout",
+        30.0,
+        _positive_float,
+        "seconds a media upload or download may make no progress; then it is cut (an "
+        "upload keeps what arrived, for a resume)",
+    ),
+    Option(
+        "media_loop",
+        "asyncio",
+        _choice("asyncio", "uvloop"),
+        "the media process's event loop: asyncio has loop.sendfile (downloads by "
+        "sendfile(2)); uvloop does not, and copies through user space",
+    ),
     Option("log_level", "info", _choice("debug", "info", "warning", "error"), "log level"),
     Option(
         "log_format",
@@ -684,12 +758,31 @@ GROUPS: list[Group] = [
         "the metrics listener and the control socket of pigeon admin",
         ("metrics_connections", "metrics_timeout", "control_connections", "control_timeout"),
     ),
+    Group(
+        "media",
+        "the HTTP media service: encrypted files uploaded by link, its limits and expiry",
+        (
+            "media_listen",
+            "media_url",
+            "media_max_bytes",
+            "media_ttl",
+            "media_partial_ttl",
+            "media_grant_ttl",
+            "media_quota_bytes",
+            "media_quota_uploads",
+            "media_transfers_per_ip",
+            "media_request_rate",
+            "media_stall_timeout",
+            "media_loop",
+        ),
+    ),  # fmt: skip
     Group("logging", "what is logged, and how", ("log_level", "log_format", "client_log_lines")),
 ]
 
 _SECONDS = ("_timeout", "_window", "_interval", "_age", "_ttl", "_delay", "_expiry")
 _BYTES = ("max_frame", "login_max_frame", "map_size", "queue_max_bytes", "write_buffer_high",
-          "write_buffer_low", "commit_max_bytes", "bus_buffer_high", "bus_buffer_low")  # fmt: skip
+          "write_buffer_low", "commit_max_bytes", "bus_buffer_high", "bus_buffer_low", "media_max_bytes",
+          "media_quota_bytes")  # fmt: skip
 
 
 def _metavar(o: Option) -> str:

@@ -60,12 +60,15 @@ from pigeon.core.events import (
     ServerAck,
     Unblock,
     Unlink,
+    UploadGrant,
+    UploadRequest,
     Verify,
 )
 from pigeon.core.node import address_kind
 
-from . import keydir, linking, log
+from . import keydir, linking, log, mediagrant
 from .accounts import ServiceError
+from .limits import window_take, window_used
 
 logger = logging.getLogger("pigeon.worker")
 
@@ -74,7 +77,8 @@ HOT_MESSAGE, HOT_ACK = 1, 3  # Hot.kind (2 is a receipt)
 
 #: Requests that draw on a connection's message-rate bucket (typing has its own).
 RATED = frozenset({Message, Receipt, Presence, Privacy, Discover, Block, Unblock, BlocklistQuery,
-                   Link, DevicesQuery, Unlink, KeysUpload, KeysQuery, KeysCountQuery})  # fmt: skip
+                   Link, DevicesQuery, Unlink, KeysUpload, KeysQuery, KeysCountQuery,
+                   UploadRequest})  # fmt: skip
 
 
 def handle(s, ev) -> None:
@@ -185,6 +189,70 @@ def unblock(s, ev: Unblock) -> None:
 
 def blocklist(s, ev: BlocklistQuery) -> None:
     s.send(Blocklist(ev.id, tuple(s.worker.social.blocklist(s.user))))
+
+
+# -- media uploads (PROTOCOL.md 9b, server/media.py) ------------------------------
+
+MEDIA_DAY_MS = 86_400_000
+_media_keys: dict[str, bytes] = {}
+
+
+def media_base(c) -> str:
+    """The media service's URL as clients reach it (media-url, or from media-listen)."""
+    if c.media_url:
+        return c.media_url.rstrip("/")
+    return f"{'https' if c.tls_enabled else 'http'}://{c.media_listen}"
+
+
+def upload(s, ev: UploadRequest) -> None:
+    """Grant an upload: checked against media-max-bytes and the account's daily
+    quotas (both counted in the tick's commit, so a grant counts whether or not
+    the upload follows), answered with the token and the URL."""
+    w = s.worker
+    c = w.config
+    user = s.user
+    if c.media_listen == "off":
+        s.send(Error(ErrorCode.UNAVAILABLE, "this server runs no media service", ev.id))
+        return
+    if not 0 < ev.size <= c.media_max_bytes:
+        s.send(
+            Error(
+                ErrorCode.MEDIA_TOO_LARGE,
+                f"media must be 1 to {c.media_max_bytes} bytes (media-max-bytes)",
+                ev.id,
+            )
+        )
+        return  # fmt: skip
+    key = _media_keys.get(c.data_dir)
+    if key is None:
+        key = _media_keys[c.data_dir] = mediagrant.load_key(c.data_dir)
+
+    def run(txn, now):
+        w.store.check_room(txn)
+        db = w.store._db["limits"]
+        nkey, bkey = f"media-n:{user}".encode(), f"media-b:{user}".encode()
+        # both checked before either is written: a refusal writes nothing
+        _, count = window_used(txn, db, nkey, now, MEDIA_DAY_MS)
+        _, used = window_used(txn, db, bkey, now, MEDIA_DAY_MS)
+        if count >= c.media_quota_uploads:
+            raise ServiceError(ErrorCode.MEDIA_QUOTA, f"daily upload count reached "
+                               f"({c.media_quota_uploads}, media-quota-uploads)")  # fmt: skip
+        if used + ev.size > c.media_quota_bytes:
+            raise ServiceError(ErrorCode.MEDIA_QUOTA, f"daily upload bytes reached "
+                               f"({c.media_quota_bytes}, media-quota-bytes; "
+                               f"{max(0, c.media_quota_bytes - used)} left)")  # fmt: skip
+        window_take(txn, db, nkey, now, MEDIA_DAY_MS, c.media_quota_uploads)
+        window_take(txn, db, bkey, now, MEDIA_DAY_MS, c.media_quota_bytes, ev.size)
+        return now
+
+    def answer(now) -> None:
+        grant = mediagrant.Grant(user, ev.size, ev.sha256, ev.media_class,
+                                 now + c.media_grant_ttl * 1000)  # fmt: skip
+        token = mediagrant.issue(key, grant)
+        url = f"{media_base(c)}/v1/upload/{ev.sha256.hex()}"
+        s.send(UploadGrant(ev.id, url, c.media_grant_ttl, token))
+
+    w.write(run, answer, s, ev.id)
 
 
 # -- the connection's end -------------------------------------------------------
@@ -392,6 +460,7 @@ HANDLERS = {
     KeysUpload: keydir.upload,
     KeysQuery: keydir.query,
     KeysCountQuery: keydir.count,
+    UploadRequest: upload,
     Error: peer_error,
     ConnectionClosed: closed,
 }

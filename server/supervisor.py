@@ -32,6 +32,13 @@ accepting, tell clients 503, let output go) and the supervisor exits 0.
 Under systemd (Type=notify) the supervisor also sends READY=1 when it
 prints that line and STOPPING=1 when it starts draining.
 
+The media service (server/media.py) runs beside the workers when
+media-listen is not off: one more process of each generation (index
+``count``, ``WorkerProc.media``), started with the same pipes, restarted,
+drained and reloaded exactly like a worker, and left out of the workers'
+metrics (it has its own on its listener).  Its HMAC key, ``media.key``, is
+made by ``preflight`` at the first start, before any process that reads it.
+
 Reload (SIGHUP, what `systemctl reload` and rc.d's `reload` send): the
 configuration file is read again (command-line flags still win) and
 checked; if it is bad, or data-dir or metrics-listen would change, the
@@ -65,7 +72,7 @@ import orjson
 from pigeon.core import codec as core_codec
 
 from . import control as control_mod
-from . import log
+from . import log, mediagrant
 from . import metrics as metrics_mod
 from . import worker as worker_mod
 from .bus import kick_record
@@ -108,7 +115,18 @@ def worker_env() -> dict:
 
 
 def _listen_addrs(config) -> list[str]:
-    return [config.listen] + ([config.tls_listen] if config.tls_enabled else [])
+    media = [config.media_listen] if config.media_listen != "off" else []
+    return [config.listen] + ([config.tls_listen] if config.tls_enabled else []) + media
+
+
+def generation(gen: int, count: int, config) -> list[WorkerProc]:
+    """One generation's processes: ``count`` workers, then the media service (if
+    media-listen is not off), index ``count``, run, restarted, reloaded and
+    drained like a worker."""
+    procs = [WorkerProc(i, gen, count, config) for i in range(count)]
+    if config.media_listen != "off":
+        procs.append(WorkerProc(count, gen, count, config, media=True))
+    return procs
 
 
 def size_open_files(config) -> int | None:
@@ -144,6 +162,9 @@ def banner(config, workers: int) -> list[str]:
         f"serving on {config.listen}{tls} with {workers} workers "
         f"(codec {core_codec.IMPLEMENTATION}, data in {data})"
     ]
+    if config.media_listen != "off":
+        scheme = "https" if config.tls_enabled else "http"
+        lines.append(f"media on {scheme}://{config.media_listen}/v1/")
     if config.metrics_listen != "off":
         where = f"http://{config.metrics_listen}"
         lines.append(f"metrics on {where}/metrics, health on {where}/health")
@@ -173,7 +194,9 @@ def check_port_free(hostport: str) -> None:
 
 
 class WorkerProc:
-    def __init__(self, index: int, gen: int = 0, count: int = 1, config=None):
+    def __init__(self, index: int, gen: int = 0, count: int = 1, config=None,
+                 media: bool = False):  # fmt: skip
+        self.media = media  # the media service (server/media.py), not a chat worker
         self.index = index
         self.gen = gen
         self.count = count  # the size of its generation
@@ -201,7 +224,7 @@ class Supervisor:
         self.overrides = overrides or {}
         self.count = config.worker_count
         self.gen = 0
-        self.workers = [WorkerProc(i, 0, self.count, config) for i in range(self.count)]
+        self.workers = generation(0, self.count, config)
         self.incoming: list[WorkerProc] = []  # a reload's new generation, starting
         self.ready_due: float | None = None  # a reload's READY=1 waits for old listeners to close
         self.ready_gen = 0
@@ -258,9 +281,16 @@ class Supervisor:
                   writemap=c.store_writemap).close()  # fmt: skip
         except StoreError as exc:
             raise StartupError(str(exc)) from None
-        listeners = [("listen", c.listen)] + (
-            [("tls-listen", c.tls_listen)] if c.tls_enabled else []
+        listeners = (
+            [("listen", c.listen)]
+            + ([("tls-listen", c.tls_listen)] if c.tls_enabled else [])
+            + ([("media-listen", c.media_listen)] if c.media_listen != "off" else [])
         )
+        if not reload:
+            try:  # the upload grants' HMAC key (server/mediagrant.py), 0600, made once
+                mediagrant.load_key(c.data_dir, create=True)
+            except (OSError, ValueError) as exc:
+                raise StartupError(f"cannot make or read the media key: {exc}") from None
         if c.metrics_listen != "off" and not reload:
             host, _, port = c.metrics_listen.rpartition(":")
             host = host.strip("[]")
@@ -313,7 +343,7 @@ class Supervisor:
         status_r, status_w = os.pipe()
         config_r, config_w = os.pipe()
         cmd = [
-            sys.executable, "-P", "-m", "pigeon.server.worker",
+            sys.executable, "-P", "-m", "pigeon.server.media" if w.media else "pigeon.server.worker",
             "--index", str(w.index), "--count", str(w.count), "--gen", str(w.gen),
             "--run-dir", self.run_dir, "--config-fd", str(config_r),
             "--parent-fd", str(self.death_r), "--status-fd", str(status_w),
@@ -636,7 +666,7 @@ class Supervisor:
             return
         self.gen += 1
         count = new.worker_count
-        self.incoming = [WorkerProc(i, self.gen, count, new) for i in range(count)]
+        self.incoming = generation(self.gen, count, new)
         self.reload_started = time.monotonic()
         log.event(logger, logging.INFO, "reload: starting new workers", gen=self.gen,
                   workers=count, config=self.config_path)  # fmt: skip
@@ -722,7 +752,7 @@ class Supervisor:
         pids = {}
         for w in self.workers + self.incoming + self.retiring:
             proc = w.proc  # read once: the main thread may clear it meanwhile
-            if proc is not None:
+            if proc is not None and not w.media:
                 pids[w.wid] = proc.pid
         return pids
 
@@ -741,7 +771,7 @@ class Supervisor:
         each worker's process is read once, as in worker_pids.
         """
         now = time.monotonic()
-        rows = []
+        rows, media = [], []
         for role, group in (("serving", self.workers), ("incoming", self.incoming),
                             ("retiring", self.retiring)):  # fmt: skip
             for w in list(group):
@@ -752,7 +782,7 @@ class Supervisor:
                     state = "draining"
                 else:
                     state = "ready" if w.ready else "starting"
-                rows.append({
+                (media if w.media else rows).append({
                     "id": w.wid, "index": w.index, "generation": w.gen,
                     "pid": proc.pid if proc is not None else None, "state": state,
                     "uptime_s": round(now - w.started, 3) if proc is not None else None,
@@ -768,10 +798,12 @@ class Supervisor:
             "reloading": bool(self.incoming),
             "workers_configured": self.count,
             "workers": rows,
+            "media": media,  # the media service's process(es): rows like the workers'
             "listeners": {
                 "chat": c.listen,
                 "tls": c.tls_listen if c.tls_enabled else None,
                 "metrics": c.metrics_listen,
+                "media": c.media_listen,
                 "control": os.path.abspath(control_mod.socket_path(c.data_dir)),
             },
             "data_dir": os.path.abspath(c.data_dir),

@@ -649,8 +649,11 @@ class Worker:
         if total:
             log.event(logger, logging.INFO, "expired queue entries purged", entries=total)
         c = self.config
+        # the longest window of any limit (with the media service on, a day: its daily
+        # quotas, server/handlers.py)
+        media_day = 86_400 if c.media_listen != "off" else 0
         longest = int(1000 * max(c.register_window, c.login_window, c.new_chats_window,
-                                 c.discover_window))  # fmt: skip
+                                 c.discover_window, media_day))  # fmt: skip
         where, swept = (b"", b""), 0
         while True:
             try:

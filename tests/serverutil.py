@@ -42,12 +42,14 @@ class Server:
         command: list[str] | None = None,
         env: dict | None = None,
         umask: int | None = None,
+        media: bool = False,
         **options,
     ):
         """``cwd``, ``env`` (added to ours), ``umask``, ``open_files`` (the RLIMIT_NOFILE,
         soft and hard alike or a (soft, hard) pair): how the server process starts;
         ``command``: what runs instead of ``python -m pigeon.tools.cli`` (e.g. the
-        installed ``pigeon`` script)."""
+        installed ``pigeon`` script); ``media``: run the media service too (on a
+        free port, ``media_url``; off by default)."""
         self.config_file = config_file
         self.cwd = cwd
         self.command = command or [sys.executable, "-m", "pigeon.tools.cli"]
@@ -57,8 +59,10 @@ class Server:
         self.data_dir = data_dir
         self.port = free_port()
         self.workers = workers
+        self.media_port = free_port() if media else None
         self.options = {
-            "login_timeout": 10, "idle_timeout": 60, "metrics_listen": "off", **options,
+            "login_timeout": 10, "idle_timeout": 60, "metrics_listen": "off",
+            "media_listen": f"127.0.0.1:{self.media_port}" if media else "off", **options,
         }  # fmt: skip
         self.tls_port = self.cert = None
         if tls:
@@ -125,6 +129,12 @@ class Server:
         sel.close()
         self.stop(sig=signal.SIGKILL)
         raise RuntimeError(f"server did not become ready; log: {self.log_text()[-2000:]}")
+
+    @property
+    def media_url(self) -> str:
+        """The media service's base URL (https when the server has TLS)."""
+        scheme = "https" if self.tls_port else "http"
+        return f"{scheme}://127.0.0.1:{self.media_port}"
 
     def advance_clock(self, seconds: float) -> None:
         """Move the server's clock (every worker's) forward."""

@@ -404,7 +404,8 @@ def test_a_control_socket_that_cannot_be_made_is_a_startup_error(tmp_path):
     (data / "control.sock").mkdir(parents=True)  # in the way, and not ours to remove
     proc = subprocess.run(
         [sys.executable, "-m", "pigeon.tools.cli", "serve", "--listen", f"127.0.0.1:{free_port()}",
-         "--metrics-listen", "off", "--data-dir", str(data), "--map-size", str(64 << 20)],
+         "--metrics-listen", "off", "--media-listen", "off", "--data-dir", str(data),
+         "--map-size", str(64 << 20)],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert proc.returncode == 1, proc.stderr
@@ -636,8 +637,9 @@ def test_status_endpoint_and_admin_status(tmp_path):
             assert 0 < doc["store"]["used_bytes"] <= doc["store"]["map_bytes"]
             assert doc["listeners"] == {
                 "chat": f"127.0.0.1:{srv.port}", "tls": None, "metrics": f"127.0.0.1:{mport}",
-                "control": str(srv.data_dir / "control.sock"),
+                "control": str(srv.data_dir / "control.sock"), "media": "off",
             }  # fmt: skip
+            assert doc["media"] == []
             assert doc["data_dir"] == str(srv.data_dir)
             await until(lambda: get_status(mport)["totals"]["messages_in"] == 1, timeout=15)
             assert get_status(mport)["totals"]["logins"] == 1

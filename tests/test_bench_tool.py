@@ -267,6 +267,22 @@ def test_link_json_counts_every_link():
     assert r["machine"]["cores"] >= 1
 
 
+def test_media_json_moves_every_byte():
+    """3 devices upload and download a 300 KiB file each (2 workers, the media process):
+    the figures the issue names are there, no errors, and curl's baseline beside them."""
+    proc = pigeon("bench", "media", "--size", "300KiB", "--parallel", "3", "--workers", "2",
+                  "--json")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1
+    r = orjson.loads(lines[0])
+    assert (r["bench"], r["size_bytes"], r["parallel"], r["errors"]) == ("media", 307200, 3, {})
+    assert r["upload_mb_per_s"] > 0 and r["download_mb_per_s"] > 0
+    assert r["server_cpu_s_per_gb"] >= 0
+    if "baseline" in r:  # curl is installed
+        assert r["baseline"]["bytes"] == r["download_curl"]["bytes"] == 3 * 307200
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -275,10 +291,11 @@ def test_link_json_counts_every_link():
         (["--target", "127.0.0.1:7650", "--server-pid", "1"], "--target needs --creds"),
         (["link", "--links", "0"], "--links must be at least 1"),
         (["link", "--window", "0"], "--window must be at least 1"),
+        (["media", "--parallel", "0"], "--parallel must be at least 1"),
     ],
 )
 def test_bench_usage_errors(capsys, args, message):
-    bench = [] if args[0] == "link" else ["throughput"]
+    bench = [] if args[0] in ("link", "media") else ["throughput"]
     assert main(["bench", *bench, *args]) == 2
     assert message in capsys.readouterr().err
 

@@ -657,3 +657,40 @@ def test_verify_shows_the_same_safety_number_on_both_sides(server, tmp_path):
             if c.proc.poll() is None:
                 c.proc.kill()
                 c.proc.wait(5)
+
+
+def test_send_a_file_and_the_recipient_saves_it(tmp_path):
+    """/send FILE: a progress line, the ✓; the recipient's terminal saves it into
+    --media-dir, decrypted, under the sender's file name."""
+    srv = Server(tmp_path / "data", workers=2, media=True).start()
+    try:
+        alice_profile = register(srv, tmp_path, ALICE)
+        bob_profile = register(srv, tmp_path, BOB)
+        inbox = tmp_path / "inbox"
+        alice = Chat(srv, alice_profile)
+        bob = Chat(srv, bob_profile, "--media-dir", str(inbox))
+        try:
+            alice.expect(f"logged in as {ALICE}:0")
+            bob.expect(f"logged in as {BOB}:0")
+            doc = tmp_path / "report.pdf"
+            doc.write_bytes(os.urandom(300_000))
+            alice.type(f"/to {BOB}")
+            alice.type(f"/send {doc}")
+            alice.expect(f"-> {BOB}: sending report.pdf (293.0 KiB)")
+            assert "100%" in alice.expect("report.pdf: 100%")
+            alice.expect("✓ ")
+            assert "[document: report.pdf, 293.0 KiB] saving" in bob.expect("<- " + ALICE)
+            bob.expect(f"saved {inbox / 'report.pdf'}")
+            assert (inbox / "report.pdf").read_bytes() == doc.read_bytes()
+            alice.type("/send /no/such/file")
+            alice.expect("no such file")
+            alice.type("/quit")
+            bob.type("/quit")
+            assert alice.finish() == 0 and bob.finish() == 0
+        finally:
+            for c in (alice, bob):
+                if c.proc.poll() is None:
+                    c.proc.kill()
+                    c.proc.wait(5)
+    finally:
+        assert srv.stop() == 0

@@ -58,6 +58,8 @@ from pigeon.core.events import (
     SignedKey,
     Unblock,
     Unlink,
+    UploadGrant,
+    UploadRequest,
     Verify,
 )
 from pigeon.core.tokens import DICTIONARIES, LATEST_VERSION, Dictionary
@@ -117,6 +119,8 @@ SAMPLES = [
     DeviceList("d1", ALICE, (DeviceInfo(ALICE_DEV, 1, b"k" * 32),
                              DeviceInfo(ALICE + ":3", 2, b"k" * 32, "desktop", b"s" * 64))),
     Unlink("u1", ALICE + ":3"),
+    UploadRequest("m1", 2_000_016, bytes(32), "image"),
+    UploadGrant("m1", "https://media.example.com/v1/upload/" + "ab" * 32, 600, bytes(69)),
     ServerAck("l1", 1763830000123, "link", ALICE + ":3"),
     # multi-device (issue 15)
     DevicesChanged(ALICE, 1763830000123, 9),

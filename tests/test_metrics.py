@@ -85,7 +85,8 @@ def test_health_flips_during_startup_and_shutdown(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "pigeon.tools.cli", "serve", "--workers", "2",
          "--listen", f"127.0.0.1:{port}", "--metrics-listen", f"127.0.0.1:{mport}",
-         "--data-dir", str(tmp_path / "data"), "--map-size", str(64 << 20)],
+         "--media-listen", "off", "--data-dir", str(tmp_path / "data"),
+         "--map-size", str(64 << 20)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     try:
@@ -123,7 +124,7 @@ def test_a_busy_metrics_port_is_a_clear_startup_error(tmp_path):
         proc = subprocess.run(
             [sys.executable, "-m", "pigeon.tools.cli", "serve", "--listen",
              f"127.0.0.1:{free_port()}", "--metrics-listen", f"127.0.0.1:{mport}",
-             "--data-dir", str(tmp_path / "data")],
+             "--media-listen", "off", "--data-dir", str(tmp_path / "data")],
             capture_output=True, text=True, timeout=60,
         )  # fmt: skip
     assert proc.returncode == 1

@@ -19,9 +19,9 @@ What is changed from the README's text, and why (nothing else is):
   command's ``pip install .`` makes.  The setup half of the two commands
   (venv, pip) is not run here: the suite runs inside what it made, and
   ``.ci/run`` runs the second command itself.
-- The listeners: the defaults (127.0.0.1:7650, metrics 7659) may be taken
-  on a shared machine, so ``serve`` gets ``--listen`` and
-  ``--metrics-listen`` on free loopback ports and ``chat`` gets
+- The listeners: the defaults (127.0.0.1:7650, metrics 7659, media 7652)
+  may be taken on a shared machine, so ``serve`` gets ``--listen``,
+  ``--metrics-listen`` and ``--media-listen`` on free loopback ports and ``chat`` gets
   ``--server`` with that port.
 - ``provision --count 1000`` provisions 5 accounts (the same command
   otherwise; 1,000 PBKDF2 derivations are only slower, not different), and
@@ -116,7 +116,8 @@ class ServeFromReadme:
         self.port = free_port()
         self.metrics = f"127.0.0.1:{free_port()}"
         self.argv = [*pigeon_argv(argv), "--listen", f"127.0.0.1:{self.port}",
-                     "--metrics-listen", self.metrics]  # fmt: skip
+                     "--metrics-listen", self.metrics,
+                     "--media-listen", f"127.0.0.1:{free_port()}"]  # fmt: skip
         self.cwd = cwd
         self.log = open(cwd / "serve.log", "wb")  # noqa: SIM115 (closed in stop)
         self.proc = subprocess.Popen(self.argv, cwd=cwd, stdout=self.log, stderr=self.log,

@@ -83,6 +83,8 @@ from pigeon.core.events import (
     SignedKey,
     Unblock,
     Unlink,
+    UploadGrant,
+    UploadRequest,
     Verify,
 )
 
@@ -203,6 +205,11 @@ BAD = [
     (DevicesQuery("d1", ALICE_DEV), "user"),
     (DeviceList("d1", ALICE, (DeviceInfo(ALICE, 1, b"k" * 32),)), "items[0].device"),
     (Unlink("u1", ALICE), "device"),
+    (UploadRequest("m1", -1, bytes(32), "image"), "size"),
+    (UploadRequest("m1", 10, bytes(31), "image"), "sha256"),
+    (UploadRequest("m1", 10, bytes(32), "photo"), "media_class"),
+    (UploadGrant("m1", "ftp://x/y", 600, b"t"), "url"),
+    (UploadGrant("m1", "https://x/y", 600, bytes(1025)), "token"),
     (ServerAck("l1", 1, "link", ALICE), "device"),
     # the key directory (issue 16)
     (KeysUpload("k1", b"c" * 31, b"e" * 32), "curve25519"),

@@ -573,7 +573,10 @@ def _print_status(doc: dict, metrics: str) -> None:
         print("queues: (the store could not be read)")
     ls = doc["listeners"]
     print(f"listeners: chat {ls['chat']}; TLS {ls['tls'] or 'off'}; metrics {ls['metrics']}; "
-          f"control {ls['control']}")  # fmt: skip
+          f"control {ls['control']}; media {ls.get('media', 'off')}")  # fmt: skip
+    for m in doc.get("media") or ():
+        print(f"media process: pid {m['pid']}, {m['state']}, generation {m['generation']}, "
+              f"restarts {m['restarts']}")  # fmt: skip
 
 
 # -- the parsers --------------------------------------------------------------------------

@@ -26,6 +26,8 @@ sent:
     /link CODE     link a new device (the primary only): CODE is the text under
                    its QR code (PGN1,...) or its 8-character code (ABCD-2345)
     /devices       this account's devices: number, name, when linked
+    /send FILE     send a file: encrypted, uploaded to the media service, linked
+                   in the message (received ones are saved into --media-dir)
     /unlink N      unlink device number N (the primary: any companion; a
                    companion: itself)
     /verify PHONE  the safety number with PHONE (60 digits) and its QR text:
@@ -119,6 +121,10 @@ from pigeon.core.node import valid_phone
 DEFAULT_PROFILE = os.path.join(
     os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config"), "pigeon", "chat.json"
 )
+#: Where received media files are saved (--media-dir).
+DEFAULT_MEDIA_DIR = os.path.join(
+    os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share"), "pigeon", "media"
+)
 #: Wrong codes tried before giving up: the server's default ``code-attempts``
 #: (it does not say how many are left; past its limit every try fails).
 CODE_TRIES = 5
@@ -134,6 +140,7 @@ COMMANDS = """commands (run here, never sent):
   /devices     this account's devices (number, name, when linked)
   /unlink N    unlink device number N (see /devices)
   /verify PHONE  the safety number with PHONE: compare it with theirs
+  /send FILE   send a file (encrypted, uploaded to the media service) to the prompt's number
   //text       send "/text" (a line starting with one '/' is a command)
   /help        this list
   /quit, /q    leave (so does Ctrl-D)
@@ -505,6 +512,42 @@ async def link(args) -> int:
 # -- chat ----------------------------------------------------------------------------------
 
 
+MEDIA_TYPES = frozenset({"image", "video", "audio", "document", "sticker"})
+
+
+def _media_of(ev):
+    """The Media a message carries, or None (a text, or a body that is not one)."""
+    if ev.type not in MEDIA_TYPES:
+        return None
+    from pigeon.client.media import Media, MediaError
+
+    try:
+        return Media.unpack(ev.body)
+    except MediaError:
+        return None
+
+
+def _size(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB"):
+        if n < 1024 or unit == "MiB":
+            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _free_name(folder: str, name: str) -> str:
+    """A path in ``folder`` for ``name`` (its last part only, printable) that does not
+    exist yet: ``photo.png``, then ``photo-1.png``..."""
+    base = "".join(c for c in os.path.basename(name) if c.isprintable() and c not in "/\\")
+    base = base.lstrip(".") or "media"
+    stem, ext = os.path.splitext(base)
+    for i in range(10_000):
+        path = os.path.join(folder, base if i == 0 else f"{stem}-{i}{ext}")
+        if not os.path.exists(path):
+            return path
+    raise OSError(f"no free name for {base} in {folder}")
+
+
 def _user(address: str) -> str:
     return address.partition(":")[0]
 
@@ -535,6 +578,7 @@ class Chat:
         self.lines = _lines(self.prompt)
         self._save_failed = False
         self.unlinked_self = False  # /unlink of this very device: the server closes then
+        self.media_dir = DEFAULT_MEDIA_DIR  # where received files go (--media-dir)
 
     def prompt(self) -> str:
         return f"{self.target}> " if self.target else "> "
@@ -572,8 +616,14 @@ class Chat:
             if isinstance(ev, (IncomingMessage, DecryptedMessage)):
                 who = _user(ev.sender)
                 when = time.strftime("%H:%M", time.localtime(ev.t / 1000))
-                text = _printable(ev.body.decode("utf-8", "replace"))
-                _out(f"<- {who} [{when}]: {text}")
+                media = _media_of(ev)
+                if media is not None:
+                    _out(f"<- {who} [{when}]: [{ev.type}: {_printable(media.name or media.id)}, "
+                         f"{_size(media.size)}] saving…")  # fmt: skip
+                    self.spawn(self.save_media(media))
+                else:
+                    text = _printable(ev.body.decode("utf-8", "replace"))
+                    _out(f"<- {who} [{when}]: {text}")
                 await self.client.ack(ev.seq)
                 self.spawn(self._read_receipt(who, ev.id))
             elif isinstance(ev, IncomingReceipt):
@@ -626,7 +676,53 @@ class Chat:
         except (ServerError, ConnectionLost):
             pass  # the sender went away, or so did we: nothing to tell
 
+    async def save_media(self, media) -> None:
+        from pigeon.client.media import MediaError
+
+        folder = self.media_dir
+        try:
+            os.makedirs(folder, mode=0o700, exist_ok=True)
+            dest = _free_name(folder, media.name or media.id)
+            await self.client.download(media, dest)
+        except (MediaError, OSError) as exc:
+            _out(f"!! could not save {media.name or media.id}: {exc}")
+            return
+        _out(f"   saved {dest}")
+
     # -- outgoing --------------------------------------------------------------------
+
+    async def send_file(self, to: str, path: str) -> None:
+        from tqdm import tqdm
+
+        from pigeon.client.media import MediaError
+
+        path = os.path.expanduser(path)
+        if not os.path.isfile(path):
+            _out(f"!! no such file: {path}")
+            return
+        name = os.path.basename(path)
+        start, shown = time.monotonic(), [-1]
+
+        def progress(done: int, total: int) -> None:
+            step = done * 4 // max(total, 1)  # a line at 25, 50, 75 and 100 %
+            if step > shown[0]:
+                shown[0] = step
+                meter = tqdm.format_meter(done, total, time.monotonic() - start, unit="B",
+                                          unit_scale=True, ascii=True, ncols=60)  # fmt: skip
+                _out(f"   {name}: {meter}")
+
+        _out(f"-> {to}: sending {name} ({_size(os.path.getsize(path))})")
+        try:
+            ack, media = await self.client.send_media(to, path, progress=progress)
+        except (ServerError, MediaError, ConnectionLost, OSError) as exc:
+            code = f"{exc.code} {exc.text}" if isinstance(exc, ServerError) else str(exc)
+            _out(f"!! {name} not sent: {code}")
+            return
+        self.pending[ack.id] = [to, "✓"]
+        _out(f"   ✓ {ack.id} ({media.mime})")
+        if to == self.target:
+            self.peer = to
+        self.save()
 
     async def send(self, to: str, text: str) -> None:
         mid = self.client.new_id()
@@ -713,6 +809,13 @@ class Chat:
                 self.spawn(self.verify(arg))
             else:
                 _out("!! /verify PHONE: PHONE is a number (8-15 digits, no '+')")
+        elif word == "send":
+            if not arg:
+                _out("!! /send FILE: the path of the file to send")
+            elif self.target is None:
+                _out("!! who to? '/to PHONE' first")
+            else:
+                self.spawn(self.send_file(self.target, arg))
         elif word == "unlink":
             if arg.isdigit():
                 self.spawn(self.unlink(f"{_user(self.client.device or '')}:{int(arg)}"))
@@ -858,6 +961,7 @@ async def chat(args) -> int:
         raise ChatError(_ended(exc)) from None
     with _terminal():
         session = Chat(client, profile, args.profile)
+        session.media_dir = os.path.expanduser(args.media_dir)
         client.on_disconnect, client.on_reconnect = session.offline, session.online
         _out(f"logged in as {creds.device} on {args.server}; /help lists the commands")
         loop = asyncio.get_running_loop()
@@ -915,6 +1019,8 @@ def add_parser(sub) -> None:
     p.add_argument("--plaintext", action="store_true",
                    help="send bodies unencrypted (protocol tests and benchmarks only; "
                    "the default is end-to-end encryption)")  # fmt: skip
+    p.add_argument("--media-dir", default=DEFAULT_MEDIA_DIR,
+                   help=f"where received files are saved (default: {DEFAULT_MEDIA_DIR})")  # fmt: skip
     p.add_argument(
         "--timeout",
         type=float,

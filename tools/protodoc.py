@@ -76,6 +76,8 @@ from pigeon.core.events import (
     SignedKey,
     Unblock,
     Unlink,
+    UploadGrant,
+    UploadRequest,
     Verify,
     signed_key_message,
 )
@@ -170,6 +172,9 @@ SCRAM_NOTES = {
     "server-final-message": "content of `success`: `v=` ServerSignature",
 }
 
+#: SHA-256 of a ciphertext, for the media examples
+MEDIA_SHA = bytes.fromhex("9f2c6b0e51d84a7389e1c4f06b2d7a5e3c8f91b04d6e2a7c15b9f3e80d4a6c21")
+
 EXAMPLES = {
     "register": Register("r1", ALICE),
     "code": CodeSent("r1", 300),
@@ -263,6 +268,10 @@ EXAMPLES = {
     "receipt-retry-in": IncomingReceipt(BOB + ":0", "3eb0c1f2a4d5e6f7", "retry", T + 400, 12),
     "error-pair-expired": Error(ErrorCode.PAIR_EXPIRED, "the pairing code has expired; ask again",
                                 "p1"),
+    "upload-out": UploadRequest("m1", 2_000_016, MEDIA_SHA, "image"),
+    "upload-in": UploadGrant("m1", "https://media.example.com/v1/upload/" + MEDIA_SHA.hex(), 600,
+                             bytes(range(69))),
+    "error-media-quota": Error(ErrorCode.MEDIA_QUOTA, "daily upload bytes reached", "m1"),
 }  # fmt: skip
 
 

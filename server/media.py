@@ -1,0 +1,579 @@
+"""The media service: encrypted files uploaded by link, an aiohttp application.
+
+Theory of operation.  A client never sends a file through the chat
+connection.  It encrypts the file with a fresh key, asks the chat server
+for an upload (``<upload>``, docs/PROTOCOL.md section 9b), gets a grant
+bound to its account and the ciphertext's size and SHA-256
+(server/mediagrant.py), and PUTs the ciphertext here with the grant in the
+``Authorization`` header.  When the last byte is in and the hash matches,
+the file is renamed into place under its hash and the client gets the
+media id (the hex hash), the download path and a download token; it sends
+all three, with the key, inside the end-to-end encrypted message.  The
+recipient GETs the file with that token, checks the hash and decrypts.
+This process sees ciphertext only and never a key.
+
+HTTP API (all bodies of refusals are JSON ``{"error": ..., "limit": ...}``):
+
+* ``HEAD /v1/upload/{sha256}`` (grant): ``Upload-Offset`` is how many bytes
+  of this upload the server holds (the whole size once it is stored).
+* ``PUT /v1/upload/{sha256}`` (grant), ``Content-Range: bytes S-E/TOTAL``
+  optional for the first part: appends from S, which must be the offset
+  the server holds (416 with ``offset`` otherwise).  201 with ``{"id",
+  "path", "token", "size"}`` when the file is complete and checked; 202
+  with ``offset`` when a part was stored but more is due; 422 (and the
+  partial file deleted) when the hash or size does not match.
+* ``GET /v1/media/{sha256}`` (download token): the ciphertext, with Range
+  requests (206) answered by aiohttp's FileResponse; HEAD alike.
+* ``GET /v1/health``: ``{"status": "ready"|"draining"}``; ``GET /metrics``:
+  Prometheus text, answered to loopback peers only (403 otherwise).
+
+Why an offset query plus ``PUT`` with ``Content-Range`` and not tus: it is
+two plain HTTP requests any client library (curl too) can make, with no
+protocol headers to negotiate (tus needs ``Tus-Resumable``, a creation
+step and PATCH with its own content type); the upload already has a fixed
+name (its hash) and a fixed size (in the grant), which is all tus's
+creation step would add.
+
+Storage is behind ``LocalStorage`` (so an object store can sit there
+later): files content-addressed by the ciphertext's SHA-256 under
+``DATA_DIR/media/objects/ab/<hash>``, uploads in progress under
+``DATA_DIR/media/partial/<hash>.<account>``, fsync'd and renamed into
+place when complete: a crash never leaves a partial file at a final name.
+A second upload of the same ciphertext is received and checked like the
+first, then its partial file is dropped (one copy on disk) and the stored
+file's time is renewed: ``media-ttl`` runs from the last upload.  Files
+are 0600, directories 0700.
+
+Downloads use ``loop.sendfile`` (aiohttp's FileResponse) where the loop
+has it: asyncio's does on Linux and FreeBSD for plain TCP; uvloop's does
+not (it raises NotImplementedError and aiohttp copies through user space),
+which is why this process runs the asyncio loop unless ``media-loop``
+says otherwise.  Over TLS the kernel cannot encrypt, so asyncio copies too.
+
+Limits: ``media-transfers-per-ip`` requests at once and
+``media-request-rate`` a second per source address (429); an upload that
+receives nothing for ``media-stall-timeout`` seconds is cut (what arrived
+is kept for a resume), a download that has not ended within
+``media-stall-timeout`` plus its size at 64 KiB/s is cut.  The process
+drains on SIGTERM (closes its listener, says "closed" to the supervisor,
+lets transfers run up to DRAIN_TIMEOUT seconds) and leaves when its
+supervisor's pipe reaches EOF.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import errno
+import fcntl
+import hashlib
+import ipaddress
+import logging
+import os
+import re
+import signal
+import ssl
+import sys
+import time
+
+import orjson
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+from . import log, mediagrant
+from .config import load
+from .limits import LeakyTable, source_key
+from .listeners import listen_socket
+from .store import default_clock, make_private
+
+logger = logging.getLogger("pigeon.media")
+
+CHUNK = 256 << 10
+DRAIN_TIMEOUT = 8.0  # the supervisor kills after 10 s
+MIN_DOWNLOAD_RATE = 64 << 10  # bytes/s a download is allowed on top of the stall timeout
+ADDRESS_TABLE = 10_000  # source addresses whose request rate is remembered
+_HEX = re.compile(r"[0-9a-f]{64}")
+_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
+
+
+class MediaRefused(web.HTTPException):
+    """A refusal with a JSON body naming the limit or the reason."""
+
+    def __init__(self, status: int, error: str, **fields):
+        self.status_code = status
+        body = orjson.dumps({"error": error, **fields}).decode()
+        # the same JSON in a header, for HEAD, whose answers have no body
+        super().__init__(text=body, content_type="application/json",
+                         headers={"Media-Error": body})  # fmt: skip
+
+
+# -- storage ----------------------------------------------------------------------
+
+
+class LocalStorage:
+    """Content-addressed files on local disk (the interface an object store would fill).
+
+    ``open_partial``/``commit``/``drop_partial`` carry an upload, ``stat``
+    and ``path`` a download, ``purge`` expiry.  Times are the server's
+    clock (ms), kept as file modification times.
+    """
+
+    def __init__(self, root: str):
+        self.root = root
+        self.objects = os.path.join(root, "objects")
+        self.partial = os.path.join(root, "partial")
+        for d in (root, self.objects, self.partial):
+            os.makedirs(d, mode=0o700, exist_ok=True)
+            make_private(d, 0o700)
+
+    def path(self, sha_hex: str) -> str:
+        return os.path.join(self.objects, sha_hex[:2], sha_hex)
+
+    def partial_path(self, account: str, sha_hex: str) -> str:
+        return os.path.join(self.partial, f"{sha_hex}.{account}")
+
+    def stat(self, sha_hex: str) -> os.stat_result | None:
+        try:
+            return os.stat(self.path(sha_hex))
+        except FileNotFoundError:
+            return None
+
+    def partial_size(self, account: str, sha_hex: str) -> int:
+        try:
+            return os.stat(self.partial_path(account, sha_hex)).st_size
+        except FileNotFoundError:
+            return 0
+
+    def open_partial(self, account: str, sha_hex: str) -> int:
+        """A descriptor of the upload's partial file (made 0600), locked for this writer;
+        raises BlockingIOError if another request (any process) writes it now."""
+        fd = os.open(self.partial_path(account, sha_hex), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise BlockingIOError(errno.EWOULDBLOCK, "upload in progress") from None
+        return fd
+
+    def drop_partial(self, account: str, sha_hex: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.partial_path(account, sha_hex))
+
+    def commit(self, fd: int, account: str, sha_hex: str, now_ms: int) -> bool:
+        """Put the complete, checked partial file in place (fsync, rename, fsync the
+        directory); True if new, False if that ciphertext was stored already (the
+        partial is dropped: one copy).  Either way the file's time is ``now_ms``."""
+        final = self.path(sha_hex)
+        stamp = (now_ms * 1_000_000, now_ms * 1_000_000)
+        if os.path.exists(final):
+            self.drop_partial(account, sha_hex)
+            os.utime(final, ns=stamp)
+            return False
+        os.fsync(fd)
+        d = os.path.dirname(final)
+        os.makedirs(d, mode=0o700, exist_ok=True)
+        os.utime(fd, ns=stamp)
+        os.rename(self.partial_path(account, sha_hex), final)
+        dfd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        return True
+
+    def usage(self) -> tuple[int, int]:
+        """(files, bytes) stored."""
+        files = size = 0
+        for d in os.scandir(self.objects):
+            if d.is_dir():
+                for f in os.scandir(d.path):
+                    files += 1
+                    size += f.stat().st_size
+        return files, size
+
+    def purge(self, now_ms: int, ttl_ms: int, partial_ttl_ms: int) -> tuple[int, int, int]:
+        """Delete files whose last upload is ``ttl_ms`` old and partial files untouched
+        for ``partial_ttl_ms``; returns (files, bytes, partial files) deleted."""
+        files = size = partials = 0
+        for d in os.scandir(self.objects):
+            if not d.is_dir():
+                continue
+            for f in os.scandir(d.path):
+                st = f.stat()
+                if st.st_mtime_ns // 1_000_000 <= now_ms - ttl_ms:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(f.path)
+                        files += 1
+                        size += st.st_size
+        for f in os.scandir(self.partial):
+            st = f.stat()
+            if st.st_mtime_ns // 1_000_000 <= now_ms - partial_ttl_ms:
+                try:
+                    fd = os.open(f.path, os.O_RDONLY)
+                except FileNotFoundError:
+                    continue
+                try:  # one being written now (any process holds its lock) stays
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    continue
+                else:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(f.path)
+                        partials += 1
+                finally:
+                    os.close(fd)
+        return files, size, partials
+
+
+# -- the service ---------------------------------------------------------------------
+
+
+class Metrics:
+    def __init__(self):
+        r = self.registry = CollectorRegistry()
+        self.bytes_in = Counter("pigeon_media_bytes_in", "ciphertext bytes received", registry=r)
+        self.bytes_out = Counter("pigeon_media_bytes_out", "ciphertext bytes sent", registry=r)
+        self.uploads = Gauge("pigeon_media_uploads_in_progress", "PUTs being received",
+                             registry=r)  # fmt: skip
+        self.stored_files = Gauge("pigeon_media_stored_files", "files stored", registry=r)
+        self.stored_bytes = Gauge("pigeon_media_stored_bytes", "bytes stored", registry=r)
+        self.completed = Counter("pigeon_media_uploads_completed",
+                                 "uploads complete and checked", ["stored"], registry=r)  # fmt: skip
+        self.refused = Counter("pigeon_media_refusals", "requests refused, by reason",
+                               ["reason"], registry=r)  # fmt: skip
+        self.purged = Counter("pigeon_media_purged_files", "files deleted by expiry",
+                              registry=r)  # fmt: skip
+
+
+def _bearer(request) -> bytes:
+    auth = request.headers.get("Authorization", "")
+    scheme, _, value = auth.partition(" ")
+    if scheme.lower() != "bearer" or not value:
+        raise MediaRefused(401, "missing token", header="Authorization: Bearer <token>")
+    try:
+        return mediagrant.unb64(value.strip())
+    except mediagrant.GrantError:
+        raise MediaRefused(401, "malformed token") from None
+
+
+def _is_loopback(ip: str | None) -> bool:
+    try:
+        return ip is not None and ipaddress.ip_address(ip).is_loopback
+    except ValueError:
+        return False
+
+
+class MediaService:
+    def __init__(self, config, key: bytes, clock=None):
+        self.config = config
+        self.key = key
+        self.clock = clock or default_clock()
+        self.storage = LocalStorage(os.path.join(config.data_dir, "media"))
+        self.metrics = Metrics()
+        self.draining = False
+        self.in_flight: dict[str, int] = {}
+        self.rates = LeakyTable(ADDRESS_TABLE)
+        files, size = self.storage.usage()
+        self.metrics.stored_files.set(files)
+        self.metrics.stored_bytes.set(size)
+
+    def refuse(self, status: int, reason: str, **fields):
+        self.metrics.refused.labels(reason).inc()
+        return MediaRefused(status, reason, **fields)
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self.guard], client_max_size=1024)
+        app.router.add_route("HEAD", "/v1/upload/{id}", self.upload_offset)
+        app.router.add_route("PUT", "/v1/upload/{id}", self.upload)
+        app.router.add_route("GET", "/v1/media/{id}", self.download)  # HEAD too
+        app.router.add_route("GET", "/v1/health", self.health)
+        app.router.add_route("GET", "/metrics", self.metrics_page)
+        return app
+
+    @web.middleware
+    async def guard(self, request, handler):
+        """Per-address limits, and JSON bodies for every refusal (aiohttp's own too)."""
+        ip = source_key(request.remote or "?")
+        c = self.config
+        if not self.rates.take(ip, max(1, round(c.media_request_rate)), 1.0, time.monotonic()):
+            raise self.refuse(429, "request rate", limit="media-request-rate",
+                              value=c.media_request_rate)  # fmt: skip
+        n = self.in_flight.get(ip, 0)
+        if n >= c.media_transfers_per_ip:
+            raise self.refuse(429, "transfers at once", limit="media-transfers-per-ip",
+                              value=c.media_transfers_per_ip)  # fmt: skip
+        self.in_flight[ip] = n + 1
+        try:
+            return await handler(request)
+        except MediaRefused:
+            raise
+        except web.HTTPException as exc:  # the router's 404/405, aiohttp's 416...
+            if exc.status_code >= 400:
+                self.metrics.refused.labels(str(exc.status_code)).inc()
+                raise MediaRefused(exc.status_code, exc.reason) from None
+            raise
+        finally:
+            left = self.in_flight[ip] - 1
+            if left:
+                self.in_flight[ip] = left
+            else:
+                del self.in_flight[ip]
+
+    def _media_id(self, request) -> str:
+        sha_hex = request.match_info["id"]
+        if not _HEX.fullmatch(sha_hex):
+            raise self.refuse(404, "not a media id", expected="64 lowercase hex digits")
+        return sha_hex
+
+    def _grant(self, request, sha_hex: str) -> mediagrant.Grant:
+        token = _bearer(request)
+        try:
+            g = mediagrant.check(self.key, token, self.clock())
+        except mediagrant.GrantError as exc:
+            raise self.refuse(403, "bad grant", why=str(exc)) from None
+        if g.sha256.hex() != sha_hex:
+            raise self.refuse(403, "bad grant", why="the grant is for another file")
+        return g
+
+    async def upload_offset(self, request):
+        sha_hex = self._media_id(request)
+        g = self._grant(request, sha_hex)
+        # 0 for a file stored already by anyone: this uploader still sends it all, and
+        # it is checked (knowing a hash is no shortcut)
+        have = self.storage.partial_size(g.account, sha_hex)
+        return web.Response(headers={"Upload-Offset": str(have), "Upload-Length": str(g.size)})
+
+    async def upload(self, request):
+        sha_hex = self._media_id(request)
+        g = self._grant(request, sha_hex)
+        c = self.config
+        if self.draining:
+            raise self.refuse(503, "draining", retry="resume on the next connection")
+        if g.size > c.media_max_bytes:
+            raise self.refuse(413, "too big", limit="media-max-bytes", value=c.media_max_bytes)
+        length = request.content_length
+        if length is None:
+            raise self.refuse(411, "Content-Length required")
+        start = 0
+        cr = request.headers.get("Content-Range")
+        if cr is not None:
+            m = _RANGE.fullmatch(cr.strip())
+            if not m:
+                raise self.refuse(400, "malformed Content-Range", expected="bytes S-E/TOTAL")
+            start, end, total = (int(x) for x in m.groups())
+            if total != g.size or end < start or end - start + 1 != length:
+                raise self.refuse(400, "Content-Range does not match the grant or the body")
+        if start + length > g.size:
+            raise self.refuse(413, "more bytes than the grant's size", limit="grant size")
+        try:
+            fd = self.storage.open_partial(g.account, sha_hex)
+        except BlockingIOError:
+            raise self.refuse(409, "upload in progress", why="another request writes it") from None
+        self.metrics.uploads.inc()
+        try:
+            return await self._receive(request, fd, g, sha_hex, start, length)
+        finally:
+            self.metrics.uploads.dec()
+            os.close(fd)
+
+    async def _receive(self, request, fd, g, sha_hex, start, length):
+        stamp = self.clock() * 1_000_000
+        os.utime(fd, ns=(stamp, stamp))  # the server's clock, as media-partial-ttl reads it
+        have = os.fstat(fd).st_size
+        if start != have:
+            raise self.refuse(416, "wrong offset", offset=have)
+        h = hashlib.sha256()
+        if have:  # a resume: the hash of what is there (off the loop: up to 100 MiB)
+            await asyncio.to_thread(_hash_prefix, h, fd, have)
+        os.lseek(fd, have, os.SEEK_SET)
+        stall = self.config.media_stall_timeout
+        left = length
+        try:
+            content = request.content
+            while left:
+                # asyncio.timeout, not wait_for: no task per chunk
+                async with asyncio.timeout(stall):
+                    chunk = await content.readany()
+                if not chunk:
+                    break
+                if len(chunk) > left:  # (aiohttp stops at Content-Length: never happens)
+                    chunk = chunk[:left]
+                os.write(fd, chunk)
+                h.update(chunk)
+                left -= len(chunk)
+                self.metrics.bytes_in.inc(len(chunk))
+        except TimeoutError:
+            raise self.refuse(408, "stalled", limit="media-stall-timeout", value=stall,
+                              offset=os.fstat(fd).st_size) from None  # fmt: skip
+        finally:
+            stamp = self.clock() * 1_000_000
+            os.utime(fd, ns=(stamp, stamp))  # media-partial-ttl runs from the last byte in
+        have = os.fstat(fd).st_size
+        if left:
+            raise self.refuse(400, "body shorter than Content-Length", offset=have)
+        if have < g.size:
+            return web.json_response({"offset": have, "size": g.size}, status=202)
+        if h.digest() != g.sha256:
+            self.storage.drop_partial(g.account, sha_hex)
+            raise self.refuse(422, "hash mismatch", why="the bytes received are not the "
+                              "granted SHA-256; the partial upload is deleted")  # fmt: skip
+        new = await asyncio.to_thread(self.storage.commit, fd, g.account, sha_hex, self.clock())
+        self.metrics.completed.labels("new" if new else "existing").inc()
+        if new:
+            self.metrics.stored_files.inc()
+            self.metrics.stored_bytes.inc(g.size)
+        log.event(logger, logging.INFO, "media stored", size=g.size, new=new)
+        return web.json_response(
+            {"id": sha_hex, "path": f"/v1/media/{sha_hex}", "size": g.size,
+             "token": mediagrant.b64(mediagrant.download_token(self.key, g.sha256))},
+            status=201,
+        )  # fmt: skip
+
+    async def download(self, request):
+        sha_hex = self._media_id(request)
+        token = _bearer(request)
+        if not mediagrant.download_ok(self.key, bytes.fromhex(sha_hex), token):
+            raise self.refuse(403, "bad download token")
+        path = self.storage.path(sha_hex)
+        st = self.storage.stat(sha_hex)
+        if st is None:
+            raise self.refuse(404, "no such media", why="never stored, or expired")
+        deadline = self.config.media_stall_timeout + st.st_size / MIN_DOWNLOAD_RATE
+        return _TimedFile(self.metrics, deadline, path, chunk_size=CHUNK,
+                          headers={"Content-Type": "application/octet-stream",
+                                   "Cache-Control": "private, no-store"})  # fmt: skip
+
+    async def health(self, request):
+        return web.json_response({"status": "draining" if self.draining else "ready"})
+
+    async def metrics_page(self, request):
+        if not _is_loopback(request.remote):
+            raise self.refuse(403, "metrics are for loopback peers")
+        return web.Response(body=generate_latest(self.metrics.registry),
+                            content_type="text/plain", charset="utf-8")  # fmt: skip
+
+    async def purger(self) -> None:
+        c = self.config
+        while True:
+            try:
+                files, size, partials = await asyncio.to_thread(
+                    self.storage.purge, self.clock(), c.media_ttl * 1000,
+                    c.media_partial_ttl * 1000,
+                )  # fmt: skip
+            except OSError as exc:
+                log.event(logger, logging.ERROR, "media purge failed", error=str(exc))
+            else:
+                if files or partials:
+                    self.metrics.purged.inc(files)
+                    self.metrics.stored_files.dec(files)
+                    self.metrics.stored_bytes.dec(size)
+                    log.event(logger, logging.INFO, "media purged", files=files, bytes=size,
+                              partial_files=partials)  # fmt: skip
+            await asyncio.sleep(c.purge_interval)
+
+
+class _TimedFile(web.FileResponse):
+    """aiohttp's FileResponse (Range, HEAD, sendfile) with a deadline for the whole
+    transfer: past it the connection is aborted and counted as a refusal."""
+
+    def __init__(self, metrics: Metrics, deadline: float, *args, **kw):
+        super().__init__(*args, **kw)
+        self._metrics = metrics
+        self._deadline = deadline
+
+    async def prepare(self, request):
+        try:
+            writer = await asyncio.wait_for(super().prepare(request), self._deadline)
+        except TimeoutError:
+            self._metrics.refused.labels("download too slow").inc()
+            if request.transport is not None:
+                request.transport.abort()
+            raise
+        if request.method == "GET" and self.status in (200, 206):
+            self._metrics.bytes_out.inc(self.content_length or 0)
+        return writer
+
+
+def _hash_prefix(h, fd: int, n: int) -> None:
+    off = 0
+    while off < n:
+        chunk = os.pread(fd, min(CHUNK * 4, n - off), off)
+        if not chunk:
+            break
+        h.update(chunk)
+        off += len(chunk)
+
+
+def ssl_context(config) -> ssl.SSLContext | None:
+    if not config.tls_enabled:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(config.tls_cert, config.tls_key or config.tls_cert)
+    return ctx
+
+
+async def serve(config, parent_fd: int | None, status_fd: int | None, index: int = 0) -> None:
+    loop = asyncio.get_running_loop()
+    key = mediagrant.load_key(config.data_dir)
+    service = MediaService(config, key)
+    runner = web.AppRunner(service.app(), handle_signals=False, access_log=None,
+                           shutdown_timeout=1.0, handler_cancellation=True)  # fmt: skip
+    await runner.setup()
+    sock = listen_socket(config.media_listen)
+    site = web.SockSite(runner, sock, ssl_context=ssl_context(config))
+    await site.start()
+    stopping = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stopping.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: None)  # the supervisor's
+    if parent_fd is not None:
+        loop.add_reader(parent_fd, lambda: os._exit(0) if not os.read(parent_fd, 1) else None)
+    purger = loop.create_task(service.purger())
+    if status_fd is not None:
+        os.write(status_fd, f"ready {index}\n".encode())
+    log.event(logger, logging.INFO, "media ready", pid=os.getpid(), listen=config.media_listen,
+              tls=config.tls_enabled, loop=type(loop).__module__)  # fmt: skip
+    await stopping.wait()
+    service.draining = True
+    await site.stop()  # the listener closes; transfers in progress go on
+    if status_fd is not None:
+        with contextlib.suppress(OSError):
+            os.write(status_fd, b"closed\n")
+    purger.cancel()
+    # transfers in progress finish first (aiohttp's own shutdown closes connections
+    # at once, which stops an upload reading); what is left at DRAIN_TIMEOUT is cut
+    # (an upload keeps what arrived, for a resume on the new generation)
+    deadline = loop.time() + DRAIN_TIMEOUT
+    while service.in_flight and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    await runner.cleanup()
+    log.event(logger, logging.INFO, "media stopped")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="pigeon-media", description="the media service "
+                                "(started by the supervisor)")  # fmt: skip
+    p.add_argument("--index", type=int, default=0)
+    p.add_argument("--count", type=int, default=1)
+    p.add_argument("--gen", type=int, default=0)
+    p.add_argument("--run-dir")
+    p.add_argument("--config-fd", type=int, required=True)
+    p.add_argument("--parent-fd", type=int)
+    p.add_argument("--status-fd", type=int)
+    args = p.parse_args(argv)
+    with open(args.config_fd, "rb") as f:  # the settings never appear in argv (ps)
+        private = orjson.loads(f.read())
+    config = load(overrides=private["config"])
+    log.setup(config.log_level, config.log_format)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if config.media_loop == "uvloop":
+        import uvloop
+
+        uvloop.run(serve(config, args.parent_fd, args.status_fd, args.index))
+    else:
+        asyncio.run(serve(config, args.parent_fd, args.status_fd, args.index))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
