@@ -281,7 +281,9 @@ class OlmDevice:
             for d, lst in data.get("sessions", {}).items():
                 dev.sessions[d] = [vodozemac.Session.from_pickle(p, key) for p in lst]
         except (vodozemac.PickleException, ValueError, KeyError, TypeError) as err:
-            raise E2EError(f"cannot read the saved encryption state (wrong key file?): {err}") from None
+            raise E2EError(
+                f"cannot read the saved encryption state (wrong key file?): {err}"
+            ) from None
         dev.peer_keys = {d: bytes.fromhex(k) for d, k in data.get("peers", {}).items()}
         return dev
 
@@ -361,7 +363,9 @@ def _digits(fp: bytes) -> str:
 
 
 def _halves(user_a: str, key_a: bytes, user_b: str, key_b: bytes) -> list[tuple[str, bytes]]:
-    halves = [(_digits(fp), fp) for fp in (_fingerprint(user_a, key_a), _fingerprint(user_b, key_b))]
+    halves = [
+        (_digits(fp), fp) for fp in (_fingerprint(user_a, key_a), _fingerprint(user_b, key_b))
+    ]
     halves.sort()
     return halves
 

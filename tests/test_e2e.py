@@ -218,7 +218,6 @@ def test_encrypted_both_ways_across_workers_and_nothing_in_clear(srv, tmp_path):
     assert grep_dir(tmp_path, secrets) == []
 
 
-
 def test_reregistration_changes_the_safety_number_and_warns(srv, tmp_path):
     async def main():
         relay = await Relay(srv.port).start()

@@ -168,7 +168,9 @@ def test_safety_number_follows_the_documented_derivation():
         h = hashlib.sha512(b"\x00\x00" + key + user.encode()).digest()
         for _ in range(5200):
             h = hashlib.sha512(h + key).digest()
-        return "".join(f"{int.from_bytes(h[i:i + 5], 'big') % 100000:05d}" for i in range(0, 30, 5))
+        return "".join(
+            f"{int.from_bytes(h[i : i + 5], 'big') % 100000:05d}" for i in range(0, 30, 5)
+        )
 
     ka, kb = os.urandom(32), os.urandom(32)
     want = "".join(sorted([half("4915112345678", ka), half("491701234567", kb)]))
@@ -180,7 +182,9 @@ def test_device_list_companions_checked_through_the_primary():
     user = "4915112345678"
     items = (
         DeviceInfo(f"{user}:0", 1, primary.public),
-        DeviceInfo(f"{user}:1", 2, companion.public, "laptop", primary.sign_link(user, companion.public)),
+        DeviceInfo(
+            f"{user}:1", 2, companion.public, "laptop", primary.sign_link(user, companion.public)
+        ),
         DeviceInfo(f"{user}:2", 3, rogue.public, "evil", rogue.sign_link(user, rogue.public)),
         DeviceInfo(f"{user}:3", 4, rogue.public, "none", None),
     )

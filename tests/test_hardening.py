@@ -176,7 +176,9 @@ def test_stalled_tls_connections_count_against_every_limit_from_the_accept(tmp_p
         creds = run(srv.register(ALICE))
 
         async def tls_login():
-            c = await Client.connect("localhost", srv.tls_port, ssl=srv.ssl_context(), plaintext=True)
+            c = await Client.connect(
+                "localhost", srv.tls_port, ssl=srv.ssl_context(), plaintext=True
+            )
             await c.login(creds)
             await c.ping()
             await c.close()

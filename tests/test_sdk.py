@@ -51,7 +51,9 @@ def test_tls_exchange_with_a_generated_certificate(server):
         await bob.close()
         # a client that does not trust the certificate refuses the server
         with pytest.raises(ssl.SSLCertVerificationError):
-            await Client.connect("127.0.0.1", server.tls_port, plaintext=True, ssl=ssl.create_default_context())
+            await Client.connect(
+                "127.0.0.1", server.tls_port, plaintext=True, ssl=ssl.create_default_context()
+            )
         # plain TCP to the TLS port is not a pigeon session
         with socket.create_connection(("127.0.0.1", server.tls_port), timeout=5) as s:
             s.sendall(b"PGN\x01\x01")
@@ -71,7 +73,9 @@ def test_trio_client_registers_logs_in_and_exchanges(server):
         )
         async with (
             open_client("127.0.0.1", server.port, plaintext=True) as alice,
-            open_client("localhost", server.tls_port, plaintext=True, ssl=server.ssl_context()) as bob,
+            open_client(
+                "localhost", server.tls_port, plaintext=True, ssl=server.ssl_context()
+            ) as bob,
         ):
             await alice.login(creds)
             await bob.login(bob_creds)
