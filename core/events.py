@@ -1699,7 +1699,7 @@ class KeysUpload(Event):
     fallback: SignedKey | None = None
 
     def to_node(self, N):
-        out = [N("identity", {}, bytes(self.curve25519) + bytes(self.ed25519))]
+        out = [N("identity", {}, b"".join((self.curve25519, self.ed25519)))]
         if self.fallback is not None:
             out.append(_signed_key_node(N, "fallback", self.fallback))
         out.extend(_signed_key_node(N, "otk", k) for k in self.one_time_keys)
@@ -1735,8 +1735,12 @@ class KeysUpload(Event):
             raise _wrong(self, "one_time_keys", "a tuple (or list)", self.one_time_keys)
         for i, k in enumerate(self.one_time_keys):
             _check_signed_key(self, f"one_time_keys[{i}]", k)
+            if k.fallback:
+                raise _wrong(self, f"one_time_keys[{i}].fallback", "False", k.fallback)
         if self.fallback is not None:
             _check_signed_key(self, "fallback", self.fallback)
+            if not self.fallback.fallback:
+                raise _wrong(self, "fallback.fallback", "True", self.fallback.fallback)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1832,8 +1836,8 @@ class KeyBundles(Event):
         out = []
         for b in self.bundles:
             kids = []
-            if b.curve25519 is not None:
-                kids.append(N("identity", {}, bytes(b.curve25519) + bytes(b.ed25519)))
+            if b.curve25519 is not None and b.ed25519 is not None:
+                kids.append(N("identity", {}, b"".join((b.curve25519, b.ed25519))))
                 if b.one_time_key is not None:
                     kids.append(_signed_key_node(N, "otk", b.one_time_key, flag=True))
             out.append(N("bundle", {"device": b.device}, kids or None))

@@ -522,7 +522,8 @@ OPTIONS: list[Option] = [
         "one_time_keys_low",
         10,
         _non_negative_int,
-        "a device is told to upload more one-time keys when a fetch leaves fewer than this",
+        "a device is told to upload more one-time keys when a fetch takes its count below "
+        "this (once per crossing; 0: never)",
     ),
     Option(
         "keys_query_max",

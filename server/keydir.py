@@ -19,9 +19,9 @@ Tables (named databases in the store's environment; msgpack values):
            otks; t: the last upload (ms)
     otks   device NUL key id -> [key, signature]
 
-Notices (queue entry kind 3, ``Queues.enqueue_notice``): ``low`` for a
-device when a fetch leaves it fewer than ``one-time-keys-low`` one-time
-keys; ``changed`` (from a user) when the user gets a new device or a device
+Notices (queue entry kind 3, ``Queues.notice_devices``): ``low`` for a
+device when a fetch takes its count below ``one-time-keys-low`` (once per
+crossing: an attacker's fetches do not pile notices up in its queue); ``changed`` (from a user) when the user gets a new device or a device
 uploads an identity key other than the one held, to the users of
 ``changed_audience``.  Removing a device (logout, unlink, re-registration,
 companion expiry, account deletion: ``Store.remove_device_txn`` and
@@ -210,7 +210,7 @@ def _take(txn, db: dict, device: str, low: int, queues, now: int, pushes: list) 
                 otk = SignedKey(key_id, k, sig)
         rec[3] = n = n - 1 if otk is not None else 0
         txn.put(device.encode(), _pack(rec), db=db["keys"])
-        if n < low:
+        if otk is not None and n == low - 1:  # the fetch that crossed below one-time-keys-low
             pushes += queues.notice_devices(txn, (device,), KEYS_NOTICE, device, "low", now)
     if otk is None and fallback is not None:
         otk = SignedKey(fallback[0], fallback[1], fallback[2], True)

@@ -252,12 +252,12 @@ async def on_other_worker(server, creds, phone, than, **kw):
 
 
 async def next_message(client, timeout: float = 10.0):
-    """The next message delivered to ``client``; receipts and device-list notices
-    before it are acked and skipped."""
-    from pigeon.core.events import DevicesChanged, IncomingReceipt
+    """The next message delivered to ``client``; receipts, device-list and key
+    notices before it are acked and skipped."""
+    from pigeon.core.events import DevicesChanged, IncomingReceipt, KeysChanged, KeysLow
 
     while True:
         ev = await client.next_event(timeout)
-        if not isinstance(ev, (IncomingReceipt, DevicesChanged)):
+        if not isinstance(ev, (IncomingReceipt, DevicesChanged, KeysChanged, KeysLow)):
             return ev
         await client.ack(ev.seq)

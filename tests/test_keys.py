@@ -229,8 +229,14 @@ def test_low_keys_notice_then_reupload(srv):
         ev = await alice.client.next_event(10)
         assert isinstance(ev, KeysLow) and ev.device == alice.address
         await alice.client.ack(ev.seq)
-        assert await alice.client.key_count() == 9
-        assert await alice.upload(otks=20) == 29
+        await bob.client.fetch_keys(alice.phone)  # 8: no second notice (once per crossing)
+        await nothing_more(alice.client)
+        assert await alice.client.key_count() == 8
+        assert await alice.upload(otks=20) == 28
+        for _ in range(19):  # down to 9 again: a new crossing, a new notice
+            await bob.client.fetch_keys(alice.phone)
+        ev = await alice.client.next_event(10)
+        assert isinstance(ev, KeysLow) and ev.device == alice.address
         await close(alice, bob)
 
     run(go())

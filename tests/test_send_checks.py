@@ -56,6 +56,14 @@ from pigeon.core.events import (
     IncomingChatState,
     IncomingMessage,
     IncomingReceipt,
+    KeyBundle,
+    KeyBundles,
+    KeysChanged,
+    KeysCount,
+    KeysCountQuery,
+    KeysLow,
+    KeysQuery,
+    KeysUpload,
     Link,
     LinkKey,
     Logout,
@@ -72,6 +80,7 @@ from pigeon.core.events import (
     Register,
     Registered,
     ServerAck,
+    SignedKey,
     Unblock,
     Unlink,
     Verify,
@@ -79,8 +88,11 @@ from pigeon.core.events import (
 
 # (DevicesChanged shares the server's tag ``devices`` with DeviceList, whose reader
 # hands a notice over: SERVER_SENT names DeviceList only)
+# (likewise ``keys``: KeysUpload and KeysCount read the others of their direction)
 SENT = sorted(
-    set(CLIENT_SENT.values()) | set(SERVER_SENT.values()) | {DevicesChanged},
+    set(CLIENT_SENT.values())
+    | set(SERVER_SENT.values())
+    | {DevicesChanged, KeysQuery, KeysCountQuery, KeyBundles, KeysLow, KeysChanged},
     key=lambda c: c.__name__,
 )
 
@@ -192,6 +204,26 @@ BAD = [
     (DeviceList("d1", ALICE, (DeviceInfo(ALICE, 1, b"k" * 32),)), "items[0].device"),
     (Unlink("u1", ALICE), "device"),
     (ServerAck("l1", 1, "link", ALICE), "device"),
+    # the key directory (issue 16)
+    (KeysUpload("k1", b"c" * 31, b"e" * 32), "curve25519"),
+    (KeysUpload("k1", b"c" * 32, "e" * 32), "ed25519"),
+    (
+        KeysUpload("k1", b"c" * 32, b"e" * 32, [SignedKey("a b", b"o" * 32, b"s" * 64)]),
+        "one_time_keys[0].key_id",
+    ),
+    (
+        KeysUpload("k1", b"c" * 32, b"e" * 32, (), SignedKey("f", b"o" * 32, b"s" * 63)),
+        "fallback.signature",
+    ),
+    (KeysQuery("k2", ()), "users"),
+    (KeysQuery("k2", (ALICE_DEV,)), "users[0]"),
+    (KeysCountQuery(""), "id"),
+    (KeysCount("k1", -1), "count"),
+    (KeyBundles("k3", (KeyBundle(ALICE),)), "bundles[0].device"),
+    (KeyBundles("k3", (KeyBundle(ALICE_DEV, b"c" * 32, b"e" * 31),)), "bundles[0].ed25519"),
+    (KeysLow(ALICE, 1, 1), "device"),
+    (KeysChanged(ALICE_DEV, 1, 1), "sender"),
+    (IncomingReceipt(BOB, "m1", "retry", 1, 1), "sender"),
 ]
 
 
@@ -311,8 +343,16 @@ INFOS = [(), (DeviceInfo(ALICE_DEV, 1, b"k" * 32),), (DeviceInfo(ALICE, 1, b"k" 
          (DeviceInfo(ALICE_DEV, 1, b"k" * 32, "", b"s" * 63),)]  # fmt: skip
 PAYLOADS = [(), ((BOB + ":0", b"x"),), ((ALICE_DEV, b""), (BOB + ":1", b"k" * 33)),
             ((BOB, b"x"),), ((BOB + ":0", b"x"), (BOB + ":0", b"y"))]  # fmt: skip
+_SK = SignedKey("AAAAAAAAAAA", b"o" * 32, b"s" * 64)
+SKEYS = [_SK, SignedKey("AAAAAAAAAAE", b"f" * 32, b"t" * 64, True), SignedKey("a b", b"o" * 32, b"s" * 64),
+         SignedKey("x", b"o" * 31, b"s" * 64), SignedKey("x", b"o" * 32, b"s" * 65)]  # fmt: skip
+BUNDLES = [(), (KeyBundle(ALICE_DEV),), (KeyBundle(ALICE),), (KeyBundle(ALICE_DEV, b"c" * 32),),
+           (KeyBundle(ALICE_DEV, b"c" * 32, b"e" * 32, SKEYS[1]),),
+           (KeyBundle(ALICE_DEV, None, None, _SK),), (KeyBundle(ALICE_DEV, b"c" * 31, b"e" * 32),),
+           (KeyBundle(ALICE_DEV, b"c" * 32, b"e" * 32, SKEYS[3]),)]  # fmt: skip
 POOLS = {"str": STRS, "int": INTS, "bytes": BYTES, "tuple[str, ...]": TUPLES, "tuple": PAYLOADS,
-         "tuple[DeviceInfo, ...]": INFOS}  # fmt: skip
+         "tuple[DeviceInfo, ...]": INFOS, "tuple[SignedKey, ...]": [(), *[(k,) for k in SKEYS]],
+         "SignedKey": SKEYS, "tuple[KeyBundle, ...]": BUNDLES}  # fmt: skip
 
 
 def pool(annotation: str) -> list:

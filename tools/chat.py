@@ -111,6 +111,7 @@ from pigeon.core.events import (
     IncomingMessage,
     IncomingReceipt,
     KeysChanged,
+    KeysLow,
     normalize_link_code,
 )
 from pigeon.core.node import valid_phone
@@ -596,6 +597,8 @@ class Chat:
                 _out("   your devices changed" if mine else f"   {ev.sender}'s devices changed")
                 if not mine:
                     self.spawn(self.check_keys(ev.sender))
+            elif isinstance(ev, KeysLow):  # plaintext mode (encrypting, the SDK tops up and acks)
+                await self.client.ack(ev.seq)
             elif isinstance(ev, Error):
                 if not is_fatal(ev.code):  # a fatal one ends or resumes the session: said then
                     _out(f"!! server: {ev.code} {ev.text}")
