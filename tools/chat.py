@@ -647,7 +647,7 @@ class Chat:
                 _out("   your devices changed" if mine else f"   {ev.sender}'s devices changed")
                 if not mine:
                     self.spawn(self.check_keys(ev.sender))
-            elif isinstance(ev, KeysLow):  # queued; the SDK uploads more keys itself
+            elif isinstance(ev, KeysLow):  # plaintext mode (encrypting, the SDK tops up and acks)
                 await self.client.ack(ev.seq)
             elif isinstance(ev, Error):
                 if not is_fatal(ev.code):  # a fatal one ends or resumes the session: said then
