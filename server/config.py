@@ -544,6 +544,13 @@ OPTIONS: list[Option] = [
         "sliding window for keys-fetch-per-account, seconds",
     ),
     Option(
+        "key_changes_per_day",
+        20,
+        _positive_int,
+        "times a day an account's devices may change their identity key (each change queues "
+        "a notice for every user who has the account as a contact); error 302 past it",
+    ),
+    Option(
         "media_listen",
         "127.0.0.1:7652",
         _listen_or_off,
@@ -733,6 +740,7 @@ GROUPS: list[Group] = [
             "keys_query_max",
             "keys_fetch_per_account",
             "keys_fetch_window",
+            "key_changes_per_day",
         ),
     ),  # fmt: skip
     Group(

@@ -52,6 +52,7 @@ from .limits import window_take, window_used
 
 KEY_TABLES = ("keys", "otks")
 KEYS_NOTICE = 3  # the queue entry kind (server/queues.py)
+_DAY_MS = 86_400_000
 
 
 def _pack(obj) -> bytes:
@@ -150,6 +151,21 @@ def upload(s, ev: KeysUpload) -> None:
         w.store.check_room(txn)
         raw = txn.get(device.encode(), db=db["keys"])
         old = None if raw is None else _unpack(raw)
+        changed = old is not None and old[0] != bytes(ev.curve25519)
+        if changed:
+            # every check before the first write: a refused job writes nothing (worker.Job)
+            ok, _ = window_take(txn, db["limits"], f"keychange:{user}".encode(), now, _DAY_MS,
+                                c.key_changes_per_day)  # fmt: skip
+            if not ok:
+                raise ServiceError(
+                    ErrorCode.RATE_LIMITED,
+                    f"identity keys may change {c.key_changes_per_day} times a day per "
+                    "account (key-changes-per-day): each change notifies every user who "
+                    "has this account as a contact",
+                )
+            # the old account's one-time and fallback keys are of no use with the new one
+            drop_device_keys(txn, db, device)
+            old = None
         count = 0 if old is None else old[3]
         prefix = _prefix(device)
         new = {}
@@ -173,7 +189,7 @@ def upload(s, ev: KeysUpload) -> None:
         rec = [bytes(ev.curve25519), bytes(ev.ed25519), fallback, count, now]
         txn.put(device.encode(), _pack(rec), db=db["keys"])
         pushes = []
-        if old is None or old[0] != rec[0]:  # a first upload or a new identity key
+        if old is None:  # a first upload or a new identity key
             pushes = changed_txn(w.queues, txn, user, now)
         return count, pushes
 

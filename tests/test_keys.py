@@ -392,3 +392,41 @@ def test_retry_receipt_reaches_the_sender_from_the_failing_device(srv):
         await close(alice, bob)
 
     run(go())
+
+
+def test_identity_key_changes_are_limited_and_drop_the_old_accounts_keys(tmp_path):
+    """A device that publishes another Curve25519 identity key loses the one-time
+    and fallback keys of the old one (no one can open a session with them), tells
+    its contacts, and may do so key-changes-per-day times a day per account: each
+    change writes a notice for everyone who has the account as a contact."""
+    s = Server(tmp_path / "data", workers=2, message_rate=0, key_changes_per_day=2).start()
+    try:
+
+        async def go():
+            alice = await device(s)
+            bob = await device(s)
+            await bob.client.discover([alice.phone])
+            assert await alice.upload(otks=5, fallback=True) == 5
+            await next_of(bob.client, KeysChanged)
+            ed = alice.sent["ed25519"]
+            for _ in range(2):  # two changes a day
+                new = vodozemac.Account()
+                curve = new.curve25519_key.to_bytes()
+                assert await alice.client.upload_keys(curve, ed) == 0  # the old otks are gone
+                assert (await next_of(bob.client, KeysChanged)).sender == alice.phone
+                (b,) = await bob.client.fetch_keys(alice.phone)
+                assert b.curve25519 == curve and b.one_time_key is None  # no old fallback
+            with pytest.raises(ServerError) as info:
+                await alice.client.upload_keys(vodozemac.Account().curve25519_key.to_bytes(), ed)
+            assert info.value.code == ErrorCode.RATE_LIMITED
+            assert "key-changes-per-day" in info.value.text
+            await nothing_more(bob.client)
+            assert await alice.client.upload_keys(curve, ed) == 0  # the same key: no change
+            s.advance_clock(86_401)
+            assert await alice.client.upload_keys(vodozemac.Account().curve25519_key.to_bytes(),
+                                                  ed) == 0  # fmt: skip
+            await close(alice, bob)
+
+        run(go())
+    finally:
+        assert s.stop() == 0, s.log_text()[-3000:]
