@@ -267,19 +267,33 @@ class Accounts:
 
     # -- registration -------------------------------------------------------
 
-    async def request_code(self, phone: str, method: str, source: str) -> int:
-        """Send a new code to ``phone``; returns its lifetime in seconds."""
+    def code_txn(self, txn, now: int, phone: str, source: str) -> str:
+        """A new code for ``phone`` inside ``txn`` (a job of the tick's commit), under
+        the rate windows; returns the code, to be sent after the commit.  A refusal
+        writes nothing."""
         c = self.config
+        store = self.store
         window = c.register_window * 1000
-        if not self.store.hit(f"reg-ip:{source_key(source)}", c.register_per_ip, window):
+        store.check_room(txn)
+        ip_key, phone_key = f"reg-ip:{source_key(source)}", f"reg-phone:{phone}"
+        if store.window_full(txn, ip_key, c.register_per_ip, window, now):
             raise ServiceError(ErrorCode.RATE_LIMITED, "too many registrations from this address")
-        if not self.store.hit(f"reg-phone:{phone}", c.register_per_phone, window):
+        if store.window_full(txn, phone_key, c.register_per_phone, window, now):
             raise ServiceError(ErrorCode.RATE_LIMITED, "too many codes requested for this number")
+        store.hit_txn(txn, ip_key, c.register_per_ip, window, now)
+        store.hit_txn(txn, phone_key, c.register_per_phone, window, now)
         code = f"{secrets.randbelow(10**6):06d}"
         salt = os.urandom(16)
-        self.store.put_code(phone, _code_hash(salt, code), salt, c.code_ttl * 1000)
+        store.put_code_txn(txn, now, phone, _code_hash(salt, code), salt, c.code_ttl * 1000)
+        return code
+
+    async def request_code(self, phone: str, method: str, source: str) -> int:
+        """Send a new code to ``phone`` (in a transaction of its own); returns its
+        lifetime in seconds."""
+        with self.store.write() as txn:
+            code = self.code_txn(txn, self.store.clock(), phone, source)
         await self.gateway.send(phone, code, method)
-        return c.code_ttl
+        return self.config.code_ttl
 
     def verify(self, phone: str, code: str, identity_key: bytes) -> tuple[str, bytes, list[str]]:
         """Check the code; create the device. Returns (address, secret, removed devices)."""

@@ -232,6 +232,15 @@ OPTIONS: list[Option] = [
         "code requests per source address per register-window",
     ),
     Option(
+        "unauth_rate",
+        1.0,
+        _non_negative_float,
+        "register, verify and pair requests one connection may send per second before it "
+        "logs in, on average (token bucket); past it error 302 and the connection is closed, "
+        "the rest of its input unread. 0 = no limit",
+    ),
+    Option("unauth_burst", 10, _positive_int, "how many of those a connection may send at once"),
+    Option(
         "register_window",
         3600,
         _positive_int,
@@ -603,6 +612,8 @@ GROUPS: list[Group] = [
             "register_per_phone",
             "register_per_ip",
             "register_window",
+            "unauth_rate",
+            "unauth_burst",
         ),
     ),  # fmt: skip
     Group(

@@ -9,8 +9,8 @@ own).  A handler answers through the session (``send``) or the tick's
 commit (messages and receipts are answered after it).
 
 Login and registration live here too: the SCRAM exchange (``auth_start``,
-``auth_response``), registration by phone number and code (``register``,
-``verify``; both spawned, the PBKDF2 of ``verify`` off the loop) and
+``auth_response``), registration by phone number and code (``register``: its writes join the
+tick's commit, the SMS is spawned; ``verify``: spawned, its PBKDF2 off the loop) and
 leaving (``leave``: logout or account deletion).  Linked devices (pair,
 link, devices, unlink) are server/linking.py's.
 """
@@ -72,6 +72,9 @@ HOT_MESSAGE, HOT_ACK = 1, 3  # Hot.kind (2 is a receipt)
 #: Requests that draw on a connection's message-rate bucket (typing has its own).
 RATED = frozenset({Message, Receipt, Presence, Privacy, Discover, Block, Unblock, BlocklistQuery,
                    Link, DevicesQuery, Unlink})  # fmt: skip
+#: Requests a stranger may send before logging in: they draw on the connection's
+#: own bucket (``unauth-rate``), past which the connection is closed unread.
+UNAUTH = frozenset({Register, Verify, Pair})
 
 
 def handle(s, ev) -> None:
@@ -85,6 +88,8 @@ def handle(s, ev) -> None:
                            ev.type, ev.body, ev.payloads)  # fmt: skip
         return
     if t in RATED and not s.allowed(ev):
+        return
+    if t in UNAUTH and not s.unauth_allowed():
         return
     handler = HANDLERS.get(t)
     if handler is not None:  # Hello, Pong: nothing to do
@@ -214,16 +219,24 @@ def scram_username(client_first: bytes) -> str | None:
     return parts[2][2:].replace("=2C", ",").replace("=3D", "=")
 
 
-async def register(s, ev: Register) -> None:
+def register(s, ev: Register) -> None:
+    """The rate windows and the new code join the tick's commit; the SMS goes after it."""
+    w = s.worker
+    source = s.source
+
+    def sent(code: str) -> None:
+        w.spawn(send_code(s, ev, code))
+
+    w.write(lambda txn, now: w.accounts.code_txn(txn, now, ev.phone, source), sent, s, ev.id)
+
+
+async def send_code(s, ev: Register, code: str) -> None:
     try:
-        ttl = await s.worker.accounts.request_code(ev.phone, ev.method, s.ip)
+        await s.worker.accounts.gateway.send(ev.phone, code, ev.method)
     except ServiceError as err:
         s.send(Error(err.code, err.text, ev.id))
         return
-    except lmdb.Error as exc:
-        s.store_failed(exc, ev.id)
-        return
-    s.send(CodeSent(ev.id, ttl))
+    s.send(CodeSent(ev.id, s.worker.config.code_ttl))
 
 
 async def verify(s, ev: Verify) -> None:
@@ -373,7 +386,7 @@ HANDLERS = {
     Block: block,
     Unblock: unblock,
     BlocklistQuery: blocklist,
-    Register: lambda s, ev: s.worker.spawn(register(s, ev)),
+    Register: register,
     Verify: lambda s, ev: s.worker.spawn(verify(s, ev)),
     AuthStart: auth_start,
     AuthResponse: auth_response,

@@ -60,7 +60,7 @@ class Session(asyncio.Protocol):
     __slots__ = ("worker", "tls", "transport", "id", "conn", "out", "flush_pending", "closing",
                  "ip", "source", "device", "user", "scram", "login_user", "last_seen",
                  "deadline", "pushed", "acked", "backlog", "paused", "linger", "subs", "bucket",
-                 "typing", "typing_warned", "holders", "pairing")  # fmt: skip
+                 "typing", "typing_warned", "holders", "pairing", "unauth")  # fmt: skip
 
     def __init__(self, worker: Worker, tls: ssl.SSLContext | None = None):
         self.worker = worker
@@ -92,6 +92,7 @@ class Session(asyncio.Protocol):
         self.bucket: Bucket | None = None
         self.typing: Bucket | None = None
         self.typing_warned = 0.0
+        self.unauth: Bucket | None = None  # register, verify, pair (unauth-rate)
         self.holders: set[int] | None = None  # workers asked to hold pushes while paused
         self.pairing = None  # a companion waiting to be linked (server/linking.py)
 
@@ -418,6 +419,21 @@ class Session(asyncio.Protocol):
             self.refill()
 
     # -- events ---------------------------------------------------------------
+
+    def unauth_allowed(self) -> bool:
+        """Draw on the bucket of requests a stranger may send (register, verify,
+        pair); past it 302 and the connection closes, the rest of its input
+        unread: a flood of them costs one error, never a store write each."""
+        w = self.worker
+        now = w.loop.time()
+        if self.unauth is None:
+            self.unauth = Bucket(w.config.unauth_rate, w.config.unauth_burst, now)
+        if self.unauth.take(now):
+            return True
+        w.stats.counters["rate_limited"] += 1
+        self.fail(ErrorCode.RATE_LIMITED, "too many registration or pairing requests on this "
+                  "connection; reconnect later")  # fmt: skip
+        return False
 
     def allowed(self, ev) -> bool:
         """Draw on the connection's message-rate bucket; answer 405 if it is empty."""

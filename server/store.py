@@ -461,12 +461,13 @@ class Store:
     def put_code(self, phone: str, code_hash: bytes, salt: bytes, ttl_ms: int) -> None:
         with self.write() as txn:
             self.check_room(txn)
-            self._put(
-                txn,
-                "codes",
-                phone,
-                {"hash": code_hash, "salt": salt, "expires": self.clock() + ttl_ms, "attempts": 0},
-            )
+            self.put_code_txn(txn, self.clock(), phone, code_hash, salt, ttl_ms)
+
+    def put_code_txn(self, txn, now: int, phone: str, code_hash: bytes, salt: bytes,
+                     ttl_ms: int) -> None:  # fmt: skip
+        """put_code inside ``txn``."""
+        self._put(txn, "codes", phone,
+                  {"hash": code_hash, "salt": salt, "expires": now + ttl_ms, "attempts": 0})  # fmt: skip
 
     def take_code(self, phone: str, check, max_attempts: int) -> str:
         """Check a code with ``check(record) -> bool``, atomically.
@@ -500,14 +501,16 @@ class Store:
     def hit_txn(self, txn, key: str, limit: int, window_ms: int, now: int) -> bool:
         """hit inside ``txn`` (a job of the tick's commit)."""
         hits = [t for t in (self._get(txn, "limits", key) or []) if t > now - window_ms]
-        allowed = len(hits) < limit
-        if allowed:
-            hits.append(now)
-        if hits:
-            self._put(txn, "limits", key, hits)
-        else:
-            self._delete(txn, "limits", key)
-        return allowed
+        if len(hits) >= limit:
+            return False  # refused: nothing written (the sweep drops what went stale)
+        hits.append(now)
+        self._put(txn, "limits", key, hits)
+        return True
+
+    def window_full(self, txn, key: str, limit: int, window_ms: int, now: int) -> bool:
+        """Would ``hit_txn`` refuse? (Reads only.)"""
+        hits = self._get(txn, "limits", key) or []
+        return sum(1 for t in hits if t > now - window_ms) >= limit
 
     def sweep(self, max_window_ms: int, start: tuple[bytes, bytes] = (b"", b""),
               batch: int = 1000) -> tuple[int, tuple[bytes, bytes]]:  # fmt: skip

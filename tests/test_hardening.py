@@ -23,7 +23,16 @@ from pigeon.client.identity import new_identity
 from pigeon.core import codec as core_codec
 from pigeon.core.connection import Connection, Role
 from pigeon.core.errors import ErrorCode
-from pigeon.core.events import Error, Hello, Pair, Ping, Pong
+from pigeon.core.events import (
+    CodeSent,
+    ConnectionClosed,
+    Error,
+    Hello,
+    Pair,
+    Ping,
+    Pong,
+    Register,
+)
 from pigeon.server.store import Store
 
 ALICE, BOB, CAROL = "491701234567", "4915112345678", "4917612345678"
@@ -599,5 +608,67 @@ def test_a_frame_past_login_max_frame_before_login_is_refused_at_its_header(tmp_
             await b.close()
 
         run(main())
+    finally:
+        assert srv.stop() == 0
+
+
+# -- 14. requests a stranger sends before logging in (probe 2) ------------------------------
+
+
+def last_txnid(srv: Server) -> int:
+    store = Store(str(srv.data_dir / "store"), map_size=256 << 20, create=False)
+    try:
+        return store.env.info()["last_txnid"]
+    finally:
+        store.close()
+
+
+def register_frames(n: int, start: int = 0) -> bytes:
+    c = Connection(Role.CLIENT)
+    c.initiate()
+    return b"".join(c.send(Register(f"r{i}", f"4916{i:08d}")) for i in range(start, start + n))
+
+
+def test_a_register_flood_on_one_connection_is_cut_off_at_unauth_burst(tmp_path):
+    srv = start(tmp_path, unauth_burst=10, unauth_rate=1.0, register_per_ip=1000)
+    try:
+        raw = Raw(srv.port)
+        raw.sock.sendall(register_frames(3000))
+        answers, last = 0, None
+        while True:
+            try:
+                ev = raw.next_event()
+            except (ConnectionResetError, OSError):
+                break
+            if ev is None or isinstance(ev, ConnectionClosed):
+                break
+            answers += 1
+            last = ev
+            if isinstance(ev, Error) and ev.code == ErrorCode.RATE_LIMITED and ev.id is None:
+                break
+        assert isinstance(last, Error) and last.code == ErrorCode.RATE_LIMITED, last
+        assert "on this connection" in last.text
+        assert answers <= 11, answers  # the burst (answered or refused), then the 302
+        assert raw.closed_by_server(10)
+        raw.close()
+        assert len(srv.log_text().splitlines()) < 200
+    finally:
+        assert srv.stop() == 0
+
+
+def test_a_refused_register_writes_nothing_to_the_store(tmp_path):
+    srv = start(tmp_path, register_per_ip=2, unauth_burst=100)
+    try:
+        raw = Raw(srv.port)
+        raw.sock.sendall(register_frames(2))
+        for _ in range(2):
+            assert isinstance(raw.next_event(), CodeSent)
+        before = last_txnid(srv)
+        raw.sock.sendall(register_frames(20, start=2))
+        for _ in range(20):
+            ev = raw.next_event()
+            assert isinstance(ev, Error) and ev.code == ErrorCode.RATE_LIMITED, ev
+        raw.close()
+        assert last_txnid(srv) == before
     finally:
         assert srv.stop() == 0
