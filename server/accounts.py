@@ -295,7 +295,8 @@ class Accounts:
         await self.gateway.send(phone, code, method)
         return self.config.code_ttl
 
-    def verify(self, phone: str, code: str, identity_key: bytes) -> tuple[str, bytes, list[str]]:
+    def verify(self, phone: str, code: str, identity_key: bytes,
+               source: str = "?") -> tuple[str, bytes, list[str]]:  # fmt: skip
         """Check the code; create the device. Returns (address, secret, removed devices)."""
 
         def matches(rec) -> bool:

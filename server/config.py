@@ -241,6 +241,19 @@ OPTIONS: list[Option] = [
     ),
     Option("unauth_burst", 10, _positive_int, "how many of those a connection may send at once"),
     Option(
+        "unauth_in_flight",
+        1,
+        _positive_int,
+        "register and verify requests one connection may have unanswered; past it error 405",
+    ),
+    Option(
+        "unauth_worker_in_flight",
+        32,
+        _positive_int,
+        "register and verify requests one worker handles at once, all its connections "
+        "together; past it error 502",
+    ),
+    Option(
         "register_window",
         3600,
         _positive_int,
@@ -614,6 +627,8 @@ GROUPS: list[Group] = [
             "register_window",
             "unauth_rate",
             "unauth_burst",
+            "unauth_in_flight",
+            "unauth_worker_in_flight",
         ),
     ),  # fmt: skip
     Group(

@@ -219,43 +219,117 @@ def scram_username(client_first: bytes) -> str | None:
     return parts[2][2:].replace("=2C", ",").replace("=3D", "=")
 
 
+class InFlight:
+    """One register or verify request being handled: counted against
+    ``unauth-in-flight`` (its connection) and ``unauth-worker-in-flight``
+    until ``release`` (which may be called more than once)."""
+
+    __slots__ = ("session", "held")
+
+    def __init__(self, s):
+        self.session = s
+        self.held = True
+        s.in_flight += 1
+        s.worker.unauth_in_flight += 1
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.session.in_flight -= 1
+            self.session.worker.unauth_in_flight -= 1
+
+
+def admit(s, ev) -> InFlight | None:
+    """A register or verify may start: under both in-flight caps (else refused)."""
+    w = s.worker
+    c = w.config
+    if s.in_flight >= c.unauth_in_flight:
+        w.stats.counters["rate_limited"] += 1
+        s.send(Error(ErrorCode.TOO_FAST, "a registration request is already in progress on this "
+                     "connection; wait for its answer", ev.id))  # fmt: skip
+        return None
+    if w.unauth_in_flight >= c.unauth_worker_in_flight:
+        w.stats.counters["rate_limited"] += 1
+        s.send(Error(ErrorCode.UNAVAILABLE, "the server is busy with registrations; retry later",
+                     ev.id))  # fmt: skip
+        return None
+    return InFlight(s)
+
+
 def register(s, ev: Register) -> None:
     """The rate windows and the new code join the tick's commit; the SMS goes after it."""
+    ticket = admit(s, ev)
+    if ticket is None:
+        return
     w = s.worker
     source = s.source
 
+    def run(txn, now):
+        try:
+            return w.accounts.code_txn(txn, now, ev.phone, source)
+        except BaseException:
+            ticket.release()  # refused: the Job answers
+            raise
+
     def sent(code: str) -> None:
-        w.spawn(send_code(s, ev, code))
+        w.spawn(send_code(s, ev, code, ticket))
 
-    w.write(lambda txn, now: w.accounts.code_txn(txn, now, ev.phone, source), sent, s, ev.id)
+    def failed(exc) -> None:
+        ticket.release()
+        if not s.closing:
+            s.store_failed(exc, ev.id)
+
+    w.write(run, sent, s, ev.id, failed)
 
 
-async def send_code(s, ev: Register, code: str) -> None:
+async def send_code(s, ev: Register, code: str, ticket: InFlight) -> None:
     try:
         await s.worker.accounts.gateway.send(ev.phone, code, ev.method)
     except ServiceError as err:
-        s.send(Error(err.code, err.text, ev.id))
+        if not s.closing:
+            s.send(Error(err.code, err.text, ev.id))
         return
-    s.send(CodeSent(ev.id, s.worker.config.code_ttl))
+    finally:
+        ticket.release()
+    if not s.closing:  # a closed connection's answer is dropped
+        s.send(CodeSent(ev.id, s.worker.config.code_ttl))
 
 
-async def verify(s, ev: Verify) -> None:
+def start_verify(s, ev: Verify) -> None:
+    ticket = admit(s, ev)
+    if ticket is not None:
+        s.worker.spawn(verify(s, ev, ticket))
+
+
+async def verify(s, ev: Verify, ticket: InFlight) -> None:
     w = s.worker
+
+    def run():
+        if s.closing:  # gone while it waited for a thread: not tried at all
+            return None
+        return w.accounts.verify(ev.phone, ev.code, ev.identity_key, s.source)
+
     try:
         # PBKDF2 for the new device's SCRAM keys: off the loop.
-        address, secret, removed = await asyncio.to_thread(
-            w.accounts.verify, ev.phone, ev.code, ev.identity_key
-        )
+        result = await asyncio.to_thread(run)
     except ServiceError as err:
-        s.send(Error(err.code, err.text, ev.id))
+        if not s.closing:
+            s.send(Error(err.code, err.text, ev.id))
         return
     except lmdb.Error as exc:
-        s.store_failed(exc, ev.id)
+        if not s.closing:
+            s.store_failed(exc, ev.id)
         return
+    finally:
+        ticket.release()
+    if result is None:
+        return
+    address, secret, removed = result
     for old in removed:
         w.revoke(old, ErrorCode.REVOKED, "this number was registered on another device")
     log.event(logger, logging.INFO, "device registered", device=address)
-    s.send(Registered(ev.id, address, secret))
+    if not s.closing:
+        s.send(Registered(ev.id, address, secret))
 
 
 def leave(s, request_id: str, what: str) -> None:
@@ -387,7 +461,7 @@ HANDLERS = {
     Unblock: unblock,
     BlocklistQuery: blocklist,
     Register: register,
-    Verify: lambda s, ev: s.worker.spawn(verify(s, ev)),
+    Verify: start_verify,
     AuthStart: auth_start,
     AuthResponse: auth_response,
     Logout: lambda s, ev: leave(s, ev.id, "logout"),

@@ -60,7 +60,8 @@ class Session(asyncio.Protocol):
     __slots__ = ("worker", "tls", "transport", "id", "conn", "out", "flush_pending", "closing",
                  "ip", "source", "device", "user", "scram", "login_user", "last_seen",
                  "deadline", "pushed", "acked", "backlog", "paused", "linger", "subs", "bucket",
-                 "typing", "typing_warned", "holders", "pairing", "unauth")  # fmt: skip
+                 "typing", "typing_warned", "holders", "pairing", "unauth",
+                 "in_flight")  # fmt: skip
 
     def __init__(self, worker: Worker, tls: ssl.SSLContext | None = None):
         self.worker = worker
@@ -93,6 +94,7 @@ class Session(asyncio.Protocol):
         self.typing: Bucket | None = None
         self.typing_warned = 0.0
         self.unauth: Bucket | None = None  # register, verify, pair (unauth-rate)
+        self.in_flight = 0  # register and verify requests not answered yet
         self.holders: set[int] | None = None  # workers asked to hold pushes while paused
         self.pairing = None  # a companion waiting to be linked (server/linking.py)
 

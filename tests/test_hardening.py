@@ -32,6 +32,7 @@ from pigeon.core.events import (
     Ping,
     Pong,
     Register,
+    Verify,
 )
 from pigeon.server.store import Store
 
@@ -660,15 +661,45 @@ def test_a_refused_register_writes_nothing_to_the_store(tmp_path):
     srv = start(tmp_path, register_per_ip=2, unauth_burst=100)
     try:
         raw = Raw(srv.port)
-        raw.sock.sendall(register_frames(2))
-        for _ in range(2):
+        for i in range(2):  # one at a time (unauth-in-flight)
+            raw.sock.sendall(register_frames(1, start=i))
             assert isinstance(raw.next_event(), CodeSent)
         before = last_txnid(srv)
-        raw.sock.sendall(register_frames(20, start=2))
-        for _ in range(20):
+        for i in range(2, 22):
+            raw.sock.sendall(register_frames(1, start=i))
             ev = raw.next_event()
             assert isinstance(ev, Error) and ev.code == ErrorCode.RATE_LIMITED, ev
         raw.close()
         assert last_txnid(srv) == before
+    finally:
+        assert srv.stop() == 0
+
+
+def verify_frames(n: int) -> bytes:
+    c = Connection(Role.CLIENT)
+    c.initiate()
+    key = new_identity().public
+    return b"".join(c.send(Verify(f"v{i}", f"4916{i:08d}", "123456", key)) for i in range(n))
+
+
+@pytest.mark.skipif(not LINUX, reason="reads RssAnon from /proc")
+def test_one_verify_at_a_time_per_connection_the_rest_refused_405(tmp_path):
+    # no bucket (unauth-rate 0): only the in-flight cap stands between a flood and memory
+    srv = start(tmp_path, unauth_rate=0)
+    try:
+        before = srv.anon_kib()
+        raw = Raw(srv.port, timeout=30)
+        n = 20000
+        raw.sock.sendall(verify_frames(n))
+        codes = {}
+        for _ in range(n):
+            ev = raw.next_event()
+            assert isinstance(ev, Error), ev
+            codes[ev.code] = codes.get(ev.code, 0) + 1
+        grown = srv.anon_kib() - before
+        print(f"answers by code {codes}; server memory grew {grown} KiB")
+        assert codes.get(ErrorCode.TOO_FAST, 0) >= n - 100, codes
+        assert grown < 32 << 10, f"server memory grew by {grown} KiB"
+        raw.close()
     finally:
         assert srv.stop() == 0
