@@ -480,7 +480,8 @@ OPTIONS: list[Option] = [
         "client_log_lines",
         10,
         _positive_int,
-        "log lines about client misbehaviour (failed logins, client-reported errors) per "
+        "log lines about client misbehaviour (failed logins, client-reported errors, answers "
+        "dropped because the client had closed) per "
         "source address per minute, per worker; the rest are counted in the metrics",
     ),
     Option(

@@ -260,14 +260,11 @@ class Session(asyncio.Protocol):
         try:
             self.conn.send_into(self.out, event)
         except LocalProtocolError as exc:
-            log.event(
-                logger,
-                logging.WARNING,
-                "dropped an event the state forbids",
-                conn=self.id,
-                event=type(event).__name__,
-                why=str(exc),
-            )
+            # a late answer to a connection that closed is a client's doing:
+            # throttled per source address like any line about clients
+            if self.worker.client_log(self):
+                log.event(logger, logging.WARNING, "dropped an event the state forbids",
+                          conn=self.id, event=type(event).__name__, why=str(exc))  # fmt: skip
             return
         self._schedule_flush()
 

@@ -703,3 +703,24 @@ def test_one_verify_at_a_time_per_connection_the_rest_refused_405(tmp_path):
         raw.close()
     finally:
         assert srv.stop() == 0
+
+
+def test_answers_to_a_closed_connection_do_not_flood_the_log(tmp_path):
+    # the login timeout closes the connection while its verify answers are still
+    # coming: each one used to log "dropped an event the state forbids"
+    srv = start(tmp_path, login_timeout=1, client_log_lines=10)
+    try:
+        raw = Raw(srv.port, timeout=30)
+        raw.sock.sendall(verify_frames(20000))
+        assert raw.closed_by_server(30)
+        raw.close()
+        raw = Raw(srv.port)  # a barrier: the worker has handled what came before
+        raw.send(Ping("barrier"))
+        while not isinstance(raw.next_event(), Pong):
+            pass
+        raw.close()
+        lines = srv.log_text().count("dropped an event the state forbids")
+        print(f"{lines} 'dropped an event' lines")
+        assert lines <= 10, lines
+    finally:
+        assert srv.stop() == 0
