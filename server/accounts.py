@@ -296,13 +296,24 @@ class Accounts:
         return self.config.code_ttl
 
     def verify(self, phone: str, code: str, identity_key: bytes,
-               source: str = "?") -> tuple[str, bytes, list[str]]:  # fmt: skip
-        """Check the code; create the device. Returns (address, secret, removed devices)."""
+               source: str | None = None) -> tuple[str, bytes, list[str]]:  # fmt: skip
+        """Check the code; create the device. Returns (address, secret, removed devices).
+
+        ``source``: the sender's address, whose wrong codes are limited
+        (``verify-failures``), so that a stranger cannot void the owner's code."""
 
         def matches(rec) -> bool:
             return hmac.compare_digest(_code_hash(rec["salt"], code), rec["hash"])
 
-        result = self.store.take_code(phone, matches, self.config.code_attempts)
+        c = self.config
+        failures = None
+        if source is not None:
+            failures = (f"verify-ip:{source_key(source)}", c.verify_failures,
+                        c.verify_window * 1000)  # fmt: skip
+        result = self.store.take_code(phone, matches, c.code_attempts, failures)
+        if result == "refused":
+            raise ServiceError(ErrorCode.RATE_LIMITED, "too many wrong codes from this address; "
+                               "try again later")  # fmt: skip
         if result != "ok":
             raise ServiceError(ErrorCode.BAD_CODE, "wrong, expired or already used code")
         secret = os.urandom(32)

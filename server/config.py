@@ -220,6 +220,15 @@ OPTIONS: list[Option] = [
     Option("code_ttl", 300, _positive_int, "seconds a one-time registration code stays valid"),
     Option("code_attempts", 5, _positive_int, "wrong codes allowed before a code is void"),
     Option(
+        "verify_failures",
+        3,
+        _positive_int,
+        "wrong codes one source address (IPv6: its /64) may send per verify-window, for any "
+        "numbers, across workers; past it error 302 and the code is not tried. Keep it below "
+        "code-attempts, so that one address cannot void someone else's code",
+    ),
+    Option("verify_window", 600, _positive_int, "sliding window for verify-failures, seconds"),
+    Option(
         "register_per_phone",
         3,
         _positive_int,
@@ -623,6 +632,8 @@ GROUPS: list[Group] = [
             "sms_webhook_retries",
             "code_ttl",
             "code_attempts",
+            "verify_failures",
+            "verify_window",
             "register_per_phone",
             "register_per_ip",
             "register_window",

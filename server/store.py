@@ -469,13 +469,20 @@ class Store:
         self._put(txn, "codes", phone,
                   {"hash": code_hash, "salt": salt, "expires": now + ttl_ms, "attempts": 0})  # fmt: skip
 
-    def take_code(self, phone: str, check, max_attempts: int) -> str:
+    def take_code(self, phone: str, check, max_attempts: int,
+                  failures: tuple[str, int, int] | None = None) -> str:  # fmt: skip
         """Check a code with ``check(record) -> bool``, atomically.
 
         Returns "ok" (the code is consumed), "wrong" (an attempt is counted;
-        past max_attempts the code is void) or "none" (no live code).
+        past max_attempts the code is void), "none" (no live code) or
+        "refused": ``failures`` (key, limit, window_ms: the sender's window of
+        wrong codes) is full, and the code was not tried; a wrong code is
+        counted in it.
         """
         with self.write() as txn:
+            now = self.clock()
+            if failures is not None and self.window_full(txn, *failures, now):
+                return "refused"
             rec = self._get(txn, "codes", phone)
             if rec is None or rec["expires"] <= self.clock() or rec["attempts"] >= max_attempts:
                 if rec is not None:
@@ -486,6 +493,8 @@ class Store:
                 return "ok"
             rec["attempts"] += 1
             self._put(txn, "codes", phone, rec)
+            if failures is not None:  # (at most verify-failures times per window)
+                self.hit_txn(txn, *failures, now)
             return "wrong"
 
     # -- rate limits ----------------------------------------------------------

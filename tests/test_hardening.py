@@ -724,3 +724,29 @@ def test_answers_to_a_closed_connection_do_not_flood_the_log(tmp_path):
         assert lines <= 10, lines
     finally:
         assert srv.stop() == 0
+
+
+def test_a_stranger_cannot_void_the_owners_code_with_wrong_verifies(tmp_path):
+    srv = start(tmp_path, verify_failures=3, code_attempts=5)
+    try:
+        owner = Raw(srv.port, source="127.0.0.3")
+        owner.send(Register("r0", ALICE))
+        assert isinstance(owner.next_event(), CodeSent)
+        code = srv.code_for(ALICE)
+        wrong = [c for c in ("000000", "111111", "222222", "333333", "444444", "555555")
+                 if c != code]  # fmt: skip
+        stranger = Raw(srv.port, source="127.0.0.2")
+        answers = []
+        for i, guess in enumerate(wrong[:5]):  # one at a time, each after the last one's answer
+            stranger.send(Verify(f"v{i}", ALICE, guess, new_identity().public))
+            ev = stranger.next_event()
+            assert isinstance(ev, Error), ev
+            answers.append(ev.code)
+        stranger.close()
+        assert answers == [ErrorCode.BAD_CODE] * 3 + [ErrorCode.RATE_LIMITED] * 2, answers
+        owner.send(Verify("v9", ALICE, code, new_identity().public))
+        ev = owner.next_event()
+        assert type(ev).__name__ == "Registered", ev
+        owner.close()
+    finally:
+        assert srv.stop() == 0
