@@ -2,7 +2,9 @@
 
 Registration: ``request_code`` makes a 6-digit code, keeps only a salted
 hash of it (valid ``code-ttl`` seconds, single use, ``code-attempts`` wrong
-tries), and hands it to the SMS gateway.  ``verify`` checks it in constant
+tries), and hands it to the SMS gateway.  A new code does not void the
+number's earlier live ones (a stranger asking for codes must not void the
+owner's): each stays valid until its own expiry or its wrong tries.  ``verify`` checks it in constant
 time and creates the device with a fresh 32-byte secret; a number that had
 an account moves to the new device and its old devices are removed (their
 sessions must then be closed by the caller, as on a phone change).
@@ -284,7 +286,8 @@ class Accounts:
         store.hit_txn(txn, phone_key, c.register_per_phone, window, now)
         code = f"{secrets.randbelow(10**6):06d}"
         salt = os.urandom(16)
-        store.put_code_txn(txn, now, phone, _code_hash(salt, code), salt, c.code_ttl * 1000)
+        store.put_code_txn(txn, now, phone, _code_hash(salt, code), salt, c.code_ttl * 1000,
+                           c.code_attempts)  # fmt: skip
         return code
 
     async def request_code(self, phone: str, method: str, source: str) -> int:
@@ -302,8 +305,8 @@ class Accounts:
         ``source``: the sender's address, whose wrong codes are limited
         (``verify-failures``), so that a stranger cannot void the owner's code."""
 
-        def matches(rec) -> bool:
-            return hmac.compare_digest(_code_hash(rec["salt"], code), rec["hash"])
+        def matches(salt: bytes, code_hash: bytes) -> bool:
+            return hmac.compare_digest(_code_hash(salt, code), code_hash)
 
         c = self.config
         failures = None

@@ -750,3 +750,29 @@ def test_a_stranger_cannot_void_the_owners_code_with_wrong_verifies(tmp_path):
         owner.close()
     finally:
         assert srv.stop() == 0
+
+
+def test_codes_a_stranger_asks_for_do_not_void_the_owners(tmp_path):
+    srv = start(tmp_path, register_per_phone=3)
+    try:
+
+        def register(source: str, rid: str):
+            raw = Raw(srv.port, source=source)
+            raw.send(Register(rid, ALICE))
+            ev = raw.next_event()
+            raw.close()
+            return ev
+
+        assert isinstance(register("127.0.0.3", "owner"), CodeSent)
+        code = srv.code_for(ALICE)
+        for i in range(2):
+            assert isinstance(register("127.0.0.2", f"s{i}"), CodeSent)
+        ev = register("127.0.0.2", "s3")  # register-per-phone is used up: the lockout stays
+        assert isinstance(ev, Error) and ev.code == ErrorCode.RATE_LIMITED, ev
+        owner = Raw(srv.port, source="127.0.0.3")
+        owner.send(Verify("v", ALICE, code, new_identity().public))
+        ev = owner.next_event()
+        assert type(ev).__name__ == "Registered", ev
+        owner.close()
+    finally:
+        assert srv.stop() == 0
