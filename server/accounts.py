@@ -15,9 +15,11 @@ Login: SCRAM-SHA-256 through ``scramp`` (RFC 5802/7677).  The store keeps
 only StoredKey and ServerKey (and the salt and iteration count), never the
 secret.  An unknown device gets a challenge of the same shape as a real
 one: its salt is a keyed hash of the device name (HMAC-SHA-256 with the
-store's own secret), the same on every try, and the iteration count is the
-current ``scram-iterations``, so probing cannot tell which devices exist;
-it then fails at the proof, like a wrong secret.
+store's own secret), the same on every try, and its iteration count one of
+those real devices have (the store keeps a tally), picked by another keyed
+hash of the name as often as devices have it, so probing cannot tell which
+devices exist, even after ``scram-iterations`` changed; it then fails at
+the proof, like a wrong secret.
 
 Failed logins are counted in the worker's memory (server/limits.py
 ``LeakyTable``, capped, never in the store: strangers must not be able to
@@ -354,8 +356,25 @@ class Accounts:
             # The shape of a real answer, and the same salt every time; the
             # proof cannot match (the keys are random).
             salt = hmac.new(self._salt_key, username.encode(), hashlib.sha256).digest()
-            return (salt, os.urandom(32), os.urandom(32), self.config.scram_iterations)
+            return (salt, os.urandom(32), os.urandom(32), self._likely_iterations(username))
         return (dev["salt"], dev["stored_key"], dev["server_key"], dev["iterations"])
+
+    def _likely_iterations(self, username: str) -> int:
+        """The iteration count a made-up device is answered with: one of the counts
+        real devices have, chosen for ``username`` by a keyed hash (the same on
+        every try), each as often as devices have it; the current setting while
+        the store has no device."""
+        tally = self.store.iteration_tally()
+        total = sum(tally.values())
+        if not total:
+            return self.config.scram_iterations
+        mac = hmac.new(self._salt_key, b"iterations " + username.encode(), hashlib.sha256)
+        pick = int.from_bytes(mac.digest()[:8], "big") % total
+        for iterations, n in sorted(tally.items()):
+            if pick < n:
+                return iterations
+            pick -= n
+        return self.config.scram_iterations  # (not reached)
 
     def _failure_keys(self, address: str, ip: str) -> tuple[str, str]:
         net = source_key(ip)

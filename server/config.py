@@ -291,7 +291,13 @@ OPTIONS: list[Option] = [
         "and (device, address) pairs) and of client log lines (source addresses); never in "
         "the store, the least recent are forgotten first",
     ),
-    Option("scram_iterations", 4096, _positive_int, "PBKDF2 iterations for new device keys"),
+    Option(
+        "scram_iterations",
+        4096,
+        _positive_int,
+        "PBKDF2 iterations for new device keys (made-up devices are answered with a count real "
+        "devices have)",
+    ),
     Option(
         "sms_gateway",
         "log",

@@ -89,6 +89,7 @@ from .queues import QUEUE_TABLES, FrameEncoder, drop_device_queue, upgrade_entri
 from .social import SOCIAL_TABLES, drop_user, release_device
 
 FORMAT_VERSION = 5
+ITERATIONS_KEY = b"iterations"  # meta: [[iteration count, devices], ...]
 MAX_CODES = 8  # live registration codes one number keeps (register-per-phone bounds them first)
 _UPGRADABLE = (1, 2, 3, 4)  # formats opened and upgraded in place
 _MSGPACK_QUEUES = (2, 3)  # formats whose queue entries are rewritten (upgrade_entries)
@@ -242,6 +243,21 @@ class Store:
     def close(self) -> None:
         self.env.close()
 
+    def _count_iterations(self, txn, iterations: int) -> None:
+        """Count a new device's PBKDF2 iteration count in the store's tally."""
+        tally = self.iteration_tally(txn)
+        tally[iterations] = tally.get(iterations, 0) + 1
+        txn.put(ITERATIONS_KEY, _pack(sorted(tally.items())), db=self._db["meta"])
+
+    def iteration_tally(self, txn=None) -> dict[int, int]:
+        """{iteration count: devices given it} over the devices ever made (since
+        the tally was kept; removals are not subtracted)."""
+        if txn is None:
+            with self.read() as txn:
+                return self.iteration_tally(txn)
+        raw = txn.get(ITERATIONS_KEY, db=self._db["meta"])
+        return {} if raw is None else {int(k): int(n) for k, n in _unpack(raw)}
+
     def secret(self, purpose: bytes) -> bytes:
         """A key for ``purpose``, derived from the store's secret (the same in every worker)."""
         with self.read() as txn:
@@ -358,6 +374,7 @@ class Store:
         ``extra``: more fields of the device record (a companion's name,
         link signature, pending)."""
         salt, stored_key, server_key, iterations = keys
+        self._count_iterations(txn, iterations)
         number = acct["next_device"]
         acct["devices"].append(number)
         acct["next_device"] = number + 1

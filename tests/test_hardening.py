@@ -776,3 +776,28 @@ def test_codes_a_stranger_asks_for_do_not_void_the_owners(tmp_path):
         owner.close()
     finally:
         assert srv.stop() == 0
+
+
+def scram_iterations_of(port: int, device: str) -> str:
+    from pigeon.client._core import Credentials
+
+    raw = Raw(port)
+    raw.send(ScramLogin(Credentials(device, os.urandom(32))).first())
+    ev = raw.next_event()
+    raw.close()
+    return dict(f.split("=", 1) for f in ev.data.decode().split(","))["i"]
+
+
+def test_after_scram_iterations_changes_the_challenge_still_does_not_tell(tmp_path):
+    srv = start(tmp_path, scram_iterations=4096)
+    try:
+        creds = run(srv.register(ALICE))
+    finally:
+        assert srv.stop() == 0
+    srv = Server(tmp_path / "data", workers=2, scram_iterations=8192).start()
+    try:
+        assert scram_iterations_of(srv.port, creds.device) == "4096"
+        made_up = [scram_iterations_of(srv.port, f"4930{i:08d}:0") for i in range(8)]
+        assert made_up == ["4096"] * 8, made_up  # the only count real devices have
+    finally:
+        assert srv.stop() == 0
