@@ -281,8 +281,8 @@ class Session(asyncio.Protocol):
 
     def _flush(self) -> None:
         self.flush_pending = False
-        if self.transport is None or self.transport.is_closing():
-            return
+        if self.transport is None or self.transport.is_closing() or self.linger is not None:
+            return  # (after the EOF of a graceful close nothing more may be written)
         if self.out:
             out, self.out = self.out, bytearray()
             self.transport.write(out)
