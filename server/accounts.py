@@ -2,7 +2,9 @@
 
 Registration: ``request_code`` makes a 6-digit code, keeps only a salted
 hash of it (valid ``code-ttl`` seconds, single use, ``code-attempts`` wrong
-tries), and hands it to the SMS gateway.  ``verify`` checks it in constant
+tries), and hands it to the SMS gateway.  A new code does not void the
+number's earlier live ones (a stranger asking for codes must not void the
+owner's): each stays valid until its own expiry or its wrong tries.  ``verify`` checks it in constant
 time and creates the device with a fresh 32-byte secret; a number that had
 an account moves to the new device and its old devices are removed (their
 sessions must then be closed by the caller, as on a phone change).
@@ -13,9 +15,11 @@ Login: SCRAM-SHA-256 through ``scramp`` (RFC 5802/7677).  The store keeps
 only StoredKey and ServerKey (and the salt and iteration count), never the
 secret.  An unknown device gets a challenge of the same shape as a real
 one: its salt is a keyed hash of the device name (HMAC-SHA-256 with the
-store's own secret), the same on every try, and the iteration count is the
-current ``scram-iterations``, so probing cannot tell which devices exist;
-it then fails at the proof, like a wrong secret.
+store's own secret), the same on every try, and its iteration count one of
+those real devices have (the store keeps a tally), picked by another keyed
+hash of the name as often as devices have it, so probing cannot tell which
+devices exist, even after ``scram-iterations`` changed; it then fails at
+the proof, like a wrong secret.
 
 Failed logins are counted in the worker's memory (server/limits.py
 ``LeakyTable``, capped, never in the store: strangers must not be able to
@@ -267,27 +271,54 @@ class Accounts:
 
     # -- registration -------------------------------------------------------
 
-    async def request_code(self, phone: str, method: str, source: str) -> int:
-        """Send a new code to ``phone``; returns its lifetime in seconds."""
+    def code_txn(self, txn, now: int, phone: str, source: str) -> str:
+        """A new code for ``phone`` inside ``txn`` (a job of the tick's commit), under
+        the rate windows; returns the code, to be sent after the commit.  A refusal
+        writes nothing."""
         c = self.config
+        store = self.store
         window = c.register_window * 1000
-        if not self.store.hit(f"reg-ip:{source_key(source)}", c.register_per_ip, window):
+        store.check_room(txn)
+        ip_key, phone_key = f"reg-ip:{source_key(source)}", f"reg-phone:{phone}"
+        if store.window_full(txn, ip_key, c.register_per_ip, window, now):
             raise ServiceError(ErrorCode.RATE_LIMITED, "too many registrations from this address")
-        if not self.store.hit(f"reg-phone:{phone}", c.register_per_phone, window):
+        if store.window_full(txn, phone_key, c.register_per_phone, window, now):
             raise ServiceError(ErrorCode.RATE_LIMITED, "too many codes requested for this number")
+        store.hit_txn(txn, ip_key, c.register_per_ip, window, now)
+        store.hit_txn(txn, phone_key, c.register_per_phone, window, now)
         code = f"{secrets.randbelow(10**6):06d}"
         salt = os.urandom(16)
-        self.store.put_code(phone, _code_hash(salt, code), salt, c.code_ttl * 1000)
+        store.put_code_txn(txn, now, phone, _code_hash(salt, code), salt, c.code_ttl * 1000,
+                           c.code_attempts)  # fmt: skip
+        return code
+
+    async def request_code(self, phone: str, method: str, source: str) -> int:
+        """Send a new code to ``phone`` (in a transaction of its own); returns its
+        lifetime in seconds."""
+        with self.store.write() as txn:
+            code = self.code_txn(txn, self.store.clock(), phone, source)
         await self.gateway.send(phone, code, method)
-        return c.code_ttl
+        return self.config.code_ttl
 
-    def verify(self, phone: str, code: str, identity_key: bytes) -> tuple[str, bytes, list[str]]:
-        """Check the code; create the device. Returns (address, secret, removed devices)."""
+    def verify(self, phone: str, code: str, identity_key: bytes,
+               source: str | None = None) -> tuple[str, bytes, list[str]]:  # fmt: skip
+        """Check the code; create the device. Returns (address, secret, removed devices).
 
-        def matches(rec) -> bool:
-            return hmac.compare_digest(_code_hash(rec["salt"], code), rec["hash"])
+        ``source``: the sender's address, whose wrong codes are limited
+        (``verify-failures``), so that a stranger cannot void the owner's code."""
 
-        result = self.store.take_code(phone, matches, self.config.code_attempts)
+        def matches(salt: bytes, code_hash: bytes) -> bool:
+            return hmac.compare_digest(_code_hash(salt, code), code_hash)
+
+        c = self.config
+        failures = None
+        if source is not None:
+            failures = (f"verify-ip:{source_key(source)}", c.verify_failures,
+                        c.verify_window * 1000)  # fmt: skip
+        result = self.store.take_code(phone, matches, c.code_attempts, failures)
+        if result == "refused":
+            raise ServiceError(ErrorCode.RATE_LIMITED, "too many wrong codes from this address; "
+                               "try again later")  # fmt: skip
         if result != "ok":
             raise ServiceError(ErrorCode.BAD_CODE, "wrong, expired or already used code")
         secret = os.urandom(32)
@@ -325,8 +356,25 @@ class Accounts:
             # The shape of a real answer, and the same salt every time; the
             # proof cannot match (the keys are random).
             salt = hmac.new(self._salt_key, username.encode(), hashlib.sha256).digest()
-            return (salt, os.urandom(32), os.urandom(32), self.config.scram_iterations)
+            return (salt, os.urandom(32), os.urandom(32), self._likely_iterations(username))
         return (dev["salt"], dev["stored_key"], dev["server_key"], dev["iterations"])
+
+    def _likely_iterations(self, username: str) -> int:
+        """The iteration count a made-up device is answered with: one of the counts
+        real devices have, chosen for ``username`` by a keyed hash (the same on
+        every try), each as often as devices have it; the current setting while
+        the store has no device."""
+        tally = self.store.iteration_tally()
+        total = sum(tally.values())
+        if not total:
+            return self.config.scram_iterations
+        mac = hmac.new(self._salt_key, b"iterations " + username.encode(), hashlib.sha256)
+        pick = int.from_bytes(mac.digest()[:8], "big") % total
+        for iterations, n in sorted(tally.items()):
+            if pick < n:
+                return iterations
+            pick -= n
+        return self.config.scram_iterations  # (not reached)
 
     def _failure_keys(self, address: str, ip: str) -> tuple[str, str]:
         net = source_key(ip)

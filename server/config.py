@@ -220,6 +220,15 @@ OPTIONS: list[Option] = [
     Option("code_ttl", 300, _positive_int, "seconds a one-time registration code stays valid"),
     Option("code_attempts", 5, _positive_int, "wrong codes allowed before a code is void"),
     Option(
+        "verify_failures",
+        3,
+        _positive_int,
+        "wrong codes one source address (IPv6: its /64) may send per verify-window, for any "
+        "numbers, across workers; past it error 302 and the code is not tried. Keep it below "
+        "code-attempts, so that one address cannot void someone else's code",
+    ),
+    Option("verify_window", 600, _positive_int, "sliding window for verify-failures, seconds"),
+    Option(
         "register_per_phone",
         3,
         _positive_int,
@@ -230,6 +239,28 @@ OPTIONS: list[Option] = [
         20,
         _positive_int,
         "code requests per source address per register-window",
+    ),
+    Option(
+        "unauth_rate",
+        1.0,
+        _non_negative_float,
+        "register, verify and pair requests one connection may send per second before it "
+        "logs in, on average (token bucket); past it error 302 and the connection is closed, "
+        "the rest of its input unread. 0 = no limit",
+    ),
+    Option("unauth_burst", 10, _positive_int, "how many of those a connection may send at once"),
+    Option(
+        "unauth_in_flight",
+        1,
+        _positive_int,
+        "register and verify requests one connection may have unanswered; past it error 405",
+    ),
+    Option(
+        "unauth_worker_in_flight",
+        32,
+        _positive_int,
+        "register and verify requests one worker handles at once, all its connections "
+        "together; past it error 502",
     ),
     Option(
         "register_window",
@@ -260,7 +291,13 @@ OPTIONS: list[Option] = [
         "and (device, address) pairs) and of client log lines (source addresses); never in "
         "the store, the least recent are forgotten first",
     ),
-    Option("scram_iterations", 4096, _positive_int, "PBKDF2 iterations for new device keys"),
+    Option(
+        "scram_iterations",
+        4096,
+        _positive_int,
+        "PBKDF2 iterations for new device keys (made-up devices are answered with a count real "
+        "devices have)",
+    ),
     Option(
         "sms_gateway",
         "log",
@@ -458,7 +495,8 @@ OPTIONS: list[Option] = [
         "client_log_lines",
         10,
         _positive_int,
-        "log lines about client misbehaviour (failed logins, client-reported errors) per "
+        "log lines about client misbehaviour (failed logins, client-reported errors, answers "
+        "dropped because the client had closed) per "
         "source address per minute, per worker; the rest are counted in the metrics",
     ),
     Option(
@@ -712,9 +750,15 @@ GROUPS: list[Group] = [
             "sms_webhook_retries",
             "code_ttl",
             "code_attempts",
+            "verify_failures",
+            "verify_window",
             "register_per_phone",
             "register_per_ip",
             "register_window",
+            "unauth_rate",
+            "unauth_burst",
+            "unauth_in_flight",
+            "unauth_worker_in_flight",
         ),
     ),  # fmt: skip
     Group(

@@ -9,8 +9,8 @@ own).  A handler answers through the session (``send``) or the tick's
 commit (messages and receipts are answered after it).
 
 Login and registration live here too: the SCRAM exchange (``auth_start``,
-``auth_response``), registration by phone number and code (``register``,
-``verify``; both spawned, the PBKDF2 of ``verify`` off the loop) and
+``auth_response``), registration by phone number and code (``register``: its writes join the
+tick's commit, the SMS is spawned; ``verify``: spawned, its PBKDF2 off the loop) and
 leaving (``leave``: logout or account deletion).  Linked devices (pair,
 link, devices, unlink) are server/linking.py's.
 """
@@ -79,6 +79,9 @@ HOT_MESSAGE, HOT_ACK = 1, 3  # Hot.kind (2 is a receipt)
 RATED = frozenset({Message, Receipt, Presence, Privacy, Discover, Block, Unblock, BlocklistQuery,
                    Link, DevicesQuery, Unlink, KeysUpload, KeysQuery, KeysCountQuery,
                    UploadRequest})  # fmt: skip
+#: Requests a stranger may send before logging in: they draw on the connection's
+#: own bucket (``unauth-rate``), past which the connection is closed unread.
+UNAUTH = frozenset({Register, Verify, Pair})
 
 
 def handle(s, ev) -> None:
@@ -92,6 +95,8 @@ def handle(s, ev) -> None:
                            ev.type, ev.body, ev.payloads)  # fmt: skip
         return
     if t in RATED and not s.allowed(ev):
+        return
+    if t in UNAUTH and not s.unauth_allowed():
         return
     handler = HANDLERS.get(t)
     if handler is not None:  # Hello, Pong: nothing to do
@@ -285,35 +290,117 @@ def scram_username(client_first: bytes) -> str | None:
     return parts[2][2:].replace("=2C", ",").replace("=3D", "=")
 
 
-async def register(s, ev: Register) -> None:
-    try:
-        ttl = await s.worker.accounts.request_code(ev.phone, ev.method, s.ip)
-    except ServiceError as err:
-        s.send(Error(err.code, err.text, ev.id))
-        return
-    except lmdb.Error as exc:
-        s.store_failed(exc, ev.id)
-        return
-    s.send(CodeSent(ev.id, ttl))
+class InFlight:
+    """One register or verify request being handled: counted against
+    ``unauth-in-flight`` (its connection) and ``unauth-worker-in-flight``
+    until ``release`` (which may be called more than once)."""
+
+    __slots__ = ("session", "held")
+
+    def __init__(self, s):
+        self.session = s
+        self.held = True
+        s.in_flight += 1
+        s.worker.unauth_in_flight += 1
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.session.in_flight -= 1
+            self.session.worker.unauth_in_flight -= 1
 
 
-async def verify(s, ev: Verify) -> None:
+def admit(s, ev) -> InFlight | None:
+    """A register or verify may start: under both in-flight caps (else refused)."""
     w = s.worker
+    c = w.config
+    if s.in_flight >= c.unauth_in_flight:
+        w.stats.counters["rate_limited"] += 1
+        s.send(Error(ErrorCode.TOO_FAST, "a registration request is already in progress on this "
+                     "connection; wait for its answer", ev.id))  # fmt: skip
+        return None
+    if w.unauth_in_flight >= c.unauth_worker_in_flight:
+        w.stats.counters["rate_limited"] += 1
+        s.send(Error(ErrorCode.UNAVAILABLE, "the server is busy with registrations; retry later",
+                     ev.id))  # fmt: skip
+        return None
+    return InFlight(s)
+
+
+def register(s, ev: Register) -> None:
+    """The rate windows and the new code join the tick's commit; the SMS goes after it."""
+    ticket = admit(s, ev)
+    if ticket is None:
+        return
+    w = s.worker
+    source = s.source
+
+    def run(txn, now):
+        try:
+            return w.accounts.code_txn(txn, now, ev.phone, source)
+        except BaseException:
+            ticket.release()  # refused: the Job answers
+            raise
+
+    def sent(code: str) -> None:
+        w.spawn(send_code(s, ev, code, ticket))
+
+    def failed(exc) -> None:
+        ticket.release()
+        if not s.closing:
+            s.store_failed(exc, ev.id)
+
+    w.write(run, sent, s, ev.id, failed)
+
+
+async def send_code(s, ev: Register, code: str, ticket: InFlight) -> None:
+    try:
+        await s.worker.accounts.gateway.send(ev.phone, code, ev.method)
+    except ServiceError as err:
+        if not s.closing:
+            s.send(Error(err.code, err.text, ev.id))
+        return
+    finally:
+        ticket.release()
+    if not s.closing:  # a closed connection's answer is dropped
+        s.send(CodeSent(ev.id, s.worker.config.code_ttl))
+
+
+def start_verify(s, ev: Verify) -> None:
+    ticket = admit(s, ev)
+    if ticket is not None:
+        s.worker.spawn(verify(s, ev, ticket))
+
+
+async def verify(s, ev: Verify, ticket: InFlight) -> None:
+    w = s.worker
+
+    def run():
+        if s.closing:  # gone while it waited for a thread: not tried at all
+            return None
+        return w.accounts.verify(ev.phone, ev.code, ev.identity_key, s.source)
+
     try:
         # PBKDF2 for the new device's SCRAM keys: off the loop.
-        address, secret, removed = await asyncio.to_thread(
-            w.accounts.verify, ev.phone, ev.code, ev.identity_key
-        )
+        result = await asyncio.to_thread(run)
     except ServiceError as err:
-        s.send(Error(err.code, err.text, ev.id))
+        if not s.closing:
+            s.send(Error(err.code, err.text, ev.id))
         return
     except lmdb.Error as exc:
-        s.store_failed(exc, ev.id)
+        if not s.closing:
+            s.store_failed(exc, ev.id)
         return
+    finally:
+        ticket.release()
+    if result is None:
+        return
+    address, secret, removed = result
     for old in removed:
         w.revoke(old, ErrorCode.REVOKED, "this number was registered on another device")
     log.event(logger, logging.INFO, "device registered", device=address)
-    s.send(Registered(ev.id, address, secret))
+    if not s.closing:
+        s.send(Registered(ev.id, address, secret))
     # a new device: the users who talk to this one are told, in the next commit
     # (the registration's transaction ran in a thread, outside the worker's queues)
     w.write(lambda txn, now: keydir.changed_txn(w.queues, txn, ev.phone, now), w.deliver)
@@ -447,8 +534,8 @@ HANDLERS = {
     Block: block,
     Unblock: unblock,
     BlocklistQuery: blocklist,
-    Register: lambda s, ev: s.worker.spawn(register(s, ev)),
-    Verify: lambda s, ev: s.worker.spawn(verify(s, ev)),
+    Register: register,
+    Verify: start_verify,
     AuthStart: auth_start,
     AuthResponse: auth_response,
     Logout: lambda s, ev: leave(s, ev.id, "logout"),

@@ -60,7 +60,8 @@ class Session(asyncio.Protocol):
     __slots__ = ("worker", "tls", "transport", "id", "conn", "out", "flush_pending", "closing",
                  "ip", "source", "device", "user", "scram", "login_user", "last_seen",
                  "deadline", "pushed", "acked", "backlog", "paused", "linger", "subs", "bucket",
-                 "typing", "typing_warned", "holders", "pairing")  # fmt: skip
+                 "typing", "typing_warned", "holders", "pairing", "unauth",
+                 "in_flight")  # fmt: skip
 
     def __init__(self, worker: Worker, tls: ssl.SSLContext | None = None):
         self.worker = worker
@@ -92,6 +93,8 @@ class Session(asyncio.Protocol):
         self.bucket: Bucket | None = None
         self.typing: Bucket | None = None
         self.typing_warned = 0.0
+        self.unauth: Bucket | None = None  # register, verify, pair (unauth-rate)
+        self.in_flight = 0  # register and verify requests not answered yet
         self.holders: set[int] | None = None  # workers asked to hold pushes while paused
         self.pairing = None  # a companion waiting to be linked (server/linking.py)
 
@@ -257,14 +260,11 @@ class Session(asyncio.Protocol):
         try:
             self.conn.send_into(self.out, event)
         except LocalProtocolError as exc:
-            log.event(
-                logger,
-                logging.WARNING,
-                "dropped an event the state forbids",
-                conn=self.id,
-                event=type(event).__name__,
-                why=str(exc),
-            )
+            # a late answer to a connection that closed is a client's doing:
+            # throttled per source address like any line about clients
+            if self.worker.client_log(self):
+                log.event(logger, logging.WARNING, "dropped an event the state forbids",
+                          conn=self.id, event=type(event).__name__, why=str(exc))  # fmt: skip
             return
         self._schedule_flush()
 
@@ -281,8 +281,8 @@ class Session(asyncio.Protocol):
 
     def _flush(self) -> None:
         self.flush_pending = False
-        if self.transport is None or self.transport.is_closing():
-            return
+        if self.transport is None or self.transport.is_closing() or self.linger is not None:
+            return  # (after the EOF of a graceful close nothing more may be written)
         if self.out:
             out, self.out = self.out, bytearray()
             self.transport.write(out)
@@ -418,6 +418,21 @@ class Session(asyncio.Protocol):
             self.refill()
 
     # -- events ---------------------------------------------------------------
+
+    def unauth_allowed(self) -> bool:
+        """Draw on the bucket of requests a stranger may send (register, verify,
+        pair); past it 302 and the connection closes, the rest of its input
+        unread: a flood of them costs one error, never a store write each."""
+        w = self.worker
+        now = w.loop.time()
+        if self.unauth is None:
+            self.unauth = Bucket(w.config.unauth_rate, w.config.unauth_burst, now)
+        if self.unauth.take(now):
+            return True
+        w.stats.counters["rate_limited"] += 1
+        self.fail(ErrorCode.RATE_LIMITED, "too many registration or pairing requests on this "
+                  "connection; reconnect later")  # fmt: skip
+        return False
 
     def allowed(self, ev) -> bool:
         """Draw on the connection's message-rate bucket; answer 405 if it is empty."""

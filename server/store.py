@@ -18,7 +18,7 @@ Tables (LMDB named databases):
                             identity_key, created; a linked companion also
                             name, signature (the primary's link signature)
                             and pending (linked, not yet logged in)}
-    codes     phone -> {hash, salt, expires, attempts}
+    codes     phone -> {codes: [[hash, salt, expires, attempts], ...], expires}
     limits    "kind:key" -> [hit times, ms] (sliding-window log, newest last)
     sessions  "phone:n" -> {worker, conn, since}  (which worker holds a device)
     pairs     "r:<ref>" or "c:<code>" -> {worker, conn, rid, key, name, phone,
@@ -95,6 +95,8 @@ from .queues import QUEUE_TABLES, FrameEncoder, drop_device_queue, upgrade_entri
 from .social import SOCIAL_TABLES, drop_user, release_device
 
 FORMAT_VERSION = 6
+ITERATIONS_KEY = b"iterations"  # meta: [[iteration count, devices], ...]
+MAX_CODES = 8  # live registration codes one number keeps (register-per-phone bounds them first)
 _UPGRADABLE = (1, 2, 3, 4, 5)  # formats opened and upgraded in place
 _MSGPACK_QUEUES = (2, 3)  # formats whose queue entries are rewritten (upgrade_entries)
 _TABLES = (
@@ -247,6 +249,21 @@ class Store:
     def close(self) -> None:
         self.env.close()
 
+    def _count_iterations(self, txn, iterations: int) -> None:
+        """Count a new device's PBKDF2 iteration count in the store's tally."""
+        tally = self.iteration_tally(txn)
+        tally[iterations] = tally.get(iterations, 0) + 1
+        txn.put(ITERATIONS_KEY, _pack(sorted(tally.items())), db=self._db["meta"])
+
+    def iteration_tally(self, txn=None) -> dict[int, int]:
+        """{iteration count: devices given it} over the devices ever made (since
+        the tally was kept; removals are not subtracted)."""
+        if txn is None:
+            with self.read() as txn:
+                return self.iteration_tally(txn)
+        raw = txn.get(ITERATIONS_KEY, db=self._db["meta"])
+        return {} if raw is None else {int(k): int(n) for k, n in _unpack(raw)}
+
     def secret(self, purpose: bytes) -> bytes:
         """A key for ``purpose``, derived from the store's secret (the same in every worker)."""
         with self.read() as txn:
@@ -364,6 +381,7 @@ class Store:
         ``extra``: more fields of the device record (a companion's name,
         link signature, pending)."""
         salt, stored_key, server_key, iterations = keys
+        self._count_iterations(txn, iterations)
         number = acct["next_device"]
         acct["devices"].append(number)
         acct["next_device"] = number + 1
@@ -467,33 +485,66 @@ class Store:
 
     # -- one-time codes -----------------------------------------------------
 
-    def put_code(self, phone: str, code_hash: bytes, salt: bytes, ttl_ms: int) -> None:
+    def put_code(self, phone: str, code_hash: bytes, salt: bytes, ttl_ms: int,
+                 max_attempts: int = 5) -> None:  # fmt: skip
         with self.write() as txn:
             self.check_room(txn)
-            self._put(
-                txn,
-                "codes",
-                phone,
-                {"hash": code_hash, "salt": salt, "expires": self.clock() + ttl_ms, "attempts": 0},
-            )
+            self.put_code_txn(txn, self.clock(), phone, code_hash, salt, ttl_ms, max_attempts)
 
-    def take_code(self, phone: str, check, max_attempts: int) -> str:
-        """Check a code with ``check(record) -> bool``, atomically.
+    @staticmethod
+    def _live_codes(rec, now: int, max_attempts: int) -> list:
+        """The codes of a record still valid: [[hash, salt, expires, attempts], ...]."""
+        if rec is None:
+            return []
+        if "codes" not in rec:  # a record written before several codes were kept
+            rec = {"codes": [[rec["hash"], rec["salt"], rec["expires"], rec["attempts"]]]}
+        return [c for c in rec["codes"] if c[2] > now and c[3] < max_attempts]
 
-        Returns "ok" (the code is consumed), "wrong" (an attempt is counted;
-        past max_attempts the code is void) or "none" (no live code).
+    def put_code_txn(self, txn, now: int, phone: str, code_hash: bytes, salt: bytes,
+                     ttl_ms: int, max_attempts: int = 5) -> None:  # fmt: skip
+        """put_code inside ``txn``: the new code joins the number's live ones (a
+        new request voids none of them; each keeps its expiry and its count of
+        wrong tries), at most MAX_CODES, the oldest dropped first."""
+        live = self._live_codes(self._get(txn, "codes", phone), now, max_attempts)
+        live.append([code_hash, salt, now + ttl_ms, 0])
+        live = live[-MAX_CODES:]
+        self._put(txn, "codes", phone, {"codes": live, "expires": max(c[2] for c in live)})
+
+    def take_code(self, phone: str, check, max_attempts: int,
+                  failures: tuple[str, int, int] | None = None) -> str:  # fmt: skip
+        """Check a code with ``check(salt, hash) -> bool`` against each live code of
+        ``phone``, atomically.
+
+        Returns "ok" (that code is consumed, and the number's others with it),
+        "wrong" (a wrong try is counted on every live code; one past
+        max_attempts is void), "none" (no live code) or "refused":
+        ``failures`` (key, limit, window_ms: the sender's window of wrong
+        codes) is full, and no code was tried; a wrong code is counted in it.
         """
         with self.write() as txn:
+            now = self.clock()
+            if failures is not None and self.window_full(txn, *failures, now):
+                return "refused"
             rec = self._get(txn, "codes", phone)
-            if rec is None or rec["expires"] <= self.clock() or rec["attempts"] >= max_attempts:
+            live = self._live_codes(rec, now, max_attempts)
+            if not live:
                 if rec is not None:
                     self._delete(txn, "codes", phone)
                 return "none"
-            if check(rec):
+            # every live code is checked (no early exit: the time does not say which)
+            hit = [check(c[1], c[0]) for c in live]
+            if any(hit):
                 self._delete(txn, "codes", phone)
                 return "ok"
-            rec["attempts"] += 1
-            self._put(txn, "codes", phone, rec)
+            for c in live:
+                c[3] += 1
+            live = [c for c in live if c[3] < max_attempts]
+            if live:
+                self._put(txn, "codes", phone, {"codes": live, "expires": max(c[2] for c in live)})
+            else:
+                self._delete(txn, "codes", phone)
+            if failures is not None:  # (at most verify-failures times per window)
+                self.hit_txn(txn, *failures, now)
             return "wrong"
 
     # -- rate limits ----------------------------------------------------------
@@ -509,14 +560,16 @@ class Store:
     def hit_txn(self, txn, key: str, limit: int, window_ms: int, now: int) -> bool:
         """hit inside ``txn`` (a job of the tick's commit)."""
         hits = [t for t in (self._get(txn, "limits", key) or []) if t > now - window_ms]
-        allowed = len(hits) < limit
-        if allowed:
-            hits.append(now)
-        if hits:
-            self._put(txn, "limits", key, hits)
-        else:
-            self._delete(txn, "limits", key)
-        return allowed
+        if len(hits) >= limit:
+            return False  # refused: nothing written (the sweep drops what went stale)
+        hits.append(now)
+        self._put(txn, "limits", key, hits)
+        return True
+
+    def window_full(self, txn, key: str, limit: int, window_ms: int, now: int) -> bool:
+        """Would ``hit_txn`` refuse? (Reads only.)"""
+        hits = self._get(txn, "limits", key) or []
+        return sum(1 for t in hits if t > now - window_ms) >= limit
 
     def sweep(self, max_window_ms: int, start: tuple[bytes, bytes] = (b"", b""),
               batch: int = 1000) -> tuple[int, tuple[bytes, bytes]]:  # fmt: skip

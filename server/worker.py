@@ -182,6 +182,7 @@ class Worker:
         self.social: Social | None = None
         self.presence: PresenceHub | None = None
         self.tasks: set[asyncio.Task] = set()
+        self.unauth_in_flight = 0  # register and verify requests of all connections (handlers)
         self.listeners = Listeners(self, Session)
         self.router: Router | None = None
         self.loop: asyncio.AbstractEventLoop | None = None

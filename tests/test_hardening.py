@@ -23,7 +23,17 @@ from pigeon.client.identity import new_identity
 from pigeon.core import codec as core_codec
 from pigeon.core.connection import Connection, Role
 from pigeon.core.errors import ErrorCode
-from pigeon.core.events import Error, Hello, Pair, Ping, Pong
+from pigeon.core.events import (
+    CodeSent,
+    ConnectionClosed,
+    Error,
+    Hello,
+    Pair,
+    Ping,
+    Pong,
+    Register,
+    Verify,
+)
 from pigeon.server.store import Store
 
 ALICE, BOB, CAROL = "491701234567", "4915112345678", "4917612345678"
@@ -601,5 +611,195 @@ def test_a_frame_past_login_max_frame_before_login_is_refused_at_its_header(tmp_
             await b.close()
 
         run(main())
+    finally:
+        assert srv.stop() == 0
+
+
+# -- 14. requests a stranger sends before logging in (probe 2) ------------------------------
+
+
+def last_txnid(srv: Server) -> int:
+    store = Store(str(srv.data_dir / "store"), map_size=256 << 20, create=False)
+    try:
+        return store.env.info()["last_txnid"]
+    finally:
+        store.close()
+
+
+def register_frames(n: int, start: int = 0) -> bytes:
+    c = Connection(Role.CLIENT)
+    c.initiate()
+    return b"".join(c.send(Register(f"r{i}", f"4916{i:08d}")) for i in range(start, start + n))
+
+
+def test_a_register_flood_on_one_connection_is_cut_off_at_unauth_burst(tmp_path):
+    srv = start(tmp_path, unauth_burst=10, unauth_rate=1.0, register_per_ip=1000)
+    try:
+        raw = Raw(srv.port)
+        raw.sock.sendall(register_frames(3000))
+        answers, last = 0, None
+        while True:
+            try:
+                ev = raw.next_event()
+            except (ConnectionResetError, OSError):
+                break
+            if ev is None or isinstance(ev, ConnectionClosed):
+                break
+            answers += 1
+            last = ev
+            if isinstance(ev, Error) and ev.code == ErrorCode.RATE_LIMITED and ev.id is None:
+                break
+        assert isinstance(last, Error) and last.code == ErrorCode.RATE_LIMITED, last
+        assert "on this connection" in last.text
+        assert answers <= 11, answers  # the burst (answered or refused), then the 302
+        assert raw.closed_by_server(10)
+        raw.close()
+        assert len(srv.log_text().splitlines()) < 200
+    finally:
+        assert srv.stop() == 0
+
+
+def test_a_refused_register_writes_nothing_to_the_store(tmp_path):
+    srv = start(tmp_path, register_per_ip=2, unauth_burst=100)
+    try:
+        raw = Raw(srv.port)
+        for i in range(2):  # one at a time (unauth-in-flight)
+            raw.sock.sendall(register_frames(1, start=i))
+            assert isinstance(raw.next_event(), CodeSent)
+        before = last_txnid(srv)
+        for i in range(2, 22):
+            raw.sock.sendall(register_frames(1, start=i))
+            ev = raw.next_event()
+            assert isinstance(ev, Error) and ev.code == ErrorCode.RATE_LIMITED, ev
+        raw.close()
+        assert last_txnid(srv) == before
+    finally:
+        assert srv.stop() == 0
+
+
+def verify_frames(n: int) -> bytes:
+    c = Connection(Role.CLIENT)
+    c.initiate()
+    key = new_identity().public
+    return b"".join(c.send(Verify(f"v{i}", f"4916{i:08d}", "123456", key)) for i in range(n))
+
+
+@pytest.mark.skipif(not LINUX, reason="reads RssAnon from /proc")
+def test_one_verify_at_a_time_per_connection_the_rest_refused_405(tmp_path):
+    # no bucket (unauth-rate 0): only the in-flight cap stands between a flood and memory
+    srv = start(tmp_path, unauth_rate=0)
+    try:
+        before = srv.anon_kib()
+        raw = Raw(srv.port, timeout=30)
+        n = 20000
+        raw.sock.sendall(verify_frames(n))
+        codes = {}
+        for _ in range(n):
+            ev = raw.next_event()
+            assert isinstance(ev, Error), ev
+            codes[ev.code] = codes.get(ev.code, 0) + 1
+        grown = srv.anon_kib() - before
+        print(f"answers by code {codes}; server memory grew {grown} KiB")
+        assert codes.get(ErrorCode.TOO_FAST, 0) >= n - 100, codes
+        assert grown < 32 << 10, f"server memory grew by {grown} KiB"
+        raw.close()
+    finally:
+        assert srv.stop() == 0
+
+
+def test_answers_to_a_closed_connection_do_not_flood_the_log(tmp_path):
+    # the login timeout closes the connection while its verify answers are still
+    # coming: each one used to log "dropped an event the state forbids"
+    srv = start(tmp_path, login_timeout=1, client_log_lines=10)
+    try:
+        raw = Raw(srv.port, timeout=30)
+        raw.sock.sendall(verify_frames(20000))
+        assert raw.closed_by_server(30)
+        raw.close()
+        raw = Raw(srv.port)  # a barrier: the worker has handled what came before
+        raw.send(Ping("barrier"))
+        while not isinstance(raw.next_event(), Pong):
+            pass
+        raw.close()
+        lines = srv.log_text().count("dropped an event the state forbids")
+        print(f"{lines} 'dropped an event' lines")
+        assert lines <= 10, lines
+    finally:
+        assert srv.stop() == 0
+
+
+def test_a_stranger_cannot_void_the_owners_code_with_wrong_verifies(tmp_path):
+    srv = start(tmp_path, verify_failures=3, code_attempts=5)
+    try:
+        owner = Raw(srv.port, source="127.0.0.3")
+        owner.send(Register("r0", ALICE))
+        assert isinstance(owner.next_event(), CodeSent)
+        code = srv.code_for(ALICE)
+        wrong = [c for c in ("000000", "111111", "222222", "333333", "444444", "555555")
+                 if c != code]  # fmt: skip
+        stranger = Raw(srv.port, source="127.0.0.2")
+        answers = []
+        for i, guess in enumerate(wrong[:5]):  # one at a time, each after the last one's answer
+            stranger.send(Verify(f"v{i}", ALICE, guess, new_identity().public))
+            ev = stranger.next_event()
+            assert isinstance(ev, Error), ev
+            answers.append(ev.code)
+        stranger.close()
+        assert answers == [ErrorCode.BAD_CODE] * 3 + [ErrorCode.RATE_LIMITED] * 2, answers
+        owner.send(Verify("v9", ALICE, code, new_identity().public))
+        ev = owner.next_event()
+        assert type(ev).__name__ == "Registered", ev
+        owner.close()
+    finally:
+        assert srv.stop() == 0
+
+
+def test_codes_a_stranger_asks_for_do_not_void_the_owners(tmp_path):
+    srv = start(tmp_path, register_per_phone=3)
+    try:
+
+        def register(source: str, rid: str):
+            raw = Raw(srv.port, source=source)
+            raw.send(Register(rid, ALICE))
+            ev = raw.next_event()
+            raw.close()
+            return ev
+
+        assert isinstance(register("127.0.0.3", "owner"), CodeSent)
+        code = srv.code_for(ALICE)
+        for i in range(2):
+            assert isinstance(register("127.0.0.2", f"s{i}"), CodeSent)
+        ev = register("127.0.0.2", "s3")  # register-per-phone is used up: the lockout stays
+        assert isinstance(ev, Error) and ev.code == ErrorCode.RATE_LIMITED, ev
+        owner = Raw(srv.port, source="127.0.0.3")
+        owner.send(Verify("v", ALICE, code, new_identity().public))
+        ev = owner.next_event()
+        assert type(ev).__name__ == "Registered", ev
+        owner.close()
+    finally:
+        assert srv.stop() == 0
+
+
+def scram_iterations_of(port: int, device: str) -> str:
+    from pigeon.client._core import Credentials
+
+    raw = Raw(port)
+    raw.send(ScramLogin(Credentials(device, os.urandom(32))).first())
+    ev = raw.next_event()
+    raw.close()
+    return dict(f.split("=", 1) for f in ev.data.decode().split(","))["i"]
+
+
+def test_after_scram_iterations_changes_the_challenge_still_does_not_tell(tmp_path):
+    srv = start(tmp_path, scram_iterations=4096)
+    try:
+        creds = run(srv.register(ALICE))
+    finally:
+        assert srv.stop() == 0
+    srv = Server(tmp_path / "data", workers=2, scram_iterations=8192).start()
+    try:
+        assert scram_iterations_of(srv.port, creds.device) == "4096"
+        made_up = [scram_iterations_of(srv.port, f"4930{i:08d}:0") for i in range(8)]
+        assert made_up == ["4096"] * 8, made_up  # the only count real devices have
     finally:
         assert srv.stop() == 0

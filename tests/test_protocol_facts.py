@@ -60,7 +60,12 @@ def run(coro, timeout=120):
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory):
     # many registrations come from 127.0.0.1: lift that limit, keep the others
-    s = Server(tmp_path_factory.mktemp("facts") / "data", workers=1, register_per_ip=1000)
+    s = Server(
+        tmp_path_factory.mktemp("facts") / "data",
+        workers=1,
+        register_per_ip=1000,
+        verify_failures=100,
+    )
     s.start()
     yield s
     assert s.stop() == 0
