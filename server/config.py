@@ -453,7 +453,13 @@ OPTIONS: list[Option] = [
         "past it error 406",
     ),
     Option("contacts_max", 10_000, _positive_int, "contacts one account may hold; past it 406"),
-    Option("blocklist_max", 10_000, _positive_int, "users one account may block; past it 406"),
+    Option(
+        "blocklist_max",
+        1024,
+        _positive_int,
+        "users one account may block (at most 1,024: the blocklist answer is one node, "
+        "whose children are capped at 1,024); past it error 406",
+    ),
     Option(
         "client_log_lines",
         10,
@@ -808,6 +814,12 @@ def _load(path, overrides, base) -> tuple[Config | None, list[str]]:
         ("discover_batch",),
         v["discover_batch"] > 1024,
         "discover-batch must be at most 1024 (the children one node may have)",
+    )
+    rule(
+        ("blocklist_max",),
+        v["blocklist_max"] > 1024,
+        "blocklist-max must be at most 1024 (the blocklist answer is one node, "
+        "and a node has at most 1024 children)",
     )
     rule(
         ("sms_gateway", "sms_webhook_url"),

@@ -601,3 +601,48 @@ def test_a_frame_past_login_max_frame_before_login_is_refused_at_its_header(tmp_
         run(main())
     finally:
         assert srv.stop() == 0
+
+
+def test_a_blocklist_past_one_node_is_answered_and_capped(tmp_path):
+    """F5: blocklist-max was 10,000 while the answer node carries 1,024 children:
+    an account with more blocks got no answer at all (the encoder refused it,
+    after a read and sort of every row).  Now the limit is 1,024, block past it
+    is 406, and a store written with more (an older server) is still answered,
+    with 1,024 users."""
+    from pigeon.client import Credentials
+    from pigeon.server.accounts import device_keys
+
+    data = tmp_path / "data"
+    data.mkdir()
+    store = Store(str(data / "store"), map_size=256 << 20)
+    secret = os.urandom(32)
+    keys = device_keys(secret, 4096)
+    device, _ = store.register_device(ALICE, os.urandom(32), keys)
+    others = [f"4930{i:08d}" for i in range(1100)]
+    for p in others:
+        store.register_device(p, os.urandom(32), keys)
+    with store.env.begin(write=True) as txn:  # as an older server (10,000 allowed) left it
+        for i, p in enumerate(others[:1030]):
+            txn.put(f"{ALICE}\x00{p}".encode(), (1000 + i).to_bytes(8, "big"),
+                    db=store._db["blocks"])  # fmt: skip
+    store.close()
+    srv = Server(data, workers=2).start()
+    try:
+
+        async def main():
+            alice = await srv.login(Credentials(device, secret))
+            try:
+                listed = await alice.blocklist(timeout=10)
+                assert len(listed) == 1024 and len(set(listed)) == 1024
+                assert set(listed) <= set(others[:1030])
+                with pytest.raises(ServerError) as info:
+                    await alice.block(others[1050])
+                assert info.value.code == ErrorCode.TOO_MANY
+                assert "at most 1024 blocked users" in info.value.text
+            finally:
+                await alice.close()
+
+        run(main())
+        assert "cannot be encoded" not in srv.log_text()
+    finally:
+        srv.stop()
