@@ -414,10 +414,24 @@ OPTIONS: list[Option] = [
         "message_rate",
         100.0,
         _non_negative_float,
-        "messages, receipts and requests one connection may send per second, on average "
-        "(token bucket); past it error 405. 0 = no limit",
+        "messages, receipts and requests one device may send per second, on average "
+        "(token bucket, per worker: reconnecting to another worker can at most multiply it "
+        "by the worker count); past it error 405. 0 = no limit",
     ),
-    Option("message_burst", 500, _positive_int, "how many of those a connection may send at once"),
+    Option(
+        "message_burst",
+        500,
+        _positive_int,
+        "how many of those a device may send at once (the bucket is the device's, kept "
+        "across its connections to a worker: logging in again does not refill it)",
+    ),
+    Option(
+        "rate_buckets",
+        100_000,
+        _positive_int,
+        "devices whose message-rate bucket a worker remembers (about 250 bytes each); "
+        "past it those that have refilled, then the least recently used, are forgotten",
+    ),
     Option(
         "typing_rate",
         5.0,
@@ -631,6 +645,7 @@ GROUPS: list[Group] = [
         (
             "message_rate",
             "message_burst",
+            "rate_buckets",
             "typing_rate",
             "typing_burst",
             "new_chats",

@@ -474,6 +474,30 @@ class Queues:
         txn.put(key, b"", db=cur)
         return True
 
+    def _receipt_wanted(self, w: _Txn, sender: str, to: str, mid: str, devices, cur, prev,
+                        now: int) -> bool:  # fmt: skip
+        """May ``sender``'s read/played receipt about message ``mid`` go to ``to``?
+        Yes if ``to`` has written to ``sender`` lately (the new-chats
+        conversation record, when that limit is on), has ``sender`` as a
+        contact, or one of ``to``'s devices sent a message ``mid`` within the
+        dedup window (``cur``/``prev``: the dedup tables)."""
+        txn = w.txn
+        lim = self.limits
+        rkey = f"{to}\x00{sender}".encode()
+        if lim.new_chats:
+            if w.conv is None:
+                w.conv = self._generation(txn, now, _CONV_META, "conv", lim.new_chats_window_ms)
+            ccur, cprev = w.conv
+            if txn.get(rkey, db=ccur) is not None or txn.get(rkey, db=cprev) is not None:
+                return True
+        if txn.get(rkey, db=self.db["contacts"]) is not None:
+            return True
+        for d in devices:
+            key = f"{d}\x00m\x00{mid}".encode()
+            if txn.get(key, db=cur) is not None or txn.get(key, db=prev) is not None:
+                return True
+        return False
+
     def _prepare(self, sends: list[Send], now: int) -> None:
         """What each send needs that is not a store operation: made before the
         write transaction begins, so the writer lock (one for every worker)
@@ -584,6 +608,18 @@ class Queues:
         if blocked:
             if not nsync:
                 txn.put(dkey, stamp, db=cur)
+                s.t = now
+                return
+            recipients = ()
+        elif (
+            not own
+            and s.cls != "message"
+            and not self._receipt_wanted(w, sender, to, s.id, devices, cur, prev, now)
+        ):
+            # about no message ``to`` sent: acked and stored for nobody (with
+            # no dedup record: a retry is answered the same), or a stranger
+            # could fill anyone's queue with receipts for made-up ids
+            if not nsync:
                 s.t = now
                 return
             recipients = ()

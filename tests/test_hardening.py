@@ -646,3 +646,74 @@ def test_a_blocklist_past_one_node_is_answered_and_capped(tmp_path):
         assert "cannot be encoded" not in srv.log_text()
     finally:
         srv.stop()
+
+
+def test_reconnecting_does_not_refill_the_message_rate_bucket(tmp_path):
+    """F3a: the message-rate bucket was the connection's, so a device that logged
+    in again had a full burst again (23,596 receipts/s in the probe).  Now it is
+    the device's, kept by the worker (one worker here: with two, a reconnect that
+    lands on the other one may use that worker's bucket)."""
+    srv = Server(tmp_path / "data", workers=1, message_rate=0.01, message_burst=5).start()
+    try:
+
+        async def main():
+            creds = await srv.register(ALICE)
+            c = await srv.login(creds)
+            for _ in range(4):  # the login used none; 4 of the 5 go here
+                assert await c.blocklist(timeout=10) == ()
+            await c.close()
+            c = await srv.login(creds)
+            assert await c.blocklist(timeout=10) == ()  # the 5th
+            with pytest.raises(ServerError) as info:
+                await c.blocklist(timeout=10)
+            assert info.value.code == ErrorCode.TOO_FAST
+            await c.close()
+            for _ in range(3):  # nor does a third or a fourth connection
+                c = await srv.login(creds)
+                with pytest.raises(ServerError) as info:
+                    await c.blocklist(timeout=10)
+                assert info.value.code == ErrorCode.TOO_FAST
+                await c.close()
+
+        run(main())
+    finally:
+        srv.stop()
+
+
+def test_receipts_about_no_message_do_not_fill_a_strangers_queue(tmp_path):
+    """F3b: read receipts were stored for anyone, for any id, without the new-chats
+    check: receipts with made-up ids filled a stranger's queue (10,000 items in
+    0.4 s, and real senders got 402).  Now a receipt to a user who has not written
+    to the sender, does not have them as a contact and sent no message with that
+    id is acked and stored nowhere; a receipt about a real message still arrives
+    (here with new-chats off, so only the message's dedup record tells)."""
+    srv = Server(tmp_path / "data", workers=2, new_chats=0, queue_max_count=50).start()
+    try:
+
+        async def main():
+            alice, bob = await srv.register(ALICE), await srv.register(BOB)
+            a = await srv.login(alice)
+            for i in range(60):  # past bob's whole queue (50 items)
+                ack = await a.receipt(BOB, f"made-up-{i}")
+                assert ack.cls == "receipt"
+            assert srv.queue_stats()["count"] == 0
+            ack = await a.send(BOB, b"hello", id="real1")  # his queue still takes messages
+            b = await srv.login(bob)
+            ev = await next_message(b)
+            assert ev.id == "real1"
+            await b.ack(ev.seq)
+            await b.receipt(ALICE, "real1")  # about alice's real message: delivered
+            await b.receipt(ALICE, "made-up")  # about none of hers: dropped
+            got = []
+            while len(got) < 2:
+                ev = await a.next_event(10)
+                got.append((ev.type, ev.id))
+                await a.ack(ev.seq)
+            assert sorted(got) == [("delivered", "real1"), ("read", "real1")]
+            await until(lambda: srv.queue_stats()["count"] == 0)
+            await a.close()
+            await b.close()
+
+        run(main())
+    finally:
+        srv.stop()
