@@ -600,6 +600,12 @@ class Queues:
             mine = w.devices(sender) or ()
         # the sender's other devices get sync copies (none for a single-device account)
         nsync = len(mine) - (me in mine)
+        if own and not nsync:
+            # a note to self with no other device: stored for nobody, so no dedup
+            # record either (a retry is answered the same way; one record each
+            # let a single-device account fill the store with notes)
+            s.t = now
+            return
         recipients = () if own else devices
         entries = s.entry
         per_device = type(entries) is dict
