@@ -578,10 +578,15 @@ class Queues:
             s.t = now
             return
         devices = w.devices(to)
-        if devices is None:
+        if s.cls != "message":
+            # a receipt to a number that is not a user (or has no device) is
+            # treated as one to a stranger (acked, read-sync copies only): an
+            # error would tell which numbers are registered
+            devices = devices or ()
+        elif devices is None:
             s.error = (ErrorCode.UNKNOWN_RECIPIENT, "not a registered user")
             return
-        if not devices:
+        elif not devices:
             s.error = (ErrorCode.NO_DEVICE, "the recipient has no device to deliver to")
             return
         own = sender == to  # a note to self: the sender's other devices only

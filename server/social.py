@@ -229,16 +229,18 @@ class Social:
 
     # -- typing ---------------------------------------------------------------
 
-    def chatstate_targets(self, sender: str, to: str) -> dict[str, int] | None:
-        """{device: worker} of ``to``'s connected devices; None: not a user.
+    def chatstate_targets(self, sender: str, to: str) -> dict[str, int]:
+        """{device: worker} of ``to``'s connected devices.
 
-        Empty when either user blocks the other (typing is then dropped).
+        Empty when either user blocks the other, or ``to`` is not a user:
+        typing is then dropped, the same way (no answer tells which numbers
+        are registered).
         """
         db = self.db
         with self.env.begin() as txn:
             raw = txn.get(to.encode(), db=db["accounts"])
             if raw is None:
-                return None
+                return {}
             if (
                 txn.get(pair(to, sender), db=db["blocks"]) is not None
                 or txn.get(pair(sender, to), db=db["blocks"]) is not None
@@ -348,8 +350,8 @@ class Social:
         if other == user:
             raise ServiceError(ErrorCode.BAD_REQUEST, "you cannot block yourself")
         db = self.db
-        if txn.get(other.encode(), db=db["accounts"]) is None:
-            raise ServiceError(ErrorCode.UNKNOWN_RECIPIENT, "not a registered user")
+        # A number that is not a user is blocked (and listed) like one that is:
+        # a different answer would tell anyone which numbers are registered.
         key = pair(user, other)
         if txn.get(key, db=db["blocks"]) is None:
             self.store.check_room(txn)

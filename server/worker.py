@@ -468,9 +468,6 @@ class Worker:
                 s.send(Error(ErrorCode.TOO_FAST, "typing indicators too fast: some were dropped"))
             return
         targets = self.social.chatstate_targets(s.user, ev.to)
-        if targets is None:
-            s.send(Error(ErrorCode.UNKNOWN_RECIPIENT, "not a registered user"))
-            return
         if not targets:
             return
         frame = self.queues.encoder.chatstate(s.user, ev.type)

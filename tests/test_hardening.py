@@ -757,3 +757,34 @@ def test_notes_to_self_with_no_other_device_leave_no_dedup_record(tmp_path):
         run(main())
     finally:
         srv.stop()
+
+
+def test_receipt_block_and_typing_answer_alike_for_registered_and_unknown_numbers(tmp_path):
+    """F6: receipt, block and chatstate to a number that is not a user answered
+    400 "not a registered user", to a user an ack or nothing: a registration
+    oracle outside discover-numbers.  Now both get the same answers."""
+    srv = start(tmp_path)
+    nobody = "4915550009999"
+    try:
+
+        async def main():
+            alice = await srv.login(await srv.register(ALICE))
+            await srv.register(CAROL)  # a user alice knows nothing of
+            answers = {}
+            for phone in (CAROL, nobody):
+                r = await alice.receipt(phone, "m1")
+                b = await alice.block(phone)
+                await alice.typing(phone)
+                await alice.ping()
+                with pytest.raises(asyncio.TimeoutError):  # no error came for the typing
+                    await alice.next_event(0.3)
+                answers[phone] = (type(r).__name__, r.cls, type(b).__name__, b.cls)
+            assert (
+                answers[CAROL] == answers[nobody] == ("ServerAck", "receipt", "ServerAck", "block")
+            )
+            assert await alice.blocklist() == (CAROL, nobody)
+            await alice.close()
+
+        run(main())
+    finally:
+        srv.stop()
