@@ -334,6 +334,20 @@ OPTIONS: list[Option] = [
         "bytes one device's queue may hold; past it senders get error 402",
     ),
     Option(
+        "stranger_queue_count",
+        1000,
+        _non_negative_int,
+        "entries a device's queue may hold before senders its user does not know (not in "
+        "their contacts, not written to lately) get error 402; 0 = queue-max-count",
+    ),
+    Option(
+        "stranger_queue_bytes",
+        4 << 20,
+        _non_negative_int,
+        "bytes a device's queue may hold before senders its user does not know get error "
+        "402; 0 = queue-max-bytes",
+    ),
+    Option(
         "queue_max_age",
         30 * 86_400,
         _positive_float,
@@ -587,6 +601,8 @@ GROUPS: list[Group] = [
         (
             "queue_max_count",
             "queue_max_bytes",
+            "stranger_queue_count",
+            "stranger_queue_bytes",
             "queue_max_age",
             "purge_interval",
             "dedup_window",
@@ -668,7 +684,8 @@ GROUPS: list[Group] = [
 
 _SECONDS = ("_timeout", "_window", "_interval", "_age", "_ttl", "_delay", "_expiry")
 _BYTES = ("max_frame", "login_max_frame", "map_size", "queue_max_bytes", "write_buffer_high",
-          "write_buffer_low", "commit_max_bytes", "bus_buffer_high", "bus_buffer_low")  # fmt: skip
+          "write_buffer_low", "commit_max_bytes", "bus_buffer_high", "bus_buffer_low",
+          "stranger_queue_bytes")  # fmt: skip
 
 
 def _metavar(o: Option) -> str:

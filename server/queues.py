@@ -174,6 +174,10 @@ class QueueLimits:
     dedup_window_ms: int = 86_400_000
     new_chats: int = 0  # new conversations per window with non-contacts; 0: no limit
     new_chats_window_ms: int = 86_400_000
+    # what a queue may hold before senders who are not known to its user
+    # (Queues._known_to) are refused; 0: as max_count / max_bytes
+    stranger_count: int = 0
+    stranger_bytes: int = 0
 
 
 class FrameEncoder:
@@ -345,6 +349,9 @@ class Queues:
         self.env = store.env
         self.db = store._db
         self.limits = limits
+        # the stranger limits, with 0 read as "the queue's own limit"
+        self.stranger_count = min(limits.stranger_count or limits.max_count, limits.max_count)
+        self.stranger_bytes = min(limits.stranger_bytes or limits.max_bytes, limits.max_bytes)
         self.encoder = encoder or FrameEncoder()
         self.receipts = receipts
         self.clock = store.clock
@@ -474,13 +481,9 @@ class Queues:
         txn.put(key, b"", db=cur)
         return True
 
-    def _receipt_wanted(self, w: _Txn, sender: str, to: str, mid: str, devices, cur, prev,
-                        now: int) -> bool:  # fmt: skip
-        """May ``sender``'s read/played receipt about message ``mid`` go to ``to``?
-        Yes if ``to`` has written to ``sender`` lately (the new-chats
-        conversation record, when that limit is on), has ``sender`` as a
-        contact, or one of ``to``'s devices sent a message ``mid`` within the
-        dedup window (``cur``/``prev``: the dedup tables)."""
+    def _known_to(self, w: _Txn, sender: str, to: str, now: int) -> bool:
+        """Does ``to`` know ``sender``: has it written to them lately (the new-chats
+        conversation record, when that limit is on) or got them as a contact?"""
         txn = w.txn
         lim = self.limits
         rkey = f"{to}\x00{sender}".encode()
@@ -490,8 +493,16 @@ class Queues:
             ccur, cprev = w.conv
             if txn.get(rkey, db=ccur) is not None or txn.get(rkey, db=cprev) is not None:
                 return True
-        if txn.get(rkey, db=self.db["contacts"]) is not None:
+        return txn.get(rkey, db=self.db["contacts"]) is not None
+
+    def _receipt_wanted(self, w: _Txn, sender: str, to: str, mid: str, devices, cur, prev,
+                        now: int) -> bool:  # fmt: skip
+        """May ``sender``'s read/played receipt about message ``mid`` go to ``to``?
+        Yes if ``to`` knows ``sender`` (_known_to), or one of ``to``'s devices sent a message ``mid`` within the
+        dedup window (``cur``/``prev``: the dedup tables)."""
+        if self._known_to(w, sender, to, now):
             return True
+        txn = w.txn
         for d in devices:
             key = f"{d}\x00m\x00{mid}".encode()
             if txn.get(key, db=cur) is not None or txn.get(key, db=prev) is not None:
@@ -640,16 +651,35 @@ class Queues:
                 MESSAGE if s.cls == "message" else RECEIPT, now, SYNC,
                 me if s.cls == "message" else sender, s.id, s.type, s.body, to)  # fmt: skip
         # room in every queue it goes to (the whole message is one unit)
+        known = None  # does ``to`` know the sender? (asked only near a stranger limit)
         for group, entry in ((recipients, entries), (mine if nsync else (), sync_entry)):
+            theirs = group is recipients
             for d in group:
                 if d == me:
                     continue
                 st = w.qstate(d)
                 size = len(entries[d] if per_device else entry)
                 if st[1] + 1 > lim.max_count or st[2] + size > lim.max_bytes:
+                    # (how full a stranger's queue is is not the sender's business)
                     s.error = (
                         ErrorCode.QUEUE_FULL,
-                        f"a recipient's queue is full ({st[1]} items, {st[2]} bytes); retry later",
+                        "the recipient's queue is full; retry later"
+                        if theirs
+                        else f"your device's queue is full ({st[1]} items, {st[2]} bytes); "
+                        "retry later",
+                    )
+                    return
+                if (
+                    theirs
+                    and (st[1] + 1 > self.stranger_count or st[2] + size > self.stranger_bytes)
+                    and not (
+                        known := self._known_to(w, sender, to, now) if known is None else known
+                    )
+                ):
+                    s.error = (
+                        ErrorCode.QUEUE_FULL,
+                        "the recipient's queue holds all it takes from senders who are not "
+                        "in their contacts; retry later",
                     )
                     return
         if s.cls == "message" and lim.new_chats and not own and not blocked:

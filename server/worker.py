@@ -739,6 +739,8 @@ class Worker:
                 dedup_window_ms=int(c.dedup_window * 1000),
                 new_chats=c.new_chats,
                 new_chats_window_ms=int(c.new_chats_window * 1000),
+                stranger_count=c.stranger_queue_count,
+                stranger_bytes=c.stranger_queue_bytes,
             ),
             FrameEncoder(),
             receipts=c.delivered_receipts,

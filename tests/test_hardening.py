@@ -788,3 +788,48 @@ def test_receipt_block_and_typing_answer_alike_for_registered_and_unknown_number
         run(main())
     finally:
         srv.stop()
+
+
+def test_a_stranger_fills_only_a_small_part_of_a_queue_and_is_not_told_its_size(tmp_path):
+    """F9: with one new conversation a stranger could fill a device's whole queue
+    (64 MiB, 67 messages of 1 MB in 0.5 s); F11b: the 402 told them its exact
+    items and bytes.  Now a sender the recipient does not know stops at
+    stranger-queue-bytes / -count; a contact, or the stranger once the recipient
+    has written to them, goes on up to the queue's own limits; and a 402 about
+    another user's queue says only that it is full."""
+    srv = start(tmp_path, stranger_queue_bytes=64 << 10, stranger_queue_count=1000,
+                queue_max_count=40)  # fmt: skip
+    try:
+
+        async def main():
+            a_creds = await srv.register(ALICE)
+            b_creds = await srv.register(BOB)
+            c_creds = await srv.register(CAROL)
+            alice, carol = await srv.login(a_creds), await srv.login(c_creds)
+            body = os.urandom(10_000)
+            sent = 0
+            with pytest.raises(ServerError) as info:
+                for i in range(40):
+                    await alice.send(BOB, body, id=f"s{i}")
+                    sent += 1
+            assert sent == 6 and info.value.code == ErrorCode.QUEUE_FULL  # 6 x 10 kB < 64 KiB
+            assert "not in their contacts" in info.value.text
+            assert not any(ch.isdigit() for ch in info.value.text)
+            bob = await srv.login(b_creds)
+            await bob.discover([CAROL])  # carol is bob's contact: she may go on
+            for i in range(10):
+                await carol.send(BOB, body, id=f"c{i}")
+            await bob.send(ALICE, b"hi", id="reply")  # now bob knows alice too
+            for i in range(6, 12):
+                await alice.send(BOB, body, id=f"s{i}")
+            with pytest.raises(ServerError) as info:  # the queue's own count limit (40)
+                for i in range(40):
+                    await carol.send(BOB, b"x", id=f"small{i}")
+            assert info.value.code == ErrorCode.QUEUE_FULL
+            assert info.value.text == "the recipient's queue is full; retry later"
+            for c in (alice, bob, carol):
+                await c.close()
+
+        run(main())
+    finally:
+        srv.stop()
