@@ -481,6 +481,15 @@ class Queues:
         txn.put(key, b"", db=cur)
         return True
 
+    def _new_chat_limit(self) -> tuple:
+        lim = self.limits
+        return (
+            ErrorCode.NEW_CHAT_LIMIT,
+            f"new conversation limit: at most {lim.new_chats} new chats per "
+            f"{lim.new_chats_window_ms // 1000} s with people who do not have you as a "
+            "contact; try again later",
+        )
+
     def _known_to(self, w: _Txn, sender: str, to: str, now: int) -> bool:
         """Does ``to`` know ``sender``: has it written to them lately (the new-chats
         conversation record, when that limit is on) or got them as a contact?"""
@@ -595,6 +604,15 @@ class Queues:
             # error would tell which numbers are registered
             devices = devices or ()
         elif devices is None:
+            # Costs a new chat, as a message to a user who does not know the
+            # sender would (404 past the limit, as for them): else 400 against
+            # 404 once the limit is reached would tell which numbers are users.
+            if lim.new_chats:
+                ok, _ = window_take(txn, self.db["limits"], f"chats:{sender}".encode(), now,
+                                    lim.new_chats_window_ms, lim.new_chats)  # fmt: skip
+                if not ok:
+                    s.error = self._new_chat_limit()
+                    return
             s.error = (ErrorCode.UNKNOWN_RECIPIENT, "not a registered user")
             return
         elif not devices:
@@ -684,12 +702,7 @@ class Queues:
                     return
         if s.cls == "message" and lim.new_chats and not own and not blocked:
             if not self._chat_allowed(w, sender, to, now):
-                s.error = (
-                    ErrorCode.NEW_CHAT_LIMIT,
-                    f"new conversation limit: at most {lim.new_chats} new chats per "
-                    f"{lim.new_chats_window_ms // 1000} s with people who do not have you as a "
-                    "contact; try again later",
-                )
+                s.error = self._new_chat_limit()
                 return
         if s.cls == "message" and len(recipients) > 1:
             if not per_device:

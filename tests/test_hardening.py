@@ -833,3 +833,26 @@ def test_a_stranger_fills_only_a_small_part_of_a_queue_and_is_not_told_its_size(
         run(main())
     finally:
         srv.stop()
+
+
+def test_a_message_to_a_number_that_is_not_a_user_costs_a_new_chat(tmp_path):
+    """A message to a non-user is refused (400), but it used to cost nothing while
+    one to a user who does not know the sender costs a new chat: once new-chats
+    was used up, 400 against 404 told registered numbers apart for free."""
+    srv = start(tmp_path, new_chats=2)
+    try:
+
+        async def main():
+            alice = await srv.login(await srv.register(ALICE))
+            await srv.register(CAROL)
+            codes = []
+            for phone in ("4915550000001", "4915550000002", "4915550000003", CAROL):
+                with pytest.raises(ServerError) as info:
+                    await alice.send(phone, b"hi")
+                codes.append(info.value.code)
+            assert codes == [ErrorCode.UNKNOWN_RECIPIENT] * 2 + [ErrorCode.NEW_CHAT_LIMIT] * 2
+            await alice.close()
+
+        run(main())
+    finally:
+        srv.stop()
