@@ -371,6 +371,20 @@ OPTIONS: list[Option] = [
         "bytes one device's queue may hold; past it senders get error 402",
     ),
     Option(
+        "stranger_queue_count",
+        1000,
+        _non_negative_int,
+        "entries a device's queue may hold before senders its user does not know (not in "
+        "their contacts, not written to lately) get error 402; 0 = queue-max-count",
+    ),
+    Option(
+        "stranger_queue_bytes",
+        4 << 20,
+        _non_negative_int,
+        "bytes a device's queue may hold before senders its user does not know get error "
+        "402; 0 = queue-max-bytes",
+    ),
+    Option(
         "queue_max_age",
         30 * 86_400,
         _positive_float,
@@ -451,10 +465,24 @@ OPTIONS: list[Option] = [
         "message_rate",
         100.0,
         _non_negative_float,
-        "messages, receipts and requests one connection may send per second, on average "
-        "(token bucket); past it error 405. 0 = no limit",
+        "messages, receipts and requests one device may send per second, on average "
+        "(token bucket, per worker: reconnecting to another worker can at most multiply it "
+        "by the worker count); past it error 405. 0 = no limit",
     ),
-    Option("message_burst", 500, _positive_int, "how many of those a connection may send at once"),
+    Option(
+        "message_burst",
+        500,
+        _positive_int,
+        "how many of those a device may send at once (the bucket is the device's, kept "
+        "across its connections to a worker: logging in again does not refill it)",
+    ),
+    Option(
+        "rate_buckets",
+        100_000,
+        _positive_int,
+        "devices whose message-rate bucket a worker remembers (about 250 bytes each); "
+        "past it those that have refilled, then the least recently used, are forgotten",
+    ),
     Option(
         "typing_rate",
         5.0,
@@ -490,7 +518,13 @@ OPTIONS: list[Option] = [
         "past it error 406",
     ),
     Option("contacts_max", 10_000, _positive_int, "contacts one account may hold; past it 406"),
-    Option("blocklist_max", 10_000, _positive_int, "users one account may block; past it 406"),
+    Option(
+        "blocklist_max",
+        1024,
+        _positive_int,
+        "users one account may block (at most 1,024: the blocklist answer is one node, "
+        "whose children are capped at 1,024); past it error 406",
+    ),
     Option(
         "client_log_lines",
         10,
@@ -717,6 +751,8 @@ GROUPS: list[Group] = [
         (
             "queue_max_count",
             "queue_max_bytes",
+            "stranger_queue_count",
+            "stranger_queue_bytes",
             "queue_max_age",
             "purge_interval",
             "dedup_window",
@@ -793,6 +829,7 @@ GROUPS: list[Group] = [
         (
             "message_rate",
             "message_burst",
+            "rate_buckets",
             "typing_rate",
             "typing_burst",
             "new_chats",
@@ -833,8 +870,8 @@ GROUPS: list[Group] = [
 
 _SECONDS = ("_timeout", "_window", "_interval", "_age", "_ttl", "_delay", "_expiry")
 _BYTES = ("max_frame", "login_max_frame", "map_size", "queue_max_bytes", "write_buffer_high",
-          "write_buffer_low", "commit_max_bytes", "bus_buffer_high", "bus_buffer_low", "media_max_bytes",
-          "media_quota_bytes")  # fmt: skip
+          "write_buffer_low", "commit_max_bytes", "bus_buffer_high", "bus_buffer_low",
+          "media_max_bytes", "media_quota_bytes", "stranger_queue_bytes")  # fmt: skip
 
 
 def _metavar(o: Option) -> str:
@@ -995,6 +1032,12 @@ def _load(path, overrides, base) -> tuple[Config | None, list[str]]:
         ("discover_batch",),
         v["discover_batch"] > 1024,
         "discover-batch must be at most 1024 (the children one node may have)",
+    )
+    rule(
+        ("blocklist_max",),
+        v["blocklist_max"] > 1024,
+        "blocklist-max must be at most 1024 (the blocklist answer is one node, "
+        "and a node has at most 1024 children)",
     )
     rule(
         ("sms_gateway", "sms_webhook_url"),

@@ -176,6 +176,10 @@ class QueueLimits:
     dedup_window_ms: int = 86_400_000
     new_chats: int = 0  # new conversations per window with non-contacts; 0: no limit
     new_chats_window_ms: int = 86_400_000
+    # what a queue may hold before senders who are not known to its user
+    # (Queues._known_to) are refused; 0: as max_count / max_bytes
+    stranger_count: int = 0
+    stranger_bytes: int = 0
 
 
 class FrameEncoder:
@@ -347,6 +351,9 @@ class Queues:
         self.env = store.env
         self.db = store._db
         self.limits = limits
+        # the stranger limits, with 0 read as "the queue's own limit"
+        self.stranger_count = min(limits.stranger_count or limits.max_count, limits.max_count)
+        self.stranger_bytes = min(limits.stranger_bytes or limits.max_bytes, limits.max_bytes)
         self.encoder = encoder or FrameEncoder()
         self.receipts = receipts
         self.clock = store.clock
@@ -476,6 +483,43 @@ class Queues:
         txn.put(key, b"", db=cur)
         return True
 
+    def _new_chat_limit(self) -> tuple:
+        lim = self.limits
+        return (
+            ErrorCode.NEW_CHAT_LIMIT,
+            f"new conversation limit: at most {lim.new_chats} new chats per "
+            f"{lim.new_chats_window_ms // 1000} s with people who do not have you as a "
+            "contact; try again later",
+        )
+
+    def _known_to(self, w: _Txn, sender: str, to: str, now: int) -> bool:
+        """Does ``to`` know ``sender``: has it written to them lately (the new-chats
+        conversation record, when that limit is on) or got them as a contact?"""
+        txn = w.txn
+        lim = self.limits
+        rkey = f"{to}\x00{sender}".encode()
+        if lim.new_chats:
+            if w.conv is None:
+                w.conv = self._generation(txn, now, _CONV_META, "conv", lim.new_chats_window_ms)
+            ccur, cprev = w.conv
+            if txn.get(rkey, db=ccur) is not None or txn.get(rkey, db=cprev) is not None:
+                return True
+        return txn.get(rkey, db=self.db["contacts"]) is not None
+
+    def _receipt_wanted(self, w: _Txn, sender: str, to: str, mid: str, devices, cur, prev,
+                        now: int) -> bool:  # fmt: skip
+        """May ``sender``'s read/played receipt about message ``mid`` go to ``to``?
+        Yes if ``to`` knows ``sender`` (_known_to), or one of ``to``'s devices sent a message ``mid`` within the
+        dedup window (``cur``/``prev``: the dedup tables)."""
+        if self._known_to(w, sender, to, now):
+            return True
+        txn = w.txn
+        for d in devices:
+            key = f"{d}\x00m\x00{mid}".encode()
+            if txn.get(key, db=cur) is not None or txn.get(key, db=prev) is not None:
+                return True
+        return False
+
     def _prepare(self, sends: list[Send], now: int) -> None:
         """What each send needs that is not a store operation: made before the
         write transaction begins, so the writer lock (one for every worker)
@@ -558,10 +602,24 @@ class Queues:
             s.t = now
             return
         devices = w.devices(to)
-        if devices is None:
+        if s.cls != "message":
+            # a receipt to a number that is not a user (or has no device) is
+            # treated as one to a stranger (acked, read-sync copies only): an
+            # error would tell which numbers are registered
+            devices = devices or ()
+        elif devices is None:
+            # Costs a new chat, as a message to a user who does not know the
+            # sender would (404 past the limit, as for them): else 400 against
+            # 404 once the limit is reached would tell which numbers are users.
+            if lim.new_chats:
+                ok, _ = window_take(txn, self.db["limits"], f"chats:{sender}".encode(), now,
+                                    lim.new_chats_window_ms, lim.new_chats)  # fmt: skip
+                if not ok:
+                    s.error = self._new_chat_limit()
+                    return
             s.error = (ErrorCode.UNKNOWN_RECIPIENT, "not a registered user")
             return
-        if not devices:
+        elif not devices:
             s.error = (ErrorCode.NO_DEVICE, "the recipient has no device to deliver to")
             return
         own = sender == to  # a note to self: the sender's other devices only
@@ -582,6 +640,12 @@ class Queues:
         nsync = len(mine) - (me in mine)
         if nsync and not own and s.type == "retry":  # a retry goes to the sender only
             nsync = 0
+        if own and not nsync:
+            # a note to self with no other device: stored for nobody, so no dedup
+            # record either (a retry is answered the same way; one record each
+            # let a single-device account fill the store with notes)
+            s.t = now
+            return
         recipients = () if own else devices
         entries = s.entry
         per_device = type(entries) is dict
@@ -593,32 +657,58 @@ class Queues:
                 s.t = now
                 return
             recipients = ()
+        elif (
+            not own
+            and s.cls != "message"
+            and not self._receipt_wanted(w, sender, to, s.id, devices, cur, prev, now)
+        ):
+            # about no message ``to`` sent: acked and stored for nobody (with
+            # no dedup record: a retry is answered the same), or a stranger
+            # could fill anyone's queue with receipts for made-up ids
+            if not nsync:
+                s.t = now
+                return
+            recipients = ()
         sync_entry = None
         if nsync and not per_device:
             sync_entry = entries if own else self.encoder.entry(
                 MESSAGE if s.cls == "message" else RECEIPT, now, SYNC,
                 me if s.cls == "message" else sender, s.id, s.type, s.body, to)  # fmt: skip
         # room in every queue it goes to (the whole message is one unit)
+        known = None  # does ``to`` know the sender? (asked only near a stranger limit)
         for group, entry in ((recipients, entries), (mine if nsync else (), sync_entry)):
+            theirs = group is recipients
             for d in group:
                 if d == me:
                     continue
                 st = w.qstate(d)
                 size = len(entries[d] if per_device else entry)
                 if st[1] + 1 > lim.max_count or st[2] + size > lim.max_bytes:
+                    # (how full a stranger's queue is is not the sender's business)
                     s.error = (
                         ErrorCode.QUEUE_FULL,
-                        f"a recipient's queue is full ({st[1]} items, {st[2]} bytes); retry later",
+                        "the recipient's queue is full; retry later"
+                        if theirs
+                        else f"your device's queue is full ({st[1]} items, {st[2]} bytes); "
+                        "retry later",
+                    )
+                    return
+                if (
+                    theirs
+                    and (st[1] + 1 > self.stranger_count or st[2] + size > self.stranger_bytes)
+                    and not (
+                        known := self._known_to(w, sender, to, now) if known is None else known
+                    )
+                ):
+                    s.error = (
+                        ErrorCode.QUEUE_FULL,
+                        "the recipient's queue holds all it takes from senders who are not "
+                        "in their contacts; retry later",
                     )
                     return
         if s.cls == "message" and lim.new_chats and not own and not blocked:
             if not self._chat_allowed(w, sender, to, now):
-                s.error = (
-                    ErrorCode.NEW_CHAT_LIMIT,
-                    f"new conversation limit: at most {lim.new_chats} new chats per "
-                    f"{lim.new_chats_window_ms // 1000} s with people who do not have you as a "
-                    "contact; try again later",
-                )
+                s.error = self._new_chat_limit()
                 return
         if s.cls == "message" and len(recipients) > 1:
             if not per_device:

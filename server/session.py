@@ -435,11 +435,16 @@ class Session(asyncio.Protocol):
         return False
 
     def allowed(self, ev) -> bool:
-        """Draw on the connection's message-rate bucket; answer 405 if it is empty."""
+        """Draw on the device's message-rate bucket (Worker.rate_bucket: the same
+        across its connections to this worker); answer 405 if it is empty."""
         w = self.worker
         now = w.loop.time()
         if self.bucket is None:
-            self.bucket = Bucket(w.config.message_rate, w.config.message_burst, now)
+            self.bucket = (
+                w.rate_bucket(self.device, now)
+                if self.device is not None
+                else Bucket(w.config.message_rate, w.config.message_burst, now)
+            )
         if self.bucket.take(now):
             return True
         w.stats.counters["rate_limited"] += 1

@@ -77,6 +77,18 @@ def _prefix_keys(txn, dbi, prefix: bytes) -> list[bytes]:
     return out
 
 
+def _count_prefix(txn, dbi, prefix: bytes, cap: int) -> int:
+    """How many keys start with ``prefix``, counting no further than ``cap``."""
+    n = 0
+    with txn.cursor(db=dbi) as c:
+        if c.set_range(prefix):
+            for key in c.iternext(keys=True, values=False):
+                if not key.startswith(prefix) or n >= cap:
+                    break
+                n += 1
+    return n
+
+
 def _has_prefix(txn, dbi, prefix: bytes) -> bool:
     with txn.cursor(db=dbi) as c:
         return c.set_range(prefix) and c.key().startswith(prefix)
@@ -217,16 +229,18 @@ class Social:
 
     # -- typing ---------------------------------------------------------------
 
-    def chatstate_targets(self, sender: str, to: str) -> dict[str, int] | None:
-        """{device: worker} of ``to``'s connected devices; None: not a user.
+    def chatstate_targets(self, sender: str, to: str) -> dict[str, int]:
+        """{device: worker} of ``to``'s connected devices.
 
-        Empty when either user blocks the other (typing is then dropped).
+        Empty when either user blocks the other, or ``to`` is not a user:
+        typing is then dropped, the same way (no answer tells which numbers
+        are registered).
         """
         db = self.db
         with self.env.begin() as txn:
             raw = txn.get(to.encode(), db=db["accounts"])
             if raw is None:
-                return None
+                return {}
             if (
                 txn.get(pair(to, sender), db=db["blocks"]) is not None
                 or txn.get(pair(sender, to), db=db["blocks"]) is not None
@@ -336,13 +350,13 @@ class Social:
         if other == user:
             raise ServiceError(ErrorCode.BAD_REQUEST, "you cannot block yourself")
         db = self.db
-        if txn.get(other.encode(), db=db["accounts"]) is None:
-            raise ServiceError(ErrorCode.UNKNOWN_RECIPIENT, "not a registered user")
+        # A number that is not a user is blocked (and listed) like one that is:
+        # a different answer would tell anyone which numbers are registered.
         key = pair(user, other)
         if txn.get(key, db=db["blocks"]) is None:
             self.store.check_room(txn)
-            n = len(_prefix_keys(txn, db["blocks"], f"{user}\x00".encode()))
-            if n >= self.config.blocklist_max:
+            if _count_prefix(txn, db["blocks"], f"{user}\x00".encode(),
+                             self.config.blocklist_max) >= self.config.blocklist_max:  # fmt: skip
                 raise ServiceError(
                     ErrorCode.TOO_MANY, f"at most {self.config.blocklist_max} blocked users"
                 )
@@ -360,15 +374,21 @@ class Social:
         return now
 
     def blocklist(self, user: str) -> list[str]:
-        """The users ``user`` blocks, oldest block first."""
+        """The users ``user`` blocks, oldest block first: at most ``blocklist-max``.
+
+        At most that many rows are read (the answer is one node, which may
+        carry 1,024 children); a store written when the limit was higher may
+        hold more: the answer then has the first ``blocklist-max`` in key
+        order, and ``block`` refuses more until the list is below the limit.
+        """
         prefix = f"{user}\x00".encode()
         dbi = self.db["blocks"]
-        with self.env.begin() as txn:
-            rows = []
-            with txn.cursor(db=dbi) as c:
-                if c.set_range(prefix):
-                    for key, value in c:
-                        if not key.startswith(prefix):
-                            break
-                        rows.append((value, key[len(prefix) :].decode()))
+        cap = self.config.blocklist_max
+        rows = []
+        with self.env.begin() as txn, txn.cursor(db=dbi) as c:
+            if c.set_range(prefix):
+                for key, value in c:
+                    if not key.startswith(prefix) or len(rows) >= cap:
+                        break
+                    rows.append((value, key[len(prefix) :].decode()))
         return [u for _, u in sorted(rows)]

@@ -190,6 +190,11 @@ class Worker:
         self.accounts: Accounts | None = None
         self.bus: Bus | None = None
         self.stopping: asyncio.Event | None = None
+        # message-rate buckets by device, kept after a disconnect so that
+        # logging in again does not refill one (rate_bucket); at most
+        # rate-buckets of them, the most recently used last
+        self.rate_buckets: dict[str, Bucket] = {}
+        self.rate_buckets_max = config.rate_buckets
         self.max_connections = config.max_connections
         self.refused_full = 0
         self.full_logged = float("-inf")
@@ -273,6 +278,7 @@ class Worker:
             return
         prev, offline, queued = recorded
         s.device = device
+        s.bucket = None  # the device's own, at the first request (rate_bucket)
         s.user = device.partition(":")[0]
         old = self.by_device.get(s.device)
         if old is not None and old is not s:
@@ -289,6 +295,35 @@ class Worker:
             self.detach(s)
             return
         done(queued)
+
+    def rate_bucket(self, device: str, now: float) -> Bucket:
+        """``device``'s message-rate bucket, the one its earlier connections to this
+        worker drew on if it is still remembered (once per connection, not per
+        message: the session keeps it).  A device that reconnects to the other
+        worker draws on that worker's bucket, so with N workers it may send at
+        most N times message-rate; reconnecting to the same one gains nothing."""
+        buckets = self.rate_buckets
+        b = buckets.pop(device, None)
+        if b is None:
+            if len(buckets) >= self.rate_buckets_max:
+                self._shed_buckets(now)
+            b = Bucket(self.config.message_rate, self.config.message_burst, now)
+        buckets[device] = b  # the most recently used last
+        return b
+
+    def _shed_buckets(self, now: float) -> None:
+        """The bucket table is full: drop every bucket that has refilled (it is no
+        different from a new one) of a device not connected here, then, if that
+        freed less than an eighth, the least recently used, down to 7/8 full.
+        (A whole pass per eighth of the table: amortised O(1) per login.)"""
+        buckets, held = self.rate_buckets, self.by_device
+        rate, burst = self.config.message_rate, self.config.message_burst
+        for device, b in list(buckets.items()):
+            if device not in held and (rate <= 0 or b.tokens + (now - b.stamp) * rate >= burst):
+                del buckets[device]
+        keep = self.rate_buckets_max - max(1, self.rate_buckets_max // 8)
+        while len(buckets) > keep:
+            del buckets[next(iter(buckets))]
 
     def detach(self, s: Session) -> None:
         """``s`` no longer holds its device: the record goes in this tick's commit."""
@@ -434,9 +469,6 @@ class Worker:
                 s.send(Error(ErrorCode.TOO_FAST, "typing indicators too fast: some were dropped"))
             return
         targets = self.social.chatstate_targets(s.user, ev.to)
-        if targets is None:
-            s.send(Error(ErrorCode.UNKNOWN_RECIPIENT, "not a registered user"))
-            return
         if not targets:
             return
         frame = self.queues.encoder.chatstate(s.user, ev.type)
@@ -711,6 +743,8 @@ class Worker:
                 dedup_window_ms=int(c.dedup_window * 1000),
                 new_chats=c.new_chats,
                 new_chats_window_ms=int(c.new_chats_window * 1000),
+                stranger_count=c.stranger_queue_count,
+                stranger_bytes=c.stranger_queue_bytes,
             ),
             FrameEncoder(),
             receipts=c.delivered_receipts,

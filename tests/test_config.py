@@ -148,3 +148,13 @@ def test_every_option_is_in_exactly_one_group():
     grouped = [n for g in GROUPS for n in g.names]
     assert sorted(grouped) == sorted(o.name for o in OPTIONS)
     assert all(g.title and g.description for g in GROUPS)
+
+
+def test_blocklist_max_past_what_one_answer_node_carries_is_refused():
+    """The blocklist answer is one node (at most 1,024 children): a larger
+    blocklist-max would let an account block users it can never list."""
+    assert load().blocklist_max == 1024
+    assert load(overrides={"blocklist_max": "1024"}).blocklist_max == 1024
+    with pytest.raises(ConfigError) as info:
+        load(overrides={"blocklist_max": "1025"})
+    assert "blocklist-max must be at most 1024" in str(info.value)

@@ -269,6 +269,8 @@ def test_a_recipient_that_does_not_read_leaves_server_memory_bounded(tmp_path, w
         write_buffer_high=256 << 10,
         write_buffer_low=64 << 10,
         message_rate=0,
+        stranger_queue_bytes=0,  # a stranger may fill the whole queue here
+        stranger_queue_count=0,
     ).start()
     try:
 
@@ -315,6 +317,7 @@ def test_a_backlog_past_write_buffer_high_is_pushed_whole_before_any_ack(tmp_pat
     srv = Server(
         tmp_path / "data", workers=1, delivery_window=100_000, message_rate=0,
         write_buffer_high=256 << 10, write_buffer_low=64 << 10,
+        stranger_queue_bytes=0, stranger_queue_count=0,
     ).start()  # fmt: skip
     n = 40
     try:
@@ -370,6 +373,8 @@ def test_a_paused_session_on_another_worker_costs_the_bus_nothing_and_misses_not
         queue_max_bytes=1 << 30,
         map_size=1 << 30,
         message_rate=0,
+        stranger_queue_bytes=0,
+        stranger_queue_count=0,
         metrics_listen=f"127.0.0.1:{metrics}",
     ).start()
     n, size = 300, 128 << 10
@@ -443,6 +448,8 @@ def test_pushes_left_out_on_a_congested_bus_are_read_from_the_queue(tmp_path):
         queue_max_bytes=1 << 30,
         map_size=1 << 30,
         message_rate=0,
+        stranger_queue_bytes=0,
+        stranger_queue_count=0,
         bus_buffer_high=1,
         bus_buffer_low=0,
         metrics_listen=f"127.0.0.1:{metrics}",

@@ -803,3 +803,258 @@ def test_after_scram_iterations_changes_the_challenge_still_does_not_tell(tmp_pa
         assert made_up == ["4096"] * 8, made_up  # the only count real devices have
     finally:
         assert srv.stop() == 0
+
+
+def test_a_blocklist_past_one_node_is_answered_and_capped(tmp_path):
+    """F5: blocklist-max was 10,000 while the answer node carries 1,024 children:
+    an account with more blocks got no answer at all (the encoder refused it,
+    after a read and sort of every row).  Now the limit is 1,024, block past it
+    is 406, and a store written with more (an older server) is still answered,
+    with 1,024 users."""
+    from pigeon.client import Credentials
+    from pigeon.server.accounts import device_keys
+
+    data = tmp_path / "data"
+    data.mkdir()
+    store = Store(str(data / "store"), map_size=256 << 20)
+    secret = os.urandom(32)
+    keys = device_keys(secret, 4096)
+    device, _ = store.register_device(ALICE, os.urandom(32), keys)
+    others = [f"4930{i:08d}" for i in range(1100)]
+    for p in others:
+        store.register_device(p, os.urandom(32), keys)
+    with store.env.begin(write=True) as txn:  # as an older server (10,000 allowed) left it
+        for i, p in enumerate(others[:1030]):
+            txn.put(f"{ALICE}\x00{p}".encode(), (1000 + i).to_bytes(8, "big"),
+                    db=store._db["blocks"])  # fmt: skip
+    store.close()
+    srv = Server(data, workers=2).start()
+    try:
+
+        async def main():
+            alice = await srv.login(Credentials(device, secret))
+            try:
+                listed = await alice.blocklist(timeout=10)
+                assert len(listed) == 1024 and len(set(listed)) == 1024
+                assert set(listed) <= set(others[:1030])
+                with pytest.raises(ServerError) as info:
+                    await alice.block(others[1050])
+                assert info.value.code == ErrorCode.TOO_MANY
+                assert "at most 1024 blocked users" in info.value.text
+            finally:
+                await alice.close()
+
+        run(main())
+        assert "cannot be encoded" not in srv.log_text()
+    finally:
+        srv.stop()
+
+
+def test_reconnecting_does_not_refill_the_message_rate_bucket(tmp_path):
+    """F3a: the message-rate bucket was the connection's, so a device that logged
+    in again had a full burst again (23,596 receipts/s in the probe).  Now it is
+    the device's, kept by the worker (one worker here: with two, a reconnect that
+    lands on the other one may use that worker's bucket)."""
+    srv = Server(tmp_path / "data", workers=1, message_rate=0.01, message_burst=5).start()
+    try:
+
+        async def main():
+            creds = await srv.register(ALICE)
+            c = await srv.login(creds)
+            for _ in range(4):  # the login used none; 4 of the 5 go here
+                assert await c.blocklist(timeout=10) == ()
+            await c.close()
+            c = await srv.login(creds)
+            assert await c.blocklist(timeout=10) == ()  # the 5th
+            with pytest.raises(ServerError) as info:
+                await c.blocklist(timeout=10)
+            assert info.value.code == ErrorCode.TOO_FAST
+            await c.close()
+            for _ in range(3):  # nor does a third or a fourth connection
+                c = await srv.login(creds)
+                with pytest.raises(ServerError) as info:
+                    await c.blocklist(timeout=10)
+                assert info.value.code == ErrorCode.TOO_FAST
+                await c.close()
+
+        run(main())
+    finally:
+        srv.stop()
+
+
+def test_receipts_about_no_message_do_not_fill_a_strangers_queue(tmp_path):
+    """F3b: read receipts were stored for anyone, for any id, without the new-chats
+    check: receipts with made-up ids filled a stranger's queue (10,000 items in
+    0.4 s, and real senders got 402).  Now a receipt to a user who has not written
+    to the sender, does not have them as a contact and sent no message with that
+    id is acked and stored nowhere; a receipt about a real message still arrives
+    (here with new-chats off, so only the message's dedup record tells)."""
+    srv = Server(tmp_path / "data", workers=2, new_chats=0, queue_max_count=50).start()
+    try:
+
+        async def main():
+            alice, bob = await srv.register(ALICE), await srv.register(BOB)
+            a = await srv.login(alice)
+            for i in range(60):  # past bob's whole queue (50 items)
+                ack = await a.receipt(BOB, f"made-up-{i}")
+                assert ack.cls == "receipt"
+            assert srv.queue_stats()["count"] == 0
+            ack = await a.send(BOB, b"hello", id="real1")  # his queue still takes messages
+            b = await srv.login(bob)
+            ev = await next_message(b)
+            assert ev.id == "real1"
+            await b.ack(ev.seq)
+            await b.receipt(ALICE, "real1")  # about alice's real message: delivered
+            await b.receipt(ALICE, "made-up")  # about none of hers: dropped
+            got = []
+            while len(got) < 2:
+                ev = await a.next_event(10)
+                got.append((ev.type, ev.id))
+                await a.ack(ev.seq)
+            assert sorted(got) == [("delivered", "real1"), ("read", "real1")]
+            await until(lambda: srv.queue_stats()["count"] == 0)
+            await a.close()
+            await b.close()
+
+        run(main())
+    finally:
+        srv.stop()
+
+
+def dedup_entries(srv: Server) -> int:
+    store = Store(str(srv.data_dir / "store"), map_size=256 << 20, create=False)
+    try:
+        with store.read() as txn:
+            return sum(txn.stat(store._db[t])["entries"] for t in ("dedup0", "dedup1"))
+    finally:
+        store.close()
+
+
+def test_notes_to_self_with_no_other_device_leave_no_dedup_record(tmp_path):
+    """F4: a note to self from a single-device account is stored for nobody, yet
+    each left a dedup record for 24-48 h: 239,000 of them filled a 32 MiB store.
+    Now none is written; a note with another device to go to still is."""
+    srv = start(tmp_path)
+    try:
+
+        async def main():
+            me = await srv.register(ALICE)
+            c = await srv.login(me)
+            before = dedup_entries(srv)
+            for i in range(200):
+                ack = await c.send(ALICE, b"note", id=f"n{i}")
+                assert ack.cls == "message"
+            again = await c.send(ALICE, b"note", id="n0")  # answered the same way
+            assert again.cls == "message"
+            assert dedup_entries(srv) == before
+            other = srv.link_device(ALICE)
+            c2 = await srv.login(other)
+            await c.send(ALICE, b"note", id="synced")  # goes to the other device: remembered
+            assert dedup_entries(srv) == before + 1
+            ev = await next_message(c2)
+            assert ev.id == "synced"
+            await c.close()
+            await c2.close()
+
+        run(main())
+    finally:
+        srv.stop()
+
+
+def test_receipt_block_and_typing_answer_alike_for_registered_and_unknown_numbers(tmp_path):
+    """F6: receipt, block and chatstate to a number that is not a user answered
+    400 "not a registered user", to a user an ack or nothing: a registration
+    oracle outside discover-numbers.  Now both get the same answers."""
+    srv = start(tmp_path)
+    nobody = "4915550009999"
+    try:
+
+        async def main():
+            alice = await srv.login(await srv.register(ALICE))
+            await srv.register(CAROL)  # a user alice knows nothing of
+            answers = {}
+            for phone in (CAROL, nobody):
+                r = await alice.receipt(phone, "m1")
+                b = await alice.block(phone)
+                await alice.typing(phone)
+                await alice.ping()
+                with pytest.raises(asyncio.TimeoutError):  # no error came for the typing
+                    await alice.next_event(0.3)
+                answers[phone] = (type(r).__name__, r.cls, type(b).__name__, b.cls)
+            assert (
+                answers[CAROL] == answers[nobody] == ("ServerAck", "receipt", "ServerAck", "block")
+            )
+            assert await alice.blocklist() == (CAROL, nobody)
+            await alice.close()
+
+        run(main())
+    finally:
+        srv.stop()
+
+
+def test_a_stranger_fills_only_a_small_part_of_a_queue_and_is_not_told_its_size(tmp_path):
+    """F9: with one new conversation a stranger could fill a device's whole queue
+    (64 MiB, 67 messages of 1 MB in 0.5 s); F11b: the 402 told them its exact
+    items and bytes.  Now a sender the recipient does not know stops at
+    stranger-queue-bytes / -count; a contact, or the stranger once the recipient
+    has written to them, goes on up to the queue's own limits; and a 402 about
+    another user's queue says only that it is full."""
+    srv = start(tmp_path, stranger_queue_bytes=64 << 10, stranger_queue_count=1000,
+                queue_max_count=40)  # fmt: skip
+    try:
+
+        async def main():
+            a_creds = await srv.register(ALICE)
+            b_creds = await srv.register(BOB)
+            c_creds = await srv.register(CAROL)
+            alice, carol = await srv.login(a_creds), await srv.login(c_creds)
+            body = os.urandom(10_000)
+            sent = 0
+            with pytest.raises(ServerError) as info:
+                for i in range(40):
+                    await alice.send(BOB, body, id=f"s{i}")
+                    sent += 1
+            assert sent == 6 and info.value.code == ErrorCode.QUEUE_FULL  # 6 x 10 kB < 64 KiB
+            assert "not in their contacts" in info.value.text
+            assert not any(ch.isdigit() for ch in info.value.text)
+            bob = await srv.login(b_creds)
+            await bob.discover([CAROL])  # carol is bob's contact: she may go on
+            for i in range(10):
+                await carol.send(BOB, body, id=f"c{i}")
+            await bob.send(ALICE, b"hi", id="reply")  # now bob knows alice too
+            for i in range(6, 12):
+                await alice.send(BOB, body, id=f"s{i}")
+            with pytest.raises(ServerError) as info:  # the queue's own count limit (40)
+                for i in range(40):
+                    await carol.send(BOB, b"x", id=f"small{i}")
+            assert info.value.code == ErrorCode.QUEUE_FULL
+            assert info.value.text == "the recipient's queue is full; retry later"
+            for c in (alice, bob, carol):
+                await c.close()
+
+        run(main())
+    finally:
+        srv.stop()
+
+
+def test_a_message_to_a_number_that_is_not_a_user_costs_a_new_chat(tmp_path):
+    """A message to a non-user is refused (400), but it used to cost nothing while
+    one to a user who does not know the sender costs a new chat: once new-chats
+    was used up, 400 against 404 told registered numbers apart for free."""
+    srv = start(tmp_path, new_chats=2)
+    try:
+
+        async def main():
+            alice = await srv.login(await srv.register(ALICE))
+            await srv.register(CAROL)
+            codes = []
+            for phone in ("4915550000001", "4915550000002", "4915550000003", CAROL):
+                with pytest.raises(ServerError) as info:
+                    await alice.send(phone, b"hi")
+                codes.append(info.value.code)
+            assert codes == [ErrorCode.UNKNOWN_RECIPIENT] * 2 + [ErrorCode.NEW_CHAT_LIMIT] * 2
+            await alice.close()
+
+        run(main())
+    finally:
+        srv.stop()
