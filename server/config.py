@@ -616,11 +616,15 @@ OPTIONS: list[Option] = [
         "sliding window for keys-fetch-per-account, seconds",
     ),
     Option(
-        "key_changes_per_day",
+        "key_changes",
         20,
         _positive_int,
-        "times a day an account's devices may change their identity key (each change queues "
-        "a notice for every user who has the account as a contact); error 302 past it",
+        "times per key-changes-window an account's devices may change their identity key "
+        "(each change queues a notice for every user who has the account as a contact); "
+        "error 302 past it",
+    ),
+    Option(
+        "key_changes_window", 86_400, _positive_float, "sliding window for key-changes, seconds"
     ),
     Option(
         "media_listen",
@@ -820,7 +824,8 @@ GROUPS: list[Group] = [
             "keys_query_max",
             "keys_fetch_per_account",
             "keys_fetch_window",
-            "key_changes_per_day",
+            "key_changes",
+            "key_changes_window",
         ),
     ),  # fmt: skip
     Group(

@@ -52,7 +52,6 @@ from .limits import window_take, window_used
 
 KEY_TABLES = ("keys", "otks")
 KEYS_NOTICE = 3  # the queue entry kind (server/queues.py)
-_DAY_MS = 86_400_000
 
 
 def _pack(obj) -> bytes:
@@ -154,13 +153,14 @@ def upload(s, ev: KeysUpload) -> None:
         changed = old is not None and old[0] != bytes(ev.curve25519)
         if changed:
             # every check before the first write: a refused job writes nothing (worker.Job)
-            ok, _ = window_take(txn, db["limits"], f"keychange:{user}".encode(), now, _DAY_MS,
-                                c.key_changes_per_day)  # fmt: skip
+            ok, _ = window_take(txn, db["limits"], f"keychange:{user}".encode(), now,
+                                int(c.key_changes_window * 1000), c.key_changes)  # fmt: skip
             if not ok:
                 raise ServiceError(
                     ErrorCode.RATE_LIMITED,
-                    f"identity keys may change {c.key_changes_per_day} times a day per "
-                    "account (key-changes-per-day): each change notifies every user who "
+                    f"identity keys may change {c.key_changes} times per "
+                    f"{c.key_changes_window:g} s per account (key-changes): each change "
+                    "notifies every user who "
                     "has this account as a contact",
                 )
             # the old account's one-time and fallback keys are of no use with the new one

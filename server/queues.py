@@ -509,8 +509,8 @@ class Queues:
     def _receipt_wanted(self, w: _Txn, sender: str, to: str, mid: str, devices, cur, prev,
                         now: int) -> bool:  # fmt: skip
         """May ``sender``'s read/played receipt about message ``mid`` go to ``to``?
-        Yes if ``to`` knows ``sender`` (_known_to), or one of ``to``'s devices sent a message ``mid`` within the
-        dedup window (``cur``/``prev``: the dedup tables)."""
+        Yes if ``to`` knows ``sender`` (_known_to), or one of ``to``'s devices sent
+        a message ``mid`` within the dedup window (``cur``/``prev``: the dedup tables)."""
         if self._known_to(w, sender, to, now):
             return True
         txn = w.txn
@@ -820,20 +820,12 @@ class Queues:
         caches are checked against what the job wrote) or any write
         transaction of the store (one that aborts after it calls
         ``forget_caches``, as ``commit`` does for its jobs)."""
-        self._check_caches(txn)
-        raw = txn.get(user.encode(), db=self.db["accounts"])
-        if raw is None:
-            return []
-        w = _Txn(self, txn)
-        entry = self.encoder.entry(DEVICES, now, 0, user, "", "")
-        for n in _unpackb(raw)["devices"]:
-            w.enqueue(f"{user}:{n}", entry)
-        w.flush_state()
-        return w.pushes
+        return self.notice_users(txn, (user,), DEVICES, user, "", now)
 
     def notice_devices(self, txn, devices, kind: int, origin: str, typ: str, now: int) -> list:
-        """Queue a notice of ``kind`` (3: ``<keys from=origin type=typ>``) for each of
-        ``devices`` inside ``txn``; returns the pushes (as ``devices_changed``)."""
+        """Queue a notice of ``kind`` for each of ``devices`` inside ``txn`` (2: the
+        device-list notice, ``typ`` empty; 3: ``<keys from=origin type=typ>``);
+        returns the pushes for the caller to deliver once it has committed."""
         self._check_caches(txn)
         w = _Txn(self, txn)
         entry = self.encoder.entry(kind, now, 0, origin, "", typ)

@@ -686,7 +686,8 @@ class Worker:
         # quotas, server/handlers.py)
         media_day = 86_400 if c.media_listen != "off" else 0
         longest = int(1000 * max(c.register_window, c.login_window, c.new_chats_window,
-                                 c.discover_window, media_day))  # fmt: skip
+                                 c.discover_window, c.verify_window, c.keys_fetch_window,
+                                 c.key_changes_window, media_day))  # fmt: skip
         where, swept = (b"", b""), 0
         while True:
             try:

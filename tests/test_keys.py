@@ -397,9 +397,9 @@ def test_retry_receipt_reaches_the_sender_from_the_failing_device(srv):
 def test_identity_key_changes_are_limited_and_drop_the_old_accounts_keys(tmp_path):
     """A device that publishes another Curve25519 identity key loses the one-time
     and fallback keys of the old one (no one can open a session with them), tells
-    its contacts, and may do so key-changes-per-day times a day per account: each
+    its contacts, and may do so key-changes times per key-changes-window per account: each
     change writes a notice for everyone who has the account as a contact."""
-    s = Server(tmp_path / "data", workers=2, message_rate=0, key_changes_per_day=2).start()
+    s = Server(tmp_path / "data", workers=2, message_rate=0, key_changes=2).start()
     try:
 
         async def go():
@@ -419,13 +419,41 @@ def test_identity_key_changes_are_limited_and_drop_the_old_accounts_keys(tmp_pat
             with pytest.raises(ServerError) as info:
                 await alice.client.upload_keys(vodozemac.Account().curve25519_key.to_bytes(), ed)
             assert info.value.code == ErrorCode.RATE_LIMITED
-            assert "key-changes-per-day" in info.value.text
+            assert "(key-changes)" in info.value.text
             await nothing_more(bob.client)
             assert await alice.client.upload_keys(curve, ed) == 0  # the same key: no change
             s.advance_clock(86_401)
             assert await alice.client.upload_keys(vodozemac.Account().curve25519_key.to_bytes(),
                                                   ed) == 0  # fmt: skip
             await close(alice, bob)
+
+        run(go())
+    finally:
+        assert s.stop() == 0, s.log_text()[-3000:]
+
+
+def test_the_sweep_keeps_identity_change_records_for_their_whole_window(tmp_path):
+    """The rate-limit sweep drops records older than the longest window of any
+    limit: key-changes-window (and keys-fetch-window, verify-window) count in
+    it, or with every other window short the identity-change limit would be
+    forgotten after the first sweep."""
+    s = Server(tmp_path / "data", workers=2, message_rate=0, key_changes=1, purge_interval=0.2,
+               register_window=60, new_chats_window=60, discover_window=60,
+               login_window=60, verify_window=60)  # fmt: skip
+    s.start()
+    try:
+
+        async def go():
+            alice = await device(s)
+            await alice.upload(otks=1)
+            ed = alice.sent["ed25519"]
+            await alice.client.upload_keys(vodozemac.Account().curve25519_key.to_bytes(), ed)
+            s.advance_clock(120)  # past every other window, inside key-changes-window
+            await asyncio.sleep(1.0)  # sweeps every 0.2 s
+            with pytest.raises(ServerError) as info:
+                await alice.client.upload_keys(vodozemac.Account().curve25519_key.to_bytes(), ed)
+            assert info.value.code == ErrorCode.RATE_LIMITED
+            await close(alice)
 
         run(go())
     finally:
