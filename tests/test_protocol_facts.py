@@ -668,3 +668,32 @@ def test_the_sdk_reads_a_strangers_olm_payload_and_refuses_a_str_body(srv, tmp_p
         await stranger.close()
 
     run(go())
+
+
+def test_the_safety_number_is_computed_as_written():
+    # section 9d "Safety numbers", step by step with hashlib, against the SDK's
+    import base64
+    import hashlib
+
+    from pigeon.client.e2e import format_safety_number, safety_number, safety_qr
+
+    def fingerprint(user, key):
+        d = hashlib.sha512(b"\x00\x00" + key + user.encode("ascii")).digest()
+        for _ in range(5200):
+            d = hashlib.sha512(d + key).digest()
+        return d
+
+    def digits(fp):
+        return "".join(
+            f"{int.from_bytes(fp[i : i + 5], 'big') % 100000:05d}" for i in range(0, 30, 5)
+        )
+
+    for _ in range(3):
+        a, b = next(PHONES), next(PHONES)
+        ka, kb = os.urandom(32), os.urandom(32)
+        halves = sorted((digits(fp), fp) for fp in (fingerprint(a, ka), fingerprint(b, kb)))
+        number = "".join(d for d, _ in halves)
+        assert safety_number(a, ka, b, kb) == number == safety_number(b, kb, a, ka)
+        assert len(format_safety_number(number).split(" ")) == 12
+        parts = [base64.urlsafe_b64encode(fp[:32]).rstrip(b"=").decode() for _, fp in halves]
+        assert safety_qr(a, ka, b, kb) == "PGNV1," + ",".join(parts)
