@@ -564,7 +564,22 @@ def test_delivered_receipts_once_per_member_user_coalesced(srv):
             for r in got.values():
                 assert (r.sender, r.id, r.type) == (g, "tick1", "delivered") and r.t >= ack.t
         await nothing_more(alice)
-        for cl in (alice, alice1, bob, bob1, carol, dave):
+        # read receipts: coalesced per commit to the sender's devices, read sync to
+        # the reader's other devices; a non-member's is refused
+        await bob.receipt(g, "tick1", participant=a)
+        await carol.receipt(g, "tick1", participant=a)
+        for cl in (alice, alice1):
+            got = await group_receipts(cl, [b, c])
+            assert {(r.type, r.id) for r in got.values()} == {("read", "tick1")}
+        (r,) = set((await group_receipts(bob1, [b])).values())
+        assert (r.sender, r.type, r.members) == (g, "read", (b,))
+        await nothing_more(bob)
+        ((_, xc),) = await users(srv, 1)
+        stranger = await srv.login(xc)
+        with pytest.raises(ServerError) as e:
+            await stranger.receipt(g, "tick1", participant=a)
+        assert e.value.code == ErrorCode.NOT_MEMBER
+        for cl in (alice, alice1, bob, bob1, carol, dave, stranger):
             await cl.close()
 
     run(main())
