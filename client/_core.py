@@ -74,6 +74,8 @@ from pigeon.core.events import (
     Discover,
     DiscoverResult,
     Error,
+    GroupNotice,
+    GroupResult,
     Hello,
     IncomingMessage,
     IncomingReceipt,
@@ -132,7 +134,9 @@ REPLAYABLE = (MESSAGE, RECEIPT)
 
 
 #: what the server queues for a device (acknowledged by ``seq``)
-_QUEUED = frozenset({IncomingMessage, IncomingReceipt, DevicesChanged, KeysLow, KeysChanged})
+_QUEUED = frozenset(
+    {IncomingMessage, IncomingReceipt, DevicesChanged, KeysLow, KeysChanged, GroupNotice}
+)
 
 
 @dataclass(frozen=True)
@@ -284,7 +288,7 @@ def check_keepalive(interval: float | None, timeout: float) -> float | None:
 
 
 #: Server answers matched to a REQ waiter by their id.
-_ANSWERS = frozenset({PrivacySettings, DiscoverResult, Blocklist, LinkKey, DeviceList,
+_ANSWERS = frozenset({GroupResult, PrivacySettings, DiscoverResult, Blocklist, LinkKey, DeviceList,
                       KeysCount, KeyBundles, UploadGrant})  # fmt: skip
 
 
@@ -384,8 +388,8 @@ class ClientCore:
         mid = mid or self.new_id()
         return self.request(MESSAGE, mid, message_event(to, mid, type, body))
 
-    def receipt(self, to: str, mid: str, type: str) -> tuple[str, str]:
-        return self.request(RECEIPT, mid, Receipt(to, mid, type))
+    def receipt(self, to: str, mid: str, type: str, participant=None) -> tuple[str, str]:
+        return self.request(RECEIPT, mid, Receipt(to, mid, type, participant))
 
     def ack(self, seq: int, live: bool) -> None:
         """The application acknowledges deliveries up to ``seq``.
@@ -999,15 +1003,17 @@ class ClientAPI:
         return e2e.safety_number(self._creds.user, mine, user, their_primary_key)
 
     async def receipt(
-        self, to: str, id: str, type: str = "read", timeout: float | None = 30.0
-    ) -> ServerAck:
-        """Tell ``to`` that its message ``id`` was read (or played); waits for the server's ack."""
+        self, to: str, id: str, type: str = "read", timeout: float | None = 30.0,
+        participant: str | None = None,
+    ) -> ServerAck:  # fmt: skip
+        """Tell ``to`` that its message ``id`` was read (or played); waits for the server's ack.
+        In a group, ``to`` is the group and ``participant`` the user who sent it."""
         if self.closed is not None:
             raise ConnectionLost(str(self.closed))
         if self._live:
-            key = self.core.receipt(to, id, type)
+            key = self.core.receipt(to, id, type, participant)
         else:
-            event = Receipt(to, id, type)
+            event = Receipt(to, id, type, participant)
             event.check()  # as in send()
             key = self.core.expect(RECEIPT, id, event)
         return await self._wait(key, timeout)
@@ -1052,11 +1058,13 @@ class ClientAPI:
         await self._tell(ChatState(to, state))
 
     async def privacy(
-        self, last: str | None = None, online: str | None = None, timeout: float = 30.0
-    ) -> PrivacySettings:
-        """Read, or change, who sees last seen / online: everyone, contacts or nobody."""
+        self, last: str | None = None, online: str | None = None, timeout: float = 30.0,
+        groupadd: str | None = None,
+    ) -> PrivacySettings:  # fmt: skip
+        """Read, or change, who sees last seen / online, and who may add this user to
+        groups (``groupadd``): everyone, contacts or nobody."""
         rid = self.new_id()
-        return await self._request(REQ, rid, Privacy(rid, last, online), timeout)
+        return await self._request(REQ, rid, Privacy(rid, last, online, groupadd), timeout)
 
     async def discover(self, phones, type: str = "full", timeout: float = 30.0) -> DiscoverResult:
         """Which of ``phones`` are users (they join the contact set); ``type``: full

@@ -286,6 +286,40 @@ class Client(ClientAPI):
         if self.closed is None:
             self._finish(ConnectionLost("closed by the application"))
 
+    async def group(self, op: str, group: str | None = None, members=(),
+                    timeout: float = 30.0, **fields):  # fmt: skip
+        """One group request (PROTOCOL.md 10g): ``op`` create, info, list, add, ...;
+        ``fields``: subject, description, code, announce, approval.  Returns the
+        GroupResult; raises ServerError if refused.  (A plain request: the
+        group API proper is the SDK's.)"""
+        from pigeon.core.events import GroupRequest
+
+        from ._core import REQ
+
+        rid = self.new_id()
+        req = GroupRequest(rid, op, group, tuple(members), **fields)
+        return await self._request(REQ, rid, req, timeout)
+
+    async def group_send(self, group: str, body: bytes, payloads=(), type: str = "text",
+                         id: str | None = None, timeout: float | None = 30.0):  # fmt: skip
+        """Send ``body`` to ``group`` with per-device ``payloads`` ((device, bytes), ...:
+        sender-key distribution, each delivered only to the device it names);
+        returns the ServerAck (``failed``: members whose queues were full)."""
+        from pigeon.core.events import Message
+
+        from ._core import MESSAGE
+
+        if self.closed is not None:
+            raise ConnectionLost(str(self.closed))
+        mid = id or self.new_id()
+        event = Message(group, mid, type, bytes(body), tuple(payloads))
+        if self._live:
+            key = self.core.request(MESSAGE, mid, event)
+        else:
+            event.check()
+            key = self.core.expect(MESSAGE, mid, event)
+        return await self._wait(key, timeout)
+
     async def send_media(self, to: str, path: str, **kw):
         """Encrypt the file at ``path``, upload it to the media service and send ``to``
         a message whose body is its media payload; returns (ServerAck, Media).

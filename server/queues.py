@@ -118,6 +118,9 @@ CACHE_MAX = 200_000  # entries of a worker's read caches before they start again
 QUEUE_TABLES = ("queue", "qstate", "dedup0", "dedup1", "fan", "conv0", "conv1")
 
 MESSAGE, RECEIPT, DEVICES = 0, 1, 2
+# group notice, group message body, reference to one, group message with a device's
+# payload, a group's receipts for one message (coalesced)
+GROUP_NOTICE, GMESSAGE, GREF, GPAYLOAD, GRECEIPT = 4, 5, 6, 7, 8
 FAN, SYNC = 1, 2  # entry flag bits (Codec.queue_entry)
 _CLASS_KIND = {"message": MESSAGE, "receipt": RECEIPT}
 _DEDUP_META = b"dedup"
@@ -133,9 +136,36 @@ def _digest(to: str, typ: str, body, payloads=None) -> bytes:
         for device, payload in payloads:
             h.update(f"\x00{device}\x00{len(payload)}\x00".encode())
             h.update(payload)
-    elif body is not None:
+    if body is not None:  # (a group message has both)
         h.update(body)
     return h.digest()
+
+
+def spliced_entry(enc, kind: int, t: int, flags: int, origin: str, mid: str, tag: str,
+                  attrs: dict, children) -> bytes:  # fmt: skip
+    """An entry whose content is written after ``seq`` as it is (kinds 4 and 7):
+    ``<tag attrs... t seq>children</tag>`` (pigeon.core._pycodec, "queue entries")."""
+    codec, N = enc._codec, enc._node
+    head = bytearray(codec.encode(N(tag, {**attrs, "t": str(t)})))
+    content = b""
+    if children:
+        bare = codec.encode(N(tag, {}))
+        content = codec.encode(N(tag, {}, children))[len(bare) :]
+    if head[0] != 0xF8 or head[1] + 3 > 0xFF:  # LIST_8: such an entry has few attributes
+        raise ValueError("an entry's head must be a short list")
+    head[1] += 2 + bool(children)  # the seq the delivery adds, and the content
+    o, i = origin.encode(), mid.encode()
+    out = bytearray((kind,))
+    out += _T.pack(t)
+    out.append(flags)
+    out.append(len(o))
+    out += o
+    out.append(len(i))
+    out += i
+    out += len(head).to_bytes(2, "big")
+    out += head
+    out += content
+    return bytes(out)
 
 
 _packb = msgpack.Packer(use_bin_type=True).pack
@@ -158,6 +188,55 @@ def entry_fields(value) -> tuple[int, int, bool, str, str]:
 
 def _unpackb(raw):
     return msgpack.unpackb(raw, raw=False, use_list=True)
+
+
+def bump_group_version(txn, db: dict) -> None:
+    """Note in ``txn`` that a group changed (``meta["gver"]``: the membership caches)."""
+    raw = txn.get(b"gver", db=db["meta"])
+    n = 0 if raw is None else int.from_bytes(raw, "big")
+    txn.put(b"gver", (n + 1).to_bytes(8, "big"), db=db["meta"])
+
+
+# A group message's body is stored once, in ``gbody``, under its number (u64) and
+# b"b" (the kind-5 entry every member device's delivery is spliced from), with a
+# count under the number and b"c": (devices still referring to it, its entry's
+# length), two u32, then "group NUL sending device NUL id" (for the delivered
+# receipts).  Each member device's queue holds a reference (kind 6):
+#     kind u8 (6) | t u64 | flags u8 | number u64      (18 bytes)
+# Its queue bytes count the body entry's length, as if the body were in it.
+# The fan flag (bit 0) marks a member with several devices: then the number,
+# b"f" and the user is a record until the first of them acks (their delivered
+# receipt is the first ack's), dropped with the body at the latest.
+_GCOUNT = struct.Struct(">II")
+GREF_SIZE = 18
+
+
+def _unref(txn, gdb, number) -> bytes | None:
+    """One device fewer refers to body ``number`` (8 bytes); at 0 it is deleted (and
+    what is left of its fan records).  Returns its count record as it was (None: no
+    such body): ``_GCOUNT`` then group, sending device and id."""
+    ckey = number + b"c"
+    raw = txn.get(ckey, db=gdb)
+    if raw is None:
+        return None
+    refs, size = _GCOUNT.unpack_from(raw)
+    if refs <= 1:
+        txn.delete(ckey, db=gdb)
+        txn.delete(number + b"b", db=gdb)
+        prefix = number + b"f"
+        with txn.cursor(db=gdb) as c:
+            if c.set_range(prefix):
+                while c.key().startswith(prefix):
+                    if not c.delete():
+                        break
+    else:
+        txn.put(ckey, _GCOUNT.pack(refs - 1, size) + raw[8:], db=gdb)
+    return raw
+
+
+def _unref_size(txn, gdb, number, fallback: int) -> int:
+    raw = _unref(txn, gdb, number)
+    return fallback if raw is None else _GCOUNT.unpack_from(raw)[1]
 
 
 def qprefix(device: str) -> bytes:
@@ -227,7 +306,7 @@ class Send:
     """A message or client receipt to store; ``commit`` fills in ``t`` or ``error``."""
 
     __slots__ = ("device", "cls", "id", "to", "type", "body", "t", "error", "session",
-                 "dkey", "digest", "entry", "payloads")  # fmt: skip
+                 "dkey", "digest", "entry", "payloads", "failed")  # fmt: skip
 
     def __init__(self, device, cls, mid, to, typ, body=None, session=None, payloads=None):
         self.device = device  # the sending device
@@ -243,6 +322,7 @@ class Send:
         self.error: tuple | None = None
         # made before the transaction begins (Queues._prepare)
         self.dkey = self.digest = self.entry = None
+        self.failed = ()  # a group message: member users whose queues were full
 
 
 class Push:
@@ -275,6 +355,32 @@ class _Txn:
         self.pushes: list[Push] = []
         self.conv = None  # (current, previous) conversation generations, when needed
         self.full = None  # past the store's reserve? (asked once, when a send needs it)
+        self.gchecked = False  # meta "gver" compared with the group cache's this commit
+        self.greceipts: dict[bytes, list[str]] = {}  # a message's key -> member users
+        self.gmsg = None  # the last group body number (read when a group message needs it)
+
+    def group(self, gid: str):
+        """(members in join order, member set, admin set, announce) of group ``gid``, or None."""
+        q = self.q
+        if not self.gchecked:
+            self.gchecked = True
+            ver = self.txn.get(b"gver", db=q.db["meta"])
+            if ver != q.cached_gver or len(q.group_cache) > CACHE_MAX:
+                q.cached_gver = ver
+                q.group_cache.clear()
+        cache = q.group_cache
+        try:
+            return cache[gid]
+        except KeyError:
+            raw = self.txn.get(gid.encode(), db=q.db["groups"])
+            g = None
+            if raw is not None:
+                rec = _unpackb(raw)
+                users = tuple(m[0] for m in rec["m"])
+                g = (users, frozenset(users), frozenset(m[0] for m in rec["m"] if m[1]),
+                     bool(rec["an"]))  # fmt: skip
+            cache[gid] = g
+            return g
 
     def devices(self, user: str) -> list[str] | None:
         cache = self.q.device_cache
@@ -333,6 +439,8 @@ class _Txn:
 
     def flush_state(self) -> None:
         put = self.txn.put
+        if self.gmsg is not None:
+            put(b"gmsg", _T.pack(self.gmsg), db=self.q.db["meta"])
         db = self.q.db["qstate"]
         pack = _QSTATE.pack
         for device, st in self.state.items():
@@ -365,12 +473,14 @@ class Queues:
         self.blockers: dict[str, bool] = {}  # user -> blocks anyone?
         self.block_cache: dict[str, bool] = {}  # "blocker NUL blocked" -> blocks?
         self.session_cache: dict[str, int | None] = {}  # device -> worker holding it
+        self.cached_gver = self  # meta "gver" (server/groups.py) when group_cache was started
+        self.group_cache: dict[str, tuple | None] = {}  # group number -> _Txn.group's answer
 
     def forget_caches(self) -> None:
         """Start the caches again: a write transaction that read through them
         (``devices_changed``) was aborted, so what they hold may be its own
         uncommitted writes under a version number a later commit can reuse."""
-        self.cached_ver = self.cached_sver = self
+        self.cached_ver = self.cached_sver = self.cached_gver = self
 
     def _check_caches(self, txn) -> None:
         meta = self.db["meta"]
@@ -429,13 +539,17 @@ class Queues:
                 for device, upto in acks.items():
                     if not self._ack(w, device, upto, now, ack_limit):
                         unfinished.append((device, upto))
+                if w.greceipts:  # the group messages' delivered receipts, coalesced
+                    self._group_receipts(w, now)
                 for s in sends:
                     self._store_one(w, s, now, cur, prev)
+                if w.greceipts:  # and their read receipts
+                    self._group_receipts(w, now)
                 w.flush_state()
         except BaseException:
             # an aborted transaction may have filled the caches with what it
             # wrote itself (a job's change): they start again
-            self.cached_ver = self.cached_sver = self
+            self.cached_ver = self.cached_sver = self.cached_gver = self
             raise
         if self.on_write_wait is not None:
             self.on_write_wait(waited)
@@ -532,6 +646,21 @@ class Queues:
             if s.cls == "message":
                 s.dkey = f"{s.device}\x00m\x00{s.id}".encode()
                 to = s.to
+                if to[0] == "g":  # a group: the body entry, stored once (_store_group)
+                    s.digest = _digest(to, s.type, s.body, s.payloads)
+                    s.entry = entry(GMESSAGE, now, 0, s.device, s.id, s.type, s.body, to)
+                    if s.payloads:  # a device's own entry: the body and its payload
+                        enc = self.encoder
+                        N = enc._node
+                        attrs = {"from": to, "participant": s.device, "id": s.id,
+                                 "type": s.type}  # fmt: skip
+                        s.payloads = {
+                            d: spliced_entry(enc, GPAYLOAD, now, 0, s.device, s.id, "message",
+                                             attrs, [N("body", None, s.body),
+                                                     N("payload", None, p)])
+                            for d, p in s.payloads
+                        }  # fmt: skip
+                    continue
                 if s.payloads:
                     s.digest = _digest(to, s.type, None, s.payloads)
                     prefix = to + ":"
@@ -550,6 +679,9 @@ class Queues:
                     s.entry = entry(MESSAGE, now, SYNC, s.device, s.id, s.type, s.body, to)
                 else:
                     s.entry = entry(MESSAGE, now, 0, s.device, s.id, s.type, s.body)
+            elif s.to[0] == "g":  # a group's read receipt (``body``: whose message it is)
+                s.dkey = f"{s.device}\x00r{s.type}\x00{s.to}\x00{s.body}\x00{s.id}".encode()
+                s.digest = b""
             else:  # a receipt names the message of another user: the recipient is in the key
                 s.dkey = f"{s.device}\x00r{s.type}\x00{s.to}\x00{s.id}".encode()
                 s.digest = b""
@@ -585,6 +717,12 @@ class Queues:
         me = s.device
         sender = me.partition(":")[0]
         lim = self.limits
+        if to[0] == "g":
+            if s.cls == "message":
+                self._store_group(w, s, now, sender, dkey, stamp, cur)
+            else:
+                self._store_group_receipt(w, s, now, sender, dkey, stamp, cur)
+            return
         if ":" in to:  # device-to-device, inside the sender's own account (Worker.route)
             devices = w.devices(sender)
             if not devices or to not in devices:
@@ -733,6 +871,137 @@ class Queues:
         txn.put(dkey, stamp, db=cur)
         s.t = now
 
+    def _store_group_receipt(self, w: _Txn, s: Send, now: int, sender: str, dkey, stamp,
+                             cur) -> None:  # fmt: skip
+        """A member read (or played) ``s.body``'s message ``s.id`` in group ``s.to``:
+        gathered for the commit's coalesced receipts to that user's devices, and a
+        read-sync copy for the reader's other devices."""
+        g = w.group(s.to[2:])
+        if g is None or sender not in g[1]:
+            s.error = (ErrorCode.NOT_MEMBER, "you are not a member of this group")
+            return
+        author = s.body
+        if author != sender:
+            key = f"{s.type}\x00{s.to}\x00{author}\x00{s.id}".encode()
+            got = w.greceipts.get(key)
+            if got is None:
+                w.greceipts[key] = [sender]
+            elif sender not in got:
+                got.append(sender)
+        others = [d for d in w.devices(sender) or () if d != s.device]
+        if others:  # read sync: this user's other devices mark it read too
+            N = self.encoder._node
+            entry = spliced_entry(self.encoder, GRECEIPT, now, SYNC, s.to, s.id, "receipt",
+                                  {"from": s.to, "id": s.id, "type": s.type},
+                                  [N("member", {"user": sender})])  # fmt: skip
+            for d in others:
+                w.enqueue(d, entry)
+        w.txn.put(dkey, stamp, db=cur)
+        s.t = now
+
+    def _store_group(self, w: _Txn, s: Send, now: int, sender: str, dkey, stamp, cur) -> None:
+        """A message to a group from a member: a reference to its body (stored once)
+        in every member device's queue but the sending one's; the users whose
+        queues are full go in ``s.failed`` (stored for everyone else)."""
+        g = w.group(s.to[2:])
+        if g is None or sender not in g[1]:
+            s.error = (ErrorCode.NOT_MEMBER, "you are not a member of this group")
+            return
+        if g[3] and sender not in g[2]:
+            s.error = (ErrorCode.ANNOUNCE_ONLY, "only the group's admins send in this group")
+            return
+        me = s.device
+        own = s.payloads  # {device: its entry}: the devices named by a payload
+        if own:
+            extra = tuple(
+                d for d in own
+                if d == me or d.partition(":")[0] not in g[1]
+                or d not in (w.devices(d.partition(":")[0]) or ())
+            )  # fmt: skip
+            if extra:
+                s.error = (ErrorCode.STALE_DEVICES, "a payload names a device that is not a "
+                           "member device (or is the sending one)", (), extra)  # fmt: skip
+                return
+        txn = w.txn
+        if w.gmsg is None:
+            raw = txn.get(b"gmsg", db=self.db["meta"])
+            w.gmsg = 0 if raw is None else _T.unpack(raw)[0]
+        w.gmsg += 1
+        number = _T.pack(w.gmsg)
+        body = s.entry
+        size = len(body)
+        head = bytes((GREF,)) + _T.pack(now)
+        ref = head + b"\x00" + number  # the members' reference
+        fan_ref = head + bytes((FAN,)) + number  # a member's with several devices
+        sync_ref = head + bytes((SYNC,)) + number  # the sender's other devices' (no receipt)
+        gdb = self.db["gbody"]
+        fans = 0
+        lim = self.limits
+        max_count, max_bytes = lim.max_count, lim.max_bytes
+        # (the loop runs once per member device: _Txn.qstate, worker_of and qkey inlined)
+        put, get = w.put, txn.get
+        state, sessions = w.state, self.session_cache
+        sdb, sessdb = self.db["qstate"], self.db["sessions"]
+        unpack, pack_seq = _QSTATE.unpack, _T.pack
+        qdb, pushes = w.qdb, w.pushes
+        refs = 0
+        failed = None
+        for user in g[0]:
+            mine = user == sender
+            devs = w.devices(user) or ()
+            fan = len(devs) > 1 and not mine
+            entry = sync_ref if mine else (fan_ref if fan else ref)
+            if fan:
+                put(number + b"f" + user.encode(), b"", db=gdb)
+                fans += 1
+            for d in devs:
+                if d == me:
+                    continue
+                dk = d.encode()
+                st = state.get(d)
+                if st is None:
+                    raw = get(dk, db=sdb)
+                    st = state[d] = [1, 0, 0] if raw is None else list(unpack(raw))
+                mine_entry = own.get(d) if own else None
+                need = size if mine_entry is None else len(mine_entry)
+                if st[1] + 1 > max_count or st[2] + need > max_bytes:
+                    if failed is None:
+                        failed = [user]
+                    elif failed[-1] != user:
+                        failed.append(user)
+                    continue
+                seq = st[0]
+                st[0] = seq + 1
+                st[1] += 1
+                st[2] += need
+                if mine_entry is None:
+                    put(dk + b"\x00" + pack_seq(seq), entry, db=qdb)
+                    refs += 1
+                else:  # its own entry: the body and its payload
+                    put(dk + b"\x00" + pack_seq(seq), mine_entry, db=qdb)
+                try:
+                    wid = sessions[d]
+                except KeyError:
+                    raw = get(dk, db=sessdb)
+                    wid = sessions[d] = None if raw is None else _unpackb(raw)["worker"]
+                if wid is not None:  # offline devices read it from their queue later
+                    pushes.append(Push(d, seq, body if mine_entry is None else mine_entry, wid))
+        if refs:
+            put(number + b"b", body, db=gdb)
+            put(number + b"c", _GCOUNT.pack(refs, size)
+                + f"{s.to}\x00{me}\x00{s.id}".encode(), db=gdb)  # fmt: skip
+        elif fans:  # (no reference: no ack will come to drop them)
+            with txn.cursor(db=gdb) as c:
+                prefix = number + b"f"
+                if c.set_range(prefix):
+                    while c.key().startswith(prefix):
+                        if not c.delete():
+                            break
+        txn.put(dkey, stamp, db=cur)
+        s.t = now
+        if failed is not None:
+            s.failed = tuple(failed)
+
     @staticmethod
     def _payloads_match(s: Send, entries: dict, recipients, mine, nsync: int) -> bool:
         """Do the per-device payloads name exactly the current devices?  If not,
@@ -790,7 +1059,16 @@ class Queues:
                 if st is None:
                     st = w.qstate(device)
                 st[1] -= 1
-                st[2] -= len(value)
+                if value[0] == GREF:
+                    raw = _unref(txn, self.db["gbody"], value[10:18])
+                    if raw is None:
+                        st[2] -= len(value)
+                    else:
+                        st[2] -= _GCOUNT.unpack_from(raw)[1]
+                        if self.receipts and not value[9] & SYNC:
+                            self._group_delivered(w, value, raw, user)
+                else:
+                    st[2] -= len(value)
                 if self.receipts and value[0] == MESSAGE and not value[9] & SYNC:
                     self._delivered(w, value, user, now)
                 if not c.delete():
@@ -798,6 +1076,32 @@ class Queues:
         if st is not None and st[1] <= 0:
             st[1], st[2] = 0, 0
         return done
+
+    def _group_delivered(self, w: _Txn, value, raw: bytes, user: str) -> None:
+        """A member device acked a group message: ``user``'s delivered receipt, once
+        per member user, gathered for this commit's coalesced receipts."""
+        if value[9] & FAN and not w.txn.delete(value[10:18] + b"f" + user.encode(),
+                                               db=self.db["gbody"]):  # fmt: skip
+            return  # another device of this user acked first
+        key = b"delivered\x00" + bytes(raw[8:])  # type NUL group NUL sending device NUL id
+        got = w.greceipts.get(key)
+        if got is None:
+            w.greceipts[key] = [user]
+        else:
+            got.append(user)
+
+    def _group_receipts(self, w: _Txn, now: int) -> None:
+        """One receipt entry per message for the sender's devices: every member
+        user this commit's acks (or read receipts) are about, as ``member`` children."""
+        N = self.encoder._node
+        for key, users in w.greceipts.items():
+            typ, group, device, mid = key.decode().split("\x00")
+            entry = spliced_entry(self.encoder, GRECEIPT, now, 0, group, mid, "receipt",
+                                  {"from": group, "id": mid, "type": typ},
+                                  [N("member", {"user": u}) for u in users])  # fmt: skip
+            for d in w.devices(device.partition(":")[0]) or ():
+                w.enqueue(d, entry)
+        w.greceipts.clear()
 
     def _delivered(self, w: _Txn, value, user: str, now: int) -> None:
         _, _, fan, origin, mid = entry_fields(value)
@@ -821,6 +1125,16 @@ class Queues:
         transaction of the store (one that aborts after it calls
         ``forget_caches``, as ``commit`` does for its jobs)."""
         return self.notice_users(txn, (user,), DEVICES, user, "", now)
+
+    def enqueue_devices(self, txn, devices, entry: bytes) -> list:
+        """Queue ``entry`` (one object for all) for each of ``devices`` inside ``txn``;
+        returns the pushes for the caller to deliver once it has committed."""
+        self._check_caches(txn)
+        w = _Txn(self, txn)
+        for d in devices:
+            w.enqueue(d, entry)
+        w.flush_state()
+        return w.pushes
 
     def notice_devices(self, txn, devices, kind: int, origin: str, typ: str, now: int) -> list:
         """Queue a notice of ``kind`` for each of ``devices`` inside ``txn`` (2: the
@@ -885,6 +1199,7 @@ class Queues:
         n = size = last = 0
         write = self.encoder.write
         prefix = qprefix(device)
+        gdb = self.db["gbody"]
         with self.env.begin(buffers=True) as txn, txn.cursor(db=self.db["queue"]) as c:
             if not c.set_range(qkey(device, after + 1)):
                 return 0, 0, 0
@@ -892,6 +1207,10 @@ class Queues:
                 if n >= limit or bytes(key[: len(prefix)]) != prefix:
                     break
                 last = int.from_bytes(key[-8:], "big")
+                if value[0] == GREF:  # the group message's body, stored once
+                    value = txn.get(bytes(value[10:18]) + b"b", db=gdb)
+                    if value is None:  # (cannot be: it lives while referred to)
+                        continue
                 size += write(out, value, last)
                 n += 1
                 if seqs is not None:
@@ -912,6 +1231,7 @@ class Queues:
         cutoff = self.clock() - self.limits.max_age_ms
         purged = 0
         qdb, sdb, fdb = self.db["queue"], self.db["qstate"], self.db["fan"]
+        gdb = self.db["gbody"]
         with self.env.begin(write=True) as txn:
             sc = txn.cursor(db=sdb)
             if not sc.set_range(start):
@@ -935,6 +1255,15 @@ class Queues:
                         continue
                     while c.key().startswith(prefix):
                         value = c.value()
+                        if value[0] == GREF:
+                            if _T.unpack_from(value, 1)[0] >= cutoff:
+                                break
+                            st[1] -= 1
+                            st[2] -= _unref_size(txn, gdb, value[10:18], len(value))
+                            purged += 1
+                            if not c.delete():
+                                break
+                            continue
                         kind, t, fan, origin, mid = entry_fields(value)
                         if t >= cutoff:
                             break
@@ -992,6 +1321,9 @@ def drop_device_queue(txn, db: dict, device: str) -> int:
         if c.set_range(prefix):
             while c.key().startswith(prefix):
                 n += 1
+                value = c.value()
+                if value[0] == GREF:
+                    _unref(txn, db["gbody"], value[10:18])
                 if not c.delete():
                     break
     txn.delete(device.encode(), db=db["qstate"])

@@ -66,6 +66,7 @@ from .accounts import Accounts, make_gateway
 from .bus import Bus
 from .child import code_mismatch
 from .errors import ServiceError
+from .groups import GroupLimits, Groups
 from .limits import Bucket, LeakyTable
 from .listeners import FULL_LOG_INTERVAL, Listeners, listen_socket, raise_open_files_limit
 from .metrics import SNAPSHOT_INTERVAL, WorkerStats
@@ -177,6 +178,7 @@ class Worker:
         self.delivery_window = config.delivery_window
         self.write_buffer_high = config.write_buffer_high
         self.queues: Queues | None = None
+        self.groups: Groups | None = None
         self.encode_entry = None  # FrameEncoder.write: a stored entry's frame into a buffer
         self.social: Social | None = None
         self.presence: PresenceHub | None = None
@@ -397,24 +399,27 @@ class Worker:
     # -- routing ------------------------------------------------------------------
 
     def route(self, sender: Session, to: str, msg_id: str, cls: str, typ: str, body,
-              payloads=None) -> None:  # fmt: skip
+              payloads=None, participant: str | None = None) -> None:  # fmt: skip
         """Queue a message or a read receipt for storing in this tick's commit.
 
         ``to``: a user, or (messages) a device of the sender's own account;
         ``payloads``: per-device payloads instead of ``body`` (Queues)."""
         kind = address_kind(to)
         if kind != "user":
-            if kind == "device" and cls == "message":
+            if kind == "group" and (cls == "message" or participant is not None):
+                pass  # fanned out to the members in the commit (Queues._store_group)
+            elif kind == "device" and cls == "message":
                 if to.partition(":")[0] != sender.user or to == sender.device:
                     sender.send(Error(ErrorCode.BAD_REQUEST, "a device address as `to` must "
                                       "be another device of your own account", msg_id))  # fmt: skip
                     return
             else:
-                sender.send(
-                    Error(ErrorCode.BAD_REQUEST, "group messages are not supported yet", msg_id)
-                )
+                sender.send(Error(ErrorCode.BAD_REQUEST, "a receipt goes to a user", msg_id))
                 return
-        if payloads:  # each payload is what one device gets: each has the limit
+        if payloads and kind == "group":  # the body for all, a payload for some
+            largest = len(body) + max(len(p) for _, p in payloads)
+            size = len(body) + sum(len(p) for _, p in payloads)
+        elif payloads:  # each payload is what one device gets: each has the limit
             largest = max(len(p) for _, p in payloads)
             size = sum(len(p) for _, p in payloads)
             body = None
@@ -429,7 +434,10 @@ class Worker:
                 )
             )
             return
-        self.sends.append(Send(sender.device, cls, msg_id, to, typ, body, sender, payloads))
+        send = Send(sender.device, cls, msg_id, to, typ, body, sender, payloads)
+        if participant is not None:  # a group's read receipt: whose message it is
+            send.body = participant
+        self.sends.append(send)
         if size:
             self.send_bytes += size
             if self.send_bytes >= self.commit_max_bytes:
@@ -557,7 +565,7 @@ class Worker:
             if sess.transport is None or sess.closing:
                 continue  # gone: the client retries with the same id and gets the same ack
             if s.error is None:
-                sess.send(ServerAck(s.id, s.t, s.cls))
+                sess.send(ServerAck(s.id, s.t, s.cls, None, s.failed))
             elif len(s.error) == 4:  # 408: the devices missing and extra
                 sess.send(Error(s.error[0], s.error[1], s.id, s.error[2], s.error[3]))
             else:
@@ -686,7 +694,8 @@ class Worker:
         media_day = 86_400 if c.media_listen != "off" else 0
         longest = int(1000 * max(c.register_window, c.login_window, c.new_chats_window,
                                  c.discover_window, c.verify_window, c.keys_fetch_window,
-                                 c.key_changes_window, media_day))  # fmt: skip
+                                 c.key_changes_window, media_day,
+                                 c.group_window))  # fmt: skip
         where, swept = (b"", b""), 0
         while True:
             try:
@@ -750,6 +759,11 @@ class Worker:
             receipts=c.delivered_receipts,
         )
         self.queues.on_write_wait = self.stats.write_wait
+        self.groups = Groups(self.store, self.queues,
+                             GroupLimits(max_members=c.group_max_members,
+                                         per_day=c.groups_per_day,
+                                         joins_per_day=c.group_joins_per_day,
+                                         window_ms=int(c.group_window * 1000)))  # fmt: skip
         self.social = Social(self.store, c)
         self.presence = PresenceHub(self, self.social, self.queues.encoder)
         self.encode_entry = self.queues.encoder.write
