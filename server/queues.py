@@ -207,6 +207,11 @@ def bump_group_version(txn, db: dict) -> None:
 # The fan flag (bit 0) marks a member with several devices: then the number,
 # b"f" and the user is a record until the first of them acks (their delivered
 # receipt is the first ack's), dropped with the body at the latest.
+# A device named by a per-device payload holds its own entry instead (kind 7:
+# the body and its payload, spliced as they are), which refers to the body too:
+# its origin field is the body's number in 16 hex digits (``gpayload_number``),
+# written with its flags when it is stored, so its ack counts down the body
+# and makes the member's delivered receipt as a reference's does.
 _GCOUNT = struct.Struct(">II")
 GREF_SIZE = 18
 
@@ -234,9 +239,26 @@ def _unref(txn, gdb, number) -> bytes | None:
     return raw
 
 
-def _unref_size(txn, gdb, number, fallback: int) -> int:
+_NO_NUMBER = "0" * 16  # a kind-7 entry's origin until it is stored (_store_group)
+
+
+def body_number(value) -> bytes | None:
+    """The body number (8 bytes) a kind-6 or kind-7 entry refers to, else None."""
+    if value[0] == GREF:
+        return bytes(value[10:18])
+    if value[0] == GPAYLOAD:
+        return bytes.fromhex(bytes(value[11:27]).decode())
+    return None
+
+
+def entry_size(txn, gdb, value) -> int:
+    """Drop one reference of the entry to its body, if it has one; returns the
+    bytes its queue counted for it (a reference counts the body's length)."""
+    number = body_number(value)
+    if number is None:
+        return len(value)
     raw = _unref(txn, gdb, number)
-    return fallback if raw is None else _GCOUNT.unpack_from(raw)[1]
+    return _GCOUNT.unpack_from(raw)[1] if raw is not None and value[0] == GREF else len(value)
 
 
 def qprefix(device: str) -> bytes:
@@ -655,7 +677,7 @@ class Queues:
                         attrs = {"from": to, "participant": s.device, "id": s.id,
                                  "type": s.type}  # fmt: skip
                         s.payloads = {
-                            d: spliced_entry(enc, GPAYLOAD, now, 0, s.device, s.id, "message",
+                            d: spliced_entry(enc, GPAYLOAD, now, 0, _NO_NUMBER, s.id, "message",
                                              attrs, [N("body", None, s.body),
                                                      N("payload", None, p)])
                             for d, p in s.payloads
@@ -928,6 +950,7 @@ class Queues:
             w.gmsg = 0 if raw is None else _T.unpack(raw)[0]
         w.gmsg += 1
         number = _T.pack(w.gmsg)
+        hex_number = number.hex().encode()  # (a kind-7 entry's origin field)
         body = s.entry
         size = len(body)
         head = bytes((GREF,)) + _T.pack(now)
@@ -976,9 +999,13 @@ class Queues:
                 st[2] += need
                 if mine_entry is None:
                     put(dk + b"\x00" + pack_seq(seq), entry, db=qdb)
-                    refs += 1
-                else:  # its own entry: the body and its payload
+                else:  # its own entry (the body and its payload), referring to the body
+                    mine_entry = bytearray(mine_entry)
+                    mine_entry[9] = entry[9]  # the reference's flags: sync, fan
+                    mine_entry[11:27] = hex_number
+                    mine_entry = bytes(mine_entry)
                     put(dk + b"\x00" + pack_seq(seq), mine_entry, db=qdb)
+                refs += 1
                 try:
                     wid = sessions[d]
                 except KeyError:
@@ -1059,14 +1086,15 @@ class Queues:
                 if st is None:
                     st = w.qstate(device)
                 st[1] -= 1
-                if value[0] == GREF:
-                    raw = _unref(txn, self.db["gbody"], value[10:18])
-                    if raw is None:
+                number = body_number(value)
+                if number is not None:  # a group message: one reference fewer to its body
+                    raw = _unref(txn, self.db["gbody"], number)
+                    if raw is None or value[0] != GREF:
                         st[2] -= len(value)
                     else:
                         st[2] -= _GCOUNT.unpack_from(raw)[1]
-                        if self.receipts and not value[9] & SYNC:
-                            self._group_delivered(w, value, raw, user)
+                    if raw is not None and self.receipts and not value[9] & SYNC:
+                        self._group_delivered(w, value[9], number, raw, user)
                 else:
                     st[2] -= len(value)
                 if self.receipts and value[0] == MESSAGE and not value[9] & SYNC:
@@ -1077,11 +1105,12 @@ class Queues:
             st[1], st[2] = 0, 0
         return done
 
-    def _group_delivered(self, w: _Txn, value, raw: bytes, user: str) -> None:
-        """A member device acked a group message: ``user``'s delivered receipt, once
-        per member user, gathered for this commit's coalesced receipts."""
-        if value[9] & FAN and not w.txn.delete(value[10:18] + b"f" + user.encode(),
-                                               db=self.db["gbody"]):  # fmt: skip
+    def _group_delivered(self, w: _Txn, flags: int, number: bytes, raw: bytes, user: str) -> None:
+        """A member device acked a group message (body ``number``, its count record
+        ``raw``): ``user``'s delivered receipt, once per member user, gathered for
+        this commit's coalesced receipts."""
+        if flags & FAN and not w.txn.delete(number + b"f" + user.encode(),
+                                            db=self.db["gbody"]):  # fmt: skip
             return  # another device of this user acked first
         key = b"delivered\x00" + bytes(raw[8:])  # type NUL group NUL sending device NUL id
         got = w.greceipts.get(key)
@@ -1255,11 +1284,11 @@ class Queues:
                         continue
                     while c.key().startswith(prefix):
                         value = c.value()
-                        if value[0] == GREF:
+                        if value[0] == GREF or value[0] == GPAYLOAD:
                             if _T.unpack_from(value, 1)[0] >= cutoff:
                                 break
                             st[1] -= 1
-                            st[2] -= _unref_size(txn, gdb, value[10:18], len(value))
+                            st[2] -= entry_size(txn, gdb, value)
                             purged += 1
                             if not c.delete():
                                 break
@@ -1321,9 +1350,9 @@ def drop_device_queue(txn, db: dict, device: str) -> int:
         if c.set_range(prefix):
             while c.key().startswith(prefix):
                 n += 1
-                value = c.value()
-                if value[0] == GREF:
-                    _unref(txn, db["gbody"], value[10:18])
+                number = body_number(c.value())
+                if number is not None:
+                    _unref(txn, db["gbody"], number)
                 if not c.delete():
                     break
     txn.delete(device.encode(), db=db["qstate"])

@@ -43,9 +43,10 @@ entry kind of device-list notices and the sync flag of copies for the
 sender's own account (server/queues.py); 6 the entry kind of key-directory
 notices (kind 3) and the key tables (server/keydir.py): a format-5 store is
 upgraded by writing the number, the bump keeps a format-5 pigeon from
-opening a store with entries it cannot read; 7 the group tables and three
-entry kinds: group notices (4), group message bodies (5, in ``gbody``) and
-the queues' references to them (6): a format-6 store is upgraded by writing
+opening a store with entries it cannot read; 7 the group tables and five
+entry kinds: group notices (4), group message bodies (5, in ``gbody``), the
+queues' references to them (6), a device's own entry with its payload,
+which refers to the body too (7), and coalesced group receipts (8): a format-6 store is upgraded by writing
 the number (its tables are created at open), and the bump keeps a format-6
 pigeon from misreading a reference as a message.  Format-4 entries are format-5
 entries as they are (kinds 0 and 1, the sync bit clear), so 4 is upgraded

@@ -527,6 +527,10 @@ def test_per_device_payloads_go_to_the_devices_named_only(srv):
         assert (m.group, m.sender, m.body, m.payload) == (g, ac.device, body, b"key for bob:1")
         (m,) = await deliveries(carol, 1)
         assert (m.body, m.payload) == (body, b"key for carol")
+        # an ack of a device's own entry makes its member's delivered receipt too
+        # (carol's only device had one): both members, once each
+        got = await group_receipts(alice, [b, c])
+        assert {(r.type, r.id) for r in got.values()} == {("delivered", ack.id)}
         # a device that is not a member's (or the sending one) is refused, nothing stored
         ((_, xc),) = await users(srv, 1)
         for bad in (xc.device, ac.device):
@@ -612,6 +616,54 @@ def test_receipts_of_one_commit_are_one_entry(tmp_path):
         assert (ev.sender, ev.id, ev.type, set(ev.members)) == (res.group, "m1", "delivered",
                                                                  set(phones[1:]))  # fmt: skip
         assert gbody_count(store) == 0  # every reference acked: the body is gone
+    finally:
+        store.close()
+
+
+def test_entries_with_payloads_refer_to_the_body_and_make_receipts(tmp_path):
+    """Every recipient device named by a payload (their own entries, kind 7): the
+    body is still one record, each ack counts it down and makes its member's
+    delivered receipt (once per member with two devices), and the last ack
+    deletes it and the fan record."""
+    from pigeon.core.codec import Codec
+    from pigeon.core.events import GroupRequest
+    from pigeon.server.groups import Groups
+    from pigeon.server.queues import GPAYLOAD, Queues, Send
+
+    store = Store(str(tmp_path / "store"), map_size=64 << 20, sync="os")
+    try:
+        keys = (b"salt", b"stored", b"server", 4096)
+        phones = [f"4961{i:08d}" for i in range(3)]
+        devs = [store.register_device(p, b"i" * 32, keys)[0] for p in phones]
+        b1 = store.link_device(phones[1], b"j" * 32, keys)  # bob's second device
+        q = Queues(store)
+        with store.write() as txn:
+            res, _ = Groups(store, q).handle(txn, store.clock(), phones[0],
+                                             GroupRequest("c", "create", None, tuple(phones[1:]),
+                                                          "s"))  # fmt: skip
+        every = [*devs, b1]
+        q.commit([], {d: q.head(d) - 1 for d in every})  # the create notices
+        payloads = tuple((d, f"key for {d}".encode()) for d in (devs[1], b1, devs[2]))
+        send = Send(devs[0], "message", "m1", res.group, "text", b"hi", payloads=payloads)
+        q.commit([send], {})
+        assert send.error is None and send.failed == ()
+        with store.read() as txn:
+            kinds = [bytes(v)[0] for _, v in txn.cursor(db=store._db["queue"])]
+        assert kinds.count(GPAYLOAD) == 3
+        assert gbody_count(store) == 3  # the body, its count and bob's fan record
+        # bob's two devices ack in one commit, carol in the next
+        first = q.commit([], {devs[1]: q.head(devs[1]) - 1, b1: q.head(b1) - 1})
+        assert [p.device for p in first] == [devs[0]]
+        q.commit([], {devs[2]: q.head(devs[2]) - 1})
+        frames = [f for _, f in q.read(devs[0], q.head(devs[0]) - 3, 9)]
+        members = []
+        for f in frames:
+            ev = IncomingReceipt.from_node(Codec().decode(memoryview(f)[3:]))
+            assert (ev.sender, ev.id, ev.type) == (res.group, "m1", "delivered")
+            members += ev.members
+        assert sorted(members) == sorted(phones[1:])  # each member once
+        assert gbody_count(store) == 0
+        assert q.stats()["count"] == len(frames)  # only the receipts are left
     finally:
         store.close()
 
