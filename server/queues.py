@@ -720,7 +720,8 @@ class Queues:
         dkey, digest = s.dkey, s.digest
         raw = txn.get(dkey, db=cur) or txn.get(dkey, db=prev)
         if raw is not None:
-            if len(raw) > 8 and raw[8:] != digest:
+            n = 8 + len(digest)
+            if len(raw) > 8 and raw[8:n] != digest:
                 s.error = (
                     ErrorCode.ID_REUSED,
                     "this id was used for another message (recipient, type or body differ) "
@@ -728,6 +729,8 @@ class Queues:
                 )
                 return
             s.t = int.from_bytes(raw[:8], "big")  # a retry: the same ack, stored once
+            if len(raw) > n:  # a group message's: the members it could not be stored for
+                s.failed = tuple(bytes(raw[n:]).decode().split(","))
             return
         if w.full is None:
             w.full = self.store.over_reserve(txn)
@@ -1024,10 +1027,11 @@ class Queues:
                     while c.key().startswith(prefix):
                         if not c.delete():
                             break
+        if failed is not None:  # (kept with the dedup record: a retry's ack says it too)
+            s.failed = tuple(failed)
+            stamp += ",".join(failed).encode()
         txn.put(dkey, stamp, db=cur)
         s.t = now
-        if failed is not None:
-            s.failed = tuple(failed)
 
     @staticmethod
     def _payloads_match(s: Send, entries: dict, recipients, mine, nsync: int) -> bool:

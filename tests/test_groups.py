@@ -337,10 +337,15 @@ def test_a_full_queue_fails_that_member_only_and_the_ack_names_them(srv):
         # carol is offline: her queue holds the create notice, then messages up to QUEUE_MAX
         for i in range(QUEUE_MAX - 1):
             assert (await alice.send(g, b"m%d" % i)).failed == ()
-        ack = await alice.send(g, b"one too many")
+        ack = await alice.send(g, b"one too many", id="full1")
         assert ack.failed == (c,)
+        # a retry (the same id and message) is the same ack, failed users included,
+        # and is stored for nobody again
+        again = await alice.send(g, b"one too many", id="full1")
+        assert (again.t, again.failed) == (ack.t, (c,))
         got = await deliveries(bob, QUEUE_MAX)
         assert got[-1].body == b"one too many"
+        await nothing_more(bob)
         carol = await srv.login(cc)
         got = await deliveries(carol, QUEUE_MAX)
         assert got[0].op == "create" and got[-1].body == b"m%d" % (QUEUE_MAX - 2)
