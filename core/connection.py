@@ -118,6 +118,7 @@ from .events import (
     PresenceUpdate,
     Privacy,
     PrivacySettings,
+    PushTarget,
     Receipt,
     Register,
     Registered,
@@ -193,7 +194,8 @@ TRANSITIONS: dict[tuple[State, type[Event]], State] = {
                   PrivacySettings, Discover, DiscoverResult, Block, Unblock, BlocklistQuery,
                   Blocklist, Logout, DeleteAccount, Link, LinkKey, DevicesQuery, DeviceList,
                   DevicesChanged, Unlink, KeysUpload, KeysQuery, KeysCountQuery, KeysCount,
-                  KeyBundles, KeysLow, KeysChanged, UploadRequest, UploadGrant)},
+                  KeyBundles, KeysLow, KeysChanged, UploadRequest, UploadGrant,
+                  PushTarget)},
     **{(st, ev): st for st in _ANY_LIVE for ev in (Ping, Pong)},
 }  # fmt: skip
 

@@ -254,6 +254,20 @@ _HISTORY: list[tuple[int, tuple[str, ...], tuple[str, ...]]] = [
         ),
         (),
     ),
+    (
+        6,
+        (
+            # push wake-ups: registering a push target (docs/PROTOCOL.md 9d)
+            "push",
+            "kind",
+            "webhook",
+            "fcm",
+            "apns",
+            "webpush",
+            "quiet",
+        ),
+        (),
+    ),
 ]
 
 
