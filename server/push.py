@@ -30,7 +30,7 @@ go (a tick's worth, at most ``push-batch``), drops the ones whose device has
 connected since (one read transaction), and sends: the webhook as one JSON
 POST per batch, FCM, APNs and Web Push one request per device, at most
 ``push-concurrency`` requests in flight.  Every request has a timeout
-(``push-timeout``) and is retried ``push-retries`` times with doubling
+(``push-request-timeout``) and is retried ``push-retries`` times with doubling
 backoff (``push-backoff``) when the provider is unreachable, overloaded
 (429) or fails (5xx).  A target the provider says is gone (FCM
 ``UNREGISTERED``, APNs 410, Web Push 404/410, a webhook's ``gone`` list) is
@@ -159,7 +159,7 @@ class Gateway:
         import aiohttp
 
         self.http = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=self.config.push_timeout),
+            timeout=aiohttp.ClientTimeout(total=self.config.push_request_timeout),
             connector=aiohttp.TCPConnector(ssl=self.hub.ssl_context, limit=64),
         )
 
@@ -251,7 +251,8 @@ class FCMGateway(Gateway):
                                         "aud": self.token_uri, "iat": now, "exp": now + 3600},
                                        self.key, algorithm="RS256")  # fmt: skip
                 status, raw, _ = await self._post(
-                    self.token_uri, data={"grant_type": JWT_BEARER, "assertion": assertion})
+                    self.token_uri, data={"grant_type": JWT_BEARER, "assertion": assertion}
+                )
                 if status != 200:
                     raise _status_outcome(status, f"oauth-http-{status}")
                 try:
@@ -271,8 +272,11 @@ class FCMGateway(Gateway):
         }})  # fmt: skip
         for renew in (False, True):
             token = await self._token(renew)
-            status, raw, _ = await self._post(self.url, data=body, headers={
-                "Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+            status, raw, _ = await self._post(
+                self.url,
+                data=body,
+                headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+            )
             if status != 401:
                 break
         if 200 <= status < 300:
@@ -311,7 +315,7 @@ class APNsGateway(Gateway):
         import httpx
 
         self.client = httpx.AsyncClient(http2=True, verify=self.hub.ssl_context or True,
-                                        timeout=self.config.push_timeout)  # fmt: skip
+                                        timeout=self.config.push_request_timeout)  # fmt: skip
 
     async def close(self) -> None:
         await self.client.aclose()

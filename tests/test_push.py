@@ -231,7 +231,7 @@ def test_webhook_retries_with_backoff_times_out_and_removes_gone_targets(tmp_pat
 
     hook = Recorder(respond).start()
     srv, mport = start(tmp_path, push_webhook_url=f"{hook.base}/wake", push_retries=2,
-                       push_backoff=0.2, push_timeout=0.5)  # fmt: skip
+                       push_backoff=0.2, push_request_timeout=0.5)  # fmt: skip
     try:
 
         async def main():
@@ -275,7 +275,7 @@ def test_auth_header_from_a_file_and_a_full_queue_drops_and_counts(tmp_path):
     os.chmod(auth, 0o600)
     srv, mport = start(tmp_path, push_webhook_url=f"{hook.base}/wake",
                        push_webhook_auth_file=str(auth), push_queue=1, push_batch=1,
-                       push_concurrency=1, push_retries=0, push_timeout=10)  # fmt: skip
+                       push_concurrency=1, push_retries=0, push_request_timeout=10)  # fmt: skip
     try:
 
         async def main():
@@ -470,16 +470,18 @@ def test_web_push_requests_carry_a_valid_vapid_signature(tmp_path, tls):
             assert req.headers["ttl"] == "3600" and req.headers["urgency"] == "high"
             auth = req.headers["authorization"]
             assert auth.startswith("vapid ")
-            parts = dict(p.strip().split("=", 1) for p in auth[len("vapid "):].split(","))
+            parts = dict(p.strip().split("=", 1) for p in auth[len("vapid ") :].split(","))
             # the signature, checked with cryptography against the key the header names
-            pub = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(),
-                                                               _b64url_decode(parts["k"]))
+            pub = ec.EllipticCurvePublicKey.from_encoded_point(
+                ec.SECP256R1(), _b64url_decode(parts["k"])
+            )
             assert pub.public_numbers() == vapid.public_key().public_numbers()
             head, payload, sig = parts["t"].split(".")
             raw = _b64url_decode(sig)
             assert len(raw) == 64
-            der = encode_dss_signature(int.from_bytes(raw[:32], "big"),
-                                       int.from_bytes(raw[32:], "big"))
+            der = encode_dss_signature(
+                int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big")
+            )
             pub.verify(der, f"{head}.{payload}".encode(), ec.ECDSA(hashes.SHA256()))
             assert orjson.loads(_b64url_decode(head))["alg"] == "ES256"
             claims = orjson.loads(_b64url_decode(payload))
@@ -493,8 +495,11 @@ def test_web_push_requests_carry_a_valid_vapid_signature(tmp_path, tls):
                     ["w-1", "w-2"], ALICE)  # fmt: skip
             # an endpoint on a host not in push-webpush-hosts is refused: no SSRF
             c = await srv.login(await srv.register("33612345678"))
-            for bad in ("https://127.0.0.1:7659/metrics", f"http://127.0.0.1:{wp.port}/x",
-                        "https://evil.example/x"):
+            for bad in (
+                "https://127.0.0.1:7659/metrics",
+                f"http://127.0.0.1:{wp.port}/x",
+                "https://evil.example/x",
+            ):
                 with pytest.raises(ServerError) as e:
                     await c.set_push("webpush", bad)
                 assert e.value.code == ErrorCode.BAD_REQUEST

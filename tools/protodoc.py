@@ -69,6 +69,7 @@ from pigeon.core.events import (
     PresenceUpdate,
     Privacy,
     PrivacySettings,
+    PushTarget,
     Receipt,
     Register,
     Registered,
@@ -272,6 +273,12 @@ EXAMPLES = {
     "upload-in": UploadGrant("m1", "https://media.example.com/v1/upload/" + MEDIA_SHA.hex(), 600,
                              bytes(range(69))),
     "error-media-quota": Error(ErrorCode.MEDIA_QUOTA, "daily upload bytes reached", "m1"),
+    "push-set": PushTarget("w1", "set", "fcm", b"dGVzdC1yZWdpc3RyYXRpb24tdG9rZW4", T + 3_600_000),
+    "push-set-apns": PushTarget("w2", "set", "apns", b"ab" * 32, quiet=True),
+    "push-remove": PushTarget("w3", "remove"),
+    "ack-push": ServerAck("w1", T, "push"),
+    "error-push-unavailable": Error(ErrorCode.UNAVAILABLE, "this server sends no apns push",
+                                    "w2"),
 }  # fmt: skip
 
 
