@@ -160,11 +160,14 @@ class Gateway:
 
         self.http = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self.config.push_request_timeout),
-            connector=aiohttp.TCPConnector(ssl=self.hub.ssl_context, limit=64),
+            connector=aiohttp.TCPConnector(ssl=self.hub.ssl_context or True, limit=64),
         )
 
     async def close(self) -> None:
         await self.http.close()
+
+    def probe(self) -> None:
+        """Sign something with the configured key (``validate``); raises if it cannot."""
 
     def check_token(self, token: bytes) -> str | None:
         """Why ``token`` is not a valid target of this kind (None: it is)."""
@@ -195,6 +198,8 @@ class WebhookGateway(Gateway):
         super().__init__(hub)
         c = self.config
         self.url = c.push_webhook_url
+        if urlsplit(self.url).scheme not in ("http", "https"):
+            raise ValueError("push-webhook-url must be an http or https URL")
         self.headers = {"Content-Type": "application/json"}
         auth = authorization(c.push_webhook_auth_file, c.push_webhook_auth_env,
                              "push-webhook-auth")  # fmt: skip
@@ -240,6 +245,11 @@ class FCMGateway(Gateway):
         self.access = None
         self.access_until = 0.0
         self.lock = asyncio.Lock()
+
+    def probe(self) -> None:
+        import jwt
+
+        jwt.encode({"iss": self.email}, self.key, algorithm="RS256")
 
     async def _token(self, renew: bool = False) -> str:
         async with self.lock:
@@ -310,6 +320,9 @@ class APNsGateway(Gateway):
         self.base = c.push_apns_url.rstrip("/")
         self.jwt = None
         self.jwt_at = 0.0
+
+    def probe(self) -> None:
+        self._provider_token(True)
 
     async def start(self) -> None:
         import httpx
@@ -396,6 +409,10 @@ class WebPushGateway(Gateway):
             raise ValueError("push-vapid-key-file needs push-vapid-subject (mailto: or https:)")
         self.hosts = tuple(h.strip().lower() for h in c.push_webpush_hosts.split(",") if h.strip())
 
+    def probe(self) -> None:
+        self.vapid.sign({"aud": "https://push.example", "sub": self.config.push_vapid_subject,
+                         "exp": int(time.time()) + 60})  # fmt: skip
+
     def check_token(self, token: bytes) -> str | None:
         try:
             u = urlsplit(token.decode("ascii"))
@@ -449,6 +466,32 @@ def configured_kinds(config) -> list[str]:
     return out
 
 
+class _Probe:
+    """What a gateway's constructor needs of its hub, for ``validate``."""
+
+    def __init__(self, config):
+        self.config = config
+        self.ssl_context = None
+
+
+def validate(config) -> None:
+    """Raise ValueError saying what is wrong with the push settings (the supervisor
+    calls it before starting workers): unreadable or open key files, missing ids,
+    keys that cannot sign."""
+    if config.push_ca_file:
+        try:
+            ssl.create_default_context(cafile=config.push_ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"cannot load push-ca-file {config.push_ca_file}: {exc}") from None
+    for kind in configured_kinds(config):
+        g = GATEWAYS[kind](_Probe(config))  # its ValueErrors say what to fix
+        try:
+            g.probe()
+        except Exception as exc:
+            raise ValueError(f"the {kind} push key cannot sign: {type(exc).__name__}: "
+                             f"{exc}") from None  # fmt: skip
+
+
 # -- the hub: one per worker ------------------------------------------------------
 
 
@@ -457,7 +500,7 @@ class _WakeJob:
 
     __slots__ = ("hub", "devices")
 
-    def __init__(self, hub, devices: set):
+    def __init__(self, hub, devices: dict):
         self.hub = hub
         self.devices = devices
 
@@ -479,17 +522,17 @@ class PushHub:
         self.gateways = {k: GATEWAYS[k](self) for k in configured_kinds(config)}
         self.kinds = frozenset(self.gateways)
         self.queue: asyncio.Queue = asyncio.Queue(config.push_queue)
-        self.pending: set[str] | None = None
+        self.pending: dict[str, int] | None = None  # device -> entries since the last job
         self.recent: dict[str, tuple] = {}  # device -> (until ms, kind or None)
         self.sver = None
         self.sem = asyncio.Semaphore(config.push_concurrency)
         self.task = None
         self.inflight: set[asyncio.Task] = set()
 
-    def count(self, result: str, kind: str | None, reason: str = "") -> None:
+    def count(self, result: str, kind: str | None, reason: str = "", n: int = 1) -> None:
         key = f"{result} {kind or '-'} {reason}"
         p = self.stats.push
-        p[key] = p.get(key, 0) + 1
+        p[key] = p.get(key, 0) + n
 
     def check_token(self, kind: str, token: bytes) -> str | None:
         if len(token) > self.config.push_token_max:
@@ -513,11 +556,11 @@ class PushHub:
             del self.recent[device]
         pending = self.pending
         if pending is None:
-            pending = self.pending = set()
+            pending = self.pending = {}
             self.worker.write(_WakeJob(self, pending), self._decided, failed=self._failed)
-        pending.add(device)
+        pending[device] = pending.get(device, 0) + 1
 
-    def _decide(self, txn, now: int, devices: set) -> list:
+    def _decide(self, txn, now: int, devices: dict) -> list:
         if self.pending is devices:
             self.pending = None  # later offline devices start the next job
         sessions, targets, wakes = self.db["sessions"], self.db["push"], self.db["pushwake"]
@@ -526,7 +569,8 @@ class PushHub:
             recent.clear()
         room = self.queue.maxsize - self.queue.qsize()
         out = []
-        for device in devices:
+        count = self.count
+        for device, entries in devices.items():
             key = device.encode()
             if txn.get(key, db=sessions) is not None:
                 continue  # connected meanwhile: it reads its queue itself
@@ -541,19 +585,21 @@ class PushHub:
                 continue
             mute = rec.get("m", 0)
             if mute > now:
-                self.count("muted", kind)
+                count("muted", kind, n=entries)
                 recent[device] = (min(mute, now + window), kind)
                 continue
             woken = txn.get(key, db=wakes)
             if woken is not None:
                 at = int.from_bytes(woken, "big")
                 if 0 <= now - at < window:
-                    self.count("coalesced", kind)
+                    count("coalesced", kind, n=entries)
                     recent[device] = (at + window, kind)
                     continue
             if len(out) >= room:
-                self.count("dropped", kind, "queue-full")
+                count("dropped", kind, "queue-full")
                 continue
+            if entries > 1:  # one wake-up for all of them
+                count("coalesced", kind, n=entries - 1)
             txn.put(key, now.to_bytes(8, "big"), db=wakes)
             recent[device] = (now + window, kind)
             out.append(Wake(device, kind, rec["t"], rec["w"], bool(rec.get("q"))))

@@ -510,3 +510,54 @@ def test_web_push_requests_carry_a_valid_vapid_signature(tmp_path, tls):
     finally:
         assert srv.stop() == 0, srv.log_text()[-3000:]
         wp.stop()
+
+
+def _refused(srv: Server) -> str:
+    """The log of a server that must refuse to start."""
+    with pytest.raises(RuntimeError):
+        srv.start()
+    return srv.log_text()
+
+
+def test_bad_push_settings_are_refused_at_start_with_what_to_fix(tmp_path):
+    vkey = tmp_path / "vapid.pem"
+    vkey.write_bytes(ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))  # fmt: skip
+    os.chmod(vkey, 0o644)
+    log = _refused(Server(tmp_path / "d1", workers=2, push_vapid_key_file=str(vkey),
+                          push_vapid_subject="mailto:ops@example.org"))  # fmt: skip
+    assert f"push-vapid-key-file {vkey} may be read or written by other users (mode 0644)" in log
+    p8 = tmp_path / "key.p8"
+    p8.write_bytes(b"-----BEGIN PRIVATE KEY-----\nnot a key\n-----END PRIVATE KEY-----\n")
+    os.chmod(p8, 0o600)
+    log = _refused(Server(tmp_path / "d2", workers=2, push_apns_key_file=str(p8)))
+    assert "push-apns-key-file needs push-apns-key-id" in log
+    log = _refused(Server(tmp_path / "d3", workers=2, push_apns_key_file=str(p8),
+                          push_apns_key_id="K", push_apns_team_id="T",
+                          push_apns_topic="org.example"))  # fmt: skip
+    assert "the apns push key cannot sign" in log
+
+
+def test_a_device_target_goes_with_the_device(tmp_path):
+    hook = Recorder().start()
+    srv, _ = start(tmp_path, push_webhook_url=f"{hook.base}/wake")
+    try:
+
+        async def main():
+            creds = await srv.register(BOB)
+            c = await srv.login(creds)
+            await c.set_push("webhook", "tok-bob")
+            assert target(srv, creds.device)["k"] == "webhook"
+            await c.logout()
+            await until(lambda: target(srv, creds.device) is None)
+            creds = await srv.register(CAROL)
+            c = await srv.login(creds)
+            await c.set_push("webhook", "tok-carol")
+            await c.delete_account()
+            await until(lambda: target(srv, creds.device) is None)
+
+        run(main())
+    finally:
+        assert srv.stop() == 0, srv.log_text()[-3000:]
+        hook.stop()
