@@ -349,6 +349,13 @@ OPTIONS: list[Option] = [
         "wake-ups the gateway takes at once (one webhook POST carries at most this many)",
     ),
     Option(
+        "push_linger",
+        0.05,
+        _non_negative_float,
+        "seconds the gateway waits after a wake-up for more to send with it (one webhook "
+        "POST for a burst; 0: each tick's at once)",
+    ),
+    Option(
         "push_concurrency",
         16,
         _positive_int,
@@ -916,6 +923,7 @@ GROUPS: list[Group] = [
             "push_coalesce",
             "push_queue",
             "push_batch",
+            "push_linger",
             "push_concurrency",
             "push_request_timeout",
             "push_retries",

@@ -26,7 +26,8 @@ moves): a burst of 100 entries costs one store check, not 100.
 The gateway is one asyncio task per worker with a bounded queue
 (``push-queue``): when it is full, wake-ups are dropped and counted (a
 wake-up is a hint; the queue is the truth).  It takes what is queued in one
-go (a tick's worth, at most ``push-batch``), drops the ones whose device has
+go (what gathered within ``push-linger`` of the first, at most ``push-batch``),
+drops the ones whose device has
 connected since (one read transaction), and sends: the webhook as one JSON
 POST per batch, FCM, APNs and Web Push one request per device, at most
 ``push-concurrency`` requests in flight.  Every request has a timeout
@@ -643,6 +644,8 @@ class PushHub:
         try:
             while True:
                 batch = [await self.queue.get()]
+                if self.config.push_linger:  # let a burst gather: one webhook POST for it
+                    await asyncio.sleep(self.config.push_linger)
                 while len(batch) < self.config.push_batch and not self.queue.empty():
                     batch.append(self.queue.get_nowait())
                 batch = self._still_offline(batch)
