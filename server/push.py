@@ -51,6 +51,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import secrets
 import ssl
 import time
@@ -65,6 +66,7 @@ logger = logging.getLogger("pigeon.push")
 
 PUSH_TABLES = ("push", "pushwake")
 KINDS = ("webhook", "fcm", "apns", "webpush")
+_REASON = re.compile(r"[a-z0-9_.-]{1,40}")
 RECENT_MAX = 100_000  # devices a worker remembers as "no need to ask the store" (then cleared)
 MAX_SECRET_FILE = 65536
 
@@ -531,6 +533,9 @@ class PushHub:
         self.inflight: set[asyncio.Task] = set()
 
     def count(self, result: str, kind: str | None, reason: str = "", n: int = 1) -> None:
+        reason = reason.lower()
+        if reason and not _REASON.fullmatch(reason):  # a provider's word: bounded label values
+            reason = "other"
         key = f"{result} {kind or '-'} {reason}"
         p = self.stats.push
         p[key] = p.get(key, 0) + n

@@ -23,7 +23,8 @@ from pushutil import H2Recorder, Recorder
 from serverutil import Server, free_port, until
 
 from pigeon.client import ServerError
-from pigeon.core.errors import ErrorCode
+from pigeon.core.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+from pigeon.core.events import CLIENT_SENT, PushTarget
 from pigeon.server.store import Store
 from pigeon.tools.certs import gen_cert
 
@@ -561,3 +562,51 @@ def test_a_device_target_goes_with_the_device(tmp_path):
     finally:
         assert srv.stop() == 0, srv.log_text()[-3000:]
         hook.stop()
+
+
+# -- the node, on both codecs ------------------------------------------------------
+
+PUSH_SAMPLES = [
+    PushTarget("w1", "set", "fcm", b"registration-token", 1763833600123),
+    PushTarget("w2", "set", "apns", b"ab" * 32, quiet=True),
+    PushTarget("w3", "set", "webpush", b"https://fcm.googleapis.com/fcm/send/x"),
+    PushTarget("w4", "remove"),
+]
+
+
+@pytest.mark.parametrize("event", PUSH_SAMPLES, ids=lambda e: e.id)
+def test_push_node_roundtrip(impl, event):
+    event.check()
+    c = impl.Codec()
+    back = c.decode(c.encode(event.to_node(impl.Node)))
+    assert CLIENT_SENT["push"].from_node(back) == event
+
+
+@pytest.mark.parametrize(
+    "attrs, content, why",
+    [
+        ({"id": "w1", "type": "set", "kind": "sms"}, b"t", "'kind' must be one of"),
+        ({"id": "w1", "type": "add", "kind": "fcm"}, b"t", "'type' must be one of"),
+        ({"id": "w1", "type": "set", "kind": "fcm"}, b"", "must not be empty"),
+        ({"id": "w1", "type": "set", "kind": "fcm"}, b"t" * 4097, "at most 4096 bytes"),
+        ({"id": "w1", "type": "set", "kind": "fcm", "quiet": "yes"}, b"t", "'quiet' must be"),
+        ({"id": "w1", "type": "set", "kind": "fcm", "mute": "-1"}, b"t", "'mute' must be"),
+        ({"type": "remove"}, None, "missing attribute 'id'"),
+    ],
+)
+def test_malformed_push_nodes_are_refused_with_200(impl, attrs, content, why):
+    c = impl.Codec()
+    node = c.decode(c.encode(impl.Node("push", attrs, content)))
+    with pytest.raises(RemoteProtocolError) as info:
+        CLIENT_SENT["push"].from_node(node)
+    assert info.value.code == ErrorCode.BAD_REQUEST and why in info.value.text
+    assert not info.value.fatal
+
+
+def test_push_target_check_refuses_what_the_server_would():
+    with pytest.raises(LocalProtocolError):
+        PushTarget("w1", "set", "sms", b"t").check()
+    with pytest.raises(LocalProtocolError):
+        PushTarget("w1", "set", "fcm", b"").check()
+    with pytest.raises(LocalProtocolError):
+        PushTarget("w1", "set", "fcm", b"t", quiet=1).check()
