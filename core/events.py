@@ -2035,7 +2035,9 @@ class PushTarget(Event):
     def to_node(self, N):
         if self.type == "remove":
             return N("push", {"id": self.id, "type": "remove"})
-        attrs = {"id": self.id, "type": "set", "kind": self.kind}
+        attrs = {"id": self.id, "type": self.type}
+        if self.kind is not None:
+            attrs["kind"] = self.kind
         if self.mute:
             attrs["mute"] = str(self.mute)
         if self.quiet:
@@ -2069,6 +2071,15 @@ class PushTarget(Event):
             _check_uint(self, "mute", self.mute)
             if type(self.quiet) is not bool:
                 raise _wrong(self, "quiet", "a bool", self.quiet)
+        else:  # a remove names nothing else (the reader would not see it)
+            if self.kind is not None:
+                raise _wrong(self, "kind", "None in a remove", self.kind)
+            if self.token is not None:
+                raise _wrong(self, "token", "None in a remove", self.token)
+            if not (type(self.mute) is int and self.mute == 0):
+                raise _wrong(self, "mute", "0 in a remove", self.mute)
+            if self.quiet is not False:
+                raise _wrong(self, "quiet", "False in a remove", self.quiet)
 
 
 _ALL = [

@@ -51,6 +51,7 @@ from pigeon.core.events import (
     PresenceUpdate,
     Privacy,
     PrivacySettings,
+    PushTarget,
     Receipt,
     Register,
     Registered,
@@ -146,6 +147,8 @@ SAMPLES = [
     KeysChanged(BOB, 1763830000123, 13),
     Receipt(BOB, "m6", "retry"),
     IncomingReceipt(BOB + ":2", "m6", "retry", 1763830000999, 14),
+    PushTarget("w1", "set", "fcm", b"registration-token", 1763830000123, True),
+    PushTarget("w2", "remove"),
 ]  # fmt: skip
 
 

@@ -76,6 +76,7 @@ from pigeon.core.events import (
     PresenceUpdate,
     Privacy,
     PrivacySettings,
+    PushTarget,
     Receipt,
     Register,
     Registered,
@@ -231,6 +232,13 @@ BAD = [
     (KeysLow(ALICE, 1, 1), "device"),
     (KeysChanged(ALICE_DEV, 1, 1), "sender"),
     (IncomingReceipt(BOB, "m1", "retry", 1, 1), "sender"),
+    # push targets (issue 19)
+    (PushTarget("w1", "set", "sms", b"t"), "kind"),
+    (PushTarget("w1", "set", "fcm", b""), "token"),
+    (PushTarget("w1", "set", "fcm", b"t", -1), "mute"),
+    (PushTarget("w1", "set", "fcm", b"t", quiet=1), "quiet"),
+    (PushTarget("w1", "add", "fcm", b"t"), "type"),
+    (PushTarget("w1", "remove", "fcm"), "kind"),
 ]
 
 
@@ -359,7 +367,7 @@ BUNDLES = [(), (KeyBundle(ALICE_DEV),), (KeyBundle(ALICE),), (KeyBundle(ALICE_DE
            (KeyBundle(ALICE_DEV, b"c" * 32, b"e" * 32, SKEYS[3]),)]  # fmt: skip
 POOLS = {"str": STRS, "int": INTS, "bytes": BYTES, "tuple[str, ...]": TUPLES, "tuple": PAYLOADS,
          "tuple[DeviceInfo, ...]": INFOS, "tuple[SignedKey, ...]": [(), *[(k,) for k in SKEYS]],
-         "SignedKey": SKEYS, "tuple[KeyBundle, ...]": BUNDLES}  # fmt: skip
+         "SignedKey": SKEYS, "tuple[KeyBundle, ...]": BUNDLES, "bool": [True, False]}  # fmt: skip
 
 
 def pool(annotation: str) -> list:
