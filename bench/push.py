@@ -273,8 +273,13 @@ def main(argv=None) -> int:
     for r in results:
         print(orjson.dumps(r).decode())
     if args.json:
+        from pigeon.bench.harness import machine
+
+        doc = {"bench": "push", "argv": sys.argv[1:] if argv is None else list(argv),
+               "machine": machine(), "load_average": os.getloadavg(), "results": results,
+               "runs": runs}  # fmt: skip
         with open(args.json, "wb") as f:
-            f.write(orjson.dumps(results, option=orjson.OPT_INDENT_2))
+            f.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
     return 0
 
 
