@@ -98,6 +98,7 @@ from pigeon.core.events import (
     Presence,
     Privacy,
     PrivacySettings,
+    PushTarget,
     Receipt,
     Register,
     Registered,
@@ -126,9 +127,9 @@ logger = logging.getLogger("pigeon.client")
 REQ, MESSAGE, RECEIPT, PONG, AUTH, LOGOUT, DELETE, BLOCK, UNBLOCK = (
     "req", "message", "receipt", "pong", "auth", "logout", "delete", "block", "unblock",
 )  # fmt: skip
-LINK, UNLINK, PAIR = "link", "unlink", "pair"
+LINK, UNLINK, PAIR, PUSH = "link", "unlink", "pair", "push"
 #: Kinds whose answer is an ``ack`` of that class, or an error with the request's id.
-_ID_KINDS = (REQ, MESSAGE, RECEIPT, PONG, LOGOUT, DELETE, BLOCK, UNBLOCK, LINK, UNLINK)
+_ID_KINDS = (REQ, MESSAGE, RECEIPT, PONG, LOGOUT, DELETE, BLOCK, UNBLOCK, LINK, UNLINK, PUSH)
 #: Kinds that are safe to send again after a reconnect (idempotent by id).
 REPLAYABLE = (MESSAGE, RECEIPT)
 
@@ -1079,6 +1080,25 @@ class ClientAPI:
     async def unblock(self, user: str, timeout: float = 30.0) -> ServerAck:
         rid = self.new_id()
         return await self._request(UNBLOCK, rid, Unblock(rid, user), timeout)
+
+    async def set_push(self, kind: str, token: bytes | str, mute: int = 0, quiet: bool = False,
+                       timeout: float = 30.0) -> ServerAck:  # fmt: skip
+        """Register (or replace) this device's push target: ``kind`` webhook, fcm, apns
+        or webpush, ``token`` the provider's token or endpoint; ``mute``: no wake-up
+        before this server time (ms); ``quiet``: a background wake-up only.  The
+        server wakes the device when something waits in its queue while it is not
+        connected (docs/PROTOCOL.md 9d).  ServerError 200 (bad token), 502 (the
+        server sends no push of that kind)."""
+        if isinstance(token, str):
+            token = token.encode()
+        rid = self.new_id()
+        return await self._request(PUSH, rid, PushTarget(rid, "set", kind, token, mute, quiet),
+                                   timeout)  # fmt: skip
+
+    async def remove_push(self, timeout: float = 30.0) -> ServerAck:
+        """Remove this device's push target (no more wake-ups)."""
+        rid = self.new_id()
+        return await self._request(PUSH, rid, PushTarget(rid, "remove"), timeout)
 
     # -- linked devices ---------------------------------------------------------------
 

@@ -121,6 +121,7 @@ from .events import (
     PresenceUpdate,
     Privacy,
     PrivacySettings,
+    PushTarget,
     Receipt,
     Register,
     Registered,
@@ -197,7 +198,7 @@ TRANSITIONS: dict[tuple[State, type[Event]], State] = {
                   Blocklist, Logout, DeleteAccount, Link, LinkKey, DevicesQuery, DeviceList,
                   DevicesChanged, Unlink, KeysUpload, KeysQuery, KeysCountQuery, KeysCount,
                   KeyBundles, KeysLow, KeysChanged, UploadRequest, UploadGrant, GroupRequest,
-                  GroupResult, GroupNotice)},
+                  GroupResult, GroupNotice, PushTarget)},
     **{(st, ev): st for st in _ANY_LIVE for ev in (Ping, Pong)},
 }  # fmt: skip
 

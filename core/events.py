@@ -702,7 +702,7 @@ class IncomingMessage(Event):
 
 
 ACK_CLASSES = frozenset(
-    {"message", "receipt", "logout", "delete", "block", "unblock", "link", "unlink"}
+    {"message", "receipt", "logout", "delete", "block", "unblock", "link", "unlink", "push"}
 )
 
 
@@ -2114,6 +2114,81 @@ class UploadGrant(Event):
         _check_bytes(self, "token", self.token, max_size=1024)
 
 
+PUSH_KINDS = frozenset({"webhook", "fcm", "apns", "webpush"})
+PUSH_REQUESTS = frozenset({"set", "remove"})
+PUSH_TOKEN_MAX = 4096  # bytes of a push token or endpoint on the wire (push-token-max below it)
+
+
+@dataclass(frozen=True, slots=True)
+class PushTarget(Event):
+    """Register (``type`` "set") or remove ("remove") this device's push target.
+
+    ``kind``: which push service wakes the device (webhook, fcm, apns, webpush);
+    ``token``: the provider's token for it (a webhook or FCM registration token,
+    an APNs device token in hex, a Web Push endpoint URL), the content;
+    ``mute``: no wake-up before this server time (ms; 0: none); ``quiet``: ask
+    for a quiet wake-up (background, no alert).  Answered with
+    ``ServerAck(id, t, "push")``."""
+
+    TAG: ClassVar[str] = "push"
+    SENDER: ClassVar[str] = CLIENT
+    id: str
+    type: str = "set"
+    kind: str | None = None
+    token: bytes | None = None
+    mute: int = 0
+    quiet: bool = False
+
+    def to_node(self, N):
+        if self.type == "remove":
+            return N("push", {"id": self.id, "type": "remove"})
+        attrs = {"id": self.id, "type": self.type}
+        if self.kind is not None:
+            attrs["kind"] = self.kind
+        if self.mute:
+            attrs["mute"] = str(self.mute)
+        if self.quiet:
+            attrs["quiet"] = "1"
+        return N("push", attrs, self.token)
+
+    @classmethod
+    def from_node(cls, node):
+        rid = _id(node)
+        typ = _choice(node, "type", PUSH_REQUESTS)
+        if typ == "remove":
+            return _read(cls(rid, "remove"))
+        kind = _choice(node, "kind", PUSH_KINDS)
+        token = _bytes(node, max_size=PUSH_TOKEN_MAX)
+        if not token:
+            raise _bad(node, "content (the push token) must not be empty")
+        mute = _opt_uint(node, "mute") or 0
+        quiet = node.attrs.get("quiet")
+        if quiet not in (None, "0", "1"):
+            raise _bad(node, "'quiet' must be 0 or 1")
+        return _read(cls(rid, "set", kind, token, mute, quiet == "1"))
+
+    def check(self) -> None:
+        _check_id(self, "id", self.id)
+        _check_choice(self, "type", self.type, PUSH_REQUESTS)
+        if self.type == "set":
+            _check_choice(self, "kind", self.kind, PUSH_KINDS)
+            _check_bytes(self, "token", self.token, max_size=PUSH_TOKEN_MAX)
+            if not self.token:
+                raise _wrong(self, "token", "at least 1 byte", self.token)
+            _check_uint(self, "mute", self.mute)
+            if type(self.quiet) is not bool:
+                raise _wrong(self, "quiet", "a bool", self.quiet)
+        else:  # a remove names nothing else (the reader would not see it)
+            if self.kind is not None:
+                raise _wrong(self, "kind", "None in a remove", self.kind)
+            if self.token is not None:
+                raise _wrong(self, "token", "None in a remove", self.token)
+            if not (type(self.mute) is int and self.mute == 0):
+                raise _wrong(self, "mute", "0 in a remove", self.mute)
+            if self.quiet is not False:
+                raise _wrong(self, "quiet", "False in a remove", self.quiet)
+
+
 _ALL = [
     Register, CodeSent, Verify, Registered, AuthStart, AuthChallenge, AuthResponse,
     AuthSuccess, Message, IncomingMessage, ServerAck, DeviceAck, Receipt, IncomingReceipt,
@@ -2122,7 +2197,7 @@ _ALL = [
     Logout, DeleteAccount, Error, Ping, Pong,
     Pair, PairCode, Link, LinkKey, DevicesQuery, DeviceList, DevicesChanged, Unlink,
     KeysUpload, KeysQuery, KeysCountQuery, KeysCount, KeyBundles, KeysLow, KeysChanged,
-    UploadRequest, UploadGrant,
+    UploadRequest, UploadGrant, PushTarget,
 ]  # fmt: skip
 
 #: tag -> event class, for nodes a client sends (what a server receives)

@@ -274,6 +274,20 @@ _HISTORY: list[tuple[int, tuple[str, ...], tuple[str, ...]]] = [
         ),
         (),
     ),
+    (
+        7,
+        (
+            # push wake-ups: registering a push target (docs/PROTOCOL.md 9e)
+            "push",
+            "kind",
+            "webhook",
+            "fcm",
+            "apns",
+            "webpush",
+            "quiet",
+        ),
+        (),
+    ),
 ]
 
 

@@ -330,6 +330,144 @@ OPTIONS: list[Option] = [
     Option("sms_webhook_timeout", 5.0, _positive_float, "seconds per webhook attempt"),
     Option("sms_webhook_retries", 3, _non_negative_int, "webhook retries after the first attempt"),
     Option(
+        "push_coalesce",
+        30.0,
+        _positive_float,
+        "seconds after a wake-up during which an offline device is not woken again, however "
+        "many entries reach its queue (a connect starts it again)",
+    ),
+    Option(
+        "push_queue",
+        10_000,
+        _positive_int,
+        "wake-ups waiting for the gateway per worker; past it they are dropped and counted",
+    ),
+    Option(
+        "push_batch",
+        100,
+        _positive_int,
+        "wake-ups the gateway takes at once (one webhook POST carries at most this many)",
+    ),
+    Option(
+        "push_linger",
+        0.05,
+        _non_negative_float,
+        "seconds the gateway waits after a wake-up for more to send with it (one webhook "
+        "POST for a burst; 0: each tick's at once)",
+    ),
+    Option(
+        "push_concurrency",
+        16,
+        _positive_int,
+        "push requests in flight per worker (then the gateway waits and its queue fills)",
+    ),
+    Option("push_request_timeout", 5.0, _positive_float, "seconds per push request attempt"),
+    Option(
+        "push_retries",
+        2,
+        _non_negative_int,
+        "retries of a push request after the first attempt (unreachable, 429, 5xx)",
+    ),
+    Option(
+        "push_backoff",
+        0.5,
+        _positive_float,
+        "seconds before the first retry of a push request; doubled for each next one",
+    ),
+    Option(
+        "push_ttl",
+        3600,
+        _positive_int,
+        "seconds a provider may keep a wake-up for an unreachable device (APNs, Web Push)",
+    ),
+    Option(
+        "push_token_max",
+        1024,
+        _positive_int,
+        "bytes of a registered push token or endpoint (at most 4096)",
+    ),
+    Option(
+        "push_ca_file",
+        None,
+        _opt_str,
+        "CA bundle (PEM) the push providers' TLS certificates are checked against instead "
+        "of the system's (a proxy in between, or a test)",
+        "FILE",
+    ),
+    Option(
+        "push_webhook_url",
+        None,
+        _opt_str,
+        "URL the webhook gateway POSTs wake-ups to as JSON; set: devices may register "
+        "webhook targets",
+        "URL",
+    ),
+    Option(
+        "push_webhook_auth_file",
+        None,
+        _opt_str,
+        "file (mode 0600 or 0400) holding the Authorization header value of each wake-up POST",
+        "FILE",
+    ),
+    Option(
+        "push_webhook_auth_env",
+        None,
+        _opt_str,
+        "name of an environment variable holding that Authorization value instead",
+        "NAME",
+    ),
+    Option(
+        "push_fcm_credentials",
+        None,
+        _opt_str,
+        "Firebase service account JSON key (mode 0600); set: devices may register fcm targets",
+        "FILE",
+    ),
+    Option(
+        "push_fcm_url", "https://fcm.googleapis.com", str, "base URL of the FCM HTTP v1 API", "URL"
+    ),
+    Option(
+        "push_apns_key_file",
+        None,
+        _opt_str,
+        "APNs token-auth signing key (.p8, mode 0600); set: devices may register apns targets",
+        "FILE",
+    ),
+    Option("push_apns_key_id", None, _opt_str, "the APNs key's id (the JWT's kid)", "ID"),
+    Option(
+        "push_apns_team_id", None, _opt_str, "the Apple developer team id (the JWT's iss)", "ID"
+    ),
+    Option("push_apns_topic", None, _opt_str, "the app's bundle id (apns-topic)", "TOPIC"),
+    Option(
+        "push_apns_url",
+        "https://api.push.apple.com",
+        str,
+        "base URL of APNs (https://api.sandbox.push.apple.com for development builds)",
+        "URL",
+    ),
+    Option(
+        "push_vapid_key_file",
+        None,
+        _opt_str,
+        "VAPID private key (PEM, P-256, mode 0600); set: devices may register webpush targets",
+        "FILE",
+    ),
+    Option(
+        "push_vapid_subject",
+        None,
+        _opt_str,
+        "VAPID subject: a mailto: or https: contact for the push services",
+        "URI",
+    ),
+    Option(
+        "push_webpush_hosts",
+        "fcm.googleapis.com,updates.push.services.mozilla.com,.push.apple.com,.notify.windows.com",
+        str,
+        "hosts a Web Push endpoint may name, comma-separated (a leading dot: any "
+        "subdomain; host:port to pin a port); the server POSTs to no other",
+        "HOSTS",
+    ),
+    Option(
         "map_size",
         8 << 30,
         _positive_int,
@@ -806,6 +944,36 @@ GROUPS: list[Group] = [
         ),
     ),  # fmt: skip
     Group(
+        "push wake-ups",
+        "waking offline devices through a webhook, FCM, APNs or Web Push (server/push.py)",
+        (
+            "push_coalesce",
+            "push_queue",
+            "push_batch",
+            "push_linger",
+            "push_concurrency",
+            "push_request_timeout",
+            "push_retries",
+            "push_backoff",
+            "push_ttl",
+            "push_token_max",
+            "push_ca_file",
+            "push_webhook_url",
+            "push_webhook_auth_file",
+            "push_webhook_auth_env",
+            "push_fcm_credentials",
+            "push_fcm_url",
+            "push_apns_key_file",
+            "push_apns_key_id",
+            "push_apns_team_id",
+            "push_apns_topic",
+            "push_apns_url",
+            "push_vapid_key_file",
+            "push_vapid_subject",
+            "push_webpush_hosts",
+        ),
+    ),  # fmt: skip
+    Group(
         "registration and SMS",
         "one-time codes and how they are sent",
         (
@@ -1085,6 +1253,16 @@ def _load(path, overrides, base) -> tuple[Config | None, list[str]]:
         ("sms_webhook_auth_file", "sms_webhook_auth_env"),
         bool(v["sms_webhook_auth_file"] and v["sms_webhook_auth_env"]),
         "set sms-webhook-auth-file or sms-webhook-auth-env, not both",
+    )
+    rule(
+        ("push_webhook_auth_file", "push_webhook_auth_env"),
+        bool(v["push_webhook_auth_file"] and v["push_webhook_auth_env"]),
+        "set push-webhook-auth-file or push-webhook-auth-env, not both",
+    )
+    rule(
+        ("push_token_max",),
+        v["push_token_max"] > 4096,
+        "push-token-max must be at most 4096 (the protocol's limit)",
     )
     return (None if errors else Config(values)), errors
 

@@ -55,6 +55,7 @@ from pigeon.core.events import (
     Presence,
     Privacy,
     PrivacySettings,
+    PushTarget,
     Receipt,
     Register,
     Registered,
@@ -80,7 +81,7 @@ HOT_MESSAGE, HOT_ACK = 1, 3  # Hot.kind (2 is a receipt)
 #: Requests that draw on a connection's message-rate bucket (typing has its own).
 RATED = frozenset({Message, Receipt, Presence, Privacy, Discover, Block, Unblock, BlocklistQuery,
                    Link, DevicesQuery, Unlink, KeysUpload, KeysQuery, KeysCountQuery,
-                   UploadRequest, GroupRequest})  # fmt: skip
+                   UploadRequest, GroupRequest, PushTarget})  # fmt: skip
 #: Requests a stranger may send before logging in: they draw on the connection's
 #: own bucket (``unauth-rate``), past which the connection is closed unread.
 UNAUTH = frozenset({Register, Verify, Pair})
@@ -288,6 +289,36 @@ def upload(s, ev: UploadRequest) -> None:
         s.send(UploadGrant(ev.id, url, c.media_grant_ttl, token))
 
     w.write(run, answer, s, ev.id)
+
+
+# -- push targets (PROTOCOL.md 9d, server/push.py) -----------------------------------
+
+
+def push_target(s, ev: PushTarget) -> None:
+    """Register or remove this device's push target, in the tick's commit."""
+    w = s.worker
+    hub = w.push
+    device = s.device
+    if ev.type == "set":
+        if hub is None or ev.kind not in hub.kinds:
+            s.send(Error(ErrorCode.UNAVAILABLE, f"this server sends no {ev.kind} push", ev.id))
+            return
+        problem = hub.check_token(ev.kind, ev.token)
+        if problem is not None:
+            s.send(Error(ErrorCode.BAD_REQUEST, problem, ev.id))
+            return
+
+        def run(txn, now):
+            w.store.check_room(txn)
+            hub.set_txn(txn, device, ev.kind, ev.token, ev.mute, ev.quiet)
+            return now
+    else:
+
+        def run(txn, now):
+            txn.delete(device.encode(), db=w.store._db["push"])
+            return now
+
+    w.write(run, lambda now: s.send(ServerAck(ev.id, now, "push")), s, ev.id)
 
 
 # -- the connection's end -------------------------------------------------------
@@ -580,6 +611,7 @@ HANDLERS = {
     KeysCountQuery: keydir.count,
     UploadRequest: upload,
     GroupRequest: group,
+    PushTarget: push_target,
     Error: peer_error,
     ConnectionClosed: closed,
 }

@@ -92,6 +92,8 @@ class WorkerStats:
         self.wait_buckets = [0] * (len(WAIT_BUCKETS) + 1)
         self.wait_sum = 0.0
         self.loop_lag = 0.0
+        # push wake-ups (server/push.py): "result provider reason" -> count
+        self.push: dict[str, int] = {}
 
     def error(self, code: int) -> None:
         self.errors[code] = self.errors.get(code, 0) + 1
@@ -117,6 +119,7 @@ class WorkerStats:
             "ws": self.wait_sum,
             "lag": self.loop_lag,
             "conns": connections,
+            "p": self.push,
         }
 
 
@@ -126,7 +129,8 @@ class Aggregate:
     def __init__(self):
         self.latest: dict[int, dict] = {}
         self.retired = {"c": dict.fromkeys(COUNTERS, 0), "e": {}, "h": [0] * (len(COMMIT_BUCKETS) + 1),
-                        "hs": 0.0, "wh": [0] * (len(WAIT_BUCKETS) + 1), "ws": 0.0}  # fmt: skip
+                        "hs": 0.0, "wh": [0] * (len(WAIT_BUCKETS) + 1), "ws": 0.0,
+                        "p": {}}  # fmt: skip
         self.lock = threading.Lock()
 
     def update(self, index: int, snap: dict) -> None:
@@ -147,6 +151,8 @@ class Aggregate:
             r["h"] = [a + b for a, b in zip(r["h"], snap["h"], strict=True)]
             r["hs"] += snap["hs"]
             r["wh"], r["ws"] = _add_waits(r["wh"], r["ws"], snap)
+            for k, v in snap.get("p", {}).items():
+                r["p"][k] = r["p"].get(k, 0) + v
 
     def totals(self) -> tuple[dict, dict, list, float, dict, dict]:
         with self.lock:
@@ -163,6 +169,15 @@ class Aggregate:
                 lag[index] = snap["lag"]
                 conns[index] = snap["conns"]
             return c, e, h, hs, lag, conns
+
+    def push_totals(self) -> dict:
+        """Push wake-up counts, "result provider reason" -> n, across workers."""
+        with self.lock:
+            out = dict(self.retired["p"])
+            for snap in self.latest.values():
+                for k, v in snap.get("p", {}).items():
+                    out[k] = out.get(k, 0) + v
+            return out
 
     def write_waits(self) -> tuple[list, float]:
         """(histogram buckets, seconds) of the group commits' waits for the writer lock."""
@@ -339,6 +354,14 @@ class Collector:
             buckets.append((bound, cumulative))
         yield HistogramMetricFamily("pigeon_commit_seconds", "group commit latency",
                                     buckets=buckets, sum_value=hs)  # fmt: skip
+        wakes = CounterMetricFamily(
+            "pigeon_push_wakeups", "push wake-ups by provider and result (sent, coalesced, "
+            "muted, cancelled, dropped, retried, failed, gone) and reason",
+            labels=["provider", "result", "reason"])  # fmt: skip
+        for key, n in sorted(self.aggregate.push_totals().items()):
+            result, provider, reason = (key.split(" ", 2) + ["", ""])[:3]
+            wakes.add_metric([provider, result, reason], n)
+        yield wakes
         wh, ws = self.aggregate.write_waits()
         cumulative, buckets = 0, []
         for bound, n in zip((*map(str, WAIT_BUCKETS), "+Inf"), wh, strict=True):
@@ -415,6 +438,7 @@ def status_document(collector: Collector, supervisor: dict) -> dict:
         },
         "store": None if q is None else {"used_bytes": q["used"], "map_bytes": q["map"]},
         "totals": {name: c.get(name, 0) for name in COUNTERS},
+        "push": collector.aggregate.push_totals(),
         "write_wait": {"seconds": round(ws, 6), "commits": sum(wh)},
         "errors": e,
     }  # fmt: skip

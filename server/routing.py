@@ -22,10 +22,12 @@ class Router:
 
     def deliver(self, pushes) -> None:
         """Hand committed entries to the sessions that hold their devices."""
-        local, wid, bus = self.local, self.wid, self.worker.bus
+        local, wid, bus, push = self.local, self.wid, self.worker.bus, self.worker.push
         for p in pushes:
-            if p.worker is None:
-                continue  # offline: it waits in the queue
+            if p.worker is None:  # offline: it waits in the queue; perhaps a wake-up
+                if push is not None:
+                    push.offline(p.device)
+                continue
             if p.worker == wid:
                 s = local.get(p.device)
                 if s is not None:

@@ -33,6 +33,8 @@ Tables (LMDB named databases):
     groups, ugroups, invites, gbody: groups, their members and invite codes
               (server/groups.py) and the group message bodies, stored once
               (server/queues.py)
+    push, pushwake: each device's push target and when it was last woken
+              (server/push.py)
 
 Format history (the ``pairs`` table and the new record fields need no
 format change: a missing table is created at open, a missing field has
@@ -100,6 +102,7 @@ import msgpack
 
 from .groups import GROUP_TABLES
 from .keydir import KEY_TABLES, drop_device_keys
+from .push import PUSH_TABLES, drop_device_push
 from .queues import QUEUE_TABLES, FrameEncoder, drop_device_queue, upgrade_entries
 from .social import SOCIAL_TABLES, drop_user, release_device
 
@@ -110,7 +113,7 @@ _UPGRADABLE = (1, 2, 3, 4, 5, 6)  # formats opened and upgraded in place
 _MSGPACK_QUEUES = (2, 3)  # formats whose queue entries are rewritten (upgrade_entries)
 _TABLES = (
     "meta", "accounts", "devices", "codes", "limits", "sessions", "pairs", *QUEUE_TABLES,
-    *SOCIAL_TABLES, *KEY_TABLES, *GROUP_TABLES,
+    *SOCIAL_TABLES, *KEY_TABLES, *GROUP_TABLES, *PUSH_TABLES,
 )  # fmt: skip
 
 
@@ -364,6 +367,7 @@ class Store:
                 removed.append(addr)
                 self._delete(txn, "devices", addr)
                 drop_device_queue(txn, self._db, addr)
+                drop_device_push(txn, self._db, addr)
                 drop_device_keys(txn, self._db, addr)
             acct["devices"] = []
             address = self._add_device(txn, phone, acct, identity_key, keys, now)
@@ -469,6 +473,7 @@ class Store:
         self._delete(txn, "sessions", address)
         release_device(txn, self._db, address, None, None, now)
         drop_device_queue(txn, self._db, address)
+        drop_device_push(txn, self._db, address)
         drop_device_keys(txn, self._db, address)
         return True
 
@@ -487,6 +492,7 @@ class Store:
             self._delete(txn, "devices", addr)
             self._delete(txn, "sessions", addr)
             drop_device_queue(txn, self._db, addr)
+            drop_device_push(txn, self._db, addr)
             drop_device_keys(txn, self._db, addr)
         self._delete(txn, "accounts", phone)
         drop_user(txn, self._db, phone)

@@ -322,6 +322,13 @@ class Supervisor:
                 webhook_authorization(c)
             except ValueError as exc:
                 raise StartupError(str(exc)) from None
+        from .push import configured_kinds, validate
+
+        if configured_kinds(c):
+            try:
+                validate(c)
+            except ValueError as exc:
+                raise StartupError(str(exc)) from None
         if c.tls_enabled:
             import ssl
 

@@ -71,6 +71,7 @@ from .limits import Bucket, LeakyTable
 from .listeners import FULL_LOG_INTERVAL, Listeners, listen_socket, raise_open_files_limit
 from .metrics import SNAPSHOT_INTERVAL, WorkerStats
 from .presence import PresenceHub
+from .push import PushHub, configured_kinds
 from .queues import FrameEncoder, QueueLimits, Queues, Send
 from .routing import Router
 from .session import LINGER, Session
@@ -179,6 +180,7 @@ class Worker:
         self.write_buffer_high = config.write_buffer_high
         self.queues: Queues | None = None
         self.groups: Groups | None = None
+        self.push: PushHub | None = None  # push wake-ups for offline devices (server/push.py)
         self.encode_entry = None  # FrameEncoder.write: a stored entry's frame into a buffer
         self.social: Social | None = None
         self.presence: PresenceHub | None = None
@@ -259,6 +261,8 @@ class Worker:
                 # credentials were read for the challenge: no session for it
                 return None
             self.store.note_login_txn(txn, device, now)
+            if self.push is not None:
+                self.push.login_txn(txn, device)
             prev, offline = self.store.set_session_txn(txn, device, wid, conn, now)
             # Read with the record, so exact: an entry any later commit adds is
             # pushed to this session (that commit sees the record), and one an
@@ -771,6 +775,9 @@ class Worker:
         self.accounts = Accounts(self.store, c, make_gateway(c))
         self.bus = Bus(self)
         self.router = Router(self)
+        if configured_kinds(c):
+            self.push = PushHub(self, c)
+            self.push.task = self.loop.create_task(self.push.run())
         await self.bus.start()
         for user in offline:  # this worker's devices before a crash: now offline
             self.presence.note(user)
@@ -802,6 +809,8 @@ class Worker:
         await self.stopping.wait()
         await self.drain()
         sweeper.cancel()
+        if self.push is not None and self.push.task is not None:
+            self.push.task.cancel()
         self.send_snapshot()  # the final counts, kept by the supervisor
         self.bus.close()
         self.store.clear_worker_sessions(self.wid)

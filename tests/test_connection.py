@@ -55,6 +55,7 @@ from pigeon.core.events import (
     PresenceUpdate,
     Privacy,
     PrivacySettings,
+    PushTarget,
     Receipt,
     Register,
     Registered,
@@ -171,6 +172,8 @@ SAMPLES = [
     KeysChanged(BOB, 1763830000123, 13),
     Receipt(BOB, "m6", "retry"),
     IncomingReceipt(BOB + ":2", "m6", "retry", 1763830000999, 14),
+    PushTarget("w1", "set", "fcm", b"registration-token", 1763830000123, True),
+    PushTarget("w2", "remove"),
 ]  # fmt: skip
 
 

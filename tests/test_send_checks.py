@@ -80,6 +80,7 @@ from pigeon.core.events import (
     PresenceUpdate,
     Privacy,
     PrivacySettings,
+    PushTarget,
     Receipt,
     Register,
     Registered,
@@ -252,6 +253,13 @@ BAD = [
     (IncomingReceipt(BOB, "m1", "delivered", 1, 1, None, (ALICE,)), "sender"),
     (Receipt("g:1", "m1", "read", ALICE_DEV), "participant"),
     (Receipt(BOB, "m1", "read", ALICE), "to"),
+    # push targets (issue 19)
+    (PushTarget("w1", "set", "sms", b"t"), "kind"),
+    (PushTarget("w1", "set", "fcm", b""), "token"),
+    (PushTarget("w1", "set", "fcm", b"t", -1), "mute"),
+    (PushTarget("w1", "set", "fcm", b"t", quiet=1), "quiet"),
+    (PushTarget("w1", "add", "fcm", b"t"), "type"),
+    (PushTarget("w1", "remove", "fcm"), "kind"),
 ]
 
 
@@ -397,7 +405,8 @@ GFAILED = [(), ((BOB, 433),), ((ALICE_DEV, 433),), ((BOB, -1),)]
 GITEMS = [(), (("g:5", "x", 1),), ((BOB, "x", 1),), (("g:5", "x", -1),)]
 POOLS = {"str": STRS, "int": INTS, "bytes": BYTES, "bool": [True, False, 0, 1, "1"],
          "tuple[tuple[str, str], ...]": GATTRS, "tuple[GroupMember, ...]": GMEMBERS,
-         "tuple[tuple[str, int], ...]": GFAILED, "tuple[tuple[str, str, int], ...]": GITEMS, "tuple[str, ...]": TUPLES, "tuple": PAYLOADS,
+         "tuple[tuple[str, int], ...]": GFAILED, "tuple[tuple[str, str, int], ...]": GITEMS,
+         "tuple[str, ...]": TUPLES, "tuple": PAYLOADS,
          "tuple[DeviceInfo, ...]": INFOS, "tuple[SignedKey, ...]": [(), *[(k,) for k in SKEYS]],
          "SignedKey": SKEYS, "tuple[KeyBundle, ...]": BUNDLES}  # fmt: skip
 

@@ -73,6 +73,7 @@ from pigeon.core.events import (
     PresenceUpdate,
     Privacy,
     PrivacySettings,
+    PushTarget,
     Receipt,
     Register,
     Registered,
@@ -322,6 +323,12 @@ EXAMPLES = {
     "error-not-member": Error(ErrorCode.NOT_MEMBER, "you are not a member of this group",
                               "3eb0c1f2a4d5e6f7"),
     "privacy-groupadd": Privacy("p3", groupadd="contacts"),
+    "push-set": PushTarget("w1", "set", "fcm", b"dGVzdC1yZWdpc3RyYXRpb24tdG9rZW4", T + 3_600_000),
+    "push-set-apns": PushTarget("w2", "set", "apns", b"ab" * 32, quiet=True),
+    "push-remove": PushTarget("w3", "remove"),
+    "ack-push": ServerAck("w1", T, "push"),
+    "error-push-unavailable": Error(ErrorCode.UNAVAILABLE, "this server sends no apns push",
+                                    "w2"),
 }  # fmt: skip
 
 
