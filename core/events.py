@@ -2176,7 +2176,7 @@ class PushTarget(Event):
             if not self.token:
                 raise _wrong(self, "token", "at least 1 byte", self.token)
             _check_uint(self, "mute", self.mute)
-            if type(self.quiet) is not bool:
+            if self.quiet not in (True, False):  # (what reads back equal: 0 and 1 too)
                 raise _wrong(self, "quiet", "a bool", self.quiet)
         else:  # a remove names nothing else (the reader would not see it)
             if self.kind is not None:
@@ -2185,7 +2185,7 @@ class PushTarget(Event):
                 raise _wrong(self, "token", "None in a remove", self.token)
             if not (type(self.mute) is int and self.mute == 0):
                 raise _wrong(self, "mute", "0 in a remove", self.mute)
-            if self.quiet is not False:
+            if self.quiet not in (False,):
                 raise _wrong(self, "quiet", "False in a remove", self.quiet)
 
 

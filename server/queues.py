@@ -495,6 +495,9 @@ class Queues:
         self.blockers: dict[str, bool] = {}  # user -> blocks anyone?
         self.block_cache: dict[str, bool] = {}  # "blocker NUL blocked" -> blocks?
         self.session_cache: dict[str, int | None] = {}  # device -> worker holding it
+        # A group message's copies for offline devices make no Push unless the
+        # router wants them (push wake-ups configured: Worker sets it)
+        self.wake_offline = False
         self.cached_gver = self  # meta "gver" (server/groups.py) when group_cache was started
         self.group_cache: dict[str, tuple | None] = {}  # group number -> _Txn.group's answer
 
@@ -972,6 +975,7 @@ class Queues:
         qdb, pushes = w.qdb, w.pushes
         refs = 0
         failed = None
+        wake = self.wake_offline
         for user in g[0]:
             mine = user == sender
             devs = w.devices(user) or ()
@@ -1014,8 +1018,10 @@ class Queues:
                 except KeyError:
                     raw = get(dk, db=sessdb)
                     wid = sessions[d] = None if raw is None else _unpackb(raw)["worker"]
-                if wid is not None:  # offline devices read it from their queue later
+                if wid is not None:
                     pushes.append(Push(d, seq, body if mine_entry is None else mine_entry, wid))
+                elif wake:  # offline: it reads its queue later; the router may wake it
+                    pushes.append(Push(d, seq, None, None))
         if refs:
             put(number + b"b", body, db=gdb)
             put(number + b"c", _GCOUNT.pack(refs, size)

@@ -777,6 +777,7 @@ class Worker:
         self.router = Router(self)
         if configured_kinds(c):
             self.push = PushHub(self, c)
+            self.queues.wake_offline = True  # (group fan-out: Push records for offline devices)
             self.push.task = self.loop.create_task(self.push.run())
         await self.bus.start()
         for user in offline:  # this worker's devices before a crash: now offline

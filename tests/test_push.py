@@ -167,6 +167,43 @@ def test_offline_device_woken_once_per_window_never_when_connected_nor_for_typin
         hook.stop()
 
 
+def test_offline_group_members_are_woken_once_and_online_ones_never(tmp_path):
+    """A group message's copies for offline member devices wake them as a 1:1
+    message's do (once per window for a burst); a member online is not woken."""
+    hook = Recorder().start()
+    srv, mport = start(tmp_path, push_webhook_url=f"{hook.base}/wake", push_coalesce=30)
+    try:
+
+        async def main():
+            alice = await srv.login(await srv.register(ALICE))
+            carol_creds = await srv.register(CAROL)
+            carol = await srv.login(carol_creds)
+            await carol.set_push("webhook", "tok-carol")
+            bob, _ = await offline_with_target(srv, BOB, "webhook", "tok-bob")
+            g = (await alice.group("create", subject="wake", members=[BOB, CAROL])).group
+            bodies = [f"secret-group-{i}".encode() for i in range(20)]
+            for i, body in enumerate(bodies):
+                await alice.send(g, body, id=f"g-{i}")
+            # the create notice and 20 messages for Bob: one wake-up, the rest coalesced
+            await until(lambda: total(metrics(mport), "sent") + total(metrics(mport), "coalesced")
+                        >= 21, timeout=20)  # fmt: skip
+            m = metrics(mport)
+            assert total(m, "sent", "webhook") == 1, m
+            reqs = hook.got("/wake")
+            assert [w["token"] for r in reqs for w in orjson.loads(r.body)["wakeups"]] == [
+                "tok-bob"
+            ]
+            no_leak(hook.got(), bodies, [f"g-{i}" for i in range(20)], ALICE)
+            assert g.encode() not in b"".join(r.raw() for r in hook.got())
+            await alice.close()
+            await carol.close()
+
+        run(main())
+    finally:
+        assert srv.stop() == 0, srv.log_text()[-3000:]
+        hook.stop()
+
+
 def test_mute_and_removal_are_honoured(tmp_path):
     hook = Recorder().start()
     srv, mport = start(tmp_path, push_webhook_url=f"{hook.base}/wake")
@@ -609,4 +646,4 @@ def test_push_target_check_refuses_what_the_server_would():
     with pytest.raises(LocalProtocolError):
         PushTarget("w1", "set", "fcm", b"").check()
     with pytest.raises(LocalProtocolError):
-        PushTarget("w1", "set", "fcm", b"t", quiet=1).check()
+        PushTarget("w1", "set", "fcm", b"t", quiet="1").check()

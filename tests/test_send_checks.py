@@ -257,7 +257,7 @@ BAD = [
     (PushTarget("w1", "set", "sms", b"t"), "kind"),
     (PushTarget("w1", "set", "fcm", b""), "token"),
     (PushTarget("w1", "set", "fcm", b"t", -1), "mute"),
-    (PushTarget("w1", "set", "fcm", b"t", quiet=1), "quiet"),
+    (PushTarget("w1", "set", "fcm", b"t", quiet="1"), "quiet"),
     (PushTarget("w1", "add", "fcm", b"t"), "type"),
     (PushTarget("w1", "remove", "fcm"), "kind"),
 ]
