@@ -271,13 +271,14 @@ class GroupCrypto:
     def dump(self, pickle_key: bytes) -> dict:
         """JSON-able state, every key inside vodozemac's encrypted pickles."""
         key = e2e._pickle_key(pickle_key)
-        return {
-            "out": {g: [o.session.pickle(key), o.created, sorted(o.shared), g in self._stale]
-                    for g, o in self.outbound.items()},  # fmt: skip
-            "in": [[g, d, [[i.session.pickle(key), [[n, m] for n, m in i.seen.items()]]
-                           for i in sessions.values()]]
-                   for (g, d), sessions in self.inbound.items()],  # fmt: skip
-        }
+        out = {}
+        for g, o in self.outbound.items():
+            out[g] = [o.session.pickle(key), o.created, sorted(o.shared), g in self._stale]
+        inbound = []
+        for (g, d), sessions in self.inbound.items():
+            kept = [[i.session.pickle(key), list(i.seen.items())] for i in sessions.values()]
+            inbound.append([g, d, kept])
+        return {"out": out, "in": inbound}
 
     def load(self, data: dict, pickle_key: bytes) -> None:
         """Replace the state with ``dump``'s (the same pickle key)."""
