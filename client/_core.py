@@ -74,6 +74,8 @@ from pigeon.core.events import (
     Discover,
     DiscoverResult,
     Error,
+    GroupNotice,
+    GroupResult,
     Hello,
     IncomingMessage,
     IncomingReceipt,
@@ -132,7 +134,9 @@ REPLAYABLE = (MESSAGE, RECEIPT)
 
 
 #: what the server queues for a device (acknowledged by ``seq``)
-_QUEUED = frozenset({IncomingMessage, IncomingReceipt, DevicesChanged, KeysLow, KeysChanged})
+_QUEUED = frozenset(
+    {IncomingMessage, IncomingReceipt, DevicesChanged, KeysLow, KeysChanged, GroupNotice}
+)
 
 
 @dataclass(frozen=True)
@@ -284,7 +288,7 @@ def check_keepalive(interval: float | None, timeout: float) -> float | None:
 
 
 #: Server answers matched to a REQ waiter by their id.
-_ANSWERS = frozenset({PrivacySettings, DiscoverResult, Blocklist, LinkKey, DeviceList,
+_ANSWERS = frozenset({GroupResult, PrivacySettings, DiscoverResult, Blocklist, LinkKey, DeviceList,
                       KeysCount, KeyBundles, UploadGrant})  # fmt: skip
 
 
@@ -1052,11 +1056,13 @@ class ClientAPI:
         await self._tell(ChatState(to, state))
 
     async def privacy(
-        self, last: str | None = None, online: str | None = None, timeout: float = 30.0
-    ) -> PrivacySettings:
-        """Read, or change, who sees last seen / online: everyone, contacts or nobody."""
+        self, last: str | None = None, online: str | None = None, timeout: float = 30.0,
+        groupadd: str | None = None,
+    ) -> PrivacySettings:  # fmt: skip
+        """Read, or change, who sees last seen / online, and who may add this user to
+        groups (``groupadd``): everyone, contacts or nobody."""
         rid = self.new_id()
-        return await self._request(REQ, rid, Privacy(rid, last, online), timeout)
+        return await self._request(REQ, rid, Privacy(rid, last, online, groupadd), timeout)
 
     async def discover(self, phones, type: str = "full", timeout: float = 30.0) -> DiscoverResult:
         """Which of ``phones`` are users (they join the contact set); ``type``: full

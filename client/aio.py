@@ -286,6 +286,20 @@ class Client(ClientAPI):
         if self.closed is None:
             self._finish(ConnectionLost("closed by the application"))
 
+    async def group(self, op: str, group: str | None = None, members=(),
+                    timeout: float = 30.0, **fields):  # fmt: skip
+        """One group request (PROTOCOL.md 10g): ``op`` create, info, list, add, ...;
+        ``fields``: subject, description, code, announce, approval.  Returns the
+        GroupResult; raises ServerError if refused.  (A plain request: the
+        group API proper is the SDK's.)"""
+        from pigeon.core.events import GroupRequest
+
+        from ._core import REQ
+
+        rid = self.new_id()
+        req = GroupRequest(rid, op, group, tuple(members), **fields)
+        return await self._request(REQ, rid, req, timeout)
+
     async def send_media(self, to: str, path: str, **kw):
         """Encrypt the file at ``path``, upload it to the media service and send ``to``
         a message whose body is its media payload; returns (ServerAck, Media).

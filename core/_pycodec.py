@@ -40,7 +40,10 @@ IMPLEMENTATION = "python"
 
 #: Kinds of queue entry (see Codec.queue_entry) and the tag each is delivered as.
 ENTRY_MESSAGE, ENTRY_RECEIPT, ENTRY_DEVICES, ENTRY_KEYS = 0, 1, 2, 3
-_ENTRY_TAGS = ("message", "receipt", "devices", "keys")
+#: group notice (head and content made by server/groups.py), group message body
+#: (stored once, in ``gbody``), and the per-device reference to one (never a frame)
+ENTRY_GROUP, ENTRY_GMESSAGE, ENTRY_GREF = 4, 5, 6
+_ENTRY_TAGS = ("message", "receipt", "devices", "keys", "group", "message")
 #: Flag bits of a queue entry: the recipient user had several devices (the fan
 #: record); a copy for the sender's own account (sync copy, device-to-device):
 #: its ack makes no delivered receipt.
@@ -524,7 +527,13 @@ class Codec:
     #
     # kind 0 message (body follows), 1 receipt, 2 device-list notice (nothing
     # follows; no id: its length is 0), 3 key-directory notice (``<keys from
-    # type t>``: no id, a type; nothing follows); flags bit 0 (ENTRY_FAN): the recipient
+    # type t>``: no id, a type; nothing follows), 4 group notice (``<group from=g:N
+    # type by t ...>``: no id; what follows the head is the node's content, already
+    # encoded (a list header and children), written after ``seq`` as it is), 5 group
+    # message (``<message from=g:N participant=S:k id type t>``: ``to`` names the
+    # group, ``origin`` the sending device; the body follows, as for kind 0).  Kind
+    # 6 is the queue's reference to a kind-5 entry stored once (server/queues.py):
+    # never made or spliced here.  Flags bit 0 (ENTRY_FAN): the recipient
     # user had several devices (the fan record); bit 1 (ENTRY_SYNC): a copy for
     # the sender's own account (a sync copy or a device-to-device message),
     # whose ack makes no delivered receipt.  ``head`` is the frame payload up
@@ -540,17 +549,23 @@ class Codec:
         device-list notice (kind 2: ``mid`` and ``typ`` empty) or key-directory
         notice (kind 3: ``mid`` empty, ``typ`` low or changed); ``to``: the
         recipient a sync copy names."""
-        if kind not in (ENTRY_MESSAGE, ENTRY_RECEIPT, ENTRY_DEVICES, ENTRY_KEYS):
+        if kind not in (ENTRY_MESSAGE, ENTRY_RECEIPT, ENTRY_DEVICES, ENTRY_KEYS, ENTRY_GMESSAGE):
             raise ValueError(f"unknown entry kind {kind}")
         o, i = origin.encode(), mid.encode()
-        notice = kind >= ENTRY_DEVICES
+        gmessage = kind == ENTRY_GMESSAGE
+        if gmessage and to is None:
+            raise ValueError("a group message names its group (to)")
+        notice = kind in (ENTRY_DEVICES, ENTRY_KEYS)
         if not 0 < len(o) < 256 or not (0 if notice else 1) <= len(i) < 256 or (notice and i):
             raise ValueError("origin and id must be 1-255 bytes (a notice has no id)")
         head = bytearray()
-        message = kind == ENTRY_MESSAGE
-        attrs = [("from", origin)]
-        if to is not None:
-            attrs.append(("to", to))
+        message = kind == ENTRY_MESSAGE or gmessage
+        if gmessage:
+            attrs = [("from", to), ("participant", origin)]
+        else:
+            attrs = [("from", origin)]
+            if to is not None:
+                attrs.append(("to", to))
         if not notice:
             attrs += (("id", mid), ("type", typ))
         elif kind == ENTRY_KEYS:
@@ -595,10 +610,13 @@ class Codec:
         payload = bytearray(entry[p : p + hlen])
         self._string(payload, "seq", "attribute name")
         self._string(payload, str(seq), "attribute value")
-        if entry[0] == ENTRY_MESSAGE:
+        kind = entry[0]
+        if kind == ENTRY_MESSAGE or kind == ENTRY_GMESSAGE:
             body = memoryview(entry)[p + hlen :]
             self._bin_header(payload, len(body))
             payload += body
+        elif kind == ENTRY_GROUP:
+            payload += memoryview(entry)[p + hlen :]  # encoded content, or nothing
         n = len(payload)
         if n > self.limits.max_frame:
             raise FrameTooLarge(

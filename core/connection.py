@@ -95,6 +95,9 @@ from .events import (
     DiscoverResult,
     Error,
     Event,
+    GroupNotice,
+    GroupRequest,
+    GroupResult,
     Hello,
     IncomingChatState,
     IncomingMessage,
@@ -193,7 +196,8 @@ TRANSITIONS: dict[tuple[State, type[Event]], State] = {
                   PrivacySettings, Discover, DiscoverResult, Block, Unblock, BlocklistQuery,
                   Blocklist, Logout, DeleteAccount, Link, LinkKey, DevicesQuery, DeviceList,
                   DevicesChanged, Unlink, KeysUpload, KeysQuery, KeysCountQuery, KeysCount,
-                  KeyBundles, KeysLow, KeysChanged, UploadRequest, UploadGrant)},
+                  KeyBundles, KeysLow, KeysChanged, UploadRequest, UploadGrant, GroupRequest,
+                  GroupResult, GroupNotice)},
     **{(st, ev): st for st in _ANY_LIVE for ev in (Ping, Pong)},
 }  # fmt: skip
 

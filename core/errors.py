@@ -62,6 +62,14 @@ class ErrorCode(IntEnum):
     # 42x: media uploads (docs/PROTOCOL.md 9b).
     MEDIA_TOO_LARGE = 420
     MEDIA_QUOTA = 421
+    # 43x: groups (docs/PROTOCOL.md 10g).
+    NOT_MEMBER = 430
+    NOT_ADMIN = 431
+    GROUP_FULL = 432
+    ADD_REFUSED = 433
+    ALREADY_MEMBER = 434
+    BAD_INVITE = 435
+    ANNOUNCE_ONLY = 436
     # 5xx: the server's side.
     INTERNAL = 500
     STORE_FULL = 501

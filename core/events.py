@@ -30,7 +30,7 @@ One server tag names two events: ``devices`` with a ``seq`` is the queued
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
 from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError
@@ -620,9 +620,13 @@ class IncomingMessage(Event):
     seq: int
     body: bytes
     to: str | None = None
+    group: str | None = None
 
     def to_node(self, N):
-        attrs = {"from": self.sender}
+        if self.group is not None:  # from the group; the sending device is the participant
+            attrs = {"from": self.group, "participant": self.sender}
+        else:
+            attrs = {"from": self.sender}
         if self.to is not None:
             attrs["to"] = self.to
         attrs.update(id=self.id, type=self.type, t=str(self.t), seq=str(self.seq))
@@ -631,20 +635,29 @@ class IncomingMessage(Event):
     @classmethod
     def from_node(cls, node):
         to = node.attrs.get("to")
+        group = None
+        if node.attrs.get("participant") is not None:
+            group = _address(node, "from", "group")
+            sender = _address(node, "participant", "device")
+        else:
+            sender = _address(node, "from", "device")
         return _read(
             cls(
-                _address(node, "from", "device"),
+                sender,
                 _id(node),
                 _attr(node, "type"),
                 _uint(node, "t"),
                 _uint(node, "seq"),
                 _bytes(node),
                 None if to is None else _address(node, "to", "user", "device"),
+                group,
             )
         )
 
     def check(self) -> None:
         _check_address(self, "sender", self.sender, _DEVICE)
+        if self.group is not None:
+            _check_address(self, "group", self.group, ("group",))
         _check_id(self, "id", self.id)
         if not isinstance(self.type, str):  # any text: the reader takes what it is given
             raise _wrong(self, "type", "a str", self.type)
@@ -677,24 +690,36 @@ class ServerAck(Event):
     t: int
     cls: str = "message"
     device: str | None = None
+    #: a group message: the member users whose queues could not take it (stored
+    #: for every other member device; PROTOCOL.md section 9)
+    failed: tuple[str, ...] = ()
 
     def to_node(self, N):
         if self.device is None:
-            return N("ack", {"class": self.cls, "id": self.id, "t": str(self.t)})
-        return N("ack", {"class": self.cls, "id": self.id, "device": self.device,
-                         "t": str(self.t)})  # fmt: skip
+            attrs = {"class": self.cls, "id": self.id, "t": str(self.t)}
+        else:
+            attrs = {"class": self.cls, "id": self.id, "device": self.device, "t": str(self.t)}
+        if self.failed:
+            return N("ack", attrs, [N("failed", {"user": u}) for u in self.failed])
+        return N("ack", attrs)
 
     @classmethod
     def from_node(cls, node):
         device = None if node.attrs.get("device") is None else _address(node, "device", "device")
-        return _read(cls(_id(node), _uint(node, "t"), _choice(node, "class", ACK_CLASSES), device))
+        failed = ()
+        if isinstance(node.content, list):  # other children: a later version's, ignored
+            failed = tuple(_address(c, "user", "user") for c in node.content if c.tag == "failed")
+        return _read(cls(_id(node), _uint(node, "t"), _choice(node, "class", ACK_CLASSES), device,
+                         failed))  # fmt: skip
 
     def check(self) -> None:
         # One per message the server accepts: the usual case is one test.
         t, c, i = self.t, self.cls, self.id
         if type(t) is int and 0 <= t <= MAX_UINT64 and type(c) is str and c in ACK_CLASSES:
-            if type(i) is str and _id_match(i) is not None and self.device is None:
+            if (type(i) is str and _id_match(i) is not None and self.device is None
+                    and not self.failed):  # fmt: skip
                 return
+        _check_items(self, "failed", self.failed, _is_user_value, "a user address")
         if not valid_id(self.id):
             raise _wrong(self, "id", _ID, self.id)
         if not _is_uint(self.t):
@@ -924,13 +949,15 @@ PRIVACY_VALUES = frozenset({"everyone", "contacts", "nobody"})
 
 @dataclass(frozen=True, slots=True)
 class Privacy(Event):
-    """Read (no settings given) or change who sees this user's last seen and online status."""
+    """Read (no settings given) or change who sees this user's last seen and online
+    status, and who may add this user to a group (``groupadd``)."""
 
     TAG: ClassVar[str] = "privacy"
     SENDER: ClassVar[str] = CLIENT
     id: str
     last: str | None = None
     online: str | None = None
+    groupadd: str | None = None
 
     def to_node(self, N):
         attrs = {"id": self.id}
@@ -938,22 +965,23 @@ class Privacy(Event):
             attrs["last"] = self.last
         if self.online is not None:
             attrs["online"] = self.online
+        if self.groupadd is not None:
+            attrs["groupadd"] = self.groupadd
         return N("privacy", attrs)
 
     @classmethod
     def from_node(cls, node):
         rid = _id(node)
         vals = []
-        for key in ("last", "online"):
+        for key in ("last", "online", "groupadd"):
             vals.append(None if node.attrs.get(key) is None else _choice(node, key, PRIVACY_VALUES))
         return _read(cls(rid, *vals))
 
     def check(self) -> None:
         _check_id(self, "id", self.id)
-        if self.last is not None:
-            _check_choice(self, "last", self.last, PRIVACY_VALUES)
-        if self.online is not None:
-            _check_choice(self, "online", self.online, PRIVACY_VALUES)
+        for name in ("last", "online", "groupadd"):
+            if getattr(self, name) is not None:
+                _check_choice(self, name, getattr(self, name), PRIVACY_VALUES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -965,17 +993,23 @@ class PrivacySettings(Event):
     id: str
     last: str
     online: str
+    groupadd: str = "everyone"
 
     def to_node(self, N):
-        return N("privacy", {"id": self.id, "last": self.last, "online": self.online})
+        return N("privacy", {"id": self.id, "last": self.last, "online": self.online,
+                             "groupadd": self.groupadd})  # fmt: skip
 
     @classmethod
     def from_node(cls, node):
+        groupadd = "everyone"  # a server from before groups
+        if node.attrs.get("groupadd") is not None:
+            groupadd = _choice(node, "groupadd", PRIVACY_VALUES)
         return _read(
             cls(
                 _id(node),
                 _choice(node, "last", PRIVACY_VALUES),
                 _choice(node, "online", PRIVACY_VALUES),
+                groupadd,
             )
         )
 
@@ -983,6 +1017,7 @@ class PrivacySettings(Event):
         _check_id(self, "id", self.id)
         _check_choice(self, "last", self.last, PRIVACY_VALUES)
         _check_choice(self, "online", self.online, PRIVACY_VALUES)
+        _check_choice(self, "groupadd", self.groupadd, PRIVACY_VALUES)
 
 
 def _items(node, key: str, check, what: str) -> tuple[str, ...]:
@@ -2029,3 +2064,298 @@ SERVER_SENT["devices"] = DeviceList
 # a server's by KeysCount (a ``seq``: a notice; ``count``: a count; else bundles).
 CLIENT_SENT["keys"] = KeysUpload
 SERVER_SENT["keys"] = KeysCount
+
+
+# -- groups (docs/PROTOCOL.md 10g) --------------------------------------------------
+
+#: what a client's ``group`` request may ask (its ``type``)
+GROUP_OPS = frozenset({
+    "create", "info", "list", "add", "remove", "promote", "demote", "leave", "subject",
+    "description", "settings", "invite", "revoke", "preview", "join", "requests", "approve",
+    "reject",
+})  # fmt: skip
+#: what a queued group notice says happened (its ``type``)
+GROUP_NOTICES = frozenset({
+    "create", "add", "remove", "promote", "demote", "leave", "subject", "description",
+    "settings", "join", "revoke",
+})  # fmt: skip
+#: the attributes a group answer or notice may carry besides its own, in this order
+GROUP_ATTRS = ("subject", "creator", "t", "announce", "approval", "code", "count", "requested")
+MAX_GROUP_SUBJECT = 100  # characters of a group's subject (events check it; so does the server)
+MAX_GROUP_DESCRIPTION = 512  # bytes of a group's description (UTF-8; an attribute)
+
+
+def _check_round_trip(event) -> None:
+    """The group events' check: encode ``event`` (pure-Python codec) and read it back
+    as its peer would; anything but an equal event is refused.  These events are
+    rare (management, notices), and their nested fields (attribute pairs, members,
+    items) are checked exactly as strictly as the reader checks them."""
+    from ._pycodec import Codec, Node  # (no import cycle at module load)
+
+    try:
+        codec = Codec()
+        reader = SERVER_SENT if event.SENDER == SERVER else CLIENT_SENT
+        back = reader[event.TAG].from_node(codec.decode(codec.encode(event.to_node(Node))))
+    except (RemoteProtocolError, TypeError, ValueError, AttributeError, KeyError) as exc:
+        raise LocalProtocolError(f"cannot send {type(event).__name__}: {exc}") from None
+    if back != event:
+        for f in fields(event):
+            sent = getattr(event, f.name)
+            if f.init and getattr(back, f.name, None) != sent:
+                raise _wrong(event, f.name, "what its reader reads back", sent)
+        raise LocalProtocolError(f"cannot send {type(event).__name__}: read back as {back!r}")
+
+
+def _group_members(node) -> tuple[str, ...]:
+    """The ``user`` of each ``member`` child (other children: ignored here)."""
+    out = []
+    for child in node.content if isinstance(node.content, list) else ():
+        if child.tag == "member":
+            out.append(_address(child, "user", "user"))
+    return tuple(out)
+
+
+def _group_description(node) -> str | None:
+    v = node.attrs.get("description")
+    if v is not None and len(v.encode()) > MAX_GROUP_DESCRIPTION:
+        raise _bad(node, f"a description has at most {MAX_GROUP_DESCRIPTION} bytes")
+    return v
+
+
+@dataclass(frozen=True, slots=True)
+class GroupRequest(Event):
+    """Manage a group, or ask about one: ``op`` is the request's ``type`` (GROUP_OPS).
+
+    ``group``: the group address (every op but create, list, preview and
+    join); ``members``: the users an op is about (create, add, remove,
+    promote, demote, approve, reject); ``subject`` (create, subject);
+    ``description`` (description); ``code`` (preview, join); ``announce`` /
+    ``approval`` (settings)."""
+
+    TAG: ClassVar[str] = "group"
+    SENDER: ClassVar[str] = CLIENT
+    id: str
+    op: str
+    group: str | None = None
+    members: tuple[str, ...] = ()
+    subject: str | None = None
+    description: str | None = None
+    code: str | None = None
+    announce: bool | None = None
+    approval: bool | None = None
+
+    def to_node(self, N):
+        attrs = {"id": self.id, "type": self.op}
+        if self.group is not None:
+            attrs["group"] = self.group
+        if self.subject is not None:
+            attrs["subject"] = self.subject
+        if self.code is not None:
+            attrs["code"] = self.code
+        if self.announce is not None:
+            attrs["announce"] = "1" if self.announce else "0"
+        if self.approval is not None:
+            attrs["approval"] = "1" if self.approval else "0"
+        if self.description is not None:
+            attrs["description"] = self.description
+        children = [N("member", {"user": u}) for u in self.members]
+        return N("group", attrs, children or None)
+
+    @classmethod
+    def from_node(cls, node):
+        rid = _id(node)
+        op = _choice(node, "type", GROUP_OPS)
+        a = node.attrs
+        group = None if a.get("group") is None else _address(node, "group", "group")
+        subject = a.get("subject")
+        if subject is not None and not _is_subject(subject):
+            raise _bad(node, f"'subject' must be 1-{MAX_GROUP_SUBJECT} printable characters")
+        code = a.get("code")
+        if code is not None and not _is_invite_code(code):
+            raise _bad(node, "'code' must be an invite code (16-32 letters, digits, - or _)")
+        flags = []
+        for key in ("announce", "approval"):
+            v = a.get(key)
+            if v is not None and v not in ("0", "1"):
+                raise _bad(node, f"{key!r} must be 0 or 1")
+            flags.append(None if v is None else v == "1")
+        if node.content is not None and not isinstance(node.content, list):
+            raise _bad(node, "content must be <member> nodes")
+        return _read(cls(rid, op, group, _group_members(node), subject,
+                         _group_description(node), code, *flags))  # fmt: skip
+
+    def check(self) -> None:
+        _check_id(self, "id", self.id)
+        _check_choice(self, "op", self.op, GROUP_OPS)
+        if self.group is not None:
+            _check_address(self, "group", self.group, ("group",))
+        _check_items(self, "members", self.members, _is_user_value, "a user address")
+        if self.subject is not None and not _is_subject(self.subject):
+            raise _wrong(self, "subject", f"1-{MAX_GROUP_SUBJECT} printable characters",
+                         self.subject)  # fmt: skip
+        if self.description is not None and not (
+            isinstance(self.description, str)
+            and len(self.description.encode()) <= MAX_GROUP_DESCRIPTION
+        ):
+            raise _wrong(self, "description", f"text of at most {MAX_GROUP_DESCRIPTION} bytes",
+                         self.description)  # fmt: skip
+        if self.code is not None and not _is_invite_code(self.code):
+            raise _wrong(self, "code", "an invite code", self.code)
+        _check_round_trip(self)  # (announce / approval: what reads back equal, True or 1)
+
+
+_INVITE_RE = re.compile(r"[A-Za-z0-9_-]{16,32}")
+
+
+def _is_invite_code(v) -> bool:
+    return isinstance(v, str) and _INVITE_RE.fullmatch(v) is not None
+
+
+def _is_subject(v) -> bool:
+    return isinstance(v, str) and 1 <= len(v) <= MAX_GROUP_SUBJECT and v.isprintable()
+
+
+@dataclass(frozen=True, slots=True)
+class GroupMember:
+    """A member in a group answer: ``role`` admin or member (None in a list of
+    join requests), ``t`` when they joined (or asked to)."""
+
+    user: str
+    role: str | None = None
+    t: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GroupResult(Event):
+    """The answer to a ``GroupRequest`` (the same ``id`` and ``op``).
+
+    ``attrs``: what the op answers, (name, value) pairs of GROUP_ATTRS
+    (``get`` reads one); ``members``: info's members, or the users asking to
+    join (requests); ``failed``: (user, error code) for the members an op
+    could not do; ``items``: list's groups, (group, subject, t);
+    ``description``: info's."""
+
+    TAG: ClassVar[str] = "group"
+    SENDER: ClassVar[str] = SERVER
+    id: str
+    op: str
+    group: str | None = None
+    attrs: tuple[tuple[str, str], ...] = ()
+    members: tuple[GroupMember, ...] = ()
+    failed: tuple[tuple[str, int], ...] = ()
+    items: tuple[tuple[str, str, int], ...] = ()
+    description: str | None = None
+
+    def get(self, name: str, default=None):
+        for k, v in self.attrs:
+            if k == name:
+                return v
+        return default
+
+    def to_node(self, N):
+        attrs = {"id": self.id, "type": self.op}
+        if self.group is not None:
+            attrs["group"] = self.group
+        attrs.update(self.attrs)
+        if self.description is not None:
+            attrs["description"] = self.description
+        children = []
+        for m in self.members:
+            a = {"user": m.user}
+            if m.role is not None:
+                a["role"] = m.role
+            if m.t is not None:
+                a["t"] = str(m.t)
+            children.append(N("member", a))
+        children += [N("failed", {"user": u, "code": str(int(c))}) for u, c in self.failed]
+        children += [N("item", {"group": g, "subject": s, "t": str(t)}) for g, s, t in self.items]
+        return N("group", attrs, children or None)
+
+    @classmethod
+    def from_node(cls, node):
+        if node.attrs.get("seq") is not None:  # a queued notice, not an answer
+            return GroupNotice.from_node(node)
+        rid = _id(node)
+        op = _choice(node, "type", GROUP_OPS)
+        a = node.attrs
+        group = None if a.get("group") is None else _address(node, "group", "group")
+        attrs = tuple((k, a[k]) for k in GROUP_ATTRS if a.get(k) is not None)
+        members, failed, items = [], [], []
+        for child in node.content if isinstance(node.content, list) else ():
+            if child.tag == "member":
+                role = child.attrs.get("role")
+                t = _opt_uint(child, "t")
+                members.append(GroupMember(_address(child, "user", "user"), role, t))
+            elif child.tag == "failed":
+                failed.append((_address(child, "user", "user"), _uint(child, "code")))
+            elif child.tag == "item":
+                items.append((_address(child, "group", "group"), _attr(child, "subject"),
+                              _uint(child, "t")))  # fmt: skip
+        return _read(cls(rid, op, group, attrs, tuple(members), tuple(failed), tuple(items),
+                         _group_description(node)))  # fmt: skip
+
+    def check(self) -> None:
+        _check_id(self, "id", self.id)
+        _check_choice(self, "op", self.op, GROUP_OPS)
+        if self.group is not None:
+            _check_address(self, "group", self.group, ("group",))
+        _check_round_trip(self)
+
+
+@dataclass(frozen=True, slots=True)
+class GroupNotice(Event):
+    """Something changed in group ``group``: queued for every member device in
+    the change's transaction, in order with messages, acknowledged like them.
+
+    ``op`` (GROUP_NOTICES): what happened; ``by``: the user who did it;
+    ``members``: the users it is about; ``attrs``: the new subject or
+    settings, as (name, value) pairs; ``description``: the new description
+    (an attribute, as everywhere: an info answer's 1,024 members fill its
+    content list)."""
+
+    TAG: ClassVar[str] = "group"
+    SENDER: ClassVar[str] = SERVER
+    group: str
+    op: str
+    by: str
+    t: int
+    seq: int
+    members: tuple[str, ...] = ()
+    attrs: tuple[tuple[str, str], ...] = ()
+    description: str | None = None
+
+    def get(self, name: str, default=None):
+        for k, v in self.attrs:
+            if k == name:
+                return v
+        return default
+
+    def to_node(self, N):
+        attrs = {"from": self.group, "type": self.op, "by": self.by}
+        attrs.update(self.attrs)
+        if self.description is not None:
+            attrs["description"] = self.description
+        attrs.update(t=str(self.t), seq=str(self.seq))
+        children = [N("member", {"user": u}) for u in self.members]
+        return N("group", attrs, children or None)
+
+    @classmethod
+    def from_node(cls, node):
+        a = node.attrs
+        attrs = tuple((k, a[k]) for k in GROUP_ATTRS if k != "t" and a.get(k) is not None)
+        return _read(cls(_address(node, "from", "group"), _choice(node, "type", GROUP_NOTICES),
+                         _address(node, "by", "user"), _uint(node, "t"), _uint(node, "seq"),
+                         _group_members(node), attrs, _group_description(node)))  # fmt: skip
+
+    def check(self) -> None:
+        _check_address(self, "group", self.group, ("group",))
+        _check_choice(self, "op", self.op, GROUP_NOTICES)
+        _check_address(self, "by", self.by, _USER)
+        _check_uint(self, "t", self.t)
+        _check_uint(self, "seq", self.seq)
+        _check_round_trip(self)
+
+
+_ALL += [GroupRequest, GroupResult, GroupNotice]
+CLIENT_SENT["group"] = GroupRequest
+SERVER_SENT["group"] = GroupResult

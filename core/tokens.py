@@ -254,6 +254,25 @@ _HISTORY: list[tuple[int, tuple[str, ...], tuple[str, ...]]] = [
         ),
         (),
     ),
+    (
+        6,
+        (
+            # groups: management, notices, invites, group messages (docs/PROTOCOL.md 10g)
+            "role",
+            "join",
+            "announce",
+            "approval",
+            "failed",
+            "by",
+            "approve",
+            "requests",
+            "preview",
+            "info",
+            "groupadd",
+            "requested",
+        ),
+        (),
+    ),
 ]
 
 

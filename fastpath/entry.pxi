@@ -7,6 +7,8 @@ cdef enum:
     ENTRY_RECEIPT_KIND = 1
     ENTRY_DEVICES_KIND = 2       # a device-list notice: no id, no type, no body
     ENTRY_KEYS_KIND = 3          # a key-directory notice: no id, a type, no body
+    ENTRY_GROUP_KIND = 4         # a group notice: made by server/groups.py, content as is
+    ENTRY_GMESSAGE_KIND = 5      # a group message: from=group, participant=origin, a body
     ENTRY_FIXED = 10             # kind, t, flags
 
 
@@ -45,31 +47,40 @@ cdef bytes _queue_entry(Codec c, int kind, unsigned long long t, int flags, str 
     cdef Py_buffer view
     cdef bint have_view = False
     cdef bint notice = kind == ENTRY_DEVICES_KIND or kind == ENTRY_KEYS_KIND
+    cdef bint gmessage = kind == ENTRY_GMESSAGE_KIND
+    cdef bint message = kind == ENTRY_MESSAGE_KIND or gmessage
     cdef bytes out
     cdef unsigned char* p
     cdef int k, count
-    if kind != ENTRY_MESSAGE_KIND and kind != ENTRY_RECEIPT_KIND and not notice:
+    if kind != ENTRY_MESSAGE_KIND and kind != ENTRY_RECEIPT_KIND and not notice and not gmessage:
         raise ValueError(f"unknown entry kind {kind}")
+    if gmessage and to is None:
+        raise ValueError("a group message names its group (to)")
     if not 0 < olen < 256 or not (0 if notice else 1) <= ilen < 256 or (notice and ilen):
         raise ValueError("origin and id must be 1-255 bytes (a notice has no id)")
     # the head, in the codec's buffer: tag, from, [to], [id, type], t (and seq, body later)
     count = 7 if notice else 11
     if kind == ENTRY_KEYS_KIND:
         count += 2
-    if kind == ENTRY_MESSAGE_KIND:
+    if message:
         count += 1
     if to is not None:
         count += 2
     c._len = 0
     _list_header(c, count)
-    _enc_string(c, "message" if kind == ENTRY_MESSAGE_KIND else
+    _enc_string(c, "message" if message else
                 ("receipt" if kind == ENTRY_RECEIPT_KIND else
                  ("devices" if kind == ENTRY_DEVICES_KIND else "keys")), "tag")
     _enc_string(c, "from", "attribute name")
-    _enc_string(c, origin, "attribute value")
-    if to is not None:
-        _enc_string(c, "to", "attribute name")
+    if gmessage:
         _enc_string(c, <str?>to, "attribute value")
+        _enc_string(c, "participant", "attribute name")
+        _enc_string(c, origin, "attribute value")
+    else:
+        _enc_string(c, origin, "attribute value")
+        if to is not None:
+            _enc_string(c, "to", "attribute name")
+            _enc_string(c, <str?>to, "attribute value")
     if not notice:
         _enc_string(c, "id", "attribute name")
         _enc_string(c, mid, "attribute value")
@@ -83,7 +94,7 @@ cdef bytes _queue_entry(Codec c, int kind, unsigned long long t, int flags, str 
     _put(c, PACKED)
     _pack(c, <const unsigned char*>digits, n)
     hlen = c._len
-    if kind == ENTRY_MESSAGE_KIND:
+    if message:
         if PyBytes_CheckExact(body):
             blen = PyBytes_GET_SIZE(body)
         else:
@@ -124,10 +135,11 @@ cdef Py_ssize_t _write_entry_frame(Codec c, bytearray out, const unsigned char* 
     cdef Py_ssize_t pos = ENTRY_FIXED, hlen, blen = 0, nd, n, start, bh = 0
     cdef char digits[21]
     cdef unsigned char* p
-    cdef bint message
+    cdef bint message, verbatim
     if elen < ENTRY_FIXED + 4:
         raise ValueError("not a queue entry")
-    message = e[0] == ENTRY_MESSAGE_KIND
+    message = e[0] == ENTRY_MESSAGE_KIND or e[0] == ENTRY_GMESSAGE_KIND
+    verbatim = e[0] == ENTRY_GROUP_KIND  # the notice's content, encoded: written as it is
     pos += 1 + e[pos]
     if pos >= elen:
         raise ValueError("not a queue entry")
@@ -142,6 +154,8 @@ cdef Py_ssize_t _write_entry_frame(Codec c, bytearray out, const unsigned char* 
     if message:
         blen = elen - pos - hlen
         bh = 2 if blen < 0x100 else (3 if blen < 0x10000 else 5)
+    elif verbatim:
+        blen = elen - pos - hlen
     # payload: head, the seq key (one token), PACKED count nibbles, [bin header, body]
     n = hlen + c._seq_len + 2 + (nd + 1) // 2 + bh + blen
     if n > c.max_frame:
@@ -177,4 +191,6 @@ cdef Py_ssize_t _write_entry_frame(Codec c, bytearray out, const unsigned char* 
             p[3] = <unsigned char>(blen >> 8)
             p[4] = <unsigned char>blen
         memcpy(p + bh, e + pos + hlen, blen)
+    elif blen:
+        memcpy(p, e + pos + hlen, blen)
     return 3 + n

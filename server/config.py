@@ -627,6 +627,26 @@ OPTIONS: list[Option] = [
         "key_changes_window", 86_400, _positive_float, "sliding window for key-changes, seconds"
     ),
     Option(
+        "group_max_members",
+        1024,
+        _positive_int,
+        "members a group may have (error 432 past it; each group message is a queue "
+        "entry per member device)",
+    ),
+    Option(
+        "groups_per_day",
+        100,
+        _positive_int,
+        "groups one user may create per 24 h (error 302 past it)",
+    ),
+    Option(
+        "group_joins_per_day",
+        200,
+        _positive_int,
+        "invite codes one user may look up or join with per 24 h, previews and joins "
+        "together (error 302 past it)",
+    ),
+    Option(
         "media_listen",
         "127.0.0.1:7652",
         _listen_or_off,
@@ -828,6 +848,11 @@ GROUPS: list[Group] = [
             "key_changes_window",
         ),
     ),  # fmt: skip
+    Group(
+        "groups",
+        "group size and how many groups and invite look-ups a user may make",
+        ("group_max_members", "groups_per_day", "group_joins_per_day"),
+    ),
     Group(
         "abuse limits",
         "what one connection or account may do, per second or per window",

@@ -42,6 +42,7 @@ from pigeon.core.events import (
     Discover,
     DiscoverResult,
     Error,
+    GroupRequest,
     KeysCountQuery,
     KeysQuery,
     KeysUpload,
@@ -68,6 +69,7 @@ from pigeon.core.node import address_kind
 
 from . import keydir, linking, log, mediagrant
 from .accounts import ServiceError
+from .groups import drop_user_groups
 from .limits import window_take, window_used
 
 logger = logging.getLogger("pigeon.worker")
@@ -78,7 +80,7 @@ HOT_MESSAGE, HOT_ACK = 1, 3  # Hot.kind (2 is a receipt)
 #: Requests that draw on a connection's message-rate bucket (typing has its own).
 RATED = frozenset({Message, Receipt, Presence, Privacy, Discover, Block, Unblock, BlocklistQuery,
                    Link, DevicesQuery, Unlink, KeysUpload, KeysQuery, KeysCountQuery,
-                   UploadRequest})  # fmt: skip
+                   UploadRequest, GroupRequest})  # fmt: skip
 #: Requests a stranger may send before logging in: they draw on the connection's
 #: own bucket (``unauth-rate``), past which the connection is closed unread.
 UNAUTH = frozenset({Register, Verify, Pair})
@@ -140,11 +142,13 @@ def presence(s, ev: Presence) -> None:
 def privacy(s, ev: Privacy) -> None:
     w = s.worker
     user = s.user
-    changes = {k: v for k, v in (("last", ev.last), ("online", ev.online)) if v}
+    changes = {k: v for k, v in (("last", ev.last), ("online", ev.online),
+                                 ("groupadd", ev.groupadd)) if v}  # fmt: skip
 
     def answer(result) -> None:
         settings, changed = result
-        s.send(PrivacySettings(ev.id, settings["last"], settings["online"]))
+        s.send(PrivacySettings(ev.id, settings["last"], settings["online"],
+                               settings.get("groupadd", "everyone")))  # fmt: skip
         if changed:
             w.presence.note(user)
 
@@ -152,6 +156,32 @@ def privacy(s, ev: Privacy) -> None:
         with w.store.read() as txn:
             return answer(w.social.privacy_txn(txn, 0, user, changes))
     w.write(lambda txn, now: w.social.privacy_txn(txn, now, user, changes), answer, s, ev.id)
+
+
+# Groups (server/groups.py): every request is a job of the tick's commit, with the
+# notices it queues; ordered, so messages gathered before a membership change
+# are stored under the membership they were sent to.
+
+
+_GROUP_READS = frozenset({"info", "list", "requests"})
+
+
+def group(s, ev: GroupRequest) -> None:
+    w = s.worker
+    user = s.user
+
+    def answer(result) -> None:
+        res, pushes = result
+        w.deliver(pushes)
+        s.send(res)
+
+    if ev.op in _GROUP_READS:
+        with w.store.read() as txn:
+            try:
+                return answer(w.groups.handle(txn, 0, user, ev))
+            except ServiceError as exc:
+                return s.send(Error(exc.code, exc.text, ev.id))
+    w.write(lambda txn, now: w.groups.handle(txn, now, user, ev), answer, s, ev.id, ordered=True)
 
 
 def discover(s, ev: Discover) -> None:
@@ -430,8 +460,9 @@ def leave(s, request_id: str, what: str) -> None:
             # the account's other devices are told, in the same transaction (after
             # the removal: the device that leaves gets none)
             return now, [], w.queues.devices_changed(txn, user, now)
-        # a deleted account has no device left to tell
-        return now, [d for d in w.store.delete_account_txn(txn, user) if d != device], []
+        # a deleted account has no device left to tell; its groups are told it left
+        pushes = drop_user_groups(w.groups, txn, user, now)
+        return now, [d for d in w.store.delete_account_txn(txn, user) if d != device], pushes
 
     def done(result) -> None:
         t, others, pushes = result
@@ -548,6 +579,7 @@ HANDLERS = {
     KeysQuery: keydir.query,
     KeysCountQuery: keydir.count,
     UploadRequest: upload,
+    GroupRequest: group,
     Error: peer_error,
     ConnectionClosed: closed,
 }

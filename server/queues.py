@@ -118,6 +118,7 @@ CACHE_MAX = 200_000  # entries of a worker's read caches before they start again
 QUEUE_TABLES = ("queue", "qstate", "dedup0", "dedup1", "fan", "conv0", "conv1")
 
 MESSAGE, RECEIPT, DEVICES = 0, 1, 2
+GROUP_NOTICE, GMESSAGE, GREF = 4, 5, 6  # group notice, group message body, reference to one
 FAN, SYNC = 1, 2  # entry flag bits (Codec.queue_entry)
 _CLASS_KIND = {"message": MESSAGE, "receipt": RECEIPT}
 _DEDUP_META = b"dedup"
@@ -158,6 +159,39 @@ def entry_fields(value) -> tuple[int, int, bool, str, str]:
 
 def _unpackb(raw):
     return msgpack.unpackb(raw, raw=False, use_list=True)
+
+
+def bump_group_version(txn, db: dict) -> None:
+    """Note in ``txn`` that a group changed (``meta["gver"]``: the membership caches)."""
+    raw = txn.get(b"gver", db=db["meta"])
+    n = 0 if raw is None else int.from_bytes(raw, "big")
+    txn.put(b"gver", (n + 1).to_bytes(8, "big"), db=db["meta"])
+
+
+# A group message's body is stored once, in ``gbody``, under its number (u64) and
+# b"b" (the kind-5 entry every member device's delivery is spliced from), with a
+# count under the number and b"c": (devices still referring to it, its entry's
+# length), two u32.  Each member device's queue holds a reference (kind 6):
+#     kind u8 (6) | t u64 | flags u8 | number u64      (18 bytes)
+# Its queue bytes count the body entry's length, as if the body were in it.
+_GCOUNT = struct.Struct(">II")
+GREF_SIZE = 18
+
+
+def _unref(txn, gdb, number, n: int = 1) -> int:
+    """``n`` fewer devices refer to body ``number`` (8 bytes); at 0 it is deleted.
+    Returns the length its queues counted for it (0: no such body)."""
+    ckey = number + b"c"
+    raw = txn.get(ckey, db=gdb)
+    if raw is None:
+        return 0
+    refs, size = _GCOUNT.unpack(raw)
+    if refs <= n:
+        txn.delete(ckey, db=gdb)
+        txn.delete(number + b"b", db=gdb)
+    else:
+        txn.put(ckey, _GCOUNT.pack(refs - n, size), db=gdb)
+    return size
 
 
 def qprefix(device: str) -> bytes:
@@ -227,7 +261,7 @@ class Send:
     """A message or client receipt to store; ``commit`` fills in ``t`` or ``error``."""
 
     __slots__ = ("device", "cls", "id", "to", "type", "body", "t", "error", "session",
-                 "dkey", "digest", "entry", "payloads")  # fmt: skip
+                 "dkey", "digest", "entry", "payloads", "failed")  # fmt: skip
 
     def __init__(self, device, cls, mid, to, typ, body=None, session=None, payloads=None):
         self.device = device  # the sending device
@@ -243,6 +277,7 @@ class Send:
         self.error: tuple | None = None
         # made before the transaction begins (Queues._prepare)
         self.dkey = self.digest = self.entry = None
+        self.failed = ()  # a group message: member users whose queues were full
 
 
 class Push:
@@ -275,6 +310,31 @@ class _Txn:
         self.pushes: list[Push] = []
         self.conv = None  # (current, previous) conversation generations, when needed
         self.full = None  # past the store's reserve? (asked once, when a send needs it)
+        self.gchecked = False  # meta "gver" compared with the group cache's this commit
+        self.gmsg = None  # the last group body number (read when a group message needs it)
+
+    def group(self, gid: str):
+        """(members in join order, member set, admin set, announce) of group ``gid``, or None."""
+        q = self.q
+        if not self.gchecked:
+            self.gchecked = True
+            ver = self.txn.get(b"gver", db=q.db["meta"])
+            if ver != q.cached_gver or len(q.group_cache) > CACHE_MAX:
+                q.cached_gver = ver
+                q.group_cache.clear()
+        cache = q.group_cache
+        try:
+            return cache[gid]
+        except KeyError:
+            raw = self.txn.get(gid.encode(), db=q.db["groups"])
+            g = None
+            if raw is not None:
+                rec = _unpackb(raw)
+                users = tuple(m[0] for m in rec["m"])
+                g = (users, frozenset(users), frozenset(m[0] for m in rec["m"] if m[1]),
+                     bool(rec["an"]))  # fmt: skip
+            cache[gid] = g
+            return g
 
     def devices(self, user: str) -> list[str] | None:
         cache = self.q.device_cache
@@ -333,6 +393,8 @@ class _Txn:
 
     def flush_state(self) -> None:
         put = self.txn.put
+        if self.gmsg is not None:
+            put(b"gmsg", _T.pack(self.gmsg), db=self.q.db["meta"])
         db = self.q.db["qstate"]
         pack = _QSTATE.pack
         for device, st in self.state.items():
@@ -365,12 +427,14 @@ class Queues:
         self.blockers: dict[str, bool] = {}  # user -> blocks anyone?
         self.block_cache: dict[str, bool] = {}  # "blocker NUL blocked" -> blocks?
         self.session_cache: dict[str, int | None] = {}  # device -> worker holding it
+        self.cached_gver = self  # meta "gver" (server/groups.py) when group_cache was started
+        self.group_cache: dict[str, tuple | None] = {}  # group number -> _Txn.group's answer
 
     def forget_caches(self) -> None:
         """Start the caches again: a write transaction that read through them
         (``devices_changed``) was aborted, so what they hold may be its own
         uncommitted writes under a version number a later commit can reuse."""
-        self.cached_ver = self.cached_sver = self
+        self.cached_ver = self.cached_sver = self.cached_gver = self
 
     def _check_caches(self, txn) -> None:
         meta = self.db["meta"]
@@ -435,7 +499,7 @@ class Queues:
         except BaseException:
             # an aborted transaction may have filled the caches with what it
             # wrote itself (a job's change): they start again
-            self.cached_ver = self.cached_sver = self
+            self.cached_ver = self.cached_sver = self.cached_gver = self
             raise
         if self.on_write_wait is not None:
             self.on_write_wait(waited)
@@ -546,7 +610,9 @@ class Queues:
                     }
                     continue
                 s.digest = _digest(to, s.type, s.body)
-                if ":" in to or s.device.startswith(to + ":"):  # device-to-device, note to self
+                if to[0] == "g":  # a group: the body entry, stored once (_store_group)
+                    s.entry = entry(GMESSAGE, now, 0, s.device, s.id, s.type, s.body, to)
+                elif ":" in to or s.device.startswith(to + ":"):  # device-to-device, note to self
                     s.entry = entry(MESSAGE, now, SYNC, s.device, s.id, s.type, s.body, to)
                 else:
                     s.entry = entry(MESSAGE, now, 0, s.device, s.id, s.type, s.body)
@@ -585,6 +651,9 @@ class Queues:
         me = s.device
         sender = me.partition(":")[0]
         lim = self.limits
+        if to[0] == "g":
+            self._store_group(w, s, now, sender, dkey, stamp, cur)
+            return
         if ":" in to:  # device-to-device, inside the sender's own account (Worker.route)
             devices = w.devices(sender)
             if not devices or to not in devices:
@@ -733,6 +802,65 @@ class Queues:
         txn.put(dkey, stamp, db=cur)
         s.t = now
 
+    def _store_group(self, w: _Txn, s: Send, now: int, sender: str, dkey, stamp, cur) -> None:
+        """A message to a group from a member: a reference to its body (stored once)
+        in every member device's queue but the sending one's; the users whose
+        queues are full go in ``s.failed`` (stored for everyone else)."""
+        g = w.group(s.to[2:])
+        if g is None or sender not in g[1]:
+            s.error = (ErrorCode.NOT_MEMBER, "you are not a member of this group")
+            return
+        if g[3] and sender not in g[2]:
+            s.error = (ErrorCode.ANNOUNCE_ONLY, "only the group's admins send in this group")
+            return
+        txn = w.txn
+        if w.gmsg is None:
+            raw = txn.get(b"gmsg", db=self.db["meta"])
+            w.gmsg = 0 if raw is None else _T.unpack(raw)[0]
+        w.gmsg += 1
+        number = _T.pack(w.gmsg)
+        body = s.entry
+        size = len(body)
+        head = bytes((GREF,)) + _T.pack(now)
+        ref = head + b"\x00" + number  # the members' reference
+        sync_ref = head + bytes((SYNC,)) + number  # the sender's other devices' (no receipt)
+        lim = self.limits
+        max_count, max_bytes = lim.max_count, lim.max_bytes
+        me = s.device
+        qstate, worker_of, put = w.qstate, w.worker_of, w.put
+        qdb, pushes = w.qdb, w.pushes
+        refs = 0
+        failed = None
+        for user in g[0]:
+            mine = user == sender
+            for d in w.devices(user) or ():
+                if d == me:
+                    continue
+                st = qstate(d)
+                if st[1] + 1 > max_count or st[2] + size > max_bytes:
+                    if failed is None:
+                        failed = [user]
+                    elif failed[-1] != user:
+                        failed.append(user)
+                    continue
+                seq = st[0]
+                put(qkey(d, seq), sync_ref if mine else ref, db=qdb)
+                st[0] = seq + 1
+                st[1] += 1
+                st[2] += size
+                refs += 1
+                wid = worker_of(d)
+                if wid is not None:  # offline devices read it from their queue later
+                    pushes.append(Push(d, seq, body, wid))
+        if refs:
+            gdb = self.db["gbody"]
+            put(number + b"b", body, db=gdb)
+            put(number + b"c", _GCOUNT.pack(refs, size), db=gdb)
+        txn.put(dkey, stamp, db=cur)
+        s.t = now
+        if failed is not None:
+            s.failed = tuple(failed)
+
     @staticmethod
     def _payloads_match(s: Send, entries: dict, recipients, mine, nsync: int) -> bool:
         """Do the per-device payloads name exactly the current devices?  If not,
@@ -790,7 +918,10 @@ class Queues:
                 if st is None:
                     st = w.qstate(device)
                 st[1] -= 1
-                st[2] -= len(value)
+                if value[0] == GREF:
+                    st[2] -= _unref(txn, self.db["gbody"], value[10:18]) or len(value)
+                else:
+                    st[2] -= len(value)
                 if self.receipts and value[0] == MESSAGE and not value[9] & SYNC:
                     self._delivered(w, value, user, now)
                 if not c.delete():
@@ -821,6 +952,16 @@ class Queues:
         transaction of the store (one that aborts after it calls
         ``forget_caches``, as ``commit`` does for its jobs)."""
         return self.notice_users(txn, (user,), DEVICES, user, "", now)
+
+    def enqueue_devices(self, txn, devices, entry: bytes) -> list:
+        """Queue ``entry`` (one object for all) for each of ``devices`` inside ``txn``;
+        returns the pushes for the caller to deliver once it has committed."""
+        self._check_caches(txn)
+        w = _Txn(self, txn)
+        for d in devices:
+            w.enqueue(d, entry)
+        w.flush_state()
+        return w.pushes
 
     def notice_devices(self, txn, devices, kind: int, origin: str, typ: str, now: int) -> list:
         """Queue a notice of ``kind`` for each of ``devices`` inside ``txn`` (2: the
@@ -885,6 +1026,7 @@ class Queues:
         n = size = last = 0
         write = self.encoder.write
         prefix = qprefix(device)
+        gdb = self.db["gbody"]
         with self.env.begin(buffers=True) as txn, txn.cursor(db=self.db["queue"]) as c:
             if not c.set_range(qkey(device, after + 1)):
                 return 0, 0, 0
@@ -892,6 +1034,10 @@ class Queues:
                 if n >= limit or bytes(key[: len(prefix)]) != prefix:
                     break
                 last = int.from_bytes(key[-8:], "big")
+                if value[0] == GREF:  # the group message's body, stored once
+                    value = txn.get(bytes(value[10:18]) + b"b", db=gdb)
+                    if value is None:  # (cannot be: it lives while referred to)
+                        continue
                 size += write(out, value, last)
                 n += 1
                 if seqs is not None:
@@ -912,6 +1058,7 @@ class Queues:
         cutoff = self.clock() - self.limits.max_age_ms
         purged = 0
         qdb, sdb, fdb = self.db["queue"], self.db["qstate"], self.db["fan"]
+        gdb = self.db["gbody"]
         with self.env.begin(write=True) as txn:
             sc = txn.cursor(db=sdb)
             if not sc.set_range(start):
@@ -935,6 +1082,15 @@ class Queues:
                         continue
                     while c.key().startswith(prefix):
                         value = c.value()
+                        if value[0] == GREF:
+                            if _T.unpack_from(value, 1)[0] >= cutoff:
+                                break
+                            st[1] -= 1
+                            st[2] -= _unref(txn, gdb, value[10:18]) or len(value)
+                            purged += 1
+                            if not c.delete():
+                                break
+                            continue
                         kind, t, fan, origin, mid = entry_fields(value)
                         if t >= cutoff:
                             break
@@ -992,6 +1148,9 @@ def drop_device_queue(txn, db: dict, device: str) -> int:
         if c.set_range(prefix):
             while c.key().startswith(prefix):
                 n += 1
+                value = c.value()
+                if value[0] == GREF:
+                    _unref(txn, db["gbody"], value[10:18])
                 if not c.delete():
                     break
     txn.delete(device.encode(), db=db["qstate"])

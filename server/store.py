@@ -30,6 +30,9 @@ Tables (LMDB named databases):
               blocking (server/social.py)
     keys, otks: the key directory, identity, fallback and one-time keys per
               device (server/keydir.py)
+    groups, ugroups, invites, gbody: groups, their members and invite codes
+              (server/groups.py) and the group message bodies, stored once
+              (server/queues.py)
 
 Format history (the ``pairs`` table and the new record fields need no
 format change: a missing table is created at open, a missing field has
@@ -40,7 +43,11 @@ entry kind of device-list notices and the sync flag of copies for the
 sender's own account (server/queues.py); 6 the entry kind of key-directory
 notices (kind 3) and the key tables (server/keydir.py): a format-5 store is
 upgraded by writing the number, the bump keeps a format-5 pigeon from
-opening a store with entries it cannot read.  Format-4 entries are format-5
+opening a store with entries it cannot read; 7 the group tables and three
+entry kinds: group notices (4), group message bodies (5, in ``gbody``) and
+the queues' references to them (6): a format-6 store is upgraded by writing
+the number (its tables are created at open), and the bump keeps a format-6
+pigeon from misreading a reference as a message.  Format-4 entries are format-5
 entries as they are (kinds 0 and 1, the sync bit clear), so 4 is upgraded
 by writing the new number; the bump keeps a format-4 pigeon from opening a
 store whose entries it would misread (it would answer a sync copy's ack
@@ -90,18 +97,19 @@ import time
 import lmdb
 import msgpack
 
+from .groups import GROUP_TABLES
 from .keydir import KEY_TABLES, drop_device_keys
 from .queues import QUEUE_TABLES, FrameEncoder, drop_device_queue, upgrade_entries
 from .social import SOCIAL_TABLES, drop_user, release_device
 
-FORMAT_VERSION = 6
+FORMAT_VERSION = 7
 ITERATIONS_KEY = b"iterations"  # meta: [[iteration count, devices], ...]
 MAX_CODES = 8  # live registration codes one number keeps (register-per-phone bounds them first)
-_UPGRADABLE = (1, 2, 3, 4, 5)  # formats opened and upgraded in place
+_UPGRADABLE = (1, 2, 3, 4, 5, 6)  # formats opened and upgraded in place
 _MSGPACK_QUEUES = (2, 3)  # formats whose queue entries are rewritten (upgrade_entries)
 _TABLES = (
     "meta", "accounts", "devices", "codes", "limits", "sessions", "pairs", *QUEUE_TABLES,
-    *SOCIAL_TABLES, *KEY_TABLES,
+    *SOCIAL_TABLES, *KEY_TABLES, *GROUP_TABLES,
 )  # fmt: skip
 
 

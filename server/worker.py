@@ -67,6 +67,7 @@ from .accounts import Accounts, make_gateway
 from .bus import Bus
 from .config import load
 from .errors import ServiceError
+from .groups import GROUP_WINDOW_MS, GroupLimits, Groups
 from .limits import Bucket, LeakyTable
 from .listeners import FULL_LOG_INTERVAL, Listeners, listen_socket, raise_open_files_limit
 from .metrics import SNAPSHOT_INTERVAL, WorkerStats
@@ -178,6 +179,7 @@ class Worker:
         self.delivery_window = config.delivery_window
         self.write_buffer_high = config.write_buffer_high
         self.queues: Queues | None = None
+        self.groups: Groups | None = None
         self.encode_entry = None  # FrameEncoder.write: a stored entry's frame into a buffer
         self.social: Social | None = None
         self.presence: PresenceHub | None = None
@@ -405,15 +407,15 @@ class Worker:
         ``payloads``: per-device payloads instead of ``body`` (Queues)."""
         kind = address_kind(to)
         if kind != "user":
-            if kind == "device" and cls == "message":
+            if kind == "group" and cls == "message" and not payloads:
+                pass  # fanned out to the members in the commit (Queues._store_group)
+            elif kind == "device" and cls == "message":
                 if to.partition(":")[0] != sender.user or to == sender.device:
                     sender.send(Error(ErrorCode.BAD_REQUEST, "a device address as `to` must "
                                       "be another device of your own account", msg_id))  # fmt: skip
                     return
             else:
-                sender.send(
-                    Error(ErrorCode.BAD_REQUEST, "group messages are not supported yet", msg_id)
-                )
+                sender.send(Error(ErrorCode.BAD_REQUEST, "a receipt goes to a user", msg_id))
                 return
         if payloads:  # each payload is what one device gets: each has the limit
             largest = max(len(p) for _, p in payloads)
@@ -558,7 +560,7 @@ class Worker:
             if sess.transport is None or sess.closing:
                 continue  # gone: the client retries with the same id and gets the same ack
             if s.error is None:
-                sess.send(ServerAck(s.id, s.t, s.cls))
+                sess.send(ServerAck(s.id, s.t, s.cls, None, s.failed))
             elif len(s.error) == 4:  # 408: the devices missing and extra
                 sess.send(Error(s.error[0], s.error[1], s.id, s.error[2], s.error[3]))
             else:
@@ -687,7 +689,8 @@ class Worker:
         media_day = 86_400 if c.media_listen != "off" else 0
         longest = int(1000 * max(c.register_window, c.login_window, c.new_chats_window,
                                  c.discover_window, c.verify_window, c.keys_fetch_window,
-                                 c.key_changes_window, media_day))  # fmt: skip
+                                 c.key_changes_window, media_day,
+                                 GROUP_WINDOW_MS / 1000))  # fmt: skip
         where, swept = (b"", b""), 0
         while True:
             try:
@@ -751,6 +754,10 @@ class Worker:
             receipts=c.delivered_receipts,
         )
         self.queues.on_write_wait = self.stats.write_wait
+        self.groups = Groups(self.store, self.queues,
+                             GroupLimits(max_members=c.group_max_members,
+                                         per_day=c.groups_per_day,
+                                         joins_per_day=c.group_joins_per_day))  # fmt: skip
         self.social = Social(self.store, c)
         self.presence = PresenceHub(self, self.social, self.queues.encoder)
         self.encode_entry = self.queues.encoder.write

@@ -503,11 +503,12 @@ def test_devices_changed_notices_every_device_in_the_callers_transaction(store, 
     assert q.commit([], {a0: 4}) and q.read(a0, 0, 9) == []  # acked like any entry
 
 
-@pytest.mark.parametrize("old", [b"4", b"5"])
-def test_a_format_4_or_5_store_is_upgraded_to_6_with_its_entries_waiting(tmp_path, clock, old):
-    """Format-4 and format-5 entries are format-6 entries (6 adds the key notices'
-    kind and the key tables): the upgrade writes the number, and what waited is
-    delivered as before and still yields its receipts."""
+@pytest.mark.parametrize("old", [b"4", b"5", b"6"])
+def test_a_format_4_5_or_6_store_is_upgraded_with_its_entries_waiting(tmp_path, clock, old):
+    """Format-4, 5 and 6 entries are format-7 entries (6 adds the key notices'
+    kind and the key tables, 7 the group kinds and tables): the upgrade writes
+    the number, and what waited is delivered as before and still yields its
+    receipts."""
     path = str(tmp_path / "store")
     s = Store(path, map_size=64 << 20, clock=clock, sync="os")
     a, b = user(s, ALICE), user(s, BOB)
@@ -522,7 +523,7 @@ def test_a_format_4_or_5_store_is_upgraded_to_6_with_its_entries_waiting(tmp_pat
     s = Store(path, map_size=64 << 20, clock=clock, sync="os")
     try:
         with s.read() as txn:
-            assert int(txn.get(b"format", db=s._db["meta"])) == FORMAT_VERSION == 6
+            assert int(txn.get(b"format", db=s._db["meta"])) == FORMAT_VERSION == 7
         q = make_queues(s)
         assert {d: q.read(d, 0, 10) for d in (b, b1)} == before
         assert [decode_any(f).body for _, f in before[b]] == [b"one", b"two"]

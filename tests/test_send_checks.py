@@ -52,6 +52,10 @@ from pigeon.core.events import (
     DiscoverResult,
     Error,
     Event,
+    GroupMember,
+    GroupNotice,
+    GroupRequest,
+    GroupResult,
     Hello,
     IncomingChatState,
     IncomingMessage,
@@ -94,7 +98,7 @@ from pigeon.core.events import (
 SENT = sorted(
     set(CLIENT_SENT.values())
     | set(SERVER_SENT.values())
-    | {DevicesChanged, KeysQuery, KeysCountQuery, KeyBundles, KeysLow, KeysChanged},
+    | {DevicesChanged, KeysQuery, KeysCountQuery, KeyBundles, KeysLow, KeysChanged, GroupNotice},
     key=lambda c: c.__name__,
 )
 
@@ -231,6 +235,19 @@ BAD = [
     (KeysLow(ALICE, 1, 1), "device"),
     (KeysChanged(ALICE_DEV, 1, 1), "sender"),
     (IncomingReceipt(BOB, "m1", "retry", 1, 1), "sender"),
+    # groups (issue 17)
+    (GroupRequest("g1", "explode"), "op"),
+    (GroupRequest("g1", "info", BOB), "group"),
+    (GroupRequest("g1", "add", "g:1", (ALICE_DEV,)), "members[0]"),
+    (GroupRequest("g1", "create", subject=""), "subject"),
+    (GroupRequest("g1", "join", code="short"), "code"),
+    (GroupRequest("g1", "settings", "g:1", announce="1"), "announce"),
+    (GroupResult("g1", "nope"), "op"),
+    (GroupNotice("g:1", "add", ALICE_DEV, 1, 1), "by"),
+    (GroupNotice(BOB, "add", ALICE, 1, 1), "group"),
+    (IncomingMessage(ALICE_DEV, "m1", "text", 1, 1, b"x", None, BOB), "group"),
+    (ServerAck("m1", 1, "message", None, (ALICE_DEV,)), "failed[0]"),
+    (Privacy("p1", groupadd="friends"), "groupadd"),
 ]
 
 
@@ -357,7 +374,26 @@ BUNDLES = [(), (KeyBundle(ALICE_DEV),), (KeyBundle(ALICE),), (KeyBundle(ALICE_DE
            (KeyBundle(ALICE_DEV, b"c" * 32, b"e" * 32, SKEYS[1]),),
            (KeyBundle(ALICE_DEV, None, None, _SK),), (KeyBundle(ALICE_DEV, b"c" * 31, b"e" * 32),),
            (KeyBundle(ALICE_DEV, b"c" * 32, b"e" * 32, SKEYS[3]),)]  # fmt: skip
-POOLS = {"str": STRS, "int": INTS, "bytes": BYTES, "tuple[str, ...]": TUPLES, "tuple": PAYLOADS,
+GATTRS = [
+    (),
+    (("subject", "x"),),
+    (("subject", "x"), ("t", "5")),
+    (("t", "5"), ("subject", "x")),
+    (("bogus", "x"),),
+    (("announce", "1"),),
+]
+GMEMBERS = [
+    (),
+    (GroupMember(BOB, "admin", 1),),
+    (GroupMember(ALICE_DEV),),
+    (GroupMember(BOB, None, -1),),
+    (GroupMember(BOB), GroupMember(ALICE, "member")),
+]
+GFAILED = [(), ((BOB, 433),), ((ALICE_DEV, 433),), ((BOB, -1),)]
+GITEMS = [(), (("g:5", "x", 1),), ((BOB, "x", 1),), (("g:5", "x", -1),)]
+POOLS = {"str": STRS, "int": INTS, "bytes": BYTES, "bool": [True, False, 0, 1, "1"],
+         "tuple[tuple[str, str], ...]": GATTRS, "tuple[GroupMember, ...]": GMEMBERS,
+         "tuple[tuple[str, int], ...]": GFAILED, "tuple[tuple[str, str, int], ...]": GITEMS, "tuple[str, ...]": TUPLES, "tuple": PAYLOADS,
          "tuple[DeviceInfo, ...]": INFOS, "tuple[SignedKey, ...]": [(), *[(k,) for k in SKEYS]],
          "SignedKey": SKEYS, "tuple[KeyBundle, ...]": BUNDLES}  # fmt: skip
 

@@ -46,6 +46,10 @@ from pigeon.core.events import (
     Discover,
     DiscoverResult,
     Error,
+    GroupMember,
+    GroupNotice,
+    GroupRequest,
+    GroupResult,
     IncomingChatState,
     IncomingMessage,
     IncomingReceipt,
@@ -88,6 +92,8 @@ from pigeon.server.accounts import MECHANISM, device_keys
 
 ALICE, BOB, CAROL = "491701234567", "4915112345678", "447700900123"
 T = 1763830000123
+GROUP = "g:120363"  # a group address (section 4)
+INVITE = "Gq3v7KpX2mRtY9bWc4NdFh"  # an invite code (22 characters, what the server makes)
 BODY = bytes.fromhex("33088a1b2c3d4e5f60718293a4b5c6d7")  # stands in for ciphertext
 # The worked SCRAM example of section 8: the device registered in section 7's
 # example (its secret is that example's content), fixed nonces and salt.
@@ -272,6 +278,43 @@ EXAMPLES = {
     "upload-in": UploadGrant("m1", "https://media.example.com/v1/upload/" + MEDIA_SHA.hex(), 600,
                              bytes(range(69))),
     "error-media-quota": Error(ErrorCode.MEDIA_QUOTA, "daily upload bytes reached", "m1"),
+    # groups (section 10g)
+    "group-create": GroupRequest("g1", "create", None, (BOB, CAROL), "trip"),
+    "group-create-in": GroupResult("g1", "create", GROUP, (("subject", "trip"), ("t", str(T))),
+                                   failed=((CAROL, ErrorCode.ADD_REFUSED),)),
+    "group-info": GroupRequest("g2", "info", GROUP),
+    "group-info-in": GroupResult("g2", "info", GROUP, (
+        ("subject", "trip"), ("creator", ALICE), ("t", str(T)), ("announce", "0"),
+        ("approval", "0")), (GroupMember(ALICE, "admin", T), GroupMember(BOB, "member", T)),
+        description="bring boots"),
+    "group-list": GroupRequest("g3", "list"),
+    "group-list-in": GroupResult("g3", "list", items=((GROUP, "trip", T),)),
+    "group-add": GroupRequest("g4", "add", GROUP, (CAROL,)),
+    "group-add-in": GroupResult("g4", "add", GROUP, failed=((CAROL, ErrorCode.ADD_REFUSED),)),
+    "group-leave": GroupRequest("g5", "leave", GROUP),
+    "group-subject": GroupRequest("g6", "subject", GROUP, subject="trip 2"),
+    "group-description": GroupRequest("g7", "description", GROUP, description="bring boots"),
+    "group-settings": GroupRequest("g8", "settings", GROUP, announce=True),
+    "group-settings-in": GroupResult("g8", "settings", GROUP, (("announce", "1"),
+                                                               ("approval", "0"))),
+    "group-invite": GroupRequest("g9", "invite", GROUP),
+    "group-invite-in": GroupResult("g9", "invite", GROUP, (("code", INVITE),)),
+    "group-preview": GroupRequest("ga", "preview", code=INVITE),
+    "group-preview-in": GroupResult("ga", "preview", GROUP, (("subject", "trip"),
+                                                             ("approval", "1"), ("count", "2"))),
+    "group-join": GroupRequest("gb", "join", code=INVITE),
+    "group-join-in": GroupResult("gb", "join", GROUP, (("requested", "1"),)),
+    "group-requests-in": GroupResult("gc", "requests", GROUP, members=(GroupMember(CAROL, None, T),)),
+    "group-approve": GroupRequest("gd", "approve", GROUP, (CAROL,)),
+    "group-notice": GroupNotice(GROUP, "add", ALICE, T, 13, (CAROL,)),
+    "group-notice-subject": GroupNotice(GROUP, "subject", ALICE, T, 14, (), (("subject", "trip 2"),)),
+    "message-group-out": Message(GROUP, "3eb0c1f2a4d5e6f7", "text", BODY),
+    "message-group-in": IncomingMessage(ALICE + ":0", "3eb0c1f2a4d5e6f7", "text", T, 15, BODY,
+                                        group=GROUP),
+    "ack-group-failed": ServerAck("3eb0c1f2a4d5e6f7", T, "message", None, (CAROL,)),
+    "error-not-member": Error(ErrorCode.NOT_MEMBER, "you are not a member of this group",
+                              "3eb0c1f2a4d5e6f7"),
+    "privacy-groupadd": Privacy("p3", groupadd="contacts"),
 }  # fmt: skip
 
 

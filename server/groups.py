@@ -1,0 +1,478 @@
+"""Groups: membership, roles, settings, invites and the notices of every change.
+
+Theory of operation.  A group is one record in ``groups`` (msgpack, keyed
+by its number, the digits of ``g:N``); its members are a list in join
+order, so "the longest-standing member" is the first one.  ``ugroups``
+keeps the pairs (user, group) for a user's list and for account deletion;
+``invites`` maps a live invite code to its group.  Every request is a job
+of the tick's commit (``Worker.write``): it checks first and writes after,
+so a refusal writes nothing, and everything a change writes (the record,
+the pairs, and a notice in the queue of every member device, the users
+just removed included) is in the one transaction; ``meta["gver"]`` moves
+with it, which is what keeps the workers' membership caches exact
+(server/queues.py, ``_Txn.group``).
+
+Notices are queue entries of kind 4 (pigeon.core._pycodec, "queue
+entries"): their head (``<group from type by ... t>``) and content
+(``<member user/>`` children, a ``description``) are encoded once here,
+and the device's ``seq`` is spliced in between when it is delivered, as
+for every other entry.  One entry object serves every member device.
+
+Group messages are Queues' (server/queues.py): the body stored once in
+``gbody``, a small reference in each member device's queue.
+
+Tables:
+
+    groups    "N" -> {s: subject, d: description, c: creator, t: created,
+                      an: announce (0/1), ap: approval (0/1), inv: invite code or None,
+                      m: [[user, admin (0/1), joined], ...] (join order),
+                      rq: [[user, asked], ...] (join requests)}
+    ugroups   user NUL "N" -> b""
+    invites   code -> "N"
+    gbody     the group message bodies (server/queues.py)
+    meta      b"gid": the last group number given (never reused); b"gver": the
+              count of group changes (the caches); b"gmsg": the last body number
+"""
+
+from __future__ import annotations
+
+import secrets
+import struct
+from dataclasses import dataclass
+
+import msgpack
+
+from pigeon.core.errors import ErrorCode
+from pigeon.core.events import GroupMember, GroupResult
+from pigeon.core.node import address_kind
+
+from .errors import ServiceError
+from .queues import GROUP_NOTICE, bump_group_version
+
+GROUP_TABLES = ("groups", "ugroups", "invites", "gbody")
+
+_T = struct.Struct(">Q")
+GROUP_WINDOW_MS = 86_400_000  # the window of groups-per-day and group-joins-per-day
+
+
+def _pack(obj) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def _unpack(raw):
+    return msgpack.unpackb(raw, raw=False, use_list=True)
+
+
+@dataclass(frozen=True)
+class GroupLimits:
+    max_members: int = 1024
+    per_day: int = 100  # groups a user may create per window
+    window_ms: int = GROUP_WINDOW_MS
+    joins_per_day: int = 200  # invite previews and joins per user per window
+
+
+def notice_entry(enc, group: str, op: str, by: str, t: int, members=(), attrs=(),
+                 description: str | None = None) -> bytes:  # fmt: skip
+    """A queue entry of kind 4: ``<group from=group type=op by=by [attrs]
+    [description] t seq>`` with ``<member user/>`` children (the layout:
+    pigeon.core._pycodec, "queue entries")."""
+    codec, N = enc._codec, enc._node
+    a = {"from": group, "type": op, "by": by, **dict(attrs)}
+    if description is not None:
+        a["description"] = description
+    a["t"] = str(t)
+    head = bytearray(codec.encode(N("group", a)))
+    children = [N("member", {"user": u}) for u in members]
+    content = b""
+    if children:
+        bare = codec.encode(N("group", {}))
+        content = codec.encode(N("group", {}, children))[len(bare) :]
+    if head[0] != 0xF8 or head[1] + 3 > 0xFF:  # LIST_8: a notice has few attributes
+        raise ValueError("a group notice's head must be a short list")
+    head[1] += 2 + bool(children)  # the seq the delivery adds, and the content
+    o = group.encode()
+    out = bytearray((GROUP_NOTICE,))
+    out += _T.pack(t)
+    out.append(0)
+    out.append(len(o))
+    out += o
+    out.append(0)  # no id
+    out += len(head).to_bytes(2, "big")
+    out += head
+    out += content
+    return bytes(out)
+
+
+class Groups:
+    """The group requests of one worker, over its store and queues."""
+
+    def __init__(self, store, queues, limits: GroupLimits = GroupLimits()):
+        self.store = store
+        self.queues = queues
+        self.db = store._db
+        self.limits = limits
+
+    # -- records ---------------------------------------------------------------
+
+    def _load(self, txn, gid: str) -> dict | None:
+        raw = txn.get(gid.encode(), db=self.db["groups"])
+        return None if raw is None else _unpack(raw)
+
+    def _save(self, txn, gid: str, rec: dict) -> None:
+        txn.put(gid.encode(), _pack(rec), db=self.db["groups"])
+        bump_group_version(txn, self.db)
+
+    def _devices(self, txn, users) -> list[str]:
+        accounts = self.db["accounts"]
+        out = []
+        for u in users:
+            raw = txn.get(u.encode(), db=accounts)
+            if raw is not None:
+                out += [f"{u}:{n}" for n in _unpack(raw)["devices"]]
+        return out
+
+    def _notice(self, txn, now, gid, rec, op, by, members=(), attrs=(), description=None,
+                also=()) -> list:  # fmt: skip
+        """Queue one notice for every member device (and the devices of ``also``)."""
+        users = [m[0] for m in rec["m"]] if rec is not None else []
+        users += [u for u in also if u not in users]
+        entry = notice_entry(self.queues.encoder, "g:" + gid, op, by, now, members, attrs,
+                             description)  # fmt: skip
+        return self.queues.enqueue_devices(txn, self._devices(txn, users), entry)
+
+    @staticmethod
+    def _member(rec, user):
+        for m in rec["m"]:
+            if m[0] == user:
+                return m
+        return None
+
+    def _need(self, txn, gid: str | None, user: str, admin: bool = False) -> dict:
+        if gid is None:
+            raise ServiceError(ErrorCode.BAD_REQUEST, "this request names a group (group=)")
+        rec = self._load(txn, gid)
+        m = None if rec is None else self._member(rec, user)
+        if m is None:
+            raise ServiceError(ErrorCode.NOT_MEMBER, "you are not a member of this group")
+        if admin and not m[1]:
+            raise ServiceError(ErrorCode.NOT_ADMIN, "only the group's admins may do this")
+        return rec
+
+    def _may_add(self, txn, adder: str, user: str) -> int:
+        """0 if ``adder`` may add ``user`` to a group, else the error code for them."""
+        if address_kind(user) != "user" or txn.get(user.encode(), db=self.db["accounts"]) is None:
+            return ErrorCode.UNKNOWN_RECIPIENT
+        raw = txn.get(user.encode(), db=self.db["presence"])
+        setting = "everyone"
+        if raw is not None:
+            setting = _unpack(raw).get("priv", {}).get("groupadd", "everyone")
+        if setting == "everyone":
+            return 0
+        if setting == "contacts":
+            if txn.get(f"{user}\x00{adder}".encode(), db=self.db["contacts"]) is not None:
+                return 0
+        return ErrorCode.ADD_REFUSED
+
+    def _join(self, txn, gid: str, rec: dict, user: str, now: int) -> None:
+        rec["m"].append([user, 0, now])
+        rec["rq"] = [r for r in rec["rq"] if r[0] != user]
+        txn.put(f"{user}\x00{gid}".encode(), b"", db=self.db["ugroups"])
+
+    def _drop(self, txn, gid: str, rec: dict, users, now: int, by: str) -> list:
+        """Take ``users`` out (they are members); the last-admin rule; the group goes
+        when nobody is left.  Returns the pushes of a promotion notice, if any."""
+        gone = set(users)
+        rec["m"] = [m for m in rec["m"] if m[0] not in gone]
+        for u in gone:
+            txn.delete(f"{u}\x00{gid}".encode(), db=self.db["ugroups"])
+        if not rec["m"]:
+            txn.delete(gid.encode(), db=self.db["groups"])
+            if rec.get("inv"):
+                txn.delete(rec["inv"].encode(), db=self.db["invites"])
+            bump_group_version(txn, self.db)
+            return []
+        if not any(m[1] for m in rec["m"]):
+            first = rec["m"][0]  # the longest-standing member (WhatsApp's rule)
+            first[1] = 1
+            self._save(txn, gid, rec)
+            return self._notice(txn, now, gid, rec, "promote", by, (first[0],))
+        self._save(txn, gid, rec)
+        return []
+
+    # -- requests ----------------------------------------------------------------
+
+    def handle(self, txn, now: int, user: str, req) -> tuple[GroupResult, list]:
+        """Do ``req`` (a GroupRequest) for ``user`` inside ``txn``; returns (the answer,
+        the pushes of the notices it queued).  Raises ServiceError (nothing written)."""
+        op = req.op
+        gid = None if req.group is None else req.group[2:]
+        fn = getattr(self, "_op_" + op)
+        return fn(txn, now, user, req, gid)
+
+    def _answer(self, req, gid=None, attrs=(), **kw) -> GroupResult:
+        return GroupResult(req.id, req.op, None if gid is None else "g:" + gid,
+                           tuple((k, str(v)) for k, v in attrs), **kw)  # fmt: skip
+
+    def _op_create(self, txn, now, user, req, gid):
+        lim = self.limits
+        if req.subject is None:
+            raise ServiceError(ErrorCode.BAD_REQUEST, "a new group needs a subject")
+        wanted = list(dict.fromkeys(u for u in req.members if u != user))
+        if len(wanted) + 1 > lim.max_members:
+            raise ServiceError(ErrorCode.GROUP_FULL,
+                               f"a group has at most {lim.max_members} members")  # fmt: skip
+        key = f"groups:{user}"
+        if self.store.window_full(txn, key, lim.per_day, lim.window_ms, now):
+            raise ServiceError(ErrorCode.RATE_LIMITED,
+                               f"at most {lim.per_day} new groups per "
+                               f"{lim.window_ms // 1000} s; try again later")  # fmt: skip
+        self.store.check_room(txn)
+        self.store.hit_txn(txn, key, lim.per_day, lim.window_ms, now)
+        meta = self.db["meta"]
+        raw = txn.get(b"gid", db=meta)
+        n = 1 if raw is None else int.from_bytes(raw, "big") + 1
+        txn.put(b"gid", n.to_bytes(8, "big"), db=meta)
+        gid = str(n)
+        rec = {"s": req.subject, "d": "", "c": user, "t": now, "an": 0, "ap": 0, "inv": None,
+               "m": [[user, 1, now]], "rq": []}  # fmt: skip
+        txn.put(f"{user}\x00{gid}".encode(), b"", db=self.db["ugroups"])
+        failed = []
+        for u in wanted:
+            code = self._may_add(txn, user, u)
+            if code:
+                failed.append((u, code))
+            else:
+                self._join(txn, gid, rec, u, now)
+        self._save(txn, gid, rec)
+        pushes = self._notice(txn, now, gid, rec, "create", user, (),
+                              (("subject", req.subject),))  # fmt: skip
+        return self._answer(req, gid, (("subject", req.subject), ("t", now)),
+                            failed=tuple(failed)), pushes  # fmt: skip
+
+    def _op_info(self, txn, now, user, req, gid):
+        rec = self._need(txn, gid, user)
+        attrs = (("subject", rec["s"]), ("creator", rec["c"]), ("t", rec["t"]),
+                 ("announce", rec["an"]), ("approval", rec["ap"]))  # fmt: skip
+        members = tuple(GroupMember(u, "admin" if a else "member", t) for u, a, t in rec["m"])
+        return self._answer(req, gid, attrs, members=members, description=rec["d"] or None), []
+
+    def _op_list(self, txn, now, user, req, gid):
+        prefix = f"{user}\x00".encode()
+        items = []
+        with txn.cursor(db=self.db["ugroups"]) as c:
+            if c.set_range(prefix):
+                for key in c.iternext(values=False):
+                    if not key.startswith(prefix):
+                        break
+                    g = key[len(prefix) :].decode()
+                    rec = self._load(txn, g)
+                    if rec is not None:
+                        items.append(("g:" + g, rec["s"], rec["t"]))
+        return self._answer(req, items=tuple(items)), []
+
+    def _op_add(self, txn, now, user, req, gid):
+        rec = self._need(txn, gid, user, admin=True)
+        self.store.check_room(txn)
+        failed, added = [], []
+        for u in dict.fromkeys(req.members):
+            if self._member(rec, u) is not None:
+                failed.append((u, ErrorCode.ALREADY_MEMBER))
+            elif len(rec["m"]) >= self.limits.max_members:
+                failed.append((u, ErrorCode.GROUP_FULL))
+            elif code := self._may_add(txn, user, u):
+                failed.append((u, code))
+            else:
+                self._join(txn, gid, rec, u, now)
+                added.append(u)
+        pushes = []
+        if added:
+            self._save(txn, gid, rec)
+            pushes = self._notice(txn, now, gid, rec, "add", user, added)
+        return self._answer(req, gid, failed=tuple(failed)), pushes
+
+    def _op_remove(self, txn, now, user, req, gid):
+        rec = self._need(txn, gid, user, admin=True)
+        failed, gone = [], []
+        for u in dict.fromkeys(req.members):
+            if self._member(rec, u) is None:
+                failed.append((u, ErrorCode.NOT_MEMBER))
+            else:
+                gone.append(u)
+        pushes = []
+        if gone:
+            # told first, while they are members: the removed users' devices get it too
+            pushes = self._notice(txn, now, gid, rec, "remove", user, gone)
+            pushes += self._drop(txn, gid, rec, gone, now, user)
+        return self._answer(req, gid, failed=tuple(failed)), pushes
+
+    def _op_leave(self, txn, now, user, req, gid):
+        rec = self._need(txn, gid, user)
+        pushes = self._notice(txn, now, gid, rec, "leave", user, (user,))
+        pushes += self._drop(txn, gid, rec, (user,), now, user)
+        return self._answer(req, gid), pushes
+
+    def _role(self, txn, now, user, req, gid, admin: int):
+        rec = self._need(txn, gid, user, admin=True)
+        failed, changed = [], []
+        for u in dict.fromkeys(req.members):
+            m = self._member(rec, u)
+            if m is None:
+                failed.append((u, ErrorCode.NOT_MEMBER))
+            elif m[1] != admin:
+                m[1] = admin
+                changed.append(u)
+        pushes = []
+        if changed:
+            self._save(txn, gid, rec)
+            pushes = self._notice(txn, now, gid, rec, "promote" if admin else "demote", user,
+                                  changed)  # fmt: skip
+            if not admin:
+                pushes += self._drop(txn, gid, rec, (), now, user)  # the last-admin rule
+        return self._answer(req, gid, failed=tuple(failed)), pushes
+
+    def _op_promote(self, txn, now, user, req, gid):
+        return self._role(txn, now, user, req, gid, 1)
+
+    def _op_demote(self, txn, now, user, req, gid):
+        return self._role(txn, now, user, req, gid, 0)
+
+    def _op_subject(self, txn, now, user, req, gid):
+        rec = self._need(txn, gid, user, admin=True)
+        if req.subject is None:
+            raise ServiceError(ErrorCode.BAD_REQUEST, "a subject request names the subject")
+        rec["s"] = req.subject
+        self._save(txn, gid, rec)
+        pushes = self._notice(txn, now, gid, rec, "subject", user, (), (("subject", req.subject),))
+        return self._answer(req, gid, (("subject", req.subject),)), pushes
+
+    def _op_description(self, txn, now, user, req, gid):
+        rec = self._need(txn, gid, user, admin=True)
+        text = req.description or ""
+        rec["d"] = text
+        self._save(txn, gid, rec)
+        pushes = self._notice(txn, now, gid, rec, "description", user, (), (), text)
+        return self._answer(req, gid), pushes
+
+    def _op_settings(self, txn, now, user, req, gid):
+        rec = self._need(txn, gid, user, admin=True)
+        attrs = []
+        if req.announce is not None:
+            rec["an"] = int(req.announce)
+        if req.approval is not None:
+            rec["ap"] = int(req.approval)
+        attrs = (("announce", str(rec["an"])), ("approval", str(rec["ap"])))
+        self._save(txn, gid, rec)
+        pushes = self._notice(txn, now, gid, rec, "settings", user, (), attrs)
+        return self._answer(req, gid, attrs), pushes
+
+    # -- invites ---------------------------------------------------------------------
+
+    def _new_code(self, txn, gid: str, rec: dict) -> str:
+        code = secrets.token_urlsafe(16)  # 22 characters, 128 bits
+        txn.put(code.encode(), gid.encode(), db=self.db["invites"])
+        rec["inv"] = code
+        self._save(txn, gid, rec)
+        return code
+
+    def _op_invite(self, txn, now, user, req, gid):
+        rec = self._need(txn, gid, user, admin=True)
+        code = rec.get("inv") or self._new_code(txn, gid, rec)
+        return self._answer(req, gid, (("code", code),)), []
+
+    def _op_revoke(self, txn, now, user, req, gid):
+        rec = self._need(txn, gid, user, admin=True)
+        if rec.get("inv"):
+            txn.delete(rec["inv"].encode(), db=self.db["invites"])
+        code = self._new_code(txn, gid, rec)
+        return self._answer(req, gid, (("code", code),)), []
+
+    def _by_code(self, txn, now, user, req) -> tuple[str, dict]:
+        if req.code is None:
+            raise ServiceError(ErrorCode.BAD_REQUEST, "this request names an invite code (code=)")
+        lim = self.limits
+        key = f"gjoin:{user}"
+        if not self.store.hit_txn(txn, key, lim.joins_per_day, lim.window_ms, now):
+            raise ServiceError(ErrorCode.RATE_LIMITED, "too many invite codes tried; try later")
+        raw = txn.get(req.code.encode(), db=self.db["invites"])
+        rec = None if raw is None else self._load(txn, raw.decode())
+        if rec is None:
+            raise ServiceError(ErrorCode.BAD_INVITE, "this invite code is not valid (revoked?)")
+        return raw.decode(), rec
+
+    def _op_preview(self, txn, now, user, req, gid):
+        gid, rec = self._by_code(txn, now, user, req)
+        return self._answer(req, gid, (("subject", rec["s"]), ("approval", rec["ap"]),
+                                       ("count", len(rec["m"])))), []  # fmt: skip
+
+    def _op_join(self, txn, now, user, req, gid):
+        gid, rec = self._by_code(txn, now, user, req)
+        if self._member(rec, user) is not None:
+            raise ServiceError(ErrorCode.ALREADY_MEMBER, "you are a member of this group")
+        if len(rec["m"]) >= self.limits.max_members:
+            raise ServiceError(ErrorCode.GROUP_FULL, "the group is full")
+        if rec["ap"]:
+            if not any(r[0] == user for r in rec["rq"]):
+                if len(rec["rq"]) >= self.limits.max_members:
+                    raise ServiceError(ErrorCode.TOO_MANY, "too many requests wait; try later")
+                rec["rq"].append([user, now])
+                self._save(txn, gid, rec)
+            return self._answer(req, gid, (("requested", 1),)), []
+        self._join(txn, gid, rec, user, now)
+        self._save(txn, gid, rec)
+        pushes = self._notice(txn, now, gid, rec, "join", user, (user,))
+        return self._answer(req, gid), pushes
+
+    def _op_requests(self, txn, now, user, req, gid):
+        rec = self._need(txn, gid, user, admin=True)
+        return self._answer(req, gid, members=tuple(GroupMember(u, None, t)
+                                                    for u, t in rec["rq"])), []  # fmt: skip
+
+    def _op_approve(self, txn, now, user, req, gid):
+        rec = self._need(txn, gid, user, admin=True)
+        asked = {r[0] for r in rec["rq"]}
+        failed, added = [], []
+        for u in dict.fromkeys(req.members):
+            if u not in asked:
+                failed.append((u, ErrorCode.NOT_MEMBER))
+            elif len(rec["m"]) >= self.limits.max_members:
+                failed.append((u, ErrorCode.GROUP_FULL))
+            elif self._member(rec, u) is None:
+                self._join(txn, gid, rec, u, now)
+                added.append(u)
+        pushes = []
+        if added:
+            self._save(txn, gid, rec)
+            pushes = self._notice(txn, now, gid, rec, "add", user, added)
+        return self._answer(req, gid, failed=tuple(failed)), pushes
+
+    def _op_reject(self, txn, now, user, req, gid):
+        rec = self._need(txn, gid, user, admin=True)
+        drop = set(req.members)
+        failed = tuple((u, ErrorCode.NOT_MEMBER) for u in dict.fromkeys(req.members)
+                       if not any(r[0] == u for r in rec["rq"]))  # fmt: skip
+        before = len(rec["rq"])
+        rec["rq"] = [r for r in rec["rq"] if r[0] not in drop]
+        if len(rec["rq"]) != before:
+            self._save(txn, gid, rec)
+        return self._answer(req, gid, failed=failed), []
+
+
+def drop_user_groups(groups: Groups, txn, user: str, now: int) -> list:
+    """An account is deleted: it leaves every group it was in (notices, last-admin rule)."""
+    prefix = f"{user}\x00".encode()
+    gids = []
+    with txn.cursor(db=groups.db["ugroups"]) as c:
+        if c.set_range(prefix):
+            for key in c.iternext(values=False):
+                if not key.startswith(prefix):
+                    break
+                gids.append(key[len(prefix) :].decode())
+    pushes = []
+    for gid in gids:
+        rec = groups._load(txn, gid)
+        if rec is None or groups._member(rec, user) is None:
+            txn.delete(prefix + gid.encode(), db=groups.db["ugroups"])
+            continue
+        pushes += groups._notice(txn, now, gid, rec, "leave", user, (user,))
+        pushes += groups._drop(txn, gid, rec, (user,), now, user)
+    return pushes

@@ -1,0 +1,485 @@
+"""Groups on a real server with 2 workers and the real SDK (issue 17, the server side).
+
+Members are placed on both workers (``on_other_worker``); offline members
+log in later and read their queues.  The store is inspected with LMDB
+itself (a read transaction on the server's store) to show that a group
+message's body is stored once, whatever the member count.
+"""
+
+import asyncio
+import itertools
+import os
+
+import pytest
+from serverutil import Server, on_other_worker, until
+
+from pigeon.client import ServerError
+from pigeon.core import _pycodec
+from pigeon.core.errors import ErrorCode
+from pigeon.core.events import GroupNotice, IncomingMessage
+from pigeon.core.node import Limits
+from pigeon.core.tokens import LATEST
+from pigeon.server.groups import notice_entry
+from pigeon.server.provision import provision
+from pigeon.server.queues import GREF, FrameEncoder
+from pigeon.server.store import Store
+
+PHONES = (f"4940{n:08d}" for n in itertools.count(30_000_000))
+QUEUE_MAX = 8
+
+
+def run(coro, timeout=240):
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory):
+    s = Server(tmp_path_factory.mktemp("groups") / "data", workers=2, register_per_ip=1000,
+               message_rate=0, queue_max_count=QUEUE_MAX)  # fmt: skip
+    s.start()
+    yield s
+    assert s.stop() == 0, s.log_text()[-3000:]
+
+
+def impls():
+    out = [_pycodec]
+    try:
+        from pigeon.fastpath import _codec
+
+        out.append(_codec)
+    except ImportError:  # a build without the compiled path
+        pass
+    return out
+
+
+def open_store(srv) -> Store:
+    return Store(str(srv.data_dir / "store"), map_size=256 << 20, create=False)
+
+
+def worker_of(srv, creds) -> int:
+    phone = creds.device.partition(":")[0]
+    return srv.sessions(phone)[creds.device]["worker"]
+
+
+async def users(srv, n):
+    """``n`` registered users: (phone, credentials) each."""
+    out = []
+    for _ in range(n):
+        phone = next(PHONES)
+        out.append((phone, await srv.register(phone)))
+    return out
+
+
+async def deliveries(client, n, timeout=15.0) -> list:
+    out = []
+    for _ in range(n):
+        ev = await client.next_event(timeout)
+        assert isinstance(ev, (IncomingMessage, GroupNotice)), ev
+        out.append(ev)
+        await client.ack(ev.seq)
+    return out
+
+
+async def nothing_more(client, wait=0.5) -> None:
+    await client.ping()
+    with pytest.raises(asyncio.TimeoutError):
+        await client.next_event(wait)
+
+
+def gbody_records(srv) -> list[bytes]:
+    store = open_store(srv)
+    try:
+        with store.read() as txn:
+            return [bytes(k) for k, _ in txn.cursor(db=store._db["gbody"])]
+    finally:
+        store.close()
+
+
+def refs_in_queues(srv) -> int:
+    store = open_store(srv)
+    try:
+        with store.read() as txn:
+            return sum(v[0] == GREF for _, v in txn.cursor(db=store._db["queue"]))
+    finally:
+        store.close()
+
+
+# -- the entry kinds, both codecs ----------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", impls(), ids=lambda m: m.IMPLEMENTATION)
+def test_group_entries_splice_the_same_frames_in_both_codecs(impl):
+    """A group message entry (kind 5) and a notice (kind 4) make the frames their
+    events encode to, the same bytes in both codecs."""
+    enc = FrameEncoder(impl=impl)
+    reader = impl.Codec(LATEST, Limits())
+    body = os.urandom(300)
+    entry = enc.entry(5, 1763830000123, 0, "491701234567:1", "m1", "text", body, "g:12")
+    frame = enc.frame(entry, 7)
+    ev = IncomingMessage.from_node(reader.decode(memoryview(frame)[3:]))
+    assert ev == IncomingMessage("491701234567:1", "m1", "text", 1763830000123, 7, body,
+                                 group="g:12")  # fmt: skip
+    assert frame == FrameEncoder(impl=_pycodec).frame(entry, 7)
+    notice = notice_entry(enc, "g:12", "add", "491701234567", 5, ["4915112345678", "4917012345"], (),
+                          "new rules")  # fmt: skip
+    ev = GroupNotice.from_node(reader.decode(memoryview(enc.frame(notice, 9))[3:]))
+    assert ev == GroupNotice("g:12", "add", "491701234567", 5, 9, ("4915112345678", "4917012345"),
+                             (), "new rules")  # fmt: skip
+    plain = notice_entry(enc, "g:3", "subject", "4917012345", 6, (), (("subject", "hi"),))
+    ev = GroupNotice.from_node(reader.decode(memoryview(enc.frame(plain, 1))[3:]))
+    assert ev == GroupNotice("g:3", "subject", "4917012345", 6, 1, (), (("subject", "hi"),))
+
+
+# -- group life ----------------------------------------------------------------------
+
+
+def test_group_life_roles_and_permissions(srv):
+    async def main():
+        (a, ac), (b, bc), (c, cc), (d, dc) = await users(srv, 4)
+        alice, bob, carol = [await srv.login(x) for x in (ac, bc, cc)]
+        res = await alice.group("create", subject="trip", members=[b, c, "4940999999999"])
+        g = res.group
+        assert g.startswith("g:") and res.get("subject") == "trip"
+        assert res.failed == (("4940999999999", ErrorCode.UNKNOWN_RECIPIENT),)
+        for cl in (alice, bob, carol):
+            (n,) = await deliveries(cl, 1)
+            assert (n.group, n.op, n.by, n.get("subject")) == (g, "create", a, "trip")
+        info = await bob.group("info", g)
+        assert [(m.user, m.role) for m in info.members] == [(a, "admin"), (b, "member"),
+                                                           (c, "member")]  # fmt: skip
+        assert (info.get("creator"), info.get("announce"), info.description) == (a, "0", None)
+        assert [i[0] for i in (await carol.group("list")).items] == [g]
+        # only admins change things; non-members see nothing
+        for op, kw in (("add", {"members": [d]}), ("subject", {"subject": "x"}),
+                       ("settings", {"announce": True}), ("invite", {})):  # fmt: skip
+            with pytest.raises(ServerError) as e:
+                await bob.group(op, g, **kw)
+            assert e.value.code == ErrorCode.NOT_ADMIN
+        dave = await srv.login(dc)
+        with pytest.raises(ServerError) as e:
+            await dave.group("info", g)
+        assert e.value.code == ErrorCode.NOT_MEMBER
+        # add (one already a member), promote, subject, description
+        res = await alice.group("add", g, [d, b])
+        assert res.failed == ((b, ErrorCode.ALREADY_MEMBER),)
+        for cl in (alice, bob, carol, dave):
+            (n,) = await deliveries(cl, 1)
+            assert (n.op, n.by, n.members) == ("add", a, (d,))
+        await alice.group("promote", g, [b])
+        await bob.group("subject", g, subject="trip 2")
+        await bob.group("description", g, description="bring boots")
+        for cl in (alice, bob, carol, dave):
+            got = await deliveries(cl, 3)
+            assert [(n.op, n.by) for n in got] == [("promote", a), ("subject", b),
+                                                   ("description", b)]  # fmt: skip
+            assert got[0].members == (b,) and got[1].get("subject") == "trip 2"
+            assert got[2].description == "bring boots"
+        # remove: the removed member is told, then hears nothing more
+        await alice.group("remove", g, [c])
+        for cl in (alice, bob, carol, dave):
+            (n,) = await deliveries(cl, 1)
+            assert (n.op, n.members) == ("remove", (c,))
+        await alice.send(g, b"after the removal")
+        with pytest.raises(ServerError) as e:
+            await carol.send(g, b"let me back")
+        assert e.value.code == ErrorCode.NOT_MEMBER
+        for cl in (bob, dave):
+            (m,) = await deliveries(cl, 1)
+            assert (m.group, m.sender, m.body) == (g, ac.device, b"after the removal")
+        await nothing_more(carol)
+        assert (await carol.group("list")).items == ()
+        # announcement mode: only admins send
+        res = await alice.group("settings", g, announce=True)
+        assert res.get("announce") == "1"
+        with pytest.raises(ServerError) as e:
+            await dave.send(g, b"may I?")
+        assert e.value.code == ErrorCode.ANNOUNCE_ONLY
+        await bob.send(g, b"admins may")
+        for cl in (alice, bob, dave):
+            (n,) = await deliveries(cl, 1)
+            assert (n.op, n.get("announce")) == ("settings", "1")
+        for cl in (alice, dave):
+            (m,) = await deliveries(cl, 1)
+            assert m.body == b"admins may"
+        # the admins leave: the longest-standing member left becomes admin
+        await alice.group("leave", g)
+        await bob.group("leave", g)
+        got = await deliveries(dave, 3)
+        assert [(n.op, n.by, n.members) for n in got] == [
+            ("leave", a, (a,)), ("leave", b, (b,)), ("promote", b, (d,))
+        ]  # fmt: skip
+        info = await dave.group("info", g)
+        assert [(m.user, m.role) for m in info.members] == [(d, "admin")]
+        await dave.group("leave", g)  # nobody left: the group is gone
+        store = open_store(srv)
+        try:
+            with store.read() as txn:
+                assert txn.get(g[2:].encode(), db=store._db["groups"]) is None
+        finally:
+            store.close()
+        with pytest.raises(ServerError) as e:
+            await dave.group("info", g)
+        assert e.value.code == ErrorCode.NOT_MEMBER
+        for cl in (alice, bob, carol, dave):
+            await cl.close()
+
+    run(main())
+
+
+# -- messages --------------------------------------------------------------------
+
+
+def test_group_message_fans_out_across_workers_and_offline_members_catch_up(srv):
+    """Every member device gets it but the sending one (its other device as a sync
+    copy); an offline member gets the notices and messages in order at login."""
+
+    async def main():
+        (a, ac), (b, bc), (c, cc) = await users(srv, 3)
+        a1 = srv.link_device(a)
+        b1 = srv.link_device(b)
+        alice = await srv.login(ac)
+        alice1 = await on_other_worker(srv, a1, a, worker_of(srv, ac))
+        bob = await srv.login(bc)
+        bob1 = await on_other_worker(srv, b1, b, worker_of(srv, bc))
+        g = (await alice.group("create", subject="team", members=[b, c])).group
+        for cl in (alice, alice1, bob, bob1):
+            (n,) = await deliveries(cl, 1)
+            assert n.op == "create"
+        ack = await alice.send(g, b"hello team", id="gm1")
+        assert ack.failed == ()
+        for cl in (alice1, bob, bob1):
+            (m,) = await deliveries(cl, 1)
+            assert (m.group, m.sender, m.id, m.body, m.t) == (g, ac.device, "gm1",
+                                                             b"hello team", ack.t)  # fmt: skip
+        await nothing_more(alice)
+        # a retry is the same message: the same ack, stored once
+        again = await alice.send(g, b"hello team", id="gm1")
+        assert again.t == ack.t
+        await nothing_more(bob)
+        with pytest.raises(ServerError) as e:
+            await alice.send(g, b"something else", id="gm1")
+        assert e.value.code == ErrorCode.ID_REUSED
+        await bob.send(g, b"from bob")
+        await alice.group("subject", g, subject="team 2")
+        # carol was offline all along: the create notice, both messages, the subject
+        carol = await srv.login(cc)
+        got = await deliveries(carol, 4)
+        assert [(type(x).__name__, getattr(x, "op", None) or x.body) for x in got] == [
+            ("GroupNotice", "create"), ("IncomingMessage", b"hello team"),
+            ("IncomingMessage", b"from bob"), ("GroupNotice", "subject"),
+        ]  # fmt: skip
+        assert [x.seq for x in got] == sorted(x.seq for x in got)
+        # a non-member's message is refused, and so is one to a group that is not
+        ((_, xc),) = await users(srv, 1)
+        stranger = await srv.login(xc)
+        for target in (g, "g:999999"):
+            with pytest.raises(ServerError) as e:
+                await stranger.send(target, b"let me in")
+            assert e.value.code == ErrorCode.NOT_MEMBER
+        for cl in (alice, alice1, bob, bob1, carol, stranger):
+            await cl.close()
+
+    run(main())
+
+
+def test_the_body_goes_when_every_device_acked(srv):
+    async def main():
+        (a, ac), (b, bc), (c, cc) = await users(srv, 3)
+        alice, bob, carol = [await srv.login(x) for x in (ac, bc, cc)]
+        g = (await alice.group("create", subject="acks", members=[b, c])).group
+        for cl in (alice, bob, carol):
+            await deliveries(cl, 1)
+        before = len(gbody_records(srv))
+        await alice.send(g, b"x" * 500)
+        (m,) = await deliveries(bob, 1)
+        assert len(gbody_records(srv)) == before + 2  # the body and its count, once
+        (m,) = await deliveries(carol, 1)
+        await bob.ping()
+        await carol.ping()
+        await until(lambda: len(gbody_records(srv)) == before)  # acked by both: deleted
+        for cl in (alice, bob, carol):
+            await cl.close()
+
+    run(main())
+
+
+def test_a_full_queue_fails_that_member_only_and_the_ack_names_them(srv):
+    """The contract's second exception: stored for every other member, and the
+    ack lists the member users whose queues could not take it."""
+
+    async def main():
+        (a, ac), (b, bc), (c, cc) = await users(srv, 3)
+        alice, bob = [await srv.login(x) for x in (ac, bc)]
+        g = (await alice.group("create", subject="full", members=[b, c])).group
+        for cl in (alice, bob):
+            await deliveries(cl, 1)
+        # carol is offline: her queue holds the create notice, then messages up to QUEUE_MAX
+        for i in range(QUEUE_MAX - 1):
+            assert (await alice.send(g, b"m%d" % i)).failed == ()
+        ack = await alice.send(g, b"one too many")
+        assert ack.failed == (c,)
+        got = await deliveries(bob, QUEUE_MAX)
+        assert got[-1].body == b"one too many"
+        carol = await srv.login(cc)
+        got = await deliveries(carol, QUEUE_MAX)
+        assert got[0].op == "create" and got[-1].body == b"m%d" % (QUEUE_MAX - 2)
+        await nothing_more(carol)
+        for cl in (alice, bob, carol):
+            await cl.close()
+
+    run(main())
+
+
+def test_a_1024_member_group_stores_one_body(srv, tmp_path):
+    """1,024 members (provisioned in the store, most offline): a message is one body
+    record and 1,023 references; the members online on both workers get it."""
+
+    async def main():
+        (a, ac), (b, bc) = await users(srv, 2)
+        store = open_store(srv)
+        try:
+            extra = provision(store, 1022, str(tmp_path / "creds.jsonl"), prefix="4941",
+                              iterations=4096)  # fmt: skip
+        finally:
+            store.close()
+        members = [b] + [x["phone"] for x in extra]
+        alice = await srv.login(ac)
+        bob = await on_other_worker(srv, bc, b, worker_of(srv, ac))
+        res = await alice.group("create", subject="big", members=members)
+        assert res.failed == ()
+        g = res.group
+        info = await alice.group("info", g)
+        assert len(info.members) == 1024
+        for cl in (alice, bob):
+            await deliveries(cl, 1)
+        res = await alice.group("add", g, [extra[0]["phone"], "4940999999998"])
+        assert res.failed == (
+            (extra[0]["phone"], ErrorCode.ALREADY_MEMBER),
+            ("4940999999998", ErrorCode.GROUP_FULL),
+        )  # group-max-members
+        refs0, bodies0 = refs_in_queues(srv), len(gbody_records(srv))
+        store = open_store(srv)
+        try:
+            with store.read() as txn:
+                pages0 = store.pages_used(txn)[0]
+        finally:
+            store.close()
+        body = os.urandom(4000)
+        ack = await alice.send(g, body)
+        assert ack.failed == ()
+        assert len(gbody_records(srv)) == bodies0 + 2  # one body (and its count)
+        assert refs_in_queues(srv) == refs0 + 1023  # a reference per member device
+        (m,) = await deliveries(bob, 1)
+        assert (m.group, m.body) == (g, body)
+        await until(lambda: refs_in_queues(srv) == refs0 + 1022)  # bob's ack took his
+        store = open_store(srv)
+        try:
+            with store.read() as txn:
+                pages, psize = store.pages_used(txn)
+        finally:
+            store.close()
+        grown = (pages - pages0) * psize
+        assert grown < 1023 * 200, grown  # far from 1,023 copies of 4,000 bytes
+        for cl in (alice, bob):
+            await cl.close()
+
+    run(main(), timeout=600)
+
+
+# -- invites ------------------------------------------------------------------------
+
+
+def test_invite_links_join_approval_and_revoke(srv):
+    async def main():
+        (a, ac), (b, bc), (c, cc) = await users(srv, 3)
+        alice, bob, carol = [await srv.login(x) for x in (ac, bc, cc)]
+        g = (await alice.group("create", subject="club")).group
+        await deliveries(alice, 1)
+        code = (await alice.group("invite", g)).get("code")
+        assert (await alice.group("invite", g)).get("code") == code  # the same until revoked
+        pre = await bob.group("preview", code=code)
+        assert (pre.group, pre.get("subject"), pre.get("count")) == (g, "club", "1")
+        await bob.group("join", code=code)
+        for cl in (alice, bob):
+            (n,) = await deliveries(cl, 1)
+            assert (n.op, n.by, n.members) == ("join", b, (b,))
+        with pytest.raises(ServerError) as e:
+            await bob.group("join", code=code)
+        assert e.value.code == ErrorCode.ALREADY_MEMBER
+        # approval on: a join is a request until an admin approves it
+        await alice.group("settings", g, approval=True)
+        for cl in (alice, bob):
+            await deliveries(cl, 1)
+        res = await carol.group("join", code=code)
+        assert res.get("requested") == "1"
+        reqs = await alice.group("requests", g)
+        assert [m.user for m in reqs.members] == [c]
+        with pytest.raises(ServerError) as e:
+            await carol.send(g, b"not yet")
+        assert e.value.code == ErrorCode.NOT_MEMBER
+        await alice.group("approve", g, [c])
+        for cl in (alice, bob, carol):
+            (n,) = await deliveries(cl, 1)
+            assert (n.op, n.members) == ("add", (c,))
+        assert (await alice.group("requests", g)).members == ()
+        # revoke: the old code stops at once
+        new = (await alice.group("revoke", g)).get("code")
+        assert new != code
+        ((_, dc),) = await users(srv, 1)
+        dave = await srv.login(dc)
+        for op in ("preview", "join"):
+            with pytest.raises(ServerError) as e:
+                await dave.group(op, code=code)
+            assert e.value.code == ErrorCode.BAD_INVITE
+        res = await dave.group("join", code=new)
+        assert res.get("requested") == "1"
+        await alice.group("reject", g, [dc.user])
+        assert (await alice.group("requests", g)).members == ()
+        for cl in (alice, bob, carol, dave):
+            await cl.close()
+
+    run(main())
+
+
+# -- the store format -------------------------------------------------------------
+
+
+def test_a_format_6_store_is_upgraded_to_7(tmp_path):
+    s = Store(str(tmp_path / "store"))
+    with s.write() as txn:
+        txn.put(b"format", b"6", db=s._db["meta"])
+    s.close()
+    s = Store(str(tmp_path / "store"))
+    try:
+        with s.read() as txn:
+            assert txn.get(b"format", db=s._db["meta"]) == b"7"
+    finally:
+        s.close()
+
+
+# -- privacy: who can add me -------------------------------------------------------
+
+
+def test_who_can_add_me_everyone_contacts_nobody(srv):
+    async def main():
+        (a, ac), (b, bc), (c, cc) = await users(srv, 3)
+        alice, bob, carol = [await srv.login(x) for x in (ac, bc, cc)]
+        assert (await bob.privacy()).groupadd == "everyone"  # the default
+        assert (await bob.privacy(groupadd="contacts")).groupadd == "contacts"
+        assert (await carol.privacy(groupadd="nobody")).groupadd == "nobody"
+        res = await alice.group("create", subject="p", members=[b, c])
+        assert set(res.failed) == {(b, ErrorCode.ADD_REFUSED), (c, ErrorCode.ADD_REFUSED)}
+        g = res.group
+        await bob.discover([a])  # alice is one of bob's contacts now
+        res = await alice.group("add", g, [b, c])
+        assert res.failed == ((c, ErrorCode.ADD_REFUSED),)
+        assert [m.user for m in (await alice.group("info", g)).members] == [a, b]
+        # what is left to a user who may not be added: an invite
+        code = (await alice.group("invite", g)).get("code")
+        await carol.group("join", code=code)
+        assert [m.user for m in (await alice.group("info", g)).members] == [a, b, c]
+        await bob.privacy(groupadd="everyone")
+        for cl in (alice, bob, carol):
+            await cl.close()
+
+    run(main())
