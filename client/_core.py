@@ -111,10 +111,12 @@ from pigeon.core.events import (
     normalize_link_code,
     signed_key_message,
 )
+from pigeon.core.node import address_kind
 
 from . import e2e
+from .groups import GroupsAPI
 from .identity import Identity, format_qr, new_identity, parse_qr
-from .secure import E2E_TYPES, DecryptionFailed, SecureState
+from .secure import E2E_TYPES, GROUP_E2E_TYPE, DecryptionFailed, SecureState
 
 #: After these the server will not take the device back by reconnecting:
 #: the device was removed, replaced by a newer login, or its login failed.
@@ -309,8 +311,11 @@ class PairingCode:
 
 
 def message_event(to: str, mid: str, type: str, body) -> Message:
-    """The Message for ``body``: bytes for every device, or a mapping
-    {device address: bytes} of per-device payloads."""
+    """The Message for ``body``: bytes for every device, a mapping
+    {device address: bytes} of per-device payloads, or for a group a pair
+    (body, {device address: bytes}): the one body and key shares beside it."""
+    if isinstance(body, tuple):
+        return Message(to, mid, type, body[0], tuple(body[1].items()))
     if isinstance(body, Mapping):
         return Message(to, mid, type, b"", tuple(body.items()))
     return Message(to, mid, type, body)
@@ -528,8 +533,8 @@ class ClientCore:
             outcomes.append(Deliver(ev))
 
 
-class ClientAPI:
-    """The SDK's methods, written once for both drivers.
+class ClientAPI(GroupsAPI):
+    """The SDK's methods, written once for both drivers (the group ones: client/groups.py).
 
     A driver supplies ``core`` (a ClientCore), the attributes ``closed``,
     ``device``, ``_creds`` and ``_live``, ``_wait(key, timeout)`` (flush, then
@@ -619,8 +624,15 @@ class ClientAPI:
             t = type(o)
             if t is Deliver:
                 ev = o.event
-                if self.secure is not None and type(ev) is IncomingMessage and ev.type in E2E_TYPES:
+                if (self.secure is not None and type(ev) is IncomingMessage
+                        and ev.group is not None and ev.type == GROUP_E2E_TYPE):  # fmt: skip
+                    self._deliver_group(ev)
+                elif (self.secure is not None and type(ev) is IncomingMessage
+                      and ev.type in E2E_TYPES and ev.group is None):  # fmt: skip
                     self._deliver_encrypted(ev)
+                elif type(ev) is GroupNotice:
+                    self._group_notice(ev)
+                    self._push(ev)
                 elif self.secure is not None and type(ev) is IncomingReceipt and ev.type == "retry":
                     self._spawn(self._resend(ev))
                     self.core.ack(ev.seq, self._live)  # the SDK's own business: acked here
@@ -836,6 +848,8 @@ class ClientAPI:
         ``body`` that is not bytes) raises LocalProtocolError at once.
         """
         if self.secure is not None and isinstance(body, bytes | bytearray):
+            if address_kind(to) == "group":
+                return await self._send_group_secure(to, bytes(body), type, id, timeout)
             return await self._send_secure(to, bytes(body), type, id, timeout)
         return await self._send_raw(to, body, type, id, timeout)
 

@@ -1,0 +1,285 @@
+"""Groups through the SDK over a real server (2 workers), encrypted end to end (issue 17).
+
+Three users, each an encrypting client (Megolm sender keys shared over Olm:
+client/group_crypto.py) connected through a recording TCP relay on
+loopback, so the test holds every byte that crossed the wire: no plaintext
+crosses it or lands in the server's files, and the body a removed member
+would have needed is taken from what the server delivered to the others.
+"""
+
+import asyncio
+import itertools
+import os
+
+import pytest
+from serverutil import Server, until
+
+from pigeon.client import Client
+from pigeon.client.group_crypto import UnknownSession
+from pigeon.client.secure import GroupDecryptionFailed, GroupMessage, SafetyNumberChanged
+from pigeon.core.codec import Codec
+from pigeon.core.events import DevicesChanged, GroupNotice, IncomingReceipt, KeysChanged
+from pigeon.core.wire import PREAMBLE_SIZE
+
+PHONES = (f"4932{n:08d}" for n in itertools.count(30_000_000))
+
+
+def run(coro, timeout=180):
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+class Relay:
+    """A TCP relay on loopback that keeps every byte: all of it in ``captured``, and
+    what the server sent on each connection in ``down`` (one bytearray each)."""
+
+    def __init__(self, port: int):
+        self.target = port
+        self.captured = bytearray()
+        self.down: list[bytearray] = []
+        self.server = None
+        self.port = 0
+
+    async def start(self):
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def _serve(self, reader, writer):
+        try:
+            up_r, up_w = await asyncio.open_connection("127.0.0.1", self.target)
+        except OSError:
+            writer.close()
+            return
+        down = bytearray()
+        self.down.append(down)
+
+        async def pipe(r, w, keep):
+            try:
+                while data := await r.read(65536):
+                    self.captured += data
+                    if keep is not None:
+                        keep += data
+                    w.write(data)
+                    await w.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                w.close()
+
+        try:
+            await asyncio.gather(pipe(reader, up_w, None), pipe(up_r, writer, down))
+        except asyncio.CancelledError:
+            up_w.close()
+            writer.close()
+
+    def delivered(self, group: str) -> list:
+        """Every ``message`` node from ``group`` the server sent on any connection."""
+        out, codec = [], Codec()
+        for stream in self.down:
+            data, i = bytes(stream), PREAMBLE_SIZE
+            while i + 3 <= len(data):
+                n = int.from_bytes(data[i : i + 3], "big")
+                if i + 3 + n > len(data):
+                    break
+                node = codec.decode(data[i + 3 : i + 3 + n])
+                i += 3 + n
+                if node.tag == "message" and node.attrs.get("from") == group:
+                    out.append(node)
+        return out
+
+    async def close(self):
+        self.server.close()
+        await self.server.wait_closed()
+
+
+def body_of(node) -> bytes:
+    """A delivered group message's body (its content, or its ``body`` child)."""
+    if isinstance(node.content, list):
+        return bytes(next(c.content for c in node.content if c.tag == "body"))
+    return bytes(node.content)
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory):
+    s = Server(tmp_path_factory.mktemp("gsdk") / "data", workers=2, register_per_ip=1000,
+               message_rate=0)  # fmt: skip
+    s.start()
+    yield s
+    assert s.stop() == 0, s.log_text()[-3000:]
+
+
+async def connect(relay, profile, **kw) -> Client:
+    return await Client.connect("127.0.0.1", relay.port, plaintext=False, profile=profile, **kw)
+
+
+async def register(srv, relay, phone, profile) -> Client:
+    c = await connect(relay, profile)
+    await c.register(phone)
+    creds = await c.verify(phone, srv.code_for(phone))
+    await c.login(creds)
+    c.creds = creds
+    return c
+
+
+async def on_other_worker(srv, relay, client, profile, than):
+    """Log in again through the relay until the device's session is on another worker."""
+    creds = client.creds
+    phone = creds.user
+    await client.close()
+    for _ in range(40):
+        c = await connect(relay, profile)
+        await c.login(creds)
+        c.creds = creds
+        await until(lambda: creds.device in srv.sessions(phone))
+        if srv.sessions(phone)[creds.device]["worker"] != than:
+            return c
+        await c.close()
+        await until(lambda: creds.device not in srv.sessions(phone))
+    raise AssertionError("could not land on another worker in 40 connections")
+
+
+def worker(srv, client) -> int:
+    return srv.sessions(client.creds.user)[client.creds.device]["worker"]
+
+
+async def group_event(client, timeout=15.0):
+    """The next group message, failure or notice; other notices before it are acked."""
+    while True:
+        ev = await client.next_event(timeout)
+        if isinstance(ev, SafetyNumberChanged):
+            continue
+        await client.ack(ev.seq)
+        if isinstance(ev, (IncomingReceipt, DevicesChanged, KeysChanged)):
+            continue
+        return ev
+
+
+async def message(client, timeout=15.0):
+    """The next group message (or failure); notices before it are skipped."""
+    while True:
+        ev = await group_event(client, timeout)
+        if not isinstance(ev, GroupNotice):
+            return ev
+
+
+async def notice(client, op, timeout=15.0) -> GroupNotice:
+    while True:
+        ev = await group_event(client, timeout)
+        assert isinstance(ev, GroupNotice), ev
+        if ev.op == op:
+            return ev
+
+
+def grep_dir(path, needles):
+    found = []
+    for root, _, files in os.walk(path):
+        for name in files:
+            path_ = os.path.join(root, name)
+            if not os.path.isfile(path_) or os.path.islink(path_):
+                continue  # the control socket
+            with open(path_, "rb") as f:
+                data = f.read()
+            found += [(name, n) for n in needles if n in data]
+    return found
+
+
+def test_group_encrypted_end_to_end_and_a_removed_member_cannot_read_on(srv, tmp_path):
+    secrets = [b"group secret one: the vault code is 4417", b"group secret two, from bob",
+               b"group secret three, after carol left"]  # fmt: skip
+
+    async def main():
+        relay = await Relay(srv.port).start()
+        pa, pb, pc = next(PHONES), next(PHONES), next(PHONES)
+        a = await register(srv, relay, pa, tmp_path / "a.json")
+        b = await register(srv, relay, pb, tmp_path / "b.json")
+        c = await register(srv, relay, pc, tmp_path / "c.json")
+        b = await on_other_worker(srv, relay, b, tmp_path / "b.json", worker(srv, a))
+        made = await a.group_create("team", [pb, pc])
+        g = made.group
+        assert made.failed == ()
+        for cl in (b, c):
+            n = await notice(cl, "create")
+            assert (n.group, n.by) == (g, pa)
+        info = await b.group_info(g)
+        assert (info.subject, set(info.users), info.admins) == ("team", {pa, pb, pc}, (pa,))
+
+        # one ciphertext for both members, each decrypts it; then bob writes back
+        ack = await a.send(g, secrets[0])
+        for cl in (b, c):
+            ev = await message(cl)
+            assert type(ev) is GroupMessage, ev
+            assert (ev.group, ev.sender, ev.id, ev.type, ev.body) == (g, a.device, ack.id,
+                                                                       "text", secrets[0])  # fmt: skip
+        await b.send(g, secrets[1])
+        for cl in (a, c):
+            ev = await message(cl)
+            assert (type(ev), ev.sender, ev.body) == (GroupMessage, b.device, secrets[1])
+        first = relay.delivered(g)
+        assert len(first) == 4 and all(secrets[0] not in body_of(n) for n in first)
+
+        # carol removed: alice's next message starts a new session that carol never gets
+        await a.group_remove(g, [pc])
+        assert (await notice(c, "remove")).members == (pc,)
+        old_sid = a.secure.groups.outbound[g].session.session_id
+        ack = await a.send(g, secrets[2])
+        assert a.secure.groups.outbound[g].session.session_id != old_sid
+        ev = await message(b)
+        assert (type(ev), ev.body) == (GroupMessage, secrets[2])
+        with pytest.raises(TimeoutError):  # the server sends her nothing more
+            await message(c, timeout=1.0)
+        (last,) = [n for n in relay.delivered(g) if n.attrs.get("id") == ack.id]
+        with pytest.raises(UnknownSession):  # and the body, had she got it, is closed to her
+            c.secure.groups.decrypt(g, a.device, body_of(last), ack.id)
+        ev = c.secure.decrypt_group(type("Ev", (), {
+            "group": g, "sender": a.device, "id": ack.id, "t": 0, "seq": 0,
+            "body": body_of(last)})(), None)  # fmt: skip
+        assert type(ev) is GroupDecryptionFailed and ev.unknown_session
+
+        # nothing in clear on the wire or in the server's files
+        assert not any(s in relay.captured for s in secrets)
+        for cl in (a, b, c):
+            await cl.close()
+        await relay.close()
+        assert grep_dir(srv.data_dir, secrets) == []
+        for f in tmp_path.iterdir():  # the SDK's profiles neither
+            assert not any(s in f.read_bytes() for s in secrets), f
+
+    run(main())
+
+
+def test_trio_client_creates_reads_sends_and_receives_encrypted(srv, tmp_path):
+    import trio
+
+    from pigeon.client.trio import open_client
+
+    pa, pb = next(PHONES), next(PHONES)
+
+    async def make(phone):
+        async with open_client("127.0.0.1", srv.port, profile=tmp_path / f"{phone}.json") as c:
+            await c.register(phone)
+            creds = await c.verify(phone, srv.code_for(phone))
+            await c.login(creds)  # the keys go up
+            return creds
+
+    async def main():
+        ca, cb = await make(pa), await make(pb)
+        async with (
+            open_client("127.0.0.1", srv.port, profile=tmp_path / f"{pa}.json") as a,
+            open_client("127.0.0.1", srv.port, profile=tmp_path / f"{pb}.json") as b,
+        ):
+            await a.login(ca)
+            await b.login(cb)
+            g = (await a.group_create("trio folk", [pb])).group
+            info = await b.group_info(g)
+            assert (info.subject, info.admins, set(info.users)) == ("trio folk", (pa,), {pa, pb})
+            assert (g, "trio folk") in [(i[0], i[1]) for i in await b.groups()]
+            ack = await a.send(g, b"over trio, encrypted")
+            while True:
+                ev = await b.next_event(15)
+                await b.ack(ev.seq)
+                if isinstance(ev, GroupMessage):
+                    break
+            assert (ev.group, ev.sender, ev.id, ev.body) == (g, ca.device, ack.id,
+                                                             b"over trio, encrypted")  # fmt: skip
+
+    trio.run(main)
