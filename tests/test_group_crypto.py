@@ -251,3 +251,43 @@ def test_state_survives_a_dump_and_load():
         GroupCrypto(gcs[A].olm).load(data_a, bytes(32))
     a3.forget_group(G)
     assert a3.outbound == {} and all(k[0] != G for k in a3.inbound)
+
+
+def test_secure_state_keeps_group_sessions_in_its_profile(tmp_path):
+    """SecureState: the envelope inside Megolm, the events, and the sessions saved
+    in the profile (no plaintext or key in it), continued after a reload."""
+    import stat
+
+    from pigeon.client.secure import GroupDecryptionFailed, GroupMessage, SecureState
+    from pigeon.core.events import IncomingMessage
+
+    alice, bob = SecureState(tmp_path / "a.json"), SecureState(tmp_path / "b.json")
+    ((_, otk),) = bob.device.new_one_time_keys(1)
+    bob.device.mark_published()
+    alice.device.start_session(B, bob.device.curve25519, otk)
+
+    def incoming(mid, sealed, seq):
+        return IncomingMessage(A, mid, "skmsg", 1763830000123, seq, sealed.body, None, G)
+
+    s1 = alice.seal_group(G, [B], "text", b"secret group words")
+    alice.commit_group(s1)
+    ev = bob.decrypt_group(incoming("m1", s1, 1), s1.payloads[B])
+    assert ev == GroupMessage(G, A, "m1", "text", 1763830000123, 1, b"secret group words")
+    for f in tmp_path.iterdir():
+        assert b"secret group words" not in f.read_bytes()
+        assert stat.S_IMODE(f.stat().st_mode) == 0o600
+    # both reload from their profiles: no new share is needed, and bob still decrypts
+    alice2, bob2 = SecureState(tmp_path / "a.json"), SecureState(tmp_path / "b.json")
+    s2 = alice2.seal_group(G, [B], "text", b"after the reload")
+    assert s2.payloads == {} and s2.session_id == s1.session_id
+    alice2.commit_group(s2)
+    assert bob2.decrypt_group(incoming("m2", s2, 2), None).body == b"after the reload"
+    # a body under a session bob never got, and a corrupted one: events, not exceptions
+    alice2.groups.rotate(G)
+    s3 = alice2.seal_group(G, [B], "text", b"unshared")
+    failed = bob2.decrypt_group(incoming("m3", s3, 3), None)
+    assert type(failed) is GroupDecryptionFailed and failed.unknown_session
+    bad = IncomingMessage(A, "m4", "skmsg", 1, 4, s2.body[:-3] + b"xyz", None, G)
+    failed = bob2.decrypt_group(bad, None)
+    assert type(failed) is GroupDecryptionFailed and not failed.unknown_session
+    assert bob2.decrypt_group(incoming("m3", s3, 5), s3.payloads[B]).body == b"unshared"

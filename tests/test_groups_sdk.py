@@ -18,7 +18,13 @@ from pigeon.client import Client
 from pigeon.client.group_crypto import UnknownSession
 from pigeon.client.secure import GroupDecryptionFailed, GroupMessage, SafetyNumberChanged
 from pigeon.core.codec import Codec
-from pigeon.core.events import DevicesChanged, GroupNotice, IncomingReceipt, KeysChanged
+from pigeon.core.events import (
+    DevicesChanged,
+    GroupNotice,
+    IncomingMessage,
+    IncomingReceipt,
+    KeysChanged,
+)
 from pigeon.core.wire import PREAMBLE_SIZE
 
 PHONES = (f"4932{n:08d}" for n in itertools.count(30_000_000))
@@ -230,9 +236,9 @@ def test_group_encrypted_end_to_end_and_a_removed_member_cannot_read_on(srv, tmp
         (last,) = [n for n in relay.delivered(g) if n.attrs.get("id") == ack.id]
         with pytest.raises(UnknownSession):  # and the body, had she got it, is closed to her
             c.secure.groups.decrypt(g, a.device, body_of(last), ack.id)
-        ev = c.secure.decrypt_group(type("Ev", (), {
-            "group": g, "sender": a.device, "id": ack.id, "t": 0, "seq": 0,
-            "body": body_of(last)})(), None)  # fmt: skip
+        as_delivered = IncomingMessage(a.device, ack.id, "skmsg", int(last.attrs["t"]), 1,
+                                       body_of(last), None, g)  # fmt: skip
+        ev = c.secure.decrypt_group(as_delivered, None)
         assert type(ev) is GroupDecryptionFailed and ev.unknown_session
 
         # nothing in clear on the wire or in the server's files
