@@ -300,6 +300,26 @@ class Client(ClientAPI):
         req = GroupRequest(rid, op, group, tuple(members), **fields)
         return await self._request(REQ, rid, req, timeout)
 
+    async def group_send(self, group: str, body: bytes, payloads=(), type: str = "text",
+                         id: str | None = None, timeout: float | None = 30.0):  # fmt: skip
+        """Send ``body`` to ``group`` with per-device ``payloads`` ((device, bytes), ...:
+        sender-key distribution, each delivered only to the device it names);
+        returns the ServerAck (``failed``: members whose queues were full)."""
+        from pigeon.core.events import Message
+
+        from ._core import MESSAGE
+
+        if self.closed is not None:
+            raise ConnectionLost(str(self.closed))
+        mid = id or self.new_id()
+        event = Message(group, mid, type, bytes(body), tuple(payloads))
+        if self._live:
+            key = self.core.request(MESSAGE, mid, event)
+        else:
+            event.check()
+            key = self.core.expect(MESSAGE, mid, event)
+        return await self._wait(key, timeout)
+
     async def send_media(self, to: str, path: str, **kw):
         """Encrypt the file at ``path``, upload it to the media service and send ``to``
         a message whose body is its media payload; returns (ServerAck, Media).

@@ -525,7 +525,10 @@ class Message(Event):
     device, ((device address, bytes), ...): one for each device of ``to``
     and one for each other device of the sender's account (``body`` is then
     b"").  The server refuses a set that is not exactly the current device
-    lists (error 408, ``Error.missing`` / ``Error.extra``)."""
+    lists (error 408, ``Error.missing`` / ``Error.extra``).  To a group,
+    ``payloads`` go with the ``body`` (one ciphertext for every member): each
+    named device also gets its payload (sender-key distribution); the node's
+    content is then a ``<body>`` child and the ``<payload>`` children."""
 
     TAG: ClassVar[str] = "message"
     SENDER: ClassVar[str] = CLIENT
@@ -538,7 +541,10 @@ class Message(Event):
     def to_node(self, N):
         attrs = {"to": self.to, "id": self.id, "type": self.type}
         if self.payloads:
-            return N("message", attrs, [N("payload", {"device": d}, b) for d, b in self.payloads])
+            children = [N("payload", {"device": d}, b) for d, b in self.payloads]
+            if address_kind(self.to) == "group":
+                children.insert(0, N("body", None, self.body))
+            return N("message", attrs, children)
         return N("message", attrs, self.body)
 
     @classmethod
@@ -548,8 +554,15 @@ class Message(Event):
             raise _bad(node, "'type' must be 1-64 printable ASCII characters")
         to = _address(node, "to", "user", "group", "device")
         if isinstance(node.content, list):
-            if address_kind(to) != "user":
-                raise _bad(node, "per-device payloads go to a user")
+            kind = address_kind(to)
+            if kind == "group":
+                c = node.content
+                if not c or c[0].tag != "body" or c[0].attrs:
+                    raise _bad(node, "a group message's children are <body> and then <payload>s")
+                body = _bytes(c[0])
+                return _read(cls(to, _id(node), t, body, _payloads(node, 1)))
+            if kind != "user":
+                raise _bad(node, "per-device payloads go to a user or a group")
             return _read(cls(to, _id(node), t, b"", _payloads(node)))
         return _read(cls(to, _id(node), t, _bytes(node)))
 
@@ -561,9 +574,11 @@ class Message(Event):
         if self.payloads:
             if not isinstance(self.payloads, tuple):
                 raise _wrong(self, "payloads", "a tuple of (device, bytes)", self.payloads)
-            if address_kind(self.to) != "user":
-                raise _wrong(self, "to", "a user address (per-device payloads)", self.to)
-            if _nbytes(self.body):
+            group = address_kind(self.to) == "group"
+            if address_kind(self.to) != "user" and not group:
+                raise _wrong(self, "to", "a user or group address (per-device payloads)",
+                             self.to)  # fmt: skip
+            if _nbytes(self.body) and not group:
                 raise _wrong(self, "body", "empty beside payloads", self.body)
             seen = set()
             for i, item in enumerate(self.payloads):
@@ -576,11 +591,11 @@ class Message(Event):
                 seen.add(item[0])
 
 
-def _payloads(node) -> tuple:
-    """The (device, bytes) pairs of a message's ``payload`` children."""
+def _payloads(node, start: int = 0) -> tuple:
+    """The (device, bytes) pairs of a message's ``payload`` children (from ``start``)."""
     out = []
     seen = set()
-    for child in node.content:
+    for child in node.content[start:]:
         if child.tag != "payload":
             raise _bad(node, "content must be bytes or a list of <payload> nodes")
         d = child.attrs.get("device")
@@ -621,6 +636,8 @@ class IncomingMessage(Event):
     body: bytes
     to: str | None = None
     group: str | None = None
+    #: a group message that named this device: its payload (sender-key distribution)
+    payload: bytes | None = None
 
     def to_node(self, N):
         if self.group is not None:  # from the group; the sending device is the participant
@@ -630,6 +647,9 @@ class IncomingMessage(Event):
         if self.to is not None:
             attrs["to"] = self.to
         attrs.update(id=self.id, type=self.type, t=str(self.t), seq=str(self.seq))
+        if self.payload is not None:
+            return N("message", attrs, [N("body", None, self.body),
+                                        N("payload", None, self.payload)])  # fmt: skip
         return N("message", attrs, self.body)
 
     @classmethod
@@ -641,6 +661,14 @@ class IncomingMessage(Event):
             sender = _address(node, "participant", "device")
         else:
             sender = _address(node, "from", "device")
+        c = node.content
+        payload = None
+        if group is not None and isinstance(c, list):
+            if len(c) != 2 or c[0].tag != "body" or c[1].tag != "payload":
+                raise _bad(node, "a group message's children are <body> and <payload>")
+            body, payload = _bytes(c[0]), _bytes(c[1])
+        else:
+            body = _bytes(node)
         return _read(
             cls(
                 sender,
@@ -648,9 +676,10 @@ class IncomingMessage(Event):
                 _attr(node, "type"),
                 _uint(node, "t"),
                 _uint(node, "seq"),
-                _bytes(node),
+                body,
                 None if to is None else _address(node, "to", "user", "device"),
                 group,
+                payload,
             )
         )
 
@@ -658,6 +687,10 @@ class IncomingMessage(Event):
         _check_address(self, "sender", self.sender, _DEVICE)
         if self.group is not None:
             _check_address(self, "group", self.group, ("group",))
+        if self.payload is not None:
+            if self.group is None:
+                raise _wrong(self, "payload", "None but in a group message", self.payload)
+            _check_bytes(self, "payload", self.payload)
         _check_id(self, "id", self.id)
         if not isinstance(self.type, str):  # any text: the reader takes what it is given
             raise _wrong(self, "type", "a str", self.type)

@@ -270,6 +270,7 @@ _HISTORY: list[tuple[int, tuple[str, ...], tuple[str, ...]]] = [
             "info",
             "groupadd",
             "requested",
+            "body",
         ),
         (),
     ),

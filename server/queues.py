@@ -118,7 +118,8 @@ CACHE_MAX = 200_000  # entries of a worker's read caches before they start again
 QUEUE_TABLES = ("queue", "qstate", "dedup0", "dedup1", "fan", "conv0", "conv1")
 
 MESSAGE, RECEIPT, DEVICES = 0, 1, 2
-GROUP_NOTICE, GMESSAGE, GREF = 4, 5, 6  # group notice, group message body, reference to one
+# group notice, group message body, reference to one, group message with a device's payload
+GROUP_NOTICE, GMESSAGE, GREF, GPAYLOAD = 4, 5, 6, 7
 FAN, SYNC = 1, 2  # entry flag bits (Codec.queue_entry)
 _CLASS_KIND = {"message": MESSAGE, "receipt": RECEIPT}
 _DEDUP_META = b"dedup"
@@ -134,9 +135,36 @@ def _digest(to: str, typ: str, body, payloads=None) -> bytes:
         for device, payload in payloads:
             h.update(f"\x00{device}\x00{len(payload)}\x00".encode())
             h.update(payload)
-    elif body is not None:
+    if body is not None:  # (a group message has both)
         h.update(body)
     return h.digest()
+
+
+def spliced_entry(enc, kind: int, t: int, flags: int, origin: str, mid: str, tag: str,
+                  attrs: dict, children) -> bytes:  # fmt: skip
+    """An entry whose content is written after ``seq`` as it is (kinds 4 and 7):
+    ``<tag attrs... t seq>children</tag>`` (pigeon.core._pycodec, "queue entries")."""
+    codec, N = enc._codec, enc._node
+    head = bytearray(codec.encode(N(tag, {**attrs, "t": str(t)})))
+    content = b""
+    if children:
+        bare = codec.encode(N(tag, {}))
+        content = codec.encode(N(tag, {}, children))[len(bare) :]
+    if head[0] != 0xF8 or head[1] + 3 > 0xFF:  # LIST_8: such an entry has few attributes
+        raise ValueError("an entry's head must be a short list")
+    head[1] += 2 + bool(children)  # the seq the delivery adds, and the content
+    o, i = origin.encode(), mid.encode()
+    out = bytearray((kind,))
+    out += _T.pack(t)
+    out.append(flags)
+    out.append(len(o))
+    out += o
+    out.append(len(i))
+    out += i
+    out += len(head).to_bytes(2, "big")
+    out += head
+    out += content
+    return bytes(out)
 
 
 _packb = msgpack.Packer(use_bin_type=True).pack
@@ -596,6 +624,21 @@ class Queues:
             if s.cls == "message":
                 s.dkey = f"{s.device}\x00m\x00{s.id}".encode()
                 to = s.to
+                if to[0] == "g":  # a group: the body entry, stored once (_store_group)
+                    s.digest = _digest(to, s.type, s.body, s.payloads)
+                    s.entry = entry(GMESSAGE, now, 0, s.device, s.id, s.type, s.body, to)
+                    if s.payloads:  # a device's own entry: the body and its payload
+                        enc = self.encoder
+                        N = enc._node
+                        attrs = {"from": to, "participant": s.device, "id": s.id,
+                                 "type": s.type}  # fmt: skip
+                        s.payloads = {
+                            d: spliced_entry(enc, GPAYLOAD, now, 0, s.device, s.id, "message",
+                                             attrs, [N("body", None, s.body),
+                                                     N("payload", None, p)])
+                            for d, p in s.payloads
+                        }  # fmt: skip
+                    continue
                 if s.payloads:
                     s.digest = _digest(to, s.type, None, s.payloads)
                     prefix = to + ":"
@@ -610,9 +653,7 @@ class Queues:
                     }
                     continue
                 s.digest = _digest(to, s.type, s.body)
-                if to[0] == "g":  # a group: the body entry, stored once (_store_group)
-                    s.entry = entry(GMESSAGE, now, 0, s.device, s.id, s.type, s.body, to)
-                elif ":" in to or s.device.startswith(to + ":"):  # device-to-device, note to self
+                if ":" in to or s.device.startswith(to + ":"):  # device-to-device, note to self
                     s.entry = entry(MESSAGE, now, SYNC, s.device, s.id, s.type, s.body, to)
                 else:
                     s.entry = entry(MESSAGE, now, 0, s.device, s.id, s.type, s.body)
@@ -813,6 +854,18 @@ class Queues:
         if g[3] and sender not in g[2]:
             s.error = (ErrorCode.ANNOUNCE_ONLY, "only the group's admins send in this group")
             return
+        me = s.device
+        own = s.payloads  # {device: its entry}: the devices named by a payload
+        if own:
+            extra = tuple(
+                d for d in own
+                if d == me or d.partition(":")[0] not in g[1]
+                or d not in (w.devices(d.partition(":")[0]) or ())
+            )  # fmt: skip
+            if extra:
+                s.error = (ErrorCode.STALE_DEVICES, "a payload names a device that is not a "
+                           "member device (or is the sending one)", (), extra)  # fmt: skip
+                return
         txn = w.txn
         if w.gmsg is None:
             raw = txn.get(b"gmsg", db=self.db["meta"])
@@ -826,7 +879,6 @@ class Queues:
         sync_ref = head + bytes((SYNC,)) + number  # the sender's other devices' (no receipt)
         lim = self.limits
         max_count, max_bytes = lim.max_count, lim.max_bytes
-        me = s.device
         qstate, worker_of, put = w.qstate, w.worker_of, w.put
         qdb, pushes = w.qdb, w.pushes
         refs = 0
@@ -837,21 +889,26 @@ class Queues:
                 if d == me:
                     continue
                 st = qstate(d)
-                if st[1] + 1 > max_count or st[2] + size > max_bytes:
+                mine_entry = own.get(d) if own else None
+                need = size if mine_entry is None else len(mine_entry)
+                if st[1] + 1 > max_count or st[2] + need > max_bytes:
                     if failed is None:
                         failed = [user]
                     elif failed[-1] != user:
                         failed.append(user)
                     continue
                 seq = st[0]
-                put(qkey(d, seq), sync_ref if mine else ref, db=qdb)
                 st[0] = seq + 1
                 st[1] += 1
-                st[2] += size
-                refs += 1
+                st[2] += need
+                if mine_entry is None:
+                    put(qkey(d, seq), sync_ref if mine else ref, db=qdb)
+                    refs += 1
+                else:  # its own entry: the body and its payload
+                    put(qkey(d, seq), mine_entry, db=qdb)
                 wid = worker_of(d)
                 if wid is not None:  # offline devices read it from their queue later
-                    pushes.append(Push(d, seq, body, wid))
+                    pushes.append(Push(d, seq, body if mine_entry is None else mine_entry, wid))
         if refs:
             gdb = self.db["gbody"]
             put(number + b"b", body, db=gdb)

@@ -407,7 +407,7 @@ class Worker:
         ``payloads``: per-device payloads instead of ``body`` (Queues)."""
         kind = address_kind(to)
         if kind != "user":
-            if kind == "group" and cls == "message" and not payloads:
+            if kind == "group" and cls == "message":
                 pass  # fanned out to the members in the commit (Queues._store_group)
             elif kind == "device" and cls == "message":
                 if to.partition(":")[0] != sender.user or to == sender.device:
@@ -417,7 +417,10 @@ class Worker:
             else:
                 sender.send(Error(ErrorCode.BAD_REQUEST, "a receipt goes to a user", msg_id))
                 return
-        if payloads:  # each payload is what one device gets: each has the limit
+        if payloads and kind == "group":  # the body for all, a payload for some
+            largest = len(body) + max(len(p) for _, p in payloads)
+            size = len(body) + sum(len(p) for _, p in payloads)
+        elif payloads:  # each payload is what one device gets: each has the limit
             largest = max(len(p) for _, p in payloads)
             size = sum(len(p) for _, p in payloads)
             body = None

@@ -140,6 +140,8 @@ SAMPLES = [
     GroupNotice("g:12", "add", ALICE, 1763830000123, 10, (BOB,)),
     GroupNotice("g:12", "settings", ALICE, 1763830000123, 11, (), (("announce", "1"),)),
     IncomingMessage(ALICE_DEV, "m9", "text", 1763830000123, 45, b"x", None, "g:12"),
+    IncomingMessage(ALICE_DEV, "m9", "text", 1763830000123, 46, b"x", None, "g:12", b"key"),
+    Message("g:12", "m9", "skmsg", b"x", ((BOB + ":0", b"k1"), (ALICE + ":2", b"k2"))),
     ServerAck("m9", 1763830000123, "message", None, (BOB,)),
     Privacy("p3", groupadd="contacts"),
     PrivacySettings("p3", "everyone", "everyone", "nobody"),

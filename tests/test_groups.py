@@ -483,3 +483,37 @@ def test_who_can_add_me_everyone_contacts_nobody(srv):
             await cl.close()
 
     run(main())
+
+
+def test_per_device_payloads_go_to_the_devices_named_only(srv):
+    """Sender-key distribution: one body for all, a payload for each device named."""
+
+    async def main():
+        (a, ac), (b, bc), (c, cc) = await users(srv, 3)
+        b1 = srv.link_device(b)
+        alice, bob, carol = [await srv.login(x) for x in (ac, bc, cc)]
+        bob1 = await on_other_worker(srv, b1, b, worker_of(srv, bc))
+        g = (await alice.group("create", subject="keys", members=[b, c])).group
+        for cl in (alice, bob, bob1, carol):
+            await deliveries(cl, 1)
+        body = b"megolm ciphertext"
+        ack = await alice.group_send(g, body, ((b1.device, b"key for bob:1"),
+                                               (cc.device, b"key for carol")))  # fmt: skip
+        assert ack.failed == ()
+        (m,) = await deliveries(bob, 1)
+        assert (m.body, m.payload) == (body, None)
+        (m,) = await deliveries(bob1, 1)
+        assert (m.group, m.sender, m.body, m.payload) == (g, ac.device, body, b"key for bob:1")
+        (m,) = await deliveries(carol, 1)
+        assert (m.body, m.payload) == (body, b"key for carol")
+        # a device that is not a member's (or the sending one) is refused, nothing stored
+        ((_, xc),) = await users(srv, 1)
+        for bad in (xc.device, ac.device):
+            with pytest.raises(ServerError) as e:
+                await alice.group_send(g, body, ((bad, b"k"),))
+            assert e.value.code == ErrorCode.STALE_DEVICES and e.value.extra == (bad,)
+        await nothing_more(bob)
+        for cl in (alice, bob, bob1, carol):
+            await cl.close()
+
+    run(main())
