@@ -289,3 +289,156 @@ def test_trio_client_creates_reads_sends_and_receives_encrypted(srv, tmp_path):
                                                              b"over trio, encrypted")  # fmt: skip
 
     trio.run(main)
+
+
+async def companion(srv, relay, primary, profile) -> Client:
+    """A second device of ``primary``'s account, linked by QR code, logged in."""
+    comp = await connect(relay, profile)
+    it = comp.pair_qr(name="laptop")
+    code = await it.__anext__()
+    _, creds = await asyncio.gather(primary.link(code.qr), it.__anext__())
+    await comp.close()
+    comp = await connect(relay, profile)
+    await comp.login(creds)
+    comp.creds = creds
+    return comp
+
+
+def shares(relay, group, mid) -> int:
+    """How many deliveries of message ``mid`` carried a key share."""
+    return sum(isinstance(n.content, list) for n in relay.delivered(group)
+               if n.attrs.get("id") == mid)  # fmt: skip
+
+
+def test_keys_follow_new_members_companions_and_unlinked_devices(srv, tmp_path):
+    async def main():
+        relay = await Relay(srv.port).start()
+        pa, pb, pc = next(PHONES), next(PHONES), next(PHONES)
+        a = await register(srv, relay, pa, tmp_path / "a.json")
+        a1 = await companion(srv, relay, a, tmp_path / "a1.json")
+        b = await register(srv, relay, pb, tmp_path / "b.json")
+        c = await register(srv, relay, pc, tmp_path / "c.json")
+        g = (await a.group_create("keys", [pb])).group
+
+        # b and alice's laptop (the sent-sync copy) each get a share with the first one
+        ack = await a.send(g, b"one")
+        for cl in (b, a1):
+            ev = await message(cl)
+            assert (type(ev), ev.sender, ev.body) == (GroupMessage, a.device, b"one")
+        assert shares(relay, g, ack.id) == 2
+        ack = await a.send(g, b"two")  # they hold the key now: the body alone
+        for cl in (b, a1):
+            assert (await message(cl)).body == b"two"
+        assert shares(relay, g, ack.id) == 0
+
+        # carol added: only she gets a share, and reads from there on
+        await a.group_add(g, [pc])
+        sid = a.secure.groups.outbound[g].session.session_id
+        ack = await a.send(g, b"three")
+        assert a.secure.groups.outbound[g].session.session_id == sid  # no rotation for a join
+        for cl in (b, a1, c):
+            assert (await message(cl)).body == b"three"
+        assert shares(relay, g, ack.id) == 1
+        # the laptop writes with its own session: everyone else decrypts it
+        await a1.send(g, b"from the laptop")
+        for cl in (a, b, c):
+            ev = await message(cl)
+            assert (type(ev), ev.sender, ev.body) == (GroupMessage, a1.device, b"from the laptop")
+
+        # the laptop unlinked: alice's next message starts a new session without it
+        await a.unlink(a1.device)
+        ack = await a.send(g, b"four")
+        assert a.secure.groups.outbound[g].session.session_id != sid
+        for cl in (b, c):
+            assert (await message(cl)).body == b"four"
+        assert shares(relay, g, ack.id) == 2  # b and c again, not the laptop
+        for cl in (a, b, c):
+            await cl.close()
+        await relay.close()
+
+    run(main())
+
+
+def test_every_group_operation_through_the_sdk(srv):
+    """Each SDK method once, with the permission errors it can meet (the server's
+    rules are tests/test_groups.py's; this is the SDK's side of them)."""
+    from pigeon.client import ServerError
+    from pigeon.core.errors import ErrorCode
+
+    async def main():
+        phones = [next(PHONES) for _ in range(5)]
+        pa, pb, pc, pd, pe = phones
+        a, b, c, d, e = [await srv.login(await srv.register(p)) for p in phones]
+        made = await a.group_create("ops", [pb, "4400000000000"])
+        g = made.group
+        assert made.failed == (("4400000000000", ErrorCode.UNKNOWN_RECIPIENT),)
+        assert [(i[0], i[1]) for i in await b.groups()] == [(g, "ops")]
+
+        await a.group_subject(g, "ops 2")
+        assert (await notice(b, "subject")).get("subject") == "ops 2"
+        await a.group_description(g, "what we do")
+        info = await b.group_info(g)
+        assert (info.subject, info.description, info.creator) == ("ops 2", "what we do", pa)
+        with pytest.raises(ServerError) as err:
+            await b.group_add(g, [pc])
+        assert err.value.code == ErrorCode.NOT_ADMIN
+
+        # announcement mode: only admins send; a plaintext client sends the body as given
+        await a.group_settings(g, announce=True)
+        assert (await b.group_info(g)).announce
+        with pytest.raises(ServerError) as err:
+            await b.send(g, b"may I?")
+        assert err.value.code == ErrorCode.ANNOUNCE_ONLY
+        await a.group_promote(g, [pb])
+        assert set((await a.group_info(g)).admins) == {pa, pb}
+        await b.send(g, b"admins may")
+        while True:
+            ev = await group_event(a)
+            if isinstance(ev, IncomingMessage):
+                break
+        assert (ev.group, ev.sender, ev.body) == (g, b.device, b"admins may")
+        await a.group_demote(g, [pb])
+        await a.group_settings(g, announce=False)
+        assert (await a.group_info(g)).admins == (pa,)
+
+        # "who can add me": nobody, so carol is invited instead
+        settings = await c.privacy(groupadd="nobody")
+        assert settings.groupadd == "nobody"
+        r = await a.group_add(g, [pc])
+        assert r.failed == ((pc, ErrorCode.ADD_REFUSED),)
+        code = await a.group_invite(g)
+        assert code == await a.group_invite(g)  # the same code until revoked
+        preview = await c.group_preview(code)
+        assert (preview.group, preview.get("subject"), preview.get("count")) == (g, "ops 2", "2")
+        joined = await c.group_join(code)
+        assert joined.group == g and joined.get("requested") is None
+        assert pc in (await a.group_info(g)).users
+
+        # revoke: the old code stops at once; approval: requests, approve, reject
+        new = await a.group_revoke(g)
+        assert new != code
+        with pytest.raises(ServerError) as err:
+            await d.group_preview(code)
+        assert err.value.code == ErrorCode.BAD_INVITE
+        await a.group_settings(g, approval=True)
+        assert (await d.group_join(new)).get("requested") == "1"
+        assert (await e.group_join(new)).get("requested") == "1"
+        assert set(await a.group_requests(g)) == {pd, pe}
+        assert (await a.group_approve(g, [pd])).failed == ()
+        assert (await a.group_reject(g, pe)).failed == ()
+        assert await a.group_requests(g) == ()
+        users = (await a.group_info(g)).users
+        assert pd in users and pe not in users
+
+        # remove and leave: out is out
+        await a.group_remove(g, [pc])
+        assert (await notice(c, "remove")).members == (pc,)
+        with pytest.raises(ServerError) as err:
+            await c.group_info(g)
+        assert err.value.code == ErrorCode.NOT_MEMBER
+        await b.group_leave(g)
+        assert await b.groups() == ()
+        for cl in (a, b, c, d, e):
+            await cl.close()
+
+    run(main())
