@@ -195,11 +195,14 @@ class GroupCrypto:
         body = bytes([BODY_VERSION]) + _b64d(sid) + msg.to_bytes()
         return Sealed(group, sid, body, payloads, rotated)
 
-    def commit(self, sealed: Sealed) -> None:
-        """The server stored ``sealed``: its key shares reached their devices' queues."""
+    def commit(self, sealed: Sealed, failed_users=()) -> None:
+        """The server stored ``sealed``: its key shares reached their devices' queues,
+        but for the devices of ``failed_users`` (the ack's full queues), which get
+        a share again with the next message."""
         out = self.outbound.get(sealed.group)
         if out is not None and out.session.session_id == sealed.session_id:
-            out.shared.update(sealed.payloads)
+            failed = frozenset(failed_users)
+            out.shared.update(d for d in sealed.payloads if d.partition(":")[0] not in failed)
 
     # -- receiving -------------------------------------------------------------------
 

@@ -239,7 +239,7 @@ class GroupsAPI:
                 if attempt == 2:
                     raise
                 continue
-            self.secure.commit_group(sealed)
+            self.secure.commit_group(sealed, ack.failed)  # full queues: shared again next time
             return ack
         raise AssertionError("unreachable")
 

@@ -234,8 +234,8 @@ class SecureState:
         self.save()  # the ratchet advanced (and the Olm sessions of the shares)
         return sealed
 
-    def commit_group(self, sealed: Sealed) -> None:
-        self.groups.commit(sealed)
+    def commit_group(self, sealed: Sealed, failed_users=()) -> None:
+        self.groups.commit(sealed, failed_users)
         self.save()
 
     def remember_sent(self, mid: str, to: str, type: str, body: bytes) -> None:

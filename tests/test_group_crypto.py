@@ -80,6 +80,17 @@ def test_unacknowledged_share_is_sent_again():
     assert gcs[B].decrypt(G, A, first.body, "m1") == b"lost in transit"
 
 
+def test_a_share_to_a_full_queue_is_sent_again():
+    gcs, _ = devices(A, B, C)
+    s1 = gcs[A].seal(G, [B, C], b"one")
+    gcs[A].commit(s1, failed_users=[C.partition(":")[0]])  # the ack: C's queue was full
+    assert deliver(s1, A, {B: gcs[B]}) == {B: b"one"}
+    s2 = gcs[A].seal(G, [B, C], b"two")
+    assert set(s2.payloads) == {C} and s2.session_id == s1.session_id
+    gcs[A].commit(s2)
+    assert deliver(s2, A, {B: gcs[B], C: gcs[C]}, "m2")[C] == b"two"
+
+
 def test_removed_member_cannot_read_after_the_rotation():
     gcs, _ = devices(A, B, C)
     s1 = gcs[A].seal(G, [B, C], b"before")
