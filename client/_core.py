@@ -839,7 +839,10 @@ class ClientAPI(GroupsAPI):
         if that set is not exactly the server's device lists the server
         stores nothing and this raises StaleDevices (``missing``, ``extra``).
         ``to`` may also be another device of this account (a device-to-device
-        message, e.g. ``type="history"``): it goes to that device only.
+        message, e.g. ``type="history"``): it goes to that device only; or a
+        group (``g:N``): one body for every member device, encrypted once with
+        this device's Megolm session for it (client/groups.py); the ack's
+        ``failed`` names members whose queues were full.
 
         While a resuming client is reconnecting the message waits and goes
         out after the next login; retrying the same ``id`` is safe.  A field
