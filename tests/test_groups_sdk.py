@@ -442,3 +442,33 @@ def test_every_group_operation_through_the_sdk(srv):
             await cl.close()
 
     run(main())
+
+
+def test_an_offline_member_reads_notices_and_messages_in_order_at_login(srv, tmp_path):
+    async def main():
+        relay = await Relay(srv.port).start()
+        pa, pb = next(PHONES), next(PHONES)
+        a = await register(srv, relay, pa, tmp_path / "a.json")
+        b = await register(srv, relay, pb, tmp_path / "b.json")
+        creds = b.creds
+        await b.close()  # offline from here on: its keys are on the server
+        g = (await a.group_create("later", [pb])).group
+        await a.group_subject(g, "later on")
+        acks = [await a.send(g, b"while you were away %d" % i) for i in range(3)]
+        await a.group_subject(g, "last")
+        b = await connect(relay, tmp_path / "b.json")
+        await b.login(creds)
+        got = []
+        for _ in range(6):
+            ev = await group_event(b)
+            got.append((ev.op, ev.get("subject")) if isinstance(ev, GroupNotice)
+                       else (type(ev).__name__, ev.id, ev.body))  # fmt: skip
+        assert got == [("create", "later"), ("subject", "later on"),
+                       *[("GroupMessage", ack.id, b"while you were away %d" % i)
+                         for i, ack in enumerate(acks)],
+                       ("subject", "last")]  # fmt: skip
+        for cl in (a, b):
+            await cl.close()
+        await relay.close()
+
+    run(main())
