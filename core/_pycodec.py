@@ -42,7 +42,7 @@ IMPLEMENTATION = "python"
 ENTRY_MESSAGE, ENTRY_RECEIPT, ENTRY_DEVICES, ENTRY_KEYS = 0, 1, 2, 3
 #: group notice (head and content made by server/groups.py), group message body
 #: (stored once, in ``gbody``), and the per-device reference to one (never a frame)
-ENTRY_GROUP, ENTRY_GMESSAGE, ENTRY_GREF, ENTRY_GPAYLOAD = 4, 5, 6, 7
+ENTRY_GROUP, ENTRY_GMESSAGE, ENTRY_GREF, ENTRY_GPAYLOAD, ENTRY_GRECEIPT = 4, 5, 6, 7, 8
 _ENTRY_TAGS = ("message", "receipt", "devices", "keys", "group", "message")
 #: Flag bits of a queue entry: the recipient user had several devices (the fan
 #: record); a copy for the sender's own account (sync copy, device-to-device):
@@ -535,7 +535,9 @@ class Codec:
     # 6 is the queue's reference to a kind-5 entry stored once (server/queues.py):
     # never made or spliced here.  Kind 7, a group message with a payload for this
     # device: made by server/queues.py like kind 4 (its content, ``<body>`` and
-    # ``<payload>``, written after ``seq`` as it is), ``origin`` the sending device.  Flags bit 0 (ENTRY_FAN): the recipient
+    # ``<payload>``, written after ``seq`` as it is), ``origin`` the sending device.
+    # Kind 8, group receipts for one message (``<receipt from=g:N id type t seq>`` with
+    # ``<member user/>`` children), made and spliced like kind 4.  Flags bit 0 (ENTRY_FAN): the recipient
     # user had several devices (the fan record); bit 1 (ENTRY_SYNC): a copy for
     # the sender's own account (a sync copy or a device-to-device message),
     # whose ack makes no delivered receipt.  ``head`` is the frame payload up
@@ -617,7 +619,7 @@ class Codec:
             body = memoryview(entry)[p + hlen :]
             self._bin_header(payload, len(body))
             payload += body
-        elif kind == ENTRY_GROUP or kind == ENTRY_GPAYLOAD:
+        elif kind == ENTRY_GROUP or kind == ENTRY_GPAYLOAD or kind == ENTRY_GRECEIPT:
             payload += memoryview(entry)[p + hlen :]  # encoded content, or nothing
         n = len(payload)
         if n > self.limits.max_frame:

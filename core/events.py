@@ -822,6 +822,9 @@ class IncomingReceipt(Event):
     sequence.  ``to``: None, except on a read sync copy: another device of
     this account read a message of user ``to`` (``sender`` is this user).
     A ``retry`` receipt's ``sender`` is the device address that failed to decrypt.
+    A group's receipts for one of this account's messages to it: ``sender`` is
+    the group and ``members`` the member users it is about (the receipts of
+    one commit, coalesced).
     """
 
     TAG: ClassVar[str] = "receipt"
@@ -832,18 +835,27 @@ class IncomingReceipt(Event):
     t: int
     seq: int
     to: str | None = None
+    members: tuple[str, ...] = ()
 
     def to_node(self, N):
         attrs = {"from": self.sender}
         if self.to is not None:
             attrs["to"] = self.to
         attrs.update(id=self.id, type=self.type, t=str(self.t), seq=str(self.seq))
+        if self.members:
+            return N("receipt", attrs, [N("member", {"user": u}) for u in self.members])
         return N("receipt", attrs)
 
     @classmethod
     def from_node(cls, node):
         to = node.attrs.get("to")
         typ = _choice(node, "type", RECEIPT_TYPES)
+        frm = node.attrs.get("from")
+        if frm is not None and address_kind(frm) == "group":  # a group's, coalesced
+            if typ == "retry" or to is not None:
+                raise _bad(node, "a group's receipt is delivered, read or played, with no 'to'")
+            return _read(cls(_address(node, "from", "group"), _id(node), typ, _uint(node, "t"),
+                             _uint(node, "seq"), None, _group_members(node)))  # fmt: skip
         return _read(
             cls(
                 _address(node, "from", *(_DEVICE if typ == "retry" else _USER)),
@@ -857,7 +869,16 @@ class IncomingReceipt(Event):
 
     def check(self) -> None:
         _check_choice(self, "type", self.type, RECEIPT_TYPES)
-        _check_address(self, "sender", self.sender, _DEVICE if self.type == "retry" else _USER)
+        if self.members or (isinstance(self.sender, str) and address_kind(self.sender) == "group"):
+            _check_address(self, "sender", self.sender, ("group",))
+            if self.type == "retry":
+                raise _wrong(self, "type", "delivered, read or played (a group's)", self.type)
+            if self.to is not None:
+                raise _wrong(self, "to", "None (a group's receipt)", self.to)
+            _check_items(self, "members", self.members, _is_user_value, "a user address")
+        else:
+            _check_address(self, "sender", self.sender,
+                           _DEVICE if self.type == "retry" else _USER)  # fmt: skip
         _check_id(self, "id", self.id)
         _check_uint(self, "t", self.t)
         _check_uint(self, "seq", self.seq)

@@ -10,6 +10,7 @@ cdef enum:
     ENTRY_GROUP_KIND = 4         # a group notice: made by server/groups.py, content as is
     ENTRY_GMESSAGE_KIND = 5      # a group message: from=group, participant=origin, a body
     ENTRY_GPAYLOAD_KIND = 7      # a group message with a device's payload: content as is
+    ENTRY_GRECEIPT_KIND = 8      # group receipts for one message: content as is
     ENTRY_FIXED = 10             # kind, t, flags
 
 
@@ -141,7 +142,8 @@ cdef Py_ssize_t _write_entry_frame(Codec c, bytearray out, const unsigned char* 
         raise ValueError("not a queue entry")
     message = e[0] == ENTRY_MESSAGE_KIND or e[0] == ENTRY_GMESSAGE_KIND
     # a notice's content, or a group message's body and payload, encoded: written as it is
-    verbatim = e[0] == ENTRY_GROUP_KIND or e[0] == ENTRY_GPAYLOAD_KIND
+    verbatim = (e[0] == ENTRY_GROUP_KIND or e[0] == ENTRY_GPAYLOAD_KIND
+                or e[0] == ENTRY_GRECEIPT_KIND)
     pos += 1 + e[pos]
     if pos >= elen:
         raise ValueError("not a queue entry")

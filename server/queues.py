@@ -118,8 +118,9 @@ CACHE_MAX = 200_000  # entries of a worker's read caches before they start again
 QUEUE_TABLES = ("queue", "qstate", "dedup0", "dedup1", "fan", "conv0", "conv1")
 
 MESSAGE, RECEIPT, DEVICES = 0, 1, 2
-# group notice, group message body, reference to one, group message with a device's payload
-GROUP_NOTICE, GMESSAGE, GREF, GPAYLOAD = 4, 5, 6, 7
+# group notice, group message body, reference to one, group message with a device's
+# payload, a group's receipts for one message (coalesced)
+GROUP_NOTICE, GMESSAGE, GREF, GPAYLOAD, GRECEIPT = 4, 5, 6, 7, 8
 FAN, SYNC = 1, 2  # entry flag bits (Codec.queue_entry)
 _CLASS_KIND = {"message": MESSAGE, "receipt": RECEIPT}
 _DEDUP_META = b"dedup"
@@ -199,27 +200,43 @@ def bump_group_version(txn, db: dict) -> None:
 # A group message's body is stored once, in ``gbody``, under its number (u64) and
 # b"b" (the kind-5 entry every member device's delivery is spliced from), with a
 # count under the number and b"c": (devices still referring to it, its entry's
-# length), two u32.  Each member device's queue holds a reference (kind 6):
+# length), two u32, then "group NUL sending device NUL id" (for the delivered
+# receipts).  Each member device's queue holds a reference (kind 6):
 #     kind u8 (6) | t u64 | flags u8 | number u64      (18 bytes)
 # Its queue bytes count the body entry's length, as if the body were in it.
+# The fan flag (bit 0) marks a member with several devices: then the number,
+# b"f" and the user is a record until the first of them acks (their delivered
+# receipt is the first ack's), dropped with the body at the latest.
 _GCOUNT = struct.Struct(">II")
 GREF_SIZE = 18
 
 
-def _unref(txn, gdb, number, n: int = 1) -> int:
-    """``n`` fewer devices refer to body ``number`` (8 bytes); at 0 it is deleted.
-    Returns the length its queues counted for it (0: no such body)."""
+def _unref(txn, gdb, number) -> bytes | None:
+    """One device fewer refers to body ``number`` (8 bytes); at 0 it is deleted (and
+    what is left of its fan records).  Returns its count record as it was (None: no
+    such body): ``_GCOUNT`` then group, sending device and id."""
     ckey = number + b"c"
     raw = txn.get(ckey, db=gdb)
     if raw is None:
-        return 0
-    refs, size = _GCOUNT.unpack(raw)
-    if refs <= n:
+        return None
+    refs, size = _GCOUNT.unpack_from(raw)
+    if refs <= 1:
         txn.delete(ckey, db=gdb)
         txn.delete(number + b"b", db=gdb)
+        prefix = number + b"f"
+        with txn.cursor(db=gdb) as c:
+            if c.set_range(prefix):
+                while c.key().startswith(prefix):
+                    if not c.delete():
+                        break
     else:
-        txn.put(ckey, _GCOUNT.pack(refs - n, size), db=gdb)
-    return size
+        txn.put(ckey, _GCOUNT.pack(refs - 1, size) + raw[8:], db=gdb)
+    return raw
+
+
+def _unref_size(txn, gdb, number, fallback: int) -> int:
+    raw = _unref(txn, gdb, number)
+    return fallback if raw is None else _GCOUNT.unpack_from(raw)[1]
 
 
 def qprefix(device: str) -> bytes:
@@ -339,6 +356,7 @@ class _Txn:
         self.conv = None  # (current, previous) conversation generations, when needed
         self.full = None  # past the store's reserve? (asked once, when a send needs it)
         self.gchecked = False  # meta "gver" compared with the group cache's this commit
+        self.greceipts: dict[bytes, list[str]] = {}  # a message's key -> member users
         self.gmsg = None  # the last group body number (read when a group message needs it)
 
     def group(self, gid: str):
@@ -521,6 +539,8 @@ class Queues:
                 for device, upto in acks.items():
                     if not self._ack(w, device, upto, now, ack_limit):
                         unfinished.append((device, upto))
+                if w.greceipts:  # the group messages' delivered receipts, coalesced
+                    self._group_receipts(w, "delivered", now)
                 for s in sends:
                     self._store_one(w, s, now, cur, prev)
                 w.flush_state()
@@ -876,7 +896,10 @@ class Queues:
         size = len(body)
         head = bytes((GREF,)) + _T.pack(now)
         ref = head + b"\x00" + number  # the members' reference
+        fan_ref = head + bytes((FAN,)) + number  # a member's with several devices
         sync_ref = head + bytes((SYNC,)) + number  # the sender's other devices' (no receipt)
+        gdb = self.db["gbody"]
+        fans = 0
         lim = self.limits
         max_count, max_bytes = lim.max_count, lim.max_bytes
         qstate, worker_of, put = w.qstate, w.worker_of, w.put
@@ -885,7 +908,12 @@ class Queues:
         failed = None
         for user in g[0]:
             mine = user == sender
-            for d in w.devices(user) or ():
+            devs = w.devices(user) or ()
+            fan = len(devs) > 1 and not mine
+            if fan:
+                put(number + b"f" + user.encode(), b"", db=gdb)
+                fans += 1
+            for d in devs:
                 if d == me:
                     continue
                 st = qstate(d)
@@ -902,7 +930,7 @@ class Queues:
                 st[1] += 1
                 st[2] += need
                 if mine_entry is None:
-                    put(qkey(d, seq), sync_ref if mine else ref, db=qdb)
+                    put(qkey(d, seq), sync_ref if mine else (fan_ref if fan else ref), db=qdb)
                     refs += 1
                 else:  # its own entry: the body and its payload
                     put(qkey(d, seq), mine_entry, db=qdb)
@@ -910,9 +938,16 @@ class Queues:
                 if wid is not None:  # offline devices read it from their queue later
                     pushes.append(Push(d, seq, body if mine_entry is None else mine_entry, wid))
         if refs:
-            gdb = self.db["gbody"]
             put(number + b"b", body, db=gdb)
-            put(number + b"c", _GCOUNT.pack(refs, size), db=gdb)
+            put(number + b"c", _GCOUNT.pack(refs, size)
+                + f"{s.to}\x00{me}\x00{s.id}".encode(), db=gdb)  # fmt: skip
+        elif fans:  # (no reference: no ack will come to drop them)
+            with txn.cursor(db=gdb) as c:
+                prefix = number + b"f"
+                if c.set_range(prefix):
+                    while c.key().startswith(prefix):
+                        if not c.delete():
+                            break
         txn.put(dkey, stamp, db=cur)
         s.t = now
         if failed is not None:
@@ -976,7 +1011,13 @@ class Queues:
                     st = w.qstate(device)
                 st[1] -= 1
                 if value[0] == GREF:
-                    st[2] -= _unref(txn, self.db["gbody"], value[10:18]) or len(value)
+                    raw = _unref(txn, self.db["gbody"], value[10:18])
+                    if raw is None:
+                        st[2] -= len(value)
+                    else:
+                        st[2] -= _GCOUNT.unpack_from(raw)[1]
+                        if self.receipts and not value[9] & SYNC:
+                            self._group_delivered(w, value, raw, user)
                 else:
                     st[2] -= len(value)
                 if self.receipts and value[0] == MESSAGE and not value[9] & SYNC:
@@ -986,6 +1027,32 @@ class Queues:
         if st is not None and st[1] <= 0:
             st[1], st[2] = 0, 0
         return done
+
+    def _group_delivered(self, w: _Txn, value, raw: bytes, user: str) -> None:
+        """A member device acked a group message: ``user``'s delivered receipt, once
+        per member user, gathered for this commit's coalesced receipts."""
+        if value[9] & FAN and not w.txn.delete(value[10:18] + b"f" + user.encode(),
+                                               db=self.db["gbody"]):  # fmt: skip
+            return  # another device of this user acked first
+        key = bytes(raw[8:])  # group NUL sending device NUL id
+        got = w.greceipts.get(key)
+        if got is None:
+            w.greceipts[key] = [user]
+        else:
+            got.append(user)
+
+    def _group_receipts(self, w: _Txn, typ: str, now: int) -> None:
+        """One receipt entry per message for the sender's devices: every member
+        user this commit's acks (or read receipts) are about, as ``member`` children."""
+        N = self.encoder._node
+        for key, users in w.greceipts.items():
+            group, device, mid = key.decode().split("\x00")
+            entry = spliced_entry(self.encoder, GRECEIPT, now, 0, group, mid, "receipt",
+                                  {"from": group, "id": mid, "type": typ},
+                                  [N("member", {"user": u}) for u in users])  # fmt: skip
+            for d in w.devices(device.partition(":")[0]) or ():
+                w.enqueue(d, entry)
+        w.greceipts.clear()
 
     def _delivered(self, w: _Txn, value, user: str, now: int) -> None:
         _, _, fan, origin, mid = entry_fields(value)
@@ -1143,7 +1210,7 @@ class Queues:
                             if _T.unpack_from(value, 1)[0] >= cutoff:
                                 break
                             st[1] -= 1
-                            st[2] -= _unref(txn, gdb, value[10:18]) or len(value)
+                            st[2] -= _unref_size(txn, gdb, value[10:18], len(value))
                             purged += 1
                             if not c.delete():
                                 break

@@ -16,7 +16,7 @@ from serverutil import Server, on_other_worker, until
 from pigeon.client import ServerError
 from pigeon.core import _pycodec
 from pigeon.core.errors import ErrorCode
-from pigeon.core.events import GroupNotice, IncomingMessage
+from pigeon.core.events import GroupNotice, IncomingMessage, IncomingReceipt
 from pigeon.core.node import Limits
 from pigeon.core.tokens import LATEST
 from pigeon.server.groups import notice_entry
@@ -70,14 +70,33 @@ async def users(srv, n):
     return out
 
 
-async def deliveries(client, n, timeout=15.0) -> list:
+async def deliveries(client, n, timeout=15.0, receipts=None) -> list:
+    """The next ``n`` messages and notices, each acked; group receipts in between
+    are acked and go to ``receipts`` (a list), if given."""
     out = []
-    for _ in range(n):
+    while len(out) < n:
         ev = await client.next_event(timeout)
+        await client.ack(ev.seq)
+        if isinstance(ev, IncomingReceipt):
+            if receipts is not None:
+                receipts.append(ev)
+            continue
         assert isinstance(ev, (IncomingMessage, GroupNotice)), ev
         out.append(ev)
-        await client.ack(ev.seq)
     return out
+
+
+async def group_receipts(client, users, timeout=15.0) -> dict:
+    """Group receipts until every one of ``users`` is named: {user: receipt}."""
+    got = {}
+    while not set(users) <= set(got):
+        ev = await client.next_event(timeout)
+        await client.ack(ev.seq)
+        assert isinstance(ev, IncomingReceipt), ev
+        for u in ev.members:
+            assert u not in got, f"{u} named twice"
+            got[u] = ev
+    return got
 
 
 async def nothing_more(client, wait=0.5) -> None:
@@ -251,7 +270,9 @@ def test_group_message_fans_out_across_workers_and_offline_members_catch_up(srv)
             (m,) = await deliveries(cl, 1)
             assert (m.group, m.sender, m.id, m.body, m.t) == (g, ac.device, "gm1",
                                                              b"hello team", ack.t)  # fmt: skip
-        await nothing_more(alice)
+        (r,) = set((await group_receipts(alice, [b])).values())  # bob's first device's ack
+        assert (r.sender, r.id, r.type, r.members) == (g, "gm1", "delivered", (b,))
+        await nothing_more(alice)  # (carol is offline)
         # a retry is the same message: the same ack, stored once
         again = await alice.send(g, b"hello team", id="gm1")
         assert again.t == ack.t
@@ -517,3 +538,69 @@ def test_per_device_payloads_go_to_the_devices_named_only(srv):
             await cl.close()
 
     run(main())
+
+
+def test_delivered_receipts_once_per_member_user_coalesced(srv):
+    """The first ack by a device of each member makes that member's delivered
+    receipt; the receipts of one commit for one message are one entry, to every
+    device of the sender."""
+
+    async def main():
+        (a, ac), (b, bc), (c, cc), (d, dc) = await users(srv, 4)
+        a1, b1 = srv.link_device(a), srv.link_device(b)
+        alice, bob, carol, dave = [await srv.login(x) for x in (ac, bc, cc, dc)]
+        alice1 = await on_other_worker(srv, a1, a, worker_of(srv, ac))
+        bob1 = await on_other_worker(srv, b1, b, worker_of(srv, bc))
+        g = (await alice.group("create", subject="ticks", members=[b, c, d])).group
+        for cl in (alice, alice1, bob, bob1, carol, dave):
+            await deliveries(cl, 1)
+        ack = await alice.send(g, b"did you get it?", id="tick1")
+        (m,) = await deliveries(alice1, 1)  # the sync copy: no receipt for it
+        for cl in (bob, bob1, carol, dave):
+            await deliveries(cl, 1)
+        for cl in (alice, alice1):  # every device of the sender: each member once
+            got = await group_receipts(cl, [b, c, d])
+            assert set(got) == {b, c, d}
+            for r in got.values():
+                assert (r.sender, r.id, r.type) == (g, "tick1", "delivered") and r.t >= ack.t
+        await nothing_more(alice)
+        for cl in (alice, alice1, bob, bob1, carol, dave):
+            await cl.close()
+
+    run(main())
+
+
+def test_receipts_of_one_commit_are_one_entry(tmp_path):
+    """Coalescing, in the store: three members' acks in one commit make one
+    receipt entry (three ``member`` children) per device of the sender."""
+    from pigeon.core.codec import Codec
+    from pigeon.core.events import GroupRequest
+    from pigeon.server.groups import Groups
+    from pigeon.server.queues import Queues, Send
+
+    store = Store(str(tmp_path / "store"), map_size=64 << 20, sync="os")
+    try:
+        keys = (b"salt", b"stored", b"server", 4096)
+        phones = [f"4960{i:08d}" for i in range(4)]
+        devs = [store.register_device(p, b"i" * 32, keys)[0] for p in phones]
+        q = Queues(store)
+        with store.write() as txn:
+            res, _ = Groups(store, q).handle(txn, store.clock(), phones[0],
+                                             GroupRequest("c", "create", None, tuple(phones[1:]),
+                                                          "s"))  # fmt: skip
+        q.commit([], {d: q.head(d) - 1 for d in devs})  # the create notices
+        q.commit([Send(devs[0], "message", "m1", res.group, "text", b"hi")], {})
+        pushes = q.commit([], {d: q.head(d) - 1 for d in devs[1:]})
+        assert [p.device for p in pushes] == [devs[0]]
+        (frame,) = [f for _, f in q.read(devs[0], q.head(devs[0]) - 2, 9)]
+        ev = IncomingReceipt.from_node(Codec().decode(memoryview(frame)[3:]))
+        assert (ev.sender, ev.id, ev.type, set(ev.members)) == (res.group, "m1", "delivered",
+                                                                 set(phones[1:]))  # fmt: skip
+        assert gbody_count(store) == 0  # every reference acked: the body is gone
+    finally:
+        store.close()
+
+
+def gbody_count(store) -> int:
+    with store.read() as txn:
+        return txn.stat(store._db["gbody"])["entries"]

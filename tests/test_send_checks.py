@@ -248,6 +248,8 @@ BAD = [
     (IncomingMessage(ALICE_DEV, "m1", "text", 1, 1, b"x", None, BOB), "group"),
     (ServerAck("m1", 1, "message", None, (ALICE_DEV,)), "failed[0]"),
     (Privacy("p1", groupadd="friends"), "groupadd"),
+    (IncomingReceipt("g:1", "m1", "delivered", 1, 1, None, (ALICE_DEV,)), "members[0]"),
+    (IncomingReceipt(BOB, "m1", "delivered", 1, 1, None, (ALICE,)), "sender"),
 ]
 
 

@@ -315,6 +315,8 @@ EXAMPLES = {
                                       ((BOB + ":0", bytes(8)), (CAROL + ":1", bytes(8)))),
     "message-group-payload-in": IncomingMessage(ALICE + ":0", "3eb0c1f2a4d5e6f8", "skmsg", T,
                                                 16, BODY, None, GROUP, bytes(8)),
+    "receipt-group-in": IncomingReceipt(GROUP, "3eb0c1f2a4d5e6f7", "delivered", T + 250, 17,
+                                        None, (BOB, CAROL)),
     "ack-group-failed": ServerAck("3eb0c1f2a4d5e6f7", T, "message", None, (CAROL,)),
     "error-not-member": Error(ErrorCode.NOT_MEMBER, "you are not a member of this group",
                               "3eb0c1f2a4d5e6f7"),
