@@ -393,8 +393,8 @@ class ClientCore:
         mid = mid or self.new_id()
         return self.request(MESSAGE, mid, message_event(to, mid, type, body))
 
-    def receipt(self, to: str, mid: str, type: str) -> tuple[str, str]:
-        return self.request(RECEIPT, mid, Receipt(to, mid, type))
+    def receipt(self, to: str, mid: str, type: str, participant=None) -> tuple[str, str]:
+        return self.request(RECEIPT, mid, Receipt(to, mid, type, participant))
 
     def ack(self, seq: int, live: bool) -> None:
         """The application acknowledges deliveries up to ``seq``.
@@ -1020,15 +1020,17 @@ class ClientAPI(GroupsAPI):
         return e2e.safety_number(self._creds.user, mine, user, their_primary_key)
 
     async def receipt(
-        self, to: str, id: str, type: str = "read", timeout: float | None = 30.0
-    ) -> ServerAck:
-        """Tell ``to`` that its message ``id`` was read (or played); waits for the server's ack."""
+        self, to: str, id: str, type: str = "read", timeout: float | None = 30.0,
+        participant: str | None = None,
+    ) -> ServerAck:  # fmt: skip
+        """Tell ``to`` that its message ``id`` was read (or played); waits for the server's ack.
+        In a group, ``to`` is the group and ``participant`` the user who sent it."""
         if self.closed is not None:
             raise ConnectionLost(str(self.closed))
         if self._live:
-            key = self.core.receipt(to, id, type)
+            key = self.core.receipt(to, id, type, participant)
         else:
-            event = Receipt(to, id, type)
+            event = Receipt(to, id, type, participant)
             event.check()  # as in send()
             key = self.core.expect(RECEIPT, id, event)
         return await self._wait(key, timeout)

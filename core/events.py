@@ -792,26 +792,44 @@ CLIENT_RECEIPT_TYPES = frozenset({"read", "played", "retry"})
 
 @dataclass(frozen=True, slots=True)
 class Receipt(Event):
-    """A client tells the sender of message ``id`` it was read (or played)."""
+    """A client tells the sender of message ``id`` it was read (or played).
+
+    In a group: ``to`` is the group and ``participant`` the user who sent the
+    message (read and played only)."""
 
     TAG: ClassVar[str] = "receipt"
     SENDER: ClassVar[str] = CLIENT
     to: str
     id: str
     type: str = "read"
+    participant: str | None = None
 
     def to_node(self, N):
+        if self.participant is not None:
+            return N("receipt", {"to": self.to, "participant": self.participant, "id": self.id,
+                                 "type": self.type})  # fmt: skip
         return N("receipt", {"to": self.to, "id": self.id, "type": self.type})
 
     @classmethod
     def from_node(cls, node):
         typ = _choice(node, "type", CLIENT_RECEIPT_TYPES)
+        if node.attrs.get("participant") is not None:
+            if typ == "retry":
+                raise _bad(node, "a group's receipt is read or played")
+            return _read(cls(_address(node, "to", "group"), _id(node), typ,
+                             _address(node, "participant", "user")))  # fmt: skip
         return _read(cls(_address(node, "to", "user"), _id(node), typ))
 
     def check(self) -> None:
-        _check_address(self, "to", self.to, _USER)
+        if self.participant is None:
+            _check_address(self, "to", self.to, _USER)
+        else:
+            _check_address(self, "to", self.to, ("group",))
+            _check_address(self, "participant", self.participant, _USER)
         _check_id(self, "id", self.id)
         _check_choice(self, "type", self.type, CLIENT_RECEIPT_TYPES)
+        if self.participant is not None and self.type == "retry":
+            raise _wrong(self, "type", "read or played (a group's receipt)", self.type)
 
 
 @dataclass(frozen=True, slots=True)

@@ -113,7 +113,7 @@ def message(s, ev: Message) -> None:
 
 
 def receipt(s, ev: Receipt) -> None:
-    s.worker.route(s, ev.to, ev.id, "receipt", ev.type, None)
+    s.worker.route(s, ev.to, ev.id, "receipt", ev.type, None, participant=ev.participant)
 
 
 def device_ack(s, ev: DeviceAck) -> None:

@@ -540,9 +540,11 @@ class Queues:
                     if not self._ack(w, device, upto, now, ack_limit):
                         unfinished.append((device, upto))
                 if w.greceipts:  # the group messages' delivered receipts, coalesced
-                    self._group_receipts(w, "delivered", now)
+                    self._group_receipts(w, now)
                 for s in sends:
                     self._store_one(w, s, now, cur, prev)
+                if w.greceipts:  # and their read receipts
+                    self._group_receipts(w, now)
                 w.flush_state()
         except BaseException:
             # an aborted transaction may have filled the caches with what it
@@ -677,6 +679,9 @@ class Queues:
                     s.entry = entry(MESSAGE, now, SYNC, s.device, s.id, s.type, s.body, to)
                 else:
                     s.entry = entry(MESSAGE, now, 0, s.device, s.id, s.type, s.body)
+            elif s.to[0] == "g":  # a group's read receipt (``body``: whose message it is)
+                s.dkey = f"{s.device}\x00r{s.type}\x00{s.to}\x00{s.body}\x00{s.id}".encode()
+                s.digest = b""
             else:  # a receipt names the message of another user: the recipient is in the key
                 s.dkey = f"{s.device}\x00r{s.type}\x00{s.to}\x00{s.id}".encode()
                 s.digest = b""
@@ -713,7 +718,10 @@ class Queues:
         sender = me.partition(":")[0]
         lim = self.limits
         if to[0] == "g":
-            self._store_group(w, s, now, sender, dkey, stamp, cur)
+            if s.cls == "message":
+                self._store_group(w, s, now, sender, dkey, stamp, cur)
+            else:
+                self._store_group_receipt(w, s, now, sender, dkey, stamp, cur)
             return
         if ":" in to:  # device-to-device, inside the sender's own account (Worker.route)
             devices = w.devices(sender)
@@ -861,6 +869,34 @@ class Queues:
                     if d != me:
                         enqueue(d, sync_entry)
         txn.put(dkey, stamp, db=cur)
+        s.t = now
+
+    def _store_group_receipt(self, w: _Txn, s: Send, now: int, sender: str, dkey, stamp,
+                             cur) -> None:  # fmt: skip
+        """A member read (or played) ``s.body``'s message ``s.id`` in group ``s.to``:
+        gathered for the commit's coalesced receipts to that user's devices, and a
+        read-sync copy for the reader's other devices."""
+        g = w.group(s.to[2:])
+        if g is None or sender not in g[1]:
+            s.error = (ErrorCode.NOT_MEMBER, "you are not a member of this group")
+            return
+        author = s.body
+        if author != sender:
+            key = f"{s.type}\x00{s.to}\x00{author}\x00{s.id}".encode()
+            got = w.greceipts.get(key)
+            if got is None:
+                w.greceipts[key] = [sender]
+            elif sender not in got:
+                got.append(sender)
+        others = [d for d in w.devices(sender) or () if d != s.device]
+        if others:  # read sync: this user's other devices mark it read too
+            N = self.encoder._node
+            entry = spliced_entry(self.encoder, GRECEIPT, now, SYNC, s.to, s.id, "receipt",
+                                  {"from": s.to, "id": s.id, "type": s.type},
+                                  [N("member", {"user": sender})])  # fmt: skip
+            for d in others:
+                w.enqueue(d, entry)
+        w.txn.put(dkey, stamp, db=cur)
         s.t = now
 
     def _store_group(self, w: _Txn, s: Send, now: int, sender: str, dkey, stamp, cur) -> None:
@@ -1034,19 +1070,19 @@ class Queues:
         if value[9] & FAN and not w.txn.delete(value[10:18] + b"f" + user.encode(),
                                                db=self.db["gbody"]):  # fmt: skip
             return  # another device of this user acked first
-        key = bytes(raw[8:])  # group NUL sending device NUL id
+        key = b"delivered\x00" + bytes(raw[8:])  # type NUL group NUL sending device NUL id
         got = w.greceipts.get(key)
         if got is None:
             w.greceipts[key] = [user]
         else:
             got.append(user)
 
-    def _group_receipts(self, w: _Txn, typ: str, now: int) -> None:
+    def _group_receipts(self, w: _Txn, now: int) -> None:
         """One receipt entry per message for the sender's devices: every member
         user this commit's acks (or read receipts) are about, as ``member`` children."""
         N = self.encoder._node
         for key, users in w.greceipts.items():
-            group, device, mid = key.decode().split("\x00")
+            typ, group, device, mid = key.decode().split("\x00")
             entry = spliced_entry(self.encoder, GRECEIPT, now, 0, group, mid, "receipt",
                                   {"from": group, "id": mid, "type": typ},
                                   [N("member", {"user": u}) for u in users])  # fmt: skip

@@ -400,14 +400,14 @@ class Worker:
     # -- routing ------------------------------------------------------------------
 
     def route(self, sender: Session, to: str, msg_id: str, cls: str, typ: str, body,
-              payloads=None) -> None:  # fmt: skip
+              payloads=None, participant: str | None = None) -> None:  # fmt: skip
         """Queue a message or a read receipt for storing in this tick's commit.
 
         ``to``: a user, or (messages) a device of the sender's own account;
         ``payloads``: per-device payloads instead of ``body`` (Queues)."""
         kind = address_kind(to)
         if kind != "user":
-            if kind == "group" and cls == "message":
+            if kind == "group" and (cls == "message" or participant is not None):
                 pass  # fanned out to the members in the commit (Queues._store_group)
             elif kind == "device" and cls == "message":
                 if to.partition(":")[0] != sender.user or to == sender.device:
@@ -435,7 +435,10 @@ class Worker:
                 )
             )
             return
-        self.sends.append(Send(sender.device, cls, msg_id, to, typ, body, sender, payloads))
+        send = Send(sender.device, cls, msg_id, to, typ, body, sender, payloads)
+        if participant is not None:  # a group's read receipt: whose message it is
+            send.body = participant
+        self.sends.append(send)
         if size:
             self.send_bytes += size
             if self.send_bytes >= self.commit_max_bytes:

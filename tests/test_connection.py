@@ -144,6 +144,7 @@ SAMPLES = [
     Message("g:12", "m9", "skmsg", b"x", ((BOB + ":0", b"k1"), (ALICE + ":2", b"k2"))),
     ServerAck("m9", 1763830000123, "message", None, (BOB,)),
     IncomingReceipt("g:12", "m9", "delivered", 1763830000999, 47, None, (BOB, "447700900123")),
+    Receipt("g:12", "m9", "read", ALICE),
     Privacy("p3", groupadd="contacts"),
     PrivacySettings("p3", "everyone", "everyone", "nobody"),
     # multi-device (issue 15)

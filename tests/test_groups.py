@@ -564,7 +564,22 @@ def test_delivered_receipts_once_per_member_user_coalesced(srv):
             for r in got.values():
                 assert (r.sender, r.id, r.type) == (g, "tick1", "delivered") and r.t >= ack.t
         await nothing_more(alice)
-        for cl in (alice, alice1, bob, bob1, carol, dave):
+        # read receipts: coalesced per commit to the sender's devices, read sync to
+        # the reader's other devices; a non-member's is refused
+        await bob.receipt(g, "tick1", participant=a)
+        await carol.receipt(g, "tick1", participant=a)
+        for cl in (alice, alice1):
+            got = await group_receipts(cl, [b, c])
+            assert {(r.type, r.id) for r in got.values()} == {("read", "tick1")}
+        (r,) = set((await group_receipts(bob1, [b])).values())
+        assert (r.sender, r.type, r.members) == (g, "read", (b,))
+        await nothing_more(bob)
+        ((_, xc),) = await users(srv, 1)
+        stranger = await srv.login(xc)
+        with pytest.raises(ServerError) as e:
+            await stranger.receipt(g, "tick1", participant=a)
+        assert e.value.code == ErrorCode.NOT_MEMBER
+        for cl in (alice, alice1, bob, bob1, carol, dave, stranger):
             await cl.close()
 
     run(main())
@@ -604,3 +619,140 @@ def test_receipts_of_one_commit_are_one_entry(tmp_path):
 def gbody_count(store) -> int:
     with store.read() as txn:
         return txn.stat(store._db["gbody"])["entries"]
+
+
+def test_expired_and_removed_references_drop_the_body(tmp_path):
+    """queue-max-age purges a group message's references like any entry, and a
+    device that goes (its queue dropped) lets go of its reference too: the body
+    goes with the last one."""
+    from pigeon.core.events import GroupRequest
+    from pigeon.server.groups import Groups
+    from pigeon.server.queues import QueueLimits, Queues, Send
+
+    now = [1_000_000]
+    store = Store(str(tmp_path / "store"), map_size=64 << 20, sync="os", clock=lambda: now[0])
+    try:
+        keys = (b"salt", b"stored", b"server", 4096)
+        phones = [f"4970{i:08d}" for i in range(3)]
+        devs = [store.register_device(p, b"i" * 32, keys)[0] for p in phones]
+        q = Queues(store, QueueLimits(max_age_ms=60_000))
+        with store.write() as txn:
+            res, _ = Groups(store, q).handle(txn, now[0], phones[0],
+                                             GroupRequest("c", "create", None, tuple(phones[1:]),
+                                                          "s"))  # fmt: skip
+        q.commit([], {d: q.head(d) - 1 for d in devs})
+        q.commit([Send(devs[0], "message", "m1", res.group, "text", b"x" * 100)], {})
+        assert gbody_count(store) == 2  # the body and its count
+        assert store.remove_device(devs[1])  # one member's device goes: its reference too
+        assert gbody_count(store) == 2
+        now[0] += 61_000
+        purged, _ = q.purge_expired()
+        assert purged == 1 and gbody_count(store) == 0  # the last reference: the body goes
+        assert q.stats()["count"] == 0 and q.stats()["bytes"] == 0
+    finally:
+        store.close()
+
+
+def test_a_deleted_account_leaves_its_groups(srv):
+    async def main():
+        (a, ac), (b, bc) = await users(srv, 2)
+        alice, bob = [await srv.login(x) for x in (ac, bc)]
+        g = (await alice.group("create", subject="bye", members=[b])).group
+        for cl in (alice, bob):
+            await deliveries(cl, 1)
+        await alice.delete_account()
+        (n,) = await deliveries(bob, 1)
+        assert (n.op, n.by, n.members) == ("leave", a, (a,))
+        (n,) = await deliveries(bob, 1)  # the last admin went: bob is one now
+        assert (n.op, n.members) == ("promote", (b,))
+        info = await bob.group("info", g)
+        assert [(m.user, m.role) for m in info.members] == [(b, "admin")]
+        await alice.close()
+        await bob.close()
+
+    run(main())
+
+
+def test_kill_9_of_a_worker_during_a_big_fan_out_loses_and_duplicates_nothing(tmp_path):
+    """A group of 306 (most offline, members online on both workers, resuming
+    clients) takes 60 messages; worker 0 is killed with SIGKILL a third of the
+    way in.  Every acked id reaches each online member's application exactly
+    once, and an offline member's queue holds each exactly once."""
+    import signal
+    from collections import Counter
+
+    srv = Server(tmp_path / "data", workers=2, register_per_ip=1000, message_rate=0)
+    srv.start()
+    try:
+
+        async def main():
+            people = await users(srv, 7)
+            store = open_store(srv)
+            try:
+                extra = provision(store, 299, str(tmp_path / "creds.jsonl"), prefix="4942",
+                                  iterations=4096)  # fmt: skip
+            finally:
+                store.close()
+            (_, ac), rest = people[0], people[1:]
+            alice = await srv.login(ac, reconnect=True)
+            online = {}
+            for i, (p, c) in enumerate(rest):  # on both workers
+                if i % 2:
+                    online[p] = await on_other_worker(srv, c, p, worker_of(srv, ac),
+                                                      reconnect=True)  # fmt: skip
+                else:
+                    online[p] = await srv.login(c, reconnect=True)
+            members = [p for p, _ in rest] + [x["phone"] for x in extra]
+            g = (await alice.group("create", subject="crash", members=members)).group
+            got = {p: Counter() for p in online}
+
+            async def consume(p):
+                c = online[p]
+                while True:
+                    ev = await c.next_event(None)
+                    if isinstance(ev, IncomingMessage) and ev.group == g:
+                        got[p][ev.id] += 1
+                    if hasattr(ev, "seq"):
+                        await c.ack(ev.seq)
+
+            consumers = [asyncio.ensure_future(consume(p)) for p in online]
+            acked, sem = set(), asyncio.Semaphore(8)
+
+            async def one(n):
+                async with sem:
+                    await alice.send(g, os.urandom(200), id=f"k{n}", timeout=None)
+                acked.add(f"k{n}")
+
+            sending = asyncio.ensure_future(asyncio.gather(*(one(n) for n in range(60))))
+            await until(lambda: len(acked) >= 20, timeout=60, interval=0.01)
+            os.kill(srv.worker_pid(0), signal.SIGKILL)
+            await asyncio.wait_for(sending, 120)
+            want = {f"k{n}" for n in range(60)}
+            assert acked == want
+            await until(lambda: all(set(c) == want for c in got.values()), timeout=60)
+            for p, c in got.items():
+                assert max(c.values()) == 1, (p, [m for m, k in c.items() if k > 1])
+            assert sum(c.reconnects for c in [alice, *online.values()]) >= 1  # worker 0's
+            for c in consumers:
+                c.cancel()
+            for c in [alice, *online.values()]:
+                await c.close()
+            # an offline member: the create notice, then each message once, in order
+            offline = [x for x in extra if x["phone"] == members[-1]][0]
+            from pigeon.client import Credentials
+
+            late = await srv.login(Credentials(offline["device"], bytes.fromhex(offline["secret"])))
+            seen = []
+            while len(seen) < 61:
+                ev = await late.next_event(15)
+                await late.ack(ev.seq)
+                seen.append(ev)
+            assert seen[0].op == "create"
+            ids = [ev.id for ev in seen[1:]]
+            assert sorted(ids) == sorted(want) and len(set(ids)) == 60
+            await nothing_more(late)
+            await late.close()
+
+        run(main(), timeout=400)
+    finally:
+        assert srv.stop() == 0, srv.log_text()[-3000:]

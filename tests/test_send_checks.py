@@ -250,6 +250,8 @@ BAD = [
     (Privacy("p1", groupadd="friends"), "groupadd"),
     (IncomingReceipt("g:1", "m1", "delivered", 1, 1, None, (ALICE_DEV,)), "members[0]"),
     (IncomingReceipt(BOB, "m1", "delivered", 1, 1, None, (ALICE,)), "sender"),
+    (Receipt("g:1", "m1", "read", ALICE_DEV), "participant"),
+    (Receipt(BOB, "m1", "read", ALICE), "to"),
 ]
 
 

@@ -317,6 +317,7 @@ EXAMPLES = {
                                                 16, BODY, None, GROUP, bytes(8)),
     "receipt-group-in": IncomingReceipt(GROUP, "3eb0c1f2a4d5e6f7", "delivered", T + 250, 17,
                                         None, (BOB, CAROL)),
+    "receipt-group-out": Receipt(GROUP, "3eb0c1f2a4d5e6f7", "read", ALICE),
     "ack-group-failed": ServerAck("3eb0c1f2a4d5e6f7", T, "message", None, (CAROL,)),
     "error-not-member": Error(ErrorCode.NOT_MEMBER, "you are not a member of this group",
                               "3eb0c1f2a4d5e6f7"),
