@@ -717,6 +717,13 @@ def test_groups_by_name_notices_invite_and_leave(server, tmp_path):
         # a line NAME text goes to the group; the members show it under the group's name
         a.type("team hello, team")
         assert b.expect(f"<- team/{ALICE}").endswith("hello, team")
+        first = a.expect("-> team: hello, team").rsplit("[", 1)[1].rstrip("]")
+        a.expect(f"✓ {first}")  # acked: bob holds alice's key now
+        a.type("team and again")  # (no key share in this one)
+        mid = a.expect("-> team: and again").rsplit("[", 1)[1].rstrip("]")
+        assert b.expect(f"<- team/{ALICE}").endswith("and again")
+        assert a.expect(f"✓✓ {mid}:").endswith(BOB)  # the group's receipt names who got it
+        assert a.expect(f"read {mid}:").endswith(BOB)  # and who read it
         b.type("team hi alice")
         assert a.expect(f"<- team/{BOB}").endswith("hi alice")
         # only admins add: bob is refused, alice adds carol

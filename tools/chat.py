@@ -49,6 +49,9 @@ to, its subject with spaces as '-'), and ``/to NAME`` makes bare lines go
 there.  Group messages print as ``<- NAME/PHONE [HH:MM]: text`` and
 changes to the group as ``** NAME: PHONE added PHONE``; they are end-to-end
 encrypted like the others (Megolm sender keys, client/group_crypto.py).
+Ticks of a group message name the members: ``✓✓ ID: PHONE...`` when their
+devices got it, ``read ID: PHONE...`` when they read it (this chat sends
+its own read receipts for what it shows).
 The profile keeps which name stands for which group (``g:N``).
 
 An unknown command (a typo such as ``/qiut``) is refused with a pointer to
@@ -691,6 +694,8 @@ class Chat:
                 text = _printable(ev.body.decode("utf-8", "replace"))
                 _out(f"<- {name}/{_user(ev.sender)} [{when}]: {text}")
                 await self.client.ack(ev.seq)
+                if _user(ev.sender) != _user(self.client.device or ""):  # not a sync copy
+                    self.spawn(self._read_receipt(group, ev.id, _user(ev.sender)))
                 if name == group:
                     self.spawn(self.learn_group(group))
             elif isinstance(ev, GroupNotice):
@@ -746,8 +751,14 @@ class Chat:
 
     def _tick(self, ev: IncomingReceipt) -> None:
         entry = self.pending.get(ev.id)
-        if entry is None or entry[0] != _user(ev.sender):
+        who = ev.sender if address_kind(ev.sender) == "group" else _user(ev.sender)
+        if entry is None or entry[0] != who:
             return  # not ours (or sent before the last 1,000): nothing to mark
+        if ev.members:  # a group's: which members' devices got it (or read it) now
+            tick = "✓✓" if ev.type == "delivered" else ev.type
+            entry[1] = tick
+            _out(f"   {tick} {ev.id}: {' '.join(ev.members)}")
+            return
         if ev.type == "delivered":
             if entry[1] != "✓✓":
                 entry[1] = "✓✓"
@@ -757,9 +768,9 @@ class Chat:
             if ev.type == "read":
                 del self.pending[ev.id]
 
-    async def _read_receipt(self, who: str, mid: str) -> None:
+    async def _read_receipt(self, who: str, mid: str, participant: str | None = None) -> None:
         try:
-            await self.client.receipt(who, mid, "read", timeout=None)
+            await self.client.receipt(who, mid, "read", timeout=None, participant=participant)
         except (ServerError, ConnectionLost):
             pass  # the sender went away, or so did we: nothing to tell
 
@@ -816,7 +827,7 @@ class Chat:
         self.pending[mid] = [to, ""]
         while len(self.pending) > PENDING_MAX:
             del self.pending[next(iter(self.pending))]
-        _out(f"-> {to}: {text} [{mid}]")
+        _out(f"-> {self.name(to)}: {text} [{mid}]")
         try:
             # no timeout: while reconnecting the message waits and goes out after
             await self.client.send(to, text.encode(), id=mid, timeout=None)
