@@ -640,6 +640,13 @@ OPTIONS: list[Option] = [
         "groups one user may create per 24 h (error 302 past it)",
     ),
     Option(
+        "group_window",
+        86_400,
+        _positive_float,
+        "sliding window of groups-per-day and group-joins-per-day, seconds (a day: "
+        "their names say per day)",
+    ),
+    Option(
         "group_joins_per_day",
         200,
         _positive_int,
@@ -851,7 +858,7 @@ GROUPS: list[Group] = [
     Group(
         "groups",
         "group size and how many groups and invite look-ups a user may make",
-        ("group_max_members", "groups_per_day", "group_joins_per_day"),
+        ("group_max_members", "groups_per_day", "group_joins_per_day", "group_window"),
     ),
     Group(
         "abuse limits",

@@ -938,7 +938,11 @@ class Queues:
         fans = 0
         lim = self.limits
         max_count, max_bytes = lim.max_count, lim.max_bytes
-        qstate, worker_of, put = w.qstate, w.worker_of, w.put
+        # (the loop runs once per member device: _Txn.qstate, worker_of and qkey inlined)
+        put, get = w.put, txn.get
+        state, sessions = w.state, self.session_cache
+        sdb, sessdb = self.db["qstate"], self.db["sessions"]
+        unpack, pack_seq = _QSTATE.unpack, _T.pack
         qdb, pushes = w.qdb, w.pushes
         refs = 0
         failed = None
@@ -946,13 +950,18 @@ class Queues:
             mine = user == sender
             devs = w.devices(user) or ()
             fan = len(devs) > 1 and not mine
+            entry = sync_ref if mine else (fan_ref if fan else ref)
             if fan:
                 put(number + b"f" + user.encode(), b"", db=gdb)
                 fans += 1
             for d in devs:
                 if d == me:
                     continue
-                st = qstate(d)
+                dk = d.encode()
+                st = state.get(d)
+                if st is None:
+                    raw = get(dk, db=sdb)
+                    st = state[d] = [1, 0, 0] if raw is None else list(unpack(raw))
                 mine_entry = own.get(d) if own else None
                 need = size if mine_entry is None else len(mine_entry)
                 if st[1] + 1 > max_count or st[2] + need > max_bytes:
@@ -966,11 +975,15 @@ class Queues:
                 st[1] += 1
                 st[2] += need
                 if mine_entry is None:
-                    put(qkey(d, seq), sync_ref if mine else (fan_ref if fan else ref), db=qdb)
+                    put(dk + b"\x00" + pack_seq(seq), entry, db=qdb)
                     refs += 1
                 else:  # its own entry: the body and its payload
-                    put(qkey(d, seq), mine_entry, db=qdb)
-                wid = worker_of(d)
+                    put(dk + b"\x00" + pack_seq(seq), mine_entry, db=qdb)
+                try:
+                    wid = sessions[d]
+                except KeyError:
+                    raw = get(dk, db=sessdb)
+                    wid = sessions[d] = None if raw is None else _unpackb(raw)["worker"]
                 if wid is not None:  # offline devices read it from their queue later
                     pushes.append(Push(d, seq, body if mine_entry is None else mine_entry, wid))
         if refs:

@@ -67,7 +67,7 @@ from .accounts import Accounts, make_gateway
 from .bus import Bus
 from .config import load
 from .errors import ServiceError
-from .groups import GROUP_WINDOW_MS, GroupLimits, Groups
+from .groups import GroupLimits, Groups
 from .limits import Bucket, LeakyTable
 from .listeners import FULL_LOG_INTERVAL, Listeners, listen_socket, raise_open_files_limit
 from .metrics import SNAPSHOT_INTERVAL, WorkerStats
@@ -696,7 +696,7 @@ class Worker:
         longest = int(1000 * max(c.register_window, c.login_window, c.new_chats_window,
                                  c.discover_window, c.verify_window, c.keys_fetch_window,
                                  c.key_changes_window, media_day,
-                                 GROUP_WINDOW_MS / 1000))  # fmt: skip
+                                 c.group_window))  # fmt: skip
         where, swept = (b"", b""), 0
         while True:
             try:
@@ -763,7 +763,8 @@ class Worker:
         self.groups = Groups(self.store, self.queues,
                              GroupLimits(max_members=c.group_max_members,
                                          per_day=c.groups_per_day,
-                                         joins_per_day=c.group_joins_per_day))  # fmt: skip
+                                         joins_per_day=c.group_joins_per_day,
+                                         window_ms=int(c.group_window * 1000)))  # fmt: skip
         self.social = Social(self.store, c)
         self.presence = PresenceHub(self, self.social, self.queues.encoder)
         self.encode_entry = self.queues.encoder.write
