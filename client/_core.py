@@ -114,7 +114,7 @@ from pigeon.core.events import (
 from pigeon.core.node import address_kind
 
 from . import e2e
-from .groups import GroupsAPI
+from .groups import GROUP_KEY_REQUEST, GroupsAPI
 from .identity import Identity, format_qr, new_identity, parse_qr
 from .secure import E2E_TYPES, GROUP_E2E_TYPE, DecryptionFailed, SecureState
 
@@ -884,6 +884,10 @@ class ClientAPI(GroupsAPI):
         if type(out) is DecryptionFailed:
             # the broken session is gone; ask the sender's device for the message again
             self._spawn(self._ask_resend(ev.sender, ev.id))
+        elif out.type == GROUP_KEY_REQUEST:  # the SDK's own business (client/groups.py)
+            self._group_key_request(out)
+            self.core.ack(ev.seq, self._live)
+            return
         self._push(out)
 
     async def _ask_resend(self, device: str, mid: str) -> None:

@@ -81,6 +81,14 @@ class UnknownSession(GroupDecryptError):
     with it: it was not a member then, or was removed before the rotation)."""
 
 
+def session_of(body: bytes) -> str | None:
+    """The session id a group body names (None if it is not one)."""
+    body = bytes(body)
+    if len(body) <= 1 + SESSION_ID_BYTES or body[0] != BODY_VERSION:
+        return None
+    return _b64e(body[1 : 1 + SESSION_ID_BYTES])
+
+
 def _b64d(text: str) -> bytes:
     return base64.b64decode(text + "=" * (-len(text) % 4))
 
@@ -203,6 +211,16 @@ class GroupCrypto:
         if out is not None and out.session.session_id == sealed.session_id:
             failed = frozenset(failed_users)
             out.shared.update(d for d in sealed.payloads if d.partition(":")[0] not in failed)
+
+    def reshare(self, group: str, session_id: str, device: str) -> bool:
+        """``device`` lost the key of this device's session ``session_id`` for
+        ``group``: the next message carries a share for it again (if it is a
+        recipient then).  False if that is not the current session."""
+        out = self.outbound.get(group)
+        if out is None or out.session.session_id != session_id or device not in out.shared:
+            return False
+        out.shared.discard(device)
+        return True
 
     # -- receiving -------------------------------------------------------------------
 

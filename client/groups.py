@@ -31,9 +31,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import msgpack
+
 from pigeon.core.events import GroupMember, GroupNotice, GroupRequest, GroupResult
 
 from . import e2e
+from .group_crypto import session_of
+from .secure import GroupDecryptionFailed
 
 __all__ = ["GroupInfo", "GroupsAPI"]
 
@@ -44,6 +48,11 @@ logger = logging.getLogger("pigeon.client")
 _SHRINK = frozenset({"remove", "leave"})
 #: users per key-bundle request (the server's keys-query-max default)
 KEYS_QUERY_CHUNK = 16
+#: the application type of a 1:1 encrypted message asking a member device to share
+#: its group key with this device again (it lost it): ``[group, session id]``
+GROUP_KEY_REQUEST = "gkeyreq"
+#: key requests remembered (one per group, sender device and session)
+KEY_REQUESTS_KEPT = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,4 +254,50 @@ class GroupsAPI:
 
     def _deliver_group(self, ev) -> None:
         # the key share this device was named for, if any, rides in the same delivery
-        self._push(self.secure.decrypt_group(ev, getattr(ev, "payload", None)))
+        out = self.secure.decrypt_group(ev, getattr(ev, "payload", None))
+        if type(out) is GroupDecryptionFailed and out.unknown_session:
+            self._ask_group_key(out, ev.body)
+        self._push(out)
+
+    # -- recovery: a device that lost a group key asks the sender for it again ---------
+
+    _key_requests: dict | None = None
+
+    def _ask_group_key(self, failed, body: bytes) -> None:
+        """No key for the session of a message from ``failed.sender``: ask that device,
+        in a 1:1 encrypted message, to share its key again with the next message
+        (the failed message itself stays unread).  Once per (group, device, session)."""
+        sid = session_of(body)
+        if sid is None:
+            return
+        asked = self._key_requests
+        if asked is None:
+            asked = self._key_requests = {}
+        key = (failed.group, failed.sender, sid)
+        if key in asked:
+            return
+        asked[key] = None
+        while len(asked) > KEY_REQUESTS_KEPT:
+            del asked[next(iter(asked))]
+        request = msgpack.packb([failed.group, sid], use_bin_type=True)
+        self._spawn(self._send_key_request(failed.sender, request))
+
+    async def _send_key_request(self, device: str, request: bytes) -> None:
+        from ._core import ConnectionLost, ServerError
+
+        try:
+            await self.send(device.partition(":")[0], request, type=GROUP_KEY_REQUEST)
+        except (ServerError, ConnectionLost, e2e.E2EError) as exc:
+            logger.info("pigeon client: no group key request to %s: %s", device, exc)
+
+    def _group_key_request(self, msg) -> None:
+        """A device asks for this device's key of a group again: the next message to
+        the group carries a share for it (if it is still a recipient then: the
+        member list decides, not the request)."""
+        try:
+            group, sid = msgpack.unpackb(msg.body, raw=False)
+        except (ValueError, msgpack.UnpackException):
+            return
+        if isinstance(group, str) and isinstance(sid, str):
+            if self.secure.groups.reshare(group, sid, msg.sender):
+                self.secure.save()

@@ -302,3 +302,18 @@ def test_secure_state_keeps_group_sessions_in_its_profile(tmp_path):
     failed = bob2.decrypt_group(bad, None)
     assert type(failed) is GroupDecryptionFailed and not failed.unknown_session
     assert bob2.decrypt_group(incoming("m3", s3, 5), s3.payloads[B]).body == b"unshared"
+
+
+def test_a_device_that_lost_the_key_gets_it_again_on_request():
+    gcs, _ = devices(A, B, C)
+    s1 = gcs[A].seal(G, [B, C], b"one")
+    gcs[A].commit(s1)
+    deliver(s1, A, {B: gcs[B], C: gcs[C]})
+    gcs[C].inbound.clear()  # C lost its state
+    assert not gcs[A].reshare(G, "not-the-session", C)
+    assert not gcs[A].reshare(G, s1.session_id, "491700000000:0")  # never had it
+    assert gcs[A].reshare(G, s1.session_id, C)
+    s2 = gcs[A].seal(G, [B, C], b"two")
+    assert set(s2.payloads) == {C} and s2.session_id == s1.session_id
+    gcs[A].commit(s2)
+    assert deliver(s2, A, {B: gcs[B], C: gcs[C]}, "m2") == {B: b"two", C: b"two"}

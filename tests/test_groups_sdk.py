@@ -241,6 +241,17 @@ def test_group_encrypted_end_to_end_and_a_removed_member_cannot_read_on(srv, tmp
         ev = c.secure.decrypt_group(as_delivered, None)
         assert type(ev) is GroupDecryptionFailed and ev.unknown_session
 
+        # bob loses his copy of alice's key: the next message fails for him, his SDK
+        # asks alice's device (a 1:1 encrypted request) and the one after is his again
+        b.secure.groups.inbound.clear()
+        await a.send(g, b"lost on bob")
+        ev = await message(b)
+        assert type(ev) is GroupDecryptionFailed and ev.unknown_session
+        await until(lambda: b.device not in a.secure.groups.outbound[g].shared)
+        await a.send(g, b"yours again")
+        ev = await message(b)
+        assert (type(ev), ev.body) == (GroupMessage, b"yours again")
+
         # nothing in clear on the wire or in the server's files
         assert not any(s in relay.captured for s in secrets)
         for cl in (a, b, c):
