@@ -47,6 +47,7 @@ def group(tmp_path, impl):
     send = lambda: q.commit([Send(devices[0], "message", f"g{next(ids)}", res.group,  # noqa: E731
                                   "text", bytes(100))], {})  # fmt: skip
     send()  # warm: the caches hold the group and its members' device lists
+    q.group_name = res.group  # (for test_store_bytes_per_message)
     yield q, devices, send
     store.close()
 
@@ -85,3 +86,23 @@ def test_fanout_ack(benchmark, group):
 
     benchmark.pedantic(lambda acks: q.commit([], acks), setup=setup, rounds=20)
     benchmark.extra_info["frames"] = COPIES
+
+
+@pytest.mark.parametrize("body", [100, 4000])
+def test_store_bytes_per_message(benchmark, group, body):
+    """LMDB pages in use after N messages, divided by N (the issue's store-growth
+    figure): ``extra_info["store_bytes_per_msg"]`` and ``..._per_recipient``."""
+    q, devices, send = group
+    store = q.store
+    ids = itertools.count()
+    with store.read() as txn:
+        before, psize = store.pages_used(txn)
+    msg = lambda: q.commit([Send(devices[0], "message", f"b{next(ids)}", q.group_name,  # noqa: E731
+                                 "text", bytes(body))], {})  # fmt: skip
+    benchmark.pedantic(msg, rounds=20)
+    with store.read() as txn:
+        after, _ = store.pages_used(txn)
+    per = (after - before) * psize / 20
+    benchmark.extra_info.update(frames=COPIES, body=body, store_bytes_per_msg=per,
+                                store_bytes_per_recipient=per / COPIES)  # fmt: skip
+    print(f"\nbody {body}: {per:.0f} store bytes per message, {per / COPIES:.1f} per recipient")
