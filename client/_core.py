@@ -112,10 +112,12 @@ from pigeon.core.events import (
     normalize_link_code,
     signed_key_message,
 )
+from pigeon.core.node import address_kind
 
 from . import e2e
+from .groups import GROUP_KEY_REQUEST, GroupsAPI
 from .identity import Identity, format_qr, new_identity, parse_qr
-from .secure import E2E_TYPES, DecryptionFailed, SecureState
+from .secure import E2E_TYPES, GROUP_E2E_TYPE, DecryptionFailed, SecureState
 
 #: After these the server will not take the device back by reconnecting:
 #: the device was removed, replaced by a newer login, or its login failed.
@@ -310,8 +312,11 @@ class PairingCode:
 
 
 def message_event(to: str, mid: str, type: str, body) -> Message:
-    """The Message for ``body``: bytes for every device, or a mapping
-    {device address: bytes} of per-device payloads."""
+    """The Message for ``body``: bytes for every device, a mapping
+    {device address: bytes} of per-device payloads, or for a group a pair
+    (body, {device address: bytes}): the one body and key shares beside it."""
+    if isinstance(body, tuple):
+        return Message(to, mid, type, body[0], tuple(body[1].items()))
     if isinstance(body, Mapping):
         return Message(to, mid, type, b"", tuple(body.items()))
     return Message(to, mid, type, body)
@@ -529,8 +534,8 @@ class ClientCore:
             outcomes.append(Deliver(ev))
 
 
-class ClientAPI:
-    """The SDK's methods, written once for both drivers.
+class ClientAPI(GroupsAPI):
+    """The SDK's methods, written once for both drivers (the group ones: client/groups.py).
 
     A driver supplies ``core`` (a ClientCore), the attributes ``closed``,
     ``device``, ``_creds`` and ``_live``, ``_wait(key, timeout)`` (flush, then
@@ -620,8 +625,15 @@ class ClientAPI:
             t = type(o)
             if t is Deliver:
                 ev = o.event
-                if self.secure is not None and type(ev) is IncomingMessage and ev.type in E2E_TYPES:
+                if (self.secure is not None and type(ev) is IncomingMessage
+                        and ev.group is not None and ev.type == GROUP_E2E_TYPE):  # fmt: skip
+                    self._deliver_group(ev)
+                elif (self.secure is not None and type(ev) is IncomingMessage
+                      and ev.type in E2E_TYPES and ev.group is None):  # fmt: skip
                     self._deliver_encrypted(ev)
+                elif type(ev) is GroupNotice:
+                    self._group_notice(ev)
+                    self._push(ev)
                 elif self.secure is not None and type(ev) is IncomingReceipt and ev.type == "retry":
                     self._spawn(self._resend(ev))
                     self.core.ack(ev.seq, self._live)  # the SDK's own business: acked here
@@ -828,7 +840,10 @@ class ClientAPI:
         if that set is not exactly the server's device lists the server
         stores nothing and this raises StaleDevices (``missing``, ``extra``).
         ``to`` may also be another device of this account (a device-to-device
-        message, e.g. ``type="history"``): it goes to that device only.
+        message, e.g. ``type="history"``): it goes to that device only; or a
+        group (``g:N``): one body for every member device, encrypted once with
+        this device's Megolm session for it (client/groups.py); the ack's
+        ``failed`` names members whose queues were full.
 
         While a resuming client is reconnecting the message waits and goes
         out after the next login; retrying the same ``id`` is safe.  A field
@@ -837,6 +852,8 @@ class ClientAPI:
         ``body`` that is not bytes) raises LocalProtocolError at once.
         """
         if self.secure is not None and isinstance(body, bytes | bytearray):
+            if address_kind(to) == "group":
+                return await self._send_group_secure(to, bytes(body), type, id, timeout)
             return await self._send_secure(to, bytes(body), type, id, timeout)
         return await self._send_raw(to, body, type, id, timeout)
 
@@ -868,6 +885,10 @@ class ClientAPI:
         if type(out) is DecryptionFailed:
             # the broken session is gone; ask the sender's device for the message again
             self._spawn(self._ask_resend(ev.sender, ev.id))
+        elif out.type == GROUP_KEY_REQUEST:  # the SDK's own business (client/groups.py)
+            self._group_key_request(out)
+            self.core.ack(ev.seq, self._live)
+            return
         self._push(out)
 
     async def _ask_resend(self, device: str, mid: str) -> None:

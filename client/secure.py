@@ -33,11 +33,21 @@ from dataclasses import dataclass
 import msgpack
 
 from . import e2e
+from .group_crypto import GroupCrypto, Sealed, UnknownSession
 
-__all__ = ["DecryptedMessage", "DecryptionFailed", "SafetyNumberChanged", "SecureState"]
+__all__ = [
+    "DecryptedMessage",
+    "DecryptionFailed",
+    "GroupDecryptionFailed",
+    "GroupMessage",
+    "SafetyNumberChanged",
+    "SecureState",
+]
 
 #: outer message types of an encrypted message (PROTOCOL.md)
 E2E_TYPES = frozenset({"pkmsg", "msg"})
+#: the outer type of an encrypted group message (Megolm: client/group_crypto.py)
+GROUP_E2E_TYPE = "skmsg"
 #: messages kept for a resend on a peer's retry receipt, and resend ids remembered
 SENT_KEPT = 256
 SEEN_KEPT = 1024
@@ -77,6 +87,38 @@ class DecryptionFailed:
 
 
 @dataclass(frozen=True, slots=True)
+class GroupMessage:
+    """A message to ``group`` this device decrypted (Megolm), from member device
+    ``sender``; ``type`` and ``body`` are the application's.  On a sent-sync copy
+    (``sender`` another device of this account) it is what that device sent.
+    ``id``, ``t``, ``seq`` as on ``IncomingMessage``; ack ``seq`` as usual."""
+
+    group: str
+    sender: str
+    id: str
+    type: str
+    t: int
+    seq: int
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class GroupDecryptionFailed:
+    """A message to ``group`` from ``sender`` this device could not decrypt:
+    ``unknown_session`` when the sender's key was never shared with this device
+    (it was not a member then, or was removed), else corrupted or replayed.
+    Ack ``seq`` as usual."""
+
+    group: str
+    sender: str
+    id: str
+    t: int
+    seq: int
+    reason: str
+    unknown_session: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class SafetyNumberChanged:
     """``user``'s identity keys changed (re-registration, or a new or replaced device):
     the safety number may have changed; compare it again (``safety_number``)."""
@@ -88,7 +130,7 @@ class SafetyNumberChanged:
 
 class SecureState:
     __slots__ = ("_key", "_profile", "device", "primaries", "device_keys", "sent", "seen",
-                 "published")  # fmt: skip
+                 "published", "groups")  # fmt: skip
 
     def __init__(self, profile: str | os.PathLike | None = None):
         self._profile = None if profile is None else os.fspath(profile)
@@ -102,6 +144,8 @@ class SecureState:
         #: ids of originals a resend replaced (or that were decrypted), to drop copies
         self.seen: OrderedDict[str, None] = OrderedDict()
         self.device = e2e.OlmDevice()
+        #: the Megolm sessions of the groups this device is in (client/group_crypto.py)
+        self.groups = GroupCrypto(self.device)
         #: the identity and fallback keys were uploaded
         self.published = False
         if self._profile is not None:
@@ -116,6 +160,9 @@ class SecureState:
         with open(self._profile, "rb") as f:
             data = json.loads(f.read())
         self.device = e2e.OlmDevice.load(data["olm"], self._key)
+        self.groups = GroupCrypto(self.device)
+        if "groups" in data:
+            self.groups.load(data["groups"], self._key)
         self.primaries = {u: bytes.fromhex(k) for u, k in data.get("primaries", {}).items()}
         self.device_keys = {d: bytes.fromhex(k) for d, k in data.get("devices", {}).items()}
         self.published = bool(data.get("published"))
@@ -129,6 +176,7 @@ class SecureState:
             "primaries": {u: k.hex() for u, k in self.primaries.items()},
             "devices": {d: k.hex() for d, k in self.device_keys.items()},
             "published": self.published,
+            "groups": self.groups.dump(self._key),
         }
         tmp = f"{self._profile}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -179,6 +227,17 @@ class SecureState:
         self.save()
         return ("pkmsg" if pre else "msg"), payloads
 
+    def seal_group(self, group: str, devices, type: str, body: bytes) -> Sealed:
+        """One group message for ``devices`` (client/group_crypto.py): the Megolm body,
+        key shares for the devices that lack the key; ``commit_group`` after the ack."""
+        sealed = self.groups.seal(group, devices, self.seal(type, body))
+        self.save()  # the ratchet advanced (and the Olm sessions of the shares)
+        return sealed
+
+    def commit_group(self, sealed: Sealed, failed_users=()) -> None:
+        self.groups.commit(sealed, failed_users)
+        self.save()
+
     def remember_sent(self, mid: str, to: str, type: str, body: bytes) -> None:
         self.sent[mid] = (to, type, bytes(body))
         while len(self.sent) > SENT_KEPT:
@@ -213,3 +272,23 @@ class SecureState:
         self.seen[mid] = None
         while len(self.seen) > SEEN_KEPT:
             self.seen.popitem(last=False)
+
+    def decrypt_group(self, ev, payload: bytes | None) -> GroupMessage | GroupDecryptionFailed:
+        """A group ``IncomingMessage`` of type skmsg (``payload``: this device's key
+        share from the same message, if any) as the application's event."""
+        group, sender = ev.group, ev.sender
+        try:
+            if payload is not None:
+                self.groups.receive_key(group, sender, payload)
+            plain = self.groups.decrypt(group, sender, ev.body, ev.id)
+            item = msgpack.unpackb(plain, raw=False)
+            if not (isinstance(item, list) and 2 <= len(item) <= 3
+                    and isinstance(item[0], str) and isinstance(item[1], bytes)):  # fmt: skip
+                raise e2e.DecryptError("not a pigeon envelope")
+        except (e2e.E2EError, ValueError, msgpack.UnpackException) as err:
+            if payload is not None:
+                self.save()  # a share may have been kept (the Olm session advanced)
+            return GroupDecryptionFailed(group, sender, ev.id, ev.t, ev.seq, str(err),
+                                         isinstance(err, UnknownSession))  # fmt: skip
+        self.save()
+        return GroupMessage(group, sender, ev.id, item[0], ev.t, ev.seq, item[1])

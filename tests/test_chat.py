@@ -695,3 +695,71 @@ def test_send_a_file_and_the_recipient_saves_it(tmp_path):
                     c.proc.wait(5)
     finally:
         assert srv.stop() == 0
+
+
+# -- groups: /group new, sending by name, notices, /group info|add|remove|invite|leave --------
+
+CAROL = "4915199887766"
+
+
+def test_groups_by_name_notices_invite_and_leave(server, tmp_path):
+    profiles = {p: register(server, tmp_path, p) for p in (ALICE, BOB, CAROL)}
+    with terminals(*(Chat(server, profiles[p]) for p in (ALICE, BOB, CAROL))) as (a, b, c):
+        for term, phone in ((a, ALICE), (b, BOB), (c, CAROL)):
+            term.expect(f"logged in as {phone}:0")
+        a.type(f"/group new team {BOB} 12ab")
+        a.expect("not phone numbers (8-15 digits, no '+'): 12ab")
+        a.type(f"/group new team {BOB}")
+        a.expect("group team made (g:")
+        # a group this chat has no name for yet: its address, then its subject as name
+        assert b.expect(f"{ALICE} made the group").startswith("** g:")
+        b.expect("you are in the group team")
+        # a line NAME text goes to the group; the members show it under the group's name
+        a.type("team hello, team")
+        assert b.expect(f"<- team/{ALICE}").endswith("hello, team")
+        first = a.expect("-> team: hello, team").rsplit("[", 1)[1].rstrip("]")
+        a.expect(f"✓ {first}")  # acked: bob holds alice's key now
+        a.type("team and again")  # (no key share in this one)
+        mid = a.expect("-> team: and again").rsplit("[", 1)[1].rstrip("]")
+        assert b.expect(f"<- team/{ALICE}").endswith("and again")
+        assert a.expect(f"✓✓ {mid}:").endswith(BOB)  # the group's receipt names who got it
+        assert a.expect(f"read {mid}:").endswith(BOB)  # and who read it
+        b.type("team hi alice")
+        assert a.expect(f"<- team/{BOB}").endswith("hi alice")
+        # only admins add: bob is refused, alice adds carol
+        b.type(f"/group add team {CAROL}")
+        b.expect("only the group's admins may do that")
+        a.type(f"/group add team {CAROL}")
+        a.expect(f"team: added {CAROL}")
+        b.expect(f"** team: {ALICE} added {CAROL}")
+        c.expect("you are in the group team")
+        a.type("/to team")
+        a.expect("talking to the group team")
+        a.type("now three of us")
+        for term in (b, c):
+            assert term.expect(f"<- team/{ALICE}").endswith("now three of us")
+        a.type("/group info team")
+        line = a.expect("members (* admin):")
+        assert f"{ALICE}*" in line and BOB in line and CAROL in line
+        # removed: carol is told, gets nothing after; an invite code brings her back
+        a.type(f"/group remove team {CAROL}")
+        c.expect(f"** team: {ALICE} removed {CAROL}")
+        a.type("team carol is out")
+        b.expect("carol is out")
+        a.type("/group invite team")
+        code = a.expect("invite code of team:").split(":", 1)[1].split()[0]
+        c.type(f"/group join {code}")
+        c.expect("joined team")
+        a.type("team welcome back")
+        c.expect("welcome back")
+        assert not any("carol is out" in ln for ln in c.lines)
+        c.type("/group leave team")
+        c.expect("left team")
+        a.expect(f"** team: {CAROL} left")
+        c.type("/groups")
+        c.expect("no groups yet")
+        c.type("/group info nosuch")
+        c.expect("no group called 'nosuch'")
+        for term in (a, b, c):
+            term.type("/quit")
+            assert term.finish() == 0

@@ -32,8 +32,27 @@ sent:
                    companion: itself)
     /verify PHONE  the safety number with PHONE (60 digits) and its QR text:
                    compare it with PHONE's in person or over another channel
+    /group new NAME PHONE...     a group called NAME (one word) with these members;
+                                 this user is its admin
+    /group add NAME PHONE...     add members (admins only); /group remove NAME PHONE...
+    /group leave NAME            leave the group
+    /group info NAME             subject, members (admins marked), settings
+    /group invite NAME           the group's invite code (admins only)
+    /group join CODE             join a group by its invite code
+    /groups                      the groups this user is in, by name
     /quit, /q      leave (so does Ctrl-D; Ctrl-C leaves with status 130)
     //text         send "/text": a leading '//' stands for one '/'
+
+Groups: a line ``NAME text`` sends ``text`` to the group called NAME (the
+name given at ``/group new``, or for a group someone else added this user
+to, its subject with spaces as '-'), and ``/to NAME`` makes bare lines go
+there.  Group messages print as ``<- NAME/PHONE [HH:MM]: text`` and
+changes to the group as ``** NAME: PHONE added PHONE``; they are end-to-end
+encrypted like the others (Megolm sender keys, client/group_crypto.py).
+Ticks of a group message name the members: ``✓✓ ID: PHONE...`` when their
+devices got it, ``read ID: PHONE...`` when they read it (this chat sends
+its own read receipts for what it shows).
+The profile keeps which name stands for which group (``g:N``).
 
 An unknown command (a typo such as ``/qiut``) is refused with a pointer to
 ``/help``.  Incoming messages print as ``<- PHONE [HH:MM]: text``; sent ones
@@ -105,18 +124,25 @@ from pigeon.client import Client, ConnectionLost, Credentials, ServerError
 from pigeon.client._core import DEFAULT_KEEPALIVE, PairingCode
 from pigeon.client.e2e import E2EError, format_safety_number, safety_number, safety_qr
 from pigeon.client.identity import Identity, new_identity
-from pigeon.client.secure import DecryptedMessage, DecryptionFailed, SafetyNumberChanged
+from pigeon.client.secure import (
+    DecryptedMessage,
+    DecryptionFailed,
+    GroupDecryptionFailed,
+    GroupMessage,
+    SafetyNumberChanged,
+)
 from pigeon.core.errors import ErrorCode, is_fatal
 from pigeon.core.events import (
     DevicesChanged,
     Error,
+    GroupNotice,
     IncomingMessage,
     IncomingReceipt,
     KeysChanged,
     KeysLow,
     normalize_link_code,
 )
-from pigeon.core.node import valid_phone
+from pigeon.core.node import address_kind, valid_phone
 
 DEFAULT_PROFILE = os.path.join(
     os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config"), "pigeon", "chat.json"
@@ -141,6 +167,9 @@ COMMANDS = """commands (run here, never sent):
   /unlink N    unlink device number N (see /devices)
   /verify PHONE  the safety number with PHONE: compare it with theirs
   /send FILE   send a file (encrypted, uploaded to the media service) to the prompt's number
+  /group new NAME PHONE...  a group (NAME: one word); NAME text sends to it
+  /group add|remove NAME PHONE...   /group leave|info|invite NAME   /group join CODE
+  /groups      the groups this user is in
   //text       send "/text" (a line starting with one '/' is a command)
   /help        this list
   /quit, /q    leave (so does Ctrl-D)
@@ -433,6 +462,20 @@ LINK_ERRORS = {
 }  # fmt: skip
 
 
+#: What the user is told for the errors of groups (PROTOCOL.md 10g).
+GROUP_ERRORS = {
+    ErrorCode.NOT_MEMBER: "not a member of that group",
+    ErrorCode.NOT_ADMIN: "only the group's admins may do that",
+    ErrorCode.GROUP_FULL: "the group is full",
+    ErrorCode.ADD_REFUSED: "their privacy setting does not let you add them: send them the "
+    "invite code (/group invite NAME) instead",
+    ErrorCode.ALREADY_MEMBER: "already a member",
+    ErrorCode.BAD_INVITE: "that invite code does not work (revoked, or mistyped)",
+    ErrorCode.ANNOUNCE_ONLY: "only admins may send to this group (announcements)",
+    ErrorCode.UNKNOWN_RECIPIENT: "not a pigeon user",
+}
+
+
 def _link_error(exc: ServerError) -> str:
     why = LINK_ERRORS.get(exc.code)
     return f"{why} ({exc.code} {exc.text})" if why else f"the server refused: {exc.code} {exc.text}"
@@ -579,9 +622,39 @@ class Chat:
         self._save_failed = False
         self.unlinked_self = False  # /unlink of this very device: the server closes then
         self.media_dir = DEFAULT_MEDIA_DIR  # where received files go (--media-dir)
+        #: group name -> group address (g:N), as the profile keeps them
+        self.groups: dict[str, str] = {
+            name: gid for name, gid in (profile.get("groups") or {}).items()
+            if isinstance(gid, str) and address_kind(gid) == "group"
+        }  # fmt: skip
 
     def prompt(self) -> str:
-        return f"{self.target}> " if self.target else "> "
+        return f"{self.name(self.target)}> " if self.target else "> "
+
+    # -- group names -------------------------------------------------------------------
+
+    def name(self, address: str) -> str:
+        """How the chat shows ``address``: a group by its name, anything else as it is."""
+        if address_kind(address) == "group":
+            for name, gid in self.groups.items():
+                if gid == address:
+                    return name
+        return address
+
+    def name_group(self, gid: str, wanted: str) -> str:
+        """Give group ``gid`` a name (``wanted``, made one printable word, unique)."""
+        for name, g in self.groups.items():
+            if g == gid:
+                return name
+        base = "".join(c if c.isprintable() and not c.isspace() else "-" for c in wanted)
+        base = base.strip("-/") or gid
+        name, i = base, 1
+        while name in self.groups or valid_phone(name):
+            i += 1
+            name = f"{base}-{i}"
+        self.groups[name] = gid
+        self.save()
+        return name
 
     def save(self) -> None:
         p = self.profile
@@ -589,6 +662,7 @@ class Chat:
         p["pending"] = self.pending
         if self.peer:
             p["peer"] = self.peer
+        p["groups"] = self.groups
         try:
             save_profile(self.profile_path, p)
         except OSError as exc:
@@ -613,7 +687,25 @@ class Chat:
 
     async def incoming(self) -> None:
         async for ev in self.client:
-            if isinstance(ev, (IncomingMessage, DecryptedMessage)):
+            group = getattr(ev, "group", None)
+            if isinstance(ev, GroupMessage) or (isinstance(ev, IncomingMessage) and group):
+                name = self.name(group)
+                when = time.strftime("%H:%M", time.localtime(ev.t / 1000))
+                text = _printable(ev.body.decode("utf-8", "replace"))
+                _out(f"<- {name}/{_user(ev.sender)} [{when}]: {text}")
+                await self.client.ack(ev.seq)
+                if _user(ev.sender) != _user(self.client.device or ""):  # not a sync copy
+                    self.spawn(self._read_receipt(group, ev.id, _user(ev.sender)))
+                if name == group:
+                    self.spawn(self.learn_group(group))
+            elif isinstance(ev, GroupNotice):
+                await self.client.ack(ev.seq)
+                self.show_notice(ev)
+            elif isinstance(ev, GroupDecryptionFailed):
+                await self.client.ack(ev.seq)
+                _out(f"!! a message in {self.name(ev.group)} from {_user(ev.sender)} did not "
+                     f"decrypt [{ev.id}]: {ev.reason}")  # fmt: skip
+            elif isinstance(ev, (IncomingMessage, DecryptedMessage)):
                 who = _user(ev.sender)
                 when = time.strftime("%H:%M", time.localtime(ev.t / 1000))
                 media = _media_of(ev)
@@ -659,8 +751,14 @@ class Chat:
 
     def _tick(self, ev: IncomingReceipt) -> None:
         entry = self.pending.get(ev.id)
-        if entry is None or entry[0] != _user(ev.sender):
+        who = ev.sender if address_kind(ev.sender) == "group" else _user(ev.sender)
+        if entry is None or entry[0] != who:
             return  # not ours (or sent before the last 1,000): nothing to mark
+        if ev.members:  # a group's: which members' devices got it (or read it) now
+            tick = "✓✓" if ev.type == "delivered" else ev.type
+            entry[1] = tick
+            _out(f"   {tick} {ev.id}: {' '.join(ev.members)}")
+            return
         if ev.type == "delivered":
             if entry[1] != "✓✓":
                 entry[1] = "✓✓"
@@ -670,9 +768,9 @@ class Chat:
             if ev.type == "read":
                 del self.pending[ev.id]
 
-    async def _read_receipt(self, who: str, mid: str) -> None:
+    async def _read_receipt(self, who: str, mid: str, participant: str | None = None) -> None:
         try:
-            await self.client.receipt(who, mid, "read", timeout=None)
+            await self.client.receipt(who, mid, "read", timeout=None, participant=participant)
         except (ServerError, ConnectionLost):
             pass  # the sender went away, or so did we: nothing to tell
 
@@ -729,7 +827,7 @@ class Chat:
         self.pending[mid] = [to, ""]
         while len(self.pending) > PENDING_MAX:
             del self.pending[next(iter(self.pending))]
-        _out(f"-> {to}: {text} [{mid}]")
+        _out(f"-> {self.name(to)}: {text} [{mid}]")
         try:
             # no timeout: while reconnecting the message waits and goes out after
             await self.client.send(to, text.encode(), id=mid, timeout=None)
@@ -776,6 +874,9 @@ class Chat:
                 if valid_phone(first) and rest.strip():
                     self.target = first
                     self.spawn(self.send(first, rest.strip()))
+                elif first in self.groups and rest.strip():
+                    self.target = self.groups[first]
+                    self.spawn(self.send(self.target, rest.strip()))
                 else:
                     self.say(line)
 
@@ -798,8 +899,15 @@ class Chat:
             if valid_phone(arg):
                 self.target = arg
                 _out(f"   talking to {arg}")
+            elif arg in self.groups:
+                self.target = self.groups[arg]
+                _out(f"   talking to the group {arg}")
             else:
                 _out(f"!! {arg!r} is not a phone number (8-15 digits, no '+')")
+        elif word == "group":
+            self.group_command(arg)
+        elif word == "groups":
+            self.spawn(self.list_groups())
         elif word == "link":
             self.spawn(self.link(arg))
         elif word == "devices":
@@ -824,6 +932,148 @@ class Chat:
         else:
             _out(f"!! unknown command {line.split()[0]!r}, not sent: /help lists the commands")
         return None
+
+    # -- groups ------------------------------------------------------------------------
+
+    GROUP_USAGE = ("!! /group new NAME PHONE... | add NAME PHONE... | remove NAME PHONE... | "
+                   "leave NAME | info NAME | invite NAME | join CODE")  # fmt: skip
+
+    def group_command(self, arg: str) -> None:
+        op, *words = arg.split()
+        if op == "join" and len(words) == 1:
+            self.spawn(self.group_join(words[0]))
+            return
+        if op not in ("new", "add", "remove", "leave", "info", "invite") or not words:
+            _out(self.GROUP_USAGE)
+            return
+        name, phones = words[0], words[1:]
+        bad = [p for p in phones if not valid_phone(p)]
+        if bad:
+            _out(f"!! not phone numbers (8-15 digits, no '+'): {' '.join(bad)}")
+            return
+        if op == "new":
+            if name in self.groups or valid_phone(name) or name.startswith("/"):
+                _out(f"!! {name!r} is taken (or a number): choose another group name")
+            else:
+                self.spawn(self.group_new(name, phones))
+            return
+        gid = self.groups.get(name)
+        if gid is None:
+            _out(f"!! no group called {name!r} (/groups lists them)")
+        elif op in ("add", "remove") and not phones:
+            _out(f"!! /group {op} NAME PHONE...: who to {op}")
+        else:
+            self.spawn(self.group_op(op, name, gid, phones))
+
+    async def group_new(self, name: str, phones) -> None:
+        try:
+            r = await self.client.group_create(name, phones)
+        except (ServerError, ConnectionLost) as exc:
+            _out(f"!! no group made: {exc}")
+            return
+        self.groups[name] = r.group
+        self.save()
+        _out(f"   group {name} made ({r.group}); type '{name} text' to write to it")
+        self._failed(name, "not added", r.failed)
+
+    def _failed(self, name: str, what: str, failed) -> None:
+        for user, code in failed:
+            why = GROUP_ERRORS.get(code, f"error {code}")
+            _out(f"!! {name}: {user} {what}: {why}")
+
+    async def group_op(self, op: str, name: str, gid: str, phones) -> None:
+        c = self.client
+        try:
+            if op == "info":
+                info = await c.group_info(gid)
+                admins = set(info.admins)
+                members = " ".join(u + ("*" if u in admins else "") for u in info.users)
+                mode = ", announcements only" if info.announce else ""
+                _out(f"   {name} ({gid}): {_printable(info.subject)}{mode}\n"
+                     f"   members (* admin): {members}")  # fmt: skip
+                if info.description:
+                    _out(f"   {_printable(info.description)}")
+            elif op == "invite":
+                _out(f"   invite code of {name}: {await c.group_invite(gid)}  "
+                     "(others join with /group join CODE)")  # fmt: skip
+            elif op == "leave":
+                await c.group_leave(gid)
+                self.groups.pop(name, None)
+                if self.target == gid:
+                    self.target = self.peer if self.peer != gid else None
+                self.save()
+                _out(f"   left {name}")
+            else:
+                r = await (c.group_add if op == "add" else c.group_remove)(gid, phones)
+                done = [p for p in phones if p not in {u for u, _ in r.failed}]
+                if done:
+                    _out(f"   {name}: {'added' if op == 'add' else 'removed'} {' '.join(done)}")
+                self._failed(name, "not added" if op == "add" else "not removed", r.failed)
+        except ServerError as exc:
+            why = GROUP_ERRORS.get(exc.code, exc.text)
+            _out(f"!! /group {op} {name}: {why} ({exc.code} {exc.text})")
+        except ConnectionLost as exc:
+            _out(f"!! /group {op} {name}: {exc}")
+
+    async def group_join(self, code: str) -> None:
+        try:
+            r = await self.client.group_join(code)
+            if r.get("requested") == "1":
+                _out("   asked to join: an admin of the group must approve it")
+                return
+            info = await self.client.group_info(r.group)
+        except ServerError as exc:
+            _out(f"!! not joined: {GROUP_ERRORS.get(exc.code, exc.text)} ({exc.code} {exc.text})")
+            return
+        except ConnectionLost as exc:
+            _out(f"!! not joined: {exc}")
+            return
+        _out(f"   joined {self.name_group(r.group, info.subject)} ({r.group})")
+
+    async def list_groups(self) -> None:
+        try:
+            items = await self.client.groups()
+        except (ServerError, ConnectionLost) as exc:
+            _out(f"!! no group list: {exc}")
+            return
+        if not items:
+            _out("   no groups yet: /group new NAME PHONE...")
+        for gid, subject, _t in items:
+            _out(f"   {self.name_group(gid, subject)}  ({gid}): {_printable(subject)}")
+
+    async def learn_group(self, gid: str) -> None:
+        """A notice or message from a group this chat has no name for: name it."""
+        try:
+            info = await self.client.group_info(gid)
+        except (ServerError, ConnectionLost):
+            return  # not a member (any more): it keeps its address as name
+        name = self.name_group(gid, info.subject)
+        _out(f"   you are in the group {name} ({gid}): type '{name} text' to write to it")
+
+    def show_notice(self, ev: GroupNotice) -> None:
+        me = _user(self.client.device or "")
+        name = self.name(ev.group)
+        who = " ".join(ev.members)
+        what = {
+            "create": f"{ev.by} made the group" + (f" with {who}" if who else ""),
+            "add": f"{ev.by} added {who}",
+            "remove": f"{ev.by} removed {who}",
+            "leave": f"{who or ev.by} left",
+            "promote": f"{ev.by} made {who} admin",
+            "demote": f"{ev.by} made {who} a member (no longer admin)",
+            "subject": f"{ev.by} changed the subject to {_printable(ev.get('subject') or '')!r}",
+            "description": f"{ev.by} changed the description",
+            "settings": f"{ev.by} changed the settings",
+            "join": f"{who or ev.by} joined by invite link",
+            "revoke": f"{ev.by} revoked the invite link",
+        }.get(ev.op, f"{ev.by}: {ev.op} {who}")
+        _out(f"** {name}: {what}")
+        out = ev.op in ("remove", "leave") and me in (ev.members or (ev.by,))
+        if out:
+            if self.target == ev.group:
+                self.target = self.peer if self.peer != ev.group else None
+        elif name == ev.group:
+            self.spawn(self.learn_group(ev.group))
 
     # -- linked devices ----------------------------------------------------------------
 

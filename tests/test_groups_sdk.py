@@ -1,0 +1,485 @@
+"""Groups through the SDK over a real server (2 workers), encrypted end to end (issue 17).
+
+Three users, each an encrypting client (Megolm sender keys shared over Olm:
+client/group_crypto.py) connected through a recording TCP relay on
+loopback, so the test holds every byte that crossed the wire: no plaintext
+crosses it or lands in the server's files, and the body a removed member
+would have needed is taken from what the server delivered to the others.
+"""
+
+import asyncio
+import itertools
+import os
+
+import pytest
+from serverutil import Server, until
+
+from pigeon.client import Client
+from pigeon.client.group_crypto import UnknownSession
+from pigeon.client.secure import GroupDecryptionFailed, GroupMessage, SafetyNumberChanged
+from pigeon.core.codec import Codec
+from pigeon.core.events import (
+    DevicesChanged,
+    GroupNotice,
+    IncomingMessage,
+    IncomingReceipt,
+    KeysChanged,
+)
+from pigeon.core.wire import PREAMBLE_SIZE
+
+PHONES = (f"4932{n:08d}" for n in itertools.count(30_000_000))
+
+
+def run(coro, timeout=180):
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+class Relay:
+    """A TCP relay on loopback that keeps every byte: all of it in ``captured``, and
+    what the server sent on each connection in ``down`` (one bytearray each)."""
+
+    def __init__(self, port: int):
+        self.target = port
+        self.captured = bytearray()
+        self.down: list[bytearray] = []
+        self.server = None
+        self.port = 0
+
+    async def start(self):
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def _serve(self, reader, writer):
+        try:
+            up_r, up_w = await asyncio.open_connection("127.0.0.1", self.target)
+        except OSError:
+            writer.close()
+            return
+        down = bytearray()
+        self.down.append(down)
+
+        async def pipe(r, w, keep):
+            try:
+                while data := await r.read(65536):
+                    self.captured += data
+                    if keep is not None:
+                        keep += data
+                    w.write(data)
+                    await w.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                w.close()
+
+        try:
+            await asyncio.gather(pipe(reader, up_w, None), pipe(up_r, writer, down))
+        except asyncio.CancelledError:
+            up_w.close()
+            writer.close()
+
+    def delivered(self, group: str) -> list:
+        """Every ``message`` node from ``group`` the server sent on any connection."""
+        out, codec = [], Codec()
+        for stream in self.down:
+            data, i = bytes(stream), PREAMBLE_SIZE
+            while i + 3 <= len(data):
+                n = int.from_bytes(data[i : i + 3], "big")
+                if i + 3 + n > len(data):
+                    break
+                node = codec.decode(data[i + 3 : i + 3 + n])
+                i += 3 + n
+                if node.tag == "message" and node.attrs.get("from") == group:
+                    out.append(node)
+        return out
+
+    async def close(self):
+        self.server.close()
+        await self.server.wait_closed()
+
+
+def body_of(node) -> bytes:
+    """A delivered group message's body (its content, or its ``body`` child)."""
+    if isinstance(node.content, list):
+        return bytes(next(c.content for c in node.content if c.tag == "body"))
+    return bytes(node.content)
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory):
+    s = Server(tmp_path_factory.mktemp("gsdk") / "data", workers=2, register_per_ip=1000,
+               message_rate=0)  # fmt: skip
+    s.start()
+    yield s
+    assert s.stop() == 0, s.log_text()[-3000:]
+
+
+async def connect(relay, profile, **kw) -> Client:
+    return await Client.connect("127.0.0.1", relay.port, plaintext=False, profile=profile, **kw)
+
+
+async def register(srv, relay, phone, profile) -> Client:
+    c = await connect(relay, profile)
+    await c.register(phone)
+    creds = await c.verify(phone, srv.code_for(phone))
+    await c.login(creds)
+    c.creds = creds
+    return c
+
+
+async def on_other_worker(srv, relay, client, profile, than):
+    """Log in again through the relay until the device's session is on another worker."""
+    creds = client.creds
+    phone = creds.user
+    await client.close()
+    for _ in range(40):
+        c = await connect(relay, profile)
+        await c.login(creds)
+        c.creds = creds
+        await until(lambda: creds.device in srv.sessions(phone))
+        if srv.sessions(phone)[creds.device]["worker"] != than:
+            return c
+        await c.close()
+        await until(lambda: creds.device not in srv.sessions(phone))
+    raise AssertionError("could not land on another worker in 40 connections")
+
+
+def worker(srv, client) -> int:
+    return srv.sessions(client.creds.user)[client.creds.device]["worker"]
+
+
+async def group_event(client, timeout=15.0):
+    """The next group message, failure or notice; other notices before it are acked."""
+    while True:
+        ev = await client.next_event(timeout)
+        if isinstance(ev, SafetyNumberChanged):
+            continue
+        await client.ack(ev.seq)
+        if isinstance(ev, (IncomingReceipt, DevicesChanged, KeysChanged)):
+            continue
+        return ev
+
+
+async def message(client, timeout=15.0):
+    """The next group message (or failure); notices before it are skipped."""
+    while True:
+        ev = await group_event(client, timeout)
+        if not isinstance(ev, GroupNotice):
+            return ev
+
+
+async def notice(client, op, timeout=15.0) -> GroupNotice:
+    while True:
+        ev = await group_event(client, timeout)
+        assert isinstance(ev, GroupNotice), ev
+        if ev.op == op:
+            return ev
+
+
+def grep_dir(path, needles):
+    found = []
+    for root, _, files in os.walk(path):
+        for name in files:
+            path_ = os.path.join(root, name)
+            if not os.path.isfile(path_) or os.path.islink(path_):
+                continue  # the control socket
+            with open(path_, "rb") as f:
+                data = f.read()
+            found += [(name, n) for n in needles if n in data]
+    return found
+
+
+def test_group_encrypted_end_to_end_and_a_removed_member_cannot_read_on(srv, tmp_path):
+    secrets = [b"group secret one: the vault code is 4417", b"group secret two, from bob",
+               b"group secret three, after carol left"]  # fmt: skip
+
+    async def main():
+        relay = await Relay(srv.port).start()
+        pa, pb, pc = next(PHONES), next(PHONES), next(PHONES)
+        a = await register(srv, relay, pa, tmp_path / "a.json")
+        b = await register(srv, relay, pb, tmp_path / "b.json")
+        c = await register(srv, relay, pc, tmp_path / "c.json")
+        b = await on_other_worker(srv, relay, b, tmp_path / "b.json", worker(srv, a))
+        made = await a.group_create("team", [pb, pc])
+        g = made.group
+        assert made.failed == ()
+        for cl in (b, c):
+            n = await notice(cl, "create")
+            assert (n.group, n.by) == (g, pa)
+        info = await b.group_info(g)
+        assert (info.subject, set(info.users), info.admins) == ("team", {pa, pb, pc}, (pa,))
+
+        # one ciphertext for both members, each decrypts it; then bob writes back
+        ack = await a.send(g, secrets[0])
+        for cl in (b, c):
+            ev = await message(cl)
+            assert type(ev) is GroupMessage, ev
+            assert (ev.group, ev.sender, ev.id, ev.type, ev.body) == (g, a.device, ack.id,
+                                                                       "text", secrets[0])  # fmt: skip
+        await b.send(g, secrets[1])
+        for cl in (a, c):
+            ev = await message(cl)
+            assert (type(ev), ev.sender, ev.body) == (GroupMessage, b.device, secrets[1])
+        first = relay.delivered(g)
+        assert len(first) == 4 and all(secrets[0] not in body_of(n) for n in first)
+
+        # carol removed: alice's next message starts a new session that carol never gets
+        await a.group_remove(g, [pc])
+        assert (await notice(c, "remove")).members == (pc,)
+        old_sid = a.secure.groups.outbound[g].session.session_id
+        ack = await a.send(g, secrets[2])
+        assert a.secure.groups.outbound[g].session.session_id != old_sid
+        ev = await message(b)
+        assert (type(ev), ev.body) == (GroupMessage, secrets[2])
+        with pytest.raises(TimeoutError):  # the server sends her nothing more
+            await message(c, timeout=1.0)
+        (last,) = [n for n in relay.delivered(g) if n.attrs.get("id") == ack.id]
+        with pytest.raises(UnknownSession):  # and the body, had she got it, is closed to her
+            c.secure.groups.decrypt(g, a.device, body_of(last), ack.id)
+        as_delivered = IncomingMessage(a.device, ack.id, "skmsg", int(last.attrs["t"]), 1,
+                                       body_of(last), None, g)  # fmt: skip
+        ev = c.secure.decrypt_group(as_delivered, None)
+        assert type(ev) is GroupDecryptionFailed and ev.unknown_session
+
+        # bob loses his copy of alice's key: the next message fails for him, his SDK
+        # asks alice's device (a 1:1 encrypted request) and the one after is his again
+        b.secure.groups.inbound.clear()
+        await a.send(g, b"lost on bob")
+        ev = await message(b)
+        assert type(ev) is GroupDecryptionFailed and ev.unknown_session
+        await until(lambda: b.device not in a.secure.groups.outbound[g].shared)
+        await a.send(g, b"yours again")
+        ev = await message(b)
+        assert (type(ev), ev.body) == (GroupMessage, b"yours again")
+
+        # nothing in clear on the wire or in the server's files
+        assert not any(s in relay.captured for s in secrets)
+        for cl in (a, b, c):
+            await cl.close()
+        await relay.close()
+        assert grep_dir(srv.data_dir, secrets) == []
+        for f in tmp_path.iterdir():  # the SDK's profiles neither
+            assert not any(s in f.read_bytes() for s in secrets), f
+
+    run(main())
+
+
+def test_trio_client_creates_reads_sends_and_receives_encrypted(srv, tmp_path):
+    import trio
+
+    from pigeon.client.trio import open_client
+
+    pa, pb = next(PHONES), next(PHONES)
+
+    async def make(phone):
+        async with open_client("127.0.0.1", srv.port, profile=tmp_path / f"{phone}.json") as c:
+            await c.register(phone)
+            creds = await c.verify(phone, srv.code_for(phone))
+            await c.login(creds)  # the keys go up
+            return creds
+
+    async def main():
+        ca, cb = await make(pa), await make(pb)
+        async with (
+            open_client("127.0.0.1", srv.port, profile=tmp_path / f"{pa}.json") as a,
+            open_client("127.0.0.1", srv.port, profile=tmp_path / f"{pb}.json") as b,
+        ):
+            await a.login(ca)
+            await b.login(cb)
+            g = (await a.group_create("trio folk", [pb])).group
+            info = await b.group_info(g)
+            assert (info.subject, info.admins, set(info.users)) == ("trio folk", (pa,), {pa, pb})
+            assert (g, "trio folk") in [(i[0], i[1]) for i in await b.groups()]
+            ack = await a.send(g, b"over trio, encrypted")
+            while True:
+                ev = await b.next_event(15)
+                await b.ack(ev.seq)
+                if isinstance(ev, GroupMessage):
+                    break
+            assert (ev.group, ev.sender, ev.id, ev.body) == (g, ca.device, ack.id,
+                                                             b"over trio, encrypted")  # fmt: skip
+
+    trio.run(main)
+
+
+async def companion(srv, relay, primary, profile) -> Client:
+    """A second device of ``primary``'s account, linked by QR code, logged in."""
+    comp = await connect(relay, profile)
+    it = comp.pair_qr(name="laptop")
+    code = await it.__anext__()
+    _, creds = await asyncio.gather(primary.link(code.qr), it.__anext__())
+    await comp.close()
+    comp = await connect(relay, profile)
+    await comp.login(creds)
+    comp.creds = creds
+    return comp
+
+
+def shares(relay, group, mid) -> int:
+    """How many deliveries of message ``mid`` carried a key share."""
+    return sum(isinstance(n.content, list) for n in relay.delivered(group)
+               if n.attrs.get("id") == mid)  # fmt: skip
+
+
+def test_keys_follow_new_members_companions_and_unlinked_devices(srv, tmp_path):
+    async def main():
+        relay = await Relay(srv.port).start()
+        pa, pb, pc = next(PHONES), next(PHONES), next(PHONES)
+        a = await register(srv, relay, pa, tmp_path / "a.json")
+        a1 = await companion(srv, relay, a, tmp_path / "a1.json")
+        b = await register(srv, relay, pb, tmp_path / "b.json")
+        c = await register(srv, relay, pc, tmp_path / "c.json")
+        g = (await a.group_create("keys", [pb])).group
+
+        # b and alice's laptop (the sent-sync copy) each get a share with the first one
+        ack = await a.send(g, b"one")
+        for cl in (b, a1):
+            ev = await message(cl)
+            assert (type(ev), ev.sender, ev.body) == (GroupMessage, a.device, b"one")
+        assert shares(relay, g, ack.id) == 2
+        ack = await a.send(g, b"two")  # they hold the key now: the body alone
+        for cl in (b, a1):
+            assert (await message(cl)).body == b"two"
+        assert shares(relay, g, ack.id) == 0
+
+        # carol added: only she gets a share, and reads from there on
+        await a.group_add(g, [pc])
+        sid = a.secure.groups.outbound[g].session.session_id
+        ack = await a.send(g, b"three")
+        assert a.secure.groups.outbound[g].session.session_id == sid  # no rotation for a join
+        for cl in (b, a1, c):
+            assert (await message(cl)).body == b"three"
+        assert shares(relay, g, ack.id) == 1
+        # the laptop writes with its own session: everyone else decrypts it
+        await a1.send(g, b"from the laptop")
+        for cl in (a, b, c):
+            ev = await message(cl)
+            assert (type(ev), ev.sender, ev.body) == (GroupMessage, a1.device, b"from the laptop")
+
+        # the laptop unlinked: alice's next message starts a new session without it
+        await a.unlink(a1.device)
+        ack = await a.send(g, b"four")
+        assert a.secure.groups.outbound[g].session.session_id != sid
+        for cl in (b, c):
+            assert (await message(cl)).body == b"four"
+        assert shares(relay, g, ack.id) == 2  # b and c again, not the laptop
+        for cl in (a, b, c):
+            await cl.close()
+        await relay.close()
+
+    run(main())
+
+
+def test_every_group_operation_through_the_sdk(srv):
+    """Each SDK method once, with the permission errors it can meet (the server's
+    rules are tests/test_groups.py's; this is the SDK's side of them)."""
+    from pigeon.client import ServerError
+    from pigeon.core.errors import ErrorCode
+
+    async def main():
+        phones = [next(PHONES) for _ in range(5)]
+        pa, pb, pc, pd, pe = phones
+        a, b, c, d, e = [await srv.login(await srv.register(p)) for p in phones]
+        made = await a.group_create("ops", [pb, "4400000000000"])
+        g = made.group
+        assert made.failed == (("4400000000000", ErrorCode.UNKNOWN_RECIPIENT),)
+        assert [(i[0], i[1]) for i in await b.groups()] == [(g, "ops")]
+
+        await a.group_subject(g, "ops 2")
+        assert (await notice(b, "subject")).get("subject") == "ops 2"
+        await a.group_description(g, "what we do")
+        info = await b.group_info(g)
+        assert (info.subject, info.description, info.creator) == ("ops 2", "what we do", pa)
+        with pytest.raises(ServerError) as err:
+            await b.group_add(g, [pc])
+        assert err.value.code == ErrorCode.NOT_ADMIN
+
+        # announcement mode: only admins send; a plaintext client sends the body as given
+        await a.group_settings(g, announce=True)
+        assert (await b.group_info(g)).announce
+        with pytest.raises(ServerError) as err:
+            await b.send(g, b"may I?")
+        assert err.value.code == ErrorCode.ANNOUNCE_ONLY
+        await a.group_promote(g, [pb])
+        assert set((await a.group_info(g)).admins) == {pa, pb}
+        await b.send(g, b"admins may")
+        while True:
+            ev = await group_event(a)
+            if isinstance(ev, IncomingMessage):
+                break
+        assert (ev.group, ev.sender, ev.body) == (g, b.device, b"admins may")
+        await a.group_demote(g, [pb])
+        await a.group_settings(g, announce=False)
+        assert (await a.group_info(g)).admins == (pa,)
+
+        # "who can add me": nobody, so carol is invited instead
+        settings = await c.privacy(groupadd="nobody")
+        assert settings.groupadd == "nobody"
+        r = await a.group_add(g, [pc])
+        assert r.failed == ((pc, ErrorCode.ADD_REFUSED),)
+        code = await a.group_invite(g)
+        assert code == await a.group_invite(g)  # the same code until revoked
+        preview = await c.group_preview(code)
+        assert (preview.group, preview.get("subject"), preview.get("count")) == (g, "ops 2", "2")
+        joined = await c.group_join(code)
+        assert joined.group == g and joined.get("requested") is None
+        assert pc in (await a.group_info(g)).users
+
+        # revoke: the old code stops at once; approval: requests, approve, reject
+        new = await a.group_revoke(g)
+        assert new != code
+        with pytest.raises(ServerError) as err:
+            await d.group_preview(code)
+        assert err.value.code == ErrorCode.BAD_INVITE
+        await a.group_settings(g, approval=True)
+        assert (await d.group_join(new)).get("requested") == "1"
+        assert (await e.group_join(new)).get("requested") == "1"
+        assert set(await a.group_requests(g)) == {pd, pe}
+        assert (await a.group_approve(g, [pd])).failed == ()
+        assert (await a.group_reject(g, pe)).failed == ()
+        assert await a.group_requests(g) == ()
+        users = (await a.group_info(g)).users
+        assert pd in users and pe not in users
+
+        # remove and leave: out is out
+        await a.group_remove(g, [pc])
+        assert (await notice(c, "remove")).members == (pc,)
+        with pytest.raises(ServerError) as err:
+            await c.group_info(g)
+        assert err.value.code == ErrorCode.NOT_MEMBER
+        await b.group_leave(g)
+        assert await b.groups() == ()
+        for cl in (a, b, c, d, e):
+            await cl.close()
+
+    run(main())
+
+
+def test_an_offline_member_reads_notices_and_messages_in_order_at_login(srv, tmp_path):
+    async def main():
+        relay = await Relay(srv.port).start()
+        pa, pb = next(PHONES), next(PHONES)
+        a = await register(srv, relay, pa, tmp_path / "a.json")
+        b = await register(srv, relay, pb, tmp_path / "b.json")
+        creds = b.creds
+        await b.close()  # offline from here on: its keys are on the server
+        g = (await a.group_create("later", [pb])).group
+        await a.group_subject(g, "later on")
+        acks = [await a.send(g, b"while you were away %d" % i) for i in range(3)]
+        await a.group_subject(g, "last")
+        b = await connect(relay, tmp_path / "b.json")
+        await b.login(creds)
+        got = []
+        for _ in range(6):
+            ev = await group_event(b)
+            got.append((ev.op, ev.get("subject")) if isinstance(ev, GroupNotice)
+                       else (type(ev).__name__, ev.id, ev.body))  # fmt: skip
+        assert got == [("create", "later"), ("subject", "later on"),
+                       *[("GroupMessage", ack.id, b"while you were away %d" % i)
+                         for i, ack in enumerate(acks)],
+                       ("subject", "last")]  # fmt: skip
+        for cl in (a, b):
+            await cl.close()
+        await relay.close()
+
+    run(main())
