@@ -588,7 +588,8 @@ OPTIONS: list[Option] = [
         "one_time_keys_max",
         50,
         _positive_int,
-        "one-time keys the key directory holds per device (an upload past it is error 313)",
+        "one-time keys the key directory holds per device, and one upload may carry (error 313 "
+        "past it; an upload carrying more is refused before its signatures are checked)",
     ),
     Option(
         "one_time_keys_low",

@@ -458,3 +458,32 @@ def test_the_sweep_keeps_identity_change_records_for_their_whole_window(tmp_path
         run(go())
     finally:
         assert s.stop() == 0, s.log_text()[-3000:]
+
+
+def test_an_upload_with_more_keys_than_the_maximum_is_refused_before_its_signatures(srv):
+    """One frame holds up to 1,024 children: an upload repeating one signed key id 1,000
+    times is one key stored, but had the worker verify 1,000 signatures on its loop
+    (150 ms each upload, at message-rate).  It is 313 before any is checked, and an
+    upload of more than one-time-keys-max keys is 313 even with a bad signature in it."""
+
+    async def go():
+        alice = await device(srv)
+        alice.account.generate_one_time_keys(1)
+        args = vodozemac_keys(alice.account, alice.address)
+        k = args["one_time_keys"][0]
+        with pytest.raises(ServerError) as e:
+            await alice.client.upload_keys(**dict(args, one_time_keys=(k,) * 1000))
+        assert e.value.code == ErrorCode.KEYS_FULL and "1000 here" in e.value.text
+        alice.account.generate_one_time_keys(50)
+        args = vodozemac_keys(alice.account, alice.address)
+        keys = args["one_time_keys"]
+        assert len(keys) == 51
+        bad = SignedKey(keys[-1].key_id, keys[-1].key, bytes(64))
+        with pytest.raises(ServerError) as e:
+            await alice.client.upload_keys(**dict(args, one_time_keys=(*keys[:-1], bad)))
+        assert e.value.code == ErrorCode.KEYS_FULL
+        assert await alice.client.key_count() == 0
+        assert await alice.client.upload_keys(**dict(args, one_time_keys=keys[:50])) == 50
+        await close(alice)
+
+    run(go())
