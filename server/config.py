@@ -695,6 +695,14 @@ OPTIONS: list[Option] = [
         "upload keeps what arrived, for a resume)",
     ),
     Option(
+        "media_resume_states",
+        10_000,
+        _positive_int,
+        "unfinished uploads whose running SHA-256 the media service keeps in memory (about "
+        "0.5 KB each), so that a resume hashes only its new part; a resume without one "
+        "(evicted, or after a restart) reads and hashes the partial file again",
+    ),
+    Option(
         "media_loop",
         "asyncio",
         _choice("asyncio", "uvloop"),
@@ -868,6 +876,7 @@ GROUPS: list[Group] = [
             "media_transfers_per_ip",
             "media_request_rate",
             "media_stall_timeout",
+            "media_resume_states",
             "media_loop",
         ),
     ),  # fmt: skip
