@@ -695,6 +695,41 @@ OPTIONS: list[Option] = [
         "upload keeps what arrived, for a resume)",
     ),
     Option(
+        "media_connections",
+        1024,
+        _positive_int,
+        "connections the media service holds at once; past it a new one is closed at once "
+        "(each may buffer media-max-headers x media-max-header-bytes of headers: 64 MiB in "
+        "all by default); capped at half the open-files limit minus files-reserve (each "
+        "transfer holds a file too)",
+    ),
+    Option(
+        "media_connections_per_ip",
+        32,
+        _positive_int,
+        "media connections one source address may hold (IPv6 by /64); past it a new one "
+        "is closed at once",
+    ),
+    Option(
+        "media_header_timeout",
+        10.0,
+        _positive_float,
+        "seconds a media connection has to send a request's headers, from its connect and "
+        "from the end of each answer (an idle keep-alive connection too); then it is closed",
+    ),
+    Option(
+        "media_max_headers",
+        32,
+        _positive_int,
+        "headers one media request may have (400 past it)",
+    ),
+    Option(
+        "media_max_header_bytes",
+        2048,
+        _positive_int,
+        "bytes of a media request's request line or of one of its headers (400 past it)",
+    ),
+    Option(
         "media_resume_states",
         10_000,
         _positive_int,
@@ -876,6 +911,11 @@ GROUPS: list[Group] = [
             "media_transfers_per_ip",
             "media_request_rate",
             "media_stall_timeout",
+            "media_connections",
+            "media_connections_per_ip",
+            "media_header_timeout",
+            "media_max_headers",
+            "media_max_header_bytes",
             "media_resume_states",
             "media_loop",
         ),

@@ -56,6 +56,13 @@ used dropped first): only a resume without one (after a restart, or
 evicted) reads and hashes the partial file again, counted in
 ``pigeon_media_rehashed_bytes``.
 
+Connections: ``media-connections`` in all and ``media-connections-per-ip``
+from one source address (past either a new one is closed at once, before
+a byte of it is parsed: ``Gate``); each has ``media-header-timeout`` to send
+a request's headers, from its connect and from the end of each answer (an
+idle or slowly-sending connection was held for aiohttp's default hour),
+and at most ``media-max-headers`` headers of ``media-max-header-bytes``.
+
 Limits: ``media-transfers-per-ip`` requests at once and
 ``media-request-rate`` a second per source address (429); an upload that
 receives nothing for ``media-stall-timeout`` seconds is cut (what arrived
@@ -91,7 +98,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from . import log, mediagrant
 from .config import load
 from .limits import LeakyTable, source_key
-from .listeners import listen_socket
+from .listeners import listen_socket, raise_open_files_limit
 from .store import default_clock, make_private
 
 logger = logging.getLogger("pigeon.media")
@@ -243,6 +250,7 @@ class Metrics:
         self.bytes_out = Counter("pigeon_media_bytes_out", "ciphertext bytes sent", registry=r)
         self.uploads = Gauge("pigeon_media_uploads_in_progress", "PUTs being received",
                              registry=r)  # fmt: skip
+        self.connections = Gauge("pigeon_media_connections", "connections held", registry=r)
         self.stored_files = Gauge("pigeon_media_stored_files", "files stored", registry=r)
         self.stored_bytes = Gauge("pigeon_media_stored_bytes", "bytes stored", registry=r)
         self.completed = Counter("pigeon_media_uploads_completed",
@@ -543,6 +551,91 @@ def _hash_prefix(h, fd: int, n: int) -> None:
         off += len(chunk)
 
 
+def connection_budget(config) -> int:
+    """media-connections, lowered to fit the open-files limit (lifted toward it first):
+    a connection's socket and the file its transfer holds, plus files-reserve."""
+    want = config.media_connections
+    limit = raise_open_files_limit(2 * want + config.files_reserve)
+    if limit is None:
+        return want
+    return max(1, min(want, (limit - config.files_reserve) // 2))
+
+
+def handler_limits(config) -> dict:
+    """What aiohttp's request handler is given: no access log, media-header-timeout
+    for a request's headers (aiohttp's keep-alive timer runs from the connect and from
+    the end of each answer, and closes a connection still waiting for a request's
+    headers when it fires: a slow sender of headers too), and media-max-headers of at
+    most media-max-header-bytes each (what one connection can make it buffer)."""
+    size = config.media_max_header_bytes
+    return {"access_log": None, "keepalive_timeout": config.media_header_timeout,
+            "max_headers": config.media_max_headers, "max_line_size": size,
+            "max_field_size": size}  # fmt: skip
+
+
+class Gate:
+    """The connections the media service holds: ``total`` in all, ``per_ip`` from one
+    source address (``source_key``); past either, a new connection is closed before
+    aiohttp reads a byte of it."""
+
+    __slots__ = ("total", "per_ip", "count", "by_ip", "metrics")
+
+    def __init__(self, total: int, per_ip: int, metrics: Metrics):
+        self.total, self.per_ip, self.metrics = total, per_ip, metrics
+        self.count = 0
+        self.by_ip: dict[str, int] = {}
+
+    def enter(self, transport) -> str | None:
+        """The source key counted for a new connection, or None if it is refused."""
+        peer = transport.get_extra_info("peername")
+        key = source_key(peer[0] if isinstance(peer, tuple) and peer else "?")
+        n = self.by_ip.get(key, 0)
+        if self.count >= self.total:
+            self.metrics.refused.labels("connections").inc()
+            return None
+        if n >= self.per_ip:
+            self.metrics.refused.labels("connections per ip").inc()
+            return None
+        self.count += 1
+        self.by_ip[key] = n + 1
+        self.metrics.connections.set(self.count)
+        return key
+
+    def leave(self, key: str) -> None:
+        self.count -= 1
+        n = self.by_ip[key] - 1
+        if n:
+            self.by_ip[key] = n
+        else:
+            del self.by_ip[key]
+        self.metrics.connections.set(self.count)
+
+
+class _GatedHandler(web.RequestHandler):
+    """aiohttp's request handler, counted by a ``Gate`` (closed at once past it)."""
+
+    __slots__ = ("_gate", "_gate_key")
+
+    def __init__(self, gate: Gate, manager, **kw):
+        super().__init__(manager, **kw)
+        self._gate = gate
+        self._gate_key = None
+
+    def connection_made(self, transport) -> None:
+        self._gate_key = self._gate.enter(transport)
+        if self._gate_key is None:
+            transport.abort()  # aiohttp never sees it: no parser fed, no task
+            return
+        super().connection_made(transport)
+
+    def connection_lost(self, exc) -> None:
+        key, self._gate_key = self._gate_key, None
+        if key is None:
+            return  # refused
+        self._gate.leave(key)
+        super().connection_lost(exc)
+
+
 def ssl_context(config) -> ssl.SSLContext | None:
     if not config.tls_enabled:
         return None
@@ -555,12 +648,18 @@ async def serve(config, parent_fd: int | None, status_fd: int | None, index: int
     loop = asyncio.get_running_loop()
     key = mediagrant.load_key(config.data_dir)
     service = MediaService(config, key)
-    runner = web.AppRunner(service.app(), handle_signals=False, access_log=None,
-                           shutdown_timeout=1.0, handler_cancellation=True)  # fmt: skip
+    handler_args = handler_limits(config)
+    runner = web.AppRunner(service.app(), handle_signals=False, shutdown_timeout=1.0,
+                           handler_cancellation=True, **handler_args)  # fmt: skip
     await runner.setup()
     sock = listen_socket(config.media_listen)
-    site = web.SockSite(runner, sock, ssl_context=ssl_context(config))
-    await site.start()
+    gate = Gate(connection_budget(config), config.media_connections_per_ip, service.metrics)
+    server = runner.server
+
+    def handler():
+        return _GatedHandler(gate, server, loop=loop, **handler_args)
+
+    listener = await loop.create_server(handler, sock=sock, ssl=ssl_context(config))
     stopping = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stopping.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: None)  # the supervisor's
@@ -573,7 +672,7 @@ async def serve(config, parent_fd: int | None, status_fd: int | None, index: int
               tls=config.tls_enabled, loop=type(loop).__module__)  # fmt: skip
     await stopping.wait()
     service.draining = True
-    await site.stop()  # the listener closes; transfers in progress go on
+    listener.close()  # the listener closes; transfers in progress go on
     if status_fd is not None:
         with contextlib.suppress(OSError):
             os.write(status_fd, b"closed\n")

@@ -611,3 +611,63 @@ def test_resumed_parts_go_on_from_the_kept_hash_state(srv, tmp_path):
         await a.close()
 
     run(main())
+
+
+def test_connections_are_capped_and_must_send_their_headers_in_time(tmp_path):
+    """Unauthenticated connections to the media port were held without limit, idle or
+    sending headers slowly, for aiohttp's default hour: 300 of them with 100 headers of
+    8 KB each took the media process from 48 to 531 MB.  Now media-connections-per-ip
+    and media-connections are closed at once past them, a connection has
+    media-header-timeout to send its headers, and headers are capped in count."""
+    s = Server(tmp_path / "data", workers=1, media=True, media_connections=6,
+               media_connections_per_ip=4, media_header_timeout=2, media_max_headers=8)  # fmt: skip
+    s.start()
+    head = b"GET /v1/health HTTP/1.1\r\nHost: x\r\n"
+
+    async def connect(src):
+        r, w = await asyncio.open_connection("127.0.0.1", s.media_port, local_addr=(src, 0))
+        w.write(head)  # and never the blank line
+        return r, w
+
+    async def closed(r, timeout):
+        try:
+            return await asyncio.wait_for(r.read(), timeout) == b""
+        except ConnectionError:  # closed with a reset
+            return True
+        except TimeoutError:
+            return False
+
+    async def refusals(reason):
+        conn = aiohttp.TCPConnector(local_addr=("127.0.0.9", 0))
+        async with aiohttp.ClientSession(connector=conn) as c:
+            async with c.get(f"{s.media_url}/metrics") as r:
+                text = await r.text()
+        return sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines()
+                   if ln.startswith("pigeon_media_refusals_total") and f'"{reason}"' in ln)  # fmt: skip
+
+    async def main():
+        await until(lambda: "media ready" in s.log_text(), timeout=20)
+        held = [await connect("127.0.0.1") for _ in range(4)]
+        r5, _ = await connect("127.0.0.1")
+        assert await closed(r5, 5)  # the fifth from one address: closed at once
+        assert await refusals("connections per ip") == 1
+        held += [await connect("127.0.0.2") for _ in range(2)]
+        r7, _ = await connect("127.0.0.3")
+        assert await closed(r7, 5)  # the seventh in all
+        for r, _ in held:  # media-header-timeout: every one is closed
+            assert await closed(r, 10)
+        assert await refusals("connections") == 1
+        r, w = await asyncio.open_connection("127.0.0.1", s.media_port)
+        w.write(head + b"".join(b"X-%d: y\r\n" % i for i in range(9)) + b"\r\n")
+        assert b" 400 " in await asyncio.wait_for(r.readline(), 5)  # too many headers
+        w.close()
+        async with aiohttp.ClientSession() as c:  # and a client is served again
+            async with c.get(f"{s.media_url}/v1/health") as resp:
+                assert resp.status == 200
+        for _, w in held:
+            w.close()
+
+    try:
+        run(main(), timeout=60)
+    finally:
+        assert s.stop() == 0
