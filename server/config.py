@@ -730,6 +730,14 @@ OPTIONS: list[Option] = [
         "bytes of a media request's request line or of one of its headers (400 past it)",
     ),
     Option(
+        "media_spent_grants",
+        100_000,
+        _positive_int,
+        "upload grants the media service remembers as used (stored, or refused for a wrong "
+        "hash) until they expire, about 150 bytes each; past it the oldest is forgotten "
+        "(and could upload again until it expires)",
+    ),
+    Option(
         "media_resume_states",
         10_000,
         _positive_int,
@@ -916,6 +924,7 @@ GROUPS: list[Group] = [
             "media_header_timeout",
             "media_max_headers",
             "media_max_header_bytes",
+            "media_spent_grants",
             "media_resume_states",
             "media_loop",
         ),

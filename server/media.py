@@ -50,6 +50,13 @@ not (it raises NotImplementedError and aiohttp copies through user space),
 which is why this process runs the asyncio loop unless ``media-loop``
 says otherwise.  Over TLS the kernel cannot encrypt, so asyncio copies too.
 
+A grant is good for one upload: once its file is stored (201) or fails
+the hash check (422) it is spent until it expires (``media-spent-grants``
+of them kept, in memory): a PUT with a stored one answers the same 201
+again without reading a byte, HEAD says the whole size; a failed one is
+403.  Otherwise one grant let its holder send (and have hashed) any number
+of times its size until it expired, past ``media-quota-bytes``.
+
 A resume goes on from the SHA-256 state the previous part of that upload
 left, kept in memory (``media-resume-states`` of them, the least recently
 used dropped first): only a resume without one (after a restart, or
@@ -294,6 +301,8 @@ class MediaService:
         self.rates = LeakyTable(ADDRESS_TABLE)
         # (account, hash) -> (offset, SHA-256 state of the partial's first offset bytes)
         self.hashes: OrderedDict[tuple[str, str], tuple[int, object]] = OrderedDict()
+        # grants used up (their MAC -> (expiry, stored)), oldest first: see _spend
+        self.spent: OrderedDict[bytes, tuple[int, bool]] = OrderedDict()
         files, size = self.storage.usage()
         self.metrics.stored_files.set(files)
         self.metrics.stored_bytes.set(size)
@@ -346,7 +355,10 @@ class MediaService:
             raise self.refuse(404, "not a media id", expected="64 lowercase hex digits")
         return sha_hex
 
-    def _grant(self, request, sha_hex: str) -> mediagrant.Grant:
+    def _grant(self, request, sha_hex: str) -> tuple[mediagrant.Grant, bytes, bool]:
+        """The request's grant, its MAC (what names it in ``spent``) and whether an
+        upload with it was stored already; 403 for a bad one or one spent on a
+        mismatch."""
         token = _bearer(request)
         try:
             g = mediagrant.check(self.key, token, self.clock())
@@ -354,19 +366,46 @@ class MediaService:
             raise self.refuse(403, "bad grant", why=str(exc)) from None
         if g.sha256.hex() != sha_hex:
             raise self.refuse(403, "bad grant", why="the grant is for another file")
-        return g
+        mac = token[-mediagrant.MAC_SIZE :]
+        spent = self.spent.get(mac)
+        if spent is not None and not spent[1]:
+            raise self.refuse(403, "grant used", why="an upload with this grant failed its "
+                              "hash check; ask for a new grant")  # fmt: skip
+        return g, mac, spent is not None
+
+    def _spend(self, mac: bytes, g: mediagrant.Grant, stored: bool) -> None:
+        """A grant is good for one upload: once it is stored (201) or fails its hash
+        check (422), the grant is spent until it expires.  Expired ones leave first, then
+        the oldest past media-spent-grants."""
+        spent, now = self.spent, self.clock()
+        spent[mac] = (g.expires, stored)
+        while spent:
+            first = next(iter(spent.values()))
+            if first[0] > now and len(spent) <= self.config.media_spent_grants:
+                break
+            spent.popitem(last=False)
+
+    def _stored_answer(self, sha_hex: str, g: mediagrant.Grant):
+        return web.json_response(
+            {"id": sha_hex, "path": f"/v1/media/{sha_hex}", "size": g.size,
+             "token": mediagrant.b64(mediagrant.download_token(self.key, g.sha256))},
+            status=201,
+        )  # fmt: skip
 
     async def upload_offset(self, request):
         sha_hex = self._media_id(request)
-        g = self._grant(request, sha_hex)
+        g, _, stored = self._grant(request, sha_hex)
         # 0 for a file stored already by anyone: this uploader still sends it all, and
-        # it is checked (knowing a hash is no shortcut)
-        have = self.storage.partial_size(g.account, sha_hex)
+        # it is checked (knowing a hash is no shortcut); the whole size once this grant's
+        # upload is stored (a lost 201: the PUT of the rest, none, answers it again)
+        have = g.size if stored else self.storage.partial_size(g.account, sha_hex)
         return web.Response(headers={"Upload-Offset": str(have), "Upload-Length": str(g.size)})
 
     async def upload(self, request):
         sha_hex = self._media_id(request)
-        g = self._grant(request, sha_hex)
+        g, mac, stored = self._grant(request, sha_hex)
+        if stored:  # this grant's upload is in: the same answer, nothing more received
+            return self._stored_answer(sha_hex, g)
         c = self.config
         if self.draining:
             raise self.refuse(503, "draining", retry="resume on the next connection")
@@ -392,12 +431,12 @@ class MediaService:
             raise self.refuse(409, "upload in progress", why="another request writes it") from None
         self.metrics.uploads.inc()
         try:
-            return await self._receive(request, fd, g, sha_hex, start, length)
+            return await self._receive(request, fd, g, mac, sha_hex, start, length)
         finally:
             self.metrics.uploads.dec()
             os.close(fd)
 
-    async def _receive(self, request, fd, g, sha_hex, start, length):
+    async def _receive(self, request, fd, g, mac, sha_hex, start, length):
         stamp = self.clock() * 1_000_000
         os.utime(fd, ns=(stamp, stamp))  # the server's clock, as media-partial-ttl reads it
         have = os.fstat(fd).st_size
@@ -448,6 +487,7 @@ class MediaService:
             return web.json_response({"offset": have, "size": g.size}, status=202)
         if h.digest() != g.sha256:
             self.storage.drop_partial(g.account, sha_hex)
+            self._spend(mac, g, False)
             raise self.refuse(422, "hash mismatch", why="the bytes received are not the "
                               "granted SHA-256; the partial upload is deleted")  # fmt: skip
         new = await asyncio.to_thread(self.storage.commit, fd, g.account, sha_hex, self.clock())
@@ -455,12 +495,9 @@ class MediaService:
         if new:
             self.metrics.stored_files.inc()
             self.metrics.stored_bytes.inc(g.size)
+        self._spend(mac, g, True)
         log.event(logger, logging.INFO, "media stored", size=g.size, new=new)
-        return web.json_response(
-            {"id": sha_hex, "path": f"/v1/media/{sha_hex}", "size": g.size,
-             "token": mediagrant.b64(mediagrant.download_token(self.key, g.sha256))},
-            status=201,
-        )  # fmt: skip
+        return self._stored_answer(sha_hex, g)
 
     def _keep_hash(self, account: str, sha_hex: str, offset: int, h) -> None:
         """Keep ``h`` (the hash of the partial's first ``offset`` bytes) for the next

@@ -187,7 +187,7 @@ def test_grant_refused_too_big_and_quota(srv):
     run(main())
 
 
-def test_wrong_hash_refused_and_deleted(srv, tmp_path):
+def test_wrong_hash_refused_and_deleted_and_a_grant_is_good_for_one_upload(srv, tmp_path):
     async def main():
         _, a = await user(srv)
         _, enc, _, _, sha, size = encrypted(tmp_path, 300_000)
@@ -205,9 +205,24 @@ def test_wrong_hash_refused_and_deleted(srv, tmp_path):
         assert (
             await metric(srv, "pigeon_media_refusals_total", "hash mismatch") == refused_before + 1
         )
-        # the same grant still takes the right bytes
+        # the grant is spent (one upload per grant: it was sent again and again until it
+        # expired, 400 MiB received for a 10 MiB grant in 1.5 s); a new one takes the bytes
+        with pytest.raises(MediaError) as e:
+            await upload_file(g.url, g.token, str(enc), ssl=ctx(srv))
+        assert e.value.status == 403 and e.value.body["error"] == "grant used"
+        g = await a.request_upload(size, sha, "document")
         done = await upload_file(g.url, g.token, str(enc), ssl=ctx(srv))
         assert done["id"] == sha.hex() and sha.hex() in objects(srv)
+        # a stored grant's upload answers its 201 again and receives nothing more
+        bytes_in = await metric(srv, "pigeon_media_bytes_in_total")
+        async with aiohttp.ClientSession() as s:
+            async with s.head(g.url, headers=_auth(g.token), ssl=ctx(srv)) as r:
+                assert int(r.headers["Upload-Offset"]) == size
+            for body in (enc.read_bytes(), bytes(other)):
+                async with s.put(g.url, data=body, headers=_auth(g.token), ssl=ctx(srv)) as r:
+                    assert r.status == 201 and await r.json() == done
+        assert await upload_file(g.url, g.token, str(enc), ssl=ctx(srv)) == done
+        assert await metric(srv, "pigeon_media_bytes_in_total") == bytes_in
         await a.close()
 
     run(main())
