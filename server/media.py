@@ -115,7 +115,7 @@ DRAIN_TIMEOUT = 8.0  # the supervisor kills after 10 s
 MIN_DOWNLOAD_RATE = 64 << 10  # bytes/s a download is allowed on top of the stall timeout
 ADDRESS_TABLE = 10_000  # source addresses whose request rate is remembered
 _HEX = re.compile(r"[0-9a-f]{64}")
-_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
+_RANGE = re.compile(r"bytes ([0-9]+)-([0-9]+)/([0-9]+)")  # not \d: other scripts' digits
 
 
 class MediaRefused(web.HTTPException):
@@ -315,7 +315,8 @@ class MediaService:
         app = web.Application(middlewares=[self.guard], client_max_size=1024)
         app.router.add_route("HEAD", "/v1/upload/{id}", self.upload_offset)
         app.router.add_route("PUT", "/v1/upload/{id}", self.upload)
-        app.router.add_route("GET", "/v1/media/{id}", self.download)  # HEAD too
+        app.router.add_route("GET", "/v1/media/{id}", self.download)
+        app.router.add_route("HEAD", "/v1/media/{id}", self.download)  # (GET gives no HEAD)
         app.router.add_route("GET", "/v1/health", self.health)
         app.router.add_route("GET", "/metrics", self.metrics_page)
         return app

@@ -686,3 +686,28 @@ def test_connections_are_capped_and_must_send_their_headers_in_time(tmp_path):
         run(main(), timeout=60)
     finally:
         assert s.stop() == 0
+
+
+def test_head_of_a_download_and_content_range_digits(srv, tmp_path):
+    """HEAD /v1/media/{id} (documented with GET) was 405: aiohttp's GET route has no HEAD.
+    A Content-Range in another script's digits ('bytes ٠-٠/N', Arabic-Indic) was read as
+    0-0 (re's \\d and int() take any decimal digit): it is 400 now, as any malformed one."""
+
+    async def main():
+        _, a = await user(srv)
+        _, enc, _, _, sha, size = encrypted(tmp_path, 5000)
+        g = await a.request_upload(size, sha, "document")
+        async with aiohttp.ClientSession() as s:
+            h = {**_auth(g.token), "Content-Range": f"bytes \u0660-\u0660/{size}"}
+            async with s.put(g.url, data=b"x", headers=h, ssl=ctx(srv)) as r:
+                assert r.status == 400 and (await r.json())["error"] == "malformed Content-Range"
+            done = await upload_file(g.url, g.token, str(enc), ssl=ctx(srv))
+            url = srv.media_url + done["path"]
+            tok = mediagrant.unb64(done["token"])
+            async with s.head(url, headers=_auth(tok), ssl=ctx(srv)) as r:
+                assert r.status == 200 and r.headers["Content-Length"] == str(size)
+            async with s.head(url, headers=_auth(os.urandom(32)), ssl=ctx(srv)) as r:
+                assert r.status == 403
+        await a.close()
+
+    run(main())
