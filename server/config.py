@@ -617,6 +617,14 @@ OPTIONS: list[Option] = [
         "sliding window for keys-fetch-per-account, seconds",
     ),
     Option(
+        "keys_per_device",
+        5,
+        _non_negative_int,
+        "one-time keys one user may take from one device of another user per "
+        "keys-fetch-window; past it that user's fetches of that device carry the fallback "
+        "key (not consumed). 0 = no limit",
+    ),
+    Option(
         "key_changes",
         20,
         _positive_int,
@@ -876,6 +884,7 @@ GROUPS: list[Group] = [
             "keys_query_max",
             "keys_fetch_per_account",
             "keys_fetch_window",
+            "keys_per_device",
             "key_changes",
             "key_changes_window",
         ),

@@ -19,6 +19,13 @@ Tables (named databases in the store's environment; msgpack values):
            otks; t: the last upload (ms)
     otks   device NUL key id -> [key, signature]
 
+A user takes at most ``keys-per-device`` one-time keys of another user's
+device per ``keys-fetch-window`` (a ``limits`` record ``otkf:<fetcher> NUL
+<device>``); past that its fetches of that device carry the fallback key
+and consume nothing: one account could otherwise take all of a stranger's
+one-time keys in a second (50 fetches, 0.4 s) and leave every other sender
+the fallback key.  A user's own devices are not limited.
+
 Notices (queue entry kind 3, ``Queues.notice_devices``): ``low`` for a
 device when a fetch takes its count below ``one-time-keys-low`` (once per
 crossing: an attacker's fetches do not pile notices up in its queue); ``changed`` (from a user) when the user gets a new device or a device
@@ -215,14 +222,31 @@ def count(s, ev: KeysCountQuery) -> None:
     s.send(KeysCount(ev.id, n))
 
 
-def _take(txn, db: dict, device: str, low: int, queues, now: int, pushes: list) -> KeyBundle:
-    """``device``'s bundle, its first one-time key consumed (queues a low notice)."""
+def _take(
+    txn,
+    db: dict,
+    device: str,
+    low: int,
+    queues,
+    now: int,
+    pushes: list,
+    fetcher: str = "",
+    per_device: int = 0,
+    window_ms: int = 0,
+) -> KeyBundle:
+    """``device``'s bundle, its first one-time key consumed (queues a low notice).  A
+    ``fetcher`` (another user) takes at most ``per_device`` one-time keys of it per
+    ``window_ms``; past that its bundle carries the fallback key (nothing consumed)."""
     raw = txn.get(device.encode(), db=db["keys"])
     if raw is None:
         return KeyBundle(device)
     rec = _unpack(raw)
     curve, ed, fallback, n = rec[0], rec[1], rec[2], rec[3]
     otk = None
+    if n > 0 and fetcher and per_device:
+        key = f"otkf:{fetcher}\x00{device}".encode()
+        if not window_take(txn, db["limits"], key, now, window_ms, per_device)[0]:
+            n = 0  # this fetcher had its share of this device's keys: the fallback key
     if n > 0:
         prefix = _prefix(device)
         with txn.cursor(db=db["otks"]) as c:
@@ -287,7 +311,8 @@ def query(s, ev: KeysQuery) -> None:
         for u, numbers in accounts:
             for number in numbers:
                 out.append(_take(txn, db, f"{u}:{number}", c.one_time_keys_low, w.queues, now,
-                                 pushes))  # fmt: skip
+                                 pushes, "" if u == user else user,
+                                 c.keys_per_device, window_ms))  # fmt: skip
         return out, pushes
 
     def done(result) -> None:

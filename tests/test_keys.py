@@ -39,8 +39,10 @@ def run(coro, timeout=120):
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory):
+    # keys-per-device lifted: tests here take many keys of one device from one user (the
+    # per-device share has its own test, with its own server)
     s = Server(tmp_path_factory.mktemp("keys") / "data", workers=2, register_per_ip=1000,
-               message_rate=0)  # fmt: skip
+               message_rate=0, keys_per_device=0)  # fmt: skip
     s.start()
     yield s
     assert s.stop() == 0, s.log_text()[-3000:]
@@ -487,3 +489,39 @@ def test_an_upload_with_more_keys_than_the_maximum_is_refused_before_its_signatu
         await close(alice)
 
     run(go())
+
+
+def test_one_user_takes_a_few_one_time_keys_of_a_device_then_its_fallback(tmp_path):
+    """A stranger took all 50 one-time keys of a device in 0.4 s (50 fetches, one lookup
+    each), and every sender after it got the fallback key.  Now a user takes at most
+    keys-per-device of another user's device per keys-fetch-window, then gets the
+    fallback key with nothing consumed: the others still get one-time keys, and an
+    account's own devices are not limited."""
+    s = Server(tmp_path / "data", workers=2, register_per_ip=1000, message_rate=0,
+               keys_per_device=3)  # fmt: skip
+    s.start()
+
+    async def go():
+        alice = await device(s)
+        await alice.upload(otks=10, fallback=True)
+        mallory, bob = await device(s), await device(s)
+        got = [(await mallory.client.fetch_keys(alice.phone))[0].one_time_key for _ in range(6)]
+        assert [k.fallback for k in got] == [False] * 3 + [True] * 3
+        assert await alice.client.key_count() == 7
+        (b,) = await bob.client.fetch_keys(alice.phone)
+        assert not b.one_time_key.fallback and await alice.client.key_count() == 6
+        # a companion of alice's own account fetching her primary: no limit
+        companion = s.link_device(alice.phone)
+        c = await s.login(companion)
+        for _ in range(4):
+            bundles = await c.fetch_keys(alice.phone)
+            primary = [x for x in bundles if x.device == alice.address][0]
+            assert not primary.one_time_key.fallback
+        assert await alice.client.key_count() == 2
+        await c.close()
+        await close(alice, mallory, bob)
+
+    try:
+        run(go())
+    finally:
+        assert s.stop() == 0, s.log_text()[-3000:]
