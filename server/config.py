@@ -738,6 +738,13 @@ OPTIONS: list[Option] = [
         "bytes of a media request's request line or of one of its headers (400 past it)",
     ),
     Option(
+        "media_disk_reserve",
+        1 << 30,
+        _non_negative_int,
+        "bytes the media service leaves free on its file system (the chat store's too, "
+        "usually): an upload that would leave less is refused with 507",
+    ),
+    Option(
         "media_spent_grants",
         100_000,
         _positive_int,
@@ -933,6 +940,7 @@ GROUPS: list[Group] = [
             "media_header_timeout",
             "media_max_headers",
             "media_max_header_bytes",
+            "media_disk_reserve",
             "media_spent_grants",
             "media_resume_states",
             "media_loop",
@@ -944,7 +952,8 @@ GROUPS: list[Group] = [
 _SECONDS = ("_timeout", "_window", "_interval", "_age", "_ttl", "_delay", "_expiry")
 _BYTES = ("max_frame", "login_max_frame", "map_size", "queue_max_bytes", "write_buffer_high",
           "write_buffer_low", "commit_max_bytes", "bus_buffer_high", "bus_buffer_low",
-          "media_max_bytes", "media_quota_bytes", "stranger_queue_bytes")  # fmt: skip
+          "media_max_bytes", "media_quota_bytes", "stranger_queue_bytes",
+          "media_disk_reserve")  # fmt: skip
 
 
 def _metavar(o: Option) -> str:

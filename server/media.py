@@ -50,6 +50,12 @@ not (it raises NotImplementedError and aiohttp copies through user space),
 which is why this process runs the asyncio loop unless ``media-loop``
 says otherwise.  Over TLS the kernel cannot encrypt, so asyncio copies too.
 
+Disk: a PUT is refused (507) unless the file system keeps
+``media-disk-reserve`` free after its bytes, checked before it and every
+DISK_CHECK bytes during it (what arrived is kept for a resume), and a
+write that finds the disk full is 507 too, not a 500: uploads could fill
+the disk the chat store's LMDB shares.
+
 A grant is good for one upload: once its file is stored (201) or fails
 the hash check (422) it is spent until it expires (``media-spent-grants``
 of them kept, in memory): a PUT with a stored one answers the same 201
@@ -111,6 +117,7 @@ from .store import default_clock, make_private
 logger = logging.getLogger("pigeon.media")
 
 CHUNK = 256 << 10
+DISK_CHECK = 16 << 20  # an upload checks the free space again every this many bytes
 DRAIN_TIMEOUT = 8.0  # the supervisor kills after 10 s
 MIN_DOWNLOAD_RATE = 64 << 10  # bytes/s a download is allowed on top of the stall timeout
 ADDRESS_TABLE = 10_000  # source addresses whose request rate is remembered
@@ -202,6 +209,11 @@ class LocalStorage:
         finally:
             os.close(dfd)
         return True
+
+    def free_bytes(self) -> int:
+        """Bytes free for this process on the file system of the media store."""
+        st = os.statvfs(self.root)
+        return st.f_bavail * st.f_frsize
 
     def usage(self) -> tuple[int, int]:
         """(files, bytes) stored."""
@@ -426,6 +438,7 @@ class MediaService:
                 raise self.refuse(400, "Content-Range does not match the grant or the body")
         if start + length > g.size:
             raise self.refuse(413, "more bytes than the grant's size", limit="grant size")
+        self._check_disk(length)
         try:
             fd = self.storage.open_partial(g.account, sha_hex)
         except BlockingIOError:
@@ -458,6 +471,7 @@ class MediaService:
         hashed = have
         stall = self.config.media_stall_timeout
         left = length
+        check_at = length - DISK_CHECK  # the free space is checked again every DISK_CHECK
         try:
             content = request.content
             while left:
@@ -468,7 +482,16 @@ class MediaService:
                     break
                 if len(chunk) > left:  # (aiohttp stops at Content-Length: never happens)
                     chunk = chunk[:left]
-                _write_all(fd, chunk)
+                if left <= check_at:
+                    self._check_disk(left, offset=hashed)
+                    check_at = left - DISK_CHECK
+                try:
+                    _write_all(fd, chunk)
+                except OSError as exc:
+                    if exc.errno != errno.ENOSPC:
+                        raise
+                    raise self.refuse(507, "disk full", why="no space left on the media "
+                                      "store", offset=os.fstat(fd).st_size) from None  # fmt: skip
                 h.update(chunk)
                 hashed += len(chunk)
                 left -= len(chunk)
@@ -499,6 +522,15 @@ class MediaService:
         self._spend(mac, g, True)
         log.event(logger, logging.INFO, "media stored", size=g.size, new=new)
         return self._stored_answer(sha_hex, g)
+
+    def _check_disk(self, length: int, **fields) -> None:
+        """507 unless the media store's file system keeps media-disk-reserve free
+        after ``length`` more bytes (the chat store usually shares it: LMDB on a full
+        disk fails its writes)."""
+        reserve = self.config.media_disk_reserve
+        if self.storage.free_bytes() - length < reserve:
+            raise self.refuse(507, "disk full", limit="media-disk-reserve", value=reserve,
+                              **fields)  # fmt: skip
 
     def _keep_hash(self, account: str, sha_hex: str, offset: int, h) -> None:
         """Keep ``h`` (the hash of the partial's first ``offset`` bytes) for the next

@@ -711,3 +711,35 @@ def test_head_of_a_download_and_content_range_digits(srv, tmp_path):
         await a.close()
 
     run(main())
+
+
+def test_an_upload_that_would_leave_less_than_the_disk_reserve_is_507(tmp_path):
+    """Uploads had no bound but the per-account quotas, and a full disk was a 500 (and the
+    chat store's LMDB, on the same disk, fails its writes).  With media-disk-reserve
+    above what the disk has free, every upload is 507 and nothing is written."""
+    st = os.statvfs(tmp_path)
+    free = st.f_bavail * st.f_frsize
+    s = Server(tmp_path / "data", workers=1, media=True, media_disk_reserve=free + (1 << 40))
+    s.start()
+
+    async def main():
+        await until(lambda: "media ready" in s.log_text(), timeout=20)
+        creds = await s.register("491790000001")
+        a = await s.login(creds)
+        data = os.urandom(100_000)
+        g = await a.request_upload(len(data), hashlib.sha256(data).digest(), "document")
+        with pytest.raises(MediaError) as e:
+            await upload_file(g.url, g.token, str(_write(tmp_path / "f", data)))
+        assert e.value.status == 507 and e.value.body["limit"] == "media-disk-reserve"
+        assert not list((s.data_dir / "media" / "partial").iterdir())
+        await a.close()
+
+    try:
+        run(main(), timeout=60)
+    finally:
+        assert s.stop() == 0
+
+
+def _write(path, data: bytes):
+    path.write_bytes(data)
+    return path
