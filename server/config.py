@@ -703,6 +703,20 @@ OPTIONS: list[Option] = [
         "upload keeps what arrived, for a resume)",
     ),
     Option(
+        "media_min_upload_rate",
+        16 << 10,
+        _positive_int,
+        "bytes a second a media upload must average over every media-stall-timeout; slower, "
+        "it is cut with 408 (what arrived is kept, for a resume)",
+    ),
+    Option(
+        "media_min_download_rate",
+        64 << 10,
+        _positive_int,
+        "bytes a second a media download is given on top of media-stall-timeout: one not "
+        "done by then is cut",
+    ),
+    Option(
         "media_connections",
         1024,
         _positive_int,
@@ -935,6 +949,8 @@ GROUPS: list[Group] = [
             "media_transfers_per_ip",
             "media_request_rate",
             "media_stall_timeout",
+            "media_min_upload_rate",
+            "media_min_download_rate",
             "media_connections",
             "media_connections_per_ip",
             "media_header_timeout",

@@ -78,9 +78,10 @@ and at most ``media-max-headers`` headers of ``media-max-header-bytes``.
 
 Limits: ``media-transfers-per-ip`` requests at once and
 ``media-request-rate`` a second per source address (429); an upload that
-receives nothing for ``media-stall-timeout`` seconds is cut (what arrived
-is kept for a resume), a download that has not ended within
-``media-stall-timeout`` plus its size at 64 KiB/s is cut.  The process
+receives nothing for ``media-stall-timeout`` seconds, or less than
+``media-min-upload-rate`` on average over one, is cut (what arrived is
+kept for a resume), a download that has not ended within
+``media-stall-timeout`` plus its size at ``media-min-download-rate`` is cut.  The process
 drains on SIGTERM (closes its listener, says "closed" to the supervisor,
 lets transfers run up to DRAIN_TIMEOUT seconds) and leaves when its
 supervisor's pipe reaches EOF.
@@ -119,7 +120,6 @@ logger = logging.getLogger("pigeon.media")
 CHUNK = 256 << 10
 DISK_CHECK = 16 << 20  # an upload checks the free space again every this many bytes
 DRAIN_TIMEOUT = 8.0  # the supervisor kills after 10 s
-MIN_DOWNLOAD_RATE = 64 << 10  # bytes/s a download is allowed on top of the stall timeout
 ADDRESS_TABLE = 10_000  # source addresses whose request rate is remembered
 _HEX = re.compile(r"[0-9a-f]{64}")
 _RANGE = re.compile(r"bytes ([0-9]+)-([0-9]+)/([0-9]+)")  # not \d: other scripts' digits
@@ -470,8 +470,13 @@ class MediaService:
         os.lseek(fd, have, os.SEEK_SET)
         hashed = have
         stall = self.config.media_stall_timeout
+        rate = self.config.media_min_upload_rate
         left = length
         check_at = length - DISK_CHECK  # the free space is checked again every DISK_CHECK
+        # every stall seconds at least rate x stall bytes (or the rest) must have come:
+        # a byte every stall - 1 s kept an upload (its connection, its file) forever
+        loop = asyncio.get_running_loop()
+        window_end, window_need, window_got = loop.time() + stall, min(left, rate * stall), 0
         try:
             content = request.content
             while left:
@@ -496,6 +501,12 @@ class MediaService:
                 hashed += len(chunk)
                 left -= len(chunk)
                 self.metrics.bytes_in.inc(len(chunk))
+                window_got += len(chunk)
+                if left and (now := loop.time()) >= window_end:
+                    if window_got < window_need:
+                        raise self.refuse(408, "too slow", limit="media-min-upload-rate",
+                                          value=rate, offset=hashed)  # fmt: skip
+                    window_end, window_need, window_got = now + stall, min(left, rate * stall), 0
         except TimeoutError:
             raise self.refuse(408, "stalled", limit="media-stall-timeout", value=stall,
                               offset=os.fstat(fd).st_size) from None  # fmt: skip
@@ -549,7 +560,9 @@ class MediaService:
         st = self.storage.stat(sha_hex)
         if st is None:
             raise self.refuse(404, "no such media", why="never stored, or expired")
-        deadline = self.config.media_stall_timeout + st.st_size / MIN_DOWNLOAD_RATE
+        deadline = (
+            self.config.media_stall_timeout + st.st_size / self.config.media_min_download_rate
+        )
         return _TimedFile(self.metrics, deadline, path, chunk_size=CHUNK,
                           headers={"Content-Type": "application/octet-stream",
                                    "Cache-Control": "private, no-store"})  # fmt: skip

@@ -743,3 +743,44 @@ def test_an_upload_that_would_leave_less_than_the_disk_reserve_is_507(tmp_path):
 def _write(path, data: bytes):
     path.write_bytes(data)
     return path
+
+
+def test_an_upload_trickling_bytes_is_cut_and_resumes(tmp_path):
+    """A PUT sending one byte every media-stall-timeout - 0.5 s was held as long as its
+    sender liked (30 s in the probe, when it gave up): its connection, its transfer
+    slot and its partial file.  Less than media-min-upload-rate over a stall window is
+    now 408 with the offset held; the upload resumes from there."""
+    s = Server(tmp_path / "data", workers=1, media=True, media_stall_timeout=1,
+               media_min_upload_rate=1000)  # fmt: skip
+    s.start()
+
+    async def main():
+        await until(lambda: "media ready" in s.log_text(), timeout=20)
+        creds = await s.register("491790000002")
+        a = await s.login(creds)
+        data = os.urandom(50_000)
+        sha = hashlib.sha256(data).digest()
+        g = await a.request_upload(len(data), sha, "document")
+        r, w = await asyncio.open_connection("127.0.0.1", s.media_port)
+        w.write(f"PUT /v1/upload/{sha.hex()} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                f"{mediagrant.b64(g.token)}\r\nContent-Length: {len(data)}\r\n\r\n".encode())  # fmt: skip
+        answer, sent = b"", 0
+        for _ in range(40):  # a byte every 0.25 s, for at most 10 s
+            w.write(data[sent : sent + 1])
+            sent += 1
+            try:
+                answer = await asyncio.wait_for(r.read(4096), 0.25)
+            except TimeoutError:
+                continue
+            break
+        w.close()
+        assert answer.startswith(b"HTTP/1.1 408"), answer
+        assert b'"too slow"' in answer and b'"media-min-upload-rate"' in answer
+        done = await upload_file(g.url, g.token, str(_write(tmp_path / "f", data)))
+        assert done["id"] == sha.hex()
+        await a.close()
+
+    try:
+        run(main(), timeout=60)
+    finally:
+        assert s.stop() == 0
