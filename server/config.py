@@ -737,7 +737,8 @@ OPTIONS: list[Option] = [
         10.0,
         _positive_float,
         "seconds a media connection has to send a request's headers, from its connect and "
-        "from the end of each answer (an idle keep-alive connection too); then it is closed",
+        "from the end of each answer (an idle keep-alive connection too), and to finish its "
+        "TLS handshake; then it is closed",
     ),
     Option(
         "media_max_headers",

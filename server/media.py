@@ -742,7 +742,12 @@ async def serve(config, parent_fd: int | None, status_fd: int | None, index: int
     def handler():
         return _GatedHandler(gate, server, loop=loop, **handler_args)
 
-    listener = await loop.create_server(handler, sock=sock, ssl=ssl_context(config))
+    tls = ssl_context(config)
+    # a TLS handshake is before the gate (the handler sees the connection after it):
+    # it gets media-header-timeout too, not asyncio's 60 s
+    listener = await loop.create_server(handler, sock=sock, ssl=tls,
+                                        ssl_handshake_timeout=config.media_header_timeout
+                                        if tls is not None else None)  # fmt: skip
     stopping = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stopping.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: None)  # the supervisor's

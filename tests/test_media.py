@@ -784,3 +784,24 @@ def test_an_upload_trickling_bytes_is_cut_and_resumes(tmp_path):
         run(main(), timeout=60)
     finally:
         assert s.stop() == 0
+
+
+def test_a_tls_handshake_gets_the_header_timeout(tmp_path):
+    """A TLS connection is counted by the media service once its handshake is done; one
+    that never sent a ClientHello was held for asyncio's 60 s handshake timeout."""
+    s = Server(tmp_path / "data", workers=1, tls=True, media=True, media_header_timeout=1)
+    s.start()
+
+    async def main():
+        await until(lambda: "media ready" in s.log_text(), timeout=20)
+        r, w = await asyncio.open_connection("127.0.0.1", s.media_port)  # no TLS from us
+        try:
+            assert await asyncio.wait_for(r.read(), 15) == b""
+        except ConnectionError:
+            pass  # closed with a reset: closed too
+        w.close()
+
+    try:
+        run(main(), timeout=60)
+    finally:
+        assert s.stop() == 0
