@@ -89,7 +89,6 @@ supervisor's pipe reaches EOF.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import errno
@@ -109,8 +108,7 @@ import orjson
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
-from . import log, mediagrant
-from .config import load
+from . import child, log, mediagrant
 from .limits import LeakyTable, source_key
 from .listeners import listen_socket, raise_open_files_limit
 from .store import default_clock, make_private
@@ -776,21 +774,10 @@ async def serve(config, parent_fd: int | None, status_fd: int | None, index: int
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="pigeon-media", description="the media service "
-                                "(started by the supervisor)")  # fmt: skip
-    p.add_argument("--index", type=int, default=0)
-    p.add_argument("--count", type=int, default=1)
-    p.add_argument("--gen", type=int, default=0)
-    p.add_argument("--run-dir")
-    p.add_argument("--config-fd", type=int, required=True)
-    p.add_argument("--parent-fd", type=int)
-    p.add_argument("--status-fd", type=int)
-    args = p.parse_args(argv)
-    with open(args.config_fd, "rb") as f:  # the settings never appear in argv (ps)
-        private = orjson.loads(f.read())
-    config = load(overrides=private["config"])
-    log.setup(config.log_level, config.log_format)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    started = child.start("pigeon-media", "the media service (started by the supervisor)", argv)
+    if isinstance(started, int):
+        return started
+    args, config = started
     if config.media_loop == "uvloop":
         import uvloop
 

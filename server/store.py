@@ -549,16 +549,9 @@ class Store:
 
     # -- rate limits ----------------------------------------------------------
 
-    def hit(self, key: str, limit: int, window_ms: int) -> bool:
-        """Sliding-window limit shared by every worker: True (and the hit recorded)
-        if under ``limit``."""
-        now = self.clock()
-        with self.write() as txn:
-            self.check_room(txn)
-            return self.hit_txn(txn, key, limit, window_ms, now)
-
     def hit_txn(self, txn, key: str, limit: int, window_ms: int, now: int) -> bool:
-        """hit inside ``txn`` (a job of the tick's commit)."""
+        """A sliding-window limit shared by every worker, inside ``txn`` (a job of the
+        tick's commit): True (and the hit recorded) if under ``limit``."""
         hits = [t for t in (self._get(txn, "limits", key) or []) if t > now - window_ms]
         if len(hits) >= limit:
             return False  # refused: nothing written (the sweep drops what went stale)
@@ -605,7 +598,7 @@ class Store:
                         rec = _unpack(cur.value())
                         if table == "codes":
                             dead = rec["expires"] <= now
-                        else:  # [t, ...] (Store.hit) or [[t, weight], ...] (limits.window_take)
+                        else:  # [t, ...] (Store.hit_txn) or [[t, weight], ...] (limits.window_take)
                             last = rec[-1] if rec else 0
                             newest = last[0] if isinstance(last, list) else last
                             dead = newest <= now - max_window_ms

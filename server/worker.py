@@ -44,7 +44,6 @@ file and codec), and a worker that runs other code refuses to start.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import itertools
 import logging
@@ -62,10 +61,10 @@ from pigeon.core.errors import ErrorCode
 from pigeon.core.events import ChatState, Error, Presence, ServerAck
 from pigeon.core.node import DEFAULT_LIMITS, Limits, address_kind
 
-from . import linking, log
+from . import child, linking, log
 from .accounts import Accounts, make_gateway
 from .bus import Bus
-from .config import load
+from .child import code_mismatch
 from .errors import ServiceError
 from .limits import Bucket, LeakyTable
 from .listeners import FULL_LOG_INTERVAL, Listeners, listen_socket, raise_open_files_limit
@@ -844,51 +843,11 @@ class Worker:
             self.stopping.set()
 
 
-def code_mismatch(expected: dict) -> str | None:
-    """Why this worker is not running the code its supervisor runs, or None."""
-    here = os.path.realpath(__file__)
-    if expected.get("worker") not in (None, here):
-        return (
-            f"this worker runs {here} but the supervisor runs {expected['worker']}: "
-            "a pigeon/ folder on the Python path shadows the installed package"
-        )
-    if expected.get("codec") not in (None, core_codec.IMPLEMENTATION):
-        return (
-            f"this worker loaded the {core_codec.IMPLEMENTATION} codec but the supervisor "
-            f"the {expected['codec']} one"
-        )
-    return None
-
-
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
-        prog="pigeon-worker", description="one pigeon worker (started by the supervisor)"
-    )
-    p.add_argument("--index", type=int, required=True)
-    p.add_argument("--count", type=int, required=True)
-    p.add_argument("--gen", type=int, default=0, help="reload generation")
-    p.add_argument("--run-dir", required=True)
-    p.add_argument(
-        "--config-fd",
-        type=int,
-        required=True,
-        help="a pipe the supervisor writes the settings to (JSON), read once at start",
-    )
-    p.add_argument("--parent-fd", type=int)
-    p.add_argument("--status-fd", type=int)
-    args = p.parse_args(argv)
-    with open(args.config_fd, "rb") as f:  # the settings never appear in argv (ps)
-        private = orjson.loads(f.read())
-    config = load(overrides=private["config"])
-    log.setup(config.log_level, config.log_format)
-    problem = code_mismatch(private.get("code") or {})
-    if problem:
-        # Restarting would not help: tell the supervisor, which stops.
-        log.event(logger, logging.ERROR, "worker refuses to start", error=problem)
-        if args.status_fd is not None:
-            os.write(args.status_fd, f"fatal {problem}\n".encode())
-        return 1
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides; it sends SIGTERM
+    started = child.start("pigeon-worker", "one pigeon worker (started by the supervisor)", argv)
+    if isinstance(started, int):
+        return started
+    args, config = started
     import uvloop
 
     worker = Worker(config, args.index, args.count, args.run_dir, args.gen)

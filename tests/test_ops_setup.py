@@ -183,6 +183,35 @@ def test_a_worker_names_the_code_it_should_have_run():
     assert f"the {other} one" in code_mismatch({"codec": other})
 
 
+@pytest.mark.parametrize("module", ["pigeon.server.worker", "pigeon.server.media"])
+def test_a_child_process_running_other_code_refuses_to_start_and_says_why(tmp_path, module):
+    """Both kinds of child (a worker, the media service) check the supervisor's code identity."""
+    config_r, config_w = os.pipe()
+    status_r, status_w = os.pipe()
+    cmd = [sys.executable, "-P", "-m", module, "--index", "0", "--count", "1",
+           "--run-dir", str(tmp_path), "--config-fd", str(config_r),
+           "--status-fd", str(status_w)]  # fmt: skip
+    proc = subprocess.Popen(cmd, pass_fds=(config_r, status_w), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    os.close(config_r)
+    os.close(status_w)
+    settings = {"data_dir": str(tmp_path / "data"), "log_format": "json"}
+    private = {"config": settings, "code": {"worker": "/elsewhere/pigeon/server/worker.py"}}
+    with open(config_w, "wb") as f:
+        f.write(json.dumps(private).encode())
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    with open(status_r, "rb") as f:
+        status = f.read().decode()
+    assert proc.returncode == 1, err
+    assert status.startswith("fatal ") and "/elsewhere/pigeon/server/worker.py" in status
+    assert "refuses to start" in err.decode()
+    assert not (tmp_path / "data").exists()  # it stopped before opening anything
+
+
 # -- item 13: secrets on the command line; the webhook's Authorization header -----------
 
 

@@ -231,7 +231,9 @@ def test_the_limits_table_names_every_limit_a_client_meets_with_its_default():
     for key in ("login_timeout", "idle_timeout", "register_per_phone", "register_per_ip",
                 "register_window", "code_attempts", "code_ttl", "login_failures",
                 "login_failures_per_ip", "login_window", "max_connections_per_ip",
-                "max_connections", "dedup_window", "max_frame"):  # fmt: skip
+                "max_connections", "dedup_window", "max_frame", "media_max_bytes",
+                "media_quota_uploads", "media_quota_bytes", "media_grant_ttl",
+                "media_request_rate", "media_transfers_per_ip"):  # fmt: skip
         assert key in named, f"section 13 does not name {key.replace('_', '-')}"
     checked = 0
     for limit, default, _ in rows:

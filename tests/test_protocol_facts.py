@@ -552,3 +552,148 @@ def test_a_version_1_client_reads_every_frame(srv):
     ev = raw.next_event()
     assert isinstance(ev, ServerAck) and ev.cls == "receipt"
     raw.close()
+
+
+# -- sections 7, 9c and 9d: the identity key, key fetches, the encrypted plaintext ---------
+
+
+def _olm_device(srv, account):
+    """A plaintext SDK client registered with ``account``'s Ed25519 key (section 7),
+    logged in, its Olm keys uploaded: a client of its own making, as a stranger's."""
+    from pigeon.client.keys import AccountIdentity, vodozemac_keys
+
+    async def go():
+        phone = next(PHONES)
+        c = await srv.client()
+        await c.register(phone)
+        creds = await c.verify(phone, srv.code_for(phone), identity=AccountIdentity(account))
+        await c.close()
+        c = await srv.login(creds)
+        account.generate_one_time_keys(3)
+        account.generate_fallback_key()
+        assert await c.upload_keys(**vodozemac_keys(account, creds.device)) == 3
+        account.mark_keys_as_published()
+        return phone, creds, c
+
+    return go()
+
+
+def test_a_device_registered_with_another_librarys_key_cannot_publish_olm_keys(srv):
+    # section 7: the identity key must be the Olm account's Ed25519 key; 9c: 308 otherwise
+    vodozemac = pytest.importorskip("vodozemac")
+    from pigeon.client.keys import vodozemac_keys
+
+    async def go():
+        phone = next(PHONES)
+        c = await srv.client()
+        await c.register(phone)
+        creds = await c.verify(phone, srv.code_for(phone), identity=new_identity())
+        await c.close()
+        c = await srv.login(creds)
+        account = vodozemac.Account()  # made after the registration: another Ed25519 key
+        account.generate_one_time_keys(1)
+        with pytest.raises(ServerError) as e:
+            await c.upload_keys(**vodozemac_keys(account, creds.device))
+        assert e.value.code == ErrorCode.KEY_MISMATCH
+        await c.close()
+        # registered again with the account's own key, the same account's keys go in
+        _, _, c = await _olm_device(srv, vodozemac.Account())
+        await c.close()
+
+    run(go())
+
+
+def test_a_fetch_of_ones_own_user_takes_a_one_time_key_of_the_asking_device_too(srv):
+    # section 9c: no fetch of one device; every device of the user asked gives a key
+    vodozemac = pytest.importorskip("vodozemac")
+
+    async def go():
+        phone, creds, c = await _olm_device(srv, vodozemac.Account())
+        (bundle,) = await c.fetch_keys(phone)
+        assert bundle.device == creds.device and bundle.one_time_key is not None
+        assert await c.key_count() == 2
+        await c.close()
+
+    run(go())
+
+
+def test_the_sdk_reads_a_strangers_olm_payload_and_refuses_a_str_body(srv, tmp_path):
+    # section 9d: payload 00 + sender's Curve25519 key + Olm bytes; plaintext [str, bin]
+    vodozemac = pytest.importorskip("vodozemac")
+    import msgpack
+
+    from pigeon.client import Client
+    from pigeon.client.secure import DecryptedMessage, DecryptionFailed
+
+    async def next_decrypted(client):
+        while True:
+            ev = await client.next_event(15)
+            if hasattr(ev, "seq"):
+                await client.ack(ev.seq)
+            if isinstance(ev, DecryptedMessage | DecryptionFailed):
+                return ev
+
+    async def go():
+        phone = next(PHONES)
+        sdk = await Client.connect("127.0.0.1", srv.port, plaintext=False,
+                                   profile=str(tmp_path / "p.json"))  # fmt: skip
+        await sdk.register(phone)
+        await sdk.login(await sdk.verify(phone, srv.code_for(phone)))
+        for _ in range(100):  # the SDK publishes its keys after its login
+            if await sdk.key_count() > 0:
+                break
+            await asyncio.sleep(0.05)
+        account = vodozemac.Account()
+        _, _, stranger = await _olm_device(srv, account)
+        await stranger.discover([phone])
+        curve = account.curve25519_key.to_bytes()
+
+        async def send(item):
+            (bundle,) = await stranger.fetch_keys(phone)  # a fresh session each time
+            session = account.create_outbound_session(
+                vodozemac.Curve25519PublicKey.from_bytes(bundle.curve25519),
+                vodozemac.Curve25519PublicKey.from_bytes(bundle.one_time_key.key),
+            )
+            kind, olm = session.encrypt(msgpack.packb(item)).to_parts()
+            assert kind == 0  # a pre-key message: its type byte, then the sender's key
+            await stranger.send(phone, bytes([kind]) + curve + olm, type="pkmsg")
+
+        await send(["text", "a str body"])
+        ev = await next_decrypted(sdk)
+        assert isinstance(ev, DecryptionFailed)
+        await send(["text", b"a bin body"])
+        ev = await next_decrypted(sdk)
+        assert isinstance(ev, DecryptedMessage) and (ev.type, ev.body) == ("text", b"a bin body")
+        await sdk.close()
+        await stranger.close()
+
+    run(go())
+
+
+def test_the_safety_number_is_computed_as_written():
+    # section 9d "Safety numbers", step by step with hashlib, against the SDK's
+    import base64
+    import hashlib
+
+    from pigeon.client.e2e import format_safety_number, safety_number, safety_qr
+
+    def fingerprint(user, key):
+        d = hashlib.sha512(b"\x00\x00" + key + user.encode("ascii")).digest()
+        for _ in range(5200):
+            d = hashlib.sha512(d + key).digest()
+        return d
+
+    def digits(fp):
+        return "".join(
+            f"{int.from_bytes(fp[i : i + 5], 'big') % 100000:05d}" for i in range(0, 30, 5)
+        )
+
+    for _ in range(3):
+        a, b = next(PHONES), next(PHONES)
+        ka, kb = os.urandom(32), os.urandom(32)
+        halves = sorted((digits(fp), fp) for fp in (fingerprint(a, ka), fingerprint(b, kb)))
+        number = "".join(d for d, _ in halves)
+        assert safety_number(a, ka, b, kb) == number == safety_number(b, kb, a, ka)
+        assert len(format_safety_number(number).split(" ")) == 12
+        parts = [base64.urlsafe_b64encode(fp[:32]).rstrip(b"=").decode() for _, fp in halves]
+        assert safety_qr(a, ka, b, kb) == "PGNV1," + ",".join(parts)
