@@ -558,12 +558,29 @@ class MediaService:
         st = self.storage.stat(sha_hex)
         if st is None:
             raise self.refuse(404, "no such media", why="never stored, or expired")
+        if "If-Range" not in request.headers:  # (with one, aiohttp may ignore the Range)
+            self._check_range(request, st.st_size)
         deadline = (
             self.config.media_stall_timeout + st.st_size / self.config.media_min_download_rate
         )
         return _TimedFile(self.metrics, deadline, path, chunk_size=CHUNK,
                           headers={"Content-Type": "application/octet-stream",
                                    "Cache-Control": "private, no-store"})  # fmt: skip
+
+    def _check_range(self, request, size: int) -> None:
+        """A Range past the end (or one aiohttp cannot serve) is 416 with a JSON body
+        here: aiohttp's FileResponse answers it with no body."""
+        try:
+            rng = request.http_range
+        except ValueError:
+            exc = self.refuse(416, "bad range", why="one range, bytes=START-END or "
+                              "bytes=-SUFFIX", size=size)  # fmt: skip
+        else:
+            if rng.start is None or rng.start < 0 or rng.start < size:
+                return
+            exc = self.refuse(416, "range past the end", size=size)
+        exc.headers["Content-Range"] = f"bytes */{size}"
+        raise exc
 
     async def health(self, request):
         return web.json_response({"status": "draining" if self.draining else "ready"})

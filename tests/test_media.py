@@ -850,9 +850,6 @@ def test_head_of_a_media_file_answers_as_get_does(srv, tmp_path):
     run(main())
 
 
-@pytest.mark.xfail(strict=True, reason="server bug: aiohttp's FileResponse answers a range "
-                   "past the end 416 with no body; PROTOCOL.md 9b: every refusal has a JSON "
-                   "body")  # fmt: skip
 def test_a_range_past_the_end_is_416_with_a_json_body(srv, tmp_path):
     async def main():
         url, tok, size = await _stored(srv, tmp_path)
@@ -861,5 +858,6 @@ def test_a_range_past_the_end_is_416_with_a_json_body(srv, tmp_path):
                              ssl=ctx(srv)) as r:  # fmt: skip
                 assert r.status == 416
                 assert "error" in await r.json(content_type=None)
+                assert r.headers["Content-Range"] == f"bytes */{size}"
 
     run(main())
