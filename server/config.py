@@ -617,6 +617,13 @@ OPTIONS: list[Option] = [
         "sliding window for keys-fetch-per-account, seconds",
     ),
     Option(
+        "key_uploads",
+        60,
+        _positive_int,
+        "key uploads one device may make per keys-fetch-window (each has its signatures "
+        "verified on the worker's loop); error 302 past it",
+    ),
+    Option(
         "keys_per_device",
         5,
         _non_negative_int,
@@ -906,6 +913,7 @@ GROUPS: list[Group] = [
             "keys_query_max",
             "keys_fetch_per_account",
             "keys_fetch_window",
+            "key_uploads",
             "keys_per_device",
             "key_changes",
             "key_changes_window",

@@ -525,3 +525,33 @@ def test_one_user_takes_a_few_one_time_keys_of_a_device_then_its_fallback(tmp_pa
         run(go())
     finally:
         assert s.stop() == 0, s.log_text()[-3000:]
+
+
+def test_key_uploads_are_limited_per_device_before_their_signatures(tmp_path):
+    """Each upload of 50 keys cost the worker's loop 9 ms of signature checks, and a
+    device could send 100 a second (message-rate): 0.9 s of a worker's CPU each second.
+    A device uploads key-uploads times per keys-fetch-window; past it 302, before any
+    signature is checked (a bad one is not even looked at) and nothing is stored."""
+    s = Server(tmp_path / "data", workers=2, register_per_ip=1000, message_rate=0,
+               key_uploads=3)  # fmt: skip
+    s.start()
+
+    async def go():
+        alice = await device(s)
+        for n in (5, 10, 15):
+            assert await alice.upload(otks=5) == n
+        alice.account.generate_one_time_keys(1)
+        args = vodozemac_keys(alice.account, alice.address)
+        k = args["one_time_keys"][0]
+        bad = SignedKey(k.key_id, k.key, bytes(64))
+        for keys in ((k,), (bad,)):
+            with pytest.raises(ServerError) as e:
+                await alice.client.upload_keys(**dict(args, one_time_keys=keys))
+            assert e.value.code == ErrorCode.RATE_LIMITED and "key-uploads" in e.value.text
+        assert await alice.client.key_count() == 15
+        await close(alice)
+
+    try:
+        run(go())
+    finally:
+        assert s.stop() == 0, s.log_text()[-3000:]
