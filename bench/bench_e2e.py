@@ -104,7 +104,8 @@ def keyed_pair(tmp_path_factory):
     from pigeon.client import Client
 
     tmp = tmp_path_factory.mktemp("bench-e2e")
-    srv = Server(tmp / "data", workers=1, keys_fetch_per_account=100000, message_rate=0).start()
+    srv = Server(tmp / "data", workers=1, keys_fetch_per_account=100000, keys_per_device=0,
+                 message_rate=0).start()  # fmt: skip
     loop = asyncio.new_event_loop()
 
     async def device(phone):

@@ -65,7 +65,7 @@ def test_fetch_keys_round_trip(benchmark, tmp_path):
     from pigeon.client.keys import AccountIdentity, vodozemac_keys
 
     srv = Server(tmp_path / "data", workers=2, register_per_ip=1000, message_rate=0,
-                 keys_fetch_per_account=1_000_000, sync="os")  # fmt: skip
+                 keys_fetch_per_account=1_000_000, keys_per_device=0, sync="os")  # fmt: skip
     srv.start()
     loop = asyncio.new_event_loop()
     try:

@@ -726,7 +726,8 @@ OPTIONS: list[Option] = [
         "one_time_keys_max",
         50,
         _positive_int,
-        "one-time keys the key directory holds per device (an upload past it is error 313)",
+        "one-time keys the key directory holds per device, and one upload may carry (error 313 "
+        "past it; an upload carrying more is refused before its signatures are checked)",
     ),
     Option(
         "one_time_keys_low",
@@ -752,6 +753,21 @@ OPTIONS: list[Option] = [
         3600,
         _positive_float,
         "sliding window for keys-fetch-per-account, seconds",
+    ),
+    Option(
+        "key_uploads",
+        60,
+        _positive_int,
+        "key uploads one device may make per keys-fetch-window (each has its signatures "
+        "verified on the worker's loop); error 302 past it",
+    ),
+    Option(
+        "keys_per_device",
+        5,
+        _non_negative_int,
+        "one-time keys one user may take from one device of another user per "
+        "keys-fetch-window; past it that user's fetches of that device carry the fallback "
+        "key (not consumed). 0 = no limit",
     ),
     Option(
         "key_changes",
@@ -857,6 +873,79 @@ OPTIONS: list[Option] = [
         _positive_float,
         "seconds a media upload or download may make no progress; then it is cut (an "
         "upload keeps what arrived, for a resume)",
+    ),
+    Option(
+        "media_min_upload_rate",
+        16 << 10,
+        _positive_int,
+        "bytes a second a media upload must average over every media-stall-timeout; slower, "
+        "it is cut with 408 (what arrived is kept, for a resume)",
+    ),
+    Option(
+        "media_min_download_rate",
+        64 << 10,
+        _positive_int,
+        "bytes a second a media download is given on top of media-stall-timeout: one not "
+        "done by then is cut",
+    ),
+    Option(
+        "media_connections",
+        1024,
+        _positive_int,
+        "connections the media service holds at once; past it a new one is closed at once "
+        "(each may buffer media-max-headers x media-max-header-bytes of headers: 64 MiB in "
+        "all by default); capped at half the open-files limit minus files-reserve (each "
+        "transfer holds a file too)",
+    ),
+    Option(
+        "media_connections_per_ip",
+        32,
+        _positive_int,
+        "media connections one source address may hold (IPv6 by /64); past it a new one "
+        "is closed at once",
+    ),
+    Option(
+        "media_header_timeout",
+        10.0,
+        _positive_float,
+        "seconds a media connection has to send a request's headers, from its connect and "
+        "from the end of each answer (an idle keep-alive connection too), and to finish its "
+        "TLS handshake; then it is closed",
+    ),
+    Option(
+        "media_max_headers",
+        32,
+        _positive_int,
+        "headers one media request may have (400 past it)",
+    ),
+    Option(
+        "media_max_header_bytes",
+        2048,
+        _positive_int,
+        "bytes of a media request's request line or of one of its headers (400 past it)",
+    ),
+    Option(
+        "media_disk_reserve",
+        1 << 30,
+        _non_negative_int,
+        "bytes the media service leaves free on its file system (the chat store's too, "
+        "usually): an upload that would leave less is refused with 507",
+    ),
+    Option(
+        "media_spent_grants",
+        100_000,
+        _positive_int,
+        "upload grants the media service remembers as used (stored, or refused for a wrong "
+        "hash) until they expire, about 150 bytes each; past it the oldest is forgotten "
+        "(and could upload again until it expires)",
+    ),
+    Option(
+        "media_resume_states",
+        10_000,
+        _positive_int,
+        "unfinished uploads whose running SHA-256 the media service keeps in memory (about "
+        "0.5 KB each), so that a resume hashes only its new part; a resume without one "
+        "(evicted, or after a restart) reads and hashes the partial file again",
     ),
     Option(
         "media_loop",
@@ -1019,6 +1108,8 @@ GROUPS: list[Group] = [
             "keys_query_max",
             "keys_fetch_per_account",
             "keys_fetch_window",
+            "key_uploads",
+            "keys_per_device",
             "key_changes",
             "key_changes_window",
         ),
@@ -1067,6 +1158,16 @@ GROUPS: list[Group] = [
             "media_transfers_per_ip",
             "media_request_rate",
             "media_stall_timeout",
+            "media_min_upload_rate",
+            "media_min_download_rate",
+            "media_connections",
+            "media_connections_per_ip",
+            "media_header_timeout",
+            "media_max_headers",
+            "media_max_header_bytes",
+            "media_disk_reserve",
+            "media_spent_grants",
+            "media_resume_states",
             "media_loop",
         ),
     ),  # fmt: skip
@@ -1076,7 +1177,8 @@ GROUPS: list[Group] = [
 _SECONDS = ("_timeout", "_window", "_interval", "_age", "_ttl", "_delay", "_expiry")
 _BYTES = ("max_frame", "login_max_frame", "map_size", "queue_max_bytes", "write_buffer_high",
           "write_buffer_low", "commit_max_bytes", "bus_buffer_high", "bus_buffer_low",
-          "media_max_bytes", "media_quota_bytes", "stranger_queue_bytes")  # fmt: skip
+          "media_max_bytes", "media_quota_bytes", "stranger_queue_bytes",
+          "media_disk_reserve")  # fmt: skip
 
 
 def _metavar(o: Option) -> str:

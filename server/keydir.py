@@ -19,6 +19,18 @@ Tables (named databases in the store's environment; msgpack values):
            otks; t: the last upload (ms)
     otks   device NUL key id -> [key, signature]
 
+A device uploads keys at most ``key-uploads`` times per ``keys-fetch-window``
+(302 past it, checked before the signatures are: each upload of 50 keys
+costs the worker's loop about 9 ms of Ed25519, and at message-rate one
+device kept a worker busy).
+
+A user takes at most ``keys-per-device`` one-time keys of another user's
+device per ``keys-fetch-window`` (a ``limits`` record ``otkf:<fetcher> NUL
+<device>``); past that its fetches of that device carry the fallback key
+and consume nothing: one account could otherwise take all of a stranger's
+one-time keys in a second (50 fetches, 0.4 s) and leave every other sender
+the fallback key.  A user's own devices are not limited.
+
 Notices (queue entry kind 3, ``Queues.notice_devices``): ``low`` for a
 device when a fetch takes its count below ``one-time-keys-low`` (once per
 crossing: an attacker's fetches do not pile notices up in its queue); ``changed`` (from a user) when the user gets a new device or a device
@@ -128,6 +140,11 @@ def changed_txn(queues, txn, user: str, now: int) -> list:
 # -- handlers --------------------------------------------------------------------
 
 
+def _uploads_text(c) -> str:
+    return (f"a device may upload keys {c.key_uploads} times per {c.keys_fetch_window:g} s "
+            "(key-uploads): each upload has its signatures checked")  # fmt: skip
+
+
 def upload(s, ev: KeysUpload) -> None:
     w = s.worker
     c = w.config
@@ -139,15 +156,30 @@ def upload(s, ev: KeysUpload) -> None:
         s.send(Error(ErrorCode.KEY_MISMATCH,
                      "the Ed25519 key is not this device's identity key", ev.id))  # fmt: skip
         return
+    if len(ev.one_time_keys) > c.one_time_keys_max:
+        # before any signature is checked: a frame holds up to max-children keys (ids may
+        # repeat), and each verify costs the loop about 0.15 ms
+        s.send(Error(ErrorCode.KEYS_FULL,
+                     f"an upload carries at most {c.one_time_keys_max} one-time keys "
+                     f"({len(ev.one_time_keys)} here); nothing was stored", ev.id))  # fmt: skip
+        return
+    db = w.store._db
+    up_key, up_window = f"keyup:{device}".encode(), int(c.keys_fetch_window * 1000)
+    with w.store.read() as txn:  # before the signatures are checked (the commit counts it)
+        _, used = window_used(txn, db["limits"], up_key, w.store.clock(), up_window)
+    if used >= c.key_uploads:
+        s.send(Error(ErrorCode.RATE_LIMITED, _uploads_text(c), ev.id))
+        return
     try:
         verify_upload(device, ev.ed25519, ev)  # before the commit: no CPU under the writer lock
     except ServiceError as err:
         s.send(Error(err.code, err.text, ev.id))
         return
-    db = w.store._db
 
     def run(txn, now):
         w.store.check_room(txn)
+        if not window_take(txn, db["limits"], up_key, now, up_window, c.key_uploads)[0]:
+            raise ServiceError(ErrorCode.RATE_LIMITED, _uploads_text(c))
         raw = txn.get(device.encode(), db=db["keys"])
         old = None if raw is None else _unpack(raw)
         changed = old is not None and old[0] != bytes(ev.curve25519)
@@ -208,14 +240,31 @@ def count(s, ev: KeysCountQuery) -> None:
     s.send(KeysCount(ev.id, n))
 
 
-def _take(txn, db: dict, device: str, low: int, queues, now: int, pushes: list) -> KeyBundle:
-    """``device``'s bundle, its first one-time key consumed (queues a low notice)."""
+def _take(
+    txn,
+    db: dict,
+    device: str,
+    low: int,
+    queues,
+    now: int,
+    pushes: list,
+    fetcher: str = "",
+    per_device: int = 0,
+    window_ms: int = 0,
+) -> KeyBundle:
+    """``device``'s bundle, its first one-time key consumed (queues a low notice).  A
+    ``fetcher`` (another user) takes at most ``per_device`` one-time keys of it per
+    ``window_ms``; past that its bundle carries the fallback key (nothing consumed)."""
     raw = txn.get(device.encode(), db=db["keys"])
     if raw is None:
         return KeyBundle(device)
     rec = _unpack(raw)
     curve, ed, fallback, n = rec[0], rec[1], rec[2], rec[3]
     otk = None
+    if n > 0 and fetcher and per_device:
+        key = f"otkf:{fetcher}\x00{device}".encode()
+        if not window_take(txn, db["limits"], key, now, window_ms, per_device)[0]:
+            n = 0  # this fetcher had its share of this device's keys: the fallback key
     if n > 0:
         prefix = _prefix(device)
         with txn.cursor(db=db["otks"]) as c:
@@ -280,7 +329,8 @@ def query(s, ev: KeysQuery) -> None:
         for u, numbers in accounts:
             for number in numbers:
                 out.append(_take(txn, db, f"{u}:{number}", c.one_time_keys_low, w.queues, now,
-                                 pushes))  # fmt: skip
+                                 pushes, "" if u == user else user,
+                                 c.keys_per_device, window_ms))  # fmt: skip
         return out, pushes
 
     def done(result) -> None:

@@ -50,11 +50,38 @@ not (it raises NotImplementedError and aiohttp copies through user space),
 which is why this process runs the asyncio loop unless ``media-loop``
 says otherwise.  Over TLS the kernel cannot encrypt, so asyncio copies too.
 
+Disk: a PUT is refused (507) unless the file system keeps
+``media-disk-reserve`` free after its bytes, checked before it and every
+DISK_CHECK bytes during it (what arrived is kept for a resume), and a
+write that finds the disk full is 507 too, not a 500: uploads could fill
+the disk the chat store's LMDB shares.
+
+A grant is good for one upload: once its file is stored (201) or fails
+the hash check (422) it is spent until it expires (``media-spent-grants``
+of them kept, in memory): a PUT with a stored one answers the same 201
+again without reading a byte, HEAD says the whole size; a failed one is
+403.  Otherwise one grant let its holder send (and have hashed) any number
+of times its size until it expired, past ``media-quota-bytes``.
+
+A resume goes on from the SHA-256 state the previous part of that upload
+left, kept in memory (``media-resume-states`` of them, the least recently
+used dropped first): only a resume without one (after a restart, or
+evicted) reads and hashes the partial file again, counted in
+``pigeon_media_rehashed_bytes``.
+
+Connections: ``media-connections`` in all and ``media-connections-per-ip``
+from one source address (past either a new one is closed at once, before
+a byte of it is parsed: ``Gate``); each has ``media-header-timeout`` to send
+a request's headers, from its connect and from the end of each answer (an
+idle or slowly-sending connection was held for aiohttp's default hour),
+and at most ``media-max-headers`` headers of ``media-max-header-bytes``.
+
 Limits: ``media-transfers-per-ip`` requests at once and
 ``media-request-rate`` a second per source address (429); an upload that
-receives nothing for ``media-stall-timeout`` seconds is cut (what arrived
-is kept for a resume), a download that has not ended within
-``media-stall-timeout`` plus its size at 64 KiB/s is cut.  The process
+receives nothing for ``media-stall-timeout`` seconds, or less than
+``media-min-upload-rate`` on average over one, is cut (what arrived is
+kept for a resume), a download that has not ended within
+``media-stall-timeout`` plus its size at ``media-min-download-rate`` is cut.  The process
 drains on SIGTERM (closes its listener, says "closed" to the supervisor,
 lets transfers run up to DRAIN_TIMEOUT seconds) and leaves when its
 supervisor's pipe reaches EOF.
@@ -75,6 +102,7 @@ import signal
 import ssl
 import sys
 import time
+from collections import OrderedDict
 
 import orjson
 from aiohttp import web
@@ -82,17 +110,17 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 from . import child, log, mediagrant
 from .limits import LeakyTable, source_key
-from .listeners import listen_socket
+from .listeners import listen_socket, raise_open_files_limit
 from .store import default_clock, make_private
 
 logger = logging.getLogger("pigeon.media")
 
 CHUNK = 256 << 10
+DISK_CHECK = 16 << 20  # an upload checks the free space again every this many bytes
 DRAIN_TIMEOUT = 8.0  # the supervisor kills after 10 s
-MIN_DOWNLOAD_RATE = 64 << 10  # bytes/s a download is allowed on top of the stall timeout
 ADDRESS_TABLE = 10_000  # source addresses whose request rate is remembered
 _HEX = re.compile(r"[0-9a-f]{64}")
-_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
+_RANGE = re.compile(r"bytes ([0-9]+)-([0-9]+)/([0-9]+)")  # not \d: other scripts' digits
 
 
 class MediaRefused(web.HTTPException):
@@ -180,6 +208,11 @@ class LocalStorage:
             os.close(dfd)
         return True
 
+    def free_bytes(self) -> int:
+        """Bytes free for this process on the file system of the media store."""
+        st = os.statvfs(self.root)
+        return st.f_bavail * st.f_frsize
+
     def usage(self) -> tuple[int, int]:
         """(files, bytes) stored."""
         files = size = 0
@@ -234,6 +267,7 @@ class Metrics:
         self.bytes_out = Counter("pigeon_media_bytes_out", "ciphertext bytes sent", registry=r)
         self.uploads = Gauge("pigeon_media_uploads_in_progress", "PUTs being received",
                              registry=r)  # fmt: skip
+        self.connections = Gauge("pigeon_media_connections", "connections held", registry=r)
         self.stored_files = Gauge("pigeon_media_stored_files", "files stored", registry=r)
         self.stored_bytes = Gauge("pigeon_media_stored_bytes", "bytes stored", registry=r)
         self.completed = Counter("pigeon_media_uploads_completed",
@@ -242,6 +276,9 @@ class Metrics:
                                ["reason"], registry=r)  # fmt: skip
         self.purged = Counter("pigeon_media_purged_files", "files deleted by expiry",
                               registry=r)  # fmt: skip
+        self.rehashed = Counter("pigeon_media_rehashed_bytes", "bytes of partial uploads "
+                                "hashed again to resume them (no kept hash state)",
+                                registry=r)  # fmt: skip
 
 
 def _bearer(request) -> bytes:
@@ -272,6 +309,10 @@ class MediaService:
         self.draining = False
         self.in_flight: dict[str, int] = {}
         self.rates = LeakyTable(ADDRESS_TABLE)
+        # (account, hash) -> (offset, SHA-256 state of the partial's first offset bytes)
+        self.hashes: OrderedDict[tuple[str, str], tuple[int, object]] = OrderedDict()
+        # grants used up (their MAC -> (expiry, stored)), oldest first: see _spend
+        self.spent: OrderedDict[bytes, tuple[int, bool]] = OrderedDict()
         files, size = self.storage.usage()
         self.metrics.stored_files.set(files)
         self.metrics.stored_bytes.set(size)
@@ -284,7 +325,8 @@ class MediaService:
         app = web.Application(middlewares=[self.guard], client_max_size=1024)
         app.router.add_route("HEAD", "/v1/upload/{id}", self.upload_offset)
         app.router.add_route("PUT", "/v1/upload/{id}", self.upload)
-        app.router.add_route("GET", "/v1/media/{id}", self.download)  # HEAD too
+        app.router.add_route("GET", "/v1/media/{id}", self.download)
+        app.router.add_route("HEAD", "/v1/media/{id}", self.download)  # (GET gives no HEAD)
         app.router.add_route("GET", "/v1/health", self.health)
         app.router.add_route("GET", "/metrics", self.metrics_page)
         return app
@@ -324,7 +366,10 @@ class MediaService:
             raise self.refuse(404, "not a media id", expected="64 lowercase hex digits")
         return sha_hex
 
-    def _grant(self, request, sha_hex: str) -> mediagrant.Grant:
+    def _grant(self, request, sha_hex: str) -> tuple[mediagrant.Grant, bytes, bool]:
+        """The request's grant, its MAC (what names it in ``spent``) and whether an
+        upload with it was stored already; 403 for a bad one or one spent on a
+        mismatch."""
         token = _bearer(request)
         try:
             g = mediagrant.check(self.key, token, self.clock())
@@ -332,19 +377,46 @@ class MediaService:
             raise self.refuse(403, "bad grant", why=str(exc)) from None
         if g.sha256.hex() != sha_hex:
             raise self.refuse(403, "bad grant", why="the grant is for another file")
-        return g
+        mac = token[-mediagrant.MAC_SIZE :]
+        spent = self.spent.get(mac)
+        if spent is not None and not spent[1]:
+            raise self.refuse(403, "grant used", why="an upload with this grant failed its "
+                              "hash check; ask for a new grant")  # fmt: skip
+        return g, mac, spent is not None
+
+    def _spend(self, mac: bytes, g: mediagrant.Grant, stored: bool) -> None:
+        """A grant is good for one upload: once it is stored (201) or fails its hash
+        check (422), the grant is spent until it expires.  Expired ones leave first, then
+        the oldest past media-spent-grants."""
+        spent, now = self.spent, self.clock()
+        spent[mac] = (g.expires, stored)
+        while spent:
+            first = next(iter(spent.values()))
+            if first[0] > now and len(spent) <= self.config.media_spent_grants:
+                break
+            spent.popitem(last=False)
+
+    def _stored_answer(self, sha_hex: str, g: mediagrant.Grant):
+        return web.json_response(
+            {"id": sha_hex, "path": f"/v1/media/{sha_hex}", "size": g.size,
+             "token": mediagrant.b64(mediagrant.download_token(self.key, g.sha256))},
+            status=201,
+        )  # fmt: skip
 
     async def upload_offset(self, request):
         sha_hex = self._media_id(request)
-        g = self._grant(request, sha_hex)
+        g, _, stored = self._grant(request, sha_hex)
         # 0 for a file stored already by anyone: this uploader still sends it all, and
-        # it is checked (knowing a hash is no shortcut)
-        have = self.storage.partial_size(g.account, sha_hex)
+        # it is checked (knowing a hash is no shortcut); the whole size once this grant's
+        # upload is stored (a lost 201: the PUT of the rest, none, answers it again)
+        have = g.size if stored else self.storage.partial_size(g.account, sha_hex)
         return web.Response(headers={"Upload-Offset": str(have), "Upload-Length": str(g.size)})
 
     async def upload(self, request):
         sha_hex = self._media_id(request)
-        g = self._grant(request, sha_hex)
+        g, mac, stored = self._grant(request, sha_hex)
+        if stored:  # this grant's upload is in: the same answer, nothing more received
+            return self._stored_answer(sha_hex, g)
         c = self.config
         if self.draining:
             raise self.refuse(503, "draining", retry="resume on the next connection")
@@ -364,29 +436,45 @@ class MediaService:
                 raise self.refuse(400, "Content-Range does not match the grant or the body")
         if start + length > g.size:
             raise self.refuse(413, "more bytes than the grant's size", limit="grant size")
+        self._check_disk(length)
         try:
             fd = self.storage.open_partial(g.account, sha_hex)
         except BlockingIOError:
             raise self.refuse(409, "upload in progress", why="another request writes it") from None
         self.metrics.uploads.inc()
         try:
-            return await self._receive(request, fd, g, sha_hex, start, length)
+            return await self._receive(request, fd, g, mac, sha_hex, start, length)
         finally:
             self.metrics.uploads.dec()
             os.close(fd)
 
-    async def _receive(self, request, fd, g, sha_hex, start, length):
+    async def _receive(self, request, fd, g, mac, sha_hex, start, length):
         stamp = self.clock() * 1_000_000
         os.utime(fd, ns=(stamp, stamp))  # the server's clock, as media-partial-ttl reads it
         have = os.fstat(fd).st_size
         if start != have:
             raise self.refuse(416, "wrong offset", offset=have)
-        h = hashlib.sha256()
-        if have:  # a resume: the hash of what is there (off the loop: up to 100 MiB)
-            await asyncio.to_thread(_hash_prefix, h, fd, have)
+        # a resume goes on from the hash state the last part left (kept in memory):
+        # hashing the partial again each time made every 1-byte part cost up to
+        # media-max-bytes of SHA-256 (86 ms of CPU after 90 MiB, at media-request-rate)
+        kept = self.hashes.pop((g.account, sha_hex), None)
+        if kept is not None and kept[0] == have:
+            h = kept[1]
+        else:
+            h = hashlib.sha256()
+            if have:  # none kept (evicted, or a restart): off the loop, up to 100 MiB
+                self.metrics.rehashed.inc(have)
+                await asyncio.to_thread(_hash_prefix, h, fd, have)
         os.lseek(fd, have, os.SEEK_SET)
+        hashed = have
         stall = self.config.media_stall_timeout
+        rate = self.config.media_min_upload_rate
         left = length
+        check_at = length - DISK_CHECK  # the free space is checked again every DISK_CHECK
+        # every stall seconds at least rate x stall bytes (or the rest) must have come:
+        # a byte every stall - 1 s kept an upload (its connection, its file) forever
+        loop = asyncio.get_running_loop()
+        window_end, window_need, window_got = loop.time() + stall, min(left, rate * stall), 0
         try:
             content = request.content
             while left:
@@ -397,23 +485,42 @@ class MediaService:
                     break
                 if len(chunk) > left:  # (aiohttp stops at Content-Length: never happens)
                     chunk = chunk[:left]
-                os.write(fd, chunk)
+                if left <= check_at:
+                    self._check_disk(left, offset=hashed)
+                    check_at = left - DISK_CHECK
+                try:
+                    _write_all(fd, chunk)
+                except OSError as exc:
+                    if exc.errno != errno.ENOSPC:
+                        raise
+                    raise self.refuse(507, "disk full", why="no space left on the media "
+                                      "store", offset=os.fstat(fd).st_size) from None  # fmt: skip
                 h.update(chunk)
+                hashed += len(chunk)
                 left -= len(chunk)
                 self.metrics.bytes_in.inc(len(chunk))
+                window_got += len(chunk)
+                if left and (now := loop.time()) >= window_end:
+                    if window_got < window_need:
+                        raise self.refuse(408, "too slow", limit="media-min-upload-rate",
+                                          value=rate, offset=hashed)  # fmt: skip
+                    window_end, window_need, window_got = now + stall, min(left, rate * stall), 0
         except TimeoutError:
             raise self.refuse(408, "stalled", limit="media-stall-timeout", value=stall,
                               offset=os.fstat(fd).st_size) from None  # fmt: skip
         finally:
             stamp = self.clock() * 1_000_000
             os.utime(fd, ns=(stamp, stamp))  # media-partial-ttl runs from the last byte in
-        have = os.fstat(fd).st_size
+            have = os.fstat(fd).st_size
+            if have == hashed and have < g.size:  # (a failed write: hashed again next time)
+                self._keep_hash(g.account, sha_hex, have, h)
         if left:
             raise self.refuse(400, "body shorter than Content-Length", offset=have)
         if have < g.size:
             return web.json_response({"offset": have, "size": g.size}, status=202)
         if h.digest() != g.sha256:
             self.storage.drop_partial(g.account, sha_hex)
+            self._spend(mac, g, False)
             raise self.refuse(422, "hash mismatch", why="the bytes received are not the "
                               "granted SHA-256; the partial upload is deleted")  # fmt: skip
         new = await asyncio.to_thread(self.storage.commit, fd, g.account, sha_hex, self.clock())
@@ -421,12 +528,26 @@ class MediaService:
         if new:
             self.metrics.stored_files.inc()
             self.metrics.stored_bytes.inc(g.size)
+        self._spend(mac, g, True)
         log.event(logger, logging.INFO, "media stored", size=g.size, new=new)
-        return web.json_response(
-            {"id": sha_hex, "path": f"/v1/media/{sha_hex}", "size": g.size,
-             "token": mediagrant.b64(mediagrant.download_token(self.key, g.sha256))},
-            status=201,
-        )  # fmt: skip
+        return self._stored_answer(sha_hex, g)
+
+    def _check_disk(self, length: int, **fields) -> None:
+        """507 unless the media store's file system keeps media-disk-reserve free
+        after ``length`` more bytes (the chat store usually shares it: LMDB on a full
+        disk fails its writes)."""
+        reserve = self.config.media_disk_reserve
+        if self.storage.free_bytes() - length < reserve:
+            raise self.refuse(507, "disk full", limit="media-disk-reserve", value=reserve,
+                              **fields)  # fmt: skip
+
+    def _keep_hash(self, account: str, sha_hex: str, offset: int, h) -> None:
+        """Keep ``h`` (the hash of the partial's first ``offset`` bytes) for the next
+        part; the least recently kept goes past media-resume-states."""
+        states = self.hashes
+        states[(account, sha_hex)] = (offset, h)
+        while len(states) > self.config.media_resume_states:
+            states.popitem(last=False)
 
     async def download(self, request):
         sha_hex = self._media_id(request)
@@ -437,10 +558,29 @@ class MediaService:
         st = self.storage.stat(sha_hex)
         if st is None:
             raise self.refuse(404, "no such media", why="never stored, or expired")
-        deadline = self.config.media_stall_timeout + st.st_size / MIN_DOWNLOAD_RATE
+        if "If-Range" not in request.headers:  # (with one, aiohttp may ignore the Range)
+            self._check_range(request, st.st_size)
+        deadline = (
+            self.config.media_stall_timeout + st.st_size / self.config.media_min_download_rate
+        )
         return _TimedFile(self.metrics, deadline, path, chunk_size=CHUNK,
                           headers={"Content-Type": "application/octet-stream",
                                    "Cache-Control": "private, no-store"})  # fmt: skip
+
+    def _check_range(self, request, size: int) -> None:
+        """A Range past the end (or one aiohttp cannot serve) is 416 with a JSON body
+        here: aiohttp's FileResponse answers it with no body."""
+        try:
+            rng = request.http_range
+        except ValueError:
+            exc = self.refuse(416, "bad range", why="one range, bytes=START-END or "
+                              "bytes=-SUFFIX", size=size)  # fmt: skip
+        else:
+            if rng.start is None or rng.start < 0 or rng.start < size:
+                return
+            exc = self.refuse(416, "range past the end", size=size)
+        exc.headers["Content-Range"] = f"bytes */{size}"
+        raise exc
 
     async def health(self, request):
         return web.json_response({"status": "draining" if self.draining else "ready"})
@@ -493,6 +633,12 @@ class _TimedFile(web.FileResponse):
         return writer
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 def _hash_prefix(h, fd: int, n: int) -> None:
     off = 0
     while off < n:
@@ -501,6 +647,91 @@ def _hash_prefix(h, fd: int, n: int) -> None:
             break
         h.update(chunk)
         off += len(chunk)
+
+
+def connection_budget(config) -> int:
+    """media-connections, lowered to fit the open-files limit (lifted toward it first):
+    a connection's socket and the file its transfer holds, plus files-reserve."""
+    want = config.media_connections
+    limit = raise_open_files_limit(2 * want + config.files_reserve)
+    if limit is None:
+        return want
+    return max(1, min(want, (limit - config.files_reserve) // 2))
+
+
+def handler_limits(config) -> dict:
+    """What aiohttp's request handler is given: no access log, media-header-timeout
+    for a request's headers (aiohttp's keep-alive timer runs from the connect and from
+    the end of each answer, and closes a connection still waiting for a request's
+    headers when it fires: a slow sender of headers too), and media-max-headers of at
+    most media-max-header-bytes each (what one connection can make it buffer)."""
+    size = config.media_max_header_bytes
+    return {"access_log": None, "keepalive_timeout": config.media_header_timeout,
+            "max_headers": config.media_max_headers, "max_line_size": size,
+            "max_field_size": size}  # fmt: skip
+
+
+class Gate:
+    """The connections the media service holds: ``total`` in all, ``per_ip`` from one
+    source address (``source_key``); past either, a new connection is closed before
+    aiohttp reads a byte of it."""
+
+    __slots__ = ("total", "per_ip", "count", "by_ip", "metrics")
+
+    def __init__(self, total: int, per_ip: int, metrics: Metrics):
+        self.total, self.per_ip, self.metrics = total, per_ip, metrics
+        self.count = 0
+        self.by_ip: dict[str, int] = {}
+
+    def enter(self, transport) -> str | None:
+        """The source key counted for a new connection, or None if it is refused."""
+        peer = transport.get_extra_info("peername")
+        key = source_key(peer[0] if isinstance(peer, tuple) and peer else "?")
+        n = self.by_ip.get(key, 0)
+        if self.count >= self.total:
+            self.metrics.refused.labels("connections").inc()
+            return None
+        if n >= self.per_ip:
+            self.metrics.refused.labels("connections per ip").inc()
+            return None
+        self.count += 1
+        self.by_ip[key] = n + 1
+        self.metrics.connections.set(self.count)
+        return key
+
+    def leave(self, key: str) -> None:
+        self.count -= 1
+        n = self.by_ip[key] - 1
+        if n:
+            self.by_ip[key] = n
+        else:
+            del self.by_ip[key]
+        self.metrics.connections.set(self.count)
+
+
+class _GatedHandler(web.RequestHandler):
+    """aiohttp's request handler, counted by a ``Gate`` (closed at once past it)."""
+
+    __slots__ = ("_gate", "_gate_key")
+
+    def __init__(self, gate: Gate, manager, **kw):
+        super().__init__(manager, **kw)
+        self._gate = gate
+        self._gate_key = None
+
+    def connection_made(self, transport) -> None:
+        self._gate_key = self._gate.enter(transport)
+        if self._gate_key is None:
+            transport.abort()  # aiohttp never sees it: no parser fed, no task
+            return
+        super().connection_made(transport)
+
+    def connection_lost(self, exc) -> None:
+        key, self._gate_key = self._gate_key, None
+        if key is None:
+            return  # refused
+        self._gate.leave(key)
+        super().connection_lost(exc)
 
 
 def ssl_context(config) -> ssl.SSLContext | None:
@@ -515,12 +746,23 @@ async def serve(config, parent_fd: int | None, status_fd: int | None, index: int
     loop = asyncio.get_running_loop()
     key = mediagrant.load_key(config.data_dir)
     service = MediaService(config, key)
-    runner = web.AppRunner(service.app(), handle_signals=False, access_log=None,
-                           shutdown_timeout=1.0, handler_cancellation=True)  # fmt: skip
+    handler_args = handler_limits(config)
+    runner = web.AppRunner(service.app(), handle_signals=False, shutdown_timeout=1.0,
+                           handler_cancellation=True, **handler_args)  # fmt: skip
     await runner.setup()
     sock = listen_socket(config.media_listen)
-    site = web.SockSite(runner, sock, ssl_context=ssl_context(config))
-    await site.start()
+    gate = Gate(connection_budget(config), config.media_connections_per_ip, service.metrics)
+    server = runner.server
+
+    def handler():
+        return _GatedHandler(gate, server, loop=loop, **handler_args)
+
+    tls = ssl_context(config)
+    # a TLS handshake is before the gate (the handler sees the connection after it):
+    # it gets media-header-timeout too, not asyncio's 60 s
+    listener = await loop.create_server(handler, sock=sock, ssl=tls,
+                                        ssl_handshake_timeout=config.media_header_timeout
+                                        if tls is not None else None)  # fmt: skip
     stopping = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stopping.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: None)  # the supervisor's
@@ -533,7 +775,7 @@ async def serve(config, parent_fd: int | None, status_fd: int | None, index: int
               tls=config.tls_enabled, loop=type(loop).__module__)  # fmt: skip
     await stopping.wait()
     service.draining = True
-    await site.stop()  # the listener closes; transfers in progress go on
+    listener.close()  # the listener closes; transfers in progress go on
     if status_fd is not None:
         with contextlib.suppress(OSError):
             os.write(status_fd, b"closed\n")

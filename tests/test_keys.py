@@ -39,8 +39,10 @@ def run(coro, timeout=120):
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory):
+    # keys-per-device lifted: tests here take many keys of one device from one user (the
+    # per-device share has its own test, with its own server)
     s = Server(tmp_path_factory.mktemp("keys") / "data", workers=2, register_per_ip=1000,
-               message_rate=0)  # fmt: skip
+               message_rate=0, keys_per_device=0)  # fmt: skip
     s.start()
     yield s
     assert s.stop() == 0, s.log_text()[-3000:]
@@ -455,6 +457,101 @@ def test_the_sweep_keeps_identity_change_records_for_their_whole_window(tmp_path
             assert info.value.code == ErrorCode.RATE_LIMITED
             await close(alice)
 
+        run(go())
+    finally:
+        assert s.stop() == 0, s.log_text()[-3000:]
+
+
+def test_an_upload_with_more_keys_than_the_maximum_is_refused_before_its_signatures(srv):
+    """One frame holds up to 1,024 children: an upload repeating one signed key id 1,000
+    times is one key stored, but had the worker verify 1,000 signatures on its loop
+    (150 ms each upload, at message-rate).  It is 313 before any is checked, and an
+    upload of more than one-time-keys-max keys is 313 even with a bad signature in it."""
+
+    async def go():
+        alice = await device(srv)
+        alice.account.generate_one_time_keys(1)
+        args = vodozemac_keys(alice.account, alice.address)
+        k = args["one_time_keys"][0]
+        with pytest.raises(ServerError) as e:
+            await alice.client.upload_keys(**dict(args, one_time_keys=(k,) * 1000))
+        assert e.value.code == ErrorCode.KEYS_FULL and "1000 here" in e.value.text
+        alice.account.generate_one_time_keys(50)
+        args = vodozemac_keys(alice.account, alice.address)
+        keys = args["one_time_keys"]
+        assert len(keys) == 51
+        bad = SignedKey(keys[-1].key_id, keys[-1].key, bytes(64))
+        with pytest.raises(ServerError) as e:
+            await alice.client.upload_keys(**dict(args, one_time_keys=(*keys[:-1], bad)))
+        assert e.value.code == ErrorCode.KEYS_FULL
+        assert await alice.client.key_count() == 0
+        assert await alice.client.upload_keys(**dict(args, one_time_keys=keys[:50])) == 50
+        await close(alice)
+
+    run(go())
+
+
+def test_one_user_takes_a_few_one_time_keys_of_a_device_then_its_fallback(tmp_path):
+    """A stranger took all 50 one-time keys of a device in 0.4 s (50 fetches, one lookup
+    each), and every sender after it got the fallback key.  Now a user takes at most
+    keys-per-device of another user's device per keys-fetch-window, then gets the
+    fallback key with nothing consumed: the others still get one-time keys, and an
+    account's own devices are not limited."""
+    s = Server(tmp_path / "data", workers=2, register_per_ip=1000, message_rate=0,
+               keys_per_device=3)  # fmt: skip
+    s.start()
+
+    async def go():
+        alice = await device(s)
+        await alice.upload(otks=10, fallback=True)
+        mallory, bob = await device(s), await device(s)
+        got = [(await mallory.client.fetch_keys(alice.phone))[0].one_time_key for _ in range(6)]
+        assert [k.fallback for k in got] == [False] * 3 + [True] * 3
+        assert await alice.client.key_count() == 7
+        (b,) = await bob.client.fetch_keys(alice.phone)
+        assert not b.one_time_key.fallback and await alice.client.key_count() == 6
+        # a companion of alice's own account fetching her primary: no limit
+        companion = s.link_device(alice.phone)
+        c = await s.login(companion)
+        for _ in range(4):
+            bundles = await c.fetch_keys(alice.phone)
+            primary = [x for x in bundles if x.device == alice.address][0]
+            assert not primary.one_time_key.fallback
+        assert await alice.client.key_count() == 2
+        await c.close()
+        await close(alice, mallory, bob)
+
+    try:
+        run(go())
+    finally:
+        assert s.stop() == 0, s.log_text()[-3000:]
+
+
+def test_key_uploads_are_limited_per_device_before_their_signatures(tmp_path):
+    """Each upload of 50 keys cost the worker's loop 9 ms of signature checks, and a
+    device could send 100 a second (message-rate): 0.9 s of a worker's CPU each second.
+    A device uploads key-uploads times per keys-fetch-window; past it 302, before any
+    signature is checked (a bad one is not even looked at) and nothing is stored."""
+    s = Server(tmp_path / "data", workers=2, register_per_ip=1000, message_rate=0,
+               key_uploads=3)  # fmt: skip
+    s.start()
+
+    async def go():
+        alice = await device(s)
+        for n in (5, 10, 15):
+            assert await alice.upload(otks=5) == n
+        alice.account.generate_one_time_keys(1)
+        args = vodozemac_keys(alice.account, alice.address)
+        k = args["one_time_keys"][0]
+        bad = SignedKey(k.key_id, k.key, bytes(64))
+        for keys in ((k,), (bad,)):
+            with pytest.raises(ServerError) as e:
+                await alice.client.upload_keys(**dict(args, one_time_keys=keys))
+            assert e.value.code == ErrorCode.RATE_LIMITED and "key-uploads" in e.value.text
+        assert await alice.client.key_count() == 15
+        await close(alice)
+
+    try:
         run(go())
     finally:
         assert s.stop() == 0, s.log_text()[-3000:]
