@@ -87,6 +87,9 @@ BENCH_PROFILE = {
     "login_timeout": 120,
     "log_level": "warning",
     "metrics_listen": "off",
+    # no media service (its fixed port would collide with any other server here);
+    # ``pigeon bench media`` gives it a free port of its own
+    "media_listen": "off",
     # anti-spam: a load generator is exactly what these limits stop
     "message_rate": 0,
     "typing_rate": 0,
@@ -168,8 +171,11 @@ class ServerUnderTest:
                                      stdin=subprocess.DEVNULL)  # fmt: skip
         self.pid = self.proc.pid
         if self._ready_line("pigeon: serving on", 60) is None:
+            self.log.flush()
+            with open(self.log_path(), "rb") as f:  # (stop() deletes it with the data)
+                tail = f.read()[-3000:].decode(errors="replace")
             self.stop()
-            raise BenchError("the server did not start; see its log: " + self.log_path())
+            raise BenchError("the server did not start; the end of its log:\n" + tail)
 
     def start_floor(self, creds_path: str) -> None:
         """Start the load floor (bench/floor.py) on a free loopback port instead."""

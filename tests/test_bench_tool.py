@@ -49,6 +49,26 @@ def test_throughput_json_counts_every_message():
     assert r["machine"]["cores"] >= 1
 
 
+def test_a_bench_runs_beside_another_server_on_the_default_ports():
+    """The bench's server takes free ports only: a process holding the media
+    service's default port (127.0.0.1:7652: another pigeon here) does not stop it."""
+    import socket
+
+    holder = socket.socket()
+    try:
+        holder.bind(("127.0.0.1", 7652))
+        holder.listen()
+    except OSError:  # already taken by something else: the same situation
+        pass
+    try:
+        proc = pigeon("bench", "throughput", "--clients", "2", "--messages", "3", "--workers", "1",
+                      "--json")  # fmt: skip
+    finally:
+        holder.close()
+    assert proc.returncode == 0, proc.stderr
+    assert orjson.loads(proc.stdout)["lost"] == 0
+
+
 def test_throughput_with_several_devices_per_user_counts_every_copy():
     """3 devices a user: each message is 3 copies to the recipient's devices and 2
     sync copies to the sender's others, every one counted at a device."""
