@@ -247,6 +247,9 @@ class Load:
             await asyncio.sleep(self.progress_interval)
 
 
+MODES = ("throughput", "idle", "presence-pub", "presence-sub", "link", "group-send", "group-recv")
+
+
 def arg_parser(prog: str = "pigeon-bench-load") -> argparse.ArgumentParser:
     """The options of a load process (bench/openloop.py takes the same)."""
     p = argparse.ArgumentParser(prog=prog)
@@ -262,8 +265,7 @@ def arg_parser(prog: str = "pigeon-bench-load") -> argparse.ArgumentParser:
     p.add_argument(
         "--mode",
         default="throughput",
-        choices=["throughput", "idle", "presence-pub", "presence-sub", "link", "group-send",
-                 "group-recv"],  # fmt: skip
+        choices=MODES,
     )
     p.add_argument("--members", help="group-send: a file of the member phones, one a line "
                    "(the group is created with them)")  # fmt: skip
