@@ -3,6 +3,7 @@
     pigeon bench throughput --clients 1000 --messages 100 --json
     pigeon bench idle --clients 2000 --json
     pigeon bench link --links 200 --json
+    pigeon bench group --members 1024 --offline-fraction 0.9 --json
 
 By default a run starts its own server (``pigeon serve`` in a temporary
 data directory, with the *bench profile*: registration, login,
@@ -1128,13 +1129,13 @@ def group_bench(opts) -> dict:
         time.sleep(1.0)  # the create notices delivered and acked before the baseline
         pages0, psize, queued0 = _store_snapshot(server.data_dir, offline)
         server.sample_peak()
-        cpu0 = server.cpu()
+        cpu0, load0, t0 = server.cpu(), [lp.cpu() for lp in loads], time.monotonic()
         for lp in loads[1:]:
             lp.say("go")
         sender.say("go")
         bar = _Bar(m * (online - 1), "delivered")
         stalled = _send_and_drain(loads, opts, False, bar, online - 1)
-        cpu1 = server.cpu()
+        cpu1, load1, wall = server.cpu(), [lp.cpu() for lp in loads], time.monotonic() - t0
         peak = server.peak_rss
         results = _results(loads, "stop")
         time.sleep(0.5)  # the last acks' commit
@@ -1158,6 +1159,7 @@ def group_bench(opts) -> dict:
     cpu_s = user + system
     recipients = n - 1
     grown = (pages1 - pages0) * psize
+    busiest = max(b - a for a, b in zip(load0, load1, strict=True))
     if stalled is not None:
         stalled["missing"] = [{
             "load_process": 0, "clients": [0, 1], "sent_not_acked": m - acked,
@@ -1202,6 +1204,8 @@ def group_bench(opts) -> dict:
         "p50_ms": _percentile(lat, 0.50),
         "p99_ms": _percentile(lat, 0.99),
         "max_ms": lat[-1] / 1000 if lat else None,
+        "elapsed_s": round(wall, 3),
+        "load_cpu_busiest_pct": round(busiest / max(wall, 1e-3) * 100, 1),
         "server_peak_rss_kib": peak // 1024,
         "partial": bool(stalled and stalled["partial"]),
         "stalled": stalled,
@@ -1813,7 +1817,7 @@ def _plottable(r, path: str) -> str | None:
     if "benchmarks" in r and "bench" not in r:
         return f"a pytest-benchmark result (its table: python -m pigeon.bench.summarize {path})"
     kind = r.get("bench")
-    if kind in ("idle", "presence", "link", "media"):
+    if kind in ("idle", "presence", "link", "media", "group"):
         return f"{'an' if kind == 'idle' else 'a'} {kind} result: nothing to plot"
     if kind not in ("throughput", "latency", "floor"):
         return "not a pigeon bench result (save one with --json)"
@@ -1910,6 +1914,6 @@ def run(opts) -> int:
         or result.get("receipts_missing")
         or result.get("missing_pushes")
         or result.get("links_failed")
-        or (result.get("bench") == "media" and result.get("errors"))
+        or (result.get("bench") in ("media", "group") and result.get("errors"))
     )
     return 1 if bad else 0
