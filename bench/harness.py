@@ -3,6 +3,7 @@
     pigeon bench throughput --clients 1000 --messages 100 --json
     pigeon bench idle --clients 2000 --json
     pigeon bench link --links 200 --json
+    pigeon bench group --members 1024 --offline-fraction 0.9 --json
 
 By default a run starts its own server (``pigeon serve`` in a temporary
 data directory, with the *bench profile*: registration, login,
@@ -1064,6 +1065,160 @@ def presence(opts) -> dict:
     }
 
 
+def _store_snapshot(data_dir: str, devices: list[str]) -> tuple[int, int, list[int]]:
+    """(pages in use, page size, queue entries of each device): the running server's
+    store, read in a read transaction of its own (LMDB readers share the file)."""
+    from pigeon.server.queues import Queues
+    from pigeon.server.store import Store
+
+    store = Store(os.path.join(data_dir, "store"), map_size=4 << 30, create=False)
+    try:
+        with store.read() as txn:
+            pages, psize = store.pages_used(txn)
+            counts = [Queues.queued_txn(SimpleNamespace(db=store._db), txn, d) for d in devices]
+    finally:
+        store.close()
+    return pages, psize, counts
+
+
+def group_bench(opts) -> dict:
+    """One member sends ``--messages`` plaintext messages to a group of ``--members``.
+
+    The accounts are provisioned in the store; the sender (member 0) creates the
+    group with every other member before the measurement.  The online members
+    (all but ``--offline-fraction`` of them, the sender among them) are logged
+    in by ``--load-procs`` receiving load processes and spread over the workers
+    by the kernel; the offline ones are provisioned and never connect.  Server
+    CPU is from the OS over the sends and deliveries; the store figure is the
+    LMDB pages in use after the run minus before it (times the page size), per
+    message; latency is from the send to the arrival at the last online member
+    to get that message.  Lost: an online member missing an acked message, or an
+    offline member's queue not holding one more entry per acked message."""
+    n, m = opts.members, opts.messages
+    if n < 2 or n > 100_000:
+        raise BenchError("--members must be 2 to 100000")
+    if m < 1:
+        raise BenchError("--messages must be at least 1")
+    if not 0 <= opts.offline_fraction < 1:
+        raise BenchError("--offline-fraction must be at least 0 and below 1")
+    if opts.target is not None:
+        raise BenchError("the group bench starts its own server (it reads its store)")
+    online = max(2, n - int(n * opts.offline_fraction))  # the sender and at least one more
+    note(f"group: {n:,} members ({online - 1:,} online besides the sender, {n - online:,} "
+         f"offline), {m:,} messages from one member, window {opts.window}")  # fmt: skip
+    with _bench_run(opts) as run:
+        server, creds, loads = run.server, run.creds, run.loads
+        extra = {"sync": opts.sync, "group_max_members": max(n, 1024),
+                 "queue_max_count": max(10_000, 4 * m)}  # fmt: skip
+        server.start(opts.workers, extra, n, creds)
+        from pigeon.server.provision import load_credentials
+
+        accounts = load_credentials(creds)
+        members_file = os.path.join(os.path.dirname(creds), "members.txt")
+        with open(members_file, "w") as f:
+            f.writelines(a["phone"] + "\n" for a in accounts[1:])
+        base = ["--target", server.target, "--creds", creds]
+        for first, last in _split(online - 1, opts.load_procs):
+            loads.append(LoadProc(["--mode", "group-recv", *base, "--first", str(first + 1),
+                                   "--last", str(last + 1)], (first + 1, last + 1)))  # fmt: skip
+        for lp in loads:
+            if lp.line(300) != "ready":
+                raise BenchError("a load process failed to log in its members")
+        sender = LoadProc(["--mode", "group-send", *base, "--first", "0", "--last", "1",
+                           "--members", members_file, "--messages", str(m), "--window",
+                           str(opts.window), "--size", str(opts.size)], (0, 1))  # fmt: skip
+        loads.insert(0, sender)
+        ready = sender.line(300)
+        if not ready.startswith("ready "):
+            raise BenchError("the sender failed to log in or to create the group")
+        offline = [a["device"] for a in accounts[online:]]
+        time.sleep(1.0)  # the create notices delivered and acked before the baseline
+        pages0, psize, queued0 = _store_snapshot(server.data_dir, offline)
+        server.sample_peak()
+        cpu0, load0, t0 = server.cpu(), [lp.cpu() for lp in loads], time.monotonic()
+        for lp in loads[1:]:
+            lp.say("go")
+        sender.say("go")
+        bar = _Bar(m * (online - 1), "delivered")
+        stalled = _send_and_drain(loads, opts, False, bar, online - 1)
+        cpu1, load1, wall = server.cpu(), [lp.cpu() for lp in loads], time.monotonic() - t0
+        peak = server.peak_rss
+        results = _results(loads, "stop")
+        time.sleep(0.5)  # the last acks' commit
+        pages1, _, queued1 = _store_snapshot(server.data_dir, offline)
+    sent, recv = results[0], results[1:]
+    sent_ns = {int(k): v for k, v in sent["sent_ns"].items()}
+    acked = len(sent_ns)
+    got: dict[int, int] = {}
+    last: dict[int, int] = {}
+    for r in recv:
+        for k, c in r["got"].items():
+            got[int(k)] = got.get(int(k), 0) + c
+        for k, t in r["last_ns"].items():
+            last[int(k)] = max(last.get(int(k), 0), t)
+    lost_online = sum(max(0, online - 1 - got.get(k, 0)) for k in sent_ns)
+    grew = [b - a for a, b in zip(queued0, queued1, strict=True)]
+    lost_offline = sum(max(0, acked - g) for g in grew)
+    dup_offline = sum(max(0, g - acked) for g in grew)
+    lat = sorted((last[k] - t) // 1000 for k, t in sent_ns.items() if got.get(k) == online - 1)
+    user, system = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
+    cpu_s = user + system
+    recipients = n - 1
+    grown = (pages1 - pages0) * psize
+    busiest = max(b - a for a, b in zip(load0, load1, strict=True))
+    if stalled is not None:
+        stalled["missing"] = [{
+            "load_process": 0, "clients": [0, 1], "sent_not_acked": m - acked,
+            "acked_not_delivered": lost_online, "delivered_no_receipt": 0,
+            "last_progress_s_ago": 0,
+            "examples": {"sent_not_acked": [], "acked_not_delivered": [[0, k] for k in sorted(
+                k for k in sent_ns if got.get(k, 0) < online - 1)[:5]],
+                "delivered_no_receipt": []},
+        }]  # fmt: skip
+    return {
+        "bench": "group",
+        "members": n,
+        "online_members": online,
+        "offline_members": n - online,
+        "offline_fraction": opts.offline_fraction,
+        "messages": m,
+        "size": opts.size,
+        "window": opts.window,
+        "workers": opts.workers,
+        "load_processes": len(loads),
+        "sync": opts.sync,
+        "plaintext": True,
+        "profile": "bench",
+        "limits_lifted": sorted(BENCH_PROFILE),
+        "note": "one group message: the send, the body stored once and a reference in every "
+        "other member device's queue (one group commit), the server ack, the push to every "
+        "online member device, each device's ack (the reference dropped; the body with the "
+        "last); offline members' references stay queued",
+        "sent": sent["sent"],
+        "acked": acked,
+        "errors": sent["errors"],
+        "lost": lost_online + lost_offline,
+        "lost_online": lost_online,
+        "lost_offline": lost_offline,
+        "duplicated": sum(r["duplicated"] for r in recv) + dup_offline,
+        "server_user_s": round(user, 3),
+        "server_sys_s": round(system, 3),
+        "server_cpu_us_per_msg": round(cpu_s / (acked or 1) * 1e6, 1),
+        "server_cpu_us_per_recipient": round(cpu_s / ((acked * recipients) or 1) * 1e6, 3),
+        "store_bytes_per_msg": round(grown / (acked or 1), 1),
+        "store_bytes_per_recipient": round(grown / ((acked * recipients) or 1), 2),
+        "p50_ms": _percentile(lat, 0.50),
+        "p99_ms": _percentile(lat, 0.99),
+        "max_ms": lat[-1] / 1000 if lat else None,
+        "elapsed_s": round(wall, 3),
+        "load_cpu_busiest_pct": round(busiest / max(wall, 1e-3) * 100, 1),
+        "server_peak_rss_kib": peak // 1024,
+        "partial": bool(stalled and stalled["partial"]),
+        "stalled": stalled,
+        "machine": machine(),
+    }
+
+
 #: Linking limits lifted for the link bench besides BENCH_PROFILE: every link comes
 #: from one address (loopback), so the per-address pairing and link caps would refuse it.
 LINK_PROFILE = {
@@ -1305,6 +1460,28 @@ def add_parser(sub) -> None:
                     help="seconds between changes")  # fmt: skip
     sync_flag(pr)
     pr.set_defaults(func=run, bench=presence)
+    gr = parser(
+        "group",
+        help="group fan-out: server CPU per message and per recipient, store bytes, latency",
+        description="One member sends --messages plaintext messages to a group of --members "
+        "(provisioned in the store; the online ones logged in by --load-procs processes and "
+        "spread over the workers, --offline-fraction of them never connected). Reports "
+        "server CPU per message and per recipient device, LMDB bytes per message (pages in "
+        "use after minus before), and p50/p99 from the send to the last online member's "
+        "delivery. Exits 1 if an online member misses a message or an offline member's "
+        "queue does not hold it.",
+    )
+    common(gr, clients=False, load_procs=2)
+    gr.add_argument("--members", type=int, default=256, metavar="N", help="group members")
+    gr.add_argument("--messages", type=int, default=100, metavar="M", help="group messages")
+    gr.add_argument("--offline-fraction", type=float, default=0.0, metavar="F",
+                    help="the share of members provisioned but never connected")  # fmt: skip
+    gr.add_argument("--window", type=int, default=1, metavar="W",
+                    help="messages the sender keeps unacknowledged")  # fmt: skip
+    gr.add_argument("--size", type=int, default=100, metavar="BYTES", help="message body size")
+    sync_flag(gr)
+    stall_flags(gr)
+    gr.set_defaults(func=run, bench=group_bench)
     lk = parser(
         "link",
         help="linking companions by QR code, server CPU per completed link",
@@ -1428,6 +1605,15 @@ def _headline(r: dict) -> list[str]:
         lines.append(f"push latency p50 {_num(r.get('push_p50_ms'), 'ms')}, p99 "
                      f"{_num(r.get('push_p99_ms'), 'ms')}, max "
                      f"{_num(r.get('push_max_ms'), 'ms')}")  # fmt: skip
+    elif kind == "group":
+        lines.append(f"group: {_num(r.get('acked'))} messages to {_num(r.get('members'))} "
+                     f"members ({_num(r.get('offline_members'))} offline), "
+                     f"{_num(r.get('lost'))} lost, {_num(r.get('duplicated'))} duplicated")  # fmt: skip
+        lines.append(f"server CPU {_num(r.get('server_cpu_us_per_msg'), 'us')} per message, "
+                     f"{_num(r.get('server_cpu_us_per_recipient'), 'us')} per recipient; "
+                     f"{_num(r.get('store_bytes_per_msg'))} store bytes per message")  # fmt: skip
+        lines.append(f"send to last member p50 {_num(r.get('p50_ms'), 'ms')}, p99 "
+                     f"{_num(r.get('p99_ms'), 'ms')}")  # fmt: skip
     elif kind == "link":
         lines.append(f"link: {_num(r.get('links_completed'))} of {_num(r.get('links'))} "
                      f"companions linked ({_num(r.get('links_failed'))} failed)")  # fmt: skip
@@ -1637,7 +1823,7 @@ def _plottable(r, path: str) -> str | None:
     if "benchmarks" in r and "bench" not in r:
         return f"a pytest-benchmark result (its table: python -m pigeon.bench.summarize {path})"
     kind = r.get("bench")
-    if kind in ("idle", "presence", "link", "media"):
+    if kind in ("idle", "presence", "link", "media", "group"):
         return f"{'an' if kind == 'idle' else 'a'} {kind} result: nothing to plot"
     if kind not in ("throughput", "latency", "floor"):
         return "not a pigeon bench result (save one with --json)"
@@ -1734,6 +1920,6 @@ def run(opts) -> int:
         or result.get("receipts_missing")
         or result.get("missing_pushes")
         or result.get("links_failed")
-        or (result.get("bench") == "media" and result.get("errors"))
+        or (result.get("bench") in ("media", "group") and result.get("errors"))
     )
     return 1 if bad else 0

@@ -247,6 +247,9 @@ class Load:
             await asyncio.sleep(self.progress_interval)
 
 
+MODES = ("throughput", "idle", "presence-pub", "presence-sub", "link", "group-send", "group-recv")
+
+
 def arg_parser(prog: str = "pigeon-bench-load") -> argparse.ArgumentParser:
     """The options of a load process (bench/openloop.py takes the same)."""
     p = argparse.ArgumentParser(prog=prog)
@@ -262,8 +265,10 @@ def arg_parser(prog: str = "pigeon-bench-load") -> argparse.ArgumentParser:
     p.add_argument(
         "--mode",
         default="throughput",
-        choices=["throughput", "idle", "presence-pub", "presence-sub", "link"],
+        choices=MODES,
     )
+    p.add_argument("--members", help="group-send: a file of the member phones, one a line "
+                   "(the group is created with them)")  # fmt: skip
     p.add_argument("--changes", type=int, default=100, help="presence-pub: changes to make")
     p.add_argument("--interval", type=float, default=0.05, help="presence-pub: s between them")
     p.add_argument("--watch", help="presence-sub: the user every client subscribes to")
@@ -290,6 +295,10 @@ def main(argv=None) -> int:
         uvloop.run(presence_sub(load))
     elif args.mode == "link":
         uvloop.run(link(load))
+    elif args.mode == "group-send":
+        uvloop.run(group_send(load))
+    elif args.mode == "group-recv":
+        uvloop.run(group_recv(load))
     else:
         uvloop.run(load.run())
     return 0
@@ -406,6 +415,107 @@ async def link(load: Load) -> None:
         t.cancel()
     await asyncio.gather(*(c.close() for c in [*companions, *load.clients.values()]),
                          return_exceptions=True)  # fmt: skip
+
+
+async def group_send(load: Load) -> None:
+    """One member creates the group (every phone of ``--members``), prints its address
+    with ``ready``, then on ``go`` sends ``--messages`` plaintext group messages (no
+    Megolm: the server's work is measured), ``--window`` unacked at a time; prints
+    ``sent_done`` and, on ``stop``, the numbers acked and their send times."""
+    loop = asyncio.get_running_loop()
+    await load.login_all()
+    ((me, client),) = load.clients.items()
+    with open(load.args.members) as f:
+        members = [ln.strip() for ln in f if ln.strip()]
+    res = await client.group("create", subject="bench", members=members, timeout=120)
+    if res.failed:
+        raise SystemExit(f"group-send: members not added: {res.failed[:5]}")
+
+    async def ack_all() -> None:  # the create notice, the members' delivered receipts
+        async for ev in client:
+            if getattr(ev, "seq", None) is not None:
+                await client.ack(ev.seq)
+
+    acking = loop.create_task(ack_all())
+    print(f"ready {res.group}", flush=True)
+    await loop.run_in_executor(None, sys.stdin.readline)  # "go"
+    progress = loop.create_task(load.progress())
+    sem = asyncio.Semaphore(load.args.window)
+    sent_ns: dict[int, int] = {}
+    pad = bytes(max(0, load.args.size - HEADER.size))
+
+    async def one(k: int) -> None:
+        async with sem:
+            t = time.monotonic_ns()
+            load.sent += 1
+            try:
+                ack = await client.group_send(res.group, HEADER.pack(me, k, t) + pad)
+            except Exception as exc:  # counted by kind, never as acked
+                key = f"{exc.code}" if isinstance(exc, ServerError) else type(exc).__name__
+                load.errors[key] = load.errors.get(key, 0) + 1
+                return
+            if ack.failed:
+                load.errors["failed_members"] = load.errors.get("failed_members", 0) + 1
+                return
+            sent_ns[k] = t
+            load.acked.append(k)
+
+    sending = asyncio.ensure_future(asyncio.gather(*(one(k) for k in range(load.args.messages))))
+    stop = loop.run_in_executor(None, sys.stdin.readline)
+    await asyncio.wait([sending, stop], return_when=asyncio.FIRST_COMPLETED)
+    if sending.done():
+        print(orjson.dumps({"sent_done": len(load.acked)}).decode(), flush=True)
+        await stop  # "stop"
+    sending.cancel()
+    progress.cancel()
+    print(orjson.dumps({"group": res.group, "sent": load.sent, "sent_ns": sent_ns,
+                        "errors": load.errors}, option=orjson.OPT_NON_STR_KEYS).decode(),
+          flush=True)  # fmt: skip
+    acking.cancel()
+    await client.close()
+
+
+async def group_recv(load: Load) -> None:
+    """Online members: every group message is timed and acked (so is every other
+    event); on ``stop`` prints, per message number, how many of this process's
+    clients got it and the latest arrival, and the duplicates."""
+    loop = asyncio.get_running_loop()
+    await load.login_all()
+    got: dict[int, set[int]] = {}  # message number -> clients here that got it
+    last_ns: dict[int, int] = {}
+    dups = 0
+
+    async def consume(i: int) -> None:
+        nonlocal dups
+        c = load.clients[i]
+        async for ev in c:
+            if type(ev) is IncomingMessage and ev.group is not None:
+                now = time.monotonic_ns()
+                _, k, _ = HEADER.unpack_from(ev.body)
+                seen = got.setdefault(k, set())
+                if i in seen:
+                    dups += 1
+                else:
+                    seen.add(i)
+                    load.copies += 1
+                    load.delivered.add(k)
+                    last_ns[k] = max(last_ns.get(k, 0), now)
+            if getattr(ev, "seq", None) is not None:
+                await c.ack(ev.seq)
+
+    tasks = [loop.create_task(consume(i)) for i in load.mine]
+    print("ready", flush=True)
+    await loop.run_in_executor(None, sys.stdin.readline)  # "go"
+    print(orjson.dumps({"sent_done": 0}).decode(), flush=True)  # (it sends nothing)
+    progress = loop.create_task(load.progress())
+    await loop.run_in_executor(None, sys.stdin.readline)  # "stop"
+    progress.cancel()
+    for t in tasks:
+        t.cancel()
+    print(orjson.dumps({"got": {k: len(v) for k, v in got.items()}, "last_ns": last_ns,
+                        "duplicated": dups, "clients": len(load.mine)},
+                       option=orjson.OPT_NON_STR_KEYS).decode(), flush=True)  # fmt: skip
+    await asyncio.gather(*(c.close() for c in load.clients.values()), return_exceptions=True)
 
 
 if __name__ == "__main__":

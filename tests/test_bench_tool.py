@@ -287,6 +287,29 @@ def test_link_json_counts_every_link():
     assert r["machine"]["cores"] >= 1
 
 
+GROUP_KEYS = {"members", "lost", "duplicated", "server_cpu_us_per_msg",
+              "server_cpu_us_per_recipient", "store_bytes_per_msg", "p50_ms", "p99_ms",
+              "machine", "workers", "sync"}  # fmt: skip
+
+
+@pytest.mark.parametrize("offline", ["0", "0.9"])
+def test_group_json_counts_every_member(offline):
+    """8 members over 2 workers, 5 group messages: every online member got each one and
+    (with 90% offline) every offline member's queue holds each one."""
+    proc = pigeon("bench", "group", "--members", "8", "--messages", "5", "--workers", "2",
+                  "--offline-fraction", offline, "--json")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1  # exactly one JSON object
+    r = orjson.loads(lines[0])
+    assert GROUP_KEYS <= set(r)
+    assert (r["members"], r["acked"], r["lost"], r["duplicated"]) == (8, 5, 0, 0)
+    assert r["offline_members"] == (6 if offline == "0.9" else 0)
+    assert 0 < r["p50_ms"] <= r["p99_ms"] and r["server_cpu_us_per_msg"] >= 0
+    if offline == "0.9":  # the offline members' references (and the bodies) stay
+        assert r["store_bytes_per_msg"] > 0
+
+
 def test_media_json_moves_every_byte():
     """3 devices upload and download a 300 KiB file each (2 workers, the media process):
     the figures the issue names are there, no errors, and curl's baseline beside them."""
