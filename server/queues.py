@@ -209,7 +209,7 @@ def bump_group_version(txn, db: dict) -> None:
 # receipt is the first ack's), dropped with the body at the latest.
 # A device named by a per-device payload holds its own entry instead (kind 7:
 # the body and its payload, spliced as they are), which refers to the body too:
-# its origin field is the body's number in 16 hex digits (``gpayload_number``),
+# its origin field is the body's number in 16 hex digits (``body_number``),
 # written with its flags when it is stored, so its ack counts down the body
 # and makes the member's delivered receipt as a reference's does.
 _GCOUNT = struct.Struct(">II")
