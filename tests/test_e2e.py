@@ -9,12 +9,11 @@ of the server's data directory contains a plaintext.
 
 import asyncio
 import itertools
-import os
 
 import pytest
-from serverutil import Server, until
+from e2eutil import Relay, companion, connect, grep_dir, on_other_worker, register
+from serverutil import Server
 
-from pigeon.client import Client
 from pigeon.client.secure import DecryptedMessage, DecryptionFailed, SafetyNumberChanged
 from pigeon.core.events import DevicesChanged, IncomingReceipt, KeysChanged
 
@@ -25,49 +24,6 @@ def run(coro, timeout=180):
     return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
-class Relay:
-    """A TCP relay on loopback that keeps a copy of every byte, both directions."""
-
-    def __init__(self, port: int):
-        self.target = port
-        self.captured = bytearray()
-        self.server = None
-        self.port = 0
-
-    async def start(self):
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self
-
-    async def _serve(self, reader, writer):
-        try:
-            up_r, up_w = await asyncio.open_connection("127.0.0.1", self.target)
-        except OSError:
-            writer.close()
-            return
-
-        async def pipe(r, w):
-            try:
-                while data := await r.read(65536):
-                    self.captured += data
-                    w.write(data)
-                    await w.drain()
-            except (ConnectionError, OSError):
-                pass
-            finally:
-                w.close()
-
-        try:
-            await asyncio.gather(pipe(reader, up_w), pipe(up_r, writer))
-        except asyncio.CancelledError:  # the relay closes
-            up_w.close()
-            writer.close()
-
-    async def close(self):
-        self.server.close()
-        await self.server.wait_closed()
-
-
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory):
     s = Server(tmp_path_factory.mktemp("e2e") / "data", workers=2, register_per_ip=1000,
@@ -75,48 +31,6 @@ def srv(tmp_path_factory):
     s.start()
     yield s
     assert s.stop() == 0, s.log_text()[-3000:]
-
-
-async def connect(relay, profile, **kw) -> Client:
-    return await Client.connect("127.0.0.1", relay.port, plaintext=False, profile=profile, **kw)
-
-
-async def register(srv, relay, phone, profile) -> Client:
-    c = await connect(relay, profile)
-    await c.register(phone)
-    creds = await c.verify(phone, srv.code_for(phone))
-    await c.login(creds)
-    c.creds = creds
-    return c
-
-
-async def companion(srv, relay, primary, profile) -> Client:
-    comp = await connect(relay, profile)
-    it = comp.pair_qr(name="laptop")
-    code = await it.__anext__()
-    _, creds = await asyncio.gather(primary.link(code.qr), it.__anext__())
-    await comp.close()
-    comp = await connect(relay, profile)
-    await comp.login(creds)
-    comp.creds = creds
-    return comp
-
-
-async def on_other_worker(srv, relay, client, profile, than):
-    """Log in again through the relay until the device's session is on another worker."""
-    creds = client.creds
-    phone = creds.user
-    await client.close()
-    for _ in range(40):
-        c = await connect(relay, profile)
-        await c.login(creds)
-        c.creds = creds
-        await until(lambda: creds.device in srv.sessions(phone))
-        if srv.sessions(phone)[creds.device]["worker"] != than:
-            return c
-        await c.close()
-        await until(lambda: creds.device not in srv.sessions(phone))
-    raise AssertionError("could not land on another worker in 40 connections")
 
 
 async def decrypted(client, timeout=15.0):
@@ -130,19 +44,6 @@ async def decrypted(client, timeout=15.0):
             continue
         await client.ack(ev.seq)
         return ev
-
-
-def grep_dir(path, needles):
-    found = []
-    for root, _, files in os.walk(path):
-        for name in files:
-            path_ = os.path.join(root, name)
-            if not os.path.isfile(path_) or os.path.islink(path_):
-                continue  # the control socket
-            with open(path_, "rb") as f:
-                data = f.read()
-            found += [(name, n) for n in needles if n in data]
-    return found
 
 
 def test_encrypted_both_ways_across_workers_and_nothing_in_clear(srv, tmp_path):

@@ -9,15 +9,13 @@ would have needed is taken from what the server delivered to the others.
 
 import asyncio
 import itertools
-import os
 
 import pytest
+from e2eutil import Relay, companion, connect, grep_dir, on_other_worker, register
 from serverutil import Server, until
 
-from pigeon.client import Client
 from pigeon.client.group_crypto import UnknownSession
 from pigeon.client.secure import GroupDecryptionFailed, GroupMessage, SafetyNumberChanged
-from pigeon.core.codec import Codec
 from pigeon.core.events import (
     DevicesChanged,
     GroupNotice,
@@ -25,77 +23,12 @@ from pigeon.core.events import (
     IncomingReceipt,
     KeysChanged,
 )
-from pigeon.core.wire import PREAMBLE_SIZE
 
 PHONES = (f"4932{n:08d}" for n in itertools.count(30_000_000))
 
 
 def run(coro, timeout=180):
     return asyncio.run(asyncio.wait_for(coro, timeout))
-
-
-class Relay:
-    """A TCP relay on loopback that keeps every byte: all of it in ``captured``, and
-    what the server sent on each connection in ``down`` (one bytearray each)."""
-
-    def __init__(self, port: int):
-        self.target = port
-        self.captured = bytearray()
-        self.down: list[bytearray] = []
-        self.server = None
-        self.port = 0
-
-    async def start(self):
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self
-
-    async def _serve(self, reader, writer):
-        try:
-            up_r, up_w = await asyncio.open_connection("127.0.0.1", self.target)
-        except OSError:
-            writer.close()
-            return
-        down = bytearray()
-        self.down.append(down)
-
-        async def pipe(r, w, keep):
-            try:
-                while data := await r.read(65536):
-                    self.captured += data
-                    if keep is not None:
-                        keep += data
-                    w.write(data)
-                    await w.drain()
-            except (ConnectionError, OSError):
-                pass
-            finally:
-                w.close()
-
-        try:
-            await asyncio.gather(pipe(reader, up_w, None), pipe(up_r, writer, down))
-        except asyncio.CancelledError:
-            up_w.close()
-            writer.close()
-
-    def delivered(self, group: str) -> list:
-        """Every ``message`` node from ``group`` the server sent on any connection."""
-        out, codec = [], Codec()
-        for stream in self.down:
-            data, i = bytes(stream), PREAMBLE_SIZE
-            while i + 3 <= len(data):
-                n = int.from_bytes(data[i : i + 3], "big")
-                if i + 3 + n > len(data):
-                    break
-                node = codec.decode(data[i + 3 : i + 3 + n])
-                i += 3 + n
-                if node.tag == "message" and node.attrs.get("from") == group:
-                    out.append(node)
-        return out
-
-    async def close(self):
-        self.server.close()
-        await self.server.wait_closed()
 
 
 def body_of(node) -> bytes:
@@ -112,36 +45,6 @@ def srv(tmp_path_factory):
     s.start()
     yield s
     assert s.stop() == 0, s.log_text()[-3000:]
-
-
-async def connect(relay, profile, **kw) -> Client:
-    return await Client.connect("127.0.0.1", relay.port, plaintext=False, profile=profile, **kw)
-
-
-async def register(srv, relay, phone, profile) -> Client:
-    c = await connect(relay, profile)
-    await c.register(phone)
-    creds = await c.verify(phone, srv.code_for(phone))
-    await c.login(creds)
-    c.creds = creds
-    return c
-
-
-async def on_other_worker(srv, relay, client, profile, than):
-    """Log in again through the relay until the device's session is on another worker."""
-    creds = client.creds
-    phone = creds.user
-    await client.close()
-    for _ in range(40):
-        c = await connect(relay, profile)
-        await c.login(creds)
-        c.creds = creds
-        await until(lambda: creds.device in srv.sessions(phone))
-        if srv.sessions(phone)[creds.device]["worker"] != than:
-            return c
-        await c.close()
-        await until(lambda: creds.device not in srv.sessions(phone))
-    raise AssertionError("could not land on another worker in 40 connections")
 
 
 def worker(srv, client) -> int:
@@ -174,19 +77,6 @@ async def notice(client, op, timeout=15.0) -> GroupNotice:
         assert isinstance(ev, GroupNotice), ev
         if ev.op == op:
             return ev
-
-
-def grep_dir(path, needles):
-    found = []
-    for root, _, files in os.walk(path):
-        for name in files:
-            path_ = os.path.join(root, name)
-            if not os.path.isfile(path_) or os.path.islink(path_):
-                continue  # the control socket
-            with open(path_, "rb") as f:
-                data = f.read()
-            found += [(name, n) for n in needles if n in data]
-    return found
 
 
 def test_group_encrypted_end_to_end_and_a_removed_member_cannot_read_on(srv, tmp_path):
@@ -300,19 +190,6 @@ def test_trio_client_creates_reads_sends_and_receives_encrypted(srv, tmp_path):
                                                              b"over trio, encrypted")  # fmt: skip
 
     trio.run(main)
-
-
-async def companion(srv, relay, primary, profile) -> Client:
-    """A second device of ``primary``'s account, linked by QR code, logged in."""
-    comp = await connect(relay, profile)
-    it = comp.pair_qr(name="laptop")
-    code = await it.__anext__()
-    _, creds = await asyncio.gather(primary.link(code.qr), it.__anext__())
-    await comp.close()
-    comp = await connect(relay, profile)
-    await comp.login(creds)
-    comp.creds = creds
-    return comp
 
 
 def shares(relay, group, mid) -> int:
