@@ -273,15 +273,25 @@ class Groups:
     def _op_add(self, txn, now, user, req, gid):
         rec = self._need(txn, gid, user, admin=True)
         self.store.check_room(txn)
+
+        def refused(u):
+            if self._member(rec, u) is not None:
+                return ErrorCode.ALREADY_MEMBER
+            return None if len(rec["m"]) >= self.limits.max_members else self._may_add(txn, user, u)
+
+        return self._add(txn, now, user, req, gid, rec, refused)
+
+    def _add(self, txn, now, user, req, gid, rec, refused):
+        """Add the ``req.members`` that ``refused`` (user -> an error code, or a false value) lets
+        in, up to the group's limit; one ``add`` notice names them all."""
         failed, added = [], []
         for u in dict.fromkeys(req.members):
-            if self._member(rec, u) is not None:
-                failed.append((u, ErrorCode.ALREADY_MEMBER))
+            code = refused(u)
+            if code:
+                failed.append((u, code))
             elif len(rec["m"]) >= self.limits.max_members:
                 failed.append((u, ErrorCode.GROUP_FULL))
-            elif code := self._may_add(txn, user, u):
-                failed.append((u, code))
-            else:
+            elif self._member(rec, u) is None:
                 self._join(txn, gid, rec, u, now)
                 added.append(u)
         pushes = []
@@ -430,20 +440,8 @@ class Groups:
     def _op_approve(self, txn, now, user, req, gid):
         rec = self._need(txn, gid, user, admin=True)
         asked = {r[0] for r in rec["rq"]}
-        failed, added = [], []
-        for u in dict.fromkeys(req.members):
-            if u not in asked:
-                failed.append((u, ErrorCode.NOT_MEMBER))
-            elif len(rec["m"]) >= self.limits.max_members:
-                failed.append((u, ErrorCode.GROUP_FULL))
-            elif self._member(rec, u) is None:
-                self._join(txn, gid, rec, u, now)
-                added.append(u)
-        pushes = []
-        if added:
-            self._save(txn, gid, rec)
-            pushes = self._notice(txn, now, gid, rec, "add", user, added)
-        return self._answer(req, gid, failed=tuple(failed)), pushes
+        return self._add(txn, now, user, req, gid, rec,
+                         lambda u: None if u in asked else ErrorCode.NOT_MEMBER)  # fmt: skip
 
     def _op_reject(self, txn, now, user, req, gid):
         rec = self._need(txn, gid, user, admin=True)
