@@ -648,6 +648,33 @@ class Codec:
         self.write_frame(out, node)
         return bytes(out)
 
+    def write_ack(self, out: bytearray, cls: str, mid: str, t: int) -> int:
+        """Append the frame of ``<ack class=cls id=mid t=t/>``: the bytes
+        ``write_frame`` makes of that node (attributes in that order), with
+        no node built.  The answer to every message; returns the payload length."""
+        if type(out) is not bytearray:
+            raise TypeError(f"out must be a bytearray, not {type(out).__name__}")
+        if type(t) is not int or not 0 <= t <= 0xFFFFFFFFFFFFFFFF:
+            raise OverflowError(f"t must be a u64, not {t!r}")
+        start = len(out)
+        out += b"\0\0\0"
+        try:
+            self._list_header(out, 7)
+            string = self._string
+            string(out, "ack", "tag")
+            string(out, "class", "attribute name")
+            string(out, cls, "attribute value")
+            string(out, "id", "attribute name")
+            string(out, mid, "attribute value")
+            string(out, "t", "attribute name")
+            string(out, str(t), "attribute value")
+        except BaseException:
+            del out[start:]
+            raise
+        n = len(out) - start - 3
+        out[start : start + 3] = n.to_bytes(3, "big")
+        return n
+
     def write_frame(self, out: bytearray, node) -> int:
         """Append a whole frame for ``node`` to ``out``; returns the payload length.
 

@@ -321,6 +321,26 @@ class Connection:
             ) from exc
         self._advance(event)
 
+    def send_ack_into(self, out: bytearray, mid: str, t: int, cls: str = "message") -> None:
+        """Append ``ServerAck(mid, t, cls)``'s frame to ``out``, byte for byte
+        what ``send_into`` writes for it, without building the event: the
+        server's answer to every message and receipt.
+
+        ``mid`` is the id of a message or receipt this peer sent (checked
+        when it was read); ``cls`` is "message" or "receipt".  Raises
+        LocalProtocolError, leaving ``out`` as it was, where ``send_into``
+        would: a client, or a connection not logged in (an ack changes no
+        state, so there is nothing to advance)."""
+        if self.state is not State.AUTHENTICATED or self.role is not Role.SERVER:
+            self._check_send(ServerAck(mid, t, cls))  # (raises: the state forbids it)
+            raise LocalProtocolError(f"cannot send ServerAck in state {self.state.value}")
+        if cls != "message" and cls != "receipt":
+            raise LocalProtocolError(f"send_ack_into answers messages and receipts, not {cls!r}")
+        try:
+            self._codec.write_ack(out, cls, mid, t)
+        except (CodecError, TypeError, OverflowError) as exc:
+            raise LocalProtocolError(f"cannot encode ServerAck: {exc}") from exc
+
     def _check_send(self, event: Event) -> None:
         if isinstance(event, (Hello, ConnectionClosed)):
             raise LocalProtocolError(f"{type(event).__name__} is not sent with send()")

@@ -308,6 +308,32 @@ cdef class Codec:
         finally:
             self._busy = False
 
+    def write_ack(self, bytearray out, str cls, str mid, unsigned long long t):
+        """Append the frame of ``<ack class=cls id=mid t=t/>``: the bytes
+        ``write_frame`` makes of that node (attributes in that order), with
+        no node built.  The answer to every message; returns the payload length."""
+        cdef Py_ssize_t start
+        _claim(self)
+        try:
+            self._len = 3
+            _list_header(self, 7)
+            _enc_string(self, "ack", "tag")
+            _enc_string(self, "class", "attribute name")
+            _enc_string(self, cls, "attribute value")
+            _enc_string(self, "id", "attribute name")
+            _enc_string(self, mid, "attribute value")
+            _enc_string(self, "t", "attribute name")
+            _enc_string(self, str(t), "attribute value")
+            self._buf[0] = <unsigned char>((self._len - 3) >> 16)
+            self._buf[1] = <unsigned char>((self._len - 3) >> 8)
+            self._buf[2] = <unsigned char>(self._len - 3)
+            start = PyByteArray_GET_SIZE(out)
+            PyByteArray_Resize(out, start + self._len)
+            memcpy(PyByteArray_AS_STRING(out) + start, self._buf, self._len)
+            return self._len - 3
+        finally:
+            self._busy = False
+
     def write_frame(self, bytearray out, node):
         """Append a whole frame for ``node`` to ``out``; returns the payload length.
 

@@ -268,6 +268,20 @@ class Session(asyncio.Protocol):
             return
         self._schedule_flush()
 
+    def send_ack(self, mid: str, t: int, cls: str) -> None:
+        """``send(ServerAck(mid, t, cls))`` for a message or receipt this
+        client sent, with no event built (``Connection.send_ack_into``)."""
+        if self.closing and self.transport is None:
+            return
+        try:
+            self.conn.send_ack_into(self.out, mid, t, cls)
+        except LocalProtocolError as exc:
+            if self.worker.client_log(self):
+                log.event(logger, logging.WARNING, "dropped an event the state forbids",
+                          conn=self.id, event="ServerAck", why=str(exc))  # fmt: skip
+            return
+        self._schedule_flush()
+
     def push(self, frame) -> None:
         """Append a finished frame for this client (a presence or typing push);
         it is written at the end of the tick."""

@@ -569,7 +569,10 @@ class Worker:
             if sess.transport is None or sess.closing:
                 continue  # gone: the client retries with the same id and gets the same ack
             if s.error is None:
-                sess.send(ServerAck(s.id, s.t, s.cls, None, s.failed))
+                if s.failed:  # a group message some member queues could not take
+                    sess.send(ServerAck(s.id, s.t, s.cls, None, s.failed))
+                else:
+                    sess.send_ack(s.id, s.t, s.cls)
             elif len(s.error) == 4:  # 408: the devices missing and extra
                 sess.send(Error(s.error[0], s.error[1], s.id, s.error[2], s.error[3]))
             else:

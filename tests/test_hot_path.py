@@ -391,3 +391,49 @@ def test_hot_kinds_with_random_attributes(impl, tag):
             continue
         a, b, _ = both(impl, data)
         assert a == b, (attrs, content)
+
+
+# -- the server's ack, written without an event ----------------------------------
+
+_IDS = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1, max_size=64)
+
+
+@given(mid=_IDS, t=st.integers(0, 2**64 - 1), cls=st.sampled_from(["message", "receipt"]),
+       name=st.sampled_from(["python", "fastpath"]))  # fmt: skip
+@settings(max_examples=300, deadline=None)
+def test_send_ack_into_writes_the_bytes_send_into_writes_for_the_server_ack(mid, t, cls, name):
+    from pigeon.core.events import ServerAck
+
+    from conftest import load_impl
+
+    impl = load_impl(name)
+    server = logged_in(impl, True)
+    fast, full = bytearray(b"x"), bytearray(b"x")
+    server.send_ack_into(fast, mid, t, cls)
+    server.send_into(full, ServerAck(mid, t, cls))
+    assert fast == full
+    assert server.state is State.AUTHENTICATED
+    node = impl.Codec(server.dictionary).decode(bytes(fast[4:]))
+    assert (node.tag, node.attrs) == ("ack", {"class": cls, "id": mid, "t": str(t)})
+
+
+def test_send_ack_into_refuses_where_send_into_refuses_and_leaves_out_alone(impl):
+    from pigeon.core.errors import LocalProtocolError
+
+    client = Connection(Role.CLIENT, codec=impl)
+    out = bytearray(b"kept")
+    with pytest.raises(LocalProtocolError, match="a client does not send ServerAck"):
+        client.send_ack_into(out, "m1", 1, "message")
+    fresh = Connection(Role.SERVER, codec=impl)  # not logged in
+    with pytest.raises(LocalProtocolError, match="cannot send ServerAck in state"):
+        fresh.send_ack_into(out, "m1", 1, "message")
+    server = logged_in(impl, True)
+    with pytest.raises(LocalProtocolError, match="answers messages and receipts"):
+        server.send_ack_into(out, "m1", 1, "logout")  # (a logout's ack ends the session)
+    with pytest.raises(LocalProtocolError):
+        server.send_ack_into(out, "m1", -1, "message")
+    with pytest.raises(LocalProtocolError):
+        server.send_ack_into(out, "m" * 70_000, 1, "message")  # past max-string
+    assert out == b"kept"
+    server.send_ack_into(out, "m1", 1, "message")  # still usable: nothing advanced
+    assert out.startswith(b"kept") and len(out) > 4
