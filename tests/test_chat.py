@@ -602,6 +602,9 @@ def test_link_expiry_and_ctrl_c_say_what_to_do(tmp_path):
             pairing.wait(lambda ls: any("a new code" in ln for ln in ls), "a refreshed code")
             pairing.wait(lambda ls: [ln for ln in ls if "/link PGN1," in ln][-1].split()[-1] != first,
                          "the new QR text")  # fmt: skip
+            # drawn over the old one: one code on the screen, the one that works
+            assert pairing.count("/link PGN1,") == 1, pairing.lines()
+            assert pairing.count("scan it on the primary") == 1, pairing.lines()
             assert pairing.finish() == 1
             said = pairing.expect("pigeon chat:")
             assert "the code expired, run pigeon chat link again" in said, said

@@ -109,9 +109,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import io
 import math
 import os
 import re
+import shutil
 import socket
 import ssl
 import sys
@@ -486,21 +488,34 @@ def _default_name() -> str:
     return f"chat on {socket.gethostname()}".encode()[:64].decode("utf-8", "ignore")
 
 
-def _show_pairing(code: PairingCode, first: bool) -> None:
-    if not first:
-        _out("")
-        _out("(a new code: the one above is void)")
+def _show_pairing(code: PairingCode, drawn: int) -> int:
+    """Show a pairing code; returns the lines it took.  ``drawn``: the lines
+    the code before it took (0 for the first).  On a terminal a new code is
+    drawn over the old one, so only a code that works is on the screen;
+    elsewhere (a pipe, a log) it is printed below, saying the one above is void."""
+    lines = []
+    if drawn:
+        lines.append("(a new code: the last one is void)")
     if code.qr is not None:
         import segno
 
-        qr = segno.make(code.qr, error="m")
-        qr.terminal(out=sys.stdout, compact=True)
-        _out("scan it on the primary, or type there (the text under the code):")
-        _out(f"  /link {code.qr}")
+        drawing = io.StringIO()
+        segno.make(code.qr, error="m").terminal(out=drawing, compact=True)
+        lines += drawing.getvalue().rstrip("\n").split("\n")
+        lines.append("scan it on the primary, or type there (the text under the code):")
+        lines.append(f"  /link {code.qr}")
     else:
-        _out(f"on the primary, type:  /link {code.display}")
-    _out(f"(valid {code.ttl} s; Ctrl-C gives up)")
+        lines.append(f"on the primary, type:  /link {code.display}")
+    lines.append(f"(valid {code.ttl} s; Ctrl-C gives up)")
+    if drawn and sys.stdout.isatty():
+        sys.stdout.write(f"\x1b[{drawn}F\x1b[J")  # up to the old code's first line, clear below
+    elif drawn:
+        lines.insert(0, "")
+        lines[1] = "(a new code: the one above is void)"
+    sys.stdout.write("\n".join(lines) + "\n")
     sys.stdout.flush()
+    width = shutil.get_terminal_size().columns
+    return sum(max(1, -(-len(line) // width)) for line in lines)  # rows, long lines wrapped
 
 
 async def link(args) -> int:
@@ -524,14 +539,13 @@ async def link(args) -> int:
             pairing = client.pair_qr(name=name, server=args.server)
         else:
             pairing = client.pair_code(args.phone, name=name)
-        creds, shown = None, 0
+        creds, drawn = None, 0
         try:
             async for item in pairing:
                 if isinstance(item, Credentials):
                     creds = item
                     break
-                _show_pairing(item, first=not shown)
-                shown += 1
+                drawn = _show_pairing(item, drawn)
         except ServerError as exc:
             raise ChatError(_link_error(exc)) from None
         except ConnectionLost as exc:
