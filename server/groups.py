@@ -16,7 +16,11 @@ Notices are queue entries of kind 4 (pigeon.core._pycodec, "queue
 entries"): their head (``<group from type by ... t>``) and content
 (``<member user/>`` children, a ``description``) are encoded once here,
 and the device's ``seq`` is spliced in between when it is delivered, as
-for every other entry.  One entry object serves every member device.
+for every other entry.  The entry is stored once, as a group message's body
+is (``Queues.enqueue_shared``: in ``gbody``, a reference of 18 bytes in each
+member device's queue), so an ``add`` of 1,000 members to a group of 1,000
+stores one list of 1,000 names, not one per device; the delivery is the
+same frame, in order with the messages.
 
 Group messages are Queues' (server/queues.py): the body stored once in
 ``gbody``, a small reference in each member device's queue.
@@ -29,9 +33,10 @@ Tables:
                       rq: [[user, asked], ...] (join requests)}
     ugroups   user NUL "N" -> b""
     invites   code -> "N"
-    gbody     the group message bodies (server/queues.py)
+    gbody     the group message and notice bodies (server/queues.py)
     meta      b"gid": the last group number given (never reused); b"gver": the
-              count of group changes (the caches); b"gmsg": the last body number
+              count of group changes (the caches); b"gmsg": the last body number;
+              b"gnotice": the last notice body number (server/queues.py)
 """
 
 from __future__ import annotations
@@ -138,7 +143,8 @@ class Groups:
         users += [u for u in also if u not in users]
         entry = notice_entry(self.queues.encoder, "g:" + gid, op, by, now, members, attrs,
                              description)  # fmt: skip
-        return self.queues.enqueue_devices(txn, self._devices(txn, users), entry)
+        return self.queues.enqueue_shared(txn, self._devices(txn, users), entry,
+                                          f"g:{gid}\x00{by}".encode())  # fmt: skip
 
     @staticmethod
     def _member(rec, user):
