@@ -76,7 +76,8 @@ def main() -> None:
     opts = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         srv = Server(Path(d) / "data", workers=2, register_per_ip=1000, message_rate=0,
-                     group_max_members=max(opts.members, 1024))  # fmt: skip
+                     group_max_members=max(opts.members, 1024),
+                     discover_numbers=4 * opts.members)  # fmt: skip
         srv.start()
         try:
             print(json.dumps(asyncio.run(measure(srv, opts.members, Path(d)))), flush=True)

@@ -52,6 +52,7 @@ from pigeon.core.events import GroupMember, GroupResult
 from pigeon.core.node import address_kind
 
 from .errors import ServiceError
+from .limits import window_take
 from .queues import GROUP_NOTICE, bump_group_version
 
 GROUP_TABLES = ("groups", "ugroups", "invites", "gbody")
@@ -74,6 +75,10 @@ class GroupLimits:
     per_day: int = 100  # groups a user may create per window
     window_ms: int = GROUP_WINDOW_MS
     joins_per_day: int = 200  # invite previews and joins per user per window
+    # adding a number that is not the adder's contact is a lookup (the answer says
+    # whether it is registered): it costs one of discover-numbers (0: nothing charged)
+    discover_numbers: int = 0
+    discover_window_ms: int = 86_400_000
 
 
 def notice_entry(enc, group: str, op: str, by: str, t: int, members=(), attrs=(),
@@ -179,6 +184,31 @@ class Groups:
                 return 0
         return ErrorCode.ADD_REFUSED
 
+    def _charge_adds(self, txn, now: int, adder: str, users) -> None:
+        """Adding ``users`` tells ``adder`` which of them are registered (433 or 400 in
+        the answer), and makes them its co-members, whose device lists and keys it
+        then looks up free (``Social.shares_group``): each one outside its contact
+        set costs one number of ``discover-numbers``, as a lookup does (302 for the
+        whole request past it, checked before anything is written)."""
+        lim = self.limits
+        if not lim.discover_numbers:
+            return
+        contacts = self.db["contacts"]
+        n = sum(1 for u in users
+                if u != adder and txn.get(f"{adder}\x00{u}".encode(), db=contacts) is None)  # fmt: skip
+        if not n:
+            return
+        key = f"discover:{adder}".encode()
+        ok, left = window_take(txn, self.db["limits"], key, now, lim.discover_window_ms,
+                               lim.discover_numbers, n)  # fmt: skip
+        if not ok:
+            raise ServiceError(
+                ErrorCode.RATE_LIMITED,
+                f"contact discovery limit: adding a number outside your contacts is a lookup; "
+                f"{left} more may be looked up in this {lim.discover_window_ms // 1000} s "
+                f"window, this request has {n}",
+            )
+
     def _join(self, txn, gid: str, rec: dict, user: str, now: int) -> None:
         rec["m"].append([user, 0, now])
         rec["rq"] = [r for r in rec["rq"] if r[0] != user]
@@ -233,6 +263,7 @@ class Groups:
                                f"at most {lim.per_day} new groups per "
                                f"{lim.window_ms // 1000} s; try again later")  # fmt: skip
         self.store.check_room(txn)
+        self._charge_adds(txn, now, user, wanted)  # (may refuse: before the first write)
         self.store.hit_txn(txn, key, lim.per_day, lim.window_ms, now)
         meta = self.db["meta"]
         raw = txn.get(b"gid", db=meta)
@@ -279,6 +310,8 @@ class Groups:
     def _op_add(self, txn, now, user, req, gid):
         rec = self._need(txn, gid, user, admin=True)
         self.store.check_room(txn)
+        have = {m[0] for m in rec["m"]}
+        self._charge_adds(txn, now, user, [u for u in dict.fromkeys(req.members) if u not in have])
 
         def refused(u):
             if self._member(rec, u) is not None:
