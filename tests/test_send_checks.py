@@ -101,7 +101,17 @@ from pigeon.core.events import (
 SENT = sorted(
     set(CLIENT_SENT.values())
     | set(SERVER_SENT.values())
-    | {DevicesChanged, DevicesBatchQuery, DeviceLists, KeysQuery, KeysCountQuery, KeyBundles, KeysLow, KeysChanged, GroupNotice},
+    | {
+        DevicesChanged,
+        DevicesBatchQuery,
+        DeviceLists,
+        KeysQuery,
+        KeysCountQuery,
+        KeyBundles,
+        KeysLow,
+        KeysChanged,
+        GroupNotice,
+    },
     key=lambda c: c.__name__,
 )
 
