@@ -557,6 +557,8 @@ class ClientAPI(GroupsAPI):
     _creds: Credentials | None
     _live: bool
     _closing: bool
+    #: users per batched devices request (smaller once a server answered 406)
+    _devices_chunk: int = DEVICES_QUERY_CHUNK
 
     #: what a reconnection attempt may fail with and still be retried
     RETRY_ERRORS: tuple = (OSError, ConnectionLost, TimeoutError, ScramException)
@@ -1247,7 +1249,8 @@ class ClientAPI(GroupsAPI):
         given.  Cached lists are used as ``devices`` uses them; the others are asked
         for ``DEVICES_QUERY_CHUNK`` users per request (one ``devices`` with an
         ``<item user>`` each: the server's ``devices-query-max``).  ServerError 400
-        (one of them is not a registered user: its number in the text), 302."""
+        (one of them is not a registered user: its number in the text), 302; a 406
+        (the server's limit is lower) makes the requests smaller, and they go on."""
         core = self.core
         users = list(dict.fromkeys(users))
         out = {}
@@ -1258,11 +1261,19 @@ class ClientAPI(GroupsAPI):
                 want.append(u)
             else:
                 out[u] = cached
-        for i in range(0, len(want), DEVICES_QUERY_CHUNK):
+        i = 0
+        while i < len(want):
             gen = core.device_lists_gen
             rid = self.new_id()
-            chunk = tuple(want[i : i + DEVICES_QUERY_CHUNK])
-            answer = await self._request(REQ, rid, DevicesBatchQuery(rid, chunk), timeout)
+            chunk = tuple(want[i : i + self._devices_chunk])
+            try:
+                answer = await self._request(REQ, rid, DevicesBatchQuery(rid, chunk), timeout)
+            except ServerError as exc:
+                if exc.code != ErrorCode.TOO_MANY or len(chunk) == 1:
+                    raise
+                self._devices_chunk = max(1, len(chunk) // 2)  # this server's limit is lower
+                continue
+            i += len(chunk)
             for u, items in answer.lists:
                 out[u] = items
                 if gen == core.device_lists_gen:  # no notice came meanwhile: it is current

@@ -27,6 +27,7 @@ from pigeon.client.group_crypto import UnknownSession
 from pigeon.client.secure import GroupDecryptionFailed, GroupMessage, SafetyNumberChanged
 from pigeon.core.errors import ErrorCode
 from pigeon.core.events import (
+    DevicesBatchQuery,
     DevicesChanged,
     GroupNotice,
     IncomingMessage,
@@ -429,9 +430,10 @@ def test_lookups_of_co_members_are_free_and_of_strangers_charged(tmp_path):
     naming two more strangers is refused (one number left), and so is a group
     with them; keys-fetch-per-account 2: a fetch of three co-members' devices gets
     two one-time keys and a fallback key instead of a refusal, while a
-    non-member's fetch past it is refused as before."""
+    non-member's fetch past it is refused as before.  devices-query-max 1: the SDK's
+    batches shrink to what the server takes."""
     s = Server(tmp_path / "data", workers=2, register_per_ip=1000, message_rate=0,
-               discover_numbers=3, keys_fetch_per_account=2)  # fmt: skip
+               discover_numbers=3, keys_fetch_per_account=2, devices_query_max=1)  # fmt: skip
     s.start()
 
     async def main():
@@ -440,6 +442,9 @@ def test_lookups_of_co_members_are_free_and_of_strangers_charged(tmp_path):
         a, b, c, d, e, f = [await register(s, relay, p, tmp_path / f"{p}.json") for p in phones]
         pa, pb, pc, pd, pe, pf = phones
         g = (await a.group_create("limits", [pb, pc])).group  # 2 of 3 numbers
+        with pytest.raises(ServerError) as err:  # (the server's limit, as such)
+            await a._request("req", "x1", DevicesBatchQuery("x1", (pb, pc)), 10)
+        assert err.value.code == ErrorCode.TOO_MANY
         for _ in range(3):
             lists = await a.devices_of([pb, pc], fresh=True)
             assert [u for u in lists] == [pb, pc] and all(len(v) == 1 for v in lists.values())
