@@ -1108,8 +1108,9 @@ def group_bench(opts) -> dict:
          f"offline), {m:,} messages from one member, window {opts.window}")  # fmt: skip
     with _bench_run(opts) as run:
         server, creds, loads = run.server, run.creds, run.loads
+        # (the create looks every member up: discover-numbers must cover them)
         extra = {"sync": opts.sync, "group_max_members": max(n, 1024),
-                 "queue_max_count": max(10_000, 4 * m)}  # fmt: skip
+                 "queue_max_count": max(10_000, 4 * m), "discover_numbers": max(2000, n)}  # fmt: skip
         server.start(opts.workers, extra, n, creds)
         from pigeon.server.provision import load_credentials
 

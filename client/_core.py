@@ -69,6 +69,8 @@ from pigeon.core.events import (
     DeleteAccount,
     DeviceAck,
     DeviceList,
+    DeviceLists,
+    DevicesBatchQuery,
     DevicesChanged,
     DevicesQuery,
     Discover,
@@ -290,9 +292,12 @@ def check_keepalive(interval: float | None, timeout: float) -> float | None:
     return float(interval)
 
 
+#: users per batched device-list request (the server's devices-query-max default)
+DEVICES_QUERY_CHUNK = 256
+
 #: Server answers matched to a REQ waiter by their id.
 _ANSWERS = frozenset({GroupResult, PrivacySettings, DiscoverResult, Blocklist, LinkKey, DeviceList,
-                      KeysCount, KeyBundles, UploadGrant})  # fmt: skip
+                      DeviceLists, KeysCount, KeyBundles, UploadGrant})  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -552,6 +557,8 @@ class ClientAPI(GroupsAPI):
     _creds: Credentials | None
     _live: bool
     _closing: bool
+    #: users per batched devices request (smaller once a server answered 406)
+    _devices_chunk: int = DEVICES_QUERY_CHUNK
 
     #: what a reconnection attempt may fail with and still be retried
     RETRY_ERRORS: tuple = (OSError, ConnectionLost, TimeoutError, ScramException)
@@ -913,7 +920,11 @@ class ClientAPI(GroupsAPI):
         )  # fmt: skip
 
     async def _trusted_devices(self, user: str, fresh: bool = False) -> tuple[str, ...]:
-        items = await self.devices(user, fresh=fresh)
+        return self._trust(user, await self.devices(user, fresh=fresh))
+
+    def _trust(self, user: str, items) -> tuple[str, ...]:
+        """The devices of ``user``'s list ``items`` that its primary linked (every one,
+        or E2EError); a change of its safety number goes to the application."""
         trusted, change = self.secure.note_devices(user, items)
         if change is not None:
             self._push(change)
@@ -1232,6 +1243,42 @@ class ClientAPI(GroupsAPI):
         if gen == core.device_lists_gen:  # no notice came meanwhile: the answer is current
             core.device_lists[user] = items
         return items
+
+    async def devices_of(self, users, timeout: float = 30.0, fresh: bool = False) -> dict:
+        """``devices`` of many users at once: {user: its DeviceInfo tuple}, in the order
+        given.  Cached lists are used as ``devices`` uses them; the others are asked
+        for ``DEVICES_QUERY_CHUNK`` users per request (one ``devices`` with an
+        ``<item user>`` each: the server's ``devices-query-max``).  ServerError 400
+        (one of them is not a registered user: its number in the text), 302; a 406
+        (the server's limit is lower) makes the requests smaller, and they go on."""
+        core = self.core
+        users = list(dict.fromkeys(users))
+        out = {}
+        want = []
+        for u in users:
+            cached = None if fresh else core.device_lists.get(u)
+            if cached is None:
+                want.append(u)
+            else:
+                out[u] = cached
+        i = 0
+        while i < len(want):
+            gen = core.device_lists_gen
+            rid = self.new_id()
+            chunk = tuple(want[i : i + self._devices_chunk])
+            try:
+                answer = await self._request(REQ, rid, DevicesBatchQuery(rid, chunk), timeout)
+            except ServerError as exc:
+                if exc.code != ErrorCode.TOO_MANY or len(chunk) == 1:
+                    raise
+                self._devices_chunk = max(1, len(chunk) // 2)  # this server's limit is lower
+                continue
+            i += len(chunk)
+            for u, items in answer.lists:
+                out[u] = items
+                if gen == core.device_lists_gen:  # no notice came meanwhile: it is current
+                    core.device_lists[u] = items
+        return {u: out.get(u, ()) for u in users}
 
     async def unlink(self, device: str, timeout: float = 30.0) -> ServerAck:
         """Unlink ``device`` (the primary: any companion; a companion: itself, after

@@ -46,8 +46,10 @@ logger = logging.getLogger("pigeon.client")
 #: notices after which the member list of a group may have shrunk: the next
 #: message starts a new Megolm session
 _SHRINK = frozenset({"remove", "leave"})
-#: users per key-bundle request (the server's keys-query-max default)
-KEYS_QUERY_CHUNK = 16
+#: users per key-bundle request (the server's keys-query-max default), and the
+#: bundles one answer may hold (the children of one node)
+KEYS_QUERY_CHUNK = 200
+KEYS_QUERY_BUNDLES = 1024
 #: the application type of a 1:1 encrypted message asking a member device to share
 #: its group key with this device again (it lost it): ``[group, session id]``
 GROUP_KEY_REQUEST = "gkeyreq"
@@ -216,11 +218,31 @@ class GroupsAPI:
         """Every device a message to ``group`` goes to: the members' and this account's
         other devices (each checked through its primary's link signature)."""
         me = self._creds.user
+        users = list(dict.fromkeys((*await self.group_members(group, fresh), me)))
+        lists = await self.devices_of(users, fresh=fresh)  # batched: not one user at a time
         devices = []
-        for user in dict.fromkeys((*await self.group_members(group, fresh), me)):
-            trusted = await self._trusted_devices(user, fresh=fresh)
-            devices += [d for d in trusted if d != self.device]
+        for user in users:
+            devices += [d for d in self._trust(user, lists[user]) if d != self.device]
         return devices
+
+    @staticmethod
+    def _key_chunks(need) -> list[list[str]]:
+        """``need`` (devices) in groups of whole users, each at most KEYS_QUERY_CHUNK
+        users and KEYS_QUERY_BUNDLES devices: one key-bundle request each (a fetch
+        takes a key of every device of a user, so a user is never split)."""
+        by_user: dict[str, list[str]] = {}
+        for d in need:
+            by_user.setdefault(d.partition(":")[0], []).append(d)
+        chunks, cur, users = [], [], 0
+        for devs in by_user.values():
+            if cur and (users >= KEYS_QUERY_CHUNK or len(cur) + len(devs) > KEYS_QUERY_BUNDLES):
+                chunks.append(cur)
+                cur, users = [], 0
+            cur += devs
+            users += 1
+        if cur:
+            chunks.append(cur)
+        return chunks
 
     async def _send_group_secure(self, group, body: bytes, type: str, mid, timeout):
         from ._core import StaleDevices
@@ -231,9 +253,9 @@ class GroupsAPI:
             devices = await self._group_devices(group, fresh=attempt > 0)
             need = self.secure.groups.needs_key(group, devices)
             olm = self.secure.device
-            for i in range(0, len(need), KEYS_QUERY_CHUNK):
+            for chunk in self._key_chunks(need):
                 try:
-                    await self._open_sessions(need[i : i + KEYS_QUERY_CHUNK])
+                    await self._open_sessions(chunk)
                 except e2e.NoSession as exc:
                     # a device that published no keys cannot get the key: the others
                     # still can (it sees GroupDecryptionFailed; the next message tries again)

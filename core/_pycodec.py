@@ -532,7 +532,7 @@ class Codec:
     # encoded (a list header and children), written after ``seq`` as it is), 5 group
     # message (``<message from=g:N participant=S:k id type t>``: ``to`` names the
     # group, ``origin`` the sending device; the body follows, as for kind 0).  Kind
-    # 6 is the queue's reference to a kind-5 entry stored once (server/queues.py):
+    # 6 is the queue's reference to a kind-5 (or kind-4) entry stored once (server/queues.py):
     # never made or spliced here.  Kind 7, a group message with a payload for this
     # device: made by server/queues.py like kind 4 (its content, ``<body>`` and
     # ``<payload>``, written after ``seq`` as it is), ``origin`` the sending device.

@@ -1599,11 +1599,40 @@ class DevicesQuery(Event):
 
     @classmethod
     def from_node(cls, node):
+        if node.attrs.get("user") is None and node.content is not None:
+            return DevicesBatchQuery.from_node(node)  # <item user> children: several users
         return _read(cls(_id(node), _address(node, "user", "user")))
 
     def check(self) -> None:
         _check_id(self, "id", self.id)
         _check_address(self, "user", self.user, _USER)
+
+
+@dataclass(frozen=True, slots=True)
+class DevicesBatchQuery(Event):
+    """Ask for the device lists of several users in one request (``users``: one
+    ``<item user>`` each, no ``user`` attribute); answered by ``DeviceLists``."""
+
+    TAG: ClassVar[str] = "devices"
+    SENDER: ClassVar[str] = CLIENT
+    id: str
+    users: tuple[str, ...]
+
+    def to_node(self, N):
+        return N("devices", {"id": self.id}, _item_nodes(N, "user", self.users))
+
+    @classmethod
+    def from_node(cls, node):
+        users = _items(node, "user", _is_user, "a user")
+        if not users:
+            raise _bad(node, "name a user (user=) or at least one <item user=...>")
+        return _read(cls(_id(node), users))
+
+    def check(self) -> None:
+        _check_id(self, "id", self.id)
+        _check_items(self, "users", self.users, _is_user_value, "a user address")
+        if not self.users:
+            raise _wrong(self, "users", "at least one user", self.users)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1629,53 +1658,106 @@ class DeviceList(Event):
     items: tuple[DeviceInfo, ...]
 
     def to_node(self, N):
-        out = []
-        for d in self.items:
-            attrs = {"device": d.device, "t": str(d.t)}
-            if d.name is not None:
-                attrs["name"] = d.name
-            out.append(N("item", attrs, _key_nodes(N, d.key, d.signature)))
-        return N("devices", {"id": self.id, "user": self.user}, out)
+        return N("devices", {"id": self.id, "user": self.user}, _device_item_nodes(N, self.items))
 
     @classmethod
     def from_node(cls, node):
         if node.attrs.get("seq") is not None:  # a queued notice, not an answer
             return DevicesChanged.from_node(node)
-        rid, user = _id(node), _address(node, "user", "user")
-        c = node.content
-        if c is not None and not isinstance(c, list):
-            raise _bad(node, "content must be a list of <item> nodes")
-        items = []
-        for child in c or ():
-            if child.tag != "item":
-                raise _bad(node, "content must be a list of <item> nodes")
-            device = _address(child, "device", "device")
-            name = child.attrs.get("name")
-            if name is not None and not _is_name(name):
-                raise _bad(node, "an item's 'name' must be printable text")
-            kids = _children(child)
-            if "key" not in kids:
-                raise _bad(node, "each <item> holds a <key>")
-            items.append(
-                DeviceInfo(device, _uint(child, "t"), kids["key"], name, kids.get("signature"))
-            )
-        return _read(cls(rid, user, tuple(items)))
+        if node.attrs.get("user") is None and node.attrs.get("id") is not None:
+            return DeviceLists.from_node(node)  # the answer to a DevicesBatchQuery
+        return _read(cls(_id(node), _address(node, "user", "user"), _device_items(node)))
 
     def check(self) -> None:
         _check_id(self, "id", self.id)
         _check_address(self, "user", self.user, _USER)
-        if not isinstance(self.items, (tuple, list)):
-            raise _wrong(self, "items", "a tuple (or list)", self.items)
-        for i, d in enumerate(self.items):
-            if not isinstance(d, DeviceInfo):
-                raise _wrong(self, f"items[{i}]", "a DeviceInfo", d)
-            _check_address(self, f"items[{i}].device", d.device, _DEVICE)
-            _check_uint(self, f"items[{i}].t", d.t)
-            _check_bytes(self, f"items[{i}].key", d.key, 32)
-            if d.signature is not None:
-                _check_bytes(self, f"items[{i}].signature", d.signature, 64)
-            if d.name is not None and not _is_name(d.name):
-                raise _wrong(self, f"items[{i}].name", "printable text", d.name)
+        _check_device_items(self, "items", self.items)
+
+
+def _device_item_nodes(N, items) -> list:
+    out = []
+    for d in items:
+        attrs = {"device": d.device, "t": str(d.t)}
+        if d.name is not None:
+            attrs["name"] = d.name
+        out.append(N("item", attrs, _key_nodes(N, d.key, d.signature)))
+    return out
+
+
+def _device_items(node) -> tuple[DeviceInfo, ...]:
+    """The ``<item>`` children of a device list (``DeviceList``, ``DeviceLists``)."""
+    c = node.content
+    if c is not None and not isinstance(c, list):
+        raise _bad(node, "content must be a list of <item> nodes")
+    items = []
+    for child in c or ():
+        if child.tag != "item":
+            raise _bad(node, "content must be a list of <item> nodes")
+        device = _address(child, "device", "device")
+        name = child.attrs.get("name")
+        if name is not None and not _is_name(name):
+            raise _bad(node, "an item's 'name' must be printable text")
+        kids = _children(child)
+        if "key" not in kids:
+            raise _bad(node, "each <item> holds a <key>")
+        items.append(
+            DeviceInfo(device, _uint(child, "t"), kids["key"], name, kids.get("signature"))
+        )
+    return tuple(items)
+
+
+def _check_device_items(event, name: str, items) -> None:
+    if not isinstance(items, (tuple, list)):
+        raise _wrong(event, name, "a tuple (or list)", items)
+    for i, d in enumerate(items):
+        if not isinstance(d, DeviceInfo):
+            raise _wrong(event, f"{name}[{i}]", "a DeviceInfo", d)
+        _check_address(event, f"{name}[{i}].device", d.device, _DEVICE)
+        _check_uint(event, f"{name}[{i}].t", d.t)
+        _check_bytes(event, f"{name}[{i}].key", d.key, 32)
+        if d.signature is not None:
+            _check_bytes(event, f"{name}[{i}].signature", d.signature, 64)
+        if d.name is not None and not _is_name(d.name):
+            raise _wrong(event, f"{name}[{i}].name", "printable text", d.name)
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceLists(Event):
+    """The answer to ``DevicesBatchQuery``: ``lists`` is (user, its DeviceInfos) for
+    every user asked, in the order asked; each is a ``<devices user>`` child laid
+    out as ``DeviceList``'s content."""
+
+    TAG: ClassVar[str] = "devices"
+    SENDER: ClassVar[str] = SERVER
+    id: str
+    lists: tuple[tuple[str, tuple[DeviceInfo, ...]], ...]
+
+    def to_node(self, N):
+        return N("devices", {"id": self.id},
+                 [N("devices", {"user": u}, _device_item_nodes(N, items) or None)
+                  for u, items in self.lists])  # fmt: skip
+
+    @classmethod
+    def from_node(cls, node):
+        c = node.content
+        if c is not None and not isinstance(c, list):
+            raise _bad(node, "content must be a list of <devices user=...> nodes")
+        lists = []
+        for child in c or ():
+            if child.tag != "devices":
+                raise _bad(node, "content must be a list of <devices user=...> nodes")
+            lists.append((_address(child, "user", "user"), _device_items(child)))
+        return _read(cls(_id(node), tuple(lists)))
+
+    def check(self) -> None:
+        _check_id(self, "id", self.id)
+        if not isinstance(self.lists, (tuple, list)):
+            raise _wrong(self, "lists", "a tuple (or list)", self.lists)
+        for i, entry in enumerate(self.lists):
+            if not (isinstance(entry, (tuple, list)) and len(entry) == 2):
+                raise _wrong(self, f"lists[{i}]", "a (user, items) pair", entry)
+            _check_address(self, f"lists[{i}][0]", entry[0], _USER)
+            _check_device_items(self, f"lists[{i}][1]", entry[1])
 
 
 @dataclass(frozen=True, slots=True)
@@ -2195,7 +2277,8 @@ _ALL = [
     Presence, PresenceUpdate, ChatState, IncomingChatState, Privacy, PrivacySettings,
     Discover, DiscoverResult, Block, Unblock, BlocklistQuery, Blocklist,
     Logout, DeleteAccount, Error, Ping, Pong,
-    Pair, PairCode, Link, LinkKey, DevicesQuery, DeviceList, DevicesChanged, Unlink,
+    Pair, PairCode, Link, LinkKey, DevicesQuery, DevicesBatchQuery, DeviceList, DeviceLists,
+    DevicesChanged, Unlink,
     KeysUpload, KeysQuery, KeysCountQuery, KeysCount, KeyBundles, KeysLow, KeysChanged,
     UploadRequest, UploadGrant, PushTarget,
 ]  # fmt: skip
@@ -2207,6 +2290,8 @@ SERVER_SENT: dict[str, type[Event]] = {c.TAG: c for c in _ALL if c.SENDER in (SE
 # Two server events share the tag ``devices``: the reader is DeviceList's, which
 # tells them apart by attributes (a ``seq``: the notice; an ``id``: the answer).
 SERVER_SENT["devices"] = DeviceList
+# and so do the client's: DevicesQuery's reader hands a batch (no ``user``) over.
+CLIENT_SENT["devices"] = DevicesQuery
 # ``keys`` likewise, both ways: a client's is read by KeysUpload (by ``type``),
 # a server's by KeysCount (a ``seq``: a notice; ``count``: a count; else bundles).
 CLIENT_SENT["keys"] = KeysUpload

@@ -642,8 +642,9 @@ OPTIONS: list[Option] = [
         2000,
         _non_negative_int,
         "phone numbers an account may look up per discover-window (numbers already in its "
-        "contact set are free; a device-list query about a user outside it counts one); "
-        "past it error 302",
+        "contact set and members of its groups are free; a device-list or key query about "
+        "a user outside them counts one, and so does each number outside its contact set "
+        "that a group create or add names); past it error 302",
     ),
     Option(
         "discover_window", 86_400, _positive_float, "sliding window for discover-numbers, seconds"
@@ -738,15 +739,25 @@ OPTIONS: list[Option] = [
     ),
     Option(
         "keys_query_max",
-        16,
+        200,
         _positive_int,
-        "users one key-bundle request may name (error 406 past it)",
+        "users one key-bundle request may name (error 406 past it, and when their devices "
+        "are more than 1,024 bundles: the children of one node); at most 1,024",
+    ),
+    Option(
+        "devices_query_max",
+        256,
+        _positive_int,
+        "users one devices request may name (error 406 past it); at most 1,024 (the "
+        "children of one node)",
     ),
     Option(
         "keys_fetch_per_account",
         1000,
         _positive_int,
-        "device key bundles an account may fetch per keys-fetch-window (error 302 past it)",
+        "device key bundles an account may fetch per keys-fetch-window (error 302 past it; "
+        "past it the devices of members of its groups get their fallback keys instead, "
+        "consuming nothing)",
     ),
     Option(
         "keys_fetch_window",
@@ -1106,6 +1117,7 @@ GROUPS: list[Group] = [
             "one_time_keys_max",
             "one_time_keys_low",
             "keys_query_max",
+            "devices_query_max",
             "keys_fetch_per_account",
             "keys_fetch_window",
             "key_uploads",
@@ -1339,6 +1351,16 @@ def _load(path, overrides, base) -> tuple[Config | None, list[str]]:
         ("discover_batch",),
         v["discover_batch"] > 1024,
         "discover-batch must be at most 1024 (the children one node may have)",
+    )
+    rule(
+        ("keys_query_max",),
+        v["keys_query_max"] > 1024,
+        "keys-query-max must be at most 1024 (the children one node may have)",
+    )
+    rule(
+        ("devices_query_max",),
+        v["devices_query_max"] > 1024,
+        "devices-query-max must be at most 1024 (the children one node may have)",
     )
     rule(
         ("blocklist_max",),

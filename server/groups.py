@@ -16,7 +16,11 @@ Notices are queue entries of kind 4 (pigeon.core._pycodec, "queue
 entries"): their head (``<group from type by ... t>``) and content
 (``<member user/>`` children, a ``description``) are encoded once here,
 and the device's ``seq`` is spliced in between when it is delivered, as
-for every other entry.  One entry object serves every member device.
+for every other entry.  The entry is stored once, as a group message's body
+is (``Queues.enqueue_shared``: in ``gbody``, a reference of 18 bytes in each
+member device's queue), so an ``add`` of 1,000 members to a group of 1,000
+stores one list of 1,000 names, not one per device; the delivery is the
+same frame, in order with the messages.
 
 Group messages are Queues' (server/queues.py): the body stored once in
 ``gbody``, a small reference in each member device's queue.
@@ -29,9 +33,10 @@ Tables:
                       rq: [[user, asked], ...] (join requests)}
     ugroups   user NUL "N" -> b""
     invites   code -> "N"
-    gbody     the group message bodies (server/queues.py)
+    gbody     the group message and notice bodies (server/queues.py)
     meta      b"gid": the last group number given (never reused); b"gver": the
-              count of group changes (the caches); b"gmsg": the last body number
+              count of group changes (the caches); b"gmsg": the last body number;
+              b"gnotice": the last notice body number (server/queues.py)
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from pigeon.core.events import GroupMember, GroupResult
 from pigeon.core.node import address_kind
 
 from .errors import ServiceError
+from .limits import window_take
 from .queues import GROUP_NOTICE, bump_group_version
 
 GROUP_TABLES = ("groups", "ugroups", "invites", "gbody")
@@ -69,6 +75,10 @@ class GroupLimits:
     per_day: int = 100  # groups a user may create per window
     window_ms: int = GROUP_WINDOW_MS
     joins_per_day: int = 200  # invite previews and joins per user per window
+    # adding a number that is not the adder's contact is a lookup (the answer says
+    # whether it is registered): it costs one of discover-numbers (0: nothing charged)
+    discover_numbers: int = 0
+    discover_window_ms: int = 86_400_000
 
 
 def notice_entry(enc, group: str, op: str, by: str, t: int, members=(), attrs=(),
@@ -138,7 +148,8 @@ class Groups:
         users += [u for u in also if u not in users]
         entry = notice_entry(self.queues.encoder, "g:" + gid, op, by, now, members, attrs,
                              description)  # fmt: skip
-        return self.queues.enqueue_devices(txn, self._devices(txn, users), entry)
+        return self.queues.enqueue_shared(txn, self._devices(txn, users), entry,
+                                          f"g:{gid}\x00{by}".encode())  # fmt: skip
 
     @staticmethod
     def _member(rec, user):
@@ -172,6 +183,31 @@ class Groups:
             if txn.get(f"{user}\x00{adder}".encode(), db=self.db["contacts"]) is not None:
                 return 0
         return ErrorCode.ADD_REFUSED
+
+    def _charge_adds(self, txn, now: int, adder: str, users) -> None:
+        """Adding ``users`` tells ``adder`` which of them are registered (433 or 400 in
+        the answer), and makes them its co-members, whose device lists and keys it
+        then looks up free (``Social.shares_group``): each one outside its contact
+        set costs one number of ``discover-numbers``, as a lookup does (302 for the
+        whole request past it, checked before anything is written)."""
+        lim = self.limits
+        if not lim.discover_numbers:
+            return
+        contacts = self.db["contacts"]
+        n = sum(1 for u in users
+                if u != adder and txn.get(f"{adder}\x00{u}".encode(), db=contacts) is None)  # fmt: skip
+        if not n:
+            return
+        key = f"discover:{adder}".encode()
+        ok, left = window_take(txn, self.db["limits"], key, now, lim.discover_window_ms,
+                               lim.discover_numbers, n)  # fmt: skip
+        if not ok:
+            raise ServiceError(
+                ErrorCode.RATE_LIMITED,
+                f"contact discovery limit: adding a number outside your contacts is a lookup; "
+                f"{left} more may be looked up in this {lim.discover_window_ms // 1000} s "
+                f"window, this request has {n}",
+            )
 
     def _join(self, txn, gid: str, rec: dict, user: str, now: int) -> None:
         rec["m"].append([user, 0, now])
@@ -227,6 +263,7 @@ class Groups:
                                f"at most {lim.per_day} new groups per "
                                f"{lim.window_ms // 1000} s; try again later")  # fmt: skip
         self.store.check_room(txn)
+        self._charge_adds(txn, now, user, wanted)  # (may refuse: before the first write)
         self.store.hit_txn(txn, key, lim.per_day, lim.window_ms, now)
         meta = self.db["meta"]
         raw = txn.get(b"gid", db=meta)
@@ -273,6 +310,8 @@ class Groups:
     def _op_add(self, txn, now, user, req, gid):
         rec = self._need(txn, gid, user, admin=True)
         self.store.check_room(txn)
+        have = {m[0] for m in rec["m"]}
+        self._charge_adds(txn, now, user, [u for u in dict.fromkeys(req.members) if u not in have])
 
         def refused(u):
             if self._member(rec, u) is not None:

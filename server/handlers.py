@@ -38,6 +38,7 @@ from pigeon.core.events import (
     ConnectionClosed,
     DeleteAccount,
     DeviceAck,
+    DevicesBatchQuery,
     DevicesQuery,
     Discover,
     DiscoverResult,
@@ -80,7 +81,7 @@ HOT_MESSAGE, HOT_ACK = 1, 3  # Hot.kind (2 is a receipt)
 
 #: Requests that draw on a connection's message-rate bucket (typing has its own).
 RATED = frozenset({Message, Receipt, Presence, Privacy, Discover, Block, Unblock, BlocklistQuery,
-                   Link, DevicesQuery, Unlink, KeysUpload, KeysQuery, KeysCountQuery,
+                   Link, DevicesQuery, DevicesBatchQuery, Unlink, KeysUpload, KeysQuery, KeysCountQuery,
                    UploadRequest, GroupRequest, PushTarget})  # fmt: skip
 #: Requests a stranger may send before logging in: they draw on the connection's
 #: own bucket (``unauth-rate``), past which the connection is closed unread.
@@ -605,6 +606,7 @@ HANDLERS = {
     Pair: linking.pair,
     Link: linking.link,
     DevicesQuery: linking.devices,
+    DevicesBatchQuery: linking.devices_batch,
     Unlink: linking.unlink,
     KeysUpload: keydir.upload,
     KeysQuery: keydir.query,

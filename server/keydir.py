@@ -282,6 +282,20 @@ def _take(
     return KeyBundle(device, curve, ed, otk)
 
 
+def _fallback(txn, db: dict, device: str) -> KeyBundle:
+    """``device``'s bundle with its fallback key (flagged; nothing consumed)."""
+    raw = txn.get(device.encode(), db=db["keys"])
+    if raw is None:
+        return KeyBundle(device)
+    curve, ed, fallback = _unpack(raw)[:3]
+    otk = None if fallback is None else SignedKey(fallback[0], fallback[1], fallback[2], True)
+    return KeyBundle(device, curve, ed, otk)
+
+
+#: bundles in one answer: the children one node may have (pigeon.core.node.Limits)
+MAX_BUNDLES = 1024
+
+
 def query(s, ev: KeysQuery) -> None:
     w = s.worker
     c = w.config
@@ -296,7 +310,8 @@ def query(s, ev: KeysQuery) -> None:
 
     def run(txn, now):
         # every check before the first write: a refused job writes nothing (worker.Job)
-        strangers = [u for u in users if not social.lookup_free(txn, user, u)]
+        groups = social.groups_of(txn, user)
+        strangers = [u for u in users if not social.lookup_free(txn, user, u, groups)]
         if strangers:
             _, used = window_used(txn, db["limits"], f"discover:{user}".encode(), now,
                                   int(c.discover_window * 1000))  # fmt: skip
@@ -310,11 +325,23 @@ def query(s, ev: KeysQuery) -> None:
                 unknown = unknown or u
             else:
                 accounts.append((u, _unpack(raw)["devices"]))
+        # a group's members (not contacts, not this account) are "grouped": past
+        # keys-fetch-per-account their bundles carry the fallback key instead of
+        # refusing the fetch, so a member can reach every device of a 1,024-member
+        # group while no account takes more one-time keys than before
+        grouped = {u for u, _ in accounts if u != user and groups
+                   and txn.get(f"{user}\x00{u}".encode(), db=db["contacts"]) is None
+                   and social.shares_group(txn, user, u, groups)}  # fmt: skip
         n = 0 if unknown else sum(len(d) for _, d in accounts)
+        n_grouped = 0 if unknown else sum(len(d) for u, d in accounts if u in grouped)
+        if n > MAX_BUNDLES:
+            raise ServiceError(ErrorCode.TOO_MANY,
+                               f"these users have {n} devices: one answer holds at most "
+                               f"{MAX_BUNDLES} bundles; ask for fewer users")  # fmt: skip
         window_ms = int(c.keys_fetch_window * 1000)
         key = f"keys:{user}".encode()
         _, used = window_used(txn, db["limits"], key, now, window_ms)
-        if used + n > c.keys_fetch_per_account:
+        if used + n - n_grouped > c.keys_fetch_per_account:
             raise ServiceError(
                 ErrorCode.RATE_LIMITED,
                 f"key fetch limit: {c.keys_fetch_per_account} device bundles per "
@@ -324,11 +351,21 @@ def query(s, ev: KeysQuery) -> None:
             social.charge_lookup_txn(txn, now, user, u)
         if unknown:
             return unknown, ()
-        window_take(txn, db["limits"], key, now, window_ms, c.keys_fetch_per_account, n)
+        # the one-time keys the grouped devices may still take in this window
+        room = max(0, min(n_grouped, c.keys_fetch_per_account - used - (n - n_grouped)))
+        if n - n_grouped + room:
+            window_take(txn, db["limits"], key, now, window_ms, c.keys_fetch_per_account,
+                        n - n_grouped + room)  # fmt: skip
         pushes, out = [], []
         for u, numbers in accounts:
             for number in numbers:
-                out.append(_take(txn, db, f"{u}:{number}", c.one_time_keys_low, w.queues, now,
+                d = f"{u}:{number}"
+                if u in grouped:
+                    if not room:  # past the budget: the fallback key, nothing consumed
+                        out.append(_fallback(txn, db, d))
+                        continue
+                    room -= 1
+                out.append(_take(txn, db, d, c.one_time_keys_low, w.queues, now,
                                  pushes, "" if u == user else user,
                                  c.keys_per_device, window_ms))  # fmt: skip
         return out, pushes

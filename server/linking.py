@@ -72,6 +72,8 @@ from pigeon.core.events import (
     LINK_CODE_LENGTH,
     DeviceInfo,
     DeviceList,
+    DeviceLists,
+    DevicesBatchQuery,
     DevicesQuery,
     Error,
     Link,
@@ -87,6 +89,7 @@ from pigeon.core.keys import verify_link
 from . import keydir, log
 from .accounts import device_keys
 from .errors import ServiceError
+from .limits import window_take
 from .store import _pack, _unpack
 
 logger = logging.getLogger("pigeon.worker")
@@ -520,6 +523,63 @@ def devices(s, ev: DevicesQuery) -> None:
     def run(txn, now):
         w.social.charge_lookup_txn(txn, now, user, target)
         return _device_items(store, txn, target)
+
+    w.write(run, answer, s, ev.id)
+
+
+def devices_batch(s, ev: DevicesBatchQuery) -> None:
+    """The device lists of ``ev.users`` (at most ``devices-query-max``, 406 past it):
+    free for the account itself, its contacts and its groups' members
+    (``Social.lookup_free``); each other user costs one number of
+    ``discover-numbers``, charged in the tick's commit before anything is read
+    (302 for the whole request past it).  A user who is not registered is 400
+    for the whole request (its text names the number)."""
+    w = s.worker
+    store, user, c = w.store, s.user, w.config
+    users = list(dict.fromkeys(ev.users))
+    if len(users) > c.devices_query_max:
+        s.send(Error(ErrorCode.TOO_MANY,
+                     f"at most {c.devices_query_max} users per devices request", ev.id))  # fmt: skip
+        return
+
+    def lists(txn):
+        out = []
+        for u in users:
+            items = _device_items(store, txn, u)
+            if items is None:
+                return u
+            out.append((u, items))
+        return tuple(out)
+
+    def answer(result) -> None:
+        if isinstance(result, str):
+            s.send(Error(ErrorCode.UNKNOWN_RECIPIENT, f"{result} is not a registered user",
+                         ev.id))  # fmt: skip
+        else:
+            s.send(DeviceLists(ev.id, result))
+
+    social = w.social
+    with store.read() as txn:
+        groups = social.groups_of(txn, user)
+        strangers = [u for u in users if not social.lookup_free(txn, user, u, groups)]
+        if not strangers:
+            answer(lists(txn))
+            return
+
+    def run(txn, now):
+        # every check before the first write: a refused job writes nothing (worker.Job)
+        window_ms = int(c.discover_window * 1000)
+        key = f"discover:{user}".encode()
+        ok, left = window_take(txn, store._db["limits"], key, now, window_ms,
+                               c.discover_numbers, len(strangers))  # fmt: skip
+        if not ok:
+            raise ServiceError(
+                ErrorCode.RATE_LIMITED,
+                f"contact discovery limit: {left} more users outside your contacts may be "
+                f"looked up in this {c.discover_window:g} s window, this request has "
+                f"{len(strangers)}",
+            )
+        return lists(txn)
 
     w.write(run, answer, s, ev.id)
 

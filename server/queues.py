@@ -261,6 +261,17 @@ def entry_size(txn, gdb, value) -> int:
     return _GCOUNT.unpack_from(raw)[1] if raw is not None and value[0] == GREF else len(value)
 
 
+# A group notice for many devices (``Queues.enqueue_shared``) uses the same
+# mechanism: its kind-4 entry is a body in ``gbody``, under a number with the
+# top bit set (its own counter, meta b"gnotice": never one of a message's), and
+# every device's queue holds a kind-6 reference flagged sync (bit 1), so its ack
+# drops the reference and writes no receipt; the count record's tail is
+# "group NUL by" (read by nothing: no receipt is made for a notice).  A reader
+# cannot tell it from a notice in the queue: the reference is spliced from the
+# body as any reference is (``read_into``).
+NOTICE_NUMBER_BIT = 1 << 63
+
+
 def qprefix(device: str) -> bytes:
     return device.encode() + b"\x00"
 
@@ -1172,6 +1183,36 @@ class Queues:
         w = _Txn(self, txn)
         for d in devices:
             w.enqueue(d, entry)
+        w.flush_state()
+        return w.pushes
+
+    def enqueue_shared(self, txn, devices, entry: bytes, tail: bytes = b"") -> list:
+        """``enqueue_devices`` with ``entry`` (a group notice) stored once, in ``gbody``,
+        and a reference to it in each device's queue (the layout above
+        ``NOTICE_NUMBER_BIT``); ``tail`` ends its count record.  One device: the
+        entry itself, a reference would only add to it.  Returns the pushes."""
+        devices = list(devices)
+        if len(devices) < 2:
+            return self.enqueue_devices(txn, devices, entry) if devices else []
+        self._check_caches(txn)
+        w = _Txn(self, txn)
+        gdb, meta = self.db["gbody"], self.db["meta"]
+        raw = txn.get(b"gnotice", db=meta)
+        n = (0 if raw is None else _T.unpack(raw)[0]) + 1
+        txn.put(b"gnotice", _T.pack(n), db=meta)
+        number = _T.pack(NOTICE_NUMBER_BIT | n)
+        ref = bytes((GREF,)) + entry[1:9] + bytes((SYNC,)) + number  # (t: the notice's)
+        size = len(entry)
+        for d in devices:
+            st = w.qstate(d)
+            seq = st[0]
+            w.put(qkey(d, seq), ref, db=w.qdb)
+            st[0] = seq + 1
+            st[1] += 1
+            st[2] += size  # a reference counts its body (as a message's does)
+            w.pushes.append(Push(d, seq, entry, w.worker_of(d)))
+        txn.put(number + b"b", entry, db=gdb)
+        txn.put(number + b"c", _GCOUNT.pack(len(devices), size) + tail, db=gdb)
         w.flush_state()
         return w.pushes
 

@@ -311,10 +311,43 @@ class Social:
             txn.put(pair(p, user), b"", db=db["rcontacts"])
         return found, left, keep != current
 
-    def lookup_free(self, txn, user: str, other: str) -> bool:
+    def lookup_free(self, txn, user: str, other: str, groups: set | None = None) -> bool:
         """True if ``user`` may look ``other`` up (device list, keys) without cost:
-        itself, or a number already in its contact set (paid for by discovery)."""
-        return other == user or txn.get(pair(user, other), db=self.db["contacts"]) is not None
+        itself, a number already in its contact set (paid for by discovery), or a
+        member of a group ``user`` is in (``shares_group``; ``groups``: ``groups_of``
+        ``user``, when the caller asks about many)."""
+        return (
+            other == user
+            or txn.get(pair(user, other), db=self.db["contacts"]) is not None
+            or self.shares_group(txn, user, other, groups)
+        )
+
+    def groups_of(self, txn, user: str) -> set[bytes]:
+        """The numbers of the groups ``user`` is a member of (``ugroups``)."""
+        prefix = f"{user}\x00".encode()
+        return {k[len(prefix) :] for k in _prefix_keys(txn, self.db["ugroups"], prefix)}
+
+    def shares_group(self, txn, user: str, other: str, groups: set | None = None) -> bool:
+        """Are ``user`` and ``other`` (not ``user``) members of one group?  A member
+        sees every member's number in the group's ``info`` anyway, and a number is
+        a member only if it is registered and was added by an admin (who looked it
+        up: ``Groups._may_add``) or joined with an invite itself: its device list
+        and keys tell a co-member nothing about which numbers are registered."""
+        if other == user:
+            return False
+        if groups is None:
+            groups = self.groups_of(txn, user)
+        if not groups:
+            return False
+        prefix = f"{other}\x00".encode()
+        with txn.cursor(db=self.db["ugroups"]) as c:
+            if c.set_range(prefix):
+                for key in c.iternext(keys=True, values=False):
+                    if not key.startswith(prefix):
+                        break
+                    if key[len(prefix) :] in groups:
+                        return True
+        return False
 
     def charge_lookup_txn(self, txn, now: int, user: str, other: str) -> None:
         """A lookup of a user outside ``user``'s contact set (``lookup_free`` false)

@@ -772,7 +772,9 @@ class Worker:
                              GroupLimits(max_members=c.group_max_members,
                                          per_day=c.groups_per_day,
                                          joins_per_day=c.group_joins_per_day,
-                                         window_ms=int(c.group_window * 1000)))  # fmt: skip
+                                         window_ms=int(c.group_window * 1000),
+                                         discover_numbers=c.discover_numbers,
+                                         discover_window_ms=int(c.discover_window * 1000)))  # fmt: skip
         self.social = Social(self.store, c)
         self.presence = PresenceHub(self, self.social, self.queues.encoder)
         self.encode_entry = self.queues.encoder.write

@@ -5,11 +5,15 @@ every byte that crossed the wire and can look for plaintext in it."""
 import asyncio
 import os
 
+import msgpack
+import vodozemac
 from serverutil import until
 
 from pigeon.client import Client
+from pigeon.client.keys import identity_keys, sign_key
 from pigeon.core.codec import Codec
 from pigeon.core.wire import PREAMBLE_SIZE
+from pigeon.server.accounts import device_keys
 
 
 class Relay:
@@ -130,3 +134,32 @@ def grep_dir(path, needles):
                 data = f.read()
             found += [(name, n) for n in needles if n in data]
     return found
+
+
+def provision_keyed(store, count: int, prefix: str, otks: int = 5) -> list[str]:
+    """``count`` accounts straight in the store (``store``: a Store on the server's
+    files), each one device whose identity key is a vodozemac Olm account's
+    Ed25519 key, with ``otks`` signed one-time keys and a fallback key in the key
+    directory, as the SDK publishes them; returns their numbers.  (They never log
+    in: encrypting to them needs only what the directory holds.)"""
+    phones = []
+    db = store._db
+    for i in range(count):
+        phone = f"{prefix}{i:0{12 - len(prefix)}d}"
+        acct = vodozemac.Account()
+        curve, ed = identity_keys(acct)
+        device, _ = store.register_device(phone, ed, device_keys(os.urandom(32), 4096))
+        acct.generate_one_time_keys(otks)
+        acct.generate_fallback_key()
+        keys = [sign_key(acct, device, kid, k.to_bytes())
+                for kid, k in acct.one_time_keys.items()]  # fmt: skip
+        ((fkid, fk),) = acct.fallback_key.items()
+        fb = sign_key(acct, device, fkid, fk.to_bytes(), True)
+        with store.write() as txn:
+            for k in keys:
+                txn.put(f"{device}\x00{k.key_id}".encode(),
+                        msgpack.packb([k.key, k.signature]), db=db["otks"])  # fmt: skip
+            rec = [curve, ed, [fb.key_id, fb.key, fb.signature], len(keys), store.clock()]
+            txn.put(device.encode(), msgpack.packb(rec, use_bin_type=True), db=db["keys"])
+        phones.append(phone)
+    return phones

@@ -296,8 +296,10 @@ GROUP_KEYS = {"members", "lost", "duplicated", "server_cpu_us_per_msg",
 def test_group_json_counts_every_member(offline):
     """8 members over 2 workers, 5 group messages: every online member got each one and
     (with 90% offline) every offline member's queue holds each one."""
+    # (bodies of 3,000 bytes: 5 messages of 100 fit in the free room of the pages the
+    # group's notices already hold, and the pages in use would not move)
     proc = pigeon("bench", "group", "--members", "8", "--messages", "5", "--workers", "2",
-                  "--offline-fraction", offline, "--json")  # fmt: skip
+                  "--offline-fraction", offline, "--size", "3000", "--json")  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 1  # exactly one JSON object

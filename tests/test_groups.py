@@ -13,7 +13,7 @@ import os
 import pytest
 from serverutil import Server, on_other_worker, until
 
-from pigeon.client import ServerError
+from pigeon.client import Credentials, ServerError
 from pigeon.core import _pycodec
 from pigeon.core.errors import ErrorCode
 from pigeon.core.events import GroupNotice, IncomingMessage, IncomingReceipt
@@ -105,20 +105,50 @@ async def nothing_more(client, wait=0.5) -> None:
         await client.next_event(wait)
 
 
-def gbody_records(srv) -> list[bytes]:
+def gbody_records(srv, notices: bool = False) -> list[bytes]:
+    """The keys of ``gbody``: the group message bodies' records (with ``notices``:
+    the notice bodies' instead, numbers with the top bit set)."""
     store = open_store(srv)
     try:
         with store.read() as txn:
-            return [bytes(k) for k, _ in txn.cursor(db=store._db["gbody"])]
+            return [bytes(k) for k, _ in txn.cursor(db=store._db["gbody"])
+                    if bool(k[0] & 0x80) == notices]  # fmt: skip
     finally:
         store.close()
 
 
-def refs_in_queues(srv) -> int:
+def refs_to_last_notice(srv) -> int:
+    """The queue references to the newest notice body."""
     store = open_store(srv)
     try:
         with store.read() as txn:
-            return sum(v[0] == GREF for _, v in txn.cursor(db=store._db["queue"]))
+            last = max(k[:8] for k in txn.cursor(db=store._db["gbody"]).iternext(values=False)
+                       if k[0] & 0x80)  # fmt: skip
+            return sum(v[0] == GREF and v[10:18] == last
+                       for _, v in txn.cursor(db=store._db["queue"]))  # fmt: skip
+    finally:
+        store.close()
+
+
+def queue_bytes(srv) -> int:
+    """What the queues and ``gbody`` hold, in bytes of keys and values."""
+    store = open_store(srv)
+    try:
+        with store.read() as txn:
+            return sum(len(k) + len(v) for table in ("queue", "gbody")
+                       for k, v in txn.cursor(db=store._db[table]))  # fmt: skip
+    finally:
+        store.close()
+
+
+def refs_in_queues(srv, notices: bool = False) -> int:
+    """The references in the queues to group message bodies (``notices``: to notice
+    bodies, numbers with the top bit set)."""
+    store = open_store(srv)
+    try:
+        with store.read() as txn:
+            return sum(v[0] == GREF and bool(v[10] & 0x80) == notices
+                       for _, v in txn.cursor(db=store._db["queue"]))  # fmt: skip
     finally:
         store.close()
 
@@ -410,6 +440,82 @@ def test_a_1024_member_group_stores_one_body(srv, tmp_path):
             await cl.close()
 
     run(main(), timeout=600)
+
+
+def test_a_big_add_stores_its_notice_once_and_offline_members_read_it_in_order(srv, tmp_path):
+    """An ``add`` of 400 members queues its notice (naming all 400) for 402 devices:
+    the notice is stored once with a reference per device (not 402 lists of 400
+    names), delivered whole to the members online on both workers, and read at
+    login by an offline member in order with the message sent after it."""
+
+    async def main():
+        (a, ac), (b, bc) = await users(srv, 2)
+        store = open_store(srv)
+        try:
+            extra = provision(store, 400, str(tmp_path / "creds.jsonl"), prefix="4943",
+                              iterations=4096)  # fmt: skip
+        finally:
+            store.close()
+        added = [x["phone"] for x in extra]
+        alice = await srv.login(ac)
+        bob = await on_other_worker(srv, bc, b, worker_of(srv, ac))
+        g = (await alice.group("create", subject="adds", members=[b])).group
+        for cl in (alice, bob):
+            await deliveries(cl, 1)
+        await alice.ping()
+        await bob.ping()
+        bytes0 = queue_bytes(srv)
+        res = await alice.group("add", g, added)
+        assert res.failed == ()
+        grown = queue_bytes(srv) - bytes0
+        # one notice of 400 names (~17 bytes each) and 402 references, not 402 notices
+        assert grown < 400 * 20 + 402 * 40, grown
+        assert refs_to_last_notice(srv) == 402  # a reference per member device
+        for cl in (alice, bob):
+            (n,) = await deliveries(cl, 1)
+            assert (n.group, n.op, n.by, n.members) == (g, "add", a, tuple(added))
+        await alice.send(g, b"welcome, all 400")
+        (m,) = await deliveries(bob, 1)
+        assert m.body == b"welcome, all 400"
+        late = await srv.login(Credentials(extra[7]["device"], bytes.fromhex(extra[7]["secret"])))
+        n, m = await deliveries(late, 2)
+        assert (n.op, n.members, m.body) == ("add", tuple(added), b"welcome, all 400")
+        await nothing_more(late)
+        for cl in (alice, bob, late):
+            await cl.close()
+
+    run(main(), timeout=600)
+
+
+def notice_bodies_of(srv, group: str) -> int:
+    """The notice bodies of ``group`` in ``gbody`` (their count records name it)."""
+    store = open_store(srv)
+    try:
+        with store.read() as txn:
+            return sum(k[0] & 0x80 and k.endswith(b"c") and v[8:].startswith(group.encode() + b"\0")
+                       for k, v in txn.cursor(db=store._db["gbody"]))  # fmt: skip
+    finally:
+        store.close()
+
+
+def test_a_notice_body_goes_when_every_device_acked_it(srv):
+    async def main():
+        (a, ac), (b, bc), (c, cc) = await users(srv, 3)
+        alice, bob = [await srv.login(x) for x in (ac, bc)]
+        g = (await alice.group("create", subject="gone", members=[b, c])).group
+        assert notice_bodies_of(srv, g) == 1
+        for cl in (alice, bob):
+            await deliveries(cl, 1)
+            await cl.ping()
+        assert notice_bodies_of(srv, g) == 1  # carol (offline) still refers to it
+        carol = await srv.login(cc)
+        (n,) = await deliveries(carol, 1)
+        assert (n.op, n.by) == ("create", a)
+        await until(lambda: notice_bodies_of(srv, g) == 0)
+        for cl in (alice, bob, carol):
+            await cl.close()
+
+    run(main())
 
 
 # -- invites ------------------------------------------------------------------------

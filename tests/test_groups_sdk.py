@@ -11,18 +11,31 @@ import asyncio
 import itertools
 
 import pytest
-from e2eutil import Relay, companion, connect, grep_dir, on_other_worker, register
+from e2eutil import (
+    Relay,
+    companion,
+    connect,
+    grep_dir,
+    on_other_worker,
+    provision_keyed,
+    register,
+)
 from serverutil import Server, until
 
+from pigeon.client import ServerError
 from pigeon.client.group_crypto import UnknownSession
 from pigeon.client.secure import GroupDecryptionFailed, GroupMessage, SafetyNumberChanged
+from pigeon.core.errors import ErrorCode
 from pigeon.core.events import (
+    DevicesBatchQuery,
     DevicesChanged,
     GroupNotice,
     IncomingMessage,
     IncomingReceipt,
     KeysChanged,
 )
+from pigeon.server.queues import GPAYLOAD, entry_fields
+from pigeon.server.store import Store
 
 PHONES = (f"4932{n:08d}" for n in itertools.count(30_000_000))
 
@@ -360,3 +373,103 @@ def test_an_offline_member_reads_notices_and_messages_in_order_at_login(srv, tmp
         await relay.close()
 
     run(main())
+
+
+# -- a big group: the first send reaches every device, within the lookup limits ---------
+
+
+def payload_entries(srv, mid) -> int:
+    """Queue entries holding message ``mid`` with a device's own key share (kind 7)."""
+    store = Store(str(srv.data_dir / "store"), map_size=256 << 20, create=False)
+    try:
+        with store.read() as txn:
+            return sum(v[0] == GPAYLOAD and entry_fields(v)[4] == mid
+                       for _, v in txn.cursor(db=store._db["queue"]))  # fmt: skip
+    finally:
+        store.close()
+
+
+def test_the_first_send_to_a_1024_member_group_shares_its_key_with_every_device(srv, tmp_path):
+    """1,021 provisioned members with published keys (offline) and two real SDK
+    members on both workers: the sender's first message carries a key share for
+    each of the 1,023 devices (device lists and keys fetched in batches, co-members
+    free of discover-numbers, the one-time keys past keys-fetch-per-account
+    replaced by fallback keys), and both online members decrypt it."""
+
+    async def main():
+        store = Store(str(srv.data_dir / "store"), map_size=256 << 20, create=False)
+        try:
+            provisioned = provision_keyed(store, 1021, prefix="4933")
+        finally:
+            store.close()
+        relay = await Relay(srv.port).start()
+        pa, pb, pc = next(PHONES), next(PHONES), next(PHONES)
+        a = await register(srv, relay, pa, tmp_path / "a.json")
+        b = await register(srv, relay, pb, tmp_path / "b.json")
+        c = await register(srv, relay, pc, tmp_path / "c.json")
+        b = await on_other_worker(srv, relay, b, tmp_path / "b.json", worker(srv, a))
+        made = await a.group_create("big", [pb, pc, *provisioned], timeout=120)
+        assert made.failed == ()
+        ack = await a.send(made.group, b"to all 1,023 of you", timeout=120)
+        assert ack.failed == ()
+        assert payload_entries(srv, ack.id) == 1023  # a key share in every member device's queue
+        for cl in (b, c):
+            ev = await message(cl)
+            assert (type(ev), ev.sender, ev.body) == (GroupMessage, a.device,
+                                                      b"to all 1,023 of you")  # fmt: skip
+        for cl in (a, b, c):
+            await cl.close()
+        await relay.close()
+
+    run(main(), timeout=600)
+
+
+def test_lookups_of_co_members_are_free_and_of_strangers_charged(tmp_path):
+    """discover-numbers 3: adding two strangers to a group costs two; their device
+    lists and keys are then free (asked again and again, batched or not); a batch
+    naming two more strangers is refused (one number left), and so is a group
+    with them; keys-fetch-per-account 2: a fetch of three co-members' devices gets
+    two one-time keys and a fallback key instead of a refusal, while a
+    non-member's fetch past it is refused as before.  devices-query-max 1: the SDK's
+    batches shrink to what the server takes."""
+    s = Server(tmp_path / "data", workers=2, register_per_ip=1000, message_rate=0,
+               discover_numbers=3, keys_fetch_per_account=2, devices_query_max=1)  # fmt: skip
+    s.start()
+
+    async def main():
+        relay = await Relay(s.port).start()
+        phones = [next(PHONES) for _ in range(6)]
+        a, b, c, d, e, f = [await register(s, relay, p, tmp_path / f"{p}.json") for p in phones]
+        pa, pb, pc, pd, pe, pf = phones
+        g = (await a.group_create("limits", [pb, pc])).group  # 2 of 3 numbers
+        with pytest.raises(ServerError) as err:  # (the server's limit, as such)
+            await a._request("req", "x1", DevicesBatchQuery("x1", (pb, pc)), 10)
+        assert err.value.code == ErrorCode.TOO_MANY
+        for _ in range(3):
+            lists = await a.devices_of([pb, pc], fresh=True)
+            assert [u for u in lists] == [pb, pc] and all(len(v) == 1 for v in lists.values())
+            await a.devices(pb, fresh=True)
+        with pytest.raises(ServerError) as err:
+            await a.devices_of([pd, pe])  # strangers: 2 numbers, 1 left
+        assert err.value.code == ErrorCode.RATE_LIMITED
+        with pytest.raises(ServerError) as err:
+            await a.group_create("more", [pd, pe])  # adding is a lookup too
+        assert err.value.code == ErrorCode.RATE_LIMITED
+        assert [x.device for x in (await a.devices_of([pd]))[pd]] == [d.device]  # the last one
+        # keys: three co-members (one added by bob, made an admin), two one-time keys
+        await a.group_promote(g, [pb])
+        assert (await b.group_add(g, [pf])).failed == ()
+        bundles = await a.fetch_keys([pb, pc, pf])
+        assert [x.device for x in bundles] == [b.device, c.device, f.device]
+        assert [x.one_time_key.fallback for x in bundles] == [False, False, True]
+        with pytest.raises(ServerError) as err:  # the budget is used: strangers refused
+            await e.fetch_keys([pa, pb, pc])
+        assert err.value.code == ErrorCode.RATE_LIMITED
+        for cl in (a, b, c, d, e, f):
+            await cl.close()
+        await relay.close()
+
+    try:
+        run(main())
+    finally:
+        assert s.stop() == 0, s.log_text()[-3000:]

@@ -46,6 +46,8 @@ from pigeon.core.events import (
     DeviceAck,
     DeviceInfo,
     DeviceList,
+    DeviceLists,
+    DevicesBatchQuery,
     DevicesChanged,
     DevicesQuery,
     Discover,
@@ -99,7 +101,17 @@ from pigeon.core.events import (
 SENT = sorted(
     set(CLIENT_SENT.values())
     | set(SERVER_SENT.values())
-    | {DevicesChanged, KeysQuery, KeysCountQuery, KeyBundles, KeysLow, KeysChanged, GroupNotice},
+    | {
+        DevicesChanged,
+        DevicesBatchQuery,
+        DeviceLists,
+        KeysQuery,
+        KeysCountQuery,
+        KeyBundles,
+        KeysLow,
+        KeysChanged,
+        GroupNotice,
+    },
     key=lambda c: c.__name__,
 )
 
@@ -209,6 +221,11 @@ BAD = [
     (LinkKey("l1", "abcd2345", b"k" * 32), "code"),
     (DevicesQuery("d1", ALICE_DEV), "user"),
     (DeviceList("d1", ALICE, (DeviceInfo(ALICE, 1, b"k" * 32),)), "items[0].device"),
+    (DevicesBatchQuery("d2", ()), "users"),
+    (DevicesBatchQuery("d2", (BOB, ALICE_DEV)), "users[1]"),
+    (DeviceLists("d2", ((ALICE_DEV, ()),)), "lists[0][0]"),
+    (DeviceLists("d2", ((ALICE, (DeviceInfo(ALICE, 1, b"k" * 32),)),)), "lists[0][1][0].device"),
+    (DeviceLists("d2", (ALICE,)), "lists[0]"),
     (Unlink("u1", ALICE), "device"),
     (UploadRequest("m1", -1, bytes(32), "image"), "size"),
     (UploadRequest("m1", 10, bytes(31), "image"), "sha256"),
@@ -386,6 +403,8 @@ BUNDLES = [(), (KeyBundle(ALICE_DEV),), (KeyBundle(ALICE),), (KeyBundle(ALICE_DE
            (KeyBundle(ALICE_DEV, b"c" * 32, b"e" * 32, SKEYS[1]),),
            (KeyBundle(ALICE_DEV, None, None, _SK),), (KeyBundle(ALICE_DEV, b"c" * 31, b"e" * 32),),
            (KeyBundle(ALICE_DEV, b"c" * 32, b"e" * 32, SKEYS[3]),)]  # fmt: skip
+LISTS = [(), ((ALICE, ()),), ((ALICE, INFOS[1]),), ((ALICE_DEV, ()),), ((ALICE, INFOS[2]),),
+         ((BOB, INFOS[1]), (ALICE, ())), ((BOB, INFOS[3]),)]  # fmt: skip
 GATTRS = [
     (),
     (("subject", "x"),),
@@ -408,7 +427,8 @@ POOLS = {"str": STRS, "int": INTS, "bytes": BYTES, "bool": [True, False, 0, 1, "
          "tuple[tuple[str, int], ...]": GFAILED, "tuple[tuple[str, str, int], ...]": GITEMS,
          "tuple[str, ...]": TUPLES, "tuple": PAYLOADS,
          "tuple[DeviceInfo, ...]": INFOS, "tuple[SignedKey, ...]": [(), *[(k,) for k in SKEYS]],
-         "SignedKey": SKEYS, "tuple[KeyBundle, ...]": BUNDLES}  # fmt: skip
+         "SignedKey": SKEYS, "tuple[KeyBundle, ...]": BUNDLES,
+         "tuple[tuple[str, tuple[DeviceInfo, ...]], ...]": LISTS}  # fmt: skip
 
 
 def pool(annotation: str) -> list:

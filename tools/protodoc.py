@@ -41,6 +41,8 @@ from pigeon.core.events import (
     DeviceAck,
     DeviceInfo,
     DeviceList,
+    DeviceLists,
+    DevicesBatchQuery,
     DevicesChanged,
     DevicesQuery,
     Discover,
@@ -253,6 +255,11 @@ EXAMPLES = {
     "devices-in": DeviceList("d1", ALICE, (
         DeviceInfo(ALICE + ":0", T - 86_400_000, PRIMARY_ID.public),
         DeviceInfo(COMPANION, T, COMPANION_ID.public, "desktop", LINK_SIG),
+    )),
+    "devices-batch-out": DevicesBatchQuery("d2", (ALICE, BOB)),
+    "devices-batch-in": DeviceLists("d2", (
+        (ALICE, (DeviceInfo(ALICE + ":0", T - 86_400_000, PRIMARY_ID.public),)),
+        (BOB, ()),
     )),
     "unlink": Unlink("u1", COMPANION),
     "ack-unlink": ServerAck("u1", T, "unlink"),
