@@ -470,7 +470,7 @@ def test_invite_links_join_approval_and_revoke(srv):
 # -- the store format -------------------------------------------------------------
 
 
-def test_a_format_6_store_is_upgraded_to_7(tmp_path):
+def test_a_format_6_store_is_upgraded(tmp_path):
     s = Store(str(tmp_path / "store"))
     with s.write() as txn:
         txn.put(b"format", b"6", db=s._db["meta"])
@@ -478,7 +478,7 @@ def test_a_format_6_store_is_upgraded_to_7(tmp_path):
     s = Store(str(tmp_path / "store"))
     try:
         with s.read() as txn:
-            assert txn.get(b"format", db=s._db["meta"]) == b"7"
+            assert txn.get(b"format", db=s._db["meta"]) == b"8"
     finally:
         s.close()
 
