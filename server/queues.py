@@ -106,7 +106,6 @@ from time import perf_counter
 
 import msgpack
 
-from pigeon.core import _pycodec
 from pigeon.core import codec as core_codec
 from pigeon.core.errors import ErrorCode
 from pigeon.core.node import Limits
@@ -203,10 +202,12 @@ def bump_group_version(txn, db: dict) -> None:
 # count under the number and b"c": (devices still referring to it, its entry's
 # length), two u32, then "group NUL sending device NUL id" (for the delivered
 # receipts).  Each member device's queue holds a reference (kind 6):
-#     kind u8 (6) | flags u8 | number u64      (10 bytes; store format 8)
-# Its ``t`` is the body's (the kind-5 entry's, ``entry_t``): one fewer field per
-# member device (format 7's references were 18 bytes, with ``t`` after the kind;
-# ``upgrade_refs`` rewrites them at open).  Its queue bytes count the body
+#     kind u8 (6) | flags u8 | number       (3 to 10 bytes; store format 8)
+# where the number is the body's u64 without its leading zero bytes (``ref_bytes``;
+# ``body_number`` pads it again).  Its ``t`` is the body's (the kind-5 entry's,
+# ``entry_t``).  One record per member device of every group message, so each
+# byte counts: format 7's references were 18 bytes (kind, t, flags, number);
+# ``upgrade_refs`` rewrites them at open.  Its queue bytes count the body
 # entry's length, as if the body were in it.
 # The fan flag (bit 0) marks a member with several devices: then the number,
 # b"f" and the user is a record until the first of them acks (their delivered
@@ -217,7 +218,11 @@ def bump_group_version(txn, db: dict) -> None:
 # written with its flags when it is stored, so its ack counts down the body
 # and makes the member's delivered receipt as a reference's does.
 _GCOUNT = struct.Struct(">II")
-GREF_SIZE = 10
+
+
+def ref_bytes(flags: int, number: bytes) -> bytes:
+    """A reference (kind 6) with ``flags`` to body ``number`` (8 bytes, not 0)."""
+    return bytes((GREF, flags)) + number.lstrip(b"\x00")
 
 
 def _unref(txn, gdb, number) -> bytes | None:
@@ -250,7 +255,8 @@ _NO_NUMBER = "0" * 16  # a kind-7 entry's origin until it is stored (_store_grou
 def body_number(value) -> bytes | None:
     """The body number (8 bytes) a kind-6 or kind-7 entry refers to, else None."""
     if value[0] == GREF:
-        return bytes(value[2:10])
+        n = bytes(value[2:])
+        return bytes(8 - len(n)) + n
     if value[0] == GPAYLOAD:
         return bytes.fromhex(bytes(value[11:27]).decode())
     return None
@@ -264,7 +270,7 @@ def entry_flags(value) -> int:
 def entry_t(txn, gdb, value) -> int:
     """The ``t`` of a stored entry (a reference's is its body's; 0 if that is gone)."""
     if value[0] == GREF:
-        value = txn.get(bytes(value[2:10]) + b"b", db=gdb)
+        value = txn.get(body_number(value) + b"b", db=gdb)
         if value is None:
             return 0
     return _T.unpack_from(value, 1)[0]
@@ -272,11 +278,11 @@ def entry_t(txn, gdb, value) -> int:
 
 def upgrade_refs(txn, db: dict) -> int:
     """Rewrite format-7 references (18 bytes: kind, t, flags, number) in format 8's
-    form (10 bytes: kind, flags, number), inside ``txn``; returns how many."""
+    form (``ref_bytes``), inside ``txn``; returns how many."""
     qdb = db["queue"]
     old = [(bytes(k), bytes(v)) for k, v in txn.cursor(db=qdb) if v[0] == GREF and len(v) == 18]
     for key, value in old:
-        txn.put(key, value[:1] + value[9:18], db=qdb)
+        txn.put(key, ref_bytes(value[9], value[10:18]), db=qdb)
     return len(old)
 
 
@@ -319,8 +325,8 @@ class FrameEncoder:
         oldest = DICTIONARIES[min(v for v in DICTIONARIES if v > 0)]
         self._codec = impl.Codec(oldest, Limits(max_frame=max_frame))
         self._node = impl.Node
-        self.fan_out = getattr(impl, "fan_out", _pycodec.fan_out)  # (Queues._store_group)
-        self.fan_missing = getattr(impl, "fan_missing", _pycodec.fan_missing)
+        self.fan_out = impl.fan_out  # (Queues._store_group)
+        self.fan_missing = impl.fan_missing
 
     def entry(self, kind: int, t: int, flags: int, origin: str, mid: str, typ: str,
               body=None, to: str | None = None) -> bytes:  # fmt: skip
@@ -1042,9 +1048,9 @@ class Queues:
         number = _T.pack(w.gmsg)
         body = s.entry
         size = len(body)
-        refs = (bytes((GREF, 0)) + number,  # the members' reference
-                bytes((GREF, FAN)) + number,  # a member's with several devices
-                bytes((GREF, SYNC)) + number)  # the sender's other devices' (no receipt)
+        refs = (ref_bytes(0, number),  # the members' reference
+                ref_bytes(FAN, number),  # a member's with several devices
+                ref_bytes(SYNC, number))  # the sender's other devices' (no receipt)
         gdb = self.db["gbody"]
         users = g[0]
         if own:
@@ -1359,7 +1365,7 @@ class Queues:
                     break
                 last = int.from_bytes(key[-8:], "big")
                 if value[0] == GREF:  # the group message's body, stored once
-                    value = txn.get(bytes(value[2:10]) + b"b", db=gdb)
+                    value = txn.get(body_number(value) + b"b", db=gdb)
                     if value is None:  # (cannot be: it lives while referred to)
                         continue
                 size += write(out, value, last)
