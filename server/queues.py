@@ -49,6 +49,21 @@ every queue it goes to must have room.
 
 ``qstate`` values are three big-endian u64: next sequence, count, bytes.
 
+Groups (store format 8).  A group message's body is stored once (``gbody``)
+and each member device's queue gets a reference to it (kind 6, 3 to 10
+bytes: the layout is with ``_GCOUNT`` below); the body goes when the last
+reference is acknowledged.  The member devices' part is batched: the
+group's member devices are a cached plan (``_fan_plan``: sorted keys, made
+of the group and device-list caches and started again with either), the
+queue states the commit lacks are read with one ``getmulti``, and the
+compiled ``fan_out`` (fastpath/fanout.pxi; pure Python in core/_pycodec.py)
+checks each queue's room, takes its sequence and makes its key and
+reference for one ``putmulti``, with no interpreted loop and no Python
+object per offline device but its new state and the (key, reference) pair
+LMDB takes.  Those states are kept as stored (``_Txn.gstate``, 24 bytes a
+device) and written back with the commit's others.  An online device gets
+a ``Push``; an offline one only when push wake-ups are configured.
+
 A worker gathers what its connections ask for during one loop tick (messages
 and receipts to store, cumulative device acks) and ``commit`` writes it all
 in one write transaction; only after it commits are server acks sent and
@@ -1048,9 +1063,9 @@ class Queues:
         number = _T.pack(w.gmsg)
         body = s.entry
         size = len(body)
-        refs = (ref_bytes(0, number),  # the members' reference
-                ref_bytes(FAN, number),  # a member's with several devices
-                ref_bytes(SYNC, number))  # the sender's other devices' (no receipt)
+        # the members' reference, a member's with several devices, and the sender's
+        # other devices' (no receipt)
+        refs = (ref_bytes(0, number), ref_bytes(FAN, number), ref_bytes(SYNC, number))
         gdb = self.db["gbody"]
         users = g[0]
         if own:
