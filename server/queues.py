@@ -1092,12 +1092,14 @@ class Queues:
             if n:
                 with txn.cursor(db=w.qdb) as c:
                     c.putmulti(items)
-            pushes = w.pushes
+            pushes, wake = w.pushes, self.wake_offline
             for d, seq, wid in online:
                 if wid is _UNKNOWN:
                     wid = w.worker_of(d)
-                # (offline: listed only with wake_offline, for the router to wake)
-                pushes.append(Push(d, seq, None if wid is None else body, wid))
+                if wid is not None:
+                    pushes.append(Push(d, seq, body, wid))
+                elif wake:  # offline: it reads its queue later; the router may wake it
+                    pushes.append(Push(d, seq, None, None))
             failed = [users[u] for u in sorted(set(failed))] or None
         for u in fans:
             if users[u] != sender:

@@ -2,6 +2,7 @@
 implementations writes the same thing, the store they drive ends up byte-for-byte
 the same, and a format-7 store (18-byte references) is upgraded in place."""
 
+import os
 import random
 import struct
 
@@ -145,3 +146,48 @@ def test_a_format_7_store_is_upgraded_with_its_references(tmp_path, impl):
             assert not [k for k, _ in txn.cursor(db=store._db["gbody"]) if k.endswith(b"b")]
     finally:
         store.close()
+
+
+def test_a_group_message_crosses_the_bus_once_per_worker(tmp_path):
+    """Members held by the other worker get the message through one GPUSH record:
+    the body crosses the bus once, not once per member device (measured by the
+    sending side's bus_bytes_out)."""
+    import asyncio
+
+    from serverutil import Server, free_port, on_other_worker
+    from test_durable import bus_counters
+    from test_groups import deliveries, users, worker_of
+
+    metrics = free_port()
+    srv = Server(tmp_path / "data", workers=2, message_rate=0,
+                 metrics_listen=f"127.0.0.1:{metrics}").start()  # fmt: skip
+    members, size = 8, 8000
+    try:
+
+        async def main():
+            ((a, ac), *rest) = await users(srv, members + 1)
+            alice = await srv.login(ac)
+            there = worker_of(srv, ac)
+            clients = [await on_other_worker(srv, c, p, there) for p, c in rest]
+            g = (await alice.group("create", subject="bus", members=[p for p, _ in rest])).group
+            for cl in clients:
+                (n,) = await deliveries(cl, 1)
+                assert n.op == "create"
+            await asyncio.sleep(0.3)  # (the notices' acks and receipts settle)
+            before = bus_counters(metrics)["bus_bytes_out"]
+            body = os.urandom(size)
+            await alice.send(g, body, id="big")
+            for cl in clients:
+                (m,) = await deliveries(cl, 1)
+                assert (m.id, m.body) == ("big", body)
+            await asyncio.sleep(0.3)
+            crossed = bus_counters(metrics)["bus_bytes_out"] - before
+            # one body and a few dozen bytes per device (and the receipts back),
+            # where a record per device would carry 8 bodies
+            assert size <= crossed < 2 * size, crossed
+            for cl in (alice, *clients):
+                await cl.close()
+
+        asyncio.run(asyncio.wait_for(main(), 120))
+    finally:
+        assert srv.stop() == 0
