@@ -158,6 +158,20 @@ def test_a_group_message_crosses_the_bus_once_per_worker(tmp_path):
     from test_durable import bus_counters
     from test_groups import deliveries, users, worker_of
 
+    from pigeon.server.metrics import SNAPSHOT_INTERVAL
+
+    async def settled(port) -> float:
+        """bus_bytes_out once it has stopped moving (the workers report it to the
+        supervisor every SNAPSHOT_INTERVAL)."""
+        last = None
+        for _ in range(100):
+            now = bus_counters(port)["bus_bytes_out"]
+            if now == last:
+                return now
+            last = now
+            await asyncio.sleep(2.5 * SNAPSHOT_INTERVAL)
+        raise AssertionError("bus_bytes_out keeps moving")
+
     metrics = free_port()
     srv = Server(tmp_path / "data", workers=2, message_rate=0,
                  metrics_listen=f"127.0.0.1:{metrics}").start()  # fmt: skip
@@ -173,15 +187,14 @@ def test_a_group_message_crosses_the_bus_once_per_worker(tmp_path):
             for cl in clients:
                 (n,) = await deliveries(cl, 1)
                 assert n.op == "create"
-            await asyncio.sleep(0.3)  # (the notices' acks and receipts settle)
+            await settled(metrics)  # (the notices' acks and receipts)
             before = bus_counters(metrics)["bus_bytes_out"]
             body = os.urandom(size)
             await alice.send(g, body, id="big")
             for cl in clients:
                 (m,) = await deliveries(cl, 1)
                 assert (m.id, m.body) == ("big", body)
-            await asyncio.sleep(0.3)
-            crossed = bus_counters(metrics)["bus_bytes_out"] - before
+            crossed = await settled(metrics) - before
             # one body and a few dozen bytes per device (and the receipts back),
             # where a record per device would carry 8 bodies
             assert size <= crossed < 2 * size, crossed
