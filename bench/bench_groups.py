@@ -7,7 +7,10 @@ queue states), with every member offline (the 90%-offline shape's store
 work: no push); ``fanout_push`` the delivery side, the 1,023 frames
 spliced from the one stored body as sessions do at push time;
 ``fanout_ack`` the 1,023 device acks of one such message in one commit
-(each reference dropped, the body deleted with the last).
+(each reference dropped, the body deleted with the last); ``fanout_kernel``
+the per-member-device part of the commit alone (``fan_out``: the queue
+states, the keys and references for ``putmulti``, who is online), with no
+LMDB work, for each implementation.
 ``extra_info["frames"]`` is the device copies per round, so the summariser
 reports copies per second; the CPU per device copy is the round's median
 divided by 1,023.  The store runs with ``sync = "os"`` in a temp dir.
@@ -56,6 +59,23 @@ def test_fanout_commit(benchmark, group):
     q, devices, send = group
     benchmark(send)
     assert q.head(devices[-1]) > 2
+    benchmark.extra_info["frames"] = COPIES
+
+
+def test_fanout_kernel(benchmark, group, impl):
+    q, devices, send = group
+    for d in devices[1:10]:  # a few online members (the 90%-offline shape)
+        q.session_cache[d] = 0
+    gid = q.group_name[2:]
+    plan = q.fan_plans[gid]
+    dks = plan[0]
+    with q.store.read() as txn:
+        states = dict(txn.cursor(db=q.store._db["qstate"]).getmulti(dks))
+    refs = (b"\x06\x00\x01", b"\x06\x01\x01", b"\x06\x02\x01")
+    args = (dks, plan[1], plan[2], plan[3], 0, devices[0].encode(), states, refs, 150,
+            1 << 30, 1 << 40, q.session_cache, None, False)  # fmt: skip
+    items, failed, online = benchmark(impl.fan_out, *args)
+    assert len(items) == COPIES and not failed and len(online) == 9
     benchmark.extra_info["frames"] = COPIES
 
 

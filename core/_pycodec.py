@@ -18,6 +18,7 @@ which is what the router forwards without building or copying anything.
 
 from __future__ import annotations
 
+import struct
 from collections import deque
 
 from .errors import EmptyFrame, FrameTooLarge, LimitExceeded, MalformedNode, UnknownToken
@@ -793,3 +794,63 @@ class Codec:
         else:
             out.append(LIST_16)
             out += n.to_bytes(2, "big")
+
+
+# -- group fan-out (server/queues.py ``Queues._store_group``) -----------------------
+#
+# The per-member-device part of storing one group message, with no store access:
+# the caller reads the queue states it lacks in one batch (``fan_missing``, then
+# one ``getmulti``) and writes the references in one (``putmulti``).  ``states``
+# maps a device's key (``device`` UTF-8) to its queue state as stored in
+# ``qstate`` (three big-endian u64: next sequence, count, bytes; absent: a new
+# queue) and is updated in place.  The fastpath twin (fastpath/fanout.pxi) does
+# the same with no interpreted loop.
+
+_QSTATE = struct.Struct(">QQQ")
+_SEQ = struct.Struct(">Q")
+
+
+def fan_missing(dks: list, states: dict) -> list:
+    """The keys of ``dks`` (sorted) whose queue state ``states`` lacks, in order."""
+    return [dk for dk in dks if dk not in states]
+
+
+def fan_out(dks: list, dstrs: list, uidx: list, multi: bytes, sender: int, me: bytes,
+            states: dict, refs: tuple, size: int, max_count: int, max_bytes: int,
+            sessions: dict, missing, wake: bool) -> tuple:  # fmt: skip
+    """One group message's references for the member devices ``dks`` (sorted keys;
+    ``dstrs`` the same as str, ``uidx`` each one's user's place in the group,
+    ``multi[i]`` 1 if that user has several devices) but ``me``, the sending one.
+
+    ``refs`` is (reference, fan reference, sync reference): the sender's own
+    devices (user ``sender``) get the sync one, a user with several devices the
+    fan one.  A device whose queue cannot take ``size`` more bytes or one more
+    entry is skipped and its user's place goes into ``failed``.  ``sessions``
+    maps a device (str) to the worker holding it (None: offline); a device it
+    does not know is answered with ``missing`` as its worker.  An offline one
+    is listed (with worker None) only when ``wake`` is true.
+
+    Returns (items: [(queue key, reference)] sorted, for ``putmulti``,
+    failed: [user place] (each once, in key order),
+    online: [(device, seq, worker)] for every device not known to be offline)."""
+    ref, fan_ref, sync_ref = refs
+    items, failed, online = [], [], []
+    unpack, pack, seq_pack = _QSTATE.unpack, _QSTATE.pack, _SEQ.pack
+    get, where = states.get, sessions.get
+    for i, dk in enumerate(dks):
+        if dk == me:
+            continue
+        u = uidx[i]
+        raw = get(dk)
+        nxt, count, nbytes = (1, 0, 0) if raw is None else unpack(raw)
+        if count + 1 > max_count or nbytes + size > max_bytes:
+            if not failed or failed[-1] != u:
+                failed.append(u)
+            continue
+        states[dk] = pack(nxt + 1, count + 1, nbytes + size)
+        items.append((dk + b"\x00" + seq_pack(nxt),
+                      sync_ref if u == sender else fan_ref if multi[i] else ref))  # fmt: skip
+        wid = where(dstrs[i], missing)
+        if wid is not None or wake:
+            online.append((dstrs[i], nxt, wid))
+    return items, failed, online

@@ -26,6 +26,8 @@ FrameReader = _impl.FrameReader
 Node = _impl.Node
 Envelope = _impl.Envelope
 Hot = _impl.Hot
+fan_out = _impl.fan_out
+fan_missing = _impl.fan_missing
 
 
 def implementations() -> dict:

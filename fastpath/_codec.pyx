@@ -150,6 +150,7 @@ include "framing.pxi"
 include "decode.pxi"
 include "encode.pxi"
 include "entry.pxi"
+include "fanout.pxi"
 
 
 cdef inline int _claim(Codec c) except -1:

@@ -45,6 +45,14 @@ truth test of each of the two tables more than it did.
     PAIRED   9  conn u64, rlen u8, rid, dlen u8, device, secret (32)
                                                       a companion waiting on connection
                                                       ``conn`` was linked (server/linking.py)
+    GPUSH   10  elen u32, entry, then (dlen u8, device, seq u64) repeated
+                                                      one group message body (kind 5) for
+                                                      several devices the peer holds
+
+A group message reaches every member device the peer holds in one GPUSH:
+the body crosses once per worker, not once per device (``push`` appends a
+device to the record it is still writing for that peer when the entry is
+the same object, which it is for every member of one group message).
 
 Integers are big-endian; strings are ASCII except ``text`` (UTF-8).  The
 supervisor writes KICK records too (``kick_record``), for operators; a
@@ -62,6 +70,8 @@ from .log import event
 logger = logging.getLogger("pigeon.worker")
 
 PUSH, TYPING, PRESENCE, KICK, HELLO, HOLD, RELEASE, CATCHUP, PAIRED = 1, 2, 3, 4, 5, 6, 7, 8, 9
+GPUSH = 10
+_GMESSAGE = 5  # the entry kind of a group message body (server/queues.py)
 MAX_RECORD = 1 << 26  # past any entry a frame limit allows: a bigger length is a bug
 
 _HEAD = struct.Struct(">IB")
@@ -126,6 +136,16 @@ class BusPeer:
                         w.offer_local(device, seq, view[at + 8 : stop], self.origin)
                     else:
                         w.typing_local(device, view[at:stop])
+                elif kind == GPUSH:
+                    elen = _WID.unpack_from(buf, body)[0]
+                    at = body + 4 + elen
+                    entry = view[body + 4 : at]
+                    while at < stop:
+                        dlen = buf[at]
+                        device = bytes(view[at + 1 : at + 1 + dlen]).decode()
+                        seq = _SEQ.unpack_from(buf, at + 1 + dlen)[0]
+                        at += 9 + dlen
+                        w.offer_local(device, seq, entry, self.origin)
                 elif kind == HOLD or kind == RELEASE or kind == CATCHUP:
                     dlen = buf[body]
                     device = bytes(view[body + 1 : body + 1 + dlen]).decode()
@@ -188,6 +208,9 @@ class Bus:
         self.full: set[int] = set()  # peers over bus-buffer-high: no PUSH or TYPING to them
         self.holds: dict[str, int] = {}  # device -> the peer that asked to hold its pushes
         self.missed: dict[int, dict[str, int]] = {}  # peer -> device -> highest seq left out
+        # peer -> (entry, buffer, where its GPUSH record starts): the record push()
+        # adds devices to while it is the last thing in that buffer
+        self.gpush: dict[int, tuple] = {}
 
     def path(self, wid: int) -> str:
         return os.path.join(self.worker.run_dir, f"w{wid}.sock")
@@ -223,6 +246,22 @@ class Bus:
                 self._miss(wid, device, seq, "bus_pushes_dropped")
                 return
         buf = self._buffer(wid)
+        if entry[0] == _GMESSAGE:  # a group message: one record per peer for its members
+            d = device.encode()
+            last = self.gpush.get(wid)
+            if last is None or last[0] is not entry or last[1] is not buf or last[3] != len(buf):
+                start = len(buf)
+                buf += _HEAD.pack(1 + 4 + len(entry), GPUSH)
+                buf += _WID.pack(len(entry))
+                buf += entry
+            else:
+                start = last[2]
+            buf += bytes((len(d),))
+            buf += d
+            buf += _SEQ.pack(seq)
+            buf[start : start + 4] = _WID.pack(len(buf) - start - 4)
+            self.gpush[wid] = (entry, buf, start, len(buf))
+            return
         buf += _device_head(PUSH, device, 8 + len(entry))
         buf += _SEQ.pack(seq)
         buf += entry
@@ -306,6 +345,7 @@ class Bus:
     def flush(self) -> None:
         if not self.out:
             return
+        self.gpush.clear()  # (its records end with the buffers written now)
         for index, buf in list(self.out.items()):
             peer = self.peers.get(index)
             if peer is not None and peer.transport is not None and not peer.transport.is_closing():

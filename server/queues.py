@@ -49,6 +49,21 @@ every queue it goes to must have room.
 
 ``qstate`` values are three big-endian u64: next sequence, count, bytes.
 
+Groups (store format 8).  A group message's body is stored once (``gbody``)
+and each member device's queue gets a reference to it (kind 6, 3 to 10
+bytes: the layout is with ``_GCOUNT`` below); the body goes when the last
+reference is acknowledged.  The member devices' part is batched: the
+group's member devices are a cached plan (``_fan_plan``: sorted keys, made
+of the group and device-list caches and started again with either), the
+queue states the commit lacks are read with one ``getmulti``, and the
+compiled ``fan_out`` (fastpath/fanout.pxi; pure Python in core/_pycodec.py)
+checks each queue's room, takes its sequence and makes its key and
+reference for one ``putmulti``, with no interpreted loop and no Python
+object per offline device but its new state and the (key, reference) pair
+LMDB takes.  Those states are kept as stored (``_Txn.gstate``, 24 bytes a
+device) and written back with the commit's others.  An online device gets
+a ``Push``; an offline one only when push wake-ups are configured.
+
 A worker gathers what its connections ask for during one loop tick (messages
 and receipts to store, cumulative device acks) and ``commit`` writes it all
 in one write transaction; only after it commits are server acks sent and
@@ -202,8 +217,13 @@ def bump_group_version(txn, db: dict) -> None:
 # count under the number and b"c": (devices still referring to it, its entry's
 # length), two u32, then "group NUL sending device NUL id" (for the delivered
 # receipts).  Each member device's queue holds a reference (kind 6):
-#     kind u8 (6) | t u64 | flags u8 | number u64      (18 bytes)
-# Its queue bytes count the body entry's length, as if the body were in it.
+#     kind u8 (6) | flags u8 | number       (3 to 10 bytes; store format 8)
+# where the number is the body's u64 without its leading zero bytes (``ref_bytes``;
+# ``body_number`` pads it again).  Its ``t`` is the body's (the kind-5 entry's,
+# ``entry_t``).  One record per member device of every group message, so each
+# byte counts: format 7's references were 18 bytes (kind, t, flags, number);
+# ``upgrade_refs`` rewrites them at open.  Its queue bytes count the body
+# entry's length, as if the body were in it.
 # The fan flag (bit 0) marks a member with several devices: then the number,
 # b"f" and the user is a record until the first of them acks (their delivered
 # receipt is the first ack's), dropped with the body at the latest.
@@ -213,7 +233,11 @@ def bump_group_version(txn, db: dict) -> None:
 # written with its flags when it is stored, so its ack counts down the body
 # and makes the member's delivered receipt as a reference's does.
 _GCOUNT = struct.Struct(">II")
-GREF_SIZE = 18
+
+
+def ref_bytes(flags: int, number: bytes) -> bytes:
+    """A reference (kind 6) with ``flags`` to body ``number`` (8 bytes, not 0)."""
+    return bytes((GREF, flags)) + number.lstrip(b"\x00")
 
 
 def _unref(txn, gdb, number) -> bytes | None:
@@ -239,16 +263,47 @@ def _unref(txn, gdb, number) -> bytes | None:
     return raw
 
 
+_UNKNOWN = object()  # a device the session cache does not know (fan_out)
 _NO_NUMBER = "0" * 16  # a kind-7 entry's origin until it is stored (_store_group)
 
 
 def body_number(value) -> bytes | None:
     """The body number (8 bytes) a kind-6 or kind-7 entry refers to, else None."""
     if value[0] == GREF:
-        return bytes(value[10:18])
+        n = bytes(value[2:])
+        return bytes(8 - len(n)) + n
     if value[0] == GPAYLOAD:
         return bytes.fromhex(bytes(value[11:27]).decode())
     return None
+
+
+def entry_flags(value) -> int:
+    """The flags byte of a stored entry (a reference's is its second byte)."""
+    return value[1] if value[0] == GREF else value[9]
+
+
+def entry_t(txn, gdb, value) -> int:
+    """The ``t`` of a stored entry (a reference's is its body's; 0 if that is gone)."""
+    if value[0] == GREF:
+        value = txn.get(body_number(value) + b"b", db=gdb)
+        if value is None:
+            return 0
+    return _T.unpack_from(value, 1)[0]
+
+
+def upgrade_refs(txn, db: dict) -> int:
+    """Rewrite format-7 references (18 bytes: kind, t, flags, number) in format 8's
+    form (``ref_bytes``), inside ``txn``; returns how many."""
+    n = 0
+    with txn.cursor(db=db["queue"]) as c:  # (in place, one entry at a time: no list of them)
+        more = c.first()
+        while more:
+            value = c.value()
+            if value[0] == GREF and len(value) == 18:
+                c.put(c.key(), ref_bytes(value[9], bytes(value[10:18])))
+                n += 1
+            more = c.next()
+    return n
 
 
 def entry_size(txn, gdb, value) -> int:
@@ -301,6 +356,8 @@ class FrameEncoder:
         oldest = DICTIONARIES[min(v for v in DICTIONARIES if v > 0)]
         self._codec = impl.Codec(oldest, Limits(max_frame=max_frame))
         self._node = impl.Node
+        self.fan_out = impl.fan_out  # (Queues._store_group)
+        self.fan_missing = impl.fan_missing
 
     def entry(self, kind: int, t: int, flags: int, origin: str, mid: str, typ: str,
               body=None, to: str | None = None) -> bytes:  # fmt: skip
@@ -385,6 +442,9 @@ class _Txn:
         self.qdb = q.db["queue"]
         self.enc = q.encoder
         self.state: dict[str, list] = {}
+        # queue states as stored (device key -> 24 bytes), for group fan-outs; a
+        # device is in this or in ``state``, never both (fold_state, qstate)
+        self.gstate: dict[bytes, bytes] = {}
         self.pushes: list[Push] = []
         self.conv = None  # (current, previous) conversation generations, when needed
         self.full = None  # past the store's reserve? (asked once, when a send needs it)
@@ -401,6 +461,7 @@ class _Txn:
             if ver != q.cached_gver or len(q.group_cache) > CACHE_MAX:
                 q.cached_gver = ver
                 q.group_cache.clear()
+                q.fan_plans.clear()
         cache = q.group_cache
         try:
             return cache[gid]
@@ -446,10 +507,21 @@ class _Txn:
         """[next_seq, count, bytes] (written back at the end of the transaction)."""
         st = self.state.get(device)
         if st is None:
-            raw = self.txn.get(device.encode(), db=self.q.db["qstate"])
+            dk = device.encode()
+            raw = self.gstate.pop(dk, None) if self.gstate else None
+            if raw is None:
+                raw = self.txn.get(dk, db=self.q.db["qstate"])
             st = [1, 0, 0] if raw is None else list(_QSTATE.unpack(raw))
             self.state[device] = st
         return st
+
+    def fold_state(self) -> None:
+        """Move ``state``'s lists into ``gstate`` (before a group fan-out reads it)."""
+        if self.state:
+            pack, gstate = _QSTATE.pack, self.gstate
+            for device, st in self.state.items():
+                gstate[device.encode()] = pack(*st)
+            self.state.clear()
 
     def worker_of(self, device: str) -> int | None:
         cache = self.q.session_cache
@@ -478,6 +550,9 @@ class _Txn:
         pack = _QSTATE.pack
         for device, st in self.state.items():
             put(device.encode(), pack(*st), db=db)
+        if self.gstate:
+            with self.txn.cursor(db=db) as c:
+                c.putmulti(sorted(self.gstate.items()))
 
 
 class Queues:
@@ -511,6 +586,10 @@ class Queues:
         self.wake_offline = False
         self.cached_gver = self  # meta "gver" (server/groups.py) when group_cache was started
         self.group_cache: dict[str, tuple | None] = {}  # group number -> _Txn.group's answer
+        # group number -> its member devices for fan_out (_fan_plan): made of both
+        # caches above, so started again with either
+        self.fan_plans: dict[str, tuple] = {}
+        self.fan_plan_devices = 0
 
     def forget_caches(self) -> None:
         """Start the caches again: a write transaction that read through them
@@ -525,6 +604,7 @@ class Queues:
         if ver != self.cached_ver or size > CACHE_MAX:
             self.cached_ver = ver
             self.device_cache.clear()
+            self.fan_plans.clear()
             self.blockers.clear()
             self.block_cache.clear()
         sver = txn.get(b"sver", db=meta)
@@ -938,10 +1018,40 @@ class Queues:
         w.txn.put(dkey, stamp, db=cur)
         s.t = now
 
+    def _fan_plan(self, w: _Txn, gid: str, users) -> tuple:
+        """Group ``gid``'s member devices for ``fan_out`` (cached like the group and
+        the device lists it is made of, and started again with either): their keys
+        sorted, the same as str, each one's user's place in ``users`` (join
+        order), whether that user has several devices, and those users' places."""
+        plans = self.fan_plans
+        plan = plans.get(gid)
+        if plan is not None:
+            return plan
+        rows = []
+        many = []
+        for u, user in enumerate(users):
+            devs = w.devices(user) or ()
+            if len(devs) > 1:
+                many.append(u)
+            rows += [(d.encode(), d, u, len(devs) > 1) for d in devs]
+        rows.sort()
+        self.fan_plan_devices += len(rows)
+        if self.fan_plan_devices > CACHE_MAX:
+            plans.clear()
+            self.fan_plan_devices = len(rows)
+        plan = plans[gid] = ([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows],
+                             bytes(r[3] for r in rows), tuple(many))  # fmt: skip
+        return plan
+
     def _store_group(self, w: _Txn, s: Send, now: int, sender: str, dkey, stamp, cur) -> None:
         """A message to a group from a member: a reference to its body (stored once)
         in every member device's queue but the sending one's; the users whose
-        queues are full go in ``s.failed`` (stored for everyone else)."""
+        queues are full go in ``s.failed`` (stored for everyone else).
+
+        The member devices' part is ``fan_out`` (the codec's: compiled in the
+        fastpath) over the group's cached plan, with the queue states it lacks
+        read in one ``getmulti`` and the references written in one ``putmulti``;
+        a message with per-device payloads takes ``_fan_payloads`` instead."""
         g = w.group(s.to[2:])
         if g is None or sender not in g[1]:
             s.error = (ErrorCode.NOT_MEMBER, "you are not a member of this group")
@@ -967,43 +1077,91 @@ class Queues:
             w.gmsg = 0 if raw is None else _T.unpack(raw)[0]
         w.gmsg += 1
         number = _T.pack(w.gmsg)
-        hex_number = number.hex().encode()  # (a kind-7 entry's origin field)
         body = s.entry
         size = len(body)
-        head = bytes((GREF,)) + _T.pack(now)
-        ref = head + b"\x00" + number  # the members' reference
-        fan_ref = head + bytes((FAN,)) + number  # a member's with several devices
-        sync_ref = head + bytes((SYNC,)) + number  # the sender's other devices' (no receipt)
+        # the members' reference, a member's with several devices, and the sender's
+        # other devices' (no receipt)
+        refs = (ref_bytes(0, number), ref_bytes(FAN, number), ref_bytes(SYNC, number))
         gdb = self.db["gbody"]
-        fans = 0
+        users = g[0]
+        if own:
+            n, failed = self._fan_payloads(w, s, users, sender, number, refs, size)
+            fans = [u for u in range(len(users)) if users[u] != sender
+                    and len(w.devices(users[u]) or ()) > 1]  # fmt: skip
+        else:
+            dks, dstrs, uidx, multi, fans = self._fan_plan(w, s.to[2:], users)
+            sender_place = users.index(sender)
+            w.fold_state()
+            states = w.gstate
+            enc = self.encoder
+            lacking = enc.fan_missing(dks, states)
+            if lacking:
+                with txn.cursor(db=self.db["qstate"]) as c:
+                    states.update(c.getmulti(lacking))
+            lim = self.limits
+            sessions = self.session_cache
+            items, failed, online = enc.fan_out(dks, dstrs, uidx, multi, sender_place,
+                                                me.encode(), states, refs, size,
+                                                lim.max_count, lim.max_bytes, sessions,
+                                                _UNKNOWN, self.wake_offline)  # fmt: skip
+            n = len(items)
+            if n:
+                with txn.cursor(db=w.qdb) as c:
+                    c.putmulti(items)
+            pushes, wake = w.pushes, self.wake_offline
+            for d, seq, wid in online:
+                if wid is _UNKNOWN:
+                    wid = w.worker_of(d)
+                if wid is not None:
+                    pushes.append(Push(d, seq, body, wid))
+                elif wake:  # offline: it reads its queue later; the router may wake it
+                    pushes.append(Push(d, seq, None, None))
+            failed = [users[u] for u in sorted(set(failed))] or None
+        for u in fans:
+            if users[u] != sender:
+                w.put(number + b"f" + users[u].encode(), b"", db=gdb)
+        if n:
+            w.put(number + b"b", body, db=gdb)
+            w.put(number + b"c", _GCOUNT.pack(n, size)
+                  + f"{s.to}\x00{me}\x00{s.id}".encode(), db=gdb)  # fmt: skip
+        elif fans:  # (no reference: no ack will come to drop them)
+            with txn.cursor(db=gdb) as c:
+                prefix = number + b"f"
+                if c.set_range(prefix):
+                    while c.key().startswith(prefix):
+                        if not c.delete():
+                            break
+        if failed:  # (kept with the dedup record: a retry's ack says it too)
+            s.failed = tuple(failed)
+            stamp += ",".join(failed).encode()
+        txn.put(dkey, stamp, db=cur)
+        s.t = now
+
+    def _fan_payloads(self, w: _Txn, s: Send, users, sender: str, number: bytes, refs,
+                      size: int) -> tuple[int, list | None]:  # fmt: skip
+        """``_store_group``'s member devices for a message with per-device payloads
+        (a device named by one gets its own entry, which refers to the body):
+        returns (entries stored, the users whose queues were full, or None)."""
+        me = s.device
+        own = s.payloads
+        ref, fan_ref, sync_ref = refs
+        hex_number = number.hex().encode()  # (a kind-7 entry's origin field)
+        body = s.entry
         lim = self.limits
         max_count, max_bytes = lim.max_count, lim.max_bytes
-        # (the loop runs once per member device: _Txn.qstate, worker_of and qkey inlined)
-        put, get = w.put, txn.get
-        state, sessions = w.state, self.session_cache
-        sdb, sessdb = self.db["qstate"], self.db["sessions"]
-        unpack, pack_seq = _QSTATE.unpack, _T.pack
-        qdb, pushes = w.qdb, w.pushes
-        refs = 0
+        put, qdb, pushes = w.put, w.qdb, w.pushes
+        n = 0
         failed = None
         wake = self.wake_offline
-        for user in g[0]:
+        for user in users:
             mine = user == sender
             devs = w.devices(user) or ()
-            fan = len(devs) > 1 and not mine
-            entry = sync_ref if mine else (fan_ref if fan else ref)
-            if fan:
-                put(number + b"f" + user.encode(), b"", db=gdb)
-                fans += 1
+            entry = sync_ref if mine else (fan_ref if len(devs) > 1 else ref)
             for d in devs:
                 if d == me:
                     continue
-                dk = d.encode()
-                st = state.get(d)
-                if st is None:
-                    raw = get(dk, db=sdb)
-                    st = state[d] = [1, 0, 0] if raw is None else list(unpack(raw))
-                mine_entry = own.get(d) if own else None
+                st = w.qstate(d)
+                mine_entry = own.get(d)
                 need = size if mine_entry is None else len(mine_entry)
                 if st[1] + 1 > max_count or st[2] + need > max_bytes:
                     if failed is None:
@@ -1016,39 +1174,20 @@ class Queues:
                 st[1] += 1
                 st[2] += need
                 if mine_entry is None:
-                    put(dk + b"\x00" + pack_seq(seq), entry, db=qdb)
+                    put(qkey(d, seq), entry, db=qdb)
                 else:  # its own entry (the body and its payload), referring to the body
                     mine_entry = bytearray(mine_entry)
-                    mine_entry[9] = entry[9]  # the reference's flags: sync, fan
+                    mine_entry[9] = entry[1]  # the reference's flags: sync, fan
                     mine_entry[11:27] = hex_number
                     mine_entry = bytes(mine_entry)
-                    put(dk + b"\x00" + pack_seq(seq), mine_entry, db=qdb)
-                refs += 1
-                try:
-                    wid = sessions[d]
-                except KeyError:
-                    raw = get(dk, db=sessdb)
-                    wid = sessions[d] = None if raw is None else _unpackb(raw)["worker"]
+                    put(qkey(d, seq), mine_entry, db=qdb)
+                n += 1
+                wid = w.worker_of(d)
                 if wid is not None:
                     pushes.append(Push(d, seq, body if mine_entry is None else mine_entry, wid))
                 elif wake:  # offline: it reads its queue later; the router may wake it
                     pushes.append(Push(d, seq, None, None))
-        if refs:
-            put(number + b"b", body, db=gdb)
-            put(number + b"c", _GCOUNT.pack(refs, size)
-                + f"{s.to}\x00{me}\x00{s.id}".encode(), db=gdb)  # fmt: skip
-        elif fans:  # (no reference: no ack will come to drop them)
-            with txn.cursor(db=gdb) as c:
-                prefix = number + b"f"
-                if c.set_range(prefix):
-                    while c.key().startswith(prefix):
-                        if not c.delete():
-                            break
-        if failed is not None:  # (kept with the dedup record: a retry's ack says it too)
-            s.failed = tuple(failed)
-            stamp += ",".join(failed).encode()
-        txn.put(dkey, stamp, db=cur)
-        s.t = now
+        return n, failed
 
     @staticmethod
     def _payloads_match(s: Send, entries: dict, recipients, mine, nsync: int) -> bool:
@@ -1114,8 +1253,9 @@ class Queues:
                         st[2] -= len(value)
                     else:
                         st[2] -= _GCOUNT.unpack_from(raw)[1]
-                    if raw is not None and self.receipts and not value[9] & SYNC:
-                        self._group_delivered(w, value[9], number, raw, user)
+                    flags = value[1] if value[0] == GREF else value[9]
+                    if raw is not None and self.receipts and not flags & SYNC:
+                        self._group_delivered(w, flags, number, raw, user)
                 else:
                     st[2] -= len(value)
                 if self.receipts and value[0] == MESSAGE and not value[9] & SYNC:
@@ -1201,7 +1341,7 @@ class Queues:
         n = (0 if raw is None else _T.unpack(raw)[0]) + 1
         txn.put(b"gnotice", _T.pack(n), db=meta)
         number = _T.pack(NOTICE_NUMBER_BIT | n)
-        ref = bytes((GREF,)) + entry[1:9] + bytes((SYNC,)) + number  # (t: the notice's)
+        ref = ref_bytes(SYNC, number)  # (its t is the notice's: entry_t)
         size = len(entry)
         for d in devices:
             st = w.qstate(d)
@@ -1288,7 +1428,7 @@ class Queues:
                     break
                 last = int.from_bytes(key[-8:], "big")
                 if value[0] == GREF:  # the group message's body, stored once
-                    value = txn.get(bytes(value[10:18]) + b"b", db=gdb)
+                    value = txn.get(body_number(value) + b"b", db=gdb)
                     if value is None:  # (cannot be: it lives while referred to)
                         continue
                 size += write(out, value, last)
@@ -1336,7 +1476,7 @@ class Queues:
                     while c.key().startswith(prefix):
                         value = c.value()
                         if value[0] == GREF or value[0] == GPAYLOAD:
-                            if _T.unpack_from(value, 1)[0] >= cutoff:
+                            if entry_t(txn, gdb, value) >= cutoff:
                                 break
                             st[1] -= 1
                             st[2] -= entry_size(txn, gdb, value)
@@ -1376,7 +1516,7 @@ class Queues:
                 device = dkey.decode()
                 first_t = None
                 if qc.set_range(qprefix(device)) and qc.key().startswith(qprefix(device)):
-                    first_t = _T.unpack_from(qc.value(), 1)[0]
+                    first_t = entry_t(txn, self.db["gbody"], qc.value())
                 age = None if first_t is None else max(0, now - first_t) / 1000
                 total_count += count
                 total_bytes += size

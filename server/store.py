@@ -50,7 +50,11 @@ entry kinds: group notices (4), group message bodies (5, in ``gbody``), the
 queues' references to them (6), a device's own entry with its payload,
 which refers to the body too (7), and coalesced group receipts (8): a format-6 store is upgraded by writing
 the number (its tables are created at open), and the bump keeps a format-6
-pigeon from misreading a reference as a message.  Format-4 entries are format-5
+pigeon from misreading a reference as a message; 8 shortens the references
+to 10 bytes (kind, flags, body number: their ``t`` is the body's), one
+record per member device of every group message: a format-7 store's are
+rewritten at open (``upgrade_refs``), and the bump keeps a format-7 pigeon
+from misreading them.  Format-4 entries are format-5
 entries as they are (kinds 0 and 1, the sync bit clear), so 4 is upgraded
 by writing the new number; the bump keeps a format-4 pigeon from opening a
 store whose entries it would misread (it would answer a sync copy's ack
@@ -103,13 +107,13 @@ import msgpack
 from .groups import GROUP_TABLES
 from .keydir import KEY_TABLES, drop_device_keys
 from .push import PUSH_TABLES, drop_device_push
-from .queues import QUEUE_TABLES, FrameEncoder, drop_device_queue, upgrade_entries
+from .queues import QUEUE_TABLES, FrameEncoder, drop_device_queue, upgrade_entries, upgrade_refs
 from .social import SOCIAL_TABLES, drop_user, release_device
 
-FORMAT_VERSION = 7
+FORMAT_VERSION = 8
 ITERATIONS_KEY = b"iterations"  # meta: [[iteration count, devices], ...]
 MAX_CODES = 8  # live registration codes one number keeps (register-per-phone bounds them first)
-_UPGRADABLE = (1, 2, 3, 4, 5, 6)  # formats opened and upgraded in place
+_UPGRADABLE = (1, 2, 3, 4, 5, 6, 7)  # formats opened and upgraded in place
 _MSGPACK_QUEUES = (2, 3)  # formats whose queue entries are rewritten (upgrade_entries)
 _TABLES = (
     "meta", "accounts", "devices", "codes", "limits", "sessions", "pairs", *QUEUE_TABLES,
@@ -246,6 +250,8 @@ class Store:
             raw = txn.get(b"format", db=self._db["meta"])
             if raw is not None and int(raw) in _MSGPACK_QUEUES:
                 upgrade_entries(txn, self._db, FrameEncoder())
+            if raw is not None and int(raw) == 7:  # 18-byte references
+                upgrade_refs(txn, self._db)
             if raw is None or int(raw) in _UPGRADABLE:
                 txn.put(b"format", str(FORMAT_VERSION).encode(), db=self._db["meta"])
             elif int(raw) != FORMAT_VERSION:

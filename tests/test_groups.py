@@ -21,7 +21,7 @@ from pigeon.core.node import Limits
 from pigeon.core.tokens import LATEST
 from pigeon.server.groups import notice_entry
 from pigeon.server.provision import provision
-from pigeon.server.queues import GREF, FrameEncoder
+from pigeon.server.queues import GREF, FrameEncoder, body_number
 from pigeon.server.store import Store
 
 PHONES = (f"4940{n:08d}" for n in itertools.count(30_000_000))
@@ -124,7 +124,7 @@ def refs_to_last_notice(srv) -> int:
         with store.read() as txn:
             last = max(k[:8] for k in txn.cursor(db=store._db["gbody"]).iternext(values=False)
                        if k[0] & 0x80)  # fmt: skip
-            return sum(v[0] == GREF and v[10:18] == last
+            return sum(v[0] == GREF and body_number(v) == last
                        for _, v in txn.cursor(db=store._db["queue"]))  # fmt: skip
     finally:
         store.close()
@@ -147,7 +147,7 @@ def refs_in_queues(srv, notices: bool = False) -> int:
     store = open_store(srv)
     try:
         with store.read() as txn:
-            return sum(v[0] == GREF and bool(v[10] & 0x80) == notices
+            return sum(v[0] == GREF and bool(body_number(v)[0] & 0x80) == notices
                        for _, v in txn.cursor(db=store._db["queue"]))  # fmt: skip
     finally:
         store.close()
@@ -576,7 +576,7 @@ def test_invite_links_join_approval_and_revoke(srv):
 # -- the store format -------------------------------------------------------------
 
 
-def test_a_format_6_store_is_upgraded_to_7(tmp_path):
+def test_a_format_6_store_is_upgraded(tmp_path):
     s = Store(str(tmp_path / "store"))
     with s.write() as txn:
         txn.put(b"format", b"6", db=s._db["meta"])
@@ -584,7 +584,7 @@ def test_a_format_6_store_is_upgraded_to_7(tmp_path):
     s = Store(str(tmp_path / "store"))
     try:
         with s.read() as txn:
-            assert txn.get(b"format", db=s._db["meta"]) == b"7"
+            assert txn.get(b"format", db=s._db["meta"]) == b"8"
     finally:
         s.close()
 

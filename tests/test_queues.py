@@ -505,8 +505,9 @@ def test_devices_changed_notices_every_device_in_the_callers_transaction(store, 
 
 @pytest.mark.parametrize("old", [b"4", b"5", b"6"])
 def test_a_format_4_5_or_6_store_is_upgraded_with_its_entries_waiting(tmp_path, clock, old):
-    """Format-4, 5 and 6 entries are format-7 entries (6 adds the key notices'
-    kind and the key tables, 7 the group kinds and tables): the upgrade writes
+    """Format-4, 5 and 6 entries are format-8 entries (6 adds the key notices'
+    kind and the key tables, 7 the group kinds and tables, 8 shortens the group
+    references, which these formats do not have): the upgrade writes
     the number, and what waited is delivered as before and still yields its
     receipts."""
     path = str(tmp_path / "store")
@@ -523,7 +524,7 @@ def test_a_format_4_5_or_6_store_is_upgraded_with_its_entries_waiting(tmp_path, 
     s = Store(path, map_size=64 << 20, clock=clock, sync="os")
     try:
         with s.read() as txn:
-            assert int(txn.get(b"format", db=s._db["meta"])) == FORMAT_VERSION == 7
+            assert int(txn.get(b"format", db=s._db["meta"])) == FORMAT_VERSION == 8
         q = make_queues(s)
         assert {d: q.read(d, 0, 10) for d in (b, b1)} == before
         assert [decode_any(f).body for _, f in before[b]] == [b"one", b"two"]
