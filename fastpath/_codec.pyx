@@ -313,7 +313,6 @@ cdef class Codec:
         """Append the frame of ``<ack class=cls id=mid t=t/>``: the bytes
         ``write_frame`` makes of that node (attributes in that order), with
         no node built.  The answer to every message; returns the payload length."""
-        cdef Py_ssize_t start
         _claim(self)
         try:
             self._len = 3
@@ -328,10 +327,7 @@ cdef class Codec:
             self._buf[0] = <unsigned char>((self._len - 3) >> 16)
             self._buf[1] = <unsigned char>((self._len - 3) >> 8)
             self._buf[2] = <unsigned char>(self._len - 3)
-            start = PyByteArray_GET_SIZE(out)
-            PyByteArray_Resize(out, start + self._len)
-            memcpy(PyByteArray_AS_STRING(out) + start, self._buf, self._len)
-            return self._len - 3
+            return _append_frame(self, out)
         finally:
             self._busy = False
 
@@ -340,13 +336,9 @@ cdef class Codec:
 
         On error ``out`` is left as it was.
         """
-        cdef Py_ssize_t start
         _claim(self)
         try:
             _enc_frame(self, node)
-            start = PyByteArray_GET_SIZE(out)
-            PyByteArray_Resize(out, start + self._len)
-            memcpy(PyByteArray_AS_STRING(out) + start, self._buf, self._len)
-            return self._len - 3
+            return _append_frame(self, out)
         finally:
             self._busy = False

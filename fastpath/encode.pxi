@@ -230,3 +230,11 @@ cdef int _enc_frame(Codec c, object node) except -1:
     c._buf[1] = <unsigned char>(n >> 8)
     c._buf[2] = <unsigned char>n
     return 0
+
+
+cdef Py_ssize_t _append_frame(Codec c, bytearray out) except -1:
+    """Append the whole frame in c._buf (header filled in) to ``out``; its payload length."""
+    cdef Py_ssize_t start = PyByteArray_GET_SIZE(out)
+    PyByteArray_Resize(out, start + c._len)
+    memcpy(PyByteArray_AS_STRING(out) + start, c._buf, c._len)
+    return c._len - 3
