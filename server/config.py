@@ -808,6 +808,20 @@ OPTIONS: list[Option] = [
         "together (error 302 past it)",
     ),
     Option(
+        "group_notice_bytes",
+        64 << 20,
+        _positive_int,
+        "bytes of group notices one user's group changes may queue per group-notice-window, "
+        "each notice counted once per member device it goes to (a description change in a "
+        "group of 1,024 members with 5 devices each is about 3 MB); error 302 past it",
+    ),
+    Option(
+        "group_notice_window",
+        3600,
+        _positive_float,
+        "window of group-notice-bytes, seconds (what was spent drains evenly over it)",
+    ),
+    Option(
         "media_listen",
         "127.0.0.1:7652",
         _listen_or_off,
@@ -1117,7 +1131,8 @@ GROUPS: list[Group] = [
     Group(
         "groups",
         "group size and how many groups and invite look-ups a user may make",
-        ("group_max_members", "groups_per_day", "group_joins_per_day", "group_window"),
+        ("group_max_members", "groups_per_day", "group_joins_per_day", "group_window",
+         "group_notice_bytes", "group_notice_window"),
     ),
     Group(
         "abuse limits",
@@ -1178,7 +1193,7 @@ _SECONDS = ("_timeout", "_window", "_interval", "_age", "_ttl", "_delay", "_expi
 _BYTES = ("max_frame", "login_max_frame", "map_size", "queue_max_bytes", "write_buffer_high",
           "write_buffer_low", "commit_max_bytes", "bus_buffer_high", "bus_buffer_low",
           "media_max_bytes", "media_quota_bytes", "stranger_queue_bytes",
-          "media_disk_reserve")  # fmt: skip
+          "media_disk_reserve", "group_notice_bytes")  # fmt: skip
 
 
 def _metavar(o: Option) -> str:

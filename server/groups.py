@@ -47,12 +47,17 @@ from pigeon.core.events import GroupMember, GroupResult
 from pigeon.core.node import address_kind
 
 from .errors import ServiceError
+from .limits import budget_charge, budget_spent
 from .queues import GROUP_NOTICE, bump_group_version
 
 GROUP_TABLES = ("groups", "ugroups", "invites", "gbody")
 
 _T = struct.Struct(">Q")
 GROUP_WINDOW_MS = 86_400_000  # the window of groups-per-day and group-joins-per-day
+#: The requests that queue a notice for every member device: they draw on the user's
+#: group-notice-bytes budget (a change of a 1,024-member group is up to 5,120 entries).
+NOTICE_OPS = frozenset({"create", "add", "remove", "promote", "demote", "leave", "subject",
+                        "description", "settings", "join", "approve"})  # fmt: skip
 
 
 def _pack(obj) -> bytes:
@@ -69,6 +74,8 @@ class GroupLimits:
     per_day: int = 100  # groups a user may create per window
     window_ms: int = GROUP_WINDOW_MS
     joins_per_day: int = 200  # invite previews and joins per user per window
+    notice_bytes: int = 64 << 20  # notice bytes x devices one user's changes may queue per window
+    notice_window_ms: int = 3_600_000
 
 
 def notice_entry(enc, group: str, op: str, by: str, t: int, members=(), attrs=(),
@@ -111,6 +118,7 @@ class Groups:
         self.queues = queues
         self.db = store._db
         self.limits = limits
+        self.cost = 0  # notice bytes x devices queued by the request being handled
 
     # -- records ---------------------------------------------------------------
 
@@ -138,7 +146,9 @@ class Groups:
         users += [u for u in also if u not in users]
         entry = notice_entry(self.queues.encoder, "g:" + gid, op, by, now, members, attrs,
                              description)  # fmt: skip
-        return self.queues.enqueue_devices(txn, self._devices(txn, users), entry)
+        devices = self._devices(txn, users)
+        self.cost += len(entry) * len(devices)
+        return self.queues.enqueue_devices(txn, devices, entry)
 
     @staticmethod
     def _member(rec, user):
@@ -207,7 +217,22 @@ class Groups:
         op = req.op
         gid = None if req.group is None else req.group[2:]
         fn = getattr(self, "_op_" + op)
-        return fn(txn, now, user, req, gid)
+        if op not in NOTICE_OPS:
+            return fn(txn, now, user, req, gid)
+        # Checked before, charged after (what the notices really cost): one change
+        # of a big group queues a notice in up to 5,120 queues, and nothing else
+        # bounds what a loop of them writes (notices are not held to queue limits).
+        lim, db, key = self.limits, self.db["limits"], f"gnotice:{user}".encode()
+        spent = budget_spent(txn, db, key, now, lim.notice_window_ms, lim.notice_bytes)
+        if spent >= lim.notice_bytes:
+            raise ServiceError(ErrorCode.RATE_LIMITED,
+                               f"your group changes queued {lim.notice_bytes} bytes of notices "
+                               f"in {lim.notice_window_ms // 1000} s; try again later")  # fmt: skip
+        self.cost = 0
+        out = fn(txn, now, user, req, gid)
+        if self.cost:
+            budget_charge(txn, db, key, now, lim.notice_window_ms, lim.notice_bytes, self.cost)
+        return out
 
     def _answer(self, req, gid=None, attrs=(), **kw) -> GroupResult:
         return GroupResult(req.id, req.op, None if gid is None else "g:" + gid,

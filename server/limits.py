@@ -53,6 +53,32 @@ def window_take(
     return True, limit - used - weight
 
 
+def budget_spent(txn, db, key: bytes, now: int, window_ms: int, limit: int) -> float:
+    """What is spent of a budget of ``limit`` per ``window_ms`` under ``key`` at ``now``.
+
+    A budget is one ``[spent, stamp_ms]`` pair (a leaky bucket: what was
+    charged drains at ``limit`` per ``window_ms``), so it stays one small
+    record however many charges it takes, where a ``window_take`` log grows
+    with every hit.  Check with it before writing, charge (``budget_charge``)
+    after: a refusal writes nothing, and an allowed request is charged what it
+    really cost, which may take the budget past ``limit`` once.  Its stamp
+    is last, as the sweep expects of a ``limits`` record (Store.sweep).
+    """
+    raw = txn.get(key, db=db)
+    if raw is None:
+        return 0.0
+    spent, stamp = msgpack.unpackb(raw)
+    spent -= (now - stamp) * limit / window_ms
+    return spent if spent > 0.0 else 0.0
+
+
+def budget_charge(txn, db, key: bytes, now: int, window_ms: int, limit: int,
+                  cost: float) -> None:  # fmt: skip
+    """Charge ``cost`` to the budget under ``key`` (see ``budget_spent``)."""
+    spent = budget_spent(txn, db, key, now, window_ms, limit) + cost
+    txn.put(key, msgpack.packb([spent, now]), db=db)
+
+
 class Bucket:
     """A token bucket: ``rate`` per second on average, ``burst`` at once.
 

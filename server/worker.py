@@ -699,7 +699,7 @@ class Worker:
         longest = int(1000 * max(c.register_window, c.login_window, c.new_chats_window,
                                  c.discover_window, c.verify_window, c.keys_fetch_window,
                                  c.key_changes_window, media_day,
-                                 c.group_window))  # fmt: skip
+                                 c.group_window, c.group_notice_window))  # fmt: skip
         where, swept = (b"", b""), 0
         while True:
             try:
@@ -767,7 +767,9 @@ class Worker:
                              GroupLimits(max_members=c.group_max_members,
                                          per_day=c.groups_per_day,
                                          joins_per_day=c.group_joins_per_day,
-                                         window_ms=int(c.group_window * 1000)))  # fmt: skip
+                                         window_ms=int(c.group_window * 1000),
+                                         notice_bytes=c.group_notice_bytes,
+                                         notice_window_ms=int(c.group_notice_window * 1000)))  # fmt: skip
         self.social = Social(self.store, c)
         self.presence = PresenceHub(self, self.social, self.queues.encoder)
         self.encode_entry = self.queues.encoder.write
