@@ -906,7 +906,9 @@ OPTIONS: list[Option] = [
         "media_connections",
         1024,
         _positive_int,
-        "connections the media service holds at once; past it a new one is closed at once "
+        "connections the media service holds at once, TLS handshakes included; past it a new "
+        "one takes the place of the longest-idle one (in its handshake, sending its headers "
+        "or between requests), or is closed at once when all are in a request "
         "(each may buffer media-max-headers x media-max-header-bytes of headers: 64 MiB in "
         "all by default); capped at half the open-files limit minus files-reserve (each "
         "transfer holds a file too)",
@@ -915,8 +917,8 @@ OPTIONS: list[Option] = [
         "media_connections_per_ip",
         32,
         _positive_int,
-        "media connections one source address may hold (IPv6 by /64); past it a new one "
-        "is closed at once",
+        "media connections one source address may hold (IPv6 by /64), TLS handshakes "
+        "included; past it a new one is closed at once",
     ),
     Option(
         "media_header_timeout",
