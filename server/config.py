@@ -241,6 +241,13 @@ OPTIONS: list[Option] = [
         "code requests per source address per register-window",
     ),
     Option(
+        "register_per_net",
+        200,
+        _positive_int,
+        "code requests per network (IPv4 /24, IPv6 /48) per register-window, all its "
+        "addresses together (each code is a text message and records kept for the window)",
+    ),
+    Option(
         "unauth_rate",
         1.0,
         _non_negative_float,
@@ -711,6 +718,13 @@ OPTIONS: list[Option] = [
         "pair requests per source address per register-window",
     ),
     Option(
+        "pair_per_net",
+        200,
+        _positive_int,
+        "pair requests per network (IPv4 /24, IPv6 /48) per register-window, all its "
+        "addresses together",
+    ),
+    Option(
         "link_per_account",
         10,
         _positive_int,
@@ -1094,6 +1108,7 @@ GROUPS: list[Group] = [
             "verify_window",
             "register_per_phone",
             "register_per_ip",
+            "register_per_net",
             "register_window",
             "unauth_rate",
             "unauth_burst",
@@ -1111,6 +1126,7 @@ GROUPS: list[Group] = [
             "pair_timeout",
             "pair_per_address",
             "pair_per_ip",
+            "pair_per_net",
             "link_per_account",
             "companion_expiry",
         ),

@@ -120,6 +120,24 @@ def source_key(ip: str) -> str:
     return ip
 
 
+def net_key(ip: str) -> str:
+    """The network a source address is in, for the limits on what strangers may ask
+    across many addresses: IPv4 by its /24, IPv6 by its /48 (what one site or one
+    free tunnel is given: 65,536 /64s, each a ``source_key`` of its own).  ``ip`` is
+    an address or a ``source_key`` /64."""
+    try:
+        if "/" in ip:
+            net = ipaddress.ip_network(ip, strict=False)
+        else:
+            addr = ipaddress.ip_address(ip)
+            if addr.version == 6 and addr.ipv4_mapped is not None:
+                addr = addr.ipv4_mapped
+            net = ipaddress.ip_network(addr)
+    except ValueError:
+        return ip
+    return str(net.supernet(new_prefix=24 if net.version == 4 else 48))
+
+
 class LeakyTable:
     """Counters that leak ``limit`` per ``window`` seconds, for at most ``cap`` keys.
 

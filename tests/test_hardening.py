@@ -272,7 +272,7 @@ def test_a_full_store_answers_every_request_with_501_never_a_traceback(tmp_path)
 def test_stale_rate_limit_records_are_swept(tmp_path):
     srv = start(tmp_path, purge_interval=0.2, register_window=60, new_chats_window=60,
                 discover_window=60, login_window=60, verify_window=60, keys_fetch_window=60,
-                key_changes_window=60, group_window=60)  # fmt: skip
+                key_changes_window=60, group_window=60, group_notice_window=60)  # fmt: skip
     try:
 
         async def main():
@@ -1117,5 +1117,57 @@ def test_group_changes_in_a_loop_stop_at_the_notice_budget(tmp_path):
             await alice.close()
 
         run(main())
+    finally:
+        assert srv.stop() == 0
+
+
+# -- 17. strangers across the addresses of one network (probe 3) ------------------------------
+
+
+def test_code_requests_from_many_addresses_of_one_network_stop_at_register_per_net(tmp_path):
+    """Code requests were limited per address only: 200 addresses of one /24 got 4,000
+    codes (text messages) and left 8,200 records in an hour's window, and an IPv6 /48
+    holds 65,536 addresses counted apart.  register-per-net counts them together."""
+    srv = start(tmp_path, register_per_ip=2, register_per_net=5, register_per_phone=10,
+                unauth_burst=100)  # fmt: skip
+    try:
+        answers = []
+        for a in range(2, 6):  # 4 addresses of 127.0.8.0/24, 2 requests each
+            raw = Raw(srv.port, source=f"127.0.8.{a}")
+            for i in range(2):
+                raw.send(Register(f"r{i}", f"4916{a:04d}{i:04d}"))
+                answers.append(raw.next_event())
+            raw.close()
+        sent = [e for e in answers if isinstance(e, CodeSent)]
+        refused = [e for e in answers if isinstance(e, Error)]
+        assert len(sent) == 5, answers
+        assert len(refused) == 3 and all(e.code == ErrorCode.RATE_LIMITED for e in refused)
+        assert all("network" in e.text for e in refused), refused
+        # per address (the fourth was refused: nothing written), per phone, the network
+        assert limits_entries(srv) == 3 + 5 + 1
+        raw = Raw(srv.port, source="127.0.9.2")  # another network
+        raw.send(Register("r", "491699990000"))
+        assert isinstance(raw.next_event(), CodeSent)
+        raw.close()
+    finally:
+        assert srv.stop() == 0
+
+
+def test_pair_requests_from_many_addresses_of_one_network_stop_at_pair_per_net(tmp_path):
+    srv = start(tmp_path, pair_per_net=3, unauth_burst=100)
+    try:
+        key = new_identity().public
+        got = []
+        for a in range(2, 6):
+            raw = Raw(srv.port, source=f"127.0.10.{a}")
+            raw.send(Pair("p", "qr", key))
+            got.append(raw.next_event())
+            raw.close()
+        assert [type(e).__name__ for e in got] == ["PairCode"] * 3 + ["Error"], got
+        assert got[3].code == ErrorCode.RATE_LIMITED and "network" in got[3].text
+        raw = Raw(srv.port, source="127.0.11.2")
+        raw.send(Pair("p", "qr", key))
+        assert type(raw.next_event()).__name__ == "PairCode"
+        raw.close()
     finally:
         assert srv.stop() == 0
