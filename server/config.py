@@ -471,7 +471,7 @@ OPTIONS: list[Option] = [
         "fcm.googleapis.com,updates.push.services.mozilla.com,.push.apple.com,.notify.windows.com",
         str,
         "hosts a Web Push endpoint may name, comma-separated (a leading dot: any "
-        "subdomain; host:port to pin a port); the server POSTs to no other",
+        "subdomain; port 443 unless given as host:port); the server POSTs to no other",
         "HOSTS",
     ),
     Option(
