@@ -208,7 +208,9 @@ OPTIONS: list[Option] = [
         "max_connections",
         100_000,
         _positive_int,
-        "connections one worker accepts; capped at the open-files limit minus files-reserve",
+        "connections one worker holds; capped at the open-files limit minus files-reserve. "
+        "Past it a new connection takes the place of the oldest one not logged in (told 502), "
+        "and is refused only when every one is logged in",
     ),
     Option(
         "files_reserve",
@@ -641,7 +643,8 @@ OPTIONS: list[Option] = [
         100,
         _non_negative_int,
         "new conversations an account may start per new-chats-window with users who do not "
-        "have it as a contact; past it error 404. 0 = no limit",
+        "have it as a contact (a first message, or adding them to a group); past it error "
+        "404. 0 = no limit",
     ),
     Option("new_chats_window", 86_400, _positive_float, "sliding window for new-chats, seconds"),
     Option(

@@ -168,20 +168,27 @@ class Groups:
             raise ServiceError(ErrorCode.NOT_ADMIN, "only the group's admins may do this")
         return rec
 
-    def _may_add(self, txn, adder: str, user: str) -> int:
-        """0 if ``adder`` may add ``user`` to a group, else the error code for them."""
+    def _may_add(self, txn, adder: str, user: str, now: int) -> int:
+        """0 if ``adder`` may add ``user`` to a group, else the error code for them.
+
+        Adding a user who does not have the adder as a contact (and has not talked
+        with them lately) costs a new chat, as a first message to them would: a
+        group of 1,023 strangers otherwise reached a thousand times the new-chats
+        limit with each message."""
         if address_kind(user) != "user" or txn.get(user.encode(), db=self.db["accounts"]) is None:
             return ErrorCode.UNKNOWN_RECIPIENT
         raw = txn.get(user.encode(), db=self.db["presence"])
         setting = "everyone"
         if raw is not None:
             setting = _unpack(raw).get("priv", {}).get("groupadd", "everyone")
-        if setting == "everyone":
-            return 0
         if setting == "contacts":
-            if txn.get(f"{user}\x00{adder}".encode(), db=self.db["contacts"]) is not None:
-                return 0
-        return ErrorCode.ADD_REFUSED
+            if txn.get(f"{user}\x00{adder}".encode(), db=self.db["contacts"]) is None:
+                return ErrorCode.ADD_REFUSED
+        elif setting != "everyone":
+            return ErrorCode.ADD_REFUSED
+        if not self.queues.chat_allowed_txn(txn, adder, user, now):
+            return ErrorCode.NEW_CHAT_LIMIT
+        return 0
 
     def _join(self, txn, gid: str, rec: dict, user: str, now: int) -> None:
         rec["m"].append([user, 0, now])
@@ -263,7 +270,7 @@ class Groups:
         txn.put(f"{user}\x00{gid}".encode(), b"", db=self.db["ugroups"])
         failed = []
         for u in wanted:
-            code = self._may_add(txn, user, u)
+            code = self._may_add(txn, user, u, now)
             if code:
                 failed.append((u, code))
             else:
@@ -302,7 +309,9 @@ class Groups:
         def refused(u):
             if self._member(rec, u) is not None:
                 return ErrorCode.ALREADY_MEMBER
-            return None if len(rec["m"]) >= self.limits.max_members else self._may_add(txn, user, u)
+            if len(rec["m"]) >= self.limits.max_members:
+                return None
+            return self._may_add(txn, user, u, now)
 
         return self._add(txn, now, user, req, gid, rec, refused)
 

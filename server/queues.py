@@ -622,6 +622,13 @@ class Queues:
         txn.put(key, b"", db=cur)
         return True
 
+    def chat_allowed_txn(self, txn, sender: str, to: str, now: int) -> bool:
+        """``_chat_allowed`` for a caller outside the message path, inside ``txn``: a
+        group add, which reaches the added user as a first message would."""
+        if not self.limits.new_chats:
+            return True
+        return self._chat_allowed(_Txn(self, txn), sender, to, now)
+
     def _new_chat_limit(self) -> tuple:
         lim = self.limits
         return (

@@ -51,7 +51,7 @@ import os
 import signal
 import sys
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 
 import lmdb
 import orjson
@@ -157,6 +157,9 @@ class Worker:
         )
         self.ids = itertools.count(1)
         self.sessions: dict[int, Session] = {}
+        # the sessions not logged in, oldest first (Session.accepted: evicted past
+        # max-connections)
+        self.strangers: OrderedDict[int, Session] = OrderedDict()
         self.by_device: dict[str, Session] = {}
         self.per_ip: Counter = Counter()
         self.pairing_per_ip: Counter = Counter()  # connections waiting to be paired (linking.py)
@@ -248,6 +251,15 @@ class Worker:
         self.jobs.append(Job(run, done, session, request_id, failed))
         self._schedule_tick()
 
+    def evict_stranger(self) -> bool:
+        """Close the oldest connection not logged in, to make room; False if none."""
+        if not self.strangers:
+            return False
+        _, s = self.strangers.popitem(last=False)
+        self.stats.counters["evicted"] += 1
+        s.evict()
+        return True
+
     def attach(self, s: Session, device: str, done) -> None:
         """Log ``s`` in as ``device``: its session record joins this tick's commit;
         after it, ``s`` holds the device and ``done(queued)`` runs, ``queued``
@@ -283,6 +295,7 @@ class Worker:
             return
         prev, offline, queued = recorded
         s.device = device
+        self.strangers.pop(s.id, None)
         s.bucket = None  # the device's own, at the first request (rate_bucket)
         s.user = device.partition(":")[0]
         old = self.by_device.get(s.device)

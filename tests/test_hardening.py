@@ -1171,3 +1171,86 @@ def test_pair_requests_from_many_addresses_of_one_network_stop_at_pair_per_net(t
         raw.close()
     finally:
         assert srv.stop() == 0
+
+
+def test_a_group_of_strangers_costs_new_chats(tmp_path):
+    """A group was a way around new-chats: a user could create groups of 1,023
+    strangers each (the default groupadd is everyone) and reach all of them with
+    every message, against 100 new chats a day one by one.  Adding a user who
+    does not have the adder as a contact now costs a new chat (404 in failed)."""
+    srv = start(tmp_path, new_chats=3, register_per_ip=1000)
+    try:
+
+        async def main():
+            alice = await srv.login(await srv.register(ALICE))
+            strangers = [f"4917{i:08d}" for i in range(5)]
+            for p in strangers:
+                await srv.register(p)
+            bob_creds = await srv.register(BOB)
+            bob = await srv.login(bob_creds)
+            await bob.discover([ALICE])  # bob has alice as a contact: free to add
+            res = await alice.group("create", subject="spam", members=strangers + [BOB])
+            assert dict(res.failed) == {strangers[3]: ErrorCode.NEW_CHAT_LIMIT,
+                                        strangers[4]: ErrorCode.NEW_CHAT_LIMIT}  # fmt: skip
+            info = await alice.group_info(res.group)
+            assert set(info.users) == {ALICE, BOB, *strangers[:3]}
+            res = await alice.group("add", res.group, [strangers[4]])
+            assert dict(res.failed) == {strangers[4]: ErrorCode.NEW_CHAT_LIMIT}
+            with pytest.raises(ServerError) as e:  # and the 1:1 budget is the same one
+                await alice.send(strangers[4], b"hi")
+            assert e.value.code == ErrorCode.NEW_CHAT_LIMIT
+            await alice.send(strangers[0], b"hi")  # one already in the group: known now
+            for c in (alice, bob):
+                await c.close()
+
+        run(main())
+    finally:
+        assert srv.stop() == 0
+
+
+# -- 18. connections that never log in, from many addresses (probe 3) -------------------------
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["tcp", "tls"])
+def test_connections_not_logged_in_make_room_for_a_new_one_past_max_connections(tmp_path, tls):
+    """Connections that never log in held every new client out once they filled
+    max-connections (600 from 40 addresses of 15: 10 of 10 logins refused with 502,
+    login-timeout at a time; per address they are under max-connections-per-ip).
+    Now a new connection takes the place of the oldest one not logged in."""
+    srv = Server(tmp_path / "data", workers=1, tls=tls, max_connections=8,
+                 login_timeout=30).start()  # fmt: skip
+    port = srv.tls_port if tls else srv.port
+    try:
+        creds = run(srv.register(ALICE))  # before the flood: registering is a connection too
+        idle = []
+        for i in range(8):
+            s = socket.socket()
+            s.bind((f"127.0.21.{2 + i % 4}", 0))
+            s.connect(("127.0.0.1", port))
+            idle.append(s)
+        time.sleep(0.3)  # let the worker accept them (a bound, not a timing)
+
+        async def login():
+            kw = {"ssl": srv.ssl_context()} if tls else {}
+            c = await Client.connect("localhost" if tls else "127.0.0.1", port,
+                                     plaintext=True, **kw)  # fmt: skip
+            await c.login(creds)
+            await c.ping()
+            await c.close()
+
+        run(login())
+        # the oldest went to make room: told 502 (a plain one), closed
+        s = idle[0]
+        s.settimeout(10)
+        got = b""
+        try:
+            while chunk := s.recv(65536):
+                got += chunk
+        except ConnectionResetError:
+            pass
+        if not tls:
+            assert b"connection limit" in got, got
+        for s in idle:
+            s.close()
+    finally:
+        assert srv.stop() == 0
