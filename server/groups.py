@@ -231,7 +231,7 @@ class Groups:
         # bounds what a loop of them writes (notices are not held to queue limits).
         lim, db, key = self.limits, self.db["limits"], f"gnotice:{user}".encode()
         spent = budget_spent(txn, db, key, now, lim.notice_window_ms, lim.notice_bytes)
-        if spent >= lim.notice_bytes:
+        if spent >= lim.notice_bytes and op != "leave":  # leaving is never refused
             raise ServiceError(ErrorCode.RATE_LIMITED,
                                f"your group changes queued {lim.notice_bytes} bytes of notices "
                                f"in {lim.notice_window_ms // 1000} s; try again later")  # fmt: skip

@@ -1114,6 +1114,11 @@ def test_group_changes_in_a_loop_stop_at_the_notice_budget(tmp_path):
             await alice.ping()  # not fatal
             srv.advance_clock(601)  # the budget drained
             await alice.group_subject(g, "other")
+            with pytest.raises(ServerError) as info:  # spent again
+                for i in range(200):
+                    await alice.group_description(g, f"{i:03d}" + "e" * 500)
+            assert info.value.code == ErrorCode.RATE_LIMITED
+            await alice.group_leave(g)  # leaving is never refused
             await alice.close()
 
         run(main())
