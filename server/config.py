@@ -1152,8 +1152,14 @@ GROUPS: list[Group] = [
     Group(
         "groups",
         "group size and how many groups and invite look-ups a user may make",
-        ("group_max_members", "groups_per_day", "group_joins_per_day", "group_window",
-         "group_notice_bytes", "group_notice_window"),
+        (
+            "group_max_members",
+            "groups_per_day",
+            "group_joins_per_day",
+            "group_window",
+            "group_notice_bytes",
+            "group_notice_window",
+        ),
     ),
     Group(
         "abuse limits",

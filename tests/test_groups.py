@@ -740,8 +740,9 @@ def test_kill_9_of_a_worker_during_a_big_fan_out_loses_and_duplicates_nothing(tm
     import signal
     from collections import Counter
 
+    # new-chats off: a group of strangers (adding each costs a new chat)
     srv = Server(tmp_path / "data", workers=2, register_per_ip=1000, message_rate=0,
-                 new_chats=0)  # a group of strangers (adding each costs a new chat)
+                 new_chats=0)  # fmt: skip
     srv.start()
     try:
 

@@ -1107,7 +1107,8 @@ def test_group_changes_in_a_loop_stop_at_the_notice_budget(tmp_path):
             queued = queue_entries(srv) - before
             assert done * 200 <= queued <= done * 201, queued  # nothing for the refusal
             info_ = await alice.group_info(g)
-            assert info_.description.startswith(f"{done - 1:03d}")  # the refused one changed nothing
+            # the refused one changed nothing
+            assert info_.description.startswith(f"{done - 1:03d}")
             with pytest.raises(ServerError) as info:
                 await alice.group_subject(g, "other")
             assert info.value.code == ErrorCode.RATE_LIMITED
