@@ -203,6 +203,7 @@ class Worker:
         self.rate_buckets_max = config.rate_buckets
         self.max_connections = config.max_connections
         self.refused_full = 0
+        self.evicted_logged = 0  # counters["evicted"] when the limit was last logged
         self.full_logged = float("-inf")
         self.store_full_logged = float("-inf")
         self.draining = False  # stopping: new connections are told 503
@@ -679,16 +680,20 @@ class Worker:
             if self.index == 0 and now >= self.next_purge:
                 self.purge_expired()
                 self.next_purge = now + self.config.purge_interval
-            if self.refused_full and now - self.full_logged >= FULL_LOG_INTERVAL:
+            evicted = self.stats.counters["evicted"] - self.evicted_logged
+            if (self.refused_full or evicted) and now - self.full_logged >= FULL_LOG_INTERVAL:
                 log.event(
                     logger,
                     logging.WARNING,
-                    "at the connection limit: refusing new connections",
+                    "at the connection limit: refusing new connections "
+                    "(or closing ones not logged in for them)",
                     worker=self.index,
                     max_connections=self.max_connections,
                     refused=self.refused_full,
+                    evicted=evicted,
                 )
                 self.refused_full = 0
+                self.evicted_logged += evicted
                 self.full_logged = now
 
     def purge_expired(self) -> None:
