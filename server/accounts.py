@@ -56,7 +56,7 @@ from scramp.utils import saslprep
 from pigeon.core.errors import ErrorCode
 
 from .errors import ServiceError
-from .limits import LeakyTable, source_key
+from .limits import LeakyTable, net_key, source_key
 from .store import Store
 
 __all__ = [
@@ -280,11 +280,15 @@ class Accounts:
         window = c.register_window * 1000
         store.check_room(txn)
         ip_key, phone_key = f"reg-ip:{source_key(source)}", f"reg-phone:{phone}"
+        net_key_ = f"reg-net:{net_key(source)}"
         if store.window_full(txn, ip_key, c.register_per_ip, window, now):
             raise ServiceError(ErrorCode.RATE_LIMITED, "too many registrations from this address")
+        if store.window_full(txn, net_key_, c.register_per_net, window, now):
+            raise ServiceError(ErrorCode.RATE_LIMITED, "too many registrations from this network")
         if store.window_full(txn, phone_key, c.register_per_phone, window, now):
             raise ServiceError(ErrorCode.RATE_LIMITED, "too many codes requested for this number")
         store.hit_txn(txn, ip_key, c.register_per_ip, window, now)
+        store.hit_txn(txn, net_key_, c.register_per_net, window, now)
         store.hit_txn(txn, phone_key, c.register_per_phone, window, now)
         code = f"{secrets.randbelow(10**6):06d}"
         salt = os.urandom(16)

@@ -208,7 +208,9 @@ OPTIONS: list[Option] = [
         "max_connections",
         100_000,
         _positive_int,
-        "connections one worker accepts; capped at the open-files limit minus files-reserve",
+        "connections one worker holds; capped at the open-files limit minus files-reserve. "
+        "Past it a new connection takes the place of the oldest one not logged in (told 502), "
+        "and is refused only when every one is logged in",
     ),
     Option(
         "files_reserve",
@@ -239,6 +241,13 @@ OPTIONS: list[Option] = [
         20,
         _positive_int,
         "code requests per source address per register-window",
+    ),
+    Option(
+        "register_per_net",
+        200,
+        _positive_int,
+        "code requests per network (IPv4 /24, IPv6 /48) per register-window, all its "
+        "addresses together (each code is a text message and records kept for the window)",
     ),
     Option(
         "unauth_rate",
@@ -464,7 +473,7 @@ OPTIONS: list[Option] = [
         "fcm.googleapis.com,updates.push.services.mozilla.com,.push.apple.com,.notify.windows.com",
         str,
         "hosts a Web Push endpoint may name, comma-separated (a leading dot: any "
-        "subdomain; host:port to pin a port); the server POSTs to no other",
+        "subdomain; port 443 unless given as host:port); the server POSTs to no other",
         "HOSTS",
     ),
     Option(
@@ -634,7 +643,8 @@ OPTIONS: list[Option] = [
         100,
         _non_negative_int,
         "new conversations an account may start per new-chats-window with users who do not "
-        "have it as a contact; past it error 404. 0 = no limit",
+        "have it as a contact (a first message, or adding them to a group); past it error "
+        "404. 0 = no limit",
     ),
     Option("new_chats_window", 86_400, _positive_float, "sliding window for new-chats, seconds"),
     Option(
@@ -710,6 +720,13 @@ OPTIONS: list[Option] = [
         20,
         _positive_int,
         "pair requests per source address per register-window",
+    ),
+    Option(
+        "pair_per_net",
+        200,
+        _positive_int,
+        "pair requests per network (IPv4 /24, IPv6 /48) per register-window, all its "
+        "addresses together",
     ),
     Option(
         "link_per_account",
@@ -819,6 +836,21 @@ OPTIONS: list[Option] = [
         "together (error 302 past it)",
     ),
     Option(
+        "group_notice_bytes",
+        16 << 20,
+        _positive_int,
+        "store bytes the group notices of one user's group changes may add per "
+        "group-notice-window: a notice is stored once, plus a queue key and a reference of "
+        "about 40 bytes for each member device (a change in a group of 1,024 members with 5 "
+        "devices each is about 210 KB); error 302 past it",
+    ),
+    Option(
+        "group_notice_window",
+        3600,
+        _positive_float,
+        "window of group-notice-bytes, seconds (what was spent drains evenly over it)",
+    ),
+    Option(
         "media_listen",
         "127.0.0.1:7652",
         _listen_or_off,
@@ -903,7 +935,9 @@ OPTIONS: list[Option] = [
         "media_connections",
         1024,
         _positive_int,
-        "connections the media service holds at once; past it a new one is closed at once "
+        "connections the media service holds at once, TLS handshakes included; past it a new "
+        "one takes the place of the longest-idle one (in its handshake, sending its headers "
+        "or between requests), or is closed at once when all are in a request "
         "(each may buffer media-max-headers x media-max-header-bytes of headers: 64 MiB in "
         "all by default); capped at half the open-files limit minus files-reserve (each "
         "transfer holds a file too)",
@@ -912,8 +946,8 @@ OPTIONS: list[Option] = [
         "media_connections_per_ip",
         32,
         _positive_int,
-        "media connections one source address may hold (IPv6 by /64); past it a new one "
-        "is closed at once",
+        "media connections one source address may hold (IPv6 by /64), TLS handshakes "
+        "included; past it a new one is closed at once",
     ),
     Option(
         "media_header_timeout",
@@ -1089,6 +1123,7 @@ GROUPS: list[Group] = [
             "verify_window",
             "register_per_phone",
             "register_per_ip",
+            "register_per_net",
             "register_window",
             "unauth_rate",
             "unauth_burst",
@@ -1106,6 +1141,7 @@ GROUPS: list[Group] = [
             "pair_timeout",
             "pair_per_address",
             "pair_per_ip",
+            "pair_per_net",
             "link_per_account",
             "companion_expiry",
         ),
@@ -1129,7 +1165,14 @@ GROUPS: list[Group] = [
     Group(
         "groups",
         "group size and how many groups and invite look-ups a user may make",
-        ("group_max_members", "groups_per_day", "group_joins_per_day", "group_window"),
+        (
+            "group_max_members",
+            "groups_per_day",
+            "group_joins_per_day",
+            "group_window",
+            "group_notice_bytes",
+            "group_notice_window",
+        ),
     ),
     Group(
         "abuse limits",
@@ -1190,7 +1233,7 @@ _SECONDS = ("_timeout", "_window", "_interval", "_age", "_ttl", "_delay", "_expi
 _BYTES = ("max_frame", "login_max_frame", "map_size", "queue_max_bytes", "write_buffer_high",
           "write_buffer_low", "commit_max_bytes", "bus_buffer_high", "bus_buffer_low",
           "media_max_bytes", "media_quota_bytes", "stranger_queue_bytes",
-          "media_disk_reserve")  # fmt: skip
+          "media_disk_reserve", "group_notice_bytes")  # fmt: skip
 
 
 def _metavar(o: Option) -> str:

@@ -52,13 +52,17 @@ from pigeon.core.events import GroupMember, GroupResult
 from pigeon.core.node import address_kind
 
 from .errors import ServiceError
-from .limits import window_take
-from .queues import GROUP_NOTICE, bump_group_version
+from .limits import budget_charge, budget_spent, window_take
+from .queues import GROUP_NOTICE, bump_group_version, notice_store_bytes
 
 GROUP_TABLES = ("groups", "ugroups", "invites", "gbody")
 
 _T = struct.Struct(">Q")
 GROUP_WINDOW_MS = 86_400_000  # the window of groups-per-day and group-joins-per-day
+#: The requests that queue a notice for every member device: they draw on the user's
+#: group-notice-bytes budget (a change of a 1,024-member group is up to 5,120 entries).
+NOTICE_OPS = frozenset({"create", "add", "remove", "promote", "demote", "leave", "subject",
+                        "description", "settings", "join", "approve"})  # fmt: skip
 
 
 def _pack(obj) -> bytes:
@@ -79,6 +83,8 @@ class GroupLimits:
     # whether it is registered): it costs one of discover-numbers (0: nothing charged)
     discover_numbers: int = 0
     discover_window_ms: int = 86_400_000
+    notice_bytes: int = 16 << 20  # store bytes one user's changes may queue as notices per window
+    notice_window_ms: int = 3_600_000
 
 
 def notice_entry(enc, group: str, op: str, by: str, t: int, members=(), attrs=(),
@@ -121,6 +127,7 @@ class Groups:
         self.queues = queues
         self.db = store._db
         self.limits = limits
+        self.cost = 0  # notice bytes x devices queued by the request being handled
 
     # -- records ---------------------------------------------------------------
 
@@ -148,8 +155,9 @@ class Groups:
         users += [u for u in also if u not in users]
         entry = notice_entry(self.queues.encoder, "g:" + gid, op, by, now, members, attrs,
                              description)  # fmt: skip
-        return self.queues.enqueue_shared(txn, self._devices(txn, users), entry,
-                                          f"g:{gid}\x00{by}".encode())  # fmt: skip
+        devices = self._devices(txn, users)
+        self.cost += notice_store_bytes(entry, devices)
+        return self.queues.enqueue_shared(txn, devices, entry, f"g:{gid}\x00{by}".encode())
 
     @staticmethod
     def _member(rec, user):
@@ -169,20 +177,27 @@ class Groups:
             raise ServiceError(ErrorCode.NOT_ADMIN, "only the group's admins may do this")
         return rec
 
-    def _may_add(self, txn, adder: str, user: str) -> int:
-        """0 if ``adder`` may add ``user`` to a group, else the error code for them."""
+    def _may_add(self, txn, adder: str, user: str, now: int) -> int:
+        """0 if ``adder`` may add ``user`` to a group, else the error code for them.
+
+        Adding a user who does not have the adder as a contact (and has not talked
+        with them lately) costs a new chat, as a first message to them would: a
+        group of 1,023 strangers otherwise reached a thousand times the new-chats
+        limit with each message."""
         if address_kind(user) != "user" or txn.get(user.encode(), db=self.db["accounts"]) is None:
             return ErrorCode.UNKNOWN_RECIPIENT
         raw = txn.get(user.encode(), db=self.db["presence"])
         setting = "everyone"
         if raw is not None:
             setting = _unpack(raw).get("priv", {}).get("groupadd", "everyone")
-        if setting == "everyone":
-            return 0
         if setting == "contacts":
-            if txn.get(f"{user}\x00{adder}".encode(), db=self.db["contacts"]) is not None:
-                return 0
-        return ErrorCode.ADD_REFUSED
+            if txn.get(f"{user}\x00{adder}".encode(), db=self.db["contacts"]) is None:
+                return ErrorCode.ADD_REFUSED
+        elif setting != "everyone":
+            return ErrorCode.ADD_REFUSED
+        if not self.queues.chat_allowed_txn(txn, adder, user, now):
+            return ErrorCode.NEW_CHAT_LIMIT
+        return 0
 
     def _charge_adds(self, txn, now: int, adder: str, users) -> None:
         """Adding ``users`` tells ``adder`` which of them are registered (433 or 400 in
@@ -243,7 +258,22 @@ class Groups:
         op = req.op
         gid = None if req.group is None else req.group[2:]
         fn = getattr(self, "_op_" + op)
-        return fn(txn, now, user, req, gid)
+        if op not in NOTICE_OPS:
+            return fn(txn, now, user, req, gid)
+        # Checked before, charged after (what the notices really cost): one change
+        # of a big group queues a notice in up to 5,120 queues, and nothing else
+        # bounds what a loop of them writes (notices are not held to queue limits).
+        lim, db, key = self.limits, self.db["limits"], f"gnotice:{user}".encode()
+        spent = budget_spent(txn, db, key, now, lim.notice_window_ms, lim.notice_bytes)
+        if spent >= lim.notice_bytes and op != "leave":  # leaving is never refused
+            raise ServiceError(ErrorCode.RATE_LIMITED,
+                               f"your group changes queued {lim.notice_bytes} bytes of notices "
+                               f"in {lim.notice_window_ms // 1000} s; try again later")  # fmt: skip
+        self.cost = 0
+        out = fn(txn, now, user, req, gid)
+        if self.cost:
+            budget_charge(txn, db, key, now, lim.notice_window_ms, lim.notice_bytes, self.cost)
+        return out
 
     def _answer(self, req, gid=None, attrs=(), **kw) -> GroupResult:
         return GroupResult(req.id, req.op, None if gid is None else "g:" + gid,
@@ -275,7 +305,7 @@ class Groups:
         txn.put(f"{user}\x00{gid}".encode(), b"", db=self.db["ugroups"])
         failed = []
         for u in wanted:
-            code = self._may_add(txn, user, u)
+            code = self._may_add(txn, user, u, now)
             if code:
                 failed.append((u, code))
             else:
@@ -316,7 +346,9 @@ class Groups:
         def refused(u):
             if self._member(rec, u) is not None:
                 return ErrorCode.ALREADY_MEMBER
-            return None if len(rec["m"]) >= self.limits.max_members else self._may_add(txn, user, u)
+            if len(rec["m"]) >= self.limits.max_members:
+                return None
+            return self._may_add(txn, user, u, now)
 
         return self._add(txn, now, user, req, gid, rec, refused)
 

@@ -53,6 +53,32 @@ def window_take(
     return True, limit - used - weight
 
 
+def budget_spent(txn, db, key: bytes, now: int, window_ms: int, limit: int) -> float:
+    """What is spent of a budget of ``limit`` per ``window_ms`` under ``key`` at ``now``.
+
+    A budget is one ``[spent, stamp_ms]`` pair (a leaky bucket: what was
+    charged drains at ``limit`` per ``window_ms``), so it stays one small
+    record however many charges it takes, where a ``window_take`` log grows
+    with every hit.  Check with it before writing, charge (``budget_charge``)
+    after: a refusal writes nothing, and an allowed request is charged what it
+    really cost, which may take the budget past ``limit`` once.  Its stamp
+    is last, as the sweep expects of a ``limits`` record (Store.sweep).
+    """
+    raw = txn.get(key, db=db)
+    if raw is None:
+        return 0.0
+    spent, stamp = msgpack.unpackb(raw)
+    spent -= (now - stamp) * limit / window_ms
+    return spent if spent > 0.0 else 0.0
+
+
+def budget_charge(txn, db, key: bytes, now: int, window_ms: int, limit: int,
+                  cost: float) -> None:  # fmt: skip
+    """Charge ``cost`` to the budget under ``key`` (see ``budget_spent``)."""
+    spent = budget_spent(txn, db, key, now, window_ms, limit) + cost
+    txn.put(key, msgpack.packb([spent, now]), db=db)
+
+
 class Bucket:
     """A token bucket: ``rate`` per second on average, ``burst`` at once.
 
@@ -92,6 +118,24 @@ def source_key(ip: str) -> str:
             return str(addr.ipv4_mapped)
         return str(ipaddress.IPv6Network((addr, 64), strict=False))
     return ip
+
+
+def net_key(ip: str) -> str:
+    """The network a source address is in, for the limits on what strangers may ask
+    across many addresses: IPv4 by its /24, IPv6 by its /48 (what one site or one
+    free tunnel is given: 65,536 /64s, each a ``source_key`` of its own).  ``ip`` is
+    an address or a ``source_key`` /64."""
+    try:
+        if "/" in ip:
+            net = ipaddress.ip_network(ip, strict=False)
+        else:
+            addr = ipaddress.ip_address(ip)
+            if addr.version == 6 and addr.ipv4_mapped is not None:
+                addr = addr.ipv4_mapped
+            net = ipaddress.ip_network(addr)
+    except ValueError:
+        return ip
+    return str(net.supernet(new_prefix=24 if net.version == 4 else 48))
 
 
 class LeakyTable:

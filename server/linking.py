@@ -89,7 +89,7 @@ from pigeon.core.keys import verify_link
 from . import keydir, log
 from .accounts import device_keys
 from .errors import ServiceError
-from .limits import window_take
+from .limits import net_key, window_take
 from .store import _pack, _unpack
 
 logger = logging.getLogger("pigeon.worker")
@@ -276,12 +276,16 @@ def pair(s, ev: Pair) -> None:
     p = s.pairing = Pairing()
     p.rid, p.type, p.key, p.name, p.phone = ev.id, ev.type, ev.identity_key, ev.name, ev.phone
     wid, conn, source = w.wid, s.id, s.source
+    net = net_key(source)
     window = c.register_window * 1000
 
     def run(txn, now):
         w.store.check_room(txn)
+        if w.store.window_full(txn, f"pair-net:{net}", c.pair_per_net, window, now):
+            raise ServiceError(ErrorCode.RATE_LIMITED, "too many pair requests from this network")
         if not w.store.hit_txn(txn, f"pair-ip:{source}", c.pair_per_ip, window, now):
             raise ServiceError(ErrorCode.RATE_LIMITED, "too many pair requests from this address")
+        w.store.hit_txn(txn, f"pair-net:{net}", c.pair_per_net, window, now)
         _expire(w.store, txn, old, now)
         return _write_record(w, txn, now, p, 0, wid, conn)
 

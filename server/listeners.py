@@ -179,6 +179,7 @@ class Listeners:
         s = self.session(self.worker, tls=ctx)
         if s.accepted(addr[0] if addr else "?"):
             task = self.worker.loop.create_task(s.handshake(conn))
+            s.handshaking = task
             self.handshakes.add(task)
             task.add_done_callback(self.handshakes.discard)
         else:

@@ -70,8 +70,11 @@ evicted) reads and hashes the partial file again, counted in
 ``pigeon_media_rehashed_bytes``.
 
 Connections: ``media-connections`` in all and ``media-connections-per-ip``
-from one source address (past either a new one is closed at once, before
-a byte of it is parsed: ``Gate``); each has ``media-header-timeout`` to send
+from one source address, counted from the TCP accept, TLS handshakes too
+(``_Acceptor``, ``Gate``): past the per-address cap a new one is closed
+before a byte of it is read; past the total it takes the place of the
+longest-idle one (only connections in the middle of a request are never
+pushed out); each has ``media-header-timeout`` to send
 a request's headers, from its connect and from the end of each answer (an
 idle or slowly-sending connection was held for aiohttp's default hour),
 and at most ``media-max-headers`` headers of ``media-max-header-bytes``.
@@ -673,33 +676,47 @@ def handler_limits(config) -> dict:
 
 class Gate:
     """The connections the media service holds: ``total`` in all, ``per_ip`` from one
-    source address (``source_key``); past either, a new connection is closed before
-    aiohttp reads a byte of it."""
+    source address (``source_key``), counted from the TCP accept (a TLS handshake
+    too).  Past ``per_ip`` a new connection is closed before a byte of it is read.
+    Past ``total`` it takes the place of the longest-idle one: one in its TLS
+    handshake, or with no request being handled (still sending its headers, or
+    kept alive between requests).  Otherwise 32 source addresses could fill
+    ``total`` with connections that never finish a request and hold every other
+    client out for media-header-timeout at a time; only connections in the
+    middle of a request (each held to the per-address transfer limit and the
+    minimum rates) are never pushed out.  Only when all are busy is the new one
+    closed."""
 
-    __slots__ = ("total", "per_ip", "count", "by_ip", "metrics")
+    __slots__ = ("total", "per_ip", "count", "by_ip", "metrics", "idle")
 
     def __init__(self, total: int, per_ip: int, metrics: Metrics):
         self.total, self.per_ip, self.metrics = total, per_ip, metrics
         self.count = 0
         self.by_ip: dict[str, int] = {}
+        self.idle: OrderedDict[object, object] = OrderedDict()  # conn -> its close(), oldest first
 
-    def enter(self, transport) -> str | None:
-        """The source key counted for a new connection, or None if it is refused."""
-        peer = transport.get_extra_info("peername")
-        key = source_key(peer[0] if isinstance(peer, tuple) and peer else "?")
+    def enter(self, ip: str) -> str | None:
+        """The source key counted for a new connection from ``ip``, or None if it is
+        refused."""
+        key = source_key(ip)
         n = self.by_ip.get(key, 0)
-        if self.count >= self.total:
-            self.metrics.refused.labels("connections").inc()
-            return None
         if n >= self.per_ip:
             self.metrics.refused.labels("connections per ip").inc()
             return None
+        if self.count >= self.total:
+            if not self.idle:
+                self.metrics.refused.labels("connections").inc()
+                return None
+            _, close = self.idle.popitem(last=False)
+            self.metrics.refused.labels("idle connection closed").inc()
+            close()  # its leave() follows, now or from its connection_lost
         self.count += 1
         self.by_ip[key] = n + 1
         self.metrics.connections.set(self.count)
         return key
 
-    def leave(self, key: str) -> None:
+    def leave(self, key: str, conn) -> None:
+        self.idle.pop(conn, None)
         self.count -= 1
         n = self.by_ip[key] - 1
         if n:
@@ -708,30 +725,111 @@ class Gate:
             del self.by_ip[key]
         self.metrics.connections.set(self.count)
 
+    def resting(self, conn, close) -> None:
+        """``conn`` handles no request now: it may be pushed out (``close()``)."""
+        self.idle[conn] = close
+        self.idle.move_to_end(conn)
+
+    def busy(self, conn) -> None:
+        """``conn`` is handling a request: it stays."""
+        self.idle.pop(conn, None)
+
 
 class _GatedHandler(web.RequestHandler):
-    """aiohttp's request handler, counted by a ``Gate`` (closed at once past it)."""
+    """aiohttp's request handler for a connection the ``Gate`` counted at its accept."""
 
-    __slots__ = ("_gate", "_gate_key")
+    __slots__ = ("_gate", "_gate_key", "_abort")
 
-    def __init__(self, gate: Gate, manager, **kw):
+    def __init__(self, gate: Gate, key: str, manager, **kw):
         super().__init__(manager, **kw)
         self._gate = gate
-        self._gate_key = None
+        self._gate_key = key
+        self._abort = None
 
     def connection_made(self, transport) -> None:
-        self._gate_key = self._gate.enter(transport)
-        if self._gate_key is None:
-            transport.abort()  # aiohttp never sees it: no parser fed, no task
-            return
         super().connection_made(transport)
+        self._abort = transport.abort
+        self._gate.resting(self, self._abort)
+
+    async def _handle_request(self, request, start_time, request_handler):
+        # aiohttp's: one request, from its handler to the last byte of its answer
+        self._gate.busy(self)
+        try:
+            return await super()._handle_request(request, start_time, request_handler)
+        finally:
+            if self._gate_key is not None:
+                self._gate.resting(self, self._abort)
 
     def connection_lost(self, exc) -> None:
         key, self._gate_key = self._gate_key, None
-        if key is None:
-            return  # refused
-        self._gate.leave(key)
+        if key is not None:
+            self._gate.leave(key, self)
         super().connection_lost(exc)
+
+    def gone(self) -> None:
+        """Not served (a failed TLS handshake): uncounted, once."""
+        key, self._gate_key = self._gate_key, None
+        if key is not None:
+            self._gate.leave(key, self)
+
+
+class _Acceptor:
+    """Accepts on the media listener itself, so the ``Gate`` counts a connection
+    from its TCP accept, before a TLS handshake (asyncio's server would show it
+    to the handler only after one: handshakes stalled at no cost to the
+    sender were held outside every limit)."""
+
+    def __init__(self, loop, sock, gate: Gate, handler, tls, handshake_timeout: float):
+        self.loop, self.sock, self.gate, self.handler = loop, sock, gate, handler
+        self.tls, self.timeout = tls, handshake_timeout
+        self.tasks: set = set()
+        loop.add_reader(sock.fileno(), self.accept)
+
+    def accept(self) -> None:
+        for _ in range(64):
+            try:
+                conn, addr = self.sock.accept()
+            except BlockingIOError:
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as exc:  # out of descriptors: pause for a second
+                log.event(logger, logging.WARNING, "media cannot accept", error=str(exc))
+                self.loop.remove_reader(self.sock.fileno())
+                self.loop.call_later(1.0, self._resume)
+                return
+            key = self.gate.enter(addr[0] if addr else "?")
+            if key is None:
+                conn.close()
+                continue
+            conn.setblocking(False)
+            h = self.handler(key)
+            task = self.loop.create_task(self._serve(conn, h))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+            if self.tls is not None:  # its handshake may be pushed out too
+                self.gate.resting(h, task.cancel)
+
+    def _resume(self) -> None:
+        if self.sock.fileno() >= 0:
+            self.loop.add_reader(self.sock.fileno(), self.accept)
+
+    async def _serve(self, conn, h: _GatedHandler) -> None:
+        try:
+            await self.loop.connect_accepted_socket(
+                lambda: h, conn, ssl=self.tls,
+                ssl_handshake_timeout=self.timeout if self.tls is not None else None)  # fmt: skip
+        except BaseException:  # a failed, timed-out or pushed-out handshake; a reset
+            conn.close()
+            h.gone()
+
+    def close(self) -> None:
+        if self.sock.fileno() >= 0:
+            self.loop.remove_reader(self.sock.fileno())
+            self.sock.close()
+        for t in list(self.tasks):
+            if not t.done():
+                t.cancel()
 
 
 def ssl_context(config) -> ssl.SSLContext | None:
@@ -754,15 +852,13 @@ async def serve(config, parent_fd: int | None, status_fd: int | None, index: int
     gate = Gate(connection_budget(config), config.media_connections_per_ip, service.metrics)
     server = runner.server
 
-    def handler():
-        return _GatedHandler(gate, server, loop=loop, **handler_args)
+    def handler(key):
+        return _GatedHandler(gate, key, server, loop=loop, **handler_args)
 
-    tls = ssl_context(config)
-    # a TLS handshake is before the gate (the handler sees the connection after it):
-    # it gets media-header-timeout too, not asyncio's 60 s
-    listener = await loop.create_server(handler, sock=sock, ssl=tls,
-                                        ssl_handshake_timeout=config.media_header_timeout
-                                        if tls is not None else None)  # fmt: skip
+    # a TLS handshake is counted from the accept and gets media-header-timeout,
+    # not asyncio's 60 s
+    listener = _Acceptor(loop, sock, gate, handler, ssl_context(config),
+                         config.media_header_timeout)  # fmt: skip
     stopping = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stopping.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: None)  # the supervisor's

@@ -64,6 +64,8 @@ COUNTERS = {
     "logins": "devices logged in",
     "login_failures": "failed logins (a bad proof, or a challenge never answered)",
     "login_refused": "logins refused at once: too many failures from the address (error 302)",
+    "evicted": "connections not logged in closed (503) to make room for a new one past "
+    "max-connections",
     "client_logs_suppressed": "log lines about client misbehaviour not written (client-log-lines)",
     "messages_in": "messages and read receipts accepted from clients (stored)",
     "entries_out": "queue entries pushed to devices (messages and receipts)",

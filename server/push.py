@@ -427,8 +427,10 @@ class WebPushGateway(Gateway):
             return "a Web Push endpoint is an https URL"
         for h in self.hosts:
             name, _, want_port = h.partition(":")
+            # a host without a port: 443 only (any port let a client aim the
+            # server's POSTs at every service of an allowed host)
             if (host == name or (name.startswith(".") and host.endswith(name))) and (
-                not want_port or str(port or 443) == want_port
+                str(port or 443) == (want_port or "443")
             ):
                 return None
         return "this server does not send Web Push to that host (push-webpush-hosts)"

@@ -240,6 +240,23 @@ def ref_bytes(flags: int, number: bytes) -> bytes:
     return bytes((GREF, flags)) + number.lstrip(b"\x00")
 
 
+# What LMDB keeps per key besides the key and value bytes (its node header), in
+# the charge below.
+_NODE_BYTES = 8
+
+
+def notice_store_bytes(entry: bytes, devices) -> int:
+    """The store bytes ``Queues.enqueue_shared`` adds for ``entry`` queued to each
+    of ``devices``: the entry once (for one device: in its queue) and, per device,
+    the queue key and a reference of at most 10 bytes (what group-notice-bytes
+    charges)."""
+    devices = list(devices)
+    per = sum(len(d) + 9 + _NODE_BYTES for d in devices)
+    if len(devices) < 2:
+        return per + len(entry) * len(devices)
+    return per + 10 * len(devices) + len(entry) + 2 * (9 + _NODE_BYTES) + _GCOUNT.size
+
+
 def _unref(txn, gdb, number) -> bytes | None:
     """One device fewer refers to body ``number`` (8 bytes); at 0 it is deleted (and
     what is left of its fan records).  Returns its count record as it was (None: no
@@ -712,6 +729,13 @@ class Queues:
                 return False
         txn.put(key, b"", db=cur)
         return True
+
+    def chat_allowed_txn(self, txn, sender: str, to: str, now: int) -> bool:
+        """``_chat_allowed`` for a caller outside the message path, inside ``txn``: a
+        group add, which reaches the added user as a first message would."""
+        if not self.limits.new_chats:
+            return True
+        return self._chat_allowed(_Txn(self, txn), sender, to, now)
 
     def _new_chat_limit(self) -> tuple:
         lim = self.limits

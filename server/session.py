@@ -61,7 +61,7 @@ class Session(asyncio.Protocol):
                  "ip", "source", "device", "user", "scram", "login_user", "last_seen",
                  "deadline", "pushed", "acked", "backlog", "paused", "linger", "subs", "bucket",
                  "typing", "typing_warned", "holders", "pairing", "unauth",
-                 "in_flight")  # fmt: skip
+                 "in_flight", "handshaking")  # fmt: skip
 
     def __init__(self, worker: Worker, tls: ssl.SSLContext | None = None):
         self.worker = worker
@@ -97,6 +97,7 @@ class Session(asyncio.Protocol):
         self.in_flight = 0  # register and verify requests not answered yet
         self.holders: set[int] | None = None  # workers asked to hold pushes while paused
         self.pairing = None  # a companion waiting to be linked (server/linking.py)
+        self.handshaking = None  # the task of a TLS handshake in progress (Listeners)
 
     # -- transport callbacks ----------------------------------------------
 
@@ -115,6 +116,12 @@ class Session(asyncio.Protocol):
         TLS connection past a cap, to be closed at once without a handshake
         (no error can reach it before one, and handshakes are what a flood
         of them would cost); a plain one is told why instead.
+
+        Past max-connections a new connection takes the place of the oldest
+        one not logged in (``Worker.strangers``), which is told 502 and closed:
+        otherwise connections that never log in, from enough addresses to pass
+        max-connections-per-ip, held every new client out, login-timeout at a
+        time.  Only when every connection is logged in is the new one refused.
         """
         w = self.worker
         self.ip = ip
@@ -124,15 +131,16 @@ class Session(asyncio.Protocol):
         w.sessions[self.id] = self
         w.per_ip[self.source] += 1
         refuse = None
-        if len(w.sessions) > w.max_connections:
-            w.refused_full += 1
-            refuse = (ErrorCode.UNAVAILABLE, "the server is at its connection limit; try later")
-        elif w.per_ip[self.source] > w.config.max_connections_per_ip:
+        if w.per_ip[self.source] > w.config.max_connections_per_ip:
             refuse = (ErrorCode.RATE_LIMITED, "too many connections from this address")
         elif w.draining:
             refuse = (ErrorCode.SHUTTING_DOWN, "the server is shutting down; reconnect later")
+        elif len(w.sessions) > w.max_connections and not w.evict_stranger():
+            w.refused_full += 1
+            refuse = (ErrorCode.UNAVAILABLE, "the server is at its connection limit; try later")
         if refuse is None:
             self.deadline = w.loop.call_later(w.config.login_timeout, self._login_timeout)
+            w.strangers[self.id] = self
             return True
         if self.tls is not None and refuse[0] != ErrorCode.SHUTTING_DOWN:
             self.closing = True
@@ -161,9 +169,13 @@ class Session(asyncio.Protocol):
                 ssl=self.tls,
                 ssl_handshake_timeout=timeout,
             )
-        except Exception:  # a failed or timed-out handshake, a reset: the connection is over
+        except (Exception, asyncio.CancelledError):
+            # a failed, timed-out or cancelled (evicted, draining) handshake, a reset:
+            # the connection is over
             sock.close()
             self.connection_lost(None)
+        finally:
+            self.handshaking = None
 
     def data_received(self, data: bytes) -> None:
         if self.closing:
@@ -234,6 +246,7 @@ class Session(asyncio.Protocol):
         w = self.worker
         if w.sessions.pop(self.id, None) is None:
             return  # already gone (a TLS connection can be told twice)
+        w.strangers.pop(self.id, None)
         w.per_ip[self.source] -= 1
         if w.per_ip[self.source] <= 0:
             del w.per_ip[self.source]
@@ -338,6 +351,15 @@ class Session(asyncio.Protocol):
         if self.holders:
             self.release()  # the device may log in elsewhere at once
         self._schedule_flush()
+
+    def evict(self) -> None:
+        """Make room for a new connection (Worker.evict_stranger): told 502, closed.
+        A login it was in does not count as a failed one (the server ended it)."""
+        self.scram = None
+        if self.handshaking is not None:  # no error can reach it before its handshake
+            self.handshaking.cancel()
+        elif not self.closing:
+            self.fail(ErrorCode.UNAVAILABLE, "the server is at its connection limit; try later")
 
     def _login_timeout(self) -> None:
         if self.transport is None:

@@ -52,7 +52,7 @@ import os
 import signal
 import sys
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 
 import lmdb
 import orjson
@@ -159,6 +159,9 @@ class Worker:
         )
         self.ids = itertools.count(1)
         self.sessions: dict[int, Session] = {}
+        # the sessions not logged in, oldest first (Session.accepted: evicted past
+        # max-connections)
+        self.strangers: OrderedDict[int, Session] = OrderedDict()
         self.by_device: dict[str, Session] = {}
         self.per_ip: Counter = Counter()
         self.pairing_per_ip: Counter = Counter()  # connections waiting to be paired (linking.py)
@@ -202,6 +205,7 @@ class Worker:
         self.rate_buckets_max = config.rate_buckets
         self.max_connections = config.max_connections
         self.refused_full = 0
+        self.evicted_logged = 0  # counters["evicted"] when the limit was last logged
         self.full_logged = float("-inf")
         self.store_full_logged = float("-inf")
         self.draining = False  # stopping: new connections are told 503
@@ -250,6 +254,15 @@ class Worker:
         self.jobs.append(Job(run, done, session, request_id, failed))
         self._schedule_tick()
 
+    def evict_stranger(self) -> bool:
+        """Close the oldest connection not logged in, to make room; False if none."""
+        if not self.strangers:
+            return False
+        _, s = self.strangers.popitem(last=False)
+        self.stats.counters["evicted"] += 1
+        s.evict()
+        return True
+
     def attach(self, s: Session, device: str, done) -> None:
         """Log ``s`` in as ``device``: its session record joins this tick's commit;
         after it, ``s`` holds the device and ``done(queued)`` runs, ``queued``
@@ -285,6 +298,7 @@ class Worker:
             return
         prev, offline, queued = recorded
         s.device = device
+        self.strangers.pop(s.id, None)
         s.bucket = None  # the device's own, at the first request (rate_bucket)
         s.user = device.partition(":")[0]
         old = self.by_device.get(s.device)
@@ -671,16 +685,20 @@ class Worker:
             if self.index == 0 and now >= self.next_purge:
                 self.purge_expired()
                 self.next_purge = now + self.config.purge_interval
-            if self.refused_full and now - self.full_logged >= FULL_LOG_INTERVAL:
+            evicted = self.stats.counters["evicted"] - self.evicted_logged
+            if (self.refused_full or evicted) and now - self.full_logged >= FULL_LOG_INTERVAL:
                 log.event(
                     logger,
                     logging.WARNING,
-                    "at the connection limit: refusing new connections",
+                    "at the connection limit: refusing new connections "
+                    "(or closing ones not logged in for them)",
                     worker=self.index,
                     max_connections=self.max_connections,
                     refused=self.refused_full,
+                    evicted=evicted,
                 )
                 self.refused_full = 0
+                self.evicted_logged += evicted
                 self.full_logged = now
 
     def purge_expired(self) -> None:
@@ -704,7 +722,7 @@ class Worker:
         longest = int(1000 * max(c.register_window, c.login_window, c.new_chats_window,
                                  c.discover_window, c.verify_window, c.keys_fetch_window,
                                  c.key_changes_window, media_day,
-                                 c.group_window))  # fmt: skip
+                                 c.group_window, c.group_notice_window))  # fmt: skip
         where, swept = (b"", b""), 0
         while True:
             try:
@@ -774,7 +792,9 @@ class Worker:
                                          joins_per_day=c.group_joins_per_day,
                                          window_ms=int(c.group_window * 1000),
                                          discover_numbers=c.discover_numbers,
-                                         discover_window_ms=int(c.discover_window * 1000)))  # fmt: skip
+                                         discover_window_ms=int(c.discover_window * 1000),
+                                         notice_bytes=c.group_notice_bytes,
+                                         notice_window_ms=int(c.group_notice_window * 1000)))  # fmt: skip
         self.social = Social(self.store, c)
         self.presence = PresenceHub(self, self.social, self.queues.encoder)
         self.encode_entry = self.queues.encoder.write

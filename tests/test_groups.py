@@ -34,8 +34,10 @@ def run(coro, timeout=240):
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory):
+    # new-chats off: the big groups here are of strangers (adding one costs a new chat;
+    # test_hardening::test_a_group_of_strangers_costs_new_chats)
     s = Server(tmp_path_factory.mktemp("groups") / "data", workers=2, register_per_ip=1000,
-               message_rate=0, queue_max_count=QUEUE_MAX)  # fmt: skip
+               message_rate=0, queue_max_count=QUEUE_MAX, new_chats=0)  # fmt: skip
     s.start()
     yield s
     assert s.stop() == 0, s.log_text()[-3000:]
@@ -844,7 +846,9 @@ def test_kill_9_of_a_worker_during_a_big_fan_out_loses_and_duplicates_nothing(tm
     import signal
     from collections import Counter
 
-    srv = Server(tmp_path / "data", workers=2, register_per_ip=1000, message_rate=0)
+    # new-chats off: a group of strangers (adding each costs a new chat)
+    srv = Server(tmp_path / "data", workers=2, register_per_ip=1000, message_rate=0,
+                 new_chats=0)  # fmt: skip
     srv.start()
     try:
 

@@ -272,7 +272,7 @@ def test_a_full_store_answers_every_request_with_501_never_a_traceback(tmp_path)
 def test_stale_rate_limit_records_are_swept(tmp_path):
     srv = start(tmp_path, purge_interval=0.2, register_window=60, new_chats_window=60,
                 discover_window=60, login_window=60, verify_window=60, keys_fetch_window=60,
-                key_changes_window=60, group_window=60)  # fmt: skip
+                key_changes_window=60, group_window=60, group_notice_window=60)  # fmt: skip
     try:
 
         async def main():
@@ -1059,3 +1059,206 @@ def test_a_message_to_a_number_that_is_not_a_user_costs_a_new_chat(tmp_path):
         run(main())
     finally:
         srv.stop()
+
+
+# -- 16. group changes in a loop (probe 3) ----------------------------------------------------
+
+
+def queue_entries(srv: Server) -> int:
+    store = Store(str(srv.data_dir / "store"), map_size=256 << 20, create=False)
+    try:
+        with store.read() as txn:
+            return txn.stat(store._db["queue"])["entries"]
+    finally:
+        store.close()
+
+
+def test_group_changes_in_a_loop_stop_at_the_notice_budget(tmp_path):
+    """Each change of a group queues a notice in every member device's queue, held to
+    no queue limit: an admin of a big group changing its description in a loop made
+    the store grow by 4 MB a request (1,023 members of 5 devices: 851 MB in 23 s).
+    The changes draw on group-notice-bytes (the store bytes the notices add) per
+    window; a notice is stored once, so the charge is mostly a key and reference per device."""
+    from pigeon.server.provision import provision
+
+    budget = 200_000
+    srv = start(tmp_path, message_rate=0, group_notice_bytes=budget, group_notice_window=600)
+    try:
+
+        async def main():
+            store = Store(str(srv.data_dir / "store"), map_size=256 << 20, create=False)
+            try:
+                extra = provision(store, 40, str(tmp_path / "creds.jsonl"), prefix="4942",
+                                  iterations=4096, devices=5)  # fmt: skip
+            finally:
+                store.close()
+            alice = await srv.login(await srv.register(ALICE))
+            members = [x["phone"] for x in extra]
+            g = (await alice.group("create", subject="big", members=members)).group
+            before = queue_entries(srv)
+            done = 0
+            with pytest.raises(ServerError) as info:
+                for i in range(200):
+                    await alice.group_description(g, f"{i:03d}" + "d" * 500)
+                    done += 1
+            assert info.value.code == ErrorCode.RATE_LIMITED
+            assert "group-notice" in info.value.text or "notices" in info.value.text
+            # 201 devices x ~40 bytes of key and reference, plus the ~560-byte notice once:
+            # the budget holds about 23 changes
+            assert 15 <= done <= 30, done
+            queued = queue_entries(srv) - before
+            assert done * 200 <= queued <= done * 201, queued  # nothing for the refusal
+            info_ = await alice.group_info(g)
+            # the refused one changed nothing
+            assert info_.description.startswith(f"{done - 1:03d}")
+            with pytest.raises(ServerError) as info:
+                await alice.group_subject(g, "other")
+            assert info.value.code == ErrorCode.RATE_LIMITED
+            await alice.ping()  # not fatal
+            srv.advance_clock(601)  # the budget drained
+            await alice.group_subject(g, "other")
+            with pytest.raises(ServerError) as info:  # spent again
+                for i in range(200):
+                    await alice.group_description(g, f"{i:03d}" + "e" * 500)
+            assert info.value.code == ErrorCode.RATE_LIMITED
+            await alice.group_leave(g)  # leaving is never refused
+            await alice.close()
+
+        run(main())
+    finally:
+        assert srv.stop() == 0
+
+
+# -- 17. strangers across the addresses of one network (probe 3) ------------------------------
+
+
+def test_code_requests_from_many_addresses_of_one_network_stop_at_register_per_net(tmp_path):
+    """Code requests were limited per address only: 200 addresses of one /24 got 4,000
+    codes (text messages) and left 8,200 records in an hour's window, and an IPv6 /48
+    holds 65,536 addresses counted apart.  register-per-net counts them together."""
+    srv = start(tmp_path, register_per_ip=2, register_per_net=5, register_per_phone=10,
+                unauth_burst=100)  # fmt: skip
+    try:
+        answers = []
+        for a in range(2, 6):  # 4 addresses of 127.0.8.0/24, 2 requests each
+            raw = Raw(srv.port, source=f"127.0.8.{a}")
+            for i in range(2):
+                raw.send(Register(f"r{i}", f"4916{a:04d}{i:04d}"))
+                answers.append(raw.next_event())
+            raw.close()
+        sent = [e for e in answers if isinstance(e, CodeSent)]
+        refused = [e for e in answers if isinstance(e, Error)]
+        assert len(sent) == 5, answers
+        assert len(refused) == 3 and all(e.code == ErrorCode.RATE_LIMITED for e in refused)
+        assert all("network" in e.text for e in refused), refused
+        # per address (the fourth was refused: nothing written), per phone, the network
+        assert limits_entries(srv) == 3 + 5 + 1
+        raw = Raw(srv.port, source="127.0.9.2")  # another network
+        raw.send(Register("r", "491699990000"))
+        assert isinstance(raw.next_event(), CodeSent)
+        raw.close()
+    finally:
+        assert srv.stop() == 0
+
+
+def test_pair_requests_from_many_addresses_of_one_network_stop_at_pair_per_net(tmp_path):
+    srv = start(tmp_path, pair_per_net=3, unauth_burst=100)
+    try:
+        key = new_identity().public
+        got = []
+        for a in range(2, 6):
+            raw = Raw(srv.port, source=f"127.0.10.{a}")
+            raw.send(Pair("p", "qr", key))
+            got.append(raw.next_event())
+            raw.close()
+        assert [type(e).__name__ for e in got] == ["PairCode"] * 3 + ["Error"], got
+        assert got[3].code == ErrorCode.RATE_LIMITED and "network" in got[3].text
+        raw = Raw(srv.port, source="127.0.11.2")
+        raw.send(Pair("p", "qr", key))
+        assert type(raw.next_event()).__name__ == "PairCode"
+        raw.close()
+    finally:
+        assert srv.stop() == 0
+
+
+def test_a_group_of_strangers_costs_new_chats(tmp_path):
+    """A group was a way around new-chats: a user could create groups of 1,023
+    strangers each (the default groupadd is everyone) and reach all of them with
+    every message, against 100 new chats a day one by one.  Adding a user who
+    does not have the adder as a contact now costs a new chat (404 in failed)."""
+    srv = start(tmp_path, new_chats=3, register_per_ip=1000)
+    try:
+
+        async def main():
+            alice = await srv.login(await srv.register(ALICE))
+            strangers = [f"4917{i:08d}" for i in range(5)]
+            for p in strangers:
+                await srv.register(p)
+            bob_creds = await srv.register(BOB)
+            bob = await srv.login(bob_creds)
+            await bob.discover([ALICE])  # bob has alice as a contact: free to add
+            res = await alice.group("create", subject="spam", members=strangers + [BOB])
+            assert dict(res.failed) == {strangers[3]: ErrorCode.NEW_CHAT_LIMIT,
+                                        strangers[4]: ErrorCode.NEW_CHAT_LIMIT}  # fmt: skip
+            info = await alice.group_info(res.group)
+            assert set(info.users) == {ALICE, BOB, *strangers[:3]}
+            res = await alice.group("add", res.group, [strangers[4]])
+            assert dict(res.failed) == {strangers[4]: ErrorCode.NEW_CHAT_LIMIT}
+            with pytest.raises(ServerError) as e:  # and the 1:1 budget is the same one
+                await alice.send(strangers[4], b"hi")
+            assert e.value.code == ErrorCode.NEW_CHAT_LIMIT
+            await alice.send(strangers[0], b"hi")  # one already in the group: known now
+            for c in (alice, bob):
+                await c.close()
+
+        run(main())
+    finally:
+        assert srv.stop() == 0
+
+
+# -- 18. connections that never log in, from many addresses (probe 3) -------------------------
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["tcp", "tls"])
+def test_connections_not_logged_in_make_room_for_a_new_one_past_max_connections(tmp_path, tls):
+    """Connections that never log in held every new client out once they filled
+    max-connections (600 from 40 addresses of 15: 10 of 10 logins refused with 502,
+    login-timeout at a time; per address they are under max-connections-per-ip).
+    Now a new connection takes the place of the oldest one not logged in."""
+    srv = Server(tmp_path / "data", workers=1, tls=tls, max_connections=8,
+                 login_timeout=30).start()  # fmt: skip
+    port = srv.tls_port if tls else srv.port
+    try:
+        creds = run(srv.register(ALICE))  # before the flood: registering is a connection too
+        idle = []
+        for i in range(8):
+            s = socket.socket()
+            s.bind((f"127.0.21.{2 + i % 4}", 0))
+            s.connect(("127.0.0.1", port))
+            idle.append(s)
+        time.sleep(0.3)  # let the worker accept them (a bound, not a timing)
+
+        async def login():
+            kw = {"ssl": srv.ssl_context()} if tls else {}
+            c = await Client.connect("localhost" if tls else "127.0.0.1", port,
+                                     plaintext=True, **kw)  # fmt: skip
+            await c.login(creds)
+            await c.ping()
+            await c.close()
+
+        run(login())
+        # the oldest went to make room: told 502 (a plain one), closed
+        s = idle[0]
+        s.settimeout(10)
+        got = b""
+        try:
+            while chunk := s.recv(65536):
+                got += chunk
+        except ConnectionResetError:
+            pass
+        if not tls:
+            assert b"connection limit" in got, got
+        for s in idle:
+            s.close()
+    finally:
+        assert srv.stop() == 0

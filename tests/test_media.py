@@ -633,9 +633,13 @@ def test_connections_are_capped_and_must_send_their_headers_in_time(tmp_path):
     sending headers slowly, for aiohttp's default hour: 300 of them with 100 headers of
     8 KB each took the media process from 48 to 531 MB.  Now media-connections-per-ip
     and media-connections are closed at once past them, a connection has
-    media-header-timeout to send its headers, and headers are capped in count."""
+    media-header-timeout to send its headers, and headers are capped in count.
+    Past media-connections a new one takes the place of the longest-idle one (32
+    addresses filled the 1,024 with connections that never finished a request:
+    every other client was refused for media-header-timeout at a time); only when
+    every one is in the middle of a request is the new one closed."""
     s = Server(tmp_path / "data", workers=1, media=True, media_connections=6,
-               media_connections_per_ip=4, media_header_timeout=2, media_max_headers=8)  # fmt: skip
+               media_connections_per_ip=4, media_header_timeout=4, media_max_headers=8)  # fmt: skip
     s.start()
     head = b"GET /v1/health HTTP/1.1\r\nHost: x\r\n"
 
@@ -667,11 +671,15 @@ def test_connections_are_capped_and_must_send_their_headers_in_time(tmp_path):
         assert await closed(r5, 5)  # the fifth from one address: closed at once
         assert await refusals("connections per ip") == 1
         held += [await connect("127.0.0.2") for _ in range(2)]
-        r7, _ = await connect("127.0.0.3")
-        assert await closed(r7, 5)  # the seventh in all
+        r7, w7 = await connect("127.0.0.3")  # the seventh in all: the longest-idle goes
+        assert await closed(held[0][0], 2)  # well before its header timeout (4 s)
+        # r7's, and the metrics request's own (it pushed out the next-longest idle)
+        assert await refusals("idle connection closed") == 2
+        assert not await closed(r7, 0.5)
+        held = held[1:] + [(r7, w7)]
         for r, _ in held:  # media-header-timeout: every one is closed
             assert await closed(r, 10)
-        assert await refusals("connections") == 1
+        assert await refusals("connections") == 0
         r, w = await asyncio.open_connection("127.0.0.1", s.media_port)
         w.write(head + b"".join(b"X-%d: y\r\n" % i for i in range(9)) + b"\r\n")
         assert b" 400 " in await asyncio.wait_for(r.readline(), 5)  # too many headers
@@ -787,8 +795,8 @@ def test_an_upload_trickling_bytes_is_cut_and_resumes(tmp_path):
 
 
 def test_a_tls_handshake_gets_the_header_timeout(tmp_path):
-    """A TLS connection is counted by the media service once its handshake is done; one
-    that never sent a ClientHello was held for asyncio's 60 s handshake timeout."""
+    """A TLS connection that never sent a ClientHello was held for asyncio's 60 s
+    handshake timeout."""
     s = Server(tmp_path / "data", workers=1, tls=True, media=True, media_header_timeout=1)
     s.start()
 
@@ -800,6 +808,51 @@ def test_a_tls_handshake_gets_the_header_timeout(tmp_path):
         except ConnectionError:
             pass  # closed with a reset: closed too
         w.close()
+
+    try:
+        run(main(), timeout=60)
+    finally:
+        assert s.stop() == 0
+
+
+def test_tls_handshakes_count_from_the_accept(tmp_path):
+    """A TLS connection was counted only once its handshake was done: 3,000 that never
+    sent a ClientHello, from one address, were all held (media RSS 49 -> 473 MB) for
+    media-header-timeout.  Now they count against media-connections-per-ip from the
+    accept, and a stalled handshake is pushed out like an idle connection when the
+    service is full."""
+    s = Server(tmp_path / "data", workers=1, tls=True, media=True, media_connections=8,
+               media_connections_per_ip=4, media_header_timeout=30)  # fmt: skip
+    s.start()
+
+    async def silent(src):
+        r, w = await asyncio.open_connection("127.0.0.1", s.media_port, local_addr=(src, 0))
+        return r, w
+
+    async def closed(r, timeout):
+        try:
+            return await asyncio.wait_for(r.read(), timeout) == b""
+        except ConnectionError:
+            return True
+        except TimeoutError:
+            return False
+
+    async def main():
+        await until(lambda: "media ready" in s.log_text(), timeout=20)
+        held = [await silent("127.0.0.1") for _ in range(4)]
+        extra = [await silent("127.0.0.1") for _ in range(4)]
+        for r, _ in extra:  # past media-connections-per-ip: closed at once, no handshake
+            assert await closed(r, 5)
+        for r, _ in held:  # the four within it wait for their ClientHello
+            assert not await closed(r, 0.2)
+        held += [await silent(f"127.0.0.{i}") for i in (2, 2, 2, 2)]  # 8: the service is full
+        conn = aiohttp.TCPConnector(local_addr=("127.0.0.3", 0), ssl=s.ssl_context())
+        async with aiohttp.ClientSession(connector=conn) as c:  # a client is still served
+            async with c.get(f"{s.media_url}/v1/health") as resp:
+                assert resp.status == 200
+        assert await closed(held[0][0], 5)  # the longest-stalled handshake made room
+        for _, w in held + extra:
+            w.close()
 
     try:
         run(main(), timeout=60)

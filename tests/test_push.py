@@ -493,7 +493,8 @@ def test_web_push_requests_carry_a_valid_vapid_signature(tmp_path, tls):
     os.chmod(vkey, 0o600)
     srv, mport = start(tmp_path, push_vapid_key_file=str(vkey),
                        push_vapid_subject="mailto:ops@example.org",
-                       push_webpush_hosts=f"127.0.0.1:{wp.port}", push_ca_file=cert)  # fmt: skip
+                       push_webpush_hosts=f"127.0.0.1:{wp.port},localhost",
+                       push_ca_file=cert)  # fmt: skip
     try:
 
         async def main():
@@ -535,6 +536,7 @@ def test_web_push_requests_carry_a_valid_vapid_signature(tmp_path, tls):
             c = await srv.login(await srv.register("33612345678"))
             for bad in (
                 "https://127.0.0.1:7659/metrics",
+                "https://localhost:7659/metrics",  # an allowed host without a port: 443 only
                 f"http://127.0.0.1:{wp.port}/x",
                 "https://evil.example/x",
             ):

@@ -272,7 +272,10 @@ def test_per_address_and_per_worker_connection_caps(tmp_path):
     try:
         held = [_raw_connect(srv.port) for _ in range(2)]
         extra = _raw_connect(srv.port)
-        assert _read_error_code(extra) == ErrorCode.UNAVAILABLE
+        # none is logged in: the new one takes the place of the oldest (told 502)
+        assert _read_error_code(held[0]) == ErrorCode.UNAVAILABLE
+        extra.sendall(bytes.fromhex("000008f80306" + "13fc026b31"))  # <ping id="k1"/>
+        assert _first_node(extra, "pong").attrs["id"] == "k1"
         extra.close()
         for s in held:
             s.close()
@@ -281,7 +284,8 @@ def test_per_address_and_per_worker_connection_caps(tmp_path):
 
 
 def test_out_of_file_descriptors_refuses_with_an_error_and_recovers(tmp_path):
-    """A worker with 160 files and 64 reserved takes 96 connections and refuses the rest."""
+    """A worker with 160 files and 64 reserved holds 96 connections: each past them
+    takes the place of the oldest not logged in (told 502)."""
     srv = Server(
         tmp_path / "data", workers=1, open_files=160, files_reserve=64, login_timeout=120
     ).start()
