@@ -53,8 +53,10 @@ def body_of(node) -> bytes:
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory):
+    # new_chats=0: the 1,024-member groups are of strangers, each add a new chat
+    # (test_hardening::test_a_group_of_strangers_costs_new_chats)
     s = Server(tmp_path_factory.mktemp("gsdk") / "data", workers=2, register_per_ip=1000,
-               message_rate=0)  # fmt: skip
+               message_rate=0, new_chats=0)  # fmt: skip
     s.start()
     yield s
     assert s.stop() == 0, s.log_text()[-3000:]
