@@ -294,6 +294,8 @@ def check_keepalive(interval: float | None, timeout: float) -> float | None:
 
 #: users per batched device-list request (the server's devices-query-max default)
 DEVICES_QUERY_CHUNK = 256
+#: users per key-bundle request (the server's keys-query-max default)
+KEYS_QUERY_CHUNK = 200
 
 #: Server answers matched to a REQ waiter by their id.
 _ANSWERS = frozenset({GroupResult, PrivacySettings, DiscoverResult, Blocklist, LinkKey, DeviceList,
@@ -559,6 +561,8 @@ class ClientAPI(GroupsAPI):
     _closing: bool
     #: users per batched devices request (smaller once a server answered 406)
     _devices_chunk: int = DEVICES_QUERY_CHUNK
+    #: users per key-bundle request (smaller once a server answered 406)
+    _keys_chunk: int = KEYS_QUERY_CHUNK
 
     #: what a reconnection attempt may fail with and still be retried
     RETRY_ERRORS: tuple = (OSError, ConnectionLost, TimeoutError, ScramException)
@@ -941,7 +945,7 @@ class ClientAPI(GroupsAPI):
         fetched from the server's key directory (checked against the device list)."""
         olm = self.secure.device
         users = sorted({d.partition(":")[0] for d in devices if not olm.has_session(d)})
-        for bundle in await self.fetch_keys(users) if users else ():
+        for bundle in await self._fetch_keys_chunked(users) if users else ():
             d, otk = bundle.device, bundle.one_time_key
             if d not in devices or olm.has_session(d) or otk is None or bundle.ed25519 is None:
                 continue
@@ -1320,6 +1324,23 @@ class ClientAPI(GroupsAPI):
         users = (users,) if isinstance(users, str) else tuple(users)
         rid = self.new_id()
         return (await self._request(REQ, rid, KeysQuery(rid, users), timeout)).bundles
+
+    async def _fetch_keys_chunked(self, users, timeout: float = 30.0) -> list:
+        """``fetch_keys`` for ``users`` in requests of at most ``_keys_chunk`` users,
+        halved when the server answers 406 (its keys-query-max is lower; a refused
+        request consumed no key)."""
+        out, i = [], 0
+        while i < len(users):
+            chunk = users[i : i + self._keys_chunk]
+            try:
+                out += await self.fetch_keys(chunk, timeout)
+            except ServerError as exc:
+                if exc.code != ErrorCode.TOO_MANY or len(chunk) == 1:
+                    raise
+                self._keys_chunk = max(1, len(chunk) // 2)  # this server's limit is lower
+                continue
+            i += len(chunk)
+        return out
 
     async def retry_receipt(self, to: str, id: str, timeout: float | None = 30.0) -> ServerAck:
         """Ask the sender ``to`` to send message ``id`` again (this device could not

@@ -46,9 +46,9 @@ logger = logging.getLogger("pigeon.client")
 #: notices after which the member list of a group may have shrunk: the next
 #: message starts a new Megolm session
 _SHRINK = frozenset({"remove", "leave"})
-#: users per key-bundle request (the server's keys-query-max default), and the
-#: bundles one answer may hold (the children of one node)
-KEYS_QUERY_CHUNK = 200
+#: the bundles one key-bundle answer may hold (the children of one node); users per
+#: request: ``Client._keys_chunk`` (the server's keys-query-max default, smaller once
+#: a server answered 406: ``_fetch_keys_chunked``)
 KEYS_QUERY_BUNDLES = 1024
 #: the application type of a 1:1 encrypted message asking a member device to share
 #: its group key with this device again (it lost it): ``[group, session id]``
@@ -225,9 +225,8 @@ class GroupsAPI:
             devices += [d for d in self._trust(user, lists[user]) if d != self.device]
         return devices
 
-    @staticmethod
-    def _key_chunks(need) -> list[list[str]]:
-        """``need`` (devices) in groups of whole users, each at most KEYS_QUERY_CHUNK
+    def _key_chunks(self, need) -> list[list[str]]:
+        """``need`` (devices) in groups of whole users, each at most ``_keys_chunk``
         users and KEYS_QUERY_BUNDLES devices: one key-bundle request each (a fetch
         takes a key of every device of a user, so a user is never split)."""
         by_user: dict[str, list[str]] = {}
@@ -235,7 +234,7 @@ class GroupsAPI:
             by_user.setdefault(d.partition(":")[0], []).append(d)
         chunks, cur, users = [], [], 0
         for devs in by_user.values():
-            if cur and (users >= KEYS_QUERY_CHUNK or len(cur) + len(devs) > KEYS_QUERY_BUNDLES):
+            if cur and (users >= self._keys_chunk or len(cur) + len(devs) > KEYS_QUERY_BUNDLES):
                 chunks.append(cur)
                 cur, users = [], 0
             cur += devs

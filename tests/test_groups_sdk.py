@@ -475,3 +475,43 @@ def test_lookups_of_co_members_are_free_and_of_strangers_charged(tmp_path):
         run(main())
     finally:
         assert s.stop() == 0, s.log_text()[-3000:]
+
+
+def test_key_fetches_shrink_to_a_lower_keys_query_max(tmp_path):
+    """keys-query-max 4, below the SDK's 200 users per key request: the first send to
+    a group of 11 keyed members is refused 406 once, the SDK halves its requests
+    until the server takes them (a refused request takes no key), and every member
+    device gets a key share; a direct fetch of too many users is still 406."""
+    s = Server(tmp_path / "data", workers=2, register_per_ip=1000, message_rate=0,
+               new_chats=0, keys_query_max=4)  # fmt: skip
+    s.start()
+
+    async def main():
+        store = Store(str(s.data_dir / "store"), map_size=256 << 20, create=False)
+        try:
+            provisioned = provision_keyed(store, 10, prefix="4934")
+        finally:
+            store.close()
+        relay = await Relay(s.port).start()
+        pa, pb = next(PHONES), next(PHONES)
+        a = await register(s, relay, pa, tmp_path / "a.json")
+        b = await register(s, relay, pb, tmp_path / "b.json")
+        with pytest.raises(ServerError) as err:  # the server's limit, as such
+            await a.fetch_keys([pb, *provisioned[:4]])
+        assert err.value.code == ErrorCode.TOO_MANY
+        made = await a.group_create("small limit", [pb, *provisioned])
+        assert made.failed == ()
+        ack = await a.send(made.group, b"past keys-query-max", timeout=60)
+        assert ack.failed == ()
+        assert a._keys_chunk <= 4
+        assert payload_entries(s, ack.id) == 11  # a key share for every member device
+        ev = await message(b)
+        assert (type(ev), ev.sender, ev.body) == (GroupMessage, a.device, b"past keys-query-max")
+        for cl in (a, b):
+            await cl.close()
+        await relay.close()
+
+    try:
+        run(main())
+    finally:
+        assert s.stop() == 0, s.log_text()[-3000:]
