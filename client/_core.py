@@ -1265,19 +1265,13 @@ class ClientAPI(GroupsAPI):
                 want.append(u)
             else:
                 out[u] = cached
-        i = 0
-        while i < len(want):
+
+        async def ask(chunk):
             gen = core.device_lists_gen
             rid = self.new_id()
-            chunk = tuple(want[i : i + self._devices_chunk])
-            try:
-                answer = await self._request(REQ, rid, DevicesBatchQuery(rid, chunk), timeout)
-            except ServerError as exc:
-                if exc.code != ErrorCode.TOO_MANY or len(chunk) == 1:
-                    raise
-                self._devices_chunk = max(1, len(chunk) // 2)  # this server's limit is lower
-                continue
-            i += len(chunk)
+            return gen, await self._request(REQ, rid, DevicesBatchQuery(rid, chunk), timeout)
+
+        async for gen, answer in self._batches(want, "_devices_chunk", ask):
             for u, items in answer.lists:
                 out[u] = items
                 if gen == core.device_lists_gen:  # no notice came meanwhile: it is current
@@ -1326,21 +1320,30 @@ class ClientAPI(GroupsAPI):
         return (await self._request(REQ, rid, KeysQuery(rid, users), timeout)).bundles
 
     async def _fetch_keys_chunked(self, users, timeout: float = 30.0) -> list:
-        """``fetch_keys`` for ``users`` in requests of at most ``_keys_chunk`` users,
-        halved when the server answers 406 (its keys-query-max is lower; a refused
-        request consumed no key)."""
-        out, i = [], 0
-        while i < len(users):
-            chunk = users[i : i + self._keys_chunk]
+        """``fetch_keys`` for ``users`` in requests of at most ``_keys_chunk`` users
+        (``_batches``: a refused request took no key)."""
+        out = []
+        async for bundles in self._batches(users, "_keys_chunk",
+                                           lambda chunk: self.fetch_keys(chunk, timeout)):  # fmt: skip
+            out += bundles
+        return out
+
+    async def _batches(self, items, size_attr: str, ask):
+        """The answers of ``ask(chunk)`` for ``items`` in chunks of at most the
+        attribute ``size_attr`` of this client; a 406 (the server's limit is lower)
+        halves it and asks again, so later requests are the size the server takes."""
+        i = 0
+        while i < len(items):
+            chunk = tuple(items[i : i + getattr(self, size_attr)])
             try:
-                out += await self.fetch_keys(chunk, timeout)
+                answer = await ask(chunk)
             except ServerError as exc:
                 if exc.code != ErrorCode.TOO_MANY or len(chunk) == 1:
                     raise
-                self._keys_chunk = max(1, len(chunk) // 2)  # this server's limit is lower
+                setattr(self, size_attr, max(1, len(chunk) // 2))
                 continue
             i += len(chunk)
-        return out
+            yield answer
 
     async def retry_receipt(self, to: str, id: str, timeout: float | None = 30.0) -> ServerAck:
         """Ask the sender ``to`` to send message ``id`` again (this device could not
