@@ -380,6 +380,15 @@ def test_an_offline_member_reads_notices_and_messages_in_order_at_login(srv, tmp
 # -- a big group: the first send reaches every device, within the lookup limits ---------
 
 
+def keyed_members(srv, count: int, prefix: str) -> list[str]:
+    """``provision_keyed`` on ``srv``'s store: ``count`` offline users with keys."""
+    store = Store(str(srv.data_dir / "store"), map_size=256 << 20, create=False)
+    try:
+        return provision_keyed(store, count, prefix=prefix)
+    finally:
+        store.close()
+
+
 def payload_entries(srv, mid) -> int:
     """Queue entries holding message ``mid`` with a device's own key share (kind 7)."""
     store = Store(str(srv.data_dir / "store"), map_size=256 << 20, create=False)
@@ -399,11 +408,7 @@ def test_the_first_send_to_a_1024_member_group_shares_its_key_with_every_device(
     replaced by fallback keys), and both online members decrypt it."""
 
     async def main():
-        store = Store(str(srv.data_dir / "store"), map_size=256 << 20, create=False)
-        try:
-            provisioned = provision_keyed(store, 1021, prefix="4933")
-        finally:
-            store.close()
+        provisioned = keyed_members(srv, 1021, prefix="4933")
         relay = await Relay(srv.port).start()
         pa, pb, pc = next(PHONES), next(PHONES), next(PHONES)
         a = await register(srv, relay, pa, tmp_path / "a.json")
@@ -487,11 +492,7 @@ def test_key_fetches_shrink_to_a_lower_keys_query_max(tmp_path):
     s.start()
 
     async def main():
-        store = Store(str(s.data_dir / "store"), map_size=256 << 20, create=False)
-        try:
-            provisioned = provision_keyed(store, 10, prefix="4934")
-        finally:
-            store.close()
+        provisioned = keyed_members(s, 10, prefix="4934")
         relay = await Relay(s.port).start()
         pa, pb = next(PHONES), next(PHONES)
         a = await register(s, relay, pa, tmp_path / "a.json")
