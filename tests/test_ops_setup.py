@@ -89,6 +89,9 @@ def test_a_second_pigeon_on_a_taken_port_is_refused_and_reloads_still_work(tmp_p
             await until(lambda: drained(first, 2), timeout=30)
             assert not workers & set(first.worker_pids())
             assert "reload refused" not in first.log_text()
+            # the drain closed alice's connection: the ping waits for her reconnection
+            # (backoff with jitter), or it meets "not connected (reconnecting)"
+            await until(lambda: alice.reconnects >= 1 and alice._live, timeout=30)
             await alice.ping()  # served by the new generation
             await alice.close()
 
