@@ -458,6 +458,7 @@ class _Txn:
         self.put = txn.put
         self.qdb = q.db["queue"]
         self.enc = q.encoder
+        self.sessions = q.session_cache  # (enqueue: worker_of without its call when cached)
         self.state: dict[str, list] = {}
         # queue states as stored (device key -> 24 bytes), for group fan-outs; a
         # device is in this or in ``state``, never both (fold_state, qstate)
@@ -551,13 +552,16 @@ class _Txn:
             return w
 
     def enqueue(self, device: str, entry: bytes) -> None:
-        st = self.qstate(device)
+        st = self.state.get(device) or self.qstate(device)
         seq = st[0]
-        self.put(qkey(device, seq), entry, db=self.qdb)
+        self.put(device.encode() + b"\x00" + seq.to_bytes(8, "big"), entry, db=self.qdb)  # qkey
         st[0] = seq + 1
         st[1] += 1
         st[2] += len(entry)
-        self.pushes.append(Push(device, seq, entry, self.worker_of(device)))
+        wid = self.sessions.get(device, _UNKNOWN)
+        if wid is _UNKNOWN:
+            wid = self.worker_of(device)
+        self.pushes.append(Push(device, seq, entry, wid))
 
     def flush_state(self) -> None:
         put = self.txn.put
@@ -588,6 +592,7 @@ class Queues:
         self.stranger_count = min(limits.stranger_count or limits.max_count, limits.max_count)
         self.stranger_bytes = min(limits.stranger_bytes or limits.max_bytes, limits.max_bytes)
         self.encoder = encoder or FrameEncoder()
+        self._entry = self.encoder._codec.queue_entry  # (FrameEncoder.entry without its call)
         self.receipts = receipts
         self.clock = store.clock
         # Exact caches of read-mostly tables, kept across commits: each commit
@@ -1255,6 +1260,7 @@ class Queues:
         user = device.partition(":")[0]
         done = True
         deleted = 0
+        receipts = self.receipts
         with txn.cursor(db=qdb) as c:
             if not c.set_range(prefix):
                 return True
@@ -1270,7 +1276,8 @@ class Queues:
                 if st is None:
                     st = w.qstate(device)
                 st[1] -= 1
-                number = body_number(value)
+                kind = value[0]
+                number = body_number(value) if kind == GREF or kind == GPAYLOAD else None
                 if number is not None:  # a group message: one reference fewer to its body
                     raw = _unref(txn, self.db["gbody"], number)
                     if raw is None or value[0] != GREF:
@@ -1282,7 +1289,7 @@ class Queues:
                         self._group_delivered(w, flags, number, raw, user)
                 else:
                     st[2] -= len(value)
-                if self.receipts and value[0] == MESSAGE and not value[9] & SYNC:
+                if kind == MESSAGE and receipts and not value[9] & SYNC:
                     self._delivered(w, value, user, now)
                 if not c.delete():
                     break
@@ -1318,13 +1325,17 @@ class Queues:
         w.greceipts.clear()
 
     def _delivered(self, w: _Txn, value, user: str, now: int) -> None:
-        _, _, fan, origin, mid = entry_fields(value)
-        if fan and not w.txn.delete(self._fan_key(origin, mid, user), db=self.db["fan"]):
+        # (entry_fields' origin and id, read here without its tuple, t and fan flag)
+        olen = value[10]
+        origin = value[11 : 11 + olen].decode()
+        mid = value[12 + olen : 12 + olen + value[11 + olen]].decode()
+        if value[9] & FAN and not w.txn.delete(self._fan_key(origin, mid, user),
+                                               db=self.db["fan"]):  # fmt: skip
             return  # another device of this user acked first
         sender_devices = w.devices(origin.partition(":")[0])
         if not sender_devices:
             return  # the sender's account is gone
-        entry = w.enc.entry(RECEIPT, now, 0, user, mid, "delivered")
+        entry = self._entry(RECEIPT, now, 0, user, mid, "delivered")
         for d in sender_devices:
             w.enqueue(d, entry)
 
@@ -1441,7 +1452,7 @@ class Queues:
 
         Returns (entries written, bytes written, the last seq written)."""
         n = size = last = 0
-        write = self.encoder.write
+        write = self.encoder._codec.write_entry_frame  # (FrameEncoder.write without its call)
         prefix = qprefix(device)
         gdb = self.db["gbody"]
         with self.env.begin(buffers=True) as txn, txn.cursor(db=self.db["queue"]) as c:

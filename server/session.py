@@ -376,17 +376,20 @@ class Session(asyncio.Protocol):
         """An entry just committed to this device's queue: push it if the window allows."""
         if seq <= self.pushed or self.closing or self.device is None:
             return
+        w = self.worker
         if (
             seq == self.pushed + 1
             and not self.backlog
             and not self.paused
-            and seq - self.acked <= self.worker.delivery_window
-            and self.buffered() < self.worker.write_buffer_high
+            and seq - self.acked <= w.delivery_window
+            and self.buffered() < w.write_buffer_high
         ):
-            self.worker.encode_entry(self.out, entry, seq)
+            w.encode_entry(self.out, entry, seq)
             self.pushed = seq
-            self.worker.stats.counters["entries_out"] += 1
-            self._schedule_flush()
+            w.stats.counters["entries_out"] += 1
+            if not self.flush_pending:  # (_schedule_flush)
+                self.flush_pending = True
+                w.dirty(self)
             return
         # Out of order (another worker's commit overtook), window full or
         # transport full: it is in the queue; read it from there when there is room.

@@ -797,7 +797,7 @@ class Worker:
                                          notice_window_ms=int(c.group_notice_window * 1000)))  # fmt: skip
         self.social = Social(self.store, c)
         self.presence = PresenceHub(self, self.social, self.queues.encoder)
-        self.encode_entry = self.queues.encoder.write
+        self.encode_entry = self.queues.encoder._codec.write_entry_frame  # (FrameEncoder.write)
         _, offline = self.store.clear_worker_sessions(self.wid)
         self.accounts = Accounts(self.store, c, make_gateway(c))
         self.bus = Bus(self)
