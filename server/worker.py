@@ -269,9 +269,10 @@ class Worker:
         being how many entries waited in its queue at that commit.  If the record
         cannot be written, nothing has changed and the client is told."""
         wid, conn = self.wid, s.id
+        key, devices = device.encode(), self.store._db["devices"]
 
         def record(txn, now):
-            if self.store._get(txn, "devices", device) is None:
+            if txn.get(key, db=devices) is None:
                 # unlinked (or logged out, or its account deleted) since its
                 # credentials were read for the challenge: no session for it
                 return None

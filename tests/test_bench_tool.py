@@ -1,6 +1,7 @@
 """``pigeon admin provision`` and ``pigeon bench`` end to end (tiny loads: a smoke test, not a measurement)."""
 
 import asyncio
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -42,7 +43,11 @@ def test_throughput_json_counts_every_message():
     )
     assert r["profile"] == "bench" and r["window"] == 4
     assert (r["sync"], r["receipts"]) == ("os", True)
-    assert r["login_cpu_ms"] >= 0  # (6 logins can fall inside one 10 ms CPU-clock tick)
+    # read from schedstat (ns) where Linux has it; else 6 logins can fall inside one
+    # 10 ms CPU-clock tick
+    assert (
+        r["login_cpu_ms"] > 0 if os.path.exists("/proc/self/schedstat") else r["login_cpu_ms"] >= 0
+    )
     assert (r["receipts_received"], r["receipts_missing"], r["receipts_duplicated"]) == (150, 0, 0)
     # (150 messages can take less CPU than one 10 ms clock tick of the OS counters)
     assert r["server_cpu_us_per_msg"] >= 0 and r["p50_ms"] <= r["p99_ms"] <= r["p999_ms"]
