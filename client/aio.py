@@ -117,12 +117,13 @@ class Client(ClientAPI):
     # -- connection life -------------------------------------------------------
 
     async def _open(self) -> None:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(
+        # asyncio.timeout, not wait_for: Python 3.11's wait_for returns what it waited for
+        # when the caller is cancelled in the turn that result arrives, and the cancel
+        # (Ctrl-C: asyncio.Runner cancels the main task) is lost
+        async with asyncio.timeout(self.connect_timeout):
+            reader, writer = await asyncio.open_connection(
                 self.host, self.port, ssl=self.ssl, server_hostname=self.server_hostname
-            ),
-            self.connect_timeout,
-        )
+            )
         self._writer = writer
         self._dead = None
         self.core.start()
@@ -219,12 +220,18 @@ class Client(ClientAPI):
             self._sent_at = asyncio.get_running_loop().time()
 
     async def _wait(self, key, timeout: float | None):
-        fut = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
         self._futures[key] = fut
         self._schedule_flush()
+        # the timeout fails the future itself (it is ours), so a cancel of the caller
+        # is never confused with it nor lost (wait_for: see _open)
+        expiry = None if timeout is None else loop.call_later(timeout, _expire, fut)
         try:
-            return await asyncio.wait_for(fut, timeout)
+            return await fut
         finally:
+            if expiry is not None:
+                expiry.cancel()
             self._futures.pop(key, None)
             self.core.forget(key)
 
@@ -255,7 +262,11 @@ class Client(ClientAPI):
 
     async def next_event(self, timeout: float | None = None):
         """The next incoming event (or raise TimeoutError / ConnectionLost)."""
-        ev = await asyncio.wait_for(self._events.get(), timeout)
+        if timeout is None:
+            ev = await self._events.get()
+        else:
+            async with asyncio.timeout(timeout):  # not wait_for: see _open
+                ev = await self._events.get()
         if isinstance(ev, Exception):
             self._events.put_nowait(ev)
             raise ConnectionLost(str(ev))
@@ -353,6 +364,11 @@ class Client(ClientAPI):
 
     async def __aexit__(self, *exc):
         await self.close()
+
+
+def _expire(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError())
 
 
 def class_of_media(media) -> str:

@@ -178,6 +178,16 @@ def test_an_idle_chat_stays_connected(tmp_path):
 ROWS, COLS = 200, 160  # tall enough that nothing scrolls off the emulated screen
 
 
+def _as_a_shell_starts_it() -> None:
+    """In the child, before exec: SIGINT and SIGQUIT at their defaults, as an interactive
+    shell starts a command in the foreground.  pytest may have them ignored (a shell
+    without job control ignores them for a command it starts with '&'), and an ignored
+    signal stays ignored across exec: Python keeps it so, asyncio.Runner then installs no
+    handler of its own, and Ctrl-C typed in the terminal does nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+
+
 class Terminal:
     """``pigeon chat`` in a pseudo-terminal (pexpect); what it draws is rendered by a
     terminal emulator (pyte), so a test sees the screen a person would see."""
@@ -191,7 +201,8 @@ class Terminal:
         # no cursor-position requests: nothing here answers them as a terminal would
         env = {**os.environ, "TERM": "xterm", "PROMPT_TOOLKIT_NO_CPR": "1"}
         self.child = pexpect.spawn(sys.executable, cmd, env=env, encoding="utf-8",
-                                   codec_errors="replace", dimensions=(ROWS, COLS))  # fmt: skip
+                                   codec_errors="replace", dimensions=(ROWS, COLS),
+                                   preexec_fn=_as_a_shell_starts_it)  # fmt: skip
         self.screen = pyte.Screen(COLS, ROWS)
         self.stream = pyte.Stream(self.screen)
         self.eof = False
@@ -246,6 +257,18 @@ class Terminal:
     def kill(self) -> None:
         if self.child.isalive():
             self.child.close(force=True)
+
+
+@contextlib.contextmanager
+def _sigint_ignored():
+    """SIGINT ignored in this (pytest's) process meanwhile, as a shell without job control
+    (a script, ``( ... & )``) starts a background command: an ignored disposition is
+    inherited across fork and exec."""
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 @contextlib.contextmanager
@@ -615,7 +638,11 @@ def test_link_expiry_and_ctrl_c_say_what_to_do(tmp_path):
     # machine can let the code expire before the keystroke arrives)
     srv = Server(tmp_path / "data2", workers=1).start()
     try:
-        with terminals(Terminal(srv, tmp_path / "b.json", "link", "--code", ALICE)) as (pairing,):
+        # spawned as when pytest itself ignores SIGINT (started with '&' by a shell without
+        # job control): the Ctrl-C must work however the suite was started
+        with _sigint_ignored():
+            chat = Terminal(srv, tmp_path / "b.json", "link", "--code", ALICE)
+        with terminals(chat) as (pairing,):
             pairing.expect("(valid")
             pairing.type("\x03")  # Ctrl-C
             assert pairing.finish() == 130

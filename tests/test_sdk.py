@@ -104,6 +104,29 @@ def test_trio_client_registers_logs_in_and_exchanges(server):
     trio.run(main)
 
 
+def test_a_cancel_in_the_turn_its_answer_arrives_is_not_lost(server):
+    """The caller cancelled (Ctrl-C: asyncio.Runner cancels the main task) after the answer
+    came in but before the call resumed: the call ends cancelled.  With asyncio.wait_for
+    (Python 3.11) it returned the answer and dropped the cancel, so the Ctrl-C was lost
+    (``pigeon chat link`` interrupted as it connected went on to show a code and wait)."""
+
+    async def main():
+        client = await Client.connect("127.0.0.1", server.port, plaintext=True)
+        try:
+            call = asyncio.ensure_future(client.ping(timeout=30))
+            await asyncio.sleep(0)  # one turn: the call waits for its answer
+            (key,) = client._futures
+            client._settle(key, None, None)  # the pong, as the reader hands it over...
+            call.cancel()  # ...and the cancel in the same turn, before the call resumes
+            with pytest.raises(asyncio.CancelledError):
+                await call
+            await client.ping()  # the connection is fine: a cancel is the caller's business
+        finally:
+            await client.close()
+
+    run(main())
+
+
 def test_asyncio_client_resumes_after_its_worker_is_killed(server):
     async def main():
         alice_creds, bob_creds = await server.register(ALICE), await server.register(BOB)
