@@ -459,6 +459,7 @@ class _Txn:
         # in a commit reads a queue entry it wrote itself (acks delete what the
         # devices were sent before it)
         self.items: list[tuple[bytes, bytes]] = []
+        self.qcursor = None  # on ``queue``, for the acks (Queues._ack)
         self.pushes: list[Push] = []
         self.conv = None  # (current, previous) conversation generations, when needed
         self.full = None  # past the store's reserve? (asked once, when a send needs it)
@@ -585,6 +586,8 @@ class _Txn:
         if items:
             if len(items) == 1:
                 put(*items[0], db=self.qdb)
+            elif self.qcursor is not None:
+                self.qcursor.putmulti(items)
             else:
                 with self.txn.cursor(db=self.qdb) as c:
                     c.putmulti(items)
@@ -1284,16 +1287,20 @@ class Queues:
         messages owed a delivered receipt) is handled here, in order."""
         txn = w.txn
         user = device.partition(":")[0]
-        with txn.cursor(db=w.qdb) as c:
-            if w.items:  # (an ack deletes what this commit queued before it, as ever)
-                if len(w.items) == 1:
-                    c.put(*w.items[0])
-                else:
-                    c.putmulti(w.items)
-                w.items = []
-            deleted, nbytes, listed, done = self.encoder.ack_walk(
-                c, qprefix(device), qkey(device, upto), -1 if limit is None else limit,
-                self.receipts)  # fmt: skip
+        c = w.qcursor
+        if c is None:  # (one cursor for every ack of the commit)
+            c = w.qcursor = txn.cursor(db=w.qdb)
+        if w.items:  # (an ack deletes what this commit queued before it, as ever)
+            if len(w.items) == 1:
+                c.put(*w.items[0])
+            else:
+                c.putmulti(w.items)
+            w.items = []
+        dk = device.encode()
+        prefix = dk + b"\x00"
+        deleted, nbytes, listed, done = self.encoder.ack_walk(
+            c, prefix, prefix + upto.to_bytes(8, "big"), -1 if limit is None else limit,
+            self.receipts)  # fmt: skip
         if not deleted:
             return done
         receipts = None
@@ -1315,7 +1322,6 @@ class Queues:
                 receipts.append(value)
         if w.state:
             w.fold_state()
-        dk = device.encode()
         states = w.gstate
         raw = states.get(dk)
         if raw is None:
