@@ -854,3 +854,129 @@ def fan_out(dks: list, dstrs: list, uidx: list, multi: bytes, sender: int, me: b
         if wid is not None or wake:
             online.append((dstrs[i], nxt, wid))
     return items, failed, online
+
+
+# -- 1:1 copies and device acks (server/queues.py ``_Txn.copies``, ``Queues._ack``) ----
+#
+# The per-device part of storing a 1:1 message, a receipt or a sync copy, and of
+# a device's ack, with ``states`` as for ``fan_out`` (device key -> the 24 bytes
+# of its ``qstate`` record, updated in place).  A state ``states`` lacks is read
+# with ``load(key)`` (None: a new queue) and kept there.  The fastpath twin
+# (fastpath/copies.pxi) does the same with no interpreted loop and makes its
+# ``Push`` records in C.
+
+_NEW_QUEUE = _QSTATE.pack(1, 0, 0)
+_SYNC_FLAG = 2  # an entry's flags bit 1 (server/queues.py SYNC): no delivered receipt
+_MESSAGE_KIND, _GREF_KIND, _GPAYLOAD_KIND = 0, 6, 7  # entry kinds (server/queues.py)
+
+
+class Push:
+    """An entry committed to a device's queue; ``worker`` holds the device (None: offline).
+
+    ``entry`` is the stored entry: FrameEncoder.write makes its frame."""
+
+    __slots__ = ("device", "seq", "entry", "worker")
+
+    def __init__(self, device, seq, entry, worker):
+        self.device = device
+        self.seq = seq
+        self.entry = entry
+        self.worker = worker
+
+    def __repr__(self) -> str:
+        return f"Push({self.device!r}, {self.seq}, worker={self.worker})"
+
+
+def _state(states: dict, dk: bytes, load) -> bytes:
+    raw = states.get(dk)
+    if raw is None:
+        raw = load(dk)
+        if raw is None:
+            raw = _NEW_QUEUE
+        elif len(raw) != 24:
+            raise ValueError("a queue state is not 24 bytes")
+        states[dk] = raw
+    elif len(raw) != 24:
+        raise ValueError("a queue state is not 24 bytes")
+    return raw
+
+
+def copies_room(dks: list, entries, skip, states: dict, load, max_count: int,
+                max_bytes: int, s_count: int, s_bytes: int, theirs: int):  # fmt: skip
+    """Can every queue of ``dks`` (device keys but ``skip``) take one more entry:
+    ``entries`` (one bytes object for all, or a list, one per device)?  The
+    first ``theirs`` devices are also held to ``s_count``/``s_bytes`` (the
+    stranger limits).  Returns None if all can, else (i, stranger): the first
+    device that cannot, and whether only the stranger limit stops it."""
+    one = isinstance(entries, bytes)
+    for i, dk in enumerate(dks):
+        if dk == skip:
+            continue
+        size = len(entries if one else entries[i])
+        _, count, nbytes = _QSTATE.unpack(_state(states, dk, load))
+        if count + 1 > max_count or nbytes + size > max_bytes:
+            return i, False
+        if i < theirs and (count + 1 > s_count or nbytes + size > s_bytes):
+            return i, True
+    return None
+
+
+def copies(dks: list, dstrs: list, entries, skip, states: dict, load, items: list,
+           pushes: list, sessions: dict, missing, worker_of) -> int:  # fmt: skip
+    """Queue ``entries`` (one bytes object for all, or a list, one per device) for
+    each device of ``dks`` (keys; ``dstrs`` the same as str) but ``skip``:
+    takes its sequence from its state (updated), appends (queue key, entry) to
+    ``items`` (for one ``putmulti``) and a ``Push`` to ``pushes``, whose worker
+    is ``sessions``' (device str -> worker, None: offline) or, for a device it
+    does not know (``missing``), ``worker_of(device)``.  Returns how many."""
+    one = isinstance(entries, bytes)
+    n = 0
+    unpack, pack, seq_pack = _QSTATE.unpack, _QSTATE.pack, _SEQ.pack
+    if len(dstrs) != len(dks) or not one and len(entries) != len(dks):
+        raise ValueError("copies: dks, dstrs and entries differ in length")
+    for i, dk in enumerate(dks):
+        if dk == skip:
+            continue
+        entry = entries if one else entries[i]
+        nxt, count, nbytes = unpack(_state(states, dk, load))
+        states[dk] = pack(nxt + 1, count + 1, nbytes + len(entry))
+        items.append((dk + b"\x00" + seq_pack(nxt), entry))
+        d = dstrs[i]
+        wid = sessions.get(d, missing)
+        if wid is missing:
+            wid = worker_of(d)
+        pushes.append(Push(d, nxt, entry, wid))
+        n += 1
+    return n
+
+
+def ack_walk(cursor, prefix: bytes, end: bytes, limit: int, receipts: bool) -> tuple:
+    """Delete one device's queue entries (keys ``prefix`` + seq) up to key ``end``,
+    at most ``limit`` of them (negative: no limit), with ``cursor`` on its
+    table.  Returns (deleted, the bytes of the ones not listed, listed, done):
+    ``listed`` holds in order the values the caller still has to act on (a
+    group reference or payload entry: its body's count; with ``receipts`` a
+    message entry not flagged sync: its delivered receipt), and ``done`` is
+    false when ``limit`` stopped it before ``end``."""
+    listed = []
+    deleted = nbytes = 0
+    if not cursor.set_range(prefix):
+        return 0, 0, listed, True
+    item, delete = cursor.item, cursor.delete
+    n = len(prefix)
+    while True:
+        key, value = item()
+        if key[:n] != prefix or key > end:
+            return deleted, nbytes, listed, True
+        if deleted == limit:
+            return deleted, nbytes, listed, False
+        deleted += 1
+        kind = value[0]
+        if kind == _GREF_KIND or kind == _GPAYLOAD_KIND:
+            listed.append(value)
+        else:
+            if kind == _MESSAGE_KIND and receipts and not value[9] & _SYNC_FLAG:
+                listed.append(value)
+            nbytes += len(value)
+        if not delete():
+            return deleted, nbytes, listed, True

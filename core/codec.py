@@ -28,6 +28,10 @@ Envelope = _impl.Envelope
 Hot = _impl.Hot
 fan_out = _impl.fan_out
 fan_missing = _impl.fan_missing
+Push = _impl.Push
+copies = _impl.copies
+copies_room = _impl.copies_room
+ack_walk = _impl.ack_walk
 
 
 def implementations() -> dict:

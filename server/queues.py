@@ -117,11 +117,13 @@ from __future__ import annotations
 import hashlib
 import struct
 from dataclasses import dataclass
+from functools import partial
 from time import perf_counter
 
 import msgpack
 
 from pigeon.core import codec as core_codec
+from pigeon.core._pycodec import Push
 from pigeon.core.errors import ErrorCode
 from pigeon.core.node import Limits
 from pigeon.core.tokens import DICTIONARIES
@@ -281,6 +283,7 @@ def _unref(txn, gdb, number) -> bytes | None:
 
 
 _UNKNOWN = object()  # a device the session cache does not know (fan_out)
+_NO_KEYS = ((), ())  # (_Txn.devkeys of nobody)
 _NO_NUMBER = "0" * 16  # a kind-7 entry's origin until it is stored (_store_group)
 
 
@@ -375,6 +378,10 @@ class FrameEncoder:
         self._node = impl.Node
         self.fan_out = impl.fan_out  # (Queues._store_group)
         self.fan_missing = impl.fan_missing
+        # (_Txn.copies, Queues._ack: the 1:1 copies and the ack walk)
+        self.copies = impl.copies
+        self.copies_room = impl.copies_room
+        self.ack_walk = impl.ack_walk
 
     def entry(self, kind: int, t: int, flags: int, origin: str, mid: str, typ: str,
               body=None, to: str | None = None) -> bytes:  # fmt: skip
@@ -432,23 +439,6 @@ class Send:
         self.failed = ()  # a group message: member users whose queues were full
 
 
-class Push:
-    """An entry committed to a device's queue; ``worker`` holds the device (None: offline).
-
-    ``entry`` is the stored entry: FrameEncoder.write makes its frame."""
-
-    __slots__ = ("device", "seq", "entry", "worker")
-
-    def __init__(self, device, seq, entry, worker):
-        self.device = device
-        self.seq = seq
-        self.entry = entry
-        self.worker = worker
-
-    def __repr__(self) -> str:
-        return f"Push({self.device!r}, {self.seq}, worker={self.worker})"
-
-
 class _Txn:
     """One write transaction's working set: cached records, written back once."""
 
@@ -460,9 +450,16 @@ class _Txn:
         self.enc = q.encoder
         self.sessions = q.session_cache  # (enqueue: worker_of without its call when cached)
         self.state: dict[str, list] = {}
-        # queue states as stored (device key -> 24 bytes), for group fan-outs; a
-        # device is in this or in ``state``, never both (fold_state, qstate)
+        # queue states as stored (device key -> 24 bytes), for the compiled loops
+        # (group fan-outs, 1:1 copies, acks); a device is in this or in ``state``,
+        # never both (fold_state, qstate)
         self.gstate: dict[bytes, bytes] = {}
+        self.load = partial(txn.get, db=q.db["qstate"])  # a state ``gstate`` lacks
+        # the commit's queue puts, written with one putmulti by flush_state: nothing
+        # in a commit reads a queue entry it wrote itself (acks delete what the
+        # devices were sent before it)
+        self.items: list[tuple[bytes, bytes]] = []
+        self.qcursor = None  # on ``queue``, for the acks (Queues._ack)
         self.pushes: list[Push] = []
         self.conv = None  # (current, previous) conversation generations, when needed
         self.full = None  # past the store's reserve? (asked once, when a send needs it)
@@ -503,6 +500,24 @@ class _Txn:
             devs = None if raw is None else [f"{user}:{n}" for n in _unpackb(raw)["devices"]]
             cache[user] = devs
             return devs
+
+    def devkeys(self, user: str) -> tuple | None:
+        """(device keys, devices) of ``user`` (``devices``, with each as bytes), or None."""
+        cache = self.q.devkey_cache
+        try:
+            return cache[user]
+        except KeyError:
+            devs = self.devices(user)
+            keys = cache[user] = None if devs is None else ([d.encode() for d in devs], devs)
+            return keys
+
+    def copies(self, dks: list, dstrs: list, entries, skip=None) -> int:
+        """Queue ``entries`` (one for all, or one per device) for the devices ``dks``
+        (``dstrs`` as str) but ``skip`` (a key): the codec's ``copies``."""
+        if self.state:
+            self.fold_state()
+        return self.enc.copies(dks, dstrs, entries, skip, self.gstate, self.load, self.items,
+                               self.pushes, self.sessions, _UNKNOWN, self.worker_of)  # fmt: skip
 
     def blocks(self, blocker: str, blocked: str) -> bool:
         q = self.q
@@ -554,7 +569,7 @@ class _Txn:
     def enqueue(self, device: str, entry: bytes) -> None:
         st = self.state.get(device) or self.qstate(device)
         seq = st[0]
-        self.put(device.encode() + b"\x00" + seq.to_bytes(8, "big"), entry, db=self.qdb)  # qkey
+        self.items.append((device.encode() + b"\x00" + seq.to_bytes(8, "big"), entry))  # qkey
         st[0] = seq + 1
         st[1] += 1
         st[2] += len(entry)
@@ -564,16 +579,33 @@ class _Txn:
         self.pushes.append(Push(device, seq, entry, wid))
 
     def flush_state(self) -> None:
+        """Write the commit's queue entries and queue states (a batch each; one
+        record alone is a put: a cursor costs more than it saves)."""
         put = self.txn.put
+        items = self.items
+        if items:
+            if len(items) == 1:
+                put(*items[0], db=self.qdb)
+            elif self.qcursor is not None:
+                self.qcursor.putmulti(items)
+            else:
+                with self.txn.cursor(db=self.qdb) as c:
+                    c.putmulti(items)
+            self.items = []
         if self.gmsg is not None:
             put(b"gmsg", _T.pack(self.gmsg), db=self.q.db["meta"])
         db = self.q.db["qstate"]
         pack = _QSTATE.pack
         for device, st in self.state.items():
             put(device.encode(), pack(*st), db=db)
-        if self.gstate:
-            with self.txn.cursor(db=db) as c:
-                c.putmulti(sorted(self.gstate.items()))
+        gstate = self.gstate
+        if gstate:
+            if len(gstate) < 3:
+                for dk, raw in gstate.items():
+                    put(dk, raw, db=db)
+            else:
+                with self.txn.cursor(db=db) as c:
+                    c.putmulti(sorted(gstate.items()))
 
 
 class Queues:
@@ -600,6 +632,7 @@ class Queues:
         # "sver" likewise for where each device is connected (sessions).
         self.cached_ver = self.cached_sver = self  # nothing read yet
         self.device_cache: dict[str, list[str] | None] = {}
+        self.devkey_cache: dict[str, tuple | None] = {}  # user -> _Txn.devkeys
         self.blockers: dict[str, bool] = {}  # user -> blocks anyone?
         self.block_cache: dict[str, bool] = {}  # "blocker NUL blocked" -> blocks?
         self.session_cache: dict[str, int | None] = {}  # device -> worker holding it
@@ -626,6 +659,7 @@ class Queues:
         if ver != self.cached_ver or size > CACHE_MAX:
             self.cached_ver = ver
             self.device_cache.clear()
+            self.devkey_cache.clear()
             self.fan_plans.clear()
             self.blockers.clear()
             self.block_cache.clear()
@@ -960,38 +994,45 @@ class Queues:
             sync_entry = entries if own else self.encoder.entry(
                 MESSAGE if s.cls == "message" else RECEIPT, now, SYNC,
                 me if s.cls == "message" else sender, s.id, s.type, s.body, to)  # fmt: skip
-        # room in every queue it goes to (the whole message is one unit)
-        known = None  # does ``to`` know the sender? (asked only near a stranger limit)
-        for group, entry in ((recipients, entries), (mine if nsync else (), sync_entry)):
-            theirs = group is recipients
-            for d in group:
-                if d == me:
-                    continue
-                st = w.qstate(d)
-                size = len(entries[d] if per_device else entry)
-                if st[1] + 1 > lim.max_count or st[2] + size > lim.max_bytes:
-                    # (how full a stranger's queue is is not the sender's business)
-                    s.error = (
-                        ErrorCode.QUEUE_FULL,
-                        "the recipient's queue is full; retry later"
-                        if theirs
-                        else f"your device's queue is full ({st[1]} items, {st[2]} bytes); "
-                        "retry later",
-                    )
-                    return
-                if (
-                    theirs
-                    and (st[1] + 1 > self.stranger_count or st[2] + size > self.stranger_bytes)
-                    and not (
-                        known := self._known_to(w, sender, to, now) if known is None else known
-                    )
-                ):
+        # room in every queue it goes to (the whole message is one unit), checked and
+        # taken by the codec's compiled loops (copies_room, copies) on the stored states
+        rk, rs = w.devkeys(to) if recipients else _NO_KEYS
+        mk, ms = w.devkeys(sender) if nsync else _NO_KEYS
+        skip = me.encode()
+        if per_device:
+            rentries = [entries[d] for d in rs]
+            mentries = [entries.get(d, b"") for d in ms]
+        else:
+            rentries, mentries = entries, sync_entry
+        if w.state:
+            w.fold_state()
+        room, states, load = self.encoder.copies_room, w.gstate, w.load
+        if rk:
+            full = room(rk, rentries, None, states, load, lim.max_count, lim.max_bytes,
+                        self.stranger_count, self.stranger_bytes, len(rk))  # fmt: skip
+            if full is not None and full[1]:  # a stranger's limit: does ``to`` know the sender?
+                if not self._known_to(w, sender, to, now):
                     s.error = (
                         ErrorCode.QUEUE_FULL,
                         "the recipient's queue holds all it takes from senders who are not "
                         "in their contacts; retry later",
                     )
                     return
+                full = room(rk, rentries, None, states, load, lim.max_count, lim.max_bytes,
+                            0, 0, 0)  # fmt: skip
+            if full is not None:
+                # (how full a stranger's queue is is not the sender's business)
+                s.error = (ErrorCode.QUEUE_FULL, "the recipient's queue is full; retry later")
+                return
+        if mk:
+            full = room(mk, mentries, skip, states, load, lim.max_count, lim.max_bytes, 0, 0, 0)
+            if full is not None:
+                _, count, size = _QSTATE.unpack(states[mk[full[0]]])
+                s.error = (
+                    ErrorCode.QUEUE_FULL,
+                    f"your device's queue is full ({count} items, {size} bytes); retry later",
+                )
+                return
         if s.cls == "message" and lim.new_chats and not own and not blocked:
             if not self._chat_allowed(w, sender, to, now):
                 s.error = self._new_chat_limit()
@@ -1000,22 +1041,12 @@ class Queues:
             if not per_device:
                 entry = bytearray(entries)
                 entry[9] |= FAN  # the fan flag (Codec.queue_entry's layout)
-                entries = bytes(entry)
+                rentries = bytes(entry)
             txn.put(self._fan_key(me, s.id, to), b"", db=self.db["fan"])
-        enqueue = w.enqueue
-        if per_device:
-            for d in recipients:
-                enqueue(d, entries[d])
-            for d in mine:
-                if d != me:
-                    enqueue(d, entries[d])
-        else:
-            for d in recipients:
-                enqueue(d, entries)
-            if nsync:
-                for d in mine:
-                    if d != me:
-                        enqueue(d, sync_entry)
+        if rk:
+            w.copies(rk, rs, rentries)
+        if mk:
+            w.copies(mk, ms, mentries, skip)
         txn.put(dkey, stamp, db=cur)
         s.t = now
 
@@ -1251,50 +1282,57 @@ class Queues:
 
     def _ack(self, w: _Txn, device: str, upto: int, now: int, limit: int | None = None) -> bool:
         """Delete the device's entries up to ``upto`` (at most ``limit`` of them);
-        True if none up to ``upto`` is left."""
+        True if none up to ``upto`` is left.  The cursor walk is the codec's
+        ``ack_walk`` (compiled in the fastpath); what it lists (group entries,
+        messages owed a delivered receipt) is handled here, in order."""
         txn = w.txn
-        qdb = self.db["queue"]
-        prefix = qprefix(device)
-        end = qkey(device, upto)
-        st = None
         user = device.partition(":")[0]
-        done = True
-        deleted = 0
-        receipts = self.receipts
-        with txn.cursor(db=qdb) as c:
-            if not c.set_range(prefix):
-                return True
-            while True:
-                key = c.key()
-                if not key.startswith(prefix) or key > end:
-                    break
-                if limit is not None and deleted >= limit:
-                    done = False
-                    break
-                deleted += 1
-                value = c.value()
-                if st is None:
-                    st = w.qstate(device)
-                st[1] -= 1
-                kind = value[0]
-                number = body_number(value) if kind == GREF or kind == GPAYLOAD else None
-                if number is not None:  # a group message: one reference fewer to its body
-                    raw = _unref(txn, self.db["gbody"], number)
-                    if raw is None or value[0] != GREF:
-                        st[2] -= len(value)
-                    else:
-                        st[2] -= _GCOUNT.unpack_from(raw)[1]
-                    flags = value[1] if value[0] == GREF else value[9]
-                    if raw is not None and self.receipts and not flags & SYNC:
-                        self._group_delivered(w, flags, number, raw, user)
+        c = w.qcursor
+        if c is None:  # (one cursor for every ack of the commit)
+            c = w.qcursor = txn.cursor(db=w.qdb)
+        if w.items:  # (an ack deletes what this commit queued before it, as ever)
+            if len(w.items) == 1:
+                c.put(*w.items[0])
+            else:
+                c.putmulti(w.items)
+            w.items = []
+        dk = device.encode()
+        prefix = dk + b"\x00"
+        deleted, nbytes, listed, done = self.encoder.ack_walk(
+            c, prefix, prefix + upto.to_bytes(8, "big"), -1 if limit is None else limit,
+            self.receipts)  # fmt: skip
+        if not deleted:
+            return done
+        receipts = None
+        for value in listed:
+            kind = value[0]
+            if kind == GREF or kind == GPAYLOAD:  # a group message: one reference fewer
+                number = body_number(value)
+                raw = _unref(txn, self.db["gbody"], number)
+                if raw is None or kind != GREF:
+                    nbytes += len(value)
                 else:
-                    st[2] -= len(value)
-                if kind == MESSAGE and receipts and not value[9] & SYNC:
-                    self._delivered(w, value, user, now)
-                if not c.delete():
-                    break
-        if st is not None and st[1] <= 0:
-            st[1], st[2] = 0, 0
+                    nbytes += _GCOUNT.unpack_from(raw)[1]
+                flags = value[1] if kind == GREF else value[9]
+                if raw is not None and self.receipts and not flags & SYNC:
+                    self._group_delivered(w, flags, number, raw, user)
+            elif receipts is None:
+                receipts = [value]
+            else:
+                receipts.append(value)
+        if w.state:
+            w.fold_state()
+        states = w.gstate
+        raw = states.get(dk)
+        if raw is None:
+            raw = w.load(dk)
+        nxt, count, size = (1, 0, 0) if raw is None else _QSTATE.unpack(raw)
+        count -= deleted
+        size -= nbytes
+        states[dk] = _QSTATE.pack(nxt, 0, 0) if count <= 0 else _QSTATE.pack(nxt, count, size)
+        if receipts is not None:
+            for value in receipts:
+                self._delivered(w, value, user, now)
         return done
 
     def _group_delivered(self, w: _Txn, flags: int, number: bytes, raw: bytes, user: str) -> None:
@@ -1320,8 +1358,9 @@ class Queues:
             entry = spliced_entry(self.encoder, GRECEIPT, now, 0, group, mid, "receipt",
                                   {"from": group, "id": mid, "type": typ},
                                   [N("member", {"user": u}) for u in users])  # fmt: skip
-            for d in w.devices(device.partition(":")[0]) or ():
-                w.enqueue(d, entry)
+            keys = w.devkeys(device.partition(":")[0])
+            if keys:
+                w.copies(keys[0], keys[1], entry)
         w.greceipts.clear()
 
     def _delivered(self, w: _Txn, value, user: str, now: int) -> None:
@@ -1332,12 +1371,10 @@ class Queues:
         if value[9] & FAN and not w.txn.delete(self._fan_key(origin, mid, user),
                                                db=self.db["fan"]):  # fmt: skip
             return  # another device of this user acked first
-        sender_devices = w.devices(origin.partition(":")[0])
-        if not sender_devices:
+        keys = w.devkeys(origin.partition(":")[0])
+        if not keys or not keys[0]:
             return  # the sender's account is gone
-        entry = self._entry(RECEIPT, now, 0, user, mid, "delivered")
-        for d in sender_devices:
-            w.enqueue(d, entry)
+        w.copies(keys[0], keys[1], self._entry(RECEIPT, now, 0, user, mid, "delivered"))
 
     # -- device lists -------------------------------------------------------------
 

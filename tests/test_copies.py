@@ -1,0 +1,178 @@
+"""1:1 copies and device acks (issues 14 and 15): the per-device kernels
+(``copies``, ``copies_room``, ``ack_walk``) of both implementations give the same
+answers and leave the same states, and the stores a multi-device conversation
+drives through each end up byte-for-byte the same."""
+
+import random
+import struct
+
+import lmdb
+import pytest
+
+from pigeon.core.errors import ErrorCode
+from pigeon.server.queues import FrameEncoder, QueueLimits, Queues, Send
+from pigeon.server.store import Store
+
+KEYS = (b"salt", b"stored", b"server", 4096)
+QS = struct.Struct(">QQQ")
+MISSING = object()
+
+
+def copies_case(seed: int):
+    rnd = random.Random(seed)
+    n = rnd.randint(1, 6)
+    dstrs = [f"49{rnd.randint(10**9, 10**10):010d}:{d}" for d in range(n)]
+    dks = [d.encode() for d in dstrs]
+    stored = {dk: QS.pack(rnd.randint(1, 1 << 40), rnd.randint(0, 12), rnd.randint(0, 5000))
+              for dk in dks if rnd.random() < 0.5}  # fmt: skip
+    states = {dk: QS.pack(rnd.randint(1, 1 << 40), rnd.randint(0, 12), rnd.randint(0, 5000))
+              for dk in dks if dk not in stored and rnd.random() < 0.5}  # fmt: skip
+    if rnd.random() < 0.5:
+        entries = bytes(rnd.randint(10, 300))
+    else:
+        entries = [bytes(rnd.randint(10, 300)) for _ in dks]
+    skip = rnd.choice([None, rnd.choice(dks)])
+    sessions = {d: rnd.choice((None, 0, 1, MISSING)) for d in dstrs if rnd.random() < 0.8}
+    limits = rnd.randint(0, 14), rnd.randint(0, 6000)
+    return dks, dstrs, entries, skip, states, stored, sessions, *limits
+
+
+@pytest.mark.parametrize("seed", range(80))
+def test_both_copies_give_the_same_answer_and_states(both, seed):
+    got = []
+    for impl in both:
+        dks, dstrs, entries, skip, states, stored, sessions, lim_n, lim_b = copies_case(seed)
+        loads, asked = [], []
+
+        def load(dk, stored=stored, loads=loads):
+            loads.append(dk)
+            return stored.get(dk)
+
+        def worker_of(d, asked=asked):
+            asked.append(d)
+            return 7
+
+        room = [impl.copies_room(dks, entries, skip, dict(states), load, lim_n, lim_b,
+                                 lim_n // 2, lim_b // 2, t) for t in (0, len(dks))]  # fmt: skip
+        items, pushes = [], []
+        n = impl.copies(dks, dstrs, entries, skip, states, load, items, pushes, sessions,
+                        MISSING, worker_of)  # fmt: skip
+        got.append((room, n, items, [(p.device, p.seq, p.entry, p.worker) for p in pushes],
+                    states, loads, asked, [repr(p) for p in pushes]))  # fmt: skip
+    assert got[0] == got[1]
+    room, n, items, pushes, states, loads, asked, _ = got[0]
+    want = [i for i, dk in enumerate(copies_case(seed)[0]) if dk != copies_case(seed)[3]]
+    assert n == len(items) == len(pushes) == len(want)
+    for (key, entry), (device, seq, pentry, _) in zip(items, pushes, strict=True):
+        assert key == device.encode() + b"\x00" + seq.to_bytes(8, "big") and entry is pentry
+        assert QS.unpack(states[device.encode()])[0] == seq + 1
+
+
+def test_copies_reject_what_they_cannot_read(both):
+    for impl in both:
+        dks, dstrs = [b"4915112345678:0"], ["4915112345678:0"]
+        for states in ({dks[0]: b"short"},):
+            with pytest.raises(ValueError):
+                impl.copies(dks, dstrs, b"e", None, states, lambda dk: None, [], [], {},
+                            MISSING, lambda d: None)  # fmt: skip
+            with pytest.raises(ValueError):
+                impl.copies_room(dks, b"e", None, states, lambda dk: None, 9, 9, 9, 9, 1)
+        with pytest.raises(ValueError):  # one entry per device, or one for all
+            impl.copies(dks, dstrs, [b"a", b"b"], None, {}, lambda dk: None, [], [], {},
+                        MISSING, lambda d: None)  # fmt: skip
+
+
+def queue_db(path):
+    env = lmdb.open(str(path), map_size=64 << 20, max_dbs=2)
+    return env, env.open_db(b"queue")
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_both_ack_walks_delete_and_list_the_same(tmp_path, both, seed):
+    rnd = random.Random(seed)
+    devices = [b"4915112345678:0", b"4915112345678:1", b"4915112345679:0"]
+    rows = []
+    for dev in devices:
+        for seq in range(1, rnd.randint(1, 20)):
+            kind = rnd.choice((0, 0, 0, 1, 2, 6, 7))
+            flags = rnd.choice((0, 1, 2, 3))
+            rows.append((dev + b"\x00" + seq.to_bytes(8, "big"),
+                         bytes((kind,)) + bytes(8) + bytes((flags,)) + bytes(rnd.randint(2, 40))))  # fmt: skip
+    device = rnd.choice(devices)
+    upto = rnd.randint(0, 22)
+    limit = rnd.choice((-1, -1, 0, 1, 3, 50))
+    receipts = rnd.random() < 0.7
+    got = []
+    for n, impl in enumerate(both):
+        env, db = queue_db(tmp_path / f"e{n}")
+        with env.begin(write=True) as txn:
+            for k, v in rows:
+                txn.put(k, v, db=db)
+            with txn.cursor(db=db) as c:
+                out = impl.ack_walk(c, device + b"\x00", device + b"\x00" + upto.to_bytes(8, "big"),
+                                    limit, receipts)  # fmt: skip
+            left = list(txn.cursor(db=db))
+        env.close()
+        got.append((out, left))
+    assert got[0] == got[1]
+    (deleted, nbytes, listed, done), left = got[0]
+    mine = [(k, v) for k, v in rows if k.startswith(device + b"\x00")
+            and int.from_bytes(k[-8:], "big") <= upto]  # fmt: skip
+    gone = mine if limit < 0 else mine[:limit]
+    assert deleted == len(gone) and done == (len(gone) == len(mine))
+    assert left == sorted(r for r in rows if r not in gone)
+    assert listed == [v for _, v in gone if v[0] in (6, 7)
+                      or receipts and v[0] == 0 and not v[9] & 2]  # fmt: skip
+    assert nbytes == sum(len(v) for _, v in gone if v[0] not in (6, 7))
+
+
+def conversation(path, impl):
+    """Three users with 1 to 3 devices writing to each other, some acks, some
+    full queues: every kind of 1:1 copy (recipients, sync copies, receipts)."""
+    clock = iter(range(1_700_000_000_000, 1_800_000_000_000, 7))
+    store = Store(str(path), map_size=256 << 20, sync="os", clock=lambda: next(clock))
+    phones = ["4915111111111", "4915122222222", "4915133333333"]
+    devs = {p: [store.register_device(p, b"i" * 32, KEYS)[0]] for p in phones}
+    for p, extra in zip(phones, (2, 1, 0), strict=True):
+        for _ in range(extra):
+            devs[p].append(store.link_device(p, b"j" * 32, KEYS))
+    q = Queues(store, QueueLimits(max_count=9), FrameEncoder(impl=impl))
+    rnd = random.Random(5)
+    answers = []
+    acked = {d: 0 for ds in devs.values() for d in ds}
+    for i in range(60):
+        sender = rnd.choice(phones)
+        dev = rnd.choice(devs[sender])
+        to = rnd.choice(phones)
+        if rnd.random() < 0.2:
+            s = Send(dev, "receipt", f"m{rnd.randrange(i + 1)}", to, "read")
+        else:
+            s = Send(dev, "message", f"m{i}", to, "text", bytes([i]) * rnd.randint(1, 60))
+        acks = {}
+        for d in rnd.sample(list(acked), 2):
+            acked[d] += rnd.randint(0, 4)
+            acks[d] = acked[d]
+        pushes = q.commit([s], acks, ack_limit=rnd.choice((None, None, 2)))
+        answers.append((s.t, s.error, sorted((p.device, p.seq, p.entry) for p in pushes)))
+    with store.read() as txn:
+        dump = {name: list(txn.cursor(db=store._db[name])) for name in ("queue", "qstate", "fan",
+                                                                        "dedup0")}  # fmt: skip
+    store.close()
+    return answers, dump
+
+
+def test_both_implementations_store_the_same_conversation(tmp_path, both):
+    a, b = (conversation(tmp_path / f"s{n}", impl) for n, impl in enumerate(both))
+    assert a == b
+    answers, dump = a
+    assert any(e is not None and e[0] == ErrorCode.QUEUE_FULL for _, e, _ in answers)
+    assert sum(e is None for _, e, _ in answers) > 30
+    assert dump["queue"] and dump["qstate"]
+    # every state counts exactly what its queue holds
+    counts = {}
+    for k, v in dump["queue"]:
+        c = counts.setdefault(k[:-9], [0, 0])
+        c[0] += 1
+        c[1] += len(v)
+    for dk, raw in dump["qstate"]:
+        assert list(QS.unpack(raw)[1:]) == counts.get(dk, [0, 0])
