@@ -816,6 +816,14 @@ OPTIONS: list[Option] = [
         "entry per member device)",
     ),
     Option(
+        "user_groups_max",
+        1024,
+        _positive_int,
+        "groups one user may be a member of (each membership is store and per-worker cache "
+        "work): a create, join or join request that would put the user past it is refused "
+        "with error 437, and an add or approve lists the user in failed with 437",
+    ),
+    Option(
         "groups_per_day",
         100,
         _positive_int,
@@ -1164,9 +1172,10 @@ GROUPS: list[Group] = [
     ),  # fmt: skip
     Group(
         "groups",
-        "group size and how many groups and invite look-ups a user may make",
+        "group size, how many groups a user may be in and create, and invite look-ups",
         (
             "group_max_members",
+            "user_groups_max",
             "groups_per_day",
             "group_joins_per_day",
             "group_window",

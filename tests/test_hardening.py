@@ -1262,3 +1262,93 @@ def test_connections_not_logged_in_make_room_for_a_new_one_past_max_connections(
             s.close()
     finally:
         assert srv.stop() == 0
+
+
+# -- 19. a user in unlimited groups (probe 4) ---------------------------------------------------
+
+
+def ugcount_records(srv: Server) -> int:
+    store = Store(str(srv.data_dir / "store"), map_size=256 << 20, create=False)
+    try:
+        with store.read() as txn:
+            return txn.stat(store._db["ugcount"])["entries"]
+    finally:
+        store.close()
+
+
+def test_a_user_is_in_at_most_user_groups_max_groups(tmp_path):
+    """A user could be in any number of groups (each membership is store work at
+    every change and message, and per-worker cache work): anyone could add them
+    to group after group.  user-groups-max refuses a create or join past it with
+    437 and lists the user in an add's or approve's failed with 437; leaving one
+    makes room again.  The count is kept per user (ugcount); one that is missing
+    (a store from before it) is counted from ugroups."""
+    srv = start(tmp_path, user_groups_max=3, message_rate=0)
+    DAVE = "4917612340000"
+    creds = {}
+    try:
+
+        async def main():
+            for p in (ALICE, BOB, CAROL, DAVE):
+                creds[p] = await srv.register(p)
+            alice, bob, carol, dave = [await srv.login(creds[p])
+                                       for p in (ALICE, BOB, CAROL, DAVE)]  # fmt: skip
+            mine = [(await bob.group("create", subject=f"b{i}")).group for i in range(3)]
+            with pytest.raises(ServerError) as e:  # the creator
+                await bob.group("create", subject="b3")
+            assert e.value.code == ErrorCode.TOO_MANY_GROUPS and "user-groups-max" in e.value.text
+            assert len(await bob.groups()) == 3
+            res = await alice.group("create", subject="a", members=[BOB, CAROL])
+            assert res.failed == ((BOB, ErrorCode.TOO_MANY_GROUPS),)
+            ga = res.group
+            assert set((await alice.group_info(ga)).users) == {ALICE, CAROL}
+            res = await alice.group("add", ga, [BOB])
+            assert res.failed == ((BOB, ErrorCode.TOO_MANY_GROUPS),)
+            code = await alice.group_invite(ga)
+            with pytest.raises(ServerError) as e:  # the joiner
+                await bob.group_join(code)
+            assert e.value.code == ErrorCode.TOO_MANY_GROUPS
+            await alice.group_settings(ga, approval=True)
+            with pytest.raises(ServerError) as e:  # a request could never be approved
+                await bob.group_join(code)
+            assert e.value.code == ErrorCode.TOO_MANY_GROUPS
+            assert (await dave.group_join(code)).get("requested") == "1"
+            theirs = [(await dave.group("create", subject=f"d{i}")).group for i in range(3)]
+            res = await alice.group_approve(ga, [DAVE])  # dave filled up meanwhile
+            assert res.failed == ((DAVE, ErrorCode.TOO_MANY_GROUPS),)
+            await dave.group_leave(theirs[0])
+            assert (await alice.group_approve(ga, [DAVE])).failed == ()
+            await bob.group_leave(mine[0])  # room again
+            assert (await alice.group("add", ga, [BOB])).failed == ()
+            assert set((await alice.group_info(ga)).users) == {ALICE, BOB, CAROL, DAVE}
+            await alice.ping()  # none of it fatal
+            for c in (alice, bob, carol, dave):
+                await c.close()
+
+        run(main())
+        assert srv.stop() == 0
+        assert ugcount_records(srv) == 4  # alice 1, bob 3, carol 1, dave 3
+        store = Store(str(srv.data_dir / "store"), map_size=256 << 20, create=False)
+        try:
+            with store.env.begin(write=True) as txn:  # as a store from before ugcount
+                txn.drop(store._db["ugcount"], delete=False)
+        finally:
+            store.close()
+        srv.start()
+
+        async def after_restart():
+            bob = await srv.login(creds[BOB])
+            with pytest.raises(ServerError) as e:  # 3 pairs in ugroups: counted
+                await bob.group("create", subject="b4")
+            assert e.value.code == ErrorCode.TOO_MANY_GROUPS
+            g = (await bob.groups())[0][0]
+            await bob.group_leave(g)
+            await bob.group("create", subject="b4")
+            with pytest.raises(ServerError) as e:
+                await bob.group("create", subject="b5")
+            assert e.value.code == ErrorCode.TOO_MANY_GROUPS
+            await bob.close()
+
+        run(after_restart())
+    finally:
+        assert srv.stop() in (0, None)
