@@ -819,8 +819,8 @@ OPTIONS: list[Option] = [
         "user_groups_max",
         1024,
         _positive_int,
-        "groups one user may be a member of (each membership is store and per-worker cache "
-        "work): a create, join or join request that would put the user past it is refused "
+        "groups one user may be a member of, at most 1,024 (the group list answer is one node; "
+        "each membership is store and per-worker cache work): a create, join or join request that would put the user past it is refused "
         "with error 437, and an add or approve lists the user in failed with 437",
     ),
     Option(
@@ -1418,6 +1418,12 @@ def _load(path, overrides, base) -> tuple[Config | None, list[str]]:
         ("blocklist_max",),
         v["blocklist_max"] > 1024,
         "blocklist-max must be at most 1024 (the blocklist answer is one node, "
+        "and a node has at most 1024 children)",
+    )
+    rule(
+        ("user_groups_max",),
+        v["user_groups_max"] > 1024,
+        "user-groups-max must be at most 1024 (a group list answer is one node, "
         "and a node has at most 1024 children)",
     )
     rule(
