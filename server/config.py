@@ -819,9 +819,10 @@ OPTIONS: list[Option] = [
         "user_groups_max",
         1024,
         _positive_int,
-        "groups one user may be a member of, at most 1,024 (the group list answer is one node; "
-        "each membership is store and per-worker cache work): a create, join or join request that would put the user past it is refused "
-        "with error 437, and an add or approve lists the user in failed with 437",
+        "groups one user may be a member of, at most 1,024 (the group list answer is one "
+        "node; each membership is store and per-worker cache work): a create, join or join "
+        "request that would put the user past it is refused with error 437, and an add or "
+        "approve lists the user in failed with 437",
     ),
     Option(
         "groups_per_day",
