@@ -522,7 +522,8 @@ OPTIONS: list[Option] = [
         1000,
         _non_negative_int,
         "entries a device's queue may hold before senders its user does not know (not in "
-        "their contacts, not written to lately) get error 402; 0 = queue-max-count",
+        "their contacts, not written to lately) get error 402 (a group message: that member "
+        "in the ack's failed); 0 = queue-max-count",
     ),
     Option(
         "stranger_queue_bytes",

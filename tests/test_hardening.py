@@ -1352,3 +1352,59 @@ def test_a_user_is_in_at_most_user_groups_max_groups(tmp_path):
         run(after_restart())
     finally:
         assert srv.stop() in (0, None)
+
+
+# -- 20. a stranger's group fills a whole queue (probe 4) ----------------------------------------
+
+
+def queue_count(srv: Server, device: str) -> int:
+    store = Store(str(srv.data_dir / "store"), map_size=256 << 20, create=False)
+    try:
+        with store.read() as txn:
+            raw = txn.get(device.encode(), db=store._db["qstate"])
+            return 0 if raw is None else int.from_bytes(raw[8:16], "big")
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("payloads", [False, True], ids=["plain", "payloads"])
+def test_a_strangers_group_messages_fill_only_the_strangers_part_of_a_queue(tmp_path, payloads):
+    """A stranger's 1:1 messages fill at most stranger-queue-count of a queue, but
+    the same stranger's group (adding the user cost one new chat) filled all of it:
+    the probe's 9,231 group messages took an offline member's queue to
+    queue-max-count in 8.8 s, and that user's contacts then got 402.  Past the
+    stranger limits a member's queue now takes a group message only if its user
+    knows the sender (the ack's failed names the others), as for a 1:1 message."""
+    srv = start(tmp_path, queue_max_count=12, stranger_queue_count=4, message_rate=0)
+    FRIEND = "4917612340001"
+    try:
+
+        async def main():
+            vc = await srv.register(BOB)
+            friend = await srv.login(await srv.register(FRIEND))
+            victim = await srv.login(vc)
+            await victim.discover([FRIEND])  # the friend is the victim's contact
+            await victim.close()  # offline from here on
+            stranger = await srv.login(await srv.register(ALICE))
+            g = (await stranger.group("create", subject="spam", members=[BOB])).group
+            extra = ((vc.device, b"key"),) if payloads else ()
+            acks = [await stranger.group_send(g, b"junk %d" % i, payloads=extra)
+                    for i in range(8)]  # fmt: skip
+            assert [a.failed for a in acks] == [()] * 3 + [(BOB,)] * 5, acks
+            assert queue_count(srv, vc.device) == 4  # the create notice and 3 messages
+            with pytest.raises(ServerError) as e:  # the same as 1:1
+                await stranger.send(BOB, b"direct")
+            assert e.value.code == ErrorCode.QUEUE_FULL
+            await friend.send(BOB, b"hello")  # the rest of the queue is the friend's
+            gf = (await friend.group("create", subject="friends", members=[BOB])).group
+            acks = [await friend.group_send(gf, b"hi %d" % i, payloads=extra) for i in range(8)]
+            # 4 + the message + the notice = 6: 6 more fit under queue-max-count
+            assert [a.failed for a in acks] == [()] * 6 + [(BOB,)] * 2, acks
+            assert queue_count(srv, vc.device) == 12
+            await stranger.ping()
+            for c in (stranger, friend):
+                await c.close()
+
+        run(main())
+    finally:
+        assert srv.stop() == 0
