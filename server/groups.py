@@ -67,6 +67,15 @@ GROUP_WINDOW_MS = 86_400_000  # the window of groups-per-day and group-joins-per
 NOTICE_OPS = frozenset({"create", "add", "remove", "promote", "demote", "leave", "subject",
                         "description", "settings", "join", "approve"})  # fmt: skip
 
+#: The changes that leave the membership as it was (its end-to-end keys too): their
+#: notice is not queued for a member device whose queue is past stranger-queue-count
+#: or -bytes when that member does not know the changer (that member sees the
+#: current subject, description, settings and roles in ``info``).  Without it a
+#: stranger's group of one member changing its subject in a loop queued 11,000
+#: notices in that member's queue in 20 s, past queue-max-count: the member's
+#: contacts then got 402.
+SHARE_OPS = frozenset({"subject", "description", "settings", "promote", "demote"})
+
 
 def _pack(obj) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
@@ -187,13 +196,14 @@ class Groups:
                             f"you are a member of {n} groups, the most one user may be in "
                             f"(user-groups-max): leave one first")  # fmt: skip
 
-    def _devices(self, txn, users) -> list[str]:
+    def _devices(self, txn, users) -> list[tuple[str, list[str]]]:
+        """(user, its devices) for each of ``users`` that has an account."""
         accounts = self.db["accounts"]
         out = []
         for u in users:
             raw = txn.get(u.encode(), db=accounts)
             if raw is not None:
-                out += [f"{u}:{n}" for n in _unpack(raw)["devices"]]
+                out.append((u, [f"{u}:{n}" for n in _unpack(raw)["devices"]]))
         return out
 
     def _notice(self, txn, now, gid, rec, op, by, members=(), attrs=(), description=None,
@@ -203,7 +213,12 @@ class Groups:
         users += [u for u in also if u not in users]
         entry = notice_entry(self.queues.encoder, "g:" + gid, op, by, now, members, attrs,
                              description)  # fmt: skip
-        devices = self._devices(txn, users)
+        pairs = self._devices(txn, users)
+        devices = [d for _, devs in pairs for d in devs]
+        if op in SHARE_OPS:  # not for a queue past the strangers' share (see SHARE_OPS)
+            skip = self.queues.past_strangers_share(txn, pairs, by, len(entry), now)
+            if skip:
+                devices = [d for d in devices if d not in skip]
         self.cost += notice_store_bytes(entry, devices)
         return self.queues.enqueue_shared(txn, devices, entry, f"g:{gid}\x00{by}".encode())
 

@@ -1436,6 +1436,34 @@ class Queues:
         w.flush_state()
         return w.pushes
 
+    def past_strangers_share(self, txn, user_devices, sender: str, size: int,
+                             now: int) -> set[str]:  # fmt: skip
+        """The devices (``user_devices``: (user, [device, ...]) pairs) whose queue one
+        more entry of ``size`` bytes would take past ``stranger-queue-count`` /
+        ``-bytes`` and whose user does not know ``sender`` (``_known_to``); the
+        sender's own devices are never among them."""
+        lim = self.limits
+        scount, sbytes = self.stranger_count, self.stranger_bytes
+        if scount >= lim.max_count and sbytes >= lim.max_bytes:
+            return set()
+        db, out, w = self.db["qstate"], set(), None
+        for user, devs in user_devices:
+            if user == sender:
+                continue
+            known = None
+            for d in devs:
+                raw = txn.get(d.encode(), db=db)
+                if raw is None:
+                    continue
+                _, count, nbytes = _QSTATE.unpack(raw)
+                if count + 1 > scount or nbytes + size > sbytes:
+                    if known is None:
+                        w = w or _Txn(self, txn)
+                        known = self._known_to(w, sender, user, now)
+                    if not known:
+                        out.add(d)
+        return out
+
     def notice_devices(self, txn, devices, kind: int, origin: str, typ: str, now: int) -> list:
         """Queue a notice of ``kind`` for each of ``devices`` inside ``txn`` (2: the
         device-list notice, ``typ`` empty; 3: ``<keys from=origin type=typ>``);

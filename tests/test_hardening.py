@@ -1408,3 +1408,45 @@ def test_a_strangers_group_messages_fill_only_the_strangers_part_of_a_queue(tmp_
         run(main())
     finally:
         assert srv.stop() == 0
+
+
+def test_a_strangers_group_changes_fill_only_the_strangers_part_of_a_queue(tmp_path):
+    """Group notices are held to no queue limit: a stranger's group of one member
+    changing its subject in a loop queued 11,000 notices in that member's queue
+    in 20 s (past queue-max-count; the member's contacts then got 402).  A change
+    that leaves the membership as it was (subject, description, settings,
+    promote, demote) is now not queued for a member past the strangers' share
+    who does not know the changer; membership changes still are."""
+    srv = start(tmp_path, queue_max_count=12, stranger_queue_count=4, message_rate=0)
+    FRIEND, DAVE = "4917612340001", "4917612340002"
+    try:
+
+        async def main():
+            vc = await srv.register(BOB)
+            friend = await srv.login(await srv.register(FRIEND))
+            await srv.register(DAVE)
+            victim = await srv.login(vc)
+            await victim.discover([FRIEND])
+            await victim.close()  # offline from here on
+            stranger = await srv.login(await srv.register(ALICE))
+            g = (await stranger.group("create", subject="spam", members=[BOB, FRIEND])).group
+            for i in range(10):
+                await stranger.group_subject(g, f"spam {i}")
+            await stranger.group_description(g, "more")
+            await stranger.group_settings(g, announce=True)
+            assert queue_count(srv, vc.device) == 4  # the create notice and 3 subjects
+            await stranger.group_promote(g, [FRIEND])  # a role: not queued for bob either
+            assert queue_count(srv, vc.device) == 4
+            await friend.group_subject(g, "friends")  # bob knows the friend: queued
+            assert queue_count(srv, vc.device) == 5
+            await stranger.group_add(g, [DAVE])  # the membership: queued
+            assert queue_count(srv, vc.device) == 6
+            await friend.send(BOB, b"hello")  # and the contact reaches bob
+            info = await stranger.group_info(g)  # what bob reads when back
+            assert (info.subject, info.description) == ("friends", "more")
+            for c in (stranger, friend):
+                await c.close()
+
+        run(main())
+    finally:
+        assert srv.stop() == 0
