@@ -869,7 +869,7 @@ class Queues:
             if s.cls == "message":
                 self._store_group(w, s, now, sender, dkey, stamp, cur)
             else:
-                self._store_group_receipt(w, s, now, sender, dkey, stamp, cur)
+                self._store_group_receipt(w, s, now, sender, dkey, stamp, cur, prev)
             return
         if ":" in to:  # device-to-device, inside the sender's own account (Worker.route)
             devices = w.devices(sender)
@@ -1020,15 +1020,28 @@ class Queues:
         s.t = now
 
     def _store_group_receipt(self, w: _Txn, s: Send, now: int, sender: str, dkey, stamp,
-                             cur) -> None:  # fmt: skip
+                             cur, prev) -> None:  # fmt: skip
         """A member read (or played) ``s.body``'s message ``s.id`` in group ``s.to``:
         gathered for the commit's coalesced receipts to that user's devices, and a
-        read-sync copy for the reader's other devices."""
+        read-sync copy for the reader's other devices.  As a 1:1 receipt, it goes
+        to the author only if the author knows the reader or one of the author's
+        devices sent a message ``s.id`` (``_receipt_wanted``): a member could fill
+        another member's queue with receipts about made-up ids (held to no queue
+        limit).  Otherwise it is acked and, with no other device to sync, stored
+        nowhere (no dedup record either)."""
         g = w.group(s.to[2:])
         if g is None or sender not in g[1]:
             s.error = (ErrorCode.NOT_MEMBER, "you are not a member of this group")
             return
         author = s.body
+        others = [d for d in w.devices(sender) or () if d != s.device]
+        if author != sender and not self._receipt_wanted(
+            w, sender, author, s.id, w.devices(author) or (), cur, prev, now
+        ):
+            if not others:
+                s.t = now
+                return
+            author = sender  # (the read-sync copies only)
         if author != sender:
             key = f"{s.type}\x00{s.to}\x00{author}\x00{s.id}".encode()
             got = w.greceipts.get(key)
@@ -1036,7 +1049,6 @@ class Queues:
                 w.greceipts[key] = [sender]
             elif sender not in got:
                 got.append(sender)
-        others = [d for d in w.devices(sender) or () if d != s.device]
         if others:  # read sync: this user's other devices mark it read too
             N = self.encoder._node
             entry = spliced_entry(self.encoder, GRECEIPT, now, SYNC, s.to, s.id, "receipt",

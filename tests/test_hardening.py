@@ -1450,3 +1450,38 @@ def test_a_strangers_group_changes_fill_only_the_strangers_part_of_a_queue(tmp_p
         run(main())
     finally:
         assert srv.stop() == 0
+
+
+def test_group_read_receipts_about_made_up_ids_do_not_fill_a_members_queue(tmp_path):
+    """A member's read receipt in a group goes to the author it names, and nothing
+    held it to a message that author sent: the probe's 11,000 receipts with
+    made-up ids took an offline member's queue to 11,001 entries in 13.8 s (its
+    contacts then got 402).  As for a 1:1 receipt, it is now stored only if the
+    author knows the reader or sent a message with that id (acked either way)."""
+    srv = start(tmp_path, message_rate=0)
+    FRIEND = "4917612340001"
+    try:
+
+        async def main():
+            vc = await srv.register(BOB)
+            friend = await srv.login(await srv.register(FRIEND))
+            stranger = await srv.login(await srv.register(ALICE))
+            victim = await srv.login(vc)
+            await victim.discover([FRIEND])
+            g = (await stranger.group("create", subject="r", members=[BOB, FRIEND])).group
+            sent = await victim.group_send(g, b"a real one")
+            await victim.close()  # offline from here on
+            await until(lambda: vc.device not in srv.sessions(BOB))
+            before = queue_count(srv, vc.device)
+            for i in range(20):
+                await stranger.receipt(g, f"madeup{i}", "read", participant=BOB)
+            assert queue_count(srv, vc.device) == before  # acked, stored for nobody
+            await stranger.receipt(g, sent.id, "read", participant=BOB)  # a real message
+            await friend.receipt(g, "madeup-by-a-contact", "read", participant=BOB)
+            assert queue_count(srv, vc.device) == before + 2
+            for c in (stranger, friend):
+                await c.close()
+
+        run(main())
+    finally:
+        assert srv.stop() == 0
