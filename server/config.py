@@ -625,6 +625,14 @@ OPTIONS: list[Option] = [
         "across its connections to a worker: logging in again does not refill it)",
     ),
     Option(
+        "lookup_users_per_token",
+        16,
+        _non_negative_int,
+        "a devices or keys request about N users draws 1 + N // this from the message-rate "
+        "bucket, not 1 (a 256-user devices query costs the server about 3 ms); 0 = one "
+        "whatever its size",
+    ),
+    Option(
         "rate_buckets",
         100_000,
         _positive_int,
@@ -1191,6 +1199,7 @@ GROUPS: list[Group] = [
         (
             "message_rate",
             "message_burst",
+            "lookup_users_per_token",
             "rate_buckets",
             "typing_rate",
             "typing_burst",
