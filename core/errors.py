@@ -70,6 +70,7 @@ class ErrorCode(IntEnum):
     ALREADY_MEMBER = 434
     BAD_INVITE = 435
     ANNOUNCE_ONLY = 436
+    TOO_MANY_GROUPS = 437
     # 5xx: the server's side.
     INTERNAL = 500
     STORE_FULL = 501

@@ -522,7 +522,8 @@ OPTIONS: list[Option] = [
         1000,
         _non_negative_int,
         "entries a device's queue may hold before senders its user does not know (not in "
-        "their contacts, not written to lately) get error 402; 0 = queue-max-count",
+        "their contacts, not written to lately) get error 402 (a group message: that member "
+        "in the ack's failed); 0 = queue-max-count",
     ),
     Option(
         "stranger_queue_bytes",
@@ -622,6 +623,14 @@ OPTIONS: list[Option] = [
         _positive_int,
         "how many of those a device may send at once (the bucket is the device's, kept "
         "across its connections to a worker: logging in again does not refill it)",
+    ),
+    Option(
+        "lookup_users_per_token",
+        16,
+        _non_negative_int,
+        "a devices or keys request about N users draws 1 + N // this from the message-rate "
+        "bucket, not 1 (a 256-user devices query costs the server about 3 ms); 0 = one "
+        "whatever its size",
     ),
     Option(
         "rate_buckets",
@@ -814,6 +823,15 @@ OPTIONS: list[Option] = [
         _positive_int,
         "members a group may have (error 432 past it; each group message is a queue "
         "entry per member device)",
+    ),
+    Option(
+        "user_groups_max",
+        1024,
+        _positive_int,
+        "groups one user may be a member of, at most 1,024 (the group list answer is one "
+        "node; each membership is store and per-worker cache work): a create, join or join "
+        "request that would put the user past it is refused with error 437, and an add or "
+        "approve lists the user in failed with 437",
     ),
     Option(
         "groups_per_day",
@@ -1164,9 +1182,10 @@ GROUPS: list[Group] = [
     ),  # fmt: skip
     Group(
         "groups",
-        "group size and how many groups and invite look-ups a user may make",
+        "group size, how many groups a user may be in and create, and invite look-ups",
         (
             "group_max_members",
+            "user_groups_max",
             "groups_per_day",
             "group_joins_per_day",
             "group_window",
@@ -1180,6 +1199,7 @@ GROUPS: list[Group] = [
         (
             "message_rate",
             "message_burst",
+            "lookup_users_per_token",
             "rate_buckets",
             "typing_rate",
             "typing_burst",
@@ -1409,6 +1429,12 @@ def _load(path, overrides, base) -> tuple[Config | None, list[str]]:
         ("blocklist_max",),
         v["blocklist_max"] > 1024,
         "blocklist-max must be at most 1024 (the blocklist answer is one node, "
+        "and a node has at most 1024 children)",
+    )
+    rule(
+        ("user_groups_max",),
+        v["user_groups_max"] > 1024,
+        "user-groups-max must be at most 1024 (a group list answer is one node, "
         "and a node has at most 1024 children)",
     )
     rule(

@@ -32,6 +32,9 @@ Tables:
                       m: [[user, admin (0/1), joined], ...] (join order),
                       rq: [[user, asked], ...] (join requests)}
     ugroups   user NUL "N" -> b""
+    ugcount   user -> u32: how many ``ugroups`` pairs the user has (user-groups-max);
+              a user without one (none yet, or a store from before it) is counted
+              once from ``ugroups`` and the count kept from then on
     invites   code -> "N"
     gbody     the group message and notice bodies (server/queues.py)
     meta      b"gid": the last group number given (never reused); b"gver": the
@@ -55,7 +58,7 @@ from .errors import ServiceError
 from .limits import budget_charge, budget_spent, window_take
 from .queues import GROUP_NOTICE, bump_group_version, notice_store_bytes
 
-GROUP_TABLES = ("groups", "ugroups", "invites", "gbody")
+GROUP_TABLES = ("groups", "ugroups", "ugcount", "invites", "gbody")
 
 _T = struct.Struct(">Q")
 GROUP_WINDOW_MS = 86_400_000  # the window of groups-per-day and group-joins-per-day
@@ -63,6 +66,15 @@ GROUP_WINDOW_MS = 86_400_000  # the window of groups-per-day and group-joins-per
 #: group-notice-bytes budget (a change of a 1,024-member group is up to 5,120 entries).
 NOTICE_OPS = frozenset({"create", "add", "remove", "promote", "demote", "leave", "subject",
                         "description", "settings", "join", "approve"})  # fmt: skip
+
+#: The changes that leave the membership as it was (its end-to-end keys too): their
+#: notice is not queued for a member device whose queue is past stranger-queue-count
+#: or -bytes when that member does not know the changer (that member sees the
+#: current subject, description, settings and roles in ``info``).  Without it a
+#: stranger's group of one member changing its subject in a loop queued 11,000
+#: notices in that member's queue in 20 s, past queue-max-count: the member's
+#: contacts then got 402.
+SHARE_OPS = frozenset({"subject", "description", "settings", "promote", "demote"})
 
 
 def _pack(obj) -> bytes:
@@ -76,6 +88,7 @@ def _unpack(raw):
 @dataclass(frozen=True)
 class GroupLimits:
     max_members: int = 1024
+    user_groups_max: int = 1024  # groups one user may be a member of (error 437 past it)
     per_day: int = 100  # groups a user may create per window
     window_ms: int = GROUP_WINDOW_MS
     joins_per_day: int = 200  # invite previews and joins per user per window
@@ -139,13 +152,58 @@ class Groups:
         txn.put(gid.encode(), _pack(rec), db=self.db["groups"])
         bump_group_version(txn, self.db)
 
-    def _devices(self, txn, users) -> list[str]:
+    def groups_count(self, txn, user: str) -> int:
+        """How many groups ``user`` is a member of: its ``ugcount``, or (none kept
+        yet) its pairs in ``ugroups`` counted once."""
+        raw = txn.get(user.encode(), db=self.db["ugcount"])
+        if raw is not None:
+            return int.from_bytes(raw, "big")
+        prefix = f"{user}\x00".encode()
+        n = 0
+        with txn.cursor(db=self.db["ugroups"]) as c:
+            if c.set_range(prefix):
+                for key in c.iternext(values=False):
+                    if not key.startswith(prefix):
+                        break
+                    n += 1
+        return n
+
+    def _set_count(self, txn, user: str, n: int) -> None:
+        if n > 0:
+            txn.put(user.encode(), n.to_bytes(4, "big"), db=self.db["ugcount"])
+        else:
+            txn.delete(user.encode(), db=self.db["ugcount"])
+
+    def _pair(self, txn, user: str, gid: str) -> None:
+        """``user`` is now a member of ``gid``: its ``ugroups`` pair, and its count
+        (counted before the pair is written: a missing count is counted from them)."""
+        n = self.groups_count(txn, user)
+        if txn.put(f"{user}\x00{gid}".encode(), b"", db=self.db["ugroups"], overwrite=False):
+            self._set_count(txn, user, n + 1)
+
+    def _unpair(self, txn, user: str, gid: str) -> None:
+        n = self.groups_count(txn, user)
+        if txn.delete(f"{user}\x00{gid}".encode(), db=self.db["ugroups"]):
+            self._set_count(txn, user, n - 1)
+
+    def has_room(self, txn, user: str) -> bool:
+        """May ``user`` be in one group more (user-groups-max)?"""
+        return self.groups_count(txn, user) < self.limits.user_groups_max
+
+    def _no_room(self) -> ServiceError:
+        n = self.limits.user_groups_max
+        return ServiceError(ErrorCode.TOO_MANY_GROUPS,
+                            f"you are a member of {n} groups, the most one user may be in "
+                            f"(user-groups-max): leave one first")  # fmt: skip
+
+    def _devices(self, txn, users) -> list[tuple[str, list[str]]]:
+        """(user, its devices) for each of ``users`` that has an account."""
         accounts = self.db["accounts"]
         out = []
         for u in users:
             raw = txn.get(u.encode(), db=accounts)
             if raw is not None:
-                out += [f"{u}:{n}" for n in _unpack(raw)["devices"]]
+                out.append((u, [f"{u}:{n}" for n in _unpack(raw)["devices"]]))
         return out
 
     def _notice(self, txn, now, gid, rec, op, by, members=(), attrs=(), description=None,
@@ -155,7 +213,12 @@ class Groups:
         users += [u for u in also if u not in users]
         entry = notice_entry(self.queues.encoder, "g:" + gid, op, by, now, members, attrs,
                              description)  # fmt: skip
-        devices = self._devices(txn, users)
+        pairs = self._devices(txn, users)
+        devices = [d for _, devs in pairs for d in devs]
+        if op in SHARE_OPS:  # not for a queue past the strangers' share (see SHARE_OPS)
+            skip = self.queues.past_strangers_share(txn, pairs, by, len(entry), now)
+            if skip:
+                devices = [d for d in devices if d not in skip]
         self.cost += notice_store_bytes(entry, devices)
         return self.queues.enqueue_shared(txn, devices, entry, f"g:{gid}\x00{by}".encode())
 
@@ -195,6 +258,8 @@ class Groups:
                 return ErrorCode.ADD_REFUSED
         elif setting != "everyone":
             return ErrorCode.ADD_REFUSED
+        if not self.has_room(txn, user):
+            return ErrorCode.TOO_MANY_GROUPS
         if not self.queues.chat_allowed_txn(txn, adder, user, now):
             return ErrorCode.NEW_CHAT_LIMIT
         return 0
@@ -227,7 +292,7 @@ class Groups:
     def _join(self, txn, gid: str, rec: dict, user: str, now: int) -> None:
         rec["m"].append([user, 0, now])
         rec["rq"] = [r for r in rec["rq"] if r[0] != user]
-        txn.put(f"{user}\x00{gid}".encode(), b"", db=self.db["ugroups"])
+        self._pair(txn, user, gid)
 
     def _drop(self, txn, gid: str, rec: dict, users, now: int, by: str) -> list:
         """Take ``users`` out (they are members); the last-admin rule; the group goes
@@ -235,7 +300,7 @@ class Groups:
         gone = set(users)
         rec["m"] = [m for m in rec["m"] if m[0] not in gone]
         for u in gone:
-            txn.delete(f"{u}\x00{gid}".encode(), db=self.db["ugroups"])
+            self._unpair(txn, u, gid)
         if not rec["m"]:
             txn.delete(gid.encode(), db=self.db["groups"])
             if rec.get("inv"):
@@ -292,6 +357,8 @@ class Groups:
             raise ServiceError(ErrorCode.RATE_LIMITED,
                                f"at most {lim.per_day} new groups per "
                                f"{lim.window_ms // 1000} s; try again later")  # fmt: skip
+        if not self.has_room(txn, user):
+            raise self._no_room()
         self.store.check_room(txn)
         self._charge_adds(txn, now, user, wanted)  # (may refuse: before the first write)
         self.store.hit_txn(txn, key, lim.per_day, lim.window_ms, now)
@@ -302,7 +369,7 @@ class Groups:
         gid = str(n)
         rec = {"s": req.subject, "d": "", "c": user, "t": now, "an": 0, "ap": 0, "inv": None,
                "m": [[user, 1, now]], "rq": []}  # fmt: skip
-        txn.put(f"{user}\x00{gid}".encode(), b"", db=self.db["ugroups"])
+        self._pair(txn, user, gid)
         failed = []
         for u in wanted:
             code = self._may_add(txn, user, u, now)
@@ -491,6 +558,8 @@ class Groups:
             raise ServiceError(ErrorCode.ALREADY_MEMBER, "you are a member of this group")
         if len(rec["m"]) >= self.limits.max_members:
             raise ServiceError(ErrorCode.GROUP_FULL, "the group is full")
+        if not self.has_room(txn, user):  # (a request too: it could not be approved)
+            raise self._no_room()
         if rec["ap"]:
             if not any(r[0] == user for r in rec["rq"]):
                 if len(rec["rq"]) >= self.limits.max_members:
@@ -511,8 +580,13 @@ class Groups:
     def _op_approve(self, txn, now, user, req, gid):
         rec = self._need(txn, gid, user, admin=True)
         asked = {r[0] for r in rec["rq"]}
-        return self._add(txn, now, user, req, gid, rec,
-                         lambda u: None if u in asked else ErrorCode.NOT_MEMBER)  # fmt: skip
+
+        def refused(u):
+            if u not in asked:
+                return ErrorCode.NOT_MEMBER
+            return None if self.has_room(txn, u) else ErrorCode.TOO_MANY_GROUPS
+
+        return self._add(txn, now, user, req, gid, rec, refused)
 
     def _op_reject(self, txn, now, user, req, gid):
         rec = self._need(txn, gid, user, admin=True)
@@ -540,7 +614,7 @@ def drop_user_groups(groups: Groups, txn, user: str, now: int) -> list:
     for gid in gids:
         rec = groups._load(txn, gid)
         if rec is None or groups._member(rec, user) is None:
-            txn.delete(prefix + gid.encode(), db=groups.db["ugroups"])
+            groups._unpair(txn, user, gid)
             continue
         pushes += groups._notice(txn, now, gid, rec, "leave", user, (user,))
         pushes += groups._drop(txn, gid, rec, (user,), now, user)

@@ -93,14 +93,17 @@ class Bucket:
         self.tokens = float(self.burst)
         self.stamp = now
 
-    def take(self, now: float) -> bool:
+    def take(self, now: float, n: float = 1.0) -> bool:
+        """Take ``n`` tokens (at most ``burst``: a bigger ``n`` takes a full bucket)."""
         if self.rate <= 0:
             return True
         tokens = self.tokens + (now - self.stamp) * self.rate
         self.tokens = tokens if tokens < self.burst else float(self.burst)
         self.stamp = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
+        if n > self.burst:
+            n = self.burst
+        if self.tokens >= n:
+            self.tokens -= n
             return True
         return False
 

@@ -903,7 +903,7 @@ class Queues:
             if s.cls == "message":
                 self._store_group(w, s, now, sender, dkey, stamp, cur)
             else:
-                self._store_group_receipt(w, s, now, sender, dkey, stamp, cur)
+                self._store_group_receipt(w, s, now, sender, dkey, stamp, cur, prev)
             return
         if ":" in to:  # device-to-device, inside the sender's own account (Worker.route)
             devices = w.devices(sender)
@@ -1051,15 +1051,28 @@ class Queues:
         s.t = now
 
     def _store_group_receipt(self, w: _Txn, s: Send, now: int, sender: str, dkey, stamp,
-                             cur) -> None:  # fmt: skip
+                             cur, prev) -> None:  # fmt: skip
         """A member read (or played) ``s.body``'s message ``s.id`` in group ``s.to``:
         gathered for the commit's coalesced receipts to that user's devices, and a
-        read-sync copy for the reader's other devices."""
+        read-sync copy for the reader's other devices.  As a 1:1 receipt, it goes
+        to the author only if the author knows the reader or one of the author's
+        devices sent a message ``s.id`` (``_receipt_wanted``): a member could fill
+        another member's queue with receipts about made-up ids (held to no queue
+        limit).  Otherwise it is acked and, with no other device to sync, stored
+        nowhere (no dedup record either)."""
         g = w.group(s.to[2:])
         if g is None or sender not in g[1]:
             s.error = (ErrorCode.NOT_MEMBER, "you are not a member of this group")
             return
         author = s.body
+        others = [d for d in w.devices(sender) or () if d != s.device]
+        if author != sender and not self._receipt_wanted(
+            w, sender, author, s.id, w.devices(author) or (), cur, prev, now
+        ):
+            if not others:
+                s.t = now
+                return
+            author = sender  # (the read-sync copies only)
         if author != sender:
             key = f"{s.type}\x00{s.to}\x00{author}\x00{s.id}".encode()
             got = w.greceipts.get(key)
@@ -1067,7 +1080,6 @@ class Queues:
                 w.greceipts[key] = [sender]
             elif sender not in got:
                 got.append(sender)
-        others = [d for d in w.devices(sender) or () if d != s.device]
         if others:  # read sync: this user's other devices mark it read too
             N = self.encoder._node
             entry = spliced_entry(self.encoder, GRECEIPT, now, SYNC, s.to, s.id, "receipt",
@@ -1145,7 +1157,7 @@ class Queues:
         gdb = self.db["gbody"]
         users = g[0]
         if own:
-            n, failed = self._fan_payloads(w, s, users, sender, number, refs, size)
+            n, failed = self._fan_payloads(w, s, users, sender, number, refs, size, now)
             fans = [u for u in range(len(users)) if users[u] != sender
                     and len(w.devices(users[u]) or ()) > 1]  # fmt: skip
         else:
@@ -1160,10 +1172,17 @@ class Queues:
                     states.update(c.getmulti(lacking))
             lim = self.limits
             sessions = self.session_cache
+            # a queue past the stranger limits takes it only if its user knows the
+            # sender (as a 1:1 message): the fan-out stops there, _fan_known goes on
+            strict = self.stranger_count < lim.max_count or self.stranger_bytes < lim.max_bytes
             items, failed, online = enc.fan_out(dks, dstrs, uidx, multi, sender_place,
                                                 me.encode(), states, refs, size,
-                                                lim.max_count, lim.max_bytes, sessions,
-                                                _UNKNOWN, self.wake_offline)  # fmt: skip
+                                                self.stranger_count, self.stranger_bytes,
+                                                sessions, _UNKNOWN, self.wake_offline)  # fmt: skip
+            if failed and strict:
+                items, failed, online = self._fan_known(w, now, s, users, sender, dks, dstrs,
+                                                        uidx, multi, sender_place, refs, size,
+                                                        items, failed, online)  # fmt: skip
             n = len(items)
             if n:
                 with txn.cursor(db=w.qdb) as c:
@@ -1197,8 +1216,33 @@ class Queues:
         txn.put(dkey, stamp, db=cur)
         s.t = now
 
+    def _fan_known(self, w: _Txn, now: int, s: Send, users, sender: str, dks, dstrs, uidx,
+                   multi, sender_place: int, refs, size: int, items, failed, online):  # fmt: skip
+        """The fan-out past the stranger limits: ``fan_out`` stored the reference in
+        every queue under ``stranger-queue-count``/``-bytes``; the member users whose
+        queues were past them (``failed``) and who know ``sender`` (a contact, a
+        conversation lately: ``_known_to``; the sender's own devices) get it up to
+        the queue's own limits.  The others stay in ``failed``, as for a 1:1 message
+        from a stranger: a group (whose adder pays a new chat per stranger) no
+        longer fills a whole queue.  Returns (items, failed, online) again."""
+        known = {u for u in set(failed)
+                 if users[u] == sender or self._known_to(w, sender, users[u], now)}  # fmt: skip
+        if not known:
+            return items, failed, online
+        stored = {k[:-9] for k, _ in items}  # (a queue key: device, NUL, 8-byte seq)
+        pick = [i for i, dk in enumerate(dks) if uidx[i] in known and dk not in stored]
+        lim = self.limits
+        more, failed2, online2 = self.encoder.fan_out(
+            [dks[i] for i in pick], [dstrs[i] for i in pick], [uidx[i] for i in pick],
+            bytes(multi[i] for i in pick), sender_place, s.device.encode(), w.gstate, refs,
+            size, lim.max_count, lim.max_bytes, self.session_cache, _UNKNOWN,
+            self.wake_offline)  # fmt: skip
+        if more:
+            items = sorted(items + more)
+        return items, [u for u in failed if u not in known] + failed2, online + online2
+
     def _fan_payloads(self, w: _Txn, s: Send, users, sender: str, number: bytes, refs,
-                      size: int) -> tuple[int, list | None]:  # fmt: skip
+                      size: int, now: int) -> tuple[int, list | None]:  # fmt: skip
         """``_store_group``'s member devices for a message with per-device payloads
         (a device named by one gets its own entry, which refers to the body):
         returns (entries stored, the users whose queues were full, or None)."""
@@ -1213,17 +1257,30 @@ class Queues:
         n = 0
         failed = None
         wake = self.wake_offline
+        scount, sbytes = self.stranger_count, self.stranger_bytes
         for user in users:
             mine = user == sender
             devs = w.devices(user) or ()
             entry = sync_ref if mine else (fan_ref if len(devs) > 1 else ref)
+            known = mine or None  # does ``user`` know the sender? (asked past a stranger limit)
             for d in devs:
                 if d == me:
                     continue
                 st = w.qstate(d)
                 mine_entry = own.get(d)
                 need = size if mine_entry is None else len(mine_entry)
-                if st[1] + 1 > max_count or st[2] + need > max_bytes:
+                if (
+                    st[1] + 1 > max_count
+                    or st[2] + need > max_bytes
+                    or (
+                        (st[1] + 1 > scount or st[2] + need > sbytes)
+                        and not (
+                            known := self._known_to(w, sender, user, now)
+                            if known is None
+                            else known
+                        )
+                    )
+                ):
                     if failed is None:
                         failed = [user]
                     elif failed[-1] != user:
@@ -1427,6 +1484,34 @@ class Queues:
         txn.put(number + b"c", _GCOUNT.pack(len(devices), size) + tail, db=gdb)
         w.flush_state()
         return w.pushes
+
+    def past_strangers_share(self, txn, user_devices, sender: str, size: int,
+                             now: int) -> set[str]:  # fmt: skip
+        """The devices (``user_devices``: (user, [device, ...]) pairs) whose queue one
+        more entry of ``size`` bytes would take past ``stranger-queue-count`` /
+        ``-bytes`` and whose user does not know ``sender`` (``_known_to``); the
+        sender's own devices are never among them."""
+        lim = self.limits
+        scount, sbytes = self.stranger_count, self.stranger_bytes
+        if scount >= lim.max_count and sbytes >= lim.max_bytes:
+            return set()
+        db, out, w = self.db["qstate"], set(), None
+        for user, devs in user_devices:
+            if user == sender:
+                continue
+            known = None
+            for d in devs:
+                raw = txn.get(d.encode(), db=db)
+                if raw is None:
+                    continue
+                _, count, nbytes = _QSTATE.unpack(raw)
+                if count + 1 > scount or nbytes + size > sbytes:
+                    if known is None:
+                        w = w or _Txn(self, txn)
+                        known = self._known_to(w, sender, user, now)
+                    if not known:
+                        out.add(d)
+        return out
 
     def notice_devices(self, txn, devices, kind: int, origin: str, typ: str, now: int) -> list:
         """Queue a notice of ``kind`` for each of ``devices`` inside ``txn`` (2: the

@@ -473,9 +473,9 @@ class Session(asyncio.Protocol):
                   "connection; reconnect later")  # fmt: skip
         return False
 
-    def allowed(self, ev) -> bool:
-        """Draw on the device's message-rate bucket (Worker.rate_bucket: the same
-        across its connections to this worker); answer 405 if it is empty."""
+    def allowed(self, ev, cost: float = 1.0) -> bool:
+        """Draw ``cost`` on the device's message-rate bucket (Worker.rate_bucket: the
+        same across its connections to this worker); answer 405 if it is empty."""
         w = self.worker
         now = w.loop.time()
         if self.bucket is None:
@@ -484,7 +484,7 @@ class Session(asyncio.Protocol):
                 if self.device is not None
                 else Bucket(w.config.message_rate, w.config.message_burst, now)
             )
-        if self.bucket.take(now):
+        if self.bucket.take(now, cost):
             return True
         w.stats.counters["rate_limited"] += 1
         self.send(Error(ErrorCode.TOO_FAST,

@@ -30,9 +30,9 @@ Tables (LMDB named databases):
               blocking (server/social.py)
     keys, otks: the key directory, identity, fallback and one-time keys per
               device (server/keydir.py)
-    groups, ugroups, invites, gbody: groups, their members and invite codes
-              (server/groups.py) and the group message bodies, stored once
-              (server/queues.py)
+    groups, ugroups, ugcount, invites, gbody: groups, their members, each
+              user's group count and invite codes (server/groups.py) and
+              the group message bodies, stored once (server/queues.py)
     push, pushwake: each device's push target and when it was last woken
               (server/push.py)
 

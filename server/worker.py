@@ -789,6 +789,7 @@ class Worker:
         self.queues.on_write_wait = self.stats.write_wait
         self.groups = Groups(self.store, self.queues,
                              GroupLimits(max_members=c.group_max_members,
+                                         user_groups_max=c.user_groups_max,
                                          per_day=c.groups_per_day,
                                          joins_per_day=c.group_joins_per_day,
                                          window_ms=int(c.group_window * 1000),

@@ -150,6 +150,15 @@ def test_every_option_is_in_exactly_one_group():
     assert all(g.title and g.description for g in GROUPS)
 
 
+def test_user_groups_max_past_what_one_list_answer_carries_is_refused():
+    """A group list answer is one node (at most 1,024 children): a user in more
+    groups could never list them (the client refuses the answer, error 122)."""
+    assert load().user_groups_max == 1024
+    with pytest.raises(ConfigError) as info:
+        load(overrides={"user_groups_max": "1025"})
+    assert "user-groups-max must be at most 1024" in str(info.value)
+
+
 def test_blocklist_max_past_what_one_answer_node_carries_is_refused():
     """The blocklist answer is one node (at most 1,024 children): a larger
     blocklist-max would let an account block users it can never list."""

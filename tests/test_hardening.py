@@ -1262,3 +1262,263 @@ def test_connections_not_logged_in_make_room_for_a_new_one_past_max_connections(
             s.close()
     finally:
         assert srv.stop() == 0
+
+
+# -- 19. a user in unlimited groups (probe 4) ---------------------------------------------------
+
+
+def ugcount_records(srv: Server) -> int:
+    store = Store(str(srv.data_dir / "store"), map_size=256 << 20, create=False)
+    try:
+        with store.read() as txn:
+            return txn.stat(store._db["ugcount"])["entries"]
+    finally:
+        store.close()
+
+
+def test_a_user_is_in_at_most_user_groups_max_groups(tmp_path):
+    """A user could be in any number of groups (each membership is store work at
+    every change and message, and per-worker cache work): anyone could add them
+    to group after group.  user-groups-max refuses a create or join past it with
+    437 and lists the user in an add's or approve's failed with 437; leaving one
+    makes room again.  The count is kept per user (ugcount); one that is missing
+    (a store from before it) is counted from ugroups."""
+    srv = start(tmp_path, user_groups_max=3, message_rate=0)
+    DAVE = "4917612340000"
+    creds = {}
+    try:
+
+        async def main():
+            for p in (ALICE, BOB, CAROL, DAVE):
+                creds[p] = await srv.register(p)
+            alice, bob, carol, dave = [await srv.login(creds[p])
+                                       for p in (ALICE, BOB, CAROL, DAVE)]  # fmt: skip
+            mine = [(await bob.group("create", subject=f"b{i}")).group for i in range(3)]
+            with pytest.raises(ServerError) as e:  # the creator
+                await bob.group("create", subject="b3")
+            assert e.value.code == ErrorCode.TOO_MANY_GROUPS and "user-groups-max" in e.value.text
+            assert len(await bob.groups()) == 3
+            res = await alice.group("create", subject="a", members=[BOB, CAROL])
+            assert res.failed == ((BOB, ErrorCode.TOO_MANY_GROUPS),)
+            ga = res.group
+            assert set((await alice.group_info(ga)).users) == {ALICE, CAROL}
+            res = await alice.group("add", ga, [BOB])
+            assert res.failed == ((BOB, ErrorCode.TOO_MANY_GROUPS),)
+            code = await alice.group_invite(ga)
+            with pytest.raises(ServerError) as e:  # the joiner
+                await bob.group_join(code)
+            assert e.value.code == ErrorCode.TOO_MANY_GROUPS
+            await alice.group_settings(ga, approval=True)
+            with pytest.raises(ServerError) as e:  # a request could never be approved
+                await bob.group_join(code)
+            assert e.value.code == ErrorCode.TOO_MANY_GROUPS
+            assert (await dave.group_join(code)).get("requested") == "1"
+            theirs = [(await dave.group("create", subject=f"d{i}")).group for i in range(3)]
+            res = await alice.group_approve(ga, [DAVE])  # dave filled up meanwhile
+            assert res.failed == ((DAVE, ErrorCode.TOO_MANY_GROUPS),)
+            await dave.group_leave(theirs[0])
+            assert (await alice.group_approve(ga, [DAVE])).failed == ()
+            await bob.group_leave(mine[0])  # room again
+            assert (await alice.group("add", ga, [BOB])).failed == ()
+            assert set((await alice.group_info(ga)).users) == {ALICE, BOB, CAROL, DAVE}
+            await alice.ping()  # none of it fatal
+            for c in (alice, bob, carol, dave):
+                await c.close()
+
+        run(main())
+        assert srv.stop() == 0
+        assert ugcount_records(srv) == 4  # alice 1, bob 3, carol 1, dave 3
+        store = Store(str(srv.data_dir / "store"), map_size=256 << 20, create=False)
+        try:
+            with store.env.begin(write=True) as txn:  # as a store from before ugcount
+                txn.drop(store._db["ugcount"], delete=False)
+        finally:
+            store.close()
+        srv.start()
+
+        async def after_restart():
+            bob = await srv.login(creds[BOB])
+            with pytest.raises(ServerError) as e:  # 3 pairs in ugroups: counted
+                await bob.group("create", subject="b4")
+            assert e.value.code == ErrorCode.TOO_MANY_GROUPS
+            g = (await bob.groups())[0][0]
+            await bob.group_leave(g)
+            await bob.group("create", subject="b4")
+            with pytest.raises(ServerError) as e:
+                await bob.group("create", subject="b5")
+            assert e.value.code == ErrorCode.TOO_MANY_GROUPS
+            await bob.close()
+
+        run(after_restart())
+    finally:
+        assert srv.stop() in (0, None)
+
+
+# -- 20. a stranger's group fills a whole queue (probe 4) ----------------------------------------
+
+
+def queue_count(srv: Server, device: str) -> int:
+    store = Store(str(srv.data_dir / "store"), map_size=256 << 20, create=False)
+    try:
+        with store.read() as txn:
+            raw = txn.get(device.encode(), db=store._db["qstate"])
+            return 0 if raw is None else int.from_bytes(raw[8:16], "big")
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("payloads", [False, True], ids=["plain", "payloads"])
+def test_a_strangers_group_messages_fill_only_the_strangers_part_of_a_queue(tmp_path, payloads):
+    """A stranger's 1:1 messages fill at most stranger-queue-count of a queue, but
+    the same stranger's group (adding the user cost one new chat) filled all of it:
+    the probe's 9,231 group messages took an offline member's queue to
+    queue-max-count in 8.8 s, and that user's contacts then got 402.  Past the
+    stranger limits a member's queue now takes a group message only if its user
+    knows the sender (the ack's failed names the others), as for a 1:1 message."""
+    srv = start(tmp_path, queue_max_count=12, stranger_queue_count=4, message_rate=0)
+    FRIEND = "4917612340001"
+    try:
+
+        async def main():
+            vc = await srv.register(BOB)
+            friend = await srv.login(await srv.register(FRIEND))
+            victim = await srv.login(vc)
+            await victim.discover([FRIEND])  # the friend is the victim's contact
+            await victim.close()  # offline from here on
+            stranger = await srv.login(await srv.register(ALICE))
+            g = (await stranger.group("create", subject="spam", members=[BOB])).group
+            extra = ((vc.device, b"key"),) if payloads else ()
+            acks = [await stranger.group_send(g, b"junk %d" % i, payloads=extra)
+                    for i in range(8)]  # fmt: skip
+            assert [a.failed for a in acks] == [()] * 3 + [(BOB,)] * 5, acks
+            assert queue_count(srv, vc.device) == 4  # the create notice and 3 messages
+            with pytest.raises(ServerError) as e:  # the same as 1:1
+                await stranger.send(BOB, b"direct")
+            assert e.value.code == ErrorCode.QUEUE_FULL
+            await friend.send(BOB, b"hello")  # the rest of the queue is the friend's
+            gf = (await friend.group("create", subject="friends", members=[BOB])).group
+            acks = [await friend.group_send(gf, b"hi %d" % i, payloads=extra) for i in range(8)]
+            # 4 + the message + the notice = 6: 6 more fit under queue-max-count
+            assert [a.failed for a in acks] == [()] * 6 + [(BOB,)] * 2, acks
+            assert queue_count(srv, vc.device) == 12
+            await stranger.ping()
+            for c in (stranger, friend):
+                await c.close()
+
+        run(main())
+    finally:
+        assert srv.stop() == 0
+
+
+def test_a_strangers_group_changes_fill_only_the_strangers_part_of_a_queue(tmp_path):
+    """Group notices are held to no queue limit: a stranger's group of one member
+    changing its subject in a loop queued 11,000 notices in that member's queue
+    in 20 s (past queue-max-count; the member's contacts then got 402).  A change
+    that leaves the membership as it was (subject, description, settings,
+    promote, demote) is now not queued for a member past the strangers' share
+    who does not know the changer; membership changes still are."""
+    srv = start(tmp_path, queue_max_count=12, stranger_queue_count=4, message_rate=0)
+    FRIEND, DAVE = "4917612340001", "4917612340002"
+    try:
+
+        async def main():
+            vc = await srv.register(BOB)
+            friend = await srv.login(await srv.register(FRIEND))
+            await srv.register(DAVE)
+            victim = await srv.login(vc)
+            await victim.discover([FRIEND])
+            await victim.close()  # offline from here on
+            stranger = await srv.login(await srv.register(ALICE))
+            g = (await stranger.group("create", subject="spam", members=[BOB, FRIEND])).group
+            for i in range(10):
+                await stranger.group_subject(g, f"spam {i}")
+            await stranger.group_description(g, "more")
+            await stranger.group_settings(g, announce=True)
+            assert queue_count(srv, vc.device) == 4  # the create notice and 3 subjects
+            await stranger.group_promote(g, [FRIEND])  # a role: not queued for bob either
+            assert queue_count(srv, vc.device) == 4
+            await friend.group_subject(g, "friends")  # bob knows the friend: queued
+            assert queue_count(srv, vc.device) == 5
+            await stranger.group_add(g, [DAVE])  # the membership: queued
+            assert queue_count(srv, vc.device) == 6
+            await friend.send(BOB, b"hello")  # and the contact reaches bob
+            info = await stranger.group_info(g)  # what bob reads when back
+            assert (info.subject, info.description) == ("friends", "more")
+            for c in (stranger, friend):
+                await c.close()
+
+        run(main())
+    finally:
+        assert srv.stop() == 0
+
+
+def test_group_read_receipts_about_made_up_ids_do_not_fill_a_members_queue(tmp_path):
+    """A member's read receipt in a group goes to the author it names, and nothing
+    held it to a message that author sent: the probe's 11,000 receipts with
+    made-up ids took an offline member's queue to 11,001 entries in 13.8 s (its
+    contacts then got 402).  As for a 1:1 receipt, it is now stored only if the
+    author knows the reader or sent a message with that id (acked either way)."""
+    srv = start(tmp_path, message_rate=0)
+    FRIEND = "4917612340001"
+    try:
+
+        async def main():
+            vc = await srv.register(BOB)
+            friend = await srv.login(await srv.register(FRIEND))
+            stranger = await srv.login(await srv.register(ALICE))
+            victim = await srv.login(vc)
+            await victim.discover([FRIEND])
+            g = (await stranger.group("create", subject="r", members=[BOB, FRIEND])).group
+            sent = await victim.group_send(g, b"a real one")
+            await victim.close()  # offline from here on
+            await until(lambda: vc.device not in srv.sessions(BOB))
+            before = queue_count(srv, vc.device)
+            for i in range(20):
+                await stranger.receipt(g, f"madeup{i}", "read", participant=BOB)
+            assert queue_count(srv, vc.device) == before  # acked, stored for nobody
+            await stranger.receipt(g, sent.id, "read", participant=BOB)  # a real message
+            await friend.receipt(g, "madeup-by-a-contact", "read", participant=BOB)
+            assert queue_count(srv, vc.device) == before + 2
+            for c in (stranger, friend):
+                await c.close()
+
+        run(main())
+    finally:
+        assert srv.stop() == 0
+
+
+# -- 21. lookups of many users for one token (probe 4) ---------------------------------------
+
+
+def test_a_devices_or_keys_request_draws_on_the_rate_by_its_users(tmp_path):
+    """A devices query of 256 users cost the server 3.25 ms and one message-rate
+    token, like a ping-sized request: 100 a second took a third of a core (free of
+    discover-numbers for the members of one's groups).  Such a request now draws
+    1 + users // lookup-users-per-token."""
+    srv = start(tmp_path, message_rate=0.001, message_burst=20)  # lookup-users-per-token 16
+    try:
+
+        async def main():
+            from pigeon.server.provision import provision
+
+            store = Store(str(srv.data_dir / "store"), map_size=256 << 20, create=False)
+            try:
+                made = provision(store, 64, str(tmp_path / "creds.jsonl"), prefix="4943",
+                                 iterations=4096)  # fmt: skip
+            finally:
+                store.close()
+            alice = await srv.login(await srv.register(ALICE))
+            others = [x["phone"] for x in made]  # 1 + 64 // 16 = 5 tokens
+            done = 0
+            with pytest.raises(ServerError) as e:
+                for _ in range(6):
+                    await alice.devices_of(others, fresh=True)
+                    done += 1
+            assert e.value.code == ErrorCode.TOO_FAST
+            assert done == 4
+            await alice.ping()  # not fatal
+            await alice.close()
+
+        run(main())
+    finally:
+        assert srv.stop() == 0

@@ -474,6 +474,8 @@ GROUP_ERRORS = {
     ErrorCode.ALREADY_MEMBER: "already a member",
     ErrorCode.BAD_INVITE: "that invite code does not work (revoked, or mistyped)",
     ErrorCode.ANNOUNCE_ONLY: "only admins may send to this group (announcements)",
+    ErrorCode.TOO_MANY_GROUPS: "in as many groups as the server allows: leave a group first "
+    "(/group leave NAME)",
     ErrorCode.UNKNOWN_RECIPIENT: "not a pigeon user",
 }
 
