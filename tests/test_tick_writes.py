@@ -155,3 +155,40 @@ def test_a_message_then_a_block_in_one_packet_keep_their_order(tmp_path):
         run(main())
     finally:
         assert srv.stop() == 0
+
+
+def test_acks_wait_for_their_own_commit_but_a_senders_go_with_its_message(tmp_path):
+    """A device's ack is not applied by the next commit of someone else's message
+    (at everyday rates that put every ack's deletes and receipt in a message's
+    commit, one cold commit each): acks are committed together, ack-delay after the
+    first, unless their device sends: then they go first in its message's commit,
+    so its delivered receipts are queued ahead of its message."""
+    srv = Server(tmp_path / "data", workers=1, ack_delay=60).start()
+    try:
+
+        async def main():
+            alice = await srv.login(await srv.register(ALICE))
+            bob_creds = await srv.register(BOB)
+            bob = await srv.login(bob_creds)
+            carol = await srv.login(await srv.register(CAROL))
+            await srv.register(DAVE)
+            sent = await alice.send(BOB, b"hello bob")
+            ev = await next_message(bob)
+            await bob.ack(ev.seq)
+            await bob.ping()  # answered after the ack was read: it waits in the worker
+            await carol.send(DAVE, b"a commit without bob")
+            queued = {d["device"] for d in srv.queue_stats()["top"]}
+            assert bob_creds.device in queued  # not applied by carol's commit
+            await bob.send(ALICE, b"hello alice")  # his ack goes first in this commit
+            receipt = await alice.next_event(10)
+            assert (receipt.sender, receipt.id, receipt.type) == (BOB, sent.id, "delivered")
+            reply = await next_message(alice)
+            assert reply.body == b"hello alice" and reply.seq == receipt.seq + 1
+            queued = {d["device"] for d in srv.queue_stats()["top"]}
+            assert bob_creds.device not in queued
+            for c in (alice, bob, carol):
+                await c.close()
+
+        run(main())
+    finally:
+        assert srv.stop() == 0
