@@ -539,27 +539,13 @@ class Worker:
     def commit(self) -> None:
         """Write this tick's sends and acks in one transaction; then answer and push."""
         sends, self.sends = self.sends, []
+        acks, self.acks = self.acks, {}
         jobs, self.jobs = self.jobs, []
         self.send_bytes = 0
-        acks = self.acks
-        if self.acks_due or not acks:
-            self.acks = {}
-            self.acks_due = False
-            if self.ack_timer is not None:
-                self.ack_timer.cancel()
-                self.ack_timer = None
-        else:
-            # Acks not due yet wait for their own commit (the ack timer): only
-            # those of the devices sending now go along, so a device that acked
-            # and then sent has its delivered receipts queued ahead of its message.
-            acks = {}
-            for s in sends:
-                upto = self.acks.pop(s.device, None)
-                if upto is not None:
-                    acks[s.device] = upto
-            if not self.acks and self.ack_timer is not None:
-                self.ack_timer.cancel()  # (nothing left for it)
-                self.ack_timer = None
+        self.acks_due = False
+        if self.ack_timer is not None:
+            self.ack_timer.cancel()
+            self.ack_timer = None
         started = time.perf_counter()
         left: dict[str, int] = {}
         try:
