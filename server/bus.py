@@ -75,6 +75,7 @@ _GMESSAGE = 5  # the entry kind of a group message body (server/queues.py)
 MAX_RECORD = 1 << 26  # past any entry a frame limit allows: a bigger length is a bug
 
 _HEAD = struct.Struct(">IB")
+_PUSH_HEAD = struct.Struct(">IBB")  # _HEAD and a device's length: a PUSH record's start
 _SEQ = struct.Struct(">Q")
 _CODE = struct.Struct(">H")
 _WID = struct.Struct(">I")
@@ -129,7 +130,7 @@ class BusPeer:
                 pos = stop
                 if kind == PUSH or kind == TYPING:
                     dlen = buf[body]
-                    device = bytes(view[body + 1 : body + 1 + dlen]).decode()
+                    device = buf[body + 1 : body + 1 + dlen].decode()  # (buf is bytes)
                     at = body + 1 + dlen
                     if kind == PUSH:
                         seq = _SEQ.unpack_from(buf, at)[0]
@@ -262,7 +263,9 @@ class Bus:
             buf[start : start + 4] = _WID.pack(len(buf) - start - 4)
             self.gpush[wid] = (entry, buf, start, len(buf))
             return
-        buf += _device_head(PUSH, device, 8 + len(entry))
+        d = device.encode()  # (_device_head, written in place)
+        buf += _PUSH_HEAD.pack(1 + 1 + len(d) + 8 + len(entry), PUSH, len(d))
+        buf += d
         buf += _SEQ.pack(seq)
         buf += entry
 

@@ -95,8 +95,9 @@ def handle(s, ev) -> None:
         if kind == HOT_ACK:
             s.device_ack(ev.seq)
         elif s.allowed(ev):
+            # (next_hot checked ``to`` as a user address: no second look at it)
             s.worker.route(s, ev.to, ev.id, "message" if kind == HOT_MESSAGE else "receipt",
-                           ev.type, ev.body, ev.payloads)  # fmt: skip
+                           ev.type, ev.body, ev.payloads, None, "user")  # fmt: skip
         return
     if t in RATED and not s.allowed(ev, _cost(s, ev, t)):
         return

@@ -118,6 +118,7 @@ import hashlib
 import struct
 from dataclasses import dataclass
 from functools import partial
+from hashlib import blake2b as _blake2b
 from time import perf_counter
 
 import msgpack
@@ -147,6 +148,8 @@ _STORE_FULL = (ErrorCode.STORE_FULL, "the server cannot store this now; retry la
 
 def _digest(to: str, typ: str, body, payloads=None) -> bytes:
     """What a message was, for telling a retry from an id used again (16 bytes)."""
+    if payloads is None and body is not None:  # (a 1:1 message: one call, same digest)
+        return _blake2b(f"{to}\x00{typ}\x00".encode() + body, digest_size=16).digest()
     h = hashlib.blake2b(digest_size=16)
     h.update(f"{to}\x00{typ}\x00".encode())
     if payloads:
@@ -921,7 +924,8 @@ class Queues:
             txn.put(dkey, stamp, db=cur)
             s.t = now
             return
-        devices = w.devices(to)
+        tkeys = w.devkeys(to)  # (device keys, devices): one cached look-up for both
+        devices = None if tkeys is None else tkeys[1]
         if s.cls != "message":
             # a receipt to a number that is not a user (or has no device) is
             # treated as one to a stranger (acked, read-sync copies only): an
@@ -945,17 +949,20 @@ class Queues:
         own = sender == to  # a note to self: the sender's other devices only
         blocked = False
         if own:
-            mine = devices
+            mine, skeys = devices, tkeys
         else:
             # The recipient blocks the sender: acked and not stored for the
             # recipient, by design; the sender's own devices see it as any
             # other (sync copies, the 408 check), or the block would show.
-            blocked = w.blocks(to, sender)
-            if not blocked and w.blocks(sender, to):
+            # (``blockers``: False for a user known to block nobody, most of them)
+            blockers = self.blockers
+            blocked = blockers.get(to) is not False and w.blocks(to, sender)
+            if not blocked and blockers.get(sender) is not False and w.blocks(sender, to):
                 # refused, not dropped: only a blocked sender is acked for nothing
                 s.error = (ErrorCode.BLOCKED, "you block this user: unblock them to send")
                 return
-            mine = w.devices(sender) or ()
+            skeys = w.devkeys(sender)
+            mine = () if skeys is None else skeys[1]
         # the sender's other devices get sync copies (none for a single-device account)
         nsync = len(mine) - (me in mine)
         if nsync and not own and s.type == "retry":  # a retry goes to the sender only
@@ -996,8 +1003,8 @@ class Queues:
                 me if s.cls == "message" else sender, s.id, s.type, s.body, to)  # fmt: skip
         # room in every queue it goes to (the whole message is one unit), checked and
         # taken by the codec's compiled loops (copies_room, copies) on the stored states
-        rk, rs = w.devkeys(to) if recipients else _NO_KEYS
-        mk, ms = w.devkeys(sender) if nsync else _NO_KEYS
+        rk, rs = tkeys if recipients else _NO_KEYS
+        mk, ms = skeys if nsync else _NO_KEYS
         skip = me.encode()
         if per_device:
             rentries = [entries[d] for d in rs]
@@ -1043,10 +1050,13 @@ class Queues:
                 entry[9] |= FAN  # the fan flag (Codec.queue_entry's layout)
                 rentries = bytes(entry)
             txn.put(self._fan_key(me, s.id, to), b"", db=self.db["fan"])
+        # (_Txn.copies without its call: the states were folded above)
         if rk:
-            w.copies(rk, rs, rentries)
+            self.encoder.copies(rk, rs, rentries, None, states, load, w.items, w.pushes,
+                                w.sessions, _UNKNOWN, w.worker_of)  # fmt: skip
         if mk:
-            w.copies(mk, ms, mentries, skip)
+            self.encoder.copies(mk, ms, mentries, skip, states, load, w.items, w.pushes,
+                                w.sessions, _UNKNOWN, w.worker_of)  # fmt: skip
         txn.put(dkey, stamp, db=cur)
         s.t = now
 

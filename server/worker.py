@@ -420,12 +420,14 @@ class Worker:
     # -- routing ------------------------------------------------------------------
 
     def route(self, sender: Session, to: str, msg_id: str, cls: str, typ: str, body,
-              payloads=None, participant: str | None = None) -> None:  # fmt: skip
+              payloads=None, participant: str | None = None, kind: str | None = None) -> None:  # fmt: skip
         """Queue a message or a read receipt for storing in this tick's commit.
 
         ``to``: a user, or (messages) a device of the sender's own account;
-        ``payloads``: per-device payloads instead of ``body`` (Queues)."""
-        kind = address_kind(to)
+        ``payloads``: per-device payloads instead of ``body`` (Queues); ``kind``:
+        ``address_kind(to)`` when the caller knows it (a Hot's ``to`` is a user)."""
+        if kind is None:
+            kind = address_kind(to)
         if kind != "user":
             if kind == "group" and (cls == "message" or participant is not None):
                 pass  # fanned out to the members in the commit (Queues._store_group)
