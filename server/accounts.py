@@ -386,6 +386,8 @@ class Accounts:
 
     def login_allowed(self, address: str, ip: str) -> bool:
         """False while ``ip`` (or ``address`` from ``ip``) is over its failed-login limit."""
+        if not self.failures.table:  # no failure counted (or all shed): nothing to check
+            return True
         c = self.config
         now, window = self.store.clock() / 1000, c.login_window
         by_ip, by_device = self._failure_keys(address, ip)

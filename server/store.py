@@ -8,8 +8,8 @@ across an await.  Records are msgpack maps; keys are ASCII strings.
 Tables (LMDB named databases):
 
     meta      b"format" -> store format version (checked at open)
-              b"ver", b"sver" -> u64s counting writes to accounts and blocks,
-              and to sessions (bump_version: the workers' caches)
+              b"ver", b"sver" -> u64s counting the transactions that wrote
+              accounts or blocks, and sessions (bump_version: the workers' caches)
               b"secret" -> 32 random bytes made at the first open: the key of
               the store's keyed hashes (``secret(purpose)``), never sent
     accounts  phone -> {devices: [n...], next_device: n, created: ms,
@@ -121,13 +121,31 @@ _TABLES = (
 )  # fmt: skip
 
 
+# (the write transaction that last bumped a version, the keys it bumped)
+_bumped: list = [None, set()]
+
+
 def bump_version(txn, db: dict, key: bytes = b"ver") -> None:
     """Note in ``txn`` that tables the workers cache changed.
 
-    ``meta[b"ver"]`` counts every write to accounts and blocks,
-    ``meta[b"sver"]`` every write to sessions; a worker's caches of them
-    (server/queues.py) read both once per commit and start again when one
-    moved, so they are never stale: the count and the change commit together."""
+    ``meta[b"ver"]`` moves with every transaction that writes accounts or
+    blocks, ``meta[b"sver"]`` with every one that writes sessions; a worker's
+    caches of them (server/queues.py) read both once per commit and start
+    again when one moved, so they are never stale: the count and the change
+    commit together.  Each key moves once per transaction, however many
+    writes it holds (a tick of logins writes an account and a session record
+    for each: one get and put of meta for each key, not two per login).  LMDB
+    has one write transaction at a time, so the last one seen is the only one
+    open; a new transaction is a new object (the reference kept here stops an
+    old one's identity from being reused)."""
+    seen = _bumped
+    if seen[0] is not txn:
+        seen[0] = txn
+        seen[1] = {key}
+    elif key in seen[1]:
+        return
+    else:
+        seen[1].add(key)
     raw = txn.get(key, db=db["meta"])
     n = 0 if raw is None else int.from_bytes(raw, "big")
     txn.put(key, (n + 1).to_bytes(8, "big"), db=db["meta"])

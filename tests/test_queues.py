@@ -344,6 +344,40 @@ def test_the_read_caches_are_exact_across_workers(store, clock):
     assert s.error[0] == ErrorCode.UNKNOWN_RECIPIENT
 
 
+def test_a_cache_version_moves_once_per_transaction(store, clock):
+    """meta "ver" and "sver" move once for each write transaction that writes
+    accounts or sessions, however many records it writes (a tick of logins:
+    one move, not two per login); an aborted one moves nothing, and the next
+    transaction moves them again; another worker's cache still follows."""
+    meta = store._db["meta"]
+
+    def versions():
+        with store.read() as txn:
+            return tuple(
+                int.from_bytes(txn.get(k, db=meta) or b"", "big") for k in (b"ver", b"sver")
+            )
+
+    q = make_queues(store)
+    a, b0 = user(store, ALICE), user(store, BOB)
+    send(q, a, BOB, "m0")  # q's caches hold bob's devices and where b0 is connected
+    ver, sver = versions()
+    with store.write() as txn:
+        for device in (a, b0):  # the primaries' last_login: two account writes
+            store.note_login_txn(txn, device, clock.t + 10_000_000)
+        store.set_session_txn(txn, a, 1, 1, clock.t)
+        store.set_session_txn(txn, b0, 1, 2, clock.t)
+    assert versions() == (ver + 1, sver + 1)
+    assert {p.device: p.worker for p in send(q, a, BOB, "m1")[1]}[b0] == 1
+    with pytest.raises(RuntimeError), store.write() as txn:
+        store.set_session_txn(txn, b0, 2, 3, clock.t)
+        raise RuntimeError("aborted")
+    assert versions() == (ver + 1, sver + 1)
+    with store.write() as txn:
+        store.set_session_txn(txn, b0, 3, 4, clock.t)
+    assert versions() == (ver + 1, sver + 2)
+    assert {p.device: p.worker for p in send(q, a, BOB, "m2")[1]}[b0] == 3
+
+
 def test_an_aborted_commit_leaves_no_cache_behind(store, clock):
     """A job removes a device inside a commit that then fails: the device list
     that commit saw (with the uncommitted change) must not outlive it, even
