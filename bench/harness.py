@@ -93,6 +93,7 @@ BENCH_PROFILE = {
     "media_listen": "off",
     # anti-spam: a load generator is exactly what these limits stop
     "message_rate": 0,
+    "messages_per_day": 0,
     "typing_rate": 0,
     "new_chats": 0,
 }

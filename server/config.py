@@ -604,6 +604,16 @@ OPTIONS: list[Option] = [
         "send senders a delivered receipt (two ticks); false only for benchmarks",
     ),
     Option(
+        "messages_per_day",
+        50_000,
+        _non_negative_int,
+        "messages and read receipts one device may send per 24 h, per worker (a device "
+        "that reconnects to another worker counts anew there; the count is kept with the "
+        "device's message-rate bucket); past it error 302, nothing stored. Each one keeps a "
+        "dedup record for the dedup-window, so this bounds the records one device can make "
+        "the store hold. 0 = no limit",
+    ),
+    Option(
         "presence_subscriptions",
         1000,
         _positive_int,
@@ -867,6 +877,41 @@ OPTIONS: list[Option] = [
         3600,
         _positive_float,
         "window of group-notice-bytes, seconds (what was spent drains evenly over it)",
+    ),
+    Option(
+        "group_subject_max",
+        100,
+        _positive_int,
+        "characters a group's subject may have, at most 100 (the protocol's own ceiling): "
+        "a create or subject request with a longer one gets error 200, nothing changed",
+    ),
+    Option(
+        "group_description_max",
+        512,
+        _positive_int,
+        "bytes (UTF-8) a group's description may have, at most 512 (the protocol's own "
+        "ceiling): a description request with a longer one gets error 200, nothing changed",
+    ),
+    Option(
+        "group_request_expiry",
+        7 * 86_400,
+        _positive_float,
+        "seconds a request to join a group (an invite code with approval on) waits for an "
+        "admin; then it is dropped (worker 0, every purge-interval) and the user may ask again",
+    ),
+    Option(
+        "group_member_changes",
+        200,
+        _non_negative_int,
+        "add, remove, promote and demote requests one admin may make in one group per "
+        "group-member-changes-window (one request counts once, however many members it "
+        "names); error 302 past it, nothing changed. 0 = no limit",
+    ),
+    Option(
+        "group_member_changes_window",
+        3600,
+        _positive_float,
+        "sliding window of group-member-changes, seconds",
     ),
     Option(
         "media_listen",
@@ -1182,7 +1227,8 @@ GROUPS: list[Group] = [
     ),  # fmt: skip
     Group(
         "groups",
-        "group size, how many groups a user may be in and create, and invite look-ups",
+        "group size, how many groups a user may be in and create, invite look-ups, join "
+        "requests, subjects and descriptions, and how fast an admin may change the members",
         (
             "group_max_members",
             "user_groups_max",
@@ -1191,6 +1237,11 @@ GROUPS: list[Group] = [
             "group_window",
             "group_notice_bytes",
             "group_notice_window",
+            "group_subject_max",
+            "group_description_max",
+            "group_request_expiry",
+            "group_member_changes",
+            "group_member_changes_window",
         ),
     ),
     Group(
@@ -1199,6 +1250,7 @@ GROUPS: list[Group] = [
         (
             "message_rate",
             "message_burst",
+            "messages_per_day",
             "lookup_users_per_token",
             "rate_buckets",
             "typing_rate",
@@ -1436,6 +1488,16 @@ def _load(path, overrides, base) -> tuple[Config | None, list[str]]:
         v["user_groups_max"] > 1024,
         "user-groups-max must be at most 1024 (a group list answer is one node, "
         "and a node has at most 1024 children)",
+    )
+    rule(
+        ("group_subject_max",),
+        v["group_subject_max"] > 100,
+        "group-subject-max must be at most 100 (the protocol's limit on a subject)",
+    )
+    rule(
+        ("group_description_max",),
+        v["group_description_max"] > 512,
+        "group-description-max must be at most 512 (the protocol's limit on a description)",
     )
     rule(
         ("sms_gateway", "sms_webhook_url"),

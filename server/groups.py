@@ -36,6 +36,9 @@ Tables:
               a user without one (none yet, or a store from before it) is counted
               once from ``ugroups`` and the count kept from then on
     invites   code -> "N"
+    grq       asked (u64 ms) "N" NUL user -> b"": the join requests by age, for their expiry
+              (``expire_requests``: worker 0 drops those past group-request-expiry); a key
+              whose request was approved or rejected since is dropped with the rest
     gbody     the group message and notice bodies (server/queues.py)
     meta      b"gid": the last group number given (never reused); b"gver": the
               count of group changes (the caches); b"gmsg": the last body number;
@@ -58,7 +61,7 @@ from .errors import ServiceError
 from .limits import budget_charge, budget_spent, window_take
 from .queues import GROUP_NOTICE, bump_group_version, notice_store_bytes
 
-GROUP_TABLES = ("groups", "ugroups", "ugcount", "invites", "gbody")
+GROUP_TABLES = ("groups", "ugroups", "ugcount", "invites", "gbody", "grq")
 
 _T = struct.Struct(">Q")
 GROUP_WINDOW_MS = 86_400_000  # the window of groups-per-day and group-joins-per-day
@@ -98,6 +101,11 @@ class GroupLimits:
     discover_window_ms: int = 86_400_000
     notice_bytes: int = 16 << 20  # store bytes one user's changes may queue as notices per window
     notice_window_ms: int = 3_600_000
+    subject_max: int = 100  # characters of a subject (the protocol's own ceiling: 100)
+    description_max: int = 512  # bytes of a description (UTF-8; the protocol's: 512)
+    request_expiry_ms: int = 7 * 86_400_000  # a join request is dropped after it
+    member_changes: int = 200  # add/remove/promote/demote requests per admin per group (0: off)
+    member_changes_window_ms: int = 3_600_000
 
 
 def notice_entry(enc, group: str, op: str, by: str, t: int, members=(), attrs=(),
@@ -264,6 +272,30 @@ class Groups:
             return ErrorCode.NEW_CHAT_LIMIT
         return 0
 
+    def _check_subject(self, subject: str) -> None:
+        n = self.limits.subject_max
+        if len(subject) > n:
+            raise ServiceError(ErrorCode.BAD_REQUEST,
+                               f"a group's subject has at most {n} characters on this server "
+                               f"(group-subject-max); this one has {len(subject)}")  # fmt: skip
+
+    def _member_change(self, txn, now: int, user: str, gid: str, count: bool = True) -> None:
+        """One more add, remove, promote or demote by ``user`` in ``gid``: 302 past
+        group-member-changes per window, checked before anything is written (as
+        groups-per-day is); ``count``: record it now (False: the caller checks
+        something else first, then calls again to record it)."""
+        lim = self.limits
+        if not lim.member_changes:
+            return
+        key, window = f"gchange:{user}\x00{gid}", lim.member_changes_window_ms
+        if count:
+            self.store.hit_txn(txn, key, lim.member_changes, window, now)
+        elif self.store.window_full(txn, key, lim.member_changes, window, now):
+            raise ServiceError(ErrorCode.RATE_LIMITED,
+                               f"at most {lim.member_changes} member changes (add, remove, "
+                               f"promote, demote) per admin and group in "
+                               f"{lim.member_changes_window_ms // 1000} s; try again later")  # fmt: skip
+
     def _charge_adds(self, txn, now: int, adder: str, users) -> None:
         """Adding ``users`` tells ``adder`` which of them are registered (433 or 400 in
         the answer), and makes them its co-members, whose device lists and keys it
@@ -348,6 +380,7 @@ class Groups:
         lim = self.limits
         if req.subject is None:
             raise ServiceError(ErrorCode.BAD_REQUEST, "a new group needs a subject")
+        self._check_subject(req.subject)
         wanted = list(dict.fromkeys(u for u in req.members if u != user))
         if len(wanted) + 1 > lim.max_members:
             raise ServiceError(ErrorCode.GROUP_FULL,
@@ -408,7 +441,11 @@ class Groups:
         rec = self._need(txn, gid, user, admin=True)
         self.store.check_room(txn)
         have = {m[0] for m in rec["m"]}
+        # checked before the first write (a refusal writes nothing), counted once
+        # discovery allowed the request too
+        self._member_change(txn, now, user, gid, count=False)
         self._charge_adds(txn, now, user, [u for u in dict.fromkeys(req.members) if u not in have])
+        self._member_change(txn, now, user, gid)
 
         def refused(u):
             if self._member(rec, u) is not None:
@@ -440,6 +477,8 @@ class Groups:
 
     def _op_remove(self, txn, now, user, req, gid):
         rec = self._need(txn, gid, user, admin=True)
+        self._member_change(txn, now, user, gid, count=False)
+        self._member_change(txn, now, user, gid)
         failed, gone = [], []
         for u in dict.fromkeys(req.members):
             if self._member(rec, u) is None:
@@ -461,6 +500,8 @@ class Groups:
 
     def _role(self, txn, now, user, req, gid, admin: int):
         rec = self._need(txn, gid, user, admin=True)
+        self._member_change(txn, now, user, gid, count=False)
+        self._member_change(txn, now, user, gid)
         failed, changed = [], []
         for u in dict.fromkeys(req.members):
             m = self._member(rec, u)
@@ -488,6 +529,7 @@ class Groups:
         rec = self._need(txn, gid, user, admin=True)
         if req.subject is None:
             raise ServiceError(ErrorCode.BAD_REQUEST, "a subject request names the subject")
+        self._check_subject(req.subject)
         rec["s"] = req.subject
         self._save(txn, gid, rec)
         pushes = self._notice(txn, now, gid, rec, "subject", user, (), (("subject", req.subject),))
@@ -496,6 +538,12 @@ class Groups:
     def _op_description(self, txn, now, user, req, gid):
         rec = self._need(txn, gid, user, admin=True)
         text = req.description or ""
+        n = self.limits.description_max
+        if len(text.encode()) > n:
+            raise ServiceError(ErrorCode.BAD_REQUEST,
+                               f"a group's description has at most {n} bytes (UTF-8) on this "
+                               f"server (group-description-max); this one has "
+                               f"{len(text.encode())}")  # fmt: skip
         rec["d"] = text
         self._save(txn, gid, rec)
         pushes = self._notice(txn, now, gid, rec, "description", user, (), (), text)
@@ -566,6 +614,7 @@ class Groups:
                     raise ServiceError(ErrorCode.TOO_MANY, "too many requests wait; try later")
                 rec["rq"].append([user, now])
                 self._save(txn, gid, rec)
+                txn.put(_request_key(now, gid, user), b"", db=self.db["grq"])
             return self._answer(req, gid, (("requested", 1),)), []
         self._join(txn, gid, rec, user, now)
         self._save(txn, gid, rec)
@@ -598,6 +647,48 @@ class Groups:
         if len(rec["rq"]) != before:
             self._save(txn, gid, rec)
         return self._answer(req, gid, failed=failed), []
+
+
+def _request_key(asked: int, gid: str, user: str) -> bytes:
+    return _T.pack(asked) + f"{gid}\x00{user}".encode()
+
+
+def expire_requests(groups: Groups, now: int, batch: int = 1000) -> int:
+    """Drop the join requests older than group-request-expiry (worker 0, with the
+    queue purge), oldest first, ``batch`` index keys per short write transaction of
+    its own; returns how many requests went.  A request's key in ``grq`` is written
+    with it (``_op_join``); one whose request was approved, rejected or asked again
+    since, or whose group is gone, is dropped and changes nothing."""
+    cutoff = now - groups.limits.request_expiry_ms
+    dropped = 0
+    db = groups.db["grq"]
+    while True:
+        with groups.store.write() as txn:
+            keys = []
+            with txn.cursor(db=db) as c:
+                if c.first():
+                    for key in c.iternext(values=False):
+                        if _T.unpack_from(key)[0] > cutoff or len(keys) >= batch:
+                            break
+                        keys.append(bytes(key))
+            changed: dict[str, dict] = {}
+            for key in keys:
+                txn.delete(key, db=db)
+                gid, _, user = key[_T.size :].decode().partition("\x00")
+                rec = changed.get(gid) or groups._load(txn, gid)
+                if rec is None:
+                    continue
+                # (every request past it, not only this key's: those of a store from
+                # before grq have no key of their own)
+                left = [r for r in rec["rq"] if r[1] > cutoff]
+                if len(left) != len(rec["rq"]):
+                    dropped += len(rec["rq"]) - len(left)
+                    rec["rq"] = left
+                    changed[gid] = rec
+            for gid, rec in changed.items():
+                groups._save(txn, gid, rec)
+        if len(keys) < batch:
+            return dropped
 
 
 def drop_user_groups(groups: Groups, txn, user: str, now: int) -> list:

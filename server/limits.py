@@ -83,15 +83,32 @@ class Bucket:
     """A token bucket: ``rate`` per second on average, ``burst`` at once.
 
     ``rate <= 0`` means no limit.  Time is the caller's (the loop's clock).
+
+    A device's bucket also counts what it sent in a fixed window (``count``:
+    messages-per-day), so that count lives as long as the bucket does, across
+    the device's connections to a worker, at no cost of its own per message.
     """
 
-    __slots__ = ("rate", "burst", "tokens", "stamp")
+    __slots__ = ("rate", "burst", "tokens", "stamp", "day", "day_end")
 
     def __init__(self, rate: float, burst: int, now: float):
         self.rate = rate
         self.burst = max(1, burst)
         self.tokens = float(self.burst)
         self.stamp = now
+        self.day = 0  # counted in the window that ends at day_end
+        self.day_end = 0.0
+
+    def count(self, now: float, limit: int, window: float = 86_400.0) -> bool:
+        """Count one more in a fixed window of ``window`` seconds (it starts with its
+        first count); False (nothing counted) once ``limit`` are counted in it."""
+        if now >= self.day_end:
+            self.day_end = now + window
+            self.day = 0
+        if self.day >= limit:
+            return False
+        self.day += 1
+        return True
 
     def take(self, now: float, n: float = 1.0) -> bool:
         """Take ``n`` tokens (at most ``burst``: a bigger ``n`` takes a full bucket)."""

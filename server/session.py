@@ -473,6 +473,21 @@ class Session(asyncio.Protocol):
                   "connection; reconnect later")  # fmt: skip
         return False
 
+    def counted(self, ev) -> bool:
+        """Count a message or read receipt in the device's messages-per-day (kept in
+        its message-rate bucket, which ``allowed`` has just drawn on); answer 302 past
+        it.  Each one accepted keeps a dedup record for the dedup window: without
+        this a device could make the store hold as many as message-rate allows."""
+        w = self.worker
+        limit = w.messages_per_day
+        if not limit or self.bucket.count(w.loop.time(), limit):
+            return True
+        w.stats.counters["rate_limited"] += 1
+        self.send(Error(ErrorCode.RATE_LIMITED,
+                        f"at most {limit} messages and receipts a day from one device "
+                        f"(messages-per-day); try again later", getattr(ev, "id", None)))  # fmt: skip
+        return False
+
     def allowed(self, ev, cost: float = 1.0) -> bool:
         """Draw ``cost`` on the device's message-rate bucket (Worker.rate_bucket: the
         same across its connections to this worker); answer 405 if it is empty."""

@@ -67,7 +67,7 @@ from .accounts import Accounts, make_gateway
 from .bus import Bus
 from .child import code_mismatch
 from .errors import ServiceError
-from .groups import GroupLimits, Groups
+from .groups import GroupLimits, Groups, expire_requests
 from .limits import Bucket, LeakyTable
 from .listeners import FULL_LOG_INTERVAL, Listeners, listen_socket, raise_open_files_limit
 from .metrics import SNAPSHOT_INTERVAL, WorkerStats
@@ -203,6 +203,8 @@ class Worker:
         # rate-buckets of them, the most recently used last
         self.rate_buckets: dict[str, Bucket] = {}
         self.rate_buckets_max = config.rate_buckets
+        # messages and receipts a device may send a day (Session.counted; 0: no limit)
+        self.messages_per_day = config.messages_per_day
         self.max_connections = config.max_connections
         self.refused_full = 0
         self.evicted_logged = 0  # counters["evicted"] when the limit was last logged
@@ -341,7 +343,9 @@ class Worker:
         buckets, held = self.rate_buckets, self.by_device
         rate, burst = self.config.message_rate, self.config.message_burst
         for device, b in list(buckets.items()):
-            if device not in held and (rate <= 0 or b.tokens + (now - b.stamp) * rate >= burst):
+            refilled = rate <= 0 or b.tokens + (now - b.stamp) * rate >= burst
+            counted = b.day and now < b.day_end  # (its messages-per-day count is live)
+            if device not in held and refilled and not counted:
                 del buckets[device]
         keep = self.rate_buckets_max - max(1, self.rate_buckets_max // 8)
         while len(buckets) > keep:
@@ -718,6 +722,14 @@ class Worker:
                 break
         if total:
             log.event(logger, logging.INFO, "expired queue entries purged", entries=total)
+        try:
+            requests = expire_requests(self.groups, self.store.clock())
+        except lmdb.Error as exc:
+            log.event(logger, logging.ERROR, "group request expiry failed", error=str(exc))
+        else:
+            if requests:
+                log.event(logger, logging.INFO, "expired group join requests dropped",
+                          requests=requests)  # fmt: skip
         c = self.config
         # the longest window of any limit (with the media service on, a day: its daily
         # quotas, server/handlers.py)
@@ -725,7 +737,8 @@ class Worker:
         longest = int(1000 * max(c.register_window, c.login_window, c.new_chats_window,
                                  c.discover_window, c.verify_window, c.keys_fetch_window,
                                  c.key_changes_window, media_day,
-                                 c.group_window, c.group_notice_window))  # fmt: skip
+                                 c.group_window, c.group_notice_window,
+                                 c.group_member_changes_window))  # fmt: skip
         where, swept = (b"", b""), 0
         while True:
             try:
@@ -798,7 +811,13 @@ class Worker:
                                          discover_numbers=c.discover_numbers,
                                          discover_window_ms=int(c.discover_window * 1000),
                                          notice_bytes=c.group_notice_bytes,
-                                         notice_window_ms=int(c.group_notice_window * 1000)))  # fmt: skip
+                                         notice_window_ms=int(c.group_notice_window * 1000),
+                                         subject_max=c.group_subject_max,
+                                         description_max=c.group_description_max,
+                                         request_expiry_ms=int(c.group_request_expiry * 1000),
+                                         member_changes=c.group_member_changes,
+                                         member_changes_window_ms=int(
+                                             c.group_member_changes_window * 1000)))  # fmt: skip
         self.social = Social(self.store, c)
         self.presence = PresenceHub(self, self.social, self.queues.encoder)
         self.encode_entry = self.queues.encoder._codec.write_entry_frame  # (FrameEncoder.write)

@@ -1,0 +1,248 @@
+"""What a logged-in user controls that grew without bound (the probe's limits),
+each on a real server with the real SDK.
+
+- a group's subject and description: group-subject-max, group-description-max
+  (below the protocol's own 100 characters / 512 bytes), error 200;
+- join requests waiting for an admin: dropped after group-request-expiry;
+- member changes by one admin in one group: group-member-changes per window, 302;
+- messages and read receipts of one device: messages-per-day (each keeps a dedup
+  record for the dedup window), 302.
+
+Time moves with the server's injectable clock (``Server.advance_clock``), never
+with a sleep; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from serverutil import Server, until
+
+from pigeon.client import ServerError
+from pigeon.core.errors import ErrorCode
+from pigeon.core.events import MAX_GROUP_DESCRIPTION, MAX_GROUP_SUBJECT, IncomingMessage
+from pigeon.server.config import ConfigError, load
+from pigeon.server.limits import Bucket
+from pigeon.server.store import Store
+
+ALICE, BOB, CAROL, DAVE = "491701234567", "4915112345678", "4917612345678", "4917612340000"
+
+
+def run(coro, timeout=180):
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+def start(tmp_path, workers=2, **options) -> Server:
+    return Server(tmp_path / "data", workers=workers, **options).start()
+
+
+def table_entries(srv: Server, table: str) -> int:
+    store = Store(str(srv.data_dir / "store"), map_size=256 << 20, create=False)
+    try:
+        with store.read() as txn:
+            return txn.stat(store._db[table])["entries"]
+    finally:
+        store.close()
+
+
+async def drain(client, wait=0.3) -> int:
+    """Ack whatever is delivered until nothing comes for ``wait`` s; how many."""
+    n = 0
+    while True:
+        try:
+            ev = await client.next_event(wait)
+        except TimeoutError:
+            return n
+        if getattr(ev, "seq", None) is not None:
+            await client.ack(ev.seq)
+        n += 1
+
+
+# -- 1. subject and description ----------------------------------------------------------
+
+
+def test_a_subject_or_description_past_the_servers_limit_is_refused_and_changes_nothing(
+    tmp_path,
+):
+    srv = start(tmp_path, group_subject_max=10, group_description_max=20)
+    try:
+
+        async def main():
+            alice = await srv.login(await srv.register(ALICE))
+            with pytest.raises(ServerError) as e:  # 11 characters: within the protocol's 100
+                await alice.group("create", subject="s" * 11)
+            assert e.value.code == ErrorCode.BAD_REQUEST and "group-subject-max" in e.value.text
+            assert await alice.groups() == ()  # nothing created
+            g = (await alice.group("create", subject="s" * 10)).group
+            with pytest.raises(ServerError) as e:
+                await alice.group_subject(g, "t" * 11)
+            assert e.value.code == ErrorCode.BAD_REQUEST and "group-subject-max" in e.value.text
+            # bytes of UTF-8, not characters: 11 of them are 22 bytes
+            with pytest.raises(ServerError) as e:
+                await alice.group_description(g, "é" * 11)
+            assert e.value.code == ErrorCode.BAD_REQUEST
+            assert "group-description-max" in e.value.text
+            info = await alice.group_info(g)
+            assert (info.subject, info.description) == ("s" * 10, None)  # unchanged
+            await alice.group_subject(g, "t" * 10)
+            await alice.group_description(g, "é" * 10)  # 20 bytes: at the limit
+            info = await alice.group_info(g)
+            assert (info.subject, info.description) == ("t" * 10, "é" * 10)
+            await alice.ping()  # not fatal
+            await alice.close()
+
+        run(main())
+    finally:
+        assert srv.stop() == 0
+
+
+def test_subject_and_description_limits_cannot_pass_the_protocols():
+    assert load().group_subject_max == MAX_GROUP_SUBJECT
+    assert load().group_description_max == MAX_GROUP_DESCRIPTION
+    for key, top in (("group_subject_max", MAX_GROUP_SUBJECT),
+                     ("group_description_max", MAX_GROUP_DESCRIPTION)):  # fmt: skip
+        assert getattr(load(overrides={key: top - 1}), key) == top - 1
+        with pytest.raises(ConfigError) as e:
+            load(overrides={key: top + 1})
+        assert key.replace("_", "-") in str(e.value)
+
+
+# -- 2. join requests expire ------------------------------------------------------------------
+
+
+def test_a_join_request_past_group_request_expiry_is_dropped(tmp_path):
+    srv = start(tmp_path, group_request_expiry=600, purge_interval=0.2)
+    try:
+
+        async def main():
+            alice, bob, carol = [await srv.login(await srv.register(p))
+                                 for p in (ALICE, BOB, CAROL)]  # fmt: skip
+            g = (await alice.group("create", subject="club")).group
+            await alice.group_settings(g, approval=True)
+            code = await alice.group_invite(g)
+            assert (await bob.group_join(code)).get("requested") == "1"
+            assert await alice.group_requests(g) == (BOB,)
+            assert table_entries(srv, "grq") == 1
+            srv.advance_clock(400)
+            assert (await carol.group_join(code)).get("requested") == "1"
+            srv.advance_clock(201)  # bob's request is 601 s old, carol's 201 s
+            await until(lambda: table_entries(srv, "grq") == 1, timeout=20)
+            assert await alice.group_requests(g) == (CAROL,)
+            # bob may ask again; the group itself is untouched
+            assert (await bob.group_join(code)).get("requested") == "1"
+            assert set(await alice.group_requests(g)) == {BOB, CAROL}
+            assert (await alice.group_info(g)).subject == "club"
+            srv.advance_clock(601)
+            await until(lambda: table_entries(srv, "grq") == 0, timeout=20)
+            assert await alice.group_requests(g) == ()
+            for c in (alice, bob, carol):
+                await c.close()
+
+        run(main())
+    finally:
+        assert srv.stop() == 0
+
+
+# -- 3. member changes by one admin ---------------------------------------------------------
+
+
+def test_member_changes_by_one_admin_in_one_group_stop_at_group_member_changes(tmp_path):
+    srv = start(tmp_path, group_member_changes=4, group_member_changes_window=600,
+                message_rate=0)  # fmt: skip
+    try:
+
+        async def main():
+            alice, bob, carol, dave = [await srv.login(await srv.register(p))
+                                       for p in (ALICE, BOB, CAROL, DAVE)]  # fmt: skip
+            g = (await alice.group("create", subject="g", members=[BOB, CAROL])).group
+            await alice.group_promote(g, [BOB])  # 1
+            await alice.group_remove(g, [CAROL])  # 2
+            await alice.group_add(g, [CAROL, DAVE])  # 3: one request, two members
+            await alice.group_promote(g, [CAROL])  # 4
+            for op in (alice.group_demote, alice.group_remove, alice.group_add,
+                       alice.group_promote):  # fmt: skip
+                with pytest.raises(ServerError) as e:
+                    await op(g, [CAROL])
+                assert e.value.code == ErrorCode.RATE_LIMITED
+                assert "member changes" in e.value.text
+            info = await alice.group_info(g)  # nothing changed by the refusals
+            roles = {m.user: m.role for m in info.members}
+            assert roles == {ALICE: "admin", BOB: "admin", CAROL: "admin", DAVE: "member"}
+            # per admin and per group: bob may, and alice may in another group
+            await bob.group_demote(g, [CAROL])
+            h = (await alice.group("create", subject="h", members=[BOB])).group
+            await alice.group_promote(h, [BOB])
+            await alice.ping()  # not fatal
+            srv.advance_clock(601)  # the window passed
+            await alice.group_promote(g, [CAROL])
+            for c in (alice, bob, carol, dave):
+                await c.close()
+
+        run(main())
+    finally:
+        assert srv.stop() == 0
+
+
+# -- 4. messages per day ------------------------------------------------------------------------
+
+
+def test_messages_and_receipts_past_messages_per_day_are_refused_and_not_stored(tmp_path):
+    """One worker: the count is per device and worker, kept across its connections."""
+    srv = start(tmp_path, workers=1, messages_per_day=5)
+    try:
+
+        async def main():
+            ac, bc = await srv.register(ALICE), await srv.register(BOB)
+            alice, bob = await srv.login(ac), await srv.login(bc)
+            g = (await alice.group("create", subject="g", members=[BOB])).group
+            await drain(bob)
+            for i in range(3):  # the hot path's messages
+                await alice.send(BOB, f"m{i}".encode(), id=f"m{i}")
+            await alice.group_send(g, b"to the group")  # a Message through the handlers
+            await alice.receipt(BOB, "x1")  # a read receipt counts too
+            with pytest.raises(ServerError) as e:
+                await alice.send(BOB, b"sixth", id="m6")
+            assert e.value.code == ErrorCode.RATE_LIMITED and "messages-per-day" in e.value.text
+            for refused in (alice.group_send(g, b"again"), alice.receipt(BOB, "x2")):
+                with pytest.raises(ServerError) as e:
+                    await refused
+                assert e.value.code == ErrorCode.RATE_LIMITED
+            await alice.close()
+            alice = await srv.login(ac)  # logging in again does not reset it
+            with pytest.raises(ServerError) as e:
+                await alice.send(BOB, b"seventh", id="m7")
+            assert e.value.code == ErrorCode.RATE_LIMITED
+            await bob.send(ALICE, b"bob's own count")  # per device
+            got = []
+            while True:
+                try:
+                    ev = await bob.next_event(1.0)
+                except TimeoutError:
+                    break
+                await bob.ack(ev.seq)
+                if isinstance(ev, IncomingMessage):
+                    got.append(bytes(ev.body))
+            assert sorted(got) == [b"m0", b"m1", b"m2", b"to the group"]
+            for c in (alice, bob):
+                await c.close()
+
+        run(main())
+    finally:
+        assert srv.stop() == 0
+
+
+def test_messages_per_day_zero_is_no_limit_and_the_bench_profile_sets_it():
+    from pigeon.bench.harness import BENCH_PROFILE
+
+    assert load().messages_per_day == 50_000
+    assert load(overrides={"messages_per_day": 0}).messages_per_day == 0
+    assert BENCH_PROFILE["messages_per_day"] == 0
+
+
+def test_the_day_count_is_a_fixed_window_from_its_first_message():
+    b = Bucket(0, 1, 0.0)  # no rate limit: only the count
+    assert [b.count(10.0, 3, 100.0) for _ in range(4)] == [True, True, True, False]
+    assert not b.count(109.9, 3, 100.0)
+    assert b.count(110.0, 3, 100.0)  # a new window from here
+    assert [b.count(150.0, 3, 100.0) for _ in range(3)] == [True, True, False]
