@@ -9,8 +9,9 @@ of the tick's commit (``Worker.write``): it checks first and writes after,
 so a refusal writes nothing, and everything a change writes (the record,
 the pairs, and a notice in the queue of every member device, the users
 just removed included) is in the one transaction; ``meta["gver"]`` moves
-with it, which is what keeps the workers' membership caches exact
-(server/queues.py, ``_Txn.group``).
+with every change of what the workers' membership caches hold (members,
+admins, announce), which is what keeps them exact (server/queues.py,
+``_Txn.group``).
 
 Notices are queue entries of kind 4 (pigeon.core._pycodec, "queue
 entries"): their head (``<group from type by ... t>``) and content
@@ -156,9 +157,15 @@ class Groups:
         raw = txn.get(gid.encode(), db=self.db["groups"])
         return None if raw is None else _unpack(raw)
 
-    def _save(self, txn, gid: str, rec: dict) -> None:
+    def _save(self, txn, gid: str, rec: dict, cached: bool = True) -> None:
+        """Write ``rec``; ``cached``: what the workers' group caches hold (members,
+        admins, announce: ``_Txn.group``) may have changed, so ``gver`` moves and
+        every worker starts its caches again.  A change of only the subject,
+        description, invite code or join requests leaves them be (an admin's
+        loop of ``revoke`` cleared every worker's caches at each one)."""
         txn.put(gid.encode(), _pack(rec), db=self.db["groups"])
-        bump_group_version(txn, self.db)
+        if cached:
+            bump_group_version(txn, self.db)
 
     def groups_count(self, txn, user: str) -> int:
         """How many groups ``user`` is a member of: its ``ugcount``, or (none kept
@@ -531,7 +538,7 @@ class Groups:
             raise ServiceError(ErrorCode.BAD_REQUEST, "a subject request names the subject")
         self._check_subject(req.subject)
         rec["s"] = req.subject
-        self._save(txn, gid, rec)
+        self._save(txn, gid, rec, cached=False)
         pushes = self._notice(txn, now, gid, rec, "subject", user, (), (("subject", req.subject),))
         return self._answer(req, gid, (("subject", req.subject),)), pushes
 
@@ -545,7 +552,7 @@ class Groups:
                                f"server (group-description-max); this one has "
                                f"{len(text.encode())}")  # fmt: skip
         rec["d"] = text
-        self._save(txn, gid, rec)
+        self._save(txn, gid, rec, cached=False)
         pushes = self._notice(txn, now, gid, rec, "description", user, (), (), text)
         return self._answer(req, gid), pushes
 
@@ -567,7 +574,7 @@ class Groups:
         code = secrets.token_urlsafe(16)  # 22 characters, 128 bits
         txn.put(code.encode(), gid.encode(), db=self.db["invites"])
         rec["inv"] = code
-        self._save(txn, gid, rec)
+        self._save(txn, gid, rec, cached=False)
         return code
 
     def _op_invite(self, txn, now, user, req, gid):
@@ -613,7 +620,7 @@ class Groups:
                 if len(rec["rq"]) >= self.limits.max_members:
                     raise ServiceError(ErrorCode.TOO_MANY, "too many requests wait; try later")
                 rec["rq"].append([user, now])
-                self._save(txn, gid, rec)
+                self._save(txn, gid, rec, cached=False)
                 txn.put(_request_key(now, gid, user), b"", db=self.db["grq"])
             return self._answer(req, gid, (("requested", 1),)), []
         self._join(txn, gid, rec, user, now)
@@ -645,7 +652,7 @@ class Groups:
         before = len(rec["rq"])
         rec["rq"] = [r for r in rec["rq"] if r[0] not in drop]
         if len(rec["rq"]) != before:
-            self._save(txn, gid, rec)
+            self._save(txn, gid, rec, cached=False)
         return self._answer(req, gid, failed=failed), []
 
 
@@ -686,7 +693,7 @@ def expire_requests(groups: Groups, now: int, batch: int = 1000) -> int:
                     rec["rq"] = left
                     changed[gid] = rec
             for gid, rec in changed.items():
-                groups._save(txn, gid, rec)
+                groups._save(txn, gid, rec, cached=False)
         if len(keys) < batch:
             return dropped
 

@@ -272,7 +272,8 @@ def test_a_full_store_answers_every_request_with_501_never_a_traceback(tmp_path)
 def test_stale_rate_limit_records_are_swept(tmp_path):
     srv = start(tmp_path, purge_interval=0.2, register_window=60, new_chats_window=60,
                 discover_window=60, login_window=60, verify_window=60, keys_fetch_window=60,
-                key_changes_window=60, group_window=60, group_notice_window=60)  # fmt: skip
+                key_changes_window=60, group_window=60, group_notice_window=60,
+                group_member_changes_window=60)  # fmt: skip
     try:
 
         async def main():

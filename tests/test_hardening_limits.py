@@ -246,3 +246,49 @@ def test_the_day_count_is_a_fixed_window_from_its_first_message():
     assert not b.count(109.9, 3, 100.0)
     assert b.count(110.0, 3, 100.0)  # a new window from here
     assert [b.count(150.0, 3, 100.0) for _ in range(3)] == [True, True, False]
+
+
+# -- 5. what leaves the membership as it was leaves the workers' caches be ------------------------
+
+
+def group_version(srv: Server) -> bytes | None:
+    store = Store(str(srv.data_dir / "store"), map_size=256 << 20, create=False)
+    try:
+        with store.read() as txn:
+            raw = txn.get(b"gver", db=store._db["meta"])
+            return None if raw is None else bytes(raw)
+    finally:
+        store.close()
+
+
+def test_revoke_subject_and_join_requests_do_not_restart_the_workers_group_caches(tmp_path):
+    """``meta["gver"]`` moving makes every worker drop its group caches (members,
+    admins, announce) at its next commit: an admin's loop of ``revoke`` did that at
+    each one.  Only changes of what the caches hold move it."""
+    srv = start(tmp_path, group_request_expiry=600, purge_interval=0.2)
+    try:
+
+        async def main():
+            alice, bob = [await srv.login(await srv.register(p)) for p in (ALICE, BOB)]
+            g = (await alice.group("create", subject="club")).group
+            await alice.group_settings(g, approval=True)
+            ver = group_version(srv)
+            for _ in range(5):
+                code = await alice.group_revoke(g)
+            await alice.group_subject(g, "club 2")
+            await alice.group_description(g, "about")
+            await bob.group_join(code)
+            await alice.group_reject(g, [BOB])
+            await bob.group_join(code)
+            srv.advance_clock(601)
+            await until(lambda: table_entries(srv, "grq") == 0, timeout=20)
+            assert await alice.group_requests(g) == ()
+            assert group_version(srv) == ver
+            await alice.group_add(g, [BOB])  # a member change: it moves
+            assert group_version(srv) != ver
+            for c in (alice, bob):
+                await c.close()
+
+        run(main())
+    finally:
+        assert srv.stop() == 0
