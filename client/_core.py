@@ -860,7 +860,10 @@ class ClientAPI(GroupsAPI):
         out after the next login; retrying the same ``id`` is safe.  A field
         the server would refuse (``to`` not a user or group address, an
         ``id`` or ``type`` that is not 1-64 printable ASCII characters, a
-        ``body`` that is not bytes) raises LocalProtocolError at once.
+        ``body`` that is not bytes) raises LocalProtocolError at once.  Past the
+        device's rate (message-rate) the server answers 405, past its
+        messages-per-day 302: nothing was stored either way, so the same ``id``
+        may be sent again later.
         """
         if self.secure is not None and isinstance(body, bytes | bytearray):
             if address_kind(to) == "group":

@@ -103,7 +103,9 @@ class GroupsAPI:
     async def group_create(self, subject: str, members=(), timeout: float = 30.0) -> GroupResult:
         """A new group with this user as its admin; ``.group`` is its address and
         ``.failed`` the (user, code) of members that could not be added (433: their
-        "who can add me" setting; invite them instead)."""
+        "who can add me" setting; invite them instead).  A subject of more than 100
+        characters is refused here (LocalProtocolError); one within that but past the
+        server's group-subject-max gets ServerError 200."""
         return await self._group("create", timeout, subject=subject, members=tuple(members))
 
     async def group_info(self, group: str, timeout: float = 30.0) -> GroupInfo:
@@ -145,9 +147,14 @@ class GroupsAPI:
         return r
 
     async def group_subject(self, group: str, subject: str, timeout: float = 30.0):
+        """Change the subject (admins only: 431); as ``group_create``, 200 past the
+        server's group-subject-max."""
         return await self._group("subject", timeout, group=group, subject=subject)
 
     async def group_description(self, group: str, text: str, timeout: float = 30.0):
+        """Change the description (admins only: 431): at most 512 bytes of UTF-8 here
+        (LocalProtocolError past it), ServerError 200 past the server's
+        group-description-max."""
         return await self._group("description", timeout, group=group, description=text)
 
     async def group_settings(self, group: str, announce: bool | None = None,
