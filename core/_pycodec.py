@@ -980,3 +980,95 @@ def ack_walk(cursor, prefix: bytes, end: bytes, limit: int, receipts: bool) -> t
             nbytes += len(value)
         if not delete():
             return deleted, nbytes, listed, True
+
+
+_PLAIN_FAN = 1  # an entry's flags bit 0 (server/queues.py FAN)
+
+
+def _plain_one(s, get, put, cur, prev, fan_db, devkeys: dict, blockers: dict, qstate: dict,
+               states: dict, load, items: list, pushes: list, sessions: dict, missing,
+               worker_of, entry_fn, now: int, max_count: int, max_bytes: int, s_count: int,
+               s_bytes: int) -> bool:  # fmt: skip
+    """store_plain's one send: True if stored, False if left to the fallback
+    (nothing written for it)."""
+    if s.cls != "message":
+        return False
+    entry, to, me = s.entry, s.to, s.device
+    if (type(entry) is not bytes or len(entry) < 10 or type(to) is not str or not to
+            or to[0] == "g" or ":" in to or type(me) is not str):  # fmt: skip
+        return False
+    sender = me.partition(":")[0]
+    typ = s.type
+    if sender == to or typ == "retry":
+        return False
+    dkey, digest = s.dkey, s.digest
+    if type(digest) is not bytes:
+        return False
+    if (get(dkey, db=cur) or get(dkey, db=prev)) is not None:  # a retry or a reused id
+        return False
+    tkeys = devkeys.get(to, missing)
+    if tkeys is missing or tkeys is None:
+        return False
+    rk, rs = tkeys
+    if not rs or blockers.get(to) is not False or blockers.get(sender) is not False:
+        return False
+    skeys = devkeys.get(sender, missing)
+    if skeys is missing:
+        return False
+    mk = ms = None
+    nsync = 0
+    if skeys is not None:
+        mk, ms = skeys
+        nsync = len(ms) - (me in ms)
+    if qstate:  # (states as lists: _store_one folds them)
+        return False
+    mid = s.id
+    sync_entry = entry_fn(0, now, _SYNC_FLAG, me, mid, typ, s.body, to) if nsync else None
+    skip = me.encode()
+    if copies_room(rk, entry, None, states, load, max_count, max_bytes, s_count, s_bytes,
+                   len(rk)) is not None:  # fmt: skip
+        return False
+    if nsync and copies_room(mk, sync_entry, skip, states, load, max_count, max_bytes,
+                             0, 0, 0) is not None:  # fmt: skip
+        return False
+    # stored from here on
+    if len(rs) > 1:
+        fan = bytearray(entry)
+        fan[9] |= _PLAIN_FAN
+        entry = bytes(fan)
+        put(f"{me}\x00{mid}\x00{to}".encode(), b"", db=fan_db)
+    copies(rk, rs, entry, None, states, load, items, pushes, sessions, missing, worker_of)
+    if nsync:
+        copies(mk, ms, sync_entry, skip, states, load, items, pushes, sessions, missing,
+               worker_of)  # fmt: skip
+    put(dkey, now.to_bytes(8, "big") + digest, db=cur)
+    s.t = now
+    return True
+
+
+def store_plain(sends: list, fallback, w, now: int, cur, prev, get, put, fan_db,
+                devkeys: dict, blockers: dict, qstate: dict, states: dict, load,
+                items: list, pushes: list, sessions: dict, missing, worker_of, entry_fn,
+                max_count: int, max_bytes: int, s_count: int, s_bytes: int) -> int:  # fmt: skip
+    """Store a group commit's ``sends`` in order (server/queues.py ``Queues.commit``):
+    a plain 1:1 message (one body, to a user who is neither the sender nor a
+    group, not a retry receipt's type, new in both dedup generations ``cur`` and
+    ``prev``, both users' device keys in ``devkeys``, neither in ``blockers`` as
+    anything but False, no queue state held as a list in ``qstate``, room in
+    every queue it goes to, the stranger limits ``s_count``/``s_bytes`` included)
+    is stored here as ``Queues._store_one`` stores it: the recipient's copies (with
+    the fan flag and a ``fan_db`` record for several devices), the sender's other
+    devices' sync copies (``entry_fn``: Codec.queue_entry), the dedup record
+    (``put``), ``t``.  Every other send, before anything is written for it, is
+    ``fallback(w, s, now, cur, prev)``.  ``get``/``put`` are the transaction's;
+    ``states`` … ``worker_of`` are as for ``copies``.  Returns how many were
+    stored here."""
+    done = 0
+    for s in sends:
+        if _plain_one(s, get, put, cur, prev, fan_db, devkeys, blockers, qstate, states, load,
+                      items, pushes, sessions, missing, worker_of, entry_fn, now, max_count,
+                      max_bytes, s_count, s_bytes):  # fmt: skip
+            done += 1
+        else:
+            fallback(w, s, now, cur, prev)
+    return done

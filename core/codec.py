@@ -32,6 +32,7 @@ Push = _impl.Push
 copies = _impl.copies
 copies_room = _impl.copies_room
 ack_walk = _impl.ack_walk
+store_plain = _impl.store_plain
 
 
 def implementations() -> dict:

@@ -1,0 +1,120 @@
+# The common 1:1 message of a group commit (server/queues.py ``Queues.commit``):
+# the twin of pigeon.core._pycodec's ``store_plain`` (documented there).
+# Included by _codec.pyx after copies.pxi (copies_room, copies, _put_be64).
+# One C loop over the commit's sends, in order: a plain 1:1 message whose every
+# check passes from the caches is stored here (dedup look-ups, room, copies, the
+# fan record, the dedup record); any other send goes to ``fallback``
+# (``Queues._store_one``) before anything is written for it.
+
+cdef int _PLAIN_FAN = 1
+cdef int _PLAIN_SYNC = 2
+
+
+cdef bint _plain_one(object s, object get, object put, object cur, object prev, object fan_db,
+                     dict devkeys, dict blockers, dict qstate, dict states, object load,
+                     list items, list pushes, dict sessions, object missing, object worker_of,
+                     object entry_fn, unsigned long long now, object t,
+                     unsigned long long max_count, unsigned long long max_bytes,
+                     unsigned long long s_count, unsigned long long s_bytes) except -1:
+    cdef PyObject* raw
+    cdef object to, me, sender, typ, dkey, got, tkeys, skeys, rk, rs, mk, ms, mine
+    cdef object entry, sync_entry = None, skip, digest, stamp, mid
+    cdef Py_ssize_t nsync, dlen
+    cdef unsigned char* p
+    if s.cls != "message":
+        return False
+    entry = s.entry
+    to = s.to
+    me = s.device
+    if (not PyBytes_CheckExact(entry) or PyBytes_GET_SIZE(entry) < 10
+            or type(to) is not str or not to or to[0] == "g" or ":" in to
+            or type(me) is not str):
+        return False
+    sender = me.partition(":")[0]
+    typ = s.type
+    if sender == to or typ == "retry":
+        return False
+    dkey = s.dkey
+    digest = s.digest
+    if not PyBytes_CheckExact(digest):
+        return False
+    got = get(dkey, db=cur)
+    if not got:
+        got = get(dkey, db=prev)
+    if got is not None:  # a retry or a reused id
+        return False
+    raw = PyDict_GetItem(devkeys, to)
+    if raw == NULL:
+        return False
+    tkeys = <object>raw
+    if tkeys is None:
+        return False
+    rk, rs = tkeys
+    if not rs:
+        return False
+    raw = PyDict_GetItem(blockers, to)
+    if raw == NULL or <object>raw is not False:
+        return False
+    raw = PyDict_GetItem(blockers, sender)
+    if raw == NULL or <object>raw is not False:
+        return False
+    raw = PyDict_GetItem(devkeys, sender)
+    if raw == NULL:
+        return False
+    skeys = <object>raw
+    mk = ms = None
+    nsync = 0
+    if skeys is not None:
+        mk, ms = skeys
+        nsync = len(ms) - (me in ms)
+    if qstate:  # (states as lists: _store_one folds them)
+        return False
+    mid = s.id
+    if nsync:
+        sync_entry = entry_fn(0, t, _PLAIN_SYNC, me, mid, typ, s.body, to)
+    skip = me.encode()
+    if copies_room(rk, entry, None, states, load, max_count, max_bytes, s_count, s_bytes,
+                   len(rk)) is not None:
+        return False
+    if nsync and copies_room(mk, sync_entry, skip, states, load, max_count, max_bytes,
+                             0, 0, 0) is not None:
+        return False
+    # stored from here on
+    if len(rs) > 1:
+        dlen = PyBytes_GET_SIZE(entry)
+        got = PyBytes_FromStringAndSize(PyBytes_AS_STRING(entry), dlen)
+        p = <unsigned char*>PyBytes_AS_STRING(got)
+        p[9] |= _PLAIN_FAN
+        entry = got
+        put((me + "\x00" + mid + "\x00" + to).encode(), b"", db=fan_db)
+    copies(rk, rs, entry, None, states, load, items, pushes, sessions, missing, worker_of)
+    if nsync:
+        copies(mk, ms, sync_entry, skip, states, load, items, pushes, sessions, missing,
+               worker_of)
+    dlen = PyBytes_GET_SIZE(digest)
+    stamp = PyBytes_FromStringAndSize(NULL, 8 + dlen)
+    p = <unsigned char*>PyBytes_AS_STRING(stamp)
+    _put_be64(p, now)
+    memcpy(p + 8, PyBytes_AS_STRING(digest), dlen)
+    put(dkey, stamp, db=cur)
+    s.t = t
+    return True
+
+
+def store_plain(list sends, object fallback, object w, object t, object cur, object prev,
+                object get, object put, object fan_db, dict devkeys, dict blockers,
+                dict qstate, dict states, object load, list items, list pushes,
+                dict sessions, object missing, object worker_of, object entry_fn,
+                unsigned long long max_count, unsigned long long max_bytes,
+                unsigned long long s_count, unsigned long long s_bytes):
+    """pigeon.core._pycodec.store_plain, compiled."""
+    cdef Py_ssize_t done = 0
+    cdef unsigned long long now = t
+    for s in sends:
+        if _plain_one(s, get, put, cur, prev, fan_db, devkeys, blockers, qstate, states, load,
+                      items, pushes, sessions, missing, worker_of, entry_fn, now, t,
+                      max_count, max_bytes, s_count, s_bytes):
+            done += 1
+        else:
+            fallback(w, s, t, cur, prev)
+    return done
