@@ -1072,3 +1072,42 @@ def store_plain(sends: list, fallback, w, now: int, cur, prev, get, put, fan_db,
         else:
             fallback(w, s, now, cur, prev)
     return done
+
+
+def delivered(values: list, w, user: str, now: int, fallback, delete, fan_db, devkeys: dict,
+              devkeys_of, states: dict, load, items: list, pushes: list, sessions: dict,
+              missing, worker_of, entry_fn) -> int:  # fmt: skip
+    """The delivered receipts of a device ack (server/queues.py ``Queues._ack``):
+    for each message entry of ``values`` (acked by a device of ``user``), unless
+    it has the fan flag and another device of ``user`` acked it first (its
+    record in ``fan_db`` is gone: ``delete``), one receipt entry (``entry_fn``:
+    Codec.queue_entry) for every device of the message's sender (``devkeys``,
+    else ``devkeys_of``), queued as ``copies`` does.  An entry too short for its
+    origin and id is ``fallback(w, value, user, now)`` (``Queues._delivered``).
+    Returns how many receipts were queued."""
+    done = 0
+    for value in values:
+        vlen = len(value)
+        if type(value) is not bytes or vlen < 12 or 12 + value[10] > vlen:
+            fallback(w, value, user, now)
+            continue
+        olen = value[10]
+        mlen = value[11 + olen]
+        if 12 + olen + mlen > vlen:
+            fallback(w, value, user, now)
+            continue
+        origin = value[11 : 11 + olen].decode()
+        mid = value[12 + olen : 12 + olen + mlen].decode()
+        if value[9] & _PLAIN_FAN and not delete(f"{origin}\x00{mid}\x00{user}".encode(),
+                                                db=fan_db):  # fmt: skip
+            continue  # another device of this user acked first
+        origin = origin.partition(":")[0]
+        keys = devkeys.get(origin, missing)
+        if keys is missing:
+            keys = devkeys_of(origin)
+        if not keys or not keys[0]:
+            continue  # the sender's account is gone
+        copies(keys[0], keys[1], entry_fn(1, now, 0, user, mid, "delivered"), None, states, load,
+               items, pushes, sessions, missing, worker_of)  # fmt: skip
+        done += 1
+    return done

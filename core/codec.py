@@ -33,6 +33,7 @@ copies = _impl.copies
 copies_room = _impl.copies_room
 ack_walk = _impl.ack_walk
 store_plain = _impl.store_plain
+delivered = _impl.delivered
 
 
 def implementations() -> dict:

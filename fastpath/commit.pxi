@@ -118,3 +118,42 @@ def store_plain(list sends, object fallback, object w, object t, object cur, obj
         else:
             fallback(w, s, t, cur, prev)
     return done
+
+
+def delivered(list values, object w, str user, object t, object fallback, object delete,
+              object fan_db, dict devkeys, object devkeys_of, dict states, object load,
+              list items, list pushes, dict sessions, object missing, object worker_of,
+              object entry_fn):
+    """pigeon.core._pycodec.delivered, compiled."""
+    cdef Py_ssize_t vlen, olen, mlen, done = 0
+    cdef const unsigned char* vp
+    cdef PyObject* raw
+    cdef object value, origin, mid, keys
+    for value in values:
+        if not PyBytes_CheckExact(value):
+            fallback(w, value, user, t)
+            continue
+        vlen = PyBytes_GET_SIZE(value)
+        vp = <const unsigned char*>PyBytes_AS_STRING(value)
+        if vlen < 12 or 12 + <Py_ssize_t>vp[10] > vlen:
+            fallback(w, value, user, t)
+            continue
+        olen = vp[10]
+        mlen = vp[11 + olen]
+        if 12 + olen + mlen > vlen:
+            fallback(w, value, user, t)
+            continue
+        origin = PyUnicode_DecodeUTF8(<const char*>vp + 11, olen, NULL)
+        mid = PyUnicode_DecodeUTF8(<const char*>vp + 12 + olen, mlen, NULL)
+        if vp[9] & _PLAIN_FAN and not delete((origin + "\x00" + mid + "\x00" + user).encode(),
+                                            db=fan_db):
+            continue  # another device of this user acked first
+        origin = origin.partition(":")[0]
+        raw = PyDict_GetItem(devkeys, origin)
+        keys = devkeys_of(origin) if raw == NULL else <object>raw
+        if not keys or not keys[0]:
+            continue  # the sender's account is gone
+        copies(keys[0], keys[1], entry_fn(1, t, 0, user, mid, "delivered"), None, states, load,
+               items, pushes, sessions, missing, worker_of)
+        done += 1
+    return done

@@ -386,6 +386,7 @@ class FrameEncoder:
         self.copies_room = impl.copies_room
         self.ack_walk = impl.ack_walk
         self.store_plain = impl.store_plain  # (Queues.commit: the plain 1:1 messages)
+        self.delivered = impl.delivered  # (Queues._ack: the delivered receipts)
 
     def entry(self, kind: int, t: int, flags: int, origin: str, mid: str, typ: str,
               body=None, to: str | None = None) -> bytes:  # fmt: skip
@@ -1422,8 +1423,14 @@ class Queues:
         size -= nbytes
         states[dk] = _QSTATE.pack(nxt, 0, 0) if count <= 0 else _QSTATE.pack(nxt, count, size)
         if receipts is not None:
-            for value in receipts:
-                self._delivered(w, value, user, now)
+            if self.plain:  # (_delivered for each, in the codec's one loop)
+                self.encoder.delivered(
+                    receipts, w, user, now, self._delivered, w.txn.delete, self.db["fan"],
+                    self.devkey_cache, w.devkeys, states, w.load, w.items, w.pushes,
+                    w.sessions, _UNKNOWN, w.worker_of, self._entry)  # fmt: skip
+            else:
+                for value in receipts:
+                    self._delivered(w, value, user, now)
         return done
 
     def _group_delivered(self, w: _Txn, flags: int, number: bytes, raw: bytes, user: str) -> None:
