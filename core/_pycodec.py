@@ -1111,3 +1111,64 @@ def delivered(values: list, w, user: str, now: int, fallback, delete, fan_db, de
                items, pushes, sessions, missing, worker_of)  # fmt: skip
         done += 1
     return done
+
+
+def acks(acks: dict, w, now: int, limit: int, receipts: bool, rest, cursor, qstate: dict,
+         states: dict, load, fold, fallback, delete, fan_db, devkeys: dict, devkeys_of,
+         pushes: list, sessions: dict, missing, worker_of, entry_fn) -> list:  # fmt: skip
+    """A group commit's device acks ({device: seq}, server/queues.py
+    ``Queues._ack`` for each, in order) with ``cursor`` on the queue table: the
+    commit's queued entries (``w.items``) put first, then ``ack_walk`` (at most
+    ``limit`` entries; negative: no limit), the device's queue state (in
+    ``states``, else ``load``; ``fold`` first when ``qstate`` holds states as
+    lists) less what it deleted, and ``delivered`` for the message entries it
+    listed.  A walk that listed a group entry, or a state that is not as
+    stored, goes on as ``rest(w, dk, user, deleted, nbytes, listed, now)``
+    (``Queues._ack_rest``).  Returns [(device, seq)] of the acks not fully applied."""
+    unfinished = []
+    for device, upto in acks.items():
+        user = device.partition(":")[0]
+        items = w.items
+        if items:  # (an ack deletes what this commit queued before it, as ever)
+            if len(items) == 1:
+                cursor.put(*items[0])
+            else:
+                cursor.putmulti(items)
+            w.items = []
+        dk = device.encode()
+        prefix = dk + b"\x00"
+        deleted, nbytes, listed, done = ack_walk(cursor, prefix,
+                                                 prefix + upto.to_bytes(8, "big"), limit,
+                                                 receipts)  # fmt: skip
+        if not done:
+            unfinished.append((device, upto))
+        if not deleted:
+            continue
+        odd = any(v[0] == _GREF_KIND or v[0] == _GPAYLOAD_KIND for v in listed)
+        if not odd:
+            if qstate:
+                fold()
+            st = states.get(dk)
+            if st is None:
+                st = load(dk)
+            if st is None:
+                nxt, count, size = 1, 0, 0
+            elif type(st) is bytes and len(st) == 24:
+                nxt, count, size = _QSTATE.unpack(st)
+            else:
+                odd = True
+        if not odd:
+            if count >> 62 or size >> 62 or nbytes >> 62:
+                odd = True
+            else:
+                count -= deleted
+                size -= nbytes
+                odd = count > 0 and size < 0  # (rest raises as _ack would)
+        if odd:
+            rest(w, dk, user, deleted, nbytes, listed, now)
+            continue
+        states[dk] = _QSTATE.pack(nxt, count, size) if count > 0 else _QSTATE.pack(nxt, 0, 0)
+        if listed:
+            delivered(listed, w, user, now, fallback, delete, fan_db, devkeys, devkeys_of,
+                      states, load, w.items, pushes, sessions, missing, worker_of, entry_fn)  # fmt: skip
+    return unfinished

@@ -34,6 +34,7 @@ copies_room = _impl.copies_room
 ack_walk = _impl.ack_walk
 store_plain = _impl.store_plain
 delivered = _impl.delivered
+acks = _impl.acks
 
 
 def implementations() -> dict:

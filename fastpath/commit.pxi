@@ -120,7 +120,7 @@ def store_plain(list sends, object fallback, object w, object t, object cur, obj
     return done
 
 
-def delivered(list values, object w, str user, object t, object fallback, object delete,
+cpdef delivered(list values, object w, str user, object t, object fallback, object delete,
               object fan_db, dict devkeys, object devkeys_of, dict states, object load,
               list items, list pushes, dict sessions, object missing, object worker_of,
               object entry_fn):
@@ -157,3 +157,80 @@ def delivered(list values, object w, str user, object t, object fallback, object
                items, pushes, sessions, missing, worker_of)
         done += 1
     return done
+
+
+def acks(dict acks, object w, object t, Py_ssize_t limit, bint receipts, object rest,
+         object cursor, dict qstate, dict states, object load, object fold, object fallback,
+         object delete, object fan_db, dict devkeys, object devkeys_of, list pushes,
+         dict sessions, object missing, object worker_of, object entry_fn):
+    """pigeon.core._pycodec.acks, compiled."""
+    cdef list unfinished = []
+    cdef list items, listed
+    cdef object device, upto, user, dk, prefix, st, walked
+    cdef PyObject* raw
+    cdef Py_ssize_t deleted, i, n
+    cdef unsigned long long nxt, ucount, usize, nbytes
+    cdef long long count, size
+    cdef const unsigned char* rp
+    cdef unsigned char* wp
+    cdef bint done, odd
+    cdef int kind
+    for device, upto in acks.items():
+        user = device.partition(":")[0]
+        items = w.items
+        if items:  # (an ack deletes what this commit queued before it, as ever)
+            if len(items) == 1:
+                cursor.put(*items[0])
+            else:
+                cursor.putmulti(items)
+            w.items = []
+        dk = device.encode()
+        prefix = dk + b"\x00"
+        walked = ack_walk(cursor, prefix, prefix + upto.to_bytes(8, "big"), limit, receipts)
+        deleted = walked[0]
+        done = walked[3]
+        if not done:
+            unfinished.append((device, upto))
+        if not deleted:
+            continue
+        listed = walked[2]
+        odd = False
+        for i in range(len(listed)):
+            kind = (<const unsigned char*>PyBytes_AS_STRING(listed[i]))[0]
+            if kind == COPY_GREF_KIND or kind == COPY_GPAYLOAD_KIND:
+                odd = True
+                break
+        if not odd:
+            if qstate:
+                fold()
+            raw = PyDict_GetItem(states, dk)
+            st = load(dk) if raw == NULL else <object>raw
+            if st is None:
+                nxt, ucount, usize = 1, 0, 0
+            elif PyBytes_CheckExact(st) and PyBytes_GET_SIZE(st) == 24:
+                rp = <const unsigned char*>PyBytes_AS_STRING(st)
+                nxt, ucount, usize = _be64(rp), _be64(rp + 8), _be64(rp + 16)
+            else:
+                odd = True
+        if not odd:
+            nbytes = walked[1]
+            if ucount >> 62 or usize >> 62 or nbytes >> 62:
+                odd = True
+            else:
+                count = <long long>ucount - deleted
+                size = <long long>usize - <long long>nbytes
+                if count > 0 and size < 0:
+                    odd = True  # (rest raises as _ack would)
+        if odd:
+            rest(w, dk, user, deleted, walked[1], listed, t)
+            continue
+        st = PyBytes_FromStringAndSize(NULL, 24)
+        wp = <unsigned char*>PyBytes_AS_STRING(st)
+        _put_be64(wp, nxt)
+        _put_be64(wp + 8, count if count > 0 else 0)
+        _put_be64(wp + 16, size if count > 0 else 0)
+        states[dk] = st
+        if listed:
+            delivered(listed, w, user, t, fallback, delete, fan_db, devkeys, devkeys_of,
+                      states, load, w.items, pushes, sessions, missing, worker_of, entry_fn)
+    return unfinished

@@ -132,7 +132,7 @@ cpdef copies(list dks, list dstrs, object entries, object skip, dict states, obj
     return done
 
 
-def ack_walk(object cursor, bytes prefix, bytes end, Py_ssize_t limit, bint receipts):
+cpdef ack_walk(object cursor, bytes prefix, bytes end, Py_ssize_t limit, bint receipts):
     """pigeon.core._pycodec.ack_walk, compiled."""
     cdef list listed = []
     cdef Py_ssize_t deleted = 0, n = PyBytes_GET_SIZE(prefix), vlen

@@ -387,6 +387,7 @@ class FrameEncoder:
         self.ack_walk = impl.ack_walk
         self.store_plain = impl.store_plain  # (Queues.commit: the plain 1:1 messages)
         self.delivered = impl.delivered  # (Queues._ack: the delivered receipts)
+        self.acks = impl.acks  # (Queues.commit: the device acks)
 
     def entry(self, kind: int, t: int, flags: int, origin: str, mid: str, typ: str,
               body=None, to: str | None = None) -> bytes:  # fmt: skip
@@ -716,9 +717,17 @@ class Queues:
                 if sends or acks:  # what the caches serve (jobs read the store itself)
                     self._check_caches(txn)
                 unfinished = []
-                for device, upto in acks.items():
-                    if not self._ack(w, device, upto, now, ack_limit):
-                        unfinished.append((device, upto))
+                if acks and self.plain:  # the acks in the codec's one loop, as _ack does each
+                    w.qcursor = txn.cursor(db=w.qdb)
+                    unfinished = self.encoder.acks(
+                        acks, w, now, -1 if ack_limit is None else ack_limit, self.receipts,
+                        self._ack_rest, w.qcursor, w.state, w.gstate, w.load, w.fold_state,
+                        self._delivered, txn.delete, self.db["fan"], self.devkey_cache,
+                        w.devkeys, w.pushes, w.sessions, _UNKNOWN, w.worker_of, self._entry)  # fmt: skip
+                else:
+                    for device, upto in acks.items():
+                        if not self._ack(w, device, upto, now, ack_limit):
+                            unfinished.append((device, upto))
                 if w.greceipts:  # the group messages' delivered receipts, coalesced
                     self._group_receipts(w, now)
                 if sends:
@@ -1393,8 +1402,16 @@ class Queues:
         deleted, nbytes, listed, done = self.encoder.ack_walk(
             c, prefix, prefix + upto.to_bytes(8, "big"), -1 if limit is None else limit,
             self.receipts)  # fmt: skip
-        if not deleted:
-            return done
+        if deleted:
+            self._ack_rest(w, dk, user, deleted, nbytes, listed, now)
+        return done
+
+    def _ack_rest(self, w: _Txn, dk: bytes, user: str, deleted: int, nbytes: int, listed: list,
+                  now: int) -> None:  # fmt: skip
+        """What ``_ack`` does once its walk deleted ``deleted`` entries (``nbytes``,
+        ``listed``: ack_walk's) of device ``dk`` (of ``user``): the group entries,
+        the queue state, the delivered receipts."""
+        txn = w.txn
         receipts = None
         for value in listed:
             kind = value[0]
@@ -1431,7 +1448,6 @@ class Queues:
             else:
                 for value in receipts:
                     self._delivered(w, value, user, now)
-        return done
 
     def _group_delivered(self, w: _Txn, flags: int, number: bytes, raw: bytes, user: str) -> None:
         """A member device acked a group message (body ``number``, its count record
