@@ -69,7 +69,13 @@ and receipts to store, cumulative device acks) and ``commit`` writes it all
 in one write transaction; only after it commits are server acks sent and
 entries pushed to devices.  A device ack deletes exactly the acknowledged
 entries; for a message entry it queues a ``delivered`` receipt for every
-device of the sender, once per recipient user.
+device of the sender, once per recipient user.  A commit's device acks and
+its plain 1:1 messages (the common case: ``store_plain`` says which) are
+each one compiled loop of the codec (``acks``, ``delivered``,
+``store_plain``: fastpath/commit.pxi, twins in core/_pycodec.py) that hands
+everything else, in order and before writing anything for it, to
+``_ack_rest``, ``_delivered`` and ``_store_one``; ``Queues.plain = False``
+runs those for everything.
 
 How long each commit's ``begin(write=True)`` waited for LMDB's one writer
 (another worker's commit) goes to ``on_write_wait`` once it has committed
