@@ -988,49 +988,51 @@ _PLAIN_FAN = 1  # an entry's flags bit 0 (server/queues.py FAN)
 def _plain_one(s, get, put, cur, prev, fan_db, devkeys: dict, blockers: dict, qstate: dict,
                states: dict, load, items: list, pushes: list, sessions: dict, missing,
                worker_of, entry_fn, now: int, max_count: int, max_bytes: int, s_count: int,
-               s_bytes: int) -> bool:  # fmt: skip
-    """store_plain's one send: True if stored, False if left to the fallback
-    (nothing written for it)."""
+               s_bytes: int):  # fmt: skip
+    """store_plain's one send: True if stored, else what the fallback is to be
+    given as its dedup record (``missing``: not looked up yet; nothing written
+    for it)."""
     if s.cls != "message":
-        return False
+        return missing
     entry, to, me = s.entry, s.to, s.device
     if (type(entry) is not bytes or len(entry) < 10 or type(to) is not str or not to
             or to[0] == "g" or ":" in to or type(me) is not str):  # fmt: skip
-        return False
+        return missing
     sender = me.partition(":")[0]
     typ = s.type
     if sender == to or typ == "retry":
-        return False
+        return missing
     dkey, digest = s.dkey, s.digest
     if type(digest) is not bytes:
-        return False
-    if (get(dkey, db=cur) or get(dkey, db=prev)) is not None:  # a retry or a reused id
-        return False
+        return missing
+    got = get(dkey, db=cur) or get(dkey, db=prev)
+    if got is not None:  # a retry or a reused id
+        return got
     tkeys = devkeys.get(to, missing)
     if tkeys is missing or tkeys is None:
-        return False
+        return got
     rk, rs = tkeys
     if not rs or blockers.get(to) is not False or blockers.get(sender) is not False:
-        return False
+        return got
     skeys = devkeys.get(sender, missing)
     if skeys is missing:
-        return False
+        return got
     mk = ms = None
     nsync = 0
     if skeys is not None:
         mk, ms = skeys
         nsync = len(ms) - (me in ms)
     if qstate:  # (states as lists: _store_one folds them)
-        return False
+        return got
     mid = s.id
     sync_entry = entry_fn(0, now, _SYNC_FLAG, me, mid, typ, s.body, to) if nsync else None
     skip = me.encode()
     if copies_room(rk, entry, None, states, load, max_count, max_bytes, s_count, s_bytes,
                    len(rk)) is not None:  # fmt: skip
-        return False
+        return got
     if nsync and copies_room(mk, sync_entry, skip, states, load, max_count, max_bytes,
                              0, 0, 0) is not None:  # fmt: skip
-        return False
+        return got
     # stored from here on
     if len(rs) > 1:
         fan = bytearray(entry)
@@ -1060,17 +1062,19 @@ def store_plain(sends: list, fallback, w, now: int, cur, prev, get, put, fan_db,
     the fan flag and a ``fan_db`` record for several devices), the sender's other
     devices' sync copies (``entry_fn``: Codec.queue_entry), the dedup record
     (``put``), ``t``.  Every other send, before anything is written for it, is
-    ``fallback(w, s, now, cur, prev)``.  ``get``/``put`` are the transaction's;
+    ``fallback(w, s, now, cur, prev, raw)``, ``raw`` its dedup record if it was
+    looked up (else ``missing``).  ``get``/``put`` are the transaction's;
     ``states`` … ``worker_of`` are as for ``copies``.  Returns how many were
     stored here."""
     done = 0
     for s in sends:
-        if _plain_one(s, get, put, cur, prev, fan_db, devkeys, blockers, qstate, states, load,
-                      items, pushes, sessions, missing, worker_of, entry_fn, now, max_count,
-                      max_bytes, s_count, s_bytes):  # fmt: skip
+        got = _plain_one(s, get, put, cur, prev, fan_db, devkeys, blockers, qstate, states, load,
+                         items, pushes, sessions, missing, worker_of, entry_fn, now, max_count,
+                         max_bytes, s_count, s_bytes)  # fmt: skip
+        if got is True:
             done += 1
         else:
-            fallback(w, s, now, cur, prev)
+            fallback(w, s, now, cur, prev, got)
     return done
 
 

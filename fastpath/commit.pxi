@@ -10,57 +10,59 @@ cdef int _PLAIN_FAN = 1
 cdef int _PLAIN_SYNC = 2
 
 
-cdef bint _plain_one(object s, object get, object put, object cur, object prev, object fan_db,
+cdef object _plain_one(object s, object get, object put, object cur, object prev, object fan_db,
                      dict devkeys, dict blockers, dict qstate, dict states, object load,
                      list items, list pushes, dict sessions, object missing, object worker_of,
                      object entry_fn, unsigned long long now, object t,
                      unsigned long long max_count, unsigned long long max_bytes,
-                     unsigned long long s_count, unsigned long long s_bytes) except -1:
+                     unsigned long long s_count, unsigned long long s_bytes):
+    # True: stored; else what _store_one is to be given as the send's dedup
+    # record (``missing``: not looked up yet)
     cdef PyObject* raw
     cdef object to, me, sender, typ, dkey, got, tkeys, skeys, rk, rs, mk, ms, mine
     cdef object entry, sync_entry = None, skip, digest, stamp, mid
     cdef Py_ssize_t nsync, dlen
     cdef unsigned char* p
     if s.cls != "message":
-        return False
+        return missing
     entry = s.entry
     to = s.to
     me = s.device
     if (not PyBytes_CheckExact(entry) or PyBytes_GET_SIZE(entry) < 10
             or type(to) is not str or not to or to[0] == "g" or ":" in to
             or type(me) is not str):
-        return False
+        return missing
     sender = me.partition(":")[0]
     typ = s.type
     if sender == to or typ == "retry":
-        return False
+        return missing
     dkey = s.dkey
     digest = s.digest
     if not PyBytes_CheckExact(digest):
-        return False
+        return missing
     got = get(dkey, db=cur)
     if not got:
         got = get(dkey, db=prev)
     if got is not None:  # a retry or a reused id
-        return False
+        return got
     raw = PyDict_GetItem(devkeys, to)
     if raw == NULL:
-        return False
+        return got
     tkeys = <object>raw
     if tkeys is None:
-        return False
+        return got
     rk, rs = tkeys
     if not rs:
-        return False
+        return got
     raw = PyDict_GetItem(blockers, to)
     if raw == NULL or <object>raw is not False:
-        return False
+        return got
     raw = PyDict_GetItem(blockers, sender)
     if raw == NULL or <object>raw is not False:
-        return False
+        return got
     raw = PyDict_GetItem(devkeys, sender)
     if raw == NULL:
-        return False
+        return got
     skeys = <object>raw
     mk = ms = None
     nsync = 0
@@ -68,17 +70,17 @@ cdef bint _plain_one(object s, object get, object put, object cur, object prev, 
         mk, ms = skeys
         nsync = len(ms) - (me in ms)
     if qstate:  # (states as lists: _store_one folds them)
-        return False
+        return got
     mid = s.id
     if nsync:
         sync_entry = entry_fn(0, t, _PLAIN_SYNC, me, mid, typ, s.body, to)
     skip = me.encode()
     if copies_room(rk, entry, None, states, load, max_count, max_bytes, s_count, s_bytes,
                    len(rk)) is not None:
-        return False
+        return got
     if nsync and copies_room(mk, sync_entry, skip, states, load, max_count, max_bytes,
                              0, 0, 0) is not None:
-        return False
+        return got
     # stored from here on
     if len(rs) > 1:
         dlen = PyBytes_GET_SIZE(entry)
@@ -110,13 +112,15 @@ def store_plain(list sends, object fallback, object w, object t, object cur, obj
     """pigeon.core._pycodec.store_plain, compiled."""
     cdef Py_ssize_t done = 0
     cdef unsigned long long now = t
+    cdef object got
     for s in sends:
-        if _plain_one(s, get, put, cur, prev, fan_db, devkeys, blockers, qstate, states, load,
-                      items, pushes, sessions, missing, worker_of, entry_fn, now, t,
-                      max_count, max_bytes, s_count, s_bytes):
+        got = _plain_one(s, get, put, cur, prev, fan_db, devkeys, blockers, qstate, states, load,
+                         items, pushes, sessions, missing, worker_of, entry_fn, now, t,
+                         max_count, max_bytes, s_count, s_bytes)
+        if got is True:
             done += 1
         else:
-            fallback(w, s, t, cur, prev)
+            fallback(w, s, t, cur, prev, got)
     return done
 
 

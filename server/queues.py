@@ -915,10 +915,12 @@ class Queues:
                 else:
                     s.entry = entry(RECEIPT, now, 0, origin, s.id, s.type)
 
-    def _store_one(self, w: _Txn, s: Send, now: int, cur, prev) -> None:
+    def _store_one(self, w: _Txn, s: Send, now: int, cur, prev, raw=_UNKNOWN) -> None:
+        """Store one send (``raw``: its dedup record, if already looked up)."""
         txn = w.txn
         dkey, digest = s.dkey, s.digest
-        raw = txn.get(dkey, db=cur) or txn.get(dkey, db=prev)
+        if raw is _UNKNOWN:
+            raw = txn.get(dkey, db=cur) or txn.get(dkey, db=prev)
         if raw is not None:
             n = 8 + len(digest)
             if len(raw) > 8 and raw[8:n] != digest:
