@@ -980,3 +980,199 @@ def ack_walk(cursor, prefix: bytes, end: bytes, limit: int, receipts: bool) -> t
             nbytes += len(value)
         if not delete():
             return deleted, nbytes, listed, True
+
+
+_PLAIN_FAN = 1  # an entry's flags bit 0 (server/queues.py FAN)
+
+
+def _plain_one(s, get, put, cur, prev, fan_db, devkeys: dict, blockers: dict, qstate: dict,
+               states: dict, load, items: list, pushes: list, sessions: dict, missing,
+               worker_of, entry_fn, now: int, max_count: int, max_bytes: int, s_count: int,
+               s_bytes: int):  # fmt: skip
+    """store_plain's one send: True if stored, else what the fallback is to be
+    given as its dedup record (``missing``: not looked up yet; nothing written
+    for it)."""
+    if s.cls != "message":
+        return missing
+    entry, to, me = s.entry, s.to, s.device
+    if (type(entry) is not bytes or len(entry) < 10 or type(to) is not str or not to
+            or to[0] == "g" or ":" in to or type(me) is not str):  # fmt: skip
+        return missing
+    sender = me.partition(":")[0]
+    typ = s.type
+    if sender == to or typ == "retry":
+        return missing
+    dkey, digest = s.dkey, s.digest
+    if type(digest) is not bytes:
+        return missing
+    got = get(dkey, db=cur) or get(dkey, db=prev)
+    if got is not None:  # a retry or a reused id
+        return got
+    tkeys = devkeys.get(to, missing)
+    if tkeys is missing or tkeys is None:
+        return got
+    rk, rs = tkeys
+    if not rs or blockers.get(to) is not False or blockers.get(sender) is not False:
+        return got
+    skeys = devkeys.get(sender, missing)
+    if skeys is missing:
+        return got
+    mk = ms = None
+    nsync = 0
+    if skeys is not None:
+        mk, ms = skeys
+        nsync = len(ms) - (me in ms)
+    if qstate:  # (states as lists: _store_one folds them)
+        return got
+    mid = s.id
+    sync_entry = entry_fn(0, now, _SYNC_FLAG, me, mid, typ, s.body, to) if nsync else None
+    skip = me.encode()
+    if copies_room(rk, entry, None, states, load, max_count, max_bytes, s_count, s_bytes,
+                   len(rk)) is not None:  # fmt: skip
+        return got
+    if nsync and copies_room(mk, sync_entry, skip, states, load, max_count, max_bytes,
+                             0, 0, 0) is not None:  # fmt: skip
+        return got
+    # stored from here on
+    if len(rs) > 1:
+        fan = bytearray(entry)
+        fan[9] |= _PLAIN_FAN
+        entry = bytes(fan)
+        put(f"{me}\x00{mid}\x00{to}".encode(), b"", db=fan_db)
+    copies(rk, rs, entry, None, states, load, items, pushes, sessions, missing, worker_of)
+    if nsync:
+        copies(mk, ms, sync_entry, skip, states, load, items, pushes, sessions, missing,
+               worker_of)  # fmt: skip
+    put(dkey, now.to_bytes(8, "big") + digest, db=cur)
+    s.t = now
+    return True
+
+
+def store_plain(sends: list, fallback, w, now: int, cur, prev, get, put, fan_db,
+                devkeys: dict, blockers: dict, qstate: dict, states: dict, load,
+                items: list, pushes: list, sessions: dict, missing, worker_of, entry_fn,
+                max_count: int, max_bytes: int, s_count: int, s_bytes: int) -> int:  # fmt: skip
+    """Store a group commit's ``sends`` in order (server/queues.py ``Queues.commit``):
+    a plain 1:1 message (one body, to a user who is neither the sender nor a
+    group, not a retry receipt's type, new in both dedup generations ``cur`` and
+    ``prev``, both users' device keys in ``devkeys``, neither in ``blockers`` as
+    anything but False, no queue state held as a list in ``qstate``, room in
+    every queue it goes to, the stranger limits ``s_count``/``s_bytes`` included)
+    is stored here as ``Queues._store_one`` stores it: the recipient's copies (with
+    the fan flag and a ``fan_db`` record for several devices), the sender's other
+    devices' sync copies (``entry_fn``: Codec.queue_entry), the dedup record
+    (``put``), ``t``.  Every other send, before anything is written for it, is
+    ``fallback(w, s, now, cur, prev, raw)``, ``raw`` its dedup record if it was
+    looked up (else ``missing``).  ``get``/``put`` are the transaction's;
+    ``states`` … ``worker_of`` are as for ``copies``.  Returns how many were
+    stored here."""
+    done = 0
+    for s in sends:
+        got = _plain_one(s, get, put, cur, prev, fan_db, devkeys, blockers, qstate, states, load,
+                         items, pushes, sessions, missing, worker_of, entry_fn, now, max_count,
+                         max_bytes, s_count, s_bytes)  # fmt: skip
+        if got is True:
+            done += 1
+        else:
+            fallback(w, s, now, cur, prev, got)
+    return done
+
+
+def delivered(values: list, w, user: str, now: int, fallback, delete, fan_db, devkeys: dict,
+              devkeys_of, states: dict, load, items: list, pushes: list, sessions: dict,
+              missing, worker_of, entry_fn) -> int:  # fmt: skip
+    """The delivered receipts of a device ack (server/queues.py ``Queues._ack``):
+    for each message entry of ``values`` (acked by a device of ``user``), unless
+    it has the fan flag and another device of ``user`` acked it first (its
+    record in ``fan_db`` is gone: ``delete``), one receipt entry (``entry_fn``:
+    Codec.queue_entry) for every device of the message's sender (``devkeys``,
+    else ``devkeys_of``), queued as ``copies`` does.  An entry too short for its
+    origin and id is ``fallback(w, value, user, now)`` (``Queues._delivered``).
+    Returns how many receipts were queued."""
+    done = 0
+    for value in values:
+        vlen = len(value)
+        if type(value) is not bytes or vlen < 12 or 12 + value[10] > vlen:
+            fallback(w, value, user, now)
+            continue
+        olen = value[10]
+        mlen = value[11 + olen]
+        if 12 + olen + mlen > vlen:
+            fallback(w, value, user, now)
+            continue
+        origin = value[11 : 11 + olen].decode()
+        mid = value[12 + olen : 12 + olen + mlen].decode()
+        if value[9] & _PLAIN_FAN and not delete(f"{origin}\x00{mid}\x00{user}".encode(),
+                                                db=fan_db):  # fmt: skip
+            continue  # another device of this user acked first
+        origin = origin.partition(":")[0]
+        keys = devkeys.get(origin, missing)
+        if keys is missing:
+            keys = devkeys_of(origin)
+        if not keys or not keys[0]:
+            continue  # the sender's account is gone
+        copies(keys[0], keys[1], entry_fn(1, now, 0, user, mid, "delivered"), None, states, load,
+               items, pushes, sessions, missing, worker_of)  # fmt: skip
+        done += 1
+    return done
+
+
+def acks(acks: dict, w, now: int, limit: int, receipts: bool, rest, cursor, qstate: dict,
+         states: dict, load, fold, fallback, delete, fan_db, devkeys: dict, devkeys_of,
+         pushes: list, sessions: dict, missing, worker_of, entry_fn) -> list:  # fmt: skip
+    """A group commit's device acks ({device: seq}, server/queues.py
+    ``Queues._ack`` for each, in order) with ``cursor`` on the queue table: the
+    commit's queued entries (``w.items``) put first, then ``ack_walk`` (at most
+    ``limit`` entries; negative: no limit), the device's queue state (in
+    ``states``, else ``load``; ``fold`` first when ``qstate`` holds states as
+    lists) less what it deleted, and ``delivered`` for the message entries it
+    listed.  A walk that listed a group entry, or a state that is not as
+    stored, goes on as ``rest(w, dk, user, deleted, nbytes, listed, now)``
+    (``Queues._ack_rest``).  Returns [(device, seq)] of the acks not fully applied."""
+    unfinished = []
+    for device, upto in acks.items():
+        user = device.partition(":")[0]
+        items = w.items
+        if items:  # (an ack deletes what this commit queued before it, as ever)
+            if len(items) == 1:
+                cursor.put(*items[0])
+            else:
+                cursor.putmulti(items)
+            w.items = []
+        dk = device.encode()
+        prefix = dk + b"\x00"
+        deleted, nbytes, listed, done = ack_walk(cursor, prefix,
+                                                 prefix + upto.to_bytes(8, "big"), limit,
+                                                 receipts)  # fmt: skip
+        if not done:
+            unfinished.append((device, upto))
+        if not deleted:
+            continue
+        odd = any(v[0] == _GREF_KIND or v[0] == _GPAYLOAD_KIND for v in listed)
+        if not odd:
+            if qstate:
+                fold()
+            st = states.get(dk)
+            if st is None:
+                st = load(dk)
+            if st is None:
+                nxt, count, size = 1, 0, 0
+            elif type(st) is bytes and len(st) == 24:
+                nxt, count, size = _QSTATE.unpack(st)
+            else:
+                odd = True
+        if not odd:
+            if count >> 62 or size >> 62 or nbytes >> 62:
+                odd = True
+            else:
+                count -= deleted
+                size -= nbytes
+                odd = count > 0 and size < 0  # (rest raises as _ack would)
+        if odd:
+            rest(w, dk, user, deleted, nbytes, listed, now)
+            continue
+        states[dk] = _QSTATE.pack(nxt, count, size) if count > 0 else _QSTATE.pack(nxt, 0, 0)
+        if listed:
+            delivered(listed, w, user, now, fallback, delete, fan_db, devkeys, devkeys_of,
+                      states, load, w.items, pushes, sessions, missing, worker_of, entry_fn)  # fmt: skip
+    return unfinished

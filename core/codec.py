@@ -32,6 +32,9 @@ Push = _impl.Push
 copies = _impl.copies
 copies_room = _impl.copies_room
 ack_walk = _impl.ack_walk
+store_plain = _impl.store_plain
+delivered = _impl.delivered
+acks = _impl.acks
 
 
 def implementations() -> dict:

@@ -152,6 +152,7 @@ include "encode.pxi"
 include "entry.pxi"
 include "fanout.pxi"
 include "copies.pxi"
+include "commit.pxi"
 
 
 cdef inline int _claim(Codec c) except -1:

@@ -54,7 +54,7 @@ cdef inline object _copy_state(dict states, object dk, object load):
     return st
 
 
-def copies_room(list dks, object entries, object skip, dict states, object load,
+cpdef copies_room(list dks, object entries, object skip, dict states, object load,
                 unsigned long long max_count, unsigned long long max_bytes,
                 unsigned long long s_count, unsigned long long s_bytes, Py_ssize_t theirs):
     """pigeon.core._pycodec.copies_room, compiled."""
@@ -79,7 +79,7 @@ def copies_room(list dks, object entries, object skip, dict states, object load,
     return None
 
 
-def copies(list dks, list dstrs, object entries, object skip, dict states, object load,
+cpdef copies(list dks, list dstrs, object entries, object skip, dict states, object load,
            list items, list pushes, dict sessions, object missing, object worker_of):
     """pigeon.core._pycodec.copies, compiled."""
     cdef bint one = PyBytes_Check(entries)
@@ -132,7 +132,7 @@ def copies(list dks, list dstrs, object entries, object skip, dict states, objec
     return done
 
 
-def ack_walk(object cursor, bytes prefix, bytes end, Py_ssize_t limit, bint receipts):
+cpdef ack_walk(object cursor, bytes prefix, bytes end, Py_ssize_t limit, bint receipts):
     """pigeon.core._pycodec.ack_walk, compiled."""
     cdef list listed = []
     cdef Py_ssize_t deleted = 0, n = PyBytes_GET_SIZE(prefix), vlen

@@ -69,7 +69,13 @@ and receipts to store, cumulative device acks) and ``commit`` writes it all
 in one write transaction; only after it commits are server acks sent and
 entries pushed to devices.  A device ack deletes exactly the acknowledged
 entries; for a message entry it queues a ``delivered`` receipt for every
-device of the sender, once per recipient user.
+device of the sender, once per recipient user.  A commit's device acks and
+its plain 1:1 messages (the common case: ``store_plain`` says which) are
+each one compiled loop of the codec (``acks``, ``delivered``,
+``store_plain``: fastpath/commit.pxi, twins in core/_pycodec.py) that hands
+everything else, in order and before writing anything for it, to
+``_ack_rest``, ``_delivered`` and ``_store_one``; ``Queues.plain = False``
+runs those for everything.
 
 How long each commit's ``begin(write=True)`` waited for LMDB's one writer
 (another worker's commit) goes to ``on_write_wait`` once it has committed
@@ -385,6 +391,9 @@ class FrameEncoder:
         self.copies = impl.copies
         self.copies_room = impl.copies_room
         self.ack_walk = impl.ack_walk
+        self.store_plain = impl.store_plain  # (Queues.commit: the plain 1:1 messages)
+        self.delivered = impl.delivered  # (Queues._ack: the delivered receipts)
+        self.acks = impl.acks  # (Queues.commit: the device acks)
 
     def entry(self, kind: int, t: int, flags: int, origin: str, mid: str, typ: str,
               body=None, to: str | None = None) -> bytes:  # fmt: skip
@@ -648,6 +657,9 @@ class Queues:
         # caches above, so started again with either
         self.fan_plans: dict[str, tuple] = {}
         self.fan_plan_devices = 0
+        # the plain 1:1 messages of a commit in the codec's one loop (_store_sends);
+        # False: each through _store_one (the tests compare the two)
+        self.plain = True
 
     def forget_caches(self) -> None:
         """Start the caches again: a write transaction that read through them
@@ -711,13 +723,21 @@ class Queues:
                 if sends or acks:  # what the caches serve (jobs read the store itself)
                     self._check_caches(txn)
                 unfinished = []
-                for device, upto in acks.items():
-                    if not self._ack(w, device, upto, now, ack_limit):
-                        unfinished.append((device, upto))
+                if acks and self.plain:  # the acks in the codec's one loop, as _ack does each
+                    w.qcursor = txn.cursor(db=w.qdb)
+                    unfinished = self.encoder.acks(
+                        acks, w, now, -1 if ack_limit is None else ack_limit, self.receipts,
+                        self._ack_rest, w.qcursor, w.state, w.gstate, w.load, w.fold_state,
+                        self._delivered, txn.delete, self.db["fan"], self.devkey_cache,
+                        w.devkeys, w.pushes, w.sessions, _UNKNOWN, w.worker_of, self._entry)  # fmt: skip
+                else:
+                    for device, upto in acks.items():
+                        if not self._ack(w, device, upto, now, ack_limit):
+                            unfinished.append((device, upto))
                 if w.greceipts:  # the group messages' delivered receipts, coalesced
                     self._group_receipts(w, now)
-                for s in sends:
-                    self._store_one(w, s, now, cur, prev)
+                if sends:
+                    self._store_sends(w, sends, now, cur, prev)
                 if w.greceipts:  # and their read receipts
                     self._group_receipts(w, now)
                 w.flush_state()
@@ -731,6 +751,26 @@ class Queues:
         if left is not None:
             left.update(unfinished)
         return w.pushes
+
+    def _store_sends(self, w: _Txn, sends: list[Send], now: int, cur, prev) -> None:
+        """``_store_one`` for each send, in order; the plain 1:1 messages (the
+        codec's ``store_plain`` says which) in one compiled loop, the others
+        through ``_store_one`` from inside it.  Not with the new-chats limit on,
+        nor past the store's reserve (asked here, as the first send new to
+        dedup would: nothing before it writes)."""
+        lim = self.limits
+        if self.plain and not lim.new_chats:
+            if w.full is None:
+                w.full = self.store.over_reserve(w.txn)
+            if not w.full:
+                self.encoder.store_plain(
+                    sends, self._store_one, w, now, cur, prev, w.txn.get, w.put,
+                    self.db["fan"], self.devkey_cache, self.blockers, w.state, w.gstate,
+                    w.load, w.items, w.pushes, w.sessions, _UNKNOWN, w.worker_of, self._entry,
+                    lim.max_count, lim.max_bytes, self.stranger_count, self.stranger_bytes)  # fmt: skip
+                return
+        for s in sends:
+            self._store_one(w, s, now, cur, prev)
 
     def _generation(self, txn, now: int, meta_key: bytes, table: str, window_ms: int):
         """(current, previous) of a two-generation table: the previous one is
@@ -875,10 +915,12 @@ class Queues:
                 else:
                     s.entry = entry(RECEIPT, now, 0, origin, s.id, s.type)
 
-    def _store_one(self, w: _Txn, s: Send, now: int, cur, prev) -> None:
+    def _store_one(self, w: _Txn, s: Send, now: int, cur, prev, raw=_UNKNOWN) -> None:
+        """Store one send (``raw``: its dedup record, if already looked up)."""
         txn = w.txn
         dkey, digest = s.dkey, s.digest
-        raw = txn.get(dkey, db=cur) or txn.get(dkey, db=prev)
+        if raw is _UNKNOWN:
+            raw = txn.get(dkey, db=cur) or txn.get(dkey, db=prev)
         if raw is not None:
             n = 8 + len(digest)
             if len(raw) > 8 and raw[8:n] != digest:
@@ -1368,8 +1410,16 @@ class Queues:
         deleted, nbytes, listed, done = self.encoder.ack_walk(
             c, prefix, prefix + upto.to_bytes(8, "big"), -1 if limit is None else limit,
             self.receipts)  # fmt: skip
-        if not deleted:
-            return done
+        if deleted:
+            self._ack_rest(w, dk, user, deleted, nbytes, listed, now)
+        return done
+
+    def _ack_rest(self, w: _Txn, dk: bytes, user: str, deleted: int, nbytes: int, listed: list,
+                  now: int) -> None:  # fmt: skip
+        """What ``_ack`` does once its walk deleted ``deleted`` entries (``nbytes``,
+        ``listed``: ack_walk's) of device ``dk`` (of ``user``): the group entries,
+        the queue state, the delivered receipts."""
+        txn = w.txn
         receipts = None
         for value in listed:
             kind = value[0]
@@ -1398,9 +1448,14 @@ class Queues:
         size -= nbytes
         states[dk] = _QSTATE.pack(nxt, 0, 0) if count <= 0 else _QSTATE.pack(nxt, count, size)
         if receipts is not None:
-            for value in receipts:
-                self._delivered(w, value, user, now)
-        return done
+            if self.plain:  # (_delivered for each, in the codec's one loop)
+                self.encoder.delivered(
+                    receipts, w, user, now, self._delivered, w.txn.delete, self.db["fan"],
+                    self.devkey_cache, w.devkeys, states, w.load, w.items, w.pushes,
+                    w.sessions, _UNKNOWN, w.worker_of, self._entry)  # fmt: skip
+            else:
+                for value in receipts:
+                    self._delivered(w, value, user, now)
 
     def _group_delivered(self, w: _Txn, flags: int, number: bytes, raw: bytes, user: str) -> None:
         """A member device acked a group message (body ``number``, its count record

@@ -176,3 +176,139 @@ def test_both_implementations_store_the_same_conversation(tmp_path, both):
         c[1] += len(v)
     for dk, raw in dump["qstate"]:
         assert list(QS.unpack(raw)[1:]) == counts.get(dk, [0, 0])
+
+
+def plain_conversation(path, impl, plain: bool, seed: int, new_chats: int = 0,
+                       receipts: bool = True):  # fmt: skip
+    """Four users with 1 to 3 devices and a number that is not a user, commits of
+    1 to 6 sends in every shape (plain messages, retries, reused ids, receipts,
+    notes to self, device-to-device, per-device payloads, blocked users, full
+    queues, the stranger limits, a device linked midway) and random acks: what
+    ``Queues.commit`` answers, pushes and stores, with the plain 1:1 messages
+    in the codec's ``store_plain`` (``plain``) or each through ``_store_one``."""
+    from pigeon.core.events import GroupRequest
+    from pigeon.server.groups import GroupLimits, Groups
+    from pigeon.server.social import pair
+    from pigeon.server.store import bump_version
+
+    clock = iter(range(1_700_000_000_000, 1_800_000_000_000, 97))  # (dedup generations turn)
+    store = Store(str(path), map_size=256 << 20, sync="os", clock=lambda: next(clock))
+    phones = ["4915111111111", "4915122222222", "4915133333333", "4915144444444"]
+    devs = {p: [store.register_device(p, b"i" * 32, KEYS)[0]] for p in phones}
+    for p, extra in zip(phones, (2, 1, 0, 1), strict=True):
+        for _ in range(extra):
+            devs[p].append(store.link_device(p, b"j" * 32, KEYS))
+    lim = QueueLimits(max_count=14, stranger_count=8, new_chats=new_chats, dedup_window_ms=2500)
+    q = Queues(store, lim, FrameEncoder(impl=impl), receipts=receipts)
+    q.plain = plain
+    db = store._db
+    with store.write() as txn:  # a group of all four: its entries in the acks' walks
+        res, _ = Groups(store, q, GroupLimits()).handle(
+            txn, store.clock(), phones[0], GroupRequest("c1", "create", None, tuple(phones[1:]), "g"))  # fmt: skip
+    gid = res.group
+    rnd = random.Random(seed)
+    answers, sent, stored_here, blocked = [], [], [], []
+    inner = q.encoder.store_plain
+    q.encoder.store_plain = lambda *a: stored_here.append(inner(*a))
+    acked = {d: 0 for ds in devs.values() for d in ds}
+    for c in range(60):
+        if c == 30:  # a device linked midway: the device caches start again
+            devs[phones[3]].append(store.link_device(phones[3], b"k" * 32, KEYS))
+            acked[devs[phones[3]][-1]] = 0
+        sends = []
+        for i in range(rnd.randint(1, 6)):
+            sender = rnd.choice(phones)
+            dev = rnd.choice(devs[sender])
+            to = rnd.choice([p for p in phones if p != sender] if rnd.random() < 0.8
+                            else phones + ["4915199999999"])  # fmt: skip
+            r = rnd.random()
+            if sent and r < 0.1:  # a retry, or the same id for something else
+                dev, mid, to, body = rnd.choice(sent)
+                if rnd.random() < 0.3:
+                    body = body + b"!"
+                s = Send(dev, "message", mid, to, "text", body)
+            elif r < 0.2:
+                s = Send(dev, "receipt", f"m{rnd.randrange(c + 1)}.0", to,
+                         rnd.choice(("read", "retry")))  # fmt: skip
+            elif r < 0.25:
+                s = Send(dev, "message", f"m{c}.{i}", rnd.choice(devs[sender]), "text", b"h")
+            elif r < 0.34:
+                s = Send(dev, "message", f"m{c}.{i}", gid, "text", b"g" * rnd.randint(1, 30))
+            elif r < 0.38:
+                mine = [d for d in devs[sender] if d != dev]
+                payloads = [(d, b"p" + d.encode()) for d in devs.get(to, []) + mine
+                            if to != sender or d != dev]  # fmt: skip
+                if rnd.random() < 0.3 or not payloads:  # (a stale list: 408)
+                    payloads = payloads[1:] or [(dev, b"p")]
+                s = Send(dev, "message", f"m{c}.{i}", to, "text", payloads=tuple(payloads))
+            else:
+                body = bytes([c]) * rnd.randint(1, 80)
+                typ = "retry" if rnd.random() < 0.1 else "text"
+                s = Send(dev, "message", f"m{c}.{i}", to, typ, body)
+                sent.append((dev, s.id, to, body))
+            sends.append(s)
+        jobs = []
+        if rnd.random() < 0.1:  # a block (most soon undone) or a contact
+            undo = bool(blocked) and rnd.random() < 0.6
+            if undo:
+                a, b = blocked.pop(rnd.randrange(len(blocked)))
+                table = "blocks"
+            else:
+                a, b = rnd.sample(phones, 2)
+                table = rnd.choice(("blocks", "contacts"))
+                if table == "blocks":
+                    blocked.append((a, b))
+
+            def job(txn, now, a=a, b=b, table=table, undo=undo):
+                if undo:
+                    txn.delete(pair(a, b), db=db[table])
+                else:
+                    txn.put(pair(a, b), now.to_bytes(8, "big"), db=db[table])
+                bump_version(txn, db)
+
+            jobs.append(job)
+        acks = {}
+        for d in rnd.sample(list(acked), 4):
+            acked[d] += rnd.randint(0, 8)
+            acks[d] = acked[d]
+        left = {}
+        pushes = q.commit(sends, acks, ack_limit=rnd.choice((None, None, 3)), left=left,
+                          jobs=jobs)  # fmt: skip
+        answers.append(([(s.t, s.error, s.failed) for s in sends], left,
+                        [(p.device, p.seq, p.entry, p.worker) for p in pushes]))  # fmt: skip
+    with store.read() as txn:
+        dump = {name: list(txn.cursor(db=db[name]))
+                for name in ("queue", "qstate", "fan", "dedup0", "dedup1", "conv0", "conv1",
+                             "limits", "blocks", "contacts", "gbody")}  # fmt: skip
+    store.close()
+    return answers, dump, sum(stored_here)
+
+
+@pytest.mark.parametrize("seed,receipts", [(s, True) for s in range(6)] + [(6, False), (7, False)])
+def test_plain_messages_store_as_store_one_does(tmp_path, both, seed, receipts):
+    """The codec's ``store_plain`` (both implementations) against each send
+    through ``_store_one``: the same answers, pushes in the same order, and
+    byte-for-byte the same store."""
+    runs = [plain_conversation(tmp_path / f"s{n}", impl, plain, seed, receipts=receipts)
+            for n, (impl, plain) in enumerate([(both[1], False), (both[1], True),
+                                               (both[0], True), (both[0], False)])]  # fmt: skip
+    base = runs[0][:2]
+    for run in runs[1:]:
+        assert run[:2] == base
+    answers, dump, _ = runs[0]
+    assert runs[0][2] == runs[3][2] == 0
+    n_ok = sum(e is None for a in answers for _, e, _ in a[0])
+    assert runs[1][2] == runs[2][2] and n_ok // 8 < runs[1][2] < n_ok  # many, not all
+    errors = {e[0] for a in answers for _, e, _ in a[0] if e is not None}
+    assert ErrorCode.QUEUE_FULL in errors and ErrorCode.ID_REUSED in errors
+    assert dump["dedup0"] and any(e[0] == 0 and e[9] & 1 for a in answers for _, _, e, _ in a[2])
+
+
+def test_plain_messages_with_the_new_chats_limit(tmp_path, both):
+    """With the new-chats limit on, every send goes through ``_store_one``."""
+    runs = [plain_conversation(tmp_path / f"s{n}", impl, plain, 3, new_chats=2)
+            for n, (impl, plain) in enumerate([(both[1], False), (both[1], True),
+                                               (both[0], True)])]  # fmt: skip
+    assert runs[1][:2] == runs[0][:2] == runs[2][:2]
+    assert any(e is not None and e[0] == ErrorCode.NEW_CHAT_LIMIT
+               for a in runs[0][0] for _, e, _ in a[0])  # fmt: skip
