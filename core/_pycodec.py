@@ -988,10 +988,10 @@ _PLAIN_FAN = 1  # an entry's flags bit 0 (server/queues.py FAN)
 def _plain_one(s, get, put, cur, prev, fan_db, devkeys: dict, blockers: dict, qstate: dict,
                states: dict, load, items: list, pushes: list, sessions: dict, missing,
                worker_of, entry_fn, now: int, max_count: int, max_bytes: int, s_count: int,
-               s_bytes: int):  # fmt: skip
-    """store_plain's one send: True if stored, else what the fallback is to be
-    given as its dedup record (``missing``: not looked up yet; nothing written
-    for it)."""
+               s_bytes: int, chat=None):  # fmt: skip
+    """store_plain's one send: True if done here (stored, or refused by ``chat``),
+    else what the fallback is to be given as its dedup record (``missing``: not
+    looked up yet; nothing written for it)."""
     if s.cls != "message":
         return missing
     entry, to, me = s.entry, s.to, s.device
@@ -1033,6 +1033,8 @@ def _plain_one(s, get, put, cur, prev, fan_db, devkeys: dict, blockers: dict, qs
     if nsync and copies_room(mk, sync_entry, skip, states, load, max_count, max_bytes,
                              0, 0, 0) is not None:  # fmt: skip
         return got
+    if chat is not None and not chat(s, sender, to):  # the new-chats limit (s.error set)
+        return True
     # stored from here on
     if len(rs) > 1:
         fan = bytearray(entry)
@@ -1051,7 +1053,8 @@ def _plain_one(s, get, put, cur, prev, fan_db, devkeys: dict, blockers: dict, qs
 def store_plain(sends: list, fallback, w, now: int, cur, prev, get, put, fan_db,
                 devkeys: dict, blockers: dict, qstate: dict, states: dict, load,
                 items: list, pushes: list, sessions: dict, missing, worker_of, entry_fn,
-                max_count: int, max_bytes: int, s_count: int, s_bytes: int) -> int:  # fmt: skip
+                max_count: int, max_bytes: int, s_count: int, s_bytes: int,
+                chat=None) -> int:  # fmt: skip
     """Store a group commit's ``sends`` in order (server/queues.py ``Queues.commit``):
     a plain 1:1 message (one body, to a user who is neither the sender nor a
     group, not a retry receipt's type, new in both dedup generations ``cur`` and
@@ -1064,13 +1067,15 @@ def store_plain(sends: list, fallback, w, now: int, cur, prev, get, put, fan_db,
     (``put``), ``t``.  Every other send, before anything is written for it, is
     ``fallback(w, s, now, cur, prev, raw)``, ``raw`` its dedup record if it was
     looked up (else ``missing``).  ``get``/``put`` are the transaction's;
-    ``states`` … ``worker_of`` are as for ``copies``.  Returns how many were
-    stored here."""
+    ``states`` … ``worker_of`` are as for ``copies``.  With the new-chats limit
+    on, ``chat(s, sender, to)`` is its check (``Queues._chat_allowed``), made
+    where ``_store_one`` makes it, after the room checks: False means refused
+    (it set ``s.error``), nothing stored.  Returns how many were done here."""
     done = 0
     for s in sends:
         got = _plain_one(s, get, put, cur, prev, fan_db, devkeys, blockers, qstate, states, load,
                          items, pushes, sessions, missing, worker_of, entry_fn, now, max_count,
-                         max_bytes, s_count, s_bytes)  # fmt: skip
+                         max_bytes, s_count, s_bytes, chat)  # fmt: skip
         if got is True:
             done += 1
         else:

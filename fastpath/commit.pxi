@@ -15,8 +15,8 @@ cdef object _plain_one(object s, object get, object put, object cur, object prev
                      list items, list pushes, dict sessions, object missing, object worker_of,
                      object entry_fn, unsigned long long now, object t,
                      unsigned long long max_count, unsigned long long max_bytes,
-                     unsigned long long s_count, unsigned long long s_bytes):
-    # True: stored; else what _store_one is to be given as the send's dedup
+                     unsigned long long s_count, unsigned long long s_bytes, object chat):
+    # True: done here (stored, or refused by ``chat``: the new-chats limit); else what _store_one is to be given as the send's dedup
     # record (``missing``: not looked up yet)
     cdef PyObject* raw
     cdef object to, me, sender, typ, dkey, got, tkeys, skeys, rk, rs, mk, ms, mine
@@ -81,6 +81,8 @@ cdef object _plain_one(object s, object get, object put, object cur, object prev
     if nsync and copies_room(mk, sync_entry, skip, states, load, max_count, max_bytes,
                              0, 0, 0) is not None:
         return got
+    if chat is not None and not chat(s, sender, to):  # the new-chats limit (s.error set)
+        return True
     # stored from here on
     if len(rs) > 1:
         dlen = PyBytes_GET_SIZE(entry)
@@ -108,7 +110,7 @@ def store_plain(list sends, object fallback, object w, object t, object cur, obj
                 dict qstate, dict states, object load, list items, list pushes,
                 dict sessions, object missing, object worker_of, object entry_fn,
                 unsigned long long max_count, unsigned long long max_bytes,
-                unsigned long long s_count, unsigned long long s_bytes):
+                unsigned long long s_count, unsigned long long s_bytes, object chat=None):
     """pigeon.core._pycodec.store_plain, compiled."""
     cdef Py_ssize_t done = 0
     cdef unsigned long long now = t
@@ -116,7 +118,7 @@ def store_plain(list sends, object fallback, object w, object t, object cur, obj
     for s in sends:
         got = _plain_one(s, get, put, cur, prev, fan_db, devkeys, blockers, qstate, states, load,
                          items, pushes, sessions, missing, worker_of, entry_fn, now, t,
-                         max_count, max_bytes, s_count, s_bytes)
+                         max_count, max_bytes, s_count, s_bytes, chat)
         if got is True:
             done += 1
         else:

@@ -757,17 +757,29 @@ class Queues:
         codec's ``store_plain`` says which) in one compiled loop, the others
         through ``_store_one`` from inside it.  Not with the new-chats limit on,
         nor past the store's reserve (asked here, as the first send new to
-        dedup would: nothing before it writes)."""
+        dedup would: nothing before it writes).  With the new-chats limit on,
+        its check is ``_chat_allowed``, called by the loop where ``_store_one``
+        calls it."""
         lim = self.limits
-        if self.plain and not lim.new_chats:
+        if self.plain:
             if w.full is None:
                 w.full = self.store.over_reserve(w.txn)
             if not w.full:
+                chat = None
+                if lim.new_chats:
+
+                    def chat(s, sender, to):
+                        if self._chat_allowed(w, sender, to, now):
+                            return True
+                        s.error = self._new_chat_limit()
+                        return False
+
                 self.encoder.store_plain(
                     sends, self._store_one, w, now, cur, prev, w.txn.get, w.put,
                     self.db["fan"], self.devkey_cache, self.blockers, w.state, w.gstate,
                     w.load, w.items, w.pushes, w.sessions, _UNKNOWN, w.worker_of, self._entry,
-                    lim.max_count, lim.max_bytes, self.stranger_count, self.stranger_bytes)  # fmt: skip
+                    lim.max_count, lim.max_bytes, self.stranger_count, self.stranger_bytes,
+                    chat)  # fmt: skip
                 return
         for s in sends:
             self._store_one(w, s, now, cur, prev)

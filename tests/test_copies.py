@@ -305,10 +305,13 @@ def test_plain_messages_store_as_store_one_does(tmp_path, both, seed, receipts):
 
 
 def test_plain_messages_with_the_new_chats_limit(tmp_path, both):
-    """With the new-chats limit on, every send goes through ``_store_one``."""
+    """With the new-chats limit on, the plain messages still go through the loop,
+    which makes ``_chat_allowed``'s check where ``_store_one`` makes it: the same
+    answers (the limit's 404 included) and the same store."""
     runs = [plain_conversation(tmp_path / f"s{n}", impl, plain, 3, new_chats=2)
             for n, (impl, plain) in enumerate([(both[1], False), (both[1], True),
                                                (both[0], True)])]  # fmt: skip
     assert runs[1][:2] == runs[0][:2] == runs[2][:2]
+    assert runs[1][2] == runs[2][2] > 0  # done in the loop, in both implementations
     assert any(e is not None and e[0] == ErrorCode.NEW_CHAT_LIMIT
                for a in runs[0][0] for _, e, _ in a[0])  # fmt: skip
