@@ -32,7 +32,7 @@ KEYS = (b"salt", b"stored", b"server", 4096)
 
 
 def run(users: int, devices: int, per_commit: int, commits: int, receipts: bool,
-        seed: int = 1) -> dict:  # fmt: skip
+        seed: int = 1, new_chats: int = 0) -> dict:  # fmt: skip
     tmp = tempfile.mkdtemp(prefix="pigeon-commit-cpu-")
     try:
         store = Store(tmp, map_size=4 << 30, sync="os")
@@ -42,7 +42,7 @@ def run(users: int, devices: int, per_commit: int, commits: int, receipts: bool,
             devs[p] = [store.register_device(p, b"i" * 32, KEYS)[0]]
             for _ in range(devices - 1):
                 devs[p].append(store.link_device(p, b"j" * 32, KEYS))
-        q = Queues(store, QueueLimits(), receipts=receipts)
+        q = Queues(store, QueueLimits(new_chats=new_chats), receipts=receipts)
         rnd = random.Random(seed)
         body = b"x" * 100
         acks: dict[str, int] = {}
@@ -74,6 +74,7 @@ def run(users: int, devices: int, per_commit: int, commits: int, receipts: bool,
         "per_commit": per_commit,
         "commits": commits,
         "receipts": receipts,
+        "new_chats": new_chats,
         "commit_cpu_us_per_msg": round(cpu / messages * 1e6, 2),
         "commit_cpu_us_per_copy": round(cpu / copies * 1e6, 2),
         "copies_per_msg": round(copies / messages, 2),
@@ -89,9 +90,15 @@ def main(argv=None) -> int:
     ap.add_argument("--commits", type=int, default=200)
     ap.add_argument("--no-receipts", action="store_true")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument(
+        "--new-chats",
+        type=int,
+        default=0,
+        help="the new-chats limit (0: off, as the bench profile; a server's default is 100)",
+    )
     ap.add_argument("--json", action="store_true")
     o = ap.parse_args(argv)
-    res = run(o.users, o.devices, o.per_commit, o.commits, not o.no_receipts, o.seed)
+    res = run(o.users, o.devices, o.per_commit, o.commits, not o.no_receipts, o.seed, o.new_chats)
     if o.json:
         sys.stdout.write(orjson.dumps(res).decode() + "\n")
     else:
