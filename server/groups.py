@@ -273,10 +273,21 @@ class Groups:
                 return ErrorCode.ADD_REFUSED
         elif setting != "everyone":
             return ErrorCode.ADD_REFUSED
+        if txn.get(f"{user}\x00{adder}".encode(), db=self.db["blocks"]) is not None:
+            # a block stops adds too (433, as the privacy setting: which of the two it
+            # is stays the user's business); else a blocked user's add/remove loop
+            # queued notices for them
+            return ErrorCode.ADD_REFUSED
         if not self.has_room(txn, user):
             return ErrorCode.TOO_MANY_GROUPS
         if not self.queues.chat_allowed_txn(txn, adder, user, now):
             return ErrorCode.NEW_CHAT_LIMIT
+        if self.queues.past_strangers_share(txn, self._devices(txn, [user]), adder, 0, now):
+            # the add notice would take the user's queue past what it holds from
+            # senders who are not their contacts (stranger-queue-count / -bytes):
+            # a stranger's add/remove loop over many groups filled it to
+            # queue-max-count, and the user's contacts then got 402
+            return ErrorCode.QUEUE_FULL
         return 0
 
     def _check_subject(self, subject: str) -> None:

@@ -6,7 +6,9 @@ each on a real server with the real SDK.
 - join requests waiting for an admin: dropped after group-request-expiry;
 - member changes by one admin in one group: group-member-changes per window, 302;
 - messages and read receipts of one device: messages-per-day (each keeps a dedup
-  record for the dedup window), 302.
+  record for the dedup window), 302;
+- group adds of a user who blocks the adder (433) or whose queue holds the
+  strangers' share (402): a stranger's add/remove loop filled it before.
 
 Time moves with the server's injectable clock (``Server.advance_clock``), never
 with a sleep; every wait is bounded.
@@ -292,3 +294,78 @@ def test_revoke_subject_and_join_requests_do_not_restart_the_workers_group_cache
         run(main())
     finally:
         assert srv.stop() == 0
+
+
+# -- 5. adds that reach a user who did not ask for them -----------------------------------
+
+
+def test_a_user_who_blocks_you_cannot_be_added_to_your_groups(tmp_path):
+    """A block stops group adds as the groupadd privacy setting does (433): else a
+    blocked user's add/remove loop queued a notice for the blocker at each step."""
+    srv = start(tmp_path, new_chats=0)
+    try:
+
+        async def main():
+            alice = await srv.login(await srv.register(ALICE))
+            bob = await srv.login(await srv.register(BOB))
+            await bob.block(ALICE)
+            res = await alice.group("create", subject="spam", members=[BOB])
+            assert res.failed == ((BOB, ErrorCode.ADD_REFUSED),)
+            assert (await alice.group_add(res.group, [BOB])).failed == (
+                (BOB, ErrorCode.ADD_REFUSED),
+            )
+            assert await drain(bob) == 0  # no notice reached the blocker
+            await bob.unblock(ALICE)
+            assert (await alice.group_add(res.group, [BOB])).failed == ()
+            for c in (alice, bob):
+                await c.close()
+
+        run(main())
+    finally:
+        srv.stop()
+
+
+def test_a_strangers_add_remove_loop_stops_at_the_strangers_share_of_a_queue(tmp_path):
+    """Adding a user who does not know the adder queues an add notice: past the
+    strangers' share of their queue (stranger-queue-count) the add fails for them
+    with 402, so a stranger's add/remove loop over many groups cannot fill the
+    queue to queue-max-count, and the user's contacts can still write to them."""
+    share = 6
+    srv = start(tmp_path, new_chats=0, queue_max_count=40, stranger_queue_count=share,
+                group_member_changes=0)  # fmt: skip
+    try:
+
+        async def main():
+            vc = await srv.register(BOB)
+            friend = await srv.login(await srv.register(CAROL))
+            victim = await srv.login(vc)
+            await victim.discover([CAROL], "full")  # carol: a contact
+            await victim.close()  # offline from here: nothing is acked
+            spammer = await srv.login(await srv.register(ALICE))
+            groups = [(await spammer.group("create", subject=f"g{i}")).group for i in range(3)]
+            refused = 0
+            for _ in range(20):
+                for g in groups:
+                    res = await spammer.group_add(g, [BOB])
+                    if res.failed:
+                        assert res.failed == ((BOB, ErrorCode.QUEUE_FULL),)
+                        refused += 1
+                    else:
+                        await spammer.group_remove(g, [BOB])
+            assert refused > 0
+            # the victim's queue: at most the share, one removal per group past it
+            store = Store(str(srv.data_dir / "store"), map_size=256 << 20, create=False)
+            try:
+                with store.read() as txn:
+                    raw = txn.get(vc.device.encode(), db=store._db["qstate"])
+            finally:
+                store.close()
+            count = int.from_bytes(raw[8:16], "big")
+            assert count <= share + len(groups)
+            assert (await friend.send(BOB, b"still reachable")).t  # not 402
+            for c in (spammer, friend):
+                await c.close()
+
+        run(main())
+    finally:
+        srv.stop()
