@@ -280,14 +280,15 @@ class Groups:
             return ErrorCode.ADD_REFUSED
         if not self.has_room(txn, user):
             return ErrorCode.TOO_MANY_GROUPS
-        if not self.queues.chat_allowed_txn(txn, adder, user, now):
-            return ErrorCode.NEW_CHAT_LIMIT
         if self.queues.past_strangers_share(txn, self._devices(txn, [user]), adder, 0, now):
             # the add notice would take the user's queue past what it holds from
             # senders who are not their contacts (stranger-queue-count / -bytes):
             # a stranger's add/remove loop over many groups filled it to
-            # queue-max-count, and the user's contacts then got 402
+            # queue-max-count, and the user's contacts then got 402 (checked before
+            # the new-chat charge: a refused add costs no new chat)
             return ErrorCode.QUEUE_FULL
+        if not self.queues.chat_allowed_txn(txn, adder, user, now):
+            return ErrorCode.NEW_CHAT_LIMIT
         return 0
 
     def _check_subject(self, subject: str) -> None:
