@@ -755,9 +755,9 @@ class Queues:
     def _store_sends(self, w: _Txn, sends: list[Send], now: int, cur, prev) -> None:
         """``_store_one`` for each send, in order; the plain 1:1 messages (the
         codec's ``store_plain`` says which) in one compiled loop, the others
-        through ``_store_one`` from inside it.  Not with the new-chats limit on,
-        nor past the store's reserve (asked here, as the first send new to
-        dedup would: nothing before it writes).  With the new-chats limit on,
+        through ``_store_one`` from inside it.  Not past the store's reserve
+        (asked here, as the first send new to dedup would: nothing before it
+        writes).  With the new-chats limit on,
         its check is ``_chat_allowed``, called by the loop where ``_store_one``
         calls it."""
         lim = self.limits
