@@ -61,6 +61,7 @@ from pigeon.core.node import address_kind
 from .errors import ServiceError
 from .limits import budget_charge, budget_spent, window_take
 from .queues import GROUP_NOTICE, bump_group_version, notice_store_bytes
+from .social import pair
 
 GROUP_TABLES = ("groups", "ugroups", "ugcount", "invites", "gbody", "grq")
 
@@ -273,7 +274,7 @@ class Groups:
                 return ErrorCode.ADD_REFUSED
         elif setting != "everyone":
             return ErrorCode.ADD_REFUSED
-        if txn.get(f"{user}\x00{adder}".encode(), db=self.db["blocks"]) is not None:
+        if txn.get(pair(user, adder), db=self.db["blocks"]) is not None:
             # a block stops adds too (433, as the privacy setting: which of the two it
             # is stays the user's business); else a blocked user's add/remove loop
             # queued notices for them

@@ -83,7 +83,7 @@ HOT_MESSAGE, HOT_ACK = 1, 3  # Hot.kind (2 is a receipt)
 RATED = frozenset({Message, Receipt, Presence, Privacy, Discover, Block, Unblock, BlocklistQuery,
                    Link, DevicesQuery, DevicesBatchQuery, Unlink, KeysUpload, KeysQuery, KeysCountQuery,
                    UploadRequest, GroupRequest, PushTarget})  # fmt: skip
-#: What counts against messages-per-day (each keeps a dedup record: Session.counted).
+#: What counts against messages-per-day (each keeps a dedup record: Session.allowed).
 COUNTED = frozenset({Message, Receipt})
 #: Requests a stranger may send before logging in: they draw on the connection's
 #: own bucket (``unauth-rate``), past which the connection is closed unread.
@@ -96,14 +96,12 @@ def handle(s, ev) -> None:
         kind = ev.kind
         if kind == HOT_ACK:
             s.device_ack(ev.seq)
-        elif s.allowed(ev) and s.counted(ev):
+        elif s.allowed(ev, 1.0, True):
             # (next_hot checked ``to`` as a user address: no second look at it)
             s.worker.route(s, ev.to, ev.id, "message" if kind == HOT_MESSAGE else "receipt",
                            ev.type, ev.body, ev.payloads, None, "user")  # fmt: skip
         return
-    if t in RATED and not s.allowed(ev, _cost(s, ev, t)):
-        return
-    if t in COUNTED and not s.counted(ev):
+    if t in RATED and not s.allowed(ev, _cost(s, ev, t), t in COUNTED):
         return
     if t in UNAUTH and not s.unauth_allowed():
         return

@@ -473,37 +473,34 @@ class Session(asyncio.Protocol):
                   "connection; reconnect later")  # fmt: skip
         return False
 
-    def counted(self, ev) -> bool:
-        """Count a message or read receipt in the device's messages-per-day (kept in
-        its message-rate bucket, which ``allowed`` has just drawn on); answer 302 past
-        it.  Each one accepted keeps a dedup record for the dedup window: without
-        this a device could make the store hold as many as message-rate allows."""
+    def allowed(self, ev, cost: float = 1.0, day: bool = False) -> bool:
+        """Draw ``cost`` on the device's message-rate bucket (Worker.rate_bucket: the
+        same across its connections to this worker); answer 405 if it is empty.
+        ``day``: a message or read receipt, also counted in the device's
+        messages-per-day (kept in the same bucket); 302 past it.  Each one
+        accepted keeps a dedup record for the dedup window: without this a device
+        could make the store hold as many as message-rate allows."""
         w = self.worker
+        now = w.loop.time()
+        bucket = self.bucket
+        if bucket is None:
+            bucket = self.bucket = (
+                w.rate_bucket(self.device, now)
+                if self.device is not None
+                else Bucket(w.config.message_rate, w.config.message_burst, now)
+            )
+        if not bucket.take(now, cost):
+            w.stats.counters["rate_limited"] += 1
+            self.send(Error(ErrorCode.TOO_FAST,
+                            f"sending too fast: at most {w.config.message_rate:g} a second "
+                            f"(bursts of {w.config.message_burst}); retry later",
+                            getattr(ev, "id", None)))  # fmt: skip
+            return False
         limit = w.messages_per_day
-        if not limit or self.bucket.count(w.loop.time(), limit):
+        if not day or not limit or bucket.count(now, limit):
             return True
         w.stats.counters["rate_limited"] += 1
         self.send(Error(ErrorCode.RATE_LIMITED,
                         f"at most {limit} messages and receipts a day from one device "
                         f"(messages-per-day); try again later", getattr(ev, "id", None)))  # fmt: skip
-        return False
-
-    def allowed(self, ev, cost: float = 1.0) -> bool:
-        """Draw ``cost`` on the device's message-rate bucket (Worker.rate_bucket: the
-        same across its connections to this worker); answer 405 if it is empty."""
-        w = self.worker
-        now = w.loop.time()
-        if self.bucket is None:
-            self.bucket = (
-                w.rate_bucket(self.device, now)
-                if self.device is not None
-                else Bucket(w.config.message_rate, w.config.message_burst, now)
-            )
-        if self.bucket.take(now, cost):
-            return True
-        w.stats.counters["rate_limited"] += 1
-        self.send(Error(ErrorCode.TOO_FAST,
-                        f"sending too fast: at most {w.config.message_rate:g} a second "
-                        f"(bursts of {w.config.message_burst}); retry later",
-                        getattr(ev, "id", None)))  # fmt: skip
         return False
