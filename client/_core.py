@@ -675,6 +675,9 @@ class ClientAPI(GroupsAPI):
                 if not await self._reconnect():
                     why = self.closed or why
                     break
+                # counted once logged in, replayed and flushed, with the hook: one
+                # who waits for the count sees the hook's work done
+                self.reconnects += 1
                 self._hook(self.on_reconnect)
         finally:
             self._finish(why)
@@ -708,7 +711,6 @@ class ClientAPI(GroupsAPI):
                 self.reconnect_failures += 1
                 self._drop_connection()
                 continue
-            self.reconnects += 1
             self._live = True
             self.core.replay()
             await self._flush_now()
