@@ -610,7 +610,8 @@ OPTIONS: list[Option] = [
         _non_negative_int,
         "messages and read receipts one device may send per 24 h, per worker (a device "
         "that reconnects to another worker counts anew there; the count is kept with the "
-        "device's message-rate bucket); past it error 302, nothing stored. Each one keeps a "
+        "device's message-rate bucket); past it error 302, nothing stored (a retry of one "
+        "already stored gets its first ack, uncounted). Each one keeps a "
         "dedup record for the dedup-window, so this bounds the records one device can make "
         "the store hold. 0 = no limit",
     ),

@@ -868,6 +868,27 @@ class Queues:
                 return True
         return False
 
+    def stored_retry(self, device: str, cls: str, mid: str, to: str, typ: str, body,
+                     payloads=None, participant: str | None = None) -> bool:  # fmt: skip
+        """Whether the dedup records hold this message or read receipt of ``device``
+        as it is (what ``_store_one`` would answer as a retry: the same key and
+        digest), from a read transaction.  For the rare path only (Session.allowed
+        past messages-per-day): it makes the send's key, digest and entry."""
+        if not to or not mid:
+            return False
+        if payloads and to[0] != "g":  # (Worker.route: the payloads instead of the body)
+            body = None
+        s = Send(device, cls, mid, to, typ, body, None, payloads)
+        if participant is not None:
+            s.body = participant
+        self._prepare([s], self.clock())
+        db = self.db
+        with self.env.begin() as txn:
+            raw = txn.get(s.dkey, db=db["dedup0"]) or txn.get(s.dkey, db=db["dedup1"])
+        if raw is None:
+            return False
+        return len(raw) <= 8 or raw[8 : 8 + len(s.digest)] == s.digest
+
     def _prepare(self, sends: list[Send], now: int) -> None:
         """What each send needs that is not a store operation: made before the
         write transaction begins, so the writer lock (one for every worker)
