@@ -824,7 +824,8 @@ OPTIONS: list[Option] = [
         _positive_int,
         "times per key-changes-window an account's devices may change their identity key "
         "(each change queues a notice for every user who has the account as a contact); "
-        "error 302 past it",
+        "error 302 past it. Links, first uploads and registrations are not counted: their "
+        "notices are coalesced, at most one undelivered per device and changed user",
     ),
     Option(
         "key_changes_window", 86_400, _positive_float, "sliding window for key-changes, seconds"
