@@ -865,7 +865,8 @@ class ClientAPI(GroupsAPI):
         ``body`` that is not bytes) raises LocalProtocolError at once.  Past the
         device's rate (message-rate) the server answers 405, past its
         messages-per-day 302: nothing was stored either way, so the same ``id``
-        may be sent again later.
+        may be sent again later (a retry of one stored before gets its first
+        ack past messages-per-day too).
         """
         if self.secure is not None and isinstance(body, bytes | bytearray):
             if address_kind(to) == "group":

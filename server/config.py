@@ -610,7 +610,8 @@ OPTIONS: list[Option] = [
         _non_negative_int,
         "messages and read receipts one device may send per 24 h, per worker (a device "
         "that reconnects to another worker counts anew there; the count is kept with the "
-        "device's message-rate bucket); past it error 302, nothing stored. Each one keeps a "
+        "device's message-rate bucket); past it error 302, nothing stored (a retry of one "
+        "already stored gets its first ack, uncounted). Each one keeps a "
         "dedup record for the dedup-window, so this bounds the records one device can make "
         "the store hold. 0 = no limit",
     ),
@@ -823,7 +824,8 @@ OPTIONS: list[Option] = [
         _positive_int,
         "times per key-changes-window an account's devices may change their identity key "
         "(each change queues a notice for every user who has the account as a contact); "
-        "error 302 past it",
+        "error 302 past it. Links, first uploads and registrations are not counted: their "
+        "notices are coalesced, at most one undelivered per device and changed user",
     ),
     Option(
         "key_changes_window", 86_400, _positive_float, "sliding window for key-changes, seconds"

@@ -35,7 +35,14 @@ Notices (queue entry kind 3, ``Queues.notice_devices``): ``low`` for a
 device when a fetch takes its count below ``one-time-keys-low`` (once per
 crossing: an attacker's fetches do not pile notices up in its queue); ``changed`` (from a user) when the user gets a new device or a device
 uploads an identity key other than the one held, to the users of
-``changed_audience``.  Removing a device (logout, unlink, re-registration,
+``changed_audience``: at most one undelivered per (device, user) in a queue
+(``Queues.keys_changed``: a newer one deletes the older one still queued and
+takes its place at the tail), and none into a queue that is full or holds
+the strangers' share from a user who does not know this one.  A link, a new
+device's first upload and a registration are not counted against
+``key-changes`` (a user's own devices are not refused for it), but a loop of
+them (link-per-account allows 10 an hour) queues one notice per
+correspondent device, not one per change.  Removing a device (logout, unlink, re-registration,
 companion expiry, account deletion: ``Store.remove_device_txn`` and
 friends) deletes its keys (``drop_device_keys``).
 """
@@ -131,10 +138,10 @@ def changed_audience(txn, db: dict, user: str) -> list[str]:
 
 
 def changed_txn(queues, txn, user: str, now: int) -> list:
-    """Queue ``<keys from=user type=changed>`` for every device of ``changed_audience``;
-    returns the pushes to deliver after the commit."""
-    return queues.notice_users(txn, changed_audience(txn, queues.db, user), KEYS_NOTICE,
-                               user, "changed", now)  # fmt: skip
+    """Queue ``<keys from=user type=changed>`` for every device of ``changed_audience``,
+    at most one undelivered per device and user (``Queues.keys_changed``: a newer
+    one replaces it); returns the pushes to deliver after the commit."""
+    return queues.keys_changed(txn, changed_audience(txn, queues.db, user), user, now)
 
 
 # -- handlers --------------------------------------------------------------------

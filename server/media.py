@@ -124,6 +124,7 @@ DRAIN_TIMEOUT = 8.0  # the supervisor kills after 10 s
 ADDRESS_TABLE = 10_000  # source addresses whose request rate is remembered
 _HEX = re.compile(r"[0-9a-f]{64}")
 _RANGE = re.compile(r"bytes ([0-9]+)-([0-9]+)/([0-9]+)")  # not \d: other scripts' digits
+_EMPTY_SUFFIX = re.compile(r"bytes=-0+$", re.ASCII | re.IGNORECASE)  # (Range: as aiohttp reads it)
 
 
 class MediaRefused(web.HTTPException):
@@ -561,7 +562,11 @@ class MediaService:
         st = self.storage.stat(sha_hex)
         if st is None:
             raise self.refuse(404, "no such media", why="never stored, or expired")
-        if "If-Range" not in request.headers:  # (with one, aiohttp may ignore the Range)
+        # aiohttp's FileResponse serves the Range unless an If-Range date is older than
+        # the file (then the whole file, 200): the same test here, so that every 416
+        # it would answer (with no body) is answered here first, with one
+        if_range = request.if_range
+        if if_range is None or st.st_mtime <= if_range.timestamp():
             self._check_range(request, st.st_size)
         deadline = (
             self.config.media_stall_timeout + st.st_size / self.config.media_min_download_rate
@@ -571,17 +576,25 @@ class MediaService:
                                    "Cache-Control": "private, no-store"})  # fmt: skip
 
     def _check_range(self, request, size: int) -> None:
-        """A Range past the end (or one aiohttp cannot serve) is 416 with a JSON body
-        here: aiohttp's FileResponse answers it with no body."""
+        """A Range past the end, an empty suffix (``bytes=-0``: no bytes, which
+        aiohttp reads as ``bytes=0-``, the whole file) or one aiohttp cannot serve
+        is 416 with a JSON body here: aiohttp's FileResponse answers it with no body."""
         try:
             rng = request.http_range
         except ValueError:
             exc = self.refuse(416, "bad range", why="one range, bytes=START-END or "
                               "bytes=-SUFFIX", size=size)  # fmt: skip
         else:
-            if rng.start is None or rng.start < 0 or rng.start < size:
+            start = rng.start
+            if start is None:
                 return
-            exc = self.refuse(416, "range past the end", size=size)
+            if start == 0 and _EMPTY_SUFFIX.match(request.headers.get("Range", "")):
+                exc = self.refuse(416, "empty suffix range", why="bytes=-0 asks for no "
+                                  "bytes", size=size)  # fmt: skip
+            elif (max(0, start + size) if start < 0 else start) < size:  # (<0: a suffix)
+                return
+            else:
+                exc = self.refuse(416, "range past the end", size=size)
         exc.headers["Content-Range"] = f"bytes */{size}"
         raise exc
 

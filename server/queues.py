@@ -16,7 +16,9 @@ body): nothing is re-encoded per device, and the body is copied once into
 the entry and once into the connection's output.
 
     kind   0 message, 1 receipt, 2 device-list notice (``devices_changed``),
-           3 key-directory notice (``notice_devices``; server/keydir.py)
+           3 key-directory notice (``notice_devices``, ``keys_changed``:
+           at most one undelivered "changed" per device and user, its seq
+           in ``knote``, device NUL user; server/keydir.py)
     t      server time (ms) the item was accepted
     origin message: the sending device; receipt: the user it comes from (a
            retry receipt: the device); device-list notice: the user whose
@@ -139,9 +141,9 @@ from .limits import window_take
 
 CACHE_MAX = 200_000  # entries of a worker's read caches before they start again
 
-QUEUE_TABLES = ("queue", "qstate", "dedup0", "dedup1", "fan", "conv0", "conv1")
+QUEUE_TABLES = ("queue", "qstate", "dedup0", "dedup1", "fan", "conv0", "conv1", "knote")
 
-MESSAGE, RECEIPT, DEVICES = 0, 1, 2
+MESSAGE, RECEIPT, DEVICES, KEYS = 0, 1, 2, 3  # (3: a key-directory notice)
 # group notice, group message body, reference to one, group message with a device's
 # payload, a group's receipts for one message (coalesced)
 GROUP_NOTICE, GMESSAGE, GREF, GPAYLOAD, GRECEIPT = 4, 5, 6, 7, 8
@@ -867,6 +869,27 @@ class Queues:
             if txn.get(key, db=cur) is not None or txn.get(key, db=prev) is not None:
                 return True
         return False
+
+    def stored_retry(self, device: str, cls: str, mid: str, to: str, typ: str, body,
+                     payloads=None, participant: str | None = None) -> bool:  # fmt: skip
+        """Whether the dedup records hold this message or read receipt of ``device``
+        as it is (what ``_store_one`` would answer as a retry: the same key and
+        digest), from a read transaction.  For the rare path only (Session.allowed
+        past messages-per-day): it makes the send's key, digest and entry."""
+        if not to or not mid:
+            return False
+        if payloads and to[0] != "g":  # (Worker.route: the payloads instead of the body)
+            body = None
+        s = Send(device, cls, mid, to, typ, body, None, payloads)
+        if participant is not None:
+            s.body = participant
+        self._prepare([s], self.clock())
+        db = self.db
+        with self.env.begin() as txn:
+            raw = txn.get(s.dkey, db=db["dedup0"]) or txn.get(s.dkey, db=db["dedup1"])
+        if raw is None:
+            return False
+        return len(raw) <= 8 or raw[8 : 8 + len(s.digest)] == s.digest
 
     def _prepare(self, sends: list[Send], now: int) -> None:
         """What each send needs that is not a store operation: made before the
@@ -1602,6 +1625,61 @@ class Queues:
         w.flush_state()
         return w.pushes
 
+    def keys_changed(self, txn, users, origin: str, now: int) -> list:
+        """Queue ``<keys from=origin type=changed>`` for every current device of each of
+        ``users``, at most one undelivered per (device, origin): one still in a
+        device's queue (``knote``: device NUL origin -> its seq) is deleted and the
+        new one, at the tail, takes its place, so the notice comes after the latest
+        change and a loop of links, first uploads or registrations queues one
+        notice per correspondent device, not one per change.  A device whose queue
+        has no room (queue-max-count / -bytes), or holds the strangers' share
+        while its user does not know ``origin`` (``_known_to``), gets no new one
+        (the 408 check still makes its next per-device send see the new device).
+        Returns the pushes for the caller to deliver once it has committed."""
+        if not users:
+            return []
+        self._check_caches(txn)
+        w = _Txn(self, txn)
+        accounts, kdb, qdb = self.db["accounts"], self.db["knote"], self.db["queue"]
+        entry = self.encoder.entry(KEYS, now, 0, origin, "", "changed")
+        size = len(entry)
+        lim = self.limits
+        scount, sbytes = self.stranger_count, self.stranger_bytes
+        ob = origin.encode()
+        for user in users:
+            raw = txn.get(user.encode(), db=accounts)
+            if raw is None:
+                continue
+            known = None
+            for n in _unpackb(raw)["devices"]:
+                d = f"{user}:{n}"
+                st = w.qstate(d)
+                ik = f"{d}\x00{origin}".encode()
+                old = txn.get(ik, db=kdb)
+                replaced = False
+                if old is not None:
+                    okey = qkey(d, int.from_bytes(old, "big"))
+                    value = txn.get(okey, db=qdb)
+                    # (the seq's entry is that notice unless it was acked: seqs are not
+                    # reused while the queue lives, and ``knote`` goes with the queue)
+                    if value is not None and value[0] == KEYS and value[11 : 11 + value[10]] == ob:
+                        txn.delete(okey, db=qdb)
+                        st[1] -= 1
+                        st[2] -= len(value)
+                        replaced = True
+                if not replaced:
+                    if st[1] + 1 > lim.max_count or st[2] + size > lim.max_bytes:
+                        continue
+                    if st[1] + 1 > scount or st[2] + size > sbytes:
+                        if known is None:
+                            known = self._known_to(w, origin, user, now)
+                        if not known:
+                            continue
+                txn.put(ik, st[0].to_bytes(8, "big"), db=kdb)
+                w.enqueue(d, entry)
+        w.flush_state()
+        return w.pushes
+
     def notice_users(self, txn, users, kind: int, origin: str, typ: str, now: int) -> list:
         """``notice_devices`` for every current device of each of ``users``."""
         accounts = self.db["accounts"]
@@ -1781,6 +1859,11 @@ def drop_device_queue(txn, db: dict, device: str) -> int:
                 if not c.delete():
                     break
     txn.delete(device.encode(), db=db["qstate"])
+    with txn.cursor(db=db["knote"]) as c:  # (its pending key notices: Queues.keys_changed)
+        if c.set_range(prefix):
+            while c.key().startswith(prefix):
+                if not c.delete():
+                    break
     return n
 
 

@@ -477,7 +477,8 @@ class Session(asyncio.Protocol):
         """Draw ``cost`` on the device's message-rate bucket (Worker.rate_bucket: the
         same across its connections to this worker); answer 405 if it is empty.
         ``day``: a message or read receipt, also counted in the device's
-        messages-per-day (kept in the same bucket); 302 past it.  Each one
+        messages-per-day (kept in the same bucket); 302 past it, unless it is a
+        retry of one stored (``_stored_retry``, on that path only).  Each one
         accepted keeps a dedup record for the dedup window: without this a device
         could make the store hold as many as message-rate allows."""
         w = self.worker
@@ -499,8 +500,33 @@ class Session(asyncio.Protocol):
         limit = w.messages_per_day
         if not day or not limit or bucket.count(now, limit):
             return True
+        if self._stored_retry(ev):
+            return True  # (uncounted: the commit answers it as the retry it is)
         w.stats.counters["rate_limited"] += 1
         self.send(Error(ErrorCode.RATE_LIMITED,
                         f"at most {limit} messages and receipts a day from one device "
                         f"(messages-per-day); try again later", getattr(ev, "id", None)))  # fmt: skip
         return False
+
+    def _stored_retry(self, ev) -> bool:
+        """Past messages-per-day only (the count is taken before dedup, which is in
+        the commit): is ``ev`` a retry of a message or read receipt of this device
+        that its dedup records hold (the same recipient, type and body)?  Then it
+        goes on, uncounted, and the commit answers it with its first ack, storing
+        nothing: a retry at the limit is not told 302 for what was stored."""
+        t = type(ev)
+        if t is handlers.HOT:
+            cls = "message" if ev.kind == handlers.HOT_MESSAGE else "receipt"
+            participant = None
+        elif t in handlers.COUNTED:
+            cls = "message" if t is not handlers.Receipt else "receipt"
+            participant = getattr(ev, "participant", None)
+        else:
+            return False
+        body = ev.body if cls == "message" else None
+        try:
+            return self.worker.queues.stored_retry(self.device, cls, ev.id, ev.to, ev.type, body,
+                                                   getattr(ev, "payloads", None) or None,
+                                                   participant)  # fmt: skip
+        except lmdb.Error:
+            return False  # (then 302, as before)

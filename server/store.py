@@ -24,8 +24,9 @@ Tables (LMDB named databases):
     pairs     "r:<ref>" or "c:<code>" -> {worker, conn, rid, key, name, phone,
               expires, refresh, used, device}: a companion waiting to be
               linked (server/linking.py), which worker and connection hold it
-    queue, qstate, dedup0, dedup1, fan, conv0, conv1: the device queues and
-              the anti-spam pairs (server/queues.py)
+    queue, qstate, dedup0, dedup1, fan, conv0, conv1, knote: the device queues,
+              the anti-spam pairs and where each device's undelivered "keys
+              changed" notice from a user is (server/queues.py)
     presence, contacts, rcontacts, blocks: presence, privacy, contacts and
               blocking (server/social.py)
     keys, otks: the key directory, identity, fallback and one-time keys per

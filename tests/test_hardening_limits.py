@@ -234,6 +234,62 @@ def test_messages_and_receipts_past_messages_per_day_are_refused_and_not_stored(
         assert srv.stop() == 0
 
 
+def test_a_retry_of_a_stored_message_past_messages_per_day_gets_its_first_ack(tmp_path):
+    """The day's count is taken before dedup (in the commit): a retry of a message or
+    read receipt already stored got 302 at the limit, not its ack.  On the 302 path
+    the dedup records are looked up: the same message again (recipient, type,
+    body) gets its first ack and is stored once; anything else is still 302."""
+    from pigeon.core.events import IncomingReceipt
+
+    srv = start(tmp_path, workers=1, messages_per_day=4)
+    try:
+
+        async def main():
+            ac, bc = await srv.register(ALICE), await srv.register(BOB)
+            alice, bob = await srv.login(ac), await srv.login(bc)
+            g = (await alice.group("create", subject="g", members=[BOB])).group
+            await drain(bob)
+            await bob.send(ALICE, b"read me", id="b1")
+            await drain(alice)
+            first = [await alice.send(BOB, f"m{i}".encode(), id=f"m{i}") for i in range(2)]
+            gfirst = await alice.group_send(g, b"to the group", id="g0")  # (through handlers)
+            rfirst = await alice.receipt(BOB, "b1")  # (about a message: it has a dedup record)
+            with pytest.raises(ServerError) as e:  # the day's count is spent
+                await alice.send(BOB, b"new", id="m9")
+            assert e.value.code == ErrorCode.RATE_LIMITED
+            for _ in range(2):
+                again = await alice.send(BOB, b"m1", id="m1")  # the hot path's retry
+                assert again.t == first[1].t
+            assert (await alice.group_send(g, b"to the group", id="g0")).t == gfirst.t
+            assert (await alice.receipt(BOB, "b1")).t == rfirst.t
+            for other in (alice.send(BOB, b"not m1", id="m1"),  # the same id, another body
+                          alice.send(CAROL, b"m1", id="m1"),  # another recipient
+                          alice.group_send(g, b"other", id="g0"),
+                          alice.receipt(BOB, "b1", "played")):  # fmt: skip
+                with pytest.raises(ServerError) as e:
+                    await other
+                assert e.value.code == ErrorCode.RATE_LIMITED
+            got, receipts = [], []
+            while True:
+                try:
+                    ev = await bob.next_event(1.0)
+                except TimeoutError:
+                    break
+                await bob.ack(ev.seq)
+                if isinstance(ev, IncomingMessage):
+                    got.append(bytes(ev.body))
+                elif isinstance(ev, IncomingReceipt) and ev.type == "read":
+                    receipts.append(ev.id)
+            assert sorted(got) == [b"m0", b"m1", b"to the group"]  # stored once each
+            assert receipts == ["b1"]
+            for c in (alice, bob):
+                await c.close()
+
+        run(main())
+    finally:
+        assert srv.stop() == 0
+
+
 def test_messages_per_day_zero_is_no_limit_and_the_bench_profile_sets_it():
     from pigeon.bench.harness import BENCH_PROFILE
 

@@ -555,3 +555,138 @@ def test_key_uploads_are_limited_per_device_before_their_signatures(tmp_path):
         run(go())
     finally:
         assert s.stop() == 0, s.log_text()[-3000:]
+
+
+def _queue(server, device: str) -> tuple[list[bytes], int]:
+    """(the entries of ``device``'s queue, its qstate count), read from the store."""
+    store = Store(str(server.data_dir / "store"), map_size=256 << 20, create=False)
+    try:
+        with store.read() as txn:
+            prefix = device.encode() + b"\x00"
+            out = []
+            with txn.cursor(db=store._db["queue"]) as c:
+                if c.set_range(prefix):
+                    for key, value in c:
+                        if not bytes(key).startswith(prefix):
+                            break
+                        out.append(bytes(value))
+            raw = txn.get(device.encode(), db=store._db["qstate"])
+            return out, 0 if raw is None else int.from_bytes(bytes(raw)[8:16], "big")
+    finally:
+        store.close()
+
+
+async def _link_and_upload(alice, server) -> str:
+    """Link a companion to ``alice``'s account, let it log in and upload its first
+    keys, then unlink it: two "keys changed" notices before they were coalesced."""
+    comp = await server.client()
+    it = comp.pair_qr(name="loop")
+    code = await it.__anext__()
+    address, ccreds = await asyncio.gather(alice.link(code.qr), it.__anext__())
+    await it.aclose()
+    await comp.close()
+    c = await server.login(ccreds)
+    ident = ccreds.identity_key()
+    key = vodozemac.Account().curve25519_key.to_bytes()
+    otk = SignedKey("k", key, ident.sign(signed_key_message(address, "k", key, False)))
+    await c.upload_keys(vodozemac.Account().curve25519_key.to_bytes(), ident.public, [otk])
+    await c.close()
+    await alice.unlink(address)
+    return address
+
+
+def test_a_loop_of_links_queues_one_keys_notice_per_correspondent_device(srv):
+    """Each link and each new device's first upload queued a "keys changed" notice for
+    every correspondent, outside key-changes: link-per-account (10 an hour) let one
+    account put about 480 a day in each contact device's queue.  At most one is
+    undelivered per (device, user): a newer one replaces it, at the tail."""
+
+    async def go():
+        phone = next(PHONES)
+        alice = await srv.login(await srv.register(phone))
+        bob = await device(srv)
+        await bob.client.discover([phone])  # alice is bob's contact: he is told
+        await bob.client.close()  # offline: his queue keeps what comes
+        for _ in range(3):
+            await _link_and_upload(alice, srv)
+        entries, count = _queue(srv, bob.address)
+        notices = [e for e in entries if e[0] == 3]
+        assert len(notices) == 1 and count == len(entries), (len(notices), count, len(entries))
+        bob.client = await srv.login(bob.creds)
+        ev = await next_of(bob.client, KeysChanged)
+        assert ev.sender == phone
+        await nothing_more(bob.client)
+        # one delivered and acked: the next change is told again (online, bob may get
+        # the link's and the upload's, acking the first before the second is queued)
+        await _link_and_upload(alice, srv)
+        assert (await next_of(bob.client, KeysChanged)).sender == phone
+        while True:
+            try:
+                ev = await bob.client.next_event(0.5)
+            except TimeoutError:
+                break
+            assert isinstance(ev, KeysChanged) and ev.sender == phone
+            await bob.client.ack(ev.seq)
+        await bob.client.ping()
+        await until(lambda: _queue(srv, bob.address) == ([], 0))
+        await alice.close()
+        await close(bob)
+
+    run(go())
+
+
+def test_a_newer_keys_notice_replaces_one_pushed_but_not_acked(srv):
+    """A notice pushed to an online device but not yet acked is replaced too: the device
+    gets the newer one after it (it may have read the device list before the change)."""
+
+    async def go():
+        alice = await device(srv)
+        bob = await device(srv)
+        await bob.client.discover([alice.phone])
+        await alice.upload(otks=1)
+        first = await bob.client.next_event(10)  # not acked
+        assert isinstance(first, KeysChanged) and first.sender == alice.phone
+        await alice.client.close()
+        again = await device(srv, alice.phone)  # registered again: a new device
+        second = await bob.client.next_event(10)
+        assert isinstance(second, KeysChanged) and second.sender == alice.phone
+        assert second.seq > first.seq
+        entries, count = _queue(srv, bob.address)
+        assert len(entries) == count == 1  # the first one went: one is queued
+        await bob.client.ack(second.seq)
+        await bob.client.ping()
+        await until(lambda: _queue(srv, bob.address) == ([], 0))
+        await nothing_more(bob.client)
+        await close(again, bob)
+
+    run(go())
+
+
+def test_no_keys_notice_goes_past_a_full_queue_or_a_strangers_share(tmp_path):
+    """A "keys changed" notice was queued past queue-max-count and past the strangers'
+    share of a user who does not know the changed account; now such a queue gets none
+    (the next per-device send is still checked against the device lists: 408)."""
+    s = Server(tmp_path / "data", workers=1, register_per_ip=1000, message_rate=0,
+               queue_max_count=4, stranger_queue_count=2).start()  # fmt: skip
+    try:
+
+        async def go():
+            alice, bob, carol, dave, eve = [await device(s) for _ in range(5)]
+            await bob.client.discover([alice.phone, carol.phone])  # knows both
+            await eve.client.discover([alice.phone])  # knows alice, queue empty
+            await alice.client.send(dave.phone, b"hi dave")  # dave: a conversation partner
+            for i in range(4):
+                await carol.client.send(bob.phone, b"to bob", id=f"b{i}")  # bob's queue: full
+            await carol.client.send(dave.phone, b"to dave")  # dave's: the strangers' share
+            for d in (bob, dave):
+                await d.client.close()
+            assert _queue(s, bob.address)[1] == 4 and _queue(s, dave.address)[1] == 2
+            await alice.upload(otks=1)  # a first upload: its correspondents are told
+            assert (await next_of(eve.client, KeysChanged)).sender == alice.phone
+            assert _queue(s, bob.address)[1] == 4  # full: none
+            assert _queue(s, dave.address)[1] == 2  # dave does not know alice: none
+            await close(alice, carol, eve)
+
+        run(go())
+    finally:
+        assert s.stop() == 0, s.log_text()[-3000:]

@@ -914,3 +914,51 @@ def test_a_range_past_the_end_is_416_with_a_json_body(srv, tmp_path):
                 assert r.headers["Content-Range"] == f"bytes */{size}"
 
     run(main())
+
+
+def test_an_empty_suffix_range_is_416_with_a_json_body(srv, tmp_path):
+    """``Range: bytes=-0`` selects no byte (RFC 9110 14.1.1): aiohttp reads it as
+    ``bytes=0-`` and answered 206 with the whole file."""
+
+    async def main():
+        url, tok, size = await _stored(srv, tmp_path)
+        async with aiohttp.ClientSession() as s:
+            for rng in ("bytes=-0", "BYTES=-000"):
+                async with s.get(url, headers={**_auth(tok), "Range": rng},
+                                 ssl=ctx(srv)) as r:  # fmt: skip
+                    assert r.status == 416, rng
+                    body = await r.json(content_type=None)
+                    assert body["error"] == "empty suffix range" and body["size"] == size
+                    assert r.headers["Content-Range"] == f"bytes */{size}"
+            # a suffix that is not empty is the file's tail
+            async with s.get(url, headers={**_auth(tok), "Range": "bytes=-10"},
+                             ssl=ctx(srv)) as r:  # fmt: skip
+                assert r.status == 206 and len(await r.read()) == 10
+                assert r.headers["Content-Range"] == f"bytes {size - 10}-{size - 1}/{size}"
+
+    run(main())
+
+
+def test_a_416_under_if_range_has_a_json_body(srv, tmp_path):
+    """With ``If-Range`` the service left the Range to aiohttp, whose 416 has no body.
+    An If-Range date older than the file makes the Range ignored: 200, whole file."""
+
+    async def main():
+        url, tok, size = await _stored(srv, tmp_path)
+        now = "Fri, 31 Dec 2100 23:59:59 GMT"  # (after the file's mtime: the Range holds)
+        old = "Thu, 01 Jan 1998 00:00:00 GMT"
+        async with aiohttp.ClientSession() as s:
+            for rng in (f"bytes={size + 5}-", "bytes=-0"):
+                h = {**_auth(tok), "Range": rng, "If-Range": now}
+                async with s.get(url, headers=h, ssl=ctx(srv)) as r:
+                    assert r.status == 416, rng
+                    assert "error" in await r.json(content_type=None)
+                    assert r.headers["Content-Range"] == f"bytes */{size}"
+                h["If-Range"] = old
+                async with s.get(url, headers=h, ssl=ctx(srv)) as r:
+                    assert r.status == 200 and len(await r.read()) == size
+            h = {**_auth(tok), "Range": "bytes=0-9", "If-Range": now}
+            async with s.get(url, headers=h, ssl=ctx(srv)) as r:
+                assert r.status == 206 and len(await r.read()) == 10
+
+    run(main())
