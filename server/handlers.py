@@ -26,6 +26,7 @@ from scramp import ScramException
 from pigeon.core import codec as core_codec
 from pigeon.core.errors import ErrorCode, is_fatal
 from pigeon.core.events import (
+    SCRAM_MAX,
     AuthChallenge,
     AuthResponse,
     AuthStart,
@@ -565,6 +566,12 @@ def auth_start(s, ev: AuthStart) -> None:
     except ScramException:
         s.scram = None
         return s.fail(ErrorCode.NOT_AUTHORIZED, "login failed: bad SCRAM message")
+    if len(first) > SCRAM_MAX:  # (a client nonce near auth's 1,024 bytes: the
+        # challenge echoing it could not be sent, and the login hung to login-timeout)
+        s.scram = None
+        return s.fail(ErrorCode.NOT_AUTHORIZED,
+                      f"login failed: the client nonce is too long (the challenge that "
+                      f"repeats it must fit {SCRAM_MAX} bytes; 512 characters always do)")  # fmt: skip
     s.login_user = user
     s.send(AuthChallenge(first.encode()))
 

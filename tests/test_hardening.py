@@ -403,6 +403,30 @@ def test_the_challenge_does_not_tell_which_devices_exist(tmp_path):
         assert srv.stop() == 0
 
 
+def test_a_client_nonce_too_long_for_the_challenge_is_refused_at_once(tmp_path):
+    """A client-first-message fits auth's 1,024 bytes with a nonce of ~950 characters,
+    but the challenge repeating it would not fit its own: the server dropped it and the
+    login hung until login-timeout (today's probe).  Now 300 at once; 512 always fit."""
+    from pigeon.core.events import AuthStart
+
+    srv = start(tmp_path, login_timeout=60)
+    try:
+        creds = run(srv.register(ALICE))
+        for n, refused in ((512, False), (950, True)):
+            raw = Raw(srv.port, timeout=5)  # (well inside login-timeout)
+            t0 = time.monotonic()
+            raw.send(AuthStart(f"n,,n={creds.device},r={'x' * n}".encode()))
+            ev = raw.next_event()
+            raw.close()
+            if refused:
+                assert isinstance(ev, Error) and ev.code == ErrorCode.NOT_AUTHORIZED, ev
+                assert "nonce is too long" in ev.text and time.monotonic() - t0 < 5
+            else:
+                assert not isinstance(ev, Error) and ev.data.startswith(b"r=" + b"x" * n)
+    finally:
+        assert srv.stop() == 0
+
+
 # -- 6. client junk does not become log lines -------------------------------------------------
 
 
