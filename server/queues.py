@@ -870,6 +870,14 @@ class Queues:
                 return True
         return False
 
+    def next_seq(self, device: str) -> int:
+        """The seq the device's next queue entry will get (committed state, a read
+        transaction): every seq ever delivered to it is below.  For the rare path only
+        (Session.device_ack: an ack past what this connection pushed)."""
+        with self.env.begin() as txn:
+            raw = txn.get(device.encode(), db=self.db["qstate"])
+        return 1 if raw is None else _QSTATE.unpack(raw)[0]
+
     def stored_retry(self, device: str, cls: str, mid: str, to: str, typ: str, body,
                      payloads=None, participant: str | None = None) -> bool:  # fmt: skip
         """Whether the dedup records hold this message or read receipt of ``device``

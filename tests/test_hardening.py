@@ -427,6 +427,45 @@ def test_a_client_nonce_too_long_for_the_challenge_is_refused_at_once(tmp_path):
         assert srv.stop() == 0
 
 
+def test_an_ack_past_the_queues_end_is_refused_and_delivery_goes_on(tmp_path):
+    """``<ack seq=10**12/>`` was taken: the connection then skipped every entry below
+    it (a message sent next got seq 1 and was not pushed until a reconnect), and the
+    ack deleted what was queued and not yet delivered (today's probe).  Now 200, and
+    nothing acknowledged; an ack of what was delivered still deletes it."""
+    from pigeon.core.events import DeviceAck, IncomingMessage
+
+    srv = start(tmp_path)
+    try:
+        bob, alice = run(srv.register(BOB)), run(srv.register(ALICE))
+
+        async def send(text: bytes, mid: str) -> None:
+            c = await srv.login(alice)
+            await c.send(BOB, text, id=mid)
+            await c.close()
+
+        run(send(b"queued before", "a-1"))  # waits in bob's queue: seq 1
+        raw = Raw(srv.port)
+        assert scram_exchange(raw, bob.device, bob.secret) is None
+        first = raw.next_event()
+        assert isinstance(first, IncomingMessage) and first.seq == 1
+        for bogus in (10**12, 2**63 - 1, 2):
+            raw.send(DeviceAck(bogus))
+            ev = raw.next_event()
+            assert isinstance(ev, Error) and ev.code == ErrorCode.BAD_REQUEST, ev
+            assert f"seq={bogus}" in ev.text and "nothing acknowledged" in ev.text
+        run(send(b"sent after", "a-2"))
+        ev = raw.next_event()  # pushed live on this connection
+        assert isinstance(ev, IncomingMessage) and (ev.id, ev.seq) == ("a-2", 2), ev
+        raw.send(DeviceAck(2))
+        until_sync = time.monotonic() + 10
+        while queue_count(srv, bob.device) and time.monotonic() < until_sync:
+            time.sleep(0.05)
+        assert queue_count(srv, bob.device) == 0
+        raw.close()
+    finally:
+        assert srv.stop() == 0
+
+
 # -- 6. client junk does not become log lines -------------------------------------------------
 
 
