@@ -369,3 +369,60 @@ def test_a_strangers_add_remove_loop_stops_at_the_strangers_share_of_a_queue(tmp
         run(main())
     finally:
         srv.stop()
+
+
+def qcount(srv: Server, device: str) -> int:
+    """How many entries ``device``'s queue holds (its qstate record)."""
+    store = Store(str(srv.data_dir / "store"), map_size=256 << 20, create=False)
+    try:
+        with store.read() as txn:
+            raw = txn.get(device.encode(), db=store._db["qstate"])
+    finally:
+        store.close()
+    return 0 if raw is None else int.from_bytes(raw[8:16], "big")
+
+
+def test_a_strangers_membership_changes_stop_at_the_strangers_share_of_other_members(tmp_path):
+    """A stranger's group with the victim in it, and a puppet added and removed in a
+    loop: each change queued a notice for the victim (membership notices were held to
+    no share), past queue-max-count, and the victim's contacts then got 402.  Past the
+    strangers' share the victim's devices no longer get the notices of a user they do
+    not know; a contact's changes still reach them, and the puppet (the user the
+    change is about) gets its own."""
+    share = 6
+    srv = start(tmp_path, new_chats=0, queue_max_count=40, stranger_queue_count=share,
+                group_member_changes=0)  # fmt: skip
+    try:
+
+        async def main():
+            vc = await srv.register(BOB)
+            friend = await srv.login(await srv.register(CAROL))
+            victim = await srv.login(vc)
+            await victim.discover([CAROL], "full")  # carol: a contact
+            await victim.close()  # offline from here: nothing is acked
+            spammer = await srv.login(await srv.register(ALICE))
+            pc = await srv.register(DAVE)
+            puppet = await srv.login(pc)
+            await puppet.discover([ALICE], "full")  # the spammer's own: it knows them
+            await puppet.close()
+            g = (await spammer.group("create", subject="spam", members=[BOB])).group
+            for _ in range(30):
+                assert (await spammer.group_add(g, [DAVE])).failed == ()
+                await spammer.group_remove(g, [DAVE])
+            assert qcount(srv, vc.device) <= share + 1  # was 61, past queue-max-count
+            assert qcount(srv, pc.device) == 60  # the puppet's own add and remove notices
+            assert (await friend.send(BOB, b"still reachable")).t  # not 402
+            # a contact's membership changes reach the victim past the share
+            before = qcount(srv, vc.device)
+            other = "4917612340001"
+            await srv.register(other)
+            g2 = (await friend.group("create", subject="friends", members=[BOB])).group
+            assert (await friend.group_add(g2, [other])).failed == ()
+            await friend.group_remove(g2, [other])
+            assert qcount(srv, vc.device) == before + 3
+            for c in (spammer, friend):
+                await c.close()
+
+        run(main())
+    finally:
+        srv.stop()
