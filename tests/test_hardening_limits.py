@@ -426,3 +426,54 @@ def test_a_strangers_membership_changes_stop_at_the_strangers_share_of_other_mem
         run(main())
     finally:
         srv.stop()
+
+
+def test_a_strangers_adds_fill_at_most_stranger_groups_of_a_users_groups(tmp_path):
+    """One account could add a user to groups-per-day groups a day and leave them: in
+    ten days (or with eleven accounts in one) the user was in user-groups-max groups
+    and their friends' adds got 437.  A stranger's add counts in stranger-groups until
+    the user writes to the group or knows the adder; joins and contacts' adds never."""
+    srv = start(tmp_path, new_chats=0, stranger_groups=3, group_member_changes=0)
+    try:
+
+        async def main():
+            bob = await srv.login(await srv.register(BOB))
+            alice = await srv.login(await srv.register(ALICE))
+            carol = await srv.login(await srv.register(CAROL))
+            await bob.discover([CAROL], "full")  # carol: bob's contact
+            groups = []
+            for i in range(3):
+                res = await alice.group("create", subject=f"spam {i}", members=[BOB])
+                assert res.failed == ()
+                groups.append(res.group)
+                await alice.group_leave(res.group)  # bob stays in it, an admin now
+            res = await alice.group("create", subject="spam 3", members=[BOB])
+            assert res.failed == ((BOB, ErrorCode.STRANGER_GROUPS),)
+            spare = res.group
+            assert (await alice.group_add(spare, [BOB])).failed == (
+                (BOB, ErrorCode.STRANGER_GROUPS),
+            )
+            # his contact's add, and a join by invite (his own act), are not counted
+            g = (await carol.group("create", subject="friends", members=[BOB])).group
+            assert BOB in (await carol.group_info(g)).users
+            code = await alice.group_invite(spare)
+            await bob.group_join(code)
+            assert BOB in (await alice.group_info(spare)).users
+            await bob.group_leave(spare)
+            # bob writes to one of them: it counts no more, so there is room for one
+            await bob.send(groups[0], b"hello")
+            assert (await alice.group_add(spare, [BOB])).failed == ()
+            await bob.group_leave(spare)  # (a marked membership left: room again)
+            assert (await alice.group_add(spare, [BOB])).failed == ()
+            other = (await alice.group("create", subject="spam 4", members=[BOB])).failed
+            assert other == ((BOB, ErrorCode.STRANGER_GROUPS),)
+            # alice becomes bob's contact: her adds count no more (checked again past it)
+            await bob.discover([ALICE], "full")
+            res = await alice.group("create", subject="spam 5", members=[BOB])
+            assert res.failed == ()
+            for c in (alice, bob, carol):
+                await c.close()
+
+        run(main())
+    finally:
+        assert srv.stop() == 0, srv.log_text()[-3000:]
