@@ -48,7 +48,9 @@ Tables:
     gbody     the group message and notice bodies (server/queues.py)
     meta      b"gid": the last group number given (never reused); b"gver": the
               count of group changes (the caches); b"gmsg": the last body number;
-              b"gnotice": the last notice body number (server/queues.py)
+              b"gnotice": the last notice body number (server/queues.py);
+              b"grqidx": the join requests of a store from before grq are indexed
+              (``index_requests``, at open)
 """
 
 from __future__ import annotations
@@ -773,6 +775,27 @@ class Groups:
 
 def _request_key(asked: int, gid: str, user: str) -> bytes:
     return _T.pack(asked) + f"{gid}\x00{user}".encode()
+
+
+#: meta: set once every join request in ``groups`` has its key in ``grq``
+REQUESTS_INDEXED = b"grqidx"
+
+
+def index_requests(txn, db: dict) -> int:
+    """At open (server/store.py), once per store: a key in ``grq`` for every join
+    request of a store from before ``grq`` (which had none: its requests never
+    expired, unless a newer request in the same group did); returns how many."""
+    meta = db["meta"]
+    if txn.get(REQUESTS_INDEXED, db=meta) is not None:
+        return 0
+    n = 0
+    grq = db["grq"]
+    with txn.cursor(db=db["groups"]) as c:
+        for key, raw in c:
+            for user, asked in _unpack(raw).get("rq") or ():
+                n += txn.put(_request_key(asked, bytes(key).decode(), user), b"", db=grq)
+    txn.put(REQUESTS_INDEXED, b"1", db=meta)
+    return n
 
 
 def expire_requests(groups: Groups, now: int, batch: int = 1000) -> int:

@@ -477,3 +477,47 @@ def test_a_strangers_adds_fill_at_most_stranger_groups_of_a_users_groups(tmp_pat
         run(main())
     finally:
         assert srv.stop() == 0, srv.log_text()[-3000:]
+
+
+def test_join_requests_of_a_store_from_before_grq_are_indexed_at_open_and_expire(tmp_path):
+    """A store from before the grq index holds join requests with no key in it: they
+    never expired (unless a newer request in the same group did).  The open indexes
+    them, once."""
+    srv = start(tmp_path, group_request_expiry=600, purge_interval=0.2)
+    try:
+
+        async def main():
+            alice, bob = [await srv.login(await srv.register(p)) for p in (ALICE, BOB)]
+            g = (await alice.group("create", subject="club")).group
+            await alice.group_settings(g, approval=True)
+            assert (await bob.group_join(await alice.group_invite(g))).get("requested") == "1"
+            for c in (alice, bob):
+                await c.close()
+            return g
+
+        g = run(main())
+    finally:
+        assert srv.stop() == 0
+    # the store as an older pigeon left it: the request, no index key, no mark
+    store = Store(str(srv.data_dir / "store"), map_size=256 << 20, create=False)
+    try:
+        with store.env.begin(write=True) as txn:
+            txn.drop(store._db["grq"], delete=False)
+            txn.delete(b"grqidx", db=store._db["meta"])
+    finally:
+        store.close()
+    assert table_entries(srv, "grq") == 1  # (this open indexed it)
+    srv.start()
+    try:
+
+        async def later():
+            alice = await srv.login(await srv.register(ALICE))
+            assert await alice.group_requests(g) == (BOB,)
+            srv.advance_clock(601)
+            await until(lambda: table_entries(srv, "grq") == 0, timeout=20)
+            assert await alice.group_requests(g) == ()
+            await alice.close()
+
+        run(later())
+    finally:
+        assert srv.stop() == 0
