@@ -523,7 +523,8 @@ OPTIONS: list[Option] = [
         _non_negative_int,
         "entries a device's queue may hold before senders its user does not know (not in "
         "their contacts, not written to lately) get error 402 (a group message: that member "
-        "in the ack's failed; a group add: that user in the answer's failed); "
+        "in the ack's failed; a group add: that user in the answer's failed; a group "
+        "notice by such a user: not queued for it, unless it is about its user); "
         "0 = queue-max-count",
     ),
     Option(
