@@ -823,6 +823,9 @@ class ClientAPI(GroupsAPI):
         success = await self._wait((AUTH, ""), timeout)
         scram.check(success)  # raises if the server is not the one that holds our keys
         self.device = creds.device
+        # asked again after each login: a server does not queue a stranger's membership
+        # notice for a device whose queue is past the strangers' share (client/groups.py)
+        self._group_members = None
         return success.t
 
     async def logout(self, timeout: float = 30.0):

@@ -482,7 +482,9 @@ class _Txn:
         self.gmsg = None  # the last group body number (read when a group message needs it)
 
     def group(self, gid: str):
-        """(members in join order, member set, admin set, announce) of group ``gid``, or None."""
+        """(members in join order, member set, admin set, announce, the members a
+        stranger's add put in it who have not written to it: server/groups.py) of
+        group ``gid``, or None."""
         q = self.q
         if not self.gchecked:
             self.gchecked = True
@@ -501,7 +503,7 @@ class _Txn:
                 rec = _unpackb(raw)
                 users = tuple(m[0] for m in rec["m"])
                 g = (users, frozenset(users), frozenset(m[0] for m in rec["m"] if m[1]),
-                     bool(rec["an"]))  # fmt: skip
+                     bool(rec["an"]), frozenset(m[0] for m in rec["m"] if len(m) > 3))  # fmt: skip
             cache[gid] = g
             return g
 
@@ -832,6 +834,10 @@ class Queues:
         if not self.limits.new_chats:
             return True
         return self._chat_allowed(_Txn(self, txn), sender, to, now)
+
+    def knows_txn(self, txn, user: str, other: str, now: int) -> bool:
+        """Does ``user`` know ``other`` (``_known_to``), inside ``txn``?"""
+        return self._known_to(_Txn(self, txn), other, user, now)
 
     def _new_chat_limit(self) -> tuple:
         lim = self.limits
@@ -1239,6 +1245,10 @@ class Queues:
                            "member device (or is the sending one)", (), extra)  # fmt: skip
                 return
         txn = w.txn
+        if g[4] and sender in g[4]:  # a stranger added the sender: writing accepts the group
+            from .groups import accept_membership
+
+            accept_membership(txn, self.db, s.to[2:], sender)
         if w.gmsg is None:
             raw = txn.get(b"gmsg", db=self.db["meta"])
             w.gmsg = 0 if raw is None else _T.unpack(raw)[0]
