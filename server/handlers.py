@@ -491,6 +491,19 @@ def leave(s, request_id: str, what: str) -> None:
     """Logout (this device goes) or account deletion (every device goes)."""
     w = s.worker
     device, user = s.device, s.user
+    if what == "delete":
+        # Only the primary deletes the account (as WhatsApp's phone alone can): a
+        # companion (a laptop left logged in, a lost tablet) could otherwise wipe
+        # the account, every device's queue with it.  A companion may log out.
+        try:
+            with w.store.read() as txn:
+                acct = w.store._get(txn, "accounts", user)
+        except lmdb.Error as exc:
+            return s.store_failed(exc, request_id)
+        if linking.primary_of(acct) != int(device.rpartition(":")[2]):
+            return s.send(Error(ErrorCode.NOT_PRIMARY,
+                                "only the primary device may delete the account; a linked "
+                                "device may log out (unlink itself)", request_id))  # fmt: skip
     w.detach(s)
     if s.holders:  # the workers holding pushes for it are told while it has a name
         s.release()
