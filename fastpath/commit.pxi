@@ -122,7 +122,7 @@ cdef object _plain_one(object s, object get, object put, object cur, object prev
     if nsync:
         sync_entry = _make_entry(_entry_codec(entry_fn), entry_fn, 0, t, _PLAIN_SYNC, me, mid, typ,
                                  s.body, to)
-    skip = me.encode()
+        skip = me.encode()  # (the sending device gets no sync copy)
     if copies_room(rk, entry, None, states, load, max_count, max_bytes, s_count, s_bytes,
                    len(rk)) is not None:
         return got
