@@ -127,6 +127,7 @@ import struct
 from dataclasses import dataclass
 from functools import partial
 from hashlib import blake2b as _blake2b
+from operator import itemgetter
 from time import perf_counter
 
 import msgpack
@@ -150,6 +151,7 @@ GROUP_NOTICE, GMESSAGE, GREF, GPAYLOAD, GRECEIPT = 4, 5, 6, 7, 8
 FAN, SYNC = 1, 2  # entry flag bits (Codec.queue_entry)
 _CLASS_KIND = {"message": MESSAGE, "receipt": RECEIPT}
 _DEDUP_META = b"dedup"
+_KEY = itemgetter(0)  # an item's key (flush_state's sort)
 _CONV_META = b"conv"
 _STORE_FULL = (ErrorCode.STORE_FULL, "the server cannot store this now; retry later")
 
@@ -621,7 +623,9 @@ class _Txn:
                     put(dk, raw, db=db)
             else:
                 with self.txn.cursor(db=db) as c:
-                    c.putmulti(sorted(gstate.items()))
+                    # (by key alone: the keys are distinct, so the same order as the
+                    # items', at less than half the cost of comparing tuples)
+                    c.putmulti(sorted(gstate.items(), key=_KEY))
 
 
 class Queues:
