@@ -194,6 +194,19 @@ def _add_waits(wh: list, ws: float, snap: dict) -> tuple[list, float]:
     return [a + b for a, b in zip(wh, snap["wh"], strict=True)], ws + snap["ws"]
 
 
+#: The per-worker series: ``worker`` is the worker's index (0 .. workers-1, the
+#: same across reloads, so a dashboard's series go on); ``generation`` counts
+#: reloads (SIGHUP), so the old and the new worker of an index, both alive while
+#: the old one drains, are two series, never one sample given twice.
+WORKER = ["worker", "generation"]
+
+
+def _worker_labels(wid: int) -> list[str]:
+    from .worker import WID_STRIDE
+
+    return [str(wid % WID_STRIDE), str(wid // WID_STRIDE)]
+
+
 def process_figures(pid: int) -> tuple[float, int, int] | None:
     """(CPU seconds, resident bytes, open files) of process ``pid``, or None if unknown.
 
@@ -334,14 +347,14 @@ class Collector:
                                     value=q["used"])  # fmt: skip
             yield GaugeMetricFamily("pigeon_store_map_bytes", "LMDB map size (the ceiling)",
                                     value=q["map"])  # fmt: skip
-        g = GaugeMetricFamily("pigeon_connections", "open client connections", labels=["worker"])
-        for index, n in sorted(conns.items()):
-            g.add_metric([str(index)], n)
+        g = GaugeMetricFamily("pigeon_connections", "open client connections", labels=WORKER)
+        for wid, n in sorted(conns.items()):
+            g.add_metric(_worker_labels(wid), n)
         yield g
         g = GaugeMetricFamily("pigeon_loop_lag_seconds",
-                              "event-loop lag of each worker (latest sample)", labels=["worker"])  # fmt: skip
-        for index, v in sorted(lag.items()):
-            g.add_metric([str(index)], v)
+                              "event-loop lag of each worker (latest sample)", labels=WORKER)  # fmt: skip
+        for wid, v in sorted(lag.items()):
+            g.add_metric(_worker_labels(wid), v)
         yield g
         for name, help_text in COUNTERS.items():
             yield CounterMetricFamily(f"pigeon_{name}", help_text, value=c.get(name, 0))
@@ -376,17 +389,18 @@ class Collector:
         )  # fmt: skip
         cpu = CounterMetricFamily("pigeon_worker_cpu_seconds",
                                   "user and system CPU time of each worker process",
-                                  labels=["worker"])  # fmt: skip
+                                  labels=WORKER)  # fmt: skip
         rss = GaugeMetricFamily("pigeon_worker_resident_memory_bytes",
-                                "resident memory of each worker process", labels=["worker"])  # fmt: skip
+                                "resident memory of each worker process", labels=WORKER)  # fmt: skip
         fds = GaugeMetricFamily("pigeon_worker_open_fds",
-                                "open file descriptors of each worker process", labels=["worker"])  # fmt: skip
+                                "open file descriptors of each worker process", labels=WORKER)  # fmt: skip
         for wid, pid in sorted(self.worker_pids().items()):
             figures = process_figures(pid)
             if figures is not None:
-                cpu.add_metric([str(wid)], figures[0])
-                rss.add_metric([str(wid)], figures[1])
-                fds.add_metric([str(wid)], figures[2])
+                labels = _worker_labels(wid)
+                cpu.add_metric(labels, figures[0])
+                rss.add_metric(labels, figures[1])
+                fds.add_metric(labels, figures[2])
         yield cpu
         yield rss
         yield fds

@@ -1,6 +1,7 @@
 """The metrics and health listener of a real server, scraped during traffic."""
 
 import asyncio
+import http.client
 import os
 import signal
 import subprocess
@@ -64,7 +65,7 @@ def test_metrics_during_traffic_and_across_a_worker_restart(tmp_path):
         assert m["pigeon_commit_seconds_count"] >= 1 and m["pigeon_commit_seconds_sum"] > 0
         assert 0 < m["pigeon_store_used_bytes"] <= m["pigeon_store_map_bytes"]
         assert sum(v for k, v in m.items() if k.startswith("pigeon_connections{")) >= 1
-        assert "pigeon_loop_lag_seconds{worker=0}" in m
+        assert "pigeon_loop_lag_seconds{generation=0,worker=0}" in m
         # a worker killed and restarted: its counts stay in the totals
         old = srv.worker_pid(0)
         os.kill(old, signal.SIGKILL)
@@ -73,6 +74,24 @@ def test_metrics_during_traffic_and_across_a_worker_restart(tmp_path):
         after = scrape(port)
         assert after["pigeon_messages_in_total"] >= 7 and after["pigeon_logins_total"] >= 1
         await alice.close()
+        # a reload: the new workers keep their index in ``worker`` (dashboards' series go
+        # on), ``generation`` tells them from the old ones (it said worker=1024 before)
+        srv.proc.send_signal(signal.SIGHUP)
+        await until(lambda: srv.log_text().count('"old worker drained"') >= 2, timeout=60)
+
+        def reloaded():
+            m.clear()
+            try:
+                m.update(scrape(port))
+            except (OSError, AssertionError, http.client.HTTPException):
+                return False  # (the listener answers 503 while the reload settles)
+            return "pigeon_loop_lag_seconds{generation=1,worker=1}" in m
+
+        await until(reloaded, timeout=15)
+        for name in ("pigeon_worker_cpu_seconds_total", "pigeon_worker_open_fds"):
+            assert sorted(k for k in m if k.startswith(name + "{")) == [
+                f"{name}{{generation=1,worker={i}}}" for i in (0, 1)
+            ]
 
     try:
         asyncio.run(asyncio.wait_for(main(), 90))
@@ -162,9 +181,10 @@ def test_stalled_clients_do_not_block_health_or_metrics(tmp_path):
         assert m["process_cpu_seconds_total"] > 0 and m["process_resident_memory_bytes"] > 0
         assert m["process_open_fds"] > 0
         for wid in (0, 1):
-            assert m[f"pigeon_worker_cpu_seconds_total{{worker={wid}}}"] > 0
-            assert m[f"pigeon_worker_resident_memory_bytes{{worker={wid}}}"] > 1 << 20
-            assert m[f"pigeon_worker_open_fds{{worker={wid}}}"] >= 3
+            w = f"{{generation=0,worker={wid}}}"
+            assert m[f"pigeon_worker_cpu_seconds_total{w}"] > 0
+            assert m[f"pigeon_worker_resident_memory_bytes{w}"] > 1 << 20
+            assert m[f"pigeon_worker_open_fds{w}"] >= 3
         info = (f"pigeon_build_info{{codec={core_codec.IMPLEMENTATION},"
                 f"python={platform.python_version()},version={__version__}}}")  # fmt: skip
         assert m[info] == 1
