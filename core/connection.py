@@ -193,6 +193,10 @@ TRANSITIONS: dict[tuple[State, type[Event]], State] = {
     (_S.REGISTERING, Verify): _S.REGISTERING,
     (_S.REGISTERING, Registered): _S.REGISTERING,
     (_S.REGISTERING, AuthStart): _S.AUTH_STARTED,
+    # (a server sends these only in REGISTERING, where its register or verify put it;
+    # a client whose request went out on bytes made elsewhere takes them as that)
+    (_S.UNAUTHENTICATED, CodeSent): _S.REGISTERING,
+    (_S.UNAUTHENTICATED, Registered): _S.REGISTERING,
     # a companion: pair (again after 306), refreshed refs, its device and secret, then login
     (_S.UNAUTHENTICATED, Pair): _S.PAIRING,
     (_S.PAIRING, Pair): _S.PAIRING,

@@ -1286,8 +1286,9 @@ def test_code_requests_from_many_addresses_of_one_network_stop_at_register_per_n
         assert len(sent) == 5, answers
         assert len(refused) == 3 and all(e.code == ErrorCode.RATE_LIMITED for e in refused)
         assert all("network" in e.text for e in refused), refused
-        # per address (the fourth was refused: nothing written), per phone, the network
-        assert limits_entries(srv) == 3 + 5 + 1
+        # per address (the fourth was refused: nothing written), per phone and network,
+        # per phone, the network
+        assert limits_entries(srv) == 3 + 5 + 5 + 1
         raw = Raw(srv.port, source="127.0.9.2")  # another network
         raw.send(Register("r", "491699990000"))
         assert isinstance(raw.next_event(), CodeSent)
