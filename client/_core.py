@@ -823,6 +823,9 @@ class ClientAPI(GroupsAPI):
         success = await self._wait((AUTH, ""), timeout)
         scram.check(success)  # raises if the server is not the one that holds our keys
         self.device = creds.device
+        # asked again after each login: a server does not queue a stranger's membership
+        # notice for a device whose queue is past the strangers' share (client/groups.py)
+        self._group_members = None
         return success.t
 
     async def logout(self, timeout: float = 30.0):
@@ -832,10 +835,16 @@ class ClientAPI(GroupsAPI):
         return await self._request(LOGOUT, rid, Logout(rid), timeout)
 
     async def delete_account(self, timeout: float = 30.0):
-        """Delete the account with all its devices; the server then closes."""
+        """Delete the account with all its devices; the server then closes.  From the
+        primary only: a linked device gets ServerError 311 (NOT_PRIMARY), and stays
+        logged in."""
         rid = self.new_id()
-        self._creds = None
-        return await self._request(DELETE, rid, DeleteAccount(rid), timeout)
+        creds, self._creds = self._creds, None  # (no reconnect after the server's close)
+        try:
+            return await self._request(DELETE, rid, DeleteAccount(rid), timeout)
+        except ServerError:
+            self._creds = creds  # refused: the account and this login stay
+            raise
 
     async def send(
         self,

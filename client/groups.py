@@ -14,7 +14,10 @@ encrypts once with this device's Megolm session for the group
 each recipient device that does not hold the session's key yet: every
 device of every member and every other device of this account, from the
 members of ``group_info`` and the device lists of ``devices`` (both cached,
-and dropped when a notice says they changed).  A key share is an Olm
+and dropped when a notice says they changed; the member lists after each
+login too, and a group's when a user not in it writes to it or asks for its
+key: a server does not queue a stranger's membership notices for a device
+whose queue is past the strangers' share, docs/PROTOCOL.md 10g).  A key share is an Olm
 payload, so the SDK opens an Olm session first with a device it has none
 with (keys from the key directory, checked as for 1:1).  When a recipient
 device disappears (a member removed or left, a device unlinked) the next
@@ -280,7 +283,16 @@ class GroupsAPI:
             return ack
         raise AssertionError("unreachable")
 
+    def _stale_members(self, group: str, device: str) -> None:
+        """``device`` wrote to ``group`` (a message, a key request): if its user is not in
+        the cached member list, that list is old (a notice this device never got), so
+        the next send asks ``info`` again."""
+        cached = self._members_cache().get(group)
+        if cached is not None and device.partition(":")[0] not in cached:
+            self._group_changed(group, shrink=False)
+
     def _deliver_group(self, ev) -> None:
+        self._stale_members(ev.group, ev.sender)
         # the key share this device was named for, if any, rides in the same delivery
         out = self.secure.decrypt_group(ev, getattr(ev, "payload", None))
         if type(out) is GroupDecryptionFailed and out.unknown_session:
@@ -327,5 +339,6 @@ class GroupsAPI:
         except (ValueError, msgpack.UnpackException):
             return
         if isinstance(group, str) and isinstance(sid, str):
+            self._stale_members(group, msg.sender)
             if self.secure.groups.reshare(group, sid, msg.sender):
                 self.secure.save()

@@ -71,6 +71,7 @@ class ErrorCode(IntEnum):
     BAD_INVITE = 435
     ANNOUNCE_ONLY = 436
     TOO_MANY_GROUPS = 437
+    STRANGER_GROUPS = 438
     # 5xx: the server's side.
     INTERNAL = 500
     STORE_FULL = 501

@@ -429,6 +429,10 @@ class Registered(Event):
 # -- login (SCRAM-SHA-256, RFC 5802 / RFC 7677) -----------------------------
 
 
+#: Bytes of a SCRAM message (auth, challenge, response, success content).
+SCRAM_MAX = 1024
+
+
 @dataclass(frozen=True, slots=True)
 class AuthStart(Event):
     """SCRAM client-first-message; its username is the device address."""
@@ -446,10 +450,10 @@ class AuthStart(Event):
         mech = _attr(node, "mech")
         if mech != SCRAM_MECHANISM:
             raise _bad(node, f"unsupported mechanism; use {SCRAM_MECHANISM}")
-        return _read(cls(_bytes(node, max_size=1024), mech))
+        return _read(cls(_bytes(node, max_size=SCRAM_MAX), mech))
 
     def check(self) -> None:
-        _check_bytes(self, "data", self.data, None, 1024)
+        _check_bytes(self, "data", self.data, None, SCRAM_MAX)
         if self.mechanism != SCRAM_MECHANISM:
             raise _wrong(self, "mechanism", repr(SCRAM_MECHANISM), self.mechanism)
 
@@ -467,10 +471,10 @@ class AuthChallenge(Event):
 
     @classmethod
     def from_node(cls, node):
-        return _read(cls(_bytes(node, max_size=1024)))
+        return _read(cls(_bytes(node, max_size=SCRAM_MAX)))
 
     def check(self) -> None:
-        _check_bytes(self, "data", self.data, None, 1024)
+        _check_bytes(self, "data", self.data, None, SCRAM_MAX)
 
 
 @dataclass(frozen=True, slots=True)
@@ -486,10 +490,10 @@ class AuthResponse(Event):
 
     @classmethod
     def from_node(cls, node):
-        return _read(cls(_bytes(node, max_size=1024)))
+        return _read(cls(_bytes(node, max_size=SCRAM_MAX)))
 
     def check(self) -> None:
-        _check_bytes(self, "data", self.data, None, 1024)
+        _check_bytes(self, "data", self.data, None, SCRAM_MAX)
 
 
 @dataclass(frozen=True, slots=True)
@@ -506,10 +510,10 @@ class AuthSuccess(Event):
 
     @classmethod
     def from_node(cls, node):
-        return _read(cls(_bytes(node, max_size=1024), _uint(node, "t")))
+        return _read(cls(_bytes(node, max_size=SCRAM_MAX), _uint(node, "t")))
 
     def check(self) -> None:
-        _check_bytes(self, "data", self.data, None, 1024)
+        _check_bytes(self, "data", self.data, None, SCRAM_MAX)
         _check_uint(self, "t", self.t)
 
 

@@ -180,6 +180,10 @@ cdef class Codec:
     cdef Py_ssize_t _cap, _len
     cdef unsigned char _seq_key[8]          # the "seq" attribute name, encoded (<= 5 bytes)
     cdef Py_ssize_t _seq_len
+    # the constant strings of a queue entry's head (entry.pxi, _ENTRY_NAMES), encoded
+    # once: a tag or attribute name as its token (or its plain form, <= 15 bytes; else -1)
+    cdef unsigned char _ek[_ENTRY_NAME_COUNT][16]
+    cdef Py_ssize_t _ekl[_ENTRY_NAME_COUNT]
     cdef bint _busy                         # _buf is in use (an encode is running)
 
     def __cinit__(self, dictionary=LATEST, limits=DEFAULT_LIMITS):
@@ -190,6 +194,7 @@ cdef class Codec:
         self._len = 0
 
     def __init__(self, dictionary=LATEST, limits=DEFAULT_LIMITS):
+        cdef int k
         self.dictionary = dictionary
         self.limits = limits
         self._single = dictionary.single
@@ -213,6 +218,15 @@ cdef class Codec:
         _enc_string(self, "seq", "attribute name")
         self._seq_len = self._len
         memcpy(self._seq_key, self._buf, self._len)
+        for k in range(_ENTRY_NAME_COUNT):
+            self._len = 0
+            _enc_string(self, _ENTRY_NAMES[k], "attribute name")
+            if self._len <= 15:
+                memcpy(self._ek[k], self._buf, self._len)
+                self._ekl[k] = self._len
+            else:
+                self._ekl[k] = -1
+        self._len = 0
 
     def __dealloc__(self):
         PyMem_Free(self._buf)

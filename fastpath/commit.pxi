@@ -9,6 +9,53 @@
 cdef int _PLAIN_FAN = 1
 cdef int _PLAIN_SYNC = 2
 
+# ``entry_fn`` is in practice a Codec's own ``queue_entry`` (Queues._entry): then the
+# entry is made by a C call, not a Python call of the bound method (the last one
+# seen is remembered: Queues passes the same bound method every time)
+cdef object _entry_fn_seen = None
+cdef Codec _entry_codec_seen = None
+
+
+cdef Codec _entry_codec(object entry_fn):
+    """The Codec whose ``queue_entry`` ``entry_fn`` is, or None (a stand-in: called)."""
+    global _entry_fn_seen, _entry_codec_seen
+    cdef object owner
+    if entry_fn is _entry_fn_seen:
+        return _entry_codec_seen
+    owner = getattr(entry_fn, "__self__", None)
+    if type(owner) is Codec and getattr(entry_fn, "__func__", None) is Codec.queue_entry:
+        _entry_codec_seen = <Codec>owner
+    else:
+        _entry_codec_seen = None
+    _entry_fn_seen = entry_fn
+    return _entry_codec_seen
+
+
+cdef extern from "Python.h":
+    long long PyLong_AsLongLong(object) except? -1
+
+
+cdef inline long long _seq_of(object upto):
+    """An ack's sequence as a C integer, or -1 (not an int in 0..2**63-1: the caller
+    takes the Python route, which raises what it always did)."""
+    if type(upto) is not int:
+        return -1
+    try:
+        return PyLong_AsLongLong(upto)
+    except OverflowError:
+        return -1
+
+
+cdef inline object _make_entry(Codec codec, object entry_fn, int kind, unsigned long long t,
+                               int flags, str origin, str mid, str typ, object body, object to):
+    if codec is None:
+        return entry_fn(kind, t, flags, origin, mid, typ, body, to)
+    _claim(codec)
+    try:
+        return _queue_entry(codec, kind, t, flags, origin, mid, typ, body, to)
+    finally:
+        codec._busy = False
+
 
 cdef object _plain_one(object s, object get, object put, object cur, object prev, object fan_db,
                      dict devkeys, dict blockers, dict qstate, dict states, object load,
@@ -40,9 +87,9 @@ cdef object _plain_one(object s, object get, object put, object cur, object prev
     digest = s.digest
     if not PyBytes_CheckExact(digest):
         return missing
-    got = get(dkey, db=cur)
+    got = get(dkey, None, cur)  # (positional: no keyword dict per call)
     if not got:
-        got = get(dkey, db=prev)
+        got = get(dkey, None, prev)
     if got is not None:  # a retry or a reused id
         return got
     raw = PyDict_GetItem(devkeys, to)
@@ -73,8 +120,9 @@ cdef object _plain_one(object s, object get, object put, object cur, object prev
         return got
     mid = s.id
     if nsync:
-        sync_entry = entry_fn(0, t, _PLAIN_SYNC, me, mid, typ, s.body, to)
-    skip = me.encode()
+        sync_entry = _make_entry(_entry_codec(entry_fn), entry_fn, 0, t, _PLAIN_SYNC, me, mid, typ,
+                                 s.body, to)
+        skip = me.encode()  # (the sending device gets no sync copy)
     if copies_room(rk, entry, None, states, load, max_count, max_bytes, s_count, s_bytes,
                    len(rk)) is not None:
         return got
@@ -135,6 +183,7 @@ cpdef delivered(list values, object w, str user, object t, object fallback, obje
     cdef const unsigned char* vp
     cdef PyObject* raw
     cdef object value, origin, mid, keys
+    cdef Codec codec = _entry_codec(entry_fn)
     for value in values:
         if not PyBytes_CheckExact(value):
             fallback(w, value, user, t)
@@ -159,8 +208,9 @@ cpdef delivered(list values, object w, str user, object t, object fallback, obje
         keys = devkeys_of(origin) if raw == NULL else <object>raw
         if not keys or not keys[0]:
             continue  # the sender's account is gone
-        copies(keys[0], keys[1], entry_fn(1, t, 0, user, mid, "delivered"), None, states, load,
-               items, pushes, sessions, missing, worker_of)
+        copies(keys[0], keys[1],
+               _make_entry(codec, entry_fn, 1, t, 0, user, mid, "delivered", None, None), None,
+               states, load, items, pushes, sessions, missing, worker_of)
         done += 1
     return done
 
@@ -172,9 +222,10 @@ def acks(dict acks, object w, object t, Py_ssize_t limit, bint receipts, object 
     """pigeon.core._pycodec.acks, compiled."""
     cdef list unfinished = []
     cdef list items, listed
-    cdef object device, upto, user, dk, prefix, st, walked
+    cdef object device, upto, user, dk, prefix, end, st, walked
     cdef PyObject* raw
-    cdef Py_ssize_t deleted, i, n
+    cdef Py_ssize_t deleted, i, n, klen
+    cdef long long seq
     cdef unsigned long long nxt, ucount, usize, nbytes
     cdef long long count, size
     cdef const unsigned char* rp
@@ -191,8 +242,21 @@ def acks(dict acks, object w, object t, Py_ssize_t limit, bint receipts, object 
                 cursor.putmulti(items)
             w.items = []
         dk = device.encode()
-        prefix = dk + b"\x00"
-        walked = ack_walk(cursor, prefix, prefix + upto.to_bytes(8, "big"), limit, receipts)
+        seq = _seq_of(upto)
+        if seq >= 0 and PyBytes_CheckExact(dk):
+            # (dk NUL and dk NUL seq, made here; else as they always were, with their errors)
+            klen = PyBytes_GET_SIZE(dk)
+            prefix = PyBytes_FromStringAndSize(PyBytes_AS_STRING(dk), klen + 1)
+            wp = <unsigned char*>PyBytes_AS_STRING(prefix)
+            wp[klen] = 0
+            end = PyBytes_FromStringAndSize(NULL, klen + 9)
+            wp = <unsigned char*>PyBytes_AS_STRING(end)
+            memcpy(wp, PyBytes_AS_STRING(prefix), klen + 1)
+            _put_be64(wp + klen + 1, <unsigned long long>seq)
+        else:
+            prefix = dk + b"\x00"
+            end = prefix + upto.to_bytes(8, "big")
+        walked = ack_walk(cursor, prefix, end, limit, receipts)
         deleted = walked[0]
         done = walked[3]
         if not done:

@@ -13,6 +13,30 @@ cdef enum:
     ENTRY_GRECEIPT_KIND = 8      # group receipts for one message: content as is
     ENTRY_FIXED = 10             # kind, t, flags
 
+# The constant strings of an entry's head, encoded once per Codec (Codec._ek):
+# the same bytes _enc_string writes for them, without its dictionary look-up
+cdef enum:
+    EK_MESSAGE = 0
+    EK_RECEIPT = 1
+    EK_DEVICES = 2
+    EK_KEYS = 3
+    EK_FROM = 4
+    EK_PARTICIPANT = 5
+    EK_TO = 6
+    EK_ID = 7
+    EK_TYPE = 8
+    EK_T = 9
+    _ENTRY_NAME_COUNT = 10
+
+cdef tuple _ENTRY_NAMES = ("message", "receipt", "devices", "keys", "from", "participant",
+                           "to", "id", "type", "t")
+
+
+cdef inline int _put_name(Codec c, int k) except -1:
+    if c._ekl[k] < 0:
+        return _enc_string(c, _ENTRY_NAMES[k], "attribute name")
+    return _put_mem(c, c._ek[k], c._ekl[k])
+
 
 cdef inline Py_ssize_t _digits(unsigned long long v, char* out):
     """Decimal digits of v into out (at least 21 bytes); returns how many."""
@@ -70,28 +94,28 @@ cdef bytes _queue_entry(Codec c, int kind, unsigned long long t, int flags, str 
         count += 2
     c._len = 0
     _list_header(c, count)
-    _enc_string(c, "message" if message else
-                ("receipt" if kind == ENTRY_RECEIPT_KIND else
-                 ("devices" if kind == ENTRY_DEVICES_KIND else "keys")), "tag")
-    _enc_string(c, "from", "attribute name")
+    _put_name(c, EK_MESSAGE if message else
+              (EK_RECEIPT if kind == ENTRY_RECEIPT_KIND else
+               (EK_DEVICES if kind == ENTRY_DEVICES_KIND else EK_KEYS)))
+    _put_name(c, EK_FROM)
     if gmessage:
         _enc_string(c, <str?>to, "attribute value")
-        _enc_string(c, "participant", "attribute name")
+        _put_name(c, EK_PARTICIPANT)
         _enc_string(c, origin, "attribute value")
     else:
         _enc_string(c, origin, "attribute value")
         if to is not None:
-            _enc_string(c, "to", "attribute name")
+            _put_name(c, EK_TO)
             _enc_string(c, <str?>to, "attribute value")
     if not notice:
-        _enc_string(c, "id", "attribute name")
+        _put_name(c, EK_ID)
         _enc_string(c, mid, "attribute value")
-        _enc_string(c, "type", "attribute name")
+        _put_name(c, EK_TYPE)
         _enc_string(c, typ, "attribute value")
     elif kind == ENTRY_KEYS_KIND:
-        _enc_string(c, "type", "attribute name")
+        _put_name(c, EK_TYPE)
         _enc_string(c, typ, "attribute value")
-    _enc_string(c, "t", "attribute name")
+    _put_name(c, EK_T)
     n = _digits(t, digits)
     _put(c, PACKED)
     _pack(c, <const unsigned char*>digits, n)

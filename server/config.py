@@ -545,7 +545,8 @@ OPTIONS: list[Option] = [
         _non_negative_int,
         "entries a device's queue may hold before senders its user does not know (not in "
         "their contacts, not written to lately) get error 402 (a group message: that member "
-        "in the ack's failed; a group add: that user in the answer's failed); "
+        "in the ack's failed; a group add: that user in the answer's failed; a group "
+        "notice by such a user: not queued for it, unless it is about its user); "
         "0 = queue-max-count",
     ),
     Option(
@@ -925,6 +926,16 @@ OPTIONS: list[Option] = [
         "admin; then it is dropped (worker 0, every purge-interval) and the user may ask again",
     ),
     Option(
+        "stranger_groups",
+        64,
+        _non_negative_int,
+        "groups one user may be in that someone they do not know (not in their contacts, "
+        "not written to lately) added them to and that they have not written to since: "
+        "past it such an add fails for that user with error 438 (an invite still works; "
+        "a group they write to, or whose adder becomes their contact, stops counting). "
+        "0 = no limit",
+    ),
+    Option(
         "group_member_changes",
         200,
         _non_negative_int,
@@ -1267,6 +1278,7 @@ GROUPS: list[Group] = [
             "group_subject_max",
             "group_description_max",
             "group_request_expiry",
+            "stranger_groups",
             "group_member_changes",
             "group_member_changes_window",
         ),

@@ -30,12 +30,17 @@ Tables:
 
     groups    "N" -> {s: subject, d: description, c: creator, t: created,
                       an: announce (0/1), ap: approval (0/1), inv: invite code or None,
-                      m: [[user, admin (0/1), joined], ...] (join order),
+                      m: [[user, admin (0/1), joined(, adder)], ...] (join order; the
+                         adder: a user the member did not know who added them, until
+                         the member writes to the group or the adder becomes known),
                       rq: [[user, asked], ...] (join requests)}
-    ugroups   user NUL "N" -> b""
-    ugcount   user -> u32: how many ``ugroups`` pairs the user has (user-groups-max);
-              a user without one (none yet, or a store from before it) is counted
-              once from ``ugroups`` and the count kept from then on
+    ugroups   user NUL "N" -> b"", or the adder's number for a stranger's add (as in m)
+    ugcount   user -> u32 (u32): how many ``ugroups`` pairs the user has
+              (user-groups-max), then how many of them are a stranger's adds
+              (stranger-groups; a 4-byte record: none); a user without one (none
+              yet, or a store from before it) is counted once from ``ugroups`` and
+              the count kept from then on.  A store from before the adds were
+              marked has none marked: its memberships count as the user's own
     invites   code -> "N"
     grq       asked (u64 ms) "N" NUL user -> b"": the join requests by age, for their expiry
               (``expire_requests``: worker 0 drops those past group-request-expiry); a key
@@ -43,7 +48,9 @@ Tables:
     gbody     the group message and notice bodies (server/queues.py)
     meta      b"gid": the last group number given (never reused); b"gver": the
               count of group changes (the caches); b"gmsg": the last body number;
-              b"gnotice": the last notice body number (server/queues.py)
+              b"gnotice": the last notice body number (server/queues.py);
+              b"grqidx": the join requests of a store from before grq are indexed
+              (``index_requests``, at open)
 """
 
 from __future__ import annotations
@@ -80,6 +87,15 @@ NOTICE_OPS = frozenset({"create", "add", "remove", "promote", "demote", "leave",
 #: notices in that member's queue in 20 s, past queue-max-count: the member's
 #: contacts then got 402.
 SHARE_OPS = frozenset({"subject", "description", "settings", "promote", "demote"})
+#: The membership changes are held to the same rule, but for the users the change is
+#: about (``_notice``'s ``keep``: those added, removed, or every member of a new group),
+#: whose adds were each checked against their queue (``_may_add``) or who asked: a
+#: stranger who created a group with a member and added and removed a puppet account
+#: in a loop (and in many groups) queued a notice in that member's queue at each step,
+#: past queue-max-count.  A member who missed one is not left with wrong end-to-end
+#: keys: the SDK asks ``info`` again after a login (client/groups.py), a member added
+#: asks for a key it lacks, and a message names only current member devices (408).
+MEMBER_OPS = frozenset({"create", "add", "remove", "leave", "join"})
 
 
 def _pack(obj) -> bytes:
@@ -106,6 +122,9 @@ class GroupLimits:
     subject_max: int = 100  # characters of a subject (the protocol's own ceiling: 100)
     description_max: int = 512  # bytes of a description (UTF-8; the protocol's: 512)
     request_expiry_ms: int = 7 * 86_400_000  # a join request is dropped after it
+    # groups a user is in that a stranger added them to and they have not written to
+    # (error 438 for the user past it; 0: no limit)
+    stranger_groups: int = 64
     member_changes: int = 200  # add/remove/promote/demote requests per admin per group (0: off)
     member_changes_window_ms: int = 3_600_000
 
@@ -142,6 +161,46 @@ def notice_entry(enc, group: str, op: str, by: str, t: int, members=(), attrs=()
     return bytes(out)
 
 
+def _counts(txn, db, user: str) -> tuple[int, int] | None:
+    """(memberships, a stranger's adds among them) of ``user`` from ``ugcount``, or None."""
+    raw = txn.get(user.encode(), db=db["ugcount"])
+    if raw is None:
+        return None
+    return int.from_bytes(raw[:4], "big"), int.from_bytes(raw[4:8], "big")
+
+
+def _set_counts(txn, db, user: str, n: int, strangers: int) -> None:
+    if n > 0:
+        raw = n.to_bytes(4, "big") + (strangers.to_bytes(4, "big") if strangers else b"")
+        txn.put(user.encode(), raw, db=db["ugcount"])
+    else:
+        txn.delete(user.encode(), db=db["ugcount"])
+
+
+def accept_membership(txn, db, gid: str, user: str) -> bool:
+    """``user`` accepted a group a stranger added it to (wrote to it, or the adder
+    became known): the membership no longer counts in stranger-groups.  The group
+    caches start again (``gver``: they hold the marked members, _Txn.group).  False
+    if it was not marked (done already)."""
+    raw = txn.get(gid.encode(), db=db["groups"])
+    if raw is None:
+        return False
+    rec = _unpack(raw)
+    for m in rec["m"]:
+        if m[0] == user and len(m) > 3:
+            del m[3:]
+            break
+    else:
+        return False
+    txn.put(gid.encode(), _pack(rec), db=db["groups"])
+    bump_group_version(txn, db)
+    txn.put(f"{user}\x00{gid}".encode(), b"", db=db["ugroups"])
+    counts = _counts(txn, db, user)
+    if counts is not None and counts[1]:
+        _set_counts(txn, db, user, counts[0], counts[1] - 1)
+    return True
+
+
 class Groups:
     """The group requests of one worker, over its store and queues."""
 
@@ -151,6 +210,8 @@ class Groups:
         self.db = store._db
         self.limits = limits
         self.cost = 0  # notice bytes x devices queued by the request being handled
+        #: the users ``_may_add`` let in whose adder they do not know -> the adder
+        self._stranger_adds: dict[str, str] = {}
 
     # -- records ---------------------------------------------------------------
 
@@ -168,39 +229,69 @@ class Groups:
         if cached:
             bump_group_version(txn, self.db)
 
-    def groups_count(self, txn, user: str) -> int:
-        """How many groups ``user`` is a member of: its ``ugcount``, or (none kept
-        yet) its pairs in ``ugroups`` counted once."""
-        raw = txn.get(user.encode(), db=self.db["ugcount"])
-        if raw is not None:
-            return int.from_bytes(raw, "big")
+    def counts(self, txn, user: str) -> tuple[int, int]:
+        """(groups ``user`` is a member of, those a stranger's add put it in and it
+        has not accepted): its ``ugcount``, or (none kept yet) its pairs in
+        ``ugroups`` counted once."""
+        got = _counts(txn, self.db, user)
+        if got is not None:
+            return got
         prefix = f"{user}\x00".encode()
-        n = 0
+        n = strangers = 0
         with txn.cursor(db=self.db["ugroups"]) as c:
             if c.set_range(prefix):
-                for key in c.iternext(values=False):
+                for key, value in c:
                     if not key.startswith(prefix):
                         break
                     n += 1
-        return n
+                    strangers += bool(value)
+        return n, strangers
 
-    def _set_count(self, txn, user: str, n: int) -> None:
-        if n > 0:
-            txn.put(user.encode(), n.to_bytes(4, "big"), db=self.db["ugcount"])
-        else:
-            txn.delete(user.encode(), db=self.db["ugcount"])
+    def groups_count(self, txn, user: str) -> int:
+        """How many groups ``user`` is a member of (``counts``)."""
+        return self.counts(txn, user)[0]
 
-    def _pair(self, txn, user: str, gid: str) -> None:
-        """``user`` is now a member of ``gid``: its ``ugroups`` pair, and its count
-        (counted before the pair is written: a missing count is counted from them)."""
-        n = self.groups_count(txn, user)
-        if txn.put(f"{user}\x00{gid}".encode(), b"", db=self.db["ugroups"], overwrite=False):
-            self._set_count(txn, user, n + 1)
+    def _pair(self, txn, user: str, gid: str, adder: str | None = None) -> None:
+        """``user`` is now a member of ``gid`` (``adder``: added by a user it does not
+        know): its ``ugroups`` pair, and its counts (counted before the pair is
+        written: missing counts are counted from them)."""
+        n, strangers = self.counts(txn, user)
+        value = adder.encode() if adder else b""
+        if txn.put(f"{user}\x00{gid}".encode(), value, db=self.db["ugroups"], overwrite=False):
+            _set_counts(txn, self.db, user, n + 1, strangers + bool(adder))
 
     def _unpair(self, txn, user: str, gid: str) -> None:
-        n = self.groups_count(txn, user)
-        if txn.delete(f"{user}\x00{gid}".encode(), db=self.db["ugroups"]):
-            self._set_count(txn, user, n - 1)
+        n, strangers = self.counts(txn, user)
+        key = f"{user}\x00{gid}".encode()
+        value = txn.get(key, db=self.db["ugroups"])
+        if value is not None and txn.delete(key, db=self.db["ugroups"]):
+            _set_counts(txn, self.db, user, n - 1, strangers - bool(value and strangers))
+
+    def _stranger_room(self, txn, user: str, now: int) -> bool:
+        """May a user ``user`` does not know add it to one group more (stranger-groups)?
+        Past it, the marked memberships whose adder ``user`` knows by now (a contact
+        since, a conversation) are accepted first, and counted again."""
+        lim = self.limits.stranger_groups
+        if not lim or self.counts(txn, user)[1] < lim:
+            return True
+        prefix = f"{user}\x00".encode()
+        marked = []
+        with txn.cursor(db=self.db["ugroups"]) as c:
+            if c.set_range(prefix):
+                for key, value in c:
+                    if not key.startswith(prefix):
+                        break
+                    if value:
+                        marked.append((bytes(key[len(prefix) :]).decode(), bytes(value).decode()))
+        left = len(marked)
+        for gid, adder in marked:
+            if self.queues.knows_txn(txn, user, adder, now):
+                accept_membership(txn, self.db, gid, user)
+                left -= 1
+        n, strangers = self.counts(txn, user)
+        if strangers != left:  # (kept exact: the marks are what counts)
+            _set_counts(txn, self.db, user, n, left)
+        return left < lim
 
     def has_room(self, txn, user: str) -> bool:
         """May ``user`` be in one group more (user-groups-max)?"""
@@ -223,16 +314,18 @@ class Groups:
         return out
 
     def _notice(self, txn, now, gid, rec, op, by, members=(), attrs=(), description=None,
-                also=()) -> list:  # fmt: skip
-        """Queue one notice for every member device (and the devices of ``also``)."""
+                keep=()) -> list:  # fmt: skip
+        """Queue one notice for every member device, but (SHARE_OPS, MEMBER_OPS) not
+        for one whose queue is past the strangers' share when its user does not know
+        ``by``; the users of ``keep`` get it whatever their queue holds."""
         users = [m[0] for m in rec["m"]] if rec is not None else []
-        users += [u for u in also if u not in users]
         entry = notice_entry(self.queues.encoder, "g:" + gid, op, by, now, members, attrs,
                              description)  # fmt: skip
         pairs = self._devices(txn, users)
         devices = [d for _, devs in pairs for d in devs]
-        if op in SHARE_OPS:  # not for a queue past the strangers' share (see SHARE_OPS)
-            skip = self.queues.past_strangers_share(txn, pairs, by, len(entry), now)
+        if op in SHARE_OPS or op in MEMBER_OPS:
+            ask = [p for p in pairs if p[0] not in keep] if keep else pairs
+            skip = self.queues.past_strangers_share(txn, ask, by, len(entry), now)
             if skip:
                 devices = [d for d in devices if d not in skip]
         self.cost += notice_store_bytes(entry, devices)
@@ -281,6 +374,13 @@ class Groups:
             return ErrorCode.ADD_REFUSED
         if not self.has_room(txn, user):
             return ErrorCode.TOO_MANY_GROUPS
+        stranger = not self.queues.knows_txn(txn, user, adder, now)
+        if stranger and not self._stranger_room(txn, user, now):
+            # a stranger's adds fill no more than stranger-groups of the user's groups:
+            # else one account added them to groups-per-day groups a day and left, and
+            # in ten days (or with eleven accounts in one) they were in user-groups-max
+            # groups and their friends' adds got 437
+            return ErrorCode.STRANGER_GROUPS
         if self.queues.past_strangers_share(txn, self._devices(txn, [user]), adder, 0, now):
             # the add notice would take the user's queue past what it holds from
             # senders who are not their contacts (stranger-queue-count / -bytes):
@@ -290,6 +390,8 @@ class Groups:
             return ErrorCode.QUEUE_FULL
         if not self.queues.chat_allowed_txn(txn, adder, user, now):
             return ErrorCode.NEW_CHAT_LIMIT
+        if stranger:
+            self._stranger_adds[user] = adder
         return 0
 
     def _check_subject(self, subject: str) -> None:
@@ -341,10 +443,11 @@ class Groups:
                 f"window, this request has {n}",
             )
 
-    def _join(self, txn, gid: str, rec: dict, user: str, now: int) -> None:
-        rec["m"].append([user, 0, now])
+    def _join(self, txn, gid: str, rec: dict, user: str, now: int, adder=None) -> None:
+        """``user`` joins; ``adder``: a user it does not know added it (stranger-groups)."""
+        rec["m"].append([user, 0, now, adder] if adder else [user, 0, now])
         rec["rq"] = [r for r in rec["rq"] if r[0] != user]
-        self._pair(txn, user, gid)
+        self._pair(txn, user, gid, adder)
 
     def _drop(self, txn, gid: str, rec: dict, users, now: int, by: str) -> list:
         """Take ``users`` out (they are members); the last-admin rule; the group goes
@@ -374,6 +477,7 @@ class Groups:
         the pushes of the notices it queued).  Raises ServiceError (nothing written)."""
         op = req.op
         gid = None if req.group is None else req.group[2:]
+        self._stranger_adds.clear()
         fn = getattr(self, "_op_" + op)
         if op not in NOTICE_OPS:
             return fn(txn, now, user, req, gid)
@@ -429,10 +533,10 @@ class Groups:
             if code:
                 failed.append((u, code))
             else:
-                self._join(txn, gid, rec, u, now)
+                self._join(txn, gid, rec, u, now, self._stranger_adds.pop(u, None))
         self._save(txn, gid, rec)
         pushes = self._notice(txn, now, gid, rec, "create", user, (),
-                              (("subject", req.subject),))  # fmt: skip
+                              (("subject", req.subject),), keep=[m[0] for m in rec["m"]])  # fmt: skip
         return self._answer(req, gid, (("subject", req.subject), ("t", now)),
                             failed=tuple(failed)), pushes  # fmt: skip
 
@@ -440,7 +544,7 @@ class Groups:
         rec = self._need(txn, gid, user)
         attrs = (("subject", rec["s"]), ("creator", rec["c"]), ("t", rec["t"]),
                  ("announce", rec["an"]), ("approval", rec["ap"]))  # fmt: skip
-        members = tuple(GroupMember(u, "admin" if a else "member", t) for u, a, t in rec["m"])
+        members = tuple(GroupMember(m[0], "admin" if m[1] else "member", m[2]) for m in rec["m"])
         return self._answer(req, gid, attrs, members=members, description=rec["d"] or None), []
 
     def _op_list(self, txn, now, user, req, gid):
@@ -487,12 +591,12 @@ class Groups:
             elif len(rec["m"]) >= self.limits.max_members:
                 failed.append((u, ErrorCode.GROUP_FULL))
             elif self._member(rec, u) is None:
-                self._join(txn, gid, rec, u, now)
+                self._join(txn, gid, rec, u, now, self._stranger_adds.pop(u, None))
                 added.append(u)
         pushes = []
         if added:
             self._save(txn, gid, rec)
-            pushes = self._notice(txn, now, gid, rec, "add", user, added)
+            pushes = self._notice(txn, now, gid, rec, "add", user, added, keep=added)
         return self._answer(req, gid, failed=tuple(failed)), pushes
 
     def _op_remove(self, txn, now, user, req, gid):
@@ -508,7 +612,7 @@ class Groups:
         pushes = []
         if gone:
             # told first, while they are members: the removed users' devices get it too
-            pushes = self._notice(txn, now, gid, rec, "remove", user, gone)
+            pushes = self._notice(txn, now, gid, rec, "remove", user, gone, keep=gone)
             pushes += self._drop(txn, gid, rec, gone, now, user)
         return self._answer(req, gid, failed=tuple(failed)), pushes
 
@@ -671,6 +775,27 @@ class Groups:
 
 def _request_key(asked: int, gid: str, user: str) -> bytes:
     return _T.pack(asked) + f"{gid}\x00{user}".encode()
+
+
+#: meta: set once every join request in ``groups`` has its key in ``grq``
+REQUESTS_INDEXED = b"grqidx"
+
+
+def index_requests(txn, db: dict) -> int:
+    """At open (server/store.py), once per store: a key in ``grq`` for every join
+    request of a store from before ``grq`` (which had none: its requests never
+    expired, unless a newer request in the same group did); returns how many."""
+    meta = db["meta"]
+    if txn.get(REQUESTS_INDEXED, db=meta) is not None:
+        return 0
+    n = 0
+    grq = db["grq"]
+    with txn.cursor(db=db["groups"]) as c:
+        for key, raw in c:
+            for user, asked in _unpack(raw).get("rq") or ():
+                n += txn.put(_request_key(asked, bytes(key).decode(), user), b"", db=grq)
+    txn.put(REQUESTS_INDEXED, b"1", db=meta)
+    return n
 
 
 def expire_requests(groups: Groups, now: int, batch: int = 1000) -> int:

@@ -26,6 +26,7 @@ from scramp import ScramException
 from pigeon.core import codec as core_codec
 from pigeon.core.errors import ErrorCode, is_fatal
 from pigeon.core.events import (
+    SCRAM_MAX,
     AuthChallenge,
     AuthResponse,
     AuthStart,
@@ -490,6 +491,19 @@ def leave(s, request_id: str, what: str) -> None:
     """Logout (this device goes) or account deletion (every device goes)."""
     w = s.worker
     device, user = s.device, s.user
+    if what == "delete":
+        # Only the primary deletes the account (as WhatsApp's phone alone can): a
+        # companion (a laptop left logged in, a lost tablet) could otherwise wipe
+        # the account, every device's queue with it.  A companion may log out.
+        try:
+            with w.store.read() as txn:
+                acct = w.store._get(txn, "accounts", user)
+        except lmdb.Error as exc:
+            return s.store_failed(exc, request_id)
+        if linking.primary_of(acct) != int(device.rpartition(":")[2]):
+            return s.send(Error(ErrorCode.NOT_PRIMARY,
+                                "only the primary device may delete the account; a linked "
+                                "device may log out (unlink itself)", request_id))  # fmt: skip
     w.detach(s)
     if s.holders:  # the workers holding pushes for it are told while it has a name
         s.release()
@@ -565,6 +579,12 @@ def auth_start(s, ev: AuthStart) -> None:
     except ScramException:
         s.scram = None
         return s.fail(ErrorCode.NOT_AUTHORIZED, "login failed: bad SCRAM message")
+    if len(first) > SCRAM_MAX:  # (a client nonce near auth's 1,024 bytes: the
+        # challenge echoing it could not be sent, and the login hung to login-timeout)
+        s.scram = None
+        return s.fail(ErrorCode.NOT_AUTHORIZED,
+                      f"login failed: the client nonce is too long (the challenge that "
+                      f"repeats it must fit {SCRAM_MAX} bytes; 512 characters always do)")  # fmt: skip
     s.login_user = user
     s.send(AuthChallenge(first.encode()))
 

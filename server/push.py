@@ -394,6 +394,12 @@ class APNsGateway(Gateway):
         raise _status_outcome(resp.status_code, reason and reason.lower())
 
 
+#: A host name as a resolver reads it: labels of [a-z0-9-], 1-63 long, not
+#: starting or ending with '-' (an IPv4 literal matches too); no IPv6 literals.
+_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+_HOST = re.compile(rf"(?:{_LABEL}\.)*{_LABEL}\.?")
+
+
 class WebPushGateway(Gateway):
     """Web Push (RFC 8030) with VAPID (RFC 8292, py-vapid): a POST with no payload
     (so no RFC 8291 encryption is needed) to the subscription's endpoint; the
@@ -417,6 +423,9 @@ class WebPushGateway(Gateway):
                          "exp": int(time.time()) + 60})  # fmt: skip
 
     def check_token(self, token: bytes) -> str | None:
+        why = super().check_token(token)  # printable ASCII: no NUL, no control characters
+        if why is not None:
+            return why
         try:
             u = urlsplit(token.decode("ascii"))
             host = (u.hostname or "").lower()
@@ -425,6 +434,12 @@ class WebPushGateway(Gateway):
             return "a Web Push endpoint is an https URL"
         if u.scheme != "https" or not host or u.username or u.password:
             return "a Web Push endpoint is an https URL"
+        # A host is compared as the resolver will read it: DNS labels of letters, digits
+        # and hyphens only (or an IP literal's digits and dots).  ``127.0.0.1\x00.push.
+        # apple.com`` or ``%00`` ended with an allowed suffix while getaddrinfo
+        # stopped at the NUL and connected to 127.0.0.1 (probe, 2026-12-04).
+        if not _HOST.fullmatch(host):
+            return "a Web Push endpoint's host is a DNS name (letters, digits, '-', '.')"
         for h in self.hosts:
             name, _, want_port = h.partition(":")
             # a host without a port: 443 only (any port let a client aim the

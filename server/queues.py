@@ -127,6 +127,7 @@ import struct
 from dataclasses import dataclass
 from functools import partial
 from hashlib import blake2b as _blake2b
+from operator import itemgetter
 from time import perf_counter
 
 import msgpack
@@ -150,6 +151,7 @@ GROUP_NOTICE, GMESSAGE, GREF, GPAYLOAD, GRECEIPT = 4, 5, 6, 7, 8
 FAN, SYNC = 1, 2  # entry flag bits (Codec.queue_entry)
 _CLASS_KIND = {"message": MESSAGE, "receipt": RECEIPT}
 _DEDUP_META = b"dedup"
+_KEY = itemgetter(0)  # an item's key (flush_state's sort)
 _CONV_META = b"conv"
 _STORE_FULL = (ErrorCode.STORE_FULL, "the server cannot store this now; retry later")
 
@@ -482,7 +484,9 @@ class _Txn:
         self.gmsg = None  # the last group body number (read when a group message needs it)
 
     def group(self, gid: str):
-        """(members in join order, member set, admin set, announce) of group ``gid``, or None."""
+        """(members in join order, member set, admin set, announce, the members a
+        stranger's add put in it who have not written to it: server/groups.py) of
+        group ``gid``, or None."""
         q = self.q
         if not self.gchecked:
             self.gchecked = True
@@ -501,7 +505,7 @@ class _Txn:
                 rec = _unpackb(raw)
                 users = tuple(m[0] for m in rec["m"])
                 g = (users, frozenset(users), frozenset(m[0] for m in rec["m"] if m[1]),
-                     bool(rec["an"]))  # fmt: skip
+                     bool(rec["an"]), frozenset(m[0] for m in rec["m"] if len(m) > 3))  # fmt: skip
             cache[gid] = g
             return g
 
@@ -619,7 +623,9 @@ class _Txn:
                     put(dk, raw, db=db)
             else:
                 with self.txn.cursor(db=db) as c:
-                    c.putmulti(sorted(gstate.items()))
+                    # (by key alone: the keys are distinct, so the same order as the
+                    # items', at less than half the cost of comparing tuples)
+                    c.putmulti(sorted(gstate.items(), key=_KEY))
 
 
 class Queues:
@@ -833,6 +839,10 @@ class Queues:
             return True
         return self._chat_allowed(_Txn(self, txn), sender, to, now)
 
+    def knows_txn(self, txn, user: str, other: str, now: int) -> bool:
+        """Does ``user`` know ``other`` (``_known_to``), inside ``txn``?"""
+        return self._known_to(_Txn(self, txn), other, user, now)
+
     def _new_chat_limit(self) -> tuple:
         lim = self.limits
         return (
@@ -869,6 +879,14 @@ class Queues:
             if txn.get(key, db=cur) is not None or txn.get(key, db=prev) is not None:
                 return True
         return False
+
+    def next_seq(self, device: str) -> int:
+        """The seq the device's next queue entry will get (committed state, a read
+        transaction): every seq ever delivered to it is below.  For the rare path only
+        (Session.device_ack: an ack past what this connection pushed)."""
+        with self.env.begin() as txn:
+            raw = txn.get(device.encode(), db=self.db["qstate"])
+        return 1 if raw is None else _QSTATE.unpack(raw)[0]
 
     def stored_retry(self, device: str, cls: str, mid: str, to: str, typ: str, body,
                      payloads=None, participant: str | None = None) -> bool:  # fmt: skip
@@ -1231,6 +1249,10 @@ class Queues:
                            "member device (or is the sending one)", (), extra)  # fmt: skip
                 return
         txn = w.txn
+        if g[4] and sender in g[4]:  # a stranger added the sender: writing accepts the group
+            from .groups import accept_membership
+
+            accept_membership(txn, self.db, s.to[2:], sender)
         if w.gmsg is None:
             raw = txn.get(b"gmsg", db=self.db["meta"])
             w.gmsg = 0 if raw is None else _T.unpack(raw)[0]

@@ -449,9 +449,21 @@ class Session(asyncio.Protocol):
         self.worker.stats.counters["device_acks"] += 1
         if seq <= self.acked:
             return
-        self.acked = seq
         if seq > self.pushed:
-            self.pushed = seq  # acked from an earlier connection: nothing to push below it
+            # Acked from an earlier connection: nothing to push below it.  Or never
+            # delivered at all: an ack past the queue's end made this connection skip
+            # every entry below it (pushed) and deleted those not yet delivered.
+            try:
+                end = self.worker.queues.next_seq(self.device)
+            except lmdb.Error:
+                end = seq + 1  # (as before: the ack is taken)
+            if seq >= end:
+                self.send(Error(ErrorCode.BAD_REQUEST,
+                                f"ack seq={seq}: no entry of this device's queue has that seq "
+                                f"(the last one given is {end - 1}); nothing acknowledged"))  # fmt: skip
+                return
+            self.pushed = seq
+        self.acked = seq
         self.worker.ack(self.device, seq)
         if self.backlog:
             self.refill()

@@ -62,7 +62,10 @@ store whose entries it would misread (it would answer a sync copy's ack
 with a delivered receipt, and fail on a notice).  An older
 store is upgraded in place at open, in the open's write transaction (new
 tables start empty; queued entries are rewritten); a store newer than this
-code is refused.
+code is refused.  Changes within a format are upgraded at open too, each
+once: the join requests of a store from before the ``grq`` index get their
+keys there (server/groups.py, ``index_requests``; meta ``grqidx`` says it
+is done), else they never expired.
 
 Writemap (``writemap``, the ``store-writemap`` setting, off by default).
 With MDB_WRITEMAP LMDB writes pages in place in its shared map instead of
@@ -105,7 +108,7 @@ import time
 import lmdb
 import msgpack
 
-from .groups import GROUP_TABLES
+from .groups import GROUP_TABLES, index_requests
 from .keydir import KEY_TABLES, drop_device_keys
 from .push import PUSH_TABLES, drop_device_push
 from .queues import QUEUE_TABLES, FrameEncoder, drop_device_queue, upgrade_entries, upgrade_refs
@@ -287,6 +290,7 @@ class Store:
                 )
             if txn.get(b"secret", db=self._db["meta"]) is None:
                 txn.put(b"secret", os.urandom(32), db=self._db["meta"])
+            index_requests(txn, self._db)  # (once: join requests from before grq)
         self.reserve = reserve
         self._main = self.env.open_db(None)
         self._psize = self.env.stat()["psize"]

@@ -815,6 +815,7 @@ class Worker:
                                          subject_max=c.group_subject_max,
                                          description_max=c.group_description_max,
                                          request_expiry_ms=int(c.group_request_expiry * 1000),
+                                         stranger_groups=c.stranger_groups,
                                          member_changes=c.group_member_changes,
                                          member_changes_window_ms=int(
                                              c.group_member_changes_window * 1000)))  # fmt: skip

@@ -516,3 +516,88 @@ def test_key_fetches_shrink_to_a_lower_keys_query_max(tmp_path):
         run(main())
     finally:
         assert s.stop() == 0, s.log_text()[-3000:]
+
+
+# -- a member past the strangers' share misses a stranger's membership notices ----------
+
+
+def queued(srv, device) -> int:
+    store = Store(str(srv.data_dir / "store"), map_size=256 << 20, create=False)
+    try:
+        with store.read() as txn:
+            raw = txn.get(device.encode(), db=store._db["qstate"])
+    finally:
+        store.close()
+    return 0 if raw is None else int.from_bytes(raw[8:16], "big")
+
+
+def test_a_member_who_missed_a_strangers_membership_notices_recovers_on_its_next_send(tmp_path):
+    """Bob's queue holds the strangers' share (3: alice's unread messages), so alice's
+    add of dave and removal of carol are not queued for him (a stranger's add/remove
+    loop filled a member's queue with them).  His SDK still has the old member list;
+    dave's first message to the group tells it that list is old, and bob's next
+    message starts a new Megolm session (carol had the old one) that dave can read."""
+    srv = Server(tmp_path / "data", workers=2, register_per_ip=1000, message_rate=0,
+                 new_chats=0, stranger_queue_count=3)  # fmt: skip
+    srv.start()
+    try:
+
+        async def main():
+            relay = await Relay(srv.port).start()
+            pa, pb, pc, pd = next(PHONES), next(PHONES), next(PHONES), next(PHONES)
+            a = await register(srv, relay, pa, tmp_path / "a.json")
+            b = await register(srv, relay, pb, tmp_path / "b.json")
+            c = await register(srv, relay, pc, tmp_path / "c.json")
+            d = await register(srv, relay, pd, tmp_path / "d.json")
+            # everyone but bob takes the others' messages past the share (contacts)
+            await a.discover([pb, pc, pd], "full")
+            await d.discover([pa, pb], "full")
+            g = (await a.group_create("team", [pb, pc])).group
+            await b.send(g, b"hello")  # bob's session, shared with alice and carol
+            for cl in (a, c):
+                assert (await message(cl)).body == b"hello"
+            old_sid = b.secure.groups.outbound[g].session.session_id
+            got = set()  # bob reads what is queued so far (the receipts come in their time)
+            while got != {pa, pc}:
+                ev = await b.next_event(15)
+                await b.ack(ev.seq)
+                if isinstance(ev, IncomingReceipt) and ev.type == "delivered":
+                    got.update(ev.members)
+            await until(lambda: queued(srv, b.creds.device) == 0)
+            with pytest.raises(ServerError) as e:  # bob reads nothing now: his queue fills
+                for _ in range(4):
+                    await a.send(pb, b"unread")
+            assert e.value.code == ErrorCode.QUEUE_FULL
+            held = queued(srv, b.creds.device)
+            assert held >= 3
+            await a.group_add(g, [pd])
+            await a.group_remove(g, [pc])
+            assert (await notice(c, "remove")).members == (pc,)  # carol's own
+            assert queued(srv, b.creds.device) == held  # none for bob (2 more before)
+            ops = []
+            for _ in range(held):
+                ev = await b.next_event(15)
+                await b.ack(ev.seq)
+                if isinstance(ev, GroupNotice):
+                    ops.append(ev.op)
+            assert "add" not in ops and "remove" not in ops
+            await until(lambda: queued(srv, b.creds.device) == 0)
+
+            assert (await notice(d, "add")).members == (pd,)
+            assert (await d.send(g, b"new here")).failed == ()  # shared with alice and bob
+            for cl in (a, b):
+                ev = await message(cl)
+                assert (type(ev), ev.body) == (GroupMessage, b"new here")
+            ack = await b.send(g, b"welcome")
+            assert ack.failed == ()
+            assert b.secure.groups.outbound[g].session.session_id != old_sid  # carol's is gone
+            for cl in (a, d):
+                ev = await message(cl)
+                assert (type(ev), ev.id, ev.body) == (GroupMessage, ack.id, b"welcome")
+            for cl in (a, b, c, d):
+                await cl.close()
+            await relay.close()
+
+        run(main())
+    finally:
+        assert srv.stop() == 0, srv.log_text()[-3000:]

@@ -403,6 +403,69 @@ def test_the_challenge_does_not_tell_which_devices_exist(tmp_path):
         assert srv.stop() == 0
 
 
+def test_a_client_nonce_too_long_for_the_challenge_is_refused_at_once(tmp_path):
+    """A client-first-message fits auth's 1,024 bytes with a nonce of ~950 characters,
+    but the challenge repeating it would not fit its own: the server dropped it and the
+    login hung until login-timeout (today's probe).  Now 300 at once; 512 always fit."""
+    from pigeon.core.events import AuthStart
+
+    srv = start(tmp_path, login_timeout=60)
+    try:
+        creds = run(srv.register(ALICE))
+        for n, refused in ((512, False), (950, True)):
+            raw = Raw(srv.port, timeout=5)  # (well inside login-timeout)
+            t0 = time.monotonic()
+            raw.send(AuthStart(f"n,,n={creds.device},r={'x' * n}".encode()))
+            ev = raw.next_event()
+            raw.close()
+            if refused:
+                assert isinstance(ev, Error) and ev.code == ErrorCode.NOT_AUTHORIZED, ev
+                assert "nonce is too long" in ev.text and time.monotonic() - t0 < 5
+            else:
+                assert not isinstance(ev, Error) and ev.data.startswith(b"r=" + b"x" * n)
+    finally:
+        assert srv.stop() == 0
+
+
+def test_an_ack_past_the_queues_end_is_refused_and_delivery_goes_on(tmp_path):
+    """``<ack seq=10**12/>`` was taken: the connection then skipped every entry below
+    it (a message sent next got seq 1 and was not pushed until a reconnect), and the
+    ack deleted what was queued and not yet delivered (today's probe).  Now 200, and
+    nothing acknowledged; an ack of what was delivered still deletes it."""
+    from pigeon.core.events import DeviceAck, IncomingMessage
+
+    srv = start(tmp_path)
+    try:
+        bob, alice = run(srv.register(BOB)), run(srv.register(ALICE))
+
+        async def send(text: bytes, mid: str) -> None:
+            c = await srv.login(alice)
+            await c.send(BOB, text, id=mid)
+            await c.close()
+
+        run(send(b"queued before", "a-1"))  # waits in bob's queue: seq 1
+        raw = Raw(srv.port)
+        assert scram_exchange(raw, bob.device, bob.secret) is None
+        first = raw.next_event()
+        assert isinstance(first, IncomingMessage) and first.seq == 1
+        for bogus in (10**12, 2**63 - 1, 2):
+            raw.send(DeviceAck(bogus))
+            ev = raw.next_event()
+            assert isinstance(ev, Error) and ev.code == ErrorCode.BAD_REQUEST, ev
+            assert f"seq={bogus}" in ev.text and "nothing acknowledged" in ev.text
+        run(send(b"sent after", "a-2"))
+        ev = raw.next_event()  # pushed live on this connection
+        assert isinstance(ev, IncomingMessage) and (ev.id, ev.seq) == ("a-2", 2), ev
+        raw.send(DeviceAck(2))
+        until_sync = time.monotonic() + 10
+        while queue_count(srv, bob.device) and time.monotonic() < until_sync:
+            time.sleep(0.05)
+        assert queue_count(srv, bob.device) == 0
+        raw.close()
+    finally:
+        assert srv.stop() == 0
+
+
 # -- 6. client junk does not become log lines -------------------------------------------------
 
 
@@ -1552,7 +1615,8 @@ def test_a_strangers_group_changes_fill_only_the_strangers_part_of_a_queue(tmp_p
     in 20 s (past queue-max-count; the member's contacts then got 402).  A change
     that leaves the membership as it was (subject, description, settings,
     promote, demote) is now not queued for a member past the strangers' share
-    who does not know the changer; membership changes still are."""
+    who does not know the changer, nor is a membership change (but for the users
+    it is about: test_hardening_limits)."""
     srv = start(tmp_path, queue_max_count=12, stranger_queue_count=4, message_rate=0)
     FRIEND, DAVE = "4917612340001", "4917612340002"
     try:
@@ -1575,7 +1639,9 @@ def test_a_strangers_group_changes_fill_only_the_strangers_part_of_a_queue(tmp_p
             assert queue_count(srv, vc.device) == 4
             await friend.group_subject(g, "friends")  # bob knows the friend: queued
             assert queue_count(srv, vc.device) == 5
-            await stranger.group_add(g, [DAVE])  # the membership: queued
+            await stranger.group_add(g, [DAVE])  # a membership change: not queued either
+            assert queue_count(srv, vc.device) == 5
+            await friend.group_remove(g, [DAVE])  # but by bob's contact: queued
             assert queue_count(srv, vc.device) == 6
             await friend.send(BOB, b"hello")  # and the contact reaches bob
             info = await stranger.group_info(g)  # what bob reads when back

@@ -425,3 +425,155 @@ def test_a_strangers_add_remove_loop_stops_at_the_strangers_share_of_a_queue(tmp
         run(main())
     finally:
         srv.stop()
+
+
+def qcount(srv: Server, device: str) -> int:
+    """How many entries ``device``'s queue holds (its qstate record)."""
+    store = Store(str(srv.data_dir / "store"), map_size=256 << 20, create=False)
+    try:
+        with store.read() as txn:
+            raw = txn.get(device.encode(), db=store._db["qstate"])
+    finally:
+        store.close()
+    return 0 if raw is None else int.from_bytes(raw[8:16], "big")
+
+
+def test_a_strangers_membership_changes_stop_at_the_strangers_share_of_other_members(tmp_path):
+    """A stranger's group with the victim in it, and a puppet added and removed in a
+    loop: each change queued a notice for the victim (membership notices were held to
+    no share), past queue-max-count, and the victim's contacts then got 402.  Past the
+    strangers' share the victim's devices no longer get the notices of a user they do
+    not know; a contact's changes still reach them, and the puppet (the user the
+    change is about) gets its own."""
+    share = 6
+    srv = start(tmp_path, new_chats=0, queue_max_count=40, stranger_queue_count=share,
+                group_member_changes=0)  # fmt: skip
+    try:
+
+        async def main():
+            vc = await srv.register(BOB)
+            friend = await srv.login(await srv.register(CAROL))
+            victim = await srv.login(vc)
+            await victim.discover([CAROL], "full")  # carol: a contact
+            await victim.close()  # offline from here: nothing is acked
+            spammer = await srv.login(await srv.register(ALICE))
+            pc = await srv.register(DAVE)
+            puppet = await srv.login(pc)
+            await puppet.discover([ALICE], "full")  # the spammer's own: it knows them
+            await puppet.close()
+            g = (await spammer.group("create", subject="spam", members=[BOB])).group
+            for _ in range(30):
+                assert (await spammer.group_add(g, [DAVE])).failed == ()
+                await spammer.group_remove(g, [DAVE])
+            assert qcount(srv, vc.device) <= share + 1  # was 61, past queue-max-count
+            assert qcount(srv, pc.device) == 60  # the puppet's own add and remove notices
+            assert (await friend.send(BOB, b"still reachable")).t  # not 402
+            # a contact's membership changes reach the victim past the share
+            before = qcount(srv, vc.device)
+            other = "4917612340001"
+            await srv.register(other)
+            g2 = (await friend.group("create", subject="friends", members=[BOB])).group
+            assert (await friend.group_add(g2, [other])).failed == ()
+            await friend.group_remove(g2, [other])
+            assert qcount(srv, vc.device) == before + 3
+            for c in (spammer, friend):
+                await c.close()
+
+        run(main())
+    finally:
+        srv.stop()
+
+
+def test_a_strangers_adds_fill_at_most_stranger_groups_of_a_users_groups(tmp_path):
+    """One account could add a user to groups-per-day groups a day and leave them: in
+    ten days (or with eleven accounts in one) the user was in user-groups-max groups
+    and their friends' adds got 437.  A stranger's add counts in stranger-groups until
+    the user writes to the group or knows the adder; joins and contacts' adds never."""
+    srv = start(tmp_path, new_chats=0, stranger_groups=3, group_member_changes=0)
+    try:
+
+        async def main():
+            bob = await srv.login(await srv.register(BOB))
+            alice = await srv.login(await srv.register(ALICE))
+            carol = await srv.login(await srv.register(CAROL))
+            await bob.discover([CAROL], "full")  # carol: bob's contact
+            groups = []
+            for i in range(3):
+                res = await alice.group("create", subject=f"spam {i}", members=[BOB])
+                assert res.failed == ()
+                groups.append(res.group)
+                await alice.group_leave(res.group)  # bob stays in it, an admin now
+            res = await alice.group("create", subject="spam 3", members=[BOB])
+            assert res.failed == ((BOB, ErrorCode.STRANGER_GROUPS),)
+            spare = res.group
+            assert (await alice.group_add(spare, [BOB])).failed == (
+                (BOB, ErrorCode.STRANGER_GROUPS),
+            )
+            # his contact's add, and a join by invite (his own act), are not counted
+            g = (await carol.group("create", subject="friends", members=[BOB])).group
+            assert BOB in (await carol.group_info(g)).users
+            code = await alice.group_invite(spare)
+            await bob.group_join(code)
+            assert BOB in (await alice.group_info(spare)).users
+            await bob.group_leave(spare)
+            # bob writes to one of them: it counts no more, so there is room for one
+            await bob.send(groups[0], b"hello")
+            assert (await alice.group_add(spare, [BOB])).failed == ()
+            await bob.group_leave(spare)  # (a marked membership left: room again)
+            assert (await alice.group_add(spare, [BOB])).failed == ()
+            other = (await alice.group("create", subject="spam 4", members=[BOB])).failed
+            assert other == ((BOB, ErrorCode.STRANGER_GROUPS),)
+            # alice becomes bob's contact: her adds count no more (checked again past it)
+            await bob.discover([ALICE], "full")
+            res = await alice.group("create", subject="spam 5", members=[BOB])
+            assert res.failed == ()
+            for c in (alice, bob, carol):
+                await c.close()
+
+        run(main())
+    finally:
+        assert srv.stop() == 0, srv.log_text()[-3000:]
+
+
+def test_join_requests_of_a_store_from_before_grq_are_indexed_at_open_and_expire(tmp_path):
+    """A store from before the grq index holds join requests with no key in it: they
+    never expired (unless a newer request in the same group did).  The open indexes
+    them, once."""
+    srv = start(tmp_path, group_request_expiry=600, purge_interval=0.2)
+    try:
+
+        async def main():
+            alice, bob = [await srv.login(await srv.register(p)) for p in (ALICE, BOB)]
+            g = (await alice.group("create", subject="club")).group
+            await alice.group_settings(g, approval=True)
+            assert (await bob.group_join(await alice.group_invite(g))).get("requested") == "1"
+            for c in (alice, bob):
+                await c.close()
+            return g
+
+        g = run(main())
+    finally:
+        assert srv.stop() == 0
+    # the store as an older pigeon left it: the request, no index key, no mark
+    store = Store(str(srv.data_dir / "store"), map_size=256 << 20, create=False)
+    try:
+        with store.env.begin(write=True) as txn:
+            txn.drop(store._db["grq"], delete=False)
+            txn.delete(b"grqidx", db=store._db["meta"])
+    finally:
+        store.close()
+    assert table_entries(srv, "grq") == 1  # (this open indexed it)
+    srv.start()
+    try:
+
+        async def later():
+            alice = await srv.login(await srv.register(ALICE))
+            assert await alice.group_requests(g) == (BOB,)
+            srv.advance_clock(601)
+            await until(lambda: table_entries(srv, "grq") == 0, timeout=20)
+            assert await alice.group_requests(g) == ()
+            await alice.close()
+
+        run(later())
+    finally:
+        assert srv.stop() == 0

@@ -579,10 +579,17 @@ def test_a_companions_logout_notifies_the_devices_left_online_or_at_login(srv):
         assert [d.device for d in await alice.devices(phone)] == [creds.device, c1creds.device]
         c1 = await srv.login(c1creds)
         await notices(c1, 1, phone)  # offline: at login
-        # an account deleted from a companion: nobody is left to tell, the others go
-        await c1.delete_account()
-        await until(lambda: alice.closed is not None)
-        assert isinstance(alice.closed, ServerError) and alice.closed.code == ErrorCode.REVOKED
+        # only the primary deletes the account: a companion is refused (311) and
+        # nothing goes (it was taken before, and wiped every device: today's probe)
+        with pytest.raises(ServerError) as e:
+            await c1.delete_account()
+        assert e.value.code == ErrorCode.NOT_PRIMARY
+        assert [d.device for d in await c1.devices(phone)] == [creds.device, c1creds.device]
+        assert alice.closed is None and c1.closed is None
+        # from the primary: nobody is left to tell, the others go
+        await alice.delete_account()
+        await until(lambda: c1.closed is not None)
+        assert isinstance(c1.closed, ServerError) and c1.closed.code == ErrorCode.REVOKED
         for c in (alice, c1, c2):
             await c.close()
 

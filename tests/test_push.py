@@ -493,7 +493,7 @@ def test_web_push_requests_carry_a_valid_vapid_signature(tmp_path, tls):
     os.chmod(vkey, 0o600)
     srv, mport = start(tmp_path, push_vapid_key_file=str(vkey),
                        push_vapid_subject="mailto:ops@example.org",
-                       push_webpush_hosts=f"127.0.0.1:{wp.port},localhost",
+                       push_webpush_hosts=f"127.0.0.1:{wp.port},localhost,.push.example",
                        push_ca_file=cert)  # fmt: skip
     try:
 
@@ -539,10 +539,17 @@ def test_web_push_requests_carry_a_valid_vapid_signature(tmp_path, tls):
                 "https://localhost:7659/metrics",  # an allowed host without a port: 443 only
                 f"http://127.0.0.1:{wp.port}/x",
                 "https://evil.example/x",
+                # a NUL (raw or %-encoded) ended with an allowed suffix, and the
+                # resolver stopped at it: the server connected to 127.0.0.1:443
+                b"https://127.0.0.1\x00.push.example/x",
+                "https://127.0.0.1%00.push.example/x",
+                "https://127.0.0.1\t.push.example/x",
+                "https://a_b.push.example/x",
             ):
                 with pytest.raises(ServerError) as e:
                     await c.set_push("webpush", bad)
                 assert e.value.code == ErrorCode.BAD_REQUEST
+            await c.set_push("webpush", "https://x-1.push.example/sub/ok")  # a name: taken
             await c.close()
             await alice.close()
 

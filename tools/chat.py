@@ -477,6 +477,8 @@ GROUP_ERRORS = {
     ErrorCode.ANNOUNCE_ONLY: "only admins may send to this group (announcements)",
     ErrorCode.TOO_MANY_GROUPS: "in as many groups as the server allows: leave a group first "
     "(/group leave NAME)",
+    ErrorCode.STRANGER_GROUPS: "they do not know you and are in as many groups from strangers "
+    "as the server allows: send them the invite code (/group invite NAME) instead",
     ErrorCode.UNKNOWN_RECIPIENT: "not a pigeon user",
 }
 
