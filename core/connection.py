@@ -15,8 +15,11 @@ closes.
 
 States follow the protocol: HANDSHAKE (a server waiting for the client's
 preamble; a client starts past it), UNAUTHENTICATED (registration allowed, login may start),
-PAIRING (a new companion device that sent ``pair`` waits to be linked: only
-``pair``, ``ping``, ``pong`` and ``error`` go, then ``registered`` and a login), the three SCRAM
+REGISTERING (``register`` or ``verify`` went: more of them, their answers,
+then a login; no ``pair``, so that a registration's ``code`` or ``registered``
+never meets a pairing connection), PAIRING (a new companion device that sent
+``pair`` waits to be linked: only ``pair``, ``ping``, ``pong`` and ``error``
+go, then ``registered`` and a login; no ``register`` or ``verify``), the three SCRAM
 steps, AUTHENTICATED (messaging), and the terminal CLOSED and ERROR.  The
 legal moves are one table, ``TRANSITIONS``, applied alike to what this side
 sends and to what it receives; each event class is sent by one role only.
@@ -148,6 +151,7 @@ class Role(StrEnum):
 class State(Enum):
     HANDSHAKE = "handshake"
     UNAUTHENTICATED = "unauthenticated"
+    REGISTERING = "registering"  # register or verify sent: no pair on this connection
     PAIRING = "pairing"  # a companion waiting to be linked (pair sent)
     AUTH_STARTED = "auth-started"  # client-first sent
     AUTH_CHALLENGED = "auth-challenged"  # server-first sent
@@ -172,18 +176,27 @@ class _NeedData:
 NEED_DATA = _NeedData()
 
 _S = State
-_ANY_LIVE = (_S.UNAUTHENTICATED, _S.PAIRING, _S.AUTH_STARTED, _S.AUTH_CHALLENGED, _S.AUTH_RESPONDED,
-             _S.AUTHENTICATED)  # fmt: skip
+_ANY_LIVE = (_S.UNAUTHENTICATED, _S.REGISTERING, _S.PAIRING, _S.AUTH_STARTED, _S.AUTH_CHALLENGED,
+             _S.AUTH_RESPONDED, _S.AUTHENTICATED)  # fmt: skip
 
 #: (state, event class) -> next state.  Error is handled apart: allowed in
 #: every state but CLOSED, it moves to CLOSED when its code is fatal.
 TRANSITIONS: dict[tuple[State, type[Event]], State] = {
     (_S.HANDSHAKE, Hello): _S.UNAUTHENTICATED,
-    (_S.UNAUTHENTICATED, Register): _S.UNAUTHENTICATED,
-    (_S.UNAUTHENTICATED, CodeSent): _S.UNAUTHENTICATED,
-    (_S.UNAUTHENTICATED, Verify): _S.UNAUTHENTICATED,
-    (_S.UNAUTHENTICATED, Registered): _S.UNAUTHENTICATED,
     (_S.UNAUTHENTICATED, AuthStart): _S.AUTH_STARTED,
+    # a registration: a connection that sent register or verify keeps to it (more of
+    # them, their answers, then login), so a pair cannot mix its answers with theirs
+    (_S.UNAUTHENTICATED, Register): _S.REGISTERING,
+    (_S.UNAUTHENTICATED, Verify): _S.REGISTERING,
+    (_S.REGISTERING, Register): _S.REGISTERING,
+    (_S.REGISTERING, CodeSent): _S.REGISTERING,
+    (_S.REGISTERING, Verify): _S.REGISTERING,
+    (_S.REGISTERING, Registered): _S.REGISTERING,
+    (_S.REGISTERING, AuthStart): _S.AUTH_STARTED,
+    # (a server sends these only in REGISTERING, where its register or verify put it;
+    # a client whose request went out on bytes made elsewhere takes them as that)
+    (_S.UNAUTHENTICATED, CodeSent): _S.REGISTERING,
+    (_S.UNAUTHENTICATED, Registered): _S.REGISTERING,
     # a companion: pair (again after 306), refreshed refs, its device and secret, then login
     (_S.UNAUTHENTICATED, Pair): _S.PAIRING,
     (_S.PAIRING, Pair): _S.PAIRING,

@@ -2,14 +2,18 @@
 
 Registration: ``request_code`` makes a 6-digit code, keeps only a salted
 hash of it (valid ``code-ttl`` seconds, single use, ``code-attempts`` wrong
-tries), and hands it to the SMS gateway.  A new code does not void the
-number's earlier live ones (a stranger asking for codes must not void the
-owner's): each stays valid until its own expiry or its wrong tries.  ``verify`` checks it in constant
+tries in all, ``code-attempts-per-net`` from one network), and hands it to
+the SMS gateway.  A new code does not void the number's earlier live ones (a
+stranger asking for codes must not void the owner's): each stays valid until
+its own expiry or its wrong tries.  ``verify`` checks it in constant
 time and creates the device with a fresh 32-byte secret; a number that had
 an account moves to the new device and its old devices are removed (their
 sessions must then be closed by the caller, as on a phone change).
-Requests are rate-limited per number and per source address over sliding
-windows kept in the store, so the limits hold across workers.
+Requests are rate-limited per source address and network, per number and
+network (``register-per-phone``) and per number (``register-per-phone-total``)
+over sliding windows kept in the store, so the limits hold across workers;
+what a stranger does from his networks does not use up what the owner may
+do from the owner's.
 
 Login: SCRAM-SHA-256 through ``scramp`` (RFC 5802/7677).  The store keeps
 only StoredKey and ServerKey (and the salt and iteration count), never the
@@ -279,17 +283,24 @@ class Accounts:
         store = self.store
         window = c.register_window * 1000
         store.check_room(txn)
-        ip_key, phone_key = f"reg-ip:{source_key(source)}", f"reg-phone:{phone}"
-        net_key_ = f"reg-net:{net_key(source)}"
-        if store.window_full(txn, ip_key, c.register_per_ip, window, now):
-            raise ServiceError(ErrorCode.RATE_LIMITED, "too many registrations from this address")
-        if store.window_full(txn, net_key_, c.register_per_net, window, now):
-            raise ServiceError(ErrorCode.RATE_LIMITED, "too many registrations from this network")
-        if store.window_full(txn, phone_key, c.register_per_phone, window, now):
-            raise ServiceError(ErrorCode.RATE_LIMITED, "too many codes requested for this number")
-        store.hit_txn(txn, ip_key, c.register_per_ip, window, now)
-        store.hit_txn(txn, net_key_, c.register_per_net, window, now)
-        store.hit_txn(txn, phone_key, c.register_per_phone, window, now)
+        net = net_key(source)
+        # per number: from this network (register-per-phone), so that a stranger's
+        # requests do not use up the owner's, and from all (register-per-phone-total),
+        # the bound on the texts one number gets
+        limits = (
+            (f"reg-ip:{source_key(source)}", c.register_per_ip,
+             "too many registrations from this address"),
+            (f"reg-net:{net}", c.register_per_net, "too many registrations from this network"),
+            (f"reg-pnet:{phone} {net}", c.register_per_phone,
+             "too many codes requested for this number from this network"),
+            (f"reg-phone:{phone}", c.register_per_phone_total,
+             "too many codes requested for this number; try again later"),
+        )  # fmt: skip
+        for key, limit, text in limits:
+            if store.window_full(txn, key, limit, window, now):
+                raise ServiceError(ErrorCode.RATE_LIMITED, text)
+        for key, limit, _text in limits:
+            store.hit_txn(txn, key, limit, window, now)
         code = f"{secrets.randbelow(10**6):06d}"
         salt = os.urandom(16)
         store.put_code_txn(txn, now, phone, _code_hash(salt, code), salt, c.code_ttl * 1000,
@@ -309,7 +320,8 @@ class Accounts:
         """Check the code; create the device. Returns (address, secret, removed devices).
 
         ``source``: the sender's address, whose wrong codes are limited
-        (``verify-failures``), so that a stranger cannot void the owner's code."""
+        (``verify-failures``) and counted against each code for its network
+        (``code-attempts-per-net``), so that a stranger cannot void the owner's code."""
 
         def matches(salt: bytes, code_hash: bytes) -> bool:
             return hmac.compare_digest(_code_hash(salt, code), code_hash)
@@ -319,7 +331,11 @@ class Accounts:
         if source is not None:
             failures = (f"verify-ip:{source_key(source)}", c.verify_failures,
                         c.verify_window * 1000)  # fmt: skip
-        result = self.store.take_code(phone, matches, c.code_attempts, failures)
+        # wrong codes are counted per code and network (code-attempts-per-net): a
+        # stranger's void only his own network's chance, not the owner's
+        net = net_key(source) if source is not None else ""
+        result = self.store.take_code(phone, matches, c.code_attempts, failures,
+                                      (net, c.code_attempts_per_net))  # fmt: skip
         if result == "refused":
             raise ServiceError(ErrorCode.RATE_LIMITED, "too many wrong codes from this address; "
                                "try again later")  # fmt: skip

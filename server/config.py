@@ -220,21 +220,43 @@ OPTIONS: list[Option] = [
         "connections past open-files-limit minus this are refused with error 502",
     ),
     Option("code_ttl", 300, _positive_int, "seconds a one-time registration code stays valid"),
-    Option("code_attempts", 5, _positive_int, "wrong codes allowed before a code is void"),
+    Option(
+        "code_attempts",
+        15,
+        _positive_int,
+        "wrong codes a code allows in all, from every network together, before it is void "
+        "for everyone (the bound on guessing it: code-attempts in 10**6)",
+    ),
+    Option(
+        "code_attempts_per_net",
+        5,
+        _positive_int,
+        "wrong codes a code allows from one network (IPv4 /24, IPv6 /48) before it is void "
+        "for that network only, so that other networks' wrong codes cannot void the owner's "
+        "chance. Keep it below code-attempts, and verify-failures below it",
+    ),
     Option(
         "verify_failures",
         3,
         _positive_int,
         "wrong codes one source address (IPv6: its /64) may send per verify-window, for any "
         "numbers, across workers; past it error 302 and the code is not tried. Keep it below "
-        "code-attempts, so that one address cannot void someone else's code",
+        "code-attempts-per-net, so that one address cannot void its network's chance at a code",
     ),
     Option("verify_window", 600, _positive_int, "sliding window for verify-failures, seconds"),
     Option(
         "register_per_phone",
         3,
         _positive_int,
-        "code requests per phone number per register-window",
+        "code requests per phone number from one network (IPv4 /24, IPv6 /48) per "
+        "register-window: a network's requests do not use up another's",
+    ),
+    Option(
+        "register_per_phone_total",
+        10,
+        _positive_int,
+        "code requests per phone number from all networks together per register-window "
+        "(the bound on the texts one number is sent)",
     ),
     Option(
         "register_per_ip",
@@ -1196,9 +1218,11 @@ GROUPS: list[Group] = [
             "sms_webhook_retries",
             "code_ttl",
             "code_attempts",
+            "code_attempts_per_net",
             "verify_failures",
             "verify_window",
             "register_per_phone",
+            "register_per_phone_total",
             "register_per_ip",
             "register_per_net",
             "register_window",

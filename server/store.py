@@ -221,6 +221,14 @@ def _unpack(raw):
     return None if raw is None else msgpack.unpackb(raw, raw=False)
 
 
+def _net_tries(code: list) -> dict:
+    """The wrong tries per network of one code of a ``codes`` record (added to
+    a code written before they were counted)."""
+    if len(code) < 5:
+        code.append({})
+    return code[4]
+
+
 class Store:
     def __init__(
         self,
@@ -537,7 +545,9 @@ class Store:
 
     @staticmethod
     def _live_codes(rec, now: int, max_attempts: int) -> list:
-        """The codes of a record still valid: [[hash, salt, expires, attempts], ...]."""
+        """The codes of a record still valid: [[hash, salt, expires, attempts,
+        {network: attempts}], ...] (the last missing in a record written before
+        wrong tries were counted per network)."""
         if rec is None:
             return []
         if "codes" not in rec:  # a record written before several codes were kept
@@ -550,20 +560,25 @@ class Store:
         new request voids none of them; each keeps its expiry and its count of
         wrong tries), at most MAX_CODES, the oldest dropped first."""
         live = self._live_codes(self._get(txn, "codes", phone), now, max_attempts)
-        live.append([code_hash, salt, now + ttl_ms, 0])
+        live.append([code_hash, salt, now + ttl_ms, 0, {}])
         live = live[-MAX_CODES:]
         self._put(txn, "codes", phone, {"codes": live, "expires": max(c[2] for c in live)})
 
     def take_code(self, phone: str, check, max_attempts: int,
-                  failures: tuple[str, int, int] | None = None) -> str:  # fmt: skip
+                  failures: tuple[str, int, int] | None = None,
+                  per_net: tuple[str, int] | None = None) -> str:  # fmt: skip
         """Check a code with ``check(salt, hash) -> bool`` against each live code of
         ``phone``, atomically.
 
         Returns "ok" (that code is consumed, and the number's others with it),
-        "wrong" (a wrong try is counted on every live code; one past
-        max_attempts is void), "none" (no live code) or "refused":
+        "wrong" (a wrong try is counted on every code tried; one with
+        max_attempts of them is void), "none" (no live code) or "refused":
         ``failures`` (key, limit, window_ms: the sender's window of wrong
         codes) is full, and no code was tried; a wrong code is counted in it.
+        ``per_net`` (network, limit): a code is tried only while fewer than
+        ``limit`` wrong tries came from that network (each code keeps a count
+        per network), so one network's wrong codes void only its own chance;
+        a network none is left for gets "none" and the others keep theirs.
         """
         with self.write() as txn:
             now = self.clock()
@@ -575,13 +590,22 @@ class Store:
                 if rec is not None:
                     self._delete(txn, "codes", phone)
                 return "none"
-            # every live code is checked (no early exit: the time does not say which)
-            hit = [check(c[1], c[0]) for c in live]
+            tried = live
+            if per_net is not None:
+                net, limit = per_net
+                tried = [c for c in live if _net_tries(c).get(net, 0) < limit]
+                if not tried:  # void for this network only: nothing changes
+                    return "none"
+            # every code tried is checked (no early exit: the time does not say which)
+            hit = [check(c[1], c[0]) for c in tried]
             if any(hit):
                 self._delete(txn, "codes", phone)
                 return "ok"
-            for c in live:
+            for c in tried:
                 c[3] += 1
+                if per_net is not None:
+                    nets = _net_tries(c)
+                    nets[net] = nets.get(net, 0) + 1
             live = [c for c in live if c[3] < max_attempts]
             if live:
                 self._put(txn, "codes", phone, {"codes": live, "expires": max(c[2] for c in live)})

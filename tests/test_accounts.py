@@ -97,11 +97,59 @@ def test_wrong_codes_void_the_code(env):
     asyncio.run(accounts.request_code(PHONE, "sms", "127.0.0.1"))
     code = outbox_code(tmp_path)
     wrong = f"{(int(code) + 1) % 10**6:06d}"
-    for _ in range(5):  # code-attempts
+    for _ in range(5):  # code-attempts-per-net (no source: one network)
         with pytest.raises(ServiceError):
             accounts.verify(PHONE, wrong, b"k" * 32)
     with pytest.raises(ServiceError):
         accounts.verify(PHONE, code, b"k" * 32)  # right, but too late
+
+
+def test_code_requests_count_per_network_under_a_total_per_number(env):
+    """register-per-phone is per (number, network): a stranger's requests from his
+    networks leave the owner's network its own; register-per-phone-total caps them all."""
+    accounts, _, _, _ = env
+    for i in range(3):  # register-per-phone, from one /24 (three addresses)
+        asyncio.run(accounts.request_code(PHONE, "sms", f"203.0.113.{i + 1}"))
+    with pytest.raises(ServiceError, match="for this number from this network") as info:
+        asyncio.run(accounts.request_code(PHONE, "sms", "203.0.113.9"))
+    assert info.value.code == ErrorCode.RATE_LIMITED
+    asyncio.run(accounts.request_code(PHONE, "sms", "198.51.100.7"))  # the owner's network
+    # the total: 10 (register-per-phone-total) from all networks together
+    for i in range(6):
+        asyncio.run(accounts.request_code(PHONE, "sms", f"10.0.{i}.1"))
+    with pytest.raises(ServiceError, match="for this number; try again later") as info:
+        asyncio.run(accounts.request_code(PHONE, "sms", "10.0.99.1"))  # a network never seen
+    assert info.value.code == ErrorCode.RATE_LIMITED
+
+
+def test_wrong_codes_count_per_network_under_a_total_per_code(env):
+    """code-attempts-per-net (5) wrong codes from one network void the code for that
+    network only; code-attempts (15) from all together void it for everyone."""
+    accounts, _, _, tmp_path = env
+    asyncio.run(accounts.request_code(PHONE, "sms", "198.51.100.7"))
+    code = outbox_code(tmp_path)
+    wrong = f"{(int(code) + 1) % 10**6:06d}"
+
+    def guess(source, c=wrong):
+        with pytest.raises(ServiceError) as info:
+            accounts.verify(PHONE, c, b"k" * 32, source)
+        return info.value.code
+
+    # two addresses of one /24 (verify-failures is 3 per address): five wrong codes
+    assert [guess(f"203.0.113.{1 + i // 3}") for i in range(5)] == [ErrorCode.BAD_CODE] * 5
+    assert guess("203.0.113.3", code) == ErrorCode.BAD_CODE  # void for that network
+    # five more from another network (ten in all): neither voids the owner's chance
+    assert [guess(f"10.0.1.{1 + i // 3}") for i in range(5)] == [ErrorCode.BAD_CODE] * 5
+    address, _, _ = accounts.verify(PHONE, code, b"k" * 32, "198.51.100.8")
+    assert address == PHONE + ":0"
+    # the total: a new code, 15 wrong ones from three other networks, and it is void
+    asyncio.run(accounts.request_code(PHONE, "sms", "198.51.100.7"))
+    code = outbox_code(tmp_path)
+    wrong = f"{(int(code) + 1) % 10**6:06d}"
+    for net in (3, 4, 5):
+        assert [guess(f"10.0.{net}.{1 + i // 3}", wrong) for i in range(5)] == [
+            ErrorCode.BAD_CODE] * 5  # fmt: skip
+    assert guess("198.51.100.7", code) == ErrorCode.BAD_CODE
 
 
 def test_reregistration_moves_the_account(env):

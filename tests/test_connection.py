@@ -241,6 +241,56 @@ def test_full_session(impl):
     assert server.state is State.CLOSED
 
 
+def _refused(server, impl, event, state):
+    """``event`` from the client reaches ``server`` as a non-fatal 202 in ``state``."""
+    server.receive_data(impl.Codec().encode_frame(event.to_node(impl.Node)))
+    with pytest.raises(RemoteProtocolError) as info:
+        server.next_event()
+    err = info.value
+    assert err.code == ErrorCode.WRONG_STATE and not err.fatal and err.request_id == event.id
+    assert f"state {state.value}" in err.text
+    assert server.state is state
+
+
+@pytest.mark.parametrize("first", ["register", "verify"])
+def test_registering_connection_cannot_pair(impl, first):
+    """register or verify, then pair before (or after) the answer: the pair is refused
+    (202), the registration's answer still goes out, and the login follows."""
+    client, server = pair(impl)
+    pairing = Pair("p1", "qr", b"k" * 32, name="desktop")
+    if first == "register":
+        deliver(client, server, Register("r1", ALICE))
+        answer = CodeSent("r1", 300)
+    else:
+        deliver(client, server, Verify("r1", ALICE, "123456", b"k" * 32))
+        answer = Registered("r1", ALICE_DEV, b"s" * 32)
+    assert client.state is server.state is State.REGISTERING
+    with pytest.raises(LocalProtocolError):  # the client's side refuses it too
+        client.send(pairing)
+    _refused(server, impl, pairing, State.REGISTERING)
+    client.receive_data(server.send(Error(ErrorCode.WRONG_STATE, "no", "p1")))
+    assert client.next_event() == Error(ErrorCode.WRONG_STATE, "no", "p1")
+    deliver(server, client, answer)  # not dropped: the state still allows it
+    _refused(server, impl, pairing, State.REGISTERING)  # nor after the answer
+    if first == "register":
+        deliver(client, server, Verify("r2", ALICE, "123456", b"k" * 32))
+        deliver(server, client, Registered("r2", ALICE_DEV, b"s" * 32))
+    login(client, server)
+
+
+def test_pairing_connection_cannot_register(impl):
+    client, server = pair(impl)
+    deliver(client, server, Pair("p1", "qr", b"k" * 32, name="desktop"))
+    assert client.state is server.state is State.PAIRING
+    for event in (Register("r1", ALICE), Verify("r2", ALICE, "123456", b"k" * 32)):
+        with pytest.raises(LocalProtocolError):
+            client.send(event)
+        _refused(server, impl, event, State.PAIRING)
+    with pytest.raises(LocalProtocolError):  # nor a server answer to one
+        server.send(CodeSent("r1", 300))
+    deliver(server, client, PairCode("p1", 60, ref="ab" * 16))
+
+
 def test_transcript_byte_at_a_time_and_batched(impl):
     """A pipelined client stream, split any way, gives the server the same events."""
     client = Connection(Role.CLIENT, codec=impl)

@@ -845,6 +845,140 @@ def test_codes_a_stranger_asks_for_do_not_void_the_owners(tmp_path):
         assert srv.stop() == 0
 
 
+def test_code_requests_from_other_networks_do_not_use_up_the_owners(tmp_path):
+    # register-per-phone (3) counts per (number, network): 127.0.5.0/24 is another
+    # network than the owner's 127.0.0.0/24; register-per-phone-total caps them all
+    srv = start(tmp_path, register_per_phone_total=5)
+    try:
+
+        def register(source: str, rid: str):
+            raw = Raw(srv.port, source=source)
+            raw.send(Register(rid, ALICE))
+            ev = raw.next_event()
+            raw.close()
+            return ev
+
+        for i in range(3):
+            assert isinstance(register(f"127.0.5.{i + 2}", f"s{i}"), CodeSent)
+        ev = register("127.0.5.9", "s3")
+        assert isinstance(ev, Error) and ev.code == ErrorCode.RATE_LIMITED, ev
+        assert "from this network" in ev.text
+        assert isinstance(register("127.0.0.3", "owner"), CodeSent)  # not locked out
+        owner = Raw(srv.port, source="127.0.0.3")
+        owner.send(Verify("v", ALICE, srv.code_for(ALICE), new_identity().public))
+        ev = owner.next_event()
+        assert type(ev).__name__ == "Registered", ev
+        owner.close()
+        assert isinstance(register("127.0.6.2", "s4"), CodeSent)  # the fifth in all
+        ev = register("127.0.7.2", "s5")  # a network never seen: the total holds
+        assert isinstance(ev, Error) and ev.code == ErrorCode.RATE_LIMITED, ev
+        assert "try again later" in ev.text
+        outbox = (srv.data_dir / "sms-outbox.txt").read_text().splitlines()
+        assert sum(line.split()[0] == ALICE for line in outbox) == 5
+    finally:
+        assert srv.stop() == 0
+
+
+def test_wrong_codes_from_other_networks_do_not_void_the_owners_code(tmp_path):
+    # code-attempts-per-net (5) voids a code for one network; code-attempts (15) for all
+    srv = start(tmp_path)
+    try:
+
+        def code_for(phone: str, source: str) -> str:
+            raw = Raw(srv.port, source=source)
+            raw.send(Register("r", phone))
+            assert isinstance(raw.next_event(), CodeSent)
+            raw.close()
+            return srv.code_for(phone)
+
+        def verify(phone: str, source: str, codes: list[str]) -> list:
+            raw = Raw(srv.port, source=source)
+            answers = []
+            for i, code in enumerate(codes):  # one at a time (unauth-in-flight)
+                raw.send(Verify(f"v{i}", phone, code, new_identity().public))
+                ev = raw.next_event()
+                answers.append(ev.code if isinstance(ev, Error) else type(ev).__name__)
+            raw.close()
+            return answers
+
+        bad = [ErrorCode.BAD_CODE]
+        code = code_for(ALICE, "127.0.0.3")
+        wrong = "000000" if code != "000000" else "111111"
+        # two addresses of 127.0.1.0/24 (verify-failures is 3 each): five wrong codes,
+        # then not even the right one from there
+        assert verify(ALICE, "127.0.1.2", [wrong] * 3) == bad * 3
+        assert verify(ALICE, "127.0.1.3", [wrong, wrong, code]) == bad * 3
+        assert verify(ALICE, "127.0.2.2", [wrong] * 3) == bad * 3  # ten in all
+        assert verify(ALICE, "127.0.2.3", [wrong] * 2) == bad * 2
+        assert verify(ALICE, "127.0.0.3", [code]) == ["Registered"]
+        # the total: fifteen wrong codes from three networks void the code for everyone
+        code = code_for(BOB, "127.0.0.4")
+        wrong = "000000" if code != "000000" else "111111"
+        for net in (3, 4, 5):
+            assert verify(BOB, f"127.0.{net}.2", [wrong] * 3) == bad * 3
+            assert verify(BOB, f"127.0.{net}.3", [wrong] * 2) == bad * 2
+        assert verify(BOB, "127.0.0.4", [code]) == bad
+    finally:
+        assert srv.stop() == 0
+
+
+def frame_of(event) -> bytes:
+    """``event``'s frame from a fresh client connection, whatever the state of the
+    one it goes on (to send what the SDK's state machine would refuse)."""
+    c = Connection(Role.CLIENT)
+    c.initiate()
+    return c.send(event)
+
+
+def test_register_or_verify_and_pair_on_one_connection_answer_both(tmp_path):
+    # pair right behind register or verify (or the other way round): the second is
+    # refused with 202, the first is answered, nothing is dropped, and the login follows
+    srv = start(tmp_path)
+    try:
+        pairing = Pair("p1", "qr", new_identity().public, name="desktop")
+
+        def answers(raw: Raw, n: int) -> dict:
+            got = {}
+            for _ in range(n):
+                ev = raw.next_event()
+                got[ev.id] = ev
+            return got
+
+        raw = Raw(srv.port, source="127.0.0.5")
+        raw.sock.sendall(raw.conn.send(Register("r1", ALICE)) + frame_of(pairing))
+        got = answers(raw, 2)
+        assert isinstance(got["r1"], CodeSent), got
+        assert isinstance(got["p1"], Error) and got["p1"].code == ErrorCode.WRONG_STATE, got
+        assert "state registering" in got["p1"].text
+        raw.close()
+        raw = Raw(srv.port, source="127.0.0.5")
+        verify = Verify("v1", ALICE, srv.code_for(ALICE), new_identity().public)
+        raw.sock.sendall(raw.conn.send(verify) + frame_of(pairing))
+        got = answers(raw, 2)
+        assert type(got["v1"]).__name__ == "Registered", got
+        assert isinstance(got["p1"], Error) and got["p1"].code == ErrorCode.WRONG_STATE, got
+        assert scram_exchange(raw, got["v1"].device, got["v1"].secret) is None  # logged in
+        raw.close()
+        raw = Raw(srv.port, source="127.0.0.6")  # and the other way round
+        raw.sock.sendall(raw.conn.send(pairing) + frame_of(Register("r2", BOB)))
+        got = answers(raw, 2)
+        assert type(got["p1"]).__name__ == "PairCode", got
+        assert isinstance(got["r2"], Error) and got["r2"].code == ErrorCode.WRONG_STATE, got
+        raw.close()
+        assert not any(
+            line.split()[0] == BOB
+            for line in (srv.data_dir / "sms-outbox.txt").read_text().splitlines()
+        )
+        raw = Raw(srv.port)  # a barrier: the worker has handled what came before
+        raw.send(Ping("barrier"))
+        while not isinstance(raw.next_event(), Pong):
+            pass
+        raw.close()
+        assert "dropped an event the state forbids" not in srv.log_text()
+    finally:
+        assert srv.stop() == 0
+
+
 def scram_iterations_of(port: int, device: str) -> str:
     from pigeon.client._core import Credentials
 
@@ -1215,8 +1349,9 @@ def test_code_requests_from_many_addresses_of_one_network_stop_at_register_per_n
         assert len(sent) == 5, answers
         assert len(refused) == 3 and all(e.code == ErrorCode.RATE_LIMITED for e in refused)
         assert all("network" in e.text for e in refused), refused
-        # per address (the fourth was refused: nothing written), per phone, the network
-        assert limits_entries(srv) == 3 + 5 + 1
+        # per address (the fourth was refused: nothing written), per phone and network,
+        # per phone, the network
+        assert limits_entries(srv) == 3 + 5 + 5 + 1
         raw = Raw(srv.port, source="127.0.9.2")  # another network
         raw.send(Register("r", "491699990000"))
         assert isinstance(raw.next_event(), CodeSent)

@@ -7,7 +7,8 @@
 Registering: the server sends a one-time code to the number (development
 servers with the ``log`` SMS gateway write it to ``<data-dir>/sms-outbox.txt``
 instead).  A wrong code asks again, up to 5 tries (the server's default
-``code-attempts``; it voids a code after that many wrong ones) while the
+``code-attempts-per-net``; it voids a code after that many wrong ones from
+one network) while the
 code is valid; Ctrl-D gives up.  Typing the code may take longer than the
 server's login deadline (10 s), which closes an idle connection that has
 not logged in: the code is then checked on a new connection, which the
@@ -153,7 +154,7 @@ DEFAULT_PROFILE = os.path.join(
 DEFAULT_MEDIA_DIR = os.path.join(
     os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share"), "pigeon", "media"
 )
-#: Wrong codes tried before giving up: the server's default ``code-attempts``
+#: Wrong codes tried before giving up: the server's default ``code-attempts-per-net``
 #: (it does not say how many are left; past its limit every try fails).
 CODE_TRIES = 5
 #: Sent messages whose ticks the profile remembers across runs (oldest dropped first).
