@@ -452,6 +452,11 @@ class WebPushGateway(Gateway):
 
     async def send(self, wakes):
         (w,) = wakes
+        # checked again (the check at set_push guards new targets only): one stored
+        # before the host check or before push-webpush-hosts lost its host is not
+        # POSTed to, and goes as a gone one does
+        if self.check_token(w.token) is not None:
+            raise Outcome("refused-endpoint", gone=True)
         endpoint = w.token.decode()
         u = urlsplit(endpoint)
         claims = {"aud": f"{u.scheme}://{u.netloc}", "sub": self.config.push_vapid_subject,

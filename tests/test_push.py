@@ -478,6 +478,47 @@ def test_apns_requests_go_over_http2_with_an_es256_provider_token(tmp_path, tls)
         apns.stop()
 
 
+def test_a_stored_web_push_endpoint_is_checked_again_before_each_post(tmp_path, tls):
+    """An endpoint is checked when it is set (set_push), but one stored before the
+    host check (``127.0.0.1\\x00.push.example``) or before push-webpush-hosts lost
+    its host was still POSTed to at every wake-up: the check only guarded new
+    targets.  Now the endpoint is checked again before the POST and, refused, the
+    target goes as a gone one does."""
+    cert, key = tls
+    wp = Recorder(lambda req: (201, b"", 0.0), tls=(cert, key)).start()
+    vkey = tmp_path / "vapid.pem"
+    vkey.write_bytes(ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))  # fmt: skip
+    os.chmod(vkey, 0o600)
+    opts = dict(push_vapid_key_file=str(vkey), push_vapid_subject="mailto:ops@example.org",
+                push_ca_file=cert)  # fmt: skip
+    srv, _ = start(tmp_path, push_webpush_hosts=f"127.0.0.1:{wp.port}", **opts)
+    try:
+        bob, _ = run(offline_with_target(srv, BOB, "webpush", f"{wp.base}/sub/bob"))
+    finally:
+        assert srv.stop() == 0, srv.log_text()[-3000:]
+    # the same store, with the host no longer allowed
+    mport = free_port()
+    srv = Server(tmp_path / "data", workers=2, metrics_listen=f"127.0.0.1:{mport}",
+                 push_webpush_hosts="localhost", **opts).start()  # fmt: skip
+    try:
+
+        async def main():
+            alice = await srv.login(await srv.register(ALICE))
+            await alice.send(BOB, b"a wake-up", id="s-1")
+            await until(lambda: total(metrics(mport), "sent", "webpush")
+                        + total(metrics(mport), "gone", "webpush") >= 1, timeout=20)  # fmt: skip
+            assert wp.got() == [] and total(metrics(mport), "sent", "webpush") == 0
+            await until(lambda: target(srv, bob.device) is None, timeout=20)
+            await alice.close()
+
+        run(main())
+    finally:
+        assert srv.stop() == 0, srv.log_text()[-3000:]
+        wp.stop()
+
+
 def test_web_push_requests_carry_a_valid_vapid_signature(tmp_path, tls):
     cert, key = tls
 
