@@ -114,10 +114,10 @@ from .push import PUSH_TABLES, drop_device_push
 from .queues import QUEUE_TABLES, FrameEncoder, drop_device_queue, upgrade_entries, upgrade_refs
 from .social import SOCIAL_TABLES, drop_user, release_device
 
-FORMAT_VERSION = 8
+FORMAT_VERSION = 9
 ITERATIONS_KEY = b"iterations"  # meta: [[iteration count, devices], ...]
 MAX_CODES = 8  # live registration codes one number keeps (register-per-phone bounds them first)
-_UPGRADABLE = (1, 2, 3, 4, 5, 6, 7)  # formats opened and upgraded in place
+_UPGRADABLE = (1, 2, 3, 4, 5, 6, 7, 8)  # formats opened and upgraded in place
 _MSGPACK_QUEUES = (2, 3)  # formats whose queue entries are rewritten (upgrade_entries)
 _TABLES = (
     "meta", "accounts", "devices", "codes", "limits", "sessions", "pairs", *QUEUE_TABLES,

@@ -133,7 +133,7 @@ def test_a_format_7_store_is_upgraded_with_its_references(tmp_path, impl):
     store = Store(str(path), map_size=256 << 20, sync="os", clock=lambda: 1_700_000_000_000)
     try:
         with store.read() as txn:
-            assert int(txn.get(b"format", db=store._db["meta"])) == FORMAT_VERSION == 8
+            assert int(txn.get(b"format", db=store._db["meta"])) == FORMAT_VERSION == 9
             lens = {(bool(body_number(v)[0] & 0x80), len(v))
                     for _, v in txn.cursor(db=store._db["queue"]) if v[0] == GREF}  # fmt: skip
         # a message body's number is one byte here; the create notice's (stored

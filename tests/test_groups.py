@@ -600,7 +600,7 @@ def test_a_format_6_store_is_upgraded(tmp_path):
     s = Store(str(tmp_path / "store"))
     try:
         with s.read() as txn:
-            assert txn.get(b"format", db=s._db["meta"]) == b"8"
+            assert txn.get(b"format", db=s._db["meta"]) == b"9"
     finally:
         s.close()
 

@@ -537,13 +537,13 @@ def test_devices_changed_notices_every_device_in_the_callers_transaction(store, 
     assert q.commit([], {a0: 4}) and q.read(a0, 0, 9) == []  # acked like any entry
 
 
-@pytest.mark.parametrize("old", [b"4", b"5", b"6"])
-def test_a_format_4_5_or_6_store_is_upgraded_with_its_entries_waiting(tmp_path, clock, old):
-    """Format-4, 5 and 6 entries are format-8 entries (6 adds the key notices'
+@pytest.mark.parametrize("old", [b"4", b"5", b"6", b"8"])
+def test_a_format_4_5_6_or_8_store_is_upgraded_with_its_entries_waiting(tmp_path, clock, old):
+    """Format-4, 5 and 6 entries are format-9 entries (6 adds the key notices'
     kind and the key tables, 7 the group kinds and tables, 8 shortens the group
-    references, which these formats do not have): the upgrade writes
-    the number, and what waited is delivered as before and still yields its
-    receipts."""
+    references, which these formats do not have, 9 adds records the older
+    formats read as none): the upgrade writes the number, and what waited is
+    delivered as before and still yields its receipts."""
     path = str(tmp_path / "store")
     s = Store(path, map_size=64 << 20, clock=clock, sync="os")
     a, b = user(s, ALICE), user(s, BOB)
@@ -558,7 +558,7 @@ def test_a_format_4_5_or_6_store_is_upgraded_with_its_entries_waiting(tmp_path, 
     s = Store(path, map_size=64 << 20, clock=clock, sync="os")
     try:
         with s.read() as txn:
-            assert int(txn.get(b"format", db=s._db["meta"])) == FORMAT_VERSION == 8
+            assert int(txn.get(b"format", db=s._db["meta"])) == FORMAT_VERSION == 9
         q = make_queues(s)
         assert {d: q.read(d, 0, 10) for d in (b, b1)} == before
         assert [decode_any(f).body for _, f in before[b]] == [b"one", b"two"]
