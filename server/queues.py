@@ -1657,6 +1657,8 @@ class Queues:
         has no room (queue-max-count / -bytes), or holds the strangers' share
         while its user does not know ``origin`` (``_known_to``), gets no new one
         (the 408 check still makes its next per-device send see the new device).
+        A row outlives its notice's ack; the purge drops a device's rows once its
+        queue is empty (``purge_expired``), the device's removal all of them.
         Returns the pushes for the caller to deliver once it has committed."""
         if not users:
             return []
@@ -1785,11 +1787,12 @@ class Queues:
         cutoff = self.clock() - self.limits.max_age_ms
         purged = 0
         qdb, sdb, fdb = self.db["queue"], self.db["qstate"], self.db["fan"]
-        gdb = self.db["gbody"]
+        gdb, kdb = self.db["gbody"], self.db["knote"]
         with self.env.begin(write=True) as txn:
             sc = txn.cursor(db=sdb)
             if not sc.set_range(start):
                 return 0, b""
+            kc = txn.cursor(db=kdb)
             updates = []
             seen = 0
             nxt = b""
@@ -1800,6 +1803,13 @@ class Queues:
                 seen += 1
                 st = list(_QSTATE.unpack(raw))
                 if st[1] == 0:
+                    # an empty queue holds no "keys changed" notice: its ``knote`` rows
+                    # (kept until then, keys_changed) go, so they do not pile up
+                    kp = dkey + b"\x00"
+                    if kc.set_range(kp):
+                        while kc.key().startswith(kp):
+                            if not kc.delete():
+                                break
                     continue
                 device = dkey.decode()
                 prefix = qprefix(device)

@@ -192,6 +192,35 @@ def test_a_full_queue_refuses_with_402_and_stores_nothing(store, limit):
     assert s.error is None and len(pushes) == 2
 
 
+def knote_rows(store) -> list[bytes]:
+    with store.read() as txn:
+        return [bytes(k) for k, _ in txn.cursor(db=store._db["knote"])]
+
+
+def test_the_purge_drops_knote_rows_of_empty_queues(store, clock):
+    """A "keys changed" notice keeps its seq in ``knote`` (keys_changed); once the
+    device acked it and its queue is empty, the purge drops the row (they piled up:
+    one per device and user ever notified, review finding).  A queue that still
+    holds the notice keeps it, and a newer notice still replaces the older."""
+    q = make_queues(store)
+    user(store, ALICE)
+    b, c = user(store, BOB), user(store, CAROL)
+    with store.write() as txn:
+        q.keys_changed(txn, [BOB, CAROL], ALICE, clock())
+    assert len(knote_rows(store)) == 2
+    ((seq, _),) = q.read(b, 0, 10)
+    q.commit([], {b: seq})  # bob's device has it; carol's has not
+    start = b""
+    while True:
+        _, start = q.purge_expired(start)
+        if not start:
+            break
+    assert knote_rows(store) == [f"{c}\x00{ALICE}".encode()]
+    with store.write() as txn:  # the kept row still points at carol's notice
+        q.keys_changed(txn, [CAROL], ALICE, clock())
+    assert len(q.read(c, 0, 10)) == 1 and len(knote_rows(store)) == 1
+
+
 def test_expired_entries_are_purged_in_slices(store, clock):
     q = make_queues(store, max_age_ms=30 * DAY)
     a = user(store, ALICE)
