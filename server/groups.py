@@ -324,6 +324,8 @@ class Groups:
         pairs = self._devices(txn, users)
         devices = [d for _, devs in pairs for d in devs]
         if op in SHARE_OPS or op in MEMBER_OPS:
+            if keep:  # (a set: a new group of 1,024 keeps every member)
+                keep = set(keep)
             ask = [p for p in pairs if p[0] not in keep] if keep else pairs
             skip = self.queues.past_strangers_share(txn, ask, by, len(entry), now)
             if skip:
