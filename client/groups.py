@@ -16,8 +16,10 @@ device of every member and every other device of this account, from the
 members of ``group_info`` and the device lists of ``devices`` (both cached,
 and dropped when a notice says they changed; the member lists after each
 login too, and a group's when a user not in it writes to it or asks for its
-key: a server does not queue a stranger's membership notices for a device
-whose queue is past the strangers' share, docs/PROTOCOL.md 10g).  A key share is an Olm
+key, or when it is older than ``GROUP_MEMBERS_TTL`` (300 s): a server does
+not queue a stranger's membership notices for a device whose queue is past
+the strangers' share, docs/PROTOCOL.md 10g, and a device that stays connected
+would otherwise never learn of a removal it missed).  A key share is an Olm
 payload, so the SDK opens an Olm session first with a device it has none
 with (keys from the key directory, checked as for 1:1).  When a recipient
 device disappears (a member removed or left, a device unlinked) the next
@@ -32,6 +34,7 @@ follows.  ``plaintext=True`` clients send the body as given.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import msgpack
@@ -94,6 +97,12 @@ class GroupsAPI:
 
     #: group -> its member users, from the last ``group_info``; dropped on a notice
     _group_members: dict | None = None
+    #: group -> when (time.monotonic) its member list was read
+    _group_members_at: dict | None = None
+    #: seconds a cached member list is used for sending before it is read again: a
+    #: removal whose notice this device never got (its queue past the strangers'
+    #: share) ends the old Megolm session within this long, even without a login
+    GROUP_MEMBERS_TTL: float = 300.0
 
     async def _group(self, op: str, timeout: float, **fields) -> GroupResult:
         from ._core import REQ
@@ -115,6 +124,9 @@ class GroupsAPI:
         """Subject, description, creator, settings and members (members only: 430)."""
         info = GroupInfo.from_result(await self._group("info", timeout, group=group))
         self._members_cache()[group] = info.users
+        if self._group_members_at is None:
+            self._group_members_at = {}
+        self._group_members_at[group] = time.monotonic()
         return info
 
     async def groups(self, timeout: float = 30.0) -> tuple[tuple[str, str, int], ...]:
@@ -219,7 +231,9 @@ class GroupsAPI:
         """The member users of ``group`` (cached; a notice about it drops the cache)."""
         cached = None if fresh else self._members_cache().get(group)
         if cached is not None:
-            return cached
+            at = (self._group_members_at or {}).get(group)
+            if at is not None and time.monotonic() - at <= self.GROUP_MEMBERS_TTL:
+                return cached
         return (await self.group_info(group)).users
 
     # -- encrypted messages ----------------------------------------------------------------

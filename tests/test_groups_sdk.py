@@ -9,6 +9,7 @@ would have needed is taken from what the server delivered to the others.
 
 import asyncio
 import itertools
+import time
 
 import pytest
 from e2eutil import (
@@ -529,6 +530,73 @@ def queued(srv, device) -> int:
     finally:
         store.close()
     return 0 if raw is None else int.from_bytes(raw[8:16], "big")
+
+
+def test_a_connected_member_who_missed_a_removal_rotates_within_the_member_list_ttl(tmp_path):
+    """As above, but nobody new writes: bob stays connected, his queue past the
+    strangers' share when carol is removed and dave added, so he gets neither notice
+    and his cached member list still names carol.  Once it is older than
+    GROUP_MEMBERS_TTL his next send reads the members again: a new Megolm session
+    (carol had the old one) that dave can read.  Without the TTL bob kept sending
+    under carol's session, and dave got a body he could not decrypt."""
+    srv = Server(tmp_path / "data", workers=2, register_per_ip=1000, message_rate=0,
+                 new_chats=0, stranger_queue_count=3)  # fmt: skip
+    srv.start()
+    try:
+
+        async def main():
+            relay = await Relay(srv.port).start()
+            pa, pb, pc, pd = next(PHONES), next(PHONES), next(PHONES), next(PHONES)
+            a = await register(srv, relay, pa, tmp_path / "a.json")
+            b = await register(srv, relay, pb, tmp_path / "b.json")
+            c = await register(srv, relay, pc, tmp_path / "c.json")
+            d = await register(srv, relay, pd, tmp_path / "d.json")
+            b.GROUP_MEMBERS_TTL = ttl = 4.0
+            await a.discover([pb, pc, pd], "full")
+            await d.discover([pa, pb], "full")
+            g = (await a.group_create("team", [pb, pc])).group
+            await b.send(g, b"hello")
+            read_at = time.monotonic()  # (bob's member list was read for it)
+            for cl in (a, c):
+                assert (await message(cl)).body == b"hello"
+            old_sid = b.secure.groups.outbound[g].session.session_id
+            got = set()
+            while got != {pa, pc}:
+                ev = await b.next_event(15)
+                await b.ack(ev.seq)
+                if isinstance(ev, IncomingReceipt) and ev.type == "delivered":
+                    got.update(ev.members)
+            await until(lambda: queued(srv, b.creds.device) == 0)
+            with pytest.raises(ServerError) as e:
+                for _ in range(4):
+                    await a.send(pb, b"unread")
+            assert e.value.code == ErrorCode.QUEUE_FULL
+            held = queued(srv, b.creds.device)
+            await a.group_add(g, [pd])
+            await a.group_remove(g, [pc])
+            assert (await notice(c, "remove")).members == (pc,)
+            assert (await notice(d, "add")).members == (pd,)
+            assert queued(srv, b.creds.device) == held  # none for bob
+            for _ in range(held):
+                ev = await b.next_event(15)
+                await b.ack(ev.seq)
+                assert not isinstance(ev, GroupNotice)
+            assert pc in b._group_members[g]  # the list he has is old
+            # past the TTL: no login, no notice, no new writer
+            await asyncio.sleep(max(0.0, ttl + 0.2 - (time.monotonic() - read_at)))
+            ack = await b.send(g, b"welcome")
+            assert ack.failed == ()
+            assert b.secure.groups.outbound[g].session.session_id != old_sid  # carol's is gone
+            for cl in (a, d):
+                ev = await message(cl)
+                assert (type(ev), ev.id, ev.body) == (GroupMessage, ack.id, b"welcome")
+            for cl in (a, b, c, d):
+                await cl.close()
+            await relay.close()
+
+        run(main())
+    finally:
+        assert srv.stop() == 0, srv.log_text()[-3000:]
 
 
 def test_a_member_who_missed_a_strangers_membership_notices_recovers_on_its_next_send(tmp_path):
