@@ -61,7 +61,7 @@ from pigeon.core.errors import ErrorCode
 
 from .errors import ServiceError
 from .limits import LeakyTable, net_key, source_key
-from .store import Store
+from .store import MAX_CODES, Store
 
 __all__ = [
     "Accounts", "ServiceError", "LogGateway", "WebhookGateway", "make_gateway",
@@ -303,8 +303,10 @@ class Accounts:
             store.hit_txn(txn, key, limit, window, now)
         code = f"{secrets.randbelow(10**6):06d}"
         salt = os.urandom(16)
+        # (as many live codes as register-per-phone-total lets be asked for: fewer, and
+        # a stranger's requests from other networks pushed the owner's live code out)
         store.put_code_txn(txn, now, phone, _code_hash(salt, code), salt, c.code_ttl * 1000,
-                           c.code_attempts)  # fmt: skip
+                           c.code_attempts, max(MAX_CODES, c.register_per_phone_total))  # fmt: skip
         return code
 
     async def request_code(self, phone: str, method: str, source: str) -> int:

@@ -116,7 +116,7 @@ from .social import SOCIAL_TABLES, drop_user, release_device
 
 FORMAT_VERSION = 9
 ITERATIONS_KEY = b"iterations"  # meta: [[iteration count, devices], ...]
-MAX_CODES = 8  # live registration codes one number keeps (register-per-phone bounds them first)
+MAX_CODES = 8  # live codes one number keeps, at least (accounts: register-per-phone-total)
 _UPGRADABLE = (1, 2, 3, 4, 5, 6, 7, 8)  # formats opened and upgraded in place
 _MSGPACK_QUEUES = (2, 3)  # formats whose queue entries are rewritten (upgrade_entries)
 _TABLES = (
@@ -555,13 +555,15 @@ class Store:
         return [c for c in rec["codes"] if c[2] > now and c[3] < max_attempts]
 
     def put_code_txn(self, txn, now: int, phone: str, code_hash: bytes, salt: bytes,
-                     ttl_ms: int, max_attempts: int = 5) -> None:  # fmt: skip
+                     ttl_ms: int, max_attempts: int = 5,
+                     max_codes: int = MAX_CODES) -> None:  # fmt: skip
         """put_code inside ``txn``: the new code joins the number's live ones (a
         new request voids none of them; each keeps its expiry and its count of
-        wrong tries), at most MAX_CODES, the oldest dropped first."""
+        wrong tries), at most ``max_codes``, the oldest dropped first (never, when
+        it is at least the requests the rate limits allow within a code's life)."""
         live = self._live_codes(self._get(txn, "codes", phone), now, max_attempts)
         live.append([code_hash, salt, now + ttl_ms, 0, {}])
-        live = live[-MAX_CODES:]
+        live = live[-max_codes:]
         self._put(txn, "codes", phone, {"codes": live, "expires": max(c[2] for c in live)})
 
     def take_code(self, phone: str, check, max_attempts: int,

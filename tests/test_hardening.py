@@ -879,6 +879,35 @@ def test_code_requests_from_other_networks_do_not_use_up_the_owners(tmp_path):
         assert srv.stop() == 0
 
 
+def test_a_strangers_code_requests_do_not_push_out_the_owners_live_code(tmp_path):
+    """A number kept at most 8 live codes, the oldest dropped first, while
+    register-per-phone-total (10) let 3 networks ask 9 more: the owner's live code
+    went (301), and the owner could ask for none again (302) for the window (probe4).
+    A number now keeps as many as register-per-phone-total lets be asked for."""
+    srv = start(tmp_path)
+    try:
+
+        def register(source: str, rid: str):
+            raw = Raw(srv.port, source=source)
+            raw.send(Register(rid, ALICE))
+            ev = raw.next_event()
+            raw.close()
+            return ev
+
+        assert isinstance(register("127.0.0.3", "owner"), CodeSent)
+        code = srv.code_for(ALICE)
+        for net in (5, 6, 7):  # three of the stranger's networks, three requests each
+            for i in range(3):
+                assert isinstance(register(f"127.0.{net}.{i + 2}", f"s{net}{i}"), CodeSent)
+        owner = Raw(srv.port, source="127.0.0.3")
+        owner.send(Verify("v", ALICE, code, new_identity().public))
+        ev = owner.next_event()
+        assert type(ev).__name__ == "Registered", ev
+        owner.close()
+    finally:
+        assert srv.stop() == 0
+
+
 def test_wrong_codes_from_other_networks_do_not_void_the_owners_code(tmp_path):
     # code-attempts-per-net (5) voids a code for one network; code-attempts (15) for all
     srv = start(tmp_path)
