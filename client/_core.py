@@ -642,6 +642,10 @@ class ClientAPI(GroupsAPI):
                 elif (self.secure is not None and type(ev) is IncomingMessage
                       and ev.type in E2E_TYPES and ev.group is None):  # fmt: skip
                     self._deliver_encrypted(ev)
+                elif (self.secure is not None and type(ev) is IncomingMessage
+                      and ev.type == GROUP_KEY_REQUEST and ev.group is None):  # fmt: skip
+                    self._group_key_request(ev)  # (plaintext: client/groups.py)
+                    self.core.ack(ev.seq, self._live)
                 elif type(ev) is GroupNotice:
                     self._group_notice(ev)
                     self._push(ev)

@@ -432,6 +432,21 @@ class FrameEncoder:
         return self._codec.encode_frame(self._node("chatstate", {"from": user, "type": typ}))
 
 
+#: Message types an SDK sends by itself, with no act of its user: the group-key
+#: request (client/groups.py).  Their conversation record is ``AUTO``, which does
+#: not make the sender know the recipient: a stranger in a group with a user sent
+#: one message under a session the user lacked, the user's SDK asked the stranger
+#: for the key, and the stranger was "known" from then on (past stranger-groups
+#: and the strangers' share of the user's queue: probe, 2026-12-04).
+AUTO_TYPES = frozenset({"gkeyreq"})
+AUTO = b"a"  # a conversation record made by an AUTO_TYPES message (real ones: b"")
+
+
+def _real(record) -> bool:
+    """A conversation record of the user's own writing (not only an AUTO one)."""
+    return record is not None and not record
+
+
 class Send:
     """A message or client receipt to store; ``commit`` fills in ``t`` or ``error``."""
 
@@ -777,7 +792,7 @@ class Queues:
                 if lim.new_chats:
 
                     def chat(s, sender, to):
-                        if self._chat_allowed(w, sender, to, now):
+                        if self._chat_allowed(w, sender, to, now, s.type):
                             return True
                         s.error = self._new_chat_limit()
                         return False
@@ -808,28 +823,37 @@ class Queues:
                 txn.put(meta_key, _packb([gen, started]), db=meta)
         return self.db[f"{table}{gen}"], self.db[f"{table}{1 - gen}"]
 
-    def _chat_allowed(self, w: _Txn, sender: str, to: str, now: int) -> bool:
-        """False if this message starts a conversation past the sender's new-chats limit."""
+    def _chat_allowed(self, w: _Txn, sender: str, to: str, now: int, typ: str = "") -> bool:
+        """False if this message starts a conversation past the sender's new-chats limit.
+
+        A message of an AUTO_TYPES type (the SDK's own group-key request, sent with
+        no act of its user) is charged as any, but its record says so (``AUTO``):
+        it does not make its sender know the recipient (``_known_to``), nor count
+        as the sender having written first when the recipient answers."""
         txn = w.txn
         lim = self.limits
         if w.conv is None:
             w.conv = self._generation(txn, now, _CONV_META, "conv", lim.new_chats_window_ms)
         cur, prev = w.conv
         key = f"{sender}\x00{to}".encode()
-        if txn.get(key, db=cur) is not None:
+        auto = typ in AUTO_TYPES
+        had = txn.get(key, db=cur)
+        if had is not None:
+            if had and not auto:  # (the user writes now: a real conversation)
+                txn.put(key, b"", db=cur)
             return True
         rkey = f"{to}\x00{sender}".encode()
         if (
             txn.get(key, db=prev) is None
-            and txn.get(rkey, db=cur) is None
-            and txn.get(rkey, db=prev) is None
+            and not _real(txn.get(rkey, db=cur))
+            and not _real(txn.get(rkey, db=prev))
             and txn.get(rkey, db=self.db["contacts"]) is None
         ):
             ok, _ = window_take(txn, self.db["limits"], f"chats:{sender}".encode(), now,
                                 lim.new_chats_window_ms, lim.new_chats)  # fmt: skip
             if not ok:
                 return False
-        txn.put(key, b"", db=cur)
+        txn.put(key, AUTO if auto else b"", db=cur)
         return True
 
     def chat_allowed_txn(self, txn, sender: str, to: str, now: int) -> bool:
@@ -862,7 +886,7 @@ class Queues:
             if w.conv is None:
                 w.conv = self._generation(txn, now, _CONV_META, "conv", lim.new_chats_window_ms)
             ccur, cprev = w.conv
-            if txn.get(rkey, db=ccur) is not None or txn.get(rkey, db=cprev) is not None:
+            if _real(txn.get(rkey, db=ccur)) or _real(txn.get(rkey, db=cprev)):
                 return True
         return txn.get(rkey, db=self.db["contacts"]) is not None
 
@@ -1136,7 +1160,7 @@ class Queues:
                 )
                 return
         if s.cls == "message" and lim.new_chats and not own and not blocked:
-            if not self._chat_allowed(w, sender, to, now):
+            if not self._chat_allowed(w, sender, to, now, s.type):
                 s.error = self._new_chat_limit()
                 return
         if s.cls == "message" and len(recipients) > 1:

@@ -532,6 +532,51 @@ def queued(srv, device) -> int:
     return 0 if raw is None else int.from_bytes(raw[8:16], "big")
 
 
+def test_a_lost_group_key_is_asked_for_in_plaintext_and_does_not_make_the_sender_known(
+    tmp_path,
+):
+    """Bob lost his inbound session: alice's next message fails to decrypt, his SDK
+    asks alice's device for the key (``gkeyreq``) and her next message shares it
+    again.  The request goes in plaintext (a group and a session id, which every
+    body shows the server anyway), so the server does not take it as bob writing to
+    alice: before, an encrypted request did, and a stranger who sent one message
+    under a new session became "known", past the strangers' share (probe4)."""
+    srv = Server(tmp_path / "data", workers=2, register_per_ip=1000, message_rate=0,
+                 stranger_queue_count=3)  # fmt: skip
+    srv.start()
+    try:
+
+        async def main():
+            relay = await Relay(srv.port).start()
+            pa, pb = next(PHONES), next(PHONES)
+            a = await register(srv, relay, pa, tmp_path / "a.json")
+            b = await register(srv, relay, pb, tmp_path / "b.json")
+            g = (await a.group_create("team", [pb])).group  # alice is a stranger to bob
+            await a.send(g, b"one")
+            assert (await message(b)).body == b"one"
+            b.secure.groups.inbound.clear()  # bob lost his state
+            await a.send(g, b"two")
+            failed = await message(b)
+            assert isinstance(failed, GroupDecryptionFailed), failed
+            await until(lambda: b.creds.device not in a.secure.groups.outbound[g].shared)
+            ack = await a.send(g, b"three")  # shares the key with bob again
+            ev = await message(b)
+            assert (type(ev), ev.id, ev.body) == (GroupMessage, ack.id, b"three")
+            await until(lambda: queued(srv, b.creds.device) == 0)
+            await b.close()
+            for i in range(3):  # bob is offline: a stranger stops at the share (3)
+                await a.send(pb, b"x", id=f"s{i}")
+            with pytest.raises(ServerError) as e:
+                await a.send(pb, b"x", id="s3")
+            assert e.value.code == ErrorCode.QUEUE_FULL
+            await a.close()
+            await relay.close()
+
+        run(main())
+    finally:
+        assert srv.stop() == 0, srv.log_text()[-3000:]
+
+
 def test_a_connected_member_who_missed_a_removal_rotates_within_the_member_list_ttl(tmp_path):
     """As above, but nobody new writes: bob stays connected, his queue past the
     strangers' share when carol is removed and dave added, so he gets neither notice

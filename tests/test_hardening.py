@@ -1220,6 +1220,39 @@ def test_receipt_block_and_typing_answer_alike_for_registered_and_unknown_number
         srv.stop()
 
 
+def test_an_sdks_own_group_key_request_does_not_make_its_user_know_a_stranger(tmp_path):
+    """A stranger in a group with bob sent one message under a session bob lacked;
+    bob's SDK asked him for the key (a 1:1 ``gkeyreq``, with no act of bob's), and
+    from then on bob "knew" the stranger: his messages went past the strangers' share
+    of bob's queue (10,000 against 1,000) and his adds past stranger-groups (probe4).
+    Such a message's conversation record now says it was the SDK's: bob's own
+    message still makes the stranger known."""
+    srv = start(tmp_path, stranger_queue_count=3)
+    try:
+
+        async def main():
+            a_creds, b_creds = await srv.register(ALICE), await srv.register(BOB)
+            alice = await srv.login(a_creds)
+            bob = await srv.login(b_creds)
+            await bob.send(ALICE, b"key request", type="gkeyreq", id="k1")
+            await bob.send(ALICE, b"key request", type="gkeyreq", id="k2")  # (no new chat)
+            await bob.close()
+            for i in range(3):
+                await alice.send(BOB, b"x", id=f"s{i}")
+            with pytest.raises(ServerError) as info:
+                await alice.send(BOB, b"x", id="s3")
+            assert info.value.code == ErrorCode.QUEUE_FULL  # still a stranger to bob
+            bob = await srv.login(b_creds)
+            await bob.send(ALICE, b"hi", id="reply")  # bob writes: now he knows alice
+            await bob.close()
+            await alice.send(BOB, b"x", id="s3")
+            await alice.close()
+
+        run(main())
+    finally:
+        assert srv.stop() == 0
+
+
 def test_a_stranger_fills_only_a_small_part_of_a_queue_and_is_not_told_its_size(tmp_path):
     """F9: with one new conversation a stranger could fill a device's whole queue
     (64 MiB, 67 messages of 1 MB in 0.5 s); F11b: the 402 told them its exact
