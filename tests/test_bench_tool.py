@@ -317,6 +317,18 @@ def test_group_json_counts_every_member(offline):
         assert r["store_bytes_per_msg"] > 0
 
 
+def test_group_runs_past_the_strangers_share_of_a_queue():
+    """1,001 messages to offline members: the bench profile lifts stranger-queue-count
+    (1,000) too, as it lifts the other anti-spam limits (the run failed with one
+    failed member at the 1,000th message)."""
+    proc = pigeon("bench", "group", "--members", "4", "--messages", "1001", "--workers", "2",
+                  "--offline-fraction", "0.9", "--size", "10", "--json")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    r = orjson.loads(proc.stdout.strip().splitlines()[0])
+    assert (r["acked"], r["lost"], r["duplicated"], r["offline_members"]) == (1001, 0, 0, 2)
+    assert "stranger_queue_count" in r["limits_lifted"]
+
+
 def test_media_json_moves_every_byte():
     """3 devices upload and download a 300 KiB file each (2 workers, the media process):
     the figures the issue names are there, no errors, and curl's baseline beside them."""
