@@ -1013,6 +1013,14 @@ class ClientAPI(GroupsAPI):
         sent = self.secure.sent.get(ev.id)
         if sent is None:
             return  # another device of this account sent it (or too long ago)
+        to = sent[0]
+        asker = ev.sender.partition(":")[0]
+        me = self._creds.user if self._creds is not None else None
+        if asker != to.partition(":")[0] and asker != me:
+            # only a device it went to asks: a stranger who guessed the id of a message
+            # to someone else (ids are often a prefix and a counter) made this device
+            # drop its session with him and send the message again
+            return
         self.secure.device.forget(ev.sender)
         self.secure.save()
         to, mtype, body = sent

@@ -1253,6 +1253,39 @@ def test_an_sdks_own_group_key_request_does_not_make_its_user_know_a_stranger(tm
         assert srv.stop() == 0
 
 
+def test_group_key_requests_to_members_cost_no_new_chats_and_to_others_do(tmp_path):
+    """Strangers in a group with bob each sent a message under a session bob lacked, and
+    his SDK's key requests used up his new-chats: his first real message to someone
+    new got 404 (probe5).  A gkeyreq to a user bob shares a group with is not charged
+    now; one to anyone else is (else it would tell registered numbers apart without
+    limit)."""
+    srv = start(tmp_path, new_chats=4)
+    try:
+
+        async def main():
+            phones = [f"4930555{i:05d}" for i in range(5)]
+            creds = [await srv.register(p) for p in phones]
+            bob, m1, m2, m3, friend = [await srv.login(c) for c in creds]
+            r = await m1.group_create("g", [phones[0], phones[2], phones[3]])  # 3 of m1's 4
+            assert r.failed == ()
+            for p in phones[1:4]:  # three members: no charge
+                await bob.send(p, b"[req]", type="gkeyreq")
+            await bob.send(phones[4], b"hi")  # a real first message: 1 of 4
+            for i in range(3):  # not members (nor users): 2, 3, 4 of 4
+                with pytest.raises(ServerError) as e:
+                    await bob.send(f"49305559999{i}", b"[req]", type="gkeyreq")
+                assert e.value.code == ErrorCode.UNKNOWN_RECIPIENT
+            with pytest.raises(ServerError) as e:
+                await bob.send("493055599993", b"[req]", type="gkeyreq")
+            assert e.value.code == ErrorCode.NEW_CHAT_LIMIT
+            for c in (bob, m1, m2, m3, friend):
+                await c.close()
+
+        run(main())
+    finally:
+        assert srv.stop() == 0
+
+
 def test_a_stranger_fills_only_a_small_part_of_a_queue_and_is_not_told_its_size(tmp_path):
     """F9: with one new conversation a stranger could fill a device's whole queue
     (64 MiB, 67 messages of 1 MB in 0.5 s); F11b: the 402 told them its exact
