@@ -714,3 +714,50 @@ def test_a_member_who_missed_a_strangers_membership_notices_recovers_on_its_next
         run(main())
     finally:
         assert srv.stop() == 0, srv.log_text()[-3000:]
+
+
+def test_key_requests_to_one_device_are_bounded_per_window(tmp_path):
+    """A sender picks a new session id for every message it likes: 1,000 bodies under
+    sessions a member never got made its SDK send 981 key requests (probe5).  Now at
+    most KEY_REQUESTS_PER_DEVICE per sending device per KEY_REQUEST_WINDOW."""
+    import os
+
+    from pigeon.client.group_crypto import BODY_VERSION, SESSION_ID_BYTES
+    from pigeon.client.groups import GROUP_KEY_REQUEST, KEY_REQUESTS_PER_DEVICE
+
+    srv = Server(tmp_path / "data", workers=2, register_per_ip=1000, message_rate=0)
+    srv.start()
+    try:
+
+        async def main():
+            relay = await Relay(srv.port).start()
+            pa, pb = next(PHONES), next(PHONES)
+            b = await register(srv, relay, pb, tmp_path / "b.json")  # encrypting
+            a = await srv.login(await srv.register(pa))  # plaintext: bodies as given
+            g = (await a.group_create("g", [pb])).group
+            n = 3 * KEY_REQUESTS_PER_DEVICE
+            for _ in range(n):  # each under a session id b never got
+                body = bytes([BODY_VERSION]) + os.urandom(SESSION_ID_BYTES) + os.urandom(40)
+                await a.send(g, body, type="skmsg")
+            failures = 0
+            while failures < n:
+                ev = await b.next_event(15)
+                await b.ack(ev.seq)
+                failures += isinstance(ev, GroupDecryptionFailed)
+            requests = 0
+            deadline = time.monotonic() + 3  # (b's requests are all out by then)
+            while time.monotonic() < deadline:
+                try:
+                    ev = await a.next_event(deadline - time.monotonic())
+                except TimeoutError:
+                    break
+                await a.ack(ev.seq)
+                requests += isinstance(ev, IncomingMessage) and ev.type == GROUP_KEY_REQUEST
+            assert requests == KEY_REQUESTS_PER_DEVICE
+            for c in (a, b):
+                await c.close()
+            await relay.close()
+
+        run(main())
+    finally:
+        assert srv.stop() == 0, srv.log_text()[-3000:]
