@@ -652,6 +652,9 @@ class ClientAPI(GroupsAPI):
                 elif self.secure is not None and type(ev) is IncomingReceipt and ev.type == "retry":
                     self._spawn(self._resend(ev))
                     self.core.ack(ev.seq, self._live)  # the SDK's own business: acked here
+                elif (type(ev) is IncomingReceipt and self._key_request_ids
+                      and ev.id in self._key_request_ids):  # fmt: skip
+                    self.core.ack(ev.seq, self._live)  # about the SDK's own key request
                 elif self.secure is not None and type(ev) is KeysLow:
                     self._spawn(self._top_up())
                     self.core.ack(ev.seq, self._live)

@@ -323,6 +323,8 @@ class GroupsAPI:
     _key_requests: dict | None = None
     #: sender device -> when (time.monotonic) its last key requests went
     _key_request_times: dict | None = None
+    #: ids of this device's own key requests (their receipts are not the application's)
+    _key_request_ids: dict | None = None
 
     def _ask_group_key(self, failed, body: bytes) -> None:
         """No key for the session of a message from ``failed.sender``: ask that device,
@@ -363,7 +365,14 @@ class GroupsAPI:
             # not take it as this user writing to the sender (a stranger in a group
             # got "known", past the strangers' limits, by one message under a new
             # session: docs/PROTOCOL.md 10f)
-            await self._send_raw(device.partition(":")[0], request, GROUP_KEY_REQUEST, None, 30.0)
+            mid = self.new_id()
+            ids = self._key_request_ids
+            if ids is None:
+                ids = self._key_request_ids = {}
+            ids[mid] = None  # (its receipts are the SDK's, not the application's)
+            while len(ids) > KEY_REQUESTS_KEPT:
+                del ids[next(iter(ids))]
+            await self._send_raw(device.partition(":")[0], request, GROUP_KEY_REQUEST, mid, 30.0)
         except (ServerError, ConnectionLost, e2e.E2EError) as exc:
             logger.info("pigeon client: no group key request to %s: %s", device, exc)
 

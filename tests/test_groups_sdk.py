@@ -754,6 +754,17 @@ def test_key_requests_to_one_device_are_bounded_per_window(tmp_path):
                 await a.ack(ev.seq)
                 requests += isinstance(ev, IncomingMessage) and ev.type == GROUP_KEY_REQUEST
             assert requests == KEY_REQUESTS_PER_DEVICE
+            # alice acked them: their delivered receipts are the SDK's, not bob's app's
+            shown = []
+            deadline = time.monotonic() + 2
+            while time.monotonic() < deadline:
+                try:
+                    ev = await b.next_event(deadline - time.monotonic())
+                except TimeoutError:
+                    break
+                await b.ack(ev.seq)
+                shown.append(ev)
+            assert not [ev for ev in shown if isinstance(ev, IncomingReceipt)], shown
             for c in (a, b):
                 await c.close()
             await relay.close()
