@@ -43,6 +43,9 @@ CHUNK = 256 << 10
 TAG_SIZE = 16
 PAYLOAD_VERSION = 1
 THUMB_MAX = 96  # pixels, the longer side
+#: the largest ciphertext ``download`` fetches by default: the server's own
+#: media-max-bytes default (100 MiB) and its tag
+DOWNLOAD_MAX = (100 << 20) + TAG_SIZE
 _CLASSES = {"image": "image", "video": "video", "audio": "audio"}
 
 
@@ -93,8 +96,19 @@ class Media:
                     d["size"], d["enc_size"], d["mime"], d.get("name"), d.get("thumb"))  # fmt: skip
         except (ValueError, TypeError, KeyError, AttributeError, msgpack.UnpackException) as exc:
             raise MediaError(f"not a media payload: {exc}") from None
+        # every field of its type: a peer's payload with "size": "huge" or "name": 7
+        # reached the chat's rendering and ended it (probe, 2026-12-04)
+        if not (isinstance(m.url, str) and isinstance(m.id, str) and isinstance(m.mime, str)
+                and isinstance(m.token, bytes) and isinstance(m.key, bytes)
+                and isinstance(m.nonce, bytes) and isinstance(m.sha256, bytes)
+                and type(m.size) is int and type(m.enc_size) is int
+                and (m.name is None or isinstance(m.name, str))
+                and (m.thumbnail is None or isinstance(m.thumbnail, bytes))):  # fmt: skip
+            raise MediaError("not a media payload: a field of the wrong type")
         if len(m.key) != 32 or len(m.nonce) != 12 or len(m.sha256) != 32:
             raise MediaError("not a media payload: bad key, nonce or hash length")
+        if m.size < 0 or m.enc_size != m.size + TAG_SIZE:
+            raise MediaError("not a media payload: its sizes do not agree")
         return m
 
 
@@ -278,9 +292,15 @@ def _unb64(text: str) -> bytes:
 
 
 async def download(media: Media, dest: str, *, ssl=None, progress=None, attempts: int = 5,
-                   timeout: float = 60.0) -> str:  # fmt: skip
+                   timeout: float = 60.0, max_bytes: int = DOWNLOAD_MAX) -> str:  # fmt: skip
     """GET ``media`` into ``dest`` (a file path), check its hash, decrypt; returns
-    ``dest``.  Raises MediaError on a refusal, a hash mismatch or a bad tag."""
+    ``dest``.  Raises MediaError on a refusal, a hash mismatch or a bad tag, and
+    before any request when the payload says more than ``max_bytes`` (its size is
+    the sender's word: a peer's 120 MiB payload filled the disk before the hash
+    check)."""
+    if media.enc_size > max_bytes:
+        raise MediaError(f"{media.enc_size} bytes is more than this client downloads "
+                         f"({max_bytes}: max_bytes)")  # fmt: skip
     sslctx = _ssl_for(media.url, ssl)
     headers = _auth(media.token)
     d = os.path.dirname(os.path.abspath(dest))

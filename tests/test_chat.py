@@ -794,3 +794,52 @@ def test_groups_by_name_notices_invite_and_leave(server, tmp_path):
         for term in (a, b, c):
             term.type("/quit")
             assert term.finish() == 0
+
+
+def test_a_peers_bad_or_foreign_media_payload_neither_ends_the_chat_nor_is_fetched(tmp_path):
+    """A stranger's document payload with "size": "huge" ended ``pigeon chat`` (the
+    reader died on rendering it); one naming a URL on another host was fetched at once,
+    telling that host the user's address and when it is online (probe6).  Now the
+    first is shown as a text and the second as not saved; nothing connects to it."""
+    import asyncio
+    import socket
+
+    import msgpack
+
+    srv = Server(tmp_path / "data", workers=2, media=True).start()
+    trap = socket.socket()
+    trap.bind(("127.0.0.2", 0))
+    trap.listen(8)
+    trap.setblocking(False)
+    try:
+        bob_profile = register(srv, tmp_path, BOB)
+        bob = Chat(srv, bob_profile, "--media-dir", str(tmp_path / "inbox"))
+        try:
+            bob.expect(f"logged in as {BOB}:0")
+            good = {"v": 1, "url": f"http://127.0.0.2:{trap.getsockname()[1]}/track",
+                    "id": "ab" * 32, "token": b"t", "key": b"k" * 32, "nonce": b"n" * 12,
+                    "sha256": b"s" * 32, "size": 10, "enc_size": 26, "mime": "text/plain",
+                    "name": "x.txt"}  # fmt: skip
+
+            async def mallory():
+                c = await srv.login(await srv.register(CAROL))
+                await c.send(BOB, msgpack.packb({**good, "size": "huge"}), type="document")
+                await c.send(BOB, msgpack.packb(good), type="document")
+                await c.send(BOB, b"still there?")
+                await c.close()
+
+            asyncio.run(asyncio.wait_for(mallory(), 60))
+            bob.expect("<- " + CAROL)  # the bad one: shown as a text, not a media file
+            assert "on another host (127.0.0.2): not saved" in bob.expect("not saved")
+            bob.expect("still there?")  # the chat goes on
+            with pytest.raises(BlockingIOError):
+                trap.accept()  # nothing was fetched
+            bob.type("/quit")
+            assert bob.finish() == 0
+        finally:
+            if bob.proc.poll() is None:
+                bob.proc.kill()
+                bob.proc.wait(5)
+    finally:
+        trap.close()
+        assert srv.stop() == 0

@@ -962,3 +962,33 @@ def test_a_416_under_if_range_has_a_json_body(srv, tmp_path):
                 assert r.status == 206 and len(await r.read()) == 10
 
     run(main())
+
+
+def test_a_payload_of_wrong_types_or_sizes_is_not_media_and_a_big_one_is_not_fetched(tmp_path):
+    """A peer's payload is the sender's word: fields of the wrong type ("size": "huge",
+    "name": 7) reached the chat's rendering and ended it, and a claimed 120 MiB was
+    downloaded to the disk before the hash check (probe6)."""
+    import msgpack
+
+    from pigeon.client.media import DOWNLOAD_MAX, Media, MediaError, download
+
+    good = {"v": 1, "url": "http://127.0.0.1:9/x", "id": "ab" * 32, "token": b"t",
+            "key": b"k" * 32, "nonce": b"n" * 12, "sha256": b"s" * 32, "size": 10,
+            "enc_size": 26, "mime": "text/plain", "name": "x.txt"}  # fmt: skip
+    assert Media.unpack(msgpack.packb(good)).size == 10
+    for bad in (
+        {"size": "huge"},
+        {"name": 7},
+        {"url": 5},
+        {"token": "t"},
+        {"thumb": 3},
+        {"enc_size": 27},
+        {"size": -16, "enc_size": 0},
+        {"size": True},
+    ):
+        with pytest.raises(MediaError, match="not a media payload"):
+            Media.unpack(msgpack.packb({**good, **bad}))
+    big = Media.unpack(msgpack.packb({**good, "size": DOWNLOAD_MAX, "enc_size": DOWNLOAD_MAX + 16}))
+    with pytest.raises(MediaError, match="more than this client downloads"):
+        run(download(big, str(tmp_path / "out")))  # (refused before any request)
+    assert list(tmp_path.iterdir()) == []

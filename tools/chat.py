@@ -577,6 +577,16 @@ async def link(args) -> int:
 MEDIA_TYPES = frozenset({"image", "video", "audio", "document", "sticker"})
 
 
+def _host_of(url: str) -> str:
+    """The host of a media URL, lower-case ("" if it has none)."""
+    from urllib.parse import urlsplit
+
+    try:
+        return (urlsplit(url).hostname or "").lower()
+    except ValueError:
+        return ""
+
+
 def _media_of(ev):
     """The Media a message carries, or None (a text, or a body that is not one)."""
     if ev.type not in MEDIA_TYPES:
@@ -728,7 +738,13 @@ class Chat:
                 who = _user(ev.sender)
                 when = time.strftime("%H:%M", time.localtime(ev.t / 1000))
                 media = _media_of(ev)
-                if media is not None:
+                if media is not None and not self._our_media(media):
+                    # not this server's media service: fetching it at once told the
+                    # sender's web server this user's address and when it is online
+                    _out(f"<- {who} [{when}]: [{ev.type}: {_printable(media.name or media.id)}, "
+                         f"{_size(media.size)}] on another host "
+                         f"({_printable(_host_of(media.url))}): not saved")  # fmt: skip
+                elif media is not None:
                     _out(f"<- {who} [{when}]: [{ev.type}: {_printable(media.name or media.id)}, "
                          f"{_size(media.size)}] saving…")  # fmt: skip
                     self.spawn(self.save_media(media))
@@ -792,6 +808,10 @@ class Chat:
             await self.client.receipt(who, mid, "read", timeout=None, participant=participant)
         except (ServerError, ConnectionLost):
             pass  # the sender went away, or so did we: nothing to tell
+
+    def _our_media(self, media) -> bool:
+        """Is ``media`` on the host this chat is connected to (its media service)?"""
+        return _host_of(media.url) == str(getattr(self.client, "host", "")).strip("[]").lower()
 
     async def save_media(self, media) -> None:
         from pigeon.client.media import MediaError
