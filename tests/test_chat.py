@@ -825,12 +825,16 @@ def test_a_peers_bad_or_foreign_media_payload_neither_ends_the_chat_nor_is_fetch
                 c = await srv.login(await srv.register(CAROL))
                 await c.send(BOB, msgpack.packb({**good, "size": "huge"}), type="document")
                 await c.send(BOB, msgpack.packb(good), type="document")
+                await c.send(BOB, "invoice\u202efdp.exe \x1b]0;owned\x07 👨\u200d👩".encode())
                 await c.send(BOB, b"still there?")
                 await c.close()
 
             asyncio.run(asyncio.wait_for(mallory(), 60))
             bob.expect("<- " + CAROL)  # the bad one: shown as a text, not a media file
             assert "on another host (127.0.0.2): not saved" in bob.expect("not saved")
+            # a peer's text cannot reorder or restyle the terminal (an emoji's joiner stays)
+            line = bob.expect("invoice")
+            assert "invoice\\u202efdp.exe \\x1b]0;owned\\x07 👨\u200d👩" in line, line
             bob.expect("still there?")  # the chat goes on
             with pytest.raises(BlockingIOError):
                 trap.accept()  # nothing was fetched

@@ -252,13 +252,23 @@ def _out(line: str) -> None:
     print(line, flush=True)
 
 
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+#: control characters, and the invisible ones that reorder or hide text (bidi
+#: embeddings, overrides and isolates, the zero-width space, the BOM): a peer's
+#: "invoice\u202efdp.exe" showed as "invoiceexe.pdf" (probe, 2026-12-04).  Not the
+#: joiners (emoji sequences, Persian and Indic scripts) nor the LRM/RLM marks.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u200b\u202a-\u202e\u2066-\u2069\ufeff]")
 
 
 def _printable(text: str) -> str:
     """Someone else's text, safe for a terminal: control characters (escape
-    sequences could move the cursor, retitle the window, ...) are shown as \\xNN."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    sequences could move the cursor, retitle the window, ...) are shown as \\xNN,
+    the invisible ones that reorder text as \\uNNNN."""
+    return _CONTROL.sub(_shown, text)
+
+
+def _shown(m) -> str:
+    n = ord(m.group())
+    return f"\\x{n:02x}" if n < 0x100 else f"\\u{n:04x}"
 
 
 # -- input: a line editor in a terminal, plain lines from a pipe ---------------------
