@@ -193,6 +193,16 @@ class Server:
             store.close()
         return Credentials(device, secret)
 
+    def queue_count(self, device: str) -> int:
+        """How many entries ``device``'s queue holds (its qstate record, from LMDB)."""
+        store = Store(str(self.data_dir / "store"), map_size=256 << 20, create=False)
+        try:
+            with store.read() as txn:
+                raw = txn.get(device.encode(), db=store._db["qstate"])
+        finally:
+            store.close()
+        return 0 if raw is None else int.from_bytes(raw[8:16], "big")
+
     def queue_stats(self, top: int = 10) -> dict:
         """The store's queue totals (read straight from LMDB, as `pigeon admin queues` does)."""
         from pigeon.server.queues import Queues

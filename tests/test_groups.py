@@ -58,17 +58,6 @@ def open_store(srv) -> Store:
     return Store(str(srv.data_dir / "store"), map_size=256 << 20, create=False)
 
 
-def queued(srv, device: str) -> int:
-    """How many entries ``device``'s queue holds (its qstate count), from the store."""
-    store = open_store(srv)
-    try:
-        with store.read() as txn:
-            raw = txn.get(device.encode(), db=store._db["qstate"])
-    finally:
-        store.close()
-    return 0 if raw is None else int.from_bytes(raw[8:16], "big")
-
-
 def worker_of(srv, creds) -> int:
     phone = creds.device.partition(":")[0]
     return srv.sessions(phone)[creds.device]["worker"]
@@ -379,7 +368,7 @@ def test_a_full_queue_fails_that_member_only_and_the_ack_names_them(srv):
             await deliveries(cl, 1)
         # bob's ack of the notice is committed before the messages come (else his
         # queue is one entry fuller than counted and he fails the last one too)
-        await until(lambda: queued(srv, bc.device) == 0)
+        await until(lambda: srv.queue_count(bc.device) == 0)
         # carol is offline: her queue holds the create notice, then messages up to QUEUE_MAX
         for i in range(QUEUE_MAX - 1):
             assert (await alice.send(g, b"m%d" % i)).failed == ()

@@ -522,16 +522,6 @@ def test_key_fetches_shrink_to_a_lower_keys_query_max(tmp_path):
 # -- a member past the strangers' share misses a stranger's membership notices ----------
 
 
-def queued(srv, device) -> int:
-    store = Store(str(srv.data_dir / "store"), map_size=256 << 20, create=False)
-    try:
-        with store.read() as txn:
-            raw = txn.get(device.encode(), db=store._db["qstate"])
-    finally:
-        store.close()
-    return 0 if raw is None else int.from_bytes(raw[8:16], "big")
-
-
 def test_a_lost_group_key_is_asked_for_in_plaintext_and_does_not_make_the_sender_known(
     tmp_path,
 ):
@@ -562,7 +552,7 @@ def test_a_lost_group_key_is_asked_for_in_plaintext_and_does_not_make_the_sender
             ack = await a.send(g, b"three")  # shares the key with bob again
             ev = await message(b)
             assert (type(ev), ev.id, ev.body) == (GroupMessage, ack.id, b"three")
-            await until(lambda: queued(srv, b.creds.device) == 0)
+            await until(lambda: srv.queue_count(b.creds.device) == 0)
             await b.close()
             for i in range(3):  # bob is offline: a stranger stops at the share (3)
                 await a.send(pb, b"x", id=f"s{i}")
@@ -611,17 +601,17 @@ def test_a_connected_member_who_missed_a_removal_rotates_within_the_member_list_
                 await b.ack(ev.seq)
                 if isinstance(ev, IncomingReceipt) and ev.type == "delivered":
                     got.update(ev.members)
-            await until(lambda: queued(srv, b.creds.device) == 0)
+            await until(lambda: srv.queue_count(b.creds.device) == 0)
             with pytest.raises(ServerError) as e:
                 for _ in range(4):
                     await a.send(pb, b"unread")
             assert e.value.code == ErrorCode.QUEUE_FULL
-            held = queued(srv, b.creds.device)
+            held = srv.queue_count(b.creds.device)
             await a.group_add(g, [pd])
             await a.group_remove(g, [pc])
             assert (await notice(c, "remove")).members == (pc,)
             assert (await notice(d, "add")).members == (pd,)
-            assert queued(srv, b.creds.device) == held  # none for bob
+            assert srv.queue_count(b.creds.device) == held  # none for bob
             for _ in range(held):
                 ev = await b.next_event(15)
                 await b.ack(ev.seq)
@@ -676,17 +666,17 @@ def test_a_member_who_missed_a_strangers_membership_notices_recovers_on_its_next
                 await b.ack(ev.seq)
                 if isinstance(ev, IncomingReceipt) and ev.type == "delivered":
                     got.update(ev.members)
-            await until(lambda: queued(srv, b.creds.device) == 0)
+            await until(lambda: srv.queue_count(b.creds.device) == 0)
             with pytest.raises(ServerError) as e:  # bob reads nothing now: his queue fills
                 for _ in range(4):
                     await a.send(pb, b"unread")
             assert e.value.code == ErrorCode.QUEUE_FULL
-            held = queued(srv, b.creds.device)
+            held = srv.queue_count(b.creds.device)
             assert held >= 3
             await a.group_add(g, [pd])
             await a.group_remove(g, [pc])
             assert (await notice(c, "remove")).members == (pc,)  # carol's own
-            assert queued(srv, b.creds.device) == held  # none for bob (2 more before)
+            assert srv.queue_count(b.creds.device) == held  # none for bob (2 more before)
             ops = []
             for _ in range(held):
                 ev = await b.next_event(15)
@@ -694,7 +684,7 @@ def test_a_member_who_missed_a_strangers_membership_notices_recovers_on_its_next
                 if isinstance(ev, GroupNotice):
                     ops.append(ev.op)
             assert "add" not in ops and "remove" not in ops
-            await until(lambda: queued(srv, b.creds.device) == 0)
+            await until(lambda: srv.queue_count(b.creds.device) == 0)
 
             assert (await notice(d, "add")).members == (pd,)
             assert (await d.send(g, b"new here")).failed == ()  # shared with alice and bob

@@ -91,6 +91,15 @@ class Raw:
         self.sock.close()
 
 
+def ask_code(srv: Server, source: str, rid: str, phone: str = ALICE):
+    """``register`` for ``phone`` from address ``source``: the server's answer."""
+    raw = Raw(srv.port, source=source)
+    raw.send(Register(rid, phone))
+    ev = raw.next_event()
+    raw.close()
+    return ev
+
+
 def scram_exchange(raw: Raw, creds_device: str, secret: bytes) -> Error | None:
     """A SCRAM login on ``raw``; returns the Error the server answered with, or None."""
     from pigeon.client._core import Credentials
@@ -458,9 +467,9 @@ def test_an_ack_past_the_queues_end_is_refused_and_delivery_goes_on(tmp_path):
         assert isinstance(ev, IncomingMessage) and (ev.id, ev.seq) == ("a-2", 2), ev
         raw.send(DeviceAck(2))
         until_sync = time.monotonic() + 10
-        while queue_count(srv, bob.device) and time.monotonic() < until_sync:
+        while srv.queue_count(bob.device) and time.monotonic() < until_sync:
             time.sleep(0.05)
-        assert queue_count(srv, bob.device) == 0
+        assert srv.queue_count(bob.device) == 0
         raw.close()
     finally:
         assert srv.stop() == 0
@@ -822,19 +831,11 @@ def test_a_stranger_cannot_void_the_owners_code_with_wrong_verifies(tmp_path):
 def test_codes_a_stranger_asks_for_do_not_void_the_owners(tmp_path):
     srv = start(tmp_path, register_per_phone=3)
     try:
-
-        def register(source: str, rid: str):
-            raw = Raw(srv.port, source=source)
-            raw.send(Register(rid, ALICE))
-            ev = raw.next_event()
-            raw.close()
-            return ev
-
-        assert isinstance(register("127.0.0.3", "owner"), CodeSent)
+        assert isinstance(ask_code(srv, "127.0.0.3", "owner"), CodeSent)
         code = srv.code_for(ALICE)
         for i in range(2):
-            assert isinstance(register("127.0.0.2", f"s{i}"), CodeSent)
-        ev = register("127.0.0.2", "s3")  # register-per-phone is used up: the lockout stays
+            assert isinstance(ask_code(srv, "127.0.0.2", f"s{i}"), CodeSent)
+        ev = ask_code(srv, "127.0.0.2", "s3")  # register-per-phone is used up: the lockout stays
         assert isinstance(ev, Error) and ev.code == ErrorCode.RATE_LIMITED, ev
         owner = Raw(srv.port, source="127.0.0.3")
         owner.send(Verify("v", ALICE, code, new_identity().public))
@@ -850,27 +851,19 @@ def test_code_requests_from_other_networks_do_not_use_up_the_owners(tmp_path):
     # network than the owner's 127.0.0.0/24; register-per-phone-total caps them all
     srv = start(tmp_path, register_per_phone_total=5)
     try:
-
-        def register(source: str, rid: str):
-            raw = Raw(srv.port, source=source)
-            raw.send(Register(rid, ALICE))
-            ev = raw.next_event()
-            raw.close()
-            return ev
-
         for i in range(3):
-            assert isinstance(register(f"127.0.5.{i + 2}", f"s{i}"), CodeSent)
-        ev = register("127.0.5.9", "s3")
+            assert isinstance(ask_code(srv, f"127.0.5.{i + 2}", f"s{i}"), CodeSent)
+        ev = ask_code(srv, "127.0.5.9", "s3")
         assert isinstance(ev, Error) and ev.code == ErrorCode.RATE_LIMITED, ev
         assert "from this network" in ev.text
-        assert isinstance(register("127.0.0.3", "owner"), CodeSent)  # not locked out
+        assert isinstance(ask_code(srv, "127.0.0.3", "owner"), CodeSent)  # not locked out
         owner = Raw(srv.port, source="127.0.0.3")
         owner.send(Verify("v", ALICE, srv.code_for(ALICE), new_identity().public))
         ev = owner.next_event()
         assert type(ev).__name__ == "Registered", ev
         owner.close()
-        assert isinstance(register("127.0.6.2", "s4"), CodeSent)  # the fifth in all
-        ev = register("127.0.7.2", "s5")  # a network never seen: the total holds
+        assert isinstance(ask_code(srv, "127.0.6.2", "s4"), CodeSent)  # the fifth in all
+        ev = ask_code(srv, "127.0.7.2", "s5")  # a network never seen: the total holds
         assert isinstance(ev, Error) and ev.code == ErrorCode.RATE_LIMITED, ev
         assert "try again later" in ev.text
         outbox = (srv.data_dir / "sms-outbox.txt").read_text().splitlines()
@@ -886,19 +879,11 @@ def test_a_strangers_code_requests_do_not_push_out_the_owners_live_code(tmp_path
     A number now keeps as many as register-per-phone-total lets be asked for."""
     srv = start(tmp_path)
     try:
-
-        def register(source: str, rid: str):
-            raw = Raw(srv.port, source=source)
-            raw.send(Register(rid, ALICE))
-            ev = raw.next_event()
-            raw.close()
-            return ev
-
-        assert isinstance(register("127.0.0.3", "owner"), CodeSent)
+        assert isinstance(ask_code(srv, "127.0.0.3", "owner"), CodeSent)
         code = srv.code_for(ALICE)
         for net in (5, 6, 7):  # three of the stranger's networks, three requests each
             for i in range(3):
-                assert isinstance(register(f"127.0.{net}.{i + 2}", f"s{net}{i}"), CodeSent)
+                assert isinstance(ask_code(srv, f"127.0.{net}.{i + 2}", f"s{net}{i}"), CodeSent)
         owner = Raw(srv.port, source="127.0.0.3")
         owner.send(Verify("v", ALICE, code, new_identity().public))
         ev = owner.next_event()
@@ -1651,16 +1636,6 @@ def test_a_user_is_in_at_most_user_groups_max_groups(tmp_path):
 # -- 20. a stranger's group fills a whole queue (probe 4) ----------------------------------------
 
 
-def queue_count(srv: Server, device: str) -> int:
-    store = Store(str(srv.data_dir / "store"), map_size=256 << 20, create=False)
-    try:
-        with store.read() as txn:
-            raw = txn.get(device.encode(), db=store._db["qstate"])
-            return 0 if raw is None else int.from_bytes(raw[8:16], "big")
-    finally:
-        store.close()
-
-
 @pytest.mark.parametrize("payloads", [False, True], ids=["plain", "payloads"])
 def test_a_strangers_group_messages_fill_only_the_strangers_part_of_a_queue(tmp_path, payloads):
     """A stranger's 1:1 messages fill at most stranger-queue-count of a queue, but
@@ -1685,7 +1660,7 @@ def test_a_strangers_group_messages_fill_only_the_strangers_part_of_a_queue(tmp_
             acks = [await stranger.group_send(g, b"junk %d" % i, payloads=extra)
                     for i in range(8)]  # fmt: skip
             assert [a.failed for a in acks] == [()] * 3 + [(BOB,)] * 5, acks
-            assert queue_count(srv, vc.device) == 4  # the create notice and 3 messages
+            assert srv.queue_count(vc.device) == 4  # the create notice and 3 messages
             with pytest.raises(ServerError) as e:  # the same as 1:1
                 await stranger.send(BOB, b"direct")
             assert e.value.code == ErrorCode.QUEUE_FULL
@@ -1694,7 +1669,7 @@ def test_a_strangers_group_messages_fill_only_the_strangers_part_of_a_queue(tmp_
             acks = [await friend.group_send(gf, b"hi %d" % i, payloads=extra) for i in range(8)]
             # 4 + the message + the notice = 6: 6 more fit under queue-max-count
             assert [a.failed for a in acks] == [()] * 6 + [(BOB,)] * 2, acks
-            assert queue_count(srv, vc.device) == 12
+            assert srv.queue_count(vc.device) == 12
             await stranger.ping()
             for c in (stranger, friend):
                 await c.close()
@@ -1729,15 +1704,15 @@ def test_a_strangers_group_changes_fill_only_the_strangers_part_of_a_queue(tmp_p
                 await stranger.group_subject(g, f"spam {i}")
             await stranger.group_description(g, "more")
             await stranger.group_settings(g, announce=True)
-            assert queue_count(srv, vc.device) == 4  # the create notice and 3 subjects
+            assert srv.queue_count(vc.device) == 4  # the create notice and 3 subjects
             await stranger.group_promote(g, [FRIEND])  # a role: not queued for bob either
-            assert queue_count(srv, vc.device) == 4
+            assert srv.queue_count(vc.device) == 4
             await friend.group_subject(g, "friends")  # bob knows the friend: queued
-            assert queue_count(srv, vc.device) == 5
+            assert srv.queue_count(vc.device) == 5
             await stranger.group_add(g, [DAVE])  # a membership change: not queued either
-            assert queue_count(srv, vc.device) == 5
+            assert srv.queue_count(vc.device) == 5
             await friend.group_remove(g, [DAVE])  # but by bob's contact: queued
-            assert queue_count(srv, vc.device) == 6
+            assert srv.queue_count(vc.device) == 6
             await friend.send(BOB, b"hello")  # and the contact reaches bob
             info = await stranger.group_info(g)  # what bob reads when back
             assert (info.subject, info.description) == ("friends", "more")
@@ -1769,13 +1744,13 @@ def test_group_read_receipts_about_made_up_ids_do_not_fill_a_members_queue(tmp_p
             sent = await victim.group_send(g, b"a real one")
             await victim.close()  # offline from here on
             await until(lambda: vc.device not in srv.sessions(BOB))
-            before = queue_count(srv, vc.device)
+            before = srv.queue_count(vc.device)
             for i in range(20):
                 await stranger.receipt(g, f"madeup{i}", "read", participant=BOB)
-            assert queue_count(srv, vc.device) == before  # acked, stored for nobody
+            assert srv.queue_count(vc.device) == before  # acked, stored for nobody
             await stranger.receipt(g, sent.id, "read", participant=BOB)  # a real message
             await friend.receipt(g, "madeup-by-a-contact", "read", participant=BOB)
-            assert queue_count(srv, vc.device) == before + 2
+            assert srv.queue_count(vc.device) == before + 2
             for c in (stranger, friend):
                 await c.close()
 
