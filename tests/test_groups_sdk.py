@@ -10,6 +10,7 @@ would have needed is taken from what the server delivered to the others.
 import asyncio
 import itertools
 import time
+from types import SimpleNamespace
 
 import pytest
 from e2eutil import (
@@ -567,67 +568,90 @@ def test_a_lost_group_key_is_asked_for_in_plaintext_and_does_not_make_the_sender
         assert srv.stop() == 0, srv.log_text()[-3000:]
 
 
+async def bob_misses_a_removal(srv, tmp_path, ttl: float | None = None):
+    """Alice (an admin bob does not know) makes a group with bob and carol; bob's
+    queue then holds the strangers' share (3: alice's unread messages), so her add of
+    dave and removal of carol are not queued for him (a stranger's add/remove loop
+    filled a member's queue with them).  Bob reads his queue; his SDK still has the
+    old member list.  Returns the scenario: the clients, phones, group, bob's first
+    session id, when his member list was read, the group notices he read."""
+    relay = await Relay(srv.port).start()
+    pa, pb, pc, pd = next(PHONES), next(PHONES), next(PHONES), next(PHONES)
+    a = await register(srv, relay, pa, tmp_path / "a.json")
+    b = await register(srv, relay, pb, tmp_path / "b.json")
+    c = await register(srv, relay, pc, tmp_path / "c.json")
+    d = await register(srv, relay, pd, tmp_path / "d.json")
+    if ttl is not None:
+        b.GROUP_MEMBERS_TTL = ttl
+    # everyone but bob takes the others' messages past the share (contacts)
+    await a.discover([pb, pc, pd], "full")
+    await d.discover([pa, pb], "full")
+    g = (await a.group_create("team", [pb, pc])).group
+    await b.send(g, b"hello")  # bob's session, shared with alice and carol
+    read_at = time.monotonic()  # (bob's member list was read for it)
+    for cl in (a, c):
+        assert (await message(cl)).body == b"hello"
+    old_sid = b.secure.groups.outbound[g].session.session_id
+    got = set()  # bob reads what is queued so far (the receipts come in their time)
+    while got != {pa, pc}:
+        ev = await b.next_event(15)
+        await b.ack(ev.seq)
+        if isinstance(ev, IncomingReceipt) and ev.type == "delivered":
+            got.update(ev.members)
+    await until(lambda: srv.queue_count(b.creds.device) == 0)
+    with pytest.raises(ServerError) as e:  # bob reads nothing now: his queue fills
+        for _ in range(4):
+            await a.send(pb, b"unread")
+    assert e.value.code == ErrorCode.QUEUE_FULL
+    held = srv.queue_count(b.creds.device)
+    assert held >= 3
+    await a.group_add(g, [pd])
+    await a.group_remove(g, [pc])
+    assert (await notice(c, "remove")).members == (pc,)  # carol's own
+    assert srv.queue_count(b.creds.device) == held  # none for bob (2 more before)
+    ops = []
+    for _ in range(held):
+        ev = await b.next_event(15)
+        await b.ack(ev.seq)
+        if isinstance(ev, GroupNotice):
+            ops.append(ev.op)
+    assert "add" not in ops and "remove" not in ops
+    await until(lambda: srv.queue_count(b.creds.device) == 0)
+    return SimpleNamespace(relay=relay, a=a, b=b, c=c, d=d, pa=pa, pb=pb, pc=pc, pd=pd, g=g,
+                           old_sid=old_sid, read_at=read_at, ops=ops)  # fmt: skip
+
+
+def missed_server(tmp_path) -> Server:
+    return Server(tmp_path / "data", workers=2, register_per_ip=1000, message_rate=0,
+                  new_chats=0, stranger_queue_count=3).start()  # fmt: skip
+
+
 def test_a_connected_member_who_missed_a_removal_rotates_within_the_member_list_ttl(tmp_path):
-    """As above, but nobody new writes: bob stays connected, his queue past the
-    strangers' share when carol is removed and dave added, so he gets neither notice
-    and his cached member list still names carol.  Once it is older than
-    GROUP_MEMBERS_TTL his next send reads the members again: a new Megolm session
-    (carol had the old one) that dave can read.  Without the TTL bob kept sending
-    under carol's session, and dave got a body he could not decrypt."""
-    srv = Server(tmp_path / "data", workers=2, register_per_ip=1000, message_rate=0,
-                 new_chats=0, stranger_queue_count=3)  # fmt: skip
-    srv.start()
+    """bob_misses_a_removal, and nobody new writes: bob stays connected and his cached
+    member list still names carol.  Once it is older than GROUP_MEMBERS_TTL his next
+    send reads the members again: a new Megolm session (carol had the old one) that
+    dave can read.  Without the TTL bob kept sending under carol's session, and dave
+    got a body he could not decrypt."""
+    srv = missed_server(tmp_path)
     try:
 
         async def main():
-            relay = await Relay(srv.port).start()
-            pa, pb, pc, pd = next(PHONES), next(PHONES), next(PHONES), next(PHONES)
-            a = await register(srv, relay, pa, tmp_path / "a.json")
-            b = await register(srv, relay, pb, tmp_path / "b.json")
-            c = await register(srv, relay, pc, tmp_path / "c.json")
-            d = await register(srv, relay, pd, tmp_path / "d.json")
-            b.GROUP_MEMBERS_TTL = ttl = 4.0
-            await a.discover([pb, pc, pd], "full")
-            await d.discover([pa, pb], "full")
-            g = (await a.group_create("team", [pb, pc])).group
-            await b.send(g, b"hello")
-            read_at = time.monotonic()  # (bob's member list was read for it)
-            for cl in (a, c):
-                assert (await message(cl)).body == b"hello"
-            old_sid = b.secure.groups.outbound[g].session.session_id
-            got = set()
-            while got != {pa, pc}:
-                ev = await b.next_event(15)
-                await b.ack(ev.seq)
-                if isinstance(ev, IncomingReceipt) and ev.type == "delivered":
-                    got.update(ev.members)
-            await until(lambda: srv.queue_count(b.creds.device) == 0)
-            with pytest.raises(ServerError) as e:
-                for _ in range(4):
-                    await a.send(pb, b"unread")
-            assert e.value.code == ErrorCode.QUEUE_FULL
-            held = srv.queue_count(b.creds.device)
-            await a.group_add(g, [pd])
-            await a.group_remove(g, [pc])
-            assert (await notice(c, "remove")).members == (pc,)
-            assert (await notice(d, "add")).members == (pd,)
-            assert srv.queue_count(b.creds.device) == held  # none for bob
-            for _ in range(held):
-                ev = await b.next_event(15)
-                await b.ack(ev.seq)
-                assert not isinstance(ev, GroupNotice)
-            assert pc in b._group_members[g]  # the list he has is old
+            ttl = 4.0
+            m = await bob_misses_a_removal(srv, tmp_path, ttl)
+            assert m.ops == []  # no notice at all reached bob
+            assert (await notice(m.d, "add")).members == (m.pd,)
+            assert m.pc in m.b._group_members[m.g]  # the list he has is old
             # past the TTL: no login, no notice, no new writer
-            await asyncio.sleep(max(0.0, ttl + 0.2 - (time.monotonic() - read_at)))
-            ack = await b.send(g, b"welcome")
+            await asyncio.sleep(max(0.0, ttl + 0.2 - (time.monotonic() - m.read_at)))
+            ack = await m.b.send(m.g, b"welcome")
             assert ack.failed == ()
-            assert b.secure.groups.outbound[g].session.session_id != old_sid  # carol's is gone
-            for cl in (a, d):
+            assert m.b.secure.groups.outbound[m.g].session.session_id != m.old_sid  # carol's
+            for cl in (m.a, m.d):
                 ev = await message(cl)
                 assert (type(ev), ev.id, ev.body) == (GroupMessage, ack.id, b"welcome")
-            for cl in (a, b, c, d):
+            for cl in (m.a, m.b, m.c, m.d):
                 await cl.close()
-            await relay.close()
+            await m.relay.close()
 
         run(main())
     finally:
@@ -635,71 +659,28 @@ def test_a_connected_member_who_missed_a_removal_rotates_within_the_member_list_
 
 
 def test_a_member_who_missed_a_strangers_membership_notices_recovers_on_its_next_send(tmp_path):
-    """Bob's queue holds the strangers' share (3: alice's unread messages), so alice's
-    add of dave and removal of carol are not queued for him (a stranger's add/remove
-    loop filled a member's queue with them).  His SDK still has the old member list;
-    dave's first message to the group tells it that list is old, and bob's next
-    message starts a new Megolm session (carol had the old one) that dave can read."""
-    srv = Server(tmp_path / "data", workers=2, register_per_ip=1000, message_rate=0,
-                 new_chats=0, stranger_queue_count=3)  # fmt: skip
-    srv.start()
+    """bob_misses_a_removal; dave's first message to the group tells bob's SDK that its
+    member list is old, and bob's next message starts a new Megolm session (carol had
+    the old one) that dave can read."""
+    srv = missed_server(tmp_path)
     try:
 
         async def main():
-            relay = await Relay(srv.port).start()
-            pa, pb, pc, pd = next(PHONES), next(PHONES), next(PHONES), next(PHONES)
-            a = await register(srv, relay, pa, tmp_path / "a.json")
-            b = await register(srv, relay, pb, tmp_path / "b.json")
-            c = await register(srv, relay, pc, tmp_path / "c.json")
-            d = await register(srv, relay, pd, tmp_path / "d.json")
-            # everyone but bob takes the others' messages past the share (contacts)
-            await a.discover([pb, pc, pd], "full")
-            await d.discover([pa, pb], "full")
-            g = (await a.group_create("team", [pb, pc])).group
-            await b.send(g, b"hello")  # bob's session, shared with alice and carol
-            for cl in (a, c):
-                assert (await message(cl)).body == b"hello"
-            old_sid = b.secure.groups.outbound[g].session.session_id
-            got = set()  # bob reads what is queued so far (the receipts come in their time)
-            while got != {pa, pc}:
-                ev = await b.next_event(15)
-                await b.ack(ev.seq)
-                if isinstance(ev, IncomingReceipt) and ev.type == "delivered":
-                    got.update(ev.members)
-            await until(lambda: srv.queue_count(b.creds.device) == 0)
-            with pytest.raises(ServerError) as e:  # bob reads nothing now: his queue fills
-                for _ in range(4):
-                    await a.send(pb, b"unread")
-            assert e.value.code == ErrorCode.QUEUE_FULL
-            held = srv.queue_count(b.creds.device)
-            assert held >= 3
-            await a.group_add(g, [pd])
-            await a.group_remove(g, [pc])
-            assert (await notice(c, "remove")).members == (pc,)  # carol's own
-            assert srv.queue_count(b.creds.device) == held  # none for bob (2 more before)
-            ops = []
-            for _ in range(held):
-                ev = await b.next_event(15)
-                await b.ack(ev.seq)
-                if isinstance(ev, GroupNotice):
-                    ops.append(ev.op)
-            assert "add" not in ops and "remove" not in ops
-            await until(lambda: srv.queue_count(b.creds.device) == 0)
-
-            assert (await notice(d, "add")).members == (pd,)
-            assert (await d.send(g, b"new here")).failed == ()  # shared with alice and bob
-            for cl in (a, b):
+            m = await bob_misses_a_removal(srv, tmp_path)
+            assert (await notice(m.d, "add")).members == (m.pd,)
+            assert (await m.d.send(m.g, b"new here")).failed == ()  # shared with a and b
+            for cl in (m.a, m.b):
                 ev = await message(cl)
                 assert (type(ev), ev.body) == (GroupMessage, b"new here")
-            ack = await b.send(g, b"welcome")
+            ack = await m.b.send(m.g, b"welcome")
             assert ack.failed == ()
-            assert b.secure.groups.outbound[g].session.session_id != old_sid  # carol's is gone
-            for cl in (a, d):
+            assert m.b.secure.groups.outbound[m.g].session.session_id != m.old_sid  # carol's
+            for cl in (m.a, m.d):
                 ev = await message(cl)
                 assert (type(ev), ev.id, ev.body) == (GroupMessage, ack.id, b"welcome")
-            for cl in (a, b, c, d):
+            for cl in (m.a, m.b, m.c, m.d):
                 await cl.close()
-            await relay.close()
+            await m.relay.close()
 
         run(main())
     finally:
