@@ -381,6 +381,18 @@ def test_a_user_who_blocks_you_cannot_be_added_to_your_groups(tmp_path):
         srv.stop()
 
 
+async def offline_victim(srv):
+    """Bob (offline from here: nothing is acked), whose contact is carol, and alice, a
+    stranger to him: (bob's credentials, carol's client, alice's client)."""
+    vc = await srv.register(BOB)
+    friend = await srv.login(await srv.register(CAROL))
+    victim = await srv.login(vc)
+    await victim.discover([CAROL], "full")  # carol: a contact
+    await victim.close()
+    spammer = await srv.login(await srv.register(ALICE))
+    return vc, friend, spammer
+
+
 def test_a_strangers_add_remove_loop_stops_at_the_strangers_share_of_a_queue(tmp_path):
     """Adding a user who does not know the adder queues an add notice: past the
     strangers' share of their queue (stranger-queue-count) the add fails for them
@@ -392,12 +404,7 @@ def test_a_strangers_add_remove_loop_stops_at_the_strangers_share_of_a_queue(tmp
     try:
 
         async def main():
-            vc = await srv.register(BOB)
-            friend = await srv.login(await srv.register(CAROL))
-            victim = await srv.login(vc)
-            await victim.discover([CAROL], "full")  # carol: a contact
-            await victim.close()  # offline from here: nothing is acked
-            spammer = await srv.login(await srv.register(ALICE))
+            vc, friend, spammer = await offline_victim(srv)
             groups = [(await spammer.group("create", subject=f"g{i}")).group for i in range(3)]
             refused = 0
             for _ in range(20):
@@ -433,12 +440,7 @@ def test_a_strangers_membership_changes_stop_at_the_strangers_share_of_other_mem
     try:
 
         async def main():
-            vc = await srv.register(BOB)
-            friend = await srv.login(await srv.register(CAROL))
-            victim = await srv.login(vc)
-            await victim.discover([CAROL], "full")  # carol: a contact
-            await victim.close()  # offline from here: nothing is acked
-            spammer = await srv.login(await srv.register(ALICE))
+            vc, friend, spammer = await offline_victim(srv)
             pc = await srv.register(DAVE)
             puppet = await srv.login(pc)
             await puppet.discover([ALICE], "full")  # the spammer's own: it knows them
