@@ -139,6 +139,7 @@ from pigeon.core.node import Limits
 from pigeon.core.tokens import DICTIONARIES
 
 from .limits import window_take
+from .social import shares_group
 
 CACHE_MAX = 200_000  # entries of a worker's read caches before they start again
 
@@ -828,7 +829,7 @@ class Queues:
 
         A message of an AUTO_TYPES type (the SDK's own group-key request, sent with
         no act of its user) is charged as any unless the two share a group
-        (``_share_group``), and its record says so (``AUTO``):
+        (``social.shares_group``), and its record says so (``AUTO``):
         it does not make its sender know the recipient (``_known_to``), nor count
         as the sender having written first when the recipient answers."""
         txn = w.txn
@@ -849,7 +850,10 @@ class Queues:
             and not _real(txn.get(rkey, db=cur))
             and not _real(txn.get(rkey, db=prev))
             and txn.get(rkey, db=self.db["contacts"]) is None
-            and not (auto and self._share_group(txn, sender, to))
+            # (the SDK's key request to a co-member: strangers' group messages under
+            # new sessions made it use up a victim's new-chats, probe5; to anyone
+            # else it is charged, so it cannot tell registered numbers apart)
+            and not (auto and shares_group(txn, self.db, sender, to))
         ):
             ok, _ = window_take(txn, self.db["limits"], f"chats:{sender}".encode(), now,
                                 lim.new_chats_window_ms, lim.new_chats)  # fmt: skip
@@ -857,23 +861,6 @@ class Queues:
                 return False
         txn.put(key, AUTO if auto else b"", db=cur)
         return True
-
-    def _share_group(self, txn, user: str, other: str) -> bool:
-        """Are ``user`` and ``other`` members of one group (``ugroups``)?  For an
-        AUTO_TYPES message only: the SDK's key request to a group's member is not
-        charged against its user's new-chats (strangers' group messages under new
-        sessions used up a victim's allowance, probe5), but one to anyone else is
-        (so it cannot tell registered numbers apart without limit)."""
-        ug = self.db["ugroups"]
-        prefix, theirs = f"{user}\x00".encode(), f"{other}\x00".encode()
-        with txn.cursor(db=ug) as c:
-            if c.set_range(prefix):
-                for k in c.iternext(values=False):
-                    if not k.startswith(prefix):
-                        break
-                    if txn.get(theirs + bytes(k[len(prefix) :]), db=ug) is not None:
-                        return True
-        return False
 
     def chat_allowed_txn(self, txn, sender: str, to: str, now: int) -> bool:
         """``_chat_allowed`` for a caller outside the message path, inside ``txn``: a

@@ -77,6 +77,36 @@ def _prefix_keys(txn, dbi, prefix: bytes) -> list[bytes]:
     return out
 
 
+def groups_of(txn, db: dict, user: str) -> set[bytes]:
+    """The numbers of the groups ``user`` is a member of (``ugroups``)."""
+    prefix = f"{user}\x00".encode()
+    return {k[len(prefix) :] for k in _prefix_keys(txn, db["ugroups"], prefix)}
+
+
+def shares_group(txn, db: dict, user: str, other: str, groups: set | None = None) -> bool:
+    """Are ``user`` and ``other`` (not ``user``) members of one group?  A member
+    sees every member's number in the group's ``info`` anyway, and a number is
+    a member only if it is registered and was added by an admin (who looked it
+    up: ``Groups._may_add``) or joined with an invite itself: its device list
+    and keys tell a co-member nothing about which numbers are registered.
+    ``groups``: ``groups_of(user)``, when the caller has it."""
+    if other == user:
+        return False
+    if groups is None:
+        groups = groups_of(txn, db, user)
+    if not groups:
+        return False
+    prefix = f"{other}\x00".encode()
+    with txn.cursor(db=db["ugroups"]) as c:
+        if c.set_range(prefix):
+            for key in c.iternext(keys=True, values=False):
+                if not key.startswith(prefix):
+                    break
+                if key[len(prefix) :] in groups:
+                    return True
+    return False
+
+
 def _count_prefix(txn, dbi, prefix: bytes, cap: int) -> int:
     """How many keys start with ``prefix``, counting no further than ``cap``."""
     n = 0
@@ -324,30 +354,11 @@ class Social:
 
     def groups_of(self, txn, user: str) -> set[bytes]:
         """The numbers of the groups ``user`` is a member of (``ugroups``)."""
-        prefix = f"{user}\x00".encode()
-        return {k[len(prefix) :] for k in _prefix_keys(txn, self.db["ugroups"], prefix)}
+        return groups_of(txn, self.db, user)
 
     def shares_group(self, txn, user: str, other: str, groups: set | None = None) -> bool:
-        """Are ``user`` and ``other`` (not ``user``) members of one group?  A member
-        sees every member's number in the group's ``info`` anyway, and a number is
-        a member only if it is registered and was added by an admin (who looked it
-        up: ``Groups._may_add``) or joined with an invite itself: its device list
-        and keys tell a co-member nothing about which numbers are registered."""
-        if other == user:
-            return False
-        if groups is None:
-            groups = self.groups_of(txn, user)
-        if not groups:
-            return False
-        prefix = f"{other}\x00".encode()
-        with txn.cursor(db=self.db["ugroups"]) as c:
-            if c.set_range(prefix):
-                for key in c.iternext(keys=True, values=False):
-                    if not key.startswith(prefix):
-                        break
-                    if key[len(prefix) :] in groups:
-                        return True
-        return False
+        """``shares_group`` over this worker's store."""
+        return shares_group(txn, self.db, user, other, groups)
 
     def charge_lookup_txn(self, txn, now: int, user: str, other: str) -> None:
         """A lookup of a user outside ``user``'s contact set (``lookup_free`` false)
