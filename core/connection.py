@@ -17,7 +17,8 @@ States follow the protocol: HANDSHAKE (a server waiting for the client's
 preamble; a client starts past it), UNAUTHENTICATED (registration allowed, login may start),
 REGISTERING (``register`` or ``verify`` went: more of them, their answers,
 then a login; no ``pair``, so that a registration's ``code`` or ``registered``
-never meets a pairing connection), PAIRING (a new companion device that sent
+never meets a pairing connection; an answer still due when the login has
+started goes out in the login's states), PAIRING (a new companion device that sent
 ``pair`` waits to be linked: only ``pair``, ``ping``, ``pong`` and ``error``
 go, then ``registered`` and a login; no ``register`` or ``verify``), the three SCRAM
 steps, AUTHENTICATED (messaging), and the terminal CLOSED and ERROR.  The
@@ -203,6 +204,10 @@ TRANSITIONS: dict[tuple[State, type[Event]], State] = {
     (_S.PAIRING, PairCode): _S.PAIRING,
     (_S.PAIRING, Registered): _S.PAIRING,
     (_S.PAIRING, AuthStart): _S.AUTH_STARTED,
+    # a register's or verify's answer that comes after the client went on to log in
+    # (it need not wait for it): still its answer, and the state stays
+    **{(st, ev): st for st in (_S.AUTH_STARTED, _S.AUTH_CHALLENGED, _S.AUTH_RESPONDED,
+                               _S.AUTHENTICATED) for ev in (CodeSent, Registered)},
     (_S.AUTH_STARTED, AuthChallenge): _S.AUTH_CHALLENGED,
     (_S.AUTH_CHALLENGED, AuthResponse): _S.AUTH_RESPONDED,
     (_S.AUTH_RESPONDED, AuthSuccess): _S.AUTHENTICATED,

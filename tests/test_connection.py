@@ -278,6 +278,30 @@ def test_registering_connection_cannot_pair(impl, first):
     login(client, server)
 
 
+@pytest.mark.parametrize(
+    "late", ["auth-started", "auth-challenged", "auth-responded", "authenticated"]
+)
+def test_a_registration_answer_may_come_after_the_login_started(impl, late):
+    """auth right behind register and verify: their answers still go out (and in)
+    in each later state, changing no state."""
+    client, server = pair(impl)
+    deliver(client, server, Register("r1", ALICE))
+    deliver(client, server, Verify("r2", ALICE, "123456", b"k" * 32))
+    steps = [
+        (client, AuthStart(b"client-first"), State.AUTH_STARTED),
+        (server, AuthChallenge(b"server-first"), State.AUTH_CHALLENGED),
+        (client, AuthResponse(b"client-final"), State.AUTH_RESPONDED),
+        (server, AuthSuccess(b"server-final", 1), State.AUTHENTICATED),
+    ]
+    for src, event, state in steps:
+        deliver(src, server if src is client else client, event)
+        if state.value == late:
+            deliver(server, client, CodeSent("r1", 300))
+            deliver(server, client, Registered("r2", ALICE_DEV, b"s" * 32))
+            assert client.state is server.state is state
+    assert client.state is server.state is State.AUTHENTICATED
+
+
 def test_pairing_connection_cannot_register(impl):
     client, server = pair(impl)
     deliver(client, server, Pair("p1", "qr", b"k" * 32, name="desktop"))

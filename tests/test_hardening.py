@@ -24,6 +24,7 @@ from pigeon.core import codec as core_codec
 from pigeon.core.connection import Connection, Role
 from pigeon.core.errors import ErrorCode
 from pigeon.core.events import (
+    AuthSuccess,
     CodeSent,
     ConnectionClosed,
     Error,
@@ -988,6 +989,40 @@ def test_register_or_verify_and_pair_on_one_connection_answer_both(tmp_path):
         while not isinstance(raw.next_event(), Pong):
             pass
         raw.close()
+        assert "dropped an event the state forbids" not in srv.log_text()
+    finally:
+        assert srv.stop() == 0
+
+
+def test_a_registration_answer_due_after_the_login_started_still_comes(tmp_path):
+    # register (or verify) with auth right behind it, not waiting for the answer: the
+    # login goes on and the code's answer comes in whatever login state it finds
+    # (it was dropped: "dropped an event the state forbids", and the client never
+    # learnt the code went out)
+    from pigeon.client._core import Credentials
+
+    srv = start(tmp_path)
+    try:
+        creds = run(srv.register(ALICE))
+        raw = Raw(srv.port, source="127.0.0.7")
+        scram = ScramLogin(Credentials(creds.device, creds.secret))
+        raw.sock.sendall(raw.conn.send(Register("r1", BOB)) + raw.conn.send(scram.first()))
+        got = []
+        while not any(isinstance(ev, AuthSuccess) for ev in got):
+            ev = raw.next_event()
+            got.append(ev)
+            if type(ev).__name__ == "AuthChallenge":
+                raw.send(scram.final(ev))
+        while not any(isinstance(ev, CodeSent) for ev in got):  # after the success, if late
+            got.append(raw.next_event())
+        code = next(ev for ev in got if isinstance(ev, CodeSent))
+        assert code.id == "r1" and code.ttl == 300, got  # the code-ttl default
+        assert not any(isinstance(ev, Error) for ev in got), got
+        raw.send(Ping("barrier"))
+        while not isinstance(raw.next_event(), Pong):
+            pass
+        raw.close()
+        assert srv.code_for(BOB)  # it was texted
         assert "dropped an event the state forbids" not in srv.log_text()
     finally:
         assert srv.stop() == 0
