@@ -800,8 +800,10 @@ def test_a_peers_bad_or_foreign_media_payload_neither_ends_the_chat_nor_is_fetch
     """A stranger's document payload with "size": "huge" ended ``pigeon chat`` (the
     reader died on rendering it); one naming a URL on another host was fetched at once,
     telling that host the user's address and when it is online (probe6).  Now the
-    first is shown as a text and the second as not saved; nothing connects to it."""
+    first is shown as a text and the second as not saved; nothing connects to it
+    until the user types ``/save N``."""
     import asyncio
+    import select
     import socket
 
     import msgpack
@@ -838,6 +840,15 @@ def test_a_peers_bad_or_foreign_media_payload_neither_ends_the_chat_nor_is_fetch
             bob.expect("still there?")  # the chat goes on
             with pytest.raises(BlockingIOError):
                 trap.accept()  # nothing was fetched
+            bob.type("/save 7")
+            assert "(1)" in bob.expect("/save N: N is the number")  # what can be saved
+            bob.type("/save 1")  # the user's choice: now it is fetched from there
+            bob.expect("fetching x.txt from 127.0.0.2")
+            readable, _, _ = select.select([trap], [], [], 30)
+            assert readable, "/save did not fetch the file"
+            trap.accept()[0].close()
+            bob.type("/save 1")  # once
+            bob.expect("none now")
             bob.type("/quit")
             assert bob.finish() == 0
         finally:

@@ -29,6 +29,9 @@ sent:
     /devices       this account's devices: number, name, when linked
     /send FILE     send a file: encrypted, uploaded to the media service, linked
                    in the message (received ones are saved into --media-dir)
+    /save N        save received file N, one on another host than this chat's
+                   server (not fetched on arrival: that host would learn this
+                   user's address and when it is online)
     /unlink N      unlink device number N (the primary: any companion; a
                    companion: itself)
     /verify PHONE  the safety number with PHONE (60 digits) and its QR text:
@@ -159,6 +162,8 @@ DEFAULT_MEDIA_DIR = os.path.join(
 CODE_TRIES = 5
 #: Sent messages whose ticks the profile remembers across runs (oldest dropped first).
 PENDING_MAX = 1000
+#: Files on another host that ``/save`` can still fetch (oldest dropped first).
+UNSAVED_MAX = 50
 
 COMMANDS = """commands (run here, never sent):
   PHONE text   send text to PHONE (digits, no '+'); bare lines then go there too
@@ -170,6 +175,7 @@ COMMANDS = """commands (run here, never sent):
   /unlink N    unlink device number N (see /devices)
   /verify PHONE  the safety number with PHONE: compare it with theirs
   /send FILE   send a file (encrypted, uploaded to the media service) to the prompt's number
+  /save N      fetch and save file N, one shown as on another host (that host sees your address)
   /group new NAME PHONE...  a group (NAME: one word); NAME text sends to it
   /group add|remove NAME PHONE...   /group leave|info|invite NAME   /group join CODE
   /groups      the groups this user is in
@@ -661,6 +667,9 @@ class Chat:
         self._save_failed = False
         self.unlinked_self = False  # /unlink of this very device: the server closes then
         self.media_dir = DEFAULT_MEDIA_DIR  # where received files go (--media-dir)
+        #: files on another host, not fetched on arrival: number -> Media, for /save
+        self.unsaved: dict[int, object] = {}
+        self.unsaved_next = 1
         #: group name -> group address (g:N), as the profile keeps them
         self.groups: dict[str, str] = {
             name: gid for name, gid in (profile.get("groups") or {}).items()
@@ -751,9 +760,11 @@ class Chat:
                 if media is not None and not self._our_media(media):
                     # not this server's media service: fetching it at once told the
                     # sender's web server this user's address and when it is online
+                    n = self.hold_unsaved(media)
                     _out(f"<- {who} [{when}]: [{ev.type}: {_printable(media.name or media.id)}, "
                          f"{_size(media.size)}] on another host "
-                         f"({_printable(_host_of(media.url))}): not saved")  # fmt: skip
+                         f"({_printable(_host_of(media.url))}): not saved; /save {n} fetches "
+                         "it from there")  # fmt: skip
                 elif media is not None:
                     _out(f"<- {who} [{when}]: [{ev.type}: {_printable(media.name or media.id)}, "
                          f"{_size(media.size)}] saving…")  # fmt: skip
@@ -822,6 +833,25 @@ class Chat:
     def _our_media(self, media) -> bool:
         """Is ``media`` on the host this chat is connected to (its media service)?"""
         return _host_of(media.url) == str(getattr(self.client, "host", "")).strip("[]").lower()
+
+    def hold_unsaved(self, media) -> int:
+        """Keep ``media`` for ``/save``: its number (the oldest of UNSAVED_MAX goes)."""
+        n = self.unsaved_next
+        self.unsaved_next += 1
+        self.unsaved[n] = media
+        if len(self.unsaved) > UNSAVED_MAX:
+            del self.unsaved[min(self.unsaved)]
+        return n
+
+    def save_unsaved(self, arg: str) -> None:
+        media = self.unsaved.pop(int(arg), None) if arg.isdigit() else None
+        if media is None:
+            known = ", ".join(map(str, sorted(self.unsaved))) or "none now"
+            _out(f"!! /save N: N is the number shown with a file not saved ({known})")
+            return
+        _out(f"   fetching {_printable(media.name or media.id)} from "
+             f"{_printable(_host_of(media.url))}…")  # fmt: skip
+        self.spawn(self.save_media(media))
 
     async def save_media(self, media) -> None:
         from pigeon.client.media import MediaError
@@ -973,6 +1003,8 @@ class Chat:
                 _out("!! who to? '/to PHONE' first")
             else:
                 self.spawn(self.send_file(self.target, arg))
+        elif word == "save":
+            self.save_unsaved(arg)
         elif word == "unlink":
             if arg.isdigit():
                 self.spawn(self.unlink(f"{_user(self.client.device or '')}:{int(arg)}"))
