@@ -693,7 +693,7 @@ def test_verify_shows_the_same_safety_number_on_both_sides(server, tmp_path):
 
 def test_send_a_file_and_the_recipient_saves_it(tmp_path):
     """/send FILE: a progress line, the ✓; the recipient's terminal saves it into
-    --media-dir, decrypted, under the sender's file name."""
+    --media-dir, decrypted, under the sender's file name; in a group, every member's."""
     srv = Server(tmp_path / "data", workers=2, media=True).start()
     try:
         alice_profile = register(srv, tmp_path, ALICE)
@@ -716,6 +716,19 @@ def test_send_a_file_and_the_recipient_saves_it(tmp_path):
             assert (inbox / "report.pdf").read_bytes() == doc.read_bytes()
             alice.type("/send /no/such/file")
             alice.expect("no such file")
+            # and to a group: its members save it too (it showed as the payload's bytes)
+            alice.type(f"/group new team {BOB}")
+            alice.expect("group team made (g:")
+            bob.expect("you are in the group team")
+            alice.type("/to team")
+            notes = tmp_path / "notes.txt"
+            notes.write_bytes(b"minutes of the meeting\n" * 100)
+            alice.type(f"/send {notes}")
+            alice.expect("-> team: sending notes.txt (2.2 KiB)")
+            line = bob.expect(f"<- team/{ALICE}")
+            assert "[document: notes.txt, 2.2 KiB] saving" in line, line
+            bob.expect(f"saved {inbox / 'notes.txt'}")
+            assert (inbox / "notes.txt").read_bytes() == notes.read_bytes()
             alice.type("/quit")
             bob.type("/quit")
             assert alice.finish() == 0 and bob.finish() == 0

@@ -738,9 +738,7 @@ class Chat:
             group = getattr(ev, "group", None)
             if isinstance(ev, GroupMessage) or (isinstance(ev, IncomingMessage) and group):
                 name = self.name(group)
-                when = time.strftime("%H:%M", time.localtime(ev.t / 1000))
-                text = _printable(ev.body.decode("utf-8", "replace"))
-                _out(f"<- {name}/{_user(ev.sender)} [{when}]: {text}")
+                self.show_body(f"{name}/{_user(ev.sender)}", ev)
                 await self.client.ack(ev.seq)
                 if _user(ev.sender) != _user(self.client.device or ""):  # not a sync copy
                     self.spawn(self._read_receipt(group, ev.id, _user(ev.sender)))
@@ -755,23 +753,7 @@ class Chat:
                      f"decrypt [{ev.id}]: {ev.reason}")  # fmt: skip
             elif isinstance(ev, (IncomingMessage, DecryptedMessage)):
                 who = _user(ev.sender)
-                when = time.strftime("%H:%M", time.localtime(ev.t / 1000))
-                media = _media_of(ev)
-                if media is not None and not self._our_media(media):
-                    # not this server's media service: fetching it at once told the
-                    # sender's web server this user's address and when it is online
-                    n = self.hold_unsaved(media)
-                    _out(f"<- {who} [{when}]: [{ev.type}: {_printable(media.name or media.id)}, "
-                         f"{_size(media.size)}] on another host "
-                         f"({_printable(_host_of(media.url))}): not saved; /save {n} fetches "
-                         "it from there")  # fmt: skip
-                elif media is not None:
-                    _out(f"<- {who} [{when}]: [{ev.type}: {_printable(media.name or media.id)}, "
-                         f"{_size(media.size)}] saving…")  # fmt: skip
-                    self.spawn(self.save_media(media))
-                else:
-                    text = _printable(ev.body.decode("utf-8", "replace"))
-                    _out(f"<- {who} [{when}]: {text}")
+                self.show_body(who, ev)
                 await self.client.ack(ev.seq)
                 self.spawn(self._read_receipt(who, ev.id))
             elif isinstance(ev, IncomingReceipt):
@@ -834,6 +816,26 @@ class Chat:
         """Is ``media`` on the host this chat is connected to (its media service)?"""
         return _host_of(media.url) == str(getattr(self.client, "host", "")).strip("[]").lower()
 
+    def show_body(self, who: str, ev) -> None:
+        """``<- WHO [HH:MM]: ...`` for a message from a person or in a group: its text,
+        or the file it links (saved now when it is on this chat's server)."""
+        when = time.strftime("%H:%M", time.localtime(ev.t / 1000))
+        media = _media_of(ev)
+        if media is None:
+            _out(f"<- {who} [{when}]: {_printable(ev.body.decode('utf-8', 'replace'))}")
+            return
+        what = f"[{ev.type}: {_printable(media.name or media.id)}, {_size(media.size)}]"
+        if self._our_media(media):
+            _out(f"<- {who} [{when}]: {what} saving…")
+            self.spawn(self.save_media(media))
+        else:
+            # not this server's media service: fetching it at once told the
+            # sender's web server this user's address and when it is online
+            n = self.hold_unsaved(media)
+            _out(f"<- {who} [{when}]: {what} on another host "
+                 f"({_printable(_host_of(media.url))}): not saved; /save {n} fetches it "
+                 "from there")  # fmt: skip
+
     def hold_unsaved(self, media) -> int:
         """Keep ``media`` for ``/save``: its number (the oldest of UNSAVED_MAX goes)."""
         n = self.unsaved_next
@@ -888,7 +890,7 @@ class Chat:
                                           unit_scale=True, ascii=True, ncols=60)  # fmt: skip
                 _out(f"   {name}: {meter}")
 
-        _out(f"-> {to}: sending {name} ({_size(os.path.getsize(path))})")
+        _out(f"-> {self.name(to)}: sending {name} ({_size(os.path.getsize(path))})")
         try:
             ack, media = await self.client.send_media(to, path, progress=progress)
         except (ServerError, MediaError, ConnectionLost, OSError) as exc:
