@@ -15,6 +15,7 @@ so that no limit waits for a handshake to end.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import ssl
 import sys
@@ -24,6 +25,78 @@ from . import log
 logger = logging.getLogger("pigeon.worker")
 
 FULL_LOG_INTERVAL = 10.0
+
+
+def _key_mode_problem(st: os.stat_result) -> str | None:
+    """Why a private key file's mode is too open, or None.  PostgreSQL's rule:
+    a key the server's own user owns is for that user alone (0600/0400); one
+    root owns may also be read by its group (0640, Debian's ssl-cert group)."""
+    mode = st.st_mode & 0o777
+    owned_by_root = st.st_uid == 0 and (not hasattr(os, "geteuid") or os.geteuid() != 0)
+    if mode & (0o037 if owned_by_root else 0o077):
+        allowed = "0640 or 0600 (root owns it)" if owned_by_root else "0600"
+        return f"may be read or written by other users (mode {mode:04o}): chmod it {allowed}"
+    return None
+
+
+def tls_context(config) -> ssl.SSLContext:
+    """The server's TLS context from tls-cert and tls-key (TLS 1.2 at least).
+
+    Raises ValueError naming the file and what is wrong with it: unreadable,
+    a key others may read, not PEM, a key with a passphrase, or a key that is
+    not the certificate's."""
+    cert = config.tls_cert
+    key = config.tls_key or config.tls_cert
+    what = {cert: "tls-cert", key: "tls-key"} if key != cert else {cert: "tls-cert (with its key)"}
+    for path, name in what.items():
+        try:
+            with open(path, "rb") as f:
+                st = os.fstat(f.fileno())
+        except OSError as exc:
+            raise ValueError(f"cannot read {name} {path}: {exc.strerror}") from None
+        if path == key:
+            problem = _key_mode_problem(st)
+            if problem:
+                raise ValueError(f"{name} {path} {problem}")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        # a key under a passphrase would make OpenSSL prompt on the terminal
+        ctx.load_cert_chain(cert, key, password=_no_passphrase)
+    except _Passphrase:
+        raise ValueError(f"{what[key]} {key} is protected by a passphrase: the server cannot "
+                         "ask for one; store the key without it (mode 0600)") from None  # fmt: skip
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(_diagnose_tls(cert, key, exc)) from None
+    return ctx
+
+
+class _Passphrase(Exception):
+    pass
+
+
+def _no_passphrase():
+    raise _Passphrase
+
+
+def _diagnose_tls(cert: str, key: str, exc: Exception) -> str:
+    """Which of the two files OpenSSL's error is about (it does not say)."""
+    from cryptography import x509
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+
+    reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
+    try:
+        with open(cert, "rb") as f:
+            x509.load_pem_x509_certificates(f.read())
+    except (OSError, ValueError):
+        return f"tls-cert {cert} holds no PEM certificate ({reason})"
+    try:
+        with open(key, "rb") as f:
+            serialization.load_pem_private_key(f.read(), password=None)
+    except (OSError, ValueError, TypeError, UnsupportedAlgorithm):
+        return f"tls-key {key} holds no PEM private key ({reason})"
+    return f"tls-key {key} is not the key of the certificate in tls-cert {cert} ({reason})"
 
 
 def reuseport_option() -> int | None:
@@ -89,10 +162,7 @@ class Listeners:
     def open(self, config) -> None:
         self.raw = [(listen_socket(config.listen), None)]
         if config.tls_enabled:
-            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-            ctx.load_cert_chain(config.tls_cert, config.tls_key or config.tls_cert)
-            self.raw.append((listen_socket(config.tls_listen), ctx))
+            self.raw.append((listen_socket(config.tls_listen), tls_context(config)))
 
     async def start(self) -> None:
         loop = self.worker.loop

@@ -113,7 +113,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 from . import child, log, mediagrant
 from .limits import LeakyTable, source_key
-from .listeners import listen_socket, raise_open_files_limit
+from .listeners import listen_socket, raise_open_files_limit, tls_context
 from .store import default_clock, make_private
 
 logger = logging.getLogger("pigeon.media")
@@ -848,9 +848,7 @@ class _Acceptor:
 def ssl_context(config) -> ssl.SSLContext | None:
     if not config.tls_enabled:
         return None
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(config.tls_cert, config.tls_key or config.tls_cert)
-    return ctx
+    return tls_context(config)
 
 
 async def serve(config, parent_fd: int | None, status_fd: int | None, index: int = 0) -> None:

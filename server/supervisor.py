@@ -330,13 +330,12 @@ class Supervisor:
             except ValueError as exc:
                 raise StartupError(str(exc)) from None
         if c.tls_enabled:
-            import ssl
+            from .listeners import tls_context
 
-            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             try:
-                ctx.load_cert_chain(c.tls_cert, c.tls_key or c.tls_cert)
-            except (OSError, ssl.SSLError) as exc:
-                raise StartupError(f"cannot load the TLS certificate/key: {exc}") from None
+                tls_context(c)
+            except ValueError as exc:
+                raise StartupError(str(exc)) from None
 
     # -- workers ------------------------------------------------------------
 

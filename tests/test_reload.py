@@ -64,7 +64,11 @@ def test_a_bad_config_is_refused_and_a_good_one_applied(tmp_path):
             await alice.send(BOB, b"x")
             cfg.write_text('queue-max-count = 4\ntls-cert = "/nonexistent/cert.pem"\n')
             srv.proc.send_signal(signal.SIGHUP)
-            await until(lambda: "cannot load the TLS certificate" in srv.log_text())
+            await until(
+                lambda: (
+                    "cannot read tls-cert (with its key) /nonexistent/cert.pem" in srv.log_text()
+                )
+            )
             assert set(srv.worker_pids()) == workers
             # both generations write the store during a reload: they must agree on writemap
             cfg.write_text("queue-max-count = 4\nstore-writemap = true\n")

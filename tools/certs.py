@@ -8,9 +8,12 @@ a certificate from a real CA; point ``tls-cert`` / ``tls-key`` at it.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
 import os
+import stat
+import tempfile
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -27,26 +30,72 @@ def _san(name: str) -> x509.GeneralName:
         return x509.DNSName(name)
 
 
+def _check_dir(out_dir: str) -> None:
+    """Refuse a directory another user could swap files in: the key is written
+    there, and a writable directory lets its other writers replace key.pem
+    under the server (or plant a symlink where it is written)."""
+    st = os.stat(out_dir)
+    if not stat.S_ISDIR(st.st_mode):
+        raise ValueError(f"{out_dir} is not a directory")
+    if st.st_mode & 0o022:
+        raise ValueError(
+            f"{out_dir} is writable by other users (mode {stat.S_IMODE(st.st_mode):04o}); "
+            "use a private directory (chmod 700) for the key"
+        )
+    uid = os.geteuid() if hasattr(os, "geteuid") else None
+    if uid is not None and st.st_uid not in (uid, 0):
+        raise ValueError(
+            f"{out_dir} belongs to another user (uid {st.st_uid}); "
+            "use a directory of your own for the key"
+        )
+
+
+def _write_private(directory: str, path: str, data: bytes, mode: int) -> None:
+    """Write data to path atomically with exactly ``mode``: a new file made in
+    the same directory (O_EXCL, so never through a symlink planted there) and
+    renamed over path, which replaces a symlink rather than following it."""
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".gen-cert-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), mode)  # not the umask's choice
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 def gen_cert(
     out_dir: str, names=DEFAULT_NAMES, days: int = 365, force: bool = False
 ) -> tuple[str, str]:
     """Write ``key.pem`` (mode 0600) and ``cert.pem`` (mode 0644: a certificate is
     public) into out_dir (made 0700 if missing), whatever the umask; returns
-    their paths (cert, key)."""
+    their paths (cert, key).  Refuses a directory other users can write or
+    that belongs to another user; each file is written to a new temporary
+    file and renamed into place, so an existing file (or a symlink in its
+    place) is replaced, never written through."""
     if days < 1:
         raise ValueError(f"--days must be at least 1, got {days}")
     names = list(names)
     if not names:
         raise ValueError("give at least one --name")
     os.makedirs(out_dir, mode=0o700, exist_ok=True)
+    _check_dir(out_dir)
     cert_path = os.path.join(out_dir, "cert.pem")
     key_path = os.path.join(out_dir, "key.pem")
     for p in (cert_path, key_path):
-        if os.path.exists(p) and not force:
+        if os.path.lexists(p) and not force:
             raise FileExistsError(f"{p} exists; pass --force to replace it")
+    now = datetime.datetime.now(datetime.UTC)
+    try:
+        not_after = now + datetime.timedelta(days=days)
+    except OverflowError:
+        raise ValueError(f"--days {days} ends past the year 9999; give fewer days") from None
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])])
-    now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -54,23 +103,17 @@ def gen_cert(
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=days))
+        .not_valid_after(not_after)
         .add_extension(x509.SubjectAlternativeName([_san(n) for n in names]), critical=False)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .sign(key, hashes.SHA256())
     )
-    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
-    os.chmod(key_path, 0o600)  # an existing file keeps its mode through O_CREAT
-    fd = os.open(cert_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    with os.fdopen(fd, "wb") as f:
-        f.write(cert.public_bytes(serialization.Encoding.PEM))
-    os.chmod(cert_path, 0o644)  # not the umask's choice: clients read it
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    _write_private(out_dir, key_path, key_pem, 0o600)
+    # a certificate is public: clients read it to trust the server
+    _write_private(out_dir, cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
     return cert_path, key_path
