@@ -267,6 +267,16 @@ class Supervisor:
             raise StartupError(
                 f"cannot create the data directory {c.data_dir!r}: {exc.strerror}"
             ) from None
+        owner, me = os.stat(c.data_dir).st_uid, os.geteuid() if hasattr(os, "geteuid") else None
+        if me is not None and owner != me:
+            # Its owner could swap the store or plant links in it, and what we
+            # create there would not be theirs: a service run as one user and
+            # started once by hand as another breaks this way.
+            raise StartupError(
+                f"the data directory {c.data_dir} belongs to uid {owner}, not to the user "
+                f"the server runs as (uid {me}): run the server as its owner, or chown -R "
+                f"it to uid {me}"
+            )
         # Private whatever the umask (run() set 0077 for what is created from
         # now on): tighten what an older pigeon or a 022 umask left readable.
         for path, mode in (

@@ -1,8 +1,10 @@
-"""TLS files: ``pigeon admin gen-cert`` writes them safely, and ``pigeon serve``
-refuses a key other users may read and names the file that is wrong."""
+"""Files the server trusts: ``pigeon admin gen-cert`` writes them safely, and
+``pigeon serve`` refuses a TLS key other users may read (naming the file
+that is wrong) and a data directory that belongs to another user."""
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -92,8 +94,15 @@ def _serve(tmp_path, cert, key=None, timeout=60):
     ]  # fmt: skip
     if key:
         args += ["--tls-key", str(key)]
-    r = subprocess.run(args, capture_output=True, text=True, timeout=timeout, cwd=tmp_path)
-    return r.returncode, r.stderr
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            cwd=tmp_path, start_new_session=True)  # fmt: skip
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:  # it started: end it and its workers
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise AssertionError("pigeon serve started instead of refusing") from None
+    return proc.returncode, err
 
 
 def test_serve_refuses_a_tls_key_others_can_read(tmp_path):
@@ -169,3 +178,17 @@ def test_serve_names_the_tls_file_that_is_wrong(tmp_path):
         assert message in err, err
         assert "Traceback" not in err
     shutil.rmtree(tmp_path / "data", ignore_errors=True)
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root to chown")
+def test_serve_refuses_a_data_dir_of_another_user(tmp_path):
+    """Its owner could replace the store or read what the server writes there."""
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    os.chown(data, 65534, 65534)
+    cert, key = gen_cert(str(tmp_path / "tls"))
+    code, err = _serve(tmp_path, cert, key)
+    assert code == 1
+    assert f"the data directory {data} belongs to uid 65534, not to the user the server " in err
+    assert "chown -R it to uid 0" in err
+    assert list(data.iterdir()) == []  # nothing written into it
