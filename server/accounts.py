@@ -46,10 +46,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import logging
 import os
 import secrets
-import urllib.error
-import urllib.request
+from urllib.parse import urlsplit
 
 import orjson
 import scramp.core
@@ -61,7 +61,10 @@ from pigeon.core.errors import ErrorCode
 
 from .errors import ServiceError
 from .limits import LeakyTable, net_key, source_key
+from .log import event as log_event
 from .store import MAX_CODES, Store
+
+logger = logging.getLogger("pigeon.worker")
 
 __all__ = [
     "Accounts", "ServiceError", "LogGateway", "WebhookGateway", "make_gateway",
@@ -160,12 +163,20 @@ class LogGateway:
         finally:
             os.close(fd)
 
+    async def close(self) -> None:
+        pass
+
 
 class WebhookGateway:
-    """POST {"phone", "code", "method"} JSON to ``url``; retried with backoff.
+    """POST {"phone", "code", "method"} JSON to ``url`` (aiohttp); retried with backoff.
 
     ``authorization``: the value of an Authorization header sent with every
-    POST (a provider's token), so that it need not sit in the URL."""
+    POST (a provider's token), so that it need not sit in the URL.  A
+    redirect counts as a failure (the code would go where the provider's
+    answer says, and the token with it).  Each failed attempt is logged
+    with its reason and the URL's scheme, host and port only: its path or
+    query may hold a key, and the phone number and the code never go in a
+    log."""
 
     def __init__(self, url: str, timeout: float, retries: int, authorization: str | None = None):
         self.url = url
@@ -174,30 +185,64 @@ class WebhookGateway:
         self.headers = {"Content-Type": "application/json"}
         if authorization:
             self.headers["Authorization"] = authorization
+        self.http = None  # an aiohttp session, made in the loop at the first send
+        self.failures = 0  # failed attempts, for tests and the log's count
 
     def __repr__(self) -> str:  # never the URL or the token: both may be secrets
         return f"<WebhookGateway timeout={self.timeout} retries={self.retries}>"
 
-    def _post(self, body: bytes) -> None:
-        req = urllib.request.Request(self.url, data=body, method="POST", headers=self.headers)
-        with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+    def origin(self) -> str:
+        u = urlsplit(self.url)
+        return f"{u.scheme}://{u.hostname}" + (f":{u.port}" if u.port else "")
+
+    async def _post(self, body: bytes) -> None:
+        import aiohttp
+
+        if self.http is None:
+            self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
+        async with self.http.post(self.url, data=body, headers=self.headers,
+                                  allow_redirects=False) as resp:  # fmt: skip
             if not 200 <= resp.status < 300:
-                raise OSError(f"HTTP {resp.status}")
+                raise _Failed(f"HTTP {resp.status}")
 
     async def send(self, phone: str, code: str, method: str) -> None:
+        import aiohttp
+
         body = orjson.dumps({"phone": phone, "code": code, "method": method})
         delay = 0.25
         for attempt in range(self.retries + 1):
             try:
-                await asyncio.to_thread(self._post, body)
+                await self._post(body)
                 return
-            except (OSError, urllib.error.URLError) as exc:
-                if attempt == self.retries:
+            except (_Failed, TimeoutError, aiohttp.ClientError, OSError) as exc:
+                self.failures += 1
+                if isinstance(exc, _Failed):
+                    why = str(exc)
+                elif isinstance(exc, TimeoutError):
+                    why = f"no answer in {self.timeout} s"
+                else:
+                    why = type(exc).__name__
+                last = attempt == self.retries
+                log_event(logger, logging.WARNING,
+                          "the SMS webhook failed" + ("; the code was not sent" if last
+                                                      else "; retrying"),
+                          webhook=self.origin(), reason=why, attempt=attempt + 1,
+                          attempts=self.retries + 1)  # fmt: skip
+                if last:
                     raise ServiceError(
                         ErrorCode.UNAVAILABLE, "the SMS gateway is not answering; try again later"
-                    ) from exc
+                    ) from None
                 await asyncio.sleep(delay)
                 delay *= 2
+
+    async def close(self) -> None:
+        if self.http is not None:
+            await self.http.close()
+            self.http = None
+
+
+class _Failed(Exception):
+    """A webhook answer that is not a 2xx."""
 
 
 MAX_AUTH = 8192  # bytes of an Authorization value: far past any real token

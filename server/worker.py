@@ -863,6 +863,7 @@ class Worker:
         sweeper.cancel()
         if self.push is not None and self.push.task is not None:
             self.push.task.cancel()
+        await self.accounts.gateway.close()
         self.send_snapshot()  # the final counts, kept by the supervisor
         self.bus.close()
         self.store.clear_worker_sessions(self.wid)

@@ -19,7 +19,9 @@ import pytest
 from serverutil import Server, until
 
 import pigeon.server.worker as installed_worker
+from pigeon.client import ServerError
 from pigeon.core import codec as core_codec
+from pigeon.core.errors import ErrorCode
 from pigeon.server.listeners import reuseport_option
 
 ALICE, BOB = "491701234567", "4915112345678"
@@ -221,16 +223,22 @@ def test_a_child_process_running_other_code_refuses_to_start_and_says_why(tmp_pa
 class Webhook:
     """A real HTTP server on loopback that records each POST."""
 
-    def __init__(self):
+    def __init__(self, answers=()):
+        """``answers``: (status, Location or None) for the first POSTs; 204 after them."""
         self.posts: list[dict] = []
         posts = self.posts
+        answers = list(answers)
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 posts.append({"path": self.path, "auth": self.headers.get("Authorization"),
                               "body": body})  # fmt: skip
-                self.send_response(204)
+                status, location = answers.pop(0) if answers else (204, None)
+                self.send_response(status)
+                if location:
+                    self.send_header("Location", location)
+                self.send_header("Content-Length", "0")
                 self.end_headers()
 
             def log_message(self, *a):
@@ -313,6 +321,53 @@ def test_the_webhook_token_can_come_from_an_environment_variable(tmp_path):
             assert srv.stop() == 0
     finally:
         hook.close()
+
+
+def test_a_failing_webhook_is_logged_without_its_secrets_and_a_redirect_is_not_followed(
+    tmp_path,
+):
+    """The operator sees why codes are not going out (before: nothing in the
+    log, the client only got 503); the log names the webhook's host, never its
+    path, query, token, the number or the code, and a redirect is a failure
+    (following it would hand the code and the token to where it points)."""
+    elsewhere = Webhook()
+    hook = Webhook(answers=[(500, None), (302, elsewhere.url), (500, None), (307, elsewhere.url)])
+    try:
+        srv = Server(
+            tmp_path / "data",
+            workers=1,
+            env={"PIGEON_TEST_SMS_TOKEN": "Bearer HOOK-SECRET-1414"},
+            sms_gateway="webhook",
+            sms_webhook_url=hook.url,
+            sms_webhook_auth_env="PIGEON_TEST_SMS_TOKEN",
+            sms_webhook_retries=3,
+        ).start()
+        try:
+            with pytest.raises(ServerError) as info:
+                asyncio.run(asyncio.wait_for(request_code(srv, ALICE), 60))
+            assert info.value.code == ErrorCode.UNAVAILABLE
+            assert len(hook.posts) == 4
+            assert elsewhere.posts == []
+            port = hook.httpd.server_port
+            log = srv.log_text()
+            failures = [json.loads(line) for line in log.splitlines()
+                        if "the SMS webhook failed" in line]  # fmt: skip
+            assert [(f["reason"], f["attempt"]) for f in failures] == [
+                ("HTTP 500", 1), ("HTTP 302", 2), ("HTTP 500", 3), ("HTTP 307", 4)
+            ]  # fmt: skip
+            assert all(f["webhook"] == f"http://127.0.0.1:{port}" for f in failures)
+            assert "the code was not sent" in failures[-1]["msg"]
+            code = hook.posts[0]["body"]["code"]
+            for secret in ("SECRET", code, ALICE, "/sms"):
+                assert secret not in log, secret
+            # the next request goes through: nothing stuck
+            asyncio.run(asyncio.wait_for(request_code(srv, ALICE), 60))
+            assert len(hook.posts) == 5
+        finally:
+            assert srv.stop() == 0
+    finally:
+        hook.close()
+        elsewhere.close()
 
 
 def test_a_webhook_token_file_others_can_read_is_refused(tmp_path):

@@ -160,6 +160,24 @@ def open_store(args):
 # -- check-config ------------------------------------------------------------------
 
 
+def redact_url(value):
+    """A URL setting as it may be shown: a password in it and its query (where
+    providers put API keys) replaced by REDACTED; any other value as it is."""
+    if not isinstance(value, str) or "://" not in value:
+        return value
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        u = urlsplit(value)
+        u.port  # noqa: B018 (raises on a bad port: then shown whole, as it is invalid anyway)
+    except ValueError:
+        return value
+    netloc = u.netloc
+    if u.password is not None:
+        netloc = f"{u.username}:REDACTED@" + netloc.rpartition("@")[2]
+    return urlunsplit((u.scheme, netloc, u.path, "REDACTED" if u.query else "", u.fragment))
+
+
 def check_config(args) -> int:
     from pigeon.server.config import ConfigError, load
 
@@ -167,7 +185,7 @@ def check_config(args) -> int:
         config = load(args.file)
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
-    values = {k.replace("_", "-"): v for k, v in config.as_dict().items()}
+    values = {k.replace("_", "-"): redact_url(v) for k, v in config.as_dict().items()}
     if args.json:
         _out_json(values)
     else:
