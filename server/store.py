@@ -108,6 +108,7 @@ import time
 import lmdb
 import msgpack
 
+from . import lmdbfile
 from .groups import GROUP_TABLES, index_requests
 from .keydir import KEY_TABLES, drop_device_keys
 from .push import PUSH_TABLES, drop_device_push
@@ -163,6 +164,23 @@ class StoreFull(lmdb.MapFullError):
     """Refused before writing: only the reserve is left (``Store.over_reserve``).
 
     A MapFullError, so every caller that handles a full map handles this too."""
+
+
+def check_data_file(data: str) -> None:
+    """StoreError if LMDB would read past the end of ``data`` (a ``data.mdb``): LMDB
+    would die of SIGBUS there instead of failing (server/lmdbfile.py).  A file
+    that does not exist yet is left to LMDB, which makes a new one."""
+    try:
+        lmdbfile.check(data)
+    except FileNotFoundError:
+        return
+    except lmdbfile.Truncated as exc:
+        raise StoreError(
+            f"{data} is truncated or corrupt ({exc}): restore the store from a backup "
+            "(pigeon admin restore)"
+        ) from None
+    except OSError as exc:
+        raise StoreError(f"cannot read {data}: {exc.strerror or exc}") from None
 
 
 def now_ms() -> int:
@@ -257,6 +275,7 @@ class Store:
         # an older pigeon (0644 under a 022 umask) are tightened here too.
         os.makedirs(path, mode=0o700, exist_ok=True)
         make_private(path, 0o700)
+        check_data_file(os.path.join(path, "data.mdb"))
         try:
             self.env = lmdb.open(
                 path,

@@ -131,3 +131,112 @@ def test_pigeon_admin_opens_the_store_as_the_config_says(tmp_path):
     cfg.write_text(f'data-dir = "{data}"\nmap-size = {96 << 20}\nstore-writemap = true\n')
     assert main(["admin", "queues", "--config", str(cfg), "--json"]) == 0
     assert os.stat(data / "store" / "data.mdb").st_size == 96 << 20
+
+
+OPENER = textwrap.dedent("""
+    import sys
+    from pigeon.server.store import Store, StoreError
+    try:
+        Store(sys.argv[1], create=False, map_size=64 << 20).close()
+    except StoreError as exc:
+        print("refused:", exc)
+    else:
+        print("opened")
+""")
+
+
+def _open_elsewhere(path) -> str:
+    """Open the store in another process: a SIGBUS ends that one, not pytest."""
+    proc = subprocess.run([sys.executable, "-c", OPENER, str(path)], capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 0, f"the open died (status {proc.returncode}): {proc.stderr}"
+    return proc.stdout.strip()
+
+
+def _store_with_messages(path) -> None:
+    store = Store(str(path), map_size=64 << 20, sync="os")
+    try:
+        sender = store.register_device(ALICE, b"i" * 32, KEYS)[0]
+        store.register_device(BOB, b"i" * 32, KEYS)
+        q = Queues(store, QueueLimits())
+        q.commit([Send(sender, "message", f"m{i}", BOB, "text", os.urandom(1000))
+                  for i in range(300)], {})  # fmt: skip
+    finally:
+        store.close()
+
+
+def test_a_truncated_data_file_is_refused_before_lmdb_maps_it(tmp_path):
+    """LMDB reads its pages from the map: one past the end of a cut file is a SIGBUS."""
+    import shutil
+
+    path = tmp_path / "store"
+    _store_with_messages(path)
+    data = path / "data.mdb"
+    size = data.stat().st_size
+    assert size > 64 * 4096
+    assert _open_elsewhere(path) == "opened"
+    whole = data.read_bytes()
+    for cut in (8192, size // 2, size - 4096):
+        data.write_bytes(whole[:cut])
+        out = _open_elsewhere(path)
+        assert out.startswith(f"refused: {data} is truncated or corrupt"), (cut, out)
+        assert "restore the store from a backup" in out
+    # shorter than the meta pages, empty, and not LMDB's at all
+    for junk in (whole[:100], b"", b"\0" * 3 * 4096):
+        data.write_bytes(junk)
+        assert _open_elsewhere(path).startswith(f"refused: {data} is truncated or corrupt")
+    # a size that is no multiple of the page size is fine when it covers the last page
+    data.write_bytes(whole + b"\0" * 100)
+    assert _open_elsewhere(path) == "opened"
+    # the server and pigeon admin say it in one line too
+    data.write_bytes(whole[: size // 2])
+    data_dir = tmp_path / "data"
+    shutil.copytree(path, data_dir / "store")
+    proc = subprocess.run([sys.executable, "-m", "pigeon.tools.cli", "admin", "queues",
+                           "--data-dir", str(data_dir)], capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+    assert proc.returncode == 1 and "is truncated or corrupt" in proc.stderr, proc
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_data_file_that_ends_before_its_free_last_pages_still_opens(tmp_path):
+    """LMDB does not write a page a transaction took and freed again ("loose"): when those
+    are the last pages the file ends before the meta's last page, and that store is whole.
+    """
+    import random
+
+    import lmdb
+
+    from pigeon.server import lmdbfile
+
+    path = tmp_path / "store"
+    Store(str(path), map_size=64 << 20, sync="os").close()
+    data = path / "data.mdb"
+
+    def short() -> bool:
+        with open(data, "rb") as f:
+            _txnid, last, psize, _root = lmdbfile._metas(f)
+        return data.stat().st_size < (last + 1) * psize
+
+    # puts and deletes of mixed sizes (LMDB is deterministic: the same file each run)
+    env = lmdb.open(str(path), map_size=64 << 20, max_dbs=40)
+    db = env.open_db(b"scratch")
+    rnd = random.Random(1)
+    n = 0
+    for _ in range(200):
+        with env.begin(write=True, db=db) as txn:
+            for _ in range(rnd.randint(1, 50)):
+                txn.put(b"%08d" % n, b"x" * rnd.choice([50, 500, 3000, 9000]))
+                n += 1
+            for _ in range(rnd.randint(0, 60)):
+                txn.delete(b"%08d" % rnd.randint(0, n))
+        if short():
+            break
+    env.close()
+    assert short()  # the file ends before the meta's last page
+    assert _open_elsewhere(path) == "opened"
+    # and one page less than that is refused
+    with open(data, "rb") as f:
+        _txnid, need, _psize = lmdbfile._need(f)
+    os.truncate(data, need - 1)
+    assert "is truncated or corrupt" in _open_elsewhere(path)
