@@ -240,3 +240,51 @@ def test_a_data_file_that_ends_before_its_free_last_pages_still_opens(tmp_path):
         _txnid, need, _psize = lmdbfile._need(f)
     os.truncate(data, need - 1)
     assert "is truncated or corrupt" in _open_elsewhere(path)
+
+
+def _admin(*args):
+    return subprocess.run([sys.executable, "-m", "pigeon.tools.cli", "admin", *args],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+
+
+def _snapshot(directory) -> dict:
+    """Every file under ``directory``: its bytes' hash and its mtime."""
+    import hashlib
+
+    out = {}
+    for f in sorted(Path(directory).rglob("*")):
+        if f.is_file():
+            out[str(f.relative_to(directory))] = (hashlib.sha256(f.read_bytes()).hexdigest(),
+                                                  f.stat().st_mtime_ns)  # fmt: skip
+    return out
+
+
+def test_restore_refuses_a_running_servers_data_dir_and_not_a_stale_socket(tmp_path):
+    import socket
+
+    from pigeon.server.control import socket_path
+
+    backup = tmp_path / "backup"
+    _store_with_messages(tmp_path / "other" / "store")
+    assert _admin("backup", str(backup), "--data-dir", str(tmp_path / "other")).returncode == 0
+    srv = Server(tmp_path / "data", workers=1).start()
+    try:
+        before = _snapshot(srv.data_dir / "store")
+        for force in ((), ("--force",)):
+            proc = _admin("restore", str(backup), "--data-dir", str(srv.data_dir), *force)
+            assert proc.returncode == 2, proc
+            assert f"the server on {srv.data_dir} is running" in proc.stderr
+            assert "stop it first" in proc.stderr and len(proc.stderr.splitlines()) == 1
+        assert sorted(p.name for p in srv.data_dir.iterdir() if p.name.startswith("store")) == [
+            "store"
+        ]  # nothing put aside
+        assert _snapshot(srv.data_dir / "store")["data.mdb"] == before["data.mdb"]
+    finally:
+        assert srv.stop() == 0
+    # a socket file left by a server that was killed answers nobody: no obstacle
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(socket_path(str(srv.data_dir)))
+    stale.close()
+    assert os.path.exists(socket_path(str(srv.data_dir)))
+    proc = _admin("restore", str(backup), "--data-dir", str(srv.data_dir), "--force")
+    assert proc.returncode == 0 and "previous store is in" in proc.stdout, proc

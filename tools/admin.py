@@ -382,7 +382,11 @@ def backup(args) -> int:
 
 
 def restore(args) -> int:
-    """Put a backup in place as the data dir's store (the server must be stopped)."""
+    """Put a backup in place as the data dir's store (the server must be stopped).
+
+    A server that answers on the data dir's control socket is running, and
+    its store is not replaced under it."""
+    from pigeon.server.control import server_answers, socket_path
     from pigeon.server.store import Store, StoreError
 
     src = os.path.abspath(args.backup)
@@ -392,6 +396,11 @@ def restore(args) -> int:
         Store(src, create=False).close()
     except StoreError as exc:
         raise UsageError(f"{src}: {exc}") from None
+    if server_answers(args.data_dir):
+        raise UsageError(
+            f"the server on {args.data_dir} is running (its control socket "
+            f"{socket_path(args.data_dir)} answers): stop it first, then restore"
+        )
     target = os.path.join(args.data_dir, "store")
     aside = None
     if os.path.exists(os.path.join(target, "data.mdb")):
