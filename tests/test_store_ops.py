@@ -288,3 +288,47 @@ def test_restore_refuses_a_running_servers_data_dir_and_not_a_stale_socket(tmp_p
     assert os.path.exists(socket_path(str(srv.data_dir)))
     proc = _admin("restore", str(backup), "--data-dir", str(srv.data_dir), "--force")
     assert proc.returncode == 0 and "previous store is in" in proc.stdout, proc
+
+
+def test_restore_reads_the_backup_only_and_refuses_one_that_is_not_pigeons(tmp_path):
+    import lmdb
+
+    backup = tmp_path / "backup"
+    _store_with_messages(tmp_path / "other" / "store")
+    assert _admin("backup", str(backup), "--data-dir", str(tmp_path / "other")).returncode == 0
+    before = _snapshot(backup)
+    assert list(before) == ["data.mdb"]
+    proc = _admin("restore", str(backup), "--data-dir", str(tmp_path / "data"))
+    assert proc.returncode == 0, proc
+    assert _snapshot(backup) == before  # no secret, no format record, no lock.mdb written
+    assert _admin("queues", "--data-dir", str(tmp_path / "data")).returncode == 0
+    # an LMDB environment that is not pigeon's is refused, and left as it was
+    alien = tmp_path / "alien"
+    env = lmdb.open(str(alien), map_size=16 << 20, max_dbs=2)
+    with env.begin(write=True) as txn:
+        txn.put(b"hello", b"world")
+    env.close()
+    os.unlink(alien / "lock.mdb")
+    before = _snapshot(alien)
+    target = tmp_path / "data3"
+    proc = _admin("restore", str(alien), "--data-dir", str(target))
+    assert proc.returncode == 2 and "is not a pigeon backup" in proc.stderr, proc
+    assert len(proc.stderr.splitlines()) == 1
+    assert _snapshot(alien) == before and not (target / "store").exists()
+    # a backup of a newer pigeon's store is refused with both formats
+    newer = tmp_path / "newer"
+    newer.mkdir()
+    (newer / "data.mdb").write_bytes((backup / "data.mdb").read_bytes())
+    env = lmdb.open(str(newer), map_size=64 << 20, max_dbs=2)
+    with env.begin(write=True) as txn:
+        txn.put(b"format", b"99", db=env.open_db(b"meta", txn=txn))
+    env.close()
+    proc = _admin("restore", str(newer), "--data-dir", str(target))
+    assert proc.returncode == 2 and "holds store format 99" in proc.stderr, proc
+    # a backup cut short is refused, not a SIGBUS
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    (cut / "data.mdb").write_bytes((backup / "data.mdb").read_bytes()[:8192])
+    proc = _admin("restore", str(cut), "--data-dir", str(target))
+    assert proc.returncode == 2 and "is truncated or corrupt" in proc.stderr, proc
+    assert "use another backup" in proc.stderr and not (target / "store").exists()
