@@ -78,6 +78,24 @@ def at_short_path(path: str, op):
             os.chdir(back)
 
 
+def server_answers(data_dir: str) -> bool:
+    """Is a server running on ``data_dir``: does its control socket take a connection?
+
+    A socket file no one listens on (left by a server that was killed) is
+    not one; neither is a missing file.  Nothing is sent: the server closes
+    a connection that sends no line (``ControlConn.read``).
+    """
+    path = socket_path(data_dir)
+    if not os.path.exists(path):
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            at_short_path(path, probe.connect)
+        except OSError:
+            return False  # a stale socket of a server that is gone
+    return True
+
+
 def parse_request(line: bytes) -> dict:
     """The checked request of one line; ControlError says what is wrong."""
     try:

@@ -108,6 +108,7 @@ import time
 import lmdb
 import msgpack
 
+from . import lmdbfile
 from .groups import GROUP_TABLES, index_requests
 from .keydir import KEY_TABLES, drop_device_keys
 from .push import PUSH_TABLES, drop_device_push
@@ -163,6 +164,54 @@ class StoreFull(lmdb.MapFullError):
     """Refused before writing: only the reserve is left (``Store.over_reserve``).
 
     A MapFullError, so every caller that handles a full map handles this too."""
+
+
+def check_data_file(data: str, advice: str = "restore the store from a backup "
+                    "(pigeon admin restore)") -> None:  # fmt: skip
+    """StoreError if LMDB would read past the end of ``data`` (a ``data.mdb``): LMDB
+    would die of SIGBUS there instead of failing (server/lmdbfile.py).  A file
+    that does not exist yet is left to LMDB, which makes a new one."""
+    try:
+        lmdbfile.check(data)
+    except FileNotFoundError:
+        return
+    except lmdbfile.Truncated as exc:
+        raise StoreError(f"{data} is truncated or corrupt ({exc}): {advice}") from None
+    except OSError as exc:
+        raise StoreError(f"cannot read {data}: {exc.strerror or exc}") from None
+
+
+def copy_format(path: str) -> int:
+    """The store format of the store copy in ``path`` (a backup), read without writing.
+
+    ``Store`` writes at open (the format, the secret, upgrades), which a
+    backup must never see: this opens it read-only and without a lock file
+    (a read-only directory is fine), after ``check_data_file``.  StoreError
+    if it is no pigeon store (no ``format`` record) or one newer than this
+    code."""
+    data = os.path.join(path, "data.mdb")
+    if not os.path.exists(data):
+        raise StoreError(f"no data.mdb in {path}")
+    check_data_file(data, "use another backup")
+    try:
+        env = lmdb.open(path, readonly=True, lock=False, subdir=True, max_dbs=len(_TABLES))
+    except lmdb.Error as exc:
+        raise StoreError(f"cannot open {data}: {exc}") from None
+    try:
+        with env.begin() as txn:
+            meta = env.open_db(b"meta", txn=txn, create=False)
+            raw = txn.get(b"format", db=meta)
+    except lmdb.Error:  # no meta table (NotFoundError), or a plain record named so
+        raw = None
+    finally:
+        env.close()
+    if raw is None or not raw.isdigit():
+        raise StoreError(f"{data} is not a pigeon backup (its store has no format record)")
+    if int(raw) != FORMAT_VERSION and int(raw) not in _UPGRADABLE:
+        raise StoreError(
+            f"{data} holds store format {int(raw)}; this pigeon reads format {FORMAT_VERSION}"
+        )
+    return int(raw)
 
 
 def now_ms() -> int:
@@ -257,6 +306,7 @@ class Store:
         # an older pigeon (0644 under a 022 umask) are tightened here too.
         os.makedirs(path, mode=0o700, exist_ok=True)
         make_private(path, 0o700)
+        check_data_file(os.path.join(path, "data.mdb"))
         try:
             self.env = lmdb.open(
                 path,

@@ -249,18 +249,11 @@ class Supervisor:
 
     def preflight(self, reload: bool = False) -> None:
         c = self.config
-        control = control_mod.socket_path(c.data_dir)
-        if not reload and os.path.exists(control):
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-                try:
-                    control_mod.at_short_path(control, probe.connect)
-                except OSError:
-                    pass  # a stale socket of a server that is gone
-                else:
-                    raise StartupError(
-                        f"another pigeon server is running with the data directory "
-                        f"{c.data_dir} (its control socket answers); stop it first"
-                    )
+        if not reload and control_mod.server_answers(c.data_dir):
+            raise StartupError(
+                f"another pigeon server is running with the data directory "
+                f"{c.data_dir} (its control socket answers); stop it first"
+            )
         try:
             os.makedirs(c.data_dir, mode=0o700, exist_ok=True)
         except OSError as exc:

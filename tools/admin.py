@@ -400,16 +400,26 @@ def backup(args) -> int:
 
 
 def restore(args) -> int:
-    """Put a backup in place as the data dir's store (the server must be stopped)."""
-    from pigeon.server.store import Store, StoreError
+    """Put a backup in place as the data dir's store (the server must be stopped).
+
+    The backup is only read (``copy_format``: it must be a pigeon store this
+    code reads); a server that answers on the data dir's control socket is
+    running, and its store is not replaced under it."""
+    from pigeon.server.control import server_answers, socket_path
+    from pigeon.server.store import StoreError, copy_format
 
     src = os.path.abspath(args.backup)
     if not os.path.exists(os.path.join(src, "data.mdb")):
         raise UsageError(f"{src} holds no backup (no data.mdb): give a 'pigeon admin backup' dir")
     try:  # it must be a store this pigeon reads
-        Store(src, create=False).close()
+        copy_format(src)
     except StoreError as exc:
-        raise UsageError(f"{src}: {exc}") from None
+        raise UsageError(str(exc)) from None
+    if server_answers(args.data_dir):
+        raise UsageError(
+            f"the server on {args.data_dir} is running (its control socket "
+            f"{socket_path(args.data_dir)} answers): stop it first, then restore"
+        )
     target = os.path.join(args.data_dir, "store")
     aside = None
     if os.path.exists(os.path.join(target, "data.mdb")):
