@@ -105,6 +105,7 @@ import signal
 import ssl
 import sys
 import time
+import weakref
 from collections import OrderedDict
 
 import orjson
@@ -119,6 +120,7 @@ from .store import default_clock, make_private
 logger = logging.getLogger("pigeon.media")
 
 CHUNK = 256 << 10
+SENDFILE_PIECE = 4 * CHUNK  # a download's sendfile(2) call: each within media-stall-timeout
 DISK_CHECK = 16 << 20  # an upload checks the free space again every this many bytes
 DRAIN_TIMEOUT = 8.0  # the supervisor kills after 10 s
 ADDRESS_TABLE = 10_000  # source addresses whose request rate is remembered
@@ -348,21 +350,30 @@ class MediaService:
             raise self.refuse(429, "transfers at once", limit="media-transfers-per-ip",
                               value=c.media_transfers_per_ip)  # fmt: skip
         self.in_flight[ip] = n + 1
+        release = _Release(self.in_flight, ip)
         try:
-            return await handler(request)
+            resp = await handler(request)
         except MediaRefused:
+            release()
             raise
         except web.HTTPException as exc:  # the router's 404/405, aiohttp's 416...
+            release()
             if exc.status_code >= 400:
                 self.metrics.refused.labels(str(exc.status_code)).inc()
                 raise MediaRefused(exc.status_code, exc.reason) from None
             raise
-        finally:
-            left = self.in_flight[ip] - 1
-            if left:
-                self.in_flight[ip] = left
-            else:
-                del self.in_flight[ip]
+        except BaseException:
+            release()
+            raise
+        if isinstance(resp, _TimedFile):
+            # a download's body is sent after the handler returns (aiohttp's
+            # prepare): it holds its transfer slot until then; the finalizer is
+            # for a response dropped unsent (the client gone before prepare)
+            resp.release = release
+            weakref.finalize(resp, release)
+        else:
+            release()
+        return resp
 
     def _media_id(self, request) -> str:
         sha_hex = request.match_info["id"]
@@ -571,7 +582,8 @@ class MediaService:
         deadline = (
             self.config.media_stall_timeout + st.st_size / self.config.media_min_download_rate
         )
-        return _TimedFile(self.metrics, deadline, path, chunk_size=CHUNK,
+        return _TimedFile(self.metrics, deadline, self.config.media_stall_timeout, path,
+                          chunk_size=CHUNK,
                           headers={"Content-Type": "application/octet-stream",
                                    "Cache-Control": "private, no-store"})  # fmt: skip
 
@@ -627,26 +639,96 @@ class MediaService:
             await asyncio.sleep(c.purge_interval)
 
 
-class _TimedFile(web.FileResponse):
-    """aiohttp's FileResponse (Range, HEAD, sendfile) with a deadline for the whole
-    transfer: past it the connection is aborted and counted as a refusal."""
+class _Release:
+    """Give back one transfer slot of a source address, once."""
 
-    def __init__(self, metrics: Metrics, deadline: float, *args, **kw):
+    __slots__ = ("table", "ip", "done")
+
+    def __init__(self, table: dict, ip: str):
+        self.table, self.ip, self.done = table, ip, False
+
+    def __call__(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        left = self.table[self.ip] - 1
+        if left:
+            self.table[self.ip] = left
+        else:
+            del self.table[self.ip]
+
+
+class _TimedFile(web.FileResponse):
+    """aiohttp's FileResponse (Range, If-Range, HEAD) with two limits: a deadline
+    for the whole transfer, and ``stall`` seconds for each chunk to be taken by
+    the client (a reader that stops reading is cut then, not at the deadline).
+    Past either the connection is aborted and counted as a refusal.
+    ``release`` (the guard's transfer slot) is called when it is done."""
+
+    def __init__(self, metrics: Metrics, deadline: float, stall: float, *args, **kw):
         super().__init__(*args, **kw)
         self._metrics = metrics
         self._deadline = deadline
+        self._stall = stall
+        self.release = None
 
     async def prepare(self, request):
         try:
             writer = await asyncio.wait_for(super().prepare(request), self._deadline)
         except TimeoutError:
-            self._metrics.refused.labels("download too slow").inc()
-            if request.transport is not None:
-                request.transport.abort()
+            self._cut(request, "download too slow")
             raise
+        finally:
+            if self.release is not None:
+                self.release()
         if request.method == "GET" and self.status in (200, 206):
             self._metrics.bytes_out.inc(self.content_length or 0)
         return writer
+
+    def _cut(self, request, reason: str) -> None:
+        self._metrics.refused.labels(reason).inc()
+        if request.transport is not None:
+            request.transport.abort()
+
+    async def _sendfile(self, request, fobj, offset: int, count: int):
+        # (FileResponse's hook for the body, once it has chosen the range.)  The
+        # body goes in pieces, each of which the client must take within
+        # media-stall-timeout: with sendfile(2) where the loop has it, SENDFILE_PIECE
+        # at a time; else (uvloop, or TLS on some loops) copied CHUNK by CHUNK
+        writer = await web.StreamResponse.prepare(self, request)
+        loop = asyncio.get_running_loop()
+        transport = request.transport
+        if transport is None:
+            raise ConnectionResetError("connection lost")
+        native = not self.compression
+        while count > 0:
+            if native:
+                n = min(SENDFILE_PIECE, count)
+                try:
+                    await self._in_time(request, loop.sendfile(transport, fobj, offset, n))
+                except NotImplementedError:
+                    native = False
+                    continue
+            else:
+                chunk = await loop.run_in_executor(None, self._seek_and_read, fobj, offset,
+                                                   min(self._chunk_size, count))  # fmt: skip
+                if not chunk:
+                    break
+                n = len(chunk)
+                await self._in_time(request, writer.write(chunk))
+            offset += n
+            count -= n
+        await self._in_time(request, writer.drain())
+        if native:
+            await web.StreamResponse.write_eof(self)
+        return writer
+
+    async def _in_time(self, request, aw) -> None:
+        try:
+            await asyncio.wait_for(aw, self._stall)
+        except TimeoutError:
+            self._cut(request, "download stalled")
+            raise ConnectionResetError("download stalled") from None
 
 
 def _write_all(fd: int, data: bytes) -> None:

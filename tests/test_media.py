@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import ssl
 
 import aiohttp
@@ -992,3 +993,68 @@ def test_a_payload_of_wrong_types_or_sizes_is_not_media_and_a_big_one_is_not_fet
     with pytest.raises(MediaError, match="more than this client downloads"):
         run(download(big, str(tmp_path / "out")))  # (refused before any request)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])  # sendfile(2), and copied
+def test_a_download_holds_its_transfer_slot_and_a_stalled_one_is_cut(tmp_path, loop):
+    """probe8: a download's body went out after the per-address guard had given
+    its slot back (24 at once from one address against media-transfers-per-ip
+    16), and one whose reader stopped reading held its connection for the whole
+    deadline (media-stall-timeout plus size / media-min-download-rate: 350 s for
+    20 MiB), so a few addresses filled every media connection.  Now a download
+    counts until its body is sent, and it is cut after media-stall-timeout
+    without progress; its slot comes back either way."""
+    s = Server(tmp_path / "data", workers=1, media=True, media_stall_timeout=1,
+               media_transfers_per_ip=2, media_min_download_rate=1000,
+               media_loop=loop)  # fmt: skip
+    s.start()
+
+    async def stalled_get(url_path: str, token: bytes):
+        r, w = await asyncio.open_connection("127.0.0.1", s.media_port)
+        w.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        w.write(f"GET {url_path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                f"{mediagrant.b64(token)}\r\n\r\n".encode())  # fmt: skip
+        await w.drain()
+        return r, w  # and never read
+
+    async def refusals(reason: str) -> float:
+        async with aiohttp.ClientSession() as h:
+            async with h.get(f"http://127.0.0.1:{s.media_port}/metrics") as resp:
+                text = await resp.text()
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("pigeon_media_refusals_total") and f'"{reason}"' in line)  # fmt: skip
+
+    async def main():
+        await until(lambda: "media ready" in s.log_text(), timeout=20)
+        a = await s.login(await s.register("491790000003"))
+        data = os.urandom(24 * MiB)  # far past what the socket buffers hold
+        sha = hashlib.sha256(data).digest()
+        g = await a.request_upload(len(data), sha, "document")
+        done = await upload_file(g.url, g.token, str(_write(tmp_path / "f", data)))
+        token = mediagrant.unb64(done["token"])
+        url = f"http://127.0.0.1:{s.media_port}{done['path']}"
+        held = [await stalled_get(done["path"], token) for _ in range(2)]
+        await asyncio.sleep(0.3)  # both are in their body
+        async with aiohttp.ClientSession() as h:
+            async with h.get(url, headers=_auth(token)) as resp:
+                assert resp.status == 429, resp.status
+                assert "media-transfers-per-ip" in await resp.text()
+        # each is cut a stall timeout after its reader stopped (its deadline is hours)
+        for _ in range(150):
+            if await refusals("download stalled") >= 2:
+                break
+            await asyncio.sleep(0.1)
+        assert await refusals("download stalled") == 2
+        for _, w in held:
+            w.close()
+        async with aiohttp.ClientSession() as h:  # the slots came back
+            for _ in range(2):
+                async with h.get(url, headers=_auth(token)) as resp:
+                    assert resp.status == 200
+                    assert hashlib.sha256(await resp.read()).digest() == sha
+        await a.close()
+
+    try:
+        run(main(), timeout=90)
+    finally:
+        assert s.stop() == 0
