@@ -49,6 +49,7 @@ import hmac
 import logging
 import os
 import secrets
+import time
 from urllib.parse import urlsplit
 
 import orjson
@@ -187,13 +188,12 @@ class WebhookGateway:
             self.headers["Authorization"] = authorization
         self.http = None  # an aiohttp session, made in the loop at the first send
         self.failures = 0  # failed attempts, for tests and the log's count
+        self.origin = _origin(url)
+        self.logged = LeakyTable(1)  # the warnings' own rate: WARN_RATE a minute
+        self.unlogged = 0  # failed attempts not logged since the last warning
 
     def __repr__(self) -> str:  # never the URL or the token: both may be secrets
         return f"<WebhookGateway timeout={self.timeout} retries={self.retries}>"
-
-    def origin(self) -> str:
-        u = urlsplit(self.url)
-        return f"{u.scheme}://{u.hostname}" + (f":{u.port}" if u.port else "")
 
     async def _post(self, body: bytes) -> None:
         import aiohttp
@@ -206,7 +206,6 @@ class WebhookGateway:
                 raise _Failed(f"HTTP {resp.status}")
 
     async def send(self, phone: str, code: str, method: str) -> None:
-        import aiohttp
 
         body = orjson.dumps({"phone": phone, "code": code, "method": method})
         delay = 0.25
@@ -214,7 +213,8 @@ class WebhookGateway:
             try:
                 await self._post(body)
                 return
-            except (_Failed, TimeoutError, aiohttp.ClientError, OSError) as exc:
+            except Exception as exc:  # noqa: BLE001 (any failure is a failed attempt;
+                # its text is never logged: aiohttp's name the whole URL)
                 self.failures += 1
                 if isinstance(exc, _Failed):
                     why = str(exc)
@@ -223,17 +223,26 @@ class WebhookGateway:
                 else:
                     why = type(exc).__name__
                 last = attempt == self.retries
-                log_event(logger, logging.WARNING,
-                          "the SMS webhook failed" + ("; the code was not sent" if last
-                                                      else "; retrying"),
-                          webhook=self.origin(), reason=why, attempt=attempt + 1,
-                          attempts=self.retries + 1)  # fmt: skip
+                self._warn(last, why, attempt)
                 if last:
                     raise ServiceError(
                         ErrorCode.UNAVAILABLE, "the SMS gateway is not answering; try again later"
                     ) from None
                 await asyncio.sleep(delay)
                 delay *= 2
+
+    def _warn(self, last: bool, why: str, attempt: int) -> None:
+        """A warning per failed attempt, at most WARN_RATE a minute (a provider's
+        outage under load would flood the log); the next one counts the rest."""
+        if not self.logged.take("", WARN_RATE, 60.0, time.monotonic()):
+            self.unlogged += 1
+            return
+        extra = {"not_logged_since": self.unlogged} if self.unlogged else {}
+        self.unlogged = 0
+        log_event(logger, logging.WARNING,
+                  "the SMS webhook failed" + ("; the code was not sent" if last else "; retrying"),
+                  webhook=self.origin, reason=why, attempt=attempt + 1,
+                  attempts=self.retries + 1, **extra)  # fmt: skip
 
     async def close(self) -> None:
         if self.http is not None:
@@ -243,6 +252,16 @@ class WebhookGateway:
 
 class _Failed(Exception):
     """A webhook answer that is not a 2xx."""
+
+
+WARN_RATE = 30  # webhook failure warnings a minute
+
+
+def _origin(url: str) -> str:
+    """scheme://host[:port] of a URL, for the log: never its user, path or query."""
+    u = urlsplit(url)
+    host = u.netloc.rpartition("@")[2]  # (the port as written: u.port raises on a bad one)
+    return f"{u.scheme}://{host}"
 
 
 MAX_AUTH = 8192  # bytes of an Authorization value: far past any real token

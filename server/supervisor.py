@@ -261,15 +261,21 @@ class Supervisor:
                 f"cannot create the data directory {c.data_dir!r}: {exc.strerror}"
             ) from None
         owner, me = os.stat(c.data_dir).st_uid, os.geteuid() if hasattr(os, "geteuid") else None
-        if me is not None and owner != me:
-            # Its owner could swap the store or plant links in it, and what we
-            # create there would not be theirs: a service run as one user and
-            # started once by hand as another breaks this way.
+        if me is not None and owner != me and me != 0:
+            # Its owner could read the store (SCRAM keys, queued payloads) and
+            # swap files in it under the server.
             raise StartupError(
                 f"the data directory {c.data_dir} belongs to uid {owner}, not to the user "
-                f"the server runs as (uid {me}): run the server as its owner, or chown -R "
-                f"it to uid {me}"
+                f"the server runs as (uid {me}): run the server as its owner, or give "
+                f"data-dir a directory inside it that the server makes itself"
             )
+        if me == 0 and owner != 0:
+            # root in a container on a volume of a host user is fine; root started
+            # by hand on a service user's data dir leaves files that user cannot open
+            log.event(logger, logging.WARNING, "the data directory belongs to another user "
+                      "than root, which the server runs as: files it makes there are root's; "
+                      "run the server as the directory's owner if that is its service user",
+                      path=c.data_dir, owner_uid=owner)  # fmt: skip
         # Private whatever the umask (run() set 0077 for what is created from
         # now on): tighten what an older pigeon or a 022 umask left readable.
         for path, mode in (

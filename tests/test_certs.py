@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from serverutil import free_port
@@ -180,15 +181,71 @@ def test_serve_names_the_tls_file_that_is_wrong(tmp_path):
     shutil.rmtree(tmp_path / "data", ignore_errors=True)
 
 
-@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root to chown")
+def _serve_args(tmp_path, *extra):
+    return [
+        sys.executable, "-m", "pigeon.tools.cli", "serve",
+        "--data-dir", str(tmp_path / "data"), "--workers", "1",
+        "--listen", f"127.0.0.1:{free_port()}", "--metrics-listen", "off",
+        "--media-listen", "off", *extra,
+    ]  # fmt: skip
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid"), reason="POSIX owners")
 def test_serve_refuses_a_data_dir_of_another_user(tmp_path):
-    """Its owner could replace the store or read what the server writes there."""
+    """Its owner could read the store or swap files in it.  (The server is run
+    with os.geteuid() saying 4242, as a test run as root cannot be someone
+    else with this interpreter.)"""
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    run_as = (
+        "import os, sys\n"
+        "os.geteuid = lambda: 4242\n"
+        "from pigeon.tools.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    args = [sys.executable, "-c", run_as] + _serve_args(tmp_path)[3:]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            cwd=tmp_path, start_new_session=True)  # fmt: skip
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise AssertionError("pigeon serve started instead of refusing") from None
+    assert proc.returncode == 1, err
+    owner = os.stat(data).st_uid
+    assert f"the data directory {data} belongs to uid {owner}, not to the user the server " in err
+    assert "(uid 4242)" in err and "Traceback" not in err
+    assert list(data.iterdir()) == []  # nothing written into it
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root to chown")
+def test_root_serves_a_data_dir_of_another_user_with_a_warning(tmp_path):
+    """A container's root on a volume a host user owns works (a refusal broke
+    it); the log says that what it makes there is root's."""
     data = tmp_path / "data"
     data.mkdir(mode=0o700)
     os.chown(data, 65534, 65534)
-    cert, key = gen_cert(str(tmp_path / "tls"))
-    code, err = _serve(tmp_path, cert, key)
-    assert code == 1
-    assert f"the data directory {data} belongs to uid 65534, not to the user the server " in err
-    assert "chown -R it to uid 0" in err
-    assert list(data.iterdir()) == []  # nothing written into it
+    proc = subprocess.Popen(_serve_args(tmp_path, "--log-format", "json"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            cwd=tmp_path, start_new_session=True)  # fmt: skip
+    lines = []
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            if not line:
+                break
+            lines.append(line)
+            if '"worker ready"' in line:
+                break
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    text = "".join(lines)
+    assert "the data directory belongs to another user than root" in text, text
+    assert any('"worker ready"' in line for line in lines), text

@@ -327,7 +327,7 @@ def test_a_failing_webhook_is_logged_without_its_secrets_and_a_redirect_is_not_f
     tmp_path,
 ):
     """The operator sees why codes are not going out (before: nothing in the
-    log, the client only got 503); the log names the webhook's host, never its
+    log, the client only got 502); the log names the webhook's host, never its
     path, query, token, the number or the code, and a redirect is a failure
     (following it would hand the code and the token to where it points)."""
     elsewhere = Webhook()

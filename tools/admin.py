@@ -436,6 +436,12 @@ def restore(args) -> int:
         os.chmod(target, 0o700)
         shutil.copy2(os.path.join(src, "data.mdb"), os.path.join(target, "data.mdb"))
         os.chmod(os.path.join(target, "data.mdb"), 0o600)  # copy2 copied the backup's mode
+        owner = os.stat(args.data_dir)
+        if hasattr(os, "geteuid") and os.geteuid() == 0 and owner.st_uid != 0:
+            # sudo pigeon admin restore into the service user's data dir: what
+            # it made is that user's, or the server could not open its store
+            for path in (target, os.path.join(target, "data.mdb")):
+                os.chown(path, owner.st_uid, owner.st_gid)
     except OSError as exc:
         raise Failure(f"cannot restore into {target}: {exc.strerror or exc}") from None
     print(
