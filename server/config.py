@@ -1453,6 +1453,11 @@ def _load(path, overrides, base) -> tuple[Config | None, list[str]]:
             return None, [f"{path}: cannot read it: {exc.strerror}"]
         except tomllib.TOMLDecodeError as exc:
             return None, [f"{path}: not valid TOML: {exc}"]
+        except UnicodeDecodeError as exc:  # tomllib decodes first, and raises this
+            return None, [
+                f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+                f"{exc.start}): a TOML file must be UTF-8"
+            ]
     if overrides:
         layers.append(("command line", {k: v for k, v in overrides.items() if v is not None}))
     errors: list[str] = []

@@ -113,6 +113,14 @@ def test_serve_reports_every_config_error(tmp_path, capsys):
     assert "command line: --listen: port must be 1-65535, got 99999" in err
 
 
+def test_serve_refuses_a_config_file_that_is_not_utf8(tmp_path, capsys):
+    f = tmp_path / "bad.toml"
+    f.write_bytes(b"\xff\xfe listen = 1")
+    assert main(["serve", "--config", str(f)]) == 2
+    want = f"{f}: not UTF-8 text (byte 0xff at offset 0): a TOML file must be UTF-8"
+    assert capsys.readouterr().err == f"pigeon serve: {want}\n"
+
+
 def test_admin_check_config_lists_every_error(tmp_path, capsys):
     f = tmp_path / "bad.toml"
     f.write_text("sync = 'sometimes'\nmetrics-listen = 'localhost:65536'\nwokers = 2\n")

@@ -167,3 +167,15 @@ def test_blocklist_max_past_what_one_answer_node_carries_is_refused():
     with pytest.raises(ConfigError) as info:
         load(overrides={"blocklist_max": "1025"})
     assert "blocklist-max must be at most 1024" in str(info.value)
+
+
+def test_a_file_that_is_not_utf8_is_one_error_not_a_traceback(tmp_path):
+    """TOML is UTF-8: tomllib raises UnicodeDecodeError (not TOMLDecodeError) on other
+    bytes, which went up as a traceback."""
+    f = tmp_path / "latin1.toml"
+    f.write_bytes(b"\xff\xfe listen = 1\n")
+    with pytest.raises(ConfigError) as info:
+        load(str(f))
+    assert info.value.errors == [
+        f"{f}: not UTF-8 text (byte 0xff at offset 0): a TOML file must be UTF-8"
+    ]
