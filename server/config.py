@@ -20,6 +20,7 @@ that check a file without starting anything.
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -63,12 +64,13 @@ def _number(kind, minimum: float, inclusive: bool):
         try:
             if isinstance(v, bool):
                 raise ValueError
-            n = kind(v)
+            n = kind(v)  # int(inf), TOML's 1e400, raises OverflowError
             if kind is int and isinstance(v, float) and v != n:
                 raise ValueError
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise ValueError(f"must be {what}, got {v!r}") from None
-        if n < minimum or (n == minimum and not inclusive):
+        # inf and nan are no number of seconds or bytes (and nan passes any comparison)
+        if not math.isfinite(n) or n < minimum or (n == minimum and not inclusive):
             raise ValueError(f"must be {what}, got {v!r}")
         return n
 

@@ -179,3 +179,33 @@ def test_a_file_that_is_not_utf8_is_one_error_not_a_traceback(tmp_path):
     assert info.value.errors == [
         f"{f}: not UTF-8 text (byte 0xff at offset 0): a TOML file must be UTF-8"
     ]
+
+
+@pytest.mark.parametrize(
+    "toml, message",
+    [
+        ("map-size = 1e400", "map-size: must be an integer > 0, got inf"),
+        ("workers = inf", "workers: must be an integer >= 0, got inf"),
+        ("max-frame = -inf", "max-frame: must be an integer > 0, got -inf"),
+        ("login-timeout = inf", "login-timeout: must be a number > 0, got inf"),
+        ("login-timeout = nan", "login-timeout: must be a number > 0, got nan"),
+        ("unauth-rate = nan", "unauth-rate: must be a number >= 0, got nan"),
+        ("map-size = '8G'", "map-size: must be an integer > 0, got '8G'"),
+    ],
+)
+def test_a_number_that_is_not_finite_is_refused(tmp_path, toml, message):
+    """TOML's 1e400 is float inf, which int() cannot take (OverflowError, a traceback);
+    inf and nan passed as seconds or rates (nan compares false with the minimum)."""
+    f = tmp_path / "inf.toml"
+    f.write_text(toml + "\n")
+    assert problems(str(f)) == [f"{f}: {message}"]
+
+
+@pytest.mark.parametrize("flag", ["--login-timeout", "--unauth-rate", "--idle-timeout"])
+@pytest.mark.parametrize("value", ["inf", "nan", "-inf", "1e400"])
+def test_a_flag_that_is_not_finite_is_refused(flag, value):
+    name = flag[2:].replace("-", "_")
+    assert problems(overrides={name: value}) == [
+        f"command line: {flag}: must be a number {'>=' if name == 'unauth_rate' else '>'} 0, "
+        f"got {value!r}"
+    ]
