@@ -40,6 +40,14 @@ class ConfigError(Exception):
         return f"{len(self.errors)} errors in the settings:\n" + "\n".join(self.errors)
 
 
+#: Bounds of workers and map-size.  Below 1 MiB LMDB cannot hold the store's tables
+#: (MDB_MAP_FULL at start); 64 TiB is half of an x86-64 process's address space
+#: (LMDB fails cleanly past what mmap gives, but takes no map of 2**64 at all).
+MAX_WORKERS = 1024
+MIN_MAP_SIZE = 1 << 20
+MAX_MAP_SIZE = 1 << 46
+
+
 def _listen(v) -> str:
     host, sep, port = str(v).rpartition(":")
     if not sep or not host or not port.isdigit():
@@ -181,7 +189,7 @@ OPTIONS: list[Option] = [
         "data directory (LMDB store, SMS outbox); relative to the cwd",
         "DIR",
     ),
-    Option("workers", 0, _non_negative_int, "worker processes; 0 = one per core"),
+    Option("workers", 0, _non_negative_int, "worker processes, at most 1024; 0 = one per core"),
     Option("max_frame", 1 << 20, _positive_int, "largest frame payload accepted, bytes"),
     Option(
         "login_max_frame",
@@ -504,7 +512,8 @@ OPTIONS: list[Option] = [
         "map_size",
         8 << 30,
         _positive_int,
-        "LMDB map size, bytes (the file is sparse; this is the ceiling)",
+        "LMDB map size, bytes (the file is sparse; this is the ceiling): 1 MiB (1048576) "
+        "to 64 TiB (70368744177664)",
     ),
     Option(
         "store_reserve",
@@ -1405,7 +1414,7 @@ class Config:
 
     @property
     def worker_count(self) -> int:
-        return self.values["workers"] or (os.cpu_count() or 1)
+        return self.values["workers"] or min(os.cpu_count() or 1, MAX_WORKERS)
 
     @property
     def tls_enabled(self) -> bool:
@@ -1488,6 +1497,21 @@ def _load(path, overrides, base) -> tuple[Config | None, list[str]]:
             errors.append(f"{' and '.join(where)}: {message}" if where else message)
 
     v = values
+    rule(
+        ("workers",),
+        v["workers"] > MAX_WORKERS,
+        f"workers must be at most {MAX_WORKERS} (0: one per core)",
+    )
+    rule(
+        ("map_size",),
+        v["map_size"] < MIN_MAP_SIZE,
+        f"map-size must be at least {MIN_MAP_SIZE} (1 MiB)",
+    )
+    rule(
+        ("map_size",),
+        v["map_size"] > MAX_MAP_SIZE,
+        f"map-size must be at most {MAX_MAP_SIZE} (64 TiB)",
+    )
     rule(
         ("tls_key", "tls_cert"),
         bool(v["tls_key"] and not v["tls_cert"]),

@@ -132,3 +132,16 @@ def test_admin_check_config_lists_every_error(tmp_path, capsys):
         f"{f}: unknown setting 'wokers': did you mean workers?",
     ):
         assert line in err, err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--map-size", "1"], "map-size must be at least 1048576 (1 MiB)"),
+        (["--map-size", str(1 << 64)], "map-size must be at most 70368744177664 (64 TiB)"),
+    ],
+)
+def test_serve_refuses_sizes_out_of_bounds(tmp_path, capsys, args, message):
+    assert main(["serve", "--data-dir", str(tmp_path / "data"), *args]) == 2
+    assert capsys.readouterr().err == f"pigeon serve: command line: {message}\n"
+    assert not (tmp_path / "data").exists()  # refused before anything is made

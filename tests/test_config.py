@@ -209,3 +209,26 @@ def test_a_flag_that_is_not_finite_is_refused(flag, value):
         f"command line: {flag}: must be a number {'>=' if name == 'unauth_rate' else '>'} 0, "
         f"got {value!r}"
     ]
+
+
+def test_map_size_has_a_floor_and_a_ceiling():
+    """Below 1 MiB LMDB could not even make the store's tables (MDB_MAP_FULL traceback
+    at start, --map-size 1); at 2**64 lmdb raised OverflowError, a traceback too."""
+    assert load(overrides={"map_size": str(1 << 20)}).map_size == 1 << 20
+    assert load(overrides={"map_size": str(1 << 46)}).map_size == 1 << 46
+    for small in ("1", str((1 << 20) - 1)):
+        assert problems(overrides={"map_size": small}) == [
+            "command line: map-size must be at least 1048576 (1 MiB)"
+        ]
+    for big in (str((1 << 46) + 1), str(1 << 64), "100000000000000000000"):
+        assert problems(overrides={"map_size": big}) == [
+            "command line: map-size must be at most 70368744177664 (64 TiB)"
+        ]
+
+
+def test_workers_has_a_ceiling():
+    assert load(overrides={"workers": "1024"}).workers == 1024
+    assert load(overrides={"workers": "0"}).worker_count >= 1
+    assert problems(overrides={"workers": "1025"}) == [
+        "command line: workers must be at most 1024 (0: one per core)"
+    ]
