@@ -20,8 +20,10 @@ that check a file without starting anything.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import math
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 
@@ -48,12 +50,47 @@ MIN_MAP_SIZE = 1 << 20
 MAX_MAP_SIZE = 1 << 46
 
 
-def _listen(v) -> str:
-    host, sep, port = str(v).rpartition(":")
-    if not sep or not host or not port.isdigit():
+_LABEL = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
+_HOST_NAME = re.compile(rf"{_LABEL}(\.{_LABEL})*\.?")
+
+
+def split_hostport(v) -> tuple[str, int]:
+    """The host (an IPv6 address without its brackets) and port of a HOST:PORT; a
+    ValueError saying what to fix if it is not one a socket can bind or reach.
+
+    An IPv6 address must be in brackets: ``::1:7650`` could be [::1]:7650 or
+    [::1:7650] with the port left out, and a URL made of it would be wrong.
+    """
+    text = str(v)
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not (port.isascii() and port.isdigit()):
         raise ValueError(f"must be HOST:PORT (e.g. 127.0.0.1:7650), got {v!r}")
+    if "[" in host or "]" in host or ":" in host:
+        inner = host[1:-1] if host.startswith("[") and host.endswith("]") else ""
+        try:
+            ipaddress.IPv6Address(inner)
+        except ValueError:
+            raise ValueError(
+                f"an IPv6 address must be in brackets (e.g. [::1]:7650), got {v!r}"
+            ) from None
+        host = inner
+    elif not _HOST_NAME.fullmatch(host) or (host.replace(".", "").isdigit() and not _is_ipv4(host)):
+        raise ValueError(f"host must be an IP address or a host name, got {host!r}")
     if not 0 < int(port) < 65536:
         raise ValueError(f"port must be 1-65535, got {port}")
+    return host, int(port)
+
+
+def _is_ipv4(host: str) -> bool:
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _listen(v) -> str:
+    split_hostport(v)
     return str(v)
 
 
@@ -1133,7 +1170,8 @@ class Group:
 GROUPS: list[Group] = [
     Group(
         "listeners",
-        "where the server accepts connections",
+        "where the server accepts connections: HOST:PORT, a host name or an IP address, an "
+        "IPv6 address in brackets ([::1]:7650, [::]:7650)",
         ("listen", "tls_listen", "tls_cert", "tls_key", "metrics_listen"),
     ),
     Group(

@@ -145,3 +145,22 @@ def test_serve_refuses_sizes_out_of_bounds(tmp_path, capsys, args, message):
     assert main(["serve", "--data-dir", str(tmp_path / "data"), *args]) == 2
     assert capsys.readouterr().err == f"pigeon serve: command line: {message}\n"
     assert not (tmp_path / "data").exists()  # refused before anything is made
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("[::1", "--metrics: an IPv6 address must be in brackets (e.g. [::1]:7650), got '[::1'"),
+        ("::1]:80", "--metrics: an IPv6 address must be in brackets (e.g. [::1]:7650)"),
+        ("[x]:80", "--metrics: an IPv6 address must be in brackets (e.g. [::1]:7650)"),
+        ("a b:80", "--metrics: host must be an IP address or a host name, got 'a b'"),
+        ("[::1]:99999", "--metrics: port must be 1-65535, got 99999"),
+        ("localhost", "--metrics must be HOST:PORT (e.g. 127.0.0.1:7650), got 'localhost'"),
+    ],
+)
+@pytest.mark.parametrize("action", ["status", "stats"])
+def test_admin_refuses_a_malformed_metrics_address(capsys, action, value, message):
+    """'[::1' went up as urllib's ValueError (Invalid IPv6 URL), 'a b:80' as InvalidURL."""
+    assert main(["admin", action, "--metrics", value]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"pigeon admin {action}: {message}") and err.count("\n") == 1, err

@@ -1,5 +1,7 @@
 """Server configuration: defaults, TOML file, flags, and errors that say what to fix."""
 
+import json
+
 import pytest
 
 from pigeon.server.config import GROUPS, OPTIONS, ConfigError, load, problems
@@ -232,3 +234,39 @@ def test_workers_has_a_ceiling():
     assert problems(overrides={"workers": "1025"}) == [
         "command line: workers must be at most 1024 (0: one per core)"
     ]
+
+
+BRACKETS = "an IPv6 address must be in brackets (e.g. [::1]:7650), got "
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("listen", "[::1", BRACKETS + "'[::1'"),
+        ("listen", "[::1:7650", BRACKETS + "'[::1:7650'"),
+        ("tls-listen", "::1]:7650", BRACKETS + "'::1]:7650'"),
+        ("media-listen", "[x]:7652", BRACKETS + "'[x]:7652'"),
+        ("metrics-listen", "[127.0.0.1]:7659", "an IPv6 address must be in brackets"),
+        ("listen", "::1:7650", BRACKETS + "'::1:7650'"),
+        ("listen", "a b:7650", "host must be an IP address or a host name, got 'a b'"),
+        ("listen", "300.1.1.1:7650", "host must be an IP address or a host name, got '300.1.1.1'"),
+        ("listen", "-x:7650", "host must be an IP address or a host name, got '-x'"),
+        ("listen", "127.0.0.1:7650 ", "must be HOST:PORT"),
+        ("listen", "127.0.0.1:\u0667", "must be HOST:PORT"),  # an Arabic-Indic 7
+    ],
+)
+def test_a_listen_address_must_be_one_the_server_can_bind(tmp_path, key, value, message):
+    """Each of these was taken (only a port of digits was checked) and failed at bind, in a
+    worker, or as a ValueError traceback where the address was split again."""
+    f = tmp_path / "addr.toml"
+    f.write_text(f"{key} = {json.dumps(value)}\n")
+    errors = problems(str(f))
+    assert len(errors) == 1 and errors[0].startswith(f"{f}: {key}: {message}"), errors
+
+
+@pytest.mark.parametrize(
+    "value", ["[::1]:7650", "[::]:7650", "0.0.0.0:7650", "localhost:7650", "chat.example.:7650",
+              "[fe80::1%lo]:7650", "192.0.2.1:1"]
+)  # fmt: skip
+def test_good_listen_addresses_are_taken(value):
+    assert load(overrides={"listen": value}).listen == value

@@ -100,9 +100,15 @@ def _connect_address(hostport: str) -> str:
 
 
 def _check_hostport(v: str) -> str:
-    host, sep, port = v.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise UsageError(f"--metrics must be HOST:PORT with a port 1-65535, got {v!r}")
+    from pigeon.server.config import split_hostport
+
+    try:
+        split_hostport(v)  # what metrics-listen takes: '[::1' made urllib raise ValueError
+    except ValueError as exc:
+        why = str(exc)
+        raise UsageError(
+            f"--metrics {why}" if why.startswith("must") else f"--metrics: {why}"
+        ) from None
     return v
 
 
