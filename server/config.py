@@ -97,6 +97,34 @@ def _listen(v) -> str:
 _listen.metavar = "HOST:PORT"
 
 
+def _host_key(host: str):
+    try:
+        return ipaddress.ip_address(host)  # [0:0::1] is [::1]
+    except ValueError:
+        return host.lower().rstrip(".")  # a host name, compared as written (not resolved)
+
+
+_WILDCARDS = (ipaddress.ip_address("0.0.0.0"), ipaddress.ip_address("::"))
+
+
+def _overlap(a: str, b: str) -> str | None:
+    """Whether listeners on ``a`` and ``b`` would take one port: "same" (one address),
+    "wildcard" (0.0.0.0 takes the port on every IPv4 address, a host name's too; [::]
+    on every address, IPv4 as well on a dual-stack Linux), or None.  Port 0 (any free
+    port) never clashes."""
+    (ha, pa), (hb, pb) = split_hostport(a), split_hostport(b)
+    if pa != pb or pa == 0:
+        return None
+    ka, kb = _host_key(ha), _host_key(hb)
+    if ka == kb:
+        return "same"
+    wild = {k for k in (ka, kb) if k in _WILDCARDS}
+    other = kb if ka in wild else ka
+    if _WILDCARDS[1] in wild or (wild and not isinstance(other, ipaddress.IPv6Address)):
+        return "wildcard"
+    return None
+
+
 def _number(kind, minimum: float, inclusive: bool):
     """A checker for an int or float setting; TOML gives numbers, flags give strings."""
     what = (
@@ -1171,7 +1199,9 @@ GROUPS: list[Group] = [
     Group(
         "listeners",
         "where the server accepts connections: HOST:PORT, a host name or an IP address, an "
-        "IPv6 address in brackets ([::1]:7650, [::]:7650)",
+        "IPv6 address in brackets ([::1]:7650, [::]:7650). No two listeners in use (listen, "
+        "tls-listen with tls-cert, metrics-listen, media-listen) may take one port of one "
+        "address: 0.0.0.0 takes its port on every IPv4 address, [::] on every address",
         ("listen", "tls_listen", "tls_cert", "tls_key", "metrics_listen"),
     ),
     Group(
@@ -1550,6 +1580,30 @@ def _load(path, overrides, base) -> tuple[Config | None, list[str]]:
         v["map_size"] > MAX_MAP_SIZE,
         f"map-size must be at most {MAX_MAP_SIZE} (64 TiB)",
     )
+    listeners = [
+        n
+        for n, on in (
+            ("listen", True),
+            ("tls_listen", bool(v["tls_cert"])),  # unused without a certificate
+            ("metrics_listen", v["metrics_listen"] != "off"),
+            ("media_listen", v["media_listen"] != "off"),
+        )
+        if on and n not in bad
+    ]
+    for i, a in enumerate(listeners):
+        for b in listeners[i + 1 :]:
+            how = _overlap(v[a], v[b])
+            rule(
+                (a, b),
+                how is not None,
+                f"{_flag(a)} {v[a]} and {_flag(b)} {v[b]} "
+                + (
+                    "are the same address"
+                    if how == "same"
+                    else "overlap (0.0.0.0 is every IPv4 address, [::] every address)"
+                )
+                + ": give each listener its own port",
+            )
     rule(
         ("tls_key", "tls_cert"),
         bool(v["tls_key"] and not v["tls_cert"]),

@@ -270,3 +270,60 @@ def test_a_listen_address_must_be_one_the_server_can_bind(tmp_path, key, value, 
 )  # fmt: skip
 def test_good_listen_addresses_are_taken(value):
     assert load(overrides={"listen": value}).listen == value
+
+
+_SAME = "are the same address: give each listener its own port"
+_WILD = (
+    "overlap (0.0.0.0 is every IPv4 address, [::] every address): give each listener its own port"
+)
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"media_listen": "127.0.0.1:7650"},
+         f"listen 127.0.0.1:7650 and media-listen 127.0.0.1:7650 {_SAME}"),
+        ({"listen": "0.0.0.0:7659"},
+         f"listen 0.0.0.0:7659 and metrics-listen 127.0.0.1:7659 {_WILD}"),
+        ({"media_listen": "[::]:7650"}, f"listen 127.0.0.1:7650 and media-listen [::]:7650 {_WILD}"),
+        ({"listen": "[::]:7000", "metrics_listen": "[::1]:7000"},
+         f"listen [::]:7000 and metrics-listen [::1]:7000 {_WILD}"),
+        ({"listen": "[::1]:7000", "metrics_listen": "[0:0::1]:7000"},
+         f"listen [::1]:7000 and metrics-listen [0:0::1]:7000 {_SAME}"),
+        ({"listen": "Chat.example:7000", "media_listen": "chat.example.:7000"},
+         f"listen Chat.example:7000 and media-listen chat.example.:7000 {_SAME}"),
+        ({"listen": "chat.example:7000", "media_listen": "0.0.0.0:7000"},
+         f"listen chat.example:7000 and media-listen 0.0.0.0:7000 {_WILD}"),
+        ({"tls_listen": "127.0.0.1:7650", "tls_cert": "c.pem"},
+         f"listen 127.0.0.1:7650 and tls-listen 127.0.0.1:7650 {_SAME}"),
+    ],
+)  # fmt: skip
+def test_two_listeners_on_one_address_are_refused(settings, message):
+    """They were taken: the workers bind with SO_REUSEPORT, so the media service and the
+    chat workers shared one port (each given a share of the other's clients), or the
+    start failed later at bind."""
+    assert problems(overrides=settings) == [f"command line: {message}"]
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {},  # the defaults: 7650, 7651 (TLS, off), 7659, 7652
+        {"tls_listen": "127.0.0.1:7650"},  # unused without tls-cert
+        {"media_listen": "off", "metrics_listen": "off", "tls_listen": "127.0.0.1:7650"},
+        {"listen": "0.0.0.0:7000", "media_listen": "[::1]:7000"},  # IPv4 wildcard, IPv6
+        {"listen": "127.0.0.1:7000", "media_listen": "127.0.0.2:7000"},
+        {"listen": "127.0.0.1:7000", "metrics_listen": "127.0.0.1:7001"},
+        {"listen": "[::1]:7000", "metrics_listen": "[::2]:7000"},
+    ],
+)
+def test_listeners_on_different_addresses_are_taken(settings):
+    assert problems(overrides=settings) == []
+
+
+def test_a_file_and_a_flag_on_one_address_name_both(tmp_path):
+    f = tmp_path / "p.toml"
+    f.write_text("media-listen = '0.0.0.0:7000'\n")
+    assert problems(str(f), {"listen": "127.0.0.1:7000"}) == [
+        f"{f} and command line: listen 127.0.0.1:7000 and media-listen 0.0.0.0:7000 {_WILD}"
+    ]
