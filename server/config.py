@@ -25,6 +25,7 @@ import math
 import os
 import re
 import tomllib
+import urllib.parse
 from dataclasses import dataclass, field
 
 
@@ -191,6 +192,31 @@ _bool.metavar = "{true,false}"
 
 def _opt_str(v):
     return None if v in (None, "") else str(v)
+
+
+def _url(v):
+    """An http:// or https:// URL with a host: what the webhook, push and media URLs are
+    (urllib, which posts the SMS webhook, would open file: and ftp: ones too)."""
+    text = str(v)
+    try:
+        parts = urllib.parse.urlsplit(text)
+        parts.port  # noqa: B018 (raises ValueError past 65535)
+        ok = parts.scheme.lower() in ("http", "https") and bool(parts.hostname)
+    except ValueError:
+        ok = False
+    if not ok or not text.isprintable() or " " in text:
+        raise ValueError(f"must be an http:// or https:// URL with a host, got {v!r}")
+    return text
+
+
+_url.metavar = "URL"
+
+
+def _opt_url(v):
+    return None if v in (None, "") else _url(v)
+
+
+_opt_url.metavar = "URL"
 
 
 @dataclass(frozen=True)
@@ -413,8 +439,8 @@ OPTIONS: list[Option] = [
     Option(
         "sms_webhook_url",
         None,
-        _opt_str,
-        "URL the webhook gateway POSTs {phone, code, method} JSON to",
+        _opt_url,
+        "http:// or https:// URL the webhook gateway POSTs {phone, code, method} JSON to",
         "URL",
     ),
     Option(
@@ -503,9 +529,9 @@ OPTIONS: list[Option] = [
     Option(
         "push_webhook_url",
         None,
-        _opt_str,
-        "URL the webhook gateway POSTs wake-ups to as JSON; set: devices may register "
-        "webhook targets",
+        _opt_url,
+        "http:// or https:// URL the webhook gateway POSTs wake-ups to as JSON; set: devices "
+        "may register webhook targets",
         "URL",
     ),
     Option(
@@ -530,7 +556,7 @@ OPTIONS: list[Option] = [
         "FILE",
     ),
     Option(
-        "push_fcm_url", "https://fcm.googleapis.com", str, "base URL of the FCM HTTP v1 API", "URL"
+        "push_fcm_url", "https://fcm.googleapis.com", _url, "base URL of the FCM HTTP v1 API", "URL"
     ),
     Option(
         "push_apns_key_file",
@@ -547,7 +573,7 @@ OPTIONS: list[Option] = [
     Option(
         "push_apns_url",
         "https://api.push.apple.com",
-        str,
+        _url,
         "base URL of APNs (https://api.sandbox.push.apple.com for development builds)",
         "URL",
     ),
@@ -1035,9 +1061,9 @@ OPTIONS: list[Option] = [
     Option(
         "media_url",
         None,
-        _opt_str,
-        "the media service's base URL as clients reach it (e.g. https://media.example.com); "
-        "by default http(s)://media-listen",
+        _opt_url,
+        "the media service's base http:// or https:// URL as clients reach it (e.g. "
+        "https://media.example.com); by default http(s)://media-listen",
         "URL",
     ),
     Option(

@@ -327,3 +327,29 @@ def test_a_file_and_a_flag_on_one_address_name_both(tmp_path):
     assert problems(str(f), {"listen": "127.0.0.1:7000"}) == [
         f"{f} and command line: listen 127.0.0.1:7000 and media-listen 0.0.0.0:7000 {_WILD}"
     ]
+
+
+_URL_KEYS = ["sms-webhook-url", "push-webhook-url", "push-fcm-url", "push-apns-url", "media-url"]
+
+
+@pytest.mark.parametrize("key", _URL_KEYS)
+@pytest.mark.parametrize(
+    "value",
+    ["file:///etc/passwd", "gopher://h/", "ftp://h/hook", "http://", "sms.example/hook",
+     "https://h:99999/", "http://a b/", "https://h/\nX-Injected: 1", "javascript:alert(1)"],
+)  # fmt: skip
+def test_a_url_setting_takes_only_http_and_https(tmp_path, key, value):
+    """sms-webhook-url = 'file:///etc/passwd' was taken (urllib opens file: and ftp: too);
+    the push and media URLs took anything as well."""
+    f = tmp_path / "url.toml"
+    f.write_text(f"{key} = {json.dumps(value)}\n")
+    assert problems(str(f)) == [
+        f"{f}: {key}: must be an http:// or https:// URL with a host, got {value!r}"
+    ]
+
+
+@pytest.mark.parametrize("key", _URL_KEYS)
+def test_http_and_https_urls_are_taken(key):
+    name = key.replace("-", "_")
+    for url in ("http://127.0.0.1:9000/hook", "https://sms.example/v1?k=1", "HTTPS://[::1]:1/"):
+        assert getattr(load(overrides={name: url}), name) == url
