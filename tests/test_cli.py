@@ -164,3 +164,35 @@ def test_admin_refuses_a_malformed_metrics_address(capsys, action, value, messag
     assert main(["admin", action, "--metrics", value]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"pigeon admin {action}: {message}") and err.count("\n") == 1, err
+
+
+def _serve_in_a_child(*args, cwd=None):
+    """pigeon serve in its own process (it sets up logging), on a free port, no metrics."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "pigeon.tools.cli", "serve", "--listen", f"127.0.0.1:{port}",
+           "--metrics-listen", "off", "--media-listen", "off", "--workers", "1", *args]  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=cwd)
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/proc/1"), reason="needs Linux /proc")
+def test_serve_names_a_data_dir_it_cannot_use(tmp_path):
+    """/proc/1 exists, so the data directory's makedirs passed; the store's went up as a
+    FileNotFoundError traceback.  A data directory holding a file named store: the same."""
+    proc = _serve_in_a_child("--data-dir", "/proc/1")
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.splitlines()[-1] == (
+        "pigeon serve: cannot create the store directory /proc/1/store: No such file or directory"
+    ), proc.stderr
+    assert "Traceback" not in proc.stderr
+    (tmp_path / "store").write_text("not a directory")
+    proc = _serve_in_a_child("--data-dir", str(tmp_path))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.splitlines()[-1] == (
+        f"pigeon serve: cannot create the store directory {tmp_path}/store: File exists"
+    ), proc.stderr
