@@ -47,6 +47,10 @@ class ConfigError(Exception):
 #: (MDB_MAP_FULL at start); 64 TiB is half of an x86-64 process's address space
 #: (LMDB fails cleanly past what mmap gives, but takes no map of 2**64 at all).
 MAX_WORKERS = 1024
+#: The most any number setting may be: an integer a float holds exactly, and in
+#: milliseconds still a 64-bit one (past 2**64 orjson could not pass the settings to
+#: the workers; 1e300 seconds overflowed the milliseconds made of them).
+MAX_NUMBER = 2**53
 MIN_MAP_SIZE = 1 << 20
 MAX_MAP_SIZE = 1 << 46
 
@@ -146,6 +150,8 @@ def _number(kind, minimum: float, inclusive: bool):
         # inf and nan are no number of seconds or bytes (and nan passes any comparison)
         if not math.isfinite(n) or n < minimum or (n == minimum and not inclusive):
             raise ValueError(f"must be {what}, got {v!r}")
+        if n > MAX_NUMBER:
+            raise ValueError(f"must be at most {MAX_NUMBER} (2**53), got {v!r}")
         return n
 
     check.metavar = "N"

@@ -138,7 +138,11 @@ def test_admin_check_config_lists_every_error(tmp_path, capsys):
     "args, message",
     [
         (["--map-size", "1"], "map-size must be at least 1048576 (1 MiB)"),
-        (["--map-size", str(1 << 64)], "map-size must be at most 70368744177664 (64 TiB)"),
+        (["--map-size", str(1 << 50)], "map-size must be at most 70368744177664 (64 TiB)"),
+        (
+            ["--map-size", str(1 << 64)],
+            f"--map-size: must be at most 9007199254740992 (2**53), got '{1 << 64}'",
+        ),
     ],
 )
 def test_serve_refuses_sizes_out_of_bounds(tmp_path, capsys, args, message):
