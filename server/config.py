@@ -52,6 +52,10 @@ MAX_WORKERS = 1024
 #: the workers; 1e300 seconds overflowed the milliseconds made of them).
 MAX_NUMBER = 2**53
 MIN_MAP_SIZE = 1 << 20
+#: max-frame: a frame's 3-byte length, and room past the 256 bytes a delivery adds to a
+#: message (server/worker.py, PAYLOAD_HEADROOM) for a body, as login-max-frame's default.
+MIN_MAX_FRAME = 4096
+MAX_FRAME = 0xFFFFFF
 MAX_MAP_SIZE = 1 << 46
 
 
@@ -287,7 +291,9 @@ OPTIONS: list[Option] = [
         "DIR",
     ),
     Option("workers", 0, _non_negative_int, "worker processes, at most 1024; 0 = one per core"),
-    Option("max_frame", 1 << 20, _positive_int, "largest frame payload accepted, bytes"),
+    Option(
+        "max_frame", 1 << 20, _positive_int, "largest frame payload accepted, bytes: 4096-16777215"
+    ),
     Option(
         "login_max_frame",
         4096,
@@ -1636,6 +1642,11 @@ def _load(path, overrides, base) -> tuple[Config | None, list[str]]:
                 )
                 + ": give each listener its own port",
             )
+    rule(
+        ("max_frame",),
+        not MIN_MAX_FRAME <= v["max_frame"] <= MAX_FRAME,
+        f"max-frame must be {MIN_MAX_FRAME}-{MAX_FRAME} (a frame's length is 3 bytes)",
+    )
     rule(
         ("tls_key", "tls_cert"),
         bool(v["tls_key"] and not v["tls_cert"]),

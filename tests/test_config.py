@@ -371,3 +371,15 @@ def test_every_number_has_a_ceiling(option):
             f"command line: --{option.name.replace('_', '-')}: must be at most "
             f"9007199254740992 (2**53), got {value!r}"
         ], errors
+
+
+def test_max_frame_fits_the_frame_header_and_a_delivery():
+    """A frame's length is 3 bytes: --max-frame 100000000 was taken and every worker
+    went up with Limits' ValueError; --max-frame 10 started a server whose message bodies
+    could be at most 10 - 256 bytes (the room a delivery adds)."""
+    assert load(overrides={"max_frame": "4096"}).max_frame == 4096
+    assert load(overrides={"max_frame": "16777215"}).max_frame == 16777215
+    for value in ("10", "4095", "16777216", "100000000"):
+        assert problems(overrides={"max_frame": value}) == [
+            "command line: max-frame must be 4096-16777215 (a frame's length is 3 bytes)"
+        ]
