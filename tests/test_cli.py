@@ -200,3 +200,20 @@ def test_serve_names_a_data_dir_it_cannot_use(tmp_path):
     assert proc.stderr.splitlines()[-1] == (
         f"pigeon serve: cannot create the store directory {tmp_path}/store: File exists"
     ), proc.stderr
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("[::1", "an IPv6 address must be in brackets (e.g. [::1]:7650), got '[::1'"),
+        ("::1]:7650", "an IPv6 address must be in brackets (e.g. [::1]:7650), got '::1]:7650'"),
+        ("a b:7650", "host must be an IP address or a host name, got 'a b'"),
+        ("127.0.0.1:0", "port must be 1-65535, got 0"),
+    ],
+)
+def test_chat_refuses_a_malformed_server_address(tmp_path, capsys, value, message):
+    """'[::1' was looked up as a host name ('cannot reach [::1: Name or service not
+    known'), '::1]:7650' as the host '::1' (the brackets stripped)."""
+    profile = str(tmp_path / "chat.json")
+    assert main(["chat", "--server", value, "--profile", profile, "register", "491701234567"]) == 1
+    assert capsys.readouterr().err == f"pigeon chat: --server: {message}\n"
