@@ -55,6 +55,8 @@ MIN_MAP_SIZE = 1 << 20
 #: max-frame: a frame's 3-byte length, and room past the 256 bytes a delivery adds to a
 #: message (server/worker.py, PAYLOAD_HEADROOM) for a body, as login-max-frame's default.
 MIN_MAX_FRAME = 4096
+#: RFC 7677's floor for SCRAM-SHA-256, which scramp enforces (it raises below it).
+MIN_SCRAM_ITERATIONS = 4096
 MAX_FRAME = 0xFFFFFF
 MAX_MAP_SIZE = 1 << 46
 
@@ -439,8 +441,8 @@ OPTIONS: list[Option] = [
         "scram_iterations",
         4096,
         _positive_int,
-        "PBKDF2 iterations for new device keys (made-up devices are answered with a count real "
-        "devices have)",
+        "PBKDF2 iterations for new device keys, at least 4096 (made-up devices are answered "
+        "with a count real devices have)",
     ),
     Option(
         "sms_gateway",
@@ -1642,6 +1644,11 @@ def _load(path, overrides, base) -> tuple[Config | None, list[str]]:
                 )
                 + ": give each listener its own port",
             )
+    rule(
+        ("scram_iterations",),
+        v["scram_iterations"] < MIN_SCRAM_ITERATIONS,
+        f"scram-iterations must be at least {MIN_SCRAM_ITERATIONS} (RFC 7677)",
+    )
     rule(
         ("max_frame",),
         not MIN_MAX_FRAME <= v["max_frame"] <= MAX_FRAME,

@@ -217,3 +217,14 @@ def test_chat_refuses_a_malformed_server_address(tmp_path, capsys, value, messag
     profile = str(tmp_path / "chat.json")
     assert main(["chat", "--server", value, "--profile", profile, "register", "491701234567"]) == 1
     assert capsys.readouterr().err == f"pigeon chat: --server: {message}\n"
+
+
+def test_admin_provision_refuses_too_few_iterations(tmp_path, capsys):
+    """--iterations 0 went up as scramp's ScramException."""
+    out = tmp_path / "creds.jsonl"
+    args = ["admin", "provision", "--data-dir", str(tmp_path / "data"), "--count", "1"]
+    assert main([*args, "--out", str(out), "--iterations", "0"]) == 2
+    assert capsys.readouterr().err == (
+        "pigeon admin provision: --iterations must be at least 4096 (RFC 7677), got 0\n"
+    )
+    assert not out.exists()

@@ -383,3 +383,13 @@ def test_max_frame_fits_the_frame_header_and_a_delivery():
         assert problems(overrides={"max_frame": value}) == [
             "command line: max-frame must be 4096-16777215 (a frame's length is 3 bytes)"
         ]
+
+
+def test_scram_iterations_has_scramps_floor():
+    """scramp refuses fewer than 4096 iterations (RFC 7677's floor): scram-iterations = 1
+    was taken, and each registration's device_keys in a worker would raise scramp's
+    ScramException (as admin provision --iterations 0 did)."""
+    assert load(overrides={"scram_iterations": "4096"}).scram_iterations == 4096
+    assert problems(overrides={"scram_iterations": "4095"}) == [
+        "command line: scram-iterations must be at least 4096 (RFC 7677)"
+    ]
