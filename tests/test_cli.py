@@ -71,7 +71,13 @@ def test_admin_gen_cert(tmp_path, capsys):
     assert main(["admin", "gen-cert", "--out-dir", str(out)]) == 2
     assert "exists; pass --force" in capsys.readouterr().err
     assert main(["admin", "gen-cert", "--out-dir", str(out), "--days", "0"]) == 2
-    assert "--days must be at least 1" in capsys.readouterr().err
+    assert "--days must be 1-36500, got 0" in capsys.readouterr().err
+    # past 100 years: 99999999999 went up as OverflowError (timedelta), 3000000 too (year 9999)
+    for days in ("36501", "3000000", "99999999999"):
+        assert main(["admin", "gen-cert", "--out-dir", str(tmp_path / days), "--days", days]) == 2
+        assert capsys.readouterr().err == (
+            f"pigeon admin gen-cert: --days must be 1-36500, got {days}\n"
+        )
 
 
 def test_serve_help_groups_the_settings_and_shows_values(capsys):

@@ -27,14 +27,18 @@ def _san(name: str) -> x509.GeneralName:
         return x509.DNSName(name)
 
 
+#: The longest validity gen-cert makes: 100 years.
+MAX_DAYS = 36500
+
+
 def gen_cert(
     out_dir: str, names=DEFAULT_NAMES, days: int = 365, force: bool = False
 ) -> tuple[str, str]:
     """Write ``key.pem`` (mode 0600) and ``cert.pem`` (mode 0644: a certificate is
     public) into out_dir (made 0700 if missing), whatever the umask; returns
     their paths (cert, key)."""
-    if days < 1:
-        raise ValueError(f"--days must be at least 1, got {days}")
+    if not 1 <= days <= MAX_DAYS:  # past it timedelta overflows, or the year passes 9999
+        raise ValueError(f"--days must be 1-{MAX_DAYS}, got {days}")
     names = list(names)
     if not names:
         raise ValueError("give at least one --name")
