@@ -43,22 +43,23 @@ class ConfigError(Exception):
         return f"{len(self.errors)} errors in the settings:\n" + "\n".join(self.errors)
 
 
-#: Bounds of workers and map-size.  Below 1 MiB LMDB cannot hold the store's tables
-#: (MDB_MAP_FULL at start); 64 TiB is half of an x86-64 process's address space
-#: (LMDB fails cleanly past what mmap gives, but takes no map of 2**64 at all).
-MAX_WORKERS = 1024
 #: The most any number setting may be: an integer a float holds exactly, and in
 #: milliseconds still a 64-bit one (past 2**64 orjson could not pass the settings to
-#: the workers; 1e300 seconds overflowed the milliseconds made of them).
+#: the workers; 1e308 seconds of queue-max-age made int(inf) milliseconds).
 MAX_NUMBER = 2**53
+MAX_WORKERS = 1024
+#: Below 1 MiB LMDB cannot hold the store's tables (MDB_MAP_FULL at start); 64 TiB is
+#: half of an x86-64 process's address space (LMDB fails cleanly past what mmap gives,
+#: but takes no map of 2**64 at all).
 MIN_MAP_SIZE = 1 << 20
-#: max-frame: a frame's 3-byte length, and room past the 256 bytes a delivery adds to a
-#: message (server/worker.py, PAYLOAD_HEADROOM) for a body, as login-max-frame's default.
+MAX_MAP_SIZE = 1 << 46
+#: max-frame: a frame's length is 3 bytes; and room past the 256 bytes a delivery adds
+#: to a message (server/worker.py, PAYLOAD_HEADROOM) for a body, as login-max-frame's
+#: default.
 MIN_MAX_FRAME = 4096
+MAX_FRAME = 0xFFFFFF
 #: RFC 7677's floor for SCRAM-SHA-256, which scramp enforces (it raises below it).
 MIN_SCRAM_ITERATIONS = 4096
-MAX_FRAME = 0xFFFFFF
-MAX_MAP_SIZE = 1 << 46
 
 
 _LABEL = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
