@@ -80,6 +80,31 @@ def test_admin_gen_cert(tmp_path, capsys):
         )
 
 
+@pytest.mark.parametrize("name", ["a b", "[::1]", "", "\u00fc.example", "-x.example"])
+def test_admin_gen_cert_refuses_a_name_no_client_could_match(tmp_path, capsys, name):
+    """'a b' and '[::1]' were written as DNS names (the brackets kept: no client reaching
+    ::1 would match it); '' and 'ü.example' got cryptography's own wording."""
+    out = tmp_path / "tls"
+    assert main(["admin", "gen-cert", "--out-dir", str(out), f"--name={name}"]) == 2
+    assert capsys.readouterr().err == (
+        f"pigeon admin gen-cert: --name must be a host name (ASCII: IDNA for others) "
+        f"or an IP address, got {name!r}\n"
+    )
+    assert not out.exists()
+
+
+def test_admin_gen_cert_takes_wildcards_and_addresses(tmp_path):
+    from cryptography import x509
+
+    out = tmp_path / "tls"
+    names = ["*.chat.example", "chat.example", "192.0.2.1", "2001:db8::1"]
+    assert main(["admin", "gen-cert", "--out-dir", str(out), *[f"--name={n}" for n in names]]) == 0
+    cert = x509.load_pem_x509_certificate((out / "cert.pem").read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["*.chat.example", "chat.example"]
+    assert [str(a) for a in san.get_values_for_type(x509.IPAddress)] == names[2:]
+
+
 def test_serve_help_groups_the_settings_and_shows_values(capsys):
     with pytest.raises(SystemExit) as info:
         main(["serve", "--help"])

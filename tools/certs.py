@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import re
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -20,11 +21,20 @@ from cryptography.x509.oid import NameOID
 DEFAULT_NAMES = ("localhost", "127.0.0.1", "::1")
 
 
+_LABEL = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
+_DNS_NAME = re.compile(rf"(\*\.)?{_LABEL}(\.{_LABEL})*")
+
+
 def _san(name: str) -> x509.GeneralName:
     try:
         return x509.IPAddress(ipaddress.ip_address(name))
     except ValueError:
-        return x509.DNSName(name)
+        pass
+    if not _DNS_NAME.fullmatch(name):  # what a client could match: no '[::1]', no 'a b'
+        raise ValueError(
+            f"--name must be a host name (ASCII: IDNA for others) or an IP address, got {name!r}"
+        )
+    return x509.DNSName(name)
 
 
 #: The longest validity gen-cert makes: 100 years.
@@ -42,6 +52,7 @@ def gen_cert(
     names = list(names)
     if not names:
         raise ValueError("give at least one --name")
+    sans = [_san(n) for n in names]  # a bad one is refused before anything is written
     os.makedirs(out_dir, mode=0o700, exist_ok=True)
     cert_path = os.path.join(out_dir, "cert.pem")
     key_path = os.path.join(out_dir, "key.pem")
@@ -59,7 +70,7 @@ def gen_cert(
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=days))
-        .add_extension(x509.SubjectAlternativeName([_san(n) for n in names]), critical=False)
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .sign(key, hashes.SHA256())
     )
