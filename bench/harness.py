@@ -1924,6 +1924,14 @@ def run(opts) -> int:
         print("pigeon bench: --target needs --creds (from pigeon admin provision)",
               file=sys.stderr)  # fmt: skip
         return 2
+    if opts.target is not None:
+        from pigeon.server.config import split_hostport
+
+        try:  # what the server's listen takes, before any load process is started
+            split_hostport(opts.target)
+        except ValueError as exc:
+            print(f"pigeon bench: --target: {exc}", file=sys.stderr)
+            return 2
     for flag, least in _AT_LEAST:
         if getattr(opts, flag, least) < least:
             print(f"pigeon bench: --{flag.replace('_', '-')} must be at least {least}",

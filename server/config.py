@@ -20,8 +20,12 @@ that check a file without starting anything.
 from __future__ import annotations
 
 import difflib
+import ipaddress
+import math
 import os
+import re
 import tomllib
+import urllib.parse
 from dataclasses import dataclass, field
 
 
@@ -39,16 +43,98 @@ class ConfigError(Exception):
         return f"{len(self.errors)} errors in the settings:\n" + "\n".join(self.errors)
 
 
-def _listen(v) -> str:
-    host, sep, port = str(v).rpartition(":")
-    if not sep or not host or not port.isdigit():
+#: The most any number setting may be: an integer a float holds exactly, and in
+#: milliseconds still a 64-bit one (past 2**64 orjson could not pass the settings to
+#: the workers; 1e308 seconds of queue-max-age made int(inf) milliseconds).
+MAX_NUMBER = 2**53
+MAX_WORKERS = 1024
+#: Below 1 MiB LMDB cannot hold the store's tables (MDB_MAP_FULL at start); 64 TiB is
+#: half of an x86-64 process's address space (LMDB fails cleanly past what mmap gives,
+#: but takes no map of 2**64 at all).
+MIN_MAP_SIZE = 1 << 20
+MAX_MAP_SIZE = 1 << 46
+#: max-frame: a frame's length is 3 bytes; and room past the 256 bytes a delivery adds
+#: to a message (server/worker.py, PAYLOAD_HEADROOM) for a body, as login-max-frame's
+#: default.
+MIN_MAX_FRAME = 4096
+MAX_FRAME = 0xFFFFFF
+#: RFC 7677's floor for SCRAM-SHA-256, which scramp enforces (it raises below it).
+MIN_SCRAM_ITERATIONS = 4096
+
+
+_LABEL = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
+_HOST_NAME = re.compile(rf"{_LABEL}(\.{_LABEL})*\.?")
+
+
+def split_hostport(v) -> tuple[str, int]:
+    """The host (an IPv6 address without its brackets) and port of a HOST:PORT; a
+    ValueError saying what to fix if it is not one a socket can bind or reach.
+
+    An IPv6 address must be in brackets: ``::1:7650`` could be [::1]:7650 or
+    [::1:7650] with the port left out, and a URL made of it would be wrong.
+    """
+    text = str(v)
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not (port.isascii() and port.isdigit()):
         raise ValueError(f"must be HOST:PORT (e.g. 127.0.0.1:7650), got {v!r}")
+    if "[" in host or "]" in host or ":" in host:
+        inner = host[1:-1] if host.startswith("[") and host.endswith("]") else ""
+        try:
+            ipaddress.IPv6Address(inner)
+        except ValueError:
+            raise ValueError(
+                f"an IPv6 address must be in brackets (e.g. [::1]:7650), got {v!r}"
+            ) from None
+        host = inner
+    elif not _HOST_NAME.fullmatch(host) or (host.replace(".", "").isdigit() and not _is_ipv4(host)):
+        raise ValueError(f"host must be an IP address or a host name, got {host!r}")
     if not 0 < int(port) < 65536:
         raise ValueError(f"port must be 1-65535, got {port}")
+    return host, int(port)
+
+
+def _is_ipv4(host: str) -> bool:
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _listen(v) -> str:
+    split_hostport(v)
     return str(v)
 
 
 _listen.metavar = "HOST:PORT"
+
+
+def _host_key(host: str):
+    try:
+        return ipaddress.ip_address(host)  # [0:0::1] is [::1]
+    except ValueError:
+        return host.lower().rstrip(".")  # a host name, compared as written (not resolved)
+
+
+_WILDCARDS = (ipaddress.ip_address("0.0.0.0"), ipaddress.ip_address("::"))
+
+
+def _overlap(a: str, b: str) -> str | None:
+    """Whether listeners on ``a`` and ``b`` would take one port: "same" (one address),
+    "wildcard" (0.0.0.0 takes the port on every IPv4 address, a host name's too; [::]
+    on every address, IPv4 as well on a dual-stack Linux), or None.  Port 0 (any free
+    port) never clashes."""
+    (ha, pa), (hb, pb) = split_hostport(a), split_hostport(b)
+    if pa != pb or pa == 0:
+        return None
+    ka, kb = _host_key(ha), _host_key(hb)
+    if ka == kb:
+        return "same"
+    wild = {k for k in (ka, kb) if k in _WILDCARDS}
+    other = kb if ka in wild else ka
+    if _WILDCARDS[1] in wild or (wild and not isinstance(other, ipaddress.IPv6Address)):
+        return "wildcard"
+    return None
 
 
 def _number(kind, minimum: float, inclusive: bool):
@@ -63,13 +149,16 @@ def _number(kind, minimum: float, inclusive: bool):
         try:
             if isinstance(v, bool):
                 raise ValueError
-            n = kind(v)
+            n = kind(v)  # int(inf), TOML's 1e400, raises OverflowError
             if kind is int and isinstance(v, float) and v != n:
                 raise ValueError
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise ValueError(f"must be {what}, got {v!r}") from None
-        if n < minimum or (n == minimum and not inclusive):
+        # inf and nan are no number of seconds or bytes (and nan passes any comparison)
+        if not math.isfinite(n) or n < minimum or (n == minimum and not inclusive):
             raise ValueError(f"must be {what}, got {v!r}")
+        if n > MAX_NUMBER:
+            raise ValueError(f"must be at most {MAX_NUMBER} (2**53), got {v!r}")
         return n
 
     check.metavar = "N"
@@ -116,6 +205,50 @@ _bool.metavar = "{true,false}"
 
 def _opt_str(v):
     return None if v in (None, "") else str(v)
+
+
+def redact_url(value):
+    """A URL setting as it may be shown (check-config, errors): its user part
+    (a user and password, or a token in the user's place) and its query
+    (where providers put API keys) replaced by REDACTED; any other value as
+    it is.  Never raises: a malformed URL is redacted the same way."""
+    if not isinstance(value, str) or "://" not in value:
+        return value
+    scheme, _, rest = value.partition("://")
+    rest, hash_, fragment = rest.partition("#")
+    rest, q, _query = rest.partition("?")
+    netloc, slash, path = rest.partition("/")
+    if "@" in netloc:
+        netloc = "REDACTED@" + netloc.rpartition("@")[2]
+    return (f"{scheme}://{netloc}{slash}{path}" + ("?REDACTED" if q else "")
+            + (hash_ + fragment))  # fmt: skip
+
+
+def _url(v):
+    """An http:// or https:// URL with a host: what the webhook, push and media URLs are
+    (no file:, ftp: or anything else an HTTP client library might open)."""
+    text = str(v)
+    try:
+        parts = urllib.parse.urlsplit(text)
+        parts.port  # noqa: B018 (raises ValueError past 65535)
+        ok = parts.scheme.lower() in ("http", "https") and bool(parts.hostname)
+    except ValueError:
+        ok = False
+    if not ok or not text.isprintable() or " " in text:
+        raise ValueError(
+            f"must be an http:// or https:// URL with a host, got {redact_url(text)!r}"
+        )
+    return text
+
+
+_url.metavar = "URL"
+
+
+def _opt_url(v):
+    return None if v in (None, "") else _url(v)
+
+
+_opt_url.metavar = "URL"
 
 
 @dataclass(frozen=True)
@@ -179,8 +312,10 @@ OPTIONS: list[Option] = [
         "data directory (LMDB store, SMS outbox); relative to the cwd",
         "DIR",
     ),
-    Option("workers", 0, _non_negative_int, "worker processes; 0 = one per core"),
-    Option("max_frame", 1 << 20, _positive_int, "largest frame payload accepted, bytes"),
+    Option("workers", 0, _non_negative_int, "worker processes, at most 1024; 0 = one per core"),
+    Option(
+        "max_frame", 1 << 20, _positive_int, "largest frame payload accepted, bytes: 4096-16777215"
+    ),
     Option(
         "login_max_frame",
         4096,
@@ -326,8 +461,8 @@ OPTIONS: list[Option] = [
         "scram_iterations",
         4096,
         _positive_int,
-        "PBKDF2 iterations for new device keys (made-up devices are answered with a count real "
-        "devices have)",
+        "PBKDF2 iterations for new device keys, at least 4096 (made-up devices are answered "
+        "with a count real devices have)",
     ),
     Option(
         "sms_gateway",
@@ -338,8 +473,8 @@ OPTIONS: list[Option] = [
     Option(
         "sms_webhook_url",
         None,
-        _opt_str,
-        "URL the webhook gateway POSTs {phone, code, method} JSON to",
+        _opt_url,
+        "http:// or https:// URL the webhook gateway POSTs {phone, code, method} JSON to",
         "URL",
     ),
     Option(
@@ -428,9 +563,9 @@ OPTIONS: list[Option] = [
     Option(
         "push_webhook_url",
         None,
-        _opt_str,
-        "URL the webhook gateway POSTs wake-ups to as JSON; set: devices may register "
-        "webhook targets",
+        _opt_url,
+        "http:// or https:// URL the webhook gateway POSTs wake-ups to as JSON; set: devices "
+        "may register webhook targets",
         "URL",
     ),
     Option(
@@ -455,7 +590,7 @@ OPTIONS: list[Option] = [
         "FILE",
     ),
     Option(
-        "push_fcm_url", "https://fcm.googleapis.com", str, "base URL of the FCM HTTP v1 API", "URL"
+        "push_fcm_url", "https://fcm.googleapis.com", _url, "base URL of the FCM HTTP v1 API", "URL"
     ),
     Option(
         "push_apns_key_file",
@@ -472,7 +607,7 @@ OPTIONS: list[Option] = [
     Option(
         "push_apns_url",
         "https://api.push.apple.com",
-        str,
+        _url,
         "base URL of APNs (https://api.sandbox.push.apple.com for development builds)",
         "URL",
     ),
@@ -502,7 +637,8 @@ OPTIONS: list[Option] = [
         "map_size",
         8 << 30,
         _positive_int,
-        "LMDB map size, bytes (the file is sparse; this is the ceiling)",
+        "LMDB map size, bytes (the file is sparse; this is the ceiling): 1 MiB (1048576) "
+        "to 64 TiB (70368744177664)",
     ),
     Option(
         "store_reserve",
@@ -959,9 +1095,9 @@ OPTIONS: list[Option] = [
     Option(
         "media_url",
         None,
-        _opt_str,
-        "the media service's base URL as clients reach it (e.g. https://media.example.com); "
-        "by default http(s)://media-listen",
+        _opt_url,
+        "the media service's base http:// or https:// URL as clients reach it (e.g. "
+        "https://media.example.com); by default http(s)://media-listen",
         "URL",
     ),
     Option(
@@ -1122,7 +1258,10 @@ class Group:
 GROUPS: list[Group] = [
     Group(
         "listeners",
-        "where the server accepts connections",
+        "where the server accepts connections: HOST:PORT, a host name or an IP address, an "
+        "IPv6 address in brackets ([::1]:7650, [::]:7650). No two listeners in use (listen, "
+        "tls-listen with tls-cert, metrics-listen, media-listen) may take one port of one "
+        "address: 0.0.0.0 takes its port on every IPv4 address, [::] on every address",
         ("listen", "tls_listen", "tls_cert", "tls_key", "metrics_listen"),
     ),
     Group(
@@ -1403,7 +1542,7 @@ class Config:
 
     @property
     def worker_count(self) -> int:
-        return self.values["workers"] or (os.cpu_count() or 1)
+        return self.values["workers"] or min(os.cpu_count() or 1, MAX_WORKERS)
 
     @property
     def tls_enabled(self) -> bool:
@@ -1453,6 +1592,11 @@ def _load(path, overrides, base) -> tuple[Config | None, list[str]]:
             return None, [f"{path}: cannot read it: {exc.strerror}"]
         except tomllib.TOMLDecodeError as exc:
             return None, [f"{path}: not valid TOML: {exc}"]
+        except UnicodeDecodeError as exc:  # tomllib decodes first, and raises this
+            return None, [
+                f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+                f"{exc.start}): a TOML file must be UTF-8"
+            ]
     if overrides:
         layers.append(("command line", {k: v for k, v in overrides.items() if v is not None}))
     errors: list[str] = []
@@ -1481,6 +1625,55 @@ def _load(path, overrides, base) -> tuple[Config | None, list[str]]:
             errors.append(f"{' and '.join(where)}: {message}" if where else message)
 
     v = values
+    rule(
+        ("workers",),
+        v["workers"] > MAX_WORKERS,
+        f"workers must be at most {MAX_WORKERS} (0: one per core)",
+    )
+    rule(
+        ("map_size",),
+        v["map_size"] < MIN_MAP_SIZE,
+        f"map-size must be at least {MIN_MAP_SIZE} (1 MiB)",
+    )
+    rule(
+        ("map_size",),
+        v["map_size"] > MAX_MAP_SIZE,
+        f"map-size must be at most {MAX_MAP_SIZE} (64 TiB)",
+    )
+    listeners = [
+        n
+        for n, on in (
+            ("listen", True),
+            ("tls_listen", bool(v["tls_cert"])),  # unused without a certificate
+            ("metrics_listen", v["metrics_listen"] != "off"),
+            ("media_listen", v["media_listen"] != "off"),
+        )
+        if on and n not in bad
+    ]
+    for i, a in enumerate(listeners):
+        for b in listeners[i + 1 :]:
+            how = _overlap(v[a], v[b])
+            rule(
+                (a, b),
+                how is not None,
+                f"{_flag(a)} {v[a]} and {_flag(b)} {v[b]} "
+                + (
+                    "are the same address"
+                    if how == "same"
+                    else "overlap (0.0.0.0 is every IPv4 address, [::] every address)"
+                )
+                + ": give each listener its own port",
+            )
+    rule(
+        ("scram_iterations",),
+        v["scram_iterations"] < MIN_SCRAM_ITERATIONS,
+        f"scram-iterations must be at least {MIN_SCRAM_ITERATIONS} (RFC 7677)",
+    )
+    rule(
+        ("max_frame",),
+        not MIN_MAX_FRAME <= v["max_frame"] <= MAX_FRAME,
+        f"max-frame must be {MIN_MAX_FRAME}-{MAX_FRAME} (a frame's length is 3 bytes)",
+    )
     rule(
         ("tls_key", "tls_cert"),
         bool(v["tls_key"] and not v["tls_cert"]),

@@ -32,10 +32,16 @@ def _key_mode_problem(st: os.stat_result) -> str | None:
     a key the server's own user owns is for that user alone (0600/0400); one
     root owns may also be read by its group (0640, Debian's ssl-cert group)."""
     mode = st.st_mode & 0o777
-    owned_by_root = st.st_uid == 0 and (not hasattr(os, "geteuid") or os.geteuid() != 0)
+    me = os.geteuid() if hasattr(os, "geteuid") else st.st_uid
+    owned_by_root = st.st_uid == 0 and me != 0
     if mode & (0o037 if owned_by_root else 0o077):
-        allowed = "0640 or 0600 (root owns it)" if owned_by_root else "0600"
-        return f"may be read or written by other users (mode {mode:04o}): chmod it {allowed}"
+        if owned_by_root:
+            fix = "chmod it 0640 or 0600 (root owns it)"
+        elif st.st_uid == me:
+            fix = "chmod it 0600"
+        else:  # a third user's: 0600 would lock the server out
+            fix = "chown it to the server's user and chmod it 0600"
+        return f"may be read or written by other users (mode {mode:04o}): {fix}"
     return None
 
 
@@ -67,7 +73,7 @@ def tls_context(config) -> ssl.SSLContext:
         raise ValueError(f"{what[key]} {key} is protected by a passphrase: the server cannot "
                          "ask for one; store the key without it (mode 0600)") from None  # fmt: skip
     except (OSError, ssl.SSLError) as exc:
-        raise ValueError(_diagnose_tls(cert, key, exc)) from None
+        raise ValueError(_diagnose_tls(cert, key, what[key], exc)) from None
     return ctx
 
 
@@ -79,7 +85,7 @@ def _no_passphrase():
     raise _Passphrase
 
 
-def _diagnose_tls(cert: str, key: str, exc: Exception) -> str:
+def _diagnose_tls(cert: str, key: str, key_name: str, exc: Exception) -> str:
     """Which of the two files OpenSSL's error is about (it does not say)."""
     from cryptography import x509
     from cryptography.exceptions import UnsupportedAlgorithm
@@ -95,8 +101,8 @@ def _diagnose_tls(cert: str, key: str, exc: Exception) -> str:
         with open(key, "rb") as f:
             serialization.load_pem_private_key(f.read(), password=None)
     except (OSError, ValueError, TypeError, UnsupportedAlgorithm):
-        return f"tls-key {key} holds no PEM private key ({reason})"
-    return f"tls-key {key} is not the key of the certificate in tls-cert {cert} ({reason})"
+        return f"{key_name} {key} holds no PEM private key ({reason})"
+    return f"{key_name} {key} is not the key of the certificate in tls-cert {cert} ({reason})"
 
 
 def reuseport_option() -> int | None:

@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.serialization import (
 )
 
 from .accounts import device_keys
+from .config import MIN_SCRAM_ITERATIONS
 from .store import Store
 
 
@@ -50,6 +51,10 @@ def provision(
     width = 12 - len(prefix)
     if not prefix.isdigit() or width < 5:
         raise ValueError(f"--prefix must be 1 to 7 digits, got {prefix!r}")
+    if iterations < MIN_SCRAM_ITERATIONS:
+        raise ValueError(
+            f"--iterations must be at least {MIN_SCRAM_ITERATIONS} (RFC 7677), got {iterations}"
+        )
     if count < 1 or first + count > 10**width:
         raise ValueError(f"--count must be between 1 and {10**width - first}")
 

@@ -304,7 +304,10 @@ class Store:
         # Private whatever the umask: the store holds queued payloads and the
         # SCRAM keys.  lmdb's mode is the files' creation mode; files left by
         # an older pigeon (0644 under a 022 umask) are tightened here too.
-        os.makedirs(path, mode=0o700, exist_ok=True)
+        try:
+            os.makedirs(path, mode=0o700, exist_ok=True)
+        except OSError as exc:  # a data dir in /proc, read-only, or a file named store
+            raise StoreError(f"cannot create the store directory {path}: {exc.strerror}") from None
         make_private(path, 0o700)
         check_data_file(os.path.join(path, "data.mdb"))
         try:

@@ -40,7 +40,7 @@ def test_check_config(tmp_path):
         proc = admin("check-config", str(hooks), *form)
         assert proc.returncode == 0, proc.stderr
         assert "SECRET" not in proc.stdout
-        assert "https://acct:REDACTED@sms.example:8443/send?REDACTED#f" in proc.stdout
+        assert "https://REDACTED@sms.example:8443/send?REDACTED#f" in proc.stdout
         assert "http://push.example/wake" in proc.stdout  # nothing to hide: shown whole
     bad = tmp_path / "bad.toml"
     bad.write_text('sync = "sometimes"\n')

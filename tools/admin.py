@@ -100,9 +100,15 @@ def _connect_address(hostport: str) -> str:
 
 
 def _check_hostport(v: str) -> str:
-    host, sep, port = v.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise UsageError(f"--metrics must be HOST:PORT with a port 1-65535, got {v!r}")
+    from pigeon.server.config import split_hostport
+
+    try:
+        split_hostport(v)  # what metrics-listen takes: '[::1' made urllib raise ValueError
+    except ValueError as exc:
+        why = str(exc)
+        raise UsageError(
+            f"--metrics {why}" if why.startswith("must") else f"--metrics: {why}"
+        ) from None
     return v
 
 
@@ -160,26 +166,8 @@ def open_store(args):
 # -- check-config ------------------------------------------------------------------
 
 
-def redact_url(value):
-    """A URL setting as it may be shown: a password in it and its query (where
-    providers put API keys) replaced by REDACTED; any other value as it is."""
-    if not isinstance(value, str) or "://" not in value:
-        return value
-    from urllib.parse import urlsplit, urlunsplit
-
-    try:
-        u = urlsplit(value)
-        u.port  # noqa: B018 (raises on a bad port: then shown whole, as it is invalid anyway)
-    except ValueError:
-        return value
-    netloc = u.netloc
-    if u.password is not None:
-        netloc = f"{u.username}:REDACTED@" + netloc.rpartition("@")[2]
-    return urlunsplit((u.scheme, netloc, u.path, "REDACTED" if u.query else "", u.fragment))
-
-
 def check_config(args) -> int:
-    from pigeon.server.config import ConfigError, load
+    from pigeon.server.config import ConfigError, load, redact_url
 
     try:
         config = load(args.file)

@@ -12,6 +12,7 @@ import contextlib
 import datetime
 import ipaddress
 import os
+import re
 import stat
 import tempfile
 
@@ -23,11 +24,24 @@ from cryptography.x509.oid import NameOID
 DEFAULT_NAMES = ("localhost", "127.0.0.1", "::1")
 
 
+_LABEL = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
+_DNS_NAME = re.compile(rf"(\*\.)?{_LABEL}(\.{_LABEL})*")
+
+
 def _san(name: str) -> x509.GeneralName:
     try:
         return x509.IPAddress(ipaddress.ip_address(name))
     except ValueError:
-        return x509.DNSName(name)
+        pass
+    if not _DNS_NAME.fullmatch(name):  # what a client could match: no '[::1]', no 'a b'
+        raise ValueError(
+            f"--name must be a host name (ASCII: IDNA for others) or an IP address, got {name!r}"
+        )
+    return x509.DNSName(name)
+
+
+#: The longest validity gen-cert makes: 100 years.
+MAX_DAYS = 36500
 
 
 def _check_dir(out_dir: str) -> None:
@@ -45,15 +59,15 @@ def _check_dir(out_dir: str) -> None:
     uid = os.geteuid() if hasattr(os, "geteuid") else None
     if uid is not None and st.st_uid not in (uid, 0):
         raise ValueError(
-            f"{out_dir} belongs to another user (uid {st.st_uid}); "
-            "use a directory of your own for the key"
+            f"{out_dir} belongs to another user (uid {st.st_uid}): run gen-cert as that "
+            "user (the server's user must be able to read the key), or use a directory of "
+            "your own"
         )
 
 
-def _write_private(directory: str, path: str, data: bytes, mode: int) -> None:
-    """Write data to path atomically with exactly ``mode``: a new file made in
-    the same directory (O_EXCL, so never through a symlink planted there) and
-    renamed over path, which replaces a symlink rather than following it."""
+def _write_new(directory: str, data: bytes, mode: int) -> str:
+    """A new file in ``directory`` holding data with exactly ``mode`` (O_EXCL:
+    never through a symlink planted there); its path, to rename into place."""
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".gen-cert-")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -61,11 +75,11 @@ def _write_private(directory: str, path: str, data: bytes, mode: int) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    return tmp
 
 
 def gen_cert(
@@ -77,11 +91,12 @@ def gen_cert(
     that belongs to another user; each file is written to a new temporary
     file and renamed into place, so an existing file (or a symlink in its
     place) is replaced, never written through."""
-    if days < 1:
-        raise ValueError(f"--days must be at least 1, got {days}")
+    if not 1 <= days <= MAX_DAYS:  # past it timedelta overflows, or the year passes 9999
+        raise ValueError(f"--days must be 1-{MAX_DAYS}, got {days}")
     names = list(names)
     if not names:
         raise ValueError("give at least one --name")
+    sans = [_san(n) for n in names]  # a bad one is refused before anything is written
     os.makedirs(out_dir, mode=0o700, exist_ok=True)
     _check_dir(out_dir)
     cert_path = os.path.join(out_dir, "cert.pem")
@@ -90,10 +105,6 @@ def gen_cert(
         if os.path.lexists(p) and not force:
             raise FileExistsError(f"{p} exists; pass --force to replace it")
     now = datetime.datetime.now(datetime.UTC)
-    try:
-        not_after = now + datetime.timedelta(days=days)
-    except OverflowError:
-        raise ValueError(f"--days {days} ends past the year 9999; give fewer days") from None
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])])
     cert = (
@@ -103,8 +114,8 @@ def gen_cert(
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(not_after)
-        .add_extension(x509.SubjectAlternativeName([_san(n) for n in names]), critical=False)
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .sign(key, hashes.SHA256())
     )
@@ -113,7 +124,19 @@ def gen_cert(
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    _write_private(out_dir, key_path, key_pem, 0o600)
-    # a certificate is public: clients read it to trust the server
-    _write_private(out_dir, cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    # both written in full before either is renamed over what is there (which
+    # replaces a symlink rather than following it): no half-new pair is left
+    # by a failure, and the two renames are next to each other
+    written = []
+    try:
+        written.append(_write_new(out_dir, key_pem, 0o600))
+        # a certificate is public: clients read it to trust the server
+        written.append(_write_new(out_dir, cert.public_bytes(serialization.Encoding.PEM), 0o644))
+        os.replace(written[0], key_path)
+        os.replace(written[1], cert_path)
+    except BaseException:
+        for tmp in written:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        raise
     return cert_path, key_path

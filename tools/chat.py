@@ -194,10 +194,12 @@ class Interrupted(Exception):
 
 
 def _hostport(value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ChatError(f"--server must be HOST:PORT, got {value!r}")
-    return host.strip("[]"), int(port)
+    from pigeon.server.config import split_hostport
+
+    try:  # what the server's listen takes: '[::1' was looked up as a host name
+        return split_hostport(value)
+    except ValueError as exc:
+        raise ChatError(f"--server: {exc}") from None
 
 
 def _ssl_context(args) -> ssl.SSLContext | None:

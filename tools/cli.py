@@ -269,9 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="host name or IP address the certificate is for; repeat for several "
         "(default: localhost, 127.0.0.1, ::1)",
     )
-    g.add_argument(
-        "--days", type=int, default=365, help="validity in days (default 365; it must end by 9999)"
-    )
+    g.add_argument("--days", type=int, default=365, help="validity in days, 1-36500 (default 365)")
     g.add_argument("--force", action="store_true", help="replace existing files")
     g.set_defaults(func=_admin_gen_cert)
     pv = asub.add_parser(
