@@ -470,6 +470,9 @@ class Listener(socketserver.ThreadingMixIn, WSGIServer):
 
     daemon_threads = True  # a stalled client never holds up the supervisor's exit
     block_on_close = False
+    # the listen backlog (socketserver's default is 5: a burst of health checks,
+    # 200 at once in probe8, waited out SYN retries, up to 8 s, or failed)
+    request_queue_size = 1024
 
     def __init__(self, address, family, limit: int, timeout: float):
         self.address_family = family

@@ -696,7 +696,7 @@ class Supervisor:
             old, self.workers = self.workers, self.incoming
             self.incoming = []
             self.config = self.workers[0].config
-            self.count = len(self.workers)
+            self.count = sum(1 for w in self.workers if not w.media)  # (the chat workers)
             for w in old:
                 if w.proc is not None and w.proc.poll() is None:
                     w.proc.send_signal(signal.SIGTERM)

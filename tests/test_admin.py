@@ -729,3 +729,30 @@ def test_status_wait_for_a_starting_server_and_for_nothing(tmp_path):
         if waiting.poll() is None:
             waiting.kill()
             waiting.wait(5)
+
+
+def test_status_after_a_reload_counts_the_chat_workers_only(tmp_path):
+    """After a SIGHUP, /status said "2 of 3 ready" for --workers 2 with the
+    media service on: the new generation's count held the media process."""
+    import signal
+
+    mport = free_port()
+    srv = Server(tmp_path / "data", workers=2, media=True,
+                 metrics_listen=f"127.0.0.1:{mport}").start()  # fmt: skip
+    try:
+
+        async def main():
+            await until(lambda: get_status(mport)["workers_ready"] == 2, timeout=30)
+            srv.proc.send_signal(signal.SIGHUP)
+
+            def reloaded():
+                d = get_status(mport)
+                return d["generation"] == 1 and not d["reloading"] and len(d["media"]) == 1
+
+            await until(reloaded, timeout=60)  # (the old media process drained away)
+            doc = get_status(mport)
+            assert (doc["workers_configured"], doc["workers_ready"]) == (2, 2), doc
+
+        asyncio.run(asyncio.wait_for(main(), 120))
+    finally:
+        assert srv.stop() == 0
