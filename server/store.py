@@ -172,6 +172,13 @@ def check_data_file(data: str, advice: str = "restore the store from a backup "
     would die of SIGBUS there instead of failing (server/lmdbfile.py).  A file
     that does not exist yet is left to LMDB, which makes a new one."""
     try:
+        if os.path.getsize(data) == 0:
+            # LMDB would start a new store in it; a store emptied by mistake
+            # then comes up empty with no word said, so the operator decides
+            raise StoreError(
+                f"{data} is empty: if this is a new store whose first start failed, "
+                f"delete it; else {advice}"
+            )
         lmdbfile.check(data)
     except FileNotFoundError:
         return

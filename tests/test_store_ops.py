@@ -182,10 +182,15 @@ def test_a_truncated_data_file_is_refused_before_lmdb_maps_it(tmp_path):
         out = _open_elsewhere(path)
         assert out.startswith(f"refused: {data} is truncated or corrupt"), (cut, out)
         assert "restore the store from a backup" in out
-    # shorter than the meta pages, empty, and not LMDB's at all
-    for junk in (whole[:100], b"", b"\0" * 3 * 4096):
+    # shorter than the meta pages, and not LMDB's at all
+    for junk in (whole[:100], b"\0" * 3 * 4096):
         data.write_bytes(junk)
         assert _open_elsewhere(path).startswith(f"refused: {data} is truncated or corrupt")
+    # empty: LMDB would start a new store in it; the operator is told both cases
+    data.write_bytes(b"")
+    out = _open_elsewhere(path)
+    assert out.startswith(f"refused: {data} is empty: if this is a new store whose first "
+                          "start failed, delete it; else restore"), out  # fmt: skip
     # a size that is no multiple of the page size is fine when it covers the last page
     data.write_bytes(whole + b"\0" * 100)
     assert _open_elsewhere(path) == "opened"
