@@ -343,8 +343,12 @@ class MediaService:
         ip = source_key(request.remote or "?")
         c = self.config
         if not self.rates.take(ip, max(1, round(c.media_request_rate)), 1.0, time.monotonic()):
-            raise self.refuse(429, "request rate", limit="media-request-rate",
+            exc = self.refuse(429, "request rate", limit="media-request-rate",
                               value=c.media_request_rate)  # fmt: skip
+            # and the connection closes: requests pipelined behind it are not each
+            # answered (probe8: 430,000 429s in 3 s to 62 connections that read nothing)
+            exc.force_close()
+            raise exc
         n = self.in_flight.get(ip, 0)
         if n >= c.media_transfers_per_ip:
             raise self.refuse(429, "transfers at once", limit="media-transfers-per-ip",

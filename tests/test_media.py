@@ -1058,3 +1058,32 @@ def test_a_download_holds_its_transfer_slot_and_a_stalled_one_is_cut(tmp_path, l
         run(main(), timeout=90)
     finally:
         assert s.stop() == 0
+
+
+def test_past_the_request_rate_the_connection_is_closed(tmp_path):
+    """Requests pipelined past media-request-rate were each answered 429 (probe8:
+    430,000 answers in 3 s to 62 connections that read nothing); the first 429
+    now closes the connection."""
+    s = Server(tmp_path / "data", workers=1, media=True, media_request_rate=5)
+    s.start()
+
+    async def main():
+        await until(lambda: "media ready" in s.log_text(), timeout=20)
+        r, w = await asyncio.open_connection("127.0.0.1", s.media_port)
+        w.write(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n" * 200)
+        await w.drain()
+        got = b""
+        while True:
+            chunk = await asyncio.wait_for(r.read(65536), 10)
+            if not chunk:
+                break  # closed by the server
+            got += chunk
+        w.close()
+        assert got.count(b"HTTP/1.1 429") == 1, got.count(b"HTTP/1.1 429")
+        assert 1 <= got.count(b"HTTP/1.1 200") <= 6
+        assert b'"media-request-rate"' in got
+
+    try:
+        run(main(), timeout=60)
+    finally:
+        assert s.stop() == 0
