@@ -23,8 +23,10 @@ state machine are exactly the protocol's; the handlers are minimal:
   a recipient that is not connected, until it logs in);
 - the device ``ack``: every delivery up to that sequence is done; for a
   message, a ``delivered`` receipt goes to its sender (what pigeon does),
-  so the load processes do the same work as against the real server;
-  acks of receipts are swallowed;
+  so the load processes do the same work as against the real server
+  (``--no-receipts``: none, the floor of ``pigeon bench throughput
+  --no-receipts``, whose server sends none either); acks of receipts are
+  swallowed;
 - ``ping`` gets its ``pong``; any other request an error 201, "not in the
   floor server".
 
@@ -100,7 +102,8 @@ class User:
 class Floor:
     """The router: users by phone, device secrets, connections with output this tick."""
 
-    def __init__(self, creds: list[dict]):
+    def __init__(self, creds: list[dict], receipts: bool = True):
+        self.receipts = receipts
         self.secrets = {c["device"]: c["secret"] for c in creds}
         self.users: dict[str, User] = {}
         self._auth: dict[str, tuple] = {}
@@ -269,7 +272,7 @@ class Session(asyncio.Protocol):
         out = me.outstanding
         while out and out[0][0] <= upto:
             _, sender, mid = out.popleft()
-            if sender is not None:  # a message: its delivered receipt to the sender
+            if sender is not None and self.floor.receipts:  # a message: its delivered receipt
                 sender.seq += 1
                 self.floor.send_to(
                     sender, IncomingReceipt(me.phone, mid, "delivered", now_ms(), sender.seq)
@@ -295,9 +298,9 @@ def write_credentials(count: int, path: str, prefix: str = "999") -> list[dict]:
     return creds
 
 
-async def serve(host: str, port: int, creds: list[dict]) -> None:
+async def serve(host: str, port: int, creds: list[dict], receipts: bool = True) -> None:
     loop = asyncio.get_running_loop()
-    floor = Floor(creds)
+    floor = Floor(creds, receipts)
     server = await loop.create_server(lambda: Session(floor), host, port, backlog=4096)
     bound = server.sockets[0].getsockname()
     print(f"floor: serving on {bound[0]}:{bound[1]}", flush=True)
@@ -316,6 +319,8 @@ def main(argv=None) -> int:
     p.add_argument("--creds", required=True, help="credentials from pigeon admin provision")
     p.add_argument("--listen", default="127.0.0.1:0", metavar="HOST:PORT",
                    help="where to listen (port 0: any free one, printed when ready)")  # fmt: skip
+    p.add_argument("--no-receipts", action="store_true",
+                   help="send no delivered receipts (the floor of a --no-receipts bench)")  # fmt: skip
     args = p.parse_args(argv)
     from pigeon.server.provision import load_credentials
 
@@ -326,7 +331,7 @@ def main(argv=None) -> int:
     host, _, port = args.listen.rpartition(":")
     import uvloop
 
-    uvloop.run(serve(host, int(port), creds))
+    uvloop.run(serve(host, int(port), creds, receipts=not args.no_receipts))
     return 0
 
 

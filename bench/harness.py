@@ -184,10 +184,11 @@ class ServerUnderTest:
             self.stop()
             raise BenchError("the server did not start; the end of its log:\n" + tail)
 
-    def start_floor(self, creds_path: str) -> None:
+    def start_floor(self, creds_path: str, receipts: bool = True) -> None:
         """Start the load floor (bench/floor.py) on a free loopback port instead."""
         self.proc = subprocess.Popen([sys.executable, "-m", "pigeon.bench.floor", "--creds",
-                                      creds_path, "--listen", "127.0.0.1:0"],
+                                      creds_path, "--listen", "127.0.0.1:0"]
+                                     + ([] if receipts else ["--no-receipts"]),
                                      stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)  # fmt: skip
         self.pid = self.proc.pid
         line = self._ready_line("floor: serving on", 30)

@@ -231,6 +231,42 @@ def test_floor_server_speaks_the_protocol(tmp_path):
     assert floor.proc.returncode is not None
 
 
+def test_floor_without_receipts_sends_none(tmp_path):
+    """``--no-receipts``: the floor of ``bench throughput --no-receipts`` (whose
+    server sends no delivered receipts) does not send them either."""
+    from pigeon.bench.floor import write_credentials
+    from pigeon.bench.harness import ServerUnderTest
+    from pigeon.client import Client
+
+    creds = write_credentials(2, str(tmp_path / "creds.jsonl"))
+    floor = ServerUnderTest()
+    floor.start_floor(str(tmp_path / "creds.jsonl"), receipts=False)
+    host, _, port = floor.target.rpartition(":")
+
+    async def talk():
+        a, b = [await Client.connect(host, int(port), plaintext=True) for _ in range(2)]
+        for c, k in ((a, 0), (b, 1)):
+            await c.login(Credentials(creds[k]["device"], bytes.fromhex(creds[k]["secret"])))
+        for i in range(3):
+            await a.send(creds[1]["phone"], b"m%d" % i)
+        for i in range(3):
+            ev = await b.next_event(10)
+            assert ev.body == b"m%d" % i
+            await b.ack(ev.seq)
+        await a.ping(10)  # the acks were handled before this pong
+        await b.ping(10)
+        await a.ping(10)
+        with pytest.raises(TimeoutError):
+            await a.next_event(0.5)  # no receipt came
+        await a.close()
+        await b.close()
+
+    try:
+        asyncio.run(asyncio.wait_for(talk(), 60))
+    finally:
+        floor.stop()
+
+
 def test_pacer_wakes_at_the_deadline_and_never_spins(monkeypatch):
     """The open-loop sender waits with bench/pacer.py.  Its kernel timer fires once, at
     the deadline, never before; without one, the fallback sleeps at least a
