@@ -4,7 +4,7 @@ import asyncio
 import signal
 
 import pytest
-from serverutil import Server, until
+from serverutil import Server, free_port, until
 from test_durable import DEVICES, PER_SENDER_MULTI, crash_load
 
 from pigeon.client import ServerError
@@ -62,7 +62,9 @@ def test_a_bad_config_is_refused_and_a_good_one_applied(tmp_path):
             assert "queue-max-count: must be an integer" in srv.log_text()
             assert set(srv.worker_pids()) == workers  # untouched, still serving
             await alice.send(BOB, b"x")
-            cfg.write_text('queue-max-count = 4\ntls-cert = "/nonexistent/cert.pem"\n')
+            # (on a free port: the default 7651 may be another server's on a shared machine)
+            cfg.write_text('queue-max-count = 4\ntls-cert = "/nonexistent/cert.pem"\n'
+                           f'tls-listen = "127.0.0.1:{free_port()}"\n')  # fmt: skip
             srv.proc.send_signal(signal.SIGHUP)
             await until(
                 lambda: (
