@@ -354,6 +354,14 @@ OPTIONS: list[Option] = [
         "file descriptors a worker keeps for its own use (store, sockets between workers); "
         "connections past open-files-limit minus this are refused with error 502",
     ),
+    Option(
+        "memory_trim_interval",
+        60.0,
+        _non_negative_float,
+        "seconds between a worker's returns of freed heap memory to the system (glibc's "
+        "malloc_trim; elsewhere nothing to do): a flood of TLS handshakes leaves hundreds of "
+        "MB freed but held otherwise; 0: never",
+    ),
     Option("code_ttl", 300, _positive_int, "seconds a one-time registration code stays valid"),
     Option(
         "code_attempts",
@@ -1272,6 +1280,7 @@ GROUPS: list[Group] = [
             "max_connections",
             "max_connections_per_ip",
             "files_reserve",
+            "memory_trim_interval",
             "idle_timeout",
             "max_frame",
             "login_max_frame",

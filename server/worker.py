@@ -89,6 +89,35 @@ PAYLOAD_HEADROOM = 256
 logger = logging.getLogger("pigeon.worker")
 
 SWEEP_INTERVAL = 1.0
+
+
+def _malloc_trim():
+    """glibc's malloc_trim, or None (FreeBSD's jemalloc, musl: they give freed
+    memory back themselves)."""
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_TRIM = _malloc_trim() if sys.platform.startswith("linux") else None
+
+
+def trim_heap() -> bool:
+    """Give freed heap memory back to the system.  glibc keeps what it frees
+    in its arenas: an aborted TLS handshake leaves ~30 KiB of OpenSSL's
+    buffers there, so 12,000 of them (probe9) held 350 MB per worker for
+    good although nothing referred to it (uvloop#565, CPython gh-109534
+    report it as a leak).  Measured: 300 MB given back in ~60 ms; 0.1 ms
+    when there is nothing to give."""
+    if _TRIM is None:
+        return False
+    _TRIM(0)
+    return True
+
+
 ACKS_AT_ONCE = 256  # devices with acks waiting that make the next tick commit them
 GC_YOUNG_THRESHOLD = 10_000  # tracked allocations between young collections (main)
 
@@ -178,6 +207,7 @@ class Worker:
         self.stats = WorkerStats()
         self.status_fd: int | None = None
         self.next_purge = 0.0
+        self.next_trim = 0.0  # (memory-trim-interval)
         self.max_payload = config.max_frame - PAYLOAD_HEADROOM
         self.login_max_frame = config.login_max_frame
         # read per push: plain attributes, not Config's __getattr__
@@ -689,6 +719,10 @@ class Worker:
             for s in list(self.sessions.values()):
                 if not s.closing and now - s.last_seen > idle:
                     s.fail(ErrorCode.TIMEOUT, "no traffic within the keepalive timeout")
+            trim = self.config.memory_trim_interval
+            if trim and now >= self.next_trim:
+                trim_heap()
+                self.next_trim = now + trim
             if self.index == 0 and now >= self.next_purge:
                 self.purge_expired()
                 self.next_purge = now + self.config.purge_interval
