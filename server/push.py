@@ -182,7 +182,9 @@ class Gateway:
         import aiohttp
 
         try:
-            async with self.http.post(url, **kw) as resp:
+            # no redirect is followed: a push service (or an open redirect on an
+            # allowed host) would point the POST past push-webpush-hosts (probe9)
+            async with self.http.post(url, allow_redirects=False, **kw) as resp:
                 return resp.status, await resp.read(), resp.headers
         except TimeoutError:
             raise Outcome("timeout", retry=True) from None

@@ -4,8 +4,8 @@
 webhook, FCM's OAuth and send endpoints, or a Web Push service; ``H2Recorder``
 is hypercorn with TLS and ALPN h2, standing in for APNs (HTTP/2 only).  Each
 runs its own event loop in a thread, so it outlives the tests' asyncio.run
-calls; ``respond(record) -> (status, body bytes, delay seconds)`` decides the
-answer.  The real services are unreachable from this machine."""
+calls; ``respond(record) -> (status, body bytes, delay seconds[, headers])``
+decides the answer (the headers: the Recorder's only).  The real services are unreachable from this machine."""
 
 from __future__ import annotations
 
@@ -91,10 +91,11 @@ class Recorder(_Base):
             rec = Request(request.method, request.path_qs,
                           {k.lower(): v for k, v in request.headers.items()}, body,
                           f"{request.version.major}.{request.version.minor}")  # fmt: skip
-            status, out, delay = self._record(rec)
+            status, out, delay, *headers = self._record(rec)  # (+ a dict of headers)
             if delay:
                 await asyncio.sleep(delay)
-            return web.Response(status=status, body=out, content_type="application/json")
+            return web.Response(status=status, body=out, content_type="application/json",
+                                headers=headers[0] if headers else None)  # fmt: skip
 
         async def main():
             self._stop = asyncio.Event()

@@ -524,6 +524,53 @@ def test_a_stored_web_push_endpoint_is_checked_again_before_each_post(tmp_path, 
         wp.stop()
 
 
+def test_a_push_service_redirect_is_not_followed(tmp_path, tls):
+    """probe9: a Web Push endpoint on an allowed host that answered 307 made the
+    server POST to the Location, a host and scheme push-webpush-hosts does not
+    allow (an open redirect on a push service is an SSRF).  A redirect is now
+    a failed wake-up; nothing reaches the other host."""
+    cert, key = tls
+    inside = Recorder(lambda req: (200, b"", 0.0)).start()  # plain http, not allowed
+    wp = Recorder(lambda req: (307, b"", 0.0, {"Location": f"{inside.base}/internal?x=1"}),
+                  tls=(cert, key)).start()  # fmt: skip
+    vkey = tmp_path / "vapid.pem"
+    vkey.write_bytes(ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))  # fmt: skip
+    os.chmod(vkey, 0o600)
+    srv, mport = start(tmp_path, push_vapid_key_file=str(vkey),
+                       push_vapid_subject="mailto:ops@example.org",
+                       push_webpush_hosts=f"127.0.0.1:{wp.port}", push_ca_file=cert)  # fmt: skip
+    try:
+
+        async def main():
+            await offline_with_target(srv, BOB, "webpush", f"{wp.base}/redirect/bob")
+            alice = await srv.login(await srv.register(ALICE))
+            await alice.send(BOB, b"a wake-up", id="r-1-id-not-in-a-push")
+            await until(lambda: len(wp.got("/redirect/")) >= 1, timeout=20)
+            await until(
+                lambda: (
+                    sum(
+                        n
+                        for (p, r, _), n in metrics(mport).items()
+                        if p == "webpush" and r != "sent"
+                    )
+                    >= 1
+                ),
+                timeout=20,
+            )  # fmt: skip (a result that is not "sent": the 307)
+            await asyncio.sleep(1)  # a followed redirect would have reached it by now
+            assert inside.got() == []
+            assert total(metrics(mport), "sent", "webpush") == 0
+            await alice.close()
+
+        run(main())
+    finally:
+        assert srv.stop() == 0, srv.log_text()[-3000:]
+        wp.stop()
+        inside.stop()
+
+
 def test_web_push_requests_carry_a_valid_vapid_signature(tmp_path, tls):
     cert, key = tls
 
