@@ -506,7 +506,7 @@ class Worker:
     def presence_request(self, s: Session, ev: Presence) -> None:
         if ev.to is not None:
             if ev.type == "subscribe":
-                self.presence.subscribe(s, ev.to)
+                self.presence_subscribe(s, ev.to)
             else:
                 self.presence.unsubscribe(s, ev.to)
         else:
@@ -520,6 +520,29 @@ class Worker:
             self.write(lambda txn, now: self.social.set_available_txn(txn, now, device, wid, conn,
                                                                       available),
                        changed, s)  # fmt: skip
+
+    def presence_subscribe(self, s: Session, target: str) -> None:
+        """A subscription tells whether ``target`` is registered (a user seen
+        online has a ``last``): free for the user itself, its contacts and its
+        groups' members (``Social.lookup_free``); anyone else costs one number
+        of ``discover-numbers``, charged in the tick's commit first (302 past
+        it, as for device lists and keys).  Once held, renewing it is free."""
+        if (s.subs and target in s.subs) or target == s.user:
+            self.presence.subscribe(s, target)
+            return
+        with self.store.read() as txn:
+            free = self.social.lookup_free(txn, s.user, target)
+        if free:
+            self.presence.subscribe(s, target)
+            return
+        user = s.user
+
+        def charged(_) -> None:
+            if not s.closing:
+                self.presence.subscribe(s, target)
+
+        self.write(lambda txn, now: self.social.charge_lookup_txn(txn, now, user, target),
+                   charged, s)  # fmt: skip
 
     def chatstate(self, s: Session, ev: ChatState) -> None:
         """Typing: to the recipient's connected devices now, or nowhere (never stored)."""

@@ -381,6 +381,54 @@ def test_device_lists_of_strangers_count_against_the_discovery_limit(tmp_path):
         assert srv.stop() == 0
 
 
+def test_presence_of_strangers_counts_against_the_discovery_limit(tmp_path):
+    """probe9: a user seen online shows a ``last`` to everyone by default, a
+    number that is no user none, so subscribing told strangers which numbers
+    are registered at the message rate (3,000 numbers, the discovery budget
+    untouched).  A subscription outside one's contacts and groups now costs
+    one number of discover-numbers (302 past it, nothing about the user sent);
+    the account itself, contacts and renewals are free."""
+    srv = start(tmp_path, discover_numbers=3)
+    try:
+        strangers = [f"4915550001{i:03d}" for i in range(4)]
+
+        async def main():
+            a_creds, b_creds, *_ = await users(srv, ALICE, BOB, CAROL)
+            bob = await srv.login(b_creds)
+            await bob.close()  # seen online: a last
+            alice = await srv.login(a_creds)
+            for phone in (BOB, strangers[0], CAROL):  # 3 of 3
+                await alice.subscribe(phone)
+                ev = await next_of(alice, PresenceUpdate)
+                assert ev.sender == phone
+            await alice.subscribe(BOB)  # held by this connection: renewing is free
+            assert (await next_of(alice, PresenceUpdate)).sender == BOB
+            await alice.subscribe(ALICE)  # itself: free
+            assert (await next_of(alice, PresenceUpdate)).sender == ALICE
+            await alice.subscribe(strangers[1])  # a 4th stranger: refused
+            err = await alice.next_event(10)
+            assert err.code == ErrorCode.RATE_LIMITED and "discovery" in err.text
+            await no_event(alice, 0.5)  # and nothing about the number
+            srv.advance_clock(DAY + 1)
+            assert (await alice.discover([CAROL])).users == (CAROL,)  # 1 of 3: a contact now
+            await alice.close()
+            alice = await srv.login(a_creds)
+            for _ in range(3):  # a contact is free, connection after connection
+                await alice.subscribe(CAROL)
+                assert (await next_of(alice, PresenceUpdate)).sender == CAROL
+                await alice.unsubscribe(CAROL)
+            for phone in strangers[2:]:  # 2 strangers fit, then the limit again
+                await alice.subscribe(phone)
+                assert (await next_of(alice, PresenceUpdate)).sender == phone
+            await alice.subscribe(BOB)
+            assert (await alice.next_event(10)).code == ErrorCode.RATE_LIMITED
+            await alice.close()
+
+        run(main())
+    finally:
+        assert srv.stop() == 0
+
+
 def test_new_conversation_limit_triggers_and_resets_with_the_window(tmp_path):
     srv = start(tmp_path, new_chats=2, new_chats_window=DAY)
     try:
