@@ -527,8 +527,9 @@ class Worker:
         groups' members (``Social.lookup_free``); anyone else costs one number
         of ``discover-numbers``, charged in the tick's commit first (302 past
         it, as for device lists and keys).  Once held, renewing it is free."""
-        if (s.subs and target in s.subs) or target == s.user:
-            self.presence.subscribe(s, target)
+        held = s.subs or ()
+        if target in held or target == s.user or len(held) >= self.presence.limit:
+            self.presence.subscribe(s, target)  # (past presence-subscriptions: its 406, free)
             return
         with self.store.read() as txn:
             free = self.social.lookup_free(txn, s.user, target)
