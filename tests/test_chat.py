@@ -100,6 +100,15 @@ def test_two_terminals_chat_with_ticks(server, tmp_path):
         bob.expect("4400000000000 is not a recipient; talking to " + ALICE + " again")
         bob.type("still you")  # the number the server refused did not stick
         alice.expect("still you")
+        # a number typed with '+' (or too short) is refused, not sent as text to alice
+        bob.type(f"+{ALICE} with plus")
+        line = bob.expect("not sent: ")
+        assert f"'+{ALICE}' is no number pigeon takes" in line and f"(type {ALICE})" in line
+        bob.type("1234567 too short")
+        bob.expect("'1234567' is no number pigeon takes")
+        bob.type("100 thanks")  # a small number starts a line of text
+        alice.expect("100 thanks")
+        assert not any("with plus" in x or "too short" in x for x in alice.lines)
         bob.type("/quit")
         assert bob.finish() == 0
         alice.type("/quit")
@@ -483,6 +492,46 @@ def test_a_device_list_notice_is_shown_and_acked(server, tmp_path):
         assert desk.finish() == 0
 
 
+def test_a_peer_linking_a_device_is_no_alarm(server, tmp_path):
+    """Linking a device queues a keys-changed notice to the account's contacts
+    (PROTOCOL.md 9c); the chat showed it as "keys changed (a new phone, or
+    someone in the middle)" although the primary's key was the same.  Now
+    the notice is said plainly until /verify has seen a key, and after that
+    the alarm comes only if the primary's key is not that one."""
+    import asyncio
+
+    async def link_one(creds):
+        alice = await server.login(creds)
+        await alice.send(BOB, b"hi bob")  # (the notice goes to those she writes to)
+        comp = await server.client()
+        it = comp.pair_qr()
+        code = await it.__anext__()
+        await asyncio.gather(alice.link(code.qr), it.__anext__())
+        await comp.close()
+        await alice.close()
+
+    alice_creds = asyncio.run(asyncio.wait_for(server.register(ALICE), 30))
+    bob_profile = register(server, tmp_path, BOB)
+    # (plaintext: alice here is the SDK's, with no encryption keys published)
+    with terminals(Chat(server, bob_profile, "--plaintext")) as (bob,):
+        bob.expect(f"logged in as {BOB}:0")
+        bob.type(f"{ALICE} hi")
+        bob.expect(f"-> {ALICE}: hi")
+        asyncio.run(asyncio.wait_for(link_one(alice_creds), 60))
+        bob.expect("hi bob")
+        bob.expect(f"{ALICE}'s devices or keys changed: /verify {ALICE}")
+        bob.type(f"/verify {ALICE}")
+        bob.expect(f"safety number with {ALICE}")
+        asyncio.run(asyncio.wait_for(link_one(alice_creds), 60))
+        bob.expect("hi bob")  # her message, then the notice of her second link
+        time.sleep(3)  # the key check after the notice is a query away
+        bob.type("/to")
+        bob.expect("talking to")
+        assert not any("someone in the middle" in x for x in bob.lines), bob.lines
+        bob.type("/quit")
+        assert bob.finish() == 0
+
+
 # -- linking a second device: `pigeon chat link` on it, /link, /devices, /unlink on the primary --
 
 
@@ -649,6 +698,16 @@ def test_link_expiry_and_ctrl_c_say_what_to_do(tmp_path):
             assert pairing.finish() == 130
             pairing.expect("interrupted: nothing linked")
             assert not [ln for ln in pairing.lines() if "Traceback" in ln], pairing.lines()
+        # and at register's code prompt (it was a traceback ending in Interrupted)
+        with _sigint_ignored():
+            chat = Terminal(srv, tmp_path / "c.json", "register", BOB)
+        with terminals(chat) as (asking,):
+            asking.expect("code:")
+            asking.type("\x03")
+            assert asking.finish() == 130
+            asking.expect("interrupted: nothing registered")
+            assert not [ln for ln in asking.lines() if "Traceback" in ln], asking.lines()
+        assert not (tmp_path / "c.json").exists()
         assert not (tmp_path / "b.json").exists()
     finally:
         assert srv.stop() == 0

@@ -771,8 +771,9 @@ class Chat:
                 continue
             elif isinstance(ev, KeysChanged):  # the server's notice (PROTOCOL.md 9c)
                 await self.client.ack(ev.seq)
-                _out(f"!! {ev.sender}'s keys changed (a new phone, or someone in the middle): "
-                     f"/verify {ev.sender} and compare the safety number again")  # fmt: skip
+                # it comes for a linked or unlinked device too: the alarm only if the
+                # primary's key is not the one /verify saw (the server could say anything)
+                self.spawn(self.check_keys(ev.sender, notice=True))
             elif isinstance(ev, DevicesChanged):  # queued like a message: acked like one
                 await self.client.ack(ev.seq)
                 mine = ev.sender == (self.client.device or "").partition(":")[0]
@@ -954,7 +955,14 @@ class Chat:
                     return 0
             else:
                 first, _, rest = line.partition(" ")
-                if valid_phone(first) and rest.strip():
+                if _looks_like_a_number(first) and not valid_phone(first):
+                    # a typo or "+49..." would go to the chat on screen as text
+                    digits = first.lstrip("+")
+                    hint = f" (type {digits})" if valid_phone(digits) else ""
+                    _out(f"!! not sent: {first!r} is no number pigeon takes: 8-15 digits "
+                         f"with the country code, no '+'{hint}; to send the line as text, "
+                         "put the recipient's number first")  # fmt: skip
+                elif valid_phone(first) and rest.strip():
                     self.target = first
                     self.spawn(self.send(first, rest.strip()))
                 elif first in self.groups and rest.strip():
@@ -1221,10 +1229,17 @@ class Chat:
         self.profile.setdefault("keys", {})[phone] = theirs.hex()
         self.save()
 
-    async def check_keys(self, user: str) -> None:
-        """After a device-list notice: warn if ``user``'s primary key is not the one seen."""
+    async def check_keys(self, user: str, notice: bool = False) -> None:
+        """After a device-list notice: warn if ``user``'s primary key is not the one
+        seen.  ``notice``: the server said the keys changed; with no key seen (no
+        /verify yet) that is said plainly, not as an alarm: linking a device
+        sends it too, and the SDK itself tells when an encrypted peer's identity
+        key changes."""
         seen = (self.profile.get("keys") or {}).get(user)
         if seen is None:
+            if notice:
+                _out(f"   {user}'s devices or keys changed: /verify {user} shows the safety "
+                     "number to compare")  # fmt: skip
             return
         try:
             key = await self._primary_key(user, fresh=True)
@@ -1259,6 +1274,14 @@ class Chat:
                     task.cancel()
 
 
+def _looks_like_a_number(word: str) -> bool:
+    """A phone number was meant: '+' and digits, or six digits or more (not "100
+    thanks": a line may start with a small number)."""
+    plus = word.startswith("+")
+    digits = word[1:] if plus else word
+    return digits.isascii() and digits.isdigit() and len(digits) >= (3 if plus else 6)
+
+
 def _ended(why: Exception | None) -> str:
     """What to tell the user when the server ends the session for good."""
     if isinstance(why, ServerError):
@@ -1274,8 +1297,10 @@ def _ended(why: Exception | None) -> str:
             )
         if why.code == ErrorCode.NOT_AUTHORIZED:
             return (
-                f"login refused ({said}); if this device was replaced or removed, register "
-                "again with 'pigeon chat register PHONE'"
+                f"login refused ({said}); if this device was unlinked, link it again with "
+                "'pigeon chat link' (registering would replace the account's phone); if it "
+                "was the phone and was replaced or removed, register again with "
+                "'pigeon chat register PHONE'"
             )
         return f"the server ended the session ({said})"
     return f"disconnected: {why}"
@@ -1402,7 +1427,9 @@ def run(args) -> int:
     except ChatError as exc:
         print(f"pigeon chat: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Interrupted):  # (Ctrl-C at a prompt: Interrupted)
         if args.chat_command == "link":
             print("pigeon chat: interrupted: nothing linked", file=sys.stderr)
+        elif args.chat_command == "register":
+            print("pigeon chat: interrupted: nothing registered", file=sys.stderr)
         return 130
