@@ -42,6 +42,12 @@ def test_check_config(tmp_path):
         assert "SECRET" not in proc.stdout
         assert "https://REDACTED@sms.example:8443/send?REDACTED#f" in proc.stdout
         assert "http://push.example/wake" in proc.stdout  # nothing to hide: shown whole
+    # the TLS files are loaded as pigeon serve loads them (a missing one was "valid")
+    tls = tmp_path / "tls.toml"
+    tls.write_text('tls-cert = "/nonexistent/cert.pem"\n')
+    proc = admin("check-config", str(tls))
+    assert proc.returncode == 2, proc
+    assert "cannot read tls-cert (with its key) /nonexistent/cert.pem" in proc.stderr
     bad = tmp_path / "bad.toml"
     bad.write_text('sync = "sometimes"\n')
     proc = admin("check-config", str(bad))

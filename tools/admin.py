@@ -173,6 +173,13 @@ def check_config(args) -> int:
         config = load(args.file)
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
+    if config.tls_enabled:  # the files it names, as pigeon serve loads them
+        from pigeon.server.listeners import tls_context
+
+        try:
+            tls_context(config)
+        except ValueError as exc:
+            raise UsageError(f"{args.file}: {exc}") from None
     values = {k.replace("_", "-"): redact_url(v) for k, v in config.as_dict().items()}
     if args.json:
         _out_json(values)

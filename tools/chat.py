@@ -253,7 +253,13 @@ async def _connect(args, reconnect: bool = True) -> Client:
             profile=None if args.plaintext else e2e_profile(args.profile),
         )
     except (OSError, TimeoutError) as exc:
-        raise ChatError(f"cannot reach {args.server}: {exc}") from None
+        hint = ""
+        if isinstance(exc, ssl.SSLError) and "WRONG_VERSION_NUMBER" in str(exc):
+            hint = ("; that is no TLS port: the server's TLS listener is its tls-listen "
+                    "(127.0.0.1:7651 by convention), give it with --server")  # fmt: skip
+        elif isinstance(exc, ssl.SSLCertVerificationError):
+            hint = "; for a self-signed server give its certificate: --cafile var/tls/cert.pem"
+        raise ChatError(f"cannot reach {args.server}: {exc}{hint}") from None
 
 
 def _out(line: str) -> None:
