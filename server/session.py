@@ -134,7 +134,10 @@ class Session(asyncio.Protocol):
         if w.per_ip[self.source] > w.config.max_connections_per_ip:
             refuse = (ErrorCode.RATE_LIMITED, "too many connections from this address")
         elif w.draining:
-            refuse = (ErrorCode.SHUTTING_DOWN, "the server is shutting down; reconnect later")
+            refuse = (
+                ErrorCode.SHUTTING_DOWN,
+                "this worker is stopping (a reload or a shutdown); reconnect",
+            )
         elif len(w.sessions) > w.max_connections and not w.evict_stranger():
             w.refused_full += 1
             refuse = (ErrorCode.UNAVAILABLE, "the server is at its connection limit; try later")

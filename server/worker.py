@@ -943,7 +943,10 @@ class Worker:
         await self.listeners.drain_accept_queues()
         self._tell_supervisor(f"closed {self.index}\n".encode())  # a reload's READY waits for it
         for s in list(self.sessions.values()):
-            s.fail(ErrorCode.SHUTTING_DOWN, "the server is shutting down; reconnect later")
+            s.fail(
+                ErrorCode.SHUTTING_DOWN,
+                "this worker is stopping (a reload or a shutdown); reconnect",
+            )
         # Each closing connection ends within LINGER (its abort timer).
         deadline = time.monotonic() + LINGER + 1.0
         while self.sessions and time.monotonic() < deadline:
