@@ -532,6 +532,50 @@ def test_a_peer_linking_a_device_is_no_alarm(server, tmp_path):
         assert bob.finish() == 0
 
 
+def test_what_another_device_of_the_account_sent_shows_as_sent(server, tmp_path):
+    """A sync copy (the account's phone wrote to bob) showed on the laptop as
+    '<- ALICE: ...', incoming from its own number, and the chat sent a read
+    receipt to itself for it.  Now it is '-> BOB (sent from ALICE:0)'."""
+    import asyncio
+
+    from pigeon.tools.chat import save_profile
+
+    async def phone_links():
+        creds = await server.register(ALICE)
+        await server.register(BOB)
+        alice = await server.login(creds)
+        comp = await server.client()
+        it = comp.pair_qr()
+        code = await it.__anext__()
+        _, laptop = await asyncio.gather(alice.link(code.qr), it.__anext__())
+        await comp.close()
+        await alice.close()
+        return creds, laptop
+
+    async def phone_writes(creds):
+        alice = await server.login(creds)
+        await alice.send(BOB, b"from the phone")
+        await alice.close()
+
+    def phone_queue() -> int:
+        top = server.queue_stats(1000)["top"]
+        return sum(d["count"] for d in top if d["device"] == f"{ALICE}:0")
+
+    phone, laptop = asyncio.run(asyncio.wait_for(phone_links(), 60))
+    profile = tmp_path / "laptop.json"
+    save_profile(str(profile), laptop.to_json())
+    with terminals(Chat(server, profile, "--plaintext")) as (desk,):
+        desk.expect(f"logged in as {laptop.device}")
+        asyncio.run(asyncio.wait_for(phone_writes(phone), 60))
+        before = phone_queue()
+        line = desk.expect("from the phone")
+        assert line.startswith(f"-> {BOB} (sent from {ALICE}:0) ["), line
+        desk.type("/quit")
+        assert desk.finish() == 0
+    # no read receipt for it went to the (offline) phone
+    assert phone_queue() == before
+
+
 # -- linking a second device: `pigeon chat link` on it, /link, /devices, /unlink on the primary --
 
 

@@ -761,9 +761,16 @@ class Chat:
                      f"decrypt [{ev.id}]: {ev.reason}")  # fmt: skip
             elif isinstance(ev, (IncomingMessage, DecryptedMessage)):
                 who = _user(ev.sender)
-                self.show_body(who, ev)
-                await self.client.ack(ev.seq)
-                self.spawn(self._read_receipt(who, ev.id))
+                to = getattr(ev, "to", None)
+                if who == _user(self.client.device or "") and to and ":" not in to:
+                    # a copy of what another device of this account sent to ``to``:
+                    # shown as sent, and no read receipt (it would go to ourselves)
+                    self.show_body(f"{to} (sent from {ev.sender})", ev, arrow="->")
+                    await self.client.ack(ev.seq)
+                else:
+                    self.show_body(who, ev)
+                    await self.client.ack(ev.seq)
+                    self.spawn(self._read_receipt(who, ev.id))
             elif isinstance(ev, IncomingReceipt):
                 await self.client.ack(ev.seq)
                 self._tick(ev)
@@ -825,23 +832,24 @@ class Chat:
         """Is ``media`` on the host this chat is connected to (its media service)?"""
         return _host_of(media.url) == str(getattr(self.client, "host", "")).strip("[]").lower()
 
-    def show_body(self, who: str, ev) -> None:
+    def show_body(self, who: str, ev, arrow: str = "<-") -> None:
         """``<- WHO [HH:MM]: ...`` for a message from a person or in a group: its text,
-        or the file it links (saved now when it is on this chat's server)."""
+        or the file it links (saved now when it is on this chat's server); ``->``
+        for one this account sent from another device."""
         when = time.strftime("%H:%M", time.localtime(ev.t / 1000))
         media = _media_of(ev)
         if media is None:
-            _out(f"<- {who} [{when}]: {_printable(ev.body.decode('utf-8', 'replace'))}")
+            _out(f"{arrow} {who} [{when}]: {_printable(ev.body.decode('utf-8', 'replace'))}")
             return
         what = f"[{ev.type}: {_printable(media.name or media.id)}, {_size(media.size)}]"
         if self._our_media(media):
-            _out(f"<- {who} [{when}]: {what} saving…")
+            _out(f"{arrow} {who} [{when}]: {what} saving…")
             self.spawn(self.save_media(media))
         else:
             # not this server's media service: fetching it at once told the
             # sender's web server this user's address and when it is online
             n = self.hold_unsaved(media)
-            _out(f"<- {who} [{when}]: {what} on another host "
+            _out(f"{arrow} {who} [{when}]: {what} on another host "
                  f"({_printable(_host_of(media.url))}): not saved; /save {n} fetches it "
                  "from there")  # fmt: skip
 
