@@ -819,6 +819,8 @@ def test_send_a_file_and_the_recipient_saves_it(tmp_path):
             assert (inbox / "report.pdf").read_bytes() == doc.read_bytes()
             alice.type("/send /no/such/file")
             alice.expect("no such file")
+            alice.type(f"/send {tmp_path}")  # a directory: said so (was "no such file")
+            alice.expect(f"{tmp_path} is a directory: /send takes one file")
             # and to a group: its members save it too (it showed as the payload's bytes)
             alice.type(f"/group new team {BOB}")
             alice.expect("group team made (g:")

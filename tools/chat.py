@@ -893,6 +893,9 @@ class Chat:
         from pigeon.client.media import MediaError
 
         path = os.path.expanduser(path)
+        if os.path.isdir(path):
+            _out(f"!! {path} is a directory: /send takes one file (zip a folder first)")
+            return
         if not os.path.isfile(path):
             _out(f"!! no such file: {path}")
             return
