@@ -714,7 +714,7 @@ class _TimedFile(web.FileResponse):
                     native = False
                     continue
             else:
-                chunk = await loop.run_in_executor(None, self._seek_and_read, fobj, offset,
+                chunk = await loop.run_in_executor(None, _read_at, fobj, offset,
                                                    min(self._chunk_size, count))  # fmt: skip
                 if not chunk:
                     break
@@ -733,6 +733,11 @@ class _TimedFile(web.FileResponse):
         except TimeoutError:
             self._cut(request, "download stalled")
             raise ConnectionResetError("download stalled") from None
+
+
+def _read_at(fobj, offset: int, n: int) -> bytes:
+    fobj.seek(offset)
+    return fobj.read(n)
 
 
 def _write_all(fd: int, data: bytes) -> None:
