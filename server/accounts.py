@@ -187,7 +187,6 @@ class WebhookGateway:
         if authorization:
             self.headers["Authorization"] = authorization
         self.http = None  # an aiohttp session, made in the loop at the first send
-        self.failures = 0  # failed attempts, for tests and the log's count
         self.origin = _origin(url)
         self.logged = LeakyTable(1)  # the warnings' own rate: WARN_RATE a minute
         self.unlogged = 0  # failed attempts not logged since the last warning
@@ -206,7 +205,6 @@ class WebhookGateway:
                 raise _Failed(f"HTTP {resp.status}")
 
     async def send(self, phone: str, code: str, method: str) -> None:
-
         body = orjson.dumps({"phone": phone, "code": code, "method": method})
         delay = 0.25
         for attempt in range(self.retries + 1):
@@ -215,7 +213,6 @@ class WebhookGateway:
                 return
             except Exception as exc:  # noqa: BLE001 (any failure is a failed attempt;
                 # its text is never logged: aiohttp's name the whole URL)
-                self.failures += 1
                 if isinstance(exc, _Failed):
                     why = str(exc)
                 elif isinstance(exc, TimeoutError):

@@ -21,6 +21,7 @@ import ssl
 import sys
 
 from . import log
+from .config import split_hostport
 
 logger = logging.getLogger("pigeon.worker")
 
@@ -114,8 +115,7 @@ def reuseport_option() -> int | None:
 
 
 def listen_socket(hostport: str, backlog: int = 1024) -> socket.socket:
-    host, _, port = hostport.rpartition(":")
-    host = host.strip("[]")
+    host, port = split_hostport(hostport)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:

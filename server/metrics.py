@@ -48,6 +48,8 @@ import threading
 import time
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
+from .config import split_hostport
+
 SNAPSHOT_INTERVAL = 1.0
 
 #: Upper bounds of the commit-latency histogram, seconds.
@@ -575,10 +577,9 @@ def serve(
         start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
         return [b"not found: try /metrics, /health or /status\n"]
 
-    host, _, port = hostport.rpartition(":")
-    host = host.strip("[]")
+    host, port = split_hostport(hostport)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    server = Listener((host, int(port)), family, limit, timeout)
+    server = Listener((host, port), family, limit, timeout)
     server.set_app(app)
     # poll often enough that a deadline is kept to within a fraction of a second
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},

@@ -76,6 +76,7 @@ from . import log, mediagrant
 from . import metrics as metrics_mod
 from . import worker as worker_mod
 from .bus import kick_record
+from .config import split_hostport
 from .listeners import listen_socket
 from .sdnotify import notify
 from .store import Store, StoreError, make_private
@@ -186,11 +187,10 @@ def check_port_free(hostport: str) -> None:
     TIME_WAIT do not count): on Linux and FreeBSD that fails while any
     socket listens on the port, whatever options it set.
     """
-    host, _, port = hostport.rpartition(":")
-    host = host.strip("[]")
+    host, port = split_hostport(hostport)
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        probe.bind((host, int(port)))
+        probe.bind((host, port))
 
 
 class WorkerProc:
@@ -301,12 +301,8 @@ class Supervisor:
             except (OSError, ValueError) as exc:
                 raise StartupError(f"cannot make or read the media key: {exc}") from None
         if c.metrics_listen != "off" and not reload:
-            host, _, port = c.metrics_listen.rpartition(":")
-            host = host.strip("[]")
             try:
-                with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
-                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                    probe.bind((host, int(port)))
+                check_port_free(c.metrics_listen)
             except OSError as exc:
                 raise StartupError(
                     f"cannot listen on {c.metrics_listen} (metrics-listen): {exc.strerror}; "
