@@ -507,11 +507,11 @@ async def _create(s, ev: Link, user: str, device: str) -> None:
 
 
 def devices(s, ev: DevicesQuery) -> None:
-    """The device list of ``ev.user``: from a read transaction for the account itself
-    or a contact; for anyone else inside the tick's commit, where the lookup is
-    charged to the discovery limit first (``Social.charge_lookup_txn``)."""
+    """The device list of ``ev.user``, charged as a lookup (``Worker.looked_up``:
+    free for the account itself, a contact or a group member; anyone else costs
+    one number of the discovery limit, in the tick's commit)."""
     w = s.worker
-    store, user, target = w.store, s.user, ev.user
+    store, target = w.store, ev.user
 
     def answer(items) -> None:
         if items is None:
@@ -519,16 +519,7 @@ def devices(s, ev: DevicesQuery) -> None:
         else:
             s.send(DeviceList(ev.id, target, items))
 
-    with store.read() as txn:
-        if w.social.lookup_free(txn, user, target):
-            answer(_device_items(store, txn, target))
-            return
-
-    def run(txn, now):
-        w.social.charge_lookup_txn(txn, now, user, target)
-        return _device_items(store, txn, target)
-
-    w.write(run, answer, s, ev.id)
+    w.looked_up(s, target, lambda txn: _device_items(store, txn, target), answer, ev.id)
 
 
 def devices_batch(s, ev: DevicesBatchQuery) -> None:

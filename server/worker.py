@@ -521,29 +521,43 @@ class Worker:
                                                                       available),
                        changed, s)  # fmt: skip
 
+    def looked_up(self, s: Session, target: str, read, done, request_id=None) -> None:
+        """``done(read(txn))`` for ``s.user`` looking ``target`` up (a device list,
+        a presence subscription: anything that tells whether a number is
+        registered).  Free for the user itself, its contacts and its groups'
+        members (``Social.lookup_free``): then from a read transaction, now.
+        Anyone else costs one number of ``discover-numbers``: then in the
+        tick's commit, charged first (``Social.charge_lookup_txn``, 302 past
+        it: ``done`` is not called and the client gets the error)."""
+        with self.store.read() as txn:
+            free = self.social.lookup_free(txn, s.user, target)
+            result = read(txn) if free else None
+        if free:
+            done(result)
+            return
+        user, charge = s.user, self.social.charge_lookup_txn
+
+        def run(txn, now):
+            charge(txn, now, user, target)
+            return read(txn)
+
+        self.write(run, done, s, request_id)
+
     def presence_subscribe(self, s: Session, target: str) -> None:
         """A subscription tells whether ``target`` is registered (a user seen
-        online has a ``last``): free for the user itself, its contacts and its
-        groups' members (``Social.lookup_free``); anyone else costs one number
-        of ``discover-numbers``, charged in the tick's commit first (302 past
-        it, as for device lists and keys).  Once held, renewing it is free."""
+        online has a ``last``): charged as a lookup (``looked_up``: free for
+        contacts and group members, else one number of ``discover-numbers``).
+        Once held, renewing it is free."""
         held = s.subs or ()
         if target in held or target == s.user or len(held) >= self.presence.limit:
             self.presence.subscribe(s, target)  # (past presence-subscriptions: its 406, free)
             return
-        with self.store.read() as txn:
-            free = self.social.lookup_free(txn, s.user, target)
-        if free:
-            self.presence.subscribe(s, target)
-            return
-        user = s.user
 
-        def charged(_) -> None:
+        def subscribe(_) -> None:
             if not s.closing:
                 self.presence.subscribe(s, target)
 
-        self.write(lambda txn, now: self.social.charge_lookup_txn(txn, now, user, target),
-                   charged, s)  # fmt: skip
+        self.looked_up(s, target, lambda txn: None, subscribe)
 
     def chatstate(self, s: Session, ev: ChatState) -> None:
         """Typing: to the recipient's connected devices now, or nowhere (never stored)."""
