@@ -2,6 +2,7 @@
 secrets on the command line, and the modes of the files the server and admin write."""
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -260,6 +261,19 @@ def private_file(path: Path, text: str, mode: int = 0o600) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def env_token_server(tmp_path, hook: Webhook, token: str, workers: int, **settings):
+    """A running server whose SMS gateway is ``hook``, its Authorization header
+    ``token`` from the environment (sms-webhook-auth-env); stopped on exit."""
+    srv = Server(tmp_path / "data", workers=workers, env={"PIGEON_TEST_SMS_TOKEN": token},
+                 sms_gateway="webhook", sms_webhook_url=hook.url,
+                 sms_webhook_auth_env="PIGEON_TEST_SMS_TOKEN", **settings).start()  # fmt: skip
+    try:
+        yield srv
+    finally:
+        assert srv.stop() == 0
+
+
 async def request_code(srv: Server, phone: str) -> None:
     c = await srv.client()
     try:
@@ -303,22 +317,12 @@ def test_workers_argv_hold_no_settings_and_the_webhook_token_comes_from_a_file(t
 def test_the_webhook_token_can_come_from_an_environment_variable(tmp_path):
     hook = Webhook()
     try:
-        srv = Server(
-            tmp_path / "data",
-            workers=2,
-            env={"PIGEON_TEST_SMS_TOKEN": "Basic ENV-SECRET-1618"},
-            sms_gateway="webhook",
-            sms_webhook_url=hook.url,
-            sms_webhook_auth_env="PIGEON_TEST_SMS_TOKEN",
-        ).start()
-        try:
+        with env_token_server(tmp_path, hook, "Basic ENV-SECRET-1618", workers=2) as srv:
             for pid in srv.worker_pids():
                 assert "ENV-SECRET" not in cmdline(pid)
             asyncio.run(asyncio.wait_for(request_code(srv, BOB), 30))
             assert [p["auth"] for p in hook.posts] == ["Basic ENV-SECRET-1618"]
             assert "SECRET" not in srv.log_text()
-        finally:
-            assert srv.stop() == 0
     finally:
         hook.close()
 
@@ -333,16 +337,8 @@ def test_a_failing_webhook_is_logged_without_its_secrets_and_a_redirect_is_not_f
     elsewhere = Webhook()
     hook = Webhook(answers=[(500, None), (302, elsewhere.url), (500, None), (307, elsewhere.url)])
     try:
-        srv = Server(
-            tmp_path / "data",
-            workers=1,
-            env={"PIGEON_TEST_SMS_TOKEN": "Bearer HOOK-SECRET-1414"},
-            sms_gateway="webhook",
-            sms_webhook_url=hook.url,
-            sms_webhook_auth_env="PIGEON_TEST_SMS_TOKEN",
-            sms_webhook_retries=3,
-        ).start()
-        try:
+        token = "Bearer HOOK-SECRET-1414"
+        with env_token_server(tmp_path, hook, token, workers=1, sms_webhook_retries=3) as srv:
             with pytest.raises(ServerError) as info:
                 asyncio.run(asyncio.wait_for(request_code(srv, ALICE), 60))
             assert info.value.code == ErrorCode.UNAVAILABLE
@@ -363,8 +359,6 @@ def test_a_failing_webhook_is_logged_without_its_secrets_and_a_redirect_is_not_f
             # the next request goes through: nothing stuck
             asyncio.run(asyncio.wait_for(request_code(srv, ALICE), 60))
             assert len(hook.posts) == 5
-        finally:
-            assert srv.stop() == 0
     finally:
         hook.close()
         elsewhere.close()
