@@ -149,6 +149,39 @@ def test_chat_errors_say_what_to_fix(server, tmp_path):
     assert not os.path.exists(tmp_path / "x.json")
 
 
+def test_register_never_replaces_a_profile_that_holds_a_device(server, tmp_path):
+    """A second ``register`` into a profile in use replaced it silently: that account's
+    device and its keys were gone.  It refuses now, before any code is sent; --force
+    renames the old profile (and its encryption state) aside, still usable."""
+    profile = register(server, tmp_path, ALICE)
+    before = {p.name: p.read_bytes() for p in tmp_path.glob(f"{ALICE}.json*")}
+    assert set(before) == {f"{ALICE}.json", f"{ALICE}.json.e2e", f"{ALICE}.json.e2e.key"}
+    outbox = (server.data_dir / "sms-outbox.txt").read_text()
+    c = Chat(server, profile, "register", BOB)
+    assert c.finish() == 1
+    err = c.proc.stderr.read().decode()
+    assert f"{profile} already holds {ALICE}:0" in err and "--profile FILE" in err, err
+    assert "--force" in err and "code:" not in c.proc.stdout.read().decode()
+    assert {p.name: p.read_bytes() for p in tmp_path.glob(f"{ALICE}.json*")} == before
+    assert (server.data_dir / "sms-outbox.txt").read_text() == outbox  # no code was sent
+    # --force: the new device in the profile, the old one kept beside it, whole
+    c = Chat(server, profile, "register", BOB, "--force")
+    c.expect("code:")
+    c.type(server.code_for(BOB))
+    c.expect(f"registered {BOB}:0")
+    kept = c.expect("held before is kept in").split(" kept in ", 1)[1].split(" ", 1)[0]
+    assert c.finish() == 0
+    assert json.loads(profile.read_text())["device"] == f"{BOB}:0"
+    old = {p.name: p.read_bytes() for p in tmp_path.glob(os.path.basename(kept) + "*")}
+    assert sorted(old.values()) == sorted(before.values()), old.keys()
+    assert set(old) == {os.path.basename(kept) + s for s in ("", ".e2e", ".e2e.key")}
+    for path, phone in ((kept, ALICE), (profile, BOB)):
+        with terminals(Chat(server, path)) as (chat,):
+            chat.expect(f"logged in as {phone}:0")
+            chat.type("/quit")
+            assert chat.finish() == 0
+
+
 def test_an_idle_chat_stays_connected(tmp_path):
     """The reported symptom: an idle chat was closed with 130 every idle-timeout."""
 

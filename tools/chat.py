@@ -12,7 +12,12 @@ one network) while the
 code is valid; Ctrl-D gives up.  Typing the code may take longer than the
 server's login deadline (10 s), which closes an idle connection that has
 not logged in: the code is then checked on a new connection, which the
-protocol allows.
+protocol allows.  ``register`` refuses a profile that already holds a
+device (replacing it would lose that device's keys), before any code is
+sent: give the new one its own ``--profile``, or add ``--force``, which
+renames the old profile and its encryption state to
+``NAME.replaced-DATE.json`` (``pigeon chat --profile`` that file still uses
+it) and registers into the name given.
 
 Chatting: a line ``PHONE text`` sends ``text`` to PHONE (E.164 digits,
 no '+'); a line with only text goes to the number in the prompt, the last
@@ -400,8 +405,57 @@ def _terminal():
 async def register(args) -> int:
     if not valid_phone(args.phone):
         raise ChatError(f"{args.phone!r} is not a phone number: E.164 digits without '+', 8-15")
-    with _terminal():
-        return await _register(args, _lines())
+    aside = _keep_aside(args.profile, args.force)
+    try:
+        with _terminal():
+            status = await _register(args, _lines())
+    except BaseException:
+        _put_back(aside)  # nothing registered: the old device is where it was
+        raise
+    if aside:
+        _out(f"the device {args.profile} held before is kept in {aside[0][1]} "
+             f"(pigeon chat --profile {aside[0][1]} uses it)")  # fmt: skip
+    return status
+
+
+def _profile_files(path: str) -> tuple[str, ...]:
+    """A profile and what the SDK keeps beside it (its encryption state and pickle key)."""
+    return (path, e2e_profile(path), e2e_profile(path) + ".key")
+
+
+def _keep_aside(path: str, force: bool) -> list[tuple[str, str]]:
+    """Before registering into ``path``: refuse a profile that holds a device, or
+    with ``force`` rename it and its encryption state out of the way (the new
+    device must not take its keys, nor overwrite them); returns the renames."""
+    if not os.path.exists(path):
+        return []
+    if not force:
+        try:
+            held = load_profile(path).get("device") or "a device"
+        except ChatError:
+            held = "something (unreadable)"
+        raise ChatError(
+            f"{path} already holds {held}: registering would replace it and lose its keys; "
+            "give the new registration its own profile (pigeon chat --profile FILE register "
+            "PHONE), or add --force to replace it (the old one is kept, renamed)"
+        )
+    root, ext = os.path.splitext(path)
+    new = f"{root}.replaced-{time.strftime('%Y%m%d-%H%M%S')}{ext}"
+    moved = []
+    for old, aside in zip(_profile_files(path), _profile_files(new), strict=True):
+        if os.path.exists(old):
+            if os.path.exists(aside):
+                _put_back(moved)
+                raise ChatError(f"{aside} exists: try again in a second")
+            os.rename(old, aside)
+            moved.append((old, aside))
+    return moved
+
+
+def _put_back(moved: list[tuple[str, str]]) -> None:
+    for old, aside in moved:
+        with contextlib.suppress(OSError):
+            os.replace(aside, old)
 
 
 async def _register(args, lines) -> int:
@@ -1417,6 +1471,9 @@ def add_parser(sub) -> None:
     r = csub.add_parser("register", help="register this terminal as a device of PHONE")
     r.add_argument("phone", help="E.164 digits without '+', e.g. 491701234567")
     r.add_argument("--voice", action="store_true", help="ask for a voice call instead of SMS")
+    r.add_argument("--force", action="store_true",
+                   help="register even if --profile holds a device already: that profile and its "
+                   "keys are renamed to PROFILE.replaced-DATE (default: refuse)")  # fmt: skip
     lk = csub.add_parser(
         "link",
         help="link this terminal to an account as one more device (shows a QR code)",
