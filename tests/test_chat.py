@@ -3,6 +3,7 @@
 import contextlib
 import json
 import os
+import re
 import selectors
 import signal
 import subprocess
@@ -945,6 +946,42 @@ def test_groups_by_name_notices_invite_and_leave(server, tmp_path):
         for term in (a, b, c):
             term.type("/quit")
             assert term.finish() == 0
+
+
+def test_groups_lists_each_group_once_by_name_and_the_subject_only_where_it_differs(
+    server, tmp_path
+):
+    """/groups printed "team  (g:1): team", the name and then the same word as the
+    subject, on every line; and a second group with the subject "team" showed as
+    "team-2  (g:2): team", near the same."""
+    import asyncio
+
+    register(server, tmp_path, BOB)
+    alice = Chat(server, register(server, tmp_path, ALICE))
+    with terminals(alice) as (a,):
+        a.expect(f"logged in as {ALICE}:0")
+        a.type(f"/group new team {BOB}")
+        mine = a.expect("group team made (").split("(", 1)[1].split(")")[0]
+
+        async def carol_makes_groups():  # subjects this chat can not take as names as they are
+            carol = await server.login(await server.register(CAROL))
+            made = [(await carol.group_create(subject, [ALICE])).group
+                    for subject in ("team", "road trip")]  # fmt: skip
+            await carol.close()
+            return made
+
+        team, trip = asyncio.run(asyncio.wait_for(carol_makes_groups(), 60))
+        a.expect("you are in the group team-2")
+        a.expect("you are in the group road-trip")
+        a.type("/groups")
+        assert a.expect("your groups").endswith("your groups (3); 'NAME text' writes to one:")
+        assert a.expect("team  (").strip() == f"team  ({mine})"
+        assert a.expect("team-2  (").strip() == f"team-2  ({team}), subject 'team'"
+        assert a.expect("road-trip  (").strip() == f"road-trip  ({trip}), subject 'road trip'"
+        a.type("/quit")
+        assert a.finish() == 0
+        listed = [ln for ln in a.lines if re.match(r"   \S+  \(g:", ln)]
+        assert not listed, listed  # one line a group
 
 
 def test_a_peers_bad_or_foreign_media_payload_neither_ends_the_chat_nor_is_fetched(tmp_path):

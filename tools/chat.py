@@ -1202,8 +1202,13 @@ class Chat:
             return
         if not items:
             _out("   no groups yet: /group new NAME PHONE...")
+            return
+        # the subject only where it is not the name: "team  (g:1): team" said it twice
+        lines = [f"   your groups ({len(items)}); 'NAME text' writes to one:"]
         for gid, subject, _t in items:
-            _out(f"   {self.name_group(gid, subject)}  ({gid}): {_printable(subject)}")
+            name, shown = self.name_group(gid, subject), _printable(subject)
+            lines.append(f"   {name}  ({gid})" + ("" if shown == name else f", subject {shown!r}"))
+        _out("\n".join(lines))
 
     async def learn_group(self, gid: str) -> None:
         """A notice or message from a group this chat has no name for: name it."""
