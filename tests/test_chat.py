@@ -407,6 +407,43 @@ def test_reconnects_are_shown(server, tmp_path):
         assert bob.finish() == 0
 
 
+def test_what_is_typed_while_reconnecting_waits_and_goes_out_in_order(server, tmp_path):
+    """A message typed while the chat was reconnecting was refused ("not connected
+    (reconnecting)"): the SDK needs the connection to fetch the recipient's device
+    list and keys.  It waits now, shown so, and goes out once back online, in the
+    order typed, with its ticks; past --waiting-max one is refused, saying so."""
+    alice_profile = register(server, tmp_path, ALICE)
+    bob_profile = register(server, tmp_path, BOB)
+    alice = Chat(server, alice_profile, "--waiting-max", "2")
+    with terminals(alice, Chat(server, bob_profile)) as (alice, bob):
+        alice.expect(f"logged in as {ALICE}:0")
+        bob.expect(f"logged in as {BOB}:0")
+        assert server.stop() == 0
+        alice.expect("!! reconnecting… (")
+        alice.type(f"{BOB} one, typed offline")  # never written to bob: no keys held yet
+        alice.type("two, typed offline")
+        alice.type("three, one too many")
+        shown = [alice.expect(text) for text in ("one, typed offline", "two, typed offline")]
+        assert all(ln.endswith("] (waiting for the connection)") for ln in shown), shown
+        mids = [ln.split(" [", 1)[1].split("]")[0] for ln in shown]
+        alice.expect("!! not sent: 2 message(s) wait for the connection already (--waiting-max)")
+        server.start()  # the same port and data
+        alice.expect("back online: sending 2 waiting message(s)", timeout=30)
+        for text in ("one, typed offline", "two, typed offline"):  # in the order typed
+            assert bob.expect(f"<- {ALICE}", timeout=30).endswith(": " + text)
+        for mid in mids:  # the ticks, as usual
+            alice.expect(f"✓ {mid}")
+            alice.expect(f"read {mid}")
+        alice.type("four, online again")
+        assert bob.expect(f"<- {ALICE}").endswith(": four, online again")
+        assert not [ln for ln in alice.lines if "not sent [" in ln], alice.lines
+        assert not [ln for ln in bob.lines if "three" in ln], bob.lines
+        alice.type("/quit")
+        assert alice.finish() == 0
+        bob.type("/quit")
+        assert bob.finish() == 0
+
+
 def test_ticks_of_an_earlier_run_show_after_a_restart(server, tmp_path):
     import asyncio
 

@@ -80,8 +80,12 @@ Connection: an idle chat stays connected: the SDK pings after
 ``--keepalive`` seconds (default 30) without sending, well within the
 server's ``idle-timeout`` (120 s).  A lost connection (a worker or the whole
 server restarting, the network) prints ``reconnecting…``; the client
-reconnects by itself, says ``back online``, and messages typed meanwhile
-go out then.  When the server ends the session for good (the account
+reconnects by itself and says ``back online``.  Messages (and ``/send``
+files) typed meanwhile are kept, shown with ``(waiting for the connection)``,
+and go out once back online, in the order typed, with their ticks as usual;
+up to ``--waiting-max`` (100) wait (more are refused, to be typed again
+once back online), and leaving before the connection is back says how many were
+not sent.  When the server ends the session for good (the account
 disabled, this device removed or replaced, its login refused) the client
 says why and exits with status 1.
 
@@ -169,6 +173,9 @@ CODE_TRIES = 5
 PENDING_MAX = 1000
 #: Files on another host that ``/save`` can still fetch (oldest dropped first).
 UNSAVED_MAX = 50
+#: Messages and files typed while reconnecting that wait to go out (more are refused):
+#: the default of --waiting-max.
+WAITING_MAX = 100
 
 COMMANDS = """commands (run here, never sent):
   PHONE text   send text to PHONE (digits, no '+'); bare lines then go there too
@@ -187,6 +194,7 @@ COMMANDS = """commands (run here, never sent):
   //text       send "/text" (a line starting with one '/' is a command)
   /help        this list
   /quit, /q    leave (so does Ctrl-D)
+while reconnecting, what you send waits (up to --waiting-max, default 100), then goes out
 ticks: ✓ the server has it, ✓✓ delivered to a device of the recipient, read: shown there"""
 
 
@@ -725,6 +733,12 @@ class Chat:
             if isinstance(entry, list) and len(entry) == 2  # a hand-edited file: skip the rest
         }
         self.tasks: set[asyncio.Task] = set()
+        #: typed while reconnecting: [typed order, "text" or "file", to, text or path, id]
+        self.waiting: list[list] = []
+        self.waiting_max = WAITING_MAX
+        self.typed_count = 0
+        self.connected = True  # the SDK's hooks: offline() and online()
+        self.flushing = False
         self.lines = _lines(self.prompt)
         self._save_failed = False
         self.unlinked_self = False  # /unlink of this very device: the server closes then
@@ -788,10 +802,50 @@ class Chat:
     # -- the SDK's reconnect hooks ---------------------------------------------------
 
     def offline(self, why: Exception) -> None:
-        _out(f"!! reconnecting… ({why})")
+        self.connected = False
+        _out(f"!! reconnecting… ({why}); what you send meanwhile waits for the connection")
 
     def online(self) -> None:
-        _out("   back online")
+        self.connected = True
+        n = len(self.waiting)
+        _out("   back online" + (f": sending {n} waiting message(s)" if n else ""))
+        if n and not self.flushing:
+            self.spawn(self.flush())
+
+    # -- what waits for the connection -------------------------------------------------
+
+    def wait_for_connection(self, item: list) -> bool:
+        """Keep ``item`` (typed order, kind, to, text or path, id) to send once back
+        online; False (and said) when WAITING_MAX wait already."""
+        if len(self.waiting) >= self.waiting_max:
+            _out(f"!! not sent: {self.waiting_max} message(s) wait for the connection "
+                 "already (--waiting-max); type it again once back online")  # fmt: skip
+            return False
+        self.waiting.append(item)
+        self.waiting.sort(key=lambda i: i[0])  # one that was under way goes before later ones
+        return True
+
+    def must_wait(self) -> bool:
+        """Does what is typed now go behind others (offline, or some still waiting)?"""
+        return not self.connected or bool(self.waiting) or self.flushing
+
+    def _reconnecting(self) -> bool:
+        return self.client.closed is None and not self.unlinked_self
+
+    async def flush(self) -> None:
+        """Back online: send what waited, one after the other, in the order typed."""
+        self.flushing = True
+        try:
+            while self.waiting and self.connected:
+                order, kind, to, what, mid = self.waiting.pop(0)
+                if kind == "file":
+                    sent = await self.send_file(to, what, order=order)
+                else:
+                    sent = await self.send(to, what, mid=mid, order=order)
+                if not sent:  # lost again: the next online() goes on
+                    break
+        finally:
+            self.flushing = False
 
     # -- incoming ----------------------------------------------------------------
 
@@ -941,7 +995,9 @@ class Chat:
 
     # -- outgoing --------------------------------------------------------------------
 
-    async def send_file(self, to: str, path: str) -> None:
+    async def send_file(self, to: str, path: str, order: int | None = None) -> bool:
+        """Upload and send the file at ``path``; while reconnecting it waits (``order``:
+        its place among what waits).  False when it went (back) to wait."""
         from tqdm import tqdm
 
         from pigeon.client.media import MediaError
@@ -949,11 +1005,19 @@ class Chat:
         path = os.path.expanduser(path)
         if os.path.isdir(path):
             _out(f"!! {path} is a directory: /send takes one file (zip a folder first)")
-            return
+            return True
         if not os.path.isfile(path):
             _out(f"!! no such file: {path}")
-            return
+            return True
         name = os.path.basename(path)
+        if order is None:
+            self.typed_count += 1
+            order = self.typed_count
+            if self.must_wait():
+                if self.wait_for_connection([order, "file", to, path, None]):
+                    _out(f"-> {self.name(to)}: {name} ({_size(os.path.getsize(path))}) "
+                         "(waiting for the connection)")  # fmt: skip
+                return True
         start, shown = time.monotonic(), [-1]
 
         def progress(done: int, total: int) -> None:
@@ -967,24 +1031,45 @@ class Chat:
         _out(f"-> {self.name(to)}: sending {name} ({_size(os.path.getsize(path))})")
         try:
             ack, media = await self.client.send_media(to, path, progress=progress)
-        except (ServerError, MediaError, ConnectionLost, OSError) as exc:
+        except ConnectionLost as exc:
+            if self._reconnecting():  # it goes again once back online
+                self.waiting.append([order, "file", to, path, None])
+                self.waiting.sort(key=lambda i: i[0])
+                _out(f"   {name} waits for the connection ({exc})")
+                return False
+            _out(f"!! {name} not sent: {exc}")
+            return True
+        except (ServerError, MediaError, OSError) as exc:
             code = f"{exc.code} {exc.text}" if isinstance(exc, ServerError) else str(exc)
             _out(f"!! {name} not sent: {code}")
-            return
+            return True
         self.pending[ack.id] = [to, "✓"]
         _out(f"   ✓ {ack.id} ({media.mime})")
         if to == self.target:
             self.peer = to
         self.save()
+        return True
 
-    async def send(self, to: str, text: str) -> None:
-        mid = self.client.new_id()
-        self.pending[mid] = [to, ""]
-        while len(self.pending) > PENDING_MAX:
-            del self.pending[next(iter(self.pending))]
-        _out(f"-> {self.name(to)}: {text} [{mid}]")
+    async def send(self, to: str, text: str, mid: str | None = None,
+                   order: int | None = None) -> bool:  # fmt: skip
+        """Send ``text`` (typed now, or ``mid`` that waited for the connection);
+        False when it went (back) to wait for the connection."""
+        if mid is None:
+            mid = self.client.new_id()
+            self.typed_count += 1
+            order = self.typed_count
+            self.pending[mid] = [to, ""]
+            while len(self.pending) > PENDING_MAX:
+                del self.pending[next(iter(self.pending))]
+            if self.must_wait():  # offline, or others wait: behind them, in order
+                if self.wait_for_connection([order, "text", to, text, mid]):
+                    _out(f"-> {self.name(to)}: {text} [{mid}] (waiting for the connection)")
+                else:
+                    self.pending.pop(mid, None)
+                return True
+            _out(f"-> {self.name(to)}: {text} [{mid}]")
         try:
-            # no timeout: while reconnecting the message waits and goes out after
+            # no timeout: while reconnecting the SDK may hold it and send it after
             await self.client.send(to, text.encode(), id=mid, timeout=None)
         except ServerError as exc:
             self.pending.pop(mid, None)
@@ -994,11 +1079,20 @@ class Chat:
                 again = f"talking to {self.peer} again" if self.peer else "type 'PHONE text'"
                 _out(f"!! {to} is not a recipient; {again}")
                 self.lines.redraw()
-            return
-        except (ConnectionLost, E2EError) as exc:  # E2EError: no keys, an untrusted device
+            return True
+        except ConnectionLost as exc:
+            if self._reconnecting():  # (it could not get the keys to encrypt with): kept
+                self.waiting.append([order, "text", to, text, mid])
+                self.waiting.sort(key=lambda i: i[0])
+                _out(f"   [{mid}] waits for the connection ({exc})")
+                return False
             self.pending.pop(mid, None)
             _out(f"!! not sent [{mid}]: {exc}")
-            return
+            return True
+        except E2EError as exc:  # no keys, an untrusted device
+            self.pending.pop(mid, None)
+            _out(f"!! not sent [{mid}]: {exc}")
+            return True
         entry = self.pending.get(mid)
         if entry is not None and not entry[1]:
             entry[1] = "✓"
@@ -1006,6 +1100,7 @@ class Chat:
         if to == self.target:
             self.peer = to
         self.save()
+        return True
 
     async def typed(self) -> int:
         """Read lines until /quit or the end of input; returns the exit status."""
@@ -1342,6 +1437,12 @@ class Chat:
 
     async def finish(self, timeout: float) -> None:
         """Before leaving: let messages and read receipts under way get their acks."""
+        if self.waiting:
+            _out(f"!! leaving with {len(self.waiting)} message(s) not sent: they waited for "
+                 "the connection, and are not kept")  # fmt: skip
+            for item in self.waiting:
+                self.pending.pop(item[4], None)  # (no ticks will come for them)
+            self.waiting.clear()
         if self.tasks:
             _, late = await asyncio.wait(set(self.tasks), timeout=timeout)
             if late:
@@ -1398,6 +1499,7 @@ async def chat(args) -> int:
     with _terminal():
         session = Chat(client, profile, args.profile)
         session.media_dir = os.path.expanduser(args.media_dir)
+        session.waiting_max = args.waiting_max
         client.on_disconnect, client.on_reconnect = session.offline, session.online
         _out(f"logged in as {creds.device} on {args.server}; /help lists the commands")
         loop = asyncio.get_running_loop()
@@ -1433,6 +1535,12 @@ def _seconds(value: str) -> float:
     if not (seconds >= 0 and math.isfinite(seconds)):
         raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {value!r}")
     return seconds
+
+
+def _count(value: str) -> int:
+    if not (value.isascii() and value.isdigit()):
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {value!r}")
+    return int(value)
 
 
 def add_parser(sub) -> None:
@@ -1471,6 +1579,14 @@ def add_parser(sub) -> None:
         metavar="SECONDS",
         help="ping after this many seconds without sending (keeps an idle chat connected; "
         f"under the server's idle-timeout); 0 = never (default: {DEFAULT_KEEPALIVE:g})",
+    )
+    p.add_argument(
+        "--waiting-max",
+        type=_count,
+        default=WAITING_MAX,
+        metavar="N",
+        help="messages and files typed while reconnecting that wait to go out once back "
+        f"online; more are refused (default: {WAITING_MAX})",
     )
     csub = p.add_subparsers(dest="chat_command", metavar="ACTION")
     r = csub.add_parser("register", help="register this terminal as a device of PHONE")
