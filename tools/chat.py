@@ -36,7 +36,8 @@ sent:
                    in the message (received ones are saved into --media-dir)
     /save N        save received file N, one on another host than this chat's
                    server (not fetched on arrival: that host would learn this
-                   user's address and when it is online)
+                   user's address and when it is online), or one whose download
+                   failed (said so, with its N)
     /unlink N      unlink device number N (the primary: any companion; a
                    companion: itself)
     /verify PHONE  the safety number with PHONE (60 digits) and its QR text:
@@ -68,7 +69,9 @@ An unknown command (a typo such as ``/qiut``) is refused with a pointer to
 as ``-> PHONE: text [id]`` followed by their ticks: ``✓`` when the server
 holds the message, ``✓✓`` when it reached a device of the recipient,
 ``read`` when the recipient's client showed it.  This client shows what it
-receives at once, so it sends ``read`` receipts at once.
+receives at once, so it sends ``read`` receipts at once; for a file, once
+it is saved (a download that fails is said, with ``/save N`` to try again,
+and until then the sender sees ``✓✓``, not ``read``).
 
 In a terminal, input is a line editor (prompt_toolkit: history, editing
 keys) whose prompt is redrawn below whatever prints meanwhile, so an
@@ -122,6 +125,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import io
 import math
 import os
@@ -187,7 +191,8 @@ COMMANDS = """commands (run here, never sent):
   /unlink N    unlink device number N (see /devices)
   /verify PHONE  the safety number with PHONE: compare it with theirs
   /send FILE   send a file (encrypted, uploaded to the media service) to the prompt's number
-  /save N      fetch and save file N, one shown as on another host (that host sees your address)
+  /save N      fetch and save file N: one on another host (that host sees your address),
+               or one whose download failed
   /group new NAME PHONE...  a group (NAME: one word); NAME text sends to it
   /group add|remove NAME PHONE...   /group leave|info|invite NAME   /group join CODE
   /groups      the groups this user is in
@@ -743,8 +748,9 @@ class Chat:
         self._save_failed = False
         self.unlinked_self = False  # /unlink of this very device: the server closes then
         self.media_dir = DEFAULT_MEDIA_DIR  # where received files go (--media-dir)
-        #: files on another host, not fetched on arrival: number -> Media, for /save
-        self.unsaved: dict[int, object] = {}
+        #: files not saved (on another host, not fetched on arrival; or a download that
+        #: failed): number -> (Media, what sends its read receipt or None), for /save
+        self.unsaved: dict[int, tuple] = {}
         self.unsaved_next = 1
         #: group name -> group address (g:N), as the profile keeps them
         self.groups: dict[str, str] = {
@@ -854,10 +860,11 @@ class Chat:
             group = getattr(ev, "group", None)
             if isinstance(ev, GroupMessage) or (isinstance(ev, IncomingMessage) and group):
                 name = self.name(group)
-                self.show_body(f"{name}/{_user(ev.sender)}", ev)
-                await self.client.ack(ev.seq)
+                read = None
                 if _user(ev.sender) != _user(self.client.device or ""):  # not a sync copy
-                    self.spawn(self._read_receipt(group, ev.id, _user(ev.sender)))
+                    read = functools.partial(self.read, group, ev.id, _user(ev.sender))
+                self.show_body(f"{name}/{_user(ev.sender)}", ev, read=read)
+                await self.client.ack(ev.seq)
                 if name == group:
                     self.spawn(self.learn_group(group))
             elif isinstance(ev, GroupNotice):
@@ -876,9 +883,8 @@ class Chat:
                     self.show_body(f"{to} (sent from {ev.sender})", ev, arrow="->")
                     await self.client.ack(ev.seq)
                 else:
-                    self.show_body(who, ev)
+                    self.show_body(who, ev, read=functools.partial(self.read, who, ev.id))
                     await self.client.ack(ev.seq)
-                    self.spawn(self._read_receipt(who, ev.id))
             elif isinstance(ev, IncomingReceipt):
                 await self.client.ack(ev.seq)
                 self._tick(ev)
@@ -930,6 +936,10 @@ class Chat:
             if ev.type == "read":
                 del self.pending[ev.id]
 
+    def read(self, who: str, mid: str, participant: str | None = None) -> None:
+        """The user has seen message ``mid`` (a file: it is saved): its read receipt."""
+        self.spawn(self._read_receipt(who, mid, participant))
+
     async def _read_receipt(self, who: str, mid: str, participant: str | None = None) -> None:
         try:
             await self.client.receipt(who, mid, "read", timeout=None, participant=participant)
@@ -940,58 +950,73 @@ class Chat:
         """Is ``media`` on the host this chat is connected to (its media service)?"""
         return _host_of(media.url) == str(getattr(self.client, "host", "")).strip("[]").lower()
 
-    def show_body(self, who: str, ev, arrow: str = "<-") -> None:
+    def show_body(self, who: str, ev, arrow: str = "<-", read=None) -> None:
         """``<- WHO [HH:MM]: ...`` for a message from a person or in a group: its text,
         or the file it links (saved now when it is on this chat's server); ``->``
-        for one this account sent from another device."""
+        for one this account sent from another device.  ``read`` sends its read
+        receipt: at once for a text, once saved for a file (the sender's ``read``
+        said it was seen when its download had failed)."""
         when = time.strftime("%H:%M", time.localtime(ev.t / 1000))
         media = _media_of(ev)
         if media is None:
             _out(f"{arrow} {who} [{when}]: {_printable(ev.body.decode('utf-8', 'replace'))}")
+            if read is not None:
+                read()
             return
         what = f"[{ev.type}: {_printable(media.name or media.id)}, {_size(media.size)}]"
         if self._our_media(media):
             _out(f"{arrow} {who} [{when}]: {what} saving…")
-            self.spawn(self.save_media(media))
+            self.spawn(self.save_media(media, read))
         else:
             # not this server's media service: fetching it at once told the
             # sender's web server this user's address and when it is online
-            n = self.hold_unsaved(media)
+            n = self.hold_unsaved(media, read)
             _out(f"{arrow} {who} [{when}]: {what} on another host "
                  f"({_printable(_host_of(media.url))}): not saved; /save {n} fetches it "
                  "from there")  # fmt: skip
 
-    def hold_unsaved(self, media) -> int:
-        """Keep ``media`` for ``/save``: its number (the oldest of UNSAVED_MAX goes)."""
-        n = self.unsaved_next
-        self.unsaved_next += 1
-        self.unsaved[n] = media
+    def hold_unsaved(self, media, read=None, n: int | None = None) -> int:
+        """Keep ``media`` for ``/save`` (under ``n``, else a new number): its number
+        (the oldest of UNSAVED_MAX goes)."""
+        if n is None:
+            n = self.unsaved_next
+            self.unsaved_next += 1
+        self.unsaved[n] = (media, read)
         if len(self.unsaved) > UNSAVED_MAX:
             del self.unsaved[min(self.unsaved)]
         return n
 
     def save_unsaved(self, arg: str) -> None:
-        media = self.unsaved.pop(int(arg), None) if arg.isdigit() else None
-        if media is None:
+        held = self.unsaved.pop(int(arg), None) if arg.isdigit() else None
+        if held is None:
             known = ", ".join(map(str, sorted(self.unsaved))) or "none now"
             _out(f"!! /save N: N is the number shown with a file not saved ({known})")
             return
+        media, read = held
         _out(f"   fetching {_printable(media.name or media.id)} from "
              f"{_printable(_host_of(media.url))}…")  # fmt: skip
-        self.spawn(self.save_media(media))
+        self.spawn(self.save_media(media, read, int(arg)))
 
-    async def save_media(self, media) -> None:
+    async def save_media(self, media, read=None, n: int | None = None) -> None:
+        """Download ``media`` into --media-dir; then ``read`` (its read receipt).  A
+        download that fails is said, kept for ``/save`` (as number ``n`` again), and
+        not marked read: the sender sees it delivered, not seen."""
         from pigeon.client.media import MediaError
 
         folder = self.media_dir
+        name = _printable(media.name or media.id)
         try:
             os.makedirs(folder, mode=0o700, exist_ok=True)
             dest = _free_name(folder, media.name or media.id)
             await self.client.download(media, dest)
         except (MediaError, OSError) as exc:
-            _out(f"!! could not save {media.name or media.id}: {exc}")
+            n = self.hold_unsaved(media, read, n)
+            _out(f"!! could not save {name}: {exc}; /save {n} tries again (until then "
+                 "the sender does not see it read)")  # fmt: skip
             return
         _out(f"   saved {dest}")
+        if read is not None:
+            read()
 
     # -- outgoing --------------------------------------------------------------------
 
