@@ -1041,6 +1041,12 @@ def test_groups_lists_each_group_once_by_name_and_the_subject_only_where_it_diff
         a.expect(f"logged in as {ALICE}:0")
         a.type(f"/group new team {BOB}")
         mine = a.expect("group team made (").split("(", 1)[1].split(")")[0]
+        a.type("/groups")
+        a.expect("your groups (1)")
+        assert a.expect("team  (").strip() == f"team  ({mine})"
+        # this chat's own /group new says it once: its notice showed as well, under the
+        # group's address, and then "you are in the group team"
+        assert not [ln for ln in a.lines if mine in ln or "team" in ln], a.lines
 
         async def carol_makes_groups():  # subjects this chat can not take as names as they are
             carol = await server.login(await server.register(CAROL))

@@ -753,6 +753,8 @@ class Chat:
         self.unsaved: dict[int, tuple] = {}
         self.unsaved_next = 1
         #: group name -> group address (g:N), as the profile keeps them
+        self.creating = 0  # /group new under way
+        self.made_here: set[str] = set()  # groups /group new made (their notice is not shown)
         self.groups: dict[str, str] = {
             name: gid for name, gid in (profile.get("groups") or {}).items()
             if isinstance(gid, str) and address_kind(gid) == "group"
@@ -1250,11 +1252,15 @@ class Chat:
             self.spawn(self.group_op(op, name, gid, phones))
 
     async def group_new(self, name: str, phones) -> None:
+        self.creating += 1
         try:
             r = await self.client.group_create(name, phones)
         except (ServerError, ConnectionLost) as exc:
             _out(f"!! no group made: {exc}")
             return
+        finally:
+            self.creating -= 1
+        self.made_here.add(r.group)
         self.groups[name] = r.group
         self.save()
         _out(f"   group {name} made ({r.group}); type '{name} text' to write to it")
@@ -1341,6 +1347,11 @@ class Chat:
 
     def show_notice(self, ev: GroupNotice) -> None:
         me = _user(self.client.device or "")
+        if ev.op == "create" and ev.by == me and (self.creating or ev.group in self.made_here):
+            # this chat's /group new, whose answer says it ("group NAME made"): the
+            # notice (often first, under the bare address) and a "you are in the
+            # group" line made three lines of one thing
+            return
         name = self.name(ev.group)
         who = " ".join(ev.members)
         what = {
