@@ -216,6 +216,20 @@ class WorkerProc:
     def wid(self) -> int:
         return self.gen * WID_STRIDE + self.index
 
+    @property
+    def kind(self) -> str:
+        return "media process" if self.media else "worker"
+
+    @property
+    def name(self) -> str:
+        """How logs and errors name it: ``worker 1``, or ``media process`` (its index
+        follows the workers', and a "worker 2" that serves no chats misled)."""
+        return "media process" if self.media else f"worker {self.index}"
+
+    def fields(self, **more) -> dict:
+        """Its log fields: ``worker=INDEX``, or ``process="media"``."""
+        return {"process": "media", **more} if self.media else {"worker": self.index, **more}
+
 
 class Supervisor:
     def __init__(self, config, config_path: str | None = None, overrides: dict | None = None):
@@ -388,8 +402,7 @@ class Supervisor:
         w.started = time.monotonic()
         w.restart_at = None
         self.sel.register(status_r, selectors.EVENT_READ, w)
-        log.event(logger, logging.INFO, "worker started", worker=w.index, gen=w.gen,
-                  pid=w.proc.pid)  # fmt: skip
+        log.event(logger, logging.INFO, f"{w.kind} started", **w.fields(gen=w.gen, pid=w.proc.pid))
 
     def _status(self, w: WorkerProc) -> None:
         data = os.read(w.status_fd, 256)
@@ -424,18 +437,18 @@ class Supervisor:
                 self._status(w)
             if w.fatal and w in self.incoming:
                 self._forget_sessions(w)
-                self._abort_reload(f"new worker {w.index} refused to start: {w.fatal}")
+                self._abort_reload(f"new {w.name} refused to start: {w.fatal}")
                 continue
             if w.fatal and not self.announced and not self.stopping:
-                raise StartupError(f"worker {w.index} refused to start: {w.fatal}")
+                raise StartupError(f"{w.name} refused to start: {w.fatal}")
             if w in self.retiring:
                 self.retiring.remove(w)
                 self._forget_sessions(w)
-                log.event(logger, logging.INFO, "old worker drained", worker=w.index, gen=w.gen)
+                log.event(logger, logging.INFO, f"old {w.kind} drained", **w.fields(gen=w.gen))
                 continue
             if w in self.incoming:
                 self._forget_sessions(w)
-                self._abort_reload(f"new worker {w.index} exited with status {code}")
+                self._abort_reload(f"new {w.name} exited with status {code}")
                 continue
             if self.stopping:
                 continue
@@ -445,10 +458,8 @@ class Supervisor:
             log.event(
                 logger,
                 logging.ERROR,
-                "worker exited; restarting",
-                worker=w.index,
-                status=code,
-                in_seconds=w.backoff,
+                f"{w.kind} exited; restarting",
+                **w.fields(status=code, in_seconds=w.backoff),
             )
             w.backoff = min(w.backoff * 2, 30.0)
 
@@ -756,7 +767,7 @@ class Supervisor:
                 store.close()
         except (StoreError, OSError) as exc:
             log.event(logger, logging.WARNING, "could not clear a worker's sessions",
-                      worker=w.index, gen=w.gen, error=str(exc))  # fmt: skip
+                      **w.fields(gen=w.gen, error=str(exc)))  # fmt: skip
 
     def worker_pids(self) -> dict[int, int]:
         """{worker id: pid} of the running workers (read by the metrics thread)."""
@@ -835,7 +846,7 @@ class Supervisor:
                 w.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 log.event(
-                    logger, logging.WARNING, "worker did not stop; killing it", worker=w.index
+                    logger, logging.WARNING, f"{w.kind} did not stop; killing it", **w.fields()
                 )
                 w.proc.kill()
                 w.proc.wait()

@@ -3,6 +3,7 @@
 import contextlib
 import json
 import os
+import re
 import selectors
 import signal
 import subprocess
@@ -147,6 +148,39 @@ def test_chat_errors_say_what_to_fix(server, tmp_path):
     err = c.proc.stderr.read().decode()
     assert "the server refused: 301" in err and "5 times" in err and "for a new code" in err
     assert not os.path.exists(tmp_path / "x.json")
+
+
+def test_register_never_replaces_a_profile_that_holds_a_device(server, tmp_path):
+    """A second ``register`` into a profile in use replaced it silently: that account's
+    device and its keys were gone.  It refuses now, before any code is sent; --force
+    renames the old profile (and its encryption state) aside, still usable."""
+    profile = register(server, tmp_path, ALICE)
+    before = {p.name: p.read_bytes() for p in tmp_path.glob(f"{ALICE}.json*")}
+    assert set(before) == {f"{ALICE}.json", f"{ALICE}.json.e2e", f"{ALICE}.json.e2e.key"}
+    outbox = (server.data_dir / "sms-outbox.txt").read_text()
+    c = Chat(server, profile, "register", BOB)
+    assert c.finish() == 1
+    err = c.proc.stderr.read().decode()
+    assert f"{profile} already holds {ALICE}:0" in err and "--profile FILE" in err, err
+    assert "--force" in err and "code:" not in c.proc.stdout.read().decode()
+    assert {p.name: p.read_bytes() for p in tmp_path.glob(f"{ALICE}.json*")} == before
+    assert (server.data_dir / "sms-outbox.txt").read_text() == outbox  # no code was sent
+    # --force: the new device in the profile, the old one kept beside it, whole
+    c = Chat(server, profile, "register", BOB, "--force")
+    c.expect("code:")
+    c.type(server.code_for(BOB))
+    c.expect(f"registered {BOB}:0")
+    kept = c.expect("held before is kept in").split(" kept in ", 1)[1].split(" ", 1)[0]
+    assert c.finish() == 0
+    assert json.loads(profile.read_text())["device"] == f"{BOB}:0"
+    old = {p.name: p.read_bytes() for p in tmp_path.glob(os.path.basename(kept) + "*")}
+    assert sorted(old.values()) == sorted(before.values()), old.keys()
+    assert set(old) == {os.path.basename(kept) + s for s in ("", ".e2e", ".e2e.key")}
+    for path, phone in ((kept, ALICE), (profile, BOB)):
+        with terminals(Chat(server, path)) as (chat,):
+            chat.expect(f"logged in as {phone}:0")
+            chat.type("/quit")
+            assert chat.finish() == 0
 
 
 def test_an_idle_chat_stays_connected(tmp_path):
@@ -368,6 +402,43 @@ def test_reconnects_are_shown(server, tmp_path):
         alice.enter(f"{BOB} after the gap")
         assert bob.expect(f"<- {ALICE}").endswith(": after the gap")
         alice.enter("/quit")
+        assert alice.finish() == 0
+        bob.type("/quit")
+        assert bob.finish() == 0
+
+
+def test_what_is_typed_while_reconnecting_waits_and_goes_out_in_order(server, tmp_path):
+    """A message typed while the chat was reconnecting was refused ("not connected
+    (reconnecting)"): the SDK needs the connection to fetch the recipient's device
+    list and keys.  It waits now, shown so, and goes out once back online, in the
+    order typed, with its ticks; past --waiting-max one is refused, saying so."""
+    alice_profile = register(server, tmp_path, ALICE)
+    bob_profile = register(server, tmp_path, BOB)
+    alice = Chat(server, alice_profile, "--waiting-max", "2")
+    with terminals(alice, Chat(server, bob_profile)) as (alice, bob):
+        alice.expect(f"logged in as {ALICE}:0")
+        bob.expect(f"logged in as {BOB}:0")
+        assert server.stop() == 0
+        alice.expect("!! reconnecting… (")
+        alice.type(f"{BOB} one, typed offline")  # never written to bob: no keys held yet
+        alice.type("two, typed offline")
+        alice.type("three, one too many")
+        shown = [alice.expect(text) for text in ("one, typed offline", "two, typed offline")]
+        assert all(ln.endswith("] (waiting for the connection)") for ln in shown), shown
+        mids = [ln.split(" [", 1)[1].split("]")[0] for ln in shown]
+        alice.expect("!! not sent: 2 message(s) wait for the connection already (--waiting-max)")
+        server.start()  # the same port and data
+        alice.expect("back online: sending 2 waiting message(s)", timeout=30)
+        for text in ("one, typed offline", "two, typed offline"):  # in the order typed
+            assert bob.expect(f"<- {ALICE}", timeout=30).endswith(": " + text)
+        for mid in mids:  # the ticks, as usual
+            alice.expect(f"✓ {mid}")
+            alice.expect(f"read {mid}")
+        alice.type("four, online again")
+        assert bob.expect(f"<- {ALICE}").endswith(": four, online again")
+        assert not [ln for ln in alice.lines if "not sent [" in ln], alice.lines
+        assert not [ln for ln in bob.lines if "three" in ln], bob.lines
+        alice.type("/quit")
         assert alice.finish() == 0
         bob.type("/quit")
         assert bob.finish() == 0
@@ -846,6 +917,48 @@ def test_send_a_file_and_the_recipient_saves_it(tmp_path):
         assert srv.stop() == 0
 
 
+def test_a_file_that_could_not_be_fetched_is_said_and_not_marked_read(tmp_path):
+    """The recipient's chat sent "read" for a file as it showed the line, so the sender
+    saw it read when its download had failed.  Now the failure is said, with /save N to
+    try again, and "read" goes once the file is saved."""
+    srv = Server(tmp_path / "data", workers=2, media=True).start()
+    try:
+        alice_profile = register(srv, tmp_path, ALICE)
+        bob_profile = register(srv, tmp_path, BOB)
+        inbox = tmp_path / "inbox"
+        doc = tmp_path / "report.pdf"
+        doc.write_bytes(os.urandom(50_000))
+        with terminals(Chat(srv, alice_profile)) as (alice,):
+            alice.expect(f"logged in as {ALICE}:0")
+            alice.type(f"/to {BOB}")
+            alice.type(f"/send {doc}")  # bob is not online: it waits in his queue
+            file_mid = alice.expect("   ✓ ").split()[1]
+            [stored] = (srv.data_dir / "media" / "objects").glob("*/*")
+            stored.rename(tmp_path / "away")  # the media service lost it (a disk, a purge)
+            with terminals(Chat(srv, bob_profile, "--media-dir", str(inbox))) as (bob,):
+                assert "[document: report.pdf" in bob.expect(f"<- {ALICE}")
+                failed = bob.expect("could not save report.pdf")
+                assert "/save 1 tries again" in failed, failed
+                alice.expect(f"✓✓ {file_mid}")  # it reached bob's device: true
+                alice.type("and a text")
+                text_mid = alice.expect("-> " + BOB + ": and a text").split("[")[1].rstrip("]")
+                bob.expect("and a text")
+                alice.expect(f"read {text_mid}")  # bob's receipts come in order
+                assert not [ln for ln in alice.lines if f"read {file_mid}" in ln], alice.lines
+                (tmp_path / "away").rename(stored)
+                bob.type("/save 1")
+                bob.expect("fetching report.pdf")
+                bob.expect(f"saved {inbox / 'report.pdf'}")
+                assert (inbox / "report.pdf").read_bytes() == doc.read_bytes()
+                alice.expect(f"read {file_mid}")  # now it is
+                bob.type("/quit")
+                assert bob.finish() == 0
+            alice.type("/quit")
+            assert alice.finish() == 0
+    finally:
+        assert srv.stop() == 0
+
+
 # -- groups: /group new, sending by name, notices, /group info|add|remove|invite|leave --------
 
 CAROL = "4915199887766"
@@ -914,6 +1027,48 @@ def test_groups_by_name_notices_invite_and_leave(server, tmp_path):
             assert term.finish() == 0
 
 
+def test_groups_lists_each_group_once_by_name_and_the_subject_only_where_it_differs(
+    server, tmp_path
+):
+    """/groups printed "team  (g:1): team", the name and then the same word as the
+    subject, on every line; and a second group with the subject "team" showed as
+    "team-2  (g:2): team", near the same."""
+    import asyncio
+
+    register(server, tmp_path, BOB)
+    alice = Chat(server, register(server, tmp_path, ALICE))
+    with terminals(alice) as (a,):
+        a.expect(f"logged in as {ALICE}:0")
+        a.type(f"/group new team {BOB}")
+        mine = a.expect("group team made (").split("(", 1)[1].split(")")[0]
+        a.type("/groups")
+        a.expect("your groups (1)")
+        assert a.expect("team  (").strip() == f"team  ({mine})"
+        # this chat's own /group new says it once: its notice showed as well, under the
+        # group's address, and then "you are in the group team"
+        assert not [ln for ln in a.lines if mine in ln or "team" in ln], a.lines
+
+        async def carol_makes_groups():  # subjects this chat can not take as names as they are
+            carol = await server.login(await server.register(CAROL))
+            made = [(await carol.group_create(subject, [ALICE])).group
+                    for subject in ("team", "road trip")]  # fmt: skip
+            await carol.close()
+            return made
+
+        team, trip = asyncio.run(asyncio.wait_for(carol_makes_groups(), 60))
+        a.expect("you are in the group team-2")
+        a.expect("you are in the group road-trip")
+        a.type("/groups")
+        assert a.expect("your groups").endswith("your groups (3); 'NAME text' writes to one:")
+        assert a.expect("team  (").strip() == f"team  ({mine})"
+        assert a.expect("team-2  (").strip() == f"team-2  ({team}), subject 'team'"
+        assert a.expect("road-trip  (").strip() == f"road-trip  ({trip}), subject 'road trip'"
+        a.type("/quit")
+        assert a.finish() == 0
+        listed = [ln for ln in a.lines if re.match(r"   \S+  \(g:", ln)]
+        assert not listed, listed  # one line a group
+
+
 def test_a_peers_bad_or_foreign_media_payload_neither_ends_the_chat_nor_is_fetched(tmp_path):
     """A stranger's document payload with "size": "huge" ended ``pigeon chat`` (the
     reader died on rendering it); one naming a URL on another host was fetched at once,
@@ -962,11 +1117,11 @@ def test_a_peers_bad_or_foreign_media_payload_neither_ends_the_chat_nor_is_fetch
             assert "(1)" in bob.expect("/save N: N is the number")  # what can be saved
             bob.type("/save 1")  # the user's choice: now it is fetched from there
             bob.expect("fetching x.txt from 127.0.0.2")
+            bob.type("/save 1")  # once: not again while it is under way
+            bob.expect("none now")
             readable, _, _ = select.select([trap], [], [], 30)
             assert readable, "/save did not fetch the file"
             trap.accept()[0].close()
-            bob.type("/save 1")  # once
-            bob.expect("none now")
             bob.type("/quit")
             assert bob.finish() == 0
         finally:

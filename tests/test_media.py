@@ -481,6 +481,14 @@ def test_kill_media_mid_upload_then_resume(srv, tmp_path):
                     pass  # fmt: skip
         assert sha.hex() not in objects(srv)  # no partial file at a final name
         await until(lambda: media_pid(srv) != pid, timeout=20)
+        # the supervisor's lines name it the media process (they said "worker 2": the
+        # index after the 2 workers', though it serves no chats)
+        recs = [json.loads(ln) for ln in srv.log_text().splitlines() if ln.startswith("{")]
+        assert not [r for r in recs if r.get("worker") == 2 or "worker 2" in r["msg"]]
+        started = [r for r in recs if r["msg"] == "media process started"]
+        assert pid in [r["pid"] for r in started] and media_pid(srv) == started[-1]["pid"]
+        restart = [r for r in recs if r["msg"] == "media process exited; restarting"]
+        assert restart and all(r.get("process") == "media" for r in started + restart)
         done = await upload_file(g.url, g.token, str(enc), ssl=ctx(srv), attempts=20)
         assert done["id"] == sha.hex()
         stored = srv.data_dir / "media" / "objects" / sha.hex()[:2] / sha.hex()

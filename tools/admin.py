@@ -411,7 +411,9 @@ def restore(args) -> int:
     except StoreError as exc:
         raise UsageError(str(exc)) from None
     if server_answers(args.data_dir):
-        raise UsageError(
+        # not a mistake on the command line (the same command works once the
+        # server is down): a refusal to do the work, exit 1 like the others
+        raise Failure(
             f"the server on {args.data_dir} is running (its control socket "
             f"{socket_path(args.data_dir)} answers): stop it first, then restore"
         )

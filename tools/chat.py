@@ -12,7 +12,12 @@ one network) while the
 code is valid; Ctrl-D gives up.  Typing the code may take longer than the
 server's login deadline (10 s), which closes an idle connection that has
 not logged in: the code is then checked on a new connection, which the
-protocol allows.
+protocol allows.  ``register`` refuses a profile that already holds a
+device (replacing it would lose that device's keys), before any code is
+sent: give the new one its own ``--profile``, or add ``--force``, which
+renames the old profile and its encryption state to
+``NAME.replaced-DATE.json`` (``pigeon chat --profile`` that file still uses
+it) and registers into the name given.
 
 Chatting: a line ``PHONE text`` sends ``text`` to PHONE (E.164 digits,
 no '+'); a line with only text goes to the number in the prompt, the last
@@ -31,7 +36,8 @@ sent:
                    in the message (received ones are saved into --media-dir)
     /save N        save received file N, one on another host than this chat's
                    server (not fetched on arrival: that host would learn this
-                   user's address and when it is online)
+                   user's address and when it is online), or one whose download
+                   failed (said so, with its N)
     /unlink N      unlink device number N (the primary: any companion; a
                    companion: itself)
     /verify PHONE  the safety number with PHONE (60 digits) and its QR text:
@@ -63,7 +69,9 @@ An unknown command (a typo such as ``/qiut``) is refused with a pointer to
 as ``-> PHONE: text [id]`` followed by their ticks: ``✓`` when the server
 holds the message, ``✓✓`` when it reached a device of the recipient,
 ``read`` when the recipient's client showed it.  This client shows what it
-receives at once, so it sends ``read`` receipts at once.
+receives at once, so it sends ``read`` receipts at once; for a file, once
+it is saved (a download that fails is said, with ``/save N`` to try again,
+and until then the sender sees ``✓✓``, not ``read``).
 
 In a terminal, input is a line editor (prompt_toolkit: history, editing
 keys) whose prompt is redrawn below whatever prints meanwhile, so an
@@ -75,8 +83,12 @@ Connection: an idle chat stays connected: the SDK pings after
 ``--keepalive`` seconds (default 30) without sending, well within the
 server's ``idle-timeout`` (120 s).  A lost connection (a worker or the whole
 server restarting, the network) prints ``reconnecting…``; the client
-reconnects by itself, says ``back online``, and messages typed meanwhile
-go out then.  When the server ends the session for good (the account
+reconnects by itself and says ``back online``.  Messages (and ``/send``
+files) typed meanwhile are kept, shown with ``(waiting for the connection)``,
+and go out once back online, in the order typed, with their ticks as usual;
+up to ``--waiting-max`` (100) wait (more are refused, to be typed again
+once back online), and leaving before the connection is back says how many were
+not sent.  When the server ends the session for good (the account
 disabled, this device removed or replaced, its login refused) the client
 says why and exits with status 1.
 
@@ -113,6 +125,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import io
 import math
 import os
@@ -164,6 +177,9 @@ CODE_TRIES = 5
 PENDING_MAX = 1000
 #: Files on another host that ``/save`` can still fetch (oldest dropped first).
 UNSAVED_MAX = 50
+#: Messages and files typed while reconnecting that wait to go out (more are refused):
+#: the default of --waiting-max.
+WAITING_MAX = 100
 
 COMMANDS = """commands (run here, never sent):
   PHONE text   send text to PHONE (digits, no '+'); bare lines then go there too
@@ -175,13 +191,15 @@ COMMANDS = """commands (run here, never sent):
   /unlink N    unlink device number N (see /devices)
   /verify PHONE  the safety number with PHONE: compare it with theirs
   /send FILE   send a file (encrypted, uploaded to the media service) to the prompt's number
-  /save N      fetch and save file N, one shown as on another host (that host sees your address)
+  /save N      fetch and save file N: one on another host (that host sees your address),
+               or one whose download failed
   /group new NAME PHONE...  a group (NAME: one word); NAME text sends to it
   /group add|remove NAME PHONE...   /group leave|info|invite NAME   /group join CODE
   /groups      the groups this user is in
   //text       send "/text" (a line starting with one '/' is a command)
   /help        this list
   /quit, /q    leave (so does Ctrl-D)
+while reconnecting, what you send waits (up to --waiting-max, default 100), then goes out
 ticks: ✓ the server has it, ✓✓ delivered to a device of the recipient, read: shown there"""
 
 
@@ -400,8 +418,57 @@ def _terminal():
 async def register(args) -> int:
     if not valid_phone(args.phone):
         raise ChatError(f"{args.phone!r} is not a phone number: E.164 digits without '+', 8-15")
-    with _terminal():
-        return await _register(args, _lines())
+    aside = _keep_aside(args.profile, args.force)
+    try:
+        with _terminal():
+            status = await _register(args, _lines())
+    except BaseException:
+        _put_back(aside)  # nothing registered: the old device is where it was
+        raise
+    if aside:
+        _out(f"the device {args.profile} held before is kept in {aside[0][1]} "
+             f"(pigeon chat --profile {aside[0][1]} uses it)")  # fmt: skip
+    return status
+
+
+def _profile_files(path: str) -> tuple[str, ...]:
+    """A profile and what the SDK keeps beside it (its encryption state and pickle key)."""
+    return (path, e2e_profile(path), e2e_profile(path) + ".key")
+
+
+def _keep_aside(path: str, force: bool) -> list[tuple[str, str]]:
+    """Before registering into ``path``: refuse a profile that holds a device, or
+    with ``force`` rename it and its encryption state out of the way (the new
+    device must not take its keys, nor overwrite them); returns the renames."""
+    if not os.path.exists(path):
+        return []
+    if not force:
+        try:
+            held = load_profile(path).get("device") or "a device"
+        except ChatError:
+            held = "something (unreadable)"
+        raise ChatError(
+            f"{path} already holds {held}: registering would replace it and lose its keys; "
+            "give the new registration its own profile (pigeon chat --profile FILE register "
+            "PHONE), or add --force to replace it (the old one is kept, renamed)"
+        )
+    root, ext = os.path.splitext(path)
+    new = f"{root}.replaced-{time.strftime('%Y%m%d-%H%M%S')}{ext}"
+    moved = []
+    for old, aside in zip(_profile_files(path), _profile_files(new), strict=True):
+        if os.path.exists(old):
+            if os.path.exists(aside):
+                _put_back(moved)
+                raise ChatError(f"{aside} exists: try again in a second")
+            os.rename(old, aside)
+            moved.append((old, aside))
+    return moved
+
+
+def _put_back(moved: list[tuple[str, str]]) -> None:
+    for old, aside in moved:
+        with contextlib.suppress(OSError):
+            os.replace(aside, old)
 
 
 async def _register(args, lines) -> int:
@@ -671,14 +738,23 @@ class Chat:
             if isinstance(entry, list) and len(entry) == 2  # a hand-edited file: skip the rest
         }
         self.tasks: set[asyncio.Task] = set()
+        #: typed while reconnecting: [typed order, "text" or "file", to, text or path, id]
+        self.waiting: list[list] = []
+        self.waiting_max = WAITING_MAX
+        self.typed_count = 0
+        self.connected = True  # the SDK's hooks: offline() and online()
+        self.flushing = False
         self.lines = _lines(self.prompt)
         self._save_failed = False
         self.unlinked_self = False  # /unlink of this very device: the server closes then
         self.media_dir = DEFAULT_MEDIA_DIR  # where received files go (--media-dir)
-        #: files on another host, not fetched on arrival: number -> Media, for /save
-        self.unsaved: dict[int, object] = {}
+        #: files not saved (on another host, not fetched on arrival; or a download that
+        #: failed): number -> (Media, what sends its read receipt or None), for /save
+        self.unsaved: dict[int, tuple] = {}
         self.unsaved_next = 1
         #: group name -> group address (g:N), as the profile keeps them
+        self.creating = 0  # /group new under way
+        self.made_here: set[str] = set()  # groups /group new made (their notice is not shown)
         self.groups: dict[str, str] = {
             name: gid for name, gid in (profile.get("groups") or {}).items()
             if isinstance(gid, str) and address_kind(gid) == "group"
@@ -734,10 +810,50 @@ class Chat:
     # -- the SDK's reconnect hooks ---------------------------------------------------
 
     def offline(self, why: Exception) -> None:
-        _out(f"!! reconnecting… ({why})")
+        self.connected = False
+        _out(f"!! reconnecting… ({why}); what you send meanwhile waits for the connection")
 
     def online(self) -> None:
-        _out("   back online")
+        self.connected = True
+        n = len(self.waiting)
+        _out("   back online" + (f": sending {n} waiting message(s)" if n else ""))
+        if n and not self.flushing:
+            self.spawn(self.flush())
+
+    # -- what waits for the connection -------------------------------------------------
+
+    def wait_for_connection(self, item: list) -> bool:
+        """Keep ``item`` (typed order, kind, to, text or path, id) to send once back
+        online; False (and said) when WAITING_MAX wait already."""
+        if len(self.waiting) >= self.waiting_max:
+            _out(f"!! not sent: {self.waiting_max} message(s) wait for the connection "
+                 "already (--waiting-max); type it again once back online")  # fmt: skip
+            return False
+        self.waiting.append(item)
+        self.waiting.sort(key=lambda i: i[0])  # one that was under way goes before later ones
+        return True
+
+    def must_wait(self) -> bool:
+        """Does what is typed now go behind others (offline, or some still waiting)?"""
+        return not self.connected or bool(self.waiting) or self.flushing
+
+    def _reconnecting(self) -> bool:
+        return self.client.closed is None and not self.unlinked_self
+
+    async def flush(self) -> None:
+        """Back online: send what waited, one after the other, in the order typed."""
+        self.flushing = True
+        try:
+            while self.waiting and self.connected:
+                order, kind, to, what, mid = self.waiting.pop(0)
+                if kind == "file":
+                    sent = await self.send_file(to, what, order=order)
+                else:
+                    sent = await self.send(to, what, mid=mid, order=order)
+                if not sent:  # lost again: the next online() goes on
+                    break
+        finally:
+            self.flushing = False
 
     # -- incoming ----------------------------------------------------------------
 
@@ -746,10 +862,11 @@ class Chat:
             group = getattr(ev, "group", None)
             if isinstance(ev, GroupMessage) or (isinstance(ev, IncomingMessage) and group):
                 name = self.name(group)
-                self.show_body(f"{name}/{_user(ev.sender)}", ev)
-                await self.client.ack(ev.seq)
+                read = None
                 if _user(ev.sender) != _user(self.client.device or ""):  # not a sync copy
-                    self.spawn(self._read_receipt(group, ev.id, _user(ev.sender)))
+                    read = functools.partial(self.read, group, ev.id, _user(ev.sender))
+                self.show_body(f"{name}/{_user(ev.sender)}", ev, read=read)
+                await self.client.ack(ev.seq)
                 if name == group:
                     self.spawn(self.learn_group(group))
             elif isinstance(ev, GroupNotice):
@@ -768,9 +885,8 @@ class Chat:
                     self.show_body(f"{to} (sent from {ev.sender})", ev, arrow="->")
                     await self.client.ack(ev.seq)
                 else:
-                    self.show_body(who, ev)
+                    self.show_body(who, ev, read=functools.partial(self.read, who, ev.id))
                     await self.client.ack(ev.seq)
-                    self.spawn(self._read_receipt(who, ev.id))
             elif isinstance(ev, IncomingReceipt):
                 await self.client.ack(ev.seq)
                 self._tick(ev)
@@ -822,6 +938,10 @@ class Chat:
             if ev.type == "read":
                 del self.pending[ev.id]
 
+    def read(self, who: str, mid: str, participant: str | None = None) -> None:
+        """The user has seen message ``mid`` (a file: it is saved): its read receipt."""
+        self.spawn(self._read_receipt(who, mid, participant))
+
     async def _read_receipt(self, who: str, mid: str, participant: str | None = None) -> None:
         try:
             await self.client.receipt(who, mid, "read", timeout=None, participant=participant)
@@ -832,62 +952,79 @@ class Chat:
         """Is ``media`` on the host this chat is connected to (its media service)?"""
         return _host_of(media.url) == str(getattr(self.client, "host", "")).strip("[]").lower()
 
-    def show_body(self, who: str, ev, arrow: str = "<-") -> None:
+    def show_body(self, who: str, ev, arrow: str = "<-", read=None) -> None:
         """``<- WHO [HH:MM]: ...`` for a message from a person or in a group: its text,
         or the file it links (saved now when it is on this chat's server); ``->``
-        for one this account sent from another device."""
+        for one this account sent from another device.  ``read`` sends its read
+        receipt: at once for a text, once saved for a file (the sender's ``read``
+        said it was seen when its download had failed)."""
         when = time.strftime("%H:%M", time.localtime(ev.t / 1000))
         media = _media_of(ev)
         if media is None:
             _out(f"{arrow} {who} [{when}]: {_printable(ev.body.decode('utf-8', 'replace'))}")
+            if read is not None:
+                read()
             return
         what = f"[{ev.type}: {_printable(media.name or media.id)}, {_size(media.size)}]"
         if self._our_media(media):
             _out(f"{arrow} {who} [{when}]: {what} saving…")
-            self.spawn(self.save_media(media))
+            self.spawn(self.save_media(media, read))
         else:
             # not this server's media service: fetching it at once told the
             # sender's web server this user's address and when it is online
-            n = self.hold_unsaved(media)
+            n = self.hold_unsaved(media, read)
             _out(f"{arrow} {who} [{when}]: {what} on another host "
                  f"({_printable(_host_of(media.url))}): not saved; /save {n} fetches it "
                  "from there")  # fmt: skip
 
-    def hold_unsaved(self, media) -> int:
-        """Keep ``media`` for ``/save``: its number (the oldest of UNSAVED_MAX goes)."""
-        n = self.unsaved_next
-        self.unsaved_next += 1
-        self.unsaved[n] = media
+    def hold_unsaved(self, media, read=None, n: int | None = None) -> int:
+        """Keep ``media`` for ``/save`` (under ``n``, else a new number): its number
+        (the oldest of UNSAVED_MAX goes)."""
+        if n is None:
+            n = self.unsaved_next
+            self.unsaved_next += 1
+        self.unsaved[n] = (media, read)
         if len(self.unsaved) > UNSAVED_MAX:
             del self.unsaved[min(self.unsaved)]
         return n
 
     def save_unsaved(self, arg: str) -> None:
-        media = self.unsaved.pop(int(arg), None) if arg.isdigit() else None
-        if media is None:
+        held = self.unsaved.pop(int(arg), None) if arg.isdigit() else None
+        if held is None:
             known = ", ".join(map(str, sorted(self.unsaved))) or "none now"
             _out(f"!! /save N: N is the number shown with a file not saved ({known})")
             return
+        media, read = held
         _out(f"   fetching {_printable(media.name or media.id)} from "
              f"{_printable(_host_of(media.url))}…")  # fmt: skip
-        self.spawn(self.save_media(media))
+        self.spawn(self.save_media(media, read, int(arg)))
 
-    async def save_media(self, media) -> None:
+    async def save_media(self, media, read=None, n: int | None = None) -> None:
+        """Download ``media`` into --media-dir; then ``read`` (its read receipt).  A
+        download that fails is said, kept for ``/save`` (as number ``n`` again), and
+        not marked read: the sender sees it delivered, not seen."""
         from pigeon.client.media import MediaError
 
         folder = self.media_dir
+        name = _printable(media.name or media.id)
         try:
             os.makedirs(folder, mode=0o700, exist_ok=True)
             dest = _free_name(folder, media.name or media.id)
             await self.client.download(media, dest)
         except (MediaError, OSError) as exc:
-            _out(f"!! could not save {media.name or media.id}: {exc}")
+            n = self.hold_unsaved(media, read, n)
+            _out(f"!! could not save {name}: {exc}; /save {n} tries again (until then "
+                 "the sender does not see it read)")  # fmt: skip
             return
         _out(f"   saved {dest}")
+        if read is not None:
+            read()
 
     # -- outgoing --------------------------------------------------------------------
 
-    async def send_file(self, to: str, path: str) -> None:
+    async def send_file(self, to: str, path: str, order: int | None = None) -> bool:
+        """Upload and send the file at ``path``; while reconnecting it waits (``order``:
+        its place among what waits).  False when it went (back) to wait."""
         from tqdm import tqdm
 
         from pigeon.client.media import MediaError
@@ -895,11 +1032,19 @@ class Chat:
         path = os.path.expanduser(path)
         if os.path.isdir(path):
             _out(f"!! {path} is a directory: /send takes one file (zip a folder first)")
-            return
+            return True
         if not os.path.isfile(path):
             _out(f"!! no such file: {path}")
-            return
+            return True
         name = os.path.basename(path)
+        if order is None:
+            self.typed_count += 1
+            order = self.typed_count
+            if self.must_wait():
+                if self.wait_for_connection([order, "file", to, path, None]):
+                    _out(f"-> {self.name(to)}: {name} ({_size(os.path.getsize(path))}) "
+                         "(waiting for the connection)")  # fmt: skip
+                return True
         start, shown = time.monotonic(), [-1]
 
         def progress(done: int, total: int) -> None:
@@ -913,24 +1058,45 @@ class Chat:
         _out(f"-> {self.name(to)}: sending {name} ({_size(os.path.getsize(path))})")
         try:
             ack, media = await self.client.send_media(to, path, progress=progress)
-        except (ServerError, MediaError, ConnectionLost, OSError) as exc:
+        except ConnectionLost as exc:
+            if self._reconnecting():  # it goes again once back online
+                self.waiting.append([order, "file", to, path, None])
+                self.waiting.sort(key=lambda i: i[0])
+                _out(f"   {name} waits for the connection ({exc})")
+                return False
+            _out(f"!! {name} not sent: {exc}")
+            return True
+        except (ServerError, MediaError, OSError) as exc:
             code = f"{exc.code} {exc.text}" if isinstance(exc, ServerError) else str(exc)
             _out(f"!! {name} not sent: {code}")
-            return
+            return True
         self.pending[ack.id] = [to, "✓"]
         _out(f"   ✓ {ack.id} ({media.mime})")
         if to == self.target:
             self.peer = to
         self.save()
+        return True
 
-    async def send(self, to: str, text: str) -> None:
-        mid = self.client.new_id()
-        self.pending[mid] = [to, ""]
-        while len(self.pending) > PENDING_MAX:
-            del self.pending[next(iter(self.pending))]
-        _out(f"-> {self.name(to)}: {text} [{mid}]")
+    async def send(self, to: str, text: str, mid: str | None = None,
+                   order: int | None = None) -> bool:  # fmt: skip
+        """Send ``text`` (typed now, or ``mid`` that waited for the connection);
+        False when it went (back) to wait for the connection."""
+        if mid is None:
+            mid = self.client.new_id()
+            self.typed_count += 1
+            order = self.typed_count
+            self.pending[mid] = [to, ""]
+            while len(self.pending) > PENDING_MAX:
+                del self.pending[next(iter(self.pending))]
+            if self.must_wait():  # offline, or others wait: behind them, in order
+                if self.wait_for_connection([order, "text", to, text, mid]):
+                    _out(f"-> {self.name(to)}: {text} [{mid}] (waiting for the connection)")
+                else:
+                    self.pending.pop(mid, None)
+                return True
+            _out(f"-> {self.name(to)}: {text} [{mid}]")
         try:
-            # no timeout: while reconnecting the message waits and goes out after
+            # no timeout: while reconnecting the SDK may hold it and send it after
             await self.client.send(to, text.encode(), id=mid, timeout=None)
         except ServerError as exc:
             self.pending.pop(mid, None)
@@ -940,11 +1106,20 @@ class Chat:
                 again = f"talking to {self.peer} again" if self.peer else "type 'PHONE text'"
                 _out(f"!! {to} is not a recipient; {again}")
                 self.lines.redraw()
-            return
-        except (ConnectionLost, E2EError) as exc:  # E2EError: no keys, an untrusted device
+            return True
+        except ConnectionLost as exc:
+            if self._reconnecting():  # (it could not get the keys to encrypt with): kept
+                self.waiting.append([order, "text", to, text, mid])
+                self.waiting.sort(key=lambda i: i[0])
+                _out(f"   [{mid}] waits for the connection ({exc})")
+                return False
             self.pending.pop(mid, None)
             _out(f"!! not sent [{mid}]: {exc}")
-            return
+            return True
+        except E2EError as exc:  # no keys, an untrusted device
+            self.pending.pop(mid, None)
+            _out(f"!! not sent [{mid}]: {exc}")
+            return True
         entry = self.pending.get(mid)
         if entry is not None and not entry[1]:
             entry[1] = "✓"
@@ -952,6 +1127,7 @@ class Chat:
         if to == self.target:
             self.peer = to
         self.save()
+        return True
 
     async def typed(self) -> int:
         """Read lines until /quit or the end of input; returns the exit status."""
@@ -1076,11 +1252,15 @@ class Chat:
             self.spawn(self.group_op(op, name, gid, phones))
 
     async def group_new(self, name: str, phones) -> None:
+        self.creating += 1
         try:
             r = await self.client.group_create(name, phones)
         except (ServerError, ConnectionLost) as exc:
             _out(f"!! no group made: {exc}")
             return
+        finally:
+            self.creating -= 1
+        self.made_here.add(r.group)
         self.groups[name] = r.group
         self.save()
         _out(f"   group {name} made ({r.group}); type '{name} text' to write to it")
@@ -1148,8 +1328,13 @@ class Chat:
             return
         if not items:
             _out("   no groups yet: /group new NAME PHONE...")
+            return
+        # the subject only where it is not the name: "team  (g:1): team" said it twice
+        lines = [f"   your groups ({len(items)}); 'NAME text' writes to one:"]
         for gid, subject, _t in items:
-            _out(f"   {self.name_group(gid, subject)}  ({gid}): {_printable(subject)}")
+            name, shown = self.name_group(gid, subject), _printable(subject)
+            lines.append(f"   {name}  ({gid})" + ("" if shown == name else f", subject {shown!r}"))
+        _out("\n".join(lines))
 
     async def learn_group(self, gid: str) -> None:
         """A notice or message from a group this chat has no name for: name it."""
@@ -1162,6 +1347,11 @@ class Chat:
 
     def show_notice(self, ev: GroupNotice) -> None:
         me = _user(self.client.device or "")
+        if ev.op == "create" and ev.by == me and (self.creating or ev.group in self.made_here):
+            # this chat's /group new, whose answer says it ("group NAME made"): the
+            # notice (often first, under the bare address) and a "you are in the
+            # group" line made three lines of one thing
+            return
         name = self.name(ev.group)
         who = " ".join(ev.members)
         what = {
@@ -1283,6 +1473,12 @@ class Chat:
 
     async def finish(self, timeout: float) -> None:
         """Before leaving: let messages and read receipts under way get their acks."""
+        if self.waiting:
+            _out(f"!! leaving with {len(self.waiting)} message(s) not sent: they waited for "
+                 "the connection, and are not kept")  # fmt: skip
+            for item in self.waiting:
+                self.pending.pop(item[4], None)  # (no ticks will come for them)
+            self.waiting.clear()
         if self.tasks:
             _, late = await asyncio.wait(set(self.tasks), timeout=timeout)
             if late:
@@ -1339,6 +1535,7 @@ async def chat(args) -> int:
     with _terminal():
         session = Chat(client, profile, args.profile)
         session.media_dir = os.path.expanduser(args.media_dir)
+        session.waiting_max = args.waiting_max
         client.on_disconnect, client.on_reconnect = session.offline, session.online
         _out(f"logged in as {creds.device} on {args.server}; /help lists the commands")
         loop = asyncio.get_running_loop()
@@ -1374,6 +1571,12 @@ def _seconds(value: str) -> float:
     if not (seconds >= 0 and math.isfinite(seconds)):
         raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {value!r}")
     return seconds
+
+
+def _count(value: str) -> int:
+    if not (value.isascii() and value.isdigit()):
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {value!r}")
+    return int(value)
 
 
 def add_parser(sub) -> None:
@@ -1413,10 +1616,21 @@ def add_parser(sub) -> None:
         help="ping after this many seconds without sending (keeps an idle chat connected; "
         f"under the server's idle-timeout); 0 = never (default: {DEFAULT_KEEPALIVE:g})",
     )
+    p.add_argument(
+        "--waiting-max",
+        type=_count,
+        default=WAITING_MAX,
+        metavar="N",
+        help="messages and files typed while reconnecting that wait to go out once back "
+        f"online; more are refused (default: {WAITING_MAX})",
+    )
     csub = p.add_subparsers(dest="chat_command", metavar="ACTION")
     r = csub.add_parser("register", help="register this terminal as a device of PHONE")
     r.add_argument("phone", help="E.164 digits without '+', e.g. 491701234567")
     r.add_argument("--voice", action="store_true", help="ask for a voice call instead of SMS")
+    r.add_argument("--force", action="store_true",
+                   help="register even if --profile holds a device already: that profile and its "
+                   "keys are renamed to PROFILE.replaced-DATE (default: refuse)")  # fmt: skip
     lk = csub.add_parser(
         "link",
         help="link this terminal to an account as one more device (shows a QR code)",
