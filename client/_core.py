@@ -875,7 +875,9 @@ class ClientAPI(GroupsAPI):
         ``failed`` names members whose queues were full.
 
         While a resuming client is reconnecting the message waits and goes
-        out after the next login; retrying the same ``id`` is safe.  A field
+        out after the next login (an encrypted one waits before it is
+        encrypted, as that may need the recipient's device lists and keys from
+        the server; ``timeout`` counts the wait); retrying the same ``id`` is safe.  A field
         the server would refuse (``to`` not a user or group address, an
         ``id`` or ``type`` that is not 1-64 printable ASCII characters, a
         ``body`` that is not bytes) raises LocalProtocolError at once.  Past the
@@ -885,10 +887,32 @@ class ClientAPI(GroupsAPI):
         ack past messages-per-day too).
         """
         if self.secure is not None and isinstance(body, bytes | bytearray):
+            # encrypting asks the server (device lists, keys) unless they are held
+            # already: while reconnecting it waits for the connection first, as a
+            # plaintext send waits in the replay (a request would fail at once)
+            timeout = await self._until_live(timeout)
             if address_kind(to) == "group":
                 return await self._send_group_secure(to, bytes(body), type, id, timeout)
             return await self._send_secure(to, bytes(body), type, id, timeout)
         return await self._send_raw(to, body, type, id, timeout)
+
+    #: how often a send that waits for the connection looks whether it is back, s
+    LIVE_POLL = 0.05
+
+    async def _until_live(self, timeout: float | None) -> float | None:
+        """Wait while a resuming client reconnects; returns what is left of
+        ``timeout``.  ConnectionLost if the client closes for good meanwhile,
+        TimeoutError when ``timeout`` passes first."""
+        if self._live:
+            return timeout
+        start = self._clock()
+        while not self._live:
+            if self.closed is not None:
+                raise ConnectionLost(str(self.closed))
+            if timeout is not None and self._clock() - start >= timeout:
+                raise TimeoutError(f"not connected again within {timeout:g} s")
+            await self._sleep(self.LIVE_POLL)
+        return None if timeout is None else max(0.0, timeout - (self._clock() - start))
 
     async def _send_raw(self, to, body, type, id, timeout) -> ServerAck:
         if self.closed is not None:

@@ -12,7 +12,7 @@ import itertools
 
 import pytest
 from e2eutil import Relay, companion, connect, grep_dir, on_other_worker, register
-from serverutil import Server
+from serverutil import Server, until
 
 from pigeon.client.secure import DecryptedMessage, DecryptionFailed, SafetyNumberChanged
 from pigeon.core.events import DevicesChanged, IncomingReceipt, KeysChanged
@@ -216,3 +216,45 @@ def test_a_retry_receipt_from_someone_the_message_did_not_go_to_is_ignored(srv, 
         await relay.close()
 
     run(main())
+
+
+def test_an_encrypted_send_while_reconnecting_waits_for_the_connection(tmp_path):
+    """``Client.send`` promises that a message sent while a resuming client
+    reconnects waits and goes out after the next login.  Encrypted, it raised
+    ConnectionLost ("not connected (reconnecting)") at once when the SDK held no
+    device list or keys for the recipient yet: fetching them is a request, and
+    requests fail at once while reconnecting.  It waits for the connection now."""
+    s = Server(tmp_path / "data", workers=1, register_per_ip=1000)
+    s.start()
+
+    async def main():
+        relay = await Relay(s.port).start()
+        alice_phone, bob_phone = next(PHONES), next(PHONES)
+        bob = await register(s, relay, bob_phone, tmp_path / "b.json")
+        alice = await connect(relay, tmp_path / "a.json", reconnect=True, backoff=(0.05, 0.3))
+        await alice.register(alice_phone)
+        await alice.login(await alice.verify(alice_phone, s.code_for(alice_phone)))
+        bob_creds = bob.creds
+        await bob.close()
+        assert s.stop() == 0
+        await until(lambda: alice.reconnects == 0 and not alice._live)
+        # alice never wrote to bob: his device list and keys are not held yet
+        sending = asyncio.ensure_future(alice.send(bob_phone, b"typed offline", timeout=60))
+        await asyncio.sleep(1.0)
+        assert not sending.done(), sending  # (it raised ConnectionLost here before)
+        await asyncio.to_thread(s.start)  # the same port and data
+        ack = await sending
+        assert alice.reconnects == 1
+        bob = await connect(relay, tmp_path / "b.json")
+        await bob.login(bob_creds)
+        ev = await decrypted(bob)
+        assert isinstance(ev, DecryptedMessage) and ev.body == b"typed offline", ev
+        assert ev.id == ack.id
+        await alice.close()
+        await bob.close()
+        await relay.close()
+
+    try:
+        run(main(), timeout=120)
+    finally:
+        assert s.stop() == 0
