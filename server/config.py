@@ -752,6 +752,15 @@ OPTIONS: list[Option] = [
         "bytes the buffer must drain to before pushes and reads resume",
     ),
     Option(
+        "read_frames_per_turn",
+        256,
+        _non_negative_int,
+        "frames of one connection handled per turn of the worker's loop; past them its "
+        "reading pauses until the loop has served the other ready connections (one "
+        "client's flood of pings or refused requests held the worker's loop for seconds); "
+        "0 = no limit",
+    ),
+    Option(
         "bus_buffer_high",
         1 << 20,
         _positive_int,
@@ -1286,6 +1295,7 @@ GROUPS: list[Group] = [
             "login_max_frame",
             "write_buffer_high",
             "write_buffer_low",
+            "read_frames_per_turn",
             "bus_buffer_high",
             "bus_buffer_low",
         ),

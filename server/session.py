@@ -61,7 +61,7 @@ class Session(asyncio.Protocol):
                  "ip", "source", "device", "user", "scram", "login_user", "last_seen",
                  "deadline", "pushed", "acked", "backlog", "paused", "linger", "subs", "bucket",
                  "typing", "typing_warned", "holders", "pairing", "unauth",
-                 "in_flight", "handshaking")  # fmt: skip
+                 "in_flight", "handshaking", "held")  # fmt: skip
 
     def __init__(self, worker: Worker, tls: ssl.SSLContext | None = None):
         self.worker = worker
@@ -98,6 +98,7 @@ class Session(asyncio.Protocol):
         self.holders: set[int] | None = None  # workers asked to hold pushes while paused
         self.pairing = None  # a companion waiting to be linked (server/linking.py)
         self.handshaking = None  # the task of a TLS handshake in progress (Listeners)
+        self.held = False  # reading paused for the loop's next turn (read-frames-per-turn)
 
     # -- transport callbacks ----------------------------------------------
 
@@ -187,7 +188,28 @@ class Session(asyncio.Protocol):
             return
         self.last_seen = self.worker.loop.time()
         self.conn.receive_data(data)
+        if not self.held:
+            self._read_events()
+
+    def _read_events(self) -> None:
+        """Handle what was received, at most read-frames-per-turn events a turn.
+
+        The loop reads a readable socket again and again in one turn while it
+        has data (libuv: up to 32 reads of 256 KiB), so a client that floods
+        tiny frames (pings, refused requests) held the worker's loop, and every
+        other connection on it, for seconds.  Past the budget the reading
+        pauses and the rest waits for the loop's next turn (``_next_turn``),
+        after every other ready connection and the tick."""
+        budget = self.worker.config.read_frames_per_turn
+        n = 0
         while not self.closing:
+            if budget and n >= budget:
+                self.held = True
+                if not self.paused and self.transport is not None:
+                    self.transport.pause_reading()
+                self.worker.loop.call_soon(self._next_turn)
+                return
+            n += 1
             try:
                 ev = self.conn.next_event()
             except RemoteProtocolError as err:
@@ -203,6 +225,16 @@ class Session(asyncio.Protocol):
                 self.send(Error(err.code, err.text, getattr(ev, "id", None)))
             except lmdb.Error as exc:
                 self.store_failed(exc, getattr(ev, "id", None))
+
+    def _next_turn(self) -> None:
+        """Go on with the input held back by ``_read_events``; read the socket again
+        once it is all handled (unless the client is not reading: resume_writing)."""
+        self.held = False
+        if self.closing:
+            return
+        self._read_events()
+        if not self.held and not self.paused and self.transport is not None:
+            self.transport.resume_reading()
 
     def store_failed(self, exc: lmdb.Error, request_id: str | None) -> None:
         """A store error inside a request: the documented error, never a traceback."""
@@ -232,7 +264,8 @@ class Session(asyncio.Protocol):
         if self.holders:
             self.release()
         if not self.closing:
-            self.transport.resume_reading()
+            if not self.held:  # (else _next_turn resumes it)
+                self.transport.resume_reading()
             if self.backlog:
                 self.refill()
             if self.subs:

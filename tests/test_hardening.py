@@ -29,6 +29,7 @@ from pigeon.core.events import (
     ConnectionClosed,
     Error,
     Hello,
+    Message,
     Pair,
     Ping,
     Pong,
@@ -1827,5 +1828,55 @@ def test_a_devices_or_keys_request_draws_on_the_rate_by_its_users(tmp_path):
             await alice.close()
 
         run(main())
+    finally:
+        assert srv.stop() == 0
+
+
+# -- a connection's flood of small frames does not hold the worker (read-frames-per-turn) ------
+
+
+def test_a_flood_of_pings_on_one_connection_does_not_hold_back_the_others(tmp_path):
+    """The probe: one logged-in connection writing pings as fast as it could held its
+    worker's loop for up to 3.4 s (every frame read was handled before anything else,
+    and libuv reads a readable socket up to 32 times in a turn): another client's
+    ping on that worker waited as long.  Here the worker is frozen while the
+    flooder's 4,000 pings (45 KB: one read takes them all) and a message to Carol,
+    and then Bob's message to Carol, wait in the kernel: Bob's must be handled first
+    (the flooder has read-frames-per-turn frames a turn), not after the flood."""
+    srv = Server(tmp_path / "data", workers=1).start()
+    try:
+
+        async def setup():
+            return [await srv.register(p) for p in (ALICE, BOB, CAROL)]
+
+        alice, bob, carol = run(setup())
+        flooder, victim = Raw(srv.port), Raw(srv.port)
+        assert scram_exchange(flooder, alice.device, alice.secret) is None
+        assert scram_exchange(victim, bob.device, bob.secret) is None
+        flood = b"".join(flooder.conn.send(Ping(f"{i}")) for i in range(4_000))
+        flood += flooder.conn.send(Message(CAROL, "from-the-flood", "text", b"a"))
+        (pid,) = srv.worker_pids()
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            flooder.sock.sendall(flood)  # (the kernel holds it)
+            victim.send(Message(CAROL, "from-bob", "text", b"b"))
+        finally:
+            os.kill(pid, signal.SIGCONT)
+
+        async def read():
+            c = await srv.login(carol)
+            first = await next_message(c)
+            await c.ack(first.seq)
+            second = await next_message(c)
+            await c.close()
+            return first.id, second.id
+
+        assert run(read()) == ("from-bob", "from-the-flood")
+        pongs = 0
+        while pongs < 4_000:  # every ping was answered all the same
+            ev = flooder.next_event()
+            pongs += isinstance(ev, Pong)
+        flooder.close()
+        victim.close()
     finally:
         assert srv.stop() == 0
