@@ -31,7 +31,12 @@ grow it) per source address (IPv6 by /64: ``login-failures-per-ip``) and
 per device and source address (``login-failures``), over ``login-window``;
 a login started and abandoned (a challenge with no answer) counts as a
 failure.  There is deliberately no limit per device alone: that would let
-anyone lock the owner out by failing on purpose.
+anyone lock the owner out by failing on purpose.  Logins whose proof was
+right are counted per device (``device-logins`` per ``device-logins-window``,
+the same kind of table): past it the login is refused (302) after the
+proof, so only the holder of the device's secret can use them up.  Without
+it one device logged in and out 577 times a second, each login a commit of
+its session record, a log line and a presence change for its subscribers.
 
 SMS gateways: ``log`` appends "phone code" lines to an outbox file in the
 data directory, standing in for the SMS network (the code never goes to the
@@ -332,6 +337,7 @@ class Accounts:
         self.config = config
         self.gateway = gateway
         self.failures = LeakyTable(config.login_table_size)
+        self.logins = LeakyTable(config.login_table_size)  # successful ones, per device
         self._salt_key = store.secret(b"scram-salt")
 
     # -- registration -------------------------------------------------------
@@ -474,6 +480,16 @@ class Accounts:
             self.failures.over(by_ip, c.login_failures_per_ip, window, now)
             or self.failures.over(by_device, c.login_failures, window, now)
         )
+
+    def login_counted(self, device: str) -> bool:
+        """Count a login of ``device`` whose proof was right; False past device-logins per
+        device-logins-window (then it is refused).  Only proven logins count: a stranger
+        failing on purpose cannot use up the owner's."""
+        c = self.config
+        if not c.device_logins:
+            return True
+        now = self.store.clock() / 1000
+        return self.logins.take(device, c.device_logins, c.device_logins_window, now)
 
     def login_failed(self, address: str, ip: str) -> None:
         """Count a failed (or abandoned) login of ``address`` from ``ip``."""

@@ -458,6 +458,21 @@ OPTIONS: list[Option] = [
     ),
     Option("login_window", 300, _positive_int, "sliding window for login failures, seconds"),
     Option(
+        "device_logins",
+        60,
+        _non_negative_int,
+        "logins of one device (with the right secret) per device-logins-window, per worker, "
+        "before 302 (counted after the proof: a stranger cannot use them up); each login "
+        "writes the session record, a log line and a presence change. 0 = no limit",
+    ),
+    Option(
+        "device_logins_window",
+        60,
+        _positive_int,
+        "window of device-logins, seconds (what was used drains evenly over it: after a "
+        "burst of device-logins, one login per window / device-logins seconds)",
+    ),
+    Option(
         "login_table_size",
         100_000,
         _positive_int,
@@ -1331,6 +1346,8 @@ GROUPS: list[Group] = [
             "login_failures",
             "login_failures_per_ip",
             "login_window",
+            "device_logins",
+            "device_logins_window",
             "login_table_size",
         ),
     ),  # fmt: skip

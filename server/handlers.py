@@ -609,6 +609,13 @@ def auth_response(s, ev: AuthResponse) -> None:
         login_failed(s, "bad proof")
         return s.fail(ErrorCode.NOT_AUTHORIZED, "login failed")
     s.scram = None
+    if not w.accounts.login_counted(s.login_user):
+        # (after the proof: a stranger cannot use up the owner's logins)
+        c = w.config
+        w.stats.counters["login_refused"] += 1
+        return s.fail(ErrorCode.RATE_LIMITED,
+                      f"this device logged in too often: at most {c.device_logins} logins "
+                      f"per {c.device_logins_window} s (device-logins); try again later")  # fmt: skip
     if s.deadline is not None:
         s.deadline.cancel()
         s.deadline = None

@@ -65,7 +65,8 @@ WAIT_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.00
 COUNTERS = {
     "logins": "devices logged in",
     "login_failures": "failed logins (a bad proof, or a challenge never answered)",
-    "login_refused": "logins refused at once: too many failures from the address (error 302)",
+    "login_refused": "logins refused (error 302): too many failures from the address, or too many "
+    "logins of the device (device-logins)",
     "evicted": "connections not logged in closed (503) to make room for a new one past "
     "max-connections",
     "client_logs_suppressed": "log lines about client misbehaviour not written (client-log-lines)",

@@ -1880,3 +1880,47 @@ def test_a_flood_of_pings_on_one_connection_does_not_hold_back_the_others(tmp_pa
         victim.close()
     finally:
         assert srv.stop() == 0
+
+
+# -- logins with the right secret are limited per device (device-logins) -------------------
+
+
+def test_a_device_that_logs_in_too_often_gets_302_after_its_proof(tmp_path):
+    """The probe: one device logged in and out 577 times a second, each login a commit
+    of its session record, a log line and a presence change for its subscribers.
+    Here device-logins is 3 a minute: the fourth login is refused with 302 after its
+    proof; a stranger's failed proofs do not count (they cannot lock the owner out);
+    another device is not touched; the count drains (one login per 20 s here)."""
+    from serverutil import free_port
+    from test_metrics import scrape
+
+    mport = free_port()
+    srv = Server(tmp_path / "data", workers=1, device_logins=3, device_logins_window=60,
+                 metrics_listen=f"127.0.0.1:{mport}").start()  # fmt: skip
+
+    def login(creds, secret=None) -> Error | None:
+        raw = Raw(srv.port)
+        try:
+            return scram_exchange(raw, creds.device, secret or creds.secret)
+        finally:
+            raw.close()
+
+    try:
+        alice, bob = run(srv.register(ALICE)), run(srv.register(BOB))
+        for _ in range(5):  # a stranger's wrong secret: 401, not counted against Alice
+            assert login(alice, b"not the secret").code == ErrorCode.NOT_AUTHORIZED
+        for _ in range(3):
+            assert login(alice) is None
+        err = login(alice)
+        assert err is not None and err.code == ErrorCode.RATE_LIMITED, err
+        assert "device-logins" in err.text
+        assert login(bob) is None  # Bob's device has its own count
+        deadline = time.monotonic() + 10  # (the workers' counters come every second)
+        while scrape(mport).get("pigeon_login_refused_total") != 1:
+            assert time.monotonic() < deadline, scrape(mport)
+            time.sleep(0.1)
+        srv.advance_clock(21)  # one login's worth drained
+        assert login(alice) is None
+        assert login(alice).code == ErrorCode.RATE_LIMITED
+    finally:
+        assert srv.stop() == 0
