@@ -66,7 +66,7 @@ from scramp.utils import saslprep
 from pigeon.core.errors import ErrorCode
 
 from .errors import ServiceError
-from .limits import LeakyTable, net_key, source_key
+from .limits import LeakyTable, net_key, retry_in, source_key
 from .log import event as log_event
 from .store import MAX_CODES, Store
 
@@ -361,11 +361,12 @@ class Accounts:
             (f"reg-pnet:{phone} {net}", c.register_per_phone,
              "too many codes requested for this number from this network"),
             (f"reg-phone:{phone}", c.register_per_phone_total,
-             "too many codes requested for this number; try again later"),
+             "too many codes requested for this number"),
         )  # fmt: skip
         for key, limit, text in limits:
-            if store.window_full(txn, key, limit, window, now):
-                raise ServiceError(ErrorCode.RATE_LIMITED, text)
+            wait = store.window_wait(txn, key, limit, window, now)
+            if wait:  # (the newcomer trying again and again learns when it clears)
+                raise ServiceError(ErrorCode.RATE_LIMITED, f"{text}; {retry_in(wait)}")
         for key, limit, _text in limits:
             store.hit_txn(txn, key, limit, window, now)
         code = f"{secrets.randbelow(10**6):06d}"

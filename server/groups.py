@@ -66,7 +66,7 @@ from pigeon.core.events import GroupMember, GroupResult
 from pigeon.core.node import address_kind
 
 from .errors import ServiceError
-from .limits import budget_charge, budget_spent, window_take
+from .limits import budget_charge, budget_spent, retry_in, window_take
 from .queues import GROUP_NOTICE, bump_group_version, notice_store_bytes
 from .social import pair
 
@@ -414,11 +414,11 @@ class Groups:
         key, window = f"gchange:{user}\x00{gid}", lim.member_changes_window_ms
         if count:
             self.store.hit_txn(txn, key, lim.member_changes, window, now)
-        elif self.store.window_full(txn, key, lim.member_changes, window, now):
+        elif wait := self.store.window_wait(txn, key, lim.member_changes, window, now):
             raise ServiceError(ErrorCode.RATE_LIMITED,
                                f"at most {lim.member_changes} member changes (add, remove, "
                                f"promote, demote) per admin and group in "
-                               f"{lim.member_changes_window_ms // 1000} s; try again later")  # fmt: skip
+                               f"{lim.member_changes_window_ms // 1000} s; {retry_in(wait)}")  # fmt: skip
 
     def _charge_adds(self, txn, now: int, adder: str, users) -> None:
         """Adding ``users`` tells ``adder`` which of them are registered (433 or 400 in
@@ -512,10 +512,10 @@ class Groups:
             raise ServiceError(ErrorCode.GROUP_FULL,
                                f"a group has at most {lim.max_members} members")  # fmt: skip
         key = f"groups:{user}"
-        if self.store.window_full(txn, key, lim.per_day, lim.window_ms, now):
+        if wait := self.store.window_wait(txn, key, lim.per_day, lim.window_ms, now):
             raise ServiceError(ErrorCode.RATE_LIMITED,
                                f"at most {lim.per_day} new groups per "
-                               f"{lim.window_ms // 1000} s; try again later")  # fmt: skip
+                               f"{lim.window_ms // 1000} s; {retry_in(wait)}")  # fmt: skip
         if not self.has_room(txn, user):
             raise self._no_room()
         self.store.check_room(txn)

@@ -53,6 +53,17 @@ def window_take(
     return True, limit - used - weight
 
 
+def retry_in(wait_ms: int) -> str:
+    """How a refusal says when to try again: "try again in 40 s", "in 12 min", "in 3 h"
+    (rounded up: trying at the time said succeeds)."""
+    s = -(-wait_ms // 1000)
+    if s <= 90:
+        return f"try again in {s} s"
+    if s <= 90 * 60:
+        return f"try again in {-(-s // 60)} min"
+    return f"try again in {-(-s // 3600)} h"
+
+
 def budget_spent(txn, db, key: bytes, now: int, window_ms: int, limit: int) -> float:
     """What is spent of a budget of ``limit`` per ``window_ms`` under ``key`` at ``now``.
 

@@ -89,7 +89,7 @@ from pigeon.core.keys import verify_link
 from . import keydir, log
 from .accounts import device_keys
 from .errors import ServiceError
-from .limits import net_key, window_take
+from .limits import net_key, retry_in, window_take
 from .store import _pack, _unpack
 
 logger = logging.getLogger("pigeon.worker")
@@ -281,10 +281,13 @@ def pair(s, ev: Pair) -> None:
 
     def run(txn, now):
         w.store.check_room(txn)
-        if w.store.window_full(txn, f"pair-net:{net}", c.pair_per_net, window, now):
-            raise ServiceError(ErrorCode.RATE_LIMITED, "too many pair requests from this network")
-        if not w.store.hit_txn(txn, f"pair-ip:{source}", c.pair_per_ip, window, now):
-            raise ServiceError(ErrorCode.RATE_LIMITED, "too many pair requests from this address")
+        for key, limit, text in (
+            (f"pair-net:{net}", c.pair_per_net, "too many pair requests from this network"),
+            (f"pair-ip:{source}", c.pair_per_ip, "too many pair requests from this address"),
+        ):
+            if wait := w.store.window_wait(txn, key, limit, window, now):
+                raise ServiceError(ErrorCode.RATE_LIMITED, f"{text}; {retry_in(wait)}")
+        w.store.hit_txn(txn, f"pair-ip:{source}", c.pair_per_ip, window, now)
         w.store.hit_txn(txn, f"pair-net:{net}", c.pair_per_net, window, now)
         _expire(w.store, txn, old, now)
         return _write_record(w, txn, now, p, 0, wid, conn)

@@ -691,8 +691,17 @@ class Store:
 
     def window_full(self, txn, key: str, limit: int, window_ms: int, now: int) -> bool:
         """Would ``hit_txn`` refuse? (Reads only.)"""
-        hits = self._get(txn, "limits", key) or []
-        return sum(1 for t in hits if t > now - window_ms) >= limit
+        return self.window_wait(txn, key, limit, window_ms, now) > 0
+
+    def window_wait(self, txn, key: str, limit: int, window_ms: int, now: int) -> int:
+        """Milliseconds until ``hit_txn`` would take one more hit: 0 when it would now
+        (reads only; the answer of a refusal says it: limits.retry_in)."""
+        hits = sorted(t for t in (self._get(txn, "limits", key) or []) if t > now - window_ms)
+        if limit <= 0:  # (nothing ever fits)
+            return window_ms
+        if len(hits) < limit:
+            return 0
+        return max(1, hits[len(hits) - limit] + window_ms - now)
 
     def sweep(self, max_window_ms: int, start: tuple[bytes, bytes] = (b"", b""),
               batch: int = 1000) -> tuple[int, tuple[bytes, bytes]]:  # fmt: skip

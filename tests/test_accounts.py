@@ -117,9 +117,27 @@ def test_code_requests_count_per_network_under_a_total_per_number(env):
     # the total: 10 (register-per-phone-total) from all networks together
     for i in range(6):
         asyncio.run(accounts.request_code(PHONE, "sms", f"10.0.{i}.1"))
-    with pytest.raises(ServiceError, match="for this number; try again later") as info:
+    with pytest.raises(ServiceError, match="for this number; try again in 60 min") as info:
         asyncio.run(accounts.request_code(PHONE, "sms", "10.0.99.1"))  # a network never seen
     assert info.value.code == ErrorCode.RATE_LIMITED
+
+
+def test_a_refused_code_request_says_when_to_try_again(env):
+    """A newcomer trying again and again from one address (register-per-ip, 20 per
+    register-window) is told when the oldest request leaves the window, rounded up:
+    trying at the time said succeeds."""
+    accounts, _, clock, _ = env
+    for i in range(20):
+        asyncio.run(accounts.request_code(f"4917012345{i:02d}", "sms", "127.0.0.1"))
+        clock.t += 60_000 if i == 0 else 1_000  # the oldest at 0, the others a minute on
+    # (now: 79 s after the oldest, whose place frees 3,600 s after it)
+    for advance, expected in ((0, "in 59 min"), (3_480_000, "in 41 s"), (30_000, "in 11 s")):
+        clock.t += advance
+        with pytest.raises(ServiceError, match="from this address; try again") as info:
+            asyncio.run(accounts.request_code("491709999999", "sms", "127.0.0.1"))
+        assert str(info.value).endswith(expected), str(info.value)
+    clock.t += 11_000  # as said: the oldest request has left the window
+    asyncio.run(accounts.request_code("491709999999", "sms", "127.0.0.1"))
 
 
 def test_wrong_codes_count_per_network_under_a_total_per_code(env):
